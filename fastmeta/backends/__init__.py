@@ -1,0 +1,212 @@
+"""Backend registry: which implementation runs each op.
+
+Every public op in :mod:`fastmeta.ops` asks :func:`kernel_for` for the implementation of
+one of its kernels ("task_linear", "task_linear_input_grad", ...). A backend is a named
+table of such kernels plus an availability check. The ``torch`` backend is the op's own
+plain-PyTorch reference and is always available; it is also the fallback whenever the
+chosen backend has no kernel for the op or declines the inputs (a dtype, a layout, a size
+beyond its limits). A decline is logged once at debug level; it is never a silently wrong
+result, because the reference then computes the answer.
+
+Choosing a backend:
+
+- ``FASTMETA_BACKEND`` (environment, read at import) or :func:`use_backend` sets it.
+- ``auto`` (the default) picks, per op and device type, the first backend in
+  :data:`AUTO_PREFERENCE` that is available *and* recorded as verified for that op on that
+  device type in ``verified.json`` (see :mod:`fastmeta.backends.verification`). A kernel
+  that has never passed its tests on a GPU is never chosen there by ``auto``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from fastmeta.backends import verification
+
+log = logging.getLogger("fastmeta.backends")
+
+# Per op, the order in which ``auto`` tries backends: the fastest first, as measured in
+# bench/ (bench/RESULTS.md). Backends not listed for an op are never picked by auto.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "default": ("cuda", "triton", "cpu", "torch"),
+}
+
+REFERENCE = "torch"
+
+
+@dataclass
+class Backend:
+    """A named table of kernels.
+
+    kernels maps a kernel name to a callable with the same signature as the reference
+    implementation in the op module. A kernel may return ``NotImplemented`` to decline an
+    input it does not support; the reference then runs instead.
+    """
+
+    name: str
+    description: str
+    availability: Callable[[], tuple[bool, str]]
+    device_types: Callable[[], tuple[str, ...]] = lambda: ("cpu", "cuda")
+    kernels: dict[str, Callable] = field(default_factory=dict)
+    loader: Callable[["Backend"], None] | None = None
+    _loaded: bool = False
+    _available: tuple[bool, str] | None = None
+
+    def available(self) -> tuple[bool, str]:
+        if self._available is None:
+            try:
+                self._available = self.availability()
+            except Exception as exc:  # an optional backend must never break import
+                self._available = (False, f"{type(exc).__name__}: {exc}")
+        return self._available
+
+    def kernel(self, name: str) -> Callable | None:
+        if not self._loaded and self.loader is not None:
+            self._loaded = True
+            try:
+                self.loader(self)
+            except Exception as exc:
+                self._available = (False, f"failed to load: {type(exc).__name__}: {exc}")
+                log.warning("fastmeta: backend %r failed to load (%s); using others", self.name, exc)
+        return self.kernels.get(name)
+
+
+_REGISTRY: dict[str, Backend] = {}
+_choice = os.environ.get("FASTMETA_BACKEND", "auto").strip() or "auto"
+_declined_once: set[tuple[str, str, str]] = set()
+
+
+def register_backend(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {name!r}; known backends: {sorted(_REGISTRY)} or 'auto'"
+        ) from None
+
+
+def backends() -> list[dict]:
+    """Each registered backend with its availability and, when unavailable, the reason."""
+    rows = []
+    for backend in _REGISTRY.values():
+        ok, reason = backend.available()
+        rows.append(
+            {
+                "name": backend.name,
+                "available": ok,
+                "reason": reason,
+                "description": backend.description,
+                "verified": verification.verified_ops(backend.name),
+            }
+        )
+    return rows
+
+
+def current_backend() -> str:
+    """The backend chosen now: a registered name or ``"auto"``."""
+    return _choice
+
+
+def _validate_choice(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a str, got {type(name).__name__}")
+    if name != "auto":
+        backend = get_backend(name)
+        ok, reason = backend.available()
+        if not ok:
+            raise RuntimeError(f"backend {name!r} is not available: {reason}")
+    return name
+
+
+class use_backend:
+    """Select the backend for fastmeta's ops: a registered name or ``"auto"``.
+
+    ``fm.use_backend("triton")`` switches for the whole process.
+    ``with fm.use_backend("cpu"): ...`` switches and restores the previous choice on exit.
+    """
+
+    def __init__(self, name: str):
+        global _choice
+        self.name = _validate_choice(name)
+        self._previous = _choice
+        _choice = self.name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _choice
+        _choice = self._previous
+        return False
+
+
+def _auto_order(op: str, device_type: str) -> Iterator[str]:
+    for name in AUTO_PREFERENCE.get(op, AUTO_PREFERENCE["default"]):
+        if name == REFERENCE:
+            continue
+        backend = _REGISTRY.get(name)
+        if backend is None or not backend.available()[0] or device_type not in backend.device_types():
+            continue
+        if verification.is_verified(name, op, device_type):
+            yield name
+
+
+def kernel_for(op: str, device_type: str) -> tuple[str, Callable | None]:
+    """The backend name and kernel to try for ``op`` on ``device_type``.
+
+    Returns (``"torch"``, None) when the reference should run.
+    """
+    choice = current_backend()
+    names = _auto_order(op, device_type) if choice == "auto" else (choice,)
+    for name in names:
+        if name == REFERENCE:
+            break
+        backend = _REGISTRY.get(name)
+        if backend is None:
+            raise ValueError(
+                f"unknown backend {name!r} (from FASTMETA_BACKEND or use_backend); "
+                f"known backends: {sorted(_REGISTRY)} or 'auto'"
+            )
+        if device_type not in backend.device_types():
+            continue
+        fn = backend.kernel(op)
+        if fn is not None:
+            return name, fn
+    return REFERENCE, None
+
+
+def note_declined(backend: str, op: str, why: str) -> None:
+    key = (backend, op, why)
+    if key not in _declined_once:
+        _declined_once.add(key)
+        log.debug("fastmeta: backend %r declined %s (%s); running the reference", backend, op, why)
+
+
+def run_kernel(op: str, device_type: str, reference: Callable, *args):
+    """Run ``op`` on the chosen backend, or the reference when it has none or declines."""
+    name, fn = kernel_for(op, device_type)
+    if fn is not None:
+        out = fn(*args)
+        if out is not NotImplemented:
+            return out
+        note_declined(name, op, "unsupported input")
+    return reference(*args)
+
+
+register_backend(
+    Backend(
+        name=REFERENCE,
+        description="plain PyTorch reference; always available",
+        availability=lambda: (True, ""),
+    )
+)
+
+from fastmeta.backends import optional_backends  # noqa: E402,F401  (registers triton/cpu/cuda)

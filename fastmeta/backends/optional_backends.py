@@ -1,0 +1,89 @@
+"""Registration of the optional backends: ``triton``, ``cpu`` and ``cuda``.
+
+Each is described here and loaded lazily, on first use: importing fastmeta never imports
+Triton, never builds the C++/CUDA extension and never queries the GPU.
+
+- ``triton``: kernels in ``kernels/`` (shipped as ``fastmeta.kernels``), table
+  ``fastmeta.kernels.registry.KERNELS``. Runs on CUDA GPUs, and on the CPU only under
+  ``TRITON_INTERPRET=1`` (for tests).
+- ``cpu`` and ``cuda``: the C++/CUDA extension in ``csrc/``, JIT-built with ninja by
+  ``fastmeta.backends.extension``; tables ``CPU_KERNELS`` and ``CUDA_KERNELS`` there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+from fastmeta.backends import Backend, register_backend
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _triton_availability() -> tuple[bool, str]:
+    if not _module_exists("triton"):
+        return False, "triton is not installed"
+    if not _module_exists("fastmeta.kernels.registry"):
+        return False, "this build of fastmeta has no Triton kernels"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "Triton interpreter (TRITON_INTERPRET=1): CPU tensors, for tests"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU for tests)"
+    return True, ""
+
+
+def _load_triton(backend: Backend) -> None:
+    registry = importlib.import_module("fastmeta.kernels.registry")
+    backend.kernels.update(registry.KERNELS)
+
+
+def _extension_availability(device_type: str) -> tuple[bool, str]:
+    if not _module_exists("fastmeta.backends.extension"):
+        return False, "this build of fastmeta has no C++/CUDA extension"
+    extension = importlib.import_module("fastmeta.backends.extension")
+    return extension.availability(device_type)
+
+
+def _load_extension(device_type: str):
+    def load(backend: Backend) -> None:
+        extension = importlib.import_module("fastmeta.backends.extension")
+        backend.kernels.update(extension.kernels(device_type))
+
+    return load
+
+
+register_backend(
+    Backend(
+        name="triton",
+        description="Triton kernels (kernels/); CUDA GPUs, or the CPU under TRITON_INTERPRET=1",
+        availability=_triton_availability,
+        device_types=lambda: ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
+        loader=_load_triton,
+    )
+)
+register_backend(
+    Backend(
+        name="cpu",
+        description="C++/OpenMP kernels of the extension in csrc/cpu",
+        availability=lambda: _extension_availability("cpu"),
+        device_types=lambda: ("cpu",),
+        loader=_load_extension("cpu"),
+    )
+)
+register_backend(
+    Backend(
+        name="cuda",
+        description="CUDA kernels of the extension in csrc/cuda (needs nvcc)",
+        availability=lambda: _extension_availability("cuda"),
+        device_types=lambda: ("cuda",),
+        loader=_load_extension("cuda"),
+    )
+)

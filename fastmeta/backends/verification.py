@@ -1,0 +1,67 @@
+"""The record of which backend kernels passed their tests on which kind of device.
+
+``verified.json`` beside this file is that record, kept in the repository. Its shape::
+
+    {"<backend>": {"<device type>": {"<kernel>": {"date": ..., "device": ..., "torch": ...}}}}
+
+``auto`` (see :mod:`fastmeta.backends`) only picks a kernel recorded here for the device
+type it would run on. The GPU test tier writes the record with
+``python -m fastmeta.backends.verification record BACKEND DEVICE_TYPE KERNEL...`` after it
+passes, and the file is committed with the results in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+RECORD_PATH = Path(__file__).with_name("verified.json")
+
+
+@lru_cache(maxsize=1)
+def _record() -> dict:
+    try:
+        return json.loads(RECORD_PATH.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def is_verified(backend: str, kernel: str, device_type: str) -> bool:
+    return kernel in _record().get(backend, {}).get(device_type, {})
+
+
+def verified_ops(backend: str) -> dict[str, list[str]]:
+    """Device type -> sorted kernel names verified there, for ``backend``."""
+    return {dev: sorted(ops) for dev, ops in _record().get(backend, {}).items()}
+
+
+def record(backend: str, device_type: str, kernels: list[str], device_name: str) -> None:
+    """Add kernels to the record, atomically (write a temporary file, then rename)."""
+    import torch
+
+    data = json.loads(RECORD_PATH.read_text()) if RECORD_PATH.exists() else {}
+    entry = {
+        "date": datetime.date.today().isoformat(),
+        "device": device_name,
+        "torch": torch.__version__,
+    }
+    for kernel in kernels:
+        data.setdefault(backend, {}).setdefault(device_type, {})[kernel] = entry
+    tmp = RECORD_PATH.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, RECORD_PATH)
+    _record.cache_clear()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 5 or sys.argv[1] != "record":
+        sys.exit("usage: python -m fastmeta.backends.verification record BACKEND DEVICE_TYPE KERNEL...")
+    import torch
+
+    dev_type = sys.argv[3]
+    name = torch.cuda.get_device_name() if dev_type == "cuda" else "cpu"
+    record(sys.argv[2], dev_type, sys.argv[4:], name)

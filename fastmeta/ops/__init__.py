@@ -1,0 +1,32 @@
+"""fastmeta's public ops, registered as ``torch.ops.fastmeta.*``.
+
+One module per op family: the docstring gives the shapes, then the reference, the
+registration (``register_fake``, ``register_autograd``) and the dispatch to a backend.
+Every backward is built from registered ops, so second-order MAML differentiates through
+the inner loop on whichever backend runs them.
+"""
+
+from fastmeta.ops.activation import ACTIVATIONS, activation_grad
+from fastmeta.ops.inner_step import inner_step, inner_step_backward
+from fastmeta.ops.task_batch_norm import task_batch_norm, task_batch_norm_backward
+from fastmeta.ops.task_conv2d import task_conv2d, task_conv2d_input_grad, task_conv2d_weight_grad
+from fastmeta.ops.task_linear import task_linear, task_linear_input_grad, task_linear_weight_grad
+from fastmeta.ops.task_loss import LOSS_KINDS, task_loss, task_loss_grad
+
+__all__ = [
+    "ACTIVATIONS",
+    "LOSS_KINDS",
+    "activation_grad",
+    "inner_step",
+    "inner_step_backward",
+    "task_batch_norm",
+    "task_batch_norm_backward",
+    "task_conv2d",
+    "task_conv2d_input_grad",
+    "task_conv2d_weight_grad",
+    "task_linear",
+    "task_linear_input_grad",
+    "task_linear_weight_grad",
+    "task_loss",
+    "task_loss_grad",
+]

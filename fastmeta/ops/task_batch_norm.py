@@ -1,0 +1,189 @@
+"""``task_batch_norm``: batch normalisation with per-task batch statistics.
+
+    y[t] = act(γ[t] · (x[t] − μ[t]) / √(σ²[t] + eps) + β[t])
+
+μ[t] and σ²[t] (biased) are taken per task and channel, over the task's N examples and
+the spatial dims: MAML's transductive setting. Running statistics are never read or
+written.
+
+Shapes:
+
+- x: ``[T, N, C, *spatial]`` (no spatial dims for BatchNorm1d on features);
+- gamma, beta: ``[T, C]`` (per task), ``[C]`` (shared) or None (``affine=False``);
+- act: see :mod:`fastmeta.ops.activation`.
+
+Returns the shape of x.
+
+Backward: ``task_batch_norm_backward(grad_z, x, gamma, eps, needs)`` returns the gradients
+at x, γ and β (the last two per task, ``[T, C]``) from the gradient at the normalised,
+scaled, shifted value z (before the activation). This is where torch.func's vmap gets
+second-order MAML wrong; here the backward's own backward is the exact VJP of its
+reference (:mod:`fastmeta.ops.reference_vjp`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastmeta.backends import run_kernel
+from fastmeta.ops.activation import activation_grad, apply_activation
+from fastmeta.ops.reference_vjp import reference_vjp
+
+
+def statistics_dims(x: Tensor) -> tuple[int, ...]:
+    """The dims a task's statistics run over: its examples (1) and the spatial dims."""
+    return (1, *range(3, x.dim()))
+
+
+def per_channel(p: Tensor, x: Tensor) -> Tensor:
+    """``[T, C]`` or ``[C]`` → broadcastable against x ``[T, N, C, *spatial]``."""
+    trailing = (None,) * (x.dim() - 3)
+    if p.dim() == 2:
+        return p[(slice(None), None, slice(None), *trailing)]
+    return p[(slice(None), *trailing)]
+
+
+def normalise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x̂, 1/√(σ² + eps)) with per-task, per-channel statistics (keepdim)."""
+    dims = statistics_dims(x)
+    mean = x.mean(dims, keepdim=True)
+    centred = x - mean
+    var = (centred * centred).mean(dims, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    return centred * rstd, rstd
+
+
+def reference_task_batch_norm(x, gamma, beta, eps, act, negative_slope):
+    z, _ = normalise(x, eps)
+    if gamma is not None:
+        z = z * per_channel(gamma, x)
+    if beta is not None:
+        z = z + per_channel(beta, x)
+    return apply_activation(z, act, negative_slope)
+
+
+def reference_task_batch_norm_backward(grad_z, x, gamma, eps, needs):
+    """[grad_x, grad_gamma ``[T, C]``, grad_beta ``[T, C]``]; those not needed are empty."""
+    need_x, need_gamma, need_beta = needs
+    dims = statistics_dims(x)
+    count = x.numel() // (x.size(0) * x.size(2))
+    xhat, rstd = normalise(x, eps)
+    sum_grad = grad_z.sum(dims)  # [T, C]
+    sum_grad_xhat = (grad_z * xhat).sum(dims)  # [T, C]
+    grad_x = x.new_empty(0)
+    if need_x:
+        scale = rstd if gamma is None else rstd * per_channel(gamma, x)
+        grad_x = scale * (
+            grad_z
+            - per_channel(sum_grad, x) / count
+            - xhat * per_channel(sum_grad_xhat, x) / count
+        )
+    return [
+        grad_x,
+        sum_grad_xhat if need_gamma else x.new_empty(0),
+        sum_grad if need_beta else x.new_empty(0),
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# task_batch_norm
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmeta::task_batch_norm", mutates_args=())
+def task_batch_norm(
+    x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, act: str, negative_slope: float
+) -> Tensor:
+    """Per-task batch norm with an optional fused activation; see the module docstring."""
+    return run_kernel(
+        "task_batch_norm", x.device.type, reference_task_batch_norm,
+        x, gamma, beta, eps, act, negative_slope,
+    )
+
+
+@task_batch_norm.register_fake
+def _(x, gamma, beta, eps, act, negative_slope):
+    return torch.empty_like(x)
+
+
+def _bn_setup(ctx, inputs, output):
+    x, gamma, beta, eps, act, negative_slope = inputs
+    ctx.eps, ctx.act, ctx.negative_slope = eps, act, negative_slope
+    ctx.gamma_dim = None if gamma is None else gamma.dim()
+    ctx.beta_dim = None if beta is None else beta.dim()
+    ctx.save_for_backward(x, gamma, output if act != "none" else None)
+
+
+def _bn_backward(ctx, grad_y):
+    x, gamma, y = ctx.saved_tensors
+    grad_z = grad_y if ctx.act == "none" else activation_grad(grad_y, y, ctx.act, ctx.negative_slope)
+    needs = [
+        ctx.needs_input_grad[0],
+        ctx.gamma_dim is not None and ctx.needs_input_grad[1],
+        ctx.beta_dim is not None and ctx.needs_input_grad[2],
+    ]
+    if not any(needs):
+        return None, None, None, None, None, None
+    grad_x, grad_gamma, grad_beta = task_batch_norm_backward(grad_z, x, gamma, ctx.eps, needs)
+    if needs[1] and ctx.gamma_dim == 1:
+        grad_gamma = grad_gamma.sum(0)
+    if needs[2] and ctx.beta_dim == 1:
+        grad_beta = grad_beta.sum(0)
+    return (
+        grad_x if needs[0] else None,
+        grad_gamma if needs[1] else None,
+        grad_beta if needs[2] else None,
+        None,
+        None,
+        None,
+    )
+
+
+task_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# task_batch_norm_backward
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmeta::task_batch_norm_backward", mutates_args=())
+def task_batch_norm_backward(
+    grad_z: Tensor, x: Tensor, gamma: Tensor | None, eps: float, needs: list[bool]
+) -> list[Tensor]:
+    """[grad_x, grad_gamma ``[T, C]``, grad_beta ``[T, C]``] of task_batch_norm (no activation).
+
+    ``needs`` (three flags) says which to compute; the others come back empty.
+    """
+    return run_kernel(
+        "task_batch_norm_backward", x.device.type, reference_task_batch_norm_backward,
+        grad_z, x, gamma, eps, needs,
+    )
+
+
+@task_batch_norm_backward.register_fake
+def _(grad_z, x, gamma, eps, needs):
+    T, C = x.size(0), x.size(2)
+    shapes = [tuple(x.shape), (T, C), (T, C)]
+    return [x.new_empty(s if n else (0,)) for s, n in zip(shapes, needs)]
+
+
+def _bn_backward_setup(ctx, inputs, output):
+    grad_z, x, gamma, eps, needs = inputs
+    ctx.eps, ctx.needs = eps, needs
+    ctx.save_for_backward(grad_z, x, gamma)
+
+
+def _bn_backward_backward(ctx, upstream):
+    grad_z, x, gamma = ctx.saved_tensors
+    grads = reference_vjp(
+        lambda gz, xx, g: reference_task_batch_norm_backward(gz, xx, g, ctx.eps, ctx.needs),
+        (grad_z, x, gamma),
+        ctx.needs_input_grad[:3],
+        upstream,
+    )
+    return (*grads, None, None)
+
+
+task_batch_norm_backward.register_autograd(_bn_backward_backward, setup_context=_bn_backward_setup)

@@ -1,0 +1,254 @@
+"""``task_conv2d``: a 2-D convolution with per-task weights, all tasks in one call.
+
+    y[t] = conv2d(x[t], w[t], b[t], stride, padding)
+
+Shapes:
+
+- x: ``[T, N, C, H, W]``;
+- w: ``[T, O, C, kh, kw]`` (per task) or ``[O, C, kh, kw]`` (shared). A per-task weight
+  with task stride 0 is computed as shared;
+- b: ``[T, O]``, ``[O]`` or None;
+- stride, padding: two ints each (zero padding, dilation 1, one group).
+
+Returns ``[T, N, O, H', W']``.
+
+The reference runs per-task weights as one grouped convolution (``groups=T``), which is
+what torch.func.vmap lowers to. The backward ops close the family under differentiation:
+
+- ``task_conv2d_input_grad(grad_out, w, input_size, stride, padding)`` → ``[T, N, C, H, W]``;
+- ``task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared)`` →
+  ``[T, O, C, kh, kw]``, or ``[O, C, kh, kw]`` summed over tasks when ``shared``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastmeta.backends import run_kernel
+from fastmeta.ops.task_linear import is_task_shared
+
+
+def _fold_tasks_into_channels(t: Tensor) -> Tensor:
+    """``[T, N, C, H, W]`` → ``[N, T·C, H, W]``: the layout of a grouped convolution."""
+    T, N, C = t.shape[:3]
+    return t.transpose(0, 1).reshape(N, T * C, *t.shape[3:])
+
+
+def _unfold_tasks_from_channels(t: Tensor, T: int) -> Tensor:
+    N, TC = t.shape[:2]
+    return t.view(N, T, TC // T, *t.shape[2:]).transpose(0, 1).contiguous()
+
+
+def reference_task_conv2d(x, w, b, stride, padding):
+    T, N = x.shape[:2]
+    if w.dim() == 5 and is_task_shared(w):
+        w = w[0]
+    if w.dim() == 4:
+        shared_bias = b if b is not None and b.dim() == 1 else None
+        y = F.conv2d(x.reshape(T * N, *x.shape[2:]), w, shared_bias, stride, padding)
+        y = y.view(T, N, *y.shape[1:])
+        if b is not None and b.dim() == 2:
+            y = y + b[:, None, :, None, None]
+        return y
+    O = w.shape[1]
+    bias = None
+    if b is not None:
+        bias = (b if b.dim() == 2 else b.expand(T, O)).reshape(T * O)
+    y = F.conv2d(
+        _fold_tasks_into_channels(x), w.reshape(T * O, *w.shape[2:]), bias, stride, padding, groups=T
+    )
+    return _unfold_tasks_from_channels(y, T)
+
+
+def reference_task_conv2d_input_grad(grad_out, w, input_size, stride, padding):
+    T, N = grad_out.shape[:2]
+    if w.dim() == 5 and is_task_shared(w):
+        w = w[0]
+    if w.dim() == 4:
+        C = w.shape[1]
+        gx = torch.nn.grad.conv2d_input(
+            (T * N, C, *input_size), w, grad_out.reshape(T * N, *grad_out.shape[2:]), stride, padding
+        )
+        return gx.view(T, N, *gx.shape[1:])
+    O, C = w.shape[1:3]
+    gx = torch.nn.grad.conv2d_input(
+        (N, T * C, *input_size),
+        w.reshape(T * O, *w.shape[2:]),
+        _fold_tasks_into_channels(grad_out),
+        stride,
+        padding,
+        groups=T,
+    )
+    return _unfold_tasks_from_channels(gx, T)
+
+
+def reference_task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared):
+    T, N, C = x.shape[:3]
+    O = grad_out.shape[2]
+    if shared:
+        return torch.nn.grad.conv2d_weight(
+            x.reshape(T * N, *x.shape[2:]),
+            (O, C, *kernel_size),
+            grad_out.reshape(T * N, *grad_out.shape[2:]),
+            stride,
+            padding,
+        )
+    gw = torch.nn.grad.conv2d_weight(
+        _fold_tasks_into_channels(x),
+        (T * O, C, *kernel_size),
+        _fold_tasks_into_channels(grad_out),
+        stride,
+        padding,
+        groups=T,
+    )
+    return gw.view(T, O, C, *kernel_size)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+# ---------------------------------------------------------------------------------------
+# task_conv2d
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmeta::task_conv2d", mutates_args=())
+def task_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: list[int]) -> Tensor:
+    """conv2d(x[t], w[t], b[t]) for every task; see the module docstring for shapes."""
+    return run_kernel(
+        "task_conv2d", x.device.type, reference_task_conv2d, x, w, b, stride, padding
+    )
+
+
+@task_conv2d.register_fake
+def _(x, w, b, stride, padding):
+    kh, kw = w.shape[-2:]
+    return x.new_empty(
+        (
+            x.size(0),
+            x.size(1),
+            w.size(-4),
+            conv_output_size(x.size(3), kh, stride[0], padding[0]),
+            conv_output_size(x.size(4), kw, stride[1], padding[1]),
+        )
+    )
+
+
+def _task_conv2d_setup(ctx, inputs, output):
+    x, w, b, stride, padding = inputs
+    ctx.stride, ctx.padding = stride, padding
+    ctx.has_bias = b is not None
+    ctx.bias_shared = b is not None and b.dim() == 1
+    ctx.save_for_backward(x, w)
+
+
+def _task_conv2d_backward(ctx, grad_y):
+    x, w = ctx.saved_tensors
+    d_x = d_w = d_b = None
+    if ctx.needs_input_grad[0]:
+        d_x = task_conv2d_input_grad(grad_y, w, list(x.shape[3:]), ctx.stride, ctx.padding)
+    if ctx.needs_input_grad[1]:
+        d_w = task_conv2d_weight_grad(
+            grad_y, x, list(w.shape[-2:]), ctx.stride, ctx.padding, w.dim() == 4
+        )
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        d_b = grad_y.sum((0, 1, 3, 4)) if ctx.bias_shared else grad_y.sum((1, 3, 4))
+    return d_x, d_w, d_b, None, None
+
+
+task_conv2d.register_autograd(_task_conv2d_backward, setup_context=_task_conv2d_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# task_conv2d_input_grad
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmeta::task_conv2d_input_grad", mutates_args=())
+def task_conv2d_input_grad(
+    grad_out: Tensor, w: Tensor, input_size: list[int], stride: list[int], padding: list[int]
+) -> Tensor:
+    """The gradient of task_conv2d at its input x, ``[T, N, C, *input_size]``."""
+    return run_kernel(
+        "task_conv2d_input_grad", grad_out.device.type, reference_task_conv2d_input_grad,
+        grad_out, w, input_size, stride, padding,
+    )
+
+
+@task_conv2d_input_grad.register_fake
+def _(grad_out, w, input_size, stride, padding):
+    return grad_out.new_empty((grad_out.size(0), grad_out.size(1), w.size(-3), *input_size))
+
+
+def _conv_input_grad_setup(ctx, inputs, output):
+    grad_out, w, input_size, stride, padding = inputs
+    ctx.stride, ctx.padding = stride, padding
+    ctx.save_for_backward(grad_out, w)
+
+
+def _conv_input_grad_backward(ctx, upstream):
+    grad_out, w = ctx.saved_tensors
+    d_grad_out = d_w = None
+    if ctx.needs_input_grad[0]:
+        d_grad_out = task_conv2d(upstream, w, None, ctx.stride, ctx.padding)
+    if ctx.needs_input_grad[1]:
+        d_w = task_conv2d_weight_grad(
+            grad_out, upstream, list(w.shape[-2:]), ctx.stride, ctx.padding, w.dim() == 4
+        )
+    return d_grad_out, d_w, None, None, None
+
+
+task_conv2d_input_grad.register_autograd(
+    _conv_input_grad_backward, setup_context=_conv_input_grad_setup
+)
+
+
+# ---------------------------------------------------------------------------------------
+# task_conv2d_weight_grad
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmeta::task_conv2d_weight_grad", mutates_args=())
+def task_conv2d_weight_grad(
+    grad_out: Tensor,
+    x: Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    shared: bool,
+) -> Tensor:
+    """The gradient of task_conv2d at its weight: per task, or summed when ``shared``."""
+    return run_kernel(
+        "task_conv2d_weight_grad", grad_out.device.type, reference_task_conv2d_weight_grad,
+        grad_out, x, kernel_size, stride, padding, shared,
+    )
+
+
+@task_conv2d_weight_grad.register_fake
+def _(grad_out, x, kernel_size, stride, padding, shared):
+    shape = (grad_out.size(2), x.size(2), *kernel_size)
+    return grad_out.new_empty(shape if shared else (x.size(0), *shape))
+
+
+def _conv_weight_grad_setup(ctx, inputs, output):
+    grad_out, x, kernel_size, stride, padding, shared = inputs
+    ctx.stride, ctx.padding = stride, padding
+    ctx.save_for_backward(grad_out, x)
+
+
+def _conv_weight_grad_backward(ctx, upstream):
+    grad_out, x = ctx.saved_tensors
+    d_grad_out = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_grad_out = task_conv2d(x, upstream, None, ctx.stride, ctx.padding)
+    if ctx.needs_input_grad[1]:
+        d_x = task_conv2d_input_grad(grad_out, upstream, list(x.shape[3:]), ctx.stride, ctx.padding)
+    return d_grad_out, d_x, None, None, None, None
+
+
+task_conv2d_weight_grad.register_autograd(
+    _conv_weight_grad_backward, setup_context=_conv_weight_grad_setup
+)

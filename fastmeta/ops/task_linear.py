@@ -1,0 +1,176 @@
+"""``task_linear``: a linear layer with per-task weights, bias and activation fused.
+
+    y[t] = act(x[t] @ w[t]ᵀ + b[t])
+
+Shapes:
+
+- x: ``[T, N, I]``;
+- w: ``[T, O, I]`` (per task) or ``[O, I]`` (shared by all tasks). A per-task weight whose
+  task stride is 0 (``θ.expand``) is computed as shared: one GEMM;
+- b: ``[T, O]``, ``[O]`` or None;
+- act: see :mod:`fastmeta.ops.activation`.
+
+Returns ``[T, N, O]``.
+
+The backward ops close the family under differentiation, so every order of derivative
+runs through these three ops:
+
+- ``task_linear_input_grad(grad_out, w)`` = grad_out @ w → ``[T, N, I]``;
+- ``task_linear_weight_grad(grad_out, x, shared)`` = grad_outᵀ @ x → ``[T, O, I]``, or
+  summed over tasks to ``[O, I]`` when ``shared``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastmeta.backends import run_kernel
+from fastmeta.ops.activation import activation_grad, apply_activation
+
+
+def is_task_shared(t: Tensor) -> bool:
+    """A per-task tensor whose task stride is 0: every task reads the same values."""
+    return t.dim() >= 1 and t.size(0) > 1 and t.stride(0) == 0
+
+
+def reference_task_linear(x, w, b, act, negative_slope):
+    if w.dim() == 3 and is_task_shared(w):
+        w = w[0]
+    if w.dim() == 2:
+        y = torch.matmul(x, w.t())
+    else:
+        y = torch.bmm(x, w.transpose(1, 2))
+    if b is not None:
+        y = y + (b.unsqueeze(1) if b.dim() == 2 else b)
+    return apply_activation(y, act, negative_slope)
+
+
+def reference_task_linear_input_grad(grad_out, w):
+    if w.dim() == 3 and is_task_shared(w):
+        w = w[0]
+    if w.dim() == 2:
+        return torch.matmul(grad_out, w)
+    return torch.bmm(grad_out, w)
+
+
+def reference_task_linear_weight_grad(grad_out, x, shared):
+    if shared:
+        return grad_out.reshape(-1, grad_out.size(-1)).t() @ x.reshape(-1, x.size(-1))
+    return torch.bmm(grad_out.transpose(1, 2), x)
+
+
+# ---------------------------------------------------------------------------------------
+# task_linear
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmeta::task_linear", mutates_args=())
+def task_linear(x: Tensor, w: Tensor, b: Tensor | None, act: str, negative_slope: float) -> Tensor:
+    """act(x @ wᵀ + b) for every task; see the module docstring for shapes."""
+    return run_kernel(
+        "task_linear", x.device.type, reference_task_linear, x, w, b, act, negative_slope
+    )
+
+
+@task_linear.register_fake
+def _(x, w, b, act, negative_slope):
+    return x.new_empty((x.size(0), x.size(1), w.size(-2)))
+
+
+def _task_linear_setup(ctx, inputs, output):
+    x, w, b, act, negative_slope = inputs
+    ctx.act, ctx.negative_slope = act, negative_slope
+    ctx.has_bias = b is not None
+    ctx.bias_shared = b is not None and b.dim() == 1
+    ctx.save_for_backward(x, w, output if act != "none" else None)
+
+
+def _task_linear_backward(ctx, grad_y):
+    x, w, y = ctx.saved_tensors
+    grad_z = grad_y if ctx.act == "none" else activation_grad(grad_y, y, ctx.act, ctx.negative_slope)
+    d_x = d_w = d_b = None
+    if ctx.needs_input_grad[0]:
+        d_x = task_linear_input_grad(grad_z, w)
+    if ctx.needs_input_grad[1]:
+        d_w = task_linear_weight_grad(grad_z, x, w.dim() == 2)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        d_b = grad_z.sum((0, 1)) if ctx.bias_shared else grad_z.sum(1)
+    return d_x, d_w, d_b, None, None
+
+
+task_linear.register_autograd(_task_linear_backward, setup_context=_task_linear_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# task_linear_input_grad: grad_out @ w
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmeta::task_linear_input_grad", mutates_args=())
+def task_linear_input_grad(grad_out: Tensor, w: Tensor) -> Tensor:
+    """grad_out ``[T, N, O]`` @ w (``[T, O, I]`` or ``[O, I]``) → ``[T, N, I]``."""
+    return run_kernel(
+        "task_linear_input_grad", grad_out.device.type, reference_task_linear_input_grad, grad_out, w
+    )
+
+
+@task_linear_input_grad.register_fake
+def _(grad_out, w):
+    return grad_out.new_empty((grad_out.size(0), grad_out.size(1), w.size(-1)))
+
+
+def _input_grad_setup(ctx, inputs, output):
+    grad_out, w = inputs
+    ctx.save_for_backward(grad_out, w)
+
+
+def _input_grad_backward(ctx, upstream):
+    grad_out, w = ctx.saved_tensors
+    d_grad_out = d_w = None
+    if ctx.needs_input_grad[0]:
+        d_grad_out = task_linear(upstream, w, None, "none", 0.0)
+    if ctx.needs_input_grad[1]:
+        d_w = task_linear_weight_grad(grad_out, upstream, w.dim() == 2)
+    return d_grad_out, d_w
+
+
+task_linear_input_grad.register_autograd(_input_grad_backward, setup_context=_input_grad_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# task_linear_weight_grad: grad_outᵀ @ x
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmeta::task_linear_weight_grad", mutates_args=())
+def task_linear_weight_grad(grad_out: Tensor, x: Tensor, shared: bool) -> Tensor:
+    """grad_out ``[T, N, O]``ᵀ @ x ``[T, N, I]`` → ``[T, O, I]``, or ``[O, I]`` if shared."""
+    return run_kernel(
+        "task_linear_weight_grad", grad_out.device.type, reference_task_linear_weight_grad,
+        grad_out, x, shared,
+    )
+
+
+@task_linear_weight_grad.register_fake
+def _(grad_out, x, shared):
+    O, I = grad_out.size(-1), x.size(-1)
+    return grad_out.new_empty((O, I) if shared else (grad_out.size(0), O, I))
+
+
+def _weight_grad_setup(ctx, inputs, output):
+    grad_out, x, shared = inputs
+    ctx.save_for_backward(grad_out, x)
+
+
+def _weight_grad_backward(ctx, upstream):
+    grad_out, x = ctx.saved_tensors
+    d_grad_out = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_grad_out = task_linear(x, upstream, None, "none", 0.0)
+    if ctx.needs_input_grad[1]:
+        d_x = task_linear_input_grad(grad_out, upstream)
+    return d_grad_out, d_x, None
+
+
+task_linear_weight_grad.register_autograd(_weight_grad_backward, setup_context=_weight_grad_setup)

@@ -1,0 +1,114 @@
+"""``task_loss``: one loss per task, with its gradient in the same family.
+
+kind ``"cross_entropy"``: pred ``[T, N, K]`` logits, target int64 ``[T, N]`` class
+indices; loss[t] = mean over n of −log softmax(pred[t, n])[target[t, n]].
+
+kind ``"mse"``: pred and target ``[T, N, *D]`` floats; loss[t] = mean over n and D of
+(pred − target)².
+
+Returns ``[T]``. The per-task mean matches ``F.cross_entropy`` / ``F.mse_loss`` applied
+to each task on its own, so summing task losses gives each task its own gradient.
+
+Backward: ``task_loss_grad(pred, target, kind)`` → d loss[t] / d pred[t], shape of pred
+(softmax − one-hot over N for cross-entropy; 2(pred − target) / (N·D) for MSE). A fast
+backend may compute it in the forward pass and keep it; the reference recomputes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastmeta.backends import run_kernel
+from fastmeta.ops.reference_vjp import reference_vjp
+
+LOSS_KINDS = ("cross_entropy", "mse")
+
+
+def _per_task_count(pred: Tensor, kind: str) -> int:
+    return pred.size(1) if kind == "cross_entropy" else pred[0].numel()
+
+
+def reference_task_loss(pred, target, kind):
+    T = pred.size(0)
+    if kind == "cross_entropy":
+        per_example = F.cross_entropy(
+            pred.reshape(-1, pred.size(-1)), target.reshape(-1), reduction="none"
+        )
+        return per_example.view(T, -1).mean(1)
+    diff = pred - target
+    return (diff * diff).reshape(T, -1).mean(1)
+
+
+def reference_task_loss_grad(pred, target, kind):
+    count = _per_task_count(pred, kind)
+    if kind == "cross_entropy":
+        grad = torch.softmax(pred, dim=-1)
+        one_hot = F.one_hot(target, pred.size(-1)).to(pred.dtype)
+        return (grad - one_hot) / count
+    return (pred - target) * (2.0 / count)
+
+
+@torch.library.custom_op("fastmeta::task_loss", mutates_args=())
+def task_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Per-task mean loss ``[T]``; see the module docstring."""
+    return run_kernel("task_loss", pred.device.type, reference_task_loss, pred, target, kind)
+
+
+@task_loss.register_fake
+def _(pred, target, kind):
+    return pred.new_empty((pred.size(0),))
+
+
+def _loss_setup(ctx, inputs, output):
+    pred, target, kind = inputs
+    ctx.kind = kind
+    ctx.save_for_backward(pred, target)
+
+
+def _loss_backward(ctx, grad_loss):
+    pred, target = ctx.saved_tensors
+    grad = task_loss_grad(pred, target, ctx.kind)
+    grad = grad * grad_loss.view(-1, *([1] * (pred.dim() - 1)))
+    d_target = None
+    if ctx.kind == "mse" and ctx.needs_input_grad[1]:
+        d_target = -grad
+    return grad if ctx.needs_input_grad[0] else None, d_target, None
+
+
+task_loss.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+@torch.library.custom_op("fastmeta::task_loss_grad", mutates_args=())
+def task_loss_grad(pred: Tensor, target: Tensor, kind: str) -> Tensor:
+    """d task_loss[t] / d pred[t], the shape of pred."""
+    return run_kernel(
+        "task_loss_grad", pred.device.type, reference_task_loss_grad, pred, target, kind
+    )
+
+
+@task_loss_grad.register_fake
+def _(pred, target, kind):
+    return torch.empty_like(pred)
+
+
+def _loss_grad_setup(ctx, inputs, output):
+    pred, target, kind = inputs
+    ctx.kind = kind
+    ctx.save_for_backward(pred, target)
+
+
+def _loss_grad_backward(ctx, upstream):
+    pred, target = ctx.saved_tensors
+    differentiable_target = ctx.kind == "mse"
+    d_pred, d_target = reference_vjp(
+        lambda p, t: reference_task_loss_grad(p, t, ctx.kind),
+        (pred, target),
+        (ctx.needs_input_grad[0], differentiable_target and ctx.needs_input_grad[1]),
+        upstream,
+    )
+    return d_pred, d_target, None
+
+
+task_loss_grad.register_autograd(_loss_grad_backward, setup_context=_loss_grad_setup)
