@@ -1,0 +1,46 @@
+"""Input checks shared by the launchers: what every kernel here declines.
+
+Every launcher returns ``NotImplemented`` (the op layer then runs the reference) rather
+than compute a result it cannot stand behind. These predicates say what that means:
+
+- fp32 only. float64 is for gradient checks and must stay float64; bf16/fp16 are not
+  supported yet (DESIGN.md: no mixed precision), so a kernel never narrows a dtype.
+- every tensor on one device, and that device one Triton can run on (CUDA, or the CPU
+  under ``TRITON_INTERPRET=1``).
+- no empty tensors: a zero-size grid is an error in Triton, and the reference handles
+  the degenerate case for free.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+
+def interpreting() -> bool:
+    """True under the Triton interpreter, where each program instance costs ~7 ms."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def runnable_device(t: Tensor) -> bool:
+    return t.device.type == "cuda" or (t.device.type == "cpu" and interpreting())
+
+
+def all_float32_on_one_device(*tensors: Tensor | None) -> bool:
+    """Every non-None tensor is fp32, non-empty, on one device that Triton can run on."""
+    present = [t for t in tensors if t is not None]
+    if not present or not runnable_device(present[0]):
+        return False
+    device = present[0].device
+    return all(t.dtype == torch.float32 and t.device == device and t.numel() > 0 for t in present)
+
+
+def task_stride(t: Tensor, batched_dims: int) -> int:
+    """The stride between tasks of a possibly shared tensor.
+
+    ``batched_dims`` is the rank the tensor has when it is per task ([T, O, I] → 3). A
+    tensor of lower rank is shared by all tasks (stride 0), as is ``θ.expand(T, ...)``.
+    """
+    return t.stride(0) if t.dim() == batched_dims else 0
