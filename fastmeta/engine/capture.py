@@ -1,0 +1,447 @@
+"""Model capture: ``nn.Module`` → a batched functional program over the flat buffer.
+
+``capture(model)`` traces ``model.forward`` with ``torch.fx`` and compiles the graph into
+a list of steps that run every task at once. Activations carry a leading task dim:
+``[T, N, ...]``. Parameters come from a per-segment list of weights, each either per
+task (``[T, *shape]``, a view of the fast-weight buffer) or shared (``shape``, a view of θ).
+
+- Recognised leaf modules become fastmeta ops: Linear → ``task_linear``, Conv2d →
+  ``task_conv2d``, BatchNorm1d/2d → ``task_batch_norm`` (per-task batch statistics,
+  always, in training and evaluation alike; running statistics are never touched).
+  A ReLU, LeakyReLU, Tanh or Sigmoid whose only input is a Linear or BatchNorm that
+  feeds nothing else is fused into it.
+- MaxPool2d, AvgPool2d, Flatten, Dropout and the standalone activations run with the task
+  dim folded into the batch: they treat examples independently.
+- Every other node (functional calls, ``+``, ``cat``, methods, unrecognised leaf modules
+  without BatchNorm) runs under ``torch.vmap`` over tasks, or task by task where vmap
+  cannot run it (size queries, data-dependent code).
+- A model that fx cannot trace, or one that normalises with batch statistics outside a
+  recognised BatchNorm (an unrecognised module holding BatchNorm, a functional
+  ``batch_norm`` call), runs through :class:`PerTaskLoopProgram` after one warning:
+  correct, slower. Never under vmap: torch.func's second order through BatchNorm is wrong.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from fastmeta.engine.task_weights import Layout
+from fastmeta.ops import task_batch_norm, task_conv2d, task_linear
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_FUSABLE_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+# Modules that treat every example on its own: the task dim can be folded into the batch.
+_PER_EXAMPLE_MODULES = (
+    nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid,
+)
+_RECOGNISED = (nn.Linear, nn.Conv2d, *_BATCH_NORMS, *_PER_EXAMPLE_MODULES)
+_BATCH_STATISTIC_FUNCTIONS = {F.batch_norm, torch.batch_norm, F.instance_norm, torch.instance_norm}
+
+
+class CaptureError(Exception):
+    """The model cannot run as a batched program; the per-task loop takes over."""
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _RECOGNISED) or super().is_leaf_module(m, qualname)
+
+
+def _fusable_activation(m: nn.Module) -> tuple[str, float] | None:
+    for cls, name in _FUSABLE_ACTIVATIONS.items():
+        if type(m) is cls:
+            if name == "leaky_relu":
+                if m.negative_slope < 0:
+                    return None
+                return name, float(m.negative_slope)
+            return name, 0.0
+    return None
+
+
+def _conv_is_supported(m: nn.Conv2d) -> bool:
+    return (
+        m.groups == 1
+        and tuple(m.dilation) == (1, 1)
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+    )
+
+
+class _Value:
+    """A value in the program: a tensor with a leading task dim (``batched``) or not."""
+
+    __slots__ = ("value", "batched")
+
+    def __init__(self, value: Any, batched: bool):
+        self.value, self.batched = value, batched
+
+
+class CapturedProgram:
+    """The batched program of a traced model. Call it as ``program(x, weights)``.
+
+    x: ``[T, N, ...]``; weights: per segment, ``[T, *shape]`` or ``shape``.
+    Returns the model's output with the task dim in front.
+    """
+
+    batched = True
+
+    def __init__(self, model: nn.Module, layout: Layout):
+        self.layout = layout
+        try:
+            graph = _Tracer().trace(model)
+        except Exception as exc:
+            raise CaptureError(f"torch.fx cannot trace {type(model).__name__}: {exc}") from exc
+        self.graph = graph
+        self._segment_of = _segment_index_by_identity(model, layout)
+        self.reads: set[int] = set()  # segments the program reads
+        self._steps: list[Callable] = []
+        self._generic_strategy: dict[str, str] = {}
+        self._input_name: str | None = None
+        self._compile(model, graph)
+
+    # -- compilation ------------------------------------------------------------------
+
+    def _compile(self, model: nn.Module, graph: torch.fx.Graph) -> None:
+        nodes = list(graph.nodes)
+        fused_into: dict[str, tuple[str, float]] = {}  # op node -> activation fused into it
+        skipped: dict[str, str] = {}  # activation node -> the op node it was fused into
+        for node in nodes:
+            if node.op != "call_module":
+                continue
+            m = model.get_submodule(node.target)
+            act = _fusable_activation(m)
+            if act is None or len(node.args) != 1 or not isinstance(node.args[0], torch.fx.Node):
+                continue
+            src = node.args[0]
+            if src.op != "call_module" or len(src.users) != 1 or src.name in fused_into:
+                continue
+            src_module = model.get_submodule(src.target)
+            if type(src_module) is nn.Linear or isinstance(src_module, _BATCH_NORMS):
+                fused_into[src.name] = act
+                skipped[node.name] = src.name
+
+        placeholders = 0
+        for node in nodes:
+            if node.op == "placeholder":
+                placeholders += 1
+                if placeholders == 1:
+                    self._input_name = node.name
+                elif not node.args:  # an extra input without a default
+                    raise CaptureError(
+                        f"forward takes more than one input ({node.target!r}); the learner "
+                        "passes one input tensor"
+                    )
+                else:
+                    self._steps.append(self._constant_step(node.name, node.args[0]))
+            elif node.op == "get_attr":
+                self._steps.append(self._get_attr_step(model, node))
+            elif node.op == "call_module":
+                if node.name in skipped:
+                    self._steps.append(self._alias_step(node.name, skipped[node.name]))
+                else:
+                    self._steps.append(
+                        self._module_step(model, node, fused_into.get(node.name))
+                    )
+            elif node.op in ("call_function", "call_method"):
+                if node.op == "call_function" and node.target in _BATCH_STATISTIC_FUNCTIONS:
+                    raise CaptureError(
+                        f"{node.target.__name__} is called directly: batch statistics outside "
+                        "a recognised BatchNorm module"
+                    )
+                self._steps.append(self._generic_step(node))
+            elif node.op == "output":
+                self._output_arg = node.args[0]
+
+    def _constant_step(self, name: str, value: Any):
+        def step(env, weights):
+            env[name] = _Value(value, False)
+
+        return step
+
+    def _alias_step(self, name: str, source: str):
+        def step(env, weights):
+            env[name] = env[source]
+
+        return step
+
+    def _get_attr_step(self, model: nn.Module, node: torch.fx.Node):
+        obj = _get_attr(model, node.target)
+        k = self._segment_of.get(id(obj)) if isinstance(obj, nn.Parameter) else None
+        name = node.name
+        if k is None:
+            # A buffer or constant: the same for every task.
+            def step(env, weights):
+                env[name] = _Value(obj, False)
+        else:
+            self.reads.add(k)
+
+            def step(env, weights):
+                w = weights[k]
+                env[name] = _Value(w, w.dim() > len(self.layout.segments[k].shape))
+
+        return step
+
+    def _param_segment(self, m: nn.Module, attr: str) -> int | None:
+        p = getattr(m, attr, None)
+        if p is None:
+            return None
+        k = self._segment_of.get(id(p))
+        if k is None:
+            raise CaptureError(f"parameter {attr!r} of {type(m).__name__} is not a model parameter")
+        self.reads.add(k)
+        return k
+
+    def _module_step(self, model: nn.Module, node: torch.fx.Node, act: tuple[str, float] | None):
+        m = model.get_submodule(node.target)
+        name = node.name
+        arg = node.args[0] if node.args else None
+        simple_input = len(node.args) == 1 and not node.kwargs and isinstance(arg, torch.fx.Node)
+        act_name, slope = act if act is not None else ("none", 0.0)
+
+        if simple_input and type(m) is nn.Linear:
+            kw, kb = self._param_segment(m, "weight"), self._param_segment(m, "bias")
+
+            def step(env, weights):
+                x = env[arg.name]
+                if not x.batched or x.value.dim() < 3:
+                    env[name] = _Value(self._run_generic_module(m, [x], weights), True)
+                    return
+                xv = x.value
+                x3 = xv.reshape(xv.size(0), -1, xv.size(-1))
+                y = task_linear(x3, weights[kw], None if kb is None else weights[kb], act_name, slope)
+                env[name] = _Value(y.view(*xv.shape[:-1], y.size(-1)), True)
+
+            return step
+
+        if simple_input and type(m) is nn.Conv2d and _conv_is_supported(m):
+            kw, kb = self._param_segment(m, "weight"), self._param_segment(m, "bias")
+            stride, padding = list(m.stride), list(m.padding)
+
+            def step(env, weights):
+                x = env[arg.name]
+                if not x.batched or x.value.dim() != 5:
+                    env[name] = _Value(self._run_generic_module(m, [x], weights), True)
+                    return
+                y = task_conv2d(
+                    x.value, weights[kw], None if kb is None else weights[kb], stride, padding
+                )
+                env[name] = _Value(y, True)
+
+            return step
+
+        if simple_input and isinstance(m, _BATCH_NORMS):
+            kg, kb = self._param_segment(m, "weight"), self._param_segment(m, "bias")
+            eps = float(m.eps)
+
+            def step(env, weights):
+                x = env[arg.name]
+                if not x.batched or x.value.dim() < 3:
+                    raise RuntimeError(
+                        f"BatchNorm {node.target!r} needs a [T, N, C, ...] input, got "
+                        f"{list(getattr(x.value, 'shape', []))}"
+                    )
+                y = task_batch_norm(
+                    x.value,
+                    None if kg is None else weights[kg],
+                    None if kb is None else weights[kb],
+                    eps,
+                    act_name,
+                    slope,
+                )
+                env[name] = _Value(y, True)
+
+            return step
+
+        if simple_input and isinstance(m, _PER_EXAMPLE_MODULES):
+
+            def step(env, weights):
+                x = env[arg.name]
+                if not x.batched:
+                    env[name] = _Value(m(x.value), False)
+                    return
+                xv = x.value
+                y = m(xv.flatten(0, 1))
+                env[name] = _Value(y.unflatten(0, xv.shape[:2]), True)
+
+            return step
+
+        # An unrecognised module (or a recognised one in a configuration the ops lack).
+        if any(isinstance(sub, nn.modules.batchnorm._NormBase) for sub in m.modules()):
+            raise CaptureError(
+                f"module {node.target!r} ({type(m).__name__}) holds a normalisation layer "
+                "that fastmeta does not recognise"
+            )
+        own = [(n, self._segment_of.get(id(p))) for n, p in m.named_parameters()]
+        for n, k in own:
+            if k is None:
+                raise CaptureError(f"parameter {node.target}.{n} is not a model parameter")
+            self.reads.add(k)
+        args, kwargs = node.args, node.kwargs
+
+        def step(env, weights):
+            values = self._resolve((args, kwargs), env)
+            env[name] = _Value(*self._run_module_under_vmap(m, own, values, weights))
+
+        return step
+
+    def _generic_step(self, node: torch.fx.Node):
+        name, args, kwargs = node.name, node.args, node.kwargs
+        if node.op == "call_function":
+            fn = node.target
+        else:
+            method = node.target
+
+            def fn(obj, *a, **k):
+                return getattr(obj, method)(*a, **k)
+
+        def step(env, weights):
+            values = self._resolve((args, kwargs), env)
+            env[name] = _Value(*self._run_generic(name, fn, values))
+
+        return step
+
+    # -- running ----------------------------------------------------------------------
+
+    def _resolve(self, structure, env):
+        """Replace fx nodes by their _Value in a nested (args, kwargs) structure."""
+        return pytree.tree_map(
+            lambda a: env[a.name] if isinstance(a, torch.fx.Node) else _Value(a, False),
+            structure,
+            is_leaf=lambda a: isinstance(a, torch.fx.Node),
+        )
+
+    def _run_generic(self, name: str, fn: Callable, values) -> tuple[Any, bool]:
+        flat, spec = pytree.tree_flatten(values, is_leaf=lambda v: isinstance(v, _Value))
+        raw = [v.value for v in flat]
+        in_dims = tuple(0 if v.batched else None for v in flat)
+        if all(d is None for d in in_dims):
+            a, k = pytree.tree_unflatten(raw, spec)
+            return fn(*a, **k), False
+
+        def call(*xs):
+            a, k = pytree.tree_unflatten(list(xs), spec)
+            return fn(*a, **k)
+
+        strategy = self._generic_strategy.get(name)
+        if strategy != "loop":
+            try:
+                out = torch.vmap(call, in_dims=in_dims, randomness="different")(*raw)
+                self._generic_strategy[name] = "vmap"
+                return out, True
+            except Exception:
+                if strategy == "vmap":
+                    raise
+                self._generic_strategy[name] = "loop"
+        return _per_task(call, raw, in_dims)
+
+    def _run_module_under_vmap(self, m: nn.Module, own, values, weights) -> tuple[Any, bool]:
+        flat, spec = pytree.tree_flatten(values, is_leaf=lambda v: isinstance(v, _Value))
+        params = {n: weights[k] for n, k in own}
+        param_batched = {
+            n: weights[k].dim() > len(self.layout.segments[k].shape) for n, k in own
+        }
+
+        def call(p, *xs):
+            a, kw = pytree.tree_unflatten(list(xs), spec)
+            return torch.func.functional_call(m, p, a, kw)
+
+        in_dims = (
+            {n: (0 if b else None) for n, b in param_batched.items()},
+            *[0 if v.batched else None for v in flat],
+        )
+        raw = [v.value for v in flat]
+        if all(d is None for d in in_dims[1:]) and not any(param_batched.values()):
+            return call(params, *raw), False
+        return torch.vmap(call, in_dims=in_dims, randomness="different")(params, *raw), True
+
+    def _run_generic_module(self, m: nn.Module, xs, weights):
+        own = [(n, self._segment_of[id(p)]) for n, p in m.named_parameters()]
+        out, _ = self._run_module_under_vmap(m, own, (tuple(xs), {}), weights)
+        return out
+
+    def __call__(self, x: Tensor, weights: list[Tensor]) -> Any:
+        env: dict[str, _Value] = {self._input_name: _Value(x, True)}
+        for step in self._steps:
+            step(env, weights)
+        out = self._resolve(self._output_arg, env)
+        return pytree.tree_map(lambda v: v.value, out, is_leaf=lambda v: isinstance(v, _Value))
+
+
+def _per_task(call: Callable, raw: list, in_dims: tuple) -> tuple[Any, bool]:
+    """Run ``call`` task by task; stack tensor results, or keep a value all tasks agree on."""
+    T = next(r.size(0) for r, d in zip(raw, in_dims) if d == 0)
+    outs = [call(*[r[t] if d == 0 else r for r, d in zip(raw, in_dims)]) for t in range(T)]
+    first = outs[0]
+    if isinstance(first, Tensor):
+        return torch.stack(outs), True
+    if all(o == first for o in outs[1:]):
+        return first, False
+    raise CaptureError(f"a node returns a different non-tensor value per task: {outs}")
+
+
+def _get_attr(model: nn.Module, target: str):
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _segment_index_by_identity(model: nn.Module, layout: Layout) -> dict[int, int]:
+    """id(parameter) → segment, so shared modules and tied weights read one segment."""
+    return {id(p): layout.index[name] for name, p in model.named_parameters()}
+
+
+class PerTaskLoopProgram:
+    """The fallback: the model run task by task with ``torch.func.functional_call``.
+
+    BatchNorm layers are switched to batch statistics for the call, and buffers are
+    passed as copies, so running statistics are never touched.
+    """
+
+    batched = False
+
+    def __init__(self, model: nn.Module, layout: Layout, reason: str):
+        self.model = model
+        self.layout = layout
+        self.reason = reason
+        self.reads = set(range(len(layout)))
+
+    def __call__(self, x: Tensor, weights: list[Tensor]) -> Any:
+        names = [s.name for s in self.layout.segments]
+        per_task = [w.dim() > len(s.shape) for w, s in zip(weights, self.layout.segments)]
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        was_training = [m.training for m in norms]
+        outs = []
+        try:
+            for m in norms:
+                m.train()
+            for t in range(x.size(0)):
+                params = {n: (w[t] if pt else w) for n, w, pt in zip(names, weights, per_task)}
+                buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+                outs.append(torch.func.functional_call(self.model, (params, buffers), (x[t],)))
+        finally:
+            for m, tr in zip(norms, was_training):
+                m.train(tr)
+        return pytree.tree_map(lambda *ts: torch.stack(ts), outs[0], *outs[1:])
+
+
+def capture(model: nn.Module, layout: Layout | None = None):
+    """The batched program of ``model``; the per-task loop (after a warning) if it has none."""
+    layout = layout or Layout.of_module(model)
+    try:
+        return CapturedProgram(model, layout)
+    except CaptureError as exc:
+        warnings.warn(
+            f"fastmeta: {type(model).__name__} runs through the per-task loop (correct, "
+            f"slower): {exc}",
+            stacklevel=2,
+        )
+        return PerTaskLoopProgram(model, layout, str(exc))

@@ -1,0 +1,129 @@
+"""The flat task buffer: every parameter of every task in one ``[T, P]`` tensor.
+
+The model's own ``nn.Parameter``s stay the autograd leaves and the source of truth. Once
+per meta-iteration they are packed, in ``named_parameters()`` order, into θ ``[P]``
+(``torch.cat``; its backward hands each parameter its slice). The fast weights of T tasks
+are ``[T, P]``. Each parameter tensor is a :class:`Segment` (offset, shape) of the buffer,
+read through ``split`` + ``view``, so autograd returns the gradient of the whole buffer
+as one ``[T, P]`` tensor and one inner step is one op over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One parameter tensor's place in the flat buffer."""
+
+    name: str
+    offset: int
+    numel: int
+    shape: tuple[int, ...]
+
+
+class Layout:
+    """The segments of a flat buffer, in ``named_parameters()`` order."""
+
+    def __init__(self, named_shapes: Iterable[tuple[str, tuple[int, ...]]]):
+        segments, offset = [], 0
+        for name, shape in named_shapes:
+            numel = 1
+            for d in shape:
+                numel *= d
+            segments.append(Segment(name, offset, numel, tuple(shape)))
+            offset += numel
+        self.segments: tuple[Segment, ...] = tuple(segments)
+        self.numel = offset
+        self.index = {s.name: k for k, s in enumerate(self.segments)}
+        self._sizes = [s.numel for s in self.segments]
+        self._segment_ids: dict[torch.device, Tensor] = {}
+
+    @classmethod
+    def of_module(cls, module: nn.Module) -> "Layout":
+        return cls((name, tuple(p.shape)) for name, p in module.named_parameters())
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Layout) and self.segments == other.segments
+
+    def __repr__(self) -> str:
+        return f"Layout({len(self.segments)} segments, {self.numel} parameters)"
+
+    def pack(self, tensors: Iterable[Tensor]) -> Tensor:
+        """θ ``[P]``: the tensors flattened and concatenated in layout order."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Per segment, a view of ``flat``: ``[P]`` → ``shape``; ``[T, P]`` → ``[T, *shape]``."""
+        if flat.dim() == 1:
+            return [part.view(s.shape) for part, s in zip(flat.split(self._sizes), self.segments)]
+        T = flat.size(0)
+        return [
+            part.view(T, *s.shape) for part, s in zip(flat.split(self._sizes, dim=1), self.segments)
+        ]
+
+    def segment_ids(self, device: torch.device) -> Tensor:
+        """int64 ``[P]``: the segment index of each parameter (for per-segment rates)."""
+        device = torch.device(device)
+        ids = self._segment_ids.get(device)
+        if ids is None:
+            ids = torch.repeat_interleave(
+                torch.arange(len(self.segments)), torch.tensor(self._sizes)
+            ).to(device)
+            self._segment_ids[device] = ids
+        return ids
+
+    def expand_per_segment(self, values: Tensor) -> Tensor:
+        """``[S]`` → ``[P]``: each segment's value repeated over its parameters."""
+        return values[self.segment_ids(values.device)]
+
+
+class TaskWeights:
+    """Fast weights of T tasks: the ``[T, P]`` buffer and its layout.
+
+    ``weights["features.0.weight"]`` is that parameter for every task, ``[T, *shape]``.
+    """
+
+    def __init__(self, buffer: Tensor, layout: Layout):
+        if buffer.dim() != 2 or buffer.size(1) != layout.numel:
+            raise ValueError(
+                f"TaskWeights buffer must be [T, {layout.numel}], got {list(buffer.shape)}"
+            )
+        self.buffer = buffer
+        self.layout = layout
+
+    @property
+    def num_tasks(self) -> int:
+        return self.buffer.size(0)
+
+    def __len__(self) -> int:
+        return self.num_tasks
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            k = self.layout.index[name]
+        except KeyError:
+            raise KeyError(f"no parameter {name!r}; known: {list(self.layout.index)}") from None
+        return self.layout.views(self.buffer)[k]
+
+    def named_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        for s, t in zip(self.layout.segments, self.layout.views(self.buffer)):
+            yield s.name, t
+
+    def task(self, t: int) -> dict[str, Tensor]:
+        """The weights of task ``t`` as a ``{name: tensor}`` dict (for functional_call)."""
+        return {s.name: v for s, v in zip(self.layout.segments, self.layout.views(self.buffer[t]))}
+
+    def detach(self) -> "TaskWeights":
+        return TaskWeights(self.buffer.detach(), self.layout)
+
+    def __repr__(self) -> str:
+        return f"TaskWeights(tasks={self.num_tasks}, {self.layout!r}, dtype={self.buffer.dtype})"

@@ -1,0 +1,236 @@
+"""The learners' meta-gradients against a plain per-task autograd loop (fp32, 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastmeta as fm
+from per_task_loop import (
+    constant_coefficient,
+    flat_grad,
+    learner_coefficient,
+    per_task_query_losses,
+    relative_error,
+)
+
+
+def conv_bn_pool_net(ways: int = 3) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, ways),
+    )
+
+
+def classification_tasks(T=3, ways=3, shots=2, queries=2, image=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.randn(T, ways * shots, 1, image, image, generator=g, dtype=dtype)
+    qx = torch.randn(T, ways * queries, 1, image, image, generator=g, dtype=dtype)
+    sy = torch.arange(ways).repeat_interleave(shots).expand(T, -1).contiguous()
+    qy = torch.arange(ways).repeat_interleave(queries).expand(T, -1).contiguous()
+    return sx, sy, qx, qy
+
+
+def regression_tasks(T=4, shots=5, queries=6, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.rand(T, shots, 1, generator=g, dtype=dtype) * 10 - 5
+    qx = torch.rand(T, queries, 1, generator=g, dtype=dtype) * 10 - 5
+    amp = torch.rand(T, 1, 1, generator=g, dtype=dtype) * 4.9 + 0.1
+    phase = torch.rand(T, 1, 1, generator=g, dtype=dtype) * torch.pi
+    return sx, amp * torch.sin(sx - phase), qx, amp * torch.sin(qx - phase)
+
+
+def make_model(kind: str) -> nn.Module:
+    torch.manual_seed(1)
+    if kind == "mlp":
+        return fm.models.mlp((1, 16, 16, 1))
+    return conv_bn_pool_net()
+
+
+def make_tasks(kind: str):
+    return regression_tasks() if kind == "mlp" else classification_tasks()
+
+
+def loop_meta_gradient(learner, tasks, steps, first_order, adapting=lambda n: True):
+    params = [p for p in learner.parameters() if p.requires_grad]
+    losses = per_task_query_losses(
+        learner.module, *tasks, steps, first_order, learner_coefficient(learner), adapting
+    )
+    return flat_grad(losses.mean(), params), losses
+
+
+def fastmeta_meta_gradient(learner, tasks):
+    out = learner.meta_batch(*tasks)
+    return flat_grad(out.loss, [p for p in learner.parameters() if p.requires_grad]), out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_meta_gradient_equals_per_task_loop(kind, steps, first_order):
+    model = make_model(kind)
+    lr = 0.01 if kind == "mlp" else 0.3
+    learner = fm.MAML(model, lr, first_order, steps=steps)
+    tasks = make_tasks(kind)
+    got, out = fastmeta_meta_gradient(learner, tasks)
+    want, losses = loop_meta_gradient(learner, tasks, steps, first_order)
+    assert relative_error(out.task_loss, losses) < 1e-5
+    assert relative_error(got, want) < 1e-5
+    # Second order really differs from first order here: the check can fail.
+    if not first_order:
+        fo, _ = loop_meta_gradient(learner, tasks, steps, True)
+        assert relative_error(fo, want) > 1e-4
+
+
+MODEL_AWARE_CASES = [
+    dict(lr_mode="scalar", lr_per_step=False),
+    dict(lr_mode="layer", lr_per_step=True),
+    dict(lr_mode="param", lr_per_step=True),
+    dict(lr_mode="layer", lr_per_step=True, gates=True, precondition=True),
+    dict(lr_mode="param", lr_per_step=False, gates=True),
+    dict(lr_mode="layer", lr_per_step=False, adapt_layers="head"),
+]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("options", MODEL_AWARE_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("first_order", [False, True])
+def test_model_aware_meta_gradient_equals_per_task_loop(kind, options, first_order):
+    model = make_model(kind)
+    steps = 2
+    learner = fm.ModelAwareMAML(
+        model, 0.01 if kind == "mlp" else 0.2, first_order, steps=steps, **options
+    )
+    # Move the meta-parameters off their initial values so each one matters.
+    with torch.no_grad():
+        for name, p in learner.named_parameters():
+            if not name.startswith("module."):
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    tasks = make_tasks(kind)
+    selection = dict(zip([s.name for s in learner.layout.segments], learner._adapting()))
+    got, out = fastmeta_meta_gradient(learner, tasks)
+    want, losses = loop_meta_gradient(
+        learner, tasks, steps, first_order, adapting=lambda n: selection[n]
+    )
+    assert relative_error(out.task_loss, losses) < 1e-5
+    assert relative_error(got, want) < 1e-5
+
+
+def test_anil_skips_the_body_and_leaves_it_unadapted():
+    model = make_model("conv")
+    learner = fm.ModelAwareMAML(model, 0.2, steps=1, adapt_layers="head")
+    tasks = make_tasks("conv")
+    fast = learner.fast_weights(tasks[0], tasks[1])
+    theta = learner.layout.pack(model.parameters()).detach()
+    for name, tensor in fast.named_tensors():
+        base = dict(model.named_parameters())[name].detach()
+        same = torch.equal(tensor.detach(), base.expand_as(tensor))
+        assert same == (not name.startswith("8.")), name
+    assert fast.buffer.shape == (tasks[0].size(0), theta.numel())
+
+
+def test_metasgd_is_model_aware_per_parameter():
+    model = make_model("mlp")
+    meta = fm.MetaSGD(model, lr=0.05)
+    assert len(meta.lrs) == len(list(model.parameters()))
+    for l, p in zip(meta.lrs, model.parameters()):
+        assert l.shape == p.shape and torch.all(l == 0.05)
+    tasks = make_tasks("mlp")
+    got, _ = fastmeta_meta_gradient(meta, tasks)
+    want, _ = loop_meta_gradient(meta, tasks, 1, False)
+    assert relative_error(got, want) < 1e-5
+
+
+def test_parameters_are_listed_exactly_once_and_state_dict_round_trips():
+    model = make_model("conv")
+    learner = fm.ModelAwareMAML(model, 0.1, steps=2, lr_mode="param", gates=True, precondition=True)
+    ids = [id(p) for p in learner.parameters()]
+    assert len(ids) == len(set(ids))
+    model_ids = {id(p) for p in model.parameters()}
+    assert model_ids <= set(ids)
+    meta = [p for p in learner.parameters() if id(p) not in model_ids]
+    assert len(meta) == len(list(learner.lrs)) + 2  # rates, gate logits, preconditioner
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(torch.randn_like(p))
+    state = learner.state_dict()
+    other = fm.ModelAwareMAML(make_model("conv"), 0.1, steps=2, lr_mode="param", gates=True, precondition=True)
+    other.load_state_dict(state)
+    tasks = make_tasks("conv")
+    assert torch.equal(learner.meta_batch(*tasks).loss, other.meta_batch(*tasks).loss)
+
+
+def test_training_updates_the_models_own_parameters():
+    model = make_model("mlp")
+    learner = fm.MAML(model, 0.01)
+    opt = torch.optim.Adam(learner.parameters(), 1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    tasks = make_tasks("mlp")
+    first = learner.meta_batch(*tasks).loss.item()
+    for _ in range(30):
+        opt.zero_grad()
+        learner.meta_batch(*tasks).loss.backward()
+        opt.step()
+    assert learner.meta_batch(*tasks).loss.item() < first
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert set(model.state_dict()) == {k.removeprefix("module.") for k in learner.state_dict()}
+
+
+def test_frozen_parameters_are_never_changed():
+    model = make_model("mlp")
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="allow_nograd"):
+        fm.MAML(model, 0.01).meta_batch(*make_tasks("mlp"))
+    learner = fm.MAML(model, 0.01, allow_nograd=True)
+    tasks = make_tasks("mlp")
+    fast = learner.fast_weights(tasks[0], tasks[1], steps=3)
+    frozen = model[0].weight.detach()
+    assert torch.equal(fast["0.weight"].detach(), frozen.expand_as(fast["0.weight"]))
+    assert not torch.equal(fast["0.bias"].detach(), model[0].bias.detach().expand_as(fast["0.bias"]))
+    got, _ = fastmeta_meta_gradient(learner, tasks)
+    trainable = [p for p in learner.parameters() if p.requires_grad]
+    losses = per_task_query_losses(
+        model, *tasks, 1, False, constant_coefficient(model, 0.01), lambda n: n != "0.weight"
+    )
+    want = flat_grad(losses.mean(), trainable)
+    assert relative_error(got, want) < 1e-5
+
+
+def test_predict_with_fast_weights_matches_meta_batch():
+    model = make_model("conv")
+    learner = fm.MAML(model, 0.3, steps=2)
+    tasks = make_tasks("conv")
+    fast = learner.fast_weights(tasks[0], tasks[1])
+    assert isinstance(fast, fm.TaskWeights) and fast.num_tasks == 3
+    pred = learner.predict(fast, tasks[2])
+    loss = torch.nn.functional.cross_entropy(pred.flatten(0, 1), tasks[3].flatten())
+    assert torch.allclose(loss, learner.meta_batch(*tasks).loss, rtol=1e-5)
+
+
+def test_float64_works_end_to_end():
+    model = make_model("conv").double()
+    learner = fm.MAML(model, 0.3, steps=2)
+    tasks = classification_tasks(dtype=torch.float64)
+    got, _ = fastmeta_meta_gradient(learner, tasks)
+    want, _ = loop_meta_gradient(learner, tasks, 2, False)
+    assert got.dtype == torch.float64
+    assert relative_error(got, want) < 1e-10
+
+
+def test_evaluation_under_no_grad_adapts_without_a_graph():
+    model = make_model("mlp")
+    learner = fm.MAML(model, 0.01, steps=3)
+    tasks = make_tasks("mlp")
+    with torch.no_grad():
+        fast = learner.fast_weights(tasks[0], tasks[1])
+        pred = learner.predict(fast, tasks[2])
+    assert not fast.buffer.requires_grad and not pred.requires_grad
+    assert torch.allclose(fast.buffer, learner.fast_weights(tasks[0], tasks[1]).buffer, atol=1e-6)
