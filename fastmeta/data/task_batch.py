@@ -1,0 +1,30 @@
+"""The container every task sampler returns."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class TaskBatch(NamedTuple):
+    """A meta-batch of T tasks, each tensor with a leading task dimension.
+
+    Classification (Omniglot, image folders), N ways, K shots, Q queries per class:
+      support_x float32 [T, N*K, C, H, W], support_y int64 [T, N*K] in 0..N-1,
+      query_x   float32 [T, N*Q, C, H, W], query_y   int64 [T, N*Q].
+    Regression (sinusoid), K shots, Q queries:
+      support_x, support_y float32 [T, K, 1]; query_x, query_y float32 [T, Q, 1].
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    def to(self, device) -> "TaskBatch":
+        return TaskBatch(*(t.to(device) for t in self))
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
