@@ -5,7 +5,7 @@ returns fresh tensors, or ``NotImplemented`` to decline; the op layer then runs 
 reference. Loaded lazily by fastmeta.backends.optional_backends, never at fastmeta import.
 """
 
-from fastmeta.kernels import activation, inner_step, task_linear
+from fastmeta.kernels import activation, inner_step, task_conv2d, task_linear
 
 KERNELS = {
     "inner_step": inner_step.inner_step,
@@ -13,5 +13,8 @@ KERNELS = {
     "task_linear": task_linear.task_linear,
     "task_linear_input_grad": task_linear.task_linear_input_grad,
     "task_linear_weight_grad": task_linear.task_linear_weight_grad,
+    "task_conv2d": task_conv2d.task_conv2d,
+    "task_conv2d_input_grad": task_conv2d.task_conv2d_input_grad,
+    "task_conv2d_weight_grad": task_conv2d.task_conv2d_weight_grad,
     "activation_grad": activation.activation_grad,
 }
