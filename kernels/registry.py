@@ -5,7 +5,7 @@ returns fresh tensors, or ``NotImplemented`` to decline; the op layer then runs 
 reference. Loaded lazily by fastmeta.backends.optional_backends, never at fastmeta import.
 """
 
-from fastmeta.kernels import activation, inner_step, task_conv2d, task_linear
+from fastmeta.kernels import activation, inner_step, task_batch_norm, task_conv2d, task_linear, task_loss
 
 KERNELS = {
     "inner_step": inner_step.inner_step,
@@ -16,5 +16,9 @@ KERNELS = {
     "task_conv2d": task_conv2d.task_conv2d,
     "task_conv2d_input_grad": task_conv2d.task_conv2d_input_grad,
     "task_conv2d_weight_grad": task_conv2d.task_conv2d_weight_grad,
+    "task_batch_norm": task_batch_norm.task_batch_norm,
+    "task_batch_norm_backward": task_batch_norm.task_batch_norm_backward,
+    "task_loss": task_loss.task_loss,
+    "task_loss_grad": task_loss.task_loss_grad,
     "activation_grad": activation.activation_grad,
 }

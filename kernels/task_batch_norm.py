@@ -1,0 +1,200 @@
+"""Triton kernels for ``task_batch_norm`` and its backward (fastmeta/ops/task_batch_norm.py).
+
+Per task t and channel c, over the task's N examples and S spatial positions:
+
+    μ = mean x,  σ² = mean (x − μ)²  (biased),  y = act(γ (x − μ)/√(σ² + eps) + β)
+
+and backward (at z, before the activation; the op layer applies activation_grad first):
+
+    dβ = Σ g,  dγ = Σ g·x̂,  dx = γ/√(σ² + eps) · (g − dβ/count − x̂·dγ/count)
+
+grid   (C, T): one program per (channel, task) owns all count = N·S values of its
+       statistics, so the reductions are in registers, deterministic, with no second
+       launch and no atomics. x is [T, N, C, S] contiguous; a program walks N rows of S
+       contiguous values in BLOCK chunks.
+passes forward: mean, variance (two-pass, as the reference: one-pass E[x²] − μ² loses
+       digits when |μ| ≫ σ), then write y: 2 reads + 1 write of x. Backward: mean, then
+       variance with Σg and Σg·(x − μ) together, then write dx: 3 reads of x, 2 of g.
+bound  memory. W2's layers have T·C = 2048 programs of ~1k values; W4's first layer only
+       T·C = 128 programs of 564k values each, about one per SM, which still keeps each
+       SM streaming (BLOCK = 2048 values in flight per program).
+
+Declines: non-fp32 or mixed devices, x of rank < 3, γ/β not shaped [T, C] / [C],
+unknown activations, empty tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmeta.kernels.activation import activation_code, apply_activation
+from fastmeta.kernels.launch_checks import all_float32_on_one_device, interpreting, task_stride
+
+
+@triton.jit
+def _channel_mean(x_base, N, C, S, count, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, count, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        ok = j < count
+        acc += tl.load(x_base + (j // S).to(tl.int64) * (C * S) + j % S, mask=ok, other=0.0)
+    return tl.sum(acc, axis=0) / count
+
+
+@triton.jit
+def task_batch_norm_kernel(
+    x_ptr, gamma_ptr, beta_ptr, out_ptr,
+    N, C, S, eps, negative_slope,
+    gamma_task_stride, gamma_channel_stride, beta_task_stride, beta_channel_stride,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    count = N * S
+    base = t * N * C * S + c * S  # element (t, 0, c, 0); row n adds n·C·S
+    mean = _channel_mean(x_ptr + base, N, C, S, count, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, count, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        ok = j < count
+        x = tl.load(x_ptr + base + (j // S).to(tl.int64) * (C * S) + j % S, mask=ok, other=0.0)
+        d = tl.where(ok, x - mean, 0.0)
+        acc += d * d
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(acc, axis=0) / count + eps)
+    scale = rstd
+    shift = 0.0
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr + t * gamma_task_stride + c * gamma_channel_stride)
+    if HAS_BETA:
+        shift = tl.load(beta_ptr + t * beta_task_stride + c * beta_channel_stride)
+    for start in range(0, count, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        ok = j < count
+        offs = base + (j // S).to(tl.int64) * (C * S) + j % S
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+        z = (x - mean) * scale  # x̂, in the reference's order: (x − μ)·rstd·γ + β
+        if HAS_GAMMA:
+            z = z * gamma
+        if HAS_BETA:
+            z = z + shift
+        tl.store(out_ptr + offs, apply_activation(z, negative_slope, ACT), mask=ok)
+
+
+@triton.jit
+def task_batch_norm_backward_kernel(
+    grad_z_ptr, x_ptr, gamma_ptr, grad_x_ptr, grad_gamma_ptr, grad_beta_ptr,
+    N, C, S, eps, gamma_task_stride, gamma_channel_stride,
+    HAS_GAMMA: tl.constexpr, NEED_X: tl.constexpr, NEED_GAMMA: tl.constexpr, NEED_BETA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    count = N * S
+    base = t * N * C * S + c * S
+    mean = _channel_mean(x_ptr + base, N, C, S, count, BLOCK)
+    sq = tl.zeros([BLOCK], tl.float32)
+    sum_g = tl.zeros([BLOCK], tl.float32)
+    sum_g_centred = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, count, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        ok = j < count
+        offs = base + (j // S).to(tl.int64) * (C * S) + j % S
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+        g = tl.load(grad_z_ptr + offs, mask=ok, other=0.0)
+        d = tl.where(ok, x - mean, 0.0)
+        sq += d * d
+        sum_g += g
+        sum_g_centred += g * d
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, axis=0) / count + eps)
+    grad_beta = tl.sum(sum_g, axis=0)
+    grad_gamma = tl.sum(sum_g_centred, axis=0) * rstd  # Σ g·x̂
+    if NEED_GAMMA:
+        tl.store(grad_gamma_ptr + t * C + c, grad_gamma)
+    if NEED_BETA:
+        tl.store(grad_beta_ptr + t * C + c, grad_beta)
+    if NEED_X:
+        scale = rstd
+        if HAS_GAMMA:
+            scale = rstd * tl.load(gamma_ptr + t * gamma_task_stride + c * gamma_channel_stride)
+        mean_g = grad_beta / count
+        mean_g_xhat = grad_gamma / count
+        for start in range(0, count, BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            ok = j < count
+            offs = base + (j // S).to(tl.int64) * (C * S) + j % S
+            x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+            g = tl.load(grad_z_ptr + offs, mask=ok, other=0.0)
+            xhat = (x - mean) * rstd
+            tl.store(grad_x_ptr + offs, scale * (g - mean_g - xhat * mean_g_xhat), mask=ok)
+
+
+def batch_norm_config(count: int) -> dict:
+    """Values per loop step, keyed on the per-(task, channel) count: 2048 × 8 warps (8 per
+    thread) for the large maps of W4, down to the next power of two for W2's small ones
+    (4 × 2 × 2 × 10 images = 40 values at its last layer). The interpreter takes all at once."""
+    if interpreting():
+        return {"BLOCK": max(16, triton.next_power_of_2(count)), "num_warps": 1}
+    block = max(128, min(2048, triton.next_power_of_2(count)))
+    return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4}
+
+
+def _channel_param(p, T, C):
+    """(pointer tensor, task stride, channel stride) of γ or β, or None if misshapen."""
+    if p is None:
+        return None
+    if p.shape == (C,):
+        return p, 0, p.stride(0)
+    if p.shape == (T, C):
+        return p, task_stride(p, 2), p.stride(1)
+    return None
+
+
+def _layout(x):
+    T, N, C = x.shape[:3]
+    S = x[0, 0, 0].numel() if x.dim() > 3 else 1
+    return T, N, C, S
+
+
+def task_batch_norm(x, gamma, beta, eps, act, negative_slope):
+    code = activation_code(act, negative_slope)
+    if code is None or x.dim() < 3 or not all_float32_on_one_device(x, gamma, beta):
+        return NotImplemented
+    T, N, C, S = _layout(x)
+    g, b = _channel_param(gamma, T, C), _channel_param(beta, T, C)
+    if (gamma is not None and g is None) or (beta is not None and b is None):
+        return NotImplemented
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    cfg = batch_norm_config(N * S)
+    task_batch_norm_kernel[(C, T)](
+        x, gamma if gamma is not None else x, beta if beta is not None else x, out,
+        N, C, S, float(eps), float(negative_slope),
+        g[1] if g else 0, g[2] if g else 0, b[1] if b else 0, b[2] if b else 0,
+        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, ACT=code,
+        BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def task_batch_norm_backward(grad_z, x, gamma, eps, needs):
+    if x.dim() < 3 or grad_z.shape != x.shape or not all_float32_on_one_device(grad_z, x, gamma):
+        return NotImplemented
+    T, N, C, S = _layout(x)
+    g = _channel_param(gamma, T, C)
+    if gamma is not None and g is None:
+        return NotImplemented
+    need_x, need_gamma, need_beta = (bool(n) for n in needs)
+    x, grad_z = x.contiguous(), grad_z.contiguous()
+    grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
+    grad_gamma = x.new_empty((T, C)) if need_gamma else x.new_empty(0)
+    grad_beta = x.new_empty((T, C)) if need_beta else x.new_empty(0)
+    cfg = batch_norm_config(N * S)
+    task_batch_norm_backward_kernel[(C, T)](
+        grad_z, x, gamma if gamma is not None else x, grad_x, grad_gamma, grad_beta,
+        N, C, S, float(eps), g[1] if g else 0, g[2] if g else 0,
+        HAS_GAMMA=gamma is not None, NEED_X=need_x, NEED_GAMMA=need_gamma, NEED_BETA=need_beta,
+        BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+    )
+    return [grad_x, grad_gamma, grad_beta]

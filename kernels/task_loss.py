@@ -1,0 +1,150 @@
+"""Triton kernels for ``task_loss`` and ``task_loss_grad`` (fastmeta/ops/task_loss.py).
+
+One kernel per loss kind computes the per-task loss and, in the same pass over pred, its
+gradient; constexpr flags say which of the two to write, so the op layer's two ops
+(``task_loss`` and ``task_loss_grad``) each launch it once.
+
+cross-entropy, ``cross_entropy_kernel``
+    grid  (T,): a program owns one task, walks its N rows BLOCK_N at a time with all K
+          logits of a row in one BLOCK_K tile, and reduces the loss over rows in registers
+          (deterministic, no atomics). loss[t] = mean_n (max + log Σ exp(x − max) − x[y]).
+    limit K ≤ 8192 classes (one tile per row); more is declined to the reference.
+    Labels outside [0, K) give NaN (the reference raises): never a plausible number.
+MSE, ``mse_kernel``
+    grid  (T,): a program walks the task's N·D values; loss = mean (p − y)², grad =
+          (p − y) · 2/(N·D).
+bound  memory/latency: W1–W4 losses are at most 16 × 20 × 20 values; the point is one
+       launch for all tasks instead of a reduction kernel per task or a second pass.
+
+Declines: non-fp32 pred (or MSE target), CE labels not int32/int64 shaped [T, N], an MSE
+target whose shape differs from pred (the reference would broadcast it), K > 8192, empty
+tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmeta.kernels.launch_checks import all_float32_on_one_device, interpreting
+
+MAX_CLASSES = 8192  # one row in one tile: 8192 fp32 = 32 KB of registers across 8 warps
+
+
+@triton.jit
+def cross_entropy_kernel(
+    pred_ptr, target_ptr, loss_ptr, grad_ptr, N, K,
+    WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    loss_acc = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        ok = row_ok[:, None] & col_ok[None, :]
+        offs = (t * N + rows)[:, None] * K + cols[None, :]
+        logits = tl.load(pred_ptr + offs, mask=ok, other=-float("inf"))
+        label = tl.load(target_ptr + t * N + rows, mask=row_ok, other=0).to(tl.int32)
+        row_max = tl.max(logits, axis=1)
+        row_max = tl.where(row_ok, row_max, 0.0)  # keep masked rows finite
+        e = tl.exp(logits - row_max[:, None])
+        e = tl.where(ok, e, 0.0)
+        total = tl.where(row_ok, tl.sum(e, axis=1), 1.0)  # masked rows: no 0/0
+        is_label = cols[None, :] == label[:, None]
+        if WRITE_LOSS:
+            picked = tl.sum(tl.where(is_label & ok, logits, 0.0), axis=1)
+            row_loss = row_max + tl.log(total) - picked
+            valid = (label >= 0) & (label < K)
+            loss_acc += tl.where(row_ok, tl.where(valid, row_loss, float("nan")), 0.0)
+        if WRITE_GRAD:
+            # A row whose label is outside [0, K) has no one-hot 1: make it NaN instead.
+            bad_row = (label < 0) | (label >= K)
+            grad = (e / total[:, None] - tl.where(is_label, 1.0, 0.0)) / N
+            grad = tl.where(bad_row[:, None], float("nan"), grad)
+            tl.store(grad_ptr + offs, grad, mask=ok)
+    if WRITE_LOSS:
+        tl.store(loss_ptr + t, tl.sum(loss_acc, axis=0) / N)
+
+
+@triton.jit
+def mse_kernel(pred_ptr, target_ptr, loss_ptr, grad_ptr, count, grad_scale,
+               WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, count, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        ok = j < count
+        offs = t * count + j
+        diff = tl.load(pred_ptr + offs, mask=ok, other=0.0) - tl.load(target_ptr + offs, mask=ok, other=0.0)
+        if WRITE_LOSS:
+            acc += diff * diff
+        if WRITE_GRAD:
+            tl.store(grad_ptr + offs, diff * grad_scale, mask=ok)
+    if WRITE_LOSS:
+        tl.store(loss_ptr + t, tl.sum(acc, axis=0) / count)
+
+
+def loss_config(rows: int, row_size: int) -> dict:
+    """Tile keyed on the per-task shape: all K classes of a row, and enough rows for
+    ~2048 values per step (W3: 20 rows × 32 classes → one step per task). The interpreter
+    takes the whole task at once."""
+    block_k = max(16, triton.next_power_of_2(row_size))
+    if interpreting():
+        return {"BLOCK_N": max(1, triton.next_power_of_2(rows)), "BLOCK_K": block_k, "num_warps": 1}
+    block_n = max(1, min(triton.next_power_of_2(rows), 2048 // block_k))
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4 if block_k * block_n <= 2048 else 8}
+
+
+def mse_config(count: int) -> dict:
+    """Values per loop step of one task: up to 4096 × 8 warps; the interpreter takes all."""
+    if interpreting():
+        return {"BLOCK": max(16, triton.next_power_of_2(count)), "num_warps": 1}
+    block = max(128, min(4096, triton.next_power_of_2(count)))
+    return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4}
+
+
+def _launch(pred, target, kind, write_loss, write_grad):
+    if not all_float32_on_one_device(pred) or pred.dim() < 2:
+        return NotImplemented
+    T, N = pred.shape[:2]
+    if target.device != pred.device:
+        return NotImplemented
+    loss = pred.new_empty(T) if write_loss else pred.new_empty(0)
+    grad = torch.empty(pred.shape, dtype=torch.float32, device=pred.device) if write_grad else pred.new_empty(0)
+    pred = pred.contiguous()
+    if kind == "cross_entropy":
+        if pred.dim() != 3 or target.shape != (T, N) or target.dtype not in (torch.int64, torch.int32):
+            return NotImplemented
+        K = pred.size(2)
+        if K > MAX_CLASSES:
+            return NotImplemented
+        cfg = loss_config(N, K)
+        cross_entropy_kernel[(T,)](
+            pred, target.contiguous(), loss, grad, N, K,
+            WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        )
+    elif kind == "mse":
+        if target.shape != pred.shape or target.dtype != torch.float32:
+            return NotImplemented
+        count = pred[0].numel()
+        cfg = mse_config(count)
+        mse_kernel[(T,)](
+            pred, target.contiguous(), loss, grad, count, 2.0 / count,
+            WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+        )
+    else:
+        return NotImplemented
+    return loss if write_loss else grad
+
+
+def task_loss(pred, target, kind):
+    return _launch(pred, target, kind, write_loss=True, write_grad=False)
+
+
+def task_loss_grad(pred, target, kind):
+    return _launch(pred, target, kind, write_loss=False, write_grad=True)
