@@ -228,7 +228,7 @@ class _MetaLearner(nn.Module):
             bad = ~torch.isfinite(losses.detach())
             if bool(bad.any()):
                 t = int(bad.nonzero()[0])
-                raise FloatingPointError(f"the {which} loss of task {t} is {float(losses[t])}")
+                raise FloatingPointError(f"the {which} loss of task {t} is {float(losses[t].detach())}")
 
     # -- input checks ------------------------------------------------------------------
 
@@ -239,8 +239,10 @@ class _MetaLearner(nn.Module):
         for name, t in named.items():
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-            if t.dim() < 2:
-                raise ValueError(f"{name} must be [tasks, examples, ...], got shape {list(t.shape)}")
+            rank = 3 if name.endswith("_x") else 2
+            if t.dim() < rank:
+                expected = "[tasks, examples, features...]" if rank == 3 else "[tasks, examples, ...]"
+                raise ValueError(f"{name} must be {expected}, got shape {list(t.shape)}")
             if T is None:
                 T, first = t.size(0), name
             elif t.size(0) != T:
@@ -414,7 +416,7 @@ class AdaptedModel:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError("adapt needs a scalar loss tensor")
         if learner.validate and not bool(torch.isfinite(loss.detach()).all()):
-            raise FloatingPointError(f"adapt got a loss of {float(loss)}")
+            raise FloatingPointError(f"adapt got a loss of {float(loss.detach())}")
         if not allow_nograd:
             frozen = [n for n, p in learner.module.named_parameters() if not p.requires_grad]
             if frozen:

@@ -152,10 +152,13 @@ def _auto_order(op: str, device_type: str) -> Iterator[str]:
     for name in AUTO_PREFERENCE.get(op, AUTO_PREFERENCE["default"]):
         if name == REFERENCE:
             continue
-        backend = _REGISTRY.get(name)
-        if backend is None or not backend.available()[0] or device_type not in backend.device_types():
+        # The record first: it is cheap, and availability may mean building an extension.
+        if not verification.is_verified(name, op, device_type):
             continue
-        if verification.is_verified(name, op, device_type):
+        backend = _REGISTRY.get(name)
+        if backend is None or device_type not in backend.device_types():
+            continue
+        if backend.available()[0]:
             yield name
 
 

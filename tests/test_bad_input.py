@@ -1,0 +1,125 @@
+"""Bad input gets a clear error that names the argument, before any state changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmeta as fm
+from test_learners import classification_tasks, make_model, regression_tasks
+
+
+@pytest.fixture
+def learner():
+    torch.manual_seed(0)
+    return fm.ModelAwareMAML(make_model("conv"), 0.2, steps=2, gates=True)
+
+
+def snapshot(learner):
+    return {k: v.detach().clone() for k, v in learner.state_dict().items()}
+
+
+def assert_unchanged(learner, before):
+    after = learner.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert all(p.grad is None for p in learner.parameters())
+
+
+def tasks():
+    return list(classification_tasks())
+
+
+def with_nan(t, task, value=float("nan")):
+    t = t.clone()
+    t[task].view(-1)[0] = value
+    return t
+
+
+CASES = {
+    "task-counts-differ": (lambda s: [s[0], s[1], s[2][:2], s[3][:2]], ValueError, "query_x has 2 tasks but support_x has 3"),
+    "labels-out-of-range": (lambda s: [s[0], s[1] + 5, s[2], s[3]], ValueError, r"support labels out of range .*task 0"),
+    "query-labels-negative": (lambda s: [s[0], s[1], s[2], s[3] - 3], ValueError, "query labels out of range"),
+    "wrong-rank": (lambda s: [s[0][0, 0, 0], s[1], s[2], s[3]], ValueError, r"support_x must be \[tasks, examples"),
+    "nan-in-support": (lambda s: [with_nan(s[0], 2), s[1], s[2], s[3]], FloatingPointError, "support_x has NaN or Inf in task 2"),
+    "inf-in-query": (lambda s: [s[0], s[1], with_nan(s[2], 1, float("inf")), s[3]], FloatingPointError, "query_x has NaN or Inf in task 1"),
+    "dtype-mismatch": (lambda s: [s[0].double(), s[1], s[2], s[3]], TypeError, "support_x is torch.float64 but the model is torch.float32"),
+    "device-mismatch": (lambda s: [s[0].to("meta"), s[1], s[2], s[3]], ValueError, "support_x is on meta"),
+    "empty-support": (lambda s: [s[0][:, :0], s[1][:, :0], s[2], s[3]], ValueError, "support_x is empty"),
+    "examples-differ": (lambda s: [s[0], s[1][:, :2], s[2], s[3]], ValueError, "support_x has 6 examples per task but support_y has 2"),
+    "float-labels-forced-ce": (None, None, None),
+}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] is not None])
+def test_meta_batch_rejects_bad_input_and_changes_nothing(learner, case):
+    make, error, message = CASES[case]
+    before = snapshot(learner)
+    with pytest.raises(error, match=message):
+        learner.meta_batch(*make(tasks()))
+    assert_unchanged(learner, before)
+
+
+def test_nan_in_the_loss_names_the_task():
+    torch.manual_seed(0)
+    model = make_model("mlp")
+    learner = fm.MAML(model, 0.01)
+    sx, sy, qx, qy = regression_tasks()
+    sx = sx.clone()
+    sx[3] *= 1e30  # finite inputs whose squared error overflows to inf
+    before = snapshot(learner)
+    with pytest.raises(FloatingPointError, match="support loss of task 3"):
+        learner.meta_batch(sx, sy, qx, qy)
+    assert_unchanged(learner, before)
+
+
+def test_validate_false_skips_the_syncing_checks():
+    torch.manual_seed(0)
+    learner = fm.MAML(make_model("mlp"), 0.01, validate=False)
+    sx, sy, qx, qy = regression_tasks()
+    out = learner.meta_batch(with_nan(sx, 0), sy, qx, qy)  # no error: the check is off
+    assert torch.isnan(out.task_loss[0])
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.1])
+def test_non_positive_lr_is_rejected(lr):
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        fm.MAML(make_model("mlp"), lr)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        fm.ModelAwareMAML(make_model("mlp"), lr)
+
+
+@pytest.mark.parametrize("steps", [0, -1])
+def test_fewer_than_one_step_is_rejected(steps):
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        fm.MAML(make_model("mlp"), 0.1, steps=steps)
+
+
+def test_other_bad_options_name_the_argument():
+    with pytest.raises(ValueError, match="lr_mode"):
+        fm.ModelAwareMAML(make_model("mlp"), 0.1, lr_mode="block")
+    with pytest.raises(ValueError, match="adapt_layers: no parameter under 'nope'"):
+        fm.ModelAwareMAML(make_model("mlp"), 0.1, adapt_layers=["nope"])
+    with pytest.raises(ValueError, match="loss must be one of"):
+        fm.MAML(make_model("mlp"), 0.1, loss="hinge")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fm.MAML("not a model", 0.1)
+    with pytest.raises(ValueError, match="unknown backend"):
+        fm.use_backend("fortran")
+
+
+def test_float_labels_with_cross_entropy_are_rejected():
+    learner = fm.MAML(make_model("conv"), 0.1, loss="cross_entropy")
+    sx, sy, qx, qy = tasks()
+    before = snapshot(learner)
+    with pytest.raises(TypeError, match="support labels must be integers"):
+        learner.meta_batch(sx, sy.float(), qx, qy)
+    assert_unchanged(learner, before)
+
+
+def test_predict_checks_the_task_count(learner):
+    sx, sy, qx, qy = tasks()
+    fast = learner.fast_weights(sx, sy)
+    with pytest.raises(ValueError, match="fast holds 3 tasks but query_x has 2"):
+        learner.predict(fast, qx[:2])
