@@ -76,6 +76,7 @@ class _MetaLearner(nn.Module):
         steps: int,
         loss: LossSpec,
         validate: bool,
+        task_chunk: int | None = None,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -94,6 +95,7 @@ class _MetaLearner(nn.Module):
         self.steps = _check_steps("steps", steps)
         self.loss = loss
         self.validate = bool(validate)
+        self.task_chunk = None if task_chunk is None else _check_steps("task_chunk", task_chunk)
         self._layout = Layout.of_module(model)
         self._program = capture(model, self._layout)
         self._param_ids = self._current_param_ids()
@@ -286,28 +288,35 @@ class _MetaLearner(nn.Module):
         create_graph = not first_order and torch.is_grad_enabled()
         fast = None
         for step in range(steps):
-            with torch.enable_grad():
-                src = theta.expand(T, P) if fast is None else fast
-                if not src.requires_grad:  # evaluation under no_grad: a leaf to differentiate
-                    src = src.detach().requires_grad_(True)
-                pred = self._program(support_x, self._weights(theta, src, adapting))
-                losses = self._task_losses(pred, support_y, "support")
-                self._check_finite_losses(losses, "support")
-                (grad,) = torch.autograd.grad(
-                    losses.sum(), src, create_graph=create_graph, allow_unused=True
-                )
-            if grad is None:
-                grad = torch.zeros_like(src)
-            elif not create_graph:
-                grad = grad.detach()
-            rule = self._step_rule(step, theta)
-            fast = inner_step(theta if fast is None else fast, grad, *rule)
+            with torch.profiler.record_function(f"fastmeta.inner_step{step}"):
+                with torch.enable_grad():
+                    src = theta.expand(T, P) if fast is None else fast
+                    if not src.requires_grad:  # evaluation under no_grad: a leaf to differentiate
+                        src = src.detach().requires_grad_(True)
+                    pred = self._program(support_x, self._weights(theta, src, adapting))
+                    losses = self._task_losses(pred, support_y, "support")
+                    self._check_finite_losses(losses, "support")
+                    (grad,) = torch.autograd.grad(
+                        losses.sum(), src, create_graph=create_graph, allow_unused=True
+                    )
+                if grad is None:
+                    grad = torch.zeros_like(src)
+                elif not create_graph:
+                    grad = grad.detach()
+                rule = self._step_rule(step, theta)
+                fast = inner_step(theta if fast is None else fast, grad, *rule)
         return fast
 
     # -- public API --------------------------------------------------------------------
 
     def meta_batch(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        *,
+        task_chunk: int | None = None,
     ) -> MetaBatchOutput:
         """Adapt to every task of a meta-batch and evaluate on its query set.
 
@@ -315,20 +324,57 @@ class _MetaLearner(nn.Module):
         query_y ``[T, Nq, ...]``. Integer labels mean cross-entropy, float targets MSE,
         unless ``loss`` says otherwise. ``out.loss.backward()`` puts the meta-gradient on
         ``learner.parameters()``.
+
+        task_chunk: run the tasks in chunks of this many (default: the learner's
+        ``task_chunk``, None = all at once). The meta-gradient is the same; each chunk's
+        graph is recomputed in the backward instead of kept, so peak memory falls towards
+        the per-task loop's at chunk 1, at the cost of running the forward twice.
         """
         self._check_tasks(support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y)
         self._check_nograd()
         self._refresh_capture()
+        T = support_x.size(0)
+        chunk = self.task_chunk if task_chunk is None else _check_steps("task_chunk", task_chunk)
+        if chunk is None or chunk >= T:
+            task_losses, accuracy = self._adapt_and_evaluate(support_x, support_y, query_x, query_y)
+        else:
+            parts = [
+                self._adapt_and_evaluate_checkpointed(
+                    support_x[i : i + chunk], support_y[i : i + chunk],
+                    query_x[i : i + chunk], query_y[i : i + chunk],
+                )
+                for i in range(0, T, chunk)
+            ]
+            task_losses = torch.cat([p[0] for p in parts])
+            accuracy = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+        return MetaBatchOutput(task_losses.mean(), task_losses, accuracy)
+
+    def _adapt_and_evaluate(self, support_x, support_y, query_x, query_y):
+        """(query task losses ``[T]``, accuracy ``[T]`` or None) after the inner loop."""
         theta = self._pack()
         fast = self._inner_loop(theta, support_x, support_y, self.steps, self.first_order)
-        pred = self._program(query_x, self._weights(theta, fast, self._adapting()))
-        task_losses = self._task_losses(pred, query_y, "query")
+        with torch.profiler.record_function("fastmeta.query"):
+            pred = self._program(query_x, self._weights(theta, fast, self._adapting()))
+            task_losses = self._task_losses(pred, query_y, "query")
         self._check_finite_losses(task_losses, "query")
         accuracy = None
         if not query_y.is_floating_point() and pred.dim() == 3:
             with torch.no_grad():
                 accuracy = (pred.argmax(-1) == query_y).to(pred.dtype).mean(1)
-        return MetaBatchOutput(task_losses.mean(), task_losses, accuracy)
+        return task_losses, accuracy
+
+    def _adapt_and_evaluate_checkpointed(self, support_x, support_y, query_x, query_y):
+        """One chunk of tasks whose graph is recomputed in the backward, not kept.
+
+        Non-reentrant checkpointing keeps only the chunk's inputs; the backward reruns
+        the chunk (inner loop included: autograd.grad inside a non-reentrant region is
+        supported) one chunk at a time, so peak memory is one chunk's graph.
+        """
+        if not torch.is_grad_enabled():
+            return self._adapt_and_evaluate(support_x, support_y, query_x, query_y)
+        return torch.utils.checkpoint.checkpoint(
+            self._adapt_and_evaluate, support_x, support_y, query_x, query_y, use_reentrant=False
+        )
 
     def fast_weights(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> TaskWeights:
         """The adapted weights of every task: a :class:`TaskWeights` over ``[T, P]``."""
@@ -354,6 +400,25 @@ class _MetaLearner(nn.Module):
         if fast.num_tasks != query_x.size(0):
             raise ValueError(f"fast holds {fast.num_tasks} tasks but query_x has {query_x.size(0)}")
         return self._program(query_x, self._weights(self._pack(), fast.buffer, self._adapting()))
+
+    def capture(
+        self,
+        optimizer: torch.optim.Optimizer,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        *,
+        warmup: int = 3,
+    ):
+        """Capture a whole meta-iteration (with ``optimizer.step()``) in a CUDA graph.
+
+        Returns a :class:`fastmeta.whole_step.CapturedMetaStep`; call it with each new
+        meta-batch of the same shapes. See that module for the rules.
+        """
+        from fastmeta.whole_step import CapturedMetaStep
+
+        return CapturedMetaStep(self, optimizer, (support_x, support_y, query_x, query_y), warmup)
 
     def clone(self, first_order=None, allow_unused=None, allow_nograd=None) -> "AdaptedModel":
         """learn2learn's ``clone()``: a per-task copy that ``adapt()`` steps in place."""
