@@ -84,7 +84,7 @@ def inner_step_backward_kernel(
     LR_MODE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PRECOND: tl.constexpr,
     THETA_SHARED: tl.constexpr,
     NEED_THETA: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_LR: tl.constexpr,
-    NEED_MASK: tl.constexpr, NEED_PRECOND: tl.constexpr,
+    NEED_MASK: tl.constexpr, NEED_PRECOND: tl.constexpr, NEED_OUTER: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -102,7 +102,6 @@ def inner_step_backward_kernel(
     if HAS_PRECOND:
         coef = coef * precond
 
-    NEED_OUTER: tl.constexpr = NEED_LR or NEED_MASK or NEED_PRECOND
     sum_grad_out = tl.zeros([BLOCK_P], tl.float32)
     sum_grad_out_g = tl.zeros([BLOCK_P], tl.float32)  # Σ_t grad_out[t] · g[t]
     # Row pointers advance by one task per iteration: 64-bit pointer arithmetic, so the
@@ -295,6 +294,7 @@ def inner_step_backward(grad_out, grad, lr, mask, precond, segments, theta_share
         THETA_SHARED=bool(theta_shared),
         NEED_THETA=need_theta, NEED_GRAD=need_grad, NEED_LR=need_lr,
         NEED_MASK=need_mask, NEED_PRECOND=need_precond,
+        NEED_OUTER=need_lr or need_mask or need_precond,  # Σ_t grad_out·g is needed
         BLOCK_P=cfg["BLOCK_P"], num_warps=cfg["num_warps"],
     )
     return [d_theta, d_grad, d_lr, d_mask, d_precond]

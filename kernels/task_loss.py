@@ -48,7 +48,7 @@ def cross_entropy_kernel(
         ok = row_ok[:, None] & col_ok[None, :]
         offs = (t * N + rows)[:, None] * K + cols[None, :]
         logits = tl.load(pred_ptr + offs, mask=ok, other=-float("inf"))
-        label = tl.load(target_ptr + t * N + rows, mask=row_ok, other=0).to(tl.int32)
+        label = tl.load(target_ptr + t * N + rows, mask=row_ok, other=0).to(tl.int64)  # no wrap-around
         row_max = tl.max(logits, axis=1)
         row_max = tl.where(row_ok, row_max, 0.0)  # keep masked rows finite
         e = tl.exp(logits - row_max[:, None])

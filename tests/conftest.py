@@ -1,4 +1,19 @@
 # ---------------------------------------------------------------------------------------
+# Triton interpreter switch (owned by the triton backend tests, tests/test_triton_*.py).
+# It must run before anything imports triton: Triton decides at @triton.jit time whether a
+# kernel is compiled or interpreted. Without a GPU the triton backend's kernels then run on
+# CPU tensors (~7 ms per program instance), which is what the CPU test tier uses.
+# ---------------------------------------------------------------------------------------
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# ---------------------------------------------------------------------------------------
+# End of the triton interpreter switch.
+# ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------
 # Data fixtures (fastmeta.data, the CLI tests). Owned by the data/CLI work; add other
 # fixtures outside this block.
 # ---------------------------------------------------------------------------------------
