@@ -1,0 +1,274 @@
+"""The ``fastmeta`` command: ``fastmeta train | eval | plot | bench | profile | build | info``.
+
+Subcommands are looked up in ``SUBCOMMANDS``, name -> (one-line help, "module:attribute").
+The attribute is a ``Subcommand``: a help line, ``add_arguments(parser)`` and
+``run(args) -> exit code``. Only the chosen subcommand's module is imported, so
+``fastmeta --help`` is quick and a half-written module breaks only its own subcommand.
+
+To add a subcommand from another module, define there::
+
+    COMMAND = fastmeta.cli.Subcommand(help="...", add_arguments=..., run=...)
+
+and point its ``SUBCOMMANDS`` entry at ``"your.module:COMMAND"``. Code that cannot edit
+this file can call ``register_subcommand(name, subcommand)`` before ``main()`` runs. A
+listed module that does not exist yet makes its subcommand print "not available yet".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Subcommand", "SUBCOMMANDS", "register_subcommand", "main"]
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("train a learner on a paper preset", "fastmeta.cli:TRAIN"),
+    "eval": ("evaluate a checkpoint on 600 fixed test tasks", "fastmeta.cli:EVAL"),
+    "plot": ("draw a run's learning curves (and the sinusoid fit) as PNGs", "fastmeta.plotting:COMMAND"),
+    "bench": ("benchmark fastmeta against its peers on the standard workloads", "fastmeta.benchmarks:COMMAND"),
+    "profile": ("profile a preset's meta-iteration with torch.profiler", "fastmeta.profiling:COMMAND"),
+    "build": ("build the C++/CUDA extension ahead of time", "fastmeta.backends.commands:BUILD"),
+    "info": ("show the backends, their availability and what was verified where", "fastmeta.backends.commands:INFO"),
+}
+
+_REGISTERED: dict[str, Subcommand] = {}
+
+# Errors that are the user's input, not a bug: printed as one line, exit code 1.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def register_subcommand(name: str, subcommand: Subcommand) -> None:
+    """Add or replace a subcommand at run time (see the module docstring)."""
+    if not isinstance(subcommand, Subcommand):
+        raise TypeError(f"subcommand must be a fastmeta.cli.Subcommand, got {type(subcommand).__name__}")
+    _REGISTERED[name] = subcommand
+    SUBCOMMANDS.setdefault(name, (subcommand.help, ""))
+
+
+def _not_available(name: str, reason: str) -> Subcommand:
+    def run(args):
+        print(f"fastmeta {name}: not available yet ({reason})", file=sys.stderr)
+        return 2
+
+    return Subcommand(help=SUBCOMMANDS[name][0], add_arguments=lambda parser: parser.add_argument("rest", nargs=argparse.REMAINDER), run=run)
+
+
+def _resolve(name: str) -> Subcommand:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    _, target = SUBCOMMANDS[name]
+    module_name, _, attribute = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name):  # the module itself is missing
+            return _not_available(name, f"{module_name} does not exist")
+        raise
+    subcommand = getattr(module, attribute, None)
+    if subcommand is None:
+        return _not_available(name, f"{module_name} has no {attribute}")
+    return subcommand
+
+
+# -- train ------------------------------------------------------------------------------------
+
+# Flags that change what a run computes; on --resume they must agree with the checkpoint.
+_RUN_DEFINING_FLAGS = {
+    "learner": "--learner",
+    "seed": "--seed",
+    "first_order": "--first-order",
+    "meta_batch": "--meta-batch",
+}
+_SCHEDULE_FLAGS = {
+    "validate_every": "--validate-every",
+    "validation_tasks": "--validation-tasks",
+    "checkpoint_every": "--checkpoint-every",
+    "log_every": "--log-every",
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when a GPU is visible, else cpu")
+    parser.add_argument("--backend", default=None, metavar="NAME", help="fastmeta backend (default: FASTMETA_BACKEND or auto)")
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="N",
+        help="CPU threads for torch (default: torch's). 1 is often faster for small workloads on a busy machine",
+    )
+
+
+def _select_device(args) -> str:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.backend is not None:
+        import fastmeta
+
+        fastmeta.use_backend(args.backend)
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .training import LEARNERS, PRESETS
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "presets:\n" + "\n".join(f"  {name:<20} {preset.summary}" for name, preset in PRESETS.items())
+    parser.add_argument("preset", choices=sorted(PRESETS), metavar="PRESET", help="a paper protocol (listed below)")
+    parser.add_argument("--learner", choices=LEARNERS, default=None, help="default: maml")
+    parser.add_argument("--data", default=None, metavar="PATH", help="dataset folder (Omniglot: the one holding images_background.zip)")
+    parser.add_argument("--iterations", type=_positive_int, default=None, metavar="N", help="meta-iterations (default: the preset's)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/PRESET-LEARNER)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    _add_device_arguments(parser)
+    parser.add_argument("--seed", type=_non_negative_int, default=None, metavar="S", help="run seed (default: 0)")
+    parser.add_argument("--first-order", action="store_true", default=None, help="first-order meta-gradient")
+    parser.add_argument("--meta-batch", type=_positive_int, default=None, metavar="T", help="tasks per meta-iteration")
+    parser.add_argument("--validate-every", type=_positive_int, default=None, metavar="N")
+    parser.add_argument("--validation-tasks", type=_positive_int, default=None, metavar="N")
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N")
+    parser.add_argument("--log-every", type=_positive_int, default=None, metavar="N", help="iterations per metrics.jsonl line")
+    parser.add_argument("--test-tasks", type=_positive_int, default=600, metavar="N", help="tasks of the final test (default: 600)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_train(args) -> int:
+    from pathlib import Path
+
+    from . import training
+
+    preset = training.PRESETS[args.preset]
+    given = {
+        field: getattr(args, field)
+        for field in (*_RUN_DEFINING_FLAGS, *_SCHEDULE_FLAGS, "iterations")
+        if getattr(args, field) is not None
+    }
+    config = dataclasses.replace(preset, **given, data_path=args.data)
+    out = Path(args.out) if args.out else Path("runs") / f"{config.preset}-{config.learner}"
+    checkpoint_path = out / training.CHECKPOINT_NAME
+    if args.resume and checkpoint_path.exists():
+        saved, _ = training.read_run_checkpoint(checkpoint_path)
+        if saved.preset != config.preset:
+            raise ValueError(f"PRESET {config.preset} does not match the checkpoint's preset {saved.preset} ({checkpoint_path})")
+        for field, flag in _RUN_DEFINING_FLAGS.items():
+            if field in given and given[field] != getattr(saved, field):
+                raise ValueError(
+                    f"{flag} {given[field]} does not match the checkpoint's {getattr(saved, field)} ({checkpoint_path}); "
+                    "a resumed run keeps its settings"
+                )
+        # The schedule (how often to log, validate, checkpoint) may change on resume.
+        config = dataclasses.replace(saved, **{f: given[f] for f in (*_SCHEDULE_FLAGS, "iterations") if f in given})
+        config = dataclasses.replace(config, data_path=args.data or saved.data_path)
+    device = _select_device(args)
+    training.train(config, out, resume=args.resume, device=device, test_tasks=args.test_tasks, progress=False if args.no_progress else None)
+    return 0
+
+
+TRAIN = Subcommand(help=SUBCOMMANDS["train"][0], add_arguments=_train_arguments, run=_run_train)
+
+
+# -- eval -------------------------------------------------------------------------------------
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file, or a run folder holding checkpoint.pt")
+    parser.add_argument("--data", default=None, metavar="PATH", help="dataset folder (default: the one the run trained on)")
+    parser.add_argument("--tasks", type=_positive_int, default=600, metavar="N", help="number of test tasks (default: 600)")
+    parser.add_argument(
+        "--steps", type=_non_negative_int, nargs="+", default=None, metavar="N",
+        help="inner steps to evaluate (default: the paper's test steps, then 10)",
+    )
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    _add_device_arguments(parser)
+
+
+def _run_eval(args) -> int:
+    from pathlib import Path
+
+    from . import training
+
+    config, state = training.read_run_checkpoint(args.checkpoint)
+    if args.data:
+        config = dataclasses.replace(config, data_path=args.data)
+    run = training.Run(config, _select_device(args))
+    run.learner.load_state_dict(state["learner"])
+    steps = tuple(args.steps) if args.steps else config.test_steps
+    results = training.evaluate(run, args.split, args.tasks, steps)
+    print(training.format_results(config, args.split, args.tasks, results))
+    if args.json:
+        records = training.result_records(args.split, state["iteration"], config, args.tasks, results)
+        Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "preset": config.preset, "results": records}, indent=2) + "\n")
+    return 0
+
+
+EVAL = Subcommand(help=SUBCOMMANDS["eval"][0], add_arguments=_eval_arguments, run=_run_eval)
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def _parser(chosen: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmeta", description="fastmeta: fast MAML and model-aware MAML for PyTorch")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_line, _) in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_line, description=help_line)
+        if name == chosen:
+            subcommand = _resolve(name)
+            subcommand.add_arguments(subparser)
+            subparser.set_defaults(_run=subcommand.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fastmeta`` and ``python -m fastmeta``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = _parser(chosen if chosen in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .checkpoint import CheckpointError
+
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (*_USER_ERRORS, CheckpointError) as error:
+        print(f"fastmeta {args.command}: error: {error}", file=sys.stderr)
+        return 1

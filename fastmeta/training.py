@@ -1,0 +1,526 @@
+"""Paper presets, the training loop and the evaluation behind ``fastmeta train`` and ``fastmeta eval``.
+
+A run lives in one folder:
+- ``checkpoint.pt``: the latest checkpoint (``fastmeta.checkpoint``: atomic, verified,
+  ``weights_only``), written every ``checkpoint_every`` iterations and at the end. It holds
+  the resolved configuration, so ``fastmeta eval`` and ``--resume`` need nothing else.
+- ``metrics.jsonl``: one JSON object per line, ``{"kind": "train" | "val" | "test", ...}``.
+
+Resuming is exact on the CPU: tasks are a pure function of (seed, iteration, task index)
+(``fastmeta.data.random``), and the checkpoint restores the model, the meta-parameters,
+Adam's state, the global RNGs and the iteration count, so iteration i computes the same
+loss whether or not the run stopped before it. A run killed with SIGKILL loses only the
+iterations since its last checkpoint; SIGINT or SIGTERM stop it at the end of the current
+iteration and write a checkpoint first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .data import Omniglot, SinusoidTasks, TaskBatch
+from .data.image_folder import ImageFolderTasks
+
+__all__ = [
+    "RunConfig",
+    "PRESETS",
+    "LEARNERS",
+    "Run",
+    "train",
+    "evaluate",
+    "format_results",
+    "CHECKPOINT_NAME",
+    "METRICS_NAME",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+LEARNERS = ("maml", "model-aware")
+RUN_FORMAT = "fastmeta-run-1"
+# The fixed evaluation tasks: every run and every checkpoint is scored on the same ones.
+TEST_SEED = 0
+VALIDATION_SEED = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; a preset is a RunConfig, and the checkpoint stores one.
+
+    data: "sinusoid", "omniglot" or "image-folder". ways, shots, queries: N, K, Q (ways is
+    0 for regression). test_steps: the inner steps evaluated at test time (the paper's,
+    then 10). validate_every, checkpoint_every, log_every: in iterations.
+    """
+
+    preset: str
+    summary: str
+    data: str
+    meta_batch: int
+    inner_steps: int
+    inner_lr: float
+    iterations: int
+    test_steps: tuple[int, ...]
+    ways: int = 0
+    shots: int = 10
+    queries: int = 10
+    first_order: bool = False
+    outer_lr: float = 1e-3
+    validate_every: int = 1000
+    validation_tasks: int = 100
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    image_size: int = 28
+    channels: int = 1
+    learner: str = "maml"
+    seed: int = 0
+    data_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"checkpoint configuration has unknown fields {sorted(unknown)}; written by a newer fastmeta?")
+        values = dict(values)
+        values["test_steps"] = tuple(values["test_steps"])
+        return cls(**values)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.data == "sinusoid"
+
+    @property
+    def validation_steps(self) -> int:
+        """The inner steps validation uses: the paper's test steps (the first non-zero entry)."""
+        return next(s for s in self.test_steps if s > 0)
+
+
+def _omniglot(name, summary, ways, meta_batch, inner_steps, inner_lr, test_steps, **overrides) -> RunConfig:
+    values = dict(
+        preset=name,
+        summary=summary,
+        data="omniglot",
+        ways=ways,
+        shots=1,
+        queries=1,
+        meta_batch=meta_batch,
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+        iterations=60_000,
+        test_steps=test_steps,
+        validate_every=1000,
+        checkpoint_every=1000,
+    )
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+_SINUSOID = dict(
+    data="sinusoid",
+    shots=10,
+    queries=10,
+    meta_batch=25,
+    inner_steps=1,
+    inner_lr=0.01,
+    test_steps=(0, 1, 10),
+    validate_every=1000,
+    checkpoint_every=2000,
+    log_every=100,
+)
+
+PRESETS: dict[str, RunConfig] = {
+    preset.preset: preset
+    for preset in (
+        # 20k of the paper's 70k iterations: a few minutes on a 2-core CPU with the reference
+        # backend (about 4-6 ms per meta-iteration there), and still a usable fit.
+        RunConfig(preset="sinusoid", summary="MAML sinusoid regression, K=10 (20k iterations; the paper runs 70k)", iterations=20_000, **_SINUSOID),
+        RunConfig(preset="sinusoid-paper", summary="MAML sinusoid regression, the paper's 70k iterations", iterations=70_000, **_SINUSOID),
+        _omniglot("omniglot-5w1s", "Omniglot 5-way 1-shot, the MAML paper protocol", 5, 32, 1, 0.4, (3, 10)),
+        _omniglot("omniglot-5w1s-fo", "Omniglot 5-way 1-shot, first-order MAML", 5, 32, 1, 0.4, (3, 10), first_order=True),
+        _omniglot("omniglot-20w1s", "Omniglot 20-way 1-shot, the MAML paper protocol", 20, 16, 5, 0.1, (5, 10)),
+        # About 0.25 s per meta-iteration on the 2-core CPU (reference backend): 3000
+        # iterations plus validation and the 600-task test fit in 20 minutes.
+        _omniglot(
+            "omniglot-5w1s-cpu",
+            "Omniglot 5-way 1-shot, the paper's settings for 3000 iterations (<= 20 min on a 2-core CPU)",
+            5, 32, 1, 0.4, (3, 10),
+            iterations=3000, validate_every=500, checkpoint_every=250, log_every=5,
+        ),
+        RunConfig(
+            preset="miniimagenet-5w1s",
+            summary="miniImageNet-style image folder, 5-way 1-shot, the MAML paper protocol",
+            data="image-folder",
+            ways=5,
+            shots=1,
+            queries=15,
+            meta_batch=4,
+            inner_steps=5,
+            inner_lr=0.01,
+            iterations=60_000,
+            test_steps=(10,),
+            image_size=84,
+            channels=3,
+        ),
+    )
+}
+
+
+def build_model(config: RunConfig) -> torch.nn.Module:
+    # Imported here so that `fastmeta --help` and the data/checkpoint code do not pull in the engine.
+    from . import models
+
+    if config.data == "sinusoid":
+        return models.mlp((1, 40, 40, 1), activation="relu")
+    if config.data == "omniglot":
+        return models.conv4(in_channels=config.channels, ways=config.ways, hidden=64, variant="strided", image_size=config.image_size)
+    return models.conv4(in_channels=config.channels, ways=config.ways, hidden=32, variant="pool", image_size=config.image_size)
+
+
+def build_learner(config: RunConfig, model: torch.nn.Module):
+    import fastmeta
+
+    if config.learner == "maml":
+        return fastmeta.MAML(model, config.inner_lr, config.first_order, steps=config.inner_steps)
+    if config.learner == "model-aware":
+        # One learned rate per parameter tensor (MAML++'s LSLR), shared across steps so the
+        # learner can be evaluated at any number of steps (10 at test time).
+        return fastmeta.ModelAwareMAML(
+            model, config.inner_lr, config.first_order, steps=config.inner_steps, lr_mode="layer", lr_per_step=False
+        )
+    raise ValueError(f"learner must be one of {LEARNERS}, got {config.learner!r}")
+
+
+class Run:
+    """The pieces of one run, built from its RunConfig: model, learner, optimizer, tasks."""
+
+    def __init__(self, config: RunConfig, device: str | torch.device = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        if config.data != "sinusoid" and not config.data_path:
+            what = "images_background.zip and images_evaluation.zip" if config.data == "omniglot" else "train/ val/ test/"
+            raise ValueError(f"preset {config.preset!r} needs --data PATH: the folder holding {what}")
+        self._dataset = None
+        torch.manual_seed(config.seed)  # the initial weights are part of the run's definition
+        self.model = build_model(config).to(self.device)
+        self.learner = build_learner(config, self.model)
+        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=config.outer_lr)
+
+    @property
+    def dataset(self):
+        """The dataset, loaded on first use (eval needs only the test split)."""
+        if self._dataset is None:
+            config = self.config
+            if config.data == "sinusoid":
+                self._dataset = SinusoidTasks(config.shots, config.queries, seed=config.seed, device=self.device)
+            elif config.data == "omniglot":
+                self._dataset = Omniglot(config.data_path, device=self.device, image_size=config.image_size)
+            else:
+                mode = "RGB" if config.channels == 3 else "L"
+                self._dataset = ImageFolderTasks(config.data_path, image_size=config.image_size, mode=mode, device=self.device)
+        return self._dataset
+
+    def sampler(self, split: str, seed: int):
+        config = self.config
+        if config.data == "sinusoid":
+            return self.dataset if split == "train" else None
+        return self.dataset.tasks(split, ways=config.ways, shots=config.shots, queries=config.queries, seed=seed)
+
+    def task_chunks(self, split: str, num_tasks: int, chunk: int) -> Iterator[TaskBatch]:
+        """A fixed set of ``num_tasks`` evaluation tasks of ``split``, ``chunk`` tasks at a time."""
+        config = self.config
+        seed = TEST_SEED if split == "test" else VALIDATION_SEED
+        if config.data == "sinusoid":
+            # The MAML evaluation: K random support points, 100 evenly spaced query points.
+            batch = self.dataset.evaluation_tasks(num_tasks, seed=seed).batch
+            for start in range(0, num_tasks, chunk):
+                yield TaskBatch(*(t[start : start + chunk] for t in batch))
+            return
+        sampler = self.sampler(split, seed)
+        for start in range(0, num_tasks, chunk):
+            yield sampler.sample(0, range(start, min(start + chunk, num_tasks)))
+
+    def state(self, iteration: int, elapsed: float) -> dict:
+        return {
+            "format": RUN_FORMAT,
+            "config": self.config.to_dict(),
+            "iteration": iteration,
+            "elapsed_seconds": elapsed,
+            "learner": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": checkpoint.rng_state(),
+        }
+
+    def restore(self, state: dict) -> None:
+        self.learner.load_state_dict(state["learner"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+
+
+def read_run_checkpoint(path: str | os.PathLike) -> tuple[RunConfig, dict]:
+    """Load a run checkpoint (a file, or a run folder holding checkpoint.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    state = checkpoint.load(path, map_location="cpu")
+    if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+        raise checkpoint.CheckpointError(f"{path} is a fastmeta checkpoint but not a training run's ({RUN_FORMAT})")
+    return RunConfig.from_dict(state["config"]), state
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+
+def evaluate(run: Run, split: str, num_tasks: int, steps: tuple[int, ...], chunk: int | None = None) -> dict[int, tuple[float, float]]:
+    """Mean and 95% confidence half-width over ``num_tasks`` fixed tasks, for each step count.
+
+    Accuracy (a fraction) for classification, query MSE for regression. Adaptation runs
+    under ``no_grad``: the learner differentiates the inner loop itself but builds no
+    second-order graph.
+    """
+    config = run.config
+    chunk = chunk or (num_tasks if config.is_regression else config.meta_batch)
+    per_task: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
+    with torch.no_grad():
+        for batch in run.task_chunks(split, num_tasks, chunk):
+            for step_count in steps:
+                fast = run.learner.fast_weights(batch.support_x, batch.support_y, steps=step_count)
+                prediction = run.learner.predict(fast, batch.query_x)
+                if config.is_regression:
+                    score = (prediction - batch.query_y).pow(2).flatten(1).mean(1)
+                else:
+                    score = (prediction.argmax(-1) == batch.query_y).to(torch.float64).mean(1)
+                per_task[step_count].append(score.double().cpu())
+    results = {}
+    for step_count, scores in per_task.items():
+        values = torch.cat(scores)
+        spread = values.std().item() if values.numel() > 1 else 0.0
+        results[step_count] = (values.mean().item(), 1.96 * spread / math.sqrt(values.numel()))
+    return results
+
+
+def format_results(config: RunConfig, split: str, num_tasks: int, results: dict[int, tuple[float, float]]) -> str:
+    if config.is_regression:
+        lines = [f"{config.preset}: {split} on {num_tasks} tasks (K={config.shots}, 100 evenly spaced query points)"]
+        for step_count, (mean, ci) in results.items():
+            label = "before adapting" if step_count == 0 else f"after {step_count} step{'s' if step_count > 1 else ''}"
+            lines.append(f"  steps {step_count:>2}: MSE {mean:.3f} ± {ci:.3f}  ({label})")
+    else:
+        lines = [f"{config.preset}: {split} on {num_tasks} tasks ({config.ways}-way {config.shots}-shot, {config.queries} queries per class)"]
+        for step_count, (mean, ci) in results.items():
+            lines.append(f"  steps {step_count:>2}: accuracy {100 * mean:.2f}% ± {100 * ci:.2f}%")
+    return "\n".join(lines)
+
+
+def result_records(kind: str, iteration: int, config: RunConfig, num_tasks: int, results) -> list[dict]:
+    metric = "mse" if config.is_regression else "accuracy"
+    return [
+        {"kind": kind, "iteration": iteration, "steps": s, metric: mean, "ci95": ci, "tasks": num_tasks}
+        for s, (mean, ci) in results.items()
+    ]
+
+
+# -- the training loop ------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended and flushed as they come."""
+
+    def __init__(self, path: Path, keep_through: int | None):
+        self.path = path
+        if keep_through is not None and path.exists():
+            # Resuming: drop what was logged after the checkpoint (those iterations run
+            # again), the test results (recomputed at the end) and a line cut short by a kill.
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("iteration", 0) <= keep_through and record.get("kind") != "test":
+                    kept.append(line + "\n")
+            checkpoint.atomic_write_bytes(path, [line.encode() for line in kept])
+        elif keep_through is None:
+            path.write_text("")
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / METRICS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a fastmeta run folder?")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return records
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between iterations.
+
+    Stopping mid-iteration could leave Adam half-applied; at the end of an iteration the
+    state is consistent and can be checkpointed. A second signal stops at once.
+    """
+
+    def __init__(self):
+        self.signal_number = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame):
+        if self.signal_number is not None:
+            raise KeyboardInterrupt
+        self.signal_number = number
+        print(f"\nfastmeta: {signal.Signals(number).name}: stopping after this iteration and writing a checkpoint", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+def train(
+    config: RunConfig,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    test_tasks: int = 600,
+    progress: bool | None = None,
+    echo=print,
+) -> dict:
+    """Train (or resume) a run in folder ``out``; returns the final test results.
+
+    ``progress=None`` shows the tqdm bar when stderr is a terminal. Raises FileExistsError
+    when ``out`` already holds a checkpoint and ``resume`` is False.
+    """
+    out = Path(out)
+    checkpoint_path = out / CHECKPOINT_NAME
+    start, elapsed_before, saved = 0, 0.0, None
+    if checkpoint_path.exists():
+        if not resume:
+            raise FileExistsError(
+                f"{out} already holds a run ({checkpoint_path}); pass --resume to continue it, or --out to start another"
+            )
+        saved_config, saved = read_run_checkpoint(checkpoint_path)
+        config = dataclasses.replace(saved_config, iterations=config.iterations, data_path=config.data_path or saved_config.data_path)
+        start, elapsed_before = saved["iteration"], saved["elapsed_seconds"]
+        for stale in checkpoint.stale_temporaries(checkpoint_path):
+            stale.unlink(missing_ok=True)  # left by a writer that was killed
+    elif resume:
+        echo(f"fastmeta: no checkpoint in {out}; starting from iteration 0")
+    out.mkdir(parents=True, exist_ok=True)
+
+    run = Run(config, device)
+    if saved is not None:
+        run.restore(saved)
+        echo(f"fastmeta: resuming {config.preset} from iteration {start} of {config.iterations}")
+    train_tasks = run.sampler("train", config.seed)
+    metrics = MetricsLog(out / METRICS_NAME, keep_through=start if saved is not None else None)
+    task_indices = range(config.meta_batch)
+    learner, optimizer = run.learner, run.optimizer
+
+    def save(iteration: int) -> None:
+        checkpoint.save(run.state(iteration, elapsed_before + time.perf_counter() - started), checkpoint_path)
+
+    def validate(iteration: int) -> None:
+        steps = config.validation_steps
+        mean, ci = evaluate(run, "val", config.validation_tasks, (steps,))[steps]
+        for record in result_records("val", iteration, config, config.validation_tasks, {steps: (mean, ci)}):
+            metrics.write(record)
+        shown = f"MSE {mean:.4f} ± {ci:.4f}" if config.is_regression else f"accuracy {100 * mean:.2f}% ± {100 * ci:.2f}%"
+        bar.write(f"iteration {iteration}: validation {shown} after {steps} step{'s' if steps > 1 else ''}")
+
+    started = time.perf_counter()
+    window_start, window_iterations = started, 0
+    loss_sum = torch.zeros((), device=run.device)
+    accuracy_sum = torch.zeros((), device=run.device)
+    bar = tqdm(
+        total=config.iterations, initial=start, desc=config.preset, unit="it", dynamic_ncols=True,
+        disable=None if progress is None else not progress,  # None: shown on a terminal only
+    )
+    done = start
+    try:
+        with _StopRequest() as stop:
+            for iteration in range(start, config.iterations):
+                batch = train_tasks.sample(iteration, task_indices)
+                output = learner.meta_batch(*batch)
+                optimizer.zero_grad(set_to_none=True)
+                output.loss.backward()
+                optimizer.step()
+                # Summed on the device: reading a loss every iteration would sync the GPU.
+                loss_sum += output.loss.detach()
+                if output.accuracy is not None:
+                    accuracy_sum += output.accuracy.detach().mean()
+                window_iterations += 1
+                done = iteration + 1
+                bar.update(1)
+
+                if done % config.log_every == 0 or done == config.iterations:
+                    now = time.perf_counter()
+                    record = {
+                        "kind": "train",
+                        "iteration": done,
+                        "loss": loss_sum.item() / window_iterations,
+                        "iterations_per_second": window_iterations / max(now - window_start, 1e-9),
+                        "seconds": elapsed_before + now - started,
+                    }
+                    postfix = {"loss": f"{record['loss']:.4f}"}
+                    if output.accuracy is not None:
+                        record["accuracy"] = accuracy_sum.item() / window_iterations
+                        postfix["acc"] = f"{100 * record['accuracy']:.1f}%"
+                    metrics.write(record)
+                    bar.set_postfix(postfix, refresh=False)
+                    loss_sum.zero_()
+                    accuracy_sum.zero_()
+                    window_start, window_iterations = now, 0
+                if done % config.validate_every == 0 and done != config.iterations:
+                    validate(done)
+                if done % config.checkpoint_every == 0 or done == config.iterations or stop.signal_number:
+                    save(done)
+                if stop.signal_number:
+                    bar.close()
+                    echo(f"fastmeta: stopped at iteration {done}; checkpoint in {checkpoint_path} (continue with --resume)")
+                    raise KeyboardInterrupt
+        bar.close()
+        if start >= config.iterations:
+            echo(f"fastmeta: {out} has already run {start} of {config.iterations} iterations")
+        total = elapsed_before + time.perf_counter() - started
+        echo(f"fastmeta: trained {config.iterations} iterations in {total:.1f} s ({done - start} in this session)")
+        results = evaluate(run, "test", test_tasks, config.test_steps)
+        for record in result_records("test", done, config, test_tasks, results):
+            metrics.write(record)
+    finally:
+        bar.close()
+        metrics.close()
+    echo(format_results(config, "test", test_tasks, results))
+    return results

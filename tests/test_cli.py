@@ -1,0 +1,216 @@
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmeta import checkpoint, cli
+from fastmeta.training import CHECKPOINT_NAME, METRICS_NAME, read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+QUIET = ["--no-progress", "--threads", "1"]
+
+
+def train_sinusoid(out, *extra):
+    return cli.main(["train", "sinusoid", "--out", str(out), "--log-every", "1", "--test-tasks", "50", *QUIET, *extra])
+
+
+def train_omniglot(out, data, *extra):
+    return cli.main([
+        "train", "omniglot-5w1s", "--data", str(data), "--out", str(out), "--meta-batch", "2",
+        "--log-every", "1", "--validation-tasks", "4", "--test-tasks", "6", *QUIET, *extra,
+    ])
+
+
+def train_losses(run_dir):
+    return {r["iteration"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
+
+
+def test_train_sinusoid(tmp_path, capsys):
+    assert train_sinusoid(tmp_path, "--iterations", "30", "--validate-every", "10", "--checkpoint-every", "10") == 0
+    output = capsys.readouterr().out
+    for steps in (0, 1, 10):
+        assert re.search(rf"steps {steps:>2}: MSE \d+\.\d{{3}} ± \d+\.\d{{3}}", output)
+    records = read_metrics(tmp_path)
+    assert sorted(train_losses(tmp_path)) == list(range(1, 31))
+    assert [r["iteration"] for r in records if r["kind"] == "val"] == [10, 20]
+    assert {r["steps"] for r in records if r["kind"] == "test"} == {0, 1, 10}
+    state = checkpoint.load(tmp_path / CHECKPOINT_NAME)
+    assert state["iteration"] == 30 and state["config"]["preset"] == "sinusoid"
+
+
+def test_resume_continues_with_identical_losses(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert train_sinusoid(straight, "--iterations", "20") == 0
+    assert train_sinusoid(interrupted, "--iterations", "8") == 0
+    assert train_sinusoid(interrupted, "--iterations", "20", "--resume") == 0
+    assert train_losses(interrupted) == train_losses(straight)  # exact float equality, all 20
+    a = checkpoint.load(straight / CHECKPOINT_NAME)
+    b = checkpoint.load(interrupted / CHECKPOINT_NAME)
+    for name, tensor in a["learner"].items():
+        assert torch.equal(tensor, b["learner"][name]), name
+
+
+def test_resume_model_aware_omniglot_is_exact(tmp_path, synthetic_omniglot):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    args = ("--learner", "model-aware", "--validate-every", "3", "--checkpoint-every", "2")
+    assert train_omniglot(straight, synthetic_omniglot, "--iterations", "6", *args) == 0
+    assert train_omniglot(interrupted, synthetic_omniglot, "--iterations", "3", *args) == 0
+    assert train_omniglot(interrupted, synthetic_omniglot, "--iterations", "6", "--resume", *args) == 0
+    assert train_losses(interrupted) == train_losses(straight)
+    learner = checkpoint.load(interrupted / CHECKPOINT_NAME)["learner"]
+    assert any(not name.startswith("module.") for name in learner)  # the learned rates are saved too
+    for name, tensor in checkpoint.load(straight / CHECKPOINT_NAME)["learner"].items():
+        assert torch.equal(tensor, learner[name]), name
+
+
+def test_existing_run_needs_resume_and_matching_flags(tmp_path, capsys):
+    assert train_sinusoid(tmp_path, "--iterations", "4") == 0
+    capsys.readouterr()
+    assert train_sinusoid(tmp_path, "--iterations", "8") == 1
+    assert "pass --resume" in capsys.readouterr().err
+    assert train_sinusoid(tmp_path, "--iterations", "8", "--resume", "--seed", "5") == 1
+    assert "--seed 5 does not match the checkpoint's 0" in capsys.readouterr().err
+    assert cli.main(["train", "sinusoid-paper", "--out", str(tmp_path), "--resume", *QUIET]) == 1
+    assert "does not match the checkpoint's preset sinusoid" in capsys.readouterr().err
+
+
+def test_sigkill_loses_only_iterations_after_the_last_checkpoint(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    environment = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastmeta", "train", "sinusoid", "--iterations", "100000", "--out", str(run_dir),
+         "--checkpoint-every", "25", "--log-every", "1", *QUIET],
+        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        saved = 0
+        while saved < 50:  # a second checkpoint: the first was overwritten atomically at least once
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint after 60 s"
+            time.sleep(0.05)
+            if (run_dir / CHECKPOINT_NAME).exists():
+                saved = checkpoint.load(run_dir / CHECKPOINT_NAME)["iteration"]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    killed_at = checkpoint.load(run_dir / CHECKPOINT_NAME)["iteration"]
+    assert killed_at >= 50 and killed_at % 25 == 0
+    logged = max(train_losses(run_dir))
+    assert logged >= killed_at  # iterations after the checkpoint ran, and are lost
+    capsys.readouterr()
+    assert train_sinusoid(run_dir, "--iterations", str(killed_at + 5), "--resume", "--checkpoint-every", "25") == 0
+    assert f"resuming sinusoid from iteration {killed_at} of {killed_at + 5}" in capsys.readouterr().out
+    iterations = [r["iteration"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+    assert iterations == list(range(1, killed_at + 6))  # each once: the lost ones were run again
+    assert checkpoint.load(run_dir / CHECKPOINT_NAME)["iteration"] == killed_at + 5
+    assert not checkpoint.stale_temporaries(run_dir / CHECKPOINT_NAME)
+
+
+def test_eval_output_and_json(tmp_path, synthetic_omniglot, capsys):
+    run_dir = tmp_path / "run"
+    assert train_omniglot(run_dir, synthetic_omniglot, "--iterations", "2") == 0
+    output = capsys.readouterr().out
+    assert re.search(r"omniglot-5w1s: test on 6 tasks \(5-way 1-shot, 1 queries per class\)", output)
+    assert cli.main(["eval", str(run_dir / CHECKPOINT_NAME), "--tasks", "10", "--threads", "1"]) == 0
+    output = capsys.readouterr().out
+    assert re.search(r"test on 10 tasks", output)
+    # The paper's test steps for 5-way (3), then 10.
+    assert re.findall(r"steps +(\d+): accuracy \d+\.\d\d% ± \d+\.\d\d%", output) == ["3", "10"]
+    result = tmp_path / "result.json"
+    assert cli.main(["eval", str(run_dir), "--tasks", "10", "--steps", "0", "1", "--json", str(result), "--threads", "1"]) == 0
+    records = json.loads(result.read_text())["results"]
+    assert [r["steps"] for r in records] == [0, 1]
+    assert all(0 <= r["accuracy"] <= 1 and r["tasks"] == 10 for r in records)
+
+
+def test_eval_is_deterministic(tmp_path, capsys):
+    assert train_sinusoid(tmp_path, "--iterations", "3") == 0
+    capsys.readouterr()
+    outputs = []
+    for _ in range(2):
+        assert cli.main(["eval", str(tmp_path), "--tasks", "100", "--threads", "1"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert re.search(r"steps  1: MSE \d+\.\d{3} ± \d+\.\d{3}  \(after 1 step\)", outputs[0])
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path, capsys):
+    assert train_sinusoid(tmp_path, "--iterations", "3") == 0
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(path.read_bytes()[:-10])
+    capsys.readouterr()
+    assert cli.main(["eval", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert str(path) in error and "truncated" in error
+    assert train_sinusoid(tmp_path, "--iterations", "6", "--resume") == 1
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_dataset_problems_are_reported(tmp_path, capsys):
+    assert cli.main(["train", "omniglot-5w1s", "--out", str(tmp_path / "a"), *QUIET]) == 1
+    assert "needs --data PATH" in capsys.readouterr().err
+    missing = tmp_path / "no-such-folder"
+    assert cli.main(["train", "omniglot-5w1s", "--data", str(missing), "--out", str(tmp_path / "b"), *QUIET]) == 1
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_bad_flags_are_named(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "sinusoid", "--iterations", "0"])
+    assert "--iterations" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "no-such-preset"])
+    assert "PRESET" in capsys.readouterr().err
+
+
+def test_subcommands_from_other_modules(monkeypatch, capsys):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "later", ("a subcommand whose module is not written yet", "fastmeta.no_such_module:COMMAND"))
+    assert cli.main(["later"]) == 2
+    assert "not available yet" in capsys.readouterr().err
+    seen = []
+    command = cli.Subcommand(
+        help="echo a value",
+        add_arguments=lambda parser: parser.add_argument("--value", type=int),
+        run=lambda args: seen.append(args.value) or 0,
+    )
+    monkeypatch.setattr(cli, "_REGISTERED", {})
+    monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
+    cli.register_subcommand("echo", command)
+    assert cli.main(["echo", "--value", "7"]) == 0 and seen == [7]
+    assert cli.main([]) == 2
+    assert "echo" in capsys.readouterr().out
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, capsys):
+    assert train_sinusoid(tmp_path, "--iterations", "3") == 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    capsys.readouterr()
+    assert cli.main(["plot", str(tmp_path)]) == 1
+    assert "pip install" in capsys.readouterr().err
+
+
+def test_plot_writes_pngs(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib (the optional plot extra) is not installed")
+    assert train_sinusoid(tmp_path, "--iterations", "10", "--validate-every", "5") == 0
+    capsys.readouterr()
+    assert cli.main(["plot", str(tmp_path)]) == 0
+    written = capsys.readouterr().out.split()
+    assert sorted(Path(p).name for p in written) == ["learning_curves.png", "sinusoid_fit.png"]
+    for path in written:
+        assert Path(path).read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert cli.main(["plot", str(tmp_path)]) == 1
+    assert METRICS_NAME in capsys.readouterr().err
