@@ -1,0 +1,562 @@
+// The fused small-MLP meta-step on the CPU: for every task, the inner loop, the query
+// loss and (optionally) the exact meta-gradient w.r.t. θ and the inner rates, in one call.
+//
+// Model: Linear(n0→n1), act, Linear(n1→n2), act, ..., Linear(→nL); θ is the flat buffer
+// W0 [n1,n0], b0 [n1], W1 [n2,n1], b1, ... (named_parameters order).
+//
+// Per task t (one OpenMP work item, single-threaded inside):
+//   θ_0 = θ;  θ_{s+1} = θ_s − α_s ⊙ g_s,  g_s = ∇L_support(θ_s)          (forward + backward)
+//   v_S = ∇L_query(θ_S)                                                  (forward + backward)
+//   for s = S−1 … 0:  dα_s = −v_{s+1} ⊙ g_s;  v_s = v_{s+1} − H_s (α_s ⊙ v_{s+1})
+//   dL_query/dθ = v_0 (first order: the H_s term is dropped, v_s = v_S).
+// H_s u is the Hessian of the support loss at θ_s times u, by Pearlmutter's R-operator:
+// one forward pass of tangents (Rz = Rh·Wᵀ + h·Vᵀ + c) and one backward pass
+// (R dW = Rδᵀh + δᵀRh, R e = Rδ·W + δ·V, Rδ_{l−1} = Re ⊙ f'(z) + e ⊙ f''(z) ⊙ Rz), reusing
+// the activations and deltas stored by the inner step's own forward and backward. Cost
+// per task and step: about 3× one forward+backward, with no autograd graph.
+//
+// Layout: every row of every matrix (weights, activations, deltas) is padded with zeros
+// to a multiple of 16 elements (the GEMM's register tile is 16 floats wide), so every
+// product runs full tiles; zeros propagate through the padding (act(0) = 0 for every
+// activation here, f'(0)·0 = 0), which keeps the pads zero without masking.
+// W1 (1-40-40-1, K=10): padded widths 16-48-48-16, ≈ 60 KiB of workspace per thread.
+// Bound: FLOPs (≈ 12 GEMMs of 10×40×40 per task), in L1/L2.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+#include "gemm.h"
+
+namespace fastmeta {
+namespace cpu {
+namespace {
+
+constexpr auto kCPU = c10::DeviceType::CPU;
+constexpr int64_t kPad = 16;
+
+inline int64_t pad(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
+
+// Which rate each inner step applies: one per step, one per parameter tensor, one per
+// parameter.
+enum class RateKind { Step, Tensor, Param };
+
+struct Plan {
+  int64_t L;                      // layers
+  std::vector<int64_t> n, np;     // widths n[0..L] and padded widths
+  std::vector<int64_t> offW, offB, flatW, flatB, offWT, offH, offD;
+  int64_t PP = 0, P = 0, PT = 0;  // padded params, flat params, padded Wᵀ
+  int64_t H = 0, D = 0;           // activations and deltas per row (padded, all layers)
+  int64_t R = 0;                  // rows: max(K, Q)
+
+  Plan(at::IntArrayRef sizes, int64_t rows) : L(static_cast<int64_t>(sizes.size()) - 1), R(rows) {
+    for (auto s : sizes) {
+      n.push_back(s);
+      np.push_back(pad(s));
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      flatW.push_back(P);
+      P += n[l + 1] * n[l];
+      flatB.push_back(P);
+      P += n[l + 1];
+      offW.push_back(PP);
+      PP += n[l + 1] * np[l];
+      offB.push_back(PP);
+      PP += np[l + 1];
+      offWT.push_back(PT);
+      PT += n[l] * np[l + 1];
+    }
+    for (int64_t l = 0; l <= L; ++l) {
+      offH.push_back(H);
+      H += R * np[l];
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      offD.push_back(D);
+      D += R * np[l + 1];
+    }
+  }
+};
+
+template <typename T>
+struct Ctx {
+  const Plan& p;
+  Act act;
+  T slope;
+  LossKind loss;
+};
+
+template <typename T>
+inline T d_act(T y, Act act, T slope) { return act_derivative_from_output<T>(y, act, slope); }
+
+// f''(z) written in y = f(z); zero for the piecewise-linear activations.
+template <typename T>
+inline T d2_act(T y, Act act) {
+  if (act == Act::Tanh) return T(-2) * y * (T(1) - y * y);
+  if (act == Act::Sigmoid) return y * (T(1) - y) * (T(1) - T(2) * y);
+  return T(0);
+}
+
+// Wᵀ of every layer of θ (padded layout) into wt.
+template <typename T>
+void transpose_weights(const Plan& p, const T* theta, T* wt) {
+  for (int64_t l = 0; l < p.L; ++l) {
+    const T* w = theta + p.offW[l];
+    T* d = wt + p.offWT[l];
+    for (int64_t o = 0; o < p.n[l + 1]; ++o)
+      for (int64_t i = 0; i < p.n[l]; ++i) d[i * p.np[l + 1] + o] = w[o * p.np[l] + i];
+  }
+}
+
+// Forward of `rows` examples: h (all layers, h_0 = x already in place) from θ and Wᵀ.
+template <typename T>
+void forward(const Ctx<T>& c, int64_t rows, const T* theta, const T* wt, T* h) {
+  const Plan& p = c.p;
+  for (int64_t l = 0; l < p.L; ++l) {
+    const int64_t ow = p.np[l + 1];
+    T* out = h + p.offH[l + 1];
+    gemm<T>(rows, ow, p.n[l], h + p.offH[l], p.np[l], 1, wt + p.offWT[l], ow, out, ow, false);
+    const T* b = theta + p.offB[l];
+    const bool hidden = l < p.L - 1;
+    for (int64_t r = 0; r < rows; ++r) {
+      T* row = out + r * ow;
+#pragma omp simd
+      for (int64_t j = 0; j < ow; ++j) row[j] += b[j];
+      if (hidden && c.act != Act::None)
+        for (int64_t j = 0; j < ow; ++j) row[j] = act_forward<T>(row[j], c.act, c.slope);
+    }
+  }
+}
+
+// Mean loss of the output rows against y, and (if delta) its gradient at the output.
+template <typename T, typename Y>
+T loss_and_delta(const Ctx<T>& c, int64_t rows, const T* out, const Y* y, T* delta) {
+  const Plan& p = c.p;
+  const int64_t O = p.n[p.L], ow = p.np[p.L];
+  T total = 0;
+  if (c.loss == LossKind::Mse) {
+    const T scale = T(2) / T(rows * O);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < O; ++j) {
+        const T d = out[r * ow + j] - T(y[r * O + j]);
+        total += d * d;
+        if (delta) delta[r * ow + j] = d * scale;
+      }
+    return total / T(rows * O);
+  }
+  const T inv = T(1) / T(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* z = out + r * ow;
+    T mx = z[0];
+    for (int64_t j = 1; j < O; ++j) mx = std::max(mx, z[j]);
+    T sum = 0;
+    for (int64_t j = 0; j < O; ++j) sum += std::exp(z[j] - mx);
+    const T lse = mx + std::log(sum);
+    const int64_t label = static_cast<int64_t>(y[r]);
+    total += lse - z[label];
+    if (delta) {
+      for (int64_t j = 0; j < O; ++j) delta[r * ow + j] = std::exp(z[j] - lse) * inv;
+      delta[r * ow + label] -= inv;
+    }
+  }
+  return total * inv;
+}
+
+// Backward from the output delta (in d + offD[L−1]): every layer's delta, e = δ·W (in e,
+// laid out like h) and the gradient g (padded layout).
+template <typename T>
+void backward(const Ctx<T>& c, int64_t rows, const T* theta, const T* h, T* d, T* e, T* g) {
+  const Plan& p = c.p;
+  for (int64_t l = p.L - 1; l >= 0; --l) {
+    const int64_t ow = p.np[l + 1], iw = p.np[l];
+    const T* dl = d + p.offD[l];
+    // dW = δᵀ h: δᵀ read in place (row o of δᵀ is column o of δ).
+    gemm<T>(p.n[l + 1], iw, rows, dl, 1, ow, h + p.offH[l], iw, g + p.offW[l], iw, false);
+    T* gb = g + p.offB[l];
+    for (int64_t j = 0; j < ow; ++j) gb[j] = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+      for (int64_t j = 0; j < ow; ++j) gb[j] += dl[r * ow + j];
+    }
+    if (l == 0) break;  // no gradient w.r.t. the input x
+    T* el = e + p.offH[l];
+    gemm<T>(rows, iw, p.n[l + 1], dl, ow, 1, theta + p.offW[l], iw, el, iw, false);
+    const T* hl = h + p.offH[l];
+    T* dprev = d + p.offD[l - 1];
+    for (int64_t k = 0; k < rows * iw; ++k) dprev[k] = el[k] * d_act<T>(hl[k], c.act, c.slope);
+  }
+}
+
+// Per-thread workspace. Zero-initialised once: the row pads are never written with
+// anything but zeros afterwards (see the header comment).
+template <typename T>
+struct Workspace {
+  int64_t S;
+  std::vector<T> theta, wt, g, h, d, e;   // per step: θ_s, Wᵀ_s, g_s, support h, δ, e
+  std::vector<T> hq, dq, eq, v, u, hu, vt, rz, rh, rd, re, dalpha;
+
+  Workspace(const Plan& p, int64_t steps) : S(steps) {
+    theta.assign((S + 1) * p.PP, T(0));
+    wt.assign((S + 1) * p.PT, T(0));
+    g.assign(std::max<int64_t>(S, 1) * p.PP, T(0));
+    h.assign(std::max<int64_t>(S, 1) * p.H, T(0));
+    d.assign(std::max<int64_t>(S, 1) * p.D, T(0));
+    e.assign(std::max<int64_t>(S, 1) * p.H, T(0));
+    hq.assign(p.H, T(0));
+    dq.assign(p.D, T(0));
+    eq.assign(p.H, T(0));
+    for (auto* b : {&v, &u, &hu, &dalpha}) b->assign(p.PP, T(0));
+    vt.assign(p.PT, T(0));
+    rz.assign(p.D, T(0));
+    rh.assign(p.H, T(0));
+    rd.assign(p.D, T(0));
+    re.assign(p.H, T(0));
+  }
+};
+
+// hu = H u: the Hessian of the support loss at step s times u (padded layout).
+template <typename T, typename Y>
+void hessian_vector(const Ctx<T>& c, Workspace<T>& w, int64_t s, int64_t rows, const Y* y) {
+  const Plan& p = c.p;
+  const T* theta = w.theta.data() + s * p.PP;
+  const T* wt = w.wt.data() + s * p.PT;
+  const T* h = w.h.data() + s * p.H;
+  const T* d = w.d.data() + s * p.D;
+  const T* e = w.e.data() + s * p.H;
+  const T* u = w.u.data();
+  T* vt = w.vt.data();
+  transpose_weights<T>(p, u, vt);
+  // Tangent forward: Rz_l = Rh_l·W_lᵀ + h_l·V_lᵀ + c_l;  Rh_{l+1} = f'(z_l) ⊙ Rz_l.
+  for (int64_t l = 0; l < p.L; ++l) {
+    const int64_t ow = p.np[l + 1], iw = p.np[l];
+    T* rz = w.rz.data() + p.offD[l];
+    gemm<T>(rows, ow, p.n[l], h + p.offH[l], iw, 1, vt + p.offWT[l], ow, rz, ow, false);
+    if (l > 0) gemm<T>(rows, ow, p.n[l], w.rh.data() + p.offH[l], iw, 1, wt + p.offWT[l], ow, rz, ow, true);
+    const T* cb = u + p.offB[l];
+    for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+      for (int64_t j = 0; j < ow; ++j) rz[r * ow + j] += cb[j];
+    }
+    if (l < p.L - 1) {
+      const T* hn = h + p.offH[l + 1];
+      T* rh = w.rh.data() + p.offH[l + 1];
+      for (int64_t k = 0; k < rows * ow; ++k) rh[k] = d_act<T>(hn[k], c.act, c.slope) * rz[k];
+    }
+  }
+  // The loss's Hessian at the output: 2/(rows·O)·Rz for MSE; per row
+  // (p ⊙ Rz − p·⟨p, Rz⟩)/rows for cross-entropy (p = softmax of the output).
+  {
+    const int64_t O = p.n[p.L], ow = p.np[p.L];
+    const T* rz = w.rz.data() + p.offD[p.L - 1];
+    T* rd = w.rd.data() + p.offD[p.L - 1];
+    if (c.loss == LossKind::Mse) {
+      const T scale = T(2) / T(rows * O);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < O; ++j) rd[r * ow + j] = rz[r * ow + j] * scale;
+    } else {
+      const T inv = T(1) / T(rows);
+      const T* out = h + p.offH[p.L];
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* z = out + r * ow;
+        T mx = z[0];
+        for (int64_t j = 1; j < O; ++j) mx = std::max(mx, z[j]);
+        T sum = 0;
+        for (int64_t j = 0; j < O; ++j) sum += std::exp(z[j] - mx);
+        T dot = 0;
+        for (int64_t j = 0; j < O; ++j) dot += std::exp(z[j] - mx) / sum * rz[r * ow + j];
+        for (int64_t j = 0; j < O; ++j) {
+          const T pj = std::exp(z[j] - mx) / sum;
+          rd[r * ow + j] = pj * (rz[r * ow + j] - dot) * inv;
+        }
+      }
+    }
+  }
+  // Tangent backward.
+  T* hu = w.hu.data();
+  for (int64_t l = p.L - 1; l >= 0; --l) {
+    const int64_t ow = p.np[l + 1], iw = p.np[l];
+    const T* rd = w.rd.data() + p.offD[l];
+    const T* dl = d + p.offD[l];
+    gemm<T>(p.n[l + 1], iw, rows, rd, 1, ow, h + p.offH[l], iw, hu + p.offW[l], iw, false);
+    if (l > 0) gemm<T>(p.n[l + 1], iw, rows, dl, 1, ow, w.rh.data() + p.offH[l], iw, hu + p.offW[l], iw, true);
+    T* hb = hu + p.offB[l];
+    for (int64_t j = 0; j < ow; ++j) hb[j] = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+      for (int64_t j = 0; j < ow; ++j) hb[j] += rd[r * ow + j];
+    }
+    if (l == 0) break;
+    T* re = w.re.data();
+    gemm<T>(rows, iw, p.n[l + 1], rd, ow, 1, theta + p.offW[l], iw, re, iw, false);
+    gemm<T>(rows, iw, p.n[l + 1], dl, ow, 1, u + p.offW[l], iw, re, iw, true);
+    const T* hl = h + p.offH[l];
+    const T* el = e + p.offH[l];
+    const T* rzp = w.rz.data() + p.offD[l - 1];
+    T* rdp = w.rd.data() + p.offD[l - 1];
+    for (int64_t k = 0; k < rows * iw; ++k)
+      rdp[k] = re[k] * d_act<T>(hl[k], c.act, c.slope) + el[k] * d2_act<T>(hl[k], c.act) * rzp[k];
+  }
+}
+
+struct Args {
+  at::Tensor theta, support_x, support_y, query_x, query_y, lr;
+  int64_t T, K, Q, steps;
+  RateKind rate_kind;
+  bool first_order;
+  int64_t grads;
+};
+
+template <typename T, typename Y>
+void run(const Plan& plan, const Ctx<T>& c, const Args& a, const T* rates, at::Tensor& losses,
+         at::Tensor& preds, at::Tensor& gtheta_task, at::Tensor& glr_task) {
+  const Plan& p = plan;
+  const int64_t S = a.steps, K = a.K, Q = a.Q;
+  const int64_t O = p.n[p.L];
+  const T* sx = a.support_x.data_ptr<T>();
+  const T* qx = a.query_x.data_ptr<T>();
+  const Y* sy = a.support_y.data_ptr<Y>();
+  const Y* qy = a.query_y.data_ptr<Y>();
+  const int64_t ys = c.loss == LossKind::Mse ? O : 1;  // target values per example
+  const T* theta_flat = a.theta.data_ptr<T>();
+  T* loss_p = losses.data_ptr<T>();
+  T* pred_p = preds.data_ptr<T>();
+  const bool need_grad = a.grads != 0;
+  T* gth = need_grad ? gtheta_task.data_ptr<T>() : nullptr;
+  T* glr = need_grad ? glr_task.data_ptr<T>() : nullptr;
+  const int64_t lr_per_task = need_grad ? glr_task.numel() / a.T : 0;
+
+  // θ in the padded layout, shared by every task's first step.
+  std::vector<T> theta0(p.PP, T(0));
+  for (int64_t l = 0; l < p.L; ++l) {
+    for (int64_t o = 0; o < p.n[l + 1]; ++o)
+      for (int64_t i = 0; i < p.n[l]; ++i)
+        theta0[p.offW[l] + o * p.np[l] + i] = theta_flat[p.flatW[l] + o * p.n[l] + i];
+    for (int64_t o = 0; o < p.n[l + 1]; ++o) theta0[p.offB[l] + o] = theta_flat[p.flatB[l] + o];
+  }
+
+  // Tasks are independent: one work item each; one workspace per thread.
+  at::parallel_for(0, a.T, 1, [&](int64_t t0, int64_t t1) {
+    Workspace<T> w(p, S);
+    std::copy(theta0.begin(), theta0.end(), w.theta.begin());
+    transpose_weights<T>(p, w.theta.data(), w.wt.data());
+    for (int64_t t = t0; t < t1; ++t) {
+      // ---- inner loop on the support set
+      for (int64_t s = 0; s < S; ++s) {
+        T* h = w.h.data() + s * p.H;
+        for (int64_t r = 0; r < K; ++r)
+          std::copy(sx + (t * K + r) * p.n[0], sx + (t * K + r + 1) * p.n[0], h + r * p.np[0]);
+        const T* th = w.theta.data() + s * p.PP;
+        forward<T>(c, K, th, w.wt.data() + s * p.PT, h);
+        T* d = w.d.data() + s * p.D;
+        loss_and_delta<T, Y>(c, K, h + p.offH[p.L], sy + t * K * ys, d + p.offD[p.L - 1]);
+        T* g = w.g.data() + s * p.PP;
+        backward<T>(c, K, th, h, d, w.e.data() + s * p.H, g);
+        T* next = w.theta.data() + (s + 1) * p.PP;
+        const T* rate = rates + s * p.PP;
+#pragma omp simd
+        for (int64_t k = 0; k < p.PP; ++k) next[k] = th[k] - rate[k] * g[k];
+        transpose_weights<T>(p, next, w.wt.data() + (s + 1) * p.PT);
+      }
+      // ---- query loss (and its gradient) at θ_S
+      const T* thS = w.theta.data() + S * p.PP;
+      T* hq = w.hq.data();
+      for (int64_t r = 0; r < Q; ++r)
+        std::copy(qx + (t * Q + r) * p.n[0], qx + (t * Q + r + 1) * p.n[0], hq + r * p.np[0]);
+      forward<T>(c, Q, thS, w.wt.data() + S * p.PT, hq);
+      const T* out = hq + p.offH[p.L];
+      for (int64_t r = 0; r < Q; ++r)
+        std::copy(out + r * p.np[p.L], out + r * p.np[p.L] + O, pred_p + (t * Q + r) * O);
+      loss_p[t] = loss_and_delta<T, Y>(c, Q, out, qy + t * Q * ys,
+                                       need_grad ? w.dq.data() + p.offD[p.L - 1] : nullptr);
+      if (!need_grad) continue;
+      T* v = w.v.data();
+      backward<T>(c, Q, thS, hq, w.dq.data(), w.eq.data(), v);
+      // ---- back through the inner steps
+      T* glr_t = glr + t * lr_per_task;
+      for (int64_t k = 0; k < lr_per_task; ++k) glr_t[k] = 0;
+      for (int64_t s = S - 1; s >= 0; --s) {
+        const T* g = w.g.data() + s * p.PP;
+        const T* rate = rates + s * p.PP;
+        T* da = w.dalpha.data();
+#pragma omp simd
+        for (int64_t k = 0; k < p.PP; ++k) da[k] = -v[k] * g[k];
+        // Reduce dα_s (padded) to the rate's own shape.
+        if (a.rate_kind == RateKind::Step) {
+          T sum = 0;
+          for (int64_t k = 0; k < p.PP; ++k) sum += da[k];
+          glr_t[s] = sum;
+        } else if (a.rate_kind == RateKind::Tensor) {
+          for (int64_t l = 0; l < p.L; ++l) {
+            T sw = 0, sb = 0;
+            for (int64_t k = p.offW[l]; k < p.offB[l]; ++k) sw += da[k];
+            for (int64_t k = p.offB[l]; k < p.offB[l] + p.np[l + 1]; ++k) sb += da[k];
+            glr_t[s * 2 * p.L + 2 * l] = sw;
+            glr_t[s * 2 * p.L + 2 * l + 1] = sb;
+          }
+        } else {
+          T* dst = glr_t + s * p.P;
+          for (int64_t l = 0; l < p.L; ++l) {
+            for (int64_t o = 0; o < p.n[l + 1]; ++o)
+              for (int64_t i = 0; i < p.n[l]; ++i)
+                dst[p.flatW[l] + o * p.n[l] + i] = da[p.offW[l] + o * p.np[l] + i];
+            for (int64_t o = 0; o < p.n[l + 1]; ++o) dst[p.flatB[l] + o] = da[p.offB[l] + o];
+          }
+        }
+        if (a.first_order) continue;
+        T* u = w.u.data();
+#pragma omp simd
+        for (int64_t k = 0; k < p.PP; ++k) u[k] = rate[k] * v[k];
+        hessian_vector<T, Y>(c, w, s, K, sy + t * K * ys);
+        const T* hu = w.hu.data();
+#pragma omp simd
+        for (int64_t k = 0; k < p.PP; ++k) v[k] -= hu[k];
+      }
+      T* dst = gth + t * p.P;
+      for (int64_t l = 0; l < p.L; ++l) {
+        for (int64_t o = 0; o < p.n[l + 1]; ++o)
+          for (int64_t i = 0; i < p.n[l]; ++i) dst[p.flatW[l] + o * p.n[l] + i] = v[p.offW[l] + o * p.np[l] + i];
+        for (int64_t o = 0; o < p.n[l + 1]; ++o) dst[p.flatB[l] + o] = v[p.offB[l] + o];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
+    const at::Tensor& theta, at::IntArrayRef layer_sizes, c10::string_view act_name, double negative_slope,
+    const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x,
+    const at::Tensor& query_y, c10::string_view loss_name, const at::Tensor& lr, int64_t steps,
+    bool first_order, int64_t grads, const c10::optional<at::Tensor>& task_weights) {
+  // ---- checks: everything the loops below index is validated here
+  for (const at::Tensor* t : {&theta, &support_x, &support_y, &query_x, &query_y, &lr}) {
+    FM_CHECK_DEVICE(*t, kCPU);
+    FM_CHECK_CONTIGUOUS(*t);
+  }
+  FM_CHECK_FLOATING(theta);
+  FM_CHECK_SAME_DTYPE(support_x, theta);
+  FM_CHECK_SAME_DTYPE(query_x, theta);
+  FM_CHECK_SAME_DTYPE(lr, theta);
+  TORCH_CHECK(layer_sizes.size() >= 2, "layer_sizes needs at least [in, out], got ", layer_sizes);
+  for (auto s : layer_sizes) TORCH_CHECK(s >= 1, "layer sizes must be >= 1, got ", layer_sizes);
+  TORCH_CHECK(steps >= 0, "steps must be >= 0, got ", steps);
+  TORCH_CHECK(grads >= 0 && grads <= 2, "grads must be 0, 1 or 2, got ", grads);
+  const Act act = parse_act(std::string(act_name));
+  // The zero row pads stay zero only if act(0) = 0: not so for the sigmoid (0.5).
+  TORCH_CHECK(act != Act::Sigmoid, "mlp_meta_step: act must be relu, leaky_relu, tanh or none");
+  const LossKind loss = parse_loss(std::string(loss_name));
+  FM_CHECK_DIM(support_x, 3);
+  FM_CHECK_DIM(query_x, 3);
+  const int64_t T = support_x.size(0), K = support_x.size(1), Q = query_x.size(1);
+  const int64_t L = static_cast<int64_t>(layer_sizes.size()) - 1, O = layer_sizes.back();
+  TORCH_CHECK(T >= 1 && K >= 1 && Q >= 1, "need at least one task, support and query example");
+  TORCH_CHECK(support_x.size(2) == layer_sizes[0] && query_x.size(0) == T && query_x.size(2) == layer_sizes[0],
+              "support_x [T, K, ", layer_sizes[0], "] and query_x [T, Q, ", layer_sizes[0], "] expected, got ",
+              support_x.sizes(), " and ", query_x.sizes());
+  Plan plan(layer_sizes, std::max(K, Q));
+  FM_CHECK_DIM(theta, 1);
+  TORCH_CHECK(theta.size(0) == plan.P, "theta must hold ", plan.P, " parameters for layers ", layer_sizes,
+              ", got ", theta.size(0));
+  if (loss == LossKind::Mse) {
+    FM_CHECK_SAME_DTYPE(support_y, theta);
+    FM_CHECK_SAME_DTYPE(query_y, theta);
+    TORCH_CHECK(support_y.dim() == 3 && support_y.size(0) == T && support_y.size(1) == K && support_y.size(2) == O,
+                "support_y must be [T, K, O] = [", T, ", ", K, ", ", O, "], got ", support_y.sizes());
+    TORCH_CHECK(query_y.dim() == 3 && query_y.size(0) == T && query_y.size(1) == Q && query_y.size(2) == O,
+                "query_y must be [T, Q, O] = [", T, ", ", Q, ", ", O, "], got ", query_y.sizes());
+  } else {
+    for (const at::Tensor* y : {&support_y, &query_y}) {
+      TORCH_CHECK(y->scalar_type() == at::kLong, "cross-entropy labels must be int64");
+      const int64_t* d = y->data_ptr<int64_t>();
+      for (int64_t i = 0; i < y->numel(); ++i)
+        TORCH_CHECK(d[i] >= 0 && d[i] < O, "label ", d[i], " is not in [0, ", O, ")");
+    }
+    TORCH_CHECK(support_y.dim() == 2 && support_y.size(0) == T && support_y.size(1) == K,
+                "support_y must be [T, K], got ", support_y.sizes());
+    TORCH_CHECK(query_y.dim() == 2 && query_y.size(0) == T && query_y.size(1) == Q,
+                "query_y must be [T, Q], got ", query_y.sizes());
+  }
+  RateKind kind;
+  if (lr.dim() == 1) {
+    kind = RateKind::Step;
+  } else if (lr.dim() == 2 && lr.size(1) == 2 * L) {
+    kind = RateKind::Tensor;
+  } else if (lr.dim() == 2 && lr.size(1) == plan.P) {
+    kind = RateKind::Param;
+  } else {
+    TORCH_CHECK(false, "lr must be [steps], [steps, ", 2 * L, "] or [steps, ", plan.P, "], got ", lr.sizes());
+  }
+  TORCH_CHECK(lr.size(0) == steps, "lr must have one row per step (", steps, "), got ", lr.sizes());
+  if (grads == 1) {
+    TORCH_CHECK(task_weights.has_value(), "grads == 1 needs task_weights");
+    FM_CHECK_DEVICE(*task_weights, kCPU);
+    FM_CHECK_CONTIGUOUS(*task_weights);
+    FM_CHECK_SAME_DTYPE(*task_weights, theta);
+    TORCH_CHECK(task_weights->dim() == 1 && task_weights->size(0) == T, "task_weights must be [T] = [", T,
+                "], got ", task_weights->sizes());
+  }
+
+  at::Tensor losses = at::empty({T}, theta.options());
+  at::Tensor preds = at::empty({T, Q, O}, theta.options());
+  std::vector<int64_t> lr_task_shape{T};
+  for (auto s : lr.sizes()) lr_task_shape.push_back(s);
+  at::Tensor gtheta_task = grads ? at::empty({T, plan.P}, theta.options()) : at::empty({0}, theta.options());
+  at::Tensor glr_task = grads ? at::empty(lr_task_shape, theta.options()) : at::empty({0}, theta.options());
+  Args a{theta, support_x, support_y, query_x, query_y, lr, T, K, Q, steps, kind, first_order, grads};
+
+  dispatch_floating(theta.scalar_type(), "mlp_meta_step", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    using T_ = scalar_t;
+    // The rate of every parameter at every step, in the padded layout (pads 0).
+    std::vector<T_> rates(std::max<int64_t>(steps, 1) * plan.PP, T_(0));
+    const T_* lr_p = lr.data_ptr<T_>();
+    for (int64_t s = 0; s < steps; ++s) {
+      T_* r = rates.data() + s * plan.PP;
+      for (int64_t l = 0; l < L; ++l) {
+        for (int64_t o = 0; o < plan.n[l + 1]; ++o) {
+          for (int64_t i = 0; i < plan.n[l]; ++i) {
+            const int64_t flat = plan.flatW[l] + o * plan.n[l] + i;
+            r[plan.offW[l] + o * plan.np[l] + i] =
+                kind == RateKind::Step ? lr_p[s] : kind == RateKind::Tensor ? lr_p[s * 2 * L + 2 * l] : lr_p[s * plan.P + flat];
+          }
+          const int64_t flat = plan.flatB[l] + o;
+          r[plan.offB[l] + o] =
+              kind == RateKind::Step ? lr_p[s] : kind == RateKind::Tensor ? lr_p[s * 2 * L + 2 * l + 1] : lr_p[s * plan.P + flat];
+        }
+      }
+    }
+    Ctx<T_> c{plan, act, static_cast<T_>(negative_slope), loss};
+    if (loss == LossKind::Mse)
+      run<T_, T_>(plan, c, a, rates.data(), losses, preds, gtheta_task, glr_task);
+    else
+      run<T_, int64_t>(plan, c, a, rates.data(), losses, preds, gtheta_task, glr_task);
+  });
+  if (grads != 1) return {losses, preds, gtheta_task, glr_task};
+  // Σ_t w_t · (per-task gradient): a [T]·[T, n] product, in task order (deterministic).
+  at::Tensor gtheta = at::zeros({plan.P}, theta.options());
+  at::Tensor glr = at::zeros(lr.sizes(), theta.options());
+  dispatch_floating(theta.scalar_type(), "mlp_meta_step_reduce", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* wt = task_weights->data_ptr<scalar_t>();
+    for (auto [src, dst] : {std::pair{&gtheta_task, &gtheta}, std::pair{&glr_task, &glr}}) {
+      const int64_t n = dst->numel();
+      const scalar_t* sp = src->template data_ptr<scalar_t>();
+      scalar_t* dp = dst->template data_ptr<scalar_t>();
+      for (int64_t t = 0; t < T; ++t) {
+        const scalar_t wgt = wt[t];
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) dp[k] += wgt * sp[t * n + k];
+      }
+    }
+  });
+  return {losses, preds, gtheta, glr};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastmeta
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) { m.impl("mlp_meta_step", &fastmeta::cpu::mlp_meta_step); }

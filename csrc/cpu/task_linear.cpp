@@ -1,0 +1,170 @@
+// CPU kernels of the task_linear family: y = act(x·wᵀ + b) per task, and its input- and
+// weight-gradients. Grid: (task, block of 48 rows) pairs spread over the OpenMP threads;
+// each block is one register-tiled GEMM (gemm.h) followed by the bias and activation on
+// the rows while they are still in L1. Bound: FLOPs for the layer sizes fastmeta runs
+// (the W2 head is 80×256 by 256×5 per task), memory only when O or I is tiny.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../common.h"
+#include "gemm.h"
+
+namespace fastmeta {
+namespace cpu {
+namespace {
+
+constexpr auto kCPU = c10::DeviceType::CPU;
+// Rows per work item: a multiple of the micro-kernel's 6 rows, and small enough that W2's
+// 32 tasks × 80 rows give both threads several items each.
+constexpr int64_t kRowBlock = 48;
+
+void check_weight(const at::Tensor& w, const at::Tensor& x, int64_t T, const char* name) {
+  FM_CHECK_INPUT(w, kCPU);
+  FM_CHECK_SAME_DTYPE(w, x);
+  TORCH_CHECK(w.dim() == 2 || (w.dim() == 3 && w.size(0) == T), name, " must be [T, O, I] with T = ", T,
+              " or [O, I], got ", w.sizes());
+}
+
+at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                       c10::string_view act_name, double negative_slope) {
+  FM_CHECK_INPUT(x, kCPU);
+  FM_CHECK_FLOATING(x);
+  FM_CHECK_DIM(x, 3);
+  const int64_t T = x.size(0), N = x.size(1), I = x.size(2);
+  check_weight(w, x, T, "w");
+  const bool w_shared = w.dim() == 2;
+  const int64_t O = w.size(-2);
+  TORCH_CHECK(w.size(-1) == I, "w must have ", I, " input features, got ", w.sizes());
+  bool b_shared = true;
+  if (b.has_value()) {
+    FM_CHECK_INPUT(*b, kCPU);
+    FM_CHECK_SAME_DTYPE(*b, x);
+    b_shared = b->dim() == 1;
+    TORCH_CHECK((b_shared && b->size(0) == O) || (b->dim() == 2 && b->size(0) == T && b->size(1) == O),
+                "b must be [O] or [T, O] with O = ", O, ", T = ", T, ", got ", b->sizes());
+  }
+  const Act act = parse_act(std::string(act_name));
+  at::Tensor y = at::empty({T, N, O}, x.options());
+  if (y.numel() == 0) return y;
+  dispatch_floating(x.scalar_type(), "task_linear", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    using T_ = scalar_t;
+    const int64_t Tw = w_shared ? 1 : T;
+    // wᵀ once per task ([I, O] rows), so that the GEMM streams contiguous rows of B.
+    std::vector<T_> wt(Tw * I * O);
+    const T_* wp = w.data_ptr<T_>();
+    at::parallel_for(0, Tw, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t o = 0; o < O; ++o)
+          for (int64_t i = 0; i < I; ++i) wt[(t * I + i) * O + o] = wp[(t * O + o) * I + i];
+    });
+    const T_* xp = x.data_ptr<T_>();
+    const T_* bp = b.has_value() ? b->data_ptr<T_>() : nullptr;
+    T_* yp = y.data_ptr<T_>();
+    const T_ slope = static_cast<T_>(negative_slope);
+    const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+    at::parallel_for(0, T * blocks, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t t = j / blocks, n0 = (j % blocks) * kRowBlock;
+        const int64_t rows = std::min(kRowBlock, N - n0);
+        const T_* xt = xp + (t * N + n0) * I;
+        T_* yt = yp + (t * N + n0) * O;
+        gemm<T_>(rows, O, I, xt, I, 1, wt.data() + (w_shared ? 0 : t * I * O), O, yt, O, false);
+        const T_* bt = bp ? bp + (b_shared ? 0 : t * O) : nullptr;
+        for (int64_t r = 0; r < rows; ++r) {
+          T_* row = yt + r * O;
+          if (bt) {
+#pragma omp simd
+            for (int64_t o = 0; o < O; ++o) row[o] += bt[o];
+          }
+          if (act != Act::None)
+            for (int64_t o = 0; o < O; ++o) row[o] = act_forward<T_>(row[o], act, slope);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& w) {
+  FM_CHECK_INPUT(grad_out, kCPU);
+  FM_CHECK_FLOATING(grad_out);
+  FM_CHECK_DIM(grad_out, 3);
+  const int64_t T = grad_out.size(0), N = grad_out.size(1), O = grad_out.size(2);
+  check_weight(w, grad_out, T, "w");
+  TORCH_CHECK(w.size(-2) == O, "w must have ", O, " output features, got ", w.sizes());
+  const bool w_shared = w.dim() == 2;
+  const int64_t I = w.size(-1);
+  at::Tensor out = at::empty({T, N, I}, grad_out.options());
+  if (out.numel() == 0) return out;
+  if (O == 0) return out.zero_();
+  dispatch_floating(grad_out.scalar_type(), "task_linear_input_grad", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* g = grad_out.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+    at::parallel_for(0, T * blocks, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t t = j / blocks, n0 = (j % blocks) * kRowBlock;
+        const int64_t rows = std::min(kRowBlock, N - n0);
+        gemm<scalar_t>(rows, I, O, g + (t * N + n0) * O, O, 1, wp + (w_shared ? 0 : t * O * I), I,
+                       o + (t * N + n0) * I, I, false);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, bool shared) {
+  FM_CHECK_INPUT(grad_out, kCPU);
+  FM_CHECK_INPUT(x, kCPU);
+  FM_CHECK_FLOATING(x);
+  FM_CHECK_SAME_DTYPE(grad_out, x);
+  FM_CHECK_DIM(grad_out, 3);
+  FM_CHECK_DIM(x, 3);
+  const int64_t T = x.size(0), N = x.size(1), I = x.size(2), O = grad_out.size(2);
+  TORCH_CHECK(grad_out.size(0) == T && grad_out.size(1) == N, "grad_out must be [", T, ", ", N,
+              ", O], got ", grad_out.sizes());
+  at::Tensor out = shared ? at::empty({O, I}, x.options()) : at::empty({T, O, I}, x.options());
+  if (out.numel() == 0) return out;
+  if (N == 0 || T == 0) return out.zero_();
+  dispatch_floating(x.scalar_type(), "task_linear_weight_grad", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* g = grad_out.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    // grad_outᵀ is read in place through the strides (row o of Aᵀ is column o of grad_out).
+    if (shared) {
+      // One GEMM with the task and example dims merged (K = T·N), split over blocks of O.
+      const int64_t blocks = (O + kRowBlock - 1) / kRowBlock;
+      at::parallel_for(0, blocks, 1, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t o0 = j * kRowBlock, rows = std::min(kRowBlock, O - o0);
+          gemm<scalar_t>(rows, I, T * N, g + o0, 1, O, xp, I, o + o0 * I, I, false);
+        }
+      });
+    } else {
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          gemm<scalar_t>(O, I, N, g + t * N * O, 1, O, xp + t * N * I, I, o + t * O * I, I, false);
+      });
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastmeta
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
+  m.impl("task_linear", &fastmeta::cpu::task_linear);
+  m.impl("task_linear_input_grad", &fastmeta::cpu::task_linear_input_grad);
+  m.impl("task_linear_weight_grad", &fastmeta::cpu::task_linear_weight_grad);
+}

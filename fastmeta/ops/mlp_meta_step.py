@@ -1,0 +1,560 @@
+"""``mlp_meta_step``: a whole MAML meta-step for a small MLP, for every task, in one op.
+
+The model is ``Linear(I0→O0), act, Linear(O0→O1), act, ..., Linear(→O_last)``: every layer
+has a bias, ``act`` (relu | leaky_relu | tanh | sigmoid | none) sits between layers and
+nothing follows the last. For each task t, starting from the shared θ::
+
+    θ_t ← θ_t − lr_s ⊙ ∇_θ L_support,t(θ_t)        for s = 0 … steps−1
+    loss[t] = L_query,t(θ_t),  pred[t] = MLP(θ_t, query_x[t])
+
+where L is the per-task mean loss of :func:`fastmeta.ops.task_loss` (``"mse"`` or
+``"cross_entropy"``).
+
+Arguments:
+
+- theta ``[P]``: the flat parameters in ``named_parameters`` order: W0 ``[O0, I0]``,
+  b0 ``[O0]``, W1 ``[O1, O0]``, b1, ...;
+- layer_sizes: ``[I0, O0, O1, ..., O_last]``;
+- act, negative_slope: the hidden activation (negative_slope for leaky_relu, ≥ 0);
+- support_x ``[T, K, I0]``, query_x ``[T, Q, I0]``;
+- support_y, query_y: ``[T, K|Q, O_last]`` floats for ``"mse"``, int64 ``[T, K|Q]`` class
+  indices for ``"cross_entropy"``;
+- loss_kind: ``"mse"`` or ``"cross_entropy"``;
+- lr: the inner rates, ``[steps]`` (one per step), ``[steps, 2·layers]`` (one per
+  parameter tensor per step, in θ's order: W0, b0, W1, ...) or ``[steps, P]`` (one per
+  parameter per step; a learner folds gates and preconditioners into this);
+- steps: the number of inner steps (≥ 0);
+- first_order: drop the second-order terms (the inner gradients are treated as
+  constants), as first-order MAML does.
+
+Returns ``(losses [T], preds [T, Q, O_last])``. ``losses`` is differentiable w.r.t. theta
+and lr; ``preds`` is not (it is for accuracy and logging).
+
+Backward: ``mlp_meta_step_backward`` gives Σ_t w_t · d loss[t] / d(θ, lr) for the incoming
+per-task weights w (the gradient of whatever was computed from ``losses``): exact second
+order through every inner step (Hessian-vector products), or first order. Its own backward
+(third-order terms, gradgradcheck) is the autograd of the reference below, so autograd is
+exact for any use of the outputs.
+
+Backends: the ``cpu`` backend runs the whole thing as one C++ call, parallel over tasks
+(csrc/cpu/mlp_meta_step.cpp); the ``cuda`` backend as one kernel launch with one CTA per
+task (csrc/cuda/mlp_meta_step.cu), for MLPs whose weights and activations fit the CTA's
+shared memory (the limits are in that file and in :func:`cuda_fits`). Everything else
+runs the reference: the unrolled inner loop, batched over tasks with ``bmm`` and
+differentiated by autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastmeta.backends import run_kernel
+from fastmeta.ops.activation import apply_activation, check_activation
+from fastmeta.ops.reference_vjp import reference_vjp
+
+LOSS_KINDS = ("cross_entropy", "mse")
+# The fused kernels pad rows with zeros and rely on act(0) = 0, which the sigmoid breaks:
+# it runs the reference.
+FUSED_ACTIVATIONS = ("relu", "leaky_relu", "tanh", "none")
+
+
+def num_parameters(layer_sizes: list[int]) -> int:
+    return sum(o * (i + 1) for i, o in zip(layer_sizes[:-1], layer_sizes[1:]))
+
+
+def segment_sizes(layer_sizes: list[int]) -> list[int]:
+    """Sizes of θ's parameter tensors: W0, b0, W1, b1, ..."""
+    sizes = []
+    for i, o in zip(layer_sizes[:-1], layer_sizes[1:]):
+        sizes += [o * i, o]
+    return sizes
+
+
+def check_arguments(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+                    loss_kind, lr, steps) -> None:
+    """Shape, dtype and value checks at the public boundary (no device sync)."""
+    if len(layer_sizes) < 2 or any(int(s) < 1 for s in layer_sizes):
+        raise ValueError(f"layer_sizes must be [in, out, ...] with sizes >= 1, got {layer_sizes}")
+    check_activation(act, negative_slope)
+    if loss_kind not in LOSS_KINDS:
+        raise ValueError(f"loss_kind must be one of {LOSS_KINDS}, got {loss_kind!r}")
+    P = num_parameters(layer_sizes)
+    if theta.dim() != 1 or theta.numel() != P:
+        raise ValueError(f"theta must be [P] = [{P}] for layer_sizes {layer_sizes}, got {tuple(theta.shape)}")
+    if support_x.dim() != 3 or query_x.dim() != 3 or support_x.size(-1) != layer_sizes[0] \
+            or query_x.size(-1) != layer_sizes[0] or query_x.size(0) != support_x.size(0):
+        raise ValueError(
+            f"support_x and query_x must be [T, K, {layer_sizes[0]}] and [T, Q, {layer_sizes[0]}], "
+            f"got {tuple(support_x.shape)} and {tuple(query_x.shape)}"
+        )
+    for name, y, x in (("support_y", support_y, support_x), ("query_y", query_y, query_x)):
+        want = tuple(x.shape[:2]) + ((layer_sizes[-1],) if loss_kind == "mse" else ())
+        if tuple(y.shape) != want:
+            raise ValueError(f"{name} must be {list(want)} for {loss_kind}, got {tuple(y.shape)}")
+        if loss_kind == "cross_entropy" and y.dtype != torch.int64:
+            raise ValueError(f"{name} must hold int64 class indices for cross_entropy, got {y.dtype}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    S = 2 * (len(layer_sizes) - 1)
+    if not (lr.dim() == 1 or (lr.dim() == 2 and lr.size(1) in (S, P))) or lr.size(0) != steps:
+        raise ValueError(
+            f"lr must be [steps], [steps, {S}] or [steps, {P}] with steps = {steps}, got {tuple(lr.shape)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Reference: the unrolled inner loop, batched over tasks, differentiated by autograd
+# ---------------------------------------------------------------------------------------
+
+
+def mlp_forward(theta_t: Tensor, layer_sizes: list[int], act: str, negative_slope: float, x: Tensor) -> Tensor:
+    """The MLP with per-task parameters theta_t ``[T, P]`` on x ``[T, N, I0]`` → ``[T, N, O_last]``."""
+    T = theta_t.size(0)
+    h, offset = x, 0
+    n_layers = len(layer_sizes) - 1
+    for layer, (i, o) in enumerate(zip(layer_sizes[:-1], layer_sizes[1:])):
+        w = theta_t[:, offset: offset + o * i].reshape(T, o, i)
+        offset += o * i
+        b = theta_t[:, offset: offset + o]
+        offset += o
+        h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        if layer < n_layers - 1:
+            h = apply_activation(h, act, negative_slope)
+    return h
+
+
+def _task_losses(pred: Tensor, target: Tensor, loss_kind: str) -> Tensor:
+    T = pred.size(0)
+    if loss_kind == "cross_entropy":
+        per = F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1), reduction="none")
+        return per.view(T, -1).mean(1)
+    return (pred - target).pow(2).reshape(T, -1).mean(1)
+
+
+def _step_rates(lr: Tensor, layer_sizes: list[int]) -> Tensor:
+    """lr as ``[steps, P]`` (or ``[steps, 1]`` for one rate per step)."""
+    if lr.dim() == 1:
+        return lr.unsqueeze(1)
+    P = num_parameters(layer_sizes)
+    if lr.size(1) == P:
+        return lr
+    sizes = torch.tensor(segment_sizes(layer_sizes), device=lr.device)
+    return torch.repeat_interleave(lr, sizes, dim=1)
+
+
+def unrolled_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+                       loss_kind, lr, steps, first_order, create_graph: bool):
+    """(losses, preds) through the unrolled inner loop.
+
+    With ``create_graph`` the inner gradients stay in the graph (second order) unless
+    ``first_order``; the result is then differentiable w.r.t. theta and lr to any order.
+    """
+    T = support_x.size(0)
+    rates = _step_rates(lr, layer_sizes)
+    with torch.enable_grad():
+        fast = theta.expand(T, theta.numel())
+        if not fast.requires_grad:
+            # The inner loop needs gradients even when θ itself is a constant.
+            fast = fast.detach().requires_grad_(True)
+        for s in range(steps):
+            pred = mlp_forward(fast, layer_sizes, act, negative_slope, support_x)
+            inner = _task_losses(pred, support_y, loss_kind).sum()  # tasks are independent
+            (g,) = torch.autograd.grad(inner, fast, create_graph=create_graph and not first_order)
+            fast = fast - rates[s] * g
+        preds = mlp_forward(fast, layer_sizes, act, negative_slope, query_x)
+        losses = _task_losses(preds, query_y, loss_kind)
+    return losses, preds
+
+
+# The op's own reference. A custom op's implementation runs below the autograd dispatch
+# key, so it cannot call autograd; this is the same computation with the derivatives
+# written out (the algorithm of the C++ kernels, in batched torch ops): forward and
+# backward through the MLP, and Hessian-vector products by the R-operator. The tests hold
+# it, and every kernel, against unrolled_meta_step above. Built from differentiable torch
+# ops, it is itself differentiable: its autograd gives the third-order terms.
+
+
+def _split(flat: Tensor, layer_sizes: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """[T, P] → per layer (W [T, O, I], b [T, O]) views."""
+    T, out, offset = flat.size(0), [], 0
+    for i, o in zip(layer_sizes[:-1], layer_sizes[1:]):
+        w = flat[:, offset: offset + o * i].reshape(T, o, i)
+        offset += o * i
+        out.append((w, flat[:, offset: offset + o]))
+        offset += o
+    return out
+
+
+def _join(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    return torch.cat([t.reshape(t.size(0), -1) for pair in pairs for t in pair], dim=1)
+
+
+def _derivative(y: Tensor, act: str, negative_slope: float) -> Tensor:
+    if act == "relu":
+        return (y > 0).to(y.dtype)
+    if act == "leaky_relu":
+        # Tensors, not Python scalars: where(cond, 1.0, s) is float32 whatever y's dtype.
+        return torch.where(y > 0, torch.ones_like(y), torch.full_like(y, negative_slope))
+    if act == "tanh":
+        return 1 - y * y
+    if act == "sigmoid":
+        return y * (1 - y)
+    return torch.ones_like(y)
+
+
+def _second_derivative(y: Tensor, act: str) -> Tensor | None:
+    """f''(z) in y = f(z); None where it is zero."""
+    if act == "tanh":
+        return -2 * y * (1 - y * y)
+    if act == "sigmoid":
+        return y * (1 - y) * (1 - 2 * y)
+    return None
+
+
+class _Pass:
+    """Forward and backward of the MLP at per-task parameters, with what an HVP reuses."""
+
+    def __init__(self, params, x, y, cfg, need_backward: bool):
+        layer_sizes, act, slope, loss_kind = cfg
+        self.params, self.cfg = params, cfg
+        hs = [x]
+        for layer, (w, b) in enumerate(params):
+            z = torch.baddbmm(b.unsqueeze(1), hs[-1], w.transpose(1, 2))
+            hs.append(apply_activation(z, act, slope) if layer < len(params) - 1 else z)
+        self.hs = hs
+        out = hs[-1]
+        self.loss = _task_losses(out, y, loss_kind)
+        if not need_backward:
+            return
+        rows = out.size(1)
+        if loss_kind == "mse":
+            delta = (out - y) * (2.0 / (rows * out.size(2)))
+        else:
+            self.probs = torch.softmax(out, dim=-1)
+            delta = (self.probs - F.one_hot(y, out.size(-1)).to(out.dtype)) / rows
+        deltas, es, grads = [None] * len(params), [None] * len(params), [None] * len(params)
+        for layer in range(len(params) - 1, -1, -1):
+            w, _ = params[layer]
+            deltas[layer] = delta
+            grads[layer] = (torch.bmm(delta.transpose(1, 2), hs[layer]), delta.sum(1))
+            if layer > 0:
+                es[layer] = torch.bmm(delta, w)
+                delta = es[layer] * _derivative(hs[layer], act, slope)
+        self.deltas, self.es, self.grads = deltas, es, grads
+
+    def hessian_vector(self, u):
+        """Per task, the Hessian of this pass's loss times u (per-layer (V, c) pairs)."""
+        layer_sizes, act, slope, loss_kind = self.cfg
+        params, hs = self.params, self.hs
+        rz, rh = [None] * len(params), [None] * (len(params) + 1)
+        for layer, ((w, _), (v, c)) in enumerate(zip(params, u)):
+            z = torch.baddbmm(c.unsqueeze(1), hs[layer], v.transpose(1, 2))
+            if rh[layer] is not None:
+                z = z + torch.bmm(rh[layer], w.transpose(1, 2))
+            rz[layer] = z
+            if layer < len(params) - 1:
+                rh[layer + 1] = _derivative(hs[layer + 1], act, slope) * z
+        out_rz, rows = rz[-1], hs[-1].size(1)
+        if loss_kind == "mse":
+            rd = out_rz * (2.0 / (rows * out_rz.size(2)))
+        else:
+            p = self.probs
+            rd = p * (out_rz - (p * out_rz).sum(-1, keepdim=True)) / rows
+        result = [None] * len(params)
+        for layer in range(len(params) - 1, -1, -1):
+            (w, _), (v, _) = params[layer], u[layer]
+            delta = self.deltas[layer]
+            rdw = torch.bmm(rd.transpose(1, 2), hs[layer])
+            if rh[layer] is not None:
+                rdw = rdw + torch.bmm(delta.transpose(1, 2), rh[layer])
+            result[layer] = (rdw, rd.sum(1))
+            if layer > 0:
+                re = torch.bmm(rd, w) + torch.bmm(delta, v)
+                rd = re * _derivative(hs[layer], act, slope)
+                second = _second_derivative(hs[layer], act)
+                if second is not None:
+                    rd = rd + self.es[layer] * second * rz[layer - 1]
+        return result
+
+
+def analytic_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+                       loss_kind, lr, steps, first_order, task_weights=None):
+    """(losses, preds, dθ, dlr): the meta-step with its derivatives written out.
+
+    With task_weights w ``[T]``, dθ = Σ_t w_t dloss_t/dθ ``[P]`` and dlr likewise (lr's
+    shape); otherwise both are None.
+    """
+    T, P = support_x.size(0), theta.numel()
+    cfg = (layer_sizes, act, negative_slope, loss_kind)
+    rates = _step_rates(lr, layer_sizes)  # [steps, P] or [steps, 1]
+    need = task_weights is not None
+    fast = theta.expand(T, P)
+    passes, thetas = [], []
+    for s in range(steps):
+        thetas.append(fast)
+        inner = _Pass(_split(fast, layer_sizes), support_x, support_y, cfg, need_backward=True)
+        passes.append(inner)
+        fast = fast - rates[s] * _join(inner.grads)
+    query = _Pass(_split(fast, layer_sizes), query_x, query_y, cfg, need_backward=need)
+    losses, preds = query.loss, query.hs[-1]
+    if not need:
+        return losses, preds, None, None
+    v = _join(query.grads) * task_weights.unsqueeze(1)  # [T, P]: w_t ∇L_query,t(θ_S)
+    d_rates = [None] * steps
+    for s in range(steps - 1, -1, -1):
+        g = _join(passes[s].grads)
+        d_rates[s] = -(v * g).sum(0)  # [P]: dα_s summed over tasks
+        if not first_order:
+            hu = passes[s].hessian_vector(_split(rates[s] * v, layer_sizes))
+            v = v - _join(hu)
+    d_theta = v.sum(0)
+    if steps == 0:
+        return losses, preds, d_theta, torch.zeros_like(lr)
+    d_rates = torch.stack(d_rates)  # [steps, P]
+    if lr.dim() == 1:
+        d_lr = d_rates.sum(1)
+    elif lr.size(1) == P:
+        d_lr = d_rates
+    else:
+        d_lr = torch.stack([seg.sum(1) for seg in d_rates.split(segment_sizes(layer_sizes), dim=1)], dim=1)
+    return losses, preds, d_theta, d_lr
+
+
+def reference_mlp_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+                            loss_kind, lr, steps, first_order):
+    losses, preds, _, _ = analytic_meta_step(
+        theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+        loss_kind, lr, steps, first_order,
+    )
+    return losses, preds.clone()
+
+
+def reference_mlp_meta_step_backward(grad_losses, theta, layer_sizes, act, negative_slope, support_x,
+                                     support_y, query_x, query_y, loss_kind, lr, steps, first_order, needs):
+    """[Σ_t w_t dloss_t/dθ ``[P]``, Σ_t w_t dloss_t/dlr (lr's shape)]; empty where not in needs."""
+    _, _, d_theta, d_lr = analytic_meta_step(
+        theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+        loss_kind, lr, steps, first_order, task_weights=grad_losses,
+    )
+    return [d_theta if needs[0] else theta.new_empty(0), d_lr if needs[1] else lr.new_empty(0)]
+
+
+# ---------------------------------------------------------------------------------------
+# mlp_meta_step
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmeta::mlp_meta_step", mutates_args=())
+def mlp_meta_step(
+    theta: Tensor,
+    layer_sizes: list[int],
+    act: str,
+    negative_slope: float,
+    support_x: Tensor,
+    support_y: Tensor,
+    query_x: Tensor,
+    query_y: Tensor,
+    loss_kind: str,
+    lr: Tensor,
+    steps: int,
+    first_order: bool,
+) -> tuple[Tensor, Tensor]:
+    """A MAML meta-step of a small MLP for every task; see the module docstring."""
+    check_arguments(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+                    loss_kind, lr, steps)
+    return run_kernel(
+        "mlp_meta_step", theta.device.type, reference_mlp_meta_step,
+        theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+        loss_kind, lr, steps, first_order,
+    )
+
+
+@mlp_meta_step.register_fake
+def _(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr,
+      steps, first_order):
+    T, Q = query_x.size(0), query_x.size(1)
+    return theta.new_empty((T,)), theta.new_empty((T, Q, layer_sizes[-1]))
+
+
+_DATA_ARGS = ("support_x", "support_y", "query_x", "query_y")
+
+
+def _meta_step_setup(ctx, inputs, output):
+    (theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+     loss_kind, lr, steps, first_order) = inputs
+    ctx.config = (list(layer_sizes), act, negative_slope, loss_kind, steps, first_order)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(theta, support_x, support_y, query_x, query_y, lr)
+
+
+def _meta_step_backward(ctx, grad_losses, grad_preds):
+    theta, support_x, support_y, query_x, query_y, lr = ctx.saved_tensors
+    layer_sizes, act, negative_slope, loss_kind, steps, first_order = ctx.config
+    for name, i in zip(_DATA_ARGS, (4, 5, 6, 7)):
+        if ctx.needs_input_grad[i]:
+            # Never a silently missing gradient: the fused step treats the data as constants.
+            raise RuntimeError(f"mlp_meta_step is not differentiable w.r.t. {name}; detach it")
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[9]]
+    if not any(needs):
+        return (None,) * 12
+    d_theta, d_lr = mlp_meta_step_backward(
+        grad_losses.contiguous(), theta, layer_sizes, act, negative_slope, support_x, support_y,
+        query_x, query_y, loss_kind, lr, steps, first_order, needs,
+    )
+    return (d_theta if needs[0] else None, None, None, None, None, None, None, None, None,
+            d_lr if needs[1] else None, None, None)
+
+
+mlp_meta_step.register_autograd(_meta_step_backward, setup_context=_meta_step_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# mlp_meta_step_backward
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmeta::mlp_meta_step_backward", mutates_args=())
+def mlp_meta_step_backward(
+    grad_losses: Tensor,
+    theta: Tensor,
+    layer_sizes: list[int],
+    act: str,
+    negative_slope: float,
+    support_x: Tensor,
+    support_y: Tensor,
+    query_x: Tensor,
+    query_y: Tensor,
+    loss_kind: str,
+    lr: Tensor,
+    steps: int,
+    first_order: bool,
+    needs: list[bool],
+) -> list[Tensor]:
+    """[Σ_t grad_losses[t] · dloss_t/dθ ``[P]``, the same for lr (lr's shape)].
+
+    ``needs`` (two flags) says which to compute; the other comes back empty.
+    """
+    return run_kernel(
+        "mlp_meta_step_backward", theta.device.type, reference_mlp_meta_step_backward,
+        grad_losses, theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+        loss_kind, lr, steps, first_order, needs,
+    )
+
+
+@mlp_meta_step_backward.register_fake
+def _(grad_losses, theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+      loss_kind, lr, steps, first_order, needs):
+    return [theta.new_empty(theta.shape if needs[0] else (0,)), lr.new_empty(lr.shape if needs[1] else (0,))]
+
+
+def _meta_step_backward_setup(ctx, inputs, output):
+    (grad_losses, theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+     loss_kind, lr, steps, first_order, needs) = inputs
+    ctx.config = (list(layer_sizes), act, negative_slope, loss_kind, steps, first_order, list(needs))
+    ctx.save_for_backward(grad_losses, theta, support_x, support_y, query_x, query_y, lr)
+
+
+def _meta_step_backward_backward(ctx, upstream_theta, upstream_lr):
+    # Third-order terms: the exact VJP of the reference backward (autograd through the
+    # unrolled loop). Slow, and only reached by double backward / gradgradcheck.
+    grad_losses, theta, support_x, support_y, query_x, query_y, lr = ctx.saved_tensors
+    layer_sizes, act, negative_slope, loss_kind, steps, first_order, needs = ctx.config
+    for name, i in zip(_DATA_ARGS, (5, 6, 7, 8)):
+        if ctx.needs_input_grad[i]:
+            raise RuntimeError(f"mlp_meta_step_backward is not differentiable w.r.t. {name}; detach it")
+    grads = reference_vjp(
+        lambda gl, th, r: reference_mlp_meta_step_backward(
+            gl, th, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+            loss_kind, r, steps, first_order, needs,
+        ),
+        (grad_losses, theta, lr),
+        (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[10]),
+        [upstream_theta if needs[0] else None, upstream_lr if needs[1] else None],
+    )
+    return (grads[0], grads[1], None, None, None, None, None, None, None, None, grads[2], None, None, None)
+
+
+mlp_meta_step_backward.register_autograd(_meta_step_backward_backward, setup_context=_meta_step_backward_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# The extension's kernels (used by fastmeta.backends.extension)
+# ---------------------------------------------------------------------------------------
+
+# CUDA fused-kernel limits; they mirror csrc/cuda/mlp_meta_step.cu (which checks them
+# again). One CTA per task keeps θ_s, g_s and the activations of every inner step in
+# shared memory; the H100/H200 give a CTA at most 227 KiB of it.
+CUDA_SMEM_BYTES = 227 * 1024
+CUDA_MAX_WIDTH = 256
+
+
+def cuda_workspace_floats(layer_sizes: list[int], K: int, Q: int, steps: int) -> int:
+    """Shared-memory floats the CUDA kernel needs (the formula of mlp_meta_step.cu)."""
+    P = num_parameters(layer_sizes)
+    R = max(K, Q)
+    acts = R * sum(layer_sizes)  # one row of every layer's activations per example
+    per_step = P + P + 2 * acts  # θ_s, g_s, activations h and deltas δ
+    return (steps + 1) * P + steps * (P + 2 * acts) + 2 * acts + 4 * acts + 3 * P + 64
+
+
+def cuda_fits(layer_sizes: list[int], K: int, Q: int, steps: int) -> bool:
+    if max(layer_sizes) > CUDA_MAX_WIDTH:
+        return False
+    return 4 * cuda_workspace_floats(layer_sizes, K, Q, steps) <= CUDA_SMEM_BYTES
+
+
+def _kernel_inputs_ok(device_type: str, theta, support_x, support_y, query_x, query_y, lr, act,
+                      loss_kind, layer_sizes, steps) -> bool:
+    dtypes = (torch.float32, torch.float64) if device_type == "cpu" else (torch.float32,)
+    if theta.dtype not in dtypes or any(t.dtype != theta.dtype for t in (support_x, query_x, lr)):
+        return False
+    if loss_kind == "mse" and (support_y.dtype != theta.dtype or query_y.dtype != theta.dtype):
+        return False
+    if any(t.device != theta.device for t in (support_x, support_y, query_x, query_y, lr)):
+        return False
+    if act not in FUSED_ACTIVATIONS:
+        return False
+    if device_type == "cuda":
+        return cuda_fits(layer_sizes, support_x.size(1), query_x.size(1), steps)
+    return True
+
+
+def make_extension_kernel(device_type: str):
+    """The forward kernel of the cpu/cuda backend: one call of fastmeta_ext::mlp_meta_step."""
+
+    def kernel(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+               loss_kind, lr, steps, first_order):
+        if not _kernel_inputs_ok(device_type, theta, support_x, support_y, query_x, query_y, lr, act,
+                                 loss_kind, layer_sizes, steps):
+            return NotImplemented
+        losses, preds, _, _ = torch.ops.fastmeta_ext.mlp_meta_step(
+            theta.detach().contiguous(), list(layer_sizes), act, float(negative_slope),
+            support_x.contiguous(), support_y.contiguous(), query_x.contiguous(), query_y.contiguous(),
+            loss_kind, lr.detach().contiguous(), int(steps), bool(first_order), 0, None,
+        )
+        return losses, preds
+
+    return kernel
+
+
+def make_extension_backward_kernel(device_type: str):
+    """The backward kernel: the same call with the task weights, reduced over tasks in C++."""
+
+    def kernel(grad_losses, theta, layer_sizes, act, negative_slope, support_x, support_y, query_x,
+               query_y, loss_kind, lr, steps, first_order, needs):
+        if not _kernel_inputs_ok(device_type, theta, support_x, support_y, query_x, query_y, lr, act,
+                                 loss_kind, layer_sizes, steps):
+            return NotImplemented
+        if grad_losses.dtype != theta.dtype or grad_losses.device != theta.device:
+            return NotImplemented
+        _, _, d_theta, d_lr = torch.ops.fastmeta_ext.mlp_meta_step(
+            theta.detach().contiguous(), list(layer_sizes), act, float(negative_slope),
+            support_x.contiguous(), support_y.contiguous(), query_x.contiguous(), query_y.contiguous(),
+            loss_kind, lr.detach().contiguous(), int(steps), bool(first_order), 1,
+            grad_losses.detach().contiguous(),
+        )
+        return [d_theta if needs[0] else theta.new_empty(0), d_lr if needs[1] else lr.new_empty(0)]
+
+    return kernel
