@@ -15,7 +15,8 @@ Backward, ``inner_step_backward_kernel``
           reductions over tasks (θ shared, lr, mask, precond) are plain register sums,
           deterministic and with no second launch.
     The per-segment and scalar rates need a reduction over P as well: one atomic add per
-    program (scalar) or per element (segments) into a zeroed output. Those gradients are
+    program (scalar, or segments when the block lies in one segment, the usual case) or
+    per element (a block that straddles segments) into a zeroed output. Those gradients are
     therefore not bitwise reproducible run to run, exactly like the reference's
     ``index_add_`` on CUDA.
     bound memory: reads grad_out and g, writes dθ and dg (16 B per element).
@@ -140,7 +141,15 @@ def inner_step_backward_kernel(
             tl.atomic_add(d_lr_ptr, tl.sum(tl.where(in_range, d, 0.0), axis=0))
         elif LR_MODE == 1:
             seg = tl.load(segments_ptr + offs, mask=in_range, other=0).to(tl.int64)
-            tl.atomic_add(d_lr_ptr + seg, d, mask=in_range & (seg >= 0) & (seg < num_segments))
+            first = tl.min(tl.where(in_range, seg, num_segments), axis=0)
+            last = tl.max(tl.where(in_range, seg, -1), axis=0)
+            if (first == last) & (first >= 0) & (first < num_segments):
+                # The usual case: segments are contiguous ranges of the buffer, so a block
+                # lies inside one. One atomic instead of BLOCK_P to the same address (W2:
+                # 112k same-address atomics would serialise in L2 for tens of µs).
+                tl.atomic_add(d_lr_ptr + first, tl.sum(tl.where(in_range, d, 0.0), axis=0))
+            else:
+                tl.atomic_add(d_lr_ptr + seg, d, mask=in_range & (seg >= 0) & (seg < num_segments))
         else:
             tl.store(d_lr_ptr + offs, d, mask=in_range)
     if NEED_MASK:
