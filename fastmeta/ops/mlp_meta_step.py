@@ -456,7 +456,7 @@ def _meta_step_backward_setup(ctx, inputs, output):
     ctx.save_for_backward(grad_losses, theta, support_x, support_y, query_x, query_y, lr)
 
 
-def _meta_step_backward_backward(ctx, upstream_theta, upstream_lr):
+def _meta_step_backward_backward(ctx, upstream):
     # Third-order terms: the exact VJP of the reference backward (autograd through the
     # unrolled loop). Slow, and only reached by double backward / gradgradcheck.
     grad_losses, theta, support_x, support_y, query_x, query_y, lr = ctx.saved_tensors
@@ -471,7 +471,7 @@ def _meta_step_backward_backward(ctx, upstream_theta, upstream_lr):
         ),
         (grad_losses, theta, lr),
         (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[10]),
-        [upstream_theta if needs[0] else None, upstream_lr if needs[1] else None],
+        [upstream[0] if needs[0] else None, upstream[1] if needs[1] else None],
     )
     return (grads[0], grads[1], None, None, None, None, None, None, None, None, grads[2], None, None, None)
 
