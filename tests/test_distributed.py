@@ -1,0 +1,443 @@
+"""Task-parallel meta-training (fastmeta.distributed) on the CPU: gloo on 127.0.0.1.
+
+Each multi-rank test spawns real processes that join through the same environment torchrun
+gives its workers: the test process hosts the rendezvous TCPStore on a free port (as
+torchrun's agent does) and the ranks read RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and
+TORCHELASTIC_USE_AGENT_STORE. Hosting the store here also means no port is picked and then
+released (no race for it), and the store outlives a rank that dies. Every job runs under a
+deadline; a rank still alive at the deadline is killed and the test fails, naming it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing
+import os
+import queue as queue_module
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fastmeta as fm
+from fastmeta import distributed as fmd
+from fastmeta.data import FewShotTasks, SinusoidTasks
+
+WORLD = 2
+JOB_DEADLINE_S = 45.0
+# Short, so a hang fails fast; the failure tests below must finish well inside it, which
+# shows the failure was detected, not merely timed out.
+COLLECTIVE_TIMEOUT_S = 20.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    # The single-process references run beside the ranks on a 2-core machine: with the
+    # default 2 OpenMP threads, contention made the small conv net 40x slower (9 s vs 0.2 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- running a function on several ranks ----------------------------------------------------------
+
+
+def _rank_entry(target, rank, world, port, results, timeout_s, args):
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
+    )
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
+    started = time.monotonic()
+    try:
+        with fmd.init_from_env(device="cpu", timeout=timeout_s) as context:
+            value = target(context, *args)
+        # Tensors go back as torch.save bytes: a Queue would pass them by file descriptor,
+        # which dies with this process.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, "ok", buffer.getvalue(), time.monotonic() - started))
+    except BaseException as error:  # report everything, including the traceback, to the test
+        results.put((rank, type(error).__name__, f"{error}\n{traceback.format_exc()}", time.monotonic() - started))
+
+
+def _start_context():
+    # A forkserver that has already imported torch, torch._dynamo (which torch.library's
+    # custom ops import on their first call) and fastmeta: started once per session, it
+    # then forks each rank in milliseconds. Spawning paid about 7 s of imports per rank,
+    # twice over on a 2-core machine, for every job. Not plain fork: this test process has
+    # run OpenMP kernels, and forking after that can deadlock the child.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch._dynamo", "fastmeta", "fastmeta.distributed", __name__])
+    return context
+
+
+def run_ranks(target, *args, world=WORLD, timeout_s=COLLECTIVE_TIMEOUT_S, deadline_s=JOB_DEADLINE_S):
+    """Run ``target(context, *args)`` on ``world`` spawned ranks; {rank: (status, value, seconds)}.
+
+    status is "ok" or the exception's type name (value is then its message and traceback).
+    """
+    store = dist.TCPStore("127.0.0.1", 0, world_size=world, is_master=True, wait_for_workers=False)
+    spawn = _start_context()
+    results = spawn.Queue()
+    ranks = [
+        spawn.Process(target=_rank_entry, args=(target, rank, world, store.port, results, timeout_s, args), daemon=True)
+        for rank in range(world)
+    ]
+    for process in ranks:
+        process.start()
+    outcome, deadline = {}, time.monotonic() + deadline_s
+    try:
+        while len(outcome) < world and time.monotonic() < deadline:
+            try:
+                rank, status, value, seconds = results.get(timeout=0.2)
+                if status == "ok":
+                    value = torch.load(io.BytesIO(value), weights_only=False)
+                outcome[rank] = (status, value, seconds)
+            except queue_module.Empty:
+                if all(not p.is_alive() for p in ranks) and results.empty():
+                    break
+    finally:
+        for process in ranks:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+    missing = [r for r in range(world) if r not in outcome]
+    assert not missing, f"rank(s) {missing} neither returned nor raised within {deadline_s} s (hung or crashed)"
+    return outcome
+
+
+def assert_all_ok(outcome):
+    bad = {rank: value for rank, (status, value, _) in outcome.items() if status != "ok"}
+    assert not bad, "\n".join(f"rank {rank}: {value}" for rank, value in bad.items())
+    return {rank: value for rank, (_, value, _) in outcome.items()}
+
+
+# -- the workloads: a sinusoid MLP under MAML, a conv net with BatchNorm under ModelAwareMAML --------
+
+CASES = {
+    # name: (learner kind, T). T odd gives uneven shards (3 + 2).
+    "maml-even": ("maml", 4),
+    "maml-odd": ("maml", 5),
+    "model-aware-even": ("model-aware", 4),
+    "model-aware-odd": ("model-aware", 5),
+}
+META_STEPS = 5
+OUTER_LR = 0.01  # large enough that 5 Adam steps move every parameter far beyond the tolerance
+
+
+def _random_image_tasks(seed: int = 3) -> FewShotTasks:
+    generator = torch.Generator().manual_seed(seed)
+    classes, per_class = 6, 4
+    images = torch.randint(0, 256, (classes * per_class, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    class_start = torch.arange(classes, dtype=torch.int64) * per_class
+    class_count = torch.full((classes,), per_class, dtype=torch.int64)
+    return FewShotTasks(images, class_start, class_count, ways=3, shots=1, queries=2, seed=seed)
+
+
+def build_case(kind: str):
+    """(learner, sampler) in float64; the same weights in every process (seeded)."""
+    torch.manual_seed(0)
+    if kind == "maml":
+        model = fm.models.mlp((1, 16, 16, 1)).double()
+        return fm.MAML(model, lr=0.01, steps=1), SinusoidTasks(shots=5, queries=5, seed=7)
+    model = fm.models.conv4(in_channels=1, ways=3, hidden=4, variant="strided", image_size=8).double()
+    learner = fm.ModelAwareMAML(model, lr=0.1, steps=2, lr_mode="layer", gates=True)
+    return learner, _random_image_tasks()
+
+
+def sample(sampler, iteration: int, tasks) -> list[torch.Tensor]:
+    return [t.double() if t.is_floating_point() else t for t in sampler.sample(iteration, tasks)]
+
+
+def train_single_process(kind: str, num_tasks: int) -> list[torch.Tensor]:
+    learner, sampler = build_case(kind)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=OUTER_LR)
+    for iteration in range(META_STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        learner.meta_batch(*sample(sampler, iteration, range(num_tasks))).loss.backward()
+        optimizer.step()
+    return [p.detach().clone() for p in learner.parameters()]
+
+
+def _train_sharded(context, kind: str, num_tasks: int, perturb_rank_0: bool = False):
+    learner, sampler = build_case(kind)
+    if perturb_rank_0 and context.rank == 0:
+        with torch.no_grad():  # broadcast from rank 0 must make everyone start from this
+            next(learner.parameters()).add_(0.5)
+    parallel = fmd.TaskParallel(learner, context)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=OUTER_LR)
+    losses = []
+    for iteration in range(META_STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        with parallel.meta_step(num_tasks) as step:
+            step.backward(learner.meta_batch(*sample(sampler, iteration, step.tasks)))
+        optimizer.step()
+        losses.append(step.loss.item())
+    fmd.verify_replicas(learner, context, optimizer)
+    return {"params": [p.detach().clone() for p in learner.parameters()], "shard": step.tasks, "losses": losses}
+
+
+def _equivalence_job(context):
+    return {name: _train_sharded(context, kind, num_tasks) for name, (kind, num_tasks) in CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def sharded_results():
+    # One spawn for all four cases: process start-up (importing torch) dominates their cost.
+    return assert_all_ok(run_ranks(_equivalence_job))
+
+
+# -- (a) two ranks with T/2 tasks each == one process with T tasks ------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_match_one_process_after_five_adam_steps(case, sharded_results):
+    kind, num_tasks = CASES[case]
+    expected = train_single_process(kind, num_tasks)
+    learner, _ = build_case(kind)
+    initial = [p.detach() for p in learner.parameters()]
+    for rank in range(WORLD):
+        result = sharded_results[rank][case]
+        assert result["shard"] == fmd.shard_range(num_tasks, rank, WORLD)
+        assert len(result["params"]) == len(expected)
+        for index, (got, want) in enumerate(zip(result["params"], expected)):
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=lambda m: f"rank {rank} parameter {index}: {m}")
+    # The comparison is not vacuous: training moved the parameters far beyond 1e-6.
+    moved = max((p - p0).abs().max().item() for p, p0 in zip(expected, initial))
+    assert moved > 1e-3
+    # Both ranks report the same global loss each step (the mean over all T tasks).
+    assert sharded_results[0][case]["losses"] == sharded_results[1][case]["losses"]
+
+
+def test_uneven_shards_need_the_task_count_weighting():
+    """With T=5 over 2 ranks, the plain mean of the two ranks' mean gradients is not the
+    single-process gradient, so the odd-T cases above do test the n_r / T weighting."""
+    learner, sampler = build_case("maml")
+    batch = sample(sampler, 0, range(5))
+    grads = []
+    for tasks in (range(0, 3), range(3, 5), range(0, 5)):
+        learner.zero_grad(set_to_none=True)
+        learner.meta_batch(*[t[tasks.start : tasks.stop] for t in batch]).loss.backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in learner.parameters()]))
+    first, second, whole = grads
+    torch.testing.assert_close(3 / 5 * first + 2 / 5 * second, whole, rtol=0, atol=1e-12)
+    assert (0.5 * first + 0.5 * second - whole).abs().max() > 1e-4
+
+
+def test_shard_range_covers_tasks_contiguously():
+    for num_tasks in range(1, 12):
+        for world in range(1, num_tasks + 1):
+            shards = [fmd.shard_range(num_tasks, rank, world) for rank in range(world)]
+            assert [i for s in shards for i in s] == list(range(num_tasks))
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    with pytest.raises(ValueError, match="num_tasks=2 cannot be split over 3 ranks"):
+        fmd.shard_range(2, 0, 3)
+    with pytest.raises(ValueError, match="rank must lie in"):
+        fmd.shard_range(4, 2, 2)
+
+
+# -- replicas: broadcast at start, verification ----------------------------------------------------------
+
+
+def _broadcast_and_verify_job(context):
+    learner, _ = build_case("model-aware")
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(float(context.rank))  # every rank starts different
+    fmd.TaskParallel(learner, context)  # broadcasts rank 0's
+    fmd.verify_replicas(learner, context)
+    with torch.no_grad():
+        if context.rank == 1:
+            learner.gate_logits[3] += 1e-9  # one element, one ulp-scale change
+    try:
+        fmd.verify_replicas(learner, context)
+    except fmd.ReplicaMismatchError as error:
+        return str(error)
+    return None
+
+
+def test_broadcast_equalises_replicas_and_verify_names_a_differing_tensor():
+    messages = assert_all_ok(run_ranks(_broadcast_and_verify_job))
+    for rank in range(WORLD):
+        assert messages[rank] is not None, f"rank {rank} did not detect the changed gate logit"
+        assert "1 tensor(s) differ between ranks: gate_logits" in messages[rank]
+
+
+# -- (c) sharded evaluation == single-process evaluation ----------------------------------------------
+
+
+EVAL_TASKS = 7  # odd: uneven shards
+
+
+def sinusoid_scores(learner, tasks: range) -> torch.Tensor:
+    evaluation = SinusoidTasks(shots=5, queries=5, seed=7).evaluation_tasks(EVAL_TASKS, seed=0, query_points=20)
+    batch = [t[tasks.start : tasks.stop].double() for t in evaluation.batch]
+    with torch.no_grad():
+        fast = learner.fast_weights(batch[0], batch[1], steps=3)
+        prediction = learner.predict(fast, batch[2])
+    return (prediction - batch[3]).pow(2).flatten(1).mean(1)
+
+
+def _evaluation_job(context):
+    learner, _ = build_case("maml")
+    values = fmd.evaluate_sharded(lambda tasks: sinusoid_scores(learner, tasks), EVAL_TASKS, context)
+    rows = fmd.gather_task_values(torch.arange(len(context.shard(EVAL_TASKS))).view(-1, 1) + 100 * context.rank, EVAL_TASKS, context)
+    return {"values": values, "mean_ci": fmd.mean_ci95(values), "rows": rows}
+
+
+def test_sharded_evaluation_equals_single_process_evaluation():
+    results = assert_all_ok(run_ranks(_evaluation_job))
+    learner, _ = build_case("maml")
+    expected = sinusoid_scores(learner, range(EVAL_TASKS))
+    mean, ci = fmd.mean_ci95(expected)
+    assert ci > 0
+    for rank in range(WORLD):
+        torch.testing.assert_close(results[rank]["values"], expected, rtol=0, atol=1e-12)
+        got_mean, got_ci = results[rank]["mean_ci"]
+        assert got_mean == pytest.approx(mean, abs=1e-12) and got_ci == pytest.approx(ci, abs=1e-12)
+        # Global order, uneven shards (4 + 3), extra dims and integer dtype kept.
+        assert results[rank]["rows"].tolist() == [[0], [1], [2], [3], [100], [101], [102]]
+
+
+def test_mean_ci95_is_the_normal_interval():
+    mean, ci = fmd.mean_ci95(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert mean == 2.5
+    assert ci == pytest.approx(1.96 * math.sqrt(5 / 3) / 2)
+
+
+# -- (b) a rank that raises stops every rank, with a clear error, without waiting for a timeout -----------
+
+
+def _raise_inside_meta_step_job(context):
+    learner, sampler = build_case("maml")
+    parallel = fmd.TaskParallel(learner, context)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=OUTER_LR)
+    for iteration in range(META_STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        with parallel.meta_step(4) as step:
+            if context.rank == 1 and iteration == 2:
+                raise ValueError("simulated bad task batch on rank 1")
+            step.backward(learner.meta_batch(*sample(sampler, iteration, step.tasks)))
+        optimizer.step()
+    return "finished"
+
+
+def test_a_rank_raising_inside_a_meta_step_stops_every_rank():
+    outcome = run_ranks(_raise_inside_meta_step_job)
+    assert outcome[1][0] == "ValueError" and "simulated bad task batch on rank 1" in outcome[1][1]
+    status, message, seconds = outcome[0]
+    assert status == "RankFailedError", message
+    assert "meta-step 3 stopped on rank 0 because rank 1 of 2: ValueError: simulated bad task batch on rank 1" in message
+    assert seconds < COLLECTIVE_TIMEOUT_S, "rank 0 only stopped at the collective timeout"
+
+
+def _raise_outside_meta_step_job(context):
+    learner, sampler = build_case("maml")
+    parallel = fmd.TaskParallel(learner, context)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=OUTER_LR)
+    for iteration in range(META_STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        with parallel.meta_step(4) as step:
+            step.backward(learner.meta_batch(*sample(sampler, iteration, step.tasks)))
+        optimizer.step()
+        if context.rank == 1 and iteration == 1:
+            raise OSError("simulated disk full while writing a checkpoint")
+    return "finished"
+
+
+def test_a_rank_raising_between_meta_steps_stops_every_rank():
+    outcome = run_ranks(_raise_outside_meta_step_job)
+    assert outcome[1][0] == "OSError"
+    status, message, seconds = outcome[0]
+    assert status == "RankFailedError", message
+    assert "rank 1 of 2: OSError: simulated disk full while writing a checkpoint" in message
+    assert seconds < COLLECTIVE_TIMEOUT_S, "rank 0 only stopped at the collective timeout"
+
+
+def _raise_in_evaluation_job(context):
+    learner, _ = build_case("maml")
+
+    def score(tasks):
+        if context.rank == 0:
+            raise RuntimeError("simulated evaluation failure on rank 0")
+        return sinusoid_scores(learner, tasks)
+
+    fmd.evaluate_sharded(score, EVAL_TASKS, context)
+    return "finished"
+
+
+def test_a_rank_raising_in_sharded_evaluation_stops_every_rank():
+    outcome = run_ranks(_raise_in_evaluation_job)
+    assert outcome[0][0] == "RuntimeError"
+    status, message, seconds = outcome[1]
+    assert status == "RankFailedError", message
+    assert "evaluation stopped on rank 1 because rank 0 of 2: RuntimeError: simulated evaluation failure on rank 0" in message
+
+
+def _stalled_rank_job(context):
+    if context.rank == 1:
+        time.sleep(5)  # stuck, not failed: only the collective timeout can end rank 0's wait
+    learner, _ = build_case("maml")
+    parallel = fmd.TaskParallel(learner, context, broadcast=False)
+    with parallel.meta_step(4) as step:
+        pass
+    return "finished"
+
+
+def test_a_stalled_rank_ends_at_the_collective_timeout():
+    outcome = run_ranks(_stalled_rank_job, timeout_s=2.0)
+    status, message, seconds = outcome[0]
+    assert status == "RankFailedError", message
+    assert "meta-gradient all-reduce" in message and "timed out after 2 s" in message
+    assert seconds < 7.0
+
+
+# -- single process: no torchrun, no process group ---------------------------------------------------------
+
+
+def test_world_size_one_runs_without_a_process_group(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    context = fmd.init_from_env(device="cpu")
+    assert not context.is_distributed and context.world_size == 1 and context.is_main
+    learner, sampler = build_case("maml")
+    parallel = fmd.TaskParallel(learner, context)
+    learner.zero_grad(set_to_none=True)
+    with parallel.meta_step(5) as step:
+        output = learner.meta_batch(*sample(sampler, 0, step.tasks))
+        step.backward(output)
+    assert step.tasks == range(5) and step.loss.item() == output.loss.item()
+
+
+def test_meta_step_rejects_an_output_of_the_wrong_shard(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    context = fmd.init_from_env(device="cpu")
+    learner, sampler = build_case("maml")
+    parallel = fmd.TaskParallel(learner, context)
+    with pytest.raises(ValueError, match=r"output holds 3 tasks but this rank's shard is 5 tasks"):
+        with parallel.meta_step(5) as step:
+            step.backward(learner.meta_batch(*sample(sampler, 0, range(3))))
+
+
+def test_init_from_env_names_the_missing_variable(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="MASTER_ADDR is not set"):
+        fmd.init_from_env(device="cpu")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match=r"RANK=2 must lie in \[0, WORLD_SIZE=2\)"):
+        fmd.init_from_env(device="cpu")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="backend='nccl' needs device='cuda'"):
+        fmd.init_from_env(device="cpu", backend="nccl")
