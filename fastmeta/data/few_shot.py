@@ -160,29 +160,38 @@ class FewShotTasks:
         rotations = below(rotation_words, 4) if self.rotate else None
         return TaskPlan(classes, examples, rotations)
 
-    def gather(self, plan: TaskPlan) -> TaskBatch:
-        """The images and labels of planned tasks, as a TaskBatch of float32 images in [0, 1]."""
-        num_tasks, ways, per_class = plan.examples.shape
-        image_index = self.class_start[plan.classes].unsqueeze(-1) + plan.examples  # [T, N, K+Q]
+    def _read(self, image_index: torch.Tensor, rotations: torch.Tensor | None) -> torch.Tensor:
+        """float32 [T, N*S, C, H, W] in [0, 1] for image indices [T, N, S], rotated per class.
+
+        Support and query are read separately, each straight into its final contiguous
+        layout: slicing one gathered tensor apart would copy every pixel once more.
+        """
+        num_tasks, ways, count = image_index.shape
         channels, height, width = self._image_shape
-        if plan.rotations is None:
-            pixels = self.images[image_index]  # [T, N, K+Q, C, H, W]
+        # index_select and gather, not advanced indexing: on the CPU they measured 7x (W4's
+        # whole images) and 30x (W2's rotated pixels) faster than images[index].
+        if rotations is None:
+            pixels = self.images.index_select(0, image_index.reshape(-1))  # [T*N*S, C, H, W]
         else:
-            pixels_per_image = channels * height * width
             # One flat gather: image offset + channel offset + the rotated pixel position.
             source = (
-                (image_index * pixels_per_image).view(num_tasks, ways, per_class, 1, 1)
+                (image_index * (channels * height * width)).view(num_tasks, ways, count, 1, 1)
                 + (torch.arange(channels, device=self.device) * (height * width)).view(1, 1, 1, channels, 1)
-                + self._rotation_pixels[plan.rotations].view(num_tasks, ways, 1, 1, height * width)
+                + self._rotation_pixels[rotations].view(num_tasks, ways, 1, 1, height * width)
             )
-            pixels = self.images.view(-1)[source].view(num_tasks, ways, per_class, channels, height, width)
-        pixels = pixels.to(torch.float32) / 255.0
-        support = pixels[:, :, : self.shots].reshape(num_tasks, ways * self.shots, channels, height, width)
-        query = pixels[:, :, self.shots :].reshape(num_tasks, ways * self.queries, channels, height, width)
+            pixels = torch.gather(self.images.view(-1), 0, source.reshape(-1))
+        # uint8 / float promotes to float32 in the same kernel: no separate conversion pass.
+        # A true division, not a multiplication by 1/255, so that 255 maps to exactly 1.0.
+        return (pixels / 255.0).view(num_tasks, ways * count, channels, height, width)
+
+    def gather(self, plan: TaskPlan) -> TaskBatch:
+        """The images and labels of planned tasks, as a TaskBatch of float32 images in [0, 1]."""
+        num_tasks = plan.examples.shape[0]
+        image_index = self.class_start[plan.classes].unsqueeze(-1) + plan.examples  # [T, N, K+Q]
         return TaskBatch(
-            support,
+            self._read(image_index[:, :, : self.shots], plan.rotations),
             self._support_labels.expand(num_tasks, -1).contiguous(),
-            query,
+            self._read(image_index[:, :, self.shots :], plan.rotations),
             self._query_labels.expand(num_tasks, -1).contiguous(),
         )
 
