@@ -17,8 +17,11 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastmeta.backends import REFERENCE, kernel_for
 from fastmeta.engine import Layout, TaskWeights, capture
-from fastmeta.ops import LOSS_KINDS, inner_step, task_loss
+from fastmeta.engine.capture import plain_mlp_structure
+from fastmeta.ops import LOSS_KINDS, inner_step, mlp_meta_step, task_loss
+from fastmeta.ops.inner_step import step_coefficient
 
 LossSpec = str | Callable[[Tensor, Tensor], Tensor] | None
 
@@ -98,6 +101,7 @@ class _MetaLearner(nn.Module):
         self.task_chunk = None if task_chunk is None else _check_steps("task_chunk", task_chunk)
         self._layout = Layout.of_module(model)
         self._program = capture(model, self._layout)
+        self._mlp = plain_mlp_structure(model)
         self._param_ids = self._current_param_ids()
 
     # -- model and buffer ------------------------------------------------------------
@@ -115,6 +119,7 @@ class _MetaLearner(nn.Module):
         if ids != self._param_ids:
             self._layout = Layout.of_module(self.module)
             self._program = capture(self.module, self._layout)
+            self._mlp = plain_mlp_structure(self.module)
             self._param_ids = ids
 
     @property
@@ -335,7 +340,9 @@ class _MetaLearner(nn.Module):
         self._refresh_capture()
         T = support_x.size(0)
         chunk = self.task_chunk if task_chunk is None else _check_steps("task_chunk", task_chunk)
-        if chunk is None or chunk >= T:
+        if self._fused_mlp_applies(support_x, query_y):
+            task_losses, accuracy = self._fused_mlp_meta_batch(support_x, support_y, query_x, query_y)
+        elif chunk is None or chunk >= T:
             task_losses, accuracy = self._adapt_and_evaluate(support_x, support_y, query_x, query_y)
         else:
             parts = [
@@ -348,6 +355,67 @@ class _MetaLearner(nn.Module):
             task_losses = torch.cat([p[0] for p in parts])
             accuracy = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return MetaBatchOutput(task_losses.mean(), task_losses, accuracy)
+
+    # -- the fused small-MLP meta-step ---------------------------------------------------
+
+    def _fused_mlp_applies(self, support_x: Tensor, query_y: Tensor) -> bool:
+        """Whether the whole meta-batch can run as one ``mlp_meta_step`` call.
+
+        It needs a plain MLP (``plain_mlp_structure``), a built-in loss, every parameter
+        adapting, and a backend with a fused kernel for the device (the reference of
+        ``mlp_meta_step`` is no faster than the general path, so it is not used alone).
+        """
+        if self._mlp is None or callable(self.loss) or support_x.dim() != 3:
+            return False
+        if not all(self._adapting()):
+            return False
+        name, _ = kernel_for("mlp_meta_step", support_x.device.type)
+        return name != REFERENCE
+
+    def _fused_rates(self, like: Tensor) -> Tensor:
+        """The rule of every inner step as one rate tensor: ``[steps]``, ``[steps, S]`` or ``[steps, P]``."""
+        rules = [self._step_rule(s, like) for s in range(self.steps)]
+        if all(r.mask is None and r.precond is None for r in rules):
+            if all(r.lr.dim() == 0 for r in rules):
+                return torch.stack([r.lr for r in rules])
+            if all(r.segments is not None for r in rules):
+                return torch.stack([r.lr for r in rules])
+        P = self._layout.numel
+        return torch.stack([step_coefficient(*r).expand(P) for r in rules])
+
+    def _fused_mlp_meta_batch(self, support_x, support_y, query_x, query_y):
+        layer_sizes, act, slope = self._mlp
+        theta = self._pack()
+        kind = self._loss_kind(query_y)
+        if kind == "cross_entropy":
+            for name, y in (("support", support_y), ("query", query_y)):
+                if y.is_floating_point():
+                    raise TypeError(f"{name} labels must be integers for cross-entropy, got {y.dtype}")
+                if self.validate and bool(((y < 0) | (y >= layer_sizes[-1])).any()):
+                    raise ValueError(
+                        f"{name} labels out of range for the model's {layer_sizes[-1]} outputs"
+                    )
+            support_y, query_y = support_y.long(), query_y.long()
+        else:
+            out = layer_sizes[-1]
+            for name, x, y in (("support", support_x, support_y), ("query", query_x, query_y)):
+                if y.numel() != x.size(0) * x.size(1) * out:
+                    raise ValueError(
+                        f"{name} targets {list(y.shape)} do not match the model's outputs "
+                        f"{[x.size(0), x.size(1), out]}"
+                    )
+            support_y = support_y.reshape(support_x.size(0), support_x.size(1), out).to(theta.dtype)
+            query_y = query_y.reshape(query_x.size(0), query_x.size(1), out).to(theta.dtype)
+        with torch.profiler.record_function("fastmeta.mlp_meta_step"):
+            task_losses, pred = mlp_meta_step(
+                theta, layer_sizes, act, slope, support_x, support_y, query_x, query_y,
+                kind, self._fused_rates(theta), self.steps, self.first_order,
+            )
+        self._check_finite_losses(task_losses, "query")
+        accuracy = None
+        if kind == "cross_entropy":
+            accuracy = (pred.argmax(-1) == query_y).to(pred.dtype).mean(1)
+        return task_losses, accuracy
 
     def _adapt_and_evaluate(self, support_x, support_y, query_x, query_y):
         """(query task losses ``[T]``, accuracy ``[T]`` or None) after the inner loop."""

@@ -271,3 +271,15 @@ def test_task_chunk_lowers_the_memory_held_for_the_backward():
     chunked, out = saved_bytes(task_chunk=1)
     out.loss.backward()  # the chunked graph still backpropagates
     assert chunked < whole / 4
+
+
+def test_plain_mlps_are_recognised_for_the_fused_meta_step():
+    from fastmeta.engine.capture import plain_mlp_structure
+
+    assert plain_mlp_structure(fm.models.mlp((1, 40, 40, 1))) == ([1, 40, 40, 1], "relu", 0.0)
+    assert plain_mlp_structure(fm.models.mlp((3, 7, 2), activation="tanh")) == ([3, 7, 2], "tanh", 0.0)
+    assert plain_mlp_structure(make_model("conv")) is None
+    no_bias = nn.Sequential(nn.Linear(1, 4, bias=False), nn.ReLU(), nn.Linear(4, 1))
+    assert plain_mlp_structure(no_bias) is None
+    mixed = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    assert plain_mlp_structure(mixed) is None

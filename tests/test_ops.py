@@ -92,8 +92,11 @@ def test_opcheck(name, op, args):
 @pytest.mark.parametrize("name, op, args", CASES, ids=IDS)
 def test_gradcheck_and_gradgradcheck(name, op, args):
     f, inputs = as_function(op, args)
-    assert gradcheck(f, inputs)
-    assert gradgradcheck(f, inputs)
+    # Convolutions have the most inputs; fast mode checks random projections of the full
+    # Jacobian (still fails on a wrong gradient) at a fraction of the cost.
+    fast = name.startswith("task_conv2d")
+    assert gradcheck(f, inputs, fast_mode=fast)
+    assert gradgradcheck(f, inputs, fast_mode=fast)
 
 
 def test_ops_are_registered_under_the_fastmeta_namespace():

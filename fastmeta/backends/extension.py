@@ -27,6 +27,7 @@ machines with different CPUs); ``FASTMETA_BUILD_VERBOSE=1`` shows the compiler c
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -431,13 +432,13 @@ def _make_activation_grad(device_type: str) -> Callable:
 
 
 def _make_mlp_meta_step(device_type: str) -> Callable:
-    from fastmeta.ops import mlp_meta_step as module
+    module = importlib.import_module("fastmeta.ops.mlp_meta_step")  # the module, not the op it exports
 
     return module.make_extension_kernel(device_type)
 
 
 def _make_mlp_meta_step_backward(device_type: str) -> Callable:
-    from fastmeta.ops import mlp_meta_step as module
+    module = importlib.import_module("fastmeta.ops.mlp_meta_step")  # the module, not the op it exports
 
     return module.make_extension_backward_kernel(device_type)
 

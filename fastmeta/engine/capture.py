@@ -433,6 +433,31 @@ class PerTaskLoopProgram:
         return pytree.tree_map(lambda *ts: torch.stack(ts), outs[0], *outs[1:])
 
 
+def plain_mlp_structure(model: nn.Module) -> tuple[list[int], str, float] | None:
+    """(layer_sizes, act, negative_slope) when ``model`` is a plain MLP, else None.
+
+    Plain means an ``nn.Sequential`` of Linear layers with biases and one kind of
+    activation (ReLU, LeakyReLU, Tanh, Sigmoid) between them and none after the last:
+    the shape ``fastmeta.ops.mlp_meta_step`` runs as one fused call.
+    """
+    if type(model) is not nn.Sequential:
+        return None
+    layers = list(model)
+    linears, acts = layers[0::2], layers[1::2]
+    if len(linears) != len(acts) + 1:
+        return None
+    if any(type(m) is not nn.Linear or m.bias is None for m in linears):
+        return None
+    kinds = {_fusable_activation(a) for a in acts}
+    if None in kinds or len(kinds) > 1:
+        return None
+    act, slope = kinds.pop() if kinds else ("none", 0.0)
+    sizes = [linears[0].in_features] + [m.out_features for m in linears]
+    if any(a.in_features != b.out_features for a, b in zip(linears[1:], linears[:-1])):
+        return None
+    return sizes, act, slope
+
+
 def capture(model: nn.Module, layout: Layout | None = None):
     """The batched program of ``model``; the per-task loop (after a warning) if it has none."""
     layout = layout or Layout.of_module(model)
