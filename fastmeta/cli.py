@@ -164,12 +164,33 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=_positive_int, default=None, metavar="N", help="iterations per metrics.jsonl line")
     parser.add_argument("--test-tasks", type=_positive_int, default=600, metavar="N", help="tasks of the final test (default: 600)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--nproc", type=_positive_int, default=None, metavar="N",
+        help="train with N processes on this node (one per GPU): re-runs this command under torchrun; "
+        "for several nodes run torchrun yourself (docs/distributed.md)",
+    )
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == "--nproc":
+            skip = True
+        elif not argument.startswith("--nproc="):
+            kept.append(argument)
+    return kept
 
 
 def _run_train(args) -> int:
     from pathlib import Path
 
-    from . import training
+    from . import distributed, training
+
+    if args.nproc is not None:
+        # torchrun starts N copies of this same command (minus --nproc) and sets their ranks.
+        return distributed.launch(args.nproc, _without_nproc(args.argv))
 
     preset = training.PRESETS[args.preset]
     given = {
@@ -194,7 +215,11 @@ def _run_train(args) -> int:
         config = dataclasses.replace(saved, **{f: given[f] for f in (*_SCHEDULE_FLAGS, "iterations") if f in given})
         config = dataclasses.replace(config, data_path=args.data or saved.data_path)
     device = _select_device(args)
-    training.train(config, out, resume=args.resume, device=device, test_tasks=args.test_tasks, progress=False if args.no_progress else None)
+    try:
+        training.train(config, out, resume=args.resume, device=device, test_tasks=args.test_tasks, progress=False if args.no_progress else None)
+    except distributed.RankFailedError as error:  # another rank failed; its own traceback is in its output
+        print(f"fastmeta train: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -260,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = _parser(chosen if chosen in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
+    args.argv = argv  # as given, so that `train --nproc N` can re-launch itself under torchrun
     if args.command is None:
         parser.print_help()
         return 2

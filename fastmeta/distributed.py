@@ -504,7 +504,7 @@ class TaskParallel:
         return sum(self.sizes)
 
     @contextmanager
-    def meta_step(self, num_tasks: int, *, stop_requested: bool = False):
+    def meta_step(self, num_tasks: int, *, stop_requested: bool | Callable[[], bool] = False):
         """Run one meta-step's forward and backward for this rank's shard, then average the
         meta-gradient over all ranks, weighting each rank by its number of tasks.
 
@@ -512,25 +512,38 @@ class TaskParallel:
         all-reduced mean-over-T gradient (a parameter that got no gradient on any rank
         keeps ``grad=None``, as in one process). An exception in the block on any rank
         stops every rank at the end of the block (see the module docstring).
+
+        ``stop_requested`` (a bool, or a callable read at the end of the block, e.g. "has
+        SIGINT arrived"): if it is true on any rank, ``step.should_stop`` is True on all,
+        so that every rank stops after this same step.
         """
         context = self.context
         step = MetaStep(context.shard(num_tasks), num_tasks)
         self.steps_taken += 1
+        if not context.is_distributed:
+            # One process: the gradients are already the mean over all T tasks. Nothing is
+            # packed and nothing is read back, so a single-GPU loop keeps running ahead of
+            # the device, as it does without fastmeta.distributed.
+            yield step
+            step.loss, step.accuracy = step._local_loss, step._local_accuracy
+            step.should_stop = bool(stop_requested() if callable(stop_requested) else stop_requested)
+            return
         try:
             yield step
         except BaseException as error:
             # Still join the all-reduce, so the peers learn of the failure now, not at a timeout.
-            if context.is_distributed:
-                context.publish_failure(error)
-                try:
-                    self._all_reduce(step, failed=True, stop_requested=stop_requested)
-                except RankFailedError:
-                    pass  # peers failed as well; our own error is the one to report here
+            context.publish_failure(error)
+            try:
+                self._all_reduce(step, failed=True, stop_requested=stop_requested)
+            except RankFailedError:
+                pass  # peers failed as well; our own error is the one to report here
             raise
         self._all_reduce(step, failed=False, stop_requested=stop_requested)
 
     def _all_reduce(self, step: MetaStep, failed: bool, stop_requested: bool) -> None:
         context = self.context
+        if callable(stop_requested):
+            stop_requested = stop_requested()
         weight = len(step.tasks) / step.num_tasks
         device = self.parameters[0].device
         count = len(self.parameters)

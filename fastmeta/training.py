@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .data import Omniglot, SinusoidTasks, TaskBatch
 from .data.image_folder import ImageFolderTasks
 
@@ -241,19 +241,21 @@ class Run:
             return self.dataset if split == "train" else None
         return self.dataset.tasks(split, ways=config.ways, shots=config.shots, queries=config.queries, seed=seed)
 
-    def task_chunks(self, split: str, num_tasks: int, chunk: int) -> Iterator[TaskBatch]:
-        """A fixed set of ``num_tasks`` evaluation tasks of ``split``, ``chunk`` tasks at a time."""
+    def task_chunks(self, split: str, num_tasks: int, chunk: int, tasks: range | None = None) -> Iterator[TaskBatch]:
+        """A fixed set of ``num_tasks`` evaluation tasks of ``split``, ``chunk`` tasks at a time;
+        only the global task indices ``tasks`` (a rank's shard) when given."""
         config = self.config
+        tasks = range(num_tasks) if tasks is None else tasks
         seed = TEST_SEED if split == "test" else VALIDATION_SEED
         if config.data == "sinusoid":
             # The MAML evaluation: K random support points, 100 evenly spaced query points.
             batch = self.dataset.evaluation_tasks(num_tasks, seed=seed).batch
-            for start in range(0, num_tasks, chunk):
-                yield TaskBatch(*(t[start : start + chunk] for t in batch))
+            for start in range(tasks.start, tasks.stop, chunk):
+                yield TaskBatch(*(t[start : min(start + chunk, tasks.stop)] for t in batch))
             return
         sampler = self.sampler(split, seed)
-        for start in range(0, num_tasks, chunk):
-            yield sampler.sample(0, range(start, min(start + chunk, num_tasks)))
+        for start in range(tasks.start, tasks.stop, chunk):
+            yield sampler.sample(0, range(start, min(start + chunk, tasks.stop)))
 
     def state(self, iteration: int, elapsed: float) -> dict:
         return {
@@ -286,18 +288,23 @@ def read_run_checkpoint(path: str | os.PathLike) -> tuple[RunConfig, dict]:
 # -- evaluation -----------------------------------------------------------------------------
 
 
-def evaluate(run: Run, split: str, num_tasks: int, steps: tuple[int, ...], chunk: int | None = None) -> dict[int, tuple[float, float]]:
+def evaluate(
+    run: Run, split: str, num_tasks: int, steps: tuple[int, ...], chunk: int | None = None,
+    context: distributed.DistributedContext | None = None,
+) -> dict[int, tuple[float, float]]:
     """Mean and 95% confidence half-width over ``num_tasks`` fixed tasks, for each step count.
 
     Accuracy (a fraction) for classification, query MSE for regression. Adaptation runs
     under ``no_grad``: the learner differentiates the inner loop itself but builds no
-    second-order graph.
+    second-order graph. With a distributed ``context`` each rank scores its shard of the
+    tasks and the per-task scores are gathered, so every rank returns the full figures.
     """
     config = run.config
+    shard = context.shard(num_tasks) if context is not None else range(num_tasks)
     chunk = chunk or (num_tasks if config.is_regression else config.meta_batch)
     per_task: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
     with torch.no_grad():
-        for batch in run.task_chunks(split, num_tasks, chunk):
+        for batch in run.task_chunks(split, num_tasks, chunk, shard):
             for step_count in steps:
                 fast = run.learner.fast_weights(batch.support_x, batch.support_y, steps=step_count)
                 prediction = run.learner.predict(fast, batch.query_x)
@@ -309,6 +316,8 @@ def evaluate(run: Run, split: str, num_tasks: int, steps: tuple[int, ...], chunk
     results = {}
     for step_count, scores in per_task.items():
         values = torch.cat(scores)
+        if context is not None:
+            values = distributed.gather_task_values(values, num_tasks, context)
         spread = values.std().item() if values.numel() > 1 else 0.0
         results[step_count] = (values.mean().item(), 1.96 * spread / math.sqrt(values.numel()))
     return results
@@ -422,7 +431,30 @@ def train(
 
     ``progress=None`` shows the tqdm bar when stderr is a terminal. Raises FileExistsError
     when ``out`` already holds a checkpoint and ``resume`` is False.
+
+    Launched by torchrun, every rank calls this: each trains on its shard of every
+    meta-batch (``fastmeta.distributed``), evaluation is split across ranks, and only rank
+    0 writes files, prints and shows the bar. A rank that fails stops all of them.
     """
+    with distributed.init_from_env(device) as context:  # one process, no torchrun: a world of 1
+        return _train(config, out, context, resume=resume, test_tasks=test_tasks, progress=progress, echo=echo)
+
+
+class _NoMetrics:
+    """What ranks other than 0 log to: nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _train(config: RunConfig, out, context: distributed.DistributedContext, *, resume, test_tasks, progress, echo) -> dict:
+    device = context.device
+    if not context.is_main:
+        echo = lambda *args, **kwargs: None  # noqa: E731  (rank 0 speaks for the run)
+        progress = False
     out = Path(out)
     checkpoint_path = out / CHECKPOINT_NAME
     start, elapsed_before, saved = 0, 0.0, None
@@ -434,31 +466,36 @@ def train(
         saved_config, saved = read_run_checkpoint(checkpoint_path)
         config = dataclasses.replace(saved_config, iterations=config.iterations, data_path=config.data_path or saved_config.data_path)
         start, elapsed_before = saved["iteration"], saved["elapsed_seconds"]
-        for stale in checkpoint.stale_temporaries(checkpoint_path):
+        for stale in checkpoint.stale_temporaries(checkpoint_path) if context.is_main else ():
             stale.unlink(missing_ok=True)  # left by a writer that was killed
     elif resume:
         echo(f"fastmeta: no checkpoint in {out}; starting from iteration 0")
-    out.mkdir(parents=True, exist_ok=True)
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
     run = Run(config, device)
     if saved is not None:
         run.restore(saved)
+        # Every rank read the checkpoint itself: prove they read the same one.
+        distributed.verify_replicas(run.learner, context, run.optimizer)
         echo(f"fastmeta: resuming {config.preset} from iteration {start} of {config.iterations}")
+    parallel = distributed.TaskParallel(run.learner, context)  # rank 0's weights everywhere
     train_tasks = run.sampler("train", config.seed)
-    metrics = MetricsLog(out / METRICS_NAME, keep_through=start if saved is not None else None)
-    task_indices = range(config.meta_batch)
+    metrics = MetricsLog(out / METRICS_NAME, keep_through=start if saved is not None else None) if context.is_main else _NoMetrics()
     learner, optimizer = run.learner, run.optimizer
 
     def save(iteration: int) -> None:
-        checkpoint.save(run.state(iteration, elapsed_before + time.perf_counter() - started), checkpoint_path)
+        if context.is_main:
+            checkpoint.save(run.state(iteration, elapsed_before + time.perf_counter() - started), checkpoint_path)
 
     def validate(iteration: int) -> None:
         steps = config.validation_steps
-        mean, ci = evaluate(run, "val", config.validation_tasks, (steps,))[steps]
+        mean, ci = evaluate(run, "val", config.validation_tasks, (steps,), context=context)[steps]
         for record in result_records("val", iteration, config, config.validation_tasks, {steps: (mean, ci)}):
             metrics.write(record)
         shown = f"MSE {mean:.4f} ± {ci:.4f}" if config.is_regression else f"accuracy {100 * mean:.2f}% ± {100 * ci:.2f}%"
-        bar.write(f"iteration {iteration}: validation {shown} after {steps} step{'s' if steps > 1 else ''}")
+        if context.is_main:
+            bar.write(f"iteration {iteration}: validation {shown} after {steps} step{'s' if steps > 1 else ''}")
 
     started = time.perf_counter()
     window_start, window_iterations = started, 0
@@ -472,15 +509,18 @@ def train(
     try:
         with _StopRequest() as stop:
             for iteration in range(start, config.iterations):
-                batch = train_tasks.sample(iteration, task_indices)
-                output = learner.meta_batch(*batch)
                 optimizer.zero_grad(set_to_none=True)
-                output.loss.backward()
+                # This rank's shard of the meta-batch (all of it in one process); on exit the
+                # meta-gradient is the mean over all tasks on every rank, and a stop request
+                # on any rank stops every rank after this same iteration.
+                with parallel.meta_step(config.meta_batch, stop_requested=lambda: stop.signal_number is not None) as step:
+                    output = learner.meta_batch(*train_tasks.sample(iteration, step.tasks))
+                    step.backward(output)
                 optimizer.step()
                 # Summed on the device: reading a loss every iteration would sync the GPU.
-                loss_sum += output.loss.detach()
-                if output.accuracy is not None:
-                    accuracy_sum += output.accuracy.detach().mean()
+                loss_sum += step.loss
+                if step.accuracy is not None:
+                    accuracy_sum += step.accuracy
                 window_iterations += 1
                 done = iteration + 1
                 bar.update(1)
@@ -505,9 +545,9 @@ def train(
                     window_start, window_iterations = now, 0
                 if done % config.validate_every == 0 and done != config.iterations:
                     validate(done)
-                if done % config.checkpoint_every == 0 or done == config.iterations or stop.signal_number:
+                if done % config.checkpoint_every == 0 or done == config.iterations or step.should_stop:
                     save(done)
-                if stop.signal_number:
+                if step.should_stop:
                     bar.close()
                     echo(f"fastmeta: stopped at iteration {done}; checkpoint in {checkpoint_path} (continue with --resume)")
                     raise KeyboardInterrupt
@@ -516,7 +556,7 @@ def train(
             echo(f"fastmeta: {out} has already run {start} of {config.iterations} iterations")
         total = elapsed_before + time.perf_counter() - started
         echo(f"fastmeta: trained {config.iterations} iterations in {total:.1f} s ({done - start} in this session)")
-        results = evaluate(run, "test", test_tasks, config.test_steps)
+        results = evaluate(run, "test", test_tasks, config.test_steps, context=context)
         for record in result_records("test", done, config, test_tasks, results):
             metrics.write(record)
     finally:

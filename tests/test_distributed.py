@@ -10,7 +10,9 @@ deadline; a rank still alive at the deadline is killed and the test fails, namin
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import math
 import multiprocessing
 import os
@@ -441,3 +443,75 @@ def test_init_from_env_names_the_missing_variable(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="backend='nccl' needs device='cuda'"):
         fmd.init_from_env(device="cpu", backend="nccl")
+
+
+# -- (d) the training loop and the CLI under torchrun -------------------------------------------------------
+
+
+def _sinusoid_config(iterations: int):
+    from fastmeta import training
+
+    return dataclasses.replace(
+        training.PRESETS["sinusoid"], iterations=iterations, meta_batch=5, log_every=1, checkpoint_every=2,
+        validate_every=1, validation_tasks=5,
+    )
+
+
+def _train_and_resume_job(context, shared_out: str, rank_1_out: str):
+    from fastmeta import training
+
+    said = []
+    first_out = shared_out if context.is_main else rank_1_out  # rank 1 must not create its folder
+    training.train(_sinusoid_config(2), first_out, device="cpu", test_tasks=7, progress=False, echo=said.append)
+    training.train(_sinusoid_config(3), shared_out, resume=True, device="cpu", test_tasks=7, progress=False, echo=said.append)
+    return said
+
+
+def test_training_resumes_distributed_and_only_rank_0_writes(tmp_path):
+    from fastmeta import checkpoint, training
+
+    shared, rank_1_out = tmp_path / "run", tmp_path / "rank-1-must-not-write"
+    said = assert_all_ok(run_ranks(_train_and_resume_job, str(shared), str(rank_1_out)))
+    assert not rank_1_out.exists(), "rank 1 created or wrote its run folder"
+    assert said[1] == [], f"rank 1 printed: {said[1]}"
+    assert any("resuming sinusoid from iteration 2 of 3" in line for line in said[0])
+
+    # One writer: each iteration logged once, across the resume (2 iterations, then 1 more).
+    records = training.read_metrics(shared)
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["iteration"] for r in records if r["kind"] == "val"] == [1]  # not at a run's last iteration
+    # The same run in one process, without a resume, reaches the same weights.
+    single = tmp_path / "single"
+    training.train(_sinusoid_config(3), single, device="cpu", test_tasks=7, progress=False, echo=lambda *a: None)
+    got = checkpoint.load(shared / training.CHECKPOINT_NAME)["learner"]
+    want = checkpoint.load(single / training.CHECKPOINT_NAME)["learner"]
+    assert got.keys() == want.keys()
+    for name in want:
+        # float32, and the two ranks' partial means are summed in another order than one process's.
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    single_losses = [r["loss"] for r in training.read_metrics(single) if r["kind"] == "train"]
+    assert [r["loss"] for r in records if r["kind"] == "train"] == pytest.approx(single_losses, rel=1e-5)
+
+
+def test_fastmeta_train_nproc_2_runs_under_torchrun(tmp_path):
+    """`fastmeta train --nproc 2` re-launches itself with torch.distributed.run (-m fastmeta)."""
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "fastmeta", "train", "sinusoid", "--iterations", "3", "--nproc", "2", "--out", str(out),
+        "--test-tasks", "10", "--log-every", "1", "--no-progress", "--threads", "1",
+    ]
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=90, env=environment, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("fastmeta: trained 3 iterations") == 1, finished.stdout  # rank 0 only
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines] == ["train"] * 3 + ["test"] * 3
+
+
+def test_nproc_inside_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    with pytest.raises(ValueError, match="--nproc cannot be used inside torchrun"):
+        fmd.launch(2, ["train", "sinusoid"])
+    with pytest.raises(ValueError, match="--nproc must be a positive integer, got 0"):
+        fmd.launch(0, ["train", "sinusoid"])
