@@ -58,6 +58,10 @@ def test_evaluation_tasks_are_fixed_and_on_a_grid():
     assert torch.equal(evaluation.amplitude, again.amplitude)
     assert not torch.equal(evaluation.batch.support_x, tasks.sample(0, 600).support_x)
     assert not torch.equal(evaluation.amplitude, tasks.evaluation_tasks(600, seed=1).amplitude)
+    # A shard of the set is the same slice of it.
+    shard = tasks.evaluation_tasks(range(100, 250), seed=0)
+    assert torch.equal(shard.batch.support_x, evaluation.batch.support_x[100:250])
+    assert torch.equal(shard.amplitude, evaluation.amplitude[100:250])
     # The truth helper draws the curve the targets came from.
     torch.testing.assert_close(
         SinusoidTasks.curve(evaluation.amplitude, evaluation.phase, evaluation.batch.query_x), evaluation.batch.query_y
@@ -71,7 +75,7 @@ def test_bad_arguments_name_themselves():
         SinusoidTasks(queries=-1)
     with pytest.raises(ValueError, match="amplitude"):
         SinusoidTasks(amplitude=(5.0, 0.1))
-    with pytest.raises(ValueError, match="num_tasks"):
+    with pytest.raises(ValueError, match="task_indices"):
         SinusoidTasks().evaluation_tasks(0)
 
 

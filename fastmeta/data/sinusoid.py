@@ -92,18 +92,20 @@ class SinusoidTasks:
         batch = TaskBatch(x[:, : self.shots], y[:, : self.shots], x[:, self.shots :], y[:, self.shots :])
         return SinusoidEvaluation(batch, amplitude, phase)
 
-    def evaluation_tasks(self, num_tasks: int = 600, seed: int = 0, query_points: int = 100) -> SinusoidEvaluation:
+    def evaluation_tasks(self, tasks=600, seed: int = 0, query_points: int = 100) -> SinusoidEvaluation:
         """A fixed evaluation set: K random support points and ``query_points`` evenly spaced
         query points over the whole x range, as in the MAML paper's evaluation.
 
-        Independent of the training seed and of training tasks (its own RNG stream), so
-        every run is scored on the same tasks.
+        ``tasks``: how many (an int n: tasks 0..n-1), or which (a range, a sequence or a
+        tensor of indices, so that a process can draw its shard of the set). Independent of
+        the training seed and of training tasks (its own RNG stream), so every run is scored
+        on the same tasks.
         """
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be positive, got {num_tasks}")
         if query_points < 1:
             raise ValueError(f"query_points must be positive, got {query_points}")
-        amplitude, phase, support_x = self._draw(seed, 0, "sinusoid/evaluation", num_tasks, self.shots)
+        task_indices = as_task_indices(tasks, self.device)
+        num_tasks = task_indices.numel()
+        amplitude, phase, support_x = self._draw(seed, 0, "sinusoid/evaluation", task_indices, self.shots)
         grid = torch.linspace(*self.x_range, query_points, device=self.device)
         query_x = grid.view(1, -1, 1).expand(num_tasks, -1, -1).contiguous()
         batch = TaskBatch(
