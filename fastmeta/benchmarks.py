@@ -1,0 +1,724 @@
+"""``fastmeta bench``: fastmeta against its peers on the standard workloads W1–W4.
+
+    fastmeta bench [--workloads W1,W2,...] [--first-order] [--json FILE] [--iterations N]
+                   [--backends torch,cpu,...] [--peers loop,vmap,...] [--device cpu|cuda]
+    python bench/e2e.py ...            (the same command, from a checkout)
+
+For each workload, in one process and one run: fastmeta on every available backend and
+on ``auto``, then the peers of ../shared/BENCHMARKS.md (:mod:`fastmeta.benchmark_peers`).
+Every contender gets the same initial parameters and the same batch of (random) tasks.
+
+For each contender, in this order:
+
+1. **Check.** One meta-iteration from the initial parameters; its meta-gradient is
+   compared with the reference, the per-task autograd loop in float64, norm-wise:
+   ‖g − g_ref‖ / ‖g_ref‖ ≤ ``tolerance``. A torch.func contender (vmap, compile, graph)
+   that misses on a model with BatchNorm in second order is marked ``known-wrong``
+   (torch.func's second order through BatchNorm is 1.4% off, BENCHMARKS.md) and still
+   timed, as a speed peer only. Any other miss is ``WRONG``: it is timed but never counts
+   as the best peer, and the command exits with status 1 if a fastmeta contender is wrong.
+2. **Warm-up**, then **timing**: each sample is R back-to-back meta-iterations between two
+   device synchronizations, R chosen so that a sample lasts at least ``min_sample_ms``
+   (R = 1 for anything slower). A sample's time divided by R is one per-iteration figure;
+   the median and the min are over ``iterations`` (≥ 20 by default) samples. Every
+   iteration does the whole step: inner loop, query loss, meta-gradient, Adam update.
+   The synchronization lets no device work escape the sample; batching R steps only keeps
+   the synchronization's own cost (microseconds) out of figures that are themselves tens
+   of microseconds.
+3. **Peak memory**, on CUDA: ``torch.cuda.max_memory_allocated`` from a reset before the
+   contender is built to the end of its timing (the shared batch included). On the CPU,
+   and for JAX (its own allocator), "n/a".
+
+Ratios are speed-ups: peer's median / contender's median (> 1: the contender is faster).
+The best peer is the fastest peer that passed its check or is known-wrong.
+
+fp32, TF32 off (cuBLAS, cuDNN and JAX alike), second order unless ``--first-order``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastmeta.benchmark_peers import (
+    PEERS,
+    Contender,
+    ContenderSkipped,
+    FastmetaContender,
+    FastmetaGraphContender,
+    Problem,
+    TaskBatch,
+    reference_meta_gradient,
+)
+
+SCHEMA = "fastmeta-bench-1"
+
+# ---------------------------------------------------------------------------------------
+# The workloads: the single source of truth for W1–W4 (BENCHMARKS.md). bench/workloads.py
+# re-exports them for scripts in the checkout; they live in the package so that the
+# installed `fastmeta bench` and `fastmeta profile` need no checkout.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Workload:
+    """One standard meta-learning workload.
+
+    support / query: examples per task (for classification, ``ways`` classes, labelled
+    ``i % ways``). steps, inner_lr: the inner loop. loss: "mse" or "cross_entropy".
+    model, model_args: ``fastmeta.models.<model>(**model_args)``.
+    """
+
+    name: str
+    title: str
+    preset: str
+    model: str
+    model_args: dict
+    input_shape: tuple[int, ...]
+    tasks: int
+    support: int
+    query: int
+    steps: int
+    inner_lr: float
+    loss: str
+    ways: int = 0
+
+    def build_model(self) -> nn.Module:
+        from fastmeta import models
+
+        return getattr(models, self.model)(**self.model_args)
+
+    @property
+    def has_batch_norm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.build_model().modules())
+
+    def replace(self, **changes) -> "Workload":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name, "title": self.title, "preset": self.preset,
+            "model": f"{self.model}({', '.join(f'{k}={v!r}' for k, v in self.model_args.items())})",
+            "input_shape": list(self.input_shape), "tasks": self.tasks, "support": self.support,
+            "query": self.query, "steps": self.steps, "inner_lr": self.inner_lr, "loss": self.loss,
+        }
+
+    def make_batch(self, device: torch.device | str, seed: int = 0) -> TaskBatch:
+        """Random tasks, the same for a given seed on every device (drawn on the CPU)."""
+        g = torch.Generator().manual_seed(seed)
+        T = self.tasks
+        if self.loss == "mse":
+            # Sinusoid tasks (BENCHMARKS.md's protocol): y = A sin(x − φ).
+            amplitude = torch.empty(T, 1, 1).uniform_(0.1, 5.0, generator=g)
+            phase = torch.empty(T, 1, 1).uniform_(0.0, math.pi, generator=g)
+
+            def draw(n):
+                x = torch.empty(T, n, *self.input_shape).uniform_(-5.0, 5.0, generator=g)
+                return x, amplitude * torch.sin(x - phase)
+
+            sx, sy = draw(self.support)
+            qx, qy = draw(self.query)
+        else:
+            def draw(n):
+                x = torch.randn(T, n, *self.input_shape, generator=g)
+                return x, (torch.arange(n) % self.ways).expand(T, n).contiguous()
+
+            sx, sy = draw(self.support)
+            qx, qy = draw(self.query)
+        return TaskBatch(*(t.to(device) for t in (sx, sy, qx, qy)))
+
+
+WORKLOADS: dict[str, Workload] = {
+    "W1": Workload(
+        name="W1", title="sinusoid", preset="sinusoid", model="mlp", model_args={"sizes": (1, 40, 40, 1)},
+        input_shape=(1,), tasks=25, support=10, query=10, steps=1, inner_lr=0.01, loss="mse",
+    ),
+    "W2": Workload(
+        name="W2", title="omniglot-5w1s", preset="omniglot-5w1s", model="conv4",
+        model_args={"in_channels": 1, "ways": 5, "variant": "strided", "image_size": 28},
+        input_shape=(1, 28, 28), tasks=32, support=5, query=5, steps=1, inner_lr=0.4,
+        loss="cross_entropy", ways=5,
+    ),
+    "W3": Workload(
+        name="W3", title="omniglot-20w1s", preset="omniglot-20w1s", model="conv4",
+        model_args={"in_channels": 1, "ways": 20, "variant": "strided", "image_size": 28},
+        input_shape=(1, 28, 28), tasks=16, support=20, query=20, steps=5, inner_lr=0.1,
+        loss="cross_entropy", ways=20,
+    ),
+    "W4": Workload(
+        name="W4", title="miniimagenet-5w1s", preset="miniimagenet-5w1s", model="conv4",
+        model_args={"in_channels": 3, "ways": 5, "variant": "pool", "image_size": 84},
+        input_shape=(3, 84, 84), tasks=4, support=5, query=75, steps=5, inner_lr=0.01,
+        loss="cross_entropy", ways=5,
+    ),
+}
+
+
+def find_workload(name: str) -> Workload:
+    """A workload by id ("W2") or by the preset it mirrors ("omniglot-5w1s")."""
+    key = name.strip()
+    if key.upper() in WORKLOADS:
+        return WORKLOADS[key.upper()]
+    for w in WORKLOADS.values():
+        if key in (w.preset, w.title):
+            return w
+    known = ", ".join(f"{w.name} ({w.preset})" for w in WORKLOADS.values())
+    raise ValueError(f"unknown workload {name!r}; known: {known}")
+
+
+# ---------------------------------------------------------------------------------------
+# Settings and results
+# ---------------------------------------------------------------------------------------
+
+DEFAULT_PEERS = {"cpu": ("loop", "vmap", "jax"), "cuda": ("loop", "vmap", "compile", "graph", "jax")}
+
+
+@dataclass
+class BenchmarkSettings:
+    """What one ``fastmeta bench`` run does; the CLI flags map onto these fields.
+
+    backends: fastmeta backends to time (None: every available one, then "auto").
+    peers: peer names (None: DEFAULT_PEERS of the device). tasks: override T (quick looks
+    and tests; the row then says so). fastmeta_graph: on CUDA, also time fastmeta's eager
+    step captured whole in a CUDA graph.
+    """
+
+    workloads: Sequence[str] = ("W1", "W2", "W3", "W4")
+    first_order: bool = False
+    iterations: int = 20
+    warmup: int = 3
+    device: str | None = None
+    backends: Sequence[str] | None = None
+    peers: Sequence[str] | None = None
+    tolerance: float = 1e-3
+    min_sample_ms: float = 2.0
+    seed: int = 0
+    tasks: int | None = None
+    check: bool = True
+    fastmeta_graph: bool = True
+
+    def resolved_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is visible to torch")
+        return device
+
+
+@dataclass
+class ContenderResult:
+    name: str
+    family: str
+    status: str  # ok | known-wrong | WRONG | not checked | skipped | error
+    note: str = ""
+    relative_error: float | None = None
+    median_ms: float | None = None
+    min_ms: float | None = None
+    mean_ms: float | None = None
+    samples: int = 0
+    iterations_per_sample: int = 0
+    tasks_per_second: float | None = None
+    peak_mib: float | None = None
+    speedup_vs: dict[str, float] = field(default_factory=dict)
+    best_peer: str | None = None
+    speedup_vs_best_peer: float | None = None
+    details: dict = field(default_factory=dict)
+
+    @property
+    def timed(self) -> bool:
+        return self.median_ms is not None
+
+    @property
+    def counts_as_peer(self) -> bool:
+        return self.family == "peer" and self.timed and self.status in ("ok", "known-wrong", "not checked")
+
+
+@dataclass
+class WorkloadResult:
+    workload: Workload
+    first_order: bool
+    device: str
+    contenders: list[ContenderResult]
+
+    @property
+    def order(self) -> str:
+        return "first order" if self.first_order else "second order"
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """TF32 off in cuBLAS and cuDNN for the duration (BENCHMARKS.md); restored after."""
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+ContenderFactory = Callable[[Problem], Contender]
+
+
+def fastmeta_contenders(settings: BenchmarkSettings, device: torch.device) -> list[tuple[str, ContenderFactory | str]]:
+    """(name, factory) per fastmeta backend, or (name, reason) for one that cannot run here."""
+    import fastmeta as fm
+    from fastmeta.backends import get_backend
+
+    if settings.backends is None:
+        names = [row["name"] for row in fm.backends()] + ["auto"]
+    else:
+        names = list(settings.backends)
+    rows: list[tuple[str, ContenderFactory | str]] = []
+    for name in names:
+        label = f"fastmeta[{name}]"
+        if name != "auto":
+            backend = get_backend(name)  # an unknown name is the user's error: raise
+            ok, reason = backend.available()
+            if not ok:
+                rows.append((label, f"unavailable: {reason}"))
+                continue
+            if device.type not in backend.device_types():
+                rows.append((label, f"runs on {', '.join(backend.device_types())} only"))
+                continue
+            if name == "triton" and device.type == "cpu":
+                rows.append((label, "the Triton interpreter (TRITON_INTERPRET=1) is for tests, not timing"))
+                continue
+        rows.append((label, lambda problem, name=name: FastmetaContender(problem, name)))
+    if settings.fastmeta_graph and device.type == "cuda" and (settings.backends is None or "auto" in names):
+        rows.append(("fastmeta[auto]+graph", lambda problem: FastmetaGraphContender(problem, "auto")))
+    return rows
+
+
+def peer_contenders(settings: BenchmarkSettings, device: torch.device) -> list[tuple[str, ContenderFactory | str]]:
+    names = settings.peers if settings.peers is not None else DEFAULT_PEERS[device.type]
+    rows: list[tuple[str, ContenderFactory | str]] = []
+    for name in names:
+        if name not in PEERS:
+            raise ValueError(f"unknown peer {name!r}; known peers: {', '.join(PEERS)}")
+        rows.append((name, PEERS[name]))
+    if settings.peers is None and device.type == "cpu":
+        rows.insert(2, ("compile", "GPU only by default (name it in --peers to run it on the CPU)"))
+        rows.insert(3, ("graph", "CUDA graphs need a CUDA device"))
+    return rows
+
+
+def check_status(contender: Contender, problem: Problem, error: float, tolerance: float) -> tuple[str, str]:
+    if error <= tolerance:  # False for NaN
+        return "ok", ""
+    if contender.torch_func and problem.workload.has_batch_norm and not problem.first_order:
+        return "known-wrong", "torch.func second order through BatchNorm is wrong (BENCHMARKS.md); speed peer only"
+    return "WRONG", f"meta-gradient off the reference by {error:.2e} (tolerance {tolerance:.0e})"
+
+
+def time_steps(contender: Contender, iterations: int, warmup: int, min_sample_ms: float) -> tuple[list[float], int]:
+    """Per-iteration seconds, one per sample, and R (iterations per sample)."""
+    for _ in range(warmup):
+        contender.step()
+    contender.synchronize()
+    start = time.perf_counter()
+    contender.step()
+    contender.synchronize()
+    one = time.perf_counter() - start
+    per_sample = max(1, min(1000, math.ceil(min_sample_ms * 1e-3 / max(one, 1e-9))))
+    samples = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        for _ in range(per_sample):
+            contender.step()
+        contender.synchronize()
+        samples.append((time.perf_counter() - start) / per_sample)
+    return samples, per_sample
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def run_contender(
+    name: str,
+    factory: ContenderFactory,
+    problem: Problem,
+    reference: Tensor | None,
+    settings: BenchmarkSettings,
+) -> ContenderResult:
+    device = problem.device
+    family = "fastmeta" if name.startswith("fastmeta") else "peer"
+    result = ContenderResult(name=name, family=family, status="not checked")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    contender = None
+    try:
+        contender = factory(problem)
+        result.family = contender.family
+        with contender.active():
+            contender.prepare()
+            if reference is not None:
+                contender.reset_parameters()
+                contender.step()
+                contender.synchronize()
+                got = contender.meta_gradient().to(device=reference.device, dtype=reference.dtype)
+                error = float((got - reference).norm() / reference.norm().clamp_min(1e-300))
+                result.relative_error = error
+                result.status, result.note = check_status(contender, problem, error, settings.tolerance)
+            samples, per_sample = time_steps(contender, settings.iterations, settings.warmup, settings.min_sample_ms)
+        result.details = contender.details()
+    except ContenderSkipped as exc:
+        result.status, result.note = "skipped", str(exc)
+        return result
+    except Exception as exc:  # a broken contender must not end the whole benchmark
+        result.status, result.note = "error", _first_line(exc)
+        return result
+    finally:
+        del contender
+    result.samples, result.iterations_per_sample = len(samples), per_sample
+    result.median_ms = statistics.median(samples) * 1e3
+    result.min_ms = min(samples) * 1e3
+    result.mean_ms = statistics.fmean(samples) * 1e3
+    result.tasks_per_second = problem.batch.support_x.size(0) / (result.median_ms * 1e-3)
+    if device.type == "cuda" and name != "jax":
+        result.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def compare(results: list[ContenderResult]) -> None:
+    """Fill in each timed contender's speed-ups against each peer and the best peer."""
+    peers = [r for r in results if r.counts_as_peer]
+    best = min(peers, key=lambda r: r.median_ms, default=None)
+    for r in results:
+        if not r.timed:
+            continue
+        r.speedup_vs = {p.name: p.median_ms / r.median_ms for p in peers if p is not r}
+        if best is not None and best is not r:
+            r.best_peer, r.speedup_vs_best_peer = best.name, best.median_ms / r.median_ms
+
+
+def build_problem(workload: Workload, settings: BenchmarkSettings, device: torch.device) -> Problem:
+    """The initial parameters and the batch that every contender of the row shares."""
+    torch.manual_seed(settings.seed)
+    model = workload.build_model()
+    return Problem(
+        workload=workload,
+        device=device,
+        first_order=settings.first_order,
+        initial_state={k: v.detach().to(device) for k, v in model.state_dict().items()},
+        batch=workload.make_batch(device, settings.seed),
+    )
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def run_workload(
+    workload: Workload,
+    settings: BenchmarkSettings,
+    device: torch.device,
+    extra_contenders: Sequence[tuple[str, ContenderFactory]] = (),
+    progress: Callable[[str], None] = _quiet,
+) -> WorkloadResult:
+    """One row group: every fastmeta backend, every peer, then ``extra_contenders``."""
+    if settings.tasks is not None:
+        workload = workload.replace(tasks=settings.tasks)
+    problem = build_problem(workload, settings, device)
+    reference = reference_meta_gradient(problem, torch.float64) if settings.check else None
+    rows = fastmeta_contenders(settings, device) + peer_contenders(settings, device) + list(extra_contenders)
+    results = []
+    for name, factory in rows:
+        if isinstance(factory, str):
+            family = "fastmeta" if name.startswith("fastmeta") else "peer"
+            results.append(ContenderResult(name=name, family=family, status="skipped", note=factory))
+            continue
+        progress(f"{workload.name} {'1st' if settings.first_order else '2nd'} order: {name}")
+        results.append(run_contender(name, factory, problem, reference, settings))
+    compare(results)
+    return WorkloadResult(workload, settings.first_order, str(device), results)
+
+
+def run_benchmark(
+    settings: BenchmarkSettings,
+    extra_contenders: Sequence[tuple[str, ContenderFactory]] = (),
+    progress: Callable[[str], None] = _quiet,
+) -> list[WorkloadResult]:
+    """Run every workload of ``settings``.
+
+    extra_contenders: (name, factory) rows timed after the peers, for tests and
+    experiments; a name starting with "fastmeta" counts as fastmeta, any other as a peer.
+    """
+    if settings.iterations < 1 or settings.warmup < 0:
+        raise ValueError(f"iterations must be >= 1 and warmup >= 0, got {settings.iterations} and {settings.warmup}")
+    device = settings.resolved_device()
+    workloads = [find_workload(w) for w in settings.workloads]
+    with full_fp32():
+        return [run_workload(w, settings, device, extra_contenders, progress) for w in workloads]
+
+
+# ---------------------------------------------------------------------------------------
+# Report: the device, the table, the JSON
+# ---------------------------------------------------------------------------------------
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def device_description(device: torch.device) -> dict:
+    """What produced the figures: an absolute time holds only for this device."""
+    import fastmeta
+
+    info = {
+        "type": device.type,
+        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _package_version("triton"),
+        "jax": _package_version("jax"),
+        "python": platform.python_version(),
+        "fastmeta": fastmeta.__version__,
+        "git_commit": _git_commit(),
+        "tf32": False,
+    }
+    if device.type == "cuda":
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def _fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}x" if value < 100 else f"{value:.0f}x"
+
+
+def _check_cell(r: ContenderResult) -> str:
+    if r.relative_error is None:
+        return r.status
+    return f"{r.status} {r.relative_error:.1e}"
+
+
+def format_table(result: WorkloadResult, device_name: str = "") -> str:
+    """The table of one workload: one row per contender, ratios as speed-ups."""
+    w = result.workload
+    peer_names = [r.name for r in result.contenders if r.counts_as_peer]
+    header = ["contender", "check (rel. err)", "median ms", "min ms", "tasks/s", "peak MiB", "vs best peer"]
+    header += [f"vs {p}" for p in peer_names]
+    rows = []
+    notes = []
+    for r in result.contenders:
+        if not r.timed:
+            rows.append([r.name, f"{r.status}: {r.note}"] + [""] * (len(header) - 2))
+            continue
+        best = f"{_fmt_ratio(r.speedup_vs_best_peer)} ({r.best_peer})" if r.best_peer else "-"
+        row = [
+            r.name, _check_cell(r), _fmt_ms(r.median_ms), _fmt_ms(r.min_ms),
+            f"{r.tasks_per_second:.0f}", "n/a" if r.peak_mib is None else f"{r.peak_mib:.0f}", best,
+        ]
+        row += [_fmt_ratio(r.speedup_vs.get(p)) if p != r.name else "1x" for p in peer_names]
+        rows.append(row)
+        if r.note:
+            notes.append(f"  {r.name}: {r.note}")
+        if r.details.get("compile_seconds") is not None:
+            notes.append(f"  {r.name}: compiled in {r.details['compile_seconds']} s (not timed)")
+    widths = [max(len(h), *(len(row[i]) for row in rows if row[i] or i == 0)) for i, h in enumerate(header)]
+    # A skipped row's long reason spans the columns after the first: it sets no width.
+    widths[1] = max(len(header[1]), *(len(row[1]) for row in rows if row[2] != ""), 8)
+    title = (
+        f"{w.name} {w.title} · {result.order} · T={w.tasks} · {w.support} support / {w.query} query · "
+        f"{w.steps} step{'s' if w.steps > 1 else ''} · {result.device}{f' ({device_name})' if device_name else ''}"
+    )
+    lines = [title, "  ".join(h.ljust(widths[i]) for i, h in enumerate(header))]
+    for row in rows:
+        if row[2] == "" and row[1]:
+            lines.append(row[0].ljust(widths[0]) + "  " + row[1])
+        else:
+            lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    samples = {(r.samples, r.iterations_per_sample) for r in result.contenders if r.timed}
+    if samples:
+        lines.append(
+            "  per meta-iteration; median/min over "
+            + ", ".join(sorted({f'{n} samples' for n, _ in samples}))
+            + "; ratios = peer median / row median (> 1: the row is faster)"
+        )
+    lines += notes
+    return "\n".join(lines)
+
+
+def to_json(results: list[WorkloadResult], settings: BenchmarkSettings, device: torch.device) -> dict:
+    return {
+        "schema": SCHEMA,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_description(device),
+        "settings": {
+            "first_order": settings.first_order, "iterations": settings.iterations, "warmup": settings.warmup,
+            "min_sample_ms": settings.min_sample_ms, "tolerance": settings.tolerance, "seed": settings.seed,
+            "reference": "per-task autograd loop, float64", "precision": "fp32, TF32 off",
+            "optimizer": "Adam lr 1e-3", "fastmeta_validate": False,
+        },
+        "workloads": [
+            {
+                "workload": r.workload.describe(),
+                "order": "first" if r.first_order else "second",
+                "contenders": [dataclasses.asdict(c) for c in r.contenders],
+            }
+            for r in results
+        ],
+    }
+
+
+def failures(results: list[WorkloadResult]) -> list[str]:
+    """fastmeta contenders that computed a wrong meta-gradient or broke."""
+    return [
+        f"{r.workload.name} {c.name}: {c.status} ({c.note})"
+        for r in results
+        for c in r.contenders
+        if c.family == "fastmeta" and c.status in ("WRONG", "error")
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workloads", type=_names, default=["W1", "W2", "W3", "W4"], metavar="W1,W2,...",
+                        help="workload ids or presets (default: W1,W2,W3,W4)")
+    parser.add_argument("--first-order", action="store_true", help="first-order MAML (default: second order)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--iterations", type=int, default=20, metavar="N", help="timed samples per contender (default: 20)")
+    parser.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed iterations first (default: 3)")
+    parser.add_argument("--backends", type=_names, default=None, metavar="NAME,...",
+                        help="fastmeta backends to time, 'auto' included (default: every available one and auto)")
+    parser.add_argument("--peers", type=_names, default=None, metavar="NAME,...",
+                        help=f"peers among {','.join(PEERS)} (default: cpu {','.join(DEFAULT_PEERS['cpu'])}; "
+                             f"cuda {','.join(DEFAULT_PEERS['cuda'])})")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when a GPU is visible")
+    parser.add_argument("--tasks", type=int, default=None, metavar="T", help="override the tasks per meta-batch")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="largest relative meta-gradient error (default 1e-3)")
+    parser.add_argument("--no-check", action="store_true", help="skip the meta-gradient check")
+    parser.add_argument("--no-fastmeta-graph", action="store_true", help="on CUDA, do not time fastmeta captured in a CUDA graph")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
+    return BenchmarkSettings(
+        workloads=args.workloads, first_order=args.first_order, iterations=args.iterations, warmup=args.warmup,
+        device=args.device, backends=args.backends, peers=args.peers, tolerance=args.tolerance, seed=args.seed,
+        tasks=args.tasks, check=not args.no_check, fastmeta_graph=not args.no_fastmeta_graph,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    device = settings.resolved_device()
+    if settings.iterations < 20:
+        print(f"note: {settings.iterations} timed samples; BENCHMARKS.md figures use at least 20", file=sys.stderr)
+    progress = lambda line: print(f"  running {line}", file=sys.stderr, flush=True)  # noqa: E731
+    results = run_benchmark(settings, progress=progress)
+    report = to_json(results, settings, device)
+    name = report["device"]["name"]
+    print(f"fastmeta bench · {name} · torch {torch.__version__} · {report['date']}")
+    for r in results:
+        print()
+        print(format_table(r, name))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {path}")
+    bad = failures(results)
+    for line in bad:
+        print(f"FAILED: {line}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python bench/e2e.py`` and ``python -m fastmeta.benchmarks``: the same as ``fastmeta bench``."""
+    parser = argparse.ArgumentParser(prog="fastmeta bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def __getattr__(name: str):
+    # ``COMMAND`` is what fastmeta.cli's SUBCOMMANDS table points at. Built on first access,
+    # so that this module imports (for bench/e2e.py and the tests) without the CLI module.
+    if name == "COMMAND":
+        from fastmeta.cli import Subcommand
+
+        return Subcommand(help="benchmark fastmeta against its peers on the standard workloads",
+                          add_arguments=add_arguments, run=run)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

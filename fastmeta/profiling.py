@@ -1,0 +1,235 @@
+"""``fastmeta profile``: a torch.profiler Chrome trace of a few meta-iterations.
+
+    fastmeta profile W2 --out trace.json
+    fastmeta profile omniglot-5w1s --device cuda --backend triton --iterations 5
+
+The argument is a workload id (W1–W4, :data:`fastmeta.benchmarks.WORKLOADS`) or a
+training preset (``fastmeta train``'s, e.g. ``sinusoid``, ``omniglot-20w1s``); the data
+are random tasks of that shape. After ``--warmup`` untimed iterations, ``--iterations``
+meta-iterations run under ``torch.profiler`` (CPU activity, plus CUDA kernels on a GPU),
+and the trace is written for chrome://tracing or https://ui.perfetto.dev.
+
+Ranges in the trace (``torch.profiler.record_function``), per meta-iteration:
+
+- ``fastmeta.meta_iteration``: the whole step (this module);
+- ``fastmeta.inner_step{s}``: inner step s of every task (the learner);
+- ``fastmeta.query``: the query forward and loss (the learner);
+- ``fastmeta.meta_backward``: ``loss.backward()``, the meta-gradient (this module);
+- ``fastmeta.optimizer_step``: Adam (this module).
+
+It prints the time spent in each range and the top kernels by self time (device time on a
+GPU, CPU time on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from fastmeta.benchmark_peers import ADAM_LR
+from fastmeta.benchmarks import WORKLOADS, Workload, find_workload, full_fp32
+
+RANGE_PREFIX = "fastmeta."
+
+
+def resolve_workload(name: str) -> tuple[Workload, bool]:
+    """(workload, first_order) for a workload id or a ``fastmeta train`` preset name."""
+    try:
+        return find_workload(name), False
+    except ValueError:
+        pass
+    from fastmeta.training import PRESETS
+
+    if name not in PRESETS:
+        known = sorted({*WORKLOADS, *PRESETS})
+        raise ValueError(f"unknown workload or preset {name!r}; known: {', '.join(known)}")
+    config = PRESETS[name]
+    # The same networks as fastmeta.training.build_model builds for the preset.
+    if config.data == "sinusoid":
+        model, args, shape, loss = "mlp", {"sizes": (1, 40, 40, 1)}, (1,), "mse"
+        support, query = config.shots, config.queries
+    else:
+        variant = "strided" if config.data == "omniglot" else "pool"
+        model = "conv4"
+        args = {"in_channels": config.channels, "ways": config.ways, "variant": variant, "image_size": config.image_size}
+        shape, loss = (config.channels, config.image_size, config.image_size), "cross_entropy"
+        support, query = config.ways * config.shots, config.ways * config.queries
+    workload = Workload(
+        name=name, title=config.summary, preset=name, model=model, model_args=args, input_shape=shape,
+        tasks=config.meta_batch, support=support, query=query, steps=config.inner_steps,
+        inner_lr=config.inner_lr, loss=loss, ways=config.ways,
+    )
+    return workload, config.first_order
+
+
+@dataclass
+class ProfileResult:
+    trace: Path | None
+    ranges: list[tuple[str, int, float, float]]  # name, calls, CPU ms per iteration, device ms per iteration
+    top_kernels: str
+
+
+def _device_time(event) -> float:
+    """Self device time (µs) of a profiler event, across torch's renames of the field."""
+    for attribute in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, attribute, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def _total_device_time(event) -> float:
+    for attribute in ("device_time_total", "cuda_time_total"):
+        value = getattr(event, attribute, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def profile_meta_iterations(
+    workload: Workload,
+    *,
+    device: str | torch.device = "cpu",
+    backend: str | None = None,
+    first_order: bool = False,
+    learner: str = "maml",
+    iterations: int = 3,
+    warmup: int = 2,
+    out: str | Path | None = "trace.json",
+    top: int = 15,
+    seed: int = 0,
+) -> ProfileResult:
+    """Profile ``iterations`` meta-iterations of ``workload``; write the Chrome trace to ``out``."""
+    import fastmeta as fm
+
+    device = torch.device(device)
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    with full_fp32(), fm.use_backend(backend or fm.current_backend()):
+        torch.manual_seed(seed)
+        model = workload.build_model().to(device)
+        if learner == "maml":
+            meta = fm.MAML(model, lr=workload.inner_lr, first_order=first_order, steps=workload.steps,
+                           loss=workload.loss, validate=False)
+        elif learner == "model-aware":
+            meta = fm.ModelAwareMAML(model, lr=workload.inner_lr, first_order=first_order, steps=workload.steps,
+                                     loss=workload.loss, validate=False)
+        else:
+            raise ValueError(f"learner must be 'maml' or 'model-aware', got {learner!r}")
+        optimizer = torch.optim.Adam(meta.parameters(), lr=ADAM_LR, fused=True if device.type == "cuda" else None)
+        batch = workload.make_batch(device, seed).tensors()
+        record = torch.profiler.record_function
+
+        def meta_iteration():
+            with record("fastmeta.meta_iteration"):
+                optimizer.zero_grad(set_to_none=True)
+                loss = meta.meta_batch(*batch).loss  # the learner records inner steps and the query
+                with record("fastmeta.meta_backward"):
+                    loss.backward()
+                with record("fastmeta.optimizer_step"):
+                    optimizer.step()
+
+        def synchronize():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        for _ in range(warmup):
+            meta_iteration()
+        synchronize()
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(iterations):
+                meta_iteration()
+            synchronize()
+    trace = None
+    if out is not None:
+        trace = Path(out)
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+    averages = prof.key_averages()
+    ranges = sorted(
+        (
+            (e.key, e.count, e.cpu_time_total / 1e3 / iterations, _total_device_time(e) / 1e3 / iterations)
+            for e in averages
+            if e.key.startswith(RANGE_PREFIX)
+        ),
+        key=lambda r: (r[0] != "fastmeta.meta_iteration", r[0]),
+    )
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = averages.table(sort_by=sort_by, row_limit=top)
+    return ProfileResult(trace=trace, ranges=ranges, top_kernels=table)
+
+
+def format_ranges(result: ProfileResult, device_type: str) -> str:
+    lines = [f"{'range':<28} {'calls':>6} {'CPU ms/iter':>12}" + (f" {'GPU ms/iter':>12}" if device_type == "cuda" else "")]
+    for name, calls, cpu_ms, device_ms in result.ranges:
+        line = f"{name:<28} {calls:>6} {cpu_ms:>12.3f}"
+        if device_type == "cuda":
+            line += f" {device_ms:>12.3f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("workload", metavar="PRESET_OR_WORKLOAD", help="W1..W4 or a `fastmeta train` preset")
+    parser.add_argument("--out", default="trace.json", metavar="FILE", help="Chrome trace to write (default: trace.json)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when a GPU is visible")
+    parser.add_argument("--backend", default=None, metavar="NAME", help="fastmeta backend (default: FASTMETA_BACKEND or auto)")
+    parser.add_argument("--learner", choices=("maml", "model-aware"), default="maml")
+    parser.add_argument("--first-order", action="store_true", default=None, help="first order (default: the preset's)")
+    parser.add_argument("--iterations", type=int, default=3, metavar="N", help="profiled meta-iterations (default: 3)")
+    parser.add_argument("--warmup", type=int, default=2, metavar="N", help="untraced iterations first (default: 2)")
+    parser.add_argument("--tasks", type=int, default=None, metavar="T", help="override the tasks per meta-batch")
+    parser.add_argument("--top", type=int, default=15, metavar="K", help="rows of the top-kernels table (default: 15)")
+
+
+def run(args: argparse.Namespace) -> int:
+    workload, preset_first_order = resolve_workload(args.workload)
+    if args.tasks is not None:
+        workload = workload.replace(tasks=args.tasks)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    first_order = preset_first_order if args.first_order is None else args.first_order
+    result = profile_meta_iterations(
+        workload, device=device, backend=args.backend, first_order=first_order, learner=args.learner,
+        iterations=args.iterations, warmup=args.warmup, out=args.out, top=args.top,
+    )
+    order = "first" if first_order else "second"
+    print(f"fastmeta profile · {workload.name} · {order} order · T={workload.tasks} · {device} · "
+          f"{args.iterations} iterations")
+    print(format_ranges(result, torch.device(device).type))
+    print()
+    print(f"top {args.top} by self {'GPU' if device == 'cuda' else 'CPU'} time:")
+    print(result.top_kernels)
+    if result.trace is not None:
+        print(f"wrote {result.trace} (open in chrome://tracing or ui.perfetto.dev)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastmeta.profiling ...``: the same as ``fastmeta profile``."""
+    parser = argparse.ArgumentParser(prog="fastmeta profile", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def __getattr__(name: str):
+    # ``COMMAND`` is what fastmeta.cli's SUBCOMMANDS table points at (built on first access).
+    if name == "COMMAND":
+        from fastmeta.cli import Subcommand
+
+        return Subcommand(help="profile a preset's meta-iteration with torch.profiler",
+                          add_arguments=add_arguments, run=run)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,183 @@
+"""``fastmeta bench`` and ``fastmeta profile`` on the CPU, in a tiny configuration.
+
+W1 with 2 tasks: fastmeta's torch backend, the loop and vmap peers, and a deliberately
+wrong contender that the meta-gradient check must catch.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastmeta import benchmarks, profiling
+from fastmeta.benchmark_peers import Contender, LoopPeer, Problem, TaskBatch
+from fastmeta.benchmarks import WORKLOADS, BenchmarkSettings, check_status, run_benchmark, time_steps
+
+TINY = ["--workloads", "W1", "--tasks", "2", "--iterations", "3", "--warmup", "1",
+        "--backends", "torch", "--peers", "loop,vmap,graph", "--device", "cpu"]
+
+
+class LossOffByOnePercent(LoopPeer):
+    """The loop peer with its query loss scaled by 1.01: a meta-gradient 1% off."""
+
+    name = "loop-off-by-1%"
+
+    def step(self) -> None:
+        w = self.problem.workload
+        sx, sy, qx, qy = self.problem.batch.tensors()
+        T = sx.size(0)
+        params = dict(self.model.named_parameters())
+        self.optimizer.zero_grad(set_to_none=True)
+        from fastmeta.benchmark_peers import per_task_query_loss
+
+        for t in range(T):
+            loss = per_task_query_loss(self.model, params, sx[t], sy[t], qx[t], qy[t], w.steps, w.inner_lr, False)
+            (1.01 * loss / T).backward()
+        self.optimizer.step()
+
+
+def tiny_settings(**changes) -> BenchmarkSettings:
+    values = dict(workloads=["W1"], tasks=2, iterations=3, warmup=1, device="cpu", backends=["torch"],
+                  peers=["loop", "vmap"], min_sample_ms=0.0)
+    values.update(changes)
+    return BenchmarkSettings(**values)
+
+
+def test_tiny_cpu_bench_checks_times_and_compares():
+    [result] = run_benchmark(tiny_settings(), extra_contenders=[("loop-off-by-1%", LossOffByOnePercent)])
+    rows = {r.name: r for r in result.contenders}
+    assert list(rows) == ["fastmeta[torch]", "loop", "vmap", "loop-off-by-1%"]
+    for name in ("fastmeta[torch]", "loop", "vmap"):
+        assert rows[name].status == "ok", rows[name]
+        assert rows[name].relative_error < 1e-5
+        assert rows[name].samples == 3 and rows[name].median_ms > 0 and rows[name].min_ms <= rows[name].median_ms
+        assert rows[name].tasks_per_second == pytest.approx(2 / (rows[name].median_ms * 1e-3))
+    wrong = rows["loop-off-by-1%"]
+    assert wrong.status == "WRONG"
+    assert wrong.relative_error == pytest.approx(0.01, rel=1e-3)  # the check measures the real error
+    assert wrong.timed and not wrong.counts_as_peer  # timed, but never the best peer
+    fm_row = rows["fastmeta[torch]"]
+    assert fm_row.best_peer in ("loop", "vmap")
+    assert set(fm_row.speedup_vs) == {"loop", "vmap"}
+    assert fm_row.speedup_vs_best_peer == pytest.approx(
+        min(rows["loop"].median_ms, rows["vmap"].median_ms) / fm_row.median_ms
+    )
+    table = benchmarks.format_table(result)
+    assert "fastmeta[torch]" in table and "WRONG" in table and "vs loop" in table
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert benchmarks.main(TINY + ["--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "median ms" in out and "fastmeta[torch]" in out and "vmap" in out
+    report = json.loads(path.read_text())
+    assert report["schema"] == benchmarks.SCHEMA
+    assert report["device"]["type"] == "cpu" and report["device"]["torch"] == torch.__version__
+    assert report["device"]["name"]
+    [row] = report["workloads"]
+    assert row["workload"]["name"] == "W1" and row["workload"]["tasks"] == 2 and row["order"] == "second"
+    by_name = {c["name"]: c for c in row["contenders"]}
+    assert by_name["loop"]["status"] == "ok" and by_name["loop"]["median_ms"] > 0
+    assert by_name["graph"]["status"] == "skipped" and "CUDA" in by_name["graph"]["note"]
+
+
+def test_fastmeta_cli_has_bench_and_profile(tmp_path, capsys):
+    cli = pytest.importorskip("fastmeta.cli")
+    assert cli.main(["bench"] + TINY + ["--first-order"]) == 0
+    assert "first order" in capsys.readouterr().out
+    trace = tmp_path / "trace.json"
+    assert cli.main(["profile", "W1", "--tasks", "2", "--iterations", "1", "--warmup", "1",
+                     "--device", "cpu", "--backend", "torch", "--out", str(trace)]) == 0
+    assert trace.exists()
+
+
+def test_a_wrong_fastmeta_contender_fails_the_command():
+    wrong = benchmarks.ContenderResult(name="fastmeta[x]", family="fastmeta", status="WRONG", note="1e-2")
+    peer_wrong = benchmarks.ContenderResult(name="loop", family="peer", status="WRONG", note="1e-2")
+    result = benchmarks.WorkloadResult(WORKLOADS["W1"], False, "cpu", [wrong, peer_wrong])
+    assert benchmarks.failures([result]) == ["W1 fastmeta[x]: WRONG (1e-2)"]
+
+
+def test_only_torch_func_second_order_through_batch_norm_is_known_wrong():
+    class TorchFunc(Contender):
+        torch_func = True
+
+    def problem(workload, first_order):
+        return Problem(workload, torch.device("cpu"), first_order, {}, TaskBatch(*[torch.zeros(1)] * 4))
+
+    conv = WORKLOADS["W2"]
+    assert check_status(TorchFunc(problem(conv, False)), problem(conv, False), 1e-2, 1e-3)[0] == "known-wrong"
+    assert check_status(TorchFunc(problem(conv, True)), problem(conv, True), 1e-2, 1e-3)[0] == "WRONG"
+    assert check_status(Contender(problem(conv, False)), problem(conv, False), 1e-2, 1e-3)[0] == "WRONG"
+    mlp = WORKLOADS["W1"]
+    assert check_status(TorchFunc(problem(mlp, False)), problem(mlp, False), 1e-2, 1e-3)[0] == "WRONG"
+    assert check_status(TorchFunc(problem(mlp, False)), problem(mlp, False), float("nan"), 1e-3)[0] == "WRONG"
+    assert check_status(Contender(problem(mlp, False)), problem(mlp, False), 1e-4, 1e-3)[0] == "ok"
+
+
+def test_timing_covers_every_step_it_reports(monkeypatch):
+    """A sample is R whole steps between synchronizations: never less work than it claims.
+
+    A fake clock that only a step advances (1 ms each) makes the arithmetic exact.
+    """
+    clock = {"now": 0.0}
+    monkeypatch.setattr(benchmarks.time, "perf_counter", lambda: clock["now"])
+
+    class OneMillisecondStep(Contender):
+        def __init__(self):
+            self.steps = self.unsynchronized = 0
+
+        def step(self):
+            clock["now"] += 1e-3
+            self.steps += 1
+            self.unsynchronized += 1
+
+        def synchronize(self):
+            self.unsynchronized = 0
+
+    contender = OneMillisecondStep()
+    samples, per_sample = time_steps(contender, iterations=4, warmup=2, min_sample_ms=5.0)
+    assert per_sample == 5
+    assert samples == pytest.approx([1e-3] * 4)
+    # warm-up, one calibration step, then 4 samples of 5 steps, all synchronized
+    assert contender.steps == 2 + 1 + 4 * 5 and contender.unsynchronized == 0
+
+
+def test_workloads_match_benchmarks_md():
+    w = {k: (v.tasks, v.support, v.query, v.steps, v.inner_lr, v.loss) for k, v in WORKLOADS.items()}
+    assert w == {
+        "W1": (25, 10, 10, 1, 0.01, "mse"),
+        "W2": (32, 5, 5, 1, 0.4, "cross_entropy"),
+        "W3": (16, 20, 20, 5, 0.1, "cross_entropy"),
+        "W4": (4, 5, 75, 5, 0.01, "cross_entropy"),
+    }
+    params = {k: sum(p.numel() for p in v.build_model().parameters()) for k, v in WORKLOADS.items()}
+    assert params["W1"] == (40 + 40) + (1600 + 40) + (40 + 1)
+    assert WORKLOADS["W2"].build_model()[-1].in_features == 256
+    assert WORKLOADS["W4"].build_model()[-1].in_features == 800
+    batch = WORKLOADS["W4"].make_batch("cpu")
+    assert batch.query_x.shape == (4, 75, 3, 84, 84) and batch.query_y.flatten().bincount().tolist() == [60] * 5
+
+
+def test_profile_writes_a_chrome_trace_with_the_ranges(tmp_path):
+    trace = tmp_path / "trace.json"
+    result = profiling.profile_meta_iterations(
+        WORKLOADS["W1"].replace(tasks=2), device="cpu", backend="torch", iterations=2, warmup=1, out=trace
+    )
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"fastmeta.meta_iteration", "fastmeta.meta_backward", "fastmeta.optimizer_step"} <= names
+    ranges = {name: calls for name, calls, _, _ in result.ranges}
+    assert ranges["fastmeta.meta_iteration"] == 2
+    assert "Self CPU" in result.top_kernels
+
+
+def test_profile_resolves_presets():
+    assert profiling.resolve_workload("omniglot-20w1s") == (WORKLOADS["W3"], False)
+    workload, first_order = profiling.resolve_workload("omniglot-5w1s-fo")
+    assert first_order and (workload.tasks, workload.support, workload.query, workload.steps) == (32, 5, 5, 1)
+    with pytest.raises(ValueError, match="unknown workload or preset"):
+        profiling.resolve_workload("W9")
