@@ -142,7 +142,7 @@ def shard_range(num_tasks: int, rank: int, world_size: int) -> range:
 
 def is_launched_by_torchrun() -> bool:
     """True inside a process that torchrun (``torch.distributed.run``) started."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
 def _timeout_from_env(timeout: float | timedelta | None) -> timedelta:

@@ -476,10 +476,12 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
     run = Run(config, device)
     if saved is not None:
         run.restore(saved)
-        # Every rank read the checkpoint itself: prove they read the same one.
-        distributed.verify_replicas(run.learner, context, run.optimizer)
         echo(f"fastmeta: resuming {config.preset} from iteration {start} of {config.iterations}")
     parallel = distributed.TaskParallel(run.learner, context)  # rank 0's weights everywhere
+    # On --resume each rank read the checkpoint itself: Adam's state (with its step count)
+    # shows they all read the same one. Called on every rank, resumed or not, so that a
+    # rank that found no checkpoint fails here with a clear error instead of desynchronising.
+    distributed.verify_replicas(run.learner, context, run.optimizer)
     train_tasks = run.sampler("train", config.seed)
     metrics = MetricsLog(out / METRICS_NAME, keep_through=start if saved is not None else None) if context.is_main else _NoMetrics()
     learner, optimizer = run.learner, run.optimizer

@@ -515,3 +515,24 @@ def test_nproc_inside_torchrun_is_refused(monkeypatch):
         fmd.launch(2, ["train", "sinusoid"])
     with pytest.raises(ValueError, match="--nproc must be a positive integer, got 0"):
         fmd.launch(0, ["train", "sinusoid"])
+
+
+def _resume_from_different_folders_job(context, with_checkpoint: str, without_checkpoint: str):
+    from fastmeta import training
+
+    out = with_checkpoint if context.is_main else without_checkpoint
+    training.train(_sinusoid_config(3), out, resume=True, device="cpu", test_tasks=7, progress=False, echo=lambda *a: None)
+    return "trained"
+
+
+def test_resume_where_a_rank_sees_no_checkpoint_fails_clearly(tmp_path):
+    """A multi-node --resume whose --out is not shared: rank 1 finds no checkpoint."""
+    from fastmeta import training
+
+    with_checkpoint, without_checkpoint = tmp_path / "run", tmp_path / "elsewhere"
+    training.train(_sinusoid_config(2), with_checkpoint, device="cpu", test_tasks=7, progress=False, echo=lambda *a: None)
+    outcome = run_ranks(_resume_from_different_folders_job, str(with_checkpoint), str(without_checkpoint))
+    for rank in range(WORLD):
+        status, message, _ = outcome[rank]
+        assert status == "ReplicaMismatchError", message
+        assert "ranks hold different numbers of tensors" in message
