@@ -477,10 +477,10 @@ class TaskParallel:
             already equal, e.g. all ranks loaded the same checkpoint and verified it).
     """
 
-    # The flat buffer: every gradient (scaled by n_r / T), then one count per parameter (how
-    # many ranks produced its gradient: None and zero differ for Adam), then these slots:
-    # loss, accuracy, whether accuracy was reported, the stop request, one failure flag per rank.
-    _LOSS, _ACCURACY, _HAS_ACCURACY, _STOP, _STATUS = range(5)
+    # The flat buffer, summed over ranks:
+    #   [gradients of every parameter | loss, accuracy]   scaled by n_r / T on the device
+    #   [one count per parameter | has-accuracy, stop | one failure flag per rank]   from the host
+    # A count is how many ranks produced that gradient (None and zero differ for Adam).
 
     def __init__(self, learner: nn.Module, context: DistributedContext, *, broadcast: bool = True):
         if not isinstance(learner, nn.Module):
@@ -545,36 +545,38 @@ class TaskParallel:
         if callable(stop_requested):
             stop_requested = stop_requested()
         weight = len(step.tasks) / step.num_tasks
-        device = self.parameters[0].device
-        count = len(self.parameters)
+        device, dtype = self.parameters[0].device, self.buffer_dtype
         grads = [None if failed else p.grad for p in self.parameters]
-        extra = torch.zeros(count + self._STATUS + context.world_size, dtype=self.buffer_dtype, device=device)
-        pieces = []
-        for index, (grad, size) in enumerate(zip(grads, self.sizes)):
-            if grad is None:
-                pieces.append(torch.zeros(size, dtype=self.buffer_dtype, device=device))
-            else:
-                pieces.append(grad.reshape(-1).to(self.buffer_dtype) * weight)
-                extra[index] = 1
-        tail = count
-        if not failed:
-            if step._local_loss is not None:
-                extra[tail + self._LOSS] = step._local_loss.to(self.buffer_dtype) * weight
-            if step._local_accuracy is not None:
-                extra[tail + self._ACCURACY] = step._local_accuracy.to(self.buffer_dtype) * weight
-                extra[tail + self._HAS_ACCURACY] = 1
-        extra[tail + self._STOP] = 1 if stop_requested else 0
-        extra[tail + self._STATUS + context.rank] = 1 if failed else 0
-        flat = torch.cat(pieces + [extra])
+        pieces = [
+            torch.zeros(size, dtype=dtype, device=device) if grad is None else grad.reshape(-1).to(dtype)
+            for grad, size in zip(grads, self.sizes)
+        ]
+        loss = step._local_loss if not failed and step._local_loss is not None else None
+        accuracy = step._local_accuracy if not failed and step._local_accuracy is not None else None
+        zero = torch.zeros((), dtype=dtype, device=device)
+        pieces.append(torch.stack([zero if v is None else v.to(dtype) for v in (loss, accuracy)]))
+        # Flags and counts are known on the host: one small copy, instead of one kernel per
+        # element written into a device tensor (~18 launches per step for conv4).
+        host = [0.0 if g is None else 1.0 for g in grads]
+        host += [float(accuracy is not None), float(bool(stop_requested))]
+        host += [float(failed and rank == context.rank) for rank in range(context.world_size)]
+        host = torch.tensor(host, dtype=dtype)
+        if device.type == "cuda":
+            host = host.pin_memory().to(device, non_blocking=True)
+        pieces.append(host.to(device))
+        flat = torch.cat(pieces)
+        gradient_and_scalars = self.gradient_numel + 2
+        flat[:gradient_and_scalars].mul_(weight)
 
         if context.is_distributed:
             what = f"the meta-gradient all-reduce (meta-step {self.steps_taken})"
             _run_collective(context, what, lambda: dist.all_reduce(flat))
         # The one host read per step (a device sync on GPUs): every rank must learn of a
         # failure in this same iteration, before it enters the next collective.
-        extra_values = flat[-extra.numel() :].tolist()
-        producers, slots = extra_values[:count], extra_values[count:]
-        failed_ranks = [rank for rank, flag in enumerate(slots[self._STATUS :]) if flag > 0]
+        count = len(self.parameters)
+        flags = flat[gradient_and_scalars:].tolist()
+        producers, (has_accuracy, stop), status = flags[:count], flags[count : count + 2], flags[count + 2 :]
+        failed_ranks = [rank for rank, flag in enumerate(status) if flag > 0]
         if failed_ranks:
             if failed:
                 return  # the caller re-raises this rank's own error
@@ -591,11 +593,12 @@ class TaskParallel:
                 if parameter.grad is None:
                     parameter.grad = torch.empty_like(parameter)
                 parameter.grad.copy_(reduced.view_as(parameter))
-        step.should_stop = slots[self._STOP] > 0
+        step.should_stop = stop > 0
+        mean_loss, mean_accuracy = flat[self.gradient_numel], flat[self.gradient_numel + 1]
         if step._local_loss is not None:
-            step.loss = flat.new_tensor(slots[self._LOSS]).to(step._local_loss.dtype)
-        if slots[self._HAS_ACCURACY] > 0 and step._local_accuracy is not None:
-            step.accuracy = flat.new_tensor(slots[self._ACCURACY]).to(step._local_accuracy.dtype)
+            step.loss = mean_loss.to(step._local_loss.dtype)
+        if has_accuracy > 0 and step._local_accuracy is not None:
+            step.accuracy = mean_accuracy.to(step._local_accuracy.dtype)
 
 
 # -- sharded evaluation ------------------------------------------------------------------------------

@@ -275,6 +275,23 @@ def test_broadcast_equalises_replicas_and_verify_names_a_differing_tensor():
         assert "1 tensor(s) differ between ranks: gate_logits" in messages[rank]
 
 
+def _gradient_presence_job(context):
+    learner, sampler = build_case("maml")
+    learner.register_parameter("unused", torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)))
+    parallel = fmd.TaskParallel(learner, context)
+    with parallel.meta_step(4) as step:
+        step.backward(learner.meta_batch(*sample(sampler, 0, step.tasks)))
+    return {name: p.grad is None for name, p in learner.named_parameters()}
+
+
+def test_a_parameter_no_rank_differentiates_keeps_grad_none():
+    """As in one process (where Adam then skips it), not a zero gradient that Adam would apply."""
+    grad_is_none = assert_all_ok(run_ranks(_gradient_presence_job))
+    for rank in range(WORLD):
+        assert grad_is_none[rank].pop("unused") is True
+        assert not any(grad_is_none[rank].values()), grad_is_none[rank]
+
+
 # -- (c) sharded evaluation == single-process evaluation ----------------------------------------------
 
 
