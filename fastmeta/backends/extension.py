@@ -54,6 +54,7 @@ CPU_SOURCES = (
     "cpu/mlp_meta_step.cpp",
 )
 CUDA_SOURCES = (
+    "cuda/register_cuda.cpp",  # host wrappers + TORCH_LIBRARY_IMPL(fastmeta_ext, CUDA)
     "cuda/kernels.cu",
     "cuda/mlp_meta_step.cu",
 )
@@ -103,7 +104,7 @@ def _toolkit_root(nvcc: str) -> str | None:
     """
     try:
         out = subprocess.run(
-            [nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60
+            [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60
         )
         m = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
     except (OSError, subprocess.SubprocessError):

@@ -483,26 +483,36 @@ mlp_meta_step_backward.register_autograd(_meta_step_backward_backward, setup_con
 # The extension's kernels (used by fastmeta.backends.extension)
 # ---------------------------------------------------------------------------------------
 
-# CUDA fused-kernel limits; they mirror csrc/cuda/mlp_meta_step.cu (which checks them
-# again). One CTA per task keeps θ_s, g_s and the activations of every inner step in
-# shared memory; the H100/H200 give a CTA at most 227 KiB of it.
-CUDA_SMEM_BYTES = 227 * 1024
-CUDA_MAX_WIDTH = 256
+# CUDA fused-kernel limits; they mirror csrc/cuda/mlp_meta_step.cu, which checks them
+# again. One CTA per task keeps θ_s, g_s and the activations of every inner step in shared
+# memory: the limit is that memory (227 KiB per block on H100/H200), not a layer count. The
+# kernel-parameter struct caps the depth at 32 layers.
+CUDA_MAX_LAYERS = 32
+CUDA_DEFAULT_SMEM_BYTES = 227 * 1024
 
 
 def cuda_workspace_floats(layer_sizes: list[int], K: int, Q: int, steps: int) -> int:
-    """Shared-memory floats the CUDA kernel needs (the formula of mlp_meta_step.cu)."""
+    """Shared-memory floats per task of the CUDA kernel (the formula in mlp_meta_step.cu)."""
     P = num_parameters(layer_sizes)
-    R = max(K, Q)
-    acts = R * sum(layer_sizes)  # one row of every layer's activations per example
-    per_step = P + P + 2 * acts  # θ_s, g_s, activations h and deltas δ
-    return (steps + 1) * P + steps * (P + 2 * acts) + 2 * acts + 4 * acts + 3 * P + 64
+    hs = sum(layer_sizes[1:])  # every layer's output width
+    es = hs - layer_sizes[-1]
+    nmax = max(layer_sizes)
+    return (2 * steps * P + steps * K * (2 * hs + es) + Q * (2 * hs + es) + 2 * P + 2 * K * hs
+            + 3 * K * nmax + 33)
 
 
-def cuda_fits(layer_sizes: list[int], K: int, Q: int, steps: int) -> bool:
-    if max(layer_sizes) > CUDA_MAX_WIDTH:
+def cuda_smem_limit(device=None) -> int:
+    props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+    return int(getattr(props, "shared_memory_per_block_optin", CUDA_DEFAULT_SMEM_BYTES))
+
+
+def cuda_fits(layer_sizes: list[int], K: int, Q: int, steps: int, smem_bytes: int | None = None) -> bool:
+    """Whether the fused CUDA kernel takes this MLP and meta-batch shape."""
+    if len(layer_sizes) - 1 > CUDA_MAX_LAYERS:
         return False
-    return 4 * cuda_workspace_floats(layer_sizes, K, Q, steps) <= CUDA_SMEM_BYTES
+    limit = smem_bytes if smem_bytes is not None else (
+        cuda_smem_limit() if torch.cuda.is_available() else CUDA_DEFAULT_SMEM_BYTES)
+    return 4 * cuda_workspace_floats(layer_sizes, K, Q, steps) <= limit
 
 
 def _kernel_inputs_ok(device_type: str, theta, support_x, support_y, query_x, query_y, lr, act,
@@ -517,7 +527,7 @@ def _kernel_inputs_ok(device_type: str, theta, support_x, support_y, query_x, qu
     if act not in FUSED_ACTIVATIONS:
         return False
     if device_type == "cuda":
-        return cuda_fits(layer_sizes, support_x.size(1), query_x.size(1), steps)
+        return cuda_fits(layer_sizes, support_x.size(1), query_x.size(1), steps, cuda_smem_limit(theta.device))
     return True
 
 
