@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -32,8 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
-from .data import Omniglot, SinusoidTasks, TaskBatch
-from .data.image_folder import ImageFolderTasks
+from .data import ImageFolderTasks, Omniglot, SinusoidTasks, TaskBatch
 
 __all__ = [
     "RunConfig",
@@ -241,21 +239,24 @@ class Run:
             return self.dataset if split == "train" else None
         return self.dataset.tasks(split, ways=config.ways, shots=config.shots, queries=config.queries, seed=seed)
 
-    def task_chunks(self, split: str, num_tasks: int, chunk: int, tasks: range | None = None) -> Iterator[TaskBatch]:
-        """A fixed set of ``num_tasks`` evaluation tasks of ``split``, ``chunk`` tasks at a time;
-        only the global task indices ``tasks`` (a rank's shard) when given."""
-        config = self.config
-        tasks = range(num_tasks) if tasks is None else tasks
+    def task_chunks(self, split: str, tasks: range, chunk: int) -> Iterator[TaskBatch]:
+        """The fixed evaluation tasks ``tasks`` (global indices: all of them, or a rank's
+        shard) of ``split``, ``chunk`` tasks at a time."""
         seed = TEST_SEED if split == "test" else VALIDATION_SEED
-        if config.data == "sinusoid":
-            # The MAML evaluation: K random support points, 100 evenly spaced query points.
-            batch = self.dataset.evaluation_tasks(num_tasks, seed=seed).batch
-            for start in range(tasks.start, tasks.stop, chunk):
-                yield TaskBatch(*(t[start : min(start + chunk, tasks.stop)] for t in batch))
-            return
-        sampler = self.sampler(split, seed)
+        if self.config.data == "sinusoid":
+
+            def draw(indices: range) -> TaskBatch:
+                # The MAML paper's evaluation: K random support points, 100 evenly spaced queries.
+                return self.dataset.evaluation_tasks(indices, seed=seed).batch
+
+        else:
+            sampler = self.sampler(split, seed)
+
+            def draw(indices: range) -> TaskBatch:
+                return sampler.sample(0, indices)
+
         for start in range(tasks.start, tasks.stop, chunk):
-            yield sampler.sample(0, range(start, min(start + chunk, tasks.stop)))
+            yield draw(range(start, min(start + chunk, tasks.stop)))
 
     def state(self, iteration: int, elapsed: float) -> dict:
         return {
@@ -304,7 +305,7 @@ def evaluate(
     chunk = chunk or (num_tasks if config.is_regression else config.meta_batch)
     per_task: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
     with torch.no_grad():
-        for batch in run.task_chunks(split, num_tasks, chunk, shard):
+        for batch in run.task_chunks(split, shard, chunk):
             for step_count in steps:
                 fast = run.learner.fast_weights(batch.support_x, batch.support_y, steps=step_count)
                 prediction = run.learner.predict(fast, batch.query_x)
@@ -318,8 +319,7 @@ def evaluate(
         values = torch.cat(scores)
         if context is not None:
             values = distributed.gather_task_values(values, num_tasks, context)
-        spread = values.std().item() if values.numel() > 1 else 0.0
-        results[step_count] = (values.mean().item(), 1.96 * spread / math.sqrt(values.numel()))
+        results[step_count] = distributed.mean_ci95(values)
     return results
 
 
