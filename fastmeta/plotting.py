@@ -57,7 +57,7 @@ def _learning_curves(pyplot, records: list[dict], title: str, path: Path) -> Non
         iterations = [r["iteration"] for r in validation]
         values = [r[metric] for r in validation]
         errors = [r["ci95"] for r in validation]
-        metric_axis.errorbar(iterations, values, yerr=errors, marker="o", capsize=3, label=f"validation, {steps} steps")
+        metric_axis.errorbar(iterations, values, yerr=errors, marker="o", capsize=3, label=f"validation, {steps} step{'s' if steps != 1 else ''}")
     metric_axis.set_xlabel("meta-iteration")
     metric_axis.set_ylabel("query MSE" if regression else "query accuracy")
     if regression:
