@@ -1,0 +1,43 @@
+// C entry points over the CUDA launchers (launchers.h) for the emulation test: raw
+// pointers in, so that Python calls them through ctypes with torch CPU tensors.
+#include <cuda_runtime.h>
+#include "launchers.h"
+#include <algorithm>
+using namespace fastmeta::cuda;
+extern "C" int run_mlp(const long* sizes, int nsizes, const float* theta, const float* sx, const void* sy, const float* qx,
+                       const void* qy, const float* lr, int rate_kind, int steps, int T, int K, int Q, int act, int loss,
+                       float slope, int first_order, float* losses, float* preds, float* gtheta, float* glr, int lr_numel) {
+  MlpDims d{};
+  int L = nsizes - 1;
+  d.L = L;
+  for (int l = 0; l <= L; ++l) d.n[l] = sizes[l];
+  long P = 0, cum = 0;
+  for (int l = 0; l < L; ++l) { d.offW[l] = P; P += sizes[l + 1] * sizes[l]; d.offB[l] = P; P += sizes[l + 1]; }
+  d.cum[0] = d.cum[1] = 0;
+  for (int l = 1; l <= L; ++l) { cum += sizes[l]; d.cum[l + 1] = cum; }
+  d.P = P; d.Hs = cum; d.Es = cum - sizes[L]; d.nmax = 0;
+  for (int l = 0; l <= L; ++l) d.nmax = std::max(d.nmax, d.n[l]);
+  MlpArgs a{};
+  a.d = d; a.theta = theta; a.sx = sx; a.sy = sy; a.qx = qx; a.qy = qy; a.lr = lr; a.rate_kind = rate_kind;
+  a.steps = steps; a.K = K; a.Q = Q; a.act = act; a.loss = loss; a.slope = slope; a.first_order = first_order;
+  a.grads = gtheta != nullptr; a.losses = losses; a.preds = preds; a.gtheta = gtheta; a.glr = glr; a.lr_per_task = lr_numel;
+  long floats = mlp_smem_floats(d, steps, K, Q);
+  if (floats > (1 << 22)) return -1;
+  return launch_mlp_meta_step(a, T, floats * 4, nullptr);
+}
+extern "C" void run_inner_step(const float* theta, int shared, const float* g, const float* lr, const long* seg,
+                               const float* mask, const float* pc, int scalar, long T, long P, float* out) {
+  launch_inner_step(theta, shared, g, StepCoef{lr, (const int64_t*)seg, mask, pc, (bool)scalar}, T, P, out, nullptr);
+}
+extern "C" void run_inner_step_backward(const float* go, const float* g, const float* lr, const long* seg, const float* mask,
+    const float* pc, int scalar, long T, long P, long S, int theta_shared, float* dth, float* dg, float* dl, float* dm, float* dp, int reduce) {
+  launch_inner_step_backward(go, g, StepCoef{lr, (const int64_t*)seg, mask, pc, (bool)scalar}, T, P, S, theta_shared, dth, dg, dl, dm, dp, reduce, nullptr);
+}
+extern "C" void run_gemm(long batches, long M, long N, long K, const float* A, long ab, long ar, long ac, const float* B,
+                         long bb, long br, long bc, float* C, const float* bias, long bias_b, int act, float slope) {
+  launch_batched_gemm(batches, M, N, K, Strided{A, ab, ar, ac}, Strided{B, bb, br, bc}, C, bias, bias_b, act, slope, nullptr);
+}
+extern "C" void run_loss(const float* pred, const void* target, int kind, long T, long N, long C, long M, float* out, int grad) {
+  if (grad) launch_task_loss_grad(pred, target, kind, T, N, C, M, out, nullptr);
+  else launch_task_loss(pred, target, kind, T, N, C, M, out, nullptr);
+}

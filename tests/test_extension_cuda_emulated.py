@@ -1,0 +1,176 @@
+"""The CUDA kernels' logic, checked on the CPU: csrc/cuda/*.cu compiled by the host
+compiler against a CPU stand-in for the CUDA runtime (csrc/cuda/emulation/), each CTA's
+threads run as OS threads with barriers for __syncthreads.
+
+This catches indexing, layout and algorithm errors in the CUDA sources on every CI run;
+races, occupancy and the real toolchain are the GPU run's job (tests/test_extension_cuda.py
+and bench/gpu_check_extension.sh with compute-sanitizer). Compared with: the CPU kernels
+(fused meta-step, per-task gradients) and the op modules' references (everything else).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmeta.ops.inner_step import reference_inner_step, reference_inner_step_backward
+from fastmeta.ops.task_linear import (
+    reference_task_linear,
+    reference_task_linear_input_grad,
+    reference_task_linear_weight_grad,
+)
+from fastmeta.ops.task_loss import reference_task_loss, reference_task_loss_grad
+from test_extension_build import build_or_skip
+from test_mlp_meta_step import CASES, IDS, make_problem
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+L, F = ctypes.c_long, ctypes.c_float
+
+
+def _split_top(text):
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def _emulated_source(path: Path) -> str:
+    src = path.read_text()
+    src = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = emu_dynamic_smem;", src)
+
+    def launch(m):
+        grid, block = _split_top(m.group(2))[:2]
+        return f"emu_launch(dim3({grid}), dim3({block}), [=] {{ {m.group(1)}({m.group(3)}); }});"
+
+    return re.sub(r"(\w+)<<<(.*?)>>>\((.*?)\);", launch, src, flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        pytest.skip("no C++ compiler")
+    out = tmp_path_factory.mktemp("cuda_emulation")
+    sources = [CSRC / "cuda" / "emulation" / "harness.cpp"]
+    for name in ("kernels.cu", "mlp_meta_step.cu"):
+        dst = out / (name.replace(".cu", "_emulated.cpp"))
+        dst.write_text(_emulated_source(CSRC / "cuda" / name))
+        sources.append(dst)
+    so = out / "libfastmeta_cuda_emulated.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-D__CUDACC__", "-shared", "-fPIC", f"-I{CSRC / 'cuda' / 'emulation'}",
+           f"-I{CSRC / 'cuda'}", f"-I{CSRC}", *map(str, sources), "-o", str(so), "-lpthread"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ctypes.CDLL(str(so))
+
+
+def ptr(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+ACT = {"none": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_emulated_cuda_meta_step_equals_cpu_kernel(lib, case):
+    build_or_skip()
+    sizes, act, loss, kind, steps, K, first_order = case
+    T = 3
+    theta, sx, sy, qx, qy, lr, _ = make_problem(sizes, act, loss, kind, steps, K, T=T)
+    Q, O, P = qx.size(1), sizes[-1], theta.numel()
+    losses, preds = torch.empty(T), torch.empty(T, Q, O)
+    g_theta, g_lr = torch.empty(T, P), torch.empty((T, *lr.shape))
+    rc = lib.run_mlp((L * len(sizes))(*sizes), len(sizes), ptr(theta), ptr(sx), ptr(sy), ptr(qx), ptr(qy), ptr(lr),
+                     {"step": 0, "tensor": 1, "param": 2}[kind], steps, T, K, Q, ACT[act], int(loss == "mse"), F(0.1),
+                     int(first_order), ptr(losses), ptr(preds), ptr(g_theta), ptr(g_lr), lr.numel())
+    assert rc == 0
+    want = torch.ops.fastmeta_ext.mlp_meta_step(theta, sizes, act, 0.1, sx, sy, qx, qy, loss, lr, steps,
+                                                first_order, 2, None)
+    for name, a, b in zip(("losses", "preds", "grad theta", "grad lr"), (losses, preds, g_theta, g_lr), want):
+        assert rel(a, b) <= 2e-6, name
+
+
+@pytest.mark.parametrize("kind", ["segments", "scalar", "param"])
+def test_emulated_cuda_inner_step_and_backward(lib, kind):
+    T, P = 3, 11
+    g = torch.Generator().manual_seed(1)
+    seg = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 0, 1])
+    theta, lr, mask, pc, sg = {
+        "segments": (torch.randn(P, generator=g), torch.rand(3, generator=g), torch.rand(P, generator=g),
+                     torch.rand(P, generator=g), seg),
+        "scalar": (torch.randn(T, P, generator=g), torch.rand((), generator=g), None, None, None),
+        "param": (torch.randn(T, P, generator=g), torch.rand(P, generator=g), None, torch.rand(P, generator=g), None),
+    }[kind]
+    grad, go = torch.randn(T, P, generator=g), torch.randn(T, P, generator=g)
+    out = torch.empty(T, P)
+    scalar, shared = int(lr.dim() == 0), theta.dim() == 1
+    lib.run_inner_step(ptr(theta), int(shared), ptr(grad), ptr(lr), ptr(sg), ptr(mask), ptr(pc), scalar, L(T), L(P),
+                       ptr(out))
+    assert rel(out, reference_inner_step(theta, grad, lr, mask, pc, sg)) <= 1e-6
+    needs = [True, True, True, mask is not None, pc is not None]
+    outs = [torch.empty(P) if shared else torch.empty(T, P), torch.empty(T, P), torch.zeros(lr.shape),
+            torch.empty(P) if needs[3] else None, torch.empty(P) if needs[4] else None]
+    S = 1 if scalar else lr.size(0)
+    lib.run_inner_step_backward(ptr(go), ptr(grad), ptr(lr), ptr(sg), ptr(mask), ptr(pc), scalar, L(T), L(P), L(S),
+                                int(shared), *map(ptr, outs), int(scalar or sg is not None))
+    for o, r, n in zip(outs, reference_inner_step_backward(go, grad, lr, mask, pc, sg, shared, needs), needs):
+        if n:
+            assert rel(o, r) <= 1e-6
+
+
+@pytest.mark.parametrize("act", list(ACT))
+def test_emulated_cuda_task_linear_family(lib, act):
+    T, N, I, O = 3, 7, 19, 37  # tails of the 32×32 tiles and the 8-deep K slices
+    g = torch.Generator().manual_seed(2)
+    x, go = torch.randn(T, N, I, generator=g), torch.randn(T, N, O, generator=g)
+    for shared in (False, True):
+        w = torch.randn(O, I, generator=g) if shared else torch.randn(T, O, I, generator=g)
+        b = torch.randn(T, O, generator=g)
+        y = torch.empty(T, N, O)
+        lib.run_gemm(L(T), L(N), L(O), L(I), ptr(x), L(N * I), L(I), L(1), ptr(w), L(0 if shared else O * I), L(1),
+                     L(I), ptr(y), ptr(b), L(O), ACT[act], F(0.1))
+        assert rel(y, reference_task_linear(x, w, b, act, 0.1)) <= 1e-6
+        dx = torch.empty(T, N, I)
+        lib.run_gemm(L(T), L(N), L(I), L(O), ptr(go), L(N * O), L(O), L(1), ptr(w), L(0 if shared else O * I), L(I),
+                     L(1), ptr(dx), ptr(None), L(0), 0, F(0))
+        assert rel(dx, reference_task_linear_input_grad(go, w)) <= 1e-6
+    dw = torch.empty(T, O, I)
+    lib.run_gemm(L(T), L(O), L(I), L(N), ptr(go), L(N * O), L(1), L(O), ptr(x), L(N * I), L(I), L(1), ptr(dw),
+                 ptr(None), L(0), 0, F(0))
+    assert rel(dw, reference_task_linear_weight_grad(go, x, False)) <= 1e-6
+    dws = torch.empty(O, I)
+    lib.run_gemm(L(1), L(O), L(I), L(T * N), ptr(go), L(0), L(1), L(O), ptr(x), L(0), L(I), L(1), ptr(dws), ptr(None),
+                 L(0), 0, F(0))
+    assert rel(dws, reference_task_linear_weight_grad(go, x, True)) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
+def test_emulated_cuda_task_loss_and_grad(lib, kind):
+    T, N, C = 3, 7, 5
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn(T, N, C, generator=g) * 3
+    target = torch.randint(0, C, (T, N), generator=g) if kind == "cross_entropy" else torch.randn(T, N, C, generator=g)
+    code, classes = (0, C) if kind == "cross_entropy" else (1, 1)
+    out = torch.empty(T)
+    lib.run_loss(ptr(pred), ptr(target), code, L(T), L(N), L(classes), L(N * C), ptr(out), 0)
+    assert rel(out, reference_task_loss(pred, target, kind)) <= 1e-6
+    grad = torch.empty(T, N, C)
+    lib.run_loss(ptr(pred), ptr(target), code, L(T), L(N), L(classes), L(N * C), ptr(grad), 1)
+    assert rel(grad, reference_task_loss_grad(pred, target, kind)) <= 1e-6
