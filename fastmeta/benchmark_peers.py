@@ -111,6 +111,7 @@ class Contender:
     name = "contender"
     family = "peer"
     torch_func = False
+    uses_torch_allocator = True  # its peak memory is torch.cuda.max_memory_allocated's
 
     def __init__(self, problem: Problem):
         self.problem = problem
@@ -230,7 +231,15 @@ class FastmetaGraphContender(FastmetaContender):
             raise ContenderSkipped("CUDA graphs need a CUDA device")
         self._build()
         self.optimizer = torch.optim.Adam(self.params, lr=ADAM_LR, capturable=True)
-        self.graph = capture_whole_step(self._eager_step, self.optimizer, self.device)
+        try:
+            self.graph = capture_whole_step(self._eager_step, self.optimizer, self.device)
+        except Exception as exc:  # e.g. a host sync in an op: not capturable (yet)
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(self.device)
+            message = str(exc).strip().splitlines()
+            raise ContenderSkipped(
+                f"fastmeta's step is not capturable: {type(exc).__name__}: {message[0] if message else ''}"[:300]
+            ) from None
 
     def _eager_step(self) -> None:
         out = self.learner.meta_batch(*self.problem.batch.tensors())
@@ -526,6 +535,7 @@ class JaxPeer(Contender):
     """
 
     name = "jax"
+    uses_torch_allocator = False  # XLA's own allocator: torch cannot see its peak
 
     def prepare(self) -> None:
         jax = import_jax()

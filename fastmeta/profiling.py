@@ -162,7 +162,7 @@ def profile_meta_iterations(
         ),
         key=lambda r: (r[0] != "fastmeta.meta_iteration", r[0]),
     )
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = averages.table(sort_by=sort_by, row_limit=top)
     return ProfileResult(trace=trace, ranges=ranges, top_kernels=table)
 
