@@ -181,3 +181,29 @@ def test_profile_resolves_presets():
     assert first_order and (workload.tasks, workload.support, workload.query, workload.steps) == (32, 5, 5, 1)
     with pytest.raises(ValueError, match="unknown workload or preset"):
         profiling.resolve_workload("W9")
+
+
+def test_summary_marks_targets_met_or_not():
+    def contender(name, family, status, median, peak=None):
+        return {"name": name, "family": family, "status": status, "median_ms": median, "peak_mib": peak}
+
+    def report(device_type, name, contenders):
+        return {"date": "2026-11-26T00:00:00+00:00", "device": {"type": device_type, "name": "X"},
+                "workloads": [{"workload": {"name": name, "title": "t"}, "order": "second", "contenders": contenders}]}
+
+    gpu_w2 = report("cuda", "W2", [
+        contender("fastmeta[auto]", "fastmeta", "ok", 0.5, 100),
+        contender("fastmeta[triton]", "fastmeta", "WRONG", 0.1, 50),  # wrong rows never count
+        contender("graph", "peer", "ok", 6.5, 300),
+        contender("vmap", "peer", "known-wrong", 23.9, 241),
+    ])
+    cpu_w1 = report("cpu", "W1", [
+        contender("fastmeta[cpu]", "fastmeta", "ok", 0.30),
+        contender("vmap", "peer", "ok", 1.66),
+        contender("jax", "peer", "ok", 0.294),
+    ])
+    table = benchmarks.summary_table([gpu_w2, cpu_w1])
+    w2_row, w1_row = [line for line in table.splitlines() if line.startswith("| W")]
+    assert "fastmeta[auto] 0.5" in w2_row and "graph 6.5" in w2_row and "13x" in w2_row
+    assert "| met |" in w2_row and "100 / 241 (ok)" in w2_row
+    assert "jax 0.294" in w1_row and "| not met |" in w1_row  # 0.98x: not faster than JAX
