@@ -38,6 +38,7 @@ can differ in the last ulp between CPU and CUDA; the uniforms themselves cannot.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -164,9 +165,16 @@ def random_words(seed: int, iteration: int, stream: str, task_indices, num_slots
     tasks = as_task_indices(task_indices, device)
     base = base_word(seed, iteration, stream)
     task_state = _absorb(base, tasks)  # [T]
-    slots = torch.arange(num_slots, dtype=torch.int64, device=tasks.device)
-    slot_words = mix32((slots + _PHI) & MASK32)  # [S]
+    slot_words = _slot_words(num_slots, tasks.device)  # [S]
     return mix32(mix32((task_state[:, None] + slot_words[None, :]) & MASK32))
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_words(num_slots: int, device: torch.device) -> torch.Tensor:
+    """The hashed slot indices: the same for every draw of a sampler, so computed once
+    (on a GPU that saves a dozen kernel launches per meta-batch). Read-only."""
+    slots = torch.arange(num_slots, dtype=torch.int64, device=device)
+    return mix32((slots + _PHI) & MASK32)
 
 
 def uniform(words: torch.Tensor) -> torch.Tensor:
