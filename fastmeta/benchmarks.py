@@ -560,6 +560,9 @@ def device_description(device: torch.device) -> dict:
         "fastmeta": fastmeta.__version__,
         "git_commit": _git_commit(),
         "tf32": False,
+        # Other processes' load skews CPU figures: a 2-core machine with a load of 8 gives
+        # medians several times the quiet ones (the mins suffer less).
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         info["cudnn"] = torch.backends.cudnn.version()
@@ -776,7 +779,7 @@ def run(args: argparse.Namespace) -> int:
     workloads = [find_workload(w) for w in settings.workloads]
     described = device_description(device)
     print(f"fastmeta bench · {described['name']} · torch {described['torch']} · triton {described['triton']} · "
-          f"jax {described['jax']} · TF32 off", flush=True)
+          f"jax {described['jax']} · TF32 off · load average {described['load_average_1min']}", flush=True)
     progress = lambda line: print(f"  running {line}", file=sys.stderr, flush=True)  # noqa: E731
     results: list[WorkloadResult] = []
     with full_fp32():
