@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from fastmeta import checkpoint, cli
 from fastmeta.training import CHECKPOINT_NAME, METRICS_NAME, read_metrics
@@ -214,3 +215,23 @@ def test_plot_writes_pngs(tmp_path, capsys):
 def test_plot_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path)]) == 1
     assert METRICS_NAME in capsys.readouterr().err
+
+
+def test_train_on_an_image_folder(tmp_path, capsys):
+    # miniImageNet's layout in miniature: 5 classes per split, 16 images each (1 shot + 15 queries).
+    for split in ("train", "val", "test"):
+        for class_index in range(5):
+            folder = tmp_path / "images" / split / f"n{class_index:02d}"
+            folder.mkdir(parents=True)
+            for image_index in range(16):
+                Image.new("RGB", (12, 12), (50 * class_index, 10 * image_index, 100)).save(folder / f"{image_index}.png")
+    code = cli.main([
+        "train", "miniimagenet-5w1s", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "run"),
+        "--iterations", "1", "--meta-batch", "1", "--validation-tasks", "1",
+        "--test-tasks", "1", "--log-every", "1", *QUIET,
+    ])
+    assert code == 0
+    output = capsys.readouterr().out
+    assert re.search(r"miniimagenet-5w1s: test on 1 tasks \(5-way 1-shot, 15 queries per class\)", output)
+    assert re.findall(r"steps +(\d+): accuracy", output) == ["10"]
+    assert sorted(train_losses(tmp_path / "run")) == [1]
