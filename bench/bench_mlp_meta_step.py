@@ -166,8 +166,11 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--first-order", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated providers to leave out")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg, dev = W1, args.device
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False

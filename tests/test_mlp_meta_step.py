@@ -268,3 +268,33 @@ def test_cuda_declines_mlps_beyond_its_shared_memory(extension):
     want = unrolled_reference(theta, sizes, "relu", sx, sy, qx, qy, "cross_entropy", lr, 1, False, w)
     for a, b in zip(got, want):
         assert rel(a.cpu(), b.cpu()) <= 1e-5
+
+
+def test_forward_hands_task_gradients_to_backward_and_falls_back_exactly(extension, monkeypatch):
+    import sys
+
+    module = sys.modules["fastmeta.ops.mlp_meta_step"]
+
+    sizes, act, loss = [2, 9, 3], "tanh", "cross_entropy"
+    theta, sx, sy, qx, qy, lr, w = make_problem(sizes, act, loss, "param", 2, 5, dtype=torch.float64)
+    want = unrolled_reference(theta, sizes, act, sx, sy, qx, qy, loss, lr, 2, False, w)[2]
+    real_backward_op = module.mlp_meta_step_backward
+    calls = []
+    monkeypatch.setattr(module, "mlp_meta_step_backward", lambda *a: calls.append(1) or real_backward_op(*a))
+    th = theta.clone().requires_grad_(True)
+    with fm.use_backend("cpu"):
+        # One forward, one backward: the handoff serves the backward, no recomputation.
+        losses, _ = mlp_meta_step(th, sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False)
+        (g,) = torch.autograd.grad((losses * w).sum(), th)
+        assert calls == [] and rel(g, want) <= 1e-10
+        # Each forward's gradients stay with its own autograd node: two forwards, then the
+        # first one's backward still needs no recomputation.
+        first, _ = mlp_meta_step(th, sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False)
+        mlp_meta_step(th, sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False)
+        (g,) = torch.autograd.grad((first * w).sum(), th)
+        assert calls == [] and rel(g, want) <= 1e-10
+        # With create_graph the handed-over gradients (constants) are not used: the
+        # backward op runs, and its result is differentiable.
+        losses, _ = mlp_meta_step(th, sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False)
+        (g,) = torch.autograd.grad((losses * w).sum(), th, create_graph=True)
+        assert calls == [1] and rel(g, want) <= 1e-10 and g.requires_grad

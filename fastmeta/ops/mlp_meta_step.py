@@ -46,6 +46,9 @@ differentiated by autograd.
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -346,6 +349,36 @@ def reference_mlp_meta_step_backward(grad_losses, theta, layer_sizes, act, negat
 # ---------------------------------------------------------------------------------------
 
 
+class _TaskGradientHandoff:
+    """Hands the per-task meta-gradients from the forward kernel to setup_context.
+
+    A custom op's outputs are fixed by its schema (losses, preds), yet the fused kernels
+    get every task's meta-gradient almost for free while they run the forward: the inner
+    loop's activations are still in cache. Recomputing them in the backward costs one more
+    forward (W1 on this 2-core CPU: 165 µs forward alone, 424 µs forward + gradients, so
+    −28%). The kernel leaves them here, keyed by its losses tensor; setup_context takes
+    them (same thread, right after the forward). Correctness never depends on the
+    handoff: on a miss — no autograd (no setup_context), another thread, create_graph —
+    the backward runs the mlp_meta_step_backward op, which recomputes.
+    """
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def put(self, losses: Tensor, grads: tuple[Tensor, Tensor]) -> None:
+        self._local.slot = (weakref.ref(losses), grads)  # one slot: the latest forward
+
+    def take(self, losses: Tensor):
+        slot = getattr(self._local, "slot", None)
+        self._local.slot = None
+        if slot is None or slot[0]() is not losses:
+            return None
+        return slot[1]
+
+
+_task_gradients = _TaskGradientHandoff()
+
+
 @torch.library.custom_op("fastmeta::mlp_meta_step", mutates_args=())
 def mlp_meta_step(
     theta: Tensor,
@@ -387,6 +420,7 @@ def _meta_step_setup(ctx, inputs, output):
     ctx.config = (list(layer_sizes), act, negative_slope, loss_kind, steps, first_order)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(theta, support_x, support_y, query_x, query_y, lr)
+    ctx.task_grads = _task_gradients.take(output[0])
 
 
 def _meta_step_backward(ctx, grad_losses, grad_preds):
@@ -399,10 +433,20 @@ def _meta_step_backward(ctx, grad_losses, grad_preds):
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[9]]
     if not any(needs):
         return (None,) * 12
-    d_theta, d_lr = mlp_meta_step_backward(
-        grad_losses.contiguous(), theta, layer_sizes, act, negative_slope, support_x, support_y,
-        query_x, query_y, loss_kind, lr, steps, first_order, needs,
-    )
+    task_grads, ctx.task_grads = ctx.task_grads, None
+    if task_grads is not None and not torch.is_grad_enabled():
+        # The forward kernel already computed every task's meta-gradient (see
+        # _TaskGradientHandoff): weighting them is the whole backward. Only without
+        # create_graph: these per-task gradients are constants to autograd.
+        g_theta, g_lr = task_grads
+        w = grad_losses.to(g_theta.dtype)
+        d_theta = w @ g_theta if needs[0] else None
+        d_lr = (w @ g_lr.reshape(w.numel(), -1)).reshape(lr.shape) if needs[1] else None
+    else:
+        d_theta, d_lr = mlp_meta_step_backward(
+            grad_losses.contiguous(), theta, layer_sizes, act, negative_slope, support_x, support_y,
+            query_x, query_y, loss_kind, lr, steps, first_order, needs,
+        )
     return (d_theta if needs[0] else None, None, None, None, None, None, None, None, None,
             d_lr if needs[1] else None, None, None)
 
@@ -532,18 +576,28 @@ def _kernel_inputs_ok(device_type: str, theta, support_x, support_y, query_x, qu
 
 
 def make_extension_kernel(device_type: str):
-    """The forward kernel of the cpu/cuda backend: one call of fastmeta_ext::mlp_meta_step."""
+    """The forward kernel of the cpu/cuda backend: one call of fastmeta_ext::mlp_meta_step.
+
+    When θ or lr requires grad, the same call also returns every task's meta-gradient,
+    handed to the backward through _TaskGradientHandoff.
+    """
 
     def kernel(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
                loss_kind, lr, steps, first_order):
         if not _kernel_inputs_ok(device_type, theta, support_x, support_y, query_x, query_y, lr, act,
                                  loss_kind, layer_sizes, steps):
             return NotImplemented
-        losses, preds, _, _ = torch.ops.fastmeta_ext.mlp_meta_step(
+        # Inside the op, grad mode is off whether or not a backward will come; requires_grad
+        # on the inputs is what survives. Under torch.no_grad with parameters this computes
+        # gradients nobody takes: correct, slower (eval loops should detach θ).
+        want = theta.requires_grad or lr.requires_grad
+        losses, preds, g_theta, g_lr = torch.ops.fastmeta_ext.mlp_meta_step(
             theta.detach().contiguous(), list(layer_sizes), act, float(negative_slope),
             support_x.contiguous(), support_y.contiguous(), query_x.contiguous(), query_y.contiguous(),
-            loss_kind, lr.detach().contiguous(), int(steps), bool(first_order), 0, None,
+            loss_kind, lr.detach().contiguous(), int(steps), bool(first_order), 2 if want else 0, None,
         )
+        if want:
+            _task_gradients.put(losses, (g_theta, g_lr))
         return losses, preds
 
     return kernel
