@@ -1,7 +1,9 @@
 """W1 (sinusoid) meta-iterations: the fused meta-step against its peers, in one run.
 
 One meta-iteration = the inner loop of every task, the query loss, the meta-gradient and
-an Adam step (torch.optim.Adam, lr 1e-3) on the MLP's parameters. W1 (BENCHMARKS.md):
+an Adam step (torch.optim.Adam, lr 1e-3, fused=True: 45 µs against 133 µs for the
+single-tensor loop on this 2-core CPU; every provider uses the same optimizer) on the
+MLP's parameters. W1 (BENCHMARKS.md):
 T=25 tasks, K=10 support and 10 query examples, MLP 1-40-40-1 ReLU, 1 inner step with
 lr 0.01, MSE, second order.
 
@@ -49,6 +51,10 @@ def make_model(layer_sizes):
     return nn.Sequential(*layers)
 
 
+def make_optimizer(model, cfg):
+    return torch.optim.Adam(model.parameters(), lr=cfg["outer_lr"], fused=True)
+
+
 def make_data(cfg, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     T, K, Q = cfg["tasks"], cfg["support"], cfg["query"]
@@ -59,9 +65,8 @@ def make_data(cfg, device, seed=0):
     return [t.to(device) for t in (sx, amp * torch.sin(sx + phase), qx, amp * torch.sin(qx + phase))]
 
 
-def fused_step(model, opt, data, cfg, first_order, backend):
+def fused_step(model, opt, data, cfg, first_order, backend, params):
     sx, sy, qx, qy = data
-    params = list(model.parameters())
     theta = torch.cat([p.reshape(-1) for p in params])  # its backward hands each parameter its slice
     lr = torch.full((cfg["steps"],), cfg["inner_lr"], device=theta.device)
     with fm.use_backend(backend):
@@ -74,9 +79,9 @@ def fused_step(model, opt, data, cfg, first_order, backend):
     return loss
 
 
-def unrolled_step(model, opt, data, cfg, first_order):
+def unrolled_step(model, opt, data, cfg, first_order, params):
     sx, sy, qx, qy = data
-    theta = torch.cat([p.reshape(-1) for p in model.parameters()])
+    theta = torch.cat([p.reshape(-1) for p in params])
     lr = torch.full((cfg["steps"],), cfg["inner_lr"], device=theta.device)
     losses, _ = unrolled_meta_step(theta, cfg["layer_sizes"], cfg["act"], 0.0, sx, sy, qx, qy, "mse", lr,
                                    cfg["steps"], first_order, create_graph=True)
@@ -102,8 +107,9 @@ def make_vmap_step(model, cfg, first_order):
 
     batched = vmap(task, in_dims=(None, 0, 0, 0, 0))
 
+    params = dict(model.named_parameters())
+
     def step(model, opt, data, cfg, first_order):
-        params = dict(model.named_parameters())
         loss = batched(params, *data).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -113,9 +119,8 @@ def make_vmap_step(model, cfg, first_order):
     return step
 
 
-def loop_step(model, opt, data, cfg, first_order):
+def loop_step(model, opt, data, cfg, first_order, params):
     sx, sy, qx, qy = data
-    params = list(model.parameters())
     names = [n for n, _ in model.named_parameters()]
     total = 0.0
     for t in range(sx.size(0)):
@@ -180,12 +185,12 @@ def main(argv=None):
     data = make_data(cfg, dev)
     providers = {}
     if ok:
-        providers[f"fused-{backend}"] = lambda m, o: fused_step(m, o, data, cfg, args.first_order, backend)
+        providers[f"fused-{backend}"] = lambda m, o, p: fused_step(m, o, data, cfg, args.first_order, backend, p)
     else:
         print(f"fused-{backend}: unavailable ({reason})")
-    providers["reference"] = lambda m, o: fused_step(m, o, data, cfg, args.first_order, "torch")
-    providers["unrolled"] = lambda m, o: unrolled_step(m, o, data, cfg, args.first_order)
-    providers["loop"] = lambda m, o: loop_step(m, o, data, cfg, args.first_order)
+    providers["reference"] = lambda m, o, p: fused_step(m, o, data, cfg, args.first_order, "torch", p)
+    providers["unrolled"] = lambda m, o, p: unrolled_step(m, o, data, cfg, args.first_order, p)
+    providers["loop"] = lambda m, o, p: loop_step(m, o, data, cfg, args.first_order, p)
     skip = set(filter(None, args.skip.split(",")))
     steps = {}
     for name, step in providers.items():
@@ -193,12 +198,13 @@ def main(argv=None):
             continue
         torch.manual_seed(0)
         model = make_model(cfg["layer_sizes"]).to(dev)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg["outer_lr"], foreach=False)
-        steps[name] = (lambda step, model, opt: (lambda: step(model, opt)))(step, model, opt)
+        opt = make_optimizer(model, cfg)
+        params = list(model.parameters())  # looked up once, as a learner does
+        steps[name] = (lambda step, model, opt, params: (lambda: step(model, opt, params)))(step, model, opt, params)
     if "vmap" not in skip:
         torch.manual_seed(0)
         model = make_model(cfg["layer_sizes"]).to(dev)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg["outer_lr"], foreach=False)
+        opt = make_optimizer(model, cfg)
         vstep = make_vmap_step(model, cfg, args.first_order)
         steps["vmap"] = lambda: vstep(model, opt, data, cfg, args.first_order)
     results = time_providers(steps, args.iters, args.warmup, dev)
