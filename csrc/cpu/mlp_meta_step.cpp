@@ -441,15 +441,21 @@ void run(const Plan& plan, const C& c, const Args& a, const T* rates, at::Tensor
 #pragma omp simd
         for (int64_t k = 0; k < p.PP; ++k) da[k] = -v[k] * g[k];
         // Reduce dα_s (padded) to the rate's own shape.
+        // `omp simd reduction` lets the sums reassociate, hence vectorise: a plain float
+        // sum over W1's 1.9k parameters is a 4-cycle dependency chain, 2.7 µs per task.
         if (a.rate_kind == RateKind::Step) {
           T sum = 0;
+#pragma omp simd reduction(+ : sum)
           for (int64_t k = 0; k < p.PP; ++k) sum += da[k];
           glr_t[s] = sum;
         } else if (a.rate_kind == RateKind::Tensor) {
           for (int64_t l = 0; l < p.L; ++l) {
             T sw = 0, sb = 0;
-            for (int64_t k = p.offW[l]; k < p.offB[l]; ++k) sw += da[k];
-            for (int64_t k = p.offB[l]; k < p.offB[l] + p.np[l + 1]; ++k) sb += da[k];
+            const int64_t w0 = p.offW[l], b0 = p.offB[l], b1 = p.offB[l] + p.np[l + 1];
+#pragma omp simd reduction(+ : sw)
+            for (int64_t k = w0; k < b0; ++k) sw += da[k];
+#pragma omp simd reduction(+ : sb)
+            for (int64_t k = b0; k < b1; ++k) sb += da[k];
             glr_t[s * 2 * p.L + 2 * l] = sw;
             glr_t[s * 2 * p.L + 2 * l + 1] = sb;
           }
