@@ -206,7 +206,7 @@ at::Tensor activation_grad(const at::Tensor& grad_y, const at::Tensor& y, c10::s
   FM_CHECK_FLOATING(y);
   FM_CHECK_SAME_DTYPE(grad_y, y);
   TORCH_CHECK(grad_y.sizes() == y.sizes(), "grad_y must be ", y.sizes(), ", got ", grad_y.sizes());
-  const Act act = parse_act(std::string(act_name));
+  const Act act = parse_act(std::string(act_name.data(), act_name.size()));
   at::Tensor out = at::empty_like(y);
   const int64_t n = y.numel();
   dispatch_floating(y.scalar_type(), "activation_grad", [&](auto tag_) {
@@ -280,7 +280,7 @@ inline T softmax_row(const T* z, int64_t C, T* p) {
 }
 
 at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
-  const LossKind kind = parse_loss(std::string(kind_name));
+  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
   check_loss_args(pred, target, kind);
   const int64_t T = pred.size(0), N = pred.size(1);
   const int64_t M = pred.numel() / T;  // elements per task
@@ -314,7 +314,7 @@ at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::stri
 }
 
 at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
-  const LossKind kind = parse_loss(std::string(kind_name));
+  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
   check_loss_args(pred, target, kind);
   const int64_t T = pred.size(0), N = pred.size(1);
   const int64_t M = pred.numel() / T;

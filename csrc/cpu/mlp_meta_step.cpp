@@ -505,10 +505,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
   for (auto s : layer_sizes) TORCH_CHECK(s >= 1, "layer sizes must be >= 1, got ", layer_sizes);
   TORCH_CHECK(steps >= 0, "steps must be >= 0, got ", steps);
   TORCH_CHECK(grads >= 0 && grads <= 2, "grads must be 0, 1 or 2, got ", grads);
-  const Act act = parse_act(std::string(act_name));
+  const Act act = parse_act(std::string(act_name.data(), act_name.size()));
   // The zero row pads stay zero only if act(0) = 0: not so for the sigmoid (0.5).
   TORCH_CHECK(act != Act::Sigmoid, "mlp_meta_step: act must be relu, leaky_relu, tanh or none");
-  const LossKind loss = parse_loss(std::string(loss_name));
+  const LossKind loss = parse_loss(std::string(loss_name.data(), loss_name.size()));
   FM_CHECK_DIM(support_x, 3);
   FM_CHECK_DIM(query_x, 3);
   const int64_t T = support_x.size(0), K = support_x.size(1), Q = query_x.size(1);

@@ -74,7 +74,7 @@ at::Tensor task_batch_norm(const at::Tensor& x, const c10::optional<at::Tensor>&
                            double negative_slope) {
   const BnShape s = check_bn(x, gamma, "gamma");
   check_bn(x, beta, "beta");
-  const Act act = parse_act(std::string(act_name));
+  const Act act = parse_act(std::string(act_name.data(), act_name.size()));
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   dispatch_floating(x.scalar_type(), "task_batch_norm", [&](auto tag_) {

@@ -48,7 +48,7 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
     TORCH_CHECK((b_shared && b->size(0) == O) || (b->dim() == 2 && b->size(0) == T && b->size(1) == O),
                 "b must be [O] or [T, O] with O = ", O, ", T = ", T, ", got ", b->sizes());
   }
-  const Act act = parse_act(std::string(act_name));
+  const Act act = parse_act(std::string(act_name.data(), act_name.size()));
   at::Tensor y = at::empty({T, N, O}, x.options());
   if (y.numel() == 0) return y;
   dispatch_floating(x.scalar_type(), "task_linear", [&](auto tag_) {

@@ -143,7 +143,7 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
                 "b must be [O] or [T, O]");
     bias_b = b->dim() == 2 ? O : 0;
   }
-  const int act = static_cast<int>(parse_act(std::string(act_name)));
+  const int act = static_cast<int>(parse_act(std::string(act_name.data(), act_name.size())));
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({T, N, O}, x.options());
   if (y.numel() == 0) return y;
@@ -212,7 +212,7 @@ void check_loss(const at::Tensor& pred, const at::Tensor& target, LossKind kind)
 }
 
 at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
-  const LossKind kind = parse_loss(std::string(kind_name));
+  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
   check_loss(pred, target, kind);
   c10::cuda::CUDAGuard guard(pred.device());
   const int64_t T = pred.size(0), N = pred.size(1), M = pred.numel() / T;
@@ -225,7 +225,7 @@ at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::stri
 }
 
 at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
-  const LossKind kind = parse_loss(std::string(kind_name));
+  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
   check_loss(pred, target, kind);
   c10::cuda::CUDAGuard guard(pred.device());
   const int64_t T = pred.size(0), N = pred.size(1), M = pred.numel() / T;
@@ -253,10 +253,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
   }
   for (const at::Tensor* t : {&theta, &support_x, &query_x, &lr})
     TORCH_CHECK(t->scalar_type() == at::kFloat, "mlp_meta_step on CUDA takes float32");
-  const Act act = parse_act(std::string(act_name));
+  const Act act = parse_act(std::string(act_name.data(), act_name.size()));
   // The kernel relies on nothing padding-related, but only these have f'' written out.
   TORCH_CHECK(act != Act::Sigmoid, "mlp_meta_step: act must be relu, leaky_relu, tanh or none");
-  const LossKind loss = parse_loss(std::string(loss_name));
+  const LossKind loss = parse_loss(std::string(loss_name.data(), loss_name.size()));
   const int64_t L = static_cast<int64_t>(layer_sizes.size()) - 1;
   TORCH_CHECK(L >= 1 && L <= kMaxLayers, "mlp_meta_step on CUDA takes 1 to ", kMaxLayers, " layers");
   TORCH_CHECK(steps >= 0 && grads >= 0 && grads <= 2, "steps must be >= 0 and grads 0, 1 or 2");
