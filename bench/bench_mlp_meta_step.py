@@ -137,22 +137,27 @@ def loop_step(model, opt, data, cfg, first_order, params):
     return loss
 
 
-def time_providers(steps: dict, iters: int, warmup: int, device: str) -> dict:
-    """Median ms per provider. Providers are interleaved, one iteration each per round, so
-    that a change in the machine's load (a shared CI box) hits all of them alike."""
+def time_providers(steps: dict, iters: int, warmup: int, device: str, clock=time.perf_counter,
+                   block: int = 10) -> dict:
+    """Median ms per provider. Providers take turns in blocks of `block` iterations, so that
+    a change in the machine's load (a shared CI box) hits all of them alike, while each
+    block runs with its own working set warm (one iteration per turn measured the fused
+    step 50% slower: the peers' allocations evicted it and triggered Python's GC)."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in steps}
-    for _ in range(iters):
+    while any(len(t) < iters for t in times.values()):
         for name, fn in steps.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            fn()  # re-warm after the other providers' turn
+            for _ in range(min(block, iters - len(times[name]))):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = clock()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append((clock() - t0) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -172,6 +177,9 @@ def main(argv=None):
     ap.add_argument("--first-order", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated providers to leave out")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="thread: CPU time of this thread (with --threads 1 only): on a shared, loaded "
+                         "machine it leaves out the time other processes hold the core")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -207,11 +215,14 @@ def main(argv=None):
         opt = make_optimizer(model, cfg)
         vstep = make_vmap_step(model, cfg, args.first_order)
         steps["vmap"] = lambda: vstep(model, opt, data, cfg, args.first_order)
-    results = time_providers(steps, args.iters, args.warmup, dev)
+    if args.clock == "thread" and (dev != "cpu" or torch.get_num_threads() != 1):
+        ap.error("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    results = time_providers(steps, args.iters, args.warmup, dev, clock)
     fused = results.get(f"fused-{backend}")
     order = "first" if args.first_order else "second"
     print(f"W1 sinusoid, {order} order, {dev}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"median of {args.iters} meta-iterations (Adam included), load average {_load()}:")
+          f"median {args.clock} time of {args.iters} meta-iterations (Adam included), load average {_load()}:")
     for name, ms in results.items():
         ratio = f"  ({ms / fused:6.1f}x the fused time)" if fused else ""
         print(f"  {name:14s} {ms:9.3f} ms{ratio}")
