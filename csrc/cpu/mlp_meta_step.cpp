@@ -16,11 +16,13 @@
 // per task and step: about 3× one forward+backward, with no autograd graph.
 //
 // Layout: every row of every matrix (weights, activations, deltas) is padded with zeros
-// to a multiple of 16 elements (the GEMM's register tile is 16 floats wide), so every
-// product runs full tiles; zeros propagate through the padding (act(0) = 0 for every
-// activation here, f'(0)·0 = 0), which keeps the pads zero without masking.
-// W1 (1-40-40-1, K=10): padded widths 16-48-48-16, ≈ 60 KiB of workspace per thread.
-// Bound: FLOPs (≈ 12 GEMMs of 10×40×40 per task), in L1/L2.
+// to a multiple of 8 elements (the GEMM's register tile is 8 wide), so every product runs
+// full tiles; zeros propagate through the padding (act(0) = 0 for every activation here,
+// f'(0)·0 = 0), which keeps the pads zero without masking.
+// W1 (1-40-40-1, K=10): padded widths 8-40-40-8, ≈ 40 KiB of workspace per thread.
+// Bound: FLOPs, in L1/L2: ≈ 12 GEMMs of 10×40×40 per task and step. Measured for W1's 25
+// tasks (forward + meta-gradient, one call): 209 µs on one thread, 123 µs on two
+// (≈ 8 µs per task; the GEMMs run at ~12 multiply-adds per cycle).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
