@@ -417,6 +417,29 @@ class _StopRequest:
             signal.signal(number, handler)
 
 
+def _meta_batches(sampler, iterations: range, tasks: range) -> Iterator[TaskBatch]:
+    """Each iteration's meta-batch in turn, drawn ``sample_block`` iterations at a time.
+
+    On a GPU a draw is launch-bound, so blocks of up to 64 MiB amortise its two dozen
+    launches over many iterations. On the CPU a block pays off only while it stays
+    cache-sized: drawn in blocks, W1's meta-batches measured 4x faster (blocks of 256,
+    4 KiB each), W2's 3x slower (blocks of 64, 1 MiB each); hence a 1 MiB budget there.
+    """
+    if not iterations:
+        return
+    first = sampler.sample(iterations[0], tasks)
+    yield first
+    per_iteration = sum(t.numel() * t.element_size() for t in first)
+    budget = (64 << 20) if first.support_x.is_cuda else (1 << 20)
+    block = max(1, min(256, budget // per_iteration))
+    if block == 1:
+        for iteration in iterations[1:]:
+            yield sampler.sample(iteration, tasks)
+        return
+    for begin in range(iterations[0] + 1, iterations.stop, block):
+        yield from sampler.sample_block(range(begin, min(begin + block, iterations.stop)), tasks)
+
+
 def train(
     config: RunConfig,
     out: str | os.PathLike,
@@ -482,7 +505,8 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
     # shows they all read the same one. Called on every rank, resumed or not, so that a
     # rank that found no checkpoint fails here with a clear error instead of desynchronising.
     distributed.verify_replicas(run.learner, context, run.optimizer)
-    train_tasks = run.sampler("train", config.seed)
+    # This rank's shard of every meta-batch (all of it in one process), drawn ahead in blocks.
+    meta_batches = _meta_batches(run.sampler("train", config.seed), range(start, config.iterations), context.shard(config.meta_batch))
     metrics = MetricsLog(out / METRICS_NAME, keep_through=start if saved is not None else None) if context.is_main else _NoMetrics()
     learner, optimizer = run.learner, run.optimizer
 
@@ -516,7 +540,7 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
                 # meta-gradient is the mean over all tasks on every rank, and a stop request
                 # on any rank stops every rank after this same iteration.
                 with parallel.meta_step(config.meta_batch, stop_requested=lambda: stop.signal_number is not None) as step:
-                    output = learner.meta_batch(*train_tasks.sample(iteration, step.tasks))
+                    output = learner.meta_batch(*next(meta_batches))
                     step.backward(output)
                 optimizer.step()
                 # Summed on the device: reading a loss every iteration would sync the GPU.

@@ -111,3 +111,10 @@ def test_decoded_split_is_cached(tmp_path, image_root):
     ImageFolderTasks(image_root, image_size=9, cache_dir=tmp_path).load_split("val")
     assert len(list(tmp_path.glob("image-folder-*.pt"))) == 2
     assert np.array_equal(first["class_count"].numpy(), CLASS_SIZES["val"])
+
+
+def test_a_block_of_iterations_equals_one_sample_per_iteration(image_root):
+    tasks = ImageFolderTasks(image_root, image_size=8).tasks("train", ways=3, shots=1, queries=2)
+    for iteration, batch in zip(range(5, 8), tasks.sample_block(range(5, 8), 4)):
+        for a, b in zip(batch, tasks.sample(iteration, 4)):
+            assert torch.equal(a, b)

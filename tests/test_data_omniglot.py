@@ -215,3 +215,13 @@ def test_real_omniglot():
     assert batch.support_x.shape == (16, 20, 1, 28, 28)
     # About 8% of Omniglot's 28x28 pixels are stroke after inversion.
     assert 0.04 < batch.support_x.mean() < 0.15
+
+
+def test_a_block_of_iterations_equals_one_sample_per_iteration(omniglot):
+    tasks = omniglot.tasks("train", ways=5, shots=2, queries=1, seed=4)
+    block = tasks.sample_block(range(7, 10), range(3, 8))
+    assert len(block) == 3
+    for iteration, batch in zip(range(7, 10), block):
+        for field, a, b in zip(TaskBatch._fields, batch, tasks.sample(iteration, range(3, 8))):
+            assert torch.equal(a, b), field
+        assert batch.support_x.is_contiguous() and batch.query_x.is_contiguous()

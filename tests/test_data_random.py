@@ -10,6 +10,7 @@ from fastmeta.data.random import (
     fold_words,
     mix32,
     random_words,
+    random_words_block,
     uniform,
 )
 
@@ -127,3 +128,12 @@ def test_cuda_matches_cpu_bit_for_bit():
         assert torch.equal(uniform(cpu), uniform(cuda).cpu())
         assert torch.equal(below(cpu, 1623), below(cuda, 1623).cpu())
     assert math.isfinite(uniform(cuda).sum().item())
+
+
+def test_block_of_iterations_equals_one_draw_per_iteration():
+    block = random_words_block(3, range(10, 14), "s", [7, 2, 9], 20)
+    assert block.shape == (12, 20)
+    for i, iteration in enumerate(range(10, 14)):
+        assert torch.equal(block[3 * i : 3 * i + 3], random_words(3, iteration, "s", [7, 2, 9], 20))
+    with pytest.raises(ValueError, match="iterations"):
+        random_words_block(3, [], "s", 3, 20)

@@ -87,3 +87,12 @@ def test_cuda_inputs_match_cpu():
     assert torch.equal(cpu.batch.support_x, cuda.batch.support_x.cpu())
     assert torch.equal(cpu.amplitude, cuda.amplitude.cpu())
     torch.testing.assert_close(cpu.batch.support_y, cuda.batch.support_y.cpu())
+
+
+def test_a_block_of_iterations_equals_one_sample_per_iteration():
+    tasks = SinusoidTasks(shots=5, queries=3, seed=2)
+    block = tasks.sample_block(range(40, 43), range(4, 10))
+    assert len(block) == 3
+    for iteration, batch in zip(range(40, 43), block):
+        for field, a, b in zip(TaskBatch._fields, batch, tasks.sample(iteration, range(4, 10))):
+            assert torch.equal(a, b), field

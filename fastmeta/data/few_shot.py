@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .random import as_task_indices, below, random_words
+from .random import as_task_indices, below, random_words, random_words_block
 from .task_batch import TaskBatch
 
 __all__ = ["FewShotTasks", "TaskPlan"]
@@ -141,12 +141,21 @@ class FewShotTasks:
     def plan(self, iteration: int, task_indices) -> TaskPlan:
         """The classes, examples and rotations of each task (see TaskPlan), without images."""
         tasks = as_task_indices(task_indices, self.device)
-        num_tasks = tasks.numel()
-        ways, per_class, classes_total, count = self.ways, self.shots + self.queries, self.num_classes, self.max_count
+        return self._plan(random_words(self.seed, iteration, self.stream, tasks, self._slots_per_task))
+
+    def plan_block(self, iterations, task_indices) -> TaskPlan:
+        """``plan`` for several iterations: leading dimension I * T, iteration-major."""
+        tasks = as_task_indices(task_indices, self.device)
+        return self._plan(random_words_block(self.seed, iterations, self.stream, tasks, self._slots_per_task))
+
+    @property
+    def _slots_per_task(self) -> int:
         # Slot layout of one task's words: [class keys | rotations | example keys].
-        words = random_words(
-            self.seed, iteration, self.stream, tasks, classes_total + ways + ways * count, self.device
-        )
+        return self.num_classes + self.ways + self.ways * self.max_count
+
+    def _plan(self, words: torch.Tensor) -> TaskPlan:
+        num_tasks = words.shape[0]
+        ways, per_class, classes_total, count = self.ways, self.shots + self.queries, self.num_classes, self.max_count
         class_words, rotation_words, example_words = words.split((classes_total, ways, ways * count), dim=1)
 
         class_keys = class_words * classes_total + torch.arange(classes_total, device=self.device)
@@ -199,6 +208,12 @@ class FewShotTasks:
             images[support_count:].view(num_tasks, ways * queries, *image_shape),
             self._query_labels.expand(num_tasks, -1).contiguous(),
         )
+
+    def sample_block(self, iterations, task_indices) -> list[TaskBatch]:
+        """``[sample(i, task_indices) for i in iterations]``, drawn together (one RNG call,
+        one gather): what a training loop on a GPU wants, where a draw is launch-bound."""
+        tasks = as_task_indices(task_indices, self.device)
+        return self.gather(self.plan_block(iterations, tasks)).split_tasks(tasks.numel())
 
     def sample(self, iteration: int, task_indices) -> TaskBatch:
         """The tasks ``task_indices`` (global indices) of meta-iteration ``iteration``.

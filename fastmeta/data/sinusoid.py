@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from .random import as_task_indices, random_words, uniform
+from .random import as_task_indices, random_words, random_words_block, uniform
 from .task_batch import TaskBatch
 
 __all__ = ["SinusoidTasks", "SinusoidEvaluation"]
@@ -72,14 +72,18 @@ class SinusoidTasks:
     def _scale(u: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
         return bounds[0] + u * (bounds[1] - bounds[0])
 
-    def _draw(self, seed: int, iteration: int, stream: str, task_indices, points: int):
-        """Amplitude [T], phase [T] and `points` inputs [T, points, 1] from one RNG call."""
-        tasks = as_task_indices(task_indices, self.device)
-        u = uniform(random_words(seed, iteration, stream, tasks, 2 + points, self.device))
+    def _split_words(self, words: torch.Tensor):
+        """Amplitude [T], phase [T] and inputs [T, points, 1] from words [T, 2 + points]."""
+        u = uniform(words)
         amplitude = self._scale(u[:, 0], self.amplitude)
         phase = self._scale(u[:, 1], self.phase)
         x = self._scale(u[:, 2:], self.x_range).unsqueeze(-1)
         return amplitude, phase, x
+
+    def _tasks(self, amplitude, phase, x) -> SinusoidEvaluation:
+        y = self.curve(amplitude, phase, x)
+        batch = TaskBatch(x[:, : self.shots], y[:, : self.shots], x[:, self.shots :], y[:, self.shots :])
+        return SinusoidEvaluation(batch, amplitude, phase)
 
     def sample(self, iteration: int, task_indices) -> TaskBatch:
         """The tasks ``task_indices`` (global indices: an int n, a range, a sequence or a tensor) of ``iteration``."""
@@ -87,10 +91,15 @@ class SinusoidTasks:
 
     def sample_with_parameters(self, iteration: int, task_indices) -> SinusoidEvaluation:
         """``sample``, plus each task's amplitude and phase."""
-        amplitude, phase, x = self._draw(self.seed, iteration, "sinusoid/train", task_indices, self.shots + self.queries)
-        y = self.curve(amplitude, phase, x)
-        batch = TaskBatch(x[:, : self.shots], y[:, : self.shots], x[:, self.shots :], y[:, self.shots :])
-        return SinusoidEvaluation(batch, amplitude, phase)
+        tasks = as_task_indices(task_indices, self.device)
+        words = random_words(self.seed, iteration, "sinusoid/train", tasks, 2 + self.shots + self.queries)
+        return self._tasks(*self._split_words(words))
+
+    def sample_block(self, iterations, task_indices) -> list[TaskBatch]:
+        """``[sample(i, task_indices) for i in iterations]``, drawn in one RNG call."""
+        tasks = as_task_indices(task_indices, self.device)
+        words = random_words_block(self.seed, iterations, "sinusoid/train", tasks, 2 + self.shots + self.queries)
+        return self._tasks(*self._split_words(words)).batch.split_tasks(tasks.numel())
 
     def evaluation_tasks(self, tasks=600, seed: int = 0, query_points: int = 100) -> SinusoidEvaluation:
         """A fixed evaluation set: K random support points and ``query_points`` evenly spaced
@@ -105,7 +114,8 @@ class SinusoidTasks:
             raise ValueError(f"query_points must be positive, got {query_points}")
         task_indices = as_task_indices(tasks, self.device)
         num_tasks = task_indices.numel()
-        amplitude, phase, support_x = self._draw(seed, 0, "sinusoid/evaluation", task_indices, self.shots)
+        words = random_words(seed, 0, "sinusoid/evaluation", task_indices, 2 + self.shots)
+        amplitude, phase, support_x = self._split_words(words)
         grid = torch.linspace(*self.x_range, query_points, device=self.device)
         query_x = grid.view(1, -1, 1).expand(num_tasks, -1, -1).contiguous()
         batch = TaskBatch(

@@ -28,3 +28,9 @@ class TaskBatch(NamedTuple):
     @property
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
+
+    def split_tasks(self, tasks_per_batch: int) -> list["TaskBatch"]:
+        """Consecutive runs of ``tasks_per_batch`` tasks, as views (no copies)."""
+        if tasks_per_batch < 1 or self.num_tasks % tasks_per_batch:
+            raise ValueError(f"tasks_per_batch={tasks_per_batch} must divide the batch's {self.num_tasks} tasks")
+        return [TaskBatch(*parts) for parts in zip(*(t.split(tasks_per_batch) for t in self))]
