@@ -68,7 +68,8 @@ inline LossKind parse_loss(const std::string& kind) {
 template <typename T>
 inline T act_forward(T z, Act act, T slope) {
   switch (act) {
-    case Act::Relu: return z > T(0) ? z : T(0);
+    // NaN passes through, as torch.relu lets it: a NaN input must not become a clean 0.
+    case Act::Relu: return (z > T(0) || z != z) ? z : T(0);
     case Act::LeakyRelu: return z > T(0) ? z : z * slope;
     case Act::Tanh: return std::tanh(z);
     case Act::Sigmoid: return T(1) / (T(1) + std::exp(-z));

@@ -13,7 +13,7 @@ enum ActCode : int { kNone = 0, kRelu = 1, kLeakyRelu = 2, kTanh = 3, kSigmoid =
 
 __device__ __forceinline__ float act_fwd(float z, int act, float slope) {
   switch (act) {
-    case kRelu: return z > 0.f ? z : 0.f;
+    case kRelu: return (z > 0.f || z != z) ? z : 0.f;  // NaN passes, as in torch.relu
     case kLeakyRelu: return z > 0.f ? z : z * slope;
     case kTanh: return tanhf(z);
     case kSigmoid: return 1.f / (1.f + expf(-z));

@@ -53,7 +53,7 @@ def activation_derivative(y: Tensor, act: str, negative_slope: float) -> Tensor:
     if act == "relu":
         return (y > 0).to(y.dtype)
     if act == "leaky_relu":
-        return torch.where(y > 0, 1.0, negative_slope).to(y.dtype)
+        return torch.where(y > 0, torch.ones_like(y), torch.full_like(y, negative_slope))
     if act == "tanh":
         return 1 - y * y
     if act == "sigmoid":
