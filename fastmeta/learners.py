@@ -102,7 +102,7 @@ class _MetaLearner(nn.Module):
         self._layout = Layout.of_module(model)
         self._program = capture(model, self._layout)
         self._mlp = plain_mlp_structure(model)
-        self._param_ids = self._current_param_ids()
+        self._params = [p for _, p in model.named_parameters()]
 
     # -- model and buffer ------------------------------------------------------------
 
@@ -110,24 +110,26 @@ class _MetaLearner(nn.Module):
         """Run the wrapped model, as learn2learn's ``learner(x)`` does."""
         return self.module(*args, **kwargs)
 
-    def _current_param_ids(self) -> tuple[int, ...]:
-        return tuple(id(p) for _, p in self.module.named_parameters())
-
     def _refresh_capture(self) -> None:
-        """Re-capture if the model's parameters were replaced (not just updated in place)."""
-        ids = self._current_param_ids()
-        if ids != self._param_ids:
+        """Re-capture if the model's parameters were replaced (not just updated in place).
+
+        Every public entry point calls this first; the methods below then use the
+        parameter list it keeps (walking ``named_parameters()`` once per call, not once
+        per use, is a tenth of a small meta-step's time).
+        """
+        params = [p for _, p in self.module.named_parameters()]
+        if len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params)):
             self._layout = Layout.of_module(self.module)
             self._program = capture(self.module, self._layout)
             self._mlp = plain_mlp_structure(self.module)
-            self._param_ids = ids
+        self._params = params
 
     @property
     def layout(self) -> Layout:
         return self._layout
 
     def _model_parameters(self) -> list[nn.Parameter]:
-        return [p for _, p in self.module.named_parameters()]
+        return self._params
 
     def _pack(self) -> Tensor:
         return self._layout.pack(self._model_parameters())
@@ -152,7 +154,7 @@ class _MetaLearner(nn.Module):
     def _check_nograd(self) -> None:
         if self.allow_nograd:
             return
-        frozen = [n for n, p in self.module.named_parameters() if not p.requires_grad]
+        frozen = [s.name for s, p in zip(self._layout.segments, self._params) if not p.requires_grad]
         if frozen:
             raise ValueError(
                 f"parameters {frozen} have requires_grad=False; pass allow_nograd=True to "
@@ -241,7 +243,7 @@ class _MetaLearner(nn.Module):
 
     def _check_tasks(self, **named: Tensor) -> None:
         """Checks at the public boundary, before any state changes."""
-        reference = next(self.module.parameters())
+        reference = self._params[0]
         T = None
         for name, t in named.items():
             if not isinstance(t, Tensor):
@@ -335,9 +337,9 @@ class _MetaLearner(nn.Module):
         graph is recomputed in the backward instead of kept, so peak memory falls towards
         the per-task loop's at chunk 1, at the cost of running the forward twice.
         """
+        self._refresh_capture()
         self._check_tasks(support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y)
         self._check_nograd()
-        self._refresh_capture()
         T = support_x.size(0)
         chunk = self.task_chunk if task_chunk is None else _check_steps("task_chunk", task_chunk)
         if self._fused_mlp_applies(support_x, query_y):
@@ -447,9 +449,9 @@ class _MetaLearner(nn.Module):
     def fast_weights(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> TaskWeights:
         """The adapted weights of every task: a :class:`TaskWeights` over ``[T, P]``."""
         steps = self.steps if steps is None else _check_steps("steps", steps, minimum=0)
+        self._refresh_capture()
         self._check_tasks(support_x=support_x, support_y=support_y)
         self._check_nograd()
-        self._refresh_capture()
         theta = self._pack()
         if steps == 0:
             buffer = theta.expand(support_x.size(0), -1).clone()
@@ -461,8 +463,8 @@ class _MetaLearner(nn.Module):
         """The model's outputs for each task's inputs under its fast weights."""
         if not isinstance(fast, TaskWeights):
             raise TypeError(f"fast must be TaskWeights (from fast_weights), got {type(fast).__name__}")
-        self._check_tasks(query_x=query_x)
         self._refresh_capture()
+        self._check_tasks(query_x=query_x)
         if fast.layout != self._layout:
             raise ValueError("fast was made for a different model layout")
         if fast.num_tasks != query_x.size(0):
