@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -40,6 +41,7 @@ __all__ = [
     "Run",
     "train",
     "evaluate",
+    "Score",
     "format_results",
     "CHECKPOINT_NAME",
     "METRICS_NAME",
@@ -289,11 +291,21 @@ def read_run_checkpoint(path: str | os.PathLike) -> tuple[RunConfig, dict]:
 # -- evaluation -----------------------------------------------------------------------------
 
 
+class Score(NamedTuple):
+    """One evaluation figure: the mean and 95% confidence half-width over the tasks whose
+    adaptation stayed finite, and how many did not (``diverged``: non-finite predictions
+    or loss, e.g. a learned rate tuned for 1 step taken 10 times)."""
+
+    mean: float
+    ci95: float
+    diverged: int
+
+
 def evaluate(
     run: Run, split: str, num_tasks: int, steps: tuple[int, ...], chunk: int | None = None,
     context: distributed.DistributedContext | None = None,
-) -> dict[int, tuple[float, float]]:
-    """Mean and 95% confidence half-width over ``num_tasks`` fixed tasks, for each step count.
+) -> dict[int, Score]:
+    """A Score over ``num_tasks`` fixed tasks for each step count in ``steps``.
 
     Accuracy (a fraction) for classification, query MSE for regression. Adaptation runs
     under ``no_grad``: the learner differentiates the inner loop itself but builds no
@@ -304,43 +316,57 @@ def evaluate(
     shard = context.shard(num_tasks) if context is not None else range(num_tasks)
     chunk = chunk or (num_tasks if config.is_regression else config.meta_batch)
     per_task: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
-    with torch.no_grad():
-        for batch in run.task_chunks(split, shard, chunk):
-            for step_count in steps:
-                fast = run.learner.fast_weights(batch.support_x, batch.support_y, steps=step_count)
-                prediction = run.learner.predict(fast, batch.query_x)
-                if config.is_regression:
-                    score = (prediction - batch.query_y).pow(2).flatten(1).mean(1)
-                else:
-                    score = (prediction.argmax(-1) == batch.query_y).to(torch.float64).mean(1)
-                per_task[step_count].append(score.double().cpu())
+    validate = run.learner.validate
+    # A task whose adaptation diverges is a result to report, not an error to raise.
+    run.learner.validate = False
+    try:
+        with torch.no_grad():
+            for batch in run.task_chunks(split, shard, chunk):
+                for step_count in steps:
+                    fast = run.learner.fast_weights(batch.support_x, batch.support_y, steps=step_count)
+                    prediction = run.learner.predict(fast, batch.query_x)
+                    if config.is_regression:
+                        score = (prediction - batch.query_y).pow(2).flatten(1).mean(1).double()
+                    else:
+                        score = (prediction.argmax(-1) == batch.query_y).to(torch.float64).mean(1)
+                    finite = torch.isfinite(prediction.flatten(1)).all(1) & torch.isfinite(score)
+                    per_task[step_count].append(score.masked_fill(~finite, float("nan")).cpu())
+    finally:
+        run.learner.validate = validate
     results = {}
     for step_count, scores in per_task.items():
         values = torch.cat(scores)
         if context is not None:
             values = distributed.gather_task_values(values, num_tasks, context)
-        results[step_count] = distributed.mean_ci95(values)
+        finite = ~values.isnan()
+        diverged = int((~finite).sum())
+        mean, ci = distributed.mean_ci95(values[finite]) if diverged < num_tasks else (float("nan"), float("nan"))
+        results[step_count] = Score(mean, ci, diverged)
     return results
 
 
-def format_results(config: RunConfig, split: str, num_tasks: int, results: dict[int, tuple[float, float]]) -> str:
+def format_results(config: RunConfig, split: str, num_tasks: int, results: dict[int, Score]) -> str:
     if config.is_regression:
         lines = [f"{config.preset}: {split} on {num_tasks} tasks (K={config.shots}, 100 evenly spaced query points)"]
-        for step_count, (mean, ci) in results.items():
-            label = "before adapting" if step_count == 0 else f"after {step_count} step{'s' if step_count > 1 else ''}"
-            lines.append(f"  steps {step_count:>2}: MSE {mean:.3f} ± {ci:.3f}  ({label})")
     else:
         lines = [f"{config.preset}: {split} on {num_tasks} tasks ({config.ways}-way {config.shots}-shot, {config.queries} queries per class)"]
-        for step_count, (mean, ci) in results.items():
-            lines.append(f"  steps {step_count:>2}: accuracy {100 * mean:.2f}% ± {100 * ci:.2f}%")
+    for step_count, (mean, ci, diverged) in results.items():
+        if config.is_regression:
+            label = "before adapting" if step_count == 0 else f"after {step_count} step{'s' if step_count > 1 else ''}"
+            line = f"  steps {step_count:>2}: MSE {mean:.3f} ± {ci:.3f}  ({label})"
+        else:
+            line = f"  steps {step_count:>2}: accuracy {100 * mean:.2f}% ± {100 * ci:.2f}%"
+        if diverged:
+            line += f"  [{diverged} of {num_tasks} tasks diverged (non-finite); the figure is over the other {num_tasks - diverged}]"
+        lines.append(line)
     return "\n".join(lines)
 
 
 def result_records(kind: str, iteration: int, config: RunConfig, num_tasks: int, results) -> list[dict]:
     metric = "mse" if config.is_regression else "accuracy"
     return [
-        {"kind": kind, "iteration": iteration, "steps": s, metric: mean, "ci95": ci, "tasks": num_tasks}
-        for s, (mean, ci) in results.items()
+        {"kind": kind, "iteration": iteration, "steps": s, metric: score.mean, "ci95": score.ci95, "tasks": num_tasks, "diverged": score.diverged}
+        for s, score in results.items()
     ]
 
 
@@ -516,10 +542,13 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
 
     def validate(iteration: int) -> None:
         steps = config.validation_steps
-        mean, ci = evaluate(run, "val", config.validation_tasks, (steps,), context=context)[steps]
-        for record in result_records("val", iteration, config, config.validation_tasks, {steps: (mean, ci)}):
+        results = evaluate(run, "val", config.validation_tasks, (steps,), context=context)
+        for record in result_records("val", iteration, config, config.validation_tasks, results):
             metrics.write(record)
+        mean, ci, diverged = results[steps]
         shown = f"MSE {mean:.4f} ± {ci:.4f}" if config.is_regression else f"accuracy {100 * mean:.2f}% ± {100 * ci:.2f}%"
+        if diverged:
+            shown += f" ({diverged} of {config.validation_tasks} tasks diverged)"
         if context.is_main:
             bar.write(f"iteration {iteration}: validation {shown} after {steps} step{'s' if steps > 1 else ''}")
 

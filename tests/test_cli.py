@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -11,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmeta import checkpoint, cli
+from fastmeta import checkpoint, cli, training
 from fastmeta.training import CHECKPOINT_NAME, METRICS_NAME, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -235,3 +237,14 @@ def test_train_on_an_image_folder(tmp_path, capsys):
     assert re.search(r"miniimagenet-5w1s: test on 1 tasks \(5-way 1-shot, 15 queries per class\)", output)
     assert re.findall(r"steps +(\d+): accuracy", output) == ["10"]
     assert sorted(train_losses(tmp_path / "run")) == [1]
+
+
+def test_diverging_adaptation_is_counted_not_raised():
+    # An inner rate of 100 makes 10 steps blow up on every task; 0 steps cannot.
+    run = training.Run(dataclasses.replace(training.PRESETS["sinusoid"], inner_lr=100.0), "cpu")
+    results = training.evaluate(run, "test", 20, (0, 10))
+    assert results[0].diverged == 0 and math.isfinite(results[0].mean)
+    assert results[10].diverged > 0
+    assert run.learner.validate  # switched off for the evaluation only
+    text = training.format_results(run.config, "test", 20, results)
+    assert f"{results[10].diverged} of 20 tasks diverged" in text
