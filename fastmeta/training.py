@@ -345,6 +345,11 @@ def evaluate(
     return results
 
 
+def _mse(value: float) -> str:
+    # Three decimals for the figures that matter; exponent notation once adaptation blows up.
+    return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.3g}"
+
+
 def format_results(config: RunConfig, split: str, num_tasks: int, results: dict[int, Score]) -> str:
     if config.is_regression:
         lines = [f"{config.preset}: {split} on {num_tasks} tasks (K={config.shots}, 100 evenly spaced query points)"]
@@ -353,7 +358,7 @@ def format_results(config: RunConfig, split: str, num_tasks: int, results: dict[
     for step_count, (mean, ci, diverged) in results.items():
         if config.is_regression:
             label = "before adapting" if step_count == 0 else f"after {step_count} step{'s' if step_count > 1 else ''}"
-            line = f"  steps {step_count:>2}: MSE {mean:.3f} ± {ci:.3f}  ({label})"
+            line = f"  steps {step_count:>2}: MSE {_mse(mean)} ± {_mse(ci)}  ({label})"
         else:
             line = f"  steps {step_count:>2}: accuracy {100 * mean:.2f}% ± {100 * ci:.2f}%"
         if diverged:
