@@ -23,6 +23,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ["Subcommand", "SUBCOMMANDS", "register_subcommand", "main"]
 
@@ -184,8 +185,6 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _run_train(args) -> int:
-    from pathlib import Path
-
     from . import distributed, training
 
     if args.nproc is not None:
@@ -198,7 +197,9 @@ def _run_train(args) -> int:
         for field in (*_RUN_DEFINING_FLAGS, *_SCHEDULE_FLAGS, "iterations")
         if getattr(args, field) is not None
     }
-    config = dataclasses.replace(preset, **given, data_path=args.data)
+    # Absolute, because the checkpoint keeps it for `fastmeta eval` run from anywhere.
+    data_path = str(Path(args.data).expanduser().resolve()) if args.data else None
+    config = dataclasses.replace(preset, **given, data_path=data_path)
     out = Path(args.out) if args.out else Path("runs") / f"{config.preset}-{config.learner}"
     checkpoint_path = out / training.CHECKPOINT_NAME
     if args.resume and checkpoint_path.exists():
@@ -213,7 +214,7 @@ def _run_train(args) -> int:
                 )
         # The schedule (how often to log, validate, checkpoint) may change on resume.
         config = dataclasses.replace(saved, **{f: given[f] for f in (*_SCHEDULE_FLAGS, "iterations") if f in given})
-        config = dataclasses.replace(config, data_path=args.data or saved.data_path)
+        config = dataclasses.replace(config, data_path=data_path or saved.data_path)
     device = _select_device(args)
     try:
         training.train(config, out, resume=args.resume, device=device, test_tasks=args.test_tasks, progress=False if args.no_progress else None)
@@ -243,13 +244,11 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args) -> int:
-    from pathlib import Path
-
     from . import training
 
     config, state = training.read_run_checkpoint(args.checkpoint)
     if args.data:
-        config = dataclasses.replace(config, data_path=args.data)
+        config = dataclasses.replace(config, data_path=str(Path(args.data).expanduser().resolve()))
     run = training.Run(config, _select_device(args))
     run.learner.load_state_dict(state["learner"])
     steps = tuple(args.steps) if args.steps else config.test_steps
