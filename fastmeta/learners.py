@@ -619,6 +619,8 @@ class MAML(_MetaLearner):
     - loss: None (integer labels → cross-entropy, float targets → MSE), "cross_entropy",
       "mse", or a callable ``(pred [T, N, ...], target [T, N, ...]) -> [T]``.
     - validate: run the checks that need a device sync (NaN/Inf, label range).
+    - task_chunk: run ``meta_batch`` k tasks at a time, recomputing each chunk's graph in
+      the backward (same meta-gradient, less memory); None runs all tasks at once.
     """
 
     def __init__(
@@ -632,8 +634,11 @@ class MAML(_MetaLearner):
         steps: int = 1,
         loss: LossSpec = None,
         validate: bool = True,
+        task_chunk: int | None = None,
     ):
-        super().__init__(model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate)
+        super().__init__(
+            model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate, task_chunk
+        )
 
 
 LR_MODES = ("scalar", "layer", "param")
@@ -679,8 +684,11 @@ class ModelAwareMAML(_MetaLearner):
         loss: LossSpec = None,
         validate: bool = True,
         lrs: Sequence[Tensor] | None = None,
+        task_chunk: int | None = None,
     ):
-        super().__init__(model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate)
+        super().__init__(
+            model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate, task_chunk
+        )
         if lr_mode not in LR_MODES:
             raise ValueError(f"lr_mode must be one of {LR_MODES}, got {lr_mode!r}")
         self.lr_mode = lr_mode

@@ -283,3 +283,12 @@ def test_plain_mlps_are_recognised_for_the_fused_meta_step():
     assert plain_mlp_structure(no_bias) is None
     mixed = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
     assert plain_mlp_structure(mixed) is None
+
+
+def test_task_chunk_is_a_learner_option():
+    tasks = make_tasks("conv")
+    whole = fm.MAML(make_model("conv"), 0.3).meta_batch(*tasks)
+    chunked = fm.MAML(make_model("conv"), 0.3, task_chunk=2).meta_batch(*tasks)
+    assert torch.allclose(whole.task_loss, chunked.task_loss, atol=1e-6)
+    with pytest.raises(ValueError, match="task_chunk must be >= 1"):
+        fm.ModelAwareMAML(make_model("mlp"), 0.1, task_chunk=0)
