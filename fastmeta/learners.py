@@ -151,8 +151,8 @@ class _MetaLearner(nn.Module):
         per_task = self._layout.views(fast)
         return [pt if a else s for pt, s, a in zip(per_task, shared, adapting)]
 
-    def _check_nograd(self) -> None:
-        if self.allow_nograd:
+    def _check_nograd(self, allow_nograd: bool | None = None) -> None:
+        if self.allow_nograd if allow_nograd is None else allow_nograd:
             return
         frozen = [s.name for s, p in zip(self._layout.segments, self._params) if not p.requires_grad]
         if frozen:
@@ -161,8 +161,8 @@ class _MetaLearner(nn.Module):
                 "leave them unadapted (they are never changed)"
             )
 
-    def _check_unused(self, adapting: Sequence[bool]) -> None:
-        if self.allow_unused:
+    def _check_unused(self, adapting: Sequence[bool], allow_unused: bool | None = None) -> None:
+        if self.allow_unused if allow_unused is None else allow_unused:
             return
         unused = [
             s.name
@@ -552,20 +552,9 @@ class AdaptedModel:
             raise ValueError("adapt needs a scalar loss tensor")
         if learner.validate and not bool(torch.isfinite(loss.detach()).all()):
             raise FloatingPointError(f"adapt got a loss of {float(loss.detach())}")
-        if not allow_nograd:
-            frozen = [n for n, p in learner.module.named_parameters() if not p.requires_grad]
-            if frozen:
-                raise ValueError(
-                    f"parameters {frozen} have requires_grad=False; pass allow_nograd=True"
-                )
+        learner._check_nograd(allow_nograd)
         adapting = learner._adapting()
-        if not allow_unused:
-            unused = [
-                s.name for k, (s, a) in enumerate(zip(learner.layout.segments, adapting))
-                if a and k not in learner._program.reads
-            ]
-            if unused:
-                raise ValueError(f"parameters {unused} are unused; pass allow_unused=True")
+        learner._check_unused(adapting, allow_unused)
         rule = learner._step_rule(self.steps_taken, self._theta)  # may raise: before any change
         src = self._source()
         create_graph = not first_order and torch.is_grad_enabled()
