@@ -206,21 +206,11 @@ class _MetaLearner(nn.Module):
                 )
             return losses
         if kind == "cross_entropy":
-            if target.is_floating_point():
-                raise TypeError(f"{which} labels must be integers for cross-entropy, got {target.dtype}")
             if pred.dim() != 3:
                 raise ValueError(
                     f"cross-entropy needs model outputs [T, N, classes], got {list(pred.shape)}"
                 )
-            if self.validate:
-                classes = pred.size(-1)
-                bad = (target < 0) | (target >= classes)
-                if bool(bad.any()):
-                    t = int(bad.flatten(1).any(1).nonzero()[0])
-                    raise ValueError(
-                        f"{which} labels out of range for the model's {classes} outputs "
-                        f"(task {t} has labels {target[t].unique().tolist()})"
-                    )
+            self._check_labels(target, pred.size(-1), which)
             return task_loss(pred, target.long(), "cross_entropy")
         if pred.shape != target.shape:
             if pred.numel() == target.numel():
@@ -231,6 +221,19 @@ class _MetaLearner(nn.Module):
                     f"{list(pred.shape)}"
                 )
         return task_loss(pred, target.to(pred.dtype), "mse")
+
+    def _check_labels(self, target: Tensor, classes: int, which: str) -> None:
+        """Integer labels in [0, classes); the range check syncs, so only under validate."""
+        if target.is_floating_point():
+            raise TypeError(f"{which} labels must be integers for cross-entropy, got {target.dtype}")
+        if self.validate:
+            bad = (target < 0) | (target >= classes)
+            if bool(bad.any()):
+                t = int(bad.flatten(1).any(1).nonzero()[0])
+                raise ValueError(
+                    f"{which} labels out of range for the model's {classes} outputs "
+                    f"(task {t} has labels {target[t].unique().tolist()})"
+                )
 
     def _check_finite_losses(self, losses: Tensor, which: str) -> None:
         if self.validate:
@@ -342,7 +345,7 @@ class _MetaLearner(nn.Module):
         self._check_nograd()
         T = support_x.size(0)
         chunk = self.task_chunk if task_chunk is None else _check_steps("task_chunk", task_chunk)
-        if self._fused_mlp_applies(support_x, query_y):
+        if self._fused_mlp_applies(support_x):
             task_losses, accuracy = self._fused_mlp_meta_batch(support_x, support_y, query_x, query_y)
         elif chunk is None or chunk >= T:
             task_losses, accuracy = self._adapt_and_evaluate(support_x, support_y, query_x, query_y)
@@ -360,7 +363,7 @@ class _MetaLearner(nn.Module):
 
     # -- the fused small-MLP meta-step ---------------------------------------------------
 
-    def _fused_mlp_applies(self, support_x: Tensor, query_y: Tensor) -> bool:
+    def _fused_mlp_applies(self, support_x: Tensor) -> bool:
         """Whether the whole meta-batch can run as one ``mlp_meta_step`` call.
 
         It needs a plain MLP (``plain_mlp_structure``), a built-in loss, every parameter
@@ -377,11 +380,9 @@ class _MetaLearner(nn.Module):
     def _fused_rates(self, like: Tensor) -> Tensor:
         """The rule of every inner step as one rate tensor: ``[steps]``, ``[steps, S]`` or ``[steps, P]``."""
         rules = [self._step_rule(s, like) for s in range(self.steps)]
-        if all(r.mask is None and r.precond is None for r in rules):
-            if all(r.lr.dim() == 0 for r in rules):
-                return torch.stack([r.lr for r in rules])
-            if all(r.segments is not None for r in rules):
-                return torch.stack([r.lr for r in rules])
+        plain = all(r.mask is None and r.precond is None for r in rules)
+        if plain and (all(r.lr.dim() == 0 for r in rules) or all(r.segments is not None for r in rules)):
+            return torch.stack([r.lr for r in rules])  # [steps] or [steps, S]
         P = self._layout.numel
         return torch.stack([step_coefficient(*r).expand(P) for r in rules])
 
@@ -391,12 +392,7 @@ class _MetaLearner(nn.Module):
         kind = self._loss_kind(query_y)
         if kind == "cross_entropy":
             for name, y in (("support", support_y), ("query", query_y)):
-                if y.is_floating_point():
-                    raise TypeError(f"{name} labels must be integers for cross-entropy, got {y.dtype}")
-                if self.validate and bool(((y < 0) | (y >= layer_sizes[-1])).any()):
-                    raise ValueError(
-                        f"{name} labels out of range for the model's {layer_sizes[-1]} outputs"
-                    )
+                self._check_labels(y, layer_sizes[-1], name)
             support_y, query_y = support_y.long(), query_y.long()
         else:
             out = layer_sizes[-1]

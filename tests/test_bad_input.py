@@ -123,3 +123,18 @@ def test_predict_checks_the_task_count(learner):
     fast = learner.fast_weights(sx, sy)
     with pytest.raises(ValueError, match="fast holds 3 tasks but query_x has 2"):
         learner.predict(fast, qx[:2])
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_mlp_classifier_labels_are_checked_on_every_path(backend):
+    # On the CPU, auto runs a plain MLP through the fused mlp_meta_step: the same checks.
+    torch.manual_seed(0)
+    learner = fm.MAML(fm.models.mlp((4, 8, 3)), 0.1, loss="cross_entropy")
+    sx, qx = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    sy = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 7]])
+    before = snapshot(learner)
+    with fm.use_backend(backend), pytest.raises(ValueError, match="support labels out of range .*task 1"):
+        learner.meta_batch(sx, sy, qx, sy.clamp(max=2))
+    with fm.use_backend(backend), pytest.raises(TypeError, match="query labels must be integers"):
+        learner.meta_batch(sx, sy.clamp(max=2), qx, sy.float())
+    assert_unchanged(learner, before)
