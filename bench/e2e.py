@@ -3,8 +3,8 @@
     python bench/e2e.py [--workloads W1,W2] [--first-order] [--json FILE] [--iterations N] ...
 
 The same command as ``fastmeta bench``; the implementation is fastmeta.benchmarks (in the
-package, so the installed command needs no checkout). bench/gpu_check_e2e.sh runs the full
-GPU set.
+package, so the installed command needs no checkout). bench/gpu_check.py runs it on a GPU
+in its time-boxed plan.
 """
 
 import sys

@@ -215,6 +215,7 @@ class BenchmarkSettings:
     tasks: int | None = None
     check: bool = True
     fastmeta_graph: bool = True
+    skip: frozenset[str] = frozenset()
 
     def resolved_device(self) -> torch.device:
         if self.device is None:
@@ -460,8 +461,13 @@ def run_workload(
     device: torch.device,
     extra_contenders: Sequence[tuple[str, ContenderFactory]] = (),
     progress: Callable[[str], None] = _quiet,
+    on_result: Callable[[Workload, ContenderResult], None] | None = None,
 ) -> WorkloadResult:
-    """One row group: every fastmeta backend, every peer, then ``extra_contenders``."""
+    """One row group: every fastmeta backend, every peer, then ``extra_contenders``.
+
+    on_result: called with each contender's result as soon as it is known (a run cut short
+    by a time limit keeps what finished). Contenders named in ``settings.skip`` are left out.
+    """
     if settings.tasks is not None:
         workload = workload.replace(tasks=settings.tasks)
     problem = build_problem(workload, settings, device)
@@ -472,11 +478,14 @@ def run_workload(
         + list(extra_contenders)
         + fastmeta_graph_contenders(settings, device)
     )
+    rows = [(name, factory) for name, factory in rows if name not in settings.skip]
     results = []
     for name, factory in rows:
         if isinstance(factory, str):
             family = "fastmeta" if name.startswith("fastmeta") else "peer"
             results.append(ContenderResult(name=name, family=family, status="skipped", note=factory))
+            if on_result is not None:
+                on_result(workload, results[-1])
             continue
         label = f"{workload.name} {'1st' if settings.first_order else '2nd'} order: {name}"
         progress(label)
@@ -485,6 +494,8 @@ def run_workload(
         timing = f"{_fmt_ms(r.median_ms)} ms median, {_fmt_ms(r.min_ms)} min" if r.timed else ""
         check = f"{r.status}" + (f" {r.relative_error:.1e}" if r.relative_error is not None else "")
         progress(f"{label}: {check}{', ' + timing if timing else ''}{' (' + r.note + ')' if r.note else ''}")
+        if on_result is not None:
+            on_result(workload, r)
     compare(results)
     return WorkloadResult(workload, settings.first_order, str(device), results)
 
@@ -656,6 +667,27 @@ def to_json(results: list[WorkloadResult], settings: BenchmarkSettings, device: 
     }
 
 
+def stream_record(workload: Workload, settings: BenchmarkSettings, device: dict, result: ContenderResult) -> dict:
+    """One contender's result as a self-contained record (``--stream``): enough to rebuild
+    the workload's table from records of several runs, and to tell which run made it."""
+    return {
+        "schema": SCHEMA,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device["name"],
+        "device_type": device["type"],
+        "torch": device["torch"],
+        "triton": device["triton"],
+        "workload": workload.name,
+        "tasks": workload.tasks,
+        "order": "first" if settings.first_order else "second",
+        "iterations": settings.iterations,
+        # BENCHMARKS.md's target for fastmeta's best row over the best peer, where one is set.
+        "target_speedup": GPU_TARGETS.get(workload.name) if device["type"] == "cuda" and not settings.first_order
+        else None,
+        "contender": dataclasses.asdict(result),
+    }
+
+
 def failures(results: list[WorkloadResult]) -> list[str]:
     """fastmeta contenders that computed a wrong meta-gradient or broke."""
     return [
@@ -756,6 +788,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
                         help="run nothing: print earlier runs' JSON against the targets of BENCHMARKS.md")
+    parser.add_argument("--stream", default=None, metavar="FILE",
+                        help="append each contender's result to FILE as one JSON line, as soon as it finishes")
+    parser.add_argument("--skip", type=_names, default=[], metavar="NAME,...",
+                        help="contenders to leave out (as named in the table: fastmeta[auto], vmap, ...)")
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
@@ -763,6 +799,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
         workloads=args.workloads, first_order=args.first_order, iterations=args.iterations, warmup=args.warmup,
         device=args.device, backends=args.backends, peers=args.peers, tolerance=args.tolerance, seed=args.seed,
         tasks=args.tasks, check=not args.no_check, fastmeta_graph=not args.no_fastmeta_graph,
+        skip=frozenset(args.skip),
     )
 
 
@@ -770,6 +807,10 @@ def run(args: argparse.Namespace) -> int:
     """The command: each workload's table is printed (and the JSON rewritten) as soon as
     that workload is done, so a run cut short by a time limit still leaves its results."""
     if args.summarize:
+        missing = [p for p in args.summarize if not Path(p).is_file()]
+        if missing:
+            print(f"fastmeta bench --summarize: no such file: {', '.join(missing)}", file=sys.stderr)
+            return 2
         print(summary_table([json.loads(Path(p).read_text()) for p in args.summarize]))
         return 0
     settings = settings_from_args(args)
@@ -781,10 +822,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"fastmeta bench · {described['name']} · torch {described['torch']} · triton {described['triton']} · "
           f"jax {described['jax']} · TF32 off · load average {described['load_average_1min']}", flush=True)
     progress = lambda line: print(f"  running {line}", file=sys.stderr, flush=True)  # noqa: E731
+    on_result = None
+    if args.stream:
+        stream_path = Path(args.stream)
+        stream_path.parent.mkdir(parents=True, exist_ok=True)
+
+        def on_result(workload: Workload, result: ContenderResult) -> None:
+            line = stream_record(workload, settings, described, result)
+            with stream_path.open("a") as f:  # one line per write: a kill leaves whole lines
+                f.write(json.dumps(line) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
     results: list[WorkloadResult] = []
     with full_fp32():
         for workload in workloads:
-            results.append(run_workload(workload, settings, device, progress=progress))
+            results.append(run_workload(workload, settings, device, progress=progress, on_result=on_result))
             print()
             print(format_table(results[-1], described["name"]), flush=True)
             if args.json:

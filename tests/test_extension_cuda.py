@@ -4,7 +4,7 @@ float64 inputs on the reference, so here the checks compare float32 outputs and 
 against the float64 reference instead). Skipped cleanly without a GPU; the fused
 meta-step's GPU tests are in test_mlp_meta_step.py.
 
-bench/gpu_check_extension.sh runs these under compute-sanitizer memcheck and then records
+bench/gpu_check.py runs these under compute-sanitizer memcheck and records
 the kernels that passed as verified for ``auto``.
 """
 

@@ -4,7 +4,7 @@ threads run as OS threads with barriers for __syncthreads.
 
 This catches indexing, layout and algorithm errors in the CUDA sources on every CI run;
 races, occupancy and the real toolchain are the GPU run's job (tests/test_extension_cuda.py
-and bench/gpu_check_extension.sh with compute-sanitizer). Compared with: the CPU kernels
+and bench/gpu_check.py with compute-sanitizer). Compared with: the CPU kernels
 (fused meta-step, per-task gradients) and the op modules' references (everything else).
 """
 

@@ -20,12 +20,21 @@ from functools import lru_cache
 from pathlib import Path
 
 RECORD_PATH = Path(__file__).with_name("verified.json")
+# A run of the GPU check (bench/gpu_check.py) points this at its own working copy, so that
+# what it verifies is used by the runs that follow it and never edits the repository's file.
+RECORD_PATH_VARIABLE = "FASTMETA_VERIFIED_RECORD"
+
+
+def record_path() -> Path:
+    """The record in use: ``$FASTMETA_VERIFIED_RECORD`` if set, else verified.json here."""
+    override = os.environ.get(RECORD_PATH_VARIABLE)
+    return Path(override) if override else RECORD_PATH
 
 
 @lru_cache(maxsize=1)
 def _record() -> dict:
     try:
-        return json.loads(RECORD_PATH.read_text())
+        return json.loads(record_path().read_text())
     except FileNotFoundError:
         return {}
 
@@ -43,7 +52,8 @@ def record(backend: str, device_type: str, kernels: list[str], device_name: str)
     """Add kernels to the record, atomically (write a temporary file, then rename)."""
     import torch
 
-    data = json.loads(RECORD_PATH.read_text()) if RECORD_PATH.exists() else {}
+    path = record_path()
+    data = json.loads(path.read_text()) if path.exists() else {}
     entry = {
         "date": datetime.date.today().isoformat(),
         "device": device_name,
@@ -51,9 +61,9 @@ def record(backend: str, device_type: str, kernels: list[str], device_name: str)
     }
     for kernel in kernels:
         data.setdefault(backend, {}).setdefault(device_type, {})[kernel] = entry
-    tmp = RECORD_PATH.with_suffix(".json.tmp")
+    tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, RECORD_PATH)
+    os.replace(tmp, path)
     _record.cache_clear()
 
 

@@ -2,7 +2,7 @@
 // machine without a GPU (tests/test_extension_cuda_emulated.py). It checks their LOGIC —
 // indexing, shared-memory layout, the order of the R-operator passes — against the CPU
 // kernels; it says nothing about races, occupancy or speed, which only a GPU run
-// (bench/gpu_check_extension.sh, compute-sanitizer) covers.
+// (bench/gpu_check.py, compute-sanitizer) covers.
 //
 // Model: blocks run one after another; a block's threads are OS threads; __syncthreads is
 // a std::barrier over the block, a warp shuffle a barrier over its 32 threads plus a

@@ -1,0 +1,893 @@
+#!/usr/bin/env python3
+"""The GPU check: one prepared, resumable command for a lent GPU machine.
+
+    python3 bench/gpu_check.py [--out DIR] [--resume DIR] [--budget S] [--only STEP,...]
+    python3 bench/gpu_check.py --dry-run --out DIR      (a CPU machine; CI runs it)
+
+What it does, in priority order, each step in its own time box, ≤ 6 minutes in all:
+
+1. **install** the checkout (``pip install --no-deps --no-build-isolation -e .``: the GPU
+   machine has no network) and **build** the C++/CUDA extension. The build runs beside
+   the Triton families, which do not need it.
+2. **correctness per kernel family**, in parallel: the Triton families (their tests in
+   ``tests/test_triton_ops.py``, the shared harness tier and the AOT compile), then, once
+   the build is done, the CUDA families. A family that passes is recorded at once in
+   ``verified.json``; one that fails is recorded as failed in ``results.json``, and the
+   run goes on.
+3. **the whole-step CUDA graph test** (captured equals eager over 10 steps).
+4. **the end-to-end bench** (``fastmeta bench``): fastmeta's rows first, then the peers,
+   W1, W2, W3, W4 in that order, the slow ``compile`` peer last; every contender's result
+   is appended to the results as it finishes (``--stream``).
+5. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
+   and the Triton kernels); recorded as ``unavailable`` where the sanitizer is missing or
+   refuses the device (the H200 machines).
+
+**What comes back.** Exactly four files under ``--out`` (``$OUT`` by default), rewritten
+after every step, so they hold the latest state even if the run is killed (a SIGTERM is
+trapped: the running steps are stopped and recorded as interrupted):
+
+- ``verified.json``: the repository's record plus what this run verified (commit it as
+  ``fastmeta/backends/verified.json``);
+- ``results.json``: every step's status, time and note, every bench figure, the device
+  and the versions (schema ``fastmeta-gpu-check-1``);
+- ``summary.txt``: the same, readable, ≤ 200 lines;
+- ``logs.tar.gz``: each step's full output.
+
+**Resumable.** ``--resume DIR`` reads an earlier run's ``results.json`` and
+``verified.json``: steps that passed there are carried over and not run again, and bench
+contenders already measured on the same GPU model are not timed again. A second run spends
+its time on what failed or did not fit.
+
+**Dry run** (``--dry-run``): the same plumbing on a CPU machine, on tiny shapes: Triton
+under ``TRITON_INTERPRET=1``, the CUDA kernels' logic through the CPU stand-in
+(``tests/test_extension_cuda_emulated.py``), the bench on W1 for 2 iterations on the CPU.
+It records under the device type ``dry-run``, which nothing ever reads as verified.
+``tests/test_gpu_check.py`` runs it and asserts the contract (files, schema, records
+family by family, resumption, the trap).
+
+This script imports neither torch nor fastmeta: everything that can crash runs in a child
+process, so the driver always lives to write the four files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA = "fastmeta-gpu-check-1"
+OUT_FILES = ("verified.json", "results.json", "summary.txt", "logs.tar.gz")
+DEFAULT_BUDGET_S = 345  # the command's limit is 6 minutes: leave ~15 s for start-up and the copy back
+SUMMARY_MAX_LINES = 200
+# Bench contender statuses that count as measured (a resumed run does not time them again).
+MEASURED = ("ok", "known-wrong", "WRONG", "not checked")
+
+
+# ---------------------------------------------------------------------------------------
+# The steps
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One unit of the check. ``box`` is its time box on an H100 (seconds); ``estimate``
+    the time it is expected to take there (the summary prints both)."""
+
+    name: str
+    box: int
+    estimate: int
+    command: Callable[["Check"], list[str]] | None = None
+    records: tuple[str, tuple[str, ...]] | None = None  # (backend, kernels) recorded on pass
+    needs: tuple[str, ...] = ()  # steps that must pass before this one records
+    allow_skips: bool = False  # pytest steps: a skipped GPU test verifies nothing
+    judge: str = "pytest"  # "pytest": its summary line decides; "exit": the exit code alone
+    env: dict = field(default_factory=dict)
+
+
+def pytest_command(*args: str) -> Callable[["Check"], list[str]]:
+    def command(check: "Check") -> list[str]:
+        return [check.python, "-m", "pytest", "-q", "-rs", "-p", "no:randomly", "-p", "no:cacheprovider",
+                "-o", "addopts=", *args]
+
+    return command
+
+
+# The Triton families: pytest -k expression on tests/test_triton_ops.py, and the kernels a
+# pass verifies. On the GPU the whole family runs (its tiny cases on CUDA and the W1–W4
+# shapes); in the dry run, one case of it under the interpreter.
+TRITON_FAMILIES = {
+    "inner_step": ("test_inner_step", ("inner_step", "inner_step_backward"),
+                   "test_inner_step and scalar-False-False-shared"),
+    "task_linear": ("test_task_linear or test_activation_grad",
+                    ("task_linear", "task_linear_input_grad", "task_linear_weight_grad", "activation_grad"),
+                    "test_activation_grad and tanh"),
+    "task_conv2d": ("test_task_conv2d", ("task_conv2d", "task_conv2d_input_grad", "task_conv2d_weight_grad"),
+                    "test_task_conv2d and per_task-none-stride1"),
+    "task_batch_norm": ("test_task_batch_norm", ("task_batch_norm", "task_batch_norm_backward"),
+                        "test_task_batch_norm and shape1-shared-shared-none"),
+    "task_loss": ("test_task_loss", ("task_loss", "task_loss_grad"), "test_task_loss and mse"),
+}
+TRITON_COMMON = "decline or float64 or small_tiles or maml or bad_label"
+TRITON_COMMON_DRY = "test_every_kernel_declines_float64"
+CUDA_KERNELS = ("inner_step", "inner_step_backward", "task_linear", "task_linear_input_grad",
+                "task_linear_weight_grad", "task_loss", "task_loss_grad")
+CUDA_FUSED_KERNELS = ("mlp_meta_step", "mlp_meta_step_backward")
+
+
+def correctness_steps(dry_run: bool) -> list[Step]:
+    steps = [
+        Step("triton:common", 150, 60,
+             pytest_command("tests/test_triton_ops.py", "-k", TRITON_COMMON_DRY if dry_run else TRITON_COMMON),
+             allow_skips=dry_run),
+    ]
+    for family, (expr, kernels, dry_expr) in TRITON_FAMILIES.items():
+        steps.append(Step(f"triton:{family}", 150, 60,
+                          pytest_command("tests/test_triton_ops.py", "-k", dry_expr if dry_run else expr),
+                          records=("triton", kernels), needs=("triton:common",), allow_skips=dry_run))
+    if dry_run:  # the CUDA sources' logic, compiled by the host compiler against the CPU stand-in
+        cuda_kernels = pytest_command("tests/test_extension_cuda_emulated.py", "-k", "inner_step or task_loss")
+        cuda_fused = pytest_command("tests/test_extension_cuda_emulated.py", "-k", "meta_step and 1.40.40.1-relu-mse-step-1-10-False")
+    else:
+        cuda_kernels = pytest_command("-m", "gpu", "tests/test_extension_cuda.py")
+        cuda_fused = pytest_command("-m", "gpu", "tests/test_mlp_meta_step.py")
+    steps += [
+        Step("cuda:kernels", 120, 25, cuda_kernels, records=("cuda", CUDA_KERNELS), needs=("build",),
+             allow_skips=dry_run),
+        Step("cuda:mlp_meta_step", 120, 25, cuda_fused, records=("cuda", CUDA_FUSED_KERNELS), needs=("build",),
+             allow_skips=dry_run),
+        Step("whole_step", 120, 30, pytest_command("tests/test_whole_step.py", *(() if dry_run else ("-m", "gpu"))),
+             needs=("build",), allow_skips=dry_run),
+    ]
+    return steps
+
+
+# The bench: (step name, fastmeta bench arguments). fastmeta's rows and the peers run in
+# separate processes: a failed whole-step capture cannot take the peers' CUDA context down.
+GPU_FASTMETA_BACKENDS = "auto,triton,cuda,torch"
+GPU_PEERS = "graph,jax,vmap,loop"
+
+
+def bench_plan(dry_run: bool) -> list[tuple[str, int, int, list[str]]]:
+    """(step, box, estimate, arguments) in priority order."""
+    if dry_run:
+        common = ["--device", "cpu", "--iterations", "2", "--warmup", "1"]
+        return [
+            ("bench:W1-second:fastmeta", 120, 10, ["--workloads", "W1", "--backends", "auto,cpu,torch", "--peers", "",
+                                                    *common]),
+            ("bench:W1-second:peers", 120, 10, ["--workloads", "W1", "--backends", "", "--peers", "loop,vmap",
+                                                 *common]),
+        ]
+    plan = []
+    for workload, fm_box, peers_box in (("W1", 60, 60), ("W2", 60, 90), ("W3", 60, 90), ("W4", 60, 90)):
+        plan.append((f"bench:{workload}-second:fastmeta", fm_box, fm_box // 2,
+                     ["--workloads", workload, "--backends", GPU_FASTMETA_BACKENDS, "--peers", ""]))
+        plan.append((f"bench:{workload}-second:peers", peers_box, peers_box // 2,
+                     ["--workloads", workload, "--backends", "", "--peers", GPU_PEERS]))
+    # torch.compile takes ~30 s to compile a step (BENCHMARKS.md): after every other row.
+    for workload in ("W1", "W2"):
+        plan.append((f"bench:{workload}-second:compile", 90, 45,
+                     ["--workloads", workload, "--backends", "", "--peers", "compile"]))
+    for workload in ("W1", "W4"):
+        plan.append((f"bench:{workload}-first:fastmeta", 60, 25,
+                     ["--workloads", workload, "--first-order", "--backends", GPU_FASTMETA_BACKENDS, "--peers", ""]))
+        plan.append((f"bench:{workload}-first:peers", 60, 30,
+                     ["--workloads", workload, "--first-order", "--backends", "", "--peers", GPU_PEERS]))
+    return plan
+
+
+MEMCHECK_BOX = 60
+MEMCHECK_RESERVE = 45  # seconds the bench leaves for memcheck
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Check:
+    """One run of the check: its state, the four output files, and the child processes."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.dry_run = args.dry_run
+        self.python = args.python
+        self.out = Path(args.out).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        others = sorted(p.name for p in self.out.iterdir() if p.name not in OUT_FILES)
+        if others:  # exactly the four files come back: the folder must hold nothing else
+            raise SystemExit(f"--out {self.out}: holds other files ({', '.join(others[:5])}); give an empty folder")
+        self.work = Path(tempfile.mkdtemp(prefix="fastmeta-gpu-check-"))
+        self.logs = self.work / "logs"
+        self.logs.mkdir()
+        self.stream = self.work / "bench.jsonl"
+        self.verified_path = self.work / "verified.json"
+        self.start = time.monotonic()
+        self.deadline = self.start + args.budget
+        self.lock = threading.RLock()
+        self.children: dict[str, subprocess.Popen] = {}
+        self.stopping = False
+        self.device_type = "dry-run" if self.dry_run else "cuda"
+        self.only = [p for p in (args.only or "").split(",") if p]
+        self.run_id = f"{now_iso()}-{os.getpid()}"
+        self.results: dict = {
+            "schema": SCHEMA,
+            "dry_run": self.dry_run,
+            "run_id": self.run_id,
+            "started": now_iso(),
+            "updated": now_iso(),
+            "finished": False,
+            "interrupted": False,
+            "budget_s": args.budget,
+            "device": {},
+            "runs": [],
+            "steps": {},
+            "events": [],
+            "bench": [],
+        }
+        self._load_resume(args.resume)
+        self.results["runs"].append({"run_id": self.run_id, "started": self.results["started"],
+                                     "budget_s": args.budget, "dry_run": self.dry_run})
+
+    # -- resumption --------------------------------------------------------------------
+
+    def _load_resume(self, resume: str | None) -> None:
+        repo_record = REPO / "fastmeta" / "backends" / "verified.json"
+        record = json.loads(repo_record.read_text()) if repo_record.exists() else {}
+        if resume:
+            folder = Path(resume)
+            earlier = json.loads((folder / "results.json").read_text())
+            if earlier.get("schema") != SCHEMA:
+                raise SystemExit(f"--resume {resume}: results.json is not a {SCHEMA} file")
+            if earlier.get("dry_run") != self.dry_run:
+                raise SystemExit(f"--resume {resume}: a {'dry' if earlier.get('dry_run') else 'GPU'} run's results "
+                                 f"cannot resume a {'dry' if self.dry_run else 'GPU'} run")
+            if (folder / "verified.json").exists():
+                earlier_record = json.loads((folder / "verified.json").read_text())
+                for backend, devices in earlier_record.items():
+                    for dev, kernels in devices.items():
+                        record.setdefault(backend, {}).setdefault(dev, {}).update(kernels)
+            self.results["runs"] = earlier.get("runs", [])
+            self.results["events"] = earlier.get("events", [])
+            self.results["bench"] = earlier.get("bench", [])
+            for name, step in earlier.get("steps", {}).items():
+                if step.get("status") in ("passed", "carried"):
+                    self.results["steps"][name] = {**step, "status": "carried",
+                                                   "from_run": step.get("from_run", step.get("run_id"))}
+        write_atomic(self.verified_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+
+    def carried(self, name: str) -> bool:
+        return self.results["steps"].get(name, {}).get("status") == "carried"
+
+    def selected(self, name: str) -> bool:
+        return not self.only or any(fnmatch.fnmatch(name, p) for p in self.only)
+
+    # -- time --------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    # -- output ------------------------------------------------------------------------
+
+    def event(self, kind: str, **fields) -> None:
+        with self.lock:
+            self.results["events"].append({"t": round(self.elapsed(), 1), "run_id": self.run_id, "event": kind,
+                                           **fields})
+
+    def set_step(self, name: str, **fields) -> None:
+        with self.lock:
+            entry = self.results["steps"].setdefault(name, {})
+            entry.update(fields, run_id=self.run_id)
+
+    def publish(self) -> None:
+        """Rewrite the four files under --out from the current state (each atomically)."""
+        with self.lock:
+            self.results["updated"] = now_iso()
+            self._merge_stream()
+            write_atomic(self.out / "verified.json", self.verified_path.read_bytes())
+            write_atomic(self.out / "results.json", (json.dumps(self.results, indent=2) + "\n").encode())
+            write_atomic(self.out / "summary.txt", summary(self.results, self.verified_record()).encode())
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+                tar.add(self.logs, arcname="logs")
+                if self.stream.exists():
+                    tar.add(self.stream, arcname="logs/bench.jsonl")
+            write_atomic(self.out / "logs.tar.gz", buffer.getvalue())
+
+    def _merge_stream(self) -> None:
+        if not self.stream.exists():
+            return
+        seen = {(b["run_id"], b["workload"], b["order"], b["contender"]["name"]) for b in self.results["bench"]}
+        for line in self.stream.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            record["run_id"] = self.run_id
+            key = (self.run_id, record["workload"], record["order"], record["contender"]["name"])
+            if key not in seen:
+                seen.add(key)
+                self.results["bench"].append(record)
+
+    def verified_record(self) -> dict:
+        return json.loads(self.verified_path.read_text())
+
+    def record_verified(self, step: str, backend: str, kernels: tuple[str, ...]) -> None:
+        with self.lock:
+            record = self.verified_record()
+            entry = {"date": datetime.date.today().isoformat(), "device": self.results["device"].get("name", "?"),
+                     "torch": self.results["device"].get("torch", "?")}
+            for kernel in kernels:
+                record.setdefault(backend, {}).setdefault(self.device_type, {})[kernel] = entry
+            write_atomic(self.verified_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+            self.publish()
+            # Read back what was published: the event says how many kernels the file under
+            # --out held right after this family was recorded.
+            published = json.loads((self.out / "verified.json").read_text())
+            count = len(published.get(backend, {}).get(self.device_type, {}))
+            self.event("recorded", step=step, backend=backend, kernels=list(kernels), published_kernels=count)
+
+    # -- children ----------------------------------------------------------------------
+
+    def child_env(self, extra: dict | None = None) -> dict:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["FASTMETA_VERIFIED_RECORD"] = str(self.verified_path)
+        if self.dry_run:
+            env["TRITON_INTERPRET"] = "1"
+        else:
+            env.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
+            env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX must not take the GPU from torch
+        env.update(extra or {})
+        return env
+
+    def run_command(self, name: str, command: list[str], box: float, env: dict | None = None) -> tuple[int | None, str]:
+        """Run a child in its own process group, its output into logs/<name>.log; kill it
+        (the whole group) at its time box. Returns (exit code or None if killed, log text)."""
+        log_path = self.logs / (name.replace(":", "_") + ".log")
+        with log_path.open("ab") as log:
+            log.write(f"$ {' '.join(command)}\n# time box {box:.0f} s, started at {self.elapsed():.1f} s\n".encode())
+            log.flush()
+            with self.lock:
+                if self.stopping:
+                    raise Interrupted
+                child = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.child_env(env), start_new_session=True)
+                self.children[name] = child
+            try:
+                rc = child.wait(timeout=max(box, 1))
+            except subprocess.TimeoutExpired:
+                kill_group(child)
+                rc = None
+            finally:
+                with self.lock:
+                    self.children.pop(name, None)
+        if self.stopping:
+            raise Interrupted
+        return rc, log_path.read_text(errors="replace")
+
+    def stop_children(self) -> None:
+        with self.lock:
+            self.stopping = True
+            children = list(self.children.items())
+        for _, child in children:
+            kill_group(child)
+
+    # -- steps -------------------------------------------------------------------------
+
+    def run_step(self, step: Step, wait_for: Callable[[str], str] | None = None) -> str:
+        """Run one step, record it, publish. Returns its status."""
+        name = step.name
+        if self.carried(name):
+            return "carried"
+        if not self.selected(name):
+            self.set_step(name, status="not-run", note="not selected (--only)", box_s=step.box, estimate_s=step.estimate)
+            return "not-run"
+        box = min(step.box, self.left())
+        if box < 10:
+            self.set_step(name, status="did-not-fit", note=f"{max(self.left(), 0):.0f} s left", box_s=step.box,
+                          estimate_s=step.estimate)
+            self.publish()
+            return "did-not-fit"
+        self.set_step(name, status="running", started_at_s=round(self.elapsed(), 1), box_s=step.box,
+                      estimate_s=step.estimate)
+        self.publish()
+        began = time.monotonic()
+        rc, text = self.run_command(name, step.command(self), box, step.env)
+        seconds = round(time.monotonic() - began, 1)
+        if step.judge == "exit":
+            status, note = judge_exit(rc, text, box)
+        else:
+            status, note = judge_pytest(rc, text, step.allow_skips, box)
+        if status == "passed" and step.records:
+            for need in step.needs:
+                need_status = wait_for(need) if wait_for else self.results["steps"].get(need, {}).get("status")
+                if need_status not in ("passed", "carried"):
+                    status, note = "failed", f"passed, not recorded: {need} {need_status}"
+                    break
+        self.set_step(name, status=status, seconds=seconds, note=note)
+        if status == "passed" and step.records:
+            self.record_verified(name, *step.records)
+        else:
+            self.publish()
+        return status
+
+
+def kill_group(child: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(child.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            child.wait(timeout=3)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def judge_exit(rc: int | None, text: str, box: float) -> tuple[str, str]:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    last = lines[-1].strip() if lines else ""
+    if rc is None:
+        return "timeout", f"killed at its time box ({box:.0f} s); last line: {last[:160]}"
+    return ("passed", last[:160]) if rc == 0 else ("failed", f"exit {rc}: {last[:160]}")
+
+
+def judge_pytest(rc: int | None, text: str, allow_skips: bool, box: float) -> tuple[str, str]:
+    """passed | failed | timeout, and a one-line note from pytest's last line."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    last = lines[-1].strip("= ") if lines else ""
+    if rc is None:
+        return "timeout", f"killed at its time box ({box:.0f} s); last line: {last[:160]}"
+    counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", last))
+    if rc != 0:
+        failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))][:3]
+        return "failed", f"exit {rc}: {last[:160]}" + ("; " + " | ".join(f[:120] for f in failed) if failed else "")
+    if counts.get("passed", 0) == 0:
+        return "failed", f"nothing passed: {last[:160]}"
+    if counts.get("skipped", 0) and not allow_skips:
+        return "failed", f"skipped tests verify nothing: {last[:160]}"
+    return "passed", last[:160]
+
+
+# ---------------------------------------------------------------------------------------
+# The phases
+# ---------------------------------------------------------------------------------------
+
+
+PROBE = r"""
+import json, platform, sys
+info = {"python": platform.python_version()}
+try:
+    import torch
+    info["torch"] = torch.__version__
+    info["cuda_runtime"] = torch.version.cuda
+    info["cuda_available"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(name=torch.cuda.get_device_name(0), capability=f"{p.major}.{p.minor}",
+                    multiprocessors=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1))
+    else:
+        info["name"] = "cpu (" + (platform.processor() or platform.machine()) + ")"
+except Exception as exc:
+    info["torch_error"] = repr(exc)
+for module in ("triton", "jax"):
+    try:
+        info[module] = __import__(module).__version__
+    except Exception as exc:
+        info[module] = None
+print(json.dumps(info))
+"""
+
+
+def probe(check: Check) -> None:
+    rc, text = check.run_command("probe", [check.python, "-c", PROBE], 60)
+    info = {}
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            info = json.loads(line)
+            break
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        out = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        info["nvidia_smi"] = out.stdout.strip()
+    info["cpu_cores"] = os.cpu_count()
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30)
+        info["nvcc"] = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else None
+    info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                        text=True).stdout.strip() or None
+    with check.lock:
+        check.results["device"] = info
+        check.results["runs"][-1]["device"] = info.get("name")
+    if not check.dry_run and not info.get("cuda_available"):
+        check.set_step("probe", status="failed", note="torch sees no CUDA GPU: nothing to check (use --dry-run)")
+        check.publish()
+        raise SystemExit(2)
+    check.publish()
+
+
+def install(check: Check) -> None:
+    """The checkout, installed as the README says (no network there: no dependencies)."""
+    if check.dry_run:
+        command = [check.python, "-c", "import fastmeta, sys; print('fastmeta', fastmeta.__version__, 'importable')"]
+    else:
+        command = [check.python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."]
+    if check.run_step(Step("install", 90, 15, lambda c: command, judge="exit")) not in ("passed", "carried"):
+        raise SystemExit("gpu_check: the install failed; see logs/install.log")
+
+
+BUILD = r"""
+from fastmeta.backends import extension as e
+ok, info = e.build(verbose=True)
+assert ok, info
+print(e.build_info())
+if {need_cuda}:
+    assert e.build_info()["with_cuda"], "built without CUDA sources: is nvcc on PATH / CUDA_HOME set?"
+    ok, why = e.availability("cuda")
+    assert ok, why
+"""
+
+
+def build_step(dry_run: bool) -> Step:
+    return Step("build", 240, 90, lambda c: [c.python, "-c", BUILD.format(need_cuda=not dry_run)], judge="exit")
+
+
+def correctness(check: Check) -> None:
+    """The build and every family in parallel; a family that needs the build starts when
+    it is done. Each records as it passes."""
+    steps = correctness_steps(check.dry_run)
+    done: dict[str, threading.Event] = {s.name: threading.Event() for s in steps}
+    done["build"] = threading.Event()
+    build_status: dict[str, str] = {}
+
+    def wait_for(name: str) -> str:
+        done[name].wait()
+        return check.results["steps"].get(name, {}).get("status", "not-run")
+
+    def run(step: Step) -> None:
+        try:
+            if "build" in step.needs and step.name != "build":
+                if wait_for("build") not in ("passed", "carried"):
+                    check.set_step(step.name, status="not-run", note=f"the build {build_status.get('build')}")
+                    check.publish()
+                    return
+            status = check.run_step(step, wait_for)
+            if step.name == "build":
+                build_status["build"] = status
+        except Interrupted:
+            pass
+        except Exception as exc:  # a bug here must not stop the other families
+            check.set_step(step.name, status="failed", note=f"driver error: {exc!r}"[:200])
+            check.publish()
+        finally:
+            done[step.name].set()
+
+    threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in [build_step(check.dry_run), *steps]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+            if check.stopping:
+                return
+
+
+def bench(check: Check) -> None:
+    for name, box, estimate, arguments in bench_plan(check.dry_run):
+        if check.carried(name):
+            continue
+        if not check.selected(name):
+            check.set_step(name, status="not-run", note="not selected (--only)", box_s=box, estimate_s=estimate)
+            continue
+        workload = arguments[arguments.index("--workloads") + 1]
+        order = "first" if "--first-order" in arguments else "second"
+        skip = sorted(measured(check, workload, order))
+        if expected_contenders(arguments, check.dry_run) <= set(skip):
+            check.set_step(name, status="carried", note="every row measured by an earlier run on this GPU model")
+            continue
+        command = [check.python, "-m", "fastmeta.benchmarks", *arguments, "--stream", str(check.stream)]
+        if skip:
+            command += ["--skip", ",".join(skip)]
+        room = check.left() - MEMCHECK_RESERVE
+        step_box = min(box, room)
+        if step_box < 15:
+            check.set_step(name, status="did-not-fit", note=f"{max(room, 0):.0f} s left before memcheck's reserve",
+                           box_s=box, estimate_s=estimate)
+            check.publish()
+            continue
+        check.set_step(name, status="running", started_at_s=round(check.elapsed(), 1), box_s=box, estimate_s=estimate)
+        check.publish()
+        began = time.monotonic()
+        rc, text = check.run_command(name, command, step_box)
+        seconds = round(time.monotonic() - began, 1)
+        check.publish()  # merges the streamed rows
+        rows = [b for b in check.results["bench"] if b["run_id"] == check.run_id and b["workload"] == workload
+                and b["order"] == order]
+        wrong = [b["contender"]["name"] for b in rows
+                 if b["contender"]["family"] == "fastmeta" and b["contender"]["status"] in ("WRONG", "error")]
+        if rc is None:
+            status, note = "timeout", f"killed at its time box ({step_box:.0f} s); rows so far are kept"
+        elif wrong:
+            status, note = "failed", f"wrong or broken: {', '.join(wrong)}"
+        elif rc != 0:
+            tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or [""]
+            status, note = "failed", f"exit {rc}: {tail[0][:160]}"
+        else:
+            status, note = "passed", f"{len(rows)} rows"
+        check.set_step(name, status=status, seconds=seconds, note=note)
+        check.publish()
+
+
+def expected_contenders(arguments: list[str], dry_run: bool) -> set[str]:
+    """The rows a bench step's arguments ask for, as the bench names them."""
+    backends = [b for b in arguments[arguments.index("--backends") + 1].split(",") if b]
+    peers = [p for p in arguments[arguments.index("--peers") + 1].split(",") if p]
+    names = {f"fastmeta[{b}]" for b in backends} | set(peers)
+    if "auto" in backends and not dry_run:
+        names.add("fastmeta[auto]+graph")
+    return names
+
+
+def measured(check: Check, workload: str, order: str) -> set[str]:
+    """Contenders of this row already timed on this GPU model (a resumed run skips them)."""
+    device = check.results["device"].get("name")
+    return {b["contender"]["name"] for b in check.results["bench"]
+            if b["workload"] == workload and b["order"] == order and b["device"] == device
+            and b["contender"]["status"] in MEASURED and b["contender"].get("median_ms") is not None}
+
+
+def our_kernel_names() -> set[str]:
+    """fastmeta's own kernel names: the Triton @triton.jit functions and the CUDA __global__s."""
+    names = set()
+    for path in (REPO / "kernels").glob("*.py"):
+        names |= set(re.findall(r"@triton\.jit[^\n]*\n(?:@[^\n]*\n)*def (\w+)", path.read_text()))
+    for path in (REPO / "csrc" / "cuda").glob("*.cu"):
+        names |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", path.read_text()))
+    return names
+
+
+def memcheck(check: Check) -> None:
+    name = "memcheck"
+    if check.carried(name) or not check.selected(name):
+        if not check.carried(name):
+            check.set_step(name, status="not-run", note="not selected (--only)")
+        return
+    sanitizer = shutil.which("compute-sanitizer") or next(
+        (str(p) for p in (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "compute-sanitizer",)
+         if p.exists()), None)
+    if check.dry_run or sanitizer is None:
+        why = "dry run: no GPU" if check.dry_run else "compute-sanitizer not found"
+        check.set_step(name, status="unavailable", note=why, box_s=MEMCHECK_BOX)
+        check.publish()
+        return
+    box = min(MEMCHECK_BOX, check.left())
+    if box < 15:
+        check.set_step(name, status="did-not-fit", note=f"{max(check.left(), 0):.0f} s left", box_s=MEMCHECK_BOX)
+        check.publish()
+        return
+    check.set_step(name, status="running", started_at_s=round(check.elapsed(), 1), box_s=MEMCHECK_BOX,
+                   estimate_s=45)
+    check.publish()
+    began = time.monotonic()
+    # PyTorch's caching allocator hides out-of-bounds accesses inside its own blocks: the
+    # sanitizer sees every buffer exactly only with caching off.
+    command = [sanitizer, "--tool", "memcheck", "--leak-check", "no", "--print-limit", "50",
+               check.python, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-o", "addopts=",
+               "-m", "gpu", "tests/test_extension_cuda.py", "tests/test_mlp_meta_step.py", "tests/test_triton_ops.py",
+               "-k", "(equals_reference or fused_cuda or test_inner_step or test_task_linear_activations "
+                     "or test_task_conv2d or test_task_batch_norm or test_task_loss) and not workload"]
+    rc, text = check.run_command(name, command, box, {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
+    seconds = round(time.monotonic() - began, 1)
+    status, note = judge_memcheck(rc, text, our_kernel_names(), box)
+    check.set_step(name, status=status, seconds=seconds, note=note)
+    check.publish()
+
+
+def judge_memcheck(rc: int | None, text: str, ours: set[str], box: float) -> tuple[str, str]:
+    """clean | errors | unavailable | timeout. Errors in kernels that are not fastmeta's
+    (cuDNN, cuBLAS, ATen) are counted and named, but do not fail fastmeta's check."""
+    if "Device not supported" in text or "Unable to find injection library" in text:
+        return "unavailable", "compute-sanitizer refused this device or setup"
+    summary_match = re.search(r"ERROR SUMMARY: (\d+) error", text)
+    # "=========     at [0x... in ]fastmeta::cuda::(anonymous namespace)::inner_step_kernel(...)+0x1a0"
+    in_ours, foreign = set(), set()
+    for where in re.findall(r"^=+\s+at (.+)$", text, flags=re.M):
+        names = set(re.findall(r"\w+", where)) & ours
+        if names:
+            in_ours |= names
+        else:
+            foreign.add(re.sub(r"^0x[0-9a-f]+ in ", "", where).split("(")[0].strip()[:60])
+    in_ours, foreign = sorted(in_ours), sorted(foreign)
+    if in_ours:
+        return "errors", f"errors in fastmeta kernels: {', '.join(in_ours)[:200]}"
+    if rc is None:
+        partial = f"; {summary_match.group(0)} so far" if summary_match else ""
+        return "timeout", f"killed at its time box ({box:.0f} s), no error in a fastmeta kernel so far{partial}"
+    if summary_match is None:
+        return "failed", "no ERROR SUMMARY: the sanitizer did not run the tests"
+    note = summary_match.group(0)
+    if foreign:
+        note += f"; none in fastmeta's kernels (outside them: {', '.join(foreign)[:120]})"
+    tests = re.findall(r"(\d+) (passed|failed)", text)
+    if tests:
+        note += "; tests: " + ", ".join(f"{n} {k}" for n, k in tests[-2:])
+    return "clean", note
+
+
+# ---------------------------------------------------------------------------------------
+# The summary
+# ---------------------------------------------------------------------------------------
+
+
+def bench_tables(results: dict) -> list[str]:
+    lines = []
+    rows: dict[tuple, list[dict]] = {}
+    for b in results["bench"]:
+        rows.setdefault((b["workload"], b["order"], b["device"]), []).append(b)
+    for (workload, order, device), records in rows.items():
+        lines.append(f"{workload} {order} order on {device} (ms per meta-iteration, median; peak MiB)")
+        timed = [r for r in records if r["contender"].get("median_ms") is not None]
+        peers = [r for r in timed if r["contender"]["family"] == "peer" and r["contender"]["status"] in MEASURED
+                 and r["contender"]["status"] != "WRONG"]
+        best_peer = min(peers, key=lambda r: r["contender"]["median_ms"], default=None)
+        for r in records:
+            c = r["contender"]
+            if c.get("median_ms") is None:
+                lines.append(f"  {c['name']:<22} {c['status']}: {c.get('note', '')[:100]}")
+                continue
+            err = f" {c['relative_error']:.1e}" if c.get("relative_error") is not None else ""
+            peak = f"{c['peak_mib']:.0f}" if c.get("peak_mib") is not None else "n/a"
+            ratio = ""
+            if best_peer is not None and c["family"] == "fastmeta":
+                p = best_peer["contender"]
+                same_run = best_peer["run_id"] == r["run_id"]
+                ratio = (f"  {p['median_ms'] / c['median_ms']:.2f}x vs {p['name']}"
+                         + ("" if same_run else " (peer from another run)"))
+            lines.append(f"  {c['name']:<22} {c['median_ms']:>9.3f}  {c['status']}{err:<9} {peak:>6}{ratio}")
+        fm = [r for r in timed if r["contender"]["family"] == "fastmeta" and r["contender"]["status"] == "ok"]
+        best_fm = min(fm, key=lambda r: r["contender"]["median_ms"], default=None)
+        target = next((r.get("target_speedup") for r in records if r.get("target_speedup")), None)
+        if target is not None:
+            if best_fm is None or best_peer is None:
+                lines.append(f"  target >= {target:g}x: not measured")
+            else:
+                ratio = best_peer["contender"]["median_ms"] / best_fm["contender"]["median_ms"]
+                lines.append(f"  target >= {target:g}x: {ratio:.2f}x ({best_fm['contender']['name']} against "
+                             f"{best_peer['contender']['name']}): {'met' if ratio >= target else 'NOT MET'}")
+    return lines
+
+
+def summary(results: dict, verified: dict) -> str:
+    d = results["device"]
+    lines = [
+        f"fastmeta GPU check{' (DRY RUN on the CPU)' if results['dry_run'] else ''} · run {results['run_id']}",
+        f"device: {d.get('name', '?')} · torch {d.get('torch')} · triton {d.get('triton')} · jax {d.get('jax')} · "
+        f"CUDA {d.get('cuda_runtime')} · {d.get('nvcc') or 'no nvcc'} · commit {d.get('git_commit')}",
+        f"updated {results['updated']} · budget {results['budget_s']} s"
+        + (" · INTERRUPTED" if results["interrupted"] else "") + (" · finished" if results["finished"] else ""),
+        "",
+        "steps (status, seconds / box / H100 estimate, note):",
+    ]
+    for name, s in results["steps"].items():
+        secs = f"{s['seconds']:.0f}" if s.get("seconds") is not None else "-"
+        lines.append(f"  {name:<28} {s.get('status', '?'):<12} {secs:>4} / {s.get('box_s', '-')} / "
+                     f"{s.get('estimate_s', '-')}  {str(s.get('note', ''))[:110]}")
+    lines += ["", "verified kernels (backend on device type):"]
+    for backend, devices in sorted(verified.items()):
+        for dev, kernels in sorted(devices.items()):
+            lines.append(f"  {backend} on {dev}: {', '.join(sorted(kernels))}")
+    lines += ["", "bench:"] + (bench_tables(results) or ["  nothing measured yet"])
+    pending = [n for n, s in results["steps"].items() if s.get("status") not in ("passed", "carried", "clean",
+                                                                                   "unavailable")]
+    lines += ["", "left for a resumed run (--resume): " + (", ".join(pending) if pending else "nothing")]
+    if len(lines) > SUMMARY_MAX_LINES:
+        lines = lines[:SUMMARY_MAX_LINES - 1] + [f"... {len(lines) - SUMMARY_MAX_LINES + 1} more lines in results.json"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/gpu_check.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="where the four files go (default: $OUT)")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="an earlier run's folder (results.json, verified.json): carry over what passed")
+    parser.add_argument("--budget", type=float, default=None, metavar="S",
+                        help=f"seconds for the whole run (default {DEFAULT_BUDGET_S}; dry run 600)")
+    parser.add_argument("--only", default=None, metavar="STEP,...",
+                        help="run only these steps (shell patterns: 'triton:*,bench:W1-*'); others are 'not-run'")
+    parser.add_argument("--dry-run", action="store_true", help="the same plumbing on a CPU machine, tiny shapes")
+    parser.add_argument("--python", default=sys.executable, help="the Python that runs the steps (default: this one)")
+    args = parser.parse_args(argv)
+    if not args.out:
+        parser.error("--out: no folder given and $OUT is not set")
+    if args.budget is None:
+        args.budget = 600 if args.dry_run else DEFAULT_BUDGET_S
+    if args.budget <= 0:
+        parser.error(f"--budget must be positive, got {args.budget}")
+    if args.resume and not (Path(args.resume) / "results.json").is_file():
+        parser.error(f"--resume {args.resume}: no results.json there")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check = Check(args)
+
+    def on_signal(signum, frame):
+        check.stop_children()
+        with check.lock:
+            check.results["interrupted"] = True
+            for name, s in check.results["steps"].items():
+                if s.get("status") == "running":
+                    s["status"] = "interrupted"
+            check.event("signal", signal=signal.Signals(signum).name)
+            check.publish()
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    check.event("start", budget_s=args.budget, resume=args.resume)
+    print(f"gpu_check: out={check.out} work={check.work} budget={args.budget:.0f} s"
+          f"{' (dry run)' if check.dry_run else ''}", flush=True)
+    try:
+        probe(check)
+        install(check)
+        correctness(check)
+        bench(check)
+        memcheck(check)
+    except Interrupted:
+        pass
+    with check.lock:
+        check.results["finished"] = True
+        check.event("end", seconds=round(check.elapsed(), 1))
+        check.publish()
+    text = (check.out / "summary.txt").read_text()
+    print(text, flush=True)
+    shutil.rmtree(check.work, ignore_errors=True)
+    bad = [n for n, s in check.results["steps"].items() if s.get("status") in ("failed", "errors")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

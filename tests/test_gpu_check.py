@@ -1,0 +1,210 @@
+"""The GPU check (bench/gpu_check.py) proven on the CPU: its dry run, the $OUT contract,
+family-by-family records, resumption and the trap.
+
+The dry run is the same driver as the GPU run: Triton under the interpreter, the CUDA
+sources' logic through the CPU stand-in, the bench on W1 for 2 iterations on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "gpu_check.py"
+OUT_FILES = {"verified.json", "results.json", "summary.txt", "logs.tar.gz"}
+
+
+def load_driver():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def dry_run(out: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    return subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def log_names(out: Path) -> set[str]:
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        return {Path(m.name).name for m in tar.getmembers() if m.isfile()}
+
+
+FIRST_PART = "install,build,triton:common,triton:inner_step,cuda:kernels"
+
+
+@pytest.fixture(scope="module")
+def two_part_run(tmp_path_factory):
+    """A dry run split in two: the first part runs a few steps (--only), the second resumes
+    from the first part's four files and runs the rest."""
+    first, second = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")
+    a = dry_run(first, "--only", FIRST_PART)
+    assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
+    b = dry_run(second, "--resume", str(first))
+    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+    return first, second, a, b
+
+
+def test_out_holds_exactly_the_four_files(two_part_run):
+    for out in two_part_run[:2]:
+        assert {p.name for p in out.iterdir()} == OUT_FILES
+
+
+def test_results_schema(two_part_run):
+    first, second, _, _ = two_part_run
+    results = read(second)
+    assert results["schema"] == "fastmeta-gpu-check-1" and results["dry_run"] is True
+    assert results["finished"] is True and results["interrupted"] is False
+    assert {"name", "torch", "triton", "python"} <= set(results["device"])
+    assert len(results["runs"]) == 2
+    for name, step in results["steps"].items():
+        assert step["status"] in ("passed", "carried", "unavailable"), (name, step)
+        assert "run_id" in step
+    expected = {"install", "build", "triton:common", "triton:inner_step", "triton:task_linear", "triton:task_conv2d",
+                "triton:task_batch_norm", "triton:task_loss", "cuda:kernels", "cuda:mlp_meta_step", "whole_step",
+                "bench:W1-second:fastmeta", "bench:W1-second:peers", "memcheck"}
+    assert set(results["steps"]) == expected
+    assert results["steps"]["memcheck"]["status"] == "unavailable"
+    for row in results["bench"]:
+        assert {"workload", "order", "device", "run_id", "contender"} <= set(row)
+        assert row["workload"] == "W1" and row["order"] == "second"
+    timed = {r["contender"]["name"]: r["contender"] for r in results["bench"] if r["contender"]["median_ms"]}
+    assert {"fastmeta[auto]", "fastmeta[torch]", "loop", "vmap"} <= set(timed)
+    assert all(c["status"] == "ok" and c["relative_error"] < 1e-4 for c in timed.values())
+
+
+def test_verified_is_written_family_by_family(two_part_run):
+    first, second, _, _ = two_part_run
+    events = [e for e in read(second)["events"] if e["event"] == "recorded"]
+    families = [e["step"] for e in events]
+    assert len(families) == len(set(families)) == 7  # 5 Triton families, 2 CUDA ones
+    for backend in ("triton", "cuda"):
+        counts = [e["published_kernels"] for e in events if e["backend"] == backend]
+        assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
+    verified = json.loads((second / "verified.json").read_text())
+    assert "mlp_meta_step" in verified["cuda"]["dry-run"]
+    assert "task_conv2d_weight_grad" in verified["triton"]["dry-run"]
+    # A dry run keeps the repository's record as it is, and never claims a kernel verified
+    # on a GPU: everything it adds is under "dry-run".
+    repo = json.loads((REPO / "fastmeta" / "backends" / "verified.json").read_text())
+    for backend, devices in verified.items():
+        for device, kernels in devices.items():
+            if device != "dry-run":
+                assert kernels == repo[backend][device]
+    for backend, devices in repo.items():
+        for device, kernels in devices.items():
+            assert verified[backend][device] == kernels
+
+
+def test_resumption_runs_only_what_is_left(two_part_run):
+    first, second, _, _ = two_part_run
+    part_one = read(first)["steps"]
+    assert {n for n, s in part_one.items() if s["status"] == "passed"} == set(FIRST_PART.split(","))
+    assert all(s["status"] == "not-run" for n, s in part_one.items() if n not in FIRST_PART.split(","))
+    steps = read(second)["steps"]
+    for name in FIRST_PART.split(","):
+        assert steps[name]["status"] == "carried"
+    assert steps["triton:task_conv2d"]["status"] == "passed"
+    ran_again = log_names(second)
+    assert "triton_inner_step.log" not in ran_again and "triton_task_conv2d.log" in ran_again
+    # A third run from the second finds nothing to do, bench rows included.
+    third = second.parent / "third"
+    c = dry_run(third, "--resume", str(second))
+    assert c.returncode == 0, c.stdout[-3000:]
+    steps = read(third)["steps"]
+    assert all(s["status"] in ("carried", "unavailable") for s in steps.values()), steps
+
+
+def test_summary(two_part_run):
+    _, second, _, b = two_part_run
+    text = (second / "summary.txt").read_text()
+    assert len(text.splitlines()) <= 200
+    assert "DRY RUN" in text and "triton:task_conv2d" in text and "fastmeta[auto]" in text
+    assert text.strip() in b.stdout
+
+
+def test_the_trap_leaves_the_four_files_when_killed(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    running = []
+    while time.monotonic() < deadline and not running:
+        time.sleep(0.5)
+        try:
+            running = [n for n, s in read(out)["steps"].items() if s["status"] == "running"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+    assert running, "no step started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert {p.name for p in out.iterdir()} == OUT_FILES
+    results = read(out)
+    assert results["interrupted"] is True and results["finished"] is False
+    assert any(s["status"] == "interrupted" for s in results["steps"].values())
+    assert not any(s["status"] == "running" for s in results["steps"].values())
+    assert [e["signal"] for e in results["events"] if e["event"] == "signal"] == ["SIGTERM"]
+
+
+def test_out_must_be_empty_of_other_files(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    r = dry_run(tmp_path, timeout=60)
+    assert r.returncode != 0 and "holds other files" in r.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {"keep.txt"}
+
+
+def test_resume_needs_results(tmp_path):
+    r = dry_run(tmp_path / "out", "--resume", str(tmp_path), timeout=60)
+    assert r.returncode == 2 and "--resume" in r.stderr and "no results.json" in r.stderr
+
+
+def test_judge_pytest():
+    judge = load_driver().judge_pytest
+    assert judge(0, "....\n4 passed in 1.0s", False, 10)[0] == "passed"
+    assert judge(0, "4 passed, 1 skipped in 1.0s", False, 10)[0] == "failed"
+    assert judge(0, "4 passed, 1 skipped in 1.0s", True, 10)[0] == "passed"
+    assert judge(5, "20 deselected in 1s", True, 10)[0] == "failed"
+    assert judge(1, "FAILED tests/x.py::t - assert\n1 failed, 3 passed", False, 10)[0] == "failed"
+    assert judge(None, "...", False, 10)[0] == "timeout"
+
+
+def test_judge_memcheck():
+    judge = load_driver().judge_memcheck
+    ours = {"inner_step_kernel", "task_matmul_kernel"}
+    bad = ("========= Invalid __global__ read of size 4 bytes\n"
+           "=========     at fastmeta::cuda::(anonymous namespace)::inner_step_kernel(const float *)+0x1a0\n"
+           "========= ERROR SUMMARY: 1 error\n")
+    assert judge(0, bad, ours, 60)[0] == "errors"
+    foreign = ("========= Invalid __global__ read of size 4 bytes\n"
+               "=========     at sm90_xmma_gemm_f32f32_tn+0x10\n"
+               "5 passed in 3.0s\n========= ERROR SUMMARY: 1 error\n")
+    status, note = judge(0, foreign, ours, 60)
+    assert status == "clean" and "sm90_xmma_gemm_f32f32_tn" in note
+    assert judge(0, "12 passed\n========= ERROR SUMMARY: 0 errors\n", ours, 60)[0] == "clean"
+    assert judge(1, "========= Error: Device not supported\n", ours, 60)[0] == "unavailable"
+    assert judge(None, "3 passed", ours, 60)[0] == "timeout"
+    assert judge(0, "nothing", ours, 60)[0] == "failed"
+
+
+def test_our_kernel_names_are_found():
+    names = load_driver().our_kernel_names()
+    assert {"inner_step_kernel", "task_matmul_kernel", "conv2d_weight_grad_kernel", "mlp_meta_step_kernel",
+            "batched_gemm_kernel"} <= names
