@@ -192,6 +192,7 @@ def bench_plan(dry_run: bool) -> list[tuple[str, int, int, list[str]]]:
 
 
 MEMCHECK_BOX = 60
+PER_MACHINE_STEPS = ("probe", "install", "build")  # never carried over by --resume
 MEMCHECK_RESERVE = 45  # seconds the bench leaves for memcheck
 
 
@@ -280,7 +281,9 @@ class Check:
             self.results["events"] = earlier.get("events", [])
             self.results["bench"] = earlier.get("bench", [])
             for name, step in earlier.get("steps", {}).items():
-                if step.get("status") in ("passed", "carried"):
+                if name in PER_MACHINE_STEPS:  # a fresh machine needs them again
+                    continue
+                if step.get("status") in ("passed", "carried", "clean"):
                     self.results["steps"][name] = {**step, "status": "carried",
                                                    "from_run": step.get("from_run", step.get("run_id"))}
         write_atomic(self.verified_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
@@ -624,7 +627,8 @@ def bench(check: Check) -> None:
         command = [check.python, "-m", "fastmeta.benchmarks", *arguments, "--stream", str(check.stream)]
         if skip:
             command += ["--skip", ",".join(skip)]
-        room = check.left() - MEMCHECK_RESERVE
+        memcheck_pending = check.selected("memcheck") and not check.carried("memcheck")
+        room = check.left() - (MEMCHECK_RESERVE if memcheck_pending else 0)
         step_box = min(box, room)
         if step_box < 15:
             check.set_step(name, status="did-not-fit", note=f"{max(room, 0):.0f} s left before memcheck's reserve",

@@ -290,6 +290,7 @@ def full_fp32():
 
 
 ContenderFactory = Callable[[Problem], Contender]
+FP32_ERROR_FACTOR = 4.0
 
 
 def fastmeta_contenders(settings: BenchmarkSettings, device: torch.device) -> list[tuple[str, ContenderFactory | str]]:
@@ -343,10 +344,16 @@ def peer_contenders(settings: BenchmarkSettings, device: torch.device) -> list[t
     return rows
 
 
-def check_status(contender: Contender, problem: Problem, error: float, tolerance: float) -> tuple[str, str]:
+def check_status(contender: Contender, problem: Problem, error: float, tolerance: float,
+                 strict_tolerance: float | None = None) -> tuple[str, str]:
+    """ok | known-wrong | WRONG. torch.func's second order through BatchNorm is known to be
+    wrong: it is held to the strict tolerance, never to the fp32 loop's error floor."""
+    known_wrong = contender.torch_func and problem.workload.has_batch_norm and not problem.first_order
+    if known_wrong and strict_tolerance is not None:
+        tolerance = min(tolerance, strict_tolerance)
     if error <= tolerance:  # False for NaN
         return "ok", ""
-    if contender.torch_func and problem.workload.has_batch_norm and not problem.first_order:
+    if known_wrong:
         return "known-wrong", "torch.func second order through BatchNorm is wrong (BENCHMARKS.md); speed peer only"
     return "WRONG", f"meta-gradient off the reference by {error:.2e} (tolerance {tolerance:.0e})"
 
@@ -382,6 +389,7 @@ def run_contender(
     problem: Problem,
     reference: Tensor | None,
     settings: BenchmarkSettings,
+    tolerance: float | None = None,
 ) -> ContenderResult:
     device = problem.device
     family = "fastmeta" if name.startswith("fastmeta") else "peer"
@@ -405,9 +413,13 @@ def run_contender(
                 got = contender.meta_gradient().to(device=reference.device, dtype=reference.dtype)
                 error = float((got - reference).norm() / reference.norm().clamp_min(1e-300))
                 result.relative_error = error
-                result.status, result.note = check_status(contender, problem, error, settings.tolerance)
+                result.status, result.note = check_status(
+                    contender, problem, error, settings.tolerance if tolerance is None else tolerance,
+                    settings.tolerance)
             samples, per_sample = time_steps(contender, settings.iterations, settings.warmup, settings.min_sample_ms)
         result.details = contender.details()
+        if reference is not None:
+            result.details["tolerance"] = settings.tolerance if tolerance is None else tolerance
     except ContenderSkipped as exc:
         result.status, result.note = "skipped", str(exc)
         return result
@@ -472,6 +484,15 @@ def run_workload(
         workload = workload.replace(tasks=settings.tasks)
     problem = build_problem(workload, settings, device)
     reference = reference_meta_gradient(problem, torch.float64) if settings.check else None
+    tolerance = settings.tolerance
+    if reference is not None:
+        # The per-task loop in fp32 is the honest fp32 answer. Where its own error exceeds
+        # the tolerance (W3, W4: five inner steps, MaxPool ties), a contender is judged
+        # against FP32_ERROR_FACTOR times that error instead.
+        loop32 = reference_meta_gradient(problem, torch.float32).to(reference)
+        fp32_error = float((loop32 - reference).norm() / reference.norm().clamp_min(1e-300))
+        tolerance = max(tolerance, FP32_ERROR_FACTOR * fp32_error)
+        progress(f"{workload.name}: the fp32 per-task loop is {fp32_error:.1e} off float64; tolerance {tolerance:.1e}")
     rows = (
         fastmeta_contenders(settings, device)
         + peer_contenders(settings, device)
@@ -489,7 +510,7 @@ def run_workload(
             continue
         label = f"{workload.name} {'1st' if settings.first_order else '2nd'} order: {name}"
         progress(label)
-        results.append(run_contender(name, factory, problem, reference, settings))
+        results.append(run_contender(name, factory, problem, reference, settings, tolerance))
         r = results[-1]
         timing = f"{_fmt_ms(r.median_ms)} ms median, {_fmt_ms(r.min_ms)} min" if r.timed else ""
         check = f"{r.status}" + (f" {r.relative_error:.1e}" if r.relative_error is not None else "")

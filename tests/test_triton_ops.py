@@ -123,8 +123,8 @@ def evaluate(backend, fn, args, diff, seed=1234):
     """
     gen = torch.Generator().manual_seed(seed)
 
-    def rand_like(t):
-        return torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
+    def rand_like(t):  # drawn in fp32 then cast: a float64 run sees the same values
+        return torch.randn(t.shape, generator=gen).to(device=t.device, dtype=t.dtype)
 
     with fm.use_backend(backend):
         leaves = [a.detach().clone().requires_grad_(True) if i in diff else a for i, a in enumerate(args)]
@@ -154,17 +154,46 @@ def assert_close(actual, expected, what, rtol):
     assert error <= rtol * scale + 1e-6, f"{what}: max error {error:.3g} on scale {scale:.3g} (rtol {rtol})"
 
 
-def compare_backends(fn, args, diff, kernels, rtol=2e-5):
-    """Run fn on both backends; compare everything; check that ``kernels`` ran on triton."""
+def assert_as_close_as_reference(actual, reference, truth, what, rtol, factor=4.0):
+    """Against the float64 truth: the kernel's max error is within ``rtol`` of the scale, or
+    within ``factor`` times the fp32 reference's own error. For large reductions (W4's
+    BatchNorm over 0.5M elements, second order through four conv+BN blocks) the fp32
+    reference itself is off by more than any fixed rtol: the kernel must do as well."""
+    if truth is None or actual is None:
+        assert actual is None and truth is None and reference is None, f"{what}: one backend gave None"
+        return
+    assert actual.shape == truth.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(truth.shape)}"
+    scale = truth.abs().max().item() if truth.numel() else 0.0
+    error = (actual.double() - truth).abs().max().item() if truth.numel() else 0.0
+    reference_error = (reference.double() - truth).abs().max().item() if truth.numel() else 0.0
+    assert error <= max(rtol * scale, factor * reference_error) + 1e-6, (
+        f"{what}: max error {error:.3g} against float64 (scale {scale:.3g}); the fp32 reference's is "
+        f"{reference_error:.3g} (rtol {rtol}, factor {factor})")
+
+
+def _float64(args):
+    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def compare_backends(fn, args, diff, kernels, rtol=2e-5, float64_truth=False):
+    """Run fn on both backends; compare everything; check that ``kernels`` ran on triton.
+
+    float64_truth: compare both fp32 backends with the reference in float64 instead
+    (:func:`assert_as_close_as_reference`), for shapes whose fp32 rounding exceeds rtol.
+    """
     expected = evaluate("torch", fn, args, diff)
     with kernel_log() as (ran, declined):
         actual = evaluate("triton", fn, args, diff)
     missing = [k for k in kernels if not ran[k]]
     assert not missing, f"triton kernels did not run: {missing} (declined: {dict(declined)})"
     assert not declined, f"triton kernels declined: {dict(declined)}"
-    for name, a_list, e_list in zip(("output", "first-order grad", "second-order grad"), actual, expected):
-        for i, (a, e) in enumerate(zip(a_list, e_list)):
-            assert_close(a, e, f"{name} {i}", rtol)
+    truth = evaluate("torch", fn, _float64(args), diff) if float64_truth else None
+    for j, name in enumerate(("output", "first-order grad", "second-order grad")):
+        for i, (a, e) in enumerate(zip(actual[j], expected[j])):
+            if truth is None:
+                assert_close(a, e, f"{name} {i}", rtol)
+            else:
+                assert_as_close_as_reference(a, e, truth[j][i], f"{name} {i}", rtol)
     return ran
 
 
@@ -357,7 +386,7 @@ def test_task_batch_norm_workload(shape):
     T, N, C, H, W = (shape[k] for k in ("T", "N", "C", "H", "W"))
     args = [randn(T, N, C, H, W), bn_param("per_task", T, C), bn_param("per_task", T, C), 1e-5, shape["act"], 0.0]
     compare_backends(ops.task_batch_norm, args, [0, 1, 2],
-                     ["task_batch_norm", "task_batch_norm_backward", "activation_grad"], rtol=1e-3)
+                     ["task_batch_norm", "task_batch_norm_backward", "activation_grad"], rtol=1e-3, float64_truth=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -543,8 +572,9 @@ def test_float64_falls_back_and_gradgradchecks(op, args, diff):
 # ---------------------------------------------------------------------------------------
 
 
-def _meta_gradient(backend, model_fn, tasks, lr):
-    model = model_fn()
+def _meta_gradient(backend, model_fn, tasks, lr, dtype=torch.float32):
+    model = model_fn().to(dtype)
+    tasks = [t.to(dtype) if t.is_floating_point() else t for t in tasks]
     with fm.use_backend(backend):
         learner = fm.MAML(model, lr=lr, first_order=False, steps=1)
         out = learner.meta_batch(*tasks)
@@ -623,8 +653,13 @@ def test_maml_second_order_step(model_fn, tasks_fn, lr, kernels):
     assert not [k for k in kernels if not ran[k]], f"kernels that did not run: {kernels} vs {dict(ran)}"
     assert not declined, dict(declined)
     assert_close(actual_loss, expected_loss, "query loss", 1e-5)
-    # Second order through up to four conv+BN blocks: fp32 rounding differences of the
-    # two backends' reduction orders grow with the reduction sizes, hence 1e-3 at full size.
-    rtol = 1e-4 if DEVICE == "cpu" else 1e-3
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert_close(a, e, f"meta-gradient of parameter {i}", rtol)
+    # Second order through up to four conv+BN blocks: fp32 rounding grows with the reduction
+    # sizes (and MaxPool ties flip), so at full size both fp32 backends are judged against
+    # the float64 meta-gradient: triton must be as close to it as the fp32 reference is.
+    if DEVICE == "cpu":
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e, f"meta-gradient of parameter {i}", 1e-4)
+        return
+    _, truth = _meta_gradient("torch", model_fn, tasks, lr, torch.float64)
+    for i, (a, e, t) in enumerate(zip(actual, expected, truth)):
+        assert_as_close_as_reference(a, e, t, f"meta-gradient of parameter {i}", 1e-3)

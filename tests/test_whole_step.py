@@ -24,6 +24,10 @@ def test_capture_needs_cuda_tensors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("learner_kind", ["maml", "model-aware"])
 def test_captured_step_equals_eager_after_ten_steps(learner_kind):
+    """The first replay equals eager exactly (same parameters, same kernels); over ten Adam
+    steps the graph stays as close to eager as a second eager run does. Adam divides by
+    sqrt(v): a gradient entry near zero turns fp32 reduction-order noise (cuDNN's
+    backward algorithms, atomics) into a full-size update, so eager itself drifts."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
@@ -35,21 +39,41 @@ def test_captured_step_equals_eager_after_ten_steps(learner_kind):
         return fm.ModelAwareMAML(m, 0.1, steps=2, gates=True)
 
     eager_learner = make(model)
+    control_learner = make(copy.deepcopy(model))
     graph_learner = make(copy.deepcopy(model))
+    control_learner.load_state_dict(eager_learner.state_dict())
     graph_learner.load_state_dict(eager_learner.state_dict())
     eager_opt = torch.optim.Adam(eager_learner.parameters(), 1e-3, capturable=True)
+    control_opt = torch.optim.Adam(control_learner.parameters(), 1e-3, capturable=True)
     graph_opt = torch.optim.Adam(graph_learner.parameters(), 1e-3, capturable=True)
     batches = [
         [t.cuda() for t in classification_tasks(T=8, ways=5, shots=1, queries=1, image=28, seed=s)]
         for s in range(10)
     ]
     step = graph_learner.capture(graph_opt, *batches[0])
-    for batch in batches:
-        eager_opt.zero_grad()
-        eager_out = eager_learner.meta_batch(*batch)
-        eager_out.loss.backward()
-        eager_opt.step()
-        graph_out = step(*batch)
-        assert torch.allclose(graph_out.loss, eager_out.loss.detach(), rtol=1e-4, atol=1e-5)
-    for a, b in zip(eager_learner.parameters(), graph_learner.parameters()):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    for p_graph, p_eager in zip(graph_learner.parameters(), eager_learner.parameters()):
+        assert torch.equal(p_graph, p_eager), "capturing changed the parameters"
+
+    def eager_step(learner, opt, batch):
+        opt.zero_grad()
+        out = learner.meta_batch(*batch)
+        out.loss.backward()
+        opt.step()
+        return out.loss.detach()
+
+    graph_drift, eager_drift = [], []
+    for i, batch in enumerate(batches):
+        eager_loss = eager_step(eager_learner, eager_opt, batch)
+        control_loss = eager_step(control_learner, control_opt, batch)
+        graph_loss = step(*batch).loss
+        if i == 0:  # the same parameters: only the kernels' own rounding may differ
+            torch.testing.assert_close(graph_loss, eager_loss, rtol=1e-5, atol=1e-6)
+        graph_drift.append(abs(graph_loss - eager_loss).item())
+        eager_drift.append(abs(control_loss - eager_loss).item())
+    allowed = [max(1e-5, 10 * e) for e in eager_drift]
+    assert all(g <= a for g, a in zip(graph_drift, allowed)), (
+        f"graph-eager loss gap per step {graph_drift}; eager-eager {eager_drift}")
+    param_gap = max((a - b).abs().max().item() for a, b in zip(eager_learner.parameters(), graph_learner.parameters()))
+    control_gap = max((a - b).abs().max().item()
+                      for a, b in zip(eager_learner.parameters(), control_learner.parameters()))
+    assert param_gap <= max(1e-5, 10 * control_gap), (param_gap, control_gap)
