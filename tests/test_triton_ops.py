@@ -154,7 +154,7 @@ def assert_close(actual, expected, what, rtol):
     assert error <= rtol * scale + 1e-6, f"{what}: max error {error:.3g} on scale {scale:.3g} (rtol {rtol})"
 
 
-def assert_as_close_as_reference(actual, reference, truth, what, rtol, factor=4.0):
+def assert_as_close_as_reference(actual, reference, truth, what, rtol, factor=4.0, exclude=None):
     """Against the float64 truth: the kernel's max error is within ``rtol`` of the scale, or
     within ``factor`` times the fp32 reference's own error. For large reductions (W4's
     BatchNorm over 0.5M elements, second order through four conv+BN blocks) the fp32
@@ -163,6 +163,9 @@ def assert_as_close_as_reference(actual, reference, truth, what, rtol, factor=4.
         assert actual is None and truth is None and reference is None, f"{what}: one backend gave None"
         return
     assert actual.shape == truth.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(truth.shape)}"
+    if exclude is not None and exclude.shape == truth.shape:
+        keep = ~exclude
+        actual, reference, truth = actual[keep], reference[keep], truth[keep]
     scale = truth.abs().max().item() if truth.numel() else 0.0
     error = (actual.double() - truth).abs().max().item() if truth.numel() else 0.0
     reference_error = (reference.double() - truth).abs().max().item() if truth.numel() else 0.0
@@ -175,11 +178,13 @@ def _float64(args):
     return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
 
 
-def compare_backends(fn, args, diff, kernels, rtol=2e-5, float64_truth=False):
+def compare_backends(fn, args, diff, kernels, rtol=2e-5, float64_truth=False, exclude=None):
     """Run fn on both backends; compare everything; check that ``kernels`` ran on triton.
 
     float64_truth: compare both fp32 backends with the reference in float64 instead
     (:func:`assert_as_close_as_reference`), for shapes whose fp32 rounding exceeds rtol.
+    exclude: a boolean mask of elements left out of the comparison of tensors of its shape
+    (with float64_truth only): the points where the function has a kink.
     """
     expected = evaluate("torch", fn, args, diff)
     with kernel_log() as (ran, declined):
@@ -193,7 +198,7 @@ def compare_backends(fn, args, diff, kernels, rtol=2e-5, float64_truth=False):
             if truth is None:
                 assert_close(a, e, f"{name} {i}", rtol)
             else:
-                assert_as_close_as_reference(a, e, truth[j][i], f"{name} {i}", rtol)
+                assert_as_close_as_reference(a, e, truth[j][i], f"{name} {i}", rtol, exclude=exclude)
     return ran
 
 
@@ -383,10 +388,21 @@ def test_task_batch_norm(shape, gamma_kind, beta_kind, act):
 
 @pytest.mark.parametrize("shape", list(workload_cases("task_batch_norm")))
 def test_task_batch_norm_workload(shape):
+    """At W4's size (68M elements) some normalised values sit within fp32 rounding of ReLU's
+    kink: there any fp32 implementation may take the other side, and its gradients at that
+    element jump by O(1) (seen on an H100: 0.36 on a scale of 17.7, in the fp32 reference
+    and the kernel alike). Those elements (|z| < 1e-4 in float64, ~0.01 % of them) are left
+    out; everything else is judged against float64."""
+    torch.manual_seed(0)
     T, N, C, H, W = (shape[k] for k in ("T", "N", "C", "H", "W"))
     args = [randn(T, N, C, H, W), bn_param("per_task", T, C), bn_param("per_task", T, C), 1e-5, shape["act"], 0.0]
+    with fm.use_backend("torch"):
+        z = ops.task_batch_norm(*_float64(args[:3]), 1e-5, "none", 0.0)
+    kink = z.abs() < 1e-4 if shape["act"] in ("relu", "leaky_relu") else None
+    del z
     compare_backends(ops.task_batch_norm, args, [0, 1, 2],
-                     ["task_batch_norm", "task_batch_norm_backward", "activation_grad"], rtol=1e-3, float64_truth=True)
+                     ["task_batch_norm", "task_batch_norm_backward", "activation_grad"], rtol=1e-3, float64_truth=True,
+                     exclude=kink)
 
 
 # ---------------------------------------------------------------------------------------
