@@ -9,9 +9,8 @@ rate into ``extra_info``: TFLOP/s for the GEMM-shaped ops (2 FLOPs per multiply-
 for the memory-bound ones (bytes that must cross HBM at least once: every input read and
 every output written once). fp32 throughout with TF32 off (BENCHMARKS.md).
 
-``WORKLOAD_OP_SHAPES`` is the one place that turns the W1–W4 workloads of
-../shared/BENCHMARKS.md into per-op shapes; tests/test_triton_ops.py reads its GPU tier's
-sizes from here.
+The per-op shapes of W1–W4 come from ``fastmeta.tools.workloads.WORKLOAD_OP_SHAPES``
+(their one home; the GPU tier of tests/test_triton_ops.py uses them too).
 """
 
 from __future__ import annotations
@@ -19,56 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-# ---------------------------------------------------------------------------------------
-# W1–W4 as per-op shapes. T tasks; N is the larger of the support and query sets (what a
-# query forward sees). Conv layers: (C_in, H, W) → C_out with kernel 3, and the stride and
-# padding of the workload; conv4-strided halves 28 → 14 → 7 → 4 → 2, conv4-pool keeps the
-# size and max-pools 84 → 42 → 21 → 10 → 5.
-# ---------------------------------------------------------------------------------------
-
-
-def _conv4_strided_params(ways: int) -> int:
-    convs = (1 * 64 * 9 + 64) + 3 * (64 * 64 * 9 + 64)
-    return convs + 4 * 2 * 64 + (256 * ways + ways)
-
-
-def _conv4_pool_params(ways: int) -> int:
-    convs = (3 * 32 * 9 + 32) + 3 * (32 * 32 * 9 + 32)
-    return convs + 4 * 2 * 32 + (800 * ways + ways)
-
-
-WORKLOAD_OP_SHAPES = {
-    "W1": {
-        "inner_step": {"T": 25, "P": (1 * 40 + 40) + (40 * 40 + 40) + (40 * 1 + 1)},
-        "task_linear": [{"T": 25, "N": 10, "I": 40, "O": 40, "act": "relu"},
-                        {"T": 25, "N": 10, "I": 1, "O": 40, "act": "relu"}],
-        "task_loss": [{"kind": "mse", "T": 25, "N": 10, "K": 1}],
-    },
-    "W2": {
-        "inner_step": {"T": 32, "P": _conv4_strided_params(5)},
-        "task_linear": [{"T": 32, "N": 5, "I": 256, "O": 5, "act": "none"}],
-        "task_conv2d": [{"T": 32, "N": 5, "C": 1, "H": 28, "W": 28, "O": 64, "stride": 2, "padding": 1},
-                        {"T": 32, "N": 5, "C": 64, "H": 14, "W": 14, "O": 64, "stride": 2, "padding": 1}],
-        "task_batch_norm": [{"T": 32, "N": 5, "C": 64, "H": 14, "W": 14, "act": "relu"}],
-        "task_loss": [{"kind": "cross_entropy", "T": 32, "N": 5, "K": 5}],
-    },
-    "W3": {
-        "inner_step": {"T": 16, "P": _conv4_strided_params(20)},
-        "task_linear": [{"T": 16, "N": 20, "I": 256, "O": 20, "act": "none"}],
-        "task_conv2d": [{"T": 16, "N": 20, "C": 64, "H": 14, "W": 14, "O": 64, "stride": 2, "padding": 1}],
-        "task_batch_norm": [{"T": 16, "N": 20, "C": 64, "H": 7, "W": 7, "act": "relu"}],
-        "task_loss": [{"kind": "cross_entropy", "T": 16, "N": 20, "K": 20}],
-    },
-    "W4": {
-        "inner_step": {"T": 4, "P": _conv4_pool_params(5)},
-        "task_linear": [{"T": 4, "N": 75, "I": 800, "O": 5, "act": "none"}],
-        "task_conv2d": [{"T": 4, "N": 75, "C": 3, "H": 84, "W": 84, "O": 32, "stride": 1, "padding": 1},
-                        {"T": 4, "N": 75, "C": 32, "H": 42, "W": 42, "O": 32, "stride": 1, "padding": 1}],
-        "task_batch_norm": [{"T": 4, "N": 75, "C": 32, "H": 84, "W": 84, "act": "relu"}],
-        "task_loss": [{"kind": "cross_entropy", "T": 4, "N": 75, "K": 5}],
-    },
-}
-
+from fastmeta.tools.workloads import WORKLOAD_OP_SHAPES
 
 def _cases(op: str):
     for workload, ops in WORKLOAD_OP_SHAPES.items():

@@ -638,7 +638,7 @@ def bench(check: Check) -> None:
         if expected_contenders(arguments, check.dry_run) <= set(skip):
             check.set_step(name, status="carried", note="every row measured by an earlier run on this GPU model")
             continue
-        command = [check.python, "-m", "fastmeta.benchmarks", *arguments, "--stream", str(check.stream)]
+        command = [check.python, "-m", "fastmeta.tools.bench", *arguments, "--stream", str(check.stream)]
         if skip:
             command += ["--skip", ",".join(skip)]
         memcheck_pending = check.selected("memcheck") and not check.carried("memcheck")

@@ -1,10 +1,10 @@
 """The peers of the end-to-end benchmark: loop, vmap, compile, graph, jax.
 
-Defined in ``fastmeta.benchmark_peers`` (see its docstring for what each one runs and why);
+Defined in ``fastmeta.tools.bench_peers`` (see its docstring for what each one runs and why);
 this module is the checkout's name for them.
 """
 
-from fastmeta.benchmark_peers import (
+from fastmeta.tools.bench_peers import (
     PEERS,
     CompilePeer,
     Contender,

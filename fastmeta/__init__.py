@@ -2,13 +2,17 @@
 
 >>> import fastmeta as fm
 >>> learner = fm.MAML(fm.models.mlp(), lr=0.01)
->>> out = learner.meta_batch(support_x, support_y, query_x, query_y)
->>> out.loss.backward()
+>>> out = learner.meta_batch(support_x, support_y, query_x, query_y)   # doctest: +SKIP
+>>> out.loss.backward()                                                 # doctest: +SKIP
+
+Layers, top to bottom (each imports only those below it; tests/test_layers.py checks):
+``fastmeta.tools`` (CLI, training, bench) → ``fastmeta.learners`` → ``fastmeta.engine`` →
+``fastmeta.ops`` → ``fastmeta.backends`` → ``fastmeta.kernels`` and the C++/CUDA sources.
 """
 
 from fastmeta import models, ops
 from fastmeta.backends import backends, current_backend, use_backend
-from fastmeta.engine import Layout, TaskWeights, capture
+from fastmeta.engine import Layout, TaskWeights, trace
 from fastmeta.learners import MAML, MetaBatchOutput, MetaSGD, ModelAwareMAML
 
 __version__ = "0.1.0"
@@ -21,9 +25,18 @@ __all__ = [
     "ModelAwareMAML",
     "TaskWeights",
     "backends",
-    "capture",
     "current_backend",
     "models",
     "ops",
+    "trace",
     "use_backend",
 ]
+
+
+def __getattr__(name: str):
+    if name == "capture":  # its old name: "capture" now means only learner.capture (CUDA graphs)
+        import warnings
+
+        warnings.warn("fm.capture is now fm.trace (fm.capture will be removed)", DeprecationWarning, stacklevel=2)
+        return trace
+    raise AttributeError(f"module 'fastmeta' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``python -m fastmeta ...``: the same command as ``fastmeta``, and what torchrun launches."""
 
-from fastmeta.cli import main
+from fastmeta.tools.cli import main
 
 raise SystemExit(main())

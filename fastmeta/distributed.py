@@ -47,7 +47,7 @@ Failure handling: a rank that raises must not leave its peers waiting in a colle
    bounds the rendezvous, every gloo collective, and (through NCCL's watchdog, which
    aborts the process) every NCCL collective.
 
-Typical use (``fastmeta.training`` does this when launched by torchrun)::
+Typical use (``fastmeta.tools.training`` does this when launched by torchrun)::
 
     with fastmeta.distributed.init_from_env() as context:   # world 1 without torchrun
         learner = fm.MAML(model.to(context.device), lr=0.4)

@@ -1,6 +1,6 @@
 """``fastmeta info`` and ``fastmeta build``."""
 
-from fastmeta import cli
+from fastmeta.tools import cli
 
 
 def test_info_lists_every_backend_and_the_extension(capsys):

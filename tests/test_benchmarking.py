@@ -11,9 +11,10 @@ import json
 import pytest
 import torch
 
-from fastmeta import benchmarks, profiling
-from fastmeta.benchmark_peers import Contender, LoopPeer, Problem, TaskBatch
-from fastmeta.benchmarks import WORKLOADS, BenchmarkSettings, check_status, run_benchmark, time_steps
+from fastmeta.tools import bench, profiling
+from fastmeta.data import TaskBatch
+from fastmeta.tools.bench_peers import Contender, LoopPeer, Problem
+from fastmeta.tools.bench import WORKLOADS, BenchmarkSettings, check_status, run_benchmark, time_steps
 
 TINY = ["--workloads", "W1", "--tasks", "2", "--iterations", "3", "--warmup", "1",
         "--backends", "torch", "--peers", "loop,vmap,graph", "--device", "cpu"]
@@ -26,14 +27,15 @@ class LossOffByOnePercent(LoopPeer):
 
     def step(self) -> None:
         w = self.problem.workload
-        sx, sy, qx, qy = self.problem.batch.tensors()
+        sx, sy, qx, qy = self.problem.batch
         T = sx.size(0)
         params = dict(self.model.named_parameters())
         self.optimizer.zero_grad(set_to_none=True)
-        from fastmeta.benchmark_peers import per_task_query_loss
+        from fastmeta.engine.per_task_loop import constant_coefficient, task_query_loss
 
+        coefficient = constant_coefficient(self.model, w.inner_lr)
         for t in range(T):
-            loss = per_task_query_loss(self.model, params, sx[t], sy[t], qx[t], qy[t], w.steps, w.inner_lr, False)
+            loss = task_query_loss(self.model, params, sx[t], sy[t], qx[t], qy[t], w.steps, False, coefficient)
             (1.01 * loss / T).backward()
         self.optimizer.step()
 
@@ -64,17 +66,17 @@ def test_tiny_cpu_bench_checks_times_and_compares():
     assert fm_row.speedup_vs_best_peer == pytest.approx(
         min(rows["loop"].median_ms, rows["vmap"].median_ms) / fm_row.median_ms
     )
-    table = benchmarks.format_table(result)
+    table = bench.format_table(result)
     assert "fastmeta[torch]" in table and "WRONG" in table and "vs loop" in table
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert benchmarks.main(TINY + ["--json", str(path)]) == 0
+    assert bench.main(TINY + ["--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "median ms" in out and "fastmeta[torch]" in out and "vmap" in out
     report = json.loads(path.read_text())
-    assert report["schema"] == benchmarks.SCHEMA
+    assert report["schema"] == bench.SCHEMA
     assert report["device"]["type"] == "cpu" and report["device"]["torch"] == torch.__version__
     assert report["device"]["name"]
     [row] = report["workloads"]
@@ -85,7 +87,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
 
 
 def test_fastmeta_cli_has_bench_and_profile(tmp_path, capsys):
-    cli = pytest.importorskip("fastmeta.cli")
+    cli = pytest.importorskip("fastmeta.tools.cli")
     assert cli.main(["bench"] + TINY + ["--first-order"]) == 0
     assert "first order" in capsys.readouterr().out
     trace = tmp_path / "trace.json"
@@ -95,10 +97,10 @@ def test_fastmeta_cli_has_bench_and_profile(tmp_path, capsys):
 
 
 def test_a_wrong_fastmeta_contender_fails_the_command():
-    wrong = benchmarks.ContenderResult(name="fastmeta[x]", family="fastmeta", status="WRONG", note="1e-2")
-    peer_wrong = benchmarks.ContenderResult(name="loop", family="peer", status="WRONG", note="1e-2")
-    result = benchmarks.WorkloadResult(WORKLOADS["W1"], False, "cpu", [wrong, peer_wrong])
-    assert benchmarks.failures([result]) == ["W1 fastmeta[x]: WRONG (1e-2)"]
+    wrong = bench.ContenderResult(name="fastmeta[x]", family="fastmeta", status="WRONG", note="1e-2")
+    peer_wrong = bench.ContenderResult(name="loop", family="peer", status="WRONG", note="1e-2")
+    result = bench.WorkloadResult(WORKLOADS["W1"], False, "cpu", [wrong, peer_wrong])
+    assert bench.failures([result]) == ["W1 fastmeta[x]: WRONG (1e-2)"]
 
 
 def test_only_torch_func_second_order_through_batch_norm_is_known_wrong():
@@ -124,7 +126,7 @@ def test_timing_covers_every_step_it_reports(monkeypatch):
     A fake clock that only a step advances (1 ms each) makes the arithmetic exact.
     """
     clock = {"now": 0.0}
-    monkeypatch.setattr(benchmarks.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
 
     class OneMillisecondStep(Contender):
         def __init__(self):
@@ -202,7 +204,7 @@ def test_summary_marks_targets_met_or_not():
         contender("vmap", "peer", "ok", 1.66),
         contender("jax", "peer", "ok", 0.294),
     ])
-    table = benchmarks.summary_table([gpu_w2, cpu_w1])
+    table = bench.summary_table([gpu_w2, cpu_w1])
     w2_row, w1_row = [line for line in table.splitlines() if line.startswith("| W")]
     assert "fastmeta[auto] 0.5" in w2_row and "graph 6.5" in w2_row and "13x" in w2_row
     assert "| met |" in w2_row and "100 / 241 (ok)" in w2_row

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmeta import checkpoint, cli, training
-from fastmeta.training import CHECKPOINT_NAME, METRICS_NAME, read_metrics
+from fastmeta import checkpoint
+from fastmeta.tools import cli, training
+from fastmeta.tools.training import CHECKPOINT_NAME, METRICS_NAME, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = ["--no-progress", "--threads", "1"]

@@ -466,7 +466,7 @@ def test_init_from_env_names_the_missing_variable(monkeypatch):
 
 
 def _sinusoid_config(iterations: int):
-    from fastmeta import training
+    from fastmeta.tools import training
 
     return dataclasses.replace(
         training.PRESETS["sinusoid"], iterations=iterations, meta_batch=5, log_every=1, checkpoint_every=2,
@@ -475,7 +475,7 @@ def _sinusoid_config(iterations: int):
 
 
 def _train_and_resume_job(context, shared_out: str, rank_1_out: str):
-    from fastmeta import training
+    from fastmeta.tools import training
 
     said = []
     first_out = shared_out if context.is_main else rank_1_out  # rank 1 must not create its folder
@@ -485,7 +485,8 @@ def _train_and_resume_job(context, shared_out: str, rank_1_out: str):
 
 
 def test_training_resumes_distributed_and_only_rank_0_writes(tmp_path):
-    from fastmeta import checkpoint, training
+    from fastmeta import checkpoint
+    from fastmeta.tools import training
 
     shared, rank_1_out = tmp_path / "run", tmp_path / "rank-1-must-not-write"
     said = assert_all_ok(run_ranks(_train_and_resume_job, str(shared), str(rank_1_out)))
@@ -535,7 +536,7 @@ def test_nproc_inside_torchrun_is_refused(monkeypatch):
 
 
 def _resume_from_different_folders_job(context, with_checkpoint: str, without_checkpoint: str):
-    from fastmeta import training
+    from fastmeta.tools import training
 
     out = with_checkpoint if context.is_main else without_checkpoint
     training.train(_sinusoid_config(3), out, resume=True, device="cpu", test_tasks=7, progress=False, echo=lambda *a: None)
@@ -544,7 +545,7 @@ def _resume_from_different_folders_job(context, with_checkpoint: str, without_ch
 
 def test_resume_where_a_rank_sees_no_checkpoint_fails_clearly(tmp_path):
     """A multi-node --resume whose --out is not shared: rank 1 finds no checkpoint."""
-    from fastmeta import training
+    from fastmeta.tools import training
 
     with_checkpoint, without_checkpoint = tmp_path / "run", tmp_path / "elsewhere"
     training.train(_sinusoid_config(2), with_checkpoint, device="cpu", test_tasks=7, progress=False, echo=lambda *a: None)

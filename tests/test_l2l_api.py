@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastmeta as fm
-from per_task_loop import flat_grad, relative_error
+from fastmeta.engine.per_task_loop import flat_grad, relative_error
 from test_learners import classification_tasks, make_model, make_tasks
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastmeta as fm
-from per_task_loop import (
+from fastmeta.engine.per_task_loop import (
     constant_coefficient,
     flat_grad,
     learner_coefficient,
@@ -115,7 +115,7 @@ def test_model_aware_meta_gradient_equals_per_task_loop(kind, options, first_ord
             if not name.startswith("module."):
                 p.mul_(1 + 0.3 * torch.rand_like(p))
     tasks = make_tasks(kind)
-    selection = dict(zip([s.name for s in learner.layout.segments], learner._adapting()))
+    selection = dict(zip([s.name for s in learner.layout.segments], learner.adapting()))
     got, out = fastmeta_meta_gradient(learner, tasks)
     want, losses = loop_meta_gradient(
         learner, tasks, steps, first_order, adapting=lambda n: selection[n]
@@ -274,7 +274,7 @@ def test_task_chunk_lowers_the_memory_held_for_the_backward():
 
 
 def test_plain_mlps_are_recognised_for_the_fused_meta_step():
-    from fastmeta.engine.capture import plain_mlp_structure
+    from fastmeta.engine.program import plain_mlp_structure
 
     assert plain_mlp_structure(fm.models.mlp((1, 40, 40, 1))) == ([1, 40, 40, 1], "relu", 0.0)
     assert plain_mlp_structure(fm.models.mlp((3, 7, 2), activation="tanh")) == ([3, 7, 2], "tanh", 0.0)

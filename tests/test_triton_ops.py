@@ -20,7 +20,7 @@ Tiers:
   channels ≤ 4) and odd (not multiples of the 16-wide tiles); the ``small_tiles`` tests
   shrink the tiles so the multi-tile, split-K and multi-chunk paths run too.
 - GPU (``@pytest.mark.gpu``): the tiny cases on CUDA, plus the W1–W4 shapes from
-  bench/bench_ops.py. Skipped cleanly without CUDA.
+  fastmeta.tools.workloads. Skipped cleanly without CUDA.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from torch import nn
 import fastmeta as fm
 from fastmeta import ops
 from fastmeta.backends import get_backend
+from fastmeta.tools.workloads import WORKLOAD_OP_SHAPES
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -50,16 +51,7 @@ pytestmark = pytest.mark.skipif(
 gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUDA GPU")]
 
 
-def _workload_shapes() -> dict:
-    """The W1–W4 per-op shapes, from their one home in bench/bench_ops.py."""
-    path = Path(__file__).resolve().parent.parent / "bench" / "bench_ops.py"
-    spec = importlib.util.spec_from_file_location("fastmeta_bench_ops", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.WORKLOAD_OP_SHAPES
-
-
-WORKLOADS = _workload_shapes()
+WORKLOADS = WORKLOAD_OP_SHAPES
 
 
 def workload_cases(op: str):

@@ -22,8 +22,16 @@ class TaskBatch(NamedTuple):
     query_x: torch.Tensor
     query_y: torch.Tensor
 
-    def to(self, device) -> "TaskBatch":
-        return TaskBatch(*(t.to(device) for t in self))
+    def to(self, *args, **kwargs) -> "TaskBatch":
+        """Like ``Tensor.to`` on every tensor, except that integer labels keep their dtype:
+        ``batch.to("cuda")``, ``batch.to(torch.float64)``, ``batch.to("cuda", torch.float64)``."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            device = kwargs.get("device", next((a for a in args if not isinstance(a, torch.dtype)), None))
+            return t if device is None else t.to(device)
+
+        return TaskBatch(*(move(t) for t in self))
 
     @property
     def num_tasks(self) -> int:

@@ -1,6 +1,27 @@
-"""The engine: the flat task buffer and model capture."""
+"""The engine: the meta-iteration over all tasks at once.
 
-from fastmeta.engine.capture import CapturedProgram, PerTaskLoopProgram, capture
+- :mod:`fastmeta.engine.task_weights`: the flat ``[T, P]`` buffer and its layout;
+- :mod:`fastmeta.engine.program`: the model program (``trace``: torch.fx → ops);
+- :mod:`fastmeta.engine.meta_iteration`: inner loop, losses, chunking, the fused path;
+- :mod:`fastmeta.engine.whole_step`: a whole meta-iteration in one CUDA graph;
+- :mod:`fastmeta.engine.per_task_loop`: the plain per-task autograd loop, the reference
+  the engine is tested and benchmarked against.
+
+The learners call the engine; only the engine calls the ops.
+"""
+
+from fastmeta.engine.meta_iteration import (
+    AdaptationRule,
+    LossSpec,
+    MetaBatchOutput,
+    MetaIteration,
+    StepRule,
+)
+from fastmeta.engine.program import PerTaskLoopProgram, TracedProgram, trace
 from fastmeta.engine.task_weights import Layout, Segment, TaskWeights
+from fastmeta.engine.whole_step import CapturedMetaStep
 
-__all__ = ["CapturedProgram", "Layout", "PerTaskLoopProgram", "Segment", "TaskWeights", "capture"]
+__all__ = [
+    "AdaptationRule", "CapturedMetaStep", "Layout", "LossSpec", "MetaBatchOutput", "MetaIteration",
+    "PerTaskLoopProgram", "Segment", "StepRule", "TaskWeights", "TracedProgram", "trace",
+]

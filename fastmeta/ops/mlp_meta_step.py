@@ -53,11 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta.backends import run_kernel
+from fastmeta.backends import REFERENCE, kernel_for, run_kernel
 from fastmeta.ops.activation import apply_activation, check_activation
 from fastmeta.ops.reference_vjp import reference_vjp
+from fastmeta.ops.task_loss import LOSS_KINDS
 
-LOSS_KINDS = ("cross_entropy", "mse")
 # The fused kernels pad rows with zeros and rely on act(0) = 0, which the sigmoid breaks:
 # it runs the reference.
 FUSED_ACTIVATIONS = ("relu", "leaky_relu", "tanh", "none")
@@ -559,20 +559,43 @@ def cuda_fits(layer_sizes: list[int], K: int, Q: int, steps: int, smem_bytes: in
     return 4 * cuda_workspace_floats(layer_sizes, K, Q, steps) <= limit
 
 
+KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
+
+
+def _kernel_shape_ok(device: torch.device, dtype: torch.dtype, act: str, layer_sizes: list[int], K: int, Q: int,
+                     steps: int) -> bool:
+    """The fused C++/CUDA kernels' limits: dtype, activation and (CUDA) shared memory."""
+    if dtype not in KERNEL_DTYPES.get(device.type, ()):
+        return False
+    if act not in FUSED_ACTIVATIONS:
+        return False
+    if device.type == "cuda":
+        return cuda_fits(layer_sizes, K, Q, steps, cuda_smem_limit(device))
+    return True
+
+
+def fused_kernel_takes(layer_sizes: list[int], act: str, loss_kind: str | None, device: torch.device,
+                       dtype: torch.dtype, K: int, Q: int, steps: int) -> bool:
+    """Whether ``mlp_meta_step`` with these arguments runs on a backend's fused kernel
+    (rather than its reference). The one place that decides: the engine asks this before
+    taking the fused path, and the kernels decline by the same rule."""
+    if loss_kind not in LOSS_KINDS:
+        return False
+    name, _ = kernel_for("mlp_meta_step", device.type)
+    if name == REFERENCE:
+        return False
+    return _kernel_shape_ok(device, dtype, act, layer_sizes, K, Q, steps)
+
+
 def _kernel_inputs_ok(device_type: str, theta, support_x, support_y, query_x, query_y, lr, act,
                       loss_kind, layer_sizes, steps) -> bool:
-    dtypes = (torch.float32, torch.float64) if device_type == "cpu" else (torch.float32,)
-    if theta.dtype not in dtypes or any(t.dtype != theta.dtype for t in (support_x, query_x, lr)):
+    if any(t.dtype != theta.dtype for t in (support_x, query_x, lr)):
         return False
     if loss_kind == "mse" and (support_y.dtype != theta.dtype or query_y.dtype != theta.dtype):
         return False
     if any(t.device != theta.device for t in (support_x, support_y, query_x, query_y, lr)):
         return False
-    if act not in FUSED_ACTIVATIONS:
-        return False
-    if device_type == "cuda":
-        return cuda_fits(layer_sizes, support_x.size(1), query_x.size(1), steps, cuda_smem_limit(theta.device))
-    return True
+    return _kernel_shape_ok(theta.device, theta.dtype, act, layer_sizes, support_x.size(1), query_x.size(1), steps)
 
 
 def make_extension_kernel(device_type: str):

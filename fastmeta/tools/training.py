@@ -31,8 +31,8 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed
-from .data import ImageFolderTasks, Omniglot, SinusoidTasks, TaskBatch
+from fastmeta import checkpoint, distributed
+from fastmeta.data import ImageFolderTasks, Omniglot, SinusoidTasks, TaskBatch
 
 __all__ = [
     "RunConfig",
@@ -184,7 +184,7 @@ PRESETS: dict[str, RunConfig] = {
 
 def build_model(config: RunConfig) -> torch.nn.Module:
     # Imported here so that `fastmeta --help` and the data/checkpoint code do not pull in the engine.
-    from . import models
+    from fastmeta import models
 
     if config.data == "sinusoid":
         return models.mlp((1, 40, 40, 1), activation="relu")

@@ -40,6 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastmeta.data import TaskBatch
+from fastmeta.engine.per_task_loop import (
+    constant_coefficient,
+    flat_grad,
+    per_task_query_losses,
+    task_loss,
+    task_query_loss,
+)
+
 ADAM_LR = 1e-3  # BENCHMARKS.md: every figure includes an Adam step with lr 1e-3
 
 
@@ -48,28 +57,10 @@ class ContenderSkipped(Exception):
 
 
 @dataclass
-class TaskBatch:
-    """One meta-batch: ``[T, N, ...]`` inputs and labels (int64) or targets (float)."""
-
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
-
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.support_x, self.support_y, self.query_x, self.query_y
-
-    def to(self, dtype: torch.dtype) -> "TaskBatch":
-        """Inputs (and float targets) in ``dtype``; integer labels unchanged."""
-        cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
-        return TaskBatch(*(cast(t) for t in self.tensors()))
-
-
-@dataclass
 class Problem:
     """What every contender of one benchmark row shares.
 
-    workload: a :class:`fastmeta.benchmarks.Workload` (its ``build_model()``, ``steps``,
+    workload: a :class:`fastmeta.tools.bench.Workload` (its ``build_model()``, ``steps``,
     ``inner_lr``, ``loss``, ``has_batch_norm``); initial_state: the model's state_dict,
     fp32 on ``device``; batch: the tasks, on ``device``.
     """
@@ -84,13 +75,6 @@ class Problem:
         model = self.workload.build_model()
         model.load_state_dict(self.initial_state)
         return model.to(device=self.device, dtype=dtype).train()
-
-
-def per_task_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """One task's mean loss: MSE for float targets, cross-entropy for integer labels."""
-    if target.is_floating_point():
-        return F.mse_loss(pred, target.reshape(pred.shape))
-    return F.cross_entropy(pred, target)
 
 
 def flatten_gradients(params: list[Tensor]) -> Tensor:
@@ -207,7 +191,7 @@ class FastmetaContender(_TorchModelContender):
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.learner.meta_batch(*self.problem.batch.tensors())
+        out = self.learner.meta_batch(*self.problem.batch)
         out.loss.backward()
         self.optimizer.step()
 
@@ -242,7 +226,7 @@ class FastmetaGraphContender(FastmetaContender):
             ) from None
 
     def _eager_step(self) -> None:
-        out = self.learner.meta_batch(*self.problem.batch.tensors())
+        out = self.learner.meta_batch(*self.problem.batch)
         out.loss.backward()
         self.optimizer.step()
 
@@ -276,37 +260,6 @@ def capture_whole_step(forward_backward_step: Callable[[], None], optimizer, dev
 # -- peer 1: the per-task loop -----------------------------------------------------------------
 
 
-def per_task_query_loss(
-    model: nn.Module,
-    params: dict[str, Tensor],
-    support_x: Tensor,
-    support_y: Tensor,
-    query_x: Tensor,
-    query_y: Tensor,
-    steps: int,
-    lr: float,
-    first_order: bool,
-) -> Tensor:
-    """One task's query loss after ``steps`` inner steps, learn2learn's way.
-
-    ``autograd.grad(create_graph=not first_order)`` per step, the model run by
-    ``functional_call`` with the adapted tensors and fresh copies of its buffers (the model
-    is in training mode, so BatchNorm uses the batch statistics and updates only the
-    copies).
-    """
-    buffers = dict(model.named_buffers())
-    fast = dict(params)
-    names = [n for n, p in fast.items() if p.requires_grad]
-    for _ in range(steps):
-        copies = {n: b.clone() for n, b in buffers.items()}
-        loss = per_task_loss(torch.func.functional_call(model, (fast, copies), (support_x,)), support_y)
-        grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=not first_order)
-        for n, g in zip(names, grads):
-            fast[n] = fast[n] - lr * g
-    copies = {n: b.clone() for n, b in buffers.items()}
-    return per_task_loss(torch.func.functional_call(model, (fast, copies), (query_x,)), query_y)
-
-
 def reference_meta_gradient(problem: Problem, dtype: torch.dtype = torch.float64) -> Tensor:
     """The meta-gradient of the mean query loss at the initial parameters, per-task loop.
 
@@ -314,19 +267,10 @@ def reference_meta_gradient(problem: Problem, dtype: torch.dtype = torch.float64
     finite differences to 1e-8 in float64, also through BatchNorm).
     """
     model = problem.build_model(dtype)
-    params = dict(model.named_parameters())
     w = problem.workload
-    batch = problem.batch.to(dtype)
-    T = batch.support_x.size(0)
-    losses = [
-        per_task_query_loss(
-            model, params, batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t],
-            w.steps, w.inner_lr, problem.first_order,
-        )
-        for t in range(T)
-    ]
-    grads = torch.autograd.grad(torch.stack(losses).mean(), list(params.values()))
-    return torch.cat([g.reshape(-1) for g in grads])
+    losses = per_task_query_losses(model, *problem.batch.to(dtype), w.steps, problem.first_order,
+                                   constant_coefficient(model, w.inner_lr))
+    return flat_grad(losses.mean(), model.parameters())
 
 
 class LoopPeer(_TorchModelContender):
@@ -335,17 +279,17 @@ class LoopPeer(_TorchModelContender):
     def prepare(self) -> None:
         self.model = self.problem.build_model()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ADAM_LR)
+        self._coefficient = constant_coefficient(self.model, self.problem.workload.inner_lr)
 
     def step(self) -> None:
         w = self.problem.workload
-        sx, sy, qx, qy = self.problem.batch.tensors()
+        sx, sy, qx, qy = self.problem.batch
         T = sx.size(0)
         params = dict(self.model.named_parameters())
         self.optimizer.zero_grad(set_to_none=True)
-        for t in range(T):
-            loss = per_task_query_loss(
-                self.model, params, sx[t], sy[t], qx[t], qy[t], w.steps, w.inner_lr, self.problem.first_order
-            )
+        for t in range(T):  # one task's graph at a time, as learn2learn's loop keeps it
+            loss = task_query_loss(self.model, params, sx[t], sy[t], qx[t], qy[t], w.steps, self.problem.first_order,
+                                   self._coefficient)
             (loss / T).backward()
         self.optimizer.step()
 
@@ -363,7 +307,7 @@ def vmap_meta_losses(model: nn.Module, steps: int, lr: float, first_order: bool)
 
     def task_query_loss(params, support_x, support_y, query_x, query_y):
         def support_loss(p):
-            return per_task_loss(torch.func.functional_call(model, (p, buffers), (support_x,)), support_y)
+            return task_loss(torch.func.functional_call(model, (p, buffers), (support_x,)), support_y)
 
         fast = params
         for _ in range(steps):
@@ -371,7 +315,7 @@ def vmap_meta_losses(model: nn.Module, steps: int, lr: float, first_order: bool)
             if first_order:
                 grads = {n: g.detach() for n, g in grads.items()}
             fast = {n: fast[n] - lr * grads[n] for n in fast}
-        return per_task_loss(torch.func.functional_call(model, (fast, buffers), (query_x,)), query_y)
+        return task_loss(torch.func.functional_call(model, (fast, buffers), (query_x,)), query_y)
 
     return torch.func.vmap(task_query_loss, in_dims=(None, 0, 0, 0, 0))
 
@@ -392,7 +336,7 @@ class VmapPeer(_TorchModelContender):
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ADAM_LR)
 
     def _forward_backward(self) -> None:
-        self.meta_losses(self.params, *self.problem.batch.tensors()).mean().backward()
+        self.meta_losses(self.params, *self.problem.batch).mean().backward()
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -583,7 +527,7 @@ class JaxPeer(Contender):
             return params, m, v, t, loss, grads
 
         self.train_step = jax.jit(train_step, donate_argnums=(0, 1, 2))
-        self.batch = [self._to_jax(x) for x in self.problem.batch.tensors()]
+        self.batch = [self._to_jax(x) for x in self.problem.batch]
         self.reset_parameters()
 
     def _jax_device(self):

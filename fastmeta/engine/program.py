@@ -1,6 +1,6 @@
-"""Model capture: ``nn.Module`` → a batched functional program over the flat buffer.
+"""The model program: ``nn.Module`` → a batched functional program over the flat buffer.
 
-``capture(model)`` traces ``model.forward`` with ``torch.fx`` and compiles the graph into
+``trace(model)`` traces ``model.forward`` with ``torch.fx`` and compiles the graph into
 a list of steps that run every task at once. Activations carry a leading task dim:
 ``[T, N, ...]``. Parameters come from a per-segment list of weights, each either per
 task (``[T, *shape]``, a view of the fast-weight buffer) or shared (``shape``, a view of θ).
@@ -46,7 +46,7 @@ _RECOGNISED = (nn.Linear, nn.Conv2d, *_BATCH_NORMS, *_PER_EXAMPLE_MODULES)
 _BATCH_STATISTIC_FUNCTIONS = {F.batch_norm, torch.batch_norm, F.instance_norm, torch.instance_norm}
 
 
-class CaptureError(Exception):
+class TraceError(Exception):
     """The model cannot run as a batched program; the per-task loop takes over."""
 
 
@@ -84,7 +84,7 @@ class _Value:
         self.value, self.batched = value, batched
 
 
-class CapturedProgram:
+class TracedProgram:
     """The batched program of a traced model. Call it as ``program(x, weights)``.
 
     x: ``[T, N, ...]``; weights: per segment, ``[T, *shape]`` or ``shape``.
@@ -98,7 +98,7 @@ class CapturedProgram:
         try:
             graph = _Tracer().trace(model)
         except Exception as exc:
-            raise CaptureError(f"torch.fx cannot trace {type(model).__name__}: {exc}") from exc
+            raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {exc}") from exc
         self.graph = graph
         self._segment_of = _segment_index_by_identity(model, layout)
         self.reads: set[int] = set()  # segments the program reads
@@ -135,7 +135,7 @@ class CapturedProgram:
                 if placeholders == 1:
                     self._input_name = node.name
                 elif not node.args:  # an extra input without a default
-                    raise CaptureError(
+                    raise TraceError(
                         f"forward takes more than one input ({node.target!r}); the learner "
                         "passes one input tensor"
                     )
@@ -152,7 +152,7 @@ class CapturedProgram:
                     )
             elif node.op in ("call_function", "call_method"):
                 if node.op == "call_function" and node.target in _BATCH_STATISTIC_FUNCTIONS:
-                    raise CaptureError(
+                    raise TraceError(
                         f"{node.target.__name__} is called directly: batch statistics outside "
                         "a recognised BatchNorm module"
                     )
@@ -195,7 +195,7 @@ class CapturedProgram:
             return None
         k = self._segment_of.get(id(p))
         if k is None:
-            raise CaptureError(f"parameter {attr!r} of {type(m).__name__} is not a model parameter")
+            raise TraceError(f"parameter {attr!r} of {type(m).__name__} is not a model parameter")
         self.reads.add(k)
         return k
 
@@ -275,14 +275,14 @@ class CapturedProgram:
 
         # An unrecognised module (or a recognised one in a configuration the ops lack).
         if any(isinstance(sub, nn.modules.batchnorm._NormBase) for sub in m.modules()):
-            raise CaptureError(
+            raise TraceError(
                 f"module {node.target!r} ({type(m).__name__}) holds a normalisation layer "
                 "that fastmeta does not recognise"
             )
         own = [(n, self._segment_of.get(id(p))) for n, p in m.named_parameters()]
         for n, k in own:
             if k is None:
-                raise CaptureError(f"parameter {node.target}.{n} is not a model parameter")
+                raise TraceError(f"parameter {node.target}.{n} is not a model parameter")
             self.reads.add(k)
         args, kwargs = node.args, node.kwargs
 
@@ -384,7 +384,7 @@ def _per_task(call: Callable, raw: list, in_dims: tuple) -> tuple[Any, bool]:
         return torch.stack(outs), True
     if all(o == first for o in outs[1:]):
         return first, False
-    raise CaptureError(f"a node returns a different non-tensor value per task: {outs}")
+    raise TraceError(f"a node returns a different non-tensor value per task: {outs}")
 
 
 def _get_attr(model: nn.Module, target: str):
@@ -458,12 +458,12 @@ def plain_mlp_structure(model: nn.Module) -> tuple[list[int], str, float] | None
     return sizes, act, slope
 
 
-def capture(model: nn.Module, layout: Layout | None = None):
+def trace(model: nn.Module, layout: Layout | None = None):
     """The batched program of ``model``; the per-task loop (after a warning) if it has none."""
     layout = layout or Layout.of_module(model)
     try:
-        return CapturedProgram(model, layout)
-    except CaptureError as exc:
+        return TracedProgram(model, layout)
+    except TraceError as exc:
         warnings.warn(
             f"fastmeta: {type(model).__name__} runs through the per-task loop (correct, "
             f"slower): {exc}",

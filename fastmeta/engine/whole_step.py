@@ -2,14 +2,15 @@
 
 A meta-iteration at the paper's sizes is hundreds of small kernels; launched eagerly,
 their launch cost dominates (5.85 µs per eager launch against 0.96 µs inside a graph on
-the H200, BENCHMARKS.md). ``learner.capture(optimizer, sx, sy, qx, qy)`` records the
+an H200; docs/benchmarks.md). ``learner.capture(optimizer, sx, sy, qx, qy)`` records the
 inner loop, the query loss, the meta-gradient and the optimizer step into one CUDA graph;
 each call of the returned :class:`CapturedMetaStep` copies a new meta-batch into the
 static input buffers and replays it.
 
 - Shapes are static: every later meta-batch must have the captured shapes and dtypes.
-- Validation (NaN/Inf, label range) runs once, on the meta-batch given at capture; the
-  graph itself runs with ``validate=False`` (a check that syncs cannot be captured).
+- Validation (NaN/Inf, label range) runs once, on the meta-batch given at capture (the
+  learner does it before building this); the graph itself runs unvalidated (a check that
+  syncs cannot be captured).
 - The optimizer must be capturable (``torch.optim.Adam(..., capturable=True)``): its
   step counter lives on the GPU.
 - Capture runs a few warm-up iterations on a side stream (CUDA graphs need the allocator
@@ -19,35 +20,38 @@ static input buffers and replays it.
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 from torch import Tensor
 
-from fastmeta.learners import MetaBatchOutput
+from fastmeta.engine.meta_iteration import MetaBatchOutput
+
+MetaBatchFunction = Callable[[Tensor, Tensor, Tensor, Tensor], MetaBatchOutput]
 
 
 class CapturedMetaStep:
-    """A captured meta-iteration. ``step(sx, sy, qx, qy)`` runs one and returns its output."""
+    """A captured meta-iteration. ``step(sx, sy, qx, qy)`` runs one and returns its output.
 
-    def __init__(self, learner, optimizer: torch.optim.Optimizer, inputs: tuple[Tensor, ...], warmup: int = 3):
+    meta_batch: runs one meta-batch (unvalidated) and returns its output; parameters: the
+    learner's parameters, which the optimizer must hold and nothing else.
+    """
+
+    def __init__(self, meta_batch: MetaBatchFunction, parameters: Sequence[Tensor],
+                 optimizer: torch.optim.Optimizer, inputs: tuple[Tensor, ...], warmup: int = 3):
         if not all(t.is_cuda for t in inputs):
             raise ValueError("CUDA-graph capture needs the meta-batch on a CUDA device")
         if not optimizer.defaults.get("capturable", False):
             raise ValueError(
                 "the optimizer must be capturable, e.g. torch.optim.Adam(params, lr, capturable=True)"
             )
-        learner_params = {id(p) for p in learner.parameters()}
+        learner_params = {id(p) for p in parameters}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if id(p) not in learner_params:
                     raise ValueError("the optimizer holds tensors that are not learner parameters")
-        self.learner = learner
+        self._meta_batch = meta_batch
         self.optimizer = optimizer
-        # Validation once, eagerly, on the meta-batch given at capture.
-        learner._check_tasks(
-            support_x=inputs[0], support_y=inputs[1], query_x=inputs[2], query_y=inputs[3]
-        )
-        with torch.no_grad():
-            learner.meta_batch(*inputs)
         self.static_inputs = tuple(t.clone() for t in inputs)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         saved_params = [p.detach().clone() for p in params]
@@ -56,21 +60,16 @@ class CapturedMetaStep:
             for p in params
             if p in optimizer.state
         }
-        validate = learner.validate
-        learner.validate = False
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    self._iteration()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            optimizer.zero_grad(set_to_none=False)
-            with torch.cuda.graph(self.graph):
-                self.static_output = self._iteration()
-        finally:
-            learner.validate = validate
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._iteration()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=False)
+        with torch.cuda.graph(self.graph):
+            self.static_output = self._iteration()
         # Undo the warm-up's training, in place: the graph holds these addresses.
         with torch.no_grad():
             for p, saved in zip(params, saved_params):
@@ -89,7 +88,7 @@ class CapturedMetaStep:
 
     def _iteration(self) -> MetaBatchOutput:
         self.optimizer.zero_grad(set_to_none=False)
-        out = self.learner.meta_batch(*self.static_inputs)
+        out = self._meta_batch(*self.static_inputs)
         out.loss.backward()
         self.optimizer.step()
         return out

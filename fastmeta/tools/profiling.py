@@ -3,7 +3,7 @@
     fastmeta profile W2 --out trace.json
     fastmeta profile omniglot-5w1s --device cuda --backend triton --iterations 5
 
-The argument is a workload id (W1–W4, :data:`fastmeta.benchmarks.WORKLOADS`) or a
+The argument is a workload id (W1–W4, :data:`fastmeta.tools.bench.WORKLOADS`) or a
 training preset (``fastmeta train``'s, e.g. ``sinusoid``, ``omniglot-20w1s``); the data
 are random tasks of that shape. After ``--warmup`` untimed iterations, ``--iterations``
 meta-iterations run under ``torch.profiler`` (CPU activity, plus CUDA kernels on a GPU),
@@ -31,8 +31,9 @@ from typing import Sequence
 
 import torch
 
-from fastmeta.benchmark_peers import ADAM_LR
-from fastmeta.benchmarks import WORKLOADS, Workload, find_workload, full_fp32
+from fastmeta.tools.bench_peers import ADAM_LR
+from fastmeta.tools.command import Subcommand
+from fastmeta.tools.bench import WORKLOADS, Workload, find_workload, full_fp32
 
 RANGE_PREFIX = "fastmeta."
 
@@ -43,13 +44,13 @@ def resolve_workload(name: str) -> tuple[Workload, bool]:
         return find_workload(name), False
     except ValueError:
         pass
-    from fastmeta.training import PRESETS
+    from fastmeta.tools.training import PRESETS
 
     if name not in PRESETS:
         known = sorted({*WORKLOADS, *PRESETS})
         raise ValueError(f"unknown workload or preset {name!r}; known: {', '.join(known)}")
     config = PRESETS[name]
-    # The same networks as fastmeta.training.build_model builds for the preset.
+    # The same networks as fastmeta.tools.training.build_model builds for the preset.
     if config.data == "sinusoid":
         model, args, shape, loss = "mlp", {"sizes": (1, 40, 40, 1)}, (1,), "mse"
         support, query = config.shots, config.queries
@@ -122,7 +123,7 @@ def profile_meta_iterations(
         else:
             raise ValueError(f"learner must be 'maml' or 'model-aware', got {learner!r}")
         optimizer = torch.optim.Adam(meta.parameters(), lr=ADAM_LR, fused=True if device.type == "cuda" else None)
-        batch = workload.make_batch(device, seed).tensors()
+        batch = workload.make_batch(device, seed)
         record = torch.profiler.record_function
 
         def meta_iteration():
@@ -215,20 +216,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastmeta.profiling ...``: the same as ``fastmeta profile``."""
+    """``python -m fastmeta.tools.profiling ...``: the same as ``fastmeta profile``."""
     parser = argparse.ArgumentParser(prog="fastmeta profile", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
 
-def __getattr__(name: str):
-    # ``COMMAND`` is what fastmeta.cli's SUBCOMMANDS table points at (built on first access).
-    if name == "COMMAND":
-        from fastmeta.cli import Subcommand
-
-        return Subcommand(help="profile a preset's meta-iteration with torch.profiler",
-                          add_arguments=add_arguments, run=run)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+COMMAND = Subcommand(help="profile a preset's meta-iteration with torch.profiler",
+                     add_arguments=add_arguments, run=run)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Model capture: recognised layers become ops, everything else still runs correctly."""
+"""The model program (fm.trace): recognised layers become ops, everything else still runs correctly."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmeta as fm
-from fastmeta.engine import CapturedProgram, PerTaskLoopProgram
-from per_task_loop import flat_grad, per_task_query_losses, constant_coefficient, relative_error
+from fastmeta.engine import TracedProgram, PerTaskLoopProgram
+from fastmeta.engine.per_task_loop import flat_grad, per_task_query_losses, constant_coefficient, relative_error
 from test_learners import classification_tasks, regression_tasks
 
 
@@ -124,9 +124,9 @@ def meta_gradient_pair(model, tasks, lr=0.1, steps=2):
 def test_traced_models_with_their_own_forward(model_fn, tasks_fn):
     torch.manual_seed(0)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback warning: these are captured
+        warnings.simplefilter("error")  # no fallback warning: these are traced
         learner, got, want = meta_gradient_pair(model_fn(), tasks_fn())
-    assert isinstance(learner._program, CapturedProgram)
+    assert isinstance(learner._engine.program, TracedProgram)
     assert relative_error(got, want) < 1e-5
 
 
@@ -143,7 +143,7 @@ def test_fallback_runs_the_per_task_loop_after_one_warning(model_fn):
     with pytest.warns(UserWarning, match="per-task loop") as record:
         learner, got, want = meta_gradient_pair(model_fn(), classification_tasks(image=6))
     assert len([w for w in record if "per-task loop" in str(w.message)]) == 1
-    assert isinstance(learner._program, PerTaskLoopProgram)
+    assert isinstance(learner._engine.program, PerTaskLoopProgram)
     assert relative_error(got, want) < 1e-5
 
 
@@ -186,7 +186,7 @@ def test_batch_norm_uses_batch_statistics_in_eval_mode_too():
 
 def test_activations_fuse_into_linear_and_batch_norm():
     model = fm.models.conv4(image_size=16)
-    program = fm.capture(model)
+    program = fm.trace(model)
     graph_ops = [n.target for n in program.graph.nodes if n.op == "call_module"]
     assert graph_ops.count("2") == 1  # the ReLU after the first BN exists in the graph
     # ...but is an alias of the fused op's output: one step per node, relu steps aliased.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastmeta.cli import Subcommand
+from fastmeta.tools.command import Subcommand
 
 
 def _build_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@
     python bench/e2e.py ...            (the same command, from a checkout)
 
 For each workload, in one process and one run: fastmeta on every available backend and
-on ``auto``, then the peers of ../shared/BENCHMARKS.md (:mod:`fastmeta.benchmark_peers`).
+on ``auto``, then the peers of ../shared/BENCHMARKS.md (:mod:`fastmeta.tools.bench_peers`).
 Every contender gets the same initial parameters and the same batch of (random) tasks.
 
 For each contender, in this order:
@@ -57,131 +57,20 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastmeta.benchmark_peers import (
+from fastmeta.engine.per_task_loop import relative_error
+from fastmeta.tools.command import Subcommand
+from fastmeta.tools.workloads import WORKLOADS, Workload, find_workload
+from fastmeta.tools.bench_peers import (
     PEERS,
     Contender,
     ContenderSkipped,
     FastmetaContender,
     FastmetaGraphContender,
     Problem,
-    TaskBatch,
     reference_meta_gradient,
 )
 
 SCHEMA = "fastmeta-bench-1"
-
-# ---------------------------------------------------------------------------------------
-# The workloads: the single source of truth for W1–W4 (BENCHMARKS.md). bench/workloads.py
-# re-exports them for scripts in the checkout; they live in the package so that the
-# installed `fastmeta bench` and `fastmeta profile` need no checkout.
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class Workload:
-    """One standard meta-learning workload.
-
-    support / query: examples per task (for classification, ``ways`` classes, labelled
-    ``i % ways``). steps, inner_lr: the inner loop. loss: "mse" or "cross_entropy".
-    model, model_args: ``fastmeta.models.<model>(**model_args)``.
-    """
-
-    name: str
-    title: str
-    preset: str
-    model: str
-    model_args: dict
-    input_shape: tuple[int, ...]
-    tasks: int
-    support: int
-    query: int
-    steps: int
-    inner_lr: float
-    loss: str
-    ways: int = 0
-
-    def build_model(self) -> nn.Module:
-        from fastmeta import models
-
-        return getattr(models, self.model)(**self.model_args)
-
-    @property
-    def has_batch_norm(self) -> bool:
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.build_model().modules())
-
-    def replace(self, **changes) -> "Workload":
-        return dataclasses.replace(self, **changes)
-
-    def describe(self) -> dict:
-        return {
-            "name": self.name, "title": self.title, "preset": self.preset,
-            "model": f"{self.model}({', '.join(f'{k}={v!r}' for k, v in self.model_args.items())})",
-            "input_shape": list(self.input_shape), "tasks": self.tasks, "support": self.support,
-            "query": self.query, "steps": self.steps, "inner_lr": self.inner_lr, "loss": self.loss,
-        }
-
-    def make_batch(self, device: torch.device | str, seed: int = 0) -> TaskBatch:
-        """Random tasks, the same for a given seed on every device (drawn on the CPU)."""
-        g = torch.Generator().manual_seed(seed)
-        T = self.tasks
-        if self.loss == "mse":
-            # Sinusoid tasks (BENCHMARKS.md's protocol): y = A sin(x − φ).
-            amplitude = torch.empty(T, 1, 1).uniform_(0.1, 5.0, generator=g)
-            phase = torch.empty(T, 1, 1).uniform_(0.0, math.pi, generator=g)
-
-            def draw(n):
-                x = torch.empty(T, n, *self.input_shape).uniform_(-5.0, 5.0, generator=g)
-                return x, amplitude * torch.sin(x - phase)
-
-            sx, sy = draw(self.support)
-            qx, qy = draw(self.query)
-        else:
-            def draw(n):
-                x = torch.randn(T, n, *self.input_shape, generator=g)
-                return x, (torch.arange(n) % self.ways).expand(T, n).contiguous()
-
-            sx, sy = draw(self.support)
-            qx, qy = draw(self.query)
-        return TaskBatch(*(t.to(device) for t in (sx, sy, qx, qy)))
-
-
-WORKLOADS: dict[str, Workload] = {
-    "W1": Workload(
-        name="W1", title="sinusoid", preset="sinusoid", model="mlp", model_args={"sizes": (1, 40, 40, 1)},
-        input_shape=(1,), tasks=25, support=10, query=10, steps=1, inner_lr=0.01, loss="mse",
-    ),
-    "W2": Workload(
-        name="W2", title="omniglot-5w1s", preset="omniglot-5w1s", model="conv4",
-        model_args={"in_channels": 1, "ways": 5, "variant": "strided", "image_size": 28},
-        input_shape=(1, 28, 28), tasks=32, support=5, query=5, steps=1, inner_lr=0.4,
-        loss="cross_entropy", ways=5,
-    ),
-    "W3": Workload(
-        name="W3", title="omniglot-20w1s", preset="omniglot-20w1s", model="conv4",
-        model_args={"in_channels": 1, "ways": 20, "variant": "strided", "image_size": 28},
-        input_shape=(1, 28, 28), tasks=16, support=20, query=20, steps=5, inner_lr=0.1,
-        loss="cross_entropy", ways=20,
-    ),
-    "W4": Workload(
-        name="W4", title="miniimagenet-5w1s", preset="miniimagenet-5w1s", model="conv4",
-        model_args={"in_channels": 3, "ways": 5, "variant": "pool", "image_size": 84},
-        input_shape=(3, 84, 84), tasks=4, support=5, query=75, steps=5, inner_lr=0.01,
-        loss="cross_entropy", ways=5,
-    ),
-}
-
-
-def find_workload(name: str) -> Workload:
-    """A workload by id ("W2") or by the preset it mirrors ("omniglot-5w1s")."""
-    key = name.strip()
-    if key.upper() in WORKLOADS:
-        return WORKLOADS[key.upper()]
-    for w in WORKLOADS.values():
-        if key in (w.preset, w.title):
-            return w
-    known = ", ".join(f"{w.name} ({w.preset})" for w in WORKLOADS.values())
-    raise ValueError(f"unknown workload {name!r}; known: {known}")
-
 
 # ---------------------------------------------------------------------------------------
 # Settings and results
@@ -292,12 +181,6 @@ def full_fp32():
 ContenderFactory = Callable[[Problem], Contender]
 FP32_ERROR_FACTOR = 4.0
 FP32_SAMPLES = 3
-
-
-def relative_error(got: Tensor, reference: Tensor) -> float:
-    """‖got − reference‖ / ‖reference‖, in the reference's dtype (NaN stays NaN)."""
-    got = got.to(device=reference.device, dtype=reference.dtype)
-    return float((got - reference).norm() / reference.norm().clamp_min(1e-300))
 
 
 def perturbed(problem: Problem, seed: int) -> Problem:
@@ -909,21 +792,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python bench/e2e.py`` and ``python -m fastmeta.benchmarks``: the same as ``fastmeta bench``."""
+    """``python bench/e2e.py`` and ``python -m fastmeta.tools.bench``: the same as ``fastmeta bench``."""
     parser = argparse.ArgumentParser(prog="fastmeta bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
 
-def __getattr__(name: str):
-    # ``COMMAND`` is what fastmeta.cli's SUBCOMMANDS table points at. Built on first access,
-    # so that this module imports (for bench/e2e.py and the tests) without the CLI module.
-    if name == "COMMAND":
-        from fastmeta.cli import Subcommand
-
-        return Subcommand(help="benchmark fastmeta against its peers on the standard workloads",
-                          add_arguments=add_arguments, run=run)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+COMMAND = Subcommand(help="benchmark fastmeta against its peers on the standard workloads",
+                     add_arguments=add_arguments, run=run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -7,7 +7,7 @@ The attribute is a ``Subcommand``: a help line, ``add_arguments(parser)`` and
 
 To add a subcommand from another module, define there::
 
-    COMMAND = fastmeta.cli.Subcommand(help="...", add_arguments=..., run=...)
+    COMMAND = fastmeta.tools.command.Subcommand(help="...", add_arguments=..., run=...)
 
 and point its ``SUBCOMMANDS`` entry at ``"your.module:COMMAND"``. Code that cannot edit
 this file can call ``register_subcommand(name, subcommand)`` before ``main()`` runs. A
@@ -25,24 +25,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastmeta.tools.command import Subcommand
+
 __all__ = ["Subcommand", "SUBCOMMANDS", "register_subcommand", "main"]
 
 
-@dataclass(frozen=True)
-class Subcommand:
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int | None]
-
-
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("train a learner on a paper preset", "fastmeta.cli:TRAIN"),
-    "eval": ("evaluate a checkpoint on 600 fixed test tasks", "fastmeta.cli:EVAL"),
-    "plot": ("draw a run's learning curves (and the sinusoid fit) as PNGs", "fastmeta.plotting:COMMAND"),
-    "bench": ("benchmark fastmeta against its peers on the standard workloads", "fastmeta.benchmarks:COMMAND"),
-    "profile": ("profile a preset's meta-iteration with torch.profiler", "fastmeta.profiling:COMMAND"),
-    "build": ("build the C++/CUDA extension ahead of time", "fastmeta.backends.commands:BUILD"),
-    "info": ("show the backends, their availability and what was verified where", "fastmeta.backends.commands:INFO"),
+    "train": ("train a learner on a paper preset", "fastmeta.tools.cli:TRAIN"),
+    "eval": ("evaluate a checkpoint on 600 fixed test tasks", "fastmeta.tools.cli:EVAL"),
+    "plot": ("draw a run's learning curves (and the sinusoid fit) as PNGs", "fastmeta.tools.plotting:COMMAND"),
+    "bench": ("benchmark fastmeta against its peers on the standard workloads", "fastmeta.tools.bench:COMMAND"),
+    "profile": ("profile a preset's meta-iteration with torch.profiler", "fastmeta.tools.profiling:COMMAND"),
+    "build": ("build the C++/CUDA extension ahead of time", "fastmeta.tools.backend_commands:BUILD"),
+    "info": ("show the backends, their availability and what was verified where", "fastmeta.tools.backend_commands:INFO"),
 }
 
 _REGISTERED: dict[str, Subcommand] = {}
@@ -54,7 +49,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, 
 def register_subcommand(name: str, subcommand: Subcommand) -> None:
     """Add or replace a subcommand at run time (see the module docstring)."""
     if not isinstance(subcommand, Subcommand):
-        raise TypeError(f"subcommand must be a fastmeta.cli.Subcommand, got {type(subcommand).__name__}")
+        raise TypeError(f"subcommand must be a fastmeta.tools.cli.Subcommand, got {type(subcommand).__name__}")
     _REGISTERED[name] = subcommand
     SUBCOMMANDS.setdefault(name, (subcommand.help, ""))
 
@@ -145,7 +140,7 @@ def _select_device(args) -> str:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .training import LEARNERS, PRESETS
+    from fastmeta.tools.training import LEARNERS, PRESETS
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "presets:\n" + "\n".join(f"  {name:<20} {preset.summary}" for name, preset in PRESETS.items())
@@ -185,7 +180,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _run_train(args) -> int:
-    from . import distributed, training
+    from fastmeta import distributed
+    from fastmeta.tools import training
 
     if args.nproc is not None:
         # torchrun starts N copies of this same command (minus --nproc) and sets their ranks.
@@ -244,7 +240,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args) -> int:
-    from . import training
+    from fastmeta.tools import training
 
     config, state = training.read_run_checkpoint(args.checkpoint)
     if args.data:
@@ -288,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .checkpoint import CheckpointError
+    from fastmeta.checkpoint import CheckpointError
 
     try:
         return int(args._run(args) or 0)

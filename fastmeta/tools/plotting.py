@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import Subcommand
+from fastmeta.tools.command import Subcommand
 
 __all__ = ["MatplotlibMissing", "plot_run", "COMMAND"]
 
@@ -72,8 +72,8 @@ def _learning_curves(pyplot, records: list[dict], title: str, path: Path) -> Non
 def _sinusoid_fit(pyplot, run_dir: Path, path: Path, tasks: int = 3) -> None:
     import torch
 
-    from .data import SinusoidTasks
-    from .training import TEST_SEED, Run, read_run_checkpoint
+    from fastmeta.data import SinusoidTasks
+    from fastmeta.tools.training import TEST_SEED, Run, read_run_checkpoint
 
     config, state = read_run_checkpoint(run_dir)
     run = Run(config, "cpu")
@@ -103,7 +103,7 @@ def _sinusoid_fit(pyplot, run_dir: Path, path: Path, tasks: int = 3) -> None:
 
 def plot_run(run_dir, out_dir=None) -> list[Path]:
     """Write the run's figures (PNG) to ``out_dir`` (default: the run folder); returns their paths."""
-    from .training import CHECKPOINT_NAME, read_metrics, read_run_checkpoint
+    from fastmeta.tools.training import CHECKPOINT_NAME, read_metrics, read_run_checkpoint
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)  # FileNotFoundError, naming the file, for a wrong folder
