@@ -3,7 +3,7 @@
 One meta-iteration = the inner loop of every task, the query loss, the meta-gradient and
 an Adam step (torch.optim.Adam, lr 1e-3, fused=True: 45 µs against 133 µs for the
 single-tensor loop on this 2-core CPU; every provider uses the same optimizer) on the
-MLP's parameters. W1 (BENCHMARKS.md):
+MLP's parameters. W1 (docs/benchmarks.md):
 T=25 tasks, K=10 support and 10 query examples, MLP 1-40-40-1 ReLU, 1 inner step with
 lr 0.01, MSE, second order.
 
@@ -37,7 +37,7 @@ import fastmeta as fm
 from fastmeta.backends import get_backend
 from fastmeta.ops.mlp_meta_step import mlp_meta_step, unrolled_meta_step
 
-# W1, as BENCHMARKS.md defines it.
+# W1, as docs/benchmarks.md defines it.
 W1 = dict(tasks=25, support=10, query=10, layer_sizes=[1, 40, 40, 1], act="relu", steps=1, inner_lr=0.01,
           outer_lr=1e-3)
 

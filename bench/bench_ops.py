@@ -7,7 +7,7 @@ GPU only: every benchmark skips cleanly without CUDA. Not part of the default te
 of its backward op, with the backend forced by ``fm.use_backend``, and writes the achieved
 rate into ``extra_info``: TFLOP/s for the GEMM-shaped ops (2 FLOPs per multiply-add), GB/s
 for the memory-bound ones (bytes that must cross HBM at least once: every input read and
-every output written once). fp32 throughout with TF32 off (BENCHMARKS.md).
+every output written once). fp32 throughout with TF32 off (docs/benchmarks.md).
 
 The per-op shapes of W1–W4 come from ``fastmeta.tools.workloads.WORKLOAD_OP_SHAPES``
 (their one home; the GPU tier of tests/test_triton_ops.py uses them too).

@@ -22,7 +22,7 @@ import torch
 
 from fastmeta.data import FewShotTasks, SinusoidTasks
 
-# BENCHMARKS.md, "Standard workloads": tasks per meta-batch and the per-task sets.
+# docs/benchmarks.md, "Standard workloads": tasks per meta-batch and the per-task sets.
 SAMPLING_WORKLOADS = {
     "W1": dict(kind="sinusoid", meta_batch=25, shots=10, queries=10),
     "W2": dict(kind="omniglot", meta_batch=32, ways=5, shots=1, queries=1),

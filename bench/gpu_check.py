@@ -193,7 +193,7 @@ def bench_plan(dry_run: bool) -> list[tuple[str, int, int, list[str]]]:
                      ["--workloads", workload, "--backends", GPU_FASTMETA_BACKENDS, "--peers", ""]))
         plan.append((f"bench:{workload}-second:peers", peers_box, peers_s,
                      ["--workloads", workload, "--backends", "", "--peers", GPU_PEERS]))
-    # torch.compile takes ~30 s to compile a step (BENCHMARKS.md): after every other row.
+    # torch.compile takes ~30 s to compile a step (docs/benchmarks.md): after every other row.
     for workload, seconds in (("W1", 23), ("W2", 41)):
         plan.append((f"bench:{workload}-second:compile", 90, seconds,
                      ["--workloads", workload, "--backends", "", "--peers", "compile"]))

@@ -1,4 +1,4 @@
-"""The paper networks of BENCHMARKS.md, as plain ``nn.Module``s.
+"""The paper networks of docs/benchmarks.md, as plain ``nn.Module``s.
 
 - ``mlp((1, 40, 40, 1))``: the sinusoid regressor (W1).
 - ``conv4(variant="strided")``: Omniglot's conv4, 4 × [Conv 3×3 stride 2 pad 1 → BatchNorm

@@ -4,7 +4,7 @@ Every launcher returns ``NotImplemented`` (the op layer then runs the reference)
 than compute a result it cannot stand behind. These predicates say what that means:
 
 - fp32 only. float64 is for gradient checks and must stay float64; bf16/fp16 are not
-  supported yet (DESIGN.md: no mixed precision), so a kernel never narrows a dtype.
+  supported yet (no mixed precision yet: docs/benchmarks.md), so a kernel never narrows a dtype.
 - every tensor on one device, and that device one Triton can run on (CUDA, or the CPU
   under ``TRITON_INTERPRET=1``).
 - no empty tensors: a zero-size grid is an error in Triton, and the reference handles

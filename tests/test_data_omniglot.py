@@ -205,7 +205,7 @@ def test_cuda_draws_the_same_tasks(synthetic_omniglot):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_OMNIGLOT.is_dir(), reason=f"the real Omniglot is not at {REAL_OMNIGLOT}")
+@pytest.mark.skipif(not REAL_OMNIGLOT.is_dir(), reason="set FASTMETA_OMNIGLOT to the folder of the official Omniglot archives")
 def test_real_omniglot():
     data = Omniglot(REAL_OMNIGLOT)
     assert data.images.shape == (1623, 20, 28, 28)

@@ -2,7 +2,7 @@
 
 Smooth means tanh/sigmoid and AvgPool: ReLU and MaxPool kinks make the meta-loss jump
 under a finite-difference step. BatchNorm is included: it is where torch.func's vmap gets
-second order wrong (BENCHMARKS.md), so it is where a reference must be exact.
+second order wrong (docs/benchmarks.md), so it is where a reference must be exact.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def workload_cases(op: str):
 
 @pytest.fixture(autouse=True)
 def _fp32_reference():
-    """The reference in true fp32 too: TF32 off in cuBLAS and cuDNN (BENCHMARKS.md)."""
+    """The reference in true fp32 too: TF32 off in cuBLAS and cuDNN (docs/benchmarks.md)."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -646,7 +646,7 @@ CONV_BN_KERNELS = ["task_conv2d", "task_conv2d_weight_grad", "task_batch_norm", 
 @pytest.mark.parametrize("model_fn,tasks_fn,lr,kernels", [
     pytest.param(_mlp, _regression_tasks, 0.1, MLP_KERNELS, id="mlp"),
     pytest.param(_conv_bn, _classification_tasks, 0.4, CONV_BN_KERNELS, id="conv_bn"),
-    # GPU tier: the full meta-gradient at the workloads' sizes (BENCHMARKS.md).
+    # GPU tier: the full meta-gradient at the workloads' sizes (docs/benchmarks.md).
     pytest.param(_w1_mlp, lambda: _regression_tasks(T=25, K=10), 0.01, MLP_KERNELS, id="W1", marks=gpu_only),
     pytest.param(_conv4("strided"), _image_tasks(32, 5, 1, 1, 1, 28), 0.4, CONV_BN_KERNELS,
                  id="W2", marks=gpu_only),

@@ -27,7 +27,7 @@ machines with different CPUs); ``FASTMETA_BUILD_VERBOSE=1`` shows the compiler c
 from __future__ import annotations
 
 import hashlib
-import importlib
+
 import importlib.util
 import logging
 import os
@@ -432,18 +432,6 @@ def _make_activation_grad(device_type: str) -> Callable:
     return activation_grad
 
 
-def _make_mlp_meta_step(device_type: str) -> Callable:
-    module = importlib.import_module("fastmeta.ops.mlp_meta_step")  # the module, not the op it exports
-
-    return module.make_extension_kernel(device_type)
-
-
-def _make_mlp_meta_step_backward(device_type: str) -> Callable:
-    module = importlib.import_module("fastmeta.ops.mlp_meta_step")  # the module, not the op it exports
-
-    return module.make_extension_backward_kernel(device_type)
-
-
 _FACTORIES: dict[str, dict[str, Callable[[str], Callable]]] = {
     "cpu": {
         "inner_step": _make_inner_step,
@@ -456,8 +444,6 @@ _FACTORIES: dict[str, dict[str, Callable[[str], Callable]]] = {
         "task_loss": _make_task_loss,
         "task_loss_grad": _make_task_loss_grad,
         "activation_grad": _make_activation_grad,
-        "mlp_meta_step": _make_mlp_meta_step,
-        "mlp_meta_step_backward": _make_mlp_meta_step_backward,
     },
     "cuda": {
         "inner_step": _make_inner_step,
@@ -467,14 +453,20 @@ _FACTORIES: dict[str, dict[str, Callable[[str], Callable]]] = {
         "task_linear_weight_grad": _make_task_linear_weight_grad,
         "task_loss": _make_task_loss,
         "task_loss_grad": _make_task_loss_grad,
-        "mlp_meta_step": _make_mlp_meta_step,
-        "mlp_meta_step_backward": _make_mlp_meta_step_backward,
     },
 }
+# The kernels of each backend, by name: what the backend registry loads. An op module whose
+# launcher is written beside the op (the fused MLP meta-step hands its per-task gradients
+# to its own autograd) adds it with register_launcher: this layer never imports an op.
+CPU_KERNELS: tuple[str, ...] = tuple(_FACTORIES["cpu"])
+CUDA_KERNELS: tuple[str, ...] = tuple(_FACTORIES["cuda"])
 
-# The kernels of each backend, by name: what the backend registry loads.
-CPU_KERNELS = tuple(_FACTORIES["cpu"])
-CUDA_KERNELS = tuple(_FACTORIES["cuda"])
+
+def register_launcher(device_type: str, name: str, make: Callable[[str], Callable]) -> None:
+    """Add kernel ``name`` of the ``cpu`` or ``cuda`` backend: ``make(device_type)`` returns its launcher."""
+    global CPU_KERNELS, CUDA_KERNELS
+    _FACTORIES[device_type][name] = make
+    CPU_KERNELS, CUDA_KERNELS = tuple(_FACTORIES["cpu"]), tuple(_FACTORIES["cuda"])
 
 
 def kernels(device_type: str) -> dict[str, Callable]:

@@ -1,6 +1,6 @@
 """Omniglot, as the MAML paper uses it: one tensor of 1623 characters x 20 drawings.
 
-Preprocessing (BENCHMARKS.md, "Omniglot protocol"):
+Preprocessing (docs/benchmarks.md, "Omniglot protocol"):
 - each 105x105 binary PNG is converted to 8-bit grey and resized to 28x28 with Lanczos
   (Pillow resizes mode "1" images with nearest-neighbour whatever filter is asked for,
   hence the conversion first), then inverted, so strokes are 1.0 and paper 0.0;

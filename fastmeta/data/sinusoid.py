@@ -1,4 +1,4 @@
-"""Sinusoid regression tasks, the MAML paper's protocol (BENCHMARKS.md, "Sinusoid protocol").
+"""Sinusoid regression tasks, the MAML paper's protocol (docs/benchmarks.md, "Sinusoid protocol").
 
 A task is y = A sin(x - φ) with A ~ U[0.1, 5], φ ~ U[0, π], inputs x ~ U[-5, 5]; K support
 and Q query points. All of a meta-batch comes from one counter-RNG call on the device.

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastmeta.backends import REFERENCE, kernel_for, run_kernel
+from fastmeta.backends import extension as _extension
 from fastmeta.ops.activation import apply_activation, check_activation
 from fastmeta.ops.reference_vjp import reference_vjp
 from fastmeta.ops.task_loss import LOSS_KINDS
@@ -645,3 +646,8 @@ def make_extension_backward_kernel(device_type: str):
         return [d_theta if needs[0] else theta.new_empty(0), d_lr if needs[1] else lr.new_empty(0)]
 
     return kernel
+
+
+for _device_type in ("cpu", "cuda"):
+    _extension.register_launcher(_device_type, "mlp_meta_step", make_extension_kernel)
+    _extension.register_launcher(_device_type, "mlp_meta_step_backward", make_extension_backward_kernel)

@@ -5,7 +5,7 @@
     python bench/e2e.py ...            (the same command, from a checkout)
 
 For each workload, in one process and one run: fastmeta on every available backend and
-on ``auto``, then the peers of ../shared/BENCHMARKS.md (:mod:`fastmeta.tools.bench_peers`).
+on ``auto``, then the peers of docs/benchmarks.md (:mod:`fastmeta.tools.bench_peers`).
 Every contender gets the same initial parameters and the same batch of (random) tasks.
 
 For each contender, in this order:
@@ -14,7 +14,7 @@ For each contender, in this order:
    compared with the reference, the per-task autograd loop in float64, norm-wise:
    ‖g − g_ref‖ / ‖g_ref‖ ≤ ``tolerance``. A torch.func contender (vmap, compile, graph)
    that misses on a model with BatchNorm in second order is marked ``known-wrong``
-   (torch.func's second order through BatchNorm is 1.4% off, BENCHMARKS.md) and still
+   (torch.func's second order through BatchNorm is 1.4% off, docs/benchmarks.md) and still
    timed, as a speed peer only. Any other miss is ``WRONG``: it is timed but never counts
    as the best peer, and the command exits with status 1 if a fastmeta contender is wrong.
 2. **Warm-up**, then **timing**: each sample is R back-to-back meta-iterations between two
@@ -162,7 +162,7 @@ class WorkloadResult:
 
 @contextlib.contextmanager
 def full_fp32():
-    """TF32 off in cuBLAS and cuDNN for the duration (BENCHMARKS.md); restored after."""
+    """TF32 off in cuBLAS and cuDNN for the duration (docs/benchmarks.md); restored after."""
     saved = (
         torch.backends.cuda.matmul.allow_tf32,
         torch.backends.cudnn.allow_tf32,
@@ -263,7 +263,7 @@ def check_status(contender: Contender, problem: Problem, error: float, tolerance
     if error <= tolerance:  # False for NaN
         return "ok", ""
     if known_wrong:
-        return "known-wrong", "torch.func second order through BatchNorm is wrong (BENCHMARKS.md); speed peer only"
+        return "known-wrong", "torch.func second order through BatchNorm is wrong (docs/benchmarks.md); speed peer only"
     if strict_tolerance is not None and tolerance > strict_tolerance:
         return "unsettled", (f"{error:.1e} off float64, beyond {tolerance:.0e}; the fp32 answer on this kinked net "
                              "is unstable (ReLU flips), so this is not a verdict")
@@ -619,7 +619,7 @@ def stream_record(workload: Workload, settings: BenchmarkSettings, device: dict,
         "tasks": workload.tasks,
         "order": "first" if settings.first_order else "second",
         "iterations": settings.iterations,
-        # BENCHMARKS.md's target for fastmeta's best row over the best peer, where one is set.
+        # docs/benchmarks.md's target for fastmeta's best row over the best peer, where one is set.
         "target_speedup": GPU_TARGETS.get(workload.name) if device["type"] == "cuda" and not settings.first_order
         else None,
         "contender": dataclasses.asdict(result),
@@ -636,7 +636,7 @@ def failures(results: list[WorkloadResult]) -> list[str]:
     ]
 
 
-# The targets of BENCHMARKS.md, as speed-ups of fastmeta's best row over a peer measured in
+# The targets of docs/benchmarks.md, as speed-ups of fastmeta's best row over a peer measured in
 # the same run. On a GPU: against the best peer, second order. On the CPU: W1 faster than
 # JAX, W2 at least 1.5x vmap.
 GPU_TARGETS = {"W1": 10.0, "W2": 12.0, "W3": 10.0, "W4": 7.5}
@@ -726,7 +726,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fastmeta-graph", action="store_true", help="on CUDA, do not time fastmeta captured in a CUDA graph")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
-                        help="run nothing: print earlier runs' JSON against the targets of BENCHMARKS.md")
+                        help="run nothing: print earlier runs' JSON against the targets of docs/benchmarks.md")
     parser.add_argument("--stream", default=None, metavar="FILE",
                         help="append each contender's result to FILE as one JSON line, as soon as it finishes")
     parser.add_argument("--skip", type=_names, default=[], metavar="NAME,...",
@@ -755,7 +755,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     device = settings.resolved_device()
     if settings.iterations < 20:
-        print(f"note: {settings.iterations} timed samples; BENCHMARKS.md figures use at least 20", file=sys.stderr)
+        print(f"note: {settings.iterations} timed samples; docs/benchmarks.md figures use at least 20", file=sys.stderr)
     workloads = [find_workload(w) for w in settings.workloads]
     described = device_description(device)
     print(f"fastmeta bench · {described['name']} · torch {described['torch']} · triton {described['triton']} · "

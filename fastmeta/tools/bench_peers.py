@@ -3,7 +3,7 @@
 A contender runs one full meta-iteration per :meth:`Contender.step`: the inner loop of
 every task, the query loss, the meta-gradient and an Adam step (lr 1e-3), in the order a
 user's training loop would run them. The peers are what a user would run instead
-(../shared/BENCHMARKS.md):
+(docs/benchmarks.md):
 
 - ``loop``: a per-task Python loop with ``autograd.grad(create_graph=True)``, what
   learn2learn's ``clone()/adapt()`` does; BatchNorm uses batch statistics through
@@ -49,7 +49,7 @@ from fastmeta.engine.per_task_loop import (
     task_query_loss,
 )
 
-ADAM_LR = 1e-3  # BENCHMARKS.md: every figure includes an Adam step with lr 1e-3
+ADAM_LR = 1e-3  # docs/benchmarks.md: every figure includes an Adam step with lr 1e-3
 
 
 class ContenderSkipped(Exception):
@@ -88,7 +88,7 @@ class Contender:
     """One implementation of the meta-iteration. Subclasses fill in the hooks.
 
     family: "fastmeta" or "peer". torch_func: its meta-gradient goes through torch.func's
-    second order, which is wrong through BatchNorm (BENCHMARKS.md), so a mismatch there is
+    second order, which is wrong through BatchNorm (docs/benchmarks.md), so a mismatch there is
     "known-wrong" rather than a failure.
     """
 
@@ -263,7 +263,7 @@ def capture_whole_step(forward_backward_step: Callable[[], None], optimizer, dev
 def reference_meta_gradient(problem: Problem, dtype: torch.dtype = torch.float64) -> Tensor:
     """The meta-gradient of the mean query loss at the initial parameters, per-task loop.
 
-    This is the correctness reference (BENCHMARKS.md: the per-task loop agrees with
+    This is the correctness reference (docs/benchmarks.md: the per-task loop agrees with
     finite differences to 1e-8 in float64, also through BatchNorm).
     """
     model = problem.build_model(dtype)

@@ -18,7 +18,7 @@ from torch import nn
 from fastmeta.data import TaskBatch
 
 # ---------------------------------------------------------------------------------------
-# The workloads: the single source of truth for W1–W4 (BENCHMARKS.md). bench/workloads.py
+# The workloads: the single source of truth for W1–W4 (docs/benchmarks.md). bench/workloads.py
 # re-exports them for scripts in the checkout; they live in the package so that the
 # installed `fastmeta bench` and `fastmeta profile` need no checkout.
 # ---------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ class Workload:
         g = torch.Generator().manual_seed(seed)
         T = self.tasks
         if self.loss == "mse":
-            # Sinusoid tasks (BENCHMARKS.md's protocol): y = A sin(x − φ).
+            # Sinusoid tasks (docs/benchmarks.md's protocol): y = A sin(x − φ).
             amplitude = torch.empty(T, 1, 1).uniform_(0.1, 5.0, generator=g)
             phase = torch.empty(T, 1, 1).uniform_(0.0, math.pi, generator=g)
 

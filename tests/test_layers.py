@@ -1,0 +1,172 @@
+"""The package's layers, checked by walking every import (statements and
+``importlib.import_module("...")`` calls, at module level and inside functions).
+
+Top to bottom: tools → learners → engine → ops → backends → kernels. Beside them, leaf
+modules that import none of those layers: models, checkpoint, data (which uses checkpoint),
+distributed. A module imports only from its own sub-package or from a lower layer, and
+there is no import cycle between modules.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# fastmeta.<part> → rank. The package root (fastmeta/__init__.py, __main__.py) is the
+# public face: it may import anything but the tools, and only the tools import it.
+RANKS = {
+    "kernels": 0,
+    "models": 0,
+    "checkpoint": 0,
+    "backends": 1,
+    "data": 1,
+    "ops": 2,
+    "engine": 3,
+    "learners": 4,
+    "distributed": 5,
+    "tools": 6,
+}
+ROOT_MODULES = {"fastmeta", "fastmeta.__main__"}
+ROOT_RANK = 5.5
+
+
+def package_modules() -> dict[str, Path]:
+    """Module name → file, for fastmeta/ and kernels/ (installed as fastmeta.kernels)."""
+    modules = {}
+    for base, prefix in ((REPO / "fastmeta", "fastmeta"), (REPO / "kernels", "fastmeta.kernels")):
+        for path in base.rglob("*.py"):
+            parts = list(path.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join([prefix, *parts])] = path
+    return modules
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The fastmeta modules ``name`` imports (a package import counts as its __init__)."""
+    tree = ast.parse(path.read_text())
+    is_package = path.name == "__init__.py"
+    found = set()
+
+    def resolve(module: str) -> str | None:
+        while module and module not in known:
+            module = module.rpartition(".")[0]
+        return module or None
+
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name if is_package else name.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            # "from pkg import sub" imports the submodule; "from pkg import name" the package
+            targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in known else module for a in node.names]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            targets = [node.args[0].value]
+        for target in targets:
+            if target.startswith("fastmeta"):
+                resolved = resolve(target)
+                if resolved and resolved != name:
+                    found.add(resolved)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = package_modules()
+    known = set(modules)
+    return {name: imports_of(name, path, known) for name, path in modules.items()}
+
+
+def part_of(module: str) -> str | None:
+    if module in ROOT_MODULES:
+        return None
+    return module.split(".")[1]
+
+
+def test_every_part_has_a_layer():
+    parts = {part_of(m) for m in import_graph()} - {None}
+    assert parts <= set(RANKS), f"modules outside the layer table: {parts - set(RANKS)}"
+
+
+def test_no_layer_imports_a_layer_above_it():
+    bad = []
+    for module, targets in import_graph().items():
+        part = part_of(module)
+        rank = ROOT_RANK if part is None else RANKS[part]
+        for target in targets:
+            other = part_of(target)
+            if other == part:
+                continue
+            if module == "fastmeta.__main__" and target == "fastmeta.tools.cli":
+                continue  # `python -m fastmeta` is the CLI
+            other_rank = ROOT_RANK if other is None else RANKS[other]
+            if other_rank >= rank:
+                bad.append(f"{module} ({part or 'root'}) imports {target} ({other or 'root'})")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def without_package_parents(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """A module importing its own package's ``__init__`` (to reach a sibling) is how Python
+    packages work, not a cycle of ours: those edges are dropped before the search."""
+    return {m: {t for t in ts if not m.startswith(t + ".")} for m, ts in graph.items()}
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(without_package_parents(import_graph()))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_checks_catch_a_cycle_and_an_upward_import():
+    graph = {"fastmeta.ops.a": {"fastmeta.engine.b"}, "fastmeta.engine.b": {"fastmeta.ops.a"}}
+    assert set(find_cycle(graph)) == {"fastmeta.ops.a", "fastmeta.engine.b"}
+    assert RANKS[part_of("fastmeta.engine.b")] > RANKS[part_of("fastmeta.ops.a")]
+
+
+def test_nothing_points_outside_the_repository():
+    """The repository stands alone: no path into a sibling folder of the checkout."""
+    hits = []
+    for path in REPO.rglob("*"):
+        if not path.is_file() or any(p in path.parts for p in (".git", ".venv", "__pycache__")) \
+                or path.suffix not in {".py", ".md", ".toml", ".cpp", ".cu", ".h", ".cuh", ".sh", ".txt", ""}:
+            continue
+        if "egg-info" in str(path):
+            continue
+        text = path.read_text(errors="replace")
+        for marker in ("../shared", "BENCHMARKS.md", "DESIGN.md", "CONVENTIONS.md"):
+            if marker in text and path.name != "test_layers.py":
+                hits.append(f"{path.relative_to(REPO)}: {marker}")
+    assert not hits, "\n".join(sorted(set(hits)))
