@@ -10,7 +10,7 @@ for the memory-bound ones (bytes that must cross HBM at least once: every input 
 every output written once). fp32 throughout with TF32 off (docs/benchmarks.md).
 
 The per-op shapes of W1–W4 come from ``fastmeta.tools.workloads.WORKLOAD_OP_SHAPES``
-(their one home; the GPU tier of tests/test_triton_ops.py uses them too).
+(their one home; the GPU tier of tests/ops/ uses them too).
 """
 
 from __future__ import annotations

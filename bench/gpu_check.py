@@ -9,9 +9,10 @@ What it does, in priority order, each step in its own time box, ≤ 6 minutes in
 1. **install** the checkout (``pip install --no-deps --no-build-isolation -e .``: the GPU
    machine has no network) and **build** the C++/CUDA extension. The build runs beside
    the Triton families, which do not need it.
-2. **correctness per kernel family**, in parallel: the Triton families (their tests in
-   ``tests/test_triton_ops.py``, the shared harness tier and the AOT compile), then, once
-   the build is done, the CUDA families. A family that passes is recorded at once in
+2. **correctness per kernel family**, in parallel: the families come from the op table
+   (each family's tests are ``tests/ops/test_<family>.py``, run with ``-k triton`` or
+   ``-k cuda``): the Triton families and their shared tier, then, once the build is done,
+   the CUDA families. A family that passes is recorded at once in
    ``verified.json``; one that fails is recorded as failed in ``results.json``, and the
    run goes on.
 3. **the whole-step CUDA graph test** (captured equals eager over 10 steps).
@@ -40,7 +41,7 @@ its time on what failed or did not fit.
 
 **Dry run** (``--dry-run``): the same plumbing on a CPU machine, on tiny shapes: Triton
 under ``TRITON_INTERPRET=1``, the CUDA kernels' logic through the CPU stand-in
-(``tests/test_extension_cuda_emulated.py``), the bench on W1 for 2 iterations on the CPU.
+(``tests/ops/test_cuda_emulated.py``), the bench on W1 for 2 iterations on the CPU.
 It records under the device type ``dry-run``, which nothing ever reads as verified.
 ``tests/test_gpu_check.py`` runs it and asserts the contract (files, schema, records
 family by family, resumption, the trap).
@@ -102,7 +103,8 @@ class Step:
     box: int
     estimate: int
     command: Callable[["Check"], list[str]] | None = None
-    records: tuple[str, tuple[str, ...]] | None = None  # (backend, kernels) recorded on pass
+    # (backend, kernels) recorded on pass; kernels may be a family name, resolved from the build
+    records: tuple[str, tuple[str, ...] | str] | None = None
     needs: tuple[str, ...] = ()  # steps that must pass before this one records
     allow_skips: bool = False  # pytest steps: a skipped GPU test verifies nothing
     judge: str = "pytest"  # "pytest": its summary line decides; "exit": the exit code alone
@@ -117,55 +119,57 @@ def pytest_command(*args: str) -> Callable[["Check"], list[str]]:
     return command
 
 
-# The Triton families: pytest -k expression on tests/test_triton_ops.py, and the kernels a
-# pass verifies. On the GPU the whole family runs (its tiny cases on CUDA and the W1–W4
-# shapes); in the dry run, one case of it under the interpreter.
-# Measured on the H100 (seconds, run in parallel): inner_step 22, task_linear 33,
-# task_conv2d 48, task_batch_norm 22, task_loss 17.
-TRITON_FAMILY_SECONDS = {"inner_step": 22, "task_linear": 33, "task_conv2d": 48, "task_batch_norm": 22, "task_loss": 17}
-TRITON_FAMILIES = {
-    "inner_step": ("test_inner_step", ("inner_step", "inner_step_backward"),
-                   "test_inner_step and scalar-False-False-shared"),
-    "task_linear": ("test_task_linear or test_activation_grad",
-                    ("task_linear", "task_linear_input_grad", "task_linear_weight_grad", "activation_grad"),
-                    "test_activation_grad and tanh"),
-    "task_conv2d": ("test_task_conv2d", ("task_conv2d", "task_conv2d_input_grad", "task_conv2d_weight_grad"),
-                    "test_task_conv2d and per_task-none-stride1"),
-    "task_batch_norm": ("test_task_batch_norm", ("task_batch_norm", "task_batch_norm_backward"),
-                        "test_task_batch_norm and shape1-shared-shared-none"),
-    "task_loss": ("test_task_loss", ("task_loss", "task_loss_grad"), "test_task_loss and mse"),
-}
-TRITON_COMMON = "decline or float64 or small_tiles or maml or bad_label"
-TRITON_COMMON_DRY = "test_every_kernel_declines_float64"
-CUDA_KERNELS = ("inner_step", "inner_step_backward", "task_linear", "task_linear_input_grad",
-                "task_linear_weight_grad", "task_loss", "task_loss_grad")
-CUDA_FUSED_KERNELS = ("mlp_meta_step", "mlp_meta_step_backward")
+# The kernel families come from the op table (fastmeta/backends/table.py), asked of a child
+# process after the install: each op family's tests are tests/ops/test_<family>.py, run
+# with "-k triton" or "-k cuda", and a pass records that family's kernels for the backend.
+# On the GPU the whole family runs (its tiny cases on CUDA and the W1–W4 shapes); in the dry
+# run one case of it, under the interpreter (Triton) or through the CPU stand-in (CUDA).
+CATALOG = r"""
+import json
+import fastmeta
+from fastmeta.backends import get_backend
+from fastmeta.backends.table import families
+triton = {}
+if get_backend("triton").available()[0]:
+    get_backend("triton").kernel("inner_step")
+    loaded = get_backend("triton").kernels
+    triton = {f: [k for k in ks if k in loaded] for f, ks in families().items()}
+    triton = {f: ks for f, ks in triton.items() if ks}
+print("CATALOG " + json.dumps({"families": families(), "triton": triton}))
+"""
+# Seconds on the H100 (2026-11-26, the old per-backend test files; run in parallel).
+FAMILY_SECONDS = {"inner_step": 22, "task_linear": 33, "task_conv2d": 48, "task_batch_norm": 22, "task_loss": 17,
+                  "activation": 10, "mlp_meta_step": 12}
+# The dry run's one case per family.
+DRY_TRITON = {"inner_step": "scalar-False-False-shared", "task_linear": "test_task_linear_activations and tanh",
+              "task_conv2d": "per_task-none", "task_batch_norm": "shape1-shared-shared-none", "task_loss": "mse-2-3-1",
+              "activation": "test_activation_grad and tanh"}
+DRY_CUDA = {"inner_step": "inner_step", "task_linear": "linear", "task_loss": "loss",
+            "mlp_meta_step": "meta_step and 1.40.40.1-relu-mse-step-1-10-False"}
 
 
-def correctness_steps(dry_run: bool) -> list[Step]:
-    steps = [
-        Step("triton:common", 150, 59,
-             pytest_command("tests/test_triton_ops.py", "-k", TRITON_COMMON_DRY if dry_run else TRITON_COMMON),
-             allow_skips=dry_run),
-    ]
-    for family, (expr, kernels, dry_expr) in TRITON_FAMILIES.items():
-        steps.append(Step(f"triton:{family}", 150, TRITON_FAMILY_SECONDS[family],
-                          pytest_command("tests/test_triton_ops.py", "-k", dry_expr if dry_run else expr),
-                          records=("triton", kernels), needs=("triton:common",), allow_skips=dry_run))
-    if dry_run:  # the CUDA sources' logic, compiled by the host compiler against the CPU stand-in
-        cuda_kernels = pytest_command("tests/test_extension_cuda_emulated.py", "-k", "inner_step or task_loss")
-        cuda_fused = pytest_command("tests/test_extension_cuda_emulated.py", "-k", "meta_step and 1.40.40.1-relu-mse-step-1-10-False")
-    else:
-        cuda_kernels = pytest_command("-m", "gpu", "tests/test_extension_cuda.py")
-        cuda_fused = pytest_command("-m", "gpu", "tests/test_mlp_meta_step.py")
-    steps += [
-        Step("cuda:kernels", 120, 17, cuda_kernels, records=("cuda", CUDA_KERNELS), needs=("build",),
-             allow_skips=dry_run),
-        Step("cuda:mlp_meta_step", 120, 12, cuda_fused, records=("cuda", CUDA_FUSED_KERNELS), needs=("build",),
-             allow_skips=dry_run),
-        Step("whole_step", 120, 14, pytest_command("tests/test_whole_step.py", *(() if dry_run else ("-m", "gpu"))),
-             needs=("build",), allow_skips=dry_run),
-    ]
+def cuda_families() -> list[str]:
+    """The families with CUDA kernels: csrc/cuda/<family>.cu, by the sources' naming rule."""
+    return sorted(p.stem for p in (REPO / "csrc" / "cuda").glob("*.cu"))
+
+
+def correctness_steps(dry_run: bool, catalog: dict) -> list[Step]:
+    shared = ["tests/ops/test_table.py", "tests/ops/test_meta_step_on_backends.py"]
+    steps = [Step("triton:common", 150, 59, pytest_command(*shared, "-k", "triton"), allow_skips=dry_run)]
+    for family, kernels in catalog.get("triton", {}).items():
+        expr = f"triton and ({DRY_TRITON.get(family, family)})" if dry_run else "triton"
+        steps.append(Step(f"triton:{family}", 150, FAMILY_SECONDS.get(family, 30),
+                          pytest_command(f"tests/ops/test_{family}.py", "-k", expr),
+                          records=("triton", tuple(kernels)), needs=("triton:common",), allow_skips=dry_run))
+    for family in cuda_families():
+        if dry_run:  # the CUDA sources' logic, compiled by the host compiler against the CPU stand-in
+            command = pytest_command("tests/ops/test_cuda_emulated.py", "-k", DRY_CUDA.get(family, family))
+        else:
+            command = pytest_command("-m", "gpu", f"tests/ops/test_{family}.py", "-k", "cuda")
+        steps.append(Step(f"cuda:{family}", 120, FAMILY_SECONDS.get(family, 20), command,
+                          records=("cuda", family), needs=("build",), allow_skips=dry_run))
+    steps.append(Step("whole_step", 120, 14, pytest_command("tests/test_whole_step.py", *(() if dry_run else ("-m", "gpu"))),
+                      needs=("build",), allow_skips=dry_run))
     return steps
 
 
@@ -206,7 +210,7 @@ def bench_plan(dry_run: bool) -> list[tuple[str, int, int, list[str]]]:
 
 
 MEMCHECK_BOX = 60
-PER_MACHINE_STEPS = ("probe", "install", "build")  # never carried over by --resume
+PER_MACHINE_STEPS = ("probe", "install", "build", "catalog")  # never carried over by --resume
 MEMCHECK_RESERVE = 45  # seconds the bench leaves for memcheck
 
 
@@ -252,6 +256,7 @@ class Check:
         self.children: dict[str, subprocess.Popen] = {}
         self.stopping = False
         self.device_type = "dry-run" if self.dry_run else "cuda"
+        self.catalog: dict = {}
         self.only = [p for p in (args.only or "").split(",") if p]
         self.run_id = f"{now_iso()}-{os.getpid()}"
         self.results: dict = {
@@ -454,9 +459,17 @@ class Check:
                 if need_status not in ("passed", "carried"):
                     status, note = "failed", f"passed, not recorded: {need} {need_status}"
                     break
-        self.set_step(name, status=status, seconds=seconds, note=note)
+        records = None
         if status == "passed" and step.records:
-            self.record_verified(name, *step.records)
+            backend, kernels = step.records
+            if isinstance(kernels, str):  # a family whose kernels the build reported
+                kernels = tuple(self.catalog.get("cuda", {}).get(kernels, ()))
+                if not kernels:
+                    status, note = "failed", f"passed, but the build registered no {backend} kernel of {step.records[1]}"
+            records = (backend, kernels)
+        self.set_step(name, status=status, seconds=seconds, note=note)
+        if status == "passed" and records:
+            self.record_verified(name, *records)
         else:
             self.publish()
         return status
@@ -569,11 +582,43 @@ def install(check: Check) -> None:
         raise SystemExit("gpu_check: the install failed; see logs/install.log")
 
 
+def parse_tagged_json(text: str, tag: str):
+    """The JSON after the last line starting with ``tag`` in a child's output, or None."""
+    for line in reversed(text.splitlines()):
+        if line.startswith(tag + " "):
+            try:
+                return json.loads(line[len(tag) + 1:])
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def read_catalog(check: Check) -> None:
+    """The kernel families and the Triton kernels, from the op table (a child process)."""
+    rc, text = check.run_command("catalog", [check.python, "-c", CATALOG], 120)
+    catalog = parse_tagged_json(text, "CATALOG") if rc == 0 else None
+    if catalog is None:
+        check.set_step("catalog", status="failed", note="could not list the op table; see logs/catalog.log")
+        check.publish()
+        raise SystemExit("gpu_check: the op table could not be listed; see logs/catalog.log")
+    check.catalog.update(catalog)
+    check.event("catalog", families=sorted(catalog["families"]), triton=sorted(catalog["triton"]))
+
+
 BUILD = r"""
+import json
+import torch
 from fastmeta.backends import extension as e
+from fastmeta.backends.table import TABLE
 ok, info = e.build(verbose=True)
 assert ok, info
 print(e.build_info())
+e.define_native_library()
+cuda = {{}}
+for spec in TABLE.values():
+    if torch._C._dispatch_has_kernel_for_dispatch_key("fastmeta_ext::" + spec.name, "CUDA"):
+        cuda.setdefault(spec.family, []).append(spec.name)
+print("CUDA_KERNELS " + json.dumps(cuda))
 if {need_cuda}:
     assert e.build_info()["with_cuda"], "built without CUDA sources: is nvcc on PATH / CUDA_HOME set?"
     ok, why = e.availability("cuda")
@@ -588,7 +633,7 @@ def build_step(dry_run: bool) -> Step:
 def correctness(check: Check) -> None:
     """The build and every family in parallel; a family that needs the build starts when
     it is done. Each records as it passes."""
-    steps = correctness_steps(check.dry_run)
+    steps = correctness_steps(check.dry_run, check.catalog)
     done: dict[str, threading.Event] = {s.name: threading.Event() for s in steps}
     done["build"] = threading.Event()
     build_status: dict[str, str] = {}
@@ -607,6 +652,8 @@ def correctness(check: Check) -> None:
             status = check.run_step(step, wait_for)
             if step.name == "build":
                 build_status["build"] = status
+                log = (check.logs / "build.log").read_text(errors="replace") if (check.logs / "build.log").exists() else ""
+                check.catalog["cuda"] = parse_tagged_json(log, "CUDA_KERNELS") or {}
         except Interrupted:
             pass
         except Exception as exc:  # a bug here must not stop the other families
@@ -727,9 +774,8 @@ def memcheck(check: Check) -> None:
     # sanitizer sees every buffer exactly only with caching off.
     command = [sanitizer, "--tool", "memcheck", "--leak-check", "no", "--print-limit", "50",
                check.python, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-o", "addopts=",
-               "-m", "gpu", "tests/test_extension_cuda.py", "tests/test_mlp_meta_step.py", "tests/test_triton_ops.py",
-               "-k", "(equals_reference or fused_cuda or test_inner_step or test_task_linear_activations "
-                     "or test_task_conv2d or test_task_batch_norm or test_task_loss) and not workload"]
+               "-m", "gpu", *[f"tests/ops/test_{family}.py" for family in sorted(check.catalog.get("families", {}))],
+               "-k", "not workload and not gradcheck and not small_tiles"]
     rc, text = check.run_command(name, command, box, {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
     seconds = round(time.monotonic() - began, 1)
     status, note = judge_memcheck(rc, text, our_kernel_names(), box)
@@ -891,6 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         probe(check)
         install(check)
+        read_catalog(check)
         correctness(check)
         bench(check)
         memcheck(check)

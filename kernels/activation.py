@@ -1,6 +1,6 @@
 """Fused activations (device functions) and the ``activation_grad`` kernel.
 
-``apply_activation`` is inlined into the epilogues of task_linear and task_batch_norm;
+``apply_activation`` is inlined into the epilogues of the linear and BatchNorm kernels;
 ``activation_grad_kernel`` is the backward op they share (fastmeta/ops/activation.py):
 grad_y · f'(y), with f' written in the output y.
 

@@ -6,6 +6,7 @@
 # ---------------------------------------------------------------------------------------
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -100,3 +101,55 @@ REAL_OMNIGLOT = Path(os.environ.get("FASTMETA_OMNIGLOT", "/nonexistent-omniglot"
 # ---------------------------------------------------------------------------------------
 # End of the data fixtures.
 # ---------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------
+# The gradcheck helper (every op's tests use it, tests/ops/).
+# ---------------------------------------------------------------------------------------
+
+
+def check_gradients(op, args, *, opcheck_utils=None, fast_mode: bool = False) -> None:
+    """``torch.library.opcheck`` of ``op`` on ``args``, then gradcheck and gradgradcheck in
+    float64 with respect to every argument that requires grad.
+
+    opcheck_utils: the opcheck tests to run (default: all of them; the AOT-dispatch test
+    compiles with dynamo, ~5 s per case on 2 cores). fast_mode: gradcheck's random
+    projections of the Jacobian (still fails on a wrong gradient), for ops with many inputs.
+    """
+    from torch.autograd import gradcheck, gradgradcheck
+    from torch.library import opcheck
+
+    if opcheck_utils is None:
+        opcheck(op, args)
+    else:
+        opcheck(op, args, test_utils=opcheck_utils)
+    idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    assert idx, "check_gradients needs at least one argument that requires grad"
+
+    def f(*xs):
+        full = list(args)
+        for i, x in zip(idx, xs):
+            full[i] = x
+        return op(*full)
+
+    inputs = [args[i] for i in idx]
+    assert all(x.dtype == torch.float64 for x in inputs), "gradcheck needs float64 inputs"
+    assert gradcheck(f, inputs, fast_mode=fast_mode)
+    assert gradgradcheck(f, inputs, fast_mode=fast_mode)
+
+
+@pytest.fixture
+def gradchecks():
+    """The gradcheck helper, :func:`check_gradients`."""
+    return check_gradients
+
+
+# Every test compares against references in true fp32: TF32 off in cuBLAS and cuDNN.
+@pytest.fixture(autouse=True)
+def _fp32_reference():
+    """The reference in true fp32: TF32 off in cuBLAS and cuDNN (docs/benchmarks.md)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -47,7 +47,7 @@ def log_names(out: Path) -> set[str]:
         return {Path(m.name).name for m in tar.getmembers() if m.isfile()}
 
 
-FIRST_PART = "install,build,triton:common,triton:inner_step,cuda:kernels"
+FIRST_PART = "install,build,triton:common,triton:inner_step,cuda:inner_step"
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,13 @@ def test_results_schema(two_part_run):
     for name, step in results["steps"].items():
         assert step["status"] in ("passed", "carried", "unavailable"), (name, step)
         assert "run_id" in step
-    expected = {"install", "build", "triton:common", "triton:inner_step", "triton:task_linear", "triton:task_conv2d",
-                "triton:task_batch_norm", "triton:task_loss", "cuda:kernels", "cuda:mlp_meta_step", "whole_step",
-                "bench:W1-second:fastmeta", "bench:W1-second:peers", "memcheck"}
+    # The families come from the op table: every op module with Triton kernels, every
+    # csrc/cuda/<family>.cu.
+    expected = {"install", "build", "triton:common", "whole_step", "bench:W1-second:fastmeta", "bench:W1-second:peers",
+                "memcheck"}
+    expected |= {f"triton:{f}" for f in ("inner_step", "task_linear", "task_conv2d", "task_batch_norm", "task_loss",
+                                         "activation")}
+    expected |= {f"cuda:{f}" for f in ("inner_step", "task_linear", "task_loss", "mlp_meta_step")}
     assert set(results["steps"]) == expected
     assert results["steps"]["memcheck"]["status"] == "unavailable"
     for row in results["bench"]:
@@ -94,7 +98,7 @@ def test_verified_is_written_family_by_family(two_part_run):
     first, second, _, _ = two_part_run
     events = [e for e in read(second)["events"] if e["event"] == "recorded"]
     families = [e["step"] for e in events]
-    assert len(families) == len(set(families)) == 7  # 5 Triton families, 2 CUDA ones
+    assert len(families) == len(set(families)) == 10  # 6 Triton families, 4 CUDA ones
     for backend in ("triton", "cuda"):
         counts = [e["published_kernels"] for e in events if e["backend"] == backend]
         assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
@@ -124,6 +128,7 @@ def test_resumption_runs_only_what_is_left(two_part_run):
     assert steps["triton:task_conv2d"]["status"] == "passed"
     ran_again = log_names(second)
     assert "triton_inner_step.log" not in ran_again and "triton_task_conv2d.log" in ran_again
+    assert "cuda_inner_step.log" not in ran_again and "cuda_task_loss.log" in ran_again
     # A third run from the second finds nothing to do, bench rows included.
     third = second.parent / "third"
     c = dry_run(third, "--resume", str(second))

@@ -39,13 +39,15 @@
 #endif
 
 #include "../common.h"
+#include "../log_sum_exp.h"
+#include "cpu_common.h"
 #include "gemm.h"
 
 namespace fastmeta {
 namespace cpu {
 namespace {
 
-constexpr auto kCPU = c10::DeviceType::CPU;
+
 constexpr int64_t kPad = 8;  // a multiple of the GEMM tile width Tile<T>::NR (8)
 
 inline int64_t pad(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
@@ -209,11 +211,7 @@ T loss_and_delta(const C& c, int64_t rows, const T* out, const Y* y, T* delta) {
   const T inv = T(1) / T(rows);
   for (int64_t r = 0; r < rows; ++r) {
     const T* z = out + r * ow;
-    T mx = z[0];
-    for (int64_t j = 1; j < O; ++j) mx = std::max(mx, z[j]);
-    T sum = 0;
-    for (int64_t j = 0; j < O; ++j) sum += std::exp(z[j] - mx);
-    const T lse = mx + std::log(sum);
+    const T lse = log_sum_exp(z, O);
     const int64_t label = static_cast<int64_t>(y[r]);
     total += lse - z[label];
     if (delta) {
@@ -320,16 +318,10 @@ void hessian_vector(const C& c, Workspace<T>& w, int64_t s, int64_t rows, const 
       const T* out = h + p.offH[p.L];
       for (int64_t r = 0; r < rows; ++r) {
         const T* z = out + r * ow;
-        T mx = z[0];
-        for (int64_t j = 1; j < O; ++j) mx = std::max(mx, z[j]);
-        T sum = 0;
-        for (int64_t j = 0; j < O; ++j) sum += std::exp(z[j] - mx);
+        const T lse = log_sum_exp(z, O);
         T dot = 0;
-        for (int64_t j = 0; j < O; ++j) dot += std::exp(z[j] - mx) / sum * rz[r * ow + j];
-        for (int64_t j = 0; j < O; ++j) {
-          const T pj = std::exp(z[j] - mx) / sum;
-          rd[r * ow + j] = pj * (rz[r * ow + j] - dot) * inv;
-        }
+        for (int64_t j = 0; j < O; ++j) dot += std::exp(z[j] - lse) * rz[r * ow + j];
+        for (int64_t j = 0; j < O; ++j) rd[r * ow + j] = std::exp(z[j] - lse) * (rz[r * ow + j] - dot) * inv;
       }
     }
   }
@@ -626,8 +618,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
   return {losses, preds, gtheta, glr};
 }
 
+
+// The table's two kernels (fastmeta/ops/mlp_meta_step.py): the forward, with every task's
+// meta-gradient when asked (grads mode 2), and the backward: Σ_t w_t · that gradient (mode 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step_forward(
+    const at::Tensor& theta, at::IntArrayRef layer_sizes, c10::string_view act, double negative_slope,
+    const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
+    c10::string_view loss_kind, const at::Tensor& lr, int64_t steps, bool first_order, bool task_gradients) {
+  return mlp_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind,
+                       lr, steps, first_order, task_gradients ? 2 : 0, c10::nullopt);
+}
+
+std::vector<at::Tensor> mlp_meta_step_backward(const at::Tensor& grad_losses, const at::Tensor& theta,
+                                               at::IntArrayRef layer_sizes, c10::string_view act,
+                                               double negative_slope, const at::Tensor& support_x,
+                                               const at::Tensor& support_y, const at::Tensor& query_x,
+                                               const at::Tensor& query_y, c10::string_view loss_kind,
+                                               const at::Tensor& lr, int64_t steps, bool first_order,
+                                               const c10::List<bool>& needs) {
+  TORCH_CHECK(needs.size() == 2, "needs must hold 2 flags, got ", needs.size());
+  auto [losses, preds, d_theta, d_lr] = mlp_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y,
+                                                      query_x, query_y, loss_kind, lr, steps, first_order, 1,
+                                                      grad_losses);
+  return {needs.get(0) ? d_theta : at::empty({0}, theta.options()), needs.get(1) ? d_lr : at::empty({0}, lr.options())};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
 
-TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) { m.impl("mlp_meta_step", &fastmeta::cpu::mlp_meta_step); }
+TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
+  m.impl("mlp_meta_step", &fastmeta::cpu::mlp_meta_step_forward);
+  m.impl("mlp_meta_step_backward", &fastmeta::cpu::mlp_meta_step_backward);
+}

@@ -13,12 +13,13 @@
 #include <vector>
 
 #include "../common.h"
+#include "cpu_common.h"
 
 namespace fastmeta {
 namespace cpu {
 namespace {
 
-constexpr auto kCPU = c10::DeviceType::CPU;
+
 
 struct BnShape {
   int64_t T, N, C, S;  // x viewed as [T, N, C, S], S = product of the spatial dims

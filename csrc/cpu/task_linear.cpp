@@ -12,13 +12,14 @@
 #include <vector>
 
 #include "../common.h"
+#include "cpu_common.h"
 #include "gemm.h"
 
 namespace fastmeta {
 namespace cpu {
 namespace {
 
-constexpr auto kCPU = c10::DeviceType::CPU;
+
 // Rows per work item: a multiple of the micro-kernel's 6 rows, and small enough that W2's
 // 32 tasks × 80 rows give both threads several items each.
 constexpr int64_t kRowBlock = 48;

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
 
 namespace fastmeta {
 namespace cuda {
@@ -55,6 +56,13 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   }
   __syncthreads();
   return scratch[32];
+}
+
+// Blocks for a grid-stride loop over n elements: a few waves are enough (132 SMs × 8 on
+// an H100).
+inline int blocks_for(int64_t n, int threads) {
+  int64_t b = (n + threads - 1) / threads;
+  return static_cast<int>(b < 132 * 8 ? (b > 0 ? b : 1) : 132 * 8);
 }
 
 }  // namespace cuda

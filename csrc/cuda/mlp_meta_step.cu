@@ -29,8 +29,9 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../log_sum_exp.h"
 #include "common_cuda.cuh"
-#include "launchers.h"
+#include "mlp_meta_step.cuh"
 
 namespace fastmeta {
 namespace cuda {
@@ -97,11 +98,7 @@ __device__ float loss_delta(const MlpArgs& a, int rows, const float* out, const 
   const float inv = 1.f / static_cast<float>(rows);
   for (int r = threadIdx.x; r < rows; r += blockDim.x) {
     const float* z = out + r * O;
-    float mx = z[0];
-    for (int j = 1; j < O; ++j) mx = fmaxf(mx, z[j]);
-    float s = 0.f;
-    for (int j = 0; j < O; ++j) s += expf(z[j] - mx);
-    const float lse = mx + logf(s);
+    const float lse = log_sum_exp(z, static_cast<int64_t>(O));
     const int64_t label = y[r];
     const bool ok = label >= 0 && label < O;
     acc += ok ? lse - z[label] : NAN;
@@ -175,13 +172,10 @@ __device__ void hessian_vector(const MlpArgs& a, const float* x, const void* y, 
     const float inv = 1.f / static_cast<float>(K);
     for (int r = threadIdx.x; r < K; r += blockDim.x) {
       const float* z = out + r * O;
-      float mx = z[0];
-      for (int j = 1; j < O; ++j) mx = fmaxf(mx, z[j]);
-      float s = 0.f;
-      for (int j = 0; j < O; ++j) s += expf(z[j] - mx);
+      const float lse = log_sum_exp(z, static_cast<int64_t>(O));
       float dot = 0.f;
-      for (int j = 0; j < O; ++j) dot += expf(z[j] - mx) / s * rzo[r * O + j];
-      for (int j = 0; j < O; ++j) rd[r * O + j] = expf(z[j] - mx) / s * (rzo[r * O + j] - dot) * inv;
+      for (int j = 0; j < O; ++j) dot += expf(z[j] - lse) * rzo[r * O + j];
+      for (int j = 0; j < O; ++j) rd[r * O + j] = expf(z[j] - lse) * (rzo[r * O + j] - dot) * inv;
     }
   }
   __syncthreads();

@@ -1,8 +1,9 @@
 """Backend registry: which implementation runs each op.
 
-Every public op in :mod:`fastmeta.ops` asks :func:`kernel_for` for the implementation of
-one of its kernels ("task_linear", "task_linear_input_grad", ...). A backend is a named
-table of such kernels plus an availability check. The ``torch`` backend is the op's own
+Every public op in :mod:`fastmeta.ops` runs one of the kernels of the table
+(:mod:`fastmeta.backends.table`) through :func:`run_kernel`, which asks :func:`kernel_for`
+for the implementation. A backend is a named set of such kernels plus an availability
+check; it registers its implementations against the table by name. The ``torch`` backend is the op's own
 plain-PyTorch reference and is always available; it is also the fallback whenever the
 chosen backend has no kernel for the op or declines the inputs (a dtype, a layout, a size
 beyond its limits). A decline is logged once at debug level; it is never a silently wrong
@@ -24,7 +25,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import torch
+
 from fastmeta.backends import verification
+from fastmeta.backends.table import KernelSpec
 
 log = logging.getLogger("fastmeta.backends")
 
@@ -198,15 +202,24 @@ def note_declined(backend: str, op: str, why: str) -> None:
         log.debug("fastmeta: backend %r declined %s (%s); running the reference", backend, op, why)
 
 
-def run_kernel(op: str, device_type: str, reference: Callable, *args):
-    """Run ``op`` on the chosen backend, or the reference when it has none or declines."""
-    name, fn = kernel_for(op, device_type)
+def device_type_of(args) -> str:
+    """The device type a kernel call runs on: that of its first tensor argument."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    raise ValueError("a kernel call needs at least one tensor argument")
+
+
+def run_kernel(spec: KernelSpec, *args):
+    """Run a kernel of the table on the chosen backend, or its reference when that backend
+    has none or declines the arguments."""
+    name, fn = kernel_for(spec.name, device_type_of(args))
     if fn is not None:
         out = fn(*args)
         if out is not NotImplemented:
             return out
-        note_declined(name, op, "unsupported input")
-    return reference(*args)
+        note_declined(name, spec.name, "unsupported input")
+    return spec.reference(*args)
 
 
 register_backend(

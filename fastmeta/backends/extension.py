@@ -40,24 +40,24 @@ from typing import Callable
 
 import torch
 
+from fastmeta.backends.table import TABLE, KernelSpec
+
 log = logging.getLogger("fastmeta.backends")
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "reason": "", "with_cuda": False, "path": None}
 
-# Sources, relative to the csrc directory. The .cu files are compiled only for CUDA builds.
-CPU_SOURCES = (
-    "fastmeta_ext.cpp",
-    "cpu/elementwise_ops.cpp",
-    "cpu/task_linear.cpp",
-    "cpu/task_batch_norm.cpp",
-    "cpu/mlp_meta_step.cpp",
-)
-CUDA_SOURCES = (
-    "cuda/register_cuda.cpp",  # host wrappers + TORCH_LIBRARY_IMPL(fastmeta_ext, CUDA)
-    "cuda/kernels.cu",
-    "cuda/mlp_meta_step.cu",
-)
+NATIVE_NAMESPACE = "fastmeta_ext"
+
+
+def sources(src: Path, with_cuda: bool) -> list[str]:
+    """Every source of the extension: one file per op family and device (csrc/cpu/<family>.cpp;
+    csrc/cuda/<family>.cu for the kernels and csrc/cuda/<family>_host.cpp for their torch-side
+    wrappers), compiled only for CUDA builds in the CUDA case."""
+    found = sorted((src / "cpu").glob("*.cpp"))
+    if with_cuda:
+        found += sorted((src / "cuda").glob("*.cu")) + sorted((src / "cuda").glob("*.cpp"))
+    return [str(f) for f in found]
 
 
 # ---------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ CUDA_SOURCES = (
 
 
 def csrc_dir() -> Path | None:
-    """The directory holding ``fastmeta_ext.cpp``.
+    """The directory holding the C++/CUDA sources (``common.h``, ``cpu/``, ``cuda/``).
 
     An installed wheel ships the sources as the data package ``fastmeta.csrc`` (a
     package-dir mapping of ``csrc/``); an editable install or a source checkout finds
@@ -81,7 +81,7 @@ def csrc_dir() -> Path | None:
         candidates.extend(Path(p) for p in spec.submodule_search_locations)
     candidates.append(Path(__file__).resolve().parents[2] / "csrc")
     for c in candidates:
-        if (c / "fastmeta_ext.cpp").is_file():
+        if (c / "common.h").is_file() and (c / "cpu").is_dir():
             return c
     return None
 
@@ -211,15 +211,13 @@ def _build(verbose: bool) -> None:
     if native:
         cflags.append("-march=native")
     cuda_flags = ["-O3", "-lineinfo"]  # lineinfo: compute-sanitizer reports source lines
-    sources = [str(src / s) for s in CPU_SOURCES]
-    if with_cuda:
-        sources += [str(src / s) for s in CUDA_SOURCES]
+    define_native_library()
     # One name per (variant, CPU): the cache keeps a CPU-only and a CUDA build apart, and
     # a -march=native build never runs on a CPU it was not built for.
     name = "fastmeta_ext_" + ("cuda" if with_cuda else "cpu") + (f"_{_cpu_fingerprint()}" if native else "")
     cpp_extension.load(
         name=name,
-        sources=sources,
+        sources=sources(src, with_cuda),
         extra_cflags=cflags,
         extra_cuda_cflags=cuda_flags,
         extra_ldflags=["-fopenmp"],
@@ -263,215 +261,71 @@ def build_info() -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# Launchers: normalise layouts, decline what the C++ does not handle, call the op
+# The native library and its launchers, derived from the kernel table
 # ---------------------------------------------------------------------------------------
 
-
-def _ops():
-    return torch.ops.fastmeta_ext
+_native_library: torch.library.Library | None = None
 
 
-def _shared_or_contiguous(t: torch.Tensor | None, task_dim: bool) -> torch.Tensor | None:
-    """A task stride of 0 (``θ.expand``) → the shared tensor t[0]; else contiguous."""
-    if t is None:
-        return None
-    if task_dim and t.dim() >= 2 and t.size(0) > 1 and t.stride(0) == 0:
-        t = t[0]
-    return t.contiguous()
+def define_native_library() -> None:
+    """Define ``torch.ops.fastmeta_ext.<name>`` for every kernel of the table, from its
+    schema (the sources only register implementations). Idempotent; kernels added to the
+    table later are defined on the next call."""
+    global _native_library
+    if _native_library is None:
+        _native_library = torch.library.Library(NATIVE_NAMESPACE, "FRAGMENT")
+    for spec in TABLE.values():
+        if spec.name not in _defined:
+            # The C++ kernels take concrete sizes: int, not SymInt.
+            _native_library.define(spec.name + spec.schema.replace("SymInt", "int"))
+            _defined.add(spec.name)
 
 
-def _dtypes_ok(device_type: str, *tensors) -> bool:
+_defined: set[str] = set()
+
+
+def _dtypes_ok(device_type: str, tensors) -> bool:
     """All float tensors share one dtype the device's kernels are compiled for.
 
     The CPU kernels are compiled for float32 and float64 (float64 for gradcheck), the CUDA
     kernels for float32 only: float64 there runs the reference, never a lower precision.
     """
     allowed = (torch.float32, torch.float64) if device_type == "cpu" else (torch.float32,)
-    dtypes = {t.dtype for t in tensors if t is not None}
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
     return len(dtypes) == 1 and next(iter(dtypes)) in allowed
 
 
-def _same_device(device: torch.device, *tensors) -> bool:
-    return all(t is None or t.device == device for t in tensors)
+def _launcher(spec: KernelSpec, device_type: str) -> Callable:
+    """The backend kernel: the common checks, the op's own ``takes``, then the native op on
+    the arguments its ``args`` prepares; ``NotImplemented`` (the reference runs) otherwise."""
+    op = getattr(getattr(torch.ops, NATIVE_NAMESPACE), spec.name)
+    takes, prepare = spec.native.takes, spec.native.args
 
-
-def _make_inner_step(device_type: str) -> Callable:
-    def inner_step(theta, grad, lr, mask, precond, segments):
-        if grad.dim() != 2 or not _dtypes_ok(device_type, theta, grad, lr, mask, precond):
+    def launch(*args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not _dtypes_ok(device_type, tensors) or any(t.device != tensors[0].device for t in tensors):
             return NotImplemented
-        if not _same_device(grad.device, theta, lr, mask, precond, segments):
+        if takes is not None and not takes(device_type, *args):
             return NotImplemented
-        if segments is not None and (segments.dtype != torch.int64 or lr.dim() != 1):
-            return NotImplemented
-        if theta.dim() == 2 and theta.size(0) > 1 and theta.stride(0) == 0:
-            theta = theta[0]  # θ.expand(T, P): every task starts from the same θ
-        return _ops().inner_step(
-            theta.contiguous(), grad.contiguous(), lr.contiguous(),
-            _shared_or_contiguous(mask, False), _shared_or_contiguous(precond, False),
-            _shared_or_contiguous(segments, False),
-        )
+        return op(*(prepare(*args) if prepare is not None else args))
 
-    return inner_step
+    launch.__name__ = f"{device_type}_{spec.name}"
+    return launch
 
 
-def _make_inner_step_backward(device_type: str) -> Callable:
-    def inner_step_backward(grad_out, grad, lr, mask, precond, segments, theta_shared, needs):
-        if grad.dim() != 2 or not _dtypes_ok(device_type, grad_out, grad, lr, mask, precond):
-            return NotImplemented
-        if not _same_device(grad.device, grad_out, lr, mask, precond, segments):
-            return NotImplemented
-        if segments is not None and (segments.dtype != torch.int64 or lr.dim() != 1):
-            return NotImplemented
-        return _ops().inner_step_backward(
-            grad_out.contiguous(), grad.contiguous(), lr.contiguous(),
-            _shared_or_contiguous(mask, False), _shared_or_contiguous(precond, False),
-            _shared_or_contiguous(segments, False), bool(theta_shared), [bool(n) for n in needs],
-        )
-
-    return inner_step_backward
-
-
-def _make_task_linear(device_type: str) -> Callable:
-    def task_linear(x, w, b, act, negative_slope):
-        if x.dim() != 3 or w.dim() not in (2, 3) or not _dtypes_ok(device_type, x, w, b):
-            return NotImplemented
-        if not _same_device(x.device, w, b):
-            return NotImplemented
-        return _ops().task_linear(
-            x.contiguous(), _shared_or_contiguous(w, w.dim() == 3),
-            _shared_or_contiguous(b, b is not None and b.dim() == 2), act, float(negative_slope),
-        )
-
-    return task_linear
-
-
-def _make_task_linear_input_grad(device_type: str) -> Callable:
-    def task_linear_input_grad(grad_out, w):
-        if grad_out.dim() != 3 or w.dim() not in (2, 3) or not _dtypes_ok(device_type, grad_out, w):
-            return NotImplemented
-        if not _same_device(grad_out.device, w):
-            return NotImplemented
-        return _ops().task_linear_input_grad(grad_out.contiguous(), _shared_or_contiguous(w, w.dim() == 3))
-
-    return task_linear_input_grad
-
-
-def _make_task_linear_weight_grad(device_type: str) -> Callable:
-    def task_linear_weight_grad(grad_out, x, shared):
-        if grad_out.dim() != 3 or x.dim() != 3 or not _dtypes_ok(device_type, grad_out, x):
-            return NotImplemented
-        if not _same_device(x.device, grad_out):
-            return NotImplemented
-        return _ops().task_linear_weight_grad(grad_out.contiguous(), x.contiguous(), bool(shared))
-
-    return task_linear_weight_grad
-
-
-def _make_task_batch_norm(device_type: str) -> Callable:
-    def task_batch_norm(x, gamma, beta, eps, act, negative_slope):
-        if x.dim() < 3 or not _dtypes_ok(device_type, x, gamma, beta):
-            return NotImplemented
-        if not _same_device(x.device, gamma, beta):
-            return NotImplemented
-        return _ops().task_batch_norm(
-            x.contiguous(), _shared_or_contiguous(gamma, True), _shared_or_contiguous(beta, True),
-            float(eps), act, float(negative_slope),
-        )
-
-    return task_batch_norm
-
-
-def _make_task_batch_norm_backward(device_type: str) -> Callable:
-    def task_batch_norm_backward(grad_z, x, gamma, eps, needs):
-        if x.dim() < 3 or not _dtypes_ok(device_type, grad_z, x, gamma):
-            return NotImplemented
-        if not _same_device(x.device, grad_z, gamma):
-            return NotImplemented
-        return _ops().task_batch_norm_backward(
-            grad_z.contiguous(), x.contiguous(), _shared_or_contiguous(gamma, True), float(eps),
-            [bool(n) for n in needs],
-        )
-
-    return task_batch_norm_backward
-
-
-def _loss_args_ok(device_type: str, pred, target, kind) -> bool:
-    if not _same_device(pred.device, target) or pred.dim() < 2:
-        return False
-    if kind == "cross_entropy":
-        return pred.dim() == 3 and target.dtype == torch.int64 and _dtypes_ok(device_type, pred)
-    return kind == "mse" and target.shape == pred.shape and _dtypes_ok(device_type, pred, target)
-
-
-def _make_task_loss(device_type: str) -> Callable:
-    def task_loss(pred, target, kind):
-        if not _loss_args_ok(device_type, pred, target, kind):
-            return NotImplemented
-        return _ops().task_loss(pred.contiguous(), target.contiguous(), kind)
-
-    return task_loss
-
-
-def _make_task_loss_grad(device_type: str) -> Callable:
-    def task_loss_grad(pred, target, kind):
-        if not _loss_args_ok(device_type, pred, target, kind):
-            return NotImplemented
-        return _ops().task_loss_grad(pred.contiguous(), target.contiguous(), kind)
-
-    return task_loss_grad
-
-
-def _make_activation_grad(device_type: str) -> Callable:
-    def activation_grad(grad_y, y, act, negative_slope):
-        if grad_y.shape != y.shape or not _dtypes_ok(device_type, grad_y, y):
-            return NotImplemented
-        if not _same_device(y.device, grad_y):
-            return NotImplemented
-        return _ops().activation_grad(grad_y.contiguous(), y.contiguous(), act, float(negative_slope))
-
-    return activation_grad
-
-
-_FACTORIES: dict[str, dict[str, Callable[[str], Callable]]] = {
-    "cpu": {
-        "inner_step": _make_inner_step,
-        "inner_step_backward": _make_inner_step_backward,
-        "task_linear": _make_task_linear,
-        "task_linear_input_grad": _make_task_linear_input_grad,
-        "task_linear_weight_grad": _make_task_linear_weight_grad,
-        "task_batch_norm": _make_task_batch_norm,
-        "task_batch_norm_backward": _make_task_batch_norm_backward,
-        "task_loss": _make_task_loss,
-        "task_loss_grad": _make_task_loss_grad,
-        "activation_grad": _make_activation_grad,
-    },
-    "cuda": {
-        "inner_step": _make_inner_step,
-        "inner_step_backward": _make_inner_step_backward,
-        "task_linear": _make_task_linear,
-        "task_linear_input_grad": _make_task_linear_input_grad,
-        "task_linear_weight_grad": _make_task_linear_weight_grad,
-        "task_loss": _make_task_loss,
-        "task_loss_grad": _make_task_loss_grad,
-    },
-}
-# The kernels of each backend, by name: what the backend registry loads. An op module whose
-# launcher is written beside the op (the fused MLP meta-step hands its per-task gradients
-# to its own autograd) adds it with register_launcher: this layer never imports an op.
-CPU_KERNELS: tuple[str, ...] = tuple(_FACTORIES["cpu"])
-CUDA_KERNELS: tuple[str, ...] = tuple(_FACTORIES["cuda"])
-
-
-def register_launcher(device_type: str, name: str, make: Callable[[str], Callable]) -> None:
-    """Add kernel ``name`` of the ``cpu`` or ``cuda`` backend: ``make(device_type)`` returns its launcher."""
-    global CPU_KERNELS, CUDA_KERNELS
-    _FACTORIES[device_type][name] = make
-    CPU_KERNELS, CUDA_KERNELS = tuple(_FACTORIES["cpu"]), tuple(_FACTORIES["cuda"])
+DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def kernels(device_type: str) -> dict[str, Callable]:
-    """Kernel name → launcher for the ``cpu`` or ``cuda`` backend (builds if needed)."""
+    """Kernel name → launcher for the ``cpu`` or ``cuda`` backend: every kernel of the table
+    that the sources implement for that device (builds if needed)."""
     ok, reason = build()
     if not ok:
         raise RuntimeError(reason)
-    return {name: make(device_type) for name, make in _FACTORIES[device_type].items()}
+    define_native_library()
+    key = DISPATCH_KEYS[device_type]
+    return {
+        spec.name: _launcher(spec, device_type)
+        for spec in TABLE.values()
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"{NATIVE_NAMESPACE}::{spec.name}", key)
+    }

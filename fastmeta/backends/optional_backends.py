@@ -3,11 +3,11 @@
 Each is described here and loaded lazily, on first use: importing fastmeta never imports
 Triton, never builds the C++/CUDA extension and never queries the GPU.
 
-- ``triton``: kernels in ``kernels/`` (shipped as ``fastmeta.kernels``), table
-  ``fastmeta.kernels.registry.KERNELS``. Runs on CUDA GPUs, and on the CPU only under
+- ``triton``: kernels in ``kernels/`` (shipped as ``fastmeta.kernels``): the function
+  named after each kernel of the table, in the module named after its op family. Runs on CUDA GPUs, and on the CPU only under
   ``TRITON_INTERPRET=1`` (for tests).
 - ``cpu`` and ``cuda``: the C++/CUDA extension in ``csrc/``, JIT-built with ninja by
-  ``fastmeta.backends.extension``; tables ``CPU_KERNELS`` and ``CUDA_KERNELS`` there.
+  ``fastmeta.backends.extension``: the kernels the dispatcher holds for the device.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import importlib.util
 import os
 
 from fastmeta.backends import Backend, register_backend
+from fastmeta.backends.table import TABLE
 
 
 def _module_exists(name: str) -> bool:
@@ -29,7 +30,7 @@ def _module_exists(name: str) -> bool:
 def _triton_availability() -> tuple[bool, str]:
     if not _module_exists("triton"):
         return False, "triton is not installed"
-    if not _module_exists("fastmeta.kernels.registry"):
+    if not _module_exists("fastmeta.kernels"):
         return False, "this build of fastmeta has no Triton kernels"
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True, "Triton interpreter (TRITON_INTERPRET=1): CPU tensors, for tests"
@@ -41,8 +42,14 @@ def _triton_availability() -> tuple[bool, str]:
 
 
 def _load_triton(backend: Backend) -> None:
-    registry = importlib.import_module("fastmeta.kernels.registry")
-    backend.kernels.update(registry.KERNELS)
+    """By name: the table's kernel ``<name>`` of family ``<family>`` is the function
+    ``<name>`` in ``fastmeta.kernels.<family>``, when that module defines one."""
+    for spec in TABLE.values():
+        if not _module_exists(f"fastmeta.kernels.{spec.family}"):
+            continue
+        launcher = getattr(importlib.import_module(f"fastmeta.kernels.{spec.family}"), spec.name, None)
+        if launcher is not None:
+            backend.kernels[spec.name] = launcher
 
 
 def _extension_availability(device_type: str) -> tuple[bool, str]:

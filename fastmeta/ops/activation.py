@@ -1,6 +1,6 @@
 """Fused activations and ``activation_grad``, the backward op they share.
 
-Activations are fused into ``task_linear`` and ``task_batch_norm``. Their backward needs
+Activations are fused into the linear and BatchNorm ops. Their backward needs
 only the op's *output* y, never the pre-activation, so the forward saves one tensor:
 
 =========== ================ ======================= =====================
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastmeta.backends import run_kernel
+from fastmeta.ops.registration import NativeCall, define_op
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "tanh", "sigmoid")
 
@@ -76,18 +76,17 @@ def activation_second_derivative(y: Tensor, act: str) -> Tensor | None:
 
 
 def reference_activation_grad(grad_y: Tensor, y: Tensor, act: str, negative_slope: float) -> Tensor:
-    return grad_y * activation_derivative(y, act, negative_slope)
-
-
-@torch.library.custom_op("fastmeta::activation_grad", mutates_args=())
-def activation_grad(grad_y: Tensor, y: Tensor, act: str, negative_slope: float) -> Tensor:
     """The gradient at the activation's input: grad_y · f'(z), with f'(z) read from y = f(z).
 
     grad_y, y: the same shape. act: one of ``ACTIVATIONS``.
     """
-    return run_kernel(
-        "activation_grad", y.device.type, reference_activation_grad, grad_y, y, act, negative_slope
-    )
+    return grad_y * activation_derivative(y, act, negative_slope)
+
+
+activation_grad = define_op(reference_activation_grad, NativeCall(
+    takes=lambda device_type, grad_y, y, act, negative_slope: act in ACTIVATIONS and grad_y.shape == y.shape,
+    args=lambda grad_y, y, act, negative_slope: (grad_y.contiguous(), y.contiguous(), act, float(negative_slope)),
+))
 
 
 @activation_grad.register_fake

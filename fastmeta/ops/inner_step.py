@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastmeta.backends import run_kernel
+from fastmeta.backends.table import shared_or_contiguous
+from fastmeta.ops.registration import NativeCall, define_op
 
 
 def _rate_per_parameter(lr: Tensor, segments: Tensor | None) -> Tensor:
@@ -40,12 +41,22 @@ def step_coefficient(lr: Tensor, mask: Tensor | None, precond: Tensor | None, se
     return coef
 
 
-def reference_inner_step(theta, grad, lr, mask, precond, segments):
+def reference_inner_step(
+    theta: Tensor, grad: Tensor, lr: Tensor, mask: Tensor | None, precond: Tensor | None, segments: Tensor | None
+) -> Tensor:
+    """θ' = θ − lr ⊙ mask ⊙ precond ⊙ g for every task at once. See the module docstring."""
     return theta - step_coefficient(lr, mask, precond, segments) * grad
 
 
-def reference_inner_step_backward(grad_out, grad, lr, mask, precond, segments, theta_shared, needs):
-    """The five gradients of inner_step, as a list; those not in ``needs`` are empty."""
+def reference_inner_step_backward(
+    grad_out: Tensor, grad: Tensor, lr: Tensor, mask: Tensor | None, precond: Tensor | None,
+    segments: Tensor | None, theta_shared: bool, needs: list[bool],
+) -> list[Tensor]:
+    """Gradients of inner_step w.r.t. (theta, grad, lr, mask, precond), in one pass.
+
+    ``needs`` (five flags) says which to compute; the others come back empty. The shared
+    inputs are reduced over tasks (θ when ``theta_shared``, lr, mask, precond).
+    """
     need_theta, need_grad, need_lr, need_mask, need_precond = needs
     def empty():  # outputs of a custom op may not alias each other: one each
         return grad_out.new_empty(0)
@@ -77,19 +88,21 @@ def reference_inner_step_backward(grad_out, grad, lr, mask, precond, segments, t
     return [d_theta, d_grad, d_lr, d_mask, d_precond]
 
 
-@torch.library.custom_op("fastmeta::inner_step", mutates_args=())
-def inner_step(
-    theta: Tensor,
-    grad: Tensor,
-    lr: Tensor,
-    mask: Tensor | None,
-    precond: Tensor | None,
-    segments: Tensor | None,
-) -> Tensor:
-    """θ' = θ − lr ⊙ mask ⊙ precond ⊙ g for every task at once. See the module docstring."""
-    return run_kernel(
-        "inner_step", grad.device.type, reference_inner_step, theta, grad, lr, mask, precond, segments
-    )
+def _native_takes(device_type, grad, lr, segments) -> bool:
+    return grad.dim() == 2 and (segments is None or (segments.dtype == torch.int64 and lr.dim() == 1))
+
+
+def _native_inner_step_args(theta, grad, lr, mask, precond, segments):
+    if theta.dim() == 2 and theta.size(0) > 1 and theta.stride(0) == 0:
+        theta = theta[0]  # θ.expand(T, P): every task starts from the same θ
+    return (theta.contiguous(), grad.contiguous(), lr.contiguous(), shared_or_contiguous(mask, False),
+            shared_or_contiguous(precond, False), shared_or_contiguous(segments, False))
+
+
+inner_step = define_op(reference_inner_step, NativeCall(
+    takes=lambda device_type, theta, grad, lr, mask, precond, segments: _native_takes(device_type, grad, lr, segments),
+    args=_native_inner_step_args,
+))
 
 
 @inner_step.register_fake
@@ -97,28 +110,14 @@ def _(theta, grad, lr, mask, precond, segments):
     return torch.empty_like(grad)
 
 
-@torch.library.custom_op("fastmeta::inner_step_backward", mutates_args=())
-def inner_step_backward(
-    grad_out: Tensor,
-    grad: Tensor,
-    lr: Tensor,
-    mask: Tensor | None,
-    precond: Tensor | None,
-    segments: Tensor | None,
-    theta_shared: bool,
-    needs: list[bool],
-) -> list[Tensor]:
-    """Gradients of inner_step w.r.t. (theta, grad, lr, mask, precond), in one pass.
-
-    ``needs`` (five flags) says which to compute; the others come back empty. The shared
-    inputs are reduced over tasks (θ when ``theta_shared``, lr, mask, precond).
-    """
-    return run_kernel(
-        "inner_step_backward",
-        grad.device.type,
-        reference_inner_step_backward,
-        grad_out, grad, lr, mask, precond, segments, theta_shared, needs,
-    )
+inner_step_backward = define_op(reference_inner_step_backward, NativeCall(
+    takes=lambda device_type, grad_out, grad, lr, mask, precond, segments, theta_shared, needs: _native_takes(
+        device_type, grad, lr, segments),
+    args=lambda grad_out, grad, lr, mask, precond, segments, theta_shared, needs: (
+        grad_out.contiguous(), grad.contiguous(), lr.contiguous(), shared_or_contiguous(mask, False),
+        shared_or_contiguous(precond, False), shared_or_contiguous(segments, False), bool(theta_shared),
+        [bool(n) for n in needs]),
+))
 
 
 @inner_step_backward.register_fake

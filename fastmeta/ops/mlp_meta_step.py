@@ -46,15 +46,14 @@ differentiated by autograd.
 
 from __future__ import annotations
 
-import threading
-import weakref
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta.backends import REFERENCE, kernel_for, run_kernel
-from fastmeta.backends import extension as _extension
+from fastmeta.backends import REFERENCE, kernel_for
+from fastmeta.ops.registration import NativeCall, define_op
 from fastmeta.ops.activation import apply_activation, check_activation
 from fastmeta.ops.reference_vjp import reference_vjp
 from fastmeta.ops.task_loss import LOSS_KINDS
@@ -326,18 +325,43 @@ def analytic_meta_step(theta, layer_sizes, act, negative_slope, support_x, suppo
     return losses, preds, d_theta, d_lr
 
 
-def reference_mlp_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-                            loss_kind, lr, steps, first_order):
+def reference_mlp_meta_step(
+    theta: Tensor, layer_sizes: list[int], act: str, negative_slope: float, support_x: Tensor, support_y: Tensor,
+    query_x: Tensor, query_y: Tensor, loss_kind: str, lr: Tensor, steps: int, first_order: bool,
+    task_gradients: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A MAML meta-step of a small MLP for every task; see the module docstring.
+
+    Returns (losses ``[T]``, preds ``[T, Q, O]``, dθ ``[T, P]``, dlr ``[T, *lr.shape]``). The
+    last two are every task's meta-gradient when ``task_gradients`` is set, else empty. The
+    fused kernels compute them on the way, almost for free (the inner loop's activations
+    are still in cache), and the backward then only weights them.
+    """
     losses, preds, _, _ = analytic_meta_step(
         theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
         loss_kind, lr, steps, first_order,
     )
-    return losses, preds.clone()
+    if not task_gradients:
+        return losses, preds.clone(), theta.new_empty(0), lr.new_empty(0)
+    one = theta.new_ones(1)
+    per_task = [
+        analytic_meta_step(theta, layer_sizes, act, negative_slope, support_x[t:t + 1], support_y[t:t + 1],
+                           query_x[t:t + 1], query_y[t:t + 1], loss_kind, lr, steps, first_order, task_weights=one)[2:]
+        for t in range(support_x.size(0))
+    ]
+    return (losses, preds.clone(), torch.stack([g for g, _ in per_task]).detach(),
+            torch.stack([g for _, g in per_task]).detach())
 
 
-def reference_mlp_meta_step_backward(grad_losses, theta, layer_sizes, act, negative_slope, support_x,
-                                     support_y, query_x, query_y, loss_kind, lr, steps, first_order, needs):
-    """[Σ_t w_t dloss_t/dθ ``[P]``, Σ_t w_t dloss_t/dlr (lr's shape)]; empty where not in needs."""
+def reference_mlp_meta_step_backward(
+    grad_losses: Tensor, theta: Tensor, layer_sizes: list[int], act: str, negative_slope: float,
+    support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_kind: str, lr: Tensor,
+    steps: int, first_order: bool, needs: list[bool],
+) -> list[Tensor]:
+    """[Σ_t grad_losses[t] · dloss_t/dθ ``[P]``, the same for lr (lr's shape)].
+
+    ``needs`` (two flags) says which to compute; the other comes back empty.
+    """
     _, _, d_theta, d_lr = analytic_meta_step(
         theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
         loss_kind, lr, steps, first_order, task_weights=grad_losses,
@@ -350,66 +374,47 @@ def reference_mlp_meta_step_backward(grad_losses, theta, layer_sizes, act, negat
 # ---------------------------------------------------------------------------------------
 
 
-class _TaskGradientHandoff:
-    """Hands the per-task meta-gradients from the forward kernel to setup_context.
-
-    A custom op's outputs are fixed by its schema (losses, preds), yet the fused kernels
-    get every task's meta-gradient almost for free while they run the forward: the inner
-    loop's activations are still in cache. Recomputing them in the backward costs one more
-    forward (W1 on this 2-core CPU: 165 µs forward alone, 424 µs forward + gradients, so
-    −28%). The kernel leaves them here, keyed by its losses tensor; setup_context takes
-    them (same thread, right after the forward). Correctness never depends on the
-    handoff: on a miss — no autograd (no setup_context), another thread, create_graph —
-    the backward runs the mlp_meta_step_backward op, which recomputes.
-    """
-
-    def __init__(self):
-        self._local = threading.local()
-
-    def put(self, losses: Tensor, grads: tuple[Tensor, Tensor]) -> None:
-        self._local.slot = (weakref.ref(losses), grads)  # one slot: the latest forward
-
-    def take(self, losses: Tensor):
-        slot = getattr(self._local, "slot", None)
-        self._local.slot = None
-        if slot is None or slot[0]() is not losses:
-            return None
-        return slot[1]
+def _native_takes(device_type, theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+                  loss_kind, lr, steps, first_order, *rest) -> bool:
+    return _kernel_inputs_ok(device_type, theta, support_x, support_y, query_x, query_y, lr, act, loss_kind,
+                             layer_sizes, steps)
 
 
-_task_gradients = _TaskGradientHandoff()
+def _native_args(*args):
+    return tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
 
 
-@torch.library.custom_op("fastmeta::mlp_meta_step", mutates_args=())
-def mlp_meta_step(
-    theta: Tensor,
-    layer_sizes: list[int],
-    act: str,
-    negative_slope: float,
-    support_x: Tensor,
-    support_y: Tensor,
-    query_x: Tensor,
-    query_y: Tensor,
-    loss_kind: str,
-    lr: Tensor,
-    steps: int,
-    first_order: bool,
-) -> tuple[Tensor, Tensor]:
-    """A MAML meta-step of a small MLP for every task; see the module docstring."""
-    check_arguments(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-                    loss_kind, lr, steps)
-    return run_kernel(
-        "mlp_meta_step", theta.device.type, reference_mlp_meta_step,
-        theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-        loss_kind, lr, steps, first_order,
-    )
+def _check(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr, steps,
+           *rest) -> None:
+    check_arguments(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind,
+                    lr, steps)
 
 
-@mlp_meta_step.register_fake
+mlp_meta_step_op = define_op(reference_mlp_meta_step, NativeCall(takes=_native_takes, args=_native_args), _check)
+
+
+def mlp_meta_step(theta: Tensor, layer_sizes: list[int], act: str, negative_slope: float, support_x: Tensor,
+                  support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_kind: str, lr: Tensor, steps: int,
+                  first_order: bool) -> tuple[Tensor, Tensor]:
+    """(losses ``[T]``, preds ``[T, Q, O]``) of a MAML meta-step of a small MLP for every
+    task, differentiable w.r.t. θ and lr; see the module docstring."""
+    # The per-task gradients are worth computing in the forward only when a backward will
+    # follow (W1 on the 2-core CPU: 165 µs forward alone, 424 µs forward + gradients, −28 %
+    # against recomputing them in the backward).
+    task_gradients = torch.is_grad_enabled() and (theta.requires_grad or lr.requires_grad)
+    losses, preds, _, _ = mlp_meta_step_op(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x,
+                                           query_y, loss_kind, lr, steps, first_order, task_gradients)
+    return losses, preds
+
+
+@mlp_meta_step_op.register_fake
 def _(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr,
-      steps, first_order):
+      steps, first_order, task_gradients):
     T, Q = query_x.size(0), query_x.size(1)
-    return theta.new_empty((T,)), theta.new_empty((T, Q, layer_sizes[-1]))
+    if not task_gradients:
+        return (theta.new_empty((T,)), theta.new_empty((T, Q, layer_sizes[-1])), theta.new_empty(0), lr.new_empty(0))
+    return (theta.new_empty((T,)), theta.new_empty((T, Q, layer_sizes[-1])), theta.new_empty((T, theta.numel())),
+            lr.new_empty((T, *lr.shape)))
 
 
 _DATA_ARGS = ("support_x", "support_y", "query_x", "query_y")
@@ -417,15 +422,14 @@ _DATA_ARGS = ("support_x", "support_y", "query_x", "query_y")
 
 def _meta_step_setup(ctx, inputs, output):
     (theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-     loss_kind, lr, steps, first_order) = inputs
+     loss_kind, lr, steps, first_order, task_gradients) = inputs
     ctx.config = (list(layer_sizes), act, negative_slope, loss_kind, steps, first_order)
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(theta, support_x, support_y, query_x, query_y, lr)
-    ctx.task_grads = _task_gradients.take(output[0])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(theta, support_x, support_y, query_x, query_y, lr, output[2], output[3])
 
 
-def _meta_step_backward(ctx, grad_losses, grad_preds):
-    theta, support_x, support_y, query_x, query_y, lr = ctx.saved_tensors
+def _meta_step_backward(ctx, grad_losses, grad_preds, grad_task_theta, grad_task_lr):
+    theta, support_x, support_y, query_x, query_y, lr, task_theta, task_lr = ctx.saved_tensors
     layer_sizes, act, negative_slope, loss_kind, steps, first_order = ctx.config
     for name, i in zip(_DATA_ARGS, (4, 5, 6, 7)):
         if ctx.needs_input_grad[i]:
@@ -433,26 +437,23 @@ def _meta_step_backward(ctx, grad_losses, grad_preds):
             raise RuntimeError(f"mlp_meta_step is not differentiable w.r.t. {name}; detach it")
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[9]]
     if not any(needs):
-        return (None,) * 12
-    task_grads, ctx.task_grads = ctx.task_grads, None
-    if task_grads is not None and not torch.is_grad_enabled():
-        # The forward kernel already computed every task's meta-gradient (see
-        # _TaskGradientHandoff): weighting them is the whole backward. Only without
-        # create_graph: these per-task gradients are constants to autograd.
-        g_theta, g_lr = task_grads
-        w = grad_losses.to(g_theta.dtype)
-        d_theta = w @ g_theta if needs[0] else None
-        d_lr = (w @ g_lr.reshape(w.numel(), -1)).reshape(lr.shape) if needs[1] else None
+        return (None,) * 13
+    if task_theta.numel() and not torch.is_grad_enabled():
+        # The forward kernel computed every task's meta-gradient on the way: weighting them
+        # is the whole backward. Only without create_graph: to autograd they are constants.
+        w = grad_losses.to(task_theta.dtype)
+        d_theta = w @ task_theta if needs[0] else None
+        d_lr = (w @ task_lr.reshape(w.numel(), -1)).reshape(lr.shape) if needs[1] else None
     else:
         d_theta, d_lr = mlp_meta_step_backward(
             grad_losses.contiguous(), theta, layer_sizes, act, negative_slope, support_x, support_y,
             query_x, query_y, loss_kind, lr, steps, first_order, needs,
         )
     return (d_theta if needs[0] else None, None, None, None, None, None, None, None, None,
-            d_lr if needs[1] else None, None, None)
+            d_lr if needs[1] else None, None, None, None)
 
 
-mlp_meta_step.register_autograd(_meta_step_backward, setup_context=_meta_step_setup)
+mlp_meta_step_op.register_autograd(_meta_step_backward, setup_context=_meta_step_setup)
 
 
 # ---------------------------------------------------------------------------------------
@@ -460,32 +461,8 @@ mlp_meta_step.register_autograd(_meta_step_backward, setup_context=_meta_step_se
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmeta::mlp_meta_step_backward", mutates_args=())
-def mlp_meta_step_backward(
-    grad_losses: Tensor,
-    theta: Tensor,
-    layer_sizes: list[int],
-    act: str,
-    negative_slope: float,
-    support_x: Tensor,
-    support_y: Tensor,
-    query_x: Tensor,
-    query_y: Tensor,
-    loss_kind: str,
-    lr: Tensor,
-    steps: int,
-    first_order: bool,
-    needs: list[bool],
-) -> list[Tensor]:
-    """[Σ_t grad_losses[t] · dloss_t/dθ ``[P]``, the same for lr (lr's shape)].
-
-    ``needs`` (two flags) says which to compute; the other comes back empty.
-    """
-    return run_kernel(
-        "mlp_meta_step_backward", theta.device.type, reference_mlp_meta_step_backward,
-        grad_losses, theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-        loss_kind, lr, steps, first_order, needs,
-    )
+mlp_meta_step_backward = define_op(reference_mlp_meta_step_backward, NativeCall(
+    takes=lambda device_type, grad_losses, *args: _native_takes(device_type, *args), args=_native_args))
 
 
 @mlp_meta_step_backward.register_fake
@@ -528,8 +505,7 @@ mlp_meta_step_backward.register_autograd(_meta_step_backward_backward, setup_con
 # The extension's kernels (used by fastmeta.backends.extension)
 # ---------------------------------------------------------------------------------------
 
-# CUDA fused-kernel limits; they mirror csrc/cuda/mlp_meta_step.cu, which checks them
-# again. One CTA per task keeps θ_s, g_s and the activations of every inner step in shared
+# CUDA fused-kernel limits (csrc/cuda/mlp_meta_step.cuh, whose host checks them again). One CTA per task keeps θ_s, g_s and the activations of every inner step in shared
 # memory: the limit is that memory (227 KiB per block on H100/H200), not a layer count. The
 # kernel-parameter struct caps the depth at 32 layers.
 CUDA_MAX_LAYERS = 32
@@ -537,13 +513,20 @@ CUDA_DEFAULT_SMEM_BYTES = 227 * 1024
 
 
 def cuda_workspace_floats(layer_sizes: list[int], K: int, Q: int, steps: int) -> int:
-    """Shared-memory floats per task of the CUDA kernel (the formula in mlp_meta_step.cu)."""
-    P = num_parameters(layer_sizes)
-    hs = sum(layer_sizes[1:])  # every layer's output width
-    es = hs - layer_sizes[-1]
-    nmax = max(layer_sizes)
-    return (2 * steps * P + steps * K * (2 * hs + es) + Q * (2 * hs + es) + 2 * P + 2 * K * hs
-            + 3 * K * nmax + 33)
+    """Shared-memory floats per task of the CUDA kernel: asked of the extension, whose
+    csrc/cuda/mlp_meta_step.cuh holds the one formula (the kernel's layout of θ_s, g_s and
+    every inner step's activations)."""
+    return _workspace_floats(tuple(int(n) for n in layer_sizes), int(K), int(Q), int(steps))
+
+
+@functools.lru_cache(maxsize=1024)
+def _workspace_floats(layer_sizes: tuple[int, ...], K: int, Q: int, steps: int) -> int:
+    from fastmeta.backends import extension
+
+    ok, reason = extension.build()
+    if not ok or not hasattr(torch.ops.fastmeta_ext, "mlp_meta_step_workspace_floats"):
+        raise RuntimeError(f"the CUDA sources of the extension are not built: {reason or 'built without CUDA'}")
+    return int(torch.ops.fastmeta_ext.mlp_meta_step_workspace_floats(list(layer_sizes), K, Q, steps))
 
 
 def cuda_smem_limit(device=None) -> int:
@@ -557,7 +540,10 @@ def cuda_fits(layer_sizes: list[int], K: int, Q: int, steps: int, smem_bytes: in
         return False
     limit = smem_bytes if smem_bytes is not None else (
         cuda_smem_limit() if torch.cuda.is_available() else CUDA_DEFAULT_SMEM_BYTES)
-    return 4 * cuda_workspace_floats(layer_sizes, K, Q, steps) <= limit
+    try:
+        return 4 * cuda_workspace_floats(layer_sizes, K, Q, steps) <= limit
+    except RuntimeError:  # no CUDA kernel was built: it takes nothing
+        return False
 
 
 KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
@@ -597,57 +583,3 @@ def _kernel_inputs_ok(device_type: str, theta, support_x, support_y, query_x, qu
     if any(t.device != theta.device for t in (support_x, support_y, query_x, query_y, lr)):
         return False
     return _kernel_shape_ok(theta.device, theta.dtype, act, layer_sizes, support_x.size(1), query_x.size(1), steps)
-
-
-def make_extension_kernel(device_type: str):
-    """The forward kernel of the cpu/cuda backend: one call of fastmeta_ext::mlp_meta_step.
-
-    When θ or lr requires grad, the same call also returns every task's meta-gradient,
-    handed to the backward through _TaskGradientHandoff.
-    """
-
-    def kernel(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-               loss_kind, lr, steps, first_order):
-        if not _kernel_inputs_ok(device_type, theta, support_x, support_y, query_x, query_y, lr, act,
-                                 loss_kind, layer_sizes, steps):
-            return NotImplemented
-        # Inside the op, grad mode is off whether or not a backward will come; requires_grad
-        # on the inputs is what survives. Under torch.no_grad with parameters this computes
-        # gradients nobody takes: correct, slower (eval loops should detach θ).
-        want = theta.requires_grad or lr.requires_grad
-        losses, preds, g_theta, g_lr = torch.ops.fastmeta_ext.mlp_meta_step(
-            theta.detach().contiguous(), list(layer_sizes), act, float(negative_slope),
-            support_x.contiguous(), support_y.contiguous(), query_x.contiguous(), query_y.contiguous(),
-            loss_kind, lr.detach().contiguous(), int(steps), bool(first_order), 2 if want else 0, None,
-        )
-        if want:
-            _task_gradients.put(losses, (g_theta, g_lr))
-        return losses, preds
-
-    return kernel
-
-
-def make_extension_backward_kernel(device_type: str):
-    """The backward kernel: the same call with the task weights, reduced over tasks in C++."""
-
-    def kernel(grad_losses, theta, layer_sizes, act, negative_slope, support_x, support_y, query_x,
-               query_y, loss_kind, lr, steps, first_order, needs):
-        if not _kernel_inputs_ok(device_type, theta, support_x, support_y, query_x, query_y, lr, act,
-                                 loss_kind, layer_sizes, steps):
-            return NotImplemented
-        if grad_losses.dtype != theta.dtype or grad_losses.device != theta.device:
-            return NotImplemented
-        _, _, d_theta, d_lr = torch.ops.fastmeta_ext.mlp_meta_step(
-            theta.detach().contiguous(), list(layer_sizes), act, float(negative_slope),
-            support_x.contiguous(), support_y.contiguous(), query_x.contiguous(), query_y.contiguous(),
-            loss_kind, lr.detach().contiguous(), int(steps), bool(first_order), 1,
-            grad_losses.detach().contiguous(),
-        )
-        return [d_theta if needs[0] else theta.new_empty(0), d_lr if needs[1] else lr.new_empty(0)]
-
-    return kernel
-
-
-for _device_type in ("cpu", "cuda"):
-    _extension.register_launcher(_device_type, "mlp_meta_step", make_extension_kernel)
-    _extension.register_launcher(_device_type, "mlp_meta_step_backward", make_extension_backward_kernel)

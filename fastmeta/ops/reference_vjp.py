@@ -1,7 +1,7 @@
 """The backward of a backward op, taken from its reference by autograd.
 
-The backward ops (``inner_step_backward``, ``task_batch_norm_backward``,
-``task_loss_grad``) are differentiated only for third-order terms and for gradgradcheck of
+The backward ops (the inner step's, BatchNorm's and the loss's gradient ops)
+are differentiated only for third-order terms and for gradgradcheck of
 themselves. Their VJP is the autograd of their plain-PyTorch reference: exact, and itself
 differentiable, because the saved inputs stay connected (through an alias) whenever they
 are part of a graph.

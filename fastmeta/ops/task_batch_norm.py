@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastmeta.backends import run_kernel
+from fastmeta.backends.table import shared_or_contiguous
+from fastmeta.ops.registration import NativeCall, define_op
 from fastmeta.ops.activation import activation_grad, apply_activation
 
 
@@ -53,7 +54,10 @@ def normalise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return centred * rstd, rstd
 
 
-def reference_task_batch_norm(x, gamma, beta, eps, act, negative_slope):
+def reference_task_batch_norm(
+    x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, act: str, negative_slope: float
+) -> Tensor:
+    """Per-task batch norm with an optional fused activation; see the module docstring."""
     z, _ = normalise(x, eps)
     if gamma is not None:
         z = z * per_channel(gamma, x)
@@ -62,7 +66,9 @@ def reference_task_batch_norm(x, gamma, beta, eps, act, negative_slope):
     return apply_activation(z, act, negative_slope)
 
 
-def reference_task_batch_norm_backward(grad_z, x, gamma, eps, needs):
+def reference_task_batch_norm_backward(
+    grad_z: Tensor, x: Tensor, gamma: Tensor | None, eps: float, needs: list[bool]
+) -> list[Tensor]:
     """[grad_x, grad_gamma ``[T, C]``, grad_beta ``[T, C]``]; those not needed are empty."""
     need_x, need_gamma, need_beta = needs
     dims = statistics_dims(x)
@@ -90,15 +96,12 @@ def reference_task_batch_norm_backward(grad_z, x, gamma, eps, needs):
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmeta::task_batch_norm", mutates_args=())
-def task_batch_norm(
-    x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, act: str, negative_slope: float
-) -> Tensor:
-    """Per-task batch norm with an optional fused activation; see the module docstring."""
-    return run_kernel(
-        "task_batch_norm", x.device.type, reference_task_batch_norm,
-        x, gamma, beta, eps, act, negative_slope,
-    )
+task_batch_norm = define_op(reference_task_batch_norm, NativeCall(
+    takes=lambda device_type, x, gamma, beta, eps, act, negative_slope: x.dim() >= 3,
+    args=lambda x, gamma, beta, eps, act, negative_slope: (
+        x.contiguous(), shared_or_contiguous(gamma, True), shared_or_contiguous(beta, True), float(eps), act,
+        float(negative_slope)),
+))
 
 
 @task_batch_norm.register_fake
@@ -147,18 +150,11 @@ task_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup)
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmeta::task_batch_norm_backward", mutates_args=())
-def task_batch_norm_backward(
-    grad_z: Tensor, x: Tensor, gamma: Tensor | None, eps: float, needs: list[bool]
-) -> list[Tensor]:
-    """[grad_x, grad_gamma ``[T, C]``, grad_beta ``[T, C]``] of task_batch_norm (no activation).
-
-    ``needs`` (three flags) says which to compute; the others come back empty.
-    """
-    return run_kernel(
-        "task_batch_norm_backward", x.device.type, reference_task_batch_norm_backward,
-        grad_z, x, gamma, eps, needs,
-    )
+task_batch_norm_backward = define_op(reference_task_batch_norm_backward, NativeCall(
+    takes=lambda device_type, grad_z, x, gamma, eps, needs: x.dim() >= 3,
+    args=lambda grad_z, x, gamma, eps, needs: (
+        grad_z.contiguous(), x.contiguous(), shared_or_contiguous(gamma, True), float(eps), [bool(n) for n in needs]),
+))
 
 
 @task_batch_norm_backward.register_fake

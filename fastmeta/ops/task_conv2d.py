@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta.backends import run_kernel
+from fastmeta.ops.registration import define_op
 from fastmeta.ops.task_linear import is_task_shared
 
 
@@ -41,7 +41,8 @@ def _unfold_tasks_from_channels(t: Tensor, T: int) -> Tensor:
     return t.view(N, T, TC // T, *t.shape[2:]).transpose(0, 1).contiguous()
 
 
-def reference_task_conv2d(x, w, b, stride, padding):
+def reference_task_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: list[int]) -> Tensor:
+    """conv2d(x[t], w[t], b[t]) for every task; see the module docstring for shapes."""
     T, N = x.shape[:2]
     if w.dim() == 5 and is_task_shared(w):
         w = w[0]
@@ -62,7 +63,10 @@ def reference_task_conv2d(x, w, b, stride, padding):
     return _unfold_tasks_from_channels(y, T)
 
 
-def reference_task_conv2d_input_grad(grad_out, w, input_size, stride, padding):
+def reference_task_conv2d_input_grad(
+    grad_out: Tensor, w: Tensor, input_size: list[int], stride: list[int], padding: list[int]
+) -> Tensor:
+    """The gradient of task_conv2d at its input x, ``[T, N, C, *input_size]``."""
     T, N = grad_out.shape[:2]
     if w.dim() == 5 and is_task_shared(w):
         w = w[0]
@@ -84,7 +88,15 @@ def reference_task_conv2d_input_grad(grad_out, w, input_size, stride, padding):
     return _unfold_tasks_from_channels(gx, T)
 
 
-def reference_task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared):
+def reference_task_conv2d_weight_grad(
+    grad_out: Tensor,
+    x: Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    shared: bool,
+) -> Tensor:
+    """The gradient of task_conv2d at its weight: per task, or summed when ``shared``."""
     T, N, C = x.shape[:3]
     O = grad_out.shape[2]
     if shared:
@@ -115,12 +127,7 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmeta::task_conv2d", mutates_args=())
-def task_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: list[int], padding: list[int]) -> Tensor:
-    """conv2d(x[t], w[t], b[t]) for every task; see the module docstring for shapes."""
-    return run_kernel(
-        "task_conv2d", x.device.type, reference_task_conv2d, x, w, b, stride, padding
-    )
+task_conv2d = define_op(reference_task_conv2d)
 
 
 @task_conv2d.register_fake
@@ -167,15 +174,7 @@ task_conv2d.register_autograd(_task_conv2d_backward, setup_context=_task_conv2d_
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmeta::task_conv2d_input_grad", mutates_args=())
-def task_conv2d_input_grad(
-    grad_out: Tensor, w: Tensor, input_size: list[int], stride: list[int], padding: list[int]
-) -> Tensor:
-    """The gradient of task_conv2d at its input x, ``[T, N, C, *input_size]``."""
-    return run_kernel(
-        "task_conv2d_input_grad", grad_out.device.type, reference_task_conv2d_input_grad,
-        grad_out, w, input_size, stride, padding,
-    )
+task_conv2d_input_grad = define_op(reference_task_conv2d_input_grad)
 
 
 @task_conv2d_input_grad.register_fake
@@ -211,20 +210,7 @@ task_conv2d_input_grad.register_autograd(
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmeta::task_conv2d_weight_grad", mutates_args=())
-def task_conv2d_weight_grad(
-    grad_out: Tensor,
-    x: Tensor,
-    kernel_size: list[int],
-    stride: list[int],
-    padding: list[int],
-    shared: bool,
-) -> Tensor:
-    """The gradient of task_conv2d at its weight: per task, or summed when ``shared``."""
-    return run_kernel(
-        "task_conv2d_weight_grad", grad_out.device.type, reference_task_conv2d_weight_grad,
-        grad_out, x, kernel_size, stride, padding, shared,
-    )
+task_conv2d_weight_grad = define_op(reference_task_conv2d_weight_grad)
 
 
 @task_conv2d_weight_grad.register_fake

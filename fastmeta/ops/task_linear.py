@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastmeta.backends import run_kernel
+from fastmeta.backends.table import shared_or_contiguous
+from fastmeta.ops.registration import NativeCall, define_op
 from fastmeta.ops.activation import activation_grad, apply_activation
 
 
@@ -34,7 +35,8 @@ def is_task_shared(t: Tensor) -> bool:
     return t.dim() >= 1 and t.size(0) > 1 and t.stride(0) == 0
 
 
-def reference_task_linear(x, w, b, act, negative_slope):
+def reference_task_linear(x: Tensor, w: Tensor, b: Tensor | None, act: str, negative_slope: float) -> Tensor:
+    """act(x @ wᵀ + b) for every task; see the module docstring for shapes."""
     if w.dim() == 3 and is_task_shared(w):
         w = w[0]
     if w.dim() == 2:
@@ -46,7 +48,8 @@ def reference_task_linear(x, w, b, act, negative_slope):
     return apply_activation(y, act, negative_slope)
 
 
-def reference_task_linear_input_grad(grad_out, w):
+def reference_task_linear_input_grad(grad_out: Tensor, w: Tensor) -> Tensor:
+    """grad_out ``[T, N, O]`` @ w (``[T, O, I]`` or ``[O, I]``) → ``[T, N, I]``."""
     if w.dim() == 3 and is_task_shared(w):
         w = w[0]
     if w.dim() == 2:
@@ -54,7 +57,8 @@ def reference_task_linear_input_grad(grad_out, w):
     return torch.bmm(grad_out, w)
 
 
-def reference_task_linear_weight_grad(grad_out, x, shared):
+def reference_task_linear_weight_grad(grad_out: Tensor, x: Tensor, shared: bool) -> Tensor:
+    """grad_out ``[T, N, O]``ᵀ @ x ``[T, N, I]`` → ``[T, O, I]``, or ``[O, I]`` if shared."""
     if shared:
         return grad_out.reshape(-1, grad_out.size(-1)).t() @ x.reshape(-1, x.size(-1))
     return torch.bmm(grad_out.transpose(1, 2), x)
@@ -65,12 +69,12 @@ def reference_task_linear_weight_grad(grad_out, x, shared):
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmeta::task_linear", mutates_args=())
-def task_linear(x: Tensor, w: Tensor, b: Tensor | None, act: str, negative_slope: float) -> Tensor:
-    """act(x @ wᵀ + b) for every task; see the module docstring for shapes."""
-    return run_kernel(
-        "task_linear", x.device.type, reference_task_linear, x, w, b, act, negative_slope
-    )
+task_linear = define_op(reference_task_linear, NativeCall(
+    takes=lambda device_type, x, w, b, act, negative_slope: x.dim() == 3 and w.dim() in (2, 3),
+    args=lambda x, w, b, act, negative_slope: (
+        x.contiguous(), shared_or_contiguous(w, w.dim() == 3), shared_or_contiguous(b, b is not None and b.dim() == 2),
+        act, float(negative_slope)),
+))
 
 
 @task_linear.register_fake
@@ -107,12 +111,10 @@ task_linear.register_autograd(_task_linear_backward, setup_context=_task_linear_
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmeta::task_linear_input_grad", mutates_args=())
-def task_linear_input_grad(grad_out: Tensor, w: Tensor) -> Tensor:
-    """grad_out ``[T, N, O]`` @ w (``[T, O, I]`` or ``[O, I]``) → ``[T, N, I]``."""
-    return run_kernel(
-        "task_linear_input_grad", grad_out.device.type, reference_task_linear_input_grad, grad_out, w
-    )
+task_linear_input_grad = define_op(reference_task_linear_input_grad, NativeCall(
+    takes=lambda device_type, grad_out, w: grad_out.dim() == 3 and w.dim() in (2, 3),
+    args=lambda grad_out, w: (grad_out.contiguous(), shared_or_contiguous(w, w.dim() == 3)),
+))
 
 
 @task_linear_input_grad.register_fake
@@ -143,13 +145,10 @@ task_linear_input_grad.register_autograd(_input_grad_backward, setup_context=_in
 # ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmeta::task_linear_weight_grad", mutates_args=())
-def task_linear_weight_grad(grad_out: Tensor, x: Tensor, shared: bool) -> Tensor:
-    """grad_out ``[T, N, O]``ᵀ @ x ``[T, N, I]`` → ``[T, O, I]``, or ``[O, I]`` if shared."""
-    return run_kernel(
-        "task_linear_weight_grad", grad_out.device.type, reference_task_linear_weight_grad,
-        grad_out, x, shared,
-    )
+task_linear_weight_grad = define_op(reference_task_linear_weight_grad, NativeCall(
+    takes=lambda device_type, grad_out, x, shared: grad_out.dim() == 3 and x.dim() == 3,
+    args=lambda grad_out, x, shared: (grad_out.contiguous(), x.contiguous(), bool(shared)),
+))
 
 
 @task_linear_weight_grad.register_fake

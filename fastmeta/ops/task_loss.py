@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta.backends import run_kernel
+from fastmeta.backends.table import shared_or_contiguous
+from fastmeta.ops.registration import NativeCall, define_op
 from fastmeta.ops.reference_vjp import reference_vjp
 
 LOSS_KINDS = ("cross_entropy", "mse")
@@ -30,7 +31,8 @@ def _per_task_count(pred: Tensor, kind: str) -> int:
     return pred.size(1) if kind == "cross_entropy" else pred[0].numel()
 
 
-def reference_task_loss(pred, target, kind):
+def reference_task_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Per-task mean loss ``[T]``; see the module docstring."""
     T = pred.size(0)
     if kind == "cross_entropy":
         per_example = F.cross_entropy(
@@ -41,7 +43,8 @@ def reference_task_loss(pred, target, kind):
     return (diff * diff).reshape(T, -1).mean(1)
 
 
-def reference_task_loss_grad(pred, target, kind):
+def reference_task_loss_grad(pred: Tensor, target: Tensor, kind: str) -> Tensor:
+    """d task_loss[t] / d pred[t], the shape of pred."""
     count = _per_task_count(pred, kind)
     if kind == "cross_entropy":
         grad = torch.softmax(pred, dim=-1)
@@ -50,10 +53,18 @@ def reference_task_loss_grad(pred, target, kind):
     return (pred - target) * (2.0 / count)
 
 
-@torch.library.custom_op("fastmeta::task_loss", mutates_args=())
-def task_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
-    """Per-task mean loss ``[T]``; see the module docstring."""
-    return run_kernel("task_loss", pred.device.type, reference_task_loss, pred, target, kind)
+def _native_loss_takes(device_type, pred, target, kind) -> bool:
+    if pred.dim() < 2:
+        return False
+    if kind == "cross_entropy":
+        return pred.dim() == 3 and target.dtype == torch.int64
+    return kind == "mse" and target.shape == pred.shape
+
+
+_NATIVE_LOSS = NativeCall(takes=_native_loss_takes,
+                          args=lambda pred, target, kind: (pred.contiguous(), target.contiguous(), kind))
+
+task_loss = define_op(reference_task_loss, _NATIVE_LOSS)
 
 
 @task_loss.register_fake
@@ -80,12 +91,7 @@ def _loss_backward(ctx, grad_loss):
 task_loss.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
-@torch.library.custom_op("fastmeta::task_loss_grad", mutates_args=())
-def task_loss_grad(pred: Tensor, target: Tensor, kind: str) -> Tensor:
-    """d task_loss[t] / d pred[t], the shape of pred."""
-    return run_kernel(
-        "task_loss_grad", pred.device.type, reference_task_loss_grad, pred, target, kind
-    )
+task_loss_grad = define_op(reference_task_loss_grad, _NATIVE_LOSS)
 
 
 @task_loss_grad.register_fake

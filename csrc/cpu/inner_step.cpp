@@ -1,6 +1,5 @@
-// CPU kernels of the element-wise families: inner_step (+ backward), activation_grad,
-// task_loss (+ grad). All are memory-bound: one pass over [T, P] or [T, N, K], vectorised
-// along the contiguous last dim, parallel over tasks (or blocks of the flat buffer).
+// CPU kernels of inner_step and its backward: one memory-bound pass over the [T, P] buffer,
+// vectorised along P, parallel over blocks of it.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,15 +11,11 @@
 #include <vector>
 
 #include "../common.h"
+#include "cpu_common.h"
 
 namespace fastmeta {
 namespace cpu {
 namespace {
-
-constexpr auto kCPU = c10::DeviceType::CPU;
-// Elements per parallel chunk: below ~32k floats the OpenMP fork/join (a few µs) costs
-// more than the pass itself on this class of machine.
-constexpr int64_t kGrain = 32768;
 
 // The step coefficient lr·mask·precond per parameter, and the rate alone: [P] each.
 template <typename T>
@@ -199,158 +194,6 @@ std::vector<at::Tensor> inner_step_backward(const at::Tensor& grad_out, const at
   return {d_theta, d_grad, d_lr, d_mask, d_precond};
 }
 
-at::Tensor activation_grad(const at::Tensor& grad_y, const at::Tensor& y, c10::string_view act_name,
-                           double negative_slope) {
-  FM_CHECK_INPUT(grad_y, kCPU);
-  FM_CHECK_INPUT(y, kCPU);
-  FM_CHECK_FLOATING(y);
-  FM_CHECK_SAME_DTYPE(grad_y, y);
-  TORCH_CHECK(grad_y.sizes() == y.sizes(), "grad_y must be ", y.sizes(), ", got ", grad_y.sizes());
-  const Act act = parse_act(std::string(act_name.data(), act_name.size()));
-  at::Tensor out = at::empty_like(y);
-  const int64_t n = y.numel();
-  dispatch_floating(y.scalar_type(), "activation_grad", [&](auto tag_) {
-    using scalar_t = decltype(tag_);
-    const scalar_t* gy = grad_y.data_ptr<scalar_t>();
-    const scalar_t* yy = y.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const scalar_t s = static_cast<scalar_t>(negative_slope);
-    at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
-      switch (act) {  // one loop per activation, so that each vectorises
-        case Act::Relu:
-#pragma omp simd
-          for (int64_t i = i0; i < i1; ++i) o[i] = yy[i] > 0 ? gy[i] : scalar_t(0);
-          break;
-        case Act::LeakyRelu:
-#pragma omp simd
-          for (int64_t i = i0; i < i1; ++i) o[i] = yy[i] > 0 ? gy[i] : gy[i] * s;
-          break;
-        case Act::Tanh:
-#pragma omp simd
-          for (int64_t i = i0; i < i1; ++i) o[i] = gy[i] * (scalar_t(1) - yy[i] * yy[i]);
-          break;
-        case Act::Sigmoid:
-#pragma omp simd
-          for (int64_t i = i0; i < i1; ++i) o[i] = gy[i] * yy[i] * (scalar_t(1) - yy[i]);
-          break;
-        default:
-#pragma omp simd
-          for (int64_t i = i0; i < i1; ++i) o[i] = gy[i];
-      }
-    });
-  });
-  return out;
-}
-
-// Shapes of task_loss: pred [T, N, K]; cross-entropy target int64 [T, N]; MSE target the
-// shape of pred (any trailing dims, flattened to [T, M] here).
-void check_loss_args(const at::Tensor& pred, const at::Tensor& target, LossKind kind) {
-  FM_CHECK_INPUT(pred, kCPU);
-  FM_CHECK_INPUT(target, kCPU);
-  FM_CHECK_FLOATING(pred);
-  TORCH_CHECK(pred.dim() >= 2 && pred.size(0) > 0, "pred must be [T, N, ...], got ", pred.sizes());
-  if (kind == LossKind::CrossEntropy) {
-    FM_CHECK_DIM(pred, 3);
-    TORCH_CHECK(target.scalar_type() == at::kLong, "cross-entropy target must be int64");
-    TORCH_CHECK(target.dim() == 2 && target.size(0) == pred.size(0) && target.size(1) == pred.size(1),
-                "cross-entropy target must be [T, N] = [", pred.size(0), ", ", pred.size(1), "], got ",
-                target.sizes());
-    const int64_t C = pred.size(2);
-    const int64_t* y = target.data_ptr<int64_t>();
-    for (int64_t i = 0; i < target.numel(); ++i)  // a label out of range would read past the row
-      TORCH_CHECK(y[i] >= 0 && y[i] < C, "target label ", y[i], " is not in [0, ", C, ")");
-  } else {
-    FM_CHECK_SAME_DTYPE(pred, target);
-    TORCH_CHECK(target.sizes() == pred.sizes(), "MSE target must be ", pred.sizes(), ", got ", target.sizes());
-  }
-}
-
-// Row-wise log-sum-exp softmax, the max subtracted first so exp never overflows.
-template <typename T>
-inline T softmax_row(const T* z, int64_t C, T* p) {
-  T mx = z[0];
-  for (int64_t c = 1; c < C; ++c) mx = std::max(mx, z[c]);
-  T sum = 0;
-  for (int64_t c = 0; c < C; ++c) {
-    const T e = std::exp(z[c] - mx);
-    if (p) p[c] = e;
-    sum += e;
-  }
-  return mx + std::log(sum);  // log Σ exp z
-}
-
-at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
-  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
-  check_loss_args(pred, target, kind);
-  const int64_t T = pred.size(0), N = pred.size(1);
-  const int64_t M = pred.numel() / T;  // elements per task
-  at::Tensor out = at::empty({T}, pred.options());
-  dispatch_floating(pred.scalar_type(), "task_loss", [&](auto tag_) {
-    using scalar_t = decltype(tag_);
-    const scalar_t* z = pred.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        scalar_t acc = 0;
-        if (kind == LossKind::CrossEntropy) {
-          const int64_t C = pred.size(2);
-          const int64_t* y = target.data_ptr<int64_t>() + t * N;
-          for (int64_t n = 0; n < N; ++n) {
-            const scalar_t* row = z + (t * N + n) * C;
-            acc += softmax_row<scalar_t>(row, C, nullptr) - row[y[n]];
-          }
-          o[t] = acc / scalar_t(N);
-        } else {
-          const scalar_t* zt = z + t * M;
-          const scalar_t* yt = target.data_ptr<scalar_t>() + t * M;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < M; ++i) acc += (zt[i] - yt[i]) * (zt[i] - yt[i]);
-          o[t] = acc / scalar_t(M);
-        }
-      }
-    });
-  });
-  return out;
-}
-
-at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
-  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
-  check_loss_args(pred, target, kind);
-  const int64_t T = pred.size(0), N = pred.size(1);
-  const int64_t M = pred.numel() / T;
-  at::Tensor out = at::empty_like(pred);
-  dispatch_floating(pred.scalar_type(), "task_loss_grad", [&](auto tag_) {
-    using scalar_t = decltype(tag_);
-    const scalar_t* z = pred.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        if (kind == LossKind::CrossEntropy) {
-          const int64_t C = pred.size(2);
-          const int64_t* y = target.data_ptr<int64_t>() + t * N;
-          const scalar_t inv_n = scalar_t(1) / scalar_t(N);
-          for (int64_t n = 0; n < N; ++n) {
-            const scalar_t* row = z + (t * N + n) * C;
-            scalar_t* orow = o + (t * N + n) * C;
-            const scalar_t lse = softmax_row<scalar_t>(row, C, nullptr);
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) orow[c] = std::exp(row[c] - lse) * inv_n;
-            orow[y[n]] -= inv_n;
-          }
-        } else {
-          const scalar_t* zt = z + t * M;
-          const scalar_t* yt = target.data_ptr<scalar_t>() + t * M;
-          scalar_t* ot = o + t * M;
-          const scalar_t scale = scalar_t(2) / scalar_t(M);
-#pragma omp simd
-          for (int64_t i = 0; i < M; ++i) ot[i] = (zt[i] - yt[i]) * scale;
-        }
-      }
-    });
-  });
-  return out;
-}
-
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -358,7 +201,4 @@ at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10:
 TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("inner_step", &fastmeta::cpu::inner_step);
   m.impl("inner_step_backward", &fastmeta::cpu::inner_step_backward);
-  m.impl("activation_grad", &fastmeta::cpu::activation_grad);
-  m.impl("task_loss", &fastmeta::cpu::task_loss);
-  m.impl("task_loss_grad", &fastmeta::cpu::task_loss_grad);
 }

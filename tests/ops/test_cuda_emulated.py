@@ -3,7 +3,7 @@ compiler against a CPU stand-in for the CUDA runtime (csrc/cuda/emulation/), eac
 threads run as OS threads with barriers for __syncthreads.
 
 This catches indexing, layout and algorithm errors in the CUDA sources on every CI run;
-races, occupancy and the real toolchain are the GPU run's job (tests/test_extension_cuda.py
+races, occupancy and the real toolchain are the GPU run's job (tests/ops/, -m gpu
 and bench/gpu_check.py with compute-sanitizer). Compared with: the CPU kernels
 (fused meta-step, per-task gradients) and the op modules' references (everything else).
 """
@@ -30,7 +30,7 @@ from fastmeta.ops.task_loss import reference_task_loss, reference_task_loss_grad
 from test_extension_build import build_or_skip
 from test_mlp_meta_step import CASES, IDS, make_problem
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 L, F = ctypes.c_long, ctypes.c_float
 
 
@@ -65,9 +65,9 @@ def lib(tmp_path_factory):
         pytest.skip("no C++ compiler")
     out = tmp_path_factory.mktemp("cuda_emulation")
     sources = [CSRC / "cuda" / "emulation" / "harness.cpp"]
-    for name in ("kernels.cu", "mlp_meta_step.cu"):
-        dst = out / (name.replace(".cu", "_emulated.cpp"))
-        dst.write_text(_emulated_source(CSRC / "cuda" / name))
+    for source in sorted((CSRC / "cuda").glob("*.cu")):  # every kernel file, one per op family
+        dst = out / (source.stem + "_emulated.cpp")
+        dst.write_text(_emulated_source(source))
         sources.append(dst)
     so = out / "libfastmeta_cuda_emulated.so"
     cmd = [cxx, "-std=c++20", "-O1", "-D__CUDACC__", "-shared", "-fPIC", f"-I{CSRC / 'cuda' / 'emulation'}",
@@ -102,7 +102,7 @@ def test_emulated_cuda_meta_step_equals_cpu_kernel(lib, case):
                      int(first_order), ptr(losses), ptr(preds), ptr(g_theta), ptr(g_lr), lr.numel())
     assert rc == 0
     want = torch.ops.fastmeta_ext.mlp_meta_step(theta, sizes, act, 0.1, sx, sy, qx, qy, loss, lr, steps,
-                                                first_order, 2, None)
+                                                first_order, True)
     for name, a, b in zip(("losses", "preds", "grad theta", "grad lr"), (losses, preds, g_theta, g_lr), want):
         assert rel(a, b) <= 2e-6, name
 

@@ -20,7 +20,8 @@ from torch.library import opcheck
 
 import fastmeta as fm
 from fastmeta.ops.mlp_meta_step import mlp_meta_step, num_parameters, unrolled_meta_step
-from test_extension_build import build_or_skip, direct
+from harness import direct
+from test_extension_build import build_or_skip
 
 # (layer_sizes, act, loss, lr kind, steps, K, first_order). W1 first; the rest cover odd
 # widths (tails of the 16-wide tiles), K = 1 … 50, 1–5 steps, every fused activation.
@@ -97,7 +98,8 @@ def check_against_unrolled(backend, device, case, tol=1e-5):
     layer_sizes, act, loss, lr_kind, steps, K, first_order = case
     theta, sx, sy, qx, qy, lr, w = make_problem(layer_sizes, act, loss, lr_kind, steps, K, device=device)
     # The kernel must take these inputs itself: a decline would compare the reference with itself.
-    direct(backend, "mlp_meta_step", theta, layer_sizes, act, 0.1, sx, sy, qx, qy, loss, lr, steps, first_order)
+    direct(backend, "mlp_meta_step", theta, layer_sizes, act, 0.1, sx, sy, qx, qy, loss, lr, steps, first_order,
+           True)
     got = run_fused(backend, theta, layer_sizes, act, sx, sy, qx, qy, loss, lr, steps, first_order, w)
     want = unrolled_reference(theta, layer_sizes, act, sx, sy, qx, qy, loss, lr, steps, first_order, w)
     for name, a, b in zip(("losses", "preds", "grad theta", "grad lr"), got, want):
@@ -186,10 +188,11 @@ def test_gradcheck_and_gradgradcheck_on_cpu_backend(extension):
 
 def test_opcheck_on_cpu_backend(extension):
     theta, sx, sy, qx, qy, lr = _f64_problem()
-    args = (theta, [3, 5, 4, 2], "tanh", 0.0, sx, sy, qx, qy, "cross_entropy", lr, 2, False)
-    with fm.use_backend("cpu"):
-        opcheck(torch.ops.fastmeta.mlp_meta_step.default, args,
-                test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    for task_gradients in (False, True):
+        args = (theta, [3, 5, 4, 2], "tanh", 0.0, sx, sy, qx, qy, "cross_entropy", lr, 2, False, task_gradients)
+        with fm.use_backend("cpu"):
+            opcheck(torch.ops.fastmeta.mlp_meta_step.default, args,
+                    test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_unsupported_inputs_take_the_reference(extension):
@@ -198,9 +201,9 @@ def test_unsupported_inputs_take_the_reference(extension):
     theta, sx, sy, qx, qy, lr, w = make_problem([2, 7, 3], "relu", "mse", "step", 1, 4, dtype=torch.float64)
     kernel = ext.kernels("cpu")["mlp_meta_step"]
     # The sigmoid breaks the zero padding the kernel relies on (σ(0) = ½): declined.
-    assert kernel(theta, [2, 7, 3], "sigmoid", 0.0, sx, sy, qx, qy, "mse", lr, 1, False) is NotImplemented
+    assert kernel(theta, [2, 7, 3], "sigmoid", 0.0, sx, sy, qx, qy, "mse", lr, 1, False, False) is NotImplemented
     assert kernel(theta.half(), [2, 7, 3], "relu", 0.0, sx.half(), sy.half(), qx.half(), qy.half(), "mse",
-                  lr.half(), 1, False) is NotImplemented
+                  lr.half(), 1, False, False) is NotImplemented
     got = run_fused("cpu", theta, [2, 7, 3], "sigmoid", sx, sy, qx, qy, "mse", lr, 1, False, w)
     want = unrolled_reference(theta, [2, 7, 3], "sigmoid", sx, sy, qx, qy, "mse", lr, 1, False, w)
     for a, b in zip(got, want):
@@ -260,7 +263,7 @@ def test_fused_cuda_equals_unrolled_reference_fp32(extension, case):
     # exactly (through the reference).
     theta, sx, sy, qx, qy, lr, w = make_problem(layer_sizes, act, loss, lr_kind, steps, K, device="cuda")
     assert extension.kernels("cuda")["mlp_meta_step"](theta, layer_sizes, act, 0.1, sx, sy, qx, qy, loss, lr, steps,
-                                                      first_order) is NotImplemented
+                                                      first_order, True) is NotImplemented
     got = run_fused("cuda", theta, layer_sizes, act, sx, sy, qx, qy, loss, lr, steps, first_order, w)
     want = unrolled_reference(theta, layer_sizes, act, sx, sy, qx, qy, loss, lr, steps, first_order, w)
     for a, b in zip(got, want):
@@ -272,9 +275,11 @@ def test_fused_cuda_equals_unrolled_reference_fp32(extension, case):
 CASES_BEYOND_227_KIB = {"1.40.40.1-leaky_relu-mse-tensor-5-25-False"}
 
 
-def test_cuda_shared_memory_formula_on_hopper():
+def test_cuda_shared_memory_formula_on_hopper(extension):
     from fastmeta.ops.mlp_meta_step import cuda_fits, cuda_workspace_floats
 
+    if not extension.build_info()["with_cuda"]:
+        pytest.skip("the extension was built without its CUDA sources (no nvcc)")
     beyond = {i for i, c in zip(IDS, CASES) if not cuda_fits(c[0], c[5], max(c[5] - 2, 1), c[4], 227 * 1024)}
     assert beyond == CASES_BEYOND_227_KIB
     # The review's figure for that case: 250.1 KiB.
@@ -292,14 +297,17 @@ def test_cuda_declines_mlps_beyond_its_shared_memory(extension):
     assert not cuda_fits(sizes, 10, 10, 1)
     theta, sx, sy, qx, qy, lr, w = make_problem(sizes, "relu", "cross_entropy", "step", 1, 10, T=2, device="cuda")
     assert ext.kernels("cuda")["mlp_meta_step"](theta, sizes, "relu", 0.0, sx, sy, qx, qy, "cross_entropy", lr, 1,
-                                                False) is NotImplemented
+                                                False, True) is NotImplemented
     got = run_fused("cuda", theta, sizes, "relu", sx, sy, qx, qy, "cross_entropy", lr, 1, False, w)
     want = unrolled_reference(theta, sizes, "relu", sx, sy, qx, qy, "cross_entropy", lr, 1, False, w)
     for a, b in zip(got, want):
         assert rel(a.cpu(), b.cpu()) <= 1e-5
 
 
-def test_forward_hands_task_gradients_to_backward_and_falls_back_exactly(extension, monkeypatch):
+def test_per_task_gradients_come_back_through_the_kernel_call(extension, monkeypatch):
+    """The forward kernel returns every task's meta-gradient as outputs of the op (no
+    side channel): the backward only weights them, and recomputes (the backward op) when
+    they are absent or when create_graph needs a differentiable result."""
     import sys
 
     module = sys.modules["fastmeta.ops.mlp_meta_step"]
@@ -312,18 +320,29 @@ def test_forward_hands_task_gradients_to_backward_and_falls_back_exactly(extensi
     monkeypatch.setattr(module, "mlp_meta_step_backward", lambda *a: calls.append(1) or real_backward_op(*a))
     th = theta.clone().requires_grad_(True)
     with fm.use_backend("cpu"):
-        # One forward, one backward: the handoff serves the backward, no recomputation.
+        # The op's own outputs: [T, P] and [T, *lr.shape] per-task gradients when asked.
+        out = module.mlp_meta_step_op(th.detach(), sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False, True)
+        assert out[2].shape == (sx.size(0), th.numel()) and out[3].shape == (sx.size(0), *lr.shape)
+        assert module.mlp_meta_step_op(th.detach(), sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False,
+                                       False)[2].numel() == 0
+        # One forward, one backward: the kernel's per-task gradients serve it.
         losses, _ = mlp_meta_step(th, sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False)
         (g,) = torch.autograd.grad((losses * w).sum(), th)
         assert calls == [] and rel(g, want) <= 1e-10
-        # Each forward's gradients stay with its own autograd node: two forwards, then the
-        # first one's backward still needs no recomputation.
+        # Each forward's gradients stay with its own autograd node.
         first, _ = mlp_meta_step(th, sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False)
         mlp_meta_step(th, sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False)
         (g,) = torch.autograd.grad((first * w).sum(), th)
         assert calls == [] and rel(g, want) <= 1e-10
-        # With create_graph the handed-over gradients (constants) are not used: the
-        # backward op runs, and its result is differentiable.
+        # With create_graph the per-task gradients (constants) are not used: the backward
+        # op runs, and its result is differentiable.
         losses, _ = mlp_meta_step(th, sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False)
         (g,) = torch.autograd.grad((losses * w).sum(), th, create_graph=True)
         assert calls == [1] and rel(g, want) <= 1e-10 and g.requires_grad
+    # The reference hands the same per-task gradients over.
+    with fm.use_backend("torch"):
+        out = module.mlp_meta_step_op(th.detach(), sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False, True)
+    with fm.use_backend("cpu"):
+        native = module.mlp_meta_step_op(th.detach(), sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False, True)
+    for a, b in zip(out[2:], native[2:]):
+        assert rel(a, b) <= 1e-10

@@ -1,0 +1,122 @@
+// CPU kernels of task_loss and task_loss_grad: one pass over [T, N, K], parallel over tasks.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+#include "cpu_common.h"
+#include "../log_sum_exp.h"
+
+namespace fastmeta {
+namespace cpu {
+namespace {
+
+// Shapes of task_loss: pred [T, N, K]; cross-entropy target int64 [T, N]; MSE target the
+// shape of pred (any trailing dims, flattened to [T, M] here).
+void check_loss_args(const at::Tensor& pred, const at::Tensor& target, LossKind kind) {
+  FM_CHECK_INPUT(pred, kCPU);
+  FM_CHECK_INPUT(target, kCPU);
+  FM_CHECK_FLOATING(pred);
+  TORCH_CHECK(pred.dim() >= 2 && pred.size(0) > 0, "pred must be [T, N, ...], got ", pred.sizes());
+  if (kind == LossKind::CrossEntropy) {
+    FM_CHECK_DIM(pred, 3);
+    TORCH_CHECK(target.scalar_type() == at::kLong, "cross-entropy target must be int64");
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == pred.size(0) && target.size(1) == pred.size(1),
+                "cross-entropy target must be [T, N] = [", pred.size(0), ", ", pred.size(1), "], got ",
+                target.sizes());
+    const int64_t C = pred.size(2);
+    const int64_t* y = target.data_ptr<int64_t>();
+    for (int64_t i = 0; i < target.numel(); ++i)  // a label out of range would read past the row
+      TORCH_CHECK(y[i] >= 0 && y[i] < C, "target label ", y[i], " is not in [0, ", C, ")");
+  } else {
+    FM_CHECK_SAME_DTYPE(pred, target);
+    TORCH_CHECK(target.sizes() == pred.sizes(), "MSE target must be ", pred.sizes(), ", got ", target.sizes());
+  }
+}
+
+at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
+  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
+  check_loss_args(pred, target, kind);
+  const int64_t T = pred.size(0), N = pred.size(1);
+  const int64_t M = pred.numel() / T;  // elements per task
+  at::Tensor out = at::empty({T}, pred.options());
+  dispatch_floating(pred.scalar_type(), "task_loss", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* z = pred.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        scalar_t acc = 0;
+        if (kind == LossKind::CrossEntropy) {
+          const int64_t C = pred.size(2);
+          const int64_t* y = target.data_ptr<int64_t>() + t * N;
+          for (int64_t n = 0; n < N; ++n) {
+            const scalar_t* row = z + (t * N + n) * C;
+            acc += log_sum_exp<scalar_t>(row, C) - row[y[n]];
+          }
+          o[t] = acc / scalar_t(N);
+        } else {
+          const scalar_t* zt = z + t * M;
+          const scalar_t* yt = target.data_ptr<scalar_t>() + t * M;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t i = 0; i < M; ++i) acc += (zt[i] - yt[i]) * (zt[i] - yt[i]);
+          o[t] = acc / scalar_t(M);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
+  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
+  check_loss_args(pred, target, kind);
+  const int64_t T = pred.size(0), N = pred.size(1);
+  const int64_t M = pred.numel() / T;
+  at::Tensor out = at::empty_like(pred);
+  dispatch_floating(pred.scalar_type(), "task_loss_grad", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* z = pred.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        if (kind == LossKind::CrossEntropy) {
+          const int64_t C = pred.size(2);
+          const int64_t* y = target.data_ptr<int64_t>() + t * N;
+          const scalar_t inv_n = scalar_t(1) / scalar_t(N);
+          for (int64_t n = 0; n < N; ++n) {
+            const scalar_t* row = z + (t * N + n) * C;
+            scalar_t* orow = o + (t * N + n) * C;
+            const scalar_t lse = log_sum_exp<scalar_t>(row, C);
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) orow[c] = std::exp(row[c] - lse) * inv_n;
+            orow[y[n]] -= inv_n;
+          }
+        } else {
+          const scalar_t* zt = z + t * M;
+          const scalar_t* yt = target.data_ptr<scalar_t>() + t * M;
+          scalar_t* ot = o + t * M;
+          const scalar_t scale = scalar_t(2) / scalar_t(M);
+#pragma omp simd
+          for (int64_t i = 0; i < M; ++i) ot[i] = (zt[i] - yt[i]) * scale;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastmeta
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
+  m.impl("task_loss", &fastmeta::cpu::task_loss);
+  m.impl("task_loss_grad", &fastmeta::cpu::task_loss_grad);
+}

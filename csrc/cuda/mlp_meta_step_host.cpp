@@ -1,0 +1,198 @@
+// Host side of the fused MLP meta-step on CUDA: checks, the shared-memory limit, the launch.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mv.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "host_common.h"
+#include "mlp_meta_step.cuh"
+
+namespace fastmeta {
+namespace cuda {
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// mlp_meta_step
+// ---------------------------------------------------------------------------------------
+
+// The kernel's dimensions of an MLP with these layer sizes (checked).
+MlpDims mlp_dims(at::IntArrayRef layer_sizes) {
+  const int64_t L = static_cast<int64_t>(layer_sizes.size()) - 1;
+  TORCH_CHECK(L >= 1 && L <= kMaxLayers, "mlp_meta_step on CUDA takes 1 to ", kMaxLayers, " layers");
+  const int64_t O = layer_sizes.back();
+  MlpDims d{};
+  d.L = static_cast<int>(L);
+  for (int64_t l = 0; l <= L; ++l) {
+    TORCH_CHECK(layer_sizes[l] >= 1 && layer_sizes[l] <= 65536, "layer sizes must be in [1, 65536]");
+    d.n[l] = static_cast<int>(layer_sizes[l]);
+  }
+  int64_t P = 0, cum = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    d.offW[l] = static_cast<int>(P);
+    P += layer_sizes[l + 1] * layer_sizes[l];
+    d.offB[l] = static_cast<int>(P);
+    P += layer_sizes[l + 1];
+    TORCH_CHECK(P < (int64_t(1) << 30), "too many parameters for the fused kernel");
+  }
+  d.cum[0] = d.cum[1] = 0;
+  for (int64_t l = 1; l <= L; ++l) {
+    cum += layer_sizes[l];
+    d.cum[l + 1] = static_cast<int>(cum);
+  }
+  d.P = static_cast<int>(P);
+  d.Hs = static_cast<int>(cum);
+  d.Es = static_cast<int>(cum - O);
+  d.nmax = 0;
+  for (int64_t l = 0; l <= L; ++l) d.nmax = std::max(d.nmax, d.n[l]);
+  return d;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
+    const at::Tensor& theta, at::IntArrayRef layer_sizes, c10::string_view act_name, double negative_slope,
+    const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
+    c10::string_view loss_name, const at::Tensor& lr, int64_t steps, bool first_order, int64_t grads,
+    const c10::optional<at::Tensor>& task_weights) {
+  for (const at::Tensor* t : {&theta, &support_x, &support_y, &query_x, &query_y, &lr}) {
+    FM_CHECK_INPUT(*t, kCUDA);
+    TORCH_CHECK(t->device() == theta.device(), "all inputs must be on ", theta.device());
+  }
+  for (const at::Tensor* t : {&theta, &support_x, &query_x, &lr})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "mlp_meta_step on CUDA takes float32");
+  const Act act = parse_act(std::string(act_name.data(), act_name.size()));
+  // The kernel relies on nothing padding-related, but only these have f'' written out.
+  TORCH_CHECK(act != Act::Sigmoid, "mlp_meta_step: act must be relu, leaky_relu, tanh or none");
+  const LossKind loss = parse_loss(std::string(loss_name.data(), loss_name.size()));
+  const int64_t L = static_cast<int64_t>(layer_sizes.size()) - 1;
+  TORCH_CHECK(L >= 1 && L <= kMaxLayers, "mlp_meta_step on CUDA takes 1 to ", kMaxLayers, " layers");
+  TORCH_CHECK(steps >= 0 && grads >= 0 && grads <= 2, "steps must be >= 0 and grads 0, 1 or 2");
+  FM_CHECK_DIM(support_x, 3);
+  FM_CHECK_DIM(query_x, 3);
+  const int64_t T = support_x.size(0), K = support_x.size(1), Q = query_x.size(1), O = layer_sizes.back();
+  TORCH_CHECK(T >= 1 && K >= 1 && Q >= 1 && query_x.size(0) == T, "need T, K, Q >= 1 and query_x [T, Q, I]");
+  TORCH_CHECK(T <= 2147483647LL, "too many tasks for one grid");
+  const MlpDims d = mlp_dims(layer_sizes);
+  const int64_t P = d.P;
+  TORCH_CHECK(theta.dim() == 1 && theta.size(0) == P, "theta must be [", P, "] for layers ", layer_sizes);
+  TORCH_CHECK(support_x.size(2) == layer_sizes[0] && query_x.size(2) == layer_sizes[0],
+              "support_x and query_x must have ", layer_sizes[0], " features");
+  if (loss == LossKind::Mse) {
+    TORCH_CHECK(support_y.scalar_type() == at::kFloat && query_y.scalar_type() == at::kFloat, "MSE targets: float32");
+    TORCH_CHECK(support_y.dim() == 3 && support_y.size(0) == T && support_y.size(1) == K && support_y.size(2) == O,
+                "support_y must be [T, K, O]");
+    TORCH_CHECK(query_y.dim() == 3 && query_y.size(0) == T && query_y.size(1) == Q && query_y.size(2) == O,
+                "query_y must be [T, Q, O]");
+  } else {
+    // Labels are not range-checked here (a device sync); the kernel turns a bad one into
+    // a NaN loss, never an out-of-bounds read.
+    TORCH_CHECK(support_y.scalar_type() == at::kLong && query_y.scalar_type() == at::kLong, "labels must be int64");
+    TORCH_CHECK(support_y.dim() == 2 && support_y.size(0) == T && support_y.size(1) == K, "support_y must be [T, K]");
+    TORCH_CHECK(query_y.dim() == 2 && query_y.size(0) == T && query_y.size(1) == Q, "query_y must be [T, Q]");
+  }
+  int rate_kind;
+  if (lr.dim() == 1) rate_kind = kRateStep;
+  else if (lr.dim() == 2 && lr.size(1) == 2 * L) rate_kind = kRateTensor;
+  else if (lr.dim() == 2 && lr.size(1) == P) rate_kind = kRatePerParam;
+  else TORCH_CHECK(false, "lr must be [steps], [steps, ", 2 * L, "] or [steps, ", P, "], got ", lr.sizes());
+  TORCH_CHECK(lr.size(0) == steps, "lr must have one row per step");
+  c10::cuda::CUDAGuard guard(theta.device());
+  const int64_t bytes = mlp_smem_floats(d, steps, K, Q) * static_cast<int64_t>(sizeof(float));
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, theta.get_device()));
+  TORCH_CHECK(bytes <= limit, "mlp_meta_step: this MLP needs ", bytes, " bytes of shared memory per task; the GPU "
+              "gives a block ", limit, " (the launcher should have sent it to the general path)");
+  if (grads == 1) {
+    TORCH_CHECK(task_weights.has_value() && task_weights->device() == theta.device() &&
+                    task_weights->scalar_type() == at::kFloat && task_weights->is_contiguous() &&
+                    task_weights->dim() == 1 && task_weights->size(0) == T,
+                "grads == 1 needs float32 task_weights [T] on ", theta.device());
+  }
+  at::Tensor losses = at::empty({T}, theta.options());
+  at::Tensor preds = at::empty({T, Q, O}, theta.options());
+  std::vector<int64_t> lr_task_shape{T};
+  for (auto s : lr.sizes()) lr_task_shape.push_back(s);
+  at::Tensor gtheta = grads ? at::empty({T, P}, theta.options()) : at::empty({0}, theta.options());
+  at::Tensor glr = grads ? at::empty(lr_task_shape, theta.options()) : at::empty({0}, theta.options());
+  MlpArgs a{};
+  a.d = d;
+  a.theta = theta.data_ptr<float>();
+  a.sx = support_x.data_ptr<float>();
+  a.sy = support_y.data_ptr();
+  a.qx = query_x.data_ptr<float>();
+  a.qy = query_y.data_ptr();
+  a.lr = lr.data_ptr<float>();
+  a.rate_kind = rate_kind;
+  a.steps = static_cast<int>(steps);
+  a.K = static_cast<int>(K);
+  a.Q = static_cast<int>(Q);
+  a.act = static_cast<int>(act);
+  a.loss = static_cast<int>(loss);
+  a.slope = static_cast<float>(negative_slope);
+  a.first_order = first_order;
+  a.grads = grads != 0;
+  a.losses = losses.data_ptr<float>();
+  a.preds = preds.data_ptr<float>();
+  a.gtheta = grads ? gtheta.data_ptr<float>() : nullptr;
+  a.glr = grads ? glr.data_ptr<float>() : nullptr;
+  a.lr_per_task = static_cast<int>(lr.numel());
+  C10_CUDA_CHECK(launch_mlp_meta_step(a, T, bytes, stream()));
+  if (grads != 1) return {losses, preds, gtheta, glr};
+  // Σ_t w_t · (per-task gradient): two GEMVs in a fixed order (deterministic).
+  at::Tensor g_theta = at::mv(gtheta.t(), *task_weights);
+  at::Tensor g_lr = steps == 0 ? at::zeros(lr.sizes(), lr.options())
+                               : at::mv(glr.reshape({T, -1}).t(), *task_weights).reshape(lr.sizes());
+  return {losses, preds, g_theta, g_lr};
+}
+
+}  // namespace
+
+// The table's two kernels (fastmeta/ops/mlp_meta_step.py): the forward, with every task's
+// meta-gradient when asked (grads mode 2), and the backward: Σ_t w_t · that gradient (mode 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step_forward(
+    const at::Tensor& theta, at::IntArrayRef layer_sizes, c10::string_view act, double negative_slope,
+    const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
+    c10::string_view loss_kind, const at::Tensor& lr, int64_t steps, bool first_order, bool task_gradients) {
+  return mlp_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind,
+                       lr, steps, first_order, task_gradients ? 2 : 0, c10::nullopt);
+}
+
+std::vector<at::Tensor> mlp_meta_step_backward(const at::Tensor& grad_losses, const at::Tensor& theta,
+                                               at::IntArrayRef layer_sizes, c10::string_view act,
+                                               double negative_slope, const at::Tensor& support_x,
+                                               const at::Tensor& support_y, const at::Tensor& query_x,
+                                               const at::Tensor& query_y, c10::string_view loss_kind,
+                                               const at::Tensor& lr, int64_t steps, bool first_order,
+                                               const c10::List<bool>& needs) {
+  TORCH_CHECK(needs.size() == 2, "needs must hold 2 flags, got ", needs.size());
+  auto [losses, preds, d_theta, d_lr] = mlp_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y,
+                                                      query_x, query_y, loss_kind, lr, steps, first_order, 1,
+                                                      grad_losses);
+  return {needs.get(0) ? d_theta : at::empty({0}, theta.options()), needs.get(1) ? d_lr : at::empty({0}, lr.options())};
+}
+
+
+// The shared-memory formula's answer for Python (fastmeta/ops/mlp_meta_step.py decides with
+// it whether the fused kernel takes a shape), so that the formula is written once.
+int64_t mlp_meta_step_workspace_floats(at::IntArrayRef layer_sizes, int64_t K, int64_t Q, int64_t steps) {
+  return mlp_smem_floats(mlp_dims(layer_sizes), steps, K, Q);
+}
+
+}  // namespace cuda
+}  // namespace fastmeta
+
+TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
+  m.def("mlp_meta_step_workspace_floats(int[] layer_sizes, int K, int Q, int steps) -> int",
+        &fastmeta::cuda::mlp_meta_step_workspace_floats);
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CUDA, m) {
+  m.impl("mlp_meta_step", &fastmeta::cuda::mlp_meta_step_forward);
+  m.impl("mlp_meta_step_backward", &fastmeta::cuda::mlp_meta_step_backward);
+}

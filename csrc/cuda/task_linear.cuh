@@ -1,0 +1,22 @@
+// The task_linear family on CUDA: the batched GEMM's interface between task_linear.cu and
+// task_linear_host.cpp.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastmeta {
+namespace cuda {
+
+// C[b] = act(A[b]·B[b] + bias[b]) for every batch b.
+struct Strided {
+  const float* p;
+  int64_t b, r, c;  // batch, row, column strides
+};
+
+void launch_batched_gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* C,
+                         const float* bias, int64_t bias_b, int act, float slope, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastmeta

@@ -1,0 +1,88 @@
+// CUDA kernels of task_loss and task_loss_grad (float32).
+#include <cmath>
+#include <cstdint>
+
+#include "../log_sum_exp.h"
+#include "common_cuda.cuh"
+
+namespace fastmeta {
+namespace cuda {
+
+// The launchers, also declared in task_loss_host.cpp (the family shares no types).
+void launch_task_loss(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C, int64_t M,
+                      float* out, cudaStream_t stream);
+void launch_task_loss_grad(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C,
+                           int64_t M, float* out, cudaStream_t stream);
+
+namespace {
+
+constexpr int kCrossEntropy = 0;  // fastmeta::LossKind::CrossEntropy
+
+// ---------------------------------------------------------------------------------------
+// task_loss: one block per task, a deterministic block sum over its N rows (or N·D
+// values). task_loss_grad: one thread per row (cross-entropy) or per value (MSE).
+// A label outside [0, C) gives NaN for its task instead of an out-of-bounds read: checking
+// labels on the host would cost a device sync.
+// ---------------------------------------------------------------------------------------
+
+__global__ void task_loss_kernel(const float* __restrict pred, const void* target, int kind, int64_t N, int64_t C,
+                                 int64_t M, float* __restrict out) {
+  __shared__ float scratch[33];
+  const int64_t t = blockIdx.x;
+  float acc = 0.f;
+  if (kind == kCrossEntropy) {
+    const int64_t* y = static_cast<const int64_t*>(target) + t * N;
+    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+      const float* z = pred + (t * N + n) * C;
+      const int64_t label = y[n];
+      acc += (label >= 0 && label < C) ? log_sum_exp(z, C) - z[label] : NAN;
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) out[t] = acc / static_cast<float>(N);
+  } else {
+    const float* yv = static_cast<const float*>(target) + t * M;
+    const float* z = pred + t * M;
+    for (int64_t i = threadIdx.x; i < M; i += blockDim.x) acc += (z[i] - yv[i]) * (z[i] - yv[i]);
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) out[t] = acc / static_cast<float>(M);
+  }
+}
+
+__global__ void task_loss_grad_kernel(const float* __restrict pred, const void* target, int kind, int64_t T,
+                                      int64_t N, int64_t C, int64_t M, float* __restrict out) {
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  if (kind == kCrossEntropy) {
+    const int64_t* y = static_cast<const int64_t*>(target);
+    const float inv = 1.f / static_cast<float>(N);
+    for (int64_t row = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; row < T * N; row += stride) {
+      const float* z = pred + row * C;
+      float* o = out + row * C;
+      const float lse = log_sum_exp(z, C);
+      const int64_t label = y[row];
+      for (int64_t c = 0; c < C; ++c) o[c] = (expf(z[c] - lse) - (c == label ? 1.f : 0.f)) * inv;
+      if (label < 0 || label >= C)
+        for (int64_t c = 0; c < C; ++c) o[c] = NAN;
+    }
+  } else {
+    const float* yv = static_cast<const float*>(target);
+    const float scale = 2.f / static_cast<float>(M);
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < T * M; i += stride)
+      out[i] = (pred[i] - yv[i]) * scale;
+  }
+}
+
+}  // namespace
+
+void launch_task_loss(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C, int64_t M,
+                      float* out, cudaStream_t stream) {
+  task_loss_kernel<<<T, 256, 0, stream>>>(pred, target, kind, N, C, M, out);
+}
+
+void launch_task_loss_grad(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C,
+                           int64_t M, float* out, cudaStream_t stream) {
+  const int64_t work = kind == kCrossEntropy ? T * N : T * M;
+  task_loss_grad_kernel<<<blocks_for(work, 256), 256, 0, stream>>>(pred, target, kind, T, N, C, M, out);
+}
+
+}  // namespace cuda
+}  // namespace fastmeta

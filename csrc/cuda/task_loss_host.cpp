@@ -1,0 +1,81 @@
+// Host side of task_loss and task_loss_grad on CUDA.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mv.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "host_common.h"
+
+namespace fastmeta {
+namespace cuda {
+
+// Defined in task_loss.cu (the family shares no types, so no header).
+void launch_task_loss(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C, int64_t M,
+                      float* out, cudaStream_t stream);
+void launch_task_loss_grad(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C,
+                           int64_t M, float* out, cudaStream_t stream);
+
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// task_loss
+// ---------------------------------------------------------------------------------------
+
+void check_loss(const at::Tensor& pred, const at::Tensor& target, LossKind kind) {
+  FM_CHECK_CUDA_F32(pred);
+  FM_CHECK_INPUT(target, kCUDA);
+  TORCH_CHECK(pred.dim() >= 2 && pred.size(0) > 0, "pred must be [T, N, ...]");
+  if (kind == LossKind::CrossEntropy) {
+    FM_CHECK_DIM(pred, 3);
+    TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 2 && target.size(0) == pred.size(0) &&
+                    target.size(1) == pred.size(1),
+                "cross-entropy target must be int64 [T, N]");
+    TORCH_CHECK(pred.size(2) > 0, "cross-entropy needs at least one class");
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kFloat && target.sizes() == pred.sizes(), "MSE target must be like pred");
+  }
+}
+
+at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
+  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
+  check_loss(pred, target, kind);
+  c10::cuda::CUDAGuard guard(pred.device());
+  const int64_t T = pred.size(0), N = pred.size(1), M = pred.numel() / T;
+  const int64_t C = kind == LossKind::CrossEntropy ? pred.size(2) : 1;
+  at::Tensor out = at::empty({T}, pred.options());
+  launch_task_loss(pred.data_ptr<float>(), target.data_ptr(), static_cast<int>(kind), T, N, C, M,
+                   out.data_ptr<float>(), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
+  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
+  check_loss(pred, target, kind);
+  c10::cuda::CUDAGuard guard(pred.device());
+  const int64_t T = pred.size(0), N = pred.size(1), M = pred.numel() / T;
+  const int64_t C = kind == LossKind::CrossEntropy ? pred.size(2) : 1;
+  at::Tensor out = at::empty_like(pred);
+  if (out.numel() == 0) return out;
+  launch_task_loss_grad(pred.data_ptr<float>(), target.data_ptr(), static_cast<int>(kind), T, N, C, M,
+                        out.data_ptr<float>(), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+}  // namespace cuda
+}  // namespace fastmeta
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CUDA, m) {
+  m.impl("task_loss", &fastmeta::cuda::task_loss);
+  m.impl("task_loss_grad", &fastmeta::cuda::task_loss_grad);
+}

@@ -1,0 +1,39 @@
+"""How an op module defines its ops: from the typed reference, once.
+
+    def reference_task_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor: ...
+    task_loss = define_op(reference_task_loss, native=NativeCall(takes=..., args=...))
+    task_loss.register_fake(...); task_loss.register_autograd(...)
+
+:func:`define_op` records the kernel in the table (:mod:`fastmeta.backends.table`: name and
+schema from the reference) and returns the public custom op ``torch.ops.fastmeta.<name>``,
+which runs the kernel on the chosen backend, or the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fastmeta.backends import run_kernel
+from fastmeta.backends.table import NativeCall, define_kernel
+
+
+def define_op(reference: Callable, native: NativeCall | None = None, check: Callable[..., None] | None = None):
+    """The public op ``fastmeta::<name>`` of the kernel ``reference_<name>``.
+
+    check: validates the arguments (raising with a message that names them) before any
+    backend sees them.
+    """
+    spec = define_kernel(reference, native)
+
+    def run(*args):
+        if check is not None:
+            check(*args)
+        return run_kernel(spec, *args)
+
+    run.__name__, run.__qualname__, run.__doc__ = spec.name, spec.name, reference.__doc__
+    return torch.library.custom_op(f"fastmeta::{spec.name}", run, mutates_args=(), schema=spec.schema)
+
+
+__all__ = ["NativeCall", "define_op"]

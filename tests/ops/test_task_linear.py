@@ -1,0 +1,208 @@
+"""``task_linear`` and its backward ops (fastmeta/ops/task_linear.py) on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastmeta as fm
+from fastmeta import ops
+from fastmeta.ops.task_linear import (
+    reference_task_linear,
+    reference_task_linear_input_grad,
+    reference_task_linear_weight_grad,
+)
+from harness import backend_params, check_kernel, check_op, direct, to, workload_params
+
+KERNELS = ["task_linear", "task_linear_input_grad", "task_linear_weight_grad"]
+ALL = backend_params("triton", "cpu", "cuda")
+NATIVE = backend_params("cpu", "cuda")
+ACTS = ("none", "relu", "leaky_relu", "tanh", "sigmoid")
+
+
+def linear_weight(kind, T, O, I, device):
+    if kind == "per_task":
+        return torch.randn(T, O, I, device=device)
+    if kind == "shared":
+        return torch.randn(O, I, device=device)
+    if kind == "expanded":  # θ.expand(T, ...): task stride 0
+        return torch.randn(O, I, device=device).expand(T, O, I)
+    # A view of the flat [T, P] buffer: task stride P, offset into the row.
+    return torch.randn(T, O * I + 5, device=device)[:, 5:].view(T, O, I)
+
+
+def linear_bias(kind, T, O, device):
+    return {"none": None, "per_task": torch.randn(T, O, device=device), "shared": torch.randn(O, device=device)}[kind]
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("bias_kind", ["none", "per_task", "shared"])
+@pytest.mark.parametrize("weight_kind", ["per_task", "shared", "expanded", "buffer_view"])
+def test_task_linear_layouts(backend, device, weight_kind, bias_kind):
+    T, N, I, O = 2, 3, 5, 7
+    args = [torch.randn(T, N, I, device=device), linear_weight(weight_kind, T, O, I, device),
+            linear_bias(bias_kind, T, O, device), "tanh", 0.0]
+    diff = [0, 1] + ([2] if args[2] is not None else [])
+    check_op(backend, ops.task_linear, args, diff, KERNELS + ["activation_grad"])
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("act", ACTS)
+def test_task_linear_activations(backend, device, act):
+    T, N, I, O = 2, 3, 5, 7
+    args = to([torch.randn(T, N, I), torch.randn(T, O, I), torch.randn(T, O), act, 0.1], device)
+    check_op(backend, ops.task_linear, args, [0, 1, 2], KERNELS + ([] if act == "none" else ["activation_grad"]))
+
+
+@pytest.mark.parametrize("backend,device", backend_params("triton", "cuda"))
+@pytest.mark.parametrize("shape", list(workload_params("task_linear")))
+@pytest.mark.parametrize("weight_kind", ["buffer_view", "expanded"])
+def test_task_linear_workload(backend, device, shape, weight_kind):
+    T, N, I, O = shape["T"], shape["N"], shape["I"], shape["O"]
+    args = [torch.randn(T, N, I, device=device), linear_weight(weight_kind, T, O, I, device),
+            torch.randn(T, O, device=device), shape["act"], 0.0]
+    check_op(backend, ops.task_linear, args, [0, 1, 2], KERNELS, rtol=1e-4)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Triton's tiles shrunk to 16 so that ragged edges, several tiles per task and split-K
+    run at interpreter-sized shapes."""
+    from fastmeta.kernels import activation, task_linear
+
+    gemm = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 1, "num_stages": 1}
+    monkeypatch.setattr(task_linear, "matmul_config", lambda *a: gemm)
+    monkeypatch.setattr(activation, "elementwise_config", lambda *a: {"BLOCK": 16, "num_warps": 1})
+
+
+@pytest.mark.parametrize("backend,device", backend_params("triton"))
+def test_small_tiles(backend, device, small_tiles):
+    # 37 rows × 18 outputs × 20 inputs: 3 × 2 tiles per task with ragged edges; the shared
+    # weight-grad has K = 2 · 37 = 74 → 3 splits.
+    args = to([torch.randn(2, 37, 20), torch.randn(18, 20), torch.randn(2, 18), "sigmoid", 0.0], device)
+    check_op(backend, ops.task_linear, args, [0, 1, 2], KERNELS + ["activation_grad"], rtol=1e-4)
+
+
+def kernel_cases():
+    """Odd sizes: 7 rows (one 6-row tile + 1), 21 columns (one 16-wide tile + 5), 19 inputs,
+    and every layout the launchers normalise."""
+    T, N, I, O = 3, 7, 19, 21
+    t = torch.randn
+    cases = [(f"act-{act}", "task_linear", reference_task_linear, (t(T, N, I), t(T, O, I), t(T, O), act, 0.2))
+             for act in ACTS]
+    base_w, base_b = t(O, I), t(O)
+    cases += [
+        ("shared", "task_linear", reference_task_linear, (t(T, N, I), base_w, base_b, "tanh", 0.0)),
+        ("expanded", "task_linear", reference_task_linear,
+         (t(T, N, I), base_w.expand(T, O, I), base_b.expand(T, O), "relu", 0.0)),
+        ("nobias-bigN", "task_linear", reference_task_linear, (t(T, 100, I), t(T, O, I), None, "none", 0.0)),
+        ("noncontiguous", "task_linear", reference_task_linear,
+         (t(T, I, N).transpose(1, 2), t(T, I, O).transpose(1, 2), t(O, T).t(), "leaky_relu", 0.01)),
+        ("input_grad", "task_linear_input_grad", reference_task_linear_input_grad, (t(T, N, O), t(T, O, I))),
+        ("input_grad-shared", "task_linear_input_grad", reference_task_linear_input_grad, (t(T, N, O), t(O, I))),
+        ("input_grad-expanded", "task_linear_input_grad", reference_task_linear_input_grad,
+         (t(T, N, O), base_w.expand(T, O, I))),
+        ("weight_grad", "task_linear_weight_grad", reference_task_linear_weight_grad, (t(T, N, O), t(T, N, I), False)),
+        ("weight_grad-shared", "task_linear_weight_grad", reference_task_linear_weight_grad,
+         (t(T, N, O), t(T, N, I), True)),
+        ("weight_grad-shared-bigO", "task_linear_weight_grad", reference_task_linear_weight_grad,
+         (t(T, N, 100), t(T, N, I), True)),
+    ]
+    return cases
+
+
+CASES = kernel_cases()
+
+
+def on_device(args, device, dtype=None):
+    """Keep views views (expanded, transposed) on the device: move their bases."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and (a.stride() != a.contiguous().stride()):
+            if a.dim() >= 2 and 0 in a.stride():
+                out.append(a[0].to(device, dtype or a.dtype).expand(a.shape))
+            else:
+                out.append(a.transpose(-1, -2).to(device, dtype or a.dtype).contiguous().transpose(-1, -2))
+        else:
+            out.append(to([a], device, dtype)[0])
+    return out
+
+
+@pytest.mark.parametrize("backend,device", NATIVE)
+@pytest.mark.parametrize("name,kernel,reference,args", CASES, ids=[c[0] for c in CASES])
+def test_kernel_equals_reference_float32(backend, device, name, kernel, reference, args):
+    check_kernel(backend, kernel, reference, on_device(args, device), rtol=2e-5)
+
+
+@pytest.mark.parametrize("name,kernel,reference,args", CASES, ids=[c[0] for c in CASES])
+def test_cpu_kernel_equals_reference_float64(name, kernel, reference, args):
+    check_kernel("cpu", kernel, reference, on_device(args, "cpu", torch.float64), rtol=1e-10, atol=1e-11)
+
+
+def test_cpu_kernel_declines_what_it_does_not_compile():
+    x = torch.randn(2, 3, 4, dtype=torch.float16)
+    w = torch.randn(5, 4, dtype=torch.float16)
+    from fastmeta.backends import get_backend
+
+    direct("cpu", "task_linear", x.float(), w.float(), None, "none", 0.0)  # loads and runs
+    kernel = get_backend("cpu").kernel("task_linear")
+    assert kernel(x, w, None, "none", 0.0) is NotImplemented
+    assert kernel(x.float(), w.double(), None, "none", 0.0) is NotImplemented
+    # Through the public op, a decline runs the reference: still right.
+    with fm.use_backend("cpu"):
+        y = ops.task_linear(x, w, None, "none", 0.0)
+    torch.testing.assert_close(y, x @ w.t())
+
+
+@pytest.mark.parametrize("backend,device", backend_params("triton"))
+def test_triton_declines_a_bias_of_the_wrong_shape(backend, device):
+    from fastmeta.backends import get_backend
+
+    kernel = get_backend("triton").kernel("task_linear")
+    args = to([torch.randn(2, 3, 5), torch.randn(2, 4, 5), torch.randn(2, 3), "none", 0.0], device)
+    assert kernel(*args) is NotImplemented
+
+
+def r(*shape, grad=True):
+    return torch.randn(shape, dtype=torch.float64).requires_grad_(grad)
+
+
+GRAD_CASES = [(f"act-{act}", ops.task_linear, (lambda act=act: (r(2, 3, 4), r(2, 5, 4), r(2, 5), act, 0.1)))
+              for act in ACTS] + [
+    ("shared", ops.task_linear, lambda: (r(2, 3, 4), r(5, 4), r(5), "tanh", 0.0)),
+    ("nobias", ops.task_linear, lambda: (r(2, 3, 4), r(2, 5, 4), None, "sigmoid", 0.0)),
+    ("input_grad", ops.task_linear_input_grad, lambda: (r(2, 3, 5), r(2, 5, 4))),
+    ("input_grad-shared", ops.task_linear_input_grad, lambda: (r(2, 3, 5), r(5, 4))),
+    ("weight_grad", ops.task_linear_weight_grad, lambda: (r(2, 3, 5), r(2, 3, 4), False)),
+    ("weight_grad-shared", ops.task_linear_weight_grad, lambda: (r(2, 3, 5), r(2, 3, 4), True)),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("name,op,make", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_gradcheck_and_gradgradcheck(gradchecks, backend, name, op, make):
+    with fm.use_backend(backend):
+        gradchecks(op, make(), opcheck_utils=None if backend == "torch" else
+                   ("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_reference_matches_torch_functional():
+    x, w, b = r(2, 3, 4, grad=False), r(2, 5, 4, grad=False), r(2, 5, grad=False)
+    got = ops.task_linear(x, w, b, "relu", 0.0)
+    want = torch.stack([F.relu(F.linear(x[t], w[t], b[t])) for t in range(2)])
+    assert torch.allclose(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_task_shared_weights_compute_per_task_weight_gradients(backend):
+    # θ.expand(T, ...) has task stride 0: the forward is one GEMM, but the weight gradient
+    # must still come back per task.
+    x = r(2, 3, 4, grad=False)
+    base = r(5, 4)
+    w = base.expand(2, 5, 4)
+    with fm.use_backend(backend):
+        y = ops.task_linear(x, w, None, "tanh", 0.0)
+        (g,) = torch.autograd.grad(y.sum(), w)
+    want = torch.stack([torch.autograd.grad(torch.tanh(x[t] @ base.t()).sum(), base)[0] for t in range(2)])
+    assert g.shape == (2, 5, 4) and torch.allclose(g, want)

@@ -1,0 +1,119 @@
+"""``task_loss`` and ``task_loss_grad`` (fastmeta/ops/task_loss.py) on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmeta as fm
+from fastmeta import ops
+from fastmeta.ops.task_loss import reference_task_loss, reference_task_loss_grad
+from harness import backend_params, check_kernel, check_op, require, to, workload_params
+
+KERNELS = ["task_loss", "task_loss_grad"]
+ALL = backend_params("triton", "cpu", "cuda")
+
+
+def loss_args(kind, T, N, K, device):
+    pred = torch.randn(T, N, K, device=device) * 3
+    if kind == "cross_entropy":
+        return [pred, torch.randint(0, K, (T, N), device=device), kind]
+    return [pred, torch.randn(T, N, K, device=device), kind]
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("kind,T,N,K", [("cross_entropy", 2, 3, 5), ("cross_entropy", 1, 1, 2),
+                                        ("cross_entropy", 2, 3, 17), ("mse", 2, 3, 1), ("mse", 2, 3, 5)])
+def test_task_loss(backend, device, kind, T, N, K):
+    args = loss_args(kind, T, N, K, device)
+    check_op(backend, ops.task_loss, args, [0] if kind == "cross_entropy" else [0, 1], KERNELS)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("triton", "cuda"))
+@pytest.mark.parametrize("shape", list(workload_params("task_loss")))
+def test_task_loss_workload(backend, device, shape):
+    args = loss_args(shape["kind"], shape["T"], shape["N"], shape["K"], device)
+    check_op(backend, ops.task_loss, args, [0] if shape["kind"] == "cross_entropy" else [0, 1], KERNELS, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("triton"))
+def test_cross_entropy_bad_label_is_nan_not_a_number(backend, device):
+    """A label outside [0, K): the reference raises; the kernel must not return a plausible loss."""
+    pred, target = torch.randn(2, 3, 5, device=device), torch.tensor([[0, 7, 1], [2, 3, 4]], device=device)
+    with fm.use_backend(backend):
+        loss = ops.task_loss(pred, target, "cross_entropy")
+        grad = ops.task_loss_grad(pred, target, "cross_entropy")
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
+    assert torch.isnan(grad[0, 1]).all() and torch.isfinite(grad[1]).all()
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    from fastmeta.kernels import task_loss
+
+    monkeypatch.setattr(task_loss, "loss_config", lambda *a: {"BLOCK_N": 2, "BLOCK_K": 32, "num_warps": 1})
+    monkeypatch.setattr(task_loss, "mse_config", lambda *a: {"BLOCK": 16, "num_warps": 1})
+
+
+@pytest.mark.parametrize("backend,device", backend_params("triton"))
+def test_small_tiles(backend, device, small_tiles):
+    check_op(backend, ops.task_loss, loss_args("cross_entropy", 2, 5, 20, device), [0], KERNELS)
+    check_op(backend, ops.task_loss, loss_args("mse", 2, 5, 7, device), [0, 1], KERNELS)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("triton", "cpu"))
+def test_targets_the_kernels_do_not_take_are_declined(backend, device):
+    from fastmeta.backends import get_backend
+
+    require(backend)
+    pred = torch.randn(2, 3, 5, device=device)
+    loss, grad = get_backend(backend).kernel("task_loss"), get_backend(backend).kernel("task_loss_grad")
+    assert loss(pred, torch.randn(1, 3, 5, device=device), "mse") is NotImplemented  # would broadcast
+    assert grad(pred, torch.zeros(2, 3, device=device), "cross_entropy") is NotImplemented  # float labels
+
+
+def kernel_cases():
+    T, N = 3, 7
+    t = torch.randn
+    return [
+        ("ce", "task_loss", reference_task_loss, (t(T, N, 5) * 10, torch.randint(0, 5, (T, N)), "cross_entropy")),
+        ("mse", "task_loss", reference_task_loss, (t(T, N, 3), t(T, N, 3), "mse")),
+        ("mse-4d", "task_loss", reference_task_loss, (t(T, N, 2, 3), t(T, N, 2, 3), "mse")),
+        ("grad-ce", "task_loss_grad", reference_task_loss_grad,
+         (t(T, N, 5) * 10, torch.randint(0, 5, (T, N)), "cross_entropy")),
+        ("grad-mse", "task_loss_grad", reference_task_loss_grad, (t(T, N, 3), t(T, N, 3), "mse")),
+    ]
+
+
+CASES = kernel_cases()
+
+
+@pytest.mark.parametrize("backend,device", backend_params("cpu", "cuda"))
+@pytest.mark.parametrize("name,kernel,reference,args", CASES, ids=[c[0] for c in CASES])
+def test_kernel_equals_reference_float32(backend, device, name, kernel, reference, args):
+    check_kernel(backend, kernel, reference, to(args, device), rtol=2e-5)
+
+
+@pytest.mark.parametrize("name,kernel,reference,args", CASES, ids=[c[0] for c in CASES])
+def test_cpu_kernel_equals_reference_float64(name, kernel, reference, args):
+    check_kernel("cpu", kernel, reference, to(args, "cpu", torch.float64), rtol=1e-10, atol=1e-11)
+
+
+def r(*shape):
+    return torch.randn(shape, dtype=torch.float64).requires_grad_(True)
+
+
+GRAD_CASES = [
+    ("ce", ops.task_loss, lambda: (r(2, 4, 5), torch.randint(0, 5, (2, 4)), "cross_entropy")),
+    ("mse", ops.task_loss, lambda: (r(2, 4, 2), r(2, 4, 2), "mse")),
+    ("grad-ce", ops.task_loss_grad, lambda: (r(2, 4, 5), torch.randint(0, 5, (2, 4)), "cross_entropy")),
+    ("grad-mse", ops.task_loss_grad, lambda: (r(2, 4, 2), r(2, 4, 2), "mse")),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("name,op,make", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_gradcheck_and_gradgradcheck(gradchecks, backend, name, op, make):
+    with fm.use_backend(backend):
+        gradchecks(op, make(), opcheck_utils=None if backend == "torch" else
+                   ("test_schema", "test_autograd_registration", "test_faketensor"))
