@@ -108,21 +108,30 @@ REAL_OMNIGLOT = Path(os.environ.get("FASTMETA_OMNIGLOT", "/nonexistent-omniglot"
 # ---------------------------------------------------------------------------------------
 
 
-def check_gradients(op, args, *, opcheck_utils=None, fast_mode: bool = False) -> None:
+def check_gradients(op, args, *, backend: str = "torch", fast_mode: bool = False) -> None:
     """``torch.library.opcheck`` of ``op`` on ``args``, then gradcheck and gradgradcheck in
-    float64 with respect to every argument that requires grad.
+    float64 with respect to every argument that requires grad, on ``backend``.
 
-    opcheck_utils: the opcheck tests to run (default: all of them; the AOT-dispatch test
-    compiles with dynamo, ~5 s per case on 2 cores). fast_mode: gradcheck's random
-    projections of the Jacobian (still fails on a wrong gradient), for ops with many inputs.
+    On the reference backend opcheck runs all its tests; on another, all but the
+    AOT-dispatch test, which compiles with dynamo (~5 s per case on 2 cores) and exercises
+    torch, not the kernel. fast_mode: gradcheck's random projections of the Jacobian (still
+    fails on a wrong gradient), for ops with many inputs.
     """
-    from torch.autograd import gradcheck, gradgradcheck
     from torch.library import opcheck
 
-    if opcheck_utils is None:
-        opcheck(op, args)
-    else:
-        opcheck(op, args, test_utils=opcheck_utils)
+    import fastmeta as fm
+
+    with fm.use_backend(backend):
+        if backend == "torch":
+            opcheck(op, args)
+        else:
+            opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+        _gradchecks(op, args, fast_mode)
+
+
+def _gradchecks(op, args, fast_mode: bool) -> None:
+    from torch.autograd import gradcheck, gradgradcheck
+
     idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
     assert idx, "check_gradients needs at least one argument that requires grad"
 

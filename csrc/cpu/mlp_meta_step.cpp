@@ -39,6 +39,7 @@
 #endif
 
 #include "../common.h"
+#include "../mlp_meta_step_entry.h"
 #include "../log_sum_exp.h"
 #include "cpu_common.h"
 #include "gemm.h"
@@ -619,35 +620,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
 }
 
 
-// The table's two kernels (fastmeta/ops/mlp_meta_step.py): the forward, with every task's
-// meta-gradient when asked (grads mode 2), and the backward: Σ_t w_t · that gradient (mode 1).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step_forward(
-    const at::Tensor& theta, at::IntArrayRef layer_sizes, c10::string_view act, double negative_slope,
-    const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
-    c10::string_view loss_kind, const at::Tensor& lr, int64_t steps, bool first_order, bool task_gradients) {
-  return mlp_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind,
-                       lr, steps, first_order, task_gradients ? 2 : 0, c10::nullopt);
-}
-
-std::vector<at::Tensor> mlp_meta_step_backward(const at::Tensor& grad_losses, const at::Tensor& theta,
-                                               at::IntArrayRef layer_sizes, c10::string_view act,
-                                               double negative_slope, const at::Tensor& support_x,
-                                               const at::Tensor& support_y, const at::Tensor& query_x,
-                                               const at::Tensor& query_y, c10::string_view loss_kind,
-                                               const at::Tensor& lr, int64_t steps, bool first_order,
-                                               const c10::List<bool>& needs) {
-  TORCH_CHECK(needs.size() == 2, "needs must hold 2 flags, got ", needs.size());
-  auto [losses, preds, d_theta, d_lr] = mlp_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y,
-                                                      query_x, query_y, loss_kind, lr, steps, first_order, 1,
-                                                      grad_losses);
-  return {needs.get(0) ? d_theta : at::empty({0}, theta.options()), needs.get(1) ? d_lr : at::empty({0}, lr.options())};
-}
 
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
-  m.impl("mlp_meta_step", &fastmeta::cpu::mlp_meta_step_forward);
-  m.impl("mlp_meta_step_backward", &fastmeta::cpu::mlp_meta_step_backward);
+  m.impl("mlp_meta_step", &fastmeta::mlp_meta_step_forward<&fastmeta::cpu::mlp_meta_step>);
+  m.impl("mlp_meta_step_backward", &fastmeta::mlp_meta_step_backward<&fastmeta::cpu::mlp_meta_step>);
 }

@@ -4,15 +4,10 @@
 
 #include "../log_sum_exp.h"
 #include "common_cuda.cuh"
+#include "task_loss.cuh"
 
 namespace fastmeta {
 namespace cuda {
-
-// The launchers, also declared in task_loss_host.cpp (the family shares no types).
-void launch_task_loss(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C, int64_t M,
-                      float* out, cudaStream_t stream);
-void launch_task_loss_grad(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C,
-                           int64_t M, float* out, cudaStream_t stream);
 
 namespace {
 

@@ -12,15 +12,10 @@
 #include <vector>
 
 #include "host_common.h"
+#include "task_loss.cuh"
 
 namespace fastmeta {
 namespace cuda {
-
-// Defined in task_loss.cu (the family shares no types, so no header).
-void launch_task_loss(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C, int64_t M,
-                      float* out, cudaStream_t stream);
-void launch_task_loss_grad(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C,
-                           int64_t M, float* out, cudaStream_t stream);
 
 namespace {
 

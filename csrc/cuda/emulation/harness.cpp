@@ -4,15 +4,7 @@
 #include "inner_step.cuh"
 #include "mlp_meta_step.cuh"
 #include "task_linear.cuh"
-
-namespace fastmeta {
-namespace cuda {
-void launch_task_loss(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C, int64_t M,
-                      float* out, cudaStream_t stream);
-void launch_task_loss_grad(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C,
-                           int64_t M, float* out, cudaStream_t stream);
-}  // namespace cuda
-}  // namespace fastmeta
+#include "task_loss.cuh"
 #include <algorithm>
 using namespace fastmeta::cuda;
 extern "C" int run_mlp(const long* sizes, int nsizes, const float* theta, const float* sx, const void* sy, const float* qx,

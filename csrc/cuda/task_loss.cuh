@@ -1,0 +1,18 @@
+// task_loss on CUDA: the interface between its kernels (task_loss.cu) and their host
+// wrappers (task_loss_host.cpp). kind: fastmeta::LossKind as int.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastmeta {
+namespace cuda {
+
+void launch_task_loss(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C, int64_t M,
+                      float* out, cudaStream_t stream);
+void launch_task_loss_grad(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C,
+                           int64_t M, float* out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastmeta
