@@ -24,7 +24,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image, ImageDraw
 
 # The synthetic Omniglot: 5 alphabets of 16 characters (80 classes, so the MAML proportions

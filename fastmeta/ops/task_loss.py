@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta.backends.table import shared_or_contiguous
 from fastmeta.ops.registration import NativeCall, define_op
 from fastmeta.ops.reference_vjp import reference_vjp
 

@@ -55,11 +55,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastmeta.engine.per_task_loop import relative_error
 from fastmeta.tools.command import Subcommand
-from fastmeta.tools.workloads import WORKLOADS, Workload, find_workload
+from fastmeta.tools.workloads import Workload, find_workload
 from fastmeta.tools.bench_peers import (
     PEERS,
     Contender,

@@ -31,13 +31,11 @@ state shared by all, and one batch of tasks shared by all.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmeta.data import TaskBatch

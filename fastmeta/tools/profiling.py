@@ -33,7 +33,8 @@ import torch
 
 from fastmeta.tools.bench_peers import ADAM_LR
 from fastmeta.tools.command import Subcommand
-from fastmeta.tools.bench import WORKLOADS, Workload, find_workload, full_fp32
+from fastmeta.tools.bench import full_fp32
+from fastmeta.tools.workloads import WORKLOADS, Workload, find_workload
 
 RANGE_PREFIX = "fastmeta."
 
