@@ -33,6 +33,7 @@ import torch
 
 from fastmeta.tools.bench_peers import ADAM_LR
 from fastmeta.tools.command import Subcommand
+from fastmeta.tools.dispatches import DispatchCount, count_dispatches, plain_user_path
 from fastmeta.tools.bench import full_fp32
 from fastmeta.tools.workloads import WORKLOADS, Workload, find_workload
 
@@ -169,6 +170,30 @@ def profile_meta_iterations(
     return ProfileResult(trace=trace, ranges=ranges, top_kernels=table)
 
 
+def count_paths(workload: Workload, *, backend: str | None = None, first_order: bool = False,
+                learner: str = "maml", seed: int = 0) -> dict[str, DispatchCount]:
+    """Dispatches and host syncs of one second-order (or first-order) meta-iteration of
+    ``workload`` on the CPU, per path (:mod:`fastmeta.tools.dispatches`): ``plain``, the
+    user's loop with the learner's defaults (``meta_batch``, ``loss.backward()``, Adam with
+    ``fused=True``)."""
+    import fastmeta as fm
+
+    with full_fp32(), fm.use_backend(backend or fm.current_backend()):
+        torch.manual_seed(seed)
+        model = workload.build_model()
+        if learner == "maml":
+            meta = fm.MAML(model, lr=workload.inner_lr, first_order=first_order, steps=workload.steps,
+                           loss=workload.loss)
+        elif learner == "model-aware":
+            meta = fm.ModelAwareMAML(model, lr=workload.inner_lr, first_order=first_order, steps=workload.steps,
+                                     loss=workload.loss)
+        else:
+            raise ValueError(f"learner must be 'maml' or 'model-aware', got {learner!r}")
+        optimizer = torch.optim.Adam(meta.parameters(), lr=ADAM_LR, fused=True)
+        batch = workload.make_batch("cpu", seed)
+        return {"plain": count_dispatches(plain_user_path(meta, optimizer, batch))}
+
+
 def format_ranges(result: ProfileResult, device_type: str) -> str:
     lines = [f"{'range':<28} {'calls':>6} {'CPU ms/iter':>12}" + (f" {'GPU ms/iter':>12}" if device_type == "cuda" else "")]
     for name, calls, cpu_ms, device_ms in result.ranges:
@@ -190,12 +215,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, metavar="N", help="untraced iterations first (default: 2)")
     parser.add_argument("--tasks", type=int, default=None, metavar="T", help="override the tasks per meta-batch")
     parser.add_argument("--top", type=int, default=15, metavar="K", help="rows of the top-kernels table (default: 15)")
+    parser.add_argument("--count", action="store_true",
+                        help="count dispatches and host syncs per meta-iteration (CPU, synthetic inputs) instead")
 
 
 def run(args: argparse.Namespace) -> int:
     workload, preset_first_order = resolve_workload(args.workload)
     if args.tasks is not None:
         workload = workload.replace(tasks=args.tasks)
+    if args.count:
+        first_order = preset_first_order if args.first_order is None else args.first_order
+        order = "first" if first_order else "second"
+        print(f"fastmeta profile --count · {workload.name} · {order} order · T={workload.tasks} · cpu · "
+              f"backend {args.backend or 'default'} · per meta-iteration")
+        for path, count in count_paths(workload, backend=args.backend, first_order=first_order,
+                                       learner=args.learner).items():
+            print(f"  {path:<11} {count.describe(args.top)}")
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible to torch")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
