@@ -1,45 +1,208 @@
-// The table's two kernels of the fused MLP meta-step (fastmeta/ops/mlp_meta_step.py), on top
-// of a device's core `Core(..., grads, task_weights)`: the forward, with every task's
-// meta-gradient when asked (grads mode 2), and the backward, Σ_t w_t · that gradient (mode
-// 1). One definition for the CPU and CUDA registrations.
+// The table's kernels of the fused MLP meta-step (fastmeta/ops/mlp_meta_step.py), on top of
+// a device's core `Core(theta, ..., grads, task_weights)` that reads θ as one flat buffer:
+//
+//   mlp_meta_step             the forward: (mean loss, losses, preds, and, when asked, every
+//                             task's meta-gradient [T, P] and [T, *lr.shape]: grads mode 2);
+//   mlp_meta_step_backward    Σ_t w_t · dloss_t/d(params, lr), w_t = grad_losses[t] +
+//                             grad_mean / T (grads mode 1), per parameter;
+//   mlp_meta_step_weigh_task_gradients
+//                             the same Σ from the forward's per-task gradients.
+//
+// They take the model's parameters as a list (no concatenation in Python, so no cat/split per
+// iteration) and return per-parameter gradients. On the CPU the list is gathered and the
+// gradients split with memcpy and loops: no aten op, so no dispatch (a plain W1 step is then
+// 4 dispatches: this forward, autograd's seed, the weighing, the fused Adam). One definition
+// for the CPU and CUDA registrations.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mean.h>
+#include <ATen/ops/mv.h>
 #include <c10/util/Exception.h>
 
+#include <cstring>
 #include <tuple>
 #include <vector>
+
+#include "common.h"
 
 namespace fastmeta {
 
 using MlpMetaStepCore = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor&, at::IntArrayRef, c10::string_view, double, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, c10::string_view, const at::Tensor&, int64_t, bool, int64_t,
-    const c10::optional<at::Tensor>&);
+    const c10::optional<at::Tensor>&, bool);
+
+namespace mlp_entry {
+
+inline void check_params(at::TensorList params) {
+  TORCH_CHECK(!params.empty(), "params must hold the MLP's weights and biases");
+  for (const auto& p : params) {
+    TORCH_CHECK(p.device() == params[0].device() && p.scalar_type() == params[0].scalar_type(),
+                "params must share one device and dtype");
+    TORCH_CHECK(p.is_contiguous(), "params must be contiguous");
+  }
+}
+
+// θ as one flat buffer, in the order of the list (named_parameters order).
+inline at::Tensor gather(at::TensorList params) {
+  check_params(params);
+  if (!params[0].is_cpu()) return at::cat(params.vec());  // one device copy (CUDA)
+  int64_t P = 0;
+  for (const auto& p : params) P += p.numel();
+  at::Tensor theta = at::empty({P}, params[0].options());
+  char* dst = static_cast<char*>(theta.data_ptr());
+  for (const auto& p : params) {
+    const size_t bytes = static_cast<size_t>(p.numel()) * p.element_size();
+    std::memcpy(dst, p.data_ptr(), bytes);
+    dst += bytes;
+  }
+  return theta;
+}
+
+// A flat [P] gradient as one tensor per parameter, shaped like it (fresh storage each: a
+// custom op's outputs must not alias).
+inline std::vector<at::Tensor> scatter(const at::Tensor& flat, at::TensorList params) {
+  std::vector<at::Tensor> out;
+  out.reserve(params.size() + 1);
+  int64_t offset = 0;
+  for (const auto& p : params) {
+    if (flat.is_cpu()) {
+      at::Tensor g = at::empty(p.sizes(), flat.options());
+      std::memcpy(g.data_ptr(), static_cast<const char*>(flat.data_ptr()) + offset * flat.element_size(),
+                  static_cast<size_t>(p.numel()) * flat.element_size());
+      out.push_back(g);
+    } else {
+      out.push_back(flat.narrow(0, offset, p.numel()).view(p.sizes()).clone());
+    }
+    offset += p.numel();
+  }
+  return out;
+}
+
+// w_t = grad_losses[t] + grad_mean / T: the weight of task t's gradient in the backward.
+inline at::Tensor task_weights(const c10::optional<at::Tensor>& grad_mean, const c10::optional<at::Tensor>& grad_losses,
+                               int64_t T, const at::Tensor& like) {
+  at::Tensor w = at::empty({T}, like.options());
+  if (!like.is_cpu()) {
+    w.zero_();
+    if (grad_losses.has_value()) w.add_(*grad_losses);
+    if (grad_mean.has_value()) w.add_(grad_mean->reshape({}), 1.0 / static_cast<double>(T));
+    return w;
+  }
+  dispatch_floating(like.scalar_type(), "mlp_meta_step task weights", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t m = grad_mean.has_value() ? grad_mean->contiguous().data_ptr<scalar_t>()[0] / scalar_t(T)
+                                             : scalar_t(0);
+    const scalar_t* gl = grad_losses.has_value() ? grad_losses->data_ptr<scalar_t>() : nullptr;
+    for (int64_t t = 0; t < T; ++t) wp[t] = (gl ? gl[t] : scalar_t(0)) + m;
+  });
+  return w;
+}
+
+inline void check_upstream(const c10::optional<at::Tensor>& grad_mean, const c10::optional<at::Tensor>& grad_losses,
+                           int64_t T, const at::Tensor& like) {
+  if (grad_mean.has_value())
+    TORCH_CHECK(grad_mean->numel() == 1 && grad_mean->scalar_type() == like.scalar_type() &&
+                    grad_mean->device() == like.device(),
+                "grad_mean must be one value of θ's dtype and device");
+  if (grad_losses.has_value())
+    TORCH_CHECK(grad_losses->dim() == 1 && grad_losses->size(0) == T && grad_losses->is_contiguous() &&
+                    grad_losses->scalar_type() == like.scalar_type() && grad_losses->device() == like.device(),
+                "grad_losses must be [T] = [", T, "] of θ's dtype and device");
+}
+
+}  // namespace mlp_entry
 
 template <MlpMetaStepCore Core>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step_forward(
-    const at::Tensor& theta, at::IntArrayRef layer_sizes, c10::string_view act, double negative_slope,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step_forward(
+    at::TensorList params, at::IntArrayRef layer_sizes, c10::string_view act, double negative_slope,
     const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
-    c10::string_view loss_kind, const at::Tensor& lr, int64_t steps, bool first_order, bool task_gradients) {
-  return Core(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr, steps,
-              first_order, task_gradients ? 2 : 0, c10::nullopt);
+    c10::string_view loss_kind, const at::Tensor& lr, int64_t steps, bool first_order, bool task_gradients,
+    bool validate) {
+  const at::Tensor theta = mlp_entry::gather(params);
+  auto [losses, preds, g_theta, g_lr] = Core(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x,
+                                             query_y, loss_kind, lr, steps, first_order, task_gradients ? 2 : 0,
+                                             c10::nullopt, validate);
+  at::Tensor mean = at::empty({}, losses.options());
+  if (losses.is_cpu()) {
+    dispatch_floating(losses.scalar_type(), "mlp_meta_step mean", [&](auto tag_) {
+      using scalar_t = decltype(tag_);
+      const scalar_t* l = losses.data_ptr<scalar_t>();
+      scalar_t sum = 0;
+      for (int64_t t = 0; t < losses.numel(); ++t) sum += l[t];  // task order: deterministic
+      mean.data_ptr<scalar_t>()[0] = sum / static_cast<scalar_t>(losses.numel());
+    });
+  } else {
+    at::mean_out(mean, losses, at::IntArrayRef{0});
+  }
+  return {mean, losses, preds, g_theta, g_lr};
 }
 
 template <MlpMetaStepCore Core>
-std::vector<at::Tensor> mlp_meta_step_backward(const at::Tensor& grad_losses, const at::Tensor& theta,
-                                               at::IntArrayRef layer_sizes, c10::string_view act,
-                                               double negative_slope, const at::Tensor& support_x,
-                                               const at::Tensor& support_y, const at::Tensor& query_x,
-                                               const at::Tensor& query_y, c10::string_view loss_kind,
-                                               const at::Tensor& lr, int64_t steps, bool first_order,
-                                               const c10::List<bool>& needs) {
-  TORCH_CHECK(needs.size() == 2, "needs must hold 2 flags, got ", needs.size());
+std::vector<at::Tensor> mlp_meta_step_backward(
+    const c10::optional<at::Tensor>& grad_mean, const c10::optional<at::Tensor>& grad_losses, at::TensorList params,
+    at::IntArrayRef layer_sizes, c10::string_view act, double negative_slope, const at::Tensor& support_x,
+    const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y, c10::string_view loss_kind,
+    const at::Tensor& lr, int64_t steps, bool first_order, const c10::List<bool>& needs) {
+  TORCH_CHECK(needs.size() == 2, "needs must hold 2 flags (params, lr), got ", needs.size());
+  const at::Tensor theta = mlp_entry::gather(params);
+  const int64_t T = support_x.size(0);
+  mlp_entry::check_upstream(grad_mean, grad_losses, T, theta);
+  const at::Tensor w = mlp_entry::task_weights(grad_mean, grad_losses, T, theta);
   auto [losses, preds, d_theta, d_lr] = Core(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x,
-                                             query_y, loss_kind, lr, steps, first_order, 1, grad_losses);
-  return {needs.get(0) ? d_theta : at::empty({0}, theta.options()), needs.get(1) ? d_lr : at::empty({0}, lr.options())};
+                                             query_y, loss_kind, lr, steps, first_order, 1, w, false);
+  std::vector<at::Tensor> out = needs.get(0) ? mlp_entry::scatter(d_theta, params) : std::vector<at::Tensor>{};
+  if (!needs.get(0))
+    for (size_t i = 0; i < params.size(); ++i) out.push_back(at::empty({0}, theta.options()));
+  out.push_back(needs.get(1) ? d_lr : at::empty({0}, lr.options()));
+  return out;
+}
+
+// Σ_t w_t · g_t for the forward's per-task gradients g [T, P] and glr [T, *lr.shape].
+inline std::vector<at::Tensor> mlp_meta_step_weigh_task_gradients(
+    const c10::optional<at::Tensor>& grad_mean, const c10::optional<at::Tensor>& grad_losses,
+    const at::Tensor& task_grad_theta, const at::Tensor& task_grad_lr, at::TensorList params) {
+  TORCH_CHECK(task_grad_theta.dim() == 2 && task_grad_theta.is_contiguous() && task_grad_lr.is_contiguous(),
+              "task gradients must be contiguous [T, P] and [T, ...]");
+  const int64_t T = task_grad_theta.size(0), P = task_grad_theta.size(1);
+  TORCH_CHECK(task_grad_lr.dim() >= 1 && task_grad_lr.size(0) == T, "task_grad_lr must be [T, ...]");
+  int64_t numel = 0;
+  for (const auto& p : params) numel += p.numel();
+  TORCH_CHECK(numel == P, "params hold ", numel, " values, the task gradients ", P);
+  mlp_entry::check_upstream(grad_mean, grad_losses, T, task_grad_theta);
+  const at::Tensor w = mlp_entry::task_weights(grad_mean, grad_losses, T, task_grad_theta);
+  std::vector<int64_t> lr_shape(task_grad_lr.sizes().begin() + 1, task_grad_lr.sizes().end());
+  at::Tensor g_theta, g_lr;
+  if (task_grad_theta.is_cpu()) {
+    g_theta = at::empty({P}, task_grad_theta.options());
+    g_lr = at::empty(lr_shape, task_grad_lr.options());
+    dispatch_floating(task_grad_theta.scalar_type(), "mlp_meta_step_weigh_task_gradients", [&](auto tag_) {
+      using scalar_t = decltype(tag_);
+      const scalar_t* wp = w.data_ptr<scalar_t>();
+      for (auto [src, dst] : {std::pair{&task_grad_theta, &g_theta}, std::pair{&task_grad_lr, &g_lr}}) {
+        const int64_t n = dst->numel();
+        const scalar_t* sp = src->template data_ptr<scalar_t>();
+        scalar_t* dp = dst->template data_ptr<scalar_t>();
+        for (int64_t k = 0; k < n; ++k) dp[k] = 0;
+        for (int64_t t = 0; t < T; ++t) {  // task order: deterministic
+          const scalar_t wt = wp[t];
+#pragma omp simd
+          for (int64_t k = 0; k < n; ++k) dp[k] += wt * sp[t * n + k];
+        }
+      }
+    });
+  } else {
+    g_theta = at::mv(task_grad_theta.t(), w);
+    g_lr = at::mv(task_grad_lr.reshape({T, -1}).t(), w).view(lr_shape);
+  }
+  std::vector<at::Tensor> out = mlp_entry::scatter(g_theta, params);
+  out.push_back(g_lr);
+  return out;
 }
 
 }  // namespace fastmeta

@@ -482,11 +482,45 @@ void run(const Plan& plan, const C& c, const Args& a, const T* rates, at::Tensor
   });
 }
 
+// The validation the learners do with torch ops elsewhere, here in the kernel's own loops:
+// on the CPU it costs no dispatch and no sync. The messages are the engine's; the prefix
+// tells fastmeta.ops.mlp_meta_step to raise FloatingPointError (TORCH_CHECK raises
+// RuntimeError).
+constexpr const char* kFloatingPointError = "FloatingPointError: ";
+
+inline void check_finite_inputs(const at::Tensor& sx, const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy,
+                                int64_t T, LossKind loss) {
+  std::vector<std::pair<const at::Tensor*, const char*>> named{{&sx, "support_x"}, {&qx, "query_x"}};
+  if (loss == LossKind::Mse) {
+    named.push_back({&sy, "support_y"});
+    named.push_back({&qy, "query_y"});
+  }
+  for (auto [t, name] : named) {
+    dispatch_floating(t->scalar_type(), "mlp_meta_step check", [&](auto tag_) {
+      using scalar_t = decltype(tag_);
+      const scalar_t* d = t->data_ptr<scalar_t>();
+      const int64_t per_task = t->numel() / T;
+      for (int64_t i = 0; i < t->numel(); ++i)
+        TORCH_CHECK(std::isfinite(d[i]), kFloatingPointError, name, " has NaN or Inf in task ", i / per_task);
+    });
+  }
+}
+
+inline void check_finite_losses(const at::Tensor& losses) {
+  dispatch_floating(losses.scalar_type(), "mlp_meta_step check", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* l = losses.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < losses.numel(); ++t)
+      TORCH_CHECK(std::isfinite(l[t]), kFloatingPointError, "the query loss of task ", t, " is ",
+                  static_cast<double>(l[t]));
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
     const at::Tensor& theta, at::IntArrayRef layer_sizes, c10::string_view act_name, double negative_slope,
     const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x,
     const at::Tensor& query_y, c10::string_view loss_name, const at::Tensor& lr, int64_t steps,
-    bool first_order, int64_t grads, const c10::optional<at::Tensor>& task_weights) {
+    bool first_order, int64_t grads, const c10::optional<at::Tensor>& task_weights, bool validate) {
   // ---- checks: everything the loops below index is validated here
   for (const at::Tensor* t : {&theta, &support_x, &support_y, &query_x, &query_y, &lr}) {
     FM_CHECK_DEVICE(*t, kCPU);
@@ -527,8 +561,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
     for (const at::Tensor* y : {&support_y, &query_y}) {
       TORCH_CHECK(y->scalar_type() == at::kLong, "cross-entropy labels must be int64");
       const int64_t* d = y->data_ptr<int64_t>();
-      for (int64_t i = 0; i < y->numel(); ++i)
-        TORCH_CHECK(d[i] >= 0 && d[i] < O, "label ", d[i], " is not in [0, ", O, ")");
+      const int64_t per_task = y->numel() / std::max<int64_t>(T, 1);
+      for (int64_t i = 0; i < y->numel(); ++i)  // a label out of range would read past the row: always checked
+        TORCH_CHECK_VALUE(d[i] >= 0 && d[i] < O, y == &support_y ? "support" : "query",
+                          " labels out of range for the model's ", O, " outputs (task ", i / per_task,
+                          " has label ", d[i], ")");
     }
     TORCH_CHECK(support_y.dim() == 2 && support_y.size(0) == T && support_y.size(1) == K,
                 "support_y must be [T, K], got ", support_y.sizes());
@@ -554,6 +591,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
     TORCH_CHECK(task_weights->dim() == 1 && task_weights->size(0) == T, "task_weights must be [T] = [", T,
                 "], got ", task_weights->sizes());
   }
+
+  if (validate) check_finite_inputs(support_x, support_y, query_x, query_y, T, loss);
 
   at::Tensor losses = at::empty({T}, theta.options());
   at::Tensor preds = at::empty({T, Q, O}, theta.options());
@@ -598,6 +637,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
       default: go(Ctx<T_, Act::None>{plan, slope, loss}); break;
     }
   });
+  if (validate) check_finite_losses(losses);
   if (grads != 1) return {losses, preds, gtheta_task, glr_task};
   // Σ_t w_t · (per-task gradient): a [T]·[T, n] product, in task order (deterministic).
   at::Tensor gtheta = at::zeros({plan.P}, theta.options());
@@ -628,4 +668,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
 TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("mlp_meta_step", &fastmeta::mlp_meta_step_forward<&fastmeta::cpu::mlp_meta_step>);
   m.impl("mlp_meta_step_backward", &fastmeta::mlp_meta_step_backward<&fastmeta::cpu::mlp_meta_step>);
+  m.impl("mlp_meta_step_weigh_task_gradients", &fastmeta::mlp_meta_step_weigh_task_gradients);
 }

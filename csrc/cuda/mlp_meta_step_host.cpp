@@ -60,7 +60,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
     const at::Tensor& theta, at::IntArrayRef layer_sizes, c10::string_view act_name, double negative_slope,
     const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
     c10::string_view loss_name, const at::Tensor& lr, int64_t steps, bool first_order, int64_t grads,
-    const c10::optional<at::Tensor>& task_weights) {
+    const c10::optional<at::Tensor>& task_weights, bool validate) {
+  // validate: on CUDA the checks would sync the device; the learners run them with torch
+  // ops before this when asked, and a bad label becomes a NaN loss in the kernel.
+  (void)validate;
   for (const at::Tensor* t : {&theta, &support_x, &support_y, &query_x, &query_y, &lr}) {
     FM_CHECK_INPUT(*t, kCUDA);
     TORCH_CHECK(t->device() == theta.device(), "all inputs must be on ", theta.device());
@@ -173,4 +176,5 @@ TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
 TORCH_LIBRARY_IMPL(fastmeta_ext, CUDA, m) {
   m.impl("mlp_meta_step", &fastmeta::mlp_meta_step_forward<&fastmeta::cuda::mlp_meta_step>);
   m.impl("mlp_meta_step_backward", &fastmeta::mlp_meta_step_backward<&fastmeta::cuda::mlp_meta_step>);
+  m.impl("mlp_meta_step_weigh_task_gradients", &fastmeta::mlp_meta_step_weigh_task_gradients);
 }

@@ -47,6 +47,7 @@ differentiated by autograd.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +85,11 @@ def check_arguments(theta, layer_sizes, act, negative_slope, support_x, support_
     if loss_kind not in LOSS_KINDS:
         raise ValueError(f"loss_kind must be one of {LOSS_KINDS}, got {loss_kind!r}")
     P = num_parameters(layer_sizes)
-    if theta.dim() != 1 or theta.numel() != P:
-        raise ValueError(f"theta must be [P] = [{P}] for layer_sizes {layer_sizes}, got {tuple(theta.shape)}")
+    params = list(theta) if isinstance(theta, (list, tuple)) else [theta]
+    if not params or sum(p.numel() for p in params) != P or (len(params) == 1 and params[0].dim() != 1):
+        shapes = [tuple(p.shape) for p in params]
+        raise ValueError(f"params must hold P = {P} values for layer_sizes {layer_sizes} (one flat θ [P], or the "
+                         f"parameter tensors in order), got {shapes}")
     if support_x.dim() != 3 or query_x.dim() != 3 or support_x.size(-1) != layer_sizes[0] \
             or query_x.size(-1) != layer_sizes[0] or query_x.size(0) != support_x.size(0):
         raise ValueError(
@@ -325,180 +329,276 @@ def analytic_meta_step(theta, layer_sizes, act, negative_slope, support_x, suppo
     return losses, preds, d_theta, d_lr
 
 
+def _flat(params: list[Tensor]) -> Tensor:
+    return params[0].reshape(-1) if len(params) == 1 else torch.cat([p.reshape(-1) for p in params])
+
+
+def _per_parameter(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
+    return [g.view_as(p).clone() for g, p in zip(flat.split([p.numel() for p in params]), params)]
+
+
 def reference_mlp_meta_step(
-    theta: Tensor, layer_sizes: list[int], act: str, negative_slope: float, support_x: Tensor, support_y: Tensor,
-    query_x: Tensor, query_y: Tensor, loss_kind: str, lr: Tensor, steps: int, first_order: bool,
-    task_gradients: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    params: list[Tensor], layer_sizes: list[int], act: str, negative_slope: float, support_x: Tensor,
+    support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_kind: str, lr: Tensor, steps: int, first_order: bool,
+    task_gradients: bool, validate: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A MAML meta-step of a small MLP for every task; see the module docstring.
 
-    Returns (losses ``[T]``, preds ``[T, Q, O]``, dθ ``[T, P]``, dlr ``[T, *lr.shape]``). The
-    last two are every task's meta-gradient when ``task_gradients`` is set, else empty. The
-    fused kernels compute them on the way, almost for free (the inner loop's activations
-    are still in cache), and the backward then only weights them.
+    Returns (mean loss ``[]``, losses ``[T]``, preds ``[T, Q, O]``, dθ ``[T, P]``, dlr
+    ``[T, *lr.shape]``). The last two are every task's meta-gradient when
+    ``task_gradients`` is set, else empty: the fused kernels compute them on the way, almost
+    for free (the inner loop's activations are still in cache), and the backward then only
+    weighs them. ``validate``: raise on NaN/Inf inputs or losses, and on labels out of range
+    (the kernels check in their own loops, at no dispatch or sync on the CPU).
     """
+    theta = _flat(params)
+    if validate:
+        _check_finite(support_x, support_y, query_x, query_y, loss_kind)
     losses, preds, _, _ = analytic_meta_step(
         theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
         loss_kind, lr, steps, first_order,
     )
+    if validate:
+        bad = (~torch.isfinite(losses)).nonzero()
+        if bad.numel():
+            t = int(bad[0])
+            raise FloatingPointError(f"the query loss of task {t} is {float(losses[t])}")
+    mean = losses.mean()
     if not task_gradients:
-        return losses, preds.clone(), theta.new_empty(0), lr.new_empty(0)
+        return mean, losses, preds.clone(), theta.new_empty(0), lr.new_empty(0)
     one = theta.new_ones(1)
     per_task = [
         analytic_meta_step(theta, layer_sizes, act, negative_slope, support_x[t:t + 1], support_y[t:t + 1],
                            query_x[t:t + 1], query_y[t:t + 1], loss_kind, lr, steps, first_order, task_weights=one)[2:]
         for t in range(support_x.size(0))
     ]
-    return (losses, preds.clone(), torch.stack([g for g, _ in per_task]).detach(),
+    return (mean, losses, preds.clone(), torch.stack([g for g, _ in per_task]).detach(),
             torch.stack([g for _, g in per_task]).detach())
 
 
-def reference_mlp_meta_step_backward(
-    grad_losses: Tensor, theta: Tensor, layer_sizes: list[int], act: str, negative_slope: float,
-    support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_kind: str, lr: Tensor,
-    steps: int, first_order: bool, needs: list[bool],
-) -> list[Tensor]:
-    """[Σ_t grad_losses[t] · dloss_t/dθ ``[P]``, the same for lr (lr's shape)].
+def _check_finite(support_x, support_y, query_x, query_y, loss_kind) -> None:
+    named = {"support_x": support_x, "query_x": query_x}
+    if loss_kind == "mse":
+        named.update(support_y=support_y, query_y=query_y)
+    for name, t in named.items():
+        bad = (~torch.isfinite(t.reshape(t.size(0), -1)).all(1)).nonzero()
+        if bad.numel():
+            raise FloatingPointError(f"{name} has NaN or Inf in task {int(bad[0])}")
 
-    ``needs`` (two flags) says which to compute; the other comes back empty.
-    """
+
+def _task_weights(grad_mean: Tensor | None, grad_losses: Tensor | None, T: int, like: Tensor) -> Tensor:
+    w = like.new_zeros(T)
+    if grad_losses is not None:
+        w = w + grad_losses
+    if grad_mean is not None:
+        w = w + grad_mean / T
+    return w
+
+
+def reference_mlp_meta_step_backward(
+    grad_mean: Tensor | None, grad_losses: Tensor | None, params: list[Tensor], layer_sizes: list[int], act: str,
+    negative_slope: float, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_kind: str,
+    lr: Tensor, steps: int, first_order: bool, needs: list[bool],
+) -> list[Tensor]:
+    """[Σ_t w_t · dloss_t/dp for each parameter p, then the same for lr], with
+    w_t = grad_losses[t] + grad_mean / T (either may be None: zero); empty where ``needs``
+    (params, lr) says no."""
+    theta = _flat(params)
+    w = _task_weights(grad_mean, grad_losses, support_x.size(0), theta)
     _, _, d_theta, d_lr = analytic_meta_step(
         theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-        loss_kind, lr, steps, first_order, task_weights=grad_losses,
+        loss_kind, lr, steps, first_order, task_weights=w,
     )
-    return [d_theta if needs[0] else theta.new_empty(0), d_lr if needs[1] else lr.new_empty(0)]
+    grads = _per_parameter(d_theta, params) if needs[0] else [p.new_empty(0) for p in params]
+    return grads + [d_lr if needs[1] else lr.new_empty(0)]
 
 
-# ---------------------------------------------------------------------------------------
-# mlp_meta_step
-# ---------------------------------------------------------------------------------------
+def reference_mlp_meta_step_weigh_task_gradients(
+    grad_mean: Tensor | None, grad_losses: Tensor | None, task_grad_theta: Tensor, task_grad_lr: Tensor,
+    params: list[Tensor],
+) -> list[Tensor]:
+    """[Σ_t w_t · task_grad_theta[t] per parameter (shaped like it), Σ_t w_t · task_grad_lr[t]]:
+    the backward of the forward's per-task gradients, w_t as in mlp_meta_step_backward."""
+    T = task_grad_theta.size(0)
+    w = _task_weights(grad_mean, grad_losses, T, task_grad_theta)
+    g_lr = (w @ task_grad_lr.reshape(T, -1)).view(task_grad_lr.shape[1:])
+    return _per_parameter(w @ task_grad_theta, params) + [g_lr]
 
 
-def _native_takes(device_type, theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+_ARGS = ("params", "layer_sizes", "act", "negative_slope", "support_x", "support_y", "query_x", "query_y",
+         "loss_kind", "lr", "steps", "first_order")
+
+
+def _native_takes(device_type, params, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
                   loss_kind, lr, steps, first_order, *rest) -> bool:
-    return _kernel_inputs_ok(device_type, theta, support_x, support_y, query_x, query_y, lr, act, loss_kind,
+    if any(p.dtype != params[0].dtype or p.device != params[0].device for p in params):
+        return False
+    return _kernel_inputs_ok(device_type, params[0], support_x, support_y, query_x, query_y, lr, act, loss_kind,
                              layer_sizes, steps)
 
 
+def _contiguous(a):
+    if isinstance(a, Tensor):
+        return a.contiguous()
+    if isinstance(a, (list, tuple)) and a and isinstance(a[0], Tensor):
+        return [t.contiguous() for t in a]
+    return a
+
+
 def _native_args(*args):
-    return tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
+    return tuple(_contiguous(a) for a in args)
 
 
-def _check(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr, steps,
+def _check(params, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr, steps,
            *rest) -> None:
-    check_arguments(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind,
-                    lr, steps)
+    check_arguments(params, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr,
+                    steps)
 
 
 mlp_meta_step_op = define_op(reference_mlp_meta_step, NativeCall(takes=_native_takes, args=_native_args), _check)
 
 
-def mlp_meta_step(theta: Tensor, layer_sizes: list[int], act: str, negative_slope: float, support_x: Tensor,
-                  support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_kind: str, lr: Tensor, steps: int,
-                  first_order: bool) -> tuple[Tensor, Tensor]:
-    """(losses ``[T]``, preds ``[T, Q, O]``) of a MAML meta-step of a small MLP for every
-    task, differentiable w.r.t. θ and lr; see the module docstring."""
+def mlp_meta_step_mean(params: Tensor | Sequence[Tensor], layer_sizes: list[int], act: str, negative_slope: float,
+                       support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_kind: str,
+                       lr: Tensor, steps: int, first_order: bool, validate: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean loss ``[]``, losses ``[T]``, preds ``[T, Q, O]``): a MAML meta-step of a small MLP
+    for every task, differentiable w.r.t. the parameters (one flat θ, or the model's
+    parameter tensors in order) and lr; see the module docstring."""
+    params = [params] if isinstance(params, Tensor) else list(params)
     # The per-task gradients are worth computing in the forward only when a backward will
     # follow (W1 on the 2-core CPU: 165 µs forward alone, 424 µs forward + gradients, −28 %
     # against recomputing them in the backward).
-    task_gradients = torch.is_grad_enabled() and (theta.requires_grad or lr.requires_grad)
-    losses, preds, _, _ = mlp_meta_step_op(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x,
-                                           query_y, loss_kind, lr, steps, first_order, task_gradients)
+    task_gradients = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or lr.requires_grad)
+    try:
+        mean, losses, preds, _, _ = mlp_meta_step_op(params, layer_sizes, act, negative_slope, support_x, support_y,
+                                                     query_x, query_y, loss_kind, lr, steps, first_order,
+                                                     task_gradients, validate)
+    except RuntimeError as exc:  # the C++ kernel's own checks: FloatingPointError by its prefix
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        if message.startswith("FloatingPointError: "):
+            raise FloatingPointError(message[len("FloatingPointError: "):]) from None
+        raise
+    return mean, losses, preds
+
+
+def mlp_meta_step(theta: Tensor | Sequence[Tensor], layer_sizes: list[int], act: str, negative_slope: float,
+                  support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_kind: str, lr: Tensor,
+                  steps: int, first_order: bool) -> tuple[Tensor, Tensor]:
+    """(losses ``[T]``, preds ``[T, Q, O]``): :func:`mlp_meta_step_mean` without the mean."""
+    _, losses, preds = mlp_meta_step_mean(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x,
+                                          query_y, loss_kind, lr, steps, first_order)
     return losses, preds
 
 
 @mlp_meta_step_op.register_fake
-def _(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr,
-      steps, first_order, task_gradients):
+def _(params, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr, steps,
+      first_order, task_gradients, validate):
     T, Q = query_x.size(0), query_x.size(1)
-    if not task_gradients:
-        return (theta.new_empty((T,)), theta.new_empty((T, Q, layer_sizes[-1])), theta.new_empty(0), lr.new_empty(0))
-    return (theta.new_empty((T,)), theta.new_empty((T, Q, layer_sizes[-1])), theta.new_empty((T, theta.numel())),
-            lr.new_empty((T, *lr.shape)))
-
-
-_DATA_ARGS = ("support_x", "support_y", "query_x", "query_y")
+    like = params[0]
+    P = sum(p.numel() for p in params)
+    task_shapes = ((T, P), (T, *lr.shape)) if task_gradients else ((0,), (0,))
+    return (like.new_empty(()), like.new_empty((T,)), like.new_empty((T, Q, layer_sizes[-1])),
+            like.new_empty(task_shapes[0]), lr.new_empty(task_shapes[1]))
 
 
 def _meta_step_setup(ctx, inputs, output):
-    (theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-     loss_kind, lr, steps, first_order, task_gradients) = inputs
+    (params, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+     loss_kind, lr, steps, first_order, task_gradients, validate) = inputs
     ctx.config = (list(layer_sizes), act, negative_slope, loss_kind, steps, first_order)
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(theta, support_x, support_y, query_x, query_y, lr, output[2], output[3])
+    ctx.num_params = len(params)
+    ctx.mark_non_differentiable(*output[2:])
+    # Unused outputs get None, not materialised zeros (each would be a dispatch).
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(support_x, support_y, query_x, query_y, lr, output[3], output[4], *params)
 
 
-def _meta_step_backward(ctx, grad_losses, grad_preds, grad_task_theta, grad_task_lr):
-    theta, support_x, support_y, query_x, query_y, lr, task_theta, task_lr = ctx.saved_tensors
+def _meta_step_backward(ctx, grad_mean, grad_losses, grad_preds, grad_task_theta, grad_task_lr):
+    support_x, support_y, query_x, query_y, lr, task_theta, task_lr, *params = ctx.saved_tensors
     layer_sizes, act, negative_slope, loss_kind, steps, first_order = ctx.config
-    for name, i in zip(_DATA_ARGS, (4, 5, 6, 7)):
+    for name, i in zip(_ARGS[4:8], (4, 5, 6, 7)):
         if ctx.needs_input_grad[i]:
             # Never a silently missing gradient: the fused step treats the data as constants.
             raise RuntimeError(f"mlp_meta_step is not differentiable w.r.t. {name}; detach it")
-    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[9]]
-    if not any(needs):
-        return (None,) * 13
+    # A list input's entry of needs_input_grad is a list too (one flag per tensor).
+    needs = [any(ctx.needs_input_grad[0]), ctx.needs_input_grad[9]]
+    # A list input's gradient is a list, even when none is wanted.
+    none = ([None] * ctx.num_params,) + (None,) * 13
+    if not any(needs) or (grad_mean is None and grad_losses is None):
+        return none
     if task_theta.numel() and not torch.is_grad_enabled():
-        # The forward kernel computed every task's meta-gradient on the way: weighting them
+        # The forward kernel computed every task's meta-gradient on the way: weighing them
         # is the whole backward. Only without create_graph: to autograd they are constants.
-        w = grad_losses.to(task_theta.dtype)
-        d_theta = w @ task_theta if needs[0] else None
-        d_lr = (w @ task_lr.reshape(w.numel(), -1)).reshape(lr.shape) if needs[1] else None
+        grads = mlp_meta_step_weigh_task_gradients(grad_mean, grad_losses, task_theta, task_lr, params)
     else:
-        d_theta, d_lr = mlp_meta_step_backward(
-            grad_losses.contiguous(), theta, layer_sizes, act, negative_slope, support_x, support_y,
-            query_x, query_y, loss_kind, lr, steps, first_order, needs,
-        )
-    return (d_theta if needs[0] else None, None, None, None, None, None, None, None, None,
-            d_lr if needs[1] else None, None, None, None)
+        grads = mlp_meta_step_backward(grad_mean, grad_losses, params, layer_sizes, act, negative_slope, support_x,
+                                       support_y, query_x, query_y, loss_kind, lr, steps, first_order, needs)
+    return (grads[:-1] if needs[0] else [None] * ctx.num_params, None, None, None, None, None, None, None, None,
+            grads[-1] if needs[1] else None, None, None, None, None)
 
 
 mlp_meta_step_op.register_autograd(_meta_step_backward, setup_context=_meta_step_setup)
 
 
 # ---------------------------------------------------------------------------------------
-# mlp_meta_step_backward
+# mlp_meta_step_backward and mlp_meta_step_weigh_task_gradients
 # ---------------------------------------------------------------------------------------
 
 
 mlp_meta_step_backward = define_op(reference_mlp_meta_step_backward, NativeCall(
-    takes=lambda device_type, grad_losses, *args: _native_takes(device_type, *args), args=_native_args))
+    takes=lambda device_type, grad_mean, grad_losses, *args: _native_takes(device_type, *args), args=_native_args))
 
 
 @mlp_meta_step_backward.register_fake
-def _(grad_losses, theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+def _(grad_mean, grad_losses, params, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
       loss_kind, lr, steps, first_order, needs):
-    return [theta.new_empty(theta.shape if needs[0] else (0,)), lr.new_empty(lr.shape if needs[1] else (0,))]
+    return ([p.new_empty(p.shape if needs[0] else (0,)) for p in params]
+            + [lr.new_empty(lr.shape if needs[1] else (0,))])
 
 
 def _meta_step_backward_setup(ctx, inputs, output):
-    (grad_losses, theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+    (grad_mean, grad_losses, params, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
      loss_kind, lr, steps, first_order, needs) = inputs
     ctx.config = (list(layer_sizes), act, negative_slope, loss_kind, steps, first_order, list(needs))
-    ctx.save_for_backward(grad_losses, theta, support_x, support_y, query_x, query_y, lr)
+    ctx.has_upstream = (grad_mean is not None, grad_losses is not None)
+    ctx.num_params = len(params)
+    ctx.save_for_backward(grad_mean, grad_losses, support_x, support_y, query_x, query_y, lr, *params)
 
 
 def _meta_step_backward_backward(ctx, upstream):
     # Third-order terms: the exact VJP of the reference backward (autograd through the
     # unrolled loop). Slow, and only reached by double backward / gradgradcheck.
-    grad_losses, theta, support_x, support_y, query_x, query_y, lr = ctx.saved_tensors
+    grad_mean, grad_losses, support_x, support_y, query_x, query_y, lr, *params = ctx.saved_tensors
     layer_sizes, act, negative_slope, loss_kind, steps, first_order, needs = ctx.config
-    for name, i in zip(_DATA_ARGS, (5, 6, 7, 8)):
+    for name, i in zip(_ARGS[4:8], (6, 7, 8, 9)):
         if ctx.needs_input_grad[i]:
             raise RuntimeError(f"mlp_meta_step_backward is not differentiable w.r.t. {name}; detach it")
-    grads = reference_vjp(
-        lambda gl, th, r: reference_mlp_meta_step_backward(
-            gl, th, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-            loss_kind, r, steps, first_order, needs,
-        ),
-        (grad_losses, theta, lr),
-        (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[10]),
-        [upstream[0] if needs[0] else None, upstream[1] if needs[1] else None],
-    )
-    return (grads[0], grads[1], None, None, None, None, None, None, None, None, grads[2], None, None, None)
+    n = len(params)
+    has_mean, has_losses = ctx.has_upstream
+    inputs = [grad_mean if has_mean else None, grad_losses if has_losses else None, *params, lr]
+
+    def backward(gm, gl, *rest):
+        return reference_mlp_meta_step_backward(gm, gl, list(rest[:n]), layer_sizes, act, negative_slope, support_x,
+                                                support_y, query_x, query_y, loss_kind, rest[n], steps, first_order,
+                                                needs)
+
+    wanted = (has_mean and ctx.needs_input_grad[0], has_losses and ctx.needs_input_grad[1],
+              *ctx.needs_input_grad[2], ctx.needs_input_grad[11])
+    grads = reference_vjp(backward, tuple(inputs), wanted,
+                          [u if (i < n and needs[0]) or (i == n and needs[1]) else None for i, u in enumerate(upstream)])
+    return (grads[0], grads[1], list(grads[2:2 + n]), None, None, None,
+            None, None, None, None, None, grads[2 + n], None, None, None)
 
 
 mlp_meta_step_backward.register_autograd(_meta_step_backward_backward, setup_context=_meta_step_backward_setup)
+
+
+mlp_meta_step_weigh_task_gradients = define_op(reference_mlp_meta_step_weigh_task_gradients, NativeCall(
+    args=_native_args))
+
+
+@mlp_meta_step_weigh_task_gradients.register_fake
+def _(grad_mean, grad_losses, task_grad_theta, task_grad_lr, params):
+    return [p.new_empty(p.shape) for p in params] + [task_grad_lr.new_empty(task_grad_lr.shape[1:])]
 
 
 # ---------------------------------------------------------------------------------------

@@ -98,8 +98,8 @@ def check_against_unrolled(backend, device, case, tol=1e-5):
     layer_sizes, act, loss, lr_kind, steps, K, first_order = case
     theta, sx, sy, qx, qy, lr, w = make_problem(layer_sizes, act, loss, lr_kind, steps, K, device=device)
     # The kernel must take these inputs itself: a decline would compare the reference with itself.
-    direct(backend, "mlp_meta_step", theta, layer_sizes, act, 0.1, sx, sy, qx, qy, loss, lr, steps, first_order,
-           True)
+    direct(backend, "mlp_meta_step", [theta], layer_sizes, act, 0.1, sx, sy, qx, qy, loss, lr, steps, first_order,
+           True, True)
     got = run_fused(backend, theta, layer_sizes, act, sx, sy, qx, qy, loss, lr, steps, first_order, w)
     want = unrolled_reference(theta, layer_sizes, act, sx, sy, qx, qy, loss, lr, steps, first_order, w)
     for name, a, b in zip(("losses", "preds", "grad theta", "grad lr"), got, want):
@@ -189,7 +189,8 @@ def test_gradcheck_and_gradgradcheck_on_cpu_backend(extension):
 def test_opcheck_on_cpu_backend(extension):
     theta, sx, sy, qx, qy, lr = _f64_problem()
     for task_gradients in (False, True):
-        args = (theta, [3, 5, 4, 2], "tanh", 0.0, sx, sy, qx, qy, "cross_entropy", lr, 2, False, task_gradients)
+        args = ([theta], [3, 5, 4, 2], "tanh", 0.0, sx, sy, qx, qy, "cross_entropy", lr, 2, False, task_gradients,
+                True)
         with fm.use_backend("cpu"):
             opcheck(torch.ops.fastmeta.mlp_meta_step.default, args,
                     test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
@@ -201,9 +202,10 @@ def test_unsupported_inputs_take_the_reference(extension):
     theta, sx, sy, qx, qy, lr, w = make_problem([2, 7, 3], "relu", "mse", "step", 1, 4, dtype=torch.float64)
     kernel = ext.kernels("cpu")["mlp_meta_step"]
     # The sigmoid breaks the zero padding the kernel relies on (σ(0) = ½): declined.
-    assert kernel(theta, [2, 7, 3], "sigmoid", 0.0, sx, sy, qx, qy, "mse", lr, 1, False, False) is NotImplemented
-    assert kernel(theta.half(), [2, 7, 3], "relu", 0.0, sx.half(), sy.half(), qx.half(), qy.half(), "mse",
-                  lr.half(), 1, False, False) is NotImplemented
+    assert kernel([theta], [2, 7, 3], "sigmoid", 0.0, sx, sy, qx, qy, "mse", lr, 1, False, False,
+                  False) is NotImplemented
+    assert kernel([theta.half()], [2, 7, 3], "relu", 0.0, sx.half(), sy.half(), qx.half(), qy.half(), "mse",
+                  lr.half(), 1, False, False, False) is NotImplemented
     got = run_fused("cpu", theta, [2, 7, 3], "sigmoid", sx, sy, qx, qy, "mse", lr, 1, False, w)
     want = unrolled_reference(theta, [2, 7, 3], "sigmoid", sx, sy, qx, qy, "mse", lr, 1, False, w)
     for a, b in zip(got, want):
@@ -221,7 +223,7 @@ def test_zero_steps_is_the_query_loss_at_theta(extension):
 
 def test_bad_arguments_are_rejected_with_a_message():
     theta, sx, sy, qx, qy, lr, _ = make_problem([2, 7, 3], "relu", "mse", "step", 1, 4)
-    with pytest.raises(ValueError, match="theta must be"):
+    with pytest.raises(ValueError, match=r"params must hold P = 45 values"):
         mlp_meta_step(theta[:-1], [2, 7, 3], "relu", 0.0, sx, sy, qx, qy, "mse", lr, 1, False)
     with pytest.raises(ValueError, match="lr must be"):
         mlp_meta_step(theta, [2, 7, 3], "relu", 0.0, sx, sy, qx, qy, "mse", lr.repeat(2), 1, False)
@@ -262,8 +264,8 @@ def test_fused_cuda_equals_unrolled_reference_fp32(extension, case):
     # Beyond the device's shared memory: the kernel must decline, and the op still answers
     # exactly (through the reference).
     theta, sx, sy, qx, qy, lr, w = make_problem(layer_sizes, act, loss, lr_kind, steps, K, device="cuda")
-    assert extension.kernels("cuda")["mlp_meta_step"](theta, layer_sizes, act, 0.1, sx, sy, qx, qy, loss, lr, steps,
-                                                      first_order, True) is NotImplemented
+    assert extension.kernels("cuda")["mlp_meta_step"]([theta], layer_sizes, act, 0.1, sx, sy, qx, qy, loss, lr, steps,
+                                                      first_order, True, False) is NotImplemented
     got = run_fused("cuda", theta, layer_sizes, act, sx, sy, qx, qy, loss, lr, steps, first_order, w)
     want = unrolled_reference(theta, layer_sizes, act, sx, sy, qx, qy, loss, lr, steps, first_order, w)
     for a, b in zip(got, want):
@@ -296,8 +298,8 @@ def test_cuda_declines_mlps_beyond_its_shared_memory(extension):
     sizes = [64, 512, 512, 10]
     assert not cuda_fits(sizes, 10, 10, 1)
     theta, sx, sy, qx, qy, lr, w = make_problem(sizes, "relu", "cross_entropy", "step", 1, 10, T=2, device="cuda")
-    assert ext.kernels("cuda")["mlp_meta_step"](theta, sizes, "relu", 0.0, sx, sy, qx, qy, "cross_entropy", lr, 1,
-                                                False, True) is NotImplemented
+    assert ext.kernels("cuda")["mlp_meta_step"]([theta], sizes, "relu", 0.0, sx, sy, qx, qy, "cross_entropy", lr, 1,
+                                                False, True, False) is NotImplemented
     got = run_fused("cuda", theta, sizes, "relu", sx, sy, qx, qy, "cross_entropy", lr, 1, False, w)
     want = unrolled_reference(theta, sizes, "relu", sx, sy, qx, qy, "cross_entropy", lr, 1, False, w)
     for a, b in zip(got, want):
@@ -321,10 +323,10 @@ def test_per_task_gradients_come_back_through_the_kernel_call(extension, monkeyp
     th = theta.clone().requires_grad_(True)
     with fm.use_backend("cpu"):
         # The op's own outputs: [T, P] and [T, *lr.shape] per-task gradients when asked.
-        out = module.mlp_meta_step_op(th.detach(), sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False, True)
-        assert out[2].shape == (sx.size(0), th.numel()) and out[3].shape == (sx.size(0), *lr.shape)
-        assert module.mlp_meta_step_op(th.detach(), sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False,
-                                       False)[2].numel() == 0
+        out = module.mlp_meta_step_op([th.detach()], sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False, True, False)
+        assert out[3].shape == (sx.size(0), th.numel()) and out[4].shape == (sx.size(0), *lr.shape)
+        assert module.mlp_meta_step_op([th.detach()], sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False,
+                                       False, False)[3].numel() == 0
         # One forward, one backward: the kernel's per-task gradients serve it.
         losses, _ = mlp_meta_step(th, sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False)
         (g,) = torch.autograd.grad((losses * w).sum(), th)
@@ -341,8 +343,8 @@ def test_per_task_gradients_come_back_through_the_kernel_call(extension, monkeyp
         assert calls == [1] and rel(g, want) <= 1e-10 and g.requires_grad
     # The reference hands the same per-task gradients over.
     with fm.use_backend("torch"):
-        out = module.mlp_meta_step_op(th.detach(), sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False, True)
+        out = module.mlp_meta_step_op([th.detach()], sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False, True, False)
     with fm.use_backend("cpu"):
-        native = module.mlp_meta_step_op(th.detach(), sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False, True)
-    for a, b in zip(out[2:], native[2:]):
+        native = module.mlp_meta_step_op([th.detach()], sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False, True, False)
+    for a, b in zip(out[3:], native[3:]):
         assert rel(a, b) <= 1e-10
