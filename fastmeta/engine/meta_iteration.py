@@ -114,10 +114,6 @@ class MetaIteration:
         per_task = self.layout.views(fast)
         return [pt if a else s for pt, s, a in zip(per_task, shared, adapting)]
 
-    def run(self, x: Tensor, weights: list[Tensor]) -> Tensor:
-        """The model's outputs ``[T, N, ...]`` for inputs ``[T, N, ...]`` under per-segment weights."""
-        return self.program(x, weights)
-
     def segment_coefficients(self, rule: StepRule) -> list[Tensor]:
         """Per segment, what multiplies its gradient in an inner step under ``rule``
         (lr · mask · precond), broadcastable to the segment's shape."""

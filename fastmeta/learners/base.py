@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastmeta.engine import (
     CapturedMetaStep,
@@ -64,7 +65,9 @@ class MetaLearner(nn.Module):
     mode alike, and running statistics are never read or written. "running":
     learn2learn's (PyTorch's) behaviour: in training mode each forward of a clone
     normalises with batch statistics and updates the model's running statistics; in
-    evaluation mode it normalises with them.
+    evaluation mode it normalises with them. The batched calls (``meta_batch``,
+    ``fast_weights``, ``predict``, ``capture``) are transductive only and refuse "running"
+    for a model with BatchNorm.
     """
 
     def __init__(
@@ -159,6 +162,7 @@ class MetaLearner(nn.Module):
         graph is recomputed in the backward instead of kept, so peak memory falls towards
         the per-task loop's at chunk 1, at the cost of running the forward twice.
         """
+        self._check_batch_norm_mode("meta_batch")
         chunk = self.task_chunk if task_chunk is None else check_count("task_chunk", task_chunk)
         return self._meta_batch(support_x, support_y, query_x, query_y, chunk, self.validate)
 
@@ -170,6 +174,7 @@ class MetaLearner(nn.Module):
 
     def fast_weights(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> TaskWeights:
         """The adapted weights of every task: a :class:`TaskWeights` over ``[T, P]``."""
+        self._check_batch_norm_mode("fast_weights")
         steps = self.steps if steps is None else check_count("steps", steps, minimum=0)
         return self._engine.fast_weights(
             support_x, support_y, rule=self, steps=steps, first_order=self.first_order,
@@ -178,6 +183,7 @@ class MetaLearner(nn.Module):
 
     def predict(self, fast: TaskWeights, query_x: Tensor) -> Tensor:
         """The model's outputs for each task's inputs under its fast weights."""
+        self._check_batch_norm_mode("predict")
         return self._engine.predict(fast, query_x, rule=self, validate=self.validate)
 
     def capture(
@@ -195,6 +201,7 @@ class MetaLearner(nn.Module):
         Returns a :class:`fastmeta.engine.CapturedMetaStep`; call it with each new
         meta-batch of the same shapes. See :mod:`fastmeta.engine.whole_step` for the rules.
         """
+        self._check_batch_norm_mode("capture")
         inputs = (support_x, support_y, query_x, query_y)
         engine = self._engine
         engine.refresh()
@@ -241,6 +248,16 @@ class MetaLearner(nn.Module):
             self.lr, self.per_parameter_lrs(),
         )
         self.steps_taken += 1
+
+    def _check_batch_norm_mode(self, call: str) -> None:
+        """The batched calls normalise transductively; with batch_norm="running" and a
+        BatchNorm in the model they would silently do something else, so they refuse."""
+        if self.batch_norm == "running" and any(isinstance(m, _BatchNorm) for m in self.module.modules()):
+            raise ValueError(
+                f"{call} normalises with each task's batch statistics; batch_norm='running' (learn2learn's "
+                "running statistics) applies to clone()/adapt() only: use a learner with "
+                "batch_norm='transductive' for the batched calls"
+            )
 
     def _module_tree(self) -> ModuleTree:
         """The model's :class:`ModuleTree`, rebuilt (with the engine) when the model's
