@@ -346,6 +346,19 @@ def test_clone_is_an_nn_module_of_the_users_model():
         clone.log_prob
 
 
+def test_to_keeps_the_clone_in_the_graph():
+    model = make_model("mlp")
+    learner = fm.MAML(model, 0.1)
+    x = torch.randn(4, 1, dtype=torch.float64)
+    clone = learner.clone().to(torch.float64)
+    assert all(p.dtype == torch.float64 and p.grad_fn is not None for p in clone.parameters())
+    clone.adapt(F.mse_loss(clone(x), torch.zeros(4, 1, dtype=torch.float64)))
+    clone(x).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    meta = fm.MetaSGD(make_model("mlp"), 0.1)
+    assert all(l.dtype == torch.float64 for l in meta.clone().double().lrs)
+
+
 def test_adapt_rejects_bad_losses_before_any_change():
     learner = fm.MAML(make_model("mlp"), 0.1)
     clone = learner.clone()
@@ -377,3 +390,24 @@ def test_a_replaced_submodule_is_seen_by_the_next_clone():
     model[1] = nn.Tanh()
     x = torch.randn(4, 1)
     assert torch.equal(learner.clone()(x), model(x))
+
+
+def test_the_speed_bench_runs_and_checks_its_contenders(tmp_path):
+    """bench/bench_l2l.py on the sine shape, one round: every contender's meta-gradient
+    agrees with the loop's (the timings themselves are not asserted)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_l2l.py"
+    spec = importlib.util.spec_from_file_location("bench_l2l", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--shapes", "sine", "--samples", "1", "--json", str(tmp_path / "l2l.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "l2l.json").read_text())["results"][0]["rows"]
+    assert [r["contender"] for r in rows] == ["loop", "clone/adapt", "meta_batch"]
+    assert all(r["meta_gradient_error_vs_loop"] < 1e-4 and r["median_ms"] > 0 for r in rows)

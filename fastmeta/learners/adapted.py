@@ -115,7 +115,8 @@ class AdaptedModel(nn.Module):
       learner's parameters. ``clone.lr`` is the rate of ``adapt`` (MAML; change it to
       step one clone differently), ``clone.lrs`` MetaSGD's per-parameter rates.
     - It is an ``nn.Module``: ``train()``, ``eval()``, ``buffers()``, ``state_dict()``
-      (keys ``module.*``, as learn2learn's), ``zero_grad()``, hooks.
+      (keys ``module.*``, as learn2learn's), ``zero_grad()``, hooks, and ``to()``, which
+      keeps the adapted tensors in the graph.
     """
 
     def __init__(self, learner, tree: ModuleTree, copies: list[nn.Module], lr, lrs, steps_taken: int,
@@ -167,6 +168,23 @@ class AdaptedModel(nn.Module):
             self.allow_unused if allow_unused is None else bool(allow_unused),
             self.allow_nograd if allow_nograd is None else bool(allow_nograd),
         )
+
+    def _apply(self, fn, recurse=True):
+        """What ``.to()``, ``.double()``, ``.cuda()`` ... run: the clone's tensors become
+        ``fn(tensor)`` *in the graph* (nn.Module's version would make them new leaves and
+        cut the clone off from the learner); buffers as nn.Module does, which makes them
+        the clone's own."""
+        tree, copies = self._tree, self._copies
+        tree.write(copies, [fn(t) for t in tree.read(copies)])
+        if "lrs" in self.__dict__:
+            self.lrs = [fn(l) for l in self.lrs]
+        with torch.no_grad():
+            for c in copies:
+                buffers = c._buffers
+                for key, b in buffers.items():
+                    if b is not None:
+                        buffers[key] = fn(b)
+        return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``nn.Module.zero_grad`` on the clone's leaf tensors (frozen or detached ones):
