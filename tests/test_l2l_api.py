@@ -344,6 +344,8 @@ def test_clone_is_an_nn_module_of_the_users_model():
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(AttributeError, match="no attribute 'log_prob'"):
         clone.log_prob
+    # The learner passes its model's attributes through too, as learn2learn's does.
+    assert learner.temperature == 2.0 and torch.equal(learner.features(x), model.features(x))
 
 
 def test_to_keeps_the_clone_in_the_graph():

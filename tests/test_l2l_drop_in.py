@@ -381,7 +381,7 @@ def test_batched_calls_refuse_the_running_mode_on_batch_norm_models():
 
 def test_batch_norm_second_order_against_finite_differences():
     """gradcheck of the meta-loss (its gradient is second order in the inner loss) on a
-    smooth BatchNorm net, through the clone's closed-form BatchNorm double backward."""
+    smooth BatchNorm net with AvgPool."""
     torch.manual_seed(12)
     model = ConvBN().to(DT)
     learner = fm.MAML(model, 0.3)

@@ -10,7 +10,7 @@ from torch import nn
 import fastmeta as fm
 import fastmeta.l2l as l2l
 from fastmeta.engine.per_task_loop import flat_grad, relative_error
-from fastmeta.learners.batch_norm import clone_batch_norm
+from fastmeta.learners.module_tree import transductive_batch_norm
 
 DT = torch.float64
 
@@ -160,54 +160,35 @@ def test_utilities_name_a_bad_module():
             fn([torch.zeros(1)])
 
 
-# -- the clone's BatchNorm --------------------------------------------------------------------
+# -- the clone's BatchNorm -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(5, 2), (3, 2, 3), (2, 2, 2, 3), (2, 2, 2, 2, 2)])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (3, 2, 4, 4), (2, 2, 3, 3, 2)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_clone_batch_norm_is_pytorchs_with_an_exact_double_backward(shape, affine):
+def test_transductive_batch_norm_is_pytorchs_on_batch_statistics(shape, affine):
     torch.manual_seed(2)
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
-    bn = cls(shape[1], affine=affine).to(DT)
-    x = torch.randn(*shape, dtype=DT, requires_grad=True)
-    w = (torch.rand(shape[1], dtype=DT) + 0.5).requires_grad_() if affine else None
-    b = torch.randn(shape[1], dtype=DT, requires_grad=True) if affine else None
-
-    def ours(x, w=None, b=None):
-        if affine:
-            bn._parameters["weight"], bn._parameters["bias"] = w, b
-        return clone_batch_norm(bn, True, x)
-
-    def pytorchs(x, w=None, b=None):
-        return F.batch_norm(x, None, None, w, b, True, 0.0, bn.eps)
-
-    inputs = (x, w, b) if affine else (x,)
-    # Forward and first backward: PyTorch's kernels, bit for bit.
-    assert torch.equal(ours(*inputs), pytorchs(*inputs))
-    g_ours = torch.autograd.grad(ours(*inputs).sin().sum(), inputs, create_graph=True)
-    g_pt = torch.autograd.grad(pytorchs(*inputs).sin().sum(), inputs, create_graph=True)
-    assert all(torch.equal(a, c) for a, c in zip(g_ours, g_pt))
-    # The closed-form double backward against PyTorch's, and against finite differences.
-    weights = [torch.randn_like(g) for g in g_pt]
-    m_ours = torch.autograd.grad(sum((g * v).sum() for g, v in zip(g_ours, weights)), inputs)
-    m_pt = torch.autograd.grad(sum((g * v).sum() for g, v in zip(g_pt, weights)), inputs)
-    for a, c in zip(m_ours, m_pt):
-        assert relative_error(a, c) < 1e-12
-    assert torch.autograd.gradgradcheck(ours, inputs)
-    assert bn.num_batches_tracked == 0 and torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    bn = cls(shape[1], affine=affine).to(DT).eval()  # evaluation mode: still batch statistics
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+    x = torch.randn(*shape, dtype=DT)
+    want = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    assert torch.equal(transductive_batch_norm(bn, x), want)
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.full_like(bn.running_mean, 0.5))
+    with pytest.raises(ValueError, match="expected 4D input"):
+        transductive_batch_norm(nn.BatchNorm2d(3), torch.randn(4, 3))
 
 
-def test_clone_batch_norm_running_mode_updates_as_pytorch():
-    torch.manual_seed(3)
-    ours, theirs = nn.BatchNorm2d(3, momentum=None).to(DT), nn.BatchNorm2d(3, momentum=None).to(DT)
-    for _ in range(3):
-        x = torch.randn(4, 3, 2, 2, dtype=DT)
-        assert torch.equal(clone_batch_norm(ours, False, x), theirs(x))
-    assert torch.equal(ours.running_mean, theirs.running_mean) and torch.equal(ours.running_var, theirs.running_var)
-    assert int(ours.num_batches_tracked) == 3
-    ours.eval()
-    theirs.eval()
-    x = torch.randn(4, 3, 2, 2, dtype=DT)
-    assert torch.equal(clone_batch_norm(ours, False, x), theirs(x))
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
-        clone_batch_norm(nn.BatchNorm1d(3).to(DT), True, torch.randn(1, 3, dtype=DT))
+class OwnNorm(nn.BatchNorm1d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_a_batch_norm_subclass_with_its_own_forward_keeps_it():
+    model = nn.Sequential(nn.Linear(2, 3), OwnNorm(3), nn.Linear(3, 1)).to(DT)
+    clone = fm.MAML(model, 0.1).clone()
+    x = torch.randn(5, 2, dtype=DT)
+    assert torch.equal(clone(x), model(x))
+    plain = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)).to(DT)
+    assert "forward" in fm.MAML(plain, 0.1).clone().module[1].__dict__
+    assert "forward" not in fm.MAML(plain, 0.1, batch_norm="running").clone().module[1].__dict__

@@ -101,7 +101,21 @@ def adapt_in_place(
     tree.write(modules, updated)
 
 
-class AdaptedModel(nn.Module):
+class ModelAttributes:
+    """Mixed into an ``nn.Module`` holding ``self.module``: attributes it lacks are the
+    module's (``learner.log_prob``, ``clone.log_prob``), as learn2learn's learners do."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if modules is None or "module" not in modules:
+                raise
+            return getattr(modules["module"], name)
+
+
+class AdaptedModel(ModelAttributes, nn.Module):
     """One task's adapted copy of the model, as learn2learn's ``clone()`` returns.
 
     - ``clone(*args, **kwargs)`` runs the model's ``forward`` with the clone's weights;
@@ -137,15 +151,6 @@ class AdaptedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules")
-            if modules is None or "module" not in modules:
-                raise
-            return getattr(modules["module"], name)
 
     def adapt(self, loss: Tensor, first_order=None, allow_unused=None, allow_nograd=None) -> None:
         """One inner step on ``loss`` (a scalar tensor computed from this clone), in place."""

@@ -25,7 +25,7 @@ from fastmeta.engine import (
     StepRule,
     TaskWeights,
 )
-from fastmeta.learners.adapted import AdaptedModel, adapt_in_place
+from fastmeta.learners.adapted import AdaptedModel, ModelAttributes, adapt_in_place
 from fastmeta.learners.module_tree import ModuleTree
 
 # How BatchNorm layers treat statistics in clone()/adapt() (docs in MetaLearner).
@@ -52,7 +52,7 @@ def check_count(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-class MetaLearner(nn.Module):
+class MetaLearner(ModelAttributes, nn.Module):
     """The base of MAML and ModelAwareMAML: hyperparameters, checks and the public API.
 
     Subclasses set the step rule (:meth:`step_rule`, and :meth:`step_coefficients` for
@@ -132,7 +132,8 @@ class MetaLearner(nn.Module):
     # -- the model ---------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
-        """Run the wrapped model, as learn2learn's ``learner(x)`` does."""
+        """Run the wrapped model, as learn2learn's ``learner(x)`` does (its other
+        attributes and methods pass through too: ``learner.log_prob(...)``)."""
         return self.module(*args, **kwargs)
 
     @property

@@ -19,15 +19,25 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-
-from fastmeta.learners.batch_norm import STANDARD_FORWARDS, clone_batch_norm
 
 # The per-instance containers nn.Module.__init__ creates (parameters, buffers, children,
 # hooks): a copy gets its own, so that registering a hook or a buffer on a clone leaves
 # the model alone.
 _MODULE_CONTAINERS = tuple(k for k, v in nn.Module().__dict__.items() if isinstance(v, (dict, set)))
+# The BatchNorm forwards that transductive_batch_norm stands in for: torch's own. A
+# subclass with its own forward keeps it.
+STANDARD_BATCH_NORM_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def transductive_batch_norm(module: _BatchNorm, input: Tensor) -> Tensor:
+    """A BatchNorm layer's forward with batch statistics, in training and evaluation mode
+    alike, that never reads or writes its running statistics (MAML's transductive
+    setting): ``F.batch_norm`` without them, PyTorch's kernels and numbers."""
+    module._check_input_dim(input)
+    return F.batch_norm(input, None, None, module.weight, module.bias, True, 0.0, module.eps)
 
 
 class ModuleTree:
@@ -76,7 +86,8 @@ class ModuleTree:
         self.slots = slots
         self.names = names
         self.batch_norms = [
-            i for i, m in enumerate(modules) if isinstance(m, _BatchNorm) and type(m).forward in STANDARD_FORWARDS
+            i for i, m in enumerate(modules)
+            if isinstance(m, _BatchNorm) and type(m).forward in STANDARD_BATCH_NORM_FORWARDS
         ]
 
     def describes(self, root: nn.Module) -> bool:
@@ -102,9 +113,9 @@ class ModuleTree:
 
     def copy(self, sources: Sequence[nn.Module], tensors: Sequence[Tensor], transductive: bool) -> list[nn.Module]:
         """A new tree shaped like ``sources`` (the originals or an earlier copy) holding
-        ``tensors``. Its BatchNorm layers run :func:`clone_batch_norm`: transductive, batch
-        statistics always and running statistics untouched; otherwise PyTorch's
-        behaviour, on the running-statistic tensors they share with ``sources``."""
+        ``tensors``. transductive: its BatchNorm layers run :func:`transductive_batch_norm`;
+        otherwise their own forward, PyTorch's behaviour, on the running-statistic tensors
+        they share with ``sources``."""
         copies = []
         for m in sources:
             state = m.__dict__.copy()
@@ -121,7 +132,11 @@ class ModuleTree:
                 mods[key] = None if j is None else copies[j]
         self.write(copies, tensors)
         for i in self.batch_norms:
-            copies[i].__dict__["forward"] = functools.partial(clone_batch_norm, copies[i], transductive)
+            state = copies[i].__dict__
+            if transductive:
+                state["forward"] = functools.partial(transductive_batch_norm, copies[i])
+            else:  # copied from a transductive tree (a learner's mode changed): PyTorch's again
+                state.pop("forward", None)
         return copies
 
 
