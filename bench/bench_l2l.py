@@ -1,6 +1,13 @@
 """The learn2learn drop-in against the loop it replaces (issue 13), one process, one thread.
 
-    python bench/bench_l2l.py [--shapes sine,omniglot] [--samples 15] [--json FILE]
+    python bench/bench_l2l.py [--shapes sine,omniglot] [--samples 15] [--contenders loop,clone/adapt,...]
+                              [--json FILE]
+
+An older fastmeta runs the same bench from an export of its commit (the loop is the
+common reference):
+
+    git archive COMMIT fastmeta csrc kernels | tar -x -C /tmp/fastmeta-COMMIT
+    PYTHONPATH=/tmp/fastmeta-COMMIT python bench/bench_l2l.py --contenders loop,clone/adapt
 
 Two shapes, each with the model written as a custom ``nn.Module`` (not ``nn.Sequential``):
 
@@ -165,7 +172,9 @@ class CloneAdapt(Contender):
     batch_norm = "transductive"
 
     def setup(self) -> None:
-        self.learner = fm.MAML(self.model, self.lr, batch_norm=self.batch_norm)
+        # Without the keyword for the default, so that an older fastmeta on PYTHONPATH runs too.
+        options = {} if self.batch_norm == "transductive" else {"batch_norm": self.batch_norm}
+        self.learner = fm.MAML(self.model, self.lr, **options)
 
     def meta_iteration(self) -> None:
         sx, sy, qx, qy = self.tasks
@@ -190,19 +199,24 @@ class MetaBatch(Contender):
         self.learner.meta_batch(*self.tasks).loss.backward()
 
 
-def contenders_for(shape: str):
-    named = [("loop", Loop), ("clone/adapt", CloneAdapt)]
-    if shape == "omniglot":
-        named.append(("clone/adapt running", CloneAdaptRunning))
-    named.append(("meta_batch", MetaBatch))
-    return named
+CONTENDERS = {"loop": Loop, "clone/adapt": CloneAdapt, "clone/adapt running": CloneAdaptRunning,
+              "meta_batch": MetaBatch}
 
 
-def run_shape(shape: str, samples: int) -> dict:
+def contenders_for(shape: str, chosen: list[str]):
+    """The chosen contenders that apply to ``shape`` (the loop first: it is the reference)."""
+    names = ["loop"] + [n for n in chosen if n != "loop"]
+    if shape != "omniglot":  # no BatchNorm: the running mode is the default's twin
+        names = [n for n in names if n != "clone/adapt running"]
+    return [(n, CONTENDERS[n]) for n in names]
+
+
+def run_shape(shape: str, samples: int, chosen: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     state = SHAPES[shape]["model"]().state_dict()
     tasks = make_tasks(shape)
-    contenders = [cls(name, shape, state, tasks) for name, cls in contenders_for(shape)]
+    named = contenders_for(shape, list(CONTENDERS) if chosen is None else chosen)
+    contenders = [cls(name, shape, state, tasks) for name, cls in named]
     reference = contenders[0].meta_gradient()
     errors = {c.name: float((c.meta_gradient() - reference).norm() / reference.norm()) for c in contenders}
     for c in contenders:  # warm-up: one full step each
@@ -242,16 +256,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="sine,omniglot")
     parser.add_argument("--samples", type=int, default=15)
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help="comma-separated; the loop always runs (it is the reference)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     shapes = args.shapes.split(",")
     for s in shapes:
         if s not in SHAPES:
             parser.error(f"--shapes: unknown shape {s!r}; known: {sorted(SHAPES)}")
+    chosen = args.contenders.split(",")
+    for c in chosen:
+        if c not in CONTENDERS:
+            parser.error(f"--contenders: unknown contender {c!r}; known: {list(CONTENDERS)}")
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, "
-          f"load average {os.getloadavg()[0]:.1f}, {args.samples} interleaved rounds")
-    results = [run_shape(s, args.samples) for s in shapes]
+          f"load average {os.getloadavg()[0]:.1f}, {args.samples} interleaved rounds, fastmeta from {fm.__file__}")
+    results = [run_shape(s, args.samples, chosen) for s in shapes]
     for r in results:
         print_table(r)
     if args.json:

@@ -413,3 +413,18 @@ def test_the_speed_bench_runs_and_checks_its_contenders(tmp_path):
     rows = json.loads((tmp_path / "l2l.json").read_text())["results"][0]["rows"]
     assert [r["contender"] for r in rows] == ["loop", "clone/adapt", "meta_batch"]
     assert all(r["meta_gradient_error_vs_loop"] < 1e-4 and r["median_ms"] > 0 for r in rows)
+
+
+def test_learn2learn_checkpoints_load():
+    """learn2learn's MAML and MetaSGD keep the model as `module` and MetaSGD's rates as a
+    ParameterList `lrs`: their state_dicts load as they are."""
+    model = make_model("mlp")
+    l2l_maml = {f"module.{k}": v.clone() + 1 for k, v in model.state_dict().items()}
+    maml = fm.MAML(make_model("mlp"), 0.1)
+    maml.load_state_dict(l2l_maml)  # strict
+    assert all(torch.equal(maml.state_dict()[k], v) for k, v in l2l_maml.items())
+    l2l_metasgd = dict(l2l_maml)
+    l2l_metasgd.update({f"lrs.{i}": torch.full_like(p, 0.3) for i, p in enumerate(model.parameters())})
+    meta = fm.MetaSGD(make_model("mlp"), 1.0)
+    meta.load_state_dict(l2l_metasgd)
+    assert all(torch.equal(l, torch.full_like(l, 0.3)) for l in meta.lrs)
