@@ -82,12 +82,15 @@ def test_validate_false_skips_the_syncing_checks():
     assert torch.isnan(out.task_loss[0])
 
 
-@pytest.mark.parametrize("lr", [0.0, -0.1])
-def test_non_positive_lr_is_rejected(lr):
-    with pytest.raises(ValueError, match="lr must be > 0"):
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_lr_is_rejected(lr):
+    # lr <= 0 is accepted, as learn2learn accepts it (issue 13; tests/test_l2l_api.py).
+    with pytest.raises(ValueError, match="lr must be finite"):
         fm.MAML(make_model("mlp"), lr)
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match="lr must be finite"):
         fm.ModelAwareMAML(make_model("mlp"), lr)
+    with pytest.raises(TypeError, match="lr must be a number"):
+        fm.MAML(make_model("mlp"), "0.1x")
 
 
 @pytest.mark.parametrize("steps", [0, -1])

@@ -114,13 +114,13 @@ class MetaIteration:
         per_task = self.layout.views(fast)
         return [pt if a else s for pt, s, a in zip(per_task, shared, adapting)]
 
-    def run(self, x: Tensor, weights: list[Tensor]) -> Tensor:
-        """The model's outputs ``[T, N, ...]`` for inputs ``[T, N, ...]`` under per-segment weights."""
-        return self.program(x, weights)
-
-    def take_inner_step(self, current: Tensor, grad: Tensor, rule: StepRule) -> Tensor:
-        """One inner step: ``current − coefficient ⊙ grad`` (the fused ``inner_step`` op)."""
-        return inner_step(current, grad, *rule)
+    def segment_coefficients(self, rule: StepRule) -> list[Tensor]:
+        """Per segment, what multiplies its gradient in an inner step under ``rule``
+        (lr · mask · precond), broadcastable to the segment's shape."""
+        coefficient = step_coefficient(*rule)
+        if coefficient.dim() == 0:
+            return [coefficient] * len(self.layout)
+        return self.layout.views(coefficient.expand(self.layout.numel))
 
     # -- checks --------------------------------------------------------------------------
 

@@ -4,13 +4,21 @@
   ``predict``, ``capture``, ``clone``);
 - :mod:`fastmeta.learners.maml`: MAML, first and second order;
 - :mod:`fastmeta.learners.model_aware`: ModelAwareMAML and MetaSGD;
-- :mod:`fastmeta.learners.l2l`: the per-task adapter ``clone()`` returns.
+- :mod:`fastmeta.learners.adapted`: the per-task copy ``clone()`` returns and ``adapt()``;
+- :mod:`fastmeta.learners.module_tree`: how a clone copies the model;
+- :mod:`fastmeta.learners.l2l`: learn2learn's names (``algorithms``, ``utils``,
+  ``clone_module`` ...), importable as ``fastmeta.l2l``.
 """
 
 from fastmeta.engine import MetaBatchOutput
 from fastmeta.learners.base import MetaLearner
-from fastmeta.learners.l2l import AdaptedModel
+from fastmeta.learners.adapted import AdaptedModel
+from fastmeta.learners.base import BATCH_NORM_MODES
 from fastmeta.learners.maml import MAML
 from fastmeta.learners.model_aware import LR_MODES, MetaSGD, ModelAwareMAML
+from fastmeta.learners import l2l  # noqa: E402  (after the learners it names)
 
-__all__ = ["LR_MODES", "MAML", "AdaptedModel", "MetaBatchOutput", "MetaLearner", "MetaSGD", "ModelAwareMAML"]
+__all__ = [
+    "BATCH_NORM_MODES", "LR_MODES", "MAML", "AdaptedModel", "MetaBatchOutput", "MetaLearner", "MetaSGD",
+    "ModelAwareMAML", "l2l",
+]

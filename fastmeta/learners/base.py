@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastmeta.engine import (
     CapturedMetaStep,
@@ -24,16 +25,22 @@ from fastmeta.engine import (
     StepRule,
     TaskWeights,
 )
-from fastmeta.learners.l2l import AdaptedModel
+from fastmeta.learners.adapted import AdaptedModel, ModelAttributes, adapt_in_place
+from fastmeta.learners.module_tree import ModuleTree
+
+# How BatchNorm layers treat statistics in clone()/adapt() (docs in MetaLearner).
+BATCH_NORM_MODES = ("transductive", "running")
 
 
-def check_positive_number(name: str, value) -> float:
+def check_finite_number(name: str, value) -> float:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got bool")
     try:
         value = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
     return value
 
 
@@ -45,11 +52,22 @@ def check_count(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-class MetaLearner(nn.Module):
+class MetaLearner(ModelAttributes, nn.Module):
     """The base of MAML and ModelAwareMAML: hyperparameters, checks and the public API.
 
-    Subclasses set the step rule (:meth:`step_rule`) and which segments adapt
-    (:meth:`adapting`); the engine does the rest.
+    Subclasses set the step rule (:meth:`step_rule`, and :meth:`step_coefficients` for
+    ``clone()/adapt()``) and which segments adapt (:meth:`adapting`); the engine does the
+    rest.
+
+    batch_norm: how BatchNorm layers treat statistics in ``clone()/adapt()``.
+    "transductive" (the default; MAML's setting, and what ``meta_batch`` always does):
+    each forward normalises with its own batch statistics, in training and evaluation
+    mode alike, and running statistics are never read or written. "running":
+    learn2learn's (PyTorch's) behaviour: in training mode each forward of a clone
+    normalises with batch statistics and updates the model's running statistics; in
+    evaluation mode it normalises with them. The batched calls (``meta_batch``,
+    ``fast_weights``, ``predict``, ``capture``) are transductive only and refuse "running"
+    for a model with BatchNorm.
     """
 
     def __init__(
@@ -63,11 +81,14 @@ class MetaLearner(nn.Module):
         loss: LossSpec,
         validate: bool,
         task_chunk: int | None = None,
+        batch_norm: str = "transductive",
     ):
         super().__init__()
         engine = MetaIteration(model, loss)  # checks model and loss first
+        if batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}, got {batch_norm!r}")
         self.module = model
-        self.lr = check_positive_number("lr", lr)
+        self.lr = check_finite_number("lr", lr)  # learn2learn takes any rate, 0 and negative too
         self.first_order = bool(first_order)
         self.allow_nograd = bool(allow_nograd)
         self.allow_unused = self.allow_nograd if allow_unused is None else bool(allow_unused)
@@ -75,6 +96,8 @@ class MetaLearner(nn.Module):
         self.loss = loss
         self.validate = bool(validate)
         self.task_chunk = None if task_chunk is None else check_count("task_chunk", task_chunk)
+        self.batch_norm = batch_norm
+        self.steps_taken = 0  # inner steps adapt() took on the learner itself
         self._engine = engine
 
     # -- what subclasses define --------------------------------------------------------
@@ -83,12 +106,24 @@ class MetaLearner(nn.Module):
         """The rule of inner step ``step``: a constant rate ``lr`` for plain MAML."""
         return StepRule(self._constant_lr(like), None, None, None)
 
+    def step_coefficients(self, step: int, like: Tensor) -> list[Tensor] | None:
+        """For ``clone()/adapt()``: per parameter (``named_parameters()`` order), what
+        multiplies its gradient at inner step ``step``, broadcastable to it; None means
+        the clone's rate ``lr`` (plain MAML). A subclass that changes :meth:`step_rule`
+        changes this too."""
+        return None
+
+    def per_parameter_lrs(self) -> list[Tensor] | None:
+        """MetaSGD's rates, one tensor per parameter shaped like it, when the step rule is
+        exactly θ − lrs ⊙ g at every step (a clone's ``lrs``); else None."""
+        return None
+
     def adapting(self) -> list[bool]:
         """Per parameter segment: does it take inner steps?"""
         return [p.requires_grad for p in self._engine.params]
 
     def _constant_lr(self, like: Tensor) -> Tensor:
-        key = (like.dtype, like.device)
+        key = (self.lr, like.dtype, like.device)  # learn2learn code may change lr
         cache = self.__dict__.setdefault("_lr_tensors", {})
         if key not in cache:
             cache[key] = torch.tensor(self.lr, dtype=like.dtype, device=like.device)
@@ -97,7 +132,8 @@ class MetaLearner(nn.Module):
     # -- the model ---------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
-        """Run the wrapped model, as learn2learn's ``learner(x)`` does."""
+        """Run the wrapped model, as learn2learn's ``learner(x)`` does (its other
+        attributes and methods pass through too: ``learner.log_prob(...)``)."""
         return self.module(*args, **kwargs)
 
     @property
@@ -127,6 +163,7 @@ class MetaLearner(nn.Module):
         graph is recomputed in the backward instead of kept, so peak memory falls towards
         the per-task loop's at chunk 1, at the cost of running the forward twice.
         """
+        self._check_batch_norm_mode("meta_batch")
         chunk = self.task_chunk if task_chunk is None else check_count("task_chunk", task_chunk)
         return self._meta_batch(support_x, support_y, query_x, query_y, chunk, self.validate)
 
@@ -138,6 +175,7 @@ class MetaLearner(nn.Module):
 
     def fast_weights(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> TaskWeights:
         """The adapted weights of every task: a :class:`TaskWeights` over ``[T, P]``."""
+        self._check_batch_norm_mode("fast_weights")
         steps = self.steps if steps is None else check_count("steps", steps, minimum=0)
         return self._engine.fast_weights(
             support_x, support_y, rule=self, steps=steps, first_order=self.first_order,
@@ -146,6 +184,7 @@ class MetaLearner(nn.Module):
 
     def predict(self, fast: TaskWeights, query_x: Tensor) -> Tensor:
         """The model's outputs for each task's inputs under its fast weights."""
+        self._check_batch_norm_mode("predict")
         return self._engine.predict(fast, query_x, rule=self, validate=self.validate)
 
     def capture(
@@ -163,6 +202,7 @@ class MetaLearner(nn.Module):
         Returns a :class:`fastmeta.engine.CapturedMetaStep`; call it with each new
         meta-batch of the same shapes. See :mod:`fastmeta.engine.whole_step` for the rules.
         """
+        self._check_batch_norm_mode("capture")
         inputs = (support_x, support_y, query_x, query_y)
         engine = self._engine
         engine.refresh()
@@ -178,19 +218,57 @@ class MetaLearner(nn.Module):
 
         return CapturedMetaStep(step, list(self.parameters()), optimizer, inputs, warmup)
 
-    def clone(self, first_order=None, allow_unused=None, allow_nograd=None):
-        """learn2learn's ``clone()``: a per-task copy that ``adapt()`` steps in place
-        (:class:`fastmeta.learners.l2l.AdaptedModel`)."""
-        self._engine.refresh()
+    def clone(self, first_order=None, allow_unused=None, allow_nograd=None) -> AdaptedModel:
+        """learn2learn's ``clone()``: an ``nn.Module`` copy of the model, graph-connected to
+        its parameters, that ``adapt()`` steps in place (:class:`AdaptedModel`)."""
+        tree = self._module_tree()
+        params = tree.read(tree.modules)
+        copies = tree.copy(tree.modules, [p.clone() for p in params], self.batch_norm == "transductive")
         return AdaptedModel(
-            self,
-            self._engine.pack(),
-            None,
-            0,
+            self, tree, copies, self.lr, self.per_parameter_lrs(), self.steps_taken,
             self.first_order if first_order is None else bool(first_order),
             self.allow_unused if allow_unused is None else bool(allow_unused),
             self.allow_nograd if allow_nograd is None else bool(allow_nograd),
         )
+
+    def adapt(self, loss: Tensor, first_order=None, allow_unused=None, allow_nograd=None) -> None:
+        """learn2learn's ``adapt()`` on the learner itself: one inner step on ``loss`` that
+        replaces the model's parameters by the adapted tensors, in place.
+
+        As in learn2learn, the model then holds tensors of the graph, not its
+        ``nn.Parameter``s: an optimizer built before keeps stepping the old parameters.
+        Use it where the learner is not trained any more (test-time adaptation);
+        ``clone()`` is the training path.
+        """
+        tree = self._module_tree()
+        adapt_in_place(
+            self, tree, tree.modules, loss, self.steps_taken,
+            self.first_order if first_order is None else bool(first_order),
+            self.allow_unused if allow_unused is None else bool(allow_unused),
+            self.allow_nograd if allow_nograd is None else bool(allow_nograd),
+            self.lr, self.per_parameter_lrs(),
+        )
+        self.steps_taken += 1
+
+    def _check_batch_norm_mode(self, call: str) -> None:
+        """The batched calls normalise transductively; with batch_norm="running" and a
+        BatchNorm in the model they would silently do something else, so they refuse."""
+        if self.batch_norm == "running" and any(isinstance(m, _BatchNorm) for m in self.module.modules()):
+            raise ValueError(
+                f"{call} normalises with each task's batch statistics; batch_norm='running' (learn2learn's "
+                "running statistics) applies to clone()/adapt() only: use a learner with "
+                "batch_norm='transductive' for the batched calls"
+            )
+
+    def _module_tree(self) -> ModuleTree:
+        """The model's :class:`ModuleTree`, rebuilt (with the engine) when the model's
+        submodules or parameters were replaced."""
+        tree = self.__dict__.get("_tree")
+        if tree is None or not tree.describes(self.module):
+            self._engine.refresh()
+            tree = ModuleTree(self.module)
+            self.__dict__["_tree"] = tree
+        return tree
 
     def extra_repr(self) -> str:
         return f"lr={self.lr}, steps={self.steps}, first_order={self.first_order}"

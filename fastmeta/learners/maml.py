@@ -19,9 +19,10 @@ class MAML(MetaLearner):
     """Model-agnostic meta-learning (Finn et al. 2017), first or second order.
 
     ``MAML(model, lr, first_order=False, allow_unused=None, allow_nograd=False, *,
-    steps=1, loss=None, validate=True)``; the positional arguments are learn2learn's.
+    steps=1, loss=None, validate=True, task_chunk=None, batch_norm="transductive")``; the
+    positional arguments are learn2learn's.
 
-    - lr: the inner-loop learning rate (> 0).
+    - lr: the inner-loop learning rate (any finite number, as in learn2learn).
     - first_order: drop the second-order terms of the meta-gradient.
     - allow_unused: tolerate parameters the forward does not use (default: allow_nograd).
     - allow_nograd: leave parameters with ``requires_grad=False`` unadapted; without it
@@ -32,6 +33,8 @@ class MAML(MetaLearner):
     - validate: run the checks that need a device sync (NaN/Inf, label range).
     - task_chunk: run ``meta_batch`` k tasks at a time, recomputing each chunk's graph in
       the backward (same meta-gradient, less memory); None runs all tasks at once.
+    - batch_norm: "transductive" or "running" (learn2learn's), for ``clone()/adapt()``;
+      see :class:`fastmeta.learners.base.MetaLearner`.
     """
 
     def __init__(
@@ -46,7 +49,8 @@ class MAML(MetaLearner):
         loss: LossSpec = None,
         validate: bool = True,
         task_chunk: int | None = None,
+        batch_norm: str = "transductive",
     ):
         super().__init__(
-            model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate, task_chunk
+            model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate, task_chunk, batch_norm
         )

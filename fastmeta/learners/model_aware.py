@@ -62,9 +62,10 @@ class ModelAwareMAML(MetaLearner):
         validate: bool = True,
         lrs: Sequence[Tensor] | None = None,
         task_chunk: int | None = None,
+        batch_norm: str = "transductive",
     ):
         super().__init__(
-            model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate, task_chunk
+            model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate, task_chunk, batch_norm
         )
         if lr_mode not in LR_MODES:
             raise ValueError(f"lr_mode must be one of {LR_MODES}, got {lr_mode!r}")
@@ -170,6 +171,14 @@ class ModelAwareMAML(MetaLearner):
         precond = self.precond if self.precondition else None
         return StepRule(lr, mask, precond, segments)
 
+    def step_coefficients(self, step: int, like: Tensor) -> list[Tensor]:
+        return self._engine.segment_coefficients(self.step_rule(step, like))
+
+    def per_parameter_lrs(self) -> list[Tensor] | None:
+        if self.lr_mode == "param" and not self.lr_per_step and not self.gates and not self.precondition:
+            return list(self.lrs)
+        return None
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, lr_mode={self.lr_mode!r}, lr_per_step={self.lr_per_step}, "
@@ -197,6 +206,7 @@ class MetaSGD(ModelAwareMAML):
         validate: bool = True,
         allow_unused: bool | None = None,
         allow_nograd: bool = False,
+        batch_norm: str = "transductive",
     ):
         super().__init__(
             model,
@@ -210,4 +220,5 @@ class MetaSGD(ModelAwareMAML):
             loss=loss,
             validate=validate,
             lrs=lrs,
+            batch_norm=batch_norm,
         )
