@@ -17,6 +17,7 @@
 
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_fused_adam.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mean.h>
@@ -203,6 +204,74 @@ inline std::vector<at::Tensor> mlp_meta_step_weigh_task_gradients(
   std::vector<at::Tensor> out = mlp_entry::scatter(g_theta, params);
   out.push_back(g_lr);
   return out;
+}
+
+// One meta-iteration on the mean query loss and torch's fused Adam step, in place (CPU: the
+// steps are incremented and the non-finite flag read on the host, so the whole call is one
+// dispatch plus the fused Adam inside it, with no sync). See reference_mlp_meta_step_update.
+template <MlpMetaStepCore Core>
+std::tuple<at::Tensor, at::Tensor> mlp_meta_step_update(
+    at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList state_steps,
+    const at::Tensor& nonfinite, int64_t iteration, at::IntArrayRef layer_sizes, c10::string_view act,
+    double negative_slope, const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x,
+    const at::Tensor& query_y, c10::string_view loss_kind, const at::Tensor& lr, int64_t steps, bool first_order,
+    double adam_lr, double beta1, double beta2, double weight_decay, double eps) {
+  const size_t n = params.size();
+  TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n,
+              "params, exp_avgs, exp_avg_sqs and state_steps must have one tensor per parameter");
+  TORCH_CHECK(nonfinite.is_cpu() && nonfinite.dim() == 1 && nonfinite.size(0) == 2 && nonfinite.is_contiguous(),
+              "nonfinite must be a CPU tensor [2] (flag, iteration)");
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(params[i].is_cpu() && state_steps[i].is_cpu() && state_steps[i].numel() == 1,
+                "mlp_meta_step_update runs on the CPU, with one-value step tensors");
+    TORCH_CHECK(exp_avgs[i].sizes() == params[i].sizes() && exp_avg_sqs[i].sizes() == params[i].sizes(),
+                "the optimizer state must be shaped like its parameter");
+  }
+  const at::Tensor theta = mlp_entry::gather(params);
+  const int64_t T = support_x.size(0);
+  at::Tensor w = at::empty({T}, theta.options());
+  at::Tensor mean = at::empty({}, theta.options());
+  at::Tensor losses, d_theta;
+  bool finite = true;
+  dispatch_floating(theta.scalar_type(), "mlp_meta_step_update", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) wp[t] = scalar_t(1) / scalar_t(T);
+    auto out = Core(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr,
+                    steps, first_order, 1, w, false);
+    losses = std::get<0>(out);
+    d_theta = std::get<2>(out);
+    const scalar_t* l = losses.data_ptr<scalar_t>();
+    scalar_t sum = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      sum += l[t];
+      finite = finite && std::isfinite(l[t]);
+    }
+    mean.data_ptr<scalar_t>()[0] = sum / scalar_t(T);
+    const scalar_t* g = d_theta.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < d_theta.numel() && finite; ++k) finite = std::isfinite(g[k]);
+  });
+  if (!finite) {
+    dispatch_floating(nonfinite.scalar_type(), "mlp_meta_step_update flag", [&](auto tag_) {
+      using scalar_t = decltype(tag_);
+      scalar_t* f = nonfinite.data_ptr<scalar_t>();
+      if (f[0] == scalar_t(0)) {
+        f[0] = scalar_t(1);
+        f[1] = static_cast<scalar_t>(iteration);
+      }
+    });
+    return {mean, losses};
+  }
+  const std::vector<at::Tensor> grads = mlp_entry::scatter(d_theta, params);
+  for (const auto& step : state_steps) {
+    dispatch_floating(step.scalar_type(), "mlp_meta_step_update step", [&](auto tag_) {
+      using scalar_t = decltype(tag_);
+      step.data_ptr<scalar_t>()[0] += scalar_t(1);
+    });
+  }
+  at::_fused_adam_(params, grads, exp_avgs, exp_avg_sqs, at::TensorList{}, state_steps, adam_lr, beta1, beta2,
+                   weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false, c10::nullopt, c10::nullopt);
+  return {mean, losses};
 }
 
 }  // namespace fastmeta

@@ -669,4 +669,5 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("mlp_meta_step", &fastmeta::mlp_meta_step_forward<&fastmeta::cpu::mlp_meta_step>);
   m.impl("mlp_meta_step_backward", &fastmeta::mlp_meta_step_backward<&fastmeta::cpu::mlp_meta_step>);
   m.impl("mlp_meta_step_weigh_task_gradients", &fastmeta::mlp_meta_step_weigh_task_gradients);
+  m.impl("mlp_meta_step_update", &fastmeta::mlp_meta_step_update<&fastmeta::cpu::mlp_meta_step>);
 }

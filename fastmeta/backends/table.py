@@ -46,13 +46,16 @@ TABLE: dict[str, KernelSpec] = {}
 REFERENCE_PREFIX = "reference_"
 
 
-def define_kernel(reference: Callable, native: NativeCall | None = None) -> KernelSpec:
-    """Record the kernel whose reference is ``reference_<name>`` in ``fastmeta.ops.<family>``."""
+def define_kernel(reference: Callable, native: NativeCall | None = None, mutates: tuple[str, ...] = ()) -> KernelSpec:
+    """Record the kernel whose reference is ``reference_<name>`` in ``fastmeta.ops.<family>``.
+
+    mutates: the arguments the kernel writes in place (the schema marks them).
+    """
     if not reference.__name__.startswith(REFERENCE_PREFIX):
         raise ValueError(f"a kernel's reference is named {REFERENCE_PREFIX}<kernel>, got {reference.__name__!r}")
     name = reference.__name__[len(REFERENCE_PREFIX):]
     family = reference.__module__.rpartition(".")[2]
-    spec = KernelSpec(name, family, str(torch.library.infer_schema(reference, mutates_args=())), reference,
+    spec = KernelSpec(name, family, str(torch.library.infer_schema(reference, mutates_args=mutates)), reference,
                       native or NativeCall())
     if name in TABLE and TABLE[name].reference is not reference:
         raise ValueError(f"kernel {name!r} is defined twice ({TABLE[name].family} and {family})")

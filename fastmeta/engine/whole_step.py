@@ -112,3 +112,80 @@ class CapturedMetaStep:
             out.task_loss.detach().clone(),
             None if out.accuracy is None else out.accuracy.clone(),
         )
+
+
+class FusedMLPStep:
+    """A whole meta-iteration on the CPU for a plain MLP: ``step(sx, sy, qx, qy)`` runs the
+    inner loop of every task, the query loss, the meta-gradient and Adam's update in one
+    fused op (``mlp_meta_step_update``: one C++ call with torch's fused Adam inside), with no
+    autograd graph and no per-iteration concatenation of θ: two dispatches and no host sync
+    per iteration.
+
+    The optimizer is the user's ``torch.optim.Adam`` over exactly the model's parameters
+    (one group, no amsgrad/maximize): its hyperparameters and its state (``exp_avg``,
+    ``exp_avg_sq``, ``step``, created as Adam creates them) are used in place, so
+    ``optimizer.state_dict()`` and ``load_state_dict`` round-trip exactly. Read them
+    from the optimizer at every call: a ``load_state_dict`` between calls takes effect.
+
+    A non-finite loss or meta-gradient skips that iteration's update and sets
+    :attr:`nonfinite` (flag, iteration) without a sync; :meth:`check_finite` reads it
+    (the caller decides how often) and raises with the iteration it came from.
+    """
+
+    def __init__(self, run: Callable[..., tuple[Tensor, Tensor]], parameters: Sequence[Tensor],
+                 optimizer: torch.optim.Optimizer, inputs: tuple[Tensor, ...]):
+        if not isinstance(optimizer, torch.optim.Adam):
+            raise ValueError("whole-step execution on the CPU takes torch.optim.Adam (its fused update is used)")
+        if len(optimizer.param_groups) != 1:
+            raise ValueError("the optimizer must have one parameter group")
+        group = optimizer.param_groups[0]
+        if group.get("amsgrad") or group.get("maximize") or group.get("differentiable"):
+            raise ValueError("whole-step execution takes Adam without amsgrad, maximize or differentiable")
+        held = {id(p) for p in group["params"]}
+        if held != {id(p) for p in parameters} or len(group["params"]) != len(parameters):
+            raise ValueError("the optimizer must hold exactly the learner's parameters")
+        self._run = run
+        self.params = list(parameters)
+        self.optimizer = optimizer
+        self.shapes = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        self.iteration = 0
+        self.nonfinite = torch.zeros(2, dtype=torch.float64)
+
+    def _state(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in self.params:
+            state = self.optimizer.state[p]
+            if not state:  # as torch.optim.Adam initialises it (fused layout: the step on the device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, steps
+
+    def __call__(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> MetaBatchOutput:
+        for name, (shape, dtype), new in zip(("support_x", "support_y", "query_x", "query_y"), self.shapes,
+                                             (support_x, support_y, query_x, query_y)):
+            if tuple(new.shape) != shape or new.dtype != dtype:
+                raise ValueError(f"{name} is {list(new.shape)} {new.dtype}, but the step was built for "
+                                 f"{list(shape)} {dtype}")
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        exp_avgs, exp_avg_sqs, steps = self._state()
+        with torch.no_grad():
+            mean, losses = self._run(self.params, exp_avgs, exp_avg_sqs, steps, self.nonfinite, self.iteration,
+                                     support_x, support_y, query_x, query_y,
+                                     float(lr), float(beta1), float(beta2), float(group["weight_decay"]),
+                                     float(group["eps"]))
+        self.iteration += 1
+        return MetaBatchOutput(mean, losses, None)
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError if an iteration since the start had a non-finite loss or
+        meta-gradient (its update was skipped). Reads one flag: call it every N iterations."""
+        if self.nonfinite[0] != 0:
+            raise FloatingPointError(
+                f"a non-finite query loss or meta-gradient at iteration {int(self.nonfinite[1])} (of this step "
+                "object); its update was skipped, and the parameters are those of the iteration before")

@@ -540,6 +540,64 @@ mlp_meta_step_op.register_autograd(_meta_step_backward, setup_context=_meta_step
 
 
 # ---------------------------------------------------------------------------------------
+# mlp_meta_step_update: the whole training step (meta-gradient and Adam) in one call
+# ---------------------------------------------------------------------------------------
+
+
+def reference_mlp_meta_step_update(
+    params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], state_steps: list[Tensor],
+    nonfinite: Tensor, iteration: int, layer_sizes: list[int], act: str, negative_slope: float, support_x: Tensor,
+    support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_kind: str, lr: Tensor, steps: int, first_order: bool,
+    adam_lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
+) -> tuple[Tensor, Tensor]:
+    """One meta-iteration and Adam's step on the mean query loss, in place: (mean loss,
+    losses [T]). ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps`` are an
+    Adam optimizer's (``torch.optim.Adam`` state, so its state_dict round-trips); the
+    update is torch's own fused Adam (``torch._fused_adam_``), with no autograd graph.
+
+    A non-finite loss or gradient skips the update (parameters and optimizer state stay
+    as they were) and, the first time, writes [1, iteration] into ``nonfinite`` ``[2]``:
+    a flag for the caller to read every N iterations, without a sync per iteration.
+    """
+    theta = _flat(params)
+    T = support_x.size(0)
+    w = theta.new_full((T,), 1.0 / T)
+    losses, _, d_theta, _ = analytic_meta_step(
+        theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+        loss_kind, lr, steps, first_order, task_weights=w,
+    )
+    mean = losses.mean()
+    if not (bool(torch.isfinite(losses).all()) and bool(torch.isfinite(d_theta).all())):
+        if nonfinite[0] == 0:
+            nonfinite.copy_(torch.tensor([1.0, float(iteration)], dtype=nonfinite.dtype))
+        return mean, losses.detach()
+    grads = _per_parameter(d_theta.detach(), params)
+    with torch.no_grad():
+        torch._foreach_add_(state_steps, 1)
+        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], state_steps, lr=adam_lr, beta1=beta1,
+                           beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+    return mean.detach(), losses.detach()
+
+
+def _update_takes(device_type, params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, *args) -> bool:
+    # The native update increments the steps and reads the flag on the host: CPU tensors.
+    return device_type == "cpu" and all(t.device.type == "cpu" for t in state_steps) and _native_takes(
+        device_type, params, *args)
+
+
+mlp_meta_step_update = define_op(
+    reference_mlp_meta_step_update, NativeCall(takes=_update_takes),
+    lambda params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, *args: _check(params, *args),
+    mutates=("params", "exp_avgs", "exp_avg_sqs", "state_steps", "nonfinite"))
+
+
+@mlp_meta_step_update.register_fake
+def _(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, layer_sizes, act, negative_slope, support_x,
+      support_y, query_x, query_y, loss_kind, lr, steps, first_order, adam_lr, beta1, beta2, weight_decay, eps):
+    return params[0].new_empty(()), params[0].new_empty((support_x.size(0),))
+
+
+# ---------------------------------------------------------------------------------------
 # mlp_meta_step_backward and mlp_meta_step_weigh_task_gradients
 # ---------------------------------------------------------------------------------------
 

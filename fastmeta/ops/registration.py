@@ -19,13 +19,14 @@ from fastmeta.backends import run_kernel
 from fastmeta.backends.table import NativeCall, define_kernel
 
 
-def define_op(reference: Callable, native: NativeCall | None = None, check: Callable[..., None] | None = None):
+def define_op(reference: Callable, native: NativeCall | None = None, check: Callable[..., None] | None = None,
+              mutates: tuple[str, ...] = ()):
     """The public op ``fastmeta::<name>`` of the kernel ``reference_<name>``.
 
     check: validates the arguments (raising with a message that names them) before any
-    backend sees them.
+    backend sees them. mutates: the arguments the op writes in place.
     """
-    spec = define_kernel(reference, native)
+    spec = define_kernel(reference, native, mutates)
 
     def run(*args):
         if check is not None:
@@ -33,7 +34,7 @@ def define_op(reference: Callable, native: NativeCall | None = None, check: Call
         return run_kernel(spec, *args)
 
     run.__name__, run.__qualname__, run.__doc__ = spec.name, spec.name, reference.__doc__
-    return torch.library.custom_op(f"fastmeta::{spec.name}", run, mutates_args=(), schema=spec.schema)
+    return torch.library.custom_op(f"fastmeta::{spec.name}", run, mutates_args=mutates, schema=spec.schema)
 
 
 __all__ = ["NativeCall", "define_op"]
