@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 from fastmeta.engine.program import plain_mlp_structure, trace
 from fastmeta.engine.task_weights import Layout, TaskWeights
-from fastmeta.ops import LOSS_KINDS, inner_step, mlp_meta_step, task_loss
+from fastmeta.ops import LOSS_KINDS, inner_step, task_loss
 from fastmeta.ops.inner_step import step_coefficient
-from fastmeta.ops.mlp_meta_step import fused_kernel_takes
+from fastmeta.ops.mlp_meta_step import fused_kernel_takes, mlp_meta_step_mean
 
 LossSpec = str | Callable[[Tensor, Tensor], Tensor] | None
 
@@ -266,13 +266,18 @@ class MetaIteration:
     ) -> MetaBatchOutput:
         """Adapt to every task and evaluate on its query set (see ``MetaLearner.meta_batch``)."""
         self.refresh()
-        self.check_tasks(validate, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y)
+        # The fused path validates in the CPU kernel's own loops (no dispatch, no sync): the
+        # NaN/Inf checks here would cost more than the meta-step itself at W1's size.
+        fused = self.fused_mlp_applies(support_x, query_x, query_y, rule, steps)
+        kernel_validates = fused and support_x.device.type == "cpu"
+        self.check_tasks(validate and not kernel_validates, support_x=support_x, support_y=support_y,
+                         query_x=query_x, query_y=query_y)
         self.check_nograd(allow_nograd)
         T = support_x.size(0)
         args = (rule, steps, first_order, allow_unused, validate)
-        if self.fused_mlp_applies(support_x, query_x, query_y, rule, steps):
-            task_losses, accuracy = self._fused_mlp_meta_batch(support_x, support_y, query_x, query_y, *args)
-        elif task_chunk is None or task_chunk >= T:
+        if fused:
+            return self._fused_mlp_meta_batch(support_x, support_y, query_x, query_y, *args)
+        if task_chunk is None or task_chunk >= T:
             task_losses, accuracy = self._adapt_and_evaluate(support_x, support_y, query_x, query_y, *args)
         else:
             parts = [
@@ -332,8 +337,24 @@ class MetaIteration:
                                   support_x.size(1), query_x.size(1), steps)
 
     def fused_rates(self, rule: AdaptationRule, steps: int, like: Tensor) -> Tensor:
-        """Every inner step's rule as one rate tensor: ``[steps]``, ``[steps, S]`` or ``[steps, P]``."""
+        """Every inner step's rule as one rate tensor: ``[steps]``, ``[steps, S]`` or ``[steps, P]``.
+
+        Constant rules (MAML's fixed rate) are stacked once and kept (keyed on the rate
+        tensors and their versions): a stack per iteration is one more dispatch.
+        """
         rules = [rule.step_rule(s, like) for s in range(steps)]
+        constant = all(not t.requires_grad for r in rules for t in r if isinstance(t, Tensor))
+        if constant:
+            key = tuple((id(t), t._version) for r in rules for t in r if isinstance(t, Tensor))
+            cached = self.__dict__.get("_constant_rates")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            rates = self._stack_rates(rules, steps)
+            self._constant_rates = (key, rates, rules)  # the rules keep the keyed tensors alive
+            return rates
+        return self._stack_rates(rules, steps)
+
+    def _stack_rates(self, rules: list[StepRule], steps: int) -> Tensor:
         plain = all(r.mask is None and r.precond is None for r in rules)
         if plain and (all(r.lr.dim() == 0 for r in rules) or all(r.segments is not None for r in rules)):
             return torch.stack([r.lr for r in rules])  # [steps] or [steps, S]
@@ -341,14 +362,16 @@ class MetaIteration:
         return torch.stack([step_coefficient(*r).expand(P) for r in rules])
 
     def _fused_mlp_meta_batch(self, support_x, support_y, query_x, query_y, rule, steps, first_order, allow_unused,
-                              validate):
+                              validate) -> MetaBatchOutput:
         layer_sizes, act, slope = self.mlp
-        theta = self.pack()
+        like = self.params[0]
         kind = self.loss_kind(query_y)
+        on_cpu = support_x.device.type == "cpu"
         if kind == "cross_entropy":
             for name, y in (("support", support_y), ("query", query_y)):
-                check_labels(y, layer_sizes[-1], name, validate)
-            support_y, query_y = support_y.long(), query_y.long()
+                # The dtype always; the range (a sync) only off the CPU: the CPU kernel checks it.
+                check_labels(y, layer_sizes[-1], name, validate and not on_cpu)
+            support_y, query_y = _as_dtype(support_y, torch.long), _as_dtype(query_y, torch.long)
         else:
             out = layer_sizes[-1]
             for name, x, y in (("support", support_x, support_y), ("query", query_x, query_y)):
@@ -357,18 +380,19 @@ class MetaIteration:
                         f"{name} targets {list(y.shape)} do not match the model's outputs "
                         f"{[x.size(0), x.size(1), out]}"
                     )
-            support_y = support_y.reshape(support_x.size(0), support_x.size(1), out).to(theta.dtype)
-            query_y = query_y.reshape(query_x.size(0), query_x.size(1), out).to(theta.dtype)
+            support_y = _as_dtype(support_y.reshape(support_x.size(0), support_x.size(1), out), like.dtype)
+            query_y = _as_dtype(query_y.reshape(query_x.size(0), query_x.size(1), out), like.dtype)
         with torch.profiler.record_function("fastmeta.mlp_meta_step"):
-            task_losses, pred = mlp_meta_step(
-                theta, layer_sizes, act, slope, support_x, support_y, query_x, query_y,
-                kind, self.fused_rates(rule, steps, theta), steps, first_order,
+            mean, task_losses, pred = mlp_meta_step_mean(
+                self.params, layer_sizes, act, slope, support_x, support_y, query_x, query_y,
+                kind, self.fused_rates(rule, steps, like), steps, first_order, validate=validate and on_cpu,
             )
-        check_finite_losses(task_losses, "query", validate)
+        if not on_cpu:
+            check_finite_losses(task_losses, "query", validate)
         accuracy = None
         if kind == "cross_entropy":
             accuracy = (pred.argmax(-1) == query_y).to(pred.dtype).mean(1)
-        return task_losses, accuracy
+        return MetaBatchOutput(mean, task_losses, accuracy)
 
     # -- adapted weights -----------------------------------------------------------------
 
@@ -396,6 +420,11 @@ class MetaIteration:
         if fast.num_tasks != query_x.size(0):
             raise ValueError(f"fast holds {fast.num_tasks} tasks but query_x has {query_x.size(0)}")
         return self.program(query_x, self.weights(self.pack(), fast.buffer, rule.adapting()))
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the call (a dispatch) when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def check_labels(target: Tensor, classes: int, which: str, validate: bool) -> None:

@@ -4,7 +4,11 @@ A **dispatch** is a fastmeta op (``fastmeta::*``), or an aten op outside one; an
 that a native (C++/CUDA) kernel calls counts too, since on a GPU each is a launch. Views
 and allocations are not dispatches; nested aten calls inside an aten op are part of it
 (``aten::linear`` calling ``aten::addmm`` is one). A **host sync** is an
-``aten::_local_scalar_dense`` (a tensor read on the host: ``.item()``, ``bool(t)``). On a
+``aten::_local_scalar_dense`` (a tensor read on the host: ``.item()``, ``bool(t)``), except
+those inside torch's own fused optimizer kernels (``aten::_fused_adam_`` on the CPU reads each
+parameter's step counter on the host: host memory, no device to wait for; on CUDA the step
+stays on the device). **The fused optimizer step counts as one dispatch** (Adam with
+``fused=True`` is ``aten::_foreach_add_`` on the step counters and ``aten::_fused_adam_``). On a
 GPU every dispatch is at least one kernel launch, eager or captured.
 
 The counts come from ``torch.profiler``'s CPU events of one iteration (the profiler sees
@@ -30,6 +34,8 @@ NOT_DISPATCHES = frozenset({
     "aten::item", "aten::numpy_T", "aten::_nested_tensor_from_mask", "aten::result_type",
 })
 HOST_SYNC = "aten::_local_scalar_dense"
+FUSED_OPTIMIZERS = ("aten::_fused_adam_", "aten::_fused_adamw_", "aten::_fused_sgd_")
+OPTIMIZER_RANGE = "Optimizer.step#"
 OP_PREFIXES = ("aten::", "fastmeta::", "fastmeta_ext::")
 
 
@@ -53,15 +59,26 @@ def _op_parent(event):
     return parent
 
 
+def _inside(event, names) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(names):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def count_events(events) -> DispatchCount:
     """The count of profiler events (``prof.events()``) by the rules of the module docstring."""
     count = DispatchCount()
     for event in events:
         name = event.name
-        if name == HOST_SYNC:
+        if name == HOST_SYNC and not _inside(event, FUSED_OPTIMIZERS):
             count.host_syncs += 1
         if not name.startswith(OP_PREFIXES) or name in NOT_DISPATCHES:
             continue
+        if name == "aten::_foreach_add_" and _inside(event, OPTIMIZER_RANGE) and _fused_step_follows(event, events):
+            continue  # the fused optimizer's step counters: part of its one dispatch
         parent = _op_parent(event)
         if name.startswith("fastmeta_ext::"):
             continue  # the native kernel of the fastmeta op around it: that op is the dispatch
@@ -72,6 +89,14 @@ def count_events(events) -> DispatchCount:
         if name.startswith("fastmeta::"):
             count.fastmeta_ops += 1
     return count
+
+
+def _fused_step_follows(event, events) -> bool:
+    """Whether the optimizer range holding ``event`` runs a fused optimizer kernel."""
+    parent = event.cpu_parent
+    while parent is not None and not parent.name.startswith(OPTIMIZER_RANGE):
+        parent = parent.cpu_parent
+    return parent is not None and any(child.name in FUSED_OPTIMIZERS for child in parent.cpu_children)
 
 
 def count_dispatches(step: Callable[[], None], warmup: int = 2) -> DispatchCount:
