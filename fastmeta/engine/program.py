@@ -23,6 +23,7 @@ task (``[T, *shape]``, a view of the fast-weight buffer) or shared (``shape``, a
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import warnings
 from typing import Any, Callable
@@ -212,7 +213,7 @@ class TracedProgram:
             def step(env, weights):
                 x = env[arg.name]
                 if not x.batched or x.value.dim() < 3:
-                    env[name] = _Value(self._run_generic_module(m, [x], weights), True)
+                    env[name] = _Value(self._run_generic_module(name, node.target, m, [x], weights), True)
                     return
                 xv = x.value
                 x3 = xv.reshape(xv.size(0), -1, xv.size(-1))
@@ -228,7 +229,7 @@ class TracedProgram:
             def step(env, weights):
                 x = env[arg.name]
                 if not x.batched or x.value.dim() != 5:
-                    env[name] = _Value(self._run_generic_module(m, [x], weights), True)
+                    env[name] = _Value(self._run_generic_module(name, node.target, m, [x], weights), True)
                     return
                 y = task_conv2d(
                     x.value, weights[kw], None if kb is None else weights[kb], stride, padding
@@ -288,7 +289,7 @@ class TracedProgram:
 
         def step(env, weights):
             values = self._resolve((args, kwargs), env)
-            env[name] = _Value(*self._run_module_under_vmap(m, own, values, weights))
+            env[name] = _Value(*self._run_module(name, node.target, m, own, values, weights))
 
         return step
 
@@ -330,42 +331,54 @@ class TracedProgram:
             a, k = pytree.tree_unflatten(list(xs), spec)
             return fn(*a, **k)
 
+        return self._vmap_or_per_task(name, call, raw, in_dims)
+
+    def _run_module(self, name: str, target: str, m: nn.Module, own, values, weights) -> tuple[Any, bool]:
+        """An unrecognised module with the tasks' weights: under vmap, or task by task (LSTM, GRU...)."""
+        flat, spec = pytree.tree_flatten(values, is_leaf=lambda v: isinstance(v, _Value))
+        names = [n for n, _ in own]
+        params = [weights[k] for _, k in own]
+        param_dims = [0 if w.dim() > len(self.layout.segments[k].shape) else None for w, (_, k) in zip(params, own)]
+        raw = params + [v.value for v in flat]
+        in_dims = tuple(param_dims + [0 if v.batched else None for v in flat])
+
+        def call(*xs):
+            a, kw = pytree.tree_unflatten(list(xs[len(names) :]), spec)
+            return torch.func.functional_call(m, dict(zip(names, xs[: len(names)])), a, kw)
+
+        if all(d is None for d in in_dims):
+            return call(*raw), False
+        with _double_backward_safe(m, raw):
+            return self._vmap_or_per_task(name, call, raw, in_dims, f"module {target!r} ({type(m).__name__})")
+
+    def _run_generic_module(self, name: str, target: str, m: nn.Module, xs, weights):
+        own = [(n, self._segment_of[id(p)]) for n, p in m.named_parameters()]
+        out, _ = self._run_module(name, target, m, own, (tuple(xs), {}), weights)
+        return out
+
+    def _vmap_or_per_task(self, name: str, call: Callable, raw: list, in_dims: tuple, module: str | None = None):
+        """``call`` over the tasks: under ``torch.vmap``, or task by task where vmap cannot run it.
+
+        The first run decides for the node. If vmap raises there (no batching rule, as for
+        ``aten::lstm``; a size query; data-dependent code), the node runs task by task from
+        then on; a module says so once, since its cost grows with T. If vmap ran once, a
+        later failure is a real error and is raised.
+        """
         strategy = self._generic_strategy.get(name)
         if strategy != "loop":
             try:
                 out = torch.vmap(call, in_dims=in_dims, randomness="different")(*raw)
                 self._generic_strategy[name] = "vmap"
                 return out, True
-            except Exception:
+            except Exception as exc:
                 if strategy == "vmap":
                     raise
                 self._generic_strategy[name] = "loop"
+                if module is not None:
+                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    warnings.warn(f"fastmeta: {module} runs task by task: torch.vmap cannot batch it ({reason})",
+                                  stacklevel=2)
         return _per_task(call, raw, in_dims)
-
-    def _run_module_under_vmap(self, m: nn.Module, own, values, weights) -> tuple[Any, bool]:
-        flat, spec = pytree.tree_flatten(values, is_leaf=lambda v: isinstance(v, _Value))
-        params = {n: weights[k] for n, k in own}
-        param_batched = {
-            n: weights[k].dim() > len(self.layout.segments[k].shape) for n, k in own
-        }
-
-        def call(p, *xs):
-            a, kw = pytree.tree_unflatten(list(xs), spec)
-            return torch.func.functional_call(m, p, a, kw)
-
-        in_dims = (
-            {n: (0 if b else None) for n, b in param_batched.items()},
-            *[0 if v.batched else None for v in flat],
-        )
-        raw = [v.value for v in flat]
-        if all(d is None for d in in_dims[1:]) and not any(param_batched.values()):
-            return call(params, *raw), False
-        return torch.vmap(call, in_dims=in_dims, randomness="different")(params, *raw), True
-
-    def _run_generic_module(self, m: nn.Module, xs, weights):
-        own = [(n, self._segment_of[id(p)]) for n, p in m.named_parameters()]
-        out, _ = self._run_module_under_vmap(m, own, (tuple(xs), {}), weights)
-        return out
 
     def __call__(self, x: Tensor, weights: list[Tensor]) -> Any:
         env: dict[str, _Value] = {self._input_name: _Value(x, True)}
@@ -376,15 +389,43 @@ class TracedProgram:
 
 
 def _per_task(call: Callable, raw: list, in_dims: tuple) -> tuple[Any, bool]:
-    """Run ``call`` task by task; stack tensor results, or keep a value all tasks agree on."""
-    T = next(r.size(0) for r, d in zip(raw, in_dims) if d == 0)
-    outs = [call(*[r[t] if d == 0 else r for r, d in zip(raw, in_dims)]) for t in range(T)]
-    first = outs[0]
-    if isinstance(first, Tensor):
-        return torch.stack(outs), True
-    if all(o == first for o in outs[1:]):
-        return first, False
-    raise TraceError(f"a node returns a different non-tensor value per task: {outs}")
+    """Run ``call`` task by task and stack the tasks' tensors (in nested outputs too, as
+    an LSTM's ``(output, (h, c))``); a non-tensor result must be the same for every task."""
+
+    def task_slice(value, t):
+        return pytree.tree_map(lambda leaf: leaf[t] if isinstance(leaf, Tensor) else leaf, value)
+
+    T = next(
+        leaf.size(0)
+        for r, d in zip(raw, in_dims)
+        if d == 0
+        for leaf in pytree.tree_leaves(r)
+        if isinstance(leaf, Tensor)
+    )
+    outs = [call(*[task_slice(r, t) if d == 0 else r for r, d in zip(raw, in_dims)]) for t in range(T)]
+    leaves, spec = zip(*(pytree.tree_flatten(o) for o in outs))
+    if any(s != spec[0] for s in spec[1:]):
+        raise TraceError(f"a node returns differently structured values per task: {spec[0]} and others")
+    stacked = []
+    for per_task in zip(*leaves):
+        if isinstance(per_task[0], Tensor):
+            stacked.append(torch.stack(per_task))
+        elif all(v == per_task[0] for v in per_task[1:]):
+            stacked.append(per_task[0])
+        else:
+            raise TraceError(f"a node returns a different non-tensor value per task: {list(per_task)}")
+    if not any(isinstance(v, Tensor) for v in leaves[0]):
+        return pytree.tree_unflatten(stacked, spec[0]), False
+    return pytree.tree_unflatten(stacked, spec[0]), True
+
+
+def _double_backward_safe(m: nn.Module, raw: list):
+    """cuDNN's RNN kernels have no double backward, which second-order MAML needs: an RNN
+    module on CUDA runs with cuDNN off while autograd records (the native kernels have it)."""
+    on_cuda = any(isinstance(leaf, Tensor) and leaf.is_cuda for leaf in pytree.tree_leaves(raw))
+    if isinstance(m, nn.RNNBase) and on_cuda and torch.is_grad_enabled():
+        return torch.backends.cudnn.flags(enabled=False)
+    return contextlib.nullcontext()
 
 
 def _get_attr(model: nn.Module, target: str):
