@@ -103,10 +103,14 @@ class TracedProgram:
         self.graph = graph
         self._segment_of = _segment_index_by_identity(model, layout)
         self.reads: set[int] = set()  # segments the program reads
-        self._steps: list[Callable] = []
+        self._steps: list[tuple[torch.fx.Node, Callable]] = []
         self._generic_strategy: dict[str, str] = {}
         self._input_name: str | None = None
+        self._layers = {n.target: model.get_submodule(n.target) for n in graph.nodes if n.op == "call_module"}
         self._compile(model, graph)
+        self.input_layers = self._input_layers(graph)
+        self.example_shape = declared_example_shape(model)
+        self.failed_at: str | None = None  # the layer the last failed run stopped at
 
     # -- compilation ------------------------------------------------------------------
 
@@ -141,23 +145,21 @@ class TracedProgram:
                         "passes one input tensor"
                     )
                 else:
-                    self._steps.append(self._constant_step(node.name, node.args[0]))
+                    self._steps.append((node, self._constant_step(node.name, node.args[0])))
             elif node.op == "get_attr":
-                self._steps.append(self._get_attr_step(model, node))
+                self._steps.append((node, self._get_attr_step(model, node)))
             elif node.op == "call_module":
                 if node.name in skipped:
-                    self._steps.append(self._alias_step(node.name, skipped[node.name]))
+                    self._steps.append((node, self._alias_step(node.name, skipped[node.name])))
                 else:
-                    self._steps.append(
-                        self._module_step(model, node, fused_into.get(node.name))
-                    )
+                    self._steps.append((node, self._module_step(model, node, fused_into.get(node.name))))
             elif node.op in ("call_function", "call_method"):
                 if node.op == "call_function" and node.target in _BATCH_STATISTIC_FUNCTIONS:
                     raise TraceError(
                         f"{node.target.__name__} is called directly: batch statistics outside "
                         "a recognised BatchNorm module"
                     )
-                self._steps.append(self._generic_step(node))
+                self._steps.append((node, self._generic_step(node)))
             elif node.op == "output":
                 self._output_arg = node.args[0]
 
@@ -380,10 +382,62 @@ class TracedProgram:
                                   stacklevel=2)
         return _per_task(call, raw, in_dims)
 
+    # -- the input's shape -------------------------------------------------------------
+
+    def _input_layers(self, graph: torch.fx.Graph) -> list[tuple[str, bool]]:
+        """The recognised layers that read the input first, (target, through a Flatten),
+        past activations and Dropout; empty when anything else reads it."""
+        found: list[tuple[str, bool]] = []
+        frontier = [(n, False) for n in graph.nodes if n.name == self._input_name]
+        while frontier:
+            node, flattened = frontier.pop()
+            for user in node.users:
+                m = self._layers.get(user.target) if user.op == "call_module" else None
+                if m is None or len(user.args) != 1:
+                    return []
+                if type(m) in (nn.Linear, nn.Conv2d) or isinstance(m, _BATCH_NORMS):
+                    if flattened and not isinstance(m, (nn.Linear, nn.BatchNorm1d)):
+                        return []
+                    found.append((user.target, flattened))
+                elif isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Dropout)):
+                    frontier.append((user, flattened))
+                elif type(m) is nn.Flatten and (m.start_dim, m.end_dim) == (1, -1) and not flattened:
+                    frontier.append((user, True))
+                else:
+                    return []
+        return found
+
+    def check_example_shape(self, argument: str, x: Tensor) -> None:
+        """Raise ValueError, naming ``argument`` and the shape expected, when the layers that
+        read the input first cannot take its examples (``x.shape[2:]``)."""
+        example = list(x.shape[2:])
+        for target, flattened in self.input_layers:
+            m = self._layers[target]
+            fits, takes = _layer_takes(m, example, flattened)
+            if not fits:
+                built = (
+                    f" (the model was built for examples of shape {list(self.example_shape)})"
+                    if self.example_shape is not None else ""
+                )
+                raise ValueError(
+                    f"{argument} has shape {list(x.shape)}, but the model's first {describe_layer(target, m)} "
+                    f"takes {takes}{built}"
+                )
+
+    def _describe_node(self, node: torch.fx.Node) -> str:
+        if node.op == "call_module":
+            return describe_layer(node.target, self._layers[node.target])
+        name = getattr(node.target, "__name__", str(node.target))
+        return f"{name} (node {node.name!r})"
+
     def __call__(self, x: Tensor, weights: list[Tensor]) -> Any:
         env: dict[str, _Value] = {self._input_name: _Value(x, True)}
-        for step in self._steps:
-            step(env, weights)
+        for node, step in self._steps:
+            try:
+                step(env, weights)
+            except Exception:
+                self.failed_at = self._describe_node(node)
+                raise
         out = self._resolve(self._output_arg, env)
         return pytree.tree_map(lambda v: v.value, out, is_leaf=lambda v: isinstance(v, _Value))
 
@@ -428,6 +482,44 @@ def _double_backward_safe(m: nn.Module, raw: list):
     return contextlib.nullcontext()
 
 
+def declared_example_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The shape of one input example a model declares as ``model.example_shape`` (the
+    fastmeta.models networks do), for error messages; None when it declares none."""
+    shape = getattr(model, "example_shape", None)
+    return tuple(int(n) for n in shape) if shape is not None else None
+
+
+def describe_layer(target: str, m: nn.Module) -> str:
+    """``layer '0' (Conv2d, 1 input channel)``: a layer and the size of what it reads."""
+    if isinstance(m, nn.Linear):
+        return f"layer {target!r} (Linear, {m.in_features} input features)"
+    if isinstance(m, nn.Conv2d):
+        return f"layer {target!r} (Conv2d, {m.in_channels} input channel{'s' if m.in_channels != 1 else ''})"
+    if isinstance(m, _BATCH_NORMS):
+        return f"layer {target!r} ({type(m).__name__}, {m.num_features} channels)"
+    return f"layer {target!r} ({type(m).__name__})"
+
+
+def _layer_takes(m: nn.Module, example: list[int], flattened: bool) -> tuple[bool, str]:
+    """(whether ``m`` takes examples of this shape, the input shape it takes)."""
+    if flattened:
+        features = m.in_features if isinstance(m, nn.Linear) else m.num_features
+        values = 1
+        for n in example:
+            values *= n
+        return values == features, f"[T, N, ...] with {features} values per example (it reads them flattened)"
+    if isinstance(m, nn.Linear):
+        return bool(example) and example[-1] == m.in_features, f"[T, N, ..., {m.in_features}]"
+    if isinstance(m, nn.Conv2d):
+        return len(example) == 3 and example[0] == m.in_channels, f"[T, N, {m.in_channels}, H, W]"
+    if isinstance(m, nn.BatchNorm2d):
+        return len(example) == 3 and example[0] == m.num_features, f"[T, N, {m.num_features}, H, W]"
+    return (
+        len(example) in (1, 2) and example[0] == m.num_features,
+        f"[T, N, {m.num_features}] or [T, N, {m.num_features}, L]",
+    )
+
+
 def _get_attr(model: nn.Module, target: str):
     obj: Any = model
     for part in target.split("."):
@@ -454,6 +546,11 @@ class PerTaskLoopProgram:
         self.layout = layout
         self.reason = reason
         self.reads = set(range(len(layout)))
+        self.example_shape = declared_example_shape(model)
+        self.failed_at = None  # an untraced model has no layers to name
+
+    def check_example_shape(self, argument: str, x: Tensor) -> None:
+        """Nothing to check ahead of a run: the model's forward is opaque here."""
 
     def __call__(self, x: Tensor, weights: list[Tensor]) -> Any:
         names = [s.name for s in self.layout.segments]
