@@ -202,11 +202,18 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, caps
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     capsys.readouterr()
     assert cli.main(["plot", str(tmp_path)]) == 1
-    assert "pip install" in capsys.readouterr().err
+    assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_matplotlib_is_installed_with_fastmeta():
+    # `fastmeta plot` works after the README's `pip install -e ".[dev]"`: no extra to know about.
+    tomllib = pytest.importorskip("tomllib", reason="Python < 3.11 has no tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "matplotlib" in [re.split(r"[\s<>=;\[]", d)[0] for d in project["dependencies"]]
+    assert all("matplotlib" not in d for extra in project.get("optional-dependencies", {}).values() for d in extra)
 
 
 def test_plot_writes_pngs(tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="matplotlib (the optional plot extra) is not installed")
     assert train_sinusoid(tmp_path, "--iterations", "10", "--validate-every", "5") == 0
     capsys.readouterr()
     assert cli.main(["plot", str(tmp_path)]) == 0
