@@ -315,3 +315,21 @@ def test_per_task_fallback_stacks_nested_outputs_and_keeps_agreed_constants():
     torch.testing.assert_close(out[1]["sum"], raw[0].sum(1))
     with pytest.raises(fm.engine.program.TraceError, match="different non-tensor value per task"):
         _per_task(lambda x: int(x[0]), raw[:1], (0,))
+
+
+def test_a_first_run_that_fails_either_way_decides_nothing():
+    # Wrong inputs make vmap and the task-by-task run fail alike: the error is raised, no
+    # warning claims vmap cannot batch the module, and correct inputs then run under vmap.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 1))
+    program = fm.trace(model)
+    layout = fm.Layout.of_module(model)
+    weights = layout.views(layout.pack(model.parameters()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError):
+            program(torch.randn(2, 3, 5), weights)  # LayerNorm(4) gets 5 features
+        assert "_0" not in program._generic_strategy
+        out = program(torch.randn(2, 3, 4), weights)
+    assert out.shape == (2, 3, 1)
+    assert program._generic_strategy["_0"] == "vmap"

@@ -197,7 +197,7 @@ def _cpu_fingerprint() -> str:
 
 # What a first build takes on the project's 2-core CPU machine (docs/benchmarks.md,
 # "Extension build"); the notice before a build quotes it.
-FIRST_BUILD_MINUTES = {False: "about 1 minute", True: "about 3 minutes"}
+FIRST_BUILD_MINUTES = {False: "1-2 minutes", True: "2-3 minutes"}
 
 
 @dataclass(frozen=True)

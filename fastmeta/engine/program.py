@@ -361,26 +361,29 @@ class TracedProgram:
     def _vmap_or_per_task(self, name: str, call: Callable, raw: list, in_dims: tuple, module: str | None = None):
         """``call`` over the tasks: under ``torch.vmap``, or task by task where vmap cannot run it.
 
-        The first run decides for the node. If vmap raises there (no batching rule, as for
-        ``aten::lstm``; a size query; data-dependent code), the node runs task by task from
-        then on; a module says so once, since its cost grows with T. If vmap ran once, a
-        later failure is a real error and is raised.
+        The first run that succeeds decides for the node. If vmap raises and the task-by-task
+        run works (no batching rule, as for ``aten::lstm``; a size query; data-dependent
+        code), the node runs task by task from then on; a module says so once, since its
+        cost grows with T. If both fail, the task-by-task error is raised (the inputs are
+        wrong) and nothing is decided. If vmap ran once, a later failure is raised.
         """
         strategy = self._generic_strategy.get(name)
-        if strategy != "loop":
-            try:
-                out = torch.vmap(call, in_dims=in_dims, randomness="different")(*raw)
-                self._generic_strategy[name] = "vmap"
-                return out, True
-            except Exception as exc:
-                if strategy == "vmap":
-                    raise
-                self._generic_strategy[name] = "loop"
-                if module is not None:
-                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                    warnings.warn(f"fastmeta: {module} runs task by task: torch.vmap cannot batch it ({reason})",
-                                  stacklevel=2)
-        return _per_task(call, raw, in_dims)
+        if strategy == "loop":
+            return _per_task(call, raw, in_dims)
+        try:
+            out = torch.vmap(call, in_dims=in_dims, randomness="different")(*raw)
+        except Exception as vmap_error:
+            if strategy == "vmap":
+                raise
+            out = _per_task(call, raw, in_dims)
+            self._generic_strategy[name] = "loop"
+            if module is not None:
+                reason = (str(vmap_error).strip().splitlines() or [type(vmap_error).__name__])[0]
+                warnings.warn(f"fastmeta: {module} runs task by task: torch.vmap cannot batch it ({reason})",
+                              stacklevel=2)
+            return out
+        self._generic_strategy[name] = "vmap"
+        return out, True
 
     # -- the input's shape -------------------------------------------------------------
 
