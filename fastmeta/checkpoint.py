@@ -1,24 +1,30 @@
-"""Checkpoints that are written atomically, verified before they are read, and never unpickled.
+"""Checkpoints that are plain torch files, written atomically and verified before they are used.
 
-File layout (all integers little-endian):
+A checkpoint is what ``torch.save`` writes, of a dict with three entries::
 
-    bytes 0-7     magic b"FMCKPT\\x00\\x01" (format version 1)
-    bytes 8-15    payload length in bytes, uint64
-    bytes 16-47   sha256 of the payload
-    bytes 48-     payload: the bytes of ``torch.save(state)``
+    {"fastmeta_checkpoint": 2,            # the format version
+     "sha256": "<64 hex digits>",         # state_digest(state)
+     "state": state}                      # what the caller saved
+
+so ``torch.load(path, weights_only=True)["state"]`` reads it anywhere, without fastmeta.
 
 - **Atomic.** ``save`` writes a temporary file in the destination's directory, flushes and
   fsyncs it, then ``os.replace``-s it over the destination, so a reader (or a run killed
   with SIGKILL mid-write) sees either the old file or the new one, never half of one.
-- **Verified.** ``load`` checks the magic, the length and the sha256 before it hands the
-  payload to torch. A truncated file, one with bytes flipped or appended, or a file that
-  is not a checkpoint gives a ``CheckpointError`` that names the path. The sha256 detects
-  damage, not a forger (who can recompute it); safety against a malicious file comes from
-  the next point.
-- **Never unpickled.** The payload is read with ``torch.load(weights_only=True)``, which
-  only rebuilds tensors, dicts, lists, tuples, strings, numbers, bools and None. ``save``
+- **Verified.** ``load`` checks that the file ends where its zip archive ends (nothing cut
+  off, nothing appended), loads it, and recomputes the digest of the state: every tensor's
+  dtype, shape and bytes, every key, string and number, in order (:func:`state_digest`).
+  torch does not check its archive's CRCs when loading, so a flipped bit in a tensor
+  would otherwise load silently. A truncated or altered file, or one that is not a
+  checkpoint, gives a ``CheckpointError`` that names the path. The digest detects damage,
+  not a forger (who can recompute it); safety against a malicious file comes from the
+  next point.
+- **Never unpickled.** The file is read with ``torch.load(weights_only=True)``, which only
+  rebuilds tensors, dicts, lists, tuples, strings, numbers, bools and None. ``save``
   checks the state holds nothing else, so a bad state fails when it is saved, not when a
   resume is attempted hours later.
+- **Format 1**, a 48-byte ``FMCKPT`` header (magic, length, sha256) before the torch
+  payload, written by fastmeta before this format, is still read, with the same checks.
 - **RNG states as tensors.** ``rng_state()`` captures torch (CPU and, when initialised,
   CUDA), numpy and Python ``random`` generators as tensors, so they pass ``weights_only``.
 """
@@ -38,17 +44,23 @@ import torch
 
 __all__ = [
     "CheckpointError",
-    "MAGIC",
+    "FORMAT",
     "save",
     "load",
+    "state_digest",
     "atomic_write_bytes",
     "stale_temporaries",
     "rng_state",
     "set_rng_state",
 ]
 
-MAGIC = b"FMCKPT\x00\x01"
-_HEADER = struct.Struct("<8sQ32s")  # magic, payload length, sha256
+FORMAT = 2
+_ZIP_START = b"PK\x03\x04"  # a local file header: how every torch.save file begins
+_ZIP_END = b"PK\x05\x06"  # the end-of-central-directory record: 22 bytes + a comment
+_ZIP_END_SIZE = 22
+# Format 1: magic, payload length, sha256 of the payload, then the torch.save payload.
+FORMAT_1_MAGIC = b"FMCKPT\x00\x01"
+_FORMAT_1_HEADER = struct.Struct("<8sQ32s")
 
 
 class CheckpointError(Exception):
@@ -127,18 +139,49 @@ def _check_loadable(value, where: str) -> None:
     )
 
 
+def state_digest(state) -> str:
+    """The sha256 (hex) of a state's content: structure, keys, scalars, tensors' dtypes, shapes and bytes.
+
+    The same before ``torch.save`` and after ``torch.load``, on any device: tensors are
+    read as contiguous CPU bytes, so strides, storage sharing and ``map_location`` do not
+    change it.
+    """
+    digest = hashlib.sha256()
+    _add_to_digest(digest, state)
+    return digest.hexdigest()
+
+
+def _add_to_digest(digest, value) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        if tensor.layout != torch.strided:
+            tensor = tensor.to_dense()
+        tensor = tensor.resolve_conj().resolve_neg().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {list(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)}\n".encode())
+        for key, item in value.items():
+            _add_to_digest(digest, key)
+            _add_to_digest(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)}\n".encode())
+        for item in value:
+            _add_to_digest(digest, item)
+    else:  # the scalars _check_loadable lets through; repr round-trips each of them
+        digest.update(f"{type(value).__name__} {value!r}\n".encode())
+
+
 def save(state: dict, path: str | os.PathLike) -> None:
     """Save ``state`` (tensors, dicts, lists, tuples, str, numbers, None) to ``path`` atomically."""
     _check_loadable(state, "state")
     buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = buffer.getbuffer()
-    header = _HEADER.pack(MAGIC, len(payload), hashlib.sha256(payload).digest())
-    atomic_write_bytes(path, (header, payload))
+    torch.save({"fastmeta_checkpoint": FORMAT, "sha256": state_digest(state), "state": state}, buffer)
+    atomic_write_bytes(path, (buffer.getbuffer(),))
 
 
 def load(path: str | os.PathLike, map_location=None) -> dict:
-    """Load a checkpoint written by ``save``, after checking its length and sha256.
+    """Load a checkpoint written by ``save``, after checking that it is whole and unaltered.
 
     Raises CheckpointError, naming the path, if the file is missing, is not a fastmeta
     checkpoint, is truncated or has extra bytes, fails its sha256, or holds objects that
@@ -153,16 +196,54 @@ def load(path: str | os.PathLike, map_location=None) -> dict:
         raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file") from None
     except OSError as error:
         raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from None
-    if len(data) < _HEADER.size:
-        if MAGIC.startswith(data[: len(MAGIC)]) and data:
-            raise CheckpointError(f"checkpoint {path} is truncated: {len(data)} bytes, shorter than its header")
-        raise CheckpointError(f"{path} is not a fastmeta checkpoint (it is only {len(data)} bytes)")
-    magic, length, digest = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        if magic[:6] == MAGIC[:6]:
-            raise CheckpointError(f"checkpoint {path} has format version {magic[6:]!r}; this fastmeta reads {MAGIC[6:]!r}")
-        raise CheckpointError(f"{path} is not a fastmeta checkpoint (bad magic bytes {magic!r})")
-    payload = memoryview(data)[_HEADER.size :]
+    if data.startswith(FORMAT_1_MAGIC[:6]):
+        return _load_format_1(path, data, map_location)
+    if not data.startswith(_ZIP_START):
+        if data and _ZIP_START.startswith(data):
+            raise CheckpointError(f"checkpoint {path} is truncated: {len(data)} bytes")
+        raise CheckpointError(f"{path} is not a fastmeta checkpoint (it does not start like a torch file)")
+    _check_archive_end(path, data)
+    wrapper = _torch_load(path, data, map_location)
+    if not isinstance(wrapper, dict) or "fastmeta_checkpoint" not in wrapper:
+        raise CheckpointError(f"{path} is a torch file but not a fastmeta checkpoint (no 'fastmeta_checkpoint' entry)")
+    if wrapper["fastmeta_checkpoint"] != FORMAT or set(wrapper) != {"fastmeta_checkpoint", "sha256", "state"}:
+        raise CheckpointError(
+            f"checkpoint {path} has format {wrapper['fastmeta_checkpoint']!r} with entries {sorted(wrapper)}; "
+            f"this fastmeta reads format {FORMAT} (and 1)"
+        )
+    if state_digest(wrapper["state"]) != wrapper["sha256"]:
+        raise CheckpointError(f"checkpoint {path} failed its sha256 check: the file is corrupt or was modified")
+    return wrapper["state"]
+
+
+def _check_archive_end(path: Path, data: bytes) -> None:
+    """A torch file is a zip archive whose end record, with no comment, closes the file."""
+    end = data.rfind(_ZIP_END, max(0, len(data) - (1 << 16) - _ZIP_END_SIZE))
+    if end < 0 or end + _ZIP_END_SIZE > len(data):
+        raise CheckpointError(f"checkpoint {path} is truncated: its zip archive has no end record ({len(data)} bytes)")
+    comment = int.from_bytes(data[end + 20 : end + 22], "little")
+    extra = len(data) - (end + _ZIP_END_SIZE + comment)
+    if extra > 0:
+        raise CheckpointError(f"checkpoint {path} has {extra} unexpected bytes after its archive (corrupt or tampered)")
+    if extra < 0:
+        raise CheckpointError(f"checkpoint {path} is truncated: its archive's end record is cut short")
+
+
+def _torch_load(path: Path, data, map_location):
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as error:  # an UnpicklingError for refused globals, or a torch format error
+        raise CheckpointError(f"checkpoint {path} could not be loaded with weights_only=True: {error}") from error
+
+
+def _load_format_1(path: Path, data: bytes, map_location) -> dict:
+    """A checkpoint of format 1: the FMCKPT header, then the payload it describes."""
+    if len(data) < _FORMAT_1_HEADER.size:
+        raise CheckpointError(f"checkpoint {path} is truncated: {len(data)} bytes, shorter than its header")
+    magic, length, digest = _FORMAT_1_HEADER.unpack_from(data)
+    if magic != FORMAT_1_MAGIC:
+        raise CheckpointError(f"checkpoint {path} has format version {magic[6:]!r}; this fastmeta reads {FORMAT} and 1")
+    payload = memoryview(data)[_FORMAT_1_HEADER.size :]
     if len(payload) < length:
         raise CheckpointError(
             f"checkpoint {path} is truncated: its header announces {length} payload bytes, the file holds {len(payload)}"
@@ -173,10 +254,7 @@ def load(path: str | os.PathLike, map_location=None) -> dict:
         )
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"checkpoint {path} failed its sha256 check: the file is corrupt or was modified")
-    try:
-        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
-    except Exception as error:  # an UnpicklingError for refused globals, or a torch format error
-        raise CheckpointError(f"checkpoint {path} could not be loaded with weights_only=True: {error}") from error
+    return _torch_load(path, payload, map_location)
 
 
 def rng_state() -> dict:

@@ -5,6 +5,9 @@
   → ReLU] → Flatten → Linear (W2, W3).
 - ``conv4(variant="pool")``: miniImageNet's conv4, 4 × [Conv 3×3 pad 1 → BatchNorm → ReLU
   → MaxPool 2] → Flatten → Linear (W4).
+
+Each sets ``model.example_shape``, the shape of one input example it was built for
+(``(1,)``, ``(1, 28, 28)``, ``(3, 84, 84)``): the learners name it when an input does not fit.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ def mlp(sizes: Sequence[int] = (1, 40, 40, 1), activation: str = "relu") -> nn.S
         layers.append(nn.Linear(fan_in, fan_out))
         if i < len(sizes) - 2:
             layers.append(_activation(activation))
-    return nn.Sequential(*layers)
+    model = nn.Sequential(*layers)
+    model.example_shape = (sizes[0],)
+    return model
 
 
 def _conv4_output_size(size: int, variant: str) -> int:
@@ -73,4 +78,6 @@ def conv4(
         if variant == "pool":
             blocks.append(nn.MaxPool2d(2))
         channels = hidden
-    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(hidden * final * final, ways))
+    model = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(hidden * final * final, ways))
+    model.example_shape = (in_channels, image_size, image_size)
+    return model

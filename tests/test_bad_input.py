@@ -141,3 +141,86 @@ def test_mlp_classifier_labels_are_checked_on_every_path(backend):
     with fm.use_backend(backend), pytest.raises(TypeError, match="query labels must be integers"):
         learner.meta_batch(sx, sy.clamp(max=2), qx, sy.float())
     assert_unchanged(learner, before)
+
+
+# -- inputs the model cannot take: named at the boundary ------------------------------------
+
+
+def image_tasks(channels=1, size=28, T=2, ways=5):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, ways, channels, size, size, generator=g)
+    y = torch.arange(ways).repeat(T, 1)
+    return x, y, x.clone(), y.clone()
+
+
+@pytest.fixture
+def conv4_learner():
+    torch.manual_seed(0)
+    return fm.MAML(fm.models.conv4(), 0.4)
+
+
+def test_channels_the_first_layer_cannot_take_are_named(conv4_learner):
+    sx, sy, qx, qy = image_tasks(channels=3)
+    before = snapshot(conv4_learner)
+    expected = (r"support_x has shape \[2, 5, 3, 28, 28\], but the model's first layer '0' \(Conv2d, 1 input channel\) "
+                r"takes \[T, N, 1, H, W\] \(the model was built for examples of shape \[1, 28, 28\]\)")
+    with pytest.raises(ValueError, match=expected):
+        conv4_learner.meta_batch(sx, sy, qx, qy)
+    with pytest.raises(ValueError, match=expected):
+        conv4_learner.fast_weights(sx, sy)
+    good = image_tasks()
+    with pytest.raises(ValueError, match=r"query_x has shape \[2, 5, 3, 28, 28\]"):
+        conv4_learner.meta_batch(good[0], good[1], qx, qy)
+    fast = conv4_learner.fast_weights(good[0], good[1])
+    with pytest.raises(ValueError, match=r"query_x has shape \[2, 5, 3, 28, 28\]"):
+        conv4_learner.predict(fast, qx)
+    assert_unchanged(conv4_learner, before)
+
+
+def test_an_image_size_the_model_was_not_built_for_is_named(conv4_learner):
+    # 40 x 40 reaches the final Linear with 576 features instead of 256.
+    sx, sy, qx, qy = image_tasks(size=40)
+    before = snapshot(conv4_learner)
+    with pytest.raises(ValueError, match=r"support_x: the model cannot run on examples of shape \[1, 40, 40\] at its "
+                                         r"layer '13' \(Linear, 256 input features\) .*; it was built for examples of "
+                                         r"shape \[1, 28, 28\]"):
+        conv4_learner.meta_batch(sx, sy, qx, qy)
+    good = image_tasks()
+    with pytest.raises(ValueError, match=r"query_x: the model cannot run on examples of shape \[1, 40, 40\]"):
+        conv4_learner.meta_batch(good[0], good[1], qx, qy)
+    assert_unchanged(conv4_learner, before)
+    # A size the network can take, though it was built for 28: it runs.
+    assert torch.isfinite(conv4_learner.meta_batch(*image_tasks(size=26)).loss)
+
+
+def test_a_model_that_declares_no_shape_names_the_one_it_ran_on():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(2 * 8 * 8, 5))
+    learner = fm.MAML(model, 0.1)
+    assert torch.isfinite(learner.meta_batch(*image_tasks(size=8)).loss)
+    with pytest.raises(ValueError, match=r"support_x: the model cannot run on examples of shape \[1, 12, 12\] at its "
+                                         r"layer '3' \(Linear, 128 input features\) .*; it ran on examples of shape "
+                                         r"\[1, 8, 8\]"):
+        learner.meta_batch(*image_tasks(size=12))
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_features_the_first_linear_cannot_take_are_named(backend):
+    # A plain MLP runs through the fused mlp_meta_step under auto on the CPU: checked all the same.
+    learner = fm.MAML(fm.models.mlp((1, 40, 40, 1)), 0.01)
+    sx, sy, qx, qy = regression_tasks()
+    with fm.use_backend(backend), pytest.raises(
+        ValueError, match=r"support_x has shape \[4, 5, 3\], but the model's first layer '0' \(Linear, 1 input "
+                          r"features\) takes \[T, N, \.\.\., 1\] \(the model was built for examples of shape \[1\]\)"
+    ):
+        learner.meta_batch(sx.expand(-1, -1, 3), sy, qx, qy)
+
+
+def test_a_flattening_first_layer_names_the_values_per_example():
+    learner = fm.MAML(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Tanh(), torch.nn.Linear(16, 3)), 0.1)
+    sx, sy, qx, qy = image_tasks(size=5, ways=3)
+    with pytest.raises(ValueError, match=r"layer '2' \(Linear, 16 input features\) takes \[T, N, \.\.\.\] with 16 "
+                                         r"values per example \(it reads them flattened\)"):
+        learner.meta_batch(sx, sy, qx, qy)
+    assert torch.isfinite(learner.meta_batch(*image_tasks(size=4, ways=3)).loss)

@@ -7,6 +7,10 @@ wrong contender that the meta-gradient check must catch.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +18,8 @@ import torch
 from fastmeta.tools import bench, profiling
 from fastmeta.data import TaskBatch
 from fastmeta.tools.bench_peers import Contender, LoopPeer, Problem
-from fastmeta.tools.bench import WORKLOADS, BenchmarkSettings, check_status, run_benchmark, time_steps
+from fastmeta.tools.bench import BenchmarkSettings, check_status, run_benchmark, time_steps
+from fastmeta.tools.workloads import WORKLOADS
 
 TINY = ["--workloads", "W1", "--tasks", "2", "--iterations", "3", "--warmup", "1",
         "--backends", "torch", "--peers", "loop,vmap,graph", "--device", "cpu"]
@@ -209,3 +214,16 @@ def test_summary_marks_targets_met_or_not():
     assert "fastmeta[auto] 0.5" in w2_row and "graph 6.5" in w2_row and "13x" in w2_row
     assert "| met |" in w2_row and "100 / 241 (ok)" in w2_row
     assert "jax 0.294" in w1_row and "| not met |" in w1_row  # 0.98x: not faster than JAX
+
+
+def test_profile_on_the_cpu_prints_no_profiler_noise(tmp_path):
+    # Kineto prints its lines from C++ when the profiler first starts: a fresh process.
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastmeta", "profile", "W1", "--tasks", "2", "--iterations", "1", "--warmup", "1",
+         "--device", "cpu", "--backend", "torch", "--top", "3", "--out", str(tmp_path / "trace.json")],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "fastmeta.meta_iteration" in proc.stdout
+    assert proc.stderr == ""  # neither "gpuGetDeviceCount failed" nor Kineto's USDT lines

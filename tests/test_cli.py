@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,11 +202,18 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, caps
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     capsys.readouterr()
     assert cli.main(["plot", str(tmp_path)]) == 1
-    assert "pip install" in capsys.readouterr().err
+    assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_matplotlib_is_installed_with_fastmeta():
+    # `fastmeta plot` works after the README's `pip install -e ".[dev]"`: no extra to know about.
+    tomllib = pytest.importorskip("tomllib", reason="Python < 3.11 has no tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "matplotlib" in [re.split(r"[\s<>=;\[]", d)[0] for d in project["dependencies"]]
+    assert all("matplotlib" not in d for extra in project.get("optional-dependencies", {}).values() for d in extra)
 
 
 def test_plot_writes_pngs(tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="matplotlib (the optional plot extra) is not installed")
     assert train_sinusoid(tmp_path, "--iterations", "10", "--validate-every", "5") == 0
     capsys.readouterr()
     assert cli.main(["plot", str(tmp_path)]) == 0
@@ -220,19 +228,28 @@ def test_plot_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert METRICS_NAME in capsys.readouterr().err
 
 
-def test_train_on_an_image_folder(tmp_path, capsys):
-    # miniImageNet's layout in miniature: 5 classes per split, 16 images each (1 shot + 15 queries).
-    for split in ("train", "val", "test"):
-        for class_index in range(5):
-            folder = tmp_path / "images" / split / f"n{class_index:02d}"
+def write_image_folder(root, classes=None, images=16):
+    """miniImageNet's layout in miniature: ``classes[split]`` classes per split (5 by default),
+    ``images`` images each (16 = 1 shot + 15 queries)."""
+    classes = {"train": 5, "val": 5, "test": 5, **(classes or {})}
+    for split, count in classes.items():
+        for class_index in range(count):
+            folder = root / split / f"n{class_index:02d}"
             folder.mkdir(parents=True)
-            for image_index in range(16):
+            for image_index in range(images):
                 Image.new("RGB", (12, 12), (50 * class_index, 10 * image_index, 100)).save(folder / f"{image_index}.png")
-    code = cli.main([
-        "train", "miniimagenet-5w1s", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "run"),
-        "--iterations", "1", "--meta-batch", "1", "--validation-tasks", "1",
-        "--test-tasks", "1", "--log-every", "1", *QUIET,
+    return root
+
+
+def train_image_folder(data, out, *extra):
+    return cli.main([
+        "train", "miniimagenet-5w1s", "--data", str(data), "--out", str(out), "--meta-batch", "1",
+        "--validation-tasks", "1", "--test-tasks", "1", "--log-every", "1", *QUIET, *extra,
     ])
+
+
+def test_train_on_an_image_folder(tmp_path, capsys):
+    code = train_image_folder(write_image_folder(tmp_path / "images"), tmp_path / "run", "--iterations", "1")
     assert code == 0
     output = capsys.readouterr().out
     assert re.search(r"miniimagenet-5w1s: test on 1 tasks \(5-way 1-shot, 15 queries per class\)", output)
@@ -249,3 +266,90 @@ def test_diverging_adaptation_is_counted_not_raised():
     assert run.learner.validate  # switched off for the evaluation only
     text = training.format_results(run.config, "test", 20, results)
     assert f"{results[10].diverged} of 20 tasks diverged" in text
+
+
+def test_every_split_the_run_uses_is_checked_before_the_first_iteration(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "images", {"val": 3})  # too few classes for 5-way validation
+    run_dir = tmp_path / "run"
+    assert train_image_folder(data, run_dir, "--iterations", "4", "--validate-every", "2") == 1
+    error = capsys.readouterr().err
+    assert "miniimagenet-5w1s: the val split cannot make 5-way 1-shot tasks with 15 queries per class" in error
+    assert "ways=5 needs at least 5 classes" in error
+    assert not run_dir.exists()  # no iteration ran, nothing was written
+    # A run that never validates does not need the val split.
+    assert train_image_folder(data, run_dir, "--iterations", "2", "--validate-every", "100") == 0
+    # The test split is read at the end; it is checked at the start.
+    shutil.rmtree(data / "test")
+    assert train_image_folder(data, tmp_path / "run2", "--iterations", "2", "--validate-every", "100") == 1
+    assert f"{data / 'test'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()
+
+
+def test_too_few_images_per_class_in_a_split_is_named(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "images")
+    for image in sorted((data / "test" / "n03").iterdir())[10:]:
+        image.unlink()
+    assert train_image_folder(data, tmp_path / "run", "--iterations", "3", "--validate-every", "100") == 1
+    error = capsys.readouterr().err
+    assert "the test split cannot make" in error and "test/n03 in 'image-folder/test' has only 10" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_that_is_a_file_is_named(tmp_path, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("not a run folder")
+    assert train_sinusoid(existing, "--iterations", "2") == 1
+    assert f"--out {existing} is not a folder" in capsys.readouterr().err
+    assert train_sinusoid(existing / "run", "--iterations", "2") == 1
+    assert f"({existing}, above it, is a file)" in capsys.readouterr().err
+    assert existing.read_text() == "not a run folder"
+    with pytest.raises(ValueError, match=f"out {existing} is not a folder"):
+        training.train(training.PRESETS["sinusoid"], existing, progress=False)
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "no-such-data"
+    assert cli.main(["train", "omniglot-5w1s", "--data", str(missing), "--out", str(tmp_path / "a"), *QUIET]) == 1
+    assert not (tmp_path / "a").exists()
+    # A failure in the first iteration: nothing was logged or saved, so nothing is left.
+    import fastmeta
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the first iteration")
+
+    monkeypatch.setattr(fastmeta.MAML, "meta_batch", broken)
+    with pytest.raises(RuntimeError, match="a bug in the first iteration"):
+        train_sinusoid(tmp_path / "b", "--iterations", "3")
+    assert not (tmp_path / "b").exists()
+    # A folder the user made is never removed.
+    (tmp_path / "c").mkdir()
+    with pytest.raises(RuntimeError):
+        train_sinusoid(tmp_path / "c", "--iterations", "3")
+    assert (tmp_path / "c").is_dir()
+
+
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_writes_a_checkpoint_and_exits_with_128_plus_the_signal(tmp_path, signal_number, exit_code):
+    run_dir = tmp_path / "run"
+    environment = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastmeta", "train", "sinusoid", "--iterations", "1000000", "--out", str(run_dir),
+         "--checkpoint-every", "100000", "--log-every", "1", *QUIET],
+        env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / METRICS_NAME).exists() or not train_losses(run_dir):
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "no iteration after 120 s"
+            time.sleep(0.05)
+        process.send_signal(signal_number)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == exit_code, err
+    assert f"{signal.Signals(signal_number).name}: stopping after this iteration" in err
+    stopped_at = checkpoint.load(run_dir / CHECKPOINT_NAME)["iteration"]
+    assert stopped_at >= 1 and f"stopped at iteration {stopped_at}" in out

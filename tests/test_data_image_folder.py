@@ -118,3 +118,14 @@ def test_a_block_of_iterations_equals_one_sample_per_iteration(image_root):
     for iteration, batch in zip(range(5, 8), tasks.sample_block(range(5, 8), 4)):
         for a, b in zip(batch, tasks.sample(iteration, 4)):
             assert torch.equal(a, b)
+
+
+def test_a_decompression_bomb_is_a_dataset_error_naming_the_file(tmp_path):
+    from test_data_omniglot import png_declaring
+
+    folder = tmp_path / "train" / "cat"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (5, 5)).save(folder / "good.png")
+    (folder / "bomb.png").write_bytes(png_declaring(15000, 15000))
+    with pytest.raises(DatasetError, match=rf"image folder: {folder / 'bomb.png'} is too large to decode"):
+        ImageFolderTasks(tmp_path, cache_dir=False).load_split("train")

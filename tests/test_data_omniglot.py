@@ -1,5 +1,10 @@
 import shutil
+import struct
+import tracemalloc
+import warnings
 import zipfile
+import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ from conftest import (
 
 import fastmeta.data.omniglot as omniglot_module
 from fastmeta.data import DatasetError, Omniglot, TaskBatch, maml_split_sizes
+from fastmeta.data.images import MAX_MEMBER_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +231,83 @@ def test_a_block_of_iterations_equals_one_sample_per_iteration(omniglot):
         for field, a, b in zip(TaskBatch._fields, batch, tasks.sample(iteration, range(3, 8))):
             assert torch.equal(a, b), field
         assert batch.support_x.is_contiguous() and batch.query_x.is_contiguous()
+
+
+# -- hostile files: bounded before they are read ------------------------------------------------
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG signature and an IHDR chunk declaring width x height pixels (no pixel data)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    chunk = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + end
+
+
+def replace_member(source: Path, destination: Path, member: str, write) -> None:
+    """Copy the zip ``source`` to ``destination``, writing ``member`` with ``write(zip, name)``."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(destination, "w", zipfile.ZIP_DEFLATED) as copy:
+        for name in original.namelist():
+            if name == member:
+                write(copy, name)
+            else:
+                copy.writestr(name, original.read(name))
+
+
+MEMBER = "images_evaluation/Delta/character03/0051_02.png"
+
+
+def test_a_member_declaring_a_huge_size_is_refused_before_it_is_read(tmp_path, synthetic_omniglot):
+    shutil.copy(synthetic_omniglot / "images_background.zip", tmp_path)
+    size = 64 << 20  # 64 MiB of zeros: 64 KiB deflated
+
+    def huge(archive, name):
+        with archive.open(name, "w", force_zip64=True) as handle:
+            for _ in range(size >> 20):
+                handle.write(bytes(1 << 20))
+
+    replace_member(synthetic_omniglot / "images_evaluation.zip", tmp_path / "images_evaluation.zip", MEMBER, huge)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match=rf"images_evaluation.zip:{MEMBER} declares {size} bytes uncompressed, "
+                                               rf"more than the {MAX_MEMBER_BYTES} allowed"):
+            Omniglot(tmp_path, cache_dir=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak} bytes: the member was read"
+
+
+def test_a_member_whose_header_understates_its_size_is_not_read_past_it(tmp_path, synthetic_omniglot):
+    shutil.copy(synthetic_omniglot / "images_background.zip", tmp_path)
+    path = tmp_path / "images_evaluation.zip"
+    replace_member(synthetic_omniglot / "images_evaluation.zip", path, MEMBER,
+                   lambda archive, name: archive.writestr(name, bytes(2 << 20)))
+    data = bytearray(path.read_bytes())
+    entry = data.find(b"PK\x01\x02")  # the first central directory entry
+    name = MEMBER.encode()
+    while data[entry + 46 : entry + 46 + len(name)] != name:  # the central directory entry of MEMBER
+        entry = data.find(b"PK\x01\x02", entry + 4)
+    data[entry + 24 : entry + 28] = struct.pack("<I", 100)  # "100 bytes uncompressed"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=rf"images_evaluation.zip:{MEMBER} (cannot be read|is not a readable image)"):
+        Omniglot(tmp_path, cache_dir=False)
+
+
+@pytest.mark.parametrize(
+    "width, height, message",
+    [
+        (15000, 15000, "is too large to decode"),  # beyond Pillow's DecompressionBombError limit
+        (10000, 10000, "is too large to decode"),  # Pillow's DecompressionBombWarning range
+        (9000, 9000, "declares 9000 x 9000 pixels, more than the 67108864 allowed"),  # fastmeta's own cap
+    ],
+)
+def test_a_decompression_bomb_is_a_dataset_error_naming_the_file(tmp_path, synthetic_omniglot, width, height, message):
+    shutil.copy(synthetic_omniglot / "images_background.zip", tmp_path)
+    replace_member(synthetic_omniglot / "images_evaluation.zip", tmp_path / "images_evaluation.zip", MEMBER,
+                   lambda archive, name: archive.writestr(name, png_declaring(width, height)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's warning does not leak out either
+        with pytest.raises(DatasetError, match=rf"Omniglot: .*images_evaluation.zip:{MEMBER} {message}"):
+            Omniglot(tmp_path, cache_dir=False)

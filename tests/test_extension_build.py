@@ -7,7 +7,9 @@ directly, compare).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,3 +133,127 @@ def test_without_a_compiler_fastmeta_falls_back_with_one_warning_line(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if "fastmeta" in ln]
     assert len(lines) == 1, proc.stderr
     assert "using the other backends" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------
+# The build cache: one folder per set of build inputs
+# ---------------------------------------------------------------------------------------
+
+
+def copy_sources(destination: Path) -> Path:
+    from fastmeta.backends import extension
+
+    shutil.copytree(extension.csrc_dir(), destination)
+    return destination
+
+
+def test_the_cache_key_follows_the_sources_content_torch_and_flags(tmp_path, monkeypatch):
+    from fastmeta.backends import extension
+
+    first, second = copy_sources(tmp_path / "a" / "csrc"), copy_sources(tmp_path / "b" / "csrc")
+    plan = extension.BuildPlan(first, False, ("-O3",), ("-O3",), ("-fopenmp",), native=False)
+    key = extension.build_key(plan)
+    # The same content elsewhere: the same build (it is compiled from a staged copy).
+    assert extension.build_key(dataclasses.replace(plan, sources=second)) == key
+    # Any byte of any file under csrc/, headers included.
+    header = sorted(second.rglob("*.h"))[0]
+    header.write_bytes(header.read_bytes() + b"\n")
+    assert extension.build_key(dataclasses.replace(plan, sources=second)) != key
+    # The variant and every flag.
+    for changed in (
+        dataclasses.replace(plan, with_cuda=True),
+        dataclasses.replace(plan, cflags=("-O2",)),
+        dataclasses.replace(plan, cuda_flags=("-O3", "-G")),
+        dataclasses.replace(plan, ldflags=()),
+        dataclasses.replace(plan, native=True),
+    ):
+        assert extension.build_key(changed) != key, changed
+    # torch's version, its C++ ABI and its location.
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert extension.build_key(plan) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", not torch._C._GLIBCXX_USE_CXX11_ABI)
+    assert extension.build_key(plan) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "elsewhere" / "torch" / "__init__.py"))
+    assert extension.build_key(plan) != key
+    monkeypatch.undo()
+    assert extension.build_key(plan) == key
+    assert extension.build_name(plan) == f"fastmeta_ext_cpu_{key}"
+
+
+def test_staged_sources_are_copied_once_and_replaced_when_they_differ(tmp_path):
+    from fastmeta.backends import extension
+
+    src = copy_sources(tmp_path / "csrc")
+    staged = extension.stage_sources(src, tmp_path / "build")
+    files = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(staged) for p in staged.rglob("*") if p.is_file())
+    for rel in files:
+        assert (staged / rel).read_bytes() == (src / rel).read_bytes()
+    untouched = sorted(staged.rglob("*.cpp"))[0]
+    os.utime(untouched, ns=(1_000_000_000, 1_000_000_000))
+    damaged = sorted(staged.rglob("*.h"))[0]
+    damaged.write_text("half a file")
+    extension.stage_sources(src, tmp_path / "build")
+    assert untouched.stat().st_mtime_ns == 1_000_000_000  # ninja's view of it is unchanged
+    assert damaged.read_bytes() == (src / damaged.relative_to(staged)).read_bytes()
+    assert not list(staged.rglob("*.tmp"))
+
+
+def test_loading_a_finished_build_prints_nothing(extension):
+    # The extension fixture built it (or found it); a new process only loads it: no notice,
+    # and not torch's "No CUDA runtime is found" either.
+    script = "from fastmeta.backends import extension; ok, detail = extension.build(); assert ok, detail"
+    env = {k: v for k, v in os.environ.items() if k != "FASTMETA_BUILD_VERBOSE"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout == ""
+
+
+_BUILD_FROM = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from fastmeta.backends import extension
+    extension.csrc_dir = lambda: Path(sys.argv[1])   # this source tree instead of the installed one
+    ok, detail = extension.build()
+    assert ok, detail
+    print(detail)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_source_trees_share_one_cache_without_rebuilding_each_other(tmp_path):
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"), FASTMETA_BUILD_CUDA="0")
+    env.pop("FASTMETA_BUILD_VERBOSE", None)
+    tree_a = copy_sources(tmp_path / "checkout-a" / "csrc")
+    tree_a_elsewhere = copy_sources(tmp_path / "checkout-c" / "csrc")  # a second clone of the same commit
+    tree_b = copy_sources(tmp_path / "checkout-b" / "csrc")
+    source = sorted(tree_b.rglob("*.cpp"))[0]
+    source.write_text(source.read_text() + "\n// another version of the sources\n")
+
+    def build_from(tree: Path) -> tuple[Path, str]:
+        proc = subprocess.run([sys.executable, "-c", _BUILD_FROM, str(tree)], capture_output=True, text=True,
+                              cwd=REPO, env=env, timeout=1200)
+        assert proc.returncode == 0, proc.stderr
+        return Path(proc.stdout.strip()), proc.stderr
+
+    library_a, said = build_from(tree_a)
+    assert "building the C++ extension (CPU kernels) once for this install" in said
+    assert re.search(r"built the C\+\+ extension in \d+ s", said)
+    built_a = library_a.stat().st_mtime_ns
+    library_b, said = build_from(tree_b)
+    assert "building the C++ extension" in said
+    assert library_b != library_a and library_b.parent.parent == library_a.parent.parent
+    built_b = library_b.stat().st_mtime_ns
+    # Back and forth: each finds its own build; nothing is compiled and nothing printed.
+    for tree, library, built in ((tree_a, library_a, built_a), (tree_b, library_b, built_b),
+                                 (tree_a_elsewhere, library_a, built_a)):
+        again, said = build_from(tree)
+        assert again == library and said == "", said
+        assert library.stat().st_mtime_ns == built

@@ -11,7 +11,7 @@ from torch import nn
 
 import fastmeta as fm
 from fastmeta.engine import TracedProgram, PerTaskLoopProgram
-from fastmeta.engine.per_task_loop import flat_grad, per_task_query_losses, constant_coefficient, relative_error
+from fastmeta.engine.per_task_loop import adapt_task, flat_grad, per_task_query_losses, constant_coefficient, relative_error
 from test_learners import classification_tasks, regression_tasks
 
 
@@ -206,3 +206,130 @@ def test_paper_models_have_the_paper_shapes():
     assert [m.out_features for m in sine if isinstance(m, nn.Linear)] == [40, 40, 1]
     with pytest.raises(ValueError, match="variant"):
         fm.models.conv4(variant="dense")
+
+
+# -- modules vmap cannot run: the per-task fallback ------------------------------------------
+
+
+class SequenceRegressor(nn.Module):
+    """A recurrent layer (vmap has no batching rule for aten::lstm / aten::gru) and a head."""
+
+    def __init__(self, cell, features=2, hidden=5):
+        super().__init__()
+        self.rnn = cell(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(torch.tanh(out[:, -1]))
+
+
+def sequence_tasks(T=3, shots=4, queries=5, length=6, features=2, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.randn(T, shots, length, features, generator=g, dtype=dtype)
+    qx = torch.randn(T, queries, length, features, generator=g, dtype=dtype)
+    scale = torch.rand(T, 1, 1, generator=g, dtype=dtype) + 0.5
+    return sx, scale * sx.sum((2, 3)).unsqueeze(-1).sin(), qx, scale * qx.sum((2, 3)).unsqueeze(-1).sin()
+
+
+RECURRENT = pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN], ids=["lstm", "gru", "rnn"])
+
+
+def recurrent_learner(cell, first_order=False, steps=2, dtype=torch.float32, hidden=5):
+    torch.manual_seed(0)
+    model = SequenceRegressor(cell, hidden=hidden).to(dtype)
+    with pytest.warns(UserWarning, match=rf"module 'rnn' \({cell.__name__}\) runs task by task") as record:
+        learner = fm.MAML(model, 0.1, first_order, steps=steps)
+        learner.meta_batch(*sequence_tasks(T=2, dtype=dtype))  # the first run finds vmap cannot batch it
+    assert len(record) == 1
+    return model, learner
+
+
+@RECURRENT
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+def test_recurrent_modules_run_task_by_task_in_meta_batch(cell, first_order):
+    model, learner = recurrent_learner(cell, first_order)
+    assert isinstance(learner._engine.program, TracedProgram)  # only the recurrent layer loops
+    tasks = sequence_tasks()
+    params = list(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, on the first run
+        out = learner.meta_batch(*tasks)
+    got = flat_grad(out.loss, params)
+    want_losses = per_task_query_losses(model, *tasks, 2, first_order, constant_coefficient(model, 0.1))
+    torch.testing.assert_close(out.task_loss, want_losses, rtol=1e-5, atol=1e-6)
+    assert relative_error(got, flat_grad(want_losses.mean(), params)) < 1e-5
+
+
+@RECURRENT
+def test_recurrent_fast_weights_and_predictions_match_the_per_task_loop(cell):
+    model, learner = recurrent_learner(cell)
+    sx, sy, qx, qy = sequence_tasks()
+    fast = learner.fast_weights(sx, sy, steps=3)
+    pred = learner.predict(fast, qx)
+    params = dict(model.named_parameters())
+    coefficient = constant_coefficient(model, 0.1)
+    for t in range(sx.size(0)):
+        adapted = adapt_task(model, params, sx[t], sy[t], 3, False, coefficient)
+        weights = fast.task(t)
+        assert weights.keys() == adapted.keys()
+        for name, weight in weights.items():
+            torch.testing.assert_close(weight, adapted[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pred[t], torch.func.functional_call(model, adapted, (qx[t],)), rtol=1e-5, atol=1e-6)
+
+
+@RECURRENT
+def test_recurrent_clone_adapt_matches_meta_batch(cell):
+    model, learner = recurrent_learner(cell)
+    tasks = sequence_tasks()
+    sx, sy, qx, qy = tasks
+    params = list(learner.parameters())
+    total = 0.0
+    for t in range(sx.size(0)):
+        clone = learner.clone()
+        for _ in range(2):
+            clone.adapt(F.mse_loss(clone(sx[t]), sy[t]))
+        total = total + F.mse_loss(clone(qx[t]), qy[t])
+    via_clone = flat_grad(total / sx.size(0), params)
+    via_batch = flat_grad(learner.meta_batch(*tasks).loss, params)
+    assert relative_error(via_clone, via_batch) < 1e-5
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_recurrent_second_order_meta_gradient_against_finite_differences(cell):
+    from test_finite_differences import check_against_finite_differences
+
+    _, learner = recurrent_learner(cell, steps=2, dtype=torch.float64, hidden=3)
+    tasks = sequence_tasks(T=2, shots=3, queries=3, length=4, dtype=torch.float64)
+    assert check_against_finite_differences(learner, tasks) < 1e-6
+
+
+def test_per_task_fallback_stacks_nested_outputs_and_keeps_agreed_constants():
+    from fastmeta.engine.program import _per_task
+
+    raw = [torch.arange(6.0).reshape(3, 2), 10.0]
+    out, batched = _per_task(lambda x, c: (x * c, {"n": 2, "sum": x.sum()}), raw, (0, None))
+    assert batched
+    torch.testing.assert_close(out[0], raw[0] * 10)
+    assert out[1]["n"] == 2
+    torch.testing.assert_close(out[1]["sum"], raw[0].sum(1))
+    with pytest.raises(fm.engine.program.TraceError, match="different non-tensor value per task"):
+        _per_task(lambda x: int(x[0]), raw[:1], (0,))
+
+
+def test_a_first_run_that_fails_either_way_decides_nothing():
+    # Wrong inputs make vmap and the task-by-task run fail alike: the error is raised, no
+    # warning claims vmap cannot batch the module, and correct inputs then run under vmap.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 1))
+    program = fm.trace(model)
+    layout = fm.Layout.of_module(model)
+    weights = layout.views(layout.pack(model.parameters()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError):
+            program(torch.randn(2, 3, 5), weights)  # LayerNorm(4) gets 5 features
+        assert "_0" not in program._generic_strategy
+        out = program(torch.randn(2, 3, 4), weights)
+    assert out.shape == (2, 3, 1)
+    assert program._generic_strategy["_0"] == "vmap"

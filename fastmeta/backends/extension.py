@@ -4,9 +4,21 @@ The extension is one shared library whose private ops live in the ``fastmeta_ext
 namespace (``TORCH_LIBRARY(fastmeta_ext, m)`` in ``csrc/fastmeta_ext.cpp``), implemented
 for the CPU in ``csrc/cpu/*.cpp`` and for CUDA in ``csrc/cuda/*.cu``. The dispatcher routes
 on the tensors' device. This module builds it on first use (or ahead of time with
-``fastmeta build``) with ``torch.utils.cpp_extension.load`` and ninja; torch caches the
-build under its extensions directory (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``), so later processes only load it.
+``fastmeta build``) with ``torch.utils.cpp_extension.load`` and ninja, under torch's
+extensions directory (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
+so later processes only load it.
+
+- **One cache folder per build input.** The folder's name is a digest of everything the
+  build depends on (:func:`build_key`): the content of every file under ``csrc/``, torch's
+  version, CUDA version, C++ ABI and install location, the compiler, the flags, the CUDA
+  architectures and, for ``-march=native``, the CPU. The sources are compiled from a copy
+  inside that folder (:func:`stage_sources`), so the build's command lines are the same
+  whichever checkout asked for it: two checkouts or environments with the same inputs
+  share one build, and any that differ get their own folder instead of rebuilding each
+  other's in turn.
+- **A first build says so.** It prints one line before (what it builds, where, how long
+  it usually takes) and one after (how long it took); loading a finished build prints
+  nothing, and torch's "No CUDA runtime is found" import warning is silenced.
 
 - CUDA sources are compiled whenever torch is a CUDA build and nvcc is found, even with
   no GPU. Without a GPU, nvcc needs ``TORCH_CUDA_ARCH_LIST``; it defaults here to ``9.0``
@@ -34,7 +46,11 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import sysconfig
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -86,8 +102,25 @@ def csrc_dir() -> Path | None:
     return None
 
 
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found" warning.
+
+    torch logs that line when the module is imported on a machine with a CUDA toolkit but no
+    GPU, i.e. on every fastmeta command there; the first-build notice names the toolkit used.
+    """
+    if "torch.utils.cpp_extension" not in sys.modules:
+        logger = logging.getLogger("torch.utils.cpp_extension")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            import torch.utils.cpp_extension  # noqa: F401
+        finally:
+            logger.setLevel(level)
+    return sys.modules["torch.utils.cpp_extension"]
+
+
 def _find_nvcc() -> str | None:
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or cpp_extension.CUDA_HOME
     if home and Path(home, "bin", "nvcc").is_file():
@@ -125,7 +158,7 @@ def _cuda_plan() -> tuple[bool, str]:
     root = _toolkit_root(nvcc)
     if root is None:
         return False, f"no CUDA headers beside {nvcc}"
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     os.environ["CUDA_HOME"] = root
     cpp_extension.CUDA_HOME = root  # read by the builder; computed at its import
@@ -143,9 +176,7 @@ def _compiler_problem() -> str | None:
     if shutil.which(cxx) is None:
         return f"C++ compiler {cxx!r} not found"
     if shutil.which("ninja") is None:
-        from torch.utils import cpp_extension
-
-        if not cpp_extension.is_ninja_available():
+        if not _cpp_extension().is_ninja_available():
             return "ninja not found (pip install ninja)"
     return None
 
@@ -158,6 +189,118 @@ def _cpu_fingerprint() -> str:
         return hashlib.sha1("\n".join(keys).encode()).hexdigest()[:8]
     except OSError:
         return "generic"
+
+
+# ---------------------------------------------------------------------------------------
+# The build cache: one folder per set of build inputs
+# ---------------------------------------------------------------------------------------
+
+# What a first build takes on the project's 2-core CPU machine (docs/benchmarks.md,
+# "Extension build"); the notice before a build quotes it.
+FIRST_BUILD_MINUTES = {False: "1-2 minutes", True: "2-3 minutes"}
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """The inputs of one build besides torch and the compiler: sources, variant and flags."""
+
+    sources: Path  # the csrc/ folder
+    with_cuda: bool
+    cflags: tuple[str, ...]
+    cuda_flags: tuple[str, ...]
+    ldflags: tuple[str, ...]
+    native: bool  # -march=native: the build is for this CPU only
+
+
+def build_plan(src: Path) -> BuildPlan:
+    """The build this process would run for the sources in ``src`` (sets CUDA_HOME when needed)."""
+    with_cuda, why_not = _cuda_plan()
+    if not with_cuda:
+        log.info("fastmeta: building the C++ extension without CUDA sources (%s)", why_not)
+    native = os.environ.get("FASTMETA_NATIVE", "1") != "0"
+    cflags = [
+        "-O3",
+        "-fopenmp",  # at::parallel_for is inline OpenMP: without it, it runs serially
+        # ISO C++ modes default to -ffp-contract=off; FMA contraction is what the GEMM
+        # micro-kernel is written for (and what the reference's BLAS does).
+        "-ffp-contract=fast",
+    ]
+    if native:
+        cflags.append("-march=native")
+    cuda_flags = ("-O3", "-lineinfo")  # lineinfo: compute-sanitizer reports source lines
+    return BuildPlan(src, with_cuda, tuple(cflags), cuda_flags, ("-fopenmp",), native)
+
+
+def _source_files(src: Path) -> list[Path]:
+    """Every file under ``src`` a compiler could read: the sources and the headers they include."""
+    return sorted(p for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def _cuda_arch_flags() -> list[str]:
+    """The -gencode flags torch will pass nvcc (from TORCH_CUDA_ARCH_LIST or the visible GPUs)."""
+    try:
+        return list(_cpp_extension()._get_cuda_arch_flags())
+    except Exception:  # a private helper: fall back to what decides it
+        return [os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
+
+
+def build_key(plan: BuildPlan) -> str:
+    """A digest of everything a build depends on; equal keys mean interchangeable builds.
+
+    Not the sources' location: they are compiled from a copy in the cache folder
+    (:func:`stage_sources`), so the command lines do not depend on it. torch's location is
+    in, because the command lines name its headers and libraries by path: ninja would
+    rebuild if another install's paths replaced them.
+    """
+    digest = hashlib.sha256()
+
+    def add(label: str, value) -> None:
+        digest.update(f"{label}={value!r}\n".encode())
+
+    for path in _source_files(plan.sources):
+        add("source", path.relative_to(plan.sources).as_posix())
+        digest.update(path.read_bytes())
+    add("torch", (torch.__version__, torch.version.cuda, torch._C._GLIBCXX_USE_CXX11_ABI))
+    add("torch_dir", str(Path(torch.__file__).resolve().parent))
+    add("python", (sys.implementation.cache_tag, sysconfig.get_paths()["include"]))
+    add("cxx", shutil.which(os.environ.get("CXX", "c++")))
+    add("flags", (plan.with_cuda, plan.cflags, plan.cuda_flags, plan.ldflags))
+    if plan.with_cuda:
+        add("cuda", (os.environ.get("CUDA_HOME"), _cuda_arch_flags()))
+    if plan.native:
+        add("cpu", _cpu_fingerprint())
+    return digest.hexdigest()[:16]
+
+
+def build_name(plan: BuildPlan) -> str:
+    """The extension's name and cache folder: ``fastmeta_ext_{cpu|cuda}_{build_key}``."""
+    return f"fastmeta_ext_{'cuda' if plan.with_cuda else 'cpu'}_{build_key(plan)}"
+
+
+def stage_sources(src: Path, build_dir: Path) -> Path:
+    """Copy ``src`` to ``build_dir/csrc`` (once) and return the copy.
+
+    A file is written only when missing or different, through a temporary file and a
+    rename: a concurrent process never reads half a file, and an unchanged file keeps the
+    modification time ninja compared its objects against.
+    """
+    staged = build_dir / "csrc"
+    for path in _source_files(src):
+        target = staged / path.relative_to(src)
+        data = path.read_bytes()
+        if target.is_file() and target.read_bytes() == data:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, target)
+    return staged
+
+
+def _announce(message: str) -> None:
+    """One line on stderr, from one process per node (torchrun sets LOCAL_RANK)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"fastmeta: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,39 +338,38 @@ def _build(verbose: bool) -> None:
     problem = _compiler_problem()
     if problem is not None:
         raise RuntimeError(problem)
-    from torch.utils import cpp_extension
-
-    with_cuda, why_not = _cuda_plan()
-    if not with_cuda:
-        log.info("fastmeta: building the C++ extension without CUDA sources (%s)", why_not)
-    native = os.environ.get("FASTMETA_NATIVE", "1") != "0"
-    cflags = [
-        "-O3",
-        "-fopenmp",  # at::parallel_for is inline OpenMP: without it, it runs serially
-        # ISO C++ modes default to -ffp-contract=off; FMA contraction is what the GEMM
-        # micro-kernel is written for (and what the reference's BLAS does).
-        "-ffp-contract=fast",
-    ]
-    if native:
-        cflags.append("-march=native")
-    cuda_flags = ["-O3", "-lineinfo"]  # lineinfo: compute-sanitizer reports source lines
+    cpp_extension = _cpp_extension()
+    plan = build_plan(src)
+    name = build_name(plan)
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    library = build_dir / f"{name}.so"
+    staged = stage_sources(src, build_dir)
     define_native_library()
-    # One name per (variant, CPU): the cache keeps a CPU-only and a CUDA build apart, and
-    # a -march=native build never runs on a CPU it was not built for.
-    name = "fastmeta_ext_" + ("cuda" if with_cuda else "cpu") + (f"_{_cpu_fingerprint()}" if native else "")
+    first_build = not library.is_file()
+    if first_build:
+        kernels = "CPU and CUDA kernels" if plan.with_cuda else "CPU kernels"
+        toolkit = f", CUDA from {os.environ.get('CUDA_HOME')}" if plan.with_cuda else ""
+        _announce(
+            f"building the C++ extension ({kernels}{toolkit}) once for this install, "
+            f"{FIRST_BUILD_MINUTES[plan.with_cuda]} on 2 cores, into {build_dir}"
+        )
+    started = time.perf_counter()
     cpp_extension.load(
         name=name,
-        sources=sources(src, with_cuda),
-        extra_cflags=cflags,
-        extra_cuda_cflags=cuda_flags,
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(src)],
-        with_cuda=with_cuda,
+        sources=sources(staged, plan.with_cuda),
+        extra_cflags=list(plan.cflags),
+        extra_cuda_cflags=list(plan.cuda_flags),
+        extra_ldflags=list(plan.ldflags),
+        extra_include_paths=[str(staged)],
+        build_directory=str(build_dir),
+        with_cuda=plan.with_cuda,
         is_python_module=False,  # the library only registers torch.ops.fastmeta_ext.*
         verbose=verbose,
     )
-    _state["with_cuda"] = with_cuda
-    _state["path"] = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    if first_build:
+        _announce(f"built the C++ extension in {time.perf_counter() - started:.0f} s; later runs load it")
+    _state["with_cuda"] = plan.with_cuda
+    _state["path"] = library
 
 
 def availability(device_type: str) -> tuple[bool, str]:

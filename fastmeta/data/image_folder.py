@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .cache import cached
 from .errors import DatasetError
 from .few_shot import FewShotTasks
+from .images import decode_resized
 
 __all__ = ["ImageFolderTasks", "IMAGE_SUFFIXES"]
 
@@ -48,11 +48,7 @@ def _decode_split(classes: list[tuple[str, list[Path]]], image_size: int, mode: 
     with tqdm(total=total, desc=f"image folder {split}: decoding (cached afterwards)", unit="img", disable=None) as progress:
         for _, files in classes:
             for file in files:
-                try:
-                    with Image.open(file) as image:
-                        converted = image.convert(mode).resize((image_size, image_size), Image.Resampling.LANCZOS)
-                except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-                    raise DatasetError(f"image folder: {file} is not a readable image ({error})") from None
+                converted = decode_resized(file, image_size, mode, f"image folder: {file}")
                 images[index] = np.asarray(converted, dtype=np.uint8).reshape(image_size, image_size, -1)
                 index += 1
             counts.append(len(files))

@@ -19,21 +19,19 @@ torchvision downloads them). Inside, PNGs are ``ALPHABET/characterNN/*.png``.
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .cache import cached
 from .errors import DatasetError
 from .few_shot import FewShotTasks
+from .images import decode_resized, read_zip_member
 from .random import random_words
 
 __all__ = ["Omniglot", "maml_split_sizes", "OMNIGLOT_ARCHIVES", "MAML_SPLIT"]
@@ -128,15 +126,9 @@ class _Archive:
 
     def read_image(self, member: str, size: int) -> np.ndarray:
         """One drawing, resized and inverted: uint8 [size, size], strokes 255."""
-        try:
-            data = self._zip.read(member) if self.is_zip else Path(member).read_bytes()
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as error:
-            raise DatasetError(f"Omniglot: cannot read {self._describe(member)} ({error})") from None
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                grey = image.convert("L").resize((size, size), Image.Resampling.LANCZOS)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise DatasetError(f"Omniglot: {self._describe(member)} is not a readable image ({error})") from None
+        where = f"Omniglot: {self._describe(member)}"
+        source = read_zip_member(self._zip, member, where) if self.is_zip else Path(member)
+        grey = decode_resized(source, size, "L", where)
         return 255 - np.asarray(grey, dtype=np.uint8)
 
     def close(self):

@@ -80,6 +80,7 @@ class MetaIteration:
         self.program = trace(model, self.layout)
         self.mlp = plain_mlp_structure(model)
         self.params = [p for _, p in model.named_parameters()]
+        self._examples_run: set[tuple[int, ...]] = set()  # example shapes the program ran on
 
     # -- model and buffer ------------------------------------------------------------
 
@@ -95,6 +96,7 @@ class MetaIteration:
             self.layout = Layout.of_module(self.model)
             self.program = trace(self.model, self.layout)
             self.mlp = plain_mlp_structure(self.model)
+            self._examples_run = set()
         self.params = params
 
     def pack(self) -> Tensor:
@@ -121,6 +123,37 @@ class MetaIteration:
         if coefficient.dim() == 0:
             return [coefficient] * len(self.layout)
         return self.layout.views(coefficient.expand(self.layout.numel))
+
+    def run(self, x: Tensor, weights: list[Tensor], argument: str = "x") -> Tensor:
+        """The model's outputs ``[T, N, ...]`` for inputs ``[T, N, ...]`` under per-segment weights.
+
+        The first run on examples of a new shape is checked: an input the model cannot take
+        raises a ValueError that names ``argument``, the layer that refused it and the shape
+        expected, instead of torch's error from deep inside the model. Shapes that ran once
+        are not checked again.
+        """
+        example = tuple(x.shape[2:])
+        if example in self._examples_run:
+            return self.program(x, weights)
+        self.program.check_example_shape(argument, x)
+        try:
+            out = self.program(x, weights)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(self._cannot_run(argument, x, error)) from error
+        self._examples_run.add(example)
+        return out
+
+    def _cannot_run(self, argument: str, x: Tensor, error: Exception) -> str:
+        at = f" at its {self.program.failed_at}" if self.program.failed_at else ""
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        message = f"{argument}: the model cannot run on examples of shape {list(x.shape[2:])}{at} ({reason})"
+        if self.program.example_shape is not None:
+            return message + f"; it was built for examples of shape {list(self.program.example_shape)}"
+        if self._examples_run:
+            return message + f"; it ran on examples of shape {list(min(self._examples_run))}"
+        return message
 
     # -- checks --------------------------------------------------------------------------
 
@@ -170,6 +203,8 @@ class MetaIteration:
                 raise ValueError(f"{name} is on {t.device} but the model is on {reference.device}")
             if name.endswith("_x") and t.dtype != reference.dtype:
                 raise TypeError(f"{name} is {t.dtype} but the model is {reference.dtype}")
+            if name.endswith("_x"):
+                self.program.check_example_shape(name, t)
         if T == 0:
             raise ValueError(f"{first} holds no tasks")
         for x, y in (("support_x", "support_y"), ("query_x", "query_y")):
@@ -244,7 +279,7 @@ class MetaIteration:
                     src = theta.expand(T, P) if fast is None else fast
                     if not src.requires_grad:  # evaluation under no_grad: a leaf to differentiate
                         src = src.detach().requires_grad_(True)
-                    pred = self.program(support_x, self.weights(theta, src, adapting))
+                    pred = self.run(support_x, self.weights(theta, src, adapting), "support_x")
                     losses = self.task_losses(pred, support_y, "support", validate)
                     check_finite_losses(losses, "support", validate)
                     (grad,) = torch.autograd.grad(
@@ -297,7 +332,7 @@ class MetaIteration:
         theta = self.pack()
         fast = self.inner_loop(theta, support_x, support_y, steps, first_order, rule, allow_unused, validate)
         with torch.profiler.record_function("fastmeta.query"):
-            pred = self.program(query_x, self.weights(theta, fast, rule.adapting()))
+            pred = self.run(query_x, self.weights(theta, fast, rule.adapting()), "query_x")
             task_losses = self.task_losses(pred, query_y, "query", validate)
         check_finite_losses(task_losses, "query", validate)
         accuracy = None
@@ -419,7 +454,7 @@ class MetaIteration:
             raise ValueError("fast was made for a different model layout")
         if fast.num_tasks != query_x.size(0):
             raise ValueError(f"fast holds {fast.num_tasks} tasks but query_x has {query_x.size(0)}")
-        return self.program(query_x, self.weights(self.pack(), fast.buffer, rule.adapting()))
+        return self.run(query_x, self.weights(self.pack(), fast.buffer, rule.adapting()), "query_x")
 
 
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -33,19 +33,17 @@ def _batch_statistics(model: nn.Module):
     return norms, states
 
 
-def task_query_loss(
+def adapt_task(
     model: nn.Module,
     params: dict[str, Tensor],
     support_x: Tensor,
     support_y: Tensor,
-    query_x: Tensor,
-    query_y: Tensor,
     steps: int,
     first_order: bool,
     coefficient: Coefficient,
     adapting: Callable[[str], bool] = lambda name: True,
-) -> Tensor:
-    """One task's query loss after ``steps`` inner steps from ``params`` (model in training
+) -> dict[str, Tensor]:
+    """One task's weights after ``steps`` inner steps from ``params`` (model in training
     mode: the caller sees to it, see :func:`per_task_query_losses`).
 
     coefficient(step) gives, per parameter name, what multiplies its gradient (lr, or
@@ -64,6 +62,23 @@ def task_query_loss(
             if first_order:
                 g = g.detach()
             fast[n] = fast[n] - coef[n] * g
+    return fast
+
+
+def task_query_loss(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    support_x: Tensor,
+    support_y: Tensor,
+    query_x: Tensor,
+    query_y: Tensor,
+    steps: int,
+    first_order: bool,
+    coefficient: Coefficient,
+    adapting: Callable[[str], bool] = lambda name: True,
+) -> Tensor:
+    """One task's query loss after :func:`adapt_task`."""
+    fast = adapt_task(model, params, support_x, support_y, steps, first_order, coefficient, adapting)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     return task_loss(torch.func.functional_call(model, (fast, buffers), (query_x,)), query_y)
 

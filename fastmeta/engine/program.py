@@ -23,6 +23,7 @@ task (``[T, *shape]``, a view of the fast-weight buffer) or shared (``shape``, a
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import warnings
 from typing import Any, Callable
@@ -102,10 +103,14 @@ class TracedProgram:
         self.graph = graph
         self._segment_of = _segment_index_by_identity(model, layout)
         self.reads: set[int] = set()  # segments the program reads
-        self._steps: list[Callable] = []
+        self._steps: list[tuple[torch.fx.Node, Callable]] = []
         self._generic_strategy: dict[str, str] = {}
         self._input_name: str | None = None
+        self._layers = {n.target: model.get_submodule(n.target) for n in graph.nodes if n.op == "call_module"}
         self._compile(model, graph)
+        self.input_layers = self._input_layers(graph)
+        self.example_shape = declared_example_shape(model)
+        self.failed_at: str | None = None  # the layer the last failed run stopped at
 
     # -- compilation ------------------------------------------------------------------
 
@@ -140,23 +145,21 @@ class TracedProgram:
                         "passes one input tensor"
                     )
                 else:
-                    self._steps.append(self._constant_step(node.name, node.args[0]))
+                    self._steps.append((node, self._constant_step(node.name, node.args[0])))
             elif node.op == "get_attr":
-                self._steps.append(self._get_attr_step(model, node))
+                self._steps.append((node, self._get_attr_step(model, node)))
             elif node.op == "call_module":
                 if node.name in skipped:
-                    self._steps.append(self._alias_step(node.name, skipped[node.name]))
+                    self._steps.append((node, self._alias_step(node.name, skipped[node.name])))
                 else:
-                    self._steps.append(
-                        self._module_step(model, node, fused_into.get(node.name))
-                    )
+                    self._steps.append((node, self._module_step(model, node, fused_into.get(node.name))))
             elif node.op in ("call_function", "call_method"):
                 if node.op == "call_function" and node.target in _BATCH_STATISTIC_FUNCTIONS:
                     raise TraceError(
                         f"{node.target.__name__} is called directly: batch statistics outside "
                         "a recognised BatchNorm module"
                     )
-                self._steps.append(self._generic_step(node))
+                self._steps.append((node, self._generic_step(node)))
             elif node.op == "output":
                 self._output_arg = node.args[0]
 
@@ -212,7 +215,7 @@ class TracedProgram:
             def step(env, weights):
                 x = env[arg.name]
                 if not x.batched or x.value.dim() < 3:
-                    env[name] = _Value(self._run_generic_module(m, [x], weights), True)
+                    env[name] = _Value(self._run_generic_module(name, node.target, m, [x], weights), True)
                     return
                 xv = x.value
                 x3 = xv.reshape(xv.size(0), -1, xv.size(-1))
@@ -228,7 +231,7 @@ class TracedProgram:
             def step(env, weights):
                 x = env[arg.name]
                 if not x.batched or x.value.dim() != 5:
-                    env[name] = _Value(self._run_generic_module(m, [x], weights), True)
+                    env[name] = _Value(self._run_generic_module(name, node.target, m, [x], weights), True)
                     return
                 y = task_conv2d(
                     x.value, weights[kw], None if kb is None else weights[kb], stride, padding
@@ -288,7 +291,7 @@ class TracedProgram:
 
         def step(env, weights):
             values = self._resolve((args, kwargs), env)
-            env[name] = _Value(*self._run_module_under_vmap(m, own, values, weights))
+            env[name] = _Value(*self._run_module(name, node.target, m, own, values, weights))
 
         return step
 
@@ -330,61 +333,194 @@ class TracedProgram:
             a, k = pytree.tree_unflatten(list(xs), spec)
             return fn(*a, **k)
 
-        strategy = self._generic_strategy.get(name)
-        if strategy != "loop":
-            try:
-                out = torch.vmap(call, in_dims=in_dims, randomness="different")(*raw)
-                self._generic_strategy[name] = "vmap"
-                return out, True
-            except Exception:
-                if strategy == "vmap":
-                    raise
-                self._generic_strategy[name] = "loop"
-        return _per_task(call, raw, in_dims)
+        return self._vmap_or_per_task(name, call, raw, in_dims)
 
-    def _run_module_under_vmap(self, m: nn.Module, own, values, weights) -> tuple[Any, bool]:
+    def _run_module(self, name: str, target: str, m: nn.Module, own, values, weights) -> tuple[Any, bool]:
+        """An unrecognised module with the tasks' weights: under vmap, or task by task (LSTM, GRU...)."""
         flat, spec = pytree.tree_flatten(values, is_leaf=lambda v: isinstance(v, _Value))
-        params = {n: weights[k] for n, k in own}
-        param_batched = {
-            n: weights[k].dim() > len(self.layout.segments[k].shape) for n, k in own
-        }
+        names = [n for n, _ in own]
+        params = [weights[k] for _, k in own]
+        param_dims = [0 if w.dim() > len(self.layout.segments[k].shape) else None for w, (_, k) in zip(params, own)]
+        raw = params + [v.value for v in flat]
+        in_dims = tuple(param_dims + [0 if v.batched else None for v in flat])
 
-        def call(p, *xs):
-            a, kw = pytree.tree_unflatten(list(xs), spec)
-            return torch.func.functional_call(m, p, a, kw)
+        def call(*xs):
+            a, kw = pytree.tree_unflatten(list(xs[len(names) :]), spec)
+            return torch.func.functional_call(m, dict(zip(names, xs[: len(names)])), a, kw)
 
-        in_dims = (
-            {n: (0 if b else None) for n, b in param_batched.items()},
-            *[0 if v.batched else None for v in flat],
-        )
-        raw = [v.value for v in flat]
-        if all(d is None for d in in_dims[1:]) and not any(param_batched.values()):
-            return call(params, *raw), False
-        return torch.vmap(call, in_dims=in_dims, randomness="different")(params, *raw), True
+        if all(d is None for d in in_dims):
+            return call(*raw), False
+        with _double_backward_safe(m, raw):
+            return self._vmap_or_per_task(name, call, raw, in_dims, f"module {target!r} ({type(m).__name__})")
 
-    def _run_generic_module(self, m: nn.Module, xs, weights):
+    def _run_generic_module(self, name: str, target: str, m: nn.Module, xs, weights):
         own = [(n, self._segment_of[id(p)]) for n, p in m.named_parameters()]
-        out, _ = self._run_module_under_vmap(m, own, (tuple(xs), {}), weights)
+        out, _ = self._run_module(name, target, m, own, (tuple(xs), {}), weights)
         return out
+
+    def _vmap_or_per_task(self, name: str, call: Callable, raw: list, in_dims: tuple, module: str | None = None):
+        """``call`` over the tasks: under ``torch.vmap``, or task by task where vmap cannot run it.
+
+        The first run that succeeds decides for the node. If vmap raises and the task-by-task
+        run works (no batching rule, as for ``aten::lstm``; a size query; data-dependent
+        code), the node runs task by task from then on; a module says so once, since its
+        cost grows with T. If both fail, the task-by-task error is raised (the inputs are
+        wrong) and nothing is decided. If vmap ran once, a later failure is raised.
+        """
+        strategy = self._generic_strategy.get(name)
+        if strategy == "loop":
+            return _per_task(call, raw, in_dims)
+        try:
+            out = torch.vmap(call, in_dims=in_dims, randomness="different")(*raw)
+        except Exception as vmap_error:
+            if strategy == "vmap":
+                raise
+            out = _per_task(call, raw, in_dims)
+            self._generic_strategy[name] = "loop"
+            if module is not None:
+                reason = (str(vmap_error).strip().splitlines() or [type(vmap_error).__name__])[0]
+                warnings.warn(f"fastmeta: {module} runs task by task: torch.vmap cannot batch it ({reason})",
+                              stacklevel=2)
+            return out
+        self._generic_strategy[name] = "vmap"
+        return out, True
+
+    # -- the input's shape -------------------------------------------------------------
+
+    def _input_layers(self, graph: torch.fx.Graph) -> list[tuple[str, bool]]:
+        """The recognised layers that read the input first, (target, through a Flatten),
+        past activations and Dropout; empty when anything else reads it."""
+        found: list[tuple[str, bool]] = []
+        frontier = [(n, False) for n in graph.nodes if n.name == self._input_name]
+        while frontier:
+            node, flattened = frontier.pop()
+            for user in node.users:
+                m = self._layers.get(user.target) if user.op == "call_module" else None
+                if m is None or len(user.args) != 1:
+                    return []
+                if type(m) in (nn.Linear, nn.Conv2d) or isinstance(m, _BATCH_NORMS):
+                    if flattened and not isinstance(m, (nn.Linear, nn.BatchNorm1d)):
+                        return []
+                    found.append((user.target, flattened))
+                elif isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Dropout)):
+                    frontier.append((user, flattened))
+                elif type(m) is nn.Flatten and (m.start_dim, m.end_dim) == (1, -1) and not flattened:
+                    frontier.append((user, True))
+                else:
+                    return []
+        return found
+
+    def check_example_shape(self, argument: str, x: Tensor) -> None:
+        """Raise ValueError, naming ``argument`` and the shape expected, when the layers that
+        read the input first cannot take its examples (``x.shape[2:]``)."""
+        example = list(x.shape[2:])
+        for target, flattened in self.input_layers:
+            m = self._layers[target]
+            fits, takes = _layer_takes(m, example, flattened)
+            if not fits:
+                built = (
+                    f" (the model was built for examples of shape {list(self.example_shape)})"
+                    if self.example_shape is not None else ""
+                )
+                raise ValueError(
+                    f"{argument} has shape {list(x.shape)}, but the model's first {describe_layer(target, m)} "
+                    f"takes {takes}{built}"
+                )
+
+    def _describe_node(self, node: torch.fx.Node) -> str:
+        if node.op == "call_module":
+            return describe_layer(node.target, self._layers[node.target])
+        name = getattr(node.target, "__name__", str(node.target))
+        return f"{name} (node {node.name!r})"
 
     def __call__(self, x: Tensor, weights: list[Tensor]) -> Any:
         env: dict[str, _Value] = {self._input_name: _Value(x, True)}
-        for step in self._steps:
-            step(env, weights)
+        for node, step in self._steps:
+            try:
+                step(env, weights)
+            except Exception:
+                self.failed_at = self._describe_node(node)
+                raise
         out = self._resolve(self._output_arg, env)
         return pytree.tree_map(lambda v: v.value, out, is_leaf=lambda v: isinstance(v, _Value))
 
 
 def _per_task(call: Callable, raw: list, in_dims: tuple) -> tuple[Any, bool]:
-    """Run ``call`` task by task; stack tensor results, or keep a value all tasks agree on."""
-    T = next(r.size(0) for r, d in zip(raw, in_dims) if d == 0)
-    outs = [call(*[r[t] if d == 0 else r for r, d in zip(raw, in_dims)]) for t in range(T)]
-    first = outs[0]
-    if isinstance(first, Tensor):
-        return torch.stack(outs), True
-    if all(o == first for o in outs[1:]):
-        return first, False
-    raise TraceError(f"a node returns a different non-tensor value per task: {outs}")
+    """Run ``call`` task by task and stack the tasks' tensors (in nested outputs too, as
+    an LSTM's ``(output, (h, c))``); a non-tensor result must be the same for every task."""
+
+    def task_slice(value, t):
+        return pytree.tree_map(lambda leaf: leaf[t] if isinstance(leaf, Tensor) else leaf, value)
+
+    T = next(
+        leaf.size(0)
+        for r, d in zip(raw, in_dims)
+        if d == 0
+        for leaf in pytree.tree_leaves(r)
+        if isinstance(leaf, Tensor)
+    )
+    outs = [call(*[task_slice(r, t) if d == 0 else r for r, d in zip(raw, in_dims)]) for t in range(T)]
+    leaves, spec = zip(*(pytree.tree_flatten(o) for o in outs))
+    if any(s != spec[0] for s in spec[1:]):
+        raise TraceError(f"a node returns differently structured values per task: {spec[0]} and others")
+    stacked = []
+    for per_task in zip(*leaves):
+        if isinstance(per_task[0], Tensor):
+            stacked.append(torch.stack(per_task))
+        elif all(v == per_task[0] for v in per_task[1:]):
+            stacked.append(per_task[0])
+        else:
+            raise TraceError(f"a node returns a different non-tensor value per task: {list(per_task)}")
+    if not any(isinstance(v, Tensor) for v in leaves[0]):
+        return pytree.tree_unflatten(stacked, spec[0]), False
+    return pytree.tree_unflatten(stacked, spec[0]), True
+
+
+def _double_backward_safe(m: nn.Module, raw: list):
+    """cuDNN's RNN kernels have no double backward, which second-order MAML needs: an RNN
+    module on CUDA runs with cuDNN off while autograd records (the native kernels have it)."""
+    on_cuda = any(isinstance(leaf, Tensor) and leaf.is_cuda for leaf in pytree.tree_leaves(raw))
+    if isinstance(m, nn.RNNBase) and on_cuda and torch.is_grad_enabled():
+        return torch.backends.cudnn.flags(enabled=False)
+    return contextlib.nullcontext()
+
+
+def declared_example_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The shape of one input example a model declares as ``model.example_shape`` (the
+    fastmeta.models networks do), for error messages; None when it declares none."""
+    shape = getattr(model, "example_shape", None)
+    return tuple(int(n) for n in shape) if shape is not None else None
+
+
+def describe_layer(target: str, m: nn.Module) -> str:
+    """``layer '0' (Conv2d, 1 input channel)``: a layer and the size of what it reads."""
+    if isinstance(m, nn.Linear):
+        return f"layer {target!r} (Linear, {m.in_features} input features)"
+    if isinstance(m, nn.Conv2d):
+        return f"layer {target!r} (Conv2d, {m.in_channels} input channel{'s' if m.in_channels != 1 else ''})"
+    if isinstance(m, _BATCH_NORMS):
+        return f"layer {target!r} ({type(m).__name__}, {m.num_features} channels)"
+    return f"layer {target!r} ({type(m).__name__})"
+
+
+def _layer_takes(m: nn.Module, example: list[int], flattened: bool) -> tuple[bool, str]:
+    """(whether ``m`` takes examples of this shape, the input shape it takes)."""
+    if flattened:
+        features = m.in_features if isinstance(m, nn.Linear) else m.num_features
+        values = 1
+        for n in example:
+            values *= n
+        return values == features, f"[T, N, ...] with {features} values per example (it reads them flattened)"
+    if isinstance(m, nn.Linear):
+        return bool(example) and example[-1] == m.in_features, f"[T, N, ..., {m.in_features}]"
+    if isinstance(m, nn.Conv2d):
+        return len(example) == 3 and example[0] == m.in_channels, f"[T, N, {m.in_channels}, H, W]"
+    if isinstance(m, nn.BatchNorm2d):
+        return len(example) == 3 and example[0] == m.num_features, f"[T, N, {m.num_features}, H, W]"
+    return (
+        len(example) in (1, 2) and example[0] == m.num_features,
+        f"[T, N, {m.num_features}] or [T, N, {m.num_features}, L]",
+    )
 
 
 def _get_attr(model: nn.Module, target: str):
@@ -413,6 +549,11 @@ class PerTaskLoopProgram:
         self.layout = layout
         self.reason = reason
         self.reads = set(range(len(layout)))
+        self.example_shape = declared_example_shape(model)
+        self.failed_at = None  # an untraced model has no layers to name
+
+    def check_example_shape(self, argument: str, x: Tensor) -> None:
+        """Nothing to check ahead of a run: the model's forward is opaque here."""
 
     def __call__(self, x: Tensor, weights: list[Tensor]) -> Any:
         names = [s.name for s in self.layout.segments]

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,7 +197,7 @@ def _run_train(args) -> int:
     # Absolute, because the checkpoint keeps it for `fastmeta eval` run from anywhere.
     data_path = str(Path(args.data).expanduser().resolve()) if args.data else None
     config = dataclasses.replace(preset, **given, data_path=data_path)
-    out = Path(args.out) if args.out else Path("runs") / f"{config.preset}-{config.learner}"
+    out = training.check_run_folder(args.out or Path("runs") / f"{config.preset}-{config.learner}", "--out")
     checkpoint_path = out / training.CHECKPOINT_NAME
     if args.resume and checkpoint_path.exists():
         saved, _ = training.read_run_checkpoint(checkpoint_path)
@@ -288,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as stop:  # 128 + the signal's number (training.Stopped), as a shell reports it
+        return getattr(stop, "exit_code", 128 + signal.SIGINT)
     except (*_USER_ERRORS, CheckpointError) as error:
         print(f"fastmeta {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -1,7 +1,7 @@
 """``fastmeta plot RUN_DIR``: a run's learning curves, and for sinusoid runs the MAML paper's fit figure.
 
-matplotlib is optional (``pip install 'fastmeta[plot]'``); without it the command says so
-and exits with status 1.
+matplotlib is a dependency of fastmeta, installed with it; where it is missing all the
+same (a broken environment), the command says how to install it and exits with status 1.
 
 - ``learning_curves.png``: the training loss (and accuracy) per logged iteration, and the
   validation metric.
@@ -20,7 +20,7 @@ from fastmeta.tools.command import Subcommand
 
 __all__ = ["MatplotlibMissing", "plot_run", "COMMAND"]
 
-_INSTALL_HINT = "fastmeta plot needs matplotlib, an optional extra: pip install 'fastmeta[plot]' (or pip install matplotlib)"
+_INSTALL_HINT = "fastmeta plot needs matplotlib, a dependency of fastmeta missing here: pip install matplotlib"
 
 
 class MatplotlibMissing(RuntimeError):

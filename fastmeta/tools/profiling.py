@@ -24,6 +24,8 @@ GPU, CPU time on the CPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +96,26 @@ def _total_device_time(event) -> float:
     return 0.0
 
 
+@contextlib.contextmanager
+def _quiet_profiler_log(device: torch.device):
+    """Silence Kineto, torch.profiler's C++ half, for a CPU profile.
+
+    Even with CPU activity only, a CUDA build of torch probes for GPUs when the profiler
+    starts and prints "ERROR: ... gpuGetDeviceCount failed with code 35" and two USDT
+    lines to stderr on a machine without one. Kineto reads ``KINETO_LOG_LEVEL`` when it
+    starts; 6 is above all its levels. A level the user set is kept; GPU profiles keep
+    Kineto's messages, which can matter there.
+    """
+    if device.type != "cpu" or "KINETO_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["KINETO_LOG_LEVEL"] = "6"
+    try:
+        yield
+    finally:
+        os.environ.pop("KINETO_LOG_LEVEL", None)
+
+
 def profile_meta_iterations(
     workload: Workload,
     *,
@@ -147,7 +169,7 @@ def profile_meta_iterations(
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
+        with _quiet_profiler_log(device), torch.profiler.profile(activities=activities) as prof:
             for _ in range(iterations):
                 meta_iteration()
             synchronize()

@@ -11,7 +11,13 @@ Resuming is exact on the CPU: tasks are a pure function of (seed, iteration, tas
 Adam's state, the global RNGs and the iteration count, so iteration i computes the same
 loss whether or not the run stopped before it. A run killed with SIGKILL loses only the
 iterations since its last checkpoint; SIGINT or SIGTERM stop it at the end of the current
-iteration and write a checkpoint first.
+iteration and write a checkpoint first (``Stopped``: ``fastmeta train`` then exits with
+128 + the signal's number, the shell's convention: 130 for SIGINT, 143 for SIGTERM).
+
+Before the first iteration, every split the run will use (train; val when it validates;
+test for the final evaluation) is loaded and checked against the preset's ways, shots and
+queries, and the run folder is created only then: a dataset too small for the preset
+fails at once, leaving nothing behind.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ __all__ = [
     "train",
     "evaluate",
     "Score",
+    "Stopped",
+    "check_run_folder",
+    "splits_used",
     "format_results",
     "CHECKPOINT_NAME",
     "METRICS_NAME",
@@ -242,6 +251,17 @@ class Run:
             return self.dataset if split == "train" else None
         return self.dataset.tasks(split, ways=config.ways, shots=config.shots, queries=config.queries, seed=seed)
 
+    def check_splits(self, splits: tuple[str, ...]) -> None:
+        """Load each split and check it can make this run's tasks; ValueError (or
+        FileNotFoundError, DatasetError) naming the split otherwise."""
+        config = self.config
+        for split in splits:
+            try:
+                self.sampler(split, TEST_SEED)
+            except ValueError as error:
+                tasks = f"{config.ways}-way {config.shots}-shot tasks with {config.queries} queries per class"
+                raise type(error)(f"{config.preset}: the {split} split cannot make {tasks}: {error}") from None
+
     def task_chunks(self, split: str, tasks: range, chunk: int) -> Iterator[TaskBatch]:
         """The fixed evaluation tasks ``tasks`` (global indices: all of them, or a rank's
         shard) of ``split``, ``chunk`` tasks at a time."""
@@ -276,6 +296,26 @@ class Run:
         self.learner.load_state_dict(state["learner"])
         self.optimizer.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
+
+
+def splits_used(config: RunConfig, start: int) -> tuple[str, ...]:
+    """The splits a run from iteration ``start`` reads: train, val if it validates, and test."""
+    splits = ["train"] if start < config.iterations else []
+    validates = any(done % config.validate_every == 0 for done in range(start + 1, config.iterations))
+    return (*splits, *(["val"] if validates else []), "test")
+
+
+def check_run_folder(out: str | os.PathLike, argument: str = "out") -> Path:
+    """``out`` as a Path, after checking it can be a run folder: ValueError naming
+    ``argument`` when it (or a folder above it) is a file."""
+    out = Path(out)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                above = "" if path == out else f" ({path}, above it, is a file)"
+                raise ValueError(f"{argument} {out} is not a folder{above}: a run folder is created there, or continued")
+            break
+    return out
 
 
 def read_run_checkpoint(path: str | os.PathLike) -> tuple[RunConfig, dict]:
@@ -421,6 +461,16 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return records
 
 
+class Stopped(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM (a checkpoint was written unless a second
+    signal cut it short). ``exit_code`` is 128 + the signal's number: 130 or 143."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+        self.exit_code = 128 + signal_number
+
+
 class _StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks between iterations.
 
@@ -440,7 +490,7 @@ class _StopRequest:
 
     def _handle(self, number, frame):
         if self.signal_number is not None:
-            raise KeyboardInterrupt
+            raise Stopped(number)
         self.signal_number = number
         print(f"\nfastmeta: {signal.Signals(number).name}: stopping after this iteration and writing a checkpoint", file=sys.stderr)
 
@@ -510,7 +560,7 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
     if not context.is_main:
         echo = lambda *args, **kwargs: None  # noqa: E731  (rank 0 speaks for the run)
         progress = False
-    out = Path(out)
+    out = check_run_folder(out)
     checkpoint_path = out / CHECKPOINT_NAME
     start, elapsed_before, saved = 0, 0.0, None
     if checkpoint_path.exists():
@@ -525,10 +575,9 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
             stale.unlink(missing_ok=True)  # left by a writer that was killed
     elif resume:
         echo(f"fastmeta: no checkpoint in {out}; starting from iteration 0")
-    if context.is_main:
-        out.mkdir(parents=True, exist_ok=True)
 
     run = Run(config, device)
+    run.check_splits(splits_used(config, start))
     if saved is not None:
         run.restore(saved)
         echo(f"fastmeta: resuming {config.preset} from iteration {start} of {config.iterations}")
@@ -537,6 +586,30 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
     # shows they all read the same one. Called on every rank, resumed or not, so that a
     # rank that found no checkpoint fails here with a clear error instead of desynchronising.
     distributed.verify_replicas(run.learner, context, run.optimizer)
+    created = context.is_main and not out.exists()
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train_loop(config, out, context, run, parallel, start, elapsed_before, saved, test_tasks, progress, echo)
+    except BaseException:
+        if created:
+            _remove_if_nothing_was_written(out)
+        raise
+
+
+def _remove_if_nothing_was_written(out: Path) -> None:
+    """Remove a run folder this run created when it failed before writing any result."""
+    metrics = out / METRICS_NAME
+    if metrics.exists() and metrics.stat().st_size == 0:
+        metrics.unlink()
+    try:
+        out.rmdir()  # only if empty: a checkpoint or a logged line is kept
+    except OSError:
+        pass
+
+
+def _train_loop(config, out, context, run, parallel, start, elapsed_before, saved, test_tasks, progress, echo) -> dict:
+    checkpoint_path = out / CHECKPOINT_NAME
     # This rank's shard of every meta-batch (all of it in one process), drawn ahead in blocks.
     meta_batches = _meta_batches(run.sampler("train", config.seed), range(start, config.iterations), context.shard(config.meta_batch))
     metrics = MetricsLog(out / METRICS_NAME, keep_through=start if saved is not None else None) if context.is_main else _NoMetrics()
@@ -611,7 +684,8 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
                 if step.should_stop:
                     bar.close()
                     echo(f"fastmeta: stopped at iteration {done}; checkpoint in {checkpoint_path} (continue with --resume)")
-                    raise KeyboardInterrupt
+                    # A rank that got no signal itself stops because another rank was terminated.
+                    raise Stopped(stop.signal_number or signal.SIGTERM)
         bar.close()
         if start >= config.iterations:
             echo(f"fastmeta: {out} has already run {start} of {config.iterations} iterations")
