@@ -219,8 +219,9 @@ std::tuple<at::Tensor, at::Tensor> mlp_meta_step_update(
   const size_t n = params.size();
   TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n,
               "params, exp_avgs, exp_avg_sqs and state_steps must have one tensor per parameter");
-  TORCH_CHECK(nonfinite.is_cpu() && nonfinite.dim() == 1 && nonfinite.size(0) == 2 && nonfinite.is_contiguous(),
-              "nonfinite must be a CPU tensor [2] (flag, iteration)");
+  TORCH_CHECK(nonfinite.is_cpu() && nonfinite.dim() == 1 && nonfinite.size(0) == 2 && nonfinite.is_contiguous() &&
+                  nonfinite.scalar_type() == at::kLong,
+              "nonfinite must be a CPU int64 tensor [2] (flag, iteration)");
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK(params[i].is_cpu() && state_steps[i].is_cpu() && state_steps[i].numel() == 1,
                 "mlp_meta_step_update runs on the CPU, with one-value step tensors");
@@ -252,14 +253,11 @@ std::tuple<at::Tensor, at::Tensor> mlp_meta_step_update(
     for (int64_t k = 0; k < d_theta.numel() && finite; ++k) finite = std::isfinite(g[k]);
   });
   if (!finite) {
-    dispatch_floating(nonfinite.scalar_type(), "mlp_meta_step_update flag", [&](auto tag_) {
-      using scalar_t = decltype(tag_);
-      scalar_t* f = nonfinite.data_ptr<scalar_t>();
-      if (f[0] == scalar_t(0)) {
-        f[0] = scalar_t(1);
-        f[1] = static_cast<scalar_t>(iteration);
-      }
-    });
+    int64_t* f = nonfinite.data_ptr<int64_t>();
+    if (f[0] == 0) {
+      f[0] = 1;
+      f[1] = iteration;
+    }
     return {mean, losses};
   }
   const std::vector<at::Tensor> grads = mlp_entry::scatter(d_theta, params);

@@ -640,8 +640,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
   if (validate) check_finite_losses(losses);
   if (grads != 1) return {losses, preds, gtheta_task, glr_task};
   // Σ_t w_t · (per-task gradient): a [T]·[T, n] product, in task order (deterministic).
-  at::Tensor gtheta = at::zeros({plan.P}, theta.options());
-  at::Tensor glr = at::zeros(lr.sizes(), theta.options());
+  at::Tensor gtheta = at::empty({plan.P}, theta.options());  // zeroed below: no aten fill of its own
+  at::Tensor glr = at::empty(lr.sizes(), theta.options());
   dispatch_floating(theta.scalar_type(), "mlp_meta_step_reduce", [&](auto tag_) {
     using scalar_t = decltype(tag_);
     const scalar_t* wt = task_weights->data_ptr<scalar_t>();
@@ -649,6 +649,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
       const int64_t n = dst->numel();
       const scalar_t* sp = src->template data_ptr<scalar_t>();
       scalar_t* dp = dst->template data_ptr<scalar_t>();
+      for (int64_t k = 0; k < n; ++k) dp[k] = 0;
       for (int64_t t = 0; t < T; ++t) {
         const scalar_t wgt = wt[t];
 #pragma omp simd

@@ -19,9 +19,9 @@ from fastmeta.engine.meta_iteration import (
 )
 from fastmeta.engine.program import PerTaskLoopProgram, TracedProgram, trace
 from fastmeta.engine.task_weights import Layout, Segment, TaskWeights
-from fastmeta.engine.whole_step import CapturedMetaStep
+from fastmeta.engine.whole_step import CapturedMetaStep, FusedMLPStep
 
 __all__ = [
-    "AdaptationRule", "CapturedMetaStep", "Layout", "LossSpec", "MetaBatchOutput", "MetaIteration",
+    "AdaptationRule", "CapturedMetaStep", "FusedMLPStep", "Layout", "LossSpec", "MetaBatchOutput", "MetaIteration",
     "PerTaskLoopProgram", "Segment", "StepRule", "TaskWeights", "TracedProgram", "trace",
 ]

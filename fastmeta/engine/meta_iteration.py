@@ -22,24 +22,13 @@ from torch import Tensor, nn
 
 from fastmeta.engine.program import plain_mlp_structure, trace
 from fastmeta.engine.task_weights import Layout, TaskWeights
+from fastmeta.engine.types import MetaBatchOutput
+from fastmeta.engine.whole_step import FusedMLPStep
 from fastmeta.ops import LOSS_KINDS, inner_step, task_loss
 from fastmeta.ops.inner_step import step_coefficient
-from fastmeta.ops.mlp_meta_step import fused_kernel_takes, mlp_meta_step_mean
+from fastmeta.ops.mlp_meta_step import fused_kernel_takes, mlp_meta_step_mean, mlp_meta_step_update
 
 LossSpec = str | Callable[[Tensor, Tensor], Tensor] | None
-
-
-class MetaBatchOutput(NamedTuple):
-    """What ``meta_batch`` returns.
-
-    loss: the mean query loss, a scalar; ``loss.backward()`` gives the meta-gradient.
-    task_loss: ``[T]`` query loss per task.
-    accuracy: ``[T]`` query accuracy per task (classification), else None.
-    """
-
-    loss: Tensor
-    task_loss: Tensor
-    accuracy: Tensor | None
 
 
 class StepRule(NamedTuple):
@@ -428,6 +417,53 @@ class MetaIteration:
         if kind == "cross_entropy":
             accuracy = (pred.argmax(-1) == query_y).to(pred.dtype).mean(1)
         return MetaBatchOutput(mean, task_losses, accuracy)
+
+    # -- whole-step execution on the CPU ------------------------------------------------
+
+    def fused_update_step(self, optimizer: torch.optim.Optimizer, parameters: Sequence[Tensor],
+                          inputs: tuple[Tensor, Tensor, Tensor, Tensor], *, rule: AdaptationRule, steps: int,
+                          first_order: bool, validate: bool) -> FusedMLPStep:
+        """A :class:`FusedMLPStep` for this model: the meta-iteration and the optimizer's
+        update of a plain MLP in one op per call (see that class). Checks the meta-batch
+        given here once (shapes always; NaN/Inf under ``validate``)."""
+        self.refresh()
+        support_x, support_y, query_x, query_y = inputs
+        self.check_tasks(validate, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y)
+        if support_x.device.type != "cpu":
+            raise ValueError("the fused whole step runs on the CPU; on a GPU, capture a CUDA graph")
+        if not self.fused_mlp_applies(support_x, query_x, query_y, rule, steps):
+            raise ValueError(
+                "whole-step execution on the CPU runs a plain MLP (an nn.Sequential of biased Linear layers with "
+                "one ReLU/LeakyReLU/Tanh kind between them), every parameter adapting, a built-in loss and a "
+                "backend with the fused kernel; for this model use meta_batch, loss.backward() and the optimizer")
+        layer_sizes, act, slope = self.mlp
+        like = self.params[0]
+        rates = self.fused_rates(rule, steps, like)
+        if rates.requires_grad:
+            raise ValueError("whole-step execution on the CPU takes fixed inner rates (MAML); learned rates "
+                             "train through meta_batch")
+        if {id(p) for p in parameters} != {id(p) for p in self.params}:
+            raise ValueError("whole-step execution on the CPU trains the model's own parameters only")
+        kind = self.loss_kind(query_y)
+        out = layer_sizes[-1]
+
+        def targets(x: Tensor, y: Tensor, name: str) -> Tensor:
+            if kind == "cross_entropy":
+                check_labels(y, out, name, False)  # the kernel checks the range
+                return _as_dtype(y, torch.long)
+            if y.numel() != x.size(0) * x.size(1) * out:
+                raise ValueError(f"{name} targets {list(y.shape)} do not match the model's outputs "
+                                 f"{[x.size(0), x.size(1), out]}")
+            return _as_dtype(y.reshape(x.size(0), x.size(1), out), like.dtype)
+
+        def run(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, sx, sy, qx, qy,
+                adam_lr, beta1, beta2, weight_decay, eps):
+            return mlp_meta_step_update(
+                params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, layer_sizes, act, slope,
+                sx, targets(sx, sy, "support"), qx, targets(qx, qy, "query"), kind, rates, steps, first_order,
+                adam_lr, beta1, beta2, weight_decay, eps)
+
+        return FusedMLPStep(run, self.params, optimizer, inputs)
 
     # -- adapted weights -----------------------------------------------------------------
 

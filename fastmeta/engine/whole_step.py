@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fastmeta.engine.meta_iteration import MetaBatchOutput
+from fastmeta.engine.types import MetaBatchOutput
 
 MetaBatchFunction = Callable[[Tensor, Tensor, Tensor, Tensor], MetaBatchOutput]
 
@@ -118,8 +118,8 @@ class FusedMLPStep:
     """A whole meta-iteration on the CPU for a plain MLP: ``step(sx, sy, qx, qy)`` runs the
     inner loop of every task, the query loss, the meta-gradient and Adam's update in one
     fused op (``mlp_meta_step_update``: one C++ call with torch's fused Adam inside), with no
-    autograd graph and no per-iteration concatenation of θ: two dispatches and no host sync
-    per iteration.
+    autograd graph: one dispatch and no host sync per iteration. The output's ``accuracy``
+    is None (the fused op returns the losses only).
 
     The optimizer is the user's ``torch.optim.Adam`` over exactly the model's parameters
     (one group, no amsgrad/maximize): its hyperparameters and its state (``exp_avg``,
@@ -149,7 +149,7 @@ class FusedMLPStep:
         self.optimizer = optimizer
         self.shapes = tuple((tuple(t.shape), t.dtype) for t in inputs)
         self.iteration = 0
-        self.nonfinite = torch.zeros(2, dtype=torch.float64)
+        self.nonfinite = torch.zeros(2, dtype=torch.int64)
 
     def _state(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         exp_avgs, exp_avg_sqs, steps = [], [], []

@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastmeta.engine import (
     CapturedMetaStep,
+    FusedMLPStep,
     Layout,
     LossSpec,
     MetaBatchOutput,
@@ -196,15 +197,22 @@ class MetaLearner(ModelAttributes, nn.Module):
         query_y: Tensor,
         *,
         warmup: int = 3,
-    ) -> CapturedMetaStep:
-        """Capture a whole meta-iteration (with ``optimizer.step()``) in a CUDA graph.
+    ) -> CapturedMetaStep | FusedMLPStep:
+        """A whole meta-iteration (with ``optimizer.step()``) as one replayable step.
 
-        Returns a :class:`fastmeta.engine.CapturedMetaStep`; call it with each new
-        meta-batch of the same shapes. See :mod:`fastmeta.engine.whole_step` for the rules.
+        On a GPU: a :class:`fastmeta.engine.CapturedMetaStep`, the iteration captured in a
+        CUDA graph. On the CPU, for a plain MLP with fixed inner rates: a
+        :class:`fastmeta.engine.FusedMLPStep`, the iteration and Adam's update in one fused
+        op (other models on the CPU raise ValueError: train them through ``meta_batch``).
+        Call the result with each new meta-batch of the same shapes. See
+        :mod:`fastmeta.engine.whole_step` for the rules.
         """
         self._check_batch_norm_mode("capture")
         inputs = (support_x, support_y, query_x, query_y)
         engine = self._engine
+        if support_x.device.type == "cpu":
+            return engine.fused_update_step(optimizer, list(self.parameters()), inputs, rule=self, steps=self.steps,
+                                            first_order=self.first_order, validate=self.validate)
         engine.refresh()
         # Validation once, eagerly, on the meta-batch given at capture; the graph runs
         # unvalidated (a check that syncs cannot be captured).

@@ -556,7 +556,7 @@ def reference_mlp_meta_step_update(
     update is torch's own fused Adam (``torch._fused_adam_``), with no autograd graph.
 
     A non-finite loss or gradient skips the update (parameters and optimizer state stay
-    as they were) and, the first time, writes [1, iteration] into ``nonfinite`` ``[2]``:
+    as they were) and, the first time, writes [1, iteration] into ``nonfinite`` (int64 ``[2]``):
     a flag for the caller to read every N iterations, without a sync per iteration.
     """
     theta = _flat(params)
@@ -569,7 +569,7 @@ def reference_mlp_meta_step_update(
     mean = losses.mean()
     if not (bool(torch.isfinite(losses).all()) and bool(torch.isfinite(d_theta).all())):
         if nonfinite[0] == 0:
-            nonfinite.copy_(torch.tensor([1.0, float(iteration)], dtype=nonfinite.dtype))
+            nonfinite.copy_(torch.tensor([1, iteration], dtype=nonfinite.dtype))
         return mean, losses.detach()
     grads = _per_parameter(d_theta.detach(), params)
     with torch.no_grad():

@@ -66,6 +66,7 @@ from fastmeta.tools.bench_peers import (
     ContenderSkipped,
     FastmetaContender,
     FastmetaGraphContender,
+    FastmetaWholeStepContender,
     Problem,
     reference_meta_gradient,
 )
@@ -85,8 +86,9 @@ class BenchmarkSettings:
 
     backends: fastmeta backends to time (None: every available one, then "auto").
     peers: peer names (None: DEFAULT_PEERS of the device). tasks: override T (quick looks
-    and tests; the row then says so). fastmeta_graph: on CUDA, also time fastmeta's eager
-    step captured whole in a CUDA graph.
+    and tests; the row then says so). fastmeta_graph: also time fastmeta's whole step
+    (on CUDA its eager step captured in a CUDA graph; on the CPU ``learner.capture``'s fused
+    step, for the models it covers).
     """
 
     workloads: Sequence[str] = ("W1", "W2", "W3", "W4")
@@ -224,12 +226,15 @@ def fastmeta_contenders(settings: BenchmarkSettings, device: torch.device) -> li
 
 
 def fastmeta_graph_contenders(settings: BenchmarkSettings, device: torch.device) -> list[tuple[str, ContenderFactory]]:
-    """fastmeta[auto] captured whole in a CUDA graph. Run last in its row: a capture that
-    fails midway is the one thing here that could leave the CUDA context unusable."""
-    if not settings.fastmeta_graph or device.type != "cuda":
+    """fastmeta[auto]'s whole step: captured in a CUDA graph on CUDA, the fused
+    ``learner.capture`` step on the CPU (skipped there with the reason for models it does
+    not cover). Run last in its row: a CUDA capture that fails midway is the one thing here that could leave the CUDA context unusable."""
+    if not settings.fastmeta_graph:
         return []
     if settings.backends is not None and "auto" not in settings.backends:
         return []
+    if device.type != "cuda":
+        return [("fastmeta[auto]+whole-step", lambda problem: FastmetaWholeStepContender(problem, "auto"))]
     return [("fastmeta[auto]+graph", lambda problem: FastmetaGraphContender(problem, "auto"))]
 
 
@@ -723,7 +728,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest relative meta-gradient error against the float64 reference (default 1e-4)")
     parser.add_argument("--no-check", action="store_true", help="skip the meta-gradient check")
-    parser.add_argument("--no-fastmeta-graph", action="store_true", help="on CUDA, do not time fastmeta captured in a CUDA graph")
+    parser.add_argument("--no-fastmeta-graph", action="store_true", help="do not time fastmeta's whole step (CUDA: captured in a CUDA graph; CPU: learner.capture's fused step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
                         help="run nothing: print earlier runs' JSON against the targets of docs/benchmarks.md")

@@ -232,6 +232,51 @@ class FastmetaGraphContender(FastmetaContender):
         self.graph.replay()
 
 
+class FastmetaWholeStepContender(FastmetaContender):
+    """``learner.capture(optimizer, ...)`` on the CPU: the whole meta-iteration and Adam's
+    update in one fused op per step (:class:`fastmeta.engine.FusedMLPStep`). Skipped with
+    the learner's reason where the CPU has no whole step (not a plain MLP).
+
+    The step keeps no ``.grad``: the check reads the meta-gradient from Adam's first
+    moment after the first step from fresh state, ``exp_avg = (1 - β1)·g`` (weight decay
+    0), the same arithmetic as torch's Adam.
+    """
+
+    def __init__(self, problem: Problem, backend: str):
+        super().__init__(problem, backend)
+        self.name = f"fastmeta[{backend}]+whole-step"
+
+    def prepare(self) -> None:
+        if self.device.type != "cpu":
+            raise ContenderSkipped("the fused whole step is the CPU's; on CUDA see fastmeta[auto]+graph")
+        self._build()
+        self._capture()
+
+    def _capture(self) -> None:
+        self.optimizer = torch.optim.Adam(self.params, lr=ADAM_LR)
+        try:
+            self.whole_step = self.learner.capture(self.optimizer, *self.problem.batch)
+        except ValueError as exc:
+            raise ContenderSkipped(str(exc)) from None
+
+    def reset_parameters(self) -> None:
+        self._copy_initial_parameters()
+        self._capture()  # fresh Adam state: meta_gradient reads the first moment of step 1
+
+    def step(self) -> None:
+        self.whole_step(*self.problem.batch)
+
+    def meta_gradient(self) -> Tensor:
+        beta1 = self.optimizer.param_groups[0]["betas"][0]
+        moments = []
+        for p in self.model.parameters():
+            state = self.optimizer.state[p]
+            if float(state["step"]) != 1.0:
+                raise RuntimeError("the meta-gradient is read after exactly one step from fresh state")
+            moments.append(state["exp_avg"].reshape(-1) / (1.0 - beta1))
+        return torch.cat(moments)
+
+
 def capture_whole_step(forward_backward_step: Callable[[], None], optimizer, device) -> "torch.cuda.CUDAGraph":
     """Capture ``zero_grad(set_to_none) + forward_backward_step()`` in one CUDA graph.
 

@@ -197,7 +197,8 @@ def count_paths(workload: Workload, *, backend: str | None = None, first_order: 
     """Dispatches and host syncs of one second-order (or first-order) meta-iteration of
     ``workload`` on the CPU, per path (:mod:`fastmeta.tools.dispatches`): ``plain``, the
     user's loop with the learner's defaults (``meta_batch``, ``loss.backward()``, Adam with
-    ``fused=True``)."""
+    ``fused=True``); and ``whole-step``, where the CPU has one (a plain MLP with fixed
+    inner rates), ``learner.capture(optimizer, ...)``'s :class:`FusedMLPStep` per call."""
     import fastmeta as fm
 
     with full_fp32(), fm.use_backend(backend or fm.current_backend()):
@@ -213,7 +214,13 @@ def count_paths(workload: Workload, *, backend: str | None = None, first_order: 
             raise ValueError(f"learner must be 'maml' or 'model-aware', got {learner!r}")
         optimizer = torch.optim.Adam(meta.parameters(), lr=ADAM_LR, fused=True)
         batch = workload.make_batch("cpu", seed)
-        return {"plain": count_dispatches(plain_user_path(meta, optimizer, batch))}
+        counts = {"plain": count_dispatches(plain_user_path(meta, optimizer, batch))}
+        try:
+            whole = meta.capture(torch.optim.Adam(meta.parameters(), lr=ADAM_LR), *batch)
+        except ValueError:  # not a plain MLP with fixed rates: the CPU has no whole step for it
+            return counts
+        counts["whole-step"] = count_dispatches(lambda: whole(*batch))
+        return counts
 
 
 def format_ranges(result: ProfileResult, device_type: str) -> str:

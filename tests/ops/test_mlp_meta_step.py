@@ -20,7 +20,7 @@ from torch.library import opcheck
 
 import fastmeta as fm
 from fastmeta.ops.mlp_meta_step import mlp_meta_step, num_parameters, unrolled_meta_step
-from harness import direct
+from harness import direct, kernel_log
 from test_extension_build import build_or_skip
 
 # (layer_sizes, act, loss, lr kind, steps, K, first_order). W1 first; the rest cover odd
@@ -376,7 +376,7 @@ def test_update_equals_meta_gradient_then_torch_adam(extension, backend, case):
     adam = torch.optim.Adam(want, lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01, fused=True)
     got = [p.clone() for p in params]
     exp_avgs, exp_avg_sqs, state_steps = _adam_state(got)
-    flag = torch.zeros(2, dtype=torch.float64)
+    flag = torch.zeros(2, dtype=torch.int64)
     for it in range(3):
         adam.zero_grad(set_to_none=True)
         with fm.use_backend(backend):
@@ -384,10 +384,11 @@ def test_update_equals_meta_gradient_then_torch_adam(extension, backend, case):
                                                    first_order)
             mean.backward()
         adam.step()
-        with fm.use_backend(backend):
+        with fm.use_backend(backend), kernel_log("cpu") as (ran, declined):
             got_mean, got_losses = module.mlp_meta_step_update(
                 got, exp_avgs, exp_avg_sqs, state_steps, flag, it, layer_sizes, act, 0.1, sx, sy, qx, qy, loss, lr,
                 steps, first_order, 1e-2, 0.8, 0.99, 0.01, 1e-6)
+        assert ran["mlp_meta_step_update"] == (backend == "cpu") and not declined
         assert rel(got_mean, mean.detach()) <= 1e-12 and got_losses.shape == (sx.size(0),)
     for a, b in zip(got, want):
         assert rel(a, b.detach()) <= 1e-10
@@ -395,7 +396,7 @@ def test_update_equals_meta_gradient_then_torch_adam(extension, backend, case):
         state = adam.state[p]
         assert rel(m, state["exp_avg"]) <= 1e-10 and rel(v, state["exp_avg_sq"]) <= 1e-10
         assert float(s) == float(state["step"]) == 3.0
-    assert flag.tolist() == [0.0, 0.0]
+    assert flag.tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -407,10 +408,10 @@ def test_update_skips_a_non_finite_iteration_and_flags_it(extension, backend):
     theta, sx, sy, qx, qy, lr, _ = make_problem(layer_sizes, "tanh", "mse", "step", 1, 4, dtype=torch.float64)
     params = [theta.clone()]
     exp_avgs, exp_avg_sqs, state_steps = _adam_state(params)
-    flag = torch.zeros(2, dtype=torch.float64)
+    flag = torch.zeros(2, dtype=torch.int64)
     args = (layer_sizes, "tanh", 0.0)
     rest = ("mse", lr, 1, False, 1e-3, 0.9, 0.999, 0.0, 1e-8)
-    with fm.use_backend(backend):
+    with fm.use_backend(backend), kernel_log("cpu") as (ran, declined):
         module.mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 0, *args, sx, sy, qx, qy, *rest)
         before = [t.clone() for t in (params[0], exp_avgs[0], exp_avg_sqs[0], state_steps[0])]
         bad = qy.clone()
@@ -419,9 +420,10 @@ def test_update_skips_a_non_finite_iteration_and_flags_it(extension, backend):
         # The update was skipped: parameters and state as before; the flag names iteration 7.
         for a, b in zip((params[0], exp_avgs[0], exp_avg_sqs[0], state_steps[0]), before):
             assert torch.equal(a, b)
-        assert flag.tolist() == [1.0, 7.0]
+        assert flag.tolist() == [1, 7]
         # A later bad iteration keeps the first one's number; a good one updates again.
         module.mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 9, *args, sx, sy, qx, bad, *rest)
-        assert flag.tolist() == [1.0, 7.0]
+        assert flag.tolist() == [1, 7]
         module.mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 10, *args, sx, sy, qx, qy, *rest)
         assert float(state_steps[0]) == 2.0 and not torch.equal(params[0], before[0])
+    assert ran["mlp_meta_step_update"] == (4 if backend == "cpu" else 0) and not declined
