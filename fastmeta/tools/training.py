@@ -33,8 +33,10 @@ from tqdm.auto import tqdm
 
 from fastmeta import checkpoint, distributed
 from fastmeta.data import ImageFolderTasks, Omniglot, SinusoidTasks, TaskBatch
+from fastmeta.tools.schedules import check_schedules, iteration_schedule
 
 __all__ = [
+    "ModelAwareOptions",
     "RunConfig",
     "PRESETS",
     "LEARNERS",
@@ -57,12 +59,38 @@ VALIDATION_SEED = 1
 
 
 @dataclass(frozen=True)
+class ModelAwareOptions:
+    """The ``ModelAwareMAML`` options of ``--learner model-aware`` (see its docstring).
+
+    The defaults are the ones that won on sinusoid and Omniglot (bench/RESULTS.md, "The
+    model-aware learner"): per-layer rates per inner step, learned as logarithms, and
+    MAML++'s per-step BatchNorm weights wherever the model has BatchNorm.
+    """
+
+    lr_mode: str = "layer"
+    lr_per_step: bool = True
+    log_lr: bool = True
+    per_step_bn: bool | None = None
+
+
+# What a checkpoint written before ModelAwareOptions existed trained with.
+_LEGACY_MODEL_AWARE = ModelAwareOptions(lr_per_step=False, log_lr=False, per_step_bn=False)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a run; a preset is a RunConfig, and the checkpoint stores one.
 
     data: "sinusoid", "omniglot" or "image-folder". ways, shots, queries: N, K, Q (ways is
     0 for regression). test_steps: the inner steps evaluated at test time (the paper's,
     then 10). validate_every, checkpoint_every, log_every: in iterations.
+
+    The training schedules (``fastmeta.tools.schedules``) apply to every learner alike, so
+    that a comparison on one preset is at equal budget: outer_lr_schedule ("constant" or
+    "cosine", down to outer_lr_min), multi_step_loss_iterations (MAML++'s multi-step loss,
+    annealed to the last step's over that many iterations; 0: off),
+    first_order_iterations (derivative-order annealing: first order for that many
+    iterations). model_aware: the options of ``--learner model-aware``.
     """
 
     preset: str
@@ -87,6 +115,11 @@ class RunConfig:
     learner: str = "maml"
     seed: int = 0
     data_path: str | None = None
+    outer_lr_schedule: str = "constant"
+    outer_lr_min: float = 0.0
+    multi_step_loss_iterations: int = 0
+    first_order_iterations: int = 0
+    model_aware: ModelAwareOptions = ModelAwareOptions()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,6 +132,8 @@ class RunConfig:
             raise ValueError(f"checkpoint configuration has unknown fields {sorted(unknown)}; written by a newer fastmeta?")
         values = dict(values)
         values["test_steps"] = tuple(values["test_steps"])
+        options = values.get("model_aware")
+        values["model_aware"] = _LEGACY_MODEL_AWARE if options is None else ModelAwareOptions(**options)
         return cls(**values)
 
     @property
@@ -199,10 +234,10 @@ def build_learner(config: RunConfig, model: torch.nn.Module):
     if config.learner == "maml":
         return fastmeta.MAML(model, config.inner_lr, config.first_order, steps=config.inner_steps)
     if config.learner == "model-aware":
-        # One learned rate per parameter tensor (MAML++'s LSLR), shared across steps so the
-        # learner can be evaluated at any number of steps (10 at test time).
+        options = config.model_aware
         return fastmeta.ModelAwareMAML(
-            model, config.inner_lr, config.first_order, steps=config.inner_steps, lr_mode="layer", lr_per_step=False
+            model, config.inner_lr, config.first_order, steps=config.inner_steps, lr_mode=options.lr_mode,
+            lr_per_step=options.lr_per_step, log_lr=options.log_lr, per_step_bn=options.per_step_bn,
         )
     raise ValueError(f"learner must be one of {LEARNERS}, got {config.learner!r}")
 
@@ -216,6 +251,7 @@ class Run:
         if config.data != "sinusoid" and not config.data_path:
             what = "images_background.zip and images_evaluation.zip" if config.data == "omniglot" else "train/ val/ test/"
             raise ValueError(f"preset {config.preset!r} needs --data PATH: the folder holding {what}")
+        check_schedules(config)
         self._dataset = None
         torch.manual_seed(config.seed)  # the initial weights are part of the run's definition
         self.model = build_model(config).to(self.device)
@@ -571,11 +607,16 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
         with _StopRequest() as stop:
             for iteration in range(start, config.iterations):
                 optimizer.zero_grad(set_to_none=True)
+                schedule = iteration_schedule(config, iteration)
+                for group in optimizer.param_groups:
+                    group["lr"] = schedule.outer_lr
                 # This rank's shard of the meta-batch (all of it in one process); on exit the
                 # meta-gradient is the mean over all tasks on every rank, and a stop request
                 # on any rank stops every rank after this same iteration.
                 with parallel.meta_step(config.meta_batch, stop_requested=lambda: stop.signal_number is not None) as step:
-                    output = learner.meta_batch(*next(meta_batches))
+                    output = learner.meta_batch(
+                        *next(meta_batches), step_weights=schedule.step_weights, first_order=schedule.first_order
+                    )
                     step.backward(output)
                 optimizer.step()
                 # Summed on the device: reading a loss every iteration would sync the GPU.
@@ -594,6 +635,7 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
                         "loss": loss_sum.item() / window_iterations,
                         "iterations_per_second": window_iterations / max(now - window_start, 1e-9),
                         "seconds": elapsed_before + now - started,
+                        "outer_lr": schedule.outer_lr,
                     }
                     postfix = {"loss": f"{record['loss']:.4f}"}
                     if output.accuracy is not None:
