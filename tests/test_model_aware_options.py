@@ -38,6 +38,45 @@ def perturb_meta_parameters(learner, scale=0.3, seed=0):
                 p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype).abs().to(p.device))
 
 
+def finite_difference_error(learner, tasks, names, directions=2, eps=1e-6, meta_batch=None):
+    """Norm-wise error of the analytic meta-gradient against central differences in
+    float64: coordinate by coordinate over the learner parameters ``names`` (an option's
+    own), and along ``directions`` random directions over every parameter (the rest)."""
+    meta_batch = meta_batch or learner.meta_batch
+    params = dict(learner.named_parameters())
+    analytic = dict(zip(params, torch.autograd.grad(meta_batch(*tasks).loss, list(params.values()))))
+
+    def loss_at(shifts):
+        with torch.no_grad():
+            for name, shift in shifts.items():
+                params[name].add_(shift)
+        try:
+            return meta_batch(*tasks).loss.detach()
+        finally:
+            with torch.no_grad():
+                for name, shift in shifts.items():
+                    params[name].sub_(shift)
+
+    got, want = [], []
+    for name in names:
+        p = params[name]
+        for i in range(p.numel()):
+            step = torch.zeros_like(p).view(-1)
+            step[i] = eps
+            step = step.view_as(p)
+            want.append((loss_at({name: step}) - loss_at({name: -step})) / (2 * eps))
+            got.append(analytic[name].reshape(-1)[i])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(directions):
+        v = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
+        norm = torch.cat([t.reshape(-1) for t in v.values()]).norm()
+        v = {n: t / norm for n, t in v.items()}
+        want.append((loss_at({n: eps * t for n, t in v.items()}) - loss_at({n: -eps * t for n, t in v.items()}))
+                    / (2 * eps))
+        got.append(sum((analytic[n] * t).sum() for n, t in v.items()))
+    return relative_error(torch.stack(got), torch.stack(want))
+
+
 def selection(learner):
     adapting = dict(zip([s.name for s in learner.layout.segments], learner.adapting()))
     return lambda name: adapting[name]
@@ -46,10 +85,14 @@ def selection(learner):
 # -- per-step BatchNorm ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-@pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("options", [dict(), dict(gates=True, lr_mode="param"), dict(adapt_layers="head")],
-                         ids=["layer", "param-gates", "head"])
+PER_STEP_BN_CASES = [
+    (1, False, {}), (3, False, {}), (3, True, {}),
+    (2, False, dict(gates=True, lr_mode="param")), (2, False, dict(adapt_layers="head", log_lr=True)),
+]
+
+
+@pytest.mark.parametrize("steps, first_order, options", PER_STEP_BN_CASES,
+                         ids=["1-step", "3-steps", "3-steps-first-order", "param-gates", "head-log"])
 def test_per_step_batch_norm_equals_per_task_loop(steps, first_order, options):
     learner = fm.ModelAwareMAML(make_model("conv"), 0.2, first_order, steps=steps, per_step_bn=True, **options)
     perturb_meta_parameters(learner)
@@ -78,7 +121,16 @@ def test_per_step_batch_norm_finite_differences():
     learner = fm.ModelAwareMAML(smooth_conv_bn_net().double(), 0.2, steps=2, per_step_bn=True, log_lr=True)
     perturb_meta_parameters(learner, scale=0.2)
     tasks = classification_tasks(T=2, shots=1, queries=2, image=8, dtype=torch.float64)
-    assert check_against_finite_differences(learner, tasks) < 1e-6
+    assert finite_difference_error(learner, tasks, ["bn_per_step", "log_lrs", "module.1.weight"]) < 1e-6
+
+
+def test_the_finite_difference_check_can_fail():
+    # First order drops the second-order terms: the same check must see it.
+    torch.manual_seed(0)
+    learner = fm.ModelAwareMAML(smooth_conv_bn_net().double(), 0.2, True, steps=2, per_step_bn=True, log_lr=True)
+    perturb_meta_parameters(learner, scale=0.2)
+    tasks = classification_tasks(T=2, shots=1, queries=2, image=8, dtype=torch.float64)
+    assert finite_difference_error(learner, tasks, ["bn_per_step", "log_lrs"]) > 1e-3
 
 
 def test_per_step_batch_norm_state_zero_is_the_model_and_later_states_the_rows():
@@ -136,6 +188,7 @@ def test_log_rates_finite_differences():
     learner = fm.ModelAwareMAML(model, 0.05, steps=3, lr_mode="layer", log_lr=True)
     perturb_meta_parameters(learner)
     assert check_against_finite_differences(learner, regression_tasks(T=3, dtype=torch.float64)) < 1e-6
+    assert finite_difference_error(learner, regression_tasks(T=3, dtype=torch.float64), ["log_lrs"]) < 1e-6
 
 
 @pytest.mark.parametrize("log_lr", [False, True])
@@ -168,8 +221,7 @@ def test_steps_beyond_the_trained_ones_reuse_the_last_rule(log_lr):
 
 
 @pytest.mark.parametrize("learner_kind", ["maml", "model-aware"])
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
-@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("kind, first_order", [("mlp", False), ("mlp", True), ("conv", False)])
 def test_multi_step_loss_equals_per_task_loop(learner_kind, kind, first_order):
     steps, weights = 3, [0.2, 0.0, 0.8]  # a zero weight: that step's query forward is skipped
     lr = 0.01 if kind == "mlp" else 0.2
@@ -194,9 +246,9 @@ def test_multi_step_loss_finite_differences():
     learner = fm.ModelAwareMAML(smooth_conv_bn_net().double(), 0.2, steps=2, log_lr=True, per_step_bn=True)
     perturb_meta_parameters(learner, scale=0.2)
     tasks = classification_tasks(T=2, shots=1, queries=2, image=8, dtype=torch.float64)
-    original = learner.meta_batch
-    learner.meta_batch = lambda *t: original(*t, step_weights=[0.4, 0.6])
-    assert check_against_finite_differences(learner, tasks) < 1e-6
+    weighted = lambda *t: learner.meta_batch(*t, step_weights=[0.4, 0.6])  # noqa: E731
+    names = ["bn_per_step", "log_lrs", "module.8.bias"]
+    assert finite_difference_error(learner, tasks, names, meta_batch=weighted) < 1e-6
 
 
 def test_multi_step_loss_accuracy_is_the_last_steps_and_chunks_agree():

@@ -43,6 +43,7 @@ __all__ = [
     "Run",
     "train",
     "evaluate",
+    "task_scores",
     "Score",
     "format_results",
     "CHECKPOINT_NAME",
@@ -349,6 +350,22 @@ def evaluate(
     second-order graph. With a distributed ``context`` each rank scores its shard of the
     tasks and the per-task scores are gathered, so every rank returns the full figures.
     """
+    results = {}
+    for step_count, values in task_scores(run, split, num_tasks, steps, chunk, context).items():
+        finite = ~values.isnan()
+        diverged = int((~finite).sum())
+        mean, ci = distributed.mean_ci95(values[finite]) if diverged < num_tasks else (float("nan"), float("nan"))
+        results[step_count] = Score(mean, ci, diverged)
+    return results
+
+
+def task_scores(
+    run: Run, split: str, num_tasks: int, steps: tuple[int, ...], chunk: int | None = None,
+    context: distributed.DistributedContext | None = None,
+) -> dict[int, torch.Tensor]:
+    """Per step count, the score of each of the ``num_tasks`` fixed tasks (float64
+    ``[num_tasks]``; NaN where adaptation diverged): what :func:`evaluate` summarises, and
+    what a paired comparison of two runs on the same tasks needs."""
     config = run.config
     shard = context.shard(num_tasks) if context is not None else range(num_tasks)
     chunk = chunk or (num_tasks if config.is_regression else config.meta_batch)
@@ -370,16 +387,12 @@ def evaluate(
                     per_task[step_count].append(score.masked_fill(~finite, float("nan")).cpu())
     finally:
         run.learner.validate = validate
-    results = {}
+    values = {}
     for step_count, scores in per_task.items():
-        values = torch.cat(scores)
+        values[step_count] = torch.cat(scores)
         if context is not None:
-            values = distributed.gather_task_values(values, num_tasks, context)
-        finite = ~values.isnan()
-        diverged = int((~finite).sum())
-        mean, ci = distributed.mean_ci95(values[finite]) if diverged < num_tasks else (float("nan"), float("nan"))
-        results[step_count] = Score(mean, ci, diverged)
-    return results
+            values[step_count] = distributed.gather_task_values(values[step_count], num_tasks, context)
+    return values
 
 
 def _mse(value: float) -> str:
