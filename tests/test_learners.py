@@ -109,12 +109,12 @@ def test_maml_meta_gradient_equals_per_task_loop(kind, steps, first_order):
 
 
 MODEL_AWARE_CASES = [
-    dict(lr_mode="scalar", lr_per_step=False),
-    dict(lr_mode="layer", lr_per_step=True),
-    dict(lr_mode="param", lr_per_step=True),
-    dict(lr_mode="layer", lr_per_step=True, gates=True, precondition=True),
-    dict(lr_mode="param", lr_per_step=False, gates=True),
-    dict(lr_mode="layer", lr_per_step=False, adapt_layers="head"),
+    dict(lr_mode="scalar", lr_per_step=False, log_lr=False),
+    dict(lr_mode="layer", lr_per_step=True, log_lr=False),
+    dict(lr_mode="param", lr_per_step=True, log_lr=False),
+    dict(lr_mode="layer", lr_per_step=True, gates=True, precondition=True, log_lr=False),
+    dict(lr_mode="param", lr_per_step=False, gates=True, log_lr=False),
+    dict(lr_mode="layer", lr_per_step=False, adapt_layers="head", log_lr=False),
     # The options of issue 17: log-rates, and per-step BatchNorm on and off explicitly
     # (per_step_bn=None turns it on for the conv net in the cases above).
     dict(lr_mode="layer", lr_per_step=True, log_lr=True),

@@ -73,7 +73,7 @@ class ModelAwareMAML(MetaLearner):
         validate: bool = True,
         lrs: Sequence[Tensor] | None = None,
         task_chunk: int | None = None,
-        log_lr: bool = False,
+        log_lr: bool = True,
         per_step_bn: bool | None = None,
     ):
         super().__init__(
