@@ -130,7 +130,8 @@ def test_the_finite_difference_check_can_fail():
     learner = fm.ModelAwareMAML(smooth_conv_bn_net().double(), 0.2, True, steps=2, per_step_bn=True, log_lr=True)
     perturb_meta_parameters(learner, scale=0.2)
     tasks = classification_tasks(T=2, shots=1, queries=2, image=8, dtype=torch.float64)
-    assert finite_difference_error(learner, tasks, ["bn_per_step", "log_lrs"]) > 1e-3
+    # (Row 0 of bn_per_step acts only through the first inner gradient: first order drops it.)
+    assert finite_difference_error(learner, tasks, ["bn_per_step"], directions=0) > 1e-3
 
 
 def test_per_step_batch_norm_state_zero_is_the_model_and_later_states_the_rows():
@@ -247,7 +248,7 @@ def test_multi_step_loss_finite_differences():
     perturb_meta_parameters(learner, scale=0.2)
     tasks = classification_tasks(T=2, shots=1, queries=2, image=8, dtype=torch.float64)
     weighted = lambda *t: learner.meta_batch(*t, step_weights=[0.4, 0.6])  # noqa: E731
-    names = ["bn_per_step", "log_lrs", "module.8.bias"]
+    names = ["log_lrs", "module.8.bias"]  # the other parameters along random directions
     assert finite_difference_error(learner, tasks, names, meta_batch=weighted) < 1e-6
 
 
