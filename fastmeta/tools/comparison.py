@@ -52,30 +52,37 @@ class Variant:
 
 
 # The rows: both learners at the preset's defaults, and one row per model-aware option or
-# training schedule, each changing that one thing of the model-aware defaults.
+# training schedule, each changing that one thing of the model-aware defaults. An option
+# that is already the default's value (e.g. the rate mode) has its alternatives as rows.
 VARIANTS = {
     v.name: v
     for v in (
         Variant("maml", "maml", "MAML, the preset's schedule"),
-        Variant("model-aware", "model-aware", "ModelAwareMAML, its preset defaults"),
-        Variant("ma-raw-rates", "model-aware", "rates learned as they are (may turn negative), not as logarithms",
+        Variant("model-aware", "model-aware", "ModelAwareMAML, the preset's defaults"),
+        Variant("ma-raw-rates", "model-aware", "rates learned as they are (they may turn negative), not as logarithms",
                 model_aware={"log_lr": False}),
         Variant("ma-shared-rates", "model-aware", "one set of rates for every inner step",
                 model_aware={"lr_per_step": False}),
-        Variant("ma-scalar-rate", "model-aware", "one learned rate for all parameters (per step)",
-                model_aware={"lr_mode": "scalar"}),
+        Variant("ma-scalar-rate", "model-aware", "one learned rate for all parameters", model_aware={"lr_mode": "scalar"}),
+        Variant("ma-layer-rates", "model-aware", "one learned rate per parameter tensor (MAML++'s LSLR)",
+                model_aware={"lr_mode": "layer"}),
         Variant("ma-param-rates", "model-aware", "one learned rate per parameter (Meta-SGD)",
                 model_aware={"lr_mode": "param"}),
         Variant("ma-no-per-step-bn", "model-aware", "BatchNorm weights adapted, not learned per step",
                 model_aware={"per_step_bn": False}),
         Variant("ma-constant-lr", "model-aware", "a constant meta learning rate", run={"outer_lr_schedule": "constant"}),
-        Variant("ma-cosine-lr", "model-aware", "a cosine-annealed meta learning rate", run={"outer_lr_schedule": "cosine"}),
-        Variant("ma-no-doa", "model-aware", "second order from the first iteration", run={"first_order_iterations": 0}),
         Variant("maml-constant-lr", "maml", "MAML with a constant meta learning rate", run={"outer_lr_schedule": "constant"}),
-        Variant("ma-legacy", "model-aware", "the options before issue 17: shared per-layer rates, not logarithms, "
-                "BatchNorm adapted, a constant meta learning rate",
-                run={"outer_lr_schedule": "constant", "first_order_iterations": 0},
-                model_aware={"lr_per_step": False, "log_lr": False, "per_step_bn": False}),
+        # MAML++ anneals the derivative order over the first third of its training.
+        Variant("ma-derivative-order-annealing", "model-aware", "first order for the first 20 000 iterations",
+                run={"first_order_iterations": 20_000}),
+        # The multi-step loss needs several inner steps: this pair trains with 5.
+        Variant("ma-5-steps", "model-aware", "5 inner steps in training (per-step rates)", run={"inner_steps": 5}),
+        Variant("ma-5-steps-msl", "model-aware", "5 inner steps, multi-step loss annealed over 20 000 iterations",
+                run={"inner_steps": 5, "multi_step_loss_iterations": 20_000}),
+        Variant("ma-legacy", "model-aware", "the options before issue 17: shared per-layer rates learned as they "
+                "are, BatchNorm adapted, a constant meta learning rate",
+                run={"outer_lr_schedule": "constant"},
+                model_aware={"lr_mode": "layer", "lr_per_step": False, "log_lr": False, "per_step_bn": False}),
     )
 }
 
