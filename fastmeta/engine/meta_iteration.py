@@ -253,7 +253,8 @@ class MetaIteration:
         self, theta: Tensor, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
         rule: AdaptationRule, allow_unused: bool, validate: bool,
     ) -> Tensor:
-        """Fast weights ``[T, P]`` after ``steps`` inner steps from θ."""
+        """Fast weights ``[T, P]`` after ``steps`` (>= 1) inner steps from θ."""
+        fast = None
         for fast in self.inner_states(theta, support_x, support_y, steps, first_order, rule, allow_unused, validate):
             pass
         return fast
