@@ -64,7 +64,7 @@ class ModelAwareMAML(MetaLearner):
         allow_nograd: bool = False,
         *,
         steps: int = 5,
-        lr_mode: str = "layer",
+        lr_mode: str = "param",
         lr_per_step: bool = True,
         adapt_layers: str | Sequence[str] = "all",
         gates: bool = False,
