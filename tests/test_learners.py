@@ -59,10 +59,28 @@ def make_tasks(kind: str):
     return regression_tasks() if kind == "mlp" else classification_tasks()
 
 
-def loop_meta_gradient(learner, tasks, steps, first_order, adapting=lambda n: True):
+def per_step_bn_reference(learner):
+    """MAML++'s per-step BatchNorm values as the per-task loop sets them: after inner step
+    s, every BatchNorm weight and bias takes row min(s, steps - 1) of ``bn_per_step``
+    (its columns: those parameters in ``named_parameters()`` order). None when off."""
+    if not getattr(learner, "per_step_bn", False):
+        return None
+    norms = {n for n, m in learner.module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    named = [(n, p.shape) for n, p in learner.module.named_parameters() if n.rpartition(".")[0] in norms]
+
+    def values(step):
+        row = learner.bn_per_step[min(step, learner.steps - 1)]
+        parts = row.split([shape.numel() for _, shape in named])
+        return {n: part.view(shape) for (n, shape), part in zip(named, parts)}
+
+    return values
+
+
+def loop_meta_gradient(learner, tasks, steps, first_order, adapting=lambda n: True, step_weights=None):
     params = [p for p in learner.parameters() if p.requires_grad]
     losses = per_task_query_losses(
-        learner.module, *tasks, steps, first_order, learner_coefficient(learner), adapting
+        learner.module, *tasks, steps, first_order, learner_coefficient(learner), adapting,
+        per_step_bn_reference(learner), step_weights,
     )
     return flat_grad(losses.mean(), params), losses
 
@@ -91,12 +109,18 @@ def test_maml_meta_gradient_equals_per_task_loop(kind, steps, first_order):
 
 
 MODEL_AWARE_CASES = [
-    dict(lr_mode="scalar", lr_per_step=False),
-    dict(lr_mode="layer", lr_per_step=True),
-    dict(lr_mode="param", lr_per_step=True),
-    dict(lr_mode="layer", lr_per_step=True, gates=True, precondition=True),
-    dict(lr_mode="param", lr_per_step=False, gates=True),
-    dict(lr_mode="layer", lr_per_step=False, adapt_layers="head"),
+    dict(lr_mode="scalar", lr_per_step=False, log_lr=False),
+    dict(lr_mode="layer", lr_per_step=True, log_lr=False),
+    dict(lr_mode="param", lr_per_step=True, log_lr=False),
+    dict(lr_mode="layer", lr_per_step=True, gates=True, precondition=True, log_lr=False),
+    dict(lr_mode="param", lr_per_step=False, gates=True, log_lr=False),
+    dict(lr_mode="layer", lr_per_step=False, adapt_layers="head", log_lr=False),
+    # The options of issue 17: log-rates, and per-step BatchNorm on and off explicitly
+    # (per_step_bn=None turns it on for the conv net in the cases above).
+    dict(lr_mode="layer", lr_per_step=True, log_lr=True),
+    dict(lr_mode="param", lr_per_step=True, log_lr=True, gates=True),
+    dict(lr_mode="layer", lr_per_step=True, per_step_bn=False),
+    dict(lr_mode="scalar", lr_per_step=True, log_lr=True, adapt_layers="head"),
 ]
 
 
@@ -151,18 +175,20 @@ def test_metasgd_is_model_aware_per_parameter():
 
 def test_parameters_are_listed_exactly_once_and_state_dict_round_trips():
     model = make_model("conv")
-    learner = fm.ModelAwareMAML(model, 0.1, steps=2, lr_mode="param", gates=True, precondition=True)
+    options = dict(steps=2, lr_mode="param", gates=True, precondition=True, log_lr=True, per_step_bn=True)
+    learner = fm.ModelAwareMAML(model, 0.1, **options)
     ids = [id(p) for p in learner.parameters()]
     assert len(ids) == len(set(ids))
     model_ids = {id(p) for p in model.parameters()}
     assert model_ids <= set(ids)
     meta = [p for p in learner.parameters() if id(p) not in model_ids]
-    assert len(meta) == len(list(learner.lrs)) + 2  # rates, gate logits, preconditioner
+    # log-rates, gate logits, preconditioner, per-step BatchNorm values
+    assert len(meta) == len(list(learner.log_lrs)) + 3
     with torch.no_grad():
         for p in learner.parameters():
             p.add_(torch.randn_like(p))
     state = learner.state_dict()
-    other = fm.ModelAwareMAML(make_model("conv"), 0.1, steps=2, lr_mode="param", gates=True, precondition=True)
+    other = fm.ModelAwareMAML(make_model("conv"), 0.1, **options)
     other.load_state_dict(state)
     tasks = make_tasks("conv")
     assert torch.equal(learner.meta_batch(*tasks).loss, other.meta_batch(*tasks).loss)

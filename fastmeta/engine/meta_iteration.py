@@ -9,13 +9,17 @@ hyperparameters and the step rule and call this; only the engine calls the ops.
 What a learner supplies, as an :class:`AdaptationRule`:
 
 - ``step_rule(step, like)``: the :class:`StepRule` of inner step ``step`` (rate, gate
-  mask, preconditioner, segment ids);
+  mask, preconditioner, segment ids; and the parameters the learner sets itself at the
+  state the step leads to, e.g. MAML++'s per-step BatchNorm weights);
 - ``adapting()``: per parameter segment, whether it takes inner steps.
+
+``meta_batch`` also takes the training schedules' per-call arguments: ``step_weights``
+(the multi-step loss: query losses after every inner step, weighted) and ``first_order``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,12 +36,24 @@ LossSpec = str | Callable[[Tensor, Tensor], Tensor] | None
 
 
 class StepRule(NamedTuple):
-    """The arguments of one ``inner_step`` besides θ and g."""
+    """Inner step s, from weight state s (after s steps) to state s + 1.
+
+    lr, mask, precond, segments: the arguments of ``inner_step`` besides θ and g.
+    set_values: None, or (index int64 ``[n]``, values ``[n]``): parameters whose value at
+    state s + 1 the learner sets itself, the same for every task, in place of the step
+    (their support gradient is discarded). MAML++'s per-step BatchNorm weights are these.
+    """
 
     lr: Tensor
     mask: Tensor | None
     precond: Tensor | None
     segments: Tensor | None
+    set_values: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def coefficient(self) -> Tensor:
+        """lr · mask · precond, broadcastable against ``[T, P]``."""
+        return step_coefficient(self.lr, self.mask, self.precond, self.segments)
 
 
 class AdaptationRule(Protocol):
@@ -108,7 +124,7 @@ class MetaIteration:
     def segment_coefficients(self, rule: StepRule) -> list[Tensor]:
         """Per segment, what multiplies its gradient in an inner step under ``rule``
         (lr · mask · precond), broadcastable to the segment's shape."""
-        coefficient = step_coefficient(*rule)
+        coefficient = rule.coefficient
         if coefficient.dim() == 0:
             return [coefficient] * len(self.layout)
         return self.layout.views(coefficient.expand(self.layout.numel))
@@ -143,6 +159,15 @@ class MetaIteration:
         if self._examples_run:
             return message + f"; it ran on examples of shape {list(min(self._examples_run))}"
         return message
+
+    def take_inner_step(self, current: Tensor, grad: Tensor, rule: StepRule) -> Tensor:
+        """One inner step: ``current − coefficient ⊙ grad`` (the fused ``inner_step`` op),
+        then the values the rule sets, ``[T, P]`` either way."""
+        fast = inner_step(current, grad, rule.lr, rule.mask, rule.precond, rule.segments)
+        if rule.set_values is not None:
+            index, values = rule.set_values
+            fast = fast.index_copy(1, index, values.expand(fast.size(0), -1))
+        return fast
 
     # -- checks --------------------------------------------------------------------------
 
@@ -256,7 +281,17 @@ class MetaIteration:
         self, theta: Tensor, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
         rule: AdaptationRule, allow_unused: bool, validate: bool,
     ) -> Tensor:
-        """Fast weights ``[T, P]`` after ``steps`` inner steps from θ."""
+        """Fast weights ``[T, P]`` after ``steps`` (>= 1) inner steps from θ."""
+        fast = None
+        for fast in self.inner_states(theta, support_x, support_y, steps, first_order, rule, allow_unused, validate):
+            pass
+        return fast
+
+    def inner_states(
+        self, theta: Tensor, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
+        rule: AdaptationRule, allow_unused: bool, validate: bool,
+    ) -> Iterator[Tensor]:
+        """The fast weights ``[T, P]`` after each of ``steps`` inner steps from θ, in turn."""
         T, P = support_x.size(0), theta.numel()
         adapting = rule.adapting()
         self.check_unused(adapting, allow_unused)
@@ -278,17 +313,23 @@ class MetaIteration:
                     grad = torch.zeros_like(src)
                 elif not create_graph:
                     grad = grad.detach()
-                fast = inner_step(theta if fast is None else fast, grad, *rule.step_rule(step, theta))
-        return fast
+                fast = self.take_inner_step(theta if fast is None else fast, grad, rule.step_rule(step, theta))
+            yield fast
 
     # -- the meta-iteration ----------------------------------------------------------------
 
     def meta_batch(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *,
         rule: AdaptationRule, steps: int, first_order: bool, task_chunk: int | None,
-        allow_unused: bool, allow_nograd: bool, validate: bool,
+        allow_unused: bool, allow_nograd: bool, validate: bool, step_weights: Sequence[float] | None = None,
     ) -> MetaBatchOutput:
-        """Adapt to every task and evaluate on its query set (see ``MetaLearner.meta_batch``)."""
+        """Adapt to every task and evaluate on its query set (see ``MetaLearner.meta_batch``).
+
+        step_weights: None (the query loss after the last step), or one weight per inner
+        step: the loss is then Σ_s w_s · (query loss after step s + 1), MAML++'s multi-step
+        loss; steps whose weight is 0 skip their query forward.
+        """
+        step_weights = check_step_weights(step_weights, steps)
         self.refresh()
         # The fused path validates in the CPU kernel's own loops (no dispatch, no sync): the
         # NaN/Inf checks here would cost more than the meta-step itself at W1's size.
@@ -299,15 +340,21 @@ class MetaIteration:
         self.check_nograd(allow_nograd)
         T = support_x.size(0)
         args = (rule, steps, first_order, allow_unused, validate)
-        if fused:
-            return self._fused_mlp_meta_batch(support_x, support_y, query_x, query_y, *args)
+        only_last = step_weights is None or not any(step_weights[:-1])
+        if fused and only_last:
+            out = self._fused_mlp_meta_batch(support_x, support_y, query_x, query_y, *args)
+            if step_weights is None:
+                return out
+            w = step_weights[-1]
+            return MetaBatchOutput(out.loss * w, out.task_loss * w, out.accuracy)
         if task_chunk is None or task_chunk >= T:
-            task_losses, accuracy = self._adapt_and_evaluate(support_x, support_y, query_x, query_y, *args)
+            task_losses, accuracy = self._adapt_and_evaluate(support_x, support_y, query_x, query_y, *args,
+                                                             step_weights)
         else:
             parts = [
                 self._adapt_and_evaluate_checkpointed(
                     support_x[i : i + task_chunk], support_y[i : i + task_chunk],
-                    query_x[i : i + task_chunk], query_y[i : i + task_chunk], *args,
+                    query_x[i : i + task_chunk], query_y[i : i + task_chunk], *args, step_weights,
                 )
                 for i in range(0, T, task_chunk)
             ]
@@ -316,14 +363,25 @@ class MetaIteration:
         return MetaBatchOutput(task_losses.mean(), task_losses, accuracy)
 
     def _adapt_and_evaluate(self, support_x, support_y, query_x, query_y, rule, steps, first_order, allow_unused,
-                            validate):
-        """(query task losses ``[T]``, accuracy ``[T]`` or None) after the inner loop."""
+                            validate, step_weights=None):
+        """(query task losses ``[T]``, accuracy ``[T]`` or None) after the inner loop;
+        with ``step_weights``, the losses are the weighted sums over the steps and the
+        accuracy is the last step's."""
         theta = self.pack()
-        fast = self.inner_loop(theta, support_x, support_y, steps, first_order, rule, allow_unused, validate)
-        with torch.profiler.record_function("fastmeta.query"):
-            pred = self.run(query_x, self.weights(theta, fast, rule.adapting()), "query_x")
-            task_losses = self.task_losses(pred, query_y, "query", validate)
-        check_finite_losses(task_losses, "query", validate)
+        adapting = rule.adapting()
+        task_losses = None
+        states = self.inner_states(theta, support_x, support_y, steps, first_order, rule, allow_unused, validate)
+        for state, fast in enumerate(states, 1):
+            weight = (1.0 if state == steps else 0.0) if step_weights is None else step_weights[state - 1]
+            if state < steps and weight == 0:
+                continue
+            with torch.profiler.record_function("fastmeta.query"):
+                pred = self.run(query_x, self.weights(theta, fast, adapting), "query_x")
+                losses = self.task_losses(pred, query_y, "query", validate)
+            check_finite_losses(losses, "query", validate)
+            if step_weights is not None:
+                losses = losses * weight
+            task_losses = losses if task_losses is None else task_losses + losses
         accuracy = None
         if not query_y.is_floating_point() and pred.dim() == 3:
             with torch.no_grad():
@@ -367,6 +425,8 @@ class MetaIteration:
         tensors and their versions): a stack per iteration is one more dispatch.
         """
         rules = [rule.step_rule(s, like) for s in range(steps)]
+        if any(r.set_values is not None for r in rules):
+            raise ValueError("the fused MLP meta-step has no learner-set values (set_values)")
         constant = all(not t.requires_grad for r in rules for t in r if isinstance(t, Tensor))
         if constant:
             key = tuple((id(t), t._version) for r in rules for t in r if isinstance(t, Tensor))
@@ -383,7 +443,7 @@ class MetaIteration:
         if plain and (all(r.lr.dim() == 0 for r in rules) or all(r.segments is not None for r in rules)):
             return torch.stack([r.lr for r in rules])  # [steps] or [steps, S]
         P = self.layout.numel
-        return torch.stack([step_coefficient(*r).expand(P) for r in rules])
+        return torch.stack([r.coefficient.expand(P) for r in rules])
 
     def _fused_mlp_meta_batch(self, support_x, support_y, query_x, query_y, rule, steps, first_order, allow_unused,
                               validate) -> MetaBatchOutput:
@@ -512,6 +572,23 @@ def check_labels(target: Tensor, classes: int, which: str, validate: bool) -> No
             )
 
 
+def check_step_weights(step_weights: Sequence[float] | None, steps: int) -> tuple[float, ...] | None:
+    """``step_weights`` checked: None, or ``steps`` finite non-negative numbers, not all 0."""
+    if step_weights is None:
+        return None
+    if isinstance(step_weights, Tensor):
+        step_weights = step_weights.tolist()
+    try:
+        weights = tuple(float(w) for w in step_weights)
+    except (TypeError, ValueError):
+        raise TypeError(f"step_weights must be a sequence of {steps} numbers, got {step_weights!r}") from None
+    if len(weights) != steps:
+        raise ValueError(f"step_weights must hold one weight per inner step ({steps}), got {len(weights)}")
+    if not all(w >= 0 and w != float("inf") for w in weights) or not any(weights):
+        raise ValueError(f"step_weights must be finite, >= 0 and not all 0, got {list(weights)}")
+    return weights
+
+
 def check_finite_losses(losses: Tensor, which: str, validate: bool) -> None:
     if validate:
         bad = ~torch.isfinite(losses.detach())
@@ -522,5 +599,5 @@ def check_finite_losses(losses: Tensor, which: str, validate: bool) -> None:
 
 __all__ = [
     "AdaptationRule", "LossSpec", "MetaBatchOutput", "MetaIteration", "StepRule", "check_labels",
-    "check_finite_losses", "check_loss_spec",
+    "check_finite_losses", "check_loss_spec", "check_step_weights",
 ]

@@ -9,13 +9,14 @@ In float64 it agrees with central finite differences to 1e-8, through BatchNorm 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 Coefficient = Callable[[int], dict[str, Tensor | float]]
+SetValues = Callable[[int], dict[str, Tensor]]
 
 
 def task_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -33,6 +34,44 @@ def _batch_statistics(model: nn.Module):
     return norms, states
 
 
+def task_states(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    support_x: Tensor,
+    support_y: Tensor,
+    steps: int,
+    first_order: bool,
+    coefficient: Coefficient,
+    adapting: Callable[[str], bool] = lambda name: True,
+    set_values: SetValues | None = None,
+) -> Iterator[dict[str, Tensor]]:
+    """One task's weights after each of ``steps`` inner steps from ``params`` (model in
+    training mode: the caller sees to it, see :func:`per_task_query_losses`).
+
+    coefficient(step) gives, per parameter name, what multiplies its gradient (lr, or
+    lr·mask·precond), broadcastable to the parameter. set_values(step), when given, names
+    the parameters whose value after step ``step`` the learner sets instead (MAML++'s
+    per-step BatchNorm weights).
+    """
+    fast = dict(params)
+    for step in range(steps):
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        loss = task_loss(torch.func.functional_call(model, (fast, buffers), (support_x,)), support_y)
+        names = [n for n in fast if adapting(n) and fast[n].requires_grad]
+        grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=not first_order, allow_unused=True)
+        coef = coefficient(step)
+        fast = dict(fast)
+        for n, g in zip(names, grads):
+            if g is None:
+                continue
+            if first_order:
+                g = g.detach()
+            fast[n] = fast[n] - coef[n] * g
+        if set_values is not None:
+            fast.update(set_values(step))
+        yield fast
+
+
 def adapt_task(
     model: nn.Module,
     params: dict[str, Tensor],
@@ -42,26 +81,13 @@ def adapt_task(
     first_order: bool,
     coefficient: Coefficient,
     adapting: Callable[[str], bool] = lambda name: True,
+    set_values: SetValues | None = None,
 ) -> dict[str, Tensor]:
-    """One task's weights after ``steps`` inner steps from ``params`` (model in training
-    mode: the caller sees to it, see :func:`per_task_query_losses`).
-
-    coefficient(step) gives, per parameter name, what multiplies its gradient (lr, or
-    lr·mask·precond), broadcastable to the parameter.
-    """
+    """One task's weights after ``steps`` inner steps (see :func:`task_states`)."""
     fast = dict(params)
-    for step in range(steps):
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        loss = task_loss(torch.func.functional_call(model, (fast, buffers), (support_x,)), support_y)
-        names = [n for n in fast if adapting(n) and fast[n].requires_grad]
-        grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=not first_order, allow_unused=True)
-        coef = coefficient(step)
-        for n, g in zip(names, grads):
-            if g is None:
-                continue
-            if first_order:
-                g = g.detach()
-            fast[n] = fast[n] - coef[n] * g
+    for fast in task_states(model, params, support_x, support_y, steps, first_order, coefficient, adapting,
+                            set_values):
+        pass
     return fast
 
 
@@ -76,9 +102,23 @@ def task_query_loss(
     first_order: bool,
     coefficient: Coefficient,
     adapting: Callable[[str], bool] = lambda name: True,
+    set_values: SetValues | None = None,
+    step_weights: list[float] | None = None,
 ) -> Tensor:
-    """One task's query loss after :func:`adapt_task`."""
-    fast = adapt_task(model, params, support_x, support_y, steps, first_order, coefficient, adapting)
+    """One task's query loss after :func:`adapt_task`. step_weights: the multi-step loss,
+    Σ_s w_s · (query loss after step s + 1); None is the last step's loss alone."""
+    if step_weights is None:
+        fast = adapt_task(model, params, support_x, support_y, steps, first_order, coefficient, adapting, set_values)
+        return _query_loss(model, fast, query_x, query_y)
+    total = 0.0
+    states = task_states(model, params, support_x, support_y, steps, first_order, coefficient, adapting, set_values)
+    for step, fast in enumerate(states):
+        if step == steps - 1 or step_weights[step] != 0:
+            total = total + step_weights[step] * _query_loss(model, fast, query_x, query_y)
+    return total
+
+
+def _query_loss(model: nn.Module, fast: dict[str, Tensor], query_x: Tensor, query_y: Tensor) -> Tensor:
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     return task_loss(torch.func.functional_call(model, (fast, buffers), (query_x,)), query_y)
 
@@ -93,14 +133,17 @@ def per_task_query_losses(
     first_order: bool,
     coefficient: Coefficient,
     adapting: Callable[[str], bool] = lambda name: True,
+    set_values: SetValues | None = None,
+    step_weights: list[float] | None = None,
 ) -> Tensor:
-    """``[T]`` query losses after adapting each task on its own, from the model's parameters."""
+    """``[T]`` query losses after adapting each task on its own, from the model's parameters
+    (``set_values``, ``step_weights``: see :func:`task_query_loss`)."""
     params = dict(model.named_parameters())
     norms, states = _batch_statistics(model)
     try:
         losses = [
             task_query_loss(model, params, support_x[t], support_y[t], query_x[t], query_y[t], steps, first_order,
-                            coefficient, adapting)
+                            coefficient, adapting, set_values, step_weights)
             for t in range(support_x.size(0))
         ]
     finally:
@@ -117,11 +160,9 @@ def constant_coefficient(model: nn.Module, lr: float) -> Coefficient:
 
 def learner_coefficient(learner) -> Coefficient:
     """The per-parameter coefficient of a fastmeta learner's step rule, per name."""
-    from fastmeta.ops.inner_step import step_coefficient
-
     def coefficient(step: int) -> dict[str, Tensor]:
         like = next(learner.module.parameters())
-        coef = step_coefficient(*learner.step_rule(step, like))
+        coef = learner.step_rule(step, like).coefficient
         if coef.dim() == 0:
             coef = coef.expand(learner.layout.numel)
         return {s.name: v for s, v in zip(learner.layout.segments, learner.layout.views(coef))}

@@ -151,6 +151,8 @@ class MetaLearner(ModelAttributes, nn.Module):
         query_y: Tensor,
         *,
         task_chunk: int | None = None,
+        step_weights=None,
+        first_order: bool | None = None,
     ) -> MetaBatchOutput:
         """Adapt to every task of a meta-batch and evaluate on its query set.
 
@@ -163,15 +165,30 @@ class MetaLearner(ModelAttributes, nn.Module):
         ``task_chunk``, None = all at once). The meta-gradient is the same; each chunk's
         graph is recomputed in the backward instead of kept, so peak memory falls towards
         the per-task loop's at chunk 1, at the cost of running the forward twice.
+
+        The training schedules' per-call arguments (``fastmeta.tools.training``):
+
+        - step_weights: None (the query loss after the last inner step), or one weight
+          per inner step: ``loss`` is then Σ_s w_s · (query loss after step s + 1),
+          MAML++'s multi-step loss (``task_loss`` likewise; ``accuracy`` is after the
+          last step). Steps of weight 0 skip their query forward.
+        - first_order: this call's derivative order (default: the learner's
+          ``first_order``); derivative-order annealing passes True for the first
+          iterations.
         """
         self._check_batch_norm_mode("meta_batch")
         chunk = self.task_chunk if task_chunk is None else check_count("task_chunk", task_chunk)
-        return self._meta_batch(support_x, support_y, query_x, query_y, chunk, self.validate)
+        first_order = self.first_order if first_order is None else bool(first_order)
+        return self._meta_batch(support_x, support_y, query_x, query_y, chunk, self.validate, step_weights,
+                                first_order)
 
-    def _meta_batch(self, support_x, support_y, query_x, query_y, task_chunk, validate) -> MetaBatchOutput:
+    def _meta_batch(self, support_x, support_y, query_x, query_y, task_chunk, validate, step_weights=None,
+                    first_order=None) -> MetaBatchOutput:
         return self._engine.meta_batch(
-            support_x, support_y, query_x, query_y, rule=self, steps=self.steps, first_order=self.first_order,
-            task_chunk=task_chunk, allow_unused=self.allow_unused, allow_nograd=self.allow_nograd, validate=validate,
+            support_x, support_y, query_x, query_y, rule=self, steps=self.steps,
+            first_order=self.first_order if first_order is None else first_order, task_chunk=task_chunk,
+            allow_unused=self.allow_unused, allow_nograd=self.allow_nograd, validate=validate,
+            step_weights=step_weights,
         )
 
     def fast_weights(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> TaskWeights:

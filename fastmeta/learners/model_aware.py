@@ -1,6 +1,7 @@
 """ModelAwareMAML: MAML that knows the network's structure and meta-learns how each part
 adapts (per-layer/per-step rates as in MAML++, per-parameter rates as in Meta-SGD, ANIL's
-head-only adaptation, per-unit gates, a diagonal preconditioner); and learn2learn's MetaSGD.
+head-only adaptation, per-unit gates, a diagonal preconditioner, MAML++'s per-step
+BatchNorm weights and biases); and learn2learn's MetaSGD.
 
 >>> import fastmeta as fm
 >>> learner = fm.ModelAwareMAML(fm.models.conv4(ways=5), lr=0.1, steps=5,
@@ -40,8 +41,18 @@ class ModelAwareMAML(MetaLearner):
       than σ(logit) which would halve the initial rate or start saturated.
     - ``precondition``: p is a learned diagonal preconditioner over all parameters,
       starting at 1.
+    - ``log_lr``: the rates are exp(ρ) of learned log-rates ρ (``log_lrs``), so they stay
+      positive (a negative rate climbs the support loss: adaptation beyond the trained
+      steps then diverges) and Adam moves them by relative amounts (its step of 1e-3 is
+      10% of a raw rate of 0.01, 0.1% of its log). Without it, ``lrs`` holds the rates.
+    - ``per_step_bn`` (MAML++): every BatchNorm's weight and bias get their own learned
+      value at each weight state (after 1, 2, ... inner steps; ``bn_per_step``), instead
+      of being adapted; state 0 (before adapting) uses the model's own. None (default):
+      on when the model has affine BatchNorm layers; True requires them.
 
-    Every meta-learned quantity is in ``parameters()`` and ``state_dict()``.
+    Beyond the trained ``steps`` (evaluation with more steps), the last step's rates and
+    BatchNorm values are reused: the rule of the last trained step, whose stability the
+    training saw. Every meta-learned quantity is in ``parameters()`` and ``state_dict()``.
     """
 
     def __init__(
@@ -53,7 +64,7 @@ class ModelAwareMAML(MetaLearner):
         allow_nograd: bool = False,
         *,
         steps: int = 5,
-        lr_mode: str = "layer",
+        lr_mode: str = "param",
         lr_per_step: bool = True,
         adapt_layers: str | Sequence[str] = "all",
         gates: bool = False,
@@ -63,21 +74,54 @@ class ModelAwareMAML(MetaLearner):
         lrs: Sequence[Tensor] | None = None,
         task_chunk: int | None = None,
         batch_norm: str = "transductive",
+        log_lr: bool = True,
+        per_step_bn: bool | None = None,
     ):
         super().__init__(
             model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate, task_chunk, batch_norm
         )
         if lr_mode not in LR_MODES:
             raise ValueError(f"lr_mode must be one of {LR_MODES}, got {lr_mode!r}")
+        if per_step_bn not in (None, True, False):
+            raise TypeError(f"per_step_bn must be None, True or False, got {per_step_bn!r}")
         self.lr_mode = lr_mode
         self.lr_per_step = bool(lr_per_step)
+        self.log_lr = bool(log_lr)
         self._adapt_selection = self._select_adapting(adapt_layers)
+        bn_segments = self._batch_norm_segments()
+        if per_step_bn and not bn_segments:
+            raise ValueError("per_step_bn=True needs a model with affine BatchNorm layers; this one has none")
+        self.per_step_bn = bool(bn_segments) if per_step_bn is None else per_step_bn
+        self._per_state = frozenset(self.layout.index[s.name] for s in bn_segments) if self.per_step_bn else frozenset()
         params = self._engine.params
         like = params[0]
         factory = {"dtype": like.dtype, "device": like.device}
+        rates = self._initial_rates(lrs, params, factory)
+        if self.log_lr:
+            self.log_lrs = rates
+        else:
+            self.lrs = rates
+        if self.per_step_bn:
+            index = torch.cat([torch.arange(s.offset, s.offset + s.numel) for s in bn_segments])
+            self.register_buffer("_bn_index", index.to(like.device), persistent=False)
+            start = self.layout.pack([p.detach() for p in params])[index.to(like.device)]
+            # Rows are the states after 1 .. steps inner steps; state 0 is the model itself.
+            self.bn_per_step = nn.Parameter(start.expand(self.steps, -1).clone())
+        self.gates = bool(gates)
+        if self.gates:
+            unit_index, units = self._gate_units()
+            self.register_buffer("_gate_unit_index", unit_index.to(like.device), persistent=False)
+            self.gate_logits = nn.Parameter(torch.zeros(units, **factory))
+        self.precondition = bool(precondition)
+        if self.precondition:
+            self.precond = nn.Parameter(torch.ones(self.layout.numel, **factory))
+
+    def _initial_rates(self, lrs, params, factory):
+        """The rate parameters at their initial values (log-rates under ``log_lr``)."""
         lead = (self.steps,) if self.lr_per_step else ()
+        to_stored = torch.log if self.log_lr else (lambda t: t)
         if lrs is not None:
-            if lr_mode != "param":
+            if self.lr_mode != "param":
                 raise ValueError("lrs (initial per-parameter rates) needs lr_mode='param'")
             lrs = list(lrs)
             if len(lrs) != len(params) or any(
@@ -87,25 +131,29 @@ class ModelAwareMAML(MetaLearner):
                     "lrs must hold one tensor per model parameter, shaped like it"
                     + (" with a leading steps dim" if lead else "")
                 )
-            self.lrs = nn.ParameterList(
-                [nn.Parameter(l.detach().clone().to(**factory)) for l in lrs]
+            if self.log_lr and not all(bool((l > 0).all()) for l in lrs):
+                raise ValueError("lrs must be > 0 with log_lr=True (the rates are learned as logarithms)")
+            return nn.ParameterList(
+                [nn.Parameter(to_stored(l.detach().clone().to(**factory))) for l in lrs]
             )
-        elif lr_mode == "param":
-            self.lrs = nn.ParameterList(
-                [nn.Parameter(torch.full(lead + tuple(p.shape), self.lr, **factory)) for p in params]
-            )
-        elif lr_mode == "layer":
-            self.lrs = nn.Parameter(torch.full(lead + (len(params),), self.lr, **factory))
-        else:
-            self.lrs = nn.Parameter(torch.full(lead, self.lr, **factory))
-        self.gates = bool(gates)
-        if self.gates:
-            unit_index, units = self._gate_units()
-            self.register_buffer("_gate_unit_index", unit_index.to(like.device), persistent=False)
-            self.gate_logits = nn.Parameter(torch.zeros(units, **factory))
-        self.precondition = bool(precondition)
-        if self.precondition:
-            self.precond = nn.Parameter(torch.ones(self.layout.numel, **factory))
+        start = to_stored(torch.tensor(self.lr, **factory))
+        if self.lr_mode == "param":
+            return nn.ParameterList([nn.Parameter(start.expand(lead + tuple(p.shape)).clone()) for p in params])
+        if self.lr_mode == "layer":
+            return nn.Parameter(start.expand(lead + (len(params),)).clone())
+        return nn.Parameter(start.expand(lead).clone())
+
+    def _batch_norm_segments(self):
+        """The layout segments of the model's affine BatchNorm weights and biases."""
+        index = self.layout.index
+        found = []
+        for name, module in self.module.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                for kind in ("weight", "bias"):
+                    key = f"{name}.{kind}" if name else kind
+                    if key in index:
+                        found.append(self.layout.segments[index[key]])
+        return sorted(found, key=lambda s: s.offset)
 
     def _select_adapting(self, adapt_layers) -> list[bool]:
         names = [s.name for s in self.layout.segments]
@@ -125,7 +173,23 @@ class ModelAwareMAML(MetaLearner):
         return chosen
 
     def adapting(self) -> list[bool]:
-        return [a and p.requires_grad for a, p in zip(self._adapt_selection, self._engine.params)]
+        # Per-step BatchNorm values are per state, so the inner loop reads them from the
+        # fast weights; the learner sets them (StepRule.set_values) instead of stepping them.
+        return [
+            (a and p.requires_grad) or k in self._per_state
+            for k, (a, p) in enumerate(zip(self._adapt_selection, self._engine.params))
+        ]
+
+    def rates(self, step: int) -> Tensor | list[Tensor]:
+        """The rates of inner step ``step`` (beyond the trained steps: the last one's), as
+        stored: one tensor (scalar or layer mode) or one per parameter (param mode)."""
+        stored = self.log_lrs if self.log_lr else self.lrs
+        row = min(step, self.steps - 1)
+        pick = (lambda t: t[row]) if self.lr_per_step else (lambda t: t)
+        value = (lambda t: pick(t).exp()) if self.log_lr else pick
+        if self.lr_mode == "param":
+            return [value(t) for t in stored]
+        return value(stored)
 
     def _gate_units(self) -> tuple[Tensor, int]:
         """int64 ``[P]``: each parameter's gate; ungated parameters read the last entry (1).
@@ -135,8 +199,8 @@ class ModelAwareMAML(MetaLearner):
         """
         index = torch.full((self.layout.numel,), -1, dtype=torch.long)
         units, module_units = 0, {}
-        for seg, adapt in zip(self.layout.segments, self._adapt_selection):
-            if not adapt or not seg.shape:
+        for k, (seg, adapt) in enumerate(zip(self.layout.segments, self._adapt_selection)):
+            if not adapt or not seg.shape or k in self._per_state:
                 continue
             module = seg.name.rpartition(".")[0]
             rows = seg.shape[0]
@@ -152,37 +216,40 @@ class ModelAwareMAML(MetaLearner):
         return index, units
 
     def step_rule(self, step: int, like: Tensor) -> StepRule:
-        if self.lr_per_step and step >= self.steps:
-            raise ValueError(
-                f"lr_per_step holds rates for {self.steps} steps; step {step + 1} has none "
-                "(raise steps, or use lr_per_step=False)"
-            )
         segments = None
+        lr = self.rates(step)
         if self.lr_mode == "param":
-            lr = torch.cat([(l[step] if self.lr_per_step else l).reshape(-1) for l in self.lrs])
-        else:
-            lr = self.lrs[step] if self.lr_per_step else self.lrs
-            if self.lr_mode == "layer":
-                segments = self.layout.segment_ids(like.device)
+            lr = torch.cat([l.reshape(-1) for l in lr])
+        elif self.lr_mode == "layer":
+            segments = self.layout.segment_ids(like.device)
         mask = None
         if self.gates:
             values = torch.cat([2 * torch.sigmoid(self.gate_logits), self.gate_logits.new_ones(1)])
             mask = values[self._gate_unit_index]
         precond = self.precond if self.precondition else None
-        return StepRule(lr, mask, precond, segments)
+        set_values = None
+        if self.per_step_bn:
+            set_values = (self._bn_index, self.bn_per_step[min(step, self.steps - 1)])
+        return StepRule(lr, mask, precond, segments, set_values)
 
     def step_coefficients(self, step: int, like: Tensor) -> list[Tensor]:
+        if self.per_step_bn:
+            raise ValueError(
+                "per_step_bn: clone()/adapt() cannot set per-step BatchNorm weights; use meta_batch, "
+                "or ModelAwareMAML(..., per_step_bn=False)"
+            )
         return self._engine.segment_coefficients(self.step_rule(step, like))
 
     def per_parameter_lrs(self) -> list[Tensor] | None:
         if self.lr_mode == "param" and not self.lr_per_step and not self.gates and not self.precondition:
-            return list(self.lrs)
+            return [rate.exp() for rate in self.log_lrs] if self.log_lr else list(self.lrs)
         return None
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, lr_mode={self.lr_mode!r}, lr_per_step={self.lr_per_step}, "
-            f"gates={self.gates}, precondition={self.precondition}"
+            f"gates={self.gates}, precondition={self.precondition}, log_lr={self.log_lr}, "
+            f"per_step_bn={self.per_step_bn}"
         )
 
 
@@ -221,4 +288,6 @@ class MetaSGD(ModelAwareMAML):
             validate=validate,
             lrs=lrs,
             batch_norm=batch_norm,
+            log_lr=False,
+            per_step_bn=False,
         )

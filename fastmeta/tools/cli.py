@@ -88,6 +88,9 @@ _RUN_DEFINING_FLAGS = {
     "seed": "--seed",
     "first_order": "--first-order",
     "meta_batch": "--meta-batch",
+    "outer_lr_schedule": "--outer-lr-schedule",
+    "multi_step_loss_iterations": "--multi-step-loss",
+    "first_order_iterations": "--first-order-iterations",
 }
 _SCHEDULE_FLAGS = {
     "validate_every": "--validate-every",
@@ -155,6 +158,19 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_non_negative_int, default=None, metavar="S", help="run seed (default: 0)")
     parser.add_argument("--first-order", action="store_true", default=None, help="first-order meta-gradient")
     parser.add_argument("--meta-batch", type=_positive_int, default=None, metavar="T", help="tasks per meta-iteration")
+    # The training schedules (fastmeta/tools/schedules.py): the same for --learner maml and model-aware.
+    parser.add_argument(
+        "--outer-lr-schedule", choices=("constant", "cosine"), default=None,
+        help="the meta learning rate: constant, or cosine-annealed over the run (default: the preset's)",
+    )
+    parser.add_argument(
+        "--multi-step-loss", type=_non_negative_int, default=None, metavar="N", dest="multi_step_loss_iterations",
+        help="MAML++'s multi-step loss, annealed to the last step's over the first N iterations (0: off; default: the preset's)",
+    )
+    parser.add_argument(
+        "--first-order-iterations", type=_non_negative_int, default=None, metavar="N",
+        help="derivative-order annealing: first order for the first N iterations, then second (default: the preset's)",
+    )
     parser.add_argument("--validate-every", type=_positive_int, default=None, metavar="N")
     parser.add_argument("--validation-tasks", type=_positive_int, default=None, metavar="N")
     parser.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N")
