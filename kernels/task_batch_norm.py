@@ -1,4 +1,5 @@
-"""Triton kernels for ``task_batch_norm`` and its backward (fastmeta/ops/task_batch_norm.py).
+"""Triton kernels for ``task_batch_norm``, its backward and the backward's backward
+(fastmeta/ops/task_batch_norm.py).
 
 Per task t and channel c, over the task's N examples and S spatial positions:
 
@@ -8,6 +9,10 @@ and backward (at z, before the activation; the op layer applies activation_grad 
 
     dβ = Σ g,  dγ = Σ g·x̂,  dx = γ/√(σ² + eps) · (g − dβ/count − x̂·dγ/count)
 
+The double backward is the closed form of reference_task_batch_norm_double_backward: per
+(task, channel) sums of g, u (the upstream at dx) and x − μ, then every output element
+is an affine combination of g, u and x − μ.
+
 grid   (C, T): one program per (channel, task) owns all count = N·S values of its
        statistics, so the reductions are in registers, deterministic, with no second
        launch and no atomics. x is [T, N, C, S] contiguous; a program walks N rows of S
@@ -15,6 +20,8 @@ grid   (C, T): one program per (channel, task) owns all count = N·S values of i
 passes forward: mean, variance (two-pass, as the reference: one-pass E[x²] − μ² loses
        digits when |μ| ≫ σ), then write y: 2 reads + 1 write of x. Backward: mean, then
        variance with Σg and Σg·(x − μ) together, then write dx: 3 reads of x, 2 of g.
+       Double backward: mean, then variance with the five sums of g and u, then write
+       d grad_z and dx: 3 reads of x, 2 of g and of u.
 bound  memory. W2's layers have T·C = 2048 programs of ~1k values; W4's first layer only
        T·C = 128 programs of 564k values each, about one per SM, which still keeps each
        SM streaming (BLOCK = 2048 values in flight per program).
@@ -130,6 +137,88 @@ def task_batch_norm_backward_kernel(
             tl.store(grad_x_ptr + offs, scale * (g - mean_g - xhat * mean_g_xhat), mask=ok)
 
 
+@triton.jit
+def task_batch_norm_double_backward_kernel(
+    grad_z_ptr, x_ptr, gamma_ptr, up_x_ptr, up_gamma_ptr, up_beta_ptr, d_grad_z_ptr, d_x_ptr, d_gamma_ptr,
+    N, C, S, eps, gamma_task_stride, gamma_channel_stride, up_gamma_task_stride, up_gamma_channel_stride,
+    up_beta_task_stride, up_beta_channel_stride,
+    HAS_GAMMA: tl.constexpr, HAS_UP_X: tl.constexpr, HAS_UP_GAMMA: tl.constexpr, HAS_UP_BETA: tl.constexpr,
+    NEED_GRAD_Z: tl.constexpr, NEED_X: tl.constexpr, NEED_GAMMA: tl.constexpr, GRAD_SUMS: tl.constexpr,
+    WRITE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    count = N * S
+    base = t * N * C * S + c * S
+    mean = _channel_mean(x_ptr + base, N, C, S, count, BLOCK)
+    sq = tl.zeros([BLOCK], tl.float32)
+    sg = tl.zeros([BLOCK], tl.float32)
+    sgd = tl.zeros([BLOCK], tl.float32)
+    su = tl.zeros([BLOCK], tl.float32)
+    sud = tl.zeros([BLOCK], tl.float32)
+    sug = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, count, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        ok = j < count
+        offs = base + (j // S).to(tl.int64) * (C * S) + j % S
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+        d = tl.where(ok, x - mean, 0.0)
+        sq += d * d
+        if GRAD_SUMS:  # d x and d γ read the sums of g; d grad_z alone does not
+            g = tl.load(grad_z_ptr + offs, mask=ok, other=0.0)
+            sg += g
+            sgd += g * d
+        if HAS_UP_X:
+            u = tl.load(up_x_ptr + offs, mask=ok, other=0.0)
+            su += u
+            sud += u * d
+            if GRAD_SUMS:
+                sug += u * g
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, axis=0) / count + eps)
+    a = rstd
+    if HAS_GAMMA:
+        a = rstd * tl.load(gamma_ptr + t * gamma_task_stride + c * gamma_channel_stride)
+    u_gamma = 0.0
+    if HAS_UP_GAMMA:
+        u_gamma = tl.load(up_gamma_ptr + t * up_gamma_task_stride + c * up_gamma_channel_stride)
+    u_beta = 0.0
+    if HAS_UP_BETA:
+        u_beta = tl.load(up_beta_ptr + t * up_beta_task_stride + c * up_beta_channel_stride)
+    mg = tl.sum(sg, axis=0) / count  # mean(g)
+    gx = tl.sum(sgd, axis=0) * rstd / count  # mean(g·x̂)
+    mu = tl.sum(su, axis=0) / count  # mean(u)
+    ux = tl.sum(sud, axis=0) * rstd / count  # mean(u·x̂)
+    k = tl.sum(sug, axis=0) / count - mu * mg - gx * ux  # K / count
+    if NEED_GAMMA:
+        tl.store(d_gamma_ptr + t * C + c, rstd * k * count)
+    # d grad_z = a·P(u) + U_γ·x̂ + U_β = a·u + zd·(x − μ) + z0
+    zd = (u_gamma - a * ux) * rstd
+    z0 = u_beta - a * mu
+    # d x = α·P(g) − κ·x̂ − β·P(u) = α·g − β·u + xd·(x − μ) + x0
+    alpha = rstd * (u_gamma - a * ux)
+    beta = rstd * a * gx
+    xd = rstd * (beta * ux - alpha * gx - rstd * a * k)
+    x0 = beta * mu - alpha * mg
+    if WRITE:
+        for start in range(0, count, BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            ok = j < count
+            offs = base + (j // S).to(tl.int64) * (C * S) + j % S
+            d = tl.load(x_ptr + offs, mask=ok, other=0.0) - mean
+            if HAS_UP_X:
+                u = tl.load(up_x_ptr + offs, mask=ok, other=0.0)
+            if NEED_GRAD_Z:
+                v = zd * d + z0
+                if HAS_UP_X:
+                    v += a * u
+                tl.store(d_grad_z_ptr + offs, v, mask=ok)
+            if NEED_X:
+                v = xd * d + x0 + alpha * tl.load(grad_z_ptr + offs, mask=ok, other=0.0)
+                if HAS_UP_X:
+                    v -= beta * u
+                tl.store(d_x_ptr + offs, v, mask=ok)
+
+
 def batch_norm_config(count: int) -> dict:
     """Values per loop step, keyed on the per-(task, channel) count: 2048 × 8 warps (8 per
     thread) for the large maps of W4, down to the next power of two for W2's small ones
@@ -198,3 +287,29 @@ def task_batch_norm_backward(grad_z, x, gamma, eps, needs):
         BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
     return [grad_x, grad_gamma, grad_beta]
+
+
+def task_batch_norm_double_backward(grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs):
+    if (x.dim() < 3 or grad_z.shape != x.shape or (up_x is not None and up_x.shape != x.shape)
+            or not all_float32_on_one_device(grad_z, x, gamma, up_x, up_gamma, up_beta)):
+        return NotImplemented
+    T, N, C, S = _layout(x)
+    params = [(p, _channel_param(p, T, C)) for p in (gamma, up_gamma, up_beta)]
+    if any(p is not None and layout is None for p, layout in params):
+        return NotImplemented
+    (_, g), (_, ug), (_, ub) = params
+    need_grad_z, need_x, need_gamma = (bool(n) for n in needs)
+    x, grad_z = x.contiguous(), grad_z.contiguous()
+    up_x = None if up_x is None else up_x.contiguous()
+    d_grad_z = torch.empty_like(x) if need_grad_z else x.new_empty(0)
+    d_x = torch.empty_like(x) if need_x else x.new_empty(0)
+    d_gamma = x.new_empty((T, C)) if need_gamma else x.new_empty(0)
+    cfg = batch_norm_config(N * S)
+    task_batch_norm_double_backward_kernel[(C, T)](
+        grad_z, x, *(p if p is not None else x for p in (gamma, up_x, up_gamma, up_beta)), d_grad_z, d_x, d_gamma,
+        N, C, S, float(eps), *(layout[k] if layout else 0 for layout in (g, ug, ub) for k in (1, 2)),
+        HAS_GAMMA=gamma is not None, HAS_UP_X=up_x is not None, HAS_UP_GAMMA=up_gamma is not None,
+        HAS_UP_BETA=up_beta is not None, NEED_GRAD_Z=need_grad_z, NEED_X=need_x, NEED_GAMMA=need_gamma,
+        GRAD_SUMS=need_x or need_gamma, WRITE=need_grad_z or need_x, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+    )
+    return [d_grad_z, d_x, d_gamma]

@@ -1,5 +1,6 @@
 // CPU kernels of task_batch_norm: per-task, per-channel batch statistics (MAML's
-// transductive BatchNorm), affine and activation fused, and its backward.
+// transductive BatchNorm), affine and activation fused, its backward and the backward's
+// backward (the closed form of fastmeta/ops/task_batch_norm.py).
 // Grid: one work item per (task, channel); each makes two passes over its N·S values for
 // the statistics (two-pass variance: the one-pass E[x²]−E[x]² loses ~7 digits in fp32
 // when |mean| ≫ std) and one to write. Memory-bound.
@@ -10,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -18,8 +20,6 @@
 namespace fastmeta {
 namespace cpu {
 namespace {
-
-
 
 struct BnShape {
   int64_t T, N, C, S;  // x viewed as [T, N, C, S], S = product of the spatial dims
@@ -163,6 +163,139 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
   return {gx, gg, gb};
 }
 
+// The backward of task_batch_norm_backward: reference_task_batch_norm_double_backward's
+// closed form. Per (task, channel), with d = x − μ, x̂ = d·rstd, g = grad_z, u = up_x:
+// pass 1 takes μ, pass 2 every other sum (Σd², Σg, Σg·d, Σu, Σu·d, Σu·g) around it, pass 3
+// writes the outputs, each an affine combination of g, u and d with per-(task, channel)
+// coefficients. The mean has its own pass for the reason of slice_stats: the sums about
+// μ are what keep the cancellations of P(v) = v − mean(v) − x̂·mean(x̂v) and of
+// K = <u, g> − M·mean(u)·mean(g) − ... small. Sums and coefficients are in double for
+// float32 too: the fp32 reference reduces with pairwise sums, and a plain fp32 running sum
+// over W4's 529 200 values per slice drifts by ~1e-4 relative, past the 1e-5 the kernel
+// must match it to.
+template <typename T, bool kGradSums, bool kUp>
+void double_backward_slices(const T* gz, const T* xp, const T* up, const BnShape& s, int64_t j0, int64_t j1,
+                            double eps, const c10::optional<at::Tensor>& gamma,
+                            const c10::optional<at::Tensor>& up_gamma, const c10::optional<at::Tensor>& up_beta,
+                            T* d_gz, T* d_x, T* d_gamma) {
+  const double M = double(s.N * s.S);
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t t = j / s.C, c = j % s.C;
+    double sum_x = 0;
+    for (int64_t n = 0; n < s.N; ++n) {
+      const T* row = xp + ((t * s.N + n) * s.C + c) * s.S;
+#pragma omp simd reduction(+ : sum_x)
+      for (int64_t i = 0; i < s.S; ++i) sum_x += double(row[i]);
+    }
+    const double mean = sum_x / M;
+    double sdd = 0, sg = 0, sgd = 0, su = 0, sud = 0, sug = 0;
+    for (int64_t n = 0; n < s.N; ++n) {
+      const int64_t off = ((t * s.N + n) * s.C + c) * s.S;
+#pragma omp simd reduction(+ : sdd, sg, sgd, su, sud, sug)
+      for (int64_t i = 0; i < s.S; ++i) {
+        const double d = double(xp[off + i]) - mean;
+        sdd += d * d;
+        if (kGradSums) {
+          const double g = double(gz[off + i]);
+          sg += g;
+          sgd += g * d;
+        }
+        if (kUp) {
+          const double u = double(up[off + i]);
+          su += u;
+          sud += u * d;
+          if (kGradSums) sug += u * double(gz[off + i]);
+        }
+      }
+    }
+    const double rstd = 1.0 / std::sqrt(sdd / M + eps);
+    const double a = rstd * double(channel_param<T>(gamma, t, c, s.C, T(1)));
+    const double u_gamma = double(channel_param<T>(up_gamma, t, c, s.C, T(0)));
+    const double u_beta = double(channel_param<T>(up_beta, t, c, s.C, T(0)));
+    const double mg = sg / M, gx = sgd * rstd / M;  // mean(g), mean(g·x̂)
+    const double mu = su / M, ux = sud * rstd / M;  // mean(u), mean(u·x̂)
+    const double k = sug / M - mu * mg - gx * ux;   // K / M
+    if (d_gamma) d_gamma[j] = T(rstd * k * M);
+    // d grad_z = a·P(u) + U_γ·x̂ + U_β = a·u + zd·d + z0
+    const double zd = (u_gamma - a * ux) * rstd, z0 = u_beta - a * mu;
+    // d x = α·P(g) − κ·x̂ − β·P(u) = α·g − β·u + xd·d + x0
+    const double alpha = rstd * (u_gamma - a * ux), beta = rstd * a * gx, kappa = rstd * a * k;
+    const double xd = rstd * (beta * ux - alpha * gx - kappa), x0 = beta * mu - alpha * mg;
+    for (int64_t n = 0; n < s.N; ++n) {
+      const int64_t off = ((t * s.N + n) * s.C + c) * s.S;
+      if (d_gz) {
+#pragma omp simd
+        for (int64_t i = 0; i < s.S; ++i) {
+          const double d = double(xp[off + i]) - mean;
+          double v = zd * d + z0;
+          if (kUp) v += a * double(up[off + i]);
+          d_gz[off + i] = T(v);
+        }
+      }
+      if (d_x) {
+#pragma omp simd
+        for (int64_t i = 0; i < s.S; ++i) {
+          const double d = double(xp[off + i]) - mean;
+          double v = xd * d + x0 + alpha * double(gz[off + i]);
+          if (kUp) v -= beta * double(up[off + i]);
+          d_x[off + i] = T(v);
+        }
+      }
+    }
+  }
+}
+
+std::vector<at::Tensor> task_batch_norm_double_backward(
+    const at::Tensor& grad_z, const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& up_x, const c10::optional<at::Tensor>& up_gamma,
+    const c10::optional<at::Tensor>& up_beta, double eps, const c10::List<bool>& needs) {
+  const BnShape s = check_bn(x, gamma, "gamma");
+  check_bn(x, up_gamma, "up_gamma");
+  check_bn(x, up_beta, "up_beta");
+  FM_CHECK_INPUT(grad_z, kCPU);
+  FM_CHECK_SAME_DTYPE(grad_z, x);
+  TORCH_CHECK(grad_z.sizes() == x.sizes(), "grad_z must be ", x.sizes(), ", got ", grad_z.sizes());
+  if (up_x.has_value()) {
+    FM_CHECK_INPUT(*up_x, kCPU);
+    FM_CHECK_SAME_DTYPE(*up_x, x);
+    TORCH_CHECK(up_x->sizes() == x.sizes(), "up_x must be ", x.sizes(), ", got ", up_x->sizes());
+  }
+  TORCH_CHECK(needs.size() == 3, "needs must hold 3 flags, got ", needs.size());
+  const bool need_gz = needs.get(0), need_x = needs.get(1), need_gamma = needs.get(2);
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor d_gz = need_gz ? at::empty_like(x) : empty();
+  at::Tensor d_x = need_x ? at::empty_like(x) : empty();
+  at::Tensor d_gamma = need_gamma ? at::empty({s.T, s.C}, x.options()) : empty();
+  dispatch_floating(x.scalar_type(), "task_batch_norm_double_backward", [&](auto tag_) {
+    using T_ = decltype(tag_);
+    T_* dgz = need_gz ? d_gz.data_ptr<T_>() : nullptr;
+    T_* dxp = need_x ? d_x.data_ptr<T_>() : nullptr;
+    T_* dgam = need_gamma ? d_gamma.data_ptr<T_>() : nullptr;
+    if (x.numel() == 0) {  // no examples: no sums, a zero gradient at γ (no aten call: not a dispatch)
+      for (int64_t j = 0; dgam && j < s.T * s.C; ++j) dgam[j] = T_(0);
+      return;
+    }
+    const T_* xp = x.data_ptr<T_>();
+    const T_* gz = grad_z.data_ptr<T_>();
+    const T_* up = up_x.has_value() ? up_x->data_ptr<T_>() : nullptr;
+    // d x and d γ read the sums of g; d grad_z alone does not.
+    const bool grad_sums = need_x || need_gamma;
+    at::parallel_for(0, s.T * s.C, grain_for(s), [&](int64_t j0, int64_t j1) {
+      auto run = [&](auto grad_sums_tag, auto up_tag) {
+        double_backward_slices<T_, decltype(grad_sums_tag)::value, decltype(up_tag)::value>(
+            gz, xp, up, s, j0, j1, eps, gamma, up_gamma, up_beta, dgz, dxp, dgam);
+      };
+      using Yes = std::true_type;
+      using No = std::false_type;
+      if (grad_sums && up) run(Yes{}, Yes{});
+      else if (grad_sums) run(Yes{}, No{});
+      else if (up) run(No{}, Yes{});
+      else run(No{}, No{});
+    });
+  });
+  return {d_gz, d_x, d_gamma};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -170,4 +303,5 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
 TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_batch_norm", &fastmeta::cpu::task_batch_norm);
   m.impl("task_batch_norm_backward", &fastmeta::cpu::task_batch_norm_backward);
+  m.impl("task_batch_norm_double_backward", &fastmeta::cpu::task_batch_norm_double_backward);
 }

@@ -17,8 +17,15 @@ Returns the shape of x.
 Backward: ``task_batch_norm_backward(grad_z, x, gamma, eps, needs)`` returns the gradients
 at x, γ and β (the last two per task, ``[T, C]``) from the gradient at the normalised,
 scaled, shifted value z (before the activation). This is where torch.func's vmap gets
-second-order MAML wrong; here the backward's own backward is the exact VJP of its
-reference (:mod:`fastmeta.ops.reference_vjp`).
+second-order MAML wrong.
+
+Double backward: ``task_batch_norm_double_backward(grad_z, x, gamma, up_x, up_gamma,
+up_beta, eps, needs)`` is the backward of that backward in closed form, one kernel
+(second-order MAML spends its outer backward here): from the upstream gradients at
+grad_x (x's shape), grad_γ and grad_β (``[T, C]`` or ``[C]``; any may be None) it
+returns the gradients at grad_z, x and γ (per task, ``[T, C]``). Its own backward (third
+order, and gradgradcheck) is the exact VJP of its reference
+(:mod:`fastmeta.ops.reference_vjp`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from torch import Tensor
 from fastmeta.backends.table import shared_or_contiguous
 from fastmeta.ops.registration import NativeCall, define_op
 from fastmeta.ops.activation import activation_grad, apply_activation
+from fastmeta.ops.reference_vjp import reference_vjp
 
 
 def statistics_dims(x: Tensor) -> tuple[int, ...]:
@@ -89,6 +97,70 @@ def reference_task_batch_norm_backward(
         sum_grad_xhat if need_gamma else x.new_empty(0),
         sum_grad if need_beta else x.new_empty(0),
     ]
+
+
+def reference_task_batch_norm_double_backward(
+    grad_z: Tensor,
+    x: Tensor,
+    gamma: Tensor | None,
+    up_x: Tensor | None,
+    up_gamma: Tensor | None,
+    up_beta: Tensor | None,
+    eps: float,
+    needs: list[bool],
+) -> list[Tensor]:
+    """[d_grad_z, d_x, d_gamma ``[T, C]``]: the VJP of task_batch_norm_backward for the
+    upstream gradients (up_x, up_gamma, up_beta) at its outputs (grad_x, grad_γ, grad_β);
+    ``needs`` flags the three outputs, those not needed are empty.
+
+    Per task and channel, with M examples·pixels, a = γ·rstd and the projection
+    P(v) = v − mean(v) − x̂·mean(x̂v) (symmetric), the backward is grad_x = a·P(g),
+    grad_γ = Σ g·x̂, grad_β = Σ g. For upstream (u, U_γ, U_β) on those three outputs:
+
+        d g = a·P(u) + U_γ·x̂ + U_β
+        d γ = rstd·K,        K = <u, g> − M·mean(u)·mean(g) − <g, x̂><u, x̂>/M
+        d x = rstd·(U_γ·P(g) − (a/M)·(K·x̂ + <u, x̂>·P(g) + <g, x̂>·P(u)))
+
+    (δx̂ = rstd·P(δx) and δrstd = −rstd²·mean(x̂·δx) give the last line.) d γ does not
+    depend on γ: it is the sensitivity of grad_x to the scale.
+    """
+    need_grad_z, need_x, need_gamma = needs
+    T, C = x.size(0), x.size(2)
+    dims = statistics_dims(x)
+    count = x.numel() // (T * C) if T * C else 0
+    xhat, rstd = normalise(x, eps)
+    scale = rstd if gamma is None else rstd * per_channel(gamma, x)
+
+    def mean(v):
+        return v.mean(dims, keepdim=True)
+
+    def project(v):
+        return v - mean(v) - xhat * mean(xhat * v)
+
+    d_grad_z = d_x = d_gamma = x.new_empty(0)
+    if need_grad_z:
+        d_grad_z = torch.zeros_like(grad_z)
+        if up_x is not None:
+            d_grad_z = d_grad_z + scale * project(up_x)
+        if up_gamma is not None:
+            d_grad_z = d_grad_z + per_channel(up_gamma, x) * xhat
+        if up_beta is not None:
+            d_grad_z = d_grad_z + per_channel(up_beta, x)
+    if need_x or need_gamma:
+        g_xhat = mean(grad_z * xhat)  # <g, x̂>/M
+        k = None
+        if up_x is not None:
+            u_xhat = mean(up_x * xhat)  # <u, x̂>/M
+            k = mean(up_x * grad_z) - mean(up_x) * mean(grad_z) - g_xhat * u_xhat  # K/M
+        if need_x:
+            d_x = torch.zeros_like(x)
+            if up_gamma is not None:
+                d_x = d_x + rstd * per_channel(up_gamma, x) * project(grad_z)
+            if up_x is not None:
+                d_x = d_x - rstd * scale * (k * xhat + u_xhat * project(grad_z) + g_xhat * project(up_x))
+        if need_gamma:
+            d_gamma = x.new_zeros(T, C) if k is None else (rstd * k).reshape(T, C) * count
+    return [d_grad_z, d_x, d_gamma]
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,69 +243,74 @@ def _bn_backward_setup(ctx, inputs, output):
 
 
 def _bn_backward_backward(ctx, upstream):
-    """The VJP of task_batch_norm_backward, in closed form.
-
-    Second-order MAML through BatchNorm spends its outer backward here (it was a third of
-    a W2 CPU step when taken by autograd through the reference). Per task and channel,
-    with M examples·pixels, a = γ·rstd and the projection P(v) = v − mean(v) − x̂·mean(x̂v)
-    (symmetric), the backward is grad_x = a·P(g), grad_γ = Σ g·x̂, grad_β = Σ g. For
-    upstream (u, U_γ, U_β) on those three outputs:
-
-        d g = a·P(u) + U_γ·x̂ + U_β
-        d γ = rstd·K,        K = <u, g> − M·mean(u)·mean(g) − <g, x̂><u, x̂>/M
-        d x = rstd·(U_γ·P(g) − (a/M)·(K·x̂ + <u, x̂>·P(g) + <g, x̂>·P(u)))
-
-    (δx̂ = rstd·P(δx) and δrstd = −rstd²·mean(x̂·δx) give the last line.) Written in
-    torch ops on the saved tensors, it stays differentiable for higher orders; the tests
-    check it with gradcheck and gradgradcheck.
-    """
     grad_z, x, gamma = ctx.saved_tensors
-    need_x, need_gamma, need_beta = ctx.needs
-    up_x = upstream[0] if need_x and upstream[0] is not None and upstream[0].numel() else None
-    up_gamma = upstream[1] if need_gamma and upstream[1] is not None and upstream[1].numel() else None
-    up_beta = upstream[2] if need_beta and upstream[2] is not None and upstream[2].numel() else None
-    dims = statistics_dims(x)
-    count = x.numel() // (x.size(0) * x.size(2))
-    xhat, rstd = normalise(x, ctx.eps)
-    scale = rstd if gamma is None else rstd * per_channel(gamma, x)
 
-    def mean(v):
-        return v.mean(dims, keepdim=True)
+    def live(i):  # the upstream at output i, or None where it is absent or was not produced
+        u = upstream[i]
+        return u if ctx.needs[i] and u is not None and u.numel() else None
 
-    def project(v):
-        return v - mean(v) - xhat * mean(xhat * v)
-
-    g_xhat = mean(grad_z * xhat)  # <g, x̂>/M
-    d_grad_z = d_x = d_gamma = None
-    if ctx.needs_input_grad[0]:
-        d_grad_z = torch.zeros_like(grad_z)
-        if up_x is not None:
-            d_grad_z = d_grad_z + scale * project(up_x)
-        if up_gamma is not None:
-            d_grad_z = d_grad_z + per_channel(up_gamma, x) * xhat
-        if up_beta is not None:
-            d_grad_z = d_grad_z + per_channel(up_beta, x)
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        d_x = torch.zeros_like(x)
-        if up_gamma is not None:
-            d_x = d_x + rstd * per_channel(up_gamma, x) * project(grad_z)
-        if up_x is not None:
-            u_xhat = mean(up_x * xhat)  # <u, x̂>/M
-            k = mean(up_x * grad_z) - mean(up_x) * mean(grad_z) - g_xhat * u_xhat  # K/M
-            d_x = d_x - rstd * scale * (k * xhat + u_xhat * project(grad_z) + g_xhat * project(up_x))
-            if gamma is not None and ctx.needs_input_grad[2]:
-                d_gamma = (rstd * k * count).sum(dims)  # [T, C]
-                if gamma.dim() == 1:
-                    d_gamma = d_gamma.sum(0)
-        if gamma is not None and ctx.needs_input_grad[2] and d_gamma is None:
-            d_gamma = torch.zeros_like(gamma)
+    needs = [
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        gamma is not None and ctx.needs_input_grad[2],
+    ]
+    if not any(needs):
+        return None, None, None, None, None
+    d_grad_z, d_x, d_gamma = task_batch_norm_double_backward(
+        grad_z, x, gamma, live(0), live(1), live(2), ctx.eps, needs
+    )
+    if needs[2] and gamma.dim() == 1:
+        d_gamma = d_gamma.sum(0)
     return (
-        d_grad_z,
-        d_x if ctx.needs_input_grad[1] else None,
-        d_gamma if ctx.needs_input_grad[2] else None,
+        d_grad_z if needs[0] else None,
+        d_x if needs[1] else None,
+        d_gamma if needs[2] else None,
         None,
         None,
     )
 
 
 task_batch_norm_backward.register_autograd(_bn_backward_backward, setup_context=_bn_backward_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# task_batch_norm_double_backward
+# ---------------------------------------------------------------------------------------
+
+
+task_batch_norm_double_backward = define_op(reference_task_batch_norm_double_backward, NativeCall(
+    takes=lambda device_type, grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs: x.dim() >= 3,
+    args=lambda grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs: (
+        grad_z.contiguous(), x.contiguous(), shared_or_contiguous(gamma, True), shared_or_contiguous(up_x, False),
+        shared_or_contiguous(up_gamma, True), shared_or_contiguous(up_beta, True), float(eps),
+        [bool(n) for n in needs]),
+))
+
+
+@task_batch_norm_double_backward.register_fake
+def _(grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs):
+    T, C = x.size(0), x.size(2)
+    shapes = [tuple(grad_z.shape), tuple(x.shape), (T, C)]
+    return [x.new_empty(s if n else (0,)) for s, n in zip(shapes, needs)]
+
+
+def _bn_double_backward_setup(ctx, inputs, output):
+    grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs = inputs
+    ctx.eps, ctx.needs = eps, needs
+    ctx.save_for_backward(grad_z, x, gamma, up_x, up_gamma, up_beta)
+
+
+def _bn_double_backward_backward(ctx, upstream):
+    """Third order (and gradgradcheck of the backward): the exact VJP of the reference."""
+    grads = reference_vjp(
+        lambda *inputs: reference_task_batch_norm_double_backward(*inputs, ctx.eps, ctx.needs),
+        ctx.saved_tensors,
+        ctx.needs_input_grad[:6],
+        upstream,
+    )
+    return (*grads, None, None)
+
+
+task_batch_norm_double_backward.register_autograd(
+    _bn_double_backward_backward, setup_context=_bn_double_backward_setup
+)

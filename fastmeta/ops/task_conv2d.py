@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta.ops.registration import define_op
+from fastmeta.ops.registration import NativeCall, define_op
 from fastmeta.ops.task_linear import is_task_shared
 
 
@@ -123,11 +123,74 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# How the C++ kernels (csrc/cpu/task_conv2d.cpp) are called
+# ---------------------------------------------------------------------------------------
+
+
+def _native_geometry(kernel, stride, padding, in_size, out_size=None) -> bool:
+    """Two values each, stride and kernel ≥ 1, padding ≥ 0, a non-empty output (equal to
+    ``out_size`` when given): what the C++ kernels compute; anything else runs the
+    reference (which raises where it must)."""
+    if not (len(kernel) == len(stride) == len(padding) == len(in_size) == 2):
+        return False
+    if min(stride) < 1 or min(kernel) < 1 or min(padding) < 0:
+        return False
+    size = [conv_output_size(n, k, s, p) for n, k, s, p in zip(in_size, kernel, stride, padding)]
+    return min(size) >= 1 and (out_size is None or list(out_size) == size)
+
+
+def _native_weight_takes(w: Tensor, T: int, O: int | None, C: int | None) -> bool:
+    return (w.dim() in (4, 5) and (w.dim() == 4 or w.size(0) == T) and (O is None or w.size(-4) == O)
+            and (C is None or w.size(-3) == C))
+
+
+def _task_blocks(t: Tensor | None, per_task_dim: int) -> Tensor | None:
+    """For the C++ kernels: a task stride of 0 → the shared tensor; a per-task tensor whose
+    tasks are each contiguous (a view of the flat [T, P] buffer) kept as it is, with its
+    task stride: no copy of W2's 1.2M-value weights per call; anything else contiguous."""
+    if t is None:
+        return None
+    if t.dim() == per_task_dim and is_task_shared(t):
+        return t[0].contiguous()
+    if t.dim() == per_task_dim and t.size(0) > 0 and t.stride(0) >= 0 and t[0].is_contiguous():
+        return t
+    return t.contiguous()
+
+
+def _native_conv_takes(device_type, x, w, b, stride, padding) -> bool:
+    if x.dim() != 5 or not _native_weight_takes(w, x.size(0), None, x.size(2)):
+        return False
+    if b is not None and tuple(b.shape) not in ((w.size(-4),), (x.size(0), w.size(-4))):
+        return False
+    return _native_geometry(w.shape[-2:], stride, padding, x.shape[3:])
+
+
+def _native_input_grad_takes(device_type, grad_out, w, input_size, stride, padding) -> bool:
+    if grad_out.dim() != 5 or not _native_weight_takes(w, grad_out.size(0), grad_out.size(2), None):
+        return False
+    return _native_geometry(w.shape[-2:], stride, padding, input_size, grad_out.shape[3:])
+
+
+def _native_weight_grad_takes(device_type, grad_out, x, kernel_size, stride, padding, shared) -> bool:
+    if grad_out.dim() != 5 or x.dim() != 5 or grad_out.shape[:2] != x.shape[:2]:
+        return False
+    return _native_geometry(kernel_size, stride, padding, x.shape[3:], grad_out.shape[3:])
+
+
+def _ints(values) -> list[int]:
+    return [int(v) for v in values]
+
+
+# ---------------------------------------------------------------------------------------
 # task_conv2d
 # ---------------------------------------------------------------------------------------
 
 
-task_conv2d = define_op(reference_task_conv2d)
+task_conv2d = define_op(reference_task_conv2d, NativeCall(
+    takes=_native_conv_takes,
+    args=lambda x, w, b, stride, padding: (
+        x.contiguous(), _task_blocks(w, 5), _task_blocks(b, 2), _ints(stride), _ints(padding)),
+))
 
 
 @task_conv2d.register_fake
@@ -174,7 +237,11 @@ task_conv2d.register_autograd(_task_conv2d_backward, setup_context=_task_conv2d_
 # ---------------------------------------------------------------------------------------
 
 
-task_conv2d_input_grad = define_op(reference_task_conv2d_input_grad)
+task_conv2d_input_grad = define_op(reference_task_conv2d_input_grad, NativeCall(
+    takes=_native_input_grad_takes,
+    args=lambda grad_out, w, input_size, stride, padding: (
+        grad_out.contiguous(), _task_blocks(w, 5), _ints(input_size), _ints(stride), _ints(padding)),
+))
 
 
 @task_conv2d_input_grad.register_fake
@@ -210,7 +277,11 @@ task_conv2d_input_grad.register_autograd(
 # ---------------------------------------------------------------------------------------
 
 
-task_conv2d_weight_grad = define_op(reference_task_conv2d_weight_grad)
+task_conv2d_weight_grad = define_op(reference_task_conv2d_weight_grad, NativeCall(
+    takes=_native_weight_grad_takes,
+    args=lambda grad_out, x, kernel_size, stride, padding, shared: (
+        grad_out.contiguous(), x.contiguous(), _ints(kernel_size), _ints(stride), _ints(padding), bool(shared)),
+))
 
 
 @task_conv2d_weight_grad.register_fake

@@ -41,8 +41,8 @@ def test_backends_register_only_kernels_of_the_table():
     assert set(extension.kernels("cpu")) <= set(TABLE)
     # The C++ sources implement these families on the CPU (csrc/cpu/<family>.cpp).
     assert set(extension.kernels("cpu")) == {
-        n for n, s in TABLE.items() if s.family in {"inner_step", "task_linear", "task_batch_norm", "task_loss",
-                                                     "activation", "mlp_meta_step"}}
+        n for n, s in TABLE.items() if s.family in {"inner_step", "task_linear", "task_conv2d", "task_batch_norm",
+                                                     "task_loss", "activation", "mlp_meta_step"}}
     triton = get_backend("triton")
     if triton.available()[0]:
         triton.kernel("inner_step")
@@ -76,6 +76,7 @@ def sample_kernel_args(device):
         "task_conv2d_weight_grad": (g5, x5, [3, 3], [1, 1], [1, 1], False),
         "task_batch_norm": (x5, r(T, C), r(T, C), 1e-5, "relu", 0.0),
         "task_batch_norm_backward": (x5, x5 + 1, r(T, C), 1e-5, [True] * 3),
+        "task_batch_norm_double_backward": (x5, x5 + 1, r(T, C), x5 * 2, r(T, C), r(C), 1e-5, [True] * 3),
         "task_loss": (r(T, N, 5), torch.randint(0, 5, (T, N)), "cross_entropy"),
         "task_loss_grad": (r(T, N, 5), r(T, N, 5), "mse"),
         "activation_grad": (r(T, N, 5), r(T, N, 5), "tanh", 0.0),

@@ -8,10 +8,16 @@ import torch.nn.functional as F
 
 import fastmeta as fm
 from fastmeta import ops
-from harness import backend_params, check_op, to, workload_params
+from fastmeta.ops.task_conv2d import (
+    reference_task_conv2d,
+    reference_task_conv2d_input_grad,
+    reference_task_conv2d_weight_grad,
+)
+from harness import backend_params, check_kernel, check_op, direct, to, workload_params
 
 KERNELS = ["task_conv2d", "task_conv2d_input_grad", "task_conv2d_weight_grad"]
 TRITON = backend_params("triton")
+ALL = backend_params("triton", "cpu")
 
 
 def conv_weight(kind, T, O, C, k, device):
@@ -28,7 +34,7 @@ def conv_bias(kind, T, O, device):
     return {"none": None, "per_task": torch.randn(T, O, device=device), "shared": torch.randn(O, device=device)}[kind]
 
 
-@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("backend,device", ALL)
 @pytest.mark.parametrize(
     "weight_kind,bias_kind,stride,padding",
     [
@@ -100,11 +106,12 @@ GRAD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("name,op,make", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
-def test_gradcheck_and_gradgradcheck(gradchecks, name, op, make):
+def test_gradcheck_and_gradgradcheck(gradchecks, backend, name, op, make):
     # Convolutions have the most inputs: fast mode checks random projections of the full
     # Jacobian (still fails on a wrong gradient) at a fraction of the cost.
-    gradchecks(op, make(), fast_mode=True)
+    gradchecks(op, make(), backend=backend, fast_mode=True)
 
 
 def test_reference_matches_torch_functional():
@@ -113,3 +120,146 @@ def test_reference_matches_torch_functional():
     want = torch.stack([F.conv2d(xc[t], wc[t], None, 2, 1) for t in range(2)])
     with fm.use_backend("torch"):
         assert torch.allclose(got, want)
+
+
+# ---------------------------------------------------------------------------------------
+# The C++ kernels (csrc/cpu/task_conv2d.cpp) against the reference, called directly
+# ---------------------------------------------------------------------------------------
+
+
+def kernel_cases():
+    """Odd shapes through every path of the C++ kernels: output rows of ≤ 4 values (the
+    offset table) and wider (row copies, stride 1, 2 and 3), ≥ 128 output positions per
+    example (per-example weight-grad GEMMs), several chunks of examples (N·C·kh·kw·L past
+    the im2col budget), a 1×1 and a 2×3 kernel, every weight and bias layout."""
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g)
+
+    def weight(kind, T, O, C, kh, kw):
+        if kind == "per_task":
+            return t(T, O, C, kh, kw)
+        if kind == "shared":
+            return t(O, C, kh, kw)
+        if kind == "expanded":
+            return t(O, C, kh, kw).expand(T, O, C, kh, kw)
+        return t(T, O * C * kh * kw + 3)[:, 3:].view(T, O, C, kh, kw)  # a view of the flat buffer
+
+    geometries = [
+        # label, (T, N, C, H, W), (O, kh, kw), stride, padding, weight, bias
+        ("narrow-s2", (2, 3, 3, 7, 7), (4, 3, 3), [2, 2], [1, 1], "per_task", "per_task"),
+        ("wide-s1", (2, 3, 2, 9, 11), (5, 3, 3), [1, 1], [1, 1], "buffer_view", "shared"),
+        ("wide-s2-nopad", (3, 2, 3, 13, 12), (4, 3, 3), [2, 2], [0, 0], "shared", None),
+        ("s3-mixed", (2, 2, 2, 11, 14), (3, 3, 3), [3, 2], [1, 0], "expanded", "per_task"),
+        ("per-example", (2, 3, 2, 14, 13), (3, 3, 3), [1, 1], [1, 1], "per_task", None),
+        ("chunks", (2, 40, 8, 16, 16), (5, 3, 3), [1, 1], [1, 1], "buffer_view", "per_task"),
+        ("1x1", (2, 3, 4, 5, 6), (3, 1, 1), [1, 1], [0, 0], "per_task", "shared"),
+        ("2x3", (2, 2, 3, 6, 7), (4, 2, 3), [1, 2], [1, 0], "shared", "per_task"),
+        ("single", (1, 1, 1, 4, 4), (2, 3, 3), [2, 2], [1, 1], "per_task", None),
+    ]
+    cases = []
+    for label, (T, N, C, H, W), (O, kh, kw), stride, padding, wk, bk in geometries:
+        x, w = t(T, N, C, H, W), weight(wk, T, O, C, kh, kw)
+        b = None if bk is None else (t(O) if bk == "shared" else t(T, O))
+        y = reference_task_conv2d(x, w, b, stride, padding)
+        gy = t(*y.shape)
+        cases += [
+            (f"forward-{label}", "task_conv2d", reference_task_conv2d, (x, w, b, stride, padding)),
+            (f"input_grad-{label}", "task_conv2d_input_grad", reference_task_conv2d_input_grad,
+             (gy, w, [H, W], stride, padding)),
+            (f"weight_grad-{label}", "task_conv2d_weight_grad", reference_task_conv2d_weight_grad,
+             (gy, x, [kh, kw], stride, padding, False)),
+            (f"weight_grad-shared-{label}", "task_conv2d_weight_grad", reference_task_conv2d_weight_grad,
+             (gy, x, [kh, kw], stride, padding, True)),
+        ]
+    return cases
+
+
+CASES = kernel_cases()
+
+
+def in_dtype(args, dtype):
+    """The arguments in ``dtype``, keeping the weights' views views (expanded, flat buffer)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() == 5 and a.stride(0) == 0:
+            out.append(a[0].to(dtype).expand(a.shape))
+        elif isinstance(a, torch.Tensor) and a.dim() == 5 and not a.is_contiguous():
+            T = a.size(0)
+            flat = torch.zeros(T, a[0].numel() + 3, dtype=dtype)
+            flat[:, 3:] = a.reshape(T, -1).to(dtype)
+            out.append(flat[:, 3:].view(a.shape))
+        else:
+            out.append(to([a], "cpu", dtype)[0])
+    return out
+
+
+def check_both_dtypes(name, kernel, reference, args):
+    """float32 within 2e-5 of each element and of the output's scale (a weight-grad sums up
+    to 20 480 products: two fp32 summation orders differ by ~1e-6 of the scale, more on the
+    elements that cancel), float64 within 1e-10."""
+    args32 = in_dtype(args, torch.float32)
+    scale = reference(*args32).abs().max().item()
+    check_kernel("cpu", kernel, reference, args32, rtol=2e-5, atol=2e-5 * max(1.0, scale))
+    check_kernel("cpu", kernel, reference, in_dtype(args, torch.float64), rtol=1e-10, atol=1e-11 * max(1.0, scale))
+
+
+@pytest.mark.parametrize("name,kernel,reference,args", CASES, ids=[c[0] for c in CASES])
+def test_cpu_kernel_equals_reference(name, kernel, reference, args):
+    check_both_dtypes(name, kernel, reference, args)
+
+
+def test_cpu_kernels_without_blas():
+    """FASTMETA_CPU_BLAS=0: the kernels take gemm.h's GEMM (what runs where torch exports no
+    Fortran BLAS), read once per process, so in a process of its own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; sys.path.insert(0, {here!r}); import torch\n"
+        "from test_task_conv2d import CASES, check_both_dtypes\n"
+        "for case in CASES:\n"
+        "    check_both_dtypes(*case)\n"
+        "print('checked', len(CASES))\n"
+    ).format(here=str(Path(__file__).parent))
+    env = {**__import__("os").environ, "FASTMETA_CPU_BLAS": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"checked {len(CASES)}" in done.stdout
+
+
+def test_cpu_kernels_decline_what_they_do_not_compute():
+    from fastmeta.backends import get_backend
+
+    direct("cpu", "task_conv2d", torch.randn(2, 3, 3, 5, 5), torch.randn(2, 4, 3, 3, 3), None, [1, 1], [1, 1])
+    cpu = get_backend("cpu")
+    x, w = torch.randn(2, 3, 3, 5, 5), torch.randn(2, 4, 3, 3, 3)
+    assert cpu.kernel("task_conv2d")(x, w, None, [0, 1], [1, 1]) is NotImplemented  # stride 0
+    assert cpu.kernel("task_conv2d")(x, w, None, [1, 1], [-1, 0]) is NotImplemented  # negative padding
+    assert cpu.kernel("task_conv2d")(x[..., :1, :1], w, None, [1, 1], [0, 0]) is NotImplemented  # empty output
+    assert cpu.kernel("task_conv2d")(x, w[:, :, :2], None, [1, 1], [1, 1]) is NotImplemented  # channels
+    assert cpu.kernel("task_conv2d")(x, w, torch.randn(3), [1, 1], [1, 1]) is NotImplemented  # bias shape
+    gy = torch.randn(2, 3, 4, 5, 5)
+    assert cpu.kernel("task_conv2d_input_grad")(gy, w, [6, 6], [1, 1], [1, 1]) is NotImplemented  # geometry
+    assert cpu.kernel("task_conv2d_weight_grad")(gy, x, [3, 3], [2, 2], [1, 1], False) is NotImplemented
+    # Through the public op, a decline runs the reference, which raises its own error.
+    with fm.use_backend("cpu"), pytest.raises(RuntimeError):
+        ops.task_conv2d(x, w[:, :, :2], None, [1, 1], [1, 1])
+
+
+@pytest.mark.parametrize("shape", WORKLOAD_SHAPES := [
+    pytest.param(shape, id=f"{workload}-{i}")
+    for workload in ("W2",)
+    for i, shape in enumerate(__import__("fastmeta.tools.workloads", fromlist=["x"]).WORKLOAD_OP_SHAPES[workload]
+                              ["task_conv2d"])])
+def test_cpu_backend_at_the_workload_shapes(shape):
+    """W2's conv layers (32 tasks, second order) through the cpu backend, against the
+    reference: the sizes where the kernels chunk, parallelise and take BLAS for real."""
+    torch.manual_seed(0)
+    T, N, C, H, W, O = (shape[k] for k in ("T", "N", "C", "H", "W", "O"))
+    s, p = shape["stride"], shape["padding"]
+    args = [torch.randn(T, N, C, H, W), conv_weight("buffer_view", T, O, C, 3, "cpu"), torch.randn(T, O), [s, s],
+            [p, p]]
+    check_op("cpu", ops.task_conv2d, args, [0, 1, 2], KERNELS, rtol=1e-4)

@@ -1,0 +1,501 @@
+// CPU kernels of task_conv2d and its two backward ops: per task, im2col + one GEMM.
+//
+//   forward       Y_t [O, n·L]  = W_t [O, K] · cols [K, n·L]
+//   input-grad    dcols [K, n·L] = W_tᵀ [K, O] · dY_t [O, n·L],  then col2im into dx
+//   weight-grad   dW_t [O, K]  += dY_t [O, n·L] · colsᵀ [n·L, K]     (summed over tasks if shared)
+//
+// K = C·kh·kw, L = H'·W', n the examples of one chunk. Why not the reference's grouped
+// convolution: oneDNN runs a per-task weight as groups = T, with layout copies around it,
+// at a fraction of the GEMM rate (bench/bench_conv_cpu.py has the numbers). Why im2col and
+// not at::bmm on an unfold buffer: every aten call inside a kernel is a dispatch (a launch
+// on a GPU; fastmeta profile --count counts them), and F.unfold alone took longer than the
+// whole grouped convolution at W2's second layer.
+//
+// The GEMMs are the Fortran BLAS that torch itself links (MKL in the x86-64 wheels),
+// called directly, or where torch exports none the hand-written micro-kernel of gemm.h:
+// at these shapes MKL ran 2–9x faster than gemm.h (e.g. 114 µs against 398 µs for W2's
+// second layer, one task: 64 × 245 × 576), gemm.h being written for W1's 10 × 40 × 40.
+// Every GEMM here has the form C = A·B with A read through strides and B row-major, which
+// both take, so the two paths share all the rest. FASTMETA_CPU_BLAS=0 (read once) forces
+// gemm.h; the tests run both.
+//
+// Examples are taken in chunks whose im2col buffer stays within ~kColsBudget values (in
+// L2: 1.3 MB of floats per core on this class of machine), and (task, chunk) pairs are the
+// parallel work items; BLAS runs single-threaded inside them (MKL does inside an OpenMP
+// region). Per-task weights may be views with any task stride (a slice of the flat [T, P]
+// buffer) as long as each task's block is contiguous; a task stride of 0 arrives as a
+// shared 4-D weight.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "../common.h"
+#include "cpu_common.h"
+#include "gemm.h"
+
+// Weak: an extension built against a torch without a Fortran BLAS still loads, and takes
+// gemm.h. LP64 ints, as torch's own declarations (aten/src/ATen/native/CPUBlas.cpp).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace fastmeta {
+namespace cpu {
+namespace {
+
+// Values per im2col chunk: 1 << 18 floats = 1 MB, within one core's L2 with the GEMM's
+// packed panels. bench/bench_conv_cpu.py --budget swept 2^15..2^20 (RESULTS.md).
+constexpr int64_t kColsBudget = 1 << 18;
+
+bool blas_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("FASTMETA_CPU_BLAS");
+    return !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return enabled;
+}
+
+template <typename T>
+using BlasGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
+                          const T*, const int*, const T*, T*, const int*);
+
+template <typename T>
+BlasGemm<T> blas_gemm();
+template <>
+BlasGemm<float> blas_gemm<float>() {
+  return sgemm_;
+}
+template <>
+BlasGemm<double> blas_gemm<double>() {
+  return dgemm_;
+}
+
+bool fits_int(std::initializer_list<int64_t> values) {
+  return std::all_of(values.begin(), values.end(), [](int64_t v) { return v >= 0 && v <= INT_MAX; });
+}
+
+// How a column-major BLAS sees X [R × Cn] (element (r, c) at r·rs + c·cs) when it must
+// read Xᵀ: contiguous rows are Xᵀ itself ('N', ld rs), contiguous columns X ('T', ld cs).
+// BLAS wants a leading dimension of at least the stored rows even where it is never used
+// (one row or one column, e.g. a 1×1 kernel's Wᵀ with both strides 1).
+bool blas_view(int64_t R, int64_t Cn, int64_t rs, int64_t cs, char& trans, int& ld) {
+  if (cs == 1 && (rs >= Cn || R <= 1)) {
+    trans = 'N';
+    ld = int(std::max<int64_t>({rs, Cn, 1}));
+    return true;
+  }
+  if (rs == 1 && (cs >= R || Cn <= 1)) {
+    trans = 'T';
+    ld = int(std::max<int64_t>({cs, R, 1}));
+    return true;
+  }
+  return false;
+}
+
+// C[M,N] (+)= A[M,K] · B[K,N], A and B through strides (element (r, c) at r·rs + c·cs),
+// C row-major with leading dimension ldc.
+template <typename T>
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B, int64_t b_rs,
+            int64_t b_cs, T* C, int64_t ldc, bool accumulate) {
+  BlasGemm<T> blas = blas_gemm<T>();
+  char ta, tb;
+  int la, lb;
+  if (blas != nullptr && blas_enabled() && fits_int({M, N, K, a_rs, a_cs, b_rs, b_cs, ldc}) &&
+      blas_view(M, K, a_rs, a_cs, ta, la) && blas_view(K, N, b_rs, b_cs, tb, lb)) {
+    // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ.
+    const int m = int(N), n = int(M), k = int(K), lc = int(std::max<int64_t>({M <= 1 ? N : ldc, ldc, 1}));
+    const T alpha = T(1), beta = accumulate ? T(1) : T(0);
+    blas(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+    return;
+  }
+  if (b_cs == 1) {
+    gemm<T>(M, N, K, A, a_rs, a_cs, B, b_rs, C, ldc, accumulate);
+    return;
+  }
+  std::vector<T> rows(K * N);  // gemm.h streams B by rows
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) rows[k * N + n] = B[k * b_rs + n * b_cs];
+  gemm<T>(M, N, K, A, a_rs, a_cs, rows.data(), N, C, ldc, accumulate);
+}
+
+struct ConvShape {
+  int64_t T, N, C, H, W, O, KH, KW, SH, SW, PH, PW, HO, WO;
+  int64_t K() const { return C * KH * KW; }
+  int64_t L() const { return HO * WO; }
+  // Examples per chunk (at least 1, the chunks as even as possible) and the chunk count.
+  int64_t chunk() const {
+    const int64_t per = std::max<int64_t>(1, kColsBudget / std::max<int64_t>(K() * L(), 1));
+    const int64_t chunks = (N + per - 1) / per;
+    return chunks == 0 ? 1 : (N + chunks - 1) / chunks;
+  }
+  int64_t chunks() const { return N == 0 ? 0 : (N + chunk() - 1) / chunk(); }
+};
+
+// The output rows oh whose input row oh·SH − PH + i lies in [0, H), and the columns ow
+// whose input column ow·SW − PW + j lies in [0, W): [lo, hi) each.
+inline void valid_range(int64_t out, int64_t in, int64_t stride, int64_t pad, int64_t tap, int64_t& lo,
+                        int64_t& hi) {
+  lo = pad - tap > 0 ? (pad - tap + stride - 1) / stride : 0;
+  const int64_t last = in - 1 + pad - tap;
+  hi = last < 0 ? 0 : std::min(out, last / stride + 1);
+  lo = std::min(lo, hi);
+}
+
+// One output row of im2col: out[ow] = src[ow·SW] on [lo, hi), 0 elsewhere. The stride is
+// a template argument where it is 1 or 2 (every conv of W1–W4): the compiler then turns
+// the strided read into vector shuffles instead of a scalar loop.
+template <typename T, int kSW>
+inline void gather_row(const T* src, int64_t sw, int64_t lo, int64_t hi, int64_t WO, T* out) {
+  for (int64_t ow = 0; ow < lo; ++ow) out[ow] = T(0);
+  if (kSW == 1) {
+#pragma omp simd
+    for (int64_t ow = lo; ow < hi; ++ow) out[ow] = src[ow];
+  } else if (kSW == 2) {
+#pragma omp simd
+    for (int64_t ow = lo; ow < hi; ++ow) out[ow] = src[2 * ow];
+  } else {
+    for (int64_t ow = lo; ow < hi; ++ow) out[ow] = src[ow * sw];
+  }
+  for (int64_t ow = hi; ow < WO; ++ow) out[ow] = T(0);
+}
+
+// cols[(c, i, j), (n, oh, ow)] = x[n, c, oh·SH − PH + i, ow·SW − PW + j] (0 outside) for the
+// nb examples at x (one task's, contiguous); rows of nb·L values.
+template <typename T, int kSW>
+void im2col_stride(const T* x, const ConvShape& s, int64_t nb, T* cols) {
+  const int64_t L = s.L(), ld = nb * L, plane = s.H * s.W;
+  for (int64_t i = 0; i < s.KH; ++i) {
+    int64_t oh_lo, oh_hi;
+    valid_range(s.HO, s.H, s.SH, s.PH, i, oh_lo, oh_hi);
+    for (int64_t j = 0; j < s.KW; ++j) {
+      int64_t lo, hi;
+      valid_range(s.WO, s.W, s.SW, s.PW, j, lo, hi);
+      for (int64_t c = 0; c < s.C; ++c) {
+        T* row = cols + ((c * s.KH + i) * s.KW + j) * ld;
+        for (int64_t n = 0; n < nb; ++n) {
+          const T* src = x + (n * s.C + c) * plane + (oh_lo * s.SH - s.PH + i) * s.W - s.PW + j;
+          T* out = row + n * L;
+          std::fill(out, out + oh_lo * s.WO, T(0));
+          for (int64_t oh = oh_lo; oh < oh_hi; ++oh, src += s.SH * s.W)
+            gather_row<T, kSW>(src, s.SW, lo, hi, s.WO, out + oh * s.WO);
+          std::fill(out + oh_hi * s.WO, out + L, T(0));
+        }
+      }
+    }
+  }
+}
+
+// For each tap (i, j), the offset ih·W + iw in an input plane of each output position
+// l = oh·WO + ow, or -1 where it falls in the padding: [KH·KW, L].
+std::vector<int32_t> tap_offsets(const ConvShape& s) {
+  const int64_t L = s.L();
+  std::vector<int32_t> table(s.KH * s.KW * L);
+  for (int64_t i = 0; i < s.KH; ++i)
+    for (int64_t j = 0; j < s.KW; ++j)
+      for (int64_t oh = 0; oh < s.HO; ++oh)
+        for (int64_t ow = 0; ow < s.WO; ++ow) {
+          const int64_t ih = oh * s.SH - s.PH + i, iw = ow * s.SW - s.PW + j;
+          const bool inside = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
+          table[(i * s.KW + j) * L + oh * s.WO + ow] = inside ? int32_t(ih * s.W + iw) : -1;
+        }
+  return table;
+}
+
+// im2col through the offset table: one branch-free pass of L values per (c, i, j, n),
+// whatever the stride.
+template <typename T>
+void im2col_table(const T* x, const ConvShape& s, const int32_t* table, int64_t nb, T* cols) {
+  const int64_t L = s.L(), ld = nb * L, plane = s.H * s.W, taps = s.KH * s.KW;
+  for (int64_t c = 0; c < s.C; ++c)
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const int32_t* idx = table + tap * L;
+      T* row = cols + (c * taps + tap) * ld;
+      for (int64_t n = 0; n < nb; ++n) {
+        const T* in = x + (n * s.C + c) * plane;
+        T* out = row + n * L;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) out[l] = idx[l] >= 0 ? in[idx[l]] : T(0);
+      }
+    }
+}
+
+// Output rows of at most this many values take the table: per row, the row path's setup
+// costs more than its copy (single thread, interleaved: the table was 1.07-2.25x faster
+// at W2's 4×4 and 1.55x at its 2×2 outputs, 0.95x at 7×7 and 0.67x at W4's 42×42).
+constexpr int64_t kTableWidth = 4;
+
+// The weight-grad takes dY_t straight from grad_out, one GEMM per example, from this many
+// output positions per example up; below, one gathered [O, n·L] copy and one GEMM. Single
+// thread, interleaved: per example was 1.33x faster at L = 196 (W2's first layer), 1.15x
+// at 441, even at 49–100, 0.90x at 16 and 0.72x at 4.
+constexpr int64_t kPerExampleL = 128;
+
+template <typename T>
+void im2col(const T* x, const ConvShape& s, const int32_t* table, int64_t nb, T* cols) {
+  if (s.WO <= kTableWidth) return im2col_table<T>(x, s, table, nb, cols);
+  if (s.SW == 1) return im2col_stride<T, 1>(x, s, nb, cols);
+  if (s.SW == 2) return im2col_stride<T, 2>(x, s, nb, cols);
+  im2col_stride<T, 0>(x, s, nb, cols);
+}
+
+// dx[n, c, ih, iw] += dcols[(c, i, j), (n, oh, ow)]: the adjoint of im2col, into nb
+// examples' dx (zeroed by the caller).
+template <typename T>
+void col2im(const T* dcols, const ConvShape& s, int64_t nb, T* dx) {
+  const int64_t L = s.L(), ld = nb * L;
+  for (int64_t c = 0; c < s.C; ++c)
+    for (int64_t i = 0; i < s.KH; ++i)
+      for (int64_t j = 0; j < s.KW; ++j) {
+        const T* row = dcols + ((c * s.KH + i) * s.KW + j) * ld;
+        int64_t lo, hi;
+        valid_range(s.WO, s.W, s.SW, s.PW, j, lo, hi);
+        for (int64_t n = 0; n < nb; ++n) {
+          T* plane = dx + (n * s.C + c) * s.H * s.W;
+          for (int64_t oh = 0; oh < s.HO; ++oh) {
+            const int64_t ih = oh * s.SH - s.PH + i;
+            if (ih < 0 || ih >= s.H) continue;
+            const T* in = row + n * L + oh * s.WO;
+            T* dst = plane + ih * s.W - s.PW + j;
+            if (s.SW == 1) {
+#pragma omp simd
+              for (int64_t ow = lo; ow < hi; ++ow) dst[ow] += in[ow];
+            } else {
+              for (int64_t ow = lo; ow < hi; ++ow) dst[ow * s.SW] += in[ow];
+            }
+          }
+        }
+      }
+}
+
+// A per-task tensor (rank `per_task_dim`) or a shared one (one rank less): its task stride
+// (0 if shared), after checking that each task's block is contiguous.
+int64_t task_stride(const at::Tensor& t, int64_t per_task_dim, const char* name) {
+  FM_CHECK_DEVICE(t, kCPU);
+  if (t.dim() == per_task_dim - 1) {
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+    return 0;
+  }
+  TORCH_CHECK(t.dim() == per_task_dim, name, " must have ", per_task_dim - 1, " or ", per_task_dim, " dims, got ",
+              t.sizes());
+  TORCH_CHECK(t.size(0) == 0 || t[0].is_contiguous(), name, ": each task's block must be contiguous");
+  TORCH_CHECK(t.stride(0) >= 0, name, ": negative task stride");
+  return t.stride(0);
+}
+
+ConvShape make_shape(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArrayRef kernel,
+                     at::IntArrayRef stride, at::IntArrayRef padding) {
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2,
+              "kernel_size, stride and padding must have two values each");
+  ConvShape s{T, N, C, H, W, O, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], 0, 0};
+  TORCH_CHECK(s.SH >= 1 && s.SW >= 1 && s.PH >= 0 && s.PW >= 0 && s.KH >= 1 && s.KW >= 1,
+              "stride and kernel must be >= 1 and padding >= 0");
+  s.HO = (H + 2 * s.PH - s.KH) / s.SH + 1;
+  s.WO = (W + 2 * s.PW - s.KW) / s.SW + 1;
+  TORCH_CHECK(H + 2 * s.PH >= s.KH && W + 2 * s.PW >= s.KW, "the kernel is larger than the padded input");
+  return s;
+}
+
+// Per-thread scratch, uninitialised (a std::vector would zero it on every call).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
+}
+
+at::Tensor task_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                       at::IntArrayRef stride, at::IntArrayRef padding) {
+  FM_CHECK_INPUT(x, kCPU);
+  FM_CHECK_FLOATING(x);
+  FM_CHECK_DIM(x, 5);
+  FM_CHECK_SAME_DTYPE(w, x);
+  const int64_t w_ts = task_stride(w, 5, "w");
+  TORCH_CHECK(w.dim() == 4 || w.size(0) == x.size(0), "w must have T = ", x.size(0), " tasks, got ", w.sizes());
+  TORCH_CHECK(w.size(-3) == x.size(2), "w has ", w.size(-3), " input channels, x ", x.size(2));
+  const ConvShape s = make_shape(x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), w.size(-4),
+                                 {w.size(-2), w.size(-1)}, stride, padding);
+  int64_t b_ts = 0;
+  if (b.has_value()) {
+    FM_CHECK_SAME_DTYPE(*b, x);
+    b_ts = task_stride(*b, 2, "b");
+    TORCH_CHECK(b->size(-1) == s.O && (b->dim() == 1 || b->size(0) == s.T), "b must be [O] or [T, O], got ",
+                b->sizes());
+  }
+  at::Tensor y = at::empty({s.T, s.N, s.O, s.HO, s.WO}, x.options());
+  if (y.numel() == 0) return y;
+  dispatch_floating(x.scalar_type(), "task_conv2d", [&](auto tag_) {
+    using T_ = decltype(tag_);
+    const T_* xp = x.data_ptr<T_>();
+    const T_* wp = w.data_ptr<T_>();
+    const T_* bp = b.has_value() ? b->data_ptr<T_>() : nullptr;
+    T_* yp = y.data_ptr<T_>();
+    const int64_t K = s.K(), L = s.L(), nb = s.chunk(), chunks = s.chunks();
+    const std::vector<int32_t> table = tap_offsets(s);
+    at::parallel_for(0, s.T * chunks, 1, [&](int64_t i0, int64_t i1) {
+      auto cols = scratch<T_>(K * nb * L);
+      auto out = scratch<T_>(s.O * nb * L);
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t t = item / chunks, n0 = (item % chunks) * nb, n = std::min(nb, s.N - n0);
+        im2col<T_>(xp + (t * s.N + n0) * s.C * s.H * s.W, s, table.data(), n, cols.get());
+        // One example: the GEMM's [O, L] is y's own layout; more: [O, n·L], then scattered.
+        T_* dst = yp + (t * s.N + n0) * s.O * L;
+        T_* target = n == 1 ? dst : out.get();
+        matmul<T_>(s.O, n * L, K, wp + t * w_ts, K, 1, cols.get(), n * L, 1, target, n * L, false);
+        for (int64_t e = 0; e < n; ++e)
+          for (int64_t o = 0; o < s.O; ++o) {
+            const T_ bias = bp ? bp[t * b_ts + o] : T_(0);
+            const T_* src = target + o * n * L + e * L;
+            T_* row = dst + (e * s.O + o) * L;
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) row[l] = src[l] + bias;
+          }
+      }
+    });
+  });
+  return y;
+}
+
+at::Tensor task_conv2d_input_grad(const at::Tensor& grad_out, const at::Tensor& w, at::IntArrayRef input_size,
+                                  at::IntArrayRef stride, at::IntArrayRef padding) {
+  FM_CHECK_INPUT(grad_out, kCPU);
+  FM_CHECK_FLOATING(grad_out);
+  FM_CHECK_DIM(grad_out, 5);
+  FM_CHECK_SAME_DTYPE(w, grad_out);
+  const int64_t w_ts = task_stride(w, 5, "w");
+  TORCH_CHECK(input_size.size() == 2, "input_size must have two values");
+  const int64_t T = grad_out.size(0), O = grad_out.size(2);
+  TORCH_CHECK(w.dim() == 4 || w.size(0) == T, "w must have T = ", T, " tasks, got ", w.sizes());
+  TORCH_CHECK(w.size(-4) == O, "w has ", w.size(-4), " output channels, grad_out ", O);
+  const ConvShape s = make_shape(T, grad_out.size(1), w.size(-3), input_size[0], input_size[1], O,
+                                 {w.size(-2), w.size(-1)}, stride, padding);
+  TORCH_CHECK(s.HO == grad_out.size(3) && s.WO == grad_out.size(4), "grad_out's maps are ", grad_out.sizes(),
+              ", the geometry gives ", s.HO, "x", s.WO);
+  at::Tensor dx = at::empty({s.T, s.N, s.C, s.H, s.W}, grad_out.options());
+  if (dx.numel() == 0) return dx;
+  dispatch_floating(grad_out.scalar_type(), "task_conv2d_input_grad", [&](auto tag_) {
+    using T_ = decltype(tag_);
+    const T_* gp = grad_out.data_ptr<T_>();
+    const T_* wp = w.data_ptr<T_>();
+    T_* dxp = dx.data_ptr<T_>();
+    const int64_t K = s.K(), L = s.L(), nb = s.chunk(), chunks = s.chunks(), image = s.C * s.H * s.W;
+    at::parallel_for(0, s.T * chunks, 1, [&](int64_t i0, int64_t i1) {
+      auto dcols = scratch<T_>(K * nb * L);
+      auto gathered = scratch<T_>(s.O * nb * L);
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t t = item / chunks, n0 = (item % chunks) * nb, n = std::min(nb, s.N - n0);
+        // dY_t as [O, n·L]: one example's [O, L] is grad_out's own layout.
+        const T_* g = gp + (t * s.N + n0) * s.O * L;
+        const T_* dy = g;
+        if (n > 1) {
+          for (int64_t e = 0; e < n; ++e)
+            for (int64_t o = 0; o < s.O; ++o)
+              std::copy(g + (e * s.O + o) * L, g + (e * s.O + o + 1) * L, gathered.get() + o * n * L + e * L);
+          dy = gathered.get();
+        }
+        matmul<T_>(K, n * L, s.O, wp + t * w_ts, 1, K, dy, n * L, 1, dcols.get(), n * L, false);
+        T_* d = dxp + (t * s.N + n0) * image;
+        std::fill(d, d + n * image, T_(0));
+        col2im<T_>(dcols.get(), s, n, d);
+      }
+    });
+  });
+  return dx;
+}
+
+at::Tensor task_conv2d_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, bool shared) {
+  FM_CHECK_INPUT(grad_out, kCPU);
+  FM_CHECK_INPUT(x, kCPU);
+  FM_CHECK_FLOATING(x);
+  FM_CHECK_SAME_DTYPE(grad_out, x);
+  FM_CHECK_DIM(x, 5);
+  FM_CHECK_DIM(grad_out, 5);
+  TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1),
+              "grad_out and x must share [T, N], got ", grad_out.sizes(), " and ", x.sizes());
+  const ConvShape s = make_shape(x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), grad_out.size(2),
+                                 kernel_size, stride, padding);
+  TORCH_CHECK(s.HO == grad_out.size(3) && s.WO == grad_out.size(4), "grad_out's maps are ", grad_out.sizes(),
+              ", the geometry gives ", s.HO, "x", s.WO);
+  const int64_t K = s.K(), L = s.L(), OK = s.O * K;
+  at::Tensor dw = shared ? at::empty({s.O, s.C, s.KH, s.KW}, x.options())
+                         : at::empty({s.T, s.O, s.C, s.KH, s.KW}, x.options());
+  if (dw.numel() == 0) return dw;
+  dispatch_floating(x.scalar_type(), "task_conv2d_weight_grad", [&](auto tag_) {
+    using T_ = decltype(tag_);
+    const T_* gp = grad_out.data_ptr<T_>();
+    const T_* xp = x.data_ptr<T_>();
+    T_* dwp = dw.data_ptr<T_>();
+    const int64_t nb = s.chunk(), chunks = s.chunks();
+    const std::vector<int32_t> table = tap_offsets(s);
+    // dW [O, K] (+)= dY [O, n·L] · colsᵀ over the items [i0, i1) (one task's chunks, or any
+    // when shared); the first item writes, the rest add.
+    auto accumulate = [&](int64_t i0, int64_t i1, T_* dw_out, T_* cols, T_* gathered) {
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t t = item / chunks, n0 = (item % chunks) * nb, n = std::min(nb, s.N - n0);
+        im2col<T_>(xp + (t * s.N + n0) * s.C * s.H * s.W, s, table.data(), n, cols);
+        const T_* g = gp + (t * s.N + n0) * s.O * L;
+        if (L >= kPerExampleL) {  // dY_t straight from grad_out, one GEMM per example
+          for (int64_t e = 0; e < n; ++e)
+            matmul<T_>(s.O, K, L, g + e * s.O * L, L, 1, cols + e * L, 1, n * L, dw_out, K, item > i0 || e > 0);
+          continue;
+        }
+        const T_* dy = g;  // else gathered to [O, n·L] for one GEMM (one example's is grad_out's layout)
+        if (n > 1) {
+          for (int64_t e = 0; e < n; ++e)
+            for (int64_t o = 0; o < s.O; ++o)
+              std::copy(g + (e * s.O + o) * L, g + (e * s.O + o + 1) * L, gathered + o * n * L + e * L);
+          dy = gathered;
+        }
+        matmul<T_>(s.O, K, n * L, dy, n * L, 1, cols, 1, n * L, dw_out, K, item > i0);
+      }
+    };
+    if (s.N == 0 || s.T == 0) {
+      std::fill(dwp, dwp + dw.numel(), T_(0));
+    } else if (!shared) {
+      at::parallel_for(0, s.T, 1, [&](int64_t t0, int64_t t1) {
+        auto cols = scratch<T_>(K * nb * L);
+        auto gathered = scratch<T_>(s.O * nb * L);
+        for (int64_t t = t0; t < t1; ++t) accumulate(t * chunks, (t + 1) * chunks, dwp + t * OK, cols.get(), gathered.get());
+      });
+    } else {
+      // Summed over tasks: the items split into one part per thread, each part's dW
+      // accumulated on its own and the parts added in order (deterministic for a given
+      // thread count).
+      const int64_t items = s.T * chunks;
+      const int64_t parts = std::min<int64_t>(items, at::get_num_threads());
+      std::vector<T_> partial((parts - 1) * OK);
+      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+        auto cols = scratch<T_>(K * nb * L);
+        auto gathered = scratch<T_>(s.O * nb * L);
+        for (int64_t p = p0; p < p1; ++p)
+          accumulate(p * items / parts, (p + 1) * items / parts, p == 0 ? dwp : partial.data() + (p - 1) * OK,
+                     cols.get(), gathered.get());
+      });
+      for (int64_t p = 1; p < parts; ++p)
+#pragma omp simd
+        for (int64_t v = 0; v < OK; ++v) dwp[v] += partial[(p - 1) * OK + v];
+    }
+  });
+  return dw;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastmeta
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
+  m.impl("task_conv2d", &fastmeta::cpu::task_conv2d);
+  m.impl("task_conv2d_input_grad", &fastmeta::cpu::task_conv2d_input_grad);
+  m.impl("task_conv2d_weight_grad", &fastmeta::cpu::task_conv2d_weight_grad);
+}
