@@ -156,7 +156,9 @@ def _add_to_digest(digest, value) -> None:
         tensor = value.detach()
         if tensor.layout != torch.strided:
             tensor = tensor.to_dense()
-        tensor = tensor.resolve_conj().resolve_neg().cpu().contiguous()
+        tensor = tensor.resolve_conj().resolve_neg().cpu()
+        # A fresh tensor: ``contiguous()`` keeps a size-1 dim's stride, which may be 0.
+        tensor = torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
         digest.update(f"tensor {tensor.dtype} {list(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     elif isinstance(value, dict):

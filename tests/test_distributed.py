@@ -471,6 +471,7 @@ def _sinusoid_config(iterations: int):
     return dataclasses.replace(
         training.PRESETS["sinusoid"], iterations=iterations, meta_batch=5, log_every=1, checkpoint_every=2,
         validate_every=1, validation_tasks=5,
+        outer_lr_schedule="constant",  # the cosine spans a run's iterations: a longer resume reshapes it
     )
 
 

@@ -57,6 +57,8 @@ def finite_difference_error(learner, tasks, names, directions=2, eps=1e-6, meta_
                 for name, shift in shifts.items():
                     params[name].sub_(shift)
 
+    # An option's name covers its parameter list's entries ("log_lrs" is log_lrs.0, .1, ...).
+    names = [n for n in params if any(n == x or n.startswith(x + ".") for x in names)]
     got, want = [], []
     for name in names:
         p = params[name]

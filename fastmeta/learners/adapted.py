@@ -83,7 +83,10 @@ def adapt_in_place(
             "to leave them unadapted"
         )
     stepped = [(k, g) for k, g in zip(index, grads) if g is not None]
+    set_values = learner.step_set_values(step)  # MAML++'s per-step BatchNorm weights
     if not stepped:
+        if set_values:
+            tree.write(modules, [set_values.get(k) for k in range(len(params))])
         return
     current = [params[k] for k, _ in stepped]
     grads = [g for _, g in stepped]
@@ -99,6 +102,8 @@ def adapt_in_place(
     updated: list[Tensor | None] = [None] * len(params)
     for (k, _), t in zip(stepped, new):
         updated[k] = t
+    for k, value in set_values.items():
+        updated[k] = value
     tree.write(modules, updated)
 
 

@@ -114,6 +114,12 @@ class MetaLearner(ModelAttributes, nn.Module):
         changes this too."""
         return None
 
+    def step_set_values(self, step: int) -> dict[int, Tensor]:
+        """For ``clone()/adapt()``: parameters (by index, ``named_parameters()`` order)
+        whose value after inner step ``step`` the learner sets instead of stepping them
+        (MAML++'s per-step BatchNorm weights; see :class:`StepRule`)."""
+        return {}
+
     def per_parameter_lrs(self) -> list[Tensor] | None:
         """MetaSGD's rates, one tensor per parameter shaped like it, when the step rule is
         exactly θ − lrs ⊙ g at every step (a clone's ``lrs``); else None."""

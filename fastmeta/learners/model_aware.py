@@ -232,12 +232,18 @@ class ModelAwareMAML(MetaLearner):
             set_values = (self._bn_index, self.bn_per_step[min(step, self.steps - 1)])
         return StepRule(lr, mask, precond, segments, set_values)
 
+    def step_set_values(self, step: int) -> dict[int, Tensor]:
+        if not self.per_step_bn:
+            return {}
+        row = self.bn_per_step[min(step, self.steps - 1)]
+        values, at = {}, 0
+        for k in sorted(self._per_state, key=lambda k: self.layout.segments[k].offset):
+            segment = self.layout.segments[k]
+            values[k] = row[at:at + segment.numel].view(segment.shape)
+            at += segment.numel
+        return values
+
     def step_coefficients(self, step: int, like: Tensor) -> list[Tensor]:
-        if self.per_step_bn:
-            raise ValueError(
-                "per_step_bn: clone()/adapt() cannot set per-step BatchNorm weights; use meta_batch, "
-                "or ModelAwareMAML(..., per_step_bn=False)"
-            )
         return self._engine.segment_coefficients(self.step_rule(step, like))
 
     def per_parameter_lrs(self) -> list[Tensor] | None:
