@@ -230,6 +230,10 @@ std::tuple<at::Tensor, at::Tensor> mlp_meta_step_update(
   }
   const at::Tensor theta = mlp_entry::gather(params);
   const int64_t T = support_x.size(0);
+  // A sampler's support and query sets are often views of one tensor: the kernel reads
+  // dense rows (no copy when they already are).
+  const at::Tensor sx = support_x.contiguous(), sy = support_y.contiguous();
+  const at::Tensor qx = query_x.contiguous(), qy = query_y.contiguous();
   at::Tensor w = at::empty({T}, theta.options());
   at::Tensor mean = at::empty({}, theta.options());
   at::Tensor losses, d_theta;
@@ -238,8 +242,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_meta_step_update(
     using scalar_t = decltype(tag_);
     scalar_t* wp = w.data_ptr<scalar_t>();
     for (int64_t t = 0; t < T; ++t) wp[t] = scalar_t(1) / scalar_t(T);
-    auto out = Core(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr,
-                    steps, first_order, 1, w, false);
+    auto out = Core(theta, layer_sizes, act, negative_slope, sx, sy, qx, qy, loss_kind, lr.contiguous(), steps,
+                    first_order, 1, w, false);
     losses = std::get<0>(out);
     d_theta = std::get<2>(out);
     const scalar_t* l = losses.data_ptr<scalar_t>();

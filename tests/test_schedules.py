@@ -92,7 +92,9 @@ def test_training_applies_the_schedules_to_both_learners(tmp_path, monkeypatch, 
         outer_lr_schedule="cosine", multi_step_loss_iterations=4, first_order_iterations=2,
     )
     calls = spy_on_meta_batch(monkeypatch)
-    training.train(config, tmp_path, test_tasks=5, progress=False, echo=lambda *a, **k: None)
+    # Eager, so that every iteration is a meta_batch call (test_training_whole_step.py checks
+    # that the whole step follows the same schedules).
+    training.train(config, tmp_path, test_tasks=5, progress=False, echo=lambda *a, **k: None, eager=True)
     assert [c[1] for c in calls] == [True, True, False, False, False, False]
     assert [c[0] for c in calls] == [multi_step_loss_weights(i, 2, 4) for i in range(6)]
     logged = [r["outer_lr"] for r in read_metrics(tmp_path) if r["kind"] == "train"]

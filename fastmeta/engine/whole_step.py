@@ -52,6 +52,7 @@ class CapturedMetaStep:
                     raise ValueError("the optimizer holds tensors that are not learner parameters")
         self._meta_batch = meta_batch
         self.optimizer = optimizer
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=inputs[0].device)
         self.static_inputs = tuple(t.clone() for t in inputs)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         saved_params = [p.detach().clone() for p in params]
@@ -67,9 +68,12 @@ class CapturedMetaStep:
                 self._iteration()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
+        self.iteration = 0
         optimizer.zero_grad(set_to_none=False)
         with torch.cuda.graph(self.graph):
             self.static_output = self._iteration()
+            # Recorded on the device, read only by check_finite: no sync per replay.
+            self.nonfinite.logical_or_(~torch.isfinite(self.static_output.loss.detach()))
         # Undo the warm-up's training, in place: the graph holds these addresses.
         with torch.no_grad():
             for p, saved in zip(params, saved_params):
@@ -106,12 +110,24 @@ class CapturedMetaStep:
                 )
             static.copy_(new, non_blocking=True)
         self.graph.replay()
+        self.iteration += 1
         out = self.static_output
         return MetaBatchOutput(
             out.loss.detach().clone(),
             out.task_loss.detach().clone(),
             None if out.accuracy is None else out.accuracy.clone(),
         )
+
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError if a replay since capture had a non-finite query loss.
+        Reads one flag (a sync): call it every N iterations, and before keeping the
+        parameters (a checkpoint). Unlike eager training, which raises at the iteration
+        itself, the graph has applied that iteration's update."""
+        if bool(self.nonfinite):
+            raise FloatingPointError(
+                f"a non-finite query loss in the {self.iteration} replays of the captured step so far; the "
+                "parameters may be non-finite (keep the last checkpoint)")
 
 
 class FusedMLPStep:

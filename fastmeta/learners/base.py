@@ -220,6 +220,7 @@ class MetaLearner(ModelAttributes, nn.Module):
         query_y: Tensor,
         *,
         warmup: int = 3,
+        first_order: bool | None = None,
     ) -> CapturedMetaStep | FusedMLPStep:
         """A whole meta-iteration (with ``optimizer.step()``) as one replayable step.
 
@@ -228,24 +229,26 @@ class MetaLearner(ModelAttributes, nn.Module):
         :class:`fastmeta.engine.FusedMLPStep`, the iteration and Adam's update in one fused
         op (other models on the CPU raise ValueError: train them through ``meta_batch``).
         Call the result with each new meta-batch of the same shapes. See
-        :mod:`fastmeta.engine.whole_step` for the rules.
+        :mod:`fastmeta.engine.whole_step` for the rules. first_order: the meta-gradient's
+        order for this step (default: the learner's).
         """
+        first_order = self.first_order if first_order is None else bool(first_order)
         self._check_batch_norm_mode("capture")
         inputs = (support_x, support_y, query_x, query_y)
         engine = self._engine
         if support_x.device.type == "cpu":
             return engine.fused_update_step(optimizer, list(self.parameters()), inputs, rule=self, steps=self.steps,
-                                            first_order=self.first_order, validate=self.validate)
+                                            first_order=first_order, validate=self.validate)
         engine.refresh()
         # Validation once, eagerly, on the meta-batch given at capture; the graph runs
         # unvalidated (a check that syncs cannot be captured).
         engine.check_tasks(self.validate, support_x=support_x, support_y=support_y, query_x=query_x,
                            query_y=query_y)
         with torch.no_grad():
-            self._meta_batch(*inputs, self.task_chunk, self.validate)
+            self._meta_batch(*inputs, self.task_chunk, self.validate, first_order=first_order)
 
         def step(sx, sy, qx, qy) -> MetaBatchOutput:
-            return self._meta_batch(sx, sy, qx, qy, self.task_chunk, False)
+            return self._meta_batch(sx, sy, qx, qy, self.task_chunk, False, first_order=first_order)
 
         return CapturedMetaStep(step, list(self.parameters()), optimizer, inputs, warmup)
 

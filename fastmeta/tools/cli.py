@@ -178,6 +178,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-tasks", type=_positive_int, default=600, metavar="N", help="tasks of the final test (default: 600)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--eager", action="store_true",
+        help="run each iteration op by op (meta_batch, backward, optimizer.step) instead of as one whole step "
+        "(a CUDA graph on a GPU; one fused call for a plain MLP on the CPU)",
+    )
+    parser.add_argument(
         "--nproc", type=_positive_int, default=None, metavar="N",
         help="train with N processes on this node (one per GPU): re-runs this command under torchrun; "
         "for several nodes run torchrun yourself (docs/distributed.md)",
@@ -230,7 +235,8 @@ def _run_train(args) -> int:
         config = dataclasses.replace(config, data_path=data_path or saved.data_path)
     device = _select_device(args)
     try:
-        training.train(config, out, resume=args.resume, device=device, test_tasks=args.test_tasks, progress=False if args.no_progress else None)
+        training.train(config, out, resume=args.resume, device=device, test_tasks=args.test_tasks, progress=False if args.no_progress else None,
+                       eager=args.eager)
     except distributed.RankFailedError as error:  # another rank failed; its own traceback is in its output
         print(f"fastmeta train: {error}", file=sys.stderr)
         return 1

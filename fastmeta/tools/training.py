@@ -339,6 +339,15 @@ class Run:
     def restore(self, state: dict) -> None:
         self.learner.load_state_dict(state["learner"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # A run saved by a CUDA graph keeps a capturable Adam with a tensor rate: on a GPU it
+        # stays so (on this device), elsewhere Adam goes back to a plain rate.
+        for group in self.optimizer.param_groups:
+            if self.device.type == "cuda" and group.get("capturable"):
+                make_capturable(self.optimizer, self.device)
+                break
+            group["capturable"] = False
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = float(group["lr"])
         checkpoint.set_rng_state(state["rng"])
 
 
@@ -587,8 +596,13 @@ def train(
     test_tasks: int = 600,
     progress: bool | None = None,
     echo=print,
+    eager: bool = False,
 ) -> dict:
     """Train (or resume) a run in folder ``out``; returns the final test results.
+
+    Iterations run as whole steps where they apply (:class:`WholeStep`: a CUDA graph on a
+    GPU, one fused C++ call for a plain MLP on the CPU); ``eager=True`` runs each one as
+    ``meta_batch``, ``backward`` and ``optimizer.step()``.
 
     ``progress=None`` shows the tqdm bar when stderr is a terminal. Raises FileExistsError
     when ``out`` already holds a checkpoint and ``resume`` is False.
@@ -598,7 +612,8 @@ def train(
     0 writes files, prints and shows the bar. A rank that fails stops all of them.
     """
     with distributed.init_from_env(device) as context:  # one process, no torchrun: a world of 1
-        return _train(config, out, context, resume=resume, test_tasks=test_tasks, progress=progress, echo=echo)
+        return _train(config, out, context, resume=resume, test_tasks=test_tasks, progress=progress, echo=echo,
+                      eager=eager)
 
 
 class _NoMetrics:
@@ -611,7 +626,8 @@ class _NoMetrics:
         pass
 
 
-def _train(config: RunConfig, out, context: distributed.DistributedContext, *, resume, test_tasks, progress, echo) -> dict:
+def _train(config: RunConfig, out, context: distributed.DistributedContext, *, resume, test_tasks, progress, echo,
+           eager=False) -> dict:
     device = context.device
     if not context.is_main:
         echo = lambda *args, **kwargs: None  # noqa: E731  (rank 0 speaks for the run)
@@ -646,7 +662,8 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        return _train_loop(config, out, context, run, parallel, start, elapsed_before, saved, test_tasks, progress, echo)
+        return _train_loop(config, out, context, run, parallel, start, elapsed_before, saved, test_tasks, progress, echo,
+                           eager)
     except BaseException:
         if created:
             _remove_if_nothing_was_written(out)
@@ -664,18 +681,107 @@ def _remove_if_nothing_was_written(out: Path) -> None:
         pass
 
 
-def _train_loop(config, out, context, run, parallel, start, elapsed_before, saved, test_tasks, progress, echo) -> dict:
+def set_outer_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """The meta learning rate of every group; a tensor rate (a captured step's) in place."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
+
+
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Adam as a CUDA graph can hold it: ``capturable`` (its step count on the device) and
+    its rate a device tensor, so that a schedule changes the rate between replays. The
+    state and the update's arithmetic are Adam's own; a checkpoint keeps these settings."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor) or lr.device != device:
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+    optimizer.defaults["capturable"] = True
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and step.device != device:
+            state["step"] = step.to(device=device, dtype=torch.float32)
+
+
+class WholeStep:
+    """``fastmeta train``'s whole-step execution: each iteration (meta-gradient and Adam's
+    update) as one replayable step from ``learner.capture``: a CUDA graph on a GPU, the
+    fused C++ meta-step with torch's fused Adam inside for a plain MLP on the CPU.
+
+    It applies to an iteration whose schedule is plain (no multi-step loss weights besides
+    the last step's), in one process (several ranks all-reduce the meta-gradient between
+    the backward and the update), unless ``eager``. One step is built per meta-gradient
+    order the run uses (derivative-order annealing uses two). A model the whole step does
+    not take (learned rates on the CPU, a conv net on the CPU, ...) trains eagerly, and
+    :attr:`reason` says why.
+
+    Validation: the CUDA graph validates the meta-batch once, at capture; the CPU step
+    checks every meta-batch in its kernel. Neither syncs per iteration: a non-finite loss
+    is flagged on the device and :meth:`check_finite` (a sync) raises, which the training
+    loop calls before it logs, validates or writes a checkpoint, so a non-finite run never
+    overwrites the last good checkpoint.
+    """
+
+    def __init__(self, run: "Run", context, eager: bool):
+        self.run = run
+        self.steps: dict[bool, object] = {}
+        self.reason = None
+        if eager:
+            self.reason = "--eager"
+        elif context.is_distributed:
+            self.reason = "several ranks: the meta-gradient is all-reduced between the backward and the update"
+
+    @staticmethod
+    def plain(schedule) -> bool:
+        weights = schedule.step_weights
+        return weights is None or (not any(weights[:-1]) and weights[-1] == 1)
+
+    def step_for(self, schedule, batch):
+        """The whole step for this iteration, or None (eager)."""
+        if self.reason is not None or not self.plain(schedule):
+            return None
+        step = self.steps.get(schedule.first_order)
+        if step is None:
+            run = self.run
+            try:
+                if run.device.type == "cuda":
+                    make_capturable(run.optimizer, run.device)
+                step = run.learner.capture(run.optimizer, *batch, first_order=schedule.first_order)
+            except ValueError as error:
+                self.reason = str(error)
+                return None
+            self.steps[schedule.first_order] = step
+        return step
+
+    @property
+    def execution(self) -> str:
+        return "whole-step" if self.steps else "eager"
+
+    def check_finite(self) -> None:
+        for step in self.steps.values():
+            step.check_finite()
+
+
+def _train_loop(config, out, context, run, parallel, start, elapsed_before, saved, test_tasks, progress, echo,
+                eager=False) -> dict:
     checkpoint_path = out / CHECKPOINT_NAME
     # This rank's shard of every meta-batch (all of it in one process), drawn ahead in blocks.
     meta_batches = _meta_batches(run.sampler("train", config.seed), range(start, config.iterations), context.shard(config.meta_batch))
     metrics = MetricsLog(out / METRICS_NAME, keep_through=start if saved is not None else None) if context.is_main else _NoMetrics()
     learner, optimizer = run.learner, run.optimizer
 
+    whole_step = WholeStep(run, context, eager)
+
     def save(iteration: int) -> None:
+        whole_step.check_finite()  # before replacing the last good checkpoint
         if context.is_main:
             checkpoint.save(run.state(iteration, elapsed_before + time.perf_counter() - started), checkpoint_path)
 
     def validate(iteration: int) -> None:
+        whole_step.check_finite()
         steps = config.validation_steps
         results = evaluate(run, "val", config.validation_tasks, (steps,), context=context)
         for record in result_records("val", iteration, config, config.validation_tasks, results):
@@ -691,6 +797,7 @@ def _train_loop(config, out, context, run, parallel, start, elapsed_before, save
     window_start, window_iterations = started, 0
     loss_sum = torch.zeros((), device=run.device)
     accuracy_sum = torch.zeros((), device=run.device)
+    accuracy_iterations = 0  # the CPU whole step returns no accuracy
     bar = tqdm(
         total=config.iterations, initial=start, desc=config.preset, unit="it", dynamic_ncols=True,
         disable=None if progress is None else not progress,  # None: shown on a terminal only
@@ -699,28 +806,37 @@ def _train_loop(config, out, context, run, parallel, start, elapsed_before, save
     try:
         with _StopRequest() as stop:
             for iteration in range(start, config.iterations):
-                optimizer.zero_grad(set_to_none=True)
                 schedule = iteration_schedule(config, iteration)
-                for group in optimizer.param_groups:
-                    group["lr"] = schedule.outer_lr
-                # This rank's shard of the meta-batch (all of it in one process); on exit the
-                # meta-gradient is the mean over all tasks on every rank, and a stop request
-                # on any rank stops every rank after this same iteration.
-                with parallel.meta_step(config.meta_batch, stop_requested=lambda: stop.signal_number is not None) as step:
-                    output = learner.meta_batch(
-                        *next(meta_batches), step_weights=schedule.step_weights, first_order=schedule.first_order
-                    )
-                    step.backward(output)
-                optimizer.step()
+                set_outer_lr(optimizer, schedule.outer_lr)
+                batch = next(meta_batches)
+                replay = whole_step.step_for(schedule, batch)
+                if replay is not None:
+                    output = replay(*batch)
+                    step_loss, step_accuracy = output.loss, output.accuracy
+                    should_stop = stop.signal_number is not None
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    # This rank's shard of the meta-batch (all of it in one process); on exit the
+                    # meta-gradient is the mean over all tasks on every rank, and a stop request
+                    # on any rank stops every rank after this same iteration.
+                    with parallel.meta_step(config.meta_batch,
+                                            stop_requested=lambda: stop.signal_number is not None) as step:
+                        output = learner.meta_batch(*batch, step_weights=schedule.step_weights,
+                                                    first_order=schedule.first_order)
+                        step.backward(output)
+                    optimizer.step()
+                    step_loss, step_accuracy, should_stop = step.loss, step.accuracy, step.should_stop
                 # Summed on the device: reading a loss every iteration would sync the GPU.
-                loss_sum += step.loss
-                if step.accuracy is not None:
-                    accuracy_sum += step.accuracy
+                loss_sum += step_loss
+                if step_accuracy is not None:
+                    accuracy_sum += step_accuracy
+                    accuracy_iterations += 1
                 window_iterations += 1
                 done = iteration + 1
                 bar.update(1)
 
                 if done % config.log_every == 0 or done == config.iterations:
+                    whole_step.check_finite()
                     now = time.perf_counter()
                     record = {
                         "kind": "train",
@@ -729,21 +845,23 @@ def _train_loop(config, out, context, run, parallel, start, elapsed_before, save
                         "iterations_per_second": window_iterations / max(now - window_start, 1e-9),
                         "seconds": elapsed_before + now - started,
                         "outer_lr": schedule.outer_lr,
+                        "execution": whole_step.execution if replay is not None else "eager",
                     }
                     postfix = {"loss": f"{record['loss']:.4f}"}
-                    if output.accuracy is not None:
-                        record["accuracy"] = accuracy_sum.item() / window_iterations
+                    if accuracy_iterations:
+                        record["accuracy"] = accuracy_sum.item() / accuracy_iterations
                         postfix["acc"] = f"{100 * record['accuracy']:.1f}%"
                     metrics.write(record)
                     bar.set_postfix(postfix, refresh=False)
                     loss_sum.zero_()
                     accuracy_sum.zero_()
+                    accuracy_iterations = 0
                     window_start, window_iterations = now, 0
                 if done % config.validate_every == 0 and done != config.iterations:
                     validate(done)
-                if done % config.checkpoint_every == 0 or done == config.iterations or step.should_stop:
+                if done % config.checkpoint_every == 0 or done == config.iterations or should_stop:
                     save(done)
-                if step.should_stop:
+                if should_stop:
                     bar.close()
                     echo(f"fastmeta: stopped at iteration {done}; checkpoint in {checkpoint_path} (continue with --resume)")
                     # A rank that got no signal itself stops because another rank was terminated.
@@ -751,6 +869,7 @@ def _train_loop(config, out, context, run, parallel, start, elapsed_before, save
         bar.close()
         if start >= config.iterations:
             echo(f"fastmeta: {out} has already run {start} of {config.iterations} iterations")
+        whole_step.check_finite()
         total = elapsed_before + time.perf_counter() - started
         echo(f"fastmeta: trained {config.iterations} iterations in {total:.1f} s ({done - start} in this session)")
         results = evaluate(run, "test", test_tasks, config.test_steps, context=context)
