@@ -51,7 +51,12 @@ inline void check_params(at::TensorList params) {
 // θ as one flat buffer, in the order of the list (named_parameters order).
 inline at::Tensor gather(at::TensorList params) {
   check_params(params);
-  if (!params[0].is_cpu()) return at::cat(params.vec());  // one device copy (CUDA)
+  if (!params[0].is_cpu()) {  // one device copy (CUDA), of the parameters' flat views
+    std::vector<at::Tensor> flat;
+    flat.reserve(params.size());
+    for (const auto& p : params) flat.push_back(p.view({-1}));
+    return at::cat(flat);
+  }
   int64_t P = 0;
   for (const auto& p : params) P += p.numel();
   at::Tensor theta = at::empty({P}, params[0].options());

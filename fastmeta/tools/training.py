@@ -812,7 +812,8 @@ def _train_loop(config, out, context, run, parallel, start, elapsed_before, save
                 replay = whole_step.step_for(schedule, batch)
                 if replay is not None:
                     output = replay(*batch)
-                    step_loss, step_accuracy = output.loss, output.accuracy
+                    step_loss = output.loss
+                    step_accuracy = None if output.accuracy is None else output.accuracy.mean()
                     should_stop = stop.signal_number is not None
                 else:
                     optimizer.zero_grad(set_to_none=True)
