@@ -272,6 +272,34 @@ def test_fused_cuda_equals_unrolled_reference_fp32(extension, case):
         assert rel(a.cpu(), b.cpu()) <= 1e-5
 
 
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_takes_the_models_parameter_list(extension):
+    """The engine passes the model's own tensors (2-D weights, 1-D biases), not one flat θ:
+    the CUDA kernel gathers them and returns a gradient per tensor, as the reference does."""
+    import sys
+
+    module = sys.modules["fastmeta.ops.mlp_meta_step"]
+    layer_sizes, act, loss, lr_kind, steps, K, first_order = CASES[0]
+    theta, sx, sy, qx, qy, lr, _ = make_problem(layer_sizes, act, loss, lr_kind, steps, K, device="cuda")
+    shapes = [s for i, o in zip(layer_sizes[:-1], layer_sizes[1:]) for s in ((o, i), (o,))]
+    params = [t.view(s).clone().requires_grad_(True)
+              for t, s in zip(theta.split([int(torch.Size(s).numel()) for s in shapes]), shapes)]
+    results = {}
+    for backend in ("cuda", "torch"):
+        with fm.use_backend(backend), kernel_log("cuda") as (ran, declined):
+            mean, losses, _ = module.mlp_meta_step_mean(params, layer_sizes, act, 0.1, sx, sy, qx, qy, loss, lr,
+                                                        steps, first_order)
+            grads = torch.autograd.grad(mean, params)
+        if backend == "cuda":
+            assert ran["mlp_meta_step"] >= 1 and not declined
+        results[backend] = (mean.detach(), losses.detach(), grads)
+    (m1, l1, g1), (m2, l2, g2) = results["cuda"], results["torch"]
+    assert rel(m1.cpu(), m2.cpu()) <= 1e-5 and rel(l1.cpu(), l2.cpu()) <= 1e-5
+    for a, b in zip(g1, g2):
+        assert a.shape == b.shape and rel(a.cpu(), b.cpu()) <= 1e-4
+
+
 # The cases the fused CUDA kernel takes within an H100's/H200's 227 KiB of shared memory per
 # block (cudaDevAttrMaxSharedMemoryPerBlockOptin); the others decline to the reference.
 CASES_BEYOND_227_KIB = {"1.40.40.1-leaky_relu-mse-tensor-5-25-False"}
