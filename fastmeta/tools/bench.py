@@ -228,7 +228,8 @@ def fastmeta_contenders(settings: BenchmarkSettings, device: torch.device) -> li
 def fastmeta_graph_contenders(settings: BenchmarkSettings, device: torch.device) -> list[tuple[str, ContenderFactory]]:
     """fastmeta[auto]'s whole step: captured in a CUDA graph on CUDA, the fused
     ``learner.capture`` step on the CPU (skipped there with the reason for models it does
-    not cover). Run last in its row: a CUDA capture that fails midway is the one thing here that could leave the CUDA context unusable."""
+    not cover). On CUDA it runs last in its row: a capture that fails midway is the one thing
+    here that could leave the CUDA context unusable."""
     if not settings.fastmeta_graph:
         return []
     if settings.backends is not None and "auto" not in settings.backends:
@@ -415,11 +416,17 @@ def run_workload(
         tolerance = max(tolerance, FP32_ERROR_FACTOR * fp32_error)
         progress(f"{workload.name}: the fp32 per-task loop is up to {fp32_error:.1e} off float64 "
                  f"({FP32_SAMPLES} samples); tolerance {tolerance:.1e}")
+    # On the CPU the whole step runs beside fastmeta's other rows, before the peers: JAX's
+    # XLA threads keep spinning after its step and slowed a torch row timed after it by
+    # 1.6x (W1, 2-core Xeon: 0.413 ms alone, 0.661 ms after JAX). On CUDA the capture runs
+    # last (a capture that fails midway could leave the CUDA context unusable).
+    whole_step = fastmeta_graph_contenders(settings, device)
     rows = (
         fastmeta_contenders(settings, device)
+        + (whole_step if device.type == "cpu" else [])
         + peer_contenders(settings, device)
         + list(extra_contenders)
-        + fastmeta_graph_contenders(settings, device)
+        + (whole_step if device.type != "cpu" else [])
     )
     rows = [(name, factory) for name, factory in rows if name not in settings.skip]
     results = []
