@@ -227,3 +227,10 @@ def test_profile_on_the_cpu_prints_no_profiler_noise(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "fastmeta.meta_iteration" in proc.stdout
     assert proc.stderr == ""  # neither "gpuGetDeviceCount failed" nor Kineto's USDT lines
+    # The dispatch counter profiles too.
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastmeta", "profile", "W1", "--count", "--backend", "torch"],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "dispatches" in proc.stdout and proc.stderr == "", proc.stderr

@@ -30,7 +30,11 @@ from fastmeta.engine.types import MetaBatchOutput
 from fastmeta.engine.whole_step import FusedMLPStep
 from fastmeta.ops import LOSS_KINDS, inner_step, task_loss
 from fastmeta.ops.inner_step import step_coefficient
-from fastmeta.ops.mlp_meta_step import fused_kernel_takes, mlp_meta_step_mean, mlp_meta_step_update
+from fastmeta.ops.mlp_meta_step import (
+    bind_mlp_meta_step_update,
+    fused_kernel_takes,
+    mlp_meta_step_mean,
+)
 
 LossSpec = str | Callable[[Tensor, Tensor], Tensor] | None
 
@@ -516,9 +520,11 @@ class MetaIteration:
                                  f"{[x.size(0), x.size(1), out]}")
             return _as_dtype(y.reshape(x.size(0), x.size(1), out), like.dtype)
 
+        update = bind_mlp_meta_step_update(support_x.device.type)
+
         def run(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, sx, sy, qx, qy,
                 adam_lr, beta1, beta2, weight_decay, eps):
-            return mlp_meta_step_update(
+            return update(
                 params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, layer_sizes, act, slope,
                 sx, targets(sx, sy, "support"), qx, targets(qx, qy, "query"), kind, rates, steps, first_order,
                 adam_lr, beta1, beta2, weight_decay, eps)

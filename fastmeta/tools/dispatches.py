@@ -80,13 +80,15 @@ def count_events(events) -> DispatchCount:
         if name == "aten::_foreach_add_" and _inside(event, OPTIMIZER_RANGE) and _fused_step_follows(event, events):
             continue  # the fused optimizer's step counters: part of its one dispatch
         parent = _op_parent(event)
-        if name.startswith("fastmeta_ext::"):
+        if name.startswith("fastmeta_ext::") and _inside(event, ("fastmeta::",)):
             continue  # the native kernel of the fastmeta op around it: that op is the dispatch
         if parent is not None and not parent.name.startswith("fastmeta_ext::"):
             continue  # inside an aten op, or inside a fastmeta op's Python implementation
         count.dispatches += 1
         count.by_name[name] += 1
-        if name.startswith("fastmeta::"):
+        # A native kernel called directly (a bound op, see bind_mlp_meta_step_update) is
+        # the fastmeta op's dispatch.
+        if name.startswith(("fastmeta::", "fastmeta_ext::")):
             count.fastmeta_ops += 1
     return count
 

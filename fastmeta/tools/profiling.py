@@ -135,7 +135,7 @@ def profile_meta_iterations(
     device = torch.device(device)
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    with full_fp32(), fm.use_backend(backend or fm.current_backend()):
+    with full_fp32(), fm.use_backend(backend or fm.current_backend()), _quiet_profiler_log(torch.device("cpu")):
         torch.manual_seed(seed)
         model = workload.build_model().to(device)
         if learner == "maml":
@@ -201,7 +201,7 @@ def count_paths(workload: Workload, *, backend: str | None = None, first_order: 
     inner rates), ``learner.capture(optimizer, ...)``'s :class:`FusedMLPStep` per call."""
     import fastmeta as fm
 
-    with full_fp32(), fm.use_backend(backend or fm.current_backend()):
+    with full_fp32(), fm.use_backend(backend or fm.current_backend()), _quiet_profiler_log(torch.device("cpu")):
         torch.manual_seed(seed)
         model = workload.build_model()
         if learner == "maml":
