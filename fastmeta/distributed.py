@@ -65,7 +65,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -408,7 +407,7 @@ def _stalled_rank_job(context):
         time.sleep(5)  # stuck, not failed: only the collective timeout can end rank 0's wait
     learner, _ = build_case("maml")
     parallel = fmd.TaskParallel(learner, context, broadcast=False)
-    with parallel.meta_step(4) as step:
+    with parallel.meta_step(4):
         pass
     return "finished"
 

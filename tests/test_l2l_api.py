@@ -211,7 +211,6 @@ def test_allow_unused_as_in_learn2learn():
 def test_a_penalty_on_clone_parameters_counts_before_the_first_adapt():
     """Issue 13: before the first adapt, a term on clone.parameters() was silently dropped."""
     model = make_model("mlp").double()
-    x, y = torch.randn(6, 1, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
     learner = fm.MAML(model, 0.1)
     clone = learner.clone()
     clone.adapt(sum(p.pow(2).sum() for p in clone.parameters()))  # the penalty alone

@@ -24,7 +24,6 @@ task (``[T, *shape]``, a view of the fast-weight buffer) or shared (``shape``, a
 from __future__ import annotations
 
 import contextlib
-import operator
 import warnings
 from typing import Any, Callable
 

@@ -22,8 +22,6 @@ import importlib
 import json
 import signal
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastmeta.tools.command import Subcommand
