@@ -123,6 +123,10 @@ def test_a_changed_shape_names_the_argument(extension):
             step(sx, sy, qx[:, :2].repeat(1, 2, 1), qy)
         with pytest.raises(ValueError, match="support_y is .*float64"):
             step(sx, sy.double(), qx, qy)
+        before = [p.detach().clone() for p in learner.parameters()]
+        with pytest.raises(ValueError, match="support_x is .* on meta, but the step was built for .* on cpu"):
+            step(sx.to("meta"), sy, qx, qy)
+        assert all(torch.equal(p, b) for p, b in zip(learner.parameters(), before))
 
 
 def test_a_non_finite_iteration_is_skipped_and_reported(extension):

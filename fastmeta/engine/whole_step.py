@@ -103,10 +103,10 @@ class CapturedMetaStep:
             self.static_inputs,
             (support_x, support_y, query_x, query_y),
         ):
-            if new.shape != static.shape or new.dtype != static.dtype:
+            if new.shape != static.shape or new.dtype != static.dtype or new.device != static.device:
                 raise ValueError(
-                    f"{name} is {list(new.shape)} {new.dtype}, but the step was captured for "
-                    f"{list(static.shape)} {static.dtype}"
+                    f"{name} is {list(new.shape)} {new.dtype} on {new.device}, but the step was captured for "
+                    f"{list(static.shape)} {static.dtype} on {static.device}"
                 )
             static.copy_(new, non_blocking=True)
         self.graph.replay()
@@ -163,7 +163,7 @@ class FusedMLPStep:
         self._run = run
         self.params = list(parameters)
         self.optimizer = optimizer
-        self.shapes = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        self.shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
         self.iteration = 0
         self.nonfinite = torch.zeros(2, dtype=torch.int64)
 
@@ -181,11 +181,11 @@ class FusedMLPStep:
         return exp_avgs, exp_avg_sqs, steps
 
     def __call__(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> MetaBatchOutput:
-        for name, (shape, dtype), new in zip(("support_x", "support_y", "query_x", "query_y"), self.shapes,
-                                             (support_x, support_y, query_x, query_y)):
-            if tuple(new.shape) != shape or new.dtype != dtype:
-                raise ValueError(f"{name} is {list(new.shape)} {new.dtype}, but the step was built for "
-                                 f"{list(shape)} {dtype}")
+        for name, (shape, dtype, device), new in zip(("support_x", "support_y", "query_x", "query_y"), self.shapes,
+                                                     (support_x, support_y, query_x, query_y)):
+            if tuple(new.shape) != shape or new.dtype != dtype or new.device != device:
+                raise ValueError(f"{name} is {list(new.shape)} {new.dtype} on {new.device}, but the step was built "
+                                 f"for {list(shape)} {dtype} on {device}")
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         lr = group["lr"]
