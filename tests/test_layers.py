@@ -158,6 +158,8 @@ def test_the_checks_catch_a_cycle_and_an_upward_import():
 
 def test_nothing_points_outside_the_repository():
     """The repository stands alone: no path into a sibling folder of the checkout."""
+    # Spelled in pieces, so that this file does not name them itself.
+    SIBLING_MARKERS = ("../" + "shared", "BENCH" + "MARKS.md", "DES" + "IGN.md", "CONVEN" + "TIONS.md")
     hits = []
     for path in REPO.rglob("*"):
         if not path.is_file() or any(p in path.parts for p in (".git", ".venv", "__pycache__")) \
@@ -166,7 +168,7 @@ def test_nothing_points_outside_the_repository():
         if "egg-info" in str(path):
             continue
         text = path.read_text(errors="replace")
-        for marker in ("../shared", "BENCHMARKS.md", "DESIGN.md", "CONVENTIONS.md"):
-            if marker in text and path.name != "test_layers.py":
+        for marker in SIBLING_MARKERS:
+            if marker in text:
                 hits.append(f"{path.relative_to(REPO)}: {marker}")
     assert not hits, "\n".join(sorted(set(hits)))

@@ -756,10 +756,6 @@ class WholeStep:
             self.steps[schedule.first_order] = step
         return step
 
-    @property
-    def execution(self) -> str:
-        return "whole-step" if self.steps else "eager"
-
     def check_finite(self) -> None:
         for step in self.steps.values():
             step.check_finite()
@@ -846,7 +842,7 @@ def _train_loop(config, out, context, run, parallel, start, elapsed_before, save
                         "iterations_per_second": window_iterations / max(now - window_start, 1e-9),
                         "seconds": elapsed_before + now - started,
                         "outer_lr": schedule.outer_lr,
-                        "execution": whole_step.execution if replay is not None else "eager",
+                        "execution": "eager" if replay is None else "whole-step",
                     }
                     postfix = {"loss": f"{record['loss']:.4f}"}
                     if accuracy_iterations:
