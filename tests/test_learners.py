@@ -139,7 +139,7 @@ def test_model_aware_meta_gradient_equals_per_task_loop(kind, options, first_ord
             if not name.startswith("module."):
                 p.mul_(1 + 0.3 * torch.rand_like(p))
     tasks = make_tasks(kind)
-    selection = dict(zip([s.name for s in learner.layout.segments], learner.adapting()))
+    selection = dict(zip([s.name for s in learner.layout.segments], learner.plan().adapting))
     got, out = fastmeta_meta_gradient(learner, tasks)
     want, losses = loop_meta_gradient(
         learner, tasks, steps, first_order, adapting=lambda n: selection[n]

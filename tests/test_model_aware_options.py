@@ -80,7 +80,7 @@ def finite_difference_error(learner, tasks, names, directions=2, eps=1e-6, meta_
 
 
 def selection(learner):
-    adapting = dict(zip([s.name for s in learner.layout.segments], learner.adapting()))
+    adapting = dict(zip([s.name for s in learner.layout.segments], learner.plan().adapting))
     return lambda name: adapting[name]
 
 

@@ -451,7 +451,13 @@ def _launcher(spec: KernelSpec, device_type: str) -> Callable:
             return NotImplemented
         return op(*(prepare(*args) if prepare is not None else args))
 
+    def unchecked(*args):
+        return op(*(prepare(*args) if prepare is not None else args))
+
     launch.__name__ = f"{device_type}_{spec.name}"
+    # For a caller that has checked the arguments and asked the op's rule already
+    # (fastmeta.ops.registration.call_with_kernel): the same call without the checks.
+    launch.unchecked = unchecked
     return launch
 
 

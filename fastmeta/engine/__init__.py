@@ -1,5 +1,6 @@
 """The engine: the meta-iteration over all tasks at once.
 
+- :mod:`fastmeta.engine.plan`: the plan a learner hands the engine for each call;
 - :mod:`fastmeta.engine.task_weights`: the flat ``[T, P]`` buffer and its layout;
 - :mod:`fastmeta.engine.program`: the model program (``trace``: torch.fx → ops);
 - :mod:`fastmeta.engine.meta_iteration`: inner loop, losses, chunking, the fused path;
@@ -7,21 +8,17 @@
 - :mod:`fastmeta.engine.per_task_loop`: the plain per-task autograd loop, the reference
   the engine is tested and benchmarked against.
 
-The learners call the engine; only the engine calls the ops.
+The learners call the engine with a plan; the engine never calls back into a learner.
+Only the engine calls the ops.
 """
 
-from fastmeta.engine.meta_iteration import (
-    AdaptationRule,
-    LossSpec,
-    MetaBatchOutput,
-    MetaIteration,
-    StepRule,
-)
+from fastmeta.engine.meta_iteration import LossSpec, MetaBatchOutput, MetaIteration
+from fastmeta.engine.plan import AdaptationPlan, StepRule
 from fastmeta.engine.program import PerTaskLoopProgram, TracedProgram, trace
 from fastmeta.engine.task_weights import Layout, Segment, TaskWeights
 from fastmeta.engine.whole_step import CapturedMetaStep, FusedMLPStep
 
 __all__ = [
-    "AdaptationRule", "CapturedMetaStep", "FusedMLPStep", "Layout", "LossSpec", "MetaBatchOutput", "MetaIteration",
+    "AdaptationPlan", "CapturedMetaStep", "FusedMLPStep", "Layout", "LossSpec", "MetaBatchOutput", "MetaIteration",
     "PerTaskLoopProgram", "Segment", "StepRule", "TaskWeights", "TracedProgram", "trace",
 ]

@@ -4,66 +4,32 @@ A :class:`MetaIteration` holds what it needs of a model (its parameters packed i
 θ ``[P]``, the traced program, and the plain-MLP structure when there is one) and runs
 the meta-iteration for all tasks at once: each inner step is one fused ``inner_step``
 over the ``[T, P]`` buffer. The learners (:mod:`fastmeta.learners`) own the
-hyperparameters and the step rule and call this; only the engine calls the ops.
+hyperparameters and meta-parameters, and hand every call an immutable
+:class:`~fastmeta.engine.plan.AdaptationPlan` (the rule of each inner step, what adapts, the
+loss, the call's options); the engine reads the plan and never calls back into the learner.
+Only the engine calls the ops.
 
-What a learner supplies, as an :class:`AdaptationRule`:
-
-- ``step_rule(step, like)``: the :class:`StepRule` of inner step ``step`` (rate, gate
-  mask, preconditioner, segment ids; and the parameters the learner sets itself at the
-  state the step leads to, e.g. MAML++'s per-step BatchNorm weights);
-- ``adapting()``: per parameter segment, whether it takes inner steps.
-
-``meta_batch`` also takes the training schedules' per-call arguments: ``step_weights``
-(the multi-step loss: query losses after every inner step, weighted) and ``first_order``.
+Checks happen once per call, here at the entry of each call (``check_tasks``: shapes,
+dtypes, devices, counts; NaN/Inf and label range under ``plan.validate``); the ops the
+engine calls are called on the trusted path (no second check, no second kernel choice).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
+import math
+
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from fastmeta.engine.plan import AdaptationPlan, LossSpec, StepRule, parameter_coefficients, step_rule
 from fastmeta.engine.program import plain_mlp_structure, trace
 from fastmeta.engine.task_weights import Layout, TaskWeights
 from fastmeta.engine.types import MetaBatchOutput
 from fastmeta.engine.whole_step import FusedMLPStep
 from fastmeta.ops import LOSS_KINDS, inner_step, task_loss
-from fastmeta.ops.inner_step import step_coefficient
-from fastmeta.ops.mlp_meta_step import (
-    bind_mlp_meta_step_update,
-    fused_kernel_takes,
-    mlp_meta_step_mean,
-)
-
-LossSpec = str | Callable[[Tensor, Tensor], Tensor] | None
-
-
-class StepRule(NamedTuple):
-    """Inner step s, from weight state s (after s steps) to state s + 1.
-
-    lr, mask, precond, segments: the arguments of ``inner_step`` besides θ and g.
-    set_values: None, or (index int64 ``[n]``, values ``[n]``): parameters whose value at
-    state s + 1 the learner sets itself, the same for every task, in place of the step
-    (their support gradient is discarded). MAML++'s per-step BatchNorm weights are these.
-    """
-
-    lr: Tensor
-    mask: Tensor | None
-    precond: Tensor | None
-    segments: Tensor | None
-    set_values: tuple[Tensor, Tensor] | None = None
-
-    @property
-    def coefficient(self) -> Tensor:
-        """lr · mask · precond, broadcastable against ``[T, P]``."""
-        return step_coefficient(self.lr, self.mask, self.precond, self.segments)
-
-
-class AdaptationRule(Protocol):
-    def step_rule(self, step: int, like: Tensor) -> StepRule: ...
-
-    def adapting(self) -> list[bool]: ...
+from fastmeta.ops.mlp_meta_step import bind_mlp_meta_step_update, choose_fused_kernel, mlp_meta_step_mean
 
 
 def check_loss_spec(loss: LossSpec) -> LossSpec:
@@ -78,25 +44,25 @@ def check_loss_spec(loss: LossSpec) -> LossSpec:
 class MetaIteration:
     """The engine of one model: its layout, its program, and the meta-iteration over it."""
 
-    def __init__(self, model: nn.Module, loss: LossSpec):
+    def __init__(self, model: nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not any(True for _ in model.parameters()):
             raise ValueError("model has no parameters to adapt")
         self.model = model
-        self.loss = check_loss_spec(loss)
         self.layout = Layout.of_module(model)
         self.program = trace(model, self.layout)
         self.mlp = plain_mlp_structure(model)
         self.params = [p for _, p in model.named_parameters()]
         self._examples_run: set[tuple[int, ...]] = set()  # example shapes the program ran on
+        self._rate_cache: dict = {}  # MAML's constant rate as a tensor, per (value, dtype, device)
 
     # -- model and buffer ------------------------------------------------------------
 
     def refresh(self) -> None:
         """Re-trace if the model's parameters were replaced (not just updated in place).
 
-        Every public entry point calls this first; the methods below then use the
+        The learner calls this when it makes a call's plan; the methods below then use the
         parameter list it keeps (walking ``named_parameters()`` once per call, not once
         per use, is a tenth of a small meta-step's time).
         """
@@ -124,14 +90,6 @@ class MetaIteration:
             return shared
         per_task = self.layout.views(fast)
         return [pt if a else s for pt, s, a in zip(per_task, shared, adapting)]
-
-    def segment_coefficients(self, rule: StepRule) -> list[Tensor]:
-        """Per segment, what multiplies its gradient in an inner step under ``rule``
-        (lr · mask · precond), broadcastable to the segment's shape."""
-        coefficient = rule.coefficient
-        if coefficient.dim() == 0:
-            return [coefficient] * len(self.layout)
-        return self.layout.views(coefficient.expand(self.layout.numel))
 
     def run(self, x: Tensor, weights: list[Tensor], argument: str = "x") -> Tensor:
         """The model's outputs ``[T, N, ...]`` for inputs ``[T, N, ...]`` under per-segment weights.
@@ -173,7 +131,15 @@ class MetaIteration:
             fast = fast.index_copy(1, index, values.expand(fast.size(0), -1))
         return fast
 
-    # -- checks --------------------------------------------------------------------------
+    def step_rule(self, plan: AdaptationPlan, step: int, like: Tensor) -> StepRule:
+        """The rule of inner step ``step`` under ``plan`` (:func:`fastmeta.engine.plan.step_rule`)."""
+        return step_rule(plan, step, like, self._rate_cache)
+
+    def parameter_coefficients(self, plan: AdaptationPlan, step: int, like: Tensor) -> list[Tensor]:
+        """Per parameter, what multiplies its gradient at inner step ``step`` (``clone()``/``adapt()``)."""
+        return parameter_coefficients(plan, step, like, self._rate_cache)
+
+    # -- checks (once per call, at its entry) --------------------------------------------
 
     def check_nograd(self, allow_nograd: bool) -> None:
         if allow_nograd:
@@ -200,7 +166,9 @@ class MetaIteration:
             )
 
     def check_tasks(self, validate: bool, **named: Tensor) -> None:
-        """Checks at the public boundary, before any state changes."""
+        """Checks at the public boundary, before any state changes: types, ranks, task and
+        example counts, devices, dtypes, the model's example shape; NaN/Inf (a sync) under
+        ``validate``."""
         reference = self.params[0]
         T = None
         for name, t in named.items():
@@ -245,71 +213,57 @@ class MetaIteration:
 
     # -- losses ------------------------------------------------------------------------
 
-    def loss_kind(self, target: Tensor) -> str | None:
-        if self.loss is None:
+    @staticmethod
+    def loss_kind(loss: LossSpec, target: Tensor) -> str | None:
+        """The built-in loss for ``target`` under ``loss`` (None: the user's callable)."""
+        if loss is None:
             return "mse" if target.is_floating_point() else "cross_entropy"
-        return self.loss if isinstance(self.loss, str) else None
+        return loss if isinstance(loss, str) else None
 
-    def task_losses(self, pred: Tensor, target: Tensor, which: str, validate: bool) -> Tensor:
-        """``[T]`` losses of predictions ``[T, N, ...]`` against targets."""
-        kind = self.loss_kind(target)
+    def task_losses(self, plan: AdaptationPlan, pred: Tensor, target: Tensor, which: str) -> Tensor:
+        """``[T]`` losses of predictions ``[T, N, ...]`` against targets (labels and targets
+        as :func:`loss_targets` makes them)."""
+        kind = self.loss_kind(plan.loss, target)
         T = target.size(0)
         if kind is None:
-            losses = self.loss(pred, target)
+            losses = plan.loss(pred, target)
             if not isinstance(losses, Tensor) or losses.shape != (T,):
                 raise ValueError(
                     f"the loss callable must return per-task losses of shape [{T}], got "
                     f"{getattr(losses, 'shape', type(losses).__name__)}"
                 )
             return losses
-        if kind == "cross_entropy":
-            if pred.dim() != 3:
-                raise ValueError(
-                    f"cross-entropy needs model outputs [T, N, classes], got {list(pred.shape)}"
-                )
-            check_labels(target, pred.size(-1), which, validate)
-            return task_loss(pred, target.long(), "cross_entropy")
-        if pred.shape != target.shape:
-            if pred.numel() == target.numel():
-                target = target.reshape(pred.shape)
-            else:
-                raise ValueError(
-                    f"{which} targets {list(target.shape)} do not match the model's outputs "
-                    f"{list(pred.shape)}"
-                )
-        return task_loss(pred, target.to(pred.dtype), "mse")
+        if kind == "cross_entropy" and pred.dim() != 3:
+            raise ValueError(f"cross-entropy needs model outputs [T, N, classes], got {list(pred.shape)}")
+        target = loss_targets(kind, target, list(pred.shape), pred.dtype, which, plan.validate)
+        return task_loss(pred, target, kind)
 
     # -- the inner loop ----------------------------------------------------------------
 
-    def inner_loop(
-        self, theta: Tensor, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
-        rule: AdaptationRule, allow_unused: bool, validate: bool,
-    ) -> Tensor:
-        """Fast weights ``[T, P]`` after ``steps`` (>= 1) inner steps from θ."""
+    def inner_loop(self, theta: Tensor, support_x: Tensor, support_y: Tensor, plan: AdaptationPlan) -> Tensor:
+        """Fast weights ``[T, P]`` after ``plan.steps`` (>= 1) inner steps from θ."""
         fast = None
-        for fast in self.inner_states(theta, support_x, support_y, steps, first_order, rule, allow_unused, validate):
+        for fast in self.inner_states(theta, support_x, support_y, plan):
             pass
         return fast
 
-    def inner_states(
-        self, theta: Tensor, support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
-        rule: AdaptationRule, allow_unused: bool, validate: bool,
-    ) -> Iterator[Tensor]:
-        """The fast weights ``[T, P]`` after each of ``steps`` inner steps from θ, in turn."""
+    def inner_states(self, theta: Tensor, support_x: Tensor, support_y: Tensor,
+                     plan: AdaptationPlan) -> Iterator[Tensor]:
+        """The fast weights ``[T, P]`` after each of ``plan.steps`` inner steps from θ, in turn."""
         T, P = support_x.size(0), theta.numel()
-        adapting = rule.adapting()
-        self.check_unused(adapting, allow_unused)
-        create_graph = not first_order and torch.is_grad_enabled()
+        adapting = plan.adapting
+        self.check_unused(adapting, plan.allow_unused)
+        create_graph = not plan.first_order and torch.is_grad_enabled()
         fast = None
-        for step in range(steps):
+        for step in range(plan.steps):
             with torch.profiler.record_function(f"fastmeta.inner_step{step}"):
                 with torch.enable_grad():
                     src = theta.expand(T, P) if fast is None else fast
                     if not src.requires_grad:  # evaluation under no_grad: a leaf to differentiate
                         src = src.detach().requires_grad_(True)
                     pred = self.run(support_x, self.weights(theta, src, adapting), "support_x")
-                    losses = self.task_losses(pred, support_y, "support", validate)
-                    check_finite_losses(losses, "support", validate)
+                    losses = self.task_losses(plan, pred, support_y, "support")
+                    check_finite_losses(losses, "support", plan.validate)
                     (grad,) = torch.autograd.grad(
                         losses.sum(), src, create_graph=create_graph, allow_unused=True
                     )
@@ -317,48 +271,45 @@ class MetaIteration:
                     grad = torch.zeros_like(src)
                 elif not create_graph:
                     grad = grad.detach()
-                fast = self.take_inner_step(theta if fast is None else fast, grad, rule.step_rule(step, theta))
+                rule = self.step_rule(plan, step, theta)
+                fast = self.take_inner_step(theta if fast is None else fast, grad, rule)
             yield fast
 
     # -- the meta-iteration ----------------------------------------------------------------
 
-    def meta_batch(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *,
-        rule: AdaptationRule, steps: int, first_order: bool, task_chunk: int | None,
-        allow_unused: bool, allow_nograd: bool, validate: bool, step_weights: Sequence[float] | None = None,
-    ) -> MetaBatchOutput:
+    def meta_batch(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+                   plan: AdaptationPlan) -> MetaBatchOutput:
         """Adapt to every task and evaluate on its query set (see ``MetaLearner.meta_batch``).
 
-        step_weights: None (the query loss after the last step), or one weight per inner
-        step: the loss is then Σ_s w_s · (query loss after step s + 1), MAML++'s multi-step
-        loss; steps whose weight is 0 skip their query forward.
+        ``plan.step_weights``: None (the query loss after the last step), or one weight per
+        inner step: the loss is then Σ_s w_s · (query loss after step s + 1), MAML++'s
+        multi-step loss; steps whose weight is 0 skip their query forward.
         """
-        step_weights = check_step_weights(step_weights, steps)
-        self.refresh()
-        # The fused path validates in the CPU kernel's own loops (no dispatch, no sync): the
-        # NaN/Inf checks here would cost more than the meta-step itself at W1's size.
-        fused = self.fused_mlp_applies(support_x, query_x, query_y, rule, steps)
-        kernel_validates = fused and support_x.device.type == "cpu"
-        self.check_tasks(validate and not kernel_validates, support_x=support_x, support_y=support_y,
-                         query_x=query_x, query_y=query_y)
-        self.check_nograd(allow_nograd)
-        T = support_x.size(0)
-        args = (rule, steps, first_order, allow_unused, validate)
+        step_weights = plan.step_weights
         only_last = step_weights is None or not any(step_weights[:-1])
-        if fused and only_last:
-            out = self._fused_mlp_meta_batch(support_x, support_y, query_x, query_y, *args)
+        # The one question of the fused path, asked once: the op's answer (a kernel, or None).
+        fused = self.fused_kernel(plan, support_x, query_x, query_y) if only_last else None
+        # The fused CPU kernel validates in its own loops (no dispatch, no sync): the NaN/Inf
+        # checks here would cost more than the meta-step itself at W1's size.
+        kernel_validates = fused is not None and support_x.device.type == "cpu"
+        self.check_tasks(plan.validate and not kernel_validates, support_x=support_x, support_y=support_y,
+                         query_x=query_x, query_y=query_y)
+        self.check_nograd(plan.allow_nograd)
+        T = support_x.size(0)
+        if fused is not None:
+            out = self._fused_mlp_meta_batch(fused, support_x, support_y, query_x, query_y, plan)
             if step_weights is None:
                 return out
             w = step_weights[-1]
             return MetaBatchOutput(out.loss * w, out.task_loss * w, out.accuracy)
+        task_chunk = plan.task_chunk
         if task_chunk is None or task_chunk >= T:
-            task_losses, accuracy = self._adapt_and_evaluate(support_x, support_y, query_x, query_y, *args,
-                                                             step_weights)
+            task_losses, accuracy = self._adapt_and_evaluate(support_x, support_y, query_x, query_y, plan)
         else:
             parts = [
                 self._adapt_and_evaluate_checkpointed(
                     support_x[i : i + task_chunk], support_y[i : i + task_chunk],
-                    query_x[i : i + task_chunk], query_y[i : i + task_chunk], *args, step_weights,
+                    query_x[i : i + task_chunk], query_y[i : i + task_chunk], plan,
                 )
                 for i in range(0, T, task_chunk)
             ]
@@ -366,23 +317,21 @@ class MetaIteration:
             accuracy = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return MetaBatchOutput(task_losses.mean(), task_losses, accuracy)
 
-    def _adapt_and_evaluate(self, support_x, support_y, query_x, query_y, rule, steps, first_order, allow_unused,
-                            validate, step_weights=None):
+    def _adapt_and_evaluate(self, support_x, support_y, query_x, query_y, plan: AdaptationPlan):
         """(query task losses ``[T]``, accuracy ``[T]`` or None) after the inner loop;
-        with ``step_weights``, the losses are the weighted sums over the steps and the
+        with ``plan.step_weights``, the losses are the weighted sums over the steps and the
         accuracy is the last step's."""
         theta = self.pack()
-        adapting = rule.adapting()
+        steps, step_weights = plan.steps, plan.step_weights
         task_losses = None
-        states = self.inner_states(theta, support_x, support_y, steps, first_order, rule, allow_unused, validate)
-        for state, fast in enumerate(states, 1):
+        for state, fast in enumerate(self.inner_states(theta, support_x, support_y, plan), 1):
             weight = (1.0 if state == steps else 0.0) if step_weights is None else step_weights[state - 1]
             if state < steps and weight == 0:
                 continue
             with torch.profiler.record_function("fastmeta.query"):
-                pred = self.run(query_x, self.weights(theta, fast, adapting), "query_x")
-                losses = self.task_losses(pred, query_y, "query", validate)
-            check_finite_losses(losses, "query", validate)
+                pred = self.run(query_x, self.weights(theta, fast, plan.adapting), "query_x")
+                losses = self.task_losses(plan, pred, query_y, "query")
+            check_finite_losses(losses, "query", plan.validate)
             if step_weights is not None:
                 losses = losses * weight
             task_losses = losses if task_losses is None else task_losses + losses
@@ -405,78 +354,72 @@ class MetaIteration:
 
     # -- the fused small-MLP meta-step ---------------------------------------------------
 
-    def fused_mlp_applies(self, support_x: Tensor, query_x: Tensor, query_y: Tensor, rule: AdaptationRule,
-                          steps: int) -> bool:
-        """Whether the whole meta-batch runs as one ``mlp_meta_step`` call on a fused kernel.
+    def fused_kernel(self, plan: AdaptationPlan, support_x: Tensor, query_x: Tensor, query_y: Tensor):
+        """The fused ``mlp_meta_step`` kernel that runs this whole meta-batch in one call, or
+        None (the general path).
 
-        It needs a plain MLP, a built-in loss and every parameter adapting; whether a
-        backend's kernel takes the shapes is the op's own answer (``fused_kernel_takes``),
-        so that the engine never picks the fused op only to have its kernel decline (the
-        op's reference is no faster than the general path).
+        The engine knows the model's side (a plain MLP, a built-in loss, every parameter
+        adapting, no learner-set values); whether a backend's kernel takes the shapes is
+        the op's one rule (:func:`fastmeta.ops.mlp_meta_step.choose_fused_kernel`), asked
+        here once per call. The engine never takes the fused path only to have its kernel
+        decline: the op's reference is no faster than the general path.
         """
-        if self.mlp is None or callable(self.loss) or support_x.dim() != 3:
-            return False
-        if not all(rule.adapting()):
-            return False
+        if self.mlp is None or callable(plan.loss) or support_x.dim() != 3 or not all(plan.adapting):
+            return None
+        if plan.set_per_step is not None:
+            return None
         layer_sizes, act, _ = self.mlp
-        return fused_kernel_takes(layer_sizes, act, self.loss_kind(query_y), support_x.device, support_x.dtype,
-                                  support_x.size(1), query_x.size(1), steps)
+        return choose_fused_kernel(layer_sizes, act, self.loss_kind(plan.loss, query_y), support_x.device,
+                                   support_x.dtype, support_x.size(1), query_x.size(1), plan.steps)
 
-    def fused_rates(self, rule: AdaptationRule, steps: int, like: Tensor) -> Tensor:
+    def fused_rates(self, plan: AdaptationPlan, like: Tensor) -> Tensor:
         """Every inner step's rule as one rate tensor: ``[steps]``, ``[steps, S]`` or ``[steps, P]``.
 
         Constant rules (MAML's fixed rate) are stacked once and kept (keyed on the rate
         tensors and their versions): a stack per iteration is one more dispatch.
         """
-        rules = [rule.step_rule(s, like) for s in range(steps)]
-        if any(r.set_values is not None for r in rules):
-            raise ValueError("the fused MLP meta-step has no learner-set values (set_values)")
+        rules = [self.step_rule(plan, s, like) for s in range(plan.steps)]
         constant = all(not t.requires_grad for r in rules for t in r if isinstance(t, Tensor))
         if constant:
             key = tuple((id(t), t._version) for r in rules for t in r if isinstance(t, Tensor))
             cached = self.__dict__.get("_constant_rates")
             if cached is not None and cached[0] == key:
                 return cached[1]
-            rates = self._stack_rates(rules, steps)
+            rates = self._stack_rates(rules)
             self._constant_rates = (key, rates, rules)  # the rules keep the keyed tensors alive
             return rates
-        return self._stack_rates(rules, steps)
+        return self._stack_rates(rules)
 
-    def _stack_rates(self, rules: list[StepRule], steps: int) -> Tensor:
+    def _stack_rates(self, rules: list[StepRule]) -> Tensor:
         plain = all(r.mask is None and r.precond is None for r in rules)
         if plain and (all(r.lr.dim() == 0 for r in rules) or all(r.segments is not None for r in rules)):
             return torch.stack([r.lr for r in rules])  # [steps] or [steps, S]
         P = self.layout.numel
         return torch.stack([r.coefficient.expand(P) for r in rules])
 
-    def _fused_mlp_meta_batch(self, support_x, support_y, query_x, query_y, rule, steps, first_order, allow_unused,
-                              validate) -> MetaBatchOutput:
+    def _fused_targets(self, plan: AdaptationPlan, x: Tensor, y: Tensor, which: str) -> Tensor:
+        layer_sizes = self.mlp[0]
+        kind = self.loss_kind(plan.loss, y)
+        # The label range is checked by the CPU kernel in its own loops; elsewhere here (a sync).
+        validate = plan.validate and x.device.type != "cpu"
+        return loss_targets(kind, y, [x.size(0), x.size(1), layer_sizes[-1]], self.params[0].dtype, which, validate)
+
+    def _fused_mlp_meta_batch(self, kernel, support_x, support_y, query_x, query_y,
+                              plan: AdaptationPlan) -> MetaBatchOutput:
         layer_sizes, act, slope = self.mlp
         like = self.params[0]
-        kind = self.loss_kind(query_y)
+        kind = self.loss_kind(plan.loss, query_y)
         on_cpu = support_x.device.type == "cpu"
-        if kind == "cross_entropy":
-            for name, y in (("support", support_y), ("query", query_y)):
-                # The dtype always; the range (a sync) only off the CPU: the CPU kernel checks it.
-                check_labels(y, layer_sizes[-1], name, validate and not on_cpu)
-            support_y, query_y = _as_dtype(support_y, torch.long), _as_dtype(query_y, torch.long)
-        else:
-            out = layer_sizes[-1]
-            for name, x, y in (("support", support_x, support_y), ("query", query_x, query_y)):
-                if y.numel() != x.size(0) * x.size(1) * out:
-                    raise ValueError(
-                        f"{name} targets {list(y.shape)} do not match the model's outputs "
-                        f"{[x.size(0), x.size(1), out]}"
-                    )
-            support_y = _as_dtype(support_y.reshape(support_x.size(0), support_x.size(1), out), like.dtype)
-            query_y = _as_dtype(query_y.reshape(query_x.size(0), query_x.size(1), out), like.dtype)
+        support_y = self._fused_targets(plan, support_x, support_y, "support")
+        query_y = self._fused_targets(plan, query_x, query_y, "query")
         with torch.profiler.record_function("fastmeta.mlp_meta_step"):
             mean, task_losses, pred = mlp_meta_step_mean(
                 self.params, layer_sizes, act, slope, support_x, support_y, query_x, query_y,
-                kind, self.fused_rates(rule, steps, like), steps, first_order, validate=validate and on_cpu,
+                kind, self.fused_rates(plan, like), plan.steps, plan.first_order,
+                validate=plan.validate and on_cpu, kernel=kernel,
             )
         if not on_cpu:
-            check_finite_losses(task_losses, "query", validate)
+            check_finite_losses(task_losses, "query", plan.validate)
         accuracy = None
         if kind == "cross_entropy":
             accuracy = (pred.argmax(-1) == query_y).to(pred.dtype).mean(1)
@@ -485,83 +428,86 @@ class MetaIteration:
     # -- whole-step execution on the CPU ------------------------------------------------
 
     def fused_update_step(self, optimizer: torch.optim.Optimizer, parameters: Sequence[Tensor],
-                          inputs: tuple[Tensor, Tensor, Tensor, Tensor], *, rule: AdaptationRule, steps: int,
-                          first_order: bool, validate: bool) -> FusedMLPStep:
+                          inputs: tuple[Tensor, Tensor, Tensor, Tensor], plan: AdaptationPlan) -> FusedMLPStep:
         """A :class:`FusedMLPStep` for this model: the meta-iteration and the optimizer's
         update of a plain MLP in one op per call (see that class). Checks the meta-batch
-        given here once (shapes always; NaN/Inf under ``validate``)."""
-        self.refresh()
+        given here once (shapes always; NaN/Inf under ``plan.validate``)."""
         support_x, support_y, query_x, query_y = inputs
-        self.check_tasks(validate, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y)
+        self.check_tasks(plan.validate, support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y)
         if support_x.device.type != "cpu":
             raise ValueError("the fused whole step runs on the CPU; on a GPU, capture a CUDA graph")
-        if not self.fused_mlp_applies(support_x, query_x, query_y, rule, steps):
+        if self.fused_kernel(plan, support_x, query_x, query_y) is None:
             raise ValueError(
                 "whole-step execution on the CPU runs a plain MLP (an nn.Sequential of biased Linear layers with "
                 "one ReLU/LeakyReLU/Tanh kind between them), every parameter adapting, a built-in loss and a "
                 "backend with the fused kernel; for this model use meta_batch, loss.backward() and the optimizer")
         layer_sizes, act, slope = self.mlp
         like = self.params[0]
-        rates = self.fused_rates(rule, steps, like)
+        rates = self.fused_rates(plan, like)
         if rates.requires_grad:
             raise ValueError("whole-step execution on the CPU takes fixed inner rates (MAML); learned rates "
                              "train through meta_batch")
         if {id(p) for p in parameters} != {id(p) for p in self.params}:
             raise ValueError("whole-step execution on the CPU trains the model's own parameters only")
-        kind = self.loss_kind(query_y)
-        out = layer_sizes[-1]
-
-        def targets(x: Tensor, y: Tensor, name: str) -> Tensor:
-            if kind == "cross_entropy":
-                check_labels(y, out, name, False)  # the kernel checks the range
-                return _as_dtype(y, torch.long)
-            if y.numel() != x.size(0) * x.size(1) * out:
-                raise ValueError(f"{name} targets {list(y.shape)} do not match the model's outputs "
-                                 f"{[x.size(0), x.size(1), out]}")
-            return _as_dtype(y.reshape(x.size(0), x.size(1), out), like.dtype)
-
+        kind = self.loss_kind(plan.loss, query_y)
+        steps, first_order = plan.steps, plan.first_order
         update = bind_mlp_meta_step_update(support_x.device.type)
+        targets = self._fused_targets
 
         def run(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, sx, sy, qx, qy,
                 adam_lr, beta1, beta2, weight_decay, eps):
             return update(
                 params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, layer_sizes, act, slope,
-                sx, targets(sx, sy, "support"), qx, targets(qx, qy, "query"), kind, rates, steps, first_order,
-                adam_lr, beta1, beta2, weight_decay, eps)
+                sx, targets(plan, sx, sy, "support"), qx, targets(plan, qx, qy, "query"), kind, rates, steps,
+                first_order, adam_lr, beta1, beta2, weight_decay, eps)
 
         return FusedMLPStep(run, self.params, optimizer, inputs)
 
     # -- adapted weights -----------------------------------------------------------------
 
-    def fast_weights(self, support_x: Tensor, support_y: Tensor, *, rule: AdaptationRule, steps: int,
-                     first_order: bool, allow_unused: bool, allow_nograd: bool, validate: bool) -> TaskWeights:
-        """The adapted weights of every task: a :class:`TaskWeights` over ``[T, P]``."""
-        self.refresh()
-        self.check_tasks(validate, support_x=support_x, support_y=support_y)
-        self.check_nograd(allow_nograd)
+    def fast_weights(self, support_x: Tensor, support_y: Tensor, plan: AdaptationPlan) -> TaskWeights:
+        """The adapted weights of every task after ``plan.steps`` (>= 0) inner steps: a
+        :class:`TaskWeights` over ``[T, P]``."""
+        self.check_tasks(plan.validate, support_x=support_x, support_y=support_y)
+        self.check_nograd(plan.allow_nograd)
         theta = self.pack()
-        if steps == 0:
+        if plan.steps == 0:
             buffer = theta.expand(support_x.size(0), -1).clone()
         else:
-            buffer = self.inner_loop(theta, support_x, support_y, steps, first_order, rule, allow_unused, validate)
+            buffer = self.inner_loop(theta, support_x, support_y, plan)
         return TaskWeights(buffer, self.layout)
 
-    def predict(self, fast: TaskWeights, query_x: Tensor, *, rule: AdaptationRule, validate: bool) -> Tensor:
+    def predict(self, fast: TaskWeights, query_x: Tensor, plan: AdaptationPlan) -> Tensor:
         """The model's outputs for each task's inputs under its fast weights."""
         if not isinstance(fast, TaskWeights):
             raise TypeError(f"fast must be TaskWeights (from fast_weights), got {type(fast).__name__}")
-        self.refresh()
-        self.check_tasks(validate, query_x=query_x)
+        self.check_tasks(plan.validate, query_x=query_x)
         if fast.layout != self.layout:
             raise ValueError("fast was made for a different model layout")
         if fast.num_tasks != query_x.size(0):
             raise ValueError(f"fast holds {fast.num_tasks} tasks but query_x has {query_x.size(0)}")
-        return self.run(query_x, self.weights(self.pack(), fast.buffer, rule.adapting()), "query_x")
+        return self.run(query_x, self.weights(self.pack(), fast.buffer, plan.adapting), "query_x")
 
 
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)``, without the call (a dispatch) when it already is."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def loss_targets(kind: str, target: Tensor, output_shape: list[int], dtype: torch.dtype, which: str,
+                 validate: bool) -> Tensor:
+    """The one coercion of targets for a built-in loss: integer labels in
+    ``[0, classes)`` as int64 for ``"cross_entropy"`` (the range, a sync, under
+    ``validate``); float targets reshaped to the model's outputs ``output_shape`` in
+    ``dtype`` for ``"mse"``."""
+    if kind == "cross_entropy":
+        check_labels(target, output_shape[-1], which, validate)
+        return _as_dtype(target, torch.long)
+    if list(target.shape) != output_shape:
+        if target.numel() != math.prod(output_shape):
+            raise ValueError(f"{which} targets {list(target.shape)} do not match the model's outputs {output_shape}")
+        target = target.reshape(output_shape)
+    return _as_dtype(target, dtype)
 
 
 def check_labels(target: Tensor, classes: int, which: str, validate: bool) -> None:
@@ -604,6 +550,6 @@ def check_finite_losses(losses: Tensor, which: str, validate: bool) -> None:
 
 
 __all__ = [
-    "AdaptationRule", "LossSpec", "MetaBatchOutput", "MetaIteration", "StepRule", "check_labels",
-    "check_finite_losses", "check_loss_spec", "check_step_weights",
+    "AdaptationPlan", "LossSpec", "MetaBatchOutput", "MetaIteration", "StepRule", "check_labels",
+    "check_finite_losses", "check_loss_spec", "check_step_weights", "loss_targets",
 ]

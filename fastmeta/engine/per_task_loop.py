@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastmeta.engine.plan import parameter_coefficients
+
 Coefficient = Callable[[int], dict[str, Tensor | float]]
 SetValues = Callable[[int], dict[str, Tensor]]
 
@@ -159,13 +161,14 @@ def constant_coefficient(model: nn.Module, lr: float) -> Coefficient:
 
 
 def learner_coefficient(learner) -> Coefficient:
-    """The per-parameter coefficient of a fastmeta learner's step rule, per name."""
+    """The per-parameter coefficient of a fastmeta learner's step rule, per name, as its
+    plan describes it (:func:`fastmeta.engine.plan.parameter_coefficients`)."""
+    plan = learner.plan()
+
     def coefficient(step: int) -> dict[str, Tensor]:
         like = next(learner.module.parameters())
-        coef = learner.step_rule(step, like).coefficient
-        if coef.dim() == 0:
-            coef = coef.expand(learner.layout.numel)
-        return {s.name: v for s, v in zip(learner.layout.segments, learner.layout.views(coef))}
+        coefficients = parameter_coefficients(plan, step, like, {})
+        return {s.name: c.expand(s.shape) for s, c in zip(plan.layout.segments, coefficients)}
 
     return coefficient
 

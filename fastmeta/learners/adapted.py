@@ -25,11 +25,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from fastmeta.engine.plan import AdaptationPlan, parameter_coefficients, parameter_rates, parameter_set_values
 from fastmeta.learners.module_tree import ModuleTree
 
 
 def adapt_in_place(
-    learner,
+    plan: AdaptationPlan,
     tree: ModuleTree,
     modules: Sequence[nn.Module],
     loss: Tensor,
@@ -39,10 +40,12 @@ def adapt_in_place(
     allow_nograd: bool,
     lr,
     lrs: Sequence[Tensor] | None,
+    rate_cache: dict,
 ) -> None:
     """One inner step on ``loss`` for the parameters in ``modules`` (a tree of ``tree``'s
     shape): each adapting parameter θ becomes θ − c ⊙ ∂loss/∂θ, where c is ``lrs[k]``
-    (MetaSGD), else the learner's step rule for ``step`` (ModelAwareMAML), else ``lr``.
+    (MetaSGD), else ``lr`` for MAML's constant rule, else the plan's rule for ``step``
+    (ModelAwareMAML; :func:`fastmeta.engine.plan.parameter_coefficients`).
 
     Everything is checked before anything changes: a failed step leaves the weights as
     they were.
@@ -58,7 +61,7 @@ def adapt_in_place(
                 f"adapt: parameters {frozen} have requires_grad=False; pass allow_nograd=True "
                 "to leave them unadapted (they are never changed)"
             )
-    index = [k for k, (a, p) in enumerate(zip(learner.adapting(), params)) if a and p.requires_grad]
+    index = [k for k, (a, p) in enumerate(zip(plan.adapting, params)) if a and p.requires_grad]
     if not index:
         return  # nothing adapts: the step leaves every parameter as it is
     if not loss.requires_grad:
@@ -66,14 +69,16 @@ def adapt_in_place(
             "adapt: loss does not depend on the clone's parameters (was it computed under "
             "torch.no_grad(), or from detached outputs?)"
         )
-    if learner.validate and not math.isfinite(loss.item()):
+    if plan.validate and not math.isfinite(loss.item()):
         raise FloatingPointError(f"adapt got a loss of {loss.item()}")
     if lrs is not None:
         coefficients = list(lrs)
     elif isinstance(lr, Tensor):
         coefficients = [lr] * len(params)
+    elif plan.rate_mode == "constant":
+        coefficients = None  # MAML: the clone's own rate, lr
     else:
-        coefficients = learner.step_coefficients(step, params[index[0]])  # may raise: before any change
+        coefficients = parameter_coefficients(plan, step, params[index[0]], rate_cache)  # before any change
     create_graph = not first_order and torch.is_grad_enabled()
     grads = torch.autograd.grad(loss, [params[k] for k in index], create_graph=create_graph, allow_unused=True)
     unused = [tree.names[k] for k, g in zip(index, grads) if g is None]
@@ -83,7 +88,7 @@ def adapt_in_place(
             "to leave them unadapted"
         )
     stepped = [(k, g) for k, g in zip(index, grads) if g is not None]
-    set_values = learner.step_set_values(step)  # MAML++'s per-step BatchNorm weights
+    set_values = parameter_set_values(plan, step)  # MAML++'s per-step BatchNorm weights
     if not stepped:
         if set_values:
             tree.write(modules, [set_values.get(k) for k in range(len(params))])
@@ -139,17 +144,20 @@ class AdaptedModel(ModelAttributes, nn.Module):
       keeps the adapted tensors in the graph.
     """
 
-    def __init__(self, learner, tree: ModuleTree, copies: list[nn.Module], lr, lrs, steps_taken: int,
-                 first_order: bool, allow_unused: bool, allow_nograd: bool):
+    def __init__(self, plan: AdaptationPlan, tree: ModuleTree, copies: list[nn.Module], lr, steps_taken: int,
+                 first_order: bool, allow_unused: bool, allow_nograd: bool, transductive: bool):
         super().__init__()
         self.module = copies[0]
         # Plain attributes go straight into __dict__: nn.Module.__setattr__'s checks were 2%
         # of the sine meta-iteration (11 assignments per task).
         state = self.__dict__
-        state["_learner"] = learner  # not a submodule: its parameters are not the clone's
+        state["_plan"] = plan  # the learner's plan at clone(): the rule adapt() steps by
         state["_tree"] = tree
         state["_copies"] = copies
+        state["_transductive"] = transductive
+        state["_rate_cache"] = {}
         state["lr"] = lr
+        lrs = parameter_rates(plan)
         if lrs is not None:
             state["lrs"] = list(lrs)
         state["steps_taken"] = steps_taken
@@ -163,24 +171,28 @@ class AdaptedModel(ModelAttributes, nn.Module):
     def adapt(self, loss: Tensor, first_order=None, allow_unused=None, allow_nograd=None) -> None:
         """One inner step on ``loss`` (a scalar tensor computed from this clone), in place."""
         adapt_in_place(
-            self._learner, self._tree, self._copies, loss, self.steps_taken,
+            self._plan, self._tree, self._copies, loss, self.steps_taken,
             self.first_order if first_order is None else bool(first_order),
             self.allow_unused if allow_unused is None else bool(allow_unused),
             self.allow_nograd if allow_nograd is None else bool(allow_nograd),
-            self.lr, self.__dict__.get("lrs"),
+            self.lr, self.__dict__.get("lrs"), self._rate_cache,
         )
         self.__dict__["steps_taken"] += 1
 
     def clone(self, first_order=None, allow_unused=None, allow_nograd=None) -> "AdaptedModel":
         """A new clone that continues from this one's weights (graph-connected to them)."""
         tree, copies = self._tree, self._copies
-        new = tree.copy(copies, [t.clone() for t in tree.read(copies)], self._learner.batch_norm == "transductive")
-        return AdaptedModel(
-            self._learner, tree, new, self.lr, self.__dict__.get("lrs"), self.steps_taken,
+        new = tree.copy(copies, [t.clone() for t in tree.read(copies)], self._transductive)
+        clone = AdaptedModel(
+            self._plan, tree, new, self.lr, self.steps_taken,
             self.first_order if first_order is None else bool(first_order),
             self.allow_unused if allow_unused is None else bool(allow_unused),
             self.allow_nograd if allow_nograd is None else bool(allow_nograd),
+            self._transductive,
         )
+        if "lrs" in self.__dict__:
+            clone.__dict__["lrs"] = list(self.lrs)  # this clone's rates, as set on it
+        return clone
 
     def _apply(self, fn, recurse=True):
         """What ``.to()``, ``.double()``, ``.cuda()`` ... run: the clone's tensors become

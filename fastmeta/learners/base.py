@@ -1,8 +1,12 @@
 """What every learner shares: the wrapped model, its hyperparameters and the public calls.
 
 A learner is an ``nn.Module`` that owns the meta-learned quantities (the model's own
-parameters, and whatever the learner adds) and the step rule; the meta-iteration itself
-runs in the engine (:class:`fastmeta.engine.MetaIteration`).
+parameters, and whatever the learner adds) and the step rule. At every public call it
+hands the engine (:class:`fastmeta.engine.MetaIteration`) an immutable plan
+(:meth:`MetaLearner.plan`, :class:`fastmeta.engine.AdaptationPlan`) and the engine runs the
+meta-iteration from it, never calling back into the learner. Arguments are checked here,
+once, at the public boundary (the call's inputs by the engine's ``check_tasks`` at the
+entry of the call); the layers below trust them.
 
 >>> import fastmeta as fm
 >>> learner = fm.MAML(fm.models.mlp((1, 40, 40, 1)), lr=0.01)
@@ -17,15 +21,17 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastmeta.engine import (
+    AdaptationPlan,
     CapturedMetaStep,
     FusedMLPStep,
     Layout,
     LossSpec,
     MetaBatchOutput,
     MetaIteration,
-    StepRule,
     TaskWeights,
 )
+from fastmeta.engine.meta_iteration import check_loss_spec, check_step_weights
+from fastmeta.engine.plan import parameter_rates
 from fastmeta.learners.adapted import AdaptedModel, ModelAttributes, adapt_in_place
 from fastmeta.learners.module_tree import ModuleTree
 
@@ -56,9 +62,8 @@ def check_count(name: str, value, minimum: int = 1) -> int:
 class MetaLearner(ModelAttributes, nn.Module):
     """The base of MAML and ModelAwareMAML: hyperparameters, checks and the public API.
 
-    Subclasses set the step rule (:meth:`step_rule`, and :meth:`step_coefficients` for
-    ``clone()/adapt()``) and which segments adapt (:meth:`adapting`); the engine does the
-    rest.
+    Subclasses describe their step rule and which segments adapt in the plan
+    (:meth:`_rule`, :meth:`_adapting`); the engine does the rest.
 
     batch_norm: how BatchNorm layers treat statistics in ``clone()/adapt()``.
     "transductive" (the default; MAML's setting, and what ``meta_batch`` always does):
@@ -85,7 +90,8 @@ class MetaLearner(ModelAttributes, nn.Module):
         batch_norm: str = "transductive",
     ):
         super().__init__()
-        engine = MetaIteration(model, loss)  # checks model and loss first
+        engine = MetaIteration(model)  # checks the model first
+        check_loss_spec(loss)
         if batch_norm not in BATCH_NORM_MODES:
             raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}, got {batch_norm!r}")
         self.module = model
@@ -101,40 +107,39 @@ class MetaLearner(ModelAttributes, nn.Module):
         self.steps_taken = 0  # inner steps adapt() took on the learner itself
         self._engine = engine
 
-    # -- what subclasses define --------------------------------------------------------
+    # -- the plan handed to the engine ---------------------------------------------------
 
-    def step_rule(self, step: int, like: Tensor) -> StepRule:
-        """The rule of inner step ``step``: a constant rate ``lr`` for plain MAML."""
-        return StepRule(self._constant_lr(like), None, None, None)
+    def plan(self, *, steps: int | None = None, first_order: bool | None = None, step_weights=None,
+             task_chunk: int | None = None, validate: bool | None = None) -> AdaptationPlan:
+        """This learner's :class:`fastmeta.engine.AdaptationPlan` for one call: the rule of
+        every inner step, what adapts, the loss and the call's options (defaults: the
+        learner's). Immutable, tensors and plain values only: the engine runs on it alone.
+        The arguments are trusted: the public calls check them first."""
+        engine = self._engine
+        engine.refresh()
+        trained = self.steps
+        return AdaptationPlan(
+            layout=engine.layout,
+            adapting=self._adapting(engine.params),
+            steps=trained if steps is None else steps,
+            first_order=self.first_order if first_order is None else first_order,
+            loss=self.loss,
+            validate=self.validate if validate is None else validate,
+            allow_unused=self.allow_unused,
+            allow_nograd=self.allow_nograd,
+            trained_steps=trained,
+            step_weights=step_weights,
+            task_chunk=self.task_chunk if task_chunk is None else task_chunk,
+            **self._rule(),
+        )
 
-    def step_coefficients(self, step: int, like: Tensor) -> list[Tensor] | None:
-        """For ``clone()/adapt()``: per parameter (``named_parameters()`` order), what
-        multiplies its gradient at inner step ``step``, broadcastable to it; None means
-        the clone's rate ``lr`` (plain MAML). A subclass that changes :meth:`step_rule`
-        changes this too."""
-        return None
+    def _rule(self) -> dict:
+        """The plan's rule fields (:class:`AdaptationPlan`): MAML's constant rate ``lr``."""
+        return {"rate_mode": "constant", "lr": self.lr}
 
-    def step_set_values(self, step: int) -> dict[int, Tensor]:
-        """For ``clone()/adapt()``: parameters (by index, ``named_parameters()`` order)
-        whose value after inner step ``step`` the learner sets instead of stepping them
-        (MAML++'s per-step BatchNorm weights; see :class:`StepRule`)."""
-        return {}
-
-    def per_parameter_lrs(self) -> list[Tensor] | None:
-        """MetaSGD's rates, one tensor per parameter shaped like it, when the step rule is
-        exactly θ − lrs ⊙ g at every step (a clone's ``lrs``); else None."""
-        return None
-
-    def adapting(self) -> list[bool]:
+    def _adapting(self, params: list[Tensor]) -> tuple[bool, ...]:
         """Per parameter segment: does it take inner steps?"""
-        return [p.requires_grad for p in self._engine.params]
-
-    def _constant_lr(self, like: Tensor) -> Tensor:
-        key = (self.lr, like.dtype, like.device)  # learn2learn code may change lr
-        cache = self.__dict__.setdefault("_lr_tensors", {})
-        if key not in cache:
-            cache[key] = torch.tensor(self.lr, dtype=like.dtype, device=like.device)
-        return cache[key]
+        return tuple(p.requires_grad for p in params)
 
     # -- the model ---------------------------------------------------------------------
 
@@ -185,31 +190,20 @@ class MetaLearner(ModelAttributes, nn.Module):
         self._check_batch_norm_mode("meta_batch")
         chunk = self.task_chunk if task_chunk is None else check_count("task_chunk", task_chunk)
         first_order = self.first_order if first_order is None else bool(first_order)
-        return self._meta_batch(support_x, support_y, query_x, query_y, chunk, self.validate, step_weights,
-                                first_order)
-
-    def _meta_batch(self, support_x, support_y, query_x, query_y, task_chunk, validate, step_weights=None,
-                    first_order=None) -> MetaBatchOutput:
-        return self._engine.meta_batch(
-            support_x, support_y, query_x, query_y, rule=self, steps=self.steps,
-            first_order=self.first_order if first_order is None else first_order, task_chunk=task_chunk,
-            allow_unused=self.allow_unused, allow_nograd=self.allow_nograd, validate=validate,
-            step_weights=step_weights,
-        )
+        plan = self.plan(first_order=first_order, step_weights=check_step_weights(step_weights, self.steps),
+                         task_chunk=chunk)
+        return self._engine.meta_batch(support_x, support_y, query_x, query_y, plan)
 
     def fast_weights(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> TaskWeights:
         """The adapted weights of every task: a :class:`TaskWeights` over ``[T, P]``."""
         self._check_batch_norm_mode("fast_weights")
         steps = self.steps if steps is None else check_count("steps", steps, minimum=0)
-        return self._engine.fast_weights(
-            support_x, support_y, rule=self, steps=steps, first_order=self.first_order,
-            allow_unused=self.allow_unused, allow_nograd=self.allow_nograd, validate=self.validate,
-        )
+        return self._engine.fast_weights(support_x, support_y, self.plan(steps=steps))
 
     def predict(self, fast: TaskWeights, query_x: Tensor) -> Tensor:
         """The model's outputs for each task's inputs under its fast weights."""
         self._check_batch_norm_mode("predict")
-        return self._engine.predict(fast, query_x, rule=self, validate=self.validate)
+        return self._engine.predict(fast, query_x, self.plan())
 
     def capture(
         self,
@@ -236,33 +230,34 @@ class MetaLearner(ModelAttributes, nn.Module):
         self._check_batch_norm_mode("capture")
         inputs = (support_x, support_y, query_x, query_y)
         engine = self._engine
-        if support_x.device.type == "cpu":
-            return engine.fused_update_step(optimizer, list(self.parameters()), inputs, rule=self, steps=self.steps,
-                                            first_order=first_order, validate=self.validate)
-        engine.refresh()
-        # Validation once, eagerly, on the meta-batch given at capture; the graph runs
-        # unvalidated (a check that syncs cannot be captured).
-        engine.check_tasks(self.validate, support_x=support_x, support_y=support_y, query_x=query_x,
-                           query_y=query_y)
+        plan = self.plan(first_order=first_order)
+        if isinstance(support_x, Tensor) and support_x.device.type == "cpu":
+            return engine.fused_update_step(optimizer, list(self.parameters()), inputs, plan)
+        # Checked once, eagerly, on the meta-batch given at capture (the engine's entry
+        # checks); the graph runs unvalidated (a check that syncs cannot be captured).
         with torch.no_grad():
-            self._meta_batch(*inputs, self.task_chunk, self.validate, first_order=first_order)
+            engine.meta_batch(*inputs, plan)
+        unchecked = plan.with_call(validate=False)
 
         def step(sx, sy, qx, qy) -> MetaBatchOutput:
-            return self._meta_batch(sx, sy, qx, qy, self.task_chunk, False, first_order=first_order)
+            return engine.meta_batch(sx, sy, qx, qy, unchecked)
 
         return CapturedMetaStep(step, list(self.parameters()), optimizer, inputs, warmup)
 
     def clone(self, first_order=None, allow_unused=None, allow_nograd=None) -> AdaptedModel:
         """learn2learn's ``clone()``: an ``nn.Module`` copy of the model, graph-connected to
-        its parameters, that ``adapt()`` steps in place (:class:`AdaptedModel`)."""
+        its parameters, that ``adapt()`` steps in place (:class:`AdaptedModel`). It steps
+        by this call's plan of the learner."""
         tree = self._module_tree()
         params = tree.read(tree.modules)
-        copies = tree.copy(tree.modules, [p.clone() for p in params], self.batch_norm == "transductive")
+        transductive = self.batch_norm == "transductive"
+        copies = tree.copy(tree.modules, [p.clone() for p in params], transductive)
         return AdaptedModel(
-            self, tree, copies, self.lr, self.per_parameter_lrs(), self.steps_taken,
+            self.plan(), tree, copies, self.lr, self.steps_taken,
             self.first_order if first_order is None else bool(first_order),
             self.allow_unused if allow_unused is None else bool(allow_unused),
             self.allow_nograd if allow_nograd is None else bool(allow_nograd),
+            transductive,
         )
 
     def adapt(self, loss: Tensor, first_order=None, allow_unused=None, allow_nograd=None) -> None:
@@ -275,12 +270,13 @@ class MetaLearner(ModelAttributes, nn.Module):
         ``clone()`` is the training path.
         """
         tree = self._module_tree()
+        plan = self.plan()
         adapt_in_place(
-            self, tree, tree.modules, loss, self.steps_taken,
+            plan, tree, tree.modules, loss, self.steps_taken,
             self.first_order if first_order is None else bool(first_order),
             self.allow_unused if allow_unused is None else bool(allow_unused),
             self.allow_nograd if allow_nograd is None else bool(allow_nograd),
-            self.lr, self.per_parameter_lrs(),
+            self.lr, parameter_rates(plan), self.__dict__.setdefault("_rate_cache", {}),
         )
         self.steps_taken += 1
 

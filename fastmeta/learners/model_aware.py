@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from fastmeta.engine import LossSpec, StepRule
+from fastmeta.engine import LossSpec
 from fastmeta.learners.base import MetaLearner
 
 LR_MODES = ("scalar", "layer", "param")
@@ -93,6 +93,8 @@ class ModelAwareMAML(MetaLearner):
             raise ValueError("per_step_bn=True needs a model with affine BatchNorm layers; this one has none")
         self.per_step_bn = bool(bn_segments) if per_step_bn is None else per_step_bn
         self._per_state = frozenset(self.layout.index[s.name] for s in bn_segments) if self.per_step_bn else frozenset()
+        # The set segments in offset order: the order of _bn_index and of bn_per_step's columns.
+        self._set_segments = tuple(self.layout.index[s.name] for s in bn_segments) if self.per_step_bn else ()
         params = self._engine.params
         like = params[0]
         factory = {"dtype": like.dtype, "device": like.device}
@@ -172,24 +174,39 @@ class ModelAwareMAML(MetaLearner):
                 raise ValueError(f"adapt_layers: no parameter under {p!r}; parameters are {names}")
         return chosen
 
-    def adapting(self) -> list[bool]:
+    def _adapting(self, params: list[Tensor]) -> tuple[bool, ...]:
         # Per-step BatchNorm values are per state, so the inner loop reads them from the
-        # fast weights; the learner sets them (StepRule.set_values) instead of stepping them.
-        return [
+        # fast weights; the plan sets them (StepRule.set_values) instead of stepping them.
+        return tuple(
             (a and p.requires_grad) or k in self._per_state
-            for k, (a, p) in enumerate(zip(self._adapt_selection, self._engine.params))
-        ]
+            for k, (a, p) in enumerate(zip(self._adapt_selection, params))
+        )
+
+    def _rule(self) -> dict:
+        """The plan's rule fields: the rate tensors and how they are stored, the gates, the
+        preconditioner and the per-step BatchNorm values (see :class:`AdaptationPlan`)."""
+        stored = self.log_lrs if self.log_lr else self.lrs
+        rule = {
+            "rate_mode": self.lr_mode,
+            "lr": self.lr,
+            "rates": tuple(stored) if self.lr_mode == "param" else (stored,),
+            "rates_per_step": self.lr_per_step,
+            "log_rates": self.log_lr,
+        }
+        if self.gates:
+            rule.update(gate_logits=self.gate_logits, gate_unit_index=self._gate_unit_index)
+        if self.precondition:
+            rule["precond"] = self.precond
+        if self.per_step_bn:
+            rule.update(set_index=self._bn_index, set_per_step=self.bn_per_step, set_segments=self._set_segments)
+        return rule
 
     def rates(self, step: int) -> Tensor | list[Tensor]:
         """The rates of inner step ``step`` (beyond the trained steps: the last one's), as
-        stored: one tensor (scalar or layer mode) or one per parameter (param mode)."""
-        stored = self.log_lrs if self.log_lr else self.lrs
-        row = min(step, self.steps - 1)
-        pick = (lambda t: t[row]) if self.lr_per_step else (lambda t: t)
-        value = (lambda t: pick(t).exp()) if self.log_lr else pick
-        if self.lr_mode == "param":
-            return [value(t) for t in stored]
-        return value(stored)
+        the plan evaluates them: one tensor (scalar or layer mode) or one per parameter
+        (param mode)."""
+        rates = self.plan().rates_at(step)
+        return rates if self.lr_mode == "param" else rates[0]
 
     def _gate_units(self) -> tuple[Tensor, int]:
         """int64 ``[P]``: each parameter's gate; ungated parameters read the last entry (1).
@@ -214,42 +231,6 @@ class ModelAwareMAML(MetaLearner):
             ).repeat_interleave(per_row)
         index[index < 0] = units  # the constant 1 appended after the gates
         return index, units
-
-    def step_rule(self, step: int, like: Tensor) -> StepRule:
-        segments = None
-        lr = self.rates(step)
-        if self.lr_mode == "param":
-            lr = torch.cat([l.reshape(-1) for l in lr])
-        elif self.lr_mode == "layer":
-            segments = self.layout.segment_ids(like.device)
-        mask = None
-        if self.gates:
-            values = torch.cat([2 * torch.sigmoid(self.gate_logits), self.gate_logits.new_ones(1)])
-            mask = values[self._gate_unit_index]
-        precond = self.precond if self.precondition else None
-        set_values = None
-        if self.per_step_bn:
-            set_values = (self._bn_index, self.bn_per_step[min(step, self.steps - 1)])
-        return StepRule(lr, mask, precond, segments, set_values)
-
-    def step_set_values(self, step: int) -> dict[int, Tensor]:
-        if not self.per_step_bn:
-            return {}
-        row = self.bn_per_step[min(step, self.steps - 1)]
-        values, at = {}, 0
-        for k in sorted(self._per_state, key=lambda k: self.layout.segments[k].offset):
-            segment = self.layout.segments[k]
-            values[k] = row[at:at + segment.numel].view(segment.shape)
-            at += segment.numel
-        return values
-
-    def step_coefficients(self, step: int, like: Tensor) -> list[Tensor]:
-        return self._engine.segment_coefficients(self.step_rule(step, like))
-
-    def per_parameter_lrs(self) -> list[Tensor] | None:
-        if self.lr_mode == "param" and not self.lr_per_step and not self.gates and not self.precondition:
-            return [rate.exp() for rate in self.log_lrs] if self.log_lr else list(self.lrs)
-        return None
 
     def extra_repr(self) -> str:
         return (

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastmeta.backends import REFERENCE, kernel_for
-from fastmeta.ops.registration import NativeCall, define_op
+from fastmeta.ops.registration import NativeCall, call_with_kernel, define_op
 from fastmeta.ops.activation import apply_activation, check_activation
 from fastmeta.ops.reference_vjp import reference_vjp
 from fastmeta.ops.task_loss import LOSS_KINDS
@@ -460,19 +460,27 @@ mlp_meta_step_op = define_op(reference_mlp_meta_step, NativeCall(takes=_native_t
 
 def mlp_meta_step_mean(params: Tensor | Sequence[Tensor], layer_sizes: list[int], act: str, negative_slope: float,
                        support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_kind: str,
-                       lr: Tensor, steps: int, first_order: bool, validate: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                       lr: Tensor, steps: int, first_order: bool, validate: bool = False,
+                       kernel=None) -> tuple[Tensor, Tensor, Tensor]:
     """(mean loss ``[]``, losses ``[T]``, preds ``[T, Q, O]``): a MAML meta-step of a small MLP
     for every task, differentiable w.r.t. the parameters (one flat θ, or the model's
-    parameter tensors in order) and lr; see the module docstring."""
+    parameter tensors in order) and lr; see the module docstring.
+
+    kernel: the kernel :func:`choose_fused_kernel` chose for these arguments, by a caller
+    that has checked them (the engine): the op then neither checks nor chooses again.
+    None: the op checks the arguments and chooses its kernel itself."""
     params = [params] if isinstance(params, Tensor) else list(params)
     # The per-task gradients are worth computing in the forward only when a backward will
     # follow (W1 on the 2-core CPU: 165 µs forward alone, 424 µs forward + gradients, −28 %
     # against recomputing them in the backward).
     task_gradients = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or lr.requires_grad)
     try:
-        mean, losses, preds, _, _ = mlp_meta_step_op(params, layer_sizes, act, negative_slope, support_x, support_y,
-                                                     query_x, query_y, loss_kind, lr, steps, first_order,
-                                                     task_gradients, validate)
+        args = (params, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr,
+                steps, first_order, task_gradients, validate)
+        if kernel is None:
+            mean, losses, preds, _, _ = mlp_meta_step_op(*args)
+        else:
+            mean, losses, preds, _, _ = call_with_kernel(mlp_meta_step_op, kernel, *args)
     except RuntimeError as exc:  # the C++ kernel's own checks: FloatingPointError by its prefix
         message = str(exc).splitlines()[0] if str(exc) else ""
         if message.startswith("FloatingPointError: "):
@@ -754,17 +762,20 @@ def _kernel_shape_ok(device: torch.device, dtype: torch.dtype, act: str, layer_s
     return True
 
 
-def fused_kernel_takes(layer_sizes: list[int], act: str, loss_kind: str | None, device: torch.device,
-                       dtype: torch.dtype, K: int, Q: int, steps: int) -> bool:
-    """Whether ``mlp_meta_step`` with these arguments runs on a backend's fused kernel
-    (rather than its reference). The one place that decides: the engine asks this before
-    taking the fused path, and the kernels decline by the same rule."""
+def choose_fused_kernel(layer_sizes: list[int], act: str, loss_kind: str | None, device: torch.device,
+                        dtype: torch.dtype, K: int, Q: int, steps: int):
+    """The backend kernel that runs ``mlp_meta_step`` with these arguments, or None when
+    only its reference would (a fused kernel is then no faster than the engine's general
+    path). The op's one rule, asked once per call: by the engine before it takes the fused
+    path (it then runs the op with this kernel, :func:`mlp_meta_step_mean`'s ``kernel``),
+    and by the backend kernel's ``takes`` for a direct call of the op."""
     if loss_kind not in LOSS_KINDS:
-        return False
-    name, _ = kernel_for("mlp_meta_step", device.type)
-    if name == REFERENCE:
-        return False
-    return _kernel_shape_ok(device, dtype, act, layer_sizes, K, Q, steps)
+        return None
+    name, kernel = kernel_for("mlp_meta_step", device.type)
+    if name == REFERENCE or not _kernel_shape_ok(device, dtype, act, layer_sizes, K, Q, steps):
+        return None
+    # The engine has checked what the launcher would check again (dtypes, devices, shapes).
+    return getattr(kernel, "unchecked", kernel)
 
 
 def _kernel_inputs_ok(device_type: str, theta, support_x, support_y, query_x, query_y, lr, act,

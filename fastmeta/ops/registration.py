@@ -11,6 +11,7 @@ which runs the kernel on the chosen backend, or the reference.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -27,8 +28,12 @@ def define_op(reference: Callable, native: NativeCall | None = None, check: Call
     backend sees them. mutates: the arguments the op writes in place.
     """
     spec = define_kernel(reference, native, mutates)
+    name = spec.name
 
     def run(*args):
+        chosen = _chosen.kernels.pop(name, None)
+        if chosen is not None:  # the caller checked the arguments and chose this kernel
+            return chosen(*args)
         if check is not None:
             check(*args)
         return run_kernel(spec, *args)
@@ -37,4 +42,26 @@ def define_op(reference: Callable, native: NativeCall | None = None, check: Call
     return torch.library.custom_op(f"fastmeta::{spec.name}", run, mutates_args=mutates, schema=spec.schema)
 
 
-__all__ = ["NativeCall", "define_op"]
+class _ChosenKernels(threading.local):
+    def __init__(self):
+        self.kernels: dict[str, Callable] = {}
+
+
+_chosen = _ChosenKernels()
+
+
+def call_with_kernel(op, kernel: Callable, *args):
+    """``op(*args)`` running ``kernel``, a kernel its caller has already chosen for these
+    arguments after checking them (the engine, at its public boundary): the op's own
+    check and kernel choice are skipped, so each happens once per call. Autograd, the
+    fake kernel and the op's schema are the public op's. The choice is per thread and
+    consumed by the one call."""
+    name = op._name.rpartition("::")[2] if hasattr(op, "_name") else op.__name__
+    _chosen.kernels[name] = kernel
+    try:
+        return op(*args)
+    finally:
+        _chosen.kernels.pop(name, None)
+
+
+__all__ = ["NativeCall", "call_with_kernel", "define_op"]
