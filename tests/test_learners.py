@@ -60,7 +60,7 @@ def make_tasks(kind: str):
 
 
 def per_step_bn_reference(learner):
-    """MAML++'s per-step BatchNorm values as the per-task loop sets them: after inner step
+    """MAML++'s per-step BatchNorm values as the reference loop sets them: after inner step
     s, every BatchNorm weight and bias takes row min(s, steps - 1) of ``bn_per_step``
     (its columns: those parameters in ``named_parameters()`` order). None when off."""
     if not getattr(learner, "per_step_bn", False):

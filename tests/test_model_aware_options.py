@@ -210,7 +210,7 @@ def test_steps_beyond_the_trained_ones_reuse_the_last_rule(log_lr):
             getattr(extended, name).copy_(torch.cat([rows, rows[-1:].expand(3, -1)]))
     fast = learner.fast_weights(sx, sy, steps=5)
     assert torch.allclose(fast.buffer, extended.fast_weights(sx, sy, steps=5).buffer, atol=1e-6)
-    # And the per-task loop, whose coefficient and BatchNorm rows clamp at the last step.
+    # And the reference loop, whose coefficient and BatchNorm rows clamp at the last step.
     losses = per_task_query_losses(
         learner.module, sx, sy, qx, qy, 5, False, learner_coefficient(learner), selection(learner),
         per_step_bn_reference(learner),

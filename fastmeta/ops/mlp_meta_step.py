@@ -499,8 +499,8 @@ def mlp_meta_step_mean(params: Tensor | Sequence[Tensor], layer_sizes: list[int]
     params = [params] if isinstance(params, Tensor) else list(params)
     # The per-task gradients are worth computing in the forward only when a backward will
     # follow: computing them in the forward beats recomputing them in the backward, and
-    # costs a forward alone more than twice its time (docs/benchmarks.md, "Measurements behind code decisions": "Fused meta-step
-    # on the CPU").
+    # costs a forward alone more than twice its time (docs/benchmarks.md, "Measurements
+    # behind code decisions").
     task_gradients = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or lr.requires_grad)
     mean, losses, preds, _, _, nonfinite = mlp_meta_step_op(params, layer_sizes, act, negative_slope, support_x,
                                                             support_y, query_x, query_y, loss_kind, lr, steps,

@@ -300,13 +300,13 @@ def capture_whole_step(forward_backward_step: Callable[[], None], optimizer, dev
     return graph
 
 
-# -- peer 1: the per-task loop -----------------------------------------------------------------
+# -- peer 1: the reference loop ----------------------------------------------------------------
 
 
 def reference_meta_gradient(problem: Problem, dtype: torch.dtype = torch.float64) -> Tensor:
-    """The meta-gradient of the mean query loss at the initial parameters, per-task loop.
+    """The meta-gradient of the mean query loss at the initial parameters, reference loop.
 
-    This is the correctness reference (docs/benchmarks.md: the per-task loop agrees with
+    This is the correctness reference (docs/benchmarks.md: the reference loop agrees with
     finite differences to 1e-8 in float64, also through BatchNorm).
     """
     model = problem.build_model(dtype)
