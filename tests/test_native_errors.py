@@ -57,7 +57,8 @@ def test_a_label_out_of_range_is_a_value_error_from_the_kernel():
     theta, sx, sy, qx, qy, lr = problem()
     sy = sy.clone()
     sy[1, 0] = SIZES[-1]
-    with pytest.raises(ValueError, match=r"support labels out of range for the model's 3 outputs \(task 1 has label 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"support labels out of range for the model's 3 outputs \(task 1 has label 3\)"):
         meta_step(theta, sx, sy, qx, qy, lr)
     with pytest.raises(ValueError, match=r"target label -1 is not in \[0, 3\)"):
         native.task_loss(torch.randn(2, 3, 3), torch.full((2, 3), -1), "cross_entropy")

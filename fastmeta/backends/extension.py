@@ -7,10 +7,10 @@ namespace. Their schemas are defined from Python, from the kernel table
 ``TORCH_LIBRARY_IMPL``, and ``csrc/cuda/mlp_meta_step_host.cpp`` defines the one op outside
 the table (``mlp_meta_step_workspace_floats``) with ``TORCH_LIBRARY_FRAGMENT``. The
 dispatcher routes on the tensors' device. Their checks raise typed errors (TypeError,
-ValueError, IndexError, NotImplementedError; ``csrc/common.h``). This module builds it on first use (or ahead of time with
-``fastmeta build``) with ``torch.utils.cpp_extension.load`` and ninja, under torch's
-extensions directory (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
-so later processes only load it.
+ValueError, IndexError, NotImplementedError; ``csrc/common.h``). This module builds it on
+first use (or ahead of time with ``fastmeta build``) with ``torch.utils.cpp_extension.load``
+and ninja, under torch's extensions directory (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), so later processes only load it.
 
 - **One cache folder per build input.** The folder's name is a digest of everything the
   build depends on (:func:`build_key`): the content of every file under ``csrc/``, torch's
@@ -367,7 +367,7 @@ def _build(verbose: bool) -> None:
         extra_include_paths=[str(staged)],
         build_directory=str(build_dir),
         with_cuda=plan.with_cuda,
-        is_python_module=False,  # the library only registers torch.ops.fastmeta_ext.*
+        is_python_module=False,  # the library registers implementations of torch.ops.fastmeta_ext.*, no Python module
         verbose=verbose,
     )
     if first_build:

@@ -293,8 +293,8 @@ def analytic_meta_step(theta, layer_sizes, act, negative_slope, support_x, suppo
                        loss_kind, lr, steps, first_order, loss_weights=None):
     """(losses, preds, dθ, dlr): the meta-step with its derivatives written out.
 
-    With loss_weights w ``[T]`` (the weight of each task's query loss), dθ = Σ_t w_t dloss_t/dθ ``[P]`` and dlr likewise (lr's
-    shape); otherwise both are None.
+    With loss_weights w ``[T]`` (the weight of each task's query loss),
+    dθ = Σ_t w_t dloss_t/dθ ``[P]`` and dlr likewise (lr's shape); otherwise both are None.
     """
     T, P = support_x.size(0), theta.numel()
     cfg = (layer_sizes, act, negative_slope, loss_kind)
@@ -366,7 +366,8 @@ def reference_mlp_meta_step_with_task_gradients(
     ``nonfinite`` (int64, on the CPU: kind, task, argument; see ``NONFINITE_*``), for the
     caller to raise with :func:`raise_nonfinite` (the CPU kernel checks in its own loops,
     at no dispatch or sync; the CUDA kernel does not check, as that would sync the device).
-    A label out of range raises ValueError whether or not ``validate`` is set.
+    A label out of range is an error whether or not ``validate`` is set: ValueError from the
+    CPU kernel, torch's own from the reference's ``cross_entropy``.
     """
     theta = _flat(params)
     nonfinite = torch.zeros(3, dtype=torch.int64)
