@@ -20,7 +20,7 @@ Two shapes, each with the model written as a custom ``nn.Module`` (not ``nn.Sequ
 Contenders, each a full second-order meta-iteration (every task's inner loop, query
 loss, backward, one Adam step on the model's parameters):
 
-- ``loop``: the plain per-task loop, ``torch.func.functional_call`` + ``torch.autograd.grad``
+- ``loop``: the reference loop (plain autograd, task by task), ``torch.func.functional_call`` + ``torch.autograd.grad``
   (``create_graph=True``), each task's query loss backpropagated as soon as it is computed,
   as learn2learn's examples do. BatchNorm: the module's own behaviour (training mode).
 - ``clone/adapt``: the same loop written against ``fm.MAML``'s learn2learn API, BatchNorm

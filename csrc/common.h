@@ -5,6 +5,16 @@
 // call these ops with inputs they have already normalised (contiguous, stride-0 task
 // dims collapsed, a supported dtype), so a failing check here is a bug in a launcher, and
 // it must raise instead of reading out of bounds.
+//
+// Each check raises the Python exception of its kind, chosen here rather than by the
+// message's text: TORCH_CHECK_TYPE (TypeError) for a dtype, TORCH_CHECK_VALUE (ValueError)
+// for a shape, device, layout or value (labels out of range included), TORCH_CHECK_INDEX
+// (IndexError) for an index into another argument, and TORCH_CHECK_NOT_IMPLEMENTED
+// (NotImplementedError) for an argument that is valid but beyond what a kernel handles
+// (an activation, a size limit). Plain TORCH_CHECK (RuntimeError) is left for invariants
+// no argument can break. A non-finite value is not an argument error: the fused meta-step
+// reports it in an output of its own (csrc/cpu/mlp_meta_step.cpp, NonFinite), and the op
+// raises FloatingPointError from that.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,15 +23,15 @@
 #include <string>
 
 #define FM_CHECK_DEVICE(x, dev) \
-  TORCH_CHECK((x).device().type() == (dev), #x " must be on ", (dev), ", got ", (x).device())
-#define FM_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
+  TORCH_CHECK_VALUE((x).device().type() == (dev), #x " must be on ", (dev), ", got ", (x).device())
+#define FM_CHECK_CONTIGUOUS(x) TORCH_CHECK_VALUE((x).is_contiguous(), #x " must be contiguous")
 #define FM_CHECK_DIM(x, d) \
-  TORCH_CHECK((x).dim() == (d), #x " must have ", (d), " dims, got shape ", (x).sizes())
+  TORCH_CHECK_VALUE((x).dim() == (d), #x " must have ", (d), " dims, got shape ", (x).sizes())
 #define FM_CHECK_SAME_DTYPE(x, y) \
-  TORCH_CHECK((x).scalar_type() == (y).scalar_type(), #x " and " #y " must share a dtype, got ", \
+  TORCH_CHECK_TYPE((x).scalar_type() == (y).scalar_type(), #x " and " #y " must share a dtype, got ", \
               (x).scalar_type(), " and ", (y).scalar_type())
 #define FM_CHECK_FLOATING(x) \
-  TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kDouble, \
+  TORCH_CHECK_TYPE((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kDouble, \
               #x " must be float32 or float64, got ", (x).scalar_type())
 // The usual triple: device, contiguity, dtype.
 #define FM_CHECK_INPUT(x, dev) \
@@ -40,7 +50,7 @@ inline void dispatch_floating(at::ScalarType st, const char* name, F&& f) {
   } else if (st == at::kDouble) {
     f(double{});
   } else {
-    TORCH_CHECK(false, name, ": float32 or float64 expected, got ", st);
+    TORCH_CHECK_TYPE(false, name, ": float32 or float64 expected, got ", st);
   }
 }
 
@@ -53,7 +63,7 @@ inline Act parse_act(const std::string& act) {
   if (act == "leaky_relu") return Act::LeakyRelu;
   if (act == "tanh") return Act::Tanh;
   if (act == "sigmoid") return Act::Sigmoid;
-  TORCH_CHECK(false, "act must be one of none|relu|leaky_relu|tanh|sigmoid, got '", act, "'");
+  TORCH_CHECK_VALUE(false, "act must be one of none|relu|leaky_relu|tanh|sigmoid, got '", act, "'");
 }
 
 enum class LossKind : int { CrossEntropy = 0, Mse = 1 };
@@ -61,7 +71,7 @@ enum class LossKind : int { CrossEntropy = 0, Mse = 1 };
 inline LossKind parse_loss(const std::string& kind) {
   if (kind == "cross_entropy") return LossKind::CrossEntropy;
   if (kind == "mse") return LossKind::Mse;
-  TORCH_CHECK(false, "kind must be cross_entropy or mse, got '", kind, "'");
+  TORCH_CHECK_VALUE(false, "kind must be cross_entropy or mse, got '", kind, "'");
 }
 
 // f(z) and f'(z) written in y = f(z) (see fastmeta/ops/activation.py for the table).

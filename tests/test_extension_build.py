@@ -82,14 +82,15 @@ def test_cpu_backend_is_available_and_cuda_kernels_dispatch_by_device(extension)
 
 def test_cpp_entry_points_reject_bad_layouts_instead_of_reading_out_of_bounds(extension):
     x = torch.randn(2, 3, 4).transpose(1, 2)  # not contiguous
-    with pytest.raises(RuntimeError, match="contiguous"):
+    # Each check raises the Python type of its kind (tests/test_native_errors.py has more).
+    with pytest.raises(ValueError, match="contiguous"):
         torch.ops.fastmeta_ext.task_linear(x, torch.randn(5, 3), None, "none", 0.0)
-    with pytest.raises(RuntimeError, match="input features"):
+    with pytest.raises(ValueError, match="input features"):
         torch.ops.fastmeta_ext.task_linear(torch.randn(2, 3, 4), torch.randn(5, 3), None, "none", 0.0)
-    with pytest.raises(RuntimeError, match="not in"):
+    with pytest.raises(ValueError, match="not in"):
         torch.ops.fastmeta_ext.task_loss(torch.randn(2, 3, 4), torch.full((2, 3), 4), "cross_entropy")
     seg = torch.tensor([0, 5])
-    with pytest.raises(RuntimeError, match="segments"):
+    with pytest.raises(IndexError, match="segments"):
         torch.ops.fastmeta_ext.inner_step(torch.randn(2), torch.randn(3, 2), torch.randn(2), None, None, seg)
 
 

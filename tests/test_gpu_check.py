@@ -103,7 +103,7 @@ def test_verified_is_written_family_by_family(two_part_run):
         counts = [e["published_kernels"] for e in events if e["backend"] == backend]
         assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
     verified = json.loads((second / "verified.json").read_text())
-    assert "mlp_meta_step" in verified["cuda"]["dry-run"]
+    assert "mlp_meta_step_with_task_gradients" in verified["cuda"]["dry-run"]
     assert "task_conv2d_weight_grad" in verified["triton"]["dry-run"]
     # A dry run keeps the repository's record as it is, and never claims a kernel verified
     # on a GPU: everything it adds is under "dry-run".

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastmeta as fm
-from fastmeta.engine.per_task_loop import (
+from fastmeta.engine.reference_loop import (
     constant_coefficient,
     flat_grad,
     learner_coefficient,
@@ -60,7 +60,7 @@ def make_tasks(kind: str):
 
 
 def per_step_bn_reference(learner):
-    """MAML++'s per-step BatchNorm values as the per-task loop sets them: after inner step
+    """MAML++'s per-step BatchNorm values as the reference loop sets them: after inner step
     s, every BatchNorm weight and bias takes row min(s, steps - 1) of ``bn_per_step``
     (its columns: those parameters in ``named_parameters()`` order). None when off."""
     if not getattr(learner, "per_step_bn", False):
@@ -93,7 +93,7 @@ def fastmeta_meta_gradient(learner, tasks):
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_maml_meta_gradient_equals_per_task_loop(kind, steps, first_order):
+def test_maml_meta_gradient_equals_reference_loop(kind, steps, first_order):
     model = make_model(kind)
     lr = 0.01 if kind == "mlp" else 0.3
     learner = fm.MAML(model, lr, first_order, steps=steps)
@@ -127,7 +127,7 @@ MODEL_AWARE_CASES = [
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("options", MODEL_AWARE_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("first_order", [False, True])
-def test_model_aware_meta_gradient_equals_per_task_loop(kind, options, first_order):
+def test_model_aware_meta_gradient_equals_reference_loop(kind, options, first_order):
     model = make_model(kind)
     steps = 2
     learner = fm.ModelAwareMAML(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fastmeta as fm
-from fastmeta.engine.per_task_loop import flat_grad, learner_coefficient, per_task_query_losses, relative_error
+from fastmeta.engine.reference_loop import flat_grad, learner_coefficient, per_task_query_losses, relative_error
 from test_finite_differences import check_against_finite_differences, smooth_conv_bn_net
 from test_learners import (
     classification_tasks,
@@ -95,7 +95,7 @@ PER_STEP_BN_CASES = [
 
 @pytest.mark.parametrize("steps, first_order, options", PER_STEP_BN_CASES,
                          ids=["1-step", "3-steps", "3-steps-first-order", "param-gates", "head-log"])
-def test_per_step_batch_norm_equals_per_task_loop(steps, first_order, options):
+def test_per_step_batch_norm_equals_reference_loop(steps, first_order, options):
     learner = fm.ModelAwareMAML(make_model("conv"), 0.2, first_order, steps=steps, per_step_bn=True, **options)
     perturb_meta_parameters(learner)
     tasks = make_tasks("conv")
@@ -210,7 +210,7 @@ def test_steps_beyond_the_trained_ones_reuse_the_last_rule(log_lr):
             getattr(extended, name).copy_(torch.cat([rows, rows[-1:].expand(3, -1)]))
     fast = learner.fast_weights(sx, sy, steps=5)
     assert torch.allclose(fast.buffer, extended.fast_weights(sx, sy, steps=5).buffer, atol=1e-6)
-    # And the per-task loop, whose coefficient and BatchNorm rows clamp at the last step.
+    # And the reference loop, whose coefficient and BatchNorm rows clamp at the last step.
     losses = per_task_query_losses(
         learner.module, sx, sy, qx, qy, 5, False, learner_coefficient(learner), selection(learner),
         per_step_bn_reference(learner),
@@ -225,7 +225,7 @@ def test_steps_beyond_the_trained_ones_reuse_the_last_rule(log_lr):
 
 @pytest.mark.parametrize("learner_kind", ["maml", "model-aware"])
 @pytest.mark.parametrize("kind, first_order", [("mlp", False), ("mlp", True), ("conv", False)])
-def test_multi_step_loss_equals_per_task_loop(learner_kind, kind, first_order):
+def test_multi_step_loss_equals_reference_loop(learner_kind, kind, first_order):
     steps, weights = 3, [0.2, 0.0, 0.8]  # a zero weight: that step's query forward is skipped
     lr = 0.01 if kind == "mlp" else 0.2
     if learner_kind == "maml":

@@ -11,7 +11,7 @@ from torch import nn
 
 import fastmeta as fm
 from fastmeta.engine import TracedProgram, PerTaskLoopProgram
-from fastmeta.engine.per_task_loop import adapt_task, flat_grad, per_task_query_losses, constant_coefficient, relative_error
+from fastmeta.engine.reference_loop import adapt_task, flat_grad, per_task_query_losses, constant_coefficient, relative_error
 from test_learners import classification_tasks, regression_tasks
 
 
@@ -262,7 +262,7 @@ def test_recurrent_modules_run_task_by_task_in_meta_batch(cell, first_order):
 
 
 @RECURRENT
-def test_recurrent_fast_weights_and_predictions_match_the_per_task_loop(cell):
+def test_recurrent_fast_weights_and_predictions_match_the_reference_loop(cell):
     model, learner = recurrent_learner(cell)
     sx, sy, qx, qy = sequence_tasks()
     fast = learner.fast_weights(sx, sy, steps=3)

@@ -23,7 +23,7 @@ at::Tensor activation_grad(const at::Tensor& grad_y, const at::Tensor& y, c10::s
   FM_CHECK_INPUT(y, kCPU);
   FM_CHECK_FLOATING(y);
   FM_CHECK_SAME_DTYPE(grad_y, y);
-  TORCH_CHECK(grad_y.sizes() == y.sizes(), "grad_y must be ", y.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK_VALUE(grad_y.sizes() == y.sizes(), "grad_y must be ", y.sizes(), ", got ", grad_y.sizes());
   const Act act = parse_act(std::string(act_name.data(), act_name.size()));
   at::Tensor out = at::empty_like(y);
   const int64_t n = y.numel();

@@ -50,20 +50,20 @@ void check_step_args(const at::Tensor& grad, const at::Tensor& lr,
       const at::Tensor& t = **opt;
       FM_CHECK_INPUT(t, kCPU);
       FM_CHECK_SAME_DTYPE(t, grad);
-      TORCH_CHECK(t.dim() == 1 && t.size(0) == P, "mask/precond must be [P] = [", P, "], got ", t.sizes());
+      TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == P, "mask/precond must be [P] = [", P, "], got ", t.sizes());
     }
   }
   if (segments.has_value()) {
     FM_CHECK_INPUT(*segments, kCPU);
-    TORCH_CHECK(segments->scalar_type() == at::kLong, "segments must be int64");
-    TORCH_CHECK(segments->dim() == 1 && segments->size(0) == P, "segments must be [P]");
-    TORCH_CHECK(lr.dim() == 1, "per-segment lr must be [S], got ", lr.sizes());
+    TORCH_CHECK_TYPE(segments->scalar_type() == at::kLong, "segments must be int64, got ", segments->scalar_type());
+    TORCH_CHECK_VALUE(segments->dim() == 1 && segments->size(0) == P, "segments must be [P]");
+    TORCH_CHECK_VALUE(lr.dim() == 1, "per-segment lr must be [S], got ", lr.sizes());
     const int64_t S = lr.size(0);
     const int64_t* seg = segments->data_ptr<int64_t>();
     for (int64_t p = 0; p < P; ++p)  // an index out of range would read past lr
-      TORCH_CHECK(seg[p] >= 0 && seg[p] < S, "segments[", p, "] = ", seg[p], " is not in [0, ", S, ")");
+      TORCH_CHECK_INDEX(seg[p] >= 0 && seg[p] < S, "segments[", p, "] = ", seg[p], " is not in [0, ", S, ")");
   } else {
-    TORCH_CHECK(lr.dim() == 0 || (lr.dim() == 1 && lr.size(0) == P),
+    TORCH_CHECK_VALUE(lr.dim() == 0 || (lr.dim() == 1 && lr.size(0) == P),
                 "lr must be a scalar or [P] = [", P, "] without segments, got ", lr.sizes());
   }
 }
@@ -76,7 +76,7 @@ at::Tensor inner_step(const at::Tensor& theta, const at::Tensor& grad, const at:
   FM_CHECK_SAME_DTYPE(theta, grad);
   const int64_t T = grad.size(0), P = grad.size(1);
   const bool shared = theta.dim() == 1;
-  TORCH_CHECK(shared ? theta.size(0) == P : (theta.dim() == 2 && theta.sizes() == grad.sizes()),
+  TORCH_CHECK_VALUE(shared ? theta.size(0) == P : (theta.dim() == 2 && theta.sizes() == grad.sizes()),
               "theta must be [P] or [T, P] like grad ", grad.sizes(), ", got ", theta.sizes());
   at::Tensor out = at::empty_like(grad);
   dispatch_floating(grad.scalar_type(), "inner_step", [&](auto tag_) {
@@ -110,8 +110,8 @@ std::vector<at::Tensor> inner_step_backward(const at::Tensor& grad_out, const at
   check_step_args(grad, lr, mask, precond, segments);
   FM_CHECK_INPUT(grad_out, kCPU);
   FM_CHECK_SAME_DTYPE(grad_out, grad);
-  TORCH_CHECK(grad_out.sizes() == grad.sizes(), "grad_out must be ", grad.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(needs.size() == 5, "needs must hold 5 flags, got ", needs.size());
+  TORCH_CHECK_VALUE(grad_out.sizes() == grad.sizes(), "grad_out must be ", grad.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(needs.size() == 5, "needs must hold 5 flags, got ", needs.size());
   const int64_t T = grad.size(0), P = grad.size(1);
   const bool need_theta = need(needs, 0), need_grad = need(needs, 1), need_lr = need(needs, 2);
   const bool need_mask = need(needs, 3) && mask.has_value();

@@ -483,36 +483,34 @@ void run(const Plan& plan, const C& c, const Args& a, const T* rates, at::Tensor
 }
 
 // The validation the learners do with torch ops elsewhere, here in the kernel's own loops:
-// on the CPU it costs no dispatch and no sync. The messages are the engine's; the prefix
-// tells fastmeta.ops.mlp_meta_step to raise FloatingPointError (TORCH_CHECK raises
-// RuntimeError).
-constexpr const char* kFloatingPointError = "FloatingPointError: ";
-
+// on the CPU it costs no dispatch and no sync. A finding is not thrown: it is written to
+// `nonfinite` (kind, task, argument; see NonFinite in mlp_meta_step_entry.h), from which the
+// op raises FloatingPointError with the engine's message. The first finding wins.
 inline void check_finite_inputs(const at::Tensor& sx, const at::Tensor& sy, const at::Tensor& qx, const at::Tensor& qy,
-                                int64_t T, LossKind loss) {
-  std::vector<std::pair<const at::Tensor*, const char*>> named{{&sx, "support_x"}, {&qx, "query_x"}};
+                                int64_t T, LossKind loss, int64_t* nonfinite) {
+  std::vector<std::pair<const at::Tensor*, NonFiniteArgument>> named{{&sx, NonFiniteArgument::SupportX},
+                                                                     {&qx, NonFiniteArgument::QueryX}};
   if (loss == LossKind::Mse) {
-    named.push_back({&sy, "support_y"});
-    named.push_back({&qy, "query_y"});
+    named.push_back({&sy, NonFiniteArgument::SupportY});
+    named.push_back({&qy, NonFiniteArgument::QueryY});
   }
-  for (auto [t, name] : named) {
+  for (auto [t, argument] : named) {
     dispatch_floating(t->scalar_type(), "mlp_meta_step check", [&](auto tag_) {
       using scalar_t = decltype(tag_);
       const scalar_t* d = t->data_ptr<scalar_t>();
       const int64_t per_task = t->numel() / T;
-      for (int64_t i = 0; i < t->numel(); ++i)
-        TORCH_CHECK(std::isfinite(d[i]), kFloatingPointError, name, " has NaN or Inf in task ", i / per_task);
+      for (int64_t i = 0; i < t->numel() && nonfinite[0] == 0; ++i)
+        if (!std::isfinite(d[i])) report_nonfinite(nonfinite, NonFinite::Input, i / per_task, argument);
     });
   }
 }
 
-inline void check_finite_losses(const at::Tensor& losses) {
+inline void check_finite_losses(const at::Tensor& losses, int64_t* nonfinite) {
   dispatch_floating(losses.scalar_type(), "mlp_meta_step check", [&](auto tag_) {
     using scalar_t = decltype(tag_);
     const scalar_t* l = losses.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < losses.numel(); ++t)
-      TORCH_CHECK(std::isfinite(l[t]), kFloatingPointError, "the query loss of task ", t, " is ",
-                  static_cast<double>(l[t]));
+    for (int64_t t = 0; t < losses.numel() && nonfinite[0] == 0; ++t)
+      if (!std::isfinite(l[t])) report_nonfinite(nonfinite, NonFinite::QueryLoss, t, NonFiniteArgument::None);
   });
 }
 
@@ -520,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
     const at::Tensor& theta, at::IntArrayRef layer_sizes, c10::string_view act_name, double negative_slope,
     const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x,
     const at::Tensor& query_y, c10::string_view loss_name, const at::Tensor& lr, int64_t steps,
-    bool first_order, int64_t grads, const c10::optional<at::Tensor>& task_weights, bool validate) {
+    bool first_order, int64_t grads, const c10::optional<at::Tensor>& loss_weights, int64_t* nonfinite) {
   // ---- checks: everything the loops below index is validated here
   for (const at::Tensor* t : {&theta, &support_x, &support_y, &query_x, &query_y, &lr}) {
     FM_CHECK_DEVICE(*t, kCPU);
@@ -530,36 +528,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
   FM_CHECK_SAME_DTYPE(support_x, theta);
   FM_CHECK_SAME_DTYPE(query_x, theta);
   FM_CHECK_SAME_DTYPE(lr, theta);
-  TORCH_CHECK(layer_sizes.size() >= 2, "layer_sizes needs at least [in, out], got ", layer_sizes);
-  for (auto s : layer_sizes) TORCH_CHECK(s >= 1, "layer sizes must be >= 1, got ", layer_sizes);
-  TORCH_CHECK(steps >= 0, "steps must be >= 0, got ", steps);
-  TORCH_CHECK(grads >= 0 && grads <= 2, "grads must be 0, 1 or 2, got ", grads);
+  TORCH_CHECK_VALUE(layer_sizes.size() >= 2, "layer_sizes needs at least [in, out], got ", layer_sizes);
+  for (auto s : layer_sizes) TORCH_CHECK_VALUE(s >= 1, "layer sizes must be >= 1, got ", layer_sizes);
+  TORCH_CHECK_VALUE(steps >= 0, "steps must be >= 0, got ", steps);
+  TORCH_CHECK_VALUE(grads >= 0 && grads <= 2, "grads must be 0, 1 or 2, got ", grads);
   const Act act = parse_act(std::string(act_name.data(), act_name.size()));
   // The zero row pads stay zero only if act(0) = 0: not so for the sigmoid (0.5).
-  TORCH_CHECK(act != Act::Sigmoid, "mlp_meta_step: act must be relu, leaky_relu, tanh or none");
+  TORCH_CHECK_NOT_IMPLEMENTED(act != Act::Sigmoid, "mlp_meta_step: act must be relu, leaky_relu, tanh or none");
   const LossKind loss = parse_loss(std::string(loss_name.data(), loss_name.size()));
   FM_CHECK_DIM(support_x, 3);
   FM_CHECK_DIM(query_x, 3);
   const int64_t T = support_x.size(0), K = support_x.size(1), Q = query_x.size(1);
   const int64_t L = static_cast<int64_t>(layer_sizes.size()) - 1, O = layer_sizes.back();
-  TORCH_CHECK(T >= 1 && K >= 1 && Q >= 1, "need at least one task, support and query example");
-  TORCH_CHECK(support_x.size(2) == layer_sizes[0] && query_x.size(0) == T && query_x.size(2) == layer_sizes[0],
+  TORCH_CHECK_VALUE(T >= 1 && K >= 1 && Q >= 1, "need at least one task, support and query example");
+  TORCH_CHECK_VALUE(support_x.size(2) == layer_sizes[0] && query_x.size(0) == T && query_x.size(2) == layer_sizes[0],
               "support_x [T, K, ", layer_sizes[0], "] and query_x [T, Q, ", layer_sizes[0], "] expected, got ",
               support_x.sizes(), " and ", query_x.sizes());
   Plan plan(layer_sizes, std::max(K, Q));
   FM_CHECK_DIM(theta, 1);
-  TORCH_CHECK(theta.size(0) == plan.P, "theta must hold ", plan.P, " parameters for layers ", layer_sizes,
+  TORCH_CHECK_VALUE(theta.size(0) == plan.P, "theta must hold ", plan.P, " parameters for layers ", layer_sizes,
               ", got ", theta.size(0));
   if (loss == LossKind::Mse) {
     FM_CHECK_SAME_DTYPE(support_y, theta);
     FM_CHECK_SAME_DTYPE(query_y, theta);
-    TORCH_CHECK(support_y.dim() == 3 && support_y.size(0) == T && support_y.size(1) == K && support_y.size(2) == O,
+    TORCH_CHECK_VALUE(support_y.dim() == 3 && support_y.size(0) == T && support_y.size(1) == K && support_y.size(2) == O,
                 "support_y must be [T, K, O] = [", T, ", ", K, ", ", O, "], got ", support_y.sizes());
-    TORCH_CHECK(query_y.dim() == 3 && query_y.size(0) == T && query_y.size(1) == Q && query_y.size(2) == O,
+    TORCH_CHECK_VALUE(query_y.dim() == 3 && query_y.size(0) == T && query_y.size(1) == Q && query_y.size(2) == O,
                 "query_y must be [T, Q, O] = [", T, ", ", Q, ", ", O, "], got ", query_y.sizes());
   } else {
     for (const at::Tensor* y : {&support_y, &query_y}) {
-      TORCH_CHECK(y->scalar_type() == at::kLong, "cross-entropy labels must be int64");
+      TORCH_CHECK_TYPE(y->scalar_type() == at::kLong, "cross-entropy labels must be int64, got ", y->scalar_type());
       const int64_t* d = y->data_ptr<int64_t>();
       const int64_t per_task = y->numel() / std::max<int64_t>(T, 1);
       for (int64_t i = 0; i < y->numel(); ++i)  // a label out of range would read past the row: always checked
@@ -567,9 +565,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
                           " labels out of range for the model's ", O, " outputs (task ", i / per_task,
                           " has label ", d[i], ")");
     }
-    TORCH_CHECK(support_y.dim() == 2 && support_y.size(0) == T && support_y.size(1) == K,
+    TORCH_CHECK_VALUE(support_y.dim() == 2 && support_y.size(0) == T && support_y.size(1) == K,
                 "support_y must be [T, K], got ", support_y.sizes());
-    TORCH_CHECK(query_y.dim() == 2 && query_y.size(0) == T && query_y.size(1) == Q,
+    TORCH_CHECK_VALUE(query_y.dim() == 2 && query_y.size(0) == T && query_y.size(1) == Q,
                 "query_y must be [T, Q], got ", query_y.sizes());
   }
   RateKind kind;
@@ -580,19 +578,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
   } else if (lr.dim() == 2 && lr.size(1) == plan.P) {
     kind = RateKind::Param;
   } else {
-    TORCH_CHECK(false, "lr must be [steps], [steps, ", 2 * L, "] or [steps, ", plan.P, "], got ", lr.sizes());
+    TORCH_CHECK_VALUE(false, "lr must be [steps], [steps, ", 2 * L, "] or [steps, ", plan.P, "], got ", lr.sizes());
   }
-  TORCH_CHECK(lr.size(0) == steps, "lr must have one row per step (", steps, "), got ", lr.sizes());
+  TORCH_CHECK_VALUE(lr.size(0) == steps, "lr must have one row per step (", steps, "), got ", lr.sizes());
   if (grads == 1) {
-    TORCH_CHECK(task_weights.has_value(), "grads == 1 needs task_weights");
-    FM_CHECK_DEVICE(*task_weights, kCPU);
-    FM_CHECK_CONTIGUOUS(*task_weights);
-    FM_CHECK_SAME_DTYPE(*task_weights, theta);
-    TORCH_CHECK(task_weights->dim() == 1 && task_weights->size(0) == T, "task_weights must be [T] = [", T,
-                "], got ", task_weights->sizes());
+    TORCH_CHECK_VALUE(loss_weights.has_value(), "grads == 1 needs loss_weights");
+    FM_CHECK_DEVICE(*loss_weights, kCPU);
+    FM_CHECK_CONTIGUOUS(*loss_weights);
+    FM_CHECK_SAME_DTYPE(*loss_weights, theta);
+    TORCH_CHECK_VALUE(loss_weights->dim() == 1 && loss_weights->size(0) == T, "loss_weights must be [T] = [", T,
+                "], got ", loss_weights->sizes());
   }
 
-  if (validate) check_finite_inputs(support_x, support_y, query_x, query_y, T, loss);
+  if (nonfinite != nullptr) check_finite_inputs(support_x, support_y, query_x, query_y, T, loss, nonfinite);
 
   at::Tensor losses = at::empty({T}, theta.options());
   at::Tensor preds = at::empty({T, Q, O}, theta.options());
@@ -637,14 +635,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
       default: go(Ctx<T_, Act::None>{plan, slope, loss}); break;
     }
   });
-  if (validate) check_finite_losses(losses);
+  if (nonfinite != nullptr) check_finite_losses(losses, nonfinite);
   if (grads != 1) return {losses, preds, gtheta_task, glr_task};
   // Σ_t w_t · (per-task gradient): a [T]·[T, n] product, in task order (deterministic).
   at::Tensor gtheta = at::empty({plan.P}, theta.options());  // zeroed below: no aten fill of its own
   at::Tensor glr = at::empty(lr.sizes(), theta.options());
   dispatch_floating(theta.scalar_type(), "mlp_meta_step_reduce", [&](auto tag_) {
     using scalar_t = decltype(tag_);
-    const scalar_t* wt = task_weights->data_ptr<scalar_t>();
+    const scalar_t* wt = loss_weights->data_ptr<scalar_t>();
     for (auto [src, dst] : {std::pair{&gtheta_task, &gtheta}, std::pair{&glr_task, &glr}}) {
       const int64_t n = dst->numel();
       const scalar_t* sp = src->template data_ptr<scalar_t>();
@@ -667,7 +665,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
 }  // namespace fastmeta
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
-  m.impl("mlp_meta_step", &fastmeta::mlp_meta_step_forward<&fastmeta::cpu::mlp_meta_step>);
+  m.impl("mlp_meta_step_with_task_gradients", &fastmeta::mlp_meta_step_with_task_gradients<&fastmeta::cpu::mlp_meta_step>);
   m.impl("mlp_meta_step_backward", &fastmeta::mlp_meta_step_backward<&fastmeta::cpu::mlp_meta_step>);
   m.impl("mlp_meta_step_weigh_task_gradients", &fastmeta::mlp_meta_step_weigh_task_gradients);
   m.impl("mlp_meta_step_update", &fastmeta::mlp_meta_step_update<&fastmeta::cpu::mlp_meta_step>);

@@ -28,13 +28,13 @@ struct BnShape {
 BnShape check_bn(const at::Tensor& x, const c10::optional<at::Tensor>& gamma, const char* gamma_name) {
   FM_CHECK_INPUT(x, kCPU);
   FM_CHECK_FLOATING(x);
-  TORCH_CHECK(x.dim() >= 3, "x must be [T, N, C, *spatial], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 3, "x must be [T, N, C, *spatial], got ", x.sizes());
   BnShape s{x.size(0), x.size(1), x.size(2), 1};
   for (int64_t d = 3; d < x.dim(); ++d) s.S *= x.size(d);
   if (gamma.has_value()) {
     FM_CHECK_INPUT(*gamma, kCPU);
     FM_CHECK_SAME_DTYPE(*gamma, x);
-    TORCH_CHECK((gamma->dim() == 1 && gamma->size(0) == s.C) ||
+    TORCH_CHECK_VALUE((gamma->dim() == 1 && gamma->size(0) == s.C) ||
                     (gamma->dim() == 2 && gamma->size(0) == s.T && gamma->size(1) == s.C),
                 gamma_name, " must be [C] or [T, C] with C = ", s.C, ", got ", gamma->sizes());
   }
@@ -110,8 +110,8 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
   const BnShape s = check_bn(x, gamma, "gamma");
   FM_CHECK_INPUT(grad_z, kCPU);
   FM_CHECK_SAME_DTYPE(grad_z, x);
-  TORCH_CHECK(grad_z.sizes() == x.sizes(), "grad_z must be ", x.sizes(), ", got ", grad_z.sizes());
-  TORCH_CHECK(needs.size() == 3, "needs must hold 3 flags, got ", needs.size());
+  TORCH_CHECK_VALUE(grad_z.sizes() == x.sizes(), "grad_z must be ", x.sizes(), ", got ", grad_z.sizes());
+  TORCH_CHECK_VALUE(needs.size() == 3, "needs must hold 3 flags, got ", needs.size());
   const bool need_x = needs.get(0), need_gamma = needs.get(1), need_beta = needs.get(2);
   auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor gx = need_x ? at::empty_like(x) : empty();
@@ -254,13 +254,13 @@ std::vector<at::Tensor> task_batch_norm_double_backward(
   check_bn(x, up_beta, "up_beta");
   FM_CHECK_INPUT(grad_z, kCPU);
   FM_CHECK_SAME_DTYPE(grad_z, x);
-  TORCH_CHECK(grad_z.sizes() == x.sizes(), "grad_z must be ", x.sizes(), ", got ", grad_z.sizes());
+  TORCH_CHECK_VALUE(grad_z.sizes() == x.sizes(), "grad_z must be ", x.sizes(), ", got ", grad_z.sizes());
   if (up_x.has_value()) {
     FM_CHECK_INPUT(*up_x, kCPU);
     FM_CHECK_SAME_DTYPE(*up_x, x);
-    TORCH_CHECK(up_x->sizes() == x.sizes(), "up_x must be ", x.sizes(), ", got ", up_x->sizes());
+    TORCH_CHECK_VALUE(up_x->sizes() == x.sizes(), "up_x must be ", x.sizes(), ", got ", up_x->sizes());
   }
-  TORCH_CHECK(needs.size() == 3, "needs must hold 3 flags, got ", needs.size());
+  TORCH_CHECK_VALUE(needs.size() == 3, "needs must hold 3 flags, got ", needs.size());
   const bool need_gz = needs.get(0), need_x = needs.get(1), need_gamma = needs.get(2);
   auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor d_gz = need_gz ? at::empty_like(x) : empty();

@@ -285,26 +285,26 @@ void col2im(const T* dcols, const ConvShape& s, int64_t nb, T* dx) {
 int64_t task_stride(const at::Tensor& t, int64_t per_task_dim, const char* name) {
   FM_CHECK_DEVICE(t, kCPU);
   if (t.dim() == per_task_dim - 1) {
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+    TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
     return 0;
   }
-  TORCH_CHECK(t.dim() == per_task_dim, name, " must have ", per_task_dim - 1, " or ", per_task_dim, " dims, got ",
+  TORCH_CHECK_VALUE(t.dim() == per_task_dim, name, " must have ", per_task_dim - 1, " or ", per_task_dim, " dims, got ",
               t.sizes());
-  TORCH_CHECK(t.size(0) == 0 || t[0].is_contiguous(), name, ": each task's block must be contiguous");
-  TORCH_CHECK(t.stride(0) >= 0, name, ": negative task stride");
+  TORCH_CHECK_VALUE(t.size(0) == 0 || t[0].is_contiguous(), name, ": each task's block must be contiguous");
+  TORCH_CHECK_VALUE(t.stride(0) >= 0, name, ": negative task stride");
   return t.stride(0);
 }
 
 ConvShape make_shape(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArrayRef kernel,
                      at::IntArrayRef stride, at::IntArrayRef padding) {
-  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2,
+  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2,
               "kernel_size, stride and padding must have two values each");
   ConvShape s{T, N, C, H, W, O, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], 0, 0};
-  TORCH_CHECK(s.SH >= 1 && s.SW >= 1 && s.PH >= 0 && s.PW >= 0 && s.KH >= 1 && s.KW >= 1,
+  TORCH_CHECK_VALUE(s.SH >= 1 && s.SW >= 1 && s.PH >= 0 && s.PW >= 0 && s.KH >= 1 && s.KW >= 1,
               "stride and kernel must be >= 1 and padding >= 0");
   s.HO = (H + 2 * s.PH - s.KH) / s.SH + 1;
   s.WO = (W + 2 * s.PW - s.KW) / s.SW + 1;
-  TORCH_CHECK(H + 2 * s.PH >= s.KH && W + 2 * s.PW >= s.KW, "the kernel is larger than the padded input");
+  TORCH_CHECK_VALUE(H + 2 * s.PH >= s.KH && W + 2 * s.PW >= s.KW, "the kernel is larger than the padded input");
   return s;
 }
 
@@ -321,15 +321,15 @@ at::Tensor task_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::opti
   FM_CHECK_DIM(x, 5);
   FM_CHECK_SAME_DTYPE(w, x);
   const int64_t w_ts = task_stride(w, 5, "w");
-  TORCH_CHECK(w.dim() == 4 || w.size(0) == x.size(0), "w must have T = ", x.size(0), " tasks, got ", w.sizes());
-  TORCH_CHECK(w.size(-3) == x.size(2), "w has ", w.size(-3), " input channels, x ", x.size(2));
+  TORCH_CHECK_VALUE(w.dim() == 4 || w.size(0) == x.size(0), "w must have T = ", x.size(0), " tasks, got ", w.sizes());
+  TORCH_CHECK_VALUE(w.size(-3) == x.size(2), "w has ", w.size(-3), " input channels, x ", x.size(2));
   const ConvShape s = make_shape(x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), w.size(-4),
                                  {w.size(-2), w.size(-1)}, stride, padding);
   int64_t b_ts = 0;
   if (b.has_value()) {
     FM_CHECK_SAME_DTYPE(*b, x);
     b_ts = task_stride(*b, 2, "b");
-    TORCH_CHECK(b->size(-1) == s.O && (b->dim() == 1 || b->size(0) == s.T), "b must be [O] or [T, O], got ",
+    TORCH_CHECK_VALUE(b->size(-1) == s.O && (b->dim() == 1 || b->size(0) == s.T), "b must be [O] or [T, O], got ",
                 b->sizes());
   }
   at::Tensor y = at::empty({s.T, s.N, s.O, s.HO, s.WO}, x.options());
@@ -373,13 +373,13 @@ at::Tensor task_conv2d_input_grad(const at::Tensor& grad_out, const at::Tensor& 
   FM_CHECK_DIM(grad_out, 5);
   FM_CHECK_SAME_DTYPE(w, grad_out);
   const int64_t w_ts = task_stride(w, 5, "w");
-  TORCH_CHECK(input_size.size() == 2, "input_size must have two values");
+  TORCH_CHECK_VALUE(input_size.size() == 2, "input_size must have two values");
   const int64_t T = grad_out.size(0), O = grad_out.size(2);
-  TORCH_CHECK(w.dim() == 4 || w.size(0) == T, "w must have T = ", T, " tasks, got ", w.sizes());
-  TORCH_CHECK(w.size(-4) == O, "w has ", w.size(-4), " output channels, grad_out ", O);
+  TORCH_CHECK_VALUE(w.dim() == 4 || w.size(0) == T, "w must have T = ", T, " tasks, got ", w.sizes());
+  TORCH_CHECK_VALUE(w.size(-4) == O, "w has ", w.size(-4), " output channels, grad_out ", O);
   const ConvShape s = make_shape(T, grad_out.size(1), w.size(-3), input_size[0], input_size[1], O,
                                  {w.size(-2), w.size(-1)}, stride, padding);
-  TORCH_CHECK(s.HO == grad_out.size(3) && s.WO == grad_out.size(4), "grad_out's maps are ", grad_out.sizes(),
+  TORCH_CHECK_VALUE(s.HO == grad_out.size(3) && s.WO == grad_out.size(4), "grad_out's maps are ", grad_out.sizes(),
               ", the geometry gives ", s.HO, "x", s.WO);
   at::Tensor dx = at::empty({s.T, s.N, s.C, s.H, s.W}, grad_out.options());
   if (dx.numel() == 0) return dx;
@@ -421,11 +421,11 @@ at::Tensor task_conv2d_weight_grad(const at::Tensor& grad_out, const at::Tensor&
   FM_CHECK_SAME_DTYPE(grad_out, x);
   FM_CHECK_DIM(x, 5);
   FM_CHECK_DIM(grad_out, 5);
-  TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1),
+  TORCH_CHECK_VALUE(grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1),
               "grad_out and x must share [T, N], got ", grad_out.sizes(), " and ", x.sizes());
   const ConvShape s = make_shape(x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), grad_out.size(2),
                                  kernel_size, stride, padding);
-  TORCH_CHECK(s.HO == grad_out.size(3) && s.WO == grad_out.size(4), "grad_out's maps are ", grad_out.sizes(),
+  TORCH_CHECK_VALUE(s.HO == grad_out.size(3) && s.WO == grad_out.size(4), "grad_out's maps are ", grad_out.sizes(),
               ", the geometry gives ", s.HO, "x", s.WO);
   const int64_t K = s.K(), L = s.L(), OK = s.O * K;
   at::Tensor dw = shared ? at::empty({s.O, s.C, s.KH, s.KW}, x.options())

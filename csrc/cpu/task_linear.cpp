@@ -27,7 +27,7 @@ constexpr int64_t kRowBlock = 48;
 void check_weight(const at::Tensor& w, const at::Tensor& x, int64_t T, const char* name) {
   FM_CHECK_INPUT(w, kCPU);
   FM_CHECK_SAME_DTYPE(w, x);
-  TORCH_CHECK(w.dim() == 2 || (w.dim() == 3 && w.size(0) == T), name, " must be [T, O, I] with T = ", T,
+  TORCH_CHECK_VALUE(w.dim() == 2 || (w.dim() == 3 && w.size(0) == T), name, " must be [T, O, I] with T = ", T,
               " or [O, I], got ", w.sizes());
 }
 
@@ -40,13 +40,13 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
   check_weight(w, x, T, "w");
   const bool w_shared = w.dim() == 2;
   const int64_t O = w.size(-2);
-  TORCH_CHECK(w.size(-1) == I, "w must have ", I, " input features, got ", w.sizes());
+  TORCH_CHECK_VALUE(w.size(-1) == I, "w must have ", I, " input features, got ", w.sizes());
   bool b_shared = true;
   if (b.has_value()) {
     FM_CHECK_INPUT(*b, kCPU);
     FM_CHECK_SAME_DTYPE(*b, x);
     b_shared = b->dim() == 1;
-    TORCH_CHECK((b_shared && b->size(0) == O) || (b->dim() == 2 && b->size(0) == T && b->size(1) == O),
+    TORCH_CHECK_VALUE((b_shared && b->size(0) == O) || (b->dim() == 2 && b->size(0) == T && b->size(1) == O),
                 "b must be [O] or [T, O] with O = ", O, ", T = ", T, ", got ", b->sizes());
   }
   const Act act = parse_act(std::string(act_name.data(), act_name.size()));
@@ -98,7 +98,7 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
   FM_CHECK_DIM(grad_out, 3);
   const int64_t T = grad_out.size(0), N = grad_out.size(1), O = grad_out.size(2);
   check_weight(w, grad_out, T, "w");
-  TORCH_CHECK(w.size(-2) == O, "w must have ", O, " output features, got ", w.sizes());
+  TORCH_CHECK_VALUE(w.size(-2) == O, "w must have ", O, " output features, got ", w.sizes());
   const bool w_shared = w.dim() == 2;
   const int64_t I = w.size(-1);
   at::Tensor out = at::empty({T, N, I}, grad_out.options());
@@ -130,7 +130,7 @@ at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor&
   FM_CHECK_DIM(grad_out, 3);
   FM_CHECK_DIM(x, 3);
   const int64_t T = x.size(0), N = x.size(1), I = x.size(2), O = grad_out.size(2);
-  TORCH_CHECK(grad_out.size(0) == T && grad_out.size(1) == N, "grad_out must be [", T, ", ", N,
+  TORCH_CHECK_VALUE(grad_out.size(0) == T && grad_out.size(1) == N, "grad_out must be [", T, ", ", N,
               ", O], got ", grad_out.sizes());
   at::Tensor out = shared ? at::empty({O, I}, x.options()) : at::empty({T, O, I}, x.options());
   if (out.numel() == 0) return out;

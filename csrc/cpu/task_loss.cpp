@@ -23,20 +23,20 @@ void check_loss_args(const at::Tensor& pred, const at::Tensor& target, LossKind 
   FM_CHECK_INPUT(pred, kCPU);
   FM_CHECK_INPUT(target, kCPU);
   FM_CHECK_FLOATING(pred);
-  TORCH_CHECK(pred.dim() >= 2 && pred.size(0) > 0, "pred must be [T, N, ...], got ", pred.sizes());
+  TORCH_CHECK_VALUE(pred.dim() >= 2 && pred.size(0) > 0, "pred must be [T, N, ...], got ", pred.sizes());
   if (kind == LossKind::CrossEntropy) {
     FM_CHECK_DIM(pred, 3);
-    TORCH_CHECK(target.scalar_type() == at::kLong, "cross-entropy target must be int64");
-    TORCH_CHECK(target.dim() == 2 && target.size(0) == pred.size(0) && target.size(1) == pred.size(1),
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "cross-entropy target must be int64, got ", target.scalar_type());
+    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == pred.size(0) && target.size(1) == pred.size(1),
                 "cross-entropy target must be [T, N] = [", pred.size(0), ", ", pred.size(1), "], got ",
                 target.sizes());
     const int64_t C = pred.size(2);
     const int64_t* y = target.data_ptr<int64_t>();
     for (int64_t i = 0; i < target.numel(); ++i)  // a label out of range would read past the row
-      TORCH_CHECK(y[i] >= 0 && y[i] < C, "target label ", y[i], " is not in [0, ", C, ")");
+      TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < C, "target label ", y[i], " is not in [0, ", C, ")");
   } else {
     FM_CHECK_SAME_DTYPE(pred, target);
-    TORCH_CHECK(target.sizes() == pred.sizes(), "MSE target must be ", pred.sizes(), ", got ", target.sizes());
+    TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), "MSE target must be ", pred.sizes(), ", got ", target.sizes());
   }
 }
 

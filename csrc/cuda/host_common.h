@@ -13,7 +13,7 @@ constexpr auto kCUDA = c10::DeviceType::CUDA;
 
 #define FM_CHECK_CUDA_F32(x)   \
   FM_CHECK_INPUT(x, kCUDA);    \
-  TORCH_CHECK((x).scalar_type() == at::kFloat, #x " must be float32 on CUDA, got ", (x).scalar_type())
+  TORCH_CHECK_TYPE((x).scalar_type() == at::kFloat, #x " must be float32 on CUDA, got ", (x).scalar_type())
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 

@@ -38,18 +38,21 @@ void check_step(const at::Tensor& grad, const at::Tensor& lr, const c10::optiona
   for (const auto* o : {&mask, &precond})
     if (o->has_value()) {
       FM_CHECK_CUDA_F32(**o);
-      TORCH_CHECK((*o)->dim() == 1 && (*o)->size(0) == P, "mask/precond must be [P] = [", P, "]");
+      TORCH_CHECK_VALUE((*o)->dim() == 1 && (*o)->size(0) == P, "mask/precond must be [P] = [", P, "]");
     }
   if (segments.has_value()) {
     // Segment indices are trusted to lie in [0, S): validating them would cost a device
     // sync per step; the op layer builds them from the model's layout.
     FM_CHECK_INPUT(*segments, kCUDA);
-    TORCH_CHECK(segments->scalar_type() == at::kLong && segments->dim() == 1 && segments->size(0) == P,
-                "segments must be int64 [P]");
+    TORCH_CHECK_TYPE(segments->scalar_type() == at::kLong, "segments must be int64, got ", segments->scalar_type());
+    TORCH_CHECK_VALUE(segments->dim() == 1 && segments->size(0) == P, "segments must be [P] = [", P, "], got ",
+                      segments->sizes());
+    TORCH_CHECK_VALUE(lr.dim() == 1, "per-segment lr must be [S], got ", lr.sizes());
     // The backward sums per-segment rates in shared memory: 12288 floats = 48 KiB.
-    TORCH_CHECK(lr.dim() == 1 && lr.size(0) <= 12288, "per-segment lr must be [S] with S <= 12288");
+    TORCH_CHECK_NOT_IMPLEMENTED(lr.size(0) <= 12288, "per-segment lr must be [S] with S <= 12288 on CUDA, got ",
+                                lr.sizes());
   } else {
-    TORCH_CHECK(lr.dim() == 0 || (lr.dim() == 1 && lr.size(0) == P), "lr must be a scalar or [P] without segments");
+    TORCH_CHECK_VALUE(lr.dim() == 0 || (lr.dim() == 1 && lr.size(0) == P), "lr must be a scalar or [P] without segments");
   }
 }
 
@@ -60,7 +63,7 @@ at::Tensor inner_step(const at::Tensor& theta, const at::Tensor& grad, const at:
   FM_CHECK_CUDA_F32(theta);
   const int64_t T = grad.size(0), P = grad.size(1);
   const bool shared = theta.dim() == 1;
-  TORCH_CHECK(shared ? theta.size(0) == P : theta.sizes() == grad.sizes(), "theta must be [P] or [T, P] like grad");
+  TORCH_CHECK_VALUE(shared ? theta.size(0) == P : theta.sizes() == grad.sizes(), "theta must be [P] or [T, P] like grad");
   c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor out = at::empty_like(grad);
   if (out.numel() == 0) return out;
@@ -77,8 +80,8 @@ std::vector<at::Tensor> inner_step_backward(const at::Tensor& grad_out, const at
                                             const c10::List<bool>& needs) {
   check_step(grad, lr, mask, precond, segments);
   FM_CHECK_CUDA_F32(grad_out);
-  TORCH_CHECK(grad_out.sizes() == grad.sizes(), "grad_out must be like grad");
-  TORCH_CHECK(needs.size() == 5, "needs must hold 5 flags");
+  TORCH_CHECK_VALUE(grad_out.sizes() == grad.sizes(), "grad_out must be like grad");
+  TORCH_CHECK_VALUE(needs.size() == 5, "needs must hold 5 flags");
   const int64_t T = grad.size(0), P = grad.size(1);
   const bool nt = needs.get(0), ng = needs.get(1), nl = needs.get(2);
   const bool nm = needs.get(3) && mask.has_value(), np = needs.get(4) && precond.has_value();

@@ -27,12 +27,14 @@ namespace {
 // The kernel's dimensions of an MLP with these layer sizes (checked).
 MlpDims mlp_dims(at::IntArrayRef layer_sizes) {
   const int64_t L = static_cast<int64_t>(layer_sizes.size()) - 1;
-  TORCH_CHECK(L >= 1 && L <= kMaxLayers, "mlp_meta_step on CUDA takes 1 to ", kMaxLayers, " layers");
+  TORCH_CHECK_NOT_IMPLEMENTED(L >= 1 && L <= kMaxLayers, "mlp_meta_step on CUDA takes 1 to ", kMaxLayers, " layers, got ", L);
   const int64_t O = layer_sizes.back();
   MlpDims d{};
   d.L = static_cast<int>(L);
   for (int64_t l = 0; l <= L; ++l) {
-    TORCH_CHECK(layer_sizes[l] >= 1 && layer_sizes[l] <= 65536, "layer sizes must be in [1, 65536]");
+    TORCH_CHECK_VALUE(layer_sizes[l] >= 1, "layer sizes must be >= 1, got ", layer_sizes);
+    TORCH_CHECK_NOT_IMPLEMENTED(layer_sizes[l] <= 65536, "mlp_meta_step on CUDA takes layer sizes up to 65536, got ",
+                                layer_sizes);
     d.n[l] = static_cast<int>(layer_sizes[l]);
   }
   int64_t P = 0, cum = 0;
@@ -41,7 +43,7 @@ MlpDims mlp_dims(at::IntArrayRef layer_sizes) {
     P += layer_sizes[l + 1] * layer_sizes[l];
     d.offB[l] = static_cast<int>(P);
     P += layer_sizes[l + 1];
-    TORCH_CHECK(P < (int64_t(1) << 30), "too many parameters for the fused kernel");
+    TORCH_CHECK_NOT_IMPLEMENTED(P < (int64_t(1) << 30), "too many parameters for the fused kernel (2^30 at most)");
   }
   d.cum[0] = d.cum[1] = 0;
   for (int64_t l = 1; l <= L; ++l) {
@@ -60,63 +62,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
     const at::Tensor& theta, at::IntArrayRef layer_sizes, c10::string_view act_name, double negative_slope,
     const at::Tensor& support_x, const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
     c10::string_view loss_name, const at::Tensor& lr, int64_t steps, bool first_order, int64_t grads,
-    const c10::optional<at::Tensor>& task_weights, bool validate) {
-  // validate: on CUDA the checks would sync the device; the learners run them with torch
+    const c10::optional<at::Tensor>& loss_weights, int64_t* nonfinite) {
+  // nonfinite: on CUDA the checks would sync the device; the learners run them with torch
   // ops before this when asked, and a bad label becomes a NaN loss in the kernel.
-  (void)validate;
+  (void)nonfinite;
   for (const at::Tensor* t : {&theta, &support_x, &support_y, &query_x, &query_y, &lr}) {
     FM_CHECK_INPUT(*t, kCUDA);
-    TORCH_CHECK(t->device() == theta.device(), "all inputs must be on ", theta.device());
+    TORCH_CHECK_VALUE(t->device() == theta.device(), "all inputs must be on ", theta.device());
   }
   for (const at::Tensor* t : {&theta, &support_x, &query_x, &lr})
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "mlp_meta_step on CUDA takes float32");
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "mlp_meta_step on CUDA takes float32, got ", t->scalar_type());
   const Act act = parse_act(std::string(act_name.data(), act_name.size()));
   // The kernel relies on nothing padding-related, but only these have f'' written out.
-  TORCH_CHECK(act != Act::Sigmoid, "mlp_meta_step: act must be relu, leaky_relu, tanh or none");
+  TORCH_CHECK_NOT_IMPLEMENTED(act != Act::Sigmoid, "mlp_meta_step: act must be relu, leaky_relu, tanh or none");
   const LossKind loss = parse_loss(std::string(loss_name.data(), loss_name.size()));
   const int64_t L = static_cast<int64_t>(layer_sizes.size()) - 1;
-  TORCH_CHECK(L >= 1 && L <= kMaxLayers, "mlp_meta_step on CUDA takes 1 to ", kMaxLayers, " layers");
-  TORCH_CHECK(steps >= 0 && grads >= 0 && grads <= 2, "steps must be >= 0 and grads 0, 1 or 2");
+  TORCH_CHECK_NOT_IMPLEMENTED(L >= 1 && L <= kMaxLayers, "mlp_meta_step on CUDA takes 1 to ", kMaxLayers,
+                              " layers, got ", L);
+  TORCH_CHECK_VALUE(steps >= 0 && grads >= 0 && grads <= 2, "steps must be >= 0 and grads 0, 1 or 2");
   FM_CHECK_DIM(support_x, 3);
   FM_CHECK_DIM(query_x, 3);
   const int64_t T = support_x.size(0), K = support_x.size(1), Q = query_x.size(1), O = layer_sizes.back();
-  TORCH_CHECK(T >= 1 && K >= 1 && Q >= 1 && query_x.size(0) == T, "need T, K, Q >= 1 and query_x [T, Q, I]");
-  TORCH_CHECK(T <= 2147483647LL, "too many tasks for one grid");
+  TORCH_CHECK_VALUE(T >= 1 && K >= 1 && Q >= 1 && query_x.size(0) == T, "need T, K, Q >= 1 and query_x [T, Q, I]");
+  TORCH_CHECK_NOT_IMPLEMENTED(T <= 2147483647LL, "too many tasks for one grid: ", T);
   const MlpDims d = mlp_dims(layer_sizes);
   const int64_t P = d.P;
-  TORCH_CHECK(theta.dim() == 1 && theta.size(0) == P, "theta must be [", P, "] for layers ", layer_sizes);
-  TORCH_CHECK(support_x.size(2) == layer_sizes[0] && query_x.size(2) == layer_sizes[0],
+  TORCH_CHECK_VALUE(theta.dim() == 1 && theta.size(0) == P, "theta must be [", P, "] for layers ", layer_sizes);
+  TORCH_CHECK_VALUE(support_x.size(2) == layer_sizes[0] && query_x.size(2) == layer_sizes[0],
               "support_x and query_x must have ", layer_sizes[0], " features");
   if (loss == LossKind::Mse) {
-    TORCH_CHECK(support_y.scalar_type() == at::kFloat && query_y.scalar_type() == at::kFloat, "MSE targets: float32");
-    TORCH_CHECK(support_y.dim() == 3 && support_y.size(0) == T && support_y.size(1) == K && support_y.size(2) == O,
+    TORCH_CHECK_TYPE(support_y.scalar_type() == at::kFloat && query_y.scalar_type() == at::kFloat,
+                     "MSE targets must be float32, got ", support_y.scalar_type(), " and ", query_y.scalar_type());
+    TORCH_CHECK_VALUE(support_y.dim() == 3 && support_y.size(0) == T && support_y.size(1) == K && support_y.size(2) == O,
                 "support_y must be [T, K, O]");
-    TORCH_CHECK(query_y.dim() == 3 && query_y.size(0) == T && query_y.size(1) == Q && query_y.size(2) == O,
+    TORCH_CHECK_VALUE(query_y.dim() == 3 && query_y.size(0) == T && query_y.size(1) == Q && query_y.size(2) == O,
                 "query_y must be [T, Q, O]");
   } else {
     // Labels are not range-checked here (a device sync); the kernel turns a bad one into
     // a NaN loss, never an out-of-bounds read.
-    TORCH_CHECK(support_y.scalar_type() == at::kLong && query_y.scalar_type() == at::kLong, "labels must be int64");
-    TORCH_CHECK(support_y.dim() == 2 && support_y.size(0) == T && support_y.size(1) == K, "support_y must be [T, K]");
-    TORCH_CHECK(query_y.dim() == 2 && query_y.size(0) == T && query_y.size(1) == Q, "query_y must be [T, Q]");
+    TORCH_CHECK_TYPE(support_y.scalar_type() == at::kLong && query_y.scalar_type() == at::kLong,
+                     "labels must be int64, got ", support_y.scalar_type(), " and ", query_y.scalar_type());
+    TORCH_CHECK_VALUE(support_y.dim() == 2 && support_y.size(0) == T && support_y.size(1) == K, "support_y must be [T, K]");
+    TORCH_CHECK_VALUE(query_y.dim() == 2 && query_y.size(0) == T && query_y.size(1) == Q, "query_y must be [T, Q]");
   }
   int rate_kind;
   if (lr.dim() == 1) rate_kind = kRateStep;
   else if (lr.dim() == 2 && lr.size(1) == 2 * L) rate_kind = kRateTensor;
   else if (lr.dim() == 2 && lr.size(1) == P) rate_kind = kRatePerParam;
-  else TORCH_CHECK(false, "lr must be [steps], [steps, ", 2 * L, "] or [steps, ", P, "], got ", lr.sizes());
-  TORCH_CHECK(lr.size(0) == steps, "lr must have one row per step");
+  else TORCH_CHECK_VALUE(false, "lr must be [steps], [steps, ", 2 * L, "] or [steps, ", P, "], got ", lr.sizes());
+  TORCH_CHECK_VALUE(lr.size(0) == steps, "lr must have one row per step");
   c10::cuda::CUDAGuard guard(theta.device());
   const int64_t bytes = mlp_smem_floats(d, steps, K, Q) * static_cast<int64_t>(sizeof(float));
   int limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, theta.get_device()));
-  TORCH_CHECK(bytes <= limit, "mlp_meta_step: this MLP needs ", bytes, " bytes of shared memory per task; the GPU "
+  TORCH_CHECK_NOT_IMPLEMENTED(bytes <= limit, "mlp_meta_step: this MLP needs ", bytes, " bytes of shared memory per task; the GPU "
               "gives a block ", limit, " (the launcher should have sent it to the general path)");
   if (grads == 1) {
-    TORCH_CHECK(task_weights.has_value() && task_weights->device() == theta.device() &&
-                    task_weights->scalar_type() == at::kFloat && task_weights->is_contiguous() &&
-                    task_weights->dim() == 1 && task_weights->size(0) == T,
-                "grads == 1 needs float32 task_weights [T] on ", theta.device());
+    TORCH_CHECK_VALUE(loss_weights.has_value(), "grads == 1 needs loss_weights");
+    TORCH_CHECK_TYPE(loss_weights->scalar_type() == at::kFloat, "loss_weights must be float32, got ",
+                     loss_weights->scalar_type());
+    TORCH_CHECK_VALUE(loss_weights->device() == theta.device() && loss_weights->is_contiguous() &&
+                          loss_weights->dim() == 1 && loss_weights->size(0) == T,
+                      "grads == 1 needs contiguous loss_weights [T] = [", T, "] on ", theta.device(), ", got shape ",
+                      loss_weights->sizes(), " on ", loss_weights->device());
   }
   at::Tensor losses = at::empty({T}, theta.options());
   at::Tensor preds = at::empty({T, Q, O}, theta.options());
@@ -149,9 +157,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
   C10_CUDA_CHECK(launch_mlp_meta_step(a, T, bytes, stream()));
   if (grads != 1) return {losses, preds, gtheta, glr};
   // Σ_t w_t · (per-task gradient): two GEMVs in a fixed order (deterministic).
-  at::Tensor g_theta = at::mv(gtheta.t(), *task_weights);
+  at::Tensor g_theta = at::mv(gtheta.t(), *loss_weights);
   at::Tensor g_lr = steps == 0 ? at::zeros(lr.sizes(), lr.options())
-                               : at::mv(glr.reshape({T, -1}).t(), *task_weights).reshape(lr.sizes());
+                               : at::mv(glr.reshape({T, -1}).t(), *loss_weights).reshape(lr.sizes());
   return {losses, preds, g_theta, g_lr};
 }
 
@@ -174,7 +182,7 @@ TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CUDA, m) {
-  m.impl("mlp_meta_step", &fastmeta::mlp_meta_step_forward<&fastmeta::cuda::mlp_meta_step>);
+  m.impl("mlp_meta_step_with_task_gradients", &fastmeta::mlp_meta_step_with_task_gradients<&fastmeta::cuda::mlp_meta_step>);
   m.impl("mlp_meta_step_backward", &fastmeta::mlp_meta_step_backward<&fastmeta::cuda::mlp_meta_step>);
   m.impl("mlp_meta_step_weigh_task_gradients", &fastmeta::mlp_meta_step_weigh_task_gradients);
 }

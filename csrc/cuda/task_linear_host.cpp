@@ -24,8 +24,8 @@ namespace {
 
 void gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* C, const float* bias,
           int64_t bias_b, int act, float slope) {
-  TORCH_CHECK(batches <= 65535, "at most 65535 tasks per launch (grid z), got ", batches);
-  TORCH_CHECK((M + 31) / 32 <= 65535, "at most 65535·32 rows per task, got ", M);
+  TORCH_CHECK_NOT_IMPLEMENTED(batches <= 65535, "at most 65535 tasks per launch (grid z), got ", batches);
+  TORCH_CHECK_NOT_IMPLEMENTED((M + 31) / 32 <= 65535, "at most 65535·32 rows per task, got ", M);
   launch_batched_gemm(batches, M, N, K, A, B, C, bias, bias_b, act, slope, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -36,13 +36,13 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
   FM_CHECK_DIM(x, 3);
   FM_CHECK_CUDA_F32(w);
   const int64_t T = x.size(0), N = x.size(1), I = x.size(2);
-  TORCH_CHECK(w.dim() == 2 || (w.dim() == 3 && w.size(0) == T), "w must be [T, O, I] or [O, I]");
-  TORCH_CHECK(w.size(-1) == I, "w must have ", I, " input features, got ", w.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 2 || (w.dim() == 3 && w.size(0) == T), "w must be [T, O, I] or [O, I]");
+  TORCH_CHECK_VALUE(w.size(-1) == I, "w must have ", I, " input features, got ", w.sizes());
   const int64_t O = w.size(-2);
   int64_t bias_b = 0;
   if (b.has_value()) {
     FM_CHECK_CUDA_F32(*b);
-    TORCH_CHECK((b->dim() == 1 && b->size(0) == O) || (b->dim() == 2 && b->size(0) == T && b->size(1) == O),
+    TORCH_CHECK_VALUE((b->dim() == 1 && b->size(0) == O) || (b->dim() == 2 && b->size(0) == T && b->size(1) == O),
                 "b must be [O] or [T, O]");
     bias_b = b->dim() == 2 ? O : 0;
   }
@@ -62,8 +62,8 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
   FM_CHECK_DIM(grad_out, 3);
   FM_CHECK_CUDA_F32(w);
   const int64_t T = grad_out.size(0), N = grad_out.size(1), O = grad_out.size(2);
-  TORCH_CHECK(w.dim() == 2 || (w.dim() == 3 && w.size(0) == T), "w must be [T, O, I] or [O, I]");
-  TORCH_CHECK(w.size(-2) == O, "w must have ", O, " output features");
+  TORCH_CHECK_VALUE(w.dim() == 2 || (w.dim() == 3 && w.size(0) == T), "w must be [T, O, I] or [O, I]");
+  TORCH_CHECK_VALUE(w.size(-2) == O, "w must have ", O, " output features");
   const int64_t I = w.size(-1);
   c10::cuda::CUDAGuard guard(grad_out.device());
   at::Tensor out = at::empty({T, N, I}, grad_out.options());
@@ -80,7 +80,7 @@ at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor&
   FM_CHECK_DIM(grad_out, 3);
   FM_CHECK_DIM(x, 3);
   const int64_t T = x.size(0), N = x.size(1), I = x.size(2), O = grad_out.size(2);
-  TORCH_CHECK(grad_out.size(0) == T && grad_out.size(1) == N, "grad_out must be [T, N, O] like x");
+  TORCH_CHECK_VALUE(grad_out.size(0) == T && grad_out.size(1) == N, "grad_out must be [T, N, O] like x");
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = shared ? at::empty({O, I}, x.options()) : at::empty({T, O, I}, x.options());
   if (out.numel() == 0) return out;

@@ -26,15 +26,18 @@ namespace {
 void check_loss(const at::Tensor& pred, const at::Tensor& target, LossKind kind) {
   FM_CHECK_CUDA_F32(pred);
   FM_CHECK_INPUT(target, kCUDA);
-  TORCH_CHECK(pred.dim() >= 2 && pred.size(0) > 0, "pred must be [T, N, ...]");
+  TORCH_CHECK_VALUE(pred.dim() >= 2 && pred.size(0) > 0, "pred must be [T, N, ...]");
   if (kind == LossKind::CrossEntropy) {
     FM_CHECK_DIM(pred, 3);
-    TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 2 && target.size(0) == pred.size(0) &&
-                    target.size(1) == pred.size(1),
-                "cross-entropy target must be int64 [T, N]");
-    TORCH_CHECK(pred.size(2) > 0, "cross-entropy needs at least one class");
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "cross-entropy target must be int64, got ",
+                     target.scalar_type());
+    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == pred.size(0) && target.size(1) == pred.size(1),
+                      "cross-entropy target must be [T, N] = [", pred.size(0), ", ", pred.size(1), "], got ",
+                      target.sizes());
+    TORCH_CHECK_VALUE(pred.size(2) > 0, "cross-entropy needs at least one class");
   } else {
-    TORCH_CHECK(target.scalar_type() == at::kFloat && target.sizes() == pred.sizes(), "MSE target must be like pred");
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kFloat, "MSE target must be float32, got ", target.scalar_type());
+    TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), "MSE target must be ", pred.sizes(), ", got ", target.sizes());
   }
 }
 

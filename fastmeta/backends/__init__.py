@@ -36,8 +36,9 @@ log = logging.getLogger("fastmeta.backends")
 # bench/ (bench/RESULTS.md). Backends not listed for an op are never picked by auto.
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "default": ("cuda", "triton", "cpu", "torch"),
-    # The C++ GEMM loses to MKL's bmm on the CPU (215 µs against 16 µs for W2's head,
-    # 4.7x at 16x80x800->256): the reference stays the CPU's linear layer.
+    # The C++ GEMM loses to MKL's bmm on the CPU by several times at W2's head: the
+    # reference stays the CPU's linear layer (docs/benchmarks.md, "Measurements behind
+    # code decisions").
     "task_linear": ("cuda", "triton", "torch"),
     "task_linear_input_grad": ("cuda", "triton", "torch"),
     "task_linear_weight_grad": ("cuda", "triton", "torch"),

@@ -1,12 +1,16 @@
 """The C++/CUDA extension in ``csrc/``: JIT build, availability, and the kernel launchers.
 
 The extension is one shared library whose private ops live in the ``fastmeta_ext``
-namespace (``TORCH_LIBRARY(fastmeta_ext, m)`` in ``csrc/fastmeta_ext.cpp``), implemented
-for the CPU in ``csrc/cpu/*.cpp`` and for CUDA in ``csrc/cuda/*.cu``. The dispatcher routes
-on the tensors' device. This module builds it on first use (or ahead of time with
-``fastmeta build``) with ``torch.utils.cpp_extension.load`` and ninja, under torch's
-extensions directory (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
-so later processes only load it.
+namespace. Their schemas are defined from Python, from the kernel table
+(:func:`define_native_library`); the sources register implementations for the CPU
+(``csrc/cpu/*.cpp``) and for CUDA (``csrc/cuda/*.cu`` and ``csrc/cuda/*_host.cpp``) with
+``TORCH_LIBRARY_IMPL``, and ``csrc/cuda/mlp_meta_step_host.cpp`` defines the one op outside
+the table (``mlp_meta_step_workspace_floats``) with ``TORCH_LIBRARY_FRAGMENT``. The
+dispatcher routes on the tensors' device. Their checks raise typed errors (TypeError,
+ValueError, IndexError, NotImplementedError; ``csrc/common.h``). This module builds it on
+first use (or ahead of time with ``fastmeta build``) with ``torch.utils.cpp_extension.load``
+and ninja, under torch's extensions directory (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), so later processes only load it.
 
 - **One cache folder per build input.** The folder's name is a digest of everything the
   build depends on (:func:`build_key`): the content of every file under ``csrc/``, torch's
@@ -363,7 +367,7 @@ def _build(verbose: bool) -> None:
         extra_include_paths=[str(staged)],
         build_directory=str(build_dir),
         with_cuda=plan.with_cuda,
-        is_python_module=False,  # the library only registers torch.ops.fastmeta_ext.*
+        is_python_module=False,  # the library registers implementations of torch.ops.fastmeta_ext.*, no Python module
         verbose=verbose,
     )
     if first_build:
@@ -411,7 +415,7 @@ _native_library: torch.library.Library | None = None
 
 def define_native_library() -> None:
     """Define ``torch.ops.fastmeta_ext.<name>`` for every kernel of the table, from its
-    schema (the sources only register implementations). Idempotent; kernels added to the
+    schema (the sources register the implementations). Idempotent; kernels added to the
     table later are defined on the next call."""
     global _native_library
     if _native_library is None:

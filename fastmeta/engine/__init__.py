@@ -5,8 +5,9 @@
 - :mod:`fastmeta.engine.program`: the model program (``trace``: torch.fx → ops);
 - :mod:`fastmeta.engine.meta_iteration`: inner loop, losses, chunking, the fused path;
 - :mod:`fastmeta.engine.whole_step`: a whole meta-iteration in one CUDA graph;
-- :mod:`fastmeta.engine.per_task_loop`: the plain per-task autograd loop, the reference
-  the engine is tested and benchmarked against.
+- :mod:`fastmeta.engine.reference_loop`: the reference loop, plain autograd task by task:
+  the oracle the engine is tested and benchmarked against (not
+  :class:`PerTaskLoopProgram`, the per-task loop that runs a model the engine cannot batch).
 
 The learners call the engine with a plan; the engine never calls back into a learner.
 Only the engine calls the ops.

@@ -61,8 +61,10 @@ def activation_derivative(y: Tensor, act: str, negative_slope: float) -> Tensor:
     return torch.ones_like(y)
 
 
-def activation_second_derivative(y: Tensor, act: str) -> Tensor | None:
-    """d f'(z) / dy as a function of y; None where it is zero."""
+def d_activation_derivative_dy(y: Tensor, act: str) -> Tensor | None:
+    """d f'(z) / dy as a function of y (the table's last column); None where it is zero.
+    Not the second derivative f''(z) = d f'/dz: that is this times f'(z) (the fused
+    meta-step's ``_activation_second_derivative``)."""
     if act == "tanh":
         return -2 * y
     if act == "sigmoid":
@@ -106,7 +108,7 @@ def _activation_grad_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         d_grad_y = activation_grad(grad, y, ctx.act, ctx.negative_slope)
     if ctx.needs_input_grad[1]:
-        second = activation_second_derivative(y, ctx.act)
+        second = d_activation_derivative_dy(y, ctx.act)
         d_y = torch.zeros_like(y) if second is None else grad * grad_y * second
     return d_grad_y, d_y, None, None
 

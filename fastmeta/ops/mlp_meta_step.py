@@ -46,6 +46,7 @@ differentiated by autograd.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from typing import Sequence
 
@@ -211,8 +212,10 @@ def _derivative(y: Tensor, act: str, negative_slope: float) -> Tensor:
     return torch.ones_like(y)
 
 
-def _second_derivative(y: Tensor, act: str) -> Tensor | None:
-    """f''(z) in y = f(z); None where it is zero."""
+def _activation_second_derivative(y: Tensor, act: str) -> Tensor | None:
+    """f''(z), written in y = f(z); None where it is zero. Not
+    :func:`fastmeta.ops.activation.d_activation_derivative_dy` (d f'/dy): by the chain rule,
+    f''(z) = d f'/dy · f'(z)."""
     if act == "tanh":
         return -2 * y * (1 - y * y)
     if act == "sigmoid":
@@ -280,23 +283,23 @@ class _Pass:
             if layer > 0:
                 re = torch.bmm(rd, w) + torch.bmm(delta, v)
                 rd = re * _derivative(hs[layer], act, slope)
-                second = _second_derivative(hs[layer], act)
+                second = _activation_second_derivative(hs[layer], act)
                 if second is not None:
                     rd = rd + self.es[layer] * second * rz[layer - 1]
         return result
 
 
 def analytic_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-                       loss_kind, lr, steps, first_order, task_weights=None):
+                       loss_kind, lr, steps, first_order, loss_weights=None):
     """(losses, preds, dθ, dlr): the meta-step with its derivatives written out.
 
-    With task_weights w ``[T]``, dθ = Σ_t w_t dloss_t/dθ ``[P]`` and dlr likewise (lr's
-    shape); otherwise both are None.
+    With loss_weights w ``[T]`` (the weight of each task's query loss),
+    dθ = Σ_t w_t dloss_t/dθ ``[P]`` and dlr likewise (lr's shape); otherwise both are None.
     """
     T, P = support_x.size(0), theta.numel()
     cfg = (layer_sizes, act, negative_slope, loss_kind)
     rates = _step_rates(lr, layer_sizes)  # [steps, P] or [steps, 1]
-    need = task_weights is not None
+    need = loss_weights is not None
     fast = theta.expand(T, P)
     passes, thetas = [], []
     for s in range(steps):
@@ -308,7 +311,7 @@ def analytic_meta_step(theta, layer_sizes, act, negative_slope, support_x, suppo
     losses, preds = query.loss, query.hs[-1]
     if not need:
         return losses, preds, None, None
-    v = _join(query.grads) * task_weights.unsqueeze(1)  # [T, P]: w_t ∇L_query,t(θ_S)
+    v = _join(query.grads) * loss_weights.unsqueeze(1)  # [T, P]: w_t ∇L_query,t(θ_S)
     d_rates = [None] * steps
     for s in range(steps - 1, -1, -1):
         g = _join(passes[s].grads)
@@ -337,56 +340,86 @@ def _per_parameter(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
     return [g.view_as(p).clone() for g, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
-def reference_mlp_meta_step(
+# What the kernel found non-finite when asked to validate: its last output, int64 ``[3]`` on
+# the CPU = (kind, task, argument), zeros when nothing was. The numbering is that of
+# NonFinite and NonFiniteArgument in csrc/mlp_meta_step_entry.h. A code rather than an
+# exception because torch has no C++ error that reaches Python as FloatingPointError, and
+# the op must not parse message text: :func:`raise_nonfinite` turns it into the error.
+NONFINITE_NONE, NONFINITE_INPUT, NONFINITE_QUERY_LOSS = 0, 1, 2
+NONFINITE_ARGUMENTS = ("support_x", "query_x", "support_y", "query_y")
+
+
+def reference_mlp_meta_step_with_task_gradients(
     params: list[Tensor], layer_sizes: list[int], act: str, negative_slope: float, support_x: Tensor,
     support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_kind: str, lr: Tensor, steps: int, first_order: bool,
     task_gradients: bool, validate: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """A MAML meta-step of a small MLP for every task; see the module docstring.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A MAML meta-step of a small MLP for every task, with each task's meta-gradient; see
+    the module docstring. The kernel under :func:`mlp_meta_step_mean` and
+    :func:`mlp_meta_step`, which return only the first three outputs.
 
     Returns (mean loss ``[]``, losses ``[T]``, preds ``[T, Q, O]``, dθ ``[T, P]``, dlr
-    ``[T, *lr.shape]``). The last two are every task's meta-gradient when
+    ``[T, *lr.shape]``, nonfinite ``[3]``). dθ and dlr are every task's meta-gradient when
     ``task_gradients`` is set, else empty: the fused kernels compute them on the way, almost
     for free (the inner loop's activations are still in cache), and the backward then only
-    weighs them. ``validate``: raise on NaN/Inf inputs or losses, and on labels out of range
-    (the kernels check in their own loops, at no dispatch or sync on the CPU).
+    weighs them. ``validate``: look for NaN/Inf inputs and losses and report the first in
+    ``nonfinite`` (int64, on the CPU: kind, task, argument; see ``NONFINITE_*``), for the
+    caller to raise with :func:`raise_nonfinite` (the CPU kernel checks in its own loops,
+    at no dispatch or sync; the CUDA kernel does not check, as that would sync the device).
+    A label out of range is an error whether or not ``validate`` is set: ValueError from the
+    CPU kernel, torch's own from the reference's ``cross_entropy``.
     """
     theta = _flat(params)
+    nonfinite = torch.zeros(3, dtype=torch.int64)
     if validate:
-        _check_finite(support_x, support_y, query_x, query_y, loss_kind)
+        _find_nonfinite_inputs(support_x, support_y, query_x, query_y, loss_kind, nonfinite)
     losses, preds, _, _ = analytic_meta_step(
         theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
         loss_kind, lr, steps, first_order,
     )
-    if validate:
+    if validate and nonfinite[0] == NONFINITE_NONE:
         bad = (~torch.isfinite(losses)).nonzero()
         if bad.numel():
-            t = int(bad[0])
-            raise FloatingPointError(f"the query loss of task {t} is {float(losses[t])}")
+            nonfinite.copy_(torch.tensor([NONFINITE_QUERY_LOSS, int(bad[0]), -1]))
     mean = losses.mean()
     if not task_gradients:
-        return mean, losses, preds.clone(), theta.new_empty(0), lr.new_empty(0)
+        return mean, losses, preds.clone(), theta.new_empty(0), lr.new_empty(0), nonfinite
     one = theta.new_ones(1)
     per_task = [
         analytic_meta_step(theta, layer_sizes, act, negative_slope, support_x[t:t + 1], support_y[t:t + 1],
-                           query_x[t:t + 1], query_y[t:t + 1], loss_kind, lr, steps, first_order, task_weights=one)[2:]
+                           query_x[t:t + 1], query_y[t:t + 1], loss_kind, lr, steps, first_order, loss_weights=one)[2:]
         for t in range(support_x.size(0))
     ]
     return (mean, losses, preds.clone(), torch.stack([g for g, _ in per_task]).detach(),
-            torch.stack([g for _, g in per_task]).detach())
+            torch.stack([g for _, g in per_task]).detach(), nonfinite)
 
 
-def _check_finite(support_x, support_y, query_x, query_y, loss_kind) -> None:
-    named = {"support_x": support_x, "query_x": query_x}
-    if loss_kind == "mse":
-        named.update(support_y=support_y, query_y=query_y)
-    for name, t in named.items():
+def _find_nonfinite_inputs(support_x, support_y, query_x, query_y, loss_kind, nonfinite: Tensor) -> None:
+    """The first task with a NaN/Inf input, into ``nonfinite``, in the kernel's order."""
+    named = [support_x, query_x] + ([support_y, query_y] if loss_kind == "mse" else [])
+    for argument, t in enumerate(named):
         bad = (~torch.isfinite(t.reshape(t.size(0), -1)).all(1)).nonzero()
         if bad.numel():
-            raise FloatingPointError(f"{name} has NaN or Inf in task {int(bad[0])}")
+            nonfinite.copy_(torch.tensor([NONFINITE_INPUT, int(bad[0]), argument]))
+            return
 
 
-def _task_weights(grad_mean: Tensor | None, grad_losses: Tensor | None, T: int, like: Tensor) -> Tensor:
+def raise_nonfinite(nonfinite: Tensor, losses: Tensor) -> None:
+    """Raise FloatingPointError for the finding of a validating meta-step (its ``nonfinite``
+    output, read on the host: a CPU tensor, so no sync); return if there is none."""
+    # Read through its pointer: tolist() and numpy() each cost dispatches (resolve_conj,
+    # resolve_neg, ...), and W1's whole validating step is 4 (tests/test_dispatch_budgets.py).
+    if nonfinite.device.type != "cpu" or nonfinite.dtype != torch.int64 or nonfinite.numel() != 3:
+        raise TypeError(f"nonfinite must be an int64 CPU tensor [3], got {nonfinite.dtype} "
+                        f"{tuple(nonfinite.shape)} on {nonfinite.device}")
+    kind, task, argument = (ctypes.c_int64 * 3).from_address(nonfinite.contiguous().data_ptr())
+    if kind == NONFINITE_INPUT:
+        raise FloatingPointError(f"{NONFINITE_ARGUMENTS[argument]} has NaN or Inf in task {task}")
+    if kind == NONFINITE_QUERY_LOSS:
+        raise FloatingPointError(f"the query loss of task {task} is {float(losses.detach()[task])}")
+
+
+def _loss_weights(grad_mean: Tensor | None, grad_losses: Tensor | None, T: int, like: Tensor) -> Tensor:
     w = like.new_zeros(T)
     if grad_losses is not None:
         w = w + grad_losses
@@ -404,10 +437,10 @@ def reference_mlp_meta_step_backward(
     w_t = grad_losses[t] + grad_mean / T (either may be None: zero); empty where ``needs``
     (params, lr) says no."""
     theta = _flat(params)
-    w = _task_weights(grad_mean, grad_losses, support_x.size(0), theta)
+    w = _loss_weights(grad_mean, grad_losses, support_x.size(0), theta)
     _, _, d_theta, d_lr = analytic_meta_step(
         theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-        loss_kind, lr, steps, first_order, task_weights=w,
+        loss_kind, lr, steps, first_order, loss_weights=w,
     )
     grads = _per_parameter(d_theta, params) if needs[0] else [p.new_empty(0) for p in params]
     return grads + [d_lr if needs[1] else lr.new_empty(0)]
@@ -420,7 +453,7 @@ def reference_mlp_meta_step_weigh_task_gradients(
     """[Σ_t w_t · task_grad_theta[t] per parameter (shaped like it), Σ_t w_t · task_grad_lr[t]]:
     the backward of the forward's per-task gradients, w_t as in mlp_meta_step_backward."""
     T = task_grad_theta.size(0)
-    w = _task_weights(grad_mean, grad_losses, T, task_grad_theta)
+    w = _loss_weights(grad_mean, grad_losses, T, task_grad_theta)
     g_lr = (w @ task_grad_lr.reshape(T, -1)).view(task_grad_lr.shape[1:])
     return _per_parameter(w @ task_grad_theta, params) + [g_lr]
 
@@ -455,7 +488,7 @@ def _check(params, layer_sizes, act, negative_slope, support_x, support_y, query
                     steps)
 
 
-mlp_meta_step_op = define_op(reference_mlp_meta_step, NativeCall(takes=_native_takes, args=_native_args), _check)
+mlp_meta_step_op = define_op(reference_mlp_meta_step_with_task_gradients, NativeCall(takes=_native_takes, args=_native_args), _check)
 
 
 def mlp_meta_step_mean(params: Tensor | Sequence[Tensor], layer_sizes: list[int], act: str, negative_slope: float,
@@ -471,21 +504,18 @@ def mlp_meta_step_mean(params: Tensor | Sequence[Tensor], layer_sizes: list[int]
     None: the op checks the arguments and chooses its kernel itself."""
     params = [params] if isinstance(params, Tensor) else list(params)
     # The per-task gradients are worth computing in the forward only when a backward will
-    # follow (W1 on the 2-core CPU: 165 µs forward alone, 424 µs forward + gradients, −28 %
-    # against recomputing them in the backward).
+    # follow: computing them in the forward beats recomputing them in the backward, and
+    # costs a forward alone more than twice its time (docs/benchmarks.md, "Measurements
+    # behind code decisions").
     task_gradients = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or lr.requires_grad)
-    try:
-        args = (params, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr,
-                steps, first_order, task_gradients, validate)
-        if kernel is None:
-            mean, losses, preds, _, _ = mlp_meta_step_op(*args)
-        else:
-            mean, losses, preds, _, _ = call_with_kernel(mlp_meta_step_op, kernel, *args)
-    except RuntimeError as exc:  # the C++ kernel's own checks: FloatingPointError by its prefix
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        if message.startswith("FloatingPointError: "):
-            raise FloatingPointError(message[len("FloatingPointError: "):]) from None
-        raise
+    args = (params, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y, loss_kind, lr,
+            steps, first_order, task_gradients, validate)
+    if kernel is None:
+        mean, losses, preds, _, _, nonfinite = mlp_meta_step_op(*args)
+    else:
+        mean, losses, preds, _, _, nonfinite = call_with_kernel(mlp_meta_step_op, kernel, *args)
+    if validate:
+        raise_nonfinite(nonfinite, losses)
     return mean, losses, preds
 
 
@@ -506,7 +536,7 @@ def _(params, layer_sizes, act, negative_slope, support_x, support_y, query_x, q
     P = sum(p.numel() for p in params)
     task_shapes = ((T, P), (T, *lr.shape)) if task_gradients else ((0,), (0,))
     return (like.new_empty(()), like.new_empty((T,)), like.new_empty((T, Q, layer_sizes[-1])),
-            like.new_empty(task_shapes[0]), lr.new_empty(task_shapes[1]))
+            like.new_empty(task_shapes[0]), lr.new_empty(task_shapes[1]), torch.empty(3, dtype=torch.int64))
 
 
 def _meta_step_setup(ctx, inputs, output):
@@ -520,7 +550,7 @@ def _meta_step_setup(ctx, inputs, output):
     ctx.save_for_backward(support_x, support_y, query_x, query_y, lr, output[3], output[4], *params)
 
 
-def _meta_step_backward(ctx, grad_mean, grad_losses, grad_preds, grad_task_theta, grad_task_lr):
+def _meta_step_backward(ctx, grad_mean, grad_losses, grad_preds, grad_task_theta, grad_task_lr, grad_nonfinite):
     support_x, support_y, query_x, query_y, lr, task_theta, task_lr, *params = ctx.saved_tensors
     layer_sizes, act, negative_slope, loss_kind, steps, first_order = ctx.config
     for name, i in zip(_ARGS[4:8], (4, 5, 6, 7)):
@@ -572,7 +602,7 @@ def reference_mlp_meta_step_update(
     w = theta.new_full((T,), 1.0 / T)
     losses, _, d_theta, _ = analytic_meta_step(
         theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-        loss_kind, lr, steps, first_order, task_weights=w,
+        loss_kind, lr, steps, first_order, loss_weights=w,
     )
     mean = losses.mean()
     if not (bool(torch.isfinite(losses).all()) and bool(torch.isfinite(d_theta).all())):
@@ -771,7 +801,7 @@ def choose_fused_kernel(layer_sizes: list[int], act: str, loss_kind: str | None,
     and by the backend kernel's ``takes`` for a direct call of the op."""
     if loss_kind not in LOSS_KINDS:
         return None
-    name, kernel = kernel_for("mlp_meta_step", device.type)
+    name, kernel = kernel_for("mlp_meta_step_with_task_gradients", device.type)
     if name == REFERENCE or not _kernel_shape_ok(device, dtype, act, layer_sizes, K, Q, steps):
         return None
     # The engine has checked what the launcher would check again (dtypes, devices, shapes).

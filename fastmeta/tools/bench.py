@@ -57,7 +57,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fastmeta.engine.per_task_loop import relative_error
+from fastmeta.engine.reference_loop import relative_error
 from fastmeta.tools.command import Subcommand
 from fastmeta.tools.workloads import Workload, find_workload
 from fastmeta.tools.bench_peers import (
@@ -403,7 +403,7 @@ def run_workload(
     reference = reference_meta_gradient(problem, torch.float64) if settings.check else None
     tolerance = settings.tolerance
     if reference is not None:
-        # The per-task loop in fp32 is the honest fp32 answer, but on deep ReLU nets after
+        # The reference loop in fp32 is the honest fp32 answer, but on deep ReLU nets after
         # BatchNorm (W3, W4) its error is itself a random draw: rounding flips pre-activations
         # that sit at the kink (measured on an H100: 1.1e-4 to 2.1e-3 on W3 in three
         # processes). So it is sampled FP32_SAMPLES times, from parameters perturbed by one
@@ -414,7 +414,7 @@ def run_workload(
             for seed in range(FP32_SAMPLES)
         )
         tolerance = max(tolerance, FP32_ERROR_FACTOR * fp32_error)
-        progress(f"{workload.name}: the fp32 per-task loop is up to {fp32_error:.1e} off float64 "
+        progress(f"{workload.name}: the fp32 reference loop is up to {fp32_error:.1e} off float64 "
                  f"({FP32_SAMPLES} samples); tolerance {tolerance:.1e}")
     # On the CPU the whole step runs beside fastmeta's other rows, before the peers: JAX's
     # XLA threads keep spinning after its step and slowed a torch row timed after it by

@@ -39,11 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta.data import TaskBatch
-from fastmeta.engine.per_task_loop import (
+from fastmeta.engine.reference_loop import (
     constant_coefficient,
     flat_grad,
     per_task_query_losses,
-    task_loss,
+    single_task_loss,
     task_query_loss,
 )
 
@@ -58,7 +58,7 @@ class ContenderSkipped(Exception):
 class Problem:
     """What every contender of one benchmark row shares.
 
-    workload: a :class:`fastmeta.tools.bench.Workload` (its ``build_model()``, ``steps``,
+    workload: a :class:`fastmeta.tools.workloads.Workload` (its ``build_model()``, ``steps``,
     ``inner_lr``, ``loss``, ``has_batch_norm``); initial_state: the model's state_dict,
     fp32 on ``device``; batch: the tasks, on ``device``.
     """
@@ -300,13 +300,13 @@ def capture_whole_step(forward_backward_step: Callable[[], None], optimizer, dev
     return graph
 
 
-# -- peer 1: the per-task loop -----------------------------------------------------------------
+# -- peer 1: the reference loop ----------------------------------------------------------------
 
 
 def reference_meta_gradient(problem: Problem, dtype: torch.dtype = torch.float64) -> Tensor:
-    """The meta-gradient of the mean query loss at the initial parameters, per-task loop.
+    """The meta-gradient of the mean query loss at the initial parameters, reference loop.
 
-    This is the correctness reference (docs/benchmarks.md: the per-task loop agrees with
+    This is the correctness reference (docs/benchmarks.md: the reference loop agrees with
     finite differences to 1e-8 in float64, also through BatchNorm).
     """
     model = problem.build_model(dtype)
@@ -350,7 +350,7 @@ def vmap_meta_losses(model: nn.Module, steps: int, lr: float, first_order: bool)
 
     def task_query_loss(params, support_x, support_y, query_x, query_y):
         def support_loss(p):
-            return task_loss(torch.func.functional_call(model, (p, buffers), (support_x,)), support_y)
+            return single_task_loss(torch.func.functional_call(model, (p, buffers), (support_x,)), support_y)
 
         fast = params
         for _ in range(steps):
@@ -358,7 +358,7 @@ def vmap_meta_losses(model: nn.Module, steps: int, lr: float, first_order: bool)
             if first_order:
                 grads = {n: g.detach() for n, g in grads.items()}
             fast = {n: fast[n] - lr * grads[n] for n in fast}
-        return task_loss(torch.func.functional_call(model, (fast, buffers), (query_x,)), query_y)
+        return single_task_loss(torch.func.functional_call(model, (fast, buffers), (query_x,)), query_y)
 
     return torch.func.vmap(task_query_loss, in_dims=(None, 0, 0, 0, 0))
 

@@ -3,7 +3,7 @@
     fastmeta profile W2 --out trace.json
     fastmeta profile omniglot-5w1s --device cuda --backend triton --iterations 5
 
-The argument is a workload id (W1–W4, :data:`fastmeta.tools.bench.WORKLOADS`) or a
+The argument is a workload id (W1–W4, :data:`fastmeta.tools.workloads.WORKLOADS`) or a
 training preset (``fastmeta train``'s, e.g. ``sinusoid``, ``omniglot-20w1s``); the data
 are random tasks of that shape. After ``--warmup`` untimed iterations, ``--iterations``
 meta-iterations run under ``torch.profiler`` (CPU activity, plus CUDA kernels on a GPU),

@@ -18,9 +18,9 @@ from torch import nn
 from fastmeta.data import TaskBatch
 
 # ---------------------------------------------------------------------------------------
-# The workloads: the single source of truth for W1–W4 (docs/benchmarks.md). bench/workloads.py
-# re-exports them for scripts in the checkout; they live in the package so that the
-# installed `fastmeta bench` and `fastmeta profile` need no checkout.
+# The workloads: the single source of truth for W1–W4 (docs/benchmarks.md). The scripts in
+# bench/ import them from here; they live in the package so that the installed
+# `fastmeta bench` and `fastmeta profile` need no checkout.
 # ---------------------------------------------------------------------------------------
 
 

@@ -101,8 +101,8 @@ def test_emulated_cuda_meta_step_equals_cpu_kernel(lib, case):
                      {"step": 0, "tensor": 1, "param": 2}[kind], steps, T, K, Q, ACT[act], int(loss == "mse"), F(0.1),
                      int(first_order), ptr(losses), ptr(preds), ptr(g_theta), ptr(g_lr), lr.numel())
     assert rc == 0
-    want = torch.ops.fastmeta_ext.mlp_meta_step([theta], sizes, act, 0.1, sx, sy, qx, qy, loss, lr, steps,
-                                                first_order, True, False)[1:]
+    want = torch.ops.fastmeta_ext.mlp_meta_step_with_task_gradients([theta], sizes, act, 0.1, sx, sy, qx, qy, loss, lr,
+                                                                    steps, first_order, True, False)[1:5]
     for name, a, b in zip(("losses", "preds", "grad theta", "grad lr"), (losses, preds, g_theta, g_lr), want):
         assert rel(a, b) <= 2e-6, name
 

@@ -98,7 +98,7 @@ def test_maml_second_order_step(backend, device, model_fn, tasks_fn, lr, kernels
     with kernel_log(backend) as (ran, declined):
         actual_loss, actual = _meta_gradient(backend, model_fn, tasks, lr, device)
     if backend != "triton" and model_fn is _w1_mlp:
-        kernels = ["mlp_meta_step"]  # a plain MLP: the fused meta-step
+        kernels = ["mlp_meta_step_with_task_gradients"]  # a plain MLP: the fused meta-step
     assert not [k for k in kernels if not ran[k]], f"kernels that did not run: {kernels} vs {dict(ran)}"
     assert not declined, dict(declined)
     assert_close(actual_loss, expected_loss, "query loss", 1e-5)

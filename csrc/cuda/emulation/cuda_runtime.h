@@ -1,5 +1,5 @@
 // A CPU stand-in for the CUDA runtime, so that the kernels in csrc/cuda/*.cu can run on a
-// machine without a GPU (tests/test_extension_cuda_emulated.py). It checks their LOGIC —
+// machine without a GPU (tests/ops/test_cuda_emulated.py). It checks their LOGIC —
 // indexing, shared-memory layout, the order of the R-operator passes — against the CPU
 // kernels; it says nothing about races, occupancy or speed, which only a GPU run
 // (bench/gpu_check.py, compute-sanitizer) covers.

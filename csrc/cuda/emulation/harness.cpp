@@ -1,5 +1,5 @@
-// C entry points over the CUDA launchers (launchers.h) for the emulation test: raw
-// pointers in, so that Python calls them through ctypes with torch CPU tensors.
+// C entry points over the CUDA launchers (csrc/cuda/*.cuh) for the emulation test
+// (tests/ops/test_cuda_emulated.py): raw pointers in, so that Python calls them through ctypes with torch CPU tensors.
 #include <cuda_runtime.h>
 #include "inner_step.cuh"
 #include "mlp_meta_step.cuh"

@@ -1,4 +1,6 @@
-"""The per-task autograd loop: the reference the engine is tested and benchmarked against.
+"""The reference loop: the plain autograd loop, task by task, that the engine is tested and
+benchmarked against (the test oracle). Not :class:`fastmeta.engine.PerTaskLoopProgram`, the
+engine's per-task loop that runs models it cannot batch.
 
 This is what learn2learn's ``clone()/adapt()`` computes, written with nothing of fastmeta's
 engine: ``torch.func.functional_call`` per task, ``autograd.grad(create_graph=True)`` per
@@ -21,8 +23,9 @@ Coefficient = Callable[[int], dict[str, Tensor | float]]
 SetValues = Callable[[int], dict[str, Tensor]]
 
 
-def task_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """One task's mean loss: MSE for float targets, cross-entropy for integer labels."""
+def single_task_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """One task's mean loss: MSE for float targets, cross-entropy for integer labels (the
+    batched ``[T]`` op is :func:`fastmeta.ops.task_loss`)."""
     if target.is_floating_point():
         return F.mse_loss(pred, target.reshape(pred.shape))
     return F.cross_entropy(pred, target)
@@ -58,7 +61,7 @@ def task_states(
     fast = dict(params)
     for step in range(steps):
         buffers = {n: b.clone() for n, b in model.named_buffers()}
-        loss = task_loss(torch.func.functional_call(model, (fast, buffers), (support_x,)), support_y)
+        loss = single_task_loss(torch.func.functional_call(model, (fast, buffers), (support_x,)), support_y)
         names = [n for n in fast if adapting(n) and fast[n].requires_grad]
         grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=not first_order, allow_unused=True)
         coef = coefficient(step)
@@ -122,7 +125,7 @@ def task_query_loss(
 
 def _query_loss(model: nn.Module, fast: dict[str, Tensor], query_x: Tensor, query_y: Tensor) -> Tensor:
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    return task_loss(torch.func.functional_call(model, (fast, buffers), (query_x,)), query_y)
+    return single_task_loss(torch.func.functional_call(model, (fast, buffers), (query_x,)), query_y)
 
 
 def per_task_query_losses(
