@@ -220,9 +220,11 @@ class MetaIteration:
             return "mse" if target.is_floating_point() else "cross_entropy"
         return loss if isinstance(loss, str) else None
 
-    def task_losses(self, plan: AdaptationPlan, pred: Tensor, target: Tensor, which: str) -> Tensor:
+    def task_losses(self, plan: AdaptationPlan, pred: Tensor, target: Tensor, which: str,
+                    check_range: bool = True) -> Tensor:
         """``[T]`` losses of predictions ``[T, N, ...]`` against targets (labels and targets
-        as :func:`loss_targets` makes them)."""
+        as :func:`loss_targets` makes them). check_range: check the labels' range (a sync,
+        under ``plan.validate``): once per call for each argument, at its first loss."""
         kind = self.loss_kind(plan.loss, target)
         T = target.size(0)
         if kind is None:
@@ -235,7 +237,7 @@ class MetaIteration:
             return losses
         if kind == "cross_entropy" and pred.dim() != 3:
             raise ValueError(f"cross-entropy needs model outputs [T, N, classes], got {list(pred.shape)}")
-        target = loss_targets(kind, target, list(pred.shape), pred.dtype, which, plan.validate)
+        target = loss_targets(kind, target, list(pred.shape), pred.dtype, which, plan.validate and check_range)
         return task_loss(pred, target, kind)
 
     # -- the inner loop ----------------------------------------------------------------
@@ -262,7 +264,7 @@ class MetaIteration:
                     if not src.requires_grad:  # evaluation under no_grad: a leaf to differentiate
                         src = src.detach().requires_grad_(True)
                     pred = self.run(support_x, self.weights(theta, src, adapting), "support_x")
-                    losses = self.task_losses(plan, pred, support_y, "support")
+                    losses = self.task_losses(plan, pred, support_y, "support", check_range=step == 0)
                     check_finite_losses(losses, "support", plan.validate)
                     (grad,) = torch.autograd.grad(
                         losses.sum(), src, create_graph=create_graph, allow_unused=True
@@ -330,7 +332,7 @@ class MetaIteration:
                 continue
             with torch.profiler.record_function("fastmeta.query"):
                 pred = self.run(query_x, self.weights(theta, fast, plan.adapting), "query_x")
-                losses = self.task_losses(plan, pred, query_y, "query")
+                losses = self.task_losses(plan, pred, query_y, "query", check_range=task_losses is None)
             check_finite_losses(losses, "query", plan.validate)
             if step_weights is not None:
                 losses = losses * weight

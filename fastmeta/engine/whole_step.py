@@ -1,8 +1,7 @@
 """Whole-step CUDA graphs: one meta-iteration captured once and replayed.
 
 A meta-iteration at the paper's sizes is hundreds of small kernels; launched eagerly,
-their launch cost dominates (5.85 µs per eager launch against 0.96 µs inside a graph on
-an H200; docs/benchmarks.md). ``learner.capture(optimizer, sx, sy, qx, qy)`` records the
+their launch cost dominates (docs/benchmarks.md, "Measurements behind code decisions"). ``learner.capture(optimizer, sx, sy, qx, qy)`` records the
 inner loop, the query loss, the meta-gradient and the optimizer step into one CUDA graph;
 each call of the returned :class:`CapturedMetaStep` copies a new meta-batch into the
 static input buffers and replays it.

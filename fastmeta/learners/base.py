@@ -175,7 +175,7 @@ class MetaLearner(ModelAttributes, nn.Module):
         task_chunk: run the tasks in chunks of this many (default: the learner's
         ``task_chunk``, None = all at once). The meta-gradient is the same; each chunk's
         graph is recomputed in the backward instead of kept, so peak memory falls towards
-        the per-task loop's at chunk 1, at the cost of running the forward twice.
+        the reference loop's (one task at a time) at chunk 1, at the cost of running the forward twice.
 
         The training schedules' per-call arguments (``fastmeta.tools.training``):
 

@@ -9,8 +9,8 @@ hook dicts and the same buffer tensors. Every attribute and method of the user's
 works on the copy, and its own ``forward`` runs with the new tensors.
 
 Running the user's module directly is the cheapest way to run one task: a copy costs
-about 50 µs for Omniglot's conv4 (14 modules) where ``torch.func.functional_call`` spends
-about 200 µs swapping the parameters in and out on every call (one CPU thread), and a
+a quarter of what ``torch.func.functional_call`` spends swapping the parameters in and
+out on every call (docs/benchmarks.md, "Measurements behind code decisions"), and a
 clone computes what that loop computes, with the same kernels. bench/bench_l2l.py has the
 end-to-end comparison.
 """

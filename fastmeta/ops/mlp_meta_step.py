@@ -635,8 +635,8 @@ def bind_mlp_meta_step_update(device_type: str):
     and results. The first call goes through the public op (the arguments checked, the
     backend's kernel chosen under the current backend, the reference where none takes
     them); later calls run the chosen kernel directly and bump the mutated tensors' autograd
-    versions themselves. That skips the custom-op wrapper's per-call cost (67 µs of a 315 µs
-    W1 step on a 2-core Xeon), not a check: the caller must keep the shapes, dtypes and
+    versions themselves. That skips the custom-op wrapper's per-call cost (a fifth of a W1 step
+    on the CPU: docs/benchmarks.md, "Measurements behind code decisions"), not a check: the caller must keep the shapes, dtypes and
     devices of the first call (FusedMLPStep checks them). A kernel that declines a later
     call hands it to the public op.
     """
