@@ -16,6 +16,8 @@ entry of the call); the layers below trust them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -237,11 +239,8 @@ class MetaLearner(ModelAttributes, nn.Module):
         # checks); the graph runs unvalidated (a check that syncs cannot be captured).
         with torch.no_grad():
             engine.meta_batch(*inputs, plan)
-        unchecked = plan.with_call(validate=False)
-
-        def step(sx, sy, qx, qy) -> MetaBatchOutput:
-            return engine.meta_batch(sx, sy, qx, qy, unchecked)
-
+        # The step the graph records is the engine's, on the plan alone (no learner code).
+        step = functools.partial(engine.meta_batch, plan=plan.with_call(validate=False))
         return CapturedMetaStep(step, list(self.parameters()), optimizer, inputs, warmup)
 
     def clone(self, first_order=None, allow_unused=None, allow_nograd=None) -> AdaptedModel:
