@@ -86,7 +86,7 @@ class MetaIteration:
         self.model = model
         self.loss = check_loss_spec(loss)
         self.layout = Layout.of_module(model)
-        self.program = trace(model, self.layout)
+        self.program = trace(model, self.layout, defer_warning=True)
         self.mlp = plain_mlp_structure(model)
         self.params = [p for _, p in model.named_parameters()]
         self._examples_run: set[tuple[int, ...]] = set()  # example shapes the program ran on
@@ -103,7 +103,7 @@ class MetaIteration:
         params = [p for _, p in self.model.named_parameters()]
         if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
             self.layout = Layout.of_module(self.model)
-            self.program = trace(self.model, self.layout)
+            self.program = trace(self.model, self.layout, defer_warning=True)
             self.mlp = plain_mlp_structure(self.model)
             self._examples_run = set()
         self.params = params
