@@ -31,23 +31,27 @@ class KroneckerLinear(nn.Module):
         self.n, self.m = n, m
 
     def forward(self, x: Tensor) -> Tensor:
-        left, right = self.left, self.right
-        if self.psd:
-            left = left.t() @ left
-            right = right.t() @ right
-        n, m = self.n, self.m
-        if x.dim() == 1:
-            if x.numel() != n * m:
-                raise ValueError(f"KroneckerLinear: a vector input needs n*m = {n * m} entries, got {x.numel()}")
-            y = self._apply(left, right, x.reshape(m, n).t())
-            return y.t().reshape(-1)
-        if tuple(x.shape[-2:]) != (n, m):
-            raise ValueError(f"KroneckerLinear: input must end in (n, m) = ({n}, {m}), got {list(x.shape)}")
-        return self._apply(left, right, x)
+        return kronecker_linear(x, self.left, self.right, self.bias, self.psd)
 
-    def _apply(self, left: Tensor, right: Tensor, x: Tensor) -> Tensor:
-        y = left @ x @ right
-        return y if self.bias is None else y + self.bias
+
+@torch.fx.wrap
+def kronecker_linear(x: Tensor, left: Tensor, right: Tensor, bias: Tensor | None, psd: bool) -> Tensor:
+    """KroneckerLinear's map. One function that torch.fx records as a single call (its shape
+    checks branch on the input), so ``fm.trace`` runs it under ``torch.vmap`` over tasks."""
+    if psd:
+        left = left.t() @ left
+        right = right.t() @ right
+    n, m = left.size(0), right.size(0)
+    if x.dim() == 1:
+        if x.numel() != n * m:
+            raise ValueError(f"KroneckerLinear: a vector input needs n*m = {n * m} entries, got {x.numel()}")
+        y = left @ x.reshape(m, n).t() @ right
+        y = y if bias is None else y + bias
+        return y.t().reshape(-1)
+    if tuple(x.shape[-2:]) != (n, m):
+        raise ValueError(f"KroneckerLinear: input must end in (n, m) = ({n}, {m}), got {list(x.shape)}")
+    y = left @ x @ right
+    return y if bias is None else y + bias
 
 
 class KroneckerRNN(nn.Module):

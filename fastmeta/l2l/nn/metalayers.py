@@ -19,7 +19,10 @@ class MetaModule(nn.Module):
     parameters (``requires_grad=False``), so that only what the substitutions add is
     trained. ``forward`` runs the wrapped module; ``unwrap()`` returns it.
 
-    The result is an ordinary module tree, so ``fm.trace`` traces it like any model.
+    ``forward(*args, **kwargs)`` takes any arguments, which torch.fx cannot trace at the
+    root of a model: a learner built on the MetaModule itself runs ``meta_batch`` through
+    the per-task loop, after its warning. Build it on ``meta_module.unwrap()`` (the same
+    module and parameters, an ordinary tree) and ``fm.trace`` runs it batched.
     """
 
     def __init__(self, module: nn.Module, substitutions: dict | None = None, freeze_module: bool = True):
