@@ -139,9 +139,10 @@ def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
 
 
 def clone_named_parameters(param_dict: dict) -> dict:
-    """``{name: p.clone()}`` for a dict of parameters: differentiable copies."""
-    if not isinstance(param_dict, dict):
-        raise TypeError(f"param_dict must be a dict of tensors, got {type(param_dict).__name__}")
+    """``{name: p.clone()}`` for a dict (or ``nn.ParameterDict``) of parameters:
+    differentiable copies, in a plain dict."""
+    if not hasattr(param_dict, "items"):
+        raise TypeError(f"param_dict must be a dict (or ParameterDict) of tensors, got {type(param_dict).__name__}")
     return {k: v.clone() for k, v in param_dict.items()}
 
 

@@ -90,10 +90,13 @@ class ConvBlock(nn.Module):
 
 class ConvBase(nn.Sequential):
     """``layers`` ConvBlocks of ``hidden`` filters (Omniglot: 64 filters, 1 channel, no
-    pooling; miniImageNet: 32 filters, 3 channels, pooling)."""
+    pooling; miniImageNet: 32 filters, 3 channels, pooling). ``output_size`` is accepted
+    and ignored, as by learn2learn's earlier ConvBase."""
 
     def __init__(self, hidden: int = 64, channels: int = 1, max_pool: bool = False, layers: int = 4,
-                 max_pool_factor: float = 1.0):
+                 max_pool_factor: float = 1.0, *, output_size: int | None = None):
+        # output_size: accepted and unused, as in learn2learn's earlier ConvBase (which
+        # scripts such as anil_fc100.py still pass).
         blocks = [ConvBlock(channels, hidden, (3, 3), max_pool=max_pool, max_pool_factor=max_pool_factor)]
         blocks += [ConvBlock(hidden, hidden, (3, 3), max_pool=max_pool, max_pool_factor=max_pool_factor)
                    for _ in range(layers - 1)]
