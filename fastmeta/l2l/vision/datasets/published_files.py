@@ -20,12 +20,14 @@ MAX_PICKLE_BYTES = 4 << 30
 # (module, name) a published pickle may name: numpy's array and scalar reconstruction, and
 # the builtins some dict/list/number/string pickles spell by name. Protocol-2 pickles written
 # by Python 3 store an array's bytes as ``_codecs.encode(text, "latin1")``, which only turns
-# a string into bytes.
+# a string into bytes; protocol 5 writes arrays through numpy's ``_frombuffer``.
 ALLOWED_GLOBALS = frozenset({
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),
