@@ -136,6 +136,12 @@ class Contender:
 
 class Loop(Contender):
     def setup(self):
+        if self.shape == "OmniglotCNN":
+            # OmniglotCNN holds its ConvBase twice (``base`` and ``features.1``), and
+            # torch.func.functional_call then restores one of the two names with the
+            # substituted tensors (the next task backpropagates into a freed graph). The
+            # forward reads ``features`` only, so the loop drops the other name.
+            del self.model._modules["base"]
         if self.shape == "metacurvature":
             names = [n for n, _ in self.model.named_parameters()]
             self.transforms = nn.ModuleList([l2l.optim.transforms.MetaCurvatureTransform(p)
@@ -146,18 +152,6 @@ class Loop(Contender):
         extra = list(self.transforms.parameters()) if self.shape == "metacurvature" else []
         return list(self.model.parameters()) + extra
 
-    def with_aliases(self, params):
-        """Every name of each tensor: OmniglotCNN holds its ConvBase twice (``base`` and
-        ``features.1``), and functional_call given only one name leaves the other holding a
-        tensor of the previous task's graph."""
-        aliases = getattr(self, "_aliases", None)
-        if aliases is None:
-            first = {}
-            for n, p in self.model.named_parameters():
-                first[id(p)] = n
-            aliases = self._aliases = {n: first[id(p)] for n, p in self.model.named_parameters(remove_duplicate=False)}
-        return {n: params[u] for n, u in aliases.items()}
-
     def meta_iteration(self):
         sx, sy, qx, qy = self.tasks
         T, model = sx.size(0), self.model
@@ -165,13 +159,13 @@ class Loop(Contender):
         for t in range(T):
             params = dict(model.named_parameters())
             chosen = [params[n] for n in adapted]
-            loss = F.cross_entropy(torch.func.functional_call(model, self.with_aliases(params), (sx[t],)), sy[t])
+            loss = F.cross_entropy(torch.func.functional_call(model, params, (sx[t],)), sy[t])
             grads = torch.autograd.grad(loss, chosen, create_graph=True)
             for n, g in zip(adapted, grads):
                 if self.shape == "metacurvature":
                     g = self.transform_of[n](g)
                 params[n] = params[n] - self.lr * g
-            query = torch.func.functional_call(model, self.with_aliases(params), (qx[t],))
+            query = torch.func.functional_call(model, params, (qx[t],))
             (F.cross_entropy(query, qy[t]) / T).backward()
 
 

@@ -126,3 +126,14 @@ def test_the_top_level_and_the_learners_are_fastmetas():
     # The old leftover: fastmeta.l2l.nn was torch.nn, so torch's names leaked through it.
     with pytest.raises(AttributeError, match="fastmeta.l2l.nn"):
         l2l.nn.Conv2d
+
+
+def test_every_l2l_package_is_in_pyproject():
+    """A non-editable install ships only the packages pyproject.toml lists."""
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    listed = set(tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(repo).parts) for p in (repo / "fastmeta" / "l2l").rglob("__init__.py")}
+    assert found and found <= listed, sorted(found - listed)
