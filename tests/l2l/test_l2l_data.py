@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fastmeta.l2l as l2l
+from published_fixtures import cifarfs_root, fc100_root, mini_imagenet_root  # noqa: F401 (fixtures)
 from fastmeta.l2l.data import DataDescription, MetaDataset, TaskDataset
 from fastmeta.l2l.data.transforms import (
     ConsecutiveLabels, FilterLabels, FusedNWaysKShots, KShots, LoadData, NWays, RemapLabels,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import fastmeta as fm
 import fastmeta.l2l as l2l
+from published_fixtures import fc100_root, mini_imagenet_root  # noqa: F401 (fixtures)
 from fastmeta.l2l.algorithms.gbml import GBML
 from fastmeta.l2l.data import TaskDataset
 from fastmeta.learners import AdaptedModel, MetaLearner

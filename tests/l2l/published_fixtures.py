@@ -1,5 +1,6 @@
 """Synthetic stand-ins for the benchmarks' published files (CI has no datasets): the same
-formats, a few tiny classes each."""
+formats, a few tiny classes each. Test modules import the fixtures they use (a conftest.py
+here would shadow tests/conftest.py, which other tests import by name)."""
 
 from __future__ import annotations
 
