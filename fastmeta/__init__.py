@@ -6,22 +6,15 @@
 >>> out.loss.backward()                                                 # doctest: +SKIP
 
 Layers, top to bottom (each imports only those below it; tests/test_layers.py checks):
-``fastmeta.tools`` (CLI, training, bench) → ``fastmeta.learners`` → ``fastmeta.engine`` →
+``fastmeta.tools`` (CLI, training, bench) → ``fastmeta.l2l`` (learn2learn's API) → ``fastmeta.learners`` → ``fastmeta.engine`` →
 ``fastmeta.ops`` → ``fastmeta.backends`` → ``fastmeta.kernels`` and the C++/CUDA sources.
 """
-
-import sys
 
 from fastmeta import models, ops
 from fastmeta.backends import backends, current_backend, use_backend
 from fastmeta.engine import Layout, TaskWeights, trace
-from fastmeta.learners import MAML, MetaBatchOutput, MetaSGD, ModelAwareMAML, l2l
-
-# learn2learn's names as ``fastmeta.l2l`` (``import fastmeta.l2l as l2l``): the module lives
-# in the learners layer (tests/test_layers.py), so the package registers it under this name.
-sys.modules[f"{__name__}.l2l"] = l2l
-sys.modules[f"{__name__}.l2l.utils"] = l2l.utils
-sys.modules[f"{__name__}.l2l.algorithms"] = l2l.algorithms
+from fastmeta.learners import MAML, MetaBatchOutput, MetaSGD, ModelAwareMAML
+from fastmeta import l2l  # learn2learn's API (``import fastmeta.l2l as l2l``), above the learners
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,12 @@
 """The package's layers, checked by walking every import (statements and
 ``importlib.import_module("...")`` calls, at module level and inside functions).
 
-Top to bottom: tools → learners → engine → ops → backends → kernels. Beside them, leaf
-modules that import none of those layers: models, checkpoint, data (which uses checkpoint),
-distributed. A module imports only from its own sub-package or from a lower layer, and
-there is no import cycle between modules.
+Top to bottom: tools → l2l (learn2learn's API) → learners → engine → ops → backends →
+kernels. Beside them, leaf modules that import none of those layers: models, checkpoint,
+data (which uses checkpoint), distributed. A module imports only from its own sub-package
+or from a lower layer, and there is no import cycle between modules. fastmeta.l2l uses
+only the public face of what it builds on (the packages, not their private modules), and
+only the tools and the package root import it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ RANKS = {
     "ops": 2,
     "engine": 3,
     "learners": 4,
+    "l2l": 4.5,
     "distributed": 5,
     "tools": 6,
 }
@@ -111,6 +114,38 @@ def test_no_layer_imports_a_layer_above_it():
             if other_rank >= rank:
                 bad.append(f"{module} ({part or 'root'}) imports {target} ({other or 'root'})")
     assert not bad, "\n".join(sorted(bad))
+
+
+# What fastmeta.l2l may import from below it: public packages and modules, never their insides.
+L2L_MAY_IMPORT = {"fastmeta.learners", "fastmeta.engine", "fastmeta.data", "fastmeta.models"}
+
+
+def l2l_import_problems(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for module, targets in graph.items():
+        inside = part_of(module) == "l2l"
+        for target in targets:
+            if inside and part_of(target) != "l2l" and target not in L2L_MAY_IMPORT:
+                bad.append(f"{module} imports {target}: l2l uses only {sorted(L2L_MAY_IMPORT)}")
+            if not inside and part_of(target) == "l2l" and part_of(module) not in (None, "tools"):
+                bad.append(f"{module} imports {target}: only the tools and the package root import l2l")
+    return bad
+
+
+def test_l2l_uses_only_public_packages_and_only_the_top_imports_it():
+    bad = l2l_import_problems(import_graph())
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_the_l2l_check_catches_a_private_import_and_a_reverse_import():
+    graph = {
+        "fastmeta.l2l.nn": {"fastmeta.learners.adapted", "fastmeta.learners"},
+        "fastmeta.distributed": {"fastmeta.l2l"},
+        "fastmeta.tools.cli": {"fastmeta.l2l"},
+    }
+    bad = l2l_import_problems(graph)
+    assert len(bad) == 2
+    assert "fastmeta.learners.adapted" in bad[0] + bad[1] and "fastmeta.distributed" in bad[0] + bad[1]
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -51,7 +51,7 @@ class MetaIteration:
             raise ValueError("model has no parameters to adapt")
         self.model = model
         self.layout = Layout.of_module(model)
-        self.program = trace(model, self.layout)
+        self.program = trace(model, self.layout, defer_warning=True)
         self.mlp = plain_mlp_structure(model)
         self.params = [p for _, p in model.named_parameters()]
         self._examples_run: set[tuple[int, ...]] = set()  # example shapes the program ran on
@@ -69,7 +69,7 @@ class MetaIteration:
         params = [p for _, p in self.model.named_parameters()]
         if len(params) != len(self.params) or any(a is not b for a, b in zip(params, self.params)):
             self.layout = Layout.of_module(self.model)
-            self.program = trace(self.model, self.layout)
+            self.program = trace(self.model, self.layout, defer_warning=True)
             self.mlp = plain_mlp_structure(self.model)
             self._examples_run = set()
         self.params = params

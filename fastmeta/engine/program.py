@@ -545,10 +545,11 @@ class PerTaskLoopProgram:
 
     batched = False
 
-    def __init__(self, model: nn.Module, layout: Layout, reason: str):
+    def __init__(self, model: nn.Module, layout: Layout, reason: str, pending_warning: str | None = None):
         self.model = model
         self.layout = layout
         self.reason = reason
+        self.pending_warning = pending_warning  # given on the first call (trace's defer_warning)
         self.reads = set(range(len(layout)))
         self.example_shape = declared_example_shape(model)
         self.failed_at = None  # an untraced model has no layers to name
@@ -557,6 +558,9 @@ class PerTaskLoopProgram:
         """Nothing to check ahead of a run: the model's forward is opaque here."""
 
     def __call__(self, x: Tensor, weights: list[Tensor]) -> Any:
+        if self.pending_warning is not None:
+            message, self.pending_warning = self.pending_warning, None
+            warnings.warn(message, stacklevel=2)
         names = [s.name for s in self.layout.segments]
         per_task = [w.dim() > len(s.shape) for w, s in zip(weights, self.layout.segments)]
         norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -600,15 +604,19 @@ def plain_mlp_structure(model: nn.Module) -> tuple[list[int], str, float] | None
     return sizes, act, slope
 
 
-def trace(model: nn.Module, layout: Layout | None = None):
-    """The batched program of ``model``; the per-task loop (after a warning) if it has none."""
+def trace(model: nn.Module, layout: Layout | None = None, *, defer_warning: bool = False):
+    """The batched program of ``model``; the per-task loop (after a warning) if it has none.
+
+    defer_warning: warn when the per-task loop first runs instead of now. The learners
+    trace at construction, and a script that only uses ``clone()``/``adapt()`` never runs
+    the program, so it should not hear about it.
+    """
     layout = layout or Layout.of_module(model)
     try:
         return TracedProgram(model, layout)
     except TraceError as exc:
-        warnings.warn(
-            f"fastmeta: {type(model).__name__} runs through the per-task loop (correct, "
-            f"slower): {exc}",
-            stacklevel=2,
-        )
+        message = f"fastmeta: {type(model).__name__} runs through the per-task loop (correct, slower): {exc}"
+        if defer_warning:
+            return PerTaskLoopProgram(model, layout, str(exc), pending_warning=message)
+        warnings.warn(message, stacklevel=2)
         return PerTaskLoopProgram(model, layout, str(exc))

@@ -1,34 +1,28 @@
-"""learn2learn's names, for code that switches by changing its import (``fastmeta.l2l``).
+"""learn2learn's ``learn2learn.utils``: cloning, updating and detaching modules, and small
+helpers, written from learn2learn's documentation (learn2learn is not a dependency).
 
->>> import fastmeta.l2l as l2l                            # was: import learn2learn as l2l
->>> maml = l2l.algorithms.MAML(model, lr=0.4)            # doctest: +SKIP
->>> clone = maml.clone()                                 # doctest: +SKIP
->>> clone.adapt(loss_fn(clone(sx), sy))                  # doctest: +SKIP
->>> fast = l2l.clone_module(model)                       # doctest: +SKIP
->>> l2l.update_module(fast, updates=[-0.1 * g for g in grads])   # doctest: +SKIP
+>>> import fastmeta.l2l as l2l
+>>> fast = l2l.clone_module(model)                                  # doctest: +SKIP
+>>> l2l.update_module(fast, updates=[-0.1 * g for g in grads])      # doctest: +SKIP
 
-- ``algorithms.MAML`` and ``algorithms.MetaSGD`` are :class:`fastmeta.MAML` and
-  :class:`fastmeta.MetaSGD` (learn2learn's positional arguments; ``meta_batch`` too).
-- ``utils`` (and this module) hold learn2learn's utilities: :func:`clone_module`,
-  :func:`update_module`, :func:`detach_module`, :func:`maml_update`,
-  :func:`clone_parameters`, with learn2learn's behaviour, including the ``p.update``
+- :func:`clone_module`, :func:`update_module`, :func:`detach_module`, :func:`clone_parameters`,
+  :func:`clone_named_parameters`: learn2learn's behaviour, including the ``p.update``
   protocol of ``update_module``.
-
-Written from learn2learn's documented API; learn2learn itself is not a dependency.
+- :func:`magic_box` (DiCE), :func:`accuracy`, :func:`clone_distribution`,
+  :func:`detach_distribution`, :func:`flatten_config`.
+- ``fastmeta.l2l.utils.lightning`` needs PyTorch Lightning and raises ImportError naming it.
 """
 
 from __future__ import annotations
 
-import sys
-import types
+import argparse
+import dataclasses
 from typing import Iterable, Sequence
 
+import torch
 from torch import Tensor, nn
 
-from fastmeta.learners.adapted import AdaptedModel
-from fastmeta.learners.maml import MAML
-from fastmeta.learners.model_aware import MetaSGD
-from fastmeta.learners.module_tree import ModuleTree
+from fastmeta.learners import ModuleTree
 
 
 def clone_module(module: nn.Module, memo: dict | None = None) -> nn.Module:
@@ -142,21 +136,84 @@ def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
                 slots[key] = new
 
 
-utils = types.ModuleType(
-    f"{__name__}.utils", "learn2learn's utilities (``l2l.utils.clone_module`` ...)."
-)
-algorithms = types.ModuleType(
-    f"{__name__}.algorithms", "learn2learn's algorithms: MAML, MetaSGD (``l2l.algorithms.MAML`` ...)."
-)
-for _name in ("clone_module", "clone_parameters", "update_module", "maml_update", "detach_module"):
-    setattr(utils, _name, globals()[_name])
-algorithms.MAML = MAML
-algorithms.MetaSGD = MetaSGD
-# ``from fastmeta.learners.l2l.algorithms import MAML`` works as learn2learn's does.
-sys.modules[utils.__name__] = utils
-sys.modules[algorithms.__name__] = algorithms
+
+
+def clone_named_parameters(param_dict: dict) -> dict:
+    """``{name: p.clone()}`` for a dict (or ``nn.ParameterDict``) of parameters:
+    differentiable copies, in a plain dict."""
+    if not hasattr(param_dict, "items"):
+        raise TypeError(f"param_dict must be a dict (or ParameterDict) of tensors, got {type(param_dict).__name__}")
+    return {k: v.clone() for k, v in param_dict.items()}
+
+
+def magic_box(x):
+    """DiCE's MagicBox (Foerster et al. 2018): ``exp(x − x.detach())``, which evaluates to 1
+    and whose gradient is ``x``'s, times itself. Anything that is not a tensor is returned as is."""
+    if isinstance(x, Tensor):
+        return torch.exp(x - x.detach())
+    return x
+
+
+def accuracy(predictions: Tensor, targets: Tensor) -> Tensor:
+    """The fraction of rows of ``predictions`` ``[N, K]`` whose argmax equals ``targets`` ``[N]``,
+    as a float tensor."""
+    if predictions.dim() < 1 or predictions.size(0) != targets.numel():
+        raise ValueError(
+            f"accuracy: predictions {list(predictions.shape)} need one row per target; targets has {targets.numel()}"
+        )
+    predictions = predictions.argmax(dim=1).view(targets.shape)
+    return (predictions == targets).sum().float() / targets.size(0)
+
+
+def _copy_distribution(dist, how):
+    if not isinstance(dist, torch.distributions.Distribution):
+        raise TypeError(f"dist must be a torch.distributions.Distribution, got {type(dist).__name__}")
+    memo: dict[int, Tensor] = {}
+    copy = dist.__class__.__new__(dist.__class__)
+    state = dist.__dict__.copy()
+    for key, value in state.items():
+        if isinstance(value, Tensor):
+            new = memo.get(id(value))
+            if new is None:
+                new = memo[id(value)] = how(value)
+            state[key] = new
+        elif isinstance(value, torch.distributions.Distribution):
+            state[key] = _copy_distribution(value, how)
+    copy.__dict__.update(state)
+    return copy
+
+
+def clone_distribution(dist):
+    """A copy of a ``torch.distributions`` object whose tensors (parameters and cached
+    properties) are ``clone()``s: differentiable back to the original's."""
+    return _copy_distribution(dist, lambda t: t.clone())
+
+
+def detach_distribution(dist):
+    """A copy of a ``torch.distributions`` object whose tensors are detached from the graph."""
+    return _copy_distribution(dist, lambda t: t.detach())
+
+
+def flatten_config(args, prefix: str | None = None) -> dict:
+    """A flat ``{"a.b.c": value}`` dict of a nested configuration (dicts, argparse
+    Namespaces and dataclasses, nested in any way), for loggers that take flat keys."""
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    elif dataclasses.is_dataclass(args) and not isinstance(args, type):
+        args = dataclasses.asdict(args)
+    if not isinstance(args, dict):
+        raise TypeError(f"flatten_config takes a dict, Namespace or dataclass, got {type(args).__name__}")
+    flat = {}
+    for key, value in args.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, (dict, argparse.Namespace)) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+            flat.update(flatten_config(value, name))
+        else:
+            flat[name] = value
+    return flat
+
 
 __all__ = [
-    "MAML", "AdaptedModel", "MetaSGD", "algorithms", "clone_module", "clone_parameters", "detach_module",
-    "maml_update", "update_module", "utils",
+    "accuracy", "clone_distribution", "clone_module", "clone_named_parameters", "clone_parameters",
+    "detach_distribution", "detach_module", "flatten_config", "magic_box", "maml_update", "update_module",
 ]
