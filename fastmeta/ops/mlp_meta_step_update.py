@@ -72,6 +72,12 @@ mlp_meta_step_update = define_op(
     mutates=("params", "exp_avgs", "exp_avg_sqs", "state_steps", "nonfinite"))
 
 
+@mlp_meta_step_update.register_fake
+def _(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, layer_sizes, act, negative_slope, support_x,
+      support_y, query_x, query_y, loss_kind, lr, steps, first_order, adam_lr, beta1, beta2, weight_decay, eps):
+    return params[0].new_empty(()), params[0].new_empty((support_x.size(0),))
+
+
 # Beside the op rather than beside engine/whole_step.py, its caller: it asks the backend for
 # its kernel (kernel_for), and the engine never reaches past the op layer to a backend.
 def bind_mlp_meta_step_update(device_type: str):
@@ -107,9 +113,3 @@ def _increment_versions(tensors: list[Tensor]) -> None:
     except TypeError:  # torch < 2.7 takes one tensor at a time
         for t in tensors:
             torch.autograd.graph.increment_version(t)
-
-
-@mlp_meta_step_update.register_fake
-def _(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, layer_sizes, act, negative_slope, support_x,
-      support_y, query_x, query_y, loss_kind, lr, steps, first_order, adam_lr, beta1, beta2, weight_decay, eps):
-    return params[0].new_empty(()), params[0].new_empty((support_x.size(0),))

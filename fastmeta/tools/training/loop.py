@@ -60,7 +60,8 @@ def train(
 ) -> dict:
     """Train (or resume) a run in folder ``out``; returns the final test results.
 
-    Iterations run as whole steps where they apply (:class:`fastmeta.engine.whole_step_policy.WholeStep`: a CUDA graph on a
+    Iterations run as whole steps where they apply
+    (:class:`fastmeta.engine.whole_step_policy.WholeStep`: a CUDA graph on a
     GPU, one fused C++ call for a plain MLP on the CPU); ``eager=True`` runs each one as
     ``meta_batch``, ``backward`` and ``optimizer.step()``.
 
