@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, vmap
 
 import fastmeta as fm
 from fastmeta.backends import get_backend
-from fastmeta.ops.mlp_meta_step import mlp_meta_step, unrolled_meta_step
+from fastmeta.ops.mlp_meta_step import mlp_meta_step, plain_reference_meta_step
 
 # W1, as docs/benchmarks.md defines it.
 W1 = dict(tasks=25, support=10, query=10, layer_sizes=[1, 40, 40, 1], act="relu", steps=1, inner_lr=0.01,
@@ -83,7 +83,7 @@ def unrolled_step(model, opt, data, cfg, first_order, params):
     sx, sy, qx, qy = data
     theta = torch.cat([p.reshape(-1) for p in params])
     lr = torch.full((cfg["steps"],), cfg["inner_lr"], device=theta.device)
-    losses, _ = unrolled_meta_step(theta, cfg["layer_sizes"], cfg["act"], 0.0, sx, sy, qx, qy, "mse", lr,
+    losses, _ = plain_reference_meta_step(theta, cfg["layer_sizes"], cfg["act"], 0.0, sx, sy, qx, qy, "mse", lr,
                                    cfg["steps"], first_order, create_graph=True)
     loss = losses.mean()
     opt.zero_grad(set_to_none=True)

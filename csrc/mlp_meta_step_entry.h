@@ -1,4 +1,5 @@
-// The table's kernels of the fused MLP meta-step (fastmeta/ops/mlp_meta_step.py), on top of
+// The table's kernels of the fused MLP meta-step (fastmeta/ops/mlp_meta_step.py, and the
+// whole-step update of fastmeta/ops/mlp_meta_step_update.py), on top of
 // a device's core `Core(theta, ..., grads, loss_weights)` that reads θ as one flat buffer:
 //
 //   mlp_meta_step_with_task_gradients

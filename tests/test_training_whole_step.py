@@ -18,6 +18,7 @@ import torch
 
 from fastmeta import checkpoint
 from fastmeta.tools import training
+from fastmeta.tools.training import loop as training_loop
 
 
 def sinusoid(iterations: int, **changes):
@@ -86,7 +87,7 @@ def test_runs_the_whole_step_does_not_take_train_eagerly(tmp_path):
 
 def test_a_non_finite_iteration_never_replaces_the_last_good_checkpoint(tmp_path, monkeypatch):
     config = sinusoid(6, outer_lr_schedule="constant")
-    batches = training._meta_batches
+    batches = training_loop._meta_batches
 
     def poisoned(sampler, iterations, tasks):
         for iteration, batch in zip(iterations, batches(sampler, iterations, tasks)):
@@ -94,7 +95,7 @@ def test_a_non_finite_iteration_never_replaces_the_last_good_checkpoint(tmp_path
                 batch = batch._replace(query_y=torch.full_like(batch.query_y, math.nan))
             yield batch
 
-    monkeypatch.setattr(training, "_meta_batches", poisoned)
+    monkeypatch.setattr(training_loop, "_meta_batches", poisoned)
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError, match="iteration"):
         training.train(config, out, test_tasks=5, progress=False, echo=lambda *a: None)

@@ -16,7 +16,7 @@
 // with P parameters, S steps, Hs = n1 + … + nL (every layer's output width), Es = Hs − nL,
 // nmax the widest layer. THE SIZE LIMIT is this total × 4 bytes ≤ the device's opt-in
 // shared memory per block (227 KiB on H100/H200); MLPs beyond it are declined by the
-// launcher (fastmeta.ops.mlp_meta_step.cuda_fits mirrors this formula) and checked again
+// launcher (fastmeta.backends.cuda_limits.cuda_fits asks for this formula) and checked again
 // here. Depth is capped at kMaxLayers = 32 by the kernel-parameter struct; no MLP wide
 // enough to be worth fusing reaches it within the shared-memory bound. W1 (1-40-40-1,
 // K = Q = 10, 1 step) needs 14.8k floats = 58 KiB.

@@ -11,6 +11,7 @@
 namespace fastmeta {
 namespace cuda {
 
+// The one copy of the depth cap: Python asks for it (mlp_meta_step_max_layers).
 constexpr int kMaxLayers = 32;
 enum RateKind : int { kRateStep = 0, kRateTensor = 1, kRatePerParam = 2 };
 

@@ -167,11 +167,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
 
 
 
-// The shared-memory formula's answer for Python (fastmeta/ops/mlp_meta_step.py decides with
-// it whether the fused kernel takes a shape), so that the formula is written once.
+// The shared-memory formula's answer for Python (fastmeta/backends/cuda_limits.py decides
+// with it whether the fused kernel takes a shape), so that the formula is written once.
 int64_t mlp_meta_step_workspace_floats(at::IntArrayRef layer_sizes, int64_t K, int64_t Q, int64_t steps) {
   return mlp_smem_floats(mlp_dims(layer_sizes), steps, K, Q);
 }
+
+// The depth cap of the kernel-parameter struct (kMaxLayers, mlp_meta_step.cuh), for Python:
+// the constant lives here and fastmeta/backends/cuda_limits.py asks for it.
+int64_t mlp_meta_step_max_layers() { return kMaxLayers; }
 
 }  // namespace cuda
 }  // namespace fastmeta
@@ -179,6 +183,7 @@ int64_t mlp_meta_step_workspace_floats(at::IntArrayRef layer_sizes, int64_t K, i
 TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
   m.def("mlp_meta_step_workspace_floats(int[] layer_sizes, int K, int Q, int steps) -> int",
         &fastmeta::cuda::mlp_meta_step_workspace_floats);
+  m.def("mlp_meta_step_max_layers() -> int", &fastmeta::cuda::mlp_meta_step_max_layers);
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CUDA, m) {

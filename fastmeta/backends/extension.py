@@ -5,7 +5,8 @@ namespace. Their schemas are defined from Python, from the kernel table
 (:func:`define_native_library`); the sources register implementations for the CPU
 (``csrc/cpu/*.cpp``) and for CUDA (``csrc/cuda/*.cu`` and ``csrc/cuda/*_host.cpp``) with
 ``TORCH_LIBRARY_IMPL``, and ``csrc/cuda/mlp_meta_step_host.cpp`` defines the one op outside
-the table (``mlp_meta_step_workspace_floats``) with ``TORCH_LIBRARY_FRAGMENT``. The
+the table (``mlp_meta_step_workspace_floats``, ``mlp_meta_step_max_layers``: queries of
+:mod:`fastmeta.backends.cuda_limits`) with ``TORCH_LIBRARY_FRAGMENT``. The
 dispatcher routes on the tensors' device. Their checks raise typed errors (TypeError,
 ValueError, IndexError, NotImplementedError; ``csrc/common.h``). This module builds it on
 first use (or ahead of time with ``fastmeta build``) with ``torch.utils.cpp_extension.load``
@@ -430,15 +431,21 @@ def define_native_library() -> None:
 _defined: set[str] = set()
 
 
-def _dtypes_ok(device_type: str, tensors) -> bool:
-    """All float tensors share one dtype the device's kernels are compiled for.
+# The float dtypes each device's kernels are compiled for: the CPU kernels for float32 and
+# float64 (float64 for gradcheck), the CUDA kernels for float32 only (float64 there runs the
+# reference, never a lower precision). The one table: ops ask it through kernel_dtypes.
+KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
 
-    The CPU kernels are compiled for float32 and float64 (float64 for gradcheck), the CUDA
-    kernels for float32 only: float64 there runs the reference, never a lower precision.
-    """
-    allowed = (torch.float32, torch.float64) if device_type == "cpu" else (torch.float32,)
+
+def kernel_dtypes(device_type: str) -> tuple[torch.dtype, ...]:
+    """The float dtypes the ``device_type`` kernels are compiled for (none: empty)."""
+    return KERNEL_DTYPES.get(device_type, ())
+
+
+def _dtypes_ok(device_type: str, tensors) -> bool:
+    """All float tensors share one dtype the device's kernels are compiled for."""
     dtypes = {t.dtype for t in tensors if t.is_floating_point()}
-    return len(dtypes) == 1 and next(iter(dtypes)) in allowed
+    return len(dtypes) == 1 and next(iter(dtypes)) in kernel_dtypes(device_type)
 
 
 def _launcher(spec: KernelSpec, device_type: str) -> Callable:

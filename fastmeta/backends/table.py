@@ -8,7 +8,8 @@ and schema from it and records a :class:`KernelSpec` here. Everything else is de
 - the schema of the C++/CUDA kernel ``torch.ops.fastmeta_ext.<name>``, defined from Python
   (:func:`fastmeta.backends.extension.define_native_library`); the sources in
   ``csrc/cpu/<family>.cpp`` and ``csrc/cuda/<family>_host.cpp`` register implementations
-  (the CUDA sources also define ``mlp_meta_step_workspace_floats``, which is no kernel);
+  (the CUDA sources also define ``mlp_meta_step_workspace_floats`` and
+  ``mlp_meta_step_max_layers``, queries of :mod:`fastmeta.backends.cuda_limits`, no kernels);
 - each backend's kernels: the Triton function ``<name>`` in ``kernels/<family>.py``, and
   the C++/CUDA implementations the dispatcher holds for the device;
 - the verification record and the GPU check, which list kernels by family.

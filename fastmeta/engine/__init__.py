@@ -5,6 +5,8 @@
 - :mod:`fastmeta.engine.program`: the model program (``trace``: torch.fx → ops);
 - :mod:`fastmeta.engine.meta_iteration`: inner loop, losses, chunking, the fused path;
 - :mod:`fastmeta.engine.whole_step`: a whole meta-iteration in one CUDA graph;
+- :mod:`fastmeta.engine.whole_step_policy`: which training iterations run as whole steps,
+  and the optimizer settings a captured step needs;
 - :mod:`fastmeta.engine.reference_loop`: the reference loop, plain autograd task by task:
   the oracle the engine is tested and benchmarked against (not
   :class:`PerTaskLoopProgram`, the per-task loop that runs a model the engine cannot batch).

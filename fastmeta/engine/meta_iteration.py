@@ -29,7 +29,8 @@ from fastmeta.engine.task_weights import Layout, TaskWeights
 from fastmeta.engine.types import MetaBatchOutput
 from fastmeta.engine.whole_step import FusedMLPStep
 from fastmeta.ops import LOSS_KINDS, inner_step, task_loss
-from fastmeta.ops.mlp_meta_step import bind_mlp_meta_step_update, choose_fused_kernel, mlp_meta_step_mean
+from fastmeta.ops.mlp_meta_step import choose_fused_kernel, mlp_meta_step_mean
+from fastmeta.ops.mlp_meta_step_update import bind_mlp_meta_step_update
 
 
 def check_loss_spec(loss: LossSpec) -> LossSpec:

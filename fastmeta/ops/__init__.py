@@ -9,6 +9,7 @@ the inner loop on whichever backend runs them.
 from fastmeta.ops.activation import ACTIVATIONS, activation_grad
 from fastmeta.ops.inner_step import inner_step, inner_step_backward
 from fastmeta.ops.mlp_meta_step import mlp_meta_step, mlp_meta_step_backward
+from fastmeta.ops.mlp_meta_step_update import mlp_meta_step_update
 from fastmeta.ops.task_batch_norm import task_batch_norm, task_batch_norm_backward
 from fastmeta.ops.task_conv2d import task_conv2d, task_conv2d_input_grad, task_conv2d_weight_grad
 from fastmeta.ops.task_linear import task_linear, task_linear_input_grad, task_linear_weight_grad
@@ -22,6 +23,7 @@ __all__ = [
     "inner_step_backward",
     "mlp_meta_step",
     "mlp_meta_step_backward",
+    "mlp_meta_step_update",
     "task_batch_norm",
     "task_batch_norm_backward",
     "task_conv2d",

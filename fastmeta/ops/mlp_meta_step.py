@@ -39,15 +39,26 @@ exact for any use of the outputs.
 Backends: the ``cpu`` backend runs the whole thing as one C++ call, parallel over tasks
 (csrc/cpu/mlp_meta_step.cpp); the ``cuda`` backend as one kernel launch with one CTA per
 task (csrc/cuda/mlp_meta_step.cu), for MLPs whose weights and activations fit the CTA's
-shared memory (the limits are in that file and in :func:`cuda_fits`). Everything else
-runs the reference: the unrolled inner loop, batched over tasks with ``bmm`` and
-differentiated by autograd.
+shared memory (the limits are in that file; :mod:`fastmeta.backends.cuda_limits` asks for
+them). Everything else runs the registered reference.
+
+Two references live here, and the tests hold every kernel against both:
+
+- :func:`plain_reference_meta_step`, the plain oracle: the unrolled inner loop, batched over
+  tasks with ``bmm`` and differentiated by autograd. Obviously correct, and the definition
+  the others are measured against; it cannot be a custom op's implementation (that runs
+  below the autograd dispatch key).
+- :func:`analytic_meta_step`, under the registered references ``reference_mlp_meta_step_*``:
+  the same computation with the derivatives written out (the C++ kernels' algorithm), held
+  against the plain oracle.
+
+The whole training step (this meta-step and Adam in one call) is its own op family:
+:mod:`fastmeta.ops.mlp_meta_step_update`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 from typing import Sequence
 
 import torch
@@ -55,6 +66,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastmeta.backends import REFERENCE, kernel_for
+from fastmeta.backends.cuda_limits import cuda_fits, cuda_smem_limit
+from fastmeta.backends.extension import kernel_dtypes
 from fastmeta.ops.registration import NativeCall, call_with_kernel, define_op
 from fastmeta.ops.activation import apply_activation, check_activation
 from fastmeta.ops.reference_vjp import reference_vjp
@@ -113,7 +126,8 @@ def check_arguments(theta, layer_sizes, act, negative_slope, support_x, support_
 
 
 # ---------------------------------------------------------------------------------------
-# Reference: the unrolled inner loop, batched over tasks, differentiated by autograd
+# The plain reference (the oracle): the unrolled inner loop, batched over tasks,
+# differentiated by autograd
 # ---------------------------------------------------------------------------------------
 
 
@@ -152,9 +166,11 @@ def _step_rates(lr: Tensor, layer_sizes: list[int]) -> Tensor:
     return torch.repeat_interleave(lr, sizes, dim=1)
 
 
-def unrolled_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-                       loss_kind, lr, steps, first_order, create_graph: bool):
-    """(losses, preds) through the unrolled inner loop.
+def plain_reference_meta_step(theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
+                              loss_kind, lr, steps, first_order, create_graph: bool):
+    """(losses, preds) through the unrolled inner loop: the plain oracle of the op. Not the
+    registered reference (``reference_mlp_meta_step_with_task_gradients``, which runs
+    :func:`analytic_meta_step`): the tests hold that one, and every kernel, against this.
 
     With ``create_graph`` the inner gradients stay in the graph (second order) unless
     ``first_order``; the result is then differentiable w.r.t. theta and lr to any order.
@@ -180,7 +196,7 @@ def unrolled_meta_step(theta, layer_sizes, act, negative_slope, support_x, suppo
 # key, so it cannot call autograd; this is the same computation with the derivatives
 # written out (the algorithm of the C++ kernels, in batched torch ops): forward and
 # backward through the MLP, and Hessian-vector products by the R-operator. The tests hold
-# it, and every kernel, against unrolled_meta_step above. Built from differentiable torch
+# it, and every kernel, against plain_reference_meta_step above. Built from differentiable torch
 # ops, it is itself differentiable: its autograd gives the third-order terms.
 
 
@@ -578,99 +594,6 @@ mlp_meta_step_op.register_autograd(_meta_step_backward, setup_context=_meta_step
 
 
 # ---------------------------------------------------------------------------------------
-# mlp_meta_step_update: the whole training step (meta-gradient and Adam) in one call
-# ---------------------------------------------------------------------------------------
-
-
-def reference_mlp_meta_step_update(
-    params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], state_steps: list[Tensor],
-    nonfinite: Tensor, iteration: int, layer_sizes: list[int], act: str, negative_slope: float, support_x: Tensor,
-    support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_kind: str, lr: Tensor, steps: int, first_order: bool,
-    adam_lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
-) -> tuple[Tensor, Tensor]:
-    """One meta-iteration and Adam's step on the mean query loss, in place: (mean loss,
-    losses [T]). ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps`` are an
-    Adam optimizer's (``torch.optim.Adam`` state, so its state_dict round-trips); the
-    update is torch's own fused Adam (``torch._fused_adam_``), with no autograd graph.
-
-    A non-finite loss or gradient skips the update (parameters and optimizer state stay
-    as they were) and, the first time, writes [1, iteration] into ``nonfinite`` (int64 ``[2]``):
-    a flag for the caller to read every N iterations, without a sync per iteration.
-    """
-    theta = _flat(params)
-    T = support_x.size(0)
-    w = theta.new_full((T,), 1.0 / T)
-    losses, _, d_theta, _ = analytic_meta_step(
-        theta, layer_sizes, act, negative_slope, support_x, support_y, query_x, query_y,
-        loss_kind, lr, steps, first_order, loss_weights=w,
-    )
-    mean = losses.mean()
-    if not (bool(torch.isfinite(losses).all()) and bool(torch.isfinite(d_theta).all())):
-        if nonfinite[0] == 0:
-            nonfinite.copy_(torch.tensor([1, iteration], dtype=nonfinite.dtype))
-        return mean, losses.detach()
-    grads = _per_parameter(d_theta.detach(), params)
-    with torch.no_grad():
-        torch._foreach_add_(state_steps, 1)
-        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], state_steps, lr=adam_lr, beta1=beta1,
-                           beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
-    return mean.detach(), losses.detach()
-
-
-def _update_takes(device_type, params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, *args) -> bool:
-    # The native update increments the steps and reads the flag on the host: CPU tensors.
-    return device_type == "cpu" and all(t.device.type == "cpu" for t in state_steps) and _native_takes(
-        device_type, params, *args)
-
-
-mlp_meta_step_update = define_op(
-    reference_mlp_meta_step_update, NativeCall(takes=_update_takes),
-    lambda params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, *args: _check(params, *args),
-    mutates=("params", "exp_avgs", "exp_avg_sqs", "state_steps", "nonfinite"))
-
-
-def bind_mlp_meta_step_update(device_type: str):
-    """``mlp_meta_step_update`` for a caller that calls it many times on one problem (a
-    training loop's whole step, :class:`fastmeta.engine.FusedMLPStep`): the same arguments
-    and results. The first call goes through the public op (the arguments checked, the
-    backend's kernel chosen under the current backend, the reference where none takes
-    them); later calls run the chosen kernel directly and bump the mutated tensors' autograd
-    versions themselves. That skips the custom-op wrapper's per-call cost (a fifth of a W1 step
-    on the CPU: docs/benchmarks.md, "Measurements behind code decisions"), not a check: the caller must keep the shapes, dtypes and
-    devices of the first call (FusedMLPStep checks them). A kernel that declines a later
-    call hands it to the public op.
-    """
-    _, kernel = kernel_for("mlp_meta_step_update", device_type)
-    first = [True]
-
-    def call(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, *rest):
-        if kernel is None or first[0]:
-            first[0] = False
-            return mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, *rest)
-        out = kernel(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, *rest)
-        if out is NotImplemented:
-            return mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, *rest)
-        _increment_versions([*params, *exp_avgs, *exp_avg_sqs, *state_steps, nonfinite])
-        return out
-
-    return call
-
-
-def _increment_versions(tensors: list[Tensor]) -> None:
-    try:
-        torch.autograd.graph.increment_version(tensors)
-    except TypeError:  # torch < 2.7 takes one tensor at a time
-        for t in tensors:
-            torch.autograd.graph.increment_version(t)
-
-
-@mlp_meta_step_update.register_fake
-def _(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, layer_sizes, act, negative_slope, support_x,
-      support_y, query_x, query_y, loss_kind, lr, steps, first_order, adam_lr, beta1, beta2, weight_decay, eps):
-    return params[0].new_empty(()), params[0].new_empty((support_x.size(0),))
-
-
-# ---------------------------------------------------------------------------------------
 # mlp_meta_step_backward and mlp_meta_step_weigh_task_gradients
 # ---------------------------------------------------------------------------------------
 
@@ -733,57 +656,14 @@ def _(grad_mean, grad_losses, task_grad_theta, task_grad_lr, params):
 
 
 # ---------------------------------------------------------------------------------------
-# The extension's kernels (used by fastmeta.backends.extension)
+# Which backend kernel takes a call: the op's one rule
 # ---------------------------------------------------------------------------------------
-
-# CUDA fused-kernel limits (csrc/cuda/mlp_meta_step.cuh, whose host checks them again). One CTA per task keeps θ_s, g_s and the activations of every inner step in shared
-# memory: the limit is that memory (227 KiB per block on H100/H200), not a layer count. The
-# kernel-parameter struct caps the depth at 32 layers.
-CUDA_MAX_LAYERS = 32
-CUDA_DEFAULT_SMEM_BYTES = 227 * 1024
-
-
-def cuda_workspace_floats(layer_sizes: list[int], K: int, Q: int, steps: int) -> int:
-    """Shared-memory floats per task of the CUDA kernel: asked of the extension, whose
-    csrc/cuda/mlp_meta_step.cuh holds the one formula (the kernel's layout of θ_s, g_s and
-    every inner step's activations)."""
-    return _workspace_floats(tuple(int(n) for n in layer_sizes), int(K), int(Q), int(steps))
-
-
-@functools.lru_cache(maxsize=1024)
-def _workspace_floats(layer_sizes: tuple[int, ...], K: int, Q: int, steps: int) -> int:
-    from fastmeta.backends import extension
-
-    ok, reason = extension.build()
-    if not ok or not hasattr(torch.ops.fastmeta_ext, "mlp_meta_step_workspace_floats"):
-        raise RuntimeError(f"the CUDA sources of the extension are not built: {reason or 'built without CUDA'}")
-    return int(torch.ops.fastmeta_ext.mlp_meta_step_workspace_floats(list(layer_sizes), K, Q, steps))
-
-
-def cuda_smem_limit(device=None) -> int:
-    props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
-    return int(getattr(props, "shared_memory_per_block_optin", CUDA_DEFAULT_SMEM_BYTES))
-
-
-def cuda_fits(layer_sizes: list[int], K: int, Q: int, steps: int, smem_bytes: int | None = None) -> bool:
-    """Whether the fused CUDA kernel takes this MLP and meta-batch shape."""
-    if len(layer_sizes) - 1 > CUDA_MAX_LAYERS:
-        return False
-    limit = smem_bytes if smem_bytes is not None else (
-        cuda_smem_limit() if torch.cuda.is_available() else CUDA_DEFAULT_SMEM_BYTES)
-    try:
-        return 4 * cuda_workspace_floats(layer_sizes, K, Q, steps) <= limit
-    except RuntimeError:  # no CUDA kernel was built: it takes nothing
-        return False
-
-
-KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
-
 
 def _kernel_shape_ok(device: torch.device, dtype: torch.dtype, act: str, layer_sizes: list[int], K: int, Q: int,
                      steps: int) -> bool:
-    """The fused C++/CUDA kernels' limits: dtype, activation and (CUDA) shared memory."""
-    if dtype not in KERNEL_DTYPES.get(device.type, ()):
+    """The fused C++/CUDA kernels' limits: dtype (the backend's table), activation and (CUDA)
+    shared memory (the backend's sizing)."""
+    if dtype not in kernel_dtypes(device.type):
         return False
     if act not in FUSED_ACTIVATIONS:
         return False

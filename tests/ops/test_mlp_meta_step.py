@@ -1,5 +1,5 @@
-"""The fused small-MLP meta-step (fastmeta.ops.mlp_meta_step) against the unrolled
-reference: the inner loop batched over tasks and differentiated by autograd.
+"""The fused small-MLP meta-step (fastmeta.ops.mlp_meta_step) against its plain reference
+(plain_reference_meta_step): the inner loop batched over tasks and differentiated by autograd.
 
 - fp32 kernels (cpu in CI, cuda on a GPU) equal the float64 unrolled reference to 1e-5,
   norm-wise, for the losses, the predictions and the meta-gradients w.r.t. θ and the
@@ -19,7 +19,8 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.library import opcheck
 
 import fastmeta as fm
-from fastmeta.ops.mlp_meta_step import mlp_meta_step, num_parameters, unrolled_meta_step
+from fastmeta.ops.mlp_meta_step import mlp_meta_step, num_parameters, plain_reference_meta_step
+from fastmeta.ops.mlp_meta_step_update import mlp_meta_step_update
 from harness import direct, kernel_log
 from test_extension_build import build_or_skip
 
@@ -79,7 +80,7 @@ def unrolled_reference(theta, layer_sizes, act, sx, sy, qx, qy, loss, lr, steps,
     theta64, sx64, sy64, qx64, qy64, lr64, w64 = f64
     theta64.requires_grad_(True)
     lr64.requires_grad_(True)
-    losses, preds = unrolled_meta_step(theta64, layer_sizes, act, 0.1, sx64, sy64, qx64, qy64, loss, lr64, steps,
+    losses, preds = plain_reference_meta_step(theta64, layer_sizes, act, 0.1, sx64, sy64, qx64, qy64, loss, lr64, steps,
                                        first_order, create_graph=True)
     g_theta, g_lr = torch.autograd.grad((losses * w64).sum(), [theta64, lr64])
     return losses.detach(), preds.detach(), g_theta, g_lr
@@ -164,7 +165,7 @@ def test_gradients_flow_to_model_parameters_through_the_flat_buffer(extension):
         losses, _ = mlp_meta_step(theta, [1, 9, 1], "relu", 0.0, sx, sy, qx, qy, "mse", lr, 1, False)
     grads = torch.autograd.grad(losses.mean(), params)
     want = torch.autograd.grad(
-        unrolled_meta_step(theta, [1, 9, 1], "relu", 0.0, sx, sy, qx, qy, "mse", lr, 1, False, True)[0].mean(), params)
+        plain_reference_meta_step(theta, [1, 9, 1], "relu", 0.0, sx, sy, qx, qy, "mse", lr, 1, False, True)[0].mean(), params)
     for a, b in zip(grads, want):
         assert a.shape == b.shape and rel(a, b) <= 1e-10
 
@@ -217,7 +218,7 @@ def test_zero_steps_is_the_query_loss_at_theta(extension):
     lr = torch.zeros(0, dtype=torch.float64)
     with fm.use_backend("cpu"):
         losses, preds = mlp_meta_step(theta, [2, 7, 3], "relu", 0.0, sx, sy, qx, qy, "mse", lr, 0, False)
-    want, want_preds = unrolled_meta_step(theta, [2, 7, 3], "relu", 0.0, sx, sy, qx, qy, "mse", lr, 0, False, False)
+    want, want_preds = plain_reference_meta_step(theta, [2, 7, 3], "relu", 0.0, sx, sy, qx, qy, "mse", lr, 0, False, False)
     assert rel(losses, want) <= 1e-12 and rel(preds, want_preds) <= 1e-12
 
 
@@ -252,7 +253,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @needs_gpu
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_fused_cuda_equals_unrolled_reference_fp32(extension, case):
-    from fastmeta.ops.mlp_meta_step import cuda_fits
+    from fastmeta.backends.cuda_limits import cuda_fits
 
     ok, reason = extension.availability("cuda")
     if not ok:
@@ -306,7 +307,7 @@ CASES_BEYOND_227_KIB = {"1.40.40.1-leaky_relu-mse-tensor-5-25-False"}
 
 
 def test_cuda_shared_memory_formula_on_hopper(extension):
-    from fastmeta.ops.mlp_meta_step import cuda_fits, cuda_workspace_floats
+    from fastmeta.backends.cuda_limits import cuda_fits, cuda_workspace_floats
 
     if not extension.build_info()["with_cuda"]:
         pytest.skip("the extension was built without its CUDA sources (no nvcc)")
@@ -321,7 +322,7 @@ def test_cuda_shared_memory_formula_on_hopper(extension):
 @needs_gpu
 def test_cuda_declines_mlps_beyond_its_shared_memory(extension):
     from fastmeta.backends import extension as ext
-    from fastmeta.ops.mlp_meta_step import cuda_fits
+    from fastmeta.backends.cuda_limits import cuda_fits
 
     sizes = [64, 512, 512, 10]
     assert not cuda_fits(sizes, 10, 10, 1)
@@ -413,7 +414,7 @@ def test_update_equals_meta_gradient_then_torch_adam(extension, backend, case):
             mean.backward()
         adam.step()
         with fm.use_backend(backend), kernel_log("cpu") as (ran, declined):
-            got_mean, got_losses = module.mlp_meta_step_update(
+            got_mean, got_losses = mlp_meta_step_update(
                 got, exp_avgs, exp_avg_sqs, state_steps, flag, it, layer_sizes, act, 0.1, sx, sy, qx, qy, loss, lr,
                 steps, first_order, 1e-2, 0.8, 0.99, 0.01, 1e-6)
         assert ran["mlp_meta_step_update"] == (backend == "cpu") and not declined
@@ -440,18 +441,31 @@ def test_update_skips_a_non_finite_iteration_and_flags_it(extension, backend):
     args = (layer_sizes, "tanh", 0.0)
     rest = ("mse", lr, 1, False, 1e-3, 0.9, 0.999, 0.0, 1e-8)
     with fm.use_backend(backend), kernel_log("cpu") as (ran, declined):
-        module.mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 0, *args, sx, sy, qx, qy, *rest)
+        mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 0, *args, sx, sy, qx, qy, *rest)
         before = [t.clone() for t in (params[0], exp_avgs[0], exp_avg_sqs[0], state_steps[0])]
         bad = qy.clone()
         bad[1, 0, 0] = float("nan")
-        module.mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 7, *args, sx, sy, qx, bad, *rest)
+        mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 7, *args, sx, sy, qx, bad, *rest)
         # The update was skipped: parameters and state as before; the flag names iteration 7.
         for a, b in zip((params[0], exp_avgs[0], exp_avg_sqs[0], state_steps[0]), before):
             assert torch.equal(a, b)
         assert flag.tolist() == [1, 7]
         # A later bad iteration keeps the first one's number; a good one updates again.
-        module.mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 9, *args, sx, sy, qx, bad, *rest)
+        mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 9, *args, sx, sy, qx, bad, *rest)
         assert flag.tolist() == [1, 7]
-        module.mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 10, *args, sx, sy, qx, qy, *rest)
+        mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 10, *args, sx, sy, qx, qy, *rest)
         assert float(state_steps[0]) == 2.0 and not torch.equal(params[0], before[0])
     assert ran["mlp_meta_step_update"] == (4 if backend == "cpu" else 0) and not declined
+
+
+def test_cuda_depth_cap_is_asked_of_the_extension(extension):
+    """kMaxLayers lives in csrc/cuda/mlp_meta_step.cuh only: Python asks the extension for it,
+    and the sizing declines an MLP one layer deeper than the cap, whatever its widths."""
+    from fastmeta.backends.cuda_limits import cuda_fits, cuda_max_layers
+
+    if not extension.build_info()["with_cuda"]:
+        pytest.skip("the extension was built without its CUDA sources (no nvcc)")
+    cap = cuda_max_layers()
+    assert cap == int(torch.ops.fastmeta_ext.mlp_meta_step_max_layers()) == 32
+    assert cuda_fits([1] * (cap + 1), 1, 1, 1, 227 * 1024)
+    assert not cuda_fits([1] * (cap + 2), 1, 1, 1, 227 * 1024)
