@@ -817,3 +817,37 @@ def _kernel_inputs_ok(device_type: str, theta, support_x, support_y, query_x, qu
     if any(t.device != theta.device for t in (support_x, support_y, query_x, query_y, lr)):
         return False
     return _kernel_shape_ok(theta.device, theta.dtype, act, layer_sizes, support_x.size(1), query_x.size(1), steps)
+
+
+# ---------------------------------------------------------------------------------------
+# The family: its kernels' samples (a block of its own, to move with the kernels)
+# ---------------------------------------------------------------------------------------
+
+
+def _samples():
+    T, K, Q, r = 2, 3, 4, torch.randn
+    sizes = [1, 8, 1]
+
+    def params():
+        return [r(8, 1), r(8), r(1, 8), r(1)]
+
+    def problem():
+        return (sizes, "tanh", 0.0, r(T, K, 1), r(T, K, 1), r(T, Q, 1), r(T, Q, 1), "mse", torch.tensor(0.1), 1, False)
+
+    def update():
+        p = params()
+        return (p, [torch.zeros_like(t) for t in p], [torch.zeros_like(t) for t in p],
+                [torch.tensor(0.0) for _ in p], torch.zeros(2, dtype=torch.int64), 0, *problem(),
+                1e-3, 0.9, 0.999, 0.0, 1e-8)
+
+    return {
+        "mlp_meta_step_with_task_gradients": lambda: (params(), *problem(), True, False),
+        "mlp_meta_step_backward": lambda: (torch.tensor(1.0), None, params(), *problem(), [True, True]),
+        "mlp_meta_step_weigh_task_gradients": lambda: (torch.tensor(1.0), r(T), r(T, 25), r(T), params()),
+        "mlp_meta_step_update": update,
+    }
+
+
+from fastmeta.ops.registration import OpFamily, define_family  # noqa: E402 (this block stands alone)
+
+FAMILY = define_family(OpFamily(name="mlp_meta_step", sample_args=_samples(), check_seconds=12))
