@@ -118,7 +118,8 @@ class OpFamily:
     layer_shapes(module, input_shape): the op's shape dict for a layer of a workload
     model seeing ``input_shape`` (``[T, N, ...]``), or None for a family no layer maps to.
     modules: the ``nn.Module`` types the traced program runs through this family's op.
-    check_seconds: the GPU check's estimate for the family's tests on an H100.
+    check_seconds: the GPU check's estimate for the family's tests: seconds on an H100 (the
+    runs of 2026-11-26, bench/results/gpu-h100-2026-11-26/) where the family was run there.
     dry_run_case: the ``-k`` expression of the one Triton case the GPU check's dry run runs.
     """
 

@@ -832,7 +832,7 @@ def _samples():
         return [r(8, 1), r(8), r(1, 8), r(1)]
 
     def problem():
-        return (sizes, "tanh", 0.0, r(T, K, 1), r(T, K, 1), r(T, Q, 1), r(T, Q, 1), "mse", torch.tensor(0.1), 1, False)
+        return (sizes, "tanh", 0.0, r(T, K, 1), r(T, K, 1), r(T, Q, 1), r(T, Q, 1), "mse", torch.tensor([0.1]), 1, False)
 
     def update():
         p = params()
@@ -843,7 +843,7 @@ def _samples():
     return {
         "mlp_meta_step_with_task_gradients": lambda: (params(), *problem(), True, False),
         "mlp_meta_step_backward": lambda: (torch.tensor(1.0), None, params(), *problem(), [True, True]),
-        "mlp_meta_step_weigh_task_gradients": lambda: (torch.tensor(1.0), r(T), r(T, 25), r(T), params()),
+        "mlp_meta_step_weigh_task_gradients": lambda: (torch.tensor(1.0), r(T), r(T, 25), r(T, 1), params()),
         "mlp_meta_step_update": update,
     }
 
