@@ -243,3 +243,39 @@ def test_every_family_appears_in_every_derived_list(capsys):
     from fastmeta.engine import program
 
     assert set(program._RECOGNISED) >= {t for d in FAMILIES.values() for t in d.modules}
+
+
+def test_workload_op_shapes_follow_from_the_layers_as_their_families_declare():
+    """WORKLOAD_OP_SHAPES (fastmeta/tools/workloads.py) against the W1–W4 models: every
+    shape it lists for a family is one a layer of the workload's model gives through the
+    family's ``layer_shapes``, and every family with a layer in a model is listed for it.
+    The models run on the meta device: shapes only."""
+    from fastmeta.tools.workloads import WORKLOAD_OP_SHAPES, WORKLOADS
+
+    for name, workload in WORKLOADS.items():
+        model = workload.build_model().to("meta")
+        derived: dict[str, list[dict]] = {}
+        T, N = workload.tasks, max(workload.support, workload.query)
+
+        def hook(module, inputs, output):
+            for family in FAMILIES.values():
+                if family.layer_shapes is not None and type(module) in family.modules:
+                    derived.setdefault(family.name, []).append(
+                        family.layer_shapes(module, (T, *inputs[0].shape)))
+
+        handles = [m.register_forward_hook(hook) for m in model.modules()]
+        try:
+            model(torch.empty(N, *workload.input_shape, device="meta"))
+        finally:
+            for h in handles:
+                h.remove()
+        listed = WORKLOAD_OP_SHAPES[name]
+        assert derived, f"{name}: no layer of its model belongs to a family"
+        for family, shapes in derived.items():
+            assert family in listed, f"{name}: WORKLOAD_OP_SHAPES lacks {family}, which its model runs"
+        for family, entries in listed.items():
+            if FAMILIES[family].layer_shapes is None:
+                continue
+            for entry in entries if isinstance(entries, list) else [entries]:
+                shape = {k: v for k, v in entry.items() if k not in ("act", "kind")}
+                assert shape in derived.get(family, []), f"{name} {family}: {entry} is no layer of the model"
