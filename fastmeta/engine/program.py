@@ -46,9 +46,13 @@ _FUSABLE_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "t
 _PER_EXAMPLE_MODULES = (
     nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid,
 )
-# The op families' modules (each op module declares those it runs) and the per-example ones.
-_RECOGNISED = (*module_types(), *_PER_EXAMPLE_MODULES)
 _BATCH_STATISTIC_FUNCTIONS = {F.batch_norm, torch.batch_norm, F.instance_norm, torch.instance_norm}
+
+
+def recognised_modules() -> tuple[type, ...]:
+    """The traced program's leaf modules: the op families' (each op module declares those it
+    runs; asked each time, so an op module imported later extends them) and the per-example ones."""
+    return (*module_types(), *_PER_EXAMPLE_MODULES)
 
 
 class TraceError(Exception):
@@ -57,7 +61,7 @@ class TraceError(Exception):
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _RECOGNISED) or super().is_leaf_module(m, qualname)
+        return isinstance(m, recognised_modules()) or super().is_leaf_module(m, qualname)
 
 
 def _fusable_activation(m: nn.Module) -> tuple[str, float] | None:

@@ -239,10 +239,18 @@ def test_every_family_appears_in_every_derived_list(capsys):
             cpu_picked = [k for k in kernels if "cpu" in AUTO_PREFERENCE.get(k, AUTO_PREFERENCE["default"])]
             assert set(cpu_picked) <= recorded, f"{family}: C++ CPU kernels not in verified.json"
         assert f"`{family}`" in readme or any(f"`{k}`" in readme for k in kernels), f"README lacks {family}"
-    # The traced program's recognised modules are those the families declare.
+    # The traced program's leaf modules include every module a family declares: a model of
+    # them traces to one call_module node each, never into their forward.
     from fastmeta.engine import program
 
-    assert set(program._RECOGNISED) >= {t for d in FAMILIES.values() for t in d.modules}
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Unflatten(-1, (1, 2, 2)),
+                                torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
+                                torch.nn.BatchNorm1d(8))
+    traced = program._Tracer().trace(model)
+    leaves = {type(model.get_submodule(n.target)) for n in traced.nodes if n.op == "call_module"}
+    declared = {t for d in FAMILIES.values() for t in d.modules}
+    assert declared <= leaves, declared - leaves
+    assert set(program.recognised_modules()) >= declared
 
 
 def test_workload_op_shapes_follow_from_the_layers_as_their_families_declare():
