@@ -128,22 +128,18 @@ CATALOG = r"""
 import json
 import fastmeta
 from fastmeta.backends import get_backend
-from fastmeta.backends.table import families
+from fastmeta.backends.table import FAMILIES, families
 triton = {}
 if get_backend("triton").available()[0]:
     get_backend("triton").kernel("inner_step")
     loaded = get_backend("triton").kernels
     triton = {f: [k for k in ks if k in loaded] for f, ks in families().items()}
     triton = {f: ks for f, ks in triton.items() if ks}
-print("CATALOG " + json.dumps({"families": families(), "triton": triton}))
+# Each family's seconds on an H100 and its dry-run case, as its op module declares them.
+seconds = {f: d.check_seconds for f, d in FAMILIES.items()}
+dry = {f: d.dry_run_case for f, d in FAMILIES.items() if d.dry_run_case}
+print("CATALOG " + json.dumps({"families": families(), "triton": triton, "seconds": seconds, "dry_triton": dry}))
 """
-# Seconds on the H100 (2026-11-26, the old per-backend test files; run in parallel).
-FAMILY_SECONDS = {"inner_step": 22, "task_linear": 33, "task_conv2d": 48, "task_batch_norm": 22, "task_loss": 17,
-                  "activation": 10, "mlp_meta_step": 12}
-# The dry run's one case per family.
-DRY_TRITON = {"inner_step": "scalar-False-False-shared", "task_linear": "test_task_linear_activations and tanh",
-              "task_conv2d": "per_task-none", "task_batch_norm": "shape1-shared-shared-none", "task_loss": "mse-2-3-1",
-              "activation": "test_activation_grad and tanh"}
 DRY_CUDA = {"inner_step": "inner_step", "task_linear": "linear", "task_loss": "loss",
             "mlp_meta_step": "meta_step and 1.40.40.1-relu-mse-step-1-10-False"}
 
@@ -157,8 +153,8 @@ def correctness_steps(dry_run: bool, catalog: dict) -> list[Step]:
     shared = ["tests/ops/test_table.py", "tests/ops/test_meta_step_on_backends.py"]
     steps = [Step("triton:common", 150, 59, pytest_command(*shared, "-k", "triton"), allow_skips=dry_run)]
     for family, kernels in catalog.get("triton", {}).items():
-        expr = f"triton and ({DRY_TRITON.get(family, family)})" if dry_run else "triton"
-        steps.append(Step(f"triton:{family}", 150, FAMILY_SECONDS.get(family, 30),
+        expr = f"triton and ({catalog.get('dry_triton', {}).get(family, family)})" if dry_run else "triton"
+        steps.append(Step(f"triton:{family}", 150, catalog.get("seconds", {}).get(family, 30),
                           pytest_command(f"tests/ops/test_{family}.py", "-k", expr),
                           records=("triton", tuple(kernels)), needs=("triton:common",), allow_skips=dry_run))
     for family in cuda_families():
@@ -166,7 +162,7 @@ def correctness_steps(dry_run: bool, catalog: dict) -> list[Step]:
             command = pytest_command("tests/ops/test_cuda_emulated.py", "-k", DRY_CUDA.get(family, family))
         else:
             command = pytest_command("-m", "gpu", f"tests/ops/test_{family}.py", "-k", "cuda")
-        steps.append(Step(f"cuda:{family}", 120, FAMILY_SECONDS.get(family, 20), command,
+        steps.append(Step(f"cuda:{family}", 120, catalog.get("seconds", {}).get(family, 20), command,
                           records=("cuda", family), needs=("build",), allow_skips=dry_run))
     steps.append(Step("whole_step", 120, 14, pytest_command("tests/test_whole_step.py", *(() if dry_run else ("-m", "gpu"))),
                       needs=("build",), allow_skips=dry_run))

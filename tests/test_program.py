@@ -91,7 +91,7 @@ class HiddenNorm(nn.Module):
 
 
 class WithLayerNorm(nn.Module):
-    """An unrecognised leaf with parameters and no batch statistics: runs under vmap."""
+    """A LayerNorm between Linears: runs through task_layer_norm (before it had an op, under vmap)."""
 
     def __init__(self):
         super().__init__()
@@ -119,7 +119,7 @@ def meta_gradient_pair(model, tasks, lr=0.1, steps=2):
         (lambda: SharedSubmoduleNet(), lambda: regression_tasks()),
         (lambda: WithLayerNorm(), lambda: regression_tasks()),
     ],
-    ids=["residual", "shared-submodules", "layernorm-under-vmap"],
+    ids=["residual", "shared-submodules", "layernorm"],
 )
 def test_traced_models_with_their_own_forward(model_fn, tasks_fn):
     torch.manual_seed(0)
@@ -324,14 +324,15 @@ def test_a_first_run_that_fails_either_way_decides_nothing():
     # Wrong inputs make vmap and the task-by-task run fail alike: the error is raised, no
     # warning claims vmap cannot batch the module, and correct inputs then run under vmap.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 1))
+    # GroupNorm: a module no op family runs (LayerNorm, the example before, is an op now).
+    model = nn.Sequential(nn.GroupNorm(2, 4), nn.Linear(4, 1))
     program = fm.trace(model)
     layout = fm.Layout.of_module(model)
     weights = layout.views(layout.pack(model.parameters()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError):
-            program(torch.randn(2, 3, 5), weights)  # LayerNorm(4) gets 5 features
+            program(torch.randn(2, 3, 5), weights)  # GroupNorm(2, 4) gets 5 channels
         assert "_0" not in program._generic_strategy
         out = program(torch.randn(2, 3, 4), weights)
     assert out.shape == (2, 3, 1)

@@ -17,7 +17,7 @@ and schema from it and records a :class:`KernelSpec` here. Everything else is de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -81,3 +81,80 @@ def shared_or_contiguous(t: torch.Tensor | None, task_dim: bool) -> torch.Tensor
     if task_dim and t.dim() >= 2 and t.size(0) > 1 and t.stride(0) == 0:
         t = t[0]
     return t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------
+# Op families: what an op module declares about itself, once
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModuleOp:
+    """How the traced program runs an ``nn.Module`` type through a family's op.
+
+    params: the module's parameter attributes, handed to ``run`` by name (each a per-task
+    ``[T, *shape]`` tensor, a shared one, or None where the module has none).
+    run(module, x, params, act, negative_slope): the output for x ``[T, N, ...]``, or None
+    where the op does not take this module or input (the program then runs the module
+    under vmap, unless ``required`` says the op must run: then it is an error).
+    ``fuses_activation``: a following ReLU/LeakyReLU/Tanh/Sigmoid is fused
+    into the op (``act``, ``negative_slope``); else they are "none", 0.0.
+    """
+
+    params: tuple[str, ...]
+    run: Callable
+    fuses_activation: bool = False
+    accepts: Callable[..., bool] | None = None  # (module) -> whether the op takes its configuration
+    subclasses: bool = False  # also runs subclasses of the declared types
+    required: str | None = None  # the input the op requires, e.g. "[T, N, C, ...]": a declined one is an error
+
+
+@dataclass(frozen=True)
+class OpFamily:
+    """An op module's declaration: the tests, the GPU check, the verification record, the
+    workload shape lists and the traced program derive theirs from it.
+
+    sample_args: kernel name → a function returning one fp32 CPU argument tuple for it
+    (every kernel of the family has one; the table test fails a kernel without).
+    layer_shapes(module, input_shape): the op's shape dict for a layer of a workload
+    model seeing ``input_shape`` (``[T, N, ...]``), or None for a family no layer maps to.
+    modules: the ``nn.Module`` types the traced program runs through this family's op.
+    check_seconds: the GPU check's estimate for the family's tests: seconds on an H100 (the
+    runs of 2026-11-26, bench/results/gpu-h100-2026-11-26/) where the family was run there.
+    dry_run_case: the ``-k`` expression of the one Triton case the GPU check's dry run runs.
+    """
+
+    name: str
+    sample_args: dict[str, Callable[[], tuple]]
+    layer_shapes: Callable[..., dict | None] | None = None
+    modules: dict[type, ModuleOp] = field(default_factory=dict)
+    check_seconds: int = 30
+    dry_run_case: str | None = None
+
+
+FAMILIES: dict[str, OpFamily] = {}
+
+
+def define_family(family: OpFamily) -> OpFamily:
+    """Record an op module's family; its kernels must already be in the table."""
+    kernels = families().get(family.name, [])
+    if not kernels:
+        raise ValueError(f"family {family.name!r} declares no kernels: define its ops before the family")
+    FAMILIES[family.name] = family
+    return family
+
+
+def module_op(module) -> ModuleOp | None:
+    """The family op that runs this module type, if any family declares it."""
+    for family in FAMILIES.values():
+        op = family.modules.get(type(module))
+        if op is None:
+            op = next((o for t, o in family.modules.items() if o.subclasses and isinstance(module, t)), None)
+        if op is not None:
+            return op if op.accepts is None or op.accepts(module) else None
+    return None
+
+
+def module_types() -> tuple[type, ...]:
+    """Every nn.Module type some family runs: the traced program's recognised leaves."""
+    return tuple(t for family in FAMILIES.values() for t in family.modules)

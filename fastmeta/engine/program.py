@@ -5,8 +5,10 @@ a list of steps that run every task at once. Activations carry a leading task di
 ``[T, N, ...]``. Parameters come from a per-segment list of weights, each either per
 task (``[T, *shape]``, a view of the fast-weight buffer) or shared (``shape``, a view of θ).
 
-- Recognised leaf modules become fastmeta ops: Linear → ``task_linear``, Conv2d →
-  ``task_conv2d``, BatchNorm1d/2d → ``task_batch_norm`` (per-task batch statistics,
+- Recognised leaf modules become fastmeta ops, as each op module declares in its family
+  (:class:`fastmeta.ops.registration.OpFamily`, ``modules``): Linear → ``task_linear``,
+  Conv2d → ``task_conv2d``, LayerNorm over the last dim → ``task_layer_norm``,
+  BatchNorm1d/2d → ``task_batch_norm`` (per-task batch statistics,
   always, in training and evaluation alike; running statistics are never touched).
   A ReLU, LeakyReLU, Tanh or Sigmoid whose only input is a Linear or BatchNorm that
   feeds nothing else is fused into it.
@@ -33,17 +35,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+import fastmeta.ops  # noqa: F401 (every op module declares the modules it runs)
 from fastmeta.engine.task_weights import Layout
-from fastmeta.ops import task_batch_norm, task_conv2d, task_linear
+from fastmeta.ops.registration import module_op, module_types
 
+# The input-shape checks' error messages describe these layers' inputs (describe_layer).
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _FUSABLE_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 # Modules that treat every example on its own: the task dim can be folded into the batch.
 _PER_EXAMPLE_MODULES = (
     nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid,
 )
-_RECOGNISED = (nn.Linear, nn.Conv2d, *_BATCH_NORMS, *_PER_EXAMPLE_MODULES)
 _BATCH_STATISTIC_FUNCTIONS = {F.batch_norm, torch.batch_norm, F.instance_norm, torch.instance_norm}
+
+
+def recognised_modules() -> tuple[type, ...]:
+    """The traced program's leaf modules: the op families' (each op module declares those it
+    runs; asked each time, so an op module imported later extends them) and the per-example ones."""
+    return (*module_types(), *_PER_EXAMPLE_MODULES)
 
 
 class TraceError(Exception):
@@ -52,7 +61,7 @@ class TraceError(Exception):
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _RECOGNISED) or super().is_leaf_module(m, qualname)
+        return isinstance(m, recognised_modules()) or super().is_leaf_module(m, qualname)
 
 
 def _fusable_activation(m: nn.Module) -> tuple[str, float] | None:
@@ -64,15 +73,6 @@ def _fusable_activation(m: nn.Module) -> tuple[str, float] | None:
                 return name, float(m.negative_slope)
             return name, 0.0
     return None
-
-
-def _conv_is_supported(m: nn.Conv2d) -> bool:
-    return (
-        m.groups == 1
-        and tuple(m.dilation) == (1, 1)
-        and m.padding_mode == "zeros"
-        and not isinstance(m.padding, str)
-    )
 
 
 class _Value:
@@ -127,8 +127,8 @@ class TracedProgram:
             src = node.args[0]
             if src.op != "call_module" or len(src.users) != 1 or src.name in fused_into:
                 continue
-            src_module = model.get_submodule(src.target)
-            if type(src_module) is nn.Linear or isinstance(src_module, _BATCH_NORMS):
+            src_op = module_op(model.get_submodule(src.target))
+            if src_op is not None and src_op.fuses_activation:
                 fused_into[src.name] = act
                 skipped[node.name] = src.name
 
@@ -208,56 +208,23 @@ class TracedProgram:
         simple_input = len(node.args) == 1 and not node.kwargs and isinstance(arg, torch.fx.Node)
         act_name, slope = act if act is not None else ("none", 0.0)
 
-        if simple_input and type(m) is nn.Linear:
-            kw, kb = self._param_segment(m, "weight"), self._param_segment(m, "bias")
+        op = module_op(m) if simple_input else None
+        if op is not None:
+            segments = {attr: self._param_segment(m, attr) for attr in op.params}
 
             def step(env, weights):
                 x = env[arg.name]
-                if not x.batched or x.value.dim() < 3:
-                    env[name] = _Value(self._run_generic_module(name, node.target, m, [x], weights), True)
-                    return
-                xv = x.value
-                x3 = xv.reshape(xv.size(0), -1, xv.size(-1))
-                y = task_linear(x3, weights[kw], None if kb is None else weights[kb], act_name, slope)
-                env[name] = _Value(y.view(*xv.shape[:-1], y.size(-1)), True)
-
-            return step
-
-        if simple_input and type(m) is nn.Conv2d and _conv_is_supported(m):
-            kw, kb = self._param_segment(m, "weight"), self._param_segment(m, "bias")
-            stride, padding = list(m.stride), list(m.padding)
-
-            def step(env, weights):
-                x = env[arg.name]
-                if not x.batched or x.value.dim() != 5:
-                    env[name] = _Value(self._run_generic_module(name, node.target, m, [x], weights), True)
-                    return
-                y = task_conv2d(
-                    x.value, weights[kw], None if kb is None else weights[kb], stride, padding
-                )
-                env[name] = _Value(y, True)
-
-            return step
-
-        if simple_input and isinstance(m, _BATCH_NORMS):
-            kg, kb = self._param_segment(m, "weight"), self._param_segment(m, "bias")
-            eps = float(m.eps)
-
-            def step(env, weights):
-                x = env[arg.name]
-                if not x.batched or x.value.dim() < 3:
+                y = None
+                if x.batched:
+                    params = {attr: None if k is None else weights[k] for attr, k in segments.items()}
+                    y = op.run(m, x.value, params, act_name, slope)
+                if y is None and op.required is not None:
                     raise RuntimeError(
-                        f"BatchNorm {node.target!r} needs a [T, N, C, ...] input, got "
+                        f"{type(m).__name__} {node.target!r} needs a {op.required} input, got "
                         f"{list(getattr(x.value, 'shape', []))}"
                     )
-                y = task_batch_norm(
-                    x.value,
-                    None if kg is None else weights[kg],
-                    None if kb is None else weights[kb],
-                    eps,
-                    act_name,
-                    slope,
-                )
+                if y is None:  # a configuration the op does not take: the module under vmap
+                    y = self._run_generic_module(name, node.target, m, [x], weights)
                 env[name] = _Value(y, True)
 
             return step

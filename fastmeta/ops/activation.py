@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastmeta.ops.registration import NativeCall, define_op
+from fastmeta.ops.registration import NativeCall, OpFamily, define_family, define_op
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "tanh", "sigmoid")
 
@@ -114,3 +114,16 @@ def _activation_grad_backward(ctx, grad):
 
 
 activation_grad.register_autograd(_activation_grad_backward, setup_context=_activation_grad_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# The family
+# ---------------------------------------------------------------------------------------
+
+
+FAMILY = define_family(OpFamily(
+    name="activation",
+    sample_args={"activation_grad": lambda: (torch.randn(2, 3, 5), torch.randn(2, 3, 5), "tanh", 0.0)},
+    check_seconds=10,
+    dry_run_case="test_activation_grad and tanh",
+))

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastmeta.backends.table import shared_or_contiguous
-from fastmeta.ops.registration import NativeCall, define_op
+from fastmeta.ops.registration import NativeCall, OpFamily, define_family, define_op
 
 
 def _rate_per_parameter(lr: Tensor, segments: Tensor | None) -> Tensor:
@@ -186,3 +186,20 @@ def _inner_step_backward_backward(ctx, upstream):
 inner_step_backward.register_autograd(
     _inner_step_backward_backward, setup_context=_inner_step_backward_setup
 )
+
+
+# ---------------------------------------------------------------------------------------
+# The family
+# ---------------------------------------------------------------------------------------
+
+
+def _samples():
+    T, P, r = 2, 37, torch.randn
+    return {
+        "inner_step": lambda: (r(P), r(T, P), torch.tensor(0.1), None, None, None),
+        "inner_step_backward": lambda: (r(T, P), r(T, P), torch.tensor(0.1), None, None, None, True, [True] * 5),
+    }
+
+
+FAMILY = define_family(OpFamily(name="inner_step", sample_args=_samples(), check_seconds=22,
+                                dry_run_case="scalar-False-False-shared"))

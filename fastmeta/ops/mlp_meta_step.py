@@ -697,3 +697,36 @@ def _kernel_inputs_ok(device_type: str, theta, support_x, support_y, query_x, qu
     if any(t.device != theta.device for t in (support_x, support_y, query_x, query_y, lr)):
         return False
     return _kernel_shape_ok(theta.device, theta.dtype, act, layer_sizes, support_x.size(1), query_x.size(1), steps)
+
+
+# ---------------------------------------------------------------------------------------
+# The family: its kernels' samples (a block of its own, to move with the kernels)
+# ---------------------------------------------------------------------------------------
+
+
+def _sample_params():
+    return [torch.randn(8, 1), torch.randn(8), torch.randn(1, 8), torch.randn(1)]
+
+
+def _sample_problem():
+    """A tiny meta-step problem (1-8-1 tanh MLP, 2 tasks, mse): the arguments after the
+    parameters, shared with :mod:`fastmeta.ops.mlp_meta_step_update`'s sample."""
+    T, K, Q, r = 2, 3, 4, torch.randn
+    return ([1, 8, 1], "tanh", 0.0, r(T, K, 1), r(T, K, 1), r(T, Q, 1), r(T, Q, 1), "mse", torch.tensor([0.1]), 1,
+            False)
+
+
+def _samples():
+    T = 2
+    return {
+        "mlp_meta_step_with_task_gradients": lambda: (_sample_params(), *_sample_problem(), True, False),
+        "mlp_meta_step_backward": lambda: (torch.tensor(1.0), None, _sample_params(), *_sample_problem(),
+                                           [True, True]),
+        "mlp_meta_step_weigh_task_gradients": lambda: (torch.tensor(1.0), torch.randn(T), torch.randn(T, 25),
+                                                       torch.randn(T, 1), _sample_params()),
+    }
+
+
+from fastmeta.ops.registration import OpFamily, define_family  # noqa: E402 (this block stands alone)
+
+FAMILY = define_family(OpFamily(name="mlp_meta_step", sample_args=_samples(), check_seconds=12))

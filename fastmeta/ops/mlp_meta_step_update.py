@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from fastmeta.backends import kernel_for
-from fastmeta.ops.mlp_meta_step import _check, _flat, _native_takes, _per_parameter, analytic_meta_step
-from fastmeta.ops.registration import NativeCall, define_op
-
+from fastmeta.ops.mlp_meta_step import (_check, _flat, _native_takes, _per_parameter, _sample_params,
+                                        _sample_problem, analytic_meta_step)
+from fastmeta.ops.registration import NativeCall, OpFamily, define_family, define_op
 
 
 def reference_mlp_meta_step_update(
@@ -113,3 +113,18 @@ def _increment_versions(tensors: list[Tensor]) -> None:
     except TypeError:  # torch < 2.7 takes one tensor at a time
         for t in tensors:
             torch.autograd.graph.increment_version(t)
+
+
+# ---------------------------------------------------------------------------------------
+# The family: its kernel's sample (CPU optimizer state: the native update reads it on the host)
+# ---------------------------------------------------------------------------------------
+
+def _sample_update():
+    p = _sample_params()
+    return (p, [torch.zeros_like(t) for t in p], [torch.zeros_like(t) for t in p],
+            [torch.tensor(0.0) for _ in p], torch.zeros(2, dtype=torch.int64), 0, *_sample_problem(),
+            1e-3, 0.9, 0.999, 0.0, 1e-8)
+
+
+FAMILY = define_family(OpFamily(name="mlp_meta_step_update", sample_args={"mlp_meta_step_update": _sample_update},
+                                check_seconds=12))

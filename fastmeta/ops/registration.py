@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from fastmeta.backends import run_kernel
-from fastmeta.backends.table import NativeCall, define_kernel
+from fastmeta.backends.table import ModuleOp, NativeCall, OpFamily, define_family, define_kernel, module_op, module_types
 
 
 def define_op(reference: Callable, native: NativeCall | None = None, check: Callable[..., None] | None = None,
@@ -64,4 +64,5 @@ def call_with_kernel(op, kernel: Callable, *args):
         _chosen.kernels.pop(name, None)
 
 
-__all__ = ["NativeCall", "call_with_kernel", "define_op"]
+__all__ = ["ModuleOp", "NativeCall", "OpFamily", "call_with_kernel", "define_family", "define_op", "module_op",
+           "module_types"]

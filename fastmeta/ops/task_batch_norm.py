@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fastmeta.backends.table import shared_or_contiguous
-from fastmeta.ops.registration import NativeCall, define_op
+from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
 from fastmeta.ops.activation import activation_grad, apply_activation
 from fastmeta.ops.reference_vjp import reference_vjp
 
@@ -314,3 +314,41 @@ def _bn_double_backward_backward(ctx, upstream):
 task_batch_norm_double_backward.register_autograd(
     _bn_double_backward_backward, setup_context=_bn_double_backward_setup
 )
+
+
+# ---------------------------------------------------------------------------------------
+# The family
+# ---------------------------------------------------------------------------------------
+
+
+def _run_batch_norm(m, x: Tensor, params: dict, act: str, negative_slope: float) -> Tensor | None:
+    """BatchNorm1d/2d with per-task batch statistics on ``[T, N, C, ...]``; None below rank 3."""
+    if x.dim() < 3:
+        return None
+    return task_batch_norm(x, params["weight"], params["bias"], float(m.eps), act, negative_slope)
+
+
+def _samples():
+    T, N, C, r = 2, 3, 3, torch.randn
+    x5 = r(T, N, C, 5, 5)
+    return {
+        "task_batch_norm": lambda: (x5, r(T, C), r(T, C), 1e-5, "relu", 0.0),
+        "task_batch_norm_backward": lambda: (x5, x5 + 1, r(T, C), 1e-5, [True] * 3),
+        "task_batch_norm_double_backward": lambda: (x5, x5 + 1, r(T, C), x5 * 2, r(T, C), r(C), 1e-5, [True] * 3),
+    }
+
+
+# Per-task batch statistics, always: a declined input must never run under vmap, whose
+# second order through BatchNorm is wrong.
+_BATCH_NORM_OP = ModuleOp(params=("weight", "bias"), run=_run_batch_norm, fuses_activation=True, subclasses=True,
+                          required="[T, N, C, ...]")
+
+FAMILY = define_family(OpFamily(
+    name="task_batch_norm",
+    sample_args=_samples(),
+    layer_shapes=lambda m, x_shape: {"T": x_shape[0], "N": x_shape[1], "C": x_shape[2],
+                                     **dict(zip("HW", x_shape[3:]))},
+    modules={torch.nn.BatchNorm1d: _BATCH_NORM_OP, torch.nn.BatchNorm2d: _BATCH_NORM_OP},
+    check_seconds=22,
+    dry_run_case="shape1-shared-shared-none",
+))

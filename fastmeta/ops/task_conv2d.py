@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta.ops.registration import NativeCall, define_op
+from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
 from fastmeta.ops.task_linear import is_task_shared
 
 
@@ -309,3 +309,46 @@ def _conv_weight_grad_backward(ctx, upstream):
 task_conv2d_weight_grad.register_autograd(
     _conv_weight_grad_backward, setup_context=_conv_weight_grad_setup
 )
+
+
+# ---------------------------------------------------------------------------------------
+# The family
+# ---------------------------------------------------------------------------------------
+
+
+def _conv_is_supported(m) -> bool:
+    return (
+        m.groups == 1
+        and tuple(m.dilation) == (1, 1)
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+    )
+
+
+def _run_conv2d(m, x: Tensor, params: dict, act: str, negative_slope: float) -> Tensor | None:
+    """nn.Conv2d (groups 1, no dilation, zero padding) on ``[T, N, C, H, W]``; None otherwise."""
+    if x.dim() != 5:
+        return None
+    return task_conv2d(x, params["weight"], params["bias"], list(m.stride), list(m.padding))
+
+
+def _samples():
+    T, N, C, O, r = 2, 3, 3, 4, torch.randn
+    x5, w5, g5 = r(T, N, C, 5, 5), r(T, O, C, 3, 3), r(T, N, O, 5, 5)
+    return {
+        "task_conv2d": lambda: (x5, w5, None, [1, 1], [1, 1]),
+        "task_conv2d_input_grad": lambda: (g5, w5, [5, 5], [1, 1], [1, 1]),
+        "task_conv2d_weight_grad": lambda: (g5, x5, [3, 3], [1, 1], [1, 1], False),
+    }
+
+
+FAMILY = define_family(OpFamily(
+    name="task_conv2d",
+    sample_args=_samples(),
+    layer_shapes=lambda m, x_shape: {"T": x_shape[0], "N": x_shape[1], "C": x_shape[2], "H": x_shape[3],
+                                     "W": x_shape[4], "O": m.out_channels, "stride": m.stride[0],
+                                     "padding": m.padding[0]},
+    modules={torch.nn.Conv2d: ModuleOp(params=("weight", "bias"), run=_run_conv2d, accepts=_conv_is_supported)},
+    check_seconds=48,
+    dry_run_case="per_task-none",
+))

@@ -22,11 +22,13 @@ runs through these three ops:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from fastmeta.backends.table import shared_or_contiguous
-from fastmeta.ops.registration import NativeCall, define_op
+from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
 from fastmeta.ops.activation import activation_grad, apply_activation
 
 
@@ -173,3 +175,36 @@ def _weight_grad_backward(ctx, upstream):
 
 
 task_linear_weight_grad.register_autograd(_weight_grad_backward, setup_context=_weight_grad_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# The family
+# ---------------------------------------------------------------------------------------
+
+
+def _run_linear(m, x: Tensor, params: dict, act: str, negative_slope: float) -> Tensor | None:
+    """nn.Linear on ``[T, N, ..., I]`` (the middle dims folded into N); None below rank 3."""
+    if x.dim() < 3:
+        return None
+    y = task_linear(x.reshape(x.size(0), -1, x.size(-1)), params["weight"], params["bias"], act, negative_slope)
+    return y.view(*x.shape[:-1], y.size(-1))
+
+
+def _samples():
+    T, N, O, r = 2, 3, 4, torch.randn
+    return {
+        "task_linear": lambda: (r(T, N, 5), r(T, O, 5), r(T, O), "relu", 0.0),
+        "task_linear_input_grad": lambda: (r(T, N, O), r(T, O, 5)),
+        "task_linear_weight_grad": lambda: (r(T, N, O), r(T, N, 5), False),
+    }
+
+
+FAMILY = define_family(OpFamily(
+    name="task_linear",
+    sample_args=_samples(),
+    layer_shapes=lambda m, x_shape: {"T": x_shape[0], "N": math.prod(x_shape[1:-1]), "I": m.in_features,
+                                     "O": m.out_features},
+    modules={torch.nn.Linear: ModuleOp(params=("weight", "bias"), run=_run_linear, fuses_activation=True)},
+    check_seconds=33,
+    dry_run_case="test_task_linear_activations and tanh",
+))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta.ops.registration import NativeCall, define_op
+from fastmeta.ops.registration import NativeCall, OpFamily, define_family, define_op
 from fastmeta.ops.reference_vjp import reference_vjp
 
 LOSS_KINDS = ("cross_entropy", "mse")
@@ -117,3 +117,19 @@ def _loss_grad_backward(ctx, upstream):
 
 
 task_loss_grad.register_autograd(_loss_grad_backward, setup_context=_loss_grad_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# The family
+# ---------------------------------------------------------------------------------------
+
+
+FAMILY = define_family(OpFamily(
+    name="task_loss",
+    sample_args={
+        "task_loss": lambda: (torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)), "cross_entropy"),
+        "task_loss_grad": lambda: (torch.randn(2, 3, 5), torch.randn(2, 3, 5), "mse"),
+    },
+    check_seconds=17,
+    dry_run_case="mse-2-3-1",
+))

@@ -4,6 +4,9 @@ every backend registers against it by name; every kernel declines what it does n
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,13 +14,26 @@ import torch
 import fastmeta as fm
 from fastmeta import ops
 from fastmeta.backends import get_backend
-from fastmeta.backends.table import TABLE, families
+from fastmeta.backends.table import FAMILIES, TABLE, families
 from harness import HAS_CUDA, backend_params, kernel_log, require, to
+
+# The op modules of fastmeta/ops/: those that define ops (define_op). Each declares its family.
+OP_MODULES = sorted(p.stem for p in (Path(fm.__file__).parent / "ops").glob("*.py")
+                    if p.stem != "registration" and "= define_op(" in p.read_text())
+
+
+def test_every_op_module_declares_its_family_with_a_sample_for_each_kernel():
+    """The table's families are the op modules', each declared once (OpFamily), and every
+    kernel has its sample arguments: a kernel without them fails here, never skips."""
+    assert set(families()) == set(FAMILIES) == set(OP_MODULES)
+    for family, kernels in families().items():
+        declared = FAMILIES[family]
+        assert declared.name == family
+        assert set(declared.sample_args) == set(kernels), f"{family}: samples for {set(declared.sample_args)}, " \
+                                                          f"kernels {kernels}"
 
 
 def test_every_kernel_is_named_after_its_reference_and_owned_by_its_op_module():
-    assert set(families()) == {"inner_step", "task_linear", "task_conv2d", "task_batch_norm", "task_loss", "activation",
-                               "mlp_meta_step", "mlp_meta_step_update"}
     for name, spec in TABLE.items():
         assert spec.reference.__name__ == f"reference_{name}"
         assert spec.reference.__module__ == f"fastmeta.ops.{spec.family}"
@@ -39,12 +55,14 @@ def test_backends_register_only_kernels_of_the_table():
 
     require("cpu")
     assert set(extension.kernels("cpu")) <= set(TABLE)
-    # The C++ sources implement these families on the CPU (csrc/cpu/<family>.cpp; the whole
-    # step's update sits in csrc/cpu/mlp_meta_step.cpp, on the meta-step's core).
-    assert set(extension.kernels("cpu")) == {
-        n for n, s in TABLE.items() if s.family in {"inner_step", "task_linear", "task_conv2d", "task_batch_norm",
-                                                     "task_loss", "activation", "mlp_meta_step",
-                                                     "mlp_meta_step_update"}}
+    # The C++ sources implement the kernels of csrc/cpu/<family>.cpp's family on the CPU,
+    # and every family but the fused MLP's has its Triton kernels in kernels/<family>.py.
+    csrc = Path(fm.__file__).parents[1] / "csrc" / "cpu"
+    cpp_families = {p.stem for p in csrc.glob("*.cpp")} if csrc.is_dir() else set(FAMILIES)
+    # The whole step's update sits in csrc/cpu/mlp_meta_step.cpp, on the meta-step's core.
+    if "mlp_meta_step" in cpp_families:
+        cpp_families.add("mlp_meta_step_update")
+    assert set(extension.kernels("cpu")) == {n for n, s in TABLE.items() if s.family in cpp_families}
     triton = get_backend("triton")
     if triton.available()[0]:
         triton.kernel("inner_step")
@@ -64,27 +82,24 @@ def test_backend_registry_reports_each_backend_with_a_reason():
 
 
 def sample_kernel_args(device):
-    """One fp32 argument tuple per kernel (every kernel of the table but the fused MLP's)."""
-    T, N, C, O = 2, 3, 3, 4
-    r = torch.randn
-    x5, w5, g5 = r(T, N, C, 5, 5), r(T, O, C, 3, 3), r(T, N, O, 5, 5)
-    samples = {
-        "inner_step": (r(37), r(T, 37), torch.tensor(0.1), None, None, None),
-        "inner_step_backward": (r(T, 37), r(T, 37), torch.tensor(0.1), None, None, None, True, [True] * 5),
-        "task_linear": (r(T, N, 5), r(T, O, 5), r(T, O), "relu", 0.0),
-        "task_linear_input_grad": (r(T, N, O), r(T, O, 5)),
-        "task_linear_weight_grad": (r(T, N, O), r(T, N, 5), False),
-        "task_conv2d": (x5, w5, None, [1, 1], [1, 1]),
-        "task_conv2d_input_grad": (g5, w5, [5, 5], [1, 1], [1, 1]),
-        "task_conv2d_weight_grad": (g5, x5, [3, 3], [1, 1], [1, 1], False),
-        "task_batch_norm": (x5, r(T, C), r(T, C), 1e-5, "relu", 0.0),
-        "task_batch_norm_backward": (x5, x5 + 1, r(T, C), 1e-5, [True] * 3),
-        "task_batch_norm_double_backward": (x5, x5 + 1, r(T, C), x5 * 2, r(T, C), r(C), 1e-5, [True] * 3),
-        "task_loss": (r(T, N, 5), torch.randint(0, 5, (T, N)), "cross_entropy"),
-        "task_loss_grad": (r(T, N, 5), r(T, N, 5), "mse"),
-        "activation_grad": (r(T, N, 5), r(T, N, 5), "tanh", 0.0),
-    }
-    return {name: tuple(to(args, device)) for name, args in samples.items()}
+    """One fp32 argument tuple per kernel of the table, as its op module declares it."""
+    def move(a):
+        return [move(t) for t in a] if isinstance(a, list) and a and torch.is_tensor(a[0]) else to([a], device)[0]
+
+    return {name: tuple(move(a) for a in make()) for family in FAMILIES.values()
+            for name, make in family.sample_args.items()}
+
+
+def _as(args, dtype):
+    """The float tensors among args, and those in lists of args, in ``dtype``."""
+    def cast(a):
+        if torch.is_tensor(a) and a.is_floating_point():
+            return a.to(dtype)
+        if isinstance(a, list) and a and all(torch.is_tensor(t) for t in a):
+            return [cast(t) for t in a]
+        return a
+
+    return tuple(cast(a) for a in args)
 
 
 @pytest.mark.parametrize("backend,device", backend_params("triton", "cpu", "cuda"))
@@ -98,7 +113,7 @@ def test_every_kernel_takes_its_fp32_sample_and_declines_float16_and_mixed_dtype
         if kernel is None:
             continue
         assert kernel(*args) is not NotImplemented, f"{backend} {name} declined its fp32 sample"
-        halved = tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        halved = _as(args, torch.half)
         assert kernel(*halved) is NotImplemented, f"{backend} {name} accepted float16"
         floats = [i for i, a in enumerate(args) if torch.is_tensor(a) and a.is_floating_point() and a.dim() > 0]
         if len(floats) >= 2:
@@ -117,7 +132,7 @@ def test_float64_is_declined_where_the_kernels_are_fp32(backend, device):
         kernel = b.kernel(name)
         if kernel is None:
             continue
-        doubled = tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        doubled = _as(args, torch.double)
         assert kernel(*doubled) is NotImplemented, f"{backend} {name} accepted float64"
 
 
@@ -133,9 +148,10 @@ def test_float64_is_declined_where_the_kernels_are_fp32(backend, device):
          [0, 1]),
         (ops.task_batch_norm, lambda: [torch.randn(2, 3, 2, 2, 2), torch.randn(2, 2), torch.randn(2, 2), 1e-5,
                                        "sigmoid", 0.0], [0, 1, 2]),
+        (ops.task_layer_norm, lambda: [torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(4), 1e-5], [0, 1, 2]),
         (ops.task_loss, lambda: [torch.randn(2, 3, 4), torch.randint(0, 4, (2, 3)), "cross_entropy"], [0]),
     ],
-    ids=["inner_step", "task_linear", "task_conv2d", "task_batch_norm", "task_loss"],
+    ids=["inner_step", "task_linear", "task_conv2d", "task_batch_norm", "task_layer_norm", "task_loss"],
 )
 def test_float64_falls_back_and_gradgradchecks(backend, device, op, args, diff):
     """float64 under the triton backend: every kernel declines, the reference answers, and
@@ -180,3 +196,101 @@ def test_cuda_kernels_run_on_the_current_stream():
     s.synchronize()
     torch.testing.assert_close(y, torch.relu(torch.bmm(x, w.transpose(1, 2))), rtol=1e-5, atol=1e-5)
 
+
+
+def _gpu_check_driver():
+    import importlib.util
+    import sys
+
+    path = Path(fm.__file__).parents[1] / "bench" / "gpu_check.py"
+    if not path.exists():
+        pytest.fail(f"no GPU check at {path}")
+    spec = importlib.util.spec_from_file_location("gpu_check_for_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_family_appears_in_every_derived_list(capsys):
+    """Each list derived from the op table names every family: the kernels' samples (above),
+    the GPU check's steps (a Triton or CUDA step per family, timed and with a dry-run case
+    from the family's declaration), the verification record of the C++ CPU kernels, the
+    traced program's modules and the README's backend table."""
+    from fastmeta.backends import AUTO_PREFERENCE, verification
+
+    require("triton")
+    driver = _gpu_check_driver()
+    exec(driver.CATALOG, {})  # the GPU check's catalog, as its child process prints it
+    catalog = json.loads(capsys.readouterr().out.split("CATALOG ", 1)[1])
+    steps = {s.name: s for s in driver.correctness_steps(False, catalog)}
+    dry = {s.name: s for s in driver.correctness_steps(True, catalog)}
+    readme = (Path(fm.__file__).parents[1] / "README.md").read_text()
+    csrc = Path(fm.__file__).parents[1] / "csrc" / "cpu"
+    recorded = set(verification.verified_ops("cpu").get("cpu", []))
+    for family, kernels in families().items():
+        declared = FAMILIES[family]
+        assert set(catalog["families"][family]) == set(kernels)
+        gpu_steps = [n for n in (f"triton:{family}", f"cuda:{family}") if n in steps]
+        has_gpu_kernels = family in catalog.get("triton", {}) or (csrc.parent / "cuda" / f"{family}.cu").exists()
+        # A family with no GPU kernel (the whole step's update: C++ on the CPU, its reference
+        # elsewhere) has no GPU step of its own; every other family has one.
+        assert bool(gpu_steps) == has_gpu_kernels, f"the GPU check's steps for {family}: {gpu_steps}"
+        for n in gpu_steps:
+            assert steps[n].estimate == declared.check_seconds, (n, steps[n].estimate)
+        if f"triton:{family}" in steps:
+            assert set(steps[f"triton:{family}"].records[1]) == set(kernels)
+            command = dry[f"triton:{family}"].command(SimpleNamespace(python="python"))
+            assert declared.dry_run_case and f"triton and ({declared.dry_run_case})" in command, command
+        if (csrc / f"{family}.cpp").exists():
+            cpu_picked = [k for k in kernels if "cpu" in AUTO_PREFERENCE.get(k, AUTO_PREFERENCE["default"])]
+            assert set(cpu_picked) <= recorded, f"{family}: C++ CPU kernels not in verified.json"
+        assert f"`{family}`" in readme or any(f"`{k}`" in readme for k in kernels), f"README lacks {family}"
+    # The traced program's leaf modules include every module a family declares: a model of
+    # them traces to one call_module node each, never into their forward.
+    from fastmeta.engine import program
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Unflatten(-1, (1, 2, 2)),
+                                torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
+                                torch.nn.BatchNorm1d(8))
+    traced = program._Tracer().trace(model)
+    leaves = {type(model.get_submodule(n.target)) for n in traced.nodes if n.op == "call_module"}
+    declared = {t for d in FAMILIES.values() for t in d.modules}
+    assert declared <= leaves, declared - leaves
+    assert set(program.recognised_modules()) >= declared
+
+
+def test_workload_op_shapes_follow_from_the_layers_as_their_families_declare():
+    """WORKLOAD_OP_SHAPES (fastmeta/tools/workloads.py) against the W1–W4 models: every
+    shape it lists for a family is one a layer of the workload's model gives through the
+    family's ``layer_shapes``, and every family with a layer in a model is listed for it.
+    The models run on the meta device: shapes only."""
+    from fastmeta.tools.workloads import WORKLOAD_OP_SHAPES, WORKLOADS
+
+    for name, workload in WORKLOADS.items():
+        model = workload.build_model().to("meta")
+        derived: dict[str, list[dict]] = {}
+        T, N = workload.tasks, max(workload.support, workload.query)
+
+        def hook(module, inputs, output):
+            for family in FAMILIES.values():
+                if family.layer_shapes is not None and type(module) in family.modules:
+                    derived.setdefault(family.name, []).append(
+                        family.layer_shapes(module, (T, *inputs[0].shape)))
+
+        handles = [m.register_forward_hook(hook) for m in model.modules()]
+        try:
+            model(torch.empty(N, *workload.input_shape, device="meta"))
+        finally:
+            for h in handles:
+                h.remove()
+        listed = WORKLOAD_OP_SHAPES[name]
+        assert derived, f"{name}: no layer of its model belongs to a family"
+        for family, shapes in derived.items():
+            assert family in listed, f"{name}: WORKLOAD_OP_SHAPES lacks {family}, which its model runs"
+        for family, entries in listed.items():
+            if FAMILIES[family].layer_shapes is None:
+                continue
+            for entry in entries if isinstance(entries, list) else [entries]:
+                shape = {k: v for k, v in entry.items() if k not in ("act", "kind")}
+                assert shape in derived.get(family, []), f"{name} {family}: {entry} is no layer of the model"
