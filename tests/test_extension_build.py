@@ -183,6 +183,22 @@ def test_the_cache_key_follows_the_sources_content_torch_and_flags(tmp_path, mon
     assert extension.build_name(plan) == f"fastmeta_ext_cpu_{key}"
 
 
+def test_the_build_key_reads_no_test_code():
+    """Test code stays out of the product: editing a test harness (the CUDA emulation under
+    tests/ops/cuda_emulation/) must not rebuild anyone's extension, nor ship in the wheel."""
+    from fastmeta.backends import extension
+
+    inputs = [p.relative_to(extension.csrc_dir()) for p in extension._source_files(extension.csrc_dir())]
+    assert inputs, "the build key reads no sources"
+    suspect = [p.as_posix() for p in inputs
+               if {"tests", "emulation", "testing"} & set(p.parts) or "harness" in p.name or "emulat" in p.name]
+    assert not suspect, f"test code among the build key's inputs: {suspect}"
+    # The package data ships csrc/ only; no glob of it reaches a test folder.
+    pyproject = (REPO / "pyproject.toml").read_text()
+    shipped = pyproject.split('"fastmeta.csrc" = [', 1)[1].split("]", 1)[0]
+    assert "emulation" not in shipped and "tests" not in shipped, shipped
+
+
 def test_staged_sources_are_copied_once_and_replaced_when_they_differ(tmp_path):
     from fastmeta.backends import extension
 
