@@ -36,7 +36,7 @@ class LossOffByOnePercent(LoopPeer):
         T = sx.size(0)
         params = dict(self.model.named_parameters())
         self.optimizer.zero_grad(set_to_none=True)
-        from fastmeta.engine.reference_loop import constant_coefficient, task_query_loss
+        from fastmeta.testing.reference_loop import constant_coefficient, task_query_loss
 
         coefficient = constant_coefficient(self.model, w.inner_lr)
         for t in range(T):

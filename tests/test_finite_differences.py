@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fastmeta as fm
-from fastmeta.engine.reference_loop import relative_error
+from fastmeta.testing.reference_loop import relative_error
 from test_learners import classification_tasks, regression_tasks
 
 

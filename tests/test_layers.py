@@ -1,7 +1,9 @@
 """The package's layers, checked by walking every import (statements and
 ``importlib.import_module("...")`` calls, at module level and inside functions).
 
-Top to bottom: tools → learners → engine → ops → backends → kernels. Beside them, leaf
+Top to bottom: tools → learners → engine → ops → backends → kernels. ``fastmeta.testing``
+(the test and benchmark oracle) sits just below the tools: it may import the engine, ops and
+learners, and only the tools import it. Beside them, leaf
 modules that import none of those layers: models, checkpoint, data (which uses checkpoint),
 distributed. A module imports only from its own sub-package or from a lower layer, and
 there is no import cycle between modules.
@@ -25,6 +27,7 @@ RANKS = {
     "engine": 3,
     "learners": 4,
     "distributed": 5,
+    "testing": 5.75,  # above the package root (5.5): only the tools may import it
     "tools": 6,
 }
 ROOT_MODULES = {"fastmeta", "fastmeta.__main__"}
@@ -111,6 +114,17 @@ def test_no_layer_imports_a_layer_above_it():
             if other_rank >= rank:
                 bad.append(f"{module} ({part or 'root'}) imports {target} ({other or 'root'})")
     assert not bad, "\n".join(sorted(bad))
+
+
+def test_only_the_tools_import_the_test_oracle():
+    """fastmeta.testing is test and benchmark code: the product never depends on it, except
+    ``fastmeta bench`` (the tools)."""
+    graph = import_graph()
+    importers = {m for m, targets in graph.items() if any(part_of(t) == "testing" for t in targets)}
+    outside = {m for m in importers if part_of(m) not in {"testing", "tools"}}
+    assert not outside, f"the product imports fastmeta.testing: {sorted(outside)}"
+    assert "fastmeta.testing.reference_loop" in graph
+    assert any(part_of(m) == "tools" for m in importers), "fastmeta bench no longer uses the oracle"
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

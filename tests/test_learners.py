@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastmeta as fm
-from fastmeta.engine.reference_loop import (
+from fastmeta.testing.reference_loop import (
     constant_coefficient,
     flat_grad,
     learner_coefficient,

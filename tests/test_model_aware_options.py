@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fastmeta as fm
-from fastmeta.engine.reference_loop import flat_grad, learner_coefficient, per_task_query_losses, relative_error
+from fastmeta.testing.reference_loop import flat_grad, learner_coefficient, per_task_query_losses, relative_error
 from test_finite_differences import check_against_finite_differences, smooth_conv_bn_net
 from test_learners import (
     classification_tasks,

@@ -11,7 +11,7 @@ from torch import nn
 
 import fastmeta as fm
 from fastmeta.engine import TracedProgram, PerTaskLoopProgram
-from fastmeta.engine.reference_loop import adapt_task, flat_grad, per_task_query_losses, constant_coefficient, relative_error
+from fastmeta.testing.reference_loop import adapt_task, flat_grad, per_task_query_losses, constant_coefficient, relative_error
 from test_learners import classification_tasks, regression_tasks
 
 

@@ -4,10 +4,10 @@
 - :mod:`fastmeta.engine.task_weights`: the flat ``[T, P]`` buffer and its layout;
 - :mod:`fastmeta.engine.program`: the model program (``trace``: torch.fx → ops);
 - :mod:`fastmeta.engine.meta_iteration`: inner loop, losses, chunking, the fused path;
-- :mod:`fastmeta.engine.whole_step`: a whole meta-iteration in one CUDA graph;
-- :mod:`fastmeta.engine.reference_loop`: the reference loop, plain autograd task by task:
-  the oracle the engine is tested and benchmarked against (not
-  :class:`PerTaskLoopProgram`, the per-task loop that runs a model the engine cannot batch).
+- :mod:`fastmeta.engine.whole_step`: a whole meta-iteration in one CUDA graph.
+
+The oracle the engine is tested and benchmarked against, the reference loop, is not part
+of it: :mod:`fastmeta.testing.reference_loop`.
 
 The learners call the engine with a plan; the engine never calls back into a learner.
 Only the engine calls the ops.
