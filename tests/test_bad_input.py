@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastmeta as fm
-from test_learners import classification_tasks, make_model, regression_tasks
+from helpers import classification_tasks, make_model, regression_tasks
 
 
 @pytest.fixture

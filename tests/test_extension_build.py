@@ -19,22 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# ---------------------------------------------------------------------------------------
-# Helpers for tests/test_extension_build.py and tests/ops/
-# ---------------------------------------------------------------------------------------
-
-
-def build_or_skip():
-    """Build (or load) the extension: skip without a C++ compiler, fail if a build breaks."""
-    from fastmeta.backends import extension
-
-    ok, reason = extension.build()
-    if not ok:
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            pytest.skip(f"no C++ compiler: {reason}")
-        pytest.fail(f"the C++ extension failed to build: {reason}")
-    return extension
-
+from helpers import build_or_skip
 
 # ---------------------------------------------------------------------------------------
 # Tests

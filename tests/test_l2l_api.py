@@ -12,7 +12,7 @@ from torch import nn
 
 import fastmeta as fm
 from fastmeta.testing.reference_loop import flat_grad, relative_error
-from test_learners import make_model, make_tasks
+from helpers import make_model, make_tasks
 
 
 def l2l_style_meta_gradient(learner, tasks, steps, loss_fn):

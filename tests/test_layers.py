@@ -186,3 +186,25 @@ def test_nothing_points_outside_the_repository():
             if marker in text:
                 hits.append(f"{path.relative_to(REPO)}: {marker}")
     assert not hits, "\n".join(sorted(set(hits)))
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in tests/helpers.py (and conftest's fixtures, tests/ops/harness.py):
+    a test module never imports another test module, so moving or editing one test never
+    breaks another."""
+    tests = REPO / "tests"
+    test_modules = {p.stem for p in tests.rglob("test_*.py")}
+    assert "test_layers" in test_modules
+    bad = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                if name.rpartition(".")[2] in test_modules or name.startswith("test_"):
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
+    assert not bad, "\n".join(bad)

@@ -27,8 +27,7 @@ from fastmeta.ops.task_linear import (
     reference_task_linear_weight_grad,
 )
 from fastmeta.ops.task_loss import reference_task_loss, reference_task_loss_grad
-from test_extension_build import build_or_skip
-from test_mlp_meta_step import CASES, IDS, make_problem
+from helpers import CASES, IDS, build_or_skip, make_problem
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 # Test code, kept out of csrc/ so that it is neither shipped nor part of the build key.

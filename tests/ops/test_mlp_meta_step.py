@@ -21,53 +21,7 @@ from torch.library import opcheck
 import fastmeta as fm
 from fastmeta.ops.mlp_meta_step import mlp_meta_step, num_parameters, unrolled_meta_step
 from harness import direct, kernel_log
-from test_extension_build import build_or_skip
-
-# (layer_sizes, act, loss, lr kind, steps, K, first_order). W1 first; the rest cover odd
-# widths (tails of the 16-wide tiles), K = 1 … 50, 1–5 steps, every fused activation.
-CASES = [
-    ([1, 40, 40, 1], "relu", "mse", "step", 1, 10, False),
-    ([1, 40, 40, 1], "relu", "mse", "step", 1, 10, True),
-    ([3, 17, 9, 4], "tanh", "cross_entropy", "tensor", 2, 5, False),
-    ([2, 33, 5], "leaky_relu", "cross_entropy", "param", 3, 1, False),
-    ([5, 23, 19, 3], "tanh", "mse", "param", 5, 50, False),
-    ([4, 7, 2], "relu", "cross_entropy", "tensor", 4, 50, True),
-    ([1, 40, 40, 1], "leaky_relu", "mse", "tensor", 5, 25, False),
-    ([3, 65, 3], "tanh", "cross_entropy", "step", 1, 17, True),
-    ([6, 31, 31, 31, 2], "relu", "mse", "step", 2, 13, False),
-    ([2, 33, 5], "none", "mse", "param", 2, 3, False),
-]
-IDS = ["-".join(map(str, [".".join(map(str, c[0])), *c[1:]])) for c in CASES]
-
-
-def make_problem(layer_sizes, act, loss, lr_kind, steps, K, Q=None, T=6, dtype=torch.float32, device="cpu",
-                 seed=0):
-    g = torch.Generator().manual_seed(seed)
-    Q = Q or max(K - 2, 1)
-    P = num_parameters(layer_sizes)
-    # Glorot-like scale per layer so that activations stay O(1) through deep stacks.
-    parts = []
-    for i, o in zip(layer_sizes[:-1], layer_sizes[1:]):
-        parts += [torch.randn(o * i, generator=g) * (2.0 / (i + o)) ** 0.5, torch.randn(o, generator=g) * 0.1]
-    theta = torch.cat(parts)
-    sx = torch.randn(T, K, layer_sizes[0], generator=g)
-    qx = torch.randn(T, Q, layer_sizes[0], generator=g)
-    if loss == "mse":
-        sy = torch.randn(T, K, layer_sizes[-1], generator=g)
-        qy = torch.randn(T, Q, layer_sizes[-1], generator=g)
-    else:
-        sy = torch.randint(0, layer_sizes[-1], (T, K), generator=g)
-        qy = torch.randint(0, layer_sizes[-1], (T, Q), generator=g)
-    S = 2 * (len(layer_sizes) - 1)
-    shape = {"step": (steps,), "tensor": (steps, S), "param": (steps, P)}[lr_kind]
-    lr = torch.rand(shape, generator=g) * 0.08 + 0.02
-    w = torch.rand(T, generator=g) + 0.5
-
-    def cast(t):
-        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-
-    return [cast(t) for t in (theta, sx, sy, qx, qy, lr, w)]
-
+from helpers import CASES, IDS, build_or_skip, make_problem
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
