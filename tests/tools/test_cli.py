@@ -18,7 +18,7 @@ from fastmeta import checkpoint
 from fastmeta.tools import cli, training
 from fastmeta.tools.training import CHECKPOINT_NAME, METRICS_NAME, read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUIET = ["--no-progress", "--threads", "1"]
 
 

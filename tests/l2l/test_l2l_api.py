@@ -400,7 +400,7 @@ def test_the_speed_bench_runs_and_checks_its_contenders(tmp_path):
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "bench_l2l.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_l2l.py"
     spec = importlib.util.spec_from_file_location("bench_l2l", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

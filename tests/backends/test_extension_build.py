@@ -25,7 +25,7 @@ from helpers import build_or_skip
 # Tests
 # ---------------------------------------------------------------------------------------
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
