@@ -43,7 +43,7 @@ its time on what failed or did not fit.
 under ``TRITON_INTERPRET=1``, the CUDA kernels' logic through the CPU stand-in
 (``tests/ops/test_cuda_emulated.py``), the bench on W1 for 2 iterations on the CPU.
 It records under the device type ``dry-run``, which nothing ever reads as verified.
-``tests/test_gpu_check.py`` runs it and asserts the contract (files, schema, records
+``tests/bench/test_gpu_check.py`` runs it and asserts the contract (files, schema, records
 family by family, resumption, the trap).
 
 **Time budget on an H100** (measured in the runs of 2026-11-26, 16 cores; the
@@ -183,7 +183,7 @@ def correctness_steps(dry_run: bool, catalog: dict) -> list[Step]:
             command = pytest_command("-m", "gpu", f"tests/ops/test_{family}.py", "-k", "cuda")
         steps.append(Step(f"cuda:{family}", 120, FAMILY_SECONDS.get(family, 20), command,
                           records=("cuda", family), needs=("build",), allow_skips=dry_run))
-    steps.append(Step("whole_step", 120, 14, pytest_command("tests/test_whole_step.py", *(() if dry_run else ("-m", "gpu"))),
+    steps.append(Step("whole_step", 120, 14, pytest_command("tests/engine/test_whole_step.py", *(() if dry_run else ("-m", "gpu"))),
                       needs=("build",), allow_skips=dry_run))
     return steps
 

@@ -67,7 +67,7 @@ def test_cpu_backend_is_available_and_cuda_kernels_dispatch_by_device(extension)
 
 def test_cpp_entry_points_reject_bad_layouts_instead_of_reading_out_of_bounds(extension):
     x = torch.randn(2, 3, 4).transpose(1, 2)  # not contiguous
-    # Each check raises the Python type of its kind (tests/test_native_errors.py has more).
+    # Each check raises the Python type of its kind (tests/backends/test_native_errors.py has more).
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.fastmeta_ext.task_linear(x, torch.randn(5, 3), None, "none", 0.0)
     with pytest.raises(ValueError, match="input features"):
