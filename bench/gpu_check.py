@@ -43,7 +43,7 @@ its time on what failed or did not fit.
 under ``TRITON_INTERPRET=1``, the CUDA kernels' logic through the CPU stand-in
 (``tests/ops/test_cuda_emulated.py``), the bench on W1 for 2 iterations on the CPU.
 It records under the device type ``dry-run``, which nothing ever reads as verified.
-``tests/test_gpu_check.py`` runs it and asserts the contract (files, schema, records
+``tests/bench/test_gpu_check.py`` runs it and asserts the contract (files, schema, records
 family by family, resumption, the trap).
 
 **Time budget on an H100** (measured in the runs of 2026-11-26, 16 cores; the
@@ -80,6 +80,21 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_verification():
+    """fastmeta.backends.verification, the record's one writer, loaded from its file: this
+    process runs no kernels and must not import torch or the fastmeta package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fastmeta_verification",
+                                                  REPO / "fastmeta" / "backends" / "verification.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+verification = _load_verification()
 SCHEMA = "fastmeta-gpu-check-1"
 OUT_FILES = ("verified.json", "results.json", "summary.txt", "logs.tar.gz")
 DEFAULT_BUDGET_S = 345  # the command's limit is 6 minutes: leave ~15 s for start-up and the copy back
@@ -164,7 +179,7 @@ def correctness_steps(dry_run: bool, catalog: dict) -> list[Step]:
             command = pytest_command("-m", "gpu", f"tests/ops/test_{family}.py", "-k", "cuda")
         steps.append(Step(f"cuda:{family}", 120, catalog.get("seconds", {}).get(family, 20), command,
                           records=("cuda", family), needs=("build",), allow_skips=dry_run))
-    steps.append(Step("whole_step", 120, 14, pytest_command("tests/test_whole_step.py", *(() if dry_run else ("-m", "gpu"))),
+    steps.append(Step("whole_step", 120, 14, pytest_command("tests/engine/test_whole_step.py", *(() if dry_run else ("-m", "gpu"))),
                       needs=("build",), allow_skips=dry_run))
     return steps
 
@@ -289,9 +304,6 @@ class Check:
                                  f"cannot resume a {'dry' if self.dry_run else 'GPU'} run")
             if (folder / "verified.json").exists():
                 earlier_record = json.loads((folder / "verified.json").read_text())
-                for backend, devices in earlier_record.items():
-                    for dev, kernels in devices.items():
-                        record.setdefault(backend, {}).setdefault(dev, {}).update(kernels)
             self.results["runs"] = earlier.get("runs", [])
             self.results["events"] = earlier.get("events", [])
             self.results["bench"] = earlier.get("bench", [])
@@ -301,7 +313,16 @@ class Check:
                 if step.get("status") in ("passed", "carried", "clean"):
                     self.results["steps"][name] = {**step, "status": "carried",
                                                    "from_run": step.get("from_run", step.get("run_id"))}
+        # The working copy starts as the repository's record; what an earlier run verified
+        # is added through the record's writer, with that run's date, device and torch.
         write_atomic(self.verified_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        if resume and (Path(resume) / "verified.json").exists():
+            for backend, devices in earlier_record.items():
+                for dev, kernels in devices.items():
+                    for kernel, entry in kernels.items():
+                        verification.record(backend, dev, [kernel], entry.get("device", "?"),
+                                            torch_version=entry.get("torch", "?"), date=entry.get("date"),
+                                            path=self.verified_path)
 
     def carried(self, name: str) -> bool:
         return self.results["steps"].get(name, {}).get("status") == "carried"
@@ -364,12 +385,8 @@ class Check:
 
     def record_verified(self, step: str, backend: str, kernels: tuple[str, ...]) -> None:
         with self.lock:
-            record = self.verified_record()
-            entry = {"date": datetime.date.today().isoformat(), "device": self.results["device"].get("name", "?"),
-                     "torch": self.results["device"].get("torch", "?")}
-            for kernel in kernels:
-                record.setdefault(backend, {}).setdefault(self.device_type, {})[kernel] = entry
-            write_atomic(self.verified_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+            verification.record(backend, self.device_type, list(kernels), self.results["device"].get("name", "?"),
+                                torch_version=self.results["device"].get("torch", "?"), path=self.verified_path)
             self.publish()
             # Read back what was published: the event says how many kernels the file under
             # --out held right after this family was recorded.

@@ -1,5 +1,5 @@
 # ---------------------------------------------------------------------------------------
-# Triton interpreter switch (owned by the triton backend tests, tests/test_triton_*.py).
+# Triton interpreter switch (owned by the triton backend tests, tests/kernels/test_triton_*.py).
 # It must run before anything imports triton: Triton decides at @triton.jit time whether a
 # kernel is compiled or interpreted. Without a GPU the triton backend's kernels then run on
 # CPU tensors (~7 ms per program instance), which is what the CPU test tier uses.

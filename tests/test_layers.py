@@ -2,11 +2,13 @@
 ``importlib.import_module("...")`` calls, at module level and inside functions).
 
 Top to bottom: tools → l2l (learn2learn's API) → learners → engine → ops → backends →
-kernels. Beside them, leaf modules that import none of those layers: models, checkpoint,
-data (which uses checkpoint), distributed. A module imports only from its own sub-package
-or from a lower layer, and there is no import cycle between modules. fastmeta.l2l uses
-only the public face of what it builds on (the packages, not their private modules), and
-only the tools and the package root import it.
+kernels. ``fastmeta.testing`` (the test and benchmark oracle) sits just below the tools: it
+may import the engine, ops and learners, and only the tools import it. Beside them, leaf
+modules that import none of those layers: models, checkpoint, data (which uses checkpoint),
+distributed. A module imports only from its own sub-package or from a lower layer, and
+there is no import cycle between modules. fastmeta.l2l uses only the public face of what it
+builds on (the packages, not their private modules), and only the tools and the package root
+import it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ RANKS = {
     "learners": 4,
     "l2l": 4.5,
     "distributed": 5,
+    "testing": 5.75,  # above the package root (5.5): only the tools may import it
     "tools": 6,
 }
 ROOT_MODULES = {"fastmeta", "fastmeta.__main__"}
@@ -148,6 +151,17 @@ def test_the_l2l_check_catches_a_private_import_and_a_reverse_import():
     assert "fastmeta.learners.adapted" in bad[0] + bad[1] and "fastmeta.distributed" in bad[0] + bad[1]
 
 
+def test_only_the_tools_import_the_test_oracle():
+    """fastmeta.testing is test and benchmark code: the product never depends on it, except
+    ``fastmeta bench`` (the tools)."""
+    graph = import_graph()
+    importers = {m for m, targets in graph.items() if any(part_of(t) == "testing" for t in targets)}
+    outside = {m for m in importers if part_of(m) not in {"testing", "tools"}}
+    assert not outside, f"the product imports fastmeta.testing: {sorted(outside)}"
+    assert "fastmeta.testing.reference_loop" in graph
+    assert any(part_of(m) == "tools" for m in importers), "fastmeta bench no longer uses the oracle"
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -207,3 +221,25 @@ def test_nothing_points_outside_the_repository():
             if marker in text:
                 hits.append(f"{path.relative_to(REPO)}: {marker}")
     assert not hits, "\n".join(sorted(set(hits)))
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in tests/helpers.py (and conftest's fixtures, tests/ops/harness.py):
+    a test module never imports another test module, so moving or editing one test never
+    breaks another."""
+    tests = REPO / "tests"
+    test_modules = {p.stem for p in tests.rglob("test_*.py")}
+    assert "test_layers" in test_modules
+    bad = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                if name.rpartition(".")[2] in test_modules or name.startswith("test_"):
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
+    assert not bad, "\n".join(bad)

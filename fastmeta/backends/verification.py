@@ -5,9 +5,10 @@
     {"<backend>": {"<device type>": {"<kernel>": {"date": ..., "device": ..., "torch": ...}}}}
 
 ``auto`` (see :mod:`fastmeta.backends`) only picks a kernel recorded here for the device
-type it would run on. The GPU test tier writes the record with
+type it would run on. :func:`record` is its one writer: the GPU test tier calls it with
 ``python -m fastmeta.backends.verification record BACKEND DEVICE_TYPE KERNEL...`` after it
-passes, and the file is committed with the results in bench/RESULTS.md.
+passes, and the GPU check (bench/gpu_check.py) calls it for each family it verifies. The file is committed with the results in
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -48,19 +49,29 @@ def verified_ops(backend: str) -> dict[str, list[str]]:
     return {dev: sorted(ops) for dev, ops in _record().get(backend, {}).items()}
 
 
-def record(backend: str, device_type: str, kernels: list[str], device_name: str) -> None:
-    """Add kernels to the record, atomically (write a temporary file, then rename)."""
-    import torch
+def record(backend: str, device_type: str, kernels: list[str], device_name: str, *,
+           torch_version: str | None = None, date: str | None = None, path: Path | None = None) -> None:
+    """Add kernels to the record, atomically (write a temporary file, then rename).
 
-    path = record_path()
+    The one writer of the record: the command line below and the GPU check
+    (bench/gpu_check.py) both call it. ``torch_version`` and ``date`` default to this
+    process's torch and today; the GPU check passes the ones of the run that verified the
+    kernels (its children's torch) and, when it resumes, those of the earlier run. ``path``
+    defaults to :func:`record_path`.
+    """
+    if torch_version is None:
+        import torch
+
+        torch_version = torch.__version__
+    path = record_path() if path is None else Path(path)
     data = json.loads(path.read_text()) if path.exists() else {}
     entry = {
-        "date": datetime.date.today().isoformat(),
+        "date": date or datetime.date.today().isoformat(),
         "device": device_name,
-        "torch": torch.__version__,
+        "torch": torch_version,
     }
     for kernel in kernels:
-        data.setdefault(backend, {}).setdefault(device_type, {})[kernel] = entry
+        data.setdefault(backend, {}).setdefault(device_type, {})[kernel] = dict(entry)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)

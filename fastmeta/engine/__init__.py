@@ -6,10 +6,10 @@
 - :mod:`fastmeta.engine.meta_iteration`: inner loop, losses, chunking, the fused path;
 - :mod:`fastmeta.engine.whole_step`: a whole meta-iteration in one CUDA graph;
 - :mod:`fastmeta.engine.whole_step_policy`: which training iterations run as whole steps,
-  and the optimizer settings a captured step needs;
-- :mod:`fastmeta.engine.reference_loop`: the reference loop, plain autograd task by task:
-  the oracle the engine is tested and benchmarked against (not
-  :class:`PerTaskLoopProgram`, the per-task loop that runs a model the engine cannot batch).
+  and the optimizer settings a captured step needs.
+
+The oracle the engine is tested and benchmarked against, the reference loop, is not part
+of it: :mod:`fastmeta.testing.reference_loop`.
 
 The learners call the engine with a plan; the engine never calls back into a learner.
 Only the engine calls the ops.

@@ -504,7 +504,7 @@ def _segment_index_by_identity(model: nn.Module, layout: Layout) -> dict[int, in
 class PerTaskLoopProgram:
     """The fallback, the per-task loop: the model run task by task with
     ``torch.func.functional_call``. (The test oracle is the reference loop,
-    :mod:`fastmeta.engine.reference_loop`, not this.)
+    :mod:`fastmeta.testing.reference_loop`, not this.)
 
     BatchNorm layers are switched to batch statistics for the call, and buffers are
     passed as copies, so running statistics are never touched.

@@ -424,7 +424,7 @@ def raise_nonfinite(nonfinite: Tensor, losses: Tensor) -> None:
     """Raise FloatingPointError for the finding of a validating meta-step (its ``nonfinite``
     output, read on the host: a CPU tensor, so no sync); return if there is none."""
     # Read through its pointer: tolist() and numpy() each cost dispatches (resolve_conj,
-    # resolve_neg, ...), and W1's whole validating step is 4 (tests/test_dispatch_budgets.py).
+    # resolve_neg, ...), and W1's whole validating step is 4 (tests/engine/test_dispatch_budgets.py).
     if nonfinite.device.type != "cpu" or nonfinite.dtype != torch.int64 or nonfinite.numel() != 3:
         raise TypeError(f"nonfinite must be an int64 CPU tensor [3], got {nonfinite.dtype} "
                         f"{tuple(nonfinite.shape)} on {nonfinite.device}")

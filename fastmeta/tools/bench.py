@@ -57,7 +57,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fastmeta.engine.reference_loop import relative_error
+from fastmeta.testing.reference_loop import relative_error
 from fastmeta.tools.command import Subcommand
 from fastmeta.tools.workloads import Workload, find_workload
 from fastmeta.tools.bench_peers import (

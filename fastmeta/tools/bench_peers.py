@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta.data import TaskBatch
-from fastmeta.engine.reference_loop import (
+from fastmeta.testing.reference_loop import (
     constant_coefficient,
     flat_grad,
     per_task_query_losses,

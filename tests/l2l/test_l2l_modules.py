@@ -14,7 +14,7 @@ from torch import nn
 import fastmeta as fm
 import fastmeta.l2l as l2l
 from fastmeta.engine import PerTaskLoopProgram, TracedProgram
-from fastmeta.engine.reference_loop import flat_grad, relative_error
+from fastmeta.testing.reference_loop import flat_grad, relative_error
 from fastmeta.l2l.optim import ParameterUpdate
 from fastmeta.l2l.optim.transforms import KroneckerTransform, MetaCurvatureTransform, ModuleTransform
 

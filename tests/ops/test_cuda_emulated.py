@@ -1,5 +1,5 @@
 """The CUDA kernels' logic, checked on the CPU: csrc/cuda/*.cu compiled by the host
-compiler against a CPU stand-in for the CUDA runtime (csrc/cuda/emulation/), each CTA's
+compiler against a CPU stand-in for the CUDA runtime (tests/ops/cuda_emulation/), each CTA's
 threads run as OS threads with barriers for __syncthreads.
 
 This catches indexing, layout and algorithm errors in the CUDA sources on every CI run;
@@ -27,10 +27,11 @@ from fastmeta.ops.task_linear import (
     reference_task_linear_weight_grad,
 )
 from fastmeta.ops.task_loss import reference_task_loss, reference_task_loss_grad
-from test_extension_build import build_or_skip
-from test_mlp_meta_step import CASES, IDS, make_problem
+from helpers import CASES, IDS, build_or_skip, make_problem
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# Test code, kept out of csrc/ so that it is neither shipped nor part of the build key.
+EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 L, F = ctypes.c_long, ctypes.c_float
 
 
@@ -64,13 +65,13 @@ def lib(tmp_path_factory):
     if shutil.which(cxx) is None:
         pytest.skip("no C++ compiler")
     out = tmp_path_factory.mktemp("cuda_emulation")
-    sources = [CSRC / "cuda" / "emulation" / "harness.cpp"]
+    sources = [EMULATION / "harness.cpp"]
     for source in sorted((CSRC / "cuda").glob("*.cu")):  # every kernel file, one per op family
         dst = out / (source.stem + "_emulated.cpp")
         dst.write_text(_emulated_source(source))
         sources.append(dst)
     so = out / "libfastmeta_cuda_emulated.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-D__CUDACC__", "-shared", "-fPIC", f"-I{CSRC / 'cuda' / 'emulation'}",
+    cmd = [cxx, "-std=c++20", "-O1", "-D__CUDACC__", "-shared", "-fPIC", f"-I{EMULATION}",
            f"-I{CSRC / 'cuda'}", f"-I{CSRC}", *map(str, sources), "-o", str(so), "-lpthread"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

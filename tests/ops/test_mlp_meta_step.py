@@ -20,55 +20,8 @@ from torch.library import opcheck
 
 import fastmeta as fm
 from fastmeta.ops.mlp_meta_step import mlp_meta_step, num_parameters, plain_reference_meta_step
-from fastmeta.ops.mlp_meta_step_update import mlp_meta_step_update
 from harness import direct, kernel_log
-from test_extension_build import build_or_skip
-
-# (layer_sizes, act, loss, lr kind, steps, K, first_order). W1 first; the rest cover odd
-# widths (tails of the 16-wide tiles), K = 1 … 50, 1–5 steps, every fused activation.
-CASES = [
-    ([1, 40, 40, 1], "relu", "mse", "step", 1, 10, False),
-    ([1, 40, 40, 1], "relu", "mse", "step", 1, 10, True),
-    ([3, 17, 9, 4], "tanh", "cross_entropy", "tensor", 2, 5, False),
-    ([2, 33, 5], "leaky_relu", "cross_entropy", "param", 3, 1, False),
-    ([5, 23, 19, 3], "tanh", "mse", "param", 5, 50, False),
-    ([4, 7, 2], "relu", "cross_entropy", "tensor", 4, 50, True),
-    ([1, 40, 40, 1], "leaky_relu", "mse", "tensor", 5, 25, False),
-    ([3, 65, 3], "tanh", "cross_entropy", "step", 1, 17, True),
-    ([6, 31, 31, 31, 2], "relu", "mse", "step", 2, 13, False),
-    ([2, 33, 5], "none", "mse", "param", 2, 3, False),
-]
-IDS = ["-".join(map(str, [".".join(map(str, c[0])), *c[1:]])) for c in CASES]
-
-
-def make_problem(layer_sizes, act, loss, lr_kind, steps, K, Q=None, T=6, dtype=torch.float32, device="cpu",
-                 seed=0):
-    g = torch.Generator().manual_seed(seed)
-    Q = Q or max(K - 2, 1)
-    P = num_parameters(layer_sizes)
-    # Glorot-like scale per layer so that activations stay O(1) through deep stacks.
-    parts = []
-    for i, o in zip(layer_sizes[:-1], layer_sizes[1:]):
-        parts += [torch.randn(o * i, generator=g) * (2.0 / (i + o)) ** 0.5, torch.randn(o, generator=g) * 0.1]
-    theta = torch.cat(parts)
-    sx = torch.randn(T, K, layer_sizes[0], generator=g)
-    qx = torch.randn(T, Q, layer_sizes[0], generator=g)
-    if loss == "mse":
-        sy = torch.randn(T, K, layer_sizes[-1], generator=g)
-        qy = torch.randn(T, Q, layer_sizes[-1], generator=g)
-    else:
-        sy = torch.randint(0, layer_sizes[-1], (T, K), generator=g)
-        qy = torch.randint(0, layer_sizes[-1], (T, Q), generator=g)
-    S = 2 * (len(layer_sizes) - 1)
-    shape = {"step": (steps,), "tensor": (steps, S), "param": (steps, P)}[lr_kind]
-    lr = torch.rand(shape, generator=g) * 0.08 + 0.02
-    w = torch.rand(T, generator=g) + 0.5
-
-    def cast(t):
-        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-
-    return [cast(t) for t in (theta, sx, sy, qx, qy, lr, w)]
-
+from helpers import CASES, IDS, build_or_skip, make_problem
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
@@ -377,86 +330,6 @@ def test_per_task_gradients_come_back_through_the_kernel_call(extension, monkeyp
         native = module.mlp_meta_step_op([th.detach()], sizes, act, 0.1, sx, sy, qx, qy, loss, lr, 2, False, True, False)
     for a, b in zip(out[3:5], native[3:5]):
         assert rel(a, b) <= 1e-10
-
-# ---------------------------------------------------------------------------------------
-# mlp_meta_step_update: the meta-gradient and Adam's update in one call
-# ---------------------------------------------------------------------------------------
-
-
-def _adam_state(params):
-    return ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
-            [torch.zeros((), dtype=torch.float32) for _ in params])
-
-
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4]], ids=[IDS[0], IDS[2], IDS[4]])
-def test_update_equals_meta_gradient_then_torch_adam(extension, backend, case):
-    """Three iterations of the fused update equal three of: the op's meta-gradient of the
-    mean loss, then torch.optim.Adam (its own fused step) on the same parameters."""
-    import sys
-
-    module = sys.modules["fastmeta.ops.mlp_meta_step"]
-    layer_sizes, act, loss, lr_kind, steps, K, first_order = case
-    theta, sx, sy, qx, qy, lr, _ = make_problem(layer_sizes, act, loss, lr_kind, steps, K, dtype=torch.float64)
-    params = [t.clone() for t in theta.split([o * i if j % 2 == 0 else o for j, (i, o) in enumerate(
-        (pair for l in zip(layer_sizes[:-1], layer_sizes[1:]) for pair in (l, l)))])]
-    assert sum(p.numel() for p in params) == theta.numel()
-    want = [p.clone().requires_grad_(True) for p in params]
-    adam = torch.optim.Adam(want, lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01, fused=True)
-    got = [p.clone() for p in params]
-    exp_avgs, exp_avg_sqs, state_steps = _adam_state(got)
-    flag = torch.zeros(2, dtype=torch.int64)
-    for it in range(3):
-        adam.zero_grad(set_to_none=True)
-        with fm.use_backend(backend):
-            mean, _, _ = module.mlp_meta_step_mean(want, layer_sizes, act, 0.1, sx, sy, qx, qy, loss, lr, steps,
-                                                   first_order)
-            mean.backward()
-        adam.step()
-        with fm.use_backend(backend), kernel_log("cpu") as (ran, declined):
-            got_mean, got_losses = mlp_meta_step_update(
-                got, exp_avgs, exp_avg_sqs, state_steps, flag, it, layer_sizes, act, 0.1, sx, sy, qx, qy, loss, lr,
-                steps, first_order, 1e-2, 0.8, 0.99, 0.01, 1e-6)
-        assert ran["mlp_meta_step_update"] == (backend == "cpu") and not declined
-        assert rel(got_mean, mean.detach()) <= 1e-12 and got_losses.shape == (sx.size(0),)
-    for a, b in zip(got, want):
-        assert rel(a, b.detach()) <= 1e-10
-    for p, m, v, s in zip(want, exp_avgs, exp_avg_sqs, state_steps):
-        state = adam.state[p]
-        assert rel(m, state["exp_avg"]) <= 1e-10 and rel(v, state["exp_avg_sq"]) <= 1e-10
-        assert float(s) == float(state["step"]) == 3.0
-    assert flag.tolist() == [0, 0]
-
-
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_update_skips_a_non_finite_iteration_and_flags_it(extension, backend):
-    import sys
-
-    module = sys.modules["fastmeta.ops.mlp_meta_step"]
-    layer_sizes = [2, 7, 3]
-    theta, sx, sy, qx, qy, lr, _ = make_problem(layer_sizes, "tanh", "mse", "step", 1, 4, dtype=torch.float64)
-    params = [theta.clone()]
-    exp_avgs, exp_avg_sqs, state_steps = _adam_state(params)
-    flag = torch.zeros(2, dtype=torch.int64)
-    args = (layer_sizes, "tanh", 0.0)
-    rest = ("mse", lr, 1, False, 1e-3, 0.9, 0.999, 0.0, 1e-8)
-    with fm.use_backend(backend), kernel_log("cpu") as (ran, declined):
-        mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 0, *args, sx, sy, qx, qy, *rest)
-        before = [t.clone() for t in (params[0], exp_avgs[0], exp_avg_sqs[0], state_steps[0])]
-        bad = qy.clone()
-        bad[1, 0, 0] = float("nan")
-        mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 7, *args, sx, sy, qx, bad, *rest)
-        # The update was skipped: parameters and state as before; the flag names iteration 7.
-        for a, b in zip((params[0], exp_avgs[0], exp_avg_sqs[0], state_steps[0]), before):
-            assert torch.equal(a, b)
-        assert flag.tolist() == [1, 7]
-        # A later bad iteration keeps the first one's number; a good one updates again.
-        mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 9, *args, sx, sy, qx, bad, *rest)
-        assert flag.tolist() == [1, 7]
-        mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, flag, 10, *args, sx, sy, qx, qy, *rest)
-        assert float(state_steps[0]) == 2.0 and not torch.equal(params[0], before[0])
-    assert ran["mlp_meta_step_update"] == (4 if backend == "cpu" else 0) and not declined
-
 
 def test_cuda_depth_cap_is_asked_of_the_extension(extension):
     """kMaxLayers lives in csrc/cuda/mlp_meta_step.cuh only: Python asks the extension for it,

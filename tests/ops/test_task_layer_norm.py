@@ -13,7 +13,7 @@ from torch import nn
 import fastmeta as fm
 from fastmeta import ops
 from fastmeta.engine import TracedProgram
-from fastmeta.engine.reference_loop import constant_coefficient, flat_grad, per_task_query_losses, relative_error
+from fastmeta.testing.reference_loop import constant_coefficient, flat_grad, per_task_query_losses, relative_error
 from fastmeta.ops.task_layer_norm import reference_task_layer_norm, reference_task_layer_norm_backward
 from harness import backend_params, check_kernel, check_op, kernel_log
 

@@ -121,7 +121,7 @@ def test_a_block_of_iterations_equals_one_sample_per_iteration(image_root):
 
 
 def test_a_decompression_bomb_is_a_dataset_error_naming_the_file(tmp_path):
-    from test_data_omniglot import png_declaring
+    from helpers import png_declaring
 
     folder = tmp_path / "train" / "cat"
     folder.mkdir(parents=True)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastmeta as fm
-from test_extension_build import build_or_skip
+from helpers import build_or_skip
 
 # The module (fastmeta.ops re-exports a function of the same name).
 module = importlib.import_module("fastmeta.ops.mlp_meta_step")

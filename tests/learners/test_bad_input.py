@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastmeta as fm
-from test_learners import classification_tasks, make_model, regression_tasks
+from helpers import classification_tasks, make_model, regression_tasks
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_validate_false_skips_the_syncing_checks():
 
 @pytest.mark.parametrize("lr", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_lr_is_rejected(lr):
-    # lr <= 0 is accepted, as learn2learn accepts it (issue 13; tests/test_l2l_api.py).
+    # lr <= 0 is accepted, as learn2learn accepts it (issue 13; tests/l2l/test_l2l_api.py).
     with pytest.raises(ValueError, match="lr must be finite"):
         fm.MAML(make_model("mlp"), lr)
     with pytest.raises(ValueError, match="lr must be finite"):

@@ -12,51 +12,8 @@ import torch
 from torch import nn
 
 import fastmeta as fm
-from fastmeta.engine.reference_loop import relative_error
-from test_learners import classification_tasks, regression_tasks
-
-
-def smooth_conv_bn_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.Tanh(),
-        nn.AvgPool2d(2),
-        nn.Conv2d(3, 3, 3, stride=2, padding=1),
-        nn.BatchNorm2d(3),
-        nn.Sigmoid(),
-        nn.Flatten(),
-        nn.Linear(3 * 2 * 2, 3),
-    )
-
-
-def central_difference_gradient(meta_loss, theta: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    grad = torch.empty_like(theta)
-    for i in range(theta.numel()):
-        step = torch.zeros_like(theta)
-        step[i] = eps
-        grad[i] = (meta_loss(theta + step) - meta_loss(theta - step)) / (2 * eps)
-    return grad
-
-
-def check_against_finite_differences(learner, tasks):
-    params = list(learner.parameters())
-    layout = fm.Layout([(str(i), tuple(p.shape)) for i, p in enumerate(params)])
-    theta0 = layout.pack([p.detach() for p in params])
-
-    def meta_loss(theta):
-        with torch.no_grad():
-            for p, v in zip(params, layout.views(theta)):
-                p.copy_(v)
-        with torch.enable_grad():
-            return learner.meta_batch(*tasks).loss.detach()
-
-    analytic = torch.cat(
-        [g.reshape(-1) for g in torch.autograd.grad(learner.meta_batch(*tasks).loss, params)]
-    )
-    numeric = central_difference_gradient(meta_loss, theta0)
-    meta_loss(theta0)  # restore
-    return relative_error(analytic, numeric)
+from fastmeta.testing.reference_loop import relative_error
+from helpers import check_against_finite_differences, classification_tasks, regression_tasks, smooth_conv_bn_net
 
 
 @pytest.mark.parametrize("steps", [1, 3])

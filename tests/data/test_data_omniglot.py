@@ -18,6 +18,7 @@ from conftest import (
 import fastmeta.data.omniglot as omniglot_module
 from fastmeta.data import DatasetError, Omniglot, TaskBatch, maml_split_sizes
 from fastmeta.data.images import MAX_MEMBER_BYTES
+from helpers import png_declaring
 
 
 @pytest.fixture(scope="module")
@@ -234,15 +235,6 @@ def test_a_block_of_iterations_equals_one_sample_per_iteration(omniglot):
 
 
 # -- hostile files: bounded before they are read ------------------------------------------------
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG signature and an IHDR chunk declaring width x height pixels (no pixel data)."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
-    chunk = b"IHDR" + header
-    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
-    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
-    return b"\x89PNG\r\n\x1a\n" + ihdr + end
 
 
 def replace_member(source: Path, destination: Path, member: str, write) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastmeta as fm
-from test_learners import classification_tasks
+from helpers import classification_tasks
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmeta as fm
-from fastmeta.engine.reference_loop import flat_grad, relative_error
-from test_learners import make_model, make_tasks
+from fastmeta.testing.reference_loop import flat_grad, relative_error
+from helpers import make_model, make_tasks
 
 
 def l2l_style_meta_gradient(learner, tasks, steps, loss_fn):
@@ -400,7 +400,7 @@ def test_the_speed_bench_runs_and_checks_its_contenders(tmp_path):
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "bench_l2l.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_l2l.py"
     spec = importlib.util.spec_from_file_location("bench_l2l", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

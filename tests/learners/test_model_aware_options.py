@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import fastmeta as fm
-from fastmeta.engine.reference_loop import flat_grad, learner_coefficient, per_task_query_losses, relative_error
-from test_finite_differences import check_against_finite_differences, smooth_conv_bn_net
-from test_learners import (
+from fastmeta.testing.reference_loop import flat_grad, learner_coefficient, per_task_query_losses, relative_error
+from helpers import (
+    check_against_finite_differences,
     classification_tasks,
     fastmeta_meta_gradient,
     loop_meta_gradient,
@@ -25,6 +25,7 @@ from test_learners import (
     make_tasks,
     per_step_bn_reference,
     regression_tasks,
+    smooth_conv_bn_net,
 )
 
 

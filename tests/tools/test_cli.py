@@ -18,7 +18,7 @@ from fastmeta import checkpoint
 from fastmeta.tools import cli, training
 from fastmeta.tools.training import CHECKPOINT_NAME, METRICS_NAME, read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUIET = ["--no-progress", "--threads", "1"]
 
 
@@ -52,7 +52,7 @@ def test_train_sinusoid(tmp_path, capsys):
 
 def test_resume_continues_with_identical_losses(tmp_path):
     # A longer --iterations on resume continues the same run only under a constant meta
-    # learning rate: the cosine spans the run's iterations (tests/test_schedules.py checks
+    # learning rate: the cosine spans the run's iterations (tests/tools/test_schedules.py checks
     # an exact resume under every schedule, stopped by SIGINT).
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     constant = ("--outer-lr-schedule", "constant")

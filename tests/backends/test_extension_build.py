@@ -19,28 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-# ---------------------------------------------------------------------------------------
-# Helpers for tests/test_extension_build.py and tests/ops/
-# ---------------------------------------------------------------------------------------
-
-
-def build_or_skip():
-    """Build (or load) the extension: skip without a C++ compiler, fail if a build breaks."""
-    from fastmeta.backends import extension
-
-    ok, reason = extension.build()
-    if not ok:
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            pytest.skip(f"no C++ compiler: {reason}")
-        pytest.fail(f"the C++ extension failed to build: {reason}")
-    return extension
-
+from helpers import build_or_skip
 
 # ---------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +67,7 @@ def test_cpu_backend_is_available_and_cuda_kernels_dispatch_by_device(extension)
 
 def test_cpp_entry_points_reject_bad_layouts_instead_of_reading_out_of_bounds(extension):
     x = torch.randn(2, 3, 4).transpose(1, 2)  # not contiguous
-    # Each check raises the Python type of its kind (tests/test_native_errors.py has more).
+    # Each check raises the Python type of its kind (tests/backends/test_native_errors.py has more).
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.fastmeta_ext.task_linear(x, torch.randn(5, 3), None, "none", 0.0)
     with pytest.raises(ValueError, match="input features"):
@@ -181,6 +166,22 @@ def test_the_cache_key_follows_the_sources_content_torch_and_flags(tmp_path, mon
     monkeypatch.undo()
     assert extension.build_key(plan) == key
     assert extension.build_name(plan) == f"fastmeta_ext_cpu_{key}"
+
+
+def test_the_build_key_reads_no_test_code():
+    """Test code stays out of the product: editing a test harness (the CUDA emulation under
+    tests/ops/cuda_emulation/) must not rebuild anyone's extension, nor ship in the wheel."""
+    from fastmeta.backends import extension
+
+    inputs = [p.relative_to(extension.csrc_dir()) for p in extension._source_files(extension.csrc_dir())]
+    assert inputs, "the build key reads no sources"
+    suspect = [p.as_posix() for p in inputs
+               if {"tests", "emulation", "testing"} & set(p.parts) or "harness" in p.name or "emulat" in p.name]
+    assert not suspect, f"test code among the build key's inputs: {suspect}"
+    # The package data ships csrc/ only; no glob of it reaches a test folder.
+    pyproject = (REPO / "pyproject.toml").read_text()
+    shipped = pyproject.split('"fastmeta.csrc" = [', 1)[1].split("]", 1)[0]
+    assert "emulation" not in shipped and "tests" not in shipped, shipped
 
 
 def test_staged_sources_are_copied_once_and_replaced_when_they_differ(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from fastmeta.tools.profiling import count_paths
 from fastmeta.tools.workloads import WORKLOADS
-from test_extension_build import build_or_skip
+from helpers import build_or_skip
 
 @pytest.fixture(scope="module")
 def extension():

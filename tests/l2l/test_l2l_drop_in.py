@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmeta as fm
-from fastmeta.engine.reference_loop import flat_grad, relative_error
+from fastmeta.testing.reference_loop import flat_grad, relative_error
 
 DT = torch.float64
 

@@ -21,7 +21,7 @@ import pytest
 
 import fastmeta.ops  # noqa: F401 (the op modules declare the table's families)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_check.py"
 OUT_FILES = {"verified.json", "results.json", "summary.txt", "logs.tar.gz"}
 

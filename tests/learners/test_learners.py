@@ -7,87 +7,21 @@ import torch
 from torch import nn
 
 import fastmeta as fm
-from fastmeta.engine.reference_loop import (
+from fastmeta.testing.reference_loop import (
     constant_coefficient,
     flat_grad,
     learner_coefficient,
     per_task_query_losses,
     relative_error,
 )
-
-
-def conv_bn_pool_net(ways: int = 3) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, stride=2, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 2 * 2, ways),
-    )
-
-
-def classification_tasks(T=3, ways=3, shots=2, queries=2, image=8, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sx = torch.randn(T, ways * shots, 1, image, image, generator=g, dtype=dtype)
-    qx = torch.randn(T, ways * queries, 1, image, image, generator=g, dtype=dtype)
-    sy = torch.arange(ways).repeat_interleave(shots).expand(T, -1).contiguous()
-    qy = torch.arange(ways).repeat_interleave(queries).expand(T, -1).contiguous()
-    return sx, sy, qx, qy
-
-
-def regression_tasks(T=4, shots=5, queries=6, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sx = torch.rand(T, shots, 1, generator=g, dtype=dtype) * 10 - 5
-    qx = torch.rand(T, queries, 1, generator=g, dtype=dtype) * 10 - 5
-    amp = torch.rand(T, 1, 1, generator=g, dtype=dtype) * 4.9 + 0.1
-    phase = torch.rand(T, 1, 1, generator=g, dtype=dtype) * torch.pi
-    return sx, amp * torch.sin(sx - phase), qx, amp * torch.sin(qx - phase)
-
-
-def make_model(kind: str) -> nn.Module:
-    torch.manual_seed(1)
-    if kind == "mlp":
-        return fm.models.mlp((1, 16, 16, 1))
-    return conv_bn_pool_net()
-
-
-def make_tasks(kind: str):
-    return regression_tasks() if kind == "mlp" else classification_tasks()
-
-
-def per_step_bn_reference(learner):
-    """MAML++'s per-step BatchNorm values as the reference loop sets them: after inner step
-    s, every BatchNorm weight and bias takes row min(s, steps - 1) of ``bn_per_step``
-    (its columns: those parameters in ``named_parameters()`` order). None when off."""
-    if not getattr(learner, "per_step_bn", False):
-        return None
-    norms = {n for n, m in learner.module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    named = [(n, p.shape) for n, p in learner.module.named_parameters() if n.rpartition(".")[0] in norms]
-
-    def values(step):
-        row = learner.bn_per_step[min(step, learner.steps - 1)]
-        parts = row.split([shape.numel() for _, shape in named])
-        return {n: part.view(shape) for (n, shape), part in zip(named, parts)}
-
-    return values
-
-
-def loop_meta_gradient(learner, tasks, steps, first_order, adapting=lambda n: True, step_weights=None):
-    params = [p for p in learner.parameters() if p.requires_grad]
-    losses = per_task_query_losses(
-        learner.module, *tasks, steps, first_order, learner_coefficient(learner), adapting,
-        per_step_bn_reference(learner), step_weights,
-    )
-    return flat_grad(losses.mean(), params), losses
-
-
-def fastmeta_meta_gradient(learner, tasks):
-    out = learner.meta_batch(*tasks)
-    return flat_grad(out.loss, [p for p in learner.parameters() if p.requires_grad]), out
+from helpers import (
+    classification_tasks,
+    fastmeta_meta_gradient,
+    loop_meta_gradient,
+    make_model,
+    make_tasks,
+    regression_tasks,
+)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])

@@ -1,6 +1,8 @@
 """The reference loop: the plain autograd loop, task by task, that the engine is tested and
-benchmarked against (the test oracle). Not :class:`fastmeta.engine.PerTaskLoopProgram`, the
-engine's per-task loop that runs models it cannot batch.
+benchmarked against. A test and benchmark oracle, not part of the engine: nothing in the
+product imports it but ``fastmeta bench`` (:mod:`fastmeta.tools`). Not
+:class:`fastmeta.engine.PerTaskLoopProgram`, the engine's per-task loop that runs models it
+cannot batch.
 
 This is what learn2learn's ``clone()/adapt()`` computes, written with nothing of fastmeta's
 engine: ``torch.func.functional_call`` per task, ``autograd.grad(create_graph=True)`` per

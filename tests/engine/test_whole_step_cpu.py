@@ -13,8 +13,7 @@ import torch
 
 import fastmeta as fm
 from fastmeta.engine import FusedMLPStep
-from test_extension_build import build_or_skip
-from test_learners import classification_tasks, regression_tasks
+from helpers import build_or_skip, classification_tasks, regression_tasks
 
 
 @pytest.fixture(scope="module")

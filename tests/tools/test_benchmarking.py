@@ -36,7 +36,7 @@ class LossOffByOnePercent(LoopPeer):
         T = sx.size(0)
         params = dict(self.model.named_parameters())
         self.optimizer.zero_grad(set_to_none=True)
-        from fastmeta.engine.reference_loop import constant_coefficient, task_query_loss
+        from fastmeta.testing.reference_loop import constant_coefficient, task_query_loss
 
         coefficient = constant_coefficient(self.model, w.inner_lr)
         for t in range(T):
@@ -222,7 +222,7 @@ def test_profile_on_the_cpu_prints_no_profiler_noise(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fastmeta", "profile", "W1", "--tasks", "2", "--iterations", "1", "--warmup", "1",
          "--device", "cpu", "--backend", "torch", "--top", "3", "--out", str(tmp_path / "trace.json")],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600,
+        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "fastmeta.meta_iteration" in proc.stdout
@@ -230,7 +230,7 @@ def test_profile_on_the_cpu_prints_no_profiler_noise(tmp_path):
     # The dispatch counter profiles too.
     proc = subprocess.run(
         [sys.executable, "-m", "fastmeta", "profile", "W1", "--count", "--backend", "torch"],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600,
+        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "dispatches" in proc.stdout and proc.stderr == "", proc.stderr

@@ -9,7 +9,7 @@ from torch import nn
 
 import fastmeta as fm
 import fastmeta.l2l as l2l
-from fastmeta.engine.reference_loop import flat_grad, relative_error
+from fastmeta.testing.reference_loop import flat_grad, relative_error
 from fastmeta.learners.module_tree import transductive_batch_norm
 
 DT = torch.float64

@@ -11,8 +11,8 @@ from torch import nn
 
 import fastmeta as fm
 from fastmeta.engine import TracedProgram, PerTaskLoopProgram
-from fastmeta.engine.reference_loop import adapt_task, flat_grad, per_task_query_losses, constant_coefficient, relative_error
-from test_learners import classification_tasks, regression_tasks
+from fastmeta.testing.reference_loop import adapt_task, flat_grad, per_task_query_losses, constant_coefficient, relative_error
+from helpers import classification_tasks, regression_tasks
 
 
 class ResidualBlock(nn.Module):
@@ -300,7 +300,7 @@ def test_recurrent_clone_adapt_matches_meta_batch(cell):
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
 def test_recurrent_second_order_meta_gradient_against_finite_differences(cell):
-    from test_finite_differences import check_against_finite_differences
+    from helpers import check_against_finite_differences
 
     _, learner = recurrent_learner(cell, steps=2, dtype=torch.float64, hidden=3)
     tasks = sequence_tasks(T=2, shots=3, queries=3, length=4, dtype=torch.float64)
