@@ -29,6 +29,19 @@ from fastmeta.engine.types import MetaBatchOutput
 MetaBatchFunction = Callable[[Tensor, Tensor, Tensor, Tensor], MetaBatchOutput]
 
 
+def invalidate(step, reason: str) -> None:
+    if step.stale is None:  # the first change is the one to report
+        step.stale = reason
+
+
+def check_not_stale(step) -> None:
+    """A step runs the plan of its build; after a change of what the plan was built from
+    it refuses (the rule for captured state: read it on every call, or refuse after a change)."""
+    if step.stale is not None:
+        raise RuntimeError(f"{step.stale} after this {type(step).__name__} was built; it runs the plan from "
+                           "that time: call learner.capture(...) again")
+
+
 class CapturedMetaStep:
     """A captured meta-iteration. ``step(sx, sy, qx, qy)`` runs one and returns its output.
 
@@ -51,6 +64,7 @@ class CapturedMetaStep:
                     raise ValueError("the optimizer holds tensors that are not learner parameters")
         self._meta_batch = meta_batch
         self.optimizer = optimizer
+        self.stale: str | None = None  # set by invalidate(): why replaying would be wrong
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=inputs[0].device)
         self.static_inputs = tuple(t.clone() for t in inputs)
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -96,7 +110,12 @@ class CapturedMetaStep:
         self.optimizer.step()
         return out
 
+    def invalidate(self, reason: str) -> None:
+        """Refuse every later call with ``reason``: the state the step was built from changed."""
+        invalidate(self, reason)
+
     def __call__(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> MetaBatchOutput:
+        check_not_stale(self)
         for name, static, new in zip(
             ("support_x", "support_y", "query_x", "query_y"),
             self.static_inputs,
@@ -129,6 +148,44 @@ class CapturedMetaStep:
                 "parameters may be non-finite (keep the last checkpoint)")
 
 
+def check_adam_options(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, by name, every option of ``torch.optim.Adam``/``AdamW`` that the fused CPU
+    update does not implement; it implements Adam's update with coupled (L2) weight decay.
+
+    - ``amsgrad``, ``maximize``, ``differentiable``: other updates (or a graph through one).
+    - AdamW's decoupled decay (``torch.optim.AdamW``, or ``decoupled_weight_decay=True``
+      on newer torch's Adam) with a nonzero ``weight_decay``: a different update, that
+      applying the coupled one would approximate (0.059 away after 3 steps at wd 0.1).
+      With ``weight_decay=0`` the two are the same update and are accepted.
+    - ``capturable``: CUDA graphs' option; torch's own Adam refuses it for CPU parameters.
+    - ``foreach``, ``fused``: how torch would run the same update; the fused op computes
+      that update itself, so they are accepted.
+    - ``lr``, ``betas``, ``eps``, ``weight_decay`` as Tensors: torch then computes in the
+      tensor's dtype, which the fused update does not; refused.
+    """
+    name = type(optimizer).__name__
+    for group in optimizer.param_groups:
+        # capturable=True: torch's own Adam refuses it for CPU parameters at its step.
+        for option in ("amsgrad", "maximize", "differentiable", "capturable"):
+            if group.get(option):
+                raise ValueError(f"whole-step execution on the CPU does not implement {name}'s {option}=True; "
+                                 "train through meta_batch, loss.backward() and the optimizer")
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+        decay = group.get("weight_decay", 0)
+        for option in ("lr", "eps", "weight_decay", "betas"):
+            values = group.get(option)
+            if any(isinstance(v, Tensor) for v in (values if option == "betas" else (values,))):
+                # torch then computes the step size in the tensor's dtype (float32 for
+                # torch.tensor(1e-2)): 7e-10 away in float64 after 3 steps, not equal.
+                raise ValueError(f"whole-step execution on the CPU takes {name}'s {option} as a number, not a "
+                                 "Tensor; pass float(...)")
+        if decoupled and float(decay) != 0.0:
+            raise ValueError(
+                f"whole-step execution on the CPU implements Adam's coupled weight decay, not {name}'s "
+                f"decoupled_weight_decay (weight_decay={float(decay)}); use torch.optim.Adam, weight_decay=0, "
+                "or train through meta_batch, loss.backward() and the optimizer")
+
+
 class FusedMLPStep:
     """A whole meta-iteration on the CPU for a plain MLP: ``step(sx, sy, qx, qy)`` runs the
     inner loop of every task, the query loss, the meta-gradient and Adam's update in one
@@ -149,13 +206,13 @@ class FusedMLPStep:
 
     def __init__(self, run: Callable[..., tuple[Tensor, Tensor]], parameters: Sequence[Tensor],
                  optimizer: torch.optim.Optimizer, inputs: tuple[Tensor, ...]):
-        if not isinstance(optimizer, torch.optim.Adam):
-            raise ValueError("whole-step execution on the CPU takes torch.optim.Adam (its fused update is used)")
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise ValueError("whole-step execution on the CPU takes torch.optim.Adam (its fused update is used), "
+                             f"got {type(optimizer).__name__}")
         if len(optimizer.param_groups) != 1:
             raise ValueError("the optimizer must have one parameter group")
         group = optimizer.param_groups[0]
-        if group.get("amsgrad") or group.get("maximize") or group.get("differentiable"):
-            raise ValueError("whole-step execution takes Adam without amsgrad, maximize or differentiable")
+        check_adam_options(optimizer)
         held = {id(p) for p in group["params"]}
         if held != {id(p) for p in parameters} or len(group["params"]) != len(parameters):
             raise ValueError("the optimizer must hold exactly the learner's parameters")
@@ -164,7 +221,12 @@ class FusedMLPStep:
         self.optimizer = optimizer
         self.shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
         self.iteration = 0
+        self.stale: str | None = None  # set by invalidate(): why running would be wrong
         self.nonfinite = torch.zeros(2, dtype=torch.int64)
+
+    def invalidate(self, reason: str) -> None:
+        """Refuse every later call with ``reason``: the state the step was built from changed."""
+        invalidate(self, reason)
 
     def _state(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -180,11 +242,13 @@ class FusedMLPStep:
         return exp_avgs, exp_avg_sqs, steps
 
     def __call__(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> MetaBatchOutput:
+        check_not_stale(self)
         for name, (shape, dtype, device), new in zip(("support_x", "support_y", "query_x", "query_y"), self.shapes,
                                                      (support_x, support_y, query_x, query_y)):
             if tuple(new.shape) != shape or new.dtype != dtype or new.device != device:
                 raise ValueError(f"{name} is {list(new.shape)} {new.dtype} on {new.device}, but the step was built "
                                  f"for {list(shape)} {dtype} on {device}")
+        check_adam_options(self.optimizer)  # read at every call, like the hyperparameters
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         lr = group["lr"]
