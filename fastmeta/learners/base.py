@@ -112,9 +112,11 @@ class MetaLearner(ModelAttributes, nn.Module):
 
     # -- captured steps: refused after a change of the state their plan was built from --
 
-    # The plain attributes a plan reads (tensors the plan holds are read on replay).
+    # The plain attributes a captured step's plan reads (tensors the plan holds are read on
+    # replay). Not ``validate``: a captured step checks its meta-batch once, at capture, and
+    # evaluation turns validation off around itself between training steps.
     _PLAN_ATTRIBUTES = frozenset({
-        "lr", "steps", "first_order", "loss", "validate", "allow_unused", "allow_nograd", "task_chunk",
+        "lr", "steps", "first_order", "loss", "allow_unused", "allow_nograd", "task_chunk",
         "batch_norm", "lr_mode", "lr_per_step", "log_lr", "per_step_bn", "gates", "precondition",
     })
 

@@ -203,5 +203,6 @@ def test_an_unchanged_or_explicit_attribute_does_not_refuse():
         meta.lr = 0.01  # the same value
         meta.first_order = True  # capture was given first_order: the learner's is not read
         meta.steps_taken = 3  # not part of the plan
+        meta.validate = False  # read at capture only (evaluation toggles it between steps)
         out = step(*tasks(1))
     assert torch.isfinite(out.loss)
