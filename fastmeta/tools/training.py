@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from fastmeta import checkpoint, distributed
 from fastmeta.data import ImageFolderTasks, Omniglot, SinusoidTasks, TaskBatch
 from fastmeta.tools.schedules import check_schedules, iteration_schedule
+from fastmeta.tools.evaluation_chunks import evaluation_chunk
 
 __all__ = [
     "ModelAwareOptions",
@@ -424,7 +425,7 @@ def task_scores(
     what a paired comparison of two runs on the same tasks needs."""
     config = run.config
     shard = context.shard(num_tasks) if context is not None else range(num_tasks)
-    chunk = chunk or (num_tasks if config.is_regression else config.meta_batch)
+    chunk = evaluation_chunk(num_tasks, config.is_regression, config.meta_batch, chunk)  # issue 26: bounded memory
     per_task: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
     validate = run.learner.validate
     # A task whose adaptation diverges is a result to report, not an error to raise.
