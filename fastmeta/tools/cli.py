@@ -201,11 +201,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def _run_train(args) -> int:
     from fastmeta import distributed
-    from fastmeta.tools import training
-
-    if args.nproc is not None:
-        # torchrun starts N copies of this same command (minus --nproc) and sets their ranks.
-        return distributed.launch(args.nproc, _without_nproc(args.argv))
+    from fastmeta.tools import run_lock, training
 
     preset = training.PRESETS[args.preset]
     given = {
@@ -217,6 +213,15 @@ def _run_train(args) -> int:
     data_path = str(Path(args.data).expanduser().resolve()) if args.data else None
     config = dataclasses.replace(preset, **given, data_path=data_path)
     out = training.check_run_folder(args.out or Path("runs") / f"{config.preset}-{config.learner}", "--out")
+    # One run per folder, held from here to the end; --nproc's ranks share the launcher's.
+    with run_lock.hold(out, "--out", cleanup=training._remove_if_nothing_was_written):
+        if args.nproc is not None:
+            # torchrun starts N copies of this same command (minus --nproc) and sets their ranks.
+            return distributed.launch(args.nproc, _without_nproc(args.argv))
+        return _run_train_locked(args, training, distributed, config, given, data_path, out)
+
+
+def _run_train_locked(args, training, distributed, config, given, data_path, out) -> int:
     checkpoint_path = out / training.CHECKPOINT_NAME
     if args.resume and checkpoint_path.exists():
         saved, _ = training.read_run_checkpoint(checkpoint_path)
