@@ -42,7 +42,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 _REGISTERED: dict[str, Subcommand] = {}
 
 # Errors that are the user's input, not a bug: printed as one line, exit code 1.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+# PermissionError: an unwritable --out (at the start, or at a later checkpoint) is the
+# user's to fix; its message names the file.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
 
 
 def register_subcommand(name: str, subcommand: Subcommand) -> None:
@@ -137,7 +139,11 @@ def _select_device(args) -> str:
     if args.backend is not None:
         import fastmeta
 
-        fastmeta.use_backend(args.backend)
+        try:
+            fastmeta.use_backend(args.backend)
+        except (RuntimeError, KeyError, TypeError) as error:  # unavailable (no GPU, no compiler) or unknown
+            reason = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise ValueError(f"--backend {args.backend}: {reason}") from None
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
