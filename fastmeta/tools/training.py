@@ -41,6 +41,7 @@ from fastmeta import checkpoint, distributed
 from fastmeta.data import ImageFolderTasks, Omniglot, SinusoidTasks, TaskBatch
 from fastmeta.tools.schedules import check_schedules, iteration_schedule
 from fastmeta.tools.evaluation_chunks import evaluation_chunk
+from fastmeta.tools.resume_message import resume_message
 
 __all__ = [
     "ModelAwareOptions",
@@ -644,16 +645,17 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
         saved_config, saved = read_run_checkpoint(checkpoint_path)
         config = dataclasses.replace(saved_config, iterations=config.iterations, data_path=config.data_path or saved_config.data_path)
         start, elapsed_before = saved["iteration"], saved["elapsed_seconds"]
-        for stale in checkpoint.stale_temporaries(checkpoint_path) if context.is_main else ():
-            stale.unlink(missing_ok=True)  # left by a writer that was killed
     elif resume:
         echo(f"fastmeta: no checkpoint in {out}; starting from iteration 0")
 
+    # issue 26: also when a kill during the first checkpoint write left only a temporary.
+    for stale in checkpoint.stale_temporaries(checkpoint_path) if context.is_main else ():
+        stale.unlink(missing_ok=True)  # left by a writer that was killed
     run = Run(config, device)
     run.check_splits(splits_used(config, start))
     if saved is not None:
         run.restore(saved)
-        echo(f"fastmeta: resuming {config.preset} from iteration {start} of {config.iterations}")
+        echo(resume_message(config.preset, start, config.iterations))  # issue 26
     parallel = distributed.TaskParallel(run.learner, context)  # rank 0's weights everywhere
     # On --resume each rank read the checkpoint itself: Adam's state (with its step count)
     # shows they all read the same one. Called on every rank, resumed or not, so that a
