@@ -42,6 +42,28 @@ def check_not_stale(step) -> None:
                            "that time: call learner.capture(...) again")
 
 
+def guarded_step(optimizer: torch.optim.Optimizer, loss: Tensor, nonfinite: Tensor) -> None:
+    """``optimizer.step()``, undone on the device when ``loss`` or a gradient is not finite
+    (``nonfinite`` is then set): no host sync, so it can be captured in a CUDA graph.
+
+    The parameters and every tensor of the optimizer's state (moments, step count) are
+    copied before the step and selected back with ``torch.where`` on the finite flag: a
+    graph cannot branch, so the update is computed and discarded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    finite = torch.isfinite(loss.detach()).all()
+    for p in params:
+        if p.grad is not None:
+            finite = finite & torch.isfinite(p.grad).all()
+    kept = [p for p in params] + [v for p in params for v in optimizer.state.get(p, {}).values()
+                                  if isinstance(v, Tensor)]
+    before = [t.detach().clone() for t in kept]
+    optimizer.step()
+    with torch.no_grad():
+        for t, old in zip(kept, before):
+            t.copy_(torch.where(finite, t, old))
+        nonfinite.logical_or_(~finite)
+
+
 class CapturedMetaStep:
     """A captured meta-iteration. ``step(sx, sy, qx, qy)`` runs one and returns its output.
 
@@ -84,9 +106,9 @@ class CapturedMetaStep:
         self.iteration = 0
         optimizer.zero_grad(set_to_none=False)
         with torch.cuda.graph(self.graph):
-            self.static_output = self._iteration()
-            # Recorded on the device, read only by check_finite: no sync per replay.
-            self.nonfinite.logical_or_(~torch.isfinite(self.static_output.loss.detach()))
+            # A non-finite loss or gradient skips the update inside the graph and sets the
+            # flag, on the device (no sync per replay): as the CPU's FusedMLPStep does.
+            self.static_output = self._iteration(guarded=True)
         # Undo the warm-up's training, in place: the graph holds these addresses.
         with torch.no_grad():
             for p, saved in zip(params, saved_params):
@@ -103,11 +125,14 @@ class CapturedMetaStep:
                 if p.grad is not None:
                     p.grad.zero_()
 
-    def _iteration(self) -> MetaBatchOutput:
+    def _iteration(self, guarded: bool = False) -> MetaBatchOutput:
         self.optimizer.zero_grad(set_to_none=False)
         out = self._meta_batch(*self.static_inputs)
         out.loss.backward()
-        self.optimizer.step()
+        if guarded:
+            guarded_step(self.optimizer, out.loss, self.nonfinite)
+        else:
+            self.optimizer.step()
         return out
 
     def invalidate(self, reason: str) -> None:
@@ -138,14 +163,14 @@ class CapturedMetaStep:
 
 
     def check_finite(self) -> None:
-        """Raise FloatingPointError if a replay since capture had a non-finite query loss.
-        Reads one flag (a sync): call it every N iterations, and before keeping the
-        parameters (a checkpoint). Unlike eager training, which raises at the iteration
-        itself, the graph has applied that iteration's update."""
+        """Raise FloatingPointError if a replay since capture had a non-finite query loss or
+        meta-gradient. Reads one flag (a sync): call it every N iterations, and before
+        keeping the parameters (a checkpoint). The graph skipped that replay's update (the
+        parameters and the optimizer's state are those of the replay before)."""
         if bool(self.nonfinite):
             raise FloatingPointError(
-                f"a non-finite query loss in the {self.iteration} replays of the captured step so far; the "
-                "parameters may be non-finite (keep the last checkpoint)")
+                f"a non-finite query loss or meta-gradient in the {self.iteration} replays of the captured step so "
+                "far; its update was skipped, and the parameters are those of the replay before")
 
 
 def check_adam_options(optimizer: torch.optim.Optimizer) -> None:
