@@ -46,14 +46,16 @@ def test_a_large_junk_file_is_refused_from_its_first_bytes(tmp_path):
     code = (
         "import resource, sys\n"
         "from fastmeta import checkpoint\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
         "try:\n    checkpoint.load(sys.argv[1])\n"
         "except checkpoint.CheckpointError as e:\n    print(e)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     done = subprocess.run([sys.executable, "-c", code, str(junk)], capture_output=True, text=True, timeout=600)
-    message, peak_kib = done.stdout.strip().splitlines()
+    before_kib, message, peak_kib = done.stdout.strip().splitlines()
     assert "is not a fastmeta checkpoint" in message and str(junk) in message
-    assert int(peak_kib) < 900 * 1024  # far below the file's 1 GiB
+    # The import's own peak varies with the environment; the load adds far less than 1 GiB.
+    assert int(peak_kib) - int(before_kib) < 256 * 1024
 
 
 def test_a_zip_start_without_an_end_record_is_refused_before_reading_the_body(tmp_path):
