@@ -35,6 +35,8 @@ import hashlib
 import io
 import os
 import random
+import re
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -190,20 +192,9 @@ def load(path: str | os.PathLike, map_location=None) -> dict:
     ``weights_only`` loading refuses.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file") from None
-    except OSError as error:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from None
+    data = _read_checkpoint_file(path)
     if data.startswith(FORMAT_1_MAGIC[:6]):
         return _load_format_1(path, data, map_location)
-    if not data.startswith(_ZIP_START):
-        if data and _ZIP_START.startswith(data):
-            raise CheckpointError(f"checkpoint {path} is truncated: {len(data)} bytes")
-        raise CheckpointError(f"{path} is not a fastmeta checkpoint (it does not start like a torch file)")
     _check_archive_end(path, data)
     wrapper = _torch_load(path, data, map_location)
     if not isinstance(wrapper, dict) or "fastmeta_checkpoint" not in wrapper:
@@ -218,11 +209,60 @@ def load(path: str | os.PathLike, map_location=None) -> dict:
     return wrapper["state"]
 
 
-def _check_archive_end(path: Path, data: bytes) -> None:
+def _read_checkpoint_file(path: Path) -> bytes:
+    """The file's bytes, read only after its type, size and first bytes say it can be a
+    checkpoint: a FIFO, a device (/dev/zero) or a large junk file is refused before any
+    read of its body (reading them whole would hang or exhaust memory)."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file") from None
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {error.strerror or error}") from None
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        if stat.S_ISDIR(info.st_mode):
+            raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
+        raise CheckpointError(f"checkpoint {path} is not a regular file ({_file_kind(info.st_mode)})")
+    with os.fdopen(descriptor, "rb") as handle:
+        size = info.st_size
+        try:
+            head = handle.read(len(FORMAT_1_MAGIC))
+            if head.startswith(FORMAT_1_MAGIC[:6]):
+                return head + handle.read()  # format 1: its header states and checks the length
+            if not head.startswith(_ZIP_START):
+                if head and _ZIP_START.startswith(head) and size < len(_ZIP_START):
+                    raise CheckpointError(f"checkpoint {path} is truncated: {size} bytes")
+                raise CheckpointError(f"{path} is not a fastmeta checkpoint (it does not start like a torch file)")
+            # The zip end record closes a whole file: check it before reading the body.
+            tail_start = max(0, size - (1 << 16) - _ZIP_END_SIZE)
+            handle.seek(tail_start)
+            tail = handle.read()
+            _check_archive_end(path, tail, size - tail_start)
+            handle.seek(0)
+            return handle.read()
+        except OSError as error:
+            raise CheckpointError(f"checkpoint {path} cannot be read: {error.strerror or error}") from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def _check_archive_end(path: Path, data: bytes, size: int | None = None) -> None:
     """A torch file is a zip archive whose end record, with no comment, closes the file."""
     end = data.rfind(_ZIP_END, max(0, len(data) - (1 << 16) - _ZIP_END_SIZE))
     if end < 0 or end + _ZIP_END_SIZE > len(data):
-        raise CheckpointError(f"checkpoint {path} is truncated: its zip archive has no end record ({len(data)} bytes)")
+        raise CheckpointError(
+            f"checkpoint {path} is truncated: its zip archive has no end record ({size or len(data)} bytes)")
     comment = int.from_bytes(data[end + 20 : end + 22], "little")
     extra = len(data) - (end + _ZIP_END_SIZE + comment)
     if extra > 0:
@@ -235,7 +275,20 @@ def _torch_load(path: Path, data, map_location):
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as error:  # an UnpicklingError for refused globals, or a torch format error
-        raise CheckpointError(f"checkpoint {path} could not be loaded with weights_only=True: {error}") from error
+        # torch's message is many lines of advice to pass weights_only=False (which would
+        # run the pickle); keep the one line that names what was refused.
+        text = str(error)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            reasons = [ln for ln in lines if "weights_only" not in ln.lower() and "weights only" not in ln.lower()
+                       and "documentation" not in ln]
+            what = found.group(1) if found else (reasons[0][:120] if reasons else "an unsupported object")
+            raise CheckpointError(
+                f"checkpoint {path} holds an object that weights_only loading refuses ({what}); fastmeta never "
+                "unpickles one: the file is not a fastmeta checkpoint, or it was tampered with") from None
+        first = lines[0] if lines else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} could not be loaded with weights_only=True: {first[:200]}") from None
 
 
 def _load_format_1(path: Path, data: bytes, map_location) -> dict:

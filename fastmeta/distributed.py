@@ -692,6 +692,22 @@ def launch(nproc: int, module_args: Sequence[str], *, module: str = "fastmeta") 
     except SystemExit as exit_:  # torchrun's parser exits on bad arguments
         return int(exit_.code or 0)
     except Exception as error:  # ChildFailedError: torchrun already printed which rank failed and why
-        print(f"fastmeta: distributed run failed: {type(error).__name__}", file=sys.stderr)
-        return 1
+        code = launch_exit_code(error)
+        if code != 128 + 15:  # a rank stopped by SIGTERM (checkpointed) is no failure to report
+            print(f"fastmeta: distributed run failed: {type(error).__name__}", file=sys.stderr)
+        return code
     return 0
+
+
+def launch_exit_code(error: BaseException) -> int:
+    """The exit status of a launch whose ranks failed: the first failed rank's (143 when it
+    was stopped by SIGTERM and checkpointed, as a single process exits; 128 + N for a rank
+    killed by signal N), or 1 when torchrun gives none."""
+    try:
+        _, failure = error.get_first_failure()  # torchrun's ChildFailedError
+        code = int(failure.exitcode)
+    except Exception:
+        return 1
+    if code < 0:
+        return 128 - code
+    return code if code > 0 else 1

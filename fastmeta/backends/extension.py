@@ -61,6 +61,7 @@ from typing import Callable
 
 import torch
 
+from fastmeta.backends.build_lock import build_once
 from fastmeta.backends.table import TABLE, KernelSpec
 
 log = logging.getLogger("fastmeta.backends")
@@ -348,31 +349,36 @@ def _build(verbose: bool) -> None:
     name = build_name(plan)
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     library = build_dir / f"{name}.so"
-    staged = stage_sources(src, build_dir)
     define_native_library()
-    first_build = not library.is_file()
-    if first_build:
-        kernels = "CPU and CUDA kernels" if plan.with_cuda else "CPU kernels"
-        toolkit = f", CUDA from {os.environ.get('CUDA_HOME')}" if plan.with_cuda else ""
-        _announce(
-            f"building the C++ extension ({kernels}{toolkit}) once for this install, "
-            f"{FIRST_BUILD_MINUTES[plan.with_cuda]} on 2 cores, into {build_dir}"
+
+    def build_and_load(first_build: bool) -> None:
+        staged = stage_sources(src, build_dir)
+        if first_build:
+            kernels = "CPU and CUDA kernels" if plan.with_cuda else "CPU kernels"
+            toolkit = f", CUDA from {os.environ.get('CUDA_HOME')}" if plan.with_cuda else ""
+            _announce(
+                f"building the C++ extension ({kernels}{toolkit}) once for this install, "
+                f"{FIRST_BUILD_MINUTES[plan.with_cuda]} on 2 cores, into {build_dir}"
+            )
+        started = time.perf_counter()
+        cpp_extension.load(
+            name=name,
+            sources=sources(staged, plan.with_cuda),
+            extra_cflags=list(plan.cflags),
+            extra_cuda_cflags=list(plan.cuda_flags),
+            extra_ldflags=list(plan.ldflags),
+            extra_include_paths=[str(staged)],
+            build_directory=str(build_dir),
+            with_cuda=plan.with_cuda,
+            is_python_module=False,  # the library registers implementations of torch.ops.fastmeta_ext.*, no Python module
+            verbose=verbose,
         )
-    started = time.perf_counter()
-    cpp_extension.load(
-        name=name,
-        sources=sources(staged, plan.with_cuda),
-        extra_cflags=list(plan.cflags),
-        extra_cuda_cflags=list(plan.cuda_flags),
-        extra_ldflags=list(plan.ldflags),
-        extra_include_paths=[str(staged)],
-        build_directory=str(build_dir),
-        with_cuda=plan.with_cuda,
-        is_python_module=False,  # the library registers implementations of torch.ops.fastmeta_ext.*, no Python module
-        verbose=verbose,
-    )
-    if first_build:
-        _announce(f"built the C++ extension in {time.perf_counter() - started:.0f} s; later runs load it")
+        if first_build:
+            _announce(f"built the C++ extension in {time.perf_counter() - started:.0f} s; later runs load it")
+
+    # One process builds, the others wait and then load (backends/build_lock.py).
+    build_once(build_dir, library, build_and_load,
+               on_wait=lambda: _announce(f"waiting for another process building the C++ extension in {build_dir}"))
     _state["with_cuda"] = plan.with_cuda
     _state["path"] = library
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import cached
-from .errors import DatasetError
+from .errors import DatasetError, check_regular_file
 from .few_shot import FewShotTasks
 from .images import decode_resized
 
@@ -32,6 +32,8 @@ def _list_split(split_dir: Path) -> list[tuple[str, list[Path]]]:
         files = sorted(
             f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
         )
+        for file in files:
+            check_regular_file(file, "image folder")
         if not files:
             raise DatasetError(f"image folder: class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         classes.append((class_dir.name, files))

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import cached
-from .errors import DatasetError
+from .errors import DatasetError, check_regular_file
 from .few_shot import FewShotTasks
 from .images import decode_resized, read_zip_member
 from .random import random_words
@@ -88,7 +88,7 @@ class _Archive:
             stat = self.path.stat()
             return [self.name, "zip", stat.st_size, stat.st_mtime_ns]
         files = sorted(self.path.rglob("*.png"))
-        stats = [f.stat() for f in files]
+        stats = [check_regular_file(f, "Omniglot") for f in files]
         return [
             self.name,
             "folder",
@@ -107,6 +107,8 @@ class _Archive:
             parts = [PurePosixPath(n).parts for n in names]
         else:
             files = sorted(self.path.rglob("*.png"))
+            for f in files:
+                check_regular_file(f, "Omniglot")
             names = [str(f) for f in files]
             parts = [f.relative_to(self.path).parts for f in files]
         grouped: dict[str, list[str]] = {}

@@ -175,6 +175,10 @@ class MetaIteration:
         for name, t in named.items():
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+            if t.layout != torch.strided:  # sparse inputs failed deep inside torch (issue 26)
+                raise TypeError(f"{name} must be a dense (strided) Tensor, got layout {t.layout}; use .to_dense()")
+            if t.is_complex():
+                raise TypeError(f"{name} is {t.dtype}: complex inputs and labels are not supported")
             rank = 3 if name.endswith("_x") else 2
             if t.dim() < rank:
                 expected = "[tasks, examples, features...]" if rank == 3 else "[tasks, examples, ...]"
@@ -367,7 +371,12 @@ class MetaIteration:
         here once per call. The engine never takes the fused path only to have its kernel
         decline: the op's reference is no faster than the general path.
         """
-        if self.mlp is None or callable(plan.loss) or support_x.dim() != 3 or not all(plan.adapting):
+        if self.mlp is None or callable(plan.loss) or not all(plan.adapting):
+            return None
+        # Asked before the entry checks: arguments they will refuse take the general path there.
+        if not all(isinstance(t, Tensor) and t.layout == torch.strided for t in (support_x, query_x, query_y)):
+            return None
+        if support_x.dim() != 3 or query_x.dim() != 3 or query_y.dim() < 2:
             return None
         if plan.set_per_step is not None:
             return None

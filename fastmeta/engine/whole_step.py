@@ -29,6 +29,41 @@ from fastmeta.engine.types import MetaBatchOutput
 MetaBatchFunction = Callable[[Tensor, Tensor, Tensor, Tensor], MetaBatchOutput]
 
 
+def invalidate(step, reason: str) -> None:
+    if step.stale is None:  # the first change is the one to report
+        step.stale = reason
+
+
+def check_not_stale(step) -> None:
+    """A step runs the plan of its build; after a change of what the plan was built from
+    it refuses (the rule for captured state: read it on every call, or refuse after a change)."""
+    if step.stale is not None:
+        raise RuntimeError(f"{step.stale} after this {type(step).__name__} was built; it runs the plan from "
+                           "that time: call learner.capture(...) again")
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, loss: Tensor, nonfinite: Tensor) -> None:
+    """``optimizer.step()``, undone on the device when ``loss`` or a gradient is not finite
+    (``nonfinite`` is then set): no host sync, so it can be captured in a CUDA graph.
+
+    The parameters and every tensor of the optimizer's state (moments, step count) are
+    copied before the step and selected back with ``torch.where`` on the finite flag: a
+    graph cannot branch, so the update is computed and discarded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    finite = torch.isfinite(loss.detach()).all()
+    for p in params:
+        if p.grad is not None:
+            finite = finite & torch.isfinite(p.grad).all()
+    kept = [p for p in params] + [v for p in params for v in optimizer.state.get(p, {}).values()
+                                  if isinstance(v, Tensor)]
+    before = [t.detach().clone() for t in kept]
+    optimizer.step()
+    with torch.no_grad():
+        for t, old in zip(kept, before):
+            t.copy_(torch.where(finite, t, old))
+        nonfinite.logical_or_(~finite)
+
+
 class CapturedMetaStep:
     """A captured meta-iteration. ``step(sx, sy, qx, qy)`` runs one and returns its output.
 
@@ -51,6 +86,7 @@ class CapturedMetaStep:
                     raise ValueError("the optimizer holds tensors that are not learner parameters")
         self._meta_batch = meta_batch
         self.optimizer = optimizer
+        self.stale: str | None = None  # set by invalidate(): why replaying would be wrong
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=inputs[0].device)
         self.static_inputs = tuple(t.clone() for t in inputs)
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -70,9 +106,9 @@ class CapturedMetaStep:
         self.iteration = 0
         optimizer.zero_grad(set_to_none=False)
         with torch.cuda.graph(self.graph):
-            self.static_output = self._iteration()
-            # Recorded on the device, read only by check_finite: no sync per replay.
-            self.nonfinite.logical_or_(~torch.isfinite(self.static_output.loss.detach()))
+            # A non-finite loss or gradient skips the update inside the graph and sets the
+            # flag, on the device (no sync per replay): as the CPU's FusedMLPStep does.
+            self.static_output = self._iteration(guarded=True)
         # Undo the warm-up's training, in place: the graph holds these addresses.
         with torch.no_grad():
             for p, saved in zip(params, saved_params):
@@ -89,14 +125,22 @@ class CapturedMetaStep:
                 if p.grad is not None:
                     p.grad.zero_()
 
-    def _iteration(self) -> MetaBatchOutput:
+    def _iteration(self, guarded: bool = False) -> MetaBatchOutput:
         self.optimizer.zero_grad(set_to_none=False)
         out = self._meta_batch(*self.static_inputs)
         out.loss.backward()
-        self.optimizer.step()
+        if guarded:
+            guarded_step(self.optimizer, out.loss, self.nonfinite)
+        else:
+            self.optimizer.step()
         return out
 
+    def invalidate(self, reason: str) -> None:
+        """Refuse every later call with ``reason``: the state the step was built from changed."""
+        invalidate(self, reason)
+
     def __call__(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> MetaBatchOutput:
+        check_not_stale(self)
         for name, static, new in zip(
             ("support_x", "support_y", "query_x", "query_y"),
             self.static_inputs,
@@ -119,14 +163,52 @@ class CapturedMetaStep:
 
 
     def check_finite(self) -> None:
-        """Raise FloatingPointError if a replay since capture had a non-finite query loss.
-        Reads one flag (a sync): call it every N iterations, and before keeping the
-        parameters (a checkpoint). Unlike eager training, which raises at the iteration
-        itself, the graph has applied that iteration's update."""
+        """Raise FloatingPointError if a replay since capture had a non-finite query loss or
+        meta-gradient. Reads one flag (a sync): call it every N iterations, and before
+        keeping the parameters (a checkpoint). The graph skipped that replay's update (the
+        parameters and the optimizer's state are those of the replay before)."""
         if bool(self.nonfinite):
             raise FloatingPointError(
-                f"a non-finite query loss in the {self.iteration} replays of the captured step so far; the "
-                "parameters may be non-finite (keep the last checkpoint)")
+                f"a non-finite query loss or meta-gradient in the {self.iteration} replays of the captured step so "
+                "far; its update was skipped, and the parameters are those of the replay before")
+
+
+def check_adam_options(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, by name, every option of ``torch.optim.Adam``/``AdamW`` that the fused CPU
+    update does not implement; it implements Adam's update with coupled (L2) weight decay.
+
+    - ``amsgrad``, ``maximize``, ``differentiable``: other updates (or a graph through one).
+    - AdamW's decoupled decay (``torch.optim.AdamW``, or ``decoupled_weight_decay=True``
+      on newer torch's Adam) with a nonzero ``weight_decay``: a different update, that
+      applying the coupled one would approximate (0.059 away after 3 steps at wd 0.1).
+      With ``weight_decay=0`` the two are the same update and are accepted.
+    - ``capturable``: CUDA graphs' option; torch's own Adam refuses it for CPU parameters.
+    - ``foreach``, ``fused``: how torch would run the same update; the fused op computes
+      that update itself, so they are accepted.
+    - ``lr``, ``betas``, ``eps``, ``weight_decay`` as Tensors: torch then computes in the
+      tensor's dtype, which the fused update does not; refused.
+    """
+    name = type(optimizer).__name__
+    for group in optimizer.param_groups:
+        # capturable=True: torch's own Adam refuses it for CPU parameters at its step.
+        for option in ("amsgrad", "maximize", "differentiable", "capturable"):
+            if group.get(option):
+                raise ValueError(f"whole-step execution on the CPU does not implement {name}'s {option}=True; "
+                                 "train through meta_batch, loss.backward() and the optimizer")
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+        decay = group.get("weight_decay", 0)
+        for option in ("lr", "eps", "weight_decay", "betas"):
+            values = group.get(option)
+            if any(isinstance(v, Tensor) for v in (values if option == "betas" else (values,))):
+                # torch then computes the step size in the tensor's dtype (float32 for
+                # torch.tensor(1e-2)): 7e-10 away in float64 after 3 steps, not equal.
+                raise ValueError(f"whole-step execution on the CPU takes {name}'s {option} as a number, not a "
+                                 "Tensor; pass float(...)")
+        if decoupled and float(decay) != 0.0:
+            raise ValueError(
+                f"whole-step execution on the CPU implements Adam's coupled weight decay, not {name}'s "
+                f"decoupled_weight_decay (weight_decay={float(decay)}); use torch.optim.Adam, weight_decay=0, "
+                "or train through meta_batch, loss.backward() and the optimizer")
 
 
 class FusedMLPStep:
@@ -149,13 +231,13 @@ class FusedMLPStep:
 
     def __init__(self, run: Callable[..., tuple[Tensor, Tensor]], parameters: Sequence[Tensor],
                  optimizer: torch.optim.Optimizer, inputs: tuple[Tensor, ...]):
-        if not isinstance(optimizer, torch.optim.Adam):
-            raise ValueError("whole-step execution on the CPU takes torch.optim.Adam (its fused update is used)")
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise ValueError("whole-step execution on the CPU takes torch.optim.Adam (its fused update is used), "
+                             f"got {type(optimizer).__name__}")
         if len(optimizer.param_groups) != 1:
             raise ValueError("the optimizer must have one parameter group")
         group = optimizer.param_groups[0]
-        if group.get("amsgrad") or group.get("maximize") or group.get("differentiable"):
-            raise ValueError("whole-step execution takes Adam without amsgrad, maximize or differentiable")
+        check_adam_options(optimizer)
         held = {id(p) for p in group["params"]}
         if held != {id(p) for p in parameters} or len(group["params"]) != len(parameters):
             raise ValueError("the optimizer must hold exactly the learner's parameters")
@@ -164,7 +246,12 @@ class FusedMLPStep:
         self.optimizer = optimizer
         self.shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
         self.iteration = 0
+        self.stale: str | None = None  # set by invalidate(): why running would be wrong
         self.nonfinite = torch.zeros(2, dtype=torch.int64)
+
+    def invalidate(self, reason: str) -> None:
+        """Refuse every later call with ``reason``: the state the step was built from changed."""
+        invalidate(self, reason)
 
     def _state(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -180,11 +267,13 @@ class FusedMLPStep:
         return exp_avgs, exp_avg_sqs, steps
 
     def __call__(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> MetaBatchOutput:
+        check_not_stale(self)
         for name, (shape, dtype, device), new in zip(("support_x", "support_y", "query_x", "query_y"), self.shapes,
                                                      (support_x, support_y, query_x, query_y)):
             if tuple(new.shape) != shape or new.dtype != dtype or new.device != device:
                 raise ValueError(f"{name} is {list(new.shape)} {new.dtype} on {new.device}, but the step was built "
                                  f"for {list(shape)} {dtype} on {device}")
+        check_adam_options(self.optimizer)  # read at every call, like the hyperparameters
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         lr = group["lr"]

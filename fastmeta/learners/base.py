@@ -17,6 +17,7 @@ entry of the call); the layers below trust them.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +109,35 @@ class MetaLearner(ModelAttributes, nn.Module):
         self.batch_norm = batch_norm
         self.steps_taken = 0  # inner steps adapt() took on the learner itself
         self._engine = engine
+
+    # -- captured steps: refused after a change of the state their plan was built from --
+
+    # The plain attributes a captured step's plan reads (tensors the plan holds are read on
+    # replay). Not ``validate``: a captured step checks its meta-batch once, at capture, and
+    # evaluation turns validation off around itself between training steps.
+    _PLAN_ATTRIBUTES = frozenset({
+        "lr", "steps", "first_order", "loss", "allow_unused", "allow_nograd", "task_chunk",
+        "batch_norm", "lr_mode", "lr_per_step", "log_lr", "per_step_bn", "gates", "precondition",
+    })
+
+    def __setattr__(self, name: str, value) -> None:
+        captured = self.__dict__.get("_captured_steps")
+        if captured and name in self._PLAN_ATTRIBUTES:
+            old = self.__dict__.get(name, None)
+            changed = old is not value and (type(old) is not type(value) or old != value)
+            if changed:
+                for ref, explicit in captured:
+                    step = ref()
+                    if step is not None and name not in explicit:
+                        step.invalidate(f"learner.{name} changed from {old!r} to {value!r}")
+        super().__setattr__(name, value)
+
+    def _track_captured(self, step, explicit: tuple[str, ...] = ()) -> None:
+        """Remember ``step`` (weakly) so that a change of a plan attribute refuses it; the
+        attributes in ``explicit`` were given to capture() and do not come from the learner."""
+        steps = [(ref, ex) for ref, ex in self.__dict__.get("_captured_steps", []) if ref() is not None]
+        steps.append((weakref.ref(step), explicit))
+        self.__dict__["_captured_steps"] = steps
 
     # -- the plan handed to the engine ---------------------------------------------------
 
@@ -224,24 +254,32 @@ class MetaLearner(ModelAttributes, nn.Module):
         CUDA graph. On the CPU, for a plain MLP with fixed inner rates: a
         :class:`fastmeta.engine.FusedMLPStep`, the iteration and Adam's update in one fused
         op (other models on the CPU raise ValueError: train them through ``meta_batch``).
-        Call the result with each new meta-batch of the same shapes. See
+        Call the result with each new meta-batch of the same shapes. The step runs the plan
+        built here: after a change of the learner's plain state (``lr``, ``steps``,
+        ``first_order``, ...) calling it raises RuntimeError naming the attribute; capture
+        again. See
         :mod:`fastmeta.engine.whole_step` for the rules. first_order: the meta-gradient's
         order for this step (default: the learner's).
         """
+        explicit = () if first_order is None else ("first_order",)
         first_order = self.first_order if first_order is None else bool(first_order)
         self._check_batch_norm_mode("capture")
         inputs = (support_x, support_y, query_x, query_y)
         engine = self._engine
         plan = self.plan(first_order=first_order)
         if isinstance(support_x, Tensor) and support_x.device.type == "cpu":
-            return engine.fused_update_step(optimizer, list(self.parameters()), inputs, plan)
+            step = engine.fused_update_step(optimizer, list(self.parameters()), inputs, plan)
+            self._track_captured(step, explicit)
+            return step
         # Checked once, eagerly, on the meta-batch given at capture (the engine's entry
         # checks); the graph runs unvalidated (a check that syncs cannot be captured).
         with torch.no_grad():
             engine.meta_batch(*inputs, plan)
         # The step the graph records is the engine's, on the plan alone (no learner code).
         step = functools.partial(engine.meta_batch, plan=plan.with_call(validate=False))
-        return CapturedMetaStep(step, list(self.parameters()), optimizer, inputs, warmup)
+        captured = CapturedMetaStep(step, list(self.parameters()), optimizer, inputs, warmup)
+        self._track_captured(captured, explicit)
+        return captured
 
     def clone(self, first_order=None, allow_unused=None, allow_nograd=None) -> AdaptedModel:
         """learn2learn's ``clone()``: an ``nn.Module`` copy of the model, graph-connected to

@@ -84,6 +84,10 @@ class ModelAwareMAML(MetaLearner):
             raise ValueError(f"lr_mode must be one of {LR_MODES}, got {lr_mode!r}")
         if per_step_bn not in (None, True, False):
             raise TypeError(f"per_step_bn must be None, True or False, got {per_step_bn!r}")
+        if log_lr and lrs is None and self.lr <= 0:
+            # log(lr) would be NaN (lr < 0) or -inf (lr = 0, never learnable).
+            raise ValueError(f"lr must be > 0 with log_lr=True (the rates are learned as logarithms), got {self.lr}; "
+                             "pass log_lr=False for a zero or negative rate")
         self.lr_mode = lr_mode
         self.lr_per_step = bool(lr_per_step)
         self.log_lr = bool(log_lr)

@@ -42,7 +42,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 _REGISTERED: dict[str, Subcommand] = {}
 
 # Errors that are the user's input, not a bug: printed as one line, exit code 1.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+# PermissionError: an unwritable --out (at the start, or at a later checkpoint) is the
+# user's to fix; its message names the file.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
 
 
 def register_subcommand(name: str, subcommand: Subcommand) -> None:
@@ -137,7 +139,11 @@ def _select_device(args) -> str:
     if args.backend is not None:
         import fastmeta
 
-        fastmeta.use_backend(args.backend)
+        try:
+            fastmeta.use_backend(args.backend)
+        except (RuntimeError, KeyError, TypeError) as error:  # unavailable (no GPU, no compiler) or unknown
+            reason = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise ValueError(f"--backend {args.backend}: {reason}") from None
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -201,11 +207,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def _run_train(args) -> int:
     from fastmeta import distributed
-    from fastmeta.tools import training
-
-    if args.nproc is not None:
-        # torchrun starts N copies of this same command (minus --nproc) and sets their ranks.
-        return distributed.launch(args.nproc, _without_nproc(args.argv))
+    from fastmeta.tools import run_lock, training
 
     preset = training.PRESETS[args.preset]
     given = {
@@ -217,6 +219,15 @@ def _run_train(args) -> int:
     data_path = str(Path(args.data).expanduser().resolve()) if args.data else None
     config = dataclasses.replace(preset, **given, data_path=data_path)
     out = training.check_run_folder(args.out or Path("runs") / f"{config.preset}-{config.learner}", "--out")
+    # One run per folder, held from here to the end; --nproc's ranks share the launcher's.
+    with run_lock.hold(out, "--out", cleanup=training._remove_if_nothing_was_written):
+        if args.nproc is not None:
+            # torchrun starts N copies of this same command (minus --nproc) and sets their ranks.
+            return distributed.launch(args.nproc, _without_nproc(args.argv))
+        return _run_train_locked(args, training, distributed, config, given, data_path, out)
+
+
+def _run_train_locked(args, training, distributed, config, given, data_path, out) -> int:
     checkpoint_path = out / training.CHECKPOINT_NAME
     if args.resume and checkpoint_path.exists():
         saved, _ = training.read_run_checkpoint(checkpoint_path)

@@ -24,6 +24,14 @@ from fastmeta.tools.training.run import CHECKPOINT_NAME, Run, check_run_folder, 
 from fastmeta.tools.training.signals import Stopped, _StopRequest
 
 
+def resume_message(preset: str, start: int, iterations: int) -> str:
+    """The line a resumed run prints; one past its --iterations says there is nothing left to train."""
+    if start >= iterations:
+        return (f"fastmeta: resuming {preset} at iteration {start}, already past --iterations {iterations}: "
+                "no iterations left to train")
+    return f"fastmeta: resuming {preset} from iteration {start} of {iterations}"
+
+
 def _meta_batches(sampler, iterations: range, tasks: range) -> Iterator[TaskBatch]:
     """Each iteration's meta-batch in turn, drawn ``sample_block`` iterations at a time.
 
@@ -95,16 +103,18 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
         saved_config, saved = read_run_checkpoint(checkpoint_path)
         config = dataclasses.replace(saved_config, iterations=config.iterations, data_path=config.data_path or saved_config.data_path)
         start, elapsed_before = saved["iteration"], saved["elapsed_seconds"]
-        for stale in checkpoint.stale_temporaries(checkpoint_path) if context.is_main else ():
-            stale.unlink(missing_ok=True)  # left by a writer that was killed
     elif resume:
         echo(f"fastmeta: no checkpoint in {out}; starting from iteration 0")
 
+    # Left by a writer that was killed, also when the kill came during the first checkpoint
+    # write and only the temporary exists.
+    for stale in checkpoint.stale_temporaries(checkpoint_path) if context.is_main else ():
+        stale.unlink(missing_ok=True)
     run = Run(config, device)
     run.check_splits(splits_used(config, start))
     if saved is not None:
         run.restore(saved)
-        echo(f"fastmeta: resuming {config.preset} from iteration {start} of {config.iterations}")
+        echo(resume_message(config.preset, start, config.iterations))
     parallel = distributed.TaskParallel(run.learner, context)  # rank 0's weights everywhere
     # On --resume each rank read the checkpoint itself: Adam's state (with its step count)
     # shows they all read the same one. Called on every rank, resumed or not, so that a

@@ -1,0 +1,82 @@
+"""Issue 26, defect 3: a whole step skips the update of an iteration with a non-finite loss
+or gradient and sets its flag. The GPU graph runs ``guarded_step``; here it runs on the CPU
+against torch's plain step, and the real graph runs in the gpu-marked test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmeta as fm
+from fastmeta.engine.whole_step import guarded_step
+
+
+def problem(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2).double()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2, weight_decay=0.01)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    return model, optimizer, x
+
+
+def snapshot(model, optimizer):
+    params = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()]
+    return params, state
+
+
+def same(a, b):
+    (pa, sa), (pb, sb) = a, b
+    return all(torch.equal(x, y) for x, y in zip(pa, pb)) and all(
+        d.keys() == e.keys() and all(torch.equal(d[k], e[k]) for k in d) for d, e in zip(sa, sb))
+
+
+def one_step(model, optimizer, x, scale, guarded, flag):
+    optimizer.zero_grad()
+    loss = (model(x) * scale).pow(2).mean()
+    loss.backward()
+    if guarded:
+        guarded_step(optimizer, loss, flag)
+    else:
+        optimizer.step()
+
+
+def test_a_finite_step_equals_torchs_step():
+    a, b = problem(), problem()
+    flag = torch.zeros((), dtype=torch.bool)
+    for _ in range(3):
+        one_step(*a, 1.0, guarded=False, flag=flag)
+        one_step(*b, 1.0, guarded=True, flag=flag)
+    assert same(snapshot(*a[:2]), snapshot(*b[:2])) and not bool(flag)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_a_non_finite_step_is_skipped_and_flagged(scale):
+    model, optimizer, x = problem()
+    flag = torch.zeros((), dtype=torch.bool)
+    one_step(model, optimizer, x, 1.0, guarded=True, flag=flag)  # Adam's state exists
+    before = snapshot(model, optimizer)
+    one_step(model, optimizer, x, scale, guarded=True, flag=flag)
+    assert bool(flag) and same(snapshot(model, optimizer), before)
+    one_step(model, optimizer, x, 1.0, guarded=True, flag=flag)  # later finite steps still train
+    assert not same(snapshot(model, optimizer), before) and bool(flag)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_captured_graph_skips_a_non_finite_update():
+    torch.manual_seed(0)
+    meta = fm.MAML(fm.models.mlp((1, 16, 1)).cuda(), lr=0.01, validate=False)
+    optimizer = torch.optim.Adam(meta.parameters(), 1e-3, capturable=True)
+    g = torch.Generator().manual_seed(0)
+    batch = [t.cuda() for t in (torch.randn(4, 5, 1, generator=g), torch.randn(4, 5, 1, generator=g),
+                                torch.randn(4, 6, 1, generator=g), torch.randn(4, 6, 1, generator=g))]
+    step = meta.capture(optimizer, *batch)
+    step(*batch)
+    before = [p.detach().clone() for p in meta.parameters()]
+    bad = list(batch)
+    bad[3] = torch.full_like(batch[3], float("nan"))
+    step(*bad)
+    assert all(torch.equal(p, q) for p, q in zip(meta.parameters(), before))
+    with pytest.raises(FloatingPointError, match="skipped"):
+        step.check_finite()
