@@ -220,7 +220,7 @@ def _run_train(args) -> int:
     config = dataclasses.replace(preset, **given, data_path=data_path)
     out = training.check_run_folder(args.out or Path("runs") / f"{config.preset}-{config.learner}", "--out")
     # One run per folder, held from here to the end; --nproc's ranks share the launcher's.
-    with run_lock.hold(out, "--out", cleanup=training._remove_if_nothing_was_written):
+    with run_lock.hold(out, "--out", cleanup=training.remove_if_nothing_was_written):
         if args.nproc is not None:
             # torchrun starts N copies of this same command (minus --nproc) and sets their ranks.
             return distributed.launch(args.nproc, _without_nproc(args.argv))

@@ -26,7 +26,7 @@ step is the engine's policy (:mod:`fastmeta.engine.whole_step_policy`).
 """
 
 from fastmeta.tools.training.evaluation import Score, evaluate, format_results, result_records, task_scores
-from fastmeta.tools.training.loop import _meta_batches, train
+from fastmeta.tools.training.loop import _meta_batches, remove_if_nothing_was_written, train
 from fastmeta.tools.training.metrics import METRICS_NAME, MetricsLog, read_metrics
 from fastmeta.tools.training.presets import LEARNERS, PRESETS, ModelAwareOptions, RunConfig
 from fastmeta.tools.training.run import (
@@ -50,6 +50,7 @@ __all__ = [
     "LEARNERS",
     "Run",
     "train",
+    "remove_if_nothing_was_written",
     "evaluate",
     "task_scores",
     "Score",

@@ -128,11 +128,11 @@ def _train(config: RunConfig, out, context: distributed.DistributedContext, *, r
                            eager)
     except BaseException:
         if created:
-            _remove_if_nothing_was_written(out)
+            remove_if_nothing_was_written(out)
         raise
 
 
-def _remove_if_nothing_was_written(out: Path) -> None:
+def remove_if_nothing_was_written(out: Path) -> None:
     """Remove a run folder this run created when it failed before writing any result."""
     metrics = out / METRICS_NAME
     if metrics.exists() and metrics.stat().st_size == 0:
