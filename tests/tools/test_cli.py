@@ -289,6 +289,19 @@ def test_every_split_the_run_uses_is_checked_before_the_first_iteration(tmp_path
     assert not (tmp_path / "run2").exists()
 
 
+def test_a_corrupt_image_is_named_not_blamed_on_the_task_shape(tmp_path, capsys):
+    """A corrupt file is the cause, so the error names the file and says the split cannot be
+    read; it does not say the split cannot make 5-way tasks."""
+    data = write_image_folder(tmp_path / "images")
+    (data / "test" / "n02" / "3.png").write_bytes(b"not a png at all")
+    assert train_image_folder(data, tmp_path / "run", "--iterations", "3", "--validate-every", "100") == 1
+    error = capsys.readouterr().err
+    assert "miniimagenet-5w1s: the test split cannot be read" in error
+    assert "n02" in error and "3.png" in error
+    assert "cannot make" not in error
+    assert not (tmp_path / "run").exists()
+
+
 def test_too_few_images_per_class_in_a_split_is_named(tmp_path, capsys):
     data = write_image_folder(tmp_path / "images")
     for image in sorted((data / "test" / "n03").iterdir())[10:]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fastmeta import checkpoint
-from fastmeta.data import ImageFolderTasks, Omniglot, SinusoidTasks, TaskBatch
+from fastmeta.data import DatasetError, ImageFolderTasks, Omniglot, SinusoidTasks, TaskBatch
 from fastmeta.engine.whole_step_policy import make_capturable
 from fastmeta.tools.schedules import check_schedules
 from fastmeta.tools.training.presets import LEARNERS, RunConfig
@@ -92,6 +92,10 @@ class Run:
         for split in splits:
             try:
                 self.sampler(split, TEST_SEED)
+            except DatasetError as error:
+                # A corrupt or unreadable file: its own message names it, and the task shape
+                # is not the cause.
+                raise DatasetError(f"{config.preset}: the {split} split cannot be read: {error}") from None
             except ValueError as error:
                 tasks = f"{config.ways}-way {config.shots}-shot tasks with {config.queries} queries per class"
                 raise type(error)(f"{config.preset}: the {split} split cannot make {tasks}: {error}") from None
