@@ -113,7 +113,7 @@ def test_only_torch_func_second_order_through_batch_norm_is_known_wrong():
         torch_func = True
 
     def problem(workload, first_order):
-        return Problem(workload, torch.device("cpu"), first_order, {}, TaskBatch(*[torch.zeros(1)] * 4))
+        return Problem(workload, torch.device("cpu"), first_order, {}, (TaskBatch(*[torch.zeros(1)] * 4),))
 
     conv = WORKLOADS["W2"]
     assert check_status(TorchFunc(problem(conv, False)), problem(conv, False), 1e-2, 1e-3)[0] == "known-wrong"
