@@ -1,75 +1,305 @@
-"""What one fastmeta op call costs beyond its kernel: µs per call, forward and backward.
+"""What one fastmeta op call costs above its kernel: µs per call, forward and backward.
 
-    python bench/bench_op_overhead.py [--repeats 2000]
+    python bench/bench_op_overhead.py [--repeats 200] [--rounds 7] [--out bench/results/op_overhead_cpu.md]
 
-For each op, on tiny CPU inputs (so the kernel itself is negligible), in one process and
-interleaved: the public op (``torch.ops.fastmeta.*``: the custom-op wrapper, the backend
-registry, the launcher's checks and the native call), the native kernel called directly
-(``torch.ops.fastmeta_ext.*``, no autograd, no registry), and, for scale, one aten op of
-the same size (``torch.add``). The backward row times ``torch.autograd.grad`` through the
-public op. Medians of rounds of calls; the per-call overhead is the public op's time minus
-the native kernel's.
+Every public op (``fastmeta.ops.__all__`` that is a kernel of the op table), on the CPU, on
+the op family's own tiny sample arguments (``OpFamily.sample_args``: the kernel itself is
+negligible, the host's cost is what is left), with the ``cpu`` backend (the native C++
+kernels) chosen:
+
+- **forward overhead** = the public op's call (``fastmeta.ops.<name>``: the custom-op
+  wrapper, the argument checks, the backend lookup, the launcher in Python, the native
+  call) − the native kernel called directly (``torch.ops.fastmeta_ext.<name>`` on
+  arguments already laid out as the launcher lays them out);
+- **backward overhead** = ``torch.autograd.grad`` through the public op's output (the graph
+  built once and kept, ``retain_graph=True``: the backward alone is timed) − the native
+  backward kernels that this backward runs, called directly. Which native kernels the
+  backward runs, and on which arguments, is recorded from one backward beforehand (the
+  ``cpu`` backend's launchers, wrapped). Glue aten ops in the backward formula (sums,
+  adds) are overhead: they are not kernels of the op.
+
+Inputs have no ``requires_grad`` in the forward rows, so autograd records nothing there.
+One process, one thread, interleaved: each round times every measurement of every op in
+turn, and each figure is the median over rounds of the mean per call within a round.
+An op whose ``cpu`` kernel declines the sample (the reference runs) or has no autograd
+gets ``-`` with the reason. The medians over ops are the issue-23 targets: ≤ 10 µs forward,
+≤ 20 µs backward.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import inspect
+import platform
 import statistics
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 
-import fastmeta as fm
-from fastmeta import ops
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "bench" / "results" / "op_overhead_cpu.md"
+FORWARD_TARGET_US, BACKWARD_TARGET_US = 10.0, 20.0
 
 
-def per_call_us(fn, repeats: int, rounds: int = 7) -> float:
-    for _ in range(max(10, repeats // 20)):
-        fn()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(repeats):
+@dataclass
+class OpCase:
+    """The timed callables of one op; None where that measurement does not apply."""
+
+    name: str
+    public: Callable[[], object]
+    native: Callable[[], object] | None
+    backward: Callable[[], object] | None = None
+    native_backward: Callable[[], object] | None = None
+    native_backward_kernels: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+def public_ops() -> list[str]:
+    """The public ops that are kernels of the op table, in ``fastmeta.ops.__all__`` order."""
+    import fastmeta.ops as ops
+    from fastmeta.backends.table import TABLE
+
+    return [name for name in ops.__all__ if name in TABLE]
+
+
+def _native_call(spec, args) -> Callable[[], object]:
+    """The native kernel of ``spec`` on ``args`` laid out as its launcher lays them out."""
+    op = getattr(torch.ops.fastmeta_ext, spec.name)
+    prepared = spec.native.args(*args) if spec.native.args is not None else args
+    return lambda: op(*prepared)
+
+
+def _cpu_kernel_takes(spec, args) -> str:
+    """Empty when the ``cpu`` backend runs its native kernel for ``args``; else why not."""
+    from fastmeta.backends import get_backend
+
+    backend = get_backend("cpu")
+    if backend.kernel(spec.name) is None:
+        return "no native cpu kernel"
+    if spec.native.takes is not None and not spec.native.takes("cpu", *args):
+        return "the cpu kernel declines the sample (the reference runs)"
+    return ""
+
+
+class _RecordNativeCalls:
+    """Within the block, every launch of a ``cpu`` backend kernel is recorded with its
+    arguments (the backend's launchers wrapped, and restored on exit)."""
+
+    def __init__(self):
+        from fastmeta.backends import get_backend
+
+        self.backend = get_backend("cpu")
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __enter__(self):
+        self.saved = dict(self.backend.kernels)
+        for name, launch in self.saved.items():
+            def recording(*args, name=name, launch=launch):
+                out = launch(*args)
+                if out is not NotImplemented:
+                    self.calls.append((name, args))
+                return out
+            self.backend.kernels[name] = recording
+        return self
+
+    def __exit__(self, *exc):
+        self.backend.kernels.clear()
+        self.backend.kernels.update(self.saved)
+        return False
+
+
+def build_case(name: str) -> OpCase:
+    import fastmeta.ops as ops
+    from fastmeta.backends.table import FAMILIES, TABLE
+
+    spec = TABLE[name]
+    args = FAMILIES[spec.family].sample_args[name]()
+    public_op = getattr(ops, name)
+    case = OpCase(name=name, public=lambda: public_op(*args), native=None)
+    why = _cpu_kernel_takes(spec, args)
+    if why:
+        case.note = why
+        return case
+    case.native = _native_call(spec, args)
+    if "!" in spec.schema.split("->")[0]:  # Tensor(a!): an argument written in place
+        case.note = "mutates its arguments: no autograd"
+        return case
+    # The backward: with respect to every float tensor argument the op differentiates (an
+    # op may refuse some, naming them: those stay constants).
+    floats = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    recorder, error = None, ""
+    for wrt in [floats] + [[i] for i in floats]:
+        backward = _backward_through(public_op, args, wrt)
+        if backward is None:
+            continue
+        try:
+            with _RecordNativeCalls() as recording:
+                backward()
+        except RuntimeError as exc:
+            error = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
+            continue
+        recorder = recording
+        if wrt != floats:
+            names = list(inspect.signature(spec.reference).parameters)
+            case.note = "backward w.r.t. " + ", ".join(names[i] for i in wrt) + " (the op refuses the others)"
+        break
+    if recorder is None:
+        case.note = "no argument it differentiates" + (f" (its backward raised: {error})" if error else "")
+        return case
+    kernels = [_native_call(TABLE[kernel], kernel_args) for kernel, kernel_args in recorder.calls]
+    case.backward = backward
+    case.native_backward = lambda: [k() for k in kernels]
+    case.native_backward_kernels = [kernel for kernel, _ in recorder.calls]
+    if not kernels:
+        case.note = "; ".join(filter(None, [case.note, "its backward runs no native kernel: all of it is overhead"]))
+    return case
+
+
+def _backward_through(public_op, args, wrt: list[int]) -> Callable[[], object] | None:
+    """``autograd.grad`` of the op's differentiable outputs with respect to ``args[i]`` for i
+    in ``wrt``, on a graph built once and kept; None if the op refuses or nothing depends."""
+    leaves = [a.detach().clone().requires_grad_(True) if i in wrt else a for i, a in enumerate(args)]
+    try:
+        out = public_op(*leaves)
+    except RuntimeError:
+        return None
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+            if isinstance(o, torch.Tensor) and o.requires_grad]
+    if not outs:
+        return None
+    inputs = [leaves[i] for i in wrt]
+    grads = [torch.randn_like(o) for o in outs]
+    return lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
+
+
+def measure(cases: list[OpCase], repeats: int, rounds: int) -> dict[str, dict[str, float]]:
+    """µs per call, median over ``rounds`` rounds; every round times every callable of every
+    op in turn (interleaved), ``repeats`` calls each, after a warm-up."""
+    timed = [(case.name, kind, fn) for case in cases
+             for kind, fn in (("public", case.public), ("native", case.native), ("backward", case.backward),
+                              ("native_backward", case.native_backward)) if fn is not None]
+    for _, _, fn in timed:
+        for _ in range(max(3, repeats // 10)):
             fn()
-        samples.append((time.perf_counter() - start) / repeats * 1e6)
-    return statistics.median(samples)
+    samples: dict[tuple[str, str], list[float]] = {(n, k): [] for n, k, _ in timed}
+    for _ in range(rounds):
+        for name, kind, fn in timed:
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            samples[(name, kind)].append((time.perf_counter() - start) / repeats * 1e6)
+    out: dict[str, dict[str, float]] = {case.name: {} for case in cases}
+    for (name, kind), values in samples.items():
+        out[name][kind] = statistics.median(values)
+    return out
+
+
+@dataclass
+class OverheadRow:
+    name: str
+    public_us: float
+    native_us: float | None
+    forward_overhead_us: float | None
+    backward_us: float | None
+    native_backward_us: float | None
+    backward_overhead_us: float | None
+    native_backward_kernels: list[str]
+    note: str
+
+
+def overhead_rows(cases: list[OpCase], timings: dict[str, dict[str, float]]) -> list[OverheadRow]:
+    rows = []
+    for case in cases:
+        t = timings[case.name]
+        native, backward, native_backward = t.get("native"), t.get("backward"), t.get("native_backward")
+        rows.append(OverheadRow(
+            name=case.name, public_us=t["public"], native_us=native,
+            forward_overhead_us=None if native is None else t["public"] - native,
+            backward_us=backward, native_backward_us=native_backward,
+            backward_overhead_us=None if backward is None else backward - (native_backward or 0.0),
+            native_backward_kernels=case.native_backward_kernels, note=case.note,
+        ))
+    return rows
+
+
+def medians(rows: list[OverheadRow]) -> tuple[float | None, float | None]:
+    forward = [r.forward_overhead_us for r in rows if r.forward_overhead_us is not None]
+    backward = [r.backward_overhead_us for r in rows if r.backward_overhead_us is not None]
+    return (statistics.median(forward) if forward else None, statistics.median(backward) if backward else None)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_table(rows: list[OverheadRow], header: str) -> str:
+    lines = [header, "",
+             "| op | public op µs | native µs | forward overhead µs | autograd.grad µs | native backward µs "
+             "| backward overhead µs | native backward kernels | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kernels = ", ".join(r.native_backward_kernels) or "-"
+        lines.append(f"| {r.name} | {_cell(r.public_us)} | {_cell(r.native_us)} | {_cell(r.forward_overhead_us)} | "
+                     f"{_cell(r.backward_us)} | {_cell(r.native_backward_us)} | {_cell(r.backward_overhead_us)} | "
+                     f"{kernels} | {r.note} |")
+    forward, backward = medians(rows)
+    lines += ["", f"median over ops: forward overhead {_cell(forward)} µs (target ≤ {FORWARD_TARGET_US:g}), "
+                  f"backward overhead {_cell(backward)} µs (target ≤ {BACKWARD_TARGET_US:g})"]
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(repeats: int, rounds: int, ops: list[str] | None = None) -> tuple[list[OverheadRow], str]:
+    import fastmeta as fm
+
+    torch.set_num_threads(1)
+    fm.backends()  # loads the backends (and builds the extension) before timing
+    names = public_ops() if ops is None else ops
+    with fm.use_backend("cpu"):
+        cases = [build_case(name) for name in names]
+        timings = measure(cases, repeats, rounds)
+    rows = overhead_rows(cases, timings)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    header = (f"# fastmeta op overhead above the kernel, CPU\n\n{date} · {_cpu_name()}, {torch.get_num_threads()} "
+              f"thread · torch {torch.__version__} · backend cpu · `python bench/bench_op_overhead.py --repeats "
+              f"{repeats} --rounds {rounds}` · µs per call, median of {rounds} interleaved rounds of {repeats} calls")
+    return rows, format_table(rows, header)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=200, help="calls per round and measurement (default 200)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    parser.add_argument("--ops", default=None, help="comma-separated op names (default: every public op)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"markdown table to write (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    fm.backends()  # loads the backends (and builds the extension) before timing
-    T, N, I, O = 2, 3, 4, 5
-    x, w, b = torch.randn(T, N, I), torch.randn(T, O, I), torch.randn(T, O)
-    pred, target = torch.randn(T, N, O), torch.randint(0, O, (T, N))
-    theta, grad, lr = torch.randn(T, 16), torch.randn(T, 16), torch.tensor(0.1)
-    native = torch.ops.fastmeta_ext
-    cases = [
-        ("task_linear", lambda: ops.task_linear(x, w, b, "relu", 0.0), lambda: native.task_linear(x, w, b, "relu", 0.0),
-         (x, w, b), lambda x, w, b: ops.task_linear(x, w, b, "relu", 0.0)),
-        ("task_loss", lambda: ops.task_loss(pred, target, "cross_entropy"),
-         lambda: native.task_loss(pred, target, "cross_entropy"), (pred,),
-         lambda p: ops.task_loss(p, target, "cross_entropy")),
-        ("inner_step", lambda: ops.inner_step(theta, grad, lr, None, None, None),
-         lambda: native.inner_step(theta, grad, lr, None, None, None), (theta, grad),
-         lambda t, g: ops.inner_step(t, g, lr, None, None, None)),
-    ]
-    print(f"µs per call, one thread, medians of 7 rounds of {args.repeats} calls (torch {torch.__version__})")
-    print(f"{'op':<14} {'public op':>10} {'native':>8} {'overhead':>9} {'backward':>9}   (torch.add: "
-          f"{per_call_us(lambda: torch.add(x, x), args.repeats):.1f})")
-    with fm.use_backend("cpu"):
-        for name, public, direct, inputs, differentiable in cases:
-            leaves = [t.clone().requires_grad_(True) for t in inputs]
-
-            def backward():
-                out = differentiable(*leaves)
-                torch.autograd.grad(out.sum(), leaves)
-
-            public_us, native_us = per_call_us(public, args.repeats), per_call_us(direct, args.repeats)
-            backward_us = per_call_us(backward, args.repeats // 4)
-            print(f"{name:<14} {public_us:>10.1f} {native_us:>8.1f} {public_us - native_us:>9.1f} {backward_us:>9.1f}")
+    if args.repeats < 1 or args.rounds < 1:
+        parser.error("--repeats and --rounds must be >= 1")
+    ops = [n.strip() for n in args.ops.split(",") if n.strip()] if args.ops else None
+    if ops is not None:
+        unknown = sorted(set(ops) - set(public_ops()))
+        if unknown:
+            parser.error(f"--ops: not public ops of the table: {', '.join(unknown)}")
+    _, table = run(args.repeats, args.rounds, ops)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    print(f"\nwrote {out}", file=sys.stderr)
     return 0
 
 

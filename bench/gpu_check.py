@@ -16,10 +16,15 @@ What it does, in priority order, each step in its own time box, ≤ 6 minutes in
    ``verified.json``; one that fails is recorded as failed in ``results.json``, and the
    run goes on.
 3. **the whole-step CUDA graph test** (captured equals eager over 10 steps).
-4. **the end-to-end bench** (``fastmeta bench``): fastmeta's rows first, then the peers,
+4. **eager against captured** (issue 23): W2's user loop (``fastmeta[auto]``: the learner
+   and Adam with their defaults, new batches every iteration) against fastmeta's captured
+   whole step (``fastmeta[auto]+graph``), in one process; the ratio eager / captured is
+   recorded under ``eager_vs_captured`` (target ≤ 1.3). The dry run measures W1's user
+   loop against the CPU's whole step (``fastmeta[auto]+whole-step``) instead.
+5. **the end-to-end bench** (``fastmeta bench``): fastmeta's rows first, then the peers,
    W1, W2, W3, W4 in that order, the slow ``compile`` peer last; every contender's result
    is appended to the results as it finishes (``--stream``).
-5. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
+6. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
    and the Triton kernels); recorded as ``unavailable`` where the sanitizer is missing or
    refuses the device (the H200 machines).
 
@@ -220,6 +225,74 @@ def bench_plan(dry_run: bool) -> list[tuple[str, int, int, list[str]]]:
     return plan
 
 
+# Issue 23: eager W2 (the user loop) against the captured whole step, in one process.
+EAGER_VS_CAPTURED_STEP = "eager-vs-captured"
+EAGER_VS_CAPTURED_TARGET = 1.3  # eager at most 1.3x the captured step
+
+
+def eager_vs_captured_plan(dry_run: bool) -> tuple[int, int, list[str], str, str]:
+    """(box, estimate, fastmeta bench arguments, eager row, captured row)."""
+    if dry_run:
+        return 120, 10, ["--workloads", "W1", "--device", "cpu", "--backends", "auto", "--peers", "", "--no-check",
+                         "--iterations", "2", "--warmup", "1"], "fastmeta[auto]", "fastmeta[auto]+whole-step"
+    # W2's fastmeta rows took 16 s on the H100 with the check; without it, about as long.
+    return 60, 16, ["--workloads", "W2", "--backends", "auto", "--peers", "", "--no-check", "--iterations", "20"], \
+        "fastmeta[auto]", "fastmeta[auto]+graph"
+
+
+def eager_vs_captured(check: "Check") -> None:
+    name = EAGER_VS_CAPTURED_STEP
+    box, estimate, arguments, eager_row, captured_row = eager_vs_captured_plan(check.dry_run)
+    if check.carried(name):
+        return
+    if not check.selected(name):
+        check.set_step(name, status="not-run", note="not selected (--only)", box_s=box, estimate_s=estimate)
+        return
+    report = check.work / "eager_vs_captured.json"
+    command = [check.python, "-m", "fastmeta.tools.bench", *arguments, "--json", str(report)]
+    step_box = min(box, check.left())
+    if step_box < 15:
+        check.set_step(name, status="did-not-fit", note=f"{max(check.left(), 0):.0f} s left", box_s=box,
+                       estimate_s=estimate)
+        check.publish()
+        return
+    check.set_step(name, status="running", started_at_s=round(check.elapsed(), 1), box_s=box, estimate_s=estimate)
+    check.publish()
+    began = time.monotonic()
+    rc, text = check.run_command(name, command, step_box)
+    seconds = round(time.monotonic() - began, 1)
+    measured = None
+    if report.exists():
+        measured = eager_over_captured(json.loads(report.read_text()), eager_row, captured_row)
+    if rc is None:
+        status, note = "timeout", f"killed at its time box ({step_box:.0f} s)"
+    elif measured is None:
+        tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or [""]
+        status, note = "failed", f"exit {rc}: both rows not timed; {tail[0][:140]}"
+    else:
+        check.results["eager_vs_captured"] = {**measured, "target": EAGER_VS_CAPTURED_TARGET,
+                                              "met": measured["ratio"] <= EAGER_VS_CAPTURED_TARGET,
+                                              "device": check.results["device"].get("name"), "run_id": check.run_id}
+        status = "passed"
+        note = (f"{measured['workload']}: eager {measured['eager_ms']:.3f} ms / captured {measured['captured_ms']:.3f} "
+                f"ms = {measured['ratio']:.2f}x (target <= {EAGER_VS_CAPTURED_TARGET:g}x: "
+                f"{'met' if measured['ratio'] <= EAGER_VS_CAPTURED_TARGET else 'NOT MET'})")
+    check.set_step(name, status=status, seconds=seconds, note=note)
+    check.publish()
+
+
+def eager_over_captured(report: dict, eager_row: str, captured_row: str) -> dict | None:
+    """The two rows' medians from a ``fastmeta bench --json`` report, and their ratio."""
+    for entry in report.get("workloads", []):
+        rows = {c["name"]: c for c in entry["contenders"]}
+        eager, captured = rows.get(eager_row, {}), rows.get(captured_row, {})
+        if eager.get("median_ms") and captured.get("median_ms"):
+            return {"workload": entry["workload"]["name"], "eager": eager_row, "captured": captured_row,
+                    "eager_ms": eager["median_ms"], "captured_ms": captured["median_ms"],
+                    "ratio": eager["median_ms"] / captured["median_ms"]}
+    return None
+
+
 MEMCHECK_BOX = 60
 PER_MACHINE_STEPS = ("probe", "install", "build", "catalog")  # never carried over by --resume
 MEMCHECK_RESERVE = 45  # seconds the bench leaves for memcheck
@@ -307,6 +380,8 @@ class Check:
             self.results["runs"] = earlier.get("runs", [])
             self.results["events"] = earlier.get("events", [])
             self.results["bench"] = earlier.get("bench", [])
+            if "eager_vs_captured" in earlier:
+                self.results["eager_vs_captured"] = earlier["eager_vs_captured"]
             for name, step in earlier.get("steps", {}).items():
                 if name in PER_MACHINE_STEPS:  # a fresh machine needs them again
                     continue
@@ -889,6 +964,11 @@ def summary(results: dict, verified: dict) -> str:
     for backend, devices in sorted(verified.items()):
         for dev, kernels in sorted(devices.items()):
             lines.append(f"  {backend} on {dev}: {', '.join(sorted(kernels))}")
+    ratio = results.get("eager_vs_captured")
+    if ratio:
+        lines += ["", f"eager against captured: {ratio['workload']} {ratio['eager']} {ratio['eager_ms']:.3f} ms / "
+                      f"{ratio['captured']} {ratio['captured_ms']:.3f} ms = {ratio['ratio']:.2f}x "
+                      f"(target <= {ratio['target']:g}x: {'met' if ratio['met'] else 'NOT MET'})"]
     lines += ["", "bench:"] + (bench_tables(results) or ["  nothing measured yet"])
     pending = [n for n, s in results["steps"].items() if s.get("status") not in ("passed", "carried", "clean",
                                                                                    "unavailable")]
@@ -952,6 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
         install(check)
         read_catalog(check)
         correctness(check)
+        eager_vs_captured(check)
         bench(check)
         memcheck(check)
     except Interrupted:

@@ -2,7 +2,10 @@
 
 A contender runs one full meta-iteration per :meth:`Contender.step`: the inner loop of
 every task, the query loss, the meta-gradient and an Adam step (lr 1e-3), in the order a
-user's training loop would run them. The peers are what a user would run instead
+user's training loop would run them. fastmeta's default row is exactly a user's loop
+(:class:`FastmetaContender`): the learner and ``torch.optim.Adam`` with their defaults,
+``out = learner.meta_batch(...)``, ``out.loss.backward()``, ``opt.step()``, fed a new batch
+of the same shapes every iteration. The peers are what a user would run instead
 (docs/benchmarks.md):
 
 - ``loop``: a per-task Python loop with ``autograd.grad(create_graph=True)``, what
@@ -25,7 +28,10 @@ it: :meth:`Contender.reset_parameters`, one :meth:`Contender.step`, then
 parameters, before its Adam update). That is the same code path that is then timed.
 
 Contenders take a :class:`Problem`: the workload, the device, the order, one initial
-state shared by all, and one batch of tasks shared by all.
+state shared by all, and one pool of distinct batches of the same shapes shared by all
+(drawn before any timing). The correctness check runs on the pool's first batch
+(``problem.batch``); the peers, as docs/benchmarks.md defines them, and fastmeta's
+captured rows reuse that one batch; fastmeta's user-loop row cycles through the pool.
 """
 
 from __future__ import annotations
@@ -60,14 +66,19 @@ class Problem:
 
     workload: a :class:`fastmeta.tools.workloads.Workload` (its ``build_model()``, ``steps``,
     ``inner_lr``, ``loss``, ``has_batch_norm``); initial_state: the model's state_dict,
-    fp32 on ``device``; batch: the tasks, on ``device``.
+    fp32 on ``device``; batches: distinct batches of tasks of the same shapes, on
+    ``device`` (the first is ``batch``, the one the check and the one-batch contenders use).
     """
 
     workload: object
     device: torch.device
     first_order: bool
     initial_state: dict[str, Tensor]
-    batch: TaskBatch
+    batches: tuple[TaskBatch, ...]
+
+    @property
+    def batch(self) -> TaskBatch:
+        return self.batches[0]
 
     def build_model(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         model = self.workload.build_model()
@@ -147,20 +158,22 @@ class _TorchModelContender(Contender):
 
 
 class FastmetaContender(_TorchModelContender):
-    """``fm.MAML`` on one backend ("auto" included), eager, validation off.
-
-    Validation is off because its NaN and label checks synchronize with the device every
-    iteration; a user timing their training loop would switch it off too
-    (``validate=False``). The optimizer is Adam, fused on CUDA (one launch for all
-    parameters): that is fastmeta's choice, not the peers'.
+    """What a user's training loop runs: ``fm.MAML`` with its defaults (validation on) on
+    one backend ("auto" included), ``torch.optim.Adam`` with its defaults (lr 1e-3 is
+    torch's default), and per iteration ``opt.zero_grad()``, ``out =
+    learner.meta_batch(batch)``, ``out.loss.backward()``, ``opt.step()``, with ``batch`` a
+    new set of tensors of the same shapes each time (the problem's pool, cycled): no
+    validation switched off, no batch reused, nothing captured.
     """
 
     family = "fastmeta"
+    validate = True  # the learner's default; the captured rows below switch it off
 
     def __init__(self, problem: Problem, backend: str):
         super().__init__(problem)
         self.backend = backend
         self.name = f"fastmeta[{backend}]"
+        self.next_batch = 0
 
     def active(self):
         import fastmeta as fm
@@ -172,30 +185,37 @@ class FastmetaContender(_TorchModelContender):
 
         w = self.problem.workload
         self.model = self.problem.build_model()
-        self.learner = fm.MAML(
-            self.model,
-            lr=w.inner_lr,
-            first_order=self.problem.first_order,
-            steps=w.steps,
-            loss=w.loss,
-            validate=False,
-        )
+        options = {} if self.validate else {"validate": False}
+        self.learner = fm.MAML(self.model, lr=w.inner_lr, first_order=self.problem.first_order, steps=w.steps,
+                               loss=w.loss, **options)
         self.params = list(self.learner.parameters())
 
     def prepare(self) -> None:
         self._build()
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.Adam(self.params, lr=ADAM_LR, fused=fused or None)
+        self.optimizer = torch.optim.Adam(self.params)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.next_batch = 0  # the check's step runs on the pool's first batch, problem.batch
 
     def step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        out = self.learner.meta_batch(*self.problem.batch)
+        batches = self.problem.batches
+        batch = batches[self.next_batch]
+        self.next_batch = (self.next_batch + 1) % len(batches)
+        self.optimizer.zero_grad()
+        out = self.learner.meta_batch(*batch)
         out.loss.backward()
         self.optimizer.step()
 
+    def details(self) -> dict:
+        return {"loop": "user: learner and torch.optim.Adam defaults, a new batch each iteration",
+                "distinct_batches": len(self.problem.batches)}
+
 
 class FastmetaGraphContender(FastmetaContender):
-    """fastmeta's eager meta-iteration captured whole in a CUDA graph (CUDA only).
+    """fastmeta's eager meta-iteration captured whole in a CUDA graph (CUDA only): a row of
+    its own beside the user loop, ``validate=False`` and one reused batch (a graph replays
+    on fixed input buffers).
 
     The generic whole-network capture recipe (warm up on a side stream, capture forward,
     backward and ``Adam(capturable=True)``, replay), applied to ``learner.meta_batch``. It
@@ -203,6 +223,8 @@ class FastmetaGraphContender(FastmetaContender):
     ``capture``; it is skipped with the reason when fastmeta's step is not capturable (a
     host sync somewhere on the path).
     """
+
+    validate = False  # validation reads the inputs on the host: not capturable
 
     def __init__(self, problem: Problem, backend: str):
         super().__init__(problem, backend)
@@ -235,12 +257,15 @@ class FastmetaGraphContender(FastmetaContender):
 class FastmetaWholeStepContender(FastmetaContender):
     """``learner.capture(optimizer, ...)`` on the CPU: the whole meta-iteration and Adam's
     update in one fused op per step (:class:`fastmeta.engine.FusedMLPStep`). Skipped with
-    the learner's reason where the CPU has no whole step (not a plain MLP).
+    the learner's reason where the CPU has no whole step (not a plain MLP). A row of its
+    own beside the user loop: ``validate=False``, one reused batch.
 
     The step keeps no ``.grad``: the check reads the meta-gradient from Adam's first
     moment after the first step from fresh state, ``exp_avg = (1 - β1)·g`` (weight decay
     0), the same arithmetic as torch's Adam.
     """
+
+    validate = False
 
     def __init__(self, problem: Problem, backend: str):
         super().__init__(problem, backend)

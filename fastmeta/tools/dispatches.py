@@ -1,15 +1,30 @@
 """Dispatches and host syncs per meta-iteration: deterministic counts, pinned by the tests.
 
-A **dispatch** is a fastmeta op (``fastmeta::*``), or an aten op outside one; an aten op
-that a native (C++/CUDA) kernel calls counts too, since on a GPU each is a launch. Views
-and allocations are not dispatches; nested aten calls inside an aten op are part of it
-(``aten::linear`` calling ``aten::addmm`` is one). A **host sync** is an
-``aten::_local_scalar_dense`` (a tensor read on the host: ``.item()``, ``bool(t)``), except
-those inside torch's own fused optimizer kernels (``aten::_fused_adam_`` on the CPU reads each
-parameter's step counter on the host: host memory, no device to wait for; on CUDA the step
-stays on the device). **The fused optimizer step counts as one dispatch** (Adam with
-``fused=True`` is ``aten::_foreach_add_`` on the step counters and ``aten::_fused_adam_``). On a
-GPU every dispatch is at least one kernel launch, eager or captured.
+**A dispatch** (:func:`is_dispatch`, the one definition; a launch recorder on a GPU shares
+it) is one call the host issues that runs work of its own:
+
+- every fastmeta op (``fastmeta::*``), whatever runs it (a native kernel, Triton, the
+  reference), plus
+- every aten op that is not nested in another counted aten op, *wherever it is called
+  from*: the user's code, autograd's engine, a fastmeta op's Python code (its checks, its
+  launcher's layout copies, its reference, its backward formula), or a native (C++/CUDA)
+  kernel; on a GPU each of these is a launch;
+- a native kernel (``fastmeta_ext::*``) called outside a fastmeta op (a bound kernel, see
+  ``bind_mlp_meta_step_update``). Inside a fastmeta op it is that op's dispatch: not a
+  second one.
+
+Views, reshapes and allocations are not dispatches (:data:`NOT_DISPATCHES`), and are
+transparent: a copy they make (``contiguous`` → ``clone``) is one. Nested aten calls inside
+a counted aten op are part of it (``aten::linear`` calling ``aten::addmm`` is one). A host
+read (``aten::_local_scalar_dense``) is a **host sync**, counted apart, not a dispatch;
+those inside torch's own fused optimizer kernels are not counted (``aten::_fused_adam_`` on
+the CPU reads each parameter's step counter on the host: host memory, no device to wait
+for; on CUDA the step stays on the device). **The fused optimizer step counts as one
+dispatch** (Adam with ``fused=True`` is ``aten::_foreach_add_`` on the step counters and
+``aten::_fused_adam_``).
+
+Until issue 23 the aten ops inside a fastmeta op's Python implementation were skipped: the
+counts of that definition are in bench/RESULTS.md beside the new ones.
 
 The counts come from ``torch.profiler``'s CPU events of one iteration (the profiler sees
 nested calls, which a dispatch mode does not: its handler runs with the mode off).
@@ -19,7 +34,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -52,20 +67,31 @@ class DispatchCount:
                 f"most: {common}")
 
 
-def _op_parent(event):
-    parent = event.cpu_parent
-    while parent is not None and not parent.name.startswith(OP_PREFIXES):
-        parent = parent.cpu_parent  # record_function ranges are not ops
-    return parent
+def is_dispatch(name: str, enclosing: Sequence[str] = ()) -> bool:
+    """Whether a call of the op ``name`` is a dispatch (the module docstring's definition).
+
+    enclosing: the names of what the call runs inside, innermost first (profiler ranges
+    and other non-op names are ignored). A launch recorder decides with the same function.
+    """
+    if not name.startswith(OP_PREFIXES) or name in NOT_DISPATCHES or name == HOST_SYNC:
+        return False
+    ops = [n for n in enclosing if n.startswith(OP_PREFIXES) and n not in NOT_DISPATCHES]
+    if name.startswith("fastmeta::"):
+        return True
+    if name.startswith("fastmeta_ext::"):
+        return not any(n.startswith("fastmeta::") for n in ops)
+    # An aten op: counted unless a counted aten op encloses it more closely than any
+    # fastmeta op or native kernel does.
+    return not ops or not ops[0].startswith("aten::")
 
 
-def _inside(event, names) -> bool:
+def _enclosing(event) -> list[str]:
+    names = []
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name.startswith(names):
-            return True
+        names.append(parent.name)
         parent = parent.cpu_parent
-    return False
+    return names
 
 
 def count_events(events) -> DispatchCount:
@@ -73,21 +99,16 @@ def count_events(events) -> DispatchCount:
     count = DispatchCount()
     for event in events:
         name = event.name
-        if name == HOST_SYNC and not _inside(event, FUSED_OPTIMIZERS):
+        enclosing = _enclosing(event)
+        if name == HOST_SYNC and not any(n.startswith(FUSED_OPTIMIZERS) for n in enclosing):
             count.host_syncs += 1
-        if not name.startswith(OP_PREFIXES) or name in NOT_DISPATCHES:
+        if not is_dispatch(name, enclosing):
             continue
-        if name == "aten::_foreach_add_" and _inside(event, OPTIMIZER_RANGE) and _fused_step_follows(event, events):
+        if name == "aten::_foreach_add_" and any(n.startswith(OPTIMIZER_RANGE) for n in enclosing) \
+                and _fused_step_follows(event, events):
             continue  # the fused optimizer's step counters: part of its one dispatch
-        parent = _op_parent(event)
-        if name.startswith("fastmeta_ext::") and _inside(event, ("fastmeta::",)):
-            continue  # the native kernel of the fastmeta op around it: that op is the dispatch
-        if parent is not None and not parent.name.startswith("fastmeta_ext::"):
-            continue  # inside an aten op, or inside a fastmeta op's Python implementation
         count.dispatches += 1
         count.by_name[name] += 1
-        # A native kernel called directly (a bound op, see bind_mlp_meta_step_update) is
-        # the fastmeta op's dispatch.
         if name.startswith(("fastmeta::", "fastmeta_ext::")):
             count.fastmeta_ops += 1
     return count

@@ -1,4 +1,5 @@
-"""The standard workloads W1–W4 (docs/benchmarks.md): one definition each.
+"""The standard workloads W1–W4 and the host-cost workloads W2S, OFC, R12
+(docs/benchmarks.md): one definition each.
 
 A :class:`Workload` names the model, the task shapes, the inner loop and the loss of one
 paper protocol; ``fastmeta bench``, ``fastmeta profile``, the benchmark scripts in bench/
@@ -24,13 +25,17 @@ from fastmeta.data import TaskBatch
 # ---------------------------------------------------------------------------------------
 
 
+L2L_MODEL_PREFIX = "l2l:"  # Workload.model names a learn2learn vision model
+
+
 @dataclass(frozen=True, eq=False)
 class Workload:
     """One standard meta-learning workload.
 
     support / query: examples per task (for classification, ``ways`` classes, labelled
     ``i % ways``). steps, inner_lr: the inner loop. loss: "mse" or "cross_entropy".
-    model, model_args: ``fastmeta.models.<model>(**model_args)``.
+    model, model_args: ``fastmeta.models.<model>(**model_args)``, or for a name
+    ``"l2l:<Name>"``, learn2learn's ``fastmeta.l2l.vision.models.<Name>(**model_args)``.
     """
 
     name: str
@@ -48,6 +53,10 @@ class Workload:
     ways: int = 0
 
     def build_model(self) -> nn.Module:
+        if self.model.startswith(L2L_MODEL_PREFIX):
+            from fastmeta.l2l.vision import models as l2l_models
+
+            return getattr(l2l_models, self.model[len(L2L_MODEL_PREFIX):])(**self.model_args)
         from fastmeta import models
 
         return getattr(models, self.model)(**self.model_args)
@@ -117,16 +126,43 @@ WORKLOADS: dict[str, Workload] = {
     ),
 }
 
+# The host-cost workloads (issue 23, docs/benchmarks.md): where what the host pays per op
+# (the Python between the user's call and the kernels) decides the time, not the arithmetic.
+HOST_COST_WORKLOADS: dict[str, Workload] = {
+    "W2S": Workload(  # W2's structure with negligible arithmetic: 8 filters, 2 tasks
+        name="W2S", title="w2-structure", preset="omniglot-5w1s", model="conv4",
+        model_args={"in_channels": 1, "ways": 5, "hidden": 8, "variant": "strided", "image_size": 28},
+        input_shape=(1, 28, 28), tasks=2, support=5, query=5, steps=1, inner_lr=0.4,
+        loss="cross_entropy", ways=5,
+    ),
+    "OFC": Workload(  # learn2learn's examples/vision/maml_omniglot.py: OmniglotFC, 5-way 1-shot
+        name="OFC", title="omniglot-fc", preset="omniglot-5w1s", model="l2l:OmniglotFC",
+        model_args={"input_size": 28 * 28, "output_size": 5},
+        input_shape=(1, 28, 28), tasks=32, support=5, query=5, steps=1, inner_lr=0.5,
+        loss="cross_entropy", ways=5,
+    ),
+    "R12": Workload(  # learn2learn's ResNet12 (widths 64-160-320-640) at CIFAR-FS's 32x32, 5-way 1-shot
+        name="R12", title="resnet12-32", preset="cifarfs-5w1s", model="l2l:ResNet12",
+        model_args={"output_size": 5, "dropblock_dropout": 0.0},
+        input_shape=(3, 32, 32), tasks=16, support=5, query=5, steps=1, inner_lr=0.01,
+        loss="cross_entropy", ways=5,
+    ),
+}
+
+
+ALL_WORKLOADS: dict[str, Workload] = {**WORKLOADS, **HOST_COST_WORKLOADS}
+
 
 def find_workload(name: str) -> Workload:
-    """A workload by id ("W2") or by the preset it mirrors ("omniglot-5w1s")."""
+    """A workload by id ("W2", "R12") or by the preset it mirrors ("omniglot-5w1s") or its
+    title ("w2-structure")."""
     key = name.strip()
-    if key.upper() in WORKLOADS:
-        return WORKLOADS[key.upper()]
-    for w in WORKLOADS.values():
+    if key.upper() in ALL_WORKLOADS:
+        return ALL_WORKLOADS[key.upper()]
+    for w in ALL_WORKLOADS.values():
         if key in (w.preset, w.title):
             return w
-    known = ", ".join(f"{w.name} ({w.preset})" for w in WORKLOADS.values())
+    known = ", ".join(f"{w.name} ({w.title})" for w in ALL_WORKLOADS.values())
     raise ValueError(f"unknown workload {name!r}; known: {known}")
 
 

@@ -95,8 +95,8 @@ def test_results_schema(two_part_run):
         assert "run_id" in step
     # The families come from the op table: every op module with Triton kernels, every
     # csrc/cuda/<family>.cu.
-    expected = {"install", "build", "triton:common", "whole_step", "bench:W1-second:fastmeta", "bench:W1-second:peers",
-                "memcheck"}
+    expected = {"install", "build", "triton:common", "whole_step", "eager-vs-captured", "bench:W1-second:fastmeta",
+                "bench:W1-second:peers", "memcheck"}
     expected |= {f"triton:{f}" for f in triton_families()}
     expected |= {f"cuda:{f}" for f in cuda_families()}
     assert set(results["steps"]) == expected
@@ -107,6 +107,11 @@ def test_results_schema(two_part_run):
     timed = {r["contender"]["name"]: r["contender"] for r in results["bench"] if r["contender"]["median_ms"]}
     assert {"fastmeta[auto]", "fastmeta[torch]", "loop", "vmap"} <= set(timed)
     assert all(c["status"] == "ok" and c["relative_error"] < 1e-4 for c in timed.values())
+    # Issue 23's eager-against-captured step: on the CPU, W1's user loop against the whole step.
+    ratio = results["eager_vs_captured"]
+    assert (ratio["workload"], ratio["eager"], ratio["captured"]) == ("W1", "fastmeta[auto]",
+                                                                       "fastmeta[auto]+whole-step")
+    assert ratio["ratio"] == pytest.approx(ratio["eager_ms"] / ratio["captured_ms"]) and ratio["target"] == 1.3
 
 
 def test_verified_is_written_family_by_family(two_part_run):
@@ -158,6 +163,7 @@ def test_summary(two_part_run):
     text = (second / "summary.txt").read_text()
     assert len(text.splitlines()) <= 200
     assert "DRY RUN" in text and "triton:task_conv2d" in text and "fastmeta[auto]" in text
+    assert "eager against captured: W1" in text
     assert text.strip() in b.stdout
 
 

@@ -113,7 +113,7 @@ def test_only_torch_func_second_order_through_batch_norm_is_known_wrong():
         torch_func = True
 
     def problem(workload, first_order):
-        return Problem(workload, torch.device("cpu"), first_order, {}, TaskBatch(*[torch.zeros(1)] * 4))
+        return Problem(workload, torch.device("cpu"), first_order, {}, (TaskBatch(*[torch.zeros(1)] * 4),))
 
     conv = WORKLOADS["W2"]
     assert check_status(TorchFunc(problem(conv, False)), problem(conv, False), 1e-2, 1e-3)[0] == "known-wrong"
@@ -234,3 +234,59 @@ def test_profile_on_the_cpu_prints_no_profiler_noise(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "dispatches" in proc.stdout and proc.stderr == "", proc.stderr
+
+
+def test_fastmeta_row_is_the_user_loop_fed_new_batches(monkeypatch):
+    """fastmeta[<backend>] runs what a user runs: the learner's defaults (validation on),
+    torch's Adam with its defaults, a different batch (same shapes) every iteration; the
+    check's step runs on the pool's first batch."""
+    from fastmeta.tools.bench_peers import FastmetaContender
+
+    settings = tiny_settings()
+    problem = bench.build_problem(WORKLOADS["W1"].replace(tasks=2), settings, torch.device("cpu"))
+    assert len(problem.batches) == settings.distinct_batches == 4
+    assert problem.batch is problem.batches[0]
+    assert len({b.support_x.data_ptr() for b in problem.batches}) == 4
+    assert not torch.equal(problem.batches[0].support_x, problem.batches[1].support_x)
+    contender = FastmetaContender(problem, "torch")
+    with contender.active():
+        contender.prepare()
+        assert contender.learner.validate is True
+        group = contender.optimizer.param_groups[0]
+        defaults = torch.optim.Adam([torch.zeros(1, requires_grad=True)]).defaults
+        assert {k: group[k] for k in defaults} == defaults
+        seen = []
+        meta_batch = contender.learner.meta_batch
+        monkeypatch.setattr(contender.learner, "meta_batch", lambda *b: seen.append(b[0]) or meta_batch(*b))
+        for _ in range(5):
+            contender.step()
+        contender.reset_parameters()
+        contender.step()
+    assert [next(i for i, b in enumerate(problem.batches) if b.support_x is x) for x in seen] == [0, 1, 2, 3, 0, 0]
+
+
+@pytest.mark.parametrize("workload", ["W2S", "OFC"])
+def test_host_cost_workload_rows_run_against_vmap_and_the_loop(workload):
+    [result] = run_benchmark(tiny_settings(workloads=[workload], tasks=2, iterations=1, warmup=0,
+                                           backends=["auto"], fastmeta_graph=False))
+    rows = {r.name: r for r in result.contenders}
+    assert list(rows) == ["fastmeta[auto]", "loop", "vmap"]
+    assert rows["fastmeta[auto]"].status == "ok" and rows["loop"].status == "ok", rows
+    assert rows["vmap"].status in ("ok", "known-wrong")  # torch.func's second order through BatchNorm
+    assert all(r.timed for r in rows.values()) and set(rows["fastmeta[auto]"].speedup_vs) == {"loop", "vmap"}
+
+
+def test_host_cost_workloads_are_the_issue_23_shapes():
+    from fastmeta.tools.workloads import HOST_COST_WORKLOADS, find_workload
+
+    w2s, ofc, r12 = (find_workload(n) for n in ("W2S", "omniglot-fc", "resnet12-32"))
+    assert set(HOST_COST_WORKLOADS) == {"W2S", "OFC", "R12"}
+    assert (w2s.tasks, w2s.support, w2s.query, w2s.ways) == (2, 5, 5, 5)
+    assert [m.out_channels for m in w2s.build_model() if isinstance(m, torch.nn.Conv2d)] == [8] * 4
+    fc = ofc.build_model()
+    assert [m.out_features for m in fc.modules() if isinstance(m, torch.nn.Linear)] == [256, 128, 64, 64, 5]
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in fc.modules()) == 4
+    assert (r12.tasks, r12.input_shape) == (16, (3, 32, 32))
+    resnet = r12.build_model().to("meta")
+    assert resnet(torch.empty(2, 3, 32, 32, device="meta")).shape == (2, 5)
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) for m in resnet.modules()) == 12
