@@ -294,7 +294,7 @@ def _fused_activation(y, x, act, negative_slope):
     return activation_code(act, negative_slope)
 
 
-def task_batch_norm_backward(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.0):
+def task_batch_norm_backward(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01):
     code = _fused_activation(y, x, act, negative_slope)
     if (code is None or x.dim() < 3 or grad_z.shape != x.shape
             or not all_float32_on_one_device(grad_z, x, gamma, y)):
@@ -321,7 +321,7 @@ def task_batch_norm_backward(grad_z, x, gamma, eps, needs, y=None, act="none", n
 
 
 def task_batch_norm_double_backward(grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none",
-                                    negative_slope=0.0):
+                                    negative_slope=0.01):
     code = _fused_activation(y, x, act, negative_slope)
     if (code is None or x.dim() < 3 or grad_z.shape != x.shape or (up_x is not None and up_x.shape != x.shape)
             or not all_float32_on_one_device(grad_z, x, gamma, up_x, up_gamma, up_beta, y)):
@@ -344,7 +344,8 @@ def task_batch_norm_double_backward(grad_z, x, gamma, up_x, up_gamma, up_beta, e
         N, C, S, float(eps), float(negative_slope),
         *(layout[k] if layout else 0 for layout in (g, ug, ub) for k in (1, 2)),
         HAS_GAMMA=gamma is not None, HAS_UP_X=up_x is not None, HAS_UP_GAMMA=up_gamma is not None,
-        HAS_UP_BETA=up_beta is not None, HAS_Y=code != 0, ACT=code, NEED_GRAD_Z=need_grad_z, NEED_X=need_x, NEED_GAMMA=need_gamma,
+        HAS_UP_BETA=up_beta is not None, HAS_Y=code != 0, ACT=code, NEED_GRAD_Z=need_grad_z, NEED_X=need_x,
+        NEED_GAMMA=need_gamma,
         GRAD_SUMS=need_x or need_gamma, WRITE=need_grad_z or need_x, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
     return [d_grad_z, d_x, d_gamma]

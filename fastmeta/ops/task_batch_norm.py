@@ -107,7 +107,7 @@ def gradient_at_z(grad_out: Tensor, y: Tensor | None, act: str, negative_slope: 
 
 def reference_task_batch_norm_backward(
     grad_z: Tensor, x: Tensor, gamma: Tensor | None, eps: float, needs: list[bool], y: Tensor | None = None,
-    act: str = "none", negative_slope: float = 0.0,
+    act: str = "none", negative_slope: float = 0.01,  # nn.LeakyReLU's default; read only with leaky_relu
 ) -> list[Tensor]:
     """[grad_x, grad_gamma ``[T, C]``, grad_beta ``[T, C]``]; those not needed are empty.
 
@@ -146,7 +146,7 @@ def reference_task_batch_norm_double_backward(
     needs: list[bool],
     y: Tensor | None = None,
     act: str = "none",
-    negative_slope: float = 0.0,
+    negative_slope: float = 0.01,
 ) -> list[Tensor]:
     """[d_grad_z, d_x, d_gamma ``[T, C]``]: the VJP of task_batch_norm_backward for the
     upstream gradients (up_x, up_gamma, up_beta) at its outputs (grad_x, grad_γ, grad_β);
@@ -275,7 +275,7 @@ task_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup)
 # ---------------------------------------------------------------------------------------
 
 
-def _check_backward(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.0):
+def _check_backward(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01):
     check_fused_activation(y, act, negative_slope)
     if y is not None and y.shape != x.shape:
         raise ValueError(f"y must have x's shape {list(x.shape)}, got {list(y.shape)}")
@@ -286,15 +286,15 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 
 
 task_batch_norm_backward = define_op(reference_task_batch_norm_backward, NativeCall(
-    takes=lambda device_type, grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.0: x.dim() >= 3,
-    args=lambda grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.0: (
+    takes=lambda device_type, grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01: x.dim() >= 3,
+    args=lambda grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01: (
         grad_z.contiguous(), x.contiguous(), shared_or_contiguous(gamma, True), float(eps), [bool(n) for n in needs],
         _contiguous(y), act, float(negative_slope)),
 ), check=_check_backward)
 
 
 @task_batch_norm_backward.register_fake
-def _(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.0):
+def _(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01):
     T, C = x.size(0), x.size(2)
     shapes = [tuple(x.shape), (T, C), (T, C)]
     return [x.new_empty(s if n else (0,)) for s, n in zip(shapes, needs)]
@@ -347,14 +347,14 @@ task_batch_norm_backward.register_autograd(_bn_backward_backward, setup_context=
 
 
 def _check_double_backward(grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none",
-                           negative_slope=0.0):
+                           negative_slope=0.01):
     _check_backward(grad_z, x, gamma, eps, needs, y, act, negative_slope)
 
 
 task_batch_norm_double_backward = define_op(reference_task_batch_norm_double_backward, NativeCall(
     takes=lambda device_type, grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none",
-    negative_slope=0.0: x.dim() >= 3,
-    args=lambda grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none", negative_slope=0.0: (
+    negative_slope=0.01: x.dim() >= 3,
+    args=lambda grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none", negative_slope=0.01: (
         grad_z.contiguous(), x.contiguous(), shared_or_contiguous(gamma, True), shared_or_contiguous(up_x, False),
         shared_or_contiguous(up_gamma, True), shared_or_contiguous(up_beta, True), float(eps),
         [bool(n) for n in needs], _contiguous(y), act, float(negative_slope)),
@@ -362,7 +362,7 @@ task_batch_norm_double_backward = define_op(reference_task_batch_norm_double_bac
 
 
 @task_batch_norm_double_backward.register_fake
-def _(grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none", negative_slope=0.0):
+def _(grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none", negative_slope=0.01):
     T, C = x.size(0), x.size(2)
     shapes = [tuple(grad_z.shape), tuple(x.shape), (T, C)]
     return [x.new_empty(s if n else (0,)) for s, n in zip(shapes, needs)]
