@@ -5,9 +5,14 @@ Per task t and channel c, over the task's N examples and S spatial positions:
 
     μ = mean x,  σ² = mean (x − μ)²  (biased),  y = act(γ (x − μ)/√(σ² + eps) + β)
 
-and backward (at z, before the activation; the op layer applies activation_grad first):
+and backward (at z, before the activation):
 
     dβ = Σ g,  dγ = Σ g·x̂,  dx = γ/√(σ² + eps) · (g − dβ/count − x̂·dγ/count)
+
+For a piecewise-linear activation (relu, leaky_relu) the backward kernels take the
+forward's output y (HAS_Y) and read g = grad_y·f'(y) themselves, and the double backward
+writes its d grad_z times f'(y); for the others the op layer applies activation_grad
+first and passes no y.
 
 The double backward is the closed form of reference_task_batch_norm_double_backward: per
 (task, channel) sums of g, u (the upstream at dx) and x − μ, then every output element
@@ -36,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmeta.kernels.activation import activation_code, apply_activation
+from fastmeta.kernels.activation import activation_code, activation_derivative, apply_activation
 from fastmeta.kernels.launch_checks import all_float32_on_one_device, interpreting, task_stride
 
 
@@ -90,11 +95,20 @@ def task_batch_norm_kernel(
 
 
 @triton.jit
+def _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y: tl.constexpr, ACT: tl.constexpr):
+    """g, or g·f'(y) where the op was given y (a piecewise-linear activation)."""
+    g = tl.load(grad_z_ptr + offs, mask=ok, other=0.0)
+    if HAS_Y:
+        g = g * activation_derivative(tl.load(y_ptr + offs, mask=ok, other=0.0), negative_slope, ACT)
+    return g
+
+
+@triton.jit
 def task_batch_norm_backward_kernel(
-    grad_z_ptr, x_ptr, gamma_ptr, grad_x_ptr, grad_gamma_ptr, grad_beta_ptr,
-    N, C, S, eps, gamma_task_stride, gamma_channel_stride,
-    HAS_GAMMA: tl.constexpr, NEED_X: tl.constexpr, NEED_GAMMA: tl.constexpr, NEED_BETA: tl.constexpr,
-    BLOCK: tl.constexpr,
+    grad_z_ptr, x_ptr, gamma_ptr, y_ptr, grad_x_ptr, grad_gamma_ptr, grad_beta_ptr,
+    N, C, S, eps, negative_slope, gamma_task_stride, gamma_channel_stride,
+    HAS_GAMMA: tl.constexpr, HAS_Y: tl.constexpr, ACT: tl.constexpr, NEED_X: tl.constexpr,
+    NEED_GAMMA: tl.constexpr, NEED_BETA: tl.constexpr, BLOCK: tl.constexpr,
 ):
     c = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
@@ -109,7 +123,7 @@ def task_batch_norm_backward_kernel(
         ok = j < count
         offs = base + (j // S).to(tl.int64) * (C * S) + j % S
         x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-        g = tl.load(grad_z_ptr + offs, mask=ok, other=0.0)
+        g = _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y, ACT)
         d = tl.where(ok, x - mean, 0.0)
         sq += d * d
         sum_g += g
@@ -132,17 +146,18 @@ def task_batch_norm_backward_kernel(
             ok = j < count
             offs = base + (j // S).to(tl.int64) * (C * S) + j % S
             x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-            g = tl.load(grad_z_ptr + offs, mask=ok, other=0.0)
+            g = _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y, ACT)
             xhat = (x - mean) * rstd
             tl.store(grad_x_ptr + offs, scale * (g - mean_g - xhat * mean_g_xhat), mask=ok)
 
 
 @triton.jit
 def task_batch_norm_double_backward_kernel(
-    grad_z_ptr, x_ptr, gamma_ptr, up_x_ptr, up_gamma_ptr, up_beta_ptr, d_grad_z_ptr, d_x_ptr, d_gamma_ptr,
-    N, C, S, eps, gamma_task_stride, gamma_channel_stride, up_gamma_task_stride, up_gamma_channel_stride,
-    up_beta_task_stride, up_beta_channel_stride,
+    grad_z_ptr, x_ptr, gamma_ptr, up_x_ptr, up_gamma_ptr, up_beta_ptr, y_ptr, d_grad_z_ptr, d_x_ptr, d_gamma_ptr,
+    N, C, S, eps, negative_slope, gamma_task_stride, gamma_channel_stride, up_gamma_task_stride,
+    up_gamma_channel_stride, up_beta_task_stride, up_beta_channel_stride,
     HAS_GAMMA: tl.constexpr, HAS_UP_X: tl.constexpr, HAS_UP_GAMMA: tl.constexpr, HAS_UP_BETA: tl.constexpr,
+    HAS_Y: tl.constexpr, ACT: tl.constexpr,
     NEED_GRAD_Z: tl.constexpr, NEED_X: tl.constexpr, NEED_GAMMA: tl.constexpr, GRAD_SUMS: tl.constexpr,
     WRITE: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -165,7 +180,7 @@ def task_batch_norm_double_backward_kernel(
         d = tl.where(ok, x - mean, 0.0)
         sq += d * d
         if GRAD_SUMS:  # d x and d γ read the sums of g; d grad_z alone does not
-            g = tl.load(grad_z_ptr + offs, mask=ok, other=0.0)
+            g = _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y, ACT)
             sg += g
             sgd += g * d
         if HAS_UP_X:
@@ -211,9 +226,11 @@ def task_batch_norm_double_backward_kernel(
                 v = zd * d + z0
                 if HAS_UP_X:
                     v += a * u
+                if HAS_Y:
+                    v = v * activation_derivative(tl.load(y_ptr + offs, mask=ok, other=0.0), negative_slope, ACT)
                 tl.store(d_grad_z_ptr + offs, v, mask=ok)
             if NEED_X:
-                v = xd * d + x0 + alpha * tl.load(grad_z_ptr + offs, mask=ok, other=0.0)
+                v = xd * d + x0 + alpha * _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y, ACT)
                 if HAS_UP_X:
                     v -= beta * u
                 tl.store(d_x_ptr + offs, v, mask=ok)
@@ -267,8 +284,20 @@ def task_batch_norm(x, gamma, beta, eps, act, negative_slope):
     return out
 
 
-def task_batch_norm_backward(grad_z, x, gamma, eps, needs):
-    if x.dim() < 3 or grad_z.shape != x.shape or not all_float32_on_one_device(grad_z, x, gamma):
+def _fused_activation(y, x, act, negative_slope):
+    """The activation code of the backward kernels' y (0 without y), or None to decline
+    (the reference then runs, and refuses what the op does not take, naming it)."""
+    if y is None:
+        return 0 if act == "none" else None
+    if act not in ("relu", "leaky_relu") or y.shape != x.shape:
+        return None
+    return activation_code(act, negative_slope)
+
+
+def task_batch_norm_backward(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01):
+    code = _fused_activation(y, x, act, negative_slope)
+    if (code is None or x.dim() < 3 or grad_z.shape != x.shape
+            or not all_float32_on_one_device(grad_z, x, gamma, y)):
         return NotImplemented
     T, N, C, S = _layout(x)
     g = _channel_param(gamma, T, C)
@@ -276,22 +305,26 @@ def task_batch_norm_backward(grad_z, x, gamma, eps, needs):
         return NotImplemented
     need_x, need_gamma, need_beta = (bool(n) for n in needs)
     x, grad_z = x.contiguous(), grad_z.contiguous()
+    y = x if y is None else y.contiguous()
     grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
     grad_gamma = x.new_empty((T, C)) if need_gamma else x.new_empty(0)
     grad_beta = x.new_empty((T, C)) if need_beta else x.new_empty(0)
     cfg = batch_norm_config(N * S)
     task_batch_norm_backward_kernel[(C, T)](
-        grad_z, x, gamma if gamma is not None else x, grad_x, grad_gamma, grad_beta,
-        N, C, S, float(eps), g[1] if g else 0, g[2] if g else 0,
-        HAS_GAMMA=gamma is not None, NEED_X=need_x, NEED_GAMMA=need_gamma, NEED_BETA=need_beta,
+        grad_z, x, gamma if gamma is not None else x, y, grad_x, grad_gamma, grad_beta,
+        N, C, S, float(eps), float(negative_slope), g[1] if g else 0, g[2] if g else 0,
+        HAS_GAMMA=gamma is not None, HAS_Y=code != 0, ACT=code, NEED_X=need_x, NEED_GAMMA=need_gamma,
+        NEED_BETA=need_beta,
         BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
     return [grad_x, grad_gamma, grad_beta]
 
 
-def task_batch_norm_double_backward(grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs):
-    if (x.dim() < 3 or grad_z.shape != x.shape or (up_x is not None and up_x.shape != x.shape)
-            or not all_float32_on_one_device(grad_z, x, gamma, up_x, up_gamma, up_beta)):
+def task_batch_norm_double_backward(grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none",
+                                    negative_slope=0.01):
+    code = _fused_activation(y, x, act, negative_slope)
+    if (code is None or x.dim() < 3 or grad_z.shape != x.shape or (up_x is not None and up_x.shape != x.shape)
+            or not all_float32_on_one_device(grad_z, x, gamma, up_x, up_gamma, up_beta, y)):
         return NotImplemented
     T, N, C, S = _layout(x)
     params = [(p, _channel_param(p, T, C)) for p in (gamma, up_gamma, up_beta)]
@@ -301,15 +334,18 @@ def task_batch_norm_double_backward(grad_z, x, gamma, up_x, up_gamma, up_beta, e
     need_grad_z, need_x, need_gamma = (bool(n) for n in needs)
     x, grad_z = x.contiguous(), grad_z.contiguous()
     up_x = None if up_x is None else up_x.contiguous()
+    y = x if y is None else y.contiguous()
     d_grad_z = torch.empty_like(x) if need_grad_z else x.new_empty(0)
     d_x = torch.empty_like(x) if need_x else x.new_empty(0)
     d_gamma = x.new_empty((T, C)) if need_gamma else x.new_empty(0)
     cfg = batch_norm_config(N * S)
     task_batch_norm_double_backward_kernel[(C, T)](
-        grad_z, x, *(p if p is not None else x for p in (gamma, up_x, up_gamma, up_beta)), d_grad_z, d_x, d_gamma,
-        N, C, S, float(eps), *(layout[k] if layout else 0 for layout in (g, ug, ub) for k in (1, 2)),
+        grad_z, x, *(p if p is not None else x for p in (gamma, up_x, up_gamma, up_beta)), y, d_grad_z, d_x, d_gamma,
+        N, C, S, float(eps), float(negative_slope),
+        *(layout[k] if layout else 0 for layout in (g, ug, ub) for k in (1, 2)),
         HAS_GAMMA=gamma is not None, HAS_UP_X=up_x is not None, HAS_UP_GAMMA=up_gamma is not None,
-        HAS_UP_BETA=up_beta is not None, NEED_GRAD_Z=need_grad_z, NEED_X=need_x, NEED_GAMMA=need_gamma,
+        HAS_UP_BETA=up_beta is not None, HAS_Y=code != 0, ACT=code, NEED_GRAD_Z=need_grad_z, NEED_X=need_x,
+        NEED_GAMMA=need_gamma,
         GRAD_SUMS=need_x or need_gamma, WRITE=need_grad_z or need_x, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
     return [d_grad_z, d_x, d_gamma]

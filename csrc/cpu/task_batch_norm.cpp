@@ -70,6 +70,29 @@ inline void slice_stats(const T* x, const BnShape& s, int64_t t, int64_t c, doub
 
 int64_t grain_for(const BnShape& s) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(s.N * s.S, 1)); }
 
+// The backward ops' optional y and act (fastmeta/ops/task_batch_norm.py): the forward's
+// output y with a piecewise-linear act, whose f'(y) the kernels apply to the gradient at y
+// as they read it; or no y with act "none". A smooth act has a gradient at y: refused.
+Act check_fused_activation(const c10::optional<at::Tensor>& y, const at::Tensor& x, c10::string_view act_name) {
+  const Act act = parse_act(std::string(act_name.data(), act_name.size()));
+  if (!y.has_value()) {
+    TORCH_CHECK_VALUE(act == Act::None, "act is '", act_name, "' but y is None: the backward needs y to apply f'");
+    return act;
+  }
+  TORCH_CHECK_VALUE(act == Act::Relu || act == Act::LeakyRelu,
+                    "act must be relu or leaky_relu when y is given, got '", act_name, "'");
+  FM_CHECK_INPUT(*y, kCPU);
+  FM_CHECK_SAME_DTYPE(*y, x);
+  TORCH_CHECK_VALUE(y->sizes() == x.sizes(), "y must be ", x.sizes(), ", got ", y->sizes());
+  return act;
+}
+
+// The gradient at z: g, or g·f'(y) where the op was given y.
+template <typename T>
+inline T masked(T g, const T* yp, int64_t i, Act act, T slope) {
+  return yp ? g * act_derivative_from_output<T>(yp[i], act, slope) : g;
+}
+
 at::Tensor task_batch_norm(const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
                            const c10::optional<at::Tensor>& beta, double eps, c10::string_view act_name,
                            double negative_slope) {
@@ -106,8 +129,10 @@ at::Tensor task_batch_norm(const at::Tensor& x, const c10::optional<at::Tensor>&
 
 std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const at::Tensor& x,
                                                  const c10::optional<at::Tensor>& gamma, double eps,
-                                                 const c10::List<bool>& needs) {
+                                                 const c10::List<bool>& needs, const c10::optional<at::Tensor>& y,
+                                                 c10::string_view act_name, double negative_slope) {
   const BnShape s = check_bn(x, gamma, "gamma");
+  const Act act = check_fused_activation(y, x, act_name);
   FM_CHECK_INPUT(grad_z, kCPU);
   FM_CHECK_SAME_DTYPE(grad_z, x);
   TORCH_CHECK_VALUE(grad_z.sizes() == x.sizes(), "grad_z must be ", x.sizes(), ", got ", grad_z.sizes());
@@ -127,6 +152,8 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
     using T_ = scalar_t;
     const T_* xp = x.data_ptr<T_>();
     const T_* gz = grad_z.data_ptr<T_>();
+    const T_* yp = y.has_value() ? y->data_ptr<T_>() : nullptr;
+    const T_ slope = static_cast<T_>(negative_slope);
     T_* gxp = need_x ? gx.data_ptr<T_>() : nullptr;
     T_* ggp = need_gamma ? gg.data_ptr<T_>() : nullptr;
     T_* gbp = need_beta ? gb.data_ptr<T_>() : nullptr;
@@ -141,8 +168,9 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
           const int64_t off = ((t * s.N + n) * s.C + c) * s.S;
 #pragma omp simd reduction(+ : sum_g, sum_gx)
           for (int64_t i = 0; i < s.S; ++i) {
-            sum_g += gz[off + i];
-            sum_gx += gz[off + i] * (xp[off + i] - mean) * rstd;
+            const T_ g = masked<T_>(gz[off + i], yp, off + i, act, slope);
+            sum_g += g;
+            sum_gx += g * (xp[off + i] - mean) * rstd;
           }
         }
         if (ggp) ggp[j] = sum_gx;
@@ -154,7 +182,8 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
             const int64_t off = ((t * s.N + n) * s.C + c) * s.S;
 #pragma omp simd
             for (int64_t i = 0; i < s.S; ++i)
-              gxp[off + i] = scale * (gz[off + i] - mg - (xp[off + i] - mean) * rstd * mgx);
+              gxp[off + i] = scale * (masked<T_>(gz[off + i], yp, off + i, act, slope) - mg -
+                                      (xp[off + i] - mean) * rstd * mgx);
           }
         }
       }
@@ -173,11 +202,13 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
 // float32 too: the fp32 reference reduces with pairwise sums, and a plain fp32 running sum
 // over W4's 529 200 values per slice drifts by ~1e-4 relative, past the 1e-5 the kernel
 // must match it to.
+// With y (a piecewise-linear act), g = grad_z·f'(y) is read through masked(), and d grad_z
+// is written times f'(y): the gradient at the op's first argument.
 template <typename T, bool kGradSums, bool kUp>
 void double_backward_slices(const T* gz, const T* xp, const T* up, const BnShape& s, int64_t j0, int64_t j1,
                             double eps, const c10::optional<at::Tensor>& gamma,
                             const c10::optional<at::Tensor>& up_gamma, const c10::optional<at::Tensor>& up_beta,
-                            T* d_gz, T* d_x, T* d_gamma) {
+                            const T* yp, Act act, T slope, T* d_gz, T* d_x, T* d_gamma) {
   const double M = double(s.N * s.S);
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t t = j / s.C, c = j % s.C;
@@ -196,15 +227,15 @@ void double_backward_slices(const T* gz, const T* xp, const T* up, const BnShape
         const double d = double(xp[off + i]) - mean;
         sdd += d * d;
         if (kGradSums) {
-          const double g = double(gz[off + i]);
+          const double g = double(masked<T>(gz[off + i], yp, off + i, act, slope));
           sg += g;
           sgd += g * d;
+          if (kUp) sug += double(up[off + i]) * g;
         }
         if (kUp) {
           const double u = double(up[off + i]);
           su += u;
           sud += u * d;
-          if (kGradSums) sug += u * double(gz[off + i]);
         }
       }
     }
@@ -229,14 +260,14 @@ void double_backward_slices(const T* gz, const T* xp, const T* up, const BnShape
           const double d = double(xp[off + i]) - mean;
           double v = zd * d + z0;
           if (kUp) v += a * double(up[off + i]);
-          d_gz[off + i] = T(v);
+          d_gz[off + i] = masked<T>(T(v), yp, off + i, act, slope);
         }
       }
       if (d_x) {
 #pragma omp simd
         for (int64_t i = 0; i < s.S; ++i) {
           const double d = double(xp[off + i]) - mean;
-          double v = xd * d + x0 + alpha * double(gz[off + i]);
+          double v = xd * d + x0 + alpha * double(masked<T>(gz[off + i], yp, off + i, act, slope));
           if (kUp) v -= beta * double(up[off + i]);
           d_x[off + i] = T(v);
         }
@@ -248,8 +279,10 @@ void double_backward_slices(const T* gz, const T* xp, const T* up, const BnShape
 std::vector<at::Tensor> task_batch_norm_double_backward(
     const at::Tensor& grad_z, const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
     const c10::optional<at::Tensor>& up_x, const c10::optional<at::Tensor>& up_gamma,
-    const c10::optional<at::Tensor>& up_beta, double eps, const c10::List<bool>& needs) {
+    const c10::optional<at::Tensor>& up_beta, double eps, const c10::List<bool>& needs,
+    const c10::optional<at::Tensor>& y, c10::string_view act_name, double negative_slope) {
   const BnShape s = check_bn(x, gamma, "gamma");
+  const Act act = check_fused_activation(y, x, act_name);
   check_bn(x, up_gamma, "up_gamma");
   check_bn(x, up_beta, "up_beta");
   FM_CHECK_INPUT(grad_z, kCPU);
@@ -278,12 +311,14 @@ std::vector<at::Tensor> task_batch_norm_double_backward(
     const T_* xp = x.data_ptr<T_>();
     const T_* gz = grad_z.data_ptr<T_>();
     const T_* up = up_x.has_value() ? up_x->data_ptr<T_>() : nullptr;
+    const T_* yp = y.has_value() ? y->data_ptr<T_>() : nullptr;
+    const T_ slope = static_cast<T_>(negative_slope);
     // d x and d γ read the sums of g; d grad_z alone does not.
     const bool grad_sums = need_x || need_gamma;
     at::parallel_for(0, s.T * s.C, grain_for(s), [&](int64_t j0, int64_t j1) {
       auto run = [&](auto grad_sums_tag, auto up_tag) {
         double_backward_slices<T_, decltype(grad_sums_tag)::value, decltype(up_tag)::value>(
-            gz, xp, up, s, j0, j1, eps, gamma, up_gamma, up_beta, dgz, dxp, dgam);
+            gz, xp, up, s, j0, j1, eps, gamma, up_gamma, up_beta, yp, act, slope, dgz, dxp, dgam);
       };
       using Yes = std::true_type;
       using No = std::false_type;

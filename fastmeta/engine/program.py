@@ -12,6 +12,12 @@ task (``[T, *shape]``, a view of the fast-weight buffer) or shared (``shape``, a
   always, in training and evaluation alike; running statistics are never touched).
   A ReLU, LeakyReLU, Tanh or Sigmoid whose only input is a Linear or BatchNorm that
   feeds nothing else is fused into it.
+- A Conv2d or Linear whose only user is a recognised BatchNorm runs without its bias
+  (:func:`_bias_cancelled_by_batch_norm`): the BatchNorm's per-task batch statistics
+  subtract the per-channel mean, and a per-channel bias with it, so the bias changes
+  nothing downstream and its gradient is exactly zero. The bias stays a parameter the
+  program reads: its meta-gradient comes back as zeros (not None), so optimizers and users
+  see the same parameters as with the bias computed.
 - MaxPool2d, AvgPool2d, Flatten, Dropout and the standalone activations run with the task
   dim folded into the batch: they treat examples independently.
 - Every other node (functional calls, ``+``, ``cat``, methods, unrecognised leaf modules
@@ -47,6 +53,9 @@ _PER_EXAMPLE_MODULES = (
     nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid,
 )
 _BATCH_STATISTIC_FUNCTIONS = {F.batch_norm, torch.batch_norm, F.instance_norm, torch.instance_norm}
+# Layers whose bias a following batch-statistics BatchNorm cancels, and the rank of their
+# output [T, N, channels, ...] at which the bias runs along the BatchNorm's channel dim (2).
+_BIAS_CHANNEL_RANK = {nn.Conv2d: 5, nn.Linear: 3}
 
 
 def recognised_modules() -> tuple[type, ...]:
@@ -131,6 +140,9 @@ class TracedProgram:
             if src_op is not None and src_op.fuses_activation:
                 fused_into[src.name] = act
                 skipped[node.name] = src.name
+        self.bias_cancelled = {
+            node.target for node in nodes if node.op == "call_module" and _bias_cancelled_by_batch_norm(model, node)
+        }
 
         placeholders = 0
         for node in nodes:
@@ -151,7 +163,8 @@ class TracedProgram:
                 if node.name in skipped:
                     self._steps.append((node, self._alias_step(node.name, skipped[node.name])))
                 else:
-                    self._steps.append((node, self._module_step(model, node, fused_into.get(node.name))))
+                    self._steps.append((node, self._module_step(model, node, fused_into.get(node.name),
+                                                                 node.target in self.bias_cancelled)))
             elif node.op in ("call_function", "call_method"):
                 if node.op == "call_function" and node.target in _BATCH_STATISTIC_FUNCTIONS:
                     raise TraceError(
@@ -201,7 +214,11 @@ class TracedProgram:
         self.reads.add(k)
         return k
 
-    def _module_step(self, model: nn.Module, node: torch.fx.Node, act: tuple[str, float] | None):
+    def _module_step(self, model: nn.Module, node: torch.fx.Node, act: tuple[str, float] | None,
+                     bias_cancelled: bool = False):
+        """The step of a call_module node. bias_cancelled: the next op is a batch-statistics
+        BatchNorm that cancels this layer's bias (:func:`_bias_cancelled_by_batch_norm`); the
+        op then runs without it when its output has the rank where the bias is per channel."""
         m = model.get_submodule(node.target)
         name = node.name
         arg = node.args[0] if node.args else None
@@ -211,12 +228,15 @@ class TracedProgram:
         op = module_op(m) if simple_input else None
         if op is not None:
             segments = {attr: self._param_segment(m, attr) for attr in op.params}
+            channel_rank = _BIAS_CHANNEL_RANK.get(type(m))  # Conv2d and Linear keep their input's rank
 
             def step(env, weights):
                 x = env[arg.name]
                 y = None
                 if x.batched:
                     params = {attr: None if k is None else weights[k] for attr, k in segments.items()}
+                    if bias_cancelled and x.value.dim() == channel_rank:
+                        params["bias"] = None  # the BatchNorm after it subtracts it again
                     y = op.run(m, x.value, params, act_name, slope)
                 if y is None and op.required is not None:
                     raise RuntimeError(
@@ -409,6 +429,30 @@ class TracedProgram:
                 raise
         out = self._resolve(self._output_arg, env)
         return pytree.tree_map(lambda v: v.value, out, is_leaf=lambda v: isinstance(v, _Value))
+
+
+def _bias_cancelled_by_batch_norm(model: nn.Module, node: torch.fx.Node) -> bool:
+    """Whether ``node`` is a Conv2d or Linear with a bias whose output feeds nothing but a
+    recognised BatchNorm (which always normalises with per-task batch statistics).
+
+    Then the bias is never computed, and its gradient is zero without computing it: the
+    BatchNorm subtracts each task's per-channel mean over the examples (and the pixels),
+    and a bias b[t, c] added to every example of channel c moves that mean by exactly
+    b[t, c], so (x + b) − mean(x + b) = x − mean(x). Its output, and everything after it,
+    does not depend on b: ∂loss/∂b = 0 at every order, inner steps included. Only the
+    op's output rank decides at run time that the bias lies along the BatchNorm's channel
+    dim (a Linear on ``[T, N, L, I]`` adds it along the BatchNorm's spatial dim: kept).
+    """
+    if node.op != "call_module" or len(node.users) != 1:
+        return False
+    m = model.get_submodule(node.target)
+    if type(m) not in _BIAS_CHANNEL_RANK or getattr(m, "bias", None) is None or module_op(m) is None:
+        return False
+    (user,) = node.users
+    if user.op != "call_module" or len(user.args) != 1 or user.kwargs or user.args[0] is not node:
+        return False
+    norm = model.get_submodule(user.target)
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and module_op(norm) is not None
 
 
 def _per_task(call: Callable, raw: list, in_dims: tuple) -> tuple[Any, bool]:

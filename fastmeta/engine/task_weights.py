@@ -62,13 +62,14 @@ class Layout:
         return torch.cat([t.reshape(-1) for t in tensors])
 
     def views(self, flat: Tensor) -> list[Tensor]:
-        """Per segment, a view of ``flat``: ``[P]`` → ``shape``; ``[T, P]`` → ``[T, *shape]``."""
-        if flat.dim() == 1:
-            return [part.view(s.shape) for part, s in zip(flat.split(self._sizes), self.segments)]
-        T = flat.size(0)
-        return [
-            part.view(T, *s.shape) for part, s in zip(flat.split(self._sizes, dim=1), self.segments)
-        ]
+        """Per segment, a view of ``flat``: ``[P]`` → ``shape``; ``[T, P]`` → ``[T, *shape]``.
+
+        The backward is one ``cat`` of the segments' gradients (:class:`_SplitSegments`),
+        with a segment nothing read (a bias a BatchNorm cancels, an unused parameter) filled
+        from a cached zero: no zeros tensor per such segment and pass."""
+        lead = tuple(flat.shape[:-1])
+        parts = _SplitSegments.apply(flat, self._sizes) if flat.requires_grad else flat.split(self._sizes, dim=-1)
+        return [part.view(*lead, *s.shape) for part, s in zip(parts, self.segments)]
 
     def segment_ids(self, device: torch.device) -> Tensor:
         """int64 ``[P]``: the segment index of each parameter (for per-segment rates)."""
@@ -84,6 +85,39 @@ class Layout:
     def expand_per_segment(self, values: Tensor) -> Tensor:
         """``[S]`` → ``[P]``: each segment's value repeated over its parameters."""
         return values[self.segment_ids(values.device)]
+
+
+_ZEROS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def cached_zero(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-dim zero, made once per dtype and device: ``.expand`` it to any shape for free."""
+    key = (dtype, device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), dtype=dtype, device=device)
+    return zero
+
+
+class _SplitSegments(torch.autograd.Function):
+    """``flat.split(sizes, dim=-1)`` whose backward fills the segments that got no gradient
+    from one cached zero, expanded (a view). torch's own split backward allocates and fills a
+    zeros tensor for each such segment, one dispatch each, every backward pass. The backward
+    is a differentiable ``cat``, so second order (create_graph) runs through it."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, sizes: list[int]):
+        ctx.set_materialize_grads(False)
+        ctx.sizes, ctx.lead, ctx.dtype, ctx.device = sizes, tuple(flat.shape[:-1]), flat.dtype, flat.device
+        return tuple(flat.split(sizes, dim=-1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if all(g is None for g in grads):
+            return None, None
+        zero = cached_zero(ctx.dtype, ctx.device)
+        parts = [zero.expand(*ctx.lead, n) if g is None else g for g, n in zip(grads, ctx.sizes)]
+        return torch.cat(parts, dim=-1), None
 
 
 class TaskWeights:

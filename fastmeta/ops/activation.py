@@ -14,7 +14,8 @@ sigmoid     σ(z)             y(1 − y)                1 − 2y
 =========== ================ ======================= =====================
 
 ``activation_grad(grad_y, y, act, negative_slope)`` = grad_y · f'(y). It is bilinear
-enough that its own backward is written directly, in torch ops, below.
+enough that its own backward is written directly, in torch ops, below; where d f'/dy is 0
+(none, relu, leaky_relu) the gradient at y is never computed: autograd gets None.
 """
 
 from __future__ import annotations
@@ -108,8 +109,11 @@ def _activation_grad_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         d_grad_y = activation_grad(grad, y, ctx.act, ctx.negative_slope)
     if ctx.needs_input_grad[1]:
+        # Piecewise-linear activations (none, relu, leaky_relu): f' is constant where it is
+        # defined, so the gradient at y is exactly zero. None says so to autograd, which then
+        # computes nothing for it (no zeros tensor, no accumulation into y's gradient).
         second = d_activation_derivative_dy(y, ctx.act)
-        d_y = torch.zeros_like(y) if second is None else grad * grad_y * second
+        d_y = None if second is None else grad * grad_y * second
     return d_grad_y, d_y, None, None
 
 

@@ -14,18 +14,27 @@ Shapes:
 
 Returns the shape of x.
 
-Backward: ``task_batch_norm_backward(grad_z, x, gamma, eps, needs)`` returns the gradients
-at x, γ and β (the last two per task, ``[T, C]``) from the gradient at the normalised,
-scaled, shifted value z (before the activation). This is where torch.func's vmap gets
-second-order MAML wrong.
+Backward: ``task_batch_norm_backward(grad_z, x, gamma, eps, needs, y, act,
+negative_slope)`` returns the gradients at x, γ and β (the last two per task, ``[T, C]``)
+from the gradient at the normalised, scaled, shifted value z (before the activation).
+This is where torch.func's vmap gets second-order MAML wrong.
 
 Double backward: ``task_batch_norm_double_backward(grad_z, x, gamma, up_x, up_gamma,
-up_beta, eps, needs)`` is the backward of that backward in closed form, one kernel
-(second-order MAML spends its outer backward here): from the upstream gradients at
-grad_x (x's shape), grad_γ and grad_β (``[T, C]`` or ``[C]``; any may be None) it
-returns the gradients at grad_z, x and γ (per task, ``[T, C]``). Its own backward (third
-order, and gradgradcheck) is the exact VJP of its reference
+up_beta, eps, needs, y, act, negative_slope)`` is the backward of that backward in closed
+form, one kernel (second-order MAML spends its outer backward here): from the upstream
+gradients at grad_x (x's shape), grad_γ and grad_β (``[T, C]`` or ``[C]``; any may be
+None) it returns the gradients at grad_z, x and γ (per task, ``[T, C]``). Its own backward
+(third order, and gradgradcheck) is the exact VJP of its reference
 (:mod:`fastmeta.ops.reference_vjp`).
+
+**The activation gradient, fused.** For a piecewise-linear activation (relu, leaky_relu)
+both take the forward's output y and the activation: their first argument is then the
+gradient at y, and the kernels apply f'(z) = f'(y) (a mask) to it as they read it, so
+``activation_grad`` is no op of its own: ``grad_z = grad_y·f'(y)``. The double backward
+returns the gradient at grad_y, f'(y)·(the one at grad_z); f' is constant where defined,
+so nothing depends on y and no gradient at y is computed. A smooth activation (tanh,
+sigmoid) has a gradient at y (d f'/dy ≠ 0): the op layer runs ``activation_grad`` first and
+calls these with y None (act "none"); passing y with one is refused, naming ``act``.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from torch import Tensor
 
 from fastmeta.backends.table import shared_or_contiguous
 from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
-from fastmeta.ops.activation import activation_grad, apply_activation
+from fastmeta.ops.activation import activation_derivative, activation_grad, apply_activation, check_activation
 from fastmeta.ops.reference_vjp import reference_vjp
 
 
@@ -74,10 +83,37 @@ def reference_task_batch_norm(
     return apply_activation(z, act, negative_slope)
 
 
+# The activations whose gradient the backward kernels apply themselves (see the module docstring).
+MASK_ACTIVATIONS = ("relu", "leaky_relu")
+
+
+def check_fused_activation(y: Tensor | None, act: str, negative_slope: float) -> None:
+    """y and act as the backward ops take them: y None with act "none", or the forward's
+    output with a piecewise-linear act (``MASK_ACTIVATIONS``)."""
+    check_activation(act, negative_slope)
+    if y is None and act != "none":
+        raise ValueError(f"act is {act!r} but y is None: the backward needs the forward's output y to apply f'")
+    if y is not None and act not in MASK_ACTIVATIONS:
+        raise ValueError(
+            f"act must be one of {MASK_ACTIVATIONS} when y is given, got {act!r}: a smooth activation has a "
+            "gradient at y, so its activation_grad runs first and y is None")
+
+
+def gradient_at_z(grad_out: Tensor, y: Tensor | None, act: str, negative_slope: float) -> Tensor:
+    """grad_z from the backward ops' first argument: itself, or grad_y·f'(y)."""
+    check_fused_activation(y, act, negative_slope)
+    return grad_out if y is None else grad_out * activation_derivative(y, act, negative_slope)
+
+
 def reference_task_batch_norm_backward(
-    grad_z: Tensor, x: Tensor, gamma: Tensor | None, eps: float, needs: list[bool]
+    grad_z: Tensor, x: Tensor, gamma: Tensor | None, eps: float, needs: list[bool], y: Tensor | None = None,
+    act: str = "none", negative_slope: float = 0.01,  # nn.LeakyReLU's default; read only with leaky_relu
 ) -> list[Tensor]:
-    """[grad_x, grad_gamma ``[T, C]``, grad_beta ``[T, C]``]; those not needed are empty."""
+    """[grad_x, grad_gamma ``[T, C]``, grad_beta ``[T, C]``]; those not needed are empty.
+
+    grad_z: the gradient at z; with y (the forward's output, act relu or leaky_relu), the
+    gradient at y, and grad_z = grad_z·f'(y) (see the module docstring)."""
+    grad_z = gradient_at_z(grad_z, y, act, negative_slope)
     need_x, need_gamma, need_beta = needs
     dims = statistics_dims(x)
     count = x.numel() // (x.size(0) * x.size(2))
@@ -108,10 +144,15 @@ def reference_task_batch_norm_double_backward(
     up_beta: Tensor | None,
     eps: float,
     needs: list[bool],
+    y: Tensor | None = None,
+    act: str = "none",
+    negative_slope: float = 0.01,
 ) -> list[Tensor]:
     """[d_grad_z, d_x, d_gamma ``[T, C]``]: the VJP of task_batch_norm_backward for the
     upstream gradients (up_x, up_gamma, up_beta) at its outputs (grad_x, grad_γ, grad_β);
-    ``needs`` flags the three outputs, those not needed are empty.
+    ``needs`` flags the three outputs, those not needed are empty. With y (act relu or
+    leaky_relu), grad_z is the gradient at y as task_batch_norm_backward takes it, and
+    d_grad_z is f'(y) times the gradient at the masked grad_z.
 
     Per task and channel, with M examples·pixels, a = γ·rstd and the projection
     P(v) = v − mean(v) − x̂·mean(x̂v) (symmetric), the backward is grad_x = a·P(g),
@@ -124,6 +165,7 @@ def reference_task_batch_norm_double_backward(
     (δx̂ = rstd·P(δx) and δrstd = −rstd²·mean(x̂·δx) give the last line.) d γ does not
     depend on γ: it is the sensitivity of grad_x to the scale.
     """
+    grad_z = gradient_at_z(grad_z, y, act, negative_slope)
     need_grad_z, need_x, need_gamma = needs
     T, C = x.size(0), x.size(2)
     dims = statistics_dims(x)
@@ -146,6 +188,8 @@ def reference_task_batch_norm_double_backward(
             d_grad_z = d_grad_z + per_channel(up_gamma, x) * xhat
         if up_beta is not None:
             d_grad_z = d_grad_z + per_channel(up_beta, x)
+        if y is not None:
+            d_grad_z = activation_derivative(y, act, negative_slope) * d_grad_z
     if need_x or need_gamma:
         g_xhat = mean(grad_z * xhat)  # <g, x̂>/M
         k = None
@@ -187,11 +231,20 @@ def _bn_setup(ctx, inputs, output):
     ctx.gamma_dim = None if gamma is None else gamma.dim()
     ctx.beta_dim = None if beta is None else beta.dim()
     ctx.save_for_backward(x, gamma, output if act != "none" else None)
+    # No gradient reached y (the backward ops' y has none): nothing to do, not zeros to push through.
+    ctx.set_materialize_grads(False)
 
 
 def _bn_backward(ctx, grad_y):
+    if grad_y is None:
+        return None, None, None, None, None, None
     x, gamma, y = ctx.saved_tensors
-    grad_z = grad_y if ctx.act == "none" else activation_grad(grad_y, y, ctx.act, ctx.negative_slope)
+    act, slope = ctx.act, ctx.negative_slope
+    if act in MASK_ACTIVATIONS:  # the backward kernel applies f'(y) itself: no activation_grad op
+        grad_z = grad_y
+    else:
+        grad_z = grad_y if act == "none" else activation_grad(grad_y, y, act, slope)
+        y, act, slope = None, "none", 0.0
     needs = [
         ctx.needs_input_grad[0],
         ctx.gamma_dim is not None and ctx.needs_input_grad[1],
@@ -199,7 +252,7 @@ def _bn_backward(ctx, grad_y):
     ]
     if not any(needs):
         return None, None, None, None, None, None
-    grad_x, grad_gamma, grad_beta = task_batch_norm_backward(grad_z, x, gamma, ctx.eps, needs)
+    grad_x, grad_gamma, grad_beta = task_batch_norm_backward(grad_z, x, gamma, ctx.eps, needs, y, act, slope)
     if needs[1] and ctx.gamma_dim == 1:
         grad_gamma = grad_gamma.sum(0)
     if needs[2] and ctx.beta_dim == 1:
@@ -222,28 +275,40 @@ task_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup)
 # ---------------------------------------------------------------------------------------
 
 
+def _check_backward(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01):
+    check_fused_activation(y, act, negative_slope)
+    if y is not None and y.shape != x.shape:
+        raise ValueError(f"y must have x's shape {list(x.shape)}, got {list(y.shape)}")
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 task_batch_norm_backward = define_op(reference_task_batch_norm_backward, NativeCall(
-    takes=lambda device_type, grad_z, x, gamma, eps, needs: x.dim() >= 3,
-    args=lambda grad_z, x, gamma, eps, needs: (
-        grad_z.contiguous(), x.contiguous(), shared_or_contiguous(gamma, True), float(eps), [bool(n) for n in needs]),
-))
+    takes=lambda device_type, grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01: x.dim() >= 3,
+    args=lambda grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01: (
+        grad_z.contiguous(), x.contiguous(), shared_or_contiguous(gamma, True), float(eps), [bool(n) for n in needs],
+        _contiguous(y), act, float(negative_slope)),
+), check=_check_backward)
 
 
 @task_batch_norm_backward.register_fake
-def _(grad_z, x, gamma, eps, needs):
+def _(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01):
     T, C = x.size(0), x.size(2)
     shapes = [tuple(x.shape), (T, C), (T, C)]
     return [x.new_empty(s if n else (0,)) for s, n in zip(shapes, needs)]
 
 
 def _bn_backward_setup(ctx, inputs, output):
-    grad_z, x, gamma, eps, needs = inputs
-    ctx.eps, ctx.needs = eps, needs
-    ctx.save_for_backward(grad_z, x, gamma)
+    grad_z, x, gamma, eps, needs, y, act, negative_slope = inputs
+    ctx.eps, ctx.needs, ctx.act, ctx.negative_slope = eps, needs, act, negative_slope
+    ctx.save_for_backward(grad_z, x, gamma, y)
 
 
 def _bn_backward_backward(ctx, upstream):
-    grad_z, x, gamma = ctx.saved_tensors
+    """No gradient at y: f'(y) is piecewise constant (the module docstring)."""
+    grad_z, x, gamma, y = ctx.saved_tensors
 
     def live(i):  # the upstream at output i, or None where it is absent or was not produced
         u = upstream[i]
@@ -255,9 +320,9 @@ def _bn_backward_backward(ctx, upstream):
         gamma is not None and ctx.needs_input_grad[2],
     ]
     if not any(needs):
-        return None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     d_grad_z, d_x, d_gamma = task_batch_norm_double_backward(
-        grad_z, x, gamma, live(0), live(1), live(2), ctx.eps, needs
+        grad_z, x, gamma, live(0), live(1), live(2), ctx.eps, needs, y, ctx.act, ctx.negative_slope
     )
     if needs[2] and gamma.dim() == 1:
         d_gamma = d_gamma.sum(0)
@@ -265,6 +330,9 @@ def _bn_backward_backward(ctx, upstream):
         d_grad_z if needs[0] else None,
         d_x if needs[1] else None,
         d_gamma if needs[2] else None,
+        None,
+        None,
+        None,
         None,
         None,
     )
@@ -278,37 +346,46 @@ task_batch_norm_backward.register_autograd(_bn_backward_backward, setup_context=
 # ---------------------------------------------------------------------------------------
 
 
+def _check_double_backward(grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none",
+                           negative_slope=0.01):
+    _check_backward(grad_z, x, gamma, eps, needs, y, act, negative_slope)
+
+
 task_batch_norm_double_backward = define_op(reference_task_batch_norm_double_backward, NativeCall(
-    takes=lambda device_type, grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs: x.dim() >= 3,
-    args=lambda grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs: (
+    takes=lambda device_type, grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none",
+    negative_slope=0.01: x.dim() >= 3,
+    args=lambda grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none", negative_slope=0.01: (
         grad_z.contiguous(), x.contiguous(), shared_or_contiguous(gamma, True), shared_or_contiguous(up_x, False),
         shared_or_contiguous(up_gamma, True), shared_or_contiguous(up_beta, True), float(eps),
-        [bool(n) for n in needs]),
-))
+        [bool(n) for n in needs], _contiguous(y), act, float(negative_slope)),
+), check=_check_double_backward)
 
 
 @task_batch_norm_double_backward.register_fake
-def _(grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs):
+def _(grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none", negative_slope=0.01):
     T, C = x.size(0), x.size(2)
     shapes = [tuple(grad_z.shape), tuple(x.shape), (T, C)]
     return [x.new_empty(s if n else (0,)) for s, n in zip(shapes, needs)]
 
 
 def _bn_double_backward_setup(ctx, inputs, output):
-    grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs = inputs
-    ctx.eps, ctx.needs = eps, needs
-    ctx.save_for_backward(grad_z, x, gamma, up_x, up_gamma, up_beta)
+    grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y, act, negative_slope = inputs
+    ctx.eps, ctx.needs, ctx.act, ctx.negative_slope = eps, needs, act, negative_slope
+    ctx.save_for_backward(grad_z, x, gamma, up_x, up_gamma, up_beta, y)
 
 
 def _bn_double_backward_backward(ctx, upstream):
-    """Third order (and gradgradcheck of the backward): the exact VJP of the reference."""
+    """Third order (and gradgradcheck of the backward): the exact VJP of the reference. y
+    enters as a constant: f'(y) is piecewise constant."""
+    *inputs, y = ctx.saved_tensors
     grads = reference_vjp(
-        lambda *inputs: reference_task_batch_norm_double_backward(*inputs, ctx.eps, ctx.needs),
-        ctx.saved_tensors,
+        lambda *inputs: reference_task_batch_norm_double_backward(*inputs, ctx.eps, ctx.needs, y, ctx.act,
+                                                                  ctx.negative_slope),
+        inputs,
         ctx.needs_input_grad[:6],
         upstream,
     )
-    return (*grads, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 task_batch_norm_double_backward.register_autograd(

@@ -90,9 +90,13 @@ def _task_linear_setup(ctx, inputs, output):
     ctx.has_bias = b is not None
     ctx.bias_shared = b is not None and b.dim() == 1
     ctx.save_for_backward(x, w, output if act != "none" else None)
+    # No gradient reached y (activation_grad has none at y for relu): nothing to do, not zeros to push through.
+    ctx.set_materialize_grads(False)
 
 
 def _task_linear_backward(ctx, grad_y):
+    if grad_y is None:
+        return None, None, None, None, None
     x, w, y = ctx.saved_tensors
     grad_z = grad_y if ctx.act == "none" else activation_grad(grad_y, y, ctx.act, ctx.negative_slope)
     d_x = d_w = d_b = None

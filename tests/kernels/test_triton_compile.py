@@ -56,8 +56,14 @@ def compile_plan():
         (task_conv2d.conv2d_weight_grad_kernel, _grid(KH=[3], KW=[3], **gemm)),
         (task_batch_norm.task_batch_norm_kernel,
          _grid(HAS_GAMMA=[False, True], HAS_BETA=[True], ACT=[0, 3], BLOCK=[2048])),
+        # Without y (act none), and with relu's / leaky_relu's mask fused (HAS_Y).
         (task_batch_norm.task_batch_norm_backward_kernel,
-         _grid(HAS_GAMMA=[False, True], NEED_X=[True], NEED_GAMMA=[True], NEED_BETA=[True], BLOCK=[2048])),
+         [dict(c, HAS_Y=act != 0, ACT=act) for c in _grid(HAS_GAMMA=[False, True], NEED_X=[True], NEED_GAMMA=[True],
+                                                         NEED_BETA=[True], BLOCK=[2048]) for act in (0, 1, 2)]),
+        (task_batch_norm.task_batch_norm_double_backward_kernel,
+         [dict(c, HAS_Y=act != 0, ACT=act) for c in _grid(
+             HAS_GAMMA=[True], HAS_UP_X=[False, True], HAS_UP_GAMMA=[True], HAS_UP_BETA=[True], NEED_GRAD_Z=[True],
+             NEED_X=[True], NEED_GAMMA=[True], GRAD_SUMS=[True], WRITE=[True], BLOCK=[2048]) for act in (0, 1, 2)]),
         (task_loss.cross_entropy_kernel,
          _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[True, False], BLOCK_N=[64], BLOCK_K=[32])[:3]),
         (task_loss.mse_kernel, _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[False, True], BLOCK=[4096])[1:3]),

@@ -61,3 +61,16 @@ def test_an_unknown_activation_is_declined(backend, device):
     require(backend)
     pred = torch.randn(2, 3, 5, device=device)
     assert get_backend(backend).kernel("activation_grad")(pred, pred, "gelu", 0.0) is NotImplemented
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "leaky_relu"])
+def test_piecewise_linear_second_derivative_is_never_computed(act):
+    """d f'/dy is 0 for these: the backward hands autograd None at y, not a zeros tensor."""
+    grad_y = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    out = ops.activation_grad(grad_y, y, act, 0.2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        d_grad_y, d_y = torch.autograd.grad(out, (grad_y, y), torch.ones_like(out), allow_unused=True)
+    assert d_y is None
+    assert not any(e.name in ("aten::zeros_like", "aten::zeros") for e in prof.events())
+    assert torch.equal(d_grad_y, reference_activation_grad(torch.ones_like(out), y, act, 0.2))

@@ -58,7 +58,7 @@ def test_task_batch_norm(backend, device, shape, gamma_kind, beta_kind, act):
     x = torch.randn(*shape, device=device) * 2 + 3  # |μ| ≫ 0 catches one-pass variance
     args = [x, bn_param(gamma_kind, T, C, device), bn_param(beta_kind, T, C, device), 1e-5, act, 0.1]
     diff = [0] + [i for i in (1, 2) if args[i] is not None]
-    kernels = KERNELS + ([] if act == "none" else ["activation_grad"])
+    kernels = KERNELS + (["activation_grad"] if act in ("tanh", "sigmoid") else [])  # relu's is in the backward
     count = x.numel() // (T * C)
     check_op(backend, ops.task_batch_norm, args, diff, kernels, rtol=1e-4, float64_truth=count <= 2)
 
@@ -79,7 +79,8 @@ def test_task_batch_norm_workload(backend, device, shape):
         z = ops.task_batch_norm(*float64(args[:3]), 1e-5, "none", 0.0)
     kink = z.abs() < 1e-4 if shape["act"] in ("relu", "leaky_relu") else None
     del z
-    check_op(backend, ops.task_batch_norm, args, [0, 1, 2], KERNELS + ["activation_grad"], rtol=1e-3,
+    smooth = ["activation_grad"] if shape["act"] in ("tanh", "sigmoid") else []  # relu's is in the backward
+    check_op(backend, ops.task_batch_norm, args, [0, 1, 2], KERNELS + smooth, rtol=1e-3,
              float64_truth=True, exclude=kink)
 
 
@@ -112,6 +113,8 @@ def small_tiles(monkeypatch):
 def test_small_tiles(backend, device, small_tiles):
     x = torch.randn(2, 3, 2, 5, 7, device=device)  # 105 values per statistic: 7 chunks of 16
     check_op(backend, ops.task_batch_norm, [x, bn_param("per_task", 2, 2, device), None, 1e-5, "relu", 0.0], [0, 1],
+             KERNELS, rtol=1e-4)
+    check_op(backend, ops.task_batch_norm, [x, bn_param("per_task", 2, 2, device), None, 1e-5, "tanh", 0.0], [0, 1],
              KERNELS + ["activation_grad"], rtol=1e-4)
 
 
@@ -139,6 +142,12 @@ def kernel_cases():
          (t(T, N, 4), t(T, N, 4), t(4), 1e-5, [True, False, True])),
         ("backward-nogamma", "task_batch_norm_backward", reference_task_batch_norm_backward,
          (t(T, N, 4, 2), t(T, N, 4, 2), None, 1e-5, [True, False, False])),
+        # The activation gradient fused: the first argument is the gradient at y, f'(y) a mask.
+        ("backward-relu", "task_batch_norm_backward", reference_task_batch_norm_backward,
+         (t(T, N, 4, 3, 5), t(T, N, 4, 3, 5), t(T, 4), 1e-5, [True, True, True], t(T, N, 4, 3, 5).relu(), "relu",
+          0.0)),
+        ("backward-leaky-partial", "task_batch_norm_backward", reference_task_batch_norm_backward,
+         (t(T, N, 5), t(T, N, 5), t(5), 1e-5, [True, False, True], t(T, N, 5), "leaky_relu", 0.1)),
     ] + double_backward_cases(T, N)
 
 
@@ -149,13 +158,15 @@ def double_backward_cases(T, N):
     name = "task_batch_norm_double_backward"
     ref = reference_task_batch_norm_double_backward
 
-    def case(label, shape, gamma, up_x, up_gamma, up_beta, needs, eps=1e-5):
+    def case(label, shape, gamma, up_x, up_gamma, up_beta, needs, eps=1e-5, act="none"):
         C = shape[2]
         layouts = {None: None, "per_task": torch.randn(T, C) + 1, "shared": torch.randn(C) + 1,
                    "expanded": torch.randn(C).expand(T, C)}
         x = torch.randn(*shape) * 2 + 3
         args = (torch.randn(*shape), x, layouts[gamma], torch.randn(*shape) if up_x else None,
                 layouts[up_gamma], layouts[up_beta], eps, needs)
+        if act != "none":  # y: the forward's output, whose mask f'(y) the kernel applies
+            args += (torch.randn(*shape), act, 0.2)
         return (f"double-{label}", name, ref, args)
 
     return [
@@ -169,6 +180,9 @@ def double_backward_cases(T, N):
         case("d_x", (T, N, 3, 4, 3), "shared", True, "per_task", None, [False, True, False]),
         case("d_gamma", (T, N, 6), "per_task", True, "per_task", "per_task", [False, False, True]),
         case("d_x-d_gamma", (T, 2, 3, 2, 2), None, True, "per_task", None, [False, True, True]),
+        case("relu", (T, N, 4, 3, 5), "per_task", True, "per_task", "per_task", [True, True, True], act="relu"),
+        case("leaky-partial", (T, N, 5), "shared", True, None, "shared", [True, False, True], act="leaky_relu"),
+        case("relu-no-up_x", (T, N, 3, 2), None, False, "per_task", "per_task", [True, True, True], act="relu"),
     ]
 
 
@@ -256,6 +270,14 @@ GRAD_CASES = [
      lambda: (r(2, 4, 3), r(2, 4, 3), r(3), r(2, 4, 3), None, r(3), 1e-5, [False, True, True])),
     ("double_backward-nogamma", task_batch_norm_double_backward,
      lambda: (r(2, 3, 2, 3), r(2, 3, 2, 3), None, None, r(2, 2), r(2, 2), 1e-3, [True, True, False])),
+    # y requires grad too: the numerical gradient at y is zero (f'(y) is piecewise constant), as the op says.
+    ("backward-relu", ops.task_batch_norm_backward, lambda: (r(2, 4, 3, 2, 2), r(2, 4, 3, 2, 2), r(2, 3), 1e-5,
+                                                             [True, True, True], r(2, 4, 3, 2, 2), "relu", 0.0)),
+    ("backward-leaky", ops.task_batch_norm_backward, lambda: (r(2, 4, 3), r(2, 4, 3), r(3), 1e-5,
+                                                              [True, True, False], r(2, 4, 3), "leaky_relu", 0.1)),
+    ("double_backward-relu", task_batch_norm_double_backward,
+     lambda: (r(2, 4, 3, 2, 2), r(2, 4, 3, 2, 2), r(2, 3), r(2, 4, 3, 2, 2), r(2, 3), r(2, 3), 1e-5, [True] * 3,
+              r(2, 4, 3, 2, 2), "relu", 0.0)),
 ]
 
 
@@ -271,3 +293,58 @@ def test_reference_matches_torch_functional():
         got = ops.task_batch_norm(xb, g, bb, 1e-5, "none", 0.0)
     want = torch.stack([F.batch_norm(xb[t], None, None, g[t], bb[t], training=True) for t in range(2)])
     assert torch.allclose(got, want)
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_the_activation_gradient_runs_inside_the_batch_norm_kernels(act):
+    """relu/leaky_relu after a BatchNorm: its backward and double backward apply f'(y)
+    themselves, so neither order runs an activation_grad op (or an aten op), and the
+    gradients at every order match the reference loop's composition in float64."""
+    from fastmeta.tools.dispatches import count_events
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 4, 3, 3, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    gamma = (torch.randn(2, 4, dtype=torch.float64) + 1).requires_grad_(True)
+    beta = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 3, 4, 3, 3, dtype=torch.float64)
+    weights = [torch.randn(2, 3, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64),
+               torch.randn(2, 4, dtype=torch.float64)]
+
+    def run(backend):
+        with fm.use_backend(backend), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = ops.task_batch_norm(x, gamma, beta, 1e-5, act, 0.1)
+            first = torch.autograd.grad(y, (x, gamma, beta), upstream, create_graph=True)
+            objective = sum((f * w).sum() for f, w in zip(first, weights))
+            second = torch.autograd.grad(objective, (x, gamma, beta), allow_unused=True)
+        return first, second, count_events(prof.events())
+
+    first, second, count = run("cpu")
+    assert "fastmeta::activation_grad" not in count.by_name, count.describe()
+    assert count.by_name["fastmeta::task_batch_norm_backward"] == 1, count.describe()
+    assert count.by_name["fastmeta::task_batch_norm_double_backward"] == 1, count.describe()
+    # The reference: the unfused composition, activation_grad then the plain backward.
+    z = reference_task_batch_norm(x, gamma, beta, 1e-5, "none", 0.0)
+    y = torch.nn.functional.relu(z) if act == "relu" else torch.nn.functional.leaky_relu(z, 0.1)
+    want_first = torch.autograd.grad(y, (x, gamma, beta), upstream, create_graph=True)
+    objective = sum((f * w).sum() for f, w in zip(want_first, weights))
+    want_second = torch.autograd.grad(objective, (x, gamma, beta), allow_unused=True)
+    # Where one side has no gradient (beta's second order: only through the mask), both are zero.
+    for got, want, like in zip(first + second, want_first + want_second, (x, gamma, beta) * 2):
+        got = torch.zeros_like(like) if got is None else got
+        want = torch.zeros_like(like) if want is None else want
+        assert (got - want).norm() <= 1e-10 * want.norm()
+
+
+@pytest.mark.parametrize("op", ["backward", "double_backward"])
+def test_a_fused_activation_that_is_not_piecewise_linear_is_refused(op):
+    t = torch.randn(2, 3, 4)
+
+    def call(y, act):
+        if op == "backward":
+            return ops.task_batch_norm_backward(t, t, None, 1e-5, [True, True, True], y, act, 0.0)
+        return task_batch_norm_double_backward(t, t, None, t, None, None, 1e-5, [True, True, True], y, act, 0.0)
+
+    with pytest.raises(ValueError, match="act must be one of .*relu.* when y is given, got 'tanh'"):
+        call(t, "tanh")
+    with pytest.raises(ValueError, match="act is 'relu' but y is None"):
+        call(None, "relu")
