@@ -455,14 +455,28 @@ def _dtypes_ok(device_type: str, tensors) -> bool:
 
 
 def _launcher(spec: KernelSpec, device_type: str) -> Callable:
-    """The backend kernel: the common checks, the op's own ``takes``, then the native op on
-    the arguments its ``args`` prepares; ``NotImplemented`` (the reference runs) otherwise."""
-    op = getattr(getattr(torch.ops, NATIVE_NAMESPACE), spec.name)
+    """The backend kernel: the common checks (one device; the float tensors of one dtype the
+    device's kernels are compiled for), the op's own ``takes``, then the native op on the
+    arguments its ``args`` prepares; ``NotImplemented`` (the reference runs) otherwise."""
+    op = getattr(getattr(torch.ops, NATIVE_NAMESPACE), spec.name).default
     takes, prepare = spec.native.takes, spec.native.args
+    dtypes = kernel_dtypes(device_type)
+    tensor = torch.Tensor
 
     def launch(*args):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not _dtypes_ok(device_type, tensors) or any(t.device != tensors[0].device for t in tensors):
+        device = dtype = None
+        for a in args:
+            if isinstance(a, tensor):
+                if device is None:
+                    device = a.device
+                elif a.device != device:
+                    return NotImplemented
+                if a.is_floating_point():
+                    if dtype is None:
+                        dtype = a.dtype
+                    elif a.dtype != dtype:
+                        return NotImplemented
+        if dtype not in dtypes:
             return NotImplemented
         if takes is not None and not takes(device_type, *args):
             return NotImplemented
