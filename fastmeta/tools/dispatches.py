@@ -86,8 +86,7 @@ def count_events(events) -> DispatchCount:
             continue  # inside an aten op, or inside a fastmeta op's Python implementation
         count.dispatches += 1
         count.by_name[name] += 1
-        # A native kernel called directly (a bound op, see bind_mlp_meta_step_update) is
-        # the fastmeta op's dispatch.
+        # A native kernel called outside a fastmeta op's range is the op's dispatch.
         if name.startswith(("fastmeta::", "fastmeta_ext::")):
             count.fastmeta_ops += 1
     return count
