@@ -1,6 +1,6 @@
 """The host cost of one public-op call above its kernel, per op: forward and backward.
 
-    python bench/op_dispatch_cost.py [--repeats 400] [--ops task_linear,inner_step]
+    python bench/op_dispatch_cost.py [--repeats 400] [--ops task_linear,inner_step] [--path operator]
 
 Every kernel of the table (fastmeta/backends/table.py), on its family's fp32 sample
 (``OpFamily.sample_args``: tiny CPU inputs, so the kernels themselves take a few µs), under
@@ -18,7 +18,9 @@ the ``cpu`` backend, one thread. Interleaved in one process, medians of rounds:
 
 Kernels with no C++ CPU kernel (or whose sample the C++ declines) have no ``native``
 column: their cost above the kernel is not defined here. The summary line gives the medians
-over ops of the two "above the kernel" columns. A micro-benchmark of the dispatch, not of
+over ops of the two "above the kernel" columns. The last row, for scale, is an aten op
+(``torch.bmm``, autograd in C++): its backward "above the kernel" is what
+``torch.autograd.grad`` itself costs on the machine, a floor no op goes below. A micro-benchmark of the dispatch, not of
 the kernels: see bench/bench_op_overhead.py for the project's op-overhead table.
 """
 
@@ -36,8 +38,12 @@ from fastmeta.backends import get_backend
 from fastmeta.backends.table import FAMILIES, TABLE
 
 
-def public_op(name: str):
-    """The public op object of kernel ``name``: what ``fastmeta.ops.<family>`` defines."""
+def public_op(name: str, path: str = "public"):
+    """The public op object of kernel ``name``: what ``fastmeta.ops.<family>`` defines; with
+    ``path="operator"``, the dispatcher's operator ``torch.ops.fastmeta.<name>.default``
+    (its torch.library registrations: implementation, autograd) instead."""
+    if path == "operator":
+        return getattr(torch.ops.fastmeta, name).default
     module = importlib.import_module(f"fastmeta.ops.{TABLE[name].family}")
     for value in vars(module).values():
         if getattr(value, "_qualname", None) == f"fastmeta::{name}":
@@ -100,9 +106,9 @@ def native_backward_us(fn, iterations: int = 50) -> float:
     return total / iterations
 
 
-def measure(name: str, repeats: int, rounds: int) -> dict:
+def measure(name: str, repeats: int, rounds: int, path: str = "public") -> dict:
     spec = TABLE[name]
-    op = public_op(name)
+    op = public_op(name, path)
     args = FAMILIES[spec.family].sample_args[name]()
     row = {"op": name}
     native_op = getattr(torch.ops.fastmeta_ext, name, None)
@@ -140,6 +146,23 @@ def measure(name: str, repeats: int, rounds: int) -> dict:
     return row
 
 
+def aten_floor(repeats: int, rounds: int) -> dict:
+    """For scale: the same columns for ``torch.bmm`` (an aten op, its autograd in C++) on
+    task_linear's sample sizes; its backward kernels are the two bmm of its gradients."""
+    x, w = torch.randn(2, 3, 5), torch.randn(2, 4, 5)
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    g = torch.ones(2, 3, 4)
+    row = timed_rounds({
+        "fwd": _no_grad(lambda: torch.bmm(x, w.transpose(1, 2))),
+        "native": _no_grad(lambda: torch.bmm(x, w.transpose(1, 2))),
+        "fwd_grad": lambda: torch.bmm(xg, wg.transpose(1, 2)),
+        "fwd+bwd": lambda: torch.autograd.grad(torch.bmm(xg, wg.transpose(1, 2)), (xg, wg), g),
+        "native_bwd": _no_grad(lambda: (torch.bmm(g, w), torch.bmm(g.transpose(1, 2), x))),
+    }, repeats, rounds)
+    row["bwd"] = row["fwd+bwd"] - row["fwd_grad"]
+    return row
+
+
 def _no_grad(fn):
     def run():
         with torch.no_grad():
@@ -152,18 +175,20 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--ops", default="", help="comma-separated kernel names (default: every kernel)")
+    parser.add_argument("--path", choices=("public", "operator"), default="public",
+                        help="time the public op (default) or the dispatcher's operator torch.ops.fastmeta.<name>")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     fm.backends()  # loads the backends (and builds the extension) before timing
     names = [n for n in args.ops.split(",") if n] or list(TABLE)
-    print(f"µs per call, one thread, cpu backend, medians of {args.rounds} interleaved rounds of {args.repeats} "
+    print(f"{args.path} path; µs per call, one thread, cpu backend, medians of {args.rounds} interleaved rounds of {args.repeats} "
           f"calls (torch {torch.__version__})")
     header = f"{'op':<36} {'fwd':>7} {'native':>7} {'above':>7} {'fwd(g)':>7} {'bwd':>7} {'nat.bwd':>7} {'above':>7}"
     print(header)
     above_fwd, above_bwd = [], []
     with fm.use_backend("cpu"):
         for name in names:
-            r = measure(name, args.repeats, args.rounds)
+            r = measure(name, args.repeats, args.rounds, args.path)
 
             def cell(key):
                 return f"{r[key]:>7.1f}" if key in r else f"{'-':>7}"
@@ -178,6 +203,10 @@ def main(argv=None) -> int:
             ba = f"{bwd_above:>7.1f}" if bwd_above is not None else f"{'-':>7}"
             print(f"{name:<36} {cell('fwd')} {cell('native')} {fa} {cell('fwd_grad')} {cell('bwd')} "
                   f"{cell('native_bwd')} {ba}", flush=True)
+    floor = aten_floor(args.repeats, args.rounds)
+    print(f"{'(scale) aten bmm, C++ autograd':<36} {floor['fwd']:>7.1f} {floor['native']:>7.1f} {0.0:>7.1f} "
+          f"{floor['fwd_grad']:>7.1f} {floor['bwd']:>7.1f} {floor['native_bwd']:>7.1f} "
+          f"{floor['bwd'] - floor['native_bwd']:>7.1f}")
     if above_fwd:
         print(f"median above the kernel: forward {statistics.median(above_fwd):.1f} µs over {len(above_fwd)} ops; "
               f"backward {statistics.median(above_bwd):.1f} µs over {len(above_bwd)} ops" if above_bwd else "")
