@@ -34,7 +34,7 @@ CHECK_SITES = [
     ("fastmeta.ops.mlp_meta_step", "check_arguments"),
     ("fastmeta.ops.mlp_meta_step", "_kernel_shape_ok"),
     ("fastmeta.ops.mlp_meta_step", "_native_takes"),
-    ("fastmeta.backends.extension", "_dtypes_ok"),
+    ("fastmeta.backends.extension", "_devices_and_dtypes_ok"),
 ]
 
 

@@ -16,6 +16,16 @@ Choosing a backend:
   :data:`AUTO_PREFERENCE` that is available *and* recorded as verified for that op on that
   device type in ``verified.json`` (see :mod:`fastmeta.backends.verification`). A kernel
   that has never passed its tests on a GPU is never chosen there by ``auto``.
+
+The choice is resolved once and cached (:func:`kernel_choice`): per op, device type, dtype
+and backend setting (``auto`` or a name). Nothing on an op call's path reads the
+environment or the verification record. The cache is dropped when what it was resolved
+from changes through the project's own API: the verification record is written or
+reloaded (:func:`fastmeta.backends.verification.record`, :func:`~fastmeta.backends.verification.reload`),
+a backend's kernel table is replaced (:func:`invalidate_kernel_choices`), or the
+environment is read again (:func:`refresh_environment`: ``FASTMETA_BACKEND``,
+``TRITON_INTERPRET`` and ``FASTMETA_VERIFIED_RECORD`` are read at import, and again only
+there). Changing ``os.environ`` after import without calling it changes nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +72,8 @@ class Backend:
     device_types: Callable[[], tuple[str, ...]] = lambda: ("cpu", "cuda")
     kernels: dict[str, Callable] = field(default_factory=dict)
     loader: Callable[["Backend"], None] | None = None
+    # Re-reads the environment variables the backend depends on (refresh_environment).
+    environment: Callable[["Backend"], None] | None = None
     _loaded: bool = False
     _available: tuple[bool, str] | None = None
 
@@ -87,11 +99,35 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 _choice = os.environ.get("FASTMETA_BACKEND", "auto").strip() or "auto"
 _declined_once: set[tuple[str, str, str]] = set()
+# (op, device type, dtype, backend setting) -> (backend name, kernel or None): kernel_choice's cache.
+_CHOICES: dict[tuple, tuple[str, Callable | None]] = {}
 
 
 def register_backend(backend: Backend) -> Backend:
     _REGISTRY[backend.name] = backend
+    _CHOICES.clear()
     return backend
+
+
+def invalidate_kernel_choices() -> None:
+    """Drop the cached kernel choices (:func:`kernel_choice`): the next call of each op
+    resolves its backend again. For whoever changes what a choice is resolved from other
+    than through :func:`use_backend`, the verification record's writer or
+    :func:`refresh_environment` (which call it themselves): e.g. a test that replaces a
+    backend's kernels."""
+    _CHOICES.clear()
+
+
+def refresh_environment() -> None:
+    """Read the environment again: ``FASTMETA_BACKEND`` (the backend setting),
+    ``TRITON_INTERPRET`` (where the triton backend runs) and ``FASTMETA_VERIFIED_RECORD``
+    (the verification record, reloaded). Imports read them once; nothing else does."""
+    global _choice
+    _choice = _validate_choice(os.environ.get("FASTMETA_BACKEND", "auto").strip() or "auto")
+    for backend in _REGISTRY.values():
+        if backend.environment is not None:
+            backend.environment(backend)
+    verification.reload()  # clears the choices too (listener below)
 
 
 def get_backend(name: str) -> Backend:
@@ -172,8 +208,20 @@ def _auto_order(op: str, device_type: str) -> Iterator[str]:
             yield name
 
 
+def kernel_choice(op: str, device_type: str, dtype: torch.dtype | None) -> tuple[str, Callable | None]:
+    """:func:`kernel_for`, resolved once per (op, device type, dtype, backend setting) and
+    cached: what every public op asks on every call. ``dtype``: that of the call's first
+    float tensor (None: it has none)."""
+    key = (op, device_type, dtype, _choice)
+    found = _CHOICES.get(key)
+    if found is None:
+        found = _CHOICES[key] = kernel_for(op, device_type)
+    return found
+
+
 def kernel_for(op: str, device_type: str) -> tuple[str, Callable | None]:
-    """The backend name and kernel to try for ``op`` on ``device_type``.
+    """The backend name and kernel to try for ``op`` on ``device_type``, resolved now
+    (:func:`kernel_choice` is its cache).
 
     Returns (``"torch"``, None) when the reference should run.
     """
@@ -214,7 +262,8 @@ def device_type_of(args) -> str:
 def run_kernel(spec: KernelSpec, *args):
     """Run a kernel of the table on the chosen backend, or its reference when that backend
     has none or declines the arguments."""
-    name, fn = kernel_for(spec.name, device_type_of(args))
+    name, fn = kernel_choice(spec.name, device_type_of(args), next(
+        (a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None))
     if fn is not None:
         out = fn(*args)
         if out is not NotImplemented:
@@ -230,5 +279,7 @@ register_backend(
         availability=lambda: (True, ""),
     )
 )
+
+verification.on_reload(invalidate_kernel_choices)
 
 from fastmeta.backends import optional_backends  # noqa: E402,F401  (registers triton/cpu/cuda)

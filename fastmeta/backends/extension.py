@@ -448,21 +448,35 @@ def kernel_dtypes(device_type: str) -> tuple[torch.dtype, ...]:
     return KERNEL_DTYPES.get(device_type, ())
 
 
-def _dtypes_ok(device_type: str, tensors) -> bool:
-    """All float tensors share one dtype the device's kernels are compiled for."""
-    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
-    return len(dtypes) == 1 and next(iter(dtypes)) in kernel_dtypes(device_type)
+def _devices_and_dtypes_ok(dtypes: tuple[torch.dtype, ...], args) -> bool:
+    """The common rules of every native kernel: the tensor arguments on one device, the
+    float ones of one dtype among ``dtypes`` (those the device's kernels are compiled for)."""
+    device = dtype = None
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if device is None:
+                device = a.device
+            elif a.device != device:
+                return False
+            if a.is_floating_point():
+                if dtype is None:
+                    dtype = a.dtype
+                elif a.dtype != dtype:
+                    return False
+    return dtype in dtypes
 
 
 def _launcher(spec: KernelSpec, device_type: str) -> Callable:
-    """The backend kernel: the common checks, the op's own ``takes``, then the native op on
-    the arguments its ``args`` prepares; ``NotImplemented`` (the reference runs) otherwise."""
-    op = getattr(getattr(torch.ops, NATIVE_NAMESPACE), spec.name)
+    """The backend kernel: the common checks (one device; the float tensors of one dtype the
+    device's kernels are compiled for), the op's own ``takes``, then the native op on the
+    arguments its ``args`` prepares; ``NotImplemented`` (the reference runs) otherwise."""
+    overload = getattr(getattr(torch.ops, NATIVE_NAMESPACE), spec.name).default
+    op = getattr(overload, "_op", overload)  # the C++ callable under OpOverload.__call__: one frame less
     takes, prepare = spec.native.takes, spec.native.args
+    dtypes = kernel_dtypes(device_type)
 
     def launch(*args):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not _dtypes_ok(device_type, tensors) or any(t.device != tensors[0].device for t in tensors):
+        if not _devices_and_dtypes_ok(dtypes, args):
             return NotImplemented
         if takes is not None and not takes(device_type, *args):
             return NotImplemented

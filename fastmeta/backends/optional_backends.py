@@ -19,6 +19,9 @@ import os
 from fastmeta.backends import Backend, register_backend
 from fastmeta.backends.table import TABLE
 
+# TRITON_INTERPRET=1, read at import and by fastmeta.backends.refresh_environment (never per call).
+_triton_interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 def _module_exists(name: str) -> bool:
     try:
@@ -32,7 +35,7 @@ def _triton_availability() -> tuple[bool, str]:
         return False, "triton is not installed"
     if not _module_exists("fastmeta.kernels"):
         return False, "this build of fastmeta has no Triton kernels"
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _triton_interpreted:
         return True, "Triton interpreter (TRITON_INTERPRET=1): CPU tensors, for tests"
     import torch
 
@@ -50,6 +53,16 @@ def _load_triton(backend: Backend) -> None:
         launcher = getattr(importlib.import_module(f"fastmeta.kernels.{spec.family}"), spec.name, None)
         if launcher is not None:
             backend.kernels[spec.name] = launcher
+
+
+def _triton_device_types() -> tuple[str, ...]:
+    return ("cuda", "cpu") if _triton_interpreted else ("cuda",)
+
+
+def _triton_environment(backend: Backend) -> None:
+    global _triton_interpreted
+    _triton_interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    backend._available = None  # asked again
 
 
 def _extension_availability(device_type: str) -> tuple[bool, str]:
@@ -72,8 +85,9 @@ register_backend(
         name="triton",
         description="Triton kernels (kernels/); CUDA GPUs, or the CPU under TRITON_INTERPRET=1",
         availability=_triton_availability,
-        device_types=lambda: ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
+        device_types=_triton_device_types,
         loader=_load_triton,
+        environment=_triton_environment,
     )
 )
 register_backend(

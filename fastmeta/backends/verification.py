@@ -40,6 +40,22 @@ def _record() -> dict:
         return {}
 
 
+_listeners: list = []
+
+
+def on_reload(callback) -> None:
+    """Call ``callback()`` whenever the record is written or reloaded (the backend registry
+    drops its cached kernel choices)."""
+    _listeners.append(callback)
+
+
+def reload() -> None:
+    """Read the record again on next use (``FASTMETA_VERIFIED_RECORD`` read again too)."""
+    _record.cache_clear()
+    for callback in _listeners:
+        callback()
+
+
 def is_verified(backend: str, kernel: str, device_type: str) -> bool:
     return kernel in _record().get(backend, {}).get(device_type, {})
 
@@ -75,7 +91,7 @@ def record(backend: str, device_type: str, kernels: list[str], device_name: str,
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
-    _record.cache_clear()
+    reload()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from fastmeta.engine.types import MetaBatchOutput
 from fastmeta.engine.whole_step import FusedMLPStep
 from fastmeta.ops import LOSS_KINDS, inner_step, task_loss
 from fastmeta.ops.mlp_meta_step import choose_fused_kernel, mlp_meta_step_mean
-from fastmeta.ops.mlp_meta_step_update import bind_mlp_meta_step_update
+from fastmeta.ops.mlp_meta_step_update import mlp_meta_step_update
 
 
 def check_loss_spec(loss: LossSpec) -> LossSpec:
@@ -461,12 +461,11 @@ class MetaIteration:
             raise ValueError("whole-step execution on the CPU trains the model's own parameters only")
         kind = self.loss_kind(plan.loss, query_y)
         steps, first_order = plan.steps, plan.first_order
-        update = bind_mlp_meta_step_update(support_x.device.type)
         targets = self._fused_targets
 
         def run(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, sx, sy, qx, qy,
                 adam_lr, beta1, beta2, weight_decay, eps):
-            return update(
+            return mlp_meta_step_update(
                 params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, layer_sizes, act, slope,
                 sx, targets(plan, sx, sy, "support"), qx, targets(plan, qx, qy, "query"), kind, rates, steps,
                 first_order, adam_lr, beta1, beta2, weight_decay, eps)

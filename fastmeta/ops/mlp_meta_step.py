@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta.backends import REFERENCE, kernel_for
+from fastmeta.backends import REFERENCE, kernel_choice
 from fastmeta.backends.cuda_limits import cuda_fits, cuda_smem_limit
 from fastmeta.backends.extension import kernel_dtypes
 from fastmeta.ops.registration import NativeCall, call_with_kernel, define_op
@@ -681,7 +681,7 @@ def choose_fused_kernel(layer_sizes: list[int], act: str, loss_kind: str | None,
     and by the backend kernel's ``takes`` for a direct call of the op."""
     if loss_kind not in LOSS_KINDS:
         return None
-    name, kernel = kernel_for("mlp_meta_step_with_task_gradients", device.type)
+    name, kernel = kernel_choice("mlp_meta_step_with_task_gradients", device.type, dtype)
     if name == REFERENCE or not _kernel_shape_ok(device, dtype, act, layer_sizes, K, Q, steps):
         return None
     # The engine has checked what the launcher would check again (dtypes, devices, shapes).

@@ -10,8 +10,9 @@ autograd graph.
 
 Backends: the ``cpu`` backend runs it as one C++ call (csrc/cpu/mlp_meta_step.cpp, on the
 meta-step's core); everything else runs the reference below, whose update is torch's own
-fused Adam. :func:`bind_mlp_meta_step_update` is the op for a training loop that calls it
-many times on one problem.
+fused Adam. A training loop's whole step (:class:`fastmeta.engine.FusedMLPStep`) calls the
+op itself: its kernel choice is cached (per device type and dtype), so a call costs its
+argument check and one dictionary lookup above the kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastmeta.backends import kernel_for
 from fastmeta.ops.mlp_meta_step import (_check, _flat, _native_takes, _per_parameter, _sample_params,
                                         _sample_problem, analytic_meta_step)
 from fastmeta.ops.registration import NativeCall, OpFamily, define_family, define_op
@@ -76,43 +76,6 @@ mlp_meta_step_update = define_op(
 def _(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, iteration, layer_sizes, act, negative_slope, support_x,
       support_y, query_x, query_y, loss_kind, lr, steps, first_order, adam_lr, beta1, beta2, weight_decay, eps):
     return params[0].new_empty(()), params[0].new_empty((support_x.size(0),))
-
-
-# Beside the op rather than beside engine/whole_step.py, its caller: it asks the backend for
-# its kernel (kernel_for), and the engine never reaches past the op layer to a backend.
-def bind_mlp_meta_step_update(device_type: str):
-    """``mlp_meta_step_update`` for a caller that calls it many times on one problem (a
-    training loop's whole step, :class:`fastmeta.engine.FusedMLPStep`): the same arguments
-    and results. The first call goes through the public op (the arguments checked, the
-    backend's kernel chosen under the current backend, the reference where none takes
-    them); later calls run the chosen kernel directly and bump the mutated tensors' autograd
-    versions themselves. That skips the custom-op wrapper's per-call cost (a fifth of a W1 step
-    on the CPU: docs/benchmarks.md, "Measurements behind code decisions"), not a check: the caller must keep the shapes, dtypes and
-    devices of the first call (FusedMLPStep checks them). A kernel that declines a later
-    call hands it to the public op.
-    """
-    _, kernel = kernel_for("mlp_meta_step_update", device_type)
-    first = [True]
-
-    def call(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, *rest):
-        if kernel is None or first[0]:
-            first[0] = False
-            return mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, *rest)
-        out = kernel(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, *rest)
-        if out is NotImplemented:
-            return mlp_meta_step_update(params, exp_avgs, exp_avg_sqs, state_steps, nonfinite, *rest)
-        _increment_versions([*params, *exp_avgs, *exp_avg_sqs, *state_steps, nonfinite])
-        return out
-
-    return call
-
-
-def _increment_versions(tensors: list[Tensor]) -> None:
-    try:
-        torch.autograd.graph.increment_version(tensors)
-    except TypeError:  # torch < 2.7 takes one tensor at a time
-        for t in tensors:
-            torch.autograd.graph.increment_version(t)
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,8 +5,23 @@
     task_loss.register_fake(...); task_loss.register_autograd(...)
 
 :func:`define_op` records the kernel in the table (:mod:`fastmeta.backends.table`: name and
-schema from the reference) and returns the public custom op ``torch.ops.fastmeta.<name>``,
-which runs the kernel on the chosen backend, or the reference.
+schema from the reference), defines the operator ``torch.ops.fastmeta.<name>`` with
+``torch.library`` (its implementation, fake and autograd registered under their dispatch
+keys) and returns the public op, a :class:`PublicOp`: calling it runs the kernel of the
+backend chosen for the arguments' (device type, dtype), or the reference.
+
+Two ways into one op, with the same implementation, checks and backward:
+
+- **The eager path** (a plain call on plain tensors, what a training loop does): the
+  :class:`PublicOp` itself. It checks the arguments, looks the kernel up in the backend
+  registry's cache (:func:`fastmeta.backends.kernel_choice`: resolved once per op, device
+  type, dtype and backend setting) and calls it; where autograd records, through a
+  ``torch.autograd.Function`` built from the op's ``register_autograd`` (setup and
+  backward). No ``custom_op`` wrapper, no second trip through the dispatcher.
+- **The dispatcher path** (``torch.ops.fastmeta.<name>``): what ``torch.compile``, fake
+  tensors, dispatch modes, functorch transforms and tensor subclasses see, and what
+  ``opcheck`` tests. The public op takes it itself whenever one of those is active, and for
+  the few cases the eager path leaves to it (autograd through a ``Tensor[]`` argument).
 """
 
 from __future__ import annotations
@@ -15,31 +30,181 @@ import threading
 from typing import Callable
 
 import torch
+from torch import Tensor
 
-from fastmeta.backends import run_kernel
+from fastmeta.backends import kernel_choice, note_declined
 from fastmeta.backends.table import ModuleOp, NativeCall, OpFamily, define_family, define_kernel, module_op, module_types
 
+NAMESPACE = "fastmeta"
+_LIBRARY = torch.library.Library(NAMESPACE, "DEF")
+PUBLIC_OPS: dict[str, "PublicOp"] = {}
 
-def define_op(reference: Callable, native: NativeCall | None = None, check: Callable[..., None] | None = None,
-              mutates: tuple[str, ...] = ()):
-    """The public op ``fastmeta::<name>`` of the kernel ``reference_<name>``.
+_Parameter = torch.nn.Parameter
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_grad_enabled = torch.is_grad_enabled
+_profiler_enabled = torch._C._autograd._profiler_enabled
 
-    check: validates the arguments (raising with a message that names them) before any
-    backend sees them. mutates: the arguments the op writes in place.
-    """
-    spec = define_kernel(reference, native, mutates)
-    name = spec.name
 
-    def run(*args):
-        chosen = _chosen.kernels.pop(name, None)
-        if chosen is not None:  # the caller checked the arguments and chose this kernel
-            return chosen(*args)
-        if check is not None:
-            check(*args)
-        return run_kernel(spec, *args)
+_functorch_interpreter = torch._C._functorch.peek_interpreter_stack  # not None inside vmap/grad/jvp
+_is_compiling = torch.compiler.is_compiling
 
-    run.__name__, run.__qualname__, run.__doc__ = spec.name, spec.name, reference.__doc__
-    return torch.library.custom_op(f"fastmeta::{spec.name}", run, mutates_args=mutates, schema=spec.schema)
+
+class PublicOp:
+    """The public op ``fastmeta::<name>``: see the module docstring. ``op(*args)`` runs it;
+    ``op.register_fake`` and ``op.register_autograd`` register its fake kernel and its
+    backward (the same signatures as ``torch.library``'s); ``op.default`` is the
+    dispatcher's ``OpOverload`` (for ``opcheck`` and ``torch.compile``)."""
+
+    def __init__(self, spec, check: Callable[..., None] | None, mutates: tuple[str, ...]):
+        self.name = spec.name
+        self._qualname = f"{NAMESPACE}::{spec.name}"
+        self.__name__ = self.__qualname__ = spec.name
+        self.__doc__ = spec.reference.__doc__
+        self._spec = spec
+        self._check = check
+        self._reference = spec.reference
+        self._mutates = mutates
+        _LIBRARY.define(spec.name + spec.schema)
+        self.default = getattr(getattr(torch.ops, NAMESPACE), spec.name).default
+        schema = self.default._schema
+        # Positions of the arguments the op writes (their versions bump on the eager path)
+        # and whether any argument is a Tensor[] (autograd through one: the dispatcher path).
+        self._mutated_positions = tuple(i for i, a in enumerate(schema.arguments)
+                                        if a.alias_info is not None and a.alias_info.is_write)
+        self._has_tensor_lists = any(str(a.type).startswith(("List[Tensor]", "List[Optional[Tensor]]"))
+                                     for a in schema.arguments)
+        self._returns_list = len(schema.returns) == 1 and str(schema.returns[0].type) == "List[Tensor]"
+        self._function: type[torch.autograd.Function] | None = None
+        torch.library.impl(self._qualname, "CompositeExplicitAutograd", self._dispatcher_impl, lib=_LIBRARY)
+
+    # -- registration -------------------------------------------------------------------
+
+    def register_fake(self, fn: Callable) -> Callable:
+        torch.library.register_fake(self._qualname, fn, lib=_LIBRARY)
+        return fn
+
+    def register_autograd(self, backward: Callable, setup_context: Callable | None = None) -> None:
+        torch.library.register_autograd(self._qualname, backward, setup_context=setup_context, lib=_LIBRARY)
+        run = self._run
+
+        # The eager path's node: the same setup and backward as the dispatcher's. Written in
+        # the ctx-first style (setup called from forward): a separate setup_context makes
+        # Function.apply bind the arguments with inspect.signature on every call.
+        # A Tensor[] result travels through the node as a tuple (a list is not an output to
+        # autograd); setup and backward see the list and a list of gradients, as the
+        # dispatcher's autograd gives them.
+        returns_list = self._returns_list
+
+        def forward(ctx, *args):
+            output = run(args)
+            if setup_context is not None:
+                setup_context(ctx, args, output)
+            return tuple(output) if returns_list else output
+
+        def backward_of_list(ctx, *grads):
+            return backward(ctx, list(grads))
+
+        function = type(f"{self.name}_function", (torch.autograd.Function,), {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(backward_of_list if returns_list else backward),
+        })
+        # Function.apply less its Python wrapper (the functorch check and argument binding,
+        # which __call__ has done or does not need): the C++ apply.
+        self._apply = super(torch.autograd.Function, function).apply
+        self._function = function
+
+    # -- calls --------------------------------------------------------------------------
+
+    def _run(self, args: tuple):
+        """The kernel on the backend chosen for these arguments, or the reference."""
+        if _chosen.kernels:
+            chosen = _chosen.kernels.pop(self.name, None)
+            if chosen is not None:  # the caller checked the arguments and chose this kernel
+                return chosen(*args)
+        if self._check is not None:
+            self._check(*args)
+        device_type = dtype = None
+        for a in args:
+            if isinstance(a, Tensor):
+                if device_type is None:
+                    device_type = a.device.type
+                if a.is_floating_point():
+                    dtype = a.dtype
+                    break
+        if device_type is None:
+            raise ValueError(f"{self.name}: a kernel call needs at least one tensor argument")
+        backend, fn = kernel_choice(self.name, device_type, dtype)
+        if fn is not None:
+            out = fn(*args)
+            if out is not NotImplemented:
+                return out
+            note_declined(backend, self.name, "unsupported input")
+        return self._reference(*args)
+
+    def _dispatcher_impl(self, *args):
+        return self._run(args)
+
+    def __call__(self, *args):
+        if _is_compiling():  # first: dynamo traces this function and folds the flag
+            return self.default(*args)
+        needs_grad = False
+        plain = True
+        grad_enabled = _grad_enabled()
+        for a in args:
+            if isinstance(a, Tensor):
+                kind = type(a)
+                if kind is not Tensor and kind is not _Parameter:
+                    plain = False
+                    break
+                if grad_enabled and a.requires_grad:
+                    needs_grad = True
+            elif grad_enabled and isinstance(a, list) and a and isinstance(a[0], Tensor):
+                if any(t.requires_grad for t in a):
+                    needs_grad = True
+        if not plain or _dispatch_modes() or _function_modes() or _functorch_interpreter() is not None:
+            return self.default(*args)
+        if _profiler_enabled():
+            # Under torch.profiler the call is one range named as the dispatcher's op would
+            # record it: the dispatch counter (fastmeta.tools.dispatches) and a reader of the
+            # trace see the same op, with its kernel and glue inside it.
+            with torch.profiler.record_function(self._qualname):
+                return self._eager(args, needs_grad)
+        return self._eager(args, needs_grad)
+
+    def _eager(self, args: tuple, needs_grad: bool):
+        if needs_grad:
+            if self._function is None or self._has_tensor_lists or self._mutates:
+                return self.default(*args)
+            out = self._apply(*args)
+            return list(out) if self._returns_list else out
+        out = self._run(args)
+        if self._mutated_positions:
+            _increment_versions(_flatten([args[i] for i in self._mutated_positions]))
+        return out
+
+    def __repr__(self):
+        return f"<fastmeta public op {self._qualname}>"
+
+
+def _flatten(values) -> list[Tensor]:
+    out = []
+    for v in values:
+        if isinstance(v, Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out.extend(t for t in v if isinstance(t, Tensor))
+    return out
+
+
+def _increment_versions(tensors: list[Tensor]) -> None:
+    """What the dispatcher's ADInplaceOrView kernel does for an op that writes its arguments:
+    autograd then refuses a backward through a stale saved value."""
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # torch < 2.7 takes one tensor at a time
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 class _ChosenKernels(threading.local):
@@ -50,19 +215,31 @@ class _ChosenKernels(threading.local):
 _chosen = _ChosenKernels()
 
 
-def call_with_kernel(op, kernel: Callable, *args):
+def call_with_kernel(op: PublicOp, kernel: Callable, *args):
     """``op(*args)`` running ``kernel``, a kernel its caller has already chosen for these
     arguments after checking them (the engine, at its public boundary): the op's own
     check and kernel choice are skipped, so each happens once per call. Autograd, the
     fake kernel and the op's schema are the public op's. The choice is per thread and
     consumed by the one call."""
-    name = op._name.rpartition("::")[2] if hasattr(op, "_name") else op.__name__
-    _chosen.kernels[name] = kernel
+    _chosen.kernels[op.name] = kernel
     try:
         return op(*args)
     finally:
-        _chosen.kernels.pop(name, None)
+        _chosen.kernels.pop(op.name, None)
 
 
-__all__ = ["ModuleOp", "NativeCall", "OpFamily", "call_with_kernel", "define_family", "define_op", "module_op",
+def define_op(reference: Callable, native: NativeCall | None = None, check: Callable[..., None] | None = None,
+              mutates: tuple[str, ...] = ()) -> PublicOp:
+    """The public op ``fastmeta::<name>`` of the kernel ``reference_<name>``.
+
+    check: validates the arguments (raising with a message that names them) before any
+    backend sees them. mutates: the arguments the op writes in place.
+    """
+    spec = define_kernel(reference, native, mutates)
+    op = PublicOp(spec, check, mutates)
+    PUBLIC_OPS[spec.name] = op
+    return op
+
+
+__all__ = ["ModuleOp", "NativeCall", "OpFamily", "PUBLIC_OPS", "PublicOp", "call_with_kernel", "define_family", "define_op", "module_op",
            "module_types"]

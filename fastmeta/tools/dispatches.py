@@ -9,9 +9,9 @@ it) is one call the host issues that runs work of its own:
   from*: the user's code, autograd's engine, a fastmeta op's Python code (its checks, its
   launcher's layout copies, its reference, its backward formula), or a native (C++/CUDA)
   kernel; on a GPU each of these is a launch;
-- a native kernel (``fastmeta_ext::*``) called outside a fastmeta op (a bound kernel, see
-  ``bind_mlp_meta_step_update``). Inside a fastmeta op it is that op's dispatch: not a
-  second one.
+- a native kernel (``fastmeta_ext::*``) called outside a fastmeta op's range. Inside a
+  fastmeta op it is that op's dispatch: not a second one (an eager call of a public op is
+  one profiler range named as its operator, so its kernel is inside it).
 
 Views, reshapes and allocations are not dispatches (:data:`NOT_DISPATCHES`), and are
 transparent: a copy they make (``contiguous`` → ``clone``) is one. Nested aten calls inside

@@ -132,16 +132,16 @@ def test_a_w1_call_checks_its_arguments_and_chooses_its_kernel_once(monkeypatch)
     _count(monkeypatch, MetaIteration, "check_tasks", counts)
     for name in ("check_arguments", "_kernel_shape_ok", "_native_takes", "_kernel_inputs_ok"):
         _count(monkeypatch, mlp_op, name, counts)
-    _count(monkeypatch, extension, "_dtypes_ok", counts)
+    _count(monkeypatch, extension, "_devices_and_dtypes_ok", counts)
     out = learner.meta_batch(*inputs)
     assert counts.get("check_tasks") == 1
     assert counts.get("_kernel_shape_ok") == 1  # the op's one rule, asked once
     assert "check_arguments" not in counts
     assert "_native_takes" not in counts and "_kernel_inputs_ok" not in counts
-    assert "_dtypes_ok" not in counts
+    assert "_devices_and_dtypes_ok" not in counts
     counts.clear()
     out.loss.backward()  # one more op (weighing the per-task gradients): its launcher checks once
-    assert counts == {"_dtypes_ok": 1}
+    assert counts == {"_devices_and_dtypes_ok": 1}
 
 
 def test_the_direct_op_call_still_checks_its_arguments():
