@@ -5,7 +5,9 @@ deterministic, so each is pinned at what the engine achieves, and can only go do
 The counts follow issue 23's definition (fastmeta/tools/dispatches.py, ``is_dispatch``):
 aten ops inside a fastmeta op's Python implementation count too, glue included. Second
 order: W2 226 → 178, W4 1 022 → 842 with issue 23's "fewer ops" (under the old definition,
-which skipped those aten ops: W2 196 → 148, W4 852 → 672). The issue's targets (W2 ≤ 120,
+which skipped those aten ops: W2 196 → 148, W4 852 → 672); then 182 and 858 with issue 23's
+one dispatch, where the linear head's backward calls ``fastmeta::task_linear_input_grad``
+as a public op (one range, counted; its reference's ``aten::bmm`` counts too). The issue's targets (W2 ≤ 120,
 W4 ≤ 450) are not met yet: what remains is mostly autograd's gradient accumulation
 (``aten::add_``), the validation's checks (one host sync each) and the CPU's reference
 linear head (``aten::bmm``/``matmul``, see AUTO_PREFERENCE).
@@ -27,10 +29,10 @@ def extension():
 # (workload, order): (dispatches, host syncs) at most
 BUDGETS = {
     ("W1", "second"): (4, 0),
-    ("W2", "second"): (178, 8),
-    ("W2", "first"): (99, 6),
-    ("W4", "second"): (842, 20),
-    ("W4", "first"): (339, 10),
+    ("W2", "second"): (182, 8),
+    ("W2", "first"): (101, 6),
+    ("W4", "second"): (858, 20),
+    ("W4", "first"): (345, 10),
 }
 # Glue that the fused kernels and the traced program leave out (issue 23, "fewer ops"): the
 # activation gradient runs inside the BatchNorm backward kernels, ReLU's second derivative
