@@ -75,6 +75,11 @@ class PublicOp:
         self._has_tensor_lists = any(str(a.type).startswith(("List[Tensor]", "List[Optional[Tensor]]"))
                                      for a in schema.arguments)
         self._returns_list = len(schema.returns) == 1 and str(schema.returns[0].type) == "List[Tensor]"
+        # Trailing arguments with defaults: the eager path fills them in, so the kernels, the
+        # setup and the backward see every argument, as the dispatcher gives them.
+        self._arity = len(schema.arguments)
+        self._required = sum(1 for a in schema.arguments if not a.has_default_value())
+        self._defaults = tuple(a.default_value if a.has_default_value() else None for a in schema.arguments)
         self._function: type[torch.autograd.Function] | None = None
         torch.library.impl(self._qualname, "CompositeExplicitAutograd", self._dispatcher_impl, lib=_LIBRARY)
 
@@ -148,6 +153,8 @@ class PublicOp:
     def __call__(self, *args):
         if _is_compiling():  # first: dynamo traces this function and folds the flag
             return self.default(*args)
+        if len(args) != self._arity:
+            args = self._complete(args)
         needs_grad = False
         plain = True
         grad_enabled = _grad_enabled()
@@ -171,6 +178,13 @@ class PublicOp:
             with torch.profiler.record_function(self._qualname):
                 return self._eager(args, needs_grad)
         return self._eager(args, needs_grad)
+
+    def _complete(self, args: tuple) -> tuple:
+        """The arguments with the schema's defaults filled in for the trailing ones left out."""
+        if not self._required <= len(args) <= self._arity:
+            raise TypeError(f"{self.name}() takes {self._required} to {self._arity} positional arguments "
+                            f"but {len(args)} were given")
+        return args + self._defaults[len(args):]
 
     def _eager(self, args: tuple, needs_grad: bool):
         if needs_grad:
