@@ -65,21 +65,25 @@ class WatchedState:
         self.attributes = tuple(sorted(attributes))
         self.modules = tuple(modules)
         self.optimizer = optimizer
+        # Laid out once: the modules whose mode is read, and (table, key) of every tensor.
+        self._module_list = [module for _, module in self.modules]
+        self._tables = [table for _, module in self.modules for table in (module._parameters, module._buffers)]
+        self._slots = [(table, key) for table in self._tables for key in table]
         self.labels = self._labels(owner_name)
         self.baseline = self.read()
         self.held = self._tensors()
 
     def _labels(self, owner_name: str) -> tuple[str, ...]:
         labels = [f"{owner_name}.{name}" for name in self.attributes]
+        labels += [f"the train/eval mode of module {name!r}" if name else f"the train/eval mode of the {owner_name}"
+                   for name, _ in self.modules]
         for name, module in self.modules:
-            where = f"module {name!r}" if name else f"the {owner_name}"
-            labels.append(f"the train/eval mode of {where}")
             for kind, table in (("parameter", module._parameters), ("buffer", module._buffers)):
                 for key in table:
                     full = f"{name}.{key}" if name else key
                     labels += [f"{kind} {full!r} (the tensor)", f"{kind} {full!r} (its memory: .data, device or dtype)",
                                f"{kind} {full!r}.requires_grad"]
-        labels.append("the backend (fastmeta.use_backend)")
+        labels += ["the backend (fastmeta.use_backend)", "the number of parameters and buffers"]
         if self.optimizer is not None:
             labels.append("the optimizer's parameter groups")
             for k, group in enumerate(self.optimizer.param_groups):
@@ -88,7 +92,7 @@ class WatchedState:
         return tuple(labels)
 
     def _tensors(self) -> list:
-        held = [t for _, m in self.modules for table in (m._parameters, m._buffers) for t in table.values()]
+        held = [table.get(key) for table, key in self._slots]
         if self.optimizer is not None:
             held += [p for group in self.optimizer.param_groups for p in group["params"]]
         return held
@@ -97,15 +101,12 @@ class WatchedState:
         """The watched values now (see the class docstring), in :attr:`labels`' order."""
         state = self.owner.__dict__
         values = [state.get(name) for name in self.attributes]
-        for _, module in self.modules:
-            values.append(module.training)
-            for table in (module._parameters, module._buffers):
-                for t in table.values():
-                    if t is None:
-                        values += (None, None, None)
-                    else:
-                        values += (id(t), t.data_ptr(), t.requires_grad)
+        values += [module.training for module in self._module_list]
+        for table, key in self._slots:
+            t = table.get(key)
+            values += (None, None, None) if t is None else (id(t), t.data_ptr(), t.requires_grad)
         values.append(current_backend())
+        values.append(sum(map(len, self._tables)))  # parameters or buffers added or removed
         if self.optimizer is not None:
             groups = self.optimizer.param_groups
             values.append(len(groups))
@@ -120,8 +121,8 @@ class WatchedState:
         now = self.read()
         if now == self.baseline:
             return None
-        if len(now) != len(self.baseline):  # a parameter, a buffer or an optimizer group came or went
-            return "the learner's modules, parameters, buffers or the optimizer's groups changed"
+        if len(now) != len(self.baseline):  # an optimizer group or one of its options came or went
+            return "the optimizer's parameter groups changed"
         for label, old, new in zip(self.labels, self.baseline, now):
             if old is not new and (type(old) is not type(new) or old != new):
                 if "(the tensor)" in label or "(its memory" in label or "tensors of" in label:
