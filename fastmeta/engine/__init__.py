@@ -4,7 +4,10 @@
 - :mod:`fastmeta.engine.task_weights`: the flat ``[T, P]`` buffer and its layout;
 - :mod:`fastmeta.engine.program`: the model program (``trace``: torch.fx → ops);
 - :mod:`fastmeta.engine.meta_iteration`: inner loop, losses, chunking, the fused path;
-- :mod:`fastmeta.engine.whole_step`: a whole meta-iteration in one CUDA graph;
+- :mod:`fastmeta.engine.whole_step`: a whole meta-iteration in one CUDA graph, and the
+  rule for captured state (``WatchedState``);
+- :mod:`fastmeta.engine.eager_graphs`: ``meta_batch`` on a GPU replayed from CUDA graphs
+  cached per input shape, behind one autograd node;
 - :mod:`fastmeta.engine.whole_step_policy`: which training iterations run as whole steps,
   and the optimizer settings a captured step needs.
 

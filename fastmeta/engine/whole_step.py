@@ -15,18 +15,131 @@ static input buffers and replays it.
 - Capture runs a few warm-up iterations on a side stream (CUDA graphs need the allocator
   and lazy state settled first). Parameters and optimizer state are restored afterwards,
   in place, so capturing does not train.
+
+The rule for captured state (here, in the CPU's :class:`FusedMLPStep` and in
+``meta_batch``'s own graphs, :mod:`fastmeta.engine.eager_graphs`): anything a captured step
+reads from the learner or the optimizer is either read on every call (tensors at the
+addresses the graph reads: the parameters' values, a capturable Adam's rate tensor; the
+fused CPU step's Adam hyperparameters) or watched by :class:`WatchedState`, whose change
+drops the captured graph (``meta_batch`` captures again) or refuses the step
+(``capture()``'s, which the user holds: capture again).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from fastmeta.backends import current_backend
 from fastmeta.engine.types import MetaBatchOutput
 
 MetaBatchFunction = Callable[[Tensor, Tensor, Tensor, Tensor], MetaBatchOutput]
+
+
+class WatchedState:
+    """What a captured step reads once, at capture, from the learner and the optimizer:
+    the one implementation of the rule for captured state (module docstring).
+
+    Watched, as data (no call into the learner), read again by :meth:`change`:
+
+    - ``attributes`` of ``owner``: the plain values its plan is built from (``lr``,
+      ``steps``, ``first_order``, ``loss``, ...), reported as ``learner.<name>``;
+    - every module of ``modules`` (name, module): its train/eval mode, and each of its
+      parameters and buffers: which tensor it is (replaced?), the memory it lives in
+      (``.data`` swapped, moved, cast?) and its ``requires_grad``;
+    - the backend choice (``fastmeta.use_backend`` / ``FASTMETA_BACKEND``);
+    - ``optimizer``: which tensors each group holds and every hyperparameter that is not
+      a tensor (betas, eps, weight_decay, amsgrad, ...: a CUDA graph bakes numbers into
+      its kernels). Tensor hyperparameters (a capturable Adam's ``lr``) are read on
+      every replay, so they are not watched.
+
+    A read is a tuple of plain values compared with ``==``; the tensors themselves are
+    kept (``held``) so that their ids stay theirs while watched.
+    """
+
+    def __init__(self, owner: object, attributes: Iterable[str], modules: Iterable[tuple[str, nn.Module]],
+                 optimizer: torch.optim.Optimizer | None = None, owner_name: str = "learner"):
+        self.owner = owner
+        self.attributes = tuple(sorted(attributes))
+        self.modules = tuple(modules)
+        self.optimizer = optimizer
+        # Laid out once: the modules whose mode is read, and (table, key) of every tensor.
+        self._module_list = [module for _, module in self.modules]
+        self._tables = [table for _, module in self.modules for table in (module._parameters, module._buffers)]
+        self._slots = [(table, key) for table in self._tables for key in table]
+        self.labels = self._labels(owner_name)
+        self.baseline = self.read()
+        self.held = self._tensors()
+
+    def _labels(self, owner_name: str) -> tuple[str, ...]:
+        labels = [f"{owner_name}.{name}" for name in self.attributes]
+        labels += [f"the train/eval mode of module {name!r}" if name else f"the train/eval mode of the {owner_name}"
+                   for name, _ in self.modules]
+        for name, module in self.modules:
+            for kind, table in (("parameter", module._parameters), ("buffer", module._buffers)):
+                for key in table:
+                    full = f"{name}.{key}" if name else key
+                    labels += [f"{kind} {full!r} (the tensor)", f"{kind} {full!r} (its memory: .data, device or dtype)",
+                               f"{kind} {full!r}.requires_grad"]
+        labels += ["the backend (fastmeta.use_backend)", "the number of parameters and buffers"]
+        if self.optimizer is not None:
+            labels.append("the optimizer's parameter groups")
+            for k, group in enumerate(self.optimizer.param_groups):
+                labels.append(f"the tensors of optimizer.param_groups[{k}]")
+                labels += [f"optimizer.param_groups[{k}][{key!r}]" for key in group if key != "params"]
+        return tuple(labels)
+
+    def _tensors(self) -> list:
+        held = [table.get(key) for table, key in self._slots]
+        if self.optimizer is not None:
+            held += [p for group in self.optimizer.param_groups for p in group["params"]]
+        return held
+
+    def read(self) -> tuple:
+        """The watched values now (see the class docstring), in :attr:`labels`' order."""
+        state = self.owner.__dict__
+        values = [state.get(name) for name in self.attributes]
+        values += [module.training for module in self._module_list]
+        for table, key in self._slots:
+            t = table.get(key)
+            values += (None, None, None) if t is None else (id(t), t.data_ptr(), t.requires_grad)
+        values.append(current_backend())
+        values.append(sum(map(len, self._tables)))  # parameters or buffers added or removed
+        if self.optimizer is not None:
+            groups = self.optimizer.param_groups
+            values.append(len(groups))
+            for group in groups:
+                values.append(tuple(id(p) for p in group["params"]))
+                values += [None if _holds_tensor(v) else v for key, v in group.items() if key != "params"]
+        return tuple(values)
+
+    def change(self) -> str | None:
+        """None while every watched value is as at capture; else the first change, named
+        (``learner.lr changed from 0.01 to 0.05``)."""
+        now = self.read()
+        if now == self.baseline:
+            return None
+        if len(now) != len(self.baseline):  # an optimizer group or one of its options came or went
+            return "the optimizer's parameter groups changed"
+        for label, old, new in zip(self.labels, self.baseline, now):
+            if old is not new and (type(old) is not type(new) or old != new):
+                if "(the tensor)" in label or "(its memory" in label or "tensors of" in label:
+                    return f"{label} changed"
+                return f"{label} changed from {old!r} to {new!r}"
+        return None  # equal values of unequal identity (e.g. 0.1 and a fresh 0.1)
+
+    def rebase(self) -> None:
+        """Take the current values as the captured ones (after a new capture)."""
+        self.baseline = self.read()
+        self.held = self._tensors()
+
+
+def _holds_tensor(value) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    return isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value)
 
 
 def invalidate(step, reason: str) -> None:
@@ -37,6 +150,11 @@ def invalidate(step, reason: str) -> None:
 def check_not_stale(step) -> None:
     """A step runs the plan of its build; after a change of what the plan was built from
     it refuses (the rule for captured state: read it on every call, or refuse after a change)."""
+    watch = step.watch
+    if step.stale is None and watch is not None:
+        change = watch.change()
+        if change is not None:
+            invalidate(step, change)
     if step.stale is not None:
         raise RuntimeError(f"{step.stale} after this {type(step).__name__} was built; it runs the plan from "
                            "that time: call learner.capture(...) again")
@@ -68,11 +186,14 @@ class CapturedMetaStep:
     """A captured meta-iteration. ``step(sx, sy, qx, qy)`` runs one and returns its output.
 
     meta_batch: runs one meta-batch (unvalidated) and returns its output; parameters: the
-    learner's parameters, which the optimizer must hold and nothing else.
+    learner's parameters, which the optimizer must hold and nothing else; watch: the
+    :class:`WatchedState` of the learner and the optimizer (set it after the capture: the
+    capture itself makes the optimizer's state), whose change refuses every later call.
     """
 
     def __init__(self, meta_batch: MetaBatchFunction, parameters: Sequence[Tensor],
-                 optimizer: torch.optim.Optimizer, inputs: tuple[Tensor, ...], warmup: int = 3):
+                 optimizer: torch.optim.Optimizer, inputs: tuple[Tensor, ...], warmup: int = 3,
+                 watch: WatchedState | None = None):
         if not all(t.is_cuda for t in inputs):
             raise ValueError("CUDA-graph capture needs the meta-batch on a CUDA device")
         if not optimizer.defaults.get("capturable", False):
@@ -87,6 +208,7 @@ class CapturedMetaStep:
         self._meta_batch = meta_batch
         self.optimizer = optimizer
         self.stale: str | None = None  # set by invalidate(): why replaying would be wrong
+        self.watch = watch  # what the graph read at capture; a change refuses the step
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=inputs[0].device)
         self.static_inputs = tuple(t.clone() for t in inputs)
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -230,7 +352,7 @@ class FusedMLPStep:
     """
 
     def __init__(self, run: Callable[..., tuple[Tensor, Tensor]], parameters: Sequence[Tensor],
-                 optimizer: torch.optim.Optimizer, inputs: tuple[Tensor, ...]):
+                 optimizer: torch.optim.Optimizer, inputs: tuple[Tensor, ...], watch: WatchedState | None = None):
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             raise ValueError("whole-step execution on the CPU takes torch.optim.Adam (its fused update is used), "
                              f"got {type(optimizer).__name__}")
@@ -247,6 +369,9 @@ class FusedMLPStep:
         self.shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
         self.iteration = 0
         self.stale: str | None = None  # set by invalidate(): why running would be wrong
+        # What the plan read when the step was built (a WatchedState: the learner's, not the
+        # optimizer's, whose hyperparameters are read at every call); a change refuses it.
+        self.watch = watch
         self.nonfinite = torch.zeros(2, dtype=torch.int64)
 
     def invalidate(self, reason: str) -> None:

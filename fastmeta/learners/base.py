@@ -17,7 +17,7 @@ entry of the call); the layers below trust them.
 from __future__ import annotations
 
 import functools
-import weakref
+import os
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +33,10 @@ from fastmeta.engine import (
     MetaIteration,
     TaskWeights,
 )
+from fastmeta.engine.eager_graphs import MetaBatchGraphs
 from fastmeta.engine.meta_iteration import check_loss_spec, check_step_weights
 from fastmeta.engine.plan import parameter_rates
+from fastmeta.engine.whole_step import WatchedState
 from fastmeta.learners.adapted import AdaptedModel, ModelAttributes, adapt_in_place
 from fastmeta.learners.module_tree import ModuleTree
 
@@ -77,6 +79,12 @@ class MetaLearner(ModelAttributes, nn.Module):
     evaluation mode it normalises with them. The batched calls (``meta_batch``,
     ``fast_weights``, ``predict``, ``capture``) are transductive only and refuse "running"
     for a model with BatchNorm.
+
+    cuda_graphs: ``meta_batch`` on a CUDA device replays CUDA graphs of its forward and
+    meta-gradient, captured per input shape (:mod:`fastmeta.engine.eager_graphs`; what it
+    did and why: ``learner.meta_batch_graphs``). False, or the environment's
+    ``FASTMETA_CUDA_GRAPHS=0`` when the learner is made, runs every call eagerly; so does
+    setting ``learner.cuda_graphs = False``.
     """
 
     def __init__(
@@ -91,6 +99,7 @@ class MetaLearner(ModelAttributes, nn.Module):
         validate: bool,
         task_chunk: int | None = None,
         batch_norm: str = "transductive",
+        cuda_graphs: bool = True,
     ):
         super().__init__()
         engine = MetaIteration(model)  # checks the model first
@@ -108,36 +117,45 @@ class MetaLearner(ModelAttributes, nn.Module):
         self.task_chunk = None if task_chunk is None else check_count("task_chunk", task_chunk)
         self.batch_norm = batch_norm
         self.steps_taken = 0  # inner steps adapt() took on the learner itself
+        # meta_batch on a CUDA device replays CUDA graphs (fastmeta.engine.eager_graphs);
+        # off with cuda_graphs=False, or FASTMETA_CUDA_GRAPHS=0 (read here, once).
+        self.cuda_graphs = bool(cuda_graphs) and os.environ.get("FASTMETA_CUDA_GRAPHS", "1").strip() != "0"
         self._engine = engine
 
-    # -- captured steps: refused after a change of the state their plan was built from --
+    # -- captured state: what a captured step reads from the learner, watched ------------
 
     # The plain attributes a captured step's plan reads (tensors the plan holds are read on
-    # replay). Not ``validate``: a captured step checks its meta-batch once, at capture, and
+    # replay). Not ``validate``: captured steps validate outside their graphs, and
     # evaluation turns validation off around itself between training steps.
     _PLAN_ATTRIBUTES = frozenset({
         "lr", "steps", "first_order", "loss", "allow_unused", "allow_nograd", "task_chunk",
         "batch_norm", "lr_mode", "lr_per_step", "log_lr", "per_step_bn", "gates", "precondition",
     })
 
-    def __setattr__(self, name: str, value) -> None:
-        captured = self.__dict__.get("_captured_steps")
-        if captured and name in self._PLAN_ATTRIBUTES:
-            old = self.__dict__.get(name, None)
-            changed = old is not value and (type(old) is not type(value) or old != value)
-            if changed:
-                for ref, explicit in captured:
-                    step = ref()
-                    if step is not None and name not in explicit:
-                        step.invalidate(f"learner.{name} changed from {old!r} to {value!r}")
-        super().__setattr__(name, value)
+    def _watched_state(self, optimizer: torch.optim.Optimizer | None = None,
+                       explicit: tuple[str, ...] = ()) -> WatchedState:
+        """What a step captured now reads from this learner (and ``optimizer``), as a
+        :class:`WatchedState`: the rule for captured state (README, "Whole steps"). The
+        attributes in ``explicit`` were given to the capture and are not the learner's."""
+        attributes = [name for name in self._PLAN_ATTRIBUTES if name not in explicit]
+        return WatchedState(self, attributes, self.named_modules(), optimizer)
 
-    def _track_captured(self, step, explicit: tuple[str, ...] = ()) -> None:
-        """Remember ``step`` (weakly) so that a change of a plan attribute refuses it; the
-        attributes in ``explicit`` were given to capture() and do not come from the learner."""
-        steps = [(ref, ex) for ref, ex in self.__dict__.get("_captured_steps", []) if ref() is not None]
-        steps.append((weakref.ref(step), explicit))
-        self.__dict__["_captured_steps"] = steps
+    @property
+    def meta_batch_graphs(self) -> MetaBatchGraphs:
+        """``meta_batch``'s CUDA graphs (:class:`fastmeta.engine.eager_graphs.MetaBatchGraphs`):
+        ``eager_reason`` says why the last call ran eagerly, ``off_reason`` why they are
+        off for good, ``captures`` and ``replays`` count. Made at first use; a copy or a
+        pickle of the learner starts without them."""
+        graphs = self.__dict__.get("_meta_batch_graphs")
+        if graphs is None:
+            graphs = MetaBatchGraphs(self._engine, self._watched_state())
+            self.__dict__["_meta_batch_graphs"] = graphs
+        return graphs
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_meta_batch_graphs", None)  # graphs and their memory belong to this object
+        return state
 
     # -- the plan handed to the engine ---------------------------------------------------
 
@@ -224,6 +242,8 @@ class MetaLearner(ModelAttributes, nn.Module):
         first_order = self.first_order if first_order is None else bool(first_order)
         plan = self.plan(first_order=first_order, step_weights=check_step_weights(step_weights, self.steps),
                          task_chunk=chunk)
+        if self.cuda_graphs:
+            return self.meta_batch_graphs.meta_batch(support_x, support_y, query_x, query_y, plan)
         return self._engine.meta_batch(support_x, support_y, query_x, query_y, plan)
 
     def fast_weights(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> TaskWeights:
@@ -255,9 +275,10 @@ class MetaLearner(ModelAttributes, nn.Module):
         :class:`fastmeta.engine.FusedMLPStep`, the iteration and Adam's update in one fused
         op (other models on the CPU raise ValueError: train them through ``meta_batch``).
         Call the result with each new meta-batch of the same shapes. The step runs the plan
-        built here: after a change of the learner's plain state (``lr``, ``steps``,
-        ``first_order``, ...) calling it raises RuntimeError naming the attribute; capture
-        again. See
+        built here: after a change of what it read (the learner's ``lr``, ``steps``,
+        ``first_order``, ..., train/eval mode, ``requires_grad``, the backend, the
+        optimizer's non-tensor hyperparameters) calling it raises RuntimeError naming the
+        change; capture again. See
         :mod:`fastmeta.engine.whole_step` for the rules. first_order: the meta-gradient's
         order for this step (default: the learner's).
         """
@@ -269,7 +290,7 @@ class MetaLearner(ModelAttributes, nn.Module):
         plan = self.plan(first_order=first_order)
         if isinstance(support_x, Tensor) and support_x.device.type == "cpu":
             step = engine.fused_update_step(optimizer, list(self.parameters()), inputs, plan)
-            self._track_captured(step, explicit)
+            step.watch = self._watched_state(explicit=explicit)  # Adam's options are read at every call
             return step
         # Checked once, eagerly, on the meta-batch given at capture (the engine's entry
         # checks); the graph runs unvalidated (a check that syncs cannot be captured).
@@ -278,7 +299,7 @@ class MetaLearner(ModelAttributes, nn.Module):
         # The step the graph records is the engine's, on the plan alone (no learner code).
         step = functools.partial(engine.meta_batch, plan=plan.with_call(validate=False))
         captured = CapturedMetaStep(step, list(self.parameters()), optimizer, inputs, warmup)
-        self._track_captured(captured, explicit)
+        captured.watch = self._watched_state(optimizer, explicit)  # after the capture made Adam's state
         return captured
 
     def clone(self, first_order=None, allow_unused=None, allow_nograd=None) -> AdaptedModel:

@@ -19,7 +19,8 @@ class MAML(MetaLearner):
     """Model-agnostic meta-learning (Finn et al. 2017), first or second order.
 
     ``MAML(model, lr, first_order=False, allow_unused=None, allow_nograd=False, *,
-    steps=1, loss=None, validate=True, task_chunk=None, batch_norm="transductive")``; the
+    steps=1, loss=None, validate=True, task_chunk=None, batch_norm="transductive",
+    cuda_graphs=True)``; the
     positional arguments are learn2learn's.
 
     - lr: the inner-loop learning rate (any finite number, as in learn2learn).
@@ -35,6 +36,8 @@ class MAML(MetaLearner):
       the backward (same meta-gradient, less memory); None runs all tasks at once.
     - batch_norm: "transductive" or "running" (learn2learn's), for ``clone()/adapt()``;
       see :class:`fastmeta.learners.base.MetaLearner`.
+    - cuda_graphs: ``meta_batch`` on a CUDA device replays CUDA graphs (False, or
+      ``FASTMETA_CUDA_GRAPHS=0``: eager); see :class:`fastmeta.learners.base.MetaLearner`.
     """
 
     def __init__(
@@ -50,7 +53,9 @@ class MAML(MetaLearner):
         validate: bool = True,
         task_chunk: int | None = None,
         batch_norm: str = "transductive",
+        cuda_graphs: bool = True,
     ):
         super().__init__(
-            model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate, task_chunk, batch_norm
+            model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate, task_chunk, batch_norm,
+            cuda_graphs,
         )

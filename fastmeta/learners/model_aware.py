@@ -53,6 +53,7 @@ class ModelAwareMAML(MetaLearner):
     Beyond the trained ``steps`` (evaluation with more steps), the last step's rates and
     BatchNorm values are reused: the rule of the last trained step, whose stability the
     training saw. Every meta-learned quantity is in ``parameters()`` and ``state_dict()``.
+    ``cuda_graphs``: as :class:`fastmeta.learners.base.MetaLearner`'s.
     """
 
     def __init__(
@@ -76,9 +77,11 @@ class ModelAwareMAML(MetaLearner):
         batch_norm: str = "transductive",
         log_lr: bool = True,
         per_step_bn: bool | None = None,
+        cuda_graphs: bool = True,
     ):
         super().__init__(
-            model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate, task_chunk, batch_norm
+            model, lr, first_order, allow_unused, allow_nograd, steps, loss, validate, task_chunk, batch_norm,
+            cuda_graphs,
         )
         if lr_mode not in LR_MODES:
             raise ValueError(f"lr_mode must be one of {LR_MODES}, got {lr_mode!r}")
@@ -265,6 +268,7 @@ class MetaSGD(ModelAwareMAML):
         allow_unused: bool | None = None,
         allow_nograd: bool = False,
         batch_norm: str = "transductive",
+        cuda_graphs: bool = True,
     ):
         super().__init__(
             model,
@@ -281,4 +285,5 @@ class MetaSGD(ModelAwareMAML):
             batch_norm=batch_norm,
             log_lr=False,
             per_step_bn=False,
+            cuda_graphs=cuda_graphs,
         )
