@@ -91,7 +91,8 @@ class _RecordNativeCalls:
     arguments (the backend's launchers wrapped, and restored on exit)."""
 
     def __init__(self):
-        from fastmeta.backends import get_backend
+        from fastmeta.backends import get_backend, invalidate_kernel_choices
+        self._invalidate = invalidate_kernel_choices
 
         self.backend = get_backend("cpu")
         self.calls: list[tuple[str, tuple]] = []
@@ -105,11 +106,13 @@ class _RecordNativeCalls:
                     self.calls.append((name, args))
                 return out
             self.backend.kernels[name] = recording
+        self._invalidate()  # the public ops cache their kernel: look the wrappers up
         return self
 
     def __exit__(self, *exc):
         self.backend.kernels.clear()
         self.backend.kernels.update(self.saved)
+        self._invalidate()
         return False
 
 
