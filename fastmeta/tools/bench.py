@@ -233,6 +233,10 @@ def fastmeta_contenders(settings: BenchmarkSettings, device: torch.device) -> li
                 rows.append((label, "the Triton interpreter (TRITON_INTERPRET=1) is for tests, not timing"))
                 continue
         rows.append((label, lambda problem, name=name: FastmetaContender(problem, name)))
+        if name == "auto" and device.type == "cuda":
+            # The same loop with meta_batch's CUDA graphs off: each kernel launched eagerly.
+            rows.append((f"fastmeta[{name},cuda_graphs=False]",
+                         lambda problem, name=name: FastmetaContender(problem, name, cuda_graphs=False)))
     return rows
 
 

@@ -169,10 +169,13 @@ class FastmetaContender(_TorchModelContender):
     family = "fastmeta"
     validate = True  # the learner's default; the captured rows below switch it off
 
-    def __init__(self, problem: Problem, backend: str):
+    def __init__(self, problem: Problem, backend: str, cuda_graphs: bool = True):
         super().__init__(problem)
         self.backend = backend
-        self.name = f"fastmeta[{backend}]"
+        # cuda_graphs=False: the kernels launched one by one, the row that shows what the
+        # graphs ``meta_batch`` replays without asking (its default on CUDA) buy.
+        self.cuda_graphs = cuda_graphs
+        self.name = f"fastmeta[{backend}]" if cuda_graphs else f"fastmeta[{backend},cuda_graphs=False]"
         self.next_batch = 0
 
     def active(self):
@@ -186,6 +189,8 @@ class FastmetaContender(_TorchModelContender):
         w = self.problem.workload
         self.model = self.problem.build_model()
         options = {} if self.validate else {"validate": False}
+        if not self.cuda_graphs:
+            options["cuda_graphs"] = False
         self.learner = fm.MAML(self.model, lr=w.inner_lr, first_order=self.problem.first_order, steps=w.steps,
                                loss=w.loss, **options)
         self.params = list(self.learner.parameters())
@@ -227,7 +232,7 @@ class FastmetaGraphContender(FastmetaContender):
     validate = False  # validation reads the inputs on the host: not capturable
 
     def __init__(self, problem: Problem, backend: str):
-        super().__init__(problem, backend)
+        super().__init__(problem, backend, cuda_graphs=False)  # it captures the whole step itself
         self.name = f"fastmeta[{backend}]+graph"
 
     def prepare(self) -> None:

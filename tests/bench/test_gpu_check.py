@@ -235,3 +235,33 @@ def test_our_kernel_names_are_found():
     names = load_driver().our_kernel_names()
     assert {"inner_step_kernel", "task_matmul_kernel", "conv2d_weight_grad_kernel", "mlp_meta_step_kernel",
             "batched_gemm_kernel"} <= names
+
+
+def test_eager_against_captured_records_the_loop_with_graphs_off_beside_it():
+    driver = load_driver()
+
+    def row(name, ms):
+        return {"name": name, "median_ms": ms}
+
+    report = {"workloads": [{"workload": {"name": "W2"}, "contenders": [
+        row("fastmeta[auto]", 5.0), row("fastmeta[auto],cuda_graphs=False]", 1.0),  # not the row's name
+        row("fastmeta[auto,cuda_graphs=False]", 24.0), row("fastmeta[auto]+graph", 4.0)]}]}
+    measured = driver.eager_over_captured(report, "fastmeta[auto]", "fastmeta[auto]+graph")
+    assert measured["ratio"] == pytest.approx(1.25)
+    assert measured["eager_without_graphs_ms"] == 24.0 and measured["ratio_without_graphs"] == pytest.approx(6.0)
+    del report["workloads"][0]["contenders"][2]
+    assert "eager_without_graphs_ms" not in driver.eager_over_captured(report, "fastmeta[auto]",
+                                                                        "fastmeta[auto]+graph")
+
+
+def test_the_cuda_user_loop_rows_include_the_loop_with_graphs_off():
+    import torch
+
+    from fastmeta.tools.bench import BenchmarkSettings, fastmeta_contenders
+    from fastmeta.tools.bench_peers import FastmetaContender
+
+    settings = BenchmarkSettings(backends=["auto"])
+    rows = dict(fastmeta_contenders(settings, torch.device("cuda")))
+    assert list(rows) == ["fastmeta[auto]", "fastmeta[auto,cuda_graphs=False]"]
+    assert list(dict(fastmeta_contenders(settings, torch.device("cpu")))) == ["fastmeta[auto]"]
+    assert FastmetaContender.__init__.__defaults__ == (True,)  # the user's default: graphs on
