@@ -25,6 +25,9 @@ stride < 1, padding < 0, an empty output, a bias not shaped [T, O] / [O].
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -174,7 +177,9 @@ def conv2d_weight_grad_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# launchers
+# launch plans: the grid, the tiles and the MACs of each launch, from its shapes alone. The
+# launchers run exactly what these return, and conv_launch_plan() gives it without running
+# anything, so the accounting (tests/kernels/test_conv_issued_macs.py) is of the real grids.
 # ---------------------------------------------------------------------------------------
 
 
@@ -182,6 +187,88 @@ def conv_config(batch: int, M: int, N: int, K: int) -> dict:
     """The GEMM tile table of task_linear.matmul_config, keyed on the implicit GEMM's
     (batch, M, N, K); one source for the tile sizes and the split-K rule."""
     return matmul_config(batch, M, N, K)
+
+
+def gpu_conv_config(batch: int, M: int, N: int, K: int) -> dict:
+    """The tiles a GPU launch gets, also under the interpreter (where matmul_config picks one
+    tile per dimension to keep the interpreted programs few): for the accounting on the CPU."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return conv_config(batch, M, N, K)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+@dataclass(frozen=True)
+class ConvLaunch:
+    """One launch of a conv kernel.
+
+    kernel: "forward", "input_grad" or "weight_grad". batch: grid row 1 (T, or 1 when the
+    tasks fold into the images of a shared weight); images: examples per batch entry.
+    grid, config: what the launcher runs. issued_macs: the multiply-adds the grid's programs
+    execute, BLOCK_M × BLOCK_N × BLOCK_K per K-step, tile padding and masked taps included.
+    useful_macs: the convolution's own, T·N·O·H'·W'·C·kh·kw, the same for all three kernels.
+    """
+
+    kernel: str
+    batch: int
+    images: int
+    grid: tuple[int, int, int]
+    config: dict
+    issued_macs: int
+    useful_macs: int
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+def _tile_macs(config: dict) -> int:
+    return config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_K"]
+
+
+def forward_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None) -> ConvLaunch:
+    (sh, sw), (ph, pw) = stride, padding
+    HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
+    M, N, K = images * HO * WO, O, C * KH * KW
+    cfg = (config_for or conv_config)(batch, M, N, K)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    return ConvLaunch("forward", batch, images, (tiles, batch, 1), cfg,
+                      issued_macs=batch * tiles * triton.cdiv(K, cfg["BLOCK_K"]) * _tile_macs(cfg),
+                      useful_macs=batch * M * N * K)
+
+
+def input_grad_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None) -> ConvLaunch:
+    (sh, sw), (ph, pw) = stride, padding
+    HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
+    M, K = images * H * W, O * KH * KW
+    cfg = (config_for or conv_config)(batch, M, C, K)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_N"])
+    return ConvLaunch("input_grad", batch, images, (tiles, batch, 1), cfg,
+                      issued_macs=batch * tiles * triton.cdiv(K, cfg["BLOCK_K"]) * _tile_macs(cfg),
+                      useful_macs=batch * images * HO * WO * O * C * KH * KW)
+
+
+def weight_grad_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None) -> ConvLaunch:
+    (sh, sw), (ph, pw) = stride, padding
+    HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
+    CKK, K = C * KH * KW, images * HO * WO
+    cfg = dict((config_for or conv_config)(batch, O, CKK, K))
+    k_per_split = triton.cdiv(triton.cdiv(K, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split_k = triton.cdiv(K, k_per_split)
+    cfg.update(SPLIT_K=split_k, k_per_split=k_per_split)
+    tiles = triton.cdiv(O, cfg["BLOCK_M"]) * triton.cdiv(CKK, cfg["BLOCK_N"])
+    k_steps = sum(triton.cdiv(min(K, s * k_per_split + k_per_split) - s * k_per_split, cfg["BLOCK_K"])
+                  for s in range(split_k))
+    return ConvLaunch("weight_grad", batch, images, (tiles, batch, split_k), cfg,
+                      issued_macs=batch * tiles * k_steps * _tile_macs(cfg),
+                      useful_macs=batch * O * CKK * K)
+
+
+# ---------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------
 
 
 def _geometry(stride, padding):
@@ -207,35 +294,97 @@ def _per_task_contiguous_weight(w):
     return w.contiguous()
 
 
-def task_conv2d(x, w, b, stride, padding):
+def _forward_call(x, w, b, stride, padding, config_for=None):
+    """(launch, x, w, b, w task stride, bias task stride) for task_conv2d, or None where it
+    declines."""
     geometry = _geometry(stride, padding)
     if geometry is None or not all_float32_on_one_device(x, w, b) or x.dim() != 5 or w.dim() not in (4, 5):
-        return NotImplemented
+        return None
     sh, sw, ph, pw = geometry
     T, NB, C, H, W = x.shape
     O, _, KH, KW = w.shape[-4:]
     if w.size(-3) != C or (w.dim() == 5 and w.size(0) != T):
-        return NotImplemented
+        return None
     if b is not None and not (b.shape == (O,) or b.shape == (T, O)):
-        return NotImplemented
-    HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
-    if HO < 1 or WO < 1:
-        return NotImplemented
-    x = x.contiguous()
+        return None
+    if (H + 2 * ph - KH) // sh + 1 < 1 or (W + 2 * pw - KW) // sw + 1 < 1:
+        return None
     w = _per_task_contiguous_weight(w)
     w_task_stride = _weight_task_stride(w)
     bias_task_stride = task_stride(b, 2) if b is not None else 0
+    # Shared weight and bias: the tasks fold into the images.
+    batch, images = (1, T * NB) if w_task_stride == 0 and bias_task_stride == 0 else (T, NB)
+    launch = forward_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for)
+    return launch, w, w_task_stride, bias_task_stride
+
+
+def _input_grad_call(grad_out, w, input_size, stride, padding, config_for=None):
+    geometry = _geometry(stride, padding)
+    if geometry is None or not all_float32_on_one_device(grad_out, w) or grad_out.dim() != 5:
+        return None
+    if w.dim() not in (4, 5) or len(input_size) != 2:
+        return None
+    sh, sw, ph, pw = geometry
+    T, NB, O, HO, WO = grad_out.shape
+    _, C, KH, KW = w.shape[-4:]
+    H, W = (int(s) for s in input_size)
+    if w.size(-4) != O or (w.dim() == 5 and w.size(0) != T) or H < 1 or W < 1:
+        return None
+    if (H + 2 * ph - KH) // sh + 1 != HO or (W + 2 * pw - KW) // sw + 1 != WO:
+        return None
+    w = _per_task_contiguous_weight(w)
+    w_task_stride = _weight_task_stride(w)
+    batch, images = (1, T * NB) if w_task_stride == 0 else (T, NB)
+    launch = input_grad_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for)
+    return launch, w, w_task_stride
+
+
+def _weight_grad_call(grad_out, x, kernel_size, stride, padding, shared, config_for=None):
+    geometry = _geometry(stride, padding)
+    if geometry is None or not all_float32_on_one_device(grad_out, x) or grad_out.dim() != 5 or x.dim() != 5:
+        return None
+    if len(kernel_size) != 2:
+        return None
+    sh, sw, ph, pw = geometry
+    T, NB, C, H, W = x.shape
+    O, HO, WO = grad_out.shape[2:]
+    KH, KW = (int(k) for k in kernel_size)
+    if grad_out.shape[:2] != (T, NB) or KH < 1 or KW < 1:
+        return None
+    if (H + 2 * ph - KH) // sh + 1 != HO or (W + 2 * pw - KW) // sw + 1 != WO:
+        return None
+    batch, images = (1, T * NB) if shared else (T, NB)
+    return (weight_grad_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for),)
+
+
+_CALLS = {"task_conv2d": _forward_call, "task_conv2d_input_grad": _input_grad_call,
+          "task_conv2d_weight_grad": _weight_grad_call}
+
+
+def conv_launch_plan(kernel: str, *args, config_for=None) -> ConvLaunch | None:
+    """The launch the launcher ``kernel`` (a name of the table, e.g. "task_conv2d_input_grad")
+    makes for ``args``, or None where it declines; runs nothing. config_for: the tile rule
+    (default conv_config, what the launcher itself uses; gpu_conv_config for a GPU's)."""
+    call = _CALLS[kernel](*args, config_for=config_for)
+    return None if call is None else call[0]
+
+
+def task_conv2d(x, w, b, stride, padding):
+    call = _forward_call(x, w, b, stride, padding)
+    if call is None:
+        return NotImplemented
+    launch, w, w_task_stride, bias_task_stride = call
+    sh, sw, ph, pw = _geometry(stride, padding)
+    T, NB, C, H, W = x.shape
+    O, _, KH, KW = w.shape[-4:]
+    HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
+    x = x.contiguous()
     b = b.contiguous() if b is not None and b.stride(-1) != 1 else b
     out = torch.empty((T, NB, O, HO, WO), dtype=torch.float32, device=x.device)
-    if w_task_stride == 0 and bias_task_stride == 0:
-        batch, images = 1, T * NB  # shared weight: the tasks fold into the images
-    else:
-        batch, images = T, NB
-    cfg = conv_config(batch, images * HO * WO, O, C * KH * KW)
-    grid = (triton.cdiv(images * HO * WO, cfg["BLOCK_M"]) * triton.cdiv(O, cfg["BLOCK_N"]), batch)
-    conv2d_forward_kernel[grid](
+    cfg = launch.config
+    conv2d_forward_kernel[launch.grid](
         x, w, b if b is not None else x, out,
-        images, C, H, W, O, HO, WO,
+        launch.images, C, H, W, O, HO, WO,
         NB * C * H * W, w_task_stride, bias_task_stride, NB * O * HO * WO,
         sh, sw, ph, pw,
         KH=KH, KW=KW, HAS_BIAS=b is not None,
@@ -246,29 +395,20 @@ def task_conv2d(x, w, b, stride, padding):
 
 
 def task_conv2d_input_grad(grad_out, w, input_size, stride, padding):
-    geometry = _geometry(stride, padding)
-    if geometry is None or not all_float32_on_one_device(grad_out, w) or grad_out.dim() != 5:
+    call = _input_grad_call(grad_out, w, input_size, stride, padding)
+    if call is None:
         return NotImplemented
-    if w.dim() not in (4, 5) or len(input_size) != 2:
-        return NotImplemented
-    sh, sw, ph, pw = geometry
+    launch, w, w_task_stride = call
+    sh, sw, ph, pw = _geometry(stride, padding)
     T, NB, O, HO, WO = grad_out.shape
     _, C, KH, KW = w.shape[-4:]
     H, W = (int(s) for s in input_size)
-    if w.size(-4) != O or (w.dim() == 5 and w.size(0) != T) or H < 1 or W < 1:
-        return NotImplemented
-    if (H + 2 * ph - KH) // sh + 1 != HO or (W + 2 * pw - KW) // sw + 1 != WO:
-        return NotImplemented
     grad_out = grad_out.contiguous()
-    w = _per_task_contiguous_weight(w)
-    w_task_stride = _weight_task_stride(w)
     out = torch.empty((T, NB, C, H, W), dtype=torch.float32, device=grad_out.device)
-    batch, images = (1, T * NB) if w_task_stride == 0 else (T, NB)
-    cfg = conv_config(batch, images * H * W, C, O * KH * KW)
-    grid = (triton.cdiv(images * H * W, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_N"]), batch)
-    conv2d_input_grad_kernel[grid](
+    cfg = launch.config
+    conv2d_input_grad_kernel[launch.grid](
         grad_out, w, out,
-        images, C, H, W, O, HO, WO,
+        launch.images, C, H, W, O, HO, WO,
         NB * O * HO * WO, w_task_stride, NB * C * H * W,
         sh, sw, ph, pw,
         KH=KH, KW=KW,
@@ -279,33 +419,24 @@ def task_conv2d_input_grad(grad_out, w, input_size, stride, padding):
 
 
 def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared):
-    geometry = _geometry(stride, padding)
-    if geometry is None or not all_float32_on_one_device(grad_out, x) or grad_out.dim() != 5 or x.dim() != 5:
+    call = _weight_grad_call(grad_out, x, kernel_size, stride, padding, shared)
+    if call is None:
         return NotImplemented
-    if len(kernel_size) != 2:
-        return NotImplemented
-    sh, sw, ph, pw = geometry
+    (launch,) = call
+    sh, sw, ph, pw = _geometry(stride, padding)
     T, NB, C, H, W = x.shape
     O, HO, WO = grad_out.shape[2:]
     KH, KW = (int(k) for k in kernel_size)
-    if grad_out.shape[:2] != (T, NB) or KH < 1 or KW < 1:
-        return NotImplemented
-    if (H + 2 * ph - KH) // sh + 1 != HO or (W + 2 * pw - KW) // sw + 1 != WO:
-        return NotImplemented
     x, grad_out = x.contiguous(), grad_out.contiguous()
-    batch, images = (1, T * NB) if shared else (T, NB)
     CKK = C * KH * KW
-    K = images * HO * WO
-    cfg = conv_config(batch, O, CKK, K)
-    k_per_split = triton.cdiv(triton.cdiv(K, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    split_k = triton.cdiv(K, k_per_split)
+    cfg = launch.config
     out_shape = (O, C, KH, KW) if shared else (T, O, C, KH, KW)
     out = torch.empty(out_shape, dtype=torch.float32, device=x.device)
+    split_k = cfg["SPLIT_K"]
     target = out if split_k == 1 else torch.empty((split_k, *out_shape), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(O, cfg["BLOCK_M"]) * triton.cdiv(CKK, cfg["BLOCK_N"]), batch, split_k)
-    conv2d_weight_grad_kernel[grid](
+    conv2d_weight_grad_kernel[launch.grid](
         grad_out, x, target,
-        images, C, H, W, O, HO, WO, k_per_split,
+        launch.images, C, H, W, O, HO, WO, cfg["k_per_split"],
         NB * O * HO * WO, NB * C * H * W, out.numel(), O * CKK,
         sh, sw, ph, pw,
         KH=KH, KW=KW,
