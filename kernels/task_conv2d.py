@@ -6,18 +6,30 @@ run in one launch with their own weights (what cuDNN's grouped conv does slowly:
 patches are gathered on the fly from x; nothing is unfolded to memory.
 
     forward       M = N·H'·W' output pixels,  N = O,          K = C·kh·kw
-    input-grad    M = N·H·W input pixels,     N = C,          K = O·kh·kw
+    input-grad    per output phase (rh, rw), rh < stride_h, rw < stride_w:
+                  M = N · the phase's input pixels,  N = C,  K = O · the phase's taps
     weight-grad   M = O,                      N = C·kh·kw,    K = N·H'·W' (· T if shared)
 
-grid   (⌈M / BLOCK_M⌉ · ⌈N / BLOCK_N⌉, batch, SPLIT_K). batch is T, or 1 when the weight
-       (and bias) are shared and the tasks fold into the image dimension. Only the
+grid   (⌈M / BLOCK_M⌉ · ⌈N / BLOCK_N⌉, batch, Z). batch is T, or 1 when the weight (and
+       bias) are shared and the tasks fold into the image dimension. Z is the weight-grad's
+       SPLIT_K, the input-grad's stride_h · stride_w phases (row 0 then sized for the
+       largest phase), 1 for the forward. Only the
        weight-grad splits K (its output, O × C·kh·kw per task, has few tiles while K runs
        to N·H'·W' = 564k pixels on W4's first layer); partial tiles are summed by torch.
 tiling tl.dot(..., input_precision="ieee") on BLOCK_M × BLOCK_K patches: true fp32.
-bound  FLOPs (W2–W4 convs are 0.1–2 GFLOP per launch). Known waste: the input-grad of a
-       strided conv visits every (o, i, j) and masks the ones whose output position is not
-       on the stride grid, so at stride 2 about 3/4 of its multiply-adds are on zeros. A
-       sub-pixel (phase) decomposition would remove that; not done yet.
+bound  FLOPs (W2–W4 convs are 0.1–2 GFLOP per launch).
+
+The input gradient by phase (sub-pixel decomposition). Input pixel h is read by tap i from
+output row oh where oh·s − p + i = h, so only the taps i ≡ h + p (mod s) reach it. The
+pixels of one phase r = (h + p) mod s form a stride-1 problem with the taps r, r + s, …:
+for a 3×3 kernel at stride 2 the four phases take 2×2, 2×1, 1×2 and 1×1 taps, 9 in all
+instead of 4 × 9, so no multiply-add is by a tap that is off the stride grid (the kernel
+before this one masked 3/4 of its taps at stride 2: W2's input gradients issued 6.40 G
+MACs for 1.63 G useful). The phases are grid row 2 of one launch.
+
+Every launch's grid, tiles and MACs come from a plan function of its shapes
+(:func:`conv_launch_plan`, :class:`ConvLaunch`): the launcher runs what the plan says, and
+the accounting (tests/kernels/test_conv_issued_macs.py) counts from the same plan.
 
 Declines: non-fp32 or mixed devices, x not 5-D, w not 4-D / 5-D with matching channels,
 stride < 1, padding < 0, an empty output, a bias not shaped [T, O] / [O].
@@ -91,42 +103,63 @@ def conv2d_input_grad_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # One output phase (rh, rw) per grid row 2: the input pixels h with (h + pad_h) % stride_h
+    # == rh are read only by the taps i ≡ rh (mod stride_h), through output row
+    # oh = (h + pad_h) // stride_h − a for tap i = rh + a·stride_h (and likewise in w). So
+    # each phase is a stride-1 problem over its own pixels and taps: no tap is masked off
+    # for being off the stride grid.
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
+    phase = tl.program_id(2)
+    rh = phase // stride_w
+    rw = phase % stride_w
+    h_first = (rh + stride_h - pad_h % stride_h) % stride_h  # the first h of the phase
+    w_first = (rw + stride_w - pad_w % stride_w) % stride_w
+    rows = (H - h_first + stride_h - 1) // stride_h  # the phase's input rows, columns, taps
+    cols = (W - w_first + stride_w - 1) // stride_w
+    taps_h = (KH - rh + stride_h - 1) // stride_h
+    taps_w = (KW - rw + stride_w - 1) // stride_w
+    taps = taps_h * taps_w
+    M = NB * rows * cols
+    K = O * taps
     tiles_n = tl.cdiv(C, BLOCK_N)
-    offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixel (n, h, w)
+    # The grid is sized for the largest phase: the programs past this phase's tiles idle.
+    k_end = tl.where(tile < tl.cdiv(M, BLOCK_M) * tiles_n, K, 0)
+    offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # phase pixel (n, qh, qw)
     offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel c
-    M = NB * H * W
-    K = O * KH * KW
     m_ok = offs_m < M
     n_ok = offs_n < C
-    image = offs_m // (H * W)
-    pixel = offs_m % (H * W)
-    h_padded = pixel // W + pad_h
-    w_padded = pixel % W + pad_w
+    plane = tl.maximum(rows * cols, 1)
+    image = offs_m // plane
+    pixel = offs_m % plane
+    qh = pixel // tl.maximum(cols, 1)
+    qw = pixel % tl.maximum(cols, 1)
+    h = h_first + qh * stride_h
+    w = w_first + qw * stride_w
+    oh0 = (h + pad_h) // stride_h
+    ow0 = (w + pad_w) // stride_w
     g_rows = grad_out_ptr + task * grad_out_task_stride + image.to(tl.int64) * (O * HO * WO)
     w_cols = w_ptr + task * w_task_stride + offs_n * (KH * KW)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # (o, i, j)
+    for k0 in range(0, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # (o, a, b): tap (rh + a·stride_h, rw + b·stride_w)
         k_ok = offs_k < K
-        o = offs_k // (KH * KW)
-        tap = offs_k % (KH * KW)
-        # Output position that read input (h, w) through tap (i, j): oh·s − p + i = h.
-        th = h_padded[:, None] - (tap // KW)[None, :]
-        tw = w_padded[:, None] - (tap % KW)[None, :]
-        oh = th // stride_h
-        ow = tw // stride_w
-        on_grid = ((th >= 0) & (tw >= 0) & (th - oh * stride_h == 0) & (tw - ow * stride_w == 0)
-                   & (oh < HO) & (ow < WO))
-        a = tl.load(g_rows[:, None] + (o * (HO * WO))[None, :] + oh * WO + ow,
-                    mask=m_ok[:, None] & k_ok[None, :] & on_grid, other=0.0)
-        b = tl.load(w_cols[None, :] + (o * (C * KH * KW) + tap)[:, None],
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        o = offs_k // taps
+        a = (offs_k % taps) // taps_w
+        b = offs_k % taps_w
+        oh = oh0[:, None] - a[None, :]
+        ow = ow0[:, None] - b[None, :]
+        inside = (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
+        g = tl.load(g_rows[:, None] + (o * (HO * WO))[None, :] + oh * WO + ow,
+                    mask=m_ok[:, None] & k_ok[None, :] & inside, other=0.0)
+        tap = (rh + a * stride_h) * KW + rw + b * stride_w
+        wt = tl.load(w_cols[None, :] + (o * (C * KH * KW) + tap)[:, None],
+                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(g, wt, acc, input_precision="ieee")
 
-    out_rows = out_ptr + task * out_task_stride + image.to(tl.int64) * (C * H * W) + pixel
+    # A phase without taps (kernel 1 at stride 2: the odd pixels) stores its zeros.
+    out_rows = out_ptr + task * out_task_stride + image.to(tl.int64) * (C * H * W) + h * W + w
     tl.store(out_rows[:, None] + (offs_n * (H * W))[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -239,14 +272,28 @@ def forward_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_fo
                       useful_macs=batch * M * N * K)
 
 
+def input_grad_phases(size: int, kernel: int, stride: int, padding: int) -> list[tuple[int, int]]:
+    """Per output phase r < stride of one dimension: (input positions, kernel taps). The
+    positions p with (p + padding) % stride == r are reached only by the taps i ≡ r (mod
+    stride); a phase may have no positions (size < stride) or no taps (kernel ≤ r)."""
+    return [((size - (r - padding) % stride + stride - 1) // stride, (kernel - r + stride - 1) // stride)
+            for r in range(stride)]
+
+
 def input_grad_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None) -> ConvLaunch:
+    """One launch for the stride_h · stride_w phases (grid row 2), each a stride-1 problem
+    M = images · its pixels, N = C, K = O · its taps; the largest phase sizes the tiles and
+    the grid's row 0, and a phase's programs past its own tiles idle (no K-steps)."""
     (sh, sw), (ph, pw) = stride, padding
     HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
-    M, K = images * H * W, O * KH * KW
-    cfg = (config_for or conv_config)(batch, M, C, K)
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_N"])
-    return ConvLaunch("input_grad", batch, images, (tiles, batch, 1), cfg,
-                      issued_macs=batch * tiles * triton.cdiv(K, cfg["BLOCK_K"]) * _tile_macs(cfg),
+    problems = [(images * rows * cols, O * taps_h * taps_w)
+                for rows, taps_h in input_grad_phases(H, KH, sh, ph)
+                for cols, taps_w in input_grad_phases(W, KW, sw, pw)]
+    cfg = (config_for or conv_config)(batch, max(m for m, _ in problems), C, max(k for _, k in problems))
+    tiles = [triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_N"]) for m, _ in problems]
+    k_steps = sum(t * triton.cdiv(k, cfg["BLOCK_K"]) for t, (_, k) in zip(tiles, problems))
+    return ConvLaunch("input_grad", batch, images, (max(tiles), batch, sh * sw), cfg,
+                      issued_macs=batch * k_steps * _tile_macs(cfg),
                       useful_macs=batch * images * HO * WO * O * C * KH * KW)
 
 
