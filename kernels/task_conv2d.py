@@ -6,24 +6,39 @@ run in one launch with their own weights (what cuDNN's grouped conv does slowly:
 patches are gathered on the fly from x; nothing is unfolded to memory.
 
     forward       M = N·H'·W' output pixels,  N = O,          K = C·kh·kw
-    input-grad    M = N·H·W input pixels,     N = C,          K = O·kh·kw
+    input-grad    per output phase (rh, rw), rh < stride_h, rw < stride_w:
+                  M = N · the phase's input pixels,  N = C,  K = O · the phase's taps
     weight-grad   M = O,                      N = C·kh·kw,    K = N·H'·W' (· T if shared)
 
-grid   (⌈M / BLOCK_M⌉ · ⌈N / BLOCK_N⌉, batch, SPLIT_K). batch is T, or 1 when the weight
-       (and bias) are shared and the tasks fold into the image dimension. Only the
+grid   (⌈M / BLOCK_M⌉ · ⌈N / BLOCK_N⌉, batch, Z). batch is T, or 1 when the weight (and
+       bias) are shared and the tasks fold into the image dimension. Z is the weight-grad's
+       SPLIT_K, the input-grad's stride_h · stride_w phases (row 0 then sized for the
+       largest phase), 1 for the forward. Only the
        weight-grad splits K (its output, O × C·kh·kw per task, has few tiles while K runs
        to N·H'·W' = 564k pixels on W4's first layer); partial tiles are summed by torch.
 tiling tl.dot(..., input_precision="ieee") on BLOCK_M × BLOCK_K patches: true fp32.
-bound  FLOPs (W2–W4 convs are 0.1–2 GFLOP per launch). Known waste: the input-grad of a
-       strided conv visits every (o, i, j) and masks the ones whose output position is not
-       on the stride grid, so at stride 2 about 3/4 of its multiply-adds are on zeros. A
-       sub-pixel (phase) decomposition would remove that; not done yet.
+bound  FLOPs (W2–W4 convs are 0.1–2 GFLOP per launch).
+
+The input gradient by phase (sub-pixel decomposition). Input pixel h is read by tap i from
+output row oh where oh·s − p + i = h, so only the taps i ≡ h + p (mod s) reach it. The
+pixels of one phase r = (h + p) mod s form a stride-1 problem with the taps r, r + s, …:
+for a 3×3 kernel at stride 2 the four phases take 2×2, 2×1, 1×2 and 1×1 taps, 9 in all
+instead of 4 × 9, so no multiply-add is by a tap that is off the stride grid (the kernel
+before this one masked 3/4 of its taps at stride 2: W2's input gradients issued 6.40 G
+MACs for 1.63 G useful). The phases are grid row 2 of one launch.
+
+Every launch's grid, tiles and MACs come from a plan function of its shapes
+(:func:`conv_launch_plan`, :class:`ConvLaunch`): the launcher runs what the plan says, and
+the accounting (tests/kernels/test_conv_issued_macs.py) counts from the same plan.
 
 Declines: non-fp32 or mixed devices, x not 5-D, w not 4-D / 5-D with matching channels,
 stride < 1, padding < 0, an empty output, a bias not shaped [T, O] / [O].
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -88,42 +103,63 @@ def conv2d_input_grad_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # One output phase (rh, rw) per grid row 2: the input pixels h with (h + pad_h) % stride_h
+    # == rh are read only by the taps i ≡ rh (mod stride_h), through output row
+    # oh = (h + pad_h) // stride_h − a for tap i = rh + a·stride_h (and likewise in w). So
+    # each phase is a stride-1 problem over its own pixels and taps: no tap is masked off
+    # for being off the stride grid.
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
+    phase = tl.program_id(2)
+    rh = phase // stride_w
+    rw = phase % stride_w
+    h_first = (rh + stride_h - pad_h % stride_h) % stride_h  # the first h of the phase
+    w_first = (rw + stride_w - pad_w % stride_w) % stride_w
+    rows = (H - h_first + stride_h - 1) // stride_h  # the phase's input rows, columns, taps
+    cols = (W - w_first + stride_w - 1) // stride_w
+    taps_h = (KH - rh + stride_h - 1) // stride_h
+    taps_w = (KW - rw + stride_w - 1) // stride_w
+    taps = taps_h * taps_w
+    M = NB * rows * cols
+    K = O * taps
     tiles_n = tl.cdiv(C, BLOCK_N)
-    offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixel (n, h, w)
+    # The grid is sized for the largest phase: the programs past this phase's tiles idle.
+    k_end = tl.where(tile < tl.cdiv(M, BLOCK_M) * tiles_n, K, 0)
+    offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # phase pixel (n, qh, qw)
     offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel c
-    M = NB * H * W
-    K = O * KH * KW
     m_ok = offs_m < M
     n_ok = offs_n < C
-    image = offs_m // (H * W)
-    pixel = offs_m % (H * W)
-    h_padded = pixel // W + pad_h
-    w_padded = pixel % W + pad_w
+    plane = tl.maximum(rows * cols, 1)
+    image = offs_m // plane
+    pixel = offs_m % plane
+    qh = pixel // tl.maximum(cols, 1)
+    qw = pixel % tl.maximum(cols, 1)
+    h = h_first + qh * stride_h
+    w = w_first + qw * stride_w
+    oh0 = (h + pad_h) // stride_h
+    ow0 = (w + pad_w) // stride_w
     g_rows = grad_out_ptr + task * grad_out_task_stride + image.to(tl.int64) * (O * HO * WO)
     w_cols = w_ptr + task * w_task_stride + offs_n * (KH * KW)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # (o, i, j)
+    for k0 in range(0, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # (o, a, b): tap (rh + a·stride_h, rw + b·stride_w)
         k_ok = offs_k < K
-        o = offs_k // (KH * KW)
-        tap = offs_k % (KH * KW)
-        # Output position that read input (h, w) through tap (i, j): oh·s − p + i = h.
-        th = h_padded[:, None] - (tap // KW)[None, :]
-        tw = w_padded[:, None] - (tap % KW)[None, :]
-        oh = th // stride_h
-        ow = tw // stride_w
-        on_grid = ((th >= 0) & (tw >= 0) & (th - oh * stride_h == 0) & (tw - ow * stride_w == 0)
-                   & (oh < HO) & (ow < WO))
-        a = tl.load(g_rows[:, None] + (o * (HO * WO))[None, :] + oh * WO + ow,
-                    mask=m_ok[:, None] & k_ok[None, :] & on_grid, other=0.0)
-        b = tl.load(w_cols[None, :] + (o * (C * KH * KW) + tap)[:, None],
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        o = offs_k // taps
+        a = (offs_k % taps) // taps_w
+        b = offs_k % taps_w
+        oh = oh0[:, None] - a[None, :]
+        ow = ow0[:, None] - b[None, :]
+        inside = (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
+        g = tl.load(g_rows[:, None] + (o * (HO * WO))[None, :] + oh * WO + ow,
+                    mask=m_ok[:, None] & k_ok[None, :] & inside, other=0.0)
+        tap = (rh + a * stride_h) * KW + rw + b * stride_w
+        wt = tl.load(w_cols[None, :] + (o * (C * KH * KW) + tap)[:, None],
+                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(g, wt, acc, input_precision="ieee")
 
-    out_rows = out_ptr + task * out_task_stride + image.to(tl.int64) * (C * H * W) + pixel
+    # A phase without taps (kernel 1 at stride 2: the odd pixels) stores its zeros.
+    out_rows = out_ptr + task * out_task_stride + image.to(tl.int64) * (C * H * W) + h * W + w
     tl.store(out_rows[:, None] + (offs_n * (H * W))[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -174,7 +210,9 @@ def conv2d_weight_grad_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# launchers
+# launch plans: the grid, the tiles and the MACs of each launch, from its shapes alone. The
+# launchers run exactly what these return, and conv_launch_plan() gives it without running
+# anything, so the accounting (tests/kernels/test_conv_issued_macs.py) is of the real grids.
 # ---------------------------------------------------------------------------------------
 
 
@@ -182,6 +220,102 @@ def conv_config(batch: int, M: int, N: int, K: int) -> dict:
     """The GEMM tile table of task_linear.matmul_config, keyed on the implicit GEMM's
     (batch, M, N, K); one source for the tile sizes and the split-K rule."""
     return matmul_config(batch, M, N, K)
+
+
+def gpu_conv_config(batch: int, M: int, N: int, K: int) -> dict:
+    """The tiles a GPU launch gets, also under the interpreter (where matmul_config picks one
+    tile per dimension to keep the interpreted programs few): for the accounting on the CPU."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return conv_config(batch, M, N, K)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+@dataclass(frozen=True)
+class ConvLaunch:
+    """One launch of a conv kernel.
+
+    kernel: "forward", "input_grad" or "weight_grad". batch: grid row 1 (T, or 1 when the
+    tasks fold into the images of a shared weight); images: examples per batch entry.
+    grid, config: what the launcher runs. issued_macs: the multiply-adds the grid's programs
+    execute, BLOCK_M × BLOCK_N × BLOCK_K per K-step, tile padding and masked taps included.
+    useful_macs: the convolution's own, T·N·O·H'·W'·C·kh·kw, the same for all three kernels.
+    """
+
+    kernel: str
+    batch: int
+    images: int
+    grid: tuple[int, int, int]
+    config: dict
+    issued_macs: int
+    useful_macs: int
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+def _tile_macs(config: dict) -> int:
+    return config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_K"]
+
+
+def forward_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None) -> ConvLaunch:
+    (sh, sw), (ph, pw) = stride, padding
+    HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
+    M, N, K = images * HO * WO, O, C * KH * KW
+    cfg = (config_for or conv_config)(batch, M, N, K)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    return ConvLaunch("forward", batch, images, (tiles, batch, 1), cfg,
+                      issued_macs=batch * tiles * triton.cdiv(K, cfg["BLOCK_K"]) * _tile_macs(cfg),
+                      useful_macs=batch * M * N * K)
+
+
+def input_grad_phases(size: int, kernel: int, stride: int, padding: int) -> list[tuple[int, int]]:
+    """Per output phase r < stride of one dimension: (input positions, kernel taps). The
+    positions p with (p + padding) % stride == r are reached only by the taps i ≡ r (mod
+    stride); a phase may have no positions (size < stride) or no taps (kernel ≤ r)."""
+    return [((size - (r - padding) % stride + stride - 1) // stride, (kernel - r + stride - 1) // stride)
+            for r in range(stride)]
+
+
+def input_grad_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None) -> ConvLaunch:
+    """One launch for the stride_h · stride_w phases (grid row 2), each a stride-1 problem
+    M = images · its pixels, N = C, K = O · its taps; the largest phase sizes the tiles and
+    the grid's row 0, and a phase's programs past its own tiles idle (no K-steps)."""
+    (sh, sw), (ph, pw) = stride, padding
+    HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
+    problems = [(images * rows * cols, O * taps_h * taps_w)
+                for rows, taps_h in input_grad_phases(H, KH, sh, ph)
+                for cols, taps_w in input_grad_phases(W, KW, sw, pw)]
+    cfg = (config_for or conv_config)(batch, max(m for m, _ in problems), C, max(k for _, k in problems))
+    tiles = [triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_N"]) for m, _ in problems]
+    k_steps = sum(t * triton.cdiv(k, cfg["BLOCK_K"]) for t, (_, k) in zip(tiles, problems))
+    return ConvLaunch("input_grad", batch, images, (max(tiles), batch, sh * sw), cfg,
+                      issued_macs=batch * k_steps * _tile_macs(cfg),
+                      useful_macs=batch * images * HO * WO * O * C * KH * KW)
+
+
+def weight_grad_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None) -> ConvLaunch:
+    (sh, sw), (ph, pw) = stride, padding
+    HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
+    CKK, K = C * KH * KW, images * HO * WO
+    cfg = dict((config_for or conv_config)(batch, O, CKK, K))
+    k_per_split = triton.cdiv(triton.cdiv(K, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split_k = triton.cdiv(K, k_per_split)
+    cfg.update(SPLIT_K=split_k, k_per_split=k_per_split)
+    tiles = triton.cdiv(O, cfg["BLOCK_M"]) * triton.cdiv(CKK, cfg["BLOCK_N"])
+    k_steps = sum(triton.cdiv(min(K, s * k_per_split + k_per_split) - s * k_per_split, cfg["BLOCK_K"])
+                  for s in range(split_k))
+    return ConvLaunch("weight_grad", batch, images, (tiles, batch, split_k), cfg,
+                      issued_macs=batch * tiles * k_steps * _tile_macs(cfg),
+                      useful_macs=batch * O * CKK * K)
+
+
+# ---------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------
 
 
 def _geometry(stride, padding):
@@ -207,35 +341,97 @@ def _per_task_contiguous_weight(w):
     return w.contiguous()
 
 
-def task_conv2d(x, w, b, stride, padding):
+def _forward_call(x, w, b, stride, padding, config_for=None):
+    """(launch, x, w, b, w task stride, bias task stride) for task_conv2d, or None where it
+    declines."""
     geometry = _geometry(stride, padding)
     if geometry is None or not all_float32_on_one_device(x, w, b) or x.dim() != 5 or w.dim() not in (4, 5):
-        return NotImplemented
+        return None
     sh, sw, ph, pw = geometry
     T, NB, C, H, W = x.shape
     O, _, KH, KW = w.shape[-4:]
     if w.size(-3) != C or (w.dim() == 5 and w.size(0) != T):
-        return NotImplemented
+        return None
     if b is not None and not (b.shape == (O,) or b.shape == (T, O)):
-        return NotImplemented
-    HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
-    if HO < 1 or WO < 1:
-        return NotImplemented
-    x = x.contiguous()
+        return None
+    if (H + 2 * ph - KH) // sh + 1 < 1 or (W + 2 * pw - KW) // sw + 1 < 1:
+        return None
     w = _per_task_contiguous_weight(w)
     w_task_stride = _weight_task_stride(w)
     bias_task_stride = task_stride(b, 2) if b is not None else 0
+    # Shared weight and bias: the tasks fold into the images.
+    batch, images = (1, T * NB) if w_task_stride == 0 and bias_task_stride == 0 else (T, NB)
+    launch = forward_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for)
+    return launch, w, w_task_stride, bias_task_stride
+
+
+def _input_grad_call(grad_out, w, input_size, stride, padding, config_for=None):
+    geometry = _geometry(stride, padding)
+    if geometry is None or not all_float32_on_one_device(grad_out, w) or grad_out.dim() != 5:
+        return None
+    if w.dim() not in (4, 5) or len(input_size) != 2:
+        return None
+    sh, sw, ph, pw = geometry
+    T, NB, O, HO, WO = grad_out.shape
+    _, C, KH, KW = w.shape[-4:]
+    H, W = (int(s) for s in input_size)
+    if w.size(-4) != O or (w.dim() == 5 and w.size(0) != T) or H < 1 or W < 1:
+        return None
+    if (H + 2 * ph - KH) // sh + 1 != HO or (W + 2 * pw - KW) // sw + 1 != WO:
+        return None
+    w = _per_task_contiguous_weight(w)
+    w_task_stride = _weight_task_stride(w)
+    batch, images = (1, T * NB) if w_task_stride == 0 else (T, NB)
+    launch = input_grad_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for)
+    return launch, w, w_task_stride
+
+
+def _weight_grad_call(grad_out, x, kernel_size, stride, padding, shared, config_for=None):
+    geometry = _geometry(stride, padding)
+    if geometry is None or not all_float32_on_one_device(grad_out, x) or grad_out.dim() != 5 or x.dim() != 5:
+        return None
+    if len(kernel_size) != 2:
+        return None
+    sh, sw, ph, pw = geometry
+    T, NB, C, H, W = x.shape
+    O, HO, WO = grad_out.shape[2:]
+    KH, KW = (int(k) for k in kernel_size)
+    if grad_out.shape[:2] != (T, NB) or KH < 1 or KW < 1:
+        return None
+    if (H + 2 * ph - KH) // sh + 1 != HO or (W + 2 * pw - KW) // sw + 1 != WO:
+        return None
+    batch, images = (1, T * NB) if shared else (T, NB)
+    return (weight_grad_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for),)
+
+
+_CALLS = {"task_conv2d": _forward_call, "task_conv2d_input_grad": _input_grad_call,
+          "task_conv2d_weight_grad": _weight_grad_call}
+
+
+def conv_launch_plan(kernel: str, *args, config_for=None) -> ConvLaunch | None:
+    """The launch the launcher ``kernel`` (a name of the table, e.g. "task_conv2d_input_grad")
+    makes for ``args``, or None where it declines; runs nothing. config_for: the tile rule
+    (default conv_config, what the launcher itself uses; gpu_conv_config for a GPU's)."""
+    call = _CALLS[kernel](*args, config_for=config_for)
+    return None if call is None else call[0]
+
+
+def task_conv2d(x, w, b, stride, padding):
+    call = _forward_call(x, w, b, stride, padding)
+    if call is None:
+        return NotImplemented
+    launch, w, w_task_stride, bias_task_stride = call
+    sh, sw, ph, pw = _geometry(stride, padding)
+    T, NB, C, H, W = x.shape
+    O, _, KH, KW = w.shape[-4:]
+    HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
+    x = x.contiguous()
     b = b.contiguous() if b is not None and b.stride(-1) != 1 else b
     out = torch.empty((T, NB, O, HO, WO), dtype=torch.float32, device=x.device)
-    if w_task_stride == 0 and bias_task_stride == 0:
-        batch, images = 1, T * NB  # shared weight: the tasks fold into the images
-    else:
-        batch, images = T, NB
-    cfg = conv_config(batch, images * HO * WO, O, C * KH * KW)
-    grid = (triton.cdiv(images * HO * WO, cfg["BLOCK_M"]) * triton.cdiv(O, cfg["BLOCK_N"]), batch)
-    conv2d_forward_kernel[grid](
+    cfg = launch.config
+    conv2d_forward_kernel[launch.grid](
         x, w, b if b is not None else x, out,
-        images, C, H, W, O, HO, WO,
+        launch.images, C, H, W, O, HO, WO,
         NB * C * H * W, w_task_stride, bias_task_stride, NB * O * HO * WO,
         sh, sw, ph, pw,
         KH=KH, KW=KW, HAS_BIAS=b is not None,
@@ -246,29 +442,20 @@ def task_conv2d(x, w, b, stride, padding):
 
 
 def task_conv2d_input_grad(grad_out, w, input_size, stride, padding):
-    geometry = _geometry(stride, padding)
-    if geometry is None or not all_float32_on_one_device(grad_out, w) or grad_out.dim() != 5:
+    call = _input_grad_call(grad_out, w, input_size, stride, padding)
+    if call is None:
         return NotImplemented
-    if w.dim() not in (4, 5) or len(input_size) != 2:
-        return NotImplemented
-    sh, sw, ph, pw = geometry
+    launch, w, w_task_stride = call
+    sh, sw, ph, pw = _geometry(stride, padding)
     T, NB, O, HO, WO = grad_out.shape
     _, C, KH, KW = w.shape[-4:]
     H, W = (int(s) for s in input_size)
-    if w.size(-4) != O or (w.dim() == 5 and w.size(0) != T) or H < 1 or W < 1:
-        return NotImplemented
-    if (H + 2 * ph - KH) // sh + 1 != HO or (W + 2 * pw - KW) // sw + 1 != WO:
-        return NotImplemented
     grad_out = grad_out.contiguous()
-    w = _per_task_contiguous_weight(w)
-    w_task_stride = _weight_task_stride(w)
     out = torch.empty((T, NB, C, H, W), dtype=torch.float32, device=grad_out.device)
-    batch, images = (1, T * NB) if w_task_stride == 0 else (T, NB)
-    cfg = conv_config(batch, images * H * W, C, O * KH * KW)
-    grid = (triton.cdiv(images * H * W, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_N"]), batch)
-    conv2d_input_grad_kernel[grid](
+    cfg = launch.config
+    conv2d_input_grad_kernel[launch.grid](
         grad_out, w, out,
-        images, C, H, W, O, HO, WO,
+        launch.images, C, H, W, O, HO, WO,
         NB * O * HO * WO, w_task_stride, NB * C * H * W,
         sh, sw, ph, pw,
         KH=KH, KW=KW,
@@ -279,33 +466,24 @@ def task_conv2d_input_grad(grad_out, w, input_size, stride, padding):
 
 
 def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared):
-    geometry = _geometry(stride, padding)
-    if geometry is None or not all_float32_on_one_device(grad_out, x) or grad_out.dim() != 5 or x.dim() != 5:
+    call = _weight_grad_call(grad_out, x, kernel_size, stride, padding, shared)
+    if call is None:
         return NotImplemented
-    if len(kernel_size) != 2:
-        return NotImplemented
-    sh, sw, ph, pw = geometry
+    (launch,) = call
+    sh, sw, ph, pw = _geometry(stride, padding)
     T, NB, C, H, W = x.shape
     O, HO, WO = grad_out.shape[2:]
     KH, KW = (int(k) for k in kernel_size)
-    if grad_out.shape[:2] != (T, NB) or KH < 1 or KW < 1:
-        return NotImplemented
-    if (H + 2 * ph - KH) // sh + 1 != HO or (W + 2 * pw - KW) // sw + 1 != WO:
-        return NotImplemented
     x, grad_out = x.contiguous(), grad_out.contiguous()
-    batch, images = (1, T * NB) if shared else (T, NB)
     CKK = C * KH * KW
-    K = images * HO * WO
-    cfg = conv_config(batch, O, CKK, K)
-    k_per_split = triton.cdiv(triton.cdiv(K, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    split_k = triton.cdiv(K, k_per_split)
+    cfg = launch.config
     out_shape = (O, C, KH, KW) if shared else (T, O, C, KH, KW)
     out = torch.empty(out_shape, dtype=torch.float32, device=x.device)
+    split_k = cfg["SPLIT_K"]
     target = out if split_k == 1 else torch.empty((split_k, *out_shape), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(O, cfg["BLOCK_M"]) * triton.cdiv(CKK, cfg["BLOCK_N"]), batch, split_k)
-    conv2d_weight_grad_kernel[grid](
+    conv2d_weight_grad_kernel[launch.grid](
         grad_out, x, target,
-        images, C, H, W, O, HO, WO, k_per_split,
+        launch.images, C, H, W, O, HO, WO, cfg["k_per_split"],
         NB * O * HO * WO, NB * C * H * W, out.numel(), O * CKK,
         sh, sw, ph, pw,
         KH=KH, KW=KW,

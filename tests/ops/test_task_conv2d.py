@@ -263,3 +263,56 @@ def test_cpu_backend_at_the_workload_shapes(shape):
     args = [torch.randn(T, N, C, H, W), conv_weight("buffer_view", T, O, C, 3, "cpu"), torch.randn(T, O), [s, s],
             [p, p]]
     check_op("cpu", ops.task_conv2d, args, [0, 1, 2], KERNELS, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Strides, kernels and paddings of every kind: the Triton input gradient splits a stride-s
+# problem into s_h·s_w phases (kernels/task_conv2d.py), each with its own pixels and taps,
+# some with none; the C++ kernels run the same cases. Outputs, first and second order.
+# ---------------------------------------------------------------------------------------
+
+GEOMETRY_CASES = [
+    # label, (T, N, C, H, W), (O, kh, kw), stride, padding, weight
+    ("s1-k1", (2, 2, 3, 5, 6), (4, 1, 1), [1, 1], [0, 0], "per_task"),
+    ("s1-k5-p1", (2, 2, 2, 7, 6), (3, 5, 5), [1, 1], [1, 1], "shared"),
+    ("s2-k1", (2, 2, 3, 7, 6), (4, 1, 1), [2, 2], [0, 0], "per_task"),  # odd pixels: a phase without taps
+    ("s2-k3-p0-odd", (2, 2, 3, 9, 7), (4, 3, 3), [2, 2], [0, 0], "buffer_view"),
+    ("s2-k3-p1-odd", (2, 3, 2, 7, 5), (3, 3, 3), [2, 2], [1, 1], "shared"),
+    ("s2-k5-p1", (2, 2, 2, 9, 8), (3, 5, 5), [2, 2], [1, 1], "per_task"),
+    ("s3-k3-p1", (2, 2, 3, 8, 7), (4, 3, 3), [3, 3], [1, 1], "expanded"),
+    ("s3-k5-p0", (2, 2, 2, 11, 9), (3, 5, 5), [3, 3], [0, 0], "per_task"),
+    ("s3-k1-tiny", (2, 2, 3, 2, 4), (4, 1, 1), [3, 3], [0, 1], "per_task"),  # a phase without pixels
+    ("s3x2-k3-p10", (2, 2, 3, 7, 8), (4, 3, 3), [3, 2], [1, 0], "shared"),
+    ("s1x3-k5x3", (2, 2, 2, 6, 10), (3, 5, 3), [1, 3], [0, 1], "buffer_view"),
+]
+
+
+def geometry_args(shape, kernel, stride, padding, weight_kind, device):
+    (T, N, C, H, W), (O, kh, kw) = shape, kernel
+    g = torch.Generator().manual_seed(7)
+    if weight_kind == "buffer_view":
+        w = torch.randn(T, O * C * kh * kw + 3, generator=g)[:, 3:].view(T, O, C, kh, kw)
+    else:
+        w = torch.randn(O, C, kh, kw, generator=g) if weight_kind != "per_task" else torch.randn(T, O, C, kh, kw, generator=g)
+        w = w.expand(T, O, C, kh, kw) if weight_kind == "expanded" else w
+    x = torch.randn(T, N, C, H, W, generator=g)
+    return to([x, w], device) + [None, list(stride), list(padding)]
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("label,shape,kernel,stride,padding,weight_kind", GEOMETRY_CASES,
+                         ids=[c[0] for c in GEOMETRY_CASES])
+def test_strides_kernels_and_paddings(backend, device, label, shape, kernel, stride, padding, weight_kind):
+    args = geometry_args(shape, kernel, stride, padding, weight_kind, device)
+    check_op(backend, ops.task_conv2d, args, [0, 1], KERNELS)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("label,shape,kernel,stride,padding", [
+    # several tiles per phase on each side, and programs of the smaller phases that idle
+    ("s2-k3", (2, 3, 18, 7, 7), (18, 3, 3), [2, 2], [1, 1]),
+    ("s3x2-k5", (2, 2, 17, 9, 8), (9, 5, 5), [3, 2], [2, 1]),
+], ids=["s2-k3", "s3x2-k5"])
+def test_strided_input_grad_with_small_tiles(backend, device, small_tiles, label, shape, kernel, stride, padding):
+    args = geometry_args(shape, kernel, stride, padding, "per_task", device)
+    check_op(backend, ops.task_conv2d, args, [0, 1], KERNELS, rtol=1e-4)
