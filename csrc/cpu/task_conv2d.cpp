@@ -4,7 +4,14 @@
 //   input-grad    dcols [K, n·L] = W_tᵀ [K, O] · dY_t [O, n·L],  then col2im into dx
 //   weight-grad   dW_t [O, K]  += dY_t [O, n·L] · colsᵀ [n·L, K]     (summed over tasks if shared)
 //
-// K = C·kh·kw, L = H'·W', n the examples of one chunk. Why not the reference's grouped
+// K = C·kh·kw, L = H'·W', n the examples of one chunk. The input-grad's GEMM issues exactly
+// the convolution's multiply-adds at every stride: each product of dcols is one term of dx,
+// which col2im adds where it lands, and none is by a tap off the stride grid. So the
+// Triton input-grad's split by output phase (kernels/task_conv2d.py), which removed 3/4 of
+// its MACs at stride 2, has nothing to remove here: at W2's strided layers (32 tasks × 5,
+// 64 → 64 channels, 3×3, stride 2) the input-grad takes about what the forward takes
+// (14×14 inputs 6.35 against 5.56 ms, 7×7 2.19 against 2.02; medians of 15, interleaved,
+// 2-core Intel Xeon, shared). Why not the reference's grouped
 // convolution: oneDNN runs a per-task weight as groups = T, with layout copies around it,
 // at a fraction of the GEMM rate (bench/bench_conv_cpu.py has the numbers). Why im2col and
 // not at::bmm on an unfold buffer: every aten call inside a kernel is a dispatch (a launch
