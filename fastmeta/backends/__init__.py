@@ -16,6 +16,10 @@ Choosing a backend:
   :data:`AUTO_PREFERENCE` that is available *and* recorded as verified for that op on that
   device type in ``verified.json`` (see :mod:`fastmeta.backends.verification`). A kernel
   that has never passed its tests on a GPU is never chosen there by ``auto``.
+- The matmul precision (:mod:`fastmeta.backends.precision`): for the kernels it governs, a
+  backend that does not implement the mode in force (``Backend.matmul_precisions``) is
+  passed over, as a decline: ``auto`` tries the next one, an explicit choice runs the
+  reference, which emulates the mode.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from fastmeta.backends import verification
-from fastmeta.backends.table import KernelSpec
+from fastmeta.backends import precision, verification
+from fastmeta.backends.table import TABLE, KernelSpec
 
 log = logging.getLogger("fastmeta.backends")
 
@@ -53,7 +57,9 @@ class Backend:
 
     kernels maps a kernel name to a callable with the same signature as the reference
     implementation in the op module. A kernel may return ``NotImplemented`` to decline an
-    input it does not support; the reference then runs instead.
+    input it does not support; the reference then runs instead. matmul_precisions: the
+    modes of :mod:`fastmeta.backends.precision` its GEMM-like kernels implement; under any
+    other it is not asked for them.
     """
 
     name: str
@@ -62,6 +68,7 @@ class Backend:
     device_types: Callable[[], tuple[str, ...]] = lambda: ("cpu", "cuda")
     kernels: dict[str, Callable] = field(default_factory=dict)
     loader: Callable[["Backend"], None] | None = None
+    matmul_precisions: tuple[str, ...] = ("ieee",)
     _loaded: bool = False
     _available: tuple[bool, str] | None = None
 
@@ -179,6 +186,8 @@ def kernel_for(op: str, device_type: str) -> tuple[str, Callable | None]:
     """
     choice = current_backend()
     names = _auto_order(op, device_type) if choice == "auto" else (choice,)
+    spec = TABLE.get(op)
+    mode = precision.current_matmul_precision()
     for name in names:
         if name == REFERENCE:
             break
@@ -189,6 +198,9 @@ def kernel_for(op: str, device_type: str) -> tuple[str, Callable | None]:
                 f"known backends: {sorted(_REGISTRY)} or 'auto'"
             )
         if device_type not in backend.device_types():
+            continue
+        if spec is not None and precision.governs(spec.family) and mode not in backend.matmul_precisions:
+            note_declined(name, op, f"matmul precision {mode!r} not implemented")
             continue
         fn = backend.kernel(op)
         if fn is not None:
@@ -228,6 +240,7 @@ register_backend(
         name=REFERENCE,
         description="plain PyTorch reference; always available",
         availability=lambda: (True, ""),
+        matmul_precisions=precision.MATMUL_PRECISIONS,  # emulated (fastmeta.backends.precision)
     )
 )
 

@@ -5,18 +5,23 @@ Triton, never builds the C++/CUDA extension and never queries the GPU.
 
 - ``triton``: kernels in ``kernels/`` (shipped as ``fastmeta.kernels``): the function
   named after each kernel of the table, in the module named after its op family. Runs on CUDA GPUs, and on the CPU only under
-  ``TRITON_INTERPRET=1`` (for tests).
+  ``TRITON_INTERPRET=1`` (for tests). A launcher with an ``input_precision`` parameter (the
+  ``tl.dot`` kernels) is called with the matmul precision in force at each call
+  (:mod:`fastmeta.backends.precision`), which it launches as a constexpr: Triton compiles
+  one kernel per mode, and nothing replays an earlier mode.
 - ``cpu`` and ``cuda``: the C++/CUDA extension in ``csrc/``, JIT-built with ninja by
   ``fastmeta.backends.extension``: the kernels the dispatcher holds for the device.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import inspect
 import os
 
-from fastmeta.backends import Backend, register_backend
+from fastmeta.backends import Backend, precision, register_backend
 from fastmeta.backends.table import TABLE
 
 
@@ -49,7 +54,20 @@ def _load_triton(backend: Backend) -> None:
             continue
         launcher = getattr(importlib.import_module(f"fastmeta.kernels.{spec.family}"), spec.name, None)
         if launcher is not None:
-            backend.kernels[spec.name] = launcher
+            backend.kernels[spec.name] = at_current_precision(launcher)
+
+
+def at_current_precision(launcher):
+    """The launcher called with ``input_precision=`` the matmul precision in force at each
+    call, when it takes one (the launchers of ``tl.dot`` kernels); else the launcher."""
+    if "input_precision" not in inspect.signature(launcher).parameters:
+        return launcher
+
+    @functools.wraps(launcher)
+    def launch(*args):
+        return launcher(*args, input_precision=precision.current_matmul_precision())
+
+    return launch
 
 
 def _extension_availability(device_type: str) -> tuple[bool, str]:
@@ -74,6 +92,7 @@ register_backend(
         availability=_triton_availability,
         device_types=lambda: ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
         loader=_load_triton,
+        matmul_precisions=precision.MATMUL_PRECISIONS,
     )
 )
 register_backend(
@@ -83,6 +102,7 @@ register_backend(
         availability=lambda: _extension_availability("cpu"),
         device_types=lambda: ("cpu",),
         loader=_load_extension("cpu"),
+        matmul_precisions=("ieee",),  # scalar fp32 FMA: other modes decline (fastmeta.backends.precision)
     )
 )
 register_backend(
@@ -92,5 +112,6 @@ register_backend(
         availability=lambda: _extension_availability("cuda"),
         device_types=lambda: ("cuda",),
         loader=_load_extension("cuda"),
+        matmul_precisions=("ieee",),  # scalar fp32 FMA: other modes decline (fastmeta.backends.precision)
     )
 )
