@@ -13,7 +13,8 @@ grid   (⌈M / BLOCK_M⌉ · ⌈N / BLOCK_N⌉, batch, SPLIT_K). batch is T, or 
        (and bias) are shared and the tasks fold into the image dimension. Only the
        weight-grad splits K (its output, O × C·kh·kw per task, has few tiles while K runs
        to N·H'·W' = 564k pixels on W4's first layer); partial tiles are summed by torch.
-tiling tl.dot(..., input_precision="ieee") on BLOCK_M × BLOCK_K patches: true fp32.
+tiling tl.dot(..., input_precision=INPUT_PRECISION) on BLOCK_M × BLOCK_K patches: the
+       launchers' ``input_precision`` ("ieee", true fp32, by default; "tf32x3"; "tf32").
 bound  FLOPs (W2–W4 convs are 0.1–2 GFLOP per launch). Known waste: the input-grad of a
        strided conv visits every (o, i, j) and masks the ones whose output position is not
        on the stride grid, so at stride 2 about 3/4 of its multiply-adds are on zeros. A
@@ -41,6 +42,7 @@ def conv2d_forward_kernel(
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
@@ -71,7 +73,7 @@ def conv2d_forward_kernel(
         a = tl.load(x_rows[:, None] + (c * (H * W))[None, :] + ih * W + iw,
                     mask=m_ok[:, None] & k_ok[None, :] & inside, other=0.0)
         b = tl.load(w_cols[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + task * bias_task_stride + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -87,6 +89,7 @@ def conv2d_input_grad_kernel(
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
@@ -121,7 +124,7 @@ def conv2d_input_grad_kernel(
                     mask=m_ok[:, None] & k_ok[None, :] & on_grid, other=0.0)
         b = tl.load(w_cols[None, :] + (o * (C * KH * KW) + tap)[:, None],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     out_rows = out_ptr + task * out_task_stride + image.to(tl.int64) * (C * H * W) + pixel
     tl.store(out_rows[:, None] + (offs_n * (H * W))[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
@@ -135,6 +138,7 @@ def conv2d_weight_grad_kernel(
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
@@ -167,7 +171,7 @@ def conv2d_weight_grad_kernel(
         inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         b = tl.load(x_base[None, :] + (image * (C * H * W))[:, None] + ih * W + iw,
                     mask=k_ok[:, None] & n_ok[None, :] & inside, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     out = out_ptr + split.to(tl.int64) * out_split_stride + task * out_task_stride
     tl.store(out + offs_m[:, None] * CKK + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
@@ -207,7 +211,7 @@ def _per_task_contiguous_weight(w):
     return w.contiguous()
 
 
-def task_conv2d(x, w, b, stride, padding):
+def task_conv2d(x, w, b, stride, padding, input_precision="ieee"):
     geometry = _geometry(stride, padding)
     if geometry is None or not all_float32_on_one_device(x, w, b) or x.dim() != 5 or w.dim() not in (4, 5):
         return NotImplemented
@@ -240,12 +244,13 @@ def task_conv2d(x, w, b, stride, padding):
         sh, sw, ph, pw,
         KH=KH, KW=KW, HAS_BIAS=b is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
 
-def task_conv2d_input_grad(grad_out, w, input_size, stride, padding):
+def task_conv2d_input_grad(grad_out, w, input_size, stride, padding, input_precision="ieee"):
     geometry = _geometry(stride, padding)
     if geometry is None or not all_float32_on_one_device(grad_out, w) or grad_out.dim() != 5:
         return NotImplemented
@@ -273,12 +278,13 @@ def task_conv2d_input_grad(grad_out, w, input_size, stride, padding):
         sh, sw, ph, pw,
         KH=KH, KW=KW,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
 
-def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared):
+def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared, input_precision="ieee"):
     geometry = _geometry(stride, padding)
     if geometry is None or not all_float32_on_one_device(grad_out, x) or grad_out.dim() != 5 or x.dim() != 5:
         return NotImplemented
@@ -310,6 +316,7 @@ def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared):
         sh, sw, ph, pw,
         KH=KH, KW=KW,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split_k > 1:
