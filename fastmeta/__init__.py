@@ -12,6 +12,7 @@ Layers, top to bottom (each imports only those below it; tests/test_layers.py ch
 
 from fastmeta import models, ops
 from fastmeta.backends import backends, current_backend, use_backend
+from fastmeta.backends.precision import matmul_precision, set_matmul_precision
 from fastmeta.engine import Layout, TaskWeights, trace
 from fastmeta.learners import MAML, MetaBatchOutput, MetaSGD, ModelAwareMAML
 from fastmeta import l2l  # learn2learn's API (``import fastmeta.l2l as l2l``), above the learners
@@ -28,8 +29,10 @@ __all__ = [
     "backends",
     "current_backend",
     "l2l",
+    "matmul_precision",
     "models",
     "ops",
+    "set_matmul_precision",
     "trace",
     "use_backend",
 ]

@@ -16,7 +16,8 @@ grid   (⌈M / BLOCK_M⌉ · ⌈N / BLOCK_N⌉, batch, Z). batch is T, or 1 when
        largest phase), 1 for the forward. Only the
        weight-grad splits K (its output, O × C·kh·kw per task, has few tiles while K runs
        to N·H'·W' = 564k pixels on W4's first layer); partial tiles are summed by torch.
-tiling tl.dot(..., input_precision="ieee") on BLOCK_M × BLOCK_K patches: true fp32.
+tiling tl.dot(..., input_precision=INPUT_PRECISION) on BLOCK_M × BLOCK_K patches: the
+       launchers' ``input_precision`` ("ieee", true fp32, by default; "tf32x3"; "tf32").
 bound  FLOPs (W2–W4 convs are 0.1–2 GFLOP per launch).
 
 The input gradient by phase (sub-pixel decomposition). Input pixel h is read by tap i from
@@ -56,6 +57,7 @@ def conv2d_forward_kernel(
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
@@ -86,7 +88,7 @@ def conv2d_forward_kernel(
         a = tl.load(x_rows[:, None] + (c * (H * W))[None, :] + ih * W + iw,
                     mask=m_ok[:, None] & k_ok[None, :] & inside, other=0.0)
         b = tl.load(w_cols[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + task * bias_task_stride + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -102,6 +104,7 @@ def conv2d_input_grad_kernel(
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     # One output phase (rh, rw) per grid row 2: the input pixels h with (h + pad_h) % stride_h
     # == rh are read only by the taps i ≡ rh (mod stride_h), through output row
@@ -156,7 +159,7 @@ def conv2d_input_grad_kernel(
         tap = (rh + a * stride_h) * KW + rw + b * stride_w
         wt = tl.load(w_cols[None, :] + (o * (C * KH * KW) + tap)[:, None],
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(g, wt, acc, input_precision="ieee")
+        acc = tl.dot(g, wt, acc, input_precision=INPUT_PRECISION)
 
     # A phase without taps (kernel 1 at stride 2: the odd pixels) stores its zeros.
     out_rows = out_ptr + task * out_task_stride + image.to(tl.int64) * (C * H * W) + h * W + w
@@ -171,6 +174,7 @@ def conv2d_weight_grad_kernel(
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
@@ -203,7 +207,7 @@ def conv2d_weight_grad_kernel(
         inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         b = tl.load(x_base[None, :] + (image * (C * H * W))[:, None] + ih * W + iw,
                     mask=k_ok[:, None] & n_ok[None, :] & inside, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     out = out_ptr + split.to(tl.int64) * out_split_stride + task * out_task_stride
     tl.store(out + offs_m[:, None] * CKK + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
@@ -416,7 +420,7 @@ def conv_launch_plan(kernel: str, *args, config_for=None) -> ConvLaunch | None:
     return None if call is None else call[0]
 
 
-def task_conv2d(x, w, b, stride, padding):
+def task_conv2d(x, w, b, stride, padding, input_precision="ieee"):
     call = _forward_call(x, w, b, stride, padding)
     if call is None:
         return NotImplemented
@@ -436,12 +440,13 @@ def task_conv2d(x, w, b, stride, padding):
         sh, sw, ph, pw,
         KH=KH, KW=KW, HAS_BIAS=b is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
 
-def task_conv2d_input_grad(grad_out, w, input_size, stride, padding):
+def task_conv2d_input_grad(grad_out, w, input_size, stride, padding, input_precision="ieee"):
     call = _input_grad_call(grad_out, w, input_size, stride, padding)
     if call is None:
         return NotImplemented
@@ -460,12 +465,13 @@ def task_conv2d_input_grad(grad_out, w, input_size, stride, padding):
         sh, sw, ph, pw,
         KH=KH, KW=KW,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
 
-def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared):
+def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared, input_precision="ieee"):
     call = _weight_grad_call(grad_out, x, kernel_size, stride, padding, shared)
     if call is None:
         return NotImplemented
@@ -488,6 +494,7 @@ def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared):
         sh, sw, ph, pw,
         KH=KH, KW=KW,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split_k > 1:

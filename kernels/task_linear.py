@@ -13,7 +13,8 @@ task_matmul_kernel
           tasks) or 1 when the weight is shared and the tasks fold into M. A shared weight
           (``[O, I]`` or task stride 0) is read through a batch stride of 0.
     tiling BLOCK_M × BLOCK_N output tile, BLOCK_K steps of ``tl.dot(..., input_precision=
-          "ieee")``: true fp32 FMA, no TF32. Bias and activation are fused in the epilogue.
+          INPUT_PRECISION)``: the launchers' ``input_precision`` (fastmeta.backends.precision:
+          "ieee", true fp32 FMA, by default; "tf32x3"; "tf32"). Bias and activation are fused in the epilogue.
           SPLIT_K > 1 writes fp32 partial tiles [SPLIT_K, batch, M, N], summed afterwards
           by torch (deterministic, unlike atomics); used when the output has too few tiles
           to fill the GPU, e.g. a shared weight-grad with K = T·N.
@@ -49,6 +50,7 @@ def task_matmul_kernel(
     negative_slope,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -71,7 +73,7 @@ def task_matmul_kernel(
         k_ok = (k0 + tl.arange(0, BLOCK_K)) < k_end
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * a_k_stride
         b_ptrs += BLOCK_K * b_k_stride
 
@@ -113,7 +115,8 @@ def matmul_config(batch: int, M: int, N: int, K: int) -> dict:
 
 
 def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_strides,
-                       bias=None, bias_strides=(0, 0), act_code=0, negative_slope=0.0, config=None):
+                       bias=None, bias_strides=(0, 0), act_code=0, negative_slope=0.0, config=None,
+                       input_precision="ieee"):
     """C[batch] = act(A[batch] @ B[batch] + bias) into ``out`` (its strides given).
 
     Strides are (batch, m, k) for A, (batch, k, n) for B, (batch, m, n) for C. With
@@ -138,6 +141,7 @@ def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_stri
         float(negative_slope),
         HAS_BIAS=bias is not None, ACT=act_code,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split_k > 1:
@@ -154,7 +158,7 @@ def _weight_is_shared(w) -> bool:
     return w.dim() == 2 or (w.size(0) > 1 and w.stride(0) == 0)
 
 
-def task_linear(x, w, b, act, negative_slope):
+def task_linear(x, w, b, act, negative_slope, input_precision="ieee"):
     code = activation_code(act, negative_slope)
     if code is None or not all_float32_on_one_device(x, w, b) or x.dim() != 3 or w.dim() not in (2, 3):
         return NotImplemented
@@ -171,14 +175,14 @@ def task_linear(x, w, b, act, negative_slope):
     if w_task_stride == 0 and b_strides[0] == 0 and x.stride(0) == N * x.stride(1):
         # Shared weight and bias: fold the tasks into M, one GEMM of T·N rows.
         launch_task_matmul(x, (0, x.stride(1), x.stride(2)), w, weight_strides, 1, T * N, O, I,
-                           out, (0, O, 1), b, b_strides, code, negative_slope)
+                           out, (0, O, 1), b, b_strides, code, negative_slope, input_precision=input_precision)
     else:
         launch_task_matmul(x, x.stride(), w, weight_strides, T, N, O, I,
-                           out, out.stride(), b, b_strides, code, negative_slope)
+                           out, out.stride(), b, b_strides, code, negative_slope, input_precision=input_precision)
     return out
 
 
-def task_linear_input_grad(grad_out, w):
+def task_linear_input_grad(grad_out, w, input_precision="ieee"):
     if not all_float32_on_one_device(grad_out, w) or grad_out.dim() != 3 or w.dim() not in (2, 3):
         return NotImplemented
     T, N, O = grad_out.shape
@@ -190,13 +194,14 @@ def task_linear_input_grad(grad_out, w):
     weight_strides = (w_task_stride, w.stride(-2), w.stride(-1))  # B = w: (batch, k=o, n=i)
     if w_task_stride == 0 and grad_out.stride(0) == N * grad_out.stride(1):
         launch_task_matmul(grad_out, (0, grad_out.stride(1), grad_out.stride(2)), w, weight_strides,
-                           1, T * N, I, O, out, (0, I, 1))
+                           1, T * N, I, O, out, (0, I, 1), input_precision=input_precision)
     else:
-        launch_task_matmul(grad_out, grad_out.stride(), w, weight_strides, T, N, I, O, out, out.stride())
+        launch_task_matmul(grad_out, grad_out.stride(), w, weight_strides, T, N, I, O, out, out.stride(),
+                           input_precision=input_precision)
     return out
 
 
-def task_linear_weight_grad(grad_out, x, shared):
+def task_linear_weight_grad(grad_out, x, shared, input_precision="ieee"):
     if not all_float32_on_one_device(grad_out, x) or grad_out.dim() != 3 or x.dim() != 3:
         return NotImplemented
     T, N, O = grad_out.shape
@@ -209,9 +214,9 @@ def task_linear_weight_grad(grad_out, x, shared):
         g2, x2 = grad_out.reshape(T * N, O), x.reshape(T * N, I)
         out = torch.empty((O, I), dtype=torch.float32, device=x.device)
         launch_task_matmul(g2, (0, g2.stride(1), g2.stride(0)), x2, (0, x2.stride(0), x2.stride(1)),
-                           1, O, I, T * N, out, (0, I, 1))
+                           1, O, I, T * N, out, (0, I, 1), input_precision=input_precision)
         return out
     out = torch.empty((T, O, I), dtype=torch.float32, device=x.device)
     launch_task_matmul(grad_out, (grad_out.stride(0), grad_out.stride(2), grad_out.stride(1)),
-                       x, x.stride(), T, O, I, N, out, out.stride())
+                       x, x.stride(), T, O, I, N, out, out.stride(), input_precision=input_precision)
     return out

@@ -17,8 +17,8 @@ Choosing a backend:
   device type in ``verified.json`` (see :mod:`fastmeta.backends.verification`). A kernel
   that has never passed its tests on a GPU is never chosen there by ``auto``.
 
-The choice is resolved once and cached (:func:`kernel_choice`): per op, device type, dtype
-and backend setting (``auto`` or a name). Nothing on an op call's path reads the
+The choice is resolved once and cached (:func:`kernel_choice`): per op, device type, dtype,
+backend setting (``auto`` or a name) and matmul precision. Nothing on an op call's path reads the
 environment or the verification record. The cache is dropped when what it was resolved
 from changes through the project's own API: the verification record is written or
 reloaded (:func:`fastmeta.backends.verification.record`, :func:`~fastmeta.backends.verification.reload`),
@@ -26,6 +26,10 @@ a backend's kernel table is replaced (:func:`invalidate_kernel_choices`), or the
 environment is read again (:func:`refresh_environment`: ``FASTMETA_BACKEND``,
 ``TRITON_INTERPRET`` and ``FASTMETA_VERIFIED_RECORD`` are read at import, and again only
 there). Changing ``os.environ`` after import without calling it changes nothing.
+- The matmul precision (:mod:`fastmeta.backends.precision`): for the kernels it governs, a
+  backend that does not implement the mode in force (``Backend.matmul_precisions``) is
+  passed over, as a decline: ``auto`` tries the next one, an explicit choice runs the
+  reference, which emulates the mode.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from fastmeta.backends import verification
-from fastmeta.backends.table import KernelSpec
+from fastmeta.backends import precision, verification
+from fastmeta.backends.table import TABLE, KernelSpec
 
 log = logging.getLogger("fastmeta.backends")
 
@@ -63,7 +67,9 @@ class Backend:
 
     kernels maps a kernel name to a callable with the same signature as the reference
     implementation in the op module. A kernel may return ``NotImplemented`` to decline an
-    input it does not support; the reference then runs instead.
+    input it does not support; the reference then runs instead. matmul_precisions: the
+    modes of :mod:`fastmeta.backends.precision` its GEMM-like kernels implement; under any
+    other it is not asked for them.
     """
 
     name: str
@@ -74,6 +80,7 @@ class Backend:
     loader: Callable[["Backend"], None] | None = None
     # Re-reads the environment variables the backend depends on (refresh_environment).
     environment: Callable[["Backend"], None] | None = None
+    matmul_precisions: tuple[str, ...] = ("ieee",)
     _loaded: bool = False
     _available: tuple[bool, str] | None = None
 
@@ -209,10 +216,10 @@ def _auto_order(op: str, device_type: str) -> Iterator[str]:
 
 
 def kernel_choice(op: str, device_type: str, dtype: torch.dtype | None) -> tuple[str, Callable | None]:
-    """:func:`kernel_for`, resolved once per (op, device type, dtype, backend setting) and
-    cached: what every public op asks on every call. ``dtype``: that of the call's first
-    float tensor (None: it has none)."""
-    key = (op, device_type, dtype, _choice)
+    """:func:`kernel_for`, resolved once per (op, device type, dtype, backend setting,
+    matmul precision) and cached: what every public op asks on every call. ``dtype``: that
+    of the call's first float tensor (None: it has none)."""
+    key = (op, device_type, dtype, _choice, precision.current_matmul_precision())
     found = _CHOICES.get(key)
     if found is None:
         found = _CHOICES[key] = kernel_for(op, device_type)
@@ -227,6 +234,8 @@ def kernel_for(op: str, device_type: str) -> tuple[str, Callable | None]:
     """
     choice = current_backend()
     names = _auto_order(op, device_type) if choice == "auto" else (choice,)
+    spec = TABLE.get(op)
+    mode = precision.current_matmul_precision()
     for name in names:
         if name == REFERENCE:
             break
@@ -237,6 +246,9 @@ def kernel_for(op: str, device_type: str) -> tuple[str, Callable | None]:
                 f"known backends: {sorted(_REGISTRY)} or 'auto'"
             )
         if device_type not in backend.device_types():
+            continue
+        if spec is not None and precision.governs(spec.family) and mode not in backend.matmul_precisions:
+            note_declined(name, op, f"matmul precision {mode!r} not implemented")
             continue
         fn = backend.kernel(op)
         if fn is not None:
@@ -277,6 +289,7 @@ register_backend(
         name=REFERENCE,
         description="plain PyTorch reference; always available",
         availability=lambda: (True, ""),
+        matmul_precisions=precision.MATMUL_PRECISIONS,  # emulated (fastmeta.backends.precision)
     )
 )
 

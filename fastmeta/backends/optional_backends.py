@@ -5,18 +5,23 @@ Triton, never builds the C++/CUDA extension and never queries the GPU.
 
 - ``triton``: kernels in ``kernels/`` (shipped as ``fastmeta.kernels``): the function
   named after each kernel of the table, in the module named after its op family. Runs on CUDA GPUs, and on the CPU only under
-  ``TRITON_INTERPRET=1`` (for tests).
+  ``TRITON_INTERPRET=1`` (for tests). A launcher with an ``input_precision`` parameter (the
+  ``tl.dot`` kernels) is called with the matmul precision in force at each call
+  (:mod:`fastmeta.backends.precision`), which it launches as a constexpr: Triton compiles
+  one kernel per mode, and nothing replays an earlier mode.
 - ``cpu`` and ``cuda``: the C++/CUDA extension in ``csrc/``, JIT-built with ninja by
   ``fastmeta.backends.extension``: the kernels the dispatcher holds for the device.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import inspect
 import os
 
-from fastmeta.backends import Backend, register_backend
+from fastmeta.backends import Backend, precision, register_backend
 from fastmeta.backends.table import TABLE
 
 # TRITON_INTERPRET=1, read at import and by fastmeta.backends.refresh_environment (never per call).
@@ -52,7 +57,20 @@ def _load_triton(backend: Backend) -> None:
             continue
         launcher = getattr(importlib.import_module(f"fastmeta.kernels.{spec.family}"), spec.name, None)
         if launcher is not None:
-            backend.kernels[spec.name] = launcher
+            backend.kernels[spec.name] = at_current_precision(launcher)
+
+
+def at_current_precision(launcher):
+    """The launcher called with ``input_precision=`` the matmul precision in force at each
+    call, when it takes one (the launchers of ``tl.dot`` kernels); else the launcher."""
+    if "input_precision" not in inspect.signature(launcher).parameters:
+        return launcher
+
+    @functools.wraps(launcher)
+    def launch(*args):
+        return launcher(*args, input_precision=precision.current_matmul_precision())
+
+    return launch
 
 
 def _triton_device_types() -> tuple[str, ...]:
@@ -88,6 +106,7 @@ register_backend(
         device_types=_triton_device_types,
         loader=_load_triton,
         environment=_triton_environment,
+        matmul_precisions=precision.MATMUL_PRECISIONS,
     )
 )
 register_backend(
@@ -97,6 +116,7 @@ register_backend(
         availability=lambda: _extension_availability("cpu"),
         device_types=lambda: ("cpu",),
         loader=_load_extension("cpu"),
+        matmul_precisions=("ieee",),  # scalar fp32 FMA: other modes decline (fastmeta.backends.precision)
     )
 )
 register_backend(
@@ -106,5 +126,6 @@ register_backend(
         availability=lambda: _extension_availability("cuda"),
         device_types=lambda: ("cuda",),
         loader=_load_extension("cuda"),
+        matmul_precisions=("ieee",),  # scalar fp32 FMA: other modes decline (fastmeta.backends.precision)
     )
 )

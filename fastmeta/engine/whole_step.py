@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta.backends import current_backend
+from fastmeta.backends.precision import current_matmul_precision
 from fastmeta.engine.types import MetaBatchOutput
 
 MetaBatchFunction = Callable[[Tensor, Tensor, Tensor, Tensor], MetaBatchOutput]
@@ -49,7 +50,8 @@ class WatchedState:
     - every module of ``modules`` (name, module): its train/eval mode, and each of its
       parameters and buffers: which tensor it is (replaced?), the memory it lives in
       (``.data`` swapped, moved, cast?) and its ``requires_grad``;
-    - the backend choice (``fastmeta.use_backend`` / ``FASTMETA_BACKEND``);
+    - the backend choice (``fastmeta.use_backend`` / ``FASTMETA_BACKEND``) and the matmul
+      precision (``fastmeta.set_matmul_precision``: a graph bakes its kernels' mode in);
     - ``optimizer``: which tensors each group holds and every hyperparameter that is not
       a tensor (betas, eps, weight_decay, amsgrad, ...: a CUDA graph bakes numbers into
       its kernels). Tensor hyperparameters (a capturable Adam's ``lr``) are read on
@@ -83,7 +85,8 @@ class WatchedState:
                     full = f"{name}.{key}" if name else key
                     labels += [f"{kind} {full!r} (the tensor)", f"{kind} {full!r} (its memory: .data, device or dtype)",
                                f"{kind} {full!r}.requires_grad"]
-        labels += ["the backend (fastmeta.use_backend)", "the number of parameters and buffers"]
+        labels += ["the backend (fastmeta.use_backend)", "the matmul precision (fastmeta.set_matmul_precision)",
+                   "the number of parameters and buffers"]
         if self.optimizer is not None:
             labels.append("the optimizer's parameter groups")
             for k, group in enumerate(self.optimizer.param_groups):
@@ -106,6 +109,7 @@ class WatchedState:
             t = table.get(key)
             values += (None, None, None) if t is None else (id(t), t.data_ptr(), t.requires_grad)
         values.append(current_backend())
+        values.append(current_matmul_precision())
         values.append(sum(map(len, self._tables)))  # parameters or buffers added or removed
         if self.optimizer is not None:
             groups = self.optimizer.param_groups

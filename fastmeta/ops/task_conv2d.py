@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastmeta.backends.precision import emulated_precision, product_at_precision
 from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
 from fastmeta.ops.task_linear import is_task_shared
 
@@ -46,9 +47,14 @@ def reference_task_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: list[i
     T, N = x.shape[:2]
     if w.dim() == 5 and is_task_shared(w):
         w = w[0]
+    if b is not None and emulated_precision(x, w) is not None:
+        # The emulated modes sum several products: the bias joins once, after them.
+        y = reference_task_conv2d(x, w, None, stride, padding)
+        return y + (b[:, None, :, None, None] if b.dim() == 2 else b[:, None, None])
     if w.dim() == 4:
         shared_bias = b if b is not None and b.dim() == 1 else None
-        y = F.conv2d(x.reshape(T * N, *x.shape[2:]), w, shared_bias, stride, padding)
+        y = product_at_precision(lambda x, w: F.conv2d(x, w, shared_bias, stride, padding),
+                                 x.reshape(T * N, *x.shape[2:]), w)
         y = y.view(T, N, *y.shape[1:])
         if b is not None and b.dim() == 2:
             y = y + b[:, None, :, None, None]
@@ -57,9 +63,9 @@ def reference_task_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride: list[i
     bias = None
     if b is not None:
         bias = (b if b.dim() == 2 else b.expand(T, O)).reshape(T * O)
-    y = F.conv2d(
-        _fold_tasks_into_channels(x), w.reshape(T * O, *w.shape[2:]), bias, stride, padding, groups=T
-    )
+    y = product_at_precision(
+        lambda x, w: F.conv2d(_fold_tasks_into_channels(x), w.reshape(T * O, *w.shape[2:]), bias, stride, padding,
+                              groups=T), x, w)
     return _unfold_tasks_from_channels(y, T)
 
 
@@ -72,19 +78,19 @@ def reference_task_conv2d_input_grad(
         w = w[0]
     if w.dim() == 4:
         C = w.shape[1]
-        gx = torch.nn.grad.conv2d_input(
-            (T * N, C, *input_size), w, grad_out.reshape(T * N, *grad_out.shape[2:]), stride, padding
-        )
+        gx = product_at_precision(
+            lambda w, g: torch.nn.grad.conv2d_input((T * N, C, *input_size), w, g, stride, padding),
+            w, grad_out.reshape(T * N, *grad_out.shape[2:]))
         return gx.view(T, N, *gx.shape[1:])
     O, C = w.shape[1:3]
-    gx = torch.nn.grad.conv2d_input(
+    gx = product_at_precision(lambda w, g: torch.nn.grad.conv2d_input(
         (N, T * C, *input_size),
         w.reshape(T * O, *w.shape[2:]),
-        _fold_tasks_into_channels(grad_out),
+        _fold_tasks_into_channels(g),
         stride,
         padding,
         groups=T,
-    )
+    ), w, grad_out)
     return _unfold_tasks_from_channels(gx, T)
 
 
@@ -100,21 +106,21 @@ def reference_task_conv2d_weight_grad(
     T, N, C = x.shape[:3]
     O = grad_out.shape[2]
     if shared:
-        return torch.nn.grad.conv2d_weight(
+        return product_at_precision(lambda x, g: torch.nn.grad.conv2d_weight(
             x.reshape(T * N, *x.shape[2:]),
             (O, C, *kernel_size),
-            grad_out.reshape(T * N, *grad_out.shape[2:]),
+            g.reshape(T * N, *g.shape[2:]),
             stride,
             padding,
-        )
-    gw = torch.nn.grad.conv2d_weight(
+        ), x, grad_out)
+    gw = product_at_precision(lambda x, g: torch.nn.grad.conv2d_weight(
         _fold_tasks_into_channels(x),
         (T * O, C, *kernel_size),
-        _fold_tasks_into_channels(grad_out),
+        _fold_tasks_into_channels(g),
         stride,
         padding,
         groups=T,
-    )
+    ), x, grad_out)
     return gw.view(T, O, C, *kernel_size)
 
 

@@ -27,6 +27,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastmeta.backends.precision import product_at_precision
 from fastmeta.backends.table import shared_or_contiguous
 from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
 from fastmeta.ops.activation import activation_grad, apply_activation
@@ -42,9 +43,9 @@ def reference_task_linear(x: Tensor, w: Tensor, b: Tensor | None, act: str, nega
     if w.dim() == 3 and is_task_shared(w):
         w = w[0]
     if w.dim() == 2:
-        y = torch.matmul(x, w.t())
+        y = product_at_precision(torch.matmul, x, w.t())
     else:
-        y = torch.bmm(x, w.transpose(1, 2))
+        y = product_at_precision(torch.bmm, x, w.transpose(1, 2))
     if b is not None:
         y = y + (b.unsqueeze(1) if b.dim() == 2 else b)
     return apply_activation(y, act, negative_slope)
@@ -55,15 +56,16 @@ def reference_task_linear_input_grad(grad_out: Tensor, w: Tensor) -> Tensor:
     if w.dim() == 3 and is_task_shared(w):
         w = w[0]
     if w.dim() == 2:
-        return torch.matmul(grad_out, w)
-    return torch.bmm(grad_out, w)
+        return product_at_precision(torch.matmul, grad_out, w)
+    return product_at_precision(torch.bmm, grad_out, w)
 
 
 def reference_task_linear_weight_grad(grad_out: Tensor, x: Tensor, shared: bool) -> Tensor:
     """grad_out ``[T, N, O]``ᵀ @ x ``[T, N, I]`` → ``[T, O, I]``, or ``[O, I]`` if shared."""
     if shared:
-        return grad_out.reshape(-1, grad_out.size(-1)).t() @ x.reshape(-1, x.size(-1))
-    return torch.bmm(grad_out.transpose(1, 2), x)
+        g2, x2 = grad_out.reshape(-1, grad_out.size(-1)), x.reshape(-1, x.size(-1))
+        return product_at_precision(torch.matmul, g2.t(), x2)
+    return product_at_precision(torch.bmm, grad_out.transpose(1, 2), x)
 
 
 # ---------------------------------------------------------------------------------------

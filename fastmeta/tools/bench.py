@@ -400,6 +400,29 @@ def _quiet(*args, **kwargs) -> None:
     pass
 
 
+def checked_reference(problem: Problem, settings: BenchmarkSettings,
+                      progress: Callable[[str], None] = _quiet) -> tuple[Tensor | None, float]:
+    """The check's float64 meta-gradient (None without ``settings.check``) and the tolerance
+    a contender's norm-wise relative error is held to on this problem."""
+    if not settings.check:
+        return None, settings.tolerance
+    reference = reference_meta_gradient(problem, torch.float64)
+    # The reference loop in fp32 is the honest fp32 answer, but on deep ReLU nets after
+    # BatchNorm (W3, W4) its error is itself a random draw: rounding flips pre-activations
+    # that sit at the kink (measured on an H100: 1.1e-4 to 2.1e-3 on W3 in three
+    # processes). So it is sampled FP32_SAMPLES times, from parameters perturbed by one
+    # fp32 rounding step (relative 2^-24), and a contender is judged against
+    # FP32_ERROR_FACTOR times the largest sample where that exceeds the tolerance.
+    fp32_error = max(
+        relative_error(reference_meta_gradient(perturbed(problem, seed), torch.float32), reference)
+        for seed in range(FP32_SAMPLES)
+    )
+    tolerance = max(settings.tolerance, FP32_ERROR_FACTOR * fp32_error)
+    progress(f"{problem.workload.name}: the fp32 reference loop is up to {fp32_error:.1e} off float64 "
+             f"({FP32_SAMPLES} samples); tolerance {tolerance:.1e}")
+    return reference, tolerance
+
+
 def run_workload(
     workload: Workload,
     settings: BenchmarkSettings,
@@ -416,22 +439,7 @@ def run_workload(
     if settings.tasks is not None:
         workload = workload.replace(tasks=settings.tasks)
     problem = build_problem(workload, settings, device)
-    reference = reference_meta_gradient(problem, torch.float64) if settings.check else None
-    tolerance = settings.tolerance
-    if reference is not None:
-        # The reference loop in fp32 is the honest fp32 answer, but on deep ReLU nets after
-        # BatchNorm (W3, W4) its error is itself a random draw: rounding flips pre-activations
-        # that sit at the kink (measured on an H100: 1.1e-4 to 2.1e-3 on W3 in three
-        # processes). So it is sampled FP32_SAMPLES times, from parameters perturbed by one
-        # fp32 rounding step (relative 2^-24), and a contender is judged against
-        # FP32_ERROR_FACTOR times the largest sample where that exceeds the tolerance.
-        fp32_error = max(
-            relative_error(reference_meta_gradient(perturbed(problem, seed), torch.float32), reference)
-            for seed in range(FP32_SAMPLES)
-        )
-        tolerance = max(tolerance, FP32_ERROR_FACTOR * fp32_error)
-        progress(f"{workload.name}: the fp32 reference loop is up to {fp32_error:.1e} off float64 "
-                 f"({FP32_SAMPLES} samples); tolerance {tolerance:.1e}")
+    reference, tolerance = checked_reference(problem, settings, progress)
     # On the CPU the whole step runs beside fastmeta's other rows, before the peers: JAX's
     # XLA threads keep spinning after its step and slowed a torch row timed after it by
     # 1.6x (W1, 2-core Xeon: 0.413 ms alone, 0.661 ms after JAX). On CUDA the capture runs

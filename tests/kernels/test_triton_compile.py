@@ -39,7 +39,9 @@ def _grid(**options):
 def compile_plan():
     from fastmeta.kernels import activation, inner_step, task_batch_norm, task_conv2d, task_linear, task_loss
 
-    gemm = dict(BLOCK_M=[64], BLOCK_N=[64], BLOCK_K=[32])
+    # Every matmul precision (fastmeta.backends.precision): tf32x3 and tf32 lower to tensor-core MMAs.
+    precisions = ["ieee", "tf32x3", "tf32"]
+    gemm = dict(BLOCK_M=[64], BLOCK_N=[64], BLOCK_K=[32], INPUT_PRECISION=precisions)
     return [
         (inner_step.inner_step_kernel, _grid(LR_MODE=[0, 1, 2], HAS_MASK=[True], HAS_PRECOND=[True],
                                              BLOCK_P=[1024], TASKS_PER_PROGRAM=[4])),
@@ -50,7 +52,8 @@ def compile_plan():
         (activation.activation_grad_kernel, _grid(ACT=[0, 1, 2, 3, 4], BLOCK=[4096])),
         # The smallest tile (16 on every side: tl.dot's minimum) and the largest.
         (task_linear.task_matmul_kernel,
-         _grid(HAS_BIAS=[False, True], ACT=[0, 3], BLOCK_M=[16, 64], BLOCK_N=[16, 64], BLOCK_K=[16, 32])[::3]),
+         _grid(HAS_BIAS=[False, True], ACT=[0, 3], BLOCK_M=[16, 64], BLOCK_N=[16, 64], BLOCK_K=[16, 32],
+               INPUT_PRECISION=precisions)[::3]),
         (task_conv2d.conv2d_forward_kernel, _grid(KH=[3], KW=[3], HAS_BIAS=[False, True], **gemm)),
         (task_conv2d.conv2d_input_grad_kernel, _grid(KH=[3], KW=[3], **gemm)),
         (task_conv2d.conv2d_weight_grad_kernel, _grid(KH=[3], KW=[3], **gemm)),
