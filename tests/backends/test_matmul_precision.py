@@ -267,6 +267,25 @@ def test_an_ieee_only_backend_declines_gemm_kernels_under_other_modes(ieee_only_
         assert torch.equal(out, torch.bmm(round_to_tf32(x), round_to_tf32(w).transpose(1, 2)))
 
 
+def test_the_public_ops_cached_kernel_choice_follows_the_mode(ieee_only_backend):
+    # The public op looks its kernel up in a cache (kernel_choice): the mode is part of the
+    # key, so a mode set after the first call still reaches the next one.
+    from fastmeta.backends import kernel_choice
+
+    backend, calls = ieee_only_backend
+    reference, args = CASES["task_linear"]
+    with use_backend(backend.name):
+        fm.ops.task_linear(*args)
+        assert calls == ["task_linear"]
+        assert kernel_choice("task_linear", "cpu", torch.float32)[0] == backend.name
+        with fm.matmul_precision("tf32"):
+            assert kernel_choice("task_linear", "cpu", torch.float32) == ("torch", None)
+            fm.ops.task_linear(*args)
+        assert calls == ["task_linear"]  # not called under tf32
+        fm.ops.task_linear(*args)
+        assert calls == ["task_linear", "task_linear"]
+
+
 # -- Triton: the mode reaches tl.dot as a constexpr ------------------------------------------
 
 

@@ -404,6 +404,16 @@ def test_a_backend_change_drops_the_graphs():
     assert len(graphs) == 0
 
 
+def test_a_matmul_precision_change_drops_the_graphs():
+    learner = captured_learner()
+    with fm.matmul_precision("tf32x3"):
+        iteration(learner, tasks(2))
+    graphs = learner.meta_batch_graphs
+    assert "the matmul precision (fastmeta.set_matmul_precision) changed from 'ieee' to 'tf32x3'" \
+        in graphs.drop_reason
+    assert len(graphs) == 0
+
+
 def test_an_unchanged_value_keeps_the_graphs():
     learner = captured_learner()
     learner.lr = 0.3
