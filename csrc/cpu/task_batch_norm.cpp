@@ -32,7 +32,9 @@ BnShape check_bn(const at::Tensor& x, const c10::optional<at::Tensor>& gamma, co
   BnShape s{x.size(0), x.size(1), x.size(2), 1};
   for (int64_t d = 3; d < x.dim(); ++d) s.S *= x.size(d);
   if (gamma.has_value()) {
-    FM_CHECK_INPUT(*gamma, kCPU);
+    // A per-channel parameter may have any strides (channel_param reads them): the
+    // per-task rows of the flat [T, P] fast-weight buffer come as they are, uncopied.
+    FM_CHECK_DEVICE(*gamma, kCPU);
     FM_CHECK_SAME_DTYPE(*gamma, x);
     TORCH_CHECK_VALUE((gamma->dim() == 1 && gamma->size(0) == s.C) ||
                     (gamma->dim() == 2 && gamma->size(0) == s.T && gamma->size(1) == s.C),
@@ -41,11 +43,12 @@ BnShape check_bn(const at::Tensor& x, const c10::optional<at::Tensor>& gamma, co
   return s;
 }
 
+// Element (t, c) of a [C] or [T, C] parameter, at its strides (a task stride of 0: shared).
 template <typename T>
-inline T channel_param(const c10::optional<at::Tensor>& p, int64_t t, int64_t c, int64_t C, T fallback) {
+inline T channel_param(const c10::optional<at::Tensor>& p, int64_t t, int64_t c, int64_t /*C*/, T fallback) {
   if (!p.has_value()) return fallback;
   const T* d = p->data_ptr<T>();
-  return p->dim() == 1 ? d[c] : d[t * C + c];
+  return p->dim() == 1 ? d[c * p->stride(0)] : d[t * p->stride(0) + c * p->stride(1)];
 }
 
 // Mean and 1/√(var + eps) of the (t, c) slice.

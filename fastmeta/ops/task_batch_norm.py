@@ -215,8 +215,7 @@ def reference_task_batch_norm_double_backward(
 task_batch_norm = define_op(reference_task_batch_norm, NativeCall(
     takes=lambda device_type, x, gamma, beta, eps, act, negative_slope: x.dim() >= 3,
     args=lambda x, gamma, beta, eps, act, negative_slope: (
-        x.contiguous(), shared_or_contiguous(gamma, True), shared_or_contiguous(beta, True), float(eps), act,
-        float(negative_slope)),
+        x.contiguous(), gamma, beta, float(eps), act, float(negative_slope)),
 ))
 
 
@@ -288,7 +287,7 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 task_batch_norm_backward = define_op(reference_task_batch_norm_backward, NativeCall(
     takes=lambda device_type, grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01: x.dim() >= 3,
     args=lambda grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01: (
-        grad_z.contiguous(), x.contiguous(), shared_or_contiguous(gamma, True), float(eps), [bool(n) for n in needs],
+        grad_z.contiguous(), x.contiguous(), gamma, float(eps), [bool(n) for n in needs],
         _contiguous(y), act, float(negative_slope)),
 ), check=_check_backward)
 
@@ -355,8 +354,7 @@ task_batch_norm_double_backward = define_op(reference_task_batch_norm_double_bac
     takes=lambda device_type, grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none",
     negative_slope=0.01: x.dim() >= 3,
     args=lambda grad_z, x, gamma, up_x, up_gamma, up_beta, eps, needs, y=None, act="none", negative_slope=0.01: (
-        grad_z.contiguous(), x.contiguous(), shared_or_contiguous(gamma, True), shared_or_contiguous(up_x, False),
-        shared_or_contiguous(up_gamma, True), shared_or_contiguous(up_beta, True), float(eps),
+        grad_z.contiguous(), x.contiguous(), gamma, shared_or_contiguous(up_x, False), up_gamma, up_beta, float(eps),
         [bool(n) for n in needs], _contiguous(y), act, float(negative_slope)),
 ), check=_check_double_backward)
 

@@ -126,6 +126,14 @@ def test_triton_declines_an_empty_task_batch(backend, device):
     assert kernel(torch.randn(0, 3, 3, 2, 2, device=device), None, None, 1e-5, "none", 0.0) is NotImplemented
 
 
+def row_view(values: torch.Tensor) -> torch.Tensor:
+    """values [T, C] as columns 1..C of a wider [T, C + 3] buffer: not contiguous, stride(1) 1."""
+    T, C = values.shape
+    wide = torch.zeros(T, C + 3, dtype=values.dtype, device=values.device)
+    wide[:, 1:C + 1] = values
+    return wide[:, 1:C + 1]
+
+
 def kernel_cases():
     T, N = 3, 7
     t = torch.randn
@@ -136,6 +144,11 @@ def kernel_cases():
          (t(T, N, 4, 2, 2), None, None, 1e-5, "leaky_relu", 0.1)),
         ("expanded", "task_batch_norm", reference_task_batch_norm,
          (t(T, N, 4, 3), t(4).expand(T, 4), t(4).expand(T, 4), 1e-5, "sigmoid", 0.0)),
+        # Rows of the flat [T, P] fast-weight buffer: a task stride of P, taken uncopied.
+        ("strided", "task_batch_norm", reference_task_batch_norm,
+         (t(T, N, 4, 3), row_view(t(T, 4)), row_view(t(T, 4)), 1e-5, "relu", 0.0)),
+        ("backward-strided", "task_batch_norm_backward", reference_task_batch_norm_backward,
+         (t(T, N, 4, 3, 5), t(T, N, 4, 3, 5), row_view(t(T, 4)), 1e-5, [True, True, True])),
         ("backward", "task_batch_norm_backward", reference_task_batch_norm_backward,
          (t(T, N, 4, 3, 5), t(T, N, 4, 3, 5), t(T, 4), 1e-5, [True, True, True])),
         ("backward-partial", "task_batch_norm_backward", reference_task_batch_norm_backward,
@@ -161,7 +174,7 @@ def double_backward_cases(T, N):
     def case(label, shape, gamma, up_x, up_gamma, up_beta, needs, eps=1e-5, act="none"):
         C = shape[2]
         layouts = {None: None, "per_task": torch.randn(T, C) + 1, "shared": torch.randn(C) + 1,
-                   "expanded": torch.randn(C).expand(T, C)}
+                   "expanded": torch.randn(C).expand(T, C), "strided": row_view(torch.randn(T, C) + 1)}
         x = torch.randn(*shape) * 2 + 3
         args = (torch.randn(*shape), x, layouts[gamma], torch.randn(*shape) if up_x else None,
                 layouts[up_gamma], layouts[up_beta], eps, needs)
@@ -183,6 +196,7 @@ def double_backward_cases(T, N):
         case("relu", (T, N, 4, 3, 5), "per_task", True, "per_task", "per_task", [True, True, True], act="relu"),
         case("leaky-partial", (T, N, 5), "shared", True, None, "shared", [True, False, True], act="leaky_relu"),
         case("relu-no-up_x", (T, N, 3, 2), None, False, "per_task", "per_task", [True, True, True], act="relu"),
+        case("strided", (T, N, 4, 3), "strided", True, "strided", "strided", [True, True, True]),
     ]
 
 
@@ -194,6 +208,8 @@ def on_device(args, device, dtype=None):
     for a in args:
         if isinstance(a, torch.Tensor) and a.dim() == 2 and a.stride(0) == 0:
             out.append(a[0].to(device, dtype or a.dtype).expand(a.shape))  # keep the task stride 0
+        elif isinstance(a, torch.Tensor) and a.dim() == 2 and not a.is_contiguous():
+            out.append(row_view(a.to(device, dtype or a.dtype)))  # keep the rows' task stride
         else:
             out.append(to([a], device, dtype)[0])
     return out
