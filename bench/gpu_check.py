@@ -21,10 +21,14 @@ What it does, in priority order, each step in its own time box, ≤ 6 minutes in
    whole step (``fastmeta[auto]+graph``), in one process; the ratio eager / captured is
    recorded under ``eager_vs_captured`` (target ≤ 1.3). The dry run measures W1's user
    loop against the CPU's whole step (``fastmeta[auto]+whole-step``) instead.
-5. **the end-to-end bench** (``fastmeta bench``): fastmeta's rows first, then the peers,
+5. **matmul precision** (issue 24): ``bench/precision_check.py`` on W2–W4, each mode's
+   meta-gradient against float64 and its time; the mode it picks (the fastest passing
+   everywhere) is recorded under ``precision`` and is the default to set. The dry run
+   checks the modes' emulation on W1 on the CPU.
+6. **the end-to-end bench** (``fastmeta bench``): fastmeta's rows first, then the peers,
    W1, W2, W3, W4 in that order, the slow ``compile`` peer last; every contender's result
    is appended to the results as it finishes (``--stream``).
-6. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
+7. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
    and the Triton kernels); recorded as ``unavailable`` where the sanitizer is missing or
    refuses the device (the H200 machines).
 
@@ -300,6 +304,69 @@ def eager_over_captured(report: dict, eager_row: str, captured_row: str) -> dict
     return None
 
 
+# Issue 24/27: each matmul precision's W2-W4 meta-gradient against float64, and the mode
+# bench/precision_check.py would make the default (the fastest that passes everywhere).
+PRECISION_STEP = "precision"
+
+
+def precision_plan(dry_run: bool) -> tuple[int, int, list[str]]:
+    """(box, estimate, bench/precision_check.py arguments)."""
+    if dry_run:  # the reference's emulation of each mode on W1, two tasks: ~3 s on the CPU
+        return 60, 5, ["--workloads", "W1", "--backend", "torch", "--device", "cpu", "--tasks", "2",
+                       "--iterations", "1", "--warmup", "0"]
+    # Not yet run on a GPU: three modes x (eager, graph) x W2-W4, 10 samples each, plus one
+    # float64 reference per workload; estimated from the bench's W2-W4 rows (~2 min).
+    return 180, 120, ["--workloads", "W2,W3,W4", "--backend", "auto", "--iterations", "10", "--warmup", "2"]
+
+
+def precision(check: "Check") -> None:
+    name = PRECISION_STEP
+    box, estimate, arguments = precision_plan(check.dry_run)
+    if check.carried(name):
+        return
+    if not check.selected(name):
+        check.set_step(name, status="not-run", note="not selected (--only)", box_s=box, estimate_s=estimate)
+        return
+    report = check.work / "precision.json"
+    command = [check.python, str(REPO / "bench" / "precision_check.py"), *arguments, "--json", str(report)]
+    step_box = min(box, check.left())
+    if step_box < 15:
+        check.set_step(name, status="did-not-fit", note=f"{max(check.left(), 0):.0f} s left", box_s=box,
+                       estimate_s=estimate)
+        check.publish()
+        return
+    check.set_step(name, status="running", started_at_s=round(check.elapsed(), 1), box_s=box, estimate_s=estimate)
+    check.publish()
+    began = time.monotonic()
+    rc, text = check.run_command(name, command, step_box)
+    seconds = round(time.monotonic() - began, 1)
+    summary = precision_summary(json.loads(report.read_text())) if report.exists() else None
+    if rc is None:
+        status, note = "timeout", f"killed at its time box ({step_box:.0f} s)"
+    elif summary is None:
+        tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or [""]
+        status, note = "failed", f"exit {rc}: no report; {tail[0][:140]}"
+    else:
+        check.results["precision"] = {**summary, "device": check.results["device"].get("name"),
+                                      "run_id": check.run_id}
+        # ieee failing its own float64 check is a failure of the kernels, not of a mode.
+        status = "passed" if summary["passing"].get("ieee") else "failed"
+        note = (f"default to set: {summary['choice']}; passing: "
+                f"{', '.join(m for m, ok in summary['passing'].items() if ok) or 'none'}")
+    check.set_step(name, status=status, seconds=seconds, note=note)
+    check.publish()
+
+
+def precision_summary(report: dict) -> dict:
+    """The decision and each (workload, mode, row)'s error and median, from precision_check's JSON."""
+    decision = report["decision"]
+    rows = [{"workload": r["workload"], "mode": r["mode"], "row": r["contender"]["name"],
+             "status": r["contender"]["status"], "relative_error": r["contender"]["relative_error"],
+             "tolerance": r["tolerance"], "median_ms": r["contender"]["median_ms"]} for r in report["records"]]
+    return {"choice": decision["choice"], "passing": decision["passing"],
+            "time_over_ieee": decision["time_over_ieee"], "rows": rows}
+
+
 MEMCHECK_BOX = 60
 PER_MACHINE_STEPS = ("probe", "install", "build", "catalog")  # never carried over by --resume
 MEMCHECK_RESERVE = 45  # seconds the bench leaves for memcheck
@@ -389,6 +456,8 @@ class Check:
             self.results["bench"] = earlier.get("bench", [])
             if "eager_vs_captured" in earlier:
                 self.results["eager_vs_captured"] = earlier["eager_vs_captured"]
+            if "precision" in earlier:
+                self.results["precision"] = earlier["precision"]
             for name, step in earlier.get("steps", {}).items():
                 if name in PER_MACHINE_STEPS:  # a fresh machine needs them again
                     continue
@@ -979,6 +1048,13 @@ def summary(results: dict, verified: dict) -> str:
         if ratio.get("eager_without_graphs_ms"):
             lines.append(f"  with meta_batch's CUDA graphs off: {ratio['eager_without_graphs_ms']:.3f} ms = "
                          f"{ratio['ratio_without_graphs']:.2f}x the captured step")
+    chosen = results.get("precision")
+    if chosen:
+        lines += ["", f"matmul precision: the default to set is {chosen['choice']} (passing: "
+                      f"{', '.join(m for m, ok in chosen['passing'].items() if ok) or 'none'})"]
+        lines += [f"  {r['workload']} {r['mode']:<6} {r['row']:<24} {r['status']:<11} "
+                  f"{'-' if r['relative_error'] is None else format(r['relative_error'], '.2e')}"
+                  for r in chosen["rows"]]
     lines += ["", "bench:"] + (bench_tables(results) or ["  nothing measured yet"])
     pending = [n for n, s in results["steps"].items() if s.get("status") not in ("passed", "carried", "clean",
                                                                                    "unavailable")]
@@ -1043,6 +1119,7 @@ def main(argv: list[str] | None = None) -> int:
         read_catalog(check)
         correctness(check)
         eager_vs_captured(check)
+        precision(check)
         bench(check)
         memcheck(check)
     except Interrupted:

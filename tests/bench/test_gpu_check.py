@@ -95,7 +95,8 @@ def test_results_schema(two_part_run):
         assert "run_id" in step
     # The families come from the op table: every op module with Triton kernels, every
     # csrc/cuda/<family>.cu.
-    expected = {"install", "build", "triton:common", "whole_step", "eager-vs-captured", "bench:W1-second:fastmeta",
+    expected = {"install", "build", "triton:common", "whole_step", "eager-vs-captured", "precision",
+                "bench:W1-second:fastmeta",
                 "bench:W1-second:peers", "memcheck"}
     expected |= {f"triton:{f}" for f in triton_families()}
     expected |= {f"cuda:{f}" for f in cuda_families()}
@@ -112,6 +113,13 @@ def test_results_schema(two_part_run):
     assert (ratio["workload"], ratio["eager"], ratio["captured"]) == ("W1", "fastmeta[auto]",
                                                                        "fastmeta[auto]+whole-step")
     assert ratio["ratio"] == pytest.approx(ratio["eager_ms"] / ratio["captured_ms"]) and ratio["target"] == 1.3
+    # The matmul precision step: each mode's W1 meta-gradient (the reference's emulation)
+    # against float64. TF32's single product is 3.7e-4 off, over the 1e-4 tolerance; tf32x3
+    # passes but its emulation is slower than ieee, so ieee is the mode to keep.
+    chosen = results["precision"]
+    assert {(r["workload"], r["mode"]) for r in chosen["rows"]} == {("W1", m) for m in ("ieee", "tf32x3", "tf32")}
+    assert chosen["passing"] == {"ieee": True, "tf32x3": True, "tf32": False}
+    assert chosen["choice"] == "ieee"
 
 
 def test_verified_is_written_family_by_family(two_part_run):
@@ -164,6 +172,7 @@ def test_summary(two_part_run):
     assert len(text.splitlines()) <= 200
     assert "DRY RUN" in text and "triton:task_conv2d" in text and "fastmeta[auto]" in text
     assert "eager against captured: W1" in text
+    assert "matmul precision: the default to set is ieee (passing: ieee, tf32x3)" in text
     assert text.strip() in b.stdout
 
 
