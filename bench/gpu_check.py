@@ -16,19 +16,24 @@ What it does, in priority order, each step in its own time box, ≤ 6 minutes in
    ``verified.json``; one that fails is recorded as failed in ``results.json``, and the
    run goes on.
 3. **the whole-step CUDA graph test** (captured equals eager over 10 steps).
-4. **eager against captured** (issue 23): W2's user loop (``fastmeta[auto]``: the learner
+4. **the profile** (issue 27), before anything is tuned: ``fastmeta profile --captured`` of
+   one W2 and one W4 iteration (device time per kernel, from the graph replays) and
+   ``fastmeta profile --no-cuda-graphs`` of W2's user loop; the top kernels and their
+   shares go under ``profile`` (traces stay on the machine). The dry run profiles W1's CPU
+   whole step and user loop.
+5. **eager against captured** (issue 23): W2's user loop (``fastmeta[auto]``: the learner
    and Adam with their defaults, new batches every iteration) against fastmeta's captured
    whole step (``fastmeta[auto]+graph``), in one process; the ratio eager / captured is
    recorded under ``eager_vs_captured`` (target ≤ 1.3). The dry run measures W1's user
    loop against the CPU's whole step (``fastmeta[auto]+whole-step``) instead.
-5. **matmul precision** (issue 24): ``bench/precision_check.py`` on W2–W4, each mode's
+6. **matmul precision** (issue 24): ``bench/precision_check.py`` on W2–W4, each mode's
    meta-gradient against float64 and its time; the mode it picks (the fastest passing
    everywhere) is recorded under ``precision`` and is the default to set. The dry run
    checks the modes' emulation on W1 on the CPU.
-6. **the end-to-end bench** (``fastmeta bench``): fastmeta's rows first, then the peers,
+7. **the end-to-end bench** (``fastmeta bench``): fastmeta's rows first, then the peers,
    W1, W2, W3, W4 in that order, the slow ``compile`` peer last; every contender's result
    is appended to the results as it finishes (``--stream``).
-7. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
+8. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
    and the Triton kernels); recorded as ``unavailable`` where the sanitizer is missing or
    refuses the device (the H200 machines).
 
@@ -227,6 +232,78 @@ def bench_plan(dry_run: bool) -> list[tuple[str, int, int, list[str]]]:
         plan.append((f"bench:{workload}-first:peers", 60, peers_s,
                      ["--workloads", workload, "--first-order", "--backends", "", "--peers", GPU_PEERS]))
     return plan
+
+
+# Issue 27: the profile, before anything is tuned: device time per kernel of one captured
+# W2 and W4 iteration, and of W2's user loop with its kernels launched one by one.
+PROFILE_STEP = "profile"
+PROFILE_TOP = 20  # kernels kept per profile in results.json (the whole table is in the logs)
+
+
+def profile_plan(dry_run: bool) -> tuple[int, int, list[tuple[str, list[str]]]]:
+    """(box, estimate, [(label, fastmeta profile arguments)])."""
+    if dry_run:  # the CPU's fused whole step and user loop of W1
+        common = ["--tasks", "2", "--iterations", "1", "--warmup", "1", "--device", "cpu"]
+        return 60, 10, [("W1-captured", ["W1", "--captured", *common]), ("W1-eager", ["W1", *common])]
+    # Not yet run on a GPU: each is a fresh process (import, extension load, warm-up,
+    # capture) and a few iterations; W4's capture takes the longest.
+    return 120, 60, [("W2-captured", ["W2", "--captured", "--iterations", "5", "--warmup", "3"]),
+                     ("W4-captured", ["W4", "--captured", "--iterations", "3", "--warmup", "3"]),
+                     ("W2-eager", ["W2", "--no-cuda-graphs", "--iterations", "3", "--warmup", "2"])]
+
+
+def profile(check: "Check") -> None:
+    name = PROFILE_STEP
+    box, estimate, runs = profile_plan(check.dry_run)
+    if check.carried(name):
+        return
+    if not check.selected(name):
+        check.set_step(name, status="not-run", note="not selected (--only)", box_s=box, estimate_s=estimate)
+        return
+    step_box = min(box, check.left())
+    if step_box < 15:
+        check.set_step(name, status="did-not-fit", note=f"{max(check.left(), 0):.0f} s left", box_s=box,
+                       estimate_s=estimate)
+        check.publish()
+        return
+    check.set_step(name, status="running", started_at_s=round(check.elapsed(), 1), box_s=box, estimate_s=estimate)
+    check.publish()
+    began = time.monotonic()
+    profiles, failed = check.results.setdefault("profile", {}), []
+    for label, arguments in runs:
+        if label in profiles:  # measured by an earlier, interrupted run
+            continue
+        left = step_box - (time.monotonic() - began)
+        if left < 10:
+            failed.append(f"{label}: did not fit")
+            continue
+        report = check.work / f"profile_{label}.json"
+        command = [check.python, "-m", "fastmeta.tools.profiling", *arguments, "--top", str(PROFILE_TOP),
+                   "--out", str(check.work / f"trace_{label}.json"), "--json", str(report)]
+        rc, text = check.run_command(f"{name}:{label}", command, left)
+        if rc == 0 and report.exists():
+            profiles[label] = profile_summary(json.loads(report.read_text()), PROFILE_TOP)
+            check.publish()
+        else:
+            tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or [""]
+            failed.append(f"{label}: {'killed at the box' if rc is None else f'exit {rc}'}: {tail[0][:100]}")
+    seconds = round(time.monotonic() - began, 1)
+    done = [label for label, _ in runs if label in profiles]
+    status = "passed" if not failed else ("failed" if not done else "partial")
+    note = "; ".join([f"profiled {', '.join(done)}" if done else "nothing profiled", *failed])
+    check.set_step(name, status=status, seconds=seconds, note=note)
+    check.publish()
+
+
+def profile_summary(report: dict, top: int) -> dict:
+    """A profile's kernel table cut to ``top`` rows (the rest summed), from ``fastmeta profile --json``."""
+    kernels = report["kernels"]
+    rest = kernels[top:]
+    return {"workload": report["workload"], "captured": report["captured"], "source": report["source"],
+            "device": report["device"], "iterations": report["iterations"], "total_us": report["total_us"],
+            "kernel_launches": sum(k["calls"] for k in kernels), "ranges": report["ranges"],
+            "kernels": kernels[:top],
+            "rest": {"kernels": len(rest), "us": sum(k["us"] for k in rest), "share": sum(k["share"] for k in rest)}}
 
 
 # Issue 23: eager W2 (the user loop) against the captured whole step, in one process.
@@ -458,6 +535,8 @@ class Check:
                 self.results["eager_vs_captured"] = earlier["eager_vs_captured"]
             if "precision" in earlier:
                 self.results["precision"] = earlier["precision"]
+            if "profile" in earlier:
+                self.results["profile"] = earlier["profile"]
             for name, step in earlier.get("steps", {}).items():
                 if name in PER_MACHINE_STEPS:  # a fresh machine needs them again
                     continue
@@ -1048,6 +1127,10 @@ def summary(results: dict, verified: dict) -> str:
         if ratio.get("eager_without_graphs_ms"):
             lines.append(f"  with meta_batch's CUDA graphs off: {ratio['eager_without_graphs_ms']:.3f} ms = "
                          f"{ratio['ratio_without_graphs']:.2f}x the captured step")
+    for label, run in results.get("profile", {}).items():
+        lines += ["", f"profile {label} ({run['source']}): {run['total_us']:.0f} µs of kernels per iteration, "
+                      f"{run['kernel_launches']:.0f} launches; top kernels:"]
+        lines += [f"  {k['share']:6.1%} {k['us']:9.1f} µs {k['calls']:5.1f}x  {k['name'][:80]}" for k in run["kernels"][:8]]
     chosen = results.get("precision")
     if chosen:
         lines += ["", f"matmul precision: the default to set is {chosen['choice']} (passing: "
@@ -1118,6 +1201,7 @@ def main(argv: list[str] | None = None) -> int:
         install(check)
         read_catalog(check)
         correctness(check)
+        profile(check)
         eager_vs_captured(check)
         precision(check)
         bench(check)

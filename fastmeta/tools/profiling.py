@@ -18,16 +18,28 @@ Ranges in the trace (``torch.profiler.record_function``), per meta-iteration:
 - ``fastmeta.optimizer_step``: Adam (this module).
 
 It prints the time spent in each range and the top kernels by self time (device time on a
-GPU, CPU time on the CPU).
+GPU, CPU time on the CPU), with each one's share.
+
+``--captured`` profiles the whole step instead (``learner.capture(optimizer, ...)``: a CUDA
+graph on a GPU, the fused step of a plain MLP on the CPU), one range
+``fastmeta.captured_step`` per replay. On a GPU the kernels come from torch.profiler's CUDA
+activity around the graph replays; where it records none (a CUPTI that does not trace
+graph kernels), from one eager run of the same program (``meta_batch`` with its graphs
+off, the update included), and ``source`` says which. ``--json FILE`` writes the ranges
+and the kernel table (name, calls and µs per iteration, share of the total) for
+``bench/gpu_check.py``'s profile step.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
+import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -73,10 +85,52 @@ def resolve_workload(name: str) -> tuple[Workload, bool]:
 
 
 @dataclass
+class KernelShare:
+    """One kernel (a CUDA kernel on a GPU, an op's self CPU time on the CPU), per iteration."""
+
+    name: str
+    calls: float
+    us: float
+    share: float  # of the total kernel time of the profile
+
+
+@dataclass
 class ProfileResult:
     trace: Path | None
     ranges: list[tuple[str, int, float, float]]  # name, calls, CPU ms per iteration, device ms per iteration
     top_kernels: str
+    kernels: list[KernelShare] = field(default_factory=list)  # every kernel, most time first
+    source: str = "eager"  # "eager", "graph replays" or "eager run of the captured program"
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "ranges": [{"name": n, "calls": c, "cpu_ms": cpu, "device_ms": dev}
+                                                  for n, c, cpu, dev in self.ranges],
+                "total_us": sum(k.us for k in self.kernels),
+                "kernels": [dataclasses.asdict(k) for k in self.kernels]}
+
+
+def kernel_shares(averages, device_type: str, iterations: int) -> list[KernelShare]:
+    """Per kernel: calls and self time per iteration and the share of the total, most time
+    first. On a GPU the CUDA kernels' device time (what the device spent); on the CPU every
+    op's self CPU time (the profiler's ranges left out: they are the host code around ops)."""
+    if device_type == "cuda":
+        cuda = torch.autograd.DeviceType.CUDA
+        rows = [(e.key, e.count, _device_time(e)) for e in averages
+                if getattr(e, "device_type", None) == cuda and _device_time(e) > 0]
+    else:
+        rows = [(e.key, e.count, float(e.self_cpu_time_total)) for e in averages
+                if e.self_cpu_time_total > 0 and not e.key.startswith(RANGE_PREFIX)]
+    total = sum(t for _, _, t in rows) or 1.0
+    return sorted((KernelShare(name, count / iterations, t / iterations, t / total) for name, count, t in rows),
+                  key=lambda k: -k.us)
+
+
+def format_kernel_shares(kernels: list[KernelShare], top: int) -> str:
+    lines = [f"{'kernel':<72} {'calls':>7} {'µs/iter':>10} {'share':>7}"]
+    for k in kernels[:top]:
+        lines.append(f"{k.name[:72]:<72} {k.calls:>7.1f} {k.us:>10.1f} {k.share:>7.1%}")
+    lines.append(f"{'total':<72} {sum(k.calls for k in kernels):>7.1f} {sum(k.us for k in kernels):>10.1f}")
+    return "\n".join(lines)
 
 
 def _device_time(event) -> float:
@@ -128,8 +182,14 @@ def profile_meta_iterations(
     out: str | Path | None = "trace.json",
     top: int = 15,
     seed: int = 0,
+    captured: bool = False,
+    cuda_graphs: bool = True,
 ) -> ProfileResult:
-    """Profile ``iterations`` meta-iterations of ``workload``; write the Chrome trace to ``out``."""
+    """Profile ``iterations`` meta-iterations of ``workload``; write the Chrome trace to ``out``.
+
+    captured: profile ``learner.capture``'s whole step instead of the user's loop (ValueError
+    with the learner's reason where this model has none on this device). cuda_graphs: the
+    learner's flag (False: the user loop's kernels launched one by one on a GPU)."""
     import fastmeta as fm
 
     device = torch.device(device)
@@ -140,56 +200,90 @@ def profile_meta_iterations(
         model = workload.build_model().to(device)
         if learner == "maml":
             meta = fm.MAML(model, lr=workload.inner_lr, first_order=first_order, steps=workload.steps,
-                           loss=workload.loss, validate=False)
+                           loss=workload.loss, validate=False, cuda_graphs=cuda_graphs)
         elif learner == "model-aware":
             meta = fm.ModelAwareMAML(model, lr=workload.inner_lr, first_order=first_order, steps=workload.steps,
-                                     loss=workload.loss, validate=False)
+                                     loss=workload.loss, validate=False, cuda_graphs=cuda_graphs)
         else:
             raise ValueError(f"learner must be 'maml' or 'model-aware', got {learner!r}")
-        optimizer = torch.optim.Adam(meta.parameters(), lr=ADAM_LR, fused=True if device.type == "cuda" else None)
         batch = workload.make_batch(device, seed)
         record = torch.profiler.record_function
+        if captured:
+            # The whole step as a user captures it: Adam capturable on a GPU (the graph
+            # updates in place), plain Adam for the CPU's fused step.
+            optimizer = torch.optim.Adam(meta.parameters(), lr=ADAM_LR, capturable=device.type == "cuda")
+            step = meta.capture(optimizer, *batch)
 
-        def meta_iteration():
-            with record("fastmeta.meta_iteration"):
-                optimizer.zero_grad(set_to_none=True)
-                loss = meta.meta_batch(*batch).loss  # the learner records inner steps and the query
-                with record("fastmeta.meta_backward"):
-                    loss.backward()
-                with record("fastmeta.optimizer_step"):
-                    optimizer.step()
+            def meta_iteration():
+                with record("fastmeta.captured_step"):
+                    step(*batch)
+        else:
+            optimizer = torch.optim.Adam(meta.parameters(), lr=ADAM_LR, fused=True if device.type == "cuda" else None)
+
+            def meta_iteration():
+                with record("fastmeta.meta_iteration"):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = meta.meta_batch(*batch).loss  # the learner records inner steps and the query
+                    with record("fastmeta.meta_backward"):
+                        loss.backward()
+                    with record("fastmeta.optimizer_step"):
+                        optimizer.step()
 
         def synchronize():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
+        def profiled(run):
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with _quiet_profiler_log(device), torch.profiler.profile(activities=activities) as prof:
+                for _ in range(iterations):
+                    run()
+                synchronize()
+            return prof
+
         for _ in range(warmup):
             meta_iteration()
         synchronize()
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with _quiet_profiler_log(device), torch.profiler.profile(activities=activities) as prof:
-            for _ in range(iterations):
-                meta_iteration()
+        prof = profiled(meta_iteration)
+        source = ("graph replays" if captured else "eager") if device.type == "cuda" else "CPU self time"
+        averages = prof.key_averages()
+        kernels = kernel_shares(averages, device.type, iterations)
+        if captured and device.type == "cuda" and not kernels:
+            # No kernel records inside the graph replays: the same program run eagerly (the
+            # kernels the graph holds), its update with the same capturable Adam.
+            meta.cuda_graphs = False
+            eager_batch_loss = functools.partial(meta.meta_batch, *batch)
+
+            def eager_run():
+                with record("fastmeta.eager_run_of_the_captured_program"):
+                    optimizer.zero_grad(set_to_none=True)
+                    eager_batch_loss().loss.backward()
+                    optimizer.step()
+
+            eager_run()
             synchronize()
+            prof = profiled(eager_run)
+            source = "eager run of the captured program"
+            averages = prof.key_averages()
+            kernels = kernel_shares(averages, device.type, iterations)
     trace = None
     if out is not None:
         trace = Path(out)
         trace.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace))
-    averages = prof.key_averages()
     ranges = sorted(
         (
             (e.key, e.count, e.cpu_time_total / 1e3 / iterations, _total_device_time(e) / 1e3 / iterations)
             for e in averages
             if e.key.startswith(RANGE_PREFIX)
         ),
-        key=lambda r: (r[0] != "fastmeta.meta_iteration", r[0]),
+        key=lambda r: (r[0] not in ("fastmeta.meta_iteration", "fastmeta.captured_step"), r[0]),
     )
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = averages.table(sort_by=sort_by, row_limit=top)
-    return ProfileResult(trace=trace, ranges=ranges, top_kernels=table)
+    return ProfileResult(trace=trace, ranges=ranges, top_kernels=table, kernels=kernels, source=source)
 
 
 def count_paths(workload: Workload, *, backend: str | None = None, first_order: bool = False,
@@ -244,6 +338,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, metavar="N", help="untraced iterations first (default: 2)")
     parser.add_argument("--tasks", type=int, default=None, metavar="T", help="override the tasks per meta-batch")
     parser.add_argument("--top", type=int, default=15, metavar="K", help="rows of the top-kernels table (default: 15)")
+    parser.add_argument("--captured", action="store_true",
+                        help="profile learner.capture's whole step (a CUDA graph; the fused step of a plain MLP on the CPU)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="the user loop with meta_batch's CUDA graphs off (every kernel launched eagerly)")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the ranges and the kernel table (µs per iteration, shares) as JSON")
     parser.add_argument("--count", action="store_true",
                         help="count dispatches and host syncs per meta-iteration (CPU, synthetic inputs) instead")
 
@@ -267,15 +367,25 @@ def run(args: argparse.Namespace) -> int:
     first_order = preset_first_order if args.first_order is None else args.first_order
     result = profile_meta_iterations(
         workload, device=device, backend=args.backend, first_order=first_order, learner=args.learner,
-        iterations=args.iterations, warmup=args.warmup, out=args.out, top=args.top,
+        iterations=args.iterations, warmup=args.warmup, out=args.out, top=args.top, captured=args.captured,
+        cuda_graphs=args.cuda_graphs,
     )
     order = "first" if first_order else "second"
-    print(f"fastmeta profile · {workload.name} · {order} order · T={workload.tasks} · {device} · "
-          f"{args.iterations} iterations")
+    what = "captured whole step" if args.captured else "user loop"
+    print(f"fastmeta profile · {workload.name} · {order} order · {what} · T={workload.tasks} · {device} · "
+          f"{args.iterations} iterations · kernels from {result.source}")
     print(format_ranges(result, torch.device(device).type))
     print()
     print(f"top {args.top} by self {'GPU' if device == 'cuda' else 'CPU'} time:")
-    print(result.top_kernels)
+    print(format_kernel_shares(result.kernels, args.top))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"workload": workload.name, "order": order, "captured": bool(args.captured),
+                                    "cuda_graphs": bool(args.cuda_graphs),
+                                    "tasks": workload.tasks, "device": str(device), "iterations": args.iterations,
+                                    **result.to_json()}, indent=1) + "\n")
+        print(f"wrote {path}")
     if result.trace is not None:
         print(f"wrote {result.trace} (open in chrome://tracing or ui.perfetto.dev)")
     return 0

@@ -95,7 +95,7 @@ def test_results_schema(two_part_run):
         assert "run_id" in step
     # The families come from the op table: every op module with Triton kernels, every
     # csrc/cuda/<family>.cu.
-    expected = {"install", "build", "triton:common", "whole_step", "eager-vs-captured", "precision",
+    expected = {"install", "build", "triton:common", "whole_step", "profile", "eager-vs-captured", "precision",
                 "bench:W1-second:fastmeta",
                 "bench:W1-second:peers", "memcheck"}
     expected |= {f"triton:{f}" for f in triton_families()}
@@ -113,6 +113,16 @@ def test_results_schema(two_part_run):
     assert (ratio["workload"], ratio["eager"], ratio["captured"]) == ("W1", "fastmeta[auto]",
                                                                        "fastmeta[auto]+whole-step")
     assert ratio["ratio"] == pytest.approx(ratio["eager_ms"] / ratio["captured_ms"]) and ratio["target"] == 1.3
+    # The profile step: W1's CPU whole step (the fused meta-step and Adam) and its user loop,
+    # each kernel's time per iteration and share.
+    profiles = results["profile"]
+    assert set(profiles) == {"W1-captured", "W1-eager"}
+    captured_kernels = {k["name"] for k in profiles["W1-captured"]["kernels"]}
+    assert "fastmeta_ext::mlp_meta_step_update" in captured_kernels and profiles["W1-captured"]["captured"]
+    assert any(r["name"] == "fastmeta.meta_iteration" for r in profiles["W1-eager"]["ranges"])
+    for run in profiles.values():
+        shares = sum(k["share"] for k in run["kernels"]) + run["rest"]["share"]
+        assert shares == pytest.approx(1.0) and run["total_us"] > 0
     # The matmul precision step: each mode's W1 meta-gradient (the reference's emulation)
     # against float64. TF32's single product is 3.7e-4 off, over the 1e-4 tolerance; tf32x3
     # passes but its emulation is slower than ieee, so ieee is the mode to keep.
@@ -173,6 +183,7 @@ def test_summary(two_part_run):
     assert "DRY RUN" in text and "triton:task_conv2d" in text and "fastmeta[auto]" in text
     assert "eager against captured: W1" in text
     assert "matmul precision: the default to set is ieee (passing: ieee, tf32x3)" in text
+    assert "profile W1-captured (CPU self time):" in text
     assert text.strip() in b.stdout
 
 

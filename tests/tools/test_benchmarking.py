@@ -20,6 +20,7 @@ from fastmeta.data import TaskBatch
 from fastmeta.tools.bench_peers import Contender, LoopPeer, Problem
 from fastmeta.tools.bench import BenchmarkSettings, check_status, run_benchmark, time_steps
 from fastmeta.tools.workloads import WORKLOADS
+from helpers import build_or_skip
 
 TINY = ["--workloads", "W1", "--tasks", "2", "--iterations", "3", "--warmup", "1",
         "--backends", "torch", "--peers", "loop,vmap,graph", "--device", "cpu"]
@@ -290,3 +291,22 @@ def test_host_cost_workloads_are_the_issue_23_shapes():
     resnet = r12.build_model().to("meta")
     assert resnet(torch.empty(2, 3, 32, 32, device="meta")).shape == (2, 5)
     assert sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) for m in resnet.modules()) == 12
+
+
+def test_profile_of_the_captured_step_gives_each_kernel_its_share(tmp_path):
+    build_or_skip()  # the CPU whole step is the extension's fused kernel
+    result = profiling.profile_meta_iterations(
+        WORKLOADS["W1"].replace(tasks=2), device="cpu", backend="cpu", iterations=2, warmup=1, out=None,
+        captured=True)
+    ranges = {name: calls for name, calls, _, _ in result.ranges}
+    assert ranges == {"fastmeta.captured_step": 2}
+    names = [k.name for k in result.kernels]
+    assert "fastmeta_ext::mlp_meta_step_update" in names and not any(n.startswith("fastmeta.") for n in names)
+    assert sum(k.share for k in result.kernels) == pytest.approx(1.0)
+    assert [k.us for k in result.kernels] == sorted((k.us for k in result.kernels), reverse=True)
+    assert result.source == "CPU self time" and result.to_json()["total_us"] == pytest.approx(
+        sum(k.us for k in result.kernels))
+    # A model the CPU has no whole step for: the learner's reason, not a profile of something else.
+    with pytest.raises(ValueError, match="whole-step execution on the CPU runs a plain MLP"):
+        profiling.profile_meta_iterations(WORKLOADS["W2"].replace(tasks=1), device="cpu", iterations=1, warmup=0,
+                                          out=None, captured=True)
