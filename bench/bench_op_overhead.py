@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import inspect
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from fastmeta.tools.bench import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "op_overhead_cpu.md"
@@ -256,16 +257,6 @@ def format_table(rows: list[OverheadRow], header: str) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run(repeats: int, rounds: int, ops: list[str] | None = None) -> tuple[list[OverheadRow], str]:
     import fastmeta as fm
 
@@ -277,7 +268,7 @@ def run(repeats: int, rounds: int, ops: list[str] | None = None) -> tuple[list[O
         timings = measure(cases, repeats, rounds)
     rows = overhead_rows(cases, timings)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    header = (f"# fastmeta op overhead above the kernel, CPU\n\n{date} · {_cpu_name()}, {torch.get_num_threads()} "
+    header = (f"# fastmeta op overhead above the kernel, CPU\n\n{date} · {cpu_name()}, {torch.get_num_threads()} "
               f"thread · torch {torch.__version__} · backend cpu · `python bench/bench_op_overhead.py --repeats "
               f"{repeats} --rounds {rounds}` · µs per call, median of {rounds} interleaved rounds of {repeats} calls")
     return rows, format_table(rows, header)

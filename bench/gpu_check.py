@@ -234,6 +234,25 @@ def bench_plan(dry_run: bool) -> list[tuple[str, int, int, list[str]]]:
     return plan
 
 
+def start_step(check: "Check", name: str, box: float, estimate: float) -> float | None:
+    """A step run as one or more commands: None (recorded why) where it is carried over, not
+    selected or does not fit; else marked running, and its time box in seconds."""
+    if check.carried(name):
+        return None
+    if not check.selected(name):
+        check.set_step(name, status="not-run", note="not selected (--only)", box_s=box, estimate_s=estimate)
+        return None
+    step_box = min(box, check.left())
+    if step_box < 15:
+        check.set_step(name, status="did-not-fit", note=f"{max(check.left(), 0):.0f} s left", box_s=box,
+                       estimate_s=estimate)
+        check.publish()
+        return None
+    check.set_step(name, status="running", started_at_s=round(check.elapsed(), 1), box_s=box, estimate_s=estimate)
+    check.publish()
+    return step_box
+
+
 # Issue 27: the profile, before anything is tuned: device time per kernel of one captured
 # W2 and W4 iteration, and of W2's user loop with its kernels launched one by one.
 PROFILE_STEP = "profile"
@@ -255,19 +274,9 @@ def profile_plan(dry_run: bool) -> tuple[int, int, list[tuple[str, list[str]]]]:
 def profile(check: "Check") -> None:
     name = PROFILE_STEP
     box, estimate, runs = profile_plan(check.dry_run)
-    if check.carried(name):
+    step_box = start_step(check, name, box, estimate)
+    if step_box is None:
         return
-    if not check.selected(name):
-        check.set_step(name, status="not-run", note="not selected (--only)", box_s=box, estimate_s=estimate)
-        return
-    step_box = min(box, check.left())
-    if step_box < 15:
-        check.set_step(name, status="did-not-fit", note=f"{max(check.left(), 0):.0f} s left", box_s=box,
-                       estimate_s=estimate)
-        check.publish()
-        return
-    check.set_step(name, status="running", started_at_s=round(check.elapsed(), 1), box_s=box, estimate_s=estimate)
-    check.publish()
     began = time.monotonic()
     profiles, failed = check.results.setdefault("profile", {}), []
     for label, arguments in runs:
@@ -324,21 +333,11 @@ def eager_vs_captured_plan(dry_run: bool) -> tuple[int, int, list[str], str, str
 def eager_vs_captured(check: "Check") -> None:
     name = EAGER_VS_CAPTURED_STEP
     box, estimate, arguments, eager_row, captured_row = eager_vs_captured_plan(check.dry_run)
-    if check.carried(name):
-        return
-    if not check.selected(name):
-        check.set_step(name, status="not-run", note="not selected (--only)", box_s=box, estimate_s=estimate)
+    step_box = start_step(check, name, box, estimate)
+    if step_box is None:
         return
     report = check.work / "eager_vs_captured.json"
     command = [check.python, "-m", "fastmeta.tools.bench", *arguments, "--json", str(report)]
-    step_box = min(box, check.left())
-    if step_box < 15:
-        check.set_step(name, status="did-not-fit", note=f"{max(check.left(), 0):.0f} s left", box_s=box,
-                       estimate_s=estimate)
-        check.publish()
-        return
-    check.set_step(name, status="running", started_at_s=round(check.elapsed(), 1), box_s=box, estimate_s=estimate)
-    check.publish()
     began = time.monotonic()
     rc, text = check.run_command(name, command, step_box)
     seconds = round(time.monotonic() - began, 1)
@@ -399,21 +398,11 @@ def precision_plan(dry_run: bool) -> tuple[int, int, list[str]]:
 def precision(check: "Check") -> None:
     name = PRECISION_STEP
     box, estimate, arguments = precision_plan(check.dry_run)
-    if check.carried(name):
-        return
-    if not check.selected(name):
-        check.set_step(name, status="not-run", note="not selected (--only)", box_s=box, estimate_s=estimate)
+    step_box = start_step(check, name, box, estimate)
+    if step_box is None:
         return
     report = check.work / "precision.json"
     command = [check.python, str(REPO / "bench" / "precision_check.py"), *arguments, "--json", str(report)]
-    step_box = min(box, check.left())
-    if step_box < 15:
-        check.set_step(name, status="did-not-fit", note=f"{max(check.left(), 0):.0f} s left", box_s=box,
-                       estimate_s=estimate)
-        check.publish()
-        return
-    check.set_step(name, status="running", started_at_s=round(check.elapsed(), 1), box_s=box, estimate_s=estimate)
-    check.publish()
     began = time.monotonic()
     rc, text = check.run_command(name, command, step_box)
     seconds = round(time.monotonic() - began, 1)

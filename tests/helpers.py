@@ -228,3 +228,16 @@ def make_problem(layer_sizes, act, loss, lr_kind, steps, K, Q=None, T=6, dtype=t
         return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
 
     return [cast(t) for t in (theta, sx, sy, qx, qy, lr, w)]
+
+
+def load_script(path, module_name: str):
+    """A script of bench/ (not a package) imported as ``module_name``; registered in
+    sys.modules first, where dataclasses look their module up."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module

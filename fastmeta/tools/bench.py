@@ -506,7 +506,8 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -533,8 +534,8 @@ def device_description(device: torch.device) -> dict:
 
     info = {
         "type": device.type,
-        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cpu": _cpu_name(),
+        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -254,12 +253,11 @@ def profile_meta_iterations(
             # No kernel records inside the graph replays: the same program run eagerly (the
             # kernels the graph holds), its update with the same capturable Adam.
             meta.cuda_graphs = False
-            eager_batch_loss = functools.partial(meta.meta_batch, *batch)
 
             def eager_run():
                 with record("fastmeta.eager_run_of_the_captured_program"):
                     optimizer.zero_grad(set_to_none=True)
-                    eager_batch_loss().loss.backward()
+                    meta.meta_batch(*batch).loss.backward()
                     optimizer.step()
 
             eager_run()

@@ -7,7 +7,6 @@ sources' logic through the CPU stand-in, the bench on W1 for 2 iterations on the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_script
+
 import fastmeta.ops  # noqa: F401 (the op modules declare the table's families)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,11 +28,7 @@ OUT_FILES = {"verified.json", "results.json", "summary.txt", "logs.tar.gz"}
 
 
 def load_driver():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "gpu_check")
 
 
 def dry_run(out: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:

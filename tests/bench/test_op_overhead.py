@@ -3,26 +3,20 @@ kernels its backward runs are found, and the table is written. No timing is asse
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-from helpers import build_or_skip
+from helpers import build_or_skip, load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_op_overhead.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_op_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def load_overhead_script():
+    return load_script(SCRIPT, "bench_op_overhead")
 
 
 def test_every_public_op_of_the_table_gets_a_row(tmp_path):
     build_or_skip()
-    script = load_script()
+    script = load_overhead_script()
     import fastmeta.ops as ops
     from fastmeta.backends.table import TABLE
 
@@ -37,7 +31,7 @@ def test_every_public_op_of_the_table_gets_a_row(tmp_path):
 
 def test_the_backward_runs_its_native_kernels():
     build_or_skip()
-    script = load_script()
+    script = load_overhead_script()
     import fastmeta as fm
 
     with fm.use_backend("cpu"):

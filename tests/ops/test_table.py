@@ -199,17 +199,12 @@ def test_cuda_kernels_run_on_the_current_stream():
 
 
 def _gpu_check_driver():
-    import importlib.util
-    import sys
+    from helpers import load_script
 
     path = Path(fm.__file__).parents[1] / "bench" / "gpu_check.py"
     if not path.exists():
         pytest.fail(f"no GPU check at {path}")
-    spec = importlib.util.spec_from_file_location("gpu_check_for_table", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path, "gpu_check_for_table")
 
 
 def test_every_family_appears_in_every_derived_list(capsys):
