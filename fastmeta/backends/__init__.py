@@ -41,10 +41,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from fastmeta.backends import precision, verification
+from fastmeta.backends import host_memory, precision, verification
 from fastmeta.backends.table import TABLE, KernelSpec
 
 log = logging.getLogger("fastmeta.backends")
+
+# glibc keeps freed host memory for the next [T, P] buffer (FASTMETA_HOST_MALLOC; host_memory.py).
+host_memory.configure()
 
 # Per op, the order in which ``auto`` tries backends: the fastest first, as measured in
 # bench/ (bench/RESULTS.md). Backends not listed for an op are never picked by auto.
