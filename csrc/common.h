@@ -17,6 +17,8 @@
 // raises FloatingPointError from that.
 #pragma once
 
+#include <type_traits>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -64,6 +66,31 @@ inline Act parse_act(const std::string& act) {
   if (act == "tanh") return Act::Tanh;
   if (act == "sigmoid") return Act::Sigmoid;
   TORCH_CHECK_VALUE(false, "act must be one of none|relu|leaky_relu|tanh|sigmoid, got '", act, "'");
+}
+
+// An activation as a type: a loop written against ActConstant<A> folds act_forward's and
+// act_derivative_from_output's switch away and vectorises (with a runtime Act, the switch
+// per element kept the CPU BatchNorm loops scalar: W2's first BatchNorm backward took 37 ms
+// with relu against 5 ms without).
+template <Act A>
+using ActConstant = std::integral_constant<Act, A>;
+
+// Calls f(ActConstant<act>{}) for the piecewise-linear activations and none (what the
+// backward kernels take), or for every activation when smooth is true.
+template <typename F>
+inline void dispatch_act(Act act, bool smooth, F&& f) {
+  switch (act) {
+    case Act::None: return f(ActConstant<Act::None>{});
+    case Act::Relu: return f(ActConstant<Act::Relu>{});
+    case Act::LeakyRelu: return f(ActConstant<Act::LeakyRelu>{});
+    case Act::Tanh:
+      if (smooth) return f(ActConstant<Act::Tanh>{});
+      break;
+    case Act::Sigmoid:
+      if (smooth) return f(ActConstant<Act::Sigmoid>{});
+      break;
+  }
+  TORCH_CHECK_VALUE(false, "activation ", static_cast<int>(act), " is not implemented here");
 }
 
 enum class LossKind : int { CrossEntropy = 0, Mse = 1 };

@@ -136,9 +136,14 @@ Act check_fused_activation(const c10::optional<at::Tensor>& y, const at::Tensor&
 }
 
 // The gradient at z: g, or g·f'(y) where the op was given y.
-template <typename T>
-inline T masked(T g, const T* yp, int64_t i, Act act, T slope) {
-  return yp ? g * act_derivative_from_output<T>(yp[i], act, slope) : g;
+// A is an ActConstant: none reads no y (the backward was given none).
+template <typename T, typename A>
+inline T masked(T g, const T* yp, int64_t i, A, T slope) {
+  if constexpr (A::value == Act::None) {
+    return g;
+  } else {
+    return g * act_derivative_from_output<T>(yp[i], A::value, slope);
+  }
 }
 
 at::Tensor task_batch_norm(const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
@@ -146,10 +151,11 @@ at::Tensor task_batch_norm(const at::Tensor& x, const c10::optional<at::Tensor>&
                            double negative_slope) {
   const BnShape s = check_bn(x, gamma, "gamma");
   check_bn(x, beta, "beta");
-  const Act act = parse_act(std::string(act_name.data(), act_name.size()));
+  const Act act_value = parse_act(std::string(act_name.data(), act_name.size()));
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   dispatch_floating(x.scalar_type(), "task_batch_norm", [&](auto tag_) {
+   dispatch_act(act_value, /*smooth=*/true, [&](auto act) {
     using scalar_t = decltype(tag_);
     using T_ = scalar_t;
     const T_* xp = x.data_ptr<T_>();
@@ -194,6 +200,7 @@ at::Tensor task_batch_norm(const at::Tensor& x, const c10::optional<at::Tensor>&
         }
       }
     });
+   });
   });
   return y;
 }
@@ -203,7 +210,7 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
                                                  const c10::List<bool>& needs, const c10::optional<at::Tensor>& y,
                                                  c10::string_view act_name, double negative_slope) {
   const BnShape s = check_bn(x, gamma, "gamma");
-  const Act act = check_fused_activation(y, x, act_name);
+  const Act act_value = check_fused_activation(y, x, act_name);
   FM_CHECK_INPUT(grad_z, kCPU);
   FM_CHECK_SAME_DTYPE(grad_z, x);
   TORCH_CHECK_VALUE(grad_z.sizes() == x.sizes(), "grad_z must be ", x.sizes(), ", got ", grad_z.sizes());
@@ -219,6 +226,7 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
     return {gx, gg, gb};
   }
   dispatch_floating(x.scalar_type(), "task_batch_norm_backward", [&](auto tag_) {
+   dispatch_act(act_value, /*smooth=*/false, [&](auto act) {
     using scalar_t = decltype(tag_);
     using T_ = scalar_t;
     const T_* xp = x.data_ptr<T_>();
@@ -297,6 +305,7 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
         }
       }
     });
+   });
   });
   return {gx, gg, gb};
 }
@@ -313,11 +322,11 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
 // must match it to.
 // With y (a piecewise-linear act), g = grad_z·f'(y) is read through masked(), and d grad_z
 // is written times f'(y): the gradient at the op's first argument.
-template <typename T, bool kGradSums, bool kUp>
+template <typename T, bool kGradSums, bool kUp, typename A>
 void double_backward_slices(const T* gz, const T* xp, const T* up, const BnShape& s, int64_t j0, int64_t j1,
                             double eps, const c10::optional<at::Tensor>& gamma,
                             const c10::optional<at::Tensor>& up_gamma, const c10::optional<at::Tensor>& up_beta,
-                            const T* yp, Act act, T slope, T* d_gz, T* d_x, T* d_gamma) {
+                            const T* yp, A act, T slope, T* d_gz, T* d_x, T* d_gamma) {
   const double M = double(s.N * s.S);
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t t = j / s.C, c = j % s.C;
@@ -387,11 +396,11 @@ void double_backward_slices(const T* gz, const T* xp, const T* up, const BnShape
 
 // double_backward_slices for BatchNorm1d (is_features): the same sums and coefficients,
 // per task over its [N, C] block, with per-channel accumulators along the rows.
-template <typename T, bool kGradSums, bool kUp>
+template <typename T, bool kGradSums, bool kUp, typename A>
 void double_backward_rows(const T* gz, const T* xp, const T* up, const BnShape& s, int64_t t0, int64_t t1,
                           double eps, const c10::optional<at::Tensor>& gamma,
                           const c10::optional<at::Tensor>& up_gamma, const c10::optional<at::Tensor>& up_beta,
-                          const T* yp, Act act, T slope, T* d_gz, T* d_x, T* d_gamma) {
+                          const T* yp, A act, T slope, T* d_gz, T* d_x, T* d_gamma) {
   const int64_t C = s.C;
   const double M = double(s.N);
   std::vector<double> mean(C), sdd(C), sg(C), sgd(C), su(C), sud(C), sug(C);
@@ -476,7 +485,7 @@ std::vector<at::Tensor> task_batch_norm_double_backward(
     const c10::optional<at::Tensor>& up_beta, double eps, const c10::List<bool>& needs,
     const c10::optional<at::Tensor>& y, c10::string_view act_name, double negative_slope) {
   const BnShape s = check_bn(x, gamma, "gamma");
-  const Act act = check_fused_activation(y, x, act_name);
+  const Act act_value = check_fused_activation(y, x, act_name);
   check_bn(x, up_gamma, "up_gamma");
   check_bn(x, up_beta, "up_beta");
   FM_CHECK_INPUT(grad_z, kCPU);
@@ -494,6 +503,7 @@ std::vector<at::Tensor> task_batch_norm_double_backward(
   at::Tensor d_x = need_x ? at::empty_like(x) : empty();
   at::Tensor d_gamma = need_gamma ? at::empty({s.T, s.C}, x.options()) : empty();
   dispatch_floating(x.scalar_type(), "task_batch_norm_double_backward", [&](auto tag_) {
+   dispatch_act(act_value, /*smooth=*/false, [&](auto act) {
     using T_ = decltype(tag_);
     T_* dgz = need_gz ? d_gz.data_ptr<T_>() : nullptr;
     T_* dxp = need_x ? d_x.data_ptr<T_>() : nullptr;
@@ -527,6 +537,7 @@ std::vector<at::Tensor> task_batch_norm_double_backward(
       else if (up) run(No{}, Yes{});
       else run(No{}, No{});
     });
+   });
   });
   return {d_gz, d_x, d_gamma};
 }
