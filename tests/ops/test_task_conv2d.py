@@ -69,7 +69,7 @@ def small_tiles(monkeypatch):
     from fastmeta.kernels import task_conv2d
 
     gemm = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 1, "num_stages": 1}
-    monkeypatch.setattr(task_conv2d, "conv_config", lambda *a: gemm)
+    monkeypatch.setattr(task_conv2d, "conv_config", lambda *a, **k: gemm)
 
 
 @pytest.mark.parametrize("backend,device", TRITON)

@@ -72,7 +72,7 @@ def small_tiles(monkeypatch):
     from fastmeta.kernels import activation, task_linear
 
     gemm = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 1, "num_stages": 1}
-    monkeypatch.setattr(task_linear, "matmul_config", lambda *a: gemm)
+    monkeypatch.setattr(task_linear, "matmul_config", lambda *a, **k: gemm)
     monkeypatch.setattr(activation, "elementwise_config", lambda *a: {"BLOCK": 16, "num_warps": 1})
 
 
