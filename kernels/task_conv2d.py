@@ -11,11 +11,15 @@ patches are gathered on the fly from x; nothing is unfolded to memory.
     weight-grad   M = O,                      N = C·kh·kw,    K = N·H'·W' (· T if shared)
 
 grid   (⌈M / BLOCK_M⌉ · ⌈N / BLOCK_N⌉, batch, Z). batch is T, or 1 when the weight (and
-       bias) are shared and the tasks fold into the image dimension. Z is the weight-grad's
-       SPLIT_K, the input-grad's stride_h · stride_w phases (row 0 then sized for the
-       largest phase), 1 for the forward. Only the
-       weight-grad splits K (its output, O × C·kh·kw per task, has few tiles while K runs
-       to N·H'·W' = 564k pixels on W4's first layer); partial tiles are summed by torch.
+       bias) are shared and the tasks fold into the image dimension. Z is SPLIT_K, the K
+       ranges of a split launch; for the input-grad, its stride_h · stride_w phases times
+       SPLIT_K (row 0 then sized for the largest phase). Any of the three splits K where a
+       launch would have fewer busy programs than two waves of the GPU's SMs (W2's 7 × 7
+       and smaller layers, W4's weight gradients with K = N·H'·W' up to 564k pixels): the
+       partial tiles go to a buffer [SPLIT_K, *out] and torch sums them in split order
+       (deterministic, unlike atomics); the forward's first K range adds the bias. Tiles,
+       split, warps and stages: kernels/tiles.py (the rule from the per-task problem, the
+       table of tuned shape classes, the SM count).
 tiling tl.dot(..., input_precision=INPUT_PRECISION) on BLOCK_M × BLOCK_K patches: the
        launchers' ``input_precision`` ("ieee", true fp32, by default; "tf32x3"; "tf32").
 bound  FLOPs (W2–W4 convs are 0.1–2 GFLOP per launch).
