@@ -72,7 +72,10 @@ Triton families, of which the shared tier is the longest (59 s); the CUDA famili
 whole-step test (12–17 s) after the build: correctness ends ~90 s in. The bench, second
 order: W1 26 s, W2 52 s, W3 93 s, W4 66 s (fastmeta's rows and the peers' together);
 memcheck 18 s. So W1–W4 second order and memcheck fit the default budget of 345 s; the
-``compile`` rows (64 s) and first order (65 s) go to a resumed run.
+``compile`` rows (64 s) and first order (65 s) go to a resumed run. The steps added since
+(profile, eager-vs-captured, precision, tune: up to 2, 1, 3 and 3 minutes, not yet run on
+a GPU) take their share first; what does not fit is left to ``--resume`` (``--only install,tune``
+runs the sweep alone).
 
 This script imports neither torch nor fastmeta: everything that can crash runs in a child
 process, so the driver always lives to write the four files.

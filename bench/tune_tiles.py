@@ -21,7 +21,9 @@ the fastest recorded in the format of the tile table (kernels/tile_table.json).
    rejected) and timed: a warm-up call (Triton compiles there), then ``--repeats`` calls,
    each between CUDA events; the median.
 4. **The budget.** Classes run in order of their issued MACs, heaviest first, until
-   ``--budget`` seconds are spent; those left are listed as not tuned (they keep the rule).
+   ``--budget`` seconds (counted from the start) are spent; the heaviest class is tuned
+   whatever the budget, with two candidates at least. Those left are listed as not tuned
+   (they keep the rule).
 
 The JSON (schema ``fastmeta-tile-tune-1``): ``table``, in kernels/tile_table.json's format
 (its entries the fastest candidate of each tuned class, with its median ``ms`` and the
@@ -175,7 +177,7 @@ def tune(classes: dict, device, limit: int, repeats: int, budget_s: float, progr
     began = time.monotonic()
     tuned, left = {}, []
     for key, seen in sorted(classes.items(), key=lambda kv: -kv[1]["issued_macs"]):
-        if time.monotonic() - began > budget_s:
+        if tuned and time.monotonic() - began > budget_s:  # the heaviest class is always tuned
             left.append(key)
             continue
         run = launcher(seen["name"])
@@ -183,7 +185,7 @@ def tune(classes: dict, device, limit: int, repeats: int, budget_s: float, progr
             reference = run(*seen["args"]).detach().clone()
         rows = []
         for cfg in candidates(seen["config"], limit):
-            if time.monotonic() - began > budget_s:
+            if len(rows) >= 2 and time.monotonic() - began > budget_s:
                 break
             with forced(cfg):
                 try:

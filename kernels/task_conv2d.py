@@ -51,6 +51,7 @@ import triton.language as tl
 from fastmeta.kernels.launch_checks import all_float32_on_one_device, task_stride
 from fastmeta.kernels.tiles import (
     H100_SM_COUNT,
+    cdiv,
     busy_programs,
     device_sm_count,
     k_steps,
@@ -311,7 +312,7 @@ def _config(config_for, kernel, batch, problems, N, sm_count) -> dict:
 
 def _launch(kernel, batch, images, problems, N, grid_z, cfg, useful) -> ConvLaunch:
     bm, bn, bk, kps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["k_per_split"]
-    tiles = [triton.cdiv(m, bm) * triton.cdiv(N, bn) for m, _ in problems]
+    tiles = [cdiv(m, bm) * cdiv(N, bn) for m, _ in problems]
     steps = sum(t * k_steps(k, bk, kps) for t, (_, k) in zip(tiles, problems))
     return ConvLaunch(kernel, batch, images, (max(tiles), batch, grid_z), cfg,
                       issued_macs=batch * steps * _tile_macs(cfg), useful_macs=useful,

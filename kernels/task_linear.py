@@ -41,6 +41,7 @@ from fastmeta.kernels.activation import activation_code, apply_activation
 from fastmeta.kernels.launch_checks import all_float32_on_one_device, task_stride
 from fastmeta.kernels.tiles import (
     H100_SM_COUNT,
+    cdiv,
     busy_programs,
     device_sm_count,
     k_steps,
@@ -160,7 +161,7 @@ def matmul_launch(kernel: str, batch: int, M: int, N: int, K: int, can_split: bo
                                              can_split=can_split))
     split_k, k_per_split = normalized_split(K, cfg["BLOCK_K"], cfg.get("SPLIT_K", 1) if can_split else 1)
     cfg.update(SPLIT_K=split_k, k_per_split=k_per_split)
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     return LinearLaunch(kernel, batch, M, N, K, (tiles, batch, split_k), cfg,
                         issued_macs=batch * tiles * k_steps(K, cfg["BLOCK_K"], k_per_split)
                         * cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["BLOCK_K"],
@@ -187,7 +188,7 @@ def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_stri
         target = torch.empty((split_k, batch, M, N), dtype=torch.float32, device=out.device)
         split_stride = batch * M * N
         target_strides = (M * N, N, 1)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), batch, split_k)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), batch, split_k)
     task_matmul_kernel[grid](
         a, b, bias if bias is not None else a, target,
         M, N, K, k_per_split,
