@@ -12,7 +12,8 @@ the fastest recorded in the format of the tile table (kernels/tile_table.json).
    ``linear_launch_plan`` at the SM count) names its shape class; the first call of each
    class is kept (its arguments cloned) and the class's issued MACs are summed.
 2. **The candidates** of a class (:func:`candidates`): the plan's own configuration first
-   (the rule's, or the committed table's), then variants of one setting each: split-K 1,
+   (the rule's, or the committed table's), the rule's without split-K (its tiles shrunk
+   to two waves instead: no second pass), then variants of one setting each: split-K 1,
    halved and doubled; a tile side halved or doubled (16 to 128); warps halved and doubled;
    2 and 4 stages; up to ``--candidates``.
 3. **Each candidate** runs the kept call with its configuration forced (the launcher's tile
@@ -58,10 +59,18 @@ TOLERANCE = 1e-5  # a candidate's output against the plan's, norm-wise
 SETTINGS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
 
 
-def plan_of(name: str, args, sm_count: int):
+def unsplit_config(batch, M, N, K, *, kernel, problems=None, sm_count=None, can_split=True):
+    """The rule's tiles where K may not be split: the tiles shrink until two waves instead."""
+    return tiles.plan_config(kernel, batch, problems or ((M, K),), N, sm_count, can_split=False)
+
+
+def plan_of(name: str, args, sm_count: int, split: bool = True):
+    """The launch plan of a call at ``sm_count`` SMs (split: False, the rule without split-K)."""
     if name in CONV_KERNELS:
-        return task_conv2d.conv_launch_plan(name, *args, config_for=task_conv2d.gpu_conv_config, sm_count=sm_count)
-    return task_linear.linear_launch_plan(name, *args, config_for=task_linear.gpu_matmul_config, sm_count=sm_count)
+        return task_conv2d.conv_launch_plan(name, *args, sm_count=sm_count,
+                                            config_for=task_conv2d.gpu_conv_config if split else unsplit_config)
+    return task_linear.linear_launch_plan(name, *args, sm_count=sm_count,
+                                          config_for=task_linear.gpu_matmul_config if split else unsplit_config)
 
 
 def clone(a):
@@ -86,8 +95,12 @@ def collect(workload_names, device, tasks, sm_count, progress=print) -> dict:
             plan = plan_of(name, args, sm_count)
             if plan is not None:
                 key = plan.config["shape_class"]
-                seen = classes.setdefault(key, {"name": name, "args": [clone(a) for a in args], "issued_macs": 0,
-                                                "calls": 0, "config": {k: plan.config[k] for k in SETTINGS}})
+                if key not in classes:
+                    unsplit = plan_of(name, args, sm_count, split=False)
+                    classes[key] = {"name": name, "args": [clone(a) for a in args], "issued_macs": 0, "calls": 0,
+                                    "config": {k: plan.config[k] for k in SETTINGS},
+                                    "unsplit": {k: unsplit.config[k] for k in SETTINGS}}
+                seen = classes[key]
                 seen["issued_macs"] += plan.issued_macs
                 seen["calls"] += 1
             return fn(*args)
@@ -116,11 +129,13 @@ def collect(workload_names, device, tasks, sm_count, progress=print) -> dict:
     return classes
 
 
-def candidates(base: dict, limit: int) -> list[dict]:
-    """The plan's configuration, then variants of one setting each, deduplicated; ``limit``
+def candidates(base: dict, limit: int, unsplit: dict | None = None) -> list[dict]:
+    """The plan's configuration, the rule's without split-K (``unsplit``: smaller tiles, no
+    second pass), then variants of the plan's of one setting each, deduplicated; ``limit``
     in all."""
     bm, bn, split, warps = base["BLOCK_M"], base["BLOCK_N"], base["SPLIT_K"], base["num_warps"]
-    variants = [{}, {"SPLIT_K": 1}, {"SPLIT_K": split * 2}, {"SPLIT_K": max(1, split // 2)},
+    variants = [{}, {k: v for k, v in (unsplit or {}).items() if v != base[k]},
+                {"SPLIT_K": 1}, {"SPLIT_K": split * 2}, {"SPLIT_K": max(1, split // 2)},
                 {"BLOCK_M": bm // 2}, {"BLOCK_N": bn // 2}, {"BLOCK_M": bm * 2}, {"BLOCK_N": bn * 2},
                 {"num_warps": warps * 2}, {"num_warps": max(1, warps // 2)}, {"num_stages": 2}, {"num_stages": 4}]
     out = []
@@ -184,7 +199,7 @@ def tune(classes: dict, device, limit: int, repeats: int, budget_s: float, progr
         with forced(seen["config"]):
             reference = run(*seen["args"]).detach().clone()
         rows = []
-        for cfg in candidates(seen["config"], limit):
+        for cfg in candidates(seen["config"], limit, seen.get("unsplit")):
             if len(rows) >= 2 and time.monotonic() - began > budget_s:
                 break
             with forced(cfg):

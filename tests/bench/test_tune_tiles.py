@@ -25,6 +25,21 @@ def test_candidates_vary_one_setting_each(tune_tiles):
     assert all(16 <= c["BLOCK_M"] <= 128 and 16 <= c["BLOCK_N"] <= 128 and c["num_warps"] <= 8 for c in out)
     assert not any(c["BLOCK_N"] == 8 for c in out)  # a side below 16 is no candidate
     assert tune_tiles.candidates(base, 2) == out[:2]
+    # The rule's tiles without split-K come second, whole.
+    unsplit = {**base, "BLOCK_M": 16, "SPLIT_K": 1, "num_warps": 1}
+    assert tune_tiles.candidates(base, 3, unsplit)[:2] == [base, unsplit]
+    assert tune_tiles.candidates(base, 12, dict(base)) == out  # the plan does not split: nothing new
+
+
+def test_the_unsplit_rule_shrinks_tiles_instead(tune_tiles):
+    from fastmeta.kernels.tiles import plan_config
+
+    # W2's last conv with the shared meta-parameters: split 4 with 16 x 32 tiles; unsplit,
+    # 16 x 16 tiles (the most busy programs without a split).
+    split = plan_config("conv_forward", 1, ((640, 576),), 64)
+    unsplit = tune_tiles.unsplit_config(1, 640, 64, 576, kernel="conv_forward", sm_count=132)
+    assert (split["BLOCK_M"], split["BLOCK_N"], split["SPLIT_K"]) == (16, 32, 4)
+    assert (unsplit["BLOCK_M"], unsplit["BLOCK_N"], unsplit["SPLIT_K"], unsplit["busy_programs"]) == (16, 16, 1, 160)
 
 
 def test_the_table_of_a_sweep(tune_tiles):
