@@ -119,8 +119,12 @@ def collect(workload_names, device, tasks, sm_count, progress=print) -> dict:
             meta = fm.MAML(workload.build_model().to(device), lr=workload.inner_lr, first_order=False,
                            steps=workload.steps, loss=workload.loss, cuda_graphs=False)
             before = len(classes)
-            with fm.use_backend("triton"):
-                meta.meta_batch(*workload.make_batch(device, 0)).loss.backward()
+            try:
+                with fm.use_backend("triton"):
+                    meta.meta_batch(*workload.make_batch(device, 0)).loss.backward()
+            except Exception as error:  # the classes recorded so far are still swept
+                progress(f"{workload.name}: the iteration failed ({type(error).__name__}: {error}"[:300] + ")")
+                continue
             progress(f"{workload.name}: {len(classes) - before} new shape classes")
     finally:
         backend.kernels.clear()
