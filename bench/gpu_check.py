@@ -30,10 +30,16 @@ What it does, in priority order, each step in its own time box, ≤ 6 minutes in
    meta-gradient against float64 and its time; the mode it picks (the fastest passing
    everywhere) is recorded under ``precision`` and is the default to set. The dry run
    checks the modes' emulation on W1 on the CPU.
-7. **the end-to-end bench** (``fastmeta bench``): fastmeta's rows first, then the peers,
+7. **the tile sweep** (issue 24, ``tune``): ``bench/tune_tiles.py`` times a few
+   configurations (tiles, warps, stages, split-K) of each shape class of W2–W4's GEMM-like
+   Triton launches with CUDA events, ≤ 3 minutes; the fastest of each class goes under
+   ``tune.table`` in the tile table's format (commit it as ``kernels/tile_table.json``).
+   The dry run sweeps W1's and W2S's classes at one task under the interpreter, two
+   candidates each.
+8. **the end-to-end bench** (``fastmeta bench``): fastmeta's rows first, then the peers,
    W1, W2, W3, W4 in that order, the slow ``compile`` peer last; every contender's result
    is appended to the results as it finishes (``--stream``).
-8. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
+9. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
    and the Triton kernels); recorded as ``unavailable`` where the sanitizer is missing or
    refuses the device (the H200 machines).
 
@@ -66,7 +72,10 @@ Triton families, of which the shared tier is the longest (59 s); the CUDA famili
 whole-step test (12–17 s) after the build: correctness ends ~90 s in. The bench, second
 order: W1 26 s, W2 52 s, W3 93 s, W4 66 s (fastmeta's rows and the peers' together);
 memcheck 18 s. So W1–W4 second order and memcheck fit the default budget of 345 s; the
-``compile`` rows (64 s) and first order (65 s) go to a resumed run.
+``compile`` rows (64 s) and first order (65 s) go to a resumed run. The steps added since
+(profile, eager-vs-captured, precision, tune: up to 2, 1, 3 and 3 minutes, not yet run on
+a GPU) take their share first; what does not fit is left to ``--resume`` (``--only install,tune``
+runs the sweep alone).
 
 This script imports neither torch nor fastmeta: everything that can crash runs in a child
 process, so the driver always lives to write the four files.
@@ -433,6 +442,62 @@ def precision_summary(report: dict) -> dict:
             "time_over_ieee": decision["time_over_ieee"], "rows": rows}
 
 
+# Issue 24/27: the tuning sweep of the GEMM-like Triton launches (bench/tune_tiles.py): a
+# few configurations of each shape class of W2-W4 timed, the fastest written in the tile
+# table's format under results.json's tune.table (commit it as kernels/tile_table.json).
+TUNE_STEP = "tune"
+
+
+def tune_plan(dry_run: bool) -> tuple[int, int, list[str]]:
+    """(box, estimate, bench/tune_tiles.py arguments). The sweep's own budget leaves the box
+    ~30 s for the start-up, the meta-iterations that find the classes, and the JSON."""
+    if dry_run:  # under the interpreter: W1's and W2S's classes at 1 task, planned for 2 SMs
+        return 60, 20, ["--workloads", "W1,W2S", "--tasks", "1", "--device", "cpu", "--sm-count", "2",
+                        "--candidates", "2", "--repeats", "1", "--budget", "15"]
+    # Not yet run on a GPU: ~30 classes x 6 candidates, each a compile (~0.5 s, shared
+    # between classes with the same tiles) and 20 timed calls.
+    return 180, 150, ["--workloads", "W2,W3,W4", "--candidates", "6", "--repeats", "20", "--budget", "140"]
+
+
+def tune(check: "Check") -> None:
+    name = TUNE_STEP
+    box, estimate, arguments = tune_plan(check.dry_run)
+    step_box = start_step(check, name, box, estimate)
+    if step_box is None:
+        return
+    report = check.work / "tune.json"
+    command = [check.python, str(REPO / "bench" / "tune_tiles.py"), *arguments, "--json", str(report)]
+    began = time.monotonic()
+    rc, text = check.run_command(name, command, step_box)
+    seconds = round(time.monotonic() - began, 1)
+    summary = tune_summary(json.loads(report.read_text())) if report.exists() else None
+    if rc is None:
+        status, note = "timeout", f"killed at its time box ({step_box:.0f} s)"
+    elif summary is None or not summary["table"]["entries"]:
+        tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or [""]
+        status, note = "failed", f"exit {rc}: no class tuned; {tail[0][:140]}"
+    else:
+        check.results["tune"] = {**summary, "device": check.results["device"].get("name"), "run_id": check.run_id}
+        status = "passed"
+        note = (f"{len(summary['table']['entries'])} of {len(summary['classes']) + len(summary['left'])} shape "
+                f"classes tuned ({len(summary['left'])} left to the rule); commit tune.table as "
+                f"kernels/tile_table.json")
+    check.set_step(name, status=status, seconds=seconds, note=note)
+    check.publish()
+
+
+def tune_summary(report: dict) -> dict:
+    """The table to commit, and per tuned class the plan's median and the best's, from
+    bench/tune_tiles.py's JSON (every candidate's timing stays in the step's log)."""
+    classes = {}
+    for key, tuned in report["classes"].items():
+        timed = [c for c in tuned["candidates"] if c["ms"] is not None]
+        classes[key] = {"kernel": tuned["kernel"], "calls": tuned["calls"], "timed": len(timed),
+                        "plan_ms": timed[0]["ms"] if timed else None,
+                        "best_ms": tuned["best"]["ms"] if tuned["best"] else None}
+    return {"table": report["table"], "sm_count": report["sm_count"], "classes": classes, "left": report["left"]}
+
+
 MEMCHECK_BOX = 60
 PER_MACHINE_STEPS = ("probe", "install", "build", "catalog")  # never carried over by --resume
 MEMCHECK_RESERVE = 45  # seconds the bench leaves for memcheck
@@ -526,6 +591,8 @@ class Check:
                 self.results["precision"] = earlier["precision"]
             if "profile" in earlier:
                 self.results["profile"] = earlier["profile"]
+            if "tune" in earlier:
+                self.results["tune"] = earlier["tune"]
             for name, step in earlier.get("steps", {}).items():
                 if name in PER_MACHINE_STEPS:  # a fresh machine needs them again
                     continue
@@ -1127,6 +1194,14 @@ def summary(results: dict, verified: dict) -> str:
         lines += [f"  {r['workload']} {r['mode']:<6} {r['row']:<24} {r['status']:<11} "
                   f"{'-' if r['relative_error'] is None else format(r['relative_error'], '.2e')}"
                   for r in chosen["rows"]]
+    tuned = results.get("tune")
+    if tuned:
+        lines += ["", f"tile sweep: {len(tuned['table']['entries'])} shape classes tuned at {tuned['sm_count']} SMs, "
+                      f"{len(tuned['left'])} left to the rule (commit tune.table as kernels/tile_table.json):"]
+        for key, c in sorted(tuned["classes"].items(), key=lambda kv: -(kv[1]["plan_ms"] or 0))[:10]:
+            if c["best_ms"] is not None and c["plan_ms"] is not None:
+                lines.append(f"  {key:<44} plan {c['plan_ms']:.4f} ms, best {c['best_ms']:.4f} ms "
+                             f"({c['plan_ms'] / c['best_ms']:.2f}x)")
     lines += ["", "bench:"] + (bench_tables(results) or ["  nothing measured yet"])
     pending = [n for n, s in results["steps"].items() if s.get("status") not in ("passed", "carried", "clean",
                                                                                    "unavailable")]
@@ -1193,6 +1268,7 @@ def main(argv: list[str] | None = None) -> int:
         profile(check)
         eager_vs_captured(check)
         precision(check)
+        tune(check)
         bench(check)
         memcheck(check)
     except Interrupted:

@@ -11,11 +11,15 @@ patches are gathered on the fly from x; nothing is unfolded to memory.
     weight-grad   M = O,                      N = C·kh·kw,    K = N·H'·W' (· T if shared)
 
 grid   (⌈M / BLOCK_M⌉ · ⌈N / BLOCK_N⌉, batch, Z). batch is T, or 1 when the weight (and
-       bias) are shared and the tasks fold into the image dimension. Z is the weight-grad's
-       SPLIT_K, the input-grad's stride_h · stride_w phases (row 0 then sized for the
-       largest phase), 1 for the forward. Only the
-       weight-grad splits K (its output, O × C·kh·kw per task, has few tiles while K runs
-       to N·H'·W' = 564k pixels on W4's first layer); partial tiles are summed by torch.
+       bias) are shared and the tasks fold into the image dimension. Z is SPLIT_K, the K
+       ranges of a split launch; for the input-grad, its stride_h · stride_w phases times
+       SPLIT_K (row 0 then sized for the largest phase). Any of the three splits K where a
+       launch would have fewer busy programs than two waves of the GPU's SMs (W2's 7 × 7
+       and smaller layers, W4's weight gradients with K = N·H'·W' up to 564k pixels): the
+       partial tiles go to a buffer [SPLIT_K, *out] and torch sums them in split order
+       (deterministic, unlike atomics); the forward's first K range adds the bias. Tiles,
+       split, warps and stages: kernels/tiles.py (the rule from the per-task problem, the
+       table of tuned shape classes, the SM count).
 tiling tl.dot(..., input_precision=INPUT_PRECISION) on BLOCK_M × BLOCK_K patches: the
        launchers' ``input_precision`` ("ieee", true fp32, by default; "tf32x3"; "tf32").
 bound  FLOPs (W2–W4 convs are 0.1–2 GFLOP per launch).
@@ -38,7 +42,6 @@ stride < 1, padding < 0, an empty output, a bias not shaped [T, O] / [O].
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -46,14 +49,23 @@ import triton
 import triton.language as tl
 
 from fastmeta.kernels.launch_checks import all_float32_on_one_device, task_stride
-from fastmeta.kernels.task_linear import matmul_config
+from fastmeta.kernels.tiles import (
+    H100_SM_COUNT,
+    cdiv,
+    busy_programs,
+    device_sm_count,
+    k_steps,
+    launch_config,
+    normalized_split,
+    plan_config,
+)
 
 
 @triton.jit
 def conv2d_forward_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
-    NB, C, H, W, O, HO, WO,
-    x_task_stride, w_task_stride, bias_task_stride, out_task_stride,
+    NB, C, H, W, O, HO, WO, k_per_split,
+    x_task_stride, w_task_stride, bias_task_stride, out_split_stride, out_task_stride,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -61,6 +73,7 @@ def conv2d_forward_kernel(
 ):
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
     tiles_n = tl.cdiv(O, BLOCK_N)
     offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixel (n, oh, ow)
     offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channel o
@@ -75,10 +88,12 @@ def conv2d_forward_kernel(
     x_rows = x_ptr + task * x_task_stride + image.to(tl.int64) * (C * H * W)
     w_cols = w_ptr + task * w_task_stride + offs_n.to(tl.int64) * K
 
+    k_begin = split * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # (c, i, j)
-        k_ok = offs_k < K
+        k_ok = offs_k < k_end
         c = offs_k // (KH * KW)
         i = (offs_k % (KH * KW)) // KW
         j = offs_k % KW
@@ -90,17 +105,18 @@ def conv2d_forward_kernel(
         b = tl.load(w_cols[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + task * bias_task_stride + offs_n, mask=n_ok, other=0.0)[None, :]
-    out_rows = out_ptr + task * out_task_stride + image.to(tl.int64) * (O * HO * WO) + pixel
+    if HAS_BIAS:  # once: by the first K range's partial tile
+        acc += tl.load(bias_ptr + task * bias_task_stride + offs_n, mask=n_ok & (split == 0), other=0.0)[None, :]
+    out_rows = (out_ptr + split.to(tl.int64) * out_split_stride + task * out_task_stride
+                + image.to(tl.int64) * (O * HO * WO) + pixel)
     tl.store(out_rows[:, None] + (offs_n * (HO * WO))[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def conv2d_input_grad_kernel(
     grad_out_ptr, w_ptr, out_ptr,
-    NB, C, H, W, O, HO, WO,
-    grad_out_task_stride, w_task_stride, out_task_stride,
+    NB, C, H, W, O, HO, WO, splits, k_per_split,
+    grad_out_task_stride, w_task_stride, out_split_stride, out_task_stride,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -113,7 +129,8 @@ def conv2d_input_grad_kernel(
     # for being off the stride grid.
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
-    phase = tl.program_id(2)
+    phase = tl.program_id(2) // splits  # grid row 2: (phase, K range)
+    split = tl.program_id(2) % splits
     rh = phase // stride_w
     rw = phase % stride_w
     h_first = (rh + stride_h - pad_h % stride_h) % stride_h  # the first h of the phase
@@ -126,8 +143,11 @@ def conv2d_input_grad_kernel(
     M = NB * rows * cols
     K = O * taps
     tiles_n = tl.cdiv(C, BLOCK_N)
-    # The grid is sized for the largest phase: the programs past this phase's tiles idle.
-    k_end = tl.where(tile < tl.cdiv(M, BLOCK_M) * tiles_n, K, 0)
+    # The grid is sized for the largest phase: the programs past this phase's tiles, or
+    # past its K ranges, idle (those within its tiles store zeros: the partial tiles of a
+    # split launch are all summed).
+    k_begin = split * k_per_split
+    k_end = tl.where(tile < tl.cdiv(M, BLOCK_M) * tiles_n, tl.minimum(K, k_begin + k_per_split), 0)
     offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # phase pixel (n, qh, qw)
     offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel c
     m_ok = offs_m < M
@@ -145,9 +165,9 @@ def conv2d_input_grad_kernel(
     w_cols = w_ptr + task * w_task_stride + offs_n * (KH * KW)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # (o, a, b): tap (rh + a·stride_h, rw + b·stride_w)
-        k_ok = offs_k < K
+        k_ok = offs_k < k_end
         o = offs_k // taps
         a = (offs_k % taps) // taps_w
         b = offs_k % taps_w
@@ -162,7 +182,8 @@ def conv2d_input_grad_kernel(
         acc = tl.dot(g, wt, acc, input_precision=INPUT_PRECISION)
 
     # A phase without taps (kernel 1 at stride 2: the odd pixels) stores its zeros.
-    out_rows = out_ptr + task * out_task_stride + image.to(tl.int64) * (C * H * W) + h * W + w
+    out_rows = (out_ptr + split.to(tl.int64) * out_split_stride + task * out_task_stride
+                + image.to(tl.int64) * (C * H * W) + h * W + w)
     tl.store(out_rows[:, None] + (offs_n * (H * W))[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -217,24 +238,23 @@ def conv2d_weight_grad_kernel(
 # launch plans: the grid, the tiles and the MACs of each launch, from its shapes alone. The
 # launchers run exactly what these return, and conv_launch_plan() gives it without running
 # anything, so the accounting (tests/kernels/test_conv_issued_macs.py) is of the real grids.
+# The tiles and split-K come from kernels/tiles.py (the rule, the table, the SM count).
 # ---------------------------------------------------------------------------------------
 
 
-def conv_config(batch: int, M: int, N: int, K: int) -> dict:
-    """The GEMM tile table of task_linear.matmul_config, keyed on the implicit GEMM's
-    (batch, M, N, K); one source for the tile sizes and the split-K rule."""
-    return matmul_config(batch, M, N, K)
+def conv_config(batch: int, M: int, N: int, K: int, *, kernel: str = "conv_forward", problems=None,
+                sm_count: int | None = None, can_split: bool = True) -> dict:
+    """The launchers' tiles for an implicit GEMM of ``batch`` × (M, N, K) (``problems``: one
+    (M, K) per input-gradient phase): tiles.launch_config's plan at ``sm_count`` SMs (the
+    device's), or the interpreter's tiles where there is none."""
+    return launch_config(kernel, batch, problems or ((M, K),), N, sm_count, can_split)
 
 
-def gpu_conv_config(batch: int, M: int, N: int, K: int) -> dict:
-    """The tiles a GPU launch gets, also under the interpreter (where matmul_config picks one
-    tile per dimension to keep the interpreted programs few): for the accounting on the CPU."""
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        return conv_config(batch, M, N, K)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+def gpu_conv_config(batch: int, M: int, N: int, K: int, *, kernel: str = "conv_forward", problems=None,
+                    sm_count: int | None = None, can_split: bool = True) -> dict:
+    """The tiles a GPU launch gets at ``sm_count`` SMs (an H100's 132 by default), also under
+    the interpreter: for the accounting on the CPU, and for tests that run a GPU's tiles."""
+    return plan_config(kernel, batch, problems or ((M, K),), N, sm_count, can_split)
 
 
 @dataclass(frozen=True)
@@ -243,9 +263,13 @@ class ConvLaunch:
 
     kernel: "forward", "input_grad" or "weight_grad". batch: grid row 1 (T, or 1 when the
     tasks fold into the images of a shared weight); images: examples per batch entry.
-    grid, config: what the launcher runs. issued_macs: the multiply-adds the grid's programs
-    execute, BLOCK_M × BLOCK_N × BLOCK_K per K-step, tile padding and masked taps included.
-    useful_macs: the convolution's own, T·N·O·H'·W'·C·kh·kw, the same for all three kernels.
+    grid, config: what the launcher runs (config: the tiles, SPLIT_K and k_per_split, warps,
+    stages; from the plan also its shape_class and source). issued_macs: the multiply-adds
+    the grid's programs execute, BLOCK_M × BLOCK_N × BLOCK_K per K-step, tile padding and
+    masked taps included (a split adds none). useful_macs: the convolution's own,
+    T·N·O·H'·W'·C·kh·kw, the same for all three kernels. busy_programs: the programs with
+    at least one K-step; sm_count: the SMs the launch was planned for (None: the
+    interpreter's tiles, or tiles forced by the caller).
     """
 
     kernel: str
@@ -255,25 +279,55 @@ class ConvLaunch:
     config: dict
     issued_macs: int
     useful_macs: int
+    busy_programs: int = 0
+    sm_count: int | None = None
 
     @property
     def programs(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def split_k(self) -> int:
+        return self.config["SPLIT_K"]
+
+    def waves(self, sm_count: int = H100_SM_COUNT) -> float:
+        """Busy programs per ``sm_count`` SMs."""
+        return self.busy_programs / sm_count
 
 
 def _tile_macs(config: dict) -> int:
     return config["BLOCK_M"] * config["BLOCK_N"] * config["BLOCK_K"]
 
 
-def forward_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None) -> ConvLaunch:
+def _config(config_for, kernel, batch, problems, N, sm_count) -> dict:
+    """The tile rule's config (``config_for``, default conv_config) with its SPLIT_K made
+    whole: K ranges of whole BLOCK_K steps (k_per_split), none empty."""
+    problems = tuple(problems)
+    M, K = max(m for m, _ in problems), max(k for _, k in problems)
+    cfg = dict((config_for or conv_config)(batch, M, N, K, kernel=kernel, problems=problems, sm_count=sm_count))
+    split_k, k_per_split = normalized_split(K, cfg["BLOCK_K"], cfg.get("SPLIT_K", 1))
+    cfg.update(SPLIT_K=split_k, k_per_split=k_per_split)
+    return cfg
+
+
+def _launch(kernel, batch, images, problems, N, grid_z, cfg, useful) -> ConvLaunch:
+    bm, bn, bk, kps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["k_per_split"]
+    tiles = [cdiv(m, bm) * cdiv(N, bn) for m, _ in problems]
+    steps = sum(t * k_steps(k, bk, kps) for t, (_, k) in zip(tiles, problems))
+    return ConvLaunch(kernel, batch, images, (max(tiles), batch, grid_z), cfg,
+                      issued_macs=batch * steps * _tile_macs(cfg), useful_macs=useful,
+                      busy_programs=busy_programs(batch, problems, N, bm, bn, kps), sm_count=cfg.get("sm_count"))
+
+
+def forward_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None,
+                   sm_count=None) -> ConvLaunch:
+    """M = images · H'·W', N = O, K = C·kh·kw; grid row 2 is the K ranges of a split."""
     (sh, sw), (ph, pw) = stride, padding
     HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
-    M, N, K = images * HO * WO, O, C * KH * KW
-    cfg = (config_for or conv_config)(batch, M, N, K)
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    return ConvLaunch("forward", batch, images, (tiles, batch, 1), cfg,
-                      issued_macs=batch * tiles * triton.cdiv(K, cfg["BLOCK_K"]) * _tile_macs(cfg),
-                      useful_macs=batch * M * N * K)
+    problems = ((images * HO * WO, C * KH * KW),)
+    cfg = _config(config_for, "conv_forward", batch, problems, O, sm_count)
+    return _launch("forward", batch, images, problems, O, cfg["SPLIT_K"], cfg,
+                   useful=batch * images * HO * WO * O * C * KH * KW)
 
 
 def input_grad_phases(size: int, kernel: int, stride: int, padding: int) -> list[tuple[int, int]]:
@@ -284,37 +338,31 @@ def input_grad_phases(size: int, kernel: int, stride: int, padding: int) -> list
             for r in range(stride)]
 
 
-def input_grad_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None) -> ConvLaunch:
-    """One launch for the stride_h · stride_w phases (grid row 2), each a stride-1 problem
-    M = images · its pixels, N = C, K = O · its taps; the largest phase sizes the tiles and
-    the grid's row 0, and a phase's programs past its own tiles idle (no K-steps)."""
+def input_grad_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None,
+                      sm_count=None) -> ConvLaunch:
+    """One launch for the stride_h · stride_w phases, each a stride-1 problem M = images ·
+    its pixels, N = C, K = O · its taps; grid row 2 is (phase, K range), SPLIT_K ranges of
+    k_per_split per phase. The largest phase sizes the tiles and the grid's row 0; a
+    phase's programs past its own tiles or K ranges idle (no K-steps)."""
     (sh, sw), (ph, pw) = stride, padding
     HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
-    problems = [(images * rows * cols, O * taps_h * taps_w)
-                for rows, taps_h in input_grad_phases(H, KH, sh, ph)
-                for cols, taps_w in input_grad_phases(W, KW, sw, pw)]
-    cfg = (config_for or conv_config)(batch, max(m for m, _ in problems), C, max(k for _, k in problems))
-    tiles = [triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_N"]) for m, _ in problems]
-    k_steps = sum(t * triton.cdiv(k, cfg["BLOCK_K"]) for t, (_, k) in zip(tiles, problems))
-    return ConvLaunch("input_grad", batch, images, (max(tiles), batch, sh * sw), cfg,
-                      issued_macs=batch * k_steps * _tile_macs(cfg),
-                      useful_macs=batch * images * HO * WO * O * C * KH * KW)
+    problems = tuple((images * rows * cols, O * taps_h * taps_w)
+                     for rows, taps_h in input_grad_phases(H, KH, sh, ph)
+                     for cols, taps_w in input_grad_phases(W, KW, sw, pw))
+    cfg = _config(config_for, "conv_input_grad", batch, problems, C, sm_count)
+    return _launch("input_grad", batch, images, problems, C, sh * sw * cfg["SPLIT_K"], cfg,
+                   useful=batch * images * HO * WO * O * C * KH * KW)
 
 
-def weight_grad_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None) -> ConvLaunch:
+def weight_grad_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None,
+                       sm_count=None) -> ConvLaunch:
+    """M = O, N = C·kh·kw, K = images · H'·W'; grid row 2 is the K ranges of a split."""
     (sh, sw), (ph, pw) = stride, padding
     HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
-    CKK, K = C * KH * KW, images * HO * WO
-    cfg = dict((config_for or conv_config)(batch, O, CKK, K))
-    k_per_split = triton.cdiv(triton.cdiv(K, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    split_k = triton.cdiv(K, k_per_split)
-    cfg.update(SPLIT_K=split_k, k_per_split=k_per_split)
-    tiles = triton.cdiv(O, cfg["BLOCK_M"]) * triton.cdiv(CKK, cfg["BLOCK_N"])
-    k_steps = sum(triton.cdiv(min(K, s * k_per_split + k_per_split) - s * k_per_split, cfg["BLOCK_K"])
-                  for s in range(split_k))
-    return ConvLaunch("weight_grad", batch, images, (tiles, batch, split_k), cfg,
-                      issued_macs=batch * tiles * k_steps * _tile_macs(cfg),
-                      useful_macs=batch * O * CKK * K)
+    problems = ((O, images * HO * WO),)
+    cfg = _config(config_for, "conv_weight_grad", batch, problems, C * KH * KW, sm_count)
+    return _launch("weight_grad", batch, images, problems, C * KH * KW, cfg["SPLIT_K"], cfg,
+                   useful=batch * O * C * KH * KW * images * HO * WO)
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,7 +393,7 @@ def _per_task_contiguous_weight(w):
     return w.contiguous()
 
 
-def _forward_call(x, w, b, stride, padding, config_for=None):
+def _forward_call(x, w, b, stride, padding, config_for=None, sm_count=None):
     """(launch, x, w, b, w task stride, bias task stride) for task_conv2d, or None where it
     declines."""
     geometry = _geometry(stride, padding)
@@ -365,11 +413,12 @@ def _forward_call(x, w, b, stride, padding, config_for=None):
     bias_task_stride = task_stride(b, 2) if b is not None else 0
     # Shared weight and bias: the tasks fold into the images.
     batch, images = (1, T * NB) if w_task_stride == 0 and bias_task_stride == 0 else (T, NB)
-    launch = forward_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for)
+    launch = forward_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for,
+                            sm_count or device_sm_count(x.device))
     return launch, w, w_task_stride, bias_task_stride
 
 
-def _input_grad_call(grad_out, w, input_size, stride, padding, config_for=None):
+def _input_grad_call(grad_out, w, input_size, stride, padding, config_for=None, sm_count=None):
     geometry = _geometry(stride, padding)
     if geometry is None or not all_float32_on_one_device(grad_out, w) or grad_out.dim() != 5:
         return None
@@ -386,11 +435,12 @@ def _input_grad_call(grad_out, w, input_size, stride, padding, config_for=None):
     w = _per_task_contiguous_weight(w)
     w_task_stride = _weight_task_stride(w)
     batch, images = (1, T * NB) if w_task_stride == 0 else (T, NB)
-    launch = input_grad_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for)
+    launch = input_grad_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for,
+                               sm_count or device_sm_count(grad_out.device))
     return launch, w, w_task_stride
 
 
-def _weight_grad_call(grad_out, x, kernel_size, stride, padding, shared, config_for=None):
+def _weight_grad_call(grad_out, x, kernel_size, stride, padding, shared, config_for=None, sm_count=None):
     geometry = _geometry(stride, padding)
     if geometry is None or not all_float32_on_one_device(grad_out, x) or grad_out.dim() != 5 or x.dim() != 5:
         return None
@@ -405,18 +455,21 @@ def _weight_grad_call(grad_out, x, kernel_size, stride, padding, shared, config_
     if (H + 2 * ph - KH) // sh + 1 != HO or (W + 2 * pw - KW) // sw + 1 != WO:
         return None
     batch, images = (1, T * NB) if shared else (T, NB)
-    return (weight_grad_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for),)
+    return (weight_grad_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for,
+                               sm_count or device_sm_count(x.device)),)
 
 
 _CALLS = {"task_conv2d": _forward_call, "task_conv2d_input_grad": _input_grad_call,
           "task_conv2d_weight_grad": _weight_grad_call}
 
 
-def conv_launch_plan(kernel: str, *args, config_for=None) -> ConvLaunch | None:
+def conv_launch_plan(kernel: str, *args, config_for=None, sm_count: int | None = None) -> ConvLaunch | None:
     """The launch the launcher ``kernel`` (a name of the table, e.g. "task_conv2d_input_grad")
     makes for ``args``, or None where it declines; runs nothing. config_for: the tile rule
-    (default conv_config, what the launcher itself uses; gpu_conv_config for a GPU's)."""
-    call = _CALLS[kernel](*args, config_for=config_for)
+    (default conv_config, what the launcher itself uses; gpu_conv_config for a GPU's).
+    sm_count: the SMs to plan for (default: the device's, or with gpu_conv_config an
+    H100's)."""
+    call = _CALLS[kernel](*args, config_for=config_for, sm_count=sm_count)
     return None if call is None else call[0]
 
 
@@ -433,17 +486,19 @@ def task_conv2d(x, w, b, stride, padding, input_precision="ieee"):
     b = b.contiguous() if b is not None and b.stride(-1) != 1 else b
     out = torch.empty((T, NB, O, HO, WO), dtype=torch.float32, device=x.device)
     cfg = launch.config
+    split_k = cfg["SPLIT_K"]
+    target = out if split_k == 1 else torch.empty((split_k, *out.shape), dtype=torch.float32, device=x.device)
     conv2d_forward_kernel[launch.grid](
-        x, w, b if b is not None else x, out,
-        launch.images, C, H, W, O, HO, WO,
-        NB * C * H * W, w_task_stride, bias_task_stride, NB * O * HO * WO,
+        x, w, b if b is not None else x, target,
+        launch.images, C, H, W, O, HO, WO, cfg["k_per_split"],
+        NB * C * H * W, w_task_stride, bias_task_stride, out.numel(), NB * O * HO * WO,
         sh, sw, ph, pw,
         KH=KH, KW=KW, HAS_BIAS=b is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out
+    return _sum_partial_tiles(target, out)
 
 
 def task_conv2d_input_grad(grad_out, w, input_size, stride, padding, input_precision="ieee"):
@@ -458,17 +513,19 @@ def task_conv2d_input_grad(grad_out, w, input_size, stride, padding, input_preci
     grad_out = grad_out.contiguous()
     out = torch.empty((T, NB, C, H, W), dtype=torch.float32, device=grad_out.device)
     cfg = launch.config
+    split_k = cfg["SPLIT_K"]
+    target = out if split_k == 1 else torch.empty((split_k, *out.shape), dtype=torch.float32, device=out.device)
     conv2d_input_grad_kernel[launch.grid](
-        grad_out, w, out,
-        launch.images, C, H, W, O, HO, WO,
-        NB * O * HO * WO, w_task_stride, NB * C * H * W,
+        grad_out, w, target,
+        launch.images, C, H, W, O, HO, WO, split_k, cfg["k_per_split"],
+        NB * O * HO * WO, w_task_stride, out.numel(), NB * C * H * W,
         sh, sw, ph, pw,
         KH=KH, KW=KW,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out
+    return _sum_partial_tiles(target, out)
 
 
 def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared, input_precision="ieee"):
@@ -497,6 +554,12 @@ def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared, i
         INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if split_k > 1:
-        torch.sum(target, dim=0, out=out)  # deterministic, unlike atomics
+    return _sum_partial_tiles(target, out)
+
+
+def _sum_partial_tiles(target, out):
+    """The second pass of a split launch: its partial tiles [SPLIT_K, *out] summed in split
+    order into ``out`` (deterministic, unlike atomics); nothing where it did not split."""
+    if target is not out:
+        torch.sum(target, dim=0, out=out)
     return out

@@ -15,9 +15,11 @@ task_matmul_kernel
     tiling BLOCK_M × BLOCK_N output tile, BLOCK_K steps of ``tl.dot(..., input_precision=
           INPUT_PRECISION)``: the launchers' ``input_precision`` (fastmeta.backends.precision:
           "ieee", true fp32 FMA, by default; "tf32x3"; "tf32"). Bias and activation are fused in the epilogue.
-          SPLIT_K > 1 writes fp32 partial tiles [SPLIT_K, batch, M, N], summed afterwards
-          by torch (deterministic, unlike atomics); used when the output has too few tiles
-          to fill the GPU, e.g. a shared weight-grad with K = T·N.
+          SPLIT_K > 1 writes fp32 partial tiles [SPLIT_K, batch, M, N] (the first K range
+          adds the bias), summed afterwards by torch in split order (deterministic, unlike
+          atomics); used when the launch has fewer busy programs than two waves of the
+          GPU's SMs, never with an activation. The tiles, the split, the warps and stages
+          come from kernels/tiles.py (:func:`matmul_launch`, :func:`linear_launch_plan`).
     bound  FLOPs at large sizes (51 TFLOP/s fp32 on the H200); the meta-learning layers
           are small (W1: 40 × 40 per task, W2 head: 256 × 5), so in practice launch and
           latency bound: the point is one launch for all tasks.
@@ -29,14 +31,24 @@ empty tensors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from fastmeta.kernels.activation import activation_code, apply_activation
-from fastmeta.kernels.launch_checks import all_float32_on_one_device, interpreting, task_stride
-
-SM_COUNT_GUESS = 132  # H100 SXM / H200; only used to size split-K, never queried at import
+from fastmeta.kernels.launch_checks import all_float32_on_one_device, task_stride
+from fastmeta.kernels.tiles import (
+    H100_SM_COUNT,
+    cdiv,
+    busy_programs,
+    device_sm_count,
+    k_steps,
+    launch_config,
+    normalized_split,
+    plan_config,
+)
 
 
 @triton.jit
@@ -77,8 +89,9 @@ def task_matmul_kernel(
         a_ptrs += BLOCK_K * a_k_stride
         b_ptrs += BLOCK_K * b_k_stride
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + batch * bias_batch_stride + offs_n * bias_n_stride, mask=offs_n < N, other=0.0)
+    if HAS_BIAS:  # once: by the first K range's partial tile
+        bias = tl.load(bias_ptr + batch * bias_batch_stride + offs_n * bias_n_stride, mask=(offs_n < N) & (split == 0),
+                       other=0.0)
         acc += bias[None, :]
     acc = apply_activation(acc, negative_slope, ACT)
     c_ptrs = (c_ptr + split.to(tl.int64) * c_split_stride + batch * c_batch_stride
@@ -86,53 +99,96 @@ def task_matmul_kernel(
     tl.store(c_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def matmul_config(batch: int, M: int, N: int, K: int) -> dict:
-    """Tile sizes and split-K for one batched GEMM, keyed on its sizes.
+def matmul_config(batch: int, M: int, N: int, K: int, *, kernel: str = "linear_forward", sm_count: int | None = None,
+                  can_split: bool = True) -> dict:
+    """The launchers' tiles and split-K for one batched GEMM of ``batch`` × (M, N, K):
+    kernels/tiles.py's plan at ``sm_count`` SMs (the device's), or the interpreter's tiles
+    (one tile covers each dimension, no split) where there is none."""
+    return launch_config(kernel, batch, ((M, K),), N, sm_count, can_split)
 
-    Tiles are at least 16 on each side (tl.dot's minimum) and at most 64: the per-task
-    GEMMs here are small (W1: 10 × 40 × 40; W2's head 5 × 5 × 256), and a 64 × 64 fp32
-    accumulator is 32 registers per thread at 4 warps. Split-K kicks in when the output
-    has fewer tiles than a third of the SMs and K is long enough to give each split at
-    least 4 K-steps (e.g. the shared weight-grad of W2's head: 1 tile, K = 32 · 10).
-    Under the interpreter each program costs ~7 ms, so one tile covers each dimension.
+
+def gpu_matmul_config(batch: int, M: int, N: int, K: int, *, kernel: str = "linear_forward",
+                      sm_count: int | None = None, can_split: bool = True) -> dict:
+    """The tiles a GPU launch gets at ``sm_count`` SMs (an H100's 132 by default), also under
+    the interpreter: for the accounting on the CPU, and for tests that run a GPU's tiles."""
+    return plan_config(kernel, batch, ((M, K),), N, sm_count, can_split)
+
+
+@dataclass(frozen=True)
+class LinearLaunch:
+    """One launch of task_matmul_kernel, shaped as task_conv2d's ConvLaunch.
+
+    kernel: "forward", "input_grad" or "weight_grad". batch: grid row 1 (T, or 1 when the
+    tasks fold into the rows or the reduction); M, N, K: each batch entry's GEMM. grid,
+    config: what the launcher runs (the tiles, SPLIT_K and k_per_split, warps, stages).
+    issued_macs: BLOCK_M × BLOCK_N × BLOCK_K per K-step of every program, tile padding
+    included (a split adds none); useful_macs: batch · M · N · K. busy_programs: programs
+    with at least one K-step; sm_count: the SMs the launch was planned for (None: the
+    interpreter's tiles, or tiles forced by the caller).
     """
-    if interpreting():
-        return {
-            "BLOCK_M": max(16, triton.next_power_of_2(M)),
-            "BLOCK_N": max(16, triton.next_power_of_2(N)),
-            "BLOCK_K": max(16, min(64, triton.next_power_of_2(K))),
-            "SPLIT_K": 1, "num_warps": 1, "num_stages": 1,
-        }
-    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    block_n = 16 if N <= 16 else 32 if N <= 32 else 64
-    block_k = 16 if K <= 16 else 32
-    tiles = batch * triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    split_k = 1
-    if tiles < SM_COUNT_GUESS // 3:
-        split_k = max(1, min(triton.cdiv(SM_COUNT_GUESS, tiles), K // (4 * block_k)))
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
-            "num_warps": 4, "num_stages": 3}
+
+    kernel: str
+    batch: int
+    M: int
+    N: int
+    K: int
+    grid: tuple[int, int, int]
+    config: dict
+    issued_macs: int
+    useful_macs: int
+    busy_programs: int = 0
+    sm_count: int | None = None
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def split_k(self) -> int:
+        return self.config["SPLIT_K"]
+
+    def waves(self, sm_count: int = H100_SM_COUNT) -> float:
+        """Busy programs per ``sm_count`` SMs."""
+        return self.busy_programs / sm_count
+
+
+def matmul_launch(kernel: str, batch: int, M: int, N: int, K: int, can_split: bool = True, config_for=None,
+                  sm_count: int | None = None) -> LinearLaunch:
+    """The plan of one task_matmul_kernel launch. can_split: False where an activation
+    follows the bias (it cannot apply to partial tiles). config_for: the tile rule (default
+    matmul_config, the launchers'; gpu_matmul_config for a GPU's)."""
+    cfg = dict((config_for or matmul_config)(batch, M, N, K, kernel=f"linear_{kernel}", sm_count=sm_count,
+                                             can_split=can_split))
+    split_k, k_per_split = normalized_split(K, cfg["BLOCK_K"], cfg.get("SPLIT_K", 1) if can_split else 1)
+    cfg.update(SPLIT_K=split_k, k_per_split=k_per_split)
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+    return LinearLaunch(kernel, batch, M, N, K, (tiles, batch, split_k), cfg,
+                        issued_macs=batch * tiles * k_steps(K, cfg["BLOCK_K"], k_per_split)
+                        * cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["BLOCK_K"],
+                        useful_macs=batch * M * N * K,
+                        busy_programs=busy_programs(batch, ((M, K),), N, cfg["BLOCK_M"], cfg["BLOCK_N"], k_per_split),
+                        sm_count=cfg.get("sm_count"))
 
 
 def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_strides,
                        bias=None, bias_strides=(0, 0), act_code=0, negative_slope=0.0, config=None,
-                       input_precision="ieee"):
+                       input_precision="ieee", kernel="forward"):
     """C[batch] = act(A[batch] @ B[batch] + bias) into ``out`` (its strides given).
 
-    Strides are (batch, m, k) for A, (batch, k, n) for B, (batch, m, n) for C. With
-    split-K (no bias or activation allowed) partial tiles go to a scratch buffer and are
-    summed into ``out``.
+    Strides are (batch, m, k) for A, (batch, k, n) for B, (batch, m, n) for C. config: a
+    plan's (:func:`matmul_launch`; planned here for ``kernel`` when not given). With
+    split-K (no activation allowed; the first K range adds the bias) partial tiles go to a
+    scratch buffer and are summed into ``out`` in split order.
     """
-    cfg = config or matmul_config(batch, M, N, K)
-    split_k = cfg["SPLIT_K"] if bias is None and act_code == 0 else 1
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    split_k = triton.cdiv(K, k_per_split)
+    cfg = config or matmul_launch(kernel, batch, M, N, K, act_code == 0,
+                                  sm_count=device_sm_count(out.device)).config
+    split_k, k_per_split = normalized_split(K, cfg["BLOCK_K"], cfg["SPLIT_K"] if act_code == 0 else 1)
     target, target_strides, split_stride = out, out_strides, 0
     if split_k > 1:
         target = torch.empty((split_k, batch, M, N), dtype=torch.float32, device=out.device)
         split_stride = batch * M * N
         target_strides = (M * N, N, 1)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), batch, split_k)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), batch, split_k)
     task_matmul_kernel[grid](
         a, b, bias if bias is not None else a, target,
         M, N, K, k_per_split,
@@ -144,13 +200,14 @@ def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_stri
         INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if split_k > 1:
+    if split_k > 1:  # the second pass: deterministic, unlike atomics
         torch.sum(target, dim=0, out=out.as_strided((batch, M, N), (out_strides[0], out_strides[1], out_strides[2])))
     return out
 
 
 # ---------------------------------------------------------------------------------------
-# launchers
+# launchers: each _call plans its launch from the shapes (and runs nothing); the launcher
+# then allocates and runs it. linear_launch_plan() gives the plans alone.
 # ---------------------------------------------------------------------------------------
 
 
@@ -158,65 +215,116 @@ def _weight_is_shared(w) -> bool:
     return w.dim() == 2 or (w.size(0) > 1 and w.stride(0) == 0)
 
 
-def task_linear(x, w, b, act, negative_slope, input_precision="ieee"):
+def _linear_call(x, w, b, act, negative_slope, config_for=None, sm_count=None):
+    """(launch, gemm arguments, output shape) for task_linear, or None where it declines."""
     code = activation_code(act, negative_slope)
     if code is None or not all_float32_on_one_device(x, w, b) or x.dim() != 3 or w.dim() not in (2, 3):
-        return NotImplemented
+        return None
     T, N, I = x.shape
     O = w.size(-2)
     if w.size(-1) != I or (w.dim() == 3 and w.size(0) != T):
-        return NotImplemented
+        return None
     if b is not None and not (b.shape == (O,) or b.shape == (T, O)):
-        return NotImplemented
-    out = torch.empty((T, N, O), dtype=torch.float32, device=x.device)
+        return None
     w_task_stride = 0 if _weight_is_shared(w) else w.stride(0)
     b_strides = (task_stride(b, 2), b.stride(-1)) if b is not None else (0, 0)
     weight_strides = (w_task_stride, w.stride(-1), w.stride(-2))  # B = wᵀ: (batch, k=i, n=o)
+    sm_count = sm_count or device_sm_count(x.device)
     if w_task_stride == 0 and b_strides[0] == 0 and x.stride(0) == N * x.stride(1):
         # Shared weight and bias: fold the tasks into M, one GEMM of T·N rows.
-        launch_task_matmul(x, (0, x.stride(1), x.stride(2)), w, weight_strides, 1, T * N, O, I,
-                           out, (0, O, 1), b, b_strides, code, negative_slope, input_precision=input_precision)
+        launch = matmul_launch("forward", 1, T * N, O, I, code == 0, config_for, sm_count)
+        gemm = (x, (0, x.stride(1), x.stride(2)), w, weight_strides, 1, T * N, O, I, (0, O, 1))
     else:
-        launch_task_matmul(x, x.stride(), w, weight_strides, T, N, O, I,
-                           out, out.stride(), b, b_strides, code, negative_slope, input_precision=input_precision)
-    return out
+        launch = matmul_launch("forward", T, N, O, I, code == 0, config_for, sm_count)
+        gemm = (x, x.stride(), w, weight_strides, T, N, O, I, (N * O, O, 1))
+    return launch, gemm, (T, N, O), (b, b_strides, code)
 
 
-def task_linear_input_grad(grad_out, w, input_precision="ieee"):
+def _linear_input_grad_call(grad_out, w, config_for=None, sm_count=None):
     if not all_float32_on_one_device(grad_out, w) or grad_out.dim() != 3 or w.dim() not in (2, 3):
-        return NotImplemented
+        return None
     T, N, O = grad_out.shape
     I = w.size(-1)
     if w.size(-2) != O or (w.dim() == 3 and w.size(0) != T):
-        return NotImplemented
-    out = torch.empty((T, N, I), dtype=torch.float32, device=grad_out.device)
+        return None
     w_task_stride = 0 if _weight_is_shared(w) else w.stride(0)
     weight_strides = (w_task_stride, w.stride(-2), w.stride(-1))  # B = w: (batch, k=o, n=i)
+    sm_count = sm_count or device_sm_count(grad_out.device)
     if w_task_stride == 0 and grad_out.stride(0) == N * grad_out.stride(1):
-        launch_task_matmul(grad_out, (0, grad_out.stride(1), grad_out.stride(2)), w, weight_strides,
-                           1, T * N, I, O, out, (0, I, 1), input_precision=input_precision)
+        launch = matmul_launch("input_grad", 1, T * N, I, O, True, config_for, sm_count)
+        gemm = (grad_out, (0, grad_out.stride(1), grad_out.stride(2)), w, weight_strides, 1, T * N, I, O, (0, I, 1))
     else:
-        launch_task_matmul(grad_out, grad_out.stride(), w, weight_strides, T, N, I, O, out, out.stride(),
-                           input_precision=input_precision)
-    return out
+        launch = matmul_launch("input_grad", T, N, I, O, True, config_for, sm_count)
+        gemm = (grad_out, grad_out.stride(), w, weight_strides, T, N, I, O, (N * I, I, 1))
+    return launch, gemm, (T, N, I)
 
 
-def task_linear_weight_grad(grad_out, x, shared, input_precision="ieee"):
+def _linear_weight_grad_call(grad_out, x, shared, config_for=None, sm_count=None):
     if not all_float32_on_one_device(grad_out, x) or grad_out.dim() != 3 or x.dim() != 3:
-        return NotImplemented
+        return None
     T, N, O = grad_out.shape
     I = x.size(-1)
     if x.shape[:2] != (T, N):
-        return NotImplemented
+        return None
+    sm_count = sm_count or device_sm_count(x.device)
     if shared:
         # Σ_t g[t]ᵀ x[t]: the tasks join the reduction, K = T·N (reshape copies only when
         # the tasks cannot be folded in place).
-        g2, x2 = grad_out.reshape(T * N, O), x.reshape(T * N, I)
-        out = torch.empty((O, I), dtype=torch.float32, device=x.device)
-        launch_task_matmul(g2, (0, g2.stride(1), g2.stride(0)), x2, (0, x2.stride(0), x2.stride(1)),
-                           1, O, I, T * N, out, (0, I, 1), input_precision=input_precision)
-        return out
-    out = torch.empty((T, O, I), dtype=torch.float32, device=x.device)
-    launch_task_matmul(grad_out, (grad_out.stride(0), grad_out.stride(2), grad_out.stride(1)),
-                       x, x.stride(), T, O, I, N, out, out.stride(), input_precision=input_precision)
-    return out
+        def gemm():
+            g2, x2 = grad_out.reshape(T * N, O), x.reshape(T * N, I)
+            return (g2, (0, g2.stride(1), g2.stride(0)), x2, (0, x2.stride(0), x2.stride(1)), 1, O, I, T * N,
+                    (0, I, 1))
+
+        return matmul_launch("weight_grad", 1, O, I, T * N, True, config_for, sm_count), gemm, (O, I)
+
+    def gemm():
+        return (grad_out, (grad_out.stride(0), grad_out.stride(2), grad_out.stride(1)), x, x.stride(), T, O, I, N,
+                (O * I, I, 1))
+
+    return matmul_launch("weight_grad", T, O, I, N, True, config_for, sm_count), gemm, (T, O, I)
+
+
+_LINEAR_CALLS = {"task_linear": _linear_call, "task_linear_input_grad": _linear_input_grad_call,
+                 "task_linear_weight_grad": _linear_weight_grad_call}
+
+
+def linear_launch_plan(kernel: str, *args, config_for=None, sm_count: int | None = None) -> LinearLaunch | None:
+    """The launch the launcher ``kernel`` (a name of the table, e.g. "task_linear_weight_grad")
+    makes for ``args``, or None where it declines; runs nothing. config_for: the tile rule
+    (default matmul_config, what the launcher itself uses; gpu_matmul_config for a GPU's).
+    sm_count: the SMs to plan for (default: the device's, or with gpu_matmul_config an
+    H100's)."""
+    call = _LINEAR_CALLS[kernel](*args, config_for=config_for, sm_count=sm_count)
+    return None if call is None else call[0]
+
+
+def _run(launch, gemm, out_shape, device, bias=None, bias_strides=(0, 0), act_code=0, negative_slope=0.0,
+         input_precision="ieee"):
+    out = torch.empty(out_shape, dtype=torch.float32, device=device)
+    a, a_strides, b, b_strides, batch, M, N, K, out_strides = gemm
+    return launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_strides, bias, bias_strides,
+                              act_code, negative_slope, config=launch.config, input_precision=input_precision)
+
+
+def task_linear(x, w, b, act, negative_slope, input_precision="ieee"):
+    call = _linear_call(x, w, b, act, negative_slope)
+    if call is None:
+        return NotImplemented
+    launch, gemm, out_shape, (b, b_strides, code) = call
+    return _run(launch, gemm, out_shape, x.device, b, b_strides, code, negative_slope, input_precision)
+
+
+def task_linear_input_grad(grad_out, w, input_precision="ieee"):
+    call = _linear_input_grad_call(grad_out, w)
+    if call is None:
+        return NotImplemented
+    launch, gemm, out_shape = call
+    return _run(launch, gemm, out_shape, grad_out.device, input_precision=input_precision)
+
+
+def task_linear_weight_grad(grad_out, x, shared, input_precision="ieee"):
+    call = _linear_weight_grad_call(grad_out, x, shared)
+    if call is None:
+        return NotImplemented
+    launch, gemm, out_shape = call
+    return _run(launch, gemm(), out_shape, x.device, input_precision=input_precision)

@@ -93,7 +93,7 @@ def test_results_schema(two_part_run):
     # The families come from the op table: every op module with Triton kernels, every
     # csrc/cuda/<family>.cu.
     expected = {"install", "build", "triton:common", "whole_step", "profile", "eager-vs-captured", "precision",
-                "bench:W1-second:fastmeta",
+                "tune", "bench:W1-second:fastmeta",
                 "bench:W1-second:peers", "memcheck"}
     expected |= {f"triton:{f}" for f in triton_families()}
     expected |= {f"cuda:{f}" for f in cuda_families()}
@@ -127,6 +127,21 @@ def test_results_schema(two_part_run):
     assert {(r["workload"], r["mode"]) for r in chosen["rows"]} == {("W1", m) for m in ("ieee", "tf32x3", "tf32")}
     assert chosen["passing"] == {"ieee": True, "tf32x3": True, "tf32": False}
     assert chosen["choice"] == "ieee"
+    # The tile sweep: W1's and W2S's shape classes under the interpreter, planned for 2 SMs,
+    # two candidates each, the heaviest first within its budget; its table in the format of
+    # kernels/tile_table.json.
+    from fastmeta.kernels.tiles import check_table
+
+    tuned = results["tune"]
+    table = check_table(tuned["table"])
+    assert table["schema"] == "fastmeta-tile-table-1" and table["sm_count"] == tuned["sm_count"] == 2
+    assert table["entries"] and set(table["entries"]) <= set(tuned["classes"])
+    for key, entry in table["entries"].items():
+        assert key.split("/")[0] in ("conv_forward", "conv_input_grad", "conv_weight_grad", "linear_forward",
+                                     "linear_input_grad", "linear_weight_grad")
+        assert 1 <= entry["candidates"] <= 2 and entry["ms"] > 0
+        assert entry["ms"] == pytest.approx(tuned["classes"][key]["best_ms"], rel=1e-3)
+    assert all(key not in tuned["classes"] for key in tuned["left"])
 
 
 def test_verified_is_written_family_by_family(two_part_run):
@@ -181,6 +196,7 @@ def test_summary(two_part_run):
     assert "eager against captured: W1" in text
     assert "matmul precision: the default to set is ieee (passing: ieee, tf32x3)" in text
     assert "profile W1-captured (CPU self time):" in text
+    assert "shape classes tuned at 2 SMs" in text
     assert text.strip() in b.stdout
 
 

@@ -69,7 +69,7 @@ def small_tiles(monkeypatch):
     from fastmeta.kernels import task_conv2d
 
     gemm = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 1, "num_stages": 1}
-    monkeypatch.setattr(task_conv2d, "conv_config", lambda *a: gemm)
+    monkeypatch.setattr(task_conv2d, "conv_config", lambda *a, **k: gemm)
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
@@ -316,3 +316,79 @@ def test_strides_kernels_and_paddings(backend, device, label, shape, kernel, str
 def test_strided_input_grad_with_small_tiles(backend, device, small_tiles, label, shape, kernel, stride, padding):
     args = geometry_args(shape, kernel, stride, padding, "per_task", device)
     check_op(backend, ops.task_conv2d, args, [0, 1], KERNELS, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Split-K (kernels/tiles.py): the launches planned for a GPU of 8 SMs, so that tiny
+# problems split K as a GPU's small layers do (fewer busy programs than two waves)
+# ---------------------------------------------------------------------------------------
+
+SPLIT_SMS = 8
+# (T, N, C, H, W), (O, kh, kw), stride, padding, weight, bias; the kernels that split there.
+SPLIT_CASES = [
+    # forward K = 64·9 (18 steps) → 4 ranges; per-task bias (the first range adds it)
+    ("s2-forward", (2, 2, 64, 8, 8), (64, 3, 3), [2, 2], [1, 1], "per_task", "per_task", {"task_conv2d"}),
+    # input gradient: phases of 4 × 4 pixels and K = 128 · 4, 2, 2, 1 taps (16, 8, 8, 4
+    # steps) → 3, 2, 2 and 1 ranges of 6 steps
+    ("s2-input-grad", (2, 1, 16, 8, 8), (128, 3, 3), [2, 2], [1, 1], "per_task", "per_task",
+     {"task_conv2d_input_grad"}),
+    # weight gradient K = 4·8·8 per task (8 steps) → 2 ranges; shared: K = 2·4·8·8 → 4
+    ("s1-shared", (2, 4, 16, 8, 8), (16, 3, 3), [1, 1], [1, 1], "shared", "shared",
+     {"task_conv2d_weight_grad"}),
+]
+
+
+def split_args(shape, kernel, stride, padding, weight_kind, bias_kind, device):
+    (T, N, C, H, W), (O, kh, kw) = shape, kernel
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(T, O, C, kh, kw, generator=g) if weight_kind == "per_task" else torch.randn(O, C, kh, kw, generator=g)
+    b = torch.randn(T, O, generator=g) if bias_kind == "per_task" else torch.randn(O, generator=g)
+    return to([torch.randn(T, N, C, H, W, generator=g), w, b], device) + [list(stride), list(padding)]
+
+
+def split_plans(args, shared):
+    from fastmeta.kernels.task_conv2d import conv_launch_plan
+
+    x, w, b, stride, padding = args
+    (T, N, C, H, W), O, (kh, kw) = x.shape, w.shape[-4], w.shape[-2:]
+    HO, WO = (H + 2 * padding[0] - kh) // stride[0] + 1, (W + 2 * padding[1] - kw) // stride[1] + 1
+    gy = torch.randn(T, N, O, HO, WO, device=x.device)
+    return {"task_conv2d": conv_launch_plan("task_conv2d", x, w, b, stride, padding),
+            "task_conv2d_input_grad": conv_launch_plan("task_conv2d_input_grad", gy, w, [H, W], stride, padding),
+            "task_conv2d_weight_grad": conv_launch_plan("task_conv2d_weight_grad", gy, x, [kh, kw], stride, padding,
+                                                        shared)}
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("label,shape,kernel,stride,padding,weight_kind,bias_kind,splitting", SPLIT_CASES,
+                         ids=[c[0] for c in SPLIT_CASES])
+def test_split_k_against_the_reference(backend, device, label, shape, kernel, stride, padding, weight_kind,
+                                       bias_kind, splitting):
+    """Outputs, first- and second-order gradients of launches that split K (the partial
+    tiles summed in a second pass) against the reference."""
+    from fastmeta.kernels.tiles import planned_for_sm_count
+
+    args = split_args(shape, kernel, stride, padding, weight_kind, bias_kind, device)
+    with planned_for_sm_count(SPLIT_SMS):
+        plans = split_plans(args, weight_kind == "shared")
+        assert {name for name, plan in plans.items() if plan.split_k > 1} == splitting, \
+            {name: plan.config for name, plan in plans.items()}
+        assert all(plan.sm_count == SPLIT_SMS and plan.issued_macs >= plan.useful_macs for plan in plans.values())
+        check_op(backend, ops.task_conv2d, args, [0, 1, 2], KERNELS, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_split_k_is_deterministic(backend, device):
+    """The partial tiles are summed in split order: the same inputs give the same bits."""
+    from fastmeta.kernels.tiles import planned_for_sm_count
+
+    with planned_for_sm_count(SPLIT_SMS):
+        for label, shape, kernel, stride, padding, weight_kind, bias_kind, _ in SPLIT_CASES[:2]:
+            x, w, b, stride, padding = split_args(shape, kernel, stride, padding, weight_kind, bias_kind, device)
+            plans = split_plans([x, w, b, stride, padding], False)
+            (T, N, C, H, W), O = x.shape, w.shape[1]
+            gy = torch.randn(T, N, O, (H + 1) // 2, (W + 1) // 2, device=device)
+            for name, args in [("task_conv2d", (x, w, b, stride, padding)),
+                               ("task_conv2d_input_grad", (gy, w, [H, W], stride, padding))]:
+                first, second = direct(backend, name, *args), direct(backend, name, *args)
+                assert torch.equal(first, second), (label, name, plans[name].config)

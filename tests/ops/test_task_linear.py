@@ -72,7 +72,7 @@ def small_tiles(monkeypatch):
     from fastmeta.kernels import activation, task_linear
 
     gemm = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 1, "num_stages": 1}
-    monkeypatch.setattr(task_linear, "matmul_config", lambda *a: gemm)
+    monkeypatch.setattr(task_linear, "matmul_config", lambda *a, **k: gemm)
     monkeypatch.setattr(activation, "elementwise_config", lambda *a: {"BLOCK": 16, "num_warps": 1})
 
 
@@ -204,3 +204,38 @@ def test_task_shared_weights_compute_per_task_weight_gradients(backend):
         (g,) = torch.autograd.grad(y.sum(), w)
     want = torch.stack([torch.autograd.grad(torch.tanh(x[t] @ base.t()).sum(), base)[0] for t in range(2)])
     assert g.shape == (2, 5, 4) and torch.allclose(g, want)
+
+
+# ---------------------------------------------------------------------------------------
+# Split-K (kernels/tiles.py): the launches planned for a GPU of 8 SMs
+# ---------------------------------------------------------------------------------------
+
+SPLIT_SMS = 8
+
+
+@pytest.mark.parametrize("backend,device", backend_params("triton"))
+@pytest.mark.parametrize("weight_kind", ["per_task", "shared"])
+def test_split_k_against_the_reference(backend, device, weight_kind):
+    """256 rows × 16 outputs × 256 inputs: the forward (K = 256, 8 steps) and the weight
+    gradient (K = 256 rows, or 2 · 256 shared) have too few tiles for two waves of 8 SMs and
+    split K; the bias is added by the first range. Outputs, first and second order."""
+    from fastmeta.kernels.task_linear import linear_launch_plan
+    from fastmeta.kernels.tiles import planned_for_sm_count
+
+    T, N, I, O = 2, 256, 256, 16
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(T, O, I, generator=g) / 16 if weight_kind == "per_task" else torch.randn(O, I, generator=g) / 16
+    b = torch.randn(T, O, generator=g) if weight_kind == "per_task" else torch.randn(O, generator=g)
+    x = torch.randn(T, N, I, generator=g)
+    args = to([x, w, b, "none", 0.0], device)
+    with planned_for_sm_count(SPLIT_SMS):
+        forward = linear_launch_plan("task_linear", *args)
+        weight_grad = linear_launch_plan("task_linear_weight_grad", args[0].new_ones(T, N, O), args[0],
+                                         weight_kind == "shared")
+        assert forward.split_k > 1 and weight_grad.split_k > 1, (forward.config, weight_grad.config)
+        assert forward.sm_count == SPLIT_SMS and forward.busy_programs >= 2 * SPLIT_SMS
+        # An activation after the bias cannot apply to partial tiles: that launch does not split.
+        assert linear_launch_plan("task_linear", args[0], args[1], args[2], "relu", 0.0).split_k == 1
+        check_op(backend, ops.task_linear, args, [0, 1, 2], KERNELS, rtol=1e-4)
+        again = [direct(backend, "task_linear", *args) for _ in range(2)]
+        assert torch.equal(again[0], again[1])  # summed in split order: the same bits
