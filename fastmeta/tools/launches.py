@@ -192,8 +192,18 @@ def _fast_route(lists: list[list[torch.Tensor]]) -> bool:
         for t, lead in zip(tensors, lists[0]):
             if t.dtype != first.dtype or t.device != first.device or t.shape != lead.shape or t.stride() != lead.stride():
                 return False
-            if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+            if not _non_overlapping_and_dense(t):
                 return False
+    return True
+
+
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """Its elements fill one block of memory, each once, in some order of the dimensions."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
     return True
 
 
