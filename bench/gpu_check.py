@@ -433,6 +433,125 @@ def precision_summary(report: dict) -> dict:
             "time_over_ieee": decision["time_over_ieee"], "rows": rows}
 
 
+# Issue 27, step 5: `fastmeta train omniglot-5w1s`, time-boxed, then the test accuracy of
+# what it reached on the 600 fixed test tasks. The official archives are not in the
+# repository: the step reads them from TRAIN_DATA (git-ignored), which the session copies
+# there and names in the device tool's carry (module docstring).
+TRAIN_STEP = "train"
+TRAIN_PRESET = "omniglot-5w1s"
+TRAIN_DATA = REPO / ".device-data" / "omniglot"
+TRAIN_ARCHIVES = ("images_background.zip", "images_evaluation.zip")
+TRAIN_BOX = 150
+TRAIN_RATE_GUESS = 175.0  # iterations/s of `fastmeta train omniglot-5w1s` on an H100 (issue 27)
+TRAIN_STARTUP_S = 35  # imports, decoding the archives (cached after the first run), the capture
+TRAIN_TEST_S = 25  # the 600-task test at 3 and 10 steps, and a `fastmeta eval` process if it must run
+TRAIN_TEST_TASKS = 600
+
+
+def train_plan(dry_run: bool, box: float) -> dict:
+    """What the train step runs in ``box`` seconds: the iterations (sized from the box at
+    TRAIN_RATE_GUESS, at most the paper's 60 000), the test tasks and the extra arguments.
+    The dry run: 2 iterations and 8 test tasks on the CPU, on the tests' synthetic Omniglot."""
+    if dry_run:
+        return {"iterations": 2, "test_tasks": 8, "arguments": ["--device", "cpu", "--log-every", "1"]}
+    seconds = max(box - TRAIN_STARTUP_S - TRAIN_TEST_S, 5)
+    return {"iterations": int(min(60_000, max(100, seconds * TRAIN_RATE_GUESS))), "test_tasks": TRAIN_TEST_TASKS,
+            "arguments": []}
+
+
+# The dry run's data: the synthetic Omniglot of the tests (tests/conftest.py), written by a child.
+SYNTHETIC_OMNIGLOT = r"""
+import sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from conftest import write_synthetic_omniglot
+write_synthetic_omniglot(Path(sys.argv[1]))
+print("wrote", sys.argv[1])
+"""
+
+
+def train(check: "Check") -> None:
+    name = TRAIN_STEP
+    if check.carried(name):
+        return
+    data = check.work / "synthetic-omniglot" if check.dry_run else TRAIN_DATA
+    if not check.dry_run and not all((data / a).is_file() for a in TRAIN_ARCHIVES):
+        if check.selected(name):
+            check.set_step(name, status="skipped", box_s=TRAIN_BOX, estimate_s=TRAIN_BOX,
+                           note=f"no Omniglot: {', '.join(TRAIN_ARCHIVES)} not in {data.relative_to(REPO)}/ "
+                                "(copy them there and carry the folder)")
+            check.publish()
+        else:
+            check.set_step(name, status="not-run", note="not selected (--only)", box_s=TRAIN_BOX)
+        return
+    step_box = start_step(check, name, 60 if check.dry_run else TRAIN_BOX, 20 if check.dry_run else TRAIN_BOX)
+    if step_box is None:
+        return
+    began = time.monotonic()
+    env = {"FASTMETA_CACHE_DIR": str(check.work / "dataset-cache")} if check.dry_run else {}
+    if check.dry_run:
+        check.run_command(f"{name}:data", [check.python, "-c", SYNTHETIC_OMNIGLOT, str(data)], 60)
+    plan = train_plan(check.dry_run, step_box)
+    run = check.work / "train-run"
+    iterations = plan["iterations"]
+    command = [check.python, "-m", "fastmeta", "train", TRAIN_PRESET, "--data", str(data), "--out", str(run),
+               "--iterations", str(iterations), "--validate-every", str(iterations),
+               "--checkpoint-every", str(iterations), "--test-tasks", str(plan["test_tasks"]), "--no-progress",
+               *plan["arguments"]]
+    # The run gets the box less the eval's reserve: stopped there (SIGTERM), it checkpoints
+    # the iteration it reached, which `fastmeta eval` then tests.
+    train_box = max(step_box - (0 if check.dry_run else TRAIN_TEST_S), 10)
+    rc, text = check.run_command(name, command, train_box, env)
+    measured = train_metrics(run / "metrics.jsonl")
+    source = "the run's final test"
+    if not measured["test"] and (run / "checkpoint.pt").exists():
+        left = step_box - (time.monotonic() - began)
+        if left >= 10:
+            report = check.work / "train-eval.json"
+            eval_command = [check.python, "-m", "fastmeta", "eval", str(run), "--data", str(data),
+                            "--tasks", str(plan["test_tasks"]), "--json", str(report), *plan["arguments"][:2]]
+            check.run_command(f"{name}:eval", eval_command, left, env)
+            if report.exists():
+                measured["test"] = json.loads(report.read_text())["results"]
+                source = "fastmeta eval of the checkpoint the box stopped"
+    seconds = round(time.monotonic() - began, 1)
+    if measured["test"]:
+        check.results["train"] = {"preset": TRAIN_PRESET, "iterations_asked": iterations, **measured,
+                                  "test_source": source, "device": check.results["device"].get("name"),
+                                  "run_id": check.run_id}
+        status = "passed"
+        tests = ", ".join(f"{100 * t['accuracy']:.2f} ± {100 * t['ci95']:.2f} % at {t['steps']} steps"
+                          for t in measured["test"])
+        note = (f"{measured['iterations_reached']} of {iterations} iterations at "
+                f"{measured['iterations_per_second'] or 0:.0f} it/s; test ({measured['test'][0]['tasks']} tasks): {tests}")
+    else:
+        tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or [""]
+        status = "timeout" if rc is None else "failed"
+        note = (f"{'killed at its box' if rc is None else f'exit {rc}'}, no test result "
+                f"({measured['iterations_reached']} iterations reached): {tail[0][:120]}")
+    check.set_step(name, status=status, seconds=seconds, note=note)
+    check.publish()
+
+
+def train_metrics(path: Path) -> dict:
+    """From a run's metrics.jsonl: the iterations reached, the training rate (iterations
+    over the run's training seconds) and the test records."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+    trained = [r for r in records if r.get("kind") == "train"]
+    last = trained[-1] if trained else {}
+    seconds = last.get("seconds")
+    return {"iterations_reached": last.get("iteration", 0), "train_seconds": seconds,
+            "iterations_per_second": last["iteration"] / seconds if seconds else None,
+            "test": [{k: r[k] for k in ("steps", "accuracy", "ci95", "tasks")} for r in records
+                     if r.get("kind") == "test"]}
+
+
 MEMCHECK_BOX = 60
 PER_MACHINE_STEPS = ("probe", "install", "build", "catalog")  # never carried over by --resume
 MEMCHECK_RESERVE = 45  # seconds the bench leaves for memcheck
@@ -524,8 +643,9 @@ class Check:
                 self.results["eager_vs_captured"] = earlier["eager_vs_captured"]
             if "precision" in earlier:
                 self.results["precision"] = earlier["precision"]
-            if "profile" in earlier:
-                self.results["profile"] = earlier["profile"]
+            for key in ("profile", "train", "kernel_count"):
+                if key in earlier:
+                    self.results[key] = earlier[key]
             for name, step in earlier.get("steps", {}).items():
                 if name in PER_MACHINE_STEPS:  # a fresh machine needs them again
                     continue
@@ -1127,6 +1247,12 @@ def summary(results: dict, verified: dict) -> str:
         lines += [f"  {r['workload']} {r['mode']:<6} {r['row']:<24} {r['status']:<11} "
                   f"{'-' if r['relative_error'] is None else format(r['relative_error'], '.2e')}"
                   for r in chosen["rows"]]
+    trained = results.get("train")
+    if trained:
+        lines += ["", f"train {trained['preset']}: {trained['iterations_reached']} iterations at "
+                      f"{trained['iterations_per_second'] or 0:.1f} it/s; test ({trained['test_source']}):"]
+        lines += [f"  {t['steps']:>2} steps: {100 * t['accuracy']:.2f} ± {100 * t['ci95']:.2f} % on {t['tasks']} tasks"
+                  for t in trained["test"]]
     lines += ["", "bench:"] + (bench_tables(results) or ["  nothing measured yet"])
     pending = [n for n, s in results["steps"].items() if s.get("status") not in ("passed", "carried", "clean",
                                                                                    "unavailable")]
@@ -1194,6 +1320,7 @@ def main(argv: list[str] | None = None) -> int:
         eager_vs_captured(check)
         precision(check)
         bench(check)
+        train(check)
         memcheck(check)
     except Interrupted:
         pass
