@@ -21,6 +21,12 @@ What it does, in priority order, each step in its own time box, ≤ 6 minutes in
    ``fastmeta profile --no-cuda-graphs`` of W2's user loop; the top kernels and their
    shares go under ``profile`` (traces stay on the machine). The dry run profiles W1's CPU
    whole step and user loop.
+   Then **kernel-count** (issues 24 and 27): the launch recorder's count of one captured W2
+   iteration (``python -m fastmeta.tools.launches W2 --compare-graph``: on the CPU,
+   through the CUDA path's launchers) against the kernel nodes of W2's whole step
+   captured on the GPU (``CUDAGraph.debug_dump``'s DOT, or torch.profiler's kernels of one
+   replay); both under ``kernel_count``, status ``differs`` where they do not agree. The
+   dry run records the recorder's count and the graph as unavailable.
 5. **eager against captured** (issue 23): W2's user loop (``fastmeta[auto]``: the learner
    and Adam with their defaults, new batches every iteration) against fastmeta's captured
    whole step (``fastmeta[auto]+graph``), in one process; the ratio eager / captured is
@@ -33,7 +39,18 @@ What it does, in priority order, each step in its own time box, ≤ 6 minutes in
 7. **the end-to-end bench** (``fastmeta bench``): fastmeta's rows first, then the peers,
    W1, W2, W3, W4 in that order, the slow ``compile`` peer last; every contender's result
    is appended to the results as it finishes (``--stream``).
-8. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
+8. **train** (issue 27, step 5): ``fastmeta train omniglot-5w1s`` in its own time box
+   (150 s), its ``--iterations`` sized from the box at the measured 175 iterations/s, then
+   the test accuracy of what it reached on the 600 fixed test tasks (the run's own final
+   test; where the box stopped the run, ``fastmeta eval`` of the checkpoint it wrote);
+   iterations reached, iterations/s and accuracy ± 95 % CI under ``train``. The official
+   archives are not in the repository: copy ``images_background.zip`` and
+   ``images_evaluation.zip`` to ``.device-data/omniglot/`` (git-ignored) and name
+   ``.device-data`` in the device tool's ``carry``; without them the step is ``skipped``,
+   saying so. It runs after the bench, so with the default budget it usually needs its own
+   run: ``--only train`` (or ``--resume``). The dry run trains 2 iterations on the CPU on
+   the tests' synthetic Omniglot (``tests/conftest.py``) and tests 8 tasks.
+9. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
    and the Triton kernels); recorded as ``unavailable`` where the sanitizer is missing or
    refuses the device (the H200 machines).
 
@@ -313,6 +330,49 @@ def profile_summary(report: dict, top: int) -> dict:
             "kernel_launches": sum(k["calls"] for k in kernels), "ranges": report["ranges"],
             "kernels": kernels[:top],
             "rest": {"kernels": len(rest), "us": sum(k["us"] for k in rest), "share": sum(k["share"] for k in rest)}}
+
+
+# Issue 24/27: the launch recorder's kernel count of a captured W2 iteration (on the CPU,
+# through the CUDA path's launchers: fastmeta/tools/launches.py) against the kernel nodes of
+# W2's whole step captured on this GPU (its CUDA graph's DOT, or the profiler's kernels of
+# one replay). The dry run records the recorder's count and the graph as unavailable.
+KERNEL_COUNT_STEP = "kernel-count"
+KERNEL_COUNT_WORKLOAD = "W2"
+
+
+def kernel_count(check: "Check") -> None:
+    name = KERNEL_COUNT_STEP
+    step_box = start_step(check, name, 60 if check.dry_run else 90, 20)
+    if step_box is None:
+        return
+    report = check.work / "kernel_count.json"
+    command = [check.python, "-m", "fastmeta.tools.launches", KERNEL_COUNT_WORKLOAD, "--compare-graph", str(report)]
+    began = time.monotonic()
+    rc, text = check.run_command(name, command, step_box)
+    seconds = round(time.monotonic() - began, 1)
+    counted = json.loads(report.read_text())[0] if rc == 0 and report.exists() else None
+    if counted is None:
+        tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or [""]
+        status = "timeout" if rc is None else "failed"
+        note = f"{'killed at its time box' if rc is None else f'exit {rc}'}: {tail[0][:140]}"
+    else:
+        recorder, graph = counted["recorder"], counted["graph"]
+        check.results["kernel_count"] = {
+            "workload": counted["workload"], "recorder": recorder["kernels"], "recorder_by_source": recorder["by_source"],
+            "recorder_top": dict(list(recorder["by_label"].items())[:25]),
+            "graph": graph.get("kernels", "unavailable"), "graph_source": graph["source"],
+            "graph_detail": {k: v for k, v in graph.items() if k not in ("kernels", "source")},
+            "difference": counted.get("difference"), "device": check.results["device"].get("name"),
+            "run_id": check.run_id}
+        if graph.get("kernels") is None:
+            status = "passed" if check.dry_run else "unavailable"
+            note = f"recorder {recorder['kernels']} kernels; captured graph unavailable: {graph.get('why', '')[:100]}"
+        else:
+            status = "passed" if counted["match"] else "differs"
+            agreement = "equal" if counted["match"] else f"the graph has {counted['difference']:+d}"
+            note = f"recorder {recorder['kernels']}, captured graph {graph['kernels']} ({graph['source']}): {agreement}"
+    check.set_step(name, status=status, seconds=seconds, note=note)
+    check.publish()
 
 
 # Issue 23: eager W2 (the user loop) against the captured whole step, in one process.
@@ -1247,6 +1307,11 @@ def summary(results: dict, verified: dict) -> str:
         lines += [f"  {r['workload']} {r['mode']:<6} {r['row']:<24} {r['status']:<11} "
                   f"{'-' if r['relative_error'] is None else format(r['relative_error'], '.2e')}"
                   for r in chosen["rows"]]
+    counted = results.get("kernel_count")
+    if counted:
+        lines += ["", f"kernels per captured {counted['workload']} iteration: recorder {counted['recorder']} "
+                      f"({', '.join(f'{k} {v}' for k, v in counted['recorder_by_source'].items())}), captured graph "
+                      f"{counted['graph']} ({counted['graph_source']})"]
     trained = results.get("train")
     if trained:
         lines += ["", f"train {trained['preset']}: {trained['iterations_reached']} iterations at "
@@ -1317,6 +1382,7 @@ def main(argv: list[str] | None = None) -> int:
         read_catalog(check)
         correctness(check)
         profile(check)
+        kernel_count(check)
         eager_vs_captured(check)
         precision(check)
         bench(check)

@@ -603,6 +603,97 @@ def record_captured_step(workload, *, first_order: bool = False, learner: str = 
     return log
 
 
+# ---------------------------------------------------------------------------------------
+# The cross-check on a GPU: the kernel nodes of the captured graph
+# ---------------------------------------------------------------------------------------
+
+GRAPH_NODE_TYPES = ("KERNEL", "MEMSET", "MEMCPY", "HOST", "EVENT_RECORD", "WAIT_EVENT", "EMPTY", "GRAPH",
+                    "MEM_ALLOC", "MEM_FREE", "CONDITIONAL")
+
+
+def count_dot_nodes(text: str) -> Counter:
+    """Node types of a CUDA graph's DOT (``cudaGraphDebugDotPrint``, as
+    ``torch.cuda.CUDAGraph.debug_dump`` writes it): each node's type is the first type name
+    in its attributes (``label="{KERNEL | ...}"``)."""
+    import re
+
+    declarations = list(re.finditer(r'"?(\w*node_\d+)"?\s*\[', text))
+    types = Counter()
+    for i, match in enumerate(declarations):
+        block = text[match.end(): declarations[i + 1].start() if i + 1 < len(declarations) else len(text)]
+        found = re.search(r"\b(" + "|".join(GRAPH_NODE_TYPES) + r")\b", block)
+        types[found.group(1) if found else "unknown"] += 1
+    return types
+
+
+def captured_graph_kernels(workload, *, first_order: bool = False, seed: int = 0, dot_path=None) -> dict:
+    """The kernel launches of ``workload``'s whole step captured on this GPU
+    (``learner.capture`` with ``Adam(capturable=True)``): the kernel nodes of the graph
+    (``debug_dump``'s DOT; debug mode on before the capture, so that the graph is kept),
+    or, where that is unavailable, torch.profiler's kernel events of one replay."""
+    import tempfile
+    from pathlib import Path
+
+    import fastmeta as fm
+    from fastmeta.tools.bench import full_fp32
+    from fastmeta.tools.bench_peers import ADAM_LR
+
+    if not torch.cuda.is_available():
+        return {"source": "unavailable", "why": "no CUDA GPU"}
+    with full_fp32():
+        torch.manual_seed(seed)
+        notes = []
+        try:
+            torch.cuda.CUDAGraph().enable_debug_mode()  # process-wide: graphs keep their nodes for debug_dump
+        except (AttributeError, RuntimeError) as error:
+            notes.append(f"enable_debug_mode: {error!r}"[:200])
+        meta = fm.MAML(workload.build_model().cuda(), lr=workload.inner_lr, first_order=first_order,
+                       steps=workload.steps, loss=workload.loss)
+        batch = workload.make_batch("cuda", seed)
+        step = meta.capture(torch.optim.Adam(meta.parameters(), lr=ADAM_LR, capturable=True), *batch)
+        dot = Path(dot_path) if dot_path else Path(tempfile.mkdtemp()) / "captured_step.dot"
+        try:
+            step.graph.debug_dump(str(dot))
+            text = dot.read_text() if dot.exists() else ""
+        except (AttributeError, RuntimeError, OSError) as error:
+            notes.append(f"debug_dump: {error!r}"[:200])
+            text = ""
+        types = count_dot_nodes(text) if text else Counter()
+        if types.get("KERNEL"):
+            return {"source": "debug_dump", "kernels": types["KERNEL"], "node_types": dict(types),
+                    "dot_head": text[:600], "notes": notes}
+        cuda = torch.autograd.DeviceType.CUDA
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step.graph.replay()
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if getattr(e, "device_type", None) == cuda
+                 and not e.name.lower().startswith(("memcpy", "memset"))]
+        if names:
+            return {"source": "profiler (one replay)", "kernels": len(names),
+                    "by_name": dict(Counter(names).most_common(40)), "notes": notes}
+        return {"source": "unavailable", "why": "no DOT from debug_dump and no kernel events in the replay's profile",
+                "notes": notes}
+
+
+def compare_with_graph(workload_name: str, *, first_order: bool = False) -> dict:
+    """The recorder's count of ``workload_name``'s captured iteration and the captured
+    graph's on this machine's GPU (``unavailable`` without one), for ``bench/gpu_check.py``'s
+    ``kernel-count`` step."""
+    from fastmeta.tools.workloads import find_workload
+
+    workload = find_workload(workload_name)
+    log = record_captured_step(workload, first_order=first_order)
+    graph = captured_graph_kernels(workload, first_order=first_order)
+    recorded = {**log.to_json(), "by_label": dict(log.by_label().most_common(40))}
+    result = {"workload": workload.name, "order": "first" if first_order else "second", "recorder": recorded,
+              "graph": graph}
+    if graph.get("kernels") is not None:
+        result["difference"] = graph["kernels"] - log.kernels
+        result["match"] = graph["kernels"] == log.kernels
+    return result
+
+
 def main(argv=None) -> int:
     """``python -m fastmeta.tools.launches W2 [W4 ...]``: each workload's counts and breakdown."""
     import argparse
@@ -615,7 +706,20 @@ def main(argv=None) -> int:
     parser.add_argument("--first-order", action="store_true")
     parser.add_argument("--top", type=int, default=60)
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
+    parser.add_argument("--compare-graph", default=None, metavar="FILE",
+                        help="also count the kernel nodes of the workload's captured CUDA graph on this GPU, and "
+                             "write both counts to FILE (JSON)")
     args = parser.parse_args(argv)
+    if args.compare_graph:
+        from pathlib import Path
+
+        results = [compare_with_graph(name, first_order=args.first_order) for name in args.workloads]
+        Path(args.compare_graph).write_text(json.dumps(results, indent=1) + "\n")
+        for r in results:
+            graph = r["graph"]
+            print(f"{r['workload']}: recorder {r['recorder']['kernels']} kernels; captured graph "
+                  f"{graph.get('kernels', 'unavailable')} ({graph['source']})")
+        return 0
     for name in args.workloads:
         log = record_captured_step(find_workload(name), first_order=args.first_order)
         if args.json:
