@@ -112,7 +112,7 @@ def test_the_recorder_misses_no_launch(monkeypatch):
     """On a small W2 (2 tasks), counted apart: every ``kernel[grid]`` the launchers make (a
     counter in place of each kernel object of fastmeta.kernels) is one recorded Triton
     launch; every fastmeta op the profiler sees ran inside the recorder (which logs its
-    kernels and glue); every launch of the CUDA backend is one its host model gives."""
+    kernels and glue); every call of an op on the CUDA backend is its one native launch."""
     counted = Counter()
     objects = _kernel_objects()
     assert len(objects) >= 8
@@ -127,6 +127,14 @@ def test_the_recorder_misses_no_launch(monkeypatch):
     seen = Counter(e.name for e in prof.events() if e.name.startswith("fastmeta::"))
     assert all(seen[name] >= n for name, n in log.fastmeta_ops.items()), (seen, log.fastmeta_ops)
     assert sum(log.fastmeta_ops.values()) == 84  # as on the full W2: the tasks are the batch dimension
+    # Each call of an op the CUDA path runs on the extension launches its one kernel (W2's
+    # linear head, loss and inner step: none declines, none is empty).
+    from fastmeta.backends.optional_backends import triton_launchers
+
+    launchers = triton_launchers()
+    on_extension = sum(n for op, n in log.fastmeta_ops.items()
+                       if cuda_path_backend(op.split("::")[1], launchers) == "cuda")
+    assert on_extension == log.by_source()["native"] == 18, log.fastmeta_ops
     # Every GEMM launch has its MACs (the input gradient's useful MACs count the taps on the
     # padding too, which its phases do not issue: per launch, issued may be the fewer), and
     # the per-task launches have the 2 tasks in grid row 1 (a shared weight's, θ before the
