@@ -97,6 +97,7 @@ class Launch:
     gemm: str | None = None
     issued_macs: int = 0
     useful_macs: int = 0
+    phase: str | None = None  # of the whole step (PHASES), where the recorder knows it
 
     @property
     def programs(self) -> int:
@@ -129,6 +130,9 @@ class LaunchLog:
     def by_label(self) -> Counter:
         return Counter(l.label for l in self.launches)
 
+    def by_phase(self) -> Counter:
+        return Counter(l.phase for l in self.launches)
+
     def gemm_launches(self, kind: str | None = None) -> list[Launch]:
         return [l for l in self.launches if l.gemm is not None and (kind is None or l.gemm == kind)]
 
@@ -154,6 +158,9 @@ class LaunchLog:
             lines.append(f"conv issued ÷ useful MACs {self.issued_over_useful('conv'):.4f}; conv MACs in launches "
                          f"under one wave ({SM_COUNT} SMs) {self.under_one_wave_share():.1%} (every GEMM's: "
                          f"{self.under_one_wave_share(None):.1%})")
+        phases = self.by_phase()
+        if any(phases):
+            lines.append("by phase: " + ", ".join(f"{p} {phases[p]}" for p in (*PHASES, None) if phases.get(p)))
         for label, n in self.by_label().most_common(top):
             lines.append(f"  {n:>4}  {label}")
         return "\n".join(lines)
@@ -164,6 +171,7 @@ class LaunchLog:
                 "conv_issued_over_useful": round(self.issued_over_useful("conv"), 4) if self.gemm_launches("conv") else None,
                 "conv_under_one_wave_share": round(self.under_one_wave_share(), 4) if self.gemm_launches("conv") else None,
                 "host_checks": sorted(l.label for l in self.host_checks),
+                "by_phase": {str(p): n for p, n in self.by_phase().items()},
                 "by_label": dict(self.by_label().most_common())}
 
 
@@ -361,6 +369,7 @@ class _LaunchRecorder(TorchDispatchMode):
         self.call: tuple[str, tuple] | None = None  # the Triton launcher running: (kernel, args)
         self.paused = 0
         self.made: dict[int, Launch] = {}  # storage address → the aten launch that wrote it last
+        self.phase: str | None = None  # set by record_captured_step
 
     @contextlib.contextmanager
     def unlogged(self):
@@ -371,8 +380,9 @@ class _LaunchRecorder(TorchDispatchMode):
             self.paused -= 1
 
     def add(self, launch: Launch) -> Launch:
-        if launch.op is None and self.ops:
-            launch = Launch(**{**launch.__dict__, "op": self.ops[-1]})
+        if (launch.op is None and self.ops) or launch.phase is None:
+            launch = Launch(**{**launch.__dict__, "op": launch.op or (self.ops[-1] if self.ops else None),
+                               "phase": self.phase})
         self.log.launches.append(launch)
         return launch
 
@@ -575,6 +585,42 @@ def cuda_step_adam(parameters, lr: float) -> torch.optim.Adam:
     return optimizer
 
 
+# The whole step's phases, in order: whole_iteration's zero_grad, meta_batch (the inner
+# loop and the query forward), the loss's backward, guarded_step's checks and copies around
+# the optimizer's step.
+PHASES = ("zero_grad", "meta_batch", "backward", "guard", "adam")
+
+
+class _PhaseMarks(torch.overrides.TorchFunctionMode):
+    """Marks the recorder's phase at ``loss.backward()`` (and at its return: the guard)."""
+
+    def __init__(self, recorder: _LaunchRecorder):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.backward:
+            self.recorder.phase = "backward"
+            try:
+                return func(*args, **(kwargs or {}))
+            finally:
+                self.recorder.phase = "guard"
+        return func(*args, **(kwargs or {}))
+
+
+def _in_phase(recorder: _LaunchRecorder, phase: str, then: str | None, function):
+    @functools.wraps(function)
+    def marked(*args, **kwargs):
+        recorder.phase = phase
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if then is not None:
+                recorder.phase = then
+
+    return marked
+
+
 def record_captured_step(workload, *, first_order: bool = False, learner: str = "maml", seed: int = 0) -> LaunchLog:
     """The launches of one captured meta-iteration of ``workload`` on the CUDA path (module
     docstring), after one unlogged iteration (the optimizer's state made, the gradients
@@ -598,8 +644,14 @@ def record_captured_step(workload, *, first_order: bool = False, learner: str = 
         log = LaunchLog()
         with capturable_adam_on_cpu():
             whole_iteration(program, batch, optimizer)
-            with recording(log):
-                whole_iteration(program, batch, optimizer, nonfinite)
+            with recording(log) as recorder:
+                # The phases (PHASES), marked on the learner's program and the optimizer's
+                # methods (instance attributes, for this iteration only) and at the backward.
+                optimizer.zero_grad = _in_phase(recorder, "zero_grad", None, optimizer.zero_grad)
+                optimizer.step = _in_phase(recorder, "adam", "guard", optimizer.step)
+                with _PhaseMarks(recorder):
+                    whole_iteration(_in_phase(recorder, "meta_batch", None, program), batch, optimizer, nonfinite)
+                del optimizer.zero_grad, optimizer.step
     return log
 
 

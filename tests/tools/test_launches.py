@@ -59,6 +59,9 @@ def test_kernels_of_a_captured_iteration(workload):
     assert sources["triton"] <= budget["triton"] and sources["native"] <= budget["native"], message
     assert sources["aten"] <= budget["aten"], message
     assert log.kernels == sum(sources.values())
+    # Every launch has its phase of the whole step (zero_grad, meta_batch, backward, the
+    # guard's checks and copies, Adam).
+    assert set(log.by_phase()) == set(launches.PHASES), log.by_phase()
     assert log.issued_over_useful("conv") <= budget["conv_mac_ratio"], message
     assert log.under_one_wave_share() <= budget["under_one_wave"], message
     # The useful conv MACs are the convolutions' (issue 24's recount: 10.0 / 88.7 GFLOP).
