@@ -665,16 +665,22 @@ GRAPH_NODE_TYPES = ("KERNEL", "MEMSET", "MEMCPY", "HOST", "EVENT_RECORD", "WAIT_
 
 def count_dot_nodes(text: str) -> Counter:
     """Node types of a CUDA graph's DOT (``cudaGraphDebugDotPrint``, as
-    ``torch.cuda.CUDAGraph.debug_dump`` writes it): each node's type is the first type name
-    in its attributes (``label="{KERNEL | ...}"``)."""
+    ``torch.cuda.CUDAGraph.debug_dump`` writes it). A node statement is a quoted id at a
+    line's start followed by ``[`` (an edge has ``->`` there); its type is the first type
+    name in its attributes (``label="{KERNEL | {ID | 0 (topoId: 3) | name<<<...>>>} ..."``,
+    ``label="{\\nMEMCPY | ..."``), or, in the terse form without types, a kernel where the
+    node is drawn as an octagon."""
     import re
 
-    declarations = list(re.finditer(r'"?(\w*node_\d+)"?\s*\[', text))
+    starts = [(m.start(), m.end(), m.group(1) is not None)
+              for m in re.finditer(r'^[ \t]*"[^"\n]+"[ \t]*(?:(\[)|->)', text, flags=re.M)]
     types = Counter()
-    for i, match in enumerate(declarations):
-        block = text[match.end(): declarations[i + 1].start() if i + 1 < len(declarations) else len(text)]
+    for i, (begin, end, is_node) in enumerate(starts):
+        if not is_node:
+            continue
+        block = text[end: starts[i + 1][0] if i + 1 < len(starts) else len(text)]
         found = re.search(r"\b(" + "|".join(GRAPH_NODE_TYPES) + r")\b", block)
-        types[found.group(1) if found else "unknown"] += 1
+        types[found.group(1) if found else "KERNEL" if 'shape="octagon"' in block else "unknown"] += 1
     return types
 
 

@@ -233,3 +233,56 @@ def test_matmul_macs_count_every_k_step():
     assert useful == 2 * 20 * 40 * 100
     assert issued == 4 * 2 * (3 + 3 + 1) * 16 * 32 * 16
     assert Launch("triton", "task_matmul_kernel", grid=grid).programs == 24
+
+
+# The shape of a debug_dump DOT (cudaGraphDebugDotPrint with node handles, torch's flags):
+# four nodes (two kernels, a copy, a fill), edges with attributes, a cluster header.
+CAPTURED_DOT = """digraph dot {
+subgraph cluster_1 {
+label="graph_1" graph[style="dashed"];
+"graph_1_node_0"[style="bold" shape="record" label="{KERNEL
+| {ID | 0 (topoId: 3) | conv2d_forward_kernel\\<\\<\\<\\{12,32,1\\},128,0\\>\\>\\>}
+| {{node handle | func handle} | {0x01 | 0x02}}
+}"];
+"graph_1_node_1"[style="solid" shape="record" label="{
+MEMCPY
+| {{ID | node handle} | {1 (topoId: 2) | 0x03}}
+}"];
+"graph_1_node_2"[style="solid" shape="record" label="{
+MEMSET
+| {{ID | node handle} | {2 (topoId: 1) | 0x04}}
+}"];
+"graph_1_node_3"[style="bold" shape="record" label="{KERNEL
+| {ID | 3 (topoId: 0) | batched_gemm_kernel\\<\\<\\<\\{1,1,32\\},256,0\\>\\>\\>}
+}"];
+"graph_1_node_0" -> "graph_1_node_1" [headlabel=0];
+"graph_1_node_1" -> "graph_1_node_2" [headlabel=0];
+"graph_1_node_2" -> "graph_1_node_3";
+}
+}
+"""
+# The terse form (no type names): kernels are octagons; other nodes (here a child graph) are not named.
+TERSE_DOT = """digraph dot {
+subgraph cluster_1 {
+label="graph_1" graph[style="dashed"];
+"graph_1_node_0"[style="bold" shape="octagon" label="0
+task_loss_kernel
+"];
+"graph_1_node_1"[style="solid" shape="rectangle" label="1
+graph_2
+"];
+"graph_1_node_0" -> "graph_1_node_1";
+}
+}
+"""
+
+
+def test_kernel_nodes_of_a_captured_graph_dump():
+    assert launches.count_dot_nodes(CAPTURED_DOT) == {"KERNEL": 2, "MEMCPY": 1, "MEMSET": 1}
+    assert launches.count_dot_nodes(TERSE_DOT) == {"KERNEL": 1, "unknown": 1}  # only kernels are told apart
+
+
+def test_the_graph_count_without_a_gpu_is_unavailable():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: bench/gpu_check.py's kernel-count step counts its graph")
+    assert launches.captured_graph_kernels(WORKLOADS["W2"]) == {"source": "unavailable", "why": "no CUDA GPU"}
