@@ -286,3 +286,47 @@ def test_the_graph_count_without_a_gpu_is_unavailable():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: bench/gpu_check.py's kernel-count step counts its graph")
     assert launches.captured_graph_kernels(WORKLOADS["W2"]) == {"source": "unavailable", "why": "no CUDA GPU"}
+
+
+def test_matmul_macs_are_what_the_kernel_executes(monkeypatch):
+    """Under the Triton interpreter: a split-K task_matmul_kernel launch's tl.dot calls
+    execute exactly matmul_macs' issued MACs (counted in the interpreter's create_dot)."""
+    from fastmeta.kernels import task_linear
+    from fastmeta.kernels.launch_checks import interpreting
+
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if not interpreting() or builder is None or not hasattr(builder, "create_dot"):
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1) with InterpreterBuilder.create_dot")
+    executed, launched = [0], []
+    original_dot = builder.create_dot
+
+    def counted_dot(self, a, b, d, *args, **kwargs):
+        (m, k), n = a.data.shape[-2:], b.data.shape[-1]
+        executed[0] += m * k * n
+        return original_dot(self, a, b, d, *args, **kwargs)
+
+    monkeypatch.setattr(builder, "create_dot", counted_dot)
+    kernel = task_linear.task_matmul_kernel
+
+    class Logged:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((grid, args, kwargs))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(task_linear, "task_matmul_kernel", Logged())
+    g = torch.Generator().manual_seed(0)
+    T, N, O, I = 2, 20, 40, 100  # the weight gradient: M = O, N = I, K = N (per task)
+    grad_out, x = torch.randn(T, N, O, generator=g), torch.randn(T, N, I, generator=g)
+    out = torch.empty(T, O, I)
+    config = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "SPLIT_K": 3, "num_warps": 1, "num_stages": 1}
+    task_linear.launch_task_matmul(grad_out, (grad_out.stride(0), grad_out.stride(2), grad_out.stride(1)), x,
+                                   x.stride(), T, O, I, N, out, out.stride(), config=config)
+    torch.testing.assert_close(out, grad_out.transpose(1, 2) @ x, rtol=1e-4, atol=1e-4)
+    ((grid, args, kwargs),) = launched
+    assert grid[2] == 2  # K = 20 in splits of 16: the split-K the launcher kept
+    issued, useful = launches.matmul_macs(grid, *args[4:8], kwargs)
+    assert issued == executed[0] and useful == T * O * I * N
