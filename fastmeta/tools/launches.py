@@ -43,8 +43,13 @@ rest:
   skip such checks (``one_hot``'s class range, for one). It is logged apart
   (``LaunchLog.host_checks``), not counted;
 - any other op is one kernel. A library call (cuBLAS's ``bmm``, cuDNN's convolution) may
-  launch more than one; the CUDA path here has none in W2/W4 (``fastmeta profile``'s GPU
-  cross-check, ``bench/gpu_check.py``'s ``kernel-count`` step, compares with the graph).
+  launch more than one; the CUDA path here has none in W2/W4. The GPU cross-check
+  (:func:`compare_with_graph`, ``bench/gpu_check.py``'s ``kernel-count`` step) compares
+  the count with the kernel nodes of the captured graph.
+
+The Triton hook and the ``capturable`` Adam on CPU tensors (:func:`capturable_adam_on_cpu`)
+are process-wide while a recording runs: record in one thread, and launch nothing else
+meanwhile.
 
 The aten ops made inside a fastmeta op (its check, its launcher's layout copies and
 split-K sums, its reference where the CUDA path runs one) are logged with that op's name.
