@@ -689,6 +689,14 @@ def count_dot_nodes(text: str) -> Counter:
     return types
 
 
+def dot_kernel_names(text: str) -> Counter:
+    """The kernel nodes' function names in a verbose DOT (``{ID | 0 (topoId: 3) |
+    name\\<\\<\\<grid,block,smem\\>\\>\\>}``), mangled as the runtime prints them."""
+    import re
+
+    return Counter(m.group(1).strip() for m in re.finditer(r"\{ID \| \d+ \(topoId: \d+\) \| ([^\\<}|]+)", text))
+
+
 def captured_graph_kernels(workload, *, first_order: bool = False, seed: int = 0, dot_path=None) -> dict:
     """The kernel launches of ``workload``'s whole step captured on this GPU
     (``learner.capture`` with ``Adam(capturable=True)``): the kernel nodes of the graph
@@ -724,7 +732,7 @@ def captured_graph_kernels(workload, *, first_order: bool = False, seed: int = 0
         types = count_dot_nodes(text) if text else Counter()
         if types.get("KERNEL"):
             return {"source": "debug_dump", "kernels": types["KERNEL"], "node_types": dict(types),
-                    "dot_head": text[:600], "notes": notes}
+                    "by_name": dict(dot_kernel_names(text).most_common(40)), "dot_head": text[:600], "notes": notes}
         cuda = torch.autograd.DeviceType.CUDA
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:

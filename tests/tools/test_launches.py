@@ -286,6 +286,7 @@ graph_2
 def test_kernel_nodes_of_a_captured_graph_dump():
     assert launches.count_dot_nodes(CAPTURED_DOT) == {"KERNEL": 2, "MEMCPY": 1, "MEMSET": 1}
     assert launches.count_dot_nodes(TERSE_DOT) == {"KERNEL": 1, "unknown": 1}  # only kernels are told apart
+    assert launches.dot_kernel_names(CAPTURED_DOT) == {"conv2d_forward_kernel": 1, "batched_gemm_kernel": 1}
 
 
 def test_the_graph_count_without_a_gpu_is_unavailable():
