@@ -628,8 +628,8 @@ def _in_phase(recorder: _LaunchRecorder, phase: str, then: str | None, function)
 
 def record_captured_step(workload, *, first_order: bool = False, learner: str = "maml", seed: int = 0) -> LaunchLog:
     """The launches of one captured meta-iteration of ``workload`` on the CUDA path (module
-    docstring), after one unlogged iteration (the optimizer's state made, the gradients
-    allocated: a capture warms up the same way)."""
+    docstring), after one unlogged iteration on the references (the optimizer's state
+    made, the gradients allocated: a capture warms up the same way)."""
     import fastmeta as fm
     from fastmeta.engine.whole_step import whole_iteration
     from fastmeta.tools.bench import full_fp32
@@ -648,7 +648,8 @@ def record_captured_step(workload, *, first_order: bool = False, learner: str = 
         nonfinite = torch.zeros((), dtype=torch.bool)
         log = LaunchLog()
         with capturable_adam_on_cpu():
-            whole_iteration(program, batch, optimizer)
+            with fm.use_backend("torch"):  # the references: no extension to build for a warm-up
+                whole_iteration(program, batch, optimizer)
             with recording(log) as recorder:
                 # The phases (PHASES), marked on the learner's program and the optimizer's
                 # methods (instance attributes, for this iteration only) and at the backward.
