@@ -572,7 +572,11 @@ def train(check: "Check") -> None:
                             "--tasks", str(plan["test_tasks"]), "--json", str(report), *plan["arguments"][:2]]
             check.run_command(f"{name}:eval", eval_command, left, env)
             if report.exists():
-                measured["test"] = json.loads(report.read_text())["results"]
+                records = json.loads(report.read_text())["results"]
+                measured["test"] = [{k: r[k] for k in ("steps", "accuracy", "ci95", "tasks")} for r in records]
+                # The checkpoint's iteration: past the last metrics line when the box stopped it.
+                measured["iterations_reached"] = max([measured["iterations_reached"],
+                                                      *(r.get("iteration", 0) for r in records)])
                 source = "fastmeta eval of the checkpoint the box stopped"
     seconds = round(time.monotonic() - began, 1)
     if measured["test"]:

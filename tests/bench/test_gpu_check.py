@@ -238,6 +238,52 @@ def test_train_without_the_omniglot_archives_is_skipped(tmp_path, monkeypatch):
     assert ".device-data/no-omniglot-here" in step["note"] and "train" not in check.results
 
 
+def test_train_stopped_by_its_box_is_tested_from_its_checkpoint(tmp_path, monkeypatch):
+    """The run killed at its box (SIGTERM: it checkpoints the iteration it reached) has no
+    test in its metrics: `fastmeta eval` of the checkpoint gives it. The commands are faked
+    here; the dry run runs the real ones."""
+    driver = load_driver()
+    data = tmp_path / "omniglot"
+    data.mkdir()
+    for archive in driver.TRAIN_ARCHIVES:
+        (data / archive).write_bytes(b"")
+    monkeypatch.setattr(driver, "TRAIN_DATA", data)
+    check = driver.Check(driver.parse_args(["--out", str(tmp_path / "out")]))
+    commands = []
+
+    def run_command(name, command, box, env=None):
+        commands.append((name, command, box))
+        if name == "train":
+            run = Path(command[command.index("--out") + 1])
+            run.mkdir()
+            (run / "checkpoint.pt").write_bytes(b"")
+            (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iteration": 9000, "seconds": 60.0}))
+            return None, "fastmeta: stopped at iteration 9004"
+        report = Path(command[command.index("--json") + 1])
+        report.write_text(json.dumps({"results": [
+            {"kind": "test", "iteration": 9004, "steps": s, "accuracy": a, "ci95": 0.004, "tasks": 600, "diverged": 0}
+            for s, a in ((3, 0.97), (10, 0.975))]}))
+        return 0, ""
+
+    monkeypatch.setattr(check, "run_command", run_command)
+    try:
+        driver.train(check)
+    finally:
+        shutil.rmtree(check.work, ignore_errors=True)
+    assert [name for name, _, _ in commands] == ["train", "train:eval"]
+    train_command = commands[0][1]
+    iterations = int(train_command[train_command.index("--iterations") + 1])
+    assert iterations == driver.train_plan(False, driver.TRAIN_BOX)["iterations"]
+    assert commands[0][2] == driver.TRAIN_BOX - driver.TRAIN_TEST_S  # the eval's reserve is kept
+    assert commands[1][1][3:6] == ["eval", str(check.work / "train-run"), "--data"]
+    trained = check.results["train"]
+    assert trained["iterations_reached"] == 9004 and trained["iterations_per_second"] == 150.0
+    assert trained["test_source"] == "fastmeta eval of the checkpoint the box stopped"
+    assert trained["test"] == [{"steps": 3, "accuracy": 0.97, "ci95": 0.004, "tasks": 600},
+                               {"steps": 10, "accuracy": 0.975, "ci95": 0.004, "tasks": 600}]
+    assert check.results["steps"]["train"]["status"] == "passed"
+
+
 def test_train_iterations_fill_the_box():
     driver = load_driver()
     plan = driver.train_plan(False, 150)
