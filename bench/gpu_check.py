@@ -21,6 +21,12 @@ What it does, in priority order, each step in its own time box, ≤ 6 minutes in
    ``fastmeta profile --no-cuda-graphs`` of W2's user loop; the top kernels and their
    shares go under ``profile`` (traces stay on the machine). The dry run profiles W1's CPU
    whole step and user loop.
+   Then **kernel-count** (issues 24 and 27): the launch recorder's count of one captured W2
+   iteration (``python -m fastmeta.tools.launches W2 --compare-graph``: on the CPU,
+   through the CUDA path's launchers) against the kernel nodes of W2's whole step
+   captured on the GPU (``CUDAGraph.debug_dump``'s DOT, or torch.profiler's kernels of one
+   replay); both under ``kernel_count``, status ``differs`` where they do not agree. The
+   dry run records the recorder's count and the graph as unavailable.
 5. **eager against captured** (issue 23): W2's user loop (``fastmeta[auto]``: the learner
    and Adam with their defaults, new batches every iteration) against fastmeta's captured
    whole step (``fastmeta[auto]+graph``), in one process; the ratio eager / captured is
@@ -39,7 +45,18 @@ What it does, in priority order, each step in its own time box, ≤ 6 minutes in
 8. **the end-to-end bench** (``fastmeta bench``): fastmeta's rows first, then the peers,
    W1, W2, W3, W4 in that order, the slow ``compile`` peer last; every contender's result
    is appended to the results as it finishes (``--stream``).
-9. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
+9. **train** (issue 27, step 5): ``fastmeta train omniglot-5w1s`` in its own time box
+   (150 s), its ``--iterations`` sized from the box at the measured 175 iterations/s, then
+   the test accuracy of what it reached on the 600 fixed test tasks (the run's own final
+   test; where the box stopped the run, ``fastmeta eval`` of the checkpoint it wrote);
+   iterations reached, iterations/s and accuracy ± 95 % CI under ``train``. The official
+   archives are not in the repository: copy ``images_background.zip`` and
+   ``images_evaluation.zip`` to ``.device-data/omniglot/`` (git-ignored) and name
+   ``.device-data`` in the device tool's ``carry``; without them the step is ``skipped``,
+   saying so. It runs after the bench, so with the default budget it usually needs its own
+   run: ``--only train`` (or ``--resume``). The dry run trains 2 iterations on the CPU on
+   the tests' synthetic Omniglot (``tests/conftest.py``) and tests 8 tasks.
+10. **memcheck, last**: compute-sanitizer over fastmeta's own kernels (the CUDA extension
    and the Triton kernels); recorded as ``unavailable`` where the sanitizer is missing or
    refuses the device (the H200 machines).
 
@@ -324,6 +341,49 @@ def profile_summary(report: dict, top: int) -> dict:
             "rest": {"kernels": len(rest), "us": sum(k["us"] for k in rest), "share": sum(k["share"] for k in rest)}}
 
 
+# Issue 24/27: the launch recorder's kernel count of a captured W2 iteration (on the CPU,
+# through the CUDA path's launchers: fastmeta/tools/launches.py) against the kernel nodes of
+# W2's whole step captured on this GPU (its CUDA graph's DOT, or the profiler's kernels of
+# one replay). The dry run records the recorder's count and the graph as unavailable.
+KERNEL_COUNT_STEP = "kernel-count"
+KERNEL_COUNT_WORKLOAD = "W2"
+
+
+def kernel_count(check: "Check") -> None:
+    name = KERNEL_COUNT_STEP
+    step_box = start_step(check, name, 60 if check.dry_run else 90, 20)
+    if step_box is None:
+        return
+    report = check.work / "kernel_count.json"
+    command = [check.python, "-m", "fastmeta.tools.launches", KERNEL_COUNT_WORKLOAD, "--compare-graph", str(report)]
+    began = time.monotonic()
+    rc, text = check.run_command(name, command, step_box)
+    seconds = round(time.monotonic() - began, 1)
+    counted = json.loads(report.read_text())[0] if rc == 0 and report.exists() else None
+    if counted is None:
+        tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or [""]
+        status = "timeout" if rc is None else "failed"
+        note = f"{'killed at its time box' if rc is None else f'exit {rc}'}: {tail[0][:140]}"
+    else:
+        recorder, graph = counted["recorder"], counted["graph"]
+        check.results["kernel_count"] = {
+            "workload": counted["workload"], "recorder": recorder["kernels"], "recorder_by_source": recorder["by_source"],
+            "recorder_top": dict(list(recorder["by_label"].items())[:25]),
+            "graph": graph.get("kernels", "unavailable"), "graph_source": graph["source"],
+            "graph_detail": {k: v for k, v in graph.items() if k not in ("kernels", "source")},
+            "difference": counted.get("difference"), "device": check.results["device"].get("name"),
+            "run_id": check.run_id}
+        if graph.get("kernels") is None:
+            status = "passed" if check.dry_run else "unavailable"
+            note = f"recorder {recorder['kernels']} kernels; captured graph unavailable: {graph.get('why', '')[:100]}"
+        else:
+            status = "passed" if counted["match"] else "differs"
+            agreement = "equal" if counted["match"] else f"the graph has {counted['difference']:+d}"
+            note = f"recorder {recorder['kernels']}, captured graph {graph['kernels']} ({graph['source']}): {agreement}"
+    check.set_step(name, status=status, seconds=seconds, note=note)
+    check.publish()
+
+
 # Issue 23: eager W2 (the user loop) against the captured whole step, in one process.
 EAGER_VS_CAPTURED_STEP = "eager-vs-captured"
 EAGER_VS_CAPTURED_TARGET = 1.3  # eager at most 1.3x the captured step
@@ -482,6 +542,108 @@ def tune(check: "Check") -> None:
         note = (f"{len(summary['table']['entries'])} of {len(summary['classes']) + len(summary['left'])} shape "
                 f"classes tuned ({len(summary['left'])} left to the rule); commit tune.table as "
                 f"kernels/tile_table.json")
+
+
+# Issue 27, step 5: `fastmeta train omniglot-5w1s`, time-boxed, then the test accuracy of
+# what it reached on the 600 fixed test tasks. The official archives are not in the
+# repository: the step reads them from TRAIN_DATA (git-ignored), which the session copies
+# there and names in the device tool's carry (module docstring).
+TRAIN_STEP = "train"
+TRAIN_PRESET = "omniglot-5w1s"
+TRAIN_DATA = REPO / ".device-data" / "omniglot"
+TRAIN_ARCHIVES = ("images_background.zip", "images_evaluation.zip")
+TRAIN_BOX = 150
+TRAIN_RATE_GUESS = 175.0  # iterations/s of `fastmeta train omniglot-5w1s` on an H100 (issue 27)
+TRAIN_STARTUP_S = 35  # imports, decoding the archives (cached after the first run), the capture
+TRAIN_TEST_S = 25  # the 600-task test at 3 and 10 steps, and a `fastmeta eval` process if it must run
+TRAIN_TEST_TASKS = 600
+
+
+def train_plan(dry_run: bool, box: float) -> dict:
+    """What the train step runs in ``box`` seconds: the iterations (sized from the box at
+    TRAIN_RATE_GUESS, at most the paper's 60 000), the test tasks and the extra arguments.
+    The dry run: 2 iterations and 8 test tasks on the CPU, on the tests' synthetic Omniglot."""
+    if dry_run:
+        return {"iterations": 2, "test_tasks": 8, "arguments": ["--device", "cpu", "--log-every", "1"]}
+    seconds = max(box - TRAIN_STARTUP_S - TRAIN_TEST_S, 5)
+    return {"iterations": int(min(60_000, max(100, seconds * TRAIN_RATE_GUESS))), "test_tasks": TRAIN_TEST_TASKS,
+            "arguments": []}
+
+
+# The dry run's data: the synthetic Omniglot of the tests (tests/conftest.py), written by a child.
+SYNTHETIC_OMNIGLOT = r"""
+import sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from conftest import write_synthetic_omniglot
+write_synthetic_omniglot(Path(sys.argv[1]))
+print("wrote", sys.argv[1])
+"""
+
+
+def train(check: "Check") -> None:
+    name = TRAIN_STEP
+    if check.carried(name):
+        return
+    data = check.work / "synthetic-omniglot" if check.dry_run else TRAIN_DATA
+    if not check.dry_run and not all((data / a).is_file() for a in TRAIN_ARCHIVES):
+        if check.selected(name):
+            check.set_step(name, status="skipped", box_s=TRAIN_BOX, estimate_s=TRAIN_BOX,
+                           note=f"no Omniglot: {', '.join(TRAIN_ARCHIVES)} not in {data.relative_to(REPO)}/ "
+                                "(copy them there and carry the folder)")
+            check.publish()
+        else:
+            check.set_step(name, status="not-run", note="not selected (--only)", box_s=TRAIN_BOX)
+        return
+    step_box = start_step(check, name, 60 if check.dry_run else TRAIN_BOX, 20 if check.dry_run else TRAIN_BOX)
+    if step_box is None:
+        return
+    began = time.monotonic()
+    env = {"FASTMETA_CACHE_DIR": str(check.work / "dataset-cache")} if check.dry_run else {}
+    if check.dry_run:
+        check.run_command(f"{name}:data", [check.python, "-c", SYNTHETIC_OMNIGLOT, str(data)], 60)
+    plan = train_plan(check.dry_run, step_box)
+    run = check.work / "train-run"
+    iterations = plan["iterations"]
+    command = [check.python, "-m", "fastmeta", "train", TRAIN_PRESET, "--data", str(data), "--out", str(run),
+               "--iterations", str(iterations), "--validate-every", str(iterations),
+               "--checkpoint-every", str(iterations), "--test-tasks", str(plan["test_tasks"]), "--no-progress",
+               *plan["arguments"]]
+    # The run gets the box less the eval's reserve: stopped there (SIGTERM), it checkpoints
+    # the iteration it reached, which `fastmeta eval` then tests.
+    train_box = max(step_box - (0 if check.dry_run else TRAIN_TEST_S), 10)
+    rc, text = check.run_command(name, command, train_box, env)
+    measured = train_metrics(run / "metrics.jsonl")
+    source = "the run's final test"
+    if not measured["test"] and (run / "checkpoint.pt").exists():
+        left = step_box - (time.monotonic() - began)
+        if left >= 10:
+            report = check.work / "train-eval.json"
+            eval_command = [check.python, "-m", "fastmeta", "eval", str(run), "--data", str(data),
+                            "--tasks", str(plan["test_tasks"]), "--json", str(report), *plan["arguments"][:2]]
+            check.run_command(f"{name}:eval", eval_command, left, env)
+            if report.exists():
+                records = json.loads(report.read_text())["results"]
+                measured["test"] = [{k: r[k] for k in ("steps", "accuracy", "ci95", "tasks")} for r in records]
+                # The checkpoint's iteration: past the last metrics line when the box stopped it.
+                measured["iterations_reached"] = max([measured["iterations_reached"],
+                                                      *(r.get("iteration", 0) for r in records)])
+                source = "fastmeta eval of the checkpoint the box stopped"
+    seconds = round(time.monotonic() - began, 1)
+    if measured["test"]:
+        check.results["train"] = {"preset": TRAIN_PRESET, "iterations_asked": iterations, **measured,
+                                  "test_source": source, "device": check.results["device"].get("name"),
+                                  "run_id": check.run_id}
+        status = "passed"
+        tests = ", ".join(f"{100 * t['accuracy']:.2f} ± {100 * t['ci95']:.2f} % at {t['steps']} steps"
+                          for t in measured["test"])
+        note = (f"{measured['iterations_reached']} of {iterations} iterations at "
+                f"{measured['iterations_per_second'] or 0:.0f} it/s; test ({measured['test'][0]['tasks']} tasks): {tests}")
+    else:
+        tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or [""]
+        status = "timeout" if rc is None else "failed"
+        note = (f"{'killed at its box' if rc is None else f'exit {rc}'}, no test result "
+                f"({measured['iterations_reached']} iterations reached): {tail[0][:120]}")
     check.set_step(name, status=status, seconds=seconds, note=note)
     check.publish()
 
@@ -496,6 +658,25 @@ def tune_summary(report: dict) -> dict:
                         "plan_ms": timed[0]["ms"] if timed else None,
                         "best_ms": tuned["best"]["ms"] if tuned["best"] else None}
     return {"table": report["table"], "sm_count": report["sm_count"], "classes": classes, "left": report["left"]}
+
+
+def train_metrics(path: Path) -> dict:
+    """From a run's metrics.jsonl: the iterations reached, the training rate (iterations
+    over the run's training seconds) and the test records."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+    trained = [r for r in records if r.get("kind") == "train"]
+    last = trained[-1] if trained else {}
+    seconds = last.get("seconds")
+    return {"iterations_reached": last.get("iteration", 0), "train_seconds": seconds,
+            "iterations_per_second": last["iteration"] / seconds if seconds else None,
+            "test": [{k: r[k] for k in ("steps", "accuracy", "ci95", "tasks")} for r in records
+                     if r.get("kind") == "test"]}
 
 
 MEMCHECK_BOX = 60
@@ -589,10 +770,9 @@ class Check:
                 self.results["eager_vs_captured"] = earlier["eager_vs_captured"]
             if "precision" in earlier:
                 self.results["precision"] = earlier["precision"]
-            if "profile" in earlier:
-                self.results["profile"] = earlier["profile"]
-            if "tune" in earlier:
-                self.results["tune"] = earlier["tune"]
+            for key in ("profile", "tune", "train", "kernel_count"):
+                if key in earlier:
+                    self.results[key] = earlier[key]
             for name, step in earlier.get("steps", {}).items():
                 if name in PER_MACHINE_STEPS:  # a fresh machine needs them again
                     continue
@@ -1202,6 +1382,19 @@ def summary(results: dict, verified: dict) -> str:
             if c["best_ms"] is not None and c["plan_ms"] is not None:
                 lines.append(f"  {key:<44} plan {c['plan_ms']:.4f} ms, best {c['best_ms']:.4f} ms "
                              f"({c['plan_ms'] / c['best_ms']:.2f}x)")
+
+
+    counted = results.get("kernel_count")
+    if counted:
+        lines += ["", f"kernels per captured {counted['workload']} iteration: recorder {counted['recorder']} "
+                      f"({', '.join(f'{k} {v}' for k, v in counted['recorder_by_source'].items())}), captured graph "
+                      f"{counted['graph']} ({counted['graph_source']})"]
+    trained = results.get("train")
+    if trained:
+        lines += ["", f"train {trained['preset']}: {trained['iterations_reached']} iterations at "
+                      f"{trained['iterations_per_second'] or 0:.1f} it/s; test ({trained['test_source']}):"]
+        lines += [f"  {t['steps']:>2} steps: {100 * t['accuracy']:.2f} ± {100 * t['ci95']:.2f} % on {t['tasks']} tasks"
+                  for t in trained["test"]]
     lines += ["", "bench:"] + (bench_tables(results) or ["  nothing measured yet"])
     pending = [n for n, s in results["steps"].items() if s.get("status") not in ("passed", "carried", "clean",
                                                                                    "unavailable")]
@@ -1266,10 +1459,12 @@ def main(argv: list[str] | None = None) -> int:
         read_catalog(check)
         correctness(check)
         profile(check)
+        kernel_count(check)
         eager_vs_captured(check)
         precision(check)
         tune(check)
         bench(check)
+        train(check)
         memcheck(check)
     except Interrupted:
         pass

@@ -19,13 +19,35 @@ import torch
 from torch import Tensor
 
 
+# Set while the launch recorder (fastmeta.tools.launches) runs a step on the CPU through
+# the launchers as a GPU would: they take CPU tensors and size every launch as on a GPU
+# (not the interpreter's), and the recorder logs each launch instead of running it.
+_recording_on_cpu = False
+
+
+class recording_on_cpu:
+    """``with recording_on_cpu():`` the launchers take CPU tensors as a GPU's (see above).
+    Whoever enters it intercepts the launches: nothing may run a kernel inside it."""
+
+    def __enter__(self):
+        global _recording_on_cpu
+        self._previous, _recording_on_cpu = _recording_on_cpu, True
+        return self
+
+    def __exit__(self, *exc):
+        global _recording_on_cpu
+        _recording_on_cpu = self._previous
+        return False
+
+
 def interpreting() -> bool:
-    """True under the Triton interpreter, where each program instance costs ~7 ms."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True under the Triton interpreter, where each program instance costs ~7 ms (never
+    while launches are recorded on the CPU: those are sized as on a GPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and not _recording_on_cpu
 
 
 def runnable_device(t: Tensor) -> bool:
-    return t.device.type == "cuda" or (t.device.type == "cpu" and interpreting())
+    return t.device.type == "cuda" or (t.device.type == "cpu" and (interpreting() or _recording_on_cpu))
 
 
 def all_float32_on_one_device(*tensors: Tensor | None) -> bool:

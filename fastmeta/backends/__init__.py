@@ -119,6 +119,14 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
+def unregister_backend(name: str) -> None:
+    """Remove a backend registered for a while (the launch recorder's); a built-in one stays."""
+    if name in (REFERENCE, "triton", "cpu", "cuda"):
+        raise ValueError(f"backend {name!r} is built in; it cannot be unregistered")
+    _REGISTRY.pop(name, None)
+    _CHOICES.clear()
+
+
 def invalidate_kernel_choices() -> None:
     """Drop the cached kernel choices (:func:`kernel_choice`): the next call of each op
     resolves its backend again. For whoever changes what a choice is resolved from other
@@ -205,6 +213,16 @@ class use_backend:
 
 
 def _auto_order(op: str, device_type: str) -> Iterator[str]:
+    return auto_backends(op, device_type)
+
+
+def auto_backends(op: str, device_type: str, *, assume_available: bool = False) -> Iterator[str]:
+    """The backends ``auto`` tries for ``op`` on ``device_type``, in order: those of
+    :data:`AUTO_PREFERENCE` recorded as verified there and available.
+
+    assume_available: leave the availability (and the backend's device types of this
+    machine) out: the order a machine with that device would take, e.g. the CUDA path
+    asked on a CPU machine (``fastmeta.tools.launches``)."""
     for name in AUTO_PREFERENCE.get(op, AUTO_PREFERENCE["default"]):
         if name == REFERENCE:
             continue
@@ -212,7 +230,12 @@ def _auto_order(op: str, device_type: str) -> Iterator[str]:
         if not verification.is_verified(name, op, device_type):
             continue
         backend = _REGISTRY.get(name)
-        if backend is None or device_type not in backend.device_types():
+        if backend is None:
+            continue
+        if assume_available:
+            yield name
+            continue
+        if device_type not in backend.device_types():
             continue
         if backend.available()[0]:
             yield name

@@ -466,12 +466,17 @@ def _devices_and_dtypes_ok(dtypes: tuple[torch.dtype, ...], args) -> bool:
     return dtype in dtypes
 
 
-def _launcher(spec: KernelSpec, device_type: str) -> Callable:
+def _launcher(spec: KernelSpec, device_type: str, op: Callable | None = None) -> Callable:
     """The backend kernel: the common checks (one device; the float tensors of one dtype the
     device's kernels are compiled for), the op's own ``takes``, then the native op on the
-    arguments its ``args`` prepares; ``NotImplemented`` (the reference runs) otherwise."""
-    overload = getattr(getattr(torch.ops, NATIVE_NAMESPACE), spec.name).default
-    op = getattr(overload, "_op", overload)  # the C++ callable under OpOverload.__call__: one frame less
+    arguments its ``args`` prepares; ``NotImplemented`` (the reference runs) otherwise.
+
+    op: what runs on the prepared arguments (default: the native op
+    ``fastmeta_ext::<name>``); the launch recorder (``fastmeta.tools.launches``) passes
+    its own, to take the CUDA backend's decisions on a machine without a GPU."""
+    if op is None:
+        overload = getattr(getattr(torch.ops, NATIVE_NAMESPACE), spec.name).default
+        op = getattr(overload, "_op", overload)  # the C++ callable under OpOverload.__call__: one frame less
     takes, prepare = spec.native.takes, spec.native.args
     dtypes = kernel_dtypes(device_type)
 
@@ -493,6 +498,12 @@ def _launcher(spec: KernelSpec, device_type: str) -> Callable:
 
 
 DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def native_launcher(spec: KernelSpec, device_type: str, op: Callable) -> Callable:
+    """The ``device_type`` backend's kernel for ``spec`` with ``op`` in place of the native
+    op: its checks, ``takes`` and layout preparation, then ``op(*prepared)``."""
+    return _launcher(spec, device_type, op)
 
 
 def kernels(device_type: str) -> dict[str, Callable]:

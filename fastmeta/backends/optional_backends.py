@@ -50,14 +50,21 @@ def _triton_availability() -> tuple[bool, str]:
 
 
 def _load_triton(backend: Backend) -> None:
-    """By name: the table's kernel ``<name>`` of family ``<family>`` is the function
-    ``<name>`` in ``fastmeta.kernels.<family>``, when that module defines one."""
+    backend.kernels.update(triton_launchers())
+
+
+def triton_launchers() -> dict:
+    """The triton backend's kernels, by name: the table's kernel ``<name>`` of family
+    ``<family>`` is the function ``<name>`` in ``fastmeta.kernels.<family>``, when that
+    module defines one (called at the matmul precision in force)."""
+    launchers = {}
     for spec in TABLE.values():
         if not _module_exists(f"fastmeta.kernels.{spec.family}"):
             continue
         launcher = getattr(importlib.import_module(f"fastmeta.kernels.{spec.family}"), spec.name, None)
         if launcher is not None:
-            backend.kernels[spec.name] = at_current_precision(launcher)
+            launchers[spec.name] = at_current_precision(launcher)
+    return launchers
 
 
 def at_current_precision(launcher):

@@ -186,6 +186,22 @@ def guarded_step(optimizer: torch.optim.Optimizer, loss: Tensor, nonfinite: Tens
         nonfinite.logical_or_(~finite)
 
 
+def whole_iteration(meta_batch: MetaBatchFunction, inputs: Sequence[Tensor], optimizer: torch.optim.Optimizer,
+                    nonfinite: Tensor | None = None) -> MetaBatchOutput:
+    """One whole meta-iteration as :class:`CapturedMetaStep` records it: the gradients
+    zeroed in place, ``meta_batch``, its loss's backward, the optimizer's step (guarded by
+    :func:`guarded_step` when ``nonfinite`` is given: the captured one). The launch
+    recorder (``fastmeta.tools.launches``) runs the same function."""
+    optimizer.zero_grad(set_to_none=False)
+    out = meta_batch(*inputs)
+    out.loss.backward()
+    if nonfinite is not None:
+        guarded_step(optimizer, out.loss, nonfinite)
+    else:
+        optimizer.step()
+    return out
+
+
 class CapturedMetaStep:
     """A captured meta-iteration. ``step(sx, sy, qx, qy)`` runs one and returns its output.
 
@@ -252,14 +268,8 @@ class CapturedMetaStep:
                     p.grad.zero_()
 
     def _iteration(self, guarded: bool = False) -> MetaBatchOutput:
-        self.optimizer.zero_grad(set_to_none=False)
-        out = self._meta_batch(*self.static_inputs)
-        out.loss.backward()
-        if guarded:
-            guarded_step(self.optimizer, out.loss, self.nonfinite)
-        else:
-            self.optimizer.step()
-        return out
+        return whole_iteration(self._meta_batch, self.static_inputs, self.optimizer,
+                               self.nonfinite if guarded else None)
 
     def invalidate(self, reason: str) -> None:
         """Refuse every later call with ``reason``: the state the step was built from changed."""

@@ -296,11 +296,18 @@ class MetaLearner(ModelAttributes, nn.Module):
         # checks); the graph runs unvalidated (a check that syncs cannot be captured).
         with torch.no_grad():
             engine.meta_batch(*inputs, plan)
-        # The step the graph records is the engine's, on the plan alone (no learner code).
-        step = functools.partial(engine.meta_batch, plan=plan.with_call(validate=False))
-        captured = CapturedMetaStep(step, list(self.parameters()), optimizer, inputs, warmup)
+        captured = CapturedMetaStep(self.captured_program(first_order), list(self.parameters()), optimizer, inputs,
+                                    warmup)
         captured.watch = self._watched_state(optimizer, explicit)  # after the capture made Adam's state
         return captured
+
+    def captured_program(self, first_order: bool | None = None):
+        """The meta-batch function a ``capture()`` on a GPU records: the engine's
+        ``meta_batch`` on this learner's plan alone (no learner code), unvalidated (the
+        capture checks its meta-batch once, before). Called with (sx, sy, qx, qy)."""
+        first_order = self.first_order if first_order is None else bool(first_order)
+        plan = self.plan(first_order=first_order)
+        return functools.partial(self._engine.meta_batch, plan=plan.with_call(validate=False))
 
     def clone(self, first_order=None, allow_unused=None, allow_nograd=None) -> AdaptedModel:
         """learn2learn's ``clone()``: an ``nn.Module`` copy of the model, graph-connected to

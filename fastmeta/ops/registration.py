@@ -150,6 +150,12 @@ class PublicOp:
     def _dispatcher_impl(self, *args):
         return self._run(args)
 
+    def implementation(self, *args):
+        """The op below autograd, as the dispatcher's kernel runs it: the check, then the
+        chosen backend's kernel or the reference. For a dispatch mode that runs the op
+        itself with the mode active (``fastmeta.tools.launches``), to see inside it."""
+        return self._run(args)
+
     def __call__(self, *args):
         if _is_compiling():  # first: dynamo traces this function and folds the flag
             return self.default(*args)

@@ -44,7 +44,8 @@ NOT_DISPATCHES = frozenset({
     "aten::slice", "aten::select", "aten::transpose", "aten::t", "aten::permute", "aten::unsqueeze",
     "aten::squeeze", "aten::alias", "aten::detach", "aten::detach_", "aten::split", "aten::split_with_sizes",
     "aten::narrow", "aten::unflatten", "aten::flatten", "aten::view_as", "aten::unbind", "aten::lift_fresh",
-    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resize_", "aten::_reshape_alias",
+    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided",
+    "aten::resize_", "aten::_reshape_alias",
     "aten::chunk", "aten::movedim", "aten::diagonal", "aten::contiguous", "aten::set_", "aten::is_nonzero",
     "aten::item", "aten::numpy_T", "aten::_nested_tensor_from_mask", "aten::result_type",
 })

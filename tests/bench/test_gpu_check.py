@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,9 +93,8 @@ def test_results_schema(two_part_run):
         assert "run_id" in step
     # The families come from the op table: every op module with Triton kernels, every
     # csrc/cuda/<family>.cu.
-    expected = {"install", "build", "triton:common", "whole_step", "profile", "eager-vs-captured", "precision",
-                "tune", "bench:W1-second:fastmeta",
-                "bench:W1-second:peers", "memcheck"}
+    expected = {"install", "build", "triton:common", "whole_step", "profile", "kernel-count", "eager-vs-captured",
+                "precision", "tune", "bench:W1-second:fastmeta", "bench:W1-second:peers", "train", "memcheck"}
     expected |= {f"triton:{f}" for f in triton_families()}
     expected |= {f"cuda:{f}" for f in cuda_families()}
     assert set(results["steps"]) == expected
@@ -142,6 +142,19 @@ def test_results_schema(two_part_run):
         assert 1 <= entry["candidates"] <= 2 and entry["ms"] > 0
         assert entry["ms"] == pytest.approx(tuned["classes"][key]["best_ms"], rel=1e-3)
     assert all(key not in tuned["classes"] for key in tuned["left"])
+    # The kernel count (issues 24, 27): the recorder's count of a captured W2 iteration on
+    # the CPU (tests/tools/test_launches.py pins it); the captured graph needs a GPU.
+    counted = results["kernel_count"]
+    assert counted["workload"] == "W2" and counted["graph"] == "unavailable" and counted["difference"] is None
+    assert counted["recorder"] == sum(counted["recorder_by_source"].values()) > 0
+    assert counted["recorder_by_source"]["triton"] > 0 and counted["recorder_by_source"]["native"] > 0
+    # The train step (issue 27, step 5): 2 iterations on the synthetic Omniglot, then the
+    # run's own test on 8 tasks at the preset's 3 and 10 steps.
+    trained = results["train"]
+    assert trained["preset"] == "omniglot-5w1s" and trained["iterations_reached"] == trained["iterations_asked"] == 2
+    assert trained["iterations_per_second"] > 0 and trained["test_source"] == "the run's final test"
+    assert [(t["steps"], t["tasks"]) for t in trained["test"]] == [(3, 8), (10, 8)]
+    assert all(0 <= t["accuracy"] <= 1 and t["ci95"] >= 0 for t in trained["test"])
 
 
 def test_verified_is_written_family_by_family(two_part_run):
@@ -197,6 +210,8 @@ def test_summary(two_part_run):
     assert "matmul precision: the default to set is ieee (passing: ieee, tf32x3)" in text
     assert "profile W1-captured (CPU self time):" in text
     assert "shape classes tuned at 2 SMs" in text
+    assert "kernels per captured W2 iteration: recorder " in text and "captured graph unavailable" in text
+    assert "train omniglot-5w1s: 2 iterations at " in text and " 3 steps: " in text and "on 8 tasks" in text
     assert text.strip() in b.stdout
 
 
@@ -222,6 +237,86 @@ def test_the_trap_leaves_the_four_files_when_killed(tmp_path):
     assert any(s["status"] == "interrupted" for s in results["steps"].values())
     assert not any(s["status"] == "running" for s in results["steps"].values())
     assert [e["signal"] for e in results["events"] if e["event"] == "signal"] == ["SIGTERM"]
+
+
+def test_train_without_the_omniglot_archives_is_skipped(tmp_path, monkeypatch):
+    """On a GPU run, without .device-data/omniglot/ the train step says so and runs nothing."""
+    driver = load_driver()
+    monkeypatch.setattr(driver, "TRAIN_DATA", driver.REPO / ".device-data" / "no-omniglot-here")
+    check = driver.Check(driver.parse_args(["--out", str(tmp_path / "out")]))
+    monkeypatch.setattr(check, "run_command", lambda *a, **k: pytest.fail("ran a command"))
+    try:
+        driver.train(check)
+    finally:
+        shutil.rmtree(check.work, ignore_errors=True)
+    step = check.results["steps"]["train"]
+    assert step["status"] == "skipped" and "images_background.zip" in step["note"]
+    assert ".device-data/no-omniglot-here" in step["note"] and "train" not in check.results
+
+
+def test_train_stopped_by_its_box_is_tested_from_its_checkpoint(tmp_path, monkeypatch):
+    """The run killed at its box (SIGTERM: it checkpoints the iteration it reached) has no
+    test in its metrics: `fastmeta eval` of the checkpoint gives it. The commands are faked
+    here; the dry run runs the real ones."""
+    driver = load_driver()
+    data = tmp_path / "omniglot"
+    data.mkdir()
+    for archive in driver.TRAIN_ARCHIVES:
+        (data / archive).write_bytes(b"")
+    monkeypatch.setattr(driver, "TRAIN_DATA", data)
+    check = driver.Check(driver.parse_args(["--out", str(tmp_path / "out")]))
+    commands = []
+
+    def run_command(name, command, box, env=None):
+        commands.append((name, command, box))
+        if name == "train":
+            run = Path(command[command.index("--out") + 1])
+            run.mkdir()
+            (run / "checkpoint.pt").write_bytes(b"")
+            (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iteration": 9000, "seconds": 60.0}))
+            return None, "fastmeta: stopped at iteration 9004"
+        report = Path(command[command.index("--json") + 1])
+        report.write_text(json.dumps({"results": [
+            {"kind": "test", "iteration": 9004, "steps": s, "accuracy": a, "ci95": 0.004, "tasks": 600, "diverged": 0}
+            for s, a in ((3, 0.97), (10, 0.975))]}))
+        return 0, ""
+
+    monkeypatch.setattr(check, "run_command", run_command)
+    try:
+        driver.train(check)
+    finally:
+        shutil.rmtree(check.work, ignore_errors=True)
+    assert [name for name, _, _ in commands] == ["train", "train:eval"]
+    train_command = commands[0][1]
+    iterations = int(train_command[train_command.index("--iterations") + 1])
+    assert iterations == driver.train_plan(False, driver.TRAIN_BOX)["iterations"]
+    assert commands[0][2] == driver.TRAIN_BOX - driver.TRAIN_TEST_S  # the eval's reserve is kept
+    assert commands[1][1][3:6] == ["eval", str(check.work / "train-run"), "--data"]
+    trained = check.results["train"]
+    assert trained["iterations_reached"] == 9004 and trained["iterations_per_second"] == 150.0
+    assert trained["test_source"] == "fastmeta eval of the checkpoint the box stopped"
+    assert trained["test"] == [{"steps": 3, "accuracy": 0.97, "ci95": 0.004, "tasks": 600},
+                               {"steps": 10, "accuracy": 0.975, "ci95": 0.004, "tasks": 600}]
+    assert check.results["steps"]["train"]["status"] == "passed"
+
+
+def test_train_iterations_fill_the_box():
+    driver = load_driver()
+    plan = driver.train_plan(False, 150)
+    # 150 s less the start-up (35 s) and the test (25 s), at 175 iterations/s.
+    assert plan["iterations"] == 90 * 175 and plan["test_tasks"] == 600
+    assert driver.train_plan(False, 10_000)["iterations"] == 60_000  # never past the paper's protocol
+
+
+def test_train_metrics_of_a_stopped_run(tmp_path):
+    lines = [{"kind": "train", "iteration": 100, "seconds": 1.0}, {"kind": "train", "iteration": 200, "seconds": 2.0},
+             {"kind": "test", "iteration": 200, "steps": 3, "accuracy": 0.9, "ci95": 0.01, "tasks": 600, "diverged": 0}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + '\n{"kind": "tra')  # cut by a kill
+    measured = load_driver().train_metrics(path)
+    assert measured["iterations_reached"] == 200 and measured["iterations_per_second"] == 100.0
+    assert measured["test"] == [{"steps": 3, "accuracy": 0.9, "ci95": 0.01, "tasks": 600}]
+    assert load_driver().train_metrics(tmp_path / "none.jsonl")["test"] == []
 
 
 def test_out_must_be_empty_of_other_files(tmp_path):
