@@ -170,19 +170,25 @@ def guarded_step(optimizer: torch.optim.Optimizer, loss: Tensor, nonfinite: Tens
 
     The parameters and every tensor of the optimizer's state (moments, step count) are
     copied before the step and selected back with ``torch.where`` on the finite flag: a
-    graph cannot branch, so the update is computed and discarded."""
+    graph cannot branch, so the update is computed and discarded (a NaN update never mixes
+    into the kept values, as arithmetic blending would). In multi-tensor ops, so the
+    kernels do not grow three per tensor: the flag is one ``_foreach_norm`` (the largest
+    |value| of the loss and of each gradient: finite exactly when every element is, NaN
+    included, and it cannot overflow as a 2-norm of finite values can), the copies one
+    ``_foreach_copy_``, the selection one ``where`` per tensor written in place. The launch
+    recorder counts it (tests/tools/test_launches.py)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    finite = torch.isfinite(loss.detach()).all()
-    for p in params:
-        if p.grad is not None:
-            finite = finite & torch.isfinite(p.grad).all()
+    checked = [loss.detach().reshape(1)] + [p.grad for p in params if p.grad is not None]
+    finite = torch.isfinite(torch.stack(torch._foreach_norm(checked, float("inf")))).all()
     kept = [p for p in params] + [v for p in params for v in optimizer.state.get(p, {}).values()
                                   if isinstance(v, Tensor)]
-    before = [t.detach().clone() for t in kept]
+    with torch.no_grad():
+        before = [torch.empty_like(t) for t in kept]
+        torch._foreach_copy_(before, kept)
     optimizer.step()
     with torch.no_grad():
         for t, old in zip(kept, before):
-            t.copy_(torch.where(finite, t, old))
+            torch.where(finite, t, old, out=t)
         nonfinite.logical_or_(~finite)
 
 
@@ -192,7 +198,11 @@ def whole_iteration(meta_batch: MetaBatchFunction, inputs: Sequence[Tensor], opt
     zeroed in place, ``meta_batch``, its loss's backward, the optimizer's step (guarded by
     :func:`guarded_step` when ``nonfinite`` is given: the captured one). The launch
     recorder (``fastmeta.tools.launches``) runs the same function."""
-    optimizer.zero_grad(set_to_none=False)
+    # optimizer.zero_grad(set_to_none=False), in one multi-tensor op (torch zeroes the
+    # gradients one by one unless the optimizer was built with foreach=True).
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads:
+        torch._foreach_zero_(grads)
     out = meta_batch(*inputs)
     out.loss.backward()
     if nonfinite is not None:

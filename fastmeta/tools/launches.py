@@ -583,14 +583,14 @@ def capturable_adam_on_cpu() -> Iterator[None]:
 def cuda_step_adam(parameters, lr: float) -> torch.optim.Adam:
     """``torch.optim.Adam(parameters, lr, capturable=True)`` as on CUDA tensors: its
     groups take the multi-tensor (``foreach``) update that torch picks by default for CUDA
-    tensors, and its ``zero_grad`` keeps the default (one ``zero_`` per gradient)."""
+    tensors (whole_iteration zeroes the gradients itself, in one multi-tensor op)."""
     optimizer = torch.optim.Adam(parameters, lr=lr, capturable=True)
     for group in optimizer.param_groups:
         group["foreach"] = True
     return optimizer
 
 
-# The whole step's phases, in order: whole_iteration's zero_grad, meta_batch (the inner
+# The whole step's phases, in order: whole_iteration's zeroing of the gradients, meta_batch (the inner
 # loop and the query forward), the loss's backward, guarded_step's checks and copies around
 # the optimizer's step.
 PHASES = ("zero_grad", "meta_batch", "backward", "guard", "adam")
@@ -653,11 +653,12 @@ def record_captured_step(workload, *, first_order: bool = False, learner: str = 
             with recording(log) as recorder:
                 # The phases (PHASES), marked on the learner's program and the optimizer's
                 # methods (instance attributes, for this iteration only) and at the backward.
-                optimizer.zero_grad = _in_phase(recorder, "zero_grad", None, optimizer.zero_grad)
+                # whole_iteration starts by zeroing the gradients.
+                recorder.phase = "zero_grad"
                 optimizer.step = _in_phase(recorder, "adam", "guard", optimizer.step)
                 with _PhaseMarks(recorder):
                     whole_iteration(_in_phase(recorder, "meta_batch", None, program), batch, optimizer, nonfinite)
-                del optimizer.zero_grad, optimizer.step
+                del optimizer.step
     return log
 
 

@@ -62,6 +62,34 @@ def test_a_non_finite_step_is_skipped_and_flagged(scale):
     assert not same(snapshot(model, optimizer), before) and bool(flag)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(value):
+    """The flag reads every gradient, not only the loss: one element of one gradient."""
+    model, optimizer, x = problem()
+    flag = torch.zeros((), dtype=torch.bool)
+    one_step(model, optimizer, x, 1.0, guarded=True, flag=flag)
+    before = snapshot(model, optimizer)
+    optimizer.zero_grad()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    model.bias.grad[1] = value
+    guarded_step(optimizer, loss, flag)
+    assert bool(flag) and same(snapshot(model, optimizer), before)
+
+
+def test_large_finite_gradients_are_not_flagged():
+    """|g| = 1e200 in float64: finite, though its 2-norm squared would overflow."""
+    a, b = problem(), problem()
+    flag = torch.zeros((), dtype=torch.bool)
+    for guarded, (model, optimizer, x) in ((False, a), (True, b)):
+        optimizer.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        model.weight.grad.fill_(1e200)
+        guarded_step(optimizer, loss, flag) if guarded else optimizer.step()
+    assert not bool(flag) and same(snapshot(*a[:2]), snapshot(*b[:2]))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_captured_graph_skips_a_non_finite_update():
