@@ -527,6 +527,60 @@ def test_fastmeta_train_nproc_2_runs_under_torchrun(tmp_path):
     assert [json.loads(line)["kind"] for line in lines] == ["train"] * 3 + ["test"] * 3
 
 
+# A rank as `fastmeta train` runs it, in a fresh interpreter (the forkserver of run_ranks has
+# imported torch._dynamo before any group exists, which hides the defect): join, build the
+# first optimizer (it imports torch._dynamo, and through it torch.distributed.nn), gather,
+# close. Prints what was running before and after the close.
+_CLOSE_JOB = """
+import json, os, sys, weakref
+import torch
+import torch.distributed as dist
+from fastmeta import distributed
+
+def gloo_threads():
+    tasks = "/proc/self/task"
+    names = (open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)) if os.path.isdir(tasks) else ()
+    return sorted(name for name in names if "gloo" in name)
+
+nn_imported_first = "torch.distributed.nn" in sys.modules
+with distributed.init_from_env("cpu", timeout=120) as context:
+    group = weakref.ref(dist.group.WORLD)
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    gathered = distributed.gather_task_values(torch.full((1,), float(context.rank)), context.world_size, context)
+    running = gloo_threads()
+print(json.dumps({"rank": context.rank, "nn_imported_first": nn_imported_first, "running": running,
+                  "after_close": gloo_threads(), "group_freed": group() is None, "gathered": gathered.tolist()}))
+"""
+
+
+def test_closing_the_context_frees_the_group_and_joins_its_threads(tmp_path):
+    """Issue 26: rank 0 of `fastmeta train --nproc 2` aborted ("terminate called without an
+    active exception", exit -6) after printing its results. The core dump: a gloo worker
+    (ProcessGroupGloo::runLoop) released the last all_gather's tensors, took the GIL during
+    Py_FinalizeEx and was ended there (pthread_exit unwinding a noexcept destructor). Its
+    threads were alive at exit because destroy_process_group left the group alive:
+    torch.distributed.nn.functional, imported after init_process_group by the first
+    optimizer, holds it as the default of its `group=` arguments. Whether a worker is late
+    enough to abort is timing; that no worker is left at exit is not, and is checked here."""
+    script = tmp_path / "close_job.py"
+    script.write_text(_CLOSE_JOB)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results = sorted((json.loads(line) for line in finished.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1], finished.stdout
+    for result in results:
+        # The defect's precondition: this interpreter had not imported torch.distributed.nn
+        # before joining (if it had, its defaults would be None and the group never held).
+        assert not result["nn_imported_first"], result
+        assert result["gathered"] == [0.0, 1.0], result
+        assert result["group_freed"], f"rank {result['rank']}: the process group outlived destroy_process_group"
+        if os.path.isdir("/proc/self/task"):  # Linux names the threads; torch calls gloo's pt_gloo_runloop
+            assert any("gloo" in name for name in result["running"]), result  # so the check below can fail
+            assert result["after_close"] == [], f"rank {result['rank']}: gloo threads left running after close: {result}"
+
+
 def test_nproc_inside_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     with pytest.raises(ValueError, match="--nproc cannot be used inside torchrun"):
