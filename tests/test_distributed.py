@@ -527,12 +527,14 @@ def test_fastmeta_train_nproc_2_runs_under_torchrun(tmp_path):
     assert [json.loads(line)["kind"] for line in lines] == ["train"] * 3 + ["test"] * 3
 
 
-# A rank as `fastmeta train` runs it, in a fresh interpreter (the forkserver of run_ranks has
-# imported torch._dynamo before any group exists, which hides the defect): join, build the
+# A rank as `fastmeta train` runs it, in a fresh interpreter (the forkserver of run_ranks
+# imports torch._dynamo before any group exists, which hides the defect): join, build the
 # first optimizer (it imports torch._dynamo, and through it torch.distributed.nn), gather,
-# close. Prints what was running before and after the close.
+# close. The gather's sent tensor is freed by the gloo worker after the gather completed
+# (rank 1 starts its half only once rank 0 has dropped every reference), and freeing it
+# takes 1.5 s there: a worker left behind by the scheduler, as on the loaded machine.
 _CLOSE_JOB = """
-import json, os, sys, weakref
+import json, os, sys, threading, time, weakref
 import torch
 import torch.distributed as dist
 from fastmeta import distributed
@@ -542,43 +544,82 @@ def gloo_threads():
     names = (open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)) if os.path.isdir(tasks) else ()
     return sorted(name for name in names if "gloo" in name)
 
+freed = {}
+
+def late_release(sleep=time.sleep):
+    freed["in_main_thread"] = threading.get_ident() == threading.main_thread().ident
+    sleep(1.5)
+    freed["done"] = True
+
+def gather_freed_late(context):
+    store = dist.distributed_c10d._get_default_store()
+    send = torch.full((1,), float(context.rank))
+    weakref.finalize(send, late_release).atexit = False  # only where the tensor is freed
+    gathered = [torch.full((1,), -1.0) for _ in range(context.world_size)]
+    if context.rank == 1:
+        store.wait(["rank 0 dropped its tensor"])
+    dist.all_gather(gathered, send, async_op=True)  # the work handle is dropped at once
+    del send
+    if context.rank == 0:
+        store.set("rank 0 dropped its tensor", "1")
+    while gathered[1 - context.rank].item() != 1 - context.rank:
+        time.sleep(0.01)
+    return [t.item() for t in gathered]
+
 nn_imported_first = "torch.distributed.nn" in sys.modules
 with distributed.init_from_env("cpu", timeout=120) as context:
     group = weakref.ref(dist.group.WORLD)
     torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
-    gathered = distributed.gather_task_values(torch.full((1,), float(context.rank)), context.world_size, context)
+    gathered = gather_freed_late(context)
     running = gloo_threads()
-print(json.dumps({"rank": context.rank, "nn_imported_first": nn_imported_first, "running": running,
-                  "after_close": gloo_threads(), "group_freed": group() is None, "gathered": gathered.tolist()}))
+with open(f"rank{context.rank}.json", "w") as report:  # in the working directory
+    json.dump({"rank": context.rank, "nn_imported_first": nn_imported_first, "gathered": gathered,
+               "group_freed": group() is None, "running": running, "after_close": gloo_threads(),
+               "freed_in_main_thread": freed.get("in_main_thread"), "freed_before_close_returned": freed.get("done", False)},
+              report)
+
+class ShutdownWaitsForTheWorker:
+    # Freed with this module's globals, while the interpreter finalizes: a worker still
+    # running then takes the GIL during finalization, as the late worker of issue 26 did.
+    def __del__(self, freed=freed, sleep=time.sleep, clock=time.monotonic):
+        deadline = clock() + 10.0
+        while "done" not in freed and clock() < deadline:
+            sleep(0.01)
+
+shutdown_waits = ShutdownWaitsForTheWorker()
 """
 
 
-def test_closing_the_context_frees_the_group_and_joins_its_threads(tmp_path):
+def test_closing_the_context_joins_a_late_gloo_worker(tmp_path):
     """Issue 26: rank 0 of `fastmeta train --nproc 2` aborted ("terminate called without an
     active exception", exit -6) after printing its results. The core dump: a gloo worker
-    (ProcessGroupGloo::runLoop) released the last all_gather's tensors, took the GIL during
-    Py_FinalizeEx and was ended there (pthread_exit unwinding a noexcept destructor). Its
-    threads were alive at exit because destroy_process_group left the group alive:
-    torch.distributed.nn.functional, imported after init_process_group by the first
-    optimizer, holds it as the default of its `group=` arguments. Whether a worker is late
-    enough to abort is timing; that no worker is left at exit is not, and is checked here."""
+    (ProcessGroupGloo::runLoop), freeing the last all_gather's tensors after the gather had
+    returned, took the GIL while the interpreter finalized and was ended there (pthread_exit
+    unwinding a noexcept destructor). Its threads were alive at exit because
+    destroy_process_group left the group alive: torch.distributed.nn.functional, imported
+    after init_process_group by the first optimizer, holds it as the default of its
+    `group=` arguments. Here the worker is made late on purpose: before the fix, close
+    returned without it and the rank aborted at exit; now close frees the group and waits."""
     script = tmp_path / "close_job.py"
     script.write_text(_CLOSE_JOB)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path)
+    assert "terminate called" not in finished.stderr, finished.stderr[-3000:]
     assert finished.returncode == 0, finished.stderr[-3000:]
-    results = sorted((json.loads(line) for line in finished.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
-    assert [r["rank"] for r in results] == [0, 1], finished.stdout
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for result in results:
-        # The defect's precondition: this interpreter had not imported torch.distributed.nn
-        # before joining (if it had, its defaults would be None and the group never held).
+        # The defect's precondition: torch.distributed.nn was not imported before joining
+        # (had it been, its defaults would be None and the group never held).
         assert not result["nn_imported_first"], result
         assert result["gathered"] == [0.0, 1.0], result
-        assert result["group_freed"], f"rank {result['rank']}: the process group outlived destroy_process_group"
+        assert result["group_freed"], f"rank {result['rank']}: the process group outlived destroy_process_group: {result}"
+        assert result["freed_before_close_returned"], f"rank {result['rank']}: close returned before the worker was done: {result}"
         if os.path.isdir("/proc/self/task"):  # Linux names the threads; torch calls gloo's pt_gloo_runloop
             assert any("gloo" in name for name in result["running"]), result  # so the check below can fail
             assert result["after_close"] == [], f"rank {result['rank']}: gloo threads left running after close: {result}"
+    # Rank 0 dropped everything before rank 1 started: its worker freed the tensor, late.
+    assert results[0]["freed_in_main_thread"] is False, results[0]
 
 
 def test_nproc_inside_torchrun_is_refused(monkeypatch):
