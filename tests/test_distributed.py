@@ -579,14 +579,19 @@ with open(f"rank{context.rank}.json", "w") as report:  # in the working director
               report)
 
 class ShutdownWaitsForTheWorker:
-    # Freed with this module's globals, while the interpreter finalizes: a worker still
-    # running then takes the GIL during finalization, as the late worker of issue 26 did.
+    # Collected by the interpreter's last garbage collection, once it is finalizing: a
+    # worker still running then takes the GIL during finalization, as the late worker of
+    # issue 26 did (before the fix this crashed every time).
     def __del__(self, freed=freed, sleep=time.sleep, clock=time.monotonic):
         deadline = clock() + 10.0
         while "done" not in freed and clock() < deadline:
             sleep(0.01)
 
+import gc
+gc.set_threshold(0)  # no automatic collection: the cycle below waits for the one at shutdown
 shutdown_waits = ShutdownWaitsForTheWorker()
+shutdown_waits.cycle = shutdown_waits
+del shutdown_waits
 """
 
 
@@ -598,8 +603,11 @@ def test_closing_the_context_joins_a_late_gloo_worker(tmp_path):
     unwinding a noexcept destructor). Its threads were alive at exit because
     destroy_process_group left the group alive: torch.distributed.nn.functional, imported
     after init_process_group by the first optimizer, holds it as the default of its
-    `group=` arguments. Here the worker is made late on purpose: before the fix, close
-    returned without it and the rank aborted at exit; now close frees the group and waits."""
+    `group=` arguments. Here the worker is made late on purpose, and the interpreter's
+    shutdown waits for it: before the fix, close returned without it, the group outlived
+    close, and the worker's return to Python during finalization crashed rank 0 every time
+    (SIGSEGV in this form, where the worker resumes Python code; SIGABRT in the wild, where
+    it entered from C++). Now close frees the group and waits for its workers."""
     script = tmp_path / "close_job.py"
     script.write_text(_CLOSE_JOB)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
