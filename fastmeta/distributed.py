@@ -47,6 +47,20 @@ Failure handling: a rank that raises must not leave its peers waiting in a colle
    bounds the rendezvous, every gloo collective, and (through NCCL's watchdog, which
    aborts the process) every NCCL collective.
 
+Shutting down: ``DistributedContext.close`` (the context manager's exit) destroys the
+process group, and that joins the backend's worker threads, but only if nothing else still
+refers to the group. A gloo worker releases a finished collective's tensors after the
+caller's ``wait`` has returned, and that release takes the GIL. If its threads are still
+running when the interpreter shuts down, a worker that is late with that release (a loaded
+machine) takes the GIL during ``Py_FinalizeEx``; Python ends the thread (``pthread_exit``),
+the unwind meets a ``noexcept`` destructor, and the process aborts with "terminate called
+without an active exception" (issue 26: rank 0 of ``fastmeta train --nproc 2``, exit -6,
+after its results were printed). What kept the group alive were torch's own default
+arguments: ``torch.distributed.nn.functional`` defines ``group=group.WORLD``, evaluated at
+its import, and torch.optim's first optimizer imports it (through torch._dynamo) after
+``init_process_group``. ``init_from_env`` therefore imports it first
+(:func:`import_default_group_holders`), and ``close`` leaves no thread behind.
+
 Typical use (``fastmeta.tools.training`` does this when launched by torchrun)::
 
     with fastmeta.distributed.init_from_env() as context:   # world 1 without torchrun
@@ -62,6 +76,7 @@ Typical use (``fastmeta.tools.training`` does this when launched by torchrun)::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -91,6 +106,7 @@ __all__ = [
     "mean_ci95",
     "launch",
     "is_launched_by_torchrun",
+    "import_default_group_holders",
 ]
 
 # Collectives and the rendezvous give up after this long. Ten minutes, not torch's 30 for
@@ -288,6 +304,7 @@ def init_from_env(
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
             raise ValueError(f"environment variable {name} is not set: launch with torchrun (see docs/distributed.md)")
+    import_default_group_holders()  # before the group exists: see "Shutting down" above
     dist.init_process_group(
         backend=backend,
         init_method="env://",
@@ -298,6 +315,19 @@ def init_from_env(
         device_id=device if device.type == "cuda" else None,
     )
     return DistributedContext(rank, world_size, local_rank, device, backend, timeout, True)
+
+
+def import_default_group_holders() -> None:
+    """Import the torch modules whose functions take the default process group as the
+    default value of an argument, so that they take None (see "Shutting down" in the
+    module docstring). ``init_from_env`` calls it before it creates the group; call it
+    before ``torch.distributed.init_process_group`` when creating the group yourself."""
+    # torch.distributed.nn.functional: broadcast, all_reduce, all_gather, ... take
+    # ``group=group.WORLD``. torch.optim's first optimizer imports torch._dynamo, which
+    # imports it (through FSDP), so without this a training run imports it after the group
+    # exists.
+    with contextlib.suppress(ImportError):  # a torch without distributed support has no group to hold
+        import torch.distributed.nn  # noqa: F401
 
 
 def _failure_store():

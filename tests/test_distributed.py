@@ -527,6 +527,109 @@ def test_fastmeta_train_nproc_2_runs_under_torchrun(tmp_path):
     assert [json.loads(line)["kind"] for line in lines] == ["train"] * 3 + ["test"] * 3
 
 
+# A rank as `fastmeta train` runs it, in a fresh interpreter (the forkserver of run_ranks
+# imports torch._dynamo before any group exists, which hides the defect): join, build the
+# first optimizer (it imports torch._dynamo, and through it torch.distributed.nn), gather,
+# close. The gather's sent tensor is freed by the gloo worker after the gather completed
+# (rank 1 starts its half only once rank 0 has dropped every reference), and freeing it
+# takes 1.5 s there: a worker left behind by the scheduler, as on the loaded machine.
+_CLOSE_JOB = """
+import json, os, sys, threading, time, weakref
+import torch
+import torch.distributed as dist
+from fastmeta import distributed
+
+def gloo_threads():
+    tasks = "/proc/self/task"
+    names = (open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)) if os.path.isdir(tasks) else ()
+    return sorted(name for name in names if "gloo" in name)
+
+freed = {}
+
+def late_release(sleep=time.sleep):
+    freed["in_main_thread"] = threading.get_ident() == threading.main_thread().ident
+    sleep(1.5)
+    freed["done"] = True
+
+def gather_freed_late(context):
+    store = dist.distributed_c10d._get_default_store()
+    send = torch.full((1,), float(context.rank))
+    weakref.finalize(send, late_release).atexit = False  # only where the tensor is freed
+    gathered = [torch.full((1,), -1.0) for _ in range(context.world_size)]
+    if context.rank == 1:
+        store.wait(["rank 0 dropped its tensor"])
+    dist.all_gather(gathered, send, async_op=True)  # the work handle is dropped at once
+    del send
+    if context.rank == 0:
+        store.set("rank 0 dropped its tensor", "1")
+    while gathered[1 - context.rank].item() != 1 - context.rank:
+        time.sleep(0.01)
+    return [t.item() for t in gathered]
+
+nn_imported_first = "torch.distributed.nn" in sys.modules
+with distributed.init_from_env("cpu", timeout=120) as context:
+    group = weakref.ref(dist.group.WORLD)
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    gathered = gather_freed_late(context)
+    running = gloo_threads()
+with open(f"rank{context.rank}.json", "w") as report:  # in the working directory
+    json.dump({"rank": context.rank, "nn_imported_first": nn_imported_first, "gathered": gathered,
+               "group_freed": group() is None, "running": running, "after_close": gloo_threads(),
+               "freed_in_main_thread": freed.get("in_main_thread"), "freed_before_close_returned": freed.get("done", False)},
+              report)
+
+class ShutdownWaitsForTheWorker:
+    # Collected by the interpreter's last garbage collection, once it is finalizing: a
+    # worker still running then takes the GIL during finalization, as the late worker of
+    # issue 26 did (before the fix this crashed every time).
+    def __del__(self, freed=freed, sleep=time.sleep, clock=time.monotonic):
+        deadline = clock() + 10.0
+        while "done" not in freed and clock() < deadline:
+            sleep(0.01)
+
+import gc
+gc.set_threshold(0)  # no automatic collection: the cycle below waits for the one at shutdown
+shutdown_waits = ShutdownWaitsForTheWorker()
+shutdown_waits.cycle = shutdown_waits
+del shutdown_waits
+"""
+
+
+def test_closing_the_context_joins_a_late_gloo_worker(tmp_path):
+    """Issue 26: rank 0 of `fastmeta train --nproc 2` aborted ("terminate called without an
+    active exception", exit -6) after printing its results. The core dump: a gloo worker
+    (ProcessGroupGloo::runLoop), freeing the last all_gather's tensors after the gather had
+    returned, took the GIL while the interpreter finalized and was ended there (pthread_exit
+    unwinding a noexcept destructor). Its threads were alive at exit because
+    destroy_process_group left the group alive: torch.distributed.nn.functional, imported
+    after init_process_group by the first optimizer, holds it as the default of its
+    `group=` arguments. Here the worker is made late on purpose, and the interpreter's
+    shutdown waits for it: before the fix, close returned without it, the group outlived
+    close, and the worker's return to Python during finalization crashed rank 0 every time
+    (SIGSEGV in this form, where the worker resumes Python code; SIGABRT in the wild, where
+    it entered from C++). Now close frees the group and waits for its workers."""
+    script = tmp_path / "close_job.py"
+    script.write_text(_CLOSE_JOB)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path)
+    assert "terminate called" not in finished.stderr, finished.stderr[-3000:]
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for result in results:
+        # The defect's precondition: torch.distributed.nn was not imported before joining
+        # (had it been, its defaults would be None and the group never held).
+        assert not result["nn_imported_first"], result
+        assert result["gathered"] == [0.0, 1.0], result
+        assert result["group_freed"], f"rank {result['rank']}: the process group outlived destroy_process_group: {result}"
+        assert result["freed_before_close_returned"], f"rank {result['rank']}: close returned before the worker was done: {result}"
+        if os.path.isdir("/proc/self/task"):  # Linux names the threads; torch calls gloo's pt_gloo_runloop
+            assert any("gloo" in name for name in result["running"]), result  # so the check below can fail
+            assert result["after_close"] == [], f"rank {result['rank']}: gloo threads left running after close: {result}"
+    # Rank 0 dropped everything before rank 1 started: its worker freed the tensor, late.
+    assert results[0]["freed_in_main_thread"] is False, results[0]
+
+
 def test_nproc_inside_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     with pytest.raises(ValueError, match="--nproc cannot be used inside torchrun"):
