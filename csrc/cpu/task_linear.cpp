@@ -1,8 +1,12 @@
 // CPU kernels of the task_linear family: y = act(x·wᵀ + b) per task, and its input- and
-// weight-gradients. Grid: (task, block of 48 rows) pairs spread over the OpenMP threads;
-// each block is one register-tiled GEMM (gemm.h) followed by the bias and activation on
-// the rows while they are still in L1. Bound: FLOPs for the layer sizes fastmeta runs
-// (the W2 head is 80×256 by 256×5 per task), memory only when O or I is tiny.
+// weight-gradients. Two GEMM routes, chosen per call by the multiply-adds of one task's
+// GEMM (blas.h, use_blas):
+// - above the tiny-matrix size, BLAS (sgemm_/dgemm_, no dispatch): one call per task,
+//   tasks spread over the OpenMP threads, or one call for all tasks where the weight is
+//   shared; the bias and activation follow on each task's rows;
+// - below it, the register-tiled micro-kernel (gemm.h) on (task, block of 48 rows) pairs,
+//   the bias and activation applied while the rows are still in L1.
+// Bound: FLOPs for the layer sizes fastmeta runs, memory only when O or I is tiny.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,6 +17,7 @@
 
 #include "../common.h"
 #include "cpu_common.h"
+#include "blas.h"
 #include "gemm.h"
 
 namespace fastmeta {
@@ -55,37 +60,58 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
   dispatch_floating(x.scalar_type(), "task_linear", [&](auto tag_) {
     using scalar_t = decltype(tag_);
     using T_ = scalar_t;
-    const int64_t Tw = w_shared ? 1 : T;
-    // wᵀ once per task ([I, O] rows), so that the GEMM streams contiguous rows of B.
-    std::vector<T_> wt(Tw * I * O);
     const T_* wp = w.data_ptr<T_>();
+    const T_* xp = x.data_ptr<T_>();
+    const T_* bp = b.has_value() ? b->data_ptr<T_>() : nullptr;
+    T_* yp = y.data_ptr<T_>();
+    const T_ slope = static_cast<T_>(negative_slope);
+    // Bias and activation on rows [n0, n0 + rows) of task t.
+    auto epilogue = [&](int64_t t, int64_t n0, int64_t rows) {
+      const T_* bt = bp ? bp + (b_shared ? 0 : t * O) : nullptr;
+      if (!bt && act == Act::None) return;
+      for (int64_t r = 0; r < rows; ++r) {
+        T_* row = yp + (t * N + n0 + r) * O;
+        if (bt) {
+#pragma omp simd
+          for (int64_t o = 0; o < O; ++o) row[o] += bt[o];
+        }
+        if (act != Act::None)
+          for (int64_t o = 0; o < O; ++o) row[o] = act_forward<T_>(row[o], act, slope);
+      }
+    };
+    // Row-major y[t] = x[t]·w[t]ᵀ is column-major y[t]ᵀ (O×N) = w[t]ᵀ'·x[t]ᵀ: ('T', 'N').
+    if (w_shared && use_blas<T_>(O, T * N, I, kBlasMinMacsForward)) {
+      blas_gemm<T_>('T', 'N', O, T * N, I, wp, I, xp, I, yp, O, false);
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) epilogue(t, 0, N);
+      });
+      return;
+    }
+    if (!w_shared && use_blas<T_>(O, N, I, kBlasMinMacsForward)) {
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          blas_gemm<T_>('T', 'N', O, N, I, wp + t * O * I, I, xp + t * N * I, I, yp + t * N * O, O, false);
+          epilogue(t, 0, N);
+        }
+      });
+      return;
+    }
+    const int64_t Tw = w_shared ? 1 : T;
+    // wᵀ once per task ([I, O] rows), so that the micro-kernel streams contiguous rows of B.
+    std::vector<T_> wt(Tw * I * O);
     at::parallel_for(0, Tw, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t o = 0; o < O; ++o)
           for (int64_t i = 0; i < I; ++i) wt[(t * I + i) * O + o] = wp[(t * O + o) * I + i];
     });
-    const T_* xp = x.data_ptr<T_>();
-    const T_* bp = b.has_value() ? b->data_ptr<T_>() : nullptr;
-    T_* yp = y.data_ptr<T_>();
-    const T_ slope = static_cast<T_>(negative_slope);
     const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
     at::parallel_for(0, T * blocks, 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t t = j / blocks, n0 = (j % blocks) * kRowBlock;
         const int64_t rows = std::min(kRowBlock, N - n0);
-        const T_* xt = xp + (t * N + n0) * I;
-        T_* yt = yp + (t * N + n0) * O;
-        gemm<T_>(rows, O, I, xt, I, 1, wt.data() + (w_shared ? 0 : t * I * O), O, yt, O, false);
-        const T_* bt = bp ? bp + (b_shared ? 0 : t * O) : nullptr;
-        for (int64_t r = 0; r < rows; ++r) {
-          T_* row = yt + r * O;
-          if (bt) {
-#pragma omp simd
-            for (int64_t o = 0; o < O; ++o) row[o] += bt[o];
-          }
-          if (act != Act::None)
-            for (int64_t o = 0; o < O; ++o) row[o] = act_forward<T_>(row[o], act, slope);
-        }
+        gemm<T_>(rows, O, I, xp + (t * N + n0) * I, I, 1, wt.data() + (w_shared ? 0 : t * I * O), O,
+                 yp + (t * N + n0) * O, O, false);
+        epilogue(t, n0, rows);
       }
     });
   });
@@ -109,6 +135,18 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    // Row-major out[t] = g[t]·w[t] is column-major out[t]ᵀ (I×N) = w[t]ᵀ·g[t]ᵀ: ('N', 'N').
+    if (w_shared && use_blas<scalar_t>(I, T * N, O)) {
+      blas_gemm<scalar_t>('N', 'N', I, T * N, O, wp, I, g, O, o, I, false);
+      return;
+    }
+    if (!w_shared && use_blas<scalar_t>(I, N, O)) {
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          blas_gemm<scalar_t>('N', 'N', I, N, O, wp + t * O * I, I, g + t * N * O, O, o + t * N * I, I, false);
+      });
+      return;
+    }
     const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
     at::parallel_for(0, T * blocks, 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
@@ -140,7 +178,20 @@ at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor&
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    // grad_outᵀ is read in place through the strides (row o of Aᵀ is column o of grad_out).
+    // Row-major out[t] = g[t]ᵀ·x[t] is column-major out[t]ᵀ (I×O) = x[t]ᵀ·g[t]: ('N', 'T').
+    if (shared && use_blas<scalar_t>(I, O, T * N)) {
+      blas_gemm<scalar_t>('N', 'T', I, O, T * N, xp, I, g, O, o, I, false);
+      return;
+    }
+    if (!shared && use_blas<scalar_t>(I, O, N)) {
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          blas_gemm<scalar_t>('N', 'T', I, O, N, xp + t * N * I, I, g + t * N * O, O, o + t * O * I, I, false);
+      });
+      return;
+    }
+    // The micro-kernel reads grad_outᵀ in place through the strides (row o of Aᵀ is column o
+    // of grad_out).
     if (shared) {
       // One GEMM with the task and example dims merged (K = T·N), split over blocks of O.
       const int64_t blocks = (O + kRowBlock - 1) / kRowBlock;

@@ -109,6 +109,22 @@ def kernel_cases():
         ("weight_grad-shared-bigO", "task_linear_weight_grad", reference_task_linear_weight_grad,
          (t(T, N, 100), t(T, N, I), True)),
     ]
+    # The C++ kernels take BLAS from 1 024 multiply-adds per task's GEMM (forward) or 4 096
+    # (the gradients), the micro-kernel below (csrc/cpu/blas.h): each route, per-task and
+    # shared, at odd sizes. W2's head (5 × 256 → 5 per task: BLAS), W2S's (5 × 32 → 5: the
+    # micro-kernel), and one above both thresholds.
+    for label, (Tb, Nb, Ib, Ob) in {"w2-head": (4, 5, 256, 5), "w2s-head": (2, 5, 32, 5),
+                                    "blas": (3, 33, 41, 23)}.items():
+        x, w, b, g = t(Tb, Nb, Ib), t(Tb, Ob, Ib), t(Tb, Ob), t(Tb, Nb, Ob)
+        cases += [
+            (f"{label}", "task_linear", reference_task_linear, (x, w, b, "relu", 0.0)),
+            (f"{label}-shared", "task_linear", reference_task_linear, (x, w[0], b[0], "sigmoid", 0.0)),
+            (f"{label}-input_grad", "task_linear_input_grad", reference_task_linear_input_grad, (g, w)),
+            (f"{label}-input_grad-shared", "task_linear_input_grad", reference_task_linear_input_grad, (g, w[0])),
+            (f"{label}-weight_grad", "task_linear_weight_grad", reference_task_linear_weight_grad, (g, x, False)),
+            (f"{label}-weight_grad-shared", "task_linear_weight_grad", reference_task_linear_weight_grad,
+             (g, x, True)),
+        ]
     return cases
 
 
