@@ -29,11 +29,28 @@ namespace {
 // 32 tasks × 80 rows give both threads several items each.
 constexpr int64_t kRowBlock = 48;
 
+// A per-task [T, O, I] weight (or [T, O] bias) may have any task stride (a view of the flat
+// fast-weight buffer: no layout copy) as long as each task's block is contiguous; the
+// kernels read it at task_stride. A shared one is contiguous.
+bool task_blocks_contiguous(const at::Tensor& t) {
+  for (int64_t d = t.dim() - 1, expected = 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+int64_t task_stride(const at::Tensor& t) {
+  return t.size(0) > 1 ? t.stride(0) : t.numel();
+}
+
 void check_weight(const at::Tensor& w, const at::Tensor& x, int64_t T, const char* name) {
-  FM_CHECK_INPUT(w, kCPU);
+  FM_CHECK_DEVICE(w, kCPU);
   FM_CHECK_SAME_DTYPE(w, x);
   TORCH_CHECK_VALUE(w.dim() == 2 || (w.dim() == 3 && w.size(0) == T), name, " must be [T, O, I] with T = ", T,
               " or [O, I], got ", w.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 2 ? w.is_contiguous() : task_blocks_contiguous(w), name,
+              " must be contiguous within each task, got strides ", w.strides());
 }
 
 at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
@@ -48,12 +65,16 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
   TORCH_CHECK_VALUE(w.size(-1) == I, "w must have ", I, " input features, got ", w.sizes());
   bool b_shared = true;
   if (b.has_value()) {
-    FM_CHECK_INPUT(*b, kCPU);
+    FM_CHECK_DEVICE(*b, kCPU);
     FM_CHECK_SAME_DTYPE(*b, x);
     b_shared = b->dim() == 1;
     TORCH_CHECK_VALUE((b_shared && b->size(0) == O) || (b->dim() == 2 && b->size(0) == T && b->size(1) == O),
                 "b must be [O] or [T, O] with O = ", O, ", T = ", T, ", got ", b->sizes());
+    TORCH_CHECK_VALUE(b_shared ? b->is_contiguous() : task_blocks_contiguous(*b),
+                "b must be contiguous within each task, got strides ", b->strides());
   }
+  const int64_t ws = w_shared ? 0 : task_stride(w);
+  const int64_t bs = b.has_value() && !b_shared ? task_stride(*b) : 0;
   const Act act = parse_act(std::string(act_name.data(), act_name.size()));
   at::Tensor y = at::empty({T, N, O}, x.options());
   if (y.numel() == 0) return y;
@@ -67,7 +88,7 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
     const T_ slope = static_cast<T_>(negative_slope);
     // Bias and activation on rows [n0, n0 + rows) of task t.
     auto epilogue = [&](int64_t t, int64_t n0, int64_t rows) {
-      const T_* bt = bp ? bp + (b_shared ? 0 : t * O) : nullptr;
+      const T_* bt = bp ? bp + t * bs : nullptr;
       if (!bt && act == Act::None) return;
       for (int64_t r = 0; r < rows; ++r) {
         T_* row = yp + (t * N + n0 + r) * O;
@@ -90,7 +111,7 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
     if (!w_shared && use_blas<T_>(O, N, I, kBlasMinMacsForward)) {
       at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          blas_gemm<T_>('T', 'N', O, N, I, wp + t * O * I, I, xp + t * N * I, I, yp + t * N * O, O, false);
+          blas_gemm<T_>('T', 'N', O, N, I, wp + t * ws, I, xp + t * N * I, I, yp + t * N * O, O, false);
           epilogue(t, 0, N);
         }
       });
@@ -102,7 +123,7 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
     at::parallel_for(0, Tw, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t o = 0; o < O; ++o)
-          for (int64_t i = 0; i < I; ++i) wt[(t * I + i) * O + o] = wp[(t * O + o) * I + i];
+          for (int64_t i = 0; i < I; ++i) wt[(t * I + i) * O + o] = wp[t * ws + o * I + i];
     });
     const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
     at::parallel_for(0, T * blocks, 1, [&](int64_t j0, int64_t j1) {
@@ -127,6 +148,7 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_CHECK_VALUE(w.size(-2) == O, "w must have ", O, " output features, got ", w.sizes());
   const bool w_shared = w.dim() == 2;
   const int64_t I = w.size(-1);
+  const int64_t ws = w_shared ? 0 : task_stride(w);
   at::Tensor out = at::empty({T, N, I}, grad_out.options());
   if (out.numel() == 0) return out;
   if (O == 0) return out.zero_();
@@ -143,7 +165,7 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
     if (!w_shared && use_blas<scalar_t>(I, N, O)) {
       at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t)
-          blas_gemm<scalar_t>('N', 'N', I, N, O, wp + t * O * I, I, g + t * N * O, O, o + t * N * I, I, false);
+          blas_gemm<scalar_t>('N', 'N', I, N, O, wp + t * ws, I, g + t * N * O, O, o + t * N * I, I, false);
       });
       return;
     }
@@ -152,7 +174,7 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t t = j / blocks, n0 = (j % blocks) * kRowBlock;
         const int64_t rows = std::min(kRowBlock, N - n0);
-        gemm<scalar_t>(rows, I, O, g + (t * N + n0) * O, O, 1, wp + (w_shared ? 0 : t * O * I), I,
+        gemm<scalar_t>(rows, I, O, g + (t * N + n0) * O, O, 1, wp + t * ws, I,
                        o + (t * N + n0) * I, I, false);
       }
     });
