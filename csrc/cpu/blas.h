@@ -12,14 +12,27 @@
 // region and run each call on the calling thread.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 extern "C" {
 void sgemm_(char* transa, char* transb, int* m, int* n, int* k, float* alpha, const float* a, int* lda,
             const float* b, int* ldb, float* beta, float* c, int* ldc) __attribute__((weak));
 void dgemm_(char* transa, char* transb, int* m, int* n, int* k, double* alpha, const double* a, int* lda,
             const double* b, int* ldb, double* beta, double* c, int* ldc) __attribute__((weak));
+// MKL's grouped batch (one group here): what torch's bmm calls on the CPU. Absent from
+// other BLAS libraries: the callers then loop over the batch with sgemm_/dgemm_.
+void sgemm_batch_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                  const float* alpha, const float** a, const int* lda, const float** b, const int* ldb,
+                  const float* beta, float** c, const int* ldc, const int* group_count, const int* group_size)
+    __attribute__((weak));
+void dgemm_batch_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                  const double* alpha, const double** a, const int* lda, const double** b, const int* ldb,
+                  const double* beta, double** c, const int* ldc, const int* group_count, const int* group_size)
+    __attribute__((weak));
 }
 
 namespace fastmeta {
@@ -63,6 +76,43 @@ inline void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k,
     sgemm_(&transa, &transb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
   else
     dgemm_(&transa, &transb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
+}
+
+// The same GEMM for each of `batch` problems, operand i at a + i·stride_a (strides in
+// elements; 0 for an operand shared by all), through MKL's batch call where it exists (one
+// call: ~2 µs less than a call per problem at W2's head), else one BLAS call per problem,
+// spread over the OpenMP threads.
+template <typename T>
+inline void blas_gemm_batched(char transa, char transb, int64_t batch, int64_t m, int64_t n, int64_t k, const T* a,
+                              int64_t stride_a, int64_t lda, const T* b, int64_t stride_b, int64_t ldb, T* c,
+                              int64_t stride_c, int64_t ldc) {
+  constexpr bool is_float = sizeof(T) == 4;
+  const bool batched = is_float ? sgemm_batch_ != nullptr : dgemm_batch_ != nullptr;
+  if (batched && batch <= std::numeric_limits<int>::max()) {
+    std::vector<const T*> as(batch), bs(batch);
+    std::vector<T*> cs(batch);
+    for (int64_t i = 0; i < batch; ++i) {
+      as[i] = a + i * stride_a;
+      bs[i] = b + i * stride_b;
+      cs[i] = c + i * stride_c;
+    }
+    const int m_ = static_cast<int>(m), n_ = static_cast<int>(n), k_ = static_cast<int>(k);
+    const int lda_ = static_cast<int>(lda), ldb_ = static_cast<int>(ldb), ldc_ = static_cast<int>(ldc);
+    const int groups = 1, size = static_cast<int>(batch);
+    const T alpha = T(1), beta = T(0);
+    if constexpr (is_float)
+      sgemm_batch_(&transa, &transb, &m_, &n_, &k_, &alpha, as.data(), &lda_, bs.data(), &ldb_, &beta, cs.data(),
+                   &ldc_, &groups, &size);
+    else
+      dgemm_batch_(&transa, &transb, &m_, &n_, &k_, &alpha, as.data(), &lda_, bs.data(), &ldb_, &beta, cs.data(),
+                   &ldc_, &groups, &size);
+    return;
+  }
+  at::parallel_for(0, batch, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      blas_gemm<T>(transa, transb, m, n, k, a + i * stride_a, lda, b + i * stride_b, ldb, c + i * stride_c, ldc,
+                   false);
+  });
 }
 
 }  // namespace cpu

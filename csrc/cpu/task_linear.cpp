@@ -1,9 +1,9 @@
 // CPU kernels of the task_linear family: y = act(x·wᵀ + b) per task, and its input- and
 // weight-gradients. Two GEMM routes, chosen per call by the multiply-adds of one task's
 // GEMM (blas.h, use_blas):
-// - above the tiny-matrix size, BLAS (sgemm_/dgemm_, no dispatch): one call per task,
-//   tasks spread over the OpenMP threads, or one call for all tasks where the weight is
-//   shared; the bias and activation follow on each task's rows;
+// - above the tiny-matrix size, BLAS (no dispatch): MKL's batch call for per-task weights
+//   (else one sgemm_/dgemm_ per task, tasks spread over the OpenMP threads), one GEMM for
+//   all tasks where the weight is shared; the bias and activation follow on each task's rows;
 // - below it, the register-tiled micro-kernel (gemm.h) on (task, block of 48 rows) pairs,
 //   the bias and activation applied while the rows are still in L1.
 // Bound: FLOPs for the layer sizes fastmeta runs, memory only when O or I is tiny.
@@ -109,11 +109,9 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
       return;
     }
     if (!w_shared && use_blas<T_>(O, N, I, kBlasMinMacsForward)) {
+      blas_gemm_batched<T_>('T', 'N', T, O, N, I, wp, ws, I, xp, N * I, I, yp, N * O, O);
       at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          blas_gemm<T_>('T', 'N', O, N, I, wp + t * ws, I, xp + t * N * I, I, yp + t * N * O, O, false);
-          epilogue(t, 0, N);
-        }
+        for (int64_t t = t0; t < t1; ++t) epilogue(t, 0, N);
       });
       return;
     }
@@ -163,10 +161,7 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
       return;
     }
     if (!w_shared && use_blas<scalar_t>(I, N, O)) {
-      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t)
-          blas_gemm<scalar_t>('N', 'N', I, N, O, wp + t * ws, I, g + t * N * O, O, o + t * N * I, I, false);
-      });
+      blas_gemm_batched<scalar_t>('N', 'N', T, I, N, O, wp, ws, I, g, N * O, O, o, N * I, I);
       return;
     }
     const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
@@ -206,10 +201,7 @@ at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor&
       return;
     }
     if (!shared && use_blas<scalar_t>(I, O, N)) {
-      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t)
-          blas_gemm<scalar_t>('N', 'T', I, O, N, xp + t * N * I, I, g + t * N * O, O, o + t * O * I, I, false);
-      });
+      blas_gemm_batched<scalar_t>('N', 'T', T, I, O, N, xp, N * I, I, g, N * O, O, o, O * I, I);
       return;
     }
     // The micro-kernel reads grad_outᵀ in place through the strides (row o of Aᵀ is column o

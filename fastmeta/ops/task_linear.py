@@ -69,17 +69,16 @@ def reference_task_linear_weight_grad(grad_out: Tensor, x: Tensor, shared: bool)
 
 
 def _native_per_task(t: Tensor | None, task_dim: bool) -> Tensor | None:
-    """A weight or bias for the native kernels. The CPU kernels read a per-task tensor at its
-    task stride when each task's block is contiguous (a view of the flat fast-weight buffer:
-    no layout copy, csrc/cpu/task_linear.cpp); anything else, and everything for the CUDA
-    kernels, as :func:`shared_or_contiguous` makes it."""
-    if t is not None and task_dim and t.device.type == "cpu" and t.stride(0) != 0:
-        expected = 1
-        for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-            if size != 1 and stride != expected:
-                break
-            expected *= size
-        else:
+    """A weight or bias for the native kernels. The CPU kernels read a per-task ``[T, O, I]``
+    or ``[T, O]`` tensor at its task stride when each task's block is contiguous (a view of
+    the flat fast-weight buffer: no layout copy, csrc/cpu/task_linear.cpp); anything else,
+    and everything for the CUDA kernels, as :func:`shared_or_contiguous` makes it. A few
+    stride reads: this runs on every call."""
+    if t is None or t.is_contiguous():
+        return t
+    if task_dim and t.is_cpu:
+        strides = t.stride()  # one call: Tensor.stride(dim) parses its argument each time
+        if strides[0] != 0 and strides[-1] == 1 and (len(strides) == 2 or strides[-2] == t.shape[-1]):
             return t
     return shared_or_contiguous(t, task_dim)
 
