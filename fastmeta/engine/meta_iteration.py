@@ -343,7 +343,7 @@ class MetaIteration:
         accuracy = None
         if not query_y.is_floating_point() and pred.dim() == 3:
             with torch.no_grad():
-                accuracy = (pred.argmax(-1) == query_y).to(pred.dtype).mean(1)
+                accuracy = (pred.argmax(-1) == query_y).mean(1, dtype=pred.dtype)  # cast inside the mean: one op
         return task_losses, accuracy
 
     def _adapt_and_evaluate_checkpointed(self, *args):
@@ -432,7 +432,7 @@ class MetaIteration:
             check_finite_losses(task_losses, "query", plan.validate)
         accuracy = None
         if kind == "cross_entropy":
-            accuracy = (pred.argmax(-1) == query_y).to(pred.dtype).mean(1)
+            accuracy = (pred.argmax(-1) == query_y).mean(1, dtype=pred.dtype)  # cast inside the mean: one op
         return MetaBatchOutput(mean, task_losses, accuracy)
 
     # -- whole-step execution on the CPU ------------------------------------------------
