@@ -234,6 +234,9 @@ class TracedProgram:
 
             def step(env, weights):
                 x = env[arg.name]
+                if not x.batched and not segments:  # no task dim and no weights: one plain call
+                    env[name] = _Value(m(x.value), False)
+                    return
                 y = None
                 if x.batched:
                     params = {attr: None if k is None else weights[k] for attr, k in segments.items()}

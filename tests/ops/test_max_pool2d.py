@@ -264,3 +264,27 @@ def test_max_pool_configurations_the_op_lacks_run_the_module():
         want = torch.stack([model(x[t]) for t in range(2)])
         torch.testing.assert_close(out, want)
         assert not ran["max_pool2d"], dict(ran)
+
+
+class PoolsABuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.register_buffer("offset", torch.randn(1, 2, 6, 6))
+
+    def forward(self, x):
+        return self.pool(self.conv(x)) + self.pool(self.offset)
+
+
+def test_a_max_pool_of_a_value_without_tasks_stays_without_tasks():
+    """A MaxPool2d of a buffer (no task dim): one plain call, its result broadcast over the
+    tasks as in the model, not taken for a [T, N, ...] value."""
+    model = PoolsABuffer()
+    program = fm.trace(model)
+    layout = fm.Layout.of_module(model)
+    weights = layout.views(layout.pack(model.parameters()))
+    x = torch.randn(3, 2, 1, 6, 6)
+    out = program(x, weights)
+    want = torch.stack([model(x[t]) for t in range(3)])
+    torch.testing.assert_close(out, want)
