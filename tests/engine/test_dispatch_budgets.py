@@ -76,12 +76,7 @@ SUMS = {("W2", "second"): 5, ("W2", "first"): 3, ("W3", "second"): 17, ("W3", "f
         ("OFC", "second"): 5, ("OFC", "first"): 3}
 
 
-# W3's 16 tasks × 5 steps take ~25 s to count on the 2-core CPU: slow.
-SLOW = {("W3", "second"), ("W3", "first")}
-
-
-@pytest.mark.parametrize("workload, order", [
-    pytest.param(w, o, id=f"{w}-{o}", marks=[pytest.mark.slow] if (w, o) in SLOW else []) for w, o in sorted(BUDGETS)])
+@pytest.mark.parametrize("workload, order", sorted(BUDGETS), ids=[f"{w}-{o}" for w, o in sorted(BUDGETS)])
 def test_plain_path_dispatch_budget(extension, workload, order):
     dispatches, syncs = BUDGETS[workload, order]
     plain = count_paths(find_workload(workload), backend="auto", first_order=order == "first")["plain"]
