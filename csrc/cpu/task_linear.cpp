@@ -1,8 +1,12 @@
 // CPU kernels of the task_linear family: y = act(x·wᵀ + b) per task, and its input- and
-// weight-gradients. Grid: (task, block of 48 rows) pairs spread over the OpenMP threads;
-// each block is one register-tiled GEMM (gemm.h) followed by the bias and activation on
-// the rows while they are still in L1. Bound: FLOPs for the layer sizes fastmeta runs
-// (the W2 head is 80×256 by 256×5 per task), memory only when O or I is tiny.
+// weight-gradients. Two GEMM routes, chosen per call by the multiply-adds of one task's
+// GEMM (blas.h, use_blas):
+// - above the tiny-matrix size, BLAS (no dispatch): MKL's batch call for per-task weights
+//   (else one sgemm_/dgemm_ per task, tasks spread over the OpenMP threads), one GEMM for
+//   all tasks where the weight is shared; the bias and activation follow on each task's rows;
+// - below it, the register-tiled micro-kernel (gemm.h) on (task, block of 48 rows) pairs,
+//   the bias and activation applied while the rows are still in L1.
+// Bound: FLOPs for the layer sizes fastmeta runs, memory only when O or I is tiny.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,6 +17,7 @@
 
 #include "../common.h"
 #include "cpu_common.h"
+#include "blas.h"
 #include "gemm.h"
 
 namespace fastmeta {
@@ -24,11 +29,28 @@ namespace {
 // 32 tasks × 80 rows give both threads several items each.
 constexpr int64_t kRowBlock = 48;
 
+// A per-task [T, O, I] weight (or [T, O] bias) may have any task stride (a view of the flat
+// fast-weight buffer: no layout copy) as long as each task's block is contiguous; the
+// kernels read it at task_stride. A shared one is contiguous.
+bool task_blocks_contiguous(const at::Tensor& t) {
+  for (int64_t d = t.dim() - 1, expected = 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+int64_t task_stride(const at::Tensor& t) {
+  return t.size(0) > 1 ? t.stride(0) : t.numel();
+}
+
 void check_weight(const at::Tensor& w, const at::Tensor& x, int64_t T, const char* name) {
-  FM_CHECK_INPUT(w, kCPU);
+  FM_CHECK_DEVICE(w, kCPU);
   FM_CHECK_SAME_DTYPE(w, x);
   TORCH_CHECK_VALUE(w.dim() == 2 || (w.dim() == 3 && w.size(0) == T), name, " must be [T, O, I] with T = ", T,
               " or [O, I], got ", w.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 2 ? w.is_contiguous() : task_blocks_contiguous(w), name,
+              " must be contiguous within each task, got strides ", w.strides());
 }
 
 at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
@@ -43,49 +65,72 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
   TORCH_CHECK_VALUE(w.size(-1) == I, "w must have ", I, " input features, got ", w.sizes());
   bool b_shared = true;
   if (b.has_value()) {
-    FM_CHECK_INPUT(*b, kCPU);
+    FM_CHECK_DEVICE(*b, kCPU);
     FM_CHECK_SAME_DTYPE(*b, x);
     b_shared = b->dim() == 1;
     TORCH_CHECK_VALUE((b_shared && b->size(0) == O) || (b->dim() == 2 && b->size(0) == T && b->size(1) == O),
                 "b must be [O] or [T, O] with O = ", O, ", T = ", T, ", got ", b->sizes());
+    TORCH_CHECK_VALUE(b_shared ? b->is_contiguous() : task_blocks_contiguous(*b),
+                "b must be contiguous within each task, got strides ", b->strides());
   }
+  const int64_t ws = w_shared ? 0 : task_stride(w);
+  const int64_t bs = b.has_value() && !b_shared ? task_stride(*b) : 0;
   const Act act = parse_act(std::string(act_name.data(), act_name.size()));
   at::Tensor y = at::empty({T, N, O}, x.options());
   if (y.numel() == 0) return y;
   dispatch_floating(x.scalar_type(), "task_linear", [&](auto tag_) {
     using scalar_t = decltype(tag_);
     using T_ = scalar_t;
-    const int64_t Tw = w_shared ? 1 : T;
-    // wᵀ once per task ([I, O] rows), so that the GEMM streams contiguous rows of B.
-    std::vector<T_> wt(Tw * I * O);
     const T_* wp = w.data_ptr<T_>();
-    at::parallel_for(0, Tw, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t o = 0; o < O; ++o)
-          for (int64_t i = 0; i < I; ++i) wt[(t * I + i) * O + o] = wp[(t * O + o) * I + i];
-    });
     const T_* xp = x.data_ptr<T_>();
     const T_* bp = b.has_value() ? b->data_ptr<T_>() : nullptr;
     T_* yp = y.data_ptr<T_>();
     const T_ slope = static_cast<T_>(negative_slope);
+    // Bias and activation on rows [n0, n0 + rows) of task t.
+    auto epilogue = [&](int64_t t, int64_t n0, int64_t rows) {
+      const T_* bt = bp ? bp + t * bs : nullptr;
+      if (!bt && act == Act::None) return;
+      for (int64_t r = 0; r < rows; ++r) {
+        T_* row = yp + (t * N + n0 + r) * O;
+        if (bt) {
+#pragma omp simd
+          for (int64_t o = 0; o < O; ++o) row[o] += bt[o];
+        }
+        if (act != Act::None)
+          for (int64_t o = 0; o < O; ++o) row[o] = act_forward<T_>(row[o], act, slope);
+      }
+    };
+    // Row-major y[t] = x[t]·w[t]ᵀ is column-major y[t]ᵀ (O×N) = w[t]ᵀ'·x[t]ᵀ: ('T', 'N').
+    if (w_shared && use_blas<T_>(O, T * N, I, kBlasMinMacsForward)) {
+      blas_gemm<T_>('T', 'N', O, T * N, I, wp, I, xp, I, yp, O, false);
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) epilogue(t, 0, N);
+      });
+      return;
+    }
+    if (!w_shared && use_blas<T_>(O, N, I, kBlasMinMacsForward)) {
+      blas_gemm_batched<T_>('T', 'N', T, O, N, I, wp, ws, I, xp, N * I, I, yp, N * O, O);
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) epilogue(t, 0, N);
+      });
+      return;
+    }
+    const int64_t Tw = w_shared ? 1 : T;
+    // wᵀ once per task ([I, O] rows), so that the micro-kernel streams contiguous rows of B.
+    std::vector<T_> wt(Tw * I * O);
+    at::parallel_for(0, Tw, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t o = 0; o < O; ++o)
+          for (int64_t i = 0; i < I; ++i) wt[(t * I + i) * O + o] = wp[t * ws + o * I + i];
+    });
     const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
     at::parallel_for(0, T * blocks, 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t t = j / blocks, n0 = (j % blocks) * kRowBlock;
         const int64_t rows = std::min(kRowBlock, N - n0);
-        const T_* xt = xp + (t * N + n0) * I;
-        T_* yt = yp + (t * N + n0) * O;
-        gemm<T_>(rows, O, I, xt, I, 1, wt.data() + (w_shared ? 0 : t * I * O), O, yt, O, false);
-        const T_* bt = bp ? bp + (b_shared ? 0 : t * O) : nullptr;
-        for (int64_t r = 0; r < rows; ++r) {
-          T_* row = yt + r * O;
-          if (bt) {
-#pragma omp simd
-            for (int64_t o = 0; o < O; ++o) row[o] += bt[o];
-          }
-          if (act != Act::None)
-            for (int64_t o = 0; o < O; ++o) row[o] = act_forward<T_>(row[o], act, slope);
-        }
+        gemm<T_>(rows, O, I, xp + (t * N + n0) * I, I, 1, wt.data() + (w_shared ? 0 : t * I * O), O,
+                 yp + (t * N + n0) * O, O, false);
+        epilogue(t, n0, rows);
       }
     });
   });
@@ -101,6 +146,7 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_CHECK_VALUE(w.size(-2) == O, "w must have ", O, " output features, got ", w.sizes());
   const bool w_shared = w.dim() == 2;
   const int64_t I = w.size(-1);
+  const int64_t ws = w_shared ? 0 : task_stride(w);
   at::Tensor out = at::empty({T, N, I}, grad_out.options());
   if (out.numel() == 0) return out;
   if (O == 0) return out.zero_();
@@ -109,12 +155,21 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    // Row-major out[t] = g[t]·w[t] is column-major out[t]ᵀ (I×N) = w[t]ᵀ·g[t]ᵀ: ('N', 'N').
+    if (w_shared && use_blas<scalar_t>(I, T * N, O)) {
+      blas_gemm<scalar_t>('N', 'N', I, T * N, O, wp, I, g, O, o, I, false);
+      return;
+    }
+    if (!w_shared && use_blas<scalar_t>(I, N, O)) {
+      blas_gemm_batched<scalar_t>('N', 'N', T, I, N, O, wp, ws, I, g, N * O, O, o, N * I, I);
+      return;
+    }
     const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
     at::parallel_for(0, T * blocks, 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t t = j / blocks, n0 = (j % blocks) * kRowBlock;
         const int64_t rows = std::min(kRowBlock, N - n0);
-        gemm<scalar_t>(rows, I, O, g + (t * N + n0) * O, O, 1, wp + (w_shared ? 0 : t * O * I), I,
+        gemm<scalar_t>(rows, I, O, g + (t * N + n0) * O, O, 1, wp + t * ws, I,
                        o + (t * N + n0) * I, I, false);
       }
     });
@@ -140,7 +195,17 @@ at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor&
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    // grad_outᵀ is read in place through the strides (row o of Aᵀ is column o of grad_out).
+    // Row-major out[t] = g[t]ᵀ·x[t] is column-major out[t]ᵀ (I×O) = x[t]ᵀ·g[t]: ('N', 'T').
+    if (shared && use_blas<scalar_t>(I, O, T * N)) {
+      blas_gemm<scalar_t>('N', 'T', I, O, T * N, xp, I, g, O, o, I, false);
+      return;
+    }
+    if (!shared && use_blas<scalar_t>(I, O, N)) {
+      blas_gemm_batched<scalar_t>('N', 'T', T, I, O, N, xp, N * I, I, g, N * O, O, o, O * I, I);
+      return;
+    }
+    // The micro-kernel reads grad_outᵀ in place through the strides (row o of Aᵀ is column o
+    // of grad_out).
     if (shared) {
       // One GEMM with the task and example dims merged (K = T·N), split over blocks of O.
       const int64_t blocks = (O + kRowBlock - 1) / kRowBlock;

@@ -52,13 +52,11 @@ host_memory.configure()
 # Per op, the order in which ``auto`` tries backends: the fastest first, as measured in
 # bench/ (bench/RESULTS.md). Backends not listed for an op are never picked by auto.
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    # The CPU's linear layer is the C++ kernel again since its GEMMs above the tiny-matrix
+    # size call BLAS directly (csrc/cpu/blas.h): as fast as the reference's bmm at W2's,
+    # W4's and OFC's layers, faster at the tiny ones, and one dispatch instead of the
+    # reference's aten ops (docs/benchmarks.md, "Measurements behind code decisions").
     "default": ("cuda", "triton", "cpu", "torch"),
-    # The C++ GEMM loses to MKL's bmm on the CPU by several times at W2's head: the
-    # reference stays the CPU's linear layer (docs/benchmarks.md, "Measurements behind
-    # code decisions").
-    "task_linear": ("cuda", "triton", "torch"),
-    "task_linear_input_grad": ("cuda", "triton", "torch"),
-    "task_linear_weight_grad": ("cuda", "triton", "torch"),
 }
 
 REFERENCE = "torch"

@@ -209,8 +209,8 @@ class MetaIteration:
                 raise ValueError(f"{name} is empty: the {kind} set needs at least one example per task")
         if validate:
             for name, t in named.items():
-                # Two ops and a sync per input; the failing task is looked for only on failure.
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                # One op and a sync per input; the failing task is looked for only on failure.
+                if t.is_floating_point() and not all_finite(t):
                     bad = ~torch.isfinite(t.flatten(1)).all(1)
                     raise FloatingPointError(f"{name} has NaN or Inf in task {int(bad.nonzero()[0])}")
 
@@ -343,7 +343,7 @@ class MetaIteration:
         accuracy = None
         if not query_y.is_floating_point() and pred.dim() == 3:
             with torch.no_grad():
-                accuracy = (pred.argmax(-1) == query_y).to(pred.dtype).mean(1)
+                accuracy = (pred.argmax(-1) == query_y).mean(1, dtype=pred.dtype)  # cast inside the mean: one op
         return task_losses, accuracy
 
     def _adapt_and_evaluate_checkpointed(self, *args):
@@ -432,7 +432,7 @@ class MetaIteration:
             check_finite_losses(task_losses, "query", plan.validate)
         accuracy = None
         if kind == "cross_entropy":
-            accuracy = (pred.argmax(-1) == query_y).to(pred.dtype).mean(1)
+            accuracy = (pred.argmax(-1) == query_y).mean(1, dtype=pred.dtype)  # cast inside the mean: one op
         return MetaBatchOutput(mean, task_losses, accuracy)
 
     # -- whole-step execution on the CPU ------------------------------------------------
@@ -523,9 +523,10 @@ def check_labels(target: Tensor, classes: int, which: str, validate: bool) -> No
     """Integer labels in [0, classes); the range check syncs, so only under validate."""
     if target.is_floating_point():
         raise TypeError(f"{which} labels must be integers for cross-entropy, got {target.dtype}")
-    # Three ops and a sync (a label clamped into range changes iff it is out of range); the
-    # failing task is looked for only on failure.
-    if validate and bool(target.clamp(0, classes - 1).ne(target).any()):
+    # Two ops and a sync (a label clamped into range changes iff it is out of range;
+    # torch.equal reads the comparison on the host itself); the failing task is looked for
+    # only on failure.
+    if validate and not torch.equal(target.clamp(0, classes - 1), target):
         t = int(((target < 0) | (target >= classes)).flatten(1).any(1).nonzero()[0])
         raise ValueError(
             f"{which} labels out of range for the model's {classes} outputs "
@@ -550,13 +551,20 @@ def check_step_weights(step_weights: Sequence[float] | None, steps: int) -> tupl
     return weights
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether ``t`` holds no NaN or ±Inf: one op and one host read. Its largest magnitude
+    (the ∞-norm) is NaN where t holds a NaN (the max reduction propagates it), ∞ where it
+    holds ±Inf, and finite otherwise."""
+    return t.numel() == 0 or math.isfinite(float(torch.linalg.vector_norm(t.detach(), float("inf"))))
+
+
 def check_finite_losses(losses: Tensor, which: str, validate: bool) -> None:
-    if validate and not bool(torch.isfinite(losses.detach()).all()):  # two ops and a sync
+    if validate and not all_finite(losses):  # one op and a sync
         t = int((~torch.isfinite(losses.detach())).nonzero()[0])
         raise FloatingPointError(f"the {which} loss of task {t} is {float(losses[t].detach())}")
 
 
 __all__ = [
     "AdaptationPlan", "LossSpec", "MetaBatchOutput", "MetaIteration", "StepRule", "check_labels",
-    "check_finite_losses", "check_loss_spec", "check_step_weights", "loss_targets",
+    "all_finite", "check_finite_losses", "check_loss_spec", "check_step_weights", "loss_targets",
 ]

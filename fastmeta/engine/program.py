@@ -9,7 +9,9 @@ task (``[T, *shape]``, a view of the fast-weight buffer) or shared (``shape``, a
   (:class:`fastmeta.ops.registration.OpFamily`, ``modules``): Linear → ``task_linear``,
   Conv2d → ``task_conv2d``, LayerNorm over the last dim → ``task_layer_norm``,
   BatchNorm1d/2d → ``task_batch_norm`` (per-task batch statistics,
-  always, in training and evaluation alike; running statistics are never touched).
+  always, in training and evaluation alike; running statistics are never touched),
+  MaxPool2d → ``max_pool2d`` (tasks folded into the batch; a dilation or ceil mode it
+  lacks runs the module itself, as below).
   A ReLU, LeakyReLU, Tanh or Sigmoid whose only input is a Linear or BatchNorm that
   feeds nothing else is fused into it.
 - A Conv2d or Linear whose only user is a recognised BatchNorm runs without its bias
@@ -18,8 +20,8 @@ task (``[T, *shape]``, a view of the fast-weight buffer) or shared (``shape``, a
   nothing downstream and its gradient is exactly zero. The bias stays a parameter the
   program reads: its meta-gradient comes back as zeros (not None), so optimizers and users
   see the same parameters as with the bias computed.
-- MaxPool2d, AvgPool2d, Flatten, Dropout and the standalone activations run with the task
-  dim folded into the batch: they treat examples independently.
+- AvgPool2d, Flatten, Dropout, the standalone activations and a MaxPool2d the op does not
+  take run with the task dim folded into the batch: they treat examples independently.
 - Every other node (functional calls, ``+``, ``cat``, methods, unrecognised leaf modules
   without BatchNorm) runs under ``torch.vmap`` over tasks, or task by task where vmap
   cannot run it (size queries, data-dependent code).
@@ -232,6 +234,9 @@ class TracedProgram:
 
             def step(env, weights):
                 x = env[arg.name]
+                if not x.batched and not segments:  # no task dim and no weights: one plain call
+                    env[name] = _Value(m(x.value), False)
+                    return
                 y = None
                 if x.batched:
                     params = {attr: None if k is None else weights[k] for attr, k in segments.items()}

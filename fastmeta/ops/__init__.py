@@ -8,6 +8,7 @@ the inner loop on whichever backend runs them.
 
 from fastmeta.ops.activation import ACTIVATIONS, activation_grad
 from fastmeta.ops.inner_step import inner_step, inner_step_backward
+from fastmeta.ops.max_pool2d import max_pool2d, max_pool2d_backward, max_pool2d_double_backward
 from fastmeta.ops.mlp_meta_step import mlp_meta_step, mlp_meta_step_backward
 from fastmeta.ops.mlp_meta_step_update import mlp_meta_step_update
 from fastmeta.ops.task_batch_norm import task_batch_norm, task_batch_norm_backward
@@ -22,6 +23,9 @@ __all__ = [
     "activation_grad",
     "inner_step",
     "inner_step_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "max_pool2d_double_backward",
     "mlp_meta_step",
     "mlp_meta_step_backward",
     "mlp_meta_step_update",

@@ -68,6 +68,21 @@ def reference_task_linear_weight_grad(grad_out: Tensor, x: Tensor, shared: bool)
     return product_at_precision(torch.bmm, grad_out.transpose(1, 2), x)
 
 
+def _native_per_task(t: Tensor | None, task_dim: bool) -> Tensor | None:
+    """A weight or bias for the native kernels. The CPU kernels read a per-task ``[T, O, I]``
+    or ``[T, O]`` tensor at its task stride when each task's block is contiguous (a view of
+    the flat fast-weight buffer: no layout copy, csrc/cpu/task_linear.cpp); anything else,
+    and everything for the CUDA kernels, as :func:`shared_or_contiguous` makes it. A few
+    stride reads: this runs on every call."""
+    if t is None or t.is_contiguous():
+        return t
+    if task_dim and t.is_cpu:
+        strides = t.stride()  # one call: Tensor.stride(dim) parses its argument each time
+        if strides[0] != 0 and strides[-1] == 1 and (len(strides) == 2 or strides[-2] == t.shape[-1]):
+            return t
+    return shared_or_contiguous(t, task_dim)
+
+
 # ---------------------------------------------------------------------------------------
 # task_linear
 # ---------------------------------------------------------------------------------------
@@ -76,7 +91,7 @@ def reference_task_linear_weight_grad(grad_out: Tensor, x: Tensor, shared: bool)
 task_linear = define_op(reference_task_linear, NativeCall(
     takes=lambda device_type, x, w, b, act, negative_slope: x.dim() == 3 and w.dim() in (2, 3),
     args=lambda x, w, b, act, negative_slope: (
-        x.contiguous(), shared_or_contiguous(w, w.dim() == 3), shared_or_contiguous(b, b is not None and b.dim() == 2),
+        x.contiguous(), _native_per_task(w, w.dim() == 3), _native_per_task(b, b is not None and b.dim() == 2),
         act, float(negative_slope)),
 ))
 
@@ -121,7 +136,7 @@ task_linear.register_autograd(_task_linear_backward, setup_context=_task_linear_
 
 task_linear_input_grad = define_op(reference_task_linear_input_grad, NativeCall(
     takes=lambda device_type, grad_out, w: grad_out.dim() == 3 and w.dim() in (2, 3),
-    args=lambda grad_out, w: (grad_out.contiguous(), shared_or_contiguous(w, w.dim() == 3)),
+    args=lambda grad_out, w: (grad_out.contiguous(), _native_per_task(w, w.dim() == 3)),
 ))
 
 

@@ -213,6 +213,8 @@ WORKLOAD_OP_SHAPES = {
         "task_conv2d": [{"T": 4, "N": 75, "C": 3, "H": 84, "W": 84, "O": 32, "stride": 1, "padding": 1},
                         {"T": 4, "N": 75, "C": 32, "H": 42, "W": 42, "O": 32, "stride": 1, "padding": 1}],
         "task_batch_norm": [{"T": 4, "N": 75, "C": 32, "H": 84, "W": 84, "act": "relu"}],
+        "max_pool2d": [{"B": 300, "C": 32, "H": 84, "W": 84, "kernel_size": [2, 2]},
+                       {"B": 300, "C": 32, "H": 42, "W": 42, "kernel_size": [2, 2]}],
         "task_loss": [{"kind": "cross_entropy", "T": 4, "N": 75, "K": 5}],
     },
 }

@@ -252,3 +252,19 @@ def test_task_chunk_is_a_learner_option():
     assert torch.allclose(whole.task_loss, chunked.task_loss, atol=1e-6)
     with pytest.raises(ValueError, match="task_chunk must be >= 1"):
         fm.ModelAwareMAML(make_model("mlp"), 0.1, task_chunk=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_query_accuracy_is_each_tasks_share_of_argmax_hits(dtype):
+    """``accuracy``: per task, the share of query examples whose argmax is the label, in the
+    model's dtype (the cast inside the mean, one op)."""
+    model = make_model("conv").to(dtype)
+    learner = fm.MAML(model, 0.2, steps=1)
+    sx, sy, qx, qy = make_tasks("conv")
+    sx, qx = sx.to(dtype), qx.to(dtype)
+    with torch.no_grad():
+        out = learner.meta_batch(sx, sy, qx, qy)
+        pred = learner.predict(learner.fast_weights(sx, sy), qx)
+    want = torch.stack([(pred[t].argmax(-1) == qy[t]).double().mean() for t in range(qx.size(0))]).to(dtype)
+    assert out.accuracy.dtype == dtype
+    torch.testing.assert_close(out.accuracy, want, rtol=0, atol=1e-7)

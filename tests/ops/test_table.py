@@ -56,7 +56,8 @@ def test_backends_register_only_kernels_of_the_table():
     require("cpu")
     assert set(extension.kernels("cpu")) <= set(TABLE)
     # The C++ sources implement the kernels of csrc/cpu/<family>.cpp's family on the CPU,
-    # and every family but the fused MLP's has its Triton kernels in kernels/<family>.py.
+    # and every family but the fused MLP's and max pooling's (C++ on the CPU only: the
+    # reference runs on a GPU) has its Triton kernels in kernels/<family>.py.
     csrc = Path(fm.__file__).parents[1] / "csrc" / "cpu"
     cpp_families = {p.stem for p in csrc.glob("*.cpp")} if csrc.is_dir() else set(FAMILIES)
     # The whole step's update sits in csrc/cpu/mlp_meta_step.cpp, on the meta-step's core.
@@ -68,7 +69,7 @@ def test_backends_register_only_kernels_of_the_table():
         triton.kernel("inner_step")
         assert set(triton.kernels) <= set(TABLE)
         assert {n for n, s in TABLE.items()
-                if s.family not in ("mlp_meta_step", "mlp_meta_step_update")} <= set(triton.kernels)
+                if s.family not in ("mlp_meta_step", "mlp_meta_step_update", "max_pool2d")} <= set(triton.kernels)
 
 
 def test_backend_registry_reports_each_backend_with_a_reason():
@@ -246,7 +247,7 @@ def test_every_family_appears_in_every_derived_list(capsys):
     from fastmeta.engine import program
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Unflatten(-1, (1, 2, 2)),
-                                torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
+                                torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2), torch.nn.MaxPool2d(1), torch.nn.Flatten(),
                                 torch.nn.BatchNorm1d(8))
     traced = program._Tracer().trace(model)
     leaves = {type(model.get_submodule(n.target)) for n in traced.nodes if n.op == "call_module"}

@@ -109,6 +109,22 @@ def kernel_cases():
         ("weight_grad-shared-bigO", "task_linear_weight_grad", reference_task_linear_weight_grad,
          (t(T, N, 100), t(T, N, I), True)),
     ]
+    # The C++ kernels take BLAS from 1 024 multiply-adds per task's GEMM (forward) or 4 096
+    # (the gradients), the micro-kernel below (csrc/cpu/blas.h): each route, per-task and
+    # shared, at odd sizes. W2's head (5 × 256 → 5 per task: BLAS), W2S's (5 × 32 → 5: the
+    # micro-kernel), and one above both thresholds.
+    for label, (Tb, Nb, Ib, Ob) in {"w2-head": (4, 5, 256, 5), "w2s-head": (2, 5, 32, 5),
+                                    "blas": (3, 33, 41, 23)}.items():
+        x, w, b, g = t(Tb, Nb, Ib), t(Tb, Ob, Ib), t(Tb, Ob), t(Tb, Nb, Ob)
+        cases += [
+            (f"{label}", "task_linear", reference_task_linear, (x, w, b, "relu", 0.0)),
+            (f"{label}-shared", "task_linear", reference_task_linear, (x, w[0], b[0], "sigmoid", 0.0)),
+            (f"{label}-input_grad", "task_linear_input_grad", reference_task_linear_input_grad, (g, w)),
+            (f"{label}-input_grad-shared", "task_linear_input_grad", reference_task_linear_input_grad, (g, w[0])),
+            (f"{label}-weight_grad", "task_linear_weight_grad", reference_task_linear_weight_grad, (g, x, False)),
+            (f"{label}-weight_grad-shared", "task_linear_weight_grad", reference_task_linear_weight_grad,
+             (g, x, True)),
+        ]
     return cases
 
 
@@ -162,6 +178,26 @@ def test_triton_declines_a_bias_of_the_wrong_shape(backend, device):
     kernel = get_backend("triton").kernel("task_linear")
     args = to([torch.randn(2, 3, 5), torch.randn(2, 4, 5), torch.randn(2, 3), "none", 0.0], device)
     assert kernel(*args) is NotImplemented
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T,N,I,O", [(4, 5, 256, 5), (2, 5, 32, 5), (3, 33, 41, 23)],
+                         ids=["w2-head", "w2s-head", "blas"])
+def test_cpu_kernels_read_views_of_the_flat_buffer_in_place(dtype, T, N, I, O):
+    """Weights and biases that are views of the flat ``[T, P]`` buffer (task stride P) reach
+    the C++ kernels as they are, on the BLAS route and the micro-kernel's: no layout copy
+    (no aten::clone), the reference's result."""
+    tol = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-11}
+    flat = torch.randn(T, 3 + O * I + O + 2, dtype=dtype)
+    w, b = flat[:, 3:3 + O * I].view(T, O, I), flat[:, 3 + O * I:3 + O * I + O]
+    x, g = torch.randn(T, N, I, dtype=dtype), torch.randn(T, N, O, dtype=dtype)
+    calls = [("task_linear", reference_task_linear, (x, w, b, "relu", 0.0)),
+             ("task_linear_input_grad", reference_task_linear_input_grad, (g, w))]
+    for kernel, reference, args in calls:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = direct("cpu", kernel, *args)
+        assert not [e.name for e in prof.events() if e.name in ("aten::clone", "aten::contiguous", "aten::copy_")]
+        torch.testing.assert_close(got, reference(*args), **tol)
 
 
 def r(*shape, grad=True):

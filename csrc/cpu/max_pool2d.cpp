@@ -1,0 +1,163 @@
+// CPU kernels of the max_pool2d family (fastmeta/ops/max_pool2d.py): 2-D max pooling with
+// the flat index h·W + w of each maximum in its plane, its backward (the gradient added at
+// those indices) and the backward's backward (the gather at them). x is [B, C, H, W]
+// contiguous. Grid: one work item per (b, c) plane, so the backward's additions never race
+// (overlapping windows add into one plane from one thread, in output order). Memory-bound.
+//
+// The forward picks as aten's CPU kernel does (ATen/native/cpu/MaxPoolKernel.cpp): the
+// window clipped to the input (padding never wins), the first maximum in row-major order,
+// and a NaN always (so the last NaN of a window).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common.h"
+#include "cpu_common.h"
+
+namespace fastmeta {
+namespace cpu {
+namespace {
+
+int64_t check_pair(at::IntArrayRef v, const char* name) {
+  TORCH_CHECK_VALUE(v.size() == 2, "max_pool2d: ", name, " must have two values, got ", v);
+  return v[0];
+}
+
+// Planes per parallel chunk: about kGrain elements of work each.
+int64_t plane_grain(int64_t per_plane) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, per_plane)); }
+
+std::vector<at::Tensor> max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                   at::IntArrayRef padding) {
+  FM_CHECK_INPUT(x, kCPU);
+  FM_CHECK_FLOATING(x);
+  FM_CHECK_DIM(x, 4);
+  check_pair(kernel_size, "kernel_size");
+  check_pair(stride, "stride");
+  check_pair(padding, "padding");
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1];
+  const int64_t ph = padding[0], pw = padding[1];
+  TORCH_CHECK_VALUE(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && 2 * ph <= kh && 2 * pw <= kw,
+                    "max_pool2d: kernel_size and stride must be positive, padding non-negative and at most half "
+                    "the kernel, got kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = (H + 2 * ph - kh) / sh + 1, Wo = (W + 2 * pw - kw) / sw + 1;
+  TORCH_CHECK_VALUE(Ho > 0 && Wo > 0, "max_pool2d: the output would be empty for input ", x.sizes(),
+                    " and kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding);
+  at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
+  at::Tensor indices = at::empty({B, C, Ho, Wo}, x.options().dtype(at::kLong));
+  if (y.numel() == 0) return {y, indices};
+  dispatch_floating(x.scalar_type(), "max_pool2d", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    int64_t* ip = indices.data_ptr<int64_t>();
+    at::parallel_for(0, B * C, plane_grain(Ho * Wo * kh * kw), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const scalar_t* plane = xp + p * H * W;
+        for (int64_t oh = 0; oh < Ho; ++oh) {
+          const int64_t h0 = std::max<int64_t>(oh * sh - ph, 0), h1 = std::min(oh * sh - ph + kh, H);
+          for (int64_t ow = 0; ow < Wo; ++ow) {
+            const int64_t w0 = std::max<int64_t>(ow * sw - pw, 0), w1 = std::min(ow * sw - pw + kw, W);
+            int64_t best = h0 * W + w0;
+            scalar_t best_value = -std::numeric_limits<scalar_t>::infinity();
+            for (int64_t h = h0; h < h1; ++h)
+              for (int64_t w = w0; w < w1; ++w) {
+                const scalar_t v = plane[h * W + w];
+                if (v > best_value || std::isnan(v)) {
+                  best_value = v;
+                  best = h * W + w;
+                }
+              }
+            const int64_t o = (p * Ho + oh) * Wo + ow;
+            yp[o] = best_value;
+            ip[o] = best;
+          }
+        }
+      }
+    });
+  });
+  return {y, indices};
+}
+
+void check_indices(const at::Tensor& grad, const at::Tensor& indices, const char* name) {
+  FM_CHECK_INPUT(grad, kCPU);
+  FM_CHECK_FLOATING(grad);
+  FM_CHECK_INPUT(indices, kCPU);
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, name, ": indices must be int64, got ", indices.scalar_type());
+  FM_CHECK_DIM(grad, 4);
+  FM_CHECK_DIM(indices, 4);
+  TORCH_CHECK_VALUE(grad.size(0) == indices.size(0) && grad.size(1) == indices.size(1), name,
+                    ": the gradient and the indices must have the same B and C, got ", grad.sizes(), " and ",
+                    indices.sizes());
+}
+
+at::Tensor max_pool2d_backward(const at::Tensor& grad_y, const at::Tensor& indices, at::IntArrayRef input_size) {
+  check_indices(grad_y, indices, "max_pool2d_backward");
+  TORCH_CHECK_VALUE(grad_y.sizes() == indices.sizes(), "max_pool2d_backward: grad_y and indices must have one "
+                    "shape, got ", grad_y.sizes(), " and ", indices.sizes());
+  TORCH_CHECK_VALUE(input_size.size() == 2 && input_size[0] > 0 && input_size[1] > 0,
+                    "max_pool2d_backward: input_size must be [H, W], got ", input_size);
+  const int64_t B = grad_y.size(0), C = grad_y.size(1), HW = input_size[0] * input_size[1];
+  const int64_t outputs = grad_y.size(2) * grad_y.size(3);
+  // Zeroed plane by plane inside the loop: an at::zeros would be one more aten op (dispatch).
+  at::Tensor grad_x = at::empty({B, C, input_size[0], input_size[1]}, grad_y.options());
+  if (grad_x.numel() == 0) return grad_x;
+  dispatch_floating(grad_y.scalar_type(), "max_pool2d_backward", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* gp = grad_y.data_ptr<scalar_t>();
+    const int64_t* ip = indices.data_ptr<int64_t>();
+    scalar_t* op = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, plane_grain(outputs + HW), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        std::fill(op + p * HW, op + (p + 1) * HW, scalar_t(0));
+        for (int64_t o = 0; o < outputs; ++o) {
+          const int64_t i = ip[p * outputs + o];
+          TORCH_CHECK_INDEX(i >= 0 && i < HW, "max_pool2d_backward: index ", i, " out of range for a ",
+                            input_size, " plane");
+          op[p * HW + i] += gp[p * outputs + o];
+        }
+      }
+    });
+  });
+  return grad_x;
+}
+
+at::Tensor max_pool2d_double_backward(const at::Tensor& grad_grad_x, const at::Tensor& indices) {
+  check_indices(grad_grad_x, indices, "max_pool2d_double_backward");
+  const int64_t B = indices.size(0), C = indices.size(1), HW = grad_grad_x.size(2) * grad_grad_x.size(3);
+  const int64_t outputs = indices.size(2) * indices.size(3);
+  at::Tensor out = at::empty(indices.sizes(), grad_grad_x.options());
+  if (out.numel() == 0) return out;
+  dispatch_floating(grad_grad_x.scalar_type(), "max_pool2d_double_backward", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* gp = grad_grad_x.data_ptr<scalar_t>();
+    const int64_t* ip = indices.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, plane_grain(outputs), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t o = 0; o < outputs; ++o) {
+          const int64_t i = ip[p * outputs + o];
+          TORCH_CHECK_INDEX(i >= 0 && i < HW, "max_pool2d_double_backward: index ", i, " out of range for a ",
+                            grad_grad_x.size(2), "x", grad_grad_x.size(3), " plane");
+          op[p * outputs + o] = gp[p * HW + i];
+        }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastmeta
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
+  m.impl("max_pool2d", &fastmeta::cpu::max_pool2d);
+  m.impl("max_pool2d_backward", &fastmeta::cpu::max_pool2d_backward);
+  m.impl("max_pool2d_double_backward", &fastmeta::cpu::max_pool2d_double_backward);
+}
