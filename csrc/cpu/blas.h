@@ -19,10 +19,12 @@
 #include <vector>
 
 extern "C" {
-void sgemm_(char* transa, char* transb, int* m, int* n, int* k, float* alpha, const float* a, int* lda,
-            const float* b, int* ldb, float* beta, float* c, int* ldc) __attribute__((weak));
-void dgemm_(char* transa, char* transb, int* m, int* n, int* k, double* alpha, const double* a, int* lda,
-            const double* b, int* ldb, double* beta, double* c, int* ldc) __attribute__((weak));
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
 // MKL's grouped batch (one group here): what torch's bmm calls on the CPU. Absent from
 // other BLAS libraries: the callers then loop over the batch with sgemm_/dgemm_.
 void sgemm_batch_(const char* transa, const char* transb, const int* m, const int* n, const int* k,

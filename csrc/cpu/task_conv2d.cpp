@@ -46,18 +46,8 @@
 
 #include "../common.h"
 #include "cpu_common.h"
+#include "blas.h"  // sgemm_/dgemm_, weak: without a Fortran BLAS the kernels take gemm.h
 #include "gemm.h"
-
-// Weak: an extension built against a torch without a Fortran BLAS still loads, and takes
-// gemm.h. LP64 ints, as torch's own declarations (aten/src/ATen/native/CPUBlas.cpp).
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
 
 namespace fastmeta {
 namespace cpu {
@@ -80,13 +70,13 @@ using BlasGemm = void (*)(const char*, const char*, const int*, const int*, cons
                           const T*, const int*, const T*, T*, const int*);
 
 template <typename T>
-BlasGemm<T> blas_gemm();
+BlasGemm<T> blas_routine();
 template <>
-BlasGemm<float> blas_gemm<float>() {
+BlasGemm<float> blas_routine<float>() {
   return sgemm_;
 }
 template <>
-BlasGemm<double> blas_gemm<double>() {
+BlasGemm<double> blas_routine<double>() {
   return dgemm_;
 }
 
@@ -117,7 +107,7 @@ bool blas_view(int64_t R, int64_t Cn, int64_t rs, int64_t cs, char& trans, int& 
 template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B, int64_t b_rs,
             int64_t b_cs, T* C, int64_t ldc, bool accumulate) {
-  BlasGemm<T> blas = blas_gemm<T>();
+  BlasGemm<T> blas = blas_routine<T>();
   char ta, tb;
   int la, lb;
   if (blas != nullptr && blas_enabled() && fits_int({M, N, K, a_rs, a_cs, b_rs, b_cs, ldc}) &&

@@ -13,9 +13,9 @@ targets, not met yet:
   ``torch.sum`` of its partial tiles: 16 more); then 306 (aten 222) with the guard in
   multi-tensor ops (331 -> 83: one ``_foreach_norm`` for the flag, one ``_foreach_copy_``
   for the copies, one in-place ``where`` per tensor) and the gradients zeroed by one
-  ``_foreach_zero_`` (18 -> 1);
+  ``_foreach_zero_`` (18 -> 1); 305 with issue 23's validation in fewer ops;
 - kernels per captured W4 iteration ≤ 150 (1 131, then 1 191 with split-K: aten 867, then
-  926: aten 602);
+  926: aten 602; 929 with the max_pool2d family, whose reference runs on the GPU: aten 605);
 - issued ÷ useful conv MACs on W2 ≤ 1.1 (1.084 since the input gradient's phases; 2.045
   before; 1.067 with the tile rule of kernels/tiles.py): met;
 - the share of W2's conv MACs in launches under one wave of a 132-SM GPU ≤ 1 % (35.5 %
@@ -50,9 +50,9 @@ REPO = Path(__file__).resolve().parents[2]
 BUDGETS = {
     # workload: kernels, of them Triton, CUDA (extension), aten; issued ÷ useful conv MACs;
     # the share of conv MACs in launches under one wave (132 SMs)
-    "W2": {"kernels": 306, "triton": 66, "native": 18, "aten": 222, "conv_mac_ratio": 1.0675,
+    "W2": {"kernels": 305, "triton": 66, "native": 18, "aten": 221, "conv_mac_ratio": 1.0675,
            "under_one_wave": 0.0},
-    "W4": {"kernels": 926, "triton": 254, "native": 70, "aten": 602, "conv_mac_ratio": 1.0588,
+    "W4": {"kernels": 929, "triton": 254, "native": 70, "aten": 605, "conv_mac_ratio": 1.0588,
            "under_one_wave": 0.0},
 }
 # Exact counts the tests check beside the budgets: the conv launches of the iteration (the
