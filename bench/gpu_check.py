@@ -542,6 +542,8 @@ def tune(check: "Check") -> None:
         note = (f"{len(summary['table']['entries'])} of {len(summary['classes']) + len(summary['left'])} shape "
                 f"classes tuned ({len(summary['left'])} left to the rule); commit tune.table as "
                 f"kernels/tile_table.json")
+    check.set_step(name, status=status, seconds=seconds, note=note)
+    check.publish()
 
 
 # Issue 27, step 5: `fastmeta train omniglot-5w1s`, time-boxed, then the test accuracy of
