@@ -454,6 +454,20 @@ def eager_over_captured(report: dict, eager_row: str, captured_row: str) -> dict
 PRECISION_STEP = "precision"
 
 
+def run_reporting_script(check: "Check", name: str, script: str, arguments: list[str], step_box: float,
+                         summarize) -> tuple[int | None, str, float, dict | None]:
+    """Run ``bench/<script> ARGUMENTS --json REPORT`` in the step's box: (exit code or None
+    when the box killed it, its output, seconds, ``summarize(report)`` or None without a
+    report)."""
+    report = check.work / f"{name}.json"
+    command = [check.python, str(REPO / "bench" / script), *arguments, "--json", str(report)]
+    began = time.monotonic()
+    rc, text = check.run_command(name, command, step_box)
+    seconds = round(time.monotonic() - began, 1)
+    summary = summarize(json.loads(report.read_text())) if report.exists() else None
+    return rc, text, seconds, summary
+
+
 def precision_plan(dry_run: bool) -> tuple[int, int, list[str]]:
     """(box, estimate, bench/precision_check.py arguments)."""
     if dry_run:  # the reference's emulation of each mode on W1, two tasks: ~3 s on the CPU
@@ -470,12 +484,8 @@ def precision(check: "Check") -> None:
     step_box = start_step(check, name, box, estimate)
     if step_box is None:
         return
-    report = check.work / "precision.json"
-    command = [check.python, str(REPO / "bench" / "precision_check.py"), *arguments, "--json", str(report)]
-    began = time.monotonic()
-    rc, text = check.run_command(name, command, step_box)
-    seconds = round(time.monotonic() - began, 1)
-    summary = precision_summary(json.loads(report.read_text())) if report.exists() else None
+    rc, text, seconds, summary = run_reporting_script(check, name, "precision_check.py", arguments, step_box,
+                                                      precision_summary)
     if rc is None:
         status, note = "timeout", f"killed at its time box ({step_box:.0f} s)"
     elif summary is None:
@@ -525,12 +535,7 @@ def tune(check: "Check") -> None:
     step_box = start_step(check, name, box, estimate)
     if step_box is None:
         return
-    report = check.work / "tune.json"
-    command = [check.python, str(REPO / "bench" / "tune_tiles.py"), *arguments, "--json", str(report)]
-    began = time.monotonic()
-    rc, text = check.run_command(name, command, step_box)
-    seconds = round(time.monotonic() - began, 1)
-    summary = tune_summary(json.loads(report.read_text())) if report.exists() else None
+    rc, text, seconds, summary = run_reporting_script(check, name, "tune_tiles.py", arguments, step_box, tune_summary)
     if rc is None:
         status, note = "timeout", f"killed at its time box ({step_box:.0f} s)"
     elif summary is None or not summary["table"]["entries"]:

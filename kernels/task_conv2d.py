@@ -50,13 +50,13 @@ import triton.language as tl
 
 from fastmeta.kernels.launch_checks import all_float32_on_one_device, task_stride
 from fastmeta.kernels.tiles import (
-    H100_SM_COUNT,
     cdiv,
     busy_programs,
     device_sm_count,
     k_steps,
     launch_config,
     normalized_split,
+    PlannedLaunch,
     plan_config,
 )
 
@@ -258,7 +258,7 @@ def gpu_conv_config(batch: int, M: int, N: int, K: int, *, kernel: str = "conv_f
 
 
 @dataclass(frozen=True)
-class ConvLaunch:
+class ConvLaunch(PlannedLaunch):
     """One launch of a conv kernel.
 
     kernel: "forward", "input_grad" or "weight_grad". batch: grid row 1 (T, or 1 when the
@@ -281,18 +281,6 @@ class ConvLaunch:
     useful_macs: int
     busy_programs: int = 0
     sm_count: int | None = None
-
-    @property
-    def programs(self) -> int:
-        return self.grid[0] * self.grid[1] * self.grid[2]
-
-    @property
-    def split_k(self) -> int:
-        return self.config["SPLIT_K"]
-
-    def waves(self, sm_count: int = H100_SM_COUNT) -> float:
-        """Busy programs per ``sm_count`` SMs."""
-        return self.busy_programs / sm_count
 
 
 def _tile_macs(config: dict) -> int:

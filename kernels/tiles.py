@@ -134,6 +134,23 @@ def normalized_split(K: int, block_k: int, split_k: int) -> tuple[int, int]:
     return cdiv(max(K, 1), k_per_split), k_per_split
 
 
+class PlannedLaunch:
+    """What every planned GEMM-like launch answers (``ConvLaunch``, ``LinearLaunch``: the
+    dataclasses give ``grid``, ``config`` and ``busy_programs``)."""
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def split_k(self) -> int:
+        return self.config["SPLIT_K"]
+
+    def waves(self, sm_count: int = H100_SM_COUNT) -> float:
+        """Busy programs per ``sm_count`` SMs."""
+        return self.busy_programs / sm_count
+
+
 def busy_programs(batch: int, problems, N: int, block_m: int, block_n: int, k_per_split: int) -> int:
     """Programs with at least one K-step: per phase (M_p, K_p), its tiles times its K ranges."""
     return batch * sum(cdiv(m, block_m) * cdiv(N, block_n) * cdiv(k, k_per_split)
