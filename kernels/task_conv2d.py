@@ -58,6 +58,7 @@ from fastmeta.kernels.tiles import (
     normalized_split,
     PlannedLaunch,
     plan_config,
+    planned_launch,
 )
 
 
@@ -457,8 +458,7 @@ def conv_launch_plan(kernel: str, *args, config_for=None, sm_count: int | None =
     (default conv_config, what the launcher itself uses; gpu_conv_config for a GPU's).
     sm_count: the SMs to plan for (default: the device's, or with gpu_conv_config an
     H100's)."""
-    call = _CALLS[kernel](*args, config_for=config_for, sm_count=sm_count)
-    return None if call is None else call[0]
+    return planned_launch(_CALLS, kernel, *args, config_for=config_for, sm_count=sm_count)
 
 
 def task_conv2d(x, w, b, stride, padding, input_precision="ieee"):

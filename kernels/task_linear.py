@@ -48,6 +48,7 @@ from fastmeta.kernels.tiles import (
     normalized_split,
     PlannedLaunch,
     plan_config,
+    planned_launch,
 )
 
 
@@ -282,8 +283,7 @@ def linear_launch_plan(kernel: str, *args, config_for=None, sm_count: int | None
     (default matmul_config, what the launcher itself uses; gpu_matmul_config for a GPU's).
     sm_count: the SMs to plan for (default: the device's, or with gpu_matmul_config an
     H100's)."""
-    call = _LINEAR_CALLS[kernel](*args, config_for=config_for, sm_count=sm_count)
-    return None if call is None else call[0]
+    return planned_launch(_LINEAR_CALLS, kernel, *args, config_for=config_for, sm_count=sm_count)
 
 
 def _run(launch, gemm, out_shape, device, bias=None, bias_strides=(0, 0), act_code=0, negative_slope=0.0,

@@ -151,6 +151,14 @@ class PlannedLaunch:
         return self.busy_programs / sm_count
 
 
+def planned_launch(calls: dict, kernel: str, *args, config_for=None, sm_count: int | None = None):
+    """The launch a family's launcher ``kernel`` makes for ``args`` (its first planned
+    launch), or None where it declines; runs nothing. ``calls`` maps each launcher's name to
+    its plan function (``kernels/task_conv2d.py``, ``kernels/task_linear.py``)."""
+    call = calls[kernel](*args, config_for=config_for, sm_count=sm_count)
+    return None if call is None else call[0]
+
+
 def busy_programs(batch: int, problems, N: int, block_m: int, block_n: int, k_per_split: int) -> int:
     """Programs with at least one K-step: per phase (M_p, K_p), its tiles times its K ranges."""
     return batch * sum(cdiv(m, block_m) * cdiv(N, block_n) * cdiv(k, k_per_split)

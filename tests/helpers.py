@@ -241,3 +241,15 @@ def load_script(path, module_name: str):
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+class GridLog:
+    """A jitted Triton kernel that logs the grid of each launch (``log[grid](...)`` runs
+    ``kernel[grid](...)``): what a launcher actually launched, for the plan tests."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]

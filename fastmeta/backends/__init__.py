@@ -210,10 +210,6 @@ class use_backend:
         return False
 
 
-def _auto_order(op: str, device_type: str) -> Iterator[str]:
-    return auto_backends(op, device_type)
-
-
 def auto_backends(op: str, device_type: str, *, assume_available: bool = False) -> Iterator[str]:
     """The backends ``auto`` tries for ``op`` on ``device_type``, in order: those of
     :data:`AUTO_PREFERENCE` recorded as verified there and available.
@@ -257,7 +253,7 @@ def kernel_for(op: str, device_type: str) -> tuple[str, Callable | None]:
     Returns (``"torch"``, None) when the reference should run.
     """
     choice = current_backend()
-    names = _auto_order(op, device_type) if choice == "auto" else (choice,)
+    names = auto_backends(op, device_type) if choice == "auto" else (choice,)
     spec = TABLE.get(op)
     mode = precision.current_matmul_precision()
     for name in names:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import sys
 
 ENVIRONMENT_VARIABLE = "FASTMETA_HOST_MALLOC"
@@ -43,9 +42,14 @@ _state = {"setting": None, "applied": False, "reason": "not configured yet"}
 def _glibc():
     if not sys.platform.startswith("linux"):
         return None, f"not Linux ({sys.platform})"
-    libc_name, _ = platform.libc_ver()
-    if libc_name != "glibc":
-        return None, f"the C library is not glibc ({libc_name or 'unknown'})"
+    # confstr asks the C library itself (platform.libc_ver reads the Python binary: work at
+    # every import).
+    try:
+        version = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        version = ""
+    if not version.startswith("glibc"):
+        return None, "the C library is not glibc"
     try:
         return ctypes.CDLL(None), ""
     except OSError as exc:

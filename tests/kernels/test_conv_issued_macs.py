@@ -26,6 +26,7 @@ import fastmeta as fm
 from fastmeta.backends import get_backend, invalidate_kernel_choices
 from fastmeta.backends.table import TABLE
 from fastmeta.tools.workloads import WORKLOADS
+from helpers import GridLog
 
 CONV_KERNELS = ("task_conv2d", "task_conv2d_input_grad", "task_conv2d_weight_grad")
 
@@ -178,17 +179,6 @@ def test_strided_input_grad_issues_no_zero_macs():
 # ---------------------------------------------------------------------------------------
 # What the launchers execute is what their plans count
 # ---------------------------------------------------------------------------------------
-
-
-class GridLog:
-    """A jitted kernel that logs the grid of each launch."""
-
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        self.grids.append(tuple(grid))
-        return self.kernel[grid]
 
 
 @contextmanager

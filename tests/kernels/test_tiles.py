@@ -29,6 +29,7 @@ from fastmeta.kernels.tiles import (
     shape_class,
     using_table,
 )
+from helpers import GridLog
 
 # ---------------------------------------------------------------------------------------
 # The rule
@@ -167,17 +168,6 @@ def test_the_sm_count_a_launch_is_planned_for(monkeypatch):
 # ---------------------------------------------------------------------------------------
 # The GPU's tiles under the interpreter: a W2 layer's plan at 132 SMs, run at 2 tasks
 # ---------------------------------------------------------------------------------------
-
-
-class GridLog:
-    """A jitted kernel that logs the grid of each launch."""
-
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        self.grids.append(tuple(grid))
-        return self.kernel[grid]
 
 
 def needs_the_interpreter():
