@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fastmeta as fm
 from fastmeta import checkpoint
 from fastmeta.checkpoint import CheckpointError
 
-FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run, so a CI run cannot fail on a case no earlier
+# run tried; a case found by an exploratory run is pinned with @example below.
+FAST = settings(max_examples=25, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def learner():
@@ -36,6 +39,8 @@ NAMES = ("support_x", "support_y", "query_x", "query_y")
 
 @FAST
 @given(which=st.sampled_from(range(4)), dims=st.lists(st.integers(0, 4), min_size=0, max_size=4))
+@example(which=0, dims=[3, 4, 0, 1])  # a zero-size example dimension: was blamed on "support targets"
+@example(which=1, dims=[3, 4, 2])  # targets of another shape: named support_y
 def test_a_wrongly_shaped_argument_is_named_and_changes_nothing(which, dims):
     meta = learner()
     batch = [torch.randn(3, 4, 1), torch.randn(3, 4, 1), torch.randn(3, 5, 1), torch.randn(3, 5, 1)]

@@ -207,6 +207,9 @@ class MetaIteration:
             if t.size(1) == 0:
                 kind = "support" if name.startswith("support") else "query"
                 raise ValueError(f"{name} is empty: the {kind} set needs at least one example per task")
+            if name.endswith("_x") and 0 in t.shape[2:]:
+                raise ValueError(f"{name} {list(t.shape)} has a zero-size example dimension: "
+                                 "each example needs at least one value")
         if validate:
             for name, t in named.items():
                 # One op and a sync per input; the failing task is looked for only on failure.
@@ -514,7 +517,7 @@ def loss_targets(kind: str, target: Tensor, output_shape: list[int], dtype: torc
         return _as_dtype(target, torch.long)
     if list(target.shape) != output_shape:
         if target.numel() != math.prod(output_shape):
-            raise ValueError(f"{which} targets {list(target.shape)} do not match the model's outputs {output_shape}")
+            raise ValueError(f"{which}_y {list(target.shape)} does not match the model's outputs {output_shape}")
         target = target.reshape(output_shape)
     return _as_dtype(target, dtype)
 
