@@ -32,6 +32,21 @@ int64_t check_pair(at::IntArrayRef v, const char* name) {
 // Planes per parallel chunk: about kGrain elements of work each.
 int64_t plane_grain(int64_t per_plane) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, per_plane)); }
 
+// One tap across a row of windows: where src[ow·sw] beats the running maximum (or is a
+// NaN), take it and its flat index base + ow·sw. Branch-free, with restrict pointers and
+// values as parameters, so that gcc vectorises it (it did not inside the parallel body).
+template <typename scalar_t>
+void take_row_maximum(const scalar_t* __restrict src, int64_t base, int64_t sw, int64_t lo, int64_t hi,
+                      scalar_t* __restrict row_y, int64_t* __restrict row_i) {
+#pragma omp simd
+  for (int64_t ow = lo; ow < hi; ++ow) {
+    const scalar_t v = src[ow * sw];
+    const bool take = v > row_y[ow] || v != v;
+    row_y[ow] = take ? v : row_y[ow];
+    row_i[ow] = take ? base + ow * sw : row_i[ow];
+  }
+}
+
 std::vector<at::Tensor> max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                    at::IntArrayRef padding) {
   FM_CHECK_INPUT(x, kCPU);
@@ -57,12 +72,18 @@ std::vector<at::Tensor> max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_s
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     int64_t* ip = indices.data_ptr<int64_t>();
+    // Output columns whose window lies inside the row (no clipping): [ow_lo, ow_hi).
+    const int64_t ow_lo = std::min(Wo, (pw + sw - 1) / sw);
+    const int64_t ow_hi = std::max(ow_lo, std::min(Wo, W + pw - kw >= 0 ? (W + pw - kw) / sw + 1 : int64_t(0)));
     at::parallel_for(0, B * C, plane_grain(Ho * Wo * kh * kw), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const scalar_t* plane = xp + p * H * W;
         for (int64_t oh = 0; oh < Ho; ++oh) {
           const int64_t h0 = std::max<int64_t>(oh * sh - ph, 0), h1 = std::min(oh * sh - ph + kh, H);
-          for (int64_t ow = 0; ow < Wo; ++ow) {
+          scalar_t* row_y = yp + (p * Ho + oh) * Wo;
+          int64_t* row_i = ip + (p * Ho + oh) * Wo;
+          // The edge columns, whose windows are clipped: one window at a time.
+          auto clipped = [&](int64_t ow) {
             const int64_t w0 = std::max<int64_t>(ow * sw - pw, 0), w1 = std::min(ow * sw - pw + kw, W);
             int64_t best = h0 * W + w0;
             scalar_t best_value = -std::numeric_limits<scalar_t>::infinity();
@@ -74,10 +95,24 @@ std::vector<at::Tensor> max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_s
                   best = h * W + w;
                 }
               }
-            const int64_t o = (p * Ho + oh) * Wo + ow;
-            yp[o] = best_value;
-            ip[o] = best;
+            row_y[ow] = best_value;
+            row_i[ow] = best;
+          };
+          for (int64_t ow = 0; ow < ow_lo; ++ow) clipped(ow);
+          // The inner columns: tap by tap (row-major, so the first maximum and the last NaN
+          // win as above) across the whole row, branch-free, so that the loop vectorises.
+          // A window's values were compared one by one with a branch before: on random data
+          // every other comparison mispredicted (CNN4's first pool took 21 ms).
+          if (ow_hi > ow_lo) {
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) {
+              row_y[ow] = -std::numeric_limits<scalar_t>::infinity();
+              row_i[ow] = h0 * W + ow * sw - pw;
+            }
+            for (int64_t h = h0; h < h1; ++h)
+              for (int64_t j = 0; j < kw; ++j)
+                take_row_maximum(plane + h * W + j - pw, h * W + j - pw, sw, ow_lo, ow_hi, row_y, row_i);
           }
+          for (int64_t ow = ow_hi; ow < Wo; ++ow) clipped(ow);
         }
       }
     });

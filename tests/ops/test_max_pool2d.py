@@ -89,6 +89,24 @@ def test_cpu_kernel_picks_nans_as_aten_does(dtype):
         assert torch.equal(indices, want_indices)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_kernel_on_rows_wide_enough_for_its_vector_loop(dtype):
+    """The inner columns run tap by tap in a vectorised loop (several vectors per row here,
+    with a remainder): exactly aten's maxima and indices, with ties, -inf and NaN inside."""
+    from harness import direct
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 45, dtype=dtype, generator=g)
+    x[0, 0, :, :20] = 0.5  # ties: the first maximum in row-major order
+    x[0, 1, :3, 10:30] = float("-inf")
+    x[1, 2, 2, 17] = x[1, 2, 3, 18] = x[1, 0, 0, 40] = float("nan")
+    for k, s, p in CONFIGS:
+        y, indices = direct("cpu", "max_pool2d", x, k, s, p)
+        want_y, want_indices = F.max_pool2d(x, k, s, p, return_indices=True)
+        torch.testing.assert_close(y, want_y, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(indices, want_indices)
+
+
 def test_reference_matches_aten_and_its_gradients():
     """The reference's three ops are aten's max pooling, its backward and its double
     backward (the gather), on tie-free float64 inputs."""
