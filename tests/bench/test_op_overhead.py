@@ -40,3 +40,19 @@ def test_the_backward_runs_its_native_kernels():
     assert linear.native is not None and linear.backward is not None
     assert {"task_linear_input_grad", "task_linear_weight_grad"} <= set(linear.native_backward_kernels)
     assert update.backward is None and "mutates" in update.note
+
+
+def test_torchs_floor_is_a_row_of_its_own_and_not_in_the_medians():
+    script = load_overhead_script()
+    floor = script.floor_case()
+    assert floor.native_backward_kernels == ["aten::mul"]
+    floor.backward()  # autograd.grad through x.mul(2) on a graph kept for repeats
+    floor.backward()
+    timings = {floor.name: {"public": 3.0, "native": 3.0, "backward": 30.0, "native_backward": 4.0},
+               "op": {"public": 10.0, "native": 4.0, "backward": 50.0, "native_backward": 10.0}}
+    op = script.OpCase(name="op", public=lambda: None, native=lambda: None)
+    rows = script.overhead_rows([op, floor], timings)
+    assert [r.name for r in rows] == ["op", script.FLOOR_NAME]
+    assert rows[1].backward_overhead_us == 26.0
+    assert script.medians(rows) == (6.0, 40.0)  # the op's alone
+    assert f"| {script.FLOOR_NAME} |" in script.format_table(rows, "# header")
