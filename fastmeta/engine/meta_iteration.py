@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fastmeta.engine.plan import AdaptationPlan, LossSpec, StepRule, parameter_coefficients, step_rule
 from fastmeta.engine.program import plain_mlp_structure, trace
-from fastmeta.engine.task_weights import Layout, TaskWeights
+from fastmeta.engine.task_weights import Layout, TaskWeights, cached_one
 from fastmeta.engine.types import MetaBatchOutput
 from fastmeta.engine.whole_step import FusedMLPStep
 from fastmeta.ops import LOSS_KINDS, inner_step, task_loss
@@ -272,8 +272,11 @@ class MetaIteration:
                     pred = self.run(support_x, self.weights(theta, src, adapting), "support_x")
                     losses = self.task_losses(plan, pred, support_y, "support", check_range=step == 0)
                     check_finite_losses(losses, "support", plan.validate)
+                    # d Σ_t losses[t]: the losses with a gradient of ones (a cached one,
+                    # expanded), not their sum with the ones_like autograd would make.
                     (grad,) = torch.autograd.grad(
-                        losses.sum(), src, create_graph=create_graph, allow_unused=True
+                        losses, src, cached_one(losses.dtype, losses.device).expand_as(losses),
+                        create_graph=create_graph, allow_unused=True,
                     )
                 if grad is None:
                     grad = torch.zeros_like(src)

@@ -87,16 +87,27 @@ class Layout:
         return values[self.segment_ids(values.device)]
 
 
-_ZEROS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+_CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+
+
+def _cached_constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    key = (value, dtype, torch.device(device))
+    constant = _CONSTANTS.get(key)
+    if constant is None:
+        constant = _CONSTANTS[key] = torch.full((), value, dtype=dtype, device=device)
+    return constant
 
 
 def cached_zero(dtype: torch.dtype, device: torch.device) -> Tensor:
     """A 0-dim zero, made once per dtype and device: ``.expand`` it to any shape for free."""
-    key = (dtype, device)
-    zero = _ZEROS.get(key)
-    if zero is None:
-        zero = _ZEROS[key] = torch.zeros((), dtype=dtype, device=device)
-    return zero
+    return _cached_constant(0.0, dtype, device)
+
+
+def cached_one(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-dim one, made once per dtype and device (``.expand`` it): the gradient of a sum,
+    given to ``autograd.grad`` instead of the sum and the ``ones_like`` the engine would
+    make (two dispatches per inner step)."""
+    return _cached_constant(1.0, dtype, device)
 
 
 class _SplitSegments(torch.autograd.Function):
