@@ -1,9 +1,10 @@
 // CPU kernels of task_batch_norm: per-task, per-channel batch statistics (MAML's
 // transductive BatchNorm), affine and activation fused, its backward and the backward's
 // backward (the closed form of fastmeta/ops/task_batch_norm.py).
-// Grid: one work item per (task, channel); each makes two passes over its N·S values for
-// the statistics (two-pass variance: the one-pass E[x²]−E[x]² loses ~7 digits in fp32
-// when |mean| ≫ std) and one to write. Memory-bound.
+// Grid: the forward and backward take a task's block of channels per work item (BatchNorm2d,
+// channel_block) or a task (BatchNorm1d, task_grain); the double backward one (task,
+// channel) slice. Each makes two passes over its values for the statistics and one or two
+// more. Memory-bound.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -52,27 +53,54 @@ inline T channel_param(const c10::optional<at::Tensor>& p, int64_t t, int64_t c,
   return p->dim() == 1 ? d[c * p->stride(0)] : d[t * p->stride(0) + c * p->stride(1)];
 }
 
-// Mean and 1/√(var + eps) of the (t, c) slice.
+int64_t grain_for(const BnShape& s) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(s.N * s.S, 1)); }
+
+// The spatial layout (S > 1) in channel blocks. A (task, channel) slice is N rows of S
+// values, C·S apart: walked slice by slice, each of its passes jumps between short rows
+// (49 values at 7×7), and the first pass waits on the memory at every row. A work item
+// here is a task's block of channels [c0, c1): each pass walks n, then c within the block,
+// so consecutive rows are adjacent in memory (one run of (c1 − c0)·S values per example),
+// and the block's values — `streams` tensors read per pass — stay within kBlockBytes, in
+// L2 for the passes after the first. Two passes for the statistics (two-pass variance:
+// the one-pass E[x²]−E[x]² loses ~7 digits in fp32 when |mean| ≫ std), per channel in the
+// order n = 0, 1, …, each row's sum vectorised, then added.
+constexpr int64_t kBlockBytes = 512 * 1024;
+
 template <typename T>
-inline void slice_stats(const T* x, const BnShape& s, int64_t t, int64_t c, double eps, T& mean, T& rstd) {
-  const int64_t count = s.N * s.S;
-  T sum = 0;
-  for (int64_t n = 0; n < s.N; ++n) {
-    const T* row = x + ((t * s.N + n) * s.C + c) * s.S;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < s.S; ++i) sum += row[i];
-  }
-  mean = sum / T(count);
-  T sq = 0;
-  for (int64_t n = 0; n < s.N; ++n) {
-    const T* row = x + ((t * s.N + n) * s.C + c) * s.S;
-#pragma omp simd reduction(+ : sq)
-    for (int64_t i = 0; i < s.S; ++i) sq += (row[i] - mean) * (row[i] - mean);
-  }
-  rstd = T(1) / std::sqrt(sq / T(count) + T(eps));
+int64_t channel_block(const BnShape& s, int64_t streams) {
+  const int64_t per_channel = s.N * s.S * streams * int64_t(sizeof(T));
+  return std::min<int64_t>(s.C, std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(per_channel, 1)));
 }
 
-int64_t grain_for(const BnShape& s) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(s.N * s.S, 1)); }
+// Mean and 1/√(var + eps) (biased variance) of channels [c0, c0 + cb) of task t.
+template <typename T>
+void block_stats(const T* __restrict x, const BnShape& s, int64_t t, int64_t c0, int64_t cb, double eps,
+                 T* __restrict mean, T* __restrict rstd) {
+  const int64_t count = s.N * s.S, S = s.S;
+  for (int64_t c = 0; c < cb; ++c) mean[c] = 0;
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t c = 0; c < cb; ++c) {
+      const T* row = x + ((t * s.N + n) * s.C + c0 + c) * S;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < S; ++i) sum += row[i];
+      mean[c] += sum;
+    }
+  for (int64_t c = 0; c < cb; ++c) {
+    mean[c] /= T(count);
+    rstd[c] = 0;
+  }
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t c = 0; c < cb; ++c) {
+      const T* row = x + ((t * s.N + n) * s.C + c0 + c) * S;
+      const T m = mean[c];
+      T sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t i = 0; i < S; ++i) sq += (row[i] - m) * (row[i] - m);
+      rstd[c] += sq;
+    }
+  for (int64_t c = 0; c < cb; ++c) rstd[c] = T(1) / std::sqrt(rstd[c] / T(count) + T(eps));
+}
 
 // BatchNorm1d (S = 1: x is [T, N, C], one value per example and channel). The (task,
 // channel) slices above would each walk N values C apart, one at a time: at OmniglotFC's
@@ -97,7 +125,7 @@ void channel_row(const c10::optional<at::Tensor>& p, int64_t t, int64_t C, T fal
   for (int64_t c = 0; c < C; ++c) out[c] = d[t * task_stride + c * stride];
 }
 
-// Mean and 1/√(var + eps) of each channel of task t's [N, C] block (slice_stats' formulas).
+// Mean and 1/√(var + eps) of each channel of task t's [N, C] block (block_stats' formulas).
 template <typename T>
 void row_stats(const T* xt, const BnShape& s, double eps, T* mean, T* rstd) {
   const int64_t C = s.C;
@@ -186,22 +214,27 @@ at::Tensor task_batch_norm(const at::Tensor& x, const c10::optional<at::Tensor>&
       });
       return;
     }
-    at::parallel_for(0, s.T * s.C, grain_for(s), [&, xp, yp](int64_t j0, int64_t j1) {
+    const int64_t cb = channel_block<T_>(s, 1), blocks = (s.C + cb - 1) / cb;
+    at::parallel_for(0, s.T * blocks, 1, [&, xp, yp](int64_t j0, int64_t j1) {
       const T_* const xp_ = xp;  // locals: see the backward's slice loop
       T_* const yp_ = yp;
+      std::vector<T_> mean(cb), scale(cb), shift(cb);
       for (int64_t j = j0; j < j1; ++j) {
-        const int64_t t = j / s.C, c = j % s.C;
-        T_ mean, rstd;
-        slice_stats<T_>(xp_, s, t, c, eps, mean, rstd);
-        const T_ scale = rstd * channel_param<T_>(gamma, t, c, s.C, T_(1));
-        const T_ shift = channel_param<T_>(beta, t, c, s.C, T_(0)) - mean * scale;
-        for (int64_t n = 0; n < s.N; ++n) {
-          const int64_t off = ((t * s.N + n) * s.C + c) * s.S;
-#pragma omp simd
-          for (int64_t i = 0; i < s.S; ++i) yp_[off + i] = xp_[off + i] * scale + shift;
-          if (act != Act::None)
-            for (int64_t i = 0; i < s.S; ++i) yp_[off + i] = act_forward<T_>(yp_[off + i], act, slope);
+        const int64_t t = j / blocks, c0 = (j % blocks) * cb, cn = std::min(cb, s.C - c0);
+        block_stats<T_>(xp_, s, t, c0, cn, eps, mean.data(), scale.data());  // scale holds rstd here
+        for (int64_t c = 0; c < cn; ++c) {
+          scale[c] *= channel_param<T_>(gamma, t, c0 + c, s.C, T_(1));
+          shift[c] = channel_param<T_>(beta, t, c0 + c, s.C, T_(0)) - mean[c] * scale[c];
         }
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t c = 0; c < cn; ++c) {
+            const int64_t off = ((t * s.N + n) * s.C + c0 + c) * s.S;
+            const T_ a = scale[c], b = shift[c];
+            const T_* __restrict src = xp_ + off;
+            T_* __restrict dst = yp_ + off;
+#pragma omp simd
+            for (int64_t i = 0; i < s.S; ++i) dst[i] = act_forward<T_>(src[i] * a + b, act, slope);
+          }
       }
     });
    });
@@ -283,40 +316,53 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
       });
       return;
     }
-    at::parallel_for(0, s.T * s.C, grain_for(s), [&, xp, gz, yp, gxp](int64_t j0, int64_t j1) {
+    const int64_t cb = channel_block<T_>(s, yp ? 3 : 2), blocks = (s.C + cb - 1) / cb;
+    at::parallel_for(0, s.T * blocks, 1, [&, xp, gz, yp, gxp](int64_t j0, int64_t j1) {
       // The pointers as locals (captured by value, copied here): read through the closure,
       // gcc reloads them every element and leaves the sums scalar (3.6x slower at W2).
       const T_* const xp_ = xp;
       const T_* const gz_ = gz;
       const T_* const yp_ = yp;
       T_* const gxp_ = gxp;
+      std::vector<T_> mean(cb), rstd(cb), sum_g(cb), sum_gx(cb);
       for (int64_t j = j0; j < j1; ++j) {
-        const int64_t t = j / s.C, c = j % s.C;
-        T_ mean, rstd;
-        slice_stats<T_>(xp_, s, t, c, eps, mean, rstd);
-        T_ sum_g = 0, sum_gx = 0;  // Σ grad_z and Σ grad_z · x̂
-        for (int64_t n = 0; n < s.N; ++n) {
-          const int64_t off = ((t * s.N + n) * s.C + c) * s.S;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-          for (int64_t i = 0; i < s.S; ++i) {
-            const T_ g = masked<T_>(gz_[off + i], yp_, off + i, act, slope);
-            sum_g += g;
-            sum_gx += g * (xp_[off + i] - mean) * rstd;
+        const int64_t t = j / blocks, c0 = (j % blocks) * cb, cn = std::min(cb, s.C - c0);
+        block_stats<T_>(xp_, s, t, c0, cn, eps, mean.data(), rstd.data());
+        std::fill(sum_g.begin(), sum_g.end(), T_(0));    // Σ grad_z
+        std::fill(sum_gx.begin(), sum_gx.end(), T_(0));  // Σ grad_z · x̂
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t c = 0; c < cn; ++c) {
+            const int64_t off = ((t * s.N + n) * s.C + c0 + c) * s.S;
+            const T_ m = mean[c], r = rstd[c];
+            T_ row_g = 0, row_gx = 0;
+#pragma omp simd reduction(+ : row_g, row_gx)
+            for (int64_t i = 0; i < s.S; ++i) {
+              const T_ g = masked<T_>(gz_[off + i], yp_, off + i, act, slope);
+              row_g += g;
+              row_gx += g * (xp_[off + i] - m) * r;
+            }
+            sum_g[c] += row_g;
+            sum_gx[c] += row_gx;
           }
+        for (int64_t c = 0; c < cn; ++c) {
+          if (ggp) ggp[t * s.C + c0 + c] = sum_gx[c];
+          if (gbp) gbp[t * s.C + c0 + c] = sum_g[c];
         }
-        if (ggp) ggp[j] = sum_gx;
-        if (gbp) gbp[j] = sum_g;
-        if (gxp_) {
-          const T_ scale = rstd * channel_param<T_>(gamma, t, c, s.C, T_(1));
-          const T_ mg = sum_g / count, mgx = sum_gx / count;
-          for (int64_t n = 0; n < s.N; ++n) {
-            const int64_t off = ((t * s.N + n) * s.C + c) * s.S;
+        if (!gxp_) continue;
+        for (int64_t c = 0; c < cn; ++c) {
+          sum_g[c] /= count;   // mean of g
+          sum_gx[c] /= count;  // mean of g · x̂
+        }
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t c = 0; c < cn; ++c) {
+            const int64_t off = ((t * s.N + n) * s.C + c0 + c) * s.S;
+            const T_ scale = rstd[c] * channel_param<T_>(gamma, t, c0 + c, s.C, T_(1));
+            const T_ m = mean[c], r = rstd[c], mg = sum_g[c], mgx = sum_gx[c];
 #pragma omp simd
             for (int64_t i = 0; i < s.S; ++i)
               gxp_[off + i] = scale * (masked<T_>(gz_[off + i], yp_, off + i, act, slope) - mg -
-                                       (xp_[off + i] - mean) * rstd * mgx);
+                                       (xp_[off + i] - m) * r * mgx);
           }
-        }
       }
     });
    });
@@ -328,7 +374,7 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
 // closed form. Per (task, channel), with d = x − μ, x̂ = d·rstd, g = grad_z, u = up_x:
 // pass 1 takes μ, pass 2 every other sum (Σd², Σg, Σg·d, Σu, Σu·d, Σu·g) around it, pass 3
 // writes the outputs, each an affine combination of g, u and d with per-(task, channel)
-// coefficients. The mean has its own pass for the reason of slice_stats: the sums about
+// coefficients. The mean has its own pass for the reason of block_stats: the sums about
 // μ are what keep the cancellations of P(v) = v − mean(v) − x̂·mean(x̂v) and of
 // K = <u, g> − M·mean(u)·mean(g) − ... small. Sums and coefficients are in double for
 // float32 too: the fp32 reference reduces with pairwise sums, and a plain fp32 running sum

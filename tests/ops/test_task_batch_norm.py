@@ -215,6 +215,29 @@ def on_device(args, device, dtype=None):
     return out
 
 
+@pytest.mark.parametrize("with_y", [False, True], ids=["no-act", "relu"])
+def test_cpu_kernels_over_several_channel_blocks(with_y):
+    """BatchNorm2d maps large enough that the CPU kernels split a task's channels into
+    blocks (csrc/cpu/task_batch_norm.cpp channel_block: 512 KB of values per work item; here
+    64 KB a channel and stream, so the forward takes 8 channels per block and the backward
+    2 or 3, with a ragged last block): forward and backward against the reference."""
+    g = torch.Generator().manual_seed(5)
+    shape = (2, 4, 13, 64, 64)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 3
+    gamma, beta = torch.randn(2, 13, generator=g, dtype=torch.float64), torch.randn(13, generator=g, dtype=torch.float64)
+    act = "relu" if with_y else "none"
+    check_kernel("cpu", "task_batch_norm", reference_task_batch_norm, [x, gamma, beta, 1e-5, act, 0.0],
+                 rtol=1e-10, atol=1e-11)
+    y = reference_task_batch_norm(x, gamma, beta, 1e-5, act, 0.0) if with_y else None
+    extra = [y, act, 0.0] if with_y else []
+    grad = torch.randn(*shape, generator=g, dtype=torch.float64)
+    check_kernel("cpu", "task_batch_norm_backward", reference_task_batch_norm_backward,
+                 [grad, x, gamma, 1e-5, [True, True, True], *extra], rtol=1e-10, atol=1e-11)
+    check_kernel("cpu", "task_batch_norm_backward", reference_task_batch_norm_backward,
+                 [grad.float(), x.float(), gamma.float(), 1e-5, [True, False, True],
+                  *([y.float(), act, 0.0] if with_y else [])], rtol=2e-5)
+
+
 @pytest.mark.parametrize("name,kernel,reference,args", CASES, ids=[c[0] for c in CASES])
 def test_cpu_kernel_equals_reference(name, kernel, reference, args):
     check_kernel("cpu", kernel, reference, on_device(args, "cpu", torch.float32), rtol=2e-5)
