@@ -12,6 +12,9 @@ Only the engine calls the ops.
 Checks happen once per call, here at the entry of each call (``check_tasks``: shapes,
 dtypes, devices, counts; NaN/Inf and label range under ``plan.validate``); the ops the
 engine calls are called on the trusted path (no second check, no second kernel choice).
+In ``meta_batch``'s general path the NaN/Inf checks of the inputs and of every support and
+query loss are taken together at the end of the call (:class:`FiniteChecks`: three ops and
+one host sync), and the first non-finite one is named as a check at once would name it.
 """
 
 from __future__ import annotations
@@ -166,10 +169,11 @@ class MetaIteration:
                 "allow_unused=True to adapt the others"
             )
 
-    def check_tasks(self, validate: bool, **named: Tensor) -> None:
+    def check_tasks(self, validate: bool, finite_checks: "FiniteChecks | None" = None, **named: Tensor) -> None:
         """Checks at the public boundary, before any state changes: types, ranks, task and
         example counts, devices, dtypes, the model's example shape; NaN/Inf (a sync) under
-        ``validate``."""
+        ``validate``, or, given ``finite_checks``, added to them (checked with the losses'
+        in one sync at the end of the call)."""
         reference = self.params[0]
         T = None
         for name, t in named.items():
@@ -212,10 +216,12 @@ class MetaIteration:
                                  "each example needs at least one value")
         if validate:
             for name, t in named.items():
-                # One op and a sync per input; the failing task is looked for only on failure.
-                if t.is_floating_point() and not all_finite(t):
-                    bad = ~torch.isfinite(t.flatten(1)).all(1)
-                    raise FloatingPointError(f"{name} has NaN or Inf in task {int(bad.nonzero()[0])}")
+                if not t.is_floating_point():
+                    continue
+                if finite_checks is not None:
+                    finite_checks.add_input(name, t)
+                elif not all_finite(t):  # one op and a sync per input
+                    raise_non_finite_input(name, t)
 
     # -- losses ------------------------------------------------------------------------
 
@@ -256,8 +262,10 @@ class MetaIteration:
         return fast
 
     def inner_states(self, theta: Tensor, support_x: Tensor, support_y: Tensor,
-                     plan: AdaptationPlan) -> Iterator[Tensor]:
-        """The fast weights ``[T, P]`` after each of ``plan.steps`` inner steps from θ, in turn."""
+                     plan: AdaptationPlan, finite_checks: "FiniteChecks | None" = None) -> Iterator[Tensor]:
+        """The fast weights ``[T, P]`` after each of ``plan.steps`` inner steps from θ, in turn.
+        The support losses are checked for NaN/Inf under ``plan.validate``: at once, or added
+        to ``finite_checks``."""
         T, P = support_x.size(0), theta.numel()
         adapting = plan.adapting
         self.check_unused(adapting, plan.allow_unused)
@@ -271,7 +279,10 @@ class MetaIteration:
                         src = src.detach().requires_grad_(True)
                     pred = self.run(support_x, self.weights(theta, src, adapting), "support_x")
                     losses = self.task_losses(plan, pred, support_y, "support", check_range=step == 0)
-                    check_finite_losses(losses, "support", plan.validate)
+                    if finite_checks is not None:
+                        finite_checks.add_losses("support", losses)
+                    else:
+                        check_finite_losses(losses, "support", plan.validate)
                     # d Σ_t losses[t]: the losses with a gradient of ones (a cached one,
                     # expanded), not their sum with the ones_like autograd would make.
                     (grad,) = torch.autograd.grad(
@@ -303,8 +314,12 @@ class MetaIteration:
         # The fused CPU kernel validates in its own loops (no dispatch, no sync): the NaN/Inf
         # checks here would cost more than the meta-step itself at W1's size.
         kernel_validates = fused is not None and support_x.device.type == "cpu"
-        self.check_tasks(plan.validate and not kernel_validates, support_x=support_x, support_y=support_y,
-                         query_x=query_x, query_y=query_y)
+        # The general path checks its inputs and every loss for NaN/Inf in one sync at the end
+        # (FiniteChecks); the fused path checks its inputs here.
+        finite_checks = FiniteChecks() if plan.validate and fused is None and (
+            plan.task_chunk is None or plan.task_chunk >= support_x.size(0)) else None
+        self.check_tasks(plan.validate and not kernel_validates, finite_checks, support_x=support_x,
+                         support_y=support_y, query_x=query_x, query_y=query_y)
         self.check_nograd(plan.allow_nograd)
         T = support_x.size(0)
         if fused is not None:
@@ -315,7 +330,10 @@ class MetaIteration:
             return MetaBatchOutput(out.loss * w, out.task_loss * w, out.accuracy)
         task_chunk = plan.task_chunk
         if task_chunk is None or task_chunk >= T:
-            task_losses, accuracy = self._adapt_and_evaluate(support_x, support_y, query_x, query_y, plan)
+            task_losses, accuracy = self._adapt_and_evaluate(support_x, support_y, query_x, query_y, plan,
+                                                             finite_checks)
+            if finite_checks is not None:
+                finite_checks.check()
         else:
             parts = [
                 self._adapt_and_evaluate_checkpointed(
@@ -328,21 +346,26 @@ class MetaIteration:
             accuracy = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return MetaBatchOutput(task_losses.mean(), task_losses, accuracy)
 
-    def _adapt_and_evaluate(self, support_x, support_y, query_x, query_y, plan: AdaptationPlan):
+    def _adapt_and_evaluate(self, support_x, support_y, query_x, query_y, plan: AdaptationPlan,
+                            finite_checks: "FiniteChecks | None" = None):
         """(query task losses ``[T]``, accuracy ``[T]`` or None) after the inner loop;
         with ``plan.step_weights``, the losses are the weighted sums over the steps and the
-        accuracy is the last step's."""
+        accuracy is the last step's. The losses' NaN/Inf checks: at once, or added to
+        ``finite_checks``."""
         theta = self.pack()
         steps, step_weights = plan.steps, plan.step_weights
         task_losses = None
-        for state, fast in enumerate(self.inner_states(theta, support_x, support_y, plan), 1):
+        for state, fast in enumerate(self.inner_states(theta, support_x, support_y, plan, finite_checks), 1):
             weight = (1.0 if state == steps else 0.0) if step_weights is None else step_weights[state - 1]
             if state < steps and weight == 0:
                 continue
             with torch.profiler.record_function("fastmeta.query"):
                 pred = self.run(query_x, self.weights(theta, fast, plan.adapting), "query_x")
                 losses = self.task_losses(plan, pred, query_y, "query", check_range=task_losses is None)
-            check_finite_losses(losses, "query", plan.validate)
+            if finite_checks is not None:
+                finite_checks.add_losses("query", losses)
+            else:
+                check_finite_losses(losses, "query", plan.validate)
             if step_weights is not None:
                 losses = losses * weight
             task_losses = losses if task_losses is None else task_losses + losses
@@ -564,13 +587,58 @@ def all_finite(t: Tensor) -> bool:
     return t.numel() == 0 or math.isfinite(float(torch.linalg.vector_norm(t.detach(), float("inf"))))
 
 
+def raise_non_finite_input(name: str, t: Tensor) -> None:
+    bad = ~torch.isfinite(t.detach().flatten(1)).all(1)
+    raise FloatingPointError(f"{name} has NaN or Inf in task {int(bad.nonzero()[0])}")
+
+
+def raise_non_finite_losses(losses: Tensor, which: str) -> None:
+    t = int((~torch.isfinite(losses.detach())).nonzero()[0])
+    raise FloatingPointError(f"the {which} loss of task {t} is {float(losses[t].detach())}")
+
+
 def check_finite_losses(losses: Tensor, which: str, validate: bool) -> None:
     if validate and not all_finite(losses):  # one op and a sync
-        t = int((~torch.isfinite(losses.detach())).nonzero()[0])
-        raise FloatingPointError(f"the {which} loss of task {t} is {float(losses[t].detach())}")
+        raise_non_finite_losses(losses, which)
+
+
+class FiniteChecks:
+    """The NaN/Inf checks of one ``meta_batch`` call, taken together: the inputs and every
+    support and query loss, in the order the call meets them, checked by :meth:`check` in
+    three ops and one host sync (``_foreach_norm`` of their ∞-norms, a ``stack``, a ``max``;
+    NaN propagates through both reductions, ±Inf gives ∞), where checking each at once cost
+    one op and one sync apiece (W4: 8 and 8). On failure the first non-finite one, in that
+    order, is named as the check at once would have named it: an input with NaN makes every
+    loss NaN, and it is the input that is reported. Nothing a caller sees changes between
+    the losses and the check: the call raises before it returns."""
+
+    def __init__(self):
+        self._items: list[tuple[str, str, Tensor]] = []  # (kind, name or which, tensor)
+
+    def add_input(self, name: str, t: Tensor) -> None:
+        self._items.append(("input", name, t.detach()))
+
+    def add_losses(self, which: str, losses: Tensor) -> None:
+        self._items.append(("losses", which, losses.detach()))
+
+    def check(self) -> None:
+        items = [item for item in self._items if item[2].numel()]
+        self._items = []
+        if not items:
+            return
+        tensors = [t for _, _, t in items]
+        if len({t.dtype for t in tensors}) == 1 and len({t.device for t in tensors}) == 1:
+            norms = torch._foreach_norm(tensors, float("inf"))
+            if math.isfinite(float(torch.stack(norms).max())):
+                return
+        for kind, name, t in items:  # the failure (or mixed dtypes): the first non-finite one
+            if not all_finite(t):
+                if kind == "input":
+                    raise_non_finite_input(name, t)
+                raise_non_finite_losses(t, name)
 
 
 __all__ = [
     "AdaptationPlan", "LossSpec", "MetaBatchOutput", "MetaIteration", "StepRule", "check_labels",
-    "all_finite", "check_finite_losses", "check_loss_spec", "check_step_weights", "loss_targets",
+    "FiniteChecks", "all_finite", "check_finite_losses", "check_loss_spec", "check_step_weights", "loss_targets",
 ]

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmeta.engine.meta_iteration import all_finite, check_labels, check_finite_losses
+import fastmeta as fm
+from fastmeta.tools.dispatches import count_dispatches
+from fastmeta.engine.meta_iteration import FiniteChecks, all_finite, check_labels, check_finite_losses
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -54,3 +56,55 @@ def test_labels_out_of_range_are_found_anywhere(bad):
         with pytest.raises(ValueError, match=f"support labels out of range for the model's 5 outputs \\(task {t} "):
             check_labels(y, 5, "support", True)
         check_labels(y, 5, "support", False)  # validate off: no check
+
+
+def _checks(*items):
+    checks = FiniteChecks()
+    for kind, name, t in items:
+        (checks.add_input if kind == "input" else checks.add_losses)(name, t)
+    return checks
+
+
+def test_the_checks_of_one_call_find_the_first_non_finite_in_order():
+    """Inputs, then support and query losses, checked together (one sync): the first
+    non-finite one is named as the check at once named it; all finite, nothing raised."""
+    x, losses = torch.randn(3, 4, 2), torch.tensor([0.5, 0.25, 1.0])
+    _checks(("input", "support_x", x), ("losses", "support", losses), ("losses", "query", losses)).check()
+    nan_x = x.clone()
+    nan_x[2, 1, 0] = float("nan")
+    bad = torch.tensor([0.5, float("inf"), float("nan")])
+    with pytest.raises(FloatingPointError, match="support_x has NaN or Inf in task 2"):
+        _checks(("input", "support_x", nan_x), ("losses", "support", bad), ("losses", "query", bad)).check()
+    with pytest.raises(FloatingPointError, match="the support loss of task 1 is inf"):
+        _checks(("input", "support_x", x), ("losses", "support", bad), ("losses", "query", bad)).check()
+    with pytest.raises(FloatingPointError, match="the query loss of task 2 is nan"):
+        _checks(("input", "query_x", x), ("losses", "support", losses),
+                ("losses", "query", torch.tensor([1.0, 2.0, float("nan")]))).check()
+    # Mixed dtypes are checked one by one, with the same outcome.
+    with pytest.raises(FloatingPointError, match="the query loss of task 1 is inf"):
+        _checks(("input", "query_x", x.double()), ("losses", "query", bad)).check()
+    _checks(("input", "query_x", x.double()), ("losses", "query", losses)).check()
+    _checks().check()  # nothing to check
+
+
+def test_a_meta_batch_checks_its_inputs_and_losses_in_one_host_sync():
+    """A second-order meta_batch with validate=True, 3 inner steps: the inputs and the four
+    losses' NaN/Inf checks take one host read, where one per check took six; a NaN input
+    is still found and named, and a NaN loss from finite inputs too."""
+    torch.manual_seed(0)
+    # LayerNorm: not a plain MLP, so the general path (a plain MLP runs the fused kernel)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.LayerNorm(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    meta = fm.MAML(model, lr=0.1, steps=3, validate=True)
+    batch = [torch.randn(2, 4, 2), torch.randint(0, 3, (2, 4)), torch.randn(2, 5, 2), torch.randint(0, 3, (2, 5))]
+    count = count_dispatches(lambda: meta.meta_batch(*batch))
+    assert count.by_name["aten::_foreach_norm"] == 1 and "aten::linalg_vector_norm" not in count.by_name
+    assert count.host_syncs == 1, count.describe()
+    nan_batch = list(batch)
+    nan_batch[2] = batch[2].clone()
+    nan_batch[2][1, 3, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="query_x has NaN or Inf in task 1"):
+        meta.meta_batch(*nan_batch)
+    with torch.no_grad():
+        model[0].weight.mul_(1e38)  # finite parameters, overflowing losses
+    with pytest.raises(FloatingPointError, match="the support loss of task"):
+        meta.meta_batch(*batch)
