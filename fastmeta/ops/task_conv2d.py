@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastmeta.backends import REFERENCE, kernel_choice
 from fastmeta.backends.precision import emulated_precision, product_at_precision
 from fastmeta.ops.reference_vjp import reference_vjp
 from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
@@ -318,11 +319,28 @@ def _task_conv2d_setup(ctx, inputs, output):
     ctx.save_for_backward(x, w)
 
 
+def _pair_has_kernels_where_fused_has_none(t: Tensor) -> bool:
+    """Whether the backend in use runs the reference for task_conv2d_backward on ``t``'s
+    device type and dtype but kernels for input_grad and weight_grad: the Triton kernels on
+    CUDA until the GPU check records the fused ops as verified there (``auto`` takes only
+    verified kernels). There the pair runs, as before the fused ops: the reference would be
+    the grouped cuDNN convolution the Triton kernels replace (kernels/task_conv2d.py)."""
+    device_type = t.device.type
+    return (kernel_choice("task_conv2d_backward", device_type, t.dtype)[0] == REFERENCE
+            and kernel_choice("task_conv2d_input_grad", device_type, t.dtype)[0] != REFERENCE
+            and kernel_choice("task_conv2d_weight_grad", device_type, t.dtype)[0] != REFERENCE)
+
+
 def _task_conv2d_backward(ctx, grad_y):
     x, w = ctx.saved_tensors
     d_x = d_w = d_b = None
     mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
-    if any(mask):  # one op, one node: see the module docstring
+    if any(mask) and _pair_has_kernels_where_fused_has_none(x):
+        if mask[0]:
+            d_x = task_conv2d_input_grad(grad_y, w, list(x.shape[3:]), ctx.stride, ctx.padding)
+        if mask[1]:
+            d_w = task_conv2d_weight_grad(grad_y, x, list(w.shape[-2:]), ctx.stride, ctx.padding, w.dim() == 4)
+    elif any(mask):  # one op, one node: see the module docstring
         d_x, d_w = task_conv2d_backward(grad_y, x, w, ctx.stride, ctx.padding, mask)
         d_x, d_w = (d_x if mask[0] else None), (d_w if mask[1] else None)
     if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -338,7 +356,36 @@ task_conv2d.register_autograd(_task_conv2d_backward, setup_context=_task_conv2d_
 # ---------------------------------------------------------------------------------------
 
 
-task_conv2d_backward = define_op(reference_task_conv2d_backward, NativeCall(
+def _check_backward(grad_out, x, w, stride, padding, output_mask) -> None:
+    """Shapes the reference would not refuse (it would return gradients of the wrong
+    shape): refused here, naming the argument, before any backend sees them."""
+    if x.dim() != 5 or grad_out.dim() != 5 or w.dim() not in (4, 5):
+        raise ValueError(f"task_conv2d_backward: x and grad_out must be 5-D and w 4-D or 5-D, got x "
+                         f"{tuple(x.shape)}, grad_out {tuple(grad_out.shape)}, w {tuple(w.shape)}")
+    if w.size(-3) != x.size(2) or (w.dim() == 5 and w.size(0) != x.size(0)):
+        raise ValueError(f"task_conv2d_backward: w {tuple(w.shape)} does not match x {tuple(x.shape)} "
+                         "(tasks and input channels)")
+    if tuple(grad_out.shape[:3]) != (x.size(0), x.size(1), w.size(-4)):
+        raise ValueError(f"task_conv2d_backward: grad_out {tuple(grad_out.shape)} must be [T, N, O] = "
+                         f"{(x.size(0), x.size(1), w.size(-4))} and the output maps")
+    if len(output_mask) != 2:
+        raise ValueError(f"task_conv2d_backward: output_mask holds two flags (dx, dw), got {output_mask}")
+
+
+def _check_double_backward(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask) -> None:
+    _check_backward(grad_out, x, w, stride, padding, [True, True])
+    if g_dx is not None and g_dx.shape != x.shape:
+        raise ValueError(f"task_conv2d_double_backward: g_dx must have x's shape {tuple(x.shape)}, "
+                         f"got {tuple(g_dx.shape)}")
+    if g_dw is not None and g_dw.shape != w.shape:
+        raise ValueError(f"task_conv2d_double_backward: g_dw must have w's shape {tuple(w.shape)}, "
+                         f"got {tuple(g_dw.shape)}")
+    if len(output_mask) != 3:
+        raise ValueError("task_conv2d_double_backward: output_mask holds three flags (d_grad_out, d_x, d_w), "
+                         f"got {output_mask}")
+
+
+task_conv2d_backward = define_op(reference_task_conv2d_backward, check=_check_backward, native=NativeCall(
     takes=_native_backward_takes,
     args=lambda grad_out, x, w, stride, padding, output_mask: (
         grad_out.contiguous(), x.contiguous(), _weight_blocks(w), _ints(stride), _ints(padding),
@@ -386,7 +433,8 @@ def _conv_backward_backward(ctx, g_dx, g_dw):
 task_conv2d_backward.register_autograd(_conv_backward_backward, setup_context=_conv_backward_setup)
 
 
-task_conv2d_double_backward = define_op(reference_task_conv2d_double_backward, NativeCall(
+task_conv2d_double_backward = define_op(reference_task_conv2d_double_backward, check=_check_double_backward,
+                                        native=NativeCall(
     takes=_native_double_backward_takes,
     args=lambda g_dx, g_dw, grad_out, x, w, stride, padding, output_mask: (
         _contiguous(g_dx), _weight_blocks(g_dw), grad_out.contiguous(), x.contiguous(), _weight_blocks(w),
