@@ -34,7 +34,7 @@ with an ``aten::add_`` (one dispatch per conv layer), and each node's own double
 was two more ops. One node whose double backward is one op computes
 d grad_out = conv(g_dx, w) + conv(x, g_dw) with the sum inside the kernel (the second
 GEMM accumulates into the first's output): W2's second-order iteration went from 141 to
-fewer dispatches (tests/engine/test_dispatch_budgets.py has the counts).
+120 dispatches (tests/engine/test_dispatch_budgets.py has the counts).
 """
 
 from __future__ import annotations
