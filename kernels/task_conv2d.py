@@ -584,68 +584,108 @@ def _sum_partial_tiles(target, out):
 # ---------------------------------------------------------------------------------------
 
 
-def _weight_gradient_shape_ok(w) -> bool:
-    return w.dim() in (4, 5)
+def _backward_launches(grad_out, x, w, stride, padding, output_mask, config_for=None, sm_count=None):
+    """task_conv2d_backward's launches in order, each (kind, call, its launcher's arguments),
+    or None where one declines: the input gradient where dx is wanted, the weight gradient
+    (summed over tasks for a 4-D w) where dw is."""
+    if len(output_mask) != 2 or not all_float32_on_one_device(grad_out, x, w) or w.dim() not in (4, 5):
+        return None
+    if x.dim() != 5 or grad_out.dim() != 5 or w.size(-3) != x.size(2):
+        return None
+    input_size, kernel_size, shared = list(x.shape[3:]), list(w.shape[-2:]), w.dim() == 4
+    launches = []
+    if output_mask[0]:
+        args = (grad_out, w, input_size, stride, padding)
+        launches.append(("task_conv2d_input_grad", _input_grad_call(*args, config_for, sm_count), args))
+    if output_mask[1]:
+        args = (grad_out, x, kernel_size, stride, padding, shared)
+        launches.append(("task_conv2d_weight_grad", _weight_grad_call(*args, config_for, sm_count), args))
+    return None if any(call is None for _, call, _ in launches) else launches
+
+
+def _double_backward_launches(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask, config_for=None,
+                              sm_count=None):
+    """task_conv2d_double_backward's launches in order (as _backward_launches): the forward
+    of g_dx with w and of x with g_dw (d grad_out; the second accumulates), the input
+    gradient with g_dw (d x), the weight gradient with g_dx (d w); each only where its
+    output is wanted and its upstream present. None where one declines."""
+    if len(output_mask) != 3 or not all_float32_on_one_device(g_dx, g_dw, grad_out, x, w):
+        return None
+    if w.dim() not in (4, 5) or x.dim() != 5 or grad_out.dim() != 5:
+        return None
+    if (g_dx is not None and g_dx.shape != x.shape) or (g_dw is not None and g_dw.shape != w.shape):
+        return None
+    input_size, kernel_size, shared = list(x.shape[3:]), list(w.shape[-2:]), w.dim() == 4
+    launches = []
+    if output_mask[0]:
+        for inp, weight in ((g_dx, w), (x, g_dw)):
+            if inp is not None and weight is not None:
+                args = (inp, weight, None, stride, padding)
+                launches.append(("task_conv2d", _forward_call(*args, config_for, sm_count), args))
+        if not launches and (_geometry(stride, padding) is None or tuple(grad_out.shape[:3]) != (
+                x.size(0), x.size(1), w.size(-4))):
+            return None
+    if output_mask[1] and g_dw is not None:
+        args = (grad_out, g_dw, input_size, stride, padding)
+        launches.append(("task_conv2d_input_grad", _input_grad_call(*args, config_for, sm_count), args))
+    if output_mask[2] and g_dx is not None:
+        args = (grad_out, g_dx, kernel_size, stride, padding, shared)
+        launches.append(("task_conv2d_weight_grad", _weight_grad_call(*args, config_for, sm_count), args))
+    return None if any(call is None for _, call, _ in launches) else launches
+
+
+_COMPOSED = {"task_conv2d_backward": _backward_launches, "task_conv2d_double_backward": _double_backward_launches}
+
+
+def conv_launch_plans(kernel: str, *args, config_for=None, sm_count: int | None = None) -> list[ConvLaunch] | None:
+    """Every launch the launcher ``kernel`` makes for ``args``, in order (one for the three
+    conv launchers, those of the composed task_conv2d_backward and
+    task_conv2d_double_backward), or None where it declines; runs nothing. As
+    :func:`conv_launch_plan`."""
+    if kernel in _COMPOSED:
+        launches = _COMPOSED[kernel](*args, config_for=config_for, sm_count=sm_count)
+        return None if launches is None else [call[0] for _, call, _ in launches]
+    plan = conv_launch_plan(kernel, *args, config_for=config_for, sm_count=sm_count)
+    return None if plan is None else [plan]
 
 
 def task_conv2d_backward(grad_out, x, w, stride, padding, output_mask, input_precision="ieee"):
     """(dx, dw) of fastmeta.ops.task_conv2d_backward: dw summed over tasks for a 4-D w, per
     task for a 5-D one; an unwanted output empty, and not launched."""
-    if len(output_mask) != 2 or not all_float32_on_one_device(grad_out, x, w) or not _weight_gradient_shape_ok(w):
+    launches = _backward_launches(grad_out, x, w, stride, padding, output_mask)
+    if launches is None:
         return NotImplemented
-    if x.dim() != 5 or grad_out.dim() != 5 or w.size(-3) != x.size(2):
-        return NotImplemented
-    want_dx, want_dw = (bool(m) for m in output_mask)
-    input_size, kernel_size, shared = list(x.shape[3:]), list(w.shape[-2:]), w.dim() == 4
-    dx_call = _input_grad_call(grad_out, w, input_size, stride, padding) if want_dx else ()
-    dw_call = _weight_grad_call(grad_out, x, kernel_size, stride, padding, shared) if want_dw else ()
-    if dx_call is None or dw_call is None:
-        return NotImplemented
-    empty = x.new_empty(0)
-    dx = _run_input_grad(dx_call, grad_out, w, input_size, stride, padding, input_precision) if want_dx else empty
-    dw = (_run_weight_grad(dw_call, grad_out, x, kernel_size, stride, padding, shared, input_precision)
-          if want_dw else empty)
+    dx = dw = x.new_empty(0)
+    for kind, call, args in launches:
+        if kind == "task_conv2d_input_grad":
+            dx = _run_input_grad(call, *args, input_precision)
+        else:
+            dw = _run_weight_grad(call, *args, input_precision)
     return dx, dw
 
 
 def task_conv2d_double_backward(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask, input_precision="ieee"):
     """(d_grad_out, d_x, d_w) of fastmeta.ops.task_conv2d_double_backward:
-    d_grad_out = conv(g_dx, w) + conv(x, g_dw) (the second launch accumulates into the
-    first's output), d_x = input_grad(grad_out, g_dw), d_w = weight_grad(grad_out, g_dx);
+    d_grad_out = conv(g_dx, w) + conv(x, g_dw) (the second launch adds the first's output
+    in its epilogue), d_x = input_grad(grad_out, g_dw), d_w = weight_grad(grad_out, g_dx);
     unwanted outputs empty, a wanted one without its upstream zeros."""
-    if len(output_mask) != 3 or not all_float32_on_one_device(g_dx, g_dw, grad_out, x, w):
+    launches = _double_backward_launches(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask)
+    if launches is None:
         return NotImplemented
-    if not _weight_gradient_shape_ok(w) or x.dim() != 5 or grad_out.dim() != 5:
-        return NotImplemented
-    if (g_dx is not None and g_dx.shape != x.shape) or (g_dw is not None and g_dw.shape != w.shape):
-        return NotImplemented
-    want_d_grad_out, want_d_x, want_d_w = (bool(m) for m in output_mask)
-    input_size, kernel_size, shared = list(x.shape[3:]), list(w.shape[-2:]), w.dim() == 4
-    terms = []  # the forward launches of d_grad_out: (call, input)
-    if want_d_grad_out:
-        for inp, weight in ((g_dx, w), (x, g_dw)):
-            if inp is not None and weight is not None:
-                terms.append((_forward_call(inp, weight, None, stride, padding), inp))
-    dx_call = _input_grad_call(grad_out, g_dw, input_size, stride, padding) if want_d_x and g_dw is not None else ()
-    dw_call = (_weight_grad_call(grad_out, g_dx, kernel_size, stride, padding, shared)
-               if want_d_w and g_dx is not None else ())
-    if any(call is None for call, _ in terms) or dx_call is None or dw_call is None:
-        return NotImplemented
-    if want_d_grad_out and not terms and tuple(grad_out.shape) != (
-            x.size(0), x.size(1), w.size(-4), *grad_out.shape[3:]):
-        return NotImplemented
-    empty = x.new_empty(0)
-    d_grad_out = d_x = d_w = empty
-    if want_d_grad_out:
-        d_grad_out = None
-        for call, inp in terms:
-            d_grad_out = _run_forward(call, inp, None, stride, padding, input_precision, addend=d_grad_out)
-        if d_grad_out is None:
-            d_grad_out = torch.zeros(grad_out.shape, dtype=torch.float32, device=grad_out.device)
-    if want_d_x:
-        d_x = (_run_input_grad(dx_call, grad_out, g_dw, input_size, stride, padding, input_precision)
-               if g_dw is not None else torch.zeros(x.shape, dtype=torch.float32, device=x.device))
-    if want_d_w:
-        d_w = (_run_weight_grad(dw_call, grad_out, g_dx, kernel_size, stride, padding, shared, input_precision)
-               if g_dx is not None else torch.zeros(w.shape, dtype=torch.float32, device=w.device))
-    return d_grad_out, d_x, d_w
+    d_grad_out = None
+    d_x = d_w = empty = x.new_empty(0)
+    for kind, call, args in launches:
+        if kind == "task_conv2d":
+            inp, _, b, stride_, padding_ = args
+            d_grad_out = _run_forward(call, inp, b, stride_, padding_, input_precision, addend=d_grad_out)
+        elif kind == "task_conv2d_input_grad":
+            d_x = _run_input_grad(call, *args, input_precision)
+        else:
+            d_w = _run_weight_grad(call, *args, input_precision)
+    if output_mask[0] and d_grad_out is None:  # both upstreams absent
+        d_grad_out = torch.zeros(grad_out.shape, dtype=torch.float32, device=grad_out.device)
+    if output_mask[1] and g_dw is None:
+        d_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if output_mask[2] and g_dx is None:
+        d_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    return (d_grad_out if d_grad_out is not None else empty), d_x, d_w
