@@ -64,14 +64,16 @@ from fastmeta.kernels.tiles import (
 
 @triton.jit
 def conv2d_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, addend_ptr,
     NB, C, H, W, O, HO, WO, k_per_split,
     x_task_stride, w_task_stride, bias_task_stride, out_split_stride, out_task_stride,
     stride_h, stride_w, pad_h, pad_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
+    # ACCUMULATE: the first K range's tile also adds addend (the output's shape, unsplit):
+    # the double backward's second convolution adds the first's result in its epilogue.
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -108,8 +110,11 @@ def conv2d_forward_kernel(
 
     if HAS_BIAS:  # once: by the first K range's partial tile
         acc += tl.load(bias_ptr + task * bias_task_stride + offs_n, mask=n_ok & (split == 0), other=0.0)[None, :]
-    out_rows = (out_ptr + split.to(tl.int64) * out_split_stride + task * out_task_stride
-                + image.to(tl.int64) * (O * HO * WO) + pixel)
+    offsets = task * out_task_stride + image.to(tl.int64) * (O * HO * WO) + pixel
+    if ACCUMULATE:  # once, likewise
+        acc += tl.load(addend_ptr + offsets[:, None] + (offs_n * (HO * WO))[None, :],
+                       mask=m_ok[:, None] & n_ok[None, :] & (split == 0), other=0.0)
+    out_rows = out_ptr + split.to(tl.int64) * out_split_stride + offsets
     tl.store(out_rows[:, None] + (offs_n * (HO * WO))[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -465,6 +470,13 @@ def task_conv2d(x, w, b, stride, padding, input_precision="ieee"):
     call = _forward_call(x, w, b, stride, padding)
     if call is None:
         return NotImplemented
+    return _run_forward(call, x, b, stride, padding, input_precision)
+
+
+def _run_forward(call, x, b, stride, padding, input_precision, addend=None):
+    """The forward launch ``call`` (from _forward_call) and the sum of its partial tiles;
+    addend (the output's shape, contiguous fp32): added by the kernel's first K range, and
+    the result written into it (no separate add)."""
     launch, w, w_task_stride, bias_task_stride = call
     sh, sw, ph, pw = _geometry(stride, padding)
     T, NB, C, H, W = x.shape
@@ -472,16 +484,17 @@ def task_conv2d(x, w, b, stride, padding, input_precision="ieee"):
     HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
     x = x.contiguous()
     b = b.contiguous() if b is not None and b.stride(-1) != 1 else b
-    out = torch.empty((T, NB, O, HO, WO), dtype=torch.float32, device=x.device)
+    out = addend if addend is not None else torch.empty((T, NB, O, HO, WO), dtype=torch.float32, device=x.device)
     cfg = launch.config
     split_k = cfg["SPLIT_K"]
+    # Unsplit and accumulating, each program reads its own tile of out before writing it.
     target = out if split_k == 1 else torch.empty((split_k, *out.shape), dtype=torch.float32, device=x.device)
     conv2d_forward_kernel[launch.grid](
-        x, w, b if b is not None else x, target,
+        x, w, b if b is not None else x, target, addend if addend is not None else target,
         launch.images, C, H, W, O, HO, WO, cfg["k_per_split"],
         NB * C * H * W, w_task_stride, bias_task_stride, out.numel(), NB * O * HO * WO,
         sh, sw, ph, pw,
-        KH=KH, KW=KW, HAS_BIAS=b is not None,
+        KH=KH, KW=KW, HAS_BIAS=b is not None, ACCUMULATE=addend is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -493,6 +506,10 @@ def task_conv2d_input_grad(grad_out, w, input_size, stride, padding, input_preci
     call = _input_grad_call(grad_out, w, input_size, stride, padding)
     if call is None:
         return NotImplemented
+    return _run_input_grad(call, grad_out, w, input_size, stride, padding, input_precision)
+
+
+def _run_input_grad(call, grad_out, w, input_size, stride, padding, input_precision):
     launch, w, w_task_stride = call
     sh, sw, ph, pw = _geometry(stride, padding)
     T, NB, O, HO, WO = grad_out.shape
@@ -520,6 +537,10 @@ def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared, i
     call = _weight_grad_call(grad_out, x, kernel_size, stride, padding, shared)
     if call is None:
         return NotImplemented
+    return _run_weight_grad(call, grad_out, x, kernel_size, stride, padding, shared, input_precision)
+
+
+def _run_weight_grad(call, grad_out, x, kernel_size, stride, padding, shared, input_precision):
     (launch,) = call
     sh, sw, ph, pw = _geometry(stride, padding)
     T, NB, C, H, W = x.shape
@@ -551,3 +572,120 @@ def _sum_partial_tiles(target, out):
     if target is not out:
         torch.sum(target, dim=0, out=out)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# task_conv2d_backward and task_conv2d_double_backward: the launchers above, composed.
+# Every launch is planned (and may decline) before any runs, so a decline never leaves half
+# the work done. Launches per call: backward one input-grad and one weight-grad launch (each
+# where its output is wanted); double backward two forward launches for d grad_out (the
+# second adds the first's result in its epilogue: no add of its own), one input-grad, one
+# weight-grad; each split launch also sums its partial tiles (torch.sum), as above.
+# ---------------------------------------------------------------------------------------
+
+
+def _backward_launches(grad_out, x, w, stride, padding, output_mask, config_for=None, sm_count=None):
+    """task_conv2d_backward's launches in order, each (kind, call, its launcher's arguments),
+    or None where one declines: the input gradient where dx is wanted, the weight gradient
+    (summed over tasks for a 4-D w) where dw is."""
+    if len(output_mask) != 2 or not all_float32_on_one_device(grad_out, x, w) or w.dim() not in (4, 5):
+        return None
+    if x.dim() != 5 or grad_out.dim() != 5 or w.size(-3) != x.size(2):
+        return None
+    input_size, kernel_size, shared = list(x.shape[3:]), list(w.shape[-2:]), w.dim() == 4
+    launches = []
+    if output_mask[0]:
+        args = (grad_out, w, input_size, stride, padding)
+        launches.append(("task_conv2d_input_grad", _input_grad_call(*args, config_for, sm_count), args))
+    if output_mask[1]:
+        args = (grad_out, x, kernel_size, stride, padding, shared)
+        launches.append(("task_conv2d_weight_grad", _weight_grad_call(*args, config_for, sm_count), args))
+    return None if any(call is None for _, call, _ in launches) else launches
+
+
+def _double_backward_launches(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask, config_for=None,
+                              sm_count=None):
+    """task_conv2d_double_backward's launches in order (as _backward_launches): the forward
+    of g_dx with w and of x with g_dw (d grad_out; the second accumulates), the input
+    gradient with g_dw (d x), the weight gradient with g_dx (d w); each only where its
+    output is wanted and its upstream present. None where one declines."""
+    if len(output_mask) != 3 or not all_float32_on_one_device(g_dx, g_dw, grad_out, x, w):
+        return None
+    if w.dim() not in (4, 5) or x.dim() != 5 or grad_out.dim() != 5:
+        return None
+    if (g_dx is not None and g_dx.shape != x.shape) or (g_dw is not None and g_dw.shape != w.shape):
+        return None
+    input_size, kernel_size, shared = list(x.shape[3:]), list(w.shape[-2:]), w.dim() == 4
+    launches = []
+    if output_mask[0]:
+        for inp, weight in ((g_dx, w), (x, g_dw)):
+            if inp is not None and weight is not None:
+                args = (inp, weight, None, stride, padding)
+                launches.append(("task_conv2d", _forward_call(*args, config_for, sm_count), args))
+        if not launches and (_geometry(stride, padding) is None or tuple(grad_out.shape[:3]) != (
+                x.size(0), x.size(1), w.size(-4))):
+            return None
+    if output_mask[1] and g_dw is not None:
+        args = (grad_out, g_dw, input_size, stride, padding)
+        launches.append(("task_conv2d_input_grad", _input_grad_call(*args, config_for, sm_count), args))
+    if output_mask[2] and g_dx is not None:
+        args = (grad_out, g_dx, kernel_size, stride, padding, shared)
+        launches.append(("task_conv2d_weight_grad", _weight_grad_call(*args, config_for, sm_count), args))
+    return None if any(call is None for _, call, _ in launches) else launches
+
+
+_COMPOSED = {"task_conv2d_backward": _backward_launches, "task_conv2d_double_backward": _double_backward_launches}
+
+
+def conv_launch_plans(kernel: str, *args, config_for=None, sm_count: int | None = None) -> list[ConvLaunch] | None:
+    """Every launch the launcher ``kernel`` makes for ``args``, in order (one for the three
+    conv launchers, those of the composed task_conv2d_backward and
+    task_conv2d_double_backward), or None where it declines; runs nothing. As
+    :func:`conv_launch_plan`."""
+    if kernel in _COMPOSED:
+        launches = _COMPOSED[kernel](*args, config_for=config_for, sm_count=sm_count)
+        return None if launches is None else [call[0] for _, call, _ in launches]
+    plan = conv_launch_plan(kernel, *args, config_for=config_for, sm_count=sm_count)
+    return None if plan is None else [plan]
+
+
+def task_conv2d_backward(grad_out, x, w, stride, padding, output_mask, input_precision="ieee"):
+    """(dx, dw) of fastmeta.ops.task_conv2d_backward: dw summed over tasks for a 4-D w, per
+    task for a 5-D one; an unwanted output empty, and not launched."""
+    launches = _backward_launches(grad_out, x, w, stride, padding, output_mask)
+    if launches is None:
+        return NotImplemented
+    dx = dw = x.new_empty(0)
+    for kind, call, args in launches:
+        if kind == "task_conv2d_input_grad":
+            dx = _run_input_grad(call, *args, input_precision)
+        else:
+            dw = _run_weight_grad(call, *args, input_precision)
+    return dx, dw
+
+
+def task_conv2d_double_backward(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask, input_precision="ieee"):
+    """(d_grad_out, d_x, d_w) of fastmeta.ops.task_conv2d_double_backward:
+    d_grad_out = conv(g_dx, w) + conv(x, g_dw) (the second launch adds the first's output
+    in its epilogue), d_x = input_grad(grad_out, g_dw), d_w = weight_grad(grad_out, g_dx);
+    unwanted outputs empty, a wanted one without its upstream zeros."""
+    launches = _double_backward_launches(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask)
+    if launches is None:
+        return NotImplemented
+    d_grad_out = None
+    d_x = d_w = empty = x.new_empty(0)
+    for kind, call, args in launches:
+        if kind == "task_conv2d":
+            inp, _, b, stride_, padding_ = args
+            d_grad_out = _run_forward(call, inp, b, stride_, padding_, input_precision, addend=d_grad_out)
+        elif kind == "task_conv2d_input_grad":
+            d_x = _run_input_grad(call, *args, input_precision)
+        else:
+            d_w = _run_weight_grad(call, *args, input_precision)
+    if output_mask[0] and d_grad_out is None:  # both upstreams absent
+        d_grad_out = torch.zeros(grad_out.shape, dtype=torch.float32, device=grad_out.device)
+    if output_mask[1] and g_dw is None:
+        d_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if output_mask[2] and g_dx is None:
+        d_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    return (d_grad_out if d_grad_out is not None else empty), d_x, d_w

@@ -1,4 +1,4 @@
-// CPU kernels of task_conv2d and its two backward ops: per task, im2col + one GEMM.
+// CPU kernels of task_conv2d and its backward ops: per task, im2col + one GEMM.
 //
 //   forward       Y_t [O, n·L]  = W_t [O, K] · cols [K, n·L]
 //   input-grad    dcols [K, n·L] = W_tᵀ [K, O] · dY_t [O, n·L],  then col2im into dx
@@ -311,15 +311,161 @@ std::unique_ptr<T[]> scratch(int64_t n) {
   return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
 }
 
+// The three convolutions, each writing into a given output: the public ops' entry points
+// below check and allocate, then call these. Pointers are to contiguous [T, N, ...] blocks,
+// except the weights (and bias), which are read at a task stride (0: shared).
+
+// y (+)= conv(x, w) + b: with `accumulate`, the convolution and bias are added to what y
+// holds (the double backward's d grad_out = conv(g_dx, w) + conv(x, g_dw), summed in the
+// second call's GEMM or scatter pass instead of by a separate add).
+template <typename T_>
+void forward_into(const ConvShape& s, const T_* xp, const T_* wp, int64_t w_ts, const T_* bp, int64_t b_ts, T_* yp,
+                  bool accumulate) {
+  if (s.T * s.N * s.O * s.L() == 0) return;
+  const int64_t K = s.K(), L = s.L(), nb = s.chunk(), chunks = s.chunks();
+  const std::vector<int32_t> table = tap_offsets(s);
+  at::parallel_for(0, s.T * chunks, 1, [&](int64_t i0, int64_t i1) {
+    auto cols = scratch<T_>(K * nb * L);
+    auto out = scratch<T_>(s.O * nb * L);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t t = item / chunks, n0 = (item % chunks) * nb, n = std::min(nb, s.N - n0);
+      im2col<T_>(xp + (t * s.N + n0) * s.C * s.H * s.W, s, table.data(), n, cols.get());
+      // One example: the GEMM's [O, L] is y's own layout (accumulating there, beta = 1);
+      // more: [O, n·L] into scratch, then scattered (added where accumulating).
+      T_* dst = yp + (t * s.N + n0) * s.O * L;
+      const bool direct = n == 1;
+      T_* target = direct ? dst : out.get();
+      matmul<T_>(s.O, n * L, K, wp + t * w_ts, K, 1, cols.get(), n * L, 1, target, n * L, direct && accumulate);
+      if (direct && bp == nullptr) continue;
+      for (int64_t e = 0; e < n; ++e)
+        for (int64_t o = 0; o < s.O; ++o) {
+          const T_ bias = bp ? bp[t * b_ts + o] : T_(0);
+          const T_* src = target + o * n * L + e * L;
+          T_* row = dst + (e * s.O + o) * L;
+          if (accumulate && !direct) {
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) row[l] += src[l] + bias;
+          } else {
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) row[l] = src[l] + bias;
+          }
+        }
+    }
+  });
+}
+
+// dx = the input gradient of conv(·, w) at grad_out.
+template <typename T_>
+void input_grad_into(const ConvShape& s, const T_* gp, const T_* wp, int64_t w_ts, T_* dxp) {
+  if (s.T * s.N * s.C * s.H * s.W == 0) return;
+  const int64_t K = s.K(), L = s.L(), nb = s.chunk(), chunks = s.chunks(), image = s.C * s.H * s.W;
+  at::parallel_for(0, s.T * chunks, 1, [&](int64_t i0, int64_t i1) {
+    auto dcols = scratch<T_>(K * nb * L);
+    auto gathered = scratch<T_>(s.O * nb * L);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t t = item / chunks, n0 = (item % chunks) * nb, n = std::min(nb, s.N - n0);
+      // dY_t as [O, n·L]: one example's [O, L] is grad_out's own layout.
+      const T_* g = gp + (t * s.N + n0) * s.O * L;
+      const T_* dy = g;
+      if (n > 1) {
+        for (int64_t e = 0; e < n; ++e)
+          for (int64_t o = 0; o < s.O; ++o)
+            std::copy(g + (e * s.O + o) * L, g + (e * s.O + o + 1) * L, gathered.get() + o * n * L + e * L);
+        dy = gathered.get();
+      }
+      matmul<T_>(K, n * L, s.O, wp + t * w_ts, 1, K, dy, n * L, 1, dcols.get(), n * L, false);
+      T_* d = dxp + (t * s.N + n0) * image;
+      std::fill(d, d + n * image, T_(0));
+      col2im<T_>(dcols.get(), s, n, d);
+    }
+  });
+}
+
+// dw = the weight gradient of conv(x, ·) at grad_out: per task [T, O, K], or [O, K] summed
+// over tasks when `shared`.
+template <typename T_>
+void weight_grad_into(const ConvShape& s, const T_* gp, const T_* xp, bool shared, T_* dwp) {
+  const int64_t K = s.K(), L = s.L(), OK = s.O * K;
+  const int64_t size = shared ? OK : s.T * OK;
+  if (size == 0) return;
+  const int64_t nb = s.chunk(), chunks = s.chunks();
+  const std::vector<int32_t> table = tap_offsets(s);
+  // dW [O, K] (+)= dY [O, n·L] · colsᵀ over the items [i0, i1) (one task's chunks, or any
+  // when shared); the first item writes, the rest add.
+  auto accumulate = [&](int64_t i0, int64_t i1, T_* dw_out, T_* cols, T_* gathered) {
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t t = item / chunks, n0 = (item % chunks) * nb, n = std::min(nb, s.N - n0);
+      im2col<T_>(xp + (t * s.N + n0) * s.C * s.H * s.W, s, table.data(), n, cols);
+      const T_* g = gp + (t * s.N + n0) * s.O * L;
+      if (L >= kPerExampleL) {  // dY_t straight from grad_out, one GEMM per example
+        for (int64_t e = 0; e < n; ++e)
+          matmul<T_>(s.O, K, L, g + e * s.O * L, L, 1, cols + e * L, 1, n * L, dw_out, K, item > i0 || e > 0);
+        continue;
+      }
+      const T_* dy = g;  // else gathered to [O, n·L] for one GEMM (one example's is grad_out's layout)
+      if (n > 1) {
+        for (int64_t e = 0; e < n; ++e)
+          for (int64_t o = 0; o < s.O; ++o)
+            std::copy(g + (e * s.O + o) * L, g + (e * s.O + o + 1) * L, gathered + o * n * L + e * L);
+        dy = gathered;
+      }
+      matmul<T_>(s.O, K, n * L, dy, n * L, 1, cols, 1, n * L, dw_out, K, item > i0);
+    }
+  };
+  if (s.N == 0 || s.T == 0) {
+    std::fill(dwp, dwp + size, T_(0));
+  } else if (!shared) {
+    at::parallel_for(0, s.T, 1, [&](int64_t t0, int64_t t1) {
+      auto cols = scratch<T_>(K * nb * L);
+      auto gathered = scratch<T_>(s.O * nb * L);
+      for (int64_t t = t0; t < t1; ++t) accumulate(t * chunks, (t + 1) * chunks, dwp + t * OK, cols.get(), gathered.get());
+    });
+  } else {
+    // Summed over tasks: the items split into one part per thread, each part's dW
+    // accumulated on its own and the parts added in order (deterministic for a given
+    // thread count).
+    const int64_t items = s.T * chunks;
+    const int64_t parts = std::min<int64_t>(items, at::get_num_threads());
+    std::vector<T_> partial((parts - 1) * OK);
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      auto cols = scratch<T_>(K * nb * L);
+      auto gathered = scratch<T_>(s.O * nb * L);
+      for (int64_t p = p0; p < p1; ++p)
+        accumulate(p * items / parts, (p + 1) * items / parts, p == 0 ? dwp : partial.data() + (p - 1) * OK,
+                   cols.get(), gathered.get());
+    });
+    for (int64_t p = 1; p < parts; ++p)
+#pragma omp simd
+      for (int64_t v = 0; v < OK; ++v) dwp[v] += partial[(p - 1) * OK + v];
+  }
+}
+
+// The checks of a weight-shaped tensor (w, or the double backward's g_dw): on the CPU, of
+// x's dtype, per task [T, O, C, kh, kw] (any task stride, each task's block contiguous) or
+// shared [O, C, kh, kw]; returns its task stride (0 if shared).
+int64_t check_weight(const at::Tensor& w, const at::Tensor& x, int64_t T, int64_t O, int64_t C, const char* name) {
+  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), name, " and x must share a dtype, got ", w.scalar_type(),
+                   " and ", x.scalar_type());
+  const int64_t ts = task_stride(w, 5, name);
+  TORCH_CHECK_VALUE(w.dim() == 4 || w.size(0) == T, name, " must have T = ", T, " tasks, got ", w.sizes());
+  TORCH_CHECK_VALUE(O < 0 || w.size(-4) == O, name, " has ", w.size(-4), " output channels, expected ", O);
+  TORCH_CHECK_VALUE(C < 0 || w.size(-3) == C, name, " has ", w.size(-3), " input channels, x ", C);
+  return ts;
+}
+
+void check_maps(const ConvShape& s, const at::Tensor& grad_out, const char* name) {
+  TORCH_CHECK_VALUE(grad_out.size(0) == s.T && grad_out.size(1) == s.N && grad_out.size(2) == s.O &&
+                        grad_out.size(3) == s.HO && grad_out.size(4) == s.WO,
+                    name, " is ", grad_out.sizes(), ", the geometry gives [", s.T, ", ", s.N, ", ", s.O, ", ", s.HO,
+                    ", ", s.WO, "]");
+}
+
 at::Tensor task_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
                        at::IntArrayRef stride, at::IntArrayRef padding) {
   FM_CHECK_INPUT(x, kCPU);
   FM_CHECK_FLOATING(x);
   FM_CHECK_DIM(x, 5);
-  FM_CHECK_SAME_DTYPE(w, x);
-  const int64_t w_ts = task_stride(w, 5, "w");
-  TORCH_CHECK_VALUE(w.dim() == 4 || w.size(0) == x.size(0), "w must have T = ", x.size(0), " tasks, got ", w.sizes());
-  TORCH_CHECK_VALUE(w.size(-3) == x.size(2), "w has ", w.size(-3), " input channels, x ", x.size(2));
+  const int64_t w_ts = check_weight(w, x, x.size(0), -1, x.size(2), "w");
   const ConvShape s = make_shape(x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), w.size(-4),
                                  {w.size(-2), w.size(-1)}, stride, padding);
   int64_t b_ts = 0;
@@ -330,35 +476,10 @@ at::Tensor task_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::opti
                 b->sizes());
   }
   at::Tensor y = at::empty({s.T, s.N, s.O, s.HO, s.WO}, x.options());
-  if (y.numel() == 0) return y;
   dispatch_floating(x.scalar_type(), "task_conv2d", [&](auto tag_) {
     using T_ = decltype(tag_);
-    const T_* xp = x.data_ptr<T_>();
-    const T_* wp = w.data_ptr<T_>();
-    const T_* bp = b.has_value() ? b->data_ptr<T_>() : nullptr;
-    T_* yp = y.data_ptr<T_>();
-    const int64_t K = s.K(), L = s.L(), nb = s.chunk(), chunks = s.chunks();
-    const std::vector<int32_t> table = tap_offsets(s);
-    at::parallel_for(0, s.T * chunks, 1, [&](int64_t i0, int64_t i1) {
-      auto cols = scratch<T_>(K * nb * L);
-      auto out = scratch<T_>(s.O * nb * L);
-      for (int64_t item = i0; item < i1; ++item) {
-        const int64_t t = item / chunks, n0 = (item % chunks) * nb, n = std::min(nb, s.N - n0);
-        im2col<T_>(xp + (t * s.N + n0) * s.C * s.H * s.W, s, table.data(), n, cols.get());
-        // One example: the GEMM's [O, L] is y's own layout; more: [O, n·L], then scattered.
-        T_* dst = yp + (t * s.N + n0) * s.O * L;
-        T_* target = n == 1 ? dst : out.get();
-        matmul<T_>(s.O, n * L, K, wp + t * w_ts, K, 1, cols.get(), n * L, 1, target, n * L, false);
-        for (int64_t e = 0; e < n; ++e)
-          for (int64_t o = 0; o < s.O; ++o) {
-            const T_ bias = bp ? bp[t * b_ts + o] : T_(0);
-            const T_* src = target + o * n * L + e * L;
-            T_* row = dst + (e * s.O + o) * L;
-#pragma omp simd
-            for (int64_t l = 0; l < L; ++l) row[l] = src[l] + bias;
-          }
-      }
-    });
+    forward_into<T_>(s, x.data_ptr<T_>(), w.data_ptr<T_>(), w_ts, b.has_value() ? b->data_ptr<T_>() : nullptr, b_ts,
+                     y.data_ptr<T_>(), false);
   });
   return y;
 }
@@ -368,44 +489,16 @@ at::Tensor task_conv2d_input_grad(const at::Tensor& grad_out, const at::Tensor& 
   FM_CHECK_INPUT(grad_out, kCPU);
   FM_CHECK_FLOATING(grad_out);
   FM_CHECK_DIM(grad_out, 5);
-  FM_CHECK_SAME_DTYPE(w, grad_out);
-  const int64_t w_ts = task_stride(w, 5, "w");
   TORCH_CHECK_VALUE(input_size.size() == 2, "input_size must have two values");
   const int64_t T = grad_out.size(0), O = grad_out.size(2);
-  TORCH_CHECK_VALUE(w.dim() == 4 || w.size(0) == T, "w must have T = ", T, " tasks, got ", w.sizes());
-  TORCH_CHECK_VALUE(w.size(-4) == O, "w has ", w.size(-4), " output channels, grad_out ", O);
+  const int64_t w_ts = check_weight(w, grad_out, T, O, -1, "w");
   const ConvShape s = make_shape(T, grad_out.size(1), w.size(-3), input_size[0], input_size[1], O,
                                  {w.size(-2), w.size(-1)}, stride, padding);
-  TORCH_CHECK_VALUE(s.HO == grad_out.size(3) && s.WO == grad_out.size(4), "grad_out's maps are ", grad_out.sizes(),
-              ", the geometry gives ", s.HO, "x", s.WO);
+  check_maps(s, grad_out, "grad_out");
   at::Tensor dx = at::empty({s.T, s.N, s.C, s.H, s.W}, grad_out.options());
-  if (dx.numel() == 0) return dx;
   dispatch_floating(grad_out.scalar_type(), "task_conv2d_input_grad", [&](auto tag_) {
     using T_ = decltype(tag_);
-    const T_* gp = grad_out.data_ptr<T_>();
-    const T_* wp = w.data_ptr<T_>();
-    T_* dxp = dx.data_ptr<T_>();
-    const int64_t K = s.K(), L = s.L(), nb = s.chunk(), chunks = s.chunks(), image = s.C * s.H * s.W;
-    at::parallel_for(0, s.T * chunks, 1, [&](int64_t i0, int64_t i1) {
-      auto dcols = scratch<T_>(K * nb * L);
-      auto gathered = scratch<T_>(s.O * nb * L);
-      for (int64_t item = i0; item < i1; ++item) {
-        const int64_t t = item / chunks, n0 = (item % chunks) * nb, n = std::min(nb, s.N - n0);
-        // dY_t as [O, n·L]: one example's [O, L] is grad_out's own layout.
-        const T_* g = gp + (t * s.N + n0) * s.O * L;
-        const T_* dy = g;
-        if (n > 1) {
-          for (int64_t e = 0; e < n; ++e)
-            for (int64_t o = 0; o < s.O; ++o)
-              std::copy(g + (e * s.O + o) * L, g + (e * s.O + o + 1) * L, gathered.get() + o * n * L + e * L);
-          dy = gathered.get();
-        }
-        matmul<T_>(K, n * L, s.O, wp + t * w_ts, 1, K, dy, n * L, 1, dcols.get(), n * L, false);
-        T_* d = dxp + (t * s.N + n0) * image;
-        std::fill(d, d + n * image, T_(0));
-        col2im<T_>(dcols.get(), s, n, d);
-      }
-    });
+    input_grad_into<T_>(s, grad_out.data_ptr<T_>(), w.data_ptr<T_>(), w_ts, dx.data_ptr<T_>());
   });
   return dx;
 }
@@ -422,69 +515,109 @@ at::Tensor task_conv2d_weight_grad(const at::Tensor& grad_out, const at::Tensor&
               "grad_out and x must share [T, N], got ", grad_out.sizes(), " and ", x.sizes());
   const ConvShape s = make_shape(x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), grad_out.size(2),
                                  kernel_size, stride, padding);
-  TORCH_CHECK_VALUE(s.HO == grad_out.size(3) && s.WO == grad_out.size(4), "grad_out's maps are ", grad_out.sizes(),
-              ", the geometry gives ", s.HO, "x", s.WO);
-  const int64_t K = s.K(), L = s.L(), OK = s.O * K;
+  check_maps(s, grad_out, "grad_out");
   at::Tensor dw = shared ? at::empty({s.O, s.C, s.KH, s.KW}, x.options())
                          : at::empty({s.T, s.O, s.C, s.KH, s.KW}, x.options());
-  if (dw.numel() == 0) return dw;
   dispatch_floating(x.scalar_type(), "task_conv2d_weight_grad", [&](auto tag_) {
     using T_ = decltype(tag_);
-    const T_* gp = grad_out.data_ptr<T_>();
-    const T_* xp = x.data_ptr<T_>();
-    T_* dwp = dw.data_ptr<T_>();
-    const int64_t nb = s.chunk(), chunks = s.chunks();
-    const std::vector<int32_t> table = tap_offsets(s);
-    // dW [O, K] (+)= dY [O, n·L] · colsᵀ over the items [i0, i1) (one task's chunks, or any
-    // when shared); the first item writes, the rest add.
-    auto accumulate = [&](int64_t i0, int64_t i1, T_* dw_out, T_* cols, T_* gathered) {
-      for (int64_t item = i0; item < i1; ++item) {
-        const int64_t t = item / chunks, n0 = (item % chunks) * nb, n = std::min(nb, s.N - n0);
-        im2col<T_>(xp + (t * s.N + n0) * s.C * s.H * s.W, s, table.data(), n, cols);
-        const T_* g = gp + (t * s.N + n0) * s.O * L;
-        if (L >= kPerExampleL) {  // dY_t straight from grad_out, one GEMM per example
-          for (int64_t e = 0; e < n; ++e)
-            matmul<T_>(s.O, K, L, g + e * s.O * L, L, 1, cols + e * L, 1, n * L, dw_out, K, item > i0 || e > 0);
-          continue;
-        }
-        const T_* dy = g;  // else gathered to [O, n·L] for one GEMM (one example's is grad_out's layout)
-        if (n > 1) {
-          for (int64_t e = 0; e < n; ++e)
-            for (int64_t o = 0; o < s.O; ++o)
-              std::copy(g + (e * s.O + o) * L, g + (e * s.O + o + 1) * L, gathered + o * n * L + e * L);
-          dy = gathered;
-        }
-        matmul<T_>(s.O, K, n * L, dy, n * L, 1, cols, 1, n * L, dw_out, K, item > i0);
-      }
-    };
-    if (s.N == 0 || s.T == 0) {
-      std::fill(dwp, dwp + dw.numel(), T_(0));
-    } else if (!shared) {
-      at::parallel_for(0, s.T, 1, [&](int64_t t0, int64_t t1) {
-        auto cols = scratch<T_>(K * nb * L);
-        auto gathered = scratch<T_>(s.O * nb * L);
-        for (int64_t t = t0; t < t1; ++t) accumulate(t * chunks, (t + 1) * chunks, dwp + t * OK, cols.get(), gathered.get());
-      });
-    } else {
-      // Summed over tasks: the items split into one part per thread, each part's dW
-      // accumulated on its own and the parts added in order (deterministic for a given
-      // thread count).
-      const int64_t items = s.T * chunks;
-      const int64_t parts = std::min<int64_t>(items, at::get_num_threads());
-      std::vector<T_> partial((parts - 1) * OK);
-      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-        auto cols = scratch<T_>(K * nb * L);
-        auto gathered = scratch<T_>(s.O * nb * L);
-        for (int64_t p = p0; p < p1; ++p)
-          accumulate(p * items / parts, (p + 1) * items / parts, p == 0 ? dwp : partial.data() + (p - 1) * OK,
-                     cols.get(), gathered.get());
-      });
-      for (int64_t p = 1; p < parts; ++p)
-#pragma omp simd
-        for (int64_t v = 0; v < OK; ++v) dwp[v] += partial[(p - 1) * OK + v];
-    }
+    weight_grad_into<T_>(s, grad_out.data_ptr<T_>(), x.data_ptr<T_>(), shared, dw.data_ptr<T_>());
   });
   return dw;
+}
+
+// The shape of one convolution (x [T, N, C, H, W], w [T, O, C, kh, kw] or [O, C, kh, kw],
+// grad_out [T, N, O, H', W']) for the two backward ops, checked; w's task stride in w_ts.
+ConvShape backward_shape(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                         at::IntArrayRef padding, int64_t& w_ts) {
+  FM_CHECK_INPUT(x, kCPU);
+  FM_CHECK_INPUT(grad_out, kCPU);
+  FM_CHECK_FLOATING(x);
+  FM_CHECK_SAME_DTYPE(grad_out, x);
+  FM_CHECK_DIM(x, 5);
+  FM_CHECK_DIM(grad_out, 5);
+  w_ts = check_weight(w, x, x.size(0), grad_out.size(2), x.size(2), "w");
+  const ConvShape s = make_shape(x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), w.size(-4),
+                                 {w.size(-2), w.size(-1)}, stride, padding);
+  check_maps(s, grad_out, "grad_out");
+  return s;
+}
+
+std::vector<bool> flags(const c10::List<bool>& mask, size_t count) {
+  TORCH_CHECK_VALUE(mask.size() == count, "output_mask must hold ", count, " flags, got ", mask.size());
+  std::vector<bool> out;
+  for (size_t i = 0; i < count; ++i) out.push_back(mask.get(i));
+  return out;
+}
+
+// Both gradients of task_conv2d in one op: dx (mask 0) and dw (mask 1), an unwanted one
+// returned empty and not computed. dw follows w's rank: [O, C, kh, kw] summed over tasks
+// for a 4-D w, [T, O, C, kh, kw] for a 5-D one (even at task stride 0: its gradient is per task).
+std::tuple<at::Tensor, at::Tensor> task_conv2d_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                       const at::Tensor& w, at::IntArrayRef stride,
+                                                       at::IntArrayRef padding, const c10::List<bool>& output_mask) {
+  int64_t w_ts = 0;
+  const ConvShape s = backward_shape(grad_out, x, w, stride, padding, w_ts);
+  const std::vector<bool> want = flags(output_mask, 2);
+  at::Tensor dx = want[0] ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor dw = want[1] ? at::empty(w.sizes(), x.options()) : at::empty({0}, x.options());
+  dispatch_floating(x.scalar_type(), "task_conv2d_backward", [&](auto tag_) {
+    using T_ = decltype(tag_);
+    if (want[0]) input_grad_into<T_>(s, grad_out.data_ptr<T_>(), w.data_ptr<T_>(), w_ts, dx.data_ptr<T_>());
+    if (want[1]) weight_grad_into<T_>(s, grad_out.data_ptr<T_>(), x.data_ptr<T_>(), w.dim() == 4, dw.data_ptr<T_>());
+  });
+  return {dx, dw};
+}
+
+// The backward of task_conv2d_backward, for the upstream gradients g_dx (x's shape) and
+// g_dw (w's shape), either absent:
+//   d grad_out = conv(g_dx, w) + conv(x, g_dw)   (the second GEMM accumulates into the first's output)
+//   d x        = input_grad(grad_out, g_dw)
+//   d w        = weight_grad(grad_out, g_dx)      (summed over tasks for a 4-D w)
+// each only where output_mask asks (else empty); a wanted one whose terms are all absent is zeros.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> task_conv2d_double_backward(
+    const c10::optional<at::Tensor>& g_dx, const c10::optional<at::Tensor>& g_dw, const at::Tensor& grad_out,
+    const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+    const c10::List<bool>& output_mask) {
+  int64_t w_ts = 0, g_dw_ts = 0;
+  const ConvShape s = backward_shape(grad_out, x, w, stride, padding, w_ts);
+  const std::vector<bool> want = flags(output_mask, 3);
+  if (g_dx.has_value()) {
+    FM_CHECK_INPUT(*g_dx, kCPU);
+    FM_CHECK_SAME_DTYPE(*g_dx, x);
+    TORCH_CHECK_VALUE(g_dx->sizes() == x.sizes(), "g_dx must have x's shape ", x.sizes(), ", got ", g_dx->sizes());
+  }
+  if (g_dw.has_value()) {
+    g_dw_ts = check_weight(*g_dw, x, s.T, s.O, s.C, "g_dw");
+    TORCH_CHECK_VALUE(g_dw->sizes() == w.sizes(), "g_dw must have w's shape ", w.sizes(), ", got ", g_dw->sizes());
+  }
+  const auto empty = at::empty({0}, x.options());
+  at::Tensor d_grad_out = want[0] ? at::empty(grad_out.sizes(), x.options()) : empty;
+  at::Tensor d_x = want[1] ? at::empty(x.sizes(), x.options()) : empty;
+  at::Tensor d_w = want[2] ? at::empty(w.sizes(), x.options()) : empty;
+  dispatch_floating(x.scalar_type(), "task_conv2d_double_backward", [&](auto tag_) {
+    using T_ = decltype(tag_);
+    if (want[0]) {
+      T_* out = d_grad_out.data_ptr<T_>();
+      if (g_dx.has_value())
+        forward_into<T_>(s, g_dx->data_ptr<T_>(), w.data_ptr<T_>(), w_ts, nullptr, 0, out, false);
+      if (g_dw.has_value())
+        forward_into<T_>(s, x.data_ptr<T_>(), g_dw->data_ptr<T_>(), g_dw_ts, nullptr, 0, out, g_dx.has_value());
+      if (!g_dx.has_value() && !g_dw.has_value()) std::fill(out, out + d_grad_out.numel(), T_(0));
+    }
+    if (want[1]) {
+      if (g_dw.has_value())
+        input_grad_into<T_>(s, grad_out.data_ptr<T_>(), g_dw->data_ptr<T_>(), g_dw_ts, d_x.data_ptr<T_>());
+      else
+        std::fill(d_x.data_ptr<T_>(), d_x.data_ptr<T_>() + d_x.numel(), T_(0));
+    }
+    if (want[2]) {
+      if (g_dx.has_value())
+        weight_grad_into<T_>(s, grad_out.data_ptr<T_>(), g_dx->data_ptr<T_>(), w.dim() == 4, d_w.data_ptr<T_>());
+      else
+        std::fill(d_w.data_ptr<T_>(), d_w.data_ptr<T_>() + d_w.numel(), T_(0));
+    }
+  });
+  return {d_grad_out, d_x, d_w};
 }
 
 }  // namespace
@@ -495,4 +628,6 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_conv2d", &fastmeta::cpu::task_conv2d);
   m.impl("task_conv2d_input_grad", &fastmeta::cpu::task_conv2d_input_grad);
   m.impl("task_conv2d_weight_grad", &fastmeta::cpu::task_conv2d_weight_grad);
+  m.impl("task_conv2d_backward", &fastmeta::cpu::task_conv2d_backward);
+  m.impl("task_conv2d_double_backward", &fastmeta::cpu::task_conv2d_double_backward);
 }

@@ -15,9 +15,26 @@ Returns ``[T, N, O, H', W']``.
 The reference runs per-task weights as one grouped convolution (``groups=T``), which is
 what torch.func.vmap lowers to. The backward ops close the family under differentiation:
 
-- ``task_conv2d_input_grad(grad_out, w, input_size, stride, padding)`` → ``[T, N, C, H, W]``;
-- ``task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared)`` →
-  ``[T, O, C, kh, kw]``, or ``[O, C, kh, kw]`` summed over tasks when ``shared``.
+- ``task_conv2d_backward(grad_out, x, w, stride, padding, output_mask)`` → ``(dx, dw)``:
+  both gradients of task_conv2d in one op (``output_mask`` says which are wanted; an
+  unwanted one is empty and not computed). dw follows w's rank: ``[O, C, kh, kw]`` summed
+  over tasks for a 4-D w, ``[T, O, C, kh, kw]`` for a 5-D one (task stride 0 included: an
+  expanded weight's gradient is per task, and its expand sums it);
+- ``task_conv2d_double_backward(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask)``
+  → ``(d_grad_out, d_x, d_w)``: the backward of task_conv2d_backward (below);
+- ``task_conv2d_input_grad(grad_out, w, input_size, stride, padding)`` → ``[T, N, C, H, W]``
+  and ``task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared)`` →
+  ``[T, O, C, kh, kw]``, or ``[O, C, kh, kw]`` summed over tasks when ``shared``: each
+  gradient on its own (the benchmarks and the Triton kernels' tests call them).
+
+**Why one backward op and one double backward op.** task_conv2d's backward as two ops
+(input_grad, weight_grad) made two autograd nodes, and the outer backward of second-order
+MAML then reached grad_out through both: the engine summed their two gradients of grad_out
+with an ``aten::add_`` (one dispatch per conv layer), and each node's own double backward
+was two more ops. One node whose double backward is one op computes
+d grad_out = conv(g_dx, w) + conv(x, g_dw) with the sum inside the kernel (the second
+GEMM accumulates into the first's output): W2's second-order iteration went from 141 to
+120 dispatches (tests/engine/test_dispatch_budgets.py has the counts).
 """
 
 from __future__ import annotations
@@ -26,7 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastmeta.backends import REFERENCE, kernel_choice
 from fastmeta.backends.precision import emulated_precision, product_at_precision
+from fastmeta.ops.reference_vjp import reference_vjp
 from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
 from fastmeta.ops.task_linear import is_task_shared
 
@@ -124,6 +143,56 @@ def reference_task_conv2d_weight_grad(
     return gw.view(T, O, C, *kernel_size)
 
 
+def reference_task_conv2d_backward(
+    grad_out: Tensor, x: Tensor, w: Tensor, stride: list[int], padding: list[int], output_mask: list[bool]
+) -> tuple[Tensor, Tensor]:
+    """(dx, dw): the gradients of task_conv2d(x, w) at x and w for grad_out, those
+    ``output_mask`` leaves out empty. dw is summed over tasks for a 4-D w, per task for a
+    5-D one."""
+    dx = dw = grad_out.new_empty(0)
+    if output_mask[0]:
+        dx = reference_task_conv2d_input_grad(grad_out, w, list(x.shape[3:]), stride, padding)
+    if output_mask[1]:
+        dw = reference_task_conv2d_weight_grad(grad_out, x, list(w.shape[-2:]), stride, padding, w.dim() == 4)
+    return dx, dw
+
+
+def reference_task_conv2d_double_backward(
+    g_dx: Tensor | None,
+    g_dw: Tensor | None,
+    grad_out: Tensor,
+    x: Tensor,
+    w: Tensor,
+    stride: list[int],
+    padding: list[int],
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_grad_out, d_x, d_w): the VJP of task_conv2d_backward for the upstream gradients
+    g_dx (x's shape) and g_dw (w's shape) at its outputs; None where autograd has none.
+    task_conv2d_backward is bilinear in (grad_out, x) and in (grad_out, w), so
+
+        d_grad_out = conv(g_dx, w) + conv(x, g_dw),
+        d_x = input_grad(grad_out, g_dw),    d_w = weight_grad(grad_out, g_dx)
+
+    (d_w summed over tasks for a 4-D w). Only the outputs ``output_mask`` flags are
+    computed, the others empty; a wanted one whose terms are all absent is zeros."""
+    empty = grad_out.new_empty(0)
+    d_grad_out = d_x = d_w = empty
+    if output_mask[0]:
+        d_grad_out = torch.zeros_like(grad_out)
+        if g_dx is not None:
+            d_grad_out = d_grad_out + reference_task_conv2d(g_dx, w, None, stride, padding)
+        if g_dw is not None:
+            d_grad_out = d_grad_out + reference_task_conv2d(x, g_dw, None, stride, padding)
+    if output_mask[1]:
+        d_x = (reference_task_conv2d_input_grad(grad_out, g_dw, list(x.shape[3:]), stride, padding)
+               if g_dw is not None else torch.zeros_like(x))
+    if output_mask[2]:
+        d_w = (reference_task_conv2d_weight_grad(grad_out, g_dx, list(w.shape[-2:]), stride, padding, w.dim() == 4)
+               if g_dx is not None else torch.zeros(w.shape, dtype=w.dtype, device=w.device))
+    return d_grad_out, d_x, d_w
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
@@ -183,6 +252,35 @@ def _native_weight_grad_takes(device_type, grad_out, x, kernel_size, stride, pad
     return _native_geometry(kernel_size, stride, padding, x.shape[3:], grad_out.shape[3:])
 
 
+def _native_backward_takes(device_type, grad_out, x, w, stride, padding, output_mask) -> bool:
+    if grad_out.dim() != 5 or x.dim() != 5 or grad_out.shape[:2] != x.shape[:2] or len(output_mask) != 2:
+        return False
+    if not _native_weight_takes(w, x.size(0), grad_out.size(2), x.size(2)):
+        return False
+    return _native_geometry(w.shape[-2:], stride, padding, x.shape[3:], grad_out.shape[3:])
+
+
+def _native_double_backward_takes(device_type, g_dx, g_dw, grad_out, x, w, stride, padding, output_mask) -> bool:
+    if len(output_mask) != 3 or not _native_backward_takes(device_type, grad_out, x, w, stride, padding, [0, 0]):
+        return False
+    return (g_dx is None or g_dx.shape == x.shape) and (g_dw is None or g_dw.shape == w.shape)
+
+
+def _weight_blocks(t: Tensor | None) -> Tensor | None:
+    """For the C++ backward ops, whose dw follows w's rank: like :func:`_task_blocks`, but a
+    5-D weight stays 5-D (a task stride of 0 included: the kernels read it as shared, and
+    its gradient is still per task)."""
+    if t is None:
+        return None
+    if t.dim() == 5 and t.size(0) > 0 and t.stride(0) >= 0 and t[0].is_contiguous():
+        return t
+    return t.contiguous()
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 def _ints(values) -> list[int]:
     return [int(v) for v in values]
 
@@ -221,21 +319,158 @@ def _task_conv2d_setup(ctx, inputs, output):
     ctx.save_for_backward(x, w)
 
 
+def _pair_has_kernels_where_fused_has_none(t: Tensor) -> bool:
+    """Whether the backend in use runs the reference for task_conv2d_backward on ``t``'s
+    device type and dtype but kernels for input_grad and weight_grad: the Triton kernels on
+    CUDA until the GPU check records the fused ops as verified there (``auto`` takes only
+    verified kernels). There the pair runs, as before the fused ops: the reference would be
+    the grouped cuDNN convolution the Triton kernels replace (kernels/task_conv2d.py)."""
+    device_type = t.device.type
+    return (kernel_choice("task_conv2d_backward", device_type, t.dtype)[0] == REFERENCE
+            and kernel_choice("task_conv2d_input_grad", device_type, t.dtype)[0] != REFERENCE
+            and kernel_choice("task_conv2d_weight_grad", device_type, t.dtype)[0] != REFERENCE)
+
+
 def _task_conv2d_backward(ctx, grad_y):
     x, w = ctx.saved_tensors
     d_x = d_w = d_b = None
-    if ctx.needs_input_grad[0]:
-        d_x = task_conv2d_input_grad(grad_y, w, list(x.shape[3:]), ctx.stride, ctx.padding)
-    if ctx.needs_input_grad[1]:
-        d_w = task_conv2d_weight_grad(
-            grad_y, x, list(w.shape[-2:]), ctx.stride, ctx.padding, w.dim() == 4
-        )
+    mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+    if any(mask) and _pair_has_kernels_where_fused_has_none(x):
+        if mask[0]:
+            d_x = task_conv2d_input_grad(grad_y, w, list(x.shape[3:]), ctx.stride, ctx.padding)
+        if mask[1]:
+            d_w = task_conv2d_weight_grad(grad_y, x, list(w.shape[-2:]), ctx.stride, ctx.padding, w.dim() == 4)
+    elif any(mask):  # one op, one node: see the module docstring
+        d_x, d_w = task_conv2d_backward(grad_y, x, w, ctx.stride, ctx.padding, mask)
+        d_x, d_w = (d_x if mask[0] else None), (d_w if mask[1] else None)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         d_b = grad_y.sum((0, 1, 3, 4)) if ctx.bias_shared else grad_y.sum((1, 3, 4))
     return d_x, d_w, d_b, None, None
 
 
 task_conv2d.register_autograd(_task_conv2d_backward, setup_context=_task_conv2d_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# task_conv2d_backward and its backward, task_conv2d_double_backward
+# ---------------------------------------------------------------------------------------
+
+
+def _check_backward(grad_out, x, w, stride, padding, output_mask) -> None:
+    """Shapes the reference would not refuse (it would return gradients of the wrong
+    shape): refused here, naming the argument, before any backend sees them."""
+    if x.dim() != 5 or grad_out.dim() != 5 or w.dim() not in (4, 5):
+        raise ValueError(f"task_conv2d_backward: x and grad_out must be 5-D and w 4-D or 5-D, got x "
+                         f"{tuple(x.shape)}, grad_out {tuple(grad_out.shape)}, w {tuple(w.shape)}")
+    if w.size(-3) != x.size(2) or (w.dim() == 5 and w.size(0) != x.size(0)):
+        raise ValueError(f"task_conv2d_backward: w {tuple(w.shape)} does not match x {tuple(x.shape)} "
+                         "(tasks and input channels)")
+    if tuple(grad_out.shape[:3]) != (x.size(0), x.size(1), w.size(-4)):
+        raise ValueError(f"task_conv2d_backward: grad_out {tuple(grad_out.shape)} must be [T, N, O] = "
+                         f"{(x.size(0), x.size(1), w.size(-4))} and the output maps")
+    if len(output_mask) != 2:
+        raise ValueError(f"task_conv2d_backward: output_mask holds two flags (dx, dw), got {output_mask}")
+
+
+def _check_double_backward(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask) -> None:
+    _check_backward(grad_out, x, w, stride, padding, [True, True])
+    if g_dx is not None and g_dx.shape != x.shape:
+        raise ValueError(f"task_conv2d_double_backward: g_dx must have x's shape {tuple(x.shape)}, "
+                         f"got {tuple(g_dx.shape)}")
+    if g_dw is not None and g_dw.shape != w.shape:
+        raise ValueError(f"task_conv2d_double_backward: g_dw must have w's shape {tuple(w.shape)}, "
+                         f"got {tuple(g_dw.shape)}")
+    if len(output_mask) != 3:
+        raise ValueError("task_conv2d_double_backward: output_mask holds three flags (d_grad_out, d_x, d_w), "
+                         f"got {output_mask}")
+
+
+task_conv2d_backward = define_op(reference_task_conv2d_backward, check=_check_backward, native=NativeCall(
+    takes=_native_backward_takes,
+    args=lambda grad_out, x, w, stride, padding, output_mask: (
+        grad_out.contiguous(), x.contiguous(), _weight_blocks(w), _ints(stride), _ints(padding),
+        [bool(m) for m in output_mask]),
+))
+
+
+@task_conv2d_backward.register_fake
+def _(grad_out, x, w, stride, padding, output_mask):
+    return (x.new_empty(x.shape if output_mask[0] else (0,)), x.new_empty(w.shape if output_mask[1] else (0,)))
+
+
+def _conv_backward_setup(ctx, inputs, output):
+    grad_out, x, w, stride, padding, output_mask = inputs
+    ctx.stride, ctx.padding, ctx.output_mask = stride, padding, list(output_mask)
+    # An output nothing reads (the empty dx of a first layer, whose input needs no
+    # gradient) reaches the backward as None, not as zeros made by an aten op.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad_out, x, w)
+
+
+def _upstream(g: Tensor | None, computed: bool) -> Tensor | None:
+    """An upstream gradient that carries something: not None, and of an output that was
+    computed (an empty output's gradient, materialised by autograd, is empty too)."""
+    return g if computed and g is not None and g.numel() > 0 else None
+
+
+def _conv_backward_backward(ctx, g_dx, g_dw):
+    """One node for both gradients of task_conv2d: its backward is one op, whose
+    d grad_out sums the two terms in the kernel (with two nodes, autograd's engine summed
+    their gradients of grad_out with an aten add, one more dispatch)."""
+    grad_out, x, w = ctx.saved_tensors
+    g_dx, g_dw = _upstream(g_dx, ctx.output_mask[0]), _upstream(g_dw, ctx.output_mask[1])
+    needs = ctx.needs_input_grad
+    mask = [bool(needs[0]) and (g_dx is not None or g_dw is not None),
+            bool(needs[1]) and g_dw is not None,
+            bool(needs[2]) and g_dx is not None]
+    if not any(mask):
+        return None, None, None, None, None, None
+    d_grad_out, d_x, d_w = task_conv2d_double_backward(g_dx, g_dw, grad_out, x, w, ctx.stride, ctx.padding, mask)
+    return (d_grad_out if mask[0] else None, d_x if mask[1] else None, d_w if mask[2] else None,
+            None, None, None)
+
+
+task_conv2d_backward.register_autograd(_conv_backward_backward, setup_context=_conv_backward_setup)
+
+
+task_conv2d_double_backward = define_op(reference_task_conv2d_double_backward, check=_check_double_backward,
+                                        native=NativeCall(
+    takes=_native_double_backward_takes,
+    args=lambda g_dx, g_dw, grad_out, x, w, stride, padding, output_mask: (
+        _contiguous(g_dx), _weight_blocks(g_dw), grad_out.contiguous(), x.contiguous(), _weight_blocks(w),
+        _ints(stride), _ints(padding), [bool(m) for m in output_mask]),
+))
+
+
+@task_conv2d_double_backward.register_fake
+def _(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask):
+    shapes = (grad_out.shape, x.shape, w.shape)
+    return tuple(x.new_empty(shape if wanted else (0,)) for shape, wanted in zip(shapes, output_mask))
+
+
+def _conv_double_backward_setup(ctx, inputs, output):
+    g_dx, g_dw, grad_out, x, w, stride, padding, output_mask = inputs
+    ctx.stride, ctx.padding, ctx.output_mask = stride, padding, list(output_mask)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(g_dx, g_dw, grad_out, x, w)
+
+
+def _conv_double_backward_backward(ctx, *upstream):
+    """Third order (and gradgradcheck of task_conv2d_backward): the exact VJP of the
+    reference (fastmeta/ops/reference_vjp.py)."""
+    g_dx, g_dw, grad_out, x, w = ctx.saved_tensors
+    grads = reference_vjp(
+        lambda *inputs: reference_task_conv2d_double_backward(*inputs, ctx.stride, ctx.padding, ctx.output_mask),
+        (g_dx, g_dw, grad_out, x, w),
+        ctx.needs_input_grad[:5],
+        [u if wanted else None for u, wanted in zip(upstream, ctx.output_mask)],
+    )
+    return (*grads, None, None, None)
+
+
+task_conv2d_double_backward.register_autograd(
+    _conv_double_backward_backward, setup_context=_conv_double_backward_setup
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,6 +580,9 @@ def _samples():
         "task_conv2d": lambda: (x5, w5, None, [1, 1], [1, 1]),
         "task_conv2d_input_grad": lambda: (g5, w5, [5, 5], [1, 1], [1, 1]),
         "task_conv2d_weight_grad": lambda: (g5, x5, [3, 3], [1, 1], [1, 1], False),
+        "task_conv2d_backward": lambda: (g5, x5, w5, [1, 1], [1, 1], [True, True]),
+        "task_conv2d_double_backward": lambda: (x5, r(T, O, C, 3, 3), g5, x5, w5, [1, 1], [1, 1],
+                                                [True, True, True]),
     }
 
 

@@ -372,6 +372,7 @@ class _LaunchRecorder(TorchDispatchMode):
         self.log = log
         self.ops: list[str] = []  # the fastmeta ops being run, innermost last
         self.call: tuple[str, tuple] | None = None  # the Triton launcher running: (kernel, args)
+        self.call_launches = 0  # the conv launches it has made so far
         self.paused = 0
         self.made: dict[int, Launch] = {}  # storage address → the aten launch that wrote it last
         self.phase: str | None = None  # set by record_captured_step
@@ -431,7 +432,7 @@ class _LaunchRecorder(TorchDispatchMode):
         def run(*args):
             if self.paused:
                 return spec.reference(*args)
-            self.call = (spec.name, args)
+            self.call, self.call_launches = (spec.name, args), 0
             try:
                 out = launcher(*args)
             finally:
@@ -484,10 +485,14 @@ class _LaunchRecorder(TorchDispatchMode):
         self.add(Launch("triton", name, grid=grid, tiles=tiles, gemm=gemm, issued_macs=issued, useful_macs=useful))
 
     def _conv_macs(self, grid, kwargs) -> tuple[int, int]:
-        from fastmeta.kernels.task_conv2d import conv_launch_plan
+        from fastmeta.kernels.task_conv2d import conv_launch_plans
 
+        # A launcher may make several conv launches (task_conv2d_backward and its double
+        # backward compose the three): this one is the call's next.
         kernel, args = self.call
-        plan = conv_launch_plan(kernel, *args)
+        plans = conv_launch_plans(kernel, *args)
+        index, self.call_launches = self.call_launches, self.call_launches + 1
+        plan = plans[index] if plans is not None and index < len(plans) else None
         tiles = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
         if plan is None or plan.grid != grid or any(plan.config[k] != v for k, v in tiles.items()):
             raise RuntimeError(f"{kernel} launched grid {grid} with {tiles}, its plan says "

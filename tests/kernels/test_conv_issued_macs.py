@@ -28,7 +28,9 @@ from fastmeta.backends.table import TABLE
 from fastmeta.tools.workloads import WORKLOADS
 from helpers import GridLog
 
-CONV_KERNELS = ("task_conv2d", "task_conv2d_input_grad", "task_conv2d_weight_grad")
+# The conv launchers, and the two that compose them (task_conv2d's backward and double backward).
+CONV_KERNELS = ("task_conv2d", "task_conv2d_input_grad", "task_conv2d_weight_grad", "task_conv2d_backward",
+                "task_conv2d_double_backward")
 
 
 @contextmanager
@@ -36,7 +38,7 @@ def recorded_conv_launches(config_for=None):
     """The triton backend's table with each conv kernel replaced by a recorder (plan the
     launch with ``config_for``, default gpu_conv_config; keep it; return the reference's
     value) and every other kernel declining."""
-    from fastmeta.kernels.task_conv2d import conv_launch_plan, gpu_conv_config
+    from fastmeta.kernels.task_conv2d import conv_launch_plans, gpu_conv_config
 
     config_for = config_for or gpu_conv_config
     backend = get_backend("triton")
@@ -48,10 +50,10 @@ def recorded_conv_launches(config_for=None):
 
     def recorder(name):
         def run(*args):
-            launch = conv_launch_plan(name, *args, config_for=config_for)
-            if launch is None:
+            planned = conv_launch_plans(name, *args, config_for=config_for)
+            if planned is None:
                 return NotImplemented
-            launches.append(launch)
+            launches.extend(planned)
             return TABLE[name].reference(*args)
 
         return run

@@ -10,12 +10,16 @@ import fastmeta as fm
 from fastmeta import ops
 from fastmeta.ops.task_conv2d import (
     reference_task_conv2d,
+    reference_task_conv2d_backward,
+    reference_task_conv2d_double_backward,
     reference_task_conv2d_input_grad,
     reference_task_conv2d_weight_grad,
 )
-from harness import backend_params, check_kernel, check_op, direct, to, workload_params
+from harness import assert_fresh, backend_params, check_kernel, check_op, direct, require, to, workload_params
 
-KERNELS = ["task_conv2d", "task_conv2d_input_grad", "task_conv2d_weight_grad"]
+# What task_conv2d's outputs, first and second order run: its backward is one op
+# (task_conv2d_backward), whose backward is one op (task_conv2d_double_backward).
+KERNELS = ["task_conv2d", "task_conv2d_backward", "task_conv2d_double_backward"]
 TRITON = backend_params("triton")
 ALL = backend_params("triton", "cpu")
 
@@ -103,6 +107,19 @@ GRAD_CASES = [
      lambda: (r(2, 3, 3, 3, 3), r(2, 3, 2, 5, 5), [3, 3], [2, 2], [1, 1], False)),
     ("weight_grad-shared", ops.task_conv2d_weight_grad,
      lambda: (r(2, 3, 3, 3, 3), r(2, 3, 2, 5, 5), [3, 3], [2, 2], [1, 1], True)),
+    # grad_out, x, w: the backward is bilinear, so its double backward is checked here too
+    ("backward", ops.task_conv2d_backward,
+     lambda: (r(2, 2, 3, 3, 3), r(2, 2, 2, 5, 5), r(2, 3, 2, 3, 3), [2, 2], [1, 1], [True, True])),
+    ("backward-shared-s1-p0", ops.task_conv2d_backward,
+     lambda: (r(2, 2, 3, 3, 3), r(2, 2, 2, 5, 5), r(3, 2, 3, 3), [1, 1], [0, 0], [True, True])),
+    ("backward-dw-only", ops.task_conv2d_backward,
+     lambda: (r(2, 2, 3, 3, 3), r(2, 2, 2, 5, 5), r(2, 3, 2, 3, 3), [2, 2], [1, 1], [False, True])),
+    ("double_backward", ops.task_conv2d_double_backward,
+     lambda: (r(2, 2, 2, 5, 5), r(2, 3, 2, 3, 3), r(2, 2, 3, 3, 3), r(2, 2, 2, 5, 5), r(2, 3, 2, 3, 3), [2, 2],
+              [1, 1], [True, True, True])),
+    ("double_backward-shared-no-g_dx", ops.task_conv2d_double_backward,
+     lambda: (None, r(3, 2, 3, 3), r(2, 2, 3, 5, 5), r(2, 2, 2, 5, 5), r(3, 2, 3, 3), [1, 1], [1, 1],
+              [True, True, False])),
 ]
 
 
@@ -392,3 +409,162 @@ def test_split_k_is_deterministic(backend, device):
                                ("task_conv2d_input_grad", (gy, w, [H, W], stride, padding))]:
                 first, second = direct(backend, name, *args), direct(backend, name, *args)
                 assert torch.equal(first, second), (label, name, plans[name].config)
+
+
+# ---------------------------------------------------------------------------------------
+# task_conv2d_backward and task_conv2d_double_backward: every kernel against its reference
+# (the C++ kernels in float32 and float64, the Triton ones in float32), every weight layout,
+# stride 1 and 2, padding 0 and 1, every output mask and absent upstream
+# ---------------------------------------------------------------------------------------
+
+FUSED_GEOMETRIES = [
+    # label, (T, N, C, H, W), O, stride, padding, weight
+    ("s1-p1-per_task", (2, 3, 3, 6, 5), 4, [1, 1], [1, 1], "per_task"),
+    ("s2-p1-shared", (3, 2, 2, 7, 7), 3, [2, 2], [1, 1], "shared"),
+    ("s2-p0-buffer_view", (2, 2, 3, 7, 6), 4, [2, 2], [0, 0], "buffer_view"),
+    ("s1-p0-expanded", (2, 2, 2, 5, 5), 3, [1, 1], [0, 0], "expanded"),
+    ("one-example", (2, 1, 2, 6, 6), 3, [2, 2], [1, 1], "per_task"),  # the C++ GEMM accumulating in place
+]
+BACKWARD_MASKS = [[True, True], [False, True], [True, False]]
+DOUBLE_MASKS = [[True, True, True], [True, False, False], [False, True, True]]
+
+
+def fused_args(shape, O, stride, padding, weight_kind, device, dtype=torch.float32):
+    (T, N, C, H, W) = shape
+    g = torch.Generator().manual_seed(11)
+    x, w = geometry_args(shape, (O, 3, 3), stride, padding, weight_kind, "cpu")[:2]
+    HO, WO = (H + 2 * padding[0] - 3) // stride[0] + 1, (W + 2 * padding[1] - 3) // stride[1] + 1
+    grad_out = torch.randn(T, N, O, HO, WO, generator=g)
+    g_dx, g_dw = torch.randn(x.shape, generator=g), torch.randn(w.shape, generator=g)
+    x, w, grad_out, g_dx, g_dw = in_dtype([x, w, grad_out, g_dx, g_dw], dtype)
+    return to([x, w, grad_out, g_dx, g_dw], device) if device != "cpu" else [x, w, grad_out, g_dx, g_dw]
+
+
+def assert_norm_close(got, want, rtol, label):
+    """Norm-wise relative error: ‖got − want‖ ≤ rtol·‖want‖ (an empty output must be empty,
+    zeros exact)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (label, got.shape, want.shape, got.dtype)
+    if want.numel() == 0:
+        return
+    error = (got - want).norm().item()
+    assert error <= rtol * want.norm().item(), f"{label}: relative error {error / max(want.norm().item(), 1e-300)}"
+
+
+def check_fused(backend, device, dtype, rtol, label, shape, O, stride, padding, weight_kind):
+    from fastmeta.backends import get_backend
+
+    require(backend)
+    x, w, grad_out, g_dx, g_dw = fused_args(shape, O, stride, padding, weight_kind, device, dtype)
+    backward = get_backend(backend).kernel("task_conv2d_backward")
+    double_backward = get_backend(backend).kernel("task_conv2d_double_backward")
+    for mask in BACKWARD_MASKS:
+        args = (grad_out, x, w, stride, padding, mask)
+        got = backward(*args)
+        assert got is not NotImplemented, f"{backend} task_conv2d_backward declined {label} {mask}"
+        assert_fresh(got, args)
+        for i, (a, e) in enumerate(zip(got, reference_task_conv2d_backward(*args))):
+            assert (a.numel() == 0) == (not mask[i]), (label, mask, i, a.shape)
+            assert_norm_close(a, e, rtol, f"backward {label} {mask} output {i}")
+    for upstream in [(g_dx, g_dw), (None, g_dw), (g_dx, None)]:
+        for mask in DOUBLE_MASKS:
+            args = (*upstream, grad_out, x, w, stride, padding, mask)
+            got = double_backward(*args)
+            assert got is not NotImplemented, f"{backend} task_conv2d_double_backward declined {label} {mask}"
+            assert_fresh(got, [a for a in args if isinstance(a, torch.Tensor)])
+            for i, (a, e) in enumerate(zip(got, reference_task_conv2d_double_backward(*args))):
+                assert (a.numel() == 0) == (not mask[i]), (label, mask, i, a.shape)
+                if mask[i] and e.abs().max() == 0:  # its upstream is absent: exact zeros
+                    assert a.abs().max() == 0, (label, mask, i)
+                else:
+                    assert_norm_close(a, e, rtol, f"double backward {label} {mask} output {i} "
+                                                  f"(g_dx {upstream[0] is not None}, g_dw {upstream[1] is not None})")
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["float32", "float64"])
+@pytest.mark.parametrize("label,shape,O,stride,padding,weight_kind", FUSED_GEOMETRIES,
+                         ids=[c[0] for c in FUSED_GEOMETRIES])
+def test_cpu_backward_and_double_backward_equal_the_reference(dtype, rtol, label, shape, O, stride, padding,
+                                                              weight_kind):
+    check_fused("cpu", "cpu", dtype, rtol, label, shape, O, stride, padding, weight_kind)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("label,shape,O,stride,padding,weight_kind", FUSED_GEOMETRIES[:4],
+                         ids=[c[0] for c in FUSED_GEOMETRIES[:4]])
+def test_triton_backward_and_double_backward_equal_the_reference(backend, device, label, shape, O, stride, padding,
+                                                                 weight_kind):
+    check_fused(backend, device, torch.float32, 1e-5, label, shape, O, stride, padding, weight_kind)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_double_backward_accumulates_through_a_split_launch(backend, device):
+    """d grad_out's second convolution adds the first's result in its first K range's
+    epilogue: planned for 8 SMs, both forward launches split K, and the sum still matches."""
+    from fastmeta.kernels.task_conv2d import conv_launch_plan
+    from fastmeta.kernels.tiles import planned_for_sm_count
+
+    require(backend)
+    shape, O, stride, padding = (2, 2, 64, 8, 8), 64, [2, 2], [1, 1]
+    x, w, grad_out, g_dx, g_dw = fused_args(shape, O, stride, padding, "per_task", device)
+    with planned_for_sm_count(SPLIT_SMS):
+        assert conv_launch_plan("task_conv2d", x, w, None, stride, padding).split_k > 1
+        args = (g_dx, g_dw, grad_out, x, w, stride, padding, [True, False, False])
+        got = direct(backend, "task_conv2d_double_backward", *args)
+    assert_norm_close(got[0], reference_task_conv2d_double_backward(*args)[0], 1e-5, "split d_grad_out")
+
+
+def test_cpu_fused_kernels_decline_what_they_do_not_compute():
+    from fastmeta.backends import get_backend
+
+    cpu = get_backend("cpu")
+    x, w, gy = torch.randn(2, 3, 3, 5, 5), torch.randn(2, 4, 3, 3, 3), torch.randn(2, 3, 4, 5, 5)
+    backward, double_backward = cpu.kernel("task_conv2d_backward"), cpu.kernel("task_conv2d_double_backward")
+    assert backward(gy, x, w, [1, 1], [1, 1], [True, True]) is not NotImplemented
+    assert backward(gy, x, w, [2, 2], [1, 1], [True, True]) is NotImplemented  # grad_out's maps: the geometry
+    assert backward(gy, x, w[:, :, :2], [1, 1], [1, 1], [True, True]) is NotImplemented  # channels
+    assert backward(gy, x, w, [0, 1], [1, 1], [True, True]) is NotImplemented  # stride 0
+    assert backward(gy, x, w, [1, 1], [1, 1], [True]) is NotImplemented  # the mask's length
+    assert double_backward(x, w, gy, x, w, [1, 1], [1, 1], [True, True, True]) is not NotImplemented
+    assert double_backward(x, w[0], gy, x, w, [1, 1], [1, 1], [True, True, True]) is NotImplemented  # g_dw's shape
+    assert double_backward(x[:, :2], w, gy, x, w, [1, 1], [1, 1], [True, True, True]) is NotImplemented
+    assert double_backward(x, w, gy, x, w, [1, 1], [1, 1], [True, True]) is NotImplemented
+    # The public ops refuse the shapes the reference would not (naming the argument).
+    with fm.use_backend("cpu"), pytest.raises(ValueError, match="w .* does not match x"):
+        ops.task_conv2d_backward(gy, x, w[:, :, :2], [1, 1], [1, 1], [True, True])
+    with fm.use_backend("cpu"), pytest.raises(ValueError, match="g_dw must have w's shape"):
+        ops.task_conv2d_double_backward(x, w[0], gy, x, w, [1, 1], [1, 1], [True, True, True])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_one_backward_node_per_conv(backend):
+    """task_conv2d's backward is one op and one node (no input_grad / weight_grad pair,
+    whose two gradients of grad_out autograd's engine summed with an aten add); its
+    backward is one op: second order runs each once per conv, and the double backward's
+    d grad_out is the two convolutions' sum."""
+    from harness import kernel_log
+
+    x = torch.randn(2, 3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    with fm.use_backend(backend):
+        y = ops.task_conv2d(x, w, None, [2, 2], [1, 1])
+        gx, gw = torch.autograd.grad(y.square().sum(), (x, w), create_graph=True)
+        assert type(gx.grad_fn) is type(gw.grad_fn) and "task_conv2d_backward" in type(gx.grad_fn).__name__
+        (gx.sum() + gw.square().sum()).backward()
+    with fm.use_backend("torch"):
+        xr, wr = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        y = reference_task_conv2d(xr, wr, None, [2, 2], [1, 1])
+        gxr, gwr = torch.autograd.grad(y.square().sum(), (xr, wr), create_graph=True)
+        (gxr.sum() + gwr.square().sum()).backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(w.grad, wr.grad)
+    if backend == "cpu":
+        with kernel_log("cpu") as (ran, declined):
+            with fm.use_backend("cpu"):
+                y = ops.task_conv2d(x, w, None, [2, 2], [1, 1])
+                gx, gw = torch.autograd.grad(y.square().sum(), (x, w), create_graph=True)
+                (gx.sum() + gw.square().sum()).backward()
+        # The first-order gradient's backward, and again where the outer backward reaches
+        # y's own gradient (2y); one double backward for both upstreams (g_dx, g_dw).
+        assert ran["task_conv2d_backward"] == 2 and ran["task_conv2d_double_backward"] == 1, dict(ran)
+        assert not ran["task_conv2d_input_grad"] and not ran["task_conv2d_weight_grad"], dict(ran)
+        assert not declined, dict(declined)
