@@ -312,6 +312,12 @@ def _host_task_loss_grad(pred, target, kind):
     return _elementwise("task_loss_grad_kernel", work) if pred.numel() else []
 
 
+def _host_task_loss_grad_backward(upstream, pred, target, kind):
+    T, N = pred.shape[:2]
+    work = T * N if kind == "cross_entropy" else pred.numel()
+    return _elementwise("task_loss_grad_backward_kernel", work) if pred.numel() else []
+
+
 def _host_inner_step(theta, grad, lr, mask, precond, segments):
     return _elementwise("inner_step_kernel", grad.numel())
 
@@ -336,6 +342,7 @@ HOST_LAUNCHES: dict[str, Callable[..., list[Launch]]] = {
     "task_linear_weight_grad": _host_task_linear_weight_grad,
     "task_loss": _host_task_loss,
     "task_loss_grad": _host_task_loss_grad,
+    "task_loss_grad_backward": _host_task_loss_grad_backward,
     "inner_step": _host_inner_step,
     "inner_step_backward": _host_inner_step_backward,
 }

@@ -26,7 +26,7 @@ from fastmeta.ops.task_linear import (
     reference_task_linear_input_grad,
     reference_task_linear_weight_grad,
 )
-from fastmeta.ops.task_loss import reference_task_loss, reference_task_loss_grad
+from fastmeta.ops.task_loss import reference_task_loss, reference_task_loss_grad, reference_task_loss_grad_backward
 from helpers import CASES, IDS, build_or_skip, make_problem
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -175,3 +175,7 @@ def test_emulated_cuda_task_loss_and_grad(lib, kind):
     grad = torch.empty(T, N, C)
     lib.run_loss(ptr(pred), ptr(target), code, L(T), L(N), L(classes), L(N * C), ptr(grad), 1)
     assert rel(grad, reference_task_loss_grad(pred, target, kind)) <= 1e-6
+    upstream = torch.randn(T, N, C, generator=g)
+    d_pred = torch.empty(T, N, C)
+    lib.run_loss_grad_backward(ptr(upstream), ptr(pred), code, L(T), L(N), L(classes), L(N * C), ptr(d_pred))
+    assert rel(d_pred, reference_task_loss_grad_backward(upstream, pred, target, kind)) <= 1e-6

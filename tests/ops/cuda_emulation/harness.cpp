@@ -44,3 +44,7 @@ extern "C" void run_loss(const float* pred, const void* target, int kind, long T
   if (grad) launch_task_loss_grad(pred, target, kind, T, N, C, M, out, nullptr);
   else launch_task_loss(pred, target, kind, T, N, C, M, out, nullptr);
 }
+extern "C" void run_loss_grad_backward(const float* upstream, const float* pred, int kind, long T, long N, long C,
+                                       long M, float* out) {
+  launch_task_loss_grad_backward(upstream, pred, kind, T, N, C, M, out, nullptr);
+}
