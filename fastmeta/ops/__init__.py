@@ -14,7 +14,13 @@ from fastmeta.ops.mlp_meta_step_update import mlp_meta_step_update
 from fastmeta.ops.task_batch_norm import task_batch_norm, task_batch_norm_backward
 from fastmeta.ops.task_conv2d import task_conv2d, task_conv2d_input_grad, task_conv2d_weight_grad
 from fastmeta.ops.task_layer_norm import task_layer_norm, task_layer_norm_backward
-from fastmeta.ops.task_linear import task_linear, task_linear_input_grad, task_linear_weight_grad
+from fastmeta.ops.task_linear import (
+    task_linear,
+    task_linear_backward,
+    task_linear_double_backward,
+    task_linear_input_grad,
+    task_linear_weight_grad,
+)
 from fastmeta.ops.task_loss import LOSS_KINDS, task_loss, task_loss_grad, task_loss_grad_backward
 
 __all__ = [
@@ -37,6 +43,8 @@ __all__ = [
     "task_layer_norm",
     "task_layer_norm_backward",
     "task_linear",
+    "task_linear_backward",
+    "task_linear_double_backward",
     "task_linear_input_grad",
     "task_linear_weight_grad",
     "task_loss",
