@@ -287,8 +287,11 @@ def _linear_backward_backward(ctx, g_dx, g_dw):
     # A gradient of an output the mask left out (empty) carries nothing.
     g_dx = g_dx if g_dx is not None and ctx.output_mask[0] else None
     g_dw = g_dw if g_dw is not None and ctx.output_mask[1] else None
-    wants = list(ctx.needs_input_grad[:3])
-    if (g_dx is None and g_dw is None) or not any(wants):
+    # d_x comes only from g_dw and d_w only from g_dx: without its upstream a gradient is
+    # zero, returned as None (autograd's zero) rather than computed as a filled tensor.
+    wants = [ctx.needs_input_grad[0] and (g_dx is not None or g_dw is not None),
+             ctx.needs_input_grad[1] and g_dw is not None, ctx.needs_input_grad[2] and g_dx is not None]
+    if not any(wants):
         return None, None, None, None
     d_grad_out, d_x, d_w = task_linear_double_backward(g_dx, g_dw, grad_out, x, w, wants)
     return d_grad_out if wants[0] else None, d_x if wants[1] else None, d_w if wants[2] else None, None
