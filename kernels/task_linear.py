@@ -61,7 +61,7 @@ def task_matmul_kernel(
     bias_batch_stride, bias_n_stride,
     c_split_stride, c_batch_stride, c_m_stride, c_n_stride,
     negative_slope,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -97,7 +97,10 @@ def task_matmul_kernel(
     acc = apply_activation(acc, negative_slope, ACT)
     c_ptrs = (c_ptr + split.to(tl.int64) * c_split_stride + batch * c_batch_stride
               + offs_m.to(tl.int64)[:, None] * c_m_stride + offs_n[None, :] * c_n_stride)
-    tl.store(c_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    c_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if ACCUMULATE:  # C += A·B (no split, bias or activation: the launcher sees to it)
+        acc += tl.load(c_ptrs, mask=c_ok, other=0.0)
+    tl.store(c_ptrs, acc, mask=c_ok)
 
 
 def matmul_config(batch: int, M: int, N: int, K: int, *, kernel: str = "linear_forward", sm_count: int | None = None,
@@ -161,8 +164,10 @@ def matmul_launch(kernel: str, batch: int, M: int, N: int, K: int, can_split: bo
 
 def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_strides,
                        bias=None, bias_strides=(0, 0), act_code=0, negative_slope=0.0, config=None,
-                       input_precision="ieee", kernel="forward"):
-    """C[batch] = act(A[batch] @ B[batch] + bias) into ``out`` (its strides given).
+                       input_precision="ieee", kernel="forward", accumulate=False):
+    """C[batch] = act(A[batch] @ B[batch] + bias) into ``out`` (its strides given), or
+    C[batch] += A[batch] @ B[batch] where ``accumulate`` (no bias, no activation; one K
+    range: partial tiles would each add the old C).
 
     Strides are (batch, m, k) for A, (batch, k, n) for B, (batch, m, n) for C. config: a
     plan's (:func:`matmul_launch`; planned here for ``kernel`` when not given). With
@@ -171,7 +176,10 @@ def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_stri
     """
     cfg = config or matmul_launch(kernel, batch, M, N, K, act_code == 0,
                                   sm_count=device_sm_count(out.device)).config
-    split_k, k_per_split = normalized_split(K, cfg["BLOCK_K"], cfg["SPLIT_K"] if act_code == 0 else 1)
+    if accumulate and (bias is not None or act_code != 0):
+        raise ValueError("an accumulating GEMM takes no bias and no activation")
+    split_k, k_per_split = normalized_split(K, cfg["BLOCK_K"], cfg["SPLIT_K"] if act_code == 0 and not accumulate
+                                            else 1)
     target, target_strides, split_stride = out, out_strides, 0
     if split_k > 1:
         target = torch.empty((split_k, batch, M, N), dtype=torch.float32, device=out.device)
@@ -184,7 +192,7 @@ def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_stri
         *a_strides, *b_strides, *bias_strides,
         split_stride, *target_strides,
         float(negative_slope),
-        HAS_BIAS=bias is not None, ACT=act_code,
+        HAS_BIAS=bias is not None, ACT=act_code, ACCUMULATE=accumulate,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         INPUT_PRECISION=input_precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -287,11 +295,15 @@ def linear_launch_plan(kernel: str, *args, config_for=None, sm_count: int | None
 
 
 def _run(launch, gemm, out_shape, device, bias=None, bias_strides=(0, 0), act_code=0, negative_slope=0.0,
-         input_precision="ieee"):
-    out = torch.empty(out_shape, dtype=torch.float32, device=device)
+         input_precision="ieee", out=None):
+    """The planned launch into a new output, or accumulated into ``out`` where given."""
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(out_shape, dtype=torch.float32, device=device)
     a, a_strides, b, b_strides, batch, M, N, K, out_strides = gemm
     return launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_strides, bias, bias_strides,
-                              act_code, negative_slope, config=launch.config, input_precision=input_precision)
+                              act_code, negative_slope, config=launch.config, input_precision=input_precision,
+                              accumulate=accumulate)
 
 
 def task_linear(x, w, b, act, negative_slope, input_precision="ieee"):
@@ -316,3 +328,70 @@ def task_linear_weight_grad(grad_out, x, shared, input_precision="ieee"):
         return NotImplemented
     launch, gemm, out_shape = call
     return _run(launch, gemm(), out_shape, x.device, input_precision=input_precision)
+
+
+# ---------------------------------------------------------------------------------------
+# task_linear_backward and task_linear_double_backward: the launchers above, one op each
+# ---------------------------------------------------------------------------------------
+
+
+def _empty(like):
+    return like.new_empty((0,))
+
+
+def task_linear_backward(grad_out, x, w, output_mask, input_precision="ieee"):
+    """(grad_out @ w, grad_outᵀ @ x): the input- and weight-gradient launches; an output the
+    mask leaves out is empty. The weight's rank says whether dw is summed over tasks."""
+    input_call = _linear_input_grad_call(grad_out, w) if output_mask[0] else None
+    weight_call = _linear_weight_grad_call(grad_out, x, w.dim() == 2) if output_mask[1] else None
+    if (output_mask[0] and input_call is None) or (output_mask[1] and weight_call is None):
+        return NotImplemented
+    d_x = _empty(grad_out)
+    if input_call is not None:
+        launch, gemm, out_shape = input_call
+        d_x = _run(launch, gemm, out_shape, grad_out.device, input_precision=input_precision)
+    d_w = _empty(grad_out)
+    if weight_call is not None:
+        launch, gemm, out_shape = weight_call
+        d_w = _run(launch, gemm(), out_shape, grad_out.device, input_precision=input_precision)
+    return d_x, d_w
+
+
+def task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask, input_precision="ieee"):
+    """d_grad_out = g_dx @ w + x @ g_dwᵀ (the second launch accumulates into the first's
+    output), d_x = grad_out @ g_dw, d_w = grad_outᵀ @ g_dx; a term without its upstream
+    is zero (a fill), an output the mask leaves out is empty."""
+    if not all_float32_on_one_device(g_dx, g_dw, grad_out, x, w):
+        return NotImplemented
+    products = []
+    if output_mask[0]:
+        products = [_linear_call(a, b, None, "none", 0.0) for a, b in ((g_dx, w), (x, g_dw)) if a is not None and b is not None]
+        if any(p is None for p in products):
+            return NotImplemented
+    input_call = _linear_input_grad_call(grad_out, g_dw) if output_mask[1] and g_dw is not None else None
+    weight_call = (_linear_weight_grad_call(grad_out, g_dx, w.dim() == 2) if output_mask[2] and g_dx is not None
+                   else None)
+    if ((output_mask[1] and g_dw is not None and input_call is None)
+            or (output_mask[2] and g_dx is not None and weight_call is None)):
+        return NotImplemented
+    d_grad_out = d_x = d_w = _empty(grad_out)
+    if output_mask[0]:
+        d_grad_out = None
+        for launch, gemm, out_shape, _ in products:
+            d_grad_out = _run(launch, gemm, out_shape, grad_out.device, input_precision=input_precision,
+                              out=d_grad_out)
+        if d_grad_out is None:
+            d_grad_out = torch.zeros_like(grad_out)
+    if output_mask[1]:
+        if input_call is not None:
+            launch, gemm, out_shape = input_call
+            d_x = _run(launch, gemm, out_shape, grad_out.device, input_precision=input_precision)
+        else:
+            d_x = torch.zeros_like(x)
+    if output_mask[2]:
+        if weight_call is not None:
+            launch, gemm, out_shape = weight_call
+            d_w = _run(launch, gemm(), out_shape, grad_out.device, input_precision=input_precision)
+        else:
+            d_w = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+    return d_grad_out, d_x, d_w

@@ -1,4 +1,5 @@
-"""Triton kernels for ``task_loss`` and ``task_loss_grad`` (fastmeta/ops/task_loss.py).
+"""Triton kernels for ``task_loss``, ``task_loss_grad`` and ``task_loss_grad_backward``
+(fastmeta/ops/task_loss.py).
 
 One kernel per loss kind computes the per-task loss and, in the same pass over pred, its
 gradient; constexpr flags say which of the two to write, so the op layer's two ops
@@ -13,6 +14,10 @@ cross-entropy, ``cross_entropy_kernel``
 MSE, ``mse_kernel``
     grid  (T,): a program walks the task's N·D values; loss = mean (p − y)², grad =
           (p − y) · 2/(N·D).
+task_loss_grad_backward (the VJP of the gradient w.r.t. pred), one launch:
+    cross-entropy ``cross_entropy_grad_backward_kernel``, grid (T,), tiles as
+          cross_entropy_kernel: d = p ⊙ (u − Σ_k p_k u_k) / N, p = softmax(pred);
+    MSE ``mse_grad_backward_kernel``, grid (T,): d = u · 2/(N·D). The target is not read.
 bound  memory/latency: W1–W4 losses are at most 16 × 20 × 20 values; the point is one
        launch for all tasks instead of a reduction kernel per task or a second pass.
 
@@ -88,6 +93,37 @@ def mse_kernel(pred_ptr, target_ptr, loss_ptr, grad_ptr, count, grad_scale,
         tl.store(loss_ptr + t, tl.sum(acc, axis=0) / count)
 
 
+@triton.jit
+def cross_entropy_grad_backward_kernel(upstream_ptr, pred_ptr, out_ptr, N, K,
+                                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        ok = row_ok[:, None] & col_ok[None, :]
+        offs = (t * N + rows)[:, None] * K + cols[None, :]
+        logits = tl.load(pred_ptr + offs, mask=ok, other=-float("inf"))
+        u = tl.load(upstream_ptr + offs, mask=ok, other=0.0)
+        row_max = tl.where(row_ok, tl.max(logits, axis=1), 0.0)  # keep masked rows finite
+        e = tl.where(ok, tl.exp(logits - row_max[:, None]), 0.0)
+        total = tl.where(row_ok, tl.sum(e, axis=1), 1.0)  # masked rows: no 0/0
+        p = e / total[:, None]
+        pu = tl.sum(p * u, axis=1)
+        tl.store(out_ptr + offs, p * (u - pu[:, None]) / N, mask=ok)
+
+
+@triton.jit
+def mse_grad_backward_kernel(upstream_ptr, out_ptr, count, grad_scale, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    for start in range(0, count, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        ok = j < count
+        offs = t * count + j
+        tl.store(out_ptr + offs, tl.load(upstream_ptr + offs, mask=ok, other=0.0) * grad_scale, mask=ok)
+
+
 def loss_config(rows: int, row_size: int) -> dict:
     """Tile keyed on the per-task shape: all K classes of a row, and enough rows for
     ~2048 values per step (W3: 20 rows × 32 classes → one step per task). The interpreter
@@ -148,3 +184,30 @@ def task_loss(pred, target, kind):
 
 def task_loss_grad(pred, target, kind):
     return _launch(pred, target, kind, write_loss=False, write_grad=True)
+
+
+def task_loss_grad_backward(upstream, pred, target, kind):
+    if not all_float32_on_one_device(upstream, pred) or pred.dim() < 2 or upstream.shape != pred.shape:
+        return NotImplemented
+    if target.device != pred.device or pred.numel() == 0:
+        return NotImplemented
+    T, N = pred.shape[:2]
+    out = torch.empty(pred.shape, dtype=torch.float32, device=pred.device)
+    pred, upstream = pred.contiguous(), upstream.contiguous()
+    if kind == "cross_entropy":
+        if pred.dim() != 3 or target.shape != (T, N) or pred.size(2) > MAX_CLASSES:
+            return NotImplemented
+        K = pred.size(2)
+        cfg = loss_config(N, K)
+        cross_entropy_grad_backward_kernel[(T,)](upstream, pred, out, N, K, BLOCK_N=cfg["BLOCK_N"],
+                                                 BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+    elif kind == "mse":
+        if target.shape != pred.shape:
+            return NotImplemented
+        count = pred[0].numel()
+        cfg = mse_config(count)
+        mse_grad_backward_kernel[(T,)](upstream, out, count, 2.0 / count, BLOCK=cfg["BLOCK"],
+                                       num_warps=cfg["num_warps"])
+    else:
+        return NotImplemented
+    return out

@@ -80,14 +80,14 @@ inline void blas_gemm(char transa, char transb, int64_t m, int64_t n, int64_t k,
     dgemm_(&transa, &transb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
 }
 
-// The same GEMM for each of `batch` problems, operand i at a + i·stride_a (strides in
+// The same GEMM (+ C if accumulate) for each of `batch` problems, operand i at a + i·stride_a (strides in
 // elements; 0 for an operand shared by all), through MKL's batch call where it exists (one
 // call: ~2 µs less than a call per problem at W2's head), else one BLAS call per problem,
 // spread over the OpenMP threads.
 template <typename T>
 inline void blas_gemm_batched(char transa, char transb, int64_t batch, int64_t m, int64_t n, int64_t k, const T* a,
                               int64_t stride_a, int64_t lda, const T* b, int64_t stride_b, int64_t ldb, T* c,
-                              int64_t stride_c, int64_t ldc) {
+                              int64_t stride_c, int64_t ldc, bool accumulate = false) {
   constexpr bool is_float = sizeof(T) == 4;
   const bool batched = is_float ? sgemm_batch_ != nullptr : dgemm_batch_ != nullptr;
   if (batched && batch <= std::numeric_limits<int>::max()) {
@@ -101,7 +101,7 @@ inline void blas_gemm_batched(char transa, char transb, int64_t batch, int64_t m
     const int m_ = static_cast<int>(m), n_ = static_cast<int>(n), k_ = static_cast<int>(k);
     const int lda_ = static_cast<int>(lda), ldb_ = static_cast<int>(ldb), ldc_ = static_cast<int>(ldc);
     const int groups = 1, size = static_cast<int>(batch);
-    const T alpha = T(1), beta = T(0);
+    const T alpha = T(1), beta = accumulate ? T(1) : T(0);
     if constexpr (is_float)
       sgemm_batch_(&transa, &transb, &m_, &n_, &k_, &alpha, as.data(), &lda_, bs.data(), &ldb_, &beta, cs.data(),
                    &ldc_, &groups, &size);
@@ -113,7 +113,7 @@ inline void blas_gemm_batched(char transa, char transb, int64_t batch, int64_t m
   at::parallel_for(0, batch, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       blas_gemm<T>(transa, transb, m, n, k, a + i * stride_a, lda, b + i * stride_b, ldb, c + i * stride_c, ldc,
-                   false);
+                   accumulate);
   });
 }
 

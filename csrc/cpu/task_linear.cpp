@@ -1,5 +1,5 @@
-// CPU kernels of the task_linear family: y = act(x·wᵀ + b) per task, and its input- and
-// weight-gradients. Two GEMM routes, chosen per call by the multiply-adds of one task's
+// CPU kernels of the task_linear family: y = act(x·wᵀ + b) per task, its input- and
+// weight-gradients (apart and as one op), and their double backward. Two GEMM routes, chosen per call by the multiply-adds of one task's
 // GEMM (blas.h, use_blas):
 // - above the tiny-matrix size, BLAS (no dispatch): MKL's batch call for per-task weights
 //   (else one sgemm_/dgemm_ per task, tasks spread over the OpenMP threads), one GEMM for
@@ -11,8 +11,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "../common.h"
@@ -53,8 +56,7 @@ void check_weight(const at::Tensor& w, const at::Tensor& x, int64_t T, const cha
               " must be contiguous within each task, got strides ", w.strides());
 }
 
-at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
-                       c10::string_view act_name, double negative_slope) {
+void check_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
   FM_CHECK_INPUT(x, kCPU);
   FM_CHECK_FLOATING(x);
   FM_CHECK_DIM(x, 3);
@@ -73,11 +75,20 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
     TORCH_CHECK_VALUE(b_shared ? b->is_contiguous() : task_blocks_contiguous(*b),
                 "b must be contiguous within each task, got strides ", b->strides());
   }
+}
+
+// y = act(x·wᵀ + b) into y ([T, N, O], contiguous), or y += x·wᵀ where accumulate (no
+// bias, no activation: the double backward's d grad_out, two products summed in place).
+void linear_into(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, Act act,
+                 double negative_slope, at::Tensor& y, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(!accumulate || (!b.has_value() && act == Act::None));
+  const int64_t T = x.size(0), N = x.size(1), I = x.size(2);
+  const bool w_shared = w.dim() == 2;
+  const int64_t O = w.size(-2);
+  const bool b_shared = !b.has_value() || b->dim() == 1;
   const int64_t ws = w_shared ? 0 : task_stride(w);
   const int64_t bs = b.has_value() && !b_shared ? task_stride(*b) : 0;
-  const Act act = parse_act(std::string(act_name.data(), act_name.size()));
-  at::Tensor y = at::empty({T, N, O}, x.options());
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) return;
   dispatch_floating(x.scalar_type(), "task_linear", [&](auto tag_) {
     using scalar_t = decltype(tag_);
     using T_ = scalar_t;
@@ -102,14 +113,14 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
     };
     // Row-major y[t] = x[t]·w[t]ᵀ is column-major y[t]ᵀ (O×N) = w[t]ᵀ'·x[t]ᵀ: ('T', 'N').
     if (w_shared && use_blas<T_>(O, T * N, I, kBlasMinMacsForward)) {
-      blas_gemm<T_>('T', 'N', O, T * N, I, wp, I, xp, I, yp, O, false);
+      blas_gemm<T_>('T', 'N', O, T * N, I, wp, I, xp, I, yp, O, accumulate);
       at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) epilogue(t, 0, N);
       });
       return;
     }
     if (!w_shared && use_blas<T_>(O, N, I, kBlasMinMacsForward)) {
-      blas_gemm_batched<T_>('T', 'N', T, O, N, I, wp, ws, I, xp, N * I, I, yp, N * O, O);
+      blas_gemm_batched<T_>('T', 'N', T, O, N, I, wp, ws, I, xp, N * I, I, yp, N * O, O, accumulate);
       at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) epilogue(t, 0, N);
       });
@@ -129,11 +140,19 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
         const int64_t t = j / blocks, n0 = (j % blocks) * kRowBlock;
         const int64_t rows = std::min(kRowBlock, N - n0);
         gemm<T_>(rows, O, I, xp + (t * N + n0) * I, I, 1, wt.data() + (w_shared ? 0 : t * I * O), O,
-                 yp + (t * N + n0) * O, O, false);
+                 yp + (t * N + n0) * O, O, accumulate);
         epilogue(t, n0, rows);
       }
     });
   });
+}
+
+at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                       c10::string_view act_name, double negative_slope) {
+  check_linear(x, w, b);
+  const Act act = parse_act(std::string(act_name.data(), act_name.size()));
+  at::Tensor y = at::empty({x.size(0), x.size(1), w.size(-2)}, x.options());
+  linear_into(x, w, b, act, negative_slope, y, false);
   return y;
 }
 
@@ -225,6 +244,54 @@ at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor&
   return out;
 }
 
+bool mask_at(const c10::List<bool>& mask, size_t i) { return mask.size() > i && mask.get(i); }
+
+// (grad_out·w, grad_outᵀ·x): task_linear's input and weight gradients in one op; an output
+// the mask leaves out is empty (numel 0) and not computed. A 2-D w is shared: its gradient
+// is summed over tasks.
+std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                        const at::Tensor& w, const c10::List<bool>& output_mask) {
+  at::Tensor d_x = mask_at(output_mask, 0) ? task_linear_input_grad(grad_out, w) : at::empty({0}, grad_out.options());
+  at::Tensor d_w = mask_at(output_mask, 1) ? task_linear_weight_grad(grad_out, x, w.dim() == 2)
+                                           : at::empty({0}, grad_out.options());
+  return {d_x, d_w};
+}
+
+// task_linear_backward's VJP for upstreams g_dx and g_dw (either absent): d_grad_out =
+// g_dx·w + x·g_dwᵀ (the second GEMM accumulates into the first's output), d_x = grad_out·g_dw,
+// d_w = grad_outᵀ·g_dx (summed over tasks for a 2-D w). A term without its upstream is zero.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_double_backward(
+    const c10::optional<at::Tensor>& g_dx, const c10::optional<at::Tensor>& g_dw, const at::Tensor& grad_out,
+    const at::Tensor& x, const at::Tensor& w, const c10::List<bool>& output_mask) {
+  FM_CHECK_INPUT(grad_out, kCPU);
+  FM_CHECK_DIM(grad_out, 3);
+  check_linear(x, w, c10::nullopt);
+  TORCH_CHECK_VALUE(grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1) && grad_out.size(2) == w.size(-2),
+                    "grad_out must be [", x.size(0), ", ", x.size(1), ", ", w.size(-2), "], got ", grad_out.sizes());
+  const auto empty = [&] { return at::empty({0}, grad_out.options()); };
+  at::Tensor d_grad_out = empty(), d_x = empty(), d_w = empty();
+  if (mask_at(output_mask, 0)) {
+    d_grad_out = at::empty(grad_out.sizes(), grad_out.options());
+    if (g_dx.has_value()) {
+      check_linear(*g_dx, w, c10::nullopt);
+      TORCH_CHECK_VALUE(g_dx->sizes() == x.sizes(), "g_dx must be ", x.sizes(), ", got ", g_dx->sizes());
+      linear_into(*g_dx, w, c10::nullopt, Act::None, 0.0, d_grad_out, false);
+    }
+    if (g_dw.has_value()) {
+      check_linear(x, *g_dw, c10::nullopt);
+      TORCH_CHECK_VALUE(g_dw->dim() == w.dim() && g_dw->size(-2) == w.size(-2), "g_dw must be shaped as w ",
+                        w.sizes(), ", got ", g_dw->sizes());
+      linear_into(x, *g_dw, c10::nullopt, Act::None, 0.0, d_grad_out, g_dx.has_value());
+    }
+    if (!g_dx.has_value() && !g_dw.has_value()) d_grad_out.zero_();
+  }
+  if (mask_at(output_mask, 1))
+    d_x = g_dw.has_value() ? task_linear_input_grad(grad_out, *g_dw) : at::zeros_like(x);
+  if (mask_at(output_mask, 2))
+    d_w = g_dx.has_value() ? task_linear_weight_grad(grad_out, *g_dx, w.dim() == 2) : at::zeros(w.sizes(), w.options());
+  return {d_grad_out, d_x, d_w};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -233,4 +300,6 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_linear", &fastmeta::cpu::task_linear);
   m.impl("task_linear_input_grad", &fastmeta::cpu::task_linear_input_grad);
   m.impl("task_linear_weight_grad", &fastmeta::cpu::task_linear_weight_grad);
+  m.impl("task_linear_backward", &fastmeta::cpu::task_linear_backward);
+  m.impl("task_linear_double_backward", &fastmeta::cpu::task_linear_double_backward);
 }

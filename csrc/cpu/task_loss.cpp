@@ -1,4 +1,5 @@
-// CPU kernels of task_loss and task_loss_grad: one pass over [T, N, K], parallel over tasks.
+// CPU kernels of task_loss, task_loss_grad and task_loss_grad_backward: one pass over
+// [T, N, K], parallel over tasks.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -112,6 +113,64 @@ at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10:
   return out;
 }
 
+// The VJP of task_loss_grad w.r.t. pred: cross-entropy p ⊙ (u − Σ_k p_k u_k) / N per row,
+// p = softmax(pred); MSE u · 2 / (N·D). Neither reads the target (it was checked by the
+// forward that saved it; its shape is checked here).
+at::Tensor task_loss_grad_backward(const at::Tensor& upstream, const at::Tensor& pred, const at::Tensor& target,
+                                   c10::string_view kind_name) {
+  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
+  FM_CHECK_INPUT(upstream, kCPU);
+  FM_CHECK_INPUT(pred, kCPU);
+  FM_CHECK_INPUT(target, kCPU);
+  FM_CHECK_FLOATING(pred);
+  FM_CHECK_SAME_DTYPE(upstream, pred);
+  TORCH_CHECK_VALUE(pred.dim() >= 2 && pred.size(0) > 0, "pred must be [T, N, ...], got ", pred.sizes());
+  TORCH_CHECK_VALUE(upstream.sizes() == pred.sizes(), "upstream must be ", pred.sizes(), ", got ", upstream.sizes());
+  if (kind == LossKind::CrossEntropy) {
+    FM_CHECK_DIM(pred, 3);
+    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == pred.size(0) && target.size(1) == pred.size(1),
+                      "cross-entropy target must be [T, N] = [", pred.size(0), ", ", pred.size(1), "], got ",
+                      target.sizes());
+  } else {
+    TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), "MSE target must be ", pred.sizes(), ", got ", target.sizes());
+  }
+  const int64_t T = pred.size(0), N = pred.size(1);
+  const int64_t M = pred.numel() / T;
+  at::Tensor out = at::empty_like(pred);
+  if (out.numel() == 0) return out;
+  dispatch_floating(pred.scalar_type(), "task_loss_grad_backward", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* z = pred.data_ptr<scalar_t>();
+    const scalar_t* u = upstream.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t t0, int64_t t1) {
+      if (kind == LossKind::CrossEntropy) {
+        const int64_t C = pred.size(2);
+        const scalar_t inv_n = scalar_t(1) / scalar_t(N);
+        for (int64_t row = t0 * N; row < t1 * N; ++row) {
+          const scalar_t* zr = z + row * C;
+          const scalar_t* ur = u + row * C;
+          scalar_t* orow = o + row * C;
+          const scalar_t lse = log_sum_exp<scalar_t>(zr, C);
+          scalar_t pu = 0;  // Σ_k p_k u_k, with p_k kept in orow
+#pragma omp simd reduction(+ : pu)
+          for (int64_t c = 0; c < C; ++c) {
+            orow[c] = std::exp(zr[c] - lse);
+            pu += orow[c] * ur[c];
+          }
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) orow[c] = orow[c] * (ur[c] - pu) * inv_n;
+        }
+      } else {
+        const scalar_t scale = scalar_t(2) / scalar_t(M);
+#pragma omp simd
+        for (int64_t i = t0 * M; i < t1 * M; ++i) o[i] = u[i] * scale;
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -119,4 +178,5 @@ at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10:
 TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_loss", &fastmeta::cpu::task_loss);
   m.impl("task_loss_grad", &fastmeta::cpu::task_loss_grad);
+  m.impl("task_loss_grad_backward", &fastmeta::cpu::task_loss_grad_backward);
 }

@@ -11,7 +11,9 @@ namespace cuda {
 namespace {
 
 // ---------------------------------------------------------------------------------------
-// Batched GEMM for the task_linear family: C[b] = A[b]·B[b] (+ bias, activation), with A
+// Batched GEMM for the task_linear family: C[b] = A[b]·B[b] (+ bias, activation), or
+// C[b] += A[b]·B[b] where accumulate (no bias, no activation: the double backward's sum of
+// two products), with A
 // and B read through strides, so that x·wᵀ, grad·w and gradᵀ·x need no transposed copies
 // and a shared weight is a batch stride of 0. 32×32 output tiles, 8 K-slices staged in
 // shared memory, 256 threads × 4 outputs each. fp32 FMA throughout (no TF32).
@@ -20,7 +22,8 @@ namespace {
 constexpr int kTile = 32, kSlice = 8;
 
 __global__ void batched_gemm_kernel(int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* __restrict C,
-                                    const float* __restrict bias, int64_t bias_b, int act, float slope) {
+                                    const float* __restrict bias, int64_t bias_b, int act, float slope,
+                                    bool accumulate) {
   __shared__ float As[kSlice][kTile + 1];
   __shared__ float Bs[kSlice][kTile + 1];
   const int64_t batch = blockIdx.z;
@@ -55,16 +58,18 @@ __global__ void batched_gemm_kernel(int64_t M, int64_t N, int64_t K, Strided A, 
     if (m >= M) continue;
     float v = acc[i];
     if (bias) v += bias[batch * bias_b + n];
-    C[(batch * M + m) * N + n] = act_fwd(v, act, slope);
+    float* c = C + (batch * M + m) * N + n;
+    *c = accumulate ? *c + v : act_fwd(v, act, slope);
   }
 }
 
 }  // namespace
 
 void launch_batched_gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* C,
-                         const float* bias, int64_t bias_b, int act, float slope, cudaStream_t stream) {
+                         const float* bias, int64_t bias_b, int act, float slope, bool accumulate,
+                         cudaStream_t stream) {
   const dim3 grid((N + kTile - 1) / kTile, (M + kTile - 1) / kTile, batches);
-  batched_gemm_kernel<<<grid, 256, 0, stream>>>(M, N, K, A, B, C, bias, bias_b, act, slope);
+  batched_gemm_kernel<<<grid, 256, 0, stream>>>(M, N, K, A, B, C, bias, bias_b, act, slope, accumulate);
 }
 
 }  // namespace cuda

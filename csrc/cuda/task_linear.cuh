@@ -9,14 +9,16 @@
 namespace fastmeta {
 namespace cuda {
 
-// C[b] = act(A[b]·B[b] + bias[b]) for every batch b.
+// C[b] = act(A[b]·B[b] + bias[b]) for every batch b; C[b] += A[b]·B[b] where accumulate
+// (bias null, act none).
 struct Strided {
   const float* p;
   int64_t b, r, c;  // batch, row, column strides
 };
 
 void launch_batched_gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* C,
-                         const float* bias, int64_t bias_b, int act, float slope, cudaStream_t stream);
+                         const float* bias, int64_t bias_b, int act, float slope, bool accumulate,
+                         cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastmeta

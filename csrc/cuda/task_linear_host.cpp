@@ -23,10 +23,10 @@ namespace {
 // ---------------------------------------------------------------------------------------
 
 void gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* C, const float* bias,
-          int64_t bias_b, int act, float slope) {
+          int64_t bias_b, int act, float slope, bool accumulate = false) {
   TORCH_CHECK_NOT_IMPLEMENTED(batches <= 65535, "at most 65535 tasks per launch (grid z), got ", batches);
   TORCH_CHECK_NOT_IMPLEMENTED((M + 31) / 32 <= 65535, "at most 65535·32 rows per task, got ", M);
-  launch_batched_gemm(batches, M, N, K, A, B, C, bias, bias_b, act, slope, stream());
+  launch_batched_gemm(batches, M, N, K, A, B, C, bias, bias_b, act, slope, accumulate, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -95,6 +95,99 @@ at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor&
   return out;
 }
 
+// ---------------------------------------------------------------------------------------
+// task_linear_backward and task_linear_double_backward: the GEMMs above, a weight read at
+// its task stride (0 for θ.expand: its rank, not its stride, says whether dw is summed)
+// ---------------------------------------------------------------------------------------
+
+// A weight's batch stride: 0 for a 2-D (shared) one, else its task stride; within a task,
+// contiguous.
+int64_t weight_batch_stride(const at::Tensor& w, int64_t T, const char* name) {
+  FM_CHECK_CUDA_F32(w);
+  TORCH_CHECK_VALUE(w.dim() == 2 || (w.dim() == 3 && w.size(0) == T), name, " must be [T, O, I] or [O, I]");
+  TORCH_CHECK_VALUE(w.stride(-1) == 1 && (w.size(-2) <= 1 || w.stride(-2) == w.size(-1)), name,
+                    " must be contiguous within each task");
+  return w.dim() == 2 ? 0 : w.stride(0);
+}
+
+// out (+)= a·bᵀ: a [T, N, I] contiguous, b a weight [T, O, I] / [O, I] at batch stride bs.
+void linear_gemm(const at::Tensor& a, const at::Tensor& b, int64_t bs, at::Tensor& out, bool accumulate) {
+  const int64_t T = a.size(0), N = a.size(1), I = a.size(2), O = b.size(-2);
+  gemm(T, N, O, I, Strided{a.data_ptr<float>(), N * I, I, 1}, Strided{b.data_ptr<float>(), bs, 1, I},
+       out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f, accumulate);
+}
+
+// out = g·w: g [T, N, O] contiguous, w [T, O, I] / [O, I] at batch stride ws.
+void input_grad_gemm(const at::Tensor& g, const at::Tensor& w, int64_t ws, at::Tensor& out) {
+  const int64_t T = g.size(0), N = g.size(1), O = g.size(2), I = w.size(-1);
+  gemm(T, N, I, O, Strided{g.data_ptr<float>(), N * O, O, 1}, Strided{w.data_ptr<float>(), ws, I, 1},
+       out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f);
+}
+
+bool mask_at(const c10::List<bool>& mask, size_t i) { return mask.size() > i && mask.get(i); }
+
+std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                        const at::Tensor& w, const c10::List<bool>& output_mask) {
+  FM_CHECK_CUDA_F32(grad_out);
+  FM_CHECK_DIM(grad_out, 3);
+  const int64_t T = grad_out.size(0), N = grad_out.size(1), O = grad_out.size(2);
+  const int64_t ws = weight_batch_stride(w, T, "w");
+  TORCH_CHECK_VALUE(w.size(-2) == O, "w must have ", O, " output features");
+  c10::cuda::CUDAGuard guard(grad_out.device());
+  at::Tensor d_x = at::empty({0}, grad_out.options());
+  if (mask_at(output_mask, 0)) {
+    d_x = at::empty({T, N, w.size(-1)}, grad_out.options());
+    if (d_x.numel()) input_grad_gemm(grad_out, w, ws, d_x);
+  }
+  at::Tensor d_w = mask_at(output_mask, 1) ? task_linear_weight_grad(grad_out, x, w.dim() == 2)
+                                           : at::empty({0}, grad_out.options());
+  return {d_x, d_w};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_double_backward(
+    const c10::optional<at::Tensor>& g_dx, const c10::optional<at::Tensor>& g_dw, const at::Tensor& grad_out,
+    const at::Tensor& x, const at::Tensor& w, const c10::List<bool>& output_mask) {
+  FM_CHECK_CUDA_F32(grad_out);
+  FM_CHECK_DIM(grad_out, 3);
+  FM_CHECK_CUDA_F32(x);
+  FM_CHECK_DIM(x, 3);
+  const int64_t T = x.size(0), N = x.size(1), I = x.size(2), O = grad_out.size(2);
+  TORCH_CHECK_VALUE(grad_out.size(0) == T && grad_out.size(1) == N, "grad_out must be [T, N, O] like x");
+  const int64_t ws = weight_batch_stride(w, T, "w");
+  TORCH_CHECK_VALUE(w.size(-2) == O && w.size(-1) == I, "w must be [.., ", O, ", ", I, "]");
+  int64_t gws = 0;
+  if (g_dw.has_value()) {
+    gws = weight_batch_stride(*g_dw, T, "g_dw");
+    TORCH_CHECK_VALUE(g_dw->dim() == w.dim() && g_dw->size(-2) == O && g_dw->size(-1) == I, "g_dw must be shaped as w");
+  }
+  if (g_dx.has_value()) {
+    FM_CHECK_CUDA_F32(*g_dx);
+    TORCH_CHECK_VALUE(g_dx->sizes() == x.sizes(), "g_dx must be shaped as x");
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor d_grad_out = empty(), d_x = empty(), d_w = empty();
+  if (mask_at(output_mask, 0)) {
+    d_grad_out = at::empty({T, N, O}, x.options());
+    if (d_grad_out.numel()) {
+      if (g_dx.has_value()) linear_gemm(*g_dx, w, ws, d_grad_out, false);
+      if (g_dw.has_value()) linear_gemm(x, *g_dw, gws, d_grad_out, g_dx.has_value());
+      if (!g_dx.has_value() && !g_dw.has_value()) d_grad_out.zero_();
+    }
+  }
+  if (mask_at(output_mask, 1)) {
+    if (g_dw.has_value()) {
+      d_x = at::empty({T, N, I}, x.options());
+      if (d_x.numel()) input_grad_gemm(grad_out, *g_dw, gws, d_x);
+    } else {
+      d_x = at::zeros({T, N, I}, x.options());
+    }
+  }
+  if (mask_at(output_mask, 2))
+    d_w = g_dx.has_value() ? task_linear_weight_grad(grad_out, *g_dx, w.dim() == 2) : at::zeros(w.sizes(), w.options());
+  return {d_grad_out, d_x, d_w};
+}
+
 }  // namespace
 
 }  // namespace cuda
@@ -104,4 +197,6 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CUDA, m) {
   m.impl("task_linear", &fastmeta::cuda::task_linear);
   m.impl("task_linear_input_grad", &fastmeta::cuda::task_linear_input_grad);
   m.impl("task_linear_weight_grad", &fastmeta::cuda::task_linear_weight_grad);
+  m.impl("task_linear_backward", &fastmeta::cuda::task_linear_backward);
+  m.impl("task_linear_double_backward", &fastmeta::cuda::task_linear_double_backward);
 }

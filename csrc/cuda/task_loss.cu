@@ -1,4 +1,4 @@
-// CUDA kernels of task_loss and task_loss_grad (float32).
+// CUDA kernels of task_loss, task_loss_grad and task_loss_grad_backward (float32).
 #include <cmath>
 #include <cstdint>
 
@@ -66,6 +66,31 @@ __global__ void task_loss_grad_kernel(const float* __restrict pred, const void* 
   }
 }
 
+// task_loss_grad_backward: the VJP of task_loss_grad w.r.t. pred. One thread per row for
+// cross-entropy (p ⊙ (u − Σ_k p_k u_k) / N, two passes over the row's C values), one per
+// value for MSE (u · 2 / M). The target is not read.
+__global__ void task_loss_grad_backward_kernel(const float* __restrict upstream, const float* __restrict pred,
+                                               int kind, int64_t T, int64_t N, int64_t C, int64_t M,
+                                               float* __restrict out) {
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  if (kind == kCrossEntropy) {
+    const float inv = 1.f / static_cast<float>(N);
+    for (int64_t row = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; row < T * N; row += stride) {
+      const float* z = pred + row * C;
+      const float* u = upstream + row * C;
+      float* o = out + row * C;
+      const float lse = log_sum_exp(z, C);
+      float pu = 0.f;
+      for (int64_t c = 0; c < C; ++c) pu += expf(z[c] - lse) * u[c];
+      for (int64_t c = 0; c < C; ++c) o[c] = expf(z[c] - lse) * (u[c] - pu) * inv;
+    }
+  } else {
+    const float scale = 2.f / static_cast<float>(M);
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < T * M; i += stride)
+      out[i] = upstream[i] * scale;
+  }
+}
+
 }  // namespace
 
 void launch_task_loss(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C, int64_t M,
@@ -77,6 +102,12 @@ void launch_task_loss_grad(const float* pred, const void* target, int kind, int6
                            int64_t M, float* out, cudaStream_t stream) {
   const int64_t work = kind == kCrossEntropy ? T * N : T * M;
   task_loss_grad_kernel<<<blocks_for(work, 256), 256, 0, stream>>>(pred, target, kind, T, N, C, M, out);
+}
+
+void launch_task_loss_grad_backward(const float* upstream, const float* pred, int kind, int64_t T, int64_t N,
+                                    int64_t C, int64_t M, float* out, cudaStream_t stream) {
+  const int64_t work = kind == kCrossEntropy ? T * N : T * M;
+  task_loss_grad_backward_kernel<<<blocks_for(work, 256), 256, 0, stream>>>(upstream, pred, kind, T, N, C, M, out);
 }
 
 }  // namespace cuda

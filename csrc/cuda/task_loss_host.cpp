@@ -1,4 +1,4 @@
-// Host side of task_loss and task_loss_grad on CUDA.
+// Host side of task_loss, task_loss_grad and task_loss_grad_backward on CUDA.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -68,6 +68,23 @@ at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10:
   return out;
 }
 
+at::Tensor task_loss_grad_backward(const at::Tensor& upstream, const at::Tensor& pred, const at::Tensor& target,
+                                   c10::string_view kind_name) {
+  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
+  check_loss(pred, target, kind);
+  FM_CHECK_CUDA_F32(upstream);
+  TORCH_CHECK_VALUE(upstream.sizes() == pred.sizes(), "upstream must be ", pred.sizes(), ", got ", upstream.sizes());
+  c10::cuda::CUDAGuard guard(pred.device());
+  const int64_t T = pred.size(0), N = pred.size(1), M = pred.numel() / T;
+  const int64_t C = kind == LossKind::CrossEntropy ? pred.size(2) : 1;
+  at::Tensor out = at::empty_like(pred);
+  if (out.numel() == 0) return out;
+  launch_task_loss_grad_backward(upstream.data_ptr<float>(), pred.data_ptr<float>(), static_cast<int>(kind), T, N,
+                                 C, M, out.data_ptr<float>(), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 }  // namespace cuda
@@ -76,4 +93,5 @@ at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10:
 TORCH_LIBRARY_IMPL(fastmeta_ext, CUDA, m) {
   m.impl("task_loss", &fastmeta::cuda::task_loss);
   m.impl("task_loss_grad", &fastmeta::cuda::task_loss_grad);
+  m.impl("task_loss_grad_backward", &fastmeta::cuda::task_loss_grad_backward);
 }

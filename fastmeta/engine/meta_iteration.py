@@ -31,7 +31,7 @@ from fastmeta.engine.program import plain_mlp_structure, trace
 from fastmeta.engine.task_weights import Layout, TaskWeights, cached_one
 from fastmeta.engine.types import MetaBatchOutput
 from fastmeta.engine.whole_step import FusedMLPStep
-from fastmeta.ops import LOSS_KINDS, inner_step, task_loss
+from fastmeta.ops import LOSS_KINDS, inner_step, task_loss, task_loss_grad
 from fastmeta.ops.mlp_meta_step import choose_fused_kernel, mlp_meta_step_mean
 from fastmeta.ops.mlp_meta_step_update import mlp_meta_step_update
 
@@ -252,6 +252,29 @@ class MetaIteration:
         target = loss_targets(kind, target, list(pred.shape), pred.dtype, which, plan.validate and check_range)
         return task_loss(pred, target, kind)
 
+    def support_losses(self, plan: AdaptationPlan, pred: Tensor, target: Tensor,
+                       check_range: bool) -> tuple[Tensor | None, Tensor | None]:
+        """(losses ``[T]`` or None, d Σ_t losses[t] / d pred or None) for an inner step.
+
+        With a built-in loss the gradient at pred is ``task_loss_grad`` itself (an op with its
+        own backward, so second order runs through it), and the inner step differentiates
+        pred with it: the loss op's backward would compute the same gradient times the
+        upstream ones, one ``mul`` more, and the outer backward one ``mul`` more for that
+        (W4: 10 dispatches). The losses are then needed only for the NaN/Inf check: computed
+        without a graph under ``plan.validate``, not at all otherwise. A user's loss
+        callable: its losses, differentiated as they are (gradient None)."""
+        kind = self.loss_kind(plan.loss, target)
+        if kind is None:
+            return self.task_losses(plan, pred, target, "support", check_range), None
+        if kind == "cross_entropy" and pred.dim() != 3:
+            raise ValueError(f"cross-entropy needs model outputs [T, N, classes], got {list(pred.shape)}")
+        target = loss_targets(kind, target, list(pred.shape), pred.dtype, "support", plan.validate and check_range)
+        losses = None
+        if plan.validate:
+            with torch.no_grad():
+                losses = task_loss(pred, target, kind)
+        return losses, task_loss_grad(pred, target, kind)
+
     # -- the inner loop ----------------------------------------------------------------
 
     def inner_loop(self, theta: Tensor, support_x: Tensor, support_y: Tensor, plan: AdaptationPlan) -> Tensor:
@@ -278,17 +301,21 @@ class MetaIteration:
                     if not src.requires_grad:  # evaluation under no_grad: a leaf to differentiate
                         src = src.detach().requires_grad_(True)
                     pred = self.run(support_x, self.weights(theta, src, adapting), "support_x")
-                    losses = self.task_losses(plan, pred, support_y, "support", check_range=step == 0)
-                    if finite_checks is not None:
+                    losses, grad_pred = self.support_losses(plan, pred, support_y, check_range=step == 0)
+                    if losses is not None and finite_checks is not None:
                         finite_checks.add_losses("support", losses)
-                    else:
+                    elif losses is not None:
                         check_finite_losses(losses, "support", plan.validate)
-                    # d Σ_t losses[t]: the losses with a gradient of ones (a cached one,
-                    # expanded), not their sum with the ones_like autograd would make.
-                    (grad,) = torch.autograd.grad(
-                        losses, src, cached_one(losses.dtype, losses.device).expand_as(losses),
-                        create_graph=create_graph, allow_unused=True,
-                    )
+                    if grad_pred is not None:  # a built-in loss: its gradient at pred, as an op
+                        (grad,) = torch.autograd.grad(pred, src, grad_pred, create_graph=create_graph,
+                                                      allow_unused=True)
+                    else:
+                        # d Σ_t losses[t]: the losses with a gradient of ones (a cached one,
+                        # expanded), not their sum with the ones_like autograd would make.
+                        (grad,) = torch.autograd.grad(
+                            losses, src, cached_one(losses.dtype, losses.device).expand_as(losses),
+                            create_graph=create_graph, allow_unused=True,
+                        )
                 if grad is None:
                     grad = torch.zeros_like(src)
                 elif not create_graph:

@@ -20,8 +20,14 @@ from fastmeta.ops.task_conv2d import (
     task_conv2d_weight_grad,
 )
 from fastmeta.ops.task_layer_norm import task_layer_norm, task_layer_norm_backward
-from fastmeta.ops.task_linear import task_linear, task_linear_input_grad, task_linear_weight_grad
-from fastmeta.ops.task_loss import LOSS_KINDS, task_loss, task_loss_grad
+from fastmeta.ops.task_linear import (
+    task_linear,
+    task_linear_backward,
+    task_linear_double_backward,
+    task_linear_input_grad,
+    task_linear_weight_grad,
+)
+from fastmeta.ops.task_loss import LOSS_KINDS, task_loss, task_loss_grad, task_loss_grad_backward
 
 __all__ = [
     "ACTIVATIONS",
@@ -45,8 +51,11 @@ __all__ = [
     "task_layer_norm",
     "task_layer_norm_backward",
     "task_linear",
+    "task_linear_backward",
+    "task_linear_double_backward",
     "task_linear_input_grad",
     "task_linear_weight_grad",
     "task_loss",
     "task_loss_grad",
+    "task_loss_grad_backward",
 ]

@@ -17,7 +17,13 @@ runs through these three ops:
 
 - ``task_linear_input_grad(grad_out, w)`` = grad_out @ w → ``[T, N, I]``;
 - ``task_linear_weight_grad(grad_out, x, shared)`` = grad_outᵀ @ x → ``[T, O, I]``, or
-  summed over tasks to ``[O, I]`` when ``shared``.
+  summed over tasks to ``[O, I]`` when ``shared``;
+- ``task_linear_backward(grad_out, x, w, output_mask)`` → (dx, dw): the two above as one op
+  (what task_linear's backward calls: one autograd node, so autograd's engine has no two
+  gradients of grad_out to sum); an output the mask leaves out is empty (numel 0);
+- ``task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask)`` → (d_grad_out,
+  d_x, d_w), its backward: d_grad_out = g_dx @ w + x @ g_dwᵀ (the second product accumulated
+  into the first's output by the kernels), d_x = grad_out @ g_dw, d_w = grad_outᵀ @ g_dx.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from fastmeta.backends.precision import product_at_precision
 from fastmeta.backends.table import shared_or_contiguous
 from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
 from fastmeta.ops.activation import activation_grad, apply_activation
+from fastmeta.ops.reference_vjp import reference_vjp
 
 
 def is_task_shared(t: Tensor) -> bool:
@@ -66,6 +73,42 @@ def reference_task_linear_weight_grad(grad_out: Tensor, x: Tensor, shared: bool)
         g2, x2 = grad_out.reshape(-1, grad_out.size(-1)), x.reshape(-1, x.size(-1))
         return product_at_precision(torch.matmul, g2.t(), x2)
     return product_at_precision(torch.bmm, grad_out.transpose(1, 2), x)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+def reference_task_linear_backward(grad_out: Tensor, x: Tensor, w: Tensor,
+                                   output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+    """(grad_out @ w, grad_outᵀ @ x) of task_linear with its activation's gradient applied:
+    ``[T, N, I]`` and w's gradient (``[O, I]`` for a 2-D shared w, else ``[T, O, I]``); an
+    output whose ``output_mask`` entry is False is empty and not computed."""
+    d_x = reference_task_linear_input_grad(grad_out, w) if output_mask[0] else _empty(grad_out)
+    d_w = reference_task_linear_weight_grad(grad_out, x, w.dim() == 2) if output_mask[1] else _empty(grad_out)
+    return d_x, d_w
+
+
+def reference_task_linear_double_backward(g_dx: Tensor | None, g_dw: Tensor | None, grad_out: Tensor, x: Tensor,
+                                          w: Tensor, output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """The VJP of task_linear_backward for upstreams g_dx (of dx) and g_dw (of dw), either
+    None when no gradient reached it: (d_grad_out, d_x, d_w) with d_grad_out = g_dx @ w +
+    x @ g_dwᵀ, d_x = grad_out @ g_dw, d_w = grad_outᵀ @ g_dx (reduced over tasks for a 2-D w);
+    a term whose upstream is None is zero, an output the mask leaves out is empty."""
+    d_grad_out = d_x = d_w = _empty(grad_out)
+    if output_mask[0]:
+        terms = []
+        if g_dx is not None:
+            terms.append(reference_task_linear(g_dx, w, None, "none", 0.0))
+        if g_dw is not None:
+            terms.append(reference_task_linear(x, g_dw, None, "none", 0.0))
+        d_grad_out = sum(terms[1:], terms[0]) if terms else torch.zeros_like(grad_out)
+    if output_mask[1]:
+        d_x = reference_task_linear_input_grad(grad_out, g_dw) if g_dw is not None else torch.zeros_like(x)
+    if output_mask[2]:
+        d_w = (reference_task_linear_weight_grad(grad_out, g_dx, w.dim() == 2) if g_dx is not None
+               else torch.zeros_like(w))
+    return d_grad_out, d_x, d_w
 
 
 def _native_per_task(t: Tensor | None, task_dim: bool) -> Tensor | None:
@@ -117,10 +160,10 @@ def _task_linear_backward(ctx, grad_y):
     x, w, y = ctx.saved_tensors
     grad_z = grad_y if ctx.act == "none" else activation_grad(grad_y, y, ctx.act, ctx.negative_slope)
     d_x = d_w = d_b = None
-    if ctx.needs_input_grad[0]:
-        d_x = task_linear_input_grad(grad_z, w)
-    if ctx.needs_input_grad[1]:
-        d_w = task_linear_weight_grad(grad_z, x, w.dim() == 2)
+    wants_x, wants_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if wants_x or wants_w:
+        d_x, d_w = task_linear_backward(grad_z, x, w, [wants_x, wants_w])
+        d_x, d_w = d_x if wants_x else None, d_w if wants_w else None
     if ctx.has_bias and ctx.needs_input_grad[2]:
         d_b = grad_z.sum((0, 1)) if ctx.bias_shared else grad_z.sum(1)
     return d_x, d_w, d_b, None, None
@@ -199,6 +242,110 @@ task_linear_weight_grad.register_autograd(_weight_grad_backward, setup_context=_
 
 
 # ---------------------------------------------------------------------------------------
+# task_linear_backward: (grad_out @ w, grad_outᵀ @ x) as one op
+# ---------------------------------------------------------------------------------------
+
+
+def _native_weight_of_rank(w: Tensor | None) -> Tensor | None:
+    """A weight for the backward pair's native kernels, keeping its rank (a 2-D w is shared:
+    its gradient is summed over tasks; a per-task w read by every task, ``θ.expand``, is not):
+    a task stride of 0 goes as it is (the kernels read w at its task stride), anything else
+    as :func:`_native_per_task` makes it."""
+    if w is not None and w.dim() == 3 and is_task_shared(w) and w[0].is_contiguous():
+        return w
+    return _native_per_task(w, w is not None and w.dim() == 3)
+
+
+def _backward_native_args(grad_out, x, w, output_mask):
+    return (grad_out.contiguous(), x.contiguous(), _native_weight_of_rank(w), list(output_mask))
+
+
+task_linear_backward = define_op(reference_task_linear_backward, NativeCall(
+    takes=lambda device_type, grad_out, x, w, output_mask: grad_out.dim() == 3 and x.dim() == 3 and w.dim() in (2, 3),
+    args=_backward_native_args,
+))
+
+
+@task_linear_backward.register_fake
+def _(grad_out, x, w, output_mask):
+    T, N, O = grad_out.shape
+    I = x.size(-1)
+    d_x = grad_out.new_empty((T, N, I) if output_mask[0] else (0,))
+    d_w = grad_out.new_empty(((O, I) if w.dim() == 2 else (T, O, I)) if output_mask[1] else (0,))
+    return d_x, d_w
+
+
+def _linear_backward_setup(ctx, inputs, output):
+    grad_out, x, w, output_mask = inputs
+    ctx.output_mask = list(output_mask)
+    ctx.save_for_backward(grad_out, x, w)
+    ctx.set_materialize_grads(False)  # an output nothing reached: no zeros pushed through
+
+
+def _linear_backward_backward(ctx, g_dx, g_dw):
+    grad_out, x, w = ctx.saved_tensors
+    # A gradient of an output the mask left out (empty) carries nothing.
+    g_dx = g_dx if g_dx is not None and ctx.output_mask[0] else None
+    g_dw = g_dw if g_dw is not None and ctx.output_mask[1] else None
+    # d_x comes only from g_dw and d_w only from g_dx: without its upstream a gradient is
+    # zero, returned as None (autograd's zero) rather than computed as a filled tensor.
+    wants = [ctx.needs_input_grad[0] and (g_dx is not None or g_dw is not None),
+             ctx.needs_input_grad[1] and g_dw is not None, ctx.needs_input_grad[2] and g_dx is not None]
+    if not any(wants):
+        return None, None, None, None
+    d_grad_out, d_x, d_w = task_linear_double_backward(g_dx, g_dw, grad_out, x, w, wants)
+    return d_grad_out if wants[0] else None, d_x if wants[1] else None, d_w if wants[2] else None, None
+
+
+task_linear_backward.register_autograd(_linear_backward_backward, setup_context=_linear_backward_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# task_linear_double_backward: task_linear_backward's VJP as one op
+# ---------------------------------------------------------------------------------------
+
+
+def _double_backward_native_args(g_dx, g_dw, grad_out, x, w, output_mask):
+    return (None if g_dx is None else g_dx.contiguous(), _native_weight_of_rank(g_dw), grad_out.contiguous(),
+            x.contiguous(), _native_weight_of_rank(w), list(output_mask))
+
+
+def _double_backward_takes(device_type, g_dx, g_dw, grad_out, x, w, output_mask):
+    return (grad_out.dim() == 3 and x.dim() == 3 and w.dim() in (2, 3) and (g_dx is None or g_dx.dim() == 3)
+            and (g_dw is None or g_dw.dim() == w.dim()))
+
+
+task_linear_double_backward = define_op(reference_task_linear_double_backward, NativeCall(
+    takes=_double_backward_takes, args=_double_backward_native_args,
+))
+
+
+@task_linear_double_backward.register_fake
+def _(g_dx, g_dw, grad_out, x, w, output_mask):
+    return tuple(t.new_empty(t.shape if wanted else (0,)) for t, wanted in zip((grad_out, x, w), output_mask))
+
+
+def _double_backward_setup(ctx, inputs, output):
+    g_dx, g_dw, grad_out, x, w, output_mask = inputs
+    ctx.output_mask = list(output_mask)
+    ctx.save_for_backward(g_dx, g_dw, grad_out, x, w)
+
+
+def _double_backward_backward(ctx, *upstream):
+    """Third order and gradgradcheck only: autograd of the reference."""
+    g_dx, g_dw, grad_out, x, w = ctx.saved_tensors
+    mask = ctx.output_mask
+    upstream = [u if u is not None and wanted else None for u, wanted in zip(upstream, mask)]
+    grads = reference_vjp(
+        lambda a, b, go, xx, ww: reference_task_linear_double_backward(a, b, go, xx, ww, mask),
+        (g_dx, g_dw, grad_out, x, w), ctx.needs_input_grad[:5], upstream)
+    return (*grads, None)
+
+
+task_linear_double_backward.register_autograd(_double_backward_backward, setup_context=_double_backward_setup)
+
+
+# ---------------------------------------------------------------------------------------
 # The family
 # ---------------------------------------------------------------------------------------
 
@@ -217,6 +364,9 @@ def _samples():
         "task_linear": lambda: (r(T, N, 5), r(T, O, 5), r(T, O), "relu", 0.0),
         "task_linear_input_grad": lambda: (r(T, N, O), r(T, O, 5)),
         "task_linear_weight_grad": lambda: (r(T, N, O), r(T, N, 5), False),
+        "task_linear_backward": lambda: (r(T, N, O), r(T, N, 5), r(T, O, 5), [True, True]),
+        "task_linear_double_backward": lambda: (r(T, N, 5), r(T, O, 5), r(T, N, O), r(T, N, 5), r(T, O, 5),
+                                                [True, True, True]),
     }
 
 

@@ -12,6 +12,12 @@ to each task on its own, so summing task losses gives each task its own gradient
 Backward: ``task_loss_grad(pred, target, kind)`` → d loss[t] / d pred[t], shape of pred
 (softmax − one-hot over N for cross-entropy; 2(pred − target) / (N·D) for MSE). A fast
 backend may compute it in the forward pass and keep it; the reference recomputes it.
+
+Double backward: ``task_loss_grad_backward(upstream, pred, target, kind)`` → the VJP of
+task_loss_grad w.r.t. pred, in closed form (one op where recomputing the reference with
+autograd cost eight aten dispatches per second-order meta-iteration):
+p ⊙ (u − Σ_k p_k u_k) / N with p = softmax(pred) for cross-entropy; u · 2 / (N·D) for MSE,
+whose VJP w.r.t. target is its negative.
 """
 
 from __future__ import annotations
@@ -50,6 +56,17 @@ def reference_task_loss_grad(pred: Tensor, target: Tensor, kind: str) -> Tensor:
         one_hot = F.one_hot(target, pred.size(-1)).to(pred.dtype)
         return (grad - one_hot) / count
     return (pred - target) * (2.0 / count)
+
+
+def reference_task_loss_grad_backward(upstream: Tensor, pred: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Σ <upstream, d task_loss_grad / d pred>, the shape of pred: the softmax Jacobian
+    applied to upstream row by row for cross-entropy, upstream · 2 / (N·D) for MSE
+    (which does not depend on pred; its VJP w.r.t. target is the negative of this)."""
+    count = _per_task_count(pred, kind)
+    if kind == "cross_entropy":
+        p = torch.softmax(pred, dim=-1)
+        return p * (upstream - (p * upstream).sum(-1, keepdim=True)) / count
+    return upstream * (2.0 / count)
 
 
 def _native_loss_takes(device_type, pred, target, kind) -> bool:
@@ -106,17 +123,60 @@ def _loss_grad_setup(ctx, inputs, output):
 
 def _loss_grad_backward(ctx, upstream):
     pred, target = ctx.saved_tensors
-    differentiable_target = ctx.kind == "mse"
-    d_pred, d_target = reference_vjp(
-        lambda p, t: reference_task_loss_grad(p, t, ctx.kind),
-        (pred, target),
-        (ctx.needs_input_grad[0], differentiable_target and ctx.needs_input_grad[1]),
-        upstream,
-    )
-    return d_pred, d_target, None
+    # Only MSE's target is differentiable (a cross-entropy target holds class indices);
+    # its VJP is −(the VJP w.r.t. pred), negated here only when the target wants it.
+    wants_pred = ctx.needs_input_grad[0]
+    wants_target = ctx.kind == "mse" and ctx.needs_input_grad[1]
+    if not (wants_pred or wants_target):
+        return None, None, None
+    d_pred = task_loss_grad_backward(upstream, pred, target, ctx.kind)
+    return d_pred if wants_pred else None, -d_pred if wants_target else None, None
 
 
 task_loss_grad.register_autograd(_loss_grad_backward, setup_context=_loss_grad_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# task_loss_grad_backward: the loss gradient's VJP w.r.t. pred
+# ---------------------------------------------------------------------------------------
+
+
+def _native_grad_backward_takes(device_type, upstream, pred, target, kind) -> bool:
+    return upstream.shape == pred.shape and upstream.dtype == pred.dtype and _native_loss_takes(
+        device_type, pred, target, kind)
+
+
+task_loss_grad_backward = define_op(reference_task_loss_grad_backward, NativeCall(
+    takes=_native_grad_backward_takes,
+    args=lambda upstream, pred, target, kind: (upstream.contiguous(), pred.contiguous(), target.contiguous(), kind),
+))
+
+
+@task_loss_grad_backward.register_fake
+def _(upstream, pred, target, kind):
+    return torch.empty_like(pred)
+
+
+def _grad_backward_setup(ctx, inputs, output):
+    upstream, pred, target, kind = inputs
+    ctx.kind = kind
+    ctx.save_for_backward(upstream, pred, target)
+
+
+def _grad_backward_backward(ctx, grad_out):
+    """Third order and gradgradcheck only: autograd of the reference. The output does
+    not depend on target (for either kind)."""
+    upstream, pred, target = ctx.saved_tensors
+    d_upstream, d_pred = reference_vjp(
+        lambda u, p: reference_task_loss_grad_backward(u, p, target, ctx.kind),
+        (upstream, pred),
+        (ctx.needs_input_grad[0], ctx.needs_input_grad[1]),
+        grad_out,
+    )
+    return d_upstream, d_pred, None, None
+
+
+task_loss_grad_backward.register_autograd(_grad_backward_backward, setup_context=_grad_backward_setup)
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,6 +189,8 @@ FAMILY = define_family(OpFamily(
     sample_args={
         "task_loss": lambda: (torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)), "cross_entropy"),
         "task_loss_grad": lambda: (torch.randn(2, 3, 5), torch.randn(2, 3, 5), "mse"),
+        "task_loss_grad_backward": lambda: (torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)),
+                                            "cross_entropy"),
     },
     check_seconds=17,
     dry_run_case="mse-2-3-1",

@@ -302,6 +302,26 @@ def _host_task_linear_weight_grad(grad_out, x, shared):
     return _batched_gemm(1, O, I, T * N) if shared else _batched_gemm(T, O, I, N)
 
 
+def _host_task_linear_backward(grad_out, x, w, output_mask):
+    launches = _host_task_linear_input_grad(grad_out, w) if output_mask[0] else []
+    return launches + (_host_task_linear_weight_grad(grad_out, x, w.dim() == 2) if output_mask[1] else [])
+
+
+def _host_task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask):
+    """d grad_out: one GEMM per upstream, the second accumulating; d_x, d_w: one GEMM each,
+    or a fill (at::zeros) where their upstream is absent."""
+    launches = []
+    if output_mask[0]:
+        terms = [_host_task_linear(g, v, None, "none", 0.0) for g, v in ((g_dx, w), (x, g_dw)) if g is not None and v is not None]
+        launches += [l for term in terms for l in term] if terms else [Launch("aten", "aten::zero_")]
+    if output_mask[1]:
+        launches += _host_task_linear_input_grad(grad_out, g_dw) if g_dw is not None else [Launch("aten", "aten::zeros")]
+    if output_mask[2]:
+        launches += (_host_task_linear_weight_grad(grad_out, g_dx, w.dim() == 2) if g_dx is not None
+                     else [Launch("aten", "aten::zeros")])
+    return launches
+
+
 def _host_task_loss(pred, target, kind):
     return [Launch("native", "task_loss_kernel", grid=(pred.size(0), 1, 1), tiles=(("threads", THREADS),))]
 
@@ -310,6 +330,12 @@ def _host_task_loss_grad(pred, target, kind):
     T, N = pred.shape[:2]
     work = T * N if kind == "cross_entropy" else pred.numel()
     return _elementwise("task_loss_grad_kernel", work) if pred.numel() else []
+
+
+def _host_task_loss_grad_backward(upstream, pred, target, kind):
+    T, N = pred.shape[:2]
+    work = T * N if kind == "cross_entropy" else pred.numel()
+    return _elementwise("task_loss_grad_backward_kernel", work) if pred.numel() else []
 
 
 def _host_inner_step(theta, grad, lr, mask, precond, segments):
@@ -334,8 +360,11 @@ HOST_LAUNCHES: dict[str, Callable[..., list[Launch]]] = {
     "task_linear": _host_task_linear,
     "task_linear_input_grad": _host_task_linear_input_grad,
     "task_linear_weight_grad": _host_task_linear_weight_grad,
+    "task_linear_backward": _host_task_linear_backward,
+    "task_linear_double_backward": _host_task_linear_double_backward,
     "task_loss": _host_task_loss,
     "task_loss_grad": _host_task_loss_grad,
+    "task_loss_grad_backward": _host_task_loss_grad_backward,
     "inner_step": _host_inner_step,
     "inner_step_backward": _host_inner_step_backward,
 }

@@ -26,7 +26,7 @@ from fastmeta.ops.task_linear import (
     reference_task_linear_input_grad,
     reference_task_linear_weight_grad,
 )
-from fastmeta.ops.task_loss import reference_task_loss, reference_task_loss_grad
+from fastmeta.ops.task_loss import reference_task_loss, reference_task_loss_grad, reference_task_loss_grad_backward
 from helpers import CASES, IDS, build_or_skip, make_problem
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -146,20 +146,29 @@ def test_emulated_cuda_task_linear_family(lib, act):
         b = torch.randn(T, O, generator=g)
         y = torch.empty(T, N, O)
         lib.run_gemm(L(T), L(N), L(O), L(I), ptr(x), L(N * I), L(I), L(1), ptr(w), L(0 if shared else O * I), L(1),
-                     L(I), ptr(y), ptr(b), L(O), ACT[act], F(0.1))
+                     L(I), ptr(y), ptr(b), L(O), ACT[act], F(0.1), 0)
         assert rel(y, reference_task_linear(x, w, b, act, 0.1)) <= 1e-6
         dx = torch.empty(T, N, I)
         lib.run_gemm(L(T), L(N), L(I), L(O), ptr(go), L(N * O), L(O), L(1), ptr(w), L(0 if shared else O * I), L(I),
-                     L(1), ptr(dx), ptr(None), L(0), 0, F(0))
+                     L(1), ptr(dx), ptr(None), L(0), 0, F(0), 0)
         assert rel(dx, reference_task_linear_input_grad(go, w)) <= 1e-6
     dw = torch.empty(T, O, I)
     lib.run_gemm(L(T), L(O), L(I), L(N), ptr(go), L(N * O), L(1), L(O), ptr(x), L(N * I), L(I), L(1), ptr(dw),
-                 ptr(None), L(0), 0, F(0))
+                 ptr(None), L(0), 0, F(0), 0)
     assert rel(dw, reference_task_linear_weight_grad(go, x, False)) <= 1e-6
     dws = torch.empty(O, I)
     lib.run_gemm(L(1), L(O), L(I), L(T * N), ptr(go), L(0), L(1), L(O), ptr(x), L(0), L(I), L(1), ptr(dws), ptr(None),
-                 L(0), 0, F(0))
+                 L(0), 0, F(0), 0)
     assert rel(dws, reference_task_linear_weight_grad(go, x, True)) <= 1e-6
+    # The double backward's d grad_out: g_dx·w, then x·g_dwᵀ accumulated into it.
+    w, g_dx, g_dw = torch.randn(T, O, I, generator=g), torch.randn(T, N, I, generator=g), torch.randn(O, I, generator=g)
+    d_go = torch.empty(T, N, O)
+    lib.run_gemm(L(T), L(N), L(O), L(I), ptr(g_dx), L(N * I), L(I), L(1), ptr(w), L(O * I), L(1), L(I), ptr(d_go),
+                 ptr(None), L(0), 0, F(0), 0)
+    lib.run_gemm(L(T), L(N), L(O), L(I), ptr(x), L(N * I), L(I), L(1), ptr(g_dw), L(0), L(1), L(I), ptr(d_go),
+                 ptr(None), L(0), 0, F(0), 1)
+    expected = reference_task_linear(g_dx, w, None, "none", 0.0) + reference_task_linear(x, g_dw, None, "none", 0.0)
+    assert rel(d_go, expected) <= 1e-6
 
 
 @pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
@@ -175,3 +184,7 @@ def test_emulated_cuda_task_loss_and_grad(lib, kind):
     grad = torch.empty(T, N, C)
     lib.run_loss(ptr(pred), ptr(target), code, L(T), L(N), L(classes), L(N * C), ptr(grad), 1)
     assert rel(grad, reference_task_loss_grad(pred, target, kind)) <= 1e-6
+    upstream = torch.randn(T, N, C, generator=g)
+    d_pred = torch.empty(T, N, C)
+    lib.run_loss_grad_backward(ptr(upstream), ptr(pred), code, L(T), L(N), L(classes), L(N * C), ptr(d_pred))
+    assert rel(d_pred, reference_task_loss_grad_backward(upstream, pred, target, kind)) <= 1e-6

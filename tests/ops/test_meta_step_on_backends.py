@@ -73,7 +73,7 @@ def _image_tasks(T, ways, shots, queries, channels, size):
     return make
 
 
-MLP_KERNELS = ["task_linear", "task_linear_weight_grad", "task_loss", "inner_step"]
+MLP_KERNELS = ["task_linear", "task_linear_backward", "task_loss", "inner_step"]
 CONV_BN_KERNELS = ["task_conv2d", "task_conv2d_backward", "task_batch_norm", "task_batch_norm_backward", "inner_step"]
 # The kernels each backend implements of those (the cpu backend has no convolution).
 IMPLEMENTS = {"triton": set(MLP_KERNELS + CONV_BN_KERNELS),

@@ -174,8 +174,9 @@ def test_float64_falls_back_and_gradgradchecks(backend, device, op, args, diff):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["task_linear", "task_linear_input_grad", "task_linear_weight_grad", "task_loss",
-                                  "task_loss_grad", "inner_step"])
+@pytest.mark.parametrize("name", ["task_linear", "task_linear_input_grad", "task_linear_weight_grad",
+                                  "task_linear_backward", "task_linear_double_backward", "task_loss",
+                                  "task_loss_grad", "task_loss_grad_backward", "inner_step"])
 def test_public_ops_on_the_cuda_backend_pass_opcheck(name):
     from torch.library import opcheck
 

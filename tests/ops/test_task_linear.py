@@ -10,12 +10,16 @@ import fastmeta as fm
 from fastmeta import ops
 from fastmeta.ops.task_linear import (
     reference_task_linear,
+    reference_task_linear_backward,
+    reference_task_linear_double_backward,
     reference_task_linear_input_grad,
     reference_task_linear_weight_grad,
 )
 from harness import backend_params, check_kernel, check_op, direct, to, workload_params
 
-KERNELS = ["task_linear", "task_linear_input_grad", "task_linear_weight_grad"]
+# The kernels first- and second-order gradients of task_linear run (the pair's one op and
+# its backward; task_linear_input_grad and task_linear_weight_grad are tested on their own).
+KERNELS = ["task_linear", "task_linear_backward", "task_linear_double_backward"]
 ALL = backend_params("triton", "cpu", "cuda")
 NATIVE = backend_params("cpu", "cuda")
 ACTS = ("none", "relu", "leaky_relu", "tanh", "sigmoid")
@@ -125,6 +129,30 @@ def kernel_cases():
             (f"{label}-weight_grad-shared", "task_linear_weight_grad", reference_task_linear_weight_grad,
              (g, x, True)),
         ]
+    return cases + pair_cases()
+
+
+def pair_cases():
+    """task_linear_backward and task_linear_double_backward: every weight layout (per task,
+    shared, θ.expand, a view of the flat buffer), every output mask, absent upstreams, and
+    the C++ kernels' two GEMM routes (W2's head: BLAS; the odd sizes: the micro-kernel)."""
+    t = torch.randn
+    cases = []
+    for label, (T, N, I, O) in {"odd": (3, 7, 19, 21), "w2-head": (4, 5, 256, 5)}.items():
+        x, g, g_dx = t(T, N, I), t(T, N, O), t(T, N, I)
+        for kind in ("per_task", "shared", "expanded", "buffer_view"):
+            w = linear_weight(kind, T, O, I, "cpu")
+            g_dw = t(*w.shape)
+            for mask in ([True, True], [True, False], [False, True]):
+                cases.append((f"{label}-backward-{kind}-{mask}", "task_linear_backward", reference_task_linear_backward,
+                              (g, x, w, mask)))
+            for mask in ([True, True, True], [True, False, False], [False, True, True]):
+                cases.append((f"{label}-double_backward-{kind}-{mask}", "task_linear_double_backward",
+                              reference_task_linear_double_backward, (g_dx, g_dw, g, x, w, mask)))
+            cases.append((f"{label}-double_backward-{kind}-no-g_dw", "task_linear_double_backward",
+                          reference_task_linear_double_backward, (g_dx, None, g, x, w, [True, True, True])))
+            cases.append((f"{label}-double_backward-{kind}-no-g_dx", "task_linear_double_backward",
+                          reference_task_linear_double_backward, (None, g_dw, g, x, w, [True, True, True])))
     return cases
 
 
@@ -135,6 +163,9 @@ def on_device(args, device, dtype=None):
     """Keep views views (expanded, transposed) on the device: move their bases."""
     out = []
     for a in args:
+        if a is None or isinstance(a, list):
+            out.append(a)
+            continue
         if isinstance(a, torch.Tensor) and (a.stride() != a.contiguous().stride()):
             if a.dim() >= 2 and 0 in a.stride():
                 out.append(a[0].to(device, dtype or a.dtype).expand(a.shape))
@@ -212,6 +243,15 @@ GRAD_CASES = [(f"act-{act}", ops.task_linear, (lambda act=act: (r(2, 3, 4), r(2,
     ("input_grad-shared", ops.task_linear_input_grad, lambda: (r(2, 3, 5), r(5, 4))),
     ("weight_grad", ops.task_linear_weight_grad, lambda: (r(2, 3, 5), r(2, 3, 4), False)),
     ("weight_grad-shared", ops.task_linear_weight_grad, lambda: (r(2, 3, 5), r(2, 3, 4), True)),
+    ("backward", ops.task_linear_backward, lambda: (r(2, 3, 5), r(2, 3, 4), r(2, 5, 4), [True, True])),
+    ("backward-shared", ops.task_linear_backward, lambda: (r(2, 3, 5), r(2, 3, 4), r(5, 4), [True, True])),
+    ("backward-dx-only", ops.task_linear_backward, lambda: (r(2, 3, 5), r(2, 3, 4), r(2, 5, 4), [True, False])),
+    ("double_backward", ops.task_linear_double_backward,
+     lambda: (r(2, 3, 4), r(2, 5, 4), r(2, 3, 5), r(2, 3, 4), r(2, 5, 4), [True, True, True])),
+    ("double_backward-shared", ops.task_linear_double_backward,
+     lambda: (r(2, 3, 4), r(5, 4), r(2, 3, 5), r(2, 3, 4), r(5, 4), [True, True, True])),
+    ("double_backward-no-g_dw", ops.task_linear_double_backward,
+     lambda: (r(2, 3, 4), None, r(2, 3, 5), r(2, 3, 4), r(2, 5, 4), [True, True, True])),
 ]
 
 
@@ -275,3 +315,51 @@ def test_split_k_against_the_reference(backend, device, weight_kind):
         check_op(backend, ops.task_linear, args, [0, 1, 2], KERNELS, rtol=1e-4)
         again = [direct(backend, "task_linear", *args) for _ in range(2)]
         assert torch.equal(again[0], again[1])  # summed in split order: the same bits
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("weight_kind", ["per_task", "shared", "expanded"])
+def test_second_order_through_the_backward_pair_equals_autograd_of_the_reference(backend, weight_kind):
+    """Gradients of a function of task_linear's (dx, dw) — the second-order path, through
+    task_linear_backward and task_linear_double_backward — equal those through plain
+    autograd of the reference, in float64, for x, w and the upstream."""
+    T, N, I, O = 2, 3, 4, 5
+    x0 = torch.randn(T, N, I, dtype=torch.float64)
+    w0 = linear_weight(weight_kind, T, O, I, "cpu").double()
+    u0 = torch.randn(T, N, O, dtype=torch.float64)
+    results = []
+    for fn, context in ((ops.task_linear, fm.use_backend(backend)), (reference_task_linear, fm.use_backend("torch"))):
+        with context:
+            x = x0.clone().requires_grad_(True)
+            w = w0.detach().clone().requires_grad_(True) if weight_kind != "expanded" else None
+            base = w0[0].clone().requires_grad_(True) if weight_kind == "expanded" else None
+            weight = base.expand(T, O, I) if base is not None else w
+            if base is not None and fn is reference_task_linear:
+                # The op's semantics for θ.expand: per-task weight gradients (the reference
+                # alone would take w[0] and differentiate that); a dense per-task copy has them.
+                weight = weight.clone()
+            u = u0.clone().requires_grad_(True)
+            y = fn(x, weight, None, "tanh", 0.0)
+            dx, dw = torch.autograd.grad(y, (x, weight), u, create_graph=True)
+            objective = (dx ** 2).sum() + (dw.sin()).sum()
+            leaf = base if base is not None else w
+            results.append(torch.autograd.grad(objective, (x, leaf, u)))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("triton"))
+@pytest.mark.parametrize("weight_kind", ["per_task", "shared", "expanded"])
+def test_triton_backward_pair_equals_reference(backend, device, weight_kind):
+    """The Triton launchers of the pair (TRITON_INTERPRET=1 on the CPU: tiny shapes), the
+    accumulating launch of d grad_out included."""
+    T, N, I, O = 2, 3, 5, 4
+    x, g, g_dx = torch.randn(T, N, I), torch.randn(T, N, O), torch.randn(T, N, I)
+    w = linear_weight(weight_kind, T, O, I, "cpu")
+    g_dw = torch.randn(*w.shape)
+    for mask in ([True, True], [False, True]):
+        check_kernel(backend, "task_linear_backward", reference_task_linear_backward,
+                     on_device((g, x, w, mask), device), rtol=2e-5)
+    for upstreams in ((g_dx, g_dw), (None, g_dw), (g_dx, None)):
+        check_kernel(backend, "task_linear_double_backward", reference_task_linear_double_backward,
+                     on_device((*upstreams, g, x, w, [True, True, True]), device), rtol=2e-5)

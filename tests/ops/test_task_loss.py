@@ -1,4 +1,4 @@
-"""``task_loss`` and ``task_loss_grad`` (fastmeta/ops/task_loss.py) on every backend."""
+"""``task_loss``, ``task_loss_grad`` and ``task_loss_grad_backward`` (fastmeta/ops/task_loss.py) on every backend."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import torch
 
 import fastmeta as fm
 from fastmeta import ops
-from fastmeta.ops.task_loss import reference_task_loss, reference_task_loss_grad
+from fastmeta.ops.task_loss import reference_task_loss, reference_task_loss_grad, reference_task_loss_grad_backward
 from harness import backend_params, check_kernel, check_op, require, to, workload_params
 
-KERNELS = ["task_loss", "task_loss_grad"]
+KERNELS = ["task_loss", "task_loss_grad", "task_loss_grad_backward"]
 ALL = backend_params("triton", "cpu", "cuda")
 
 
@@ -82,6 +82,14 @@ def kernel_cases():
         ("grad-ce", "task_loss_grad", reference_task_loss_grad,
          (t(T, N, 5) * 10, torch.randint(0, 5, (T, N)), "cross_entropy")),
         ("grad-mse", "task_loss_grad", reference_task_loss_grad, (t(T, N, 3), t(T, N, 3), "mse")),
+        ("grad-backward-ce", "task_loss_grad_backward", reference_task_loss_grad_backward,
+         (t(T, N, 5), t(T, N, 5) * 10, torch.randint(0, 5, (T, N)), "cross_entropy")),
+        ("grad-backward-ce-wide", "task_loss_grad_backward", reference_task_loss_grad_backward,
+         (t(T, N, 37), t(T, N, 37), torch.randint(0, 37, (T, N)), "cross_entropy")),
+        ("grad-backward-mse", "task_loss_grad_backward", reference_task_loss_grad_backward,
+         (t(T, N, 3), t(T, N, 3), t(T, N, 3), "mse")),
+        ("grad-backward-mse-4d", "task_loss_grad_backward", reference_task_loss_grad_backward,
+         (t(T, N, 2, 3), t(T, N, 2, 3), t(T, N, 2, 3), "mse")),
     ]
 
 
@@ -108,6 +116,9 @@ GRAD_CASES = [
     ("mse", ops.task_loss, lambda: (r(2, 4, 2), r(2, 4, 2), "mse")),
     ("grad-ce", ops.task_loss_grad, lambda: (r(2, 4, 5), torch.randint(0, 5, (2, 4)), "cross_entropy")),
     ("grad-mse", ops.task_loss_grad, lambda: (r(2, 4, 2), r(2, 4, 2), "mse")),
+    ("grad-backward-ce", ops.task_loss_grad_backward,
+     lambda: (r(2, 4, 5), r(2, 4, 5), torch.randint(0, 5, (2, 4)), "cross_entropy")),
+    ("grad-backward-mse", ops.task_loss_grad_backward, lambda: (r(2, 4, 2), r(2, 4, 2), r(2, 4, 2), "mse")),
 ]
 
 
@@ -115,3 +126,41 @@ GRAD_CASES = [
 @pytest.mark.parametrize("name,op,make", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
 def test_gradcheck_and_gradgradcheck(gradchecks, backend, name, op, make):
     gradchecks(op, make(), backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("triton"))
+@pytest.mark.parametrize("kind,K", [("cross_entropy", 5), ("cross_entropy", 20), ("mse", 7)])
+def test_triton_grad_backward_equals_reference(backend, device, kind, K):
+    """The Triton VJP kernels (tiny shapes: TRITON_INTERPRET=1 on the CPU), with the
+    full-tile and the small-tile configurations."""
+    from fastmeta.kernels import task_loss as kernels
+
+    args = to((torch.randn(2, 5, K), torch.randn(2, 5, K) * 3,
+               torch.randint(0, K, (2, 5)) if kind == "cross_entropy" else torch.randn(2, 5, K), kind), device)
+    check_kernel(backend, "task_loss_grad_backward", reference_task_loss_grad_backward, args, rtol=2e-5)
+    small = {"loss_config": lambda *a: {"BLOCK_N": 2, "BLOCK_K": 32, "num_warps": 1},
+             "mse_config": lambda *a: {"BLOCK": 16, "num_warps": 1}}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, config in small.items():
+            patch.setattr(kernels, name, config)
+        check_kernel(backend, "task_loss_grad_backward", reference_task_loss_grad_backward, args, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("wants", [(True, False), (False, True), (True, True)], ids=["pred", "target", "both"])
+def test_second_order_loss_gradients_equal_autograd_of_the_reference(kind, wants):
+    """d/d(pred, target) of <u, task_loss_grad> through the op (task_loss_grad_backward,
+    MSE's target as its negative) equals autograd through the reference, for each subset
+    of inputs asking for a gradient."""
+    pred = torch.randn(2, 4, 5, dtype=torch.float64)
+    target = torch.randint(0, 5, (2, 4)) if kind == "cross_entropy" else torch.randn(2, 4, 5, dtype=torch.float64)
+    wants = wants if kind == "mse" else (True, False)
+    u = torch.randn(2, 4, 5, dtype=torch.float64)
+    results = []
+    for fn in (ops.task_loss_grad, reference_task_loss_grad):
+        p = pred.clone().requires_grad_(wants[0])
+        t = target.clone().requires_grad_(wants[1]) if wants[1] else target
+        inputs = [x for x, w in zip((p, t), wants) if w]
+        results.append(torch.autograd.grad((fn(p, t, kind) * u).sum(), inputs))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)

@@ -50,11 +50,18 @@ REPO = Path(__file__).resolve().parents[2]
 BUDGETS = {
     # workload: kernels, of them Triton, CUDA (extension), aten; issued ÷ useful conv MACs;
     # the share of conv MACs in launches under one wave (132 SMs)
-    "W2": {"kernels": 305, "triton": 66, "native": 18, "aten": 221, "conv_mac_ratio": 1.0675,
+    "W2": {"kernels": 303, "triton": 66, "native": 8, "aten": 229, "conv_mac_ratio": 1.0675,
            "under_one_wave": 0.0},
-    "W4": {"kernels": 929, "triton": 254, "native": 70, "aten": 605, "conv_mac_ratio": 1.0588,
+    "W4": {"kernels": 919, "triton": 254, "native": 28, "aten": 637, "conv_mac_ratio": 1.0588,
            "under_one_wave": 0.0},
 }
+# Before the linear backward pair and the loss gradient's double backward became one op
+# each: W2 305 kernels (native 18, aten 221), W4 929 (native 70, aten 605). Their CUDA
+# kernels (task_linear_backward, task_linear_double_backward, task_loss_grad_backward) are
+# not yet in the verification record (no GPU run since), so the CUDA path runs their
+# references: aten's bmm where the extension's GEMMs ran, the aten pin up by 8 (W2) and 32
+# (W4). With them verified, the recorder counts W2 297 (native 19, aten 212) and W4 889
+# (native 75, aten 560): pin those once the GPU check has recorded them.
 # Exact counts the tests check beside the budgets: the conv launches of the iteration (the
 # eager iteration's, tests/kernels/test_conv_issued_macs.py), and on W2 with 2 tasks the
 # fastmeta op calls and the native launches (one per call of an op on the extension).
@@ -62,7 +69,7 @@ CONV_LAUNCHES = {
     "W2": {"conv2d_forward_kernel": 15, "conv2d_input_grad_kernel": 12, "conv2d_weight_grad_kernel": 15},
     "W4": {"conv2d_forward_kernel": 59, "conv2d_input_grad_kernel": 48, "conv2d_weight_grad_kernel": 59},
 }
-SMALL_W2 = {"fastmeta_ops": 84, "native": 18}
+SMALL_W2 = {"fastmeta_ops": 79, "native": 8}  # before the linear backward pair was one op: 84, 18
 # The issue's targets (issue 24), for the failure messages and the docstring above.
 TARGETS = {"W2": {"kernels": 60, "conv_mac_ratio": 1.1, "under_one_wave": 0.01}, "W4": {"kernels": 150}}
 
@@ -144,7 +151,9 @@ def test_the_recorder_misses_no_launch(monkeypatch):
     # As on the full W2: the tasks are the batch dimension, not more calls.
     assert sum(log.fastmeta_ops.values()) == SMALL_W2["fastmeta_ops"]
     # Each call of an op the CUDA path runs on the extension launches its one kernel (W2's
-    # linear head, loss and inner step: none declines, none is empty).
+    # linear head, loss and inner step: none declines, none is empty). Not so for
+    # task_linear_backward (two GEMMs) and task_linear_double_backward (up to four) once
+    # the verification record takes their CUDA kernels: this count then follows HOST_LAUNCHES.
     from fastmeta.backends.optional_backends import triton_launchers
 
     launchers = triton_launchers()

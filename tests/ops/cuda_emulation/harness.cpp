@@ -37,10 +37,16 @@ extern "C" void run_inner_step_backward(const float* go, const float* g, const f
   launch_inner_step_backward(go, g, StepCoef{lr, (const int64_t*)seg, mask, pc, (bool)scalar}, T, P, S, theta_shared, dth, dg, dl, dm, dp, reduce, nullptr);
 }
 extern "C" void run_gemm(long batches, long M, long N, long K, const float* A, long ab, long ar, long ac, const float* B,
-                         long bb, long br, long bc, float* C, const float* bias, long bias_b, int act, float slope) {
-  launch_batched_gemm(batches, M, N, K, Strided{A, ab, ar, ac}, Strided{B, bb, br, bc}, C, bias, bias_b, act, slope, nullptr);
+                         long bb, long br, long bc, float* C, const float* bias, long bias_b, int act, float slope,
+                         int accumulate) {
+  launch_batched_gemm(batches, M, N, K, Strided{A, ab, ar, ac}, Strided{B, bb, br, bc}, C, bias, bias_b, act, slope,
+                      accumulate != 0, nullptr);
 }
 extern "C" void run_loss(const float* pred, const void* target, int kind, long T, long N, long C, long M, float* out, int grad) {
   if (grad) launch_task_loss_grad(pred, target, kind, T, N, C, M, out, nullptr);
   else launch_task_loss(pred, target, kind, T, N, C, M, out, nullptr);
+}
+extern "C" void run_loss_grad_backward(const float* upstream, const float* pred, int kind, long T, long N, long C,
+                                       long M, float* out) {
+  launch_task_loss_grad_backward(upstream, pred, kind, T, N, C, M, out, nullptr);
 }
