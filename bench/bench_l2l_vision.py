@@ -21,8 +21,12 @@ path does not reduce); ``anil-head``: anil_fc100.py's shape (ConvBase features, 
 the linear head, 32×32); ``metacurvature``: metacurvature_fc100.py's (GBML with
 MetaCurvatureTransform, whose ``loop`` applies the same transform by hand).
 
-Before timing, each contender's meta-gradient is compared with the loop's (relative error,
-printed; above 1e-4 the command fails). Rounds interleave the contenders; the figures are
+Before timing, each contender's meta-gradient is compared with the plain loop's run in
+float64 (norm-wise relative error, printed). The fp32 loop's own error against it is the
+scale of what fp32 rounding does to this shape's second order (OmniglotCNN's, through
+stride-2 convolutions and BatchNorm at inner rate 0.4, is ill-conditioned: 10⁻³–10⁻² for
+16 tasks, where float64 agrees to 10⁻¹⁴); a contender more than 10× that (and more than
+1e-4) off the float64 loop fails the command. Rounds interleave the contenders; the figures are
 medians of the wall time and of the thread's CPU time (steadier on a shared machine).
 """
 
@@ -102,10 +106,12 @@ def make_tasks(spec, tasks, seed=0):
 
 
 class Contender:
-    def __init__(self, name, shape, spec, state, tasks):
-        self.name, self.shape, self.spec, self.tasks = name, shape, spec, tasks
+    def __init__(self, name, shape, spec, state, tasks, dtype=torch.float32):
+        self.name, self.shape, self.spec = name, shape, spec
+        self.tasks = tuple(t.to(dtype) if t.is_floating_point() else t for t in tasks)
         self.model = spec["build"]()
         self.model.load_state_dict(state)
+        self.model.to(dtype)
         self.model.train()
         self.lr = spec["lr"]
         self.setup()
@@ -221,12 +227,13 @@ def run_shape(shape, spec, tasks, samples):
     if shape != "metacurvature":
         kinds.append(("meta_batch", MetaBatch))
     contenders = [cls(name, shape, spec, state, data) for name, cls in kinds]
-    reference = contenders[0].meta_gradient()
+    reference = Loop("loop (float64)", shape, spec, state, data, dtype=torch.float64).meta_gradient()
     errors = {}
     for c in contenders:
-        g = c.meta_gradient()
+        g = c.meta_gradient().double()
         n = min(g.numel(), reference.numel())
         errors[c.name] = float((g[:n] - reference[:n]).norm() / reference[:n].norm())
+    tolerance = max(MATCH_TOLERANCE, 10 * errors["loop"])
     for c in contenders:
         c.step()
     wall = {c.name: [] for c in contenders}
@@ -242,7 +249,8 @@ def run_shape(shape, spec, tasks, samples):
     for c in contenders:
         ms, cms = statistics.median(wall[c.name]), statistics.median(cpu[c.name])
         rows.append({"contender": c.name, "median_ms": ms, "median_cpu_ms": cms, "speedup_vs_loop": loop_wall / ms,
-                     "cpu_speedup_vs_loop": loop_cpu / cms, "meta_gradient_error_vs_loop": errors[c.name]})
+                     "cpu_speedup_vs_loop": loop_cpu / cms, "meta_gradient_error_vs_float64_loop": errors[c.name],
+                     "tolerance": tolerance, "matches": errors[c.name] <= tolerance})
     params = sum(p.numel() for p in contenders[0].model.parameters())
     return {"shape": shape, "image": spec["size"], "parameters": params, "tasks": tasks, "rows": rows}
 
@@ -264,23 +272,25 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, load average "
           f"{os.getloadavg()[0]:.1f}, {args.samples} interleaved rounds, {args.tasks} tasks, 5-way 1-shot, "
           f"{QUERIES} queries per class, second order")
-    print("| shape | image | parameters | contender | meta-gradient vs loop | wall ms | speed-up | CPU ms | CPU speed-up |")
+    print("| shape | image | parameters | contender | meta-gradient vs the float64 loop (tolerance) | wall ms | speed-up "
+          "| CPU ms | CPU speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for s in chosen:
         r = run_shape(s, known[s], args.tasks, args.samples)
         results.append(r)
         for row in r["rows"]:
-            flag = "" if row["meta_gradient_error_vs_loop"] <= MATCH_TOLERANCE else " MISMATCH"
+            flag = "" if row["matches"] else " MISMATCH"
             print(f"| {s} | {r['image']} | {r['parameters']:,} | {row['contender']} | "
-                  f"{row['meta_gradient_error_vs_loop']:.1e}{flag} | {row['median_ms']:.0f} | "
+                  f"{row['meta_gradient_error_vs_float64_loop']:.1e} ({row['tolerance']:.0e}){flag} | "
+                  f"{row['median_ms']:.0f} | "
                   f"{row['speedup_vs_loop']:.2f}x | {row['median_cpu_ms']:.0f} | {row['cpu_speedup_vs_loop']:.2f}x |",
                   flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": 1, "samples": args.samples, "results": results}, f,
                       indent=1)
-    bad = [row for r in results for row in r["rows"] if row["meta_gradient_error_vs_loop"] > MATCH_TOLERANCE]
+    bad = [row for r in results for row in r["rows"] if not row["matches"]]
     return 1 if bad else 0
 
 
