@@ -75,9 +75,10 @@ def _image_tasks(T, ways, shots, queries, channels, size):
 
 MLP_KERNELS = ["task_linear", "task_linear_backward", "task_loss", "inner_step"]
 CONV_BN_KERNELS = ["task_conv2d", "task_conv2d_backward", "task_batch_norm", "task_batch_norm_backward", "inner_step"]
-# The kernels each backend implements of those (the cpu backend has no convolution).
+# The kernels each backend implements of those (the cuda backend has no convolution or
+# BatchNorm: Triton's run there).
 IMPLEMENTS = {"triton": set(MLP_KERNELS + CONV_BN_KERNELS),
-              "cpu": set(MLP_KERNELS) | {"task_batch_norm", "task_batch_norm_backward"},
+              "cpu": set(MLP_KERNELS + CONV_BN_KERNELS),
               "cuda": set(MLP_KERNELS)}
 
 
