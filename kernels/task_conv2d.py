@@ -649,9 +649,11 @@ def conv_launch_plans(kernel: str, *args, config_for=None, sm_count: int | None 
     return None if plan is None else [plan]
 
 
-def task_conv2d_backward(grad_out, x, w, stride, padding, output_mask, input_precision="ieee"):
+def task_conv2d_backward(grad_out, x, w, stride, padding, output_mask, dx_addend=None, dw_addend=None,
+                         input_precision="ieee"):
     """(dx, dw) of fastmeta.ops.task_conv2d_backward: dw summed over tasks for a 4-D w, per
-    task for a 5-D one; an unwanted output empty, and not launched."""
+    task for a 5-D one; an unwanted output empty, and not launched. The addends are added
+    after the launches (an add each: the launchers have no addend epilogue)."""
     launches = _backward_launches(grad_out, x, w, stride, padding, output_mask)
     if launches is None:
         return NotImplemented
@@ -661,6 +663,10 @@ def task_conv2d_backward(grad_out, x, w, stride, padding, output_mask, input_pre
             dx = _run_input_grad(call, *args, input_precision)
         else:
             dw = _run_weight_grad(call, *args, input_precision)
+    if dx_addend is not None:
+        dx = dx + dx_addend
+    if dw_addend is not None:
+        dw = dw + dw_addend
     return dx, dw
 
 
