@@ -584,10 +584,12 @@ def _sum_partial_tiles(target, out):
 # ---------------------------------------------------------------------------------------
 
 
-def _backward_launches(grad_out, x, w, stride, padding, output_mask, config_for=None, sm_count=None):
+def _backward_launches(grad_out, x, w, stride, padding, output_mask, dx_addend=None, dw_addend=None,
+                       config_for=None, sm_count=None):
     """task_conv2d_backward's launches in order, each (kind, call, its launcher's arguments),
     or None where one declines: the input gradient where dx is wanted, the weight gradient
-    (summed over tasks for a 4-D w) where dw is."""
+    (summed over tasks for a 4-D w) where dw is. The addends launch no conv (the launcher
+    adds them after)."""
     if len(output_mask) != 2 or not all_float32_on_one_device(grad_out, x, w) or w.dim() not in (4, 5):
         return None
     if x.dim() != 5 or grad_out.dim() != 5 or w.size(-3) != x.size(2):
