@@ -294,10 +294,13 @@ def _fused_activation(y, x, act, negative_slope):
     return activation_code(act, negative_slope)
 
 
-def task_batch_norm_backward(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01):
+def task_batch_norm_backward(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01, dx_addend=None,
+                             dgamma_addend=None):
+    """fastmeta.ops.task_batch_norm_backward; the addends are added after the launch (an add
+    each: the kernel has no addend epilogue)."""
     code = _fused_activation(y, x, act, negative_slope)
     if (code is None or x.dim() < 3 or grad_z.shape != x.shape
-            or not all_float32_on_one_device(grad_z, x, gamma, y)):
+            or not all_float32_on_one_device(grad_z, x, gamma, y, dx_addend, dgamma_addend)):
         return NotImplemented
     T, N, C, S = _layout(x)
     g = _channel_param(gamma, T, C)
@@ -317,6 +320,10 @@ def task_batch_norm_backward(grad_z, x, gamma, eps, needs, y=None, act="none", n
         NEED_BETA=need_beta,
         BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
+    if dx_addend is not None:
+        grad_x = grad_x + dx_addend
+    if dgamma_addend is not None:
+        grad_gamma = grad_gamma + dgamma_addend
     return [grad_x, grad_gamma, grad_beta]
 
 

@@ -584,10 +584,12 @@ def _sum_partial_tiles(target, out):
 # ---------------------------------------------------------------------------------------
 
 
-def _backward_launches(grad_out, x, w, stride, padding, output_mask, config_for=None, sm_count=None):
+def _backward_launches(grad_out, x, w, stride, padding, output_mask, dx_addend=None, dw_addend=None,
+                       config_for=None, sm_count=None):
     """task_conv2d_backward's launches in order, each (kind, call, its launcher's arguments),
     or None where one declines: the input gradient where dx is wanted, the weight gradient
-    (summed over tasks for a 4-D w) where dw is."""
+    (summed over tasks for a 4-D w) where dw is. The addends launch no conv (the launcher
+    adds them after)."""
     if len(output_mask) != 2 or not all_float32_on_one_device(grad_out, x, w) or w.dim() not in (4, 5):
         return None
     if x.dim() != 5 or grad_out.dim() != 5 or w.size(-3) != x.size(2):
@@ -649,9 +651,11 @@ def conv_launch_plans(kernel: str, *args, config_for=None, sm_count: int | None 
     return None if plan is None else [plan]
 
 
-def task_conv2d_backward(grad_out, x, w, stride, padding, output_mask, input_precision="ieee"):
+def task_conv2d_backward(grad_out, x, w, stride, padding, output_mask, dx_addend=None, dw_addend=None,
+                         input_precision="ieee"):
     """(dx, dw) of fastmeta.ops.task_conv2d_backward: dw summed over tasks for a 4-D w, per
-    task for a 5-D one; an unwanted output empty, and not launched."""
+    task for a 5-D one; an unwanted output empty, and not launched. The addends are added
+    after the launches (an add each: the launchers have no addend epilogue)."""
     launches = _backward_launches(grad_out, x, w, stride, padding, output_mask)
     if launches is None:
         return NotImplemented
@@ -661,6 +665,10 @@ def task_conv2d_backward(grad_out, x, w, stride, padding, output_mask, input_pre
             dx = _run_input_grad(call, *args, input_precision)
         else:
             dw = _run_weight_grad(call, *args, input_precision)
+    if dx_addend is not None:
+        dx = dx + dx_addend
+    if dw_addend is not None:
+        dw = dw + dw_addend
     return dx, dw
 
 

@@ -339,9 +339,10 @@ def _empty(like):
     return like.new_empty((0,))
 
 
-def task_linear_backward(grad_out, x, w, output_mask, input_precision="ieee"):
+def task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None, input_precision="ieee"):
     """(grad_out @ w, grad_outᵀ @ x): the input- and weight-gradient launches; an output the
-    mask leaves out is empty. The weight's rank says whether dw is summed over tasks."""
+    mask leaves out is empty. The weight's rank says whether dw is summed over tasks. The
+    addends are added after the launches (an add each: no addend epilogue here)."""
     input_call = _linear_input_grad_call(grad_out, w) if output_mask[0] else None
     weight_call = _linear_weight_grad_call(grad_out, x, w.dim() == 2) if output_mask[1] else None
     if (output_mask[0] and input_call is None) or (output_mask[1] and weight_call is None):
@@ -354,6 +355,10 @@ def task_linear_backward(grad_out, x, w, output_mask, input_precision="ieee"):
     if weight_call is not None:
         launch, gemm, out_shape = weight_call
         d_w = _run(launch, gemm(), out_shape, grad_out.device, input_precision=input_precision)
+    if dx_addend is not None:
+        d_x = d_x + dx_addend
+    if dw_addend is not None:
+        d_w = d_w + dw_addend
     return d_x, d_w
 
 

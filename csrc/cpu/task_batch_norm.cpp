@@ -242,10 +242,16 @@ at::Tensor task_batch_norm(const at::Tensor& x, const c10::optional<at::Tensor>&
   return y;
 }
 
+// dx_addend (x's shape) and dgamma_addend ([T, C]), when given, are added to grad_x and
+// grad_gamma in their write passes: task_batch_norm's eager node passes the gradients its
+// alias outputs of x and γ received, which autograd's engine would otherwise sum with x's
+// and γ's gradients by an aten add each.
 std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const at::Tensor& x,
                                                  const c10::optional<at::Tensor>& gamma, double eps,
                                                  const c10::List<bool>& needs, const c10::optional<at::Tensor>& y,
-                                                 c10::string_view act_name, double negative_slope) {
+                                                 c10::string_view act_name, double negative_slope,
+                                                 const c10::optional<at::Tensor>& dx_addend,
+                                                 const c10::optional<at::Tensor>& dgamma_addend) {
   const BnShape s = check_bn(x, gamma, "gamma");
   const Act act_value = check_fused_activation(y, x, act_name);
   FM_CHECK_INPUT(grad_z, kCPU);
@@ -253,12 +259,28 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
   TORCH_CHECK_VALUE(grad_z.sizes() == x.sizes(), "grad_z must be ", x.sizes(), ", got ", grad_z.sizes());
   TORCH_CHECK_VALUE(needs.size() == 3, "needs must hold 3 flags, got ", needs.size());
   const bool need_x = needs.get(0), need_gamma = needs.get(1), need_beta = needs.get(2);
+  if (dx_addend.has_value()) {
+    FM_CHECK_INPUT(*dx_addend, kCPU);
+    FM_CHECK_SAME_DTYPE(*dx_addend, x);
+    TORCH_CHECK_VALUE(need_x && dx_addend->sizes() == x.sizes(), "dx_addend must be ", x.sizes(),
+                      " and grad_x needed, got ", dx_addend->sizes());
+  }
+  if (dgamma_addend.has_value()) {
+    FM_CHECK_INPUT(*dgamma_addend, kCPU);
+    FM_CHECK_SAME_DTYPE(*dgamma_addend, x);
+    TORCH_CHECK_VALUE(need_gamma && dgamma_addend->dim() == 2 && dgamma_addend->size(0) == s.T &&
+                          dgamma_addend->size(1) == s.C,
+                      "dgamma_addend must be [T, C] = [", s.T, ", ", s.C, "] and grad_gamma needed, got ",
+                      dgamma_addend->sizes());
+  }
   auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor gx = need_x ? at::empty_like(x) : empty();
   at::Tensor gg = need_gamma ? at::empty({s.T, s.C}, x.options()) : empty();
   at::Tensor gb = need_beta ? at::empty({s.T, s.C}, x.options()) : empty();
   if (x.numel() == 0) {
-    if (need_gamma) gg.zero_();
+    if (need_gamma) {
+      if (dgamma_addend.has_value()) gg.copy_(*dgamma_addend); else gg.zero_();
+    }
     if (need_beta) gb.zero_();
     return {gx, gg, gb};
   }
@@ -273,13 +295,16 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
     T_* gxp = need_x ? gx.data_ptr<T_>() : nullptr;
     T_* ggp = need_gamma ? gg.data_ptr<T_>() : nullptr;
     T_* gbp = need_beta ? gb.data_ptr<T_>() : nullptr;
+    const T_* axp = dx_addend.has_value() ? dx_addend->data_ptr<T_>() : nullptr;
+    const T_* agp = dgamma_addend.has_value() ? dgamma_addend->data_ptr<T_>() : nullptr;
     const T_ count = T_(s.N * s.S);
     if (is_features(s)) {
-      at::parallel_for(0, s.T, task_grain(s), [&, xp, gz, yp, gxp](int64_t t0, int64_t t1) {
+      at::parallel_for(0, s.T, task_grain(s), [&, xp, gz, yp, gxp, axp](int64_t t0, int64_t t1) {
         const T_* const xp_ = xp;  // locals: see the slice loop below
         const T_* const gz_ = gz;
         const T_* const yp_ = yp;
         T_* const gxp_ = gxp;
+        const T_* const axp_ = axp;
         std::vector<T_> mean(s.C), rstd(s.C), sum_g(s.C), sum_gx(s.C), scale(s.C);
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t base = t * s.N * s.C;
@@ -296,7 +321,8 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
               sum_gx[c] += g * (xp_[off + c] - mean[c]) * rstd[c];
             }
           }
-          if (ggp) std::copy(sum_gx.begin(), sum_gx.end(), ggp + t * s.C);
+          if (ggp)
+            for (int64_t c = 0; c < s.C; ++c) ggp[t * s.C + c] = sum_gx[c] + (agp ? agp[t * s.C + c] : T_(0));
           if (gbp) std::copy(sum_g.begin(), sum_g.end(), gbp + t * s.C);
           if (!gxp_) continue;
           channel_row<T_>(gamma, t, s.C, T_(1), scale.data());
@@ -310,20 +336,22 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
 #pragma omp simd
             for (int64_t c = 0; c < s.C; ++c)
               gxp_[off + c] = scale[c] * (masked<T_>(gz_[off + c], yp_, off + c, act, slope) - sum_g[c] -
-                                         (xp_[off + c] - mean[c]) * rstd[c] * sum_gx[c]);
+                                         (xp_[off + c] - mean[c]) * rstd[c] * sum_gx[c]) +
+                              (axp_ ? axp_[off + c] : T_(0));
           }
         }
       });
       return;
     }
     const int64_t cb = channel_block<T_>(s, yp ? 3 : 2), blocks = (s.C + cb - 1) / cb;
-    at::parallel_for(0, s.T * blocks, 1, [&, xp, gz, yp, gxp](int64_t j0, int64_t j1) {
+    at::parallel_for(0, s.T * blocks, 1, [&, xp, gz, yp, gxp, axp](int64_t j0, int64_t j1) {
       // The pointers as locals (captured by value, copied here): read through the closure,
       // gcc reloads them every element and leaves the sums scalar (3.6x slower at W2).
       const T_* const xp_ = xp;
       const T_* const gz_ = gz;
       const T_* const yp_ = yp;
       T_* const gxp_ = gxp;
+      const T_* const axp_ = axp;
       std::vector<T_> mean(cb), rstd(cb), sum_g(cb), sum_gx(cb);
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t t = j / blocks, c0 = (j % blocks) * cb, cn = std::min(cb, s.C - c0);
@@ -345,7 +373,7 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
             sum_gx[c] += row_gx;
           }
         for (int64_t c = 0; c < cn; ++c) {
-          if (ggp) ggp[t * s.C + c0 + c] = sum_gx[c];
+          if (ggp) ggp[t * s.C + c0 + c] = sum_gx[c] + (agp ? agp[t * s.C + c0 + c] : T_(0));
           if (gbp) gbp[t * s.C + c0 + c] = sum_g[c];
         }
         if (!gxp_) continue;
@@ -358,10 +386,18 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
             const int64_t off = ((t * s.N + n) * s.C + c0 + c) * s.S;
             const T_ scale = rstd[c] * channel_param<T_>(gamma, t, c0 + c, s.C, T_(1));
             const T_ m = mean[c], r = rstd[c], mg = sum_g[c], mgx = sum_gx[c];
+            if (axp_ != nullptr) {  // the addend in the write pass (a branch per row, not per element)
+              const T_* __restrict add = axp_ + off;
 #pragma omp simd
-            for (int64_t i = 0; i < s.S; ++i)
-              gxp_[off + i] = scale * (masked<T_>(gz_[off + i], yp_, off + i, act, slope) - mg -
-                                       (xp_[off + i] - m) * r * mgx);
+              for (int64_t i = 0; i < s.S; ++i)
+                gxp_[off + i] = scale * (masked<T_>(gz_[off + i], yp_, off + i, act, slope) - mg -
+                                         (xp_[off + i] - m) * r * mgx) + add[i];
+            } else {
+#pragma omp simd
+              for (int64_t i = 0; i < s.S; ++i)
+                gxp_[off + i] = scale * (masked<T_>(gz_[off + i], yp_, off + i, act, slope) - mg -
+                                         (xp_[off + i] - m) * r * mgx);
+            }
           }
       }
     });

@@ -354,9 +354,12 @@ void forward_into(const ConvShape& s, const T_* xp, const T_* wp, int64_t w_ts, 
   });
 }
 
-// dx = the input gradient of conv(·, w) at grad_out.
+// dx = the input gradient of conv(·, w) at grad_out, plus `addp` (x's shape) when given:
+// col2im scatters into a buffer that starts from the addend instead of zeros (the gradient
+// autograd's engine would otherwise add with an aten op, see task_conv2d_backward).
 template <typename T_>
-void input_grad_into(const ConvShape& s, const T_* gp, const T_* wp, int64_t w_ts, T_* dxp) {
+void input_grad_into(const ConvShape& s, const T_* gp, const T_* wp, int64_t w_ts, T_* dxp,
+                     const T_* addp = nullptr) {
   if (s.T * s.N * s.C * s.H * s.W == 0) return;
   const int64_t K = s.K(), L = s.L(), nb = s.chunk(), chunks = s.chunks(), image = s.C * s.H * s.W;
   at::parallel_for(0, s.T * chunks, 1, [&](int64_t i0, int64_t i1) {
@@ -375,31 +378,41 @@ void input_grad_into(const ConvShape& s, const T_* gp, const T_* wp, int64_t w_t
       }
       matmul<T_>(K, n * L, s.O, wp + t * w_ts, 1, K, dy, n * L, 1, dcols.get(), n * L, false);
       T_* d = dxp + (t * s.N + n0) * image;
-      std::fill(d, d + n * image, T_(0));
+      if (addp != nullptr) {
+        const T_* a = addp + (t * s.N + n0) * image;
+        std::copy(a, a + n * image, d);
+      } else {
+        std::fill(d, d + n * image, T_(0));
+      }
       col2im<T_>(dcols.get(), s, n, d);
     }
   });
 }
 
 // dw = the weight gradient of conv(x, ·) at grad_out: per task [T, O, K], or [O, K] summed
-// over tasks when `shared`.
+// over tasks when `shared`; plus `addp` (dw's shape) when given: dw starts as the addend and
+// every GEMM accumulates into it (beta = 1).
 template <typename T_>
-void weight_grad_into(const ConvShape& s, const T_* gp, const T_* xp, bool shared, T_* dwp) {
+void weight_grad_into(const ConvShape& s, const T_* gp, const T_* xp, bool shared, T_* dwp,
+                      const T_* addp = nullptr) {
   const int64_t K = s.K(), L = s.L(), OK = s.O * K;
   const int64_t size = shared ? OK : s.T * OK;
   if (size == 0) return;
+  if (addp != nullptr) std::copy(addp, addp + size, dwp);
   const int64_t nb = s.chunk(), chunks = s.chunks();
   const std::vector<int32_t> table = tap_offsets(s);
   // dW [O, K] (+)= dY [O, n·L] · colsᵀ over the items [i0, i1) (one task's chunks, or any
-  // when shared); the first item writes, the rest add.
-  auto accumulate = [&](int64_t i0, int64_t i1, T_* dw_out, T_* cols, T_* gathered) {
+  // when shared); the first item writes, the rest add (all add into a dW that starts as
+  // the addend: `initialised`).
+  auto accumulate = [&](int64_t i0, int64_t i1, T_* dw_out, T_* cols, T_* gathered, bool initialised) {
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t t = item / chunks, n0 = (item % chunks) * nb, n = std::min(nb, s.N - n0);
       im2col<T_>(xp + (t * s.N + n0) * s.C * s.H * s.W, s, table.data(), n, cols);
       const T_* g = gp + (t * s.N + n0) * s.O * L;
       if (L >= kPerExampleL) {  // dY_t straight from grad_out, one GEMM per example
         for (int64_t e = 0; e < n; ++e)
-          matmul<T_>(s.O, K, L, g + e * s.O * L, L, 1, cols + e * L, 1, n * L, dw_out, K, item > i0 || e > 0);
+          matmul<T_>(s.O, K, L, g + e * s.O * L, L, 1, cols + e * L, 1, n * L, dw_out, K,
+                     initialised || item > i0 || e > 0);
         continue;
       }
       const T_* dy = g;  // else gathered to [O, n·L] for one GEMM (one example's is grad_out's layout)
@@ -409,16 +422,17 @@ void weight_grad_into(const ConvShape& s, const T_* gp, const T_* xp, bool share
             std::copy(g + (e * s.O + o) * L, g + (e * s.O + o + 1) * L, gathered + o * n * L + e * L);
         dy = gathered;
       }
-      matmul<T_>(s.O, K, n * L, dy, n * L, 1, cols, 1, n * L, dw_out, K, item > i0);
+      matmul<T_>(s.O, K, n * L, dy, n * L, 1, cols, 1, n * L, dw_out, K, initialised || item > i0);
     }
   };
   if (s.N == 0 || s.T == 0) {
-    std::fill(dwp, dwp + size, T_(0));
+    if (addp == nullptr) std::fill(dwp, dwp + size, T_(0));
   } else if (!shared) {
     at::parallel_for(0, s.T, 1, [&](int64_t t0, int64_t t1) {
       auto cols = scratch<T_>(K * nb * L);
       auto gathered = scratch<T_>(s.O * nb * L);
-      for (int64_t t = t0; t < t1; ++t) accumulate(t * chunks, (t + 1) * chunks, dwp + t * OK, cols.get(), gathered.get());
+      for (int64_t t = t0; t < t1; ++t) accumulate(t * chunks, (t + 1) * chunks, dwp + t * OK, cols.get(), gathered.get(),
+                                                  addp != nullptr);
     });
   } else {
     // Summed over tasks: the items split into one part per thread, each part's dW
@@ -432,7 +446,7 @@ void weight_grad_into(const ConvShape& s, const T_* gp, const T_* xp, bool share
       auto gathered = scratch<T_>(s.O * nb * L);
       for (int64_t p = p0; p < p1; ++p)
         accumulate(p * items / parts, (p + 1) * items / parts, p == 0 ? dwp : partial.data() + (p - 1) * OK,
-                   cols.get(), gathered.get());
+                   cols.get(), gathered.get(), p == 0 && addp != nullptr);
     });
     for (int64_t p = 1; p < parts; ++p)
 #pragma omp simd
@@ -549,21 +563,44 @@ std::vector<bool> flags(const c10::List<bool>& mask, size_t count) {
   return out;
 }
 
+// A backward op's addend: absent, or contiguous, of x's dtype and of the output's shape.
+const at::Tensor* checked_addend(const c10::optional<at::Tensor>& addend, const at::Tensor& x, at::IntArrayRef shape,
+                                 bool wanted, const char* name) {
+  if (!addend.has_value()) return nullptr;
+  FM_CHECK_INPUT(*addend, kCPU);
+  FM_CHECK_SAME_DTYPE(*addend, x);
+  TORCH_CHECK_VALUE(wanted, name, " is given for an output output_mask leaves out");
+  TORCH_CHECK_VALUE(addend->sizes() == shape, name, " must have shape ", shape, ", got ", addend->sizes());
+  return &*addend;
+}
+
 // Both gradients of task_conv2d in one op: dx (mask 0) and dw (mask 1), an unwanted one
 // returned empty and not computed. dw follows w's rank: [O, C, kh, kw] summed over tasks
 // for a 4-D w, [T, O, C, kh, kw] for a 5-D one (even at task stride 0: its gradient is per task).
+// dx_addend / dw_addend, when given, are added to dx / dw inside the kernels (col2im starts
+// from dx_addend, the weight GEMMs accumulate into dw_addend): task_conv2d's eager node
+// passes the gradients its alias outputs received, which autograd's engine would otherwise
+// sum with x's and w's gradients by an aten add each.
 std::tuple<at::Tensor, at::Tensor> task_conv2d_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                        const at::Tensor& w, at::IntArrayRef stride,
-                                                       at::IntArrayRef padding, const c10::List<bool>& output_mask) {
+                                                       at::IntArrayRef padding, const c10::List<bool>& output_mask,
+                                                       const c10::optional<at::Tensor>& dx_addend,
+                                                       const c10::optional<at::Tensor>& dw_addend) {
   int64_t w_ts = 0;
   const ConvShape s = backward_shape(grad_out, x, w, stride, padding, w_ts);
   const std::vector<bool> want = flags(output_mask, 2);
+  const at::Tensor* ax = checked_addend(dx_addend, x, x.sizes(), want[0], "dx_addend");
+  const at::Tensor* aw = checked_addend(dw_addend, x, w.sizes(), want[1], "dw_addend");
   at::Tensor dx = want[0] ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor dw = want[1] ? at::empty(w.sizes(), x.options()) : at::empty({0}, x.options());
   dispatch_floating(x.scalar_type(), "task_conv2d_backward", [&](auto tag_) {
     using T_ = decltype(tag_);
-    if (want[0]) input_grad_into<T_>(s, grad_out.data_ptr<T_>(), w.data_ptr<T_>(), w_ts, dx.data_ptr<T_>());
-    if (want[1]) weight_grad_into<T_>(s, grad_out.data_ptr<T_>(), x.data_ptr<T_>(), w.dim() == 4, dw.data_ptr<T_>());
+    if (want[0])
+      input_grad_into<T_>(s, grad_out.data_ptr<T_>(), w.data_ptr<T_>(), w_ts, dx.data_ptr<T_>(),
+                          ax ? ax->data_ptr<T_>() : nullptr);
+    if (want[1])
+      weight_grad_into<T_>(s, grad_out.data_ptr<T_>(), x.data_ptr<T_>(), w.dim() == 4, dw.data_ptr<T_>(),
+                           aw ? aw->data_ptr<T_>() : nullptr);
   });
   return {dx, dw};
 }

@@ -156,7 +156,9 @@ at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
   return y;
 }
 
-at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& w) {
+// The gradients below, each plus `addend` (the output's shape, contiguous) when given: the
+// output starts as the addend and every GEMM accumulates into it (beta = 1).
+at::Tensor input_grad_plus(const at::Tensor& grad_out, const at::Tensor& w, const at::Tensor* addend) {
   FM_CHECK_INPUT(grad_out, kCPU);
   FM_CHECK_FLOATING(grad_out);
   FM_CHECK_DIM(grad_out, 3);
@@ -168,19 +170,21 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
   const int64_t ws = w_shared ? 0 : task_stride(w);
   at::Tensor out = at::empty({T, N, I}, grad_out.options());
   if (out.numel() == 0) return out;
-  if (O == 0) return out.zero_();
+  const bool acc = addend != nullptr;
+  if (O == 0) return acc ? out.copy_(*addend) : out.zero_();
   dispatch_floating(grad_out.scalar_type(), "task_linear_input_grad", [&](auto tag_) {
     using scalar_t = decltype(tag_);
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    if (acc) std::copy(addend->data_ptr<scalar_t>(), addend->data_ptr<scalar_t>() + out.numel(), o);
     // Row-major out[t] = g[t]·w[t] is column-major out[t]ᵀ (I×N) = w[t]ᵀ·g[t]ᵀ: ('N', 'N').
     if (w_shared && use_blas<scalar_t>(I, T * N, O)) {
-      blas_gemm<scalar_t>('N', 'N', I, T * N, O, wp, I, g, O, o, I, false);
+      blas_gemm<scalar_t>('N', 'N', I, T * N, O, wp, I, g, O, o, I, acc);
       return;
     }
     if (!w_shared && use_blas<scalar_t>(I, N, O)) {
-      blas_gemm_batched<scalar_t>('N', 'N', T, I, N, O, wp, ws, I, g, N * O, O, o, N * I, I);
+      blas_gemm_batched<scalar_t>('N', 'N', T, I, N, O, wp, ws, I, g, N * O, O, o, N * I, I, acc);
       return;
     }
     const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
@@ -189,14 +193,14 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
         const int64_t t = j / blocks, n0 = (j % blocks) * kRowBlock;
         const int64_t rows = std::min(kRowBlock, N - n0);
         gemm<scalar_t>(rows, I, O, g + (t * N + n0) * O, O, 1, wp + t * ws, I,
-                       o + (t * N + n0) * I, I, false);
+                       o + (t * N + n0) * I, I, acc);
       }
     });
   });
   return out;
 }
 
-at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, bool shared) {
+at::Tensor weight_grad_plus(const at::Tensor& grad_out, const at::Tensor& x, bool shared, const at::Tensor* addend) {
   FM_CHECK_INPUT(grad_out, kCPU);
   FM_CHECK_INPUT(x, kCPU);
   FM_CHECK_FLOATING(x);
@@ -208,19 +212,21 @@ at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor&
               ", O], got ", grad_out.sizes());
   at::Tensor out = shared ? at::empty({O, I}, x.options()) : at::empty({T, O, I}, x.options());
   if (out.numel() == 0) return out;
-  if (N == 0 || T == 0) return out.zero_();
+  const bool acc = addend != nullptr;
+  if (N == 0 || T == 0) return acc ? out.copy_(*addend) : out.zero_();
   dispatch_floating(x.scalar_type(), "task_linear_weight_grad", [&](auto tag_) {
     using scalar_t = decltype(tag_);
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    if (acc) std::copy(addend->data_ptr<scalar_t>(), addend->data_ptr<scalar_t>() + out.numel(), o);
     // Row-major out[t] = g[t]ᵀ·x[t] is column-major out[t]ᵀ (I×O) = x[t]ᵀ·g[t]: ('N', 'T').
     if (shared && use_blas<scalar_t>(I, O, T * N)) {
-      blas_gemm<scalar_t>('N', 'T', I, O, T * N, xp, I, g, O, o, I, false);
+      blas_gemm<scalar_t>('N', 'T', I, O, T * N, xp, I, g, O, o, I, acc);
       return;
     }
     if (!shared && use_blas<scalar_t>(I, O, N)) {
-      blas_gemm_batched<scalar_t>('N', 'T', T, I, O, N, xp, N * I, I, g, N * O, O, o, O * I, I);
+      blas_gemm_batched<scalar_t>('N', 'T', T, I, O, N, xp, N * I, I, g, N * O, O, o, O * I, I, acc);
       return;
     }
     // The micro-kernel reads grad_outᵀ in place through the strides (row o of Aᵀ is column o
@@ -231,17 +237,25 @@ at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor&
       at::parallel_for(0, blocks, 1, [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t o0 = j * kRowBlock, rows = std::min(kRowBlock, O - o0);
-          gemm<scalar_t>(rows, I, T * N, g + o0, 1, O, xp, I, o + o0 * I, I, false);
+          gemm<scalar_t>(rows, I, T * N, g + o0, 1, O, xp, I, o + o0 * I, I, acc);
         }
       });
     } else {
       at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t)
-          gemm<scalar_t>(O, I, N, g + t * N * O, 1, O, xp + t * N * I, I, o + t * O * I, I, false);
+          gemm<scalar_t>(O, I, N, g + t * N * O, 1, O, xp + t * N * I, I, o + t * O * I, I, acc);
       });
     }
   });
   return out;
+}
+
+at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& w) {
+  return input_grad_plus(grad_out, w, nullptr);
+}
+
+at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, bool shared) {
+  return weight_grad_plus(grad_out, x, shared, nullptr);
 }
 
 bool mask_at(const c10::List<bool>& mask, size_t i) { return mask.size() > i && mask.get(i); }
@@ -249,11 +263,32 @@ bool mask_at(const c10::List<bool>& mask, size_t i) { return mask.size() > i && 
 // (grad_out·w, grad_outᵀ·x): task_linear's input and weight gradients in one op; an output
 // the mask leaves out is empty (numel 0) and not computed. A 2-D w is shared: its gradient
 // is summed over tasks.
+// dx_addend / dw_addend, when given, are added to dx / dw by the GEMMs (beta = 1 on an
+// output that starts as the addend): task_linear's eager node passes the gradients its alias
+// outputs of x and w received, which autograd's engine would otherwise sum with x's and w's
+// gradients by an aten add each.
 std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                        const at::Tensor& w, const c10::List<bool>& output_mask) {
-  at::Tensor d_x = mask_at(output_mask, 0) ? task_linear_input_grad(grad_out, w) : at::empty({0}, grad_out.options());
-  at::Tensor d_w = mask_at(output_mask, 1) ? task_linear_weight_grad(grad_out, x, w.dim() == 2)
-                                           : at::empty({0}, grad_out.options());
+                                                        const at::Tensor& w, const c10::List<bool>& output_mask,
+                                                        const c10::optional<at::Tensor>& dx_addend,
+                                                        const c10::optional<at::Tensor>& dw_addend) {
+  const bool want_x = mask_at(output_mask, 0), want_w = mask_at(output_mask, 1);
+  if (dx_addend.has_value()) {
+    FM_CHECK_INPUT(*dx_addend, kCPU);
+    FM_CHECK_SAME_DTYPE(*dx_addend, grad_out);
+    TORCH_CHECK_VALUE(want_x && dx_addend->dim() == 3 && dx_addend->size(0) == grad_out.size(0) &&
+                          dx_addend->size(1) == grad_out.size(1) && dx_addend->size(2) == w.size(-1),
+                      "dx_addend must be [T, N, I] and dx wanted, got ", dx_addend->sizes());
+  }
+  if (dw_addend.has_value()) {
+    FM_CHECK_INPUT(*dw_addend, kCPU);
+    FM_CHECK_SAME_DTYPE(*dw_addend, grad_out);
+    TORCH_CHECK_VALUE(want_w && dw_addend->sizes() == w.sizes(), "dw_addend must have w's shape ", w.sizes(),
+                      " and dw wanted, got ", dw_addend->sizes());
+  }
+  at::Tensor d_x = want_x ? input_grad_plus(grad_out, w, dx_addend.has_value() ? &*dx_addend : nullptr)
+                          : at::empty({0}, grad_out.options());
+  at::Tensor d_w = want_w ? weight_grad_plus(grad_out, x, w.dim() == 2, dw_addend.has_value() ? &*dw_addend : nullptr)
+                          : at::empty({0}, grad_out.options());
   return {d_x, d_w};
 }
 

@@ -126,8 +126,12 @@ void input_grad_gemm(const at::Tensor& g, const at::Tensor& w, int64_t ws, at::T
 
 bool mask_at(const c10::List<bool>& mask, size_t i) { return mask.size() > i && mask.get(i); }
 
+// dx_addend / dw_addend, when given, are added to dx / dw after the GEMMs (an add each: the
+// CUDA GEMM takes no addend here yet; the CPU kernels sum them in their GEMMs).
 std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                        const at::Tensor& w, const c10::List<bool>& output_mask) {
+                                                        const at::Tensor& w, const c10::List<bool>& output_mask,
+                                                        const c10::optional<at::Tensor>& dx_addend,
+                                                        const c10::optional<at::Tensor>& dw_addend) {
   FM_CHECK_CUDA_F32(grad_out);
   FM_CHECK_DIM(grad_out, 3);
   const int64_t T = grad_out.size(0), N = grad_out.size(1), O = grad_out.size(2);
@@ -141,6 +145,8 @@ std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_o
   }
   at::Tensor d_w = mask_at(output_mask, 1) ? task_linear_weight_grad(grad_out, x, w.dim() == 2)
                                            : at::empty({0}, grad_out.options());
+  if (dx_addend.has_value() && d_x.numel()) d_x.add_(*dx_addend);
+  if (dw_addend.has_value() && d_w.numel()) d_w.add_(*dw_addend);
   return {d_x, d_w};
 }
 

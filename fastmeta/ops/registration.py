@@ -81,6 +81,7 @@ class PublicOp:
         self._required = sum(1 for a in schema.arguments if not a.has_default_value())
         self._defaults = tuple(a.default_value if a.has_default_value() else None for a in schema.arguments)
         self._function: type[torch.autograd.Function] | None = None
+        self._aliased = False
         torch.library.impl(self._qualname, "CompositeExplicitAutograd", self._dispatcher_impl, lib=_LIBRARY)
 
     # -- registration -------------------------------------------------------------------
@@ -89,9 +90,29 @@ class PublicOp:
         torch.library.register_fake(self._qualname, fn, lib=_LIBRARY)
         return fn
 
-    def register_autograd(self, backward: Callable, setup_context: Callable | None = None) -> None:
+    def register_autograd(self, backward: Callable, setup_context: Callable | None = None,
+                          aliased_inputs: tuple[int, ...] = ()) -> None:
+        """aliased_inputs: positions of tensor inputs that the op's backward reads back (saved
+        by ``setup_context``) and passes to a backward op. On the eager path the node returns
+        each such input that needs a gradient as an extra output, an alias
+        (``x.view_as(x)``), and setup saves the alias in its place: a backward op called on
+        the saved alias then sends its gradient of that input to this node's alias output,
+        not to the input's own producer. Without the alias the outer backward of second
+        order MAML reached the input through two nodes (this one and the backward op's), and
+        autograd's engine summed the two gradients with an ``aten::add_``: one dispatch per
+        read tensor. With it, ``backward`` finds the alias outputs' gradients in
+        ``ctx.alias_grads`` (input position → gradient, or None) and adds them where it
+        computes the input's gradient (in the backward op's kernel, as an addend). The
+        public op still returns only its own output; the dispatcher path
+        (``torch.ops.fastmeta.<name>``) has no aliases (``ctx.alias_grads`` unset)."""
         torch.library.register_autograd(self._qualname, backward, setup_context=setup_context, lib=_LIBRARY)
         run = self._run
+        self._aliased = bool(aliased_inputs)
+        if aliased_inputs:
+            if self._returns_list:
+                raise ValueError(f"{self.name}: aliased inputs need an op with one tensor result")
+            self._register_aliased(backward, setup_context, tuple(aliased_inputs))
+            return
 
         # The eager path's node: the same setup and backward as the dispatcher's. Written in
         # the ctx-first style (setup called from forward): a separate setup_context makes
@@ -116,6 +137,41 @@ class PublicOp:
         })
         # Function.apply less its Python wrapper (the functorch check and argument binding,
         # which __call__ has done or does not need): the C++ apply.
+        self._apply = super(torch.autograd.Function, function).apply
+        self._function = function
+
+    def _register_aliased(self, backward: Callable, setup_context: Callable | None,
+                          aliased_inputs: tuple[int, ...]) -> None:
+        """The eager node of :meth:`register_autograd` with ``aliased_inputs``: forward
+        returns ``(output, *aliases)``, one alias per aliased input that needs a gradient
+        (an input that needs none is saved as it is: an alias would make the backward op
+        compute a gradient nobody wants)."""
+        run = self._run
+
+        def forward(ctx, *args):
+            output = run(args)
+            # Unused outputs' gradients arrive as None: no zeros made for an alias nobody read.
+            ctx.set_materialize_grads(False)
+            positions = tuple(i for i in aliased_inputs if ctx.needs_input_grad[i])
+            ctx.alias_positions = positions
+            aliases = tuple(args[i].view_as(args[i]) for i in positions)
+            saved_args = list(args)
+            for i, alias in zip(positions, aliases):
+                saved_args[i] = alias
+            if setup_context is not None:
+                setup_context(ctx, tuple(saved_args), output)
+            return (output, *aliases)
+
+        def backward_aliased(ctx, grad_output, *alias_grads):
+            # grad_output is None where only the aliases were read (gradients are not
+            # materialised): the op's backward handles it.
+            ctx.alias_grads = dict(zip(ctx.alias_positions, alias_grads))
+            return backward(ctx, grad_output)
+
+        function = type(f"{self.name}_function", (torch.autograd.Function,), {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(backward_aliased),
+        })
         self._apply = super(torch.autograd.Function, function).apply
         self._function = function
 
@@ -197,6 +253,8 @@ class PublicOp:
             if self._function is None or self._has_tensor_lists or self._mutates:
                 return self.default(*args)
             out = self._apply(*args)
+            if self._aliased:
+                return out[0]
             return list(out) if self._returns_list else out
         out = self._run(args)
         if self._mutated_positions:

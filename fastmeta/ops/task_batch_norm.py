@@ -35,6 +35,19 @@ returns the gradient at grad_y, f'(y)·(the one at grad_z); f' is constant where
 so nothing depends on y and no gradient at y is computed. A smooth activation (tanh,
 sigmoid) has a gradient at y (d f'/dy ≠ 0): the op layer runs ``activation_grad`` first and
 calls these with y None (act "none"); passing y with one is refused, naming ``act``.
+
+**Why addends.** Second-order MAML's inner step runs task_batch_norm_backward on x and γ
+as task_batch_norm's node saved them. In the outer backward x and γ then receive a
+gradient from task_batch_norm's node and one from task_batch_norm_backward's, and
+autograd's engine summed the two with an ``aten::add_`` per tensor. task_batch_norm's
+eager node therefore returns x and γ (those that need a gradient; β is not read by the
+backward) as alias outputs and saves the aliases (``register_autograd(...,
+aliased_inputs=(0, 1))``): task_batch_norm_backward's gradients of them arrive at
+task_batch_norm's own node, whose backward passes them to task_batch_norm_backward as
+``dx_addend`` / ``dgamma_addend``, added in the kernel's write pass. A shared γ ``[C]``'s
+gradient is the per-task one summed over tasks by an aten op: its addend joins that sum
+(an add, where the engine's was one). task_batch_norm_backward's own backward passes the
+upstream of grad_x / grad_γ through to the addends unchanged.
 """
 
 from __future__ import annotations
@@ -108,11 +121,15 @@ def gradient_at_z(grad_out: Tensor, y: Tensor | None, act: str, negative_slope: 
 def reference_task_batch_norm_backward(
     grad_z: Tensor, x: Tensor, gamma: Tensor | None, eps: float, needs: list[bool], y: Tensor | None = None,
     act: str = "none", negative_slope: float = 0.01,  # nn.LeakyReLU's default; read only with leaky_relu
+    dx_addend: Tensor | None = None, dgamma_addend: Tensor | None = None,
 ) -> list[Tensor]:
     """[grad_x, grad_gamma ``[T, C]``, grad_beta ``[T, C]``]; those not needed are empty.
 
     grad_z: the gradient at z; with y (the forward's output, act relu or leaky_relu), the
-    gradient at y, and grad_z = grad_z·f'(y) (see the module docstring)."""
+    gradient at y, and grad_z = grad_z·f'(y) (see the module docstring). dx_addend (x's
+    shape) and dgamma_addend (``[T, C]``), only for a needed output, are added to grad_x and
+    grad_gamma: the gradients task_batch_norm's eager node received at its alias outputs
+    (see "Why addends" in the module docstring)."""
     grad_z = gradient_at_z(grad_z, y, act, negative_slope)
     need_x, need_gamma, need_beta = needs
     dims = statistics_dims(x)
@@ -128,9 +145,14 @@ def reference_task_batch_norm_backward(
             - per_channel(sum_grad, x) / count
             - xhat * per_channel(sum_grad_xhat, x) / count
         )
+    grad_gamma = sum_grad_xhat if need_gamma else x.new_empty(0)
+    if need_x and dx_addend is not None:
+        grad_x = grad_x + dx_addend
+    if need_gamma and dgamma_addend is not None:
+        grad_gamma = grad_gamma + dgamma_addend
     return [
         grad_x,
-        sum_grad_xhat if need_gamma else x.new_empty(0),
+        grad_gamma,
         sum_grad if need_beta else x.new_empty(0),
     ]
 
@@ -235,8 +257,12 @@ def _bn_setup(ctx, inputs, output):
 
 
 def _bn_backward(ctx, grad_y):
-    if grad_y is None:
-        return None, None, None, None, None, None
+    """The alias outputs' gradients (``ctx.alias_grads``, eager path only) are added to x's
+    and γ's: in the kernel (γ per task), or to the task sum (γ shared)."""
+    addends = getattr(ctx, "alias_grads", {})
+    add_x, add_gamma = addends.get(0), addends.get(1)
+    if grad_y is None:  # only the aliases were read
+        return add_x, add_gamma, None, None, None, None
     x, gamma, y = ctx.saved_tensors
     act, slope = ctx.act, ctx.negative_slope
     if act in MASK_ACTIVATIONS:  # the backward kernel applies f'(y) itself: no activation_grad op
@@ -251,9 +277,13 @@ def _bn_backward(ctx, grad_y):
     ]
     if not any(needs):
         return None, None, None, None, None, None
-    grad_x, grad_gamma, grad_beta = task_batch_norm_backward(grad_z, x, gamma, ctx.eps, needs, y, act, slope)
+    kernel_gamma_addend = add_gamma if ctx.gamma_dim == 2 else None
+    grad_x, grad_gamma, grad_beta = task_batch_norm_backward(grad_z, x, gamma, ctx.eps, needs, y, act, slope,
+                                                             add_x, kernel_gamma_addend)
     if needs[1] and ctx.gamma_dim == 1:
         grad_gamma = grad_gamma.sum(0)
+        if add_gamma is not None:
+            grad_gamma = grad_gamma + add_gamma
     if needs[2] and ctx.beta_dim == 1:
         grad_beta = grad_beta.sum(0)
     return (
@@ -266,7 +296,7 @@ def _bn_backward(ctx, grad_y):
     )
 
 
-task_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup)
+task_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup, aliased_inputs=(0, 1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,10 +304,17 @@ task_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup)
 # ---------------------------------------------------------------------------------------
 
 
-def _check_backward(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01):
+def _check_backward(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01, dx_addend=None,
+                    dgamma_addend=None):
     check_fused_activation(y, act, negative_slope)
     if y is not None and y.shape != x.shape:
         raise ValueError(f"y must have x's shape {list(x.shape)}, got {list(y.shape)}")
+    if dx_addend is not None and (not needs[0] or dx_addend.shape != x.shape):
+        raise ValueError(f"dx_addend must have x's shape {list(x.shape)} and grad_x be needed, got "
+                         f"{list(dx_addend.shape)} with needs {list(needs)}")
+    if dgamma_addend is not None and (not needs[1] or tuple(dgamma_addend.shape) != (x.size(0), x.size(2))):
+        raise ValueError(f"dgamma_addend must be [T, C] = {[x.size(0), x.size(2)]} and grad_gamma be needed, got "
+                         f"{list(dgamma_addend.shape)} with needs {list(needs)}")
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:
@@ -285,41 +322,47 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 
 
 task_batch_norm_backward = define_op(reference_task_batch_norm_backward, NativeCall(
-    takes=lambda device_type, grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01: x.dim() >= 3,
-    args=lambda grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01: (
+    takes=lambda device_type, grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01, dx_addend=None,
+    dgamma_addend=None: x.dim() >= 3,
+    args=lambda grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01, dx_addend=None,
+    dgamma_addend=None: (
         grad_z.contiguous(), x.contiguous(), gamma, float(eps), [bool(n) for n in needs],
-        _contiguous(y), act, float(negative_slope)),
+        _contiguous(y), act, float(negative_slope), _contiguous(dx_addend), _contiguous(dgamma_addend)),
 ), check=_check_backward)
 
 
 @task_batch_norm_backward.register_fake
-def _(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01):
+def _(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01, dx_addend=None, dgamma_addend=None):
     T, C = x.size(0), x.size(2)
     shapes = [tuple(x.shape), (T, C), (T, C)]
     return [x.new_empty(s if n else (0,)) for s, n in zip(shapes, needs)]
 
 
 def _bn_backward_setup(ctx, inputs, output):
-    grad_z, x, gamma, eps, needs, y, act, negative_slope = inputs
+    grad_z, x, gamma, eps, needs, y, act, negative_slope = inputs[:8]  # the addends: nothing to save
     ctx.eps, ctx.needs, ctx.act, ctx.negative_slope = eps, needs, act, negative_slope
     ctx.save_for_backward(grad_z, x, gamma, y)
 
 
 def _bn_backward_backward(ctx, upstream):
-    """No gradient at y: f'(y) is piecewise constant (the module docstring)."""
+    """No gradient at y: f'(y) is piecewise constant (the module docstring). The addends'
+    gradients are the upstream of grad_x / grad_γ, unchanged."""
     grad_z, x, gamma, y = ctx.saved_tensors
 
     def live(i):  # the upstream at output i, or None where it is absent or was not produced
         u = upstream[i]
         return u if ctx.needs[i] and u is not None and u.numel() else None
 
+    wanted = ctx.needs_input_grad  # (the dispatcher's autograd may leave the defaulted addends out)
+    d_addends = (live(0) if len(wanted) > 8 and wanted[8] else None,
+                 live(1) if len(wanted) > 9 and wanted[9] else None)
     needs = [
         ctx.needs_input_grad[0],
         ctx.needs_input_grad[1],
         gamma is not None and ctx.needs_input_grad[2],
     ]
     if not any(needs):
-        return None, None, None, None, None, None, None, None
+        return (None, None, None, None, None, None, None, None, *d_addends)[:len(wanted)]
     d_grad_z, d_x, d_gamma = task_batch_norm_double_backward(
         grad_z, x, gamma, live(0), live(1), live(2), ctx.eps, needs, y, ctx.act, ctx.negative_slope
     )
@@ -334,7 +377,8 @@ def _bn_backward_backward(ctx, upstream):
         None,
         None,
         None,
-    )
+        *d_addends,
+    )[:len(wanted)]
 
 
 task_batch_norm_backward.register_autograd(_bn_backward_backward, setup_context=_bn_backward_setup)

@@ -35,6 +35,17 @@ was two more ops. One node whose double backward is one op computes
 d grad_out = conv(g_dx, w) + conv(x, g_dw) with the sum inside the kernel (the second
 GEMM accumulates into the first's output): W2's second-order iteration went from 141 to
 120 dispatches (tests/engine/test_dispatch_budgets.py has the counts).
+
+**Why addends.** Second-order MAML's inner step runs task_conv2d_backward on x and w as
+task_conv2d's node saved them. In the outer backward x and w then receive a gradient from
+task_conv2d's node and one from task_conv2d_backward's, and autograd's engine summed the
+two with an ``aten::add_`` per tensor. task_conv2d's eager node therefore returns x and w
+(those that need a gradient) as alias outputs and saves the aliases
+(``register_autograd(..., aliased_inputs=(0, 1))``): task_conv2d_backward's gradients of
+them arrive at task_conv2d's own node, whose backward passes them to task_conv2d_backward
+as ``dx_addend`` / ``dw_addend``, summed in the kernels (col2im starts from dx_addend, the
+weight GEMMs accumulate into dw_addend). task_conv2d_backward's own backward passes the
+upstream of dx / dw through to the addends unchanged.
 """
 
 from __future__ import annotations
@@ -144,16 +155,23 @@ def reference_task_conv2d_weight_grad(
 
 
 def reference_task_conv2d_backward(
-    grad_out: Tensor, x: Tensor, w: Tensor, stride: list[int], padding: list[int], output_mask: list[bool]
+    grad_out: Tensor, x: Tensor, w: Tensor, stride: list[int], padding: list[int], output_mask: list[bool],
+    dx_addend: Tensor | None = None, dw_addend: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(dx, dw): the gradients of task_conv2d(x, w) at x and w for grad_out, those
     ``output_mask`` leaves out empty. dw is summed over tasks for a 4-D w, per task for a
-    5-D one."""
+    5-D one. dx_addend / dw_addend (x's / w's shape, only for a wanted output) are added to
+    dx / dw: the gradients task_conv2d's eager node received at its alias outputs (see
+    "Why addends" in the module docstring)."""
     dx = dw = grad_out.new_empty(0)
     if output_mask[0]:
         dx = reference_task_conv2d_input_grad(grad_out, w, list(x.shape[3:]), stride, padding)
+        if dx_addend is not None:
+            dx = dx + dx_addend
     if output_mask[1]:
         dw = reference_task_conv2d_weight_grad(grad_out, x, list(w.shape[-2:]), stride, padding, w.dim() == 4)
+        if dw_addend is not None:
+            dw = dw + dw_addend
     return dx, dw
 
 
@@ -252,7 +270,8 @@ def _native_weight_grad_takes(device_type, grad_out, x, kernel_size, stride, pad
     return _native_geometry(kernel_size, stride, padding, x.shape[3:], grad_out.shape[3:])
 
 
-def _native_backward_takes(device_type, grad_out, x, w, stride, padding, output_mask) -> bool:
+def _native_backward_takes(device_type, grad_out, x, w, stride, padding, output_mask, dx_addend=None,
+                           dw_addend=None) -> bool:
     if grad_out.dim() != 5 or x.dim() != 5 or grad_out.shape[:2] != x.shape[:2] or len(output_mask) != 2:
         return False
     if not _native_weight_takes(w, x.size(0), grad_out.size(2), x.size(2)):
@@ -332,23 +351,31 @@ def _pair_has_kernels_where_fused_has_none(t: Tensor) -> bool:
 
 
 def _task_conv2d_backward(ctx, grad_y):
+    """grad_y is None on the eager path when only the alias outputs were read; their
+    gradients (``ctx.alias_grads``, eager path only) are added to x's and w's in the kernel."""
     x, w = ctx.saved_tensors
+    addends = getattr(ctx, "alias_grads", {})
+    add_x, add_w = addends.get(0), addends.get(1)
     d_x = d_w = d_b = None
     mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+    if grad_y is None:  # nothing to compute: the inputs' gradients are the aliases'
+        return add_x, add_w, None, None, None
     if any(mask) and _pair_has_kernels_where_fused_has_none(x):
         if mask[0]:
             d_x = task_conv2d_input_grad(grad_y, w, list(x.shape[3:]), ctx.stride, ctx.padding)
+            d_x = d_x if add_x is None else d_x + add_x
         if mask[1]:
             d_w = task_conv2d_weight_grad(grad_y, x, list(w.shape[-2:]), ctx.stride, ctx.padding, w.dim() == 4)
+            d_w = d_w if add_w is None else d_w + add_w
     elif any(mask):  # one op, one node: see the module docstring
-        d_x, d_w = task_conv2d_backward(grad_y, x, w, ctx.stride, ctx.padding, mask)
+        d_x, d_w = task_conv2d_backward(grad_y, x, w, ctx.stride, ctx.padding, mask, add_x, add_w)
         d_x, d_w = (d_x if mask[0] else None), (d_w if mask[1] else None)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         d_b = grad_y.sum((0, 1, 3, 4)) if ctx.bias_shared else grad_y.sum((1, 3, 4))
     return d_x, d_w, d_b, None, None
 
 
-task_conv2d.register_autograd(_task_conv2d_backward, setup_context=_task_conv2d_setup)
+task_conv2d.register_autograd(_task_conv2d_backward, setup_context=_task_conv2d_setup, aliased_inputs=(0, 1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,7 +383,7 @@ task_conv2d.register_autograd(_task_conv2d_backward, setup_context=_task_conv2d_
 # ---------------------------------------------------------------------------------------
 
 
-def _check_backward(grad_out, x, w, stride, padding, output_mask) -> None:
+def _check_backward(grad_out, x, w, stride, padding, output_mask, dx_addend=None, dw_addend=None) -> None:
     """Shapes the reference would not refuse (it would return gradients of the wrong
     shape): refused here, naming the argument, before any backend sees them."""
     if x.dim() != 5 or grad_out.dim() != 5 or w.dim() not in (4, 5):
@@ -370,6 +397,11 @@ def _check_backward(grad_out, x, w, stride, padding, output_mask) -> None:
                          f"{(x.size(0), x.size(1), w.size(-4))} and the output maps")
     if len(output_mask) != 2:
         raise ValueError(f"task_conv2d_backward: output_mask holds two flags (dx, dw), got {output_mask}")
+    for name, addend, like, wanted in (("dx_addend", dx_addend, x, output_mask[0]),
+                                       ("dw_addend", dw_addend, w, output_mask[1])):
+        if addend is not None and (not wanted or addend.shape != like.shape):
+            raise ValueError(f"task_conv2d_backward: {name} must have shape {tuple(like.shape)} and its output "
+                             f"be wanted (output_mask {list(output_mask)}), got {tuple(addend.shape)}")
 
 
 def _check_double_backward(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask) -> None:
@@ -387,19 +419,19 @@ def _check_double_backward(g_dx, g_dw, grad_out, x, w, stride, padding, output_m
 
 task_conv2d_backward = define_op(reference_task_conv2d_backward, check=_check_backward, native=NativeCall(
     takes=_native_backward_takes,
-    args=lambda grad_out, x, w, stride, padding, output_mask: (
+    args=lambda grad_out, x, w, stride, padding, output_mask, dx_addend=None, dw_addend=None: (
         grad_out.contiguous(), x.contiguous(), _weight_blocks(w), _ints(stride), _ints(padding),
-        [bool(m) for m in output_mask]),
+        [bool(m) for m in output_mask], _contiguous(dx_addend), _contiguous(dw_addend)),
 ))
 
 
 @task_conv2d_backward.register_fake
-def _(grad_out, x, w, stride, padding, output_mask):
+def _(grad_out, x, w, stride, padding, output_mask, dx_addend=None, dw_addend=None):
     return (x.new_empty(x.shape if output_mask[0] else (0,)), x.new_empty(w.shape if output_mask[1] else (0,)))
 
 
 def _conv_backward_setup(ctx, inputs, output):
-    grad_out, x, w, stride, padding, output_mask = inputs
+    grad_out, x, w, stride, padding, output_mask = inputs[:6]  # the addends: nothing to save
     ctx.stride, ctx.padding, ctx.output_mask = stride, padding, list(output_mask)
     # An output nothing reads (the empty dx of a first layer, whose input needs no
     # gradient) reaches the backward as None, not as zeros made by an aten op.
@@ -416,18 +448,22 @@ def _upstream(g: Tensor | None, computed: bool) -> Tensor | None:
 def _conv_backward_backward(ctx, g_dx, g_dw):
     """One node for both gradients of task_conv2d: its backward is one op, whose
     d grad_out sums the two terms in the kernel (with two nodes, autograd's engine summed
-    their gradients of grad_out with an aten add, one more dispatch)."""
+    their gradients of grad_out with an aten add, one more dispatch). The addends are added
+    to dx / dw: their gradients are the upstream of dx / dw, unchanged."""
     grad_out, x, w = ctx.saved_tensors
     g_dx, g_dw = _upstream(g_dx, ctx.output_mask[0]), _upstream(g_dw, ctx.output_mask[1])
     needs = ctx.needs_input_grad
+    # (The dispatcher's autograd may leave the defaulted addends out of needs_input_grad.)
+    d_dx_addend = g_dx if len(needs) > 6 and needs[6] else None
+    d_dw_addend = g_dw if len(needs) > 7 and needs[7] else None
     mask = [bool(needs[0]) and (g_dx is not None or g_dw is not None),
             bool(needs[1]) and g_dw is not None,
             bool(needs[2]) and g_dx is not None]
     if not any(mask):
-        return None, None, None, None, None, None
+        return (None, None, None, None, None, None, d_dx_addend, d_dw_addend)[:len(needs)]
     d_grad_out, d_x, d_w = task_conv2d_double_backward(g_dx, g_dw, grad_out, x, w, ctx.stride, ctx.padding, mask)
     return (d_grad_out if mask[0] else None, d_x if mask[1] else None, d_w if mask[2] else None,
-            None, None, None)
+            None, None, None, d_dx_addend, d_dw_addend)[:len(needs)]
 
 
 task_conv2d_backward.register_autograd(_conv_backward_backward, setup_context=_conv_backward_setup)

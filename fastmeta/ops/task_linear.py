@@ -24,6 +24,15 @@ runs through these three ops:
 - ``task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask)`` → (d_grad_out,
   d_x, d_w), its backward: d_grad_out = g_dx @ w + x @ g_dwᵀ (the second product accumulated
   into the first's output by the kernels), d_x = grad_out @ g_dw, d_w = grad_outᵀ @ g_dx.
+
+**Why addends.** task_linear_backward also takes ``dx_addend`` and ``dw_addend``, added to
+dx and dw (the CPU kernels' GEMMs accumulate into them). Second-order MAML's inner step runs
+task_linear_backward on x and w as task_linear's node saved them, so in the outer backward
+each got a gradient from both nodes, which autograd's engine summed with an ``aten::add_``.
+task_linear's eager node returns x and w (those that need a gradient) as alias outputs and
+saves the aliases (``register_autograd(..., aliased_inputs=(0, 1))``); the backward op's
+gradients of them arrive at task_linear's own node, which passes them as the addends.
+task_linear_backward's own backward passes the upstream of dx / dw through to them.
 """
 
 from __future__ import annotations
@@ -79,13 +88,19 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
-def reference_task_linear_backward(grad_out: Tensor, x: Tensor, w: Tensor,
-                                   output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+def reference_task_linear_backward(grad_out: Tensor, x: Tensor, w: Tensor, output_mask: list[bool],
+                                   dx_addend: Tensor | None = None,
+                                   dw_addend: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(grad_out @ w, grad_outᵀ @ x) of task_linear with its activation's gradient applied:
     ``[T, N, I]`` and w's gradient (``[O, I]`` for a 2-D shared w, else ``[T, O, I]``); an
-    output whose ``output_mask`` entry is False is empty and not computed."""
+    output whose ``output_mask`` entry is False is empty and not computed. dx_addend /
+    dw_addend (only for a wanted output) are added to dx / dw ("Why addends" above)."""
     d_x = reference_task_linear_input_grad(grad_out, w) if output_mask[0] else _empty(grad_out)
     d_w = reference_task_linear_weight_grad(grad_out, x, w.dim() == 2) if output_mask[1] else _empty(grad_out)
+    if output_mask[0] and dx_addend is not None:
+        d_x = d_x + dx_addend
+    if output_mask[1] and dw_addend is not None:
+        d_w = d_w + dw_addend
     return d_x, d_w
 
 
@@ -155,21 +170,25 @@ def _task_linear_setup(ctx, inputs, output):
 
 
 def _task_linear_backward(ctx, grad_y):
-    if grad_y is None:
-        return None, None, None, None, None
+    """The alias outputs' gradients (``ctx.alias_grads``, eager path only) go to
+    task_linear_backward as the addends of dx and dw."""
+    addends = getattr(ctx, "alias_grads", {})
+    add_x, add_w = addends.get(0), addends.get(1)
+    if grad_y is None:  # only the aliases were read
+        return add_x, add_w, None, None, None
     x, w, y = ctx.saved_tensors
     grad_z = grad_y if ctx.act == "none" else activation_grad(grad_y, y, ctx.act, ctx.negative_slope)
     d_x = d_w = d_b = None
     wants_x, wants_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if wants_x or wants_w:
-        d_x, d_w = task_linear_backward(grad_z, x, w, [wants_x, wants_w])
+        d_x, d_w = task_linear_backward(grad_z, x, w, [wants_x, wants_w], add_x, add_w)
         d_x, d_w = d_x if wants_x else None, d_w if wants_w else None
     if ctx.has_bias and ctx.needs_input_grad[2]:
         d_b = grad_z.sum((0, 1)) if ctx.bias_shared else grad_z.sum(1)
     return d_x, d_w, d_b, None, None
 
 
-task_linear.register_autograd(_task_linear_backward, setup_context=_task_linear_setup)
+task_linear.register_autograd(_task_linear_backward, setup_context=_task_linear_setup, aliased_inputs=(0, 1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,18 +275,30 @@ def _native_weight_of_rank(w: Tensor | None) -> Tensor | None:
     return _native_per_task(w, w is not None and w.dim() == 3)
 
 
-def _backward_native_args(grad_out, x, w, output_mask):
-    return (grad_out.contiguous(), x.contiguous(), _native_weight_of_rank(w), list(output_mask))
+def _backward_native_args(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None):
+    return (grad_out.contiguous(), x.contiguous(), _native_weight_of_rank(w), list(output_mask),
+            None if dx_addend is None else dx_addend.contiguous(),
+            None if dw_addend is None else dw_addend.contiguous())
+
+
+def _check_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None) -> None:
+    """An addend of an output the mask leaves out, or of the wrong shape: refused, named."""
+    for name, addend, shape, wanted in (("dx_addend", dx_addend, (*grad_out.shape[:2], w.shape[-1]), output_mask[0]),
+                                        ("dw_addend", dw_addend, tuple(w.shape), output_mask[1])):
+        if addend is not None and (not wanted or tuple(addend.shape) != tuple(shape)):
+            raise ValueError(f"task_linear_backward: {name} must have shape {tuple(shape)} and its output be "
+                             f"wanted (output_mask {list(output_mask)}), got {tuple(addend.shape)}")
 
 
 task_linear_backward = define_op(reference_task_linear_backward, NativeCall(
-    takes=lambda device_type, grad_out, x, w, output_mask: grad_out.dim() == 3 and x.dim() == 3 and w.dim() in (2, 3),
+    takes=lambda device_type, grad_out, x, w, output_mask, dx_addend=None, dw_addend=None: (
+        grad_out.dim() == 3 and x.dim() == 3 and w.dim() in (2, 3)),
     args=_backward_native_args,
-))
+), check=_check_backward)
 
 
 @task_linear_backward.register_fake
-def _(grad_out, x, w, output_mask):
+def _(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None):
     T, N, O = grad_out.shape
     I = x.size(-1)
     d_x = grad_out.new_empty((T, N, I) if output_mask[0] else (0,))
@@ -276,7 +307,7 @@ def _(grad_out, x, w, output_mask):
 
 
 def _linear_backward_setup(ctx, inputs, output):
-    grad_out, x, w, output_mask = inputs
+    grad_out, x, w, output_mask = inputs[:4]  # the addends: nothing to save
     ctx.output_mask = list(output_mask)
     ctx.save_for_backward(grad_out, x, w)
     ctx.set_materialize_grads(False)  # an output nothing reached: no zeros pushed through
@@ -291,10 +322,15 @@ def _linear_backward_backward(ctx, g_dx, g_dw):
     # zero, returned as None (autograd's zero) rather than computed as a filled tensor.
     wants = [ctx.needs_input_grad[0] and (g_dx is not None or g_dw is not None),
              ctx.needs_input_grad[1] and g_dw is not None, ctx.needs_input_grad[2] and g_dx is not None]
+    # The addends' gradients: the upstream of dx / dw, unchanged. (The dispatcher's autograd
+    # may leave the defaulted addends out of needs_input_grad.)
+    needs = ctx.needs_input_grad
+    d_addends = (g_dx if len(needs) > 4 and needs[4] else None, g_dw if len(needs) > 5 and needs[5] else None)
     if not any(wants):
-        return None, None, None, None
+        return (None, None, None, None, *d_addends)[:len(needs)]
     d_grad_out, d_x, d_w = task_linear_double_backward(g_dx, g_dw, grad_out, x, w, wants)
-    return d_grad_out if wants[0] else None, d_x if wants[1] else None, d_w if wants[2] else None, None
+    return (d_grad_out if wants[0] else None, d_x if wants[1] else None, d_w if wants[2] else None, None,
+            *d_addends)[:len(needs)]
 
 
 task_linear_backward.register_autograd(_linear_backward_backward, setup_context=_linear_backward_setup)

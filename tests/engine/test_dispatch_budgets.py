@@ -62,6 +62,17 @@ second order: W2 141 → 102, W4 621 → 442, W3 533 → 354, OFC 141 → 102 (h
 Both of the issue's targets (W2 ≤ 120, W4 ≤ 450) are met. What remains is mostly autograd's
 gradient accumulation (``aten::add_``: W2 17, W4 85: a tensor read by a forward op and by
 that op's backward, whose two gradients the engine sums).
+
+Then issue 23's "gradient accumulation goes into kernel epilogues": task_conv2d's,
+task_batch_norm's and task_linear's eager nodes return the inputs their backward ops read
+(conv and linear x and w, BatchNorm x and γ) as alias outputs and save the aliases, so the
+backward op's gradient of such an input reaches the forward's own node, which passes it to
+the backward op as an addend summed in the kernel (col2im from dx_addend, the weight and
+linear GEMMs accumulating into the addends, the BatchNorm write passes): the engine's
+``aten::add_`` per read tensor is gone. Second order: W2 102 → 86 (``aten::add_`` 17 → 1),
+W4 442 → 362 (85 → 5), W3 354 → 274, OFC 102 → 86, W2S as W2 (conv and BatchNorm alone:
+W2 88, W4 372, W3 284, OFC 94); first order unchanged (no backward op runs under a graph
+there).
 """
 
 from __future__ import annotations
@@ -80,15 +91,15 @@ def extension():
 # (workload, order): (dispatches, host syncs) at most
 BUDGETS = {
     ("W1", "second"): (4, 0),
-    ("W2", "second"): (102, 1),
+    ("W2", "second"): (86, 1),
     ("W2", "first"): (62, 1),
-    ("W3", "second"): (354, 1),
+    ("W3", "second"): (274, 1),
     ("W3", "first"): (158, 1),
-    ("W4", "second"): (442, 1),
+    ("W4", "second"): (362, 1),
     ("W4", "first"): (206, 1),
-    ("W2S", "second"): (102, 1),
+    ("W2S", "second"): (86, 1),
     ("W2S", "first"): (62, 1),
-    ("OFC", "second"): (102, 1),
+    ("OFC", "second"): (86, 1),
     ("OFC", "first"): (62, 1),
 }
 # Glue that the fused kernels and the traced program leave out (issue 23, "fewer ops"): the

@@ -161,6 +161,19 @@ def kernel_cases():
           0.0)),
         ("backward-leaky-partial", "task_batch_norm_backward", reference_task_batch_norm_backward,
          (t(T, N, 5), t(T, N, 5), t(5), 1e-5, [True, False, True], t(T, N, 5), "leaky_relu", 0.1)),
+        # The addends task_batch_norm's eager node passes (its alias outputs' gradients),
+        # added in the write passes: spatial and feature layouts, with and without y.
+        ("backward-addends", "task_batch_norm_backward", reference_task_batch_norm_backward,
+         (t(T, N, 4, 3, 5), t(T, N, 4, 3, 5), row_view(t(T, 4)), 1e-5, [True, True, True], None, "none", 0.01,
+          t(T, N, 4, 3, 5), t(T, 4))),
+        ("backward-addends-features-leaky", "task_batch_norm_backward", reference_task_batch_norm_backward,
+         (t(T, N, 5), t(T, N, 5), t(5), 1e-5, [True, True, False], t(T, N, 5), "leaky_relu", 0.1,
+          t(T, N, 5), t(T, 5))),
+        ("backward-dx-addend-relu", "task_batch_norm_backward", reference_task_batch_norm_backward,
+         (t(T, N, 4, 3, 5), t(T, N, 4, 3, 5), t(T, 4), 1e-5, [True, False, True], t(T, N, 4, 3, 5).relu(), "relu",
+          0.0, t(T, N, 4, 3, 5), None)),
+        ("backward-dgamma-addend-features", "task_batch_norm_backward", reference_task_batch_norm_backward,
+         (t(T, N, 6), t(T, N, 6), t(T, 6), 1e-5, [False, True, True], None, "none", 0.01, None, t(T, 6))),
     ] + double_backward_cases(T, N)
 
 
@@ -314,6 +327,13 @@ GRAD_CASES = [
                                                              [True, True, True], r(2, 4, 3, 2, 2), "relu", 0.0)),
     ("backward-leaky", ops.task_batch_norm_backward, lambda: (r(2, 4, 3), r(2, 4, 3), r(3), 1e-5,
                                                               [True, True, False], r(2, 4, 3), "leaky_relu", 0.1)),
+    # with the addends: their gradients are the upstream of grad_x / grad_γ
+    ("backward-addends", ops.task_batch_norm_backward,
+     lambda: (r(2, 4, 3, 2, 2), r(2, 4, 3, 2, 2), r(2, 3), 1e-5, [True, True, True], None, "none", 0.01,
+              r(2, 4, 3, 2, 2), r(2, 3))),
+    ("backward-relu-addends", ops.task_batch_norm_backward,
+     lambda: (r(2, 4, 3), r(2, 4, 3), r(3), 1e-5, [True, True, False], r(2, 4, 3), "relu", 0.0, r(2, 4, 3),
+              r(2, 3))),
     ("double_backward-relu", task_batch_norm_double_backward,
      lambda: (r(2, 4, 3, 2, 2), r(2, 4, 3, 2, 2), r(2, 3), r(2, 4, 3, 2, 2), r(2, 3), r(2, 3), 1e-5, [True] * 3,
               r(2, 4, 3, 2, 2), "relu", 0.0)),

@@ -114,6 +114,17 @@ GRAD_CASES = [
      lambda: (r(2, 2, 3, 3, 3), r(2, 2, 2, 5, 5), r(3, 2, 3, 3), [1, 1], [0, 0], [True, True])),
     ("backward-dw-only", ops.task_conv2d_backward,
      lambda: (r(2, 2, 3, 3, 3), r(2, 2, 2, 5, 5), r(2, 3, 2, 3, 3), [2, 2], [1, 1], [False, True])),
+    # with the addends task_conv2d's eager node passes (its alias outputs' gradients):
+    # their gradients are the upstream of dx / dw
+    ("backward-addends", ops.task_conv2d_backward,
+     lambda: (r(2, 2, 3, 3, 3), r(2, 2, 2, 5, 5), r(2, 3, 2, 3, 3), [2, 2], [1, 1], [True, True],
+              r(2, 2, 2, 5, 5), r(2, 3, 2, 3, 3))),
+    ("backward-addends-shared", ops.task_conv2d_backward,
+     lambda: (r(2, 2, 3, 5, 5), r(2, 2, 2, 5, 5), r(3, 2, 3, 3), [1, 1], [1, 1], [True, True],
+              r(2, 2, 2, 5, 5), r(3, 2, 3, 3))),
+    ("backward-dw-addend-only", ops.task_conv2d_backward,
+     lambda: (r(2, 2, 3, 3, 3), r(2, 2, 2, 5, 5), r(2, 3, 2, 3, 3), [2, 2], [1, 1], [False, True],
+              None, r(2, 3, 2, 3, 3))),
     ("double_backward", ops.task_conv2d_double_backward,
      lambda: (r(2, 2, 2, 5, 5), r(2, 3, 2, 3, 3), r(2, 2, 3, 3, 3), r(2, 2, 2, 5, 5), r(2, 3, 2, 3, 3), [2, 2],
               [1, 1], [True, True, True])),
@@ -183,6 +194,14 @@ def kernel_cases():
         gy = t(*y.shape)
         cases += [
             (f"forward-{label}", "task_conv2d", reference_task_conv2d, (x, w, b, stride, padding)),
+            # dx and dw with the addends summed in the kernels (col2im from dx_addend, the
+            # weight GEMMs into dw_addend), both wanted and each alone
+            (f"backward-addends-{label}", "task_conv2d_backward", reference_task_conv2d_backward,
+             (gy, x, w, stride, padding, [True, True], t(*x.shape), t(*w.shape))),
+            (f"backward-dx-addend-{label}", "task_conv2d_backward", reference_task_conv2d_backward,
+             (gy, x, w, stride, padding, [True, False], t(*x.shape), None)),
+            (f"backward-dw-addend-{label}", "task_conv2d_backward", reference_task_conv2d_backward,
+             (gy, x, w, stride, padding, [False, True], None, t(*w.shape))),
             (f"input_grad-{label}", "task_conv2d_input_grad", reference_task_conv2d_input_grad,
              (gy, w, [H, W], stride, padding)),
             (f"weight_grad-{label}", "task_conv2d_weight_grad", reference_task_conv2d_weight_grad,
@@ -217,7 +236,9 @@ def check_both_dtypes(name, kernel, reference, args):
     to 20 480 products: two fp32 summation orders differ by ~1e-6 of the scale, more on the
     elements that cancel), float64 within 1e-10."""
     args32 = in_dtype(args, torch.float32)
-    scale = reference(*args32).abs().max().item()
+    outputs = reference(*args32)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)  # the backward op's (dx, dw)
+    scale = max(o.abs().max().item() for o in outputs if o.numel())
     check_kernel("cpu", kernel, reference, args32, rtol=2e-5, atol=2e-5 * max(1.0, scale))
     check_kernel("cpu", kernel, reference, in_dtype(args, torch.float64), rtol=1e-10, atol=1e-11 * max(1.0, scale))
 

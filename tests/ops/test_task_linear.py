@@ -146,6 +146,10 @@ def pair_cases():
             for mask in ([True, True], [True, False], [False, True]):
                 cases.append((f"{label}-backward-{kind}-{mask}", "task_linear_backward", reference_task_linear_backward,
                               (g, x, w, mask)))
+                # with the addends task_linear's eager node passes, summed by the GEMMs
+                cases.append((f"{label}-backward-addends-{kind}-{mask}", "task_linear_backward",
+                              reference_task_linear_backward,
+                              (g, x, w, mask, t(T, N, I) if mask[0] else None, t(*w.shape) if mask[1] else None)))
             for mask in ([True, True, True], [True, False, False], [False, True, True]):
                 cases.append((f"{label}-double_backward-{kind}-{mask}", "task_linear_double_backward",
                               reference_task_linear_double_backward, (g_dx, g_dw, g, x, w, mask)))
@@ -246,6 +250,13 @@ GRAD_CASES = [(f"act-{act}", ops.task_linear, (lambda act=act: (r(2, 3, 4), r(2,
     ("backward", ops.task_linear_backward, lambda: (r(2, 3, 5), r(2, 3, 4), r(2, 5, 4), [True, True])),
     ("backward-shared", ops.task_linear_backward, lambda: (r(2, 3, 5), r(2, 3, 4), r(5, 4), [True, True])),
     ("backward-dx-only", ops.task_linear_backward, lambda: (r(2, 3, 5), r(2, 3, 4), r(2, 5, 4), [True, False])),
+    # with the addends: their gradients are the upstream of dx / dw
+    ("backward-addends", ops.task_linear_backward,
+     lambda: (r(2, 3, 5), r(2, 3, 4), r(2, 5, 4), [True, True], r(2, 3, 4), r(2, 5, 4))),
+    ("backward-addends-shared", ops.task_linear_backward,
+     lambda: (r(2, 3, 5), r(2, 3, 4), r(5, 4), [True, True], r(2, 3, 4), r(5, 4))),
+    ("backward-dw-addend-only", ops.task_linear_backward,
+     lambda: (r(2, 3, 5), r(2, 3, 4), r(2, 5, 4), [False, True], None, r(2, 5, 4))),
     ("double_backward", ops.task_linear_double_backward,
      lambda: (r(2, 3, 4), r(2, 5, 4), r(2, 3, 5), r(2, 3, 4), r(2, 5, 4), [True, True, True])),
     ("double_backward-shared", ops.task_linear_double_backward,
