@@ -105,11 +105,15 @@ def _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y: tl.conste
 
 @triton.jit
 def task_batch_norm_backward_kernel(
-    grad_z_ptr, x_ptr, gamma_ptr, y_ptr, grad_x_ptr, grad_gamma_ptr, grad_beta_ptr,
+    grad_z_ptr, x_ptr, gamma_ptr, y_ptr, grad_x_ptr, grad_gamma_ptr, grad_beta_ptr, dx_addend_ptr,
+    dgamma_addend_ptr,
     N, C, S, eps, negative_slope, gamma_task_stride, gamma_channel_stride,
     HAS_GAMMA: tl.constexpr, HAS_Y: tl.constexpr, ACT: tl.constexpr, NEED_X: tl.constexpr,
     NEED_GAMMA: tl.constexpr, NEED_BETA: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DX_ADDEND: tl.constexpr = False, HAS_DGAMMA_ADDEND: tl.constexpr = False,
 ):
+    # The addends (x's layout, contiguous; [T, C]) are added in the stores the kernel makes
+    # anyway: grad_x's write pass, grad_gamma's one value per (task, channel).
     c = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     count = N * S
@@ -132,7 +136,10 @@ def task_batch_norm_backward_kernel(
     grad_beta = tl.sum(sum_g, axis=0)
     grad_gamma = tl.sum(sum_g_centred, axis=0) * rstd  # Σ g·x̂
     if NEED_GAMMA:
-        tl.store(grad_gamma_ptr + t * C + c, grad_gamma)
+        if HAS_DGAMMA_ADDEND:
+            tl.store(grad_gamma_ptr + t * C + c, grad_gamma + tl.load(dgamma_addend_ptr + t * C + c))
+        else:
+            tl.store(grad_gamma_ptr + t * C + c, grad_gamma)
     if NEED_BETA:
         tl.store(grad_beta_ptr + t * C + c, grad_beta)
     if NEED_X:
@@ -148,7 +155,10 @@ def task_batch_norm_backward_kernel(
             x = tl.load(x_ptr + offs, mask=ok, other=0.0)
             g = _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y, ACT)
             xhat = (x - mean) * rstd
-            tl.store(grad_x_ptr + offs, scale * (g - mean_g - xhat * mean_g_xhat), mask=ok)
+            grad_x = scale * (g - mean_g - xhat * mean_g_xhat)
+            if HAS_DX_ADDEND:
+                grad_x += tl.load(dx_addend_ptr + offs, mask=ok, other=0.0)
+            tl.store(grad_x_ptr + offs, grad_x, mask=ok)
 
 
 @triton.jit
@@ -296,8 +306,8 @@ def _fused_activation(y, x, act, negative_slope):
 
 def task_batch_norm_backward(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01, dx_addend=None,
                              dgamma_addend=None):
-    """fastmeta.ops.task_batch_norm_backward; the addends are added after the launch (an add
-    each: the kernel has no addend epilogue)."""
+    """fastmeta.ops.task_batch_norm_backward; the addends are added in the kernel's stores
+    (no launch of their own)."""
     code = _fused_activation(y, x, act, negative_slope)
     if (code is None or x.dim() < 3 or grad_z.shape != x.shape
             or not all_float32_on_one_device(grad_z, x, gamma, y, dx_addend, dgamma_addend)):
@@ -312,18 +322,20 @@ def task_batch_norm_backward(grad_z, x, gamma, eps, needs, y=None, act="none", n
     grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
     grad_gamma = x.new_empty((T, C)) if need_gamma else x.new_empty(0)
     grad_beta = x.new_empty((T, C)) if need_beta else x.new_empty(0)
+    dx_addend = dx_addend.contiguous() if need_x and dx_addend is not None else None
+    dgamma_addend = dgamma_addend.contiguous() if need_gamma and dgamma_addend is not None else None
+    if (dx_addend is not None and dx_addend.shape != x.shape) or (
+            dgamma_addend is not None and tuple(dgamma_addend.shape) != (T, C)):
+        return NotImplemented
     cfg = batch_norm_config(N * S)
     task_batch_norm_backward_kernel[(C, T)](
         grad_z, x, gamma if gamma is not None else x, y, grad_x, grad_gamma, grad_beta,
+        dx_addend if dx_addend is not None else x, dgamma_addend if dgamma_addend is not None else x,
         N, C, S, float(eps), float(negative_slope), g[1] if g else 0, g[2] if g else 0,
         HAS_GAMMA=gamma is not None, HAS_Y=code != 0, ACT=code, NEED_X=need_x, NEED_GAMMA=need_gamma,
-        NEED_BETA=need_beta,
+        NEED_BETA=need_beta, HAS_DX_ADDEND=dx_addend is not None, HAS_DGAMMA_ADDEND=dgamma_addend is not None,
         BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
-    if dx_addend is not None:
-        grad_x = grad_x + dx_addend
-    if dgamma_addend is not None:
-        grad_gamma = grad_gamma + dgamma_addend
     return [grad_x, grad_gamma, grad_beta]
 
 

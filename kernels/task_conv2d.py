@@ -120,14 +120,16 @@ def conv2d_forward_kernel(
 
 @triton.jit
 def conv2d_input_grad_kernel(
-    grad_out_ptr, w_ptr, out_ptr,
+    grad_out_ptr, w_ptr, out_ptr, addend_ptr,
     NB, C, H, W, O, HO, WO, splits, k_per_split,
     grad_out_task_stride, w_task_stride, out_split_stride, out_task_stride,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HAS_ADDEND: tl.constexpr = False,
 ):
+    # HAS_ADDEND: the first K range's tiles also add addend (the output's shape, contiguous,
+    # unsplit) before they store: dx + dx_addend in the store it makes anyway.
     # One output phase (rh, rw) per grid row 2: the input pixels h with (h + pad_h) % stride_h
     # == rh are read only by the taps i ≡ rh (mod stride_h), through output row
     # oh = (h + pad_h) // stride_h − a for tap i = rh + a·stride_h (and likewise in w). So
@@ -187,22 +189,26 @@ def conv2d_input_grad_kernel(
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(g, wt, acc, input_precision=INPUT_PRECISION)
 
-    # A phase without taps (kernel 1 at stride 2: the odd pixels) stores its zeros.
-    out_rows = (out_ptr + split.to(tl.int64) * out_split_stride + task * out_task_stride
-                + image.to(tl.int64) * (C * H * W) + h * W + w)
-    tl.store(out_rows[:, None] + (offs_n * (H * W))[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+    # A phase without taps (kernel 1 at stride 2: the odd pixels) stores its zeros (and its addend).
+    offsets = ((task * out_task_stride + image.to(tl.int64) * (C * H * W) + h * W + w)[:, None]
+               + (offs_n * (H * W))[None, :])
+    stored = m_ok[:, None] & n_ok[None, :]
+    if HAS_ADDEND:
+        acc += tl.load(addend_ptr + offsets, mask=stored & (split == 0), other=0.0)
+    tl.store(out_ptr + split.to(tl.int64) * out_split_stride + offsets, acc, mask=stored)
 
 
 @triton.jit
 def conv2d_weight_grad_kernel(
-    grad_out_ptr, x_ptr, out_ptr,
+    grad_out_ptr, x_ptr, out_ptr, addend_ptr,
     NB, C, H, W, O, HO, WO, k_per_split,
     grad_out_task_stride, x_task_stride, out_split_stride, out_task_stride,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HAS_ADDEND: tl.constexpr = False,
 ):
+    # HAS_ADDEND: as in conv2d_input_grad_kernel (dw + dw_addend, by the first K range).
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -236,8 +242,11 @@ def conv2d_weight_grad_kernel(
                     mask=k_ok[:, None] & n_ok[None, :] & inside, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    out = out_ptr + split.to(tl.int64) * out_split_stride + task * out_task_stride
-    tl.store(out + offs_m[:, None] * CKK + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+    offsets = task * out_task_stride + offs_m[:, None] * CKK + offs_n[None, :]
+    stored = m_ok[:, None] & n_ok[None, :]
+    if HAS_ADDEND:
+        acc += tl.load(addend_ptr + offsets, mask=stored & (split == 0), other=0.0)
+    tl.store(out_ptr + split.to(tl.int64) * out_split_stride + offsets, acc, mask=stored)
 
 
 # ---------------------------------------------------------------------------------------
@@ -509,7 +518,8 @@ def task_conv2d_input_grad(grad_out, w, input_size, stride, padding, input_preci
     return _run_input_grad(call, grad_out, w, input_size, stride, padding, input_precision)
 
 
-def _run_input_grad(call, grad_out, w, input_size, stride, padding, input_precision):
+def _run_input_grad(call, grad_out, w, input_size, stride, padding, input_precision, addend=None):
+    """addend (dx's shape, fp32): added by the kernel's first K range (HAS_ADDEND)."""
     launch, w, w_task_stride = call
     sh, sw, ph, pw = _geometry(stride, padding)
     T, NB, O, HO, WO = grad_out.shape
@@ -520,14 +530,15 @@ def _run_input_grad(call, grad_out, w, input_size, stride, padding, input_precis
     cfg = launch.config
     split_k = cfg["SPLIT_K"]
     target = out if split_k == 1 else torch.empty((split_k, *out.shape), dtype=torch.float32, device=out.device)
+    addend = None if addend is None else addend.contiguous()
     conv2d_input_grad_kernel[launch.grid](
-        grad_out, w, target,
+        grad_out, w, target, addend if addend is not None else target,
         launch.images, C, H, W, O, HO, WO, split_k, cfg["k_per_split"],
         NB * O * HO * WO, w_task_stride, out.numel(), NB * C * H * W,
         sh, sw, ph, pw,
         KH=KH, KW=KW,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=input_precision,
+        INPUT_PRECISION=input_precision, HAS_ADDEND=addend is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return _sum_partial_tiles(target, out)
@@ -540,7 +551,8 @@ def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared, i
     return _run_weight_grad(call, grad_out, x, kernel_size, stride, padding, shared, input_precision)
 
 
-def _run_weight_grad(call, grad_out, x, kernel_size, stride, padding, shared, input_precision):
+def _run_weight_grad(call, grad_out, x, kernel_size, stride, padding, shared, input_precision, addend=None):
+    """addend (dw's shape, fp32): added by the kernel's first K range (HAS_ADDEND)."""
     (launch,) = call
     sh, sw, ph, pw = _geometry(stride, padding)
     T, NB, C, H, W = x.shape
@@ -553,14 +565,15 @@ def _run_weight_grad(call, grad_out, x, kernel_size, stride, padding, shared, in
     out = torch.empty(out_shape, dtype=torch.float32, device=x.device)
     split_k = cfg["SPLIT_K"]
     target = out if split_k == 1 else torch.empty((split_k, *out_shape), dtype=torch.float32, device=x.device)
+    addend = None if addend is None else addend.contiguous()
     conv2d_weight_grad_kernel[launch.grid](
-        grad_out, x, target,
+        grad_out, x, target, addend if addend is not None else target,
         launch.images, C, H, W, O, HO, WO, cfg["k_per_split"],
         NB * O * HO * WO, NB * C * H * W, out.numel(), O * CKK,
         sh, sw, ph, pw,
         KH=KH, KW=KW,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=input_precision,
+        INPUT_PRECISION=input_precision, HAS_ADDEND=addend is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return _sum_partial_tiles(target, out)
@@ -588,9 +601,13 @@ def _backward_launches(grad_out, x, w, stride, padding, output_mask, dx_addend=N
                        config_for=None, sm_count=None):
     """task_conv2d_backward's launches in order, each (kind, call, its launcher's arguments),
     or None where one declines: the input gradient where dx is wanted, the weight gradient
-    (summed over tasks for a 4-D w) where dw is. The addends launch no conv (the launcher
-    adds them after)."""
-    if len(output_mask) != 2 or not all_float32_on_one_device(grad_out, x, w) or w.dim() not in (4, 5):
+    (summed over tasks for a 4-D w) where dw is. The addends launch nothing of their own:
+    each is added by its launch's first K range (HAS_ADDEND), so they must be fp32 on the
+    device, shaped as their output."""
+    if len(output_mask) != 2 or not all_float32_on_one_device(grad_out, x, w, dx_addend, dw_addend):
+        return None
+    if w.dim() not in (4, 5) or (dx_addend is not None and dx_addend.shape != x.shape) or (
+            dw_addend is not None and dw_addend.shape != w.shape):
         return None
     if x.dim() != 5 or grad_out.dim() != 5 or w.size(-3) != x.size(2):
         return None
@@ -655,20 +672,16 @@ def task_conv2d_backward(grad_out, x, w, stride, padding, output_mask, dx_addend
                          input_precision="ieee"):
     """(dx, dw) of fastmeta.ops.task_conv2d_backward: dw summed over tasks for a 4-D w, per
     task for a 5-D one; an unwanted output empty, and not launched. The addends are added
-    after the launches (an add each: the launchers have no addend epilogue)."""
-    launches = _backward_launches(grad_out, x, w, stride, padding, output_mask)
+    in the launches' epilogues (their first K range: no launch of their own)."""
+    launches = _backward_launches(grad_out, x, w, stride, padding, output_mask, dx_addend, dw_addend)
     if launches is None:
         return NotImplemented
     dx = dw = x.new_empty(0)
     for kind, call, args in launches:
         if kind == "task_conv2d_input_grad":
-            dx = _run_input_grad(call, *args, input_precision)
+            dx = _run_input_grad(call, *args, input_precision, addend=dx_addend)
         else:
-            dw = _run_weight_grad(call, *args, input_precision)
-    if dx_addend is not None:
-        dx = dx + dx_addend
-    if dw_addend is not None:
-        dw = dw + dw_addend
+            dw = _run_weight_grad(call, *args, input_precision, addend=dw_addend)
     return dx, dw
 
 

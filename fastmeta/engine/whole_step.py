@@ -11,7 +11,9 @@ static input buffers and replays it.
   learner does it before building this); the graph itself runs unvalidated (a check that
   syncs cannot be captured).
 - The optimizer must be capturable (``torch.optim.Adam(..., capturable=True)``): its
-  step counter lives on the GPU.
+  step counter lives on the GPU. With ``fused=True`` as well, its kernel skips the update
+  of a non-finite iteration itself (:func:`guarded_step`): W2's guard and update take 13
+  kernels instead of 134.
 - Capture runs a few warm-up iterations on a side stream (CUDA graphs need the allocator
   and lazy state settled first). Parameters and optimizer state are restored afterwards,
   in place, so capturing does not train.
@@ -164,45 +166,78 @@ def check_not_stale(step) -> None:
                            "that time: call learner.capture(...) again")
 
 
+def skips_its_own_update(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` skips its update on the device when it is handed a
+    ``found_inf`` of 1: torch's contract with ``GradScaler`` (``_step_supports_amp_scaling``),
+    which its fused optimizers (``Adam``/``AdamW``/``SGD`` with ``fused=True``) keep in
+    their kernels: parameters and moments untouched, the step counts incremented and
+    decremented back."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        group.get("fused") for group in optimizer.param_groups)
+
+
 def guarded_step(optimizer: torch.optim.Optimizer, loss: Tensor, nonfinite: Tensor) -> None:
     """``optimizer.step()``, undone on the device when ``loss`` or a gradient is not finite
     (``nonfinite`` is then set): no host sync, so it can be captured in a CUDA graph.
 
-    The parameters and every tensor of the optimizer's state (moments, step count) are
-    copied before the step and selected back with ``torch.where`` on the finite flag: a
-    graph cannot branch, so the update is computed and discarded (a NaN update never mixes
-    into the kept values, as arithmetic blending would). In multi-tensor ops, so the
-    kernels do not grow three per tensor: the flag is one ``_foreach_norm`` (the largest
-    |value| of the loss and of each gradient: finite exactly when every element is, NaN
-    included, and it cannot overflow as a 2-norm of finite values can), the copies one
-    ``_foreach_copy_``, the selection one ``where`` per tensor written in place. The launch
-    recorder counts it (tests/tools/test_launches.py)."""
+    The flag is one ``_foreach_norm`` (the largest |value| of the loss and of each
+    gradient: finite exactly when every element is, NaN included, and it cannot overflow
+    as a 2-norm of finite values can) and a few kernels on its results. Then:
+
+    - a fused optimizer (:func:`skips_its_own_update`, e.g. ``Adam(..., fused=True)``)
+      gets the flag as GradScaler hands it over, ``optimizer.found_inf``: its kernel skips
+      the update itself, in the step's own launches (W2's guard and update: 134 kernels ->
+      13, tests/tools/test_launches.py);
+    - any other optimizer: the parameters and every tensor of its state (moments, step
+      count) are copied before the step (one ``_foreach_copy_``) and selected back with
+      ``torch.where`` on the flag, one per tensor written in place: a graph cannot
+      branch, so the update is computed and discarded (a NaN update never mixes into the
+      kept values, as arithmetic blending would).
+
+    The launch recorder counts both (tests/tools/test_launches.py)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     checked = [loss.detach().reshape(1)] + [p.grad for p in params if p.grad is not None]
     finite = torch.isfinite(torch.stack(torch._foreach_norm(checked, float("inf")))).all()
-    kept = [p for p in params] + [v for p in params for v in optimizer.state.get(p, {}).values()
-                                  if isinstance(v, Tensor)]
+    skipped = ~finite
+    if skips_its_own_update(optimizer):
+        for name in ("grad_scale", "found_inf"):
+            if getattr(optimizer, name, None) is not None:
+                raise ValueError(f"the optimizer already carries a {name} (a GradScaler's?): a whole step does not "
+                                 "take gradient scaling")
+        with torch.no_grad():
+            found_inf = skipped.to(torch.float32)
+        optimizer.grad_scale, optimizer.found_inf = None, found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    else:
+        kept = [p for p in params] + [v for p in params for v in optimizer.state.get(p, {}).values()
+                                      if isinstance(v, Tensor)]
+        with torch.no_grad():
+            before = [torch.empty_like(t) for t in kept]
+            torch._foreach_copy_(before, kept)
+        optimizer.step()
+        with torch.no_grad():
+            for t, old in zip(kept, before):
+                torch.where(finite, t, old, out=t)
     with torch.no_grad():
-        before = [torch.empty_like(t) for t in kept]
-        torch._foreach_copy_(before, kept)
-    optimizer.step()
-    with torch.no_grad():
-        for t, old in zip(kept, before):
-            torch.where(finite, t, old, out=t)
-        nonfinite.logical_or_(~finite)
+        nonfinite.logical_or_(skipped)
 
 
 def whole_iteration(meta_batch: MetaBatchFunction, inputs: Sequence[Tensor], optimizer: torch.optim.Optimizer,
                     nonfinite: Tensor | None = None) -> MetaBatchOutput:
-    """One whole meta-iteration as :class:`CapturedMetaStep` records it: the gradients
-    zeroed in place, ``meta_batch``, its loss's backward, the optimizer's step (guarded by
+    """One whole meta-iteration as :class:`CapturedMetaStep` records it: the gradients set
+    to None, ``meta_batch``, its loss's backward, the optimizer's step (guarded by
     :func:`guarded_step` when ``nonfinite`` is given: the captured one). The launch
-    recorder (``fastmeta.tools.launches``) runs the same function."""
-    # optimizer.zero_grad(set_to_none=False), in one multi-tensor op (torch zeroes the
-    # gradients one by one unless the optimizer was built with foreach=True).
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if grads:
-        torch._foreach_zero_(grads)
+    recorder (``fastmeta.tools.launches``) runs the same function.
+
+    Gradients set to None (torch's whole-network capture recipe), not zeroed: the backward
+    then writes each parameter's gradient as a new tensor (allocated, in a capture, from
+    the graph's pool, at the address every replay writes again) instead of zeroing the old
+    one and accumulating into it: no zeroing kernel and no ``add_`` per parameter (W2: 19
+    kernels fewer, tests/tools/test_launches.py)."""
+    optimizer.zero_grad(set_to_none=True)
     out = meta_batch(*inputs)
     out.loss.backward()
     if nonfinite is not None:
@@ -256,7 +291,6 @@ class CapturedMetaStep:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         self.iteration = 0
-        optimizer.zero_grad(set_to_none=False)
         with torch.cuda.graph(self.graph):
             # A non-finite loss or gradient skips the update inside the graph and sets the
             # flag, on the device (no sync per replay): as the CPU's FusedMLPStep does.

@@ -23,18 +23,40 @@ def set_outer_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
 
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """Adam as a CUDA graph can hold it: ``capturable`` (its step count on the device) and
-    its rate a device tensor, so that a schedule changes the rate between replays. The
-    state and the update's arithmetic are Adam's own; a checkpoint keeps these settings."""
+    its rate a device tensor, so that a schedule changes the rate between replays; and,
+    where torch offers it, ``fused`` (one multi-tensor kernel for the update, which also
+    skips a non-finite iteration's update itself: :func:`fastmeta.engine.whole_step.guarded_step`).
+    The state and the update's arithmetic are Adam's own; a checkpoint keeps these settings."""
     for group in optimizer.param_groups:
         group["capturable"] = True
         lr = group["lr"]
         if not isinstance(lr, torch.Tensor) or lr.device != device:
             group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
     optimizer.defaults["capturable"] = True
+    if can_fuse(optimizer, device):
+        for group in optimizer.param_groups:
+            group["fused"] = True
+        optimizer.defaults["fused"] = True
+        optimizer._step_supports_amp_scaling = True  # as Adam(fused=True) sets it: it takes found_inf
     for state in optimizer.state.values():
         step = state.get("step")
-        if isinstance(step, torch.Tensor) and step.device != device:
+        if isinstance(step, torch.Tensor) and (step.device != device or step.dtype != torch.float32):
             state["step"] = step.to(device=device, dtype=torch.float32)
+
+
+def can_fuse(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
+    """Whether ``optimizer`` is torch's Adam or AdamW and can run ``fused=True`` on
+    ``device``: no ``foreach=True`` asked for (torch refuses both), not ``differentiable``,
+    and floating parameters all on ``device`` (the fused kernels' dtypes; CUDA and, since
+    torch 2.4, the CPU). Step counts already kept (a plain Adam that has stepped) are made
+    the fused layout's, float32 on the device, by :func:`make_capturable`."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return False
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not params or any(group.get("foreach") or group.get("differentiable") for group in optimizer.param_groups):
+        return False
+    return device.type in ("cuda", "cpu") and all(
+        p.device == device and p.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16) for p in params)
 
 
 class WholeStep:

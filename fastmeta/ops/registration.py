@@ -26,8 +26,9 @@ Two ways into one op, with the same implementation, checks and backward:
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -48,6 +49,28 @@ _profiler_enabled = torch._C._autograd._profiler_enabled
 
 _functorch_interpreter = torch._C._functorch.peek_interpreter_stack  # not None inside vmap/grad/jvp
 _is_compiling = torch.compiler.is_compiling
+
+
+class _EagerNodes(threading.local):
+    under_dispatch_modes = False
+
+
+_eager_nodes = _EagerNodes()
+
+
+@contextlib.contextmanager
+def eager_nodes_under_dispatch_modes() -> Iterator[None]:
+    """While active (in this thread), a public op call that autograd records takes the
+    eager path's node even under a dispatch mode, and the node's forward runs the op
+    through the dispatcher (``op.default``) for the mode to see: the autograd graph is the
+    one a plain call builds (the alias outputs of ``register_autograd(aliased_inputs=)``,
+    which the dispatcher path's autograd does not have). For the launch recorder."""
+    before = _eager_nodes.under_dispatch_modes
+    _eager_nodes.under_dispatch_modes = True
+    try:
+        yield
+    finally:
+        _eager_nodes.under_dispatch_modes = before
 
 
 class PublicOp:
@@ -121,9 +144,11 @@ class PublicOp:
         # autograd); setup and backward see the list and a list of gradients, as the
         # dispatcher's autograd gives them.
         returns_list = self._returns_list
+        through_dispatcher = self.default
 
         def forward(ctx, *args):
-            output = run(args)
+            # Under a dispatch mode only inside eager_nodes_under_dispatch_modes: the mode sees the op.
+            output = through_dispatcher(*args) if _dispatch_modes() else run(args)
             if setup_context is not None:
                 setup_context(ctx, args, output)
             return tuple(output) if returns_list else output
@@ -147,9 +172,11 @@ class PublicOp:
         (an input that needs none is saved as it is: an alias would make the backward op
         compute a gradient nobody wants)."""
         run = self._run
+        through_dispatcher = self.default
 
         def forward(ctx, *args):
-            output = run(args)
+            # Under a dispatch mode only inside eager_nodes_under_dispatch_modes: the mode sees the op.
+            output = through_dispatcher(*args) if _dispatch_modes() else run(args)
             # Unused outputs' gradients arrive as None: no zeros made for an alias nobody read.
             ctx.set_materialize_grads(False)
             positions = tuple(i for i in aliased_inputs if ctx.needs_input_grad[i])
@@ -232,7 +259,9 @@ class PublicOp:
                 if any(t.requires_grad for t in a):
                     needs_grad = True
         if not plain or _dispatch_modes() or _function_modes() or _functorch_interpreter() is not None:
-            return self.default(*args)
+            if not (plain and needs_grad and _eager_nodes.under_dispatch_modes and not _function_modes()
+                    and _functorch_interpreter() is None):
+                return self.default(*args)
         if _profiler_enabled():
             # Under torch.profiler the call is one range named as the dispatcher's op would
             # record it: the dispatch counter (fastmeta.tools.dispatches) and a reader of the

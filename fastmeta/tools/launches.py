@@ -220,8 +220,45 @@ def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
     return True
 
 
+# The fused optimizers' kernels (ATen/native/cuda/Fused*.cu): their tensor lists go to
+# multi_tensor_apply_for_fused_optimizer whole, with no fast-route check (the optimizer
+# groups them by device and dtype first), the step counts (Adam's last list) apart.
+FUSED_OPTIMIZER_PREFIXES = ("aten::_fused_adam", "aten::_fused_sgd")
+
+
+def fused_optimizer_launches(name: str, args) -> int:
+    """Kernels of one fused optimizer op: multi_tensor_apply_for_fused_optimizer's chunking,
+    at depth = its parameter-shaped lists (params, grads, moments; an empty amsgrad list
+    dropped), its state steps apart."""
+    lists = [list(a) for a in args if isinstance(a, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in a)]
+    if name.startswith("aten::_fused_adam"):
+        lists = lists[:-1]  # state_steps: one address per tensor, not a list the kernel walks
+    lists = [tensors for tensors in lists if tensors]
+    return _chunked_launches(lists[0], MAX_TENSORS[min(5, len(lists)) - 1]) if lists else 0
+
+
+def _chunked_launches(tensors: list[torch.Tensor], max_tensors: int) -> int:
+    """multi_tensor_apply's launches over the first list's tensors: a launch when
+    ``max_tensors`` tensors are done or MAX_BLOCKS chunks are queued; empty tensors skipped."""
+    launches = blocks = held = 0
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        held += 1
+        chunks = -(-t.numel() // CHUNK)
+        for chunk in range(chunks):
+            blocks += 1
+            if (held == max_tensors and chunk == chunks - 1) or blocks == MAX_BLOCKS:
+                launches += 1
+                blocks = 0
+                held = 0 if chunk == chunks - 1 else 1
+    return launches + (1 if blocks else 0)
+
+
 def multi_tensor_launches(name: str, args) -> int:
     """Kernels of one multi-tensor op (``multi_tensor_apply``'s rule, module docstring)."""
+    if name.startswith(FUSED_OPTIMIZER_PREFIXES):
+        return fused_optimizer_launches(name, args)
     lists = _tensor_lists(args)
     if not lists:
         return 0
@@ -230,20 +267,7 @@ def multi_tensor_launches(name: str, args) -> int:
     scalar_list = any(isinstance(a, (list, tuple)) and a and not isinstance(a[0], torch.Tensor) for a in args)
     if not _fast_route(lists):
         return sum(1 for t in lists[0] if t.numel())
-    max_tensors = (MAX_TENSORS_WITH_SCALAR_LIST if scalar_list else MAX_TENSORS)[depth - 1]
-    launches = blocks = tensors = 0
-    for t in lists[0]:
-        if t.numel() == 0:
-            continue
-        tensors += 1
-        chunks = -(-t.numel() // CHUNK)
-        for chunk in range(chunks):
-            blocks += 1
-            if (tensors == max_tensors and chunk == chunks - 1) or blocks == MAX_BLOCKS:
-                launches += 1
-                blocks = 0
-                tensors = 0 if chunk == chunks - 1 else 1
-    return launches + (1 if blocks else 0)
+    return _chunked_launches(lists[0], (MAX_TENSORS_WITH_SCALAR_LIST if scalar_list else MAX_TENSORS)[depth - 1])
 
 
 def aten_launches(name: str, args, out) -> int:
@@ -302,9 +326,14 @@ def _host_task_linear_weight_grad(grad_out, x, shared):
     return _batched_gemm(1, O, I, T * N) if shared else _batched_gemm(T, O, I, N)
 
 
-def _host_task_linear_backward(grad_out, x, w, output_mask):
+def _host_task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None):
+    """Each wanted GEMM, then an ``add_`` per addend given (the CUDA GEMM takes none yet)."""
     launches = _host_task_linear_input_grad(grad_out, w) if output_mask[0] else []
-    return launches + (_host_task_linear_weight_grad(grad_out, x, w.dim() == 2) if output_mask[1] else [])
+    launches += _host_task_linear_weight_grad(grad_out, x, w.dim() == 2) if output_mask[1] else []
+    for wanted, addend in ((output_mask[0], dx_addend), (output_mask[1], dw_addend)):
+        if wanted and addend is not None and addend.numel():
+            launches.append(Launch("aten", "aten::add_"))
+    return launches
 
 
 def _host_task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask):
@@ -562,6 +591,53 @@ def _log_triton_launch(recorder, kernel, grid, *args, **kwargs):
     recorder.triton_launch(kernel, grid, args, kwargs)
 
 
+def unverified_cuda_kernels() -> dict[str, list[str]]:
+    """Backend → the kernels written for the CUDA path (a Triton launcher; a CUDA-extension
+    kernel this module models) that the verification record does not hold for CUDA yet:
+    what the GPU check's next run verifies, and what ``auto`` does not take until then."""
+    from fastmeta.backends import verification
+    from fastmeta.backends.optional_backends import triton_launchers
+
+    written = {"triton": sorted(triton_launchers()), "cuda": sorted(HOST_LAUNCHES)}
+    return {backend: [k for k in kernels if not verification.is_verified(backend, k, "cuda")]
+            for backend, kernels in written.items()}
+
+
+@contextlib.contextmanager
+def as_if_verified() -> Iterator[dict[str, list[str]]]:
+    """While active, the verification record in force is the repository's plus every
+    kernel of :func:`unverified_cuda_kernels` (yielded): the CUDA path as it will be once
+    the GPU check has verified them, for a count of what they change. A temporary record
+    through ``FASTMETA_VERIFIED_RECORD``; the record in force before is restored after."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from fastmeta.backends import verification
+
+    pending = unverified_cuda_kernels()
+    record = json.loads(json.dumps(verification._record()))
+    for backend, kernels in pending.items():
+        for kernel in kernels:
+            record.setdefault(backend, {}).setdefault("cuda", {})[kernel] = {"date": "pending", "device": "none",
+                                                                             "torch": torch.__version__}
+    before = os.environ.get(verification.RECORD_PATH_VARIABLE)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "verified.json"
+        path.write_text(json.dumps(record))
+        os.environ[verification.RECORD_PATH_VARIABLE] = str(path)
+        verification.reload()
+        try:
+            yield pending
+        finally:
+            if before is None:
+                os.environ.pop(verification.RECORD_PATH_VARIABLE, None)
+            else:
+                os.environ[verification.RECORD_PATH_VARIABLE] = before
+            verification.reload()
+
+
 @contextlib.contextmanager
 def recording(log: LaunchLog) -> Iterator[_LaunchRecorder]:
     """While active, the fastmeta ops run the CUDA path's kernels on CPU tensors and every
@@ -571,6 +647,7 @@ def recording(log: LaunchLog) -> Iterator[_LaunchRecorder]:
     from fastmeta.backends.optional_backends import triton_launchers
     from fastmeta.backends.table import TABLE
     from fastmeta.kernels.launch_checks import recording_on_cpu
+    from fastmeta.ops.registration import eager_nodes_under_dispatch_modes
 
     recorder = _LaunchRecorder(log)
     with recording_on_cpu():
@@ -586,7 +663,10 @@ def recording(log: LaunchLog) -> Iterator[_LaunchRecorder]:
                                  availability=lambda: (True, ""), device_types=lambda: ("cpu",), kernels=kernels,
                                  matmul_precisions=precision.MATMUL_PRECISIONS))
         try:
-            with fm.use_backend(RECORDER_BACKEND), _triton_launches_to(recorder), recorder:
+            # The autograd graph of a plain call (the eager nodes, their alias outputs), as a
+            # captured step runs it, with every fastmeta op still seen whole by the recorder.
+            with (fm.use_backend(RECORDER_BACKEND), _triton_launches_to(recorder), eager_nodes_under_dispatch_modes(),
+                  recorder):
                 yield recorder
         finally:
             unregister_backend(RECORDER_BACKEND)
@@ -614,37 +694,57 @@ def capturable_adam_on_cpu() -> Iterator[None]:
         adam._get_capturable_supported_devices = original
 
 
-def cuda_step_adam(parameters, lr: float) -> torch.optim.Adam:
-    """``torch.optim.Adam(parameters, lr, capturable=True)`` as on CUDA tensors: its
-    groups take the multi-tensor (``foreach``) update that torch picks by default for CUDA
-    tensors (whole_iteration zeroes the gradients itself, in one multi-tensor op)."""
+ADAM_KINDS = ("fused", "foreach")  # how the captured step's Adam runs; fused is what fastmeta train runs
+
+
+def cuda_step_adam(parameters, lr: float, kind: str = "fused") -> torch.optim.Adam:
+    """The captured step's ``torch.optim.Adam(parameters, lr, capturable=True)`` as on CUDA
+    tensors: ``fused=True`` for ``kind="fused"`` (what ``fastmeta train`` runs,
+    :func:`fastmeta.engine.whole_step_policy.make_capturable`: its kernel skips a
+    non-finite update itself), or the multi-tensor (``foreach``) update that torch picks
+    by default for CUDA tensors (the guard then copies and selects every tensor back).
+    whole_iteration sets the gradients to None itself (no kernel)."""
+    if kind not in ADAM_KINDS:
+        raise ValueError(f"adam must be one of {ADAM_KINDS}, got {kind!r}")
+    if kind == "fused":
+        return torch.optim.Adam(parameters, lr=lr, capturable=True, fused=True)
     optimizer = torch.optim.Adam(parameters, lr=lr, capturable=True)
     for group in optimizer.param_groups:
         group["foreach"] = True
     return optimizer
 
 
-# The whole step's phases, in order: whole_iteration's zeroing of the gradients, meta_batch (the inner
-# loop and the query forward), the loss's backward, guarded_step's checks and copies around
-# the optimizer's step.
-PHASES = ("zero_grad", "meta_batch", "backward", "guard", "adam")
+# The whole step's phases, in order: meta_batch (the inner loop and the query forward), the
+# loss's backward, guarded_step's checks (and, for an optimizer that does not skip its own
+# update, its copies) around the optimizer's step. (whole_iteration sets the gradients to
+# None first: no kernel.)
+PHASES = ("meta_batch", "backward", "guard", "adam")
 
 
-class _PhaseMarks(torch.overrides.TorchFunctionMode):
-    """Marks the recorder's phase at ``loss.backward()`` (and at its return: the guard)."""
+def _marking_backward(recorder: _LaunchRecorder, program):
+    """``program`` (the meta-batch function), whose output's ``loss.backward()`` marks the
+    recorder's phase: ``backward`` while it runs, ``guard`` after. On the loss tensor
+    itself (an instance attribute shadowing ``Tensor.backward``): a torch-function mode
+    would send every public op to the dispatcher path, whose autograd graph is not a plain
+    call's (fastmeta.ops.registration)."""
 
-    def __init__(self, recorder: _LaunchRecorder):
-        super().__init__()
-        self.recorder = recorder
+    @functools.wraps(program)
+    def marked(*inputs):
+        recorder.phase = "meta_batch"
+        out = program(*inputs)
+        backward = out.loss.backward
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.backward:
-            self.recorder.phase = "backward"
+        def marked_backward(*args, **kwargs):
+            recorder.phase = "backward"
             try:
-                return func(*args, **(kwargs or {}))
+                return backward(*args, **kwargs)
             finally:
-                self.recorder.phase = "guard"
-        return func(*args, **(kwargs or {}))
+                recorder.phase = "guard"
+
+        out.loss.backward = marked_backward
+        return out
+
+    return marked
 
 
 def _in_phase(recorder: _LaunchRecorder, phase: str, then: str | None, function):
@@ -660,10 +760,17 @@ def _in_phase(recorder: _LaunchRecorder, phase: str, then: str | None, function)
     return marked
 
 
-def record_captured_step(workload, *, first_order: bool = False, learner: str = "maml", seed: int = 0) -> LaunchLog:
+def record_captured_step(workload, *, first_order: bool = False, learner: str = "maml", seed: int = 0,
+                         adam: str = "fused", pending_verified: bool = False) -> LaunchLog:
     """The launches of one captured meta-iteration of ``workload`` on the CUDA path (module
     docstring), after one unlogged iteration on the references (the optimizer's state
-    made, the gradients allocated: a capture warms up the same way)."""
+    made, the gradients allocated: a capture warms up the same way). adam: the step's
+    Adam, ``"fused"`` or ``"foreach"`` (:func:`cuda_step_adam`). pending_verified: count
+    the CUDA path as it will be once the GPU check has verified the kernels written for it
+    (:func:`as_if_verified`)."""
+    if pending_verified:
+        with as_if_verified():
+            return record_captured_step(workload, first_order=first_order, learner=learner, seed=seed, adam=adam)
     import fastmeta as fm
     from fastmeta.engine.whole_step import whole_iteration
     from fastmeta.tools.bench import full_fp32
@@ -677,7 +784,7 @@ def record_captured_step(workload, *, first_order: bool = False, learner: str = 
         meta = learners[learner](workload.build_model(), lr=workload.inner_lr, first_order=first_order,
                                  steps=workload.steps, loss=workload.loss)
         batch = tuple(workload.make_batch("cpu", seed))
-        optimizer = cuda_step_adam(meta.parameters(), ADAM_LR)
+        optimizer = cuda_step_adam(meta.parameters(), ADAM_LR, adam)
         program = meta.captured_program(first_order)
         nonfinite = torch.zeros((), dtype=torch.bool)
         log = LaunchLog()
@@ -687,11 +794,9 @@ def record_captured_step(workload, *, first_order: bool = False, learner: str = 
             with recording(log) as recorder:
                 # The phases (PHASES), marked on the learner's program and the optimizer's
                 # methods (instance attributes, for this iteration only) and at the backward.
-                # whole_iteration starts by zeroing the gradients.
-                recorder.phase = "zero_grad"
+                recorder.phase = "meta_batch"
                 optimizer.step = _in_phase(recorder, "adam", "guard", optimizer.step)
-                with _PhaseMarks(recorder):
-                    whole_iteration(_in_phase(recorder, "meta_batch", None, program), batch, optimizer, nonfinite)
+                whole_iteration(_marking_backward(recorder, program), batch, optimizer, nonfinite)
                 del optimizer.step
     return log
 
@@ -733,9 +838,10 @@ def dot_kernel_names(text: str) -> Counter:
     return Counter(m.group(1).strip() for m in re.finditer(r"\{ID \| \d+ \(topoId: \d+\) \| ([^\\<}|]+)", text))
 
 
-def captured_graph_kernels(workload, *, first_order: bool = False, seed: int = 0, dot_path=None) -> dict:
+def captured_graph_kernels(workload, *, first_order: bool = False, seed: int = 0, dot_path=None,
+                           adam: str = "fused") -> dict:
     """The kernel launches of ``workload``'s whole step captured on this GPU
-    (``learner.capture`` with ``Adam(capturable=True)``): the kernel nodes of the graph
+    (``learner.capture`` with the Adam of :func:`cuda_step_adam`): the kernel nodes of the graph
     (``debug_dump``'s DOT; debug mode on before the capture, so that the graph is kept),
     or, where that is unavailable, torch.profiler's kernel events of one replay."""
     import tempfile
@@ -757,7 +863,7 @@ def captured_graph_kernels(workload, *, first_order: bool = False, seed: int = 0
         meta = fm.MAML(workload.build_model().cuda(), lr=workload.inner_lr, first_order=first_order,
                        steps=workload.steps, loss=workload.loss)
         batch = workload.make_batch("cuda", seed)
-        step = meta.capture(torch.optim.Adam(meta.parameters(), lr=ADAM_LR, capturable=True), *batch)
+        step = meta.capture(cuda_step_adam(meta.parameters(), ADAM_LR, adam), *batch)
         dot = Path(dot_path) if dot_path else Path(tempfile.mkdtemp()) / "captured_step.dot"
         try:
             step.graph.debug_dump(str(dot))
@@ -783,17 +889,17 @@ def captured_graph_kernels(workload, *, first_order: bool = False, seed: int = 0
                 "notes": notes}
 
 
-def compare_with_graph(workload_name: str, *, first_order: bool = False) -> dict:
+def compare_with_graph(workload_name: str, *, first_order: bool = False, adam: str = "fused") -> dict:
     """The recorder's count of ``workload_name``'s captured iteration and the captured
     graph's on this machine's GPU (``unavailable`` without one), for ``bench/gpu_check.py``'s
     ``kernel-count`` step."""
     from fastmeta.tools.workloads import find_workload
 
     workload = find_workload(workload_name)
-    log = record_captured_step(workload, first_order=first_order)
-    graph = captured_graph_kernels(workload, first_order=first_order)
+    log = record_captured_step(workload, first_order=first_order, adam=adam)
+    graph = captured_graph_kernels(workload, first_order=first_order, adam=adam)
     recorded = {**log.to_json(), "by_label": dict(log.by_label().most_common(40))}
-    result = {"workload": workload.name, "order": "first" if first_order else "second", "recorder": recorded,
+    result = {"workload": workload.name, "order": "first" if first_order else "second", "adam": adam, "recorder": recorded,
               "graph": graph}
     if graph.get("kernels") is not None:
         result["difference"] = graph["kernels"] - log.kernels
@@ -812,7 +918,12 @@ def main(argv=None) -> int:
     parser.add_argument("workloads", nargs="*", default=["W2"])
     parser.add_argument("--first-order", action="store_true")
     parser.add_argument("--top", type=int, default=60)
+    parser.add_argument("--adam", choices=ADAM_KINDS, default="fused",
+                        help="the captured step's Adam: fused=True (fastmeta train's) or foreach (torch's default)")
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
+    parser.add_argument("--as-verified", action="store_true",
+                        help="count the CUDA path as it will be once the GPU check has verified every kernel written "
+                             "for it (today's record leaves them to the references)")
     parser.add_argument("--compare-graph", default=None, metavar="FILE",
                         help="also count the kernel nodes of the workload's captured CUDA graph on this GPU, and "
                              "write both counts to FILE (JSON)")
@@ -820,7 +931,7 @@ def main(argv=None) -> int:
     if args.compare_graph:
         from pathlib import Path
 
-        results = [compare_with_graph(name, first_order=args.first_order) for name in args.workloads]
+        results = [compare_with_graph(name, first_order=args.first_order, adam=args.adam) for name in args.workloads]
         Path(args.compare_graph).write_text(json.dumps(results, indent=1) + "\n")
         for r in results:
             graph = r["graph"]
@@ -828,11 +939,13 @@ def main(argv=None) -> int:
                   f"{graph.get('kernels', 'unavailable')} ({graph['source']})")
         return 0
     for name in args.workloads:
-        log = record_captured_step(find_workload(name), first_order=args.first_order)
+        log = record_captured_step(find_workload(name), first_order=args.first_order, adam=args.adam,
+                                   pending_verified=args.as_verified)
         if args.json:
-            print(json.dumps({"workload": name, **log.to_json()}))
+            print(json.dumps({"workload": name, "adam": args.adam, "as_verified": args.as_verified, **log.to_json()}))
         else:
-            print(f"{name} ({'first' if args.first_order else 'second'} order), one captured iteration on the CUDA path:")
+            print(f"{name} ({'first' if args.first_order else 'second'} order, {args.adam} Adam), one captured "
+                  f"iteration on the CUDA path{' once the written kernels are verified' if args.as_verified else ''}:")
             print(log.describe(args.top))
     return 0
 

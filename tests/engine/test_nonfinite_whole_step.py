@@ -11,10 +11,20 @@ import fastmeta as fm
 from fastmeta.engine.whole_step import guarded_step
 
 
-def problem(seed=0):
+# How the guard undoes a non-finite update: torch's Adam (foreach or single-tensor) is
+# copied and selected back; Adam(fused=True) skips it in its own kernel (found_inf).
+ADAMS = {"plain": {}, "fused": {"fused": True}}
+
+
+@pytest.fixture(params=sorted(ADAMS))
+def adam(request):
+    return request.param
+
+
+def problem(seed=0, adam="plain"):
     torch.manual_seed(seed)
     model = torch.nn.Linear(3, 2).double()
-    optimizer = torch.optim.Adam(model.parameters(), 1e-2, weight_decay=0.01)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2, weight_decay=0.01, **ADAMS[adam])
     x = torch.randn(5, 3, dtype=torch.float64)
     return model, optimizer, x
 
@@ -41,8 +51,8 @@ def one_step(model, optimizer, x, scale, guarded, flag):
         optimizer.step()
 
 
-def test_a_finite_step_equals_torchs_step():
-    a, b = problem(), problem()
+def test_a_finite_step_equals_torchs_step(adam):
+    a, b = problem(adam=adam), problem(adam=adam)
     flag = torch.zeros((), dtype=torch.bool)
     for _ in range(3):
         one_step(*a, 1.0, guarded=False, flag=flag)
@@ -51,8 +61,8 @@ def test_a_finite_step_equals_torchs_step():
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf")])
-def test_a_non_finite_step_is_skipped_and_flagged(scale):
-    model, optimizer, x = problem()
+def test_a_non_finite_step_is_skipped_and_flagged(scale, adam):
+    model, optimizer, x = problem(adam=adam)
     flag = torch.zeros((), dtype=torch.bool)
     one_step(model, optimizer, x, 1.0, guarded=True, flag=flag)  # Adam's state exists
     before = snapshot(model, optimizer)
@@ -63,9 +73,9 @@ def test_a_non_finite_step_is_skipped_and_flagged(scale):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(value):
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(value, adam):
     """The flag reads every gradient, not only the loss: one element of one gradient."""
-    model, optimizer, x = problem()
+    model, optimizer, x = problem(adam=adam)
     flag = torch.zeros((), dtype=torch.bool)
     one_step(model, optimizer, x, 1.0, guarded=True, flag=flag)
     before = snapshot(model, optimizer)
@@ -77,9 +87,9 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(value):
     assert bool(flag) and same(snapshot(model, optimizer), before)
 
 
-def test_large_finite_gradients_are_not_flagged():
+def test_large_finite_gradients_are_not_flagged(adam):
     """|g| = 1e200 in float64: finite, though its 2-norm squared would overflow."""
-    a, b = problem(), problem()
+    a, b = problem(adam=adam), problem(adam=adam)
     flag = torch.zeros((), dtype=torch.bool)
     for guarded, (model, optimizer, x) in ((False, a), (True, b)):
         optimizer.zero_grad()
@@ -90,12 +100,46 @@ def test_large_finite_gradients_are_not_flagged():
     assert not bool(flag) and same(snapshot(*a[:2]), snapshot(*b[:2]))
 
 
+def test_a_fused_adam_skips_in_its_own_kernel_and_keeps_no_copies(monkeypatch):
+    """The fused path hands the flag to the optimizer as GradScaler does (found_inf) and
+    copies nothing: no _foreach_copy_, no where; the attributes are gone afterwards."""
+    model, optimizer, x = problem(adam="fused")
+    flag = torch.zeros((), dtype=torch.bool)
+    one_step(model, optimizer, x, 1.0, guarded=True, flag=flag)
+    seen = {}
+    step = optimizer.step
+
+    def spy():
+        seen["found_inf"] = optimizer.found_inf.clone()
+        return step()
+
+    monkeypatch.setattr(optimizer, "step", spy)
+    monkeypatch.setattr(torch, "where", lambda *a, **k: pytest.fail("the fused path selected with where"))
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda *a, **k: pytest.fail("the fused path copied the state"))
+    before = snapshot(model, optimizer)
+    one_step(model, optimizer, x, float("nan"), guarded=True, flag=flag)
+    assert seen["found_inf"].dtype == torch.float32 and float(seen["found_inf"]) == 1.0
+    assert bool(flag) and same(snapshot(model, optimizer), before)
+    assert not hasattr(optimizer, "found_inf") and not hasattr(optimizer, "grad_scale")
+
+
+def test_a_gradient_scalers_optimizer_is_refused_by_name():
+    model, optimizer, x = problem(adam="fused")
+    optimizer.zero_grad()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    optimizer.found_inf = torch.zeros(())
+    with pytest.raises(ValueError, match="found_inf"):
+        guarded_step(optimizer, loss, torch.zeros((), dtype=torch.bool))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_captured_graph_skips_a_non_finite_update():
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_captured_graph_skips_a_non_finite_update(fused):
     torch.manual_seed(0)
     meta = fm.MAML(fm.models.mlp((1, 16, 1)).cuda(), lr=0.01, validate=False)
-    optimizer = torch.optim.Adam(meta.parameters(), 1e-3, capturable=True)
+    optimizer = torch.optim.Adam(meta.parameters(), 1e-3, capturable=True, fused=fused)
     g = torch.Generator().manual_seed(0)
     batch = [t.cuda() for t in (torch.randn(4, 5, 1, generator=g), torch.randn(4, 5, 1, generator=g),
                                 torch.randn(4, 6, 1, generator=g), torch.randn(4, 6, 1, generator=g))]

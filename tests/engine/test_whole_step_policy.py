@@ -77,3 +77,28 @@ def test_make_capturable_gives_adam_a_tensor_rate_that_set_outer_lr_fills_in_pla
     plain = adam()
     set_outer_lr(plain, 0.25)
     assert plain.param_groups[0]["lr"] == 0.25
+
+
+def test_make_capturable_fuses_adam_and_adamw_where_torch_can():
+    """Fused: one multi-tensor kernel per update, and the non-finite skip in that kernel
+    (guarded_step). Not where torch refuses it (foreach=True asked for) or has none (SGD)."""
+    from fastmeta.engine.whole_step import skips_its_own_update
+
+    cpu = torch.device("cpu")
+    for make in (torch.optim.Adam, torch.optim.AdamW):
+        optimizer = make([torch.nn.Parameter(torch.zeros(3))], lr=0.01)
+        optimizer.param_groups[0]["params"][0].grad = torch.ones(3)
+        optimizer.step()  # a plain Adam that has stepped: its step count is a CPU float
+        make_capturable(optimizer, cpu)
+        assert optimizer.param_groups[0]["fused"] and skips_its_own_update(optimizer), make
+        state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+        assert state["step"].dtype == torch.float32 and float(state["step"]) == 1.0
+    asked = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))], lr=0.01, foreach=True)
+    make_capturable(asked, cpu)
+    assert not asked.param_groups[0]["fused"] and not skips_its_own_update(asked)
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.01)
+    make_capturable(sgd, cpu)
+    assert not sgd.param_groups[0].get("fused") and not skips_its_own_update(sgd)
+    elsewhere = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))], lr=0.01)
+    make_capturable(elsewhere, torch.device("meta"))  # parameters not on the device: left unfused
+    assert not elsewhere.param_groups[0]["fused"]

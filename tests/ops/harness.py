@@ -130,16 +130,32 @@ def _listed(out):
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-def check_kernel(backend: str, kernel: str, reference, args, rtol: float, atol: float | None = None):
+def check_kernel(backend: str, kernel: str, reference, args, rtol: float, atol: float | None = None,
+                 multilinear: bool = False):
     """The backend's kernel on ``args`` equals ``reference`` on them (same dtype, same
-    shapes), elementwise within rtol/atol; outputs are fresh."""
+    shapes), elementwise within rtol/atol; outputs are fresh.
+
+    multilinear: the kernel is a sum of products of its tensor arguments (a GEMM-like
+    backward, addends included). Each element is then held to ``rtol`` times its own
+    magnitude bound, the reference on the arguments' absolute values (Σ|a||b| of the
+    products it sums, the scale of its rounding error): an element where large products
+    cancel gets the tolerance of its products, not of the small difference left (an
+    elementwise rtol/atol there fails on summation order alone), and every other element
+    is held as tightly as rtol says."""
     got = _listed(direct(backend, kernel, *args))
     want = _listed(reference(*args))
     assert_fresh(got, args)
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    scales = _listed(reference(*[a.abs() if isinstance(a, torch.Tensor) else a for a in args])) if multilinear else None
+    for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
-        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol if atol is None else atol)
+        if scales is None:
+            torch.testing.assert_close(g, w, rtol=rtol, atol=rtol if atol is None else atol)
+            continue
+        excess = (g - w).abs() - rtol * scales[i] - (0.0 if atol is None else atol)
+        assert excess.numel() == 0 or excess.max() <= 0, (
+            f"output {i}: {(excess > 0).sum().item()} elements over rtol {rtol} of their magnitude bound; "
+            f"largest error {(g - w).abs().max().item():.3g}")
 
 
 def evaluate(backend: str, fn, args, diff, seed: int = 1234):

@@ -478,14 +478,17 @@ def check_fused(backend, device, dtype, rtol, label, shape, O, stride, padding, 
     x, w, grad_out, g_dx, g_dw = fused_args(shape, O, stride, padding, weight_kind, device, dtype)
     backward = get_backend(backend).kernel("task_conv2d_backward")
     double_backward = get_backend(backend).kernel("task_conv2d_double_backward")
-    for mask in BACKWARD_MASKS:
-        args = (grad_out, x, w, stride, padding, mask)
+    # Without and with the addends (the eager node's alias gradients), summed in the kernels.
+    dx_addend, dw_addend = torch.randn_like(g_dx), torch.randn_like(g_dw)
+    for mask, with_addends in [(m, a) for m in BACKWARD_MASKS for a in (False, True)]:
+        addends = (dx_addend if mask[0] else None, dw_addend if mask[1] else None) if with_addends else (None, None)
+        args = (grad_out, x, w, stride, padding, mask, *addends)
         got = backward(*args)
         assert got is not NotImplemented, f"{backend} task_conv2d_backward declined {label} {mask}"
-        assert_fresh(got, args)
+        assert_fresh(got, [a for a in args if isinstance(a, torch.Tensor)])
         for i, (a, e) in enumerate(zip(got, reference_task_conv2d_backward(*args))):
             assert (a.numel() == 0) == (not mask[i]), (label, mask, i, a.shape)
-            assert_norm_close(a, e, rtol, f"backward {label} {mask} output {i}")
+            assert_norm_close(a, e, rtol, f"backward {label} {mask} output {i} (addends {with_addends})")
     for upstream in [(g_dx, g_dw), (None, g_dw), (g_dx, None)]:
         for mask in DOUBLE_MASKS:
             args = (*upstream, grad_out, x, w, stride, padding, mask)
@@ -532,6 +535,28 @@ def test_triton_double_backward_accumulates_through_a_split_launch(backend, devi
         args = (g_dx, g_dw, grad_out, x, w, stride, padding, [True, False, False])
         got = direct(backend, "task_conv2d_double_backward", *args)
     assert_norm_close(got[0], reference_task_conv2d_double_backward(*args)[0], 1e-5, "split d_grad_out")
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("shape,O,stride,weight_kind,splits", [
+    ((2, 1, 16, 8, 8), 128, [2, 2], "per_task", 0),  # SPLIT_CASES' s2-input-grad: the input gradient splits
+    ((2, 4, 16, 8, 8), 16, [1, 1], "shared", 1),  # s1-shared: the weight gradient splits
+], ids=["dx-split", "dw-split"])
+def test_triton_backward_adds_its_addends_once_through_split_launches(backend, device, shape, O, stride,
+                                                                     weight_kind, splits):
+    """dx_addend and dw_addend are added by the first K range only: planned for 8 SMs, a
+    gradient launch splits K, and each addend is in the sum once."""
+    from fastmeta.kernels.task_conv2d import conv_launch_plans
+    from fastmeta.kernels.tiles import planned_for_sm_count
+
+    require(backend)
+    x, w, grad_out, g_dx, g_dw = fused_args(shape, O, stride, [1, 1], weight_kind, device)
+    args = (grad_out, x, w, stride, [1, 1], [True, True], torch.randn_like(g_dx), torch.randn_like(g_dw))
+    with planned_for_sm_count(SPLIT_SMS):
+        assert conv_launch_plans("task_conv2d_backward", *args)[splits].split_k > 1
+        got = direct(backend, "task_conv2d_backward", *args)
+    for i, (a, e) in enumerate(zip(got, reference_task_conv2d_backward(*args))):
+        assert_norm_close(a, e, 1e-5, f"split backward with addends, output {i}")
 
 
 def test_cpu_fused_kernels_decline_what_they_do_not_compute():

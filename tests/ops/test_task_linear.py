@@ -183,7 +183,12 @@ def on_device(args, device, dtype=None):
 @pytest.mark.parametrize("backend,device", NATIVE)
 @pytest.mark.parametrize("name,kernel,reference,args", CASES, ids=[c[0] for c in CASES])
 def test_kernel_equals_reference_float32(backend, device, name, kernel, reference, args):
-    check_kernel(backend, kernel, reference, on_device(args, device), rtol=2e-5)
+    # The backward pair ops are sums of products (no activation, no bias): each element is
+    # held to rtol of its own magnitude bound (harness.check_kernel). Their double
+    # backward's d grad_out sums two K = 256 products that can cancel to 1e-2 of their size:
+    # elementwise, summation order alone (threads, blocking) moved one element 2.3e-5.
+    check_kernel(backend, kernel, reference, on_device(args, device), rtol=2e-5,
+                 multilinear=kernel in ("task_linear_backward", "task_linear_double_backward"))
 
 
 @pytest.mark.parametrize("name,kernel,reference,args", CASES, ids=[c[0] for c in CASES])
