@@ -135,7 +135,7 @@ def task_batch_norm_backward_kernel(
     rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, axis=0) / count + eps)
     grad_beta = tl.sum(sum_g, axis=0)
     grad_gamma = tl.sum(sum_g_centred, axis=0) * rstd  # Σ g·x̂
-    if NEED_GAMMA:
+    if NEED_GAMMA:  # the addend goes into the store only: grad_x below reads Σ g·x̂ itself
         if HAS_DGAMMA_ADDEND:
             tl.store(grad_gamma_ptr + t * C + c, grad_gamma + tl.load(dgamma_addend_ptr + t * C + c))
         else:

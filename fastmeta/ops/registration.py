@@ -258,10 +258,9 @@ class PublicOp:
             elif grad_enabled and isinstance(a, list) and a and isinstance(a[0], Tensor):
                 if any(t.requires_grad for t in a):
                     needs_grad = True
-        if not plain or _dispatch_modes() or _function_modes() or _functorch_interpreter() is not None:
-            if not (plain and needs_grad and _eager_nodes.under_dispatch_modes and not _function_modes()
-                    and _functorch_interpreter() is None):
-                return self.default(*args)
+        if not plain or _function_modes() or _functorch_interpreter() is not None or (
+                _dispatch_modes() and not (needs_grad and _eager_nodes.under_dispatch_modes)):
+            return self.default(*args)
         if _profiler_enabled():
             # Under torch.profiler the call is one range named as the dispatcher's op would
             # record it: the dispatch counter (fastmeta.tools.dispatches) and a reader of the

@@ -617,15 +617,13 @@ def as_if_verified() -> Iterator[dict[str, list[str]]]:
     from fastmeta.backends import verification
 
     pending = unverified_cuda_kernels()
-    record = json.loads(json.dumps(verification._record()))
-    for backend, kernels in pending.items():
-        for kernel in kernels:
-            record.setdefault(backend, {}).setdefault("cuda", {})[kernel] = {"date": "pending", "device": "none",
-                                                                             "torch": torch.__version__}
     before = os.environ.get(verification.RECORD_PATH_VARIABLE)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "verified.json"
-        path.write_text(json.dumps(record))
+        path.write_text(json.dumps(verification._record()))  # the record in force, then the pending kernels
+        for backend, kernels in pending.items():
+            verification.record(backend, "cuda", kernels, "pending (fastmeta.tools.launches.as_if_verified)",
+                                path=path)
         os.environ[verification.RECORD_PATH_VARIABLE] = str(path)
         verification.reload()
         try:

@@ -284,6 +284,13 @@ def test_multi_tensor_apply_rule():
     assert multi_tensor_launches("aten::_foreach_add_.Scalar", (transposed, 1.0)) == 1  # dense, any order
     gapped = [torch.zeros(4, 6)[:, :3] for _ in range(5)]
     assert multi_tensor_launches("aten::_foreach_add_.Scalar", (gapped, 1.0)) == 5
+    # A fused optimizer: its parameter-shaped lists whole (depth 4 for Adam without amsgrad:
+    # 36 tensors a launch), the step counts apart, no fast-route check (0-dim steps beside
+    # [3]-shaped parameters are fine).
+    adam = (small, small, small, small, [], scalars)
+    assert multi_tensor_launches("aten::_fused_adam_.default", adam) == 6  # 36 · 5 + 20
+    assert multi_tensor_launches("aten::_fused_adam_.default", (small, small, small, small, small, scalars)) == 7
+    assert multi_tensor_launches("aten::_fused_sgd_.default", (small, small, small)) == 5  # depth 3: 48 · 4 + 8
 
 
 def test_aten_ops_that_launch_nothing():
