@@ -21,7 +21,8 @@ Two ways into one op, with the same implementation, checks and backward:
 - **The dispatcher path** (``torch.ops.fastmeta.<name>``): what ``torch.compile``, fake
   tensors, dispatch modes, functorch transforms and tensor subclasses see, and what
   ``opcheck`` tests. The public op takes it itself whenever one of those is active, and for
-  the few cases the eager path leaves to it (autograd through a ``Tensor[]`` argument).
+  the few cases the eager path leaves to it (autograd through an op that writes its
+  arguments).
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ class PublicOp:
         # and whether any argument is a Tensor[] (autograd through one: the dispatcher path).
         self._mutated_positions = tuple(i for i, a in enumerate(schema.arguments)
                                         if a.alias_info is not None and a.alias_info.is_write)
-        self._has_tensor_lists = any(str(a.type).startswith(("List[Tensor]", "List[Optional[Tensor]]"))
-                                     for a in schema.arguments)
+        self._tensor_list_positions = frozenset(
+            i for i, a in enumerate(schema.arguments) if str(a.type).startswith(("List[Tensor]", "List[Optional[Tensor]]")))
+        self._has_tensor_lists = bool(self._tensor_list_positions)
         self._returns_list = len(schema.returns) == 1 and str(schema.returns[0].type) == "List[Tensor]"
         # Trailing arguments with defaults: the eager path fills them in, so the kernels, the
         # setup and the backward see every argument, as the dispatcher gives them.
@@ -132,8 +134,8 @@ class PublicOp:
         run = self._run
         self._aliased = bool(aliased_inputs)
         if aliased_inputs:
-            if self._returns_list:
-                raise ValueError(f"{self.name}: aliased inputs need an op with one tensor result")
+            if self._returns_list or self._has_tensor_lists:
+                raise ValueError(f"{self.name}: aliased inputs need an op with one tensor result and no Tensor[] argument")
             self._register_aliased(backward, setup_context, tuple(aliased_inputs))
             return
 
@@ -145,6 +147,9 @@ class PublicOp:
         # dispatcher's autograd gives them.
         returns_list = self._returns_list
         through_dispatcher = self.default
+        if self._has_tensor_lists:
+            self._register_with_tensor_lists(backward, setup_context)
+            return
 
         def forward(ctx, *args):
             # Under a dispatch mode only inside eager_nodes_under_dispatch_modes: the mode sees the op.
@@ -164,6 +169,93 @@ class PublicOp:
         # which __call__ has done or does not need): the C++ apply.
         self._apply = super(torch.autograd.Function, function).apply
         self._function = function
+
+    def _register_with_tensor_lists(self, backward: Callable, setup_context: Callable | None) -> None:
+        """The eager node of an op with ``Tensor[]`` arguments. Autograd tracks only the
+        tensors a Function is called with, so the node is called with the lists' lengths and
+        the arguments flattened (:meth:`_flatten_lists`); forward and backward put the lists
+        back. Setup and backward see what the dispatcher's autograd gives them: the op's own
+        arguments, a list input's ``ctx.needs_input_grad`` entry a list of flags (one per
+        tensor), a list input's gradient a list. What this replaces: the dispatcher path's
+        autograd (``torch.library``'s generated Function), which flattens and rebuilds every
+        call's arguments with pytree and redispatches."""
+        run = self._run
+        returns_list = self._returns_list
+        through_dispatcher = self.default
+        unflatten = self._unflatten_lists
+        list_positions = self._tensor_list_positions
+        arity = self._arity
+
+        def grouped_needs(lengths, flat_needs):
+            # flat_needs: one flag per Function input after the lengths.
+            return tuple(unflatten(lengths, flat_needs))
+
+        def forward(ctx, lengths, *flat):
+            args = unflatten(lengths, flat)
+            output = through_dispatcher(*args) if _dispatch_modes() else run(args)
+            ctx.lengths = lengths
+            ctx.needs_input_grad = grouped_needs(lengths, ctx.needs_input_grad[1:])
+            if setup_context is not None:
+                setup_context(ctx, tuple(args), output)
+            return tuple(output) if returns_list else output
+
+        def backward_flat(ctx, *grads):
+            result = backward(ctx, list(grads)) if returns_list else backward(ctx, *grads)
+            if not isinstance(result, tuple):
+                result = (result,)
+            lengths = iter(ctx.lengths)
+            flat: list = [None]
+            for i in range(arity):
+                g = result[i] if i < len(result) else None
+                if i in list_positions:
+                    n = next(lengths)
+                    if g is None:
+                        flat.extend([None] * n)
+                    elif len(g) != n:
+                        raise RuntimeError(f"{self.name}: the backward returned {len(g)} gradients for a list "
+                                           f"of {n} tensors (argument {i})")
+                    else:
+                        flat.extend(g)
+                else:
+                    flat.append(g)
+            return tuple(flat)
+
+        function = type(f"{self.name}_function", (torch.autograd.Function,), {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(backward_flat),
+        })
+        self._apply = super(torch.autograd.Function, function).apply
+        self._function = function
+
+    def _flatten_lists(self, args: tuple) -> tuple:
+        """(the lengths of the ``Tensor[]`` arguments, *the arguments with each list's
+        tensors in its place): what the eager node of an op with lists is called with."""
+        lengths = []
+        flat: list = []
+        positions = self._tensor_list_positions
+        for i, a in enumerate(args):
+            if i in positions:
+                lengths.append(len(a))
+                flat.extend(a)
+            else:
+                flat.append(a)
+        return (tuple(lengths), *flat)
+
+    def _unflatten_lists(self, lengths: tuple, flat) -> list:
+        """The inverse of :meth:`_flatten_lists` (less the lengths): the op's arguments."""
+        args: list = []
+        positions = self._tensor_list_positions
+        k = j = 0
+        for i in range(self._arity):
+            if i in positions:
+                n = lengths[j]
+                j += 1
+                args.append(list(flat[k:k + n]))
+                k += n
+            else:
+                args.append(flat[k])
+                k += 1
+        return args
 
     def _register_aliased(self, backward: Callable, setup_context: Callable | None,
                           aliased_inputs: tuple[int, ...]) -> None:
@@ -278,9 +370,9 @@ class PublicOp:
 
     def _eager(self, args: tuple, needs_grad: bool):
         if needs_grad:
-            if self._function is None or self._has_tensor_lists or self._mutates:
+            if self._function is None or self._mutates:
                 return self.default(*args)
-            out = self._apply(*args)
+            out = self._apply(*self._flatten_lists(args)) if self._has_tensor_lists else self._apply(*args)
             if self._aliased:
                 return out[0]
             return list(out) if self._returns_list else out

@@ -342,3 +342,38 @@ def test_cuda_depth_cap_is_asked_of_the_extension(extension):
     assert cap == int(torch.ops.fastmeta_ext.mlp_meta_step_max_layers()) == 32
     assert cuda_fits([1] * (cap + 1), 1, 1, 1, 227 * 1024)
     assert not cuda_fits([1] * (cap + 2), 1, 1, 1, 227 * 1024)
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_a_list_argument_takes_the_eager_node_with_per_tensor_gradients(extension, create_graph):
+    """A call with a ``Tensor[]`` argument (the model's parameter tensors) that autograd
+    records takes the eager path's node, whose lists travel flattened, not the
+    dispatcher's generated node: its gradients, first and second order, equal the
+    dispatcher path's tensor for tensor, and a list tensor that needs no gradient gets
+    none (its ``needs_input_grad`` entry is per tensor)."""
+    import sys
+
+    module = sys.modules["fastmeta.ops.mlp_meta_step"]
+    layer_sizes = [2, 7, 3]
+    theta, sx, sy, qx, qy, lr, _ = make_problem(layer_sizes, "tanh", "mse", "tensor", 2, 5, dtype=torch.float64)
+    shapes = [s for i, o in zip(layer_sizes[:-1], layer_sizes[1:]) for s in ((o, i), (o,))]
+    pieces = theta.split([int(torch.Size(s).numel()) for s in shapes])
+    frozen = 1  # the first bias: no gradient wanted
+    results = {}
+    for path in ("eager", "dispatcher"):
+        params = [t.view(s).clone().requires_grad_(i != frozen) for i, (t, s) in enumerate(zip(pieces, shapes))]
+        r = lr.clone().requires_grad_(True)
+        args = (params, layer_sizes, "tanh", 0.0, sx, sy, qx, qy, "mse", r, 2, False, False, True)
+        with fm.use_backend("cpu"):
+            out = module.mlp_meta_step_op(*args) if path == "eager" else torch.ops.fastmeta.mlp_meta_step_with_task_gradients(*args)
+            node = type(out[0].grad_fn).__name__
+            wanted = [p for p in params if p.requires_grad] + [r]
+            grads = torch.autograd.grad(out[1].square().sum(), wanted, create_graph=create_graph)
+            second = torch.autograd.grad(sum(g.sin().sum() for g in grads), wanted) if create_graph else ()
+        results[path] = (node, grads, second)
+    (eager_node, g1, s1), (dispatcher_node, g2, s2) = results["eager"], results["dispatcher"]
+    assert eager_node.startswith("mlp_meta_step_with_task_gradients_function"), eager_node
+    assert dispatcher_node.startswith("GeneratedBackwardFor"), dispatcher_node
+    assert len(g1) == len(shapes)  # every tensor but the frozen one, and lr
+    for a, b in zip((*g1, *s1), (*g2, *s2)):
+        assert a.shape == b.shape and rel(a, b) <= 1e-12
