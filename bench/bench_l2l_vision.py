@@ -28,6 +28,9 @@ stride-2 convolutions and BatchNorm at inner rate 0.4, is ill-conditioned: 10⁻
 16 tasks, where float64 agrees to 10⁻¹⁴); a contender more than 10× that (and more than
 1e-4) off the float64 loop fails the command. Rounds interleave the contenders; the figures are
 medians of the wall time and of the thread's CPU time (steadier on a shared machine).
+``GFLOP`` is one meta-iteration's arithmetic (torch's FlopCounterMode over the loop), and
+each row's GFLOP/s that over its CPU time: the distance to the machine's floor (one core's
+GEMM peak), which bounds any speed-up over the loop at peak ÷ the loop's rate.
 """
 
 from __future__ import annotations
@@ -234,6 +237,7 @@ def run_shape(shape, spec, tasks, samples):
         n = min(g.numel(), reference.numel())
         errors[c.name] = float((g[:n] - reference[:n]).norm() / reference[:n].norm())
     tolerance = max(MATCH_TOLERANCE, 10 * errors["loop"])
+    flops = loop_flops(contenders[0])
     for c in contenders:
         c.step()
     wall = {c.name: [] for c in contenders}
@@ -249,10 +253,26 @@ def run_shape(shape, spec, tasks, samples):
     for c in contenders:
         ms, cms = statistics.median(wall[c.name]), statistics.median(cpu[c.name])
         rows.append({"contender": c.name, "median_ms": ms, "median_cpu_ms": cms, "speedup_vs_loop": loop_wall / ms,
+                     "gflop_per_s_cpu": flops / cms / 1e6,
                      "cpu_speedup_vs_loop": loop_cpu / cms, "meta_gradient_error_vs_float64_loop": errors[c.name],
                      "tolerance": tolerance, "matches": errors[c.name] <= tolerance})
     params = sum(p.numel() for p in contenders[0].model.parameters())
-    return {"shape": shape, "image": spec["size"], "parameters": params, "tasks": tasks, "rows": rows}
+    return {"shape": shape, "image": spec["size"], "parameters": params, "tasks": tasks, "gflop_per_iteration": flops / 1e9,
+            "rows": rows}
+
+
+def loop_flops(loop) -> float:
+    """FLOP of one meta-iteration: torch's FlopCounterMode over the plain loop's (its
+    convolutions and matrix products, forward, backward and double backward, counted
+    from the shapes; 2 per multiply-add). Every contender does the same arithmetic, so
+    this over a row's CPU time is its rate, to set against one core's GEMM peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loop.optimizer.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        loop.meta_iteration()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
 
 
 def main(argv=None):
@@ -272,20 +292,20 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, load average "
           f"{os.getloadavg()[0]:.1f}, {args.samples} interleaved rounds, {args.tasks} tasks, 5-way 1-shot, "
           f"{QUERIES} queries per class, second order")
-    print("| shape | image | parameters | contender | meta-gradient vs the float64 loop (tolerance) | wall ms | speed-up "
-          "| CPU ms | CPU speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | image | parameters | GFLOP | contender | meta-gradient vs the float64 loop (tolerance) | wall ms "
+          "| speed-up | CPU ms | CPU speed-up | GFLOP/s (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for s in chosen:
         r = run_shape(s, known[s], args.tasks, args.samples)
         results.append(r)
         for row in r["rows"]:
             flag = "" if row["matches"] else " MISMATCH"
-            print(f"| {s} | {r['image']} | {r['parameters']:,} | {row['contender']} | "
+            print(f"| {s} | {r['image']} | {r['parameters']:,} | {r['gflop_per_iteration']:.1f} | {row['contender']} | "
                   f"{row['meta_gradient_error_vs_float64_loop']:.1e} ({row['tolerance']:.0e}){flag} | "
                   f"{row['median_ms']:.0f} | "
-                  f"{row['speedup_vs_loop']:.2f}x | {row['median_cpu_ms']:.0f} | {row['cpu_speedup_vs_loop']:.2f}x |",
-                  flush=True)
+                  f"{row['speedup_vs_loop']:.2f}x | {row['median_cpu_ms']:.0f} | {row['cpu_speedup_vs_loop']:.2f}x | "
+                  f"{row['gflop_per_s_cpu']:.1f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": 1, "samples": args.samples, "results": results}, f,

@@ -1,4 +1,5 @@
-// CPU kernels of task_conv2d and its backward ops: per task, im2col + one GEMM.
+// CPU kernels of task_conv2d and its backward ops: per task, im2col + one GEMM, or, for large
+// fp32 problems, torch's own oneDNN convolution called per task ("The oneDNN route" below).
 //
 //   forward       Y_t [O, n·L]  = W_t [O, K] · cols [K, n·L]
 //   input-grad    dcols [K, n·L] = W_tᵀ [K, O] · dY_t [O, n·L],  then col2im into dx
@@ -12,7 +13,7 @@
 // 64 → 64 channels, 3×3, stride 2) the input-grad takes about what the forward takes
 // (14×14 inputs 6.35 against 5.56 ms, 7×7 2.19 against 2.02; medians of 15, interleaved,
 // 2-core Intel Xeon, shared). Why not the reference's grouped
-// convolution: oneDNN runs a per-task weight as groups = T, with layout copies around it,
+// convolution (one oneDNN call for all tasks): oneDNN runs a per-task weight as groups = T, with layout copies around it,
 // at a fraction of the GEMM rate (bench/bench_conv_cpu.py has the numbers). Why im2col and
 // not at::bmm on an unfold buffer: every aten call inside a kernel is a dispatch (a launch
 // on a GPU; fastmeta profile --count counts them), and F.unfold alone took longer than the
@@ -32,16 +33,25 @@
 // region). Per-task weights may be views with any task stride (a slice of the flat [T, P]
 // buffer) as long as each task's block is contiguous; a task stride of 0 arrives as a
 // shared 4-D weight.
+#include <ATen/Config.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+#if AT_MKLDNN_ENABLED()
+#include <ATen/ops/convolution_backward_native.h>
+#include <ATen/ops/mkldnn_convolution_native.h>
+#endif
 
 #include <algorithm>
+#include <array>
 #include <climits>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -305,6 +315,167 @@ ConvShape make_shape(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, int6
   return s;
 }
 
+// ---------------------------------------------------------------------------------------
+// The oneDNN route: large fp32 convolutions go to the convolution kernels torch itself runs
+// on the CPU (oneDNN, through ATen's CPU kernels called as functions, at::native::: no
+// dispatcher, no autograd, no dispatch to count), one call per task, or one for all tasks
+// where the weights (and bias) are shared. Where a call's problem is large, oneDNN's direct
+// convolution outruns im2col + GEMM, whose im2col/col2im passes move K·L values per example
+// through memory; where it is small, the call's fixed cost (primitive lookup, weight
+// reorder) loses. The rule, from bench/bench_conv_routes.py (docs/benchmarks.md,
+// "Convolutions on the CPU" has its table): a kernel larger than 1×1, at least 16 input
+// channels, and at least kOneDnnMinMacs[pass] multiply-adds per call; for the weight
+// gradient also at least kOneDnnMinWeightGradL output positions per example (at 7×7 and 4×4
+// outputs oneDNN's weight gradient was even or slower). Never the input gradient under
+// auto: ATen's oneDNN input gradient hands its result back through a copy (an aten::clone
+// of dx inside the kernel, a dispatch per call: W3's second-order iteration 274 → 504
+// dispatches), which the dispatch budgets refuse. FASTMETA_CPU_CONV=onednn sends
+// every fp32 convolution oneDNN supports there (the tests' route), =im2col none; read once
+// per process. float64 always takes im2col (oneDNN has no f64 convolution).
+constexpr int64_t kOneDnnMinMacs[3] = {int64_t(2) << 20, INT64_MAX, int64_t(32) << 20};  // by ConvPass
+constexpr int64_t kOneDnnMinWeightGradL = 64;
+
+enum class ConvRoute { kAuto, kOneDnn, kIm2col };
+enum class ConvPass { kForward, kInputGrad, kWeightGrad };
+
+ConvRoute conv_route() {
+  static const ConvRoute route = [] {
+    const char* env = std::getenv("FASTMETA_CPU_CONV");
+    if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return ConvRoute::kAuto;
+    if (std::strcmp(env, "onednn") == 0) return ConvRoute::kOneDnn;
+    if (std::strcmp(env, "im2col") == 0) return ConvRoute::kIm2col;
+    TORCH_CHECK_VALUE(false, "FASTMETA_CPU_CONV must be auto, onednn or im2col, got '", env, "'");
+    return ConvRoute::kAuto;
+  }();
+  return route;
+}
+
+// Whether a pass of this convolution takes oneDNN; `calls_tasks` is how many tasks each call
+// covers (s.T for one batched call over shared weights, else 1).
+template <typename T_>
+bool takes_onednn(const ConvShape& s, ConvPass pass, int64_t calls_tasks) {
+#if AT_MKLDNN_ENABLED()
+  if (!std::is_same<T_, float>::value || !at::globalContext().userEnabledMkldnn() || !at::hasMKLDNN()) return false;
+  if (s.T * s.N * s.C * s.O * s.L() == 0) return false;  // oneDNN refuses empty tensors; im2col writes what is due
+  const ConvRoute route = conv_route();
+  if (route != ConvRoute::kAuto) return route == ConvRoute::kOneDnn;
+  if (s.KH * s.KW == 1 || s.C < 16) return false;
+  if (calls_tasks * s.N * s.O * s.K() * s.L() < kOneDnnMinMacs[static_cast<int>(pass)]) return false;
+  return pass != ConvPass::kWeightGrad || s.L() >= kOneDnnMinWeightGradL;
+#else
+  (void)s;
+  (void)pass;
+  (void)calls_tasks;
+  return false;
+#endif
+}
+
+#if AT_MKLDNN_ENABLED()
+// A tensor over memory the kernel owns or was given (no copy, no dispatch): the calls below
+// read inputs through these and never write them.
+template <typename T_>
+at::Tensor blob_tensor(const T_* data, at::IntArrayRef sizes) {
+  int64_t numel = 1;
+  for (const int64_t size : sizes) numel *= size;
+  c10::Storage storage(c10::Storage::use_byte_size_t(), numel * int64_t(sizeof(T_)),
+                       c10::DataPtr(const_cast<T_*>(data), c10::Device(c10::DeviceType::CPU)), nullptr, false);
+  at::Tensor t = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                          caffe2::TypeMeta::Make<T_>());
+  t.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
+  return t;
+}
+
+// dst = src (+ dst when accumulating), n values.
+template <typename T_>
+void store(const at::Tensor& src, T_* dst, int64_t n, bool accumulate) {
+  const T_* v = src.data_ptr<T_>();
+  if (accumulate) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] += v[i];
+  } else {
+    std::memcpy(dst, v, n * sizeof(T_));
+  }
+}
+
+std::array<bool, 3> mask_of(ConvPass pass) {
+  return {pass == ConvPass::kInputGrad, pass == ConvPass::kWeightGrad, false};
+}
+
+// The arguments of ATen's convolution kernels for calls over n examples: the geometry, and
+// the sizes of the input, weight and output tensors, from these named arrays: sizes written
+// as braced lists at the calls arrived as zeros in the first weight-gradient call (GCC 12,
+// -O3 -march=native; the same lists in one small file did not).
+struct Geometry {
+  std::array<int64_t, 2> padding, stride, dilation, output_padding;
+  std::array<int64_t, 4> input, weight, output;
+  std::array<int64_t, 1> bias;
+  Geometry(const ConvShape& s, int64_t n)
+      : padding{s.PH, s.PW},
+        stride{s.SH, s.SW},
+        dilation{1, 1},
+        output_padding{0, 0},
+        input{n, s.C, s.H, s.W},
+        weight{s.O, s.C, s.KH, s.KW},
+        output{n, s.O, s.HO, s.WO},
+        bias{s.O} {}
+};
+
+// y (+)= conv(x, w) + b through oneDNN: one call per task, or one over all tasks when w (and
+// b) are shared.
+template <typename T_>
+void onednn_forward(const ConvShape& s, const T_* xp, const T_* wp, int64_t w_ts, const T_* bp, int64_t b_ts, T_* yp,
+                    bool accumulate) {
+  const bool batched = w_ts == 0 && (bp == nullptr || b_ts == 0);
+  const int64_t n = batched ? s.T * s.N : s.N, image = s.C * s.H * s.W, out = s.O * s.L();
+  const Geometry g(s, n);
+  for (int64_t t = 0; t < (batched ? 1 : s.T); ++t) {
+    c10::optional<at::Tensor> bias;
+    if (bp != nullptr) bias = blob_tensor<T_>(bp + t * b_ts, g.bias);
+    const at::Tensor r = at::native::mkldnn_convolution(blob_tensor<T_>(xp + t * s.N * image, g.input),
+                                                        blob_tensor<T_>(wp + t * w_ts, g.weight), bias,
+                                                        g.padding, g.stride, g.dilation, 1);
+    store<T_>(r, yp + t * s.N * out, n * out, accumulate);
+  }
+}
+
+// dx = the input gradient through oneDNN, plus addp when given.
+template <typename T_>
+void onednn_input_grad(const ConvShape& s, const T_* gp, const T_* wp, int64_t w_ts, T_* dxp, const T_* addp) {
+  const bool batched = w_ts == 0;
+  const int64_t n = batched ? s.T * s.N : s.N, image = s.C * s.H * s.W, out = s.O * s.L();
+  const Geometry g(s, n);
+  for (int64_t t = 0; t < (batched ? 1 : s.T); ++t) {
+    T_* dx = dxp + t * s.N * image;
+    // The input's data is not read for the input gradient, only its geometry: dx's own
+    // (uninitialised) buffer carries it.
+    const at::Tensor r = std::get<0>(at::native::convolution_backward(
+        blob_tensor<T_>(gp + t * s.N * out, g.output), blob_tensor<T_>(dx, g.input),
+        blob_tensor<T_>(wp + t * w_ts, g.weight), c10::nullopt, g.stride, g.padding, g.dilation, false,
+        g.output_padding, 1, mask_of(ConvPass::kInputGrad)));
+    if (addp != nullptr) std::memcpy(dx, addp + t * s.N * image, n * image * sizeof(T_));
+    store<T_>(r, dx, n * image, addp != nullptr);
+  }
+}
+
+// dw = the weight gradient through oneDNN (summed over tasks, by one call over all of them,
+// when shared), plus addp when given.
+template <typename T_>
+void onednn_weight_grad(const ConvShape& s, const T_* gp, const T_* xp, bool shared, T_* dwp, const T_* addp) {
+  const int64_t n = shared ? s.T * s.N : s.N, image = s.C * s.H * s.W, out = s.O * s.L(), OK = s.O * s.K();
+  const Geometry g(s, n);
+  for (int64_t t = 0; t < (shared ? 1 : s.T); ++t) {
+    T_* dw = dwp + t * OK;
+    // As above, the weight's geometry only: dw's buffer carries it.
+    const at::Tensor r = std::get<1>(at::native::convolution_backward(
+        blob_tensor<T_>(gp + t * s.N * out, g.output), blob_tensor<T_>(xp + t * s.N * image, g.input),
+        blob_tensor<T_>(dw, g.weight), c10::nullopt, g.stride, g.padding, g.dilation, false, g.output_padding, 1,
+        mask_of(ConvPass::kWeightGrad)));
+    if (addp != nullptr) std::memcpy(dw, addp + t * OK, OK * sizeof(T_));
+    store<T_>(r, dw, OK, addp != nullptr);
+  }
+}
+#endif
+
 // Per-thread scratch, uninitialised (a std::vector would zero it on every call).
 template <typename T>
 std::unique_ptr<T[]> scratch(int64_t n) {
@@ -322,6 +493,10 @@ template <typename T_>
 void forward_into(const ConvShape& s, const T_* xp, const T_* wp, int64_t w_ts, const T_* bp, int64_t b_ts, T_* yp,
                   bool accumulate) {
   if (s.T * s.N * s.O * s.L() == 0) return;
+#if AT_MKLDNN_ENABLED()
+  if (takes_onednn<T_>(s, ConvPass::kForward, w_ts == 0 && (bp == nullptr || b_ts == 0) ? s.T : 1))
+    return onednn_forward<T_>(s, xp, wp, w_ts, bp, b_ts, yp, accumulate);
+#endif
   const int64_t K = s.K(), L = s.L(), nb = s.chunk(), chunks = s.chunks();
   const std::vector<int32_t> table = tap_offsets(s);
   at::parallel_for(0, s.T * chunks, 1, [&](int64_t i0, int64_t i1) {
@@ -361,6 +536,10 @@ template <typename T_>
 void input_grad_into(const ConvShape& s, const T_* gp, const T_* wp, int64_t w_ts, T_* dxp,
                      const T_* addp = nullptr) {
   if (s.T * s.N * s.C * s.H * s.W == 0) return;
+#if AT_MKLDNN_ENABLED()
+  if (s.O * s.L() > 0 && takes_onednn<T_>(s, ConvPass::kInputGrad, w_ts == 0 ? s.T : 1))
+    return onednn_input_grad<T_>(s, gp, wp, w_ts, dxp, addp);
+#endif
   const int64_t K = s.K(), L = s.L(), nb = s.chunk(), chunks = s.chunks(), image = s.C * s.H * s.W;
   at::parallel_for(0, s.T * chunks, 1, [&](int64_t i0, int64_t i1) {
     auto dcols = scratch<T_>(K * nb * L);
@@ -398,6 +577,10 @@ void weight_grad_into(const ConvShape& s, const T_* gp, const T_* xp, bool share
   const int64_t K = s.K(), L = s.L(), OK = s.O * K;
   const int64_t size = shared ? OK : s.T * OK;
   if (size == 0) return;
+#if AT_MKLDNN_ENABLED()
+  if (s.N > 0 && s.T > 0 && s.L() > 0 && takes_onednn<T_>(s, ConvPass::kWeightGrad, shared ? s.T : 1))
+    return onednn_weight_grad<T_>(s, gp, xp, shared, dwp, addp);
+#endif
   if (addp != nullptr) std::copy(addp, addp + size, dwp);
   const int64_t nb = s.chunk(), chunks = s.chunks();
   const std::vector<int32_t> table = tap_offsets(s);

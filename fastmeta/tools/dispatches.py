@@ -46,6 +46,7 @@ NOT_DISPATCHES = frozenset({
     "aten::narrow", "aten::unflatten", "aten::flatten", "aten::view_as", "aten::unbind", "aten::lift_fresh",
     "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided",
     "aten::resize_", "aten::_reshape_alias",
+    "aten::as_strided_",  # metadata only (ATen's oneDNN convolution sets its outputs' strides with it)
     "aten::chunk", "aten::movedim", "aten::diagonal", "aten::contiguous", "aten::set_", "aten::is_nonzero",
     "aten::item", "aten::numpy_T", "aten::_nested_tensor_from_mask", "aten::result_type",
 })

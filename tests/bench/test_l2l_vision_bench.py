@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import build_or_skip, load_script
@@ -27,6 +28,7 @@ def test_the_vision_bench_checks_its_contenders_against_the_float64_loop(tmp_pat
     results = json.loads(out.read_text())["results"]
     assert [r["shape"] for r in results] == ["OmniglotFC", "OmniglotCNN"]
     for r in results:
+        assert r["gflop_per_iteration"] > 0  # counted from the loop's convolutions and products
         rows = {row["contender"]: row for row in r["rows"]}
         assert list(rows) == ["loop", "clone/adapt", "meta_batch"]
         loop = rows["loop"]["meta_gradient_error_vs_float64_loop"]
@@ -35,3 +37,4 @@ def test_the_vision_bench_checks_its_contenders_against_the_float64_loop(tmp_pat
             assert row["tolerance"] == max(1e-4, 10 * loop)
             assert row["matches"] and row["meta_gradient_error_vs_float64_loop"] <= row["tolerance"]
             assert row["median_ms"] > 0
+            assert row["gflop_per_s_cpu"] == pytest.approx(r["gflop_per_iteration"] * 1e3 / row["median_cpu_ms"])

@@ -268,6 +268,88 @@ def test_cpu_kernels_without_blas():
     assert f"checked {len(CASES)}" in done.stdout
 
 
+def _run_on_route(route: str, code: str) -> str:
+    """Runs ``code`` in a process whose CPU convolutions take ``route`` (FASTMETA_CPU_CONV is
+    read once per process) with oneDNN's execution log on (ONEDNN_VERBOSE=1: a line
+    ``onednn_verbose,...,exec,cpu,convolution,...`` per convolution oneDNN runs); its stdout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    header = "import sys; sys.path.insert(0, {here!r}); import torch\n".format(here=str(Path(__file__).parent))
+    env = {**os.environ, "FASTMETA_CPU_CONV": route, "ONEDNN_VERBOSE": "1"}
+    done = subprocess.run([sys.executable, "-c", header + code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _onednn_convolutions(log: str) -> int:
+    return sum(1 for line in log.splitlines() if ",exec," in line and "convolution" in line)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_cpu_kernels_on_the_onednn_route():
+    """FASTMETA_CPU_CONV=onednn: every fp32 convolution of the CPU kernels (forward, input
+    and weight gradients, double backward, addends, shared and task-stride-0 weights) runs
+    in oneDNN, and equals the reference as the im2col route does; float64 stays on im2col."""
+    log = _run_on_route("onednn", (
+        "from test_task_conv2d import CASES, check_both_dtypes\n"
+        "for case in CASES:\n"
+        "    check_both_dtypes(*case)\n"
+        "print('checked', len(CASES))\n"))
+    assert f"checked {len(CASES)}" in log
+    assert _onednn_convolutions(log) >= len(CASES)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_auto_route_sends_large_convolutions_to_onednn_and_issues_no_dispatch():
+    """The auto rule, pass by pass: W2's last layer (0.7 M multiply-adds per task) stays on
+    im2col; W2's second layer (9 M) runs its forward in oneDNN and its gradients on im2col;
+    CNN4's second layer at 25 queries (236 M) runs its forward and weight gradient in oneDNN
+    (the input gradient stays on im2col under auto: ATen's oneDNN one copies its result
+    back, a dispatch per call); a 1×1 kernel stays on im2col. And oneDNN called from inside the kernel adds no dispatch (what the dispatch
+    budgets count): one per op call, as on im2col."""
+    code = (
+        "import fastmeta as fm\n"
+        "from fastmeta import ops\n"
+        "from fastmeta.tools.dispatches import count_dispatches\n"
+        "def run(T, N, C, O, H, stride, k):\n"
+        "    x, w = torch.randn(T, N, C, H, H), torch.randn(T, O, C, k, k)\n"
+        "    s, p = [stride, stride], [k // 2, k // 2]\n"
+        "    with fm.use_backend('cpu'):\n"
+        "        g = torch.randn(ops.task_conv2d(x, w, None, s, p).shape)\n"
+        "        print('calls', count_dispatches(lambda: (ops.task_conv2d(x, w, None, s, p),\n"
+        "              ops.task_conv2d_backward(g, x, w, s, p, [True, True]))).dispatches, flush=True)\n"
+        "run(*SHAPE)\n")
+
+    def passes(shape):
+        log = _run_on_route("auto", code.replace("SHAPE", repr(shape)))
+        assert "calls 2" in log, log[-2000:]
+        lines = [line for line in log.splitlines() if ",exec," in line and "convolution" in line]
+        return {kind: sum(kind in line for line in lines) for kind in ("forward", "backward_data", "backward_weights")}
+
+    assert passes((2, 5, 64, 64, 4, 2, 3)) == {"forward": 0, "backward_data": 0, "backward_weights": 0}
+    mid = passes((2, 5, 64, 64, 14, 2, 3))
+    assert mid["forward"] > 0 and mid["backward_data"] == 0 and mid["backward_weights"] == 0, mid
+    large = passes((1, 25, 64, 64, 16, 1, 3))
+    assert large["forward"] > 0 and large["backward_weights"] > 0 and large["backward_data"] == 0, large
+    assert passes((1, 25, 64, 64, 16, 1, 1)) == {"forward": 0, "backward_data": 0, "backward_weights": 0}
+
+
+def test_an_unknown_conv_route_is_refused_by_name():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, fastmeta as fm\nfrom fastmeta.backends import get_backend\n"
+            "get_backend('cpu').kernel('task_conv2d')(torch.randn(1, 1, 2, 4, 4), torch.randn(1, 3, 2, 3, 3), None,"
+            " [1, 1], [1, 1])\n")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTMETA_CPU_CONV": "fast"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "FASTMETA_CPU_CONV must be auto, onednn or im2col, got 'fast'" in done.stderr
+
+
 def test_cpu_kernels_decline_what_they_do_not_compute():
     from fastmeta.backends import get_backend
 
