@@ -326,14 +326,21 @@ ConvShape make_shape(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, int6
 // "Convolutions on the CPU" has its table): a kernel larger than 1×1, at least 16 input
 // channels, and at least kOneDnnMinMacs[pass] multiply-adds per call; for the weight
 // gradient also at least kOneDnnMinWeightGradL output positions per example (at 7×7 and 4×4
-// outputs oneDNN's weight gradient was even or slower). Never the input gradient under
-// auto: ATen's oneDNN input gradient hands its result back through a copy (an aten::clone
-// of dx inside the kernel, a dispatch per call: W3's second-order iteration 274 → 504
+// outputs oneDNN's weight gradient was even or slower). The input gradient takes oneDNN
+// under auto only at stride 1, as the forward convolution it is there (the flipped kernel):
+// ATen's oneDNN input gradient hands its result back through a copy (an aten::clone of dx
+// inside the kernel, a dispatch per call: W3's second-order iteration 274 → 504
 // dispatches), which the dispatch budgets refuse. FASTMETA_CPU_CONV=onednn sends
 // every fp32 convolution oneDNN supports there (the tests' route), =im2col none; read once
 // per process. float64 always takes im2col (oneDNN has no f64 convolution).
-constexpr int64_t kOneDnnMinMacs[3] = {int64_t(2) << 20, INT64_MAX, int64_t(32) << 20};  // by ConvPass
+constexpr int64_t kOneDnnMinMacs[3] = {int64_t(2) << 20, int64_t(2) << 20, int64_t(32) << 20};  // by ConvPass
 constexpr int64_t kOneDnnMinWeightGradL = 64;
+
+// Whether the input gradient is itself a convolution (stride 1, padding at most k − 1): of
+// grad_out with the flipped kernel, padded by k − 1 − p.
+bool input_grad_is_a_convolution(const ConvShape& s) {
+  return s.SH == 1 && s.SW == 1 && s.PH <= s.KH - 1 && s.PW <= s.KW - 1;
+}
 
 enum class ConvRoute { kAuto, kOneDnn, kIm2col };
 enum class ConvPass { kForward, kInputGrad, kWeightGrad };
@@ -360,6 +367,7 @@ bool takes_onednn(const ConvShape& s, ConvPass pass, int64_t calls_tasks) {
   const ConvRoute route = conv_route();
   if (route != ConvRoute::kAuto) return route == ConvRoute::kOneDnn;
   if (s.KH * s.KW == 1 || s.C < 16) return false;
+  if (pass == ConvPass::kInputGrad && !input_grad_is_a_convolution(s)) return false;
   if (calls_tasks * s.N * s.O * s.K() * s.L() < kOneDnnMinMacs[static_cast<int>(pass)]) return false;
   return pass != ConvPass::kWeightGrad || s.L() >= kOneDnnMinWeightGradL;
 #else
@@ -369,6 +377,9 @@ bool takes_onednn(const ConvShape& s, ConvPass pass, int64_t calls_tasks) {
   return false;
 #endif
 }
+
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n);
 
 #if AT_MKLDNN_ENABLED()
 // A tensor over memory the kernel owns or was given (no copy, no dispatch): the calls below
@@ -444,6 +455,31 @@ void onednn_input_grad(const ConvShape& s, const T_* gp, const T_* wp, int64_t w
   const bool batched = w_ts == 0;
   const int64_t n = batched ? s.T * s.N : s.N, image = s.C * s.H * s.W, out = s.O * s.L();
   const Geometry g(s, n);
+  if (input_grad_is_a_convolution(s)) {
+    // At stride 1 the input gradient is a convolution of grad_out with the kernel flipped
+    // and its channels swapped, padded by k − 1 − p: oneDNN's forward, whose result needs no
+    // copy back (see takes_onednn).
+    const std::array<int64_t, 4> flipped_sizes{s.C, s.O, s.KH, s.KW};
+    const std::array<int64_t, 2> flipped_padding{s.KH - 1 - s.PH, s.KW - 1 - s.PW}, unit{1, 1};
+    auto flipped = scratch<T_>(s.C * s.O * s.KH * s.KW);
+    for (int64_t t = 0; t < (batched ? 1 : s.T); ++t) {
+      const T_* w = wp + t * w_ts;
+      for (int64_t o = 0; o < s.O; ++o)
+        for (int64_t c = 0; c < s.C; ++c)
+          for (int64_t i = 0; i < s.KH; ++i)
+            for (int64_t j = 0; j < s.KW; ++j)
+              flipped[((c * s.O + o) * s.KH + (s.KH - 1 - i)) * s.KW + (s.KW - 1 - j)] =
+                  w[((o * s.C + c) * s.KH + i) * s.KW + j];
+      const at::Tensor r = at::native::mkldnn_convolution(
+          blob_tensor<T_>(gp + t * s.N * out, g.output), blob_tensor<T_>(flipped.get(), flipped_sizes), c10::nullopt,
+          flipped_padding, unit, unit, 1);
+      TORCH_CHECK(r.numel() == n * image, "task_conv2d: the flipped convolution gave ", r.sizes());
+      T_* dx = dxp + t * s.N * image;
+      if (addp != nullptr) std::memcpy(dx, addp + t * s.N * image, n * image * sizeof(T_));
+      store<T_>(r, dx, n * image, addp != nullptr);
+    }
+    return;
+  }
   for (int64_t t = 0; t < (batched ? 1 : s.T); ++t) {
     T_* dx = dxp + t * s.N * image;
     // The input's data is not read for the input gradient, only its geometry: dx's own

@@ -306,9 +306,10 @@ def test_cpu_kernels_on_the_onednn_route():
 def test_auto_route_sends_large_convolutions_to_onednn_and_issues_no_dispatch():
     """The auto rule, pass by pass: W2's last layer (0.7 M multiply-adds per task) stays on
     im2col; W2's second layer (9 M) runs its forward in oneDNN and its gradients on im2col;
-    CNN4's second layer at 25 queries (236 M) runs its forward and weight gradient in oneDNN
-    (the input gradient stays on im2col under auto: ATen's oneDNN one copies its result
-    back, a dispatch per call); a 1×1 kernel stays on im2col. And oneDNN called from inside the kernel adds no dispatch (what the dispatch
+    CNN4's second layer at 25 queries (236 M, stride 1) runs all three in oneDNN, the input
+    gradient as the forward convolution it is at stride 1 (flipped kernel), not as oneDNN's
+    backward-data, which copies its result back (a dispatch per call); a 1×1 kernel stays on
+    im2col. And oneDNN called from inside the kernel adds no dispatch (what the dispatch
     budgets count): one per op call, as on im2col."""
     code = (
         "import fastmeta as fm\n"
