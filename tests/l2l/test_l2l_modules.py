@@ -329,23 +329,38 @@ def test_vision_models_have_the_documented_parameter_counts(name):
     ("WRN28", lambda M: M.WRN28(5, hidden_size=64), (3, 8, 8)),
 ])
 def test_vision_models_trace_and_meta_batch_matches_clones(name, build, shape):
-    torch.manual_seed(0)
-    model = build(l2l.vision.models)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        learner = fm.MAML(model, 0.1, first_order=True)
-        g = torch.Generator().manual_seed(1)
-        x = torch.rand(2, 5, *shape, generator=g)
-        y = torch.arange(5).expand(2, 5).contiguous()
-        params = list(model.parameters())
-        batched = flat_grad(learner.meta_batch(x, y, x, y).loss, params)
-    assert isinstance(learner._engine.program, TracedProgram)
-    total = 0.0
-    for t in range(2):
-        clone = learner.clone()
-        clone.adapt(F.cross_entropy(clone(x[t]), y[t]))
-        total = total + F.cross_entropy(clone(x[t]), y[t])
-    assert relative_error(batched, flat_grad(total / 2, params)) < 1e-4
+    """meta_batch (all tasks at once, traced) against learn2learn's clone/adapt loop, in
+    float64, where the two must agree to rounding (1e-9); and in fp32, where both are held to
+    the float64 result: meta_batch within 10× the fp32 loop's own error (and 1e-4). Against
+    the fp32 loop alone, ResNet-12's case had failed at 10 % on one machine and passed on
+    another; held to float64 it showed the CPU BatchNorm's fp32 forward was the one wrong
+    (its folded x·(γ/σ) + (β − μγ/σ) cancelled where |μ| ≫ σ, csrc/cpu/task_batch_norm.cpp),
+    the loop being 4e-6 off."""
+
+    def gradients(dtype):
+        torch.manual_seed(0)
+        model = build(l2l.vision.models).to(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            learner = fm.MAML(model, 0.1, first_order=True)
+            g = torch.Generator().manual_seed(1)
+            x = torch.rand(2, 5, *shape, generator=g).to(dtype)
+            y = torch.arange(5).expand(2, 5).contiguous()
+            params = list(model.parameters())
+            batched = flat_grad(learner.meta_batch(x, y, x, y).loss, params)
+        assert isinstance(learner._engine.program, TracedProgram)
+        total = 0.0
+        for t in range(2):
+            clone = learner.clone()
+            clone.adapt(F.cross_entropy(clone(x[t]), y[t]))
+            total = total + F.cross_entropy(clone(x[t]), y[t])
+        return batched, flat_grad(total / 2, params)
+
+    batched64, loop64 = gradients(torch.float64)
+    assert relative_error(batched64, loop64) < 1e-9
+    batched, loop = gradients(torch.float32)
+    loop_error = relative_error(loop.double(), loop64)
+    assert relative_error(batched.double(), loop64) <= max(1e-4, 10 * loop_error)
 
 
 def test_every_vision_model_traces_without_falling_back():
