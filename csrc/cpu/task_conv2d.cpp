@@ -327,10 +327,10 @@ ConvShape make_shape(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, int6
 // channels, and at least kOneDnnMinMacs[pass] multiply-adds per call; for the weight
 // gradient also at least kOneDnnMinWeightGradL output positions per example (at 7×7 and 4×4
 // outputs oneDNN's weight gradient was even or slower). The input gradient takes oneDNN
-// under auto only at stride 1, as the forward convolution it is there (the flipped kernel):
-// ATen's oneDNN input gradient hands its result back through a copy (an aten::clone of dx
-// inside the kernel, a dispatch per call: W3's second-order iteration 274 → 504
-// dispatches), which the dispatch budgets refuse. FASTMETA_CPU_CONV=onednn sends
+// under auto only at stride 1, mostly as the forward convolution it is there (the flipped
+// kernel): ATen's oneDNN input gradient hands its result back through a copy (an aten::clone
+// of dx inside the kernel, a dispatch per call: had it run W3's strided layers, 274 → 504
+// dispatches per second-order iteration). FASTMETA_CPU_CONV=onednn sends
 // every fp32 convolution oneDNN supports there (the tests' route), =im2col none; read once
 // per process. float64 always takes im2col (oneDNN has no f64 convolution).
 constexpr int64_t kOneDnnMinMacs[3] = {int64_t(2) << 20, int64_t(2) << 20, int64_t(32) << 20};  // by ConvPass
@@ -455,7 +455,11 @@ void onednn_input_grad(const ConvShape& s, const T_* gp, const T_* wp, int64_t w
   const bool batched = w_ts == 0;
   const int64_t n = batched ? s.T * s.N : s.N, image = s.C * s.H * s.W, out = s.O * s.L();
   const Geometry g(s, n);
-  if (input_grad_is_a_convolution(s)) {
+  // The flip copies O·C·kh·kw values per call where backward-data's copy back is n·C·H·W:
+  // the flip where it is the smaller (every stride-1 layer of W1–W4), backward-data (and its
+  // aten::clone) where the kernel is the larger (ResNet-12's deep stages: 640 × 320 × 9
+  // against 25 × 320 × 4 × 4).
+  if (input_grad_is_a_convolution(s) && s.O * s.KH * s.KW <= n * s.H * s.W) {
     // At stride 1 the input gradient is a convolution of grad_out with the kernel flipped
     // and its channels swapped, padded by k − 1 − p: oneDNN's forward, whose result needs no
     // copy back (see takes_onednn).
@@ -464,8 +468,8 @@ void onednn_input_grad(const ConvShape& s, const T_* gp, const T_* wp, int64_t w
     auto flipped = scratch<T_>(s.C * s.O * s.KH * s.KW);
     for (int64_t t = 0; t < (batched ? 1 : s.T); ++t) {
       const T_* w = wp + t * w_ts;
-      for (int64_t o = 0; o < s.O; ++o)
-        for (int64_t c = 0; c < s.C; ++c)
+      for (int64_t c = 0; c < s.C; ++c)  // in the flipped kernel's order: its writes sequential
+        for (int64_t o = 0; o < s.O; ++o)
           for (int64_t i = 0; i < s.KH; ++i)
             for (int64_t j = 0; j < s.KW; ++j)
               flipped[((c * s.O + o) * s.KH + (s.KH - 1 - i)) * s.KW + (s.KW - 1 - j)] =

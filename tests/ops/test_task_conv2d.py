@@ -338,6 +338,38 @@ def test_auto_route_sends_large_convolutions_to_onednn_and_issues_no_dispatch():
     assert passes((1, 25, 64, 64, 16, 1, 1)) == {"forward": 0, "backward_data": 0, "backward_weights": 0}
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_onednn_input_gradient_by_flipped_forward_or_backward_data():
+    """On the oneDNN route a stride-1 input gradient runs as a forward convolution with the
+    flipped kernel where the kernel is the smaller copy (O·k² ≤ n·H·W), else through ATen's
+    convolution_backward (oneDNN's backward-data where ATen picks it); both equal the
+    reference, with and without an addend."""
+    code = (
+        "import fastmeta as fm\n"
+        "from fastmeta.backends import get_backend\n"
+        "from fastmeta.ops.task_conv2d import reference_task_conv2d_backward\n"
+        "k = get_backend('cpu').kernel('task_conv2d_backward')\n"
+        "T, N, C, O, H = SHAPE\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, w = torch.randn(T, N, C, H, H, generator=g), torch.randn(T, O, C, 3, 3, generator=g)\n"
+        "gy, add = torch.randn(T, N, O, H, H, generator=g), torch.randn(T, N, C, H, H, generator=g)\n"
+        "for addend in (None, add):\n"
+        "    dx, _ = k(gy, x, w, [1, 1], [1, 1], [True, False], addend)\n"
+        "    want, _ = reference_task_conv2d_backward(gy.double(), x.double(), w.double(), [1, 1], [1, 1], [True, False],\n"
+        "                                             None if addend is None else addend.double())\n"
+        "    err = ((dx.double() - want).norm() / want.norm()).item()\n"
+        "    assert err < 1e-5, err\n"
+        "print('equal', flush=True)\n")
+    flipped = _run_on_route("onednn", code.replace("SHAPE", "(2, 3, 4, 5, 6)"))  # 5·9 = 45 ≤ 3·36
+    backward_data = _run_on_route("onednn", code.replace("SHAPE", "(2, 1, 4, 24, 3)"))  # 24·9 = 216 > 9
+    for log in (flipped, backward_data):
+        assert "equal" in log
+    assert "backward_data" not in flipped and "forward" in flipped
+    # ATen's convolution_backward, which may pick its own kernel for so small a problem:
+    # not the flipped forward
+    assert "forward" not in backward_data
+
+
 def test_an_unknown_conv_route_is_refused_by_name():
     import os
     import subprocess
