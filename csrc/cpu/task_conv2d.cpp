@@ -431,12 +431,17 @@ struct Geometry {
         bias{s.O} {}
 };
 
+// Whether one forward call covers all tasks: w (and b) shared.
+inline bool forward_is_batched(int64_t w_ts, const void* bp, int64_t b_ts) {
+  return w_ts == 0 && (bp == nullptr || b_ts == 0);
+}
+
 // y (+)= conv(x, w) + b through oneDNN: one call per task, or one over all tasks when w (and
 // b) are shared.
 template <typename T_>
 void onednn_forward(const ConvShape& s, const T_* xp, const T_* wp, int64_t w_ts, const T_* bp, int64_t b_ts, T_* yp,
                     bool accumulate) {
-  const bool batched = w_ts == 0 && (bp == nullptr || b_ts == 0);
+  const bool batched = forward_is_batched(w_ts, bp, b_ts);
   const int64_t n = batched ? s.T * s.N : s.N, image = s.C * s.H * s.W, out = s.O * s.L();
   const Geometry g(s, n);
   for (int64_t t = 0; t < (batched ? 1 : s.T); ++t) {
@@ -534,7 +539,7 @@ void forward_into(const ConvShape& s, const T_* xp, const T_* wp, int64_t w_ts, 
                   bool accumulate) {
   if (s.T * s.N * s.O * s.L() == 0) return;
 #if AT_MKLDNN_ENABLED()
-  if (takes_onednn<T_>(s, ConvPass::kForward, w_ts == 0 && (bp == nullptr || b_ts == 0) ? s.T : 1))
+  if (takes_onednn<T_>(s, ConvPass::kForward, forward_is_batched(w_ts, bp, b_ts) ? s.T : 1))
     return onednn_forward<T_>(s, xp, wp, w_ts, bp, b_ts, yp, accumulate);
 #endif
   const int64_t K = s.K(), L = s.L(), nb = s.chunk(), chunks = s.chunks();

@@ -93,7 +93,7 @@ class PublicOp:
         self.default = getattr(getattr(torch.ops, NAMESPACE), spec.name).default
         schema = self.default._schema
         # Positions of the arguments the op writes (their versions bump on the eager path)
-        # and whether any argument is a Tensor[] (autograd through one: the dispatcher path).
+        # and the positions of the Tensor[] arguments (the eager node takes them flattened).
         self._mutated_positions = tuple(i for i, a in enumerate(schema.arguments)
                                         if a.alias_info is not None and a.alias_info.is_write)
         self._tensor_list_positions = frozenset(
@@ -186,15 +186,11 @@ class PublicOp:
         list_positions = self._tensor_list_positions
         arity = self._arity
 
-        def grouped_needs(lengths, flat_needs):
-            # flat_needs: one flag per Function input after the lengths.
-            return tuple(unflatten(lengths, flat_needs))
-
         def forward(ctx, lengths, *flat):
             args = unflatten(lengths, flat)
             output = through_dispatcher(*args) if _dispatch_modes() else run(args)
             ctx.lengths = lengths
-            ctx.needs_input_grad = grouped_needs(lengths, ctx.needs_input_grad[1:])
+            ctx.needs_input_grad = tuple(unflatten(lengths, ctx.needs_input_grad[1:]))  # [0]: the lengths'
             if setup_context is not None:
                 setup_context(ctx, tuple(args), output)
             return tuple(output) if returns_list else output
