@@ -490,7 +490,15 @@ def _launcher(spec: KernelSpec, device_type: str, op: Callable | None = None) ->
     def unchecked(*args):
         return op(*(prepare(*args) if prepare is not None else args))
 
+    def after_uniform_scan(dtype, *args):
+        # The public op's call (fastmeta.ops.registration) has found every tensor argument
+        # on one device and every float one of ``dtype``: the common rules less that scan.
+        if dtype not in dtypes or (takes is not None and not takes(device_type, *args)):
+            return NotImplemented
+        return op(*(prepare(*args) if prepare is not None else args))
+
     launch.__name__ = f"{device_type}_{spec.name}"
+    launch.after_uniform_scan = after_uniform_scan
     # For a caller that has checked the arguments and asked the op's rule already
     # (fastmeta.ops.registration.call_with_kernel): the same call without the checks.
     launch.unchecked = unchecked

@@ -300,19 +300,31 @@ class PublicOp:
                 return chosen(*args)
         if self._check is not None:
             self._check(*args)
-        device_type = dtype = None
+        # One scan: the device type and dtype that choose the kernel, and whether every tensor
+        # argument is on one device and every float one of one dtype (the native launchers'
+        # common rule, which then need not scan again: ``after_uniform_scan``).
+        device = dtype = None
+        uniform = True
         for a in args:
             if isinstance(a, Tensor):
-                if device_type is None:
-                    device_type = a.device.type
+                if device is None:
+                    device = a.device
+                elif uniform and a.device != device:
+                    uniform = False
                 if a.is_floating_point():
-                    dtype = a.dtype
-                    break
-        if device_type is None:
+                    if dtype is None:
+                        dtype = a.dtype
+                    elif a.dtype != dtype:
+                        uniform = False
+        if device is None:
             raise ValueError(f"{self.name}: a kernel call needs at least one tensor argument")
-        backend, fn = kernel_choice(self.name, device_type, dtype)
+        backend, fn = kernel_choice(self.name, device.type, dtype)
         if fn is not None:
-            out = fn(*args)
+            after_uniform_scan = getattr(fn, "after_uniform_scan", None)
+            if after_uniform_scan is None:
+                out = fn(*args)
+            else:
+                out = after_uniform_scan(dtype, *args) if uniform else NotImplemented
             if out is not NotImplemented:
                 return out
             note_declined(backend, self.name, "unsupported input")

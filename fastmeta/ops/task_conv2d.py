@@ -50,6 +50,8 @@ upstream of dx / dw through to the addends unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,7 +60,7 @@ from fastmeta.backends import REFERENCE, kernel_choice
 from fastmeta.backends.precision import emulated_precision, product_at_precision
 from fastmeta.ops.reference_vjp import reference_vjp
 from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
-from fastmeta.ops.task_linear import is_task_shared
+from fastmeta.ops.task_linear import each_task_contiguous, is_task_shared
 
 
 def _fold_tasks_into_channels(t: Tensor) -> Tensor:
@@ -223,7 +225,14 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 def _native_geometry(kernel, stride, padding, in_size, out_size=None) -> bool:
     """Two values each, stride and kernel ≥ 1, padding ≥ 0, a non-empty output (equal to
     ``out_size`` when given): what the C++ kernels compute; anything else runs the
-    reference (which raises where it must)."""
+    reference (which raises where it must). Asked on every call of every conv op: the
+    answer is cached per geometry."""
+    return _native_geometry_of(tuple(kernel), tuple(stride), tuple(padding), tuple(in_size),
+                               None if out_size is None else tuple(out_size))
+
+
+@functools.lru_cache(maxsize=1024)
+def _native_geometry_of(kernel, stride, padding, in_size, out_size) -> bool:
     if not (len(kernel) == len(stride) == len(padding) == len(in_size) == 2):
         return False
     if min(stride) < 1 or min(kernel) < 1 or min(padding) < 0:
@@ -245,7 +254,7 @@ def _task_blocks(t: Tensor | None, per_task_dim: int) -> Tensor | None:
         return None
     if t.dim() == per_task_dim and is_task_shared(t):
         return t[0].contiguous()
-    if t.dim() == per_task_dim and t.size(0) > 0 and t.stride(0) >= 0 and t[0].is_contiguous():
+    if t.dim() == per_task_dim and t.size(0) > 0 and t.stride(0) >= 0 and each_task_contiguous(t):
         return t
     return t.contiguous()
 
@@ -291,7 +300,7 @@ def _weight_blocks(t: Tensor | None) -> Tensor | None:
     its gradient is still per task)."""
     if t is None:
         return None
-    if t.dim() == 5 and t.size(0) > 0 and t.stride(0) >= 0 and t[0].is_contiguous():
+    if t.dim() == 5 and t.size(0) > 0 and t.stride(0) >= 0 and each_task_contiguous(t):
         return t
     return t.contiguous()
 

@@ -54,6 +54,20 @@ def is_task_shared(t: Tensor) -> bool:
     return t.dim() >= 1 and t.size(0) > 1 and t.stride(0) == 0
 
 
+def each_task_contiguous(t: Tensor) -> bool:
+    """Whether ``t[k]`` is contiguous for every task k (``t[0].is_contiguous()`` without the
+    ``select`` dispatch: from the sizes and strides, dims of size 1 ignored, as torch does)."""
+    if 0 in t.shape:
+        return True
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
 def reference_task_linear(x: Tensor, w: Tensor, b: Tensor | None, act: str, negative_slope: float) -> Tensor:
     """act(x @ wᵀ + b) for every task; see the module docstring for shapes."""
     if w.dim() == 3 and is_task_shared(w):
@@ -270,7 +284,7 @@ def _native_weight_of_rank(w: Tensor | None) -> Tensor | None:
     its gradient is summed over tasks; a per-task w read by every task, ``θ.expand``, is not):
     a task stride of 0 goes as it is (the kernels read w at its task stride), anything else
     as :func:`_native_per_task` makes it."""
-    if w is not None and w.dim() == 3 and is_task_shared(w) and w[0].is_contiguous():
+    if w is not None and w.dim() == 3 and is_task_shared(w) and each_task_contiguous(w):
         return w
     return _native_per_task(w, w is not None and w.dim() == 3)
 

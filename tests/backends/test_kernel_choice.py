@@ -92,6 +92,40 @@ def test_the_cached_choice_is_the_backend_kernel_and_follows_a_replaced_table():
             invalidate_kernel_choices()
 
 
+def test_the_public_ops_one_scan_sends_only_uniform_arguments_to_the_native_kernel():
+    """The public op scans its arguments once (device, dtype, and whether every tensor is on
+    that device and every float one of that dtype) and calls the native launcher's
+    ``after_uniform_scan``, which skips the launcher's own scan; mixed arguments reach the
+    reference, never the kernel."""
+    backend = get_backend("cpu")
+    backend.kernel("task_linear")
+    original = backend.kernels["task_linear"]
+    scanned = []
+
+    def full_launcher(*args):
+        raise AssertionError("the public op calls after_uniform_scan where the launcher has one")
+
+    def after_uniform_scan(dtype, *args):
+        scanned.append(dtype)
+        return original.after_uniform_scan(dtype, *args)
+
+    full_launcher.after_uniform_scan = after_uniform_scan
+    x, w, b, act, slope = _linear_args(torch.float64)
+    with fm.use_backend("cpu"):
+        backend.kernels["task_linear"] = full_launcher
+        invalidate_kernel_choices()
+        try:
+            out = ops.task_linear(x, w, b, act, slope)
+            assert scanned == [torch.float64]
+            torch.testing.assert_close(out, torch.relu(torch.bmm(x, w.transpose(1, 2))), rtol=1e-12, atol=1e-12)
+            with pytest.raises(RuntimeError):  # float32 x, float64 w: the reference's own error
+                ops.task_linear(x.float(), w, b, act, slope)
+            assert scanned == [torch.float64]  # the kernel never saw the mixed call
+        finally:
+            backend.kernels["task_linear"] = original
+            invalidate_kernel_choices()
+
+
 class _CountingEnviron(dict):
     def __init__(self, data):
         super().__init__(data)
