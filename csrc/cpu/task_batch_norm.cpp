@@ -18,6 +18,7 @@
 
 #include "../common.h"
 #include "cpu_common.h"
+#include "eager_nodes.h"
 
 namespace fastmeta {
 namespace cpu {
@@ -644,6 +645,158 @@ std::vector<at::Tensor> task_batch_norm_double_backward(
   return {d_gz, d_x, d_gamma};
 }
 
+// ---------------------------------------------------------------------------------------
+// The eager path's autograd nodes in C++ (see task_conv2d.cpp): task_batch_norm and
+// task_batch_norm_backward, what fastmeta/ops/task_batch_norm.py's Python nodes do, for the
+// activations the backward kernel applies itself ("none" and the mask activations, whose
+// f'(y) is piecewise constant: no gradient at y). The public op takes them where
+// fastmeta/ops/task_batch_norm.py's `_bn_native_node` says.
+// ---------------------------------------------------------------------------------------
+
+using namespace eager_nodes;
+
+struct TaskBatchNormBackwardNode : public torch::autograd::Function<TaskBatchNormBackwardNode> {
+  // [grad_x, grad_gamma, grad_beta] = task_batch_norm_backward(grad_z, x, gamma, ...).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_z, const at::Tensor& x,
+                               const c10::optional<at::Tensor>& gamma, double eps, bool need_x, bool need_gamma,
+                               bool need_beta, const c10::optional<at::Tensor>& y, std::string act,
+                               double negative_slope, const c10::optional<at::Tensor>& dx_addend,
+                               const c10::optional<at::Tensor>& dgamma_addend) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad_z, x, gamma.value_or(at::Tensor()), y.value_or(at::Tensor())});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["needs"] = std::vector<bool>{need_x, need_gamma, need_beta};
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["edges"] = edge_indices({true, true, gamma.has_value(), y.has_value(), dx_addend.has_value(),
+                                             dgamma_addend.has_value()});
+    return recorded("fastmeta::task_batch_norm_backward", "fastmeta_ext::task_batch_norm_backward", [&] {
+      return task_batch_norm_backward(grad_z.contiguous(), x.contiguous(), gamma, eps,
+                                      bool_list({need_x, need_gamma, need_beta}), contiguous(y), act, negative_slope,
+                                      contiguous(dx_addend), contiguous(dgamma_addend));
+    });
+  }
+
+  // No gradient at y: f'(y) is piecewise constant. The addends' gradients are the upstream
+  // of grad_x / grad_γ, unchanged.
+  static variable_list backward(AutogradContext* ctx, variable_list upstreams) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad_z = saved[0], &x = saved[1], &gamma = saved[2], &y = saved[3];
+    const auto needs = ctx->saved_data["needs"].toBoolList();
+    const auto edges = ctx->saved_data["edges"].toIntVector();
+    const at::Tensor up_x = upstream(upstreams[0], needs.get(0)), up_gamma = upstream(upstreams[1], needs.get(1)),
+                     up_beta = upstream(upstreams[2], needs.get(2));
+    const at::Tensor none;
+    const at::Tensor d_ax = needs_grad(ctx, edges[4]) ? up_x : none;
+    const at::Tensor d_agamma = needs_grad(ctx, edges[5]) ? up_gamma : none;
+    const bool m0 = needs_grad(ctx, edges[0]), m1 = needs_grad(ctx, edges[1]),
+               m2 = gamma.defined() && needs_grad(ctx, edges[2]);
+    at::Tensor d_grad_z, d_x, d_gamma;
+    if (m0 || m1 || m2) {
+      const double eps = ctx->saved_data["eps"].toDouble();
+      const std::string act = ctx->saved_data["act"].toStringRef();
+      const double slope = ctx->saved_data["negative_slope"].toDouble();
+      const c10::List<bool> mask = bool_list({m0, m1, m2});
+      std::vector<at::Tensor> out;
+      if (at::GradMode::is_enabled()) {  // third order: the public op, with torch.library's autograd
+        static const c10::OperatorHandle op =
+            c10::Dispatcher::singleton().findSchemaOrThrow("fastmeta::task_batch_norm_double_backward", "");
+        const torch::jit::Stack result = call_public_op(
+            op, {grad_z, x, maybe(gamma), maybe(up_x), maybe(up_gamma), maybe(up_beta), eps, mask, maybe(y), act,
+                 slope});
+        out = result[0].toTensorVector();  // the op returns Tensor[]
+      } else {
+        out = recorded("fastmeta::task_batch_norm_double_backward", "fastmeta_ext::task_batch_norm_double_backward",
+                       [&] {
+                         return task_batch_norm_double_backward(grad_z.contiguous(), x.contiguous(), maybe(gamma),
+                                                                contiguous(up_x), maybe(up_gamma), maybe(up_beta), eps,
+                                                                mask, contiguous(y), act, slope);
+                       });
+      }
+      if (m0) d_grad_z = out[0];
+      if (m1) d_x = out[1];
+      if (m2) d_gamma = gamma.dim() == 1 ? out[2].sum(0) : out[2];
+    }
+    // One per forward argument: grad_z, x, gamma, eps, the three needs, y, act, slope, the addends.
+    return {d_grad_z, d_x, d_gamma, none, none, none, none, none, none, none, d_ax, d_agamma};
+  }
+};
+
+struct TaskBatchNormNode : public torch::autograd::Function<TaskBatchNormNode> {
+  // y = task_batch_norm(x, gamma, beta, ...), and an alias (a view) of x and of γ where
+  // asked (see TaskConv2dNode in task_conv2d.cpp).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+                               const c10::optional<at::Tensor>& beta, double eps, std::string act,
+                               double negative_slope, bool alias_x, bool alias_gamma) {
+    ctx->set_materialize_grads(false);
+    const at::Tensor y = recorded(nullptr, "fastmeta_ext::task_batch_norm",
+                                  [&] { return task_batch_norm(x, gamma, beta, eps, act, negative_slope); });
+    variable_list outputs{y};
+    at::Tensor x_read = x, gamma_read = gamma.value_or(at::Tensor());
+    if (alias_x) outputs.push_back(x_read = x.view_as(x));
+    if (alias_gamma) outputs.push_back(gamma_read = gamma->view_as(*gamma));
+    ctx->save_for_backward({x_read, gamma_read, act != "none" ? y : at::Tensor()});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["alias_x"] = alias_x;
+    ctx->saved_data["alias_gamma"] = alias_gamma;
+    ctx->saved_data["gamma_dim"] = gamma.has_value() ? gamma->dim() : int64_t(0);
+    ctx->saved_data["beta_dim"] = beta.has_value() ? beta->dim() : int64_t(0);
+    ctx->saved_data["edges"] = edge_indices({true, gamma.has_value(), beta.has_value()});
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool alias_x = ctx->saved_data["alias_x"].toBool(), alias_gamma = ctx->saved_data["alias_gamma"].toBool();
+    const at::Tensor none;
+    const at::Tensor grad_y = grads[0];
+    const at::Tensor add_x = alias_x ? grads[1] : none;
+    const at::Tensor add_gamma = alias_gamma ? grads[alias_x ? 2 : 1] : none;
+    const auto edges = ctx->saved_data["edges"].toIntVector();
+    const int64_t gamma_dim = ctx->saved_data["gamma_dim"].toInt(), beta_dim = ctx->saved_data["beta_dim"].toInt();
+    const bool need_x = needs_grad(ctx, edges[0]), need_gamma = gamma_dim > 0 && needs_grad(ctx, edges[1]),
+               need_beta = beta_dim > 0 && needs_grad(ctx, edges[2]);
+    // One per forward argument: x, gamma, beta, eps, act, negative_slope, the two alias flags.
+    if (!grad_y.defined())  // only the aliases were read
+      return {need_x ? add_x : none, need_gamma ? add_gamma : none, none, none, none, none, none, none};
+    if (!need_x && !need_gamma && !need_beta) return {none, none, none, none, none, none, none, none};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &gamma = saved[1], &y = saved[2];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const std::string act = ctx->saved_data["act"].toStringRef();
+    const double slope = ctx->saved_data["negative_slope"].toDouble();
+    const at::Tensor kernel_gamma_addend = gamma_dim == 2 && need_gamma ? add_gamma : none;
+    const at::Tensor kernel_x_addend = need_x ? add_x : none;
+    variable_list out;
+    if (at::GradMode::is_enabled()) {
+      out = TaskBatchNormBackwardNode::apply(grad_y, x, maybe(gamma), eps, need_x, need_gamma, need_beta, maybe(y), act,
+                                             slope, maybe(kernel_x_addend), maybe(kernel_gamma_addend));
+    } else {
+      out = recorded("fastmeta::task_batch_norm_backward", "fastmeta_ext::task_batch_norm_backward", [&] {
+        return task_batch_norm_backward(grad_y.contiguous(), x.contiguous(), maybe(gamma), eps,
+                                        bool_list({need_x, need_gamma, need_beta}), contiguous(y), act, slope,
+                                        contiguous(kernel_x_addend), contiguous(kernel_gamma_addend));
+      });
+    }
+    at::Tensor grad_x = need_x ? out[0] : none, grad_gamma = need_gamma ? out[1] : none,
+               grad_beta = need_beta ? out[2] : none;
+    if (need_gamma && gamma_dim == 1) {
+      grad_gamma = grad_gamma.sum(0);
+      if (add_gamma.defined()) grad_gamma = grad_gamma.add(add_gamma);
+    }
+    if (need_beta && beta_dim == 1) grad_beta = grad_beta.sum(0);
+    return {grad_x, grad_gamma, grad_beta, none, none, none, none, none};
+  }
+};
+
+std::vector<at::Tensor> task_batch_norm_node(const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+                                             const c10::optional<at::Tensor>& beta, double eps, c10::string_view act,
+                                             double negative_slope, bool alias_x, bool alias_gamma) {
+  return TaskBatchNormNode::apply(x, gamma, beta, eps, std::string(act.data(), act.size()), negative_slope, alias_x,
+                                  alias_gamma);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -652,4 +805,14 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_batch_norm", &fastmeta::cpu::task_batch_norm);
   m.impl("task_batch_norm_backward", &fastmeta::cpu::task_batch_norm_backward);
   m.impl("task_batch_norm_double_backward", &fastmeta::cpu::task_batch_norm_double_backward);
+}
+
+// The eager node's entry (see task_conv2d_node in task_conv2d.cpp).
+TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
+  m.def("task_batch_norm_node(Tensor x, Tensor? gamma, Tensor? beta, float eps, str act, float negative_slope, "
+        "bool alias_x, bool alias_gamma) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
+  m.impl("task_batch_norm_node", &fastmeta::cpu::task_batch_norm_node);
 }

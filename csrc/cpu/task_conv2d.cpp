@@ -56,6 +56,7 @@
 
 #include "../common.h"
 #include "cpu_common.h"
+#include "eager_nodes.h"
 #include "blas.h"  // sgemm_/dgemm_, weak: without a Fortran BLAS the kernels take gemm.h
 #include "gemm.h"
 
@@ -885,9 +886,183 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> task_conv2d_double_backward(
   return {d_grad_out, d_x, d_w};
 }
 
+// ---------------------------------------------------------------------------------------
+// The eager path's autograd nodes in C++ (issue 23, "autograd in C++"): task_conv2d and
+// task_conv2d_backward on these CPU kernels, what fastmeta/ops/task_conv2d.py's Python
+// nodes do (the alias outputs, the addends, the pair op, the bias sum), with no Python
+// between autograd's engine and the kernels. The public op takes them for plain CPU
+// tensors whose three conv ops the `cpu` backend runs (fastmeta/ops/task_conv2d.py,
+// `_conv_native_node`); everything else keeps the Python node.
+//
+// Where the backward itself records a graph (create_graph), task_conv2d's node builds
+// task_conv2d_backward's; that one's backward under create_graph (third order) calls the
+// public op fastmeta::task_conv2d_double_backward through the dispatcher, whose autograd
+// is torch.library's. Each kernel call made from a node is one profiler range named as the
+// public op, so the dispatch counter (fastmeta/tools/dispatches.py) counts what the Python
+// nodes counted.
+// ---------------------------------------------------------------------------------------
+
+using namespace eager_nodes;
+
+// A weight-shaped tensor as the kernels take it: each task's block contiguous (any task
+// stride), else a contiguous copy.
+at::Tensor weight_blocks(const at::Tensor& t) {
+  if (t.dim() == 5 && t.size(0) > 0 && t.stride(0) >= 0 && t[0].is_contiguous()) return t;
+  return t.contiguous();
+}
+
+// task_conv2d_double_backward through the dispatcher: the public op, with its autograd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> public_double_backward(
+    const at::Tensor& g_dx, const at::Tensor& g_dw, const at::Tensor& grad_out, const at::Tensor& x,
+    const at::Tensor& w, const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+    const c10::List<bool>& mask) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastmeta::task_conv2d_double_backward", "");
+  const torch::jit::Stack out =
+      call_public_op(op, {maybe(g_dx), maybe(g_dw), grad_out, x, w, stride, padding, mask});
+  return {out[0].toTensor(), out[1].toTensor(), out[2].toTensor()};
+}
+
+struct TaskConv2dBackwardNode : public torch::autograd::Function<TaskConv2dBackwardNode> {
+  // (dx, dw) = task_conv2d_backward(grad_out, x, w, ...): inputs grad_out (edge 0), x (1),
+  // w (2), then the addends that are given.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& w, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                               bool want_dx, bool want_dw, const c10::optional<at::Tensor>& dx_addend,
+                               const c10::optional<at::Tensor>& dw_addend) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad_out, x, w});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["want_dx"] = want_dx;
+    ctx->saved_data["want_dw"] = want_dw;
+    ctx->saved_data["has_dx_addend"] = dx_addend.has_value();
+    ctx->saved_data["has_dw_addend"] = dw_addend.has_value();
+    auto [dx, dw] = recorded("fastmeta::task_conv2d_backward", "fastmeta_ext::task_conv2d_backward", [&] {
+      return task_conv2d_backward(grad_out.contiguous(), x, w, stride, padding, bool_list({want_dx, want_dw}),
+                                  contiguous(dx_addend), contiguous(dw_addend));
+    });
+    return {dx, dw};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad_out = saved[0], &x = saved[1], &w = saved[2];
+    const bool has_ax = ctx->saved_data["has_dx_addend"].toBool();
+    const bool has_aw = ctx->saved_data["has_dw_addend"].toBool();
+    const at::Tensor g_dx = upstream(grads[0], ctx->saved_data["want_dx"].toBool());
+    const at::Tensor g_dw = upstream(grads[1], ctx->saved_data["want_dw"].toBool());
+    // The addends' gradients are the upstream of dx / dw, unchanged.
+    const at::Tensor d_ax = has_ax && ctx->needs_input_grad(3) ? g_dx : at::Tensor();
+    const at::Tensor d_aw = has_aw && ctx->needs_input_grad(has_ax ? 4 : 3) ? g_dw : at::Tensor();
+    const bool m0 = ctx->needs_input_grad(0) && (g_dx.defined() || g_dw.defined());
+    const bool m1 = ctx->needs_input_grad(1) && g_dw.defined();
+    const bool m2 = ctx->needs_input_grad(2) && g_dx.defined();
+    at::Tensor d_grad_out, d_x, d_w;
+    if (m0 || m1 || m2) {
+      const auto stride = ctx->saved_data["stride"].toIntVector();
+      const auto padding = ctx->saved_data["padding"].toIntVector();
+      const c10::List<bool> mask = bool_list({m0, m1, m2});
+      std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+      if (at::GradMode::is_enabled()) {
+        out = public_double_backward(g_dx, g_dw, grad_out, x, w, stride, padding, mask);
+      } else {
+        out = recorded("fastmeta::task_conv2d_double_backward", "fastmeta_ext::task_conv2d_double_backward", [&] {
+          return task_conv2d_double_backward(maybe(g_dx.defined() ? g_dx.contiguous() : g_dx),
+                                             maybe(g_dw.defined() ? weight_blocks(g_dw) : g_dw),
+                                             grad_out.contiguous(), x, w, stride, padding, mask);
+        });
+      }
+      if (m0) d_grad_out = std::get<0>(out);
+      if (m1) d_x = std::get<1>(out);
+      if (m2) d_w = std::get<2>(out);
+    }
+    // One per forward argument: grad_out, x, w, stride, padding, want_dx, want_dw, the addends.
+    return {d_grad_out, d_x, d_w, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), d_ax, d_aw};
+  }
+};
+
+struct TaskConv2dNode : public torch::autograd::Function<TaskConv2dNode> {
+  // y = task_conv2d(x, w, b), and an alias (a view) of x and of w where asked: the backward
+  // reads x and w through the aliases, so a gradient a backward op sends them arrives at
+  // this node as an alias output's, and is added to x's / w's gradient in the kernel (the
+  // addends), not by autograd's engine with an aten add. See register_autograd's
+  // aliased_inputs (fastmeta/ops/registration.py).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                               const c10::optional<at::Tensor>& b, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding, bool alias_x, bool alias_w) {
+    ctx->set_materialize_grads(false);
+    variable_list outputs{recorded(nullptr, "fastmeta_ext::task_conv2d",
+                                   [&] { return task_conv2d(x, w, b, stride, padding); })};
+    at::Tensor x_read = x, w_read = w;
+    if (alias_x) outputs.push_back(x_read = x.view_as(x));
+    if (alias_w) outputs.push_back(w_read = w.view_as(w));
+    ctx->save_for_backward({x_read, w_read});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["alias_x"] = alias_x;
+    ctx->saved_data["alias_w"] = alias_w;
+    ctx->saved_data["has_bias"] = b.has_value();
+    ctx->saved_data["bias_shared"] = b.has_value() && b->dim() == 1;
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1];
+    const bool alias_x = ctx->saved_data["alias_x"].toBool(), alias_w = ctx->saved_data["alias_w"].toBool();
+    const at::Tensor grad_y = grads[0];
+    const at::Tensor add_x = alias_x ? grads[1] : at::Tensor();
+    const at::Tensor add_w = alias_w ? grads[alias_x ? 2 : 1] : at::Tensor();
+    const bool want_dx = ctx->needs_input_grad(0), want_dw = ctx->needs_input_grad(1);
+    const at::Tensor none;
+    if (!grad_y.defined())  // only the aliases were read: x's and w's gradients are theirs
+      return {want_dx ? add_x : none, want_dw ? add_w : none, none, none, none, none, none};
+    at::Tensor dx, dw, db;
+    if (want_dx || want_dw) {
+      const auto stride = ctx->saved_data["stride"].toIntVector();
+      const auto padding = ctx->saved_data["padding"].toIntVector();
+      const auto ax = want_dx ? maybe(add_x) : c10::nullopt;
+      const auto aw = want_dw ? maybe(add_w) : c10::nullopt;
+      if (at::GradMode::is_enabled()) {
+        const variable_list out = TaskConv2dBackwardNode::apply(grad_y, x, w, stride, padding, want_dx, want_dw, ax, aw);
+        dx = out[0];
+        dw = out[1];
+      } else {
+        std::tie(dx, dw) = recorded("fastmeta::task_conv2d_backward", "fastmeta_ext::task_conv2d_backward", [&] {
+          return task_conv2d_backward(grad_y.contiguous(), x, w, stride, padding, bool_list({want_dx, want_dw}),
+                                      contiguous(ax), contiguous(aw));
+        });
+      }
+      if (!want_dx) dx = none;
+      if (!want_dw) dw = none;
+    }
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2))
+      db = ctx->saved_data["bias_shared"].toBool() ? grad_y.sum({0, 1, 3, 4}) : grad_y.sum({1, 3, 4});
+    // One per forward argument: x, w, b, stride, padding, alias_x, alias_w.
+    return {dx, dw, db, none, none, none, none};
+  }
+};
+
+std::vector<at::Tensor> task_conv2d_node(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                                         at::IntArrayRef stride, at::IntArrayRef padding, bool alias_x, bool alias_w) {
+  return TaskConv2dNode::apply(x, w, b, stride.vec(), padding.vec(), alias_x, alias_w);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
+
+// The eager nodes' entry: defined here (not from the kernel table: it is no kernel, and has
+// no reference), implemented as CompositeImplicitAutograd: the function builds its own node.
+TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
+  m.def("task_conv2d_node(Tensor x, Tensor w, Tensor? b, int[] stride, int[] padding, bool alias_x, "
+        "bool alias_w) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
+  m.impl("task_conv2d_node", &fastmeta::cpu::task_conv2d_node);
+}
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_conv2d", &fastmeta::cpu::task_conv2d);

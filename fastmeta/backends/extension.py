@@ -474,6 +474,7 @@ def _launcher(spec: KernelSpec, device_type: str, op: Callable | None = None) ->
     op: what runs on the prepared arguments (default: the native op
     ``fastmeta_ext::<name>``); the launch recorder (``fastmeta.tools.launches``) passes
     its own, to take the CUDA backend's decisions on a machine without a GPU."""
+    runs_extension_op = op is None
     if op is None:
         overload = getattr(getattr(torch.ops, NATIVE_NAMESPACE), spec.name).default
         op = getattr(overload, "_op", overload)  # the C++ callable under OpOverload.__call__: one frame less
@@ -499,6 +500,10 @@ def _launcher(spec: KernelSpec, device_type: str, op: Callable | None = None) ->
 
     launch.__name__ = f"{device_type}_{spec.name}"
     launch.after_uniform_scan = after_uniform_scan
+    # Whether this launcher runs the extension's own op (not a stand-in the launch recorder
+    # passes): the ops' C++ autograd nodes, which call the kernels themselves, are taken
+    # only where the chosen kernel is such a launcher (fastmeta/ops/task_conv2d.py).
+    launch.runs_extension_op = runs_extension_op
     # For a caller that has checked the arguments and asked the op's rule already
     # (fastmeta.ops.registration.call_with_kernel): the same call without the checks.
     launch.unchecked = unchecked

@@ -107,6 +107,7 @@ class PublicOp:
         self._defaults = tuple(a.default_value if a.has_default_value() else None for a in schema.arguments)
         self._function: type[torch.autograd.Function] | None = None
         self._aliased = False
+        self._native_node: Callable | None = None
         torch.library.impl(self._qualname, "CompositeExplicitAutograd", self._dispatcher_impl, lib=_LIBRARY)
 
     # -- registration -------------------------------------------------------------------
@@ -169,6 +170,15 @@ class PublicOp:
         # which __call__ has done or does not need): the C++ apply.
         self._apply = super(torch.autograd.Function, function).apply
         self._function = function
+
+    def register_native_node(self, node: Callable) -> None:
+        """node(*args): the op's output, run by a node built in C++ (autograd's engine calls
+        the kernels with no Python between), or NotImplemented where it does not take the
+        arguments (then the Python node runs). Tried first on the eager path where autograd
+        records, outside dispatch modes; it must build the same graph as the Python node
+        (alias outputs and addends included) and take only arguments whose kernels it
+        calls itself."""
+        self._native_node = node
 
     def _register_with_tensor_lists(self, backward: Callable, setup_context: Callable | None) -> None:
         """The eager node of an op with ``Tensor[]`` arguments. Autograd tracks only the
@@ -378,6 +388,10 @@ class PublicOp:
 
     def _eager(self, args: tuple, needs_grad: bool):
         if needs_grad:
+            if self._native_node is not None and not _chosen.kernels and not _dispatch_modes():
+                out = self._native_node(*args)
+                if out is not NotImplemented:
+                    return out
             if self._function is None or self._mutates:
                 return self.default(*args)
             out = self._apply(*self._flatten_lists(args)) if self._has_tensor_lists else self._apply(*args)

@@ -99,7 +99,8 @@ def engine_adds(backend: str) -> list[tuple[int, ...]]:
         enclosing = _enclosing(event)
         if any(n.startswith("fastmeta::") for n in enclosing):
             continue  # a backend's own add (the torch backend's references, a launcher's addend)
-        if enclosing and enclosing[0].startswith("autograd::engine::evaluate_function: task_"):
+        if enclosing and enclosing[0].startswith(("autograd::engine::evaluate_function: task_",
+                                                  "autograd::engine::evaluate_function: torch::autograd::CppNode<fastmeta::")):
             shapes.append(tuple(event.input_shapes[0]))
     return sorted(shapes)
 
@@ -107,17 +108,20 @@ def engine_adds(backend: str) -> list[tuple[int, ...]]:
 @pytest.fixture
 def without_aliases():
     """The layers' eager nodes as before the aliases (no alias outputs, the inputs saved),
-    restored afterwards."""
+    restored afterwards; the C++ nodes off meanwhile."""
     conv, bn, linear = (importlib.import_module(f"fastmeta.ops.{name}")
                         for name in ("task_conv2d", "task_batch_norm", "task_linear"))
     layers = [(conv.task_conv2d, conv._task_conv2d_backward, conv._task_conv2d_setup),
               (bn.task_batch_norm, bn._bn_backward, bn._bn_setup),
               (linear.task_linear, linear._task_linear_backward, linear._task_linear_setup)]
+    native_nodes = {op: op._native_node for op, _, _ in layers}
     for op, backward, setup in layers:
+        op._native_node = None  # the C++ nodes always alias: the Python nodes here
         op._register_aliased(backward, setup, ())
     yield
     for op, backward, setup in layers:
         op._register_aliased(backward, setup, (0, 1))
+        op._native_node = native_nodes[op]
 
 
 PARAMETER_SHAPES = sorted(tuple(p.shape) for p in parameters("per_task", "per_task")[0])

@@ -1,0 +1,194 @@
+"""The eager path's autograd nodes in C++ (csrc/cpu/task_conv2d.cpp, csrc/cpu/task_batch_norm.cpp):
+where they are taken, and that they build the graph the Python nodes build. Every value
+and gradient, to second order, equals the Python node's bit for bit (the same kernels on
+the same arguments, the same addends); third order runs through the public ops'
+dispatcher autograd. The op tests (harness.check_op) also run each case through them."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+
+import pytest
+import torch
+
+import fastmeta as fm
+from fastmeta import ops
+from fastmeta.backends import extension
+
+pytestmark = pytest.mark.skipif(not extension.availability("cpu")[0], reason="the C++ extension is not built here")
+
+conv_module = importlib.import_module("fastmeta.ops.task_conv2d")
+bn_module = importlib.import_module("fastmeta.ops.task_batch_norm")
+T, N, C, O, H = 2, 3, 2, 3, 6
+
+
+def _python_nodes():
+    """A context without the C++ nodes: the Python nodes run."""
+    class Off:
+        def __enter__(self):
+            self.saved = [(op, op._native_node) for op in (ops.task_conv2d, ops.task_batch_norm)]
+            for op, _ in self.saved:
+                op._native_node = None
+
+        def __exit__(self, *exc):
+            for op, node in self.saved:
+                op._native_node = node
+    return Off()
+
+
+def _weight(kind: str, requires_grad: bool = True) -> torch.Tensor:
+    if kind == "per_task":
+        w = torch.randn(T, O, C, 3, 3, dtype=torch.float64)
+    elif kind == "shared":
+        w = torch.randn(O, C, 3, 3, dtype=torch.float64)
+    else:  # a task stride of 0: θ expanded over the tasks (the first inner step's weights)
+        w = torch.randn(O, C, 3, 3, dtype=torch.float64)
+    w = w.requires_grad_(requires_grad)
+    return w.expand(T, O, C, 3, 3) if kind == "expanded" else w
+
+
+def _param(kind: str, size: int):
+    if kind == "none":
+        return None
+    shape = (size,) if kind == "shared" else (T, size)
+    return (torch.rand(shape, dtype=torch.float64) + 0.5).requires_grad_(True)
+
+
+def _meta_gradient(x_s, x_q, params, layer):
+    """Second-order MAML through ``layer``: the query loss after one inner step on the
+    support loss, differentiated with respect to the initial parameters. The inner
+    gradient's backward ops read the layer's inputs: the alias outputs and addends run."""
+    support = layer(x_s, *params).square().mean() * 10
+    grads = torch.autograd.grad(support, params, create_graph=True, allow_unused=True)
+    fast = [p if g is None else p - 0.3 * g for p, g in zip(params, grads)]
+    query = layer(x_q, *fast).tanh().sum()
+    return torch.autograd.grad(query, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("weight_kind,bias_kind,stride", list(itertools.product(
+    ["per_task", "shared", "expanded"], ["none", "shared", "per_task"], [1, 2])))
+def test_conv_node_equals_the_python_node_to_second_order(weight_kind, bias_kind, stride):
+    torch.manual_seed(0)
+    w = _weight(weight_kind)
+    b = _param(bias_kind, O)
+    x_s = torch.randn(T, N, C, H, H, dtype=torch.float64, requires_grad=True)
+    x_q = torch.randn(T, N, C, H, H, dtype=torch.float64)
+
+    def layer(x, w, *bias):
+        y = ops.task_conv2d(x, w, bias[0] if bias else None, [stride, stride], [1, 1])
+        # a second conv reads y: its backward op differentiates y (the first node's output)
+        return ops.task_conv2d(torch.tanh(y), _w2(w), None, [1, 1], [1, 1])
+
+    params = [w] + ([b] if b is not None else [])
+    with fm.use_backend("cpu"):
+        y = ops.task_conv2d(x_s, w, b, [stride, stride], [1, 1])
+        assert y.grad_fn.name().endswith("::TaskConv2dNode>"), y.grad_fn.name()
+        native = _meta_gradient(x_s, x_q, params, layer)
+        native_x = torch.autograd.grad(layer(x_s, *params).sin().sum(), x_s, create_graph=True)[0]
+        native_xx = torch.autograd.grad(native_x.square().sum(), x_s)[0]
+        with _python_nodes():
+            y = ops.task_conv2d(x_s, w, b, [stride, stride], [1, 1])
+            assert "task_conv2d_function" in type(y.grad_fn).__name__
+            python = _meta_gradient(x_s, x_q, params, layer)
+            python_x = torch.autograd.grad(layer(x_s, *params).sin().sum(), x_s, create_graph=True)[0]
+            python_xx = torch.autograd.grad(python_x.square().sum(), x_s)[0]
+    for got, want in zip(native + (native_x, native_xx), python + (python_x, python_xx)):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got, want)
+
+
+_W2 = {}
+
+
+def _w2(w):
+    """The second conv's weight: a fixed function of w ([O, O, 3, 3] per task or shared)."""
+    per_task = w.dim() == 5
+    key = per_task
+    if key not in _W2:
+        g = torch.Generator().manual_seed(7)
+        _W2[key] = torch.randn(O, O, 3, 3, generator=g, dtype=torch.float64)
+    mix = _W2[key]
+    scale = w.sum((-1, -2, -3)).tanh()  # [.., O]: w reaches the second conv's weight too
+    return mix * scale[..., :, None, None, None]
+
+
+@pytest.mark.parametrize("act,gamma_kind,beta_kind,spatial", list(itertools.product(
+    ["none", "relu", "leaky_relu"], ["none", "shared", "per_task"], ["none", "shared", "per_task"], [(4, 4), ()])))
+def test_batch_norm_node_equals_the_python_node_to_second_order(act, gamma_kind, beta_kind, spatial):
+    torch.manual_seed(1)
+    gamma = _param(gamma_kind, C)
+    beta = _param(beta_kind, C)
+    params = [p for p in (gamma, beta) if p is not None]
+    x_s = torch.randn(T, N, C, *spatial, dtype=torch.float64, requires_grad=True)
+    x_q = torch.randn(T, N, C, *spatial, dtype=torch.float64)
+
+    def layer(x, *ps):
+        it = iter(ps)
+        g = next(it) if gamma is not None else None
+        b = next(it) if beta is not None else None
+        y = ops.task_batch_norm(x, g, b, 1e-5, act, 0.1)
+        return ops.task_batch_norm(y * 1.5 + x, g, None, 1e-5, "none", 0.0)  # reads y and x again
+
+    with fm.use_backend("cpu"):
+        y = ops.task_batch_norm(x_s, gamma, beta, 1e-5, act, 0.1)
+        assert y.grad_fn.name().endswith("::TaskBatchNormNode>"), y.grad_fn.name()
+        runs = []
+        for python in (False, True):
+            ctx = _python_nodes() if python else _nullcontext()
+            with ctx:
+                first = torch.autograd.grad(layer(x_s, *params).sin().sum(), [x_s, *params], create_graph=True)
+                second = torch.autograd.grad(sum(f.square().sum() for f in first), [x_s, *params])
+                meta = _meta_gradient(x_s, x_q, params, layer) if params else ()
+            runs.append([t.detach() for t in first] + list(second) + list(meta))
+    for got, want in zip(*runs):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got, want)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_nodes_pass_gradcheck_and_gradgradcheck_and_third_order_through_the_dispatcher():
+    torch.manual_seed(2)
+    x = torch.randn(T, N, C, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(T, O, C, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(T, O, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(T, O, dtype=torch.float64) + 0.5).requires_grad_(True)
+    beta = torch.randn(O, dtype=torch.float64, requires_grad=True)
+
+    def net(x, w, b, gamma, beta):  # smooth: no kink
+        return ops.task_batch_norm(ops.task_conv2d(x, w, b, [2, 2], [1, 1]), gamma, beta, 1e-5, "none", 0.0)
+
+    inputs = (x, w, b, gamma, beta)
+    with fm.use_backend("cpu"):
+        assert net(*inputs).grad_fn.name().endswith("::TaskBatchNormNode>")
+        assert torch.autograd.gradcheck(net, inputs)
+        assert torch.autograd.gradgradcheck(net, inputs)
+
+        def first_order(*inputs):  # its gradgradcheck is third order of net
+            out = net(*inputs)
+            return torch.autograd.grad((out.sin()).sum(), inputs, create_graph=True)
+
+        assert torch.autograd.gradgradcheck(first_order, inputs, atol=1e-5)
+
+
+def test_the_python_node_runs_where_the_c_nodes_do_not_take_the_arguments():
+    x = torch.randn(T, N, C, 5, 5, requires_grad=True)
+    w = torch.randn(T, O, C, 3, 3, requires_grad=True)
+    with fm.use_backend("torch"):  # the reference backend: no C++ kernels
+        assert "task_conv2d_function" in type(ops.task_conv2d(x, w, None, [1, 1], [1, 1]).grad_fn).__name__
+    with fm.use_backend("cpu"):
+        x_t = x.transpose(3, 4)  # not contiguous: the kernels would need a copy
+        assert "task_conv2d_function" in type(ops.task_conv2d(x_t, w, None, [1, 1], [1, 1]).grad_fn).__name__
+        y = ops.task_batch_norm(x, None, None, 1e-5, "tanh", 0.0)  # f'(y) is no mask: activation_grad runs
+        assert "task_batch_norm_function" in type(y.grad_fn).__name__
+        with torch.no_grad():  # nothing records: no node at all
+            assert ops.task_conv2d(x, w, None, [1, 1], [1, 1]).grad_fn is None
