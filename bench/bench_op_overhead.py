@@ -15,8 +15,10 @@ kernels) chosen:
   built once and kept, ``retain_graph=True``: the backward alone is timed) − the native
   backward kernels that this backward runs, called directly. Which native kernels the
   backward runs, and on which arguments, is recorded from one backward beforehand (the
-  ``cpu`` backend's launchers, wrapped). Glue aten ops in the backward formula (sums,
-  adds) are overhead: they are not kernels of the op.
+  ``cpu`` backend's launchers, wrapped; for an op with a C++ node, which calls its kernels
+  past the launchers, from its Python node's backward, which runs the same kernels on the
+  same arguments). Glue aten ops in the backward formula (sums, adds) are overhead: they
+  are not kernels of the op.
 
 Inputs have no ``requires_grad`` in the forward rows, so autograd records nothing there.
 One process, one thread, interleaved: each round times every measurement of every op in
@@ -144,8 +146,17 @@ def build_case(name: str) -> OpCase:
         if backward is None:
             continue
         try:
+            # The kernels the backward runs, with their arguments, recorded from the Python
+            # node: an op's C++ node (register_native_node) calls the same kernels on the
+            # same arguments itself, past the launchers this records
+            # (tests/ops/test_native_nodes.py holds the two nodes equal, bit for bit).
+            native_node, public_op._native_node = public_op._native_node, None
+            try:
+                twin = _backward_through(public_op, args, wrt)
+            finally:
+                public_op._native_node = native_node
             with _RecordNativeCalls() as recording:
-                backward()
+                twin()
         except RuntimeError as exc:
             error = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
             continue
