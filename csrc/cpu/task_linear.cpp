@@ -20,6 +20,7 @@
 
 #include "../common.h"
 #include "cpu_common.h"
+#include "eager_nodes.h"
 #include "blas.h"
 #include "gemm.h"
 
@@ -327,6 +328,163 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_double_backward(
   return {d_grad_out, d_x, d_w};
 }
 
+// ---------------------------------------------------------------------------------------
+// The eager path's autograd nodes in C++ (see task_conv2d.cpp): task_linear without a
+// fused activation, and task_linear_backward, what fastmeta/ops/task_linear.py's Python
+// nodes do. The public op takes them where its `_linear_native_node` says.
+// ---------------------------------------------------------------------------------------
+
+using namespace eager_nodes;
+
+// A weight or bias as the kernels take it (fastmeta/ops/task_linear.py's _native_per_task):
+// contiguous, or per task with contiguous rows at any nonzero task stride; a task stride of
+// 0 → the shared tensor; anything else a contiguous copy.
+at::Tensor native_per_task(const at::Tensor& t, bool task_dim) {
+  if (!t.defined() || t.is_contiguous()) return t;
+  if (task_dim) {
+    const auto s = t.strides();
+    if (s[0] != 0 && s.back() == 1 && (t.dim() == 2 || s[t.dim() - 2] == t.size(-1))) return t;
+  }
+  at::Tensor u = t;
+  if (task_dim && u.dim() >= 2 && u.size(0) > 1 && u.stride(0) == 0) u = u.select(0, 0);
+  return u.contiguous();
+}
+
+// The backward pair's weight (_native_weight_of_rank): a task stride of 0 kept (its
+// gradient is per task), each task's block contiguous; else as native_per_task.
+at::Tensor native_weight_of_rank(const at::Tensor& w) {
+  if (w.defined() && w.dim() == 3 && w.size(0) > 1 && w.stride(0) == 0 && w[0].is_contiguous()) return w;
+  return native_per_task(w, w.defined() && w.dim() == 3);
+}
+
+std::tuple<at::Tensor, at::Tensor> public_linear_double_backward(const at::Tensor& g_dx, const at::Tensor& g_dw,
+                                                                 const at::Tensor& grad_out, const at::Tensor& x,
+                                                                 const at::Tensor& w, const c10::List<bool>& mask,
+                                                                 at::Tensor& d_w) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastmeta::task_linear_double_backward", "");
+  const torch::jit::Stack out = call_public_op(op, {maybe(g_dx), maybe(g_dw), grad_out, x, w, mask});
+  d_w = out[2].toTensor();
+  return {out[0].toTensor(), out[1].toTensor()};
+}
+
+struct TaskLinearBackwardNode : public torch::autograd::Function<TaskLinearBackwardNode> {
+  // (dx, dw) = task_linear_backward(grad_out, x, w, ...): inputs grad_out (edge 0), x (1),
+  // w (2), then the addends that are given.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& w, bool want_dx, bool want_dw,
+                               const c10::optional<at::Tensor>& dx_addend, const c10::optional<at::Tensor>& dw_addend) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad_out, x, w});
+    ctx->saved_data["want_dx"] = want_dx;
+    ctx->saved_data["want_dw"] = want_dw;
+    ctx->saved_data["edges"] =
+        edge_indices({true, true, true, dx_addend.has_value(), dw_addend.has_value()});
+    auto [dx, dw] = recorded("fastmeta::task_linear_backward", "fastmeta_ext::task_linear_backward", [&] {
+      return task_linear_backward(grad_out.contiguous(), x.contiguous(), native_weight_of_rank(w),
+                                  bool_list({want_dx, want_dw}), contiguous(dx_addend), contiguous(dw_addend));
+    });
+    return {dx, dw};
+  }
+
+  // d_x comes only from g_dw and d_w only from g_dx: without its upstream a gradient is zero,
+  // returned undefined. The addends' gradients: the upstream of dx / dw, unchanged.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad_out = saved[0], &x = saved[1], &w = saved[2];
+    const auto edges = ctx->saved_data["edges"].toIntVector();
+    // A gradient of an output the mask left out (empty) carries nothing.
+    const at::Tensor none;
+    const at::Tensor g_dx = ctx->saved_data["want_dx"].toBool() ? grads[0] : none;
+    const at::Tensor g_dw = ctx->saved_data["want_dw"].toBool() ? grads[1] : none;
+    const at::Tensor d_ax = needs_grad(ctx, edges[3]) ? g_dx : none;
+    const at::Tensor d_aw = needs_grad(ctx, edges[4]) ? g_dw : none;
+    const bool m0 = needs_grad(ctx, edges[0]) && (g_dx.defined() || g_dw.defined());
+    const bool m1 = needs_grad(ctx, edges[1]) && g_dw.defined();
+    const bool m2 = needs_grad(ctx, edges[2]) && g_dx.defined();
+    at::Tensor d_grad_out, d_x, d_w;
+    if (m0 || m1 || m2) {
+      const c10::List<bool> mask = bool_list({m0, m1, m2});
+      if (at::GradMode::is_enabled()) {  // third order: the public op, with torch.library's autograd
+        std::tie(d_grad_out, d_x) = public_linear_double_backward(g_dx, g_dw, grad_out, x, w, mask, d_w);
+      } else {
+        std::tie(d_grad_out, d_x, d_w) =
+            recorded("fastmeta::task_linear_double_backward", "fastmeta_ext::task_linear_double_backward", [&] {
+              return task_linear_double_backward(contiguous(g_dx), maybe(native_weight_of_rank(g_dw)),
+                                                 grad_out.contiguous(), x.contiguous(), native_weight_of_rank(w),
+                                                 mask);
+            });
+      }
+      if (!m0) d_grad_out = none;
+      if (!m1) d_x = none;
+      if (!m2) d_w = none;
+    }
+    // One per forward argument: grad_out, x, w, want_dx, want_dw, the addends.
+    return {d_grad_out, d_x, d_w, none, none, d_ax, d_aw};
+  }
+};
+
+struct TaskLinearNode : public torch::autograd::Function<TaskLinearNode> {
+  // y = task_linear(x, w, b) without an activation, and an alias (a view) of x and of w
+  // where asked (see TaskConv2dNode in task_conv2d.cpp).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                               const c10::optional<at::Tensor>& b, bool alias_x, bool alias_w) {
+    ctx->set_materialize_grads(false);
+    variable_list outputs{recorded(nullptr, "fastmeta_ext::task_linear", [&] {
+      const at::Tensor bias = b.has_value() ? native_per_task(*b, b->dim() == 2) : at::Tensor();
+      return task_linear(x, native_per_task(w, w.dim() == 3), maybe(bias), "none", 0.0);
+    })};
+    at::Tensor x_read = x, w_read = w;
+    if (alias_x) outputs.push_back(x_read = x.view_as(x));
+    if (alias_w) outputs.push_back(w_read = w.view_as(w));
+    ctx->save_for_backward({x_read, w_read});
+    ctx->saved_data["alias_x"] = alias_x;
+    ctx->saved_data["alias_w"] = alias_w;
+    ctx->saved_data["has_bias"] = b.has_value();
+    ctx->saved_data["bias_shared"] = b.has_value() && b->dim() == 1;
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool alias_x = ctx->saved_data["alias_x"].toBool(), alias_w = ctx->saved_data["alias_w"].toBool();
+    const at::Tensor none;
+    const at::Tensor grad_y = grads[0];
+    const at::Tensor add_x = alias_x ? grads[1] : none;
+    const at::Tensor add_w = alias_w ? grads[alias_x ? 2 : 1] : none;
+    const bool want_dx = ctx->needs_input_grad(0), want_dw = ctx->needs_input_grad(1);
+    // One per forward argument: x, w, b, alias_x, alias_w.
+    if (!grad_y.defined())  // only the aliases were read
+      return {want_dx ? add_x : none, want_dw ? add_w : none, none, none, none};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1];
+    at::Tensor dx, dw, db;
+    if (want_dx || want_dw) {
+      const auto ax = want_dx ? maybe(add_x) : c10::nullopt;
+      const auto aw = want_dw ? maybe(add_w) : c10::nullopt;
+      if (at::GradMode::is_enabled()) {
+        const variable_list out = TaskLinearBackwardNode::apply(grad_y, x, w, want_dx, want_dw, ax, aw);
+        dx = out[0];
+        dw = out[1];
+      } else {
+        std::tie(dx, dw) = recorded("fastmeta::task_linear_backward", "fastmeta_ext::task_linear_backward", [&] {
+          return task_linear_backward(grad_y.contiguous(), x.contiguous(), native_weight_of_rank(w),
+                                      bool_list({want_dx, want_dw}), contiguous(ax), contiguous(aw));
+        });
+      }
+      if (!want_dx) dx = none;
+      if (!want_dw) dw = none;
+    }
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2))
+      db = ctx->saved_data["bias_shared"].toBool() ? grad_y.sum({0, 1}) : grad_y.sum(1);
+    return {dx, dw, db, none, none};
+  }
+};
+
+std::vector<at::Tensor> task_linear_node(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                                         bool alias_x, bool alias_w) {
+  return TaskLinearNode::apply(x, w, b, alias_x, alias_w);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -337,4 +495,13 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_linear_weight_grad", &fastmeta::cpu::task_linear_weight_grad);
   m.impl("task_linear_backward", &fastmeta::cpu::task_linear_backward);
   m.impl("task_linear_double_backward", &fastmeta::cpu::task_linear_double_backward);
+}
+
+// The eager node's entry (see task_conv2d_node in task_conv2d.cpp).
+TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
+  m.def("task_linear_node(Tensor x, Tensor w, Tensor? b, bool alias_x, bool alias_w) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
+  m.impl("task_linear_node", &fastmeta::cpu::task_linear_node);
 }

@@ -1,4 +1,4 @@
-"""The eager path's autograd nodes in C++ (csrc/cpu/task_conv2d.cpp, csrc/cpu/task_batch_norm.cpp):
+"""The eager path's autograd nodes in C++ (csrc/cpu/task_conv2d.cpp, task_batch_norm.cpp, task_linear.cpp):
 where they are taken, and that they build the graph the Python nodes build. Every value
 and gradient, to second order, equals the Python node's bit for bit (the same kernels on
 the same arguments, the same addends); third order runs through the public ops'
@@ -27,7 +27,7 @@ def _python_nodes():
     """A context without the C++ nodes: the Python nodes run."""
     class Off:
         def __enter__(self):
-            self.saved = [(op, op._native_node) for op in (ops.task_conv2d, ops.task_batch_norm)]
+            self.saved = [(op, op._native_node) for op in (ops.task_conv2d, ops.task_batch_norm, ops.task_linear)]
             for op, _ in self.saved:
                 op._native_node = None
 
@@ -164,12 +164,15 @@ def test_nodes_pass_gradcheck_and_gradgradcheck_and_third_order_through_the_disp
     gamma = (torch.rand(T, O, dtype=torch.float64) + 0.5).requires_grad_(True)
     beta = torch.randn(O, dtype=torch.float64, requires_grad=True)
 
-    def net(x, w, b, gamma, beta):  # smooth: no kink
-        return ops.task_batch_norm(ops.task_conv2d(x, w, b, [2, 2], [1, 1]), gamma, beta, 1e-5, "none", 0.0)
+    head = torch.randn(4, O * 9, dtype=torch.float64, requires_grad=True)
 
-    inputs = (x, w, b, gamma, beta)
+    def net(x, w, b, gamma, beta, head):  # smooth: no kink
+        z = ops.task_batch_norm(ops.task_conv2d(x, w, b, [2, 2], [1, 1]), gamma, beta, 1e-5, "none", 0.0)
+        return ops.task_linear(z.flatten(2), head, None, "none", 0.0)
+
+    inputs = (x, w, b, gamma, beta, head)
     with fm.use_backend("cpu"):
-        assert net(*inputs).grad_fn.name().endswith("::TaskBatchNormNode>")
+        assert net(*inputs).grad_fn.name().endswith("::TaskLinearNode>")
         assert torch.autograd.gradcheck(net, inputs)
         assert torch.autograd.gradgradcheck(net, inputs)
 
@@ -190,5 +193,48 @@ def test_the_python_node_runs_where_the_c_nodes_do_not_take_the_arguments():
         assert "task_conv2d_function" in type(ops.task_conv2d(x_t, w, None, [1, 1], [1, 1]).grad_fn).__name__
         y = ops.task_batch_norm(x, None, None, 1e-5, "tanh", 0.0)  # f'(y) is no mask: activation_grad runs
         assert "task_batch_norm_function" in type(y.grad_fn).__name__
+        y = ops.task_linear(x.flatten(2), torch.randn(3, 50), None, "relu", 0.0)  # a fused activation
+        assert "task_linear_function" in type(y.grad_fn).__name__
         with torch.no_grad():  # nothing records: no node at all
             assert ops.task_conv2d(x, w, None, [1, 1], [1, 1]).grad_fn is None
+
+
+@pytest.mark.parametrize("weight_kind,bias_kind", list(itertools.product(
+    ["per_task", "shared", "expanded", "strided"], ["none", "shared", "per_task"])))
+def test_linear_node_equals_the_python_node_to_second_order(weight_kind, bias_kind):
+    torch.manual_seed(3)
+    I, F = 4, 5
+    if weight_kind == "per_task":
+        w = torch.randn(T, F, I, dtype=torch.float64, requires_grad=True)
+    elif weight_kind == "shared":
+        w = torch.randn(F, I, dtype=torch.float64, requires_grad=True)
+    elif weight_kind == "expanded":  # θ expanded over the tasks: a task stride of 0
+        w = torch.randn(F, I, dtype=torch.float64, requires_grad=True).expand(T, F, I)
+    else:  # per task, a view of a wider buffer (each task's block contiguous, task stride > F·I)
+        w = torch.randn(T, F * I + 3, dtype=torch.float64, requires_grad=True)[:, :F * I].view(T, F, I)
+    b = None if bias_kind == "none" else (torch.randn(F, dtype=torch.float64) if bias_kind == "shared"
+                                          else torch.randn(T, F, dtype=torch.float64)).requires_grad_(True)
+    params = [w] + ([b] if b is not None else [])
+    x_s = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
+    x_q = torch.randn(T, N, I, dtype=torch.float64)
+    mix = torch.randn(F, F, dtype=torch.float64)
+
+    def layer(x, w, *bias):
+        y = ops.task_linear(x, w, bias[0] if bias else None, "none", 0.0)
+        # a second layer reads y, and a weight made from w: their backward ops differentiate both
+        return ops.task_linear(torch.tanh(y), torch.tanh(w.sum(-1, keepdim=True) * mix), None, "none", 0.0)
+
+    with fm.use_backend("cpu"):
+        y = ops.task_linear(x_s, w, b, "none", 0.0)
+        assert y.grad_fn.name().endswith("::TaskLinearNode>"), y.grad_fn.name()
+        runs = []
+        for python in (False, True):
+            with _python_nodes() if python else _nullcontext():
+                meta = _meta_gradient(x_s, x_q, params, layer)
+                first = torch.autograd.grad(layer(x_s, *params).sin().sum(), [x_s, *params], create_graph=True)
+                second = torch.autograd.grad(sum(f.square().sum() for f in first), [x_s, *params])
+            runs.append(list(meta) + [f.detach() for f in first] + list(second))
+    for got, want in zip(*runs):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got, want)
