@@ -9,6 +9,7 @@
 #include <torch/autograd.h>
 
 #include <initializer_list>
+#include <utility>
 #include <vector>
 
 namespace fastmeta {
@@ -53,6 +54,32 @@ inline std::vector<int64_t> edge_indices(std::initializer_list<bool> present) {
 }
 
 inline bool needs_grad(AutogradContext* ctx, int64_t edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
+
+// A layer node's outputs: y, then an alias (a view) of each of the two inputs its backward
+// reads, where asked. The backward reads them through the aliases (saved in their place),
+// so a gradient a backward op sends them arrives at this node as an alias output's and is
+// added in the kernel (the addends), not by autograd's engine with an aten add (see
+// register_autograd's aliased_inputs, fastmeta/ops/registration.py). Saves what the
+// backward reads, then `also`.
+inline variable_list outputs_with_aliases(AutogradContext* ctx, at::Tensor y, const at::Tensor& first,
+                                          const at::Tensor& second, bool alias_first, bool alias_second,
+                                          const at::Tensor& also = at::Tensor()) {
+  variable_list outputs{std::move(y)};
+  at::Tensor first_read = first, second_read = second;
+  if (alias_first) outputs.push_back(first_read = first.view_as(first));
+  if (alias_second) outputs.push_back(second_read = second.view_as(second));
+  ctx->save_for_backward({first_read, second_read, also});
+  ctx->saved_data["alias_first"] = alias_first;
+  ctx->saved_data["alias_second"] = alias_second;
+  return outputs;
+}
+
+// The gradients the two aliases of outputs_with_aliases received (undefined where an input
+// was not aliased, or nothing reached its alias).
+inline std::pair<at::Tensor, at::Tensor> alias_grads(AutogradContext* ctx, const variable_list& grads) {
+  const bool first = ctx->saved_data["alias_first"].toBool(), second = ctx->saved_data["alias_second"].toBool();
+  return {first ? grads[1] : at::Tensor(), second ? grads[first ? 2 : 1] : at::Tensor()};
+}
 
 // f() recorded for the profiler as a public op's call would be: a range named as the public
 // op (fastmeta::<name>) around one named as its kernel (fastmeta_ext::<name>). The

@@ -723,36 +723,28 @@ struct TaskBatchNormBackwardNode : public torch::autograd::Function<TaskBatchNor
 };
 
 struct TaskBatchNormNode : public torch::autograd::Function<TaskBatchNormNode> {
-  // y = task_batch_norm(x, gamma, beta, ...), and an alias (a view) of x and of γ where
-  // asked (see TaskConv2dNode in task_conv2d.cpp).
+  // y = task_batch_norm(x, gamma, beta, ...), and an alias of x and of γ where asked
+  // (outputs_with_aliases).
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
                                const c10::optional<at::Tensor>& beta, double eps, std::string act,
                                double negative_slope, bool alias_x, bool alias_gamma) {
     ctx->set_materialize_grads(false);
-    const at::Tensor y = recorded(nullptr, "fastmeta_ext::task_batch_norm",
-                                  [&] { return task_batch_norm(x, gamma, beta, eps, act, negative_slope); });
-    variable_list outputs{y};
-    at::Tensor x_read = x, gamma_read = gamma.value_or(at::Tensor());
-    if (alias_x) outputs.push_back(x_read = x.view_as(x));
-    if (alias_gamma) outputs.push_back(gamma_read = gamma->view_as(*gamma));
-    ctx->save_for_backward({x_read, gamma_read, act != "none" ? y : at::Tensor()});
+    at::Tensor y = recorded(nullptr, "fastmeta_ext::task_batch_norm",
+                            [&] { return task_batch_norm(x, gamma, beta, eps, act, negative_slope); });
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
     ctx->saved_data["negative_slope"] = negative_slope;
-    ctx->saved_data["alias_x"] = alias_x;
-    ctx->saved_data["alias_gamma"] = alias_gamma;
     ctx->saved_data["gamma_dim"] = gamma.has_value() ? gamma->dim() : int64_t(0);
     ctx->saved_data["beta_dim"] = beta.has_value() ? beta->dim() : int64_t(0);
     ctx->saved_data["edges"] = edge_indices({true, gamma.has_value(), beta.has_value()});
-    return outputs;
+    const at::Tensor saved_y = act != "none" ? y : at::Tensor();  // f'(y) for the mask activations
+    return outputs_with_aliases(ctx, std::move(y), x, gamma.value_or(at::Tensor()), alias_x, alias_gamma, saved_y);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool alias_x = ctx->saved_data["alias_x"].toBool(), alias_gamma = ctx->saved_data["alias_gamma"].toBool();
     const at::Tensor none;
     const at::Tensor grad_y = grads[0];
-    const at::Tensor add_x = alias_x ? grads[1] : none;
-    const at::Tensor add_gamma = alias_gamma ? grads[alias_x ? 2 : 1] : none;
+    const auto [add_x, add_gamma] = alias_grads(ctx, grads);
     const auto edges = ctx->saved_data["edges"].toIntVector();
     const int64_t gamma_dim = ctx->saved_data["gamma_dim"].toInt(), beta_dim = ctx->saved_data["beta_dim"].toInt();
     const bool need_x = needs_grad(ctx, edges[0]), need_gamma = gamma_dim > 0 && needs_grad(ctx, edges[1]),

@@ -983,37 +983,24 @@ struct TaskConv2dBackwardNode : public torch::autograd::Function<TaskConv2dBackw
 };
 
 struct TaskConv2dNode : public torch::autograd::Function<TaskConv2dNode> {
-  // y = task_conv2d(x, w, b), and an alias (a view) of x and of w where asked: the backward
-  // reads x and w through the aliases, so a gradient a backward op sends them arrives at
-  // this node as an alias output's, and is added to x's / w's gradient in the kernel (the
-  // addends), not by autograd's engine with an aten add. See register_autograd's
-  // aliased_inputs (fastmeta/ops/registration.py).
+  // y = task_conv2d(x, w, b), and an alias of x and of w where asked (outputs_with_aliases).
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                                const c10::optional<at::Tensor>& b, std::vector<int64_t> stride,
                                std::vector<int64_t> padding, bool alias_x, bool alias_w) {
     ctx->set_materialize_grads(false);
-    variable_list outputs{recorded(nullptr, "fastmeta_ext::task_conv2d",
-                                   [&] { return task_conv2d(x, w, b, stride, padding); })};
-    at::Tensor x_read = x, w_read = w;
-    if (alias_x) outputs.push_back(x_read = x.view_as(x));
-    if (alias_w) outputs.push_back(w_read = w.view_as(w));
-    ctx->save_for_backward({x_read, w_read});
+    at::Tensor y = recorded(nullptr, "fastmeta_ext::task_conv2d", [&] { return task_conv2d(x, w, b, stride, padding); });
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
-    ctx->saved_data["alias_x"] = alias_x;
-    ctx->saved_data["alias_w"] = alias_w;
     ctx->saved_data["has_bias"] = b.has_value();
     ctx->saved_data["bias_shared"] = b.has_value() && b->dim() == 1;
-    return outputs;
+    return outputs_with_aliases(ctx, std::move(y), x, w, alias_x, alias_w);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1];
-    const bool alias_x = ctx->saved_data["alias_x"].toBool(), alias_w = ctx->saved_data["alias_w"].toBool();
     const at::Tensor grad_y = grads[0];
-    const at::Tensor add_x = alias_x ? grads[1] : at::Tensor();
-    const at::Tensor add_w = alias_w ? grads[alias_x ? 2 : 1] : at::Tensor();
+    const auto [add_x, add_w] = alias_grads(ctx, grads);
     const bool want_dx = ctx->needs_input_grad(0), want_dw = ctx->needs_input_grad(1);
     const at::Tensor none;
     if (!grad_y.defined())  // only the aliases were read: x's and w's gradients are theirs

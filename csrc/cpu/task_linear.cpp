@@ -425,32 +425,24 @@ struct TaskLinearBackwardNode : public torch::autograd::Function<TaskLinearBackw
 };
 
 struct TaskLinearNode : public torch::autograd::Function<TaskLinearNode> {
-  // y = task_linear(x, w, b) without an activation, and an alias (a view) of x and of w
-  // where asked (see TaskConv2dNode in task_conv2d.cpp).
+  // y = task_linear(x, w, b) without an activation, and an alias of x and of w where asked
+  // (outputs_with_aliases).
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                                const c10::optional<at::Tensor>& b, bool alias_x, bool alias_w) {
     ctx->set_materialize_grads(false);
-    variable_list outputs{recorded(nullptr, "fastmeta_ext::task_linear", [&] {
+    at::Tensor y = recorded(nullptr, "fastmeta_ext::task_linear", [&] {
       const at::Tensor bias = b.has_value() ? native_per_task(*b, b->dim() == 2) : at::Tensor();
       return task_linear(x, native_per_task(w, w.dim() == 3), maybe(bias), "none", 0.0);
-    })};
-    at::Tensor x_read = x, w_read = w;
-    if (alias_x) outputs.push_back(x_read = x.view_as(x));
-    if (alias_w) outputs.push_back(w_read = w.view_as(w));
-    ctx->save_for_backward({x_read, w_read});
-    ctx->saved_data["alias_x"] = alias_x;
-    ctx->saved_data["alias_w"] = alias_w;
+    });
     ctx->saved_data["has_bias"] = b.has_value();
     ctx->saved_data["bias_shared"] = b.has_value() && b->dim() == 1;
-    return outputs;
+    return outputs_with_aliases(ctx, std::move(y), x, w, alias_x, alias_w);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool alias_x = ctx->saved_data["alias_x"].toBool(), alias_w = ctx->saved_data["alias_w"].toBool();
     const at::Tensor none;
     const at::Tensor grad_y = grads[0];
-    const at::Tensor add_x = alias_x ? grads[1] : none;
-    const at::Tensor add_w = alias_w ? grads[alias_x ? 2 : 1] : none;
+    const auto [add_x, add_w] = alias_grads(ctx, grads);
     const bool want_dx = ctx->needs_input_grad(0), want_dw = ctx->needs_input_grad(1);
     // One per forward argument: x, w, b, alias_x, alias_w.
     if (!grad_y.defined())  // only the aliases were read

@@ -407,6 +407,38 @@ class PublicOp:
         return f"<fastmeta public op {self._qualname}>"
 
 
+_native_node_ops: dict[str, Callable] = {}
+
+
+def cpu_native_node(node: str, kernels: tuple[str, ...], x: Tensor, *others: Tensor | None) -> Callable | None:
+    """``torch.ops.fastmeta_ext.<node>`` (a C++ autograd node's entry, see
+    :meth:`PublicOp.register_native_node`) where ``x`` and the ``others`` given are CPU
+    tensors of one float dtype the kernels are compiled for, and the ``cpu`` backend runs
+    every one of ``kernels`` for it with its own launchers (not a stand-in such as a test
+    harness's counting wrapper: the node calls the kernels itself, past the launchers);
+    None otherwise, and the Python node runs."""
+    dtype = x.dtype
+    if x.device.type != "cpu" or dtype not in _cpu_kernel_dtypes():
+        return None
+    for t in others:
+        if t is not None and (t.device.type != "cpu" or t.dtype != dtype):
+            return None
+    for name in kernels:
+        backend, kernel = kernel_choice(name, "cpu", dtype)
+        if backend != "cpu" or not getattr(kernel, "runs_extension_op", False):
+            return None
+    op = _native_node_ops.get(node)
+    if op is None:
+        op = _native_node_ops[node] = getattr(torch.ops.fastmeta_ext, node).default
+    return op
+
+
+def _cpu_kernel_dtypes() -> tuple[torch.dtype, ...]:
+    from fastmeta.backends.extension import kernel_dtypes
+
+    return kernel_dtypes("cpu")
+
+
 def _flatten(values) -> list[Tensor]:
     out = []
     for v in values:
@@ -461,5 +493,5 @@ def define_op(reference: Callable, native: NativeCall | None = None, check: Call
     return op
 
 
-__all__ = ["ModuleOp", "NativeCall", "OpFamily", "PUBLIC_OPS", "PublicOp", "call_with_kernel", "define_family", "define_op", "module_op",
-           "module_types"]
+__all__ = ["ModuleOp", "NativeCall", "OpFamily", "PUBLIC_OPS", "PublicOp", "call_with_kernel", "cpu_native_node",
+           "define_family", "define_op", "module_op", "module_types"]

@@ -55,10 +55,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastmeta.backends import kernel_choice
-from fastmeta.backends.extension import kernel_dtypes
 from fastmeta.backends.table import shared_or_contiguous
-from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
+from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, cpu_native_node, define_family, define_op
 from fastmeta.ops.activation import activation_derivative, activation_grad, apply_activation, check_activation
 from fastmeta.ops.reference_vjp import reference_vjp
 
@@ -303,7 +301,6 @@ task_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup, aliased
 
 # The ops whose CPU kernels the C++ nodes call themselves (csrc/cpu/task_batch_norm.cpp).
 _NODE_KERNELS = ("task_batch_norm", "task_batch_norm_backward", "task_batch_norm_double_backward")
-_node_op: list = []
 
 
 def _bn_native_node(x, gamma, beta, eps, act, negative_slope):
@@ -315,22 +312,11 @@ def _bn_native_node(x, gamma, beta, eps, act, negative_slope):
     NotImplemented (the Python node) otherwise."""
     if act != "none" and act not in MASK_ACTIVATIONS:
         return NotImplemented
-    if x.device.type != "cpu" or x.dim() < 3 or not x.is_contiguous():
+    node = cpu_native_node("task_batch_norm_node", _NODE_KERNELS, x, gamma, beta)
+    if node is None or x.dim() < 3 or not x.is_contiguous():
         return NotImplemented
-    dtype = x.dtype
-    if dtype not in kernel_dtypes("cpu"):
-        return NotImplemented
-    for p in (gamma, beta):
-        if p is not None and (p.device.type != "cpu" or p.dtype != dtype):
-            return NotImplemented
-    for name in _NODE_KERNELS:
-        backend, kernel = kernel_choice(name, "cpu", dtype)
-        if backend != "cpu" or not getattr(kernel, "runs_extension_op", False):
-            return NotImplemented
-    if not _node_op:
-        _node_op.append(torch.ops.fastmeta_ext.task_batch_norm_node.default)
-    return _node_op[0](x, gamma, beta, float(eps), act, float(negative_slope), x.requires_grad,
-                       gamma is not None and gamma.requires_grad)[0]
+    return node(x, gamma, beta, float(eps), act, float(negative_slope), x.requires_grad,
+                gamma is not None and gamma.requires_grad)[0]
 
 
 task_batch_norm.register_native_node(_bn_native_node)

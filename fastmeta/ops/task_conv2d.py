@@ -57,10 +57,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastmeta.backends import REFERENCE, kernel_choice
-from fastmeta.backends.extension import kernel_dtypes
 from fastmeta.backends.precision import emulated_precision, product_at_precision
 from fastmeta.ops.reference_vjp import reference_vjp
-from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
+from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, cpu_native_node, define_family, define_op
 from fastmeta.ops.task_linear import each_task_contiguous, is_task_shared
 
 
@@ -391,7 +390,6 @@ task_conv2d.register_autograd(_task_conv2d_backward, setup_context=_task_conv2d_
 # The ops whose CPU kernels the C++ nodes call themselves (csrc/cpu/task_conv2d.cpp,
 # "The eager path's autograd nodes in C++").
 _NODE_KERNELS = ("task_conv2d", "task_conv2d_backward", "task_conv2d_double_backward")
-_node_op: list = []
 
 
 def _blocks_as_they_are(t: Tensor, per_task_dim: int) -> bool:
@@ -410,23 +408,11 @@ def _conv_native_node(x, w, b, stride, padding):
     tensors of one dtype whose three conv ops the ``cpu`` backend runs, inputs the kernels
     take as they are (x contiguous, :func:`_blocks_as_they_are`); NotImplemented (the
     Python node) otherwise."""
-    if x.device.type != "cpu" or w.device.type != "cpu" or w.dtype != x.dtype or not x.is_contiguous():
-        return NotImplemented
-    if b is not None and (b.device.type != "cpu" or b.dtype != x.dtype):
-        return NotImplemented
-    dtype = x.dtype
-    if dtype not in kernel_dtypes("cpu"):
-        return NotImplemented
-    for name in _NODE_KERNELS:
-        backend, kernel = kernel_choice(name, "cpu", dtype)
-        if backend != "cpu" or not getattr(kernel, "runs_extension_op", False):
-            return NotImplemented
-    if not _native_conv_takes("cpu", x, w, b, stride, padding) or not _blocks_as_they_are(w, 5) or (
+    node = cpu_native_node("task_conv2d_node", _NODE_KERNELS, x, w, b)
+    if node is None or not x.is_contiguous() or not _native_conv_takes("cpu", x, w, b, stride, padding) or not _blocks_as_they_are(w, 5) or (
             b is not None and not _blocks_as_they_are(b, 2)):
         return NotImplemented
-    if not _node_op:
-        _node_op.append(torch.ops.fastmeta_ext.task_conv2d_node.default)
-    return _node_op[0](x, w, b, _ints(stride), _ints(padding), x.requires_grad, w.requires_grad)[0]
+    return node(x, w, b, _ints(stride), _ints(padding), x.requires_grad, w.requires_grad)[0]
 
 
 task_conv2d.register_native_node(_conv_native_node)

@@ -42,11 +42,9 @@ import math
 import torch
 from torch import Tensor
 
-from fastmeta.backends import kernel_choice
-from fastmeta.backends.extension import kernel_dtypes
 from fastmeta.backends.precision import product_at_precision
 from fastmeta.backends.table import shared_or_contiguous
-from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
+from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, cpu_native_node, define_family, define_op
 from fastmeta.ops.activation import activation_grad, apply_activation
 from fastmeta.ops.reference_vjp import reference_vjp
 
@@ -209,7 +207,6 @@ task_linear.register_autograd(_task_linear_backward, setup_context=_task_linear_
 
 # The ops whose CPU kernels the C++ nodes call themselves (csrc/cpu/task_linear.cpp).
 _NODE_KERNELS = ("task_linear", "task_linear_backward", "task_linear_double_backward")
-_node_op: list = []
 
 
 def _linear_native_node(x, w, b, act, negative_slope):
@@ -220,20 +217,12 @@ def _linear_native_node(x, w, b, act, negative_slope):
     of its dtype, where the ``cpu`` backend runs the three ops; NotImplemented (the Python
     node) otherwise. The node lays w and b out as the launchers do (csrc/cpu/task_linear.cpp,
     ``native_per_task``)."""
-    if act != "none" or x.device.type != "cpu" or x.dim() != 3 or w.dim() not in (2, 3) or not x.is_contiguous():
+    if act != "none" or x.dim() != 3 or w.dim() not in (2, 3) or not x.is_contiguous():
         return NotImplemented
-    dtype = x.dtype
-    if dtype not in kernel_dtypes("cpu") or w.device.type != "cpu" or w.dtype != dtype:
+    node = cpu_native_node("task_linear_node", _NODE_KERNELS, x, w, b)
+    if node is None:
         return NotImplemented
-    if b is not None and (b.device.type != "cpu" or b.dtype != dtype):
-        return NotImplemented
-    for name in _NODE_KERNELS:
-        backend, kernel = kernel_choice(name, "cpu", dtype)
-        if backend != "cpu" or not getattr(kernel, "runs_extension_op", False):
-            return NotImplemented
-    if not _node_op:
-        _node_op.append(torch.ops.fastmeta_ext.task_linear_node.default)
-    return _node_op[0](x, w, b, x.requires_grad, w.requires_grad)[0]
+    return node(x, w, b, x.requires_grad, w.requires_grad)[0]
 
 
 task_linear.register_native_node(_linear_native_node)
