@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from fastmeta.backends import kernel_choice, note_declined
+from fastmeta.backends.extension import kernel_dtypes
 from fastmeta.backends.table import ModuleOp, NativeCall, OpFamily, define_family, define_kernel, module_op, module_types
 
 NAMESPACE = "fastmeta"
@@ -418,7 +419,7 @@ def cpu_native_node(node: str, kernels: tuple[str, ...], x: Tensor, *others: Ten
     harness's counting wrapper: the node calls the kernels itself, past the launchers);
     None otherwise, and the Python node runs."""
     dtype = x.dtype
-    if x.device.type != "cpu" or dtype not in _cpu_kernel_dtypes():
+    if x.device.type != "cpu" or dtype not in kernel_dtypes("cpu"):
         return None
     for t in others:
         if t is not None and (t.device.type != "cpu" or t.dtype != dtype):
@@ -431,12 +432,6 @@ def cpu_native_node(node: str, kernels: tuple[str, ...], x: Tensor, *others: Ten
     if op is None:
         op = _native_node_ops[node] = getattr(torch.ops.fastmeta_ext, node).default
     return op
-
-
-def _cpu_kernel_dtypes() -> tuple[torch.dtype, ...]:
-    from fastmeta.backends.extension import kernel_dtypes
-
-    return kernel_dtypes("cpu")
 
 
 def _flatten(values) -> list[Tensor]:

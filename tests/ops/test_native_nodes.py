@@ -6,8 +6,8 @@ dispatcher autograd. The op tests (harness.check_op) also run each case through 
 
 from __future__ import annotations
 
-import importlib
 import itertools
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -18,34 +18,37 @@ from fastmeta.backends import extension
 
 pytestmark = pytest.mark.skipif(not extension.availability("cpu")[0], reason="the C++ extension is not built here")
 
-conv_module = importlib.import_module("fastmeta.ops.task_conv2d")
-bn_module = importlib.import_module("fastmeta.ops.task_batch_norm")
 T, N, C, O, H = 2, 3, 2, 3, 6
+# The second conv's weight is a fixed mix scaled by a function of w (so w reaches it too).
+_MIX = torch.randn(O, O, 3, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 
 
+@contextmanager
 def _python_nodes():
-    """A context without the C++ nodes: the Python nodes run."""
-    class Off:
-        def __enter__(self):
-            self.saved = [(op, op._native_node) for op in (ops.task_conv2d, ops.task_batch_norm, ops.task_linear)]
-            for op, _ in self.saved:
-                op._native_node = None
-
-        def __exit__(self, *exc):
-            for op, node in self.saved:
-                op._native_node = node
-    return Off()
+    """Without the C++ nodes: the Python nodes run."""
+    saved = [(op, op._native_node) for op in (ops.task_conv2d, ops.task_batch_norm, ops.task_linear)]
+    for op, _ in saved:
+        op._native_node = None
+    try:
+        yield
+    finally:
+        for op, node in saved:
+            op._native_node = node
 
 
-def _weight(kind: str, requires_grad: bool = True) -> torch.Tensor:
+def _weight(kind: str) -> torch.Tensor:
     if kind == "per_task":
-        w = torch.randn(T, O, C, 3, 3, dtype=torch.float64)
-    elif kind == "shared":
-        w = torch.randn(O, C, 3, 3, dtype=torch.float64)
-    else:  # a task stride of 0: θ expanded over the tasks (the first inner step's weights)
-        w = torch.randn(O, C, 3, 3, dtype=torch.float64)
-    w = w.requires_grad_(requires_grad)
+        return torch.randn(T, O, C, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(O, C, 3, 3, dtype=torch.float64, requires_grad=True)
+    # "expanded": θ over the tasks at a task stride of 0 (the first inner step's weights)
     return w.expand(T, O, C, 3, 3) if kind == "expanded" else w
+
+
+def _assert_bitwise_equal(got_list, want_list):
+    for got, want in zip(got_list, want_list, strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got, want)
 
 
 def _param(kind: str, size: int):
@@ -93,25 +96,12 @@ def test_conv_node_equals_the_python_node_to_second_order(weight_kind, bias_kind
             python = _meta_gradient(x_s, x_q, params, layer)
             python_x = torch.autograd.grad(layer(x_s, *params).sin().sum(), x_s, create_graph=True)[0]
             python_xx = torch.autograd.grad(python_x.square().sum(), x_s)[0]
-    for got, want in zip(native + (native_x, native_xx), python + (python_x, python_xx)):
-        assert (got is None) == (want is None)
-        if got is not None:
-            assert torch.equal(got, want)
-
-
-_W2 = {}
+    _assert_bitwise_equal(native + (native_x, native_xx), python + (python_x, python_xx))
 
 
 def _w2(w):
-    """The second conv's weight: a fixed function of w ([O, O, 3, 3] per task or shared)."""
-    per_task = w.dim() == 5
-    key = per_task
-    if key not in _W2:
-        g = torch.Generator().manual_seed(7)
-        _W2[key] = torch.randn(O, O, 3, 3, generator=g, dtype=torch.float64)
-    mix = _W2[key]
-    scale = w.sum((-1, -2, -3)).tanh()  # [.., O]: w reaches the second conv's weight too
-    return mix * scale[..., :, None, None, None]
+    """The second conv's weight ([O, O, 3, 3] per task or shared), a function of w."""
+    return _MIX * w.sum((-1, -2, -3)).tanh()[..., :, None, None, None]
 
 
 @pytest.mark.parametrize("act,gamma_kind,beta_kind,spatial", list(itertools.product(
@@ -136,24 +126,12 @@ def test_batch_norm_node_equals_the_python_node_to_second_order(act, gamma_kind,
         assert y.grad_fn.name().endswith("::TaskBatchNormNode>"), y.grad_fn.name()
         runs = []
         for python in (False, True):
-            ctx = _python_nodes() if python else _nullcontext()
-            with ctx:
+            with _python_nodes() if python else nullcontext():
                 first = torch.autograd.grad(layer(x_s, *params).sin().sum(), [x_s, *params], create_graph=True)
                 second = torch.autograd.grad(sum(f.square().sum() for f in first), [x_s, *params])
                 meta = _meta_gradient(x_s, x_q, params, layer) if params else ()
             runs.append([t.detach() for t in first] + list(second) + list(meta))
-    for got, want in zip(*runs):
-        assert (got is None) == (want is None)
-        if got is not None:
-            assert torch.equal(got, want)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    _assert_bitwise_equal(*runs)
 
 
 def test_nodes_pass_gradcheck_and_gradgradcheck_and_third_order_through_the_dispatcher():
@@ -229,12 +207,9 @@ def test_linear_node_equals_the_python_node_to_second_order(weight_kind, bias_ki
         assert y.grad_fn.name().endswith("::TaskLinearNode>"), y.grad_fn.name()
         runs = []
         for python in (False, True):
-            with _python_nodes() if python else _nullcontext():
+            with _python_nodes() if python else nullcontext():
                 meta = _meta_gradient(x_s, x_q, params, layer)
                 first = torch.autograd.grad(layer(x_s, *params).sin().sum(), [x_s, *params], create_graph=True)
                 second = torch.autograd.grad(sum(f.square().sum() for f in first), [x_s, *params])
             runs.append(list(meta) + [f.detach() for f in first] + list(second))
-    for got, want in zip(*runs):
-        assert (got is None) == (want is None)
-        if got is not None:
-            assert torch.equal(got, want)
+    _assert_bitwise_equal(*runs)
