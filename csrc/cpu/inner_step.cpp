@@ -13,6 +13,7 @@
 
 #include "../common.h"
 #include "cpu_common.h"
+#include "eager_nodes.h"
 
 namespace fastmeta {
 namespace cpu {
@@ -209,6 +210,83 @@ std::vector<at::Tensor> inner_step_backward(const at::Tensor& grad_out, const at
   return {d_theta, d_grad, d_lr, d_mask, d_precond};
 }
 
+// ---------------------------------------------------------------------------------------
+// The eager path's autograd node in C++ (see task_conv2d.cpp): inner_step, what
+// fastmeta/ops/inner_step.py's Python node does, with the same kernel calls on the same
+// arguments. The public op takes it where `_inner_step_native_node` says.
+// ---------------------------------------------------------------------------------------
+
+using namespace eager_nodes;
+
+// A shared tensor as the launchers give it (fastmeta/backends/table.py's
+// shared_or_contiguous): a task stride of 0 → the shared row; anything else contiguous.
+c10::optional<at::Tensor> shared_or_contiguous(const c10::optional<at::Tensor>& t, bool task_dim) {
+  if (!t.has_value()) return c10::nullopt;
+  at::Tensor u = *t;
+  if (task_dim && u.dim() >= 2 && u.size(0) > 1 && u.stride(0) == 0) u = u.select(0, 0);
+  return u.contiguous();
+}
+
+struct InnerStepNode : public torch::autograd::Function<InnerStepNode> {
+  // θ' = inner_step(theta, grad, lr, mask, precond, segments): inputs theta, grad, lr, then
+  // mask and precond where given (segments: indices, no gradient).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& theta, const at::Tensor& grad,
+                               const at::Tensor& lr, const c10::optional<at::Tensor>& mask,
+                               const c10::optional<at::Tensor>& precond, const c10::optional<at::Tensor>& segments) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad, lr, mask.value_or(at::Tensor()), precond.value_or(at::Tensor()),
+                            segments.value_or(at::Tensor())});
+    ctx->saved_data["theta_shared"] = theta.dim() == 1;
+    ctx->saved_data["edges"] =
+        edge_indices({true, true, true, mask.has_value(), precond.has_value(), segments.has_value()});
+    at::Tensor out = recorded(nullptr, "fastmeta_ext::inner_step", [&] {
+      return inner_step(*shared_or_contiguous(theta, true), grad.contiguous(), lr.contiguous(),
+                        shared_or_contiguous(mask, false), shared_or_contiguous(precond, false),
+                        shared_or_contiguous(segments, false));
+    });
+    return {out};
+  }
+
+  // The five input gradients in one inner_step_backward call; where this backward records
+  // (third order), the public op with torch.library's autograd (the reference's VJP).
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor none;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad = saved[0], &lr = saved[1], &mask = saved[2], &precond = saved[3],
+                     &segments = saved[4];
+    const auto edges = ctx->saved_data["edges"].toIntVector();
+    const bool theta_shared = ctx->saved_data["theta_shared"].toBool();
+    const bool needs[5] = {needs_grad(ctx, edges[0]), needs_grad(ctx, edges[1]), needs_grad(ctx, edges[2]),
+                           mask.defined() && needs_grad(ctx, edges[3]),
+                           precond.defined() && needs_grad(ctx, edges[4])};
+    if (!grads[0].defined() || !(needs[0] || needs[1] || needs[2] || needs[3] || needs[4]))
+      return {none, none, none, none, none, none};
+    const c10::List<bool> need_list = bool_list({needs[0], needs[1], needs[2], needs[3], needs[4]});
+    std::vector<at::Tensor> outs;
+    if (at::GradMode::is_enabled()) {
+      static const c10::OperatorHandle op =
+          c10::Dispatcher::singleton().findSchemaOrThrow("fastmeta::inner_step_backward", "");
+      outs = call_public_op(op, {grads[0].contiguous(), grad, lr, maybe(mask), maybe(precond), maybe(segments),
+                                 theta_shared, need_list})[0]
+                 .toTensorVector();
+    } else {
+      outs = recorded("fastmeta::inner_step_backward", "fastmeta_ext::inner_step_backward", [&] {
+        return inner_step_backward(grads[0].contiguous(), grad.contiguous(), lr.contiguous(),
+                                   shared_or_contiguous(maybe(mask), false), shared_or_contiguous(maybe(precond), false),
+                                   shared_or_contiguous(maybe(segments), false), theta_shared, need_list);
+      });
+    }
+    return {needs[0] ? outs[0] : none, needs[1] ? outs[1] : none, needs[2] ? outs[2] : none,
+            needs[3] ? outs[3] : none, needs[4] ? outs[4] : none, none};
+  }
+};
+
+std::vector<at::Tensor> inner_step_node(const at::Tensor& theta, const at::Tensor& grad, const at::Tensor& lr,
+                                        const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& precond,
+                                        const c10::optional<at::Tensor>& segments) {
+  return InnerStepNode::apply(theta, grad, lr, mask, precond, segments);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -216,4 +294,14 @@ std::vector<at::Tensor> inner_step_backward(const at::Tensor& grad_out, const at
 TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("inner_step", &fastmeta::cpu::inner_step);
   m.impl("inner_step_backward", &fastmeta::cpu::inner_step_backward);
+}
+
+// The eager node's entry (see task_conv2d_node in task_conv2d.cpp).
+TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
+  m.def("inner_step_node(Tensor theta, Tensor grad, Tensor lr, Tensor? mask, Tensor? precond, Tensor? segments) "
+        "-> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
+  m.impl("inner_step_node", &fastmeta::cpu::inner_step_node);
 }

@@ -4,14 +4,18 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/neg.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "../common.h"
 #include "cpu_common.h"
+#include "eager_nodes.h"
 #include "../log_sum_exp.h"
 
 namespace fastmeta {
@@ -171,6 +175,101 @@ at::Tensor task_loss_grad_backward(const at::Tensor& upstream, const at::Tensor&
   return out;
 }
 
+// ---------------------------------------------------------------------------------------
+// The eager path's autograd nodes in C++ (see task_conv2d.cpp): task_loss and
+// task_loss_grad, what fastmeta/ops/task_loss.py's Python nodes do, with the same kernel
+// calls on the same arguments. The public ops take them where `_loss_native_node` and
+// `_loss_grad_native_node` say.
+// ---------------------------------------------------------------------------------------
+
+using namespace eager_nodes;
+
+// task_loss_grad_backward where its backward must record (third order): the public op,
+// with torch.library's autograd (the reference's VJP).
+at::Tensor public_loss_grad_backward(const at::Tensor& upstream, const at::Tensor& pred, const at::Tensor& target,
+                                     const std::string& kind) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastmeta::task_loss_grad_backward", "");
+  return call_public_op(op, {upstream, pred, target, kind})[0].toTensor();
+}
+
+struct TaskLossGradNode : public torch::autograd::Function<TaskLossGradNode> {
+  // g = task_loss_grad(pred, target): inputs pred (edge 0) and target (edge 1; MSE's is
+  // differentiable). `public_range`: record the public op's profiler range around the
+  // kernel's (a call from task_loss's node; a call of the public op has opened it).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& target,
+                               std::string kind, bool public_range) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({pred, target});
+    ctx->saved_data["kind"] = kind;
+    at::Tensor g = recorded(public_range ? "fastmeta::task_loss_grad" : nullptr, "fastmeta_ext::task_loss_grad",
+                            [&] { return task_loss_grad(pred.contiguous(), target.contiguous(), kind); });
+    return {g};
+  }
+
+  // d pred = task_loss_grad_backward(upstream, ...); MSE's target gets its negative.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor none;
+    const std::string kind = ctx->saved_data["kind"].toStringRef();
+    const bool wants_pred = ctx->needs_input_grad(0), wants_target = kind == "mse" && ctx->needs_input_grad(1);
+    if (!grads[0].defined() || !(wants_pred || wants_target)) return {none, none, none, none};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &pred = saved[0], &target = saved[1];
+    at::Tensor d_pred;
+    if (at::GradMode::is_enabled()) {
+      d_pred = public_loss_grad_backward(grads[0], pred, target, kind);
+    } else {
+      d_pred = recorded("fastmeta::task_loss_grad_backward", "fastmeta_ext::task_loss_grad_backward", [&] {
+        return task_loss_grad_backward(grads[0].contiguous(), pred.contiguous(), target.contiguous(), kind);
+      });
+    }
+    return {wants_pred ? d_pred : none, wants_target ? d_pred.neg() : none, none, none};
+  }
+};
+
+struct TaskLossNode : public torch::autograd::Function<TaskLossNode> {
+  // loss = task_loss(pred, target) [T].
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& target,
+                               std::string kind) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({pred, target});
+    ctx->saved_data["kind"] = kind;
+    at::Tensor loss = recorded(nullptr, "fastmeta_ext::task_loss",
+                               [&] { return task_loss(pred.contiguous(), target.contiguous(), kind); });
+    return {loss};
+  }
+
+  // d pred = task_loss_grad(pred, target) · grad_loss per task (recorded by task_loss_grad's
+  // node where this backward records); MSE's target gets its negative.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor none;
+    const std::string kind = ctx->saved_data["kind"].toStringRef();
+    const bool wants_pred = ctx->needs_input_grad(0), wants_target = kind == "mse" && ctx->needs_input_grad(1);
+    if (!grads[0].defined() || !(wants_pred || wants_target)) return {none, none, none};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &pred = saved[0], &target = saved[1];
+    at::Tensor g;
+    if (at::GradMode::is_enabled() && (pred.requires_grad() || target.requires_grad())) {
+      g = TaskLossGradNode::apply(pred, target, kind, true)[0];
+    } else {
+      g = recorded("fastmeta::task_loss_grad", "fastmeta_ext::task_loss_grad",
+                   [&] { return task_loss_grad(pred.contiguous(), target.contiguous(), kind); });
+    }
+    std::vector<int64_t> per_task(pred.dim(), 1);
+    per_task[0] = -1;
+    g = at::mul(g, grads[0].view(per_task));
+    return {wants_pred ? g : none, wants_target ? g.neg() : none, none};
+  }
+};
+
+std::vector<at::Tensor> task_loss_node(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind) {
+  return TaskLossNode::apply(pred, target, std::string(kind.data(), kind.size()));
+}
+
+std::vector<at::Tensor> task_loss_grad_node(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind) {
+  return TaskLossGradNode::apply(pred, target, std::string(kind.data(), kind.size()), false);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -179,4 +278,15 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_loss", &fastmeta::cpu::task_loss);
   m.impl("task_loss_grad", &fastmeta::cpu::task_loss_grad);
   m.impl("task_loss_grad_backward", &fastmeta::cpu::task_loss_grad_backward);
+}
+
+// The eager nodes' entries (see task_conv2d_node in task_conv2d.cpp).
+TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
+  m.def("task_loss_node(Tensor pred, Tensor target, str kind) -> Tensor[]");
+  m.def("task_loss_grad_node(Tensor pred, Tensor target, str kind) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
+  m.impl("task_loss_node", &fastmeta::cpu::task_loss_node);
+  m.impl("task_loss_grad_node", &fastmeta::cpu::task_loss_grad_node);
 }

@@ -75,8 +75,9 @@ NATIVE_NAMESPACE = "fastmeta_ext"
 def sources(src: Path, with_cuda: bool) -> list[str]:
     """Every source of the extension: one file per op family and device (csrc/cpu/<family>.cpp;
     csrc/cuda/<family>.cu for the kernels and csrc/cuda/<family>_host.cpp for their torch-side
-    wrappers), compiled only for CUDA builds in the CUDA case."""
-    found = sorted((src / "cpu").glob("*.cpp"))
+    wrappers), compiled only for CUDA builds in the CUDA case; and the engine's autograd nodes
+    (csrc/engine/*.cpp: ATen calls only, any device)."""
+    found = sorted((src / "cpu").glob("*.cpp")) + sorted((src / "engine").glob("*.cpp"))
     if with_cuda:
         found += sorted((src / "cuda").glob("*.cu")) + sorted((src / "cuda").glob("*.cpp"))
     return [str(f) for f in found]
@@ -381,6 +382,21 @@ def _build(verbose: bool) -> None:
                on_wait=lambda: _announce(f"waiting for another process building the C++ extension in {build_dir}"))
     _state["with_cuda"] = plan.with_cuda
     _state["path"] = library
+
+
+def loaded_op(name: str) -> Callable | None:
+    """``torch.ops.fastmeta_ext.<name>.default`` where the extension is already built and
+    loaded in this process; None otherwise. Never builds: for callers that take a C++ path
+    only where one is at hand (the engine's segment nodes, fastmeta/engine/task_weights.py)."""
+    if not _state["ok"]:
+        return None
+    op = _loaded_ops.get(name)
+    if op is None:
+        op = _loaded_ops[name] = getattr(torch.ops.fastmeta_ext, name).default
+    return op
+
+
+_loaded_ops: dict[str, Callable] = {}
 
 
 def availability(device_type: str) -> tuple[bool, str]:

@@ -4,8 +4,17 @@ The model's own ``nn.Parameter``s stay the autograd leaves and the source of tru
 per meta-iteration they are packed, in ``named_parameters()`` order, into θ ``[P]``
 (``torch.cat``; its backward hands each parameter its slice). The fast weights of T tasks
 are ``[T, P]``. Each parameter tensor is a :class:`Segment` (offset, shape) of the buffer,
-read through ``split`` + ``view``, so autograd returns the gradient of the whole buffer
-as one ``[T, P]`` tensor and one inner step is one op over it.
+read through per-segment views, so autograd returns the gradient of the whole buffer as
+one ``[T, P]`` tensor and one inner step is one op over it.
+
+Where autograd records, the views come from one node and the packing is one node
+(:class:`_SplitSegments`, :class:`_JoinSegments`, each the other's backward). Where the
+C++ extension is loaded, the same two nodes run in C++ (``fastmeta_ext::split_segments``,
+``join_segments``; csrc/engine/flat_segments.cpp): the same views and the same ``cat``, so
+every value and gradient is equal bit for bit, with no Python between autograd's engine
+and the ATen calls. The Python nodes are the reference and run wherever the C++ ones are
+not taken: no extension, tensor subclasses, dispatch or function modes, functorch
+transforms, ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -15,6 +24,32 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
+
+from fastmeta.backends.extension import loaded_op
+from fastmeta.ops.registration import eager_nodes_wanted_under_dispatch_modes
+
+_Parameter = nn.Parameter
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_interpreter = torch._C._functorch.peek_interpreter_stack  # not None inside vmap/grad/jvp
+_is_compiling = torch.compiler.is_compiling
+
+
+def native_segment_nodes(tensors: Iterable[Tensor]) -> tuple | None:
+    """(``split_segments``, ``join_segments``): the C++ nodes, where the extension is loaded
+    and ``tensors`` are plain tensors (or parameters) outside dispatch and function modes,
+    functorch transforms and compilation; None otherwise (the Python nodes run). Under a
+    dispatch mode inside ``eager_nodes_under_dispatch_modes`` (the launch recorder's): the
+    C++ nodes, whose views and ``cat`` the mode sees, as a graph captured on a GPU runs them."""
+    if (_dispatch_modes() and not eager_nodes_wanted_under_dispatch_modes()) or _function_modes() or \
+            _functorch_interpreter() is not None or _is_compiling():
+        return None
+    for t in tensors:
+        kind = type(t)
+        if kind is not Tensor and kind is not _Parameter:
+            return None
+    split = loaded_op("split_segments")
+    return None if split is None else (split, loaded_op("join_segments"))
 
 
 @dataclass(frozen=True)
@@ -44,6 +79,8 @@ class Layout:
         self._sizes = [s.numel for s in self.segments]
         self._segment_ids: dict[torch.device, Tensor] = {}
         self._view_geometry: dict[tuple, list[tuple]] = {}
+        # The segments' shapes as the C++ nodes take them: rank, then sizes, per segment.
+        self.encoded_shapes = [v for s in self.segments for v in (len(s.shape), *s.shape)]
 
     @classmethod
     def of_module(cls, module: nn.Module) -> "Layout":
@@ -65,6 +102,9 @@ class Layout:
         node per tensor on either pass."""
         tensors = tuple(tensors)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            native = native_segment_nodes(tensors)
+            if native is not None:
+                return native[1](tensors, self.encoded_shapes, [])
             return _JoinSegments.apply((self, ()), *tensors)
         return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -77,6 +117,9 @@ class Layout:
         cached zero: no zeros tensor per such segment and pass, and no reshape node per
         segment (W2's structure had 94 ``ViewBackward0`` nodes per iteration)."""
         if torch.is_grad_enabled() and flat.requires_grad:
+            native = native_segment_nodes((flat,))
+            if native is not None:
+                return native[0](flat, self.encoded_shapes)
             return list(_SplitSegments.apply(flat, self))
         return self._shaped_views(flat)
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastmeta.backends.table import shared_or_contiguous
-from fastmeta.ops.registration import NativeCall, OpFamily, define_family, define_op
+from fastmeta.ops.registration import NativeCall, OpFamily, cpu_native_node, define_family, define_op
 
 
 def _rate_per_parameter(lr: Tensor, segments: Tensor | None) -> Tensor:
@@ -157,6 +157,23 @@ def _inner_step_backward(ctx, grad_out):
 
 
 inner_step.register_autograd(_inner_step_backward, setup_context=_inner_step_setup)
+
+_NODE_KERNELS = ("inner_step", "inner_step_backward")
+
+
+def _inner_step_native_node(theta, grad, lr, mask, precond, segments):
+    """inner_step's node in C++ (``fastmeta_ext::inner_step_node``, csrc/cpu/inner_step.cpp):
+    the same graph as :func:`_inner_step_backward`'s Python node, with autograd's engine
+    calling the kernels directly. Taken where the kernels take the arguments, on CPU tensors
+    of one float dtype (the segment indices int64 on the CPU), where the ``cpu`` backend runs
+    both ops; NotImplemented (the Python node) otherwise."""
+    if not _native_takes("cpu", grad, lr, segments) or (segments is not None and segments.device.type != "cpu"):
+        return NotImplemented
+    node = cpu_native_node("inner_step_node", _NODE_KERNELS, grad, theta, lr, mask, precond)
+    return NotImplemented if node is None else node(theta, grad, lr, mask, precond, segments)[0]
+
+
+inner_step.register_native_node(_inner_step_native_node)
 
 
 # inner_step_backward is linear in grad_out and multilinear in (grad, lr, mask, precond);

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta.ops.registration import NativeCall, OpFamily, define_family, define_op
+from fastmeta.ops.registration import NativeCall, OpFamily, cpu_native_node, define_family, define_op
 from fastmeta.ops.reference_vjp import reference_vjp
 
 LOSS_KINDS = ("cross_entropy", "mse")
@@ -106,6 +106,29 @@ def _loss_backward(ctx, grad_loss):
 
 task_loss.register_autograd(_loss_backward, setup_context=_loss_setup)
 
+# What the C++ nodes call (csrc/cpu/task_loss.cpp): task_loss's backward runs task_loss_grad,
+# whose node's backward runs task_loss_grad_backward.
+_LOSS_NODE_KERNELS = ("task_loss", "task_loss_grad", "task_loss_grad_backward")
+
+
+def _loss_node(name: str, pred: Tensor, target: Tensor, kind: str):
+    """``fastmeta_ext.<name>`` (a C++ node: the same graph as the Python node, with autograd's
+    engine calling the kernels directly) where the kernels take the arguments, on CPU
+    tensors (the target of pred's dtype, or int64 class indices), where the ``cpu`` backend
+    runs the three ops; None otherwise (the Python node runs)."""
+    if kind not in LOSS_KINDS or not _native_loss_takes("cpu", pred, target, kind) or target.device.type != "cpu":
+        return None
+    return cpu_native_node(name, _LOSS_NODE_KERNELS, pred, target if kind == "mse" else None)
+
+
+def _loss_native_node(pred, target, kind):
+    """task_loss's node in C++ (``fastmeta_ext::task_loss_node``): see :func:`_loss_node`."""
+    node = _loss_node("task_loss_node", pred, target, kind)
+    return NotImplemented if node is None else node(pred, target, kind)[0]
+
+
+task_loss.register_native_node(_loss_native_node)
+
 
 task_loss_grad = define_op(reference_task_loss_grad, _NATIVE_LOSS)
 
@@ -134,6 +157,15 @@ def _loss_grad_backward(ctx, upstream):
 
 
 task_loss_grad.register_autograd(_loss_grad_backward, setup_context=_loss_grad_setup)
+
+
+def _loss_grad_native_node(pred, target, kind):
+    """task_loss_grad's node in C++ (``fastmeta_ext::task_loss_grad_node``): see :func:`_loss_node`."""
+    node = _loss_node("task_loss_grad_node", pred, target, kind)
+    return NotImplemented if node is None else node(pred, target, kind)[0]
+
+
+task_loss_grad.register_native_node(_loss_grad_native_node)
 
 
 # ---------------------------------------------------------------------------------------

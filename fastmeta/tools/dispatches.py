@@ -14,7 +14,8 @@ it) is one call the host issues that runs work of its own:
   one profiler range named as its operator, so its kernel is inside it).
 
 Views, reshapes and allocations are not dispatches (:data:`NOT_DISPATCHES`), and are
-transparent: a copy they make (``contiguous`` → ``clone``) is one. Nested aten calls inside
+transparent: a copy they make (``contiguous`` → ``clone``) is one. So are the engine's
+segment nodes (``fastmeta_ext::split_segments``, ``join_segments``): their ``cat`` is one. Nested aten calls inside
 a counted aten op are part of it (``aten::linear`` calling ``aten::addmm`` is one). A host
 read (``aten::_local_scalar_dense``) is a **host sync**, counted apart, not a dispatch;
 those inside torch's own fused optimizer kernels are not counted (``aten::_fused_adam_`` on
@@ -49,6 +50,9 @@ NOT_DISPATCHES = frozenset({
     "aten::as_strided_",  # metadata only (ATen's oneDNN convolution sets its outputs' strides with it)
     "aten::chunk", "aten::movedim", "aten::diagonal", "aten::contiguous", "aten::set_", "aten::is_nonzero",
     "aten::item", "aten::numpy_T", "aten::_nested_tensor_from_mask", "aten::result_type",
+    # The engine's flat-buffer segment nodes in C++ (csrc/engine/flat_segments.cpp): views, and
+    # the aten ops they call (a cat), counted as those ops, as the Python nodes' are.
+    "fastmeta_ext::split_segments", "fastmeta_ext::join_segments",
 })
 HOST_SYNC = "aten::_local_scalar_dense"
 FUSED_OPTIMIZERS = ("aten::_fused_adam_", "aten::_fused_adamw_", "aten::_fused_sgd_")

@@ -1,6 +1,8 @@
 """The flat task buffer's views and packing (fastmeta/engine/task_weights.py): one autograd
 node each way, the same values and gradients as torch's split + view and cat, to second
-order; and the stride test the conv launchers use instead of ``t[0].is_contiguous()``."""
+order, for the Python nodes and for their C++ versions (csrc/engine/flat_segments.cpp),
+which equal them bit for bit; and the stride test the conv launchers use instead of
+``t[0].is_contiguous()``."""
 
 from __future__ import annotations
 
@@ -9,8 +11,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
+
 import fastmeta as fm
+from fastmeta.backends import extension
+from fastmeta.engine import task_weights
 from fastmeta.ops.task_linear import each_task_contiguous
+
+NODE_NAMES = {"python": ("_SplitSegmentsBackward", "_JoinSegmentsBackward"), "cpp": ("CppFunction", "CppFunction")}
+
+
+def _extension_or_skip() -> None:
+    ok, reason = extension.build()
+    if not ok:
+        pytest.skip(f"the C++ extension is unavailable: {reason}")
+
+
+@pytest.fixture(params=["python", "cpp"])
+def nodes(request, monkeypatch):
+    """Which implementation of the segment nodes runs: the Python reference or the C++ one."""
+    if request.param == "cpp":
+        _extension_or_skip()
+    else:
+        monkeypatch.setattr(task_weights, "native_segment_nodes", lambda tensors: None)
+    return request.param
 
 SHAPES = [("conv.weight", (3, 2, 3, 3)), ("conv.bias", (3,)), ("bn.weight", (3,)), ("head.weight", (4, 12)),
           ("head.bias", (4,))]
@@ -22,19 +47,19 @@ def _profiled_names(fn) -> list[str]:
     return [e.name for e in prof.events()]
 
 
-def test_views_of_a_buffer_that_needs_grad_come_from_one_node_and_backward_runs_no_reshape_node():
+def test_views_of_a_buffer_that_needs_grad_come_from_one_node_and_backward_runs_no_reshape_node(nodes):
     layout = fm.Layout(SHAPES)
     flat = torch.randn(2, layout.numel, dtype=torch.float64, requires_grad=True)
     views = layout.views(flat)
     assert [tuple(v.shape) for v in views] == [(2, *shape) for _, shape in SHAPES]
     assert len({id(v.grad_fn) for v in views}) == 1  # one node for all segments
-    assert type(views[0].grad_fn).__name__ == "_SplitSegmentsBackward"
+    assert type(views[0].grad_fn).__name__ == NODE_NAMES[nodes][0]
     loss = sum((v.sin() * (k + 1)).sum() for k, v in enumerate(views))
     names = _profiled_names(lambda: torch.autograd.grad(loss, flat))
     assert "ViewBackward0" not in names and "aten::cat" in names
 
 
-def test_views_and_their_gradients_equal_split_and_view_to_second_order():
+def test_views_and_their_gradients_equal_split_and_view_to_second_order(nodes):
     layout = fm.Layout(SHAPES)
     flat = torch.randn(2, layout.numel, dtype=torch.float64, requires_grad=True)
     reference = flat.detach().clone().requires_grad_(True)
@@ -56,12 +81,12 @@ def test_views_and_their_gradients_equal_split_and_view_to_second_order():
         lambda f: torch.autograd.grad(loss_of(layout.views(f)), f, create_graph=True)[0], (flat,))
 
 
-def test_pack_is_one_node_whose_backward_hands_each_parameter_its_segment_to_second_order():
+def test_pack_is_one_node_whose_backward_hands_each_parameter_its_segment_to_second_order(nodes):
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 4)).double()
     layout = fm.Layout.of_module(model)
     params = list(model.parameters())
     theta = layout.pack(params)
-    assert type(theta.grad_fn).__name__ == "_JoinSegmentsBackward"
+    assert type(theta.grad_fn).__name__ == NODE_NAMES[nodes][1]
     assert torch.equal(theta.detach(), torch.cat([p.detach().reshape(-1) for p in params]))
     weights = torch.linspace(-1, 1, layout.numel, dtype=torch.float64)
     names = _profiled_names(lambda: torch.autograd.grad((theta.sin() * weights).sum(), params, retain_graph=True))
@@ -89,6 +114,97 @@ def test_views_of_strided_and_expanded_buffers_equal_narrow_and_view(lead, pad, 
         want = flat.narrow(-1, s.offset, s.numel).reshape(*lead, *s.shape)
         assert v.shape == want.shape and torch.equal(v, want)
         assert v.data_ptr() == flat.narrow(-1, s.offset, s.numel).data_ptr() or s.numel == 0  # a view, not a copy
+
+
+def _run_both(fn):
+    """fn() with the C++ nodes, then with the Python nodes (the reference)."""
+    got = fn()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(task_weights, "native_segment_nodes", lambda tensors: None)
+        want = fn()
+    return got, want
+
+
+def _assert_all_equal(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert g.shape == w.shape and g.stride() == w.stride() and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 2)])
+def test_cpp_nodes_equal_the_python_nodes_bit_for_bit_to_second_order(lead):
+    """Views (their strides too), the joined gradient with segments nothing read (zeros from
+    the cached zero), and the second-order gradient through the join's own backward."""
+    _extension_or_skip()
+    layout = fm.Layout(SHAPES)
+    base = torch.randn(*lead, layout.numel, dtype=torch.float64)
+
+    def run():
+        flat = base.clone().requires_grad_(True)
+        views = layout.views(flat)
+        w, b, g, h, _ = views  # head.bias is never read
+        loss = (torch.tanh(w).pow(2).sum() * (b * g).sum() + h.sin().sum() * 0.5)
+        (grad,) = torch.autograd.grad(loss, flat, create_graph=True)
+        (second,) = torch.autograd.grad((grad * grad.detach().cos()).sum(), flat)
+        return [*(v.detach() for v in views), grad.detach(), second]
+
+    got, want = _run_both(run)
+    _assert_all_equal(got, want)
+
+
+def test_cpp_join_equals_the_python_join_with_missing_segments_and_passes_gradgradcheck():
+    _extension_or_skip()
+    layout = fm.Layout(SHAPES)
+    split, join = task_weights.native_segment_nodes(())
+    parts = [None if k in (1, 4) else torch.randn(2, *shape, dtype=torch.float64, requires_grad=True)
+             for k, (_, shape) in enumerate(SHAPES)]
+    got = join(parts, layout.encoded_shapes, [2])
+    want = task_weights._JoinSegments.apply((layout, (2,)), *parts)
+    assert torch.equal(got, want)
+    given = [p for p in parts if p is not None]
+
+    def joined(*ts):
+        it = iter(ts)
+        return join([None if p is None else next(it) for p in parts], layout.encoded_shapes, [2]).sin()
+
+    assert torch.autograd.gradcheck(joined, tuple(given))
+    assert torch.autograd.gradgradcheck(joined, tuple(given))
+    flat = torch.randn(2, layout.numel, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda f: tuple(v.sin() for v in split(f, layout.encoded_shapes)), (flat,))
+
+
+def test_cpp_split_refuses_a_buffer_of_another_layout_by_name():
+    _extension_or_skip()
+    layout = fm.Layout(SHAPES)
+    split, _ = task_weights.native_segment_nodes(())
+    with pytest.raises(ValueError, match="flat must end in a dim of"):
+        split(torch.randn(2, layout.numel + 1, requires_grad=True), layout.encoded_shapes)
+
+
+class _Passthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_python_nodes_run_under_dispatch_modes_subclasses_and_transforms():
+    _extension_or_skip()
+    layout = fm.Layout(SHAPES)
+    flat = torch.randn(2, layout.numel, requires_grad=True)
+    assert type(layout.views(flat)[0].grad_fn).__name__ == "CppFunction"
+    with _Passthrough():
+        assert type(layout.views(flat)[0].grad_fn).__name__ == "_SplitSegmentsBackward"
+    assert task_weights.native_segment_nodes((nn.Parameter(torch.randn(3)),)) is not None  # parameters are plain
+    subclass = torch.randn(2, layout.numel).as_subclass(_Sub).requires_grad_(True)
+    assert task_weights.native_segment_nodes((subclass,)) is None
+    seen = []
+    torch.func.vmap(lambda f: seen.append(task_weights.native_segment_nodes((f,))) or f.sum())(torch.randn(2, 3))
+    assert seen == [None]
+
+
+class _Sub(torch.Tensor):
+    pass
 
 
 @settings(max_examples=120, deadline=None)

@@ -1,4 +1,5 @@
-"""The eager path's autograd nodes in C++ (csrc/cpu/task_conv2d.cpp, task_batch_norm.cpp, task_linear.cpp):
+"""The eager path's autograd nodes in C++ (csrc/cpu/task_conv2d.cpp, task_batch_norm.cpp, task_linear.cpp,
+task_loss.cpp, inner_step.cpp):
 where they are taken, and that they build the graph the Python nodes build. Every value
 and gradient, to second order, equals the Python node's bit for bit (the same kernels on
 the same arguments, the same addends); third order runs through the public ops'
@@ -26,7 +27,8 @@ _MIX = torch.randn(O, O, 3, 3, generator=torch.Generator().manual_seed(7), dtype
 @contextmanager
 def _python_nodes():
     """Without the C++ nodes: the Python nodes run."""
-    saved = [(op, op._native_node) for op in (ops.task_conv2d, ops.task_batch_norm, ops.task_linear)]
+    saved = [(op, op._native_node) for op in (ops.task_conv2d, ops.task_batch_norm, ops.task_linear, ops.task_loss,
+                                              ops.task_loss_grad, ops.inner_step)]
     for op, _ in saved:
         op._native_node = None
     try:
@@ -213,3 +215,148 @@ def test_linear_node_equals_the_python_node_to_second_order(weight_kind, bias_ki
                 second = torch.autograd.grad(sum(f.square().sum() for f in first), [x_s, *params])
             runs.append(list(meta) + [f.detach() for f in first] + list(second))
     _assert_bitwise_equal(*runs)
+
+
+def _loss_case(kind: str, target_grad: bool):
+    K = 4
+    pred_w = torch.randn(T, K, 3, dtype=torch.float64, requires_grad=True)  # pred = x · w per task
+    x = torch.randn(T, N, 3, dtype=torch.float64)
+    if kind == "cross_entropy":
+        target = torch.randint(0, K, (T, N))
+    else:
+        target = torch.randn(T, N, K, dtype=torch.float64, requires_grad=target_grad)
+    return pred_w, x, target
+
+
+@pytest.mark.parametrize("kind,target_grad", [("cross_entropy", False), ("mse", False), ("mse", True)])
+def test_loss_nodes_equal_the_python_nodes_to_second_order(kind, target_grad):
+    """The inner step's gradient as task_loss_grad (its node's backward in the meta-gradient),
+    the query loss as task_loss; and task_loss's own second order (its backward records
+    task_loss_grad's node)."""
+    torch.manual_seed(4)
+    w, x, target = _loss_case(kind, target_grad)
+    wrt = [w] + ([target] if target_grad else [])
+
+    def run():
+        pred = torch.einsum("tnd,tkd->tnk", x, w)
+        g = ops.task_loss_grad(pred, target, kind)
+        (inner,) = torch.autograd.grad(pred, w, g, create_graph=True)
+        query = torch.einsum("tnd,tkd->tnk", x.flip(1), w - 0.4 * inner)
+        meta = torch.autograd.grad(ops.task_loss(query, target, kind).sum(), wrt)
+        pred = torch.einsum("tnd,tkd->tnk", x, w)
+        first = torch.autograd.grad((ops.task_loss(pred, target, kind) * torch.arange(1.0, T + 1)).sum(), wrt,
+                                    create_graph=True)
+        second = torch.autograd.grad(sum(f.sin().sum() for f in first), wrt)
+        return list(meta) + [f.detach() for f in first] + list(second)
+
+    with fm.use_backend("cpu"):
+        pred = torch.einsum("tnd,tkd->tnk", x, w)
+        assert ops.task_loss(pred, target, kind).grad_fn.name().endswith("::TaskLossNode>")
+        assert ops.task_loss_grad(pred, target, kind).grad_fn.name().endswith("::TaskLossGradNode>")
+        native = run()
+        with _python_nodes():
+            assert "task_loss_function" in type(ops.task_loss(pred, target, kind).grad_fn).__name__
+            python = run()
+    _assert_bitwise_equal(native, python)
+
+
+def _step_case(theta_kind: str, rate_kind: str, gates: bool):
+    P, S = 7, 3
+    theta = torch.randn(P, dtype=torch.float64, requires_grad=True)
+    if theta_kind == "per_task":
+        theta_arg = lambda: theta * torch.linspace(0.5, 1.5, T, dtype=torch.float64)[:, None]  # noqa: E731
+    elif theta_kind == "expanded":
+        theta_arg = lambda: theta.expand(T, P)  # noqa: E731
+    else:
+        theta_arg = lambda: theta  # noqa: E731
+    segments = None
+    if rate_kind == "scalar":
+        lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    elif rate_kind == "per_segment":
+        lr = torch.rand(S, dtype=torch.float64).add(0.1).requires_grad_(True)
+        segments = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    else:
+        lr = torch.rand(P, dtype=torch.float64).add(0.1).requires_grad_(True)
+    mask = precond = None
+    if gates:
+        mask = torch.rand(P, dtype=torch.float64).requires_grad_(True)
+        precond = torch.rand(P, dtype=torch.float64).add(0.5).requires_grad_(True)
+    return theta, theta_arg, lr, mask, precond, segments
+
+
+@pytest.mark.parametrize("theta_kind,rate_kind,gates", list(itertools.product(
+    ["shared", "expanded", "per_task"], ["scalar", "per_segment", "per_parameter"], [False, True])))
+def test_inner_step_node_equals_the_python_node_to_second_order(theta_kind, rate_kind, gates):
+    torch.manual_seed(5)
+    theta, theta_arg, lr, mask, precond, segments = _step_case(theta_kind, rate_kind, gates)
+    leaves = [t for t in (theta, lr, mask, precond) if t is not None]
+    weights = torch.randn(T, theta.numel(), dtype=torch.float64)
+
+    def run():
+        th = theta_arg()
+        grad = torch.tanh(theta * 1.3 + weights)  # [T, P], a function of θ
+        fast = ops.inner_step(th, grad, lr, mask, precond, segments)
+        first = torch.autograd.grad((fast.sin() * weights).sum(), leaves, create_graph=True)
+        second = torch.autograd.grad(sum(f.square().sum() for f in first), leaves)
+        return [fast.detach()] + [f.detach() for f in first] + list(second)
+
+    with fm.use_backend("cpu"):
+        grad = torch.tanh(theta * 1.3 + weights)
+        assert ops.inner_step(theta_arg(), grad, lr, mask, precond, segments).grad_fn.name().endswith(
+            "::InnerStepNode>")
+        native = run()
+        with _python_nodes():
+            assert "inner_step_function" in type(
+                ops.inner_step(theta_arg(), grad, lr, mask, precond, segments).grad_fn).__name__
+            python = run()
+    _assert_bitwise_equal(native, python)
+
+
+def test_loss_and_inner_step_nodes_pass_gradcheck_gradgradcheck_and_third_order():
+    torch.manual_seed(6)
+    w, x, target = _loss_case("mse", True)
+    labels = torch.randint(0, 4, (T, N))
+    theta, _, lr, mask, precond, segments = _step_case("shared", "per_segment", True)
+    grad = torch.randn(T, theta.numel(), dtype=torch.float64, requires_grad=True)
+
+    def losses(w, target):
+        pred = torch.einsum("tnd,tkd->tnk", x, w)
+        return (ops.task_loss(pred, target, "mse"), ops.task_loss(pred, labels, "cross_entropy"),
+                ops.task_loss_grad(pred, target, "mse"), ops.task_loss_grad(pred, labels, "cross_entropy"))
+
+    def step(theta, grad, lr, mask, precond):
+        return ops.inner_step(theta, grad, lr, mask, precond, segments)
+
+    with fm.use_backend("cpu"):
+        assert torch.autograd.gradcheck(losses, (w, target))
+        assert torch.autograd.gradgradcheck(losses, (w, target))
+        assert torch.autograd.gradcheck(step, (theta, grad, lr, mask, precond))
+        assert torch.autograd.gradgradcheck(step, (theta, grad, lr, mask, precond))
+
+        def first_order(w, target):  # its gradgradcheck is third order
+            return torch.autograd.grad(sum(o.sin().sum() for o in losses(w, target)), (w, target), create_graph=True)
+
+        assert torch.autograd.gradgradcheck(first_order, (w, target))
+
+        def step_first_order(theta, grad, lr, mask, precond):
+            out = step(theta, grad, lr, mask, precond)
+            return torch.autograd.grad(out.sin().sum(), (theta, grad, lr, mask, precond), create_graph=True)
+
+        assert torch.autograd.gradgradcheck(step_first_order, (theta, grad, lr, mask, precond))
+
+
+def test_loss_and_inner_step_take_the_python_node_where_the_c_nodes_do_not_take_the_arguments():
+    pred = torch.randn(T, N, 4, requires_grad=True)
+    labels = torch.randint(0, 4, (T, N))
+    theta, grad = torch.randn(5, requires_grad=True), torch.randn(T, 5, requires_grad=True)
+    with fm.use_backend("torch"):  # the reference backend: no C++ kernels
+        assert "task_loss_function" in type(ops.task_loss(pred, labels, "cross_entropy").grad_fn).__name__
+        assert "inner_step_function" in type(ops.inner_step(theta, grad, torch.tensor(0.1), None, None, None)
+                                             .grad_fn).__name__
+    with fm.use_backend("cpu"):
+        # a float64 rate with float32 weights: no kernel takes mixed dtypes
+        lr64 = torch.tensor(0.1, dtype=torch.float64)
+        assert "inner_step_function" in type(ops.inner_step(theta, grad, lr64, None, None, None).grad_fn).__name__
+        # an MSE target of another dtype
+        target = torch.randn(T, N, 4, dtype=torch.float64)
+        assert "task_loss_grad_function" in type(ops.task_loss_grad(pred, target, "mse").grad_fn).__name__
