@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "../common.h"
@@ -36,6 +37,38 @@ void step_coefficients(const at::Tensor& lr, const c10::optional<at::Tensor>& ma
     if (pc) r *= pc[p];
     coef[p] = r;
   }
+}
+
+// The step's coefficients: one value for every parameter where the rate is a scalar and
+// there is no mask or preconditioner (MAML's), else the [P] vectors of step_coefficients.
+template <typename T>
+struct StepCoefficients {
+  bool uniform;
+  T uniform_coef = T(0);
+  std::vector<T> rate, coef;
+
+  StepCoefficients(const at::Tensor& lr, const c10::optional<at::Tensor>& mask,
+                   const c10::optional<at::Tensor>& precond, const c10::optional<at::Tensor>& segments, int64_t P)
+      : uniform(lr.dim() == 0 && !mask.has_value() && !precond.has_value()) {
+    if (uniform) {
+      uniform_coef = lr.data_ptr<T>()[0];
+    } else {
+      rate.resize(P);
+      coef.resize(P);
+      step_coefficients<T>(lr, mask, precond, segments, P, rate.data(), coef.data());
+    }
+  }
+
+  T rate_at(int64_t p) const { return uniform ? uniform_coef : rate[p]; }
+};
+
+// Parameters per block of the passes over a [T, P] buffer (every task's row per block).
+int64_t step_columns() {
+  static const int64_t columns = [] {
+    const char* env = std::getenv("FASTMETA_STEP_COLUMNS");
+    return env ? std::max<int64_t>(64, std::atoll(env)) : int64_t(16384);
+  }();
+  return columns;
 }
 
 void check_step_args(const at::Tensor& grad, const at::Tensor& lr,
@@ -83,24 +116,93 @@ at::Tensor inner_step(const at::Tensor& theta, const at::Tensor& grad, const at:
   at::Tensor out = at::empty_like(grad);
   dispatch_floating(grad.scalar_type(), "inner_step", [&](auto tag_) {
     using scalar_t = decltype(tag_);
-    std::vector<scalar_t> rate(P), coef(P);
-    step_coefficients<scalar_t>(lr, mask, precond, segments, P, rate.data(), coef.data());
+    const StepCoefficients<scalar_t> coefficients(lr, mask, precond, segments, P);
     const scalar_t* th = theta.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const scalar_t* c = coef.data();
-    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(P, 1)), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const scalar_t* tht = shared ? th : th + t * P;
-        const scalar_t* gt = g + t * P;
-        scalar_t* ot = o + t * P;
+    const scalar_t* c = coefficients.coef.data();
+    const scalar_t c0 = coefficients.uniform_coef;
+    const bool uniform = coefficients.uniform;
+    // Blocks of parameters, every task's row per block: a shared θ's block and the
+    // coefficients' stay in cache while the tasks pass, so the pass streams grad and out
+    // once, not θ and the coefficients once per task as well.
+    const int64_t columns = step_columns();
+    at::parallel_for(0, P, columns, [&, th, g, o, c, c0](int64_t p0, int64_t p1) {
+      // The pointers as locals (see inner_step_backward).
+      const scalar_t* const th_ = th;
+      const scalar_t* const g_ = g;
+      scalar_t* const o_ = o;
+      const scalar_t* const c_ = c;
+      const scalar_t c0_ = c0;
+      for (int64_t b0 = p0; b0 < p1; b0 += columns) {
+        const int64_t b1 = std::min(p1, b0 + columns);
+        for (int64_t t = 0; t < T; ++t) {
+          const scalar_t* tht = shared ? th_ : th_ + t * P;
+          const scalar_t* gt = g_ + t * P;
+          scalar_t* ot = o_ + t * P;
+          if (uniform) {
 #pragma omp simd
-        for (int64_t p = 0; p < P; ++p) ot[p] = tht[p] - c[p] * gt[p];
+            for (int64_t p = b0; p < b1; ++p) ot[p] = tht[p] - c0_ * gt[p];
+          } else {
+#pragma omp simd
+            for (int64_t p = b0; p < b1; ++p) ot[p] = tht[p] - c_[p] * gt[p];
+          }
+        }
       }
     });
   });
   return out;
 }
+
+// One task's row of inner_step_backward over the parameters [b0, b1): d grad = −c·grad_out,
+// and the reductions over tasks Σ_t grad_out (d θ, shared) and −Σ_t grad_out·g (the rates'
+// outer term), each where its pointer is given, in one loop: grad_out's block is read once.
+template <typename T>
+struct BackwardRow {
+  const T* go;
+  const T* g;
+  const T* c;
+  T c0;
+  T* dg;
+  T* dth;
+  T* outer;
+
+  template <bool kDg, bool kDth, bool kOuter, bool kUniform>
+  void block(int64_t row, int64_t b0, int64_t b1) const {
+    const T* const got = go + row;
+    const T* const gt = g + row;
+    T* const dgt = kDg ? dg + row : nullptr;
+    const T* const c_ = c;
+    const T c0_ = c0;
+    T* const dth_ = dth;
+    T* const out_ = outer;
+#pragma omp simd
+    for (int64_t p = b0; p < b1; ++p) {
+      const T v = got[p];
+      if constexpr (kDg) dgt[p] = kUniform ? -c0_ * v : -c_[p] * v;
+      if constexpr (kDth) dth_[p] += v;
+      if constexpr (kOuter) out_[p] -= v * gt[p];
+    }
+  }
+
+  void run(int64_t row, int64_t b0, int64_t b1, bool uniform) const {
+    const int which = (dg ? 1 : 0) | (dth ? 2 : 0) | (outer ? 4 : 0);
+    switch (which | (uniform && dg ? 8 : 0)) {
+      case 1: return block<true, false, false, false>(row, b0, b1);
+      case 2: return block<false, true, false, false>(row, b0, b1);
+      case 3: return block<true, true, false, false>(row, b0, b1);
+      case 4: return block<false, false, true, false>(row, b0, b1);
+      case 5: return block<true, false, true, false>(row, b0, b1);
+      case 6: return block<false, true, true, false>(row, b0, b1);
+      case 7: return block<true, true, true, false>(row, b0, b1);
+      case 9: return block<true, false, false, true>(row, b0, b1);
+      case 11: return block<true, true, false, true>(row, b0, b1);
+      case 13: return block<true, false, true, true>(row, b0, b1);
+      case 15: return block<true, true, true, true>(row, b0, b1);
+      default: return;
+    }
+  }
+};
 
 bool need(const c10::List<bool>& needs, size_t i) { return needs.size() > i && needs.get(i); }
 
@@ -126,11 +228,12 @@ std::vector<at::Tensor> inner_step_backward(const at::Tensor& grad_out, const at
   at::Tensor d_precond = need_precond ? at::empty({P}, grad.options()) : empty();
   dispatch_floating(grad.scalar_type(), "inner_step_backward", [&](auto tag_) {
     using scalar_t = decltype(tag_);
-    std::vector<scalar_t> rate(P), coef(P);
-    step_coefficients<scalar_t>(lr, mask, precond, segments, P, rate.data(), coef.data());
+    const StepCoefficients<scalar_t> coefficients(lr, mask, precond, segments, P);
     const scalar_t* go = grad_out.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
-    const scalar_t* c = coef.data();
+    const scalar_t* c = coefficients.coef.data();
+    const scalar_t c0 = coefficients.uniform_coef;
+    const bool uniform = coefficients.uniform;
     scalar_t* dg = need_grad ? d_grad.data_ptr<scalar_t>() : nullptr;
     if (need_theta && !theta_shared) {
       std::copy(go, go + T * P, d_theta.data_ptr<scalar_t>());
@@ -145,8 +248,8 @@ std::vector<at::Tensor> inner_step_backward(const at::Tensor& grad_out, const at
     scalar_t* dth = (need_theta && theta_shared) ? d_theta.data_ptr<scalar_t>() : nullptr;
     scalar_t* out_p = outer.data();
     if (dg || dth || need_outer) {
-      at::parallel_for(0, P, std::max<int64_t>(1, kGrain / std::max<int64_t>(T, 1)),
-                       [&, go, g, c, dg, dth, out_p](int64_t p0, int64_t p1) {
+      const int64_t columns = step_columns();
+      at::parallel_for(0, P, columns, [&, go, g, c, c0, dg, dth, out_p](int64_t p0, int64_t p1) {
         // The pointers as locals: read through the lambda's references, gcc reloads them
         // per element and may leave the loops scalar (csrc/cpu/task_batch_norm.cpp).
         const scalar_t* const go_ = go;
@@ -157,28 +260,13 @@ std::vector<at::Tensor> inner_step_backward(const at::Tensor& grad_out, const at
         scalar_t* const out_ = out_p;
         if (dth_) std::fill(dth_ + p0, dth_ + p1, scalar_t(0));
         if (need_outer) std::fill(out_ + p0, out_ + p1, scalar_t(0));
-        // Blocks of kColumns parameters, so that the sums being accumulated stay in L1
-        // while every task's row passes (one thread gets all of [0, P) in one call).
-        constexpr int64_t kColumns = 2048;
-        for (int64_t b0 = p0; b0 < p1; b0 += kColumns) {
-          const int64_t b1 = std::min(p1, b0 + kColumns);
-          for (int64_t t = 0; t < T; ++t) {
-            const scalar_t* got = go_ + t * P;
-            if (dg_) {
-              scalar_t* dgt = dg_ + t * P;
-#pragma omp simd
-              for (int64_t p = b0; p < b1; ++p) dgt[p] = -c_[p] * got[p];
-            }
-            if (dth_) {
-#pragma omp simd
-              for (int64_t p = b0; p < b1; ++p) dth_[p] += got[p];
-            }
-            if (need_outer) {
-              const scalar_t* gt = g_ + t * P;
-#pragma omp simd
-              for (int64_t p = b0; p < b1; ++p) out_[p] -= got[p] * gt[p];
-            }
-          }
+        // Blocks of parameters (step_columns), so that the sums being accumulated stay in
+        // cache while every task's row passes (one thread gets all of [0, P) in one call);
+        // each row's block in one loop for the outputs asked (backward_block).
+        const BackwardRow<scalar_t> row{go_, g_, c_, c0, dg_, dth_, need_outer ? out_ : nullptr};
+        for (int64_t b0 = p0; b0 < p1; b0 += columns) {
+          const int64_t b1 = std::min(p1, b0 + columns);
+          for (int64_t t = 0; t < T; ++t) row.run(t * P, b0, b1, uniform);
         }
       });
     }
@@ -200,11 +288,11 @@ std::vector<at::Tensor> inner_step_backward(const at::Tensor& grad_out, const at
     }
     if (need_mask) {
       scalar_t* dm = d_mask.data_ptr<scalar_t>();
-      for (int64_t p = 0; p < P; ++p) dm[p] = out_p[p] * rate[p] * (pc ? pc[p] : scalar_t(1));
+      for (int64_t p = 0; p < P; ++p) dm[p] = out_p[p] * coefficients.rate_at(p) * (pc ? pc[p] : scalar_t(1));
     }
     if (need_precond) {
       scalar_t* dp = d_precond.data_ptr<scalar_t>();
-      for (int64_t p = 0; p < P; ++p) dp[p] = out_p[p] * rate[p] * (m ? m[p] : scalar_t(1));
+      for (int64_t p = 0; p < P; ++p) dp[p] = out_p[p] * coefficients.rate_at(p) * (m ? m[p] : scalar_t(1));
     }
   });
   return {d_theta, d_grad, d_lr, d_mask, d_precond};

@@ -130,3 +130,58 @@ GRAD_CASES = [
 @pytest.mark.parametrize("name,op,make", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
 def test_gradcheck_and_gradgradcheck(gradchecks, backend, name, op, make):
     gradchecks(op, make(), backend=backend)
+
+
+def blocked_pass_cases(P: int):
+    """Every combination of the backward's outputs, a shared and a per-task θ, one rate
+    (the coefficient as a scalar) and per-parameter rates with a mask: the passes over the
+    [T, P] buffer in blocks of parameters (csrc/cpu/inner_step.cpp, step_columns)."""
+    import itertools
+
+    g = torch.Generator().manual_seed(11)
+    T = 3
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    cases = []
+    for shared, uniform in itertools.product([True, False], [True, False]):
+        lr, mask = (t(1)[0], None) if uniform else (t(P), t(P))
+        theta = t(P) if shared else t(T, P)
+        cases.append(("inner_step", reference_inner_step, (theta, t(T, P), lr, mask, None, None)))
+        for needs in itertools.product([False, True], repeat=4):
+            needs = [*needs[:3], needs[3] and not uniform, False]
+            cases.append(("inner_step_backward", reference_inner_step_backward,
+                          (t(T, P), t(T, P), lr, mask, None, None, shared, needs)))
+    return cases
+
+
+def check_blocked_passes(P: int) -> int:
+    cases = blocked_pass_cases(P)
+    for kernel, reference, args in cases:
+        check_kernel("cpu", kernel, reference, args, rtol=1e-10, atol=1e-11)
+    return len(cases)
+
+
+def test_cpu_kernels_over_many_parameter_blocks():
+    """More parameters than one block (16 384 by default), the last block partial."""
+    check_blocked_passes(2 * 16384 + 77)
+
+
+def test_cpu_kernels_with_the_smallest_blocks():
+    """FASTMETA_STEP_COLUMNS (read once per process, so in a process of its own) at its
+    floor, 64: many blocks, the last one partial, on every combination of outputs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; sys.path.insert(0, {here!r})\n"
+        "from test_inner_step import check_blocked_passes\n"
+        "print('checked', check_blocked_passes(64 * 5 + 13))\n"
+    ).format(here=str(Path(__file__).parent))
+    env = {**os.environ, "FASTMETA_STEP_COLUMNS": "64"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"checked {len(blocked_pass_cases(8))}" in done.stdout
