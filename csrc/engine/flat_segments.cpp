@@ -20,9 +20,9 @@
 // (as_strided with the same sizes, strides and offsets), the same cat, the same zero for a
 // segment no gradient reached (one cached 0-dim zero per dtype and device, expanded), so
 // every value and gradient is equal bit for bit (tests/engine/test_task_weights.py). The
-// calls are ATen views and one cat: any device. Registered CompositeImplicitAutograd (the
-// node is built inside), entered from fastmeta/engine/task_weights.py where the extension
-// is loaded and nothing intercepts dispatch.
+// calls are ATen views and one cat. Registered CompositeImplicitAutograd (the node is built
+// inside), entered from fastmeta/engine/task_weights.py for plain CPU tensors where the
+// extension is loaded and nothing intercepts dispatch (native_segment_nodes).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>

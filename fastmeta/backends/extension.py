@@ -76,7 +76,7 @@ def sources(src: Path, with_cuda: bool) -> list[str]:
     """Every source of the extension: one file per op family and device (csrc/cpu/<family>.cpp;
     csrc/cuda/<family>.cu for the kernels and csrc/cuda/<family>_host.cpp for their torch-side
     wrappers), compiled only for CUDA builds in the CUDA case; and the engine's autograd nodes
-    (csrc/engine/*.cpp: ATen calls only, any device)."""
+    (csrc/engine/*.cpp: ATen calls only)."""
     found = sorted((src / "cpu").glob("*.cpp")) + sorted((src / "engine").glob("*.cpp"))
     if with_cuda:
         found += sorted((src / "cuda").glob("*.cu")) + sorted((src / "cuda").glob("*.cpp"))

@@ -13,8 +13,10 @@ C++ extension is loaded, the same two nodes run in C++ (``fastmeta_ext::split_se
 ``join_segments``; csrc/engine/flat_segments.cpp): the same views and the same ``cat``, so
 every value and gradient is equal bit for bit, with no Python between autograd's engine
 and the ATen calls. The Python nodes are the reference and run wherever the C++ ones are
-not taken: no extension, tensor subclasses, dispatch or function modes, functorch
-transforms, ``torch.compile``.
+not taken: no extension, tensors off the CPU (the C++ nodes' ATen calls would run on a
+GPU too, but nothing has verified them there, CUDA graph capture included: the GPU issue
+can widen this), tensor subclasses, dispatch or function modes, functorch transforms,
+``torch.compile``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from fastmeta.backends import current_backend
 from fastmeta.backends.extension import loaded_op
-from fastmeta.ops.registration import eager_nodes_wanted_under_dispatch_modes
 
 _Parameter = nn.Parameter
 _dispatch_modes = torch._C._len_torch_dispatch_stack
@@ -36,18 +38,19 @@ _is_compiling = torch.compiler.is_compiling
 
 
 def native_segment_nodes(tensors: Iterable[Tensor]) -> tuple | None:
-    """(``split_segments``, ``join_segments``): the C++ nodes, where the extension is loaded
-    and ``tensors`` are plain tensors (or parameters) outside dispatch and function modes,
-    functorch transforms and compilation; None otherwise (the Python nodes run). Under a
-    dispatch mode inside ``eager_nodes_under_dispatch_modes`` (the launch recorder's): the
-    C++ nodes, whose views and ``cat`` the mode sees, as a graph captured on a GPU runs them."""
-    if (_dispatch_modes() and not eager_nodes_wanted_under_dispatch_modes()) or _function_modes() or \
-            _functorch_interpreter() is not None or _is_compiling():
+    """(``split_segments``, ``join_segments``): the C++ nodes, where the extension is loaded,
+    the backend setting is ``auto`` or ``cpu`` (the ``torch`` backend runs plain PyTorch
+    throughout) and ``tensors`` are plain CPU tensors (or parameters) outside dispatch and
+    function modes, functorch transforms and compilation; None otherwise (the Python nodes
+    run)."""
+    if _dispatch_modes() or _function_modes() or _functorch_interpreter() is not None or _is_compiling():
         return None
     for t in tensors:
         kind = type(t)
-        if kind is not Tensor and kind is not _Parameter:
+        if (kind is not Tensor and kind is not _Parameter) or t.device.type != "cpu":
             return None
+    if current_backend() not in ("auto", "cpu"):
+        return None
     split = loaded_op("split_segments")
     return None if split is None else (split, loaded_op("join_segments"))
 

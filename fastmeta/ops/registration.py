@@ -75,11 +75,6 @@ def eager_nodes_under_dispatch_modes() -> Iterator[None]:
         _eager_nodes.under_dispatch_modes = before
 
 
-def eager_nodes_wanted_under_dispatch_modes() -> bool:
-    """Whether :func:`eager_nodes_under_dispatch_modes` is active in this thread."""
-    return _eager_nodes.under_dispatch_modes
-
-
 class PublicOp:
     """The public op ``fastmeta::<name>``: see the module docstring. ``op(*args)`` runs it;
     ``op.register_fake`` and ``op.register_autograd`` register its fake kernel and its

@@ -188,13 +188,18 @@ class _Passthrough(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_python_nodes_run_under_dispatch_modes_subclasses_and_transforms():
+def test_the_python_nodes_run_under_dispatch_modes_subclasses_transforms_other_backends_and_devices():
     _extension_or_skip()
     layout = fm.Layout(SHAPES)
     flat = torch.randn(2, layout.numel, requires_grad=True)
     assert type(layout.views(flat)[0].grad_fn).__name__ == "CppFunction"
     with _Passthrough():
         assert type(layout.views(flat)[0].grad_fn).__name__ == "_SplitSegmentsBackward"
+    with fm.use_backend("torch"):  # the reference backend: plain PyTorch throughout
+        assert type(layout.views(flat)[0].grad_fn).__name__ == "_SplitSegmentsBackward"
+    with fm.use_backend("cpu"):
+        assert type(layout.views(flat)[0].grad_fn).__name__ == "CppFunction"
+    assert task_weights.native_segment_nodes((torch.randn(3, device="meta"),)) is None  # CPU tensors only
     assert task_weights.native_segment_nodes((nn.Parameter(torch.randn(3)),)) is not None  # parameters are plain
     subclass = torch.randn(2, layout.numel).as_subclass(_Sub).requires_grad_(True)
     assert task_weights.native_segment_nodes((subclass,)) is None
