@@ -193,15 +193,41 @@ at::Tensor public_loss_grad_backward(const at::Tensor& upstream, const at::Tenso
   return call_public_op(op, {upstream, pred, target, kind})[0].toTensor();
 }
 
+// The loss nodes' shared parts: what their forward saves (pred, target, the kind), and which
+// gradients their backward gives (pred's; the target's for MSE, whose target is a float).
+void save_loss_inputs(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& target,
+                      const std::string& kind) {
+  ctx->set_materialize_grads(false);
+  ctx->save_for_backward({pred, target});
+  ctx->saved_data["kind"] = kind;
+}
+
+struct LossBackward {
+  std::string kind;
+  bool wants_pred, wants_target;
+  at::Tensor pred, target;
+
+  // Whether there is anything to compute: an upstream gradient, and an input that wants one.
+  LossBackward(AutogradContext* ctx, const at::Tensor& upstream) : kind(ctx->saved_data["kind"].toStringRef()) {
+    wants_pred = ctx->needs_input_grad(0);
+    wants_target = kind == "mse" && ctx->needs_input_grad(1);
+    if (upstream.defined() && (wants_pred || wants_target)) {
+      const auto saved = ctx->get_saved_variables();
+      pred = saved[0];
+      target = saved[1];
+    }
+  }
+
+  bool any() const { return pred.defined(); }
+};
+
 struct TaskLossGradNode : public torch::autograd::Function<TaskLossGradNode> {
   // g = task_loss_grad(pred, target): inputs pred (edge 0) and target (edge 1; MSE's is
   // differentiable). `public_range`: record the public op's profiler range around the
   // kernel's (a call from task_loss's node; a call of the public op has opened it).
   static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& target,
                                std::string kind, bool public_range) {
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({pred, target});
-    ctx->saved_data["kind"] = kind;
+    save_loss_inputs(ctx, pred, target, kind);
     at::Tensor g = recorded(public_range ? "fastmeta::task_loss_grad" : nullptr, "fastmeta_ext::task_loss_grad",
                             [&] { return task_loss_grad(pred.contiguous(), target.contiguous(), kind); });
     return {g};
@@ -210,20 +236,17 @@ struct TaskLossGradNode : public torch::autograd::Function<TaskLossGradNode> {
   // d pred = task_loss_grad_backward(upstream, ...); MSE's target gets its negative.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor none;
-    const std::string kind = ctx->saved_data["kind"].toStringRef();
-    const bool wants_pred = ctx->needs_input_grad(0), wants_target = kind == "mse" && ctx->needs_input_grad(1);
-    if (!grads[0].defined() || !(wants_pred || wants_target)) return {none, none, none, none};
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &pred = saved[0], &target = saved[1];
+    const LossBackward b(ctx, grads[0]);
+    if (!b.any()) return {none, none, none, none};
     at::Tensor d_pred;
     if (at::GradMode::is_enabled()) {
-      d_pred = public_loss_grad_backward(grads[0], pred, target, kind);
+      d_pred = public_loss_grad_backward(grads[0], b.pred, b.target, b.kind);
     } else {
       d_pred = recorded("fastmeta::task_loss_grad_backward", "fastmeta_ext::task_loss_grad_backward", [&] {
-        return task_loss_grad_backward(grads[0].contiguous(), pred.contiguous(), target.contiguous(), kind);
+        return task_loss_grad_backward(grads[0].contiguous(), b.pred.contiguous(), b.target.contiguous(), b.kind);
       });
     }
-    return {wants_pred ? d_pred : none, wants_target ? d_pred.neg() : none, none, none};
+    return {b.wants_pred ? d_pred : none, b.wants_target ? d_pred.neg() : none, none, none};
   }
 };
 
@@ -231,9 +254,7 @@ struct TaskLossNode : public torch::autograd::Function<TaskLossNode> {
   // loss = task_loss(pred, target) [T].
   static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& target,
                                std::string kind) {
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({pred, target});
-    ctx->saved_data["kind"] = kind;
+    save_loss_inputs(ctx, pred, target, kind);
     at::Tensor loss = recorded(nullptr, "fastmeta_ext::task_loss",
                                [&] { return task_loss(pred.contiguous(), target.contiguous(), kind); });
     return {loss};
@@ -243,22 +264,19 @@ struct TaskLossNode : public torch::autograd::Function<TaskLossNode> {
   // node where this backward records); MSE's target gets its negative.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor none;
-    const std::string kind = ctx->saved_data["kind"].toStringRef();
-    const bool wants_pred = ctx->needs_input_grad(0), wants_target = kind == "mse" && ctx->needs_input_grad(1);
-    if (!grads[0].defined() || !(wants_pred || wants_target)) return {none, none, none};
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &pred = saved[0], &target = saved[1];
+    const LossBackward b(ctx, grads[0]);
+    if (!b.any()) return {none, none, none};
     at::Tensor g;
-    if (at::GradMode::is_enabled() && (pred.requires_grad() || target.requires_grad())) {
-      g = TaskLossGradNode::apply(pred, target, kind, true)[0];
+    if (at::GradMode::is_enabled() && (b.pred.requires_grad() || b.target.requires_grad())) {
+      g = TaskLossGradNode::apply(b.pred, b.target, b.kind, true)[0];
     } else {
       g = recorded("fastmeta::task_loss_grad", "fastmeta_ext::task_loss_grad",
-                   [&] { return task_loss_grad(pred.contiguous(), target.contiguous(), kind); });
+                   [&] { return task_loss_grad(b.pred.contiguous(), b.target.contiguous(), b.kind); });
     }
-    std::vector<int64_t> per_task(pred.dim(), 1);
+    std::vector<int64_t> per_task(b.pred.dim(), 1);
     per_task[0] = -1;
     g = at::mul(g, grads[0].view(per_task));
-    return {wants_pred ? g : none, wants_target ? g.neg() : none, none};
+    return {b.wants_pred ? g : none, b.wants_target ? g.neg() : none, none};
   }
 };
 
