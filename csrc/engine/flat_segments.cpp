@@ -1,6 +1,7 @@
 // The flat buffer's segment views as autograd nodes in C++: what fastmeta/engine/
 // task_weights.py's _SplitSegments and _JoinSegments do, with no Python between autograd's
-// engine and the ATen calls.
+// engine and the ATen calls; and the inner step over the inner gradient's segments
+// (segment_inner_step, below).
 //
 // A meta-iteration reads every parameter of every task from one [*lead, P] buffer (θ [P],
 // the fast weights [T, P]) through per-segment views, and autograd hands the buffer its
@@ -24,9 +25,13 @@
 // inside), entered from fastmeta/engine/task_weights.py for plain CPU tensors where the
 // extension is loaded and nothing intercepts dispatch (native_segment_nodes).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -34,6 +39,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../cpu/eager_nodes.h"
 
 namespace fastmeta {
 namespace engine {
@@ -215,6 +221,211 @@ variable_list SplitSegmentsNode::backward(AutogradContext* ctx, variable_list gr
   return {JoinSegmentsNode::apply(spec, tensors)[0], at::Tensor()};
 }
 
+// ---------------------------------------------------------------------------------------
+// The inner step over the segments' gradients: θ' = θ − c · g with g given per segment
+// ([T, *shape] each, or missing: zeros), one rate c for every parameter (MAML's), written
+// into the new [T, P] buffer in one pass. The engine takes it where autograd hands it the
+// inner gradient per segment (the views' gradients), so the [T, P] join of those gradients
+// (a cat: at OmniglotFC's 32 tasks a 31 MB copy, then read again by inner_step) is never
+// made. Its arithmetic is inner_step's (csrc/cpu/inner_step.cpp) element for element:
+// θ − c·g, d θ = Σ_t grad_out (shared θ, in task order) or grad_out, d g = −c · grad_out
+// (one [T, P] buffer whose segments the gradients are, as the split node's views of the
+// joined gradient were), so values and gradients equal the joined path's bit for bit.
+// CPU tensors of float32 or float64, contiguous θ ([P] or [T, P]) and lr 0-dim without
+// grad (the engine checks: segment_inner_step in fastmeta/engine/task_weights.py). Where
+// its backward records (third order) it is built from ATen ops.
+// ---------------------------------------------------------------------------------------
+
+struct StepSpec {
+  const Segments* segments;
+  std::vector<int64_t> given;  // 1 where the segment's gradient is given
+  double rate;                 // lr as a double, for the ATen ops of a recording backward
+};
+
+template <typename T>
+void step_forward(const at::Tensor& theta, at::TensorList grads, const StepSpec& spec, T c, at::Tensor& out) {
+  const Segments& seg = *spec.segments;
+  const int64_t T_ = out.size(0), P = out.size(1);
+  const bool shared = theta.dim() == 1;
+  const T* th = theta.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  std::vector<const T*> rows(seg.size(), nullptr);
+  size_t next = 0;
+  for (size_t k = 0; k < seg.size(); ++k) {
+    if (spec.given[k]) rows[k] = grads[next++].data_ptr<T>();
+  }
+  at::parallel_for(0, T_, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (size_t k = 0; k < seg.size(); ++k) {
+        const int64_t n = seg.numels[k], off = seg.offsets[k];
+        const T* const tht = th + (shared ? 0 : t * P) + off;
+        T* const ot = o + t * P + off;
+        const T* const gt = rows[k] == nullptr ? nullptr : rows[k] + t * n;
+        if (gt == nullptr) {
+          std::copy(tht, tht + n, ot);
+          continue;
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) ot[i] = tht[i] - c * gt[i];
+      }
+    }
+  });
+}
+
+// d θ (shared: Σ_t grad_out in task order, as inner_step_backward sums it) and d g = −c ·
+// grad_out, each where asked; without a recording backward.
+template <typename T>
+void step_backward(const at::Tensor& grad_out, T c, at::Tensor* d_theta_shared, at::Tensor* d_grad) {
+  const int64_t T_ = grad_out.size(0), P = grad_out.size(1);
+  const T* go = grad_out.data_ptr<T>();
+  T* dth = d_theta_shared ? d_theta_shared->data_ptr<T>() : nullptr;
+  T* dg = d_grad ? d_grad->data_ptr<T>() : nullptr;
+  constexpr int64_t kColumns = 16384;
+  at::parallel_for(0, P, kColumns, [&, go, dth, dg, c](int64_t p0, int64_t p1) {
+    const T* const go_ = go;
+    T* const dth_ = dth;
+    T* const dg_ = dg;
+    const T c_ = c;
+    if (dth_) std::fill(dth_ + p0, dth_ + p1, T(0));
+    for (int64_t b0 = p0; b0 < p1; b0 += kColumns) {
+      const int64_t b1 = std::min(p1, b0 + kColumns);
+      for (int64_t t = 0; t < T_; ++t) {
+        const T* const got = go_ + t * P;
+        if (dg_ && dth_) {
+          T* const dgt = dg_ + t * P;
+#pragma omp simd
+          for (int64_t p = b0; p < b1; ++p) {
+            dgt[p] = -c_ * got[p];
+            dth_[p] += got[p];
+          }
+        } else if (dg_) {
+          T* const dgt = dg_ + t * P;
+#pragma omp simd
+          for (int64_t p = b0; p < b1; ++p) dgt[p] = -c_ * got[p];
+        } else {
+#pragma omp simd
+          for (int64_t p = b0; p < b1; ++p) dth_[p] += got[p];
+        }
+      }
+    }
+  });
+}
+
+struct SegmentInnerStepNode : public torch::autograd::Function<SegmentInnerStepNode> {
+  // inputs: theta (edge 0), lr (not differentiable here: no edge wanted), the given
+  // gradients (edges 2...).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& theta, const at::Tensor& lr,
+                               const StepSpec& spec, at::TensorList grads) {
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["shapes"] = spec.segments->encoded;
+    ctx->saved_data["given"] = spec.given;
+    ctx->saved_data["rate"] = spec.rate;
+    ctx->saved_data["theta_shared"] = theta.dim() == 1;
+    ctx->save_for_backward({lr});
+    const int64_t T_ = grads[0].size(0);
+    at::Tensor out = at::empty({T_, spec.segments->total}, theta.options());
+    // Recorded as the op it stands for (the dispatch counter counts one inner_step).
+    cpu::eager_nodes::recorded("fastmeta::inner_step", "fastmeta_ext::inner_step", [&] {
+      if (theta.scalar_type() == at::kDouble) {
+        step_forward<double>(theta, grads, spec, lr.data_ptr<double>()[0], out);
+      } else {
+        step_forward<float>(theta, grads, spec, lr.data_ptr<float>()[0], out);
+      }
+      return 0;
+    });
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto given = ctx->saved_data["given"].toIntVector();
+    int64_t n_given = 0;
+    for (int64_t g : given) n_given += g;
+    variable_list out(3 + n_given);  // theta, lr, the spec's slot, then the given gradients
+    const at::Tensor& grad_out_ = grads[0];
+    if (!grad_out_.defined()) return out;
+    const bool need_theta = ctx->needs_input_grad(0);
+    bool need_grads = false;
+    for (int64_t e = 0; e < n_given; ++e) need_grads = need_grads || ctx->needs_input_grad(2 + e);
+    if (!need_theta && !need_grads) return out;
+    const bool shared = ctx->saved_data["theta_shared"].toBool();
+    const at::Tensor lr = ctx->get_saved_variables()[0];
+    const at::Tensor grad_out = grad_out_.contiguous();
+    at::Tensor d_theta, d_grad;
+    if (at::GradMode::is_enabled()) {  // a recording backward (third order): ATen ops
+      if (need_theta) d_theta = shared ? grad_out.sum(0) : grad_out.clone();
+      if (need_grads) d_grad = at::mul(grad_out, -ctx->saved_data["rate"].toDouble());
+    } else {
+      cpu::eager_nodes::recorded("fastmeta::inner_step_backward", "fastmeta_ext::inner_step_backward", [&] {
+        if (need_theta && !shared) {  // a copy, as inner_step_backward's (no aten op: no dispatch)
+          d_theta = at::empty_like(grad_out);
+          std::memcpy(d_theta.data_ptr(), grad_out.data_ptr(), grad_out.numel() * grad_out.element_size());
+        }
+        at::Tensor shared_sum =
+            need_theta && shared ? at::empty({grad_out.size(1)}, grad_out.options()) : at::Tensor();
+        if (need_grads) d_grad = at::empty_like(grad_out);
+        if (shared_sum.defined() || d_grad.defined()) {
+          if (grad_out.scalar_type() == at::kDouble) {
+            step_backward<double>(grad_out, lr.data_ptr<double>()[0], shared_sum.defined() ? &shared_sum : nullptr,
+                                  d_grad.defined() ? &d_grad : nullptr);
+          } else {
+            step_backward<float>(grad_out, lr.data_ptr<float>()[0], shared_sum.defined() ? &shared_sum : nullptr,
+                                 d_grad.defined() ? &d_grad : nullptr);
+          }
+        }
+        if (shared_sum.defined()) d_theta = shared_sum;
+        return 0;
+      });
+    }
+    out[0] = d_theta;
+    if (d_grad.defined()) {
+      const Segments segments(ctx->saved_data["shapes"].toIntVector());
+      const auto views = shaped_views(d_grad, segments);
+      int64_t e = 0;
+      for (size_t k = 0; k < given.size(); ++k) {
+        if (!given[k]) continue;
+        if (ctx->needs_input_grad(2 + e)) out[3 + e] = views[k];
+        ++e;
+      }
+    }
+    return out;
+  }
+};
+
+at::Tensor segment_inner_step(const at::Tensor& theta, at::ArrayRef<c10::optional<at::Tensor>> grads,
+                              at::IntArrayRef shapes, const at::Tensor& lr) {
+  const Segments segments(shapes.vec());
+  TORCH_CHECK_VALUE(grads.size() == segments.size(), "segment_inner_step: ", grads.size(), " gradients for ",
+                    segments.size(), " segments");
+  StepSpec spec{&segments, {}, 0.0};
+  std::vector<at::Tensor> kept;
+  for (const auto& g : grads) {
+    const bool has = g.has_value() && g->defined();
+    spec.given.push_back(has ? 1 : 0);
+    if (has) kept.push_back(g->contiguous());
+  }
+  TORCH_CHECK_VALUE(!kept.empty(), "segment_inner_step: every gradient is missing");
+  const int64_t T_ = kept[0].size(0);
+  size_t next = 0;
+  for (size_t k = 0; k < segments.size(); ++k) {
+    if (!spec.given[k]) continue;
+    const at::Tensor& g = kept[next++];
+    TORCH_CHECK_VALUE(g.device().is_cpu() && g.scalar_type() == theta.scalar_type() && g.dim() >= 1 &&
+                          g.size(0) == T_ && g.numel() == T_ * segments.numels[k],
+                      "segment_inner_step: gradient ", k, " must be a CPU [", T_, ", ...] tensor of ",
+                      segments.numels[k], " values per task of theta's dtype, got ", g.sizes());
+  }
+  TORCH_CHECK_VALUE(theta.device().is_cpu() && theta.is_contiguous() &&
+                        (theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble) &&
+                        ((theta.dim() == 1 && theta.size(0) == segments.total) ||
+                         (theta.dim() == 2 && theta.size(0) == T_ && theta.size(1) == segments.total)),
+                    "segment_inner_step: theta must be a contiguous CPU float [P] or [T, P] with P = ",
+                    segments.total, ", got ", theta.sizes());
+  TORCH_CHECK_VALUE(lr.dim() == 0 && lr.scalar_type() == theta.scalar_type() && !lr.requires_grad(),
+                    "segment_inner_step: lr must be a 0-dim tensor of theta's dtype that needs no gradient");
+  spec.rate = lr.scalar_type() == at::kDouble ? lr.data_ptr<double>()[0] : double(lr.data_ptr<float>()[0]);
+  return SegmentInnerStepNode::apply(theta, lr, spec, at::TensorList(kept))[0];
+}
+
 std::vector<at::Tensor> split_segments(const at::Tensor& flat, at::IntArrayRef shapes) {
   const Segments segments(shapes.vec());
   return SplitSegmentsNode::apply(flat, segments);
@@ -239,9 +450,11 @@ at::Tensor join_segments(at::ArrayRef<c10::optional<at::Tensor>> tensors, at::In
 TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
   m.def("split_segments(Tensor flat, int[] shapes) -> Tensor[]");
   m.def("join_segments(Tensor?[] tensors, int[] shapes, int[] lead) -> Tensor");
+  m.def("segment_inner_step(Tensor theta, Tensor?[] grads, int[] shapes, Tensor lr) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
   m.impl("split_segments", &fastmeta::engine::split_segments);
   m.impl("join_segments", &fastmeta::engine::join_segments);
+  m.impl("segment_inner_step", &fastmeta::engine::segment_inner_step);
 }

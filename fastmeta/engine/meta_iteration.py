@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fastmeta.engine.plan import AdaptationPlan, LossSpec, StepRule, parameter_coefficients, step_rule
 from fastmeta.engine.program import plain_mlp_structure, trace
-from fastmeta.engine.task_weights import Layout, TaskWeights, cached_one
+from fastmeta.engine.task_weights import Layout, TaskWeights, cached_one, segment_inner_step_node
 from fastmeta.engine.types import MetaBatchOutput
 from fastmeta.engine.whole_step import FusedMLPStep
 from fastmeta.ops import LOSS_KINDS, inner_step, task_loss, task_loss_grad
@@ -296,32 +296,50 @@ class MetaIteration:
         fast = None
         for step in range(plan.steps):
             with torch.profiler.record_function(f"fastmeta.inner_step{step}"):
+                current = theta if fast is None else fast
+                rule = self.step_rule(plan, step, theta)
+                # One rate for every parameter, on the CPU: the step reads the inner gradient
+                # per segment, as autograd hands it, with no [T, P] join of it first.
+                segmented = segment_inner_step_node(current, rule.lr, rule.mask, rule.precond, rule.segments,
+                                                    rule.set_values)
                 with torch.enable_grad():
                     src = theta.expand(T, P) if fast is None else fast
                     if not src.requires_grad:  # evaluation under no_grad: a leaf to differentiate
                         src = src.detach().requires_grad_(True)
-                    pred = self.run(support_x, self.weights(theta, src, adapting), "support_x")
+                    weights = self.weights(theta, src, adapting)
+                    pred = self.run(support_x, weights, "support_x")
                     losses, grad_pred = self.support_losses(plan, pred, support_y, check_range=step == 0)
                     if losses is not None and finite_checks is not None:
                         finite_checks.add_losses("support", losses)
                     elif losses is not None:
                         check_finite_losses(losses, "support", plan.validate)
                     if grad_pred is not None:  # a built-in loss: its gradient at pred, as an op
-                        (grad,) = torch.autograd.grad(pred, src, grad_pred, create_graph=create_graph,
-                                                      allow_unused=True)
+                        outputs, upstream = pred, grad_pred
                     else:
                         # d Σ_t losses[t]: the losses with a gradient of ones (a cached one,
                         # expanded), not their sum with the ones_like autograd would make.
-                        (grad,) = torch.autograd.grad(
-                            losses, src, cached_one(losses.dtype, losses.device).expand_as(losses),
-                            create_graph=create_graph, allow_unused=True,
-                        )
+                        outputs, upstream = losses, cached_one(losses.dtype, losses.device).expand_as(losses)
+                    if segmented is not None:
+                        per_task = [w for w, a in zip(weights, adapting) if a]
+                        found = torch.autograd.grad(outputs, per_task, upstream, create_graph=create_graph,
+                                                    allow_unused=True)
+                    else:
+                        (grad,) = torch.autograd.grad(outputs, src, upstream, create_graph=create_graph,
+                                                      allow_unused=True)
+                if segmented is not None:
+                    it = iter(found)
+                    per_segment = [next(it) if a else None for a in adapting]
+                    if not create_graph:
+                        per_segment = [None if g is None else g.detach() for g in per_segment]
+                    grad = None if all(g is None for g in per_segment) else per_segment
                 if grad is None:
                     grad = torch.zeros_like(src)
-                elif not create_graph:
+                elif not create_graph and segmented is None:
                     grad = grad.detach()
-                rule = self.step_rule(plan, step, theta)
-                fast = self.take_inner_step(theta if fast is None else fast, grad, rule)
+                if isinstance(grad, list):
+                    fast = segmented(current, grad, self.layout.encoded_shapes, rule.lr)
+                else:
+                    fast = self.take_inner_step(current, grad, rule)
             yield fast
 
     # -- the meta-iteration ----------------------------------------------------------------

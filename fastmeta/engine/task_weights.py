@@ -29,6 +29,8 @@ from torch import Tensor, nn
 
 from fastmeta.backends import current_backend
 from fastmeta.backends.extension import loaded_op
+from fastmeta.ops.inner_step import NODE_KERNELS as INNER_STEP_KERNELS
+from fastmeta.ops.registration import cpu_native_node
 
 _Parameter = nn.Parameter
 _dispatch_modes = torch._C._len_torch_dispatch_stack
@@ -164,6 +166,30 @@ class Layout:
     def expand_per_segment(self, values: Tensor) -> Tensor:
         """``[S]`` → ``[P]``: each segment's value repeated over its parameters."""
         return values[self.segment_ids(values.device)]
+
+
+def segment_inner_step_node(current: Tensor, lr: Tensor, mask, precond, segments, set_values):
+    """``fastmeta_ext::segment_inner_step`` (csrc/engine/flat_segments.cpp): the inner step
+    θ' = θ − c · g from the inner gradient's segments as autograd hands them (one tensor per
+    segment), without their ``[T, P]`` join; or None where it does not apply and the engine
+    joins them and calls ``inner_step``: where the segment nodes are not taken
+    (:func:`native_segment_nodes`), or the rule is more than one rate for every parameter
+    that needs no gradient (a mask, a preconditioner, per-segment or per-parameter rates,
+    set values, a learned rate), θ is not a contiguous float32/float64 tensor, or the
+    ``cpu`` backend's own launchers do not run ``inner_step`` here."""
+    if mask is not None or precond is not None or segments is not None or set_values is not None:
+        return None
+    if (not isinstance(lr, Tensor) or lr.dim() != 0 or lr.requires_grad or lr.dtype != current.dtype
+            or lr.device.type != "cpu" or current.dtype not in (torch.float32, torch.float64)
+            or not current.is_contiguous()):
+        return None
+    if native_segment_nodes((current, lr)) is None:
+        return None
+    # It stands in for inner_step's kernels: only where the cpu backend runs them with its
+    # own launchers (not a test harness's counting wrappers), by the op's own rule.
+    if cpu_native_node("inner_step_node", INNER_STEP_KERNELS, current, lr) is None:
+        return None
+    return loaded_op("segment_inner_step")
 
 
 _CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}

@@ -158,7 +158,7 @@ def _inner_step_backward(ctx, grad_out):
 
 inner_step.register_autograd(_inner_step_backward, setup_context=_inner_step_setup)
 
-_NODE_KERNELS = ("inner_step", "inner_step_backward")
+NODE_KERNELS = ("inner_step", "inner_step_backward")  # also what the engine's segment_inner_step stands in for
 
 
 def _inner_step_native_node(theta, grad, lr, mask, precond, segments):
@@ -169,7 +169,7 @@ def _inner_step_native_node(theta, grad, lr, mask, precond, segments):
     both ops; NotImplemented (the Python node) otherwise."""
     if not _native_takes("cpu", grad, lr, segments) or (segments is not None and segments.device.type != "cpu"):
         return NotImplemented
-    node = cpu_native_node("inner_step_node", _NODE_KERNELS, grad, theta, lr, mask, precond)
+    node = cpu_native_node("inner_step_node", NODE_KERNELS, grad, theta, lr, mask, precond)
     return NotImplemented if node is None else node(theta, grad, lr, mask, precond, segments)[0]
 
 

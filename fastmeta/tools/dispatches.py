@@ -15,7 +15,8 @@ it) is one call the host issues that runs work of its own:
 
 Views, reshapes and allocations are not dispatches (:data:`NOT_DISPATCHES`), and are
 transparent: a copy they make (``contiguous`` → ``clone``) is one. So are the engine's
-segment nodes (``fastmeta_ext::split_segments``, ``join_segments``): their ``cat`` is one. Nested aten calls inside
+segment nodes (``fastmeta_ext::split_segments``, ``join_segments``: their ``cat`` is one;
+``segment_inner_step``: its ``fastmeta::inner_step`` range is one). Nested aten calls inside
 a counted aten op are part of it (``aten::linear`` calling ``aten::addmm`` is one). A host
 read (``aten::_local_scalar_dense``) is a **host sync**, counted apart, not a dispatch;
 those inside torch's own fused optimizer kernels are not counted (``aten::_fused_adam_`` on
@@ -51,8 +52,9 @@ NOT_DISPATCHES = frozenset({
     "aten::chunk", "aten::movedim", "aten::diagonal", "aten::contiguous", "aten::set_", "aten::is_nonzero",
     "aten::item", "aten::numpy_T", "aten::_nested_tensor_from_mask", "aten::result_type",
     # The engine's flat-buffer segment nodes in C++ (csrc/engine/flat_segments.cpp): views, and
-    # the aten ops they call (a cat), counted as those ops, as the Python nodes' are.
-    "fastmeta_ext::split_segments", "fastmeta_ext::join_segments",
+    # the aten ops they call (a cat), counted as those ops, as the Python nodes' are; the inner
+    # step over segments records its work as the op it stands for (fastmeta::inner_step).
+    "fastmeta_ext::split_segments", "fastmeta_ext::join_segments", "fastmeta_ext::segment_inner_step",
 })
 HOST_SYNC = "aten::_local_scalar_dense"
 FUSED_OPTIMIZERS = ("aten::_fused_adam_", "aten::_fused_adamw_", "aten::_fused_sgd_")

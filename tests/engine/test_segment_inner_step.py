@@ -1,0 +1,153 @@
+"""The inner step over the inner gradient's segments (csrc/engine/flat_segments.cpp,
+``segment_inner_step``; fastmeta/engine/meta_iteration.py's ``inner_states``): the same
+values and meta-gradients as the joined gradient and ``inner_step``, bit for bit, where it
+is taken; gradcheck, gradgradcheck and third order through the node; and where it is not
+taken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastmeta as fm
+from fastmeta.backends import extension
+from fastmeta.engine import meta_iteration, task_weights
+
+pytestmark = pytest.mark.skipif(not extension.availability("cpu")[0], reason="the C++ extension is not built here")
+
+SHAPES = [("w", (3, 4)), ("b", (3,)), ("v", (2, 3)), ("c", ())]
+
+
+def _model(bn: bool) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 4, 3, padding=1)]
+    if bn:
+        layers.append(nn.BatchNorm2d(4))
+    layers += [nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)]
+    return nn.Sequential(*layers).double()
+
+
+def _batch(T=3, N=4):
+    g = torch.Generator().manual_seed(1)
+    sx = torch.randn(T, N, 1, 6, 6, generator=g, dtype=torch.float64)
+    qx = torch.randn(T, N + 2, 1, 6, 6, generator=g, dtype=torch.float64)
+    sy = torch.randint(0, 3, (T, N), generator=g)
+    qy = torch.randint(0, 3, (T, N + 2), generator=g)
+    return sx, sy, qx, qy
+
+
+def _meta_gradient(model, segmented: bool, monkeypatch, **options):
+    taken = []
+    original = meta_iteration.segment_inner_step_node
+
+    def choose(*args):
+        node = original(*args) if segmented else None
+        taken.append(node is not None)
+        return node
+
+    monkeypatch.setattr(meta_iteration, "segment_inner_step_node", choose)
+    learner = fm.MAML(model, lr=0.3, **options)
+    out = learner.meta_batch(*_batch())
+    out.loss.backward()
+    grads = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+    monkeypatch.undo()
+    return out.loss.detach(), out.task_loss.detach(), grads, taken
+
+
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("steps,first_order", [(1, False), (3, False), (2, True)])
+def test_meta_gradient_equals_the_joined_path_bit_for_bit(bn, steps, first_order, monkeypatch):
+    seg = _meta_gradient(_model(bn), True, monkeypatch, steps=steps, first_order=first_order)
+    joined = _meta_gradient(_model(bn), False, monkeypatch, steps=steps, first_order=first_order)
+    assert all(seg[3]) and len(seg[3]) == steps  # taken at every step
+    assert torch.equal(seg[0], joined[0]) and torch.equal(seg[1], joined[1])
+    for a, b in zip(seg[2], joined[2]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+def test_a_frozen_parameter_is_a_missing_segment(monkeypatch):
+    """A parameter that does not adapt (requires_grad False, allow_nograd) gets no inner
+    gradient: its segment of the fast weights is θ's."""
+    def frozen():
+        model = _model(False)
+        model[0].bias.requires_grad_(False)
+        return model
+
+    seg = _meta_gradient(frozen(), True, monkeypatch, steps=2, allow_nograd=True)
+    joined = _meta_gradient(frozen(), False, monkeypatch, steps=2, allow_nograd=True)
+    assert all(seg[3])
+    assert torch.equal(seg[0], joined[0])
+    for a, b in zip(seg[2], joined[2]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+def _node():
+    layout = fm.Layout(SHAPES)
+    node = task_weights.segment_inner_step_node(torch.zeros(layout.numel, dtype=torch.float64),
+                                                torch.tensor(0.3, dtype=torch.float64), None, None, None, None)
+    assert node is not None
+    return layout, node
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_node_passes_gradcheck_gradgradcheck_and_third_order(shared):
+    layout, node = _node()
+    T = 2
+    g = torch.Generator().manual_seed(3)
+    theta = torch.randn(*((layout.numel,) if shared else (T, layout.numel)), generator=g,
+                        dtype=torch.float64).requires_grad_(True)
+    grads = [torch.randn(T, *shape, generator=g, dtype=torch.float64).requires_grad_(True) for _, shape in SHAPES]
+    lr = torch.tensor(0.3, dtype=torch.float64)
+
+    def step(theta, w, v, c):  # "b"'s gradient missing: its segment is θ's
+        return node(theta, [w, None, v, c], layout.encoded_shapes, lr)
+
+    inputs = (theta, grads[0], grads[2], grads[3])
+    out = step(*inputs)
+    want = (theta if shared else theta).expand(T, layout.numel) - 0.3 * torch.cat(
+        [grads[0].reshape(T, -1), torch.zeros(T, 3, dtype=torch.float64), grads[2].reshape(T, -1),
+         grads[3].reshape(T, -1)], 1)
+    torch.testing.assert_close(out, want, rtol=1e-15, atol=1e-15)
+    assert torch.autograd.gradcheck(step, inputs)
+    assert torch.autograd.gradgradcheck(step, inputs)
+
+    def first_order(*inputs):  # its gradgradcheck is third order, through the recording backward
+        return torch.autograd.grad(step(*inputs).sin().sum(), inputs, create_graph=True)
+
+    assert torch.autograd.gradgradcheck(first_order, inputs)
+
+
+def test_node_refuses_arguments_by_name():
+    layout, node = _node()
+    lr = torch.tensor(0.3, dtype=torch.float64)
+    theta = torch.zeros(layout.numel, dtype=torch.float64)
+    grads = [torch.zeros(2, *shape, dtype=torch.float64) for _, shape in SHAPES]
+    with pytest.raises(ValueError, match="every gradient is missing"):
+        node(theta, [None] * 4, layout.encoded_shapes, lr)
+    with pytest.raises(ValueError, match="gradient 0 must be"):
+        node(theta, [torch.zeros(2, 5, dtype=torch.float64)] + grads[1:], layout.encoded_shapes, lr)
+    with pytest.raises(ValueError, match="theta must be"):
+        node(theta[:-1], grads, layout.encoded_shapes, lr)
+    with pytest.raises(ValueError, match="lr must be"):
+        node(theta, grads, layout.encoded_shapes, lr.float())
+
+
+def test_not_taken_for_rules_it_does_not_implement():
+    """A mask, a preconditioner, per-segment or per-parameter rates, set values, a learned
+    rate, another backend, a non-contiguous θ: the joined gradient and inner_step run."""
+    P = 7
+    theta = torch.zeros(P)
+    lr = torch.tensor(0.1)
+    ones = torch.ones(P)
+    choose = task_weights.segment_inner_step_node
+    assert choose(theta, lr, None, None, None, None) is not None
+    assert choose(theta, lr, ones, None, None, None) is None
+    assert choose(theta, lr, None, ones, None, None) is None
+    assert choose(theta, torch.ones(3), None, None, torch.zeros(P, dtype=torch.long), None) is None
+    assert choose(theta, ones, None, None, None, None) is None
+    assert choose(theta, lr, None, None, None, (torch.tensor([0]), torch.zeros(1))) is None
+    assert choose(theta, lr.clone().requires_grad_(True), None, None, None, None) is None
+    assert choose(torch.zeros(2, P).t(), lr, None, None, None, None) is None
+    with fm.use_backend("torch"):
+        assert choose(theta, lr, None, None, None, None) is None
