@@ -1,7 +1,7 @@
 // The flat buffer's segment views as autograd nodes in C++: what fastmeta/engine/
 // task_weights.py's _SplitSegments and _JoinSegments do, with no Python between autograd's
-// engine and the ATen calls; and the inner step over the inner gradient's segments
-// (segment_inner_step, below).
+// engine and the ATen calls; the inner step over the inner gradient's segments
+// (segment_inner_step) and θ's segments expanded over the tasks (expand_segments), below.
 //
 // A meta-iteration reads every parameter of every task from one [*lead, P] buffer (θ [P],
 // the fast weights [T, P]) through per-segment views, and autograd hands the buffer its
@@ -426,6 +426,137 @@ at::Tensor segment_inner_step(const at::Tensor& theta, at::ArrayRef<c10::optiona
   return SegmentInnerStepNode::apply(theta, lr, spec, at::TensorList(kept))[0];
 }
 
+// ---------------------------------------------------------------------------------------
+// θ's segments over the tasks without the [T, P] buffer: the first inner step reads θ
+// expanded over the tasks (every task starts from θ). Through θ.expand(T, P) and the split
+// node, the gradient the meta-gradient sends those views (the inner step's second-order
+// terms) is joined into [T, P] (a cat) and summed over the tasks (a second pass); here each
+// adapting segment is θ's view expanded to [T, *shape] (a task stride of 0) and each other
+// segment θ's own view, in one node, whose backward sums each segment's gradient over the
+// tasks straight into d θ [P], in task order: one pass over the gradients, no [T, P]
+// buffer. Where its backward records (third order) it is built from ATen ops.
+// ---------------------------------------------------------------------------------------
+
+struct ExpandSpec {
+  const Segments* segments;
+  int64_t tasks;
+  std::vector<int64_t> per_task;  // 1 where the segment is expanded over the tasks
+};
+
+std::vector<at::Tensor> expanded_views(const at::Tensor& theta, const ExpandSpec& spec) {
+  const Segments& seg = *spec.segments;
+  TORCH_CHECK_VALUE(theta.dim() == 1 && theta.size(0) == seg.total && theta.is_contiguous(),
+                    "expand_segments: theta must be a contiguous [", seg.total, "], got ", theta.sizes());
+  TORCH_CHECK_VALUE(spec.per_task.size() == seg.size(), "expand_segments: ", spec.per_task.size(),
+                    " flags for ", seg.size(), " segments");
+  const int64_t base = theta.storage_offset();
+  std::vector<at::Tensor> views;
+  views.reserve(seg.size());
+  std::vector<int64_t> size, stride;
+  for (size_t k = 0; k < seg.size(); ++k) {
+    const auto& shape = seg.shapes[k];
+    const bool expanded = spec.per_task[k] != 0;
+    size.clear();
+    stride.clear();
+    if (expanded) {
+      size.push_back(spec.tasks);
+      stride.push_back(0);
+    }
+    size.insert(size.end(), shape.begin(), shape.end());
+    stride.resize(size.size());
+    int64_t running = 1;
+    for (size_t d = shape.size(); d-- > 0;) {
+      stride[(expanded ? 1 : 0) + d] = running;
+      running *= shape[d];
+    }
+    views.push_back(theta.as_strided(size, stride, base + seg.offsets[k]));
+  }
+  return views;
+}
+
+template <typename T>
+void sum_segments(const variable_list& grads, const Segments& seg, const std::vector<int64_t>& per_task,
+                  int64_t tasks, at::Tensor& out) {
+  T* o = out.data_ptr<T>();
+  for (size_t k = 0; k < seg.size(); ++k) {
+    const int64_t n = seg.numels[k], off = seg.offsets[k];
+    T* const ok = o + off;
+    if (!grads[k].defined()) {
+      std::fill(ok, ok + n, T(0));
+      continue;
+    }
+    const at::Tensor g = grads[k].contiguous();
+    const T* const gk = g.data_ptr<T>();
+    if (!per_task[k]) {
+      std::copy(gk, gk + n, ok);
+      continue;
+    }
+    std::copy(gk, gk + n, ok);
+    for (int64_t t = 1; t < tasks; ++t) {
+      const T* const gt = gk + t * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) ok[i] += gt[i];
+    }
+  }
+}
+
+struct ExpandSegmentsNode : public torch::autograd::Function<ExpandSegmentsNode> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& theta, const ExpandSpec& spec) {
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["shapes"] = spec.segments->encoded;
+    ctx->saved_data["per_task"] = spec.per_task;
+    ctx->saved_data["tasks"] = spec.tasks;
+    return expanded_views(theta, spec);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    bool any = false;
+    for (const auto& g : grads) any = any || g.defined();
+    if (!any || !ctx->needs_input_grad(0)) return {at::Tensor(), at::Tensor()};
+    const Segments seg(ctx->saved_data["shapes"].toIntVector());
+    const auto per_task = ctx->saved_data["per_task"].toIntVector();
+    const int64_t tasks = ctx->saved_data["tasks"].toInt();
+    const at::Tensor* like = nullptr;
+    for (const auto& g : grads) {
+      if (g.defined()) {
+        like = &g;
+        break;
+      }
+    }
+    if (at::GradMode::is_enabled()) {  // a recording backward (third order): ATen ops
+      std::vector<at::Tensor> parts;
+      for (size_t k = 0; k < seg.size(); ++k) {
+        if (!grads[k].defined()) {
+          parts.push_back(at::zeros({seg.numels[k]}, like->options()));
+        } else {
+          parts.push_back((per_task[k] ? grads[k].sum(0) : grads[k]).reshape({-1}));
+        }
+      }
+      return {at::cat(parts), at::Tensor()};
+    }
+    at::Tensor out = at::empty({seg.total}, like->options());
+    cpu::eager_nodes::recorded(nullptr, "fastmeta_ext::sum_segments", [&] {
+      if (out.scalar_type() == at::kDouble) {
+        sum_segments<double>(grads, seg, per_task, tasks, out);
+      } else {
+        sum_segments<float>(grads, seg, per_task, tasks, out);
+      }
+      return 0;
+    });
+    return {out, at::Tensor()};
+  }
+};
+
+std::vector<at::Tensor> expand_segments(const at::Tensor& theta, at::IntArrayRef shapes, int64_t tasks,
+                                        at::IntArrayRef per_task) {
+  const Segments segments(shapes.vec());
+  TORCH_CHECK_VALUE(theta.device().is_cpu() && (theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble),
+                    "expand_segments: theta must be a CPU float32 or float64 tensor");
+  TORCH_CHECK_VALUE(tasks >= 1, "expand_segments: tasks must be at least 1, got ", tasks);
+  const ExpandSpec spec{&segments, tasks, per_task.vec()};
+  return ExpandSegmentsNode::apply(theta, spec);
+}
+
 std::vector<at::Tensor> split_segments(const at::Tensor& flat, at::IntArrayRef shapes) {
   const Segments segments(shapes.vec());
   return SplitSegmentsNode::apply(flat, segments);
@@ -451,10 +582,12 @@ TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
   m.def("split_segments(Tensor flat, int[] shapes) -> Tensor[]");
   m.def("join_segments(Tensor?[] tensors, int[] shapes, int[] lead) -> Tensor");
   m.def("segment_inner_step(Tensor theta, Tensor?[] grads, int[] shapes, Tensor lr) -> Tensor");
+  m.def("expand_segments(Tensor theta, int[] shapes, int tasks, int[] per_task) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
   m.impl("split_segments", &fastmeta::engine::split_segments);
   m.impl("join_segments", &fastmeta::engine::join_segments);
   m.impl("segment_inner_step", &fastmeta::engine::segment_inner_step);
+  m.impl("expand_segments", &fastmeta::engine::expand_segments);
 }

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from fastmeta.engine.plan import AdaptationPlan, LossSpec, StepRule, parameter_coefficients, step_rule
 from fastmeta.engine.program import plain_mlp_structure, trace
-from fastmeta.engine.task_weights import Layout, TaskWeights, cached_one, segment_inner_step_node
+from fastmeta.engine.task_weights import (Layout, TaskWeights, cached_one, expand_segments_node,
+                                          segment_inner_step_node)
 from fastmeta.engine.types import MetaBatchOutput
 from fastmeta.engine.whole_step import FusedMLPStep
 from fastmeta.ops import LOSS_KINDS, inner_step, task_loss, task_loss_grad
@@ -302,11 +303,18 @@ class MetaIteration:
                 # per segment, as autograd hands it, with no [T, P] join of it first.
                 segmented = segment_inner_step_node(current, rule.lr, rule.mask, rule.precond, rule.segments,
                                                     rule.set_values)
+                # The first step over the segments: θ's own segments, the adapting ones expanded
+                # over the tasks, from one node that sums their gradients over the tasks itself.
+                expand = expand_segments_node(theta) if fast is None and segmented is not None else None
                 with torch.enable_grad():
-                    src = theta.expand(T, P) if fast is None else fast
-                    if not src.requires_grad:  # evaluation under no_grad: a leaf to differentiate
-                        src = src.detach().requires_grad_(True)
-                    weights = self.weights(theta, src, adapting)
+                    if expand is not None:
+                        src = None
+                        weights = expand(theta, self.layout.encoded_shapes, T, [int(a) for a in adapting])
+                    else:
+                        src = theta.expand(T, P) if fast is None else fast
+                        if not src.requires_grad:  # evaluation under no_grad: a leaf to differentiate
+                            src = src.detach().requires_grad_(True)
+                        weights = self.weights(theta, src, adapting)
                     pred = self.run(support_x, weights, "support_x")
                     losses, grad_pred = self.support_losses(plan, pred, support_y, check_range=step == 0)
                     if losses is not None and finite_checks is not None:
@@ -333,7 +341,7 @@ class MetaIteration:
                         per_segment = [None if g is None else g.detach() for g in per_segment]
                     grad = None if all(g is None for g in per_segment) else per_segment
                 if grad is None:
-                    grad = torch.zeros_like(src)
+                    grad = torch.zeros_like(theta.expand(T, P) if src is None else src)
                 elif not create_graph and segmented is None:
                     grad = grad.detach()
                 if isinstance(grad, list):

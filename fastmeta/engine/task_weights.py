@@ -192,6 +192,21 @@ def segment_inner_step_node(current: Tensor, lr: Tensor, mask, precond, segments
     return loaded_op("segment_inner_step")
 
 
+def expand_segments_node(theta: Tensor):
+    """``fastmeta_ext::expand_segments`` (csrc/engine/flat_segments.cpp): θ's segments for the
+    first inner step in one node, an adapting segment expanded over the tasks, whose
+    backward sums each segment's gradient over the tasks straight into d θ, with no
+    ``[T, P]`` join of them and no second pass; or None where the segment nodes are not taken
+    (:func:`native_segment_nodes`) or θ is not a contiguous float32/float64 ``[P]`` that
+    needs a gradient (then θ.expand(T, P) and the split node run)."""
+    if (theta.dim() != 1 or not theta.requires_grad or not theta.is_contiguous()
+            or theta.dtype not in (torch.float32, torch.float64)):
+        return None
+    if native_segment_nodes((theta,)) is None:
+        return None
+    return loaded_op("expand_segments")
+
+
 _CONSTANTS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
 
 

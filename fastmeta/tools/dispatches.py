@@ -55,6 +55,7 @@ NOT_DISPATCHES = frozenset({
     # the aten ops they call (a cat), counted as those ops, as the Python nodes' are; the inner
     # step over segments records its work as the op it stands for (fastmeta::inner_step).
     "fastmeta_ext::split_segments", "fastmeta_ext::join_segments", "fastmeta_ext::segment_inner_step",
+    "fastmeta_ext::expand_segments",  # views; its backward's sum over the tasks is fastmeta_ext::sum_segments
 })
 HOST_SYNC = "aten::_local_scalar_dense"
 FUSED_OPTIMIZERS = ("aten::_fused_adam_", "aten::_fused_adamw_", "aten::_fused_sgd_")

@@ -151,3 +151,73 @@ def test_not_taken_for_rules_it_does_not_implement():
     assert choose(torch.zeros(2, P).t(), lr, None, None, None, None) is None
     with fm.use_backend("torch"):
         assert choose(theta, lr, None, None, None, None) is None
+
+
+# -- θ's segments expanded over the tasks for the first step (expand_segments) -------------
+
+
+def test_expanded_views_are_theta_expanded_and_split():
+    layout = fm.Layout(SHAPES)
+    theta = torch.randn(layout.numel, dtype=torch.float64, requires_grad=True)
+    expand = task_weights.expand_segments_node(theta)
+    assert expand is not None
+    per_task = [1, 0, 1, 1]
+    views = expand(theta, layout.encoded_shapes, 3, per_task)
+    plain = layout._shaped_views(theta.detach())
+    for v, p, flag, (_, shape) in zip(views, plain, per_task, SHAPES):
+        want = p.expand(3, *shape) if flag else p
+        assert v.shape == want.shape and v.stride() == want.stride() and torch.equal(v, want)
+        assert v.data_ptr() == p.data_ptr() or p.numel() == 0  # views of θ, no copy
+
+
+def test_expanded_views_pass_gradcheck_gradgradcheck_and_third_order():
+    layout = fm.Layout(SHAPES)
+    theta = torch.randn(layout.numel, dtype=torch.float64, requires_grad=True)
+    expand = task_weights.expand_segments_node(theta)
+    weights = [torch.randn(3, *shape, dtype=torch.float64) for _, shape in SHAPES]
+
+    def f(theta):  # segment "b" not expanded, segment "v" never read (no gradient reaches it)
+        w, b, v, c = expand(theta, layout.encoded_shapes, 3, [1, 0, 1, 1])
+        return (w.sin() * weights[0]).sum((1, 2)) + b.tanh().sum() + (c * weights[3]).exp()
+
+    assert torch.autograd.gradcheck(f, (theta,))
+    assert torch.autograd.gradgradcheck(f, (theta,))
+
+    def first_order(theta):  # its gradgradcheck is third order, through the recording backward
+        return torch.autograd.grad(f(theta).sum(), theta, create_graph=True)
+
+    assert torch.autograd.gradgradcheck(first_order, (theta,))
+
+
+def test_meta_gradient_with_expanded_first_step_matches_the_split_path(monkeypatch):
+    """Many tasks (the sum over them in another order than torch's): float64 agreement to
+    rounding, and the node taken at the first step only."""
+    def meta(expand_on: bool):
+        calls = []
+        original = meta_iteration.expand_segments_node
+
+        def choose(theta):
+            node = original(theta) if expand_on else None
+            calls.append(node is not None)
+            return node
+
+        monkeypatch.setattr(meta_iteration, "expand_segments_node", choose)
+        model = _model(True)
+        learner = fm.MAML(model, lr=0.3, steps=2)
+        g = torch.Generator().manual_seed(5)
+        T = 40
+        batch = (torch.randn(T, 4, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (T, 4), generator=g),
+                 torch.randn(T, 6, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (T, 6), generator=g))
+        learner.meta_batch(*batch)  # loads the extension where this process has not yet
+        calls.clear()
+        for p in model.parameters():
+            p.grad = None
+        learner.meta_batch(*batch).loss.backward()
+        monkeypatch.undo()
+        return [p.grad.clone() for p in model.parameters()], calls
+
+    got, calls = meta(True)
+    want, _ = meta(False)
+    assert calls == [True]  # the first step; later steps read the [T, P] fast weights
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
