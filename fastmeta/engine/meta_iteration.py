@@ -302,7 +302,7 @@ class MetaIteration:
                 # One rate for every parameter, on the CPU: the step reads the inner gradient
                 # per segment, as autograd hands it, with no [T, P] join of it first.
                 segmented = segment_inner_step_node(current, rule.lr, rule.mask, rule.precond, rule.segments,
-                                                    rule.set_values)
+                                                    rule.set_values) if any(adapting) else None
                 # The first step over the segments: θ's own segments, the adapting ones expanded
                 # over the tasks, from one node that sums their gradients over the tasks itself.
                 expand = expand_segments_node(theta) if fast is None and segmented is not None else None
@@ -327,7 +327,9 @@ class MetaIteration:
                         # d Σ_t losses[t]: the losses with a gradient of ones (a cached one,
                         # expanded), not their sum with the ones_like autograd would make.
                         outputs, upstream = losses, cached_one(losses.dtype, losses.device).expand_as(losses)
-                    if segmented is not None:
+                    if not any(adapting):  # nothing adapts (every parameter frozen): the step is θ
+                        grad = None
+                    elif segmented is not None:
                         per_task = [w for w, a in zip(weights, adapting) if a]
                         found = torch.autograd.grad(outputs, per_task, upstream, create_graph=create_graph,
                                                     allow_unused=True)

@@ -221,3 +221,19 @@ def test_meta_gradient_with_expanded_first_step_matches_the_split_path(monkeypat
     assert calls == [True]  # the first step; later steps read the [T, P] fast weights
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_nothing_adapting_is_theta_itself():
+    """Every parameter frozen (allow_nograd): no segment to ask autograd about, and no inner
+    gradient: the fast weights are θ (before, autograd raised from inside the inner loop)."""
+    model = _model(False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    learner = fm.MAML(model, lr=0.3, steps=2, allow_nograd=True)
+    batch = _batch()
+    with torch.no_grad():
+        out = learner.meta_batch(*batch)
+        fast = learner.fast_weights(batch[0], batch[1])
+    assert torch.isfinite(out.loss)
+    theta = torch.cat([p.reshape(-1) for p in model.parameters()])
+    assert torch.equal(fast.buffer, theta.expand_as(fast.buffer))
