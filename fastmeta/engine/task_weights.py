@@ -13,10 +13,16 @@ C++ extension is loaded, the same two nodes run in C++ (``fastmeta_ext::split_se
 ``join_segments``; csrc/engine/flat_segments.cpp): the same views and the same ``cat``, so
 every value and gradient is equal bit for bit, with no Python between autograd's engine
 and the ATen calls. The Python nodes are the reference and run wherever the C++ ones are
-not taken: no extension, tensors off the CPU (the C++ nodes' ATen calls would run on a
-GPU too, but nothing has verified them there, CUDA graph capture included: the GPU issue
-can widen this), tensor subclasses, dispatch or function modes, functorch transforms,
-``torch.compile``.
+not taken: no extension, a backend setting other than ``auto`` or ``cpu``, tensors off the
+CPU (the C++ nodes' ATen calls would run on a GPU too, but nothing has verified them there,
+CUDA graph capture included: the GPU issue can widen this), tensor subclasses, dispatch or
+function modes, functorch transforms, ``torch.compile``.
+
+Two more C++ nodes serve MAML's inner step on the CPU (the engine asks for them with
+:func:`segment_inner_step_node` and :func:`expand_segments_node`): the step θ − c·g read
+from the inner gradient's segments as autograd hands them, with no ``[T, P]`` join of them,
+and θ's segments for the first step (the adapting ones expanded over the tasks) from one
+node whose backward sums their gradients over the tasks itself.
 """
 
 from __future__ import annotations
