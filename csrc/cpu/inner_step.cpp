@@ -62,11 +62,18 @@ struct StepCoefficients {
   T rate_at(int64_t p) const { return uniform ? uniform_coef : rate[p]; }
 };
 
-// Parameters per block of the passes over a [T, P] buffer (every task's row per block).
+// Parameters per block of the passes over a [T, P] buffer (every task's row per block):
+// FASTMETA_STEP_COLUMNS, read once per process, a whole number from 64 (default 16 384); any
+// other value is refused, naming the variable.
 int64_t step_columns() {
   static const int64_t columns = [] {
     const char* env = std::getenv("FASTMETA_STEP_COLUMNS");
-    return env ? std::max<int64_t>(64, std::atoll(env)) : int64_t(16384);
+    if (env == nullptr || *env == '\0') return int64_t(16384);
+    char* end = nullptr;
+    const long long value = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(end != env && *end == '\0' && value >= 64 && value <= (int64_t(1) << 30),
+                      "FASTMETA_STEP_COLUMNS must be a whole number from 64 to 2^30, got '", env, "'");
+    return int64_t(value);
   }();
   return columns;
 }

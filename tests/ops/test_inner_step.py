@@ -185,3 +185,16 @@ def test_cpu_kernels_with_the_smallest_blocks():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"checked {len(blocked_pass_cases(8))}" in done.stdout
+
+
+def test_a_bad_block_size_is_refused_naming_the_variable():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from fastmeta.backends import extension; extension.build()\n"
+            "torch.ops.fastmeta_ext.inner_step(torch.zeros(3), torch.zeros(2, 3), torch.tensor(0.1), None, None, None)\n")
+    for bad in ("abc", "12", "64x"):
+        env = {**os.environ, "FASTMETA_STEP_COLUMNS": bad}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode != 0 and "FASTMETA_STEP_COLUMNS must be a whole number" in done.stderr, done.stderr[-2000:]
