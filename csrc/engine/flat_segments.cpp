@@ -87,6 +87,22 @@ struct JoinSpec {
   std::vector<int64_t> given;  // 1 where the segment's tensor is given
 };
 
+// A segment's view of src: [*lead, *shape] with strides lead_strides then the segment's own
+// row-major strides times step (src's last stride), at the segment's offset.
+at::Tensor segment_view(const at::Tensor& src, at::IntArrayRef lead, at::IntArrayRef lead_strides, int64_t step,
+                        const Segments& segments, size_t k) {
+  const auto& shape = segments.shapes[k];
+  std::vector<int64_t> size(lead.begin(), lead.end()), stride(lead_strides.begin(), lead_strides.end());
+  size.insert(size.end(), shape.begin(), shape.end());
+  stride.resize(size.size());
+  int64_t running = step;
+  for (size_t d = shape.size(); d-- > 0;) {
+    stride[lead.size() + d] = running;
+    running *= shape[d];
+  }
+  return src.as_strided(size, stride, src.storage_offset() + segments.offsets[k] * step);
+}
+
 // Per segment, a view of flat [*lead, P]: [*lead, *shape], strides those of flat's lead
 // dims then the segment's own row-major strides times flat's last stride, at the segment's
 // offset (Layout._shaped_views).
@@ -95,23 +111,10 @@ std::vector<at::Tensor> shaped_views(const at::Tensor& flat, const Segments& seg
                     segments.total, " (the layout's parameters), got shape ", flat.sizes());
   const auto lead = flat.sizes().slice(0, flat.dim() - 1);
   const auto lead_strides = flat.strides().slice(0, flat.dim() - 1);
-  const int64_t step = flat.stride(-1);
-  const int64_t base = flat.storage_offset();
   std::vector<at::Tensor> views;
   views.reserve(segments.size());
-  std::vector<int64_t> size, stride;
   for (size_t k = 0; k < segments.size(); ++k) {
-    const auto& shape = segments.shapes[k];
-    size.assign(lead.begin(), lead.end());
-    size.insert(size.end(), shape.begin(), shape.end());
-    stride.assign(lead_strides.begin(), lead_strides.end());
-    stride.resize(lead_strides.size() + shape.size());
-    int64_t running = step;
-    for (size_t d = shape.size(); d-- > 0;) {
-      stride[lead_strides.size() + d] = running;
-      running *= shape[d];
-    }
-    views.push_back(flat.as_strided(size, stride, base + segments.offsets[k] * step));
+    views.push_back(segment_view(flat, lead, lead_strides, flat.stride(-1), segments, k));
   }
   return views;
 }
@@ -449,27 +452,12 @@ std::vector<at::Tensor> expanded_views(const at::Tensor& theta, const ExpandSpec
                     "expand_segments: theta must be a contiguous [", seg.total, "], got ", theta.sizes());
   TORCH_CHECK_VALUE(spec.per_task.size() == seg.size(), "expand_segments: ", spec.per_task.size(),
                     " flags for ", seg.size(), " segments");
-  const int64_t base = theta.storage_offset();
+  const std::vector<int64_t> tasks{spec.tasks}, task_stride{0};
   std::vector<at::Tensor> views;
   views.reserve(seg.size());
-  std::vector<int64_t> size, stride;
   for (size_t k = 0; k < seg.size(); ++k) {
-    const auto& shape = seg.shapes[k];
-    const bool expanded = spec.per_task[k] != 0;
-    size.clear();
-    stride.clear();
-    if (expanded) {
-      size.push_back(spec.tasks);
-      stride.push_back(0);
-    }
-    size.insert(size.end(), shape.begin(), shape.end());
-    stride.resize(size.size());
-    int64_t running = 1;
-    for (size_t d = shape.size(); d-- > 0;) {
-      stride[(expanded ? 1 : 0) + d] = running;
-      running *= shape[d];
-    }
-    views.push_back(theta.as_strided(size, stride, base + seg.offsets[k]));
+    views.push_back(spec.per_task[k] ? segment_view(theta, tasks, task_stride, 1, seg, k)
+                                     : segment_view(theta, {}, {}, 1, seg, k));
   }
   return views;
 }
