@@ -212,6 +212,14 @@ def correctness_steps(dry_run: bool, catalog: dict) -> list[Step]:
         steps.append(Step(f"triton:{family}", 150, catalog.get("seconds", {}).get(family, 30),
                           pytest_command(f"tests/ops/test_{family}.py", "-k", expr),
                           records=("triton", tuple(kernels)), needs=("triton:common",), allow_skips=dry_run))
+    if catalog.get("triton"):
+        # Split-K in one pass (kernels/split_k.py): the conv and linear kernels' shared
+        # epilogue protocol (tile counters, acquire-release atomics), recorded as a kernel of
+        # its own; until it is, split launches on CUDA keep their second pass.
+        families = tuple(f"triton:{f}" for f in ("task_conv2d", "task_linear") if f in catalog["triton"])
+        steps.append(Step("triton:split_k", 90, 12, pytest_command("tests/kernels/test_split_k.py"),
+                          records=("triton", ("split_k_one_pass",)), needs=("triton:common", *families),
+                          allow_skips=dry_run))
     for family in cuda_families():
         if dry_run:  # the CUDA sources' logic, compiled by the host compiler against the CPU stand-in
             command = pytest_command("tests/ops/test_cuda_emulated.py", "-k", DRY_CUDA.get(family, family))

@@ -40,6 +40,11 @@ class recording_on_cpu:
         return False
 
 
+def recording() -> bool:
+    """True while the launch recorder runs a step on the CPU as a GPU would (see above)."""
+    return _recording_on_cpu
+
+
 def interpreting() -> bool:
     """True under the Triton interpreter, where each program instance costs ~7 ms (never
     while launches are recorded on the CPU: those are sized as on a GPU)."""

@@ -16,8 +16,10 @@ grid   (⌈M / BLOCK_M⌉ · ⌈N / BLOCK_N⌉, batch, Z). batch is T, or 1 when
        SPLIT_K (row 0 then sized for the largest phase). Any of the three splits K where a
        launch would have fewer busy programs than two waves of the GPU's SMs (W2's 7 × 7
        and smaller layers, W4's weight gradients with K = N·H'·W' up to 564k pixels): the
-       partial tiles go to a buffer [SPLIT_K, *out] and torch sums them in split order
-       (deterministic, unlike atomics); the forward's first K range adds the bias. Tiles,
+       partial tiles go to a buffer [SPLIT_K, *out], summed in split order (deterministic,
+       unlike atomics) by the last K range of each tile in its epilogue (ONE_PASS,
+       kernels/split_k.py), or by torch in a second launch where one pass is not in force;
+       the forward's first K range adds the bias. Tiles,
        split, warps and stages: kernels/tiles.py (the rule from the per-task problem, the
        table of tuned shape classes, the SM count).
 tiling tl.dot(..., input_precision=INPUT_PRECISION) on BLOCK_M × BLOCK_K patches: the
@@ -49,6 +51,7 @@ import triton
 import triton.language as tl
 
 from fastmeta.kernels.launch_checks import all_float32_on_one_device, task_stride
+from fastmeta.kernels.split_k import split_reduction, store_reduced_tile
 from fastmeta.kernels.tiles import (
     cdiv,
     busy_programs,
@@ -64,16 +67,18 @@ from fastmeta.kernels.tiles import (
 
 @triton.jit
 def conv2d_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, addend_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, addend_ptr, final_ptr, counters_ptr,
     NB, C, H, W, O, HO, WO, k_per_split,
     x_task_stride, w_task_stride, bias_task_stride, out_split_stride, out_task_stride,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ONE_PASS: tl.constexpr = False,
 ):
     # ACCUMULATE: the first K range's tile also adds addend (the output's shape, unsplit):
     # the double backward's second convolution adds the first's result in its epilogue.
+    # ONE_PASS (a split launch): out_ptr is the partial tiles' buffer, and the last K range
+    # of each tile to finish writes their sum to final_ptr (kernels/split_k.py).
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -114,22 +119,29 @@ def conv2d_forward_kernel(
     if ACCUMULATE:  # once, likewise
         acc += tl.load(addend_ptr + offsets[:, None] + (offs_n * (HO * WO))[None, :],
                        mask=m_ok[:, None] & n_ok[None, :] & (split == 0), other=0.0)
-    out_rows = out_ptr + split.to(tl.int64) * out_split_stride + offsets
-    tl.store(out_rows[:, None] + (offs_n * (HO * WO))[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+    offsets = offsets[:, None] + (offs_n * (HO * WO))[None, :]
+    stored = m_ok[:, None] & n_ok[None, :]
+    if ONE_PASS:
+        counter = tile + tl.num_programs(0) * task
+        store_reduced_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, offsets, stored, split,
+                           tl.num_programs(2), counters_ptr + counter)
+    else:
+        tl.store(out_ptr + split.to(tl.int64) * out_split_stride + offsets, acc, mask=stored)
 
 
 @triton.jit
 def conv2d_input_grad_kernel(
-    grad_out_ptr, w_ptr, out_ptr, addend_ptr,
+    grad_out_ptr, w_ptr, out_ptr, addend_ptr, final_ptr, counters_ptr,
     NB, C, H, W, O, HO, WO, splits, k_per_split,
     grad_out_task_stride, w_task_stride, out_split_stride, out_task_stride,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, HAS_ADDEND: tl.constexpr = False,
+    INPUT_PRECISION: tl.constexpr, HAS_ADDEND: tl.constexpr = False, ONE_PASS: tl.constexpr = False,
 ):
     # HAS_ADDEND: the first K range's tiles also add addend (the output's shape, contiguous,
     # unsplit) before they store: dx + dx_addend in the store it makes anyway.
+    # ONE_PASS: as in conv2d_forward_kernel, one counter per (tile, task, phase).
     # One output phase (rh, rw) per grid row 2: the input pixels h with (h + pad_h) % stride_h
     # == rh are read only by the taps i ≡ rh (mod stride_h), through output row
     # oh = (h + pad_h) // stride_h − a for tap i = rh + a·stride_h (and likewise in w). So
@@ -195,20 +207,26 @@ def conv2d_input_grad_kernel(
     stored = m_ok[:, None] & n_ok[None, :]
     if HAS_ADDEND:
         acc += tl.load(addend_ptr + offsets, mask=stored & (split == 0), other=0.0)
-    tl.store(out_ptr + split.to(tl.int64) * out_split_stride + offsets, acc, mask=stored)
+    if ONE_PASS:
+        counter = tile + tl.num_programs(0) * (task + tl.num_programs(1) * phase)
+        store_reduced_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, offsets, stored, split, splits,
+                           counters_ptr + counter)
+    else:
+        tl.store(out_ptr + split.to(tl.int64) * out_split_stride + offsets, acc, mask=stored)
 
 
 @triton.jit
 def conv2d_weight_grad_kernel(
-    grad_out_ptr, x_ptr, out_ptr, addend_ptr,
+    grad_out_ptr, x_ptr, out_ptr, addend_ptr, final_ptr, counters_ptr,
     NB, C, H, W, O, HO, WO, k_per_split,
     grad_out_task_stride, x_task_stride, out_split_stride, out_task_stride,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, HAS_ADDEND: tl.constexpr = False,
+    INPUT_PRECISION: tl.constexpr, HAS_ADDEND: tl.constexpr = False, ONE_PASS: tl.constexpr = False,
 ):
     # HAS_ADDEND: as in conv2d_input_grad_kernel (dw + dw_addend, by the first K range).
+    # ONE_PASS: as in conv2d_forward_kernel.
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -246,7 +264,12 @@ def conv2d_weight_grad_kernel(
     stored = m_ok[:, None] & n_ok[None, :]
     if HAS_ADDEND:
         acc += tl.load(addend_ptr + offsets, mask=stored & (split == 0), other=0.0)
-    tl.store(out_ptr + split.to(tl.int64) * out_split_stride + offsets, acc, mask=stored)
+    if ONE_PASS:
+        counter = tile + tl.num_programs(0) * task
+        store_reduced_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, offsets, stored, split,
+                           tl.num_programs(2), counters_ptr + counter)
+    else:
+        tl.store(out_ptr + split.to(tl.int64) * out_split_stride + offsets, acc, mask=stored)
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,17 +521,19 @@ def _run_forward(call, x, b, stride, padding, input_precision, addend=None):
     split_k = cfg["SPLIT_K"]
     # Unsplit and accumulating, each program reads its own tile of out before writing it.
     target = out if split_k == 1 else torch.empty((split_k, *out.shape), dtype=torch.float32, device=x.device)
+    one_pass, counters = split_reduction(x.device, split_k, launch.grid[0] * launch.grid[1])
     conv2d_forward_kernel[launch.grid](
-        x, w, b if b is not None else x, target, addend if addend is not None else target,
+        x, w, b if b is not None else x, target, addend if addend is not None else target, out,
+        counters if one_pass else target,
         launch.images, C, H, W, O, HO, WO, cfg["k_per_split"],
         NB * C * H * W, w_task_stride, bias_task_stride, out.numel(), NB * O * HO * WO,
         sh, sw, ph, pw,
         KH=KH, KW=KW, HAS_BIAS=b is not None, ACCUMULATE=addend is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=input_precision,
+        INPUT_PRECISION=input_precision, ONE_PASS=one_pass,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return _sum_partial_tiles(target, out)
+    return out if one_pass else _sum_partial_tiles(target, out)
 
 
 def task_conv2d_input_grad(grad_out, w, input_size, stride, padding, input_precision="ieee"):
@@ -531,17 +556,18 @@ def _run_input_grad(call, grad_out, w, input_size, stride, padding, input_precis
     split_k = cfg["SPLIT_K"]
     target = out if split_k == 1 else torch.empty((split_k, *out.shape), dtype=torch.float32, device=out.device)
     addend = None if addend is None else addend.contiguous()
+    one_pass, counters = split_reduction(grad_out.device, split_k, launch.grid[0] * launch.grid[1] * sh * sw)
     conv2d_input_grad_kernel[launch.grid](
-        grad_out, w, target, addend if addend is not None else target,
+        grad_out, w, target, addend if addend is not None else target, out, counters if one_pass else target,
         launch.images, C, H, W, O, HO, WO, split_k, cfg["k_per_split"],
         NB * O * HO * WO, w_task_stride, out.numel(), NB * C * H * W,
         sh, sw, ph, pw,
         KH=KH, KW=KW,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=input_precision, HAS_ADDEND=addend is not None,
+        INPUT_PRECISION=input_precision, HAS_ADDEND=addend is not None, ONE_PASS=one_pass,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return _sum_partial_tiles(target, out)
+    return out if one_pass else _sum_partial_tiles(target, out)
 
 
 def task_conv2d_weight_grad(grad_out, x, kernel_size, stride, padding, shared, input_precision="ieee"):
@@ -566,22 +592,24 @@ def _run_weight_grad(call, grad_out, x, kernel_size, stride, padding, shared, in
     split_k = cfg["SPLIT_K"]
     target = out if split_k == 1 else torch.empty((split_k, *out_shape), dtype=torch.float32, device=x.device)
     addend = None if addend is None else addend.contiguous()
+    one_pass, counters = split_reduction(x.device, split_k, launch.grid[0] * launch.grid[1])
     conv2d_weight_grad_kernel[launch.grid](
-        grad_out, x, target, addend if addend is not None else target,
+        grad_out, x, target, addend if addend is not None else target, out, counters if one_pass else target,
         launch.images, C, H, W, O, HO, WO, cfg["k_per_split"],
         NB * O * HO * WO, NB * C * H * W, out.numel(), O * CKK,
         sh, sw, ph, pw,
         KH=KH, KW=KW,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=input_precision, HAS_ADDEND=addend is not None,
+        INPUT_PRECISION=input_precision, HAS_ADDEND=addend is not None, ONE_PASS=one_pass,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return _sum_partial_tiles(target, out)
+    return out if one_pass else _sum_partial_tiles(target, out)
 
 
 def _sum_partial_tiles(target, out):
-    """The second pass of a split launch: its partial tiles [SPLIT_K, *out] summed in split
-    order into ``out`` (deterministic, unlike atomics); nothing where it did not split."""
+    """The second pass of a split launch that did not sum in one pass (kernels/split_k.py):
+    its partial tiles [SPLIT_K, *out] summed in split order into ``out`` (deterministic,
+    unlike atomics); nothing where it did not split."""
     if target is not out:
         torch.sum(target, dim=0, out=out)
     return out
@@ -593,7 +621,7 @@ def _sum_partial_tiles(target, out):
 # the work done. Launches per call: backward one input-grad and one weight-grad launch (each
 # where its output is wanted); double backward two forward launches for d grad_out (the
 # second adds the first's result in its epilogue: no add of its own), one input-grad, one
-# weight-grad; each split launch also sums its partial tiles (torch.sum), as above.
+# weight-grad; a split launch not in one pass also sums its partial tiles (torch.sum), as above.
 # ---------------------------------------------------------------------------------------
 
 

@@ -16,8 +16,9 @@ task_matmul_kernel
           INPUT_PRECISION)``: the launchers' ``input_precision`` (fastmeta.backends.precision:
           "ieee", true fp32 FMA, by default; "tf32x3"; "tf32"). Bias and activation are fused in the epilogue.
           SPLIT_K > 1 writes fp32 partial tiles [SPLIT_K, batch, M, N] (the first K range
-          adds the bias), summed afterwards by torch in split order (deterministic, unlike
-          atomics); used when the launch has fewer busy programs than two waves of the
+          adds the bias), summed in split order (deterministic, unlike atomics) by the
+          last K range of each tile (ONE_PASS, kernels/split_k.py), or by torch afterwards
+          where one pass is not in force; used when the launch has fewer busy programs than two waves of the
           GPU's SMs, never with an activation. The tiles, the split, the warps and stages
           come from kernels/tiles.py (:func:`matmul_launch`, :func:`linear_launch_plan`).
     bound  FLOPs at large sizes (51 TFLOP/s fp32 on the H200); the meta-learning layers
@@ -39,6 +40,7 @@ import triton.language as tl
 
 from fastmeta.kernels.activation import activation_code, apply_activation
 from fastmeta.kernels.launch_checks import all_float32_on_one_device, task_stride
+from fastmeta.kernels.split_k import split_reduction, store_reduced_tile
 from fastmeta.kernels.tiles import (
     cdiv,
     busy_programs,
@@ -54,17 +56,21 @@ from fastmeta.kernels.tiles import (
 
 @triton.jit
 def task_matmul_kernel(
-    a_ptr, b_ptr, bias_ptr, c_ptr,
+    a_ptr, b_ptr, bias_ptr, c_ptr, final_ptr, counters_ptr,
     M, N, K, k_per_split,
     a_batch_stride, a_m_stride, a_k_stride,
     b_batch_stride, b_k_stride, b_n_stride,
     bias_batch_stride, bias_n_stride,
     c_split_stride, c_batch_stride, c_m_stride, c_n_stride,
+    final_batch_stride, final_m_stride, final_n_stride,
     negative_slope,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ONE_PASS: tl.constexpr = False,
 ):
+    # ONE_PASS (a split launch): c_ptr is the partial tiles' buffer [SPLIT_K, batch, M, N],
+    # and the last K range of each tile to finish writes their sum to final_ptr, at the
+    # final_* strides (kernels/split_k.py).
     tile = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -100,7 +106,15 @@ def task_matmul_kernel(
     c_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if ACCUMULATE:  # C += A·B (no split, bias or activation: the launcher sees to it)
         acc += tl.load(c_ptrs, mask=c_ok, other=0.0)
-    tl.store(c_ptrs, acc, mask=c_ok)
+    if ONE_PASS:
+        partial_offsets = (batch * c_batch_stride + offs_m.to(tl.int64)[:, None] * c_m_stride
+                           + offs_n[None, :] * c_n_stride)
+        final_offsets = (batch * final_batch_stride + offs_m.to(tl.int64)[:, None] * final_m_stride
+                         + offs_n[None, :] * final_n_stride)
+        store_reduced_tile(acc, c_ptr, partial_offsets, c_split_stride, final_ptr, final_offsets, c_ok, split,
+                           tl.num_programs(2), counters_ptr + tile + tl.num_programs(0) * batch)
+    else:
+        tl.store(c_ptrs, acc, mask=c_ok)
 
 
 def matmul_config(batch: int, M: int, N: int, K: int, *, kernel: str = "linear_forward", sm_count: int | None = None,
@@ -172,7 +186,8 @@ def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_stri
     Strides are (batch, m, k) for A, (batch, k, n) for B, (batch, m, n) for C. config: a
     plan's (:func:`matmul_launch`; planned here for ``kernel`` when not given). With
     split-K (no activation allowed; the first K range adds the bias) partial tiles go to a
-    scratch buffer and are summed into ``out`` in split order.
+    scratch buffer and are summed into ``out`` in split order: by the launch itself in one
+    pass (kernels/split_k.py), else by ``torch.sum``.
     """
     cfg = config or matmul_launch(kernel, batch, M, N, K, act_code == 0,
                                   sm_count=device_sm_count(out.device)).config
@@ -186,18 +201,19 @@ def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_stri
         split_stride = batch * M * N
         target_strides = (M * N, N, 1)
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), batch, split_k)
+    one_pass, counters = split_reduction(out.device, split_k, grid[0] * grid[1])
     task_matmul_kernel[grid](
-        a, b, bias if bias is not None else a, target,
+        a, b, bias if bias is not None else a, target, out, counters if one_pass else target,
         M, N, K, k_per_split,
         *a_strides, *b_strides, *bias_strides,
-        split_stride, *target_strides,
+        split_stride, *target_strides, *out_strides,
         float(negative_slope),
         HAS_BIAS=bias is not None, ACT=act_code, ACCUMULATE=accumulate,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=input_precision,
+        INPUT_PRECISION=input_precision, ONE_PASS=one_pass,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if split_k > 1:  # the second pass: deterministic, unlike atomics
+    if split_k > 1 and not one_pass:  # the second pass: deterministic, unlike atomics
         torch.sum(target, dim=0, out=out.as_strided((batch, M, N), (out_strides[0], out_strides[1], out_strides[2])))
     return out
 

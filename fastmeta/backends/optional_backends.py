@@ -56,7 +56,11 @@ def _load_triton(backend: Backend) -> None:
 def triton_launchers() -> dict:
     """The triton backend's kernels, by name: the table's kernel ``<name>`` of family
     ``<family>`` is the function ``<name>`` in ``fastmeta.kernels.<family>``, when that
-    module defines one (called at the matmul precision in force)."""
+    module defines one (called at the matmul precision in force). Split launches on CUDA
+    sum their partial tiles in one pass once the record holds that protocol as verified
+    (fastmeta.kernels.split_k)."""
+    split_k = importlib.import_module("fastmeta.kernels.split_k")
+    split_k.set_one_pass_on_cuda(functools.partial(_verified_on_cuda, split_k.ONE_PASS_KERNEL))
     launchers = {}
     for spec in TABLE.values():
         if not _module_exists(f"fastmeta.kernels.{spec.family}"):
@@ -65,6 +69,12 @@ def triton_launchers() -> dict:
         if launcher is not None:
             launchers[spec.name] = at_current_precision(launcher)
     return launchers
+
+
+def _verified_on_cuda(kernel: str) -> bool:
+    from fastmeta.backends import verification
+
+    return verification.is_verified("triton", kernel, "cuda")
 
 
 def at_current_precision(launcher):

@@ -180,14 +180,17 @@ def guarded_step(optimizer: torch.optim.Optimizer, loss: Tensor, nonfinite: Tens
     """``optimizer.step()``, undone on the device when ``loss`` or a gradient is not finite
     (``nonfinite`` is then set): no host sync, so it can be captured in a CUDA graph.
 
-    The flag is one ``_foreach_norm`` (the largest |value| of the loss and of each
-    gradient: finite exactly when every element is, NaN included, and it cannot overflow
-    as a 2-norm of finite values can) and a few kernels on its results. Then:
+    The flag is one multi-tensor check, torch's own for ``GradScaler``
+    (``_amp_foreach_non_finite_check_and_unscale_`` over the loss and every gradient, at a
+    scale of 1: the values are multiplied by 1.0, which changes no bit, NaN and -0.0
+    included), which sets ``found_inf`` to 1 where any element is not finite; the flag and
+    the scale of 1 are one ``arange`` (three launches in all, with the ``logical_or_`` into
+    ``nonfinite``; a norm, ``isfinite``, ``all`` and the conversions took ten). Then:
 
     - a fused optimizer (:func:`skips_its_own_update`, e.g. ``Adam(..., fused=True)``)
       gets the flag as GradScaler hands it over, ``optimizer.found_inf``: its kernel skips
       the update itself, in the step's own launches (W2's guard and update: 134 kernels ->
-      13, tests/tools/test_launches.py);
+      13, then 6, tests/tools/test_launches.py);
     - any other optimizer: the parameters and every tensor of its state (moments, step
       count) are copied before the step (one ``_foreach_copy_``) and selected back with
       ``torch.where`` on the flag, one per tensor written in place: a graph cannot
@@ -197,15 +200,15 @@ def guarded_step(optimizer: torch.optim.Optimizer, loss: Tensor, nonfinite: Tens
     The launch recorder counts both (tests/tools/test_launches.py)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     checked = [loss.detach().reshape(1)] + [p.grad for p in params if p.grad is not None]
-    finite = torch.isfinite(torch.stack(torch._foreach_norm(checked, float("inf")))).all()
-    skipped = ~finite
+    with torch.no_grad():
+        flags = torch.arange(2, dtype=torch.float32, device=loss.device)  # [found_inf, scale] = [0, 1]
+        found_inf, unit_scale = flags[0], flags[1]  # 0-dim views, as GradScaler's
+        torch._amp_foreach_non_finite_check_and_unscale_(checked, found_inf, unit_scale)
     if skips_its_own_update(optimizer):
         for name in ("grad_scale", "found_inf"):
             if getattr(optimizer, name, None) is not None:
                 raise ValueError(f"the optimizer already carries a {name} (a GradScaler's?): a whole step does not "
                                  "take gradient scaling")
-        with torch.no_grad():
-            found_inf = skipped.to(torch.float32)
         optimizer.grad_scale, optimizer.found_inf = None, found_inf
         try:
             optimizer.step()
@@ -219,10 +222,11 @@ def guarded_step(optimizer: torch.optim.Optimizer, loss: Tensor, nonfinite: Tens
             torch._foreach_copy_(before, kept)
         optimizer.step()
         with torch.no_grad():
+            finite = found_inf.eq(0)
             for t, old in zip(kept, before):
                 torch.where(finite, t, old, out=t)
     with torch.no_grad():
-        nonfinite.logical_or_(skipped)
+        nonfinite.logical_or_(found_inf)
 
 
 def whole_iteration(meta_batch: MetaBatchFunction, inputs: Sequence[Tensor], optimizer: torch.optim.Optimizer,

@@ -539,7 +539,7 @@ class _LaunchRecorder(TorchDispatchMode):
         if name in CONV_KERNELS:
             gemm, issued, useful = "conv", *self._conv_macs(grid, kwargs)
         elif name == MATMUL_KERNEL:
-            gemm, issued, useful = "linear", *matmul_macs(grid, *args[4:8], kwargs)
+            gemm, issued, useful = "linear", *matmul_macs(grid, *args[6:10], kwargs)
         self.add(Launch("triton", name, grid=grid, tiles=tiles, gemm=gemm, issued_macs=issued, useful_macs=useful))
 
     def _conv_macs(self, grid, kwargs) -> tuple[int, int]:
@@ -598,7 +598,11 @@ def unverified_cuda_kernels() -> dict[str, list[str]]:
     from fastmeta.backends import verification
     from fastmeta.backends.optional_backends import triton_launchers
 
-    written = {"triton": sorted(triton_launchers()), "cuda": sorted(HOST_LAUNCHES)}
+    from fastmeta.kernels.split_k import ONE_PASS_KERNEL
+
+    # The Triton launchers, and split-K in one pass (a protocol the conv and linear kernels
+    # share, recorded as a kernel of its own: kernels/split_k.py).
+    written = {"triton": sorted([*triton_launchers(), ONE_PASS_KERNEL]), "cuda": sorted(HOST_LAUNCHES)}
     return {backend: [k for k in kernels if not verification.is_verified(backend, k, "cuda")]
             for backend, kernels in written.items()}
 
@@ -647,7 +651,12 @@ def recording(log: LaunchLog) -> Iterator[_LaunchRecorder]:
     from fastmeta.kernels.launch_checks import recording_on_cpu
     from fastmeta.ops.registration import eager_nodes_under_dispatch_modes
 
+    from fastmeta.kernels import split_k
+
     recorder = _LaunchRecorder(log)
+    # Counted as a first capture: the split launches' tile counters are made (and zeroed,
+    # one launch) on the capture stream's first split launch (kernels/split_k.py).
+    split_k.forget_counters()
     with recording_on_cpu():
         launchers = triton_launchers()
         kernels = {}

@@ -95,7 +95,7 @@ def test_results_schema(two_part_run):
     # csrc/cuda/<family>.cu.
     expected = {"install", "build", "triton:common", "whole_step", "profile", "kernel-count", "eager-vs-captured",
                 "precision", "tune", "bench:W1-second:fastmeta", "bench:W1-second:peers", "train", "memcheck"}
-    expected |= {f"triton:{f}" for f in triton_families()}
+    expected |= {f"triton:{f}" for f in triton_families()} | {"triton:split_k"}
     expected |= {f"cuda:{f}" for f in cuda_families()}
     assert set(results["steps"]) == expected
     assert results["steps"]["memcheck"]["status"] == "unavailable"
@@ -161,13 +161,16 @@ def test_verified_is_written_family_by_family(two_part_run):
     first, second, _, _ = two_part_run
     events = [e for e in read(second)["events"] if e["event"] == "recorded"]
     families = [e["step"] for e in events]
-    assert len(families) == len(set(families)) == len(triton_families()) + len(cuda_families())
+    # Each family, and split-K in one pass (the conv and linear kernels' shared epilogue).
+    assert len(families) == len(set(families)) == len(triton_families()) + 1 + len(cuda_families())
+    assert "triton:split_k" in families
     for backend in ("triton", "cuda"):
         counts = [e["published_kernels"] for e in events if e["backend"] == backend]
         assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
     verified = json.loads((second / "verified.json").read_text())
     assert "mlp_meta_step_with_task_gradients" in verified["cuda"]["dry-run"]
     assert "task_conv2d_weight_grad" in verified["triton"]["dry-run"]
+    assert "split_k_one_pass" in verified["triton"]["dry-run"]
     # A dry run keeps the repository's record as it is, and never claims a kernel verified
     # on a GPU: everything it adds is under "dry-run".
     repo = json.loads((REPO / "fastmeta" / "backends" / "verified.json").read_text())

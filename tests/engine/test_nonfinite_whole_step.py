@@ -100,6 +100,23 @@ def test_large_finite_gradients_are_not_flagged(adam):
     assert not bool(flag) and same(snapshot(*a[:2]), snapshot(*b[:2]))
 
 
+def test_the_check_leaves_the_loss_and_every_gradient_bit_for_bit(adam):
+    """The flag is torch's non-finite check at a scale of 1: the values it multiplies in
+    place by 1.0 keep every bit (-0.0, a subnormal, 1e200, a NaN payload), the loss too."""
+    model, optimizer, x = problem(adam=adam)
+    optimizer.zero_grad()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    model.weight.grad.copy_(torch.tensor([[-0.0, 5e-324, 1e200], [-1e200, 3.0, -7.25]], dtype=torch.float64))
+    grads = [p.grad.clone() for p in model.parameters()]
+    loss_before = loss.detach().clone()
+    flag = torch.zeros((), dtype=torch.bool)
+    guarded_step(optimizer, loss, flag)
+    assert not bool(flag)
+    assert all(torch.equal(a.view(torch.int64), p.grad.view(torch.int64)) for a, p in zip(grads, model.parameters()))
+    assert torch.equal(loss.detach().view(torch.int64), loss_before.view(torch.int64))
+
+
 def test_a_fused_adam_skips_in_its_own_kernel_and_keeps_no_copies(monkeypatch):
     """The fused path hands the flag to the optimizer as GradScaler does (found_inf) and
     copies nothing: no _foreach_copy_, no where; the attributes are gone afterwards."""

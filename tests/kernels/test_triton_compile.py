@@ -27,6 +27,7 @@ import pytest
 # ---------------------------------------------------------------------------------------
 
 INT64_POINTERS = {"segments_ptr", "target_ptr"}
+INT32_POINTERS = {"counters_ptr"}  # split-K's tile counters (kernels/split_k.py)
 FLOAT_SCALARS = {"eps", "negative_slope", "grad_scale"}
 
 
@@ -51,12 +52,14 @@ def compile_plan():
                NEED_OUTER=[True], BLOCK_P=[512])),
         (activation.activation_grad_kernel, _grid(ACT=[0, 1, 2, 3, 4], BLOCK=[4096])),
         # The smallest tile (16 on every side: tl.dot's minimum) and the largest.
+        # ONE_PASS: split-K summed in the launch's own epilogue (kernels/split_k.py).
         (task_linear.task_matmul_kernel,
          _grid(HAS_BIAS=[False, True], ACT=[0, 3], BLOCK_M=[16, 64], BLOCK_N=[16, 64], BLOCK_K=[16, 32],
-               INPUT_PRECISION=precisions)[::3]),
-        (task_conv2d.conv2d_forward_kernel, _grid(KH=[3], KW=[3], HAS_BIAS=[False, True], **gemm)),
-        (task_conv2d.conv2d_input_grad_kernel, _grid(KH=[3], KW=[3], **gemm)),
-        (task_conv2d.conv2d_weight_grad_kernel, _grid(KH=[3], KW=[3], **gemm)),
+               INPUT_PRECISION=precisions, ONE_PASS=[False, True])[::3]),
+        (task_conv2d.conv2d_forward_kernel, _grid(KH=[3], KW=[3], HAS_BIAS=[False, True], ONE_PASS=[False, True],
+                                                  **gemm)),
+        (task_conv2d.conv2d_input_grad_kernel, _grid(KH=[3], KW=[3], ONE_PASS=[False, True], **gemm)),
+        (task_conv2d.conv2d_weight_grad_kernel, _grid(KH=[3], KW=[3], ONE_PASS=[False, True], **gemm)),
         (task_batch_norm.task_batch_norm_kernel,
          _grid(HAS_GAMMA=[False, True], HAS_BETA=[True], ACT=[0, 3], BLOCK=[2048])),
         # Without y (act none), and with relu's / leaky_relu's mask fused (HAS_Y).
@@ -79,12 +82,24 @@ def _signature(kernel, constexprs):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*i64" if name in INT64_POINTERS else "*fp32"
+            signature[name] = "*i64" if name in INT64_POINTERS else "*i32" if name in INT32_POINTERS else "*fp32"
         elif name in FLOAT_SCALARS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
     return signature
+
+
+def check_one_pass_ptx(name: str, ptx: str) -> None:
+    """Split-K in one pass lowers as kernels/split_k.py needs it: the ticket an atomic add
+    with acquire-release semantics at GPU scope, after a CTA barrier; the partial tiles
+    read back with L1 bypassed (``.cg``); the counter reset by an atomic exchange."""
+    atomics = [line for line in ptx.splitlines() if "atom." in line]
+    assert any(all(part in line for part in (".global", ".gpu", ".acq_rel", ".add")) for line in atomics), \
+        f"{name}: no acquire-release GPU-scope atomic add: {atomics}"
+    assert any(".exch" in line for line in atomics), f"{name}: no atomic exchange: {atomics}"
+    assert "bar.sync" in ptx, f"{name}: no barrier"
+    assert "ld.global.cg" in ptx, f"{name}: the partial tiles are not loaded with .cg"
 
 
 def compile_all() -> int:
@@ -102,6 +117,8 @@ def compile_all() -> int:
             except Exception as exc:
                 raise SystemExit(f"{kernel.fn.__name__} {constexprs}: {type(exc).__name__}: {exc}")
             assert binary.asm["cubin"], kernel.fn.__name__
+            if constexprs.get("ONE_PASS"):
+                check_one_pass_ptx(kernel.fn.__name__, binary.asm["ptx"])
             compiled += 1
     print(f"compiled {compiled} kernel variants for sm_90")
     return compiled
