@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "../common.h"
@@ -47,21 +48,29 @@ void take_row_maximum(const scalar_t* __restrict src, int64_t base, int64_t sw, 
   }
 }
 
-std::vector<at::Tensor> max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                   at::IntArrayRef padding) {
-  FM_CHECK_INPUT(x, kCPU);
-  FM_CHECK_FLOATING(x);
-  FM_CHECK_DIM(x, 4);
+// The window's geometry checked, and the pooled size of an H×W plane: {Ho, Wo}.
+std::pair<int64_t, int64_t> pooled_size(const char* op, int64_t H, int64_t W, at::IntArrayRef kernel_size,
+                                        at::IntArrayRef stride, at::IntArrayRef padding) {
   check_pair(kernel_size, "kernel_size");
   check_pair(stride, "stride");
   check_pair(padding, "padding");
   const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1];
   const int64_t ph = padding[0], pw = padding[1];
-  TORCH_CHECK_VALUE(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && 2 * ph <= kh && 2 * pw <= kw,
-                    "max_pool2d: kernel_size and stride must be positive, padding non-negative and at most half "
+  TORCH_CHECK_VALUE(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0 && 2 * ph <= kh && 2 * pw <= kw, op,
+                    ": kernel_size and stride must be positive, padding non-negative and at most half "
                     "the kernel, got kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding);
+  return {(H + 2 * ph - kh) / sh + 1, (W + 2 * pw - kw) / sw + 1};
+}
+
+std::vector<at::Tensor> max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                   at::IntArrayRef padding) {
+  FM_CHECK_INPUT(x, kCPU);
+  FM_CHECK_FLOATING(x);
+  FM_CHECK_DIM(x, 4);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Ho = (H + 2 * ph - kh) / sh + 1, Wo = (W + 2 * pw - kw) / sw + 1;
+  const auto [Ho, Wo] = pooled_size("max_pool2d", H, W, kernel_size, stride, padding);
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1];
+  const int64_t ph = padding[0], pw = padding[1];
   TORCH_CHECK_VALUE(Ho > 0 && Wo > 0, "max_pool2d: the output would be empty for input ", x.sizes(),
                     " and kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding);
   at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
@@ -132,12 +141,25 @@ void check_indices(const at::Tensor& grad, const at::Tensor& indices, const char
                     indices.sizes());
 }
 
-at::Tensor max_pool2d_backward(const at::Tensor& grad_y, const at::Tensor& indices, at::IntArrayRef input_size) {
+// The pooled maps' size must be what the window gives for the plane: the window itself is
+// not needed by the scatter, but the Triton kernel's gather form reads it, so every
+// backend takes and checks the same arguments.
+void check_pooled(const char* op, const at::Tensor& pooled, int64_t H, int64_t W, at::IntArrayRef kernel_size,
+                  at::IntArrayRef stride, at::IntArrayRef padding) {
+  const auto [Ho, Wo] = pooled_size(op, H, W, kernel_size, stride, padding);
+  TORCH_CHECK_VALUE(pooled.size(2) == Ho && pooled.size(3) == Wo, op, ": the pooled maps must be ", Ho, "x", Wo,
+                    " for a ", H, "x", W, " plane and kernel_size=", kernel_size, ", stride=", stride, ", padding=",
+                    padding, ", got ", pooled.sizes());
+}
+
+at::Tensor max_pool2d_backward(const at::Tensor& grad_y, const at::Tensor& indices, at::IntArrayRef input_size,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
   check_indices(grad_y, indices, "max_pool2d_backward");
   TORCH_CHECK_VALUE(grad_y.sizes() == indices.sizes(), "max_pool2d_backward: grad_y and indices must have one "
                     "shape, got ", grad_y.sizes(), " and ", indices.sizes());
   TORCH_CHECK_VALUE(input_size.size() == 2 && input_size[0] > 0 && input_size[1] > 0,
                     "max_pool2d_backward: input_size must be [H, W], got ", input_size);
+  check_pooled("max_pool2d_backward", grad_y, input_size[0], input_size[1], kernel_size, stride, padding);
   const int64_t B = grad_y.size(0), C = grad_y.size(1), HW = input_size[0] * input_size[1];
   const int64_t outputs = grad_y.size(2) * grad_y.size(3);
   // Zeroed plane by plane inside the loop: an at::zeros would be one more aten op (dispatch).
@@ -163,8 +185,11 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_y, const at::Tensor& indic
   return grad_x;
 }
 
-at::Tensor max_pool2d_double_backward(const at::Tensor& grad_grad_x, const at::Tensor& indices) {
+at::Tensor max_pool2d_double_backward(const at::Tensor& grad_grad_x, const at::Tensor& indices,
+                                      at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
   check_indices(grad_grad_x, indices, "max_pool2d_double_backward");
+  check_pooled("max_pool2d_double_backward", indices, grad_grad_x.size(2), grad_grad_x.size(3), kernel_size, stride,
+               padding);
   const int64_t B = indices.size(0), C = indices.size(1), HW = grad_grad_x.size(2) * grad_grad_x.size(3);
   const int64_t outputs = indices.size(2) * indices.size(3);
   at::Tensor out = at::empty(indices.sizes(), grad_grad_x.options());

@@ -26,7 +26,7 @@ import pytest
 # fp32; every other non-constexpr scalar is i32 (strides, sizes).
 # ---------------------------------------------------------------------------------------
 
-INT64_POINTERS = {"segments_ptr", "target_ptr"}
+INT64_POINTERS = {"segments_ptr", "target_ptr", "indices_ptr"}
 INT32_POINTERS = {"counters_ptr"}  # split-K's tile counters (kernels/split_k.py)
 FLOAT_SCALARS = {"eps", "negative_slope", "grad_scale"}
 
@@ -38,7 +38,7 @@ def _grid(**options):
 
 
 def compile_plan():
-    from fastmeta.kernels import activation, inner_step, task_batch_norm, task_conv2d, task_linear, task_loss
+    from fastmeta.kernels import activation, inner_step, max_pool2d, task_batch_norm, task_conv2d, task_linear, task_loss
 
     # Every matmul precision (fastmeta.backends.precision): tf32x3 and tf32 lower to tensor-core MMAs.
     precisions = ["ieee", "tf32x3", "tf32"]
@@ -73,6 +73,10 @@ def compile_plan():
         (task_loss.cross_entropy_kernel,
          _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[True, False], BLOCK_N=[64], BLOCK_K=[32])[:3]),
         (task_loss.mse_kernel, _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[False, True], BLOCK=[4096])[1:3]),
+        (max_pool2d.max_pool2d_kernel, _grid(KH=[2, 3], KW=[2, 3], BLOCK=[1024])[::3]),
+        (max_pool2d.max_pool2d_backward_kernel, [dict(KH=2, KW=2, COVER_H=1, COVER_W=1, BLOCK=1024),
+                                                 dict(KH=3, KW=3, COVER_H=2, COVER_W=2, BLOCK=1024)]),
+        (max_pool2d.max_pool2d_double_backward_kernel, [dict(BLOCK=1024)]),
     ]
 
 

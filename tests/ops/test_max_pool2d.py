@@ -1,5 +1,6 @@
 """``max_pool2d`` and its backward ops (fastmeta/ops/max_pool2d.py) against aten's max
-pooling, on the reference and the C++ CPU kernels, and nn.MaxPool2d traced through them.
+pooling, on the reference, the C++ CPU kernels and the Triton kernels (interpreted on the
+CPU, compiled on a GPU), and nn.MaxPool2d traced through them.
 
 Max pooling is kinked where two values of a window tie: float64 gradchecks use inputs
 without ties (a permutation of distinct values), and the meta-gradient is compared with the
@@ -24,7 +25,9 @@ from fastmeta.ops.max_pool2d import (
     reference_max_pool2d_double_backward,
 )
 from fastmeta.testing.reference_loop import constant_coefficient, flat_grad, per_task_query_losses, relative_error
-from harness import backend_params, check_kernel, kernel_log
+from harness import backend_params, check_kernel, kernel_log, to
+
+TRITON = backend_params("triton")
 
 KERNELS = ["max_pool2d", "max_pool2d_backward", "max_pool2d_double_backward"]
 # (kernel_size, stride, padding): W4's 2×2 pool, overlapping windows with padding, a
@@ -52,9 +55,9 @@ def kernel_cases():
         cases += [
             (f"{cid}-forward", "max_pool2d", reference_max_pool2d, (x, k, s, p)),
             (f"{cid}-backward", "max_pool2d_backward", reference_max_pool2d_backward,
-             (torch.randn(y.shape), indices, [9, 7])),
+             (torch.randn(y.shape), indices, [9, 7], k, s, p)),
             (f"{cid}-double_backward", "max_pool2d_double_backward", reference_max_pool2d_double_backward,
-             (torch.randn(x.shape), indices)),
+             (torch.randn(x.shape), indices, k, s, p)),
         ]
     return cases
 
@@ -74,25 +77,53 @@ def test_cpu_kernel_equals_reference(name, kernel, reference, args):
                  atol=0 if kernel == "max_pool2d" else 1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_kernel_picks_nans_as_aten_does(dtype):
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("name,kernel,reference,args", CASES, ids=[c[0] for c in CASES])
+def test_triton_kernel_equals_reference(backend, device, name, kernel, reference, args):
+    """The Triton kernels (fp32): the forward's maxima and indices exactly aten's (ties,
+    -inf, padding); the backward's gather form sums the same gradients as the scatter."""
+    check_kernel(backend, kernel, reference, to(_to(args, torch.float32), device), rtol=0,
+                 atol=0 if kernel == "max_pool2d" else 1e-6)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("cpu") + TRITON)
+def test_kernel_picks_nans_as_aten_does(backend, device):
     """A NaN wins its windows (the last NaN of a window where there are several)."""
+    from harness import direct
+
+    for dtype in (torch.float32, torch.float64) if backend == "cpu" else (torch.float32,):
+        _picks_nans_as_aten_does(backend, device, dtype)
+
+
+def _picks_nans_as_aten_does(backend, device, dtype):
     from harness import direct
 
     x = torch.randn(2, 3, 9, 7, dtype=dtype)
     x[1, 2, 3, 3] = x[1, 2, 4, 4] = x[0, 0, 0, 0] = float("nan")
+    x = x.to(device)
     for k, s, p in CONFIGS:
-        y, indices = direct("cpu", "max_pool2d", x, k, s, p)
+        y, indices = direct(backend, "max_pool2d", x, k, s, p)
         want_y, want_indices = F.max_pool2d(x, k, s, p, return_indices=True)
         assert y.isnan().any()
+        # The backward's gather puts each gradient where the scatter does, NaN windows included.
+        grad_y = torch.randn(y.shape, dtype=dtype, device=device)
+        torch.testing.assert_close(direct(backend, "max_pool2d_backward", grad_y, indices, list(x.shape[2:]), k, s, p),
+                                   reference_max_pool2d_backward(grad_y, want_indices, list(x.shape[2:]), k, s, p),
+                                   rtol=0, atol=1e-6)
         torch.testing.assert_close(y, want_y, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(indices, want_indices)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_kernel_on_rows_wide_enough_for_its_vector_loop(dtype):
-    """The inner columns run tap by tap in a vectorised loop (several vectors per row here,
-    with a remainder): exactly aten's maxima and indices, with ties, -inf and NaN inside."""
+@pytest.mark.parametrize("backend,device", backend_params("cpu") + TRITON)
+def test_kernel_on_rows_wide_enough_for_a_vector_loop(backend, device):
+    """The C++ inner columns run tap by tap in a vectorised loop (several vectors per row
+    here, with a remainder); the Triton forward spans planes in one block: exactly aten's
+    maxima and indices, with ties, -inf and NaN inside."""
+    for dtype in (torch.float32, torch.float64) if backend == "cpu" else (torch.float32,):
+        _wide_rows(backend, device, dtype)
+
+
+def _wide_rows(backend, device, dtype):
     from harness import direct
 
     g = torch.Generator().manual_seed(3)
@@ -100,8 +131,9 @@ def test_cpu_kernel_on_rows_wide_enough_for_its_vector_loop(dtype):
     x[0, 0, :, :20] = 0.5  # ties: the first maximum in row-major order
     x[0, 1, :3, 10:30] = float("-inf")
     x[1, 2, 2, 17] = x[1, 2, 3, 18] = x[1, 0, 0, 40] = float("nan")
+    x = x.to(device)
     for k, s, p in CONFIGS:
-        y, indices = direct("cpu", "max_pool2d", x, k, s, p)
+        y, indices = direct(backend, "max_pool2d", x, k, s, p)
         want_y, want_indices = F.max_pool2d(x, k, s, p, return_indices=True)
         torch.testing.assert_close(y, want_y, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(indices, want_indices)
@@ -117,23 +149,27 @@ def test_reference_matches_aten_and_its_gradients():
         assert torch.equal(y, want_y.detach()) and torch.equal(indices, want_indices)
         grad_y = torch.randn(y.shape, dtype=torch.float64, requires_grad=True)
         (want_x,) = torch.autograd.grad(want_y, x, grad_y, create_graph=True)
-        got_x = reference_max_pool2d_backward(grad_y.detach(), indices, [8, 7])
+        got_x = reference_max_pool2d_backward(grad_y.detach(), indices, [8, 7], k, s, p)
         torch.testing.assert_close(got_x, want_x.detach(), rtol=0, atol=1e-15)
         upstream = torch.randn(x.shape, dtype=torch.float64)
         (want_gg,) = torch.autograd.grad(want_x, grad_y, upstream)
-        torch.testing.assert_close(reference_max_pool2d_double_backward(upstream, indices), want_gg, rtol=0, atol=0)
+        torch.testing.assert_close(reference_max_pool2d_double_backward(upstream, indices, k, s, p), want_gg, rtol=0,
+                                   atol=0)
 
 
-@pytest.mark.parametrize("backend,device", backend_params("cpu") + [pytest.param("torch", "cpu", id="torch-cpu")])
+@pytest.mark.parametrize("backend,device",
+                         backend_params("cpu") + TRITON + [pytest.param("torch", "cpu", id="torch-cpu")])
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_public_op_outputs_and_every_gradient_against_aten(backend, device, config):
     """The public op on the backend: y and indices, the gradient at x, and second order (the
-    gradient of ⟨grad_x, v⟩ at grad_y) as aten's autograd gives them; the C++ kernels run."""
+    gradient of ⟨grad_x, v⟩ at grad_y) as aten's autograd gives them; the C++ or Triton
+    kernels run."""
     k, s, p = config
-    x = distinct(2, 3, 8, 7, dtype=torch.float32, requires_grad=True)
-    grad_y = torch.randn(2, 3, *F.max_pool2d(x.detach(), k, s, p).shape[2:], requires_grad=True)
-    v = torch.randn(x.shape)
-    with fm.use_backend(backend), kernel_log("cpu") as (ran, declined):
+    x = distinct(2, 3, 8, 7, dtype=torch.float32).to(device).requires_grad_(True)
+    grad_y = torch.randn(2, 3, *F.max_pool2d(x.detach(), k, s, p).shape[2:], device=device, requires_grad=True)
+    v = torch.randn(x.shape, device=device)
+    logged = backend if backend != "torch" else "cpu"
+    with fm.use_backend(backend), kernel_log(logged) as (ran, declined):
         y, indices = ops.max_pool2d(x, k, s, p)
         (got_x,) = torch.autograd.grad(y, x, grad_y, create_graph=True)
         (got_gg,) = torch.autograd.grad(got_x, grad_y, v)
@@ -144,7 +180,7 @@ def test_public_op_outputs_and_every_gradient_against_aten(backend, device, conf
     assert not indices.requires_grad
     torch.testing.assert_close(got_x, want_x, rtol=0, atol=1e-6)
     torch.testing.assert_close(got_gg, want_gg, rtol=0, atol=0)
-    if backend == "cpu":
+    if backend != "torch":
         assert all(ran[name] for name in KERNELS), dict(ran)
         assert not any(declined.values()), dict(declined)
 
@@ -163,8 +199,8 @@ def _grad_cases():
     return [
         ("forward", _pool_y, lambda: (distinct(2, 2, 6, 5, requires_grad=True), [3, 3], [2, 2], [1, 1])),
         ("forward-2x2", _pool_y, lambda: (distinct(1, 3, 4, 6, requires_grad=True), [2, 2], [2, 2], [0, 0])),
-        ("backward", ops.max_pool2d_backward, lambda: (r(*indices.shape), indices, [6, 5])),
-        ("double_backward", ops.max_pool2d_double_backward, lambda: (r(2, 2, 6, 5), indices)),
+        ("backward", ops.max_pool2d_backward, lambda: (r(*indices.shape), indices, [6, 5], [3, 3], [2, 2], [1, 1])),
+        ("double_backward", ops.max_pool2d_double_backward, lambda: (r(2, 2, 6, 5), indices, [3, 3], [2, 2], [1, 1])),
     ]
 
 
@@ -208,8 +244,16 @@ def test_the_checks_name_what_is_wrong():
         ops.max_pool2d(torch.randn(1, 1, 4, 4), [2, 2], [2, 2], [2, 0])
     with pytest.raises(ValueError, match="the output would be empty"):
         ops.max_pool2d(torch.randn(1, 1, 1, 4), [2, 2], [2, 2], [0, 0])
+    window = ([2, 2], [2, 2], [0, 0])
     with pytest.raises(TypeError, match="indices must be int64"):
-        ops.max_pool2d_backward(torch.randn(1, 1, 2, 2), torch.zeros(1, 1, 2, 2, dtype=torch.int32), [4, 4])
+        ops.max_pool2d_backward(torch.randn(1, 1, 2, 2), torch.zeros(1, 1, 2, 2, dtype=torch.int32), [4, 4], *window)
+    indices = torch.zeros(1, 1, 2, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"max_pool2d_backward: the pooled maps must be 3x3 for a 6x6 plane"):
+        ops.max_pool2d_backward(torch.randn(1, 1, 2, 2), indices, [6, 6], *window)
+    with pytest.raises(ValueError, match=r"max_pool2d_double_backward: the pooled maps must be 2x1"):
+        ops.max_pool2d_double_backward(torch.randn(1, 1, 4, 3), indices, *window)
+    with pytest.raises(ValueError, match="max_pool2d_backward: stride must have two values"):
+        ops.max_pool2d_backward(torch.randn(1, 1, 2, 2), indices, [4, 4], [2, 2], [2], [0, 0])
 
 
 def test_the_cuda_backend_declines_it():

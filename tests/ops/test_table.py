@@ -56,8 +56,8 @@ def test_backends_register_only_kernels_of_the_table():
     require("cpu")
     assert set(extension.kernels("cpu")) <= set(TABLE)
     # The C++ sources implement the kernels of csrc/cpu/<family>.cpp's family on the CPU,
-    # and every family but the fused MLP's and max pooling's (C++ on the CPU only: the
-    # reference runs on a GPU) has its Triton kernels in kernels/<family>.py.
+    # and every family but the fused MLP's (C++ on the CPU, CUDA on a GPU) has its Triton
+    # kernels in kernels/<family>.py.
     csrc = Path(fm.__file__).parents[1] / "csrc" / "cpu"
     cpp_families = {p.stem for p in csrc.glob("*.cpp")} if csrc.is_dir() else set(FAMILIES)
     # The whole step's update sits in csrc/cpu/mlp_meta_step.cpp, on the meta-step's core.
@@ -69,7 +69,7 @@ def test_backends_register_only_kernels_of_the_table():
         triton.kernel("inner_step")
         assert set(triton.kernels) <= set(TABLE)
         assert {n for n, s in TABLE.items()
-                if s.family not in ("mlp_meta_step", "mlp_meta_step_update", "max_pool2d")} <= set(triton.kernels)
+                if s.family not in ("mlp_meta_step", "mlp_meta_step_update")} <= set(triton.kernels)
 
 
 def test_backend_registry_reports_each_backend_with_a_reason():
