@@ -13,7 +13,8 @@ namespace {
 // ---------------------------------------------------------------------------------------
 // Batched GEMM for the task_linear family: C[b] = A[b]·B[b] (+ bias, activation), or
 // C[b] += A[b]·B[b] where accumulate (no bias, no activation: the double backward's sum of
-// two products), with A
+// two products), or C[b] = A[b]·B[b] + addend[b] (the backward's addends, read in the
+// epilogue: no add launch of their own), with A
 // and B read through strides, so that x·wᵀ, grad·w and gradᵀ·x need no transposed copies
 // and a shared weight is a batch stride of 0. 32×32 output tiles, 8 K-slices staged in
 // shared memory, 256 threads × 4 outputs each. fp32 FMA throughout (no TF32).
@@ -23,7 +24,7 @@ constexpr int kTile = 32, kSlice = 8;
 
 __global__ void batched_gemm_kernel(int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* __restrict C,
                                     const float* __restrict bias, int64_t bias_b, int act, float slope,
-                                    bool accumulate) {
+                                    bool accumulate, const float* __restrict addend) {
   __shared__ float As[kSlice][kTile + 1];
   __shared__ float Bs[kSlice][kTile + 1];
   const int64_t batch = blockIdx.z;
@@ -58,7 +59,9 @@ __global__ void batched_gemm_kernel(int64_t M, int64_t N, int64_t K, Strided A, 
     if (m >= M) continue;
     float v = acc[i];
     if (bias) v += bias[batch * bias_b + n];
-    float* c = C + (batch * M + m) * N + n;
+    const int64_t at = (batch * M + m) * N + n;
+    if (addend) v += addend[at];
+    float* c = C + at;
     *c = accumulate ? *c + v : act_fwd(v, act, slope);
   }
 }
@@ -67,9 +70,9 @@ __global__ void batched_gemm_kernel(int64_t M, int64_t N, int64_t K, Strided A, 
 
 void launch_batched_gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* C,
                          const float* bias, int64_t bias_b, int act, float slope, bool accumulate,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, const float* addend) {
   const dim3 grid((N + kTile - 1) / kTile, (M + kTile - 1) / kTile, batches);
-  batched_gemm_kernel<<<grid, 256, 0, stream>>>(M, N, K, A, B, C, bias, bias_b, act, slope, accumulate);
+  batched_gemm_kernel<<<grid, 256, 0, stream>>>(M, N, K, A, B, C, bias, bias_b, act, slope, accumulate, addend);
 }
 
 }  // namespace cuda

@@ -10,7 +10,8 @@ namespace fastmeta {
 namespace cuda {
 
 // C[b] = act(A[b]·B[b] + bias[b]) for every batch b; C[b] += A[b]·B[b] where accumulate
-// (bias null, act none).
+// (bias null, act none); C[b] = A[b]·B[b] + addend[b] where addend is given (laid out as C;
+// bias null, act none, no accumulate: the backward's gradient addends, in the epilogue).
 struct Strided {
   const float* p;
   int64_t b, r, c;  // batch, row, column strides
@@ -18,7 +19,7 @@ struct Strided {
 
 void launch_batched_gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* C,
                          const float* bias, int64_t bias_b, int act, float slope, bool accumulate,
-                         cudaStream_t stream);
+                         cudaStream_t stream, const float* addend = nullptr);
 
 }  // namespace cuda
 }  // namespace fastmeta

@@ -23,10 +23,10 @@ namespace {
 // ---------------------------------------------------------------------------------------
 
 void gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* C, const float* bias,
-          int64_t bias_b, int act, float slope, bool accumulate = false) {
+          int64_t bias_b, int act, float slope, bool accumulate = false, const float* addend = nullptr) {
   TORCH_CHECK_NOT_IMPLEMENTED(batches <= 65535, "at most 65535 tasks per launch (grid z), got ", batches);
   TORCH_CHECK_NOT_IMPLEMENTED((M + 31) / 32 <= 65535, "at most 65535·32 rows per task, got ", M);
-  launch_batched_gemm(batches, M, N, K, A, B, C, bias, bias_b, act, slope, accumulate, stream());
+  launch_batched_gemm(batches, M, N, K, A, B, C, bias, bias_b, act, slope, accumulate, stream(), addend);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -74,7 +74,9 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
   return out;
 }
 
-at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, bool shared) {
+// addend (dw's shape, contiguous fp32 on the device), when given, is added in the GEMM's
+// epilogue.
+at::Tensor weight_grad(const at::Tensor& grad_out, const at::Tensor& x, bool shared, const float* addend) {
   FM_CHECK_CUDA_F32(grad_out);
   FM_CHECK_CUDA_F32(x);
   FM_CHECK_DIM(grad_out, 3);
@@ -88,11 +90,15 @@ at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor&
   // A[m = o, k = n] = grad_out[n, o]; shared: the task and example dims merged (K = T·N).
   if (shared)
     gemm(1, O, I, T * N, Strided{grad_out.data_ptr<float>(), 0, 1, O}, Strided{x.data_ptr<float>(), 0, I, 1},
-         out.data_ptr<float>(), nullptr, 0, none, 0.f);
+         out.data_ptr<float>(), nullptr, 0, none, 0.f, false, addend);
   else
     gemm(T, O, I, N, Strided{grad_out.data_ptr<float>(), N * O, 1, O}, Strided{x.data_ptr<float>(), N * I, I, 1},
-         out.data_ptr<float>(), nullptr, 0, none, 0.f);
+         out.data_ptr<float>(), nullptr, 0, none, 0.f, false, addend);
   return out;
+}
+
+at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, bool shared) {
+  return weight_grad(grad_out, x, shared, nullptr);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -117,17 +123,31 @@ void linear_gemm(const at::Tensor& a, const at::Tensor& b, int64_t bs, at::Tenso
        out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f, accumulate);
 }
 
-// out = g·w: g [T, N, O] contiguous, w [T, O, I] / [O, I] at batch stride ws.
-void input_grad_gemm(const at::Tensor& g, const at::Tensor& w, int64_t ws, at::Tensor& out) {
+// out = g·w (+ addend, out's layout): g [T, N, O] contiguous, w [T, O, I] / [O, I] at batch
+// stride ws.
+void input_grad_gemm(const at::Tensor& g, const at::Tensor& w, int64_t ws, at::Tensor& out,
+                     const float* addend = nullptr) {
   const int64_t T = g.size(0), N = g.size(1), O = g.size(2), I = w.size(-1);
   gemm(T, N, I, O, Strided{g.data_ptr<float>(), N * O, O, 1}, Strided{w.data_ptr<float>(), ws, I, 1},
-       out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f);
+       out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f, false, addend);
 }
+
+// An addend as the GEMM's epilogue reads it: fp32 on the device, shaped as its output,
+// contiguous (a copy where it is not); an undefined tensor where none is given.
+at::Tensor epilogue_addend(const c10::optional<at::Tensor>& addend, at::IntArrayRef shape, const char* name) {
+  if (!addend.has_value()) return at::Tensor();
+  FM_CHECK_CUDA_F32(*addend);
+  TORCH_CHECK_VALUE(addend->sizes() == shape, name, " must be shaped as its gradient ", shape, ", got ",
+                    addend->sizes());
+  return addend->contiguous();
+}
+
+const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 bool mask_at(const c10::List<bool>& mask, size_t i) { return mask.size() > i && mask.get(i); }
 
-// dx_addend / dw_addend, when given, are added to dx / dw after the GEMMs (an add each: the
-// CUDA GEMM takes no addend here yet; the CPU kernels sum them in their GEMMs).
+// dx_addend / dw_addend, when given, are added to dx / dw in the GEMMs' epilogues (no add
+// launch of their own), as the CPU kernels add them in theirs.
 std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                         const at::Tensor& w, const c10::List<bool>& output_mask,
                                                         const c10::optional<at::Tensor>& dx_addend,
@@ -141,12 +161,15 @@ std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_o
   at::Tensor d_x = at::empty({0}, grad_out.options());
   if (mask_at(output_mask, 0)) {
     d_x = at::empty({T, N, w.size(-1)}, grad_out.options());
-    if (d_x.numel()) input_grad_gemm(grad_out, w, ws, d_x);
+    const at::Tensor add_x = epilogue_addend(dx_addend, d_x.sizes(), "dx_addend");
+    if (d_x.numel()) input_grad_gemm(grad_out, w, ws, d_x, data_or_null(add_x));
   }
-  at::Tensor d_w = mask_at(output_mask, 1) ? task_linear_weight_grad(grad_out, x, w.dim() == 2)
-                                           : at::empty({0}, grad_out.options());
-  if (dx_addend.has_value() && d_x.numel()) d_x.add_(*dx_addend);
-  if (dw_addend.has_value() && d_w.numel()) d_w.add_(*dw_addend);
+  at::Tensor d_w = at::empty({0}, grad_out.options());
+  if (mask_at(output_mask, 1)) {
+    // dw has w's shape: [O, I] summed over tasks for a shared w, [T, O, I] per task.
+    const at::Tensor add_w = epilogue_addend(dw_addend, w.sizes(), "dw_addend");
+    d_w = weight_grad(grad_out, x, w.dim() == 2, data_or_null(add_w));
+  }
   return {d_x, d_w};
 }
 

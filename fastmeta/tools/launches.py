@@ -327,12 +327,16 @@ def _host_task_linear_weight_grad(grad_out, x, shared):
 
 
 def _host_task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None):
-    """Each wanted GEMM, then an ``add_`` per addend given (the CUDA GEMM takes none yet)."""
-    launches = _host_task_linear_input_grad(grad_out, w) if output_mask[0] else []
-    launches += _host_task_linear_weight_grad(grad_out, x, w.dim() == 2) if output_mask[1] else []
-    for wanted, addend in ((output_mask[0], dx_addend), (output_mask[1], dw_addend)):
-        if wanted and addend is not None and addend.numel():
-            launches.append(Launch("aten", "aten::add_"))
+    """Each wanted GEMM, its addend read in its epilogue (no launch of its own), and a copy
+    (``aten::clone``) first for an addend that is not contiguous."""
+    launches = []
+    for wanted, addend, gemm in ((output_mask[0], dx_addend, lambda: _host_task_linear_input_grad(grad_out, w)),
+                                 (output_mask[1], dw_addend,
+                                  lambda: _host_task_linear_weight_grad(grad_out, x, w.dim() == 2))):
+        if wanted:
+            if addend is not None and addend.numel() and not addend.is_contiguous():
+                launches.append(Launch("aten", "aten::clone"))
+            launches += gemm()
     return launches
 
 

@@ -169,6 +169,21 @@ def test_emulated_cuda_task_linear_family(lib, act):
                  ptr(None), L(0), 0, F(0), 1)
     expected = reference_task_linear(g_dx, w, None, "none", 0.0) + reference_task_linear(x, g_dw, None, "none", 0.0)
     assert rel(d_go, expected) <= 1e-6
+    # The backward's addends, read in the epilogue: dx + dx_addend, dw + dw_addend (per task
+    # and shared), with no add of their own.
+    add_x, add_w, add_ws = torch.randn(T, N, I, generator=g), torch.randn(T, O, I, generator=g), torch.randn(O, I, generator=g)
+    dx = torch.empty(T, N, I)
+    lib.run_gemm_with_addend(L(T), L(N), L(I), L(O), ptr(go), L(N * O), L(O), L(1), ptr(w), L(O * I), L(I), L(1),
+                             ptr(dx), ptr(add_x))
+    assert rel(dx, reference_task_linear_input_grad(go, w) + add_x) <= 1e-6
+    dw = torch.empty(T, O, I)
+    lib.run_gemm_with_addend(L(T), L(O), L(I), L(N), ptr(go), L(N * O), L(1), L(O), ptr(x), L(N * I), L(I), L(1),
+                             ptr(dw), ptr(add_w))
+    assert rel(dw, reference_task_linear_weight_grad(go, x, False) + add_w) <= 1e-6
+    dws = torch.empty(O, I)
+    lib.run_gemm_with_addend(L(1), L(O), L(I), L(T * N), ptr(go), L(0), L(1), L(O), ptr(x), L(0), L(I), L(1), ptr(dws),
+                             ptr(add_ws))
+    assert rel(dws, reference_task_linear_weight_grad(go, x, True) + add_ws) <= 1e-6
 
 
 @pytest.mark.parametrize("kind", ["cross_entropy", "mse"])

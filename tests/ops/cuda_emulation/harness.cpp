@@ -42,6 +42,11 @@ extern "C" void run_gemm(long batches, long M, long N, long K, const float* A, l
   launch_batched_gemm(batches, M, N, K, Strided{A, ab, ar, ac}, Strided{B, bb, br, bc}, C, bias, bias_b, act, slope,
                       accumulate != 0, nullptr);
 }
+extern "C" void run_gemm_with_addend(long batches, long M, long N, long K, const float* A, long ab, long ar, long ac,
+                                     const float* B, long bb, long br, long bc, float* C, const float* addend) {
+  launch_batched_gemm(batches, M, N, K, Strided{A, ab, ar, ac}, Strided{B, bb, br, bc}, C, nullptr, 0, 0, 0.f, false,
+                      nullptr, addend);
+}
 extern "C" void run_loss(const float* pred, const void* target, int kind, long T, long N, long C, long M, float* out, int grad) {
   if (grad) launch_task_loss_grad(pred, target, kind, T, N, C, M, out, nullptr);
   else launch_task_loss(pred, target, kind, T, N, C, M, out, nullptr);
