@@ -130,3 +130,16 @@ def store_reduced_tile(acc, partial_ptr, partial_offsets, split_stride, out_ptr,
             partials += split_stride
         tl.store(out_ptr + out_offsets, total, mask=mask)
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def store_tile(acc, out_ptr, offsets, split_stride, final_ptr, mask, split, splits, counter_ptr,
+               ONE_PASS: tl.constexpr):
+    """A GEMM tile's store where the partial tiles share the output's layout (the conv
+    kernels): partial tile ``split`` at ``out_ptr + split · split_stride + offsets`` (the
+    output itself when the launch does not split); with ``ONE_PASS``, also the sum by the
+    last K range at ``final_ptr + offsets`` (:func:`store_reduced_tile`)."""
+    if ONE_PASS:
+        store_reduced_tile(acc, out_ptr, offsets, split_stride, final_ptr, offsets, mask, split, splits, counter_ptr)
+    else:
+        tl.store(out_ptr + split.to(tl.int64) * split_stride + offsets, acc, mask=mask)

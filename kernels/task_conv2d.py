@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from fastmeta.kernels.launch_checks import all_float32_on_one_device, task_stride
-from fastmeta.kernels.split_k import split_reduction, store_reduced_tile
+from fastmeta.kernels.split_k import split_reduction, store_tile
 from fastmeta.kernels.tiles import (
     cdiv,
     busy_programs,
@@ -121,12 +121,8 @@ def conv2d_forward_kernel(
                        mask=m_ok[:, None] & n_ok[None, :] & (split == 0), other=0.0)
     offsets = offsets[:, None] + (offs_n * (HO * WO))[None, :]
     stored = m_ok[:, None] & n_ok[None, :]
-    if ONE_PASS:
-        counter = tile + tl.num_programs(0) * task
-        store_reduced_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, offsets, stored, split,
-                           tl.num_programs(2), counters_ptr + counter)
-    else:
-        tl.store(out_ptr + split.to(tl.int64) * out_split_stride + offsets, acc, mask=stored)
+    store_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, stored, split, tl.num_programs(2),
+               counters_ptr + tile + tl.num_programs(0) * task, ONE_PASS)
 
 
 @triton.jit
@@ -207,12 +203,8 @@ def conv2d_input_grad_kernel(
     stored = m_ok[:, None] & n_ok[None, :]
     if HAS_ADDEND:
         acc += tl.load(addend_ptr + offsets, mask=stored & (split == 0), other=0.0)
-    if ONE_PASS:
-        counter = tile + tl.num_programs(0) * (task + tl.num_programs(1) * phase)
-        store_reduced_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, offsets, stored, split, splits,
-                           counters_ptr + counter)
-    else:
-        tl.store(out_ptr + split.to(tl.int64) * out_split_stride + offsets, acc, mask=stored)
+    store_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, stored, split, splits,
+               counters_ptr + tile + tl.num_programs(0) * (task + tl.num_programs(1) * phase), ONE_PASS)
 
 
 @triton.jit
@@ -264,12 +256,8 @@ def conv2d_weight_grad_kernel(
     stored = m_ok[:, None] & n_ok[None, :]
     if HAS_ADDEND:
         acc += tl.load(addend_ptr + offsets, mask=stored & (split == 0), other=0.0)
-    if ONE_PASS:
-        counter = tile + tl.num_programs(0) * task
-        store_reduced_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, offsets, stored, split,
-                           tl.num_programs(2), counters_ptr + counter)
-    else:
-        tl.store(out_ptr + split.to(tl.int64) * out_split_stride + offsets, acc, mask=stored)
+    store_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, stored, split, tl.num_programs(2),
+               counters_ptr + tile + tl.num_programs(0) * task, ONE_PASS)
 
 
 # ---------------------------------------------------------------------------------------
