@@ -672,7 +672,10 @@ def tune_summary(report: dict) -> dict:
         classes[key] = {"kernel": tuned["kernel"], "calls": tuned["calls"], "timed": len(timed),
                         "plan_ms": timed[0]["ms"] if timed else None,
                         "best_ms": tuned["best"]["ms"] if tuned["best"] else None}
-    return {"table": report["table"], "sm_count": report["sm_count"], "classes": classes, "left": report["left"]}
+    backends = report.get("backends") or {}
+    return {"table": report["table"], "sm_count": report["sm_count"], "classes": classes, "left": report["left"],
+            # issue 24, item 4: the CUDA extension's linear GEMMs against the tuned Triton ones
+            "preferences": report["table"].get("preferences", {}), "preference_why_none": backends.get("why")}
 
 
 def train_metrics(path: Path) -> dict:
@@ -1397,6 +1400,11 @@ def summary(results: dict, verified: dict) -> str:
             if c["best_ms"] is not None and c["plan_ms"] is not None:
                 lines.append(f"  {key:<44} plan {c['plan_ms']:.4f} ms, best {c['best_ms']:.4f} ms "
                              f"({c['plan_ms'] / c['best_ms']:.2f}x)")
+        for family, p in tuned.get("preferences", {}).items():
+            lines.append(f"  auto's first backend for {family} on CUDA: {p['backend']} "
+                         f"({', '.join(f'{k} {v:.4f} ms' for k, v in p['ms'].items())}, {p['classes']} classes)")
+        if tuned.get("preference_why_none"):
+            lines.append(f"  no backend preference measured: {tuned['preference_why_none']}")
 
 
     counted = results.get("kernel_count")

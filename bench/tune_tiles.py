@@ -25,6 +25,13 @@ the fastest recorded in the format of the tile table (kernels/tile_table.json).
    ``--budget`` seconds (counted from the start) are spent; the heaviest class is tuned
    whatever the budget, with two candidates at least. Those left are listed as not tuned
    (they keep the rule).
+5. **The CUDA extension against Triton** (issue 24, item 4): every task_linear class's
+   kept call also runs on the ``cuda`` backend's kernel (checked against the Triton
+   output like a candidate) and is timed the same way. Each backend's medians, weighted by
+   the class's calls, are summed; the faster backend goes into the table's
+   ``preferences["task_linear"]``, which ``auto`` then tries first on CUDA for the whole
+   family (fastmeta.backends.preference_order). Where the ``cuda`` backend is unavailable
+   (the dry run on the CPU) no preference is written, and the JSON says why.
 
 The JSON (schema ``fastmeta-tile-tune-1``): ``table``, in kernels/tile_table.json's format
 (its entries the fastest candidate of each tuned class, with its median ``ms`` and the
@@ -228,13 +235,64 @@ def tune(classes: dict, device, limit: int, repeats: int, budget_s: float, progr
     return tuned, left
 
 
-def table_of(tuned: dict, sm_count: int, device_name: str) -> dict:
-    """The fastest candidate of each tuned class, in kernels/tile_table.json's format."""
+def compare_backends(classes: dict, tuned: dict, device, repeats: int, rival: str = "cuda",
+                     progress=print) -> tuple[dict, dict]:
+    """Step 5 (module docstring): ({"task_linear": {"backend", "ms": {"triton": total,
+    rival: total}, "classes": n}} or {}, {"rival", "classes": per-class medians, "why"}).
+    Each total is Σ median × calls over the linear classes both backends ran, Triton at the
+    class's best candidate (the plan's configuration where the class was not tuned)."""
+    backend = get_backend(rival)
+    ok, reason = backend.available()
+    report = {"rival": rival, "classes": {}, "why": None}
+    if not ok or device.type not in backend.device_types():
+        report["why"] = f"the {rival} backend does not run on {device.type} here: {reason or 'another device'}"
+        return {}, report
+    totals = {"triton": 0.0, rival: 0.0}
+    for key, seen in sorted(classes.items()):
+        if seen["name"] not in LINEAR_KERNELS:
+            continue
+        kernel = backend.kernel(seen["name"])
+        best = (tuned.get(key) or {}).get("best")
+        config = best["config"] if best else seen["config"]
+        run = launcher(seen["name"])
+        with forced(config):
+            reference = run(*seen["args"]).detach().clone()
+            triton_ms = best["ms"] if best else median_ms(lambda: run(*seen["args"]), repeats, device)
+        row = {"triton_ms": triton_ms, "calls": seen["calls"]}
+        out = kernel(*seen["args"]) if kernel is not None else NotImplemented
+        if out is NotImplemented:
+            row["status"] = f"the {rival} backend has no kernel for it, or declines it"
+        else:
+            error = ((out - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+            if not error <= TOLERANCE:
+                row["status"] = f"wrong ({error:.1e})"
+            else:
+                row.update(status="ok", error=error,
+                           rival_ms=median_ms(lambda: kernel(*seen["args"]), repeats, device))
+                totals["triton"] += triton_ms * seen["calls"]
+                totals[rival] += row["rival_ms"] * seen["calls"]
+        report["classes"][key] = row
+    compared = sum(r["status"] == "ok" for r in report["classes"].values())
+    if not compared:
+        report["why"] = f"no task_linear launch that both triton and {rival} ran"
+        return {}, report
+    faster = min(totals, key=totals.get)
+    progress(f"task_linear: triton {totals['triton']:.4f} ms, {rival} {totals[rival]:.4f} ms over {compared} "
+             f"classes: {faster} first")
+    return {"task_linear": {"backend": faster, "ms": {k: round(v, 5) for k, v in totals.items()},
+                            "classes": compared}}, report
+
+
+def table_of(tuned: dict, sm_count: int, device_name: str, preferences: dict | None = None) -> dict:
+    """The fastest candidate of each tuned class, and the measured backend preferences
+    (:func:`compare_backends`), in kernels/tile_table.json's format."""
     entries = {key: {**{k: t["best"]["config"][k] for k in SETTINGS}, "ms": round(t["best"]["ms"], 5),
                      "candidates": sum(r["ms"] is not None for r in t["candidates"])}
                for key, t in sorted(tuned.items()) if t["best"] is not None}
     table = {"schema": tiles.TABLE_SCHEMA, "sm_count": sm_count, "device": device_name,
              "note": "written by bench/tune_tiles.py (bench/gpu_check.py's tune step)", "entries": entries}
+    if preferences:
+        table["preferences"] = preferences
     return tiles.check_table(table)
 
 
@@ -259,14 +317,18 @@ def main(argv: list[str] | None = None) -> int:
         left_s = args.budget - (time.monotonic() - began)
         tuned, left = tune(classes, device, args.candidates, args.repeats, left_s,
                            progress=lambda line: print(line, flush=True))
+        preferences, rivalry = compare_backends(classes, tuned, device, args.repeats,
+                                                progress=lambda line: print(line, flush=True))
+        if rivalry["why"]:
+            print(f"no backend preference: {rivalry['why']}", flush=True)
     description = device_description(device)
-    table = table_of(tuned, sm_count, description.get("name"))
+    table = table_of(tuned, sm_count, description.get("name"), preferences)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "schema": SCHEMA, "device": description, "sm_count": sm_count, "workloads": args.workloads,
             "tasks": args.tasks, "seconds": round(time.monotonic() - began, 1), "table": table,
-            "classes": tuned, "left": left}, indent=2) + "\n")
+            "classes": tuned, "left": left, "backends": rivalry}, indent=2) + "\n")
     print(f"TUNE_RESULT {json.dumps({'classes': len(classes), 'tuned': len(table['entries']), 'left': len(left)})}",
           flush=True)
     return 0 if classes and table["entries"] else 1

@@ -75,6 +75,9 @@ TABLE_PATH = Path(__file__).resolve().with_name("tile_table.json")
 GEMM_KERNELS = ("conv_forward", "conv_input_grad", "conv_weight_grad",
                 "linear_forward", "linear_input_grad", "linear_weight_grad")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
+# The backends a table's measured preference may name for an op family on CUDA (issue 24,
+# item 4: the sweep times the CUDA extension's GEMMs against the tuned Triton kernels).
+PREFERABLE_BACKENDS = ("triton", "cuda")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -207,6 +210,15 @@ def check_table(table: dict) -> dict:
         for name in ("SPLIT_K", "num_warps", "num_stages"):
             if not isinstance(entry[name], int) or entry[name] < 1:
                 raise ValueError(f"tile table entry {key!r}: {name} must be a positive integer")
+    for family, preference in table.get("preferences", {}).items():
+        if not isinstance(preference, dict) or preference.get("backend") not in PREFERABLE_BACKENDS:
+            raise ValueError(f"tile table preference {family!r}: backend must be one of {PREFERABLE_BACKENDS}, got "
+                             f"{preference!r}")
+        ms = preference.get("ms", {})
+        if not isinstance(ms, dict) or preference["backend"] not in ms or not all(
+                isinstance(v, (int, float)) and v > 0 for v in ms.values()):
+            raise ValueError(f"tile table preference {family!r}: ms must give each timed backend's positive total, "
+                             f"the preferred one's included, got {ms!r}")
     return table
 
 
@@ -238,6 +250,14 @@ def using_table(table: dict):
 
 def current_table() -> dict:
     return _table_override[-1] if _table_override else load_table()
+
+
+def preferred_backend(family: str) -> str | None:
+    """The backend the table's sweep measured fastest on CUDA for the op family's kernels
+    (``preferences``, written by bench/tune_tiles.py), or None where it measured none: then
+    ``auto`` keeps its fixed order (fastmeta.backends.AUTO_PREFERENCE)."""
+    preference = current_table().get("preferences", {}).get(family)
+    return None if preference is None else preference["backend"]
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ there). Changing ``os.environ`` after import without calling it changes nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
@@ -210,14 +211,36 @@ class use_backend:
         return False
 
 
+def measured_preference(op: str) -> str | None:
+    """The backend that the tile table's sweep measured fastest on CUDA for ``op``'s family
+    (kernels/tile_table.json's ``preferences``: bench/tune_tiles.py times the CUDA
+    extension's GEMMs against the tuned Triton kernels), or None."""
+    spec = TABLE.get(op)
+    if spec is None or importlib.util.find_spec("fastmeta.kernels") is None:
+        return None
+    from fastmeta.kernels import tiles
+
+    return tiles.preferred_backend(spec.family)
+
+
+def preference_order(op: str, device_type: str) -> tuple[str, ...]:
+    """:data:`AUTO_PREFERENCE`'s order for ``op``; on CUDA, the backend the tile table's
+    sweep measured fastest for its family first (:func:`measured_preference`)."""
+    order = AUTO_PREFERENCE.get(op, AUTO_PREFERENCE["default"])
+    preferred = measured_preference(op) if device_type == "cuda" else None
+    if preferred is None or preferred not in order:
+        return order
+    return (preferred, *(name for name in order if name != preferred))
+
+
 def auto_backends(op: str, device_type: str, *, assume_available: bool = False) -> Iterator[str]:
     """The backends ``auto`` tries for ``op`` on ``device_type``, in order: those of
-    :data:`AUTO_PREFERENCE` recorded as verified there and available.
+    :func:`preference_order` recorded as verified there and available.
 
     assume_available: leave the availability (and the backend's device types of this
     machine) out: the order a machine with that device would take, e.g. the CUDA path
     asked on a CPU machine (``fastmeta.tools.launches``)."""
-    for name in AUTO_PREFERENCE.get(op, AUTO_PREFERENCE["default"]):
+    for name in preference_order(op, device_type):
         if name == REFERENCE:
             continue
         # The record first: it is cheap, and availability may mean building an extension.
