@@ -10,7 +10,12 @@ the fastest recorded in the format of the tile table (kernels/tile_table.json).
    backend, each GEMM-like kernel (the conv forward, input and weight gradients, the
    task_linear family) wrapped: the plan of each call (``conv_launch_plan`` /
    ``linear_launch_plan`` at the SM count) names its shape class; the first call of each
-   class is kept (its arguments cloned) and the class's issued MACs are summed.
+   class is kept (its arguments cloned) and the class's issued MACs are summed. The
+   backward ops that are one op each (``task_conv2d_backward`` and its double backward,
+   ``task_linear_backward`` and its double backward: most of a second-order iteration's
+   MACs) are wrapped too and counted by their launches (:func:`component_calls`): each
+   launch is kept as a call of the single-GEMM launcher it is, whose tiles the table then
+   gives the composed op as well.
 2. **The candidates** of a class (:func:`candidates`): the plan's own configuration first
    (the rule's, or the committed table's), the rule's without split-K (its tiles shrunk
    to two waves instead: no second pass), then variants of one setting each: split-K 1,
@@ -89,6 +94,37 @@ def clone(a):
     return a.detach().clone()
 
 
+COMPOSED_KERNELS = ("task_conv2d_backward", "task_conv2d_double_backward", "task_linear_backward",
+                    "task_linear_double_backward")
+
+
+def component_calls(name: str, args) -> list[tuple[str, tuple]]:
+    """The single-GEMM launcher calls that the launcher ``name`` makes for ``args``, in
+    order: itself for a single-GEMM one; for the composed conv ops their launch plans'
+    calls (kernels/task_conv2d.py); for the linear pair ops the GEMMs their launchers run
+    (kernels/task_linear.py: the input and weight gradients; d grad_out's two products, then
+    d x's and d w's, each where its upstream is given and its output wanted)."""
+    if name in CONV_KERNELS + LINEAR_KERNELS:
+        return [(name, tuple(args))]
+    if name in task_conv2d._COMPOSED:
+        launches = task_conv2d._COMPOSED[name](*args)
+        return [] if launches is None else [(kind, tuple(largs)) for kind, _, largs in launches]
+    if name == "task_linear_backward":
+        grad_out, x, w, mask = args[:4]
+        return ([("task_linear_input_grad", (grad_out, w))] if mask[0] else []) + (
+            [("task_linear_weight_grad", (grad_out, x, w.dim() == 2))] if mask[1] else [])
+    if name == "task_linear_double_backward":
+        g_dx, g_dw, grad_out, x, w, mask = args
+        calls = [("task_linear", (a, b, None, "none", 0.0)) for a, b in ((g_dx, w), (x, g_dw))
+                 if mask[0] and a is not None and b is not None]
+        if mask[1] and g_dw is not None:
+            calls.append(("task_linear_input_grad", (grad_out, g_dw)))
+        if mask[2] and g_dx is not None:
+            calls.append(("task_linear_weight_grad", (grad_out, g_dx, w.dim() == 2)))
+        return calls
+    raise ValueError(f"not a GEMM-like launcher: {name!r}")
+
+
 def collect(workload_names, device, tasks, sm_count, progress=print) -> dict:
     """{shape class: {"name", "args", "issued_macs", "calls", "config"}} of one second-order
     meta-iteration of each workload on the triton backend."""
@@ -97,25 +133,30 @@ def collect(workload_names, device, tasks, sm_count, progress=print) -> dict:
     original = dict(backend.kernels)
     classes: dict = {}
 
+    def record(name, args):
+        plan = plan_of(name, args, sm_count)
+        if plan is None:
+            return
+        key = plan.config["shape_class"]
+        if key not in classes:
+            unsplit = plan_of(name, args, sm_count, split=False)
+            classes[key] = {"name": name, "args": [clone(a) for a in args], "issued_macs": 0, "calls": 0,
+                            "config": {k: plan.config[k] for k in SETTINGS},
+                            "unsplit": {k: unsplit.config[k] for k in SETTINGS}}
+        seen = classes[key]
+        seen["issued_macs"] += plan.issued_macs
+        seen["calls"] += 1
+
     def recorder(name, fn):
         def run(*args):
-            plan = plan_of(name, args, sm_count)
-            if plan is not None:
-                key = plan.config["shape_class"]
-                if key not in classes:
-                    unsplit = plan_of(name, args, sm_count, split=False)
-                    classes[key] = {"name": name, "args": [clone(a) for a in args], "issued_macs": 0, "calls": 0,
-                                    "config": {k: plan.config[k] for k in SETTINGS},
-                                    "unsplit": {k: unsplit.config[k] for k in SETTINGS}}
-                seen = classes[key]
-                seen["issued_macs"] += plan.issued_macs
-                seen["calls"] += 1
+            for component, component_args in component_calls(name, args):
+                record(component, component_args)
             return fn(*args)
 
         return run
 
-    backend.kernels.update({name: recorder(name, fn) if name in CONV_KERNELS + LINEAR_KERNELS else fn
-                            for name, fn in original.items()})
+    wrapped = CONV_KERNELS + LINEAR_KERNELS + COMPOSED_KERNELS
+    backend.kernels.update({name: recorder(name, fn) if name in wrapped else fn for name, fn in original.items()})
     invalidate_kernel_choices()
     try:
         for workload_name in workload_names:

@@ -144,3 +144,37 @@ def test_compare_backends_sums_each_backends_medians_over_the_linear_classes(tun
         unregister_backend("rival-for-test")
     preferences, report = tune_tiles.compare_backends(classes, tuned, torch.device("cpu"), 3, rival="cuda")
     assert preferences == {} and "does not run on cpu" in report["why"]
+
+
+def test_the_sweep_sees_the_launches_of_the_composed_backward_ops(tune_tiles):
+    """The conv and linear backward ops are one op each: the sweep keeps each of their
+    launches as a call of its single-GEMM launcher (so the input- and weight-gradient
+    classes are tuned too), in the launchers' order."""
+    import torch
+
+    from fastmeta.kernels.launch_checks import interpreting
+    from fastmeta.kernels.task_conv2d import conv_launch_plans
+
+    if not interpreting():
+        pytest.skip("needs the Triton interpreter (the launch planners take CPU tensors there)")
+    x, w = torch.randn(2, 3, 4, 6, 6), torch.randn(2, 5, 4, 3, 3)
+    gy = torch.randn(2, 3, 5, 3, 3)
+    g_dx, g_dw = torch.randn_like(x), torch.randn_like(w)
+    backward = (gy, x, w, [2, 2], [1, 1], [True, True])
+    calls = tune_tiles.component_calls("task_conv2d_backward", backward)
+    assert [name for name, _ in calls] == ["task_conv2d_input_grad", "task_conv2d_weight_grad"]
+    assert len(calls) == len(conv_launch_plans("task_conv2d_backward", *backward))
+    double = (g_dx, g_dw, gy, x, w, [2, 2], [1, 1], [True, True, True])
+    assert [name for name, _ in tune_tiles.component_calls("task_conv2d_double_backward", double)] == [
+        "task_conv2d", "task_conv2d", "task_conv2d_input_grad", "task_conv2d_weight_grad"]
+    # Each kept call runs on its launcher as the composed op's launch would.
+    for name, args in calls:
+        assert tune_tiles.launcher(name)(*args) is not NotImplemented
+    lx, lw, lg = torch.randn(2, 3, 4), torch.randn(5, 4), torch.randn(2, 3, 5)
+    assert tune_tiles.component_calls("task_linear_backward", (lg, lx, lw, [True, False])) == [
+        ("task_linear_input_grad", (lg, lw))]
+    names = [n for n, _ in tune_tiles.component_calls(
+        "task_linear_double_backward", (None, torch.randn(5, 4), lg, lx, lw, [True, True, True]))]
+    assert names == ["task_linear", "task_linear_input_grad"]  # no g_dx: one product, no d w
+    with pytest.raises(ValueError, match="not a GEMM-like launcher"):
+        tune_tiles.component_calls("inner_step", ())
