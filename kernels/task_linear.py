@@ -56,7 +56,7 @@ from fastmeta.kernels.tiles import (
 
 @triton.jit
 def task_matmul_kernel(
-    a_ptr, b_ptr, bias_ptr, c_ptr, final_ptr, counters_ptr,
+    a_ptr, b_ptr, bias_ptr, c_ptr, final_ptr, counters_ptr, addend_ptr,
     M, N, K, k_per_split,
     a_batch_stride, a_m_stride, a_k_stride,
     b_batch_stride, b_k_stride, b_n_stride,
@@ -66,11 +66,13 @@ def task_matmul_kernel(
     negative_slope,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ONE_PASS: tl.constexpr = False,
+    INPUT_PRECISION: tl.constexpr, ONE_PASS: tl.constexpr = False, HAS_ADDEND: tl.constexpr = False,
 ):
     # ONE_PASS (a split launch): c_ptr is the partial tiles' buffer [SPLIT_K, batch, M, N],
     # and the last K range of each tile to finish writes their sum to final_ptr, at the
-    # final_* strides (kernels/split_k.py).
+    # final_* strides (kernels/split_k.py). HAS_ADDEND: the first K range also adds
+    # addend[batch, m, n], laid out as the output (final_* strides): the backward's
+    # gradient addends, in the store it makes anyway (no bias, activation or ACCUMULATE).
     tile = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -100,6 +102,10 @@ def task_matmul_kernel(
         bias = tl.load(bias_ptr + batch * bias_batch_stride + offs_n * bias_n_stride, mask=(offs_n < N) & (split == 0),
                        other=0.0)
         acc += bias[None, :]
+    if HAS_ADDEND:  # once, likewise
+        acc += tl.load(addend_ptr + batch * final_batch_stride + offs_m.to(tl.int64)[:, None] * final_m_stride
+                       + offs_n[None, :] * final_n_stride,
+                       mask=(offs_m[:, None] < M) & (offs_n[None, :] < N) & (split == 0), other=0.0)
     acc = apply_activation(acc, negative_slope, ACT)
     c_ptrs = (c_ptr + split.to(tl.int64) * c_split_stride + batch * c_batch_stride
               + offs_m.to(tl.int64)[:, None] * c_m_stride + offs_n[None, :] * c_n_stride)
@@ -178,10 +184,12 @@ def matmul_launch(kernel: str, batch: int, M: int, N: int, K: int, can_split: bo
 
 def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_strides,
                        bias=None, bias_strides=(0, 0), act_code=0, negative_slope=0.0, config=None,
-                       input_precision="ieee", kernel="forward", accumulate=False):
+                       input_precision="ieee", kernel="forward", accumulate=False, addend=None):
     """C[batch] = act(A[batch] @ B[batch] + bias) into ``out`` (its strides given), or
     C[batch] += A[batch] @ B[batch] where ``accumulate`` (no bias, no activation; one K
-    range: partial tiles would each add the old C).
+    range: partial tiles would each add the old C), or C[batch] = A[batch] @ B[batch] +
+    addend[batch] (``addend`` laid out as ``out``, its strides; no bias, activation or
+    accumulate), the addend added by the first K range.
 
     Strides are (batch, m, k) for A, (batch, k, n) for B, (batch, m, n) for C. config: a
     plan's (:func:`matmul_launch`; planned here for ``kernel`` when not given). With
@@ -193,6 +201,9 @@ def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_stri
                                   sm_count=device_sm_count(out.device)).config
     if accumulate and (bias is not None or act_code != 0):
         raise ValueError("an accumulating GEMM takes no bias and no activation")
+    if addend is not None and (bias is not None or act_code != 0 or accumulate or addend.stride() != out.stride()
+                               or addend.shape != out.shape):
+        raise ValueError("an addend is laid out as the output, in a GEMM without bias, activation or accumulation")
     split_k, k_per_split = normalized_split(K, cfg["BLOCK_K"], cfg["SPLIT_K"] if act_code == 0 and not accumulate
                                             else 1)
     target, target_strides, split_stride = out, out_strides, 0
@@ -204,13 +215,14 @@ def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_stri
     one_pass, counters = split_reduction(out.device, split_k, grid[0] * grid[1])
     task_matmul_kernel[grid](
         a, b, bias if bias is not None else a, target, out, counters if one_pass else target,
+        addend if addend is not None else out,
         M, N, K, k_per_split,
         *a_strides, *b_strides, *bias_strides,
         split_stride, *target_strides, *out_strides,
         float(negative_slope),
         HAS_BIAS=bias is not None, ACT=act_code, ACCUMULATE=accumulate,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=input_precision, ONE_PASS=one_pass,
+        INPUT_PRECISION=input_precision, ONE_PASS=one_pass, HAS_ADDEND=addend is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split_k > 1 and not one_pass:  # the second pass: deterministic, unlike atomics
@@ -311,15 +323,16 @@ def linear_launch_plan(kernel: str, *args, config_for=None, sm_count: int | None
 
 
 def _run(launch, gemm, out_shape, device, bias=None, bias_strides=(0, 0), act_code=0, negative_slope=0.0,
-         input_precision="ieee", out=None):
-    """The planned launch into a new output, or accumulated into ``out`` where given."""
+         input_precision="ieee", out=None, addend=None):
+    """The planned launch into a new output, or accumulated into ``out`` where given;
+    ``addend`` (the output's shape, contiguous) added in the launch's epilogue."""
     accumulate = out is not None
     if out is None:
         out = torch.empty(out_shape, dtype=torch.float32, device=device)
     a, a_strides, b, b_strides, batch, M, N, K, out_strides = gemm
     return launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_strides, bias, bias_strides,
                               act_code, negative_slope, config=launch.config, input_precision=input_precision,
-                              accumulate=accumulate)
+                              accumulate=accumulate, addend=addend)
 
 
 def task_linear(x, w, b, act, negative_slope, input_precision="ieee"):
@@ -356,25 +369,29 @@ def _empty(like):
 
 
 def task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None, input_precision="ieee"):
-    """(grad_out @ w, grad_outᵀ @ x): the input- and weight-gradient launches; an output the
-    mask leaves out is empty. The weight's rank says whether dw is summed over tasks. The
-    addends are added after the launches (an add each: no addend epilogue here)."""
+    """(grad_out @ w + dx_addend, grad_outᵀ @ x + dw_addend): the input- and weight-gradient
+    launches, each adding its addend in its epilogue (its first K range: no add launch);
+    an output the mask leaves out is empty. The weight's rank says whether dw is summed
+    over tasks. Declines addends not fp32 on the device, or not shaped as their gradient."""
     input_call = _linear_input_grad_call(grad_out, w) if output_mask[0] else None
     weight_call = _linear_weight_grad_call(grad_out, x, w.dim() == 2) if output_mask[1] else None
     if (output_mask[0] and input_call is None) or (output_mask[1] and weight_call is None):
         return NotImplemented
+    addends = []
+    for call, addend in ((input_call, dx_addend), (weight_call, dw_addend)):
+        if call is not None and addend is not None:
+            if not all_float32_on_one_device(grad_out, addend) or tuple(addend.shape) != tuple(call[2]):
+                return NotImplemented
+            addend = addend.contiguous()
+        addends.append(addend if call is not None else None)
     d_x = _empty(grad_out)
     if input_call is not None:
         launch, gemm, out_shape = input_call
-        d_x = _run(launch, gemm, out_shape, grad_out.device, input_precision=input_precision)
+        d_x = _run(launch, gemm, out_shape, grad_out.device, input_precision=input_precision, addend=addends[0])
     d_w = _empty(grad_out)
     if weight_call is not None:
         launch, gemm, out_shape = weight_call
-        d_w = _run(launch, gemm(), out_shape, grad_out.device, input_precision=input_precision)
-    if dx_addend is not None:
-        d_x = d_x + dx_addend
-    if dw_addend is not None:
-        d_w = d_w + dw_addend
+        d_w = _run(launch, gemm(), out_shape, grad_out.device, input_precision=input_precision, addend=addends[1])
     return d_x, d_w
 
 

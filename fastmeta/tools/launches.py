@@ -543,7 +543,7 @@ class _LaunchRecorder(TorchDispatchMode):
         if name in CONV_KERNELS:
             gemm, issued, useful = "conv", *self._conv_macs(grid, kwargs)
         elif name == MATMUL_KERNEL:
-            gemm, issued, useful = "linear", *matmul_macs(grid, *args[6:10], kwargs)
+            gemm, issued, useful = "linear", *matmul_macs(grid, *args[7:11], kwargs)
         self.add(Launch("triton", name, grid=grid, tiles=tiles, gemm=gemm, issued_macs=issued, useful_macs=useful))
 
     def _conv_macs(self, grid, kwargs) -> tuple[int, int]:

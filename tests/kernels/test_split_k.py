@@ -28,7 +28,11 @@ from fastmeta.ops.task_conv2d import (  # noqa: E402
     reference_task_conv2d_input_grad,
     reference_task_conv2d_weight_grad,
 )
-from fastmeta.ops.task_linear import reference_task_linear, reference_task_linear_weight_grad  # noqa: E402
+from fastmeta.ops.task_linear import (  # noqa: E402
+    reference_task_linear,
+    reference_task_linear_backward,
+    reference_task_linear_weight_grad,
+)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = torch.cuda.is_available() and not INTERPRETED
@@ -106,7 +110,19 @@ def linear_weight_grad_case():
             linear.linear_launch_plan("task_linear_weight_grad", *args))
 
 
+def linear_backward_addends_case():
+    """The backward's addends, added by the first K range of the split weight gradient (and
+    by the input gradient's only range): each in the sum once."""
+    gy, x, w = randn(2, 256, 16, seed=18), randn(2, 256, 256, seed=19), randn(2, 16, 256, seed=20) / 16
+    add_x, add_w = randn(2, 256, 256, seed=21), randn(2, 16, 256, seed=22)
+    args = (gy, x, w, [True, True], add_x, add_w)
+    return ("task_linear_backward", args, lambda: torch.cat([t.flatten() for t in linear.task_linear_backward(*args)]),
+            lambda: torch.cat([t.flatten() for t in reference_task_linear_backward(*args)]),
+            linear.linear_launch_plan("task_linear_weight_grad", gy, x, False))
+
+
 CASES = {
+    "linear-backward-addends": linear_backward_addends_case,
     "conv-forward": conv_forward_case,
     "conv-input-grad-phases": conv_input_grad_case,
     "conv-weight-grad-per-task": lambda: conv_weight_grad_case(False),
