@@ -21,5 +21,22 @@ void launch_batched_gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strid
                          const float* bias, int64_t bias_b, int act, float slope, bool accumulate,
                          cudaStream_t stream, const float* addend = nullptr);
 
+// One batched GEMM's arguments, as launch_batched_gemm takes them.
+struct Gemm {
+  int64_t batches, M, N, K;
+  Strided A, B;
+  float* C;
+  const float* bias;
+  int64_t bias_b;
+  int act;
+  float slope;
+  bool accumulate;
+  const float* addend;
+};
+
+// Two independent batched GEMMs in one launch (the backward's dx and dw): grid z covers
+// the first's batches, then the second's; x and y the larger of the two.
+void launch_batched_gemm_pair(const Gemm& first, const Gemm& second, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastmeta

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "host_common.h"
@@ -22,12 +23,32 @@ namespace {
 // task_linear family
 // ---------------------------------------------------------------------------------------
 
+// One launch of `first`, or of `first` and `second` together (the backward's two
+// gradients: one launch instead of two).
+void run_gemms(const Gemm& first, const Gemm* second = nullptr) {
+  const int64_t batches = first.batches + (second ? second->batches : 0);
+  TORCH_CHECK_NOT_IMPLEMENTED(batches <= 65535, "at most 65535 tasks per launch (grid z), got ", batches);
+  for (const Gemm* g : {&first, second})
+    if (g != nullptr)
+      TORCH_CHECK_NOT_IMPLEMENTED((g->M + 31) / 32 <= 65535, "at most 65535·32 rows per task, got ", g->M);
+  if (second == nullptr)
+    launch_batched_gemm(first.batches, first.M, first.N, first.K, first.A, first.B, first.C, first.bias,
+                        first.bias_b, first.act, first.slope, first.accumulate, stream(), first.addend);
+  else
+    launch_batched_gemm_pair(first, *second, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The GEMMs that were wanted (empty outputs launch nothing), in one launch.
+void run_wanted(const c10::optional<Gemm>& first, const c10::optional<Gemm>& second) {
+  if (first && second) run_gemms(*first, &*second);
+  else if (first) run_gemms(*first);
+  else if (second) run_gemms(*second);
+}
+
 void gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* C, const float* bias,
           int64_t bias_b, int act, float slope, bool accumulate = false, const float* addend = nullptr) {
-  TORCH_CHECK_NOT_IMPLEMENTED(batches <= 65535, "at most 65535 tasks per launch (grid z), got ", batches);
-  TORCH_CHECK_NOT_IMPLEMENTED((M + 31) / 32 <= 65535, "at most 65535·32 rows per task, got ", M);
-  launch_batched_gemm(batches, M, N, K, A, B, C, bias, bias_b, act, slope, accumulate, stream(), addend);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_gemms(Gemm{batches, M, N, K, A, B, C, bias, bias_b, act, slope, accumulate, addend});
 }
 
 at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
@@ -74,31 +95,34 @@ at::Tensor task_linear_input_grad(const at::Tensor& grad_out, const at::Tensor& 
   return out;
 }
 
-// addend (dw's shape, contiguous fp32 on the device), when given, is added in the GEMM's
-// epilogue.
-at::Tensor weight_grad(const at::Tensor& grad_out, const at::Tensor& x, bool shared, const float* addend) {
+// dw = grad_outᵀ·x (+ addend: dw's shape, contiguous fp32 on the device, added in the
+// epilogue): the output, allocated, and its GEMM (none where the output is empty).
+std::pair<at::Tensor, c10::optional<Gemm>> weight_grad_gemm(const at::Tensor& grad_out, const at::Tensor& x,
+                                                             bool shared, const float* addend) {
   FM_CHECK_CUDA_F32(grad_out);
   FM_CHECK_CUDA_F32(x);
   FM_CHECK_DIM(grad_out, 3);
   FM_CHECK_DIM(x, 3);
   const int64_t T = x.size(0), N = x.size(1), I = x.size(2), O = grad_out.size(2);
   TORCH_CHECK_VALUE(grad_out.size(0) == T && grad_out.size(1) == N, "grad_out must be [T, N, O] like x");
-  c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = shared ? at::empty({O, I}, x.options()) : at::empty({T, O, I}, x.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return {out, c10::nullopt};
   const int none = static_cast<int>(Act::None);
   // A[m = o, k = n] = grad_out[n, o]; shared: the task and example dims merged (K = T·N).
   if (shared)
-    gemm(1, O, I, T * N, Strided{grad_out.data_ptr<float>(), 0, 1, O}, Strided{x.data_ptr<float>(), 0, I, 1},
-         out.data_ptr<float>(), nullptr, 0, none, 0.f, false, addend);
-  else
-    gemm(T, O, I, N, Strided{grad_out.data_ptr<float>(), N * O, 1, O}, Strided{x.data_ptr<float>(), N * I, I, 1},
-         out.data_ptr<float>(), nullptr, 0, none, 0.f, false, addend);
-  return out;
+    return {out, Gemm{1, O, I, T * N, Strided{grad_out.data_ptr<float>(), 0, 1, O},
+                      Strided{x.data_ptr<float>(), 0, I, 1}, out.data_ptr<float>(), nullptr, 0, none, 0.f, false,
+                      addend}};
+  return {out, Gemm{T, O, I, N, Strided{grad_out.data_ptr<float>(), N * O, 1, O},
+                    Strided{x.data_ptr<float>(), N * I, I, 1}, out.data_ptr<float>(), nullptr, 0, none, 0.f, false,
+                    addend}};
 }
 
 at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, bool shared) {
-  return weight_grad(grad_out, x, shared, nullptr);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto [out, dw] = weight_grad_gemm(grad_out, x, shared, nullptr);
+  run_wanted(dw, c10::nullopt);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -123,13 +147,13 @@ void linear_gemm(const at::Tensor& a, const at::Tensor& b, int64_t bs, at::Tenso
        out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f, accumulate);
 }
 
-// out = g·w (+ addend, out's layout): g [T, N, O] contiguous, w [T, O, I] / [O, I] at batch
-// stride ws.
-void input_grad_gemm(const at::Tensor& g, const at::Tensor& w, int64_t ws, at::Tensor& out,
+// The GEMM of out = g·w (+ addend, out's layout): g [T, N, O] contiguous, w [T, O, I] /
+// [O, I] at batch stride ws.
+Gemm input_grad_gemm(const at::Tensor& g, const at::Tensor& w, int64_t ws, at::Tensor& out,
                      const float* addend = nullptr) {
   const int64_t T = g.size(0), N = g.size(1), O = g.size(2), I = w.size(-1);
-  gemm(T, N, I, O, Strided{g.data_ptr<float>(), N * O, O, 1}, Strided{w.data_ptr<float>(), ws, I, 1},
-       out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f, false, addend);
+  return Gemm{T, N, I, O, Strided{g.data_ptr<float>(), N * O, O, 1}, Strided{w.data_ptr<float>(), ws, I, 1},
+              out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f, false, addend};
 }
 
 // An addend as the GEMM's epilogue reads it: fp32 on the device, shaped as its output,
@@ -147,7 +171,7 @@ const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr
 bool mask_at(const c10::List<bool>& mask, size_t i) { return mask.size() > i && mask.get(i); }
 
 // dx_addend / dw_addend, when given, are added to dx / dw in the GEMMs' epilogues (no add
-// launch of their own), as the CPU kernels add them in theirs.
+// launch of their own), as the CPU kernels add them in theirs. dx and dw are one launch.
 std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                         const at::Tensor& w, const c10::List<bool>& output_mask,
                                                         const c10::optional<at::Tensor>& dx_addend,
@@ -159,17 +183,20 @@ std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_o
   TORCH_CHECK_VALUE(w.size(-2) == O, "w must have ", O, " output features");
   c10::cuda::CUDAGuard guard(grad_out.device());
   at::Tensor d_x = at::empty({0}, grad_out.options());
+  at::Tensor add_x, add_w;  // held until the launch is queued
+  c10::optional<Gemm> dx_gemm, dw_gemm;
   if (mask_at(output_mask, 0)) {
     d_x = at::empty({T, N, w.size(-1)}, grad_out.options());
-    const at::Tensor add_x = epilogue_addend(dx_addend, d_x.sizes(), "dx_addend");
-    if (d_x.numel()) input_grad_gemm(grad_out, w, ws, d_x, data_or_null(add_x));
+    add_x = epilogue_addend(dx_addend, d_x.sizes(), "dx_addend");
+    if (d_x.numel()) dx_gemm = input_grad_gemm(grad_out, w, ws, d_x, data_or_null(add_x));
   }
   at::Tensor d_w = at::empty({0}, grad_out.options());
   if (mask_at(output_mask, 1)) {
     // dw has w's shape: [O, I] summed over tasks for a shared w, [T, O, I] per task.
-    const at::Tensor add_w = epilogue_addend(dw_addend, w.sizes(), "dw_addend");
-    d_w = weight_grad(grad_out, x, w.dim() == 2, data_or_null(add_w));
+    add_w = epilogue_addend(dw_addend, w.sizes(), "dw_addend");
+    std::tie(d_w, dw_gemm) = weight_grad_gemm(grad_out, x, w.dim() == 2, data_or_null(add_w));
   }
+  run_wanted(dx_gemm, dw_gemm);
   return {d_x, d_w};
 }
 
@@ -204,16 +231,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_double_backward(
       if (!g_dx.has_value() && !g_dw.has_value()) d_grad_out.zero_();
     }
   }
+  // d x and d w: one launch.
+  c10::optional<Gemm> dx_gemm, dw_gemm;
   if (mask_at(output_mask, 1)) {
     if (g_dw.has_value()) {
       d_x = at::empty({T, N, I}, x.options());
-      if (d_x.numel()) input_grad_gemm(grad_out, *g_dw, gws, d_x);
+      if (d_x.numel()) dx_gemm = input_grad_gemm(grad_out, *g_dw, gws, d_x);
     } else {
       d_x = at::zeros({T, N, I}, x.options());
     }
   }
-  if (mask_at(output_mask, 2))
-    d_w = g_dx.has_value() ? task_linear_weight_grad(grad_out, *g_dx, w.dim() == 2) : at::zeros(w.sizes(), w.options());
+  if (mask_at(output_mask, 2)) {
+    if (g_dx.has_value())
+      std::tie(d_w, dw_gemm) = weight_grad_gemm(grad_out, *g_dx, w.dim() == 2, nullptr);
+    else
+      d_w = at::zeros(w.sizes(), w.options());
+  }
+  run_wanted(dx_gemm, dw_gemm);
   return {d_grad_out, d_x, d_w};
 }
 

@@ -326,33 +326,52 @@ def _host_task_linear_weight_grad(grad_out, x, shared):
     return _batched_gemm(1, O, I, T * N) if shared else _batched_gemm(T, O, I, N)
 
 
+def _gemm_pair(first: list[Launch], second: list[Launch]) -> list[Launch]:
+    """Two batched GEMMs in one launch (``launch_batched_gemm_pair``): grid z their batches
+    together, x and y the larger; the blocks past their own GEMM's tiles return at once, so
+    the issued MACs are the two's."""
+    if not first or not second:
+        return first + second
+    (a,), (b,) = first, second
+    grid = (max(a.grid[0], b.grid[0]), max(a.grid[1], b.grid[1]), a.grid[2] + b.grid[2])
+    return [Launch("native", "batched_gemm_kernel", grid=grid, tiles=a.tiles, gemm="linear",
+                   issued_macs=a.issued_macs + b.issued_macs, useful_macs=a.useful_macs + b.useful_macs)]
+
+
 def _host_task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None):
-    """Each wanted GEMM, its addend read in its epilogue (no launch of its own), and a copy
-    (``aten::clone``) first for an addend that is not contiguous."""
-    launches = []
+    """The wanted GEMMs in one launch, each addend read in its epilogue (no launch of its
+    own), with a copy (``aten::clone``) first for an addend that is not contiguous."""
+    launches, gemms = [], []
     for wanted, addend, gemm in ((output_mask[0], dx_addend, lambda: _host_task_linear_input_grad(grad_out, w)),
                                  (output_mask[1], dw_addend,
                                   lambda: _host_task_linear_weight_grad(grad_out, x, w.dim() == 2))):
         if wanted:
             if addend is not None and addend.numel() and not addend.is_contiguous():
                 launches.append(Launch("aten", "aten::clone"))
-            launches += gemm()
-    return launches
+            gemms.append(gemm())
+    return launches + _gemm_pair(*(gemms + [[], []])[:2])
 
 
 def _host_task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask):
-    """d grad_out: one GEMM per upstream, the second accumulating; d_x, d_w: one GEMM each,
-    or a fill (at::zeros) where their upstream is absent."""
+    """d grad_out: one GEMM per upstream, the second accumulating; d_x, d_w: their GEMMs in
+    one launch, or a fill (at::zeros) where an upstream is absent."""
     launches = []
     if output_mask[0]:
         terms = [_host_task_linear(g, v, None, "none", 0.0) for g, v in ((g_dx, w), (x, g_dw)) if g is not None and v is not None]
         launches += [l for term in terms for l in term] if terms else [Launch("aten", "aten::zero_")]
+    # d x and d w: one launch where both have their upstream, a fill where one has none.
+    d_x = d_w = []
     if output_mask[1]:
-        launches += _host_task_linear_input_grad(grad_out, g_dw) if g_dw is not None else [Launch("aten", "aten::zeros")]
+        if g_dw is not None:
+            d_x = _host_task_linear_input_grad(grad_out, g_dw)
+        else:
+            launches.append(Launch("aten", "aten::zeros"))
     if output_mask[2]:
-        launches += (_host_task_linear_weight_grad(grad_out, g_dx, w.dim() == 2) if g_dx is not None
-                     else [Launch("aten", "aten::zeros")])
-    return launches
+        if g_dx is not None:
+            d_w = _host_task_linear_weight_grad(grad_out, g_dx, w.dim() == 2)
+        else:
+            launches.append(Launch("aten", "aten::zeros"))
+    return launches + _gemm_pair(d_x, d_w)
 
 
 def _host_task_loss(pred, target, kind):

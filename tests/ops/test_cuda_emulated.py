@@ -184,6 +184,16 @@ def test_emulated_cuda_task_linear_family(lib, act):
     lib.run_gemm_with_addend(L(1), L(O), L(I), L(T * N), ptr(go), L(0), L(1), L(O), ptr(x), L(0), L(I), L(1), ptr(dws),
                              ptr(add_ws))
     assert rel(dws, reference_task_linear_weight_grad(go, x, True) + add_ws) <= 1e-6
+    # The backward's dx and dw in one launch: grid z the first's batches, then the second's
+    # (per-task dw), or one batch (shared dw: the tasks merged into K); x and y the larger.
+    for shared in (False, True):
+        dx, dw = torch.empty(T, N, I), torch.empty(O, I) if shared else torch.empty(T, O, I)
+        second = ((L(1), L(O), L(I), L(T * N), ptr(go), L(0), L(1), L(O), ptr(x), L(0), L(I), L(1)) if shared else
+                  (L(T), L(O), L(I), L(N), ptr(go), L(N * O), L(1), L(O), ptr(x), L(N * I), L(I), L(1)))
+        lib.run_gemm_pair(L(T), L(N), L(I), L(O), ptr(go), L(N * O), L(O), L(1), ptr(w), L(O * I), L(I), L(1), ptr(dx),
+                          ptr(add_x), *second, ptr(dw), ptr(add_ws if shared else add_w))
+        assert rel(dx, reference_task_linear_input_grad(go, w) + add_x) <= 1e-6
+        assert rel(dw, reference_task_linear_weight_grad(go, x, shared) + (add_ws if shared else add_w)) <= 1e-6
 
 
 @pytest.mark.parametrize("kind", ["cross_entropy", "mse"])

@@ -42,6 +42,16 @@ extern "C" void run_gemm(long batches, long M, long N, long K, const float* A, l
   launch_batched_gemm(batches, M, N, K, Strided{A, ab, ar, ac}, Strided{B, bb, br, bc}, C, bias, bias_b, act, slope,
                       accumulate != 0, nullptr);
 }
+extern "C" void run_gemm_pair(long b1, long M1, long N1, long K1, const float* A1, long ab1, long ar1, long ac1,
+                              const float* B1, long bb1, long br1, long bc1, float* C1, const float* add1, long b2,
+                              long M2, long N2, long K2, const float* A2, long ab2, long ar2, long ac2,
+                              const float* B2, long bb2, long br2, long bc2, float* C2, const float* add2) {
+  launch_batched_gemm_pair(Gemm{b1, M1, N1, K1, Strided{A1, ab1, ar1, ac1}, Strided{B1, bb1, br1, bc1}, C1, nullptr, 0,
+                                0, 0.f, false, add1},
+                           Gemm{b2, M2, N2, K2, Strided{A2, ab2, ar2, ac2}, Strided{B2, bb2, br2, bc2}, C2, nullptr, 0,
+                                0, 0.f, false, add2},
+                           nullptr);
+}
 extern "C" void run_gemm_with_addend(long batches, long M, long N, long K, const float* A, long ab, long ar, long ac,
                                      const float* B, long bb, long br, long bc, float* C, const float* addend) {
   launch_batched_gemm(batches, M, N, K, Strided{A, ab, ar, ac}, Strided{B, bb, br, bc}, C, nullptr, 0, 0, 0.f, false,
