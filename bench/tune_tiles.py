@@ -78,7 +78,7 @@ def unsplit_config(batch, M, N, K, *, kernel, problems=None, sm_count=None, can_
 
 def plan_of(name: str, args, sm_count: int, split: bool = True):
     """The launch plan of a call at ``sm_count`` SMs (split: False, the rule without split-K)."""
-    if name in CONV_KERNELS:
+    if name.startswith("task_conv2d"):  # the three conv launchers and the double backward's two-term one
         return task_conv2d.conv_launch_plan(name, *args, sm_count=sm_count,
                                             config_for=task_conv2d.gpu_conv_config if split else unsplit_config)
     return task_linear.linear_launch_plan(name, *args, sm_count=sm_count,
@@ -215,7 +215,7 @@ def forced(config: dict):
 
 
 def launcher(name: str):
-    return getattr(task_conv2d if name in CONV_KERNELS else task_linear, name)
+    return getattr(task_conv2d if name.startswith("task_conv2d") else task_linear, name)
 
 
 def median_ms(fn, repeats: int, device: torch.device) -> float:

@@ -67,18 +67,20 @@ from fastmeta.kernels.tiles import (
 
 @triton.jit
 def conv2d_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, addend_ptr, final_ptr, counters_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, addend_ptr, final_ptr, counters_ptr, x2_ptr, w2_ptr,
     NB, C, H, W, O, HO, WO, k_per_split,
-    x_task_stride, w_task_stride, bias_task_stride, out_split_stride, out_task_stride,
+    x_task_stride, w_task_stride, bias_task_stride, out_split_stride, out_task_stride, w2_task_stride,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ONE_PASS: tl.constexpr = False,
+    INPUT_PRECISION: tl.constexpr, ONE_PASS: tl.constexpr = False, TWO_TERMS: tl.constexpr = False,
 ):
-    # ACCUMULATE: the first K range's tile also adds addend (the output's shape, unsplit):
-    # the double backward's second convolution adds the first's result in its epilogue.
+    # ACCUMULATE: the first K range's tile also adds addend (the output's shape, unsplit).
     # ONE_PASS (a split launch): out_ptr is the partial tiles' buffer, and the last K range
     # of each tile to finish writes their sum to final_ptr (kernels/split_k.py).
+    # TWO_TERMS: conv(x, w) + conv(x2, w2) as one GEMM over K = 2·C·kh·kw, the second
+    # half of K reading x2 (x's shape and task stride) and w2 (at w2_task_stride): the
+    # double backward's d grad_out in one launch.
     tile = tl.program_id(0)
     task = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -95,22 +97,34 @@ def conv2d_forward_kernel(
     iw0 = (pixel % WO) * stride_w - pad_w
     x_rows = x_ptr + task * x_task_stride + image.to(tl.int64) * (C * H * W)
     w_cols = w_ptr + task * w_task_stride + offs_n.to(tl.int64) * K
+    x2_rows = x2_ptr + task * x_task_stride + image.to(tl.int64) * (C * H * W)
+    w2_cols = w2_ptr + task * w2_task_stride + offs_n.to(tl.int64) * K
 
     k_begin = split * k_per_split
-    k_end = tl.minimum(K, k_begin + k_per_split)
+    k_end = tl.minimum(2 * K if TWO_TERMS else K, k_begin + k_per_split)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # (c, i, j)
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # (term, c, i, j)
         k_ok = offs_k < k_end
-        c = offs_k // (KH * KW)
-        i = (offs_k % (KH * KW)) // KW
-        j = offs_k % KW
+        second = offs_k >= K  # all False with one term
+        kk = tl.where(second, offs_k - K, offs_k)
+        c = kk // (KH * KW)
+        i = (kk % (KH * KW)) // KW
+        j = kk % KW
         ih = ih0[:, None] + i[None, :]
         iw = iw0[:, None] + j[None, :]
         inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_rows[:, None] + (c * (H * W))[None, :] + ih * W + iw,
-                    mask=m_ok[:, None] & k_ok[None, :] & inside, other=0.0)
-        b = tl.load(w_cols[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        patch = (c * (H * W))[None, :] + ih * W + iw
+        a_ok = m_ok[:, None] & k_ok[None, :] & inside
+        b_ok = k_ok[:, None] & n_ok[None, :]
+        if TWO_TERMS:  # each element from one term: the other's load is masked off
+            a = (tl.load(x_rows[:, None] + patch, mask=a_ok & ~second[None, :], other=0.0)
+                 + tl.load(x2_rows[:, None] + patch, mask=a_ok & second[None, :], other=0.0))
+            b = (tl.load(w_cols[None, :] + kk[:, None], mask=b_ok & ~second[:, None], other=0.0)
+                 + tl.load(w2_cols[None, :] + kk[:, None], mask=b_ok & second[:, None], other=0.0))
+        else:
+            a = tl.load(x_rows[:, None] + patch, mask=a_ok, other=0.0)
+            b = tl.load(w_cols[None, :] + kk[:, None], mask=b_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:  # once: by the first K range's partial tile
@@ -334,14 +348,23 @@ def _launch(kernel, batch, images, problems, N, grid_z, cfg, useful) -> ConvLaun
 
 
 def forward_launch(batch, images, C, H, W, O, KH, KW, stride, padding, config_for=None,
-                   sm_count=None) -> ConvLaunch:
-    """M = images · H'·W', N = O, K = C·kh·kw; grid row 2 is the K ranges of a split."""
+                   sm_count=None, terms=1) -> ConvLaunch:
+    """M = images · H'·W', N = O, K = terms · C·kh·kw (two terms: the sum of two
+    convolutions of the same shapes, TWO_TERMS); grid row 2 is the K ranges of a split.
+    Two terms take the tiles of one term's plan (its shape class) and twice its K ranges:
+    the launch issues no more than the two single launches would (K ranges of whole
+    BLOCK_K steps over both terms), where a plan for the doubled K could take larger tiles
+    and pad more."""
     (sh, sw), (ph, pw) = stride, padding
     HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
     problems = ((images * HO * WO, C * KH * KW),)
     cfg = _config(config_for, "conv_forward", batch, problems, O, sm_count)
+    if terms > 1:
+        problems = ((images * HO * WO, terms * C * KH * KW),)
+        split_k, k_per_split = normalized_split(terms * C * KH * KW, cfg["BLOCK_K"], terms * cfg["SPLIT_K"])
+        cfg.update(SPLIT_K=split_k, k_per_split=k_per_split)
     return _launch("forward", batch, images, problems, O, cfg["SPLIT_K"], cfg,
-                   useful=batch * images * HO * WO * O * C * KH * KW)
+                   useful=terms * batch * images * HO * WO * O * C * KH * KW)
 
 
 def input_grad_phases(size: int, kernel: int, stride: int, padding: int) -> list[tuple[int, int]]:
@@ -432,6 +455,24 @@ def _forward_call(x, w, b, stride, padding, config_for=None, sm_count=None):
     return launch, w, w_task_stride, bias_task_stride
 
 
+def _two_terms_call(x, w, x2, w2, stride, padding, config_for=None, sm_count=None):
+    """(launch, w, w task stride, w2, w2 task stride) for conv(x, w) + conv(x2, w2) in one
+    launch (x2 shaped as x, w2 as w), or None where it declines."""
+    single = _forward_call(x, w, None, stride, padding, config_for, sm_count)
+    if single is None or not all_float32_on_one_device(x, x2, w2) or x2.shape != x.shape or w2.shape != w.shape:
+        return None
+    _, w, w_task_stride, _ = single
+    w2 = _per_task_contiguous_weight(w2)
+    w2_task_stride = _weight_task_stride(w2)
+    sh, sw, ph, pw = _geometry(stride, padding)
+    T, NB, C, H, W = x.shape
+    O, _, KH, KW = w.shape[-4:]
+    batch, images = (1, T * NB) if w_task_stride == 0 and w2_task_stride == 0 else (T, NB)
+    launch = forward_launch(batch, images, C, H, W, O, KH, KW, (sh, sw), (ph, pw), config_for,
+                            sm_count or device_sm_count(x.device), terms=2)
+    return launch, w, w_task_stride, w2, w2_task_stride
+
+
 def _input_grad_call(grad_out, w, input_size, stride, padding, config_for=None, sm_count=None):
     geometry = _geometry(stride, padding)
     if geometry is None or not all_float32_on_one_device(grad_out, w) or grad_out.dim() != 5:
@@ -474,7 +515,7 @@ def _weight_grad_call(grad_out, x, kernel_size, stride, padding, shared, config_
 
 
 _CALLS = {"task_conv2d": _forward_call, "task_conv2d_input_grad": _input_grad_call,
-          "task_conv2d_weight_grad": _weight_grad_call}
+          "task_conv2d_weight_grad": _weight_grad_call, "task_conv2d_two_terms": _two_terms_call}
 
 
 def conv_launch_plan(kernel: str, *args, config_for=None, sm_count: int | None = None) -> ConvLaunch | None:
@@ -493,10 +534,23 @@ def task_conv2d(x, w, b, stride, padding, input_precision="ieee"):
     return _run_forward(call, x, b, stride, padding, input_precision)
 
 
-def _run_forward(call, x, b, stride, padding, input_precision, addend=None):
+def task_conv2d_two_terms(x, w, x2, w2, stride, padding, input_precision="ieee"):
+    """conv(x, w) + conv(x2, w2) in one launch (no bias): the double backward's d grad_out.
+    Not an op of the table: task_conv2d_double_backward's launch, and the tile sweep's
+    (bench/tune_tiles.py) kept call of it."""
+    call = _two_terms_call(x, w, x2, w2, stride, padding)
+    if call is None:
+        return NotImplemented
+    launch, w, w_task_stride, w2, w2_task_stride = call
+    return _run_forward((launch, w, w_task_stride, 0), x, None, stride, padding, input_precision,
+                        second=(x2.contiguous(), w2, w2_task_stride))
+
+
+def _run_forward(call, x, b, stride, padding, input_precision, addend=None, second=None):
     """The forward launch ``call`` (from _forward_call) and the sum of its partial tiles;
     addend (the output's shape, contiguous fp32): added by the kernel's first K range, and
-    the result written into it (no separate add)."""
+    the result written into it (no separate add); second: (x2, w2, w2 task stride), the
+    second term of a TWO_TERMS launch (call from _two_terms_call)."""
     launch, w, w_task_stride, bias_task_stride = call
     sh, sw, ph, pw = _geometry(stride, padding)
     T, NB, C, H, W = x.shape
@@ -510,15 +564,16 @@ def _run_forward(call, x, b, stride, padding, input_precision, addend=None):
     # Unsplit and accumulating, each program reads its own tile of out before writing it.
     target = out if split_k == 1 else torch.empty((split_k, *out.shape), dtype=torch.float32, device=x.device)
     one_pass, counters = split_reduction(x.device, split_k, launch.grid[0] * launch.grid[1])
+    x2, w2, w2_task_stride = second if second is not None else (x, w, w_task_stride)
     conv2d_forward_kernel[launch.grid](
         x, w, b if b is not None else x, target, addend if addend is not None else target, out,
-        counters if one_pass else target,
+        counters if one_pass else target, x2, w2,
         launch.images, C, H, W, O, HO, WO, cfg["k_per_split"],
-        NB * C * H * W, w_task_stride, bias_task_stride, out.numel(), NB * O * HO * WO,
+        NB * C * H * W, w_task_stride, bias_task_stride, out.numel(), NB * O * HO * WO, w2_task_stride,
         sh, sw, ph, pw,
         KH=KH, KW=KW, HAS_BIAS=b is not None, ACCUMULATE=addend is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=input_precision, ONE_PASS=one_pass,
+        INPUT_PRECISION=input_precision, ONE_PASS=one_pass, TWO_TERMS=second is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out if one_pass else _sum_partial_tiles(target, out)
@@ -607,9 +662,10 @@ def _sum_partial_tiles(target, out):
 # task_conv2d_backward and task_conv2d_double_backward: the launchers above, composed.
 # Every launch is planned (and may decline) before any runs, so a decline never leaves half
 # the work done. Launches per call: backward one input-grad and one weight-grad launch (each
-# where its output is wanted); double backward two forward launches for d grad_out (the
-# second adds the first's result in its epilogue: no add of its own), one input-grad, one
-# weight-grad; a split launch not in one pass also sums its partial tiles (torch.sum), as above.
+# where its output is wanted); double backward one forward launch for d grad_out (both
+# terms, conv(g_dx, w) + conv(x, g_dw), as one GEMM over twice the K: TWO_TERMS), one
+# input-grad, one weight-grad; a split launch not in one pass also sums its partial tiles
+# (torch.sum), as above.
 # ---------------------------------------------------------------------------------------
 
 
@@ -640,10 +696,11 @@ def _backward_launches(grad_out, x, w, stride, padding, output_mask, dx_addend=N
 
 def _double_backward_launches(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask, config_for=None,
                               sm_count=None):
-    """task_conv2d_double_backward's launches in order (as _backward_launches): the forward
-    of g_dx with w and of x with g_dw (d grad_out; the second accumulates), the input
-    gradient with g_dw (d x), the weight gradient with g_dx (d w); each only where its
-    output is wanted and its upstream present. None where one declines."""
+    """task_conv2d_double_backward's launches in order (as _backward_launches): d grad_out
+    = conv(g_dx, w) + conv(x, g_dw), one TWO_TERMS launch where both upstreams are given
+    (else the one forward that has its upstream), the input gradient with g_dw (d x), the
+    weight gradient with g_dx (d w); each only where its output is wanted and its upstream
+    present. None where one declines."""
     if len(output_mask) != 3 or not all_float32_on_one_device(g_dx, g_dw, grad_out, x, w):
         return None
     if w.dim() not in (4, 5) or x.dim() != 5 or grad_out.dim() != 5:
@@ -653,7 +710,10 @@ def _double_backward_launches(g_dx, g_dw, grad_out, x, w, stride, padding, outpu
     input_size, kernel_size, shared = list(x.shape[3:]), list(w.shape[-2:]), w.dim() == 4
     launches = []
     if output_mask[0]:
-        for inp, weight in ((g_dx, w), (x, g_dw)):
+        if g_dx is not None and g_dw is not None:
+            args = (g_dx, w, x, g_dw, stride, padding)
+            launches.append(("task_conv2d_two_terms", _two_terms_call(*args, config_for, sm_count), args))
+        for inp, weight in ((g_dx, w), (x, g_dw)) if not launches else ():
             if inp is not None and weight is not None:
                 args = (inp, weight, None, stride, padding)
                 launches.append(("task_conv2d", _forward_call(*args, config_for, sm_count), args))
@@ -703,18 +763,22 @@ def task_conv2d_backward(grad_out, x, w, stride, padding, output_mask, dx_addend
 
 def task_conv2d_double_backward(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask, input_precision="ieee"):
     """(d_grad_out, d_x, d_w) of fastmeta.ops.task_conv2d_double_backward:
-    d_grad_out = conv(g_dx, w) + conv(x, g_dw) (the second launch adds the first's output
-    in its epilogue), d_x = input_grad(grad_out, g_dw), d_w = weight_grad(grad_out, g_dx);
-    unwanted outputs empty, a wanted one without its upstream zeros."""
+    d_grad_out = conv(g_dx, w) + conv(x, g_dw) (one launch over both terms' K),
+    d_x = input_grad(grad_out, g_dw), d_w = weight_grad(grad_out, g_dx); unwanted outputs
+    empty, a wanted one without its upstream zeros."""
     launches = _double_backward_launches(g_dx, g_dw, grad_out, x, w, stride, padding, output_mask)
     if launches is None:
         return NotImplemented
     d_grad_out = None
     d_x = d_w = empty = x.new_empty(0)
     for kind, call, args in launches:
-        if kind == "task_conv2d":
+        if kind == "task_conv2d_two_terms":
+            launch, w1, w1_task_stride, w2, w2_task_stride = call
+            d_grad_out = _run_forward((launch, w1, w1_task_stride, 0), g_dx, None, stride, padding, input_precision,
+                                      second=(x.contiguous(), w2, w2_task_stride))
+        elif kind == "task_conv2d":
             inp, _, b, stride_, padding_ = args
-            d_grad_out = _run_forward(call, inp, b, stride_, padding_, input_precision, addend=d_grad_out)
+            d_grad_out = _run_forward(call, inp, b, stride_, padding_, input_precision)
         elif kind == "task_conv2d_input_grad":
             d_x = _run_input_grad(call, *args, input_precision)
         else:

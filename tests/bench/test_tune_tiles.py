@@ -166,7 +166,10 @@ def test_the_sweep_sees_the_launches_of_the_composed_backward_ops(tune_tiles):
     assert len(calls) == len(conv_launch_plans("task_conv2d_backward", *backward))
     double = (g_dx, g_dw, gy, x, w, [2, 2], [1, 1], [True, True, True])
     assert [name for name, _ in tune_tiles.component_calls("task_conv2d_double_backward", double)] == [
-        "task_conv2d", "task_conv2d", "task_conv2d_input_grad", "task_conv2d_weight_grad"]
+        "task_conv2d_two_terms", "task_conv2d_input_grad", "task_conv2d_weight_grad"]
+    # Without g_dx, d grad_out is the one forward that has its upstream.
+    assert [name for name, _ in tune_tiles.component_calls(
+        "task_conv2d_double_backward", (None, *double[1:]))] == ["task_conv2d", "task_conv2d_input_grad"]
     # Each kept call runs on its launcher as the composed op's launch would.
     for name, args in calls:
         assert tune_tiles.launcher(name)(*args) is not NotImplemented

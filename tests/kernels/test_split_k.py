@@ -84,14 +84,14 @@ def conv_weight_grad_case(shared):
 
 
 def conv_double_backward_case():
-    """d grad_out's second forward launch adds the first's result (its addend, which is
-    also its output) in its first K range: the last range's sum must include it once."""
+    """d grad_out = conv(g_dx, w) + conv(x, g_dw) as one launch over both terms' K
+    (TWO_TERMS), split: the K ranges straddle the two terms."""
     x, w = randn(2, 2, 64, 8, 8, seed=8), randn(2, 64, 64, 3, 3, seed=9) / 24
     g_dx, g_dw, gy = randn(2, 2, 64, 8, 8, seed=10), randn(2, 64, 64, 3, 3, seed=11) / 24, randn(2, 2, 64, 4, 4, seed=12)
     args = (g_dx, g_dw, gy, x, w, [2, 2], [1, 1], [True, False, False])
     return ("task_conv2d_double_backward", args, lambda: conv.task_conv2d_double_backward(*args)[0],
             lambda: reference_task_conv2d_double_backward(*args)[0],
-            conv.conv_launch_plan("task_conv2d", g_dx, w, None, [2, 2], [1, 1]))
+            conv.conv_launch_plan("task_conv2d_two_terms", g_dx, w, x, g_dw, [2, 2], [1, 1]))
 
 
 def linear_forward_case():
@@ -127,7 +127,7 @@ CASES = {
     "conv-input-grad-phases": conv_input_grad_case,
     "conv-weight-grad-per-task": lambda: conv_weight_grad_case(False),
     "conv-weight-grad-shared": lambda: conv_weight_grad_case(True),
-    "conv-double-backward-accumulating": conv_double_backward_case,
+    "conv-double-backward-two-terms": conv_double_backward_case,
     "linear-forward-bias": linear_forward_case,
     "linear-weight-grad-shared": linear_weight_grad_case,
 }

@@ -57,7 +57,7 @@ def compile_plan():
          _grid(HAS_BIAS=[False, True], ACT=[0, 3], BLOCK_M=[16, 64], BLOCK_N=[16, 64], BLOCK_K=[16, 32],
                INPUT_PRECISION=precisions, ONE_PASS=[False, True], HAS_ADDEND=[False, True])[::3]),
         (task_conv2d.conv2d_forward_kernel, _grid(KH=[3], KW=[3], HAS_BIAS=[False, True], ONE_PASS=[False, True],
-                                                  **gemm)),
+                                                  TWO_TERMS=[False, True], **gemm)),
         (task_conv2d.conv2d_input_grad_kernel, _grid(KH=[3], KW=[3], ONE_PASS=[False, True], **gemm)),
         (task_conv2d.conv2d_weight_grad_kernel, _grid(KH=[3], KW=[3], ONE_PASS=[False, True], **gemm)),
         (task_batch_norm.task_batch_norm_kernel,

@@ -33,7 +33,8 @@ targets, not met yet:
   ``torch.sum`` fewer; 470 once verified with the Triton max-pooling kernels, whose
   backward is a gather: no zero fill before it, 44 launches fewer; 460 with the CUDA
   linear backward's addends in its GEMMs' epilogue, W2 108; 444 with the linear pair
-  ops' two gradients in one launch each, W2 104);
+  ops' two gradients in one launch each, W2 104; 429 with the conv double backward's
+  d grad_out in one launch, W2 101);
 - issued ÷ useful conv MACs on W2 ≤ 1.1 (1.084 since the input gradient's phases; 2.045
   before; 1.067 with the tile rule of kernels/tiles.py): met;
 - the share of W2's conv MACs in launches under one wave of a 132-SM GPU ≤ 1 % (35.5 %
@@ -89,9 +90,10 @@ FOREACH_ADAM = {"W2": {"kernels": 266, "guard": 78, "adam": 51}}
 # made 24 + 88 + 20): 514 -> 470; the CUDA linear backward's addends read in its GEMMs'
 # epilogue (csrc/cuda/task_linear.cu: no add_ after them): W2 110 -> 108, W4 470 -> 460;
 # its dx and dw GEMMs (and the double backward's d x and d w) as one launch each: W2 104,
-# W4 444.
-AS_VERIFIED = {"W2": {"kernels": 104, "triton": 66, "native": 14, "aten": 24, "autograd_adds": 2},
-               "W4": {"kernels": 444, "triton": 342, "native": 54, "aten": 48, "autograd_adds": 10}}
+# W4 444; the Triton conv double backward's d grad_out as one launch of both terms
+# (TWO_TERMS): W2 101, W4 429.
+AS_VERIFIED = {"W2": {"kernels": 101, "triton": 63, "native": 14, "aten": 24, "autograd_adds": 2},
+               "W4": {"kernels": 429, "triton": 327, "native": 54, "aten": 48, "autograd_adds": 10}}
 # Before the linear backward pair and the loss gradient's double backward became one op
 # each: W2 305 kernels (native 18, aten 221), W4 929 (native 70, aten 605). Their CUDA
 # kernels (task_linear_backward, task_linear_double_backward, task_loss_grad_backward) are
