@@ -35,9 +35,11 @@ The rule, for a shape class without an entry in the table:
 ``num_stages`` 3. Splitting is off where the kernel cannot sum partial tiles before its
 epilogue (``can_split=False``: an activation after the bias).
 
-The partial tiles of a split launch go to a buffer ``[SPLIT_K, *out]`` and are summed in a
-second pass (``torch.sum`` over the first dimension, in split order): deterministic, unlike
-atomics. Only split 0 adds a bias.
+The partial tiles of a split launch go to a buffer ``[SPLIT_K, *out]`` and are summed in
+split order (deterministic, unlike atomics): by the launch's last K range of each tile, in
+its epilogue, where split-K in one pass is in force (kernels/split_k.py: under the
+interpreter, and on CUDA once the GPU check has verified it), else in a second pass
+(``torch.sum`` over the first dimension). Only split 0 adds a bias (and an addend).
 
 **The table** (kernels/tile_table.json, :func:`load_table`): the tiles, warps, stages and
 split-K that bench/gpu_check.py's ``tune`` step measured fastest for each shape class on a
