@@ -23,7 +23,8 @@ gather form saves its 44 zero fills (``python -m fastmeta.tools.launches W4
 bound  memory: one read of each input element per covering window, one write.
 
 Declines: non-fp32 or mixed devices, tensors not 4-D, indices not int64, an empty output,
-a padding above half the kernel (the op's check refuses it first).
+a padding above half the kernel (the op's check refuses it first), pooled maps whose size
+is not the window's.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import triton
 import triton.language as tl
 
 from fastmeta.kernels.launch_checks import all_float32_on_one_device, runnable_device
+from fastmeta.kernels.tiles import cdiv
 
 BLOCK = 1024
 
@@ -138,7 +140,7 @@ def max_pool2d(x, kernel_size, stride, padding):
     y = torch.empty((B, C, HO, WO), dtype=torch.float32, device=x.device)
     indices = torch.empty((B, C, HO, WO), dtype=torch.int64, device=x.device)
     total = y.numel()
-    max_pool2d_kernel[(triton.cdiv(total, BLOCK),)](
+    max_pool2d_kernel[(cdiv(total, BLOCK),)](
         x, y, indices, total, H, W, HO, WO, sh, sw, ph, pw, KH=kh, KW=kw, BLOCK=BLOCK)
     return [y, indices]
 
@@ -158,9 +160,9 @@ def max_pool2d_backward(grad_y, indices, input_size, kernel_size, stride, paddin
     B, C = grad_y.shape[:2]
     grad_x = torch.empty((B, C, H, W), dtype=torch.float32, device=grad_y.device)
     total = grad_x.numel()
-    max_pool2d_backward_kernel[(triton.cdiv(total, BLOCK),)](
+    max_pool2d_backward_kernel[(cdiv(total, BLOCK),)](
         grad_y.contiguous(), indices.contiguous(), grad_x, total, H, W, HO, WO, sh, sw, ph, pw,
-        KH=kh, KW=kw, COVER_H=triton.cdiv(kh, sh), COVER_W=triton.cdiv(kw, sw), BLOCK=BLOCK)
+        KH=kh, KW=kw, COVER_H=cdiv(kh, sh), COVER_W=cdiv(kw, sw), BLOCK=BLOCK)
     return grad_x
 
 
@@ -178,6 +180,6 @@ def max_pool2d_double_backward(grad_grad_x, indices, kernel_size, stride, paddin
     total = out.numel()
     if total == 0:
         return NotImplemented
-    max_pool2d_double_backward_kernel[(triton.cdiv(total, BLOCK),)](
+    max_pool2d_double_backward_kernel[(cdiv(total, BLOCK),)](
         grad_grad_x.contiguous(), indices.contiguous(), out, total, H, W, HO, WO, BLOCK=BLOCK)
     return out

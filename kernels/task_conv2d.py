@@ -67,15 +67,14 @@ from fastmeta.kernels.tiles import (
 
 @triton.jit
 def conv2d_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, addend_ptr, final_ptr, counters_ptr, x2_ptr, w2_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counters_ptr, x2_ptr, w2_ptr,
     NB, C, H, W, O, HO, WO, k_per_split,
     x_task_stride, w_task_stride, bias_task_stride, out_split_stride, out_task_stride, w2_task_stride,
     stride_h, stride_w, pad_h, pad_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ONE_PASS: tl.constexpr = False, TWO_TERMS: tl.constexpr = False,
 ):
-    # ACCUMULATE: the first K range's tile also adds addend (the output's shape, unsplit).
     # ONE_PASS (a split launch): out_ptr is the partial tiles' buffer, and the last K range
     # of each tile to finish writes their sum to final_ptr (kernels/split_k.py).
     # TWO_TERMS: conv(x, w) + conv(x2, w2) as one GEMM over K = 2·C·kh·kw, the second
@@ -129,11 +128,8 @@ def conv2d_forward_kernel(
 
     if HAS_BIAS:  # once: by the first K range's partial tile
         acc += tl.load(bias_ptr + task * bias_task_stride + offs_n, mask=n_ok & (split == 0), other=0.0)[None, :]
-    offsets = task * out_task_stride + image.to(tl.int64) * (O * HO * WO) + pixel
-    if ACCUMULATE:  # once, likewise
-        acc += tl.load(addend_ptr + offsets[:, None] + (offs_n * (HO * WO))[None, :],
-                       mask=m_ok[:, None] & n_ok[None, :] & (split == 0), other=0.0)
-    offsets = offsets[:, None] + (offs_n * (HO * WO))[None, :]
+    offsets = ((task * out_task_stride + image.to(tl.int64) * (O * HO * WO) + pixel)[:, None]
+               + (offs_n * (HO * WO))[None, :])
     stored = m_ok[:, None] & n_ok[None, :]
     store_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, stored, split, tl.num_programs(2),
                counters_ptr + tile + tl.num_programs(0) * task, ONE_PASS)
@@ -541,16 +537,19 @@ def task_conv2d_two_terms(x, w, x2, w2, stride, padding, input_precision="ieee")
     call = _two_terms_call(x, w, x2, w2, stride, padding)
     if call is None:
         return NotImplemented
+    return _run_two_terms(call, x, x2, stride, padding, input_precision)
+
+
+def _run_two_terms(call, x, x2, stride, padding, input_precision):
+    """The TWO_TERMS launch ``call`` (from _two_terms_call) of conv(x, w) + conv(x2, w2)."""
     launch, w, w_task_stride, w2, w2_task_stride = call
     return _run_forward((launch, w, w_task_stride, 0), x, None, stride, padding, input_precision,
                         second=(x2.contiguous(), w2, w2_task_stride))
 
 
-def _run_forward(call, x, b, stride, padding, input_precision, addend=None, second=None):
+def _run_forward(call, x, b, stride, padding, input_precision, second=None):
     """The forward launch ``call`` (from _forward_call) and the sum of its partial tiles;
-    addend (the output's shape, contiguous fp32): added by the kernel's first K range, and
-    the result written into it (no separate add); second: (x2, w2, w2 task stride), the
-    second term of a TWO_TERMS launch (call from _two_terms_call)."""
+    second: (x2, w2, w2 task stride), the second term of a TWO_TERMS launch."""
     launch, w, w_task_stride, bias_task_stride = call
     sh, sw, ph, pw = _geometry(stride, padding)
     T, NB, C, H, W = x.shape
@@ -558,20 +557,18 @@ def _run_forward(call, x, b, stride, padding, input_precision, addend=None, seco
     HO, WO = (H + 2 * ph - KH) // sh + 1, (W + 2 * pw - KW) // sw + 1
     x = x.contiguous()
     b = b.contiguous() if b is not None and b.stride(-1) != 1 else b
-    out = addend if addend is not None else torch.empty((T, NB, O, HO, WO), dtype=torch.float32, device=x.device)
+    out = torch.empty((T, NB, O, HO, WO), dtype=torch.float32, device=x.device)
     cfg = launch.config
     split_k = cfg["SPLIT_K"]
-    # Unsplit and accumulating, each program reads its own tile of out before writing it.
     target = out if split_k == 1 else torch.empty((split_k, *out.shape), dtype=torch.float32, device=x.device)
     one_pass, counters = split_reduction(x.device, split_k, launch.grid[0] * launch.grid[1])
     x2, w2, w2_task_stride = second if second is not None else (x, w, w_task_stride)
     conv2d_forward_kernel[launch.grid](
-        x, w, b if b is not None else x, target, addend if addend is not None else target, out,
-        counters if one_pass else target, x2, w2,
+        x, w, b if b is not None else x, target, out, counters if one_pass else target, x2, w2,
         launch.images, C, H, W, O, HO, WO, cfg["k_per_split"],
         NB * C * H * W, w_task_stride, bias_task_stride, out.numel(), NB * O * HO * WO, w2_task_stride,
         sh, sw, ph, pw,
-        KH=KH, KW=KW, HAS_BIAS=b is not None, ACCUMULATE=addend is not None,
+        KH=KH, KW=KW, HAS_BIAS=b is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         INPUT_PRECISION=input_precision, ONE_PASS=one_pass, TWO_TERMS=second is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -773,9 +770,7 @@ def task_conv2d_double_backward(g_dx, g_dw, grad_out, x, w, stride, padding, out
     d_x = d_w = empty = x.new_empty(0)
     for kind, call, args in launches:
         if kind == "task_conv2d_two_terms":
-            launch, w1, w1_task_stride, w2, w2_task_stride = call
-            d_grad_out = _run_forward((launch, w1, w1_task_stride, 0), g_dx, None, stride, padding, input_precision,
-                                      second=(x.contiguous(), w2, w2_task_stride))
+            d_grad_out = _run_two_terms(call, g_dx, x, stride, padding, input_precision)
         elif kind == "task_conv2d":
             inp, _, b, stride_, padding_ = args
             d_grad_out = _run_forward(call, inp, b, stride_, padding_, input_precision)

@@ -39,11 +39,15 @@ void run_gemms(const Gemm& first, const Gemm* second = nullptr) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The GEMMs that were wanted (empty outputs launch nothing), in one launch.
+// The GEMMs that were wanted (empty outputs launch nothing), in one launch where their
+// batches together fit grid z; else one launch each, as before they were paired.
 void run_wanted(const c10::optional<Gemm>& first, const c10::optional<Gemm>& second) {
-  if (first && second) run_gemms(*first, &*second);
-  else if (first) run_gemms(*first);
-  else if (second) run_gemms(*second);
+  if (first && second && first->batches + second->batches <= 65535) {
+    run_gemms(*first, &*second);
+    return;
+  }
+  if (first) run_gemms(*first);
+  if (second) run_gemms(*second);
 }
 
 void gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* C, const float* bias,

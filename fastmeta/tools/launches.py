@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -341,15 +342,11 @@ def _gemm_pair(first: list[Launch], second: list[Launch]) -> list[Launch]:
 def _host_task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None):
     """The wanted GEMMs in one launch, each addend read in its epilogue (no launch of its
     own), with a copy (``aten::clone``) first for an addend that is not contiguous."""
-    launches, gemms = [], []
-    for wanted, addend, gemm in ((output_mask[0], dx_addend, lambda: _host_task_linear_input_grad(grad_out, w)),
-                                 (output_mask[1], dw_addend,
-                                  lambda: _host_task_linear_weight_grad(grad_out, x, w.dim() == 2))):
-        if wanted:
-            if addend is not None and addend.numel() and not addend.is_contiguous():
-                launches.append(Launch("aten", "aten::clone"))
-            gemms.append(gemm())
-    return launches + _gemm_pair(*(gemms + [[], []])[:2])
+    copies = [Launch("aten", "aten::clone") for wanted, addend in zip(output_mask, (dx_addend, dw_addend))
+              if wanted and addend is not None and addend.numel() and not addend.is_contiguous()]
+    d_x = _host_task_linear_input_grad(grad_out, w) if output_mask[0] else []
+    d_w = _host_task_linear_weight_grad(grad_out, x, w.dim() == 2) if output_mask[1] else []
+    return copies + _gemm_pair(d_x, d_w)
 
 
 def _host_task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask):
@@ -562,7 +559,7 @@ class _LaunchRecorder(TorchDispatchMode):
         if name in CONV_KERNELS:
             gemm, issued, useful = "conv", *self._conv_macs(grid, kwargs)
         elif name == MATMUL_KERNEL:
-            gemm, issued, useful = "linear", *matmul_macs(grid, *args[7:11], kwargs)
+            gemm, issued, useful = "linear", *matmul_launch_macs(kernel, grid, args, kwargs)
         self.add(Launch("triton", name, grid=grid, tiles=tiles, gemm=gemm, issued_macs=issued, useful_macs=useful))
 
     def _conv_macs(self, grid, kwargs) -> tuple[int, int]:
@@ -583,6 +580,13 @@ class _LaunchRecorder(TorchDispatchMode):
 
 def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
+
+
+def matmul_launch_macs(kernel, grid, args, kwargs) -> tuple[int, int]:
+    """:func:`matmul_macs` of one ``task_matmul_kernel[grid](*args, **kwargs)``, its
+    problem read from the arguments by name."""
+    named = dict(zip(inspect.signature(kernel.fn).parameters, args))
+    return matmul_macs(grid, named["M"], named["N"], named["K"], named["k_per_split"], kwargs)
 
 
 def matmul_macs(grid, M: int, N: int, K: int, k_per_split: int, tiles: dict) -> tuple[int, int]:
@@ -620,7 +624,6 @@ def unverified_cuda_kernels() -> dict[str, list[str]]:
     what the GPU check's next run verifies, and what ``auto`` does not take until then."""
     from fastmeta.backends import verification
     from fastmeta.backends.optional_backends import triton_launchers
-
     from fastmeta.kernels.split_k import ONE_PASS_KERNEL
 
     # The Triton launchers, and split-K in one pass (a protocol the conv and linear kernels
@@ -671,10 +674,9 @@ def recording(log: LaunchLog) -> Iterator[_LaunchRecorder]:
     from fastmeta.backends import Backend, invalidate_kernel_choices, precision, register_backend, unregister_backend
     from fastmeta.backends.optional_backends import triton_launchers
     from fastmeta.backends.table import TABLE
+    from fastmeta.kernels import split_k
     from fastmeta.kernels.launch_checks import recording_on_cpu
     from fastmeta.ops.registration import eager_nodes_under_dispatch_modes
-
-    from fastmeta.kernels import split_k
 
     recorder = _LaunchRecorder(log)
     # Counted as a first capture: the split launches' tile counters are made (and zeroed,

@@ -439,5 +439,5 @@ def test_matmul_macs_are_what_the_kernel_executes(monkeypatch):
     torch.testing.assert_close(out, grad_out.transpose(1, 2) @ x, rtol=1e-4, atol=1e-4)
     ((grid, args, kwargs),) = launched
     assert grid[2] == 2  # K = 20 in splits of 16: the split-K the launcher kept
-    issued, useful = launches.matmul_macs(grid, *args[7:11], kwargs)
+    issued, useful = launches.matmul_launch_macs(kernel, grid, args, kwargs)
     assert issued == executed[0] and useful == T * O * I * N
