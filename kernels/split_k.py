@@ -22,58 +22,35 @@ a CUDA graph capture, that zeroing is one node of the graph). A launch that need
 counters than the buffer has (:data:`COUNTERS`) takes the two-pass route.
 
 Where it runs: on CUDA only once the GPU check has verified it (the verification record's
-kernel :data:`ONE_PASS_KERNEL` for the ``triton`` backend; the backend layer hands
-:func:`set_one_pass_on_cuda` the record's answer as a function, asked at each split
-launch), so an unverified memory-ordering protocol
-never runs on a user's GPU; under the interpreter (the tests, where programs run one after
-another) always, unless a test chooses with :func:`one_pass_split_k`.
+kernel :data:`ONE_PASS_KERNEL` for the ``triton`` backend: a protocol of
+kernels/verified_protocols.py), so an unverified memory-ordering protocol never runs on a
+user's GPU; under the interpreter (the tests, where programs run one after another) always,
+unless a test chooses with :func:`one_pass_split_k`.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from fastmeta.kernels.launch_checks import recording
+from fastmeta.kernels import verified_protocols
 
 ONE_PASS_KERNEL = "split_k_one_pass"  # its name in the verification record (backend "triton", device "cuda")
 COUNTERS = 1 << 16  # tile counters per device and stream (256 KiB): W4's largest split launch needs ~300
 
-_one_pass_on_cuda: Callable[[], bool] = lambda: False
-_forced: list[bool] = []
 _counters: dict[tuple, torch.Tensor] = {}
 
 
-def set_one_pass_on_cuda(enabled: Callable[[], bool]) -> None:
-    """``enabled()``: whether split launches on CUDA (and in the launch recorder, which
-    counts the CUDA path) take one pass now. The backend layer's switch: the verification
-    record's answer (a function, so that a record written or reloaded later counts)."""
-    global _one_pass_on_cuda
-    _one_pass_on_cuda = enabled
-
-
-@contextmanager
 def one_pass_split_k(enabled: bool):
     """Within: every split launch takes one pass (True) or two (False), on any device. For
     tests of both routes."""
-    _forced.append(bool(enabled))
-    try:
-        yield
-    finally:
-        _forced.pop()
+    return verified_protocols.forced(ONE_PASS_KERNEL, enabled)
 
 
 def one_pass(device: torch.device) -> bool:
     """Whether a split launch on ``device`` sums its partial tiles in its own epilogue."""
-    if _forced:
-        return _forced[-1]
-    if device.type == "cuda" or recording():
-        return bool(_one_pass_on_cuda())
-    return True  # the interpreter
+    return verified_protocols.in_force(ONE_PASS_KERNEL, device)
 
 
 def _stream_key(device: torch.device) -> tuple:
@@ -106,10 +83,24 @@ def split_reduction(device: torch.device, split_k: int, tiles: int):
     """The launch's route for its partial tiles: (one_pass, counters). one_pass is False
     (counters None) for an unsplit launch, where one pass is not in force, or where the
     launch has more tiles (counters) than the buffer."""
-    if split_k <= 1 or not one_pass(device):
-        return False, None
-    counters = tile_counters(device, tiles)
-    return counters is not None, counters
+    (one, *_), (counters, *_) = split_reductions(device, [(split_k, tiles)])
+    return one, counters
+
+
+def split_reductions(device: torch.device, parts):
+    """:func:`split_reduction` for the parts of one launch (each ``(split_k, tiles)``: the
+    GEMMs of a grouped launch, which run at the same time): (one_pass per part, counters per
+    part). The parts that split take disjoint ranges of the buffer (views starting at their
+    first counter); all take one pass, or none does (too many counters in all)."""
+    needed = [tiles if split_k > 1 else 0 for split_k, tiles in parts]
+    none = [False] * len(needed), [None] * len(needed)
+    if not any(needed) or not one_pass(device):
+        return none
+    counters = tile_counters(device, sum(needed))
+    if counters is None:
+        return none
+    offsets = [sum(needed[:i]) for i in range(len(needed))]
+    return [n > 0 for n in needed], [counters[o:] if n else None for n, o in zip(needed, offsets)]
 
 
 @triton.jit

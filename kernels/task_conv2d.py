@@ -34,6 +34,15 @@ instead of 4 × 9, so no multiply-add is by a tap that is off the stride grid (t
 before this one masked 3/4 of its taps at stride 2: W2's input gradients issued 6.40 G
 MACs for 1.63 G useful). The phases are grid row 2 of one launch.
 
+The gradients' pair. task_conv2d_backward's input and weight gradients (and the double
+backward's d x and d w) read the same grad_out and do not depend on each other: where the
+protocol GRADS_PAIR is in force (kernels/verified_protocols.py: on CUDA once the GPU check
+has verified it) they run as one launch, conv2d_grads_kernel, whose 1-D grid holds both
+launches' programs, each part with its own plan (tiles, split, epilogue), so that each
+output is what its own launch writes, bit for bit (tests/kernels/test_conv_grads_pair.py).
+One launch where there were two (W2 12 fewer per captured iteration, W4 48), and the
+parts fill the SMs that the other leaves idle.
+
 Every launch's grid, tiles and MACs come from a plan function of its shapes
 (:func:`conv_launch_plan`, :class:`ConvLaunch`): the launcher runs what the plan says, and
 the accounting (tests/kernels/test_conv_issued_macs.py) counts from the same plan.
@@ -51,7 +60,8 @@ import triton
 import triton.language as tl
 
 from fastmeta.kernels.launch_checks import all_float32_on_one_device, task_stride
-from fastmeta.kernels.split_k import split_reduction, store_tile
+from fastmeta.kernels.verified_protocols import in_force
+from fastmeta.kernels.split_k import split_reduction, split_reductions, store_tile
 from fastmeta.kernels.tiles import (
     cdiv,
     busy_programs,
@@ -148,15 +158,31 @@ def conv2d_input_grad_kernel(
     # HAS_ADDEND: the first K range's tiles also add addend (the output's shape, contiguous,
     # unsplit) before they store: dx + dx_addend in the store it makes anyway.
     # ONE_PASS: as in conv2d_forward_kernel, one counter per (tile, task, phase).
-    # One output phase (rh, rw) per grid row 2: the input pixels h with (h + pad_h) % stride_h
-    # == rh are read only by the taps i ≡ rh (mod stride_h), through output row
-    # oh = (h + pad_h) // stride_h − a for tap i = rh + a·stride_h (and likewise in w). So
-    # each phase is a stride-1 problem over its own pixels and taps: no tap is masked off
-    # for being off the stride grid.
-    tile = tl.program_id(0)
-    task = tl.program_id(1).to(tl.int64)
-    phase = tl.program_id(2) // splits  # grid row 2: (phase, K range)
-    split = tl.program_id(2) % splits
+    input_grad_program(
+        tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(1),
+        grad_out_ptr, w_ptr, out_ptr, addend_ptr, final_ptr, counters_ptr,
+        NB, C, H, W, O, HO, WO, splits, k_per_split,
+        grad_out_task_stride, w_task_stride, out_split_stride, out_task_stride,
+        stride_h, stride_w, pad_h, pad_w, KH, KW, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, HAS_ADDEND, ONE_PASS)
+
+
+@triton.jit
+def input_grad_program(
+    tile, task, z, tiles_per_task, tasks,
+    grad_out_ptr, w_ptr, out_ptr, addend_ptr, final_ptr, counters_ptr,
+    NB, C, H, W, O, HO, WO, splits, k_per_split,
+    grad_out_task_stride, w_task_stride, out_split_stride, out_task_stride,
+    stride_h, stride_w, pad_h, pad_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HAS_ADDEND: tl.constexpr, ONE_PASS: tl.constexpr,
+):
+    # One program of the input-gradient launch: (tile, task, z) its place in the grid
+    # (tiles_per_task × tasks × phases · splits), as conv2d_input_grad_kernel's program ids,
+    # or a grouped launch's (conv2d_grads_kernel).
+    task = task.to(tl.int64)
+    phase = z // splits  # grid row 2: (phase, K range)
+    split = z % splits
     rh = phase // stride_w
     rw = phase % stride_w
     h_first = (rh + stride_h - pad_h % stride_h) % stride_h  # the first h of the phase
@@ -214,7 +240,7 @@ def conv2d_input_grad_kernel(
     if HAS_ADDEND:
         acc += tl.load(addend_ptr + offsets, mask=stored & (split == 0), other=0.0)
     store_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, stored, split, splits,
-               counters_ptr + tile + tl.num_programs(0) * (task + tl.num_programs(1) * phase), ONE_PASS)
+               counters_ptr + tile + tiles_per_task * (task + tasks * phase), ONE_PASS)
 
 
 @triton.jit
@@ -229,9 +255,28 @@ def conv2d_weight_grad_kernel(
 ):
     # HAS_ADDEND: as in conv2d_input_grad_kernel (dw + dw_addend, by the first K range).
     # ONE_PASS: as in conv2d_forward_kernel.
-    tile = tl.program_id(0)
-    task = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
+    weight_grad_program(
+        tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(2),
+        grad_out_ptr, x_ptr, out_ptr, addend_ptr, final_ptr, counters_ptr,
+        NB, C, H, W, O, HO, WO, k_per_split,
+        grad_out_task_stride, x_task_stride, out_split_stride, out_task_stride,
+        stride_h, stride_w, pad_h, pad_w, KH, KW, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, HAS_ADDEND, ONE_PASS)
+
+
+@triton.jit
+def weight_grad_program(
+    tile, task, split, tiles_per_task, splits,
+    grad_out_ptr, x_ptr, out_ptr, addend_ptr, final_ptr, counters_ptr,
+    NB, C, H, W, O, HO, WO, k_per_split,
+    grad_out_task_stride, x_task_stride, out_split_stride, out_task_stride,
+    stride_h, stride_w, pad_h, pad_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HAS_ADDEND: tl.constexpr, ONE_PASS: tl.constexpr,
+):
+    # One program of the weight-gradient launch: (tile, task, split) its place in the grid
+    # (tiles_per_task × tasks × splits), as in input_grad_program.
+    task = task.to(tl.int64)
     CKK = C * KH * KW
     tiles_n = tl.cdiv(CKK, BLOCK_N)
     offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # output channel o
@@ -266,8 +311,61 @@ def conv2d_weight_grad_kernel(
     stored = m_ok[:, None] & n_ok[None, :]
     if HAS_ADDEND:
         acc += tl.load(addend_ptr + offsets, mask=stored & (split == 0), other=0.0)
-    store_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, stored, split, tl.num_programs(2),
-               counters_ptr + tile + tl.num_programs(0) * task, ONE_PASS)
+    store_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, stored, split, splits,
+               counters_ptr + tile + tiles_per_task * task, ONE_PASS)
+
+
+@triton.jit
+def conv2d_grads_kernel(
+    grad_out_ptr, w_ptr, x_ptr,
+    dx_ptr, dx_addend_ptr, dx_final_ptr, dx_counters_ptr, dw_ptr, dw_addend_ptr, dw_final_ptr, dw_counters_ptr,
+    C, H, W, O, HO, WO,
+    dx_images, dx_tiles, dx_tasks, dx_rows, dx_splits, dx_k_per_split,
+    dw_images, dw_tiles, dw_tasks, dw_splits, dw_k_per_split,
+    grad_out_task_stride, w_task_stride, x_task_stride,
+    dx_split_stride, dx_task_stride, dw_split_stride, dw_task_stride,
+    stride_h, stride_w, pad_h, pad_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    DX_BLOCK_M: tl.constexpr, DX_BLOCK_N: tl.constexpr, DX_BLOCK_K: tl.constexpr,
+    DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DX_ADDEND: tl.constexpr, DW_ADDEND: tl.constexpr,
+    DX_ONE_PASS: tl.constexpr, DW_ONE_PASS: tl.constexpr, DW_FIRST: tl.constexpr,
+):
+    # The input- and weight-gradient launches of one backward as one 1-D grid (the protocol
+    # "conv2d_grads_pair", kernels/verified_protocols.py): the first programs are one
+    # launch's (the weight gradient's with DW_FIRST), the rest the other's, each program
+    # taking its place (tile, task, z) in its own launch's grid (dx_tiles × dx_tasks ×
+    # dx_rows; dw_tiles × dw_tasks × dw_splits), its own tiles, split and epilogue, so
+    # each output is what its single launch writes, bit for bit. The two GEMMs read the same
+    # grad_out and run at the same time: one launch where there were two, and each fills
+    # the SMs the other leaves idle.
+    pid = tl.program_id(0)
+    dx_programs = dx_tiles * dx_tasks * dx_rows
+    dw_programs = dw_tiles * dw_tasks * dw_splits
+    if DW_FIRST:
+        dx_program = pid - dw_programs
+        dw_program = pid
+    else:
+        dx_program = pid
+        dw_program = pid - dx_programs
+    if (dx_program >= 0) & (dx_program < dx_programs):
+        input_grad_program(
+            dx_program % dx_tiles, (dx_program // dx_tiles) % dx_tasks, dx_program // (dx_tiles * dx_tasks),
+            dx_tiles, dx_tasks,
+            grad_out_ptr, w_ptr, dx_ptr, dx_addend_ptr, dx_final_ptr, dx_counters_ptr,
+            dx_images, C, H, W, O, HO, WO, dx_splits, dx_k_per_split,
+            grad_out_task_stride, w_task_stride, dx_split_stride, dx_task_stride,
+            stride_h, stride_w, pad_h, pad_w, KH, KW, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, INPUT_PRECISION,
+            DX_ADDEND, DX_ONE_PASS)
+    else:
+        weight_grad_program(
+            dw_program % dw_tiles, (dw_program // dw_tiles) % dw_tasks, dw_program // (dw_tiles * dw_tasks),
+            dw_tiles, dw_splits,
+            grad_out_ptr, x_ptr, dw_ptr, dw_addend_ptr, dw_final_ptr, dw_counters_ptr,
+            dw_images, C, H, W, O, HO, WO, dw_k_per_split,
+            grad_out_task_stride, x_task_stride, dw_split_stride, dw_task_stride,
+            stride_h, stride_w, pad_h, pad_w, KH, KW, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, INPUT_PRECISION,
+            DW_ADDEND, DW_ONE_PASS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,6 +389,9 @@ def gpu_conv_config(batch: int, M: int, N: int, K: int, *, kernel: str = "conv_f
     """The tiles a GPU launch gets at ``sm_count`` SMs (an H100's 132 by default), also under
     the interpreter: for the accounting on the CPU, and for tests that run a GPU's tiles."""
     return plan_config(kernel, batch, problems or ((M, K),), N, sm_count, can_split)
+
+
+GRADS_PAIR = "conv2d_grads_pair"  # the paired launch's protocol (kernels/verified_protocols.py)
 
 
 @dataclass(frozen=True)
@@ -317,6 +418,66 @@ class ConvLaunch(PlannedLaunch):
     useful_macs: int
     busy_programs: int = 0
     sm_count: int | None = None
+
+    def launch_tiles(self) -> dict:
+        """The tile constants the launch passes (BLOCK_M, BLOCK_N, BLOCK_K)."""
+        return {k: self.config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+
+
+@dataclass(frozen=True)
+class ConvLaunchPair(PlannedLaunch):
+    """The input- and weight-gradient launches of one backward (task_conv2d_backward's dx and
+    dw, or the double backward's d x and d w) as one launch of conv2d_grads_kernel, where
+    the protocol :data:`GRADS_PAIR` is in force: each part keeps its own plan (tiles, split,
+    MACs), and the launch's 1-D grid is both parts' programs, those with the longer K-range
+    first (longest first: the short ones fill the tail). Warps: the larger part's; stages:
+    the fewer (the shared memory of both code paths)."""
+
+    input_grad: ConvLaunch
+    weight_grad: ConvLaunch
+    kernel: str = "grads_pair"
+
+    @property
+    def parts(self) -> tuple[ConvLaunch, ConvLaunch]:
+        return self.input_grad, self.weight_grad
+
+    @property
+    def dw_first(self) -> bool:
+        """Whether the weight gradient's programs come first: theirs run more MACs each."""
+        dx, dw = self.parts
+        return dw.issued_macs * max(dx.busy_programs, 1) > dx.issued_macs * max(dw.busy_programs, 1)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return sum(part.programs for part in self.parts), 1, 1
+
+    @property
+    def config(self) -> dict:
+        dx, dw = (part.config for part in self.parts)
+        return {"num_warps": max(dx["num_warps"], dw["num_warps"]),
+                "num_stages": min(dx["num_stages"], dw["num_stages"]),
+                "SPLIT_K": max(dx["SPLIT_K"], dw["SPLIT_K"])}
+
+    @property
+    def issued_macs(self) -> int:
+        return sum(part.issued_macs for part in self.parts)
+
+    @property
+    def useful_macs(self) -> int:
+        return sum(part.useful_macs for part in self.parts)
+
+    @property
+    def busy_programs(self) -> int:
+        return sum(part.busy_programs for part in self.parts)
+
+    @property
+    def sm_count(self) -> int | None:
+        return self.input_grad.sm_count
+
+    def launch_tiles(self) -> dict:
+        """The tile constants the launch passes (conv2d_grads_kernel's names)."""
+        return {f"{prefix}_{k}": v for prefix, part in zip(("DX", "DW"), self.parts)
+                for k, v in part.launch_tiles().items()}
 
 
 def _tile_macs(config: dict) -> int:
@@ -646,6 +807,50 @@ def _run_weight_grad(call, grad_out, x, kernel_size, stride, padding, shared, in
     return out if one_pass else _sum_partial_tiles(target, out)
 
 
+def _run_grads_pair(call, dx_args, dw_args, input_precision, dx_addend=None, dw_addend=None):
+    """(dx, dw): the input- and weight-gradient launches of ``call`` (from :func:`_grouped`:
+    the pair's plan and each part's call) as one conv2d_grads_kernel launch, each output
+    what its own launcher writes (the same tiles, split, epilogue and addend)."""
+    pair, (dx_launch, w, w_task_stride), (dw_launch,) = call
+    grad_out, _, input_size, stride, padding = dx_args
+    _, x, _, _, _, shared = dw_args
+    sh, sw, ph, pw = _geometry(stride, padding)
+    T, NB, O, HO, WO = grad_out.shape
+    _, C, KH, KW = w.shape[-4:]
+    H, W = (int(s) for s in input_size)
+    grad_out, x = grad_out.contiguous(), x.contiguous()
+    device = grad_out.device
+    dx = torch.empty((T, NB, C, H, W), dtype=torch.float32, device=device)
+    dw = torch.empty((O, C, KH, KW) if shared else (T, O, C, KH, KW), dtype=torch.float32, device=device)
+    dx_cfg, dw_cfg = dx_launch.config, dw_launch.config
+    dx_target, dw_target = (out if cfg["SPLIT_K"] == 1 else
+                            torch.empty((cfg["SPLIT_K"], *out.shape), dtype=torch.float32, device=device)
+                            for out, cfg in ((dx, dx_cfg), (dw, dw_cfg)))
+    dx_addend = None if dx_addend is None else dx_addend.contiguous()
+    dw_addend = None if dw_addend is None else dw_addend.contiguous()
+    (dx_one, dw_one), (dx_counters, dw_counters) = split_reductions(device, [
+        (dx_cfg["SPLIT_K"], dx_launch.grid[0] * dx_launch.grid[1] * sh * sw),
+        (dw_cfg["SPLIT_K"], dw_launch.grid[0] * dw_launch.grid[1])])
+    tiles = pair.launch_tiles()
+    conv2d_grads_kernel[pair.grid](
+        grad_out, w, x,
+        dx_target, dx_addend if dx_addend is not None else dx_target, dx, dx_counters if dx_one else dx_target,
+        dw_target, dw_addend if dw_addend is not None else dw_target, dw, dw_counters if dw_one else dw_target,
+        C, H, W, O, HO, WO,
+        dx_launch.images, dx_launch.grid[0], dx_launch.grid[1], dx_launch.grid[2], dx_cfg["SPLIT_K"],
+        dx_cfg["k_per_split"],
+        dw_launch.images, dw_launch.grid[0], dw_launch.grid[1], dw_cfg["SPLIT_K"], dw_cfg["k_per_split"],
+        NB * O * HO * WO, w_task_stride, NB * C * H * W,
+        dx.numel(), NB * C * H * W, dw.numel(), O * C * KH * KW,
+        sh, sw, ph, pw,
+        KH=KH, KW=KW, **tiles,
+        INPUT_PRECISION=input_precision, DX_ADDEND=dx_addend is not None, DW_ADDEND=dw_addend is not None,
+        DX_ONE_PASS=dx_one, DW_ONE_PASS=dw_one, DW_FIRST=pair.dw_first,
+        num_warps=pair.config["num_warps"], num_stages=pair.config["num_stages"],
+    )
+    return (dx if dx_one else _sum_partial_tiles(dx_target, dx)), (dw if dw_one else _sum_partial_tiles(dw_target, dw))
+
+
 def _sum_partial_tiles(target, out):
     """The second pass of a split launch that did not sum in one pass (kernels/split_k.py):
     its partial tiles [SPLIT_K, *out] summed in split order into ``out`` (deterministic,
@@ -661,8 +866,9 @@ def _sum_partial_tiles(target, out):
 # the work done. Launches per call: backward one input-grad and one weight-grad launch (each
 # where its output is wanted); double backward one forward launch for d grad_out (both
 # terms, conv(g_dx, w) + conv(x, g_dw), as one GEMM over twice the K: TWO_TERMS), one
-# input-grad, one weight-grad; a split launch not in one pass also sums its partial tiles
-# (torch.sum), as above.
+# input-grad, one weight-grad. Where the protocol GRADS_PAIR is in force, the input-grad and
+# weight-grad launches of one call run as one (conv2d_grads_kernel, _grouped). A split
+# launch not in one pass also sums its partial tiles (torch.sum), as above.
 # ---------------------------------------------------------------------------------------
 
 
@@ -729,13 +935,33 @@ def _double_backward_launches(g_dx, g_dw, grad_out, x, w, stride, padding, outpu
 _COMPOSED = {"task_conv2d_backward": _backward_launches, "task_conv2d_double_backward": _double_backward_launches}
 
 
-def conv_launch_plans(kernel: str, *args, config_for=None, sm_count: int | None = None) -> list[ConvLaunch] | None:
+def _grouped(launches, device: torch.device):
+    """The composed launches as they run: an input-gradient and a weight-gradient launch (of
+    one op, on the same grad_out) become one paired launch ("grads_pair", (plan, dx call,
+    dw call), (dx args, dw args)) last in the order, where :data:`GRADS_PAIR` is in force
+    on ``device``; the others as they were."""
+    kinds = [kind for kind, _, _ in launches]
+    if "task_conv2d_input_grad" not in kinds or "task_conv2d_weight_grad" not in kinds or not in_force(
+            GRADS_PAIR, device):
+        return launches
+    (_, dx_call, dx_args), (_, dw_call, dw_args) = (launches[kinds.index(k)] for k in (
+        "task_conv2d_input_grad", "task_conv2d_weight_grad"))
+    pair = ("grads_pair", (ConvLaunchPair(dx_call[0], dw_call[0]), dx_call, dw_call), (dx_args, dw_args))
+    return [launch for launch in launches if launch[0] not in ("task_conv2d_input_grad",
+                                                               "task_conv2d_weight_grad")] + [pair]
+
+
+def conv_launch_plans(kernel: str, *args, config_for=None, sm_count: int | None = None,
+                      grouped: bool = True) -> list[ConvLaunch | ConvLaunchPair] | None:
     """Every launch the launcher ``kernel`` makes for ``args``, in order (one for the three
     conv launchers, those of the composed task_conv2d_backward and
-    task_conv2d_double_backward), or None where it declines; runs nothing. As
-    :func:`conv_launch_plan`."""
+    task_conv2d_double_backward: with ``grouped``, as they run, the gradients' pair one
+    launch where it is in force; else each GEMM's own), or None where it declines; runs
+    nothing. As :func:`conv_launch_plan`."""
     if kernel in _COMPOSED:
         launches = _COMPOSED[kernel](*args, config_for=config_for, sm_count=sm_count)
+        if launches is not None and grouped:
+            launches = _grouped(launches, args[2].device)  # w, or grad_out: a tensor of the op's device
         return None if launches is None else [call[0] for _, call, _ in launches]
     plan = conv_launch_plan(kernel, *args, config_for=config_for, sm_count=sm_count)
     return None if plan is None else [plan]
@@ -750,8 +976,10 @@ def task_conv2d_backward(grad_out, x, w, stride, padding, output_mask, dx_addend
     if launches is None:
         return NotImplemented
     dx = dw = x.new_empty(0)
-    for kind, call, args in launches:
-        if kind == "task_conv2d_input_grad":
+    for kind, call, args in _grouped(launches, x.device):
+        if kind == "grads_pair":
+            dx, dw = _run_grads_pair(call, *args, input_precision, dx_addend, dw_addend)
+        elif kind == "task_conv2d_input_grad":
             dx = _run_input_grad(call, *args, input_precision, addend=dx_addend)
         else:
             dw = _run_weight_grad(call, *args, input_precision, addend=dw_addend)
@@ -768,8 +996,10 @@ def task_conv2d_double_backward(g_dx, g_dw, grad_out, x, w, stride, padding, out
         return NotImplemented
     d_grad_out = None
     d_x = d_w = empty = x.new_empty(0)
-    for kind, call, args in launches:
-        if kind == "task_conv2d_two_terms":
+    for kind, call, args in _grouped(launches, x.device):
+        if kind == "grads_pair":
+            d_x, d_w = _run_grads_pair(call, *args, input_precision)
+        elif kind == "task_conv2d_two_terms":
             d_grad_out = _run_two_terms(call, g_dx, x, stride, padding, input_precision)
         elif kind == "task_conv2d":
             inp, _, b, stride_, padding_ = args

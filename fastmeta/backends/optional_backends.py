@@ -56,11 +56,10 @@ def _load_triton(backend: Backend) -> None:
 def triton_launchers() -> dict:
     """The triton backend's kernels, by name: the table's kernel ``<name>`` of family
     ``<family>`` is the function ``<name>`` in ``fastmeta.kernels.<family>``, when that
-    module defines one (called at the matmul precision in force). Split launches on CUDA
-    sum their partial tiles in one pass once the record holds that protocol as verified
-    (fastmeta.kernels.split_k)."""
-    split_k = importlib.import_module("fastmeta.kernels.split_k")
-    split_k.set_one_pass_on_cuda(functools.partial(_verified_on_cuda, split_k.ONE_PASS_KERNEL))
+    module defines one (called at the matmul precision in force). A launch protocol of
+    fastmeta.kernels.verified_protocols (split-K in one pass, the conv gradients' paired
+    launch) runs on CUDA once the record holds it as verified."""
+    importlib.import_module("fastmeta.kernels.verified_protocols").set_verified_check(_verified_on_cuda)
     launchers = {}
     for spec in TABLE.values():
         if not _module_exists(f"fastmeta.kernels.{spec.family}"):

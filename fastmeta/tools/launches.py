@@ -78,7 +78,7 @@ from fastmeta.tools.dispatches import HOST_SYNC, is_dispatch
 
 SM_COUNT = 132  # H100 SXM: the "one wave" of the issue's measure
 RECORDER_BACKEND = "cuda-path-recorder"
-CONV_KERNELS = ("conv2d_forward_kernel", "conv2d_input_grad_kernel", "conv2d_weight_grad_kernel")
+CONV_KERNELS = ("conv2d_forward_kernel", "conv2d_input_grad_kernel", "conv2d_weight_grad_kernel", "conv2d_grads_kernel")
 MATMUL_KERNEL = "task_matmul_kernel"
 
 
@@ -571,8 +571,8 @@ class _LaunchRecorder(TorchDispatchMode):
         plans = conv_launch_plans(kernel, *args)
         index, self.call_launches = self.call_launches, self.call_launches + 1
         plan = plans[index] if plans is not None and index < len(plans) else None
-        tiles = {k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        if plan is None or plan.grid != grid or any(plan.config[k] != v for k, v in tiles.items()):
+        tiles = {k: v for k, v in kwargs.items() if "BLOCK_" in k}
+        if plan is None or plan.grid != grid or plan.launch_tiles() != tiles:
             raise RuntimeError(f"{kernel} launched grid {grid} with {tiles}, its plan says "
                                f"{None if plan is None else (plan.grid, plan.config)}")
         return plan.issued_macs, plan.useful_macs
@@ -624,11 +624,11 @@ def unverified_cuda_kernels() -> dict[str, list[str]]:
     what the GPU check's next run verifies, and what ``auto`` does not take until then."""
     from fastmeta.backends import verification
     from fastmeta.backends.optional_backends import triton_launchers
-    from fastmeta.kernels.split_k import ONE_PASS_KERNEL
+    from fastmeta.kernels.verified_protocols import PROTOCOLS
 
-    # The Triton launchers, and split-K in one pass (a protocol the conv and linear kernels
-    # share, recorded as a kernel of its own: kernels/split_k.py).
-    written = {"triton": sorted([*triton_launchers(), ONE_PASS_KERNEL]), "cuda": sorted(HOST_LAUNCHES)}
+    # The Triton launchers, and the launch protocols recorded as kernels of their own
+    # (split-K in one pass, the conv gradients' paired launch: kernels/verified_protocols.py).
+    written = {"triton": sorted([*triton_launchers(), *PROTOCOLS]), "cuda": sorted(HOST_LAUNCHES)}
     return {backend: [k for k in kernels if not verification.is_verified(backend, k, "cuda")]
             for backend, kernels in written.items()}
 

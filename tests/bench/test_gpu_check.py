@@ -161,16 +161,19 @@ def test_verified_is_written_family_by_family(two_part_run):
     first, second, _, _ = two_part_run
     events = [e for e in read(second)["events"] if e["event"] == "recorded"]
     families = [e["step"] for e in events]
-    # Each family, and split-K in one pass (the conv and linear kernels' shared epilogue).
-    assert len(families) == len(set(families)) == len(triton_families()) + 1 + len(cuda_families())
-    assert "triton:split_k" in families
+    # Each family, and the launch protocols recorded as kernels of their own (split-K in one
+    # pass, the conv gradients' pair: kernels/verified_protocols.py).
+    from fastmeta.kernels.verified_protocols import PROTOCOLS
+
+    assert len(families) == len(set(families)) == len(triton_families()) + len(PROTOCOLS) + len(cuda_families())
+    assert {"triton:split_k", "triton:conv2d_grads_pair"} <= set(families)
     for backend in ("triton", "cuda"):
         counts = [e["published_kernels"] for e in events if e["backend"] == backend]
         assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
     verified = json.loads((second / "verified.json").read_text())
     assert "mlp_meta_step_with_task_gradients" in verified["cuda"]["dry-run"]
     assert "task_conv2d_weight_grad" in verified["triton"]["dry-run"]
-    assert "split_k_one_pass" in verified["triton"]["dry-run"]
+    assert {"split_k_one_pass", "conv2d_grads_pair"} <= set(verified["triton"]["dry-run"])
     # A dry run keeps the repository's record as it is, and never claims a kernel verified
     # on a GPU: everything it adds is under "dry-run".
     repo = json.loads((REPO / "fastmeta" / "backends" / "verified.json").read_text())

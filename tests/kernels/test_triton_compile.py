@@ -27,7 +27,7 @@ import pytest
 # ---------------------------------------------------------------------------------------
 
 INT64_POINTERS = {"segments_ptr", "target_ptr", "indices_ptr"}
-INT32_POINTERS = {"counters_ptr"}  # split-K's tile counters (kernels/split_k.py)
+INT32_POINTERS = {"counters_ptr", "dx_counters_ptr", "dw_counters_ptr"}  # split-K's tile counters (kernels/split_k.py)
 FLOAT_SCALARS = {"eps", "negative_slope", "grad_scale"}
 
 
@@ -60,6 +60,12 @@ def compile_plan():
                                                   TWO_TERMS=[False, True], **gemm)),
         (task_conv2d.conv2d_input_grad_kernel, _grid(KH=[3], KW=[3], ONE_PASS=[False, True], **gemm)),
         (task_conv2d.conv2d_weight_grad_kernel, _grid(KH=[3], KW=[3], ONE_PASS=[False, True], **gemm)),
+        # The gradients' pair (one launch, two GEMMs with their own tiles): the branches'
+        # tiles differ, as the plans make them.
+        (task_conv2d.conv2d_grads_kernel,
+         [dict(c, DX_BLOCK_M=64, DX_BLOCK_N=32, DX_BLOCK_K=32, DW_BLOCK_M=32, DW_BLOCK_N=128, DW_BLOCK_K=64)
+          for c in _grid(KH=[3], KW=[3], INPUT_PRECISION=precisions, DX_ADDEND=[True], DW_ADDEND=[False, True],
+                         DX_ONE_PASS=[False, True], DW_ONE_PASS=[True], DW_FIRST=[False, True])[::2]]),
         (task_batch_norm.task_batch_norm_kernel,
          _grid(HAS_GAMMA=[False, True], HAS_BETA=[True], ACT=[0, 3], BLOCK=[2048])),
         # Without y (act none), and with relu's / leaky_relu's mask fused (HAS_Y).
@@ -121,7 +127,7 @@ def compile_all() -> int:
             except Exception as exc:
                 raise SystemExit(f"{kernel.fn.__name__} {constexprs}: {type(exc).__name__}: {exc}")
             assert binary.asm["cubin"], kernel.fn.__name__
-            if constexprs.get("ONE_PASS"):
+            if constexprs.get("ONE_PASS") or constexprs.get("DW_ONE_PASS"):
                 check_one_pass_ptx(kernel.fn.__name__, binary.asm["ptx"])
             compiled += 1
     print(f"compiled {compiled} kernel variants for sm_90")

@@ -668,7 +668,7 @@ def test_triton_backward_adds_its_addends_once_through_split_launches(backend, d
     x, w, grad_out, g_dx, g_dw = fused_args(shape, O, stride, [1, 1], weight_kind, device)
     args = (grad_out, x, w, stride, [1, 1], [True, True], torch.randn_like(g_dx), torch.randn_like(g_dw))
     with planned_for_sm_count(SPLIT_SMS):
-        assert conv_launch_plans("task_conv2d_backward", *args)[splits].split_k > 1
+        assert conv_launch_plans("task_conv2d_backward", *args, grouped=False)[splits].split_k > 1
         got = direct(backend, "task_conv2d_backward", *args)
     for i, (a, e) in enumerate(zip(got, reference_task_conv2d_backward(*args))):
         assert_norm_close(a, e, 1e-5, f"split backward with addends, output {i}")

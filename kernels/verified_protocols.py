@@ -1,0 +1,69 @@
+"""Launch protocols that run on CUDA only once the GPU check has verified them.
+
+Some of the Triton kernels' launch routes depend on what the interpreter cannot exercise:
+the GPU's memory model across programs, or a compiled kernel whose programs take two
+different code paths. Each such route is named here (:data:`PROTOCOLS`) and recorded as a
+kernel of its own in the verification record (backend ``triton``, device ``cuda``), by its
+own step of ``bench/gpu_check.py``. Until the record holds it, launches on CUDA take the
+route that is verified; under the interpreter (the tests, where programs run one after
+another on the CPU) the protocol always runs, unless a test chooses with :func:`forced`.
+
+The backend layer hands :func:`set_verified_check` the record's answer as a function, asked
+at each launch, so a record written or reloaded later counts. The launch recorder
+(fastmeta.tools.launches) counts the CUDA path, so while it records, the record decides as
+it does on CUDA.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+from fastmeta.kernels.launch_checks import recording
+
+PROTOCOLS = {
+    "split_k_one_pass": "a split-K launch sums its partial tiles in its own epilogue: tile counters taken by "
+                        "acquire-release atomics at GPU scope (kernels/split_k.py)",
+    "conv2d_grads_pair": "task_conv2d_backward's input and weight gradients in one launch: one grid whose "
+                         "programs run either GEMM, each with its own tiles (kernels/task_conv2d.py)",
+}
+
+_verified_on_cuda: Callable[[str], bool] = lambda name: False
+_forced: dict[str, list[bool]] = {}
+
+
+def set_verified_check(verified_on_cuda: Callable[[str], bool]) -> None:
+    """``verified_on_cuda(name)``: whether the record holds protocol ``name`` as verified on
+    CUDA now (the backend layer's switch)."""
+    global _verified_on_cuda
+    _verified_on_cuda = verified_on_cuda
+
+
+def _known(name: str) -> str:
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown launch protocol {name!r}; the protocols are {sorted(PROTOCOLS)}")
+    return name
+
+
+@contextmanager
+def forced(name: str, enabled: bool):
+    """Within: protocol ``name`` runs (True) or not (False) on any device. For tests of both
+    routes."""
+    stack = _forced.setdefault(_known(name), [])
+    stack.append(bool(enabled))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def in_force(name: str, device: torch.device) -> bool:
+    """Whether protocol ``name`` runs for a launch on ``device``."""
+    stack = _forced.get(_known(name))
+    if stack:
+        return stack[-1]
+    if device.type == "cuda" or recording():
+        return bool(_verified_on_cuda(name))
+    return True  # the interpreter
