@@ -130,8 +130,33 @@ def compile_all() -> int:
             if constexprs.get("ONE_PASS") or constexprs.get("DW_ONE_PASS"):
                 check_one_pass_ptx(kernel.fn.__name__, binary.asm["ptx"])
             compiled += 1
+    check_pair_shared_memory(target)
     print(f"compiled {compiled} kernel variants for sm_90")
     return compiled
+
+
+def check_pair_shared_memory(target) -> None:
+    """The conv gradients' pair (conv2d_grads_kernel) needs no more shared memory than the
+    larger of its two launches at the same tiles and stages: the compiler reuses one
+    branch's buffers for the other's, so a pair never fails to launch where its parts
+    would not (kernels/task_conv2d.py, ConvLaunchPair: stages the fewer of the parts')."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from fastmeta.kernels import task_conv2d
+
+    def shared(kernel, constexprs):
+        source = ASTSource(fn=kernel, signature=_signature(kernel, constexprs), constexprs=constexprs)
+        return triton.compile(source, target=target, options={"num_warps": 4, "num_stages": 3}).metadata.shared
+
+    dx_tiles, dw_tiles = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32)
+    common = dict(KH=3, KW=3, INPUT_PRECISION="ieee", HAS_ADDEND=True, ONE_PASS=True)
+    parts = max(shared(task_conv2d.conv2d_input_grad_kernel, {**common, **dx_tiles}),
+                shared(task_conv2d.conv2d_weight_grad_kernel, {**common, **dw_tiles}))
+    pair = shared(task_conv2d.conv2d_grads_kernel, dict(
+        KH=3, KW=3, INPUT_PRECISION="ieee", DX_ADDEND=True, DW_ADDEND=True, DX_ONE_PASS=True, DW_ONE_PASS=True,
+        DW_FIRST=False, **{f"DX_{k}": v for k, v in dx_tiles.items()}, **{f"DW_{k}": v for k, v in dw_tiles.items()}))
+    assert 0 < pair <= parts, f"conv2d_grads_kernel takes {pair} B of shared memory, its parts at most {parts} B"
 
 
 def test_every_kernel_compiles_for_sm90():
