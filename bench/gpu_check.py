@@ -220,16 +220,16 @@ def correctness_steps(dry_run: bool, catalog: dict) -> list[Step]:
         steps.append(Step("triton:split_k", 90, 12, pytest_command("tests/kernels/test_split_k.py"),
                           records=("triton", ("split_k_one_pass",)), needs=("triton:common", *families),
                           allow_skips=dry_run))
-        # The conv gradients' paired launch (one grid, two GEMMs: kernels/task_conv2d.py),
-        # recorded as a kernel of its own; until it is, the two launch apart on CUDA.
+        # The conv backward's launches in one (one grid, two or three GEMMs:
+        # kernels/task_conv2d.py), recorded as a kernel of its own; until it is, they launch
+        # apart on CUDA. The dry run (the interpreter, slow) takes one case of each test.
         if "task_conv2d" in catalog["triton"]:
-            # The dry run (the interpreter, slow) takes one case of each test.
-            selection = ("-k", "(s2-per-task and addends and one-pass) or double_backward_pair and dx-split or "
-                               "disjoint or plan_is or alone or record") if dry_run else ()
-            steps.append(Step("triton:conv2d_grads_pair", 90, 12,
-                              pytest_command("tests/kernels/test_conv_grads_pair.py", *selection),
-                              records=("triton", ("conv2d_grads_pair",)), needs=("triton:common", "triton:task_conv2d"),
-                              allow_skips=dry_run))
+            selection = ("-k", "(s2-per-task and addends and one-pass) or (double_backward and dx-split and both) "
+                               "or disjoint or plan_is or first or distinct or alone or record") if dry_run else ()
+            steps.append(Step("triton:conv2d_grads_in_one_launch", 90, 12,
+                              pytest_command("tests/kernels/test_conv_grads_in_one_launch.py", *selection),
+                              records=("triton", ("conv2d_grads_in_one_launch",)),
+                              needs=("triton:common", "triton:task_conv2d"), allow_skips=dry_run))
     for family in cuda_families():
         if dry_run:  # the CUDA sources' logic, compiled by the host compiler against the CPU stand-in
             command = pytest_command("tests/ops/test_cuda_emulated.py", "-k", DRY_CUDA.get(family, family))

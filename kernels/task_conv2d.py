@@ -34,14 +34,15 @@ instead of 4 × 9, so no multiply-add is by a tap that is off the stride grid (t
 before this one masked 3/4 of its taps at stride 2: W2's input gradients issued 6.40 G
 MACs for 1.63 G useful). The phases are grid row 2 of one launch.
 
-The gradients' pair. task_conv2d_backward's input and weight gradients (and the double
-backward's d x and d w) read the same grad_out and do not depend on each other: where the
-protocol GRADS_PAIR is in force (kernels/verified_protocols.py: on CUDA once the GPU check
-has verified it) they run as one launch, conv2d_grads_kernel, whose 1-D grid holds both
-launches' programs, each part with its own plan (tiles, split, epilogue), so that each
-output is what its own launch writes, bit for bit (tests/kernels/test_conv_grads_pair.py).
-One launch where there were two (W2 12 fewer per captured iteration, W4 48), and the
-parts fill the SMs that the other leaves idle.
+The backward's launches in one. task_conv2d_backward's input and weight gradients read the
+same grad_out and do not depend on each other, nor do the double backward's d grad_out, d x
+and d w. Where the protocol GRADS_IN_ONE_LAUNCH is in force (kernels/verified_protocols.py:
+on CUDA once the GPU check has verified it) the launches of one call run as one,
+conv2d_grads_kernel, whose 1-D grid holds every part's programs, each part with its own
+plan (tiles, split, epilogue), so that each output is what its own launch writes, bit for
+bit (tests/kernels/test_conv_grads_in_one_launch.py). One launch where there were two or
+three (W2 15 fewer per captured iteration, W4 63), and the parts fill the SMs that the
+others leave idle.
 
 Every launch's grid, tiles and MACs come from a plan function of its shapes
 (:func:`conv_launch_plan`, :class:`ConvLaunch`): the launcher runs what the plan says, and
@@ -90,9 +91,30 @@ def conv2d_forward_kernel(
     # TWO_TERMS: conv(x, w) + conv(x2, w2) as one GEMM over K = 2·C·kh·kw, the second
     # half of K reading x2 (x's shape and task stride) and w2 (at w2_task_stride): the
     # double backward's d grad_out in one launch.
-    tile = tl.program_id(0)
-    task = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
+    forward_program(
+        tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(2),
+        x_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counters_ptr, x2_ptr, w2_ptr,
+        NB, C, H, W, O, HO, WO, k_per_split,
+        x_task_stride, w_task_stride, bias_task_stride, out_split_stride, out_task_stride, w2_task_stride,
+        stride_h, stride_w, pad_h, pad_w, KH, KW, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, ONE_PASS,
+        TWO_TERMS)
+
+
+@triton.jit
+def forward_program(
+    tile, task, split, tiles_per_task, splits,
+    x_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counters_ptr, x2_ptr, w2_ptr,
+    NB, C, H, W, O, HO, WO, k_per_split,
+    x_task_stride, w_task_stride, bias_task_stride, out_split_stride, out_task_stride, w2_task_stride,
+    stride_h, stride_w, pad_h, pad_w,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ONE_PASS: tl.constexpr, TWO_TERMS: tl.constexpr,
+):
+    # One program of the forward launch: (tile, task, split) its place in the grid
+    # (tiles_per_task × tasks × splits), as conv2d_forward_kernel's program ids, or a
+    # grouped launch's (conv2d_grads_kernel).
+    task = task.to(tl.int64)
     tiles_n = tl.cdiv(O, BLOCK_N)
     offs_m = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixel (n, oh, ow)
     offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channel o
@@ -141,8 +163,8 @@ def conv2d_forward_kernel(
     offsets = ((task * out_task_stride + image.to(tl.int64) * (O * HO * WO) + pixel)[:, None]
                + (offs_n * (HO * WO))[None, :])
     stored = m_ok[:, None] & n_ok[None, :]
-    store_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, stored, split, tl.num_programs(2),
-               counters_ptr + tile + tl.num_programs(0) * task, ONE_PASS)
+    store_tile(acc, out_ptr, offsets, out_split_stride, final_ptr, stored, split, splits,
+               counters_ptr + tile + tiles_per_task * task, ONE_PASS)
 
 
 @triton.jit
@@ -317,55 +339,69 @@ def weight_grad_program(
 
 @triton.jit
 def conv2d_grads_kernel(
-    grad_out_ptr, w_ptr, x_ptr,
-    dx_ptr, dx_addend_ptr, dx_final_ptr, dx_counters_ptr, dw_ptr, dw_addend_ptr, dw_final_ptr, dw_counters_ptr,
+    grad_out_ptr,
+    fwd_x_ptr, fwd_w_ptr, fwd_x2_ptr, fwd_w2_ptr, fwd_out_ptr, fwd_final_ptr, fwd_counters_ptr,
+    dx_w_ptr, dx_ptr, dx_addend_ptr, dx_final_ptr, dx_counters_ptr,
+    dw_x_ptr, dw_ptr, dw_addend_ptr, dw_final_ptr, dw_counters_ptr,
     C, H, W, O, HO, WO,
-    dx_images, dx_tiles, dx_tasks, dx_rows, dx_splits, dx_k_per_split,
-    dw_images, dw_tiles, dw_tasks, dw_splits, dw_k_per_split,
-    grad_out_task_stride, w_task_stride, x_task_stride,
-    dx_split_stride, dx_task_stride, dw_split_stride, dw_task_stride,
+    fwd_begin, fwd_images, fwd_tiles, fwd_tasks, fwd_splits, fwd_k_per_split,
+    dx_begin, dx_images, dx_tiles, dx_tasks, dx_rows, dx_splits, dx_k_per_split,
+    dw_begin, dw_images, dw_tiles, dw_tasks, dw_splits, dw_k_per_split,
+    x_task_stride, grad_out_task_stride, fwd_w_task_stride, fwd_w2_task_stride, dx_w_task_stride,
+    fwd_split_stride, dx_split_stride, dw_split_stride, dw_task_stride,
     stride_h, stride_w, pad_h, pad_w,
     KH: tl.constexpr, KW: tl.constexpr,
+    FWD_BLOCK_M: tl.constexpr, FWD_BLOCK_N: tl.constexpr, FWD_BLOCK_K: tl.constexpr,
     DX_BLOCK_M: tl.constexpr, DX_BLOCK_N: tl.constexpr, DX_BLOCK_K: tl.constexpr,
     DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DX_ADDEND: tl.constexpr, DW_ADDEND: tl.constexpr,
-    DX_ONE_PASS: tl.constexpr, DW_ONE_PASS: tl.constexpr, DW_FIRST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    HAS_FORWARD: tl.constexpr, HAS_INPUT_GRAD: tl.constexpr, HAS_WEIGHT_GRAD: tl.constexpr,
+    TWO_TERMS: tl.constexpr, DX_ADDEND: tl.constexpr, DW_ADDEND: tl.constexpr,
+    FWD_ONE_PASS: tl.constexpr, DX_ONE_PASS: tl.constexpr, DW_ONE_PASS: tl.constexpr,
 ):
-    # The input- and weight-gradient launches of one backward as one 1-D grid (the protocol
-    # "conv2d_grads_pair", kernels/verified_protocols.py): the first programs are one
-    # launch's (the weight gradient's with DW_FIRST), the rest the other's, each program
-    # taking its place (tile, task, z) in its own launch's grid (dx_tiles × dx_tasks ×
-    # dx_rows; dw_tiles × dw_tasks × dw_splits), its own tiles, split and epilogue, so
-    # each output is what its single launch writes, bit for bit. The two GEMMs read the same
-    # grad_out and run at the same time: one launch where there were two, and each fills
-    # the SMs the other leaves idle.
+    # The launches of one backward call as one 1-D grid (the protocol
+    # "conv2d_grads_in_one_launch", kernels/verified_protocols.py): task_conv2d_backward's
+    # input and weight gradients, or the double backward's d grad_out (the forward
+    # launch, TWO_TERMS where both upstreams are given), d x and d w. Each part present
+    # (HAS_*) owns the programs [its begin, its begin + its programs) and runs them as its
+    # own launch would: program (tile, task, z) of its own grid (tiles × tasks × z), its
+    # own tiles, split and epilogue, so each output is what its single launch writes, bit
+    # for bit. Every x-shaped tensor (x, g_dx) has x_task_stride and every grad_out-shaped
+    # one grad_out_task_stride; the parts' outputs are contiguous.
     pid = tl.program_id(0)
-    dx_programs = dx_tiles * dx_tasks * dx_rows
-    dw_programs = dw_tiles * dw_tasks * dw_splits
-    if DW_FIRST:
-        dx_program = pid - dw_programs
-        dw_program = pid
-    else:
-        dx_program = pid
-        dw_program = pid - dx_programs
-    if (dx_program >= 0) & (dx_program < dx_programs):
-        input_grad_program(
-            dx_program % dx_tiles, (dx_program // dx_tiles) % dx_tasks, dx_program // (dx_tiles * dx_tasks),
-            dx_tiles, dx_tasks,
-            grad_out_ptr, w_ptr, dx_ptr, dx_addend_ptr, dx_final_ptr, dx_counters_ptr,
-            dx_images, C, H, W, O, HO, WO, dx_splits, dx_k_per_split,
-            grad_out_task_stride, w_task_stride, dx_split_stride, dx_task_stride,
-            stride_h, stride_w, pad_h, pad_w, KH, KW, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, INPUT_PRECISION,
-            DX_ADDEND, DX_ONE_PASS)
-    else:
-        weight_grad_program(
-            dw_program % dw_tiles, (dw_program // dw_tiles) % dw_tasks, dw_program // (dw_tiles * dw_tasks),
-            dw_tiles, dw_splits,
-            grad_out_ptr, x_ptr, dw_ptr, dw_addend_ptr, dw_final_ptr, dw_counters_ptr,
-            dw_images, C, H, W, O, HO, WO, dw_k_per_split,
-            grad_out_task_stride, x_task_stride, dw_split_stride, dw_task_stride,
-            stride_h, stride_w, pad_h, pad_w, KH, KW, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, INPUT_PRECISION,
-            DW_ADDEND, DW_ONE_PASS)
+    if HAS_FORWARD:
+        program = pid - fwd_begin
+        if (program >= 0) & (program < fwd_tiles * fwd_tasks * fwd_splits):
+            forward_program(
+                program % fwd_tiles, (program // fwd_tiles) % fwd_tasks, program // (fwd_tiles * fwd_tasks),
+                fwd_tiles, fwd_splits,
+                fwd_x_ptr, fwd_w_ptr, fwd_x_ptr, fwd_out_ptr, fwd_final_ptr, fwd_counters_ptr, fwd_x2_ptr, fwd_w2_ptr,
+                fwd_images, C, H, W, O, HO, WO, fwd_k_per_split,
+                x_task_stride, fwd_w_task_stride, 0, fwd_split_stride, grad_out_task_stride, fwd_w2_task_stride,
+                stride_h, stride_w, pad_h, pad_w, KH, KW, False, FWD_BLOCK_M, FWD_BLOCK_N, FWD_BLOCK_K,
+                INPUT_PRECISION, FWD_ONE_PASS, TWO_TERMS)
+    if HAS_INPUT_GRAD:
+        program = pid - dx_begin
+        if (program >= 0) & (program < dx_tiles * dx_tasks * dx_rows):
+            input_grad_program(
+                program % dx_tiles, (program // dx_tiles) % dx_tasks, program // (dx_tiles * dx_tasks),
+                dx_tiles, dx_tasks,
+                grad_out_ptr, dx_w_ptr, dx_ptr, dx_addend_ptr, dx_final_ptr, dx_counters_ptr,
+                dx_images, C, H, W, O, HO, WO, dx_splits, dx_k_per_split,
+                grad_out_task_stride, dx_w_task_stride, dx_split_stride, x_task_stride,
+                stride_h, stride_w, pad_h, pad_w, KH, KW, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, INPUT_PRECISION,
+                DX_ADDEND, DX_ONE_PASS)
+    if HAS_WEIGHT_GRAD:
+        program = pid - dw_begin
+        if (program >= 0) & (program < dw_tiles * dw_tasks * dw_splits):
+            weight_grad_program(
+                program % dw_tiles, (program // dw_tiles) % dw_tasks, program // (dw_tiles * dw_tasks),
+                dw_tiles, dw_splits,
+                grad_out_ptr, dw_x_ptr, dw_ptr, dw_addend_ptr, dw_final_ptr, dw_counters_ptr,
+                dw_images, C, H, W, O, HO, WO, dw_k_per_split,
+                grad_out_task_stride, x_task_stride, dw_split_stride, dw_task_stride,
+                stride_h, stride_w, pad_h, pad_w, KH, KW, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, INPUT_PRECISION,
+                DW_ADDEND, DW_ONE_PASS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -389,9 +425,6 @@ def gpu_conv_config(batch: int, M: int, N: int, K: int, *, kernel: str = "conv_f
     """The tiles a GPU launch gets at ``sm_count`` SMs (an H100's 132 by default), also under
     the interpreter: for the accounting on the CPU, and for tests that run a GPU's tiles."""
     return plan_config(kernel, batch, problems or ((M, K),), N, sm_count, can_split)
-
-
-GRADS_PAIR = "conv2d_grads_pair"  # the paired launch's protocol (kernels/verified_protocols.py)
 
 
 @dataclass(frozen=True)
@@ -424,28 +457,47 @@ class ConvLaunch(PlannedLaunch):
         return {k: self.config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
 
 
+GRADS_IN_ONE_LAUNCH = "conv2d_grads_in_one_launch"  # the grouped launch's protocol (kernels/verified_protocols.py)
+_PART_PREFIXES = {"forward": "FWD", "input_grad": "DX", "weight_grad": "DW"}  # conv2d_grads_kernel's constexprs
+_PLACEHOLDER_TILE = 16  # an absent part's tile constants (tl.dot's smallest tile; its code is not compiled)
+
+
 @dataclass(frozen=True)
-class ConvLaunchPair(PlannedLaunch):
-    """The input- and weight-gradient launches of one backward (task_conv2d_backward's dx and
-    dw, or the double backward's d x and d w) as one launch of conv2d_grads_kernel, where
-    the protocol :data:`GRADS_PAIR` is in force: each part keeps its own plan (tiles, split,
-    MACs), and the launch's 1-D grid is both parts' programs, those with the longer K-range
-    first (longest first: the short ones fill the tail). Warps: the larger part's; stages:
-    the fewer (the shared memory of both code paths)."""
+class ConvLaunchGroup(PlannedLaunch):
+    """The launches of one backward call as one launch of conv2d_grads_kernel, where the
+    protocol :data:`GRADS_IN_ONE_LAUNCH` is in force: task_conv2d_backward's input and
+    weight gradients, or the double backward's d grad_out (a forward launch), d x and d w.
+    Each part keeps its own plan (tiles, split, MACs); the launch's 1-D grid is the parts'
+    programs one part after another, those whose programs run more MACs each first
+    (longest first: the short ones fill the tail). Warps: the most of the parts'; stages:
+    the fewest (one part's code runs at a time, and the compiler reuses one part's shared
+    memory for the next's: tests/kernels/test_triton_compile.py)."""
 
-    input_grad: ConvLaunch
-    weight_grad: ConvLaunch
-    kernel: str = "grads_pair"
+    parts: tuple[ConvLaunch, ...]  # in the order of their programs
+    kernel: str = "grads"
 
-    @property
-    def parts(self) -> tuple[ConvLaunch, ConvLaunch]:
-        return self.input_grad, self.weight_grad
+    @classmethod
+    def of(cls, launches) -> "ConvLaunchGroup":
+        kinds = [launch.kernel for launch in launches]
+        if len(launches) < 2 or len(set(kinds)) != len(kinds) or not set(kinds) <= set(_PART_PREFIXES):
+            raise ValueError(f"a conv launch group takes two or three launches of distinct kinds "
+                             f"{sorted(_PART_PREFIXES)}, got {kinds}")
+        order = list(_PART_PREFIXES)
+        return cls(tuple(sorted(launches, key=lambda launch: (
+            -launch.issued_macs / max(launch.busy_programs, 1), order.index(launch.kernel)))))
 
-    @property
-    def dw_first(self) -> bool:
-        """Whether the weight gradient's programs come first: theirs run more MACs each."""
-        dx, dw = self.parts
-        return dw.issued_macs * max(dx.busy_programs, 1) > dx.issued_macs * max(dw.busy_programs, 1)
+    def part(self, kind: str) -> ConvLaunch | None:
+        """The part of kind ``kind`` ("forward", "input_grad", "weight_grad"), or None."""
+        return next((part for part in self.parts if part.kernel == kind), None)
+
+    def begin(self, kind: str) -> int:
+        """The first program of part ``kind`` in the launch's grid."""
+        begin = 0
+        for part in self.parts:
+            if part.kernel == kind:
+                return begin
+            begin += part.programs
+        raise KeyError(kind)
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -453,10 +505,9 @@ class ConvLaunchPair(PlannedLaunch):
 
     @property
     def config(self) -> dict:
-        dx, dw = (part.config for part in self.parts)
-        return {"num_warps": max(dx["num_warps"], dw["num_warps"]),
-                "num_stages": min(dx["num_stages"], dw["num_stages"]),
-                "SPLIT_K": max(dx["SPLIT_K"], dw["SPLIT_K"])}
+        configs = [part.config for part in self.parts]
+        return {"num_warps": max(c["num_warps"] for c in configs), "num_stages": min(c["num_stages"] for c in configs),
+                "SPLIT_K": max(c["SPLIT_K"] for c in configs)}
 
     @property
     def issued_macs(self) -> int:
@@ -472,12 +523,17 @@ class ConvLaunchPair(PlannedLaunch):
 
     @property
     def sm_count(self) -> int | None:
-        return self.input_grad.sm_count
+        return self.parts[0].sm_count
 
     def launch_tiles(self) -> dict:
-        """The tile constants the launch passes (conv2d_grads_kernel's names)."""
-        return {f"{prefix}_{k}": v for prefix, part in zip(("DX", "DW"), self.parts)
-                for k, v in part.launch_tiles().items()}
+        """The tile constants the launch passes (conv2d_grads_kernel's names; an absent
+        part's are placeholders)."""
+        tiles = {}
+        for kind, prefix in _PART_PREFIXES.items():
+            part = self.part(kind)
+            for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+                tiles[f"{prefix}_{name}"] = part.config[name] if part is not None else _PLACEHOLDER_TILE
+        return tiles
 
 
 def _tile_macs(config: dict) -> int:
@@ -807,48 +863,109 @@ def _run_weight_grad(call, grad_out, x, kernel_size, stride, padding, shared, in
     return out if one_pass else _sum_partial_tiles(target, out)
 
 
-def _run_grads_pair(call, dx_args, dw_args, input_precision, dx_addend=None, dw_addend=None):
-    """(dx, dw): the input- and weight-gradient launches of ``call`` (from :func:`_grouped`:
-    the pair's plan and each part's call) as one conv2d_grads_kernel launch, each output
-    what its own launcher writes (the same tiles, split, epilogue and addend)."""
-    pair, (dx_launch, w, w_task_stride), (dw_launch,) = call
-    grad_out, _, input_size, stride, padding = dx_args
-    _, x, _, _, _, shared = dw_args
+_FORWARD_KINDS = ("task_conv2d", "task_conv2d_two_terms")
+
+
+def _grouped(launches, device: torch.device):
+    """The composed launches as they run: where there are two or more and
+    :data:`GRADS_IN_ONE_LAUNCH` is in force on ``device``, one grouped launch
+    ("grads_group", (its plan, {kind: call}), {kind: args}); else as they were."""
+    if len(launches) < 2 or not in_force(GRADS_IN_ONE_LAUNCH, device):
+        return launches
+    group = ConvLaunchGroup.of([call[0] for _, call, _ in launches])
+    return [("grads_group", (group, {kind: call for kind, call, _ in launches}),
+             {kind: args for kind, _, args in launches})]
+
+
+def _run_grads_group(call, args, input_precision, dx_addend=None, dw_addend=None) -> dict:
+    """{kind: output}: the launches of ``call`` (from :func:`_grouped`: the group's plan and
+    each part's call, by kind) as one conv2d_grads_kernel launch, each output what its own
+    launcher writes (the same tiles, split, epilogue and addend)."""
+    group, calls = call
+    forward_kind = next((kind for kind in calls if kind in _FORWARD_KINDS), None)
+    dx_args, dw_args = args.get("task_conv2d_input_grad"), args.get("task_conv2d_weight_grad")
+    grad_out, _, _, stride, padding = (dx_args or dw_args)[:5]
     sh, sw, ph, pw = _geometry(stride, padding)
     T, NB, O, HO, WO = grad_out.shape
-    _, C, KH, KW = w.shape[-4:]
-    H, W = (int(s) for s in input_size)
-    grad_out, x = grad_out.contiguous(), x.contiguous()
+    if dw_args is not None:
+        C, H, W = dw_args[1].shape[2:]
+        KH, KW = (int(k) for k in dw_args[2])
+    else:
+        C, KH, KW = dx_args[1].shape[-3:]
+        H, W = (int(s) for s in dx_args[2])
+    grad_out = grad_out.contiguous()
     device = grad_out.device
-    dx = torch.empty((T, NB, C, H, W), dtype=torch.float32, device=device)
-    dw = torch.empty((O, C, KH, KW) if shared else (T, O, C, KH, KW), dtype=torch.float32, device=device)
-    dx_cfg, dw_cfg = dx_launch.config, dw_launch.config
-    dx_target, dw_target = (out if cfg["SPLIT_K"] == 1 else
-                            torch.empty((cfg["SPLIT_K"], *out.shape), dtype=torch.float32, device=device)
-                            for out, cfg in ((dx, dx_cfg), (dw, dw_cfg)))
-    dx_addend = None if dx_addend is None else dx_addend.contiguous()
-    dw_addend = None if dw_addend is None else dw_addend.contiguous()
-    (dx_one, dw_one), (dx_counters, dw_counters) = split_reductions(device, [
-        (dx_cfg["SPLIT_K"], dx_launch.grid[0] * dx_launch.grid[1] * sh * sw),
-        (dw_cfg["SPLIT_K"], dw_launch.grid[0] * dw_launch.grid[1])])
-    tiles = pair.launch_tiles()
-    conv2d_grads_kernel[pair.grid](
-        grad_out, w, x,
-        dx_target, dx_addend if dx_addend is not None else dx_target, dx, dx_counters if dx_one else dx_target,
-        dw_target, dw_addend if dw_addend is not None else dw_target, dw, dw_counters if dw_one else dw_target,
+    shapes = {"forward": (T, NB, O, HO, WO), "input_grad": (T, NB, C, H, W),
+              "weight_grad": (O, C, KH, KW) if dw_args is not None and dw_args[5] else (T, O, C, KH, KW)}
+    tiles_per_counter_row = {"forward": 1, "input_grad": sh * sw, "weight_grad": 1}
+    kinds = [kind for kind in _PART_PREFIXES if group.part(kind) is not None]
+    outputs, targets = {}, {}
+    for kind in kinds:
+        split_k = group.part(kind).config["SPLIT_K"]
+        outputs[kind] = torch.empty(shapes[kind], dtype=torch.float32, device=device)
+        targets[kind] = outputs[kind] if split_k == 1 else torch.empty(
+            (split_k, *shapes[kind]), dtype=torch.float32, device=device)
+    one_pass, counters = split_reductions(device, [
+        (group.part(kind).config["SPLIT_K"], group.part(kind).grid[0] * group.part(kind).grid[1]
+         * tiles_per_counter_row[kind]) for kind in kinds])
+    one_pass, counters = dict(zip(kinds, one_pass)), dict(zip(kinds, counters))
+
+    def pointers(kind, addend=None):
+        """(out, addend, final, counters) of part ``kind``; placeholders where it is absent."""
+        if kind not in outputs:
+            return grad_out, grad_out, grad_out, grad_out
+        target = targets[kind]
+        return (target, addend if addend is not None else target, outputs[kind],
+                counters[kind] if one_pass[kind] else target)
+
+    def scalars(kind, rows=False):
+        """(begin, images, tiles, tasks, [rows,] splits, k_per_split) of part ``kind``; zeros where absent."""
+        part = group.part(kind)
+        if part is None:
+            return (0,) * (7 if rows else 6)
+        head = (group.begin(kind), part.images, part.grid[0], part.grid[1])
+        return (*head, *((part.grid[2],) if rows else ()), part.config["SPLIT_K"], part.config["k_per_split"])
+
+    fwd_x = fwd_w = fwd_x2 = fwd_w2 = grad_out
+    fwd_w_task_stride = fwd_w2_task_stride = 0
+    two_terms = forward_kind == "task_conv2d_two_terms"
+    if forward_kind is not None:
+        fwd_call, fwd_args = calls[forward_kind], args[forward_kind]
+        fwd_x = fwd_x2 = fwd_args[0].contiguous()
+        _, fwd_w, fwd_w_task_stride = fwd_call[:3]
+        fwd_w2, fwd_w2_task_stride = (fwd_call[3], fwd_call[4]) if two_terms else (fwd_w, fwd_w_task_stride)
+        if two_terms:
+            fwd_x2 = fwd_args[2].contiguous()
+    dx_w, dx_w_task_stride = (calls["task_conv2d_input_grad"][1:3] if dx_args is not None else (grad_out, 0))
+    dw_x = dw_args[1].contiguous() if dw_args is not None else grad_out
+    dx_addend = None if dx_addend is None or dx_args is None else dx_addend.contiguous()
+    dw_addend = None if dw_addend is None or dw_args is None else dw_addend.contiguous()
+
+    conv2d_grads_kernel[group.grid](
+        grad_out,
+        fwd_x, fwd_w, fwd_x2, fwd_w2, *pointers("forward")[:1], *pointers("forward")[2:],
+        dx_w, *pointers("input_grad", dx_addend),
+        dw_x, *pointers("weight_grad", dw_addend),
         C, H, W, O, HO, WO,
-        dx_launch.images, dx_launch.grid[0], dx_launch.grid[1], dx_launch.grid[2], dx_cfg["SPLIT_K"],
-        dx_cfg["k_per_split"],
-        dw_launch.images, dw_launch.grid[0], dw_launch.grid[1], dw_cfg["SPLIT_K"], dw_cfg["k_per_split"],
-        NB * O * HO * WO, w_task_stride, NB * C * H * W,
-        dx.numel(), NB * C * H * W, dw.numel(), O * C * KH * KW,
+        *scalars("forward"), *scalars("input_grad", rows=True), *scalars("weight_grad"),
+        NB * C * H * W, NB * O * HO * WO, fwd_w_task_stride, fwd_w2_task_stride, dx_w_task_stride,
+        *(outputs[kind].numel() if kind in outputs else 0 for kind in _PART_PREFIXES),
+        O * C * KH * KW,
         sh, sw, ph, pw,
-        KH=KH, KW=KW, **tiles,
-        INPUT_PRECISION=input_precision, DX_ADDEND=dx_addend is not None, DW_ADDEND=dw_addend is not None,
-        DX_ONE_PASS=dx_one, DW_ONE_PASS=dw_one, DW_FIRST=pair.dw_first,
-        num_warps=pair.config["num_warps"], num_stages=pair.config["num_stages"],
+        KH=KH, KW=KW, **group.launch_tiles(),
+        INPUT_PRECISION=input_precision,
+        HAS_FORWARD="forward" in outputs, HAS_INPUT_GRAD="input_grad" in outputs,
+        HAS_WEIGHT_GRAD="weight_grad" in outputs, TWO_TERMS=two_terms,
+        DX_ADDEND=dx_addend is not None, DW_ADDEND=dw_addend is not None,
+        FWD_ONE_PASS=one_pass.get("forward", False), DX_ONE_PASS=one_pass.get("input_grad", False),
+        DW_ONE_PASS=one_pass.get("weight_grad", False),
+        num_warps=group.config["num_warps"], num_stages=group.config["num_stages"],
     )
-    return (dx if dx_one else _sum_partial_tiles(dx_target, dx)), (dw if dw_one else _sum_partial_tiles(dw_target, dw))
+    by_part = {kind: outputs[kind] if one_pass[kind] else _sum_partial_tiles(targets[kind], outputs[kind])
+               for kind in kinds}
+    return {kind: by_part[launch_kind] for kind, launch_kind in (
+        (forward_kind, "forward"), ("task_conv2d_input_grad", "input_grad"),
+        ("task_conv2d_weight_grad", "weight_grad")) if launch_kind in by_part}
 
 
 def _sum_partial_tiles(target, out):
@@ -866,8 +983,8 @@ def _sum_partial_tiles(target, out):
 # the work done. Launches per call: backward one input-grad and one weight-grad launch (each
 # where its output is wanted); double backward one forward launch for d grad_out (both
 # terms, conv(g_dx, w) + conv(x, g_dw), as one GEMM over twice the K: TWO_TERMS), one
-# input-grad, one weight-grad. Where the protocol GRADS_PAIR is in force, the input-grad and
-# weight-grad launches of one call run as one (conv2d_grads_kernel, _grouped). A split
+# input-grad, one weight-grad. Where the protocol GRADS_IN_ONE_LAUNCH is in force, the
+# launches of one call (two or three) run as one (conv2d_grads_kernel, _grouped). A split
 # launch not in one pass also sums its partial tiles (torch.sum), as above.
 # ---------------------------------------------------------------------------------------
 
@@ -935,27 +1052,11 @@ def _double_backward_launches(g_dx, g_dw, grad_out, x, w, stride, padding, outpu
 _COMPOSED = {"task_conv2d_backward": _backward_launches, "task_conv2d_double_backward": _double_backward_launches}
 
 
-def _grouped(launches, device: torch.device):
-    """The composed launches as they run: an input-gradient and a weight-gradient launch (of
-    one op, on the same grad_out) become one paired launch ("grads_pair", (plan, dx call,
-    dw call), (dx args, dw args)) last in the order, where :data:`GRADS_PAIR` is in force
-    on ``device``; the others as they were."""
-    kinds = [kind for kind, _, _ in launches]
-    if "task_conv2d_input_grad" not in kinds or "task_conv2d_weight_grad" not in kinds or not in_force(
-            GRADS_PAIR, device):
-        return launches
-    (_, dx_call, dx_args), (_, dw_call, dw_args) = (launches[kinds.index(k)] for k in (
-        "task_conv2d_input_grad", "task_conv2d_weight_grad"))
-    pair = ("grads_pair", (ConvLaunchPair(dx_call[0], dw_call[0]), dx_call, dw_call), (dx_args, dw_args))
-    return [launch for launch in launches if launch[0] not in ("task_conv2d_input_grad",
-                                                               "task_conv2d_weight_grad")] + [pair]
-
-
 def conv_launch_plans(kernel: str, *args, config_for=None, sm_count: int | None = None,
-                      grouped: bool = True) -> list[ConvLaunch | ConvLaunchPair] | None:
+                      grouped: bool = True) -> list[ConvLaunch | ConvLaunchGroup] | None:
     """Every launch the launcher ``kernel`` makes for ``args``, in order (one for the three
     conv launchers, those of the composed task_conv2d_backward and
-    task_conv2d_double_backward: with ``grouped``, as they run, the gradients' pair one
+    task_conv2d_double_backward: with ``grouped``, as they run, the launches of a call one
     launch where it is in force; else each GEMM's own), or None where it declines; runs
     nothing. As :func:`conv_launch_plan`."""
     if kernel in _COMPOSED:
@@ -977,8 +1078,10 @@ def task_conv2d_backward(grad_out, x, w, stride, padding, output_mask, dx_addend
         return NotImplemented
     dx = dw = x.new_empty(0)
     for kind, call, args in _grouped(launches, x.device):
-        if kind == "grads_pair":
-            dx, dw = _run_grads_pair(call, *args, input_precision, dx_addend, dw_addend)
+        if kind == "grads_group":
+            outputs = _run_grads_group(call, args, input_precision, dx_addend, dw_addend)
+            dx = outputs.get("task_conv2d_input_grad", dx)
+            dw = outputs.get("task_conv2d_weight_grad", dw)
         elif kind == "task_conv2d_input_grad":
             dx = _run_input_grad(call, *args, input_precision, addend=dx_addend)
         else:
@@ -997,8 +1100,11 @@ def task_conv2d_double_backward(g_dx, g_dw, grad_out, x, w, stride, padding, out
     d_grad_out = None
     d_x = d_w = empty = x.new_empty(0)
     for kind, call, args in _grouped(launches, x.device):
-        if kind == "grads_pair":
-            d_x, d_w = _run_grads_pair(call, *args, input_precision)
+        if kind == "grads_group":
+            outputs = _run_grads_group(call, args, input_precision)
+            d_grad_out = next((outputs[k] for k in _FORWARD_KINDS if k in outputs), d_grad_out)
+            d_x = outputs.get("task_conv2d_input_grad", d_x)
+            d_w = outputs.get("task_conv2d_weight_grad", d_w)
         elif kind == "task_conv2d_two_terms":
             d_grad_out = _run_two_terms(call, g_dx, x, stride, padding, input_precision)
         elif kind == "task_conv2d":

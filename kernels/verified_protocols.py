@@ -26,8 +26,9 @@ from fastmeta.kernels.launch_checks import recording
 PROTOCOLS = {
     "split_k_one_pass": "a split-K launch sums its partial tiles in its own epilogue: tile counters taken by "
                         "acquire-release atomics at GPU scope (kernels/split_k.py)",
-    "conv2d_grads_pair": "task_conv2d_backward's input and weight gradients in one launch: one grid whose "
-                         "programs run either GEMM, each with its own tiles (kernels/task_conv2d.py)",
+    "conv2d_grads_in_one_launch": "the launches of one conv backward (its input and weight gradients; the double "
+                                  "backward's three) as one: one grid whose programs run different GEMMs, each "
+                                  "with its own tiles (kernels/task_conv2d.py, conv2d_grads_kernel)",
 }
 
 _verified_on_cuda: Callable[[str], bool] = lambda name: False

@@ -57,7 +57,7 @@ def triton_launchers() -> dict:
     """The triton backend's kernels, by name: the table's kernel ``<name>`` of family
     ``<family>`` is the function ``<name>`` in ``fastmeta.kernels.<family>``, when that
     module defines one (called at the matmul precision in force). A launch protocol of
-    fastmeta.kernels.verified_protocols (split-K in one pass, the conv gradients' paired
+    fastmeta.kernels.verified_protocols (split-K in one pass, a conv backward's grouped
     launch) runs on CUDA once the record holds it as verified."""
     importlib.import_module("fastmeta.kernels.verified_protocols").set_verified_check(_verified_on_cuda)
     launchers = {}

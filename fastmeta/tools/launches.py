@@ -627,7 +627,7 @@ def unverified_cuda_kernels() -> dict[str, list[str]]:
     from fastmeta.kernels.verified_protocols import PROTOCOLS
 
     # The Triton launchers, and the launch protocols recorded as kernels of their own
-    # (split-K in one pass, the conv gradients' paired launch: kernels/verified_protocols.py).
+    # (split-K in one pass, a conv backward's launches in one: kernels/verified_protocols.py).
     written = {"triton": sorted([*triton_launchers(), *PROTOCOLS]), "cuda": sorted(HOST_LAUNCHES)}
     return {backend: [k for k in kernels if not verification.is_verified(backend, k, "cuda")]
             for backend, kernels in written.items()}

@@ -95,7 +95,7 @@ def test_results_schema(two_part_run):
     # csrc/cuda/<family>.cu.
     expected = {"install", "build", "triton:common", "whole_step", "profile", "kernel-count", "eager-vs-captured",
                 "precision", "tune", "bench:W1-second:fastmeta", "bench:W1-second:peers", "train", "memcheck"}
-    expected |= {f"triton:{f}" for f in triton_families()} | {"triton:split_k"}
+    expected |= {f"triton:{f}" for f in triton_families()} | {"triton:split_k", "triton:conv2d_grads_in_one_launch"}
     expected |= {f"cuda:{f}" for f in cuda_families()}
     assert set(results["steps"]) == expected
     assert results["steps"]["memcheck"]["status"] == "unavailable"
@@ -162,18 +162,18 @@ def test_verified_is_written_family_by_family(two_part_run):
     events = [e for e in read(second)["events"] if e["event"] == "recorded"]
     families = [e["step"] for e in events]
     # Each family, and the launch protocols recorded as kernels of their own (split-K in one
-    # pass, the conv gradients' pair: kernels/verified_protocols.py).
+    # pass, a conv backward's launches in one: kernels/verified_protocols.py).
     from fastmeta.kernels.verified_protocols import PROTOCOLS
 
     assert len(families) == len(set(families)) == len(triton_families()) + len(PROTOCOLS) + len(cuda_families())
-    assert {"triton:split_k", "triton:conv2d_grads_pair"} <= set(families)
+    assert {"triton:split_k", "triton:conv2d_grads_in_one_launch"} <= set(families)
     for backend in ("triton", "cuda"):
         counts = [e["published_kernels"] for e in events if e["backend"] == backend]
         assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
     verified = json.loads((second / "verified.json").read_text())
     assert "mlp_meta_step_with_task_gradients" in verified["cuda"]["dry-run"]
     assert "task_conv2d_weight_grad" in verified["triton"]["dry-run"]
-    assert {"split_k_one_pass", "conv2d_grads_pair"} <= set(verified["triton"]["dry-run"])
+    assert {"split_k_one_pass", "conv2d_grads_in_one_launch"} <= set(verified["triton"]["dry-run"])
     # A dry run keeps the repository's record as it is, and never claims a kernel verified
     # on a GPU: everything it adds is under "dry-run".
     repo = json.loads((REPO / "fastmeta" / "backends" / "verified.json").read_text())

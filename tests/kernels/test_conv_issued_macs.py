@@ -50,8 +50,8 @@ def recorded_conv_launches(config_for=None):
 
     def recorder(name):
         def run(*args):
-            # Each GEMM's own plan: a paired launch of the gradients (kernels/task_conv2d.py,
-            # GRADS_PAIR) issues its parts' MACs, and each part is counted as its own launch
+            # Each GEMM's own plan: a grouped launch of a backward call (kernels/task_conv2d.py,
+            # GRADS_IN_ONE_LAUNCH) issues its parts' MACs, and each part is counted as its own launch
             # here, under one wave or not by its own programs (the launch count is
             # tests/tools/test_launches.py's).
             planned = conv_launch_plans(name, *args, config_for=config_for, grouped=False)

@@ -60,12 +60,16 @@ def compile_plan():
                                                   TWO_TERMS=[False, True], **gemm)),
         (task_conv2d.conv2d_input_grad_kernel, _grid(KH=[3], KW=[3], ONE_PASS=[False, True], **gemm)),
         (task_conv2d.conv2d_weight_grad_kernel, _grid(KH=[3], KW=[3], ONE_PASS=[False, True], **gemm)),
-        # The gradients' pair (one launch, two GEMMs with their own tiles): the branches'
-        # tiles differ, as the plans make them.
+        # The backward's launches in one (two or three GEMMs, each with its own tiles): the
+        # parts' tiles differ, as the plans make them; every subset of parts a call makes.
         (task_conv2d.conv2d_grads_kernel,
-         [dict(c, DX_BLOCK_M=64, DX_BLOCK_N=32, DX_BLOCK_K=32, DW_BLOCK_M=32, DW_BLOCK_N=128, DW_BLOCK_K=64)
-          for c in _grid(KH=[3], KW=[3], INPUT_PRECISION=precisions, DX_ADDEND=[True], DW_ADDEND=[False, True],
-                         DX_ONE_PASS=[False, True], DW_ONE_PASS=[True], DW_FIRST=[False, True])[::2]]),
+         [dict(c, FWD_BLOCK_M=32, FWD_BLOCK_N=64, FWD_BLOCK_K=32, DX_BLOCK_M=64, DX_BLOCK_N=32, DX_BLOCK_K=32,
+               DW_BLOCK_M=32, DW_BLOCK_N=128, DW_BLOCK_K=64, HAS_FORWARD=parts != "dx+dw",
+               HAS_INPUT_GRAD=parts != "fwd+dw", HAS_WEIGHT_GRAD=parts != "fwd+dx", TWO_TERMS=parts == "all")
+          for parts in ("dx+dw", "all", "fwd+dx", "fwd+dw")
+          for c in _grid(KH=[3], KW=[3], INPUT_PRECISION=precisions, DX_ADDEND=[parts == "dx+dw"],
+                         DW_ADDEND=[parts == "dx+dw"], FWD_ONE_PASS=[True], DX_ONE_PASS=[False, True],
+                         DW_ONE_PASS=[True])[::2]]),
         (task_batch_norm.task_batch_norm_kernel,
          _grid(HAS_GAMMA=[False, True], HAS_BETA=[True], ACT=[0, 3], BLOCK=[2048])),
         # Without y (act none), and with relu's / leaky_relu's mask fused (HAS_Y).
@@ -127,19 +131,20 @@ def compile_all() -> int:
             except Exception as exc:
                 raise SystemExit(f"{kernel.fn.__name__} {constexprs}: {type(exc).__name__}: {exc}")
             assert binary.asm["cubin"], kernel.fn.__name__
-            if constexprs.get("ONE_PASS") or constexprs.get("DW_ONE_PASS"):
+            if any(constexprs.get(name) for name in ("ONE_PASS", "FWD_ONE_PASS", "DX_ONE_PASS", "DW_ONE_PASS")):
                 check_one_pass_ptx(kernel.fn.__name__, binary.asm["ptx"])
             compiled += 1
-    check_pair_shared_memory(target)
+    check_group_shared_memory(target)
     print(f"compiled {compiled} kernel variants for sm_90")
     return compiled
 
 
-def check_pair_shared_memory(target) -> None:
-    """The conv gradients' pair (conv2d_grads_kernel) needs no more shared memory than the
-    larger of its two launches at the same tiles and stages: the compiler reuses one
-    branch's buffers for the other's, so a pair never fails to launch where its parts
-    would not (kernels/task_conv2d.py, ConvLaunchPair: stages the fewer of the parts')."""
+def check_group_shared_memory(target) -> None:
+    """The backward's launches in one (conv2d_grads_kernel) need no more shared memory than
+    the largest of its parts at the same tiles and stages: the compiler reuses one part's
+    buffers for the next's (one part's code runs in a program), so a group never fails to
+    launch where its parts would not (kernels/task_conv2d.py, ConvLaunchGroup: stages the
+    fewest of the parts')."""
     import triton
     from triton.compiler import ASTSource
 
@@ -149,14 +154,18 @@ def check_pair_shared_memory(target) -> None:
         source = ASTSource(fn=kernel, signature=_signature(kernel, constexprs), constexprs=constexprs)
         return triton.compile(source, target=target, options={"num_warps": 4, "num_stages": 3}).metadata.shared
 
+    fwd_tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
     dx_tiles, dw_tiles = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32)
-    common = dict(KH=3, KW=3, INPUT_PRECISION="ieee", HAS_ADDEND=True, ONE_PASS=True)
-    parts = max(shared(task_conv2d.conv2d_input_grad_kernel, {**common, **dx_tiles}),
-                shared(task_conv2d.conv2d_weight_grad_kernel, {**common, **dw_tiles}))
-    pair = shared(task_conv2d.conv2d_grads_kernel, dict(
-        KH=3, KW=3, INPUT_PRECISION="ieee", DX_ADDEND=True, DW_ADDEND=True, DX_ONE_PASS=True, DW_ONE_PASS=True,
-        DW_FIRST=False, **{f"DX_{k}": v for k, v in dx_tiles.items()}, **{f"DW_{k}": v for k, v in dw_tiles.items()}))
-    assert 0 < pair <= parts, f"conv2d_grads_kernel takes {pair} B of shared memory, its parts at most {parts} B"
+    common = dict(KH=3, KW=3, INPUT_PRECISION="ieee", ONE_PASS=True)
+    parts = max(shared(task_conv2d.conv2d_forward_kernel, {**common, **fwd_tiles, "HAS_BIAS": False, "TWO_TERMS": True}),
+                shared(task_conv2d.conv2d_input_grad_kernel, {**common, **dx_tiles, "HAS_ADDEND": False}),
+                shared(task_conv2d.conv2d_weight_grad_kernel, {**common, **dw_tiles, "HAS_ADDEND": False}))
+    group = shared(task_conv2d.conv2d_grads_kernel, dict(
+        KH=3, KW=3, INPUT_PRECISION="ieee", HAS_FORWARD=True, HAS_INPUT_GRAD=True, HAS_WEIGHT_GRAD=True,
+        TWO_TERMS=True, DX_ADDEND=False, DW_ADDEND=False, FWD_ONE_PASS=True, DX_ONE_PASS=True, DW_ONE_PASS=True,
+        **{f"{prefix}_{k}": v for prefix, tiles in (("FWD", fwd_tiles), ("DX", dx_tiles), ("DW", dw_tiles))
+           for k, v in tiles.items()}))
+    assert 0 < group <= parts, f"conv2d_grads_kernel takes {group} B of shared memory, its parts at most {parts} B"
 
 
 def test_every_kernel_compiles_for_sm90():
