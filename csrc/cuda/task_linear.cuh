@@ -9,19 +9,16 @@
 namespace fastmeta {
 namespace cuda {
 
-// C[b] = act(A[b]·B[b] + bias[b]) for every batch b; C[b] += A[b]·B[b] where accumulate
-// (bias null, act none); C[b] = A[b]·B[b] + addend[b] where addend is given (laid out as C;
-// bias null, act none, no accumulate: the backward's gradient addends, in the epilogue).
 struct Strided {
   const float* p;
   int64_t b, r, c;  // batch, row, column strides
 };
 
-void launch_batched_gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* C,
-                         const float* bias, int64_t bias_b, int act, float slope, bool accumulate,
-                         cudaStream_t stream, const float* addend = nullptr);
-
-// One batched GEMM's arguments, as launch_batched_gemm takes them.
+// One batched GEMM: C[b] = act(A[b]·B[b] + bias[b]) for every batch b; C[b] = A[b]·B[b] +
+// addend[b] where addend is given (laid out as C; bias null, act none: the backward's
+// gradient addends, in the epilogue); C[b] = A[b]·B[b] + A2[b]·B2[b] where K2 > 0 (bias
+// null, act none: the double backward's d grad_out = g_dx·wᵀ + x·g_dwᵀ as one GEMM over
+// both terms' K, in one accumulator).
 struct Gemm {
   int64_t batches, M, N, K;
   Strided A, B;
@@ -30,13 +27,17 @@ struct Gemm {
   int64_t bias_b;
   int act;
   float slope;
-  bool accumulate;
   const float* addend;
+  int64_t K2;
+  Strided A2, B2;
 };
 
-// Two independent batched GEMMs in one launch (the backward's dx and dw): grid z covers
-// the first's batches, then the second's; x and y the larger of the two.
-void launch_batched_gemm_pair(const Gemm& first, const Gemm& second, cudaStream_t stream);
+// Up to kMaxGemms independent batched GEMMs in one launch (the backward's dx and dw; the
+// double backward's d grad_out, d x and d w): grid z covers the first's batches, then the
+// second's, ...; x and y the largest of theirs. A block past its own GEMM's tiles returns
+// at once, before any barrier.
+constexpr int kMaxGemms = 3;
+void launch_batched_gemms(const Gemm* gemms, int count, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastmeta

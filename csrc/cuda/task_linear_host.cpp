@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -23,36 +24,44 @@ namespace {
 // task_linear family
 // ---------------------------------------------------------------------------------------
 
-// One launch of `first`, or of `first` and `second` together (the backward's two
-// gradients: one launch instead of two).
-void run_gemms(const Gemm& first, const Gemm* second = nullptr) {
-  const int64_t batches = first.batches + (second ? second->batches : 0);
+// One launch of the given GEMMs together (the backward's two gradients; the double
+// backward's three: one launch instead of two or three).
+void run_gemms(std::initializer_list<Gemm> gemms) {
+  TORCH_INTERNAL_ASSERT(gemms.size() >= 1 && gemms.size() <= static_cast<size_t>(kMaxGemms));
+  int64_t batches = 0;
+  for (const Gemm& g : gemms) {
+    batches += g.batches;
+    TORCH_CHECK_NOT_IMPLEMENTED((g.M + 31) / 32 <= 65535, "at most 65535·32 rows per task, got ", g.M);
+  }
   TORCH_CHECK_NOT_IMPLEMENTED(batches <= 65535, "at most 65535 tasks per launch (grid z), got ", batches);
-  for (const Gemm* g : {&first, second})
-    if (g != nullptr)
-      TORCH_CHECK_NOT_IMPLEMENTED((g->M + 31) / 32 <= 65535, "at most 65535·32 rows per task, got ", g->M);
-  if (second == nullptr)
-    launch_batched_gemm(first.batches, first.M, first.N, first.K, first.A, first.B, first.C, first.bias,
-                        first.bias_b, first.act, first.slope, first.accumulate, stream(), first.addend);
-  else
-    launch_batched_gemm_pair(first, *second, stream());
+  launch_batched_gemms(gemms.begin(), static_cast<int>(gemms.size()), stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The GEMMs that were wanted (empty outputs launch nothing), in one launch where their
-// batches together fit grid z; else one launch each, as before they were paired.
-void run_wanted(const c10::optional<Gemm>& first, const c10::optional<Gemm>& second) {
-  if (first && second && first->batches + second->batches <= 65535) {
-    run_gemms(*first, &*second);
-    return;
+// batches together fit grid z; else one launch each, as before they were grouped.
+void run_wanted(std::initializer_list<c10::optional<Gemm>> wanted) {
+  std::vector<Gemm> gemms;
+  int64_t batches = 0;
+  for (const auto& g : wanted)
+    if (g) {
+      gemms.push_back(*g);
+      batches += g->batches;
+    }
+  if (gemms.empty()) return;
+  if (batches <= 65535) {
+    switch (gemms.size()) {
+      case 1: run_gemms({gemms[0]}); return;
+      case 2: run_gemms({gemms[0], gemms[1]}); return;
+      default: run_gemms({gemms[0], gemms[1], gemms[2]}); return;
+    }
   }
-  if (first) run_gemms(*first);
-  if (second) run_gemms(*second);
+  for (const Gemm& g : gemms) run_gemms({g});
 }
 
 void gemm(int64_t batches, int64_t M, int64_t N, int64_t K, Strided A, Strided B, float* C, const float* bias,
-          int64_t bias_b, int act, float slope, bool accumulate = false, const float* addend = nullptr) {
-  run_gemms(Gemm{batches, M, N, K, A, B, C, bias, bias_b, act, slope, accumulate, addend});
+          int64_t bias_b, int act, float slope, const float* addend = nullptr) {
+  run_gemms({Gemm{batches, M, N, K, A, B, C, bias, bias_b, act, slope, addend}});
 }
 
 at::Tensor task_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
@@ -115,17 +124,15 @@ std::pair<at::Tensor, c10::optional<Gemm>> weight_grad_gemm(const at::Tensor& gr
   // A[m = o, k = n] = grad_out[n, o]; shared: the task and example dims merged (K = T·N).
   if (shared)
     return {out, Gemm{1, O, I, T * N, Strided{grad_out.data_ptr<float>(), 0, 1, O},
-                      Strided{x.data_ptr<float>(), 0, I, 1}, out.data_ptr<float>(), nullptr, 0, none, 0.f, false,
-                      addend}};
+                      Strided{x.data_ptr<float>(), 0, I, 1}, out.data_ptr<float>(), nullptr, 0, none, 0.f, addend}};
   return {out, Gemm{T, O, I, N, Strided{grad_out.data_ptr<float>(), N * O, 1, O},
-                    Strided{x.data_ptr<float>(), N * I, I, 1}, out.data_ptr<float>(), nullptr, 0, none, 0.f, false,
-                    addend}};
+                    Strided{x.data_ptr<float>(), N * I, I, 1}, out.data_ptr<float>(), nullptr, 0, none, 0.f, addend}};
 }
 
 at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, bool shared) {
   c10::cuda::CUDAGuard guard(x.device());
   auto [out, dw] = weight_grad_gemm(grad_out, x, shared, nullptr);
-  run_wanted(dw, c10::nullopt);
+  run_wanted({dw});
   return out;
 }
 
@@ -144,11 +151,12 @@ int64_t weight_batch_stride(const at::Tensor& w, int64_t T, const char* name) {
   return w.dim() == 2 ? 0 : w.stride(0);
 }
 
-// out (+)= a·bᵀ: a [T, N, I] contiguous, b a weight [T, O, I] / [O, I] at batch stride bs.
-void linear_gemm(const at::Tensor& a, const at::Tensor& b, int64_t bs, at::Tensor& out, bool accumulate) {
+// The GEMM of out = a·bᵀ: a [T, N, I] contiguous, b a weight [T, O, I] / [O, I] at batch
+// stride bs.
+Gemm product_gemm(const at::Tensor& a, const at::Tensor& b, int64_t bs, at::Tensor& out) {
   const int64_t T = a.size(0), N = a.size(1), I = a.size(2), O = b.size(-2);
-  gemm(T, N, O, I, Strided{a.data_ptr<float>(), N * I, I, 1}, Strided{b.data_ptr<float>(), bs, 1, I},
-       out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f, accumulate);
+  return Gemm{T, N, O, I, Strided{a.data_ptr<float>(), N * I, I, 1}, Strided{b.data_ptr<float>(), bs, 1, I},
+              out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f, nullptr};
 }
 
 // The GEMM of out = g·w (+ addend, out's layout): g [T, N, O] contiguous, w [T, O, I] /
@@ -157,7 +165,7 @@ Gemm input_grad_gemm(const at::Tensor& g, const at::Tensor& w, int64_t ws, at::T
                      const float* addend = nullptr) {
   const int64_t T = g.size(0), N = g.size(1), O = g.size(2), I = w.size(-1);
   return Gemm{T, N, I, O, Strided{g.data_ptr<float>(), N * O, O, 1}, Strided{w.data_ptr<float>(), ws, I, 1},
-              out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f, false, addend};
+              out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f, addend};
 }
 
 // An addend as the GEMM's epilogue reads it: fp32 on the device, shaped as its output,
@@ -200,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_o
     add_w = epilogue_addend(dw_addend, w.sizes(), "dw_addend");
     std::tie(d_w, dw_gemm) = weight_grad_gemm(grad_out, x, w.dim() == 2, data_or_null(add_w));
   }
-  run_wanted(dx_gemm, dw_gemm);
+  run_wanted({dx_gemm, dw_gemm});
   return {d_x, d_w};
 }
 
@@ -227,15 +235,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_double_backward(
   c10::cuda::CUDAGuard guard(x.device());
   const auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor d_grad_out = empty(), d_x = empty(), d_w = empty();
+  // d grad_out = g_dx·wᵀ + x·g_dwᵀ: one GEMM of two terms (task_linear.cuh, Gemm's K2).
+  c10::optional<Gemm> d_grad_out_gemm;
   if (mask_at(output_mask, 0)) {
     d_grad_out = at::empty({T, N, O}, x.options());
     if (d_grad_out.numel()) {
-      if (g_dx.has_value()) linear_gemm(*g_dx, w, ws, d_grad_out, false);
-      if (g_dw.has_value()) linear_gemm(x, *g_dw, gws, d_grad_out, g_dx.has_value());
-      if (!g_dx.has_value() && !g_dw.has_value()) d_grad_out.zero_();
+      if (g_dx.has_value()) d_grad_out_gemm = product_gemm(*g_dx, w, ws, d_grad_out);
+      if (g_dw.has_value()) {
+        const Gemm second = product_gemm(x, *g_dw, gws, d_grad_out);
+        if (d_grad_out_gemm) {
+          d_grad_out_gemm->K2 = second.K;
+          d_grad_out_gemm->A2 = second.A;
+          d_grad_out_gemm->B2 = second.B;
+        } else {
+          d_grad_out_gemm = second;
+        }
+      }
+      if (!d_grad_out_gemm) d_grad_out.zero_();
     }
   }
-  // d x and d w: one launch.
+  // d grad_out, d x and d w: one launch.
   c10::optional<Gemm> dx_gemm, dw_gemm;
   if (mask_at(output_mask, 1)) {
     if (g_dw.has_value()) {
@@ -251,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_double_backward(
     else
       d_w = at::zeros(w.sizes(), w.options());
   }
-  run_wanted(dx_gemm, dw_gemm);
+  run_wanted({d_grad_out_gemm, dx_gemm, dw_gemm});
   return {d_grad_out, d_x, d_w};
 }
 

@@ -297,14 +297,17 @@ def blocks_for(n: int, threads: int = THREADS) -> int:
     return max(1, min(_cdiv(n, threads), 132 * 8))
 
 
-def _batched_gemm(batches: int, M: int, N: int, K: int) -> list[Launch]:
+def _batched_gemm(batches: int, M: int, N: int, K: int, K2: int = 0) -> list[Launch]:
+    """One launch of ``batched_gemm_kernel`` (csrc/cuda/task_linear.cu); K2: a second term's
+    reduction in the same accumulator (the double backward's d grad_out)."""
     if batches * M * N == 0:
         return []
     grid = (_cdiv(N, GEMM_TILE), _cdiv(M, GEMM_TILE), batches)
-    issued = batches * grid[0] * grid[1] * GEMM_TILE * GEMM_TILE * _cdiv(K, GEMM_K_SLICE) * GEMM_K_SLICE
+    slices = _cdiv(K, GEMM_K_SLICE) + _cdiv(K2, GEMM_K_SLICE)
+    issued = batches * grid[0] * grid[1] * GEMM_TILE * GEMM_TILE * slices * GEMM_K_SLICE
     return [Launch("native", "batched_gemm_kernel", grid=grid,
                    tiles=(("TILE", GEMM_TILE), ("K_SLICE", GEMM_K_SLICE), ("threads", THREADS)),
-                   gemm="linear", issued_macs=issued, useful_macs=batches * M * N * K)]
+                   gemm="linear", issued_macs=issued, useful_macs=batches * M * N * (K + K2))]
 
 
 def _elementwise(kernel: str, n: int) -> list[Launch]:
@@ -327,16 +330,21 @@ def _host_task_linear_weight_grad(grad_out, x, shared):
     return _batched_gemm(1, O, I, T * N) if shared else _batched_gemm(T, O, I, N)
 
 
-def _gemm_pair(first: list[Launch], second: list[Launch]) -> list[Launch]:
-    """Two batched GEMMs in one launch (``launch_batched_gemm_pair``): grid z their batches
-    together, x and y the larger; the blocks past their own GEMM's tiles return at once, so
-    the issued MACs are the two's."""
-    if not first or not second:
-        return first + second
-    (a,), (b,) = first, second
-    grid = (max(a.grid[0], b.grid[0]), max(a.grid[1], b.grid[1]), a.grid[2] + b.grid[2])
-    return [Launch("native", "batched_gemm_kernel", grid=grid, tiles=a.tiles, gemm="linear",
-                   issued_macs=a.issued_macs + b.issued_macs, useful_macs=a.useful_macs + b.useful_macs)]
+GRID_Z = 65535  # CUDA's limit on grid z: the batches of one batched_gemm_kernel launch
+
+
+def _gemm_group(*gemms: list[Launch]) -> list[Launch]:
+    """The wanted batched GEMMs (each a list of none or one launch) in one launch
+    (``launch_batched_gemms``, task_linear_host.cpp's ``run_wanted``): grid z their batches
+    together, x and y the largest; the blocks past their own GEMM's tiles return at once,
+    so the issued MACs are the GEMMs'. Where their batches together exceed grid z, one
+    launch each."""
+    launches = [launch for gemm in gemms for launch in gemm]
+    if len(launches) < 2 or sum(l.grid[2] for l in launches) > GRID_Z:
+        return launches
+    grid = (max(l.grid[0] for l in launches), max(l.grid[1] for l in launches), sum(l.grid[2] for l in launches))
+    return [Launch("native", "batched_gemm_kernel", grid=grid, tiles=launches[0].tiles, gemm="linear",
+                   issued_macs=sum(l.issued_macs for l in launches), useful_macs=sum(l.useful_macs for l in launches))]
 
 
 def _host_task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None):
@@ -346,17 +354,21 @@ def _host_task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_a
               if wanted and addend is not None and addend.numel() and not addend.is_contiguous()]
     d_x = _host_task_linear_input_grad(grad_out, w) if output_mask[0] else []
     d_w = _host_task_linear_weight_grad(grad_out, x, w.dim() == 2) if output_mask[1] else []
-    return copies + _gemm_pair(d_x, d_w)
+    return copies + _gemm_group(d_x, d_w)
 
 
 def _host_task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask):
-    """d grad_out: one GEMM per upstream, the second accumulating; d_x, d_w: their GEMMs in
-    one launch, or a fill (at::zeros) where an upstream is absent."""
-    launches = []
+    """d grad_out: one GEMM over both upstreams' terms (a fill, aten::zero_, where neither is
+    given); d x, d w: their GEMMs, or a fill (at::zeros) where an upstream is absent; the
+    GEMMs in one launch."""
+    launches, d_grad_out = [], []
     if output_mask[0]:
-        terms = [_host_task_linear(g, v, None, "none", 0.0) for g, v in ((g_dx, w), (x, g_dw)) if g is not None and v is not None]
-        launches += [l for term in terms for l in term] if terms else [Launch("aten", "aten::zero_")]
-    # d x and d w: one launch where both have their upstream, a fill where one has none.
+        T, N, I = x.shape
+        terms = [I for g, v in ((g_dx, w), (x, g_dw)) if g is not None and v is not None]
+        if terms:
+            d_grad_out = _batched_gemm(T, N, w.size(-2), terms[0], terms[1] if len(terms) > 1 else 0)
+        else:
+            launches.append(Launch("aten", "aten::zero_"))
     d_x = d_w = []
     if output_mask[1]:
         if g_dw is not None:
@@ -368,7 +380,7 @@ def _host_task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask):
             d_w = _host_task_linear_weight_grad(grad_out, g_dx, w.dim() == 2)
         else:
             launches.append(Launch("aten", "aten::zeros"))
-    return launches + _gemm_pair(d_x, d_w)
+    return launches + _gemm_group(d_grad_out, d_x, d_w)
 
 
 def _host_task_loss(pred, target, kind):

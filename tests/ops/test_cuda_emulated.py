@@ -146,29 +146,37 @@ def test_emulated_cuda_task_linear_family(lib, act):
         b = torch.randn(T, O, generator=g)
         y = torch.empty(T, N, O)
         lib.run_gemm(L(T), L(N), L(O), L(I), ptr(x), L(N * I), L(I), L(1), ptr(w), L(0 if shared else O * I), L(1),
-                     L(I), ptr(y), ptr(b), L(O), ACT[act], F(0.1), 0)
+                     L(I), ptr(y), ptr(b), L(O), ACT[act], F(0.1))
         assert rel(y, reference_task_linear(x, w, b, act, 0.1)) <= 1e-6
         dx = torch.empty(T, N, I)
         lib.run_gemm(L(T), L(N), L(I), L(O), ptr(go), L(N * O), L(O), L(1), ptr(w), L(0 if shared else O * I), L(I),
-                     L(1), ptr(dx), ptr(None), L(0), 0, F(0), 0)
+                     L(1), ptr(dx), ptr(None), L(0), 0, F(0))
         assert rel(dx, reference_task_linear_input_grad(go, w)) <= 1e-6
     dw = torch.empty(T, O, I)
     lib.run_gemm(L(T), L(O), L(I), L(N), ptr(go), L(N * O), L(1), L(O), ptr(x), L(N * I), L(I), L(1), ptr(dw),
-                 ptr(None), L(0), 0, F(0), 0)
+                 ptr(None), L(0), 0, F(0))
     assert rel(dw, reference_task_linear_weight_grad(go, x, False)) <= 1e-6
     dws = torch.empty(O, I)
     lib.run_gemm(L(1), L(O), L(I), L(T * N), ptr(go), L(0), L(1), L(O), ptr(x), L(0), L(I), L(1), ptr(dws), ptr(None),
-                 L(0), 0, F(0), 0)
+                 L(0), 0, F(0))
     assert rel(dws, reference_task_linear_weight_grad(go, x, True)) <= 1e-6
-    # The double backward's d grad_out: g_dx·w, then x·g_dwᵀ accumulated into it.
+    # The double backward's d grad_out = g_dx·wᵀ + x·g_dwᵀ as one GEMM of two terms (K2),
+    # with d x = grad_out·g_dw and d w = grad_outᵀ·g_dx in the same launch (grid z: the
+    # three GEMMs' batches in turn).
     w, g_dx, g_dw = torch.randn(T, O, I, generator=g), torch.randn(T, N, I, generator=g), torch.randn(O, I, generator=g)
-    d_go = torch.empty(T, N, O)
-    lib.run_gemm(L(T), L(N), L(O), L(I), ptr(g_dx), L(N * I), L(I), L(1), ptr(w), L(O * I), L(1), L(I), ptr(d_go),
-                 ptr(None), L(0), 0, F(0), 0)
-    lib.run_gemm(L(T), L(N), L(O), L(I), ptr(x), L(N * I), L(I), L(1), ptr(g_dw), L(0), L(1), L(I), ptr(d_go),
-                 ptr(None), L(0), 0, F(0), 1)
+    d_go, d_x, d_w = torch.empty(T, N, O), torch.empty(T, N, I), torch.empty(O, I)
     expected = reference_task_linear(g_dx, w, None, "none", 0.0) + reference_task_linear(x, g_dw, None, "none", 0.0)
-    assert rel(d_go, expected) <= 1e-6
+    group = [  # (spec, pointers) per GEMM: run_gemm_group's layout
+        ((T, N, O, I, N * I, I, 1, O * I, 1, I, I, N * I, I, 1, 0, 1, I), (g_dx, w, d_go, None, x, g_dw)),
+        ((T, N, I, O, N * O, O, 1, 0, I, 1, 0, 0, 0, 0, 0, 0, 0), (go, g_dw, d_x, None, None, None)),
+        ((1, O, I, T * N, 0, 1, O, 0, I, 1, 0, 0, 0, 0, 0, 0, 0), (go, g_dx, d_w, None, None, None)),
+    ]
+    for count in (1, 3):  # d grad_out alone, and the three together
+        d_go.fill_(float("nan"))
+        run_gemm_group(lib, group[:count])
+        assert rel(d_go, expected) <= 1e-6
+    assert rel(d_x, reference_task_linear_input_grad(go, g_dw)) <= 1e-6
+    assert rel(d_w, reference_task_linear_weight_grad(go, g_dx, True)) <= 1e-6
     # The backward's addends, read in the epilogue: dx + dx_addend, dw + dw_addend (per task
     # and shared), with no add of their own.
     add_x, add_w, add_ws = torch.randn(T, N, I, generator=g), torch.randn(T, O, I, generator=g), torch.randn(O, I, generator=g)
@@ -188,12 +196,20 @@ def test_emulated_cuda_task_linear_family(lib, act):
     # (per-task dw), or one batch (shared dw: the tasks merged into K); x and y the larger.
     for shared in (False, True):
         dx, dw = torch.empty(T, N, I), torch.empty(O, I) if shared else torch.empty(T, O, I)
-        second = ((L(1), L(O), L(I), L(T * N), ptr(go), L(0), L(1), L(O), ptr(x), L(0), L(I), L(1)) if shared else
-                  (L(T), L(O), L(I), L(N), ptr(go), L(N * O), L(1), L(O), ptr(x), L(N * I), L(I), L(1)))
-        lib.run_gemm_pair(L(T), L(N), L(I), L(O), ptr(go), L(N * O), L(O), L(1), ptr(w), L(O * I), L(I), L(1), ptr(dx),
-                          ptr(add_x), *second, ptr(dw), ptr(add_ws if shared else add_w))
+        dw_spec = ((1, O, I, T * N, 0, 1, O, 0, I, 1) if shared else (T, O, I, N, N * O, 1, O, N * I, I, 1))
+        run_gemm_group(lib, [
+            ((T, N, I, O, N * O, O, 1, O * I, I, 1) + (0,) * 7, (go, w, dx, add_x, None, None)),
+            (dw_spec + (0,) * 7, (go, x, dw, add_ws if shared else add_w, None, None))])
         assert rel(dx, reference_task_linear_input_grad(go, w) + add_x) <= 1e-6
         assert rel(dw, reference_task_linear_weight_grad(go, x, shared) + (add_ws if shared else add_w)) <= 1e-6
+
+
+def run_gemm_group(lib, gemms):
+    """The harness's run_gemm_group: ``gemms`` a list of (17 sizes and strides, 6 tensors or
+    None), as harness.cpp lays them out, in one launch."""
+    spec = (ctypes.c_long * (17 * len(gemms)))(*[v for s, _ in gemms for v in s])
+    pointers = (ctypes.c_void_p * (6 * len(gemms)))(*[ptr(t) for _, ts in gemms for t in ts])
+    lib.run_gemm_group(len(gemms), spec, pointers)
 
 
 @pytest.mark.parametrize("kind", ["cross_entropy", "mse"])

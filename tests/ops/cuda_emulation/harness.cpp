@@ -37,25 +37,28 @@ extern "C" void run_inner_step_backward(const float* go, const float* g, const f
   launch_inner_step_backward(go, g, StepCoef{lr, (const int64_t*)seg, mask, pc, (bool)scalar}, T, P, S, theta_shared, dth, dg, dl, dm, dp, reduce, nullptr);
 }
 extern "C" void run_gemm(long batches, long M, long N, long K, const float* A, long ab, long ar, long ac, const float* B,
-                         long bb, long br, long bc, float* C, const float* bias, long bias_b, int act, float slope,
-                         int accumulate) {
-  launch_batched_gemm(batches, M, N, K, Strided{A, ab, ar, ac}, Strided{B, bb, br, bc}, C, bias, bias_b, act, slope,
-                      accumulate != 0, nullptr);
-}
-extern "C" void run_gemm_pair(long b1, long M1, long N1, long K1, const float* A1, long ab1, long ar1, long ac1,
-                              const float* B1, long bb1, long br1, long bc1, float* C1, const float* add1, long b2,
-                              long M2, long N2, long K2, const float* A2, long ab2, long ar2, long ac2,
-                              const float* B2, long bb2, long br2, long bc2, float* C2, const float* add2) {
-  launch_batched_gemm_pair(Gemm{b1, M1, N1, K1, Strided{A1, ab1, ar1, ac1}, Strided{B1, bb1, br1, bc1}, C1, nullptr, 0,
-                                0, 0.f, false, add1},
-                           Gemm{b2, M2, N2, K2, Strided{A2, ab2, ar2, ac2}, Strided{B2, bb2, br2, bc2}, C2, nullptr, 0,
-                                0, 0.f, false, add2},
-                           nullptr);
+                         long bb, long br, long bc, float* C, const float* bias, long bias_b, int act, float slope) {
+  const Gemm g{batches, M, N, K, Strided{A, ab, ar, ac}, Strided{B, bb, br, bc}, C, bias, bias_b, act, slope, nullptr};
+  launch_batched_gemms(&g, 1, nullptr);
 }
 extern "C" void run_gemm_with_addend(long batches, long M, long N, long K, const float* A, long ab, long ar, long ac,
                                      const float* B, long bb, long br, long bc, float* C, const float* addend) {
-  launch_batched_gemm(batches, M, N, K, Strided{A, ab, ar, ac}, Strided{B, bb, br, bc}, C, nullptr, 0, 0, 0.f, false,
-                      nullptr, addend);
+  const Gemm g{batches, M, N, K, Strided{A, ab, ar, ac}, Strided{B, bb, br, bc}, C, nullptr, 0, 0, 0.f, addend};
+  launch_batched_gemms(&g, 1, nullptr);
+}
+// count GEMMs (act none, no bias) in one launch. Per GEMM, spec holds 17 values: batches,
+// M, N, K, A's three strides, B's three, K2, A2's three strides, B2's three (K2 = 0: one
+// term); ptrs holds 6: A, B, C, addend, A2, B2 (null where absent).
+extern "C" void run_gemm_group(int count, const long* spec, const float* const* ptrs) {
+  Gemm gemms[kMaxGemms];
+  for (int i = 0; i < count; ++i) {
+    const long* s = spec + 17 * i;
+    const float* const* p = ptrs + 6 * i;
+    gemms[i] = Gemm{s[0], s[1], s[2], s[3], Strided{p[0], s[4], s[5], s[6]}, Strided{p[1], s[7], s[8], s[9]},
+                    const_cast<float*>(p[2]), nullptr, 0, 0, 0.f, p[3], s[10], Strided{p[4], s[11], s[12], s[13]},
+                    Strided{p[5], s[14], s[15], s[16]}};
+  }
+  launch_batched_gemms(gemms, count, nullptr);
 }
 extern "C" void run_loss(const float* pred, const void* target, int kind, long T, long N, long C, long M, float* out, int grad) {
   if (grad) launch_task_loss_grad(pred, target, kind, T, N, C, M, out, nullptr);
