@@ -12,10 +12,16 @@ The backend layer hands :func:`set_verified_check` the record's answer as a func
 at each launch, so a record written or reloaded later counts. The launch recorder
 (fastmeta.tools.launches) counts the CUDA path, so while it records, the record decides as
 it does on CUDA.
+
+``FASTMETA_DISABLE_PROTOCOLS`` (a comma-separated list of protocol names, or ``all``; read
+once per process, an unknown name refused naming the variable) turns protocols off on
+every device, verified or not: the route taken before them, for an A/B timing on a GPU or
+to step around one.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Callable
 
@@ -31,8 +37,28 @@ PROTOCOLS = {
                                   "with its own tiles (kernels/task_conv2d.py, conv2d_grads_kernel)",
 }
 
+DISABLE_VARIABLE = "FASTMETA_DISABLE_PROTOCOLS"
+
 _verified_on_cuda: Callable[[str], bool] = lambda name: False
 _forced: dict[str, list[bool]] = {}
+
+
+def disabled_by_environment(value: str | None = None) -> frozenset[str]:
+    """The protocols ``FASTMETA_DISABLE_PROTOCOLS`` turns off (``value``: the variable's value;
+    default, the environment's): names separated by commas, or ``all``; ValueError naming the
+    variable for an unknown name."""
+    value = os.environ.get(DISABLE_VARIABLE, "") if value is None else value
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    if names == {"all"}:
+        return frozenset(PROTOCOLS)
+    unknown = sorted(names - set(PROTOCOLS))
+    if unknown:
+        raise ValueError(f"{DISABLE_VARIABLE}={value!r} names unknown launch protocols {unknown}; the protocols "
+                         f"are {sorted(PROTOCOLS)}, or 'all'")
+    return frozenset(names)
+
+
+_disabled = disabled_by_environment()
 
 
 def set_verified_check(verified_on_cuda: Callable[[str], bool]) -> None:
@@ -65,6 +91,8 @@ def in_force(name: str, device: torch.device) -> bool:
     stack = _forced.get(_known(name))
     if stack:
         return stack[-1]
+    if name in _disabled:
+        return False
     if device.type == "cuda" or recording():
         return bool(_verified_on_cuda(name))
     return True  # the interpreter

@@ -246,3 +246,32 @@ def test_the_group_on_cuda_follows_the_verification_record():
         assert verified_protocols.in_force(GROUP, torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown launch protocol 'conv2d_grads_in_one_launches'"):
         verified_protocols.in_force("conv2d_grads_in_one_launches", torch.device("cpu"))
+
+
+def test_the_environment_turns_protocols_off(monkeypatch):
+    """FASTMETA_DISABLE_PROTOCOLS: names (or ``all``) turned off on every device, verified or
+    not, below a test's forcing; an unknown name refused naming the variable; read at
+    import (a fresh process sees it)."""
+    import subprocess
+    import sys
+
+    parse = verified_protocols.disabled_by_environment
+    assert parse("") == frozenset()
+    assert parse("all") == frozenset(verified_protocols.PROTOCOLS)
+    assert parse(" split_k_one_pass ,conv2d_grads_in_one_launch") == frozenset(verified_protocols.PROTOCOLS)
+    with pytest.raises(ValueError, match="FASTMETA_DISABLE_PROTOCOLS='one_pass' names unknown launch protocols"):
+        parse("one_pass")
+    monkeypatch.setattr(verified_protocols, "_disabled", frozenset({GROUP}))
+    assert not verified_protocols.in_force(GROUP, torch.device("cpu"))
+    assert verified_protocols.in_force(split_k.ONE_PASS_KERNEL, torch.device("cpu"))  # the others untouched
+    x, w, grad_out, _, _ = operands((2, 2, 4, 7, 6), 5, [2, 2], "per_task")
+    plans = conv.conv_launch_plans("task_conv2d_backward", grad_out, x, w, [2, 2], [1, 1], [True, True])
+    assert [p.kernel for p in plans] == ["input_grad", "weight_grad"]
+    with verified_protocols.forced(GROUP, True):
+        assert verified_protocols.in_force(GROUP, torch.device("cpu"))
+    code = ("from fastmeta.kernels import verified_protocols as v; import torch; "
+            "print(v.in_force('conv2d_grads_in_one_launch', torch.device('cpu')), "
+            "v.in_force('split_k_one_pass', torch.device('cpu')))")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FASTMETA_DISABLE_PROTOCOLS": GROUP}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["False", "True"], out.stdout + out.stderr

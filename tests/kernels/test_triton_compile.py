@@ -166,6 +166,17 @@ def check_group_shared_memory(target) -> None:
         **{f"{prefix}_{k}": v for prefix, tiles in (("FWD", fwd_tiles), ("DX", dx_tiles), ("DW", dw_tiles))
            for k, v in tiles.items()}))
     assert 0 < group <= parts, f"conv2d_grads_kernel takes {group} B of shared memory, its parts at most {parts} B"
+    # A group takes the most warps of its parts: a part with the smallest tiles runs with the
+    # warps of one with the largest, at every precision (the tensor-core ones included).
+    for precision in ("ieee", "tf32x3", "tf32"):
+        constexprs = dict(
+            KH=3, KW=3, INPUT_PRECISION=precision, HAS_FORWARD=True, HAS_INPUT_GRAD=True, HAS_WEIGHT_GRAD=True,
+            TWO_TERMS=True, DX_ADDEND=False, DW_ADDEND=False, FWD_ONE_PASS=True, DX_ONE_PASS=True, DW_ONE_PASS=True,
+            FWD_BLOCK_M=16, FWD_BLOCK_N=16, FWD_BLOCK_K=16, DX_BLOCK_M=128, DX_BLOCK_N=128, DX_BLOCK_K=32,
+            DW_BLOCK_M=16, DW_BLOCK_N=64, DW_BLOCK_K=64)
+        source = ASTSource(fn=task_conv2d.conv2d_grads_kernel,
+                           signature=_signature(task_conv2d.conv2d_grads_kernel, constexprs), constexprs=constexprs)
+        assert triton.compile(source, target=target, options={"num_warps": 8, "num_stages": 2}).asm["cubin"]
 
 
 def test_every_kernel_compiles_for_sm90():
