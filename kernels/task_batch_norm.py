@@ -61,7 +61,10 @@ def task_batch_norm_kernel(
     N, C, S, eps, negative_slope,
     gamma_task_stride, gamma_channel_stride, beta_task_stride, beta_channel_stride,
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+    indices_ptr=None, W=1, HO=1, WO=1, POOL: tl.constexpr = 0,
 ):
+    # POOL > 0 (task_batch_norm_max_pool2d): out is the POOL×POOL max pooling of y (stride
+    # POOL, no padding) and indices its positions; y itself is never written.
     c = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     count = N * S
@@ -81,17 +84,48 @@ def task_batch_norm_kernel(
         gamma = tl.load(gamma_ptr + t * gamma_task_stride + c * gamma_channel_stride)
     if HAS_BETA:
         shift = tl.load(beta_ptr + t * beta_task_stride + c * beta_channel_stride)
-    for start in range(0, count, BLOCK):
-        j = start + tl.arange(0, BLOCK)
-        ok = j < count
-        offs = base + (j // S).to(tl.int64) * (C * S) + j % S
-        x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-        z = (x - mean) * scale  # x̂, in the reference's order: (x − μ)·rstd·γ + β
-        if HAS_GAMMA:
-            z = z * gamma
-        if HAS_BETA:
-            z = z + shift
-        tl.store(out_ptr + offs, apply_activation(z, negative_slope, ACT), mask=ok)
+    if POOL == 0:
+        for start in range(0, count, BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            ok = j < count
+            offs = base + (j // S).to(tl.int64) * (C * S) + j % S
+            x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+            z = (x - mean) * scale  # x̂, in the reference's order: (x − μ)·rstd·γ + β
+            if HAS_GAMMA:
+                z = z * gamma
+            if HAS_BETA:
+                z = z + shift
+            tl.store(out_ptr + offs, apply_activation(z, negative_slope, ACT), mask=ok)
+    else:
+        # One value per window: y at its POOL² taps, computed as the loop above computes it,
+        # and max_pool2d_kernel's choice among them (row-major; a NaN wins, the last NaN).
+        pooled = HO * WO
+        pooled_base = t * N * C * pooled + c * pooled
+        for start in range(0, N * pooled, BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            ok = j < N * pooled
+            n = (j // pooled).to(tl.int64)
+            p = j % pooled
+            h0 = (p // WO) * POOL
+            w0 = (p % WO) * POOL
+            best = tl.full([BLOCK], float("-inf"), tl.float32)
+            index = (h0 * W + w0).to(tl.int64)
+            for a in tl.static_range(POOL):
+                for b in tl.static_range(POOL):
+                    s = (h0 + a) * W + w0 + b
+                    x = tl.load(x_ptr + base + n * (C * S) + s, mask=ok, other=0.0)
+                    z = (x - mean) * scale
+                    if HAS_GAMMA:
+                        z = z * gamma
+                    if HAS_BETA:
+                        z = z + shift
+                    v = apply_activation(z, negative_slope, ACT)
+                    take = ok & ((v > best) | (v != v))
+                    best = tl.where(take, v, best)
+                    index = tl.where(take, s.to(tl.int64), index)
+            out = pooled_base + n * (C * pooled) + p
+            tl.store(out_ptr + out, best, mask=ok)
+            tl.store(indices_ptr + out, index, mask=ok)
 
 
 @triton.jit
@@ -104,6 +138,48 @@ def _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y: tl.conste
 
 
 @triton.jit
+def _window_of(t, c, j, N, C, S, W, HO, WO, POOL: tl.constexpr):
+    """Where element j of slice (t, c) (example j // S, position s = j % S of its H×W plane)
+    lies in the pooled maps [T, N, C, HO, WO]: (offset, s, inside a window). The windows
+    (POOL×POOL, stride POOL, no padding) do not overlap; the rows and columns past the last
+    whole window are in none."""
+    s = j % S
+    h = s // W
+    w = s % W
+    inside = (h // POOL < HO) & (w // POOL < WO)
+    offset = ((t * N + (j // S)) * C + c) * (HO * WO) + (h // POOL) * WO + w // POOL
+    return offset, s, inside
+
+
+@triton.jit
+def _pooled_gradient_at_z(grad_pooled_ptr, pooled_ptr, indices_ptr, t, c, j, ok, N, C, S, W, HO, WO, negative_slope,
+                          HAS_Y: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr):
+    """The gradient at z of element j when the forward was pooled: its window's upstream
+    where it is the window's maximum (the indices), else 0: max_pool2d_backward's gather
+    form; f'(y) there is f' of the window's pooled value, which is y at its maximum.
+    Returns (g, offset in the pooled maps, is the window's maximum)."""
+    at, s, inside = _window_of(t, c, j, N, C, S, W, HO, WO, POOL)
+    picked = ok & inside
+    hit = picked & (tl.load(indices_ptr + at, mask=picked, other=-1) == s)
+    g = tl.load(grad_pooled_ptr + at, mask=hit, other=0.0)
+    if HAS_Y:
+        g = g * activation_derivative(tl.load(pooled_ptr + at, mask=hit, other=0.0), negative_slope, ACT)
+    return g, at, hit
+
+
+@triton.jit
+def _gradient_of(grad_z_ptr, y_ptr, indices_ptr, offs, t, c, j, ok, N, C, S, W, HO, WO, negative_slope,
+                 HAS_Y: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr):
+    """g at element j: :func:`_gradient_at_z`, or :func:`_pooled_gradient_at_z` (POOL > 0)."""
+    if POOL == 0:
+        g = _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y, ACT)
+    else:
+        g, _, _ = _pooled_gradient_at_z(grad_z_ptr, y_ptr, indices_ptr, t, c, j, ok, N, C, S, W, HO, WO,
+                                        negative_slope, HAS_Y, ACT, POOL)
+    return g
+
+
+@triton.jit
 def task_batch_norm_backward_kernel(
     grad_z_ptr, x_ptr, gamma_ptr, y_ptr, grad_x_ptr, grad_gamma_ptr, grad_beta_ptr, dx_addend_ptr,
     dgamma_addend_ptr,
@@ -111,7 +187,10 @@ def task_batch_norm_backward_kernel(
     HAS_GAMMA: tl.constexpr, HAS_Y: tl.constexpr, ACT: tl.constexpr, NEED_X: tl.constexpr,
     NEED_GAMMA: tl.constexpr, NEED_BETA: tl.constexpr, BLOCK: tl.constexpr,
     HAS_DX_ADDEND: tl.constexpr = False, HAS_DGAMMA_ADDEND: tl.constexpr = False,
+    indices_ptr=None, W=1, HO=1, WO=1, POOL: tl.constexpr = 0,
 ):
+    # POOL > 0 (task_batch_norm_max_pool2d_backward): grad_z and y are the pooled maps'
+    # upstream and values, gathered at each element through the indices.
     # The addends (x's layout, contiguous; [T, C]) are added in the stores the kernel makes
     # anyway: grad_x's write pass, grad_gamma's one value per (task, channel).
     c = tl.program_id(0)
@@ -127,7 +206,8 @@ def task_batch_norm_backward_kernel(
         ok = j < count
         offs = base + (j // S).to(tl.int64) * (C * S) + j % S
         x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-        g = _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y, ACT)
+        g = _gradient_of(grad_z_ptr, y_ptr, indices_ptr, offs, t, c, j, ok, N, C, S, W, HO, WO, negative_slope,
+                         HAS_Y, ACT, POOL)
         d = tl.where(ok, x - mean, 0.0)
         sq += d * d
         sum_g += g
@@ -153,7 +233,8 @@ def task_batch_norm_backward_kernel(
             ok = j < count
             offs = base + (j // S).to(tl.int64) * (C * S) + j % S
             x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-            g = _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y, ACT)
+            g = _gradient_of(grad_z_ptr, y_ptr, indices_ptr, offs, t, c, j, ok, N, C, S, W, HO, WO, negative_slope,
+                             HAS_Y, ACT, POOL)
             xhat = (x - mean) * rstd
             grad_x = scale * (g - mean_g - xhat * mean_g_xhat)
             if HAS_DX_ADDEND:
@@ -170,7 +251,11 @@ def task_batch_norm_double_backward_kernel(
     HAS_Y: tl.constexpr, ACT: tl.constexpr,
     NEED_GRAD_Z: tl.constexpr, NEED_X: tl.constexpr, NEED_GAMMA: tl.constexpr, GRAD_SUMS: tl.constexpr,
     WRITE: tl.constexpr, BLOCK: tl.constexpr,
+    indices_ptr=None, W=1, HO=1, WO=1, POOL: tl.constexpr = 0,
 ):
+    # POOL > 0 (task_batch_norm_max_pool2d_double_backward): grad_z and y are the pooled
+    # maps' upstream and values, gathered through the indices, and d grad_z is written to
+    # the pooled maps, each window's value from its maximum's element (max_pool2d's gather).
     c = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     count = N * S
@@ -190,7 +275,8 @@ def task_batch_norm_double_backward_kernel(
         d = tl.where(ok, x - mean, 0.0)
         sq += d * d
         if GRAD_SUMS:  # d x and d γ read the sums of g; d grad_z alone does not
-            g = _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y, ACT)
+            g = _gradient_of(grad_z_ptr, y_ptr, indices_ptr, offs, t, c, j, ok, N, C, S, W, HO, WO, negative_slope,
+                             HAS_Y, ACT, POOL)
             sg += g
             sgd += g * d
         if HAS_UP_X:
@@ -236,11 +322,19 @@ def task_batch_norm_double_backward_kernel(
                 v = zd * d + z0
                 if HAS_UP_X:
                     v += a * u
-                if HAS_Y:
-                    v = v * activation_derivative(tl.load(y_ptr + offs, mask=ok, other=0.0), negative_slope, ACT)
-                tl.store(d_grad_z_ptr + offs, v, mask=ok)
+                if POOL == 0:
+                    if HAS_Y:
+                        v = v * activation_derivative(tl.load(y_ptr + offs, mask=ok, other=0.0), negative_slope, ACT)
+                    tl.store(d_grad_z_ptr + offs, v, mask=ok)
+                else:  # each window's maximum writes the window's value: once per window
+                    at, s, inside = _window_of(t, c, j, N, C, S, W, HO, WO, POOL)
+                    hit = ok & inside & (tl.load(indices_ptr + at, mask=ok & inside, other=-1) == s)
+                    if HAS_Y:
+                        v = v * activation_derivative(tl.load(y_ptr + at, mask=hit, other=0.0), negative_slope, ACT)
+                    tl.store(d_grad_z_ptr + at, v, mask=hit)
             if NEED_X:
-                v = xd * d + x0 + alpha * _gradient_at_z(grad_z_ptr, y_ptr, offs, ok, negative_slope, HAS_Y, ACT)
+                v = xd * d + x0 + alpha * _gradient_of(grad_z_ptr, y_ptr, indices_ptr, offs, t, c, j, ok, N, C, S, W,
+                                                       HO, WO, negative_slope, HAS_Y, ACT, POOL)
                 if HAS_UP_X:
                     v -= beta * u
                 tl.store(d_x_ptr + offs, v, mask=ok)

@@ -12,6 +12,11 @@ from fastmeta.ops.max_pool2d import max_pool2d, max_pool2d_backward, max_pool2d_
 from fastmeta.ops.mlp_meta_step import mlp_meta_step, mlp_meta_step_backward
 from fastmeta.ops.mlp_meta_step_update import mlp_meta_step_update
 from fastmeta.ops.task_batch_norm import task_batch_norm, task_batch_norm_backward
+from fastmeta.ops.task_batch_norm_max_pool2d import (
+    task_batch_norm_max_pool2d,
+    task_batch_norm_max_pool2d_backward,
+    task_batch_norm_max_pool2d_double_backward,
+)
 from fastmeta.ops.task_conv2d import (
     task_conv2d,
     task_conv2d_backward,
@@ -43,6 +48,9 @@ __all__ = [
     "mlp_meta_step_update",
     "task_batch_norm",
     "task_batch_norm_backward",
+    "task_batch_norm_max_pool2d",
+    "task_batch_norm_max_pool2d_backward",
+    "task_batch_norm_max_pool2d_double_backward",
     "task_conv2d",
     "task_conv2d_backward",
     "task_conv2d_double_backward",

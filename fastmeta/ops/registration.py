@@ -136,8 +136,8 @@ class PublicOp:
         run = self._run
         self._aliased = bool(aliased_inputs)
         if aliased_inputs:
-            if self._returns_list or self._has_tensor_lists:
-                raise ValueError(f"{self.name}: aliased inputs need an op with one tensor result and no Tensor[] argument")
+            if self._has_tensor_lists:
+                raise ValueError(f"{self.name}: aliased inputs need an op with no Tensor[] argument")
             self._register_aliased(backward, setup_context, tuple(aliased_inputs))
             return
 
@@ -267,11 +267,14 @@ class PublicOp:
     def _register_aliased(self, backward: Callable, setup_context: Callable | None,
                           aliased_inputs: tuple[int, ...]) -> None:
         """The eager node of :meth:`register_autograd` with ``aliased_inputs``: forward
-        returns ``(output, *aliases)``, one alias per aliased input that needs a gradient
-        (an input that needs none is saved as it is: an alias would make the backward op
-        compute a gradient nobody wants)."""
+        returns ``(output, *aliases)`` (``(*outputs, *aliases)`` for a ``Tensor[]`` result),
+        one alias per aliased input that needs a gradient (an input that needs none is
+        saved as it is: an alias would make the backward op compute a gradient nobody
+        wants)."""
         run = self._run
         through_dispatcher = self.default
+        returns_list = self._returns_list
+        self._alias_positions = aliased_inputs
 
         def forward(ctx, *args):
             # Under a dispatch mode only inside eager_nodes_under_dispatch_modes: the mode sees the op.
@@ -286,13 +289,16 @@ class PublicOp:
                 saved_args[i] = alias
             if setup_context is not None:
                 setup_context(ctx, tuple(saved_args), output)
-            return (output, *aliases)
+            outputs = tuple(output) if returns_list else (output,)
+            ctx.output_count = len(outputs)
+            return (*outputs, *aliases)
 
-        def backward_aliased(ctx, grad_output, *alias_grads):
-            # grad_output is None where only the aliases were read (gradients are not
-            # materialised): the op's backward handles it.
-            ctx.alias_grads = dict(zip(ctx.alias_positions, alias_grads))
-            return backward(ctx, grad_output)
+        def backward_aliased(ctx, *grads):
+            # An output's gradient is None where only the aliases were read (gradients are
+            # not materialised): the op's backward handles it.
+            count = ctx.output_count
+            ctx.alias_grads = dict(zip(ctx.alias_positions, grads[count:]))
+            return backward(ctx, list(grads[:count]) if returns_list else grads[0])
 
         function = type(f"{self.name}_function", (torch.autograd.Function,), {
             "forward": staticmethod(forward),
@@ -397,7 +403,10 @@ class PublicOp:
                 return self.default(*args)
             out = self._apply(*self._flatten_lists(args)) if self._has_tensor_lists else self._apply(*args)
             if self._aliased:
-                return out[0]
+                if not self._returns_list:
+                    return out[0]
+                aliases = sum(1 for i in self._alias_positions if args[i] is not None and args[i].requires_grad)
+                return list(out[:len(out) - aliases])
             return list(out) if self._returns_list else out
         out = self._run(args)
         if self._mutated_positions:
