@@ -14,6 +14,13 @@ task (``[T, *shape]``, a view of the fast-weight buffer) or shared (``shape``, a
   lacks runs the module itself, as below).
   A ReLU, LeakyReLU, Tanh or Sigmoid whose only input is a Linear or BatchNorm that
   feeds nothing else is fused into it.
+- A BatchNorm2d (with no activation, or a fused ReLU or LeakyReLU) whose output feeds
+  nothing but a MaxPool2d of square windows, stride equal to the window and no padding
+  runs, with that pool, as ``task_batch_norm_max_pool2d`` wherever a backend has that op's
+  kernels for the input's device and dtype (:func:`_pooled_batch_norm_runs`: the Triton
+  kernels, on a GPU once verified): the pooling rides in the BatchNorm's launches and the
+  full-size activations are never written. Elsewhere (the CPU's C++ kernels) the two ops
+  run.
 - A Conv2d or Linear whose only user is a recognised BatchNorm runs without its bias
   (:func:`_bias_cancelled_by_batch_norm`): the BatchNorm's per-task batch statistics
   subtract the per-channel mean, and a per-channel bias with it, so the bias changes
@@ -44,8 +51,10 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 import fastmeta.ops  # noqa: F401 (every op module declares the modules it runs)
+from fastmeta.backends import kernel_choice
 from fastmeta.engine.task_weights import Layout
 from fastmeta.ops.registration import module_op, module_types
+from fastmeta.ops.task_batch_norm_max_pool2d import POOLED_ACTIVATIONS, task_batch_norm_max_pool2d
 
 # The input-shape checks' error messages describe these layers' inputs (describe_layer).
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -145,6 +154,9 @@ class TracedProgram:
         self.bias_cancelled = {
             node.target for node in nodes if node.op == "call_module" and _bias_cancelled_by_batch_norm(model, node)
         }
+        # BatchNorm node → the MaxPool2d node that alone reads it (past a fused activation).
+        self.pooled_batch_norms = _pooled_batch_norms(model, nodes, fused_into, skipped)
+        pools = {pool.name for pool in self.pooled_batch_norms.values()}
 
         placeholders = 0
         for node in nodes:
@@ -164,9 +176,14 @@ class TracedProgram:
             elif node.op == "call_module":
                 if node.name in skipped:
                     self._steps.append((node, self._alias_step(node.name, skipped[node.name])))
-                else:
-                    self._steps.append((node, self._module_step(model, node, fused_into.get(node.name),
-                                                                 node.target in self.bias_cancelled)))
+                    continue
+                step = self._module_step(model, node, fused_into.get(node.name), node.target in self.bias_cancelled)
+                if node.name in self.pooled_batch_norms:
+                    pool = model.get_submodule(self.pooled_batch_norms[node.name].target)
+                    step = self._batch_norm_before_pool_step(model, node, fused_into.get(node.name), pool, step)
+                elif node.name in pools:
+                    step = self._pool_after_batch_norm_step(node, step)
+                self._steps.append((node, step))
             elif node.op in ("call_function", "call_method"):
                 if node.op == "call_function" and node.target in _BATCH_STATISTIC_FUNCTIONS:
                     raise TraceError(
@@ -285,6 +302,44 @@ class TracedProgram:
             env[name] = _Value(*self._run_module(name, node.target, m, own, values, weights))
 
         return step
+
+    def _batch_norm_before_pool_step(self, model: nn.Module, node: torch.fx.Node, act: tuple[str, float] | None,
+                                     pool: nn.MaxPool2d, step: Callable):
+        """The step of a BatchNorm whose output only a MaxPool2d reads
+        (:func:`_pooled_batch_norms`): where the fused op runs on the input
+        (:func:`_pooled_batch_norm_runs`), it leaves a :class:`_PendingBatchNorm` for the
+        pool's step (:meth:`_pool_after_batch_norm_step`); elsewhere ``step``, the
+        BatchNorm's own."""
+        m = model.get_submodule(node.target)
+        name, arg = node.name, node.args[0]
+        segments = {attr: self._param_segment(m, attr) for attr in ("weight", "bias")}
+        act_name, slope = act if act is not None else ("none", 0.0)
+        kernel = _pair(pool.kernel_size)[0]
+
+        def fused(env, weights):
+            x = env[arg.name]
+            if x.batched and _pooled_batch_norm_runs(x.value, kernel):
+                gamma, beta = (None if k is None else weights[k] for k in (segments["weight"], segments["bias"]))
+                env[name] = _Value(_PendingBatchNorm(x.value, gamma, beta, float(m.eps), act_name, slope, kernel), True)
+                return
+            step(env, weights)
+
+        return fused
+
+    def _pool_after_batch_norm_step(self, node: torch.fx.Node, step: Callable):
+        """The step of the MaxPool2d after a pooled BatchNorm: the fused op where the
+        BatchNorm's step left it pending, else ``step``, the pool's own."""
+        name, arg = node.name, node.args[0]
+
+        def fused(env, weights):
+            pending = env[arg.name].value
+            if isinstance(pending, _PendingBatchNorm):
+                pooled, _ = task_batch_norm_max_pool2d(*pending.arguments)
+                env[name] = _Value(pooled, True)
+                return
+            step(env, weights)
+
+        return fused
 
     def _generic_step(self, node: torch.fx.Node):
         name, args, kwargs = node.name, node.args, node.kwargs
@@ -434,6 +489,63 @@ class TracedProgram:
                 raise
         out = self._resolve(self._output_arg, env)
         return pytree.tree_map(lambda v: v.value, out, is_leaf=lambda v: isinstance(v, _Value))
+
+
+class _PendingBatchNorm:
+    """A BatchNorm's arguments, left for the MaxPool2d after it to run both as
+    ``task_batch_norm_max_pool2d`` (nothing else reads the BatchNorm's output)."""
+
+    __slots__ = ("arguments",)
+
+    def __init__(self, *arguments):
+        self.arguments = arguments
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
+def _pooled_batch_norm_runs(x: Tensor, kernel: int) -> bool:
+    """Whether the fused BatchNorm and max pooling has a kernel for ``x`` (a backend that
+    runs ``task_batch_norm_max_pool2d`` on its device type and dtype: the Triton kernels, on
+    a GPU once verified) and x is a shape it takes (``[T, N, C, H, W]``, fp32, maps at
+    least a window wide). Elsewhere the two ops run: the CPU has their C++ kernels and
+    nodes, and no fused one."""
+    if x.dim() != 5 or x.dtype != torch.float32 or x.size(3) < kernel or x.size(4) < kernel:
+        return False
+    return kernel_choice("task_batch_norm_max_pool2d", x.device.type, x.dtype)[1] is not None
+
+
+def _pooled_batch_norms(model: nn.Module, nodes, fused_into: dict, skipped: dict) -> dict:
+    """BatchNorm2d node name → the MaxPool2d node that is the only reader of its output
+    (directly, or through the ReLU/LeakyReLU fused into it), for the pools of square
+    windows, stride equal to the window, no padding, dilation or ceil mode, and the
+    activations whose gradient the fused backward reads from the pooled values."""
+    found = {}
+    for node in nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        pool = model.get_submodule(node.target)
+        if type(pool) is not nn.MaxPool2d or pool.ceil_mode or pool.return_indices or _pair(pool.dilation) != [1, 1]:
+            continue
+        kernel = _pair(pool.kernel_size)
+        if kernel[0] != kernel[1] or _pair(pool.stride if pool.stride is not None else pool.kernel_size) != kernel or (
+                _pair(pool.padding) != [0, 0]):
+            continue
+        src = node.args[0]
+        if len(src.users) != 1:
+            continue
+        norm_name = skipped.get(src.name, src.name)
+        norm = next((n for n in nodes if n.name == norm_name), None)
+        if norm is None or norm.op != "call_module" or len(norm.users) != 1 or len(norm.args) != 1:
+            continue
+        if not isinstance(model.get_submodule(norm.target), nn.BatchNorm2d) or module_op(
+                model.get_submodule(norm.target)) is None:
+            continue
+        if fused_into.get(norm_name, ("none", 0.0))[0] not in POOLED_ACTIVATIONS:
+            continue
+        found[norm_name] = node
+    return found
 
 
 def _bias_cancelled_by_batch_norm(model: nn.Module, node: torch.fx.Node) -> bool:

@@ -70,16 +70,24 @@ def compile_plan():
           for c in _grid(KH=[3], KW=[3], INPUT_PRECISION=precisions, DX_ADDEND=[parts == "dx+dw"],
                          DW_ADDEND=[parts == "dx+dw"], FWD_ONE_PASS=[True], DX_ONE_PASS=[False, True],
                          DW_ONE_PASS=[True])[::2]]),
+        # POOL: task_batch_norm_max_pool2d's max pooling in the forward's write pass
+        # (kernels/task_batch_norm_max_pool2d.py), and the pooled gradient gathered below.
         (task_batch_norm.task_batch_norm_kernel,
-         _grid(HAS_GAMMA=[False, True], HAS_BETA=[True], ACT=[0, 3], BLOCK=[2048])),
+         _grid(HAS_GAMMA=[False, True], HAS_BETA=[True], ACT=[0, 3], BLOCK=[2048])
+         + _grid(HAS_GAMMA=[True], HAS_BETA=[True], ACT=[0, 1], BLOCK=[2048], POOL=[2, 3])[::3]),
         # Without y (act none), and with relu's / leaky_relu's mask fused (HAS_Y).
         (task_batch_norm.task_batch_norm_backward_kernel,
          [dict(c, HAS_Y=act != 0, ACT=act) for c in _grid(HAS_GAMMA=[False, True], NEED_X=[True], NEED_GAMMA=[True],
-                                                         NEED_BETA=[True], BLOCK=[2048]) for act in (0, 1, 2)]),
+                                                         NEED_BETA=[True], BLOCK=[2048]) for act in (0, 1, 2)]
+         + [dict(HAS_GAMMA=True, NEED_X=True, NEED_GAMMA=True, NEED_BETA=True, BLOCK=2048, HAS_Y=act != 0, ACT=act,
+                 HAS_DX_ADDEND=True, HAS_DGAMMA_ADDEND=True, POOL=2) for act in (0, 1)]),
         (task_batch_norm.task_batch_norm_double_backward_kernel,
          [dict(c, HAS_Y=act != 0, ACT=act) for c in _grid(
              HAS_GAMMA=[True], HAS_UP_X=[False, True], HAS_UP_GAMMA=[True], HAS_UP_BETA=[True], NEED_GRAD_Z=[True],
-             NEED_X=[True], NEED_GAMMA=[True], GRAD_SUMS=[True], WRITE=[True], BLOCK=[2048]) for act in (0, 1, 2)]),
+             NEED_X=[True], NEED_GAMMA=[True], GRAD_SUMS=[True], WRITE=[True], BLOCK=[2048]) for act in (0, 1, 2)]
+         + [dict(HAS_GAMMA=True, HAS_UP_X=True, HAS_UP_GAMMA=True, HAS_UP_BETA=True, NEED_GRAD_Z=True, NEED_X=True,
+                 NEED_GAMMA=True, GRAD_SUMS=True, WRITE=True, BLOCK=2048, HAS_Y=act != 0, ACT=act, POOL=2)
+            for act in (0, 1)]),
         (task_loss.cross_entropy_kernel,
          _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[True, False], BLOCK_N=[64], BLOCK_K=[32])[:3]),
         (task_loss.mse_kernel, _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[False, True], BLOCK=[4096])[1:3]),
@@ -125,6 +133,9 @@ def compile_all() -> int:
     compiled = 0
     for kernel, combos in compile_plan():
         for constexprs in combos:
+            # A constexpr left out takes its default, as a launch that does not pass it.
+            constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default},
+                          **constexprs}
             source = ASTSource(fn=kernel, signature=_signature(kernel, constexprs), constexprs=constexprs)
             try:
                 binary = triton.compile(source, target=target, options={"num_warps": 4, "num_stages": 3})
