@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -646,6 +647,371 @@ std::vector<at::Tensor> task_batch_norm_double_backward(
 }
 
 // ---------------------------------------------------------------------------------------
+// task_batch_norm_max_pool2d (fastmeta/ops/task_batch_norm_max_pool2d.py): a BatchNorm
+// whose output only a max pooling of k×k windows, stride k, no padding reads. x is
+// [T, N, C, H, W]; the pooled maps and their indices [T, N, C, HO, WO], HO = H / k. The
+// windows do not overlap, so the full-size output is never written: the forward takes each
+// window's maximum of the normalised, activated values in its write pass; the backward
+// and the double backward read the gradient from the pooled maps, where each window's
+// maximum has its window's gradient and every other element none (a sparse gradient: its
+// sums run over the windows, the dense write pass takes it as 0 and the windows' maxima
+// are written again with theirs).
+// ---------------------------------------------------------------------------------------
+
+struct PoolShape {
+  int64_t H, W, k, HO, WO;
+};
+
+PoolShape check_pooled_block(const at::Tensor& x, int64_t kernel_size, c10::string_view act_name, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() == 5, op, ": x must be [T, N, C, H, W], got ", x.sizes());
+  const int64_t H = x.size(3), W = x.size(4);
+  TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size <= H && kernel_size <= W, op,
+                    ": kernel_size must be at least 1 and at most the map's height and width, got ", kernel_size);
+  const Act act = parse_act(std::string(act_name.data(), act_name.size()));
+  TORCH_CHECK_VALUE(act == Act::None || act == Act::Relu || act == Act::LeakyRelu, op,
+                    ": act must be none, relu or leaky_relu, got '", act_name, "'");
+  return {H, W, kernel_size, H / kernel_size, W / kernel_size};
+}
+
+void check_pooled_maps(const at::Tensor& x, const PoolShape& p, const at::Tensor& t, const char* name, bool int64) {
+  FM_CHECK_INPUT(t, kCPU);
+  if (int64) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+  } else {
+    FM_CHECK_SAME_DTYPE(t, x);
+  }
+  TORCH_CHECK_VALUE(t.dim() == 5 && t.size(0) == x.size(0) && t.size(1) == x.size(1) && t.size(2) == x.size(2) &&
+                        t.size(3) == p.HO && t.size(4) == p.WO,
+                    name, " must be [T, N, C, ", p.HO, ", ", p.WO, "], got ", t.sizes());
+}
+
+// One tap of a row of windows: the normalised, activated value at src[ow·k] (as the
+// forward's write pass computes y) against the running maximum, as max_pool2d's kernel
+// takes it (a NaN always; the first maximum in row-major order). Branch-free, restrict
+// pointers: gcc vectorises it.
+template <typename T, typename A>
+void take_normalised_tap(const T* __restrict src, int64_t base, int64_t k, int64_t wo, T m, T a, T b, A act, T slope,
+                         T* __restrict row_y, int64_t* __restrict row_i) {
+#pragma omp simd
+  for (int64_t ow = 0; ow < wo; ++ow) {
+    const T v = act_forward<T>((src[ow * k] - m) * a + b, A::value, slope);
+    const bool take = v > row_y[ow] || v != v;
+    row_y[ow] = take ? v : row_y[ow];
+    row_i[ow] = take ? base + ow * k : row_i[ow];
+  }
+}
+
+// The gradient at z of a pooled block's channels [c0, c0 + cn) of task t, in x's layout
+// ([N, cn, S]): each window's upstream times f' of its pooled value at the window's maximum
+// (the indices), 0 everywhere else (max_pool2d_backward's scatter: the windows do not overlap).
+template <typename T, typename A>
+void scatter_pooled_gradient(const T* gp, const T* pooled, const int64_t* indices, const BnShape& s, int64_t PS,
+                             int64_t t, int64_t c0, int64_t cn, A act, T slope, T* out) {
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t c = 0; c < cn; ++c) {
+      T* __restrict dst = out + (n * cn + c) * s.S;
+      std::fill(dst, dst + s.S, T(0));
+      const int64_t q0 = ((t * s.N + n) * s.C + c0 + c) * PS;
+      for (int64_t q = 0; q < PS; ++q) dst[indices[q0 + q]] = masked<T>(gp[q0 + q], pooled, q0 + q, act, slope);
+    }
+}
+
+std::vector<at::Tensor> task_batch_norm_max_pool2d(const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+                                                   const c10::optional<at::Tensor>& beta, double eps,
+                                                   c10::string_view act_name, double negative_slope,
+                                                   int64_t kernel_size) {
+  const BnShape s = check_bn(x, gamma, "gamma");
+  check_bn(x, beta, "beta");
+  const PoolShape p = check_pooled_block(x, kernel_size, act_name, "task_batch_norm_max_pool2d");
+  TORCH_CHECK_VALUE(x.is_contiguous(), "task_batch_norm_max_pool2d: x must be contiguous");
+  const Act act_value = parse_act(std::string(act_name.data(), act_name.size()));
+  at::Tensor pooled = at::empty({s.T, s.N, s.C, p.HO, p.WO}, x.options());
+  at::Tensor indices = at::empty({s.T, s.N, s.C, p.HO, p.WO}, x.options().dtype(at::kLong));
+  if (pooled.numel() == 0) return {pooled, indices};
+  const int64_t PS = p.HO * p.WO;
+  dispatch_floating(x.scalar_type(), "task_batch_norm_max_pool2d", [&](auto tag_) {
+   dispatch_act(act_value, /*smooth=*/false, [&](auto act) {
+    using T_ = decltype(tag_);
+    const T_* xp = x.data_ptr<T_>();
+    T_* pp = pooled.data_ptr<T_>();
+    int64_t* ip = indices.data_ptr<int64_t>();
+    const T_ slope = static_cast<T_>(negative_slope);
+    const int64_t cb = channel_block<T_>(s, 1), blocks = (s.C + cb - 1) / cb;
+    at::parallel_for(0, s.T * blocks, 1, [&, xp, pp, ip](int64_t j0, int64_t j1) {
+      const T_* const xp_ = xp;
+      T_* const pp_ = pp;
+      int64_t* const ip_ = ip;
+      std::vector<T_> mean(cb), scale(cb), shift(cb);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t t = j / blocks, c0 = (j % blocks) * cb, cn = std::min(cb, s.C - c0);
+        block_stats<T_>(xp_, s, t, c0, cn, eps, mean.data(), scale.data());  // scale holds rstd here
+        for (int64_t c = 0; c < cn; ++c) {
+          scale[c] *= channel_param<T_>(gamma, t, c0 + c, s.C, T_(1));
+          shift[c] = channel_param<T_>(beta, t, c0 + c, s.C, T_(0));
+        }
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t c = 0; c < cn; ++c) {
+            const int64_t plane = (t * s.N + n) * s.C + c0 + c;
+            const T_* src = xp_ + plane * s.S;
+            for (int64_t oh = 0; oh < p.HO; ++oh) {
+              T_* row_y = pp_ + plane * PS + oh * p.WO;
+              int64_t* row_i = ip_ + plane * PS + oh * p.WO;
+              for (int64_t ow = 0; ow < p.WO; ++ow) {
+                row_y[ow] = -std::numeric_limits<T_>::infinity();
+                row_i[ow] = oh * p.k * p.W + ow * p.k;
+              }
+              for (int64_t a = 0; a < p.k; ++a)
+                for (int64_t b = 0; b < p.k; ++b) {
+                  const int64_t at0 = (oh * p.k + a) * p.W + b;
+                  take_normalised_tap<T_>(src + at0, at0, p.k, p.WO, mean[c], scale[c], shift[c], act, slope, row_y,
+                                          row_i);
+                }
+            }
+          }
+      }
+    });
+   });
+  });
+  return {pooled, indices};
+}
+
+std::vector<at::Tensor> task_batch_norm_max_pool2d_backward(
+    const at::Tensor& grad_pooled, const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+    const at::Tensor& pooled, const at::Tensor& indices, double eps, const c10::List<bool>& needs,
+    c10::string_view act_name, double negative_slope, int64_t kernel_size, const c10::optional<at::Tensor>& dx_addend,
+    const c10::optional<at::Tensor>& dgamma_addend) {
+  const char* op = "task_batch_norm_max_pool2d_backward";
+  const BnShape s = check_bn(x, gamma, "gamma");
+  const PoolShape p = check_pooled_block(x, kernel_size, act_name, op);
+  check_pooled_maps(x, p, grad_pooled, "grad_pooled", false);
+  check_pooled_maps(x, p, pooled, "pooled", false);
+  check_pooled_maps(x, p, indices, "indices", true);
+  TORCH_CHECK_VALUE(x.is_contiguous() && grad_pooled.is_contiguous() && pooled.is_contiguous() &&
+                        indices.is_contiguous(), op, ": the tensors must be contiguous");
+  TORCH_CHECK_VALUE(needs.size() == 3, "needs must hold 3 flags, got ", needs.size());
+  const Act act_value = parse_act(std::string(act_name.data(), act_name.size()));
+  const bool need_x = needs.get(0), need_gamma = needs.get(1), need_beta = needs.get(2);
+  if (dx_addend.has_value()) {
+    FM_CHECK_INPUT(*dx_addend, kCPU);
+    FM_CHECK_SAME_DTYPE(*dx_addend, x);
+    TORCH_CHECK_VALUE(need_x && dx_addend->sizes() == x.sizes() && dx_addend->is_contiguous(), "dx_addend must be ",
+                      x.sizes(), ", contiguous, and grad_x needed, got ", dx_addend->sizes());
+  }
+  if (dgamma_addend.has_value()) {
+    FM_CHECK_INPUT(*dgamma_addend, kCPU);
+    FM_CHECK_SAME_DTYPE(*dgamma_addend, x);
+    TORCH_CHECK_VALUE(need_gamma && dgamma_addend->dim() == 2 && dgamma_addend->size(0) == s.T &&
+                          dgamma_addend->size(1) == s.C,
+                      "dgamma_addend must be [T, C] = [", s.T, ", ", s.C, "] and grad_gamma needed, got ",
+                      dgamma_addend->sizes());
+  }
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor gx = need_x ? at::empty_like(x) : empty();
+  at::Tensor gg = need_gamma ? at::empty({s.T, s.C}, x.options()) : empty();
+  at::Tensor gb = need_beta ? at::empty({s.T, s.C}, x.options()) : empty();
+  const int64_t PS = p.HO * p.WO;
+  dispatch_floating(x.scalar_type(), op, [&](auto tag_) {
+   dispatch_act(act_value, /*smooth=*/false, [&](auto act) {
+    using T_ = decltype(tag_);
+    const T_* xp = x.data_ptr<T_>();
+    const T_* gp = grad_pooled.data_ptr<T_>();
+    const T_* yp = pooled.data_ptr<T_>();  // y at each window's maximum: f' from it
+    const int64_t* ip = indices.data_ptr<int64_t>();
+    const T_ slope = static_cast<T_>(negative_slope);
+    T_* gxp = need_x ? gx.data_ptr<T_>() : nullptr;
+    T_* ggp = need_gamma ? gg.data_ptr<T_>() : nullptr;
+    T_* gbp = need_beta ? gb.data_ptr<T_>() : nullptr;
+    const T_* axp = dx_addend.has_value() ? dx_addend->data_ptr<T_>() : nullptr;
+    const T_* agp = dgamma_addend.has_value() ? dgamma_addend->data_ptr<T_>() : nullptr;
+    const T_ count = T_(s.N * s.S);
+    // The block's g (x's layout, a channel block of one task) in a buffer that stays in the
+    // cache: task_batch_norm_backward's loops then read it where they read grad_z·f'(y).
+    const int64_t cb = channel_block<T_>(s, 3), blocks = (s.C + cb - 1) / cb;
+    at::parallel_for(0, s.T * blocks, 1, [&, xp, gp, yp, ip, gxp, axp](int64_t j0, int64_t j1) {
+      const T_* const xp_ = xp;
+      T_* const gxp_ = gxp;
+      const T_* const axp_ = axp;
+      std::vector<T_> mean(cb), rstd(cb), sum_g(cb), sum_gx(cb), block_g(s.N * cb * s.S);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t t = j / blocks, c0 = (j % blocks) * cb, cn = std::min(cb, s.C - c0);
+        block_stats<T_>(xp_, s, t, c0, cn, eps, mean.data(), rstd.data());
+        scatter_pooled_gradient<T_>(gp, yp, ip, s, PS, t, c0, cn, act, slope, block_g.data());
+        std::fill(sum_g.begin(), sum_g.end(), T_(0));
+        std::fill(sum_gx.begin(), sum_gx.end(), T_(0));
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t c = 0; c < cn; ++c) {
+            const int64_t off = ((t * s.N + n) * s.C + c0 + c) * s.S;
+            const T_* __restrict g = block_g.data() + (n * cn + c) * s.S;
+            const T_ m = mean[c], r = rstd[c];
+            T_ row_g = 0, row_gx = 0;
+#pragma omp simd reduction(+ : row_g, row_gx)
+            for (int64_t i = 0; i < s.S; ++i) {
+              row_g += g[i];
+              row_gx += g[i] * (xp_[off + i] - m) * r;
+            }
+            sum_g[c] += row_g;
+            sum_gx[c] += row_gx;
+          }
+        for (int64_t c = 0; c < cn; ++c) {
+          if (ggp) ggp[t * s.C + c0 + c] = sum_gx[c] + (agp ? agp[t * s.C + c0 + c] : T_(0));
+          if (gbp) gbp[t * s.C + c0 + c] = sum_g[c];
+        }
+        if (!gxp_) continue;
+        for (int64_t c = 0; c < cn; ++c) {
+          sum_g[c] /= count;
+          sum_gx[c] /= count;
+        }
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t c = 0; c < cn; ++c) {
+            const int64_t off = ((t * s.N + n) * s.C + c0 + c) * s.S;
+            const T_* __restrict g = block_g.data() + (n * cn + c) * s.S;
+            const T_ scale = rstd[c] * channel_param<T_>(gamma, t, c0 + c, s.C, T_(1));
+            const T_ m = mean[c], r = rstd[c], mg = sum_g[c], mgx = sum_gx[c];
+            if (axp_ != nullptr) {
+              const T_* __restrict add = axp_ + off;
+#pragma omp simd
+              for (int64_t i = 0; i < s.S; ++i)
+                gxp_[off + i] = scale * (g[i] - mg - (xp_[off + i] - m) * r * mgx) + add[i];
+            } else {
+#pragma omp simd
+              for (int64_t i = 0; i < s.S; ++i) gxp_[off + i] = scale * (g[i] - mg - (xp_[off + i] - m) * r * mgx);
+            }
+          }
+      }
+    });
+   });
+  });
+  return {gx, gg, gb};
+}
+
+// The backward of the backward: double_backward_slices' sums and coefficients, per
+// (task, channel) slice, with g read from the windows' maxima (the sums of g over them)
+// and d grad_pooled written at each window from its maximum's element.
+std::vector<at::Tensor> task_batch_norm_max_pool2d_double_backward(
+    const at::Tensor& grad_pooled, const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+    const at::Tensor& pooled, const at::Tensor& indices, const c10::optional<at::Tensor>& up_x,
+    const c10::optional<at::Tensor>& up_gamma, const c10::optional<at::Tensor>& up_beta, double eps,
+    const c10::List<bool>& needs, c10::string_view act_name, double negative_slope, int64_t kernel_size) {
+  const char* op = "task_batch_norm_max_pool2d_double_backward";
+  const BnShape s = check_bn(x, gamma, "gamma");
+  const PoolShape p = check_pooled_block(x, kernel_size, act_name, op);
+  check_bn(x, up_gamma, "up_gamma");
+  check_bn(x, up_beta, "up_beta");
+  check_pooled_maps(x, p, grad_pooled, "grad_pooled", false);
+  check_pooled_maps(x, p, pooled, "pooled", false);
+  check_pooled_maps(x, p, indices, "indices", true);
+  TORCH_CHECK_VALUE(x.is_contiguous() && grad_pooled.is_contiguous() && pooled.is_contiguous() &&
+                        indices.is_contiguous(), op, ": the tensors must be contiguous");
+  if (up_x.has_value()) {
+    FM_CHECK_INPUT(*up_x, kCPU);
+    FM_CHECK_SAME_DTYPE(*up_x, x);
+    TORCH_CHECK_VALUE(up_x->sizes() == x.sizes() && up_x->is_contiguous(), "up_x must be ", x.sizes(),
+                      ", contiguous, got ", up_x->sizes());
+  }
+  TORCH_CHECK_VALUE(needs.size() == 3, "needs must hold 3 flags, got ", needs.size());
+  const Act act_value = parse_act(std::string(act_name.data(), act_name.size()));
+  const bool need_gp = needs.get(0), need_x = needs.get(1), need_gamma = needs.get(2);
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor d_gp = need_gp ? at::empty_like(pooled) : empty();
+  at::Tensor d_x = need_x ? at::empty_like(x) : empty();
+  at::Tensor d_gamma = need_gamma ? at::empty({s.T, s.C}, x.options()) : empty();
+  const int64_t PS = p.HO * p.WO;
+  dispatch_floating(x.scalar_type(), op, [&](auto tag_) {
+   dispatch_act(act_value, /*smooth=*/false, [&](auto act) {
+    using T_ = decltype(tag_);
+    const T_* xp = x.data_ptr<T_>();
+    const T_* gp = grad_pooled.data_ptr<T_>();
+    const T_* yp = pooled.data_ptr<T_>();
+    const int64_t* ip = indices.data_ptr<int64_t>();
+    const T_* up = up_x.has_value() ? up_x->data_ptr<T_>() : nullptr;
+    const T_ slope = static_cast<T_>(negative_slope);
+    T_* dgp = need_gp ? d_gp.data_ptr<T_>() : nullptr;
+    T_* dxp = need_x ? d_x.data_ptr<T_>() : nullptr;
+    T_* dgam = need_gamma ? d_gamma.data_ptr<T_>() : nullptr;
+    const double M = double(s.N * s.S);
+    // The slice's g in a buffer ([N, S], in the cache): double_backward_slices' loops read
+    // it where they read grad_z·f'(y); d grad_z is computed at each window's maximum only.
+    at::parallel_for(0, s.T * s.C, grain_for(s), [&](int64_t j0, int64_t j1) {
+      std::vector<T_> slice_g(s.N * s.S);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t t = j / s.C, c = j % s.C;
+        scatter_pooled_gradient<T_>(gp, yp, ip, BnShape{s.T, s.N, s.C, s.S}, PS, t, c, 1, act, slope, slice_g.data());
+        double sum_x = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const T_* row = xp + ((t * s.N + n) * s.C + c) * s.S;
+#pragma omp simd reduction(+ : sum_x)
+          for (int64_t i = 0; i < s.S; ++i) sum_x += double(row[i]);
+        }
+        const double mean = sum_x / M;
+        double sdd = 0, sg = 0, sgd = 0, su = 0, sud = 0, sug = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t off = ((t * s.N + n) * s.C + c) * s.S;
+          const T_* __restrict g = slice_g.data() + n * s.S;
+          if (up) {
+#pragma omp simd reduction(+ : sdd, sg, sgd, su, sud, sug)
+            for (int64_t i = 0; i < s.S; ++i) {
+              const double d = double(xp[off + i]) - mean, gi = double(g[i]), u = double(up[off + i]);
+              sdd += d * d;
+              sg += gi;
+              sgd += gi * d;
+              sug += u * gi;
+              su += u;
+              sud += u * d;
+            }
+          } else {
+#pragma omp simd reduction(+ : sdd, sg, sgd)
+            for (int64_t i = 0; i < s.S; ++i) {
+              const double d = double(xp[off + i]) - mean, gi = double(g[i]);
+              sdd += d * d;
+              sg += gi;
+              sgd += gi * d;
+            }
+          }
+        }
+        const double rstd = 1.0 / std::sqrt(sdd / M + eps);
+        const double a = rstd * double(channel_param<T_>(gamma, t, c, s.C, T_(1)));
+        const double u_gamma = double(channel_param<T_>(up_gamma, t, c, s.C, T_(0)));
+        const double u_beta = double(channel_param<T_>(up_beta, t, c, s.C, T_(0)));
+        const double mg = sg / M, gx = sgd * rstd / M;
+        const double mu = su / M, ux = sud * rstd / M;
+        const double k = sug / M - mu * mg - gx * ux;
+        if (dgam) dgam[j] = T_(rstd * k * M);
+        const double zd = (u_gamma - a * ux) * rstd, z0 = u_beta - a * mu;
+        const double alpha = rstd * (u_gamma - a * ux), beta = rstd * a * gx, kappa = rstd * a * k;
+        const double xd = rstd * (beta * ux - alpha * gx - kappa), x0 = beta * mu - alpha * mg;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t plane = (t * s.N + n) * s.C + c;
+          const int64_t off = plane * s.S, q0 = plane * PS;
+          const T_* __restrict g = slice_g.data() + n * s.S;
+          if (dgp) {  // d grad_z at each window's maximum: the window's value
+            for (int64_t q = 0; q < PS; ++q) {
+              const int64_t i = off + ip[q0 + q];
+              double v = zd * (double(xp[i]) - mean) + z0;
+              if (up) v += a * double(up[i]);
+              dgp[q0 + q] = masked<T_>(T_(v), yp, q0 + q, act, slope);
+            }
+          }
+          if (dxp) {
+            if (up) {
+#pragma omp simd
+              for (int64_t i = 0; i < s.S; ++i)
+                dxp[off + i] = T_(xd * (double(xp[off + i]) - mean) + x0 + alpha * double(g[i]) -
+                                  beta * double(up[off + i]));
+            } else {
+#pragma omp simd
+              for (int64_t i = 0; i < s.S; ++i)
+                dxp[off + i] = T_(xd * (double(xp[off + i]) - mean) + x0 + alpha * double(g[i]));
+            }
+          }
+        }
+      }
+    });
+   });
+  });
+  return {d_gp, d_x, d_gamma};
+}
+
+// ---------------------------------------------------------------------------------------
 // The eager path's autograd nodes in C++ (see task_conv2d.cpp): task_batch_norm and
 // task_batch_norm_backward, what fastmeta/ops/task_batch_norm.py's Python nodes do, for the
 // activations the backward kernel applies itself ("none" and the mask activations, whose
@@ -797,6 +1163,9 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_batch_norm", &fastmeta::cpu::task_batch_norm);
   m.impl("task_batch_norm_backward", &fastmeta::cpu::task_batch_norm_backward);
   m.impl("task_batch_norm_double_backward", &fastmeta::cpu::task_batch_norm_double_backward);
+  m.impl("task_batch_norm_max_pool2d", &fastmeta::cpu::task_batch_norm_max_pool2d);
+  m.impl("task_batch_norm_max_pool2d_backward", &fastmeta::cpu::task_batch_norm_max_pool2d_backward);
+  m.impl("task_batch_norm_max_pool2d_double_backward", &fastmeta::cpu::task_batch_norm_max_pool2d_double_backward);
 }
 
 // The eager node's entry (see task_conv2d_node in task_conv2d.cpp).

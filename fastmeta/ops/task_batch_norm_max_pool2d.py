@@ -4,12 +4,13 @@ output only a max pooling reads, as one op: the pooling rides in the BatchNorm's
     pooled, indices = max_pool2d(task_batch_norm(x, γ, β, eps, act), k, stride k, padding 0)
 
 The traced program runs a ``BatchNorm2d → [ReLU / LeakyReLU] → MaxPool2d(k)`` block
-through it where a backend has its kernels for the tensors' device (the Triton kernels of
-kernels/task_batch_norm_max_pool2d.py, on a GPU once verified); elsewhere the block runs
-as the two ops (``task_batch_norm``, ``max_pool2d``), whose C++ kernels and nodes the CPU
-has. The savings are launches and memory passes: the full-size activations are never
-written, nor the full-size gradient of the pooling's backward (W4: 88 max-pooling
-launches per captured second-order iteration ride in the BatchNorm's).
+through it where a backend has its kernels for the tensors' device: the C++ kernels on the
+CPU (csrc/cpu/task_batch_norm.cpp) and the Triton kernels on a GPU once verified
+(kernels/task_batch_norm_max_pool2d.py); elsewhere the block runs as the two ops
+(``task_batch_norm``, ``max_pool2d``). The savings are launches and memory passes: the
+full-size activations are never written, nor the full-size gradient of the pooling's
+backward (W4: 88 max-pooling launches per captured second-order iteration ride in the
+BatchNorm's).
 
 Shapes:
 
@@ -48,7 +49,7 @@ from fastmeta.ops.max_pool2d import (
     reference_max_pool2d_double_backward,
 )
 from fastmeta.ops.reference_vjp import reference_vjp
-from fastmeta.ops.registration import OpFamily, define_family, define_op
+from fastmeta.ops.registration import NativeCall, OpFamily, define_family, define_op
 from fastmeta.ops.task_batch_norm import (
     MASK_ACTIVATIONS,
     reference_task_batch_norm,
@@ -186,7 +187,15 @@ def _check_double_backward(grad_pooled, x, gamma, pooled, indices, up_x, up_gamm
 # ---------------------------------------------------------------------------------------
 
 
-task_batch_norm_max_pool2d = define_op(reference_task_batch_norm_max_pool2d, check=_check_forward)
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+task_batch_norm_max_pool2d = define_op(reference_task_batch_norm_max_pool2d, NativeCall(
+    takes=lambda device_type, x, gamma, beta, eps, act, negative_slope, kernel_size: x.dim() == 5,
+    args=lambda x, gamma, beta, eps, act, negative_slope, kernel_size: (
+        x.contiguous(), gamma, beta, float(eps), act, float(negative_slope), int(kernel_size)),
+), check=_check_forward)
 
 
 @task_batch_norm_max_pool2d.register_fake
@@ -244,7 +253,14 @@ task_batch_norm_max_pool2d.register_autograd(_backward, setup_context=_setup, al
 # ---------------------------------------------------------------------------------------
 
 
-task_batch_norm_max_pool2d_backward = define_op(reference_task_batch_norm_max_pool2d_backward, check=_check_backward)
+task_batch_norm_max_pool2d_backward = define_op(reference_task_batch_norm_max_pool2d_backward, NativeCall(
+    takes=lambda device_type, grad_pooled, x, *rest: x.dim() == 5,
+    args=lambda grad_pooled, x, gamma, pooled, indices, eps, needs, act, negative_slope, kernel_size, dx_addend=None,
+    dgamma_addend=None: (
+        grad_pooled.contiguous(), x.contiguous(), gamma, pooled.contiguous(), indices.contiguous(), float(eps),
+        [bool(n) for n in needs], act, float(negative_slope), int(kernel_size), _contiguous(dx_addend),
+        _contiguous(dgamma_addend)),
+), check=_check_backward)
 
 
 @task_batch_norm_max_pool2d_backward.register_fake
@@ -294,8 +310,13 @@ task_batch_norm_max_pool2d_backward.register_autograd(_backward_backward, setup_
 # ---------------------------------------------------------------------------------------
 
 
-task_batch_norm_max_pool2d_double_backward = define_op(reference_task_batch_norm_max_pool2d_double_backward,
-                                                       check=_check_double_backward)
+task_batch_norm_max_pool2d_double_backward = define_op(reference_task_batch_norm_max_pool2d_double_backward, NativeCall(
+    takes=lambda device_type, grad_pooled, x, *rest: x.dim() == 5,
+    args=lambda grad_pooled, x, gamma, pooled, indices, up_x, up_gamma, up_beta, eps, needs, act, negative_slope,
+    kernel_size: (
+        grad_pooled.contiguous(), x.contiguous(), gamma, pooled.contiguous(), indices.contiguous(), _contiguous(up_x),
+        up_gamma, up_beta, float(eps), [bool(n) for n in needs], act, float(negative_slope), int(kernel_size)),
+), check=_check_double_backward)
 
 
 @task_batch_norm_max_pool2d_double_backward.register_fake
