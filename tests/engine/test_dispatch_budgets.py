@@ -82,6 +82,11 @@ And θ's segments for the first inner step from one node (``expand_segments``) w
 sums their gradients over the tasks itself (``fastmeta_ext::sum_segments``, one dispatch), in
 place of the split's ``cat`` and the expand's ``sum``: second order W2, OFC and W2S 85 → 84,
 W3 269 → 268, W4 357 → 356.
+
+Then (2026-12-07, fourth session) W4's BatchNorm → ReLU → MaxPool2d blocks as one op,
+``task_batch_norm_max_pool2d`` (its C++ kernels: the pooling in the BatchNorm's passes):
+each block's pooling ops (forward, backward, gather) are gone. Second order W4 356 → 268,
+first order 201 → 153.
 """
 
 from __future__ import annotations
@@ -104,8 +109,8 @@ BUDGETS = {
     ("W2", "first"): (61, 1),
     ("W3", "second"): (268, 1),
     ("W3", "first"): (153, 1),
-    ("W4", "second"): (356, 1),
-    ("W4", "first"): (201, 1),
+    ("W4", "second"): (268, 1),
+    ("W4", "first"): (153, 1),
     ("W2S", "second"): (84, 1),
     ("W2S", "first"): (61, 1),
     ("OFC", "second"): (84, 1),
@@ -142,7 +147,11 @@ def test_plain_path_dispatch_budget(extension, workload, order):
         return
     # The heavy ops run as fastmeta ops (one dispatch each), not as aten compositions.
     if order == "second":
-        assert plain.by_name["fastmeta::task_batch_norm_double_backward"] >= 1, plain.describe()
+        double_backward = ("fastmeta::task_batch_norm_double_backward",
+                           "fastmeta::task_batch_norm_max_pool2d_double_backward")
+        assert sum(plain.by_name[name] for name in double_backward) >= 1, plain.describe()
+    if workload == "W4":  # its pooling rides in the BatchNorm ops (task_batch_norm_max_pool2d)
+        assert not [name for name in plain.by_name if "max_pool2d" in name and "batch_norm" not in name]
     assert "aten::native_batch_norm_backward" not in plain.by_name, plain.describe()
     assert not set(NEVER) & set(plain.by_name), plain.describe()
     assert plain.by_name["aten::sum"] <= SUMS[workload, order], plain.describe()
