@@ -1,6 +1,8 @@
 // CPU kernels of task_batch_norm: per-task, per-channel batch statistics (MAML's
 // transductive BatchNorm), affine and activation fused, its backward and the backward's
-// backward (the closed form of fastmeta/ops/task_batch_norm.py).
+// backward (the closed form of fastmeta/ops/task_batch_norm.py); and of
+// task_batch_norm_max_pool2d (fastmeta/ops/task_batch_norm_max_pool2d.py), the same with
+// the max pooling that alone reads its output inside its passes, on the same statistics.
 // Grid: the forward and backward take a task's block of channels per work item (BatchNorm2d,
 // channel_block) or a task (BatchNorm1d, task_grain); the double backward one (task,
 // channel) slice. Each makes two passes over its values for the statistics and one or two

@@ -17,10 +17,10 @@ task (``[T, *shape]``, a view of the fast-weight buffer) or shared (``shape``, a
 - A BatchNorm2d (with no activation, or a fused ReLU or LeakyReLU) whose output feeds
   nothing but a MaxPool2d of square windows, stride equal to the window and no padding
   runs, with that pool, as ``task_batch_norm_max_pool2d`` wherever a backend has that op's
-  kernels for the input's device and dtype (:func:`_pooled_batch_norm_runs`: the Triton
-  kernels, on a GPU once verified): the pooling rides in the BatchNorm's launches and the
-  full-size activations are never written. Elsewhere (the CPU's C++ kernels) the two ops
-  run.
+  kernels for the input's device and dtype (:func:`_pooled_batch_norm_runs`: the C++
+  kernels on the CPU, the Triton kernels on a GPU once verified): the pooling rides in the
+  BatchNorm's passes and the full-size activations are never written. Elsewhere (a GPU
+  before the GPU check has verified the Triton kernels) the two ops run.
 - A Conv2d or Linear whose only user is a recognised BatchNorm runs without its bias
   (:func:`_bias_cancelled_by_batch_norm`): the BatchNorm's per-task batch statistics
   subtract the per-channel mean, and a per-channel bias with it, so the bias changes
@@ -507,11 +507,12 @@ def _pair(v) -> list[int]:
 
 def _pooled_batch_norm_runs(x: Tensor, kernel: int) -> bool:
     """Whether the fused BatchNorm and max pooling has a kernel for ``x`` (a backend that
-    runs ``task_batch_norm_max_pool2d`` on its device type and dtype: the Triton kernels, on
-    a GPU once verified) and x is a shape it takes (``[T, N, C, H, W]``, fp32, maps at
-    least a window wide). Elsewhere the two ops run: the CPU has their C++ kernels and
-    nodes, and no fused one."""
-    if x.dim() != 5 or x.dtype != torch.float32 or x.size(3) < kernel or x.size(4) < kernel:
+    runs ``task_batch_norm_max_pool2d`` on its device type and dtype, as ``auto`` chooses:
+    the C++ kernels on the CPU, fp32 and float64; the Triton kernels on a GPU once
+    verified, fp32) and x is a shape it takes (``[T, N, C, H, W]``, maps at least a window
+    wide). Elsewhere the two ops run (the reference of the fused op would be slower than
+    theirs)."""
+    if x.dim() != 5 or x.size(3) < kernel or x.size(4) < kernel:
         return False
     return kernel_choice("task_batch_norm_max_pool2d", x.device.type, x.dtype)[1] is not None
 
