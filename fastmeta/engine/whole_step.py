@@ -231,7 +231,7 @@ def guarded_step(optimizer: torch.optim.Optimizer, loss: Tensor, nonfinite: Tens
 
 
 def whole_iteration(meta_batch: MetaBatchFunction, inputs: Sequence[Tensor], optimizer: torch.optim.Optimizer,
-                    nonfinite: Tensor | None = None) -> MetaBatchOutput:
+                    nonfinite: Tensor | None = None, seed: list[Tensor] | None = None) -> MetaBatchOutput:
     """One whole meta-iteration as :class:`CapturedMetaStep` records it: the gradients set
     to None, ``meta_batch``, its loss's backward, the optimizer's step (guarded by
     :func:`guarded_step` when ``nonfinite`` is given: the captured one). The launch
@@ -241,10 +241,19 @@ def whole_iteration(meta_batch: MetaBatchFunction, inputs: Sequence[Tensor], opt
     then writes each parameter's gradient as a new tensor (allocated, in a capture, from
     the graph's pool, at the address every replay writes again) instead of zeroing the old
     one and accumulating into it: no zeroing kernel and no ``add_`` per parameter (W2: 19
-    kernels fewer, tests/tools/test_launches.py)."""
+    kernels fewer, tests/tools/test_launches.py).
+
+    seed: a list holding the backward's seed (the loss's gradient, ones), made by the first
+    call that passes the list and kept there: a captured step's warm-up makes it, so the
+    graph reads it instead of filling a new one on every replay (one kernel fewer)."""
     optimizer.zero_grad(set_to_none=True)
     out = meta_batch(*inputs)
-    out.loss.backward()
+    if seed is None:
+        out.loss.backward()
+    else:
+        if not seed:
+            seed.append(torch.ones_like(out.loss))
+        out.loss.backward(seed[0])
     if nonfinite is not None:
         guarded_step(optimizer, out.loss, nonfinite)
     else:
@@ -280,6 +289,7 @@ class CapturedMetaStep:
         self.stale: str | None = None  # set by invalidate(): why replaying would be wrong
         self.watch = watch  # what the graph read at capture; a change refuses the step
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=inputs[0].device)
+        self._seed: list[Tensor] = []  # the backward's seed, made by the first warm-up iteration
         self.static_inputs = tuple(t.clone() for t in inputs)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         saved_params = [p.detach().clone() for p in params]
@@ -318,7 +328,7 @@ class CapturedMetaStep:
 
     def _iteration(self, guarded: bool = False) -> MetaBatchOutput:
         return whole_iteration(self._meta_batch, self.static_inputs, self.optimizer,
-                               self.nonfinite if guarded else None)
+                               self.nonfinite if guarded else None, self._seed)
 
     def invalidate(self, reason: str) -> None:
         """Refuse every later call with ``reason``: the state the step was built from changed."""

@@ -831,16 +831,17 @@ def record_captured_step(workload, *, first_order: bool = False, learner: str = 
         optimizer = cuda_step_adam(meta.parameters(), ADAM_LR, adam)
         program = meta.captured_program(first_order)
         nonfinite = torch.zeros((), dtype=torch.bool)
+        seed: list[torch.Tensor] = []  # the backward's seed, made by the warm-up (as a capture's)
         log = LaunchLog()
         with capturable_adam_on_cpu():
             with fm.use_backend("torch"):  # the references: no extension to build for a warm-up
-                whole_iteration(program, batch, optimizer)
+                whole_iteration(program, batch, optimizer, seed=seed)
             with recording(log) as recorder:
                 # The phases (PHASES), marked on the learner's program and the optimizer's
                 # methods (instance attributes, for this iteration only) and at the backward.
                 recorder.phase = "meta_batch"
                 optimizer.step = _in_phase(recorder, "adam", "guard", optimizer.step)
-                whole_iteration(_marking_backward(recorder, program), batch, optimizer, nonfinite)
+                whole_iteration(_marking_backward(recorder, program), batch, optimizer, nonfinite, seed)
                 del optimizer.step
     return log
 

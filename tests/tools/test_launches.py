@@ -39,7 +39,9 @@ targets, not met yet:
   gradients; the double backward's d grad_out, d x and d w), W2 86; 356 with the CUDA
   linear double backward's d grad_out one GEMM of two terms, in one launch with its d x
   and d w, W2 84; 268 with each BatchNorm → ReLU → MaxPool2d block's pooling in the
-  BatchNorm's launches (task_batch_norm_max_pool2d: 24 + 44 + 20 pooling launches fewer));
+  BatchNorm's launches (task_batch_norm_max_pool2d: 24 + 44 + 20 pooling launches fewer);
+  267 with the backward's seed made once by the capture's warm-up, W2 83 (by the record
+  706 and 142));
 - issued ÷ useful conv MACs on W2 ≤ 1.1 (1.084 since the input gradient's phases; 2.045
   before; 1.067 with the tile rule of kernels/tiles.py): met;
 - the share of W2's conv MACs in launches under one wave of a 132-SM GPU ≤ 1 % (35.5 %
@@ -74,16 +76,16 @@ REPO = Path(__file__).resolve().parents[2]
 BUDGETS = {
     # workload: kernels, of them Triton, CUDA (extension), aten; issued ÷ useful conv MACs;
     # the share of conv MACs in launches under one wave (132 SMs)
-    "W2": {"kernels": 143, "triton": 66, "native": 7, "aten": 70, "conv_mac_ratio": 1.0675,
+    "W2": {"kernels": 142, "triton": 66, "native": 7, "aten": 69, "conv_mac_ratio": 1.0675,
            "under_one_wave": 0.0},
-    "W4": {"kernels": 707, "triton": 254, "native": 23, "aten": 430, "conv_mac_ratio": 1.0588,
+    "W4": {"kernels": 706, "triton": 254, "native": 23, "aten": 429, "conv_mac_ratio": 1.0588,
            "under_one_wave": 0.0},
 }
 # The same step with torch's default Adam for CUDA tensors (capturable, foreach), which does
 # not skip its own update: the guard copies the parameters and moments and selects them
 # back (72 where), and the update is 51 launches (its capturable divisions by 0-dim step
 # tensors miss ATen's fast route: one launch per tensor).
-FOREACH_ADAM = {"W2": {"kernels": 266, "guard": 78, "adam": 51}}
+FOREACH_ADAM = {"W2": {"kernels": 265, "guard": 78, "adam": 51}}
 # The CUDA path once the GPU check has verified every kernel written for it
 # (launches.as_if_verified: the pair ops' Triton and CUDA kernels, task_loss_grad_backward):
 # the conv backward one op (no separate input/weight-gradient ops summed with the aliases'
@@ -99,9 +101,9 @@ FOREACH_ADAM = {"W2": {"kernels": 266, "guard": 78, "adam": 51}}
 # (TWO_TERMS): W2 101, W4 429; W4's four BatchNorm → ReLU → MaxPool2d blocks as
 # task_batch_norm_max_pool2d (the pooling in the BatchNorm kernels' epilogue, and its
 # gradient gathered in their backward and double backward): W4 356 -> 268.
-AS_VERIFIED = {"W2": {"kernels": 84, "triton": 48, "native": 12, "aten": 24, "autograd_adds": 2,
+AS_VERIFIED = {"W2": {"kernels": 83, "triton": 48, "native": 12, "aten": 23, "autograd_adds": 2,
                       "conv": {"conv2d_forward_kernel": 9, "conv2d_grads_kernel": 12, "conv2d_weight_grad_kernel": 3}},
-               "W4": {"kernels": 268, "triton": 176, "native": 44, "aten": 48, "autograd_adds": 10,
+               "W4": {"kernels": 267, "triton": 176, "native": 44, "aten": 47, "autograd_adds": 10,
                       "conv": {"conv2d_forward_kernel": 29, "conv2d_grads_kernel": 48, "conv2d_weight_grad_kernel": 11}}}
 # Before each conv backward's launches were one (conv2d_grads_kernel): W2 101 (triton 63:
 # conv forward 12, input-grad 12, weight-grad 15), W4 429 (triton 327: 44, 48 and 59).
@@ -187,8 +189,10 @@ def test_kernels_once_the_written_kernels_are_verified(workload):
     # one (alone: the first layer's weight gradient, whose input gradient is not wanted, and
     # a double backward that wants d grad_out only).
     assert Counter(l.name for l in log.launches if l.gemm == "conv") == pinned["conv"], log.describe()
-    # W4's max pooling rides in its BatchNorm launches (task_batch_norm_max_pool2d).
+    # W4's max pooling rides in its BatchNorm launches (task_batch_norm_max_pool2d), and the
+    # backward's seed is the one the warm-up made (whole_iteration's seed): no fill.
     assert not [l.label for l in log.launches if "max_pool2d" in l.name], log.describe()
+    assert not [l.label for l in log.launches if l.name in ("aten::ones_like", "aten::fill_")], log.describe()
     # Autograd sums gradients itself only where a tensor has two consumers that no op
     # aliases (W2: the flat θ, read by the inner step and the query, and the query
     # prediction; W4's five inner steps: more of the same); the conv, BatchNorm and linear
