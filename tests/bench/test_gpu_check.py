@@ -122,11 +122,14 @@ def test_results_schema(two_part_run):
         assert shares == pytest.approx(1.0) and run["total_us"] > 0
     # The matmul precision step: each mode's W1 meta-gradient (the reference's emulation)
     # against float64. TF32's single product is 3.7e-4 off, over the 1e-4 tolerance; tf32x3
-    # passes but its emulation is slower than ieee, so ieee is the mode to keep.
+    # passes. The choice is the fastest passing mode by the times the run recorded (which
+    # one that is depends on this machine's load while it ran one timed iteration each: the
+    # test asserts the rule, not a timing).
     chosen = results["precision"]
     assert {(r["workload"], r["mode"]) for r in chosen["rows"]} == {("W1", m) for m in ("ieee", "tf32x3", "tf32")}
     assert chosen["passing"] == {"ieee": True, "tf32x3": True, "tf32": False}
-    assert chosen["choice"] == "ieee"
+    passing = [m for m, ok in chosen["passing"].items() if ok]
+    assert chosen["choice"] == min(passing, key=lambda m: chosen["time_over_ieee"][m])
     # The tile sweep: W1's and W2S's shape classes under the interpreter, planned for 2 SMs,
     # two candidates each, the heaviest first within its budget; its table in the format of
     # kernels/tile_table.json.
@@ -213,7 +216,8 @@ def test_summary(two_part_run):
     assert len(text.splitlines()) <= 200
     assert "DRY RUN" in text and "triton:task_conv2d" in text and "fastmeta[auto]" in text
     assert "eager against captured: W1" in text
-    assert "matmul precision: the default to set is ieee (passing: ieee, tf32x3)" in text
+    choice = read(second)["precision"]["choice"]  # timing-dependent: test_results_schema checks the rule
+    assert f"matmul precision: the default to set is {choice} (passing: ieee, tf32x3)" in text
     assert "profile W1-captured (CPU self time):" in text
     assert "shape classes tuned at 2 SMs" in text
     assert "kernels per captured W2 iteration: recorder " in text and "captured graph unavailable" in text
