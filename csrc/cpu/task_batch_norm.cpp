@@ -178,6 +178,27 @@ inline T masked(T g, const T* yp, int64_t i, A, T slope) {
   }
 }
 
+// The backward's addends (see task_batch_norm_backward below): dx_addend x's shape, read in
+// x's layout (C-contiguous, as the launchers and the C++ nodes pass it), dgamma_addend
+// [T, C] at its strides; each only for a needed output.
+void check_backward_addends(const at::Tensor& x, const BnShape& s, bool need_x, bool need_gamma,
+                            const c10::optional<at::Tensor>& dx_addend, const c10::optional<at::Tensor>& dgamma_addend) {
+  if (dx_addend.has_value()) {
+    FM_CHECK_INPUT(*dx_addend, kCPU);
+    FM_CHECK_SAME_DTYPE(*dx_addend, x);
+    TORCH_CHECK_VALUE(need_x && dx_addend->sizes() == x.sizes(), "dx_addend must be ", x.sizes(),
+                      " and grad_x needed, got ", dx_addend->sizes());
+  }
+  if (dgamma_addend.has_value()) {
+    FM_CHECK_INPUT(*dgamma_addend, kCPU);
+    FM_CHECK_SAME_DTYPE(*dgamma_addend, x);
+    TORCH_CHECK_VALUE(need_gamma && dgamma_addend->dim() == 2 && dgamma_addend->size(0) == s.T &&
+                          dgamma_addend->size(1) == s.C,
+                      "dgamma_addend must be [T, C] = [", s.T, ", ", s.C, "] and grad_gamma needed, got ",
+                      dgamma_addend->sizes());
+  }
+}
+
 at::Tensor task_batch_norm(const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
                            const c10::optional<at::Tensor>& beta, double eps, c10::string_view act_name,
                            double negative_slope) {
@@ -269,20 +290,7 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
   TORCH_CHECK_VALUE(grad_z.sizes() == x.sizes(), "grad_z must be ", x.sizes(), ", got ", grad_z.sizes());
   TORCH_CHECK_VALUE(needs.size() == 3, "needs must hold 3 flags, got ", needs.size());
   const bool need_x = needs.get(0), need_gamma = needs.get(1), need_beta = needs.get(2);
-  if (dx_addend.has_value()) {
-    FM_CHECK_INPUT(*dx_addend, kCPU);
-    FM_CHECK_SAME_DTYPE(*dx_addend, x);
-    TORCH_CHECK_VALUE(need_x && dx_addend->sizes() == x.sizes(), "dx_addend must be ", x.sizes(),
-                      " and grad_x needed, got ", dx_addend->sizes());
-  }
-  if (dgamma_addend.has_value()) {
-    FM_CHECK_INPUT(*dgamma_addend, kCPU);
-    FM_CHECK_SAME_DTYPE(*dgamma_addend, x);
-    TORCH_CHECK_VALUE(need_gamma && dgamma_addend->dim() == 2 && dgamma_addend->size(0) == s.T &&
-                          dgamma_addend->size(1) == s.C,
-                      "dgamma_addend must be [T, C] = [", s.T, ", ", s.C, "] and grad_gamma needed, got ",
-                      dgamma_addend->sizes());
-  }
+  check_backward_addends(x, s, need_x, need_gamma, dx_addend, dgamma_addend);
   auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor gx = need_x ? at::empty_like(x) : empty();
   at::Tensor gg = need_gamma ? at::empty({s.T, s.C}, x.options()) : empty();
@@ -830,20 +838,7 @@ std::vector<at::Tensor> task_batch_norm_max_pool2d_backward(
   TORCH_CHECK_VALUE(needs.size() == 3, "needs must hold 3 flags, got ", needs.size());
   const Act act_value = parse_act(std::string(act_name.data(), act_name.size()));
   const bool need_x = needs.get(0), need_gamma = needs.get(1), need_beta = needs.get(2);
-  if (dx_addend.has_value()) {
-    FM_CHECK_INPUT(*dx_addend, kCPU);
-    FM_CHECK_SAME_DTYPE(*dx_addend, x);
-    TORCH_CHECK_VALUE(need_x && dx_addend->sizes() == x.sizes() && dx_addend->is_contiguous(), "dx_addend must be ",
-                      x.sizes(), ", contiguous, and grad_x needed, got ", dx_addend->sizes());
-  }
-  if (dgamma_addend.has_value()) {
-    FM_CHECK_INPUT(*dgamma_addend, kCPU);
-    FM_CHECK_SAME_DTYPE(*dgamma_addend, x);
-    TORCH_CHECK_VALUE(need_gamma && dgamma_addend->dim() == 2 && dgamma_addend->size(0) == s.T &&
-                          dgamma_addend->size(1) == s.C,
-                      "dgamma_addend must be [T, C] = [", s.T, ", ", s.C, "] and grad_gamma needed, got ",
-                      dgamma_addend->sizes());
-  }
+  check_backward_addends(x, s, need_x, need_gamma, dx_addend, dgamma_addend);
   auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor gx = need_x ? at::empty_like(x) : empty();
   at::Tensor gg = need_gamma ? at::empty({s.T, s.C}, x.options()) : empty();
