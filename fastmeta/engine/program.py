@@ -53,6 +53,7 @@ from torch.utils import _pytree as pytree
 import fastmeta.ops  # noqa: F401 (every op module declares the modules it runs)
 from fastmeta.backends import kernel_choice
 from fastmeta.engine.task_weights import Layout
+from fastmeta.ops.max_pool2d import window_pair
 from fastmeta.ops.registration import module_op, module_types
 from fastmeta.ops.task_batch_norm_max_pool2d import POOLED_ACTIVATIONS, task_batch_norm_max_pool2d
 
@@ -314,7 +315,7 @@ class TracedProgram:
         name, arg = node.name, node.args[0]
         segments = {attr: self._param_segment(m, attr) for attr in ("weight", "bias")}
         act_name, slope = act if act is not None else ("none", 0.0)
-        kernel = _pair(pool.kernel_size)[0]
+        kernel = window_pair(pool.kernel_size)[0]
 
         def fused(env, weights):
             x = env[arg.name]
@@ -501,10 +502,6 @@ class _PendingBatchNorm:
         self.arguments = arguments
 
 
-def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
-
-
 def _pooled_batch_norm_runs(x: Tensor, kernel: int) -> bool:
     """Whether the fused BatchNorm and max pooling has a kernel for ``x`` (a backend that
     runs ``task_batch_norm_max_pool2d`` on its device type and dtype, as ``auto`` chooses:
@@ -523,21 +520,23 @@ def _pooled_batch_norms(model: nn.Module, nodes, fused_into: dict, skipped: dict
     windows, stride equal to the window, no padding, dilation or ceil mode, and the
     activations whose gradient the fused backward reads from the pooled values."""
     found = {}
+    by_name = {n.name: n for n in nodes}
     for node in nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
             continue
         pool = model.get_submodule(node.target)
-        if type(pool) is not nn.MaxPool2d or pool.ceil_mode or pool.return_indices or _pair(pool.dilation) != [1, 1]:
+        if (type(pool) is not nn.MaxPool2d or pool.ceil_mode or pool.return_indices
+                or window_pair(pool.dilation) != [1, 1]):
             continue
-        kernel = _pair(pool.kernel_size)
-        if kernel[0] != kernel[1] or _pair(pool.stride if pool.stride is not None else pool.kernel_size) != kernel or (
-                _pair(pool.padding) != [0, 0]):
+        kernel = window_pair(pool.kernel_size)
+        if kernel[0] != kernel[1] or window_pair(pool.stride if pool.stride is not None else pool.kernel_size) != kernel or (
+                window_pair(pool.padding) != [0, 0]):
             continue
         src = node.args[0]
         if len(src.users) != 1:
             continue
         norm_name = skipped.get(src.name, src.name)
-        norm = next((n for n in nodes if n.name == norm_name), None)
+        norm = by_name.get(norm_name)
         if norm is None or norm.op != "call_module" or len(norm.users) != 1 or len(norm.args) != 1:
             continue
         if not isinstance(model.get_submodule(norm.target), nn.BatchNorm2d) or module_op(

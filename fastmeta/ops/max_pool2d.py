@@ -247,14 +247,15 @@ max_pool2d_double_backward.register_autograd(_gather_backward, setup_context=_ga
 # ---------------------------------------------------------------------------------------
 
 
-def _pair(v) -> list[int]:
+def window_pair(v) -> list[int]:
+    """A module's int-or-pair window argument as ``[height, width]``."""
     return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
 
 
 def _accepts(m: nn.MaxPool2d) -> bool:
     """The configurations the op implements; any other (dilation, ceil mode, returned
     indices) runs nn.MaxPool2d itself, with the tasks folded into the batch."""
-    return _pair(m.dilation) == [1, 1] and not m.ceil_mode and not m.return_indices
+    return window_pair(m.dilation) == [1, 1] and not m.ceil_mode and not m.return_indices
 
 
 def _run_max_pool(m: nn.MaxPool2d, x: Tensor, params: dict, act: str, negative_slope: float) -> Tensor | None:
@@ -262,9 +263,9 @@ def _run_max_pool(m: nn.MaxPool2d, x: Tensor, params: dict, act: str, negative_s
     for any other rank (the module then runs under vmap)."""
     if x.dim() != 5:
         return None
-    kernel = _pair(m.kernel_size)
-    stride = _pair(m.stride if m.stride is not None else m.kernel_size)
-    y, _ = max_pool2d(x.flatten(0, 1), kernel, stride, _pair(m.padding))
+    kernel = window_pair(m.kernel_size)
+    stride = window_pair(m.stride if m.stride is not None else m.kernel_size)
+    y, _ = max_pool2d(x.flatten(0, 1), kernel, stride, window_pair(m.padding))
     return y.unflatten(0, x.shape[:2])
 
 
@@ -283,7 +284,7 @@ FAMILY = define_family(OpFamily(
     name="max_pool2d",
     sample_args=_samples(),
     layer_shapes=lambda m, x_shape: {"B": x_shape[0] * x_shape[1], "C": x_shape[2], "H": x_shape[3],
-                                     "W": x_shape[4], "kernel_size": _pair(m.kernel_size)},
+                                     "W": x_shape[4], "kernel_size": window_pair(m.kernel_size)},
     modules={nn.MaxPool2d: ModuleOp(params=(), run=_run_max_pool, accepts=_accepts)},
     check_seconds=20,  # not yet run on a GPU: an estimate (three elementwise kernels, the W4 pools and the small cases)
     dry_run_case="triton_kernel and 2x2",
