@@ -7,6 +7,8 @@ strides:
     input-grad    gx[t] = g[t] @ w[t]                A = g[t] [N, O],     B = w[t]  [O, I]
     weight-grad   gw[t] = g[t]ᵀ @ x[t]               A = g[t]ᵀ [O, N],    B = x[t]  [N, I]
     weight-grad, shared: Σ_t g[t]ᵀ @ x[t] = g.reshape(T·N, O)ᵀ @ x.reshape(T·N, I)
+    bias-grad     gb[t] = 1ᵀ @ g[t]                  A = ones  [1, N],    B = g[t]  [N, O]
+                  (A_ONES: A is not read; shared: the tasks join the reduction, K = T·N)
 
 task_matmul_kernel
     grid  (⌈M / BLOCK_M⌉ · ⌈N / BLOCK_N⌉, batch, SPLIT_K); batch is T (one launch for all
@@ -67,12 +69,14 @@ def task_matmul_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ONE_PASS: tl.constexpr = False, HAS_ADDEND: tl.constexpr = False,
+    A_ONES: tl.constexpr = False,
 ):
     # ONE_PASS (a split launch): c_ptr is the partial tiles' buffer [SPLIT_K, batch, M, N],
     # and the last K range of each tile to finish writes their sum to final_ptr, at the
     # final_* strides (kernels/split_k.py). HAS_ADDEND: the first K range also adds
     # addend[batch, m, n], laid out as the output (final_* strides): the backward's
     # gradient addends, in the store it makes anyway (no bias, activation or ACCUMULATE).
+    # A_ONES: A is a matrix of ones, not read (the bias's gradient, 1ᵀ·grad_out).
     tile = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -92,7 +96,10 @@ def task_matmul_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_ok = (k0 + tl.arange(0, BLOCK_K)) < k_end
-        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+        if A_ONES:
+            a = tl.where((offs_m[:, None] < M) & k_ok[None, :], 1.0, 0.0)
+        else:
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * a_k_stride
@@ -184,12 +191,13 @@ def matmul_launch(kernel: str, batch: int, M: int, N: int, K: int, can_split: bo
 
 def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_strides,
                        bias=None, bias_strides=(0, 0), act_code=0, negative_slope=0.0, config=None,
-                       input_precision="ieee", kernel="forward", accumulate=False, addend=None):
+                       input_precision="ieee", kernel="forward", accumulate=False, addend=None, a_ones=False):
     """C[batch] = act(A[batch] @ B[batch] + bias) into ``out`` (its strides given), or
     C[batch] += A[batch] @ B[batch] where ``accumulate`` (no bias, no activation; one K
     range: partial tiles would each add the old C), or C[batch] = A[batch] @ B[batch] +
     addend[batch] (``addend`` laid out as ``out``, its strides; no bias, activation or
-    accumulate), the addend added by the first K range.
+    accumulate), the addend added by the first K range. a_ones: A is a matrix of ones and
+    ``a`` is not read (any tensor on the device).
 
     Strides are (batch, m, k) for A, (batch, k, n) for B, (batch, m, n) for C. config: a
     plan's (:func:`matmul_launch`; planned here for ``kernel`` when not given). With
@@ -222,7 +230,7 @@ def launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_stri
         float(negative_slope),
         HAS_BIAS=bias is not None, ACT=act_code, ACCUMULATE=accumulate,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=input_precision, ONE_PASS=one_pass, HAS_ADDEND=addend is not None,
+        INPUT_PRECISION=input_precision, ONE_PASS=one_pass, HAS_ADDEND=addend is not None, A_ONES=a_ones,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split_k > 1 and not one_pass:  # the second pass: deterministic, unlike atomics
@@ -309,6 +317,26 @@ def _linear_weight_grad_call(grad_out, x, shared, config_for=None, sm_count=None
     return matmul_launch("weight_grad", T, O, I, N, True, config_for, sm_count), gemm, (T, O, I)
 
 
+def _linear_bias_grad_call(grad_out, shared, config_for=None, sm_count=None):
+    """The bias's gradient 1ᵀ @ grad_out[t] (A_ONES): ``[T, O]``, or ``[O]`` with the tasks in
+    the reduction where ``shared``; planned as a weight gradient (a reduction over the examples)."""
+    if not all_float32_on_one_device(grad_out) or grad_out.dim() != 3:
+        return None
+    T, N, O = grad_out.shape
+    sm_count = sm_count or device_sm_count(grad_out.device)
+    if shared:
+        def gemm():
+            g2 = grad_out.reshape(T * N, O)
+            return (g2, (0, 0, 0), g2, (0, g2.stride(0), g2.stride(1)), 1, 1, O, T * N, (0, O, 1))
+
+        return matmul_launch("weight_grad", 1, 1, O, T * N, True, config_for, sm_count), gemm, (O,)
+
+    def gemm():
+        return (grad_out, (0, 0, 0), grad_out, grad_out.stride(), T, 1, O, N, (O, O, 1))
+
+    return matmul_launch("weight_grad", T, 1, O, N, True, config_for, sm_count), gemm, (T, O)
+
+
 _LINEAR_CALLS = {"task_linear": _linear_call, "task_linear_input_grad": _linear_input_grad_call,
                  "task_linear_weight_grad": _linear_weight_grad_call}
 
@@ -323,7 +351,7 @@ def linear_launch_plan(kernel: str, *args, config_for=None, sm_count: int | None
 
 
 def _run(launch, gemm, out_shape, device, bias=None, bias_strides=(0, 0), act_code=0, negative_slope=0.0,
-         input_precision="ieee", out=None, addend=None):
+         input_precision="ieee", out=None, addend=None, a_ones=False):
     """The planned launch into a new output, or accumulated into ``out`` where given;
     ``addend`` (the output's shape, contiguous) added in the launch's epilogue."""
     accumulate = out is not None
@@ -332,7 +360,7 @@ def _run(launch, gemm, out_shape, device, bias=None, bias_strides=(0, 0), act_co
     a, a_strides, b, b_strides, batch, M, N, K, out_strides = gemm
     return launch_task_matmul(a, a_strides, b, b_strides, batch, M, N, K, out, out_strides, bias, bias_strides,
                               act_code, negative_slope, config=launch.config, input_precision=input_precision,
-                              accumulate=accumulate, addend=addend)
+                              accumulate=accumulate, addend=addend, a_ones=a_ones)
 
 
 def task_linear(x, w, b, act, negative_slope, input_precision="ieee"):
@@ -368,14 +396,19 @@ def _empty(like):
     return like.new_empty((0,))
 
 
-def task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None, input_precision="ieee"):
-    """(grad_out @ w + dx_addend, grad_outᵀ @ x + dw_addend): the input- and weight-gradient
-    launches, each adding its addend in its epilogue (its first K range: no add launch);
-    an output the mask leaves out is empty. The weight's rank says whether dw is summed
-    over tasks. Declines addends not fp32 on the device, or not shaped as their gradient."""
+def task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None, bias_shared=False,
+                         input_precision="ieee"):
+    """(grad_out @ w + dx_addend, grad_outᵀ @ x + dw_addend, 1ᵀ @ grad_out): the input-,
+    weight- and bias-gradient launches, each addend added in its launch's epilogue (its
+    first K range: no add launch); an output the mask leaves out is empty. The weight's rank
+    says whether dw is summed over tasks, ``bias_shared`` whether db is. Declines addends
+    not fp32 on the device, or not shaped as their gradient."""
+    wants_b = len(output_mask) > 2 and output_mask[2]
     input_call = _linear_input_grad_call(grad_out, w) if output_mask[0] else None
     weight_call = _linear_weight_grad_call(grad_out, x, w.dim() == 2) if output_mask[1] else None
-    if (output_mask[0] and input_call is None) or (output_mask[1] and weight_call is None):
+    bias_call = _linear_bias_grad_call(grad_out, bias_shared) if wants_b else None
+    if (output_mask[0] and input_call is None) or (output_mask[1] and weight_call is None) or (
+            wants_b and bias_call is None):
         return NotImplemented
     addends = []
     for call, addend in ((input_call, dx_addend), (weight_call, dw_addend)):
@@ -392,18 +425,29 @@ def task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=
     if weight_call is not None:
         launch, gemm, out_shape = weight_call
         d_w = _run(launch, gemm(), out_shape, grad_out.device, input_precision=input_precision, addend=addends[1])
-    return d_x, d_w
+    d_b = _empty(grad_out)
+    if bias_call is not None:
+        launch, gemm, out_shape = bias_call
+        d_b = _run(launch, gemm(), out_shape, grad_out.device, input_precision=input_precision, a_ones=True)
+    return d_x, d_w, d_b
 
 
-def task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask, input_precision="ieee"):
-    """d_grad_out = g_dx @ w + x @ g_dwᵀ (the second launch accumulates into the first's
-    output), d_x = grad_out @ g_dw, d_w = grad_outᵀ @ g_dx; a term without its upstream
-    is zero (a fill), an output the mask leaves out is empty."""
-    if not all_float32_on_one_device(g_dx, g_dw, grad_out, x, w):
+def task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask, g_db=None, input_precision="ieee"):
+    """d_grad_out = g_dx @ w + x @ g_dwᵀ + g_db (the second launch accumulates into the
+    first's output; g_db, broadcast over the examples, is the first launch's bias), d_x =
+    grad_out @ g_dw, d_w = grad_outᵀ @ g_dx; a term without its upstream is zero (a fill),
+    an output the mask leaves out is empty."""
+    if not all_float32_on_one_device(g_dx, g_dw, grad_out, x, w, g_db):
+        return NotImplemented
+    if g_db is not None and tuple(g_db.shape) not in ((grad_out.size(2),), (grad_out.size(0), grad_out.size(2))):
         return NotImplemented
     products = []
+    bias = g_db  # read at its strides (the first launch's bias)
     if output_mask[0]:
-        products = [_linear_call(a, b, None, "none", 0.0) for a, b in ((g_dx, w), (x, g_dw)) if a is not None and b is not None]
+        pairs = [(a, b) for a, b in ((g_dx, w), (x, g_dw)) if a is not None and b is not None]
+        # The first launch adds g_db as its bias (the launch plans around it: a per-task bias
+        # keeps the tasks apart); the second accumulates.
+        products = [_linear_call(a, b, bias if i == 0 else None, "none", 0.0) for i, (a, b) in enumerate(pairs)]
         if any(p is None for p in products):
             return NotImplemented
     input_call = _linear_input_grad_call(grad_out, g_dw) if output_mask[1] and g_dw is not None else None
@@ -415,11 +459,12 @@ def task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask, input_p
     d_grad_out = d_x = d_w = _empty(grad_out)
     if output_mask[0]:
         d_grad_out = None
-        for launch, gemm, out_shape, _ in products:
-            d_grad_out = _run(launch, gemm, out_shape, grad_out.device, input_precision=input_precision,
+        for launch, gemm, out_shape, (b, b_strides, _) in products:
+            d_grad_out = _run(launch, gemm, out_shape, grad_out.device, b, b_strides, input_precision=input_precision,
                               out=d_grad_out)
         if d_grad_out is None:
-            d_grad_out = torch.zeros_like(grad_out)
+            d_grad_out = (torch.zeros_like(grad_out) if bias is None
+                          else (bias if bias.dim() == 1 else bias.unsqueeze(1)).expand(grad_out.shape).contiguous())
     if output_mask[1]:
         if input_call is not None:
             launch, gemm, out_shape = input_call

@@ -15,6 +15,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -261,6 +262,60 @@ at::Tensor task_linear_weight_grad(const at::Tensor& grad_out, const at::Tensor&
 
 bool mask_at(const c10::List<bool>& mask, size_t i) { return mask.size() > i && mask.get(i); }
 
+// The bias's gradient: grad_out [T, N, O] summed over the examples → [T, O], and over the
+// tasks too where the bias is shared → [O]. Rows added into the output row (vectorised over
+// O), tasks split over the threads; the shared sum in one pass over the T·N rows.
+at::Tensor bias_grad(const at::Tensor& grad_out, bool shared) {
+  const int64_t T = grad_out.size(0), N = grad_out.size(1), O = grad_out.size(2);
+  at::Tensor out = shared ? at::empty({O}, grad_out.options()) : at::empty({T, O}, grad_out.options());
+  if (out.numel() == 0) return out;
+  dispatch_floating(grad_out.scalar_type(), "task_linear_backward", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* g = grad_out.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    std::fill(o, o + out.numel(), scalar_t(0));  // in the kernel: no aten::zeros dispatch
+    const auto sum_rows = [&](const scalar_t* rows, int64_t count, scalar_t* into) {
+      for (int64_t n = 0; n < count; ++n) {
+        const scalar_t* row = rows + n * O;
+        for (int64_t k = 0; k < O; ++k) into[k] += row[k];
+      }
+    };
+    if (shared) {
+      sum_rows(g, T * N, o);
+      return;
+    }
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) sum_rows(g + t * N * O, N, o + t * O);
+    });
+  });
+  return out;
+}
+
+// d grad_out += g_db broadcast over the examples (and the tasks for a 1-D g_db): the bias
+// sum's VJP, added in place of an aten add of its own; written where no GEMM wrote first.
+// g_db is read at its task stride (a view of the flat gradient buffer: no copy); its rows
+// are contiguous.
+void add_bias_gradient(at::Tensor& d_grad_out, const at::Tensor& g_db, bool written) {
+  const int64_t T = d_grad_out.size(0), N = d_grad_out.size(1), O = d_grad_out.size(2);
+  dispatch_floating(d_grad_out.scalar_type(), "task_linear_double_backward", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* b = g_db.data_ptr<scalar_t>();
+    scalar_t* d = d_grad_out.data_ptr<scalar_t>();
+    const int64_t bias_task_stride = g_db.dim() == 2 ? g_db.stride(0) : 0;
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t n = 0; n < N; ++n) {
+          scalar_t* row = d + (t * N + n) * O;
+          const scalar_t* bias = b + t * bias_task_stride;
+          if (written)
+            for (int64_t k = 0; k < O; ++k) row[k] += bias[k];
+          else
+            for (int64_t k = 0; k < O; ++k) row[k] = bias[k];
+        }
+    });
+  });
+}
+
 // (grad_out·w, grad_outᵀ·x): task_linear's input and weight gradients in one op; an output
 // the mask leaves out is empty (numel 0) and not computed. A 2-D w is shared: its gradient
 // is summed over tasks.
@@ -268,11 +323,17 @@ bool mask_at(const c10::List<bool>& mask, size_t i) { return mask.size() > i && 
 // output that starts as the addend): task_linear's eager node passes the gradients its alias
 // outputs of x and w received, which autograd's engine would otherwise sum with x's and w's
 // gradients by an aten add each.
-std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                        const at::Tensor& w, const c10::List<bool>& output_mask,
-                                                        const c10::optional<at::Tensor>& dx_addend,
-                                                        const c10::optional<at::Tensor>& dw_addend) {
-  const bool want_x = mask_at(output_mask, 0), want_w = mask_at(output_mask, 1);
+// The mask's third entry asks for the bias's gradient (bias_grad above: [O] where
+// bias_shared, else [T, O]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                    const at::Tensor& w,
+                                                                    const c10::List<bool>& output_mask,
+                                                                    const c10::optional<at::Tensor>& dx_addend,
+                                                                    const c10::optional<at::Tensor>& dw_addend,
+                                                                    bool bias_shared) {
+  const bool want_x = mask_at(output_mask, 0), want_w = mask_at(output_mask, 1), want_b = mask_at(output_mask, 2);
+  TORCH_CHECK_VALUE(output_mask.size() == 2 || output_mask.size() == 3,
+                    "output_mask must have 2 or 3 entries (dx, dw[, db]), got ", output_mask.size());
   if (dx_addend.has_value()) {
     FM_CHECK_INPUT(*dx_addend, kCPU);
     FM_CHECK_SAME_DTYPE(*dx_addend, grad_out);
@@ -290,15 +351,18 @@ std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_o
                           : at::empty({0}, grad_out.options());
   at::Tensor d_w = want_w ? weight_grad_plus(grad_out, x, w.dim() == 2, dw_addend.has_value() ? &*dw_addend : nullptr)
                           : at::empty({0}, grad_out.options());
-  return {d_x, d_w};
+  at::Tensor d_b = want_b ? bias_grad(grad_out.contiguous(), bias_shared) : at::empty({0}, grad_out.options());
+  return {d_x, d_w, d_b};
 }
 
-// task_linear_backward's VJP for upstreams g_dx and g_dw (either absent): d_grad_out =
-// g_dx·w + x·g_dwᵀ (the second GEMM accumulates into the first's output), d_x = grad_out·g_dw,
-// d_w = grad_outᵀ·g_dx (summed over tasks for a 2-D w). A term without its upstream is zero.
+// task_linear_backward's VJP for upstreams g_dx, g_dw and g_db (any absent): d_grad_out =
+// g_dx·w + x·g_dwᵀ + g_db (the second GEMM accumulates into the first's output, g_db is added
+// broadcast over the examples), d_x = grad_out·g_dw, d_w = grad_outᵀ·g_dx (summed over tasks
+// for a 2-D w). A term without its upstream is zero.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_double_backward(
     const c10::optional<at::Tensor>& g_dx, const c10::optional<at::Tensor>& g_dw, const at::Tensor& grad_out,
-    const at::Tensor& x, const at::Tensor& w, const c10::List<bool>& output_mask) {
+    const at::Tensor& x, const at::Tensor& w, const c10::List<bool>& output_mask,
+    const c10::optional<at::Tensor>& g_db) {
   FM_CHECK_INPUT(grad_out, kCPU);
   FM_CHECK_DIM(grad_out, 3);
   check_linear(x, w, c10::nullopt);
@@ -319,7 +383,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_double_backward(
                         w.sizes(), ", got ", g_dw->sizes());
       linear_into(x, *g_dw, c10::nullopt, Act::None, 0.0, d_grad_out, g_dx.has_value());
     }
-    if (!g_dx.has_value() && !g_dw.has_value()) d_grad_out.zero_();
+    const bool written = g_dx.has_value() || g_dw.has_value();
+    if (g_db.has_value()) {
+      FM_CHECK_DEVICE(*g_db, kCPU);  // read at its task stride (add_bias_gradient)
+      FM_CHECK_SAME_DTYPE(*g_db, grad_out);
+      const int64_t O = grad_out.size(2);
+      TORCH_CHECK_VALUE((g_db->dim() == 1 && g_db->size(0) == O) ||
+                            (g_db->dim() == 2 && g_db->size(0) == grad_out.size(0) && g_db->size(1) == O),
+                        "g_db must be [O] or [T, O] with T = ", grad_out.size(0), ", O = ", O, ", got ",
+                        g_db->sizes());
+      add_bias_gradient(d_grad_out, g_db->stride(-1) == 1 ? *g_db : g_db->contiguous(), written);
+    } else if (!written) {
+      d_grad_out.zero_();
+    }
   }
   if (mask_at(output_mask, 1))
     d_x = g_dw.has_value() ? task_linear_input_grad(grad_out, *g_dw) : at::zeros_like(x);
@@ -360,31 +436,33 @@ at::Tensor native_weight_of_rank(const at::Tensor& w) {
 std::tuple<at::Tensor, at::Tensor> public_linear_double_backward(const at::Tensor& g_dx, const at::Tensor& g_dw,
                                                                  const at::Tensor& grad_out, const at::Tensor& x,
                                                                  const at::Tensor& w, const c10::List<bool>& mask,
-                                                                 at::Tensor& d_w) {
+                                                                 const at::Tensor& g_db, at::Tensor& d_w) {
   static const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow("fastmeta::task_linear_double_backward", "");
-  const torch::jit::Stack out = call_public_op(op, {maybe(g_dx), maybe(g_dw), grad_out, x, w, mask});
+  const torch::jit::Stack out = call_public_op(op, {maybe(g_dx), maybe(g_dw), grad_out, x, w, mask, maybe(g_db)});
   d_w = out[2].toTensor();
   return {out[0].toTensor(), out[1].toTensor()};
 }
 
 struct TaskLinearBackwardNode : public torch::autograd::Function<TaskLinearBackwardNode> {
-  // (dx, dw) = task_linear_backward(grad_out, x, w, ...): inputs grad_out (edge 0), x (1),
+  // (dx, dw, db) = task_linear_backward(grad_out, x, w, ...): inputs grad_out (edge 0), x (1),
   // w (2), then the addends that are given.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& x,
-                               const at::Tensor& w, bool want_dx, bool want_dw,
+                               const at::Tensor& w, bool want_dx, bool want_dw, bool want_db, bool bias_shared,
                                const c10::optional<at::Tensor>& dx_addend, const c10::optional<at::Tensor>& dw_addend) {
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({grad_out, x, w});
     ctx->saved_data["want_dx"] = want_dx;
     ctx->saved_data["want_dw"] = want_dw;
+    ctx->saved_data["want_db"] = want_db;
     ctx->saved_data["edges"] =
         edge_indices({true, true, true, dx_addend.has_value(), dw_addend.has_value()});
-    auto [dx, dw] = recorded("fastmeta::task_linear_backward", "fastmeta_ext::task_linear_backward", [&] {
+    auto [dx, dw, db] = recorded("fastmeta::task_linear_backward", "fastmeta_ext::task_linear_backward", [&] {
       return task_linear_backward(grad_out.contiguous(), x.contiguous(), native_weight_of_rank(w),
-                                  bool_list({want_dx, want_dw}), contiguous(dx_addend), contiguous(dw_addend));
+                                  bool_list({want_dx, want_dw, want_db}), contiguous(dx_addend), contiguous(dw_addend),
+                                  bias_shared);
     });
-    return {dx, dw};
+    return {dx, dw, db};
   }
 
   // d_x comes only from g_dw and d_w only from g_dx: without its upstream a gradient is zero,
@@ -397,30 +475,32 @@ struct TaskLinearBackwardNode : public torch::autograd::Function<TaskLinearBackw
     const at::Tensor none;
     const at::Tensor g_dx = ctx->saved_data["want_dx"].toBool() ? grads[0] : none;
     const at::Tensor g_dw = ctx->saved_data["want_dw"].toBool() ? grads[1] : none;
+    const at::Tensor g_db = ctx->saved_data["want_db"].toBool() ? grads[2] : none;
     const at::Tensor d_ax = needs_grad(ctx, edges[3]) ? g_dx : none;
     const at::Tensor d_aw = needs_grad(ctx, edges[4]) ? g_dw : none;
-    const bool m0 = needs_grad(ctx, edges[0]) && (g_dx.defined() || g_dw.defined());
+    const bool m0 = needs_grad(ctx, edges[0]) && (g_dx.defined() || g_dw.defined() || g_db.defined());
     const bool m1 = needs_grad(ctx, edges[1]) && g_dw.defined();
     const bool m2 = needs_grad(ctx, edges[2]) && g_dx.defined();
     at::Tensor d_grad_out, d_x, d_w;
     if (m0 || m1 || m2) {
       const c10::List<bool> mask = bool_list({m0, m1, m2});
       if (at::GradMode::is_enabled()) {  // third order: the public op, with torch.library's autograd
-        std::tie(d_grad_out, d_x) = public_linear_double_backward(g_dx, g_dw, grad_out, x, w, mask, d_w);
+        std::tie(d_grad_out, d_x) =
+            public_linear_double_backward(g_dx, g_dw, grad_out, x, w, mask, m0 ? g_db : none, d_w);
       } else {
         std::tie(d_grad_out, d_x, d_w) =
             recorded("fastmeta::task_linear_double_backward", "fastmeta_ext::task_linear_double_backward", [&] {
               return task_linear_double_backward(contiguous(g_dx), maybe(native_weight_of_rank(g_dw)),
                                                  grad_out.contiguous(), x.contiguous(), native_weight_of_rank(w),
-                                                 mask);
+                                                 mask, m0 ? maybe(g_db) : c10::nullopt);
             });
       }
       if (!m0) d_grad_out = none;
       if (!m1) d_x = none;
       if (!m2) d_w = none;
     }
-    // One per forward argument: grad_out, x, w, want_dx, want_dw, the addends.
-    return {d_grad_out, d_x, d_w, none, none, d_ax, d_aw};
+    // One per forward argument: grad_out, x, w, want_dx, want_dw, want_db, bias_shared, the addends.
+    return {d_grad_out, d_x, d_w, none, none, none, none, d_ax, d_aw};
   }
 };
 
@@ -444,30 +524,35 @@ struct TaskLinearNode : public torch::autograd::Function<TaskLinearNode> {
     const at::Tensor grad_y = grads[0];
     const auto [add_x, add_w] = alias_grads(ctx, grads);
     const bool want_dx = ctx->needs_input_grad(0), want_dw = ctx->needs_input_grad(1);
+    const bool want_db = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    const bool bias_shared = ctx->saved_data["bias_shared"].toBool();
     // One per forward argument: x, w, b, alias_x, alias_w.
     if (!grad_y.defined())  // only the aliases were read
       return {want_dx ? add_x : none, want_dw ? add_w : none, none, none, none};
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1];
     at::Tensor dx, dw, db;
-    if (want_dx || want_dw) {
+    // The bias's gradient inside the pair op: no sum of its own (nor, at second order, an add).
+    if (want_dx || want_dw || want_db) {
       const auto ax = want_dx ? maybe(add_x) : c10::nullopt;
       const auto aw = want_dw ? maybe(add_w) : c10::nullopt;
       if (at::GradMode::is_enabled()) {
-        const variable_list out = TaskLinearBackwardNode::apply(grad_y, x, w, want_dx, want_dw, ax, aw);
+        const variable_list out =
+            TaskLinearBackwardNode::apply(grad_y, x, w, want_dx, want_dw, want_db, bias_shared, ax, aw);
         dx = out[0];
         dw = out[1];
+        db = out[2];
       } else {
-        std::tie(dx, dw) = recorded("fastmeta::task_linear_backward", "fastmeta_ext::task_linear_backward", [&] {
+        std::tie(dx, dw, db) = recorded("fastmeta::task_linear_backward", "fastmeta_ext::task_linear_backward", [&] {
           return task_linear_backward(grad_y.contiguous(), x.contiguous(), native_weight_of_rank(w),
-                                      bool_list({want_dx, want_dw}), contiguous(ax), contiguous(aw));
+                                      bool_list({want_dx, want_dw, want_db}), contiguous(ax), contiguous(aw),
+                                      bias_shared);
         });
       }
       if (!want_dx) dx = none;
       if (!want_dw) dw = none;
+      if (!want_db) db = none;
     }
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2))
-      db = ctx->saved_data["bias_shared"].toBool() ? grad_y.sum({0, 1}) : grad_y.sum(1);
     return {dx, dw, db, none, none};
   }
 };

@@ -16,6 +16,8 @@ namespace {
 // launch of their own), or + A2[b]·B2[b] (a second term in the same accumulator: the double
 // backward's d grad_out in one GEMM), with A and B read through strides, so that x·wᵀ,
 // grad·w and gradᵀ·x need no transposed copies and a shared weight is a batch stride of 0.
+// A null A is a matrix of ones (the bias's gradient: 1ᵀ·grad, a row of column sums, as one
+// more GEMM of the backward's launch).
 // 32×32 output tiles, 8 K-slices staged in shared memory, 256 threads × 4 outputs each.
 // fp32 FMA throughout (no TF32). One launch runs up to kMaxGemms independent GEMMs (grid
 // z: the first's batches, then the second's, ...; a block past its own GEMM's tiles
@@ -29,7 +31,8 @@ struct Gemms {
   int count;
 };
 
-// acc[i] += A[m0 + ty + 8i, :K] · B[:K, n0 + tx] for one term, staged through As and Bs.
+// acc[i] += A[m0 + ty + 8i, :K] · B[:K, n0 + tx] for one term, staged through As and Bs; a
+// null a reads as ones.
 __device__ void accumulate_term(const float* a, const Strided& A, const float* b, const Strided& B, int64_t M,
                                 int64_t N, int64_t K, int64_t m0, int64_t n0, float (*As)[kTile + 1],
                                 float (*Bs)[kTile + 1], float* acc) {
@@ -39,7 +42,7 @@ __device__ void accumulate_term(const float* a, const Strided& A, const float* b
     {
       const int kk = threadIdx.x % kSlice, mm = threadIdx.x / kSlice;  // mm in [0, 32)
       const int64_t m = m0 + mm, k = k0 + kk;
-      As[kk][mm] = (m < M && k < K) ? a[m * A.r + k * A.c] : 0.f;
+      As[kk][mm] = (m < M && k < K) ? (a ? a[m * A.r + k * A.c] : 1.f) : 0.f;
       const int64_t n = n0 + tx, kb = k0 + ty;
       Bs[ty][tx] = (n < N && kb < K) ? b[kb * B.r + n * B.c] : 0.f;
     }
@@ -66,7 +69,8 @@ __global__ void batched_gemm_kernel(Gemms gemms) {
   if (m0 >= M || n0 >= N) return;  // the grid is sized for the largest GEMM: uniform per block
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  accumulate_term(g.A.p + batch * g.A.b, g.A, g.B.p + batch * g.B.b, g.B, M, N, g.K, m0, n0, As, Bs, acc);
+  accumulate_term(g.A.p ? g.A.p + batch * g.A.b : nullptr, g.A, g.B.p + batch * g.B.b, g.B, M, N, g.K, m0, n0, As,
+                  Bs, acc);
   if (g.K2 > 0)
     accumulate_term(g.A2.p + batch * g.A2.b, g.A2, g.B2.p + batch * g.B2.b, g.B2, M, N, g.K2, m0, n0, As, Bs, acc);
   const int64_t n = n0 + tx;

@@ -18,7 +18,9 @@ struct Strided {
 // addend[b] where addend is given (laid out as C; bias null, act none: the backward's
 // gradient addends, in the epilogue); C[b] = A[b]·B[b] + A2[b]·B2[b] where K2 > 0 (bias
 // null, act none: the double backward's d grad_out = g_dx·wᵀ + x·g_dwᵀ as one GEMM over
-// both terms' K, in one accumulator).
+// both terms' K, in one accumulator). A.p null: A is a matrix of ones (the bias's gradient,
+// 1ᵀ·grad_out). K = 0: C = bias (+ addend) alone (the double backward's d grad_out when only
+// the bias gradient's upstream g_db reached it).
 struct Gemm {
   int64_t batches, M, N, K;
   Strided A, B;

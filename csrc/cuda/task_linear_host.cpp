@@ -182,14 +182,35 @@ const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr
 
 bool mask_at(const c10::List<bool>& mask, size_t i) { return mask.size() > i && mask.get(i); }
 
+// db = 1ᵀ·grad_out: grad_out summed over the examples → [T, O], or over the tasks and
+// examples (K = T·N) → [O] where the bias is shared; A null reads as ones (task_linear.cuh).
+std::pair<at::Tensor, c10::optional<Gemm>> bias_grad_gemm(const at::Tensor& grad_out, bool shared) {
+  const int64_t T = grad_out.size(0), N = grad_out.size(1), O = grad_out.size(2);
+  at::Tensor out = shared ? at::empty({O}, grad_out.options()) : at::empty({T, O}, grad_out.options());
+  if (out.numel() == 0) return {out, c10::nullopt};
+  if (T * N == 0) return {out.zero_(), c10::nullopt};
+  const int none = static_cast<int>(Act::None);
+  // B[k = n, n = o] = grad_out[n, o]; C [1, O] per batch.
+  if (shared)
+    return {out, Gemm{1, 1, O, T * N, Strided{nullptr, 0, 0, 0}, Strided{grad_out.data_ptr<float>(), 0, O, 1},
+                      out.data_ptr<float>(), nullptr, 0, none, 0.f, nullptr}};
+  return {out, Gemm{T, 1, O, N, Strided{nullptr, 0, 0, 0}, Strided{grad_out.data_ptr<float>(), N * O, O, 1},
+                    out.data_ptr<float>(), nullptr, 0, none, 0.f, nullptr}};
+}
+
 // dx_addend / dw_addend, when given, are added to dx / dw in the GEMMs' epilogues (no add
-// launch of their own), as the CPU kernels add them in theirs. dx and dw are one launch.
-std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                        const at::Tensor& w, const c10::List<bool>& output_mask,
-                                                        const c10::optional<at::Tensor>& dx_addend,
-                                                        const c10::optional<at::Tensor>& dw_addend) {
+// launch of their own), as the CPU kernels add them in theirs. The mask's third entry asks
+// for the bias's gradient (bias_grad_gemm). dx, dw and db are one launch.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                    const at::Tensor& w,
+                                                                    const c10::List<bool>& output_mask,
+                                                                    const c10::optional<at::Tensor>& dx_addend,
+                                                                    const c10::optional<at::Tensor>& dw_addend,
+                                                                    bool bias_shared) {
   FM_CHECK_CUDA_F32(grad_out);
   FM_CHECK_DIM(grad_out, 3);
+  TORCH_CHECK_VALUE(output_mask.size() == 2 || output_mask.size() == 3,
+                    "output_mask must have 2 or 3 entries (dx, dw[, db]), got ", output_mask.size());
   const int64_t T = grad_out.size(0), N = grad_out.size(1), O = grad_out.size(2);
   const int64_t ws = weight_batch_stride(w, T, "w");
   TORCH_CHECK_VALUE(w.size(-2) == O, "w must have ", O, " output features");
@@ -208,13 +229,17 @@ std::tuple<at::Tensor, at::Tensor> task_linear_backward(const at::Tensor& grad_o
     add_w = epilogue_addend(dw_addend, w.sizes(), "dw_addend");
     std::tie(d_w, dw_gemm) = weight_grad_gemm(grad_out, x, w.dim() == 2, data_or_null(add_w));
   }
-  run_wanted({dx_gemm, dw_gemm});
-  return {d_x, d_w};
+  at::Tensor d_b = at::empty({0}, grad_out.options());
+  c10::optional<Gemm> db_gemm;
+  if (mask_at(output_mask, 2)) std::tie(d_b, db_gemm) = bias_grad_gemm(grad_out, bias_shared);
+  run_wanted({dx_gemm, dw_gemm, db_gemm});
+  return {d_x, d_w, d_b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_double_backward(
     const c10::optional<at::Tensor>& g_dx, const c10::optional<at::Tensor>& g_dw, const at::Tensor& grad_out,
-    const at::Tensor& x, const at::Tensor& w, const c10::List<bool>& output_mask) {
+    const at::Tensor& x, const at::Tensor& w, const c10::List<bool>& output_mask,
+    const c10::optional<at::Tensor>& g_db) {
   FM_CHECK_CUDA_F32(grad_out);
   FM_CHECK_DIM(grad_out, 3);
   FM_CHECK_CUDA_F32(x);
@@ -232,10 +257,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_double_backward(
     FM_CHECK_CUDA_F32(*g_dx);
     TORCH_CHECK_VALUE(g_dx->sizes() == x.sizes(), "g_dx must be shaped as x");
   }
+  at::Tensor bias;  // g_db, its rows contiguous (read at its task stride): d grad_out's epilogue bias
+  if (g_db.has_value()) {
+    FM_CHECK_CUDA_F32(*g_db);
+    TORCH_CHECK_VALUE((g_db->dim() == 1 && g_db->size(0) == O) || (g_db->dim() == 2 && g_db->size(0) == T &&
+                                                                   g_db->size(1) == O),
+                      "g_db must be [O] or [T, O], got ", g_db->sizes());
+    bias = g_db->stride(-1) == 1 ? *g_db : g_db->contiguous();
+  }
   c10::cuda::CUDAGuard guard(x.device());
   const auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor d_grad_out = empty(), d_x = empty(), d_w = empty();
-  // d grad_out = g_dx·wᵀ + x·g_dwᵀ: one GEMM of two terms (task_linear.cuh, Gemm's K2).
+  // d grad_out = g_dx·wᵀ + x·g_dwᵀ + g_db: one GEMM of two terms (task_linear.cuh, Gemm's K2),
+  // g_db its bias (broadcast over the examples; K = 0 where it is the only term).
   c10::optional<Gemm> d_grad_out_gemm;
   if (mask_at(output_mask, 0)) {
     d_grad_out = at::empty({T, N, O}, x.options());
@@ -250,6 +284,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_double_backward(
         } else {
           d_grad_out_gemm = second;
         }
+      }
+      if (bias.defined()) {
+        if (!d_grad_out_gemm)
+          d_grad_out_gemm = Gemm{T, N, O, 0, Strided{nullptr, 0, 0, 0}, Strided{grad_out.data_ptr<float>(), 0, 0, 0},
+                                 d_grad_out.data_ptr<float>(), nullptr, 0, static_cast<int>(Act::None), 0.f, nullptr};
+        d_grad_out_gemm->bias = bias.data_ptr<float>();
+        d_grad_out_gemm->bias_b = bias.dim() == 2 ? bias.stride(0) : 0;
       }
       if (!d_grad_out_gemm) d_grad_out.zero_();
     }

@@ -18,12 +18,16 @@ runs through these three ops:
 - ``task_linear_input_grad(grad_out, w)`` = grad_out @ w → ``[T, N, I]``;
 - ``task_linear_weight_grad(grad_out, x, shared)`` = grad_outᵀ @ x → ``[T, O, I]``, or
   summed over tasks to ``[O, I]`` when ``shared``;
-- ``task_linear_backward(grad_out, x, w, output_mask)`` → (dx, dw): the two above as one op
-  (what task_linear's backward calls: one autograd node, so autograd's engine has no two
-  gradients of grad_out to sum); an output the mask leaves out is empty (numel 0);
-- ``task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask)`` → (d_grad_out,
-  d_x, d_w), its backward: d_grad_out = g_dx @ w + x @ g_dwᵀ (the second product accumulated
-  into the first's output by the kernels), d_x = grad_out @ g_dw, d_w = grad_outᵀ @ g_dx.
+- ``task_linear_backward(grad_out, x, w, output_mask, ..., bias_shared)`` → (dx, dw, db): the
+  two above and the bias's gradient (grad_out summed over the examples, and over the tasks
+  for a shared bias) as one op (what task_linear's backward calls: one autograd node, so
+  autograd's engine has no two gradients of grad_out to sum, and one launch on CUDA with no
+  bias ``sum`` of its own); an output the mask leaves out is empty (numel 0);
+- ``task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask, g_db)`` →
+  (d_grad_out, d_x, d_w), its backward: d_grad_out = g_dx @ w + x @ g_dwᵀ + g_db (the second
+  product accumulated into the first's output by the kernels, g_db broadcast over the
+  examples as a bias: at second order no ``add`` of the bias sum's gradient), d_x =
+  grad_out @ g_dw, d_w = grad_outᵀ @ g_dx.
 
 **Why addends.** task_linear_backward also takes ``dx_addend`` and ``dw_addend``, added to
 dx and dw (the CPU kernels' GEMMs accumulate into them). Second-order MAML's inner step runs
@@ -102,28 +106,45 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+def reference_task_linear_bias_grad(grad_out: Tensor, shared: bool) -> Tensor:
+    """The bias's gradient: grad_out summed over the examples, ``[T, O]``, and over the
+    tasks too where the bias is ``shared`` (``[O]``)."""
+    return grad_out.sum((0, 1)) if shared else grad_out.sum(1)
+
+
 def reference_task_linear_backward(grad_out: Tensor, x: Tensor, w: Tensor, output_mask: list[bool],
-                                   dx_addend: Tensor | None = None,
-                                   dw_addend: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(grad_out @ w, grad_outᵀ @ x) of task_linear with its activation's gradient applied:
-    ``[T, N, I]`` and w's gradient (``[O, I]`` for a 2-D shared w, else ``[T, O, I]``); an
-    output whose ``output_mask`` entry is False is empty and not computed. dx_addend /
-    dw_addend (only for a wanted output) are added to dx / dw ("Why addends" above)."""
+                                   dx_addend: Tensor | None = None, dw_addend: Tensor | None = None,
+                                   bias_shared: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_out @ w, grad_outᵀ @ x, the bias's gradient) of task_linear with its
+    activation's gradient applied: ``[T, N, I]``, w's gradient (``[O, I]`` for a 2-D shared
+    w, else ``[T, O, I]``) and b's (``[O]`` where ``bias_shared``, else ``[T, O]``); an output
+    whose ``output_mask`` entry is False (or absent: the mask may leave out the third) is
+    empty and not computed. dx_addend / dw_addend (only for a wanted output) are added to
+    dx / dw ("Why addends" above)."""
     d_x = reference_task_linear_input_grad(grad_out, w) if output_mask[0] else _empty(grad_out)
     d_w = reference_task_linear_weight_grad(grad_out, x, w.dim() == 2) if output_mask[1] else _empty(grad_out)
+    wants_b = len(output_mask) > 2 and output_mask[2]
+    d_b = reference_task_linear_bias_grad(grad_out, bias_shared) if wants_b else _empty(grad_out)
     if output_mask[0] and dx_addend is not None:
         d_x = d_x + dx_addend
     if output_mask[1] and dw_addend is not None:
         d_w = d_w + dw_addend
-    return d_x, d_w
+    return d_x, d_w, d_b
+
+
+def _broadcast_bias_gradient(g_db: Tensor, like: Tensor) -> Tensor:
+    """g_db (``[O]`` or ``[T, O]``) as d grad_out's term ``[T, N, O]``: the VJP of the bias sum."""
+    return (g_db if g_db.dim() == 1 else g_db.unsqueeze(1)).expand(like.shape)
 
 
 def reference_task_linear_double_backward(g_dx: Tensor | None, g_dw: Tensor | None, grad_out: Tensor, x: Tensor,
-                                          w: Tensor, output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """The VJP of task_linear_backward for upstreams g_dx (of dx) and g_dw (of dw), either
-    None when no gradient reached it: (d_grad_out, d_x, d_w) with d_grad_out = g_dx @ w +
-    x @ g_dwᵀ, d_x = grad_out @ g_dw, d_w = grad_outᵀ @ g_dx (reduced over tasks for a 2-D w);
-    a term whose upstream is None is zero, an output the mask leaves out is empty."""
+                                          w: Tensor, output_mask: list[bool],
+                                          g_db: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The VJP of task_linear_backward for upstreams g_dx (of dx), g_dw (of dw) and g_db (of
+    the bias's gradient), any None when no gradient reached it: (d_grad_out, d_x, d_w) with
+    d_grad_out = g_dx @ w + x @ g_dwᵀ + g_db (broadcast over the examples, and the tasks for
+    a 1-D g_db), d_x = grad_out @ g_dw, d_w = grad_outᵀ @ g_dx (reduced over tasks for a 2-D
+    w); a term whose upstream is None is zero, an output the mask leaves out is empty."""
     d_grad_out = d_x = d_w = _empty(grad_out)
     if output_mask[0]:
         terms = []
@@ -131,7 +152,11 @@ def reference_task_linear_double_backward(g_dx: Tensor | None, g_dw: Tensor | No
             terms.append(reference_task_linear(g_dx, w, None, "none", 0.0))
         if g_dw is not None:
             terms.append(reference_task_linear(x, g_dw, None, "none", 0.0))
+        if g_db is not None:
+            terms.append(_broadcast_bias_gradient(g_db, grad_out))
         d_grad_out = sum(terms[1:], terms[0]) if terms else torch.zeros_like(grad_out)
+        if len(terms) == 1 and g_db is not None:
+            d_grad_out = d_grad_out.contiguous()
     if output_mask[1]:
         d_x = reference_task_linear_input_grad(grad_out, g_dw) if g_dw is not None else torch.zeros_like(x)
     if output_mask[2]:
@@ -193,12 +218,11 @@ def _task_linear_backward(ctx, grad_y):
     x, w, y = ctx.saved_tensors
     grad_z = grad_y if ctx.act == "none" else activation_grad(grad_y, y, ctx.act, ctx.negative_slope)
     d_x = d_w = d_b = None
-    wants_x, wants_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if wants_x or wants_w:
-        d_x, d_w = task_linear_backward(grad_z, x, w, [wants_x, wants_w], add_x, add_w)
-        d_x, d_w = d_x if wants_x else None, d_w if wants_w else None
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        d_b = grad_z.sum((0, 1)) if ctx.bias_shared else grad_z.sum(1)
+    wants = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    if any(wants):  # the bias's gradient inside the pair op: no sum of its own (nor, at second order, an add)
+        d_x, d_w, d_b = task_linear_backward(grad_z, x, w, wants, add_x if wants[0] else None,
+                                             add_w if wants[1] else None, ctx.bias_shared)
+        d_x, d_w, d_b = (d if wanted else None for d, wanted in zip((d_x, d_w, d_b), wants))
     return d_x, d_w, d_b, None, None
 
 
@@ -312,14 +336,18 @@ def _native_weight_of_rank(w: Tensor | None) -> Tensor | None:
     return _native_per_task(w, w is not None and w.dim() == 3)
 
 
-def _backward_native_args(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None):
+def _backward_native_args(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None, bias_shared=False):
     return (grad_out.contiguous(), x.contiguous(), _native_weight_of_rank(w), list(output_mask),
             None if dx_addend is None else dx_addend.contiguous(),
-            None if dw_addend is None else dw_addend.contiguous())
+            None if dw_addend is None else dw_addend.contiguous(), bool(bias_shared))
 
 
-def _check_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None) -> None:
-    """An addend of an output the mask leaves out, or of the wrong shape: refused, named."""
+def _check_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None, bias_shared=False) -> None:
+    """An output mask of other than two or three entries, an addend of an output the mask
+    leaves out, or of the wrong shape: refused, named."""
+    if len(output_mask) not in (2, 3):
+        raise ValueError(f"task_linear_backward: output_mask must have 2 or 3 entries (dx, dw[, db]), "
+                         f"got {list(output_mask)}")
     for name, addend, shape, wanted in (("dx_addend", dx_addend, (*grad_out.shape[:2], w.shape[-1]), output_mask[0]),
                                         ("dw_addend", dw_addend, tuple(w.shape), output_mask[1])):
         if addend is not None and (not wanted or tuple(addend.shape) != tuple(shape)):
@@ -328,46 +356,49 @@ def _check_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None)
 
 
 task_linear_backward = define_op(reference_task_linear_backward, NativeCall(
-    takes=lambda device_type, grad_out, x, w, output_mask, dx_addend=None, dw_addend=None: (
+    takes=lambda device_type, grad_out, x, w, output_mask, dx_addend=None, dw_addend=None, bias_shared=False: (
         grad_out.dim() == 3 and x.dim() == 3 and w.dim() in (2, 3)),
     args=_backward_native_args,
 ), check=_check_backward)
 
 
 @task_linear_backward.register_fake
-def _(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None):
+def _(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None, bias_shared=False):
     T, N, O = grad_out.shape
     I = x.size(-1)
     d_x = grad_out.new_empty((T, N, I) if output_mask[0] else (0,))
     d_w = grad_out.new_empty(((O, I) if w.dim() == 2 else (T, O, I)) if output_mask[1] else (0,))
-    return d_x, d_w
+    d_b = grad_out.new_empty(((O,) if bias_shared else (T, O)) if len(output_mask) > 2 and output_mask[2] else (0,))
+    return d_x, d_w, d_b
 
 
 def _linear_backward_setup(ctx, inputs, output):
     grad_out, x, w, output_mask = inputs[:4]  # the addends: nothing to save
-    ctx.output_mask = list(output_mask)
+    ctx.output_mask = [*output_mask, False][:3]
     ctx.save_for_backward(grad_out, x, w)
     ctx.set_materialize_grads(False)  # an output nothing reached: no zeros pushed through
 
 
-def _linear_backward_backward(ctx, g_dx, g_dw):
+def _linear_backward_backward(ctx, g_dx, g_dw, g_db):
     grad_out, x, w = ctx.saved_tensors
     # A gradient of an output the mask left out (empty) carries nothing.
-    g_dx = g_dx if g_dx is not None and ctx.output_mask[0] else None
-    g_dw = g_dw if g_dw is not None and ctx.output_mask[1] else None
+    g_dx, g_dw, g_db = (g if g is not None and wanted else None for g, wanted in zip((g_dx, g_dw, g_db),
+                                                                                     ctx.output_mask))
     # d_x comes only from g_dw and d_w only from g_dx: without its upstream a gradient is
     # zero, returned as None (autograd's zero) rather than computed as a filled tensor.
-    wants = [ctx.needs_input_grad[0] and (g_dx is not None or g_dw is not None),
+    wants = [ctx.needs_input_grad[0] and (g_dx is not None or g_dw is not None or g_db is not None),
              ctx.needs_input_grad[1] and g_dw is not None, ctx.needs_input_grad[2] and g_dx is not None]
     # The addends' gradients: the upstream of dx / dw, unchanged. (The dispatcher's autograd
     # may leave the defaulted addends out of needs_input_grad.)
     needs = ctx.needs_input_grad
     d_addends = (g_dx if len(needs) > 4 and needs[4] else None, g_dw if len(needs) > 5 and needs[5] else None)
+    tail = (None, *d_addends, None)
     if not any(wants):
-        return (None, None, None, None, *d_addends)[:len(needs)]
-    d_grad_out, d_x, d_w = task_linear_double_backward(g_dx, g_dw, grad_out, x, w, wants)
-    return (d_grad_out if wants[0] else None, d_x if wants[1] else None, d_w if wants[2] else None, None,
-            *d_addends)[:len(needs)]
+        return (None, None, None, *tail)[:len(needs)]
+    d_grad_out, d_x, d_w = task_linear_double_backward(g_dx, g_dw, grad_out, x, w, wants,
+                                                       g_db if wants[0] else None)
+    return (d_grad_out if wants[0] else None, d_x if wants[1] else None, d_w if wants[2] else None,
+            *tail)[:len(needs)]
 
 
 task_linear_backward.register_autograd(_linear_backward_backward, setup_context=_linear_backward_setup)
@@ -378,41 +409,51 @@ task_linear_backward.register_autograd(_linear_backward_backward, setup_context=
 # ---------------------------------------------------------------------------------------
 
 
-def _double_backward_native_args(g_dx, g_dw, grad_out, x, w, output_mask):
+def _double_backward_native_args(g_dx, g_dw, grad_out, x, w, output_mask, g_db=None):
     return (None if g_dx is None else g_dx.contiguous(), _native_weight_of_rank(g_dw), grad_out.contiguous(),
-            x.contiguous(), _native_weight_of_rank(w), list(output_mask))
+            x.contiguous(), _native_weight_of_rank(w), list(output_mask),
+            g_db if g_db is None or g_db.stride(-1) == 1 else g_db.contiguous())  # read at its task stride
 
 
-def _double_backward_takes(device_type, g_dx, g_dw, grad_out, x, w, output_mask):
+def _double_backward_takes(device_type, g_dx, g_dw, grad_out, x, w, output_mask, g_db=None):
     return (grad_out.dim() == 3 and x.dim() == 3 and w.dim() in (2, 3) and (g_dx is None or g_dx.dim() == 3)
-            and (g_dw is None or g_dw.dim() == w.dim()))
+            and (g_dw is None or g_dw.dim() == w.dim()) and (g_db is None or g_db.dim() in (1, 2)))
+
+
+def _check_double_backward(g_dx, g_dw, grad_out, x, w, output_mask, g_db=None) -> None:
+    """A bias gradient's upstream not shaped ``[O]`` or ``[T, O]``: refused, named."""
+    if g_db is not None and tuple(g_db.shape) not in ((grad_out.size(2),), tuple(grad_out.shape[::2])):
+        raise ValueError(f"task_linear_double_backward: g_db must be [O] or [T, O] = {tuple(grad_out.shape[::2])}, "
+                         f"got {tuple(g_db.shape)}")
 
 
 task_linear_double_backward = define_op(reference_task_linear_double_backward, NativeCall(
     takes=_double_backward_takes, args=_double_backward_native_args,
-))
+), check=_check_double_backward)
 
 
 @task_linear_double_backward.register_fake
-def _(g_dx, g_dw, grad_out, x, w, output_mask):
+def _(g_dx, g_dw, grad_out, x, w, output_mask, g_db=None):
     return tuple(t.new_empty(t.shape if wanted else (0,)) for t, wanted in zip((grad_out, x, w), output_mask))
 
 
 def _double_backward_setup(ctx, inputs, output):
-    g_dx, g_dw, grad_out, x, w, output_mask = inputs
+    g_dx, g_dw, grad_out, x, w, output_mask = inputs[:6]
+    g_db = inputs[6] if len(inputs) > 6 else None
     ctx.output_mask = list(output_mask)
-    ctx.save_for_backward(g_dx, g_dw, grad_out, x, w)
+    ctx.save_for_backward(g_dx, g_dw, grad_out, x, w, g_db)
 
 
 def _double_backward_backward(ctx, *upstream):
     """Third order and gradgradcheck only: autograd of the reference."""
-    g_dx, g_dw, grad_out, x, w = ctx.saved_tensors
+    g_dx, g_dw, grad_out, x, w, g_db = ctx.saved_tensors
     mask = ctx.output_mask
     upstream = [u if u is not None and wanted else None for u, wanted in zip(upstream, mask)]
+    needs = ctx.needs_input_grad
     grads = reference_vjp(
-        lambda a, b, go, xx, ww: reference_task_linear_double_backward(a, b, go, xx, ww, mask),
-        (g_dx, g_dw, grad_out, x, w), ctx.needs_input_grad[:5], upstream)
-    return (*grads, None)
+        lambda a, b, go, xx, ww, gb: reference_task_linear_double_backward(a, b, go, xx, ww, mask, gb),
+        (g_dx, g_dw, grad_out, x, w, g_db), (*needs[:5], len(needs) > 6 and needs[6]), upstream)
+    return (*grads[:5], None, grads[5])[:len(needs)]
 
 
 task_linear_double_backward.register_autograd(_double_backward_backward, setup_context=_double_backward_setup)
@@ -437,9 +478,9 @@ def _samples():
         "task_linear": lambda: (r(T, N, 5), r(T, O, 5), r(T, O), "relu", 0.0),
         "task_linear_input_grad": lambda: (r(T, N, O), r(T, O, 5)),
         "task_linear_weight_grad": lambda: (r(T, N, O), r(T, N, 5), False),
-        "task_linear_backward": lambda: (r(T, N, O), r(T, N, 5), r(T, O, 5), [True, True]),
+        "task_linear_backward": lambda: (r(T, N, O), r(T, N, 5), r(T, O, 5), [True, True, True]),
         "task_linear_double_backward": lambda: (r(T, N, 5), r(T, O, 5), r(T, N, O), r(T, N, 5), r(T, O, 5),
-                                                [True, True, True]),
+                                                [True, True, True], r(T, O)),
     }
 
 

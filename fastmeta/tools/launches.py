@@ -347,25 +347,38 @@ def _gemm_group(*gemms: list[Launch]) -> list[Launch]:
                    issued_macs=sum(l.issued_macs for l in launches), useful_macs=sum(l.useful_macs for l in launches))]
 
 
-def _host_task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None):
-    """The wanted GEMMs in one launch, each addend read in its epilogue (no launch of its
-    own), with a copy (``aten::clone``) first for an addend that is not contiguous."""
+def _host_task_linear_bias_grad(grad_out, shared):
+    """db = 1ᵀ·grad_out (task_linear_host.cpp's ``bias_grad_gemm``): one row per task, or
+    the tasks in the reduction where shared; a fill (aten::zero_) where there are no rows."""
+    T, N, O = grad_out.shape
+    if (O if shared else T * O) and not T * N:
+        return [Launch("aten", "aten::zero_")]
+    return _batched_gemm(1, 1, O, T * N) if shared else _batched_gemm(T, 1, O, N)
+
+
+def _host_task_linear_backward(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None, bias_shared=False):
+    """The wanted GEMMs (dx, dw, the bias's db) in one launch, each addend read in its
+    epilogue (no launch of its own), with a copy (``aten::clone``) first for an addend that
+    is not contiguous."""
     copies = [Launch("aten", "aten::clone") for wanted, addend in zip(output_mask, (dx_addend, dw_addend))
               if wanted and addend is not None and addend.numel() and not addend.is_contiguous()]
     d_x = _host_task_linear_input_grad(grad_out, w) if output_mask[0] else []
     d_w = _host_task_linear_weight_grad(grad_out, x, w.dim() == 2) if output_mask[1] else []
-    return copies + _gemm_group(d_x, d_w)
+    d_b = _host_task_linear_bias_grad(grad_out, bias_shared) if len(output_mask) > 2 and output_mask[2] else []
+    fills = [l for l in d_b if l.source == "aten"]
+    return copies + fills + _gemm_group(d_x, d_w, [l for l in d_b if l.source != "aten"])
 
 
-def _host_task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask):
-    """d grad_out: one GEMM over both upstreams' terms (a fill, aten::zero_, where neither is
-    given); d x, d w: their GEMMs, or a fill (at::zeros) where an upstream is absent; the
-    GEMMs in one launch."""
+def _host_task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask, g_db=None):
+    """d grad_out: one GEMM over both upstreams' terms with g_db as its bias (K = 0 where g_db
+    is the only term; a fill, aten::zero_, where none is given); d x, d w: their GEMMs, or a
+    fill (at::zeros) where an upstream is absent; the GEMMs in one launch."""
     launches, d_grad_out = [], []
     if output_mask[0]:
         T, N, I = x.shape
         terms = [I for g, v in ((g_dx, w), (x, g_dw)) if g is not None and v is not None]
-        if terms:
+        if terms or g_db is not None:
+            terms = terms or [0]
             d_grad_out = _batched_gemm(T, N, w.size(-2), terms[0], terms[1] if len(terms) > 1 else 0)
         else:
             launches.append(Launch("aten", "aten::zero_"))

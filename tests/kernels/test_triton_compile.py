@@ -56,6 +56,10 @@ def compile_plan():
         (task_linear.task_matmul_kernel,
          _grid(HAS_BIAS=[False, True], ACT=[0, 3], BLOCK_M=[16, 64], BLOCK_N=[16, 64], BLOCK_K=[16, 32],
                INPUT_PRECISION=precisions, ONE_PASS=[False, True], HAS_ADDEND=[False, True])[::3]),
+        # A_ONES: the bias's gradient, 1ᵀ·grad_out (a one-row tile of ones, never loaded).
+        (task_linear.task_matmul_kernel,
+         _grid(HAS_BIAS=[False], ACT=[0], BLOCK_M=[16], BLOCK_N=[16, 64], BLOCK_K=[16, 32],
+               INPUT_PRECISION=precisions, ONE_PASS=[False, True], A_ONES=[True])),
         (task_conv2d.conv2d_forward_kernel, _grid(KH=[3], KW=[3], HAS_BIAS=[False, True], ONE_PASS=[False, True],
                                                   TWO_TERMS=[False, True], **gemm)),
         (task_conv2d.conv2d_input_grad_kernel, _grid(KH=[3], KW=[3], ONE_PASS=[False, True], **gemm)),

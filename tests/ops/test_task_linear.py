@@ -157,6 +157,20 @@ def pair_cases():
                           reference_task_linear_double_backward, (g_dx, None, g, x, w, [True, True, True])))
             cases.append((f"{label}-double_backward-{kind}-no-g_dx", "task_linear_double_backward",
                           reference_task_linear_double_backward, (None, g_dw, g, x, w, [True, True, True])))
+        # The bias's gradient in the pair op (grad_out summed over the examples, and the
+        # tasks where shared), and its upstream g_db as d grad_out's broadcast term.
+        w = linear_weight("per_task", T, O, I, "cpu")
+        for shared in (False, True):
+            g_db = t(O) if shared else t(T, O)
+            for mask in ([True, True, True], [False, False, True], [True, False, True]):
+                cases.append((f"{label}-backward-bias-{'shared' if shared else 'per_task'}-{mask}",
+                              "task_linear_backward", reference_task_linear_backward,
+                              (g, x, w, mask, t(T, N, I) if mask[0] else None, None, shared)))
+            for name, upstreams in (("all", (g_dx, t(*w.shape))), ("g_db-only", (None, None)),
+                                    ("g_dx", (g_dx, None))):
+                cases.append((f"{label}-double_backward-bias-{'shared' if shared else 'per_task'}-{name}",
+                              "task_linear_double_backward", reference_task_linear_double_backward,
+                              (*upstreams, g, x, w, [True, True, True], g_db)))
     return cases
 
 
@@ -268,6 +282,15 @@ GRAD_CASES = [(f"act-{act}", ops.task_linear, (lambda act=act: (r(2, 3, 4), r(2,
      lambda: (r(2, 3, 4), r(5, 4), r(2, 3, 5), r(2, 3, 4), r(5, 4), [True, True, True])),
     ("double_backward-no-g_dw", ops.task_linear_double_backward,
      lambda: (r(2, 3, 4), None, r(2, 3, 5), r(2, 3, 4), r(2, 5, 4), [True, True, True])),
+    # the bias's gradient inside the pair, and its upstream in the double backward
+    ("backward-bias", ops.task_linear_backward,
+     lambda: (r(2, 3, 5), r(2, 3, 4), r(2, 5, 4), [True, True, True], r(2, 3, 4), None, False)),
+    ("backward-bias-shared", ops.task_linear_backward,
+     lambda: (r(2, 3, 5), r(2, 3, 4), r(5, 4), [False, True, True], None, None, True)),
+    ("double_backward-g_db", ops.task_linear_double_backward,
+     lambda: (r(2, 3, 4), r(2, 5, 4), r(2, 3, 5), r(2, 3, 4), r(2, 5, 4), [True, True, True], r(2, 5))),
+    ("double_backward-g_db-shared-only", ops.task_linear_double_backward,
+     lambda: (None, None, r(2, 3, 5), r(2, 3, 4), r(5, 4), [True, True, True], r(5))),
 ]
 
 
@@ -379,3 +402,64 @@ def test_triton_backward_pair_equals_reference(backend, device, weight_kind):
     for upstreams in ((g_dx, g_dw), (None, g_dw), (g_dx, None)):
         check_kernel(backend, "task_linear_double_backward", reference_task_linear_double_backward,
                      on_device((*upstreams, g, x, w, [True, True, True]), device), rtol=2e-5)
+    # The bias's gradient (A_ONES launch) and g_db as the first product's bias.
+    for shared in (False, True):
+        g_db = torch.randn(O) if shared else torch.randn(T, O)
+        for mask in ([True, True, True], [False, False, True]):
+            check_kernel(backend, "task_linear_backward", reference_task_linear_backward,
+                         on_device((g, x, w, mask, None, None, shared), device), rtol=2e-5)
+        for upstreams in ((g_dx, g_dw), (None, g_dw), (None, None)):
+            check_kernel(backend, "task_linear_double_backward", reference_task_linear_double_backward,
+                         on_device((*upstreams, g, x, w, [True, True, True], g_db), device), rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("bias_kind", ["per_task", "shared"])
+@pytest.mark.parametrize("act", ["none", "tanh"])
+def test_second_order_through_the_bias_gradient_equals_autograd_of_the_reference(backend, bias_kind, act):
+    """The bias's gradient comes out of task_linear_backward and its upstream goes into
+    task_linear_double_backward's d grad_out: gradients of a function of (dx, dw, db) equal
+    those of plain autograd through the reference (whose bias gradient is a sum), float64."""
+    T, N, I, O = 3, 4, 5, 2
+    x0, w0, u0 = (torch.randn(*s, dtype=torch.float64) for s in ((T, N, I), (T, O, I), (T, N, O)))
+    b0 = torch.randn(O if bias_kind == "shared" else (T, O), dtype=torch.float64)
+    results = []
+    for fn, context in ((ops.task_linear, fm.use_backend(backend)), (reference_task_linear, fm.use_backend("torch"))):
+        with context:
+            x, w, b, u = (t.clone().requires_grad_(True) for t in (x0, w0, b0, u0))
+            y = fn(x, w, b, act, 0.0)
+            dx, dw, db = torch.autograd.grad(y, (x, w, b), u, create_graph=True)
+            objective = (dx ** 2).sum() + dw.sin().sum() + (db ** 3).sum()
+            # b reaches the objective only through a nonlinear activation's derivative
+            results.append(torch.autograd.grad(objective, (x, w, b, u), allow_unused=True, materialize_grads=True))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", [("cpu", "cpu"), *backend_params("triton")])
+def test_double_backward_reads_g_db_at_its_task_stride(backend, device):
+    """g_db arrives as a view of the flat gradient buffer (its rows contiguous, a task stride
+    wider than O): the kernels read it in place, equal to the contiguous copy's result."""
+    T, N, I, O = 3, 4, 6, 5
+    g, x, w, g_dx = (torch.randn(*s, device=device) for s in ((T, N, O), (T, N, I), (T, O, I), (T, N, I)))
+    flat = torch.randn(T, O + 7, device=device)
+    g_db = flat[:, 2:2 + O]
+    assert g_db.stride() == (O + 7, 1)
+    with fm.use_backend(backend):
+        for upstream in (g_dx, None):
+            strided = ops.task_linear_double_backward(upstream, None, g, x, w, [True, True, True], g_db)
+            dense = ops.task_linear_double_backward(upstream, None, g, x, w, [True, True, True], g_db.contiguous())
+            for a, b in zip(strided, dense):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    expected = reference_task_linear_double_backward(g_dx, None, g, x, w, [True, True, True], g_db)
+    with fm.use_backend(backend):
+        got = ops.task_linear_double_backward(g_dx, None, g, x, w, [True, True, True], g_db)
+    torch.testing.assert_close(got[0], expected[0], rtol=2e-5, atol=2e-5)
+
+
+def test_backward_refuses_an_output_mask_of_other_lengths():
+    g, x, w = torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match="output_mask must have 2 or 3 entries"):
+        ops.task_linear_backward(g, x, w, [True])
+    with pytest.raises(ValueError, match="g_db must be"):
+        ops.task_linear_double_backward(None, None, g, x, w, [True, False, False], torch.randn(3, 4))
