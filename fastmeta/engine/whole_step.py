@@ -230,6 +230,16 @@ def guarded_step(optimizer: torch.optim.Optimizer, loss: Tensor, nonfinite: Tens
         nonfinite.logical_or_(found_inf)
 
 
+def _loss_is_mean_of_task_losses(out: MetaBatchOutput) -> bool:
+    """Whether ``out.loss`` is, in the autograd graph, ``out.task_loss.mean()``: its node a
+    mean (no dim, no dtype) whose one input is the task losses' node."""
+    loss_node, task_node = out.loss.grad_fn, getattr(out.task_loss, "grad_fn", None)
+    if loss_node is None or task_node is None or loss_node.name() != "MeanBackward0":
+        return False
+    inputs = loss_node.next_functions
+    return len(inputs) == 1 and inputs[0][0] is task_node
+
+
 def whole_iteration(meta_batch: MetaBatchFunction, inputs: Sequence[Tensor], optimizer: torch.optim.Optimizer,
                     nonfinite: Tensor | None = None, seed: list[Tensor] | None = None) -> MetaBatchOutput:
     """One whole meta-iteration as :class:`CapturedMetaStep` records it: the gradients set
@@ -243,17 +253,26 @@ def whole_iteration(meta_batch: MetaBatchFunction, inputs: Sequence[Tensor], opt
     one and accumulating into it: no zeroing kernel and no ``add_`` per parameter (W2: 19
     kernels fewer, tests/tools/test_launches.py).
 
-    seed: a list holding the backward's seed (the loss's gradient, ones), made by the first
-    call that passes the list and kept there: a captured step's warm-up makes it, so the
-    graph reads it instead of filling a new one on every replay (one kernel fewer)."""
+    seed: a list holding the backward's seed, made by the first call that passes the list
+    and kept there: a captured step's warm-up makes it, so the graph reads it instead of
+    filling a new one on every replay (one kernel fewer). Where the loss is the mean of the
+    task losses in the graph itself (``loss.grad_fn`` a mean whose input is
+    ``task_loss``'s node), the seed is the mean's gradient, 1/T per task, and the backward
+    starts at the task losses: the same gradients (MeanBackward's ones / T is the same
+    correctly rounded 1/T), without the mean's backward kernel (one more fewer)."""
     optimizer.zero_grad(set_to_none=True)
     out = meta_batch(*inputs)
     if seed is None:
         out.loss.backward()
     else:
+        start = out.task_loss if _loss_is_mean_of_task_losses(out) else out.loss
         if not seed:
-            seed.append(torch.ones_like(out.loss))
-        out.loss.backward(seed[0])
+            seed.append(torch.ones_like(out.loss) if start is out.loss
+                        else torch.full_like(start, 1.0 / start.numel()))
+        if seed[0].shape != start.shape:
+            raise RuntimeError("whole_iteration: the meta-batch's loss changed form since the seed was made "
+                               f"(seed {tuple(seed[0].shape)}, backward from {tuple(start.shape)})")
+        start.backward(seed[0])
     if nonfinite is not None:
         guarded_step(optimizer, out.loss, nonfinite)
     else:

@@ -779,18 +779,14 @@ PHASES = ("meta_batch", "backward", "guard", "adam")
 
 
 def _marking_backward(recorder: _LaunchRecorder, program):
-    """``program`` (the meta-batch function), whose output's ``loss.backward()`` marks the
-    recorder's phase: ``backward`` while it runs, ``guard`` after. On the loss tensor
-    itself (an instance attribute shadowing ``Tensor.backward``): a torch-function mode
-    would send every public op to the dispatcher path, whose autograd graph is not a plain
-    call's (fastmeta.ops.registration)."""
+    """``program`` (the meta-batch function), whose output's ``loss.backward()`` (or
+    ``task_loss.backward()``: whole_iteration starts there where the loss is their mean)
+    marks the recorder's phase: ``backward`` while it runs, ``guard`` after. On the loss
+    tensors themselves (instance attributes shadowing ``Tensor.backward``): a
+    torch-function mode would send every public op to the dispatcher path, whose autograd
+    graph is not a plain call's (fastmeta.ops.registration)."""
 
-    @functools.wraps(program)
-    def marked(*inputs):
-        recorder.phase = "meta_batch"
-        out = program(*inputs)
-        backward = out.loss.backward
-
+    def marking(backward):
         def marked_backward(*args, **kwargs):
             recorder.phase = "backward"
             try:
@@ -798,7 +794,14 @@ def _marking_backward(recorder: _LaunchRecorder, program):
             finally:
                 recorder.phase = "guard"
 
-        out.loss.backward = marked_backward
+        return marked_backward
+
+    @functools.wraps(program)
+    def marked(*inputs):
+        recorder.phase = "meta_batch"
+        out = program(*inputs)
+        for tensor in {id(t): t for t in (out.loss, out.task_loss) if isinstance(t, torch.Tensor)}.values():
+            tensor.backward = marking(tensor.backward)
         return out
 
     return marked
