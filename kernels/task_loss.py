@@ -18,6 +18,9 @@ task_loss_grad_backward (the VJP of the gradient w.r.t. pred), one launch:
     cross-entropy ``cross_entropy_grad_backward_kernel``, grid (T,), tiles as
           cross_entropy_kernel: d = p ⊙ (u − Σ_k p_k u_k) / N, p = softmax(pred);
     MSE ``mse_grad_backward_kernel``, grid (T,): d = u · 2/(N·D). The target is not read.
+accuracy, ``accuracy_kernel``
+    grid  (T,): tiles as cross_entropy_kernel; per row the first largest logit (a NaN the
+          largest, as torch.argmax), compared with the label; the hits summed in registers.
 bound  memory/latency: W1–W4 losses are at most 16 × 20 × 20 values; the point is one
        launch for all tasks instead of a reduction kernel per task or a second pass.
 
@@ -124,6 +127,27 @@ def mse_grad_backward_kernel(upstream_ptr, out_ptr, count, grad_scale, BLOCK: tl
         tl.store(out_ptr + offs, tl.load(upstream_ptr + offs, mask=ok, other=0.0) * grad_scale, mask=ok)
 
 
+@triton.jit
+def accuracy_kernel(pred_ptr, target_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    hits = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        ok = row_ok[:, None] & col_ok[None, :]
+        logits = tl.load(pred_ptr + (t * N + rows)[:, None] * K + cols[None, :], mask=ok, other=-float("inf"))
+        is_nan = (logits != logits) & ok
+        first_nan = tl.min(tl.where(is_nan, cols[None, :], BLOCK_K), axis=1)
+        row_max = tl.max(tl.where(is_nan, -float("inf"), logits), axis=1)
+        first_max = tl.min(tl.where((logits == row_max[:, None]) & ok, cols[None, :], BLOCK_K), axis=1)
+        best = tl.where(first_nan < BLOCK_K, first_nan, first_max)
+        label = tl.load(target_ptr + t * N + rows, mask=row_ok, other=-1)
+        hits += tl.where(row_ok & (best.to(tl.int64) == label), 1.0, 0.0)
+    tl.store(out_ptr + t, tl.sum(hits, axis=0) / N)
+
+
 def loss_config(rows: int, row_size: int) -> dict:
     """Tile keyed on the per-task shape: all K classes of a row, and enough rows for
     ~2048 values per step (W3: 20 rows × 32 classes → one step per task). The interpreter
@@ -210,4 +234,18 @@ def task_loss_grad_backward(upstream, pred, target, kind):
                                        num_warps=cfg["num_warps"])
     else:
         return NotImplemented
+    return out
+
+
+def task_accuracy(pred, target):
+    """Per-task accuracy ``[T]`` (accuracy_kernel); declines what cross_entropy_kernel declines."""
+    if not all_float32_on_one_device(pred) or pred.dim() != 3 or target.device != pred.device:
+        return NotImplemented
+    T, N, K = pred.shape
+    if target.shape != (T, N) or target.dtype != torch.int64 or K > MAX_CLASSES or K == 0 or T == 0:
+        return NotImplemented
+    out = pred.new_empty(T)
+    cfg = loss_config(N, K)
+    accuracy_kernel[(T,)](pred.contiguous(), target.contiguous(), out, N, K, BLOCK_N=cfg["BLOCK_N"],
+                          BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return out

@@ -175,6 +175,42 @@ at::Tensor task_loss_grad_backward(const at::Tensor& upstream, const at::Tensor&
   return out;
 }
 
+// task_accuracy: per task, the share of its N rows whose largest logit (the first of equals;
+// a NaN counts as the largest, as torch.argmax has it) is the target class, in pred's dtype.
+// One pass over [T, N, K], parallel over tasks; a label outside [0, K) is never a hit.
+at::Tensor task_accuracy(const at::Tensor& pred, const at::Tensor& target) {
+  FM_CHECK_INPUT(pred, kCPU);
+  FM_CHECK_INPUT(target, kCPU);
+  FM_CHECK_FLOATING(pred);
+  FM_CHECK_DIM(pred, 3);
+  TORCH_CHECK_VALUE(pred.size(2) > 0, "pred must have at least one class, got ", pred.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "target must be int64, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == pred.size(0) && target.size(1) == pred.size(1),
+                    "target must be [T, N] = [", pred.size(0), ", ", pred.size(1), "], got ", target.sizes());
+  const int64_t T = pred.size(0), N = pred.size(1), C = pred.size(2);
+  at::Tensor out = at::empty({T}, pred.options());
+  dispatch_floating(pred.scalar_type(), "task_accuracy", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* z = pred.data_ptr<scalar_t>();
+    const int64_t* y = target.data_ptr<int64_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(N * C, 1)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t hits = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const scalar_t* row = z + (t * N + n) * C;
+          int64_t best = 0;
+          for (int64_t c = 1; c < C && !std::isnan(row[best]); ++c)
+            if (std::isnan(row[c]) || row[c] > row[best]) best = c;
+          hits += best == y[t * N + n];
+        }
+        o[t] = static_cast<scalar_t>(hits) / static_cast<scalar_t>(N);
+      }
+    });
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
 // The eager path's autograd nodes in C++ (see task_conv2d.cpp): task_loss and
 // task_loss_grad, what fastmeta/ops/task_loss.py's Python nodes do, with the same kernel
@@ -296,6 +332,7 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_loss", &fastmeta::cpu::task_loss);
   m.impl("task_loss_grad", &fastmeta::cpu::task_loss_grad);
   m.impl("task_loss_grad_backward", &fastmeta::cpu::task_loss_grad_backward);
+  m.impl("task_accuracy", &fastmeta::cpu::task_accuracy);
 }
 
 // The eager nodes' entries (see task_conv2d_node in task_conv2d.cpp).

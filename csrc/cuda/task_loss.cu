@@ -91,11 +91,35 @@ __global__ void task_loss_grad_backward_kernel(const float* __restrict upstream,
   }
 }
 
+// task_accuracy: one block per task, each thread a row at a time: the first largest logit
+// (a NaN the largest, as torch.argmax), a hit where it is the label; a deterministic block
+// sum of the hits (exact in float up to 2^24 rows).
+__global__ void task_accuracy_kernel(const float* __restrict pred, const int64_t* __restrict target, int64_t N,
+                                     int64_t C, float* __restrict out) {
+  __shared__ float scratch[33];
+  const int64_t t = blockIdx.x;
+  float hits = 0.f;
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+    const float* z = pred + (t * N + n) * C;
+    int64_t best = 0;
+    for (int64_t c = 1; c < C && z[best] == z[best]; ++c)  // x != x: x is NaN (no fast-math here)
+      if (z[c] != z[c] || z[c] > z[best]) best = c;
+    hits += best == target[t * N + n] ? 1.f : 0.f;
+  }
+  hits = block_sum(hits, scratch);
+  if (threadIdx.x == 0) out[t] = hits / static_cast<float>(N);
+}
+
 }  // namespace
 
 void launch_task_loss(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C, int64_t M,
                       float* out, cudaStream_t stream) {
   task_loss_kernel<<<T, 256, 0, stream>>>(pred, target, kind, N, C, M, out);
+}
+
+void launch_task_accuracy(const float* pred, const int64_t* target, int64_t T, int64_t N, int64_t C, float* out,
+                          cudaStream_t stream) {
+  task_accuracy_kernel<<<T, 256, 0, stream>>>(pred, target, N, C, out);
 }
 
 void launch_task_loss_grad(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C,

@@ -13,6 +13,9 @@ void launch_task_loss(const float* pred, const void* target, int kind, int64_t T
                       float* out, cudaStream_t stream);
 void launch_task_loss_grad(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C,
                            int64_t M, float* out, cudaStream_t stream);
+// task_accuracy: pred [T, N, C], target int64 [T, N] → out [T].
+void launch_task_accuracy(const float* pred, const int64_t* target, int64_t T, int64_t N, int64_t C, float* out,
+                          cudaStream_t stream);
 void launch_task_loss_grad_backward(const float* upstream, const float* pred, int kind, int64_t T, int64_t N,
                                     int64_t C, int64_t M, float* out, cudaStream_t stream);
 

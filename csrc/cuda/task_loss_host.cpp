@@ -85,6 +85,23 @@ at::Tensor task_loss_grad_backward(const at::Tensor& upstream, const at::Tensor&
   return out;
 }
 
+at::Tensor task_accuracy(const at::Tensor& pred, const at::Tensor& target) {
+  FM_CHECK_CUDA_F32(pred);
+  FM_CHECK_DIM(pred, 3);
+  FM_CHECK_INPUT(target, kCUDA);
+  TORCH_CHECK_VALUE(pred.size(2) > 0, "pred must have at least one class, got ", pred.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "target must be int64, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == pred.size(0) && target.size(1) == pred.size(1),
+                    "target must be [T, N] = [", pred.size(0), ", ", pred.size(1), "], got ", target.sizes());
+  c10::cuda::CUDAGuard guard(pred.device());
+  const int64_t T = pred.size(0), N = pred.size(1), C = pred.size(2);
+  at::Tensor out = at::empty({T}, pred.options());
+  if (T == 0) return out;
+  launch_task_accuracy(pred.data_ptr<float>(), target.data_ptr<int64_t>(), T, N, C, out.data_ptr<float>(), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 }  // namespace cuda
@@ -94,4 +111,5 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CUDA, m) {
   m.impl("task_loss", &fastmeta::cuda::task_loss);
   m.impl("task_loss_grad", &fastmeta::cuda::task_loss_grad);
   m.impl("task_loss_grad_backward", &fastmeta::cuda::task_loss_grad_backward);
+  m.impl("task_accuracy", &fastmeta::cuda::task_accuracy);
 }

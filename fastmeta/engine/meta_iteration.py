@@ -32,7 +32,7 @@ from fastmeta.engine.task_weights import (Layout, TaskWeights, cached_one, expan
                                           segment_inner_step_node)
 from fastmeta.engine.types import MetaBatchOutput
 from fastmeta.engine.whole_step import FusedMLPStep
-from fastmeta.ops import LOSS_KINDS, inner_step, task_loss, task_loss_grad
+from fastmeta.ops import LOSS_KINDS, inner_step, task_accuracy, task_loss, task_loss_grad
 from fastmeta.ops.mlp_meta_step import choose_fused_kernel, mlp_meta_step_mean
 from fastmeta.ops.mlp_meta_step_update import mlp_meta_step_update
 
@@ -427,7 +427,7 @@ class MetaIteration:
         accuracy = None
         if not query_y.is_floating_point() and pred.dim() == 3:
             with torch.no_grad():
-                accuracy = (pred.argmax(-1) == query_y).mean(1, dtype=pred.dtype)  # cast inside the mean: one op
+                accuracy = task_accuracy(pred, query_y)  # argmax, compare and mean: one kernel
         return task_losses, accuracy
 
     def _adapt_and_evaluate_checkpointed(self, *args):
@@ -516,7 +516,7 @@ class MetaIteration:
             check_finite_losses(task_losses, "query", plan.validate)
         accuracy = None
         if kind == "cross_entropy":
-            accuracy = (pred.argmax(-1) == query_y).mean(1, dtype=pred.dtype)  # cast inside the mean: one op
+            accuracy = task_accuracy(pred, query_y)
         return MetaBatchOutput(mean, task_losses, accuracy)
 
     # -- whole-step execution on the CPU ------------------------------------------------

@@ -13,6 +13,11 @@ Backward: ``task_loss_grad(pred, target, kind)`` → d loss[t] / d pred[t], shap
 (softmax − one-hot over N for cross-entropy; 2(pred − target) / (N·D) for MSE). A fast
 backend may compute it in the forward pass and keep it; the reference recomputes it.
 
+Accuracy: ``task_accuracy(pred, target)`` → ``[T]`` in pred's dtype, the share of each task's
+N rows whose largest logit (the first of equals; a NaN counts as the largest, as
+``torch.argmax`` has it) is at the target class: the query accuracy ``meta_batch`` reports,
+in one kernel where ``argmax``, ``eq`` and ``mean`` were three. Not differentiable.
+
 Double backward: ``task_loss_grad_backward(upstream, pred, target, kind)`` → the VJP of
 task_loss_grad w.r.t. pred, in closed form (one op where recomputing the reference with
 autograd cost eight aten dispatches per second-order meta-iteration):
@@ -67,6 +72,11 @@ def reference_task_loss_grad_backward(upstream: Tensor, pred: Tensor, target: Te
         p = torch.softmax(pred, dim=-1)
         return p * (upstream - (p * upstream).sum(-1, keepdim=True)) / count
     return upstream * (2.0 / count)
+
+
+def reference_task_accuracy(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-task accuracy ``[T]``; see the module docstring."""
+    return (pred.argmax(-1) == target).mean(1, dtype=pred.dtype)
 
 
 def _native_loss_takes(device_type, pred, target, kind) -> bool:
@@ -212,6 +222,44 @@ task_loss_grad_backward.register_autograd(_grad_backward_backward, setup_context
 
 
 # ---------------------------------------------------------------------------------------
+# task_accuracy: argmax, compare and mean over the rows in one pass (not differentiable)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_accuracy(pred, target) -> None:
+    """Refused, named: pred not ``[T, N, K]`` with K ≥ 1, a target not integer class indices
+    ``[T, N]``."""
+    if pred.dim() != 3 or pred.size(2) < 1:
+        raise ValueError(f"task_accuracy: pred must be [T, N, K] logits with K >= 1, got {tuple(pred.shape)}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool or (
+            tuple(target.shape) != tuple(pred.shape[:2])):
+        raise ValueError(f"task_accuracy: target must be integer class indices [T, N] = {tuple(pred.shape[:2])}, "
+                         f"got {target.dtype} {tuple(target.shape)}")
+
+
+task_accuracy = define_op(reference_task_accuracy, NativeCall(
+    takes=lambda device_type, pred, target: target.dtype == torch.int64,  # other integer labels: the reference
+    args=lambda pred, target: (pred.contiguous(), target.contiguous()),
+), check=_check_accuracy)
+
+
+@task_accuracy.register_fake
+def _(pred, target):
+    return pred.new_empty((pred.size(0),))
+
+
+def _accuracy_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output)  # piecewise constant in pred: no gradient to give
+
+
+def _accuracy_backward(ctx, grad):
+    return None, None
+
+
+task_accuracy.register_autograd(_accuracy_backward, setup_context=_accuracy_setup)
+
+
+# ---------------------------------------------------------------------------------------
 # The family
 # ---------------------------------------------------------------------------------------
 
@@ -223,6 +271,7 @@ FAMILY = define_family(OpFamily(
         "task_loss_grad": lambda: (torch.randn(2, 3, 5), torch.randn(2, 3, 5), "mse"),
         "task_loss_grad_backward": lambda: (torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)),
                                             "cross_entropy"),
+        "task_accuracy": lambda: (torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))),
     },
     check_seconds=17,
     dry_run_case="mse-2-3-1",

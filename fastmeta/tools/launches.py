@@ -412,6 +412,12 @@ def _host_task_loss_grad_backward(upstream, pred, target, kind):
     return _elementwise("task_loss_grad_backward_kernel", work) if pred.numel() else []
 
 
+def _host_task_accuracy(pred, target):
+    """One block per task (csrc/cuda/task_loss.cu's task_accuracy_kernel)."""
+    return [Launch("native", "task_accuracy_kernel", grid=(pred.size(0), 1, 1), tiles=(("threads", THREADS),))
+            ] if pred.size(0) else []
+
+
 def _host_inner_step(theta, grad, lr, mask, precond, segments):
     return _elementwise("inner_step_kernel", grad.numel())
 
@@ -439,6 +445,7 @@ HOST_LAUNCHES: dict[str, Callable[..., list[Launch]]] = {
     "task_loss": _host_task_loss,
     "task_loss_grad": _host_task_loss_grad,
     "task_loss_grad_backward": _host_task_loss_grad_backward,
+    "task_accuracy": _host_task_accuracy,
     "inner_step": _host_inner_step,
     "inner_step_backward": _host_inner_step_backward,
 }

@@ -95,6 +95,7 @@ def compile_plan():
         (task_loss.cross_entropy_kernel,
          _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[True, False], BLOCK_N=[64], BLOCK_K=[32])[:3]),
         (task_loss.mse_kernel, _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[False, True], BLOCK=[4096])[1:3]),
+        (task_loss.accuracy_kernel, _grid(BLOCK_N=[1, 64], BLOCK_K=[16, 32])),
         (max_pool2d.max_pool2d_kernel, _grid(KH=[2, 3], KW=[2, 3], BLOCK=[1024])[::3]),
         (max_pool2d.max_pool2d_backward_kernel, [dict(KH=2, KW=2, COVER_H=1, COVER_W=1, BLOCK=1024),
                                                  dict(KH=3, KW=3, COVER_H=2, COVER_W=2, BLOCK=1024)]),

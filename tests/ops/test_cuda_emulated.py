@@ -26,7 +26,12 @@ from fastmeta.ops.task_linear import (
     reference_task_linear_input_grad,
     reference_task_linear_weight_grad,
 )
-from fastmeta.ops.task_loss import reference_task_loss, reference_task_loss_grad, reference_task_loss_grad_backward
+from fastmeta.ops.task_loss import (
+    reference_task_accuracy,
+    reference_task_loss,
+    reference_task_loss_grad,
+    reference_task_loss_grad_backward,
+)
 from helpers import CASES, IDS, build_or_skip, make_problem
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -229,3 +234,61 @@ def test_emulated_cuda_task_loss_and_grad(lib, kind):
     d_pred = torch.empty(T, N, C)
     lib.run_loss_grad_backward(ptr(upstream), ptr(pred), code, L(T), L(N), L(classes), L(N * C), ptr(d_pred))
     assert rel(d_pred, reference_task_loss_grad_backward(upstream, pred, target, kind)) <= 1e-6
+
+
+def test_emulated_cuda_task_linear_bias_gradient(lib):
+    """The bias's gradient as a GEMM with a null A (read as ones): db = 1ᵀ·grad_out per task
+    (M = 1, K = N) and shared (one batch, K = T·N); in the pair's launch beside dx and dw.
+    The double backward's g_db as d grad_out's epilogue bias: with both product terms, and
+    alone (K = 0), per task at a task stride wider than O, and shared."""
+    T, N, I, O = 3, 7, 19, 37
+    g = torch.Generator().manual_seed(4)
+    x, go, w = torch.randn(T, N, I, generator=g), torch.randn(T, N, O, generator=g), torch.randn(T, O, I, generator=g)
+    db, dbs = torch.empty(T, O), torch.empty(O)
+    lib.run_gemm(L(T), L(1), L(O), L(N), ptr(None), L(0), L(0), L(0), ptr(go), L(N * O), L(O), L(1), ptr(db),
+                 ptr(None), L(0), 0, F(0))
+    assert rel(db, go.sum(1)) <= 1e-6
+    lib.run_gemm(L(1), L(1), L(O), L(T * N), ptr(None), L(0), L(0), L(0), ptr(go), L(0), L(O), L(1), ptr(dbs),
+                 ptr(None), L(0), 0, F(0))
+    assert rel(dbs, go.sum((0, 1))) <= 1e-6
+    dx, dw = torch.empty(T, N, I), torch.empty(T, O, I)
+    db.fill_(float("nan"))
+    run_gemm_group(lib, [
+        ((T, N, I, O, N * O, O, 1, O * I, I, 1) + (0,) * 7, (go, w, dx, None, None, None)),
+        ((T, O, I, N, N * O, 1, O, N * I, I, 1) + (0,) * 7, (go, x, dw, None, None, None)),
+        ((T, 1, O, N, 0, 0, 0, N * O, O, 1) + (0,) * 7, (None, go, db, None, None, None))])
+    assert rel(dx, reference_task_linear_input_grad(go, w)) <= 1e-6
+    assert rel(dw, reference_task_linear_weight_grad(go, x, False)) <= 1e-6
+    assert rel(db, go.sum(1)) <= 1e-6
+    g_dx, g_dw = torch.randn(T, N, I, generator=g), torch.randn(T, O, I, generator=g)
+    flat = torch.randn(T, O + 5, generator=g)
+    for g_db, bias_b in ((flat[:, 2:2 + O], O + 5), (torch.randn(O, generator=g), 0)):
+        bias = g_db if g_db.dim() == 1 else g_db.unsqueeze(1)
+        products = reference_task_linear(g_dx, w, None, "none", 0.0) + reference_task_linear(x, g_dw, None, "none", 0.0)
+        d_go = torch.full((T, N, O), float("nan"))
+        spec = (ctypes.c_long * 17)(T, N, O, I, N * I, I, 1, O * I, 1, I, I, N * I, I, 1, O * I, 1, I)
+        pointers = (ctypes.c_void_p * 6)(*[ptr(t) for t in (g_dx, w, d_go, None, x, g_dw)])
+        lib.run_gemm_two_terms_with_bias(spec, pointers, ctypes.c_void_p(g_db.data_ptr()), L(bias_b))
+        assert rel(d_go, products + bias) <= 1e-6
+        d_go.fill_(float("nan"))
+        spec = (ctypes.c_long * 17)(T, N, O, 0, *(0,) * 13)
+        pointers = (ctypes.c_void_p * 6)(*[ptr(t) for t in (None, go, d_go, None, None, None)])
+        lib.run_gemm_two_terms_with_bias(spec, pointers, ctypes.c_void_p(g_db.data_ptr()), L(bias_b))
+        assert torch.equal(d_go, bias.expand(T, N, O))
+
+
+def test_emulated_cuda_task_accuracy(lib):
+    """One block per task: the first largest logit (a NaN the largest), a hit at the label;
+    ties, NaN and ±inf rows, labels out of range; N above the block's 256 threads."""
+    g = torch.Generator().manual_seed(5)
+    for T, N, C in ((3, 7, 5), (2, 300, 3), (4, 9, 1)):
+        pred = torch.randint(0, 3, (T, N, C), generator=g).float()  # many ties
+        pred[0, 0, C - 1] = float("nan")
+        pred[0, 1] = float("-inf")
+        pred[T - 1, N - 1, 0] = float("inf")
+        target = torch.randint(0, C, (T, N), generator=g)
+        target[1, 0] = -1
+        target[1, 1] = C
+        out = torch.empty(T)
+        lib.run_accuracy(ptr(pred), ptr(target), L(T), L(N), L(C), ptr(out))
+        assert torch.equal(out, reference_task_accuracy(pred, target))

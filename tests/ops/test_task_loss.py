@@ -164,3 +164,71 @@ def test_second_order_loss_gradients_equal_autograd_of_the_reference(kind, wants
         results.append(torch.autograd.grad((fn(p, t, kind) * u).sum(), inputs))
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------
+# task_accuracy: argmax, compare and mean over the rows in one kernel
+# ---------------------------------------------------------------------------------------
+
+
+def accuracy_cases():
+    """Random logits; exact ties (the first largest wins); NaN rows (the first NaN wins, as
+    torch.argmax); rows of -inf; labels outside [0, K) (never a hit); one class; W2's shape."""
+    g = torch.Generator().manual_seed(0)
+    cases = {}
+    for T, N, K in ((2, 3, 5), (3, 7, 17), (1, 1, 1), (32, 5, 5), (4, 75, 5)):
+        pred = torch.randn(T, N, K, generator=g)
+        cases[f"random-{T}x{N}x{K}"] = (pred, torch.randint(0, K, (T, N), generator=g))
+    ties = torch.randint(0, 3, (4, 9, 6), generator=g).float()  # many equal maxima per row
+    cases["ties"] = (ties, ties.argmax(-1).roll(1, 1))
+    special = torch.randn(3, 6, 5, generator=g)
+    special[0, 1, 3] = float("nan")
+    special[0, 2, 1] = special[0, 2, 4] = float("nan")
+    special[1, 0] = float("-inf")
+    special[1, 3, 2] = float("inf")
+    special[2, 4, 0] = float("inf")
+    special[2, 4, 2] = float("nan")
+    cases["nan-inf"] = (special, special.argmax(-1))
+    labels = torch.randint(0, 5, (3, 6), generator=g)
+    labels[0, 0], labels[1, 1], labels[2, 2] = -1, 5, 99
+    cases["labels-out-of-range"] = (torch.randn(3, 6, 5, generator=g), labels)
+    return cases
+
+
+ACCURACY_CASES = accuracy_cases()
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("name", list(ACCURACY_CASES))
+def test_task_accuracy_kernel_equals_reference(backend, device, name):
+    from fastmeta.ops.task_loss import reference_task_accuracy
+
+    pred, target = ACCURACY_CASES[name]
+    args = [pred.to(device), target.to(device)]
+    # exact: a count of hits divided by N
+    check_kernel(backend, "task_accuracy", reference_task_accuracy, args, rtol=0, atol=0)
+
+
+def test_task_accuracy_cpu_kernel_float64():
+    from fastmeta.ops.task_loss import reference_task_accuracy
+
+    for name, (pred, target) in ACCURACY_CASES.items():
+        check_kernel("cpu", "task_accuracy", reference_task_accuracy, [pred.double(), target], rtol=0, atol=0)
+
+
+def test_task_accuracy_is_not_differentiable_and_refuses_bad_arguments():
+    pred = torch.randn(2, 3, 4, requires_grad=True)
+    target = torch.randint(0, 4, (2, 3))
+    for backend in ("torch", "cpu"):
+        with fm.use_backend(backend):
+            out = ops.task_accuracy(pred, target)
+            assert not out.requires_grad and out.grad_fn is None
+            torch.testing.assert_close(out, (pred.argmax(-1) == target).float().mean(1))
+    with pytest.raises(ValueError, match="task_accuracy: pred must be"):
+        ops.task_accuracy(torch.randn(2, 3), target)
+    with pytest.raises(ValueError, match="task_accuracy: target must be integer class indices"):
+        ops.task_accuracy(pred, target.float())
+    with pytest.raises(ValueError, match="task_accuracy: target must be integer class indices"):
+        ops.task_accuracy(pred, target[:, :2])
+    # int32 labels: the reference (the kernels take int64)
+    torch.testing.assert_close(ops.task_accuracy(pred, target.int()), ops.task_accuracy(pred, target))

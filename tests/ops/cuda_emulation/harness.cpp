@@ -68,3 +68,14 @@ extern "C" void run_loss_grad_backward(const float* upstream, const float* pred,
                                        long M, float* out) {
   launch_task_loss_grad_backward(upstream, pred, kind, T, N, C, M, out, nullptr);
 }
+// d grad_out = A·B + A2·B2 + bias (the double backward's g_db as its epilogue bias; K = 0
+// and K2 = 0: the bias alone), one GEMM.
+extern "C" void run_gemm_two_terms_with_bias(const long* s, const float* const* p, const float* bias, long bias_b) {
+  const Gemm g{s[0], s[1], s[2], s[3], Strided{p[0], s[4], s[5], s[6]}, Strided{p[1], s[7], s[8], s[9]},
+               const_cast<float*>(p[2]), bias, bias_b, 0, 0.f, nullptr, s[10], Strided{p[4], s[11], s[12], s[13]},
+               Strided{p[5], s[14], s[15], s[16]}};
+  launch_batched_gemms(&g, 1, nullptr);
+}
+extern "C" void run_accuracy(const float* pred, const int64_t* target, long T, long N, long C, float* out) {
+  launch_task_accuracy(pred, target, T, N, C, out, nullptr);
+}
