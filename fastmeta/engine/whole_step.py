@@ -325,7 +325,10 @@ class CapturedMetaStep:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         self.iteration = 0
-        with torch.cuda.graph(self.graph):
+        # Captured on the warm-up's stream: what the warm-up made per stream (the split-K
+        # launches' tile counters, kernels/split_k.py, zeroed once when made) is the
+        # capture's too, so the graph holds no zeroing of its own (one kernel per replay).
+        with torch.cuda.graph(self.graph, stream=side):
             # A non-finite loss or gradient skips the update inside the graph and sets the
             # flag, on the device (no sync per replay): as the CPU's FusedMLPStep does.
             self.static_output = self._iteration(guarded=True)

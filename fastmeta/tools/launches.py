@@ -711,9 +711,11 @@ def recording(log: LaunchLog) -> Iterator[_LaunchRecorder]:
     from fastmeta.ops.registration import eager_nodes_under_dispatch_modes
 
     recorder = _LaunchRecorder(log)
-    # Counted as a first capture: the split launches' tile counters are made (and zeroed,
-    # one launch) on the capture stream's first split launch (kernels/split_k.py).
+    # As a capture on its warm-up's stream (CapturedMetaStep): the split launches' tile
+    # counters (kernels/split_k.py) were made, and zeroed, by the warm-up's first split
+    # launch, outside the graph; made here before the log starts.
     split_k.forget_counters()
+    split_k.tile_counters(torch.device("cpu"), 1)
     with recording_on_cpu():
         launchers = triton_launchers()
         kernels = {}
