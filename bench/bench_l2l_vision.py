@@ -2,7 +2,7 @@
 one process, one thread.
 
     python bench/bench_l2l_vision.py [--shapes OmniglotFC,OmniglotCNN,CNN4,ResNet12,WRN28,anil-head,metacurvature]
-                                     [--tasks 16] [--samples 5] [--json FILE]
+                                     [--tasks 16] [--samples 5] [--device cpu|cuda] [--json FILE]
 
 Each shape is one second-order meta-iteration over ``--tasks`` tasks (5-way 1-shot, 5
 queries per class, one inner step, an Adam step on the meta-parameters), run by:
@@ -31,6 +31,13 @@ medians of the wall time and of the thread's CPU time (steadier on a shared mach
 ``GFLOP`` is one meta-iteration's arithmetic (torch's FlopCounterMode over the loop), and
 each row's GFLOP/s that over its CPU time: the distance to the machine's floor (one core's
 GEMM peak), which bounds any speed-up over the loop at peak ÷ the loop's rate.
+
+``--device cuda`` (the GPU check's ``vision`` step, issue 25 on a GPU): the same models,
+data and contenders on the GPU, each iteration timed to a ``torch.cuda.synchronize()``
+(the wall time is the time; the CPU columns are omitted, and GFLOP/s is over the wall
+time). ``meta_batch`` runs as a user's loop does, with the learner's defaults (on CUDA it
+replays its graphs of the meta-batch where it can). ``--json`` is rewritten after every
+shape, so a run stopped at its time box keeps the shapes it finished.
 """
 
 from __future__ import annotations
@@ -109,12 +116,12 @@ def make_tasks(spec, tasks, seed=0):
 
 
 class Contender:
-    def __init__(self, name, shape, spec, state, tasks, dtype=torch.float32):
+    def __init__(self, name, shape, spec, state, tasks, dtype=torch.float32, device="cpu"):
         self.name, self.shape, self.spec = name, shape, spec
-        self.tasks = tuple(t.to(dtype) if t.is_floating_point() else t for t in tasks)
+        self.tasks = tuple((t.to(dtype) if t.is_floating_point() else t).to(device) for t in tasks)
         self.model = spec["build"]()
         self.model.load_state_dict(state)
-        self.model.to(dtype)
+        self.model.to(device=device, dtype=dtype)
         self.model.train()
         self.lr = spec["lr"]
         self.setup()
@@ -212,25 +219,24 @@ class MetaBatch(Contender):
     def setup(self):
         if self.shape == "anil-head":
             self.learner = fm.ModelAwareMAML(self.model, lr=self.lr, steps=1, lr_mode="scalar", lr_per_step=False,
-                                             adapt_layers=["head"], log_lr=False, per_step_bn=False,
-                                             validate=False)
+                                             adapt_layers=["head"], log_lr=False, per_step_bn=False)
             self.learner.lrs.requires_grad_(False)  # a fixed rate, as the others'
         else:
-            self.learner = fm.MAML(self.model, self.lr, steps=1, validate=False)
+            self.learner = fm.MAML(self.model, self.lr, steps=1)  # the defaults a user gets, validation on
 
     def meta_iteration(self):
         self.learner.meta_batch(*self.tasks).loss.backward()
 
 
-def run_shape(shape, spec, tasks, samples):
+def run_shape(shape, spec, tasks, samples, device="cpu"):
     torch.manual_seed(0)
     state = spec["build"]().state_dict()
     data = make_tasks(spec, tasks)
     kinds = [("loop", Loop), ("clone/adapt", CloneAdapt)]
     if shape != "metacurvature":
         kinds.append(("meta_batch", MetaBatch))
-    contenders = [cls(name, shape, spec, state, data) for name, cls in kinds]
-    reference = Loop("loop (float64)", shape, spec, state, data, dtype=torch.float64).meta_gradient()
+    contenders = [cls(name, shape, spec, state, data, device=device) for name, cls in kinds]
+    reference = Loop("loop (float64)", shape, spec, state, data, dtype=torch.float64, device=device).meta_gradient()
     errors = {}
     for c in contenders:
         g = c.meta_gradient().double()
@@ -238,26 +244,36 @@ def run_shape(shape, spec, tasks, samples):
         errors[c.name] = float((g[:n] - reference[:n]).norm() / reference[:n].norm())
     tolerance = max(MATCH_TOLERANCE, 10 * errors["loop"])
     flops = loop_flops(contenders[0])
-    for c in contenders:
-        c.step()
+    on_gpu = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    for c in contenders:  # warm-up: on CUDA the first calls compile, capture and allocate
+        for _ in range(2 if on_gpu else 1):
+            c.step()
+    sync()
     wall = {c.name: [] for c in contenders}
     cpu = {c.name: [] for c in contenders}
     for _ in range(samples):
         for c in contenders:
             w0, c0 = time.perf_counter(), time.thread_time()
             c.step()
+            sync()
             cpu[c.name].append((time.thread_time() - c0) * 1e3)
             wall[c.name].append((time.perf_counter() - w0) * 1e3)
     loop_wall, loop_cpu = statistics.median(wall["loop"]), statistics.median(cpu["loop"])
     rows = []
     for c in contenders:
         ms, cms = statistics.median(wall[c.name]), statistics.median(cpu[c.name])
-        rows.append({"contender": c.name, "median_ms": ms, "median_cpu_ms": cms, "speedup_vs_loop": loop_wall / ms,
-                     "gflop_per_s_cpu": flops / cms / 1e6,
-                     "cpu_speedup_vs_loop": loop_cpu / cms, "meta_gradient_error_vs_float64_loop": errors[c.name],
-                     "tolerance": tolerance, "matches": errors[c.name] <= tolerance})
+        row = {"contender": c.name, "median_ms": ms, "speedup_vs_loop": loop_wall / ms,
+               "meta_gradient_error_vs_float64_loop": errors[c.name], "tolerance": tolerance,
+               "matches": errors[c.name] <= tolerance}
+        if on_gpu:  # the host's time is not the work's: the rate is over the synchronized wall time
+            row["gflop_per_s"] = flops / ms / 1e6
+        else:
+            row.update(median_cpu_ms=cms, gflop_per_s_cpu=flops / cms / 1e6, cpu_speedup_vs_loop=loop_cpu / cms)
+        rows.append(row)
     params = sum(p.numel() for p in contenders[0].model.parameters())
     return {"shape": shape, "image": spec["size"], "parameters": params, "tasks": tasks, "gflop_per_iteration": flops / 1e9,
+            "device": torch.cuda.get_device_name() if on_gpu else (platform.processor() or platform.machine()),
             "rows": rows}
 
 
@@ -275,41 +291,67 @@ def loop_flops(loop) -> float:
     return float(counter.get_total_flops())
 
 
+def write_json(path, data) -> None:
+    """``data`` to ``path`` atomically (a temporary file in the same folder, renamed)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="OmniglotFC,OmniglotCNN,CNN4,ResNet12,WRN28,anil-head,metacurvature")
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--image", type=int, default=32, help="CNN4/ResNet12/WRN28 input size (84 in the papers)")
     parser.add_argument("--samples", type=int, default=5)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (one thread) or cuda")
+    parser.add_argument("--json", default=None, help="the results, rewritten after every shape")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device: {error}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
     known = shapes(args.image)
     chosen = args.shapes.split(",")
     for s in chosen:
         if s not in known:
             parser.error(f"--shapes: unknown shape {s!r}; known: {list(known)}")
+    on_gpu = device.type == "cuda"
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, load average "
+    where = torch.cuda.get_device_name(device) if on_gpu else f"{platform.processor() or platform.machine()}, 1 thread"
+    print(f"torch {torch.__version__}, {where}, load average "
           f"{os.getloadavg()[0]:.1f}, {args.samples} interleaved rounds, {args.tasks} tasks, 5-way 1-shot, "
           f"{QUERIES} queries per class, second order")
-    print("| shape | image | parameters | GFLOP | contender | meta-gradient vs the float64 loop (tolerance) | wall ms "
-          "| speed-up | CPU ms | CPU speed-up | GFLOP/s (CPU) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if on_gpu:
+        print("| shape | image | parameters | GFLOP | contender | meta-gradient vs the float64 loop (tolerance) | ms "
+              "| speed-up | GFLOP/s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    else:
+        print("| shape | image | parameters | GFLOP | contender | meta-gradient vs the float64 loop (tolerance) | "
+              "wall ms | speed-up | CPU ms | CPU speed-up | GFLOP/s (CPU) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for s in chosen:
-        r = run_shape(s, known[s], args.tasks, args.samples)
+        r = run_shape(s, known[s], args.tasks, args.samples, device)
         results.append(r)
         for row in r["rows"]:
             flag = "" if row["matches"] else " MISMATCH"
-            print(f"| {s} | {r['image']} | {r['parameters']:,} | {r['gflop_per_iteration']:.1f} | {row['contender']} | "
-                  f"{row['meta_gradient_error_vs_float64_loop']:.1e} ({row['tolerance']:.0e}){flag} | "
-                  f"{row['median_ms']:.0f} | "
-                  f"{row['speedup_vs_loop']:.2f}x | {row['median_cpu_ms']:.0f} | {row['cpu_speedup_vs_loop']:.2f}x | "
-                  f"{row['gflop_per_s_cpu']:.1f} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": 1, "samples": args.samples, "results": results}, f,
-                      indent=1)
+            head = (f"| {s} | {r['image']} | {r['parameters']:,} | {r['gflop_per_iteration']:.1f} | {row['contender']} | "
+                    f"{row['meta_gradient_error_vs_float64_loop']:.1e} ({row['tolerance']:.0e}){flag} | ")
+            if on_gpu:
+                print(head + f"{row['median_ms']:.2f} | {row['speedup_vs_loop']:.2f}x | {row['gflop_per_s']:.0f} |",
+                      flush=True)
+            else:
+                print(head + f"{row['median_ms']:.0f} | {row['speedup_vs_loop']:.2f}x | {row['median_cpu_ms']:.0f} | "
+                      f"{row['cpu_speedup_vs_loop']:.2f}x | {row['gflop_per_s_cpu']:.1f} |", flush=True)
+        if args.json:  # after every shape: a run stopped at a time box keeps what it finished
+            write_json(args.json, {"torch": torch.__version__, "device": str(device), "threads": 1,
+                                   "samples": args.samples, "results": results})
     bad = [row for r in results for row in r["rows"] if not row["matches"]]
     return 1 if bad else 0
 

@@ -94,7 +94,8 @@ def test_results_schema(two_part_run):
     # The families come from the op table: every op module with Triton kernels, every
     # csrc/cuda/<family>.cu.
     expected = {"install", "build", "triton:common", "whole_step", "profile", "kernel-count", "eager-vs-captured",
-                "precision", "tune", "bench:W1-second:fastmeta", "bench:W1-second:peers", "train", "memcheck"}
+                "precision", "tune", "bench:W1-second:fastmeta", "bench:W1-second:peers", "vision", "train",
+                "memcheck"}
     expected |= {f"triton:{f}" for f in triton_families()} | {"triton:split_k", "triton:conv2d_grads_in_one_launch"}
     expected |= {f"cuda:{f}" for f in cuda_families()}
     assert set(results["steps"]) == expected
@@ -151,6 +152,14 @@ def test_results_schema(two_part_run):
     assert counted["workload"] == "W2" and counted["graph"] == "unavailable" and counted["difference"] is None
     assert counted["recorder"] == sum(counted["recorder_by_source"].values()) > 0
     assert counted["recorder_by_source"]["triton"] > 0 and counted["recorder_by_source"]["native"] > 0
+    # The vision step (issue 25 on a GPU): on the CPU, OmniglotFC at 2 tasks, meta_batch
+    # against the per-task loop, both meta-gradients checked against the float64 loop.
+    seen = results["vision"]
+    assert set(seen["shapes"]) == {"OmniglotFC"} and seen["target"] == 2.0
+    fc = seen["shapes"]["OmniglotFC"]
+    assert fc["tasks"] == 2 and fc["matches"] and fc["loop_ms"] > 0 and fc["meta_batch_ms"] > 0
+    assert fc["speedup"] == pytest.approx(fc["loop_ms"] / fc["meta_batch_ms"])
+    assert fc["met"] == (fc["speedup"] >= 2.0)
     # The train step (issue 27, step 5): 2 iterations on the synthetic Omniglot, then the
     # run's own test on 8 tasks at the preset's 3 and 10 steps.
     trained = results["train"]
@@ -219,6 +228,8 @@ def test_summary(two_part_run):
     choice = read(second)["precision"]["choice"]  # timing-dependent: test_results_schema checks the rule
     assert f"matmul precision: the default to set is {choice} (passing: ieee, tf32x3)" in text
     assert "profile W1-captured (CPU self time):" in text
+    assert "vision models, vision (issue 25): meta_batch against the per-task loop (target >= 2x):" in text
+    assert "  OmniglotFC    28 px, 2 tasks: loop " in text
     assert "shape classes tuned at 2 SMs" in text
     assert "kernels per captured W2 iteration: recorder " in text and "captured graph unavailable" in text
     assert "train omniglot-5w1s: 2 iterations at " in text and " 3 steps: " in text and "on 8 tasks" in text
