@@ -3,7 +3,10 @@
 
 One kernel per loss kind computes the per-task loss and, in the same pass over pred, its
 gradient; constexpr flags say which of the two to write, so the op layer's two ops
-(``task_loss`` and ``task_loss_grad``) each launch it once.
+(``task_loss`` and ``task_loss_grad``) each launch it once. ``task_loss_grad``'s optional
+``[T]`` scale (task_loss's upstream gradient, handed over by its backward; HAS_SCALE) is
+read once per program at ``t * scale_stride`` (0: an expanded scalar) and multiplies the
+task's gradient after it is rounded, as the reference's ``grad * scale``.
 
 cross-entropy, ``cross_entropy_kernel``
     grid  (T,): a program owns one task, walks its N rows BLOCK_N at a time with all K
@@ -42,11 +45,13 @@ MAX_CLASSES = 8192  # one row in one tile: 8192 fp32 = 32 KB of registers across
 
 @triton.jit
 def cross_entropy_kernel(
-    pred_ptr, target_ptr, loss_ptr, grad_ptr, N, K,
-    WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    pred_ptr, target_ptr, loss_ptr, grad_ptr, scale_ptr, scale_stride, N, K,
+    WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
+    if HAS_SCALE:
+        task_scale = tl.load(scale_ptr + t * scale_stride)
     cols = tl.arange(0, BLOCK_K)
     col_ok = cols < K
     loss_acc = tl.zeros([BLOCK_N], tl.float32)
@@ -72,6 +77,8 @@ def cross_entropy_kernel(
             # A row whose label is outside [0, K) has no one-hot 1: make it NaN instead.
             bad_row = (label < 0) | (label >= K)
             grad = (e / total[:, None] - tl.where(is_label, 1.0, 0.0)) / N
+            if HAS_SCALE:
+                grad = grad * task_scale
             grad = tl.where(bad_row[:, None], float("nan"), grad)
             tl.store(grad_ptr + offs, grad, mask=ok)
     if WRITE_LOSS:
@@ -79,9 +86,11 @@ def cross_entropy_kernel(
 
 
 @triton.jit
-def mse_kernel(pred_ptr, target_ptr, loss_ptr, grad_ptr, count, grad_scale,
-               WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def mse_kernel(pred_ptr, target_ptr, loss_ptr, grad_ptr, scale_ptr, scale_stride, count, grad_scale,
+               WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
+    if HAS_SCALE:
+        task_scale = tl.load(scale_ptr + t * scale_stride)
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, count, BLOCK):
         j = start + tl.arange(0, BLOCK)
@@ -91,7 +100,10 @@ def mse_kernel(pred_ptr, target_ptr, loss_ptr, grad_ptr, count, grad_scale,
         if WRITE_LOSS:
             acc += diff * diff
         if WRITE_GRAD:
-            tl.store(grad_ptr + offs, diff * grad_scale, mask=ok)
+            if HAS_SCALE:
+                tl.store(grad_ptr + offs, (diff * grad_scale) * task_scale, mask=ok)
+            else:
+                tl.store(grad_ptr + offs, diff * grad_scale, mask=ok)
     if WRITE_LOSS:
         tl.store(loss_ptr + t, tl.sum(acc, axis=0) / count)
 
@@ -167,12 +179,19 @@ def mse_config(count: int) -> dict:
     return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4}
 
 
-def _launch(pred, target, kind, write_loss, write_grad):
+def _launch(pred, target, kind, write_loss, write_grad, scale=None):
     if not all_float32_on_one_device(pred) or pred.dim() < 2:
         return NotImplemented
     T, N = pred.shape[:2]
     if target.device != pred.device:
         return NotImplemented
+    if scale is not None and (scale.dtype != torch.float32 or scale.device != pred.device or scale.dim() != 1
+                              or scale.size(0) != T or (T > 1 and scale.stride(0) not in (0, 1))):
+        return NotImplemented
+    has_scale = scale is not None
+    scale_stride = scale.stride(0) if has_scale and T > 1 else 0
+    if not has_scale:
+        scale = pred  # never read (HAS_SCALE is off): any tensor of the device
     loss = pred.new_empty(T) if write_loss else pred.new_empty(0)
     grad = torch.empty(pred.shape, dtype=torch.float32, device=pred.device) if write_grad else pred.new_empty(0)
     pred = pred.contiguous()
@@ -184,8 +203,8 @@ def _launch(pred, target, kind, write_loss, write_grad):
             return NotImplemented
         cfg = loss_config(N, K)
         cross_entropy_kernel[(T,)](
-            pred, target.contiguous(), loss, grad, N, K,
-            WRITE_LOSS=write_loss, WRITE_GRAD=write_grad,
+            pred, target.contiguous(), loss, grad, scale, scale_stride, N, K,
+            WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, HAS_SCALE=has_scale,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         )
     elif kind == "mse":
@@ -194,8 +213,9 @@ def _launch(pred, target, kind, write_loss, write_grad):
         count = pred[0].numel()
         cfg = mse_config(count)
         mse_kernel[(T,)](
-            pred, target.contiguous(), loss, grad, count, 2.0 / count,
-            WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+            pred, target.contiguous(), loss, grad, scale, scale_stride, count, 2.0 / count,
+            WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, HAS_SCALE=has_scale, BLOCK=cfg["BLOCK"],
+            num_warps=cfg["num_warps"],
         )
     else:
         return NotImplemented
@@ -206,8 +226,8 @@ def task_loss(pred, target, kind):
     return _launch(pred, target, kind, write_loss=True, write_grad=False)
 
 
-def task_loss_grad(pred, target, kind):
-    return _launch(pred, target, kind, write_loss=False, write_grad=True)
+def task_loss_grad(pred, target, kind, scale=None):
+    return _launch(pred, target, kind, write_loss=False, write_grad=True, scale=scale)
 
 
 def task_loss_grad_backward(upstream, pred, target, kind):

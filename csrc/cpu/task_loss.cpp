@@ -79,18 +79,32 @@ at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::stri
   return out;
 }
 
-at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
+// scale: a [T] of pred's dtype (task stride 0 or 1) multiplying each task's gradient, or
+// none: task_loss's backward hands its upstream here instead of multiplying after.
+at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name,
+                          const c10::optional<at::Tensor>& scale) {
   const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
   check_loss_args(pred, target, kind);
   const int64_t T = pred.size(0), N = pred.size(1);
   const int64_t M = pred.numel() / T;
+  const bool scaled = scale.has_value() && scale->defined();
+  if (scaled) {
+    TORCH_CHECK_VALUE(scale->device().is_cpu() && scale->scalar_type() == pred.scalar_type() && scale->dim() == 1 &&
+                          scale->size(0) == T && (T <= 1 || scale->stride(0) == 0 || scale->stride(0) == 1),
+                      "task_loss_grad: scale must be a CPU [T] = [", T, "] of pred's dtype at a task stride of 0 or 1, "
+                      "got ", scale->sizes(), " with strides ", scale->strides());
+  }
+  const int64_t scale_stride = scaled && T > 1 ? scale->stride(0) : 0;
   at::Tensor out = at::empty_like(pred);
   dispatch_floating(pred.scalar_type(), "task_loss_grad", [&](auto tag_) {
     using scalar_t = decltype(tag_);
     const scalar_t* z = pred.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* sc = scaled ? scale->data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
+        // The reference's order: the unscaled gradient rounded, then times the task's scale.
+        const scalar_t s = sc ? sc[t * scale_stride] : scalar_t(1);
         if (kind == LossKind::CrossEntropy) {
           const int64_t C = pred.size(2);
           const int64_t* y = target.data_ptr<int64_t>() + t * N;
@@ -102,14 +116,23 @@ at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10:
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) orow[c] = std::exp(row[c] - lse) * inv_n;
             orow[y[n]] -= inv_n;
+            if (sc) {
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) orow[c] *= s;
+            }
           }
         } else {
           const scalar_t* zt = z + t * M;
           const scalar_t* yt = target.data_ptr<scalar_t>() + t * M;
           scalar_t* ot = o + t * M;
-          const scalar_t scale = scalar_t(2) / scalar_t(M);
+          const scalar_t two_over_m = scalar_t(2) / scalar_t(M);
+          if (sc) {
 #pragma omp simd
-          for (int64_t i = 0; i < M; ++i) ot[i] = (zt[i] - yt[i]) * scale;
+            for (int64_t i = 0; i < M; ++i) ot[i] = ((zt[i] - yt[i]) * two_over_m) * s;
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < M; ++i) ot[i] = (zt[i] - yt[i]) * two_over_m;
+          }
         }
       }
     });
@@ -265,7 +288,7 @@ struct TaskLossGradNode : public torch::autograd::Function<TaskLossGradNode> {
                                std::string kind, bool public_range) {
     save_loss_inputs(ctx, pred, target, kind);
     at::Tensor g = recorded(public_range ? "fastmeta::task_loss_grad" : nullptr, "fastmeta_ext::task_loss_grad",
-                            [&] { return task_loss_grad(pred.contiguous(), target.contiguous(), kind); });
+                            [&] { return task_loss_grad(pred.contiguous(), target.contiguous(), kind, {}); });
     return {g};
   }
 
@@ -296,22 +319,26 @@ struct TaskLossNode : public torch::autograd::Function<TaskLossNode> {
     return {loss};
   }
 
-  // d pred = task_loss_grad(pred, target) · grad_loss per task (recorded by task_loss_grad's
-  // node where this backward records); MSE's target gets its negative.
+  // d pred = task_loss_grad(pred, target) · grad_loss per task: grad_loss is the kernel's
+  // scale (one pass, no multiply after it), or, where this backward records, task_loss_grad's
+  // node times grad_loss; MSE's target gets its negative.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor none;
     const LossBackward b(ctx, grads[0]);
     if (!b.any()) return {none, none, none};
     at::Tensor g;
-    if (at::GradMode::is_enabled() && (b.pred.requires_grad() || b.target.requires_grad())) {
-      g = TaskLossGradNode::apply(b.pred, b.target, b.kind, true)[0];
+    const at::Tensor& grad_loss = grads[0];
+    if (at::GradMode::is_enabled() &&
+        (b.pred.requires_grad() || b.target.requires_grad() || grad_loss.requires_grad())) {
+      std::vector<int64_t> per_task(b.pred.dim(), 1);
+      per_task[0] = -1;
+      g = at::mul(TaskLossGradNode::apply(b.pred, b.target, b.kind, true)[0], grad_loss.view(per_task));
     } else {
+      const bool strided = grad_loss.size(0) <= 1 || grad_loss.stride(0) == 0 || grad_loss.stride(0) == 1;
+      const at::Tensor scale = strided ? grad_loss : grad_loss.contiguous();
       g = recorded("fastmeta::task_loss_grad", "fastmeta_ext::task_loss_grad",
-                   [&] { return task_loss_grad(b.pred.contiguous(), b.target.contiguous(), b.kind); });
+                   [&] { return task_loss_grad(b.pred.contiguous(), b.target.contiguous(), b.kind, scale); });
     }
-    std::vector<int64_t> per_task(b.pred.dim(), 1);
-    per_task[0] = -1;
-    g = at::mul(g, grads[0].view(per_task));
     return {b.wants_pred ? g : none, b.wants_target ? g.neg() : none, none};
   }
 };

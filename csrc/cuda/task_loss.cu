@@ -43,8 +43,11 @@ __global__ void task_loss_kernel(const float* __restrict pred, const void* targe
   }
 }
 
+// scale (nullable): task t's gradient times scale[t * scale_stride] (the upstream gradient
+// of task_loss, handed over by its backward), after the unscaled value is rounded.
 __global__ void task_loss_grad_kernel(const float* __restrict pred, const void* target, int kind, int64_t T,
-                                      int64_t N, int64_t C, int64_t M, float* __restrict out) {
+                                      int64_t N, int64_t C, int64_t M, const float* __restrict scale,
+                                      int64_t scale_stride, float* __restrict out) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   if (kind == kCrossEntropy) {
     const int64_t* y = static_cast<const int64_t*>(target);
@@ -54,15 +57,22 @@ __global__ void task_loss_grad_kernel(const float* __restrict pred, const void* 
       float* o = out + row * C;
       const float lse = log_sum_exp(z, C);
       const int64_t label = y[row];
-      for (int64_t c = 0; c < C; ++c) o[c] = (expf(z[c] - lse) - (c == label ? 1.f : 0.f)) * inv;
+      const float s = scale ? scale[(row / N) * scale_stride] : 1.f;
+      if (scale) {
+        for (int64_t c = 0; c < C; ++c) o[c] = ((expf(z[c] - lse) - (c == label ? 1.f : 0.f)) * inv) * s;
+      } else {
+        for (int64_t c = 0; c < C; ++c) o[c] = (expf(z[c] - lse) - (c == label ? 1.f : 0.f)) * inv;
+      }
       if (label < 0 || label >= C)
         for (int64_t c = 0; c < C; ++c) o[c] = NAN;
     }
   } else {
     const float* yv = static_cast<const float*>(target);
-    const float scale = 2.f / static_cast<float>(M);
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < T * M; i += stride)
-      out[i] = (pred[i] - yv[i]) * scale;
+    const float two_over_m = 2.f / static_cast<float>(M);
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < T * M; i += stride) {
+      const float g = (pred[i] - yv[i]) * two_over_m;
+      out[i] = scale ? g * scale[(i / M) * scale_stride] : g;
+    }
   }
 }
 
@@ -123,9 +133,10 @@ void launch_task_accuracy(const float* pred, const int64_t* target, int64_t T, i
 }
 
 void launch_task_loss_grad(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C,
-                           int64_t M, float* out, cudaStream_t stream) {
+                           int64_t M, const float* scale, int64_t scale_stride, float* out, cudaStream_t stream) {
   const int64_t work = kind == kCrossEntropy ? T * N : T * M;
-  task_loss_grad_kernel<<<blocks_for(work, 256), 256, 0, stream>>>(pred, target, kind, T, N, C, M, out);
+  task_loss_grad_kernel<<<blocks_for(work, 256), 256, 0, stream>>>(pred, target, kind, T, N, C, M, scale,
+                                                                    scale_stride, out);
 }
 
 void launch_task_loss_grad_backward(const float* upstream, const float* pred, int kind, int64_t T, int64_t N,

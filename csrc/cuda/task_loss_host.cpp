@@ -54,15 +54,27 @@ at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::stri
   return out;
 }
 
-at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
+// scale: a [T] float32 on pred's device (task stride 0 or 1) multiplying each task's
+// gradient, read in the kernel (no host read: capturable), or none.
+at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name,
+                          const c10::optional<at::Tensor>& scale) {
   const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
   check_loss(pred, target, kind);
-  c10::cuda::CUDAGuard guard(pred.device());
   const int64_t T = pred.size(0), N = pred.size(1), M = pred.numel() / T;
+  const bool scaled = scale.has_value() && scale->defined();
+  if (scaled) {
+    FM_CHECK_INPUT(*scale, kCUDA);
+    TORCH_CHECK_VALUE(scale->scalar_type() == at::kFloat && scale->device() == pred.device() && scale->dim() == 1 &&
+                          scale->size(0) == T && (T <= 1 || scale->stride(0) == 0 || scale->stride(0) == 1),
+                      "task_loss_grad: scale must be a float32 [T] = [", T, "] on pred's device at a task stride of "
+                      "0 or 1, got ", scale->sizes(), " with strides ", scale->strides());
+  }
+  c10::cuda::CUDAGuard guard(pred.device());
   const int64_t C = kind == LossKind::CrossEntropy ? pred.size(2) : 1;
   at::Tensor out = at::empty_like(pred);
   if (out.numel() == 0) return out;
   launch_task_loss_grad(pred.data_ptr<float>(), target.data_ptr(), static_cast<int>(kind), T, N, C, M,
+                        scaled ? scale->data_ptr<float>() : nullptr, scaled && T > 1 ? scale->stride(0) : 0,
                         out.data_ptr<float>(), stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -9,9 +9,11 @@ kind ``"mse"``: pred and target ``[T, N, *D]`` floats; loss[t] = mean over n and
 Returns ``[T]``. The per-task mean matches ``F.cross_entropy`` / ``F.mse_loss`` applied
 to each task on its own, so summing task losses gives each task its own gradient.
 
-Backward: ``task_loss_grad(pred, target, kind)`` → d loss[t] / d pred[t], shape of pred
-(softmax − one-hot over N for cross-entropy; 2(pred − target) / (N·D) for MSE). A fast
-backend may compute it in the forward pass and keep it; the reference recomputes it.
+Backward: ``task_loss_grad(pred, target, kind, scale=None)`` → d loss[t] / d pred[t], shape of
+pred (softmax − one-hot over N for cross-entropy; 2(pred − target) / (N·D) for MSE), each
+task's times ``scale[t]`` where a ``[T]`` scale is given: ``task_loss``'s backward hands it
+the upstream gradient of the task losses, so d pred is one kernel, with no multiply after it
+(the scale may be an expanded scalar, task stride 0). The reference recomputes it.
 
 Accuracy: ``task_accuracy(pred, target)`` → ``[T]`` in pred's dtype, the share of each task's
 N rows whose largest logit (the first of equals; a NaN counts as the largest, as
@@ -53,14 +55,21 @@ def reference_task_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
     return (diff * diff).reshape(T, -1).mean(1)
 
 
-def reference_task_loss_grad(pred: Tensor, target: Tensor, kind: str) -> Tensor:
-    """d task_loss[t] / d pred[t], the shape of pred."""
+def reference_task_loss_grad(pred: Tensor, target: Tensor, kind: str, scale: Tensor | None = None) -> Tensor:
+    """d task_loss[t] / d pred[t], the shape of pred; times ``scale[t]`` per task where given."""
     count = _per_task_count(pred, kind)
     if kind == "cross_entropy":
         grad = torch.softmax(pred, dim=-1)
         one_hot = F.one_hot(target, pred.size(-1)).to(pred.dtype)
-        return (grad - one_hot) / count
-    return (pred - target) * (2.0 / count)
+        grad = (grad - one_hot) / count
+    else:
+        grad = (pred - target) * (2.0 / count)
+    return grad if scale is None else grad * _per_task(scale, pred)
+
+
+def _per_task(values: Tensor, like: Tensor) -> Tensor:
+    """``[T]`` → ``[T, 1, ...]``, broadcasting over the rest of ``like``."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
 
 
 def reference_task_loss_grad_backward(upstream: Tensor, pred: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -79,8 +88,11 @@ def reference_task_accuracy(pred: Tensor, target: Tensor) -> Tensor:
     return (pred.argmax(-1) == target).mean(1, dtype=pred.dtype)
 
 
-def _native_loss_takes(device_type, pred, target, kind) -> bool:
+def _native_loss_takes(device_type, pred, target, kind, scale=None) -> bool:
     if pred.dim() < 2:
+        return False
+    if scale is not None and (scale.dim() != 1 or scale.size(0) != pred.size(0) or scale.dtype != pred.dtype
+                              or scale.device != pred.device):
         return False
     if kind == "cross_entropy":
         return pred.dim() == 3 and target.dtype == torch.int64
@@ -91,6 +103,14 @@ _NATIVE_LOSS = NativeCall(takes=_native_loss_takes,
                           args=lambda pred, target, kind: (pred.contiguous(), target.contiguous(), kind))
 
 task_loss = define_op(reference_task_loss, _NATIVE_LOSS)
+
+
+def _scale_for_kernels(scale: Tensor | None) -> Tensor | None:
+    """A ``[T]`` scale as the kernels read it: at a task stride of 0 (an expanded scalar, as
+    ``sum``'s backward hands it) or 1, else a contiguous copy."""
+    if scale is None or scale.size(0) <= 1 or scale.stride(0) in (0, 1):
+        return scale
+    return scale.contiguous()
 
 
 @task_loss.register_fake
@@ -106,8 +126,7 @@ def _loss_setup(ctx, inputs, output):
 
 def _loss_backward(ctx, grad_loss):
     pred, target = ctx.saved_tensors
-    grad = task_loss_grad(pred, target, ctx.kind)
-    grad = grad * grad_loss.view(-1, *([1] * (pred.dim() - 1)))
+    grad = task_loss_grad(pred, target, ctx.kind, grad_loss)  # the upstream as the kernel's scale
     d_target = None
     if ctx.kind == "mse" and ctx.needs_input_grad[1]:
         d_target = -grad
@@ -140,37 +159,52 @@ def _loss_native_node(pred, target, kind):
 task_loss.register_native_node(_loss_native_node)
 
 
-task_loss_grad = define_op(reference_task_loss_grad, _NATIVE_LOSS)
+task_loss_grad = define_op(reference_task_loss_grad, NativeCall(
+    takes=_native_loss_takes,
+    args=lambda pred, target, kind, scale=None: (pred.contiguous(), target.contiguous(), kind,
+                                                 _scale_for_kernels(scale)),
+))
 
 
 @task_loss_grad.register_fake
-def _(pred, target, kind):
+def _(pred, target, kind, scale=None):
     return torch.empty_like(pred)
 
 
 def _loss_grad_setup(ctx, inputs, output):
-    pred, target, kind = inputs
+    pred, target, kind, *rest = inputs
+    scale = rest[0] if rest else None
     ctx.kind = kind
-    ctx.save_for_backward(pred, target)
+    ctx.save_for_backward(pred, target, scale)
 
 
 def _loss_grad_backward(ctx, upstream):
-    pred, target = ctx.saved_tensors
+    pred, target, scale = ctx.saved_tensors
     # Only MSE's target is differentiable (a cross-entropy target holds class indices);
-    # its VJP is −(the VJP w.r.t. pred), negated here only when the target wants it.
+    # its VJP is −(the VJP w.r.t. pred), negated here only when the target wants it. With a
+    # scale, the VJP w.r.t. pred is the unscaled one of upstream · scale, and the scale's
+    # own gradient is Σ upstream · (the unscaled gradient) over each task.
     wants_pred = ctx.needs_input_grad[0]
     wants_target = ctx.kind == "mse" and ctx.needs_input_grad[1]
-    if not (wants_pred or wants_target):
-        return None, None, None
-    d_pred = task_loss_grad_backward(upstream, pred, target, ctx.kind)
-    return d_pred if wants_pred else None, -d_pred if wants_target else None, None
+    wants_scale = scale is not None and ctx.needs_input_grad[3]
+    d_pred = d_scale = None
+    if wants_pred or wants_target:
+        scaled = upstream if scale is None else upstream * _per_task(scale, pred)
+        d_pred = task_loss_grad_backward(scaled, pred, target, ctx.kind)
+    if wants_scale:
+        d_scale = (upstream * task_loss_grad(pred, target, ctx.kind)).reshape(pred.size(0), -1).sum(1)
+    return (d_pred if wants_pred else None, -d_pred if wants_target else None, None, d_scale)
 
 
 task_loss_grad.register_autograd(_loss_grad_backward, setup_context=_loss_grad_setup)
 
 
-def _loss_grad_native_node(pred, target, kind):
-    """task_loss_grad's node in C++ (``fastmeta_ext::task_loss_grad_node``): see :func:`_loss_node`."""
+def _loss_grad_native_node(pred, target, kind, scale=None):
+    """task_loss_grad's node in C++ (``fastmeta_ext::task_loss_grad_node``): see :func:`_loss_node`;
+    not with a scale (the Python node runs: task_loss's own backward passes its scale to the
+    kernel directly)."""
+    if scale is not None:
+        return NotImplemented
     node = _loss_node("task_loss_grad_node", pred, target, kind)
     return NotImplemented if node is None else node(pred, target, kind)[0]
 

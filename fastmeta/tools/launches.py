@@ -400,7 +400,8 @@ def _host_task_loss(pred, target, kind):
     return [Launch("native", "task_loss_kernel", grid=(pred.size(0), 1, 1), tiles=(("threads", THREADS),))]
 
 
-def _host_task_loss_grad(pred, target, kind):
+def _host_task_loss_grad(pred, target, kind, scale=None):
+    """One launch, the scale (task_loss's upstream) read inside it."""
     T, N = pred.shape[:2]
     work = T * N if kind == "cross_entropy" else pred.numel()
     return _elementwise("task_loss_grad_kernel", work) if pred.numel() else []

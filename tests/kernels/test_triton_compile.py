@@ -92,9 +92,13 @@ def compile_plan():
          + [dict(HAS_GAMMA=True, HAS_UP_X=True, HAS_UP_GAMMA=True, HAS_UP_BETA=True, NEED_GRAD_Z=True, NEED_X=True,
                  NEED_GAMMA=True, GRAD_SUMS=True, WRITE=True, BLOCK=2048, HAS_Y=act != 0, ACT=act, POOL=2)
             for act in (0, 1)]),
+        # HAS_SCALE: task_loss_grad's per-task scale (task_loss's upstream, from its backward).
         (task_loss.cross_entropy_kernel,
-         _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[True, False], BLOCK_N=[64], BLOCK_K=[32])[:3]),
-        (task_loss.mse_kernel, _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[False, True], BLOCK=[4096])[1:3]),
+         _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[True, False], HAS_SCALE=[False], BLOCK_N=[64], BLOCK_K=[32])[:3]
+         + [dict(WRITE_LOSS=False, WRITE_GRAD=True, HAS_SCALE=True, BLOCK_N=64, BLOCK_K=32)]),
+        (task_loss.mse_kernel, _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[False, True], HAS_SCALE=[False],
+                                     BLOCK=[4096])[1:3]
+         + [dict(WRITE_LOSS=False, WRITE_GRAD=True, HAS_SCALE=True, BLOCK=4096)]),
         (task_loss.accuracy_kernel, _grid(BLOCK_N=[1, 64], BLOCK_K=[16, 32])),
         (max_pool2d.max_pool2d_kernel, _grid(KH=[2, 3], KW=[2, 3], BLOCK=[1024])[::3]),
         (max_pool2d.max_pool2d_backward_kernel, [dict(KH=2, KW=2, COVER_H=1, COVER_W=1, BLOCK=1024),

@@ -230,6 +230,13 @@ def test_emulated_cuda_task_loss_and_grad(lib, kind):
     grad = torch.empty(T, N, C)
     lib.run_loss(ptr(pred), ptr(target), code, L(T), L(N), L(classes), L(N * C), ptr(grad), 1)
     assert rel(grad, reference_task_loss_grad(pred, target, kind)) <= 1e-6
+    # Each task's gradient times its scale (task_loss's upstream, handed to the kernel by its
+    # backward): a [T] at stride 1, and an expanded scalar at stride 0.
+    for scale, stride in ((torch.randn(T, generator=g), 1), (torch.full((1,), -0.25), 0)):
+        scaled = torch.empty(T, N, C)
+        lib.run_loss_grad_scaled(ptr(pred), ptr(target), code, L(T), L(N), L(classes), L(N * C), ptr(scale),
+                                 L(stride), ptr(scaled))
+        assert rel(scaled, reference_task_loss_grad(pred, target, kind, scale.expand(T))) <= 1e-6
     upstream = torch.randn(T, N, C, generator=g)
     d_pred = torch.empty(T, N, C)
     lib.run_loss_grad_backward(ptr(upstream), ptr(pred), code, L(T), L(N), L(classes), L(N * C), ptr(d_pred))

@@ -82,6 +82,15 @@ def kernel_cases():
         ("grad-ce", "task_loss_grad", reference_task_loss_grad,
          (t(T, N, 5) * 10, torch.randint(0, 5, (T, N)), "cross_entropy")),
         ("grad-mse", "task_loss_grad", reference_task_loss_grad, (t(T, N, 3), t(T, N, 3), "mse")),
+        # The per-task scale (task_loss's upstream, handed over by its backward): a [T], and
+        # an expanded scalar (task stride 0, as sum's backward hands it).
+        ("grad-ce-scaled", "task_loss_grad", reference_task_loss_grad,
+         (t(T, N, 5) * 10, torch.randint(0, 5, (T, N)), "cross_entropy", t(T))),
+        ("grad-ce-scaled-expanded", "task_loss_grad", reference_task_loss_grad,
+         (t(T, N, 5) * 10, torch.randint(0, 5, (T, N)), "cross_entropy", torch.full((), 0.25).expand(T))),
+        ("grad-mse-scaled", "task_loss_grad", reference_task_loss_grad, (t(T, N, 3), t(T, N, 3), "mse", t(T))),
+        ("grad-mse-4d-scaled-expanded", "task_loss_grad", reference_task_loss_grad,
+         (t(T, N, 2, 3), t(T, N, 2, 3), "mse", torch.full((), -2.0).expand(T))),
         ("grad-backward-ce", "task_loss_grad_backward", reference_task_loss_grad_backward,
          (t(T, N, 5), t(T, N, 5) * 10, torch.randint(0, 5, (T, N)), "cross_entropy")),
         ("grad-backward-ce-wide", "task_loss_grad_backward", reference_task_loss_grad_backward,
@@ -116,6 +125,8 @@ GRAD_CASES = [
     ("mse", ops.task_loss, lambda: (r(2, 4, 2), r(2, 4, 2), "mse")),
     ("grad-ce", ops.task_loss_grad, lambda: (r(2, 4, 5), torch.randint(0, 5, (2, 4)), "cross_entropy")),
     ("grad-mse", ops.task_loss_grad, lambda: (r(2, 4, 2), r(2, 4, 2), "mse")),
+    ("grad-ce-scaled", ops.task_loss_grad, lambda: (r(2, 4, 5), torch.randint(0, 5, (2, 4)), "cross_entropy", r(2))),
+    ("grad-mse-scaled", ops.task_loss_grad, lambda: (r(2, 4, 2), r(2, 4, 2), "mse", r(2))),
     ("grad-backward-ce", ops.task_loss_grad_backward,
      lambda: (r(2, 4, 5), r(2, 4, 5), torch.randint(0, 5, (2, 4)), "cross_entropy")),
     ("grad-backward-mse", ops.task_loss_grad_backward, lambda: (r(2, 4, 2), r(2, 4, 2), r(2, 4, 2), "mse")),
@@ -162,6 +173,69 @@ def test_second_order_loss_gradients_equal_autograd_of_the_reference(kind, wants
         t = target.clone().requires_grad_(wants[1]) if wants[1] else target
         inputs = [x for x, w in zip((p, t), wants) if w]
         results.append(torch.autograd.grad((fn(p, t, kind) * u).sum(), inputs))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("triton"))
+@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
+def test_triton_scaled_grad_equals_reference(backend, device, kind):
+    """task_loss_grad's per-task scale in the Triton kernels: a [T], an expanded scalar
+    (stride 0), and a strided view (copied by the op layer)."""
+    T, N, K = 3, 5, 7
+    pred = torch.randn(T, N, K) * 3
+    target = torch.randint(0, K, (T, N)) if kind == "cross_entropy" else torch.randn(T, N, K)
+    for scale in (torch.randn(T), torch.full((), 0.5).expand(T), torch.randn(T, 2)[:, 1]):
+        args = to((pred, target, kind, scale), device)
+        check_kernel(backend, "task_loss_grad", reference_task_loss_grad,
+                     (*args[:3], args[3] if args[3].stride(0) in (0, 1) else args[3].contiguous()), rtol=2e-5)
+        with fm.use_backend(backend):
+            got = ops.task_loss_grad(*args)
+        torch.testing.assert_close(got, reference_task_loss_grad(*args), rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
+def test_loss_backward_hands_its_upstream_to_the_gradient_kernel(backend, kind):
+    """task_loss's backward is task_loss_grad with the upstream as its scale: the gradients
+    equal the reference's autograd for a per-task upstream, the mean's and the sum's (an
+    expanded scalar), with no multiply after the kernel (no aten::mul in the backward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    require(backend)
+    torch.manual_seed(0)
+    pred = torch.randn(3, 4, 5, dtype=torch.float64) * 2
+    target = torch.randint(0, 5, (3, 4)) if kind == "cross_entropy" else torch.randn(3, 4, 5, dtype=torch.float64)
+    weights = torch.randn(3, dtype=torch.float64)
+    for weighted, reduce in ((True, lambda l: (l * weights).sum()), (False, lambda l: l.mean()),
+                             (False, lambda l: l.sum())):
+        p = pred.clone().requires_grad_(True)
+        with fm.use_backend(backend):
+            loss = reduce(ops.task_loss(p, target, kind))
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                (got,) = torch.autograd.grad(loss, p)
+        q = pred.clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(reduce(reference_task_loss(q, target, kind)), q)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+        names = [e.name for e in prof.events()]
+        assert sum(n == "fastmeta::task_loss_grad" for n in names) == 1
+        if backend == "cpu" and not weighted:  # (the reference multiplies; so does the weighted sum's backward)
+            assert "aten::mul" not in names, names
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
+def test_scaled_loss_gradient_differentiates_to_autograd_of_the_reference(kind):
+    """d/d(pred, scale) of <u, task_loss_grad(pred, target, kind, scale)> (the Python node:
+    the unscaled VJP of u · scale, and Σ u · g per task for the scale) equals autograd
+    through the reference."""
+    torch.manual_seed(1)
+    pred = torch.randn(2, 4, 5, dtype=torch.float64)
+    target = torch.randint(0, 5, (2, 4)) if kind == "cross_entropy" else torch.randn(2, 4, 5, dtype=torch.float64)
+    scale, u = torch.randn(2, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    results = []
+    for fn in (ops.task_loss_grad, reference_task_loss_grad):
+        p, s = pred.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+        results.append(torch.autograd.grad((fn(p, target, kind, s) * u).sum(), (p, s)))
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
 

@@ -61,8 +61,13 @@ extern "C" void run_gemm_group(int count, const long* spec, const float* const* 
   launch_batched_gemms(gemms, count, nullptr);
 }
 extern "C" void run_loss(const float* pred, const void* target, int kind, long T, long N, long C, long M, float* out, int grad) {
-  if (grad) launch_task_loss_grad(pred, target, kind, T, N, C, M, out, nullptr);
+  if (grad) launch_task_loss_grad(pred, target, kind, T, N, C, M, nullptr, 0, out, nullptr);
   else launch_task_loss(pred, target, kind, T, N, C, M, out, nullptr);
+}
+// task_loss_grad with each task's gradient times scale[t * scale_stride].
+extern "C" void run_loss_grad_scaled(const float* pred, const void* target, int kind, long T, long N, long C, long M,
+                                     const float* scale, long scale_stride, float* out) {
+  launch_task_loss_grad(pred, target, kind, T, N, C, M, scale, scale_stride, out, nullptr);
 }
 extern "C" void run_loss_grad_backward(const float* upstream, const float* pred, int kind, long T, long N, long C,
                                        long M, float* out) {
