@@ -24,6 +24,8 @@ task_loss_grad_backward (the VJP of the gradient w.r.t. pred), one launch:
 accuracy, ``accuracy_kernel``
     grid  (T,): tiles as cross_entropy_kernel; per row the first largest logit (a NaN the
           largest, as torch.argmax), compared with the label; the hits summed in registers.
+    ``task_loss_and_accuracy``: cross_entropy_kernel with WRITE_ACCURACY, the same rule on
+          the tile it loaded for the loss: the query's loss and accuracy in one launch.
 bound  memory/latency: W1–W4 losses are at most 16 × 20 × 20 values; the point is one
        launch for all tasks instead of a reduction kernel per task or a second pass.
 
@@ -45,8 +47,8 @@ MAX_CLASSES = 8192  # one row in one tile: 8192 fp32 = 32 KB of registers across
 
 @triton.jit
 def cross_entropy_kernel(
-    pred_ptr, target_ptr, loss_ptr, grad_ptr, scale_ptr, scale_stride, N, K,
-    WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    pred_ptr, target_ptr, loss_ptr, grad_ptr, scale_ptr, scale_stride, accuracy_ptr, N, K,
+    WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_ACCURACY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -55,6 +57,7 @@ def cross_entropy_kernel(
     cols = tl.arange(0, BLOCK_K)
     col_ok = cols < K
     loss_acc = tl.zeros([BLOCK_N], tl.float32)
+    hits = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, N, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -73,6 +76,13 @@ def cross_entropy_kernel(
             row_loss = row_max + tl.log(total) - picked
             valid = (label >= 0) & (label < K)
             loss_acc += tl.where(row_ok, tl.where(valid, row_loss, float("nan")), 0.0)
+        if WRITE_ACCURACY:  # accuracy_kernel's rule on the same tile: the first largest, a NaN the largest
+            is_nan = (logits != logits) & ok
+            first_nan = tl.min(tl.where(is_nan, cols[None, :], BLOCK_K), axis=1)
+            finite_max = tl.max(tl.where(is_nan, -float("inf"), logits), axis=1)
+            first_max = tl.min(tl.where((logits == finite_max[:, None]) & ok, cols[None, :], BLOCK_K), axis=1)
+            best = tl.where(first_nan < BLOCK_K, first_nan, first_max)
+            hits += tl.where(row_ok & (best.to(tl.int64) == label), 1.0, 0.0)
         if WRITE_GRAD:
             # A row whose label is outside [0, K) has no one-hot 1: make it NaN instead.
             bad_row = (label < 0) | (label >= K)
@@ -83,6 +93,8 @@ def cross_entropy_kernel(
             tl.store(grad_ptr + offs, grad, mask=ok)
     if WRITE_LOSS:
         tl.store(loss_ptr + t, tl.sum(loss_acc, axis=0) / N)
+    if WRITE_ACCURACY:
+        tl.store(accuracy_ptr + t, tl.sum(hits, axis=0) / N)
 
 
 @triton.jit
@@ -179,7 +191,7 @@ def mse_config(count: int) -> dict:
     return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4}
 
 
-def _launch(pred, target, kind, write_loss, write_grad, scale=None):
+def _launch(pred, target, kind, write_loss, write_grad, scale=None, write_accuracy=False):
     if not all_float32_on_one_device(pred) or pred.dim() < 2:
         return NotImplemented
     T, N = pred.shape[:2]
@@ -193,6 +205,7 @@ def _launch(pred, target, kind, write_loss, write_grad, scale=None):
     if not has_scale:
         scale = pred  # never read (HAS_SCALE is off): any tensor of the device
     loss = pred.new_empty(T) if write_loss else pred.new_empty(0)
+    accuracy = pred.new_empty(T) if write_accuracy else loss  # never written without WRITE_ACCURACY
     grad = torch.empty(pred.shape, dtype=torch.float32, device=pred.device) if write_grad else pred.new_empty(0)
     pred = pred.contiguous()
     if kind == "cross_entropy":
@@ -202,13 +215,15 @@ def _launch(pred, target, kind, write_loss, write_grad, scale=None):
         if K > MAX_CLASSES:
             return NotImplemented
         cfg = loss_config(N, K)
+        if write_accuracy and (target.dtype != torch.int64 or K == 0):
+            return NotImplemented
         cross_entropy_kernel[(T,)](
-            pred, target.contiguous(), loss, grad, scale, scale_stride, N, K,
-            WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, HAS_SCALE=has_scale,
+            pred, target.contiguous(), loss, grad, scale, scale_stride, accuracy, N, K,
+            WRITE_LOSS=write_loss, WRITE_GRAD=write_grad, HAS_SCALE=has_scale, WRITE_ACCURACY=write_accuracy,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         )
     elif kind == "mse":
-        if target.shape != pred.shape or target.dtype != torch.float32:
+        if target.shape != pred.shape or target.dtype != torch.float32 or write_accuracy:
             return NotImplemented
         count = pred[0].numel()
         cfg = mse_config(count)
@@ -219,6 +234,8 @@ def _launch(pred, target, kind, write_loss, write_grad, scale=None):
         )
     else:
         return NotImplemented
+    if write_accuracy:
+        return loss, accuracy
     return loss if write_loss else grad
 
 
@@ -228,6 +245,12 @@ def task_loss(pred, target, kind):
 
 def task_loss_grad(pred, target, kind, scale=None):
     return _launch(pred, target, kind, write_loss=False, write_grad=True, scale=scale)
+
+
+def task_loss_and_accuracy(pred, target):
+    """The cross-entropy losses and accuracies ``([T], [T])`` in one launch of
+    cross_entropy_kernel (WRITE_LOSS, WRITE_ACCURACY)."""
+    return _launch(pred, target, "cross_entropy", write_loss=True, write_grad=False, write_accuracy=True)
 
 
 def task_loss_grad_backward(upstream, pred, target, kind):

@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../common.h"
@@ -234,6 +235,43 @@ at::Tensor task_accuracy(const at::Tensor& pred, const at::Tensor& target) {
   return out;
 }
 
+// task_loss_and_accuracy: the cross-entropy task_loss and task_accuracy of one [T, N, K] in
+// one pass: per row its log-sum-exp and its first largest logit together, each summed over
+// the task's rows in the order of the two ops' own loops (so both outputs equal theirs bit
+// for bit). Labels are checked as task_loss's (a label outside [0, K) raises).
+std::tuple<at::Tensor, at::Tensor> task_loss_and_accuracy(const at::Tensor& pred, const at::Tensor& target) {
+  check_loss_args(pred, target, LossKind::CrossEntropy);
+  const int64_t T = pred.size(0), N = pred.size(1), C = pred.size(2);
+  TORCH_CHECK_VALUE(C > 0, "pred must have at least one class, got ", pred.sizes());
+  at::Tensor loss = at::empty({T}, pred.options());
+  at::Tensor accuracy = at::empty({T}, pred.options());
+  dispatch_floating(pred.scalar_type(), "task_loss_and_accuracy", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* z = pred.data_ptr<scalar_t>();
+    const int64_t* y = target.data_ptr<int64_t>();
+    scalar_t* lo = loss.data_ptr<scalar_t>();
+    scalar_t* ao = accuracy.data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(N * C, 1)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        scalar_t acc = 0;
+        int64_t hits = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const scalar_t* row = z + (t * N + n) * C;
+          const int64_t label = y[t * N + n];
+          acc += log_sum_exp<scalar_t>(row, C) - row[label];
+          int64_t best = 0;
+          for (int64_t c = 1; c < C && !std::isnan(row[best]); ++c)
+            if (std::isnan(row[c]) || row[c] > row[best]) best = c;
+          hits += best == label;
+        }
+        lo[t] = acc / scalar_t(N);
+        ao[t] = static_cast<scalar_t>(hits) / static_cast<scalar_t>(N);
+      }
+    });
+  });
+  return {loss, accuracy};
+}
+
 // ---------------------------------------------------------------------------------------
 // The eager path's autograd nodes in C++ (see task_conv2d.cpp): task_loss and
 // task_loss_grad, what fastmeta/ops/task_loss.py's Python nodes do, with the same kernel
@@ -310,10 +348,19 @@ struct TaskLossGradNode : public torch::autograd::Function<TaskLossGradNode> {
 };
 
 struct TaskLossNode : public torch::autograd::Function<TaskLossNode> {
-  // loss = task_loss(pred, target) [T].
+  // loss = task_loss(pred, target) [T]; with `with_accuracy` (cross-entropy), the accuracy
+  // [T] beside it from the same pass (task_loss_and_accuracy), not differentiable.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& target,
-                               std::string kind) {
+                               std::string kind, bool with_accuracy) {
     save_loss_inputs(ctx, pred, target, kind);
+    if (with_accuracy) {
+      at::Tensor loss, accuracy;
+      std::tie(loss, accuracy) = recorded(nullptr, "fastmeta_ext::task_loss_and_accuracy", [&] {
+        return task_loss_and_accuracy(pred.contiguous(), target.contiguous());
+      });
+      ctx->mark_non_differentiable({accuracy});
+      return {loss, accuracy};
+    }
     at::Tensor loss = recorded(nullptr, "fastmeta_ext::task_loss",
                                [&] { return task_loss(pred.contiguous(), target.contiguous(), kind); });
     return {loss};
@@ -325,7 +372,7 @@ struct TaskLossNode : public torch::autograd::Function<TaskLossNode> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor none;
     const LossBackward b(ctx, grads[0]);
-    if (!b.any()) return {none, none, none};
+    if (!b.any()) return {none, none, none, none};
     at::Tensor g;
     const at::Tensor& grad_loss = grads[0];
     if (at::GradMode::is_enabled() &&
@@ -339,12 +386,16 @@ struct TaskLossNode : public torch::autograd::Function<TaskLossNode> {
       g = recorded("fastmeta::task_loss_grad", "fastmeta_ext::task_loss_grad",
                    [&] { return task_loss_grad(b.pred.contiguous(), b.target.contiguous(), b.kind, scale); });
     }
-    return {b.wants_pred ? g : none, b.wants_target ? g.neg() : none, none};
+    return {b.wants_pred ? g : none, b.wants_target ? g.neg() : none, none, none};
   }
 };
 
 std::vector<at::Tensor> task_loss_node(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind) {
-  return TaskLossNode::apply(pred, target, std::string(kind.data(), kind.size()));
+  return TaskLossNode::apply(pred, target, std::string(kind.data(), kind.size()), false);
+}
+
+std::vector<at::Tensor> task_loss_and_accuracy_node(const at::Tensor& pred, const at::Tensor& target) {
+  return TaskLossNode::apply(pred, target, std::string("cross_entropy"), true);
 }
 
 std::vector<at::Tensor> task_loss_grad_node(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind) {
@@ -360,15 +411,18 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_loss_grad", &fastmeta::cpu::task_loss_grad);
   m.impl("task_loss_grad_backward", &fastmeta::cpu::task_loss_grad_backward);
   m.impl("task_accuracy", &fastmeta::cpu::task_accuracy);
+  m.impl("task_loss_and_accuracy", &fastmeta::cpu::task_loss_and_accuracy);
 }
 
 // The eager nodes' entries (see task_conv2d_node in task_conv2d.cpp).
 TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
   m.def("task_loss_node(Tensor pred, Tensor target, str kind) -> Tensor[]");
   m.def("task_loss_grad_node(Tensor pred, Tensor target, str kind) -> Tensor[]");
+  m.def("task_loss_and_accuracy_node(Tensor pred, Tensor target) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
   m.impl("task_loss_node", &fastmeta::cpu::task_loss_node);
   m.impl("task_loss_grad_node", &fastmeta::cpu::task_loss_grad_node);
+  m.impl("task_loss_and_accuracy_node", &fastmeta::cpu::task_loss_and_accuracy_node);
 }

@@ -20,20 +20,34 @@ constexpr int kCrossEntropy = 0;  // fastmeta::LossKind::CrossEntropy
 // labels on the host would cost a device sync.
 // ---------------------------------------------------------------------------------------
 
+// accuracy (cross-entropy, nullable): task_accuracy's [T] from the same rows
+// (task_loss_and_accuracy): each row's first largest logit beside its log-sum-exp, the hits
+// summed as task_accuracy_kernel sums them.
 __global__ void task_loss_kernel(const float* __restrict pred, const void* target, int kind, int64_t N, int64_t C,
-                                 int64_t M, float* __restrict out) {
+                                 int64_t M, float* __restrict out, float* __restrict accuracy) {
   __shared__ float scratch[33];
   const int64_t t = blockIdx.x;
   float acc = 0.f;
   if (kind == kCrossEntropy) {
     const int64_t* y = static_cast<const int64_t*>(target) + t * N;
+    float hits = 0.f;
     for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
       const float* z = pred + (t * N + n) * C;
       const int64_t label = y[n];
       acc += (label >= 0 && label < C) ? log_sum_exp(z, C) - z[label] : NAN;
+      if (accuracy) {
+        int64_t best = 0;
+        for (int64_t c = 1; c < C && z[best] == z[best]; ++c)  // x != x: x is NaN (no fast-math here)
+          if (z[c] != z[c] || z[c] > z[best]) best = c;
+        hits += best == label ? 1.f : 0.f;
+      }
     }
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) out[t] = acc / static_cast<float>(N);
+    if (accuracy) {
+      hits = block_sum(hits, scratch);
+      if (threadIdx.x == 0) accuracy[t] = hits / static_cast<float>(N);
+    }
   } else {
     const float* yv = static_cast<const float*>(target) + t * M;
     const float* z = pred + t * M;
@@ -123,8 +137,8 @@ __global__ void task_accuracy_kernel(const float* __restrict pred, const int64_t
 }  // namespace
 
 void launch_task_loss(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C, int64_t M,
-                      float* out, cudaStream_t stream) {
-  task_loss_kernel<<<T, 256, 0, stream>>>(pred, target, kind, N, C, M, out);
+                      float* out, float* accuracy, cudaStream_t stream) {
+  task_loss_kernel<<<T, 256, 0, stream>>>(pred, target, kind, N, C, M, out, accuracy);
 }
 
 void launch_task_accuracy(const float* pred, const int64_t* target, int64_t T, int64_t N, int64_t C, float* out,

@@ -9,8 +9,9 @@
 namespace fastmeta {
 namespace cuda {
 
+// accuracy: null, or (cross-entropy) task_accuracy's [T] from the same pass.
 void launch_task_loss(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C, int64_t M,
-                      float* out, cudaStream_t stream);
+                      float* out, float* accuracy, cudaStream_t stream);
 // scale: null, or [T] read at scale[t * scale_stride], multiplying task t's gradient.
 void launch_task_loss_grad(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C,
                            int64_t M, const float* scale, int64_t scale_stride, float* out, cudaStream_t stream);

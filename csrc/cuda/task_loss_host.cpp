@@ -49,9 +49,22 @@ at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::stri
   const int64_t C = kind == LossKind::CrossEntropy ? pred.size(2) : 1;
   at::Tensor out = at::empty({T}, pred.options());
   launch_task_loss(pred.data_ptr<float>(), target.data_ptr(), static_cast<int>(kind), T, N, C, M,
-                   out.data_ptr<float>(), stream());
+                   out.data_ptr<float>(), nullptr, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+// The cross-entropy task_loss and task_accuracy in one launch (task_loss_kernel writing both).
+std::tuple<at::Tensor, at::Tensor> task_loss_and_accuracy(const at::Tensor& pred, const at::Tensor& target) {
+  check_loss(pred, target, LossKind::CrossEntropy);
+  c10::cuda::CUDAGuard guard(pred.device());
+  const int64_t T = pred.size(0), N = pred.size(1), C = pred.size(2);
+  at::Tensor loss = at::empty({T}, pred.options());
+  at::Tensor accuracy = at::empty({T}, pred.options());
+  launch_task_loss(pred.data_ptr<float>(), target.data_ptr(), static_cast<int>(LossKind::CrossEntropy), T, N, C,
+                   N * C, loss.data_ptr<float>(), accuracy.data_ptr<float>(), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, accuracy};
 }
 
 // scale: a [T] float32 on pred's device (task stride 0 or 1) multiplying each task's
@@ -124,4 +137,5 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CUDA, m) {
   m.impl("task_loss_grad", &fastmeta::cuda::task_loss_grad);
   m.impl("task_loss_grad_backward", &fastmeta::cuda::task_loss_grad_backward);
   m.impl("task_accuracy", &fastmeta::cuda::task_accuracy);
+  m.impl("task_loss_and_accuracy", &fastmeta::cuda::task_loss_and_accuracy);
 }

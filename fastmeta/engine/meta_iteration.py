@@ -32,7 +32,7 @@ from fastmeta.engine.task_weights import (Layout, TaskWeights, cached_one, expan
                                           segment_inner_step_node)
 from fastmeta.engine.types import MetaBatchOutput
 from fastmeta.engine.whole_step import FusedMLPStep
-from fastmeta.ops import LOSS_KINDS, inner_step, task_accuracy, task_loss, task_loss_grad
+from fastmeta.ops import LOSS_KINDS, inner_step, task_accuracy, task_loss, task_loss_and_accuracy, task_loss_grad
 from fastmeta.ops.mlp_meta_step import choose_fused_kernel, mlp_meta_step_mean
 from fastmeta.ops.mlp_meta_step_update import mlp_meta_step_update
 
@@ -253,6 +253,25 @@ class MetaIteration:
         target = loss_targets(kind, target, list(pred.shape), pred.dtype, which, plan.validate and check_range)
         return task_loss(pred, target, kind)
 
+    def query_losses_and_accuracy(self, plan: AdaptationPlan, pred: Tensor, target: Tensor,
+                                  check_range: bool) -> tuple[Tensor, Tensor | None]:
+        """(losses ``[T]``, accuracy ``[T]`` or None) of the last query: with the built-in
+        cross-entropy on integer labels, both from one op (``task_loss_and_accuracy``: one
+        pass over pred, one kernel where the loss and ``task_accuracy`` were two); otherwise
+        :meth:`task_losses`, and the accuracy where the labels are integer class indices
+        (``task_accuracy``, without a graph)."""
+        if (self.loss_kind(plan.loss, target) == "cross_entropy" and pred.dim() == 3
+                and not target.is_floating_point()):
+            labels = loss_targets("cross_entropy", target, list(pred.shape), pred.dtype, "query",
+                                  plan.validate and check_range)
+            return task_loss_and_accuracy(pred, labels)
+        losses = self.task_losses(plan, pred, target, "query", check_range=check_range)
+        accuracy = None
+        if not target.is_floating_point() and pred.dim() == 3:
+            with torch.no_grad():
+                accuracy = task_accuracy(pred, target)  # argmax, compare and mean: one kernel
+        return losses, accuracy
+
     def support_losses(self, plan: AdaptationPlan, pred: Tensor, target: Tensor,
                        check_range: bool) -> tuple[Tensor | None, Tensor | None]:
         """(losses ``[T]`` or None, d Σ_t losses[t] / d pred or None) for an inner step.
@@ -409,14 +428,18 @@ class MetaIteration:
         ``finite_checks``."""
         theta = self.pack()
         steps, step_weights = plan.steps, plan.step_weights
-        task_losses = None
+        task_losses = accuracy = None
         for state, fast in enumerate(self.inner_states(theta, support_x, support_y, plan, finite_checks), 1):
             weight = (1.0 if state == steps else 0.0) if step_weights is None else step_weights[state - 1]
             if state < steps and weight == 0:
                 continue
             with torch.profiler.record_function("fastmeta.query"):
                 pred = self.run(query_x, self.weights(theta, fast, plan.adapting), "query_x")
-                losses = self.task_losses(plan, pred, query_y, "query", check_range=task_losses is None)
+                if state == steps:  # the last query: its accuracy too, from the loss's pass where it can
+                    losses, accuracy = self.query_losses_and_accuracy(plan, pred, query_y,
+                                                                      check_range=task_losses is None)
+                else:
+                    losses = self.task_losses(plan, pred, query_y, "query", check_range=task_losses is None)
             if finite_checks is not None:
                 finite_checks.add_losses("query", losses)
             else:
@@ -424,10 +447,6 @@ class MetaIteration:
             if step_weights is not None:
                 losses = losses * weight
             task_losses = losses if task_losses is None else task_losses + losses
-        accuracy = None
-        if not query_y.is_floating_point() and pred.dim() == 3:
-            with torch.no_grad():
-                accuracy = task_accuracy(pred, query_y)  # argmax, compare and mean: one kernel
         return task_losses, accuracy
 
     def _adapt_and_evaluate_checkpointed(self, *args):

@@ -20,6 +20,11 @@ N rows whose largest logit (the first of equals; a NaN counts as the largest, as
 ``torch.argmax`` has it) is at the target class: the query accuracy ``meta_batch`` reports,
 in one kernel where ``argmax``, ``eq`` and ``mean`` were three. Not differentiable.
 
+The query's both: ``task_loss_and_accuracy(pred, target)`` → ``(task_loss(pred, target,
+"cross_entropy"), task_accuracy(pred, target))`` from one pass over pred (one kernel where
+they were two); the losses differentiate as ``task_loss``'s, the accuracies do not. The
+engine's query step takes it for a built-in cross-entropy.
+
 Double backward: ``task_loss_grad_backward(upstream, pred, target, kind)`` → the VJP of
 task_loss_grad w.r.t. pred, in closed form (one op where recomputing the reference with
 autograd cost eight aten dispatches per second-order meta-iteration):
@@ -137,7 +142,7 @@ task_loss.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 # What the C++ nodes call (csrc/cpu/task_loss.cpp): task_loss's backward runs task_loss_grad,
 # whose node's backward runs task_loss_grad_backward.
-_LOSS_NODE_KERNELS = ("task_loss", "task_loss_grad", "task_loss_grad_backward")
+_LOSS_NODE_KERNELS = ("task_loss", "task_loss_grad", "task_loss_grad_backward", "task_loss_and_accuracy")
 
 
 def _loss_node(name: str, pred: Tensor, target: Tensor, kind: str):
@@ -294,6 +299,68 @@ task_accuracy.register_autograd(_accuracy_backward, setup_context=_accuracy_setu
 
 
 # ---------------------------------------------------------------------------------------
+# task_loss_and_accuracy: the query's cross-entropy losses and accuracies in one pass
+# ---------------------------------------------------------------------------------------
+
+
+def reference_task_loss_and_accuracy(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``(task_loss(pred, target, "cross_entropy"), task_accuracy(pred, target))``: the
+    query's losses ``[T]`` and accuracies ``[T]`` of one ``[T, N, K]`` prediction, in one pass
+    over pred where they were two kernels (each row's log-sum-exp and first largest logit
+    together). The losses differentiate as ``task_loss``'s; the accuracies do not."""
+    return reference_task_loss(pred, target, "cross_entropy"), reference_task_accuracy(pred, target)
+
+
+def _check_loss_and_accuracy(pred, target) -> None:
+    """Refused, named: pred not ``[T, N, K]`` with K ≥ 1, a target not int64 class indices
+    ``[T, N]`` (cross-entropy's labels)."""
+    if pred.dim() != 3 or pred.size(2) < 1:
+        raise ValueError(f"task_loss_and_accuracy: pred must be [T, N, K] logits with K >= 1, got {tuple(pred.shape)}")
+    if target.dtype != torch.int64 or tuple(target.shape) != tuple(pred.shape[:2]):
+        raise ValueError(f"task_loss_and_accuracy: target must be int64 class indices [T, N] = "
+                         f"{tuple(pred.shape[:2])}, got {target.dtype} {tuple(target.shape)}")
+
+
+task_loss_and_accuracy = define_op(reference_task_loss_and_accuracy, NativeCall(
+    takes=lambda device_type, pred, target: _native_loss_takes(device_type, pred, target, "cross_entropy"),
+    args=lambda pred, target: (pred.contiguous(), target.contiguous()),
+), check=_check_loss_and_accuracy)
+
+
+@task_loss_and_accuracy.register_fake
+def _(pred, target):
+    return pred.new_empty((pred.size(0),)), pred.new_empty((pred.size(0),))
+
+
+def _loss_and_accuracy_setup(ctx, inputs, output):
+    pred, target = inputs
+    ctx.kind = "cross_entropy"
+    ctx.mark_non_differentiable(output[1])  # the accuracy: piecewise constant in pred
+    ctx.set_materialize_grads(False)  # no zeros made for the accuracy's (or an unused loss's) gradient
+    ctx.save_for_backward(pred, target)
+
+
+def _loss_and_accuracy_backward(ctx, grad_loss, grad_accuracy):
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return None, None
+    pred, target = ctx.saved_tensors
+    return task_loss_grad(pred, target, "cross_entropy", grad_loss), None
+
+
+task_loss_and_accuracy.register_autograd(_loss_and_accuracy_backward, setup_context=_loss_and_accuracy_setup)
+
+
+def _loss_and_accuracy_native_node(pred, target):
+    """task_loss_and_accuracy's node in C++ (``fastmeta_ext::task_loss_and_accuracy_node``):
+    see :func:`_loss_node`."""
+    node = _loss_node("task_loss_and_accuracy_node", pred, target, "cross_entropy")
+    return NotImplemented if node is None else tuple(node(pred, target))
+
+
+task_loss_and_accuracy.register_native_node(_loss_and_accuracy_native_node)
+
+
+# ---------------------------------------------------------------------------------------
 # The family
 # ---------------------------------------------------------------------------------------
 
@@ -306,6 +373,7 @@ FAMILY = define_family(OpFamily(
         "task_loss_grad_backward": lambda: (torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)),
                                             "cross_entropy"),
         "task_accuracy": lambda: (torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))),
+        "task_loss_and_accuracy": lambda: (torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))),
     },
     check_seconds=17,
     dry_run_case="mse-2-3-1",

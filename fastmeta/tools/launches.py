@@ -413,6 +413,11 @@ def _host_task_loss_grad_backward(upstream, pred, target, kind):
     return _elementwise("task_loss_grad_backward_kernel", work) if pred.numel() else []
 
 
+def _host_task_loss_and_accuracy(pred, target):
+    """task_loss_kernel writing both (csrc/cuda/task_loss_host.cpp): one block per task."""
+    return [Launch("native", "task_loss_kernel", grid=(pred.size(0), 1, 1), tiles=(("threads", THREADS),))]
+
+
 def _host_task_accuracy(pred, target):
     """One block per task (csrc/cuda/task_loss.cu's task_accuracy_kernel)."""
     return [Launch("native", "task_accuracy_kernel", grid=(pred.size(0), 1, 1), tiles=(("threads", THREADS),))
@@ -447,6 +452,7 @@ HOST_LAUNCHES: dict[str, Callable[..., list[Launch]]] = {
     "task_loss_grad": _host_task_loss_grad,
     "task_loss_grad_backward": _host_task_loss_grad_backward,
     "task_accuracy": _host_task_accuracy,
+    "task_loss_and_accuracy": _host_task_loss_and_accuracy,
     "inner_step": _host_inner_step,
     "inner_step_backward": _host_inner_step_backward,
 }

@@ -93,9 +93,12 @@ def compile_plan():
                  NEED_GAMMA=True, GRAD_SUMS=True, WRITE=True, BLOCK=2048, HAS_Y=act != 0, ACT=act, POOL=2)
             for act in (0, 1)]),
         # HAS_SCALE: task_loss_grad's per-task scale (task_loss's upstream, from its backward).
+        # WRITE_ACCURACY: task_loss_and_accuracy (the query's loss and accuracy in one launch).
         (task_loss.cross_entropy_kernel,
-         _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[True, False], HAS_SCALE=[False], BLOCK_N=[64], BLOCK_K=[32])[:3]
-         + [dict(WRITE_LOSS=False, WRITE_GRAD=True, HAS_SCALE=True, BLOCK_N=64, BLOCK_K=32)]),
+         _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[True, False], HAS_SCALE=[False], WRITE_ACCURACY=[False],
+               BLOCK_N=[64], BLOCK_K=[32])[:3]
+         + [dict(WRITE_LOSS=False, WRITE_GRAD=True, HAS_SCALE=True, WRITE_ACCURACY=False, BLOCK_N=64, BLOCK_K=32),
+            dict(WRITE_LOSS=True, WRITE_GRAD=False, HAS_SCALE=False, WRITE_ACCURACY=True, BLOCK_N=64, BLOCK_K=32)]),
         (task_loss.mse_kernel, _grid(WRITE_LOSS=[True, False], WRITE_GRAD=[False, True], HAS_SCALE=[False],
                                      BLOCK=[4096])[1:3]
          + [dict(WRITE_LOSS=False, WRITE_GRAD=True, HAS_SCALE=True, BLOCK=4096)]),

@@ -299,3 +299,23 @@ def test_emulated_cuda_task_accuracy(lib):
         out = torch.empty(T)
         lib.run_accuracy(ptr(pred), ptr(target), L(T), L(N), L(C), ptr(out))
         assert torch.equal(out, reference_task_accuracy(pred, target))
+
+
+def test_emulated_cuda_task_loss_and_accuracy(lib):
+    """task_loss_kernel writing the accuracy beside the loss (task_loss_and_accuracy): both
+    equal the two kernels' own results bit for bit (the same sums in the same order), on
+    ties, NaN and ±inf rows and N above the block's 256 threads."""
+    g = torch.Generator().manual_seed(6)
+    for T, N, C in ((3, 7, 5), (2, 300, 3), (4, 9, 1)):
+        pred = torch.randint(0, 3, (T, N, C), generator=g).float() + torch.rand(T, N, C, generator=g) * (C > 1)
+        pred[0, 0, C - 1] = float("nan")
+        pred[T - 1, N - 1, 0] = float("inf")
+        target = torch.randint(0, C, (T, N), generator=g)
+        loss, accuracy, alone_loss, alone_accuracy = (torch.empty(T) for _ in range(4))
+        lib.run_loss_and_accuracy(ptr(pred), ptr(target), L(T), L(N), L(C), ptr(loss), ptr(accuracy))
+        lib.run_loss(ptr(pred), ptr(target), 0, L(T), L(N), L(C), L(N * C), ptr(alone_loss), 0)
+        lib.run_accuracy(ptr(pred), ptr(target), L(T), L(N), L(C), ptr(alone_accuracy))
+        assert torch.equal(accuracy, alone_accuracy) and torch.equal(accuracy, reference_task_accuracy(pred, target))
+        assert torch.equal(loss.isnan(), alone_loss.isnan()) and torch.equal(loss.nan_to_num(), alone_loss.nan_to_num())
+        finite = torch.isfinite(reference_task_loss(pred, target, "cross_entropy"))
+        assert rel(loss[finite], reference_task_loss(pred, target, "cross_entropy")[finite]) <= 1e-6

@@ -306,3 +306,82 @@ def test_task_accuracy_is_not_differentiable_and_refuses_bad_arguments():
         ops.task_accuracy(pred, target[:, :2])
     # int32 labels: the reference (the kernels take int64)
     torch.testing.assert_close(ops.task_accuracy(pred, target.int()), ops.task_accuracy(pred, target))
+
+
+# ---------------------------------------------------------------------------------------
+# task_loss_and_accuracy: the query's loss and accuracy in one pass
+# ---------------------------------------------------------------------------------------
+
+# The accuracy cases whose loss the reference computes (its labels in range; NaN and ±inf
+# logits give a NaN or infinite loss, which the kernels must give too).
+LOSS_AND_ACCURACY_CASES = {k: v for k, v in ACCURACY_CASES.items() if k != "labels-out-of-range"}
+
+
+def _same(got, want, rtol):
+    """Equal where the reference is not finite (NaN where NaN, the same infinity), within
+    rtol of its largest finite value elsewhere."""
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), (got, want)
+    finite = torch.isfinite(want)
+    assert torch.equal(got[want.isinf()], want[want.isinf()])
+    if finite.any():
+        torch.testing.assert_close(got[finite], want[finite], rtol=rtol, atol=rtol * want[finite].abs().max())
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("name", list(LOSS_AND_ACCURACY_CASES))
+def test_task_loss_and_accuracy_kernel_equals_the_two_ops(backend, device, name):
+    """One kernel: the losses as task_loss's kernel gives them, the accuracies exactly."""
+    from fastmeta.backends import get_backend
+    from fastmeta.ops.task_loss import reference_task_accuracy
+
+    require(backend)
+    pred, target = (t.to(device) for t in LOSS_AND_ACCURACY_CASES[name])
+    backend_kernels = get_backend(backend)
+    out = backend_kernels.kernel("task_loss_and_accuracy")(pred, target)
+    assert out is not NotImplemented
+    loss, accuracy = out
+    assert torch.equal(accuracy, reference_task_accuracy(pred, target))
+    _same(loss, reference_task_loss(pred, target, "cross_entropy"), 1e-5)
+    alone = backend_kernels.kernel("task_loss")(pred, target, "cross_entropy")
+    _same(loss, alone, 0)  # the same sums in the same order as the loss's own kernel
+
+
+@pytest.mark.parametrize("name", list(LOSS_AND_ACCURACY_CASES))
+def test_task_loss_and_accuracy_cpu_kernel_float64(name):
+    from fastmeta.ops.task_loss import reference_task_accuracy
+
+    require("cpu")
+    pred, target = LOSS_AND_ACCURACY_CASES[name]
+    loss, accuracy = torch.ops.fastmeta_ext.task_loss_and_accuracy(pred.double(), target)
+    assert torch.equal(accuracy, reference_task_accuracy(pred.double(), target))
+    _same(loss, reference_task_loss(pred.double(), target, "cross_entropy"), 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_task_loss_and_accuracy_differentiates_as_the_loss(gradchecks, backend):
+    """The losses' gradient is task_loss's (gradcheck and gradgradcheck in float64); the
+    accuracy has none; both equal the two ops' outputs."""
+    require(backend)
+    torch.manual_seed(2)
+    pred = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 5, (3, 4))
+    with fm.use_backend(backend):
+        loss, accuracy = ops.task_loss_and_accuracy(pred, target)
+        assert loss.requires_grad and not accuracy.requires_grad and accuracy.grad_fn is None
+        torch.testing.assert_close(loss, ops.task_loss(pred, target, "cross_entropy"), rtol=0, atol=0)
+        torch.testing.assert_close(accuracy, ops.task_accuracy(pred, target), rtol=0, atol=0)
+        weights = torch.randn(3, dtype=torch.float64)
+        (got,) = torch.autograd.grad((loss * weights).sum(), pred)
+    (want,) = torch.autograd.grad((reference_task_loss(pred, target, "cross_entropy") * weights).sum(), pred)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    gradchecks(ops.task_loss_and_accuracy, (pred.detach().requires_grad_(True), target), backend=backend)
+
+
+def test_task_loss_and_accuracy_refuses_bad_arguments():
+    pred, target = torch.randn(2, 3, 4), torch.randint(0, 4, (2, 3))
+    with pytest.raises(ValueError, match="task_loss_and_accuracy: pred must be"):
+        ops.task_loss_and_accuracy(torch.randn(2, 3), target)
+    with pytest.raises(ValueError, match="task_loss_and_accuracy: target must be int64 class indices"):
+        ops.task_loss_and_accuracy(pred, target.int())
+    with pytest.raises(ValueError, match="task_loss_and_accuracy: target must be int64 class indices"):
+        ops.task_loss_and_accuracy(pred, target[:, :2])

@@ -82,16 +82,16 @@ REPO = Path(__file__).resolve().parents[2]
 BUDGETS = {
     # workload: kernels, of them Triton, CUDA (extension), aten; issued ÷ useful conv MACs;
     # the share of conv MACs in launches under one wave (132 SMs)
-    "W2": {"kernels": 140, "triton": 66, "native": 7, "aten": 67, "conv_mac_ratio": 1.0675,
+    "W2": {"kernels": 141, "triton": 66, "native": 6, "aten": 69, "conv_mac_ratio": 1.0675,
            "under_one_wave": 0.0},
-    "W4": {"kernels": 704, "triton": 254, "native": 23, "aten": 427, "conv_mac_ratio": 1.0588,
+    "W4": {"kernels": 705, "triton": 254, "native": 22, "aten": 429, "conv_mac_ratio": 1.0588,
            "under_one_wave": 0.0},
 }
 # The same step with torch's default Adam for CUDA tensors (capturable, foreach), which does
 # not skip its own update: the guard copies the parameters and moments and selects them
 # back (72 where), and the update is 51 launches (its capturable divisions by 0-dim step
 # tensors miss ATen's fast route: one launch per tensor).
-FOREACH_ADAM = {"W2": {"kernels": 263, "guard": 78, "adam": 51}}
+FOREACH_ADAM = {"W2": {"kernels": 264, "guard": 78, "adam": 51}}
 # The CUDA path once the GPU check has verified every kernel written for it
 # (launches.as_if_verified: the pair ops' Triton and CUDA kernels, task_loss_grad_backward):
 # the conv backward one op (no separate input/weight-gradient ops summed with the aliases'
@@ -108,10 +108,15 @@ FOREACH_ADAM = {"W2": {"kernels": 263, "guard": 78, "adam": 51}}
 # task_batch_norm_max_pool2d (the pooling in the BatchNorm kernels' epilogue, and its
 # gradient gathered in their backward and double backward): W4 356 -> 268. The query
 # loss's backward hands its upstream (the seed's 1/T per task) to task_loss_grad's kernel as
-# a scale: no multiply after it (W2 75 -> 74, W4 247 -> 246).
-AS_VERIFIED = {"W2": {"kernels": 74, "triton": 48, "native": 13, "aten": 13, "autograd_adds": 1,
+# a scale: no multiply after it (W2 75 -> 74, W4 247 -> 246); the last query's loss and
+# accuracy from one launch (task_loss_and_accuracy): W2 73, W4 245. By the record (BUDGETS)
+# the new op's CUDA kernel is not yet verified, so its reference runs there (aten's
+# cross-entropy and accuracy ops, one launch more than the loss kernel and the accuracy's
+# reference did): W2 140 -> 141, W4 704 -> 705, foreach 263 -> 264, until the GPU check
+# records it.
+AS_VERIFIED = {"W2": {"kernels": 73, "triton": 48, "native": 12, "aten": 13, "autograd_adds": 1,
                       "conv": {"conv2d_forward_kernel": 9, "conv2d_grads_kernel": 12, "conv2d_weight_grad_kernel": 3}},
-               "W4": {"kernels": 246, "triton": 176, "native": 45, "aten": 25, "autograd_adds": 5,
+               "W4": {"kernels": 245, "triton": 176, "native": 44, "aten": 25, "autograd_adds": 5,
                       "conv": {"conv2d_forward_kernel": 29, "conv2d_grads_kernel": 48, "conv2d_weight_grad_kernel": 11}}}
 # Before each conv backward's launches were one (conv2d_grads_kernel): W2 101 (triton 63:
 # conv forward 12, input-grad 12, weight-grad 15), W4 429 (triton 327: 44, 48 and 59).
@@ -134,7 +139,7 @@ CONV_LAUNCHES = {
     "W2": {"conv2d_forward_kernel": 15, "conv2d_input_grad_kernel": 12, "conv2d_weight_grad_kernel": 15},
     "W4": {"conv2d_forward_kernel": 59, "conv2d_input_grad_kernel": 48, "conv2d_weight_grad_kernel": 59},
 }
-SMALL_W2 = {"fastmeta_ops": 79, "native": 7}  # before the linear backward pair was one op: 84, 18; then 79, 8; the inner step without the loss op's backward: 78, 7; the accuracy as one op (task_accuracy, on the reference until verified): 79, 7
+SMALL_W2 = {"fastmeta_ops": 78, "native": 6}  # before the linear backward pair was one op: 84, 18; then 79, 8; the inner step without the loss op's backward: 78, 7; the accuracy as one op (task_accuracy, on the reference until verified): 79, 7; the last query's loss and accuracy as one op (task_loss_and_accuracy, on the reference until verified): 78, 6
 # The issue's targets (issue 24), for the failure messages and the docstring above.
 TARGETS = {"W2": {"kernels": 60, "conv_mac_ratio": 1.1, "under_one_wave": 0.01}, "W4": {"kernels": 150}}
 

@@ -62,7 +62,12 @@ extern "C" void run_gemm_group(int count, const long* spec, const float* const* 
 }
 extern "C" void run_loss(const float* pred, const void* target, int kind, long T, long N, long C, long M, float* out, int grad) {
   if (grad) launch_task_loss_grad(pred, target, kind, T, N, C, M, nullptr, 0, out, nullptr);
-  else launch_task_loss(pred, target, kind, T, N, C, M, out, nullptr);
+  else launch_task_loss(pred, target, kind, T, N, C, M, out, nullptr, nullptr);
+}
+// The cross-entropy loss and accuracy from one launch of task_loss_kernel.
+extern "C" void run_loss_and_accuracy(const float* pred, const long* target, long T, long N, long C, float* loss,
+                                      float* accuracy) {
+  launch_task_loss(pred, target, 0, T, N, C, N * C, loss, accuracy, nullptr);
 }
 // task_loss_grad with each task's gradient times scale[t * scale_stride].
 extern "C" void run_loss_grad_scaled(const float* pred, const void* target, int kind, long T, long N, long C, long M,
