@@ -3,7 +3,8 @@
 
 One kernel per loss kind computes the per-task loss and, in the same pass over pred, its
 gradient; constexpr flags say which of the two to write, so the op layer's two ops
-(``task_loss`` and ``task_loss_grad``) each launch it once. ``task_loss_grad``'s optional
+(``task_loss`` and ``task_loss_grad``) each launch it once, and ``task_loss_and_grad``
+(an inner step's checked losses and their gradient) launches it once with both. ``task_loss_grad``'s optional
 ``[T]`` scale (task_loss's upstream gradient, handed over by its backward; HAS_SCALE) is
 read once per program at ``t * scale_stride`` (0: an expanded scalar) and multiplies the
 task's gradient after it is rounded, as the reference's ``grad * scale``.
@@ -236,6 +237,8 @@ def _launch(pred, target, kind, write_loss, write_grad, scale=None, write_accura
         return NotImplemented
     if write_accuracy:
         return loss, accuracy
+    if write_loss and write_grad:
+        return loss, grad
     return loss if write_loss else grad
 
 
@@ -245,6 +248,11 @@ def task_loss(pred, target, kind):
 
 def task_loss_grad(pred, target, kind, scale=None):
     return _launch(pred, target, kind, write_loss=False, write_grad=True, scale=scale)
+
+
+def task_loss_and_grad(pred, target, kind):
+    """The losses ``[T]`` and their unscaled gradient in one launch (WRITE_LOSS, WRITE_GRAD)."""
+    return _launch(pred, target, kind, write_loss=True, write_grad=True)
 
 
 def task_loss_and_accuracy(pred, target):

@@ -272,6 +272,56 @@ std::tuple<at::Tensor, at::Tensor> task_loss_and_accuracy(const at::Tensor& pred
   return {loss, accuracy};
 }
 
+// task_loss_and_grad: task_loss and task_loss_grad (unscaled) in one call, per task the
+// loss's loop then the gradient's over the same (cache-resident) rows: both outputs equal
+// the two kernels' bit for bit.
+std::tuple<at::Tensor, at::Tensor> task_loss_and_grad(const at::Tensor& pred, const at::Tensor& target,
+                                                      c10::string_view kind_name) {
+  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
+  check_loss_args(pred, target, kind);
+  const int64_t T = pred.size(0), N = pred.size(1);
+  const int64_t M = pred.numel() / T;
+  at::Tensor loss = at::empty({T}, pred.options());
+  at::Tensor grad = at::empty_like(pred);
+  dispatch_floating(pred.scalar_type(), "task_loss_and_grad", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t* z = pred.data_ptr<scalar_t>();
+    scalar_t* lo = loss.data_ptr<scalar_t>();
+    scalar_t* o = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        scalar_t acc = 0;
+        if (kind == LossKind::CrossEntropy) {
+          const int64_t C = pred.size(2);
+          const int64_t* y = target.data_ptr<int64_t>() + t * N;
+          const scalar_t inv_n = scalar_t(1) / scalar_t(N);
+          for (int64_t n = 0; n < N; ++n) {
+            const scalar_t* row = z + (t * N + n) * C;
+            scalar_t* orow = o + (t * N + n) * C;
+            const scalar_t lse = log_sum_exp<scalar_t>(row, C);
+            acc += lse - row[y[n]];
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) orow[c] = std::exp(row[c] - lse) * inv_n;
+            orow[y[n]] -= inv_n;
+          }
+          lo[t] = acc / scalar_t(N);
+        } else {
+          const scalar_t* zt = z + t * M;
+          const scalar_t* yt = target.data_ptr<scalar_t>() + t * M;
+          scalar_t* ot = o + t * M;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t i = 0; i < M; ++i) acc += (zt[i] - yt[i]) * (zt[i] - yt[i]);
+          lo[t] = acc / scalar_t(M);
+          const scalar_t two_over_m = scalar_t(2) / scalar_t(M);
+#pragma omp simd
+          for (int64_t i = 0; i < M; ++i) ot[i] = (zt[i] - yt[i]) * two_over_m;
+        }
+      }
+    });
+  });
+  return {loss, grad};
+}
+
 // ---------------------------------------------------------------------------------------
 // The eager path's autograd nodes in C++ (see task_conv2d.cpp): task_loss and
 // task_loss_grad, what fastmeta/ops/task_loss.py's Python nodes do, with the same kernel
@@ -322,9 +372,20 @@ struct TaskLossGradNode : public torch::autograd::Function<TaskLossGradNode> {
   // g = task_loss_grad(pred, target): inputs pred (edge 0) and target (edge 1; MSE's is
   // differentiable). `public_range`: record the public op's profiler range around the
   // kernel's (a call from task_loss's node; a call of the public op has opened it).
+  // `with_loss`: the losses [T] first, from the same call (task_loss_and_grad), not
+  // differentiable; then g.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& target,
-                               std::string kind, bool public_range) {
+                               std::string kind, bool public_range, bool with_loss) {
     save_loss_inputs(ctx, pred, target, kind);
+    ctx->saved_data["with_loss"] = with_loss;
+    if (with_loss) {
+      at::Tensor loss, g;
+      std::tie(loss, g) = recorded(nullptr, "fastmeta_ext::task_loss_and_grad", [&] {
+        return task_loss_and_grad(pred.contiguous(), target.contiguous(), kind);
+      });
+      ctx->mark_non_differentiable({loss});
+      return {loss, g};
+    }
     at::Tensor g = recorded(public_range ? "fastmeta::task_loss_grad" : nullptr, "fastmeta_ext::task_loss_grad",
                             [&] { return task_loss_grad(pred.contiguous(), target.contiguous(), kind, {}); });
     return {g};
@@ -333,17 +394,18 @@ struct TaskLossGradNode : public torch::autograd::Function<TaskLossGradNode> {
   // d pred = task_loss_grad_backward(upstream, ...); MSE's target gets its negative.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor none;
-    const LossBackward b(ctx, grads[0]);
-    if (!b.any()) return {none, none, none, none};
+    const at::Tensor& upstream = grads[ctx->saved_data["with_loss"].toBool() ? 1 : 0];
+    const LossBackward b(ctx, upstream);
+    if (!b.any()) return {none, none, none, none, none};
     at::Tensor d_pred;
     if (at::GradMode::is_enabled()) {
-      d_pred = public_loss_grad_backward(grads[0], b.pred, b.target, b.kind);
+      d_pred = public_loss_grad_backward(upstream, b.pred, b.target, b.kind);
     } else {
       d_pred = recorded("fastmeta::task_loss_grad_backward", "fastmeta_ext::task_loss_grad_backward", [&] {
-        return task_loss_grad_backward(grads[0].contiguous(), b.pred.contiguous(), b.target.contiguous(), b.kind);
+        return task_loss_grad_backward(upstream.contiguous(), b.pred.contiguous(), b.target.contiguous(), b.kind);
       });
     }
-    return {b.wants_pred ? d_pred : none, b.wants_target ? d_pred.neg() : none, none, none};
+    return {b.wants_pred ? d_pred : none, b.wants_target ? d_pred.neg() : none, none, none, none};
   }
 };
 
@@ -379,7 +441,7 @@ struct TaskLossNode : public torch::autograd::Function<TaskLossNode> {
         (b.pred.requires_grad() || b.target.requires_grad() || grad_loss.requires_grad())) {
       std::vector<int64_t> per_task(b.pred.dim(), 1);
       per_task[0] = -1;
-      g = at::mul(TaskLossGradNode::apply(b.pred, b.target, b.kind, true)[0], grad_loss.view(per_task));
+      g = at::mul(TaskLossGradNode::apply(b.pred, b.target, b.kind, true, false)[0], grad_loss.view(per_task));
     } else {
       const bool strided = grad_loss.size(0) <= 1 || grad_loss.stride(0) == 0 || grad_loss.stride(0) == 1;
       const at::Tensor scale = strided ? grad_loss : grad_loss.contiguous();
@@ -399,7 +461,12 @@ std::vector<at::Tensor> task_loss_and_accuracy_node(const at::Tensor& pred, cons
 }
 
 std::vector<at::Tensor> task_loss_grad_node(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind) {
-  return TaskLossGradNode::apply(pred, target, std::string(kind.data(), kind.size()), false);
+  return TaskLossGradNode::apply(pred, target, std::string(kind.data(), kind.size()), false, false);
+}
+
+std::vector<at::Tensor> task_loss_and_grad_node(const at::Tensor& pred, const at::Tensor& target,
+                                                c10::string_view kind) {
+  return TaskLossGradNode::apply(pred, target, std::string(kind.data(), kind.size()), false, true);
 }
 
 }  // namespace
@@ -412,6 +479,7 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_loss_grad_backward", &fastmeta::cpu::task_loss_grad_backward);
   m.impl("task_accuracy", &fastmeta::cpu::task_accuracy);
   m.impl("task_loss_and_accuracy", &fastmeta::cpu::task_loss_and_accuracy);
+  m.impl("task_loss_and_grad", &fastmeta::cpu::task_loss_and_grad);
 }
 
 // The eager nodes' entries (see task_conv2d_node in task_conv2d.cpp).
@@ -419,10 +487,12 @@ TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
   m.def("task_loss_node(Tensor pred, Tensor target, str kind) -> Tensor[]");
   m.def("task_loss_grad_node(Tensor pred, Tensor target, str kind) -> Tensor[]");
   m.def("task_loss_and_accuracy_node(Tensor pred, Tensor target) -> Tensor[]");
+  m.def("task_loss_and_grad_node(Tensor pred, Tensor target, str kind) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
   m.impl("task_loss_node", &fastmeta::cpu::task_loss_node);
   m.impl("task_loss_grad_node", &fastmeta::cpu::task_loss_grad_node);
   m.impl("task_loss_and_accuracy_node", &fastmeta::cpu::task_loss_and_accuracy_node);
+  m.impl("task_loss_and_grad_node", &fastmeta::cpu::task_loss_and_grad_node);
 }

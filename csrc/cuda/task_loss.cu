@@ -90,6 +90,42 @@ __global__ void task_loss_grad_kernel(const float* __restrict pred, const void* 
   }
 }
 
+// task_loss_and_grad: task_loss_kernel's block per task, each thread writing the gradient
+// of the rows (or values) it reads for the loss: the loss as task_loss_kernel sums it, the
+// gradient as task_loss_grad_kernel writes it (unscaled), one launch where they were two.
+__global__ void task_loss_and_grad_kernel(const float* __restrict pred, const void* target, int kind, int64_t N,
+                                          int64_t C, int64_t M, float* __restrict loss, float* __restrict grad) {
+  __shared__ float scratch[33];
+  const int64_t t = blockIdx.x;
+  float acc = 0.f;
+  if (kind == kCrossEntropy) {
+    const int64_t* y = static_cast<const int64_t*>(target) + t * N;
+    const float inv = 1.f / static_cast<float>(N);
+    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+      const float* z = pred + (t * N + n) * C;
+      float* o = grad + (t * N + n) * C;
+      const int64_t label = y[n];
+      const bool valid = label >= 0 && label < C;
+      const float lse = log_sum_exp(z, C);
+      acc += valid ? lse - z[label] : NAN;
+      for (int64_t c = 0; c < C; ++c) o[c] = valid ? (expf(z[c] - lse) - (c == label ? 1.f : 0.f)) * inv : NAN;
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) loss[t] = acc / static_cast<float>(N);
+  } else {
+    const float* yv = static_cast<const float*>(target) + t * M;
+    const float* z = pred + t * M;
+    float* o = grad + t * M;
+    const float two_over_m = 2.f / static_cast<float>(M);
+    for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
+      acc += (z[i] - yv[i]) * (z[i] - yv[i]);
+      o[i] = (z[i] - yv[i]) * two_over_m;
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) loss[t] = acc / static_cast<float>(M);
+  }
+}
+
 // task_loss_grad_backward: the VJP of task_loss_grad w.r.t. pred. One thread per row for
 // cross-entropy (p ⊙ (u − Σ_k p_k u_k) / N, two passes over the row's C values), one per
 // value for MSE (u · 2 / M). The target is not read.
@@ -139,6 +175,11 @@ __global__ void task_accuracy_kernel(const float* __restrict pred, const int64_t
 void launch_task_loss(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C, int64_t M,
                       float* out, float* accuracy, cudaStream_t stream) {
   task_loss_kernel<<<T, 256, 0, stream>>>(pred, target, kind, N, C, M, out, accuracy);
+}
+
+void launch_task_loss_and_grad(const float* pred, const void* target, int kind, int64_t T, int64_t N, int64_t C,
+                               int64_t M, float* loss, float* grad, cudaStream_t stream) {
+  task_loss_and_grad_kernel<<<T, 256, 0, stream>>>(pred, target, kind, N, C, M, loss, grad);
 }
 
 void launch_task_accuracy(const float* pred, const int64_t* target, int64_t T, int64_t N, int64_t C, float* out,

@@ -93,6 +93,22 @@ at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10:
   return out;
 }
 
+// task_loss and task_loss_grad from one launch (task_loss_and_grad_kernel).
+std::tuple<at::Tensor, at::Tensor> task_loss_and_grad(const at::Tensor& pred, const at::Tensor& target,
+                                                      c10::string_view kind_name) {
+  const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
+  check_loss(pred, target, kind);
+  c10::cuda::CUDAGuard guard(pred.device());
+  const int64_t T = pred.size(0), N = pred.size(1), M = pred.numel() / T;
+  const int64_t C = kind == LossKind::CrossEntropy ? pred.size(2) : 1;
+  at::Tensor loss = at::empty({T}, pred.options());
+  at::Tensor grad = at::empty_like(pred);
+  launch_task_loss_and_grad(pred.data_ptr<float>(), target.data_ptr(), static_cast<int>(kind), T, N, C, M,
+                            loss.data_ptr<float>(), grad.data_ptr<float>(), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, grad};
+}
+
 at::Tensor task_loss_grad_backward(const at::Tensor& upstream, const at::Tensor& pred, const at::Tensor& target,
                                    c10::string_view kind_name) {
   const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
@@ -138,4 +154,5 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CUDA, m) {
   m.impl("task_loss_grad_backward", &fastmeta::cuda::task_loss_grad_backward);
   m.impl("task_accuracy", &fastmeta::cuda::task_accuracy);
   m.impl("task_loss_and_accuracy", &fastmeta::cuda::task_loss_and_accuracy);
+  m.impl("task_loss_and_grad", &fastmeta::cuda::task_loss_and_grad);
 }

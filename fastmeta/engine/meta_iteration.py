@@ -32,7 +32,8 @@ from fastmeta.engine.task_weights import (Layout, TaskWeights, cached_one, expan
                                           segment_inner_step_node)
 from fastmeta.engine.types import MetaBatchOutput
 from fastmeta.engine.whole_step import FusedMLPStep
-from fastmeta.ops import LOSS_KINDS, inner_step, task_accuracy, task_loss, task_loss_and_accuracy, task_loss_grad
+from fastmeta.ops import (LOSS_KINDS, inner_step, task_accuracy, task_loss, task_loss_and_accuracy, task_loss_and_grad,
+                          task_loss_grad)
 from fastmeta.ops.mlp_meta_step import choose_fused_kernel, mlp_meta_step_mean
 from fastmeta.ops.mlp_meta_step_update import mlp_meta_step_update
 
@@ -280,20 +281,19 @@ class MetaIteration:
         own backward, so second order runs through it), and the inner step differentiates
         pred with it: the loss op's backward would compute the same gradient times the
         upstream ones, one ``mul`` more, and the outer backward one ``mul`` more for that
-        (W4: 10 dispatches). The losses are then needed only for the NaN/Inf check: computed
-        without a graph under ``plan.validate``, not at all otherwise. A user's loss
-        callable: its losses, differentiated as they are (gradient None)."""
+        (W4: 10 dispatches). The losses are then needed only for the NaN/Inf check: under
+        ``plan.validate`` from the gradient's own pass (``task_loss_and_grad``: one kernel,
+        the losses without a graph), not at all otherwise. A user's loss callable: its
+        losses, differentiated as they are (gradient None)."""
         kind = self.loss_kind(plan.loss, target)
         if kind is None:
             return self.task_losses(plan, pred, target, "support", check_range), None
         if kind == "cross_entropy" and pred.dim() != 3:
             raise ValueError(f"cross-entropy needs model outputs [T, N, classes], got {list(pred.shape)}")
         target = loss_targets(kind, target, list(pred.shape), pred.dtype, "support", plan.validate and check_range)
-        losses = None
         if plan.validate:
-            with torch.no_grad():
-                losses = task_loss(pred, target, kind)
-        return losses, task_loss_grad(pred, target, kind)
+            return task_loss_and_grad(pred, target, kind)
+        return None, task_loss_grad(pred, target, kind)
 
     # -- the inner loop ----------------------------------------------------------------
 

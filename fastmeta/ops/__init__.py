@@ -32,8 +32,8 @@ from fastmeta.ops.task_linear import (
     task_linear_input_grad,
     task_linear_weight_grad,
 )
-from fastmeta.ops.task_loss import (LOSS_KINDS, task_accuracy, task_loss, task_loss_and_accuracy, task_loss_grad,
-                                    task_loss_grad_backward)
+from fastmeta.ops.task_loss import (LOSS_KINDS, task_accuracy, task_loss, task_loss_and_accuracy, task_loss_and_grad,
+                                    task_loss_grad, task_loss_grad_backward)
 
 __all__ = [
     "ACTIVATIONS",
@@ -69,4 +69,5 @@ __all__ = [
     "task_loss_grad_backward",
     "task_accuracy",
     "task_loss_and_accuracy",
+    "task_loss_and_grad",
 ]

@@ -20,6 +20,11 @@ N rows whose largest logit (the first of equals; a NaN counts as the largest, as
 ``torch.argmax`` has it) is at the target class: the query accuracy ``meta_batch`` reports,
 in one kernel where ``argmax``, ``eq`` and ``mean`` were three. Not differentiable.
 
+An inner step's both: ``task_loss_and_grad(pred, target, kind)`` → ``(task_loss,
+task_loss_grad)`` from one pass (one kernel where they were two): the support losses for the
+NaN/Inf check under validation (not differentiable here) and their gradient at pred (which
+differentiates as ``task_loss_grad``'s).
+
 The query's both: ``task_loss_and_accuracy(pred, target)`` → ``(task_loss(pred, target,
 "cross_entropy"), task_accuracy(pred, target))`` from one pass over pred (one kernel where
 they were two); the losses differentiate as ``task_loss``'s, the accuracies do not. The
@@ -142,7 +147,8 @@ task_loss.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 # What the C++ nodes call (csrc/cpu/task_loss.cpp): task_loss's backward runs task_loss_grad,
 # whose node's backward runs task_loss_grad_backward.
-_LOSS_NODE_KERNELS = ("task_loss", "task_loss_grad", "task_loss_grad_backward", "task_loss_and_accuracy")
+_LOSS_NODE_KERNELS = ("task_loss", "task_loss_grad", "task_loss_grad_backward", "task_loss_and_accuracy",
+                      "task_loss_and_grad")
 
 
 def _loss_node(name: str, pred: Tensor, target: Tensor, kind: str):
@@ -361,6 +367,64 @@ task_loss_and_accuracy.register_native_node(_loss_and_accuracy_native_node)
 
 
 # ---------------------------------------------------------------------------------------
+# task_loss_and_grad: an inner step's support losses (checked) and their gradient, one pass
+# ---------------------------------------------------------------------------------------
+
+
+def reference_task_loss_and_grad(pred: Tensor, target: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """``(task_loss(pred, target, kind), task_loss_grad(pred, target, kind))`` from one pass
+    over pred, one kernel where they were two: what an inner step needs under validation
+    (the support losses, for the NaN/Inf check, and their gradient at pred, which the step
+    differentiates with). The losses are not differentiable here (marked so: the step
+    differentiates pred with the gradient, never the losses); the gradient differentiates as
+    ``task_loss_grad``'s."""
+    return reference_task_loss(pred, target, kind), reference_task_loss_grad(pred, target, kind)
+
+
+task_loss_and_grad = define_op(reference_task_loss_and_grad, _NATIVE_LOSS)
+
+
+@task_loss_and_grad.register_fake
+def _(pred, target, kind):
+    return pred.new_empty((pred.size(0),)), torch.empty_like(pred)
+
+
+def _loss_and_grad_setup(ctx, inputs, output):
+    pred, target, kind = inputs
+    ctx.kind = kind
+    ctx.mark_non_differentiable(output[0])  # the losses: checked, never differentiated
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(pred, target)
+
+
+def _loss_and_grad_backward(ctx, grad_losses, upstream):
+    """task_loss_grad's backward for the gradient output (task_loss_grad_backward; MSE's
+    target its negative)."""
+    if upstream is None:
+        return None, None, None
+    pred, target = ctx.saved_tensors
+    wants_pred = ctx.needs_input_grad[0]
+    wants_target = ctx.kind == "mse" and ctx.needs_input_grad[1]
+    if not (wants_pred or wants_target):
+        return None, None, None
+    d_pred = task_loss_grad_backward(upstream, pred, target, ctx.kind)
+    return d_pred if wants_pred else None, -d_pred if wants_target else None, None
+
+
+task_loss_and_grad.register_autograd(_loss_and_grad_backward, setup_context=_loss_and_grad_setup)
+
+
+def _loss_and_grad_native_node(pred, target, kind):
+    """task_loss_and_grad's node in C++ (``fastmeta_ext::task_loss_and_grad_node``: task_loss_grad's
+    node with the losses as a first, non-differentiable output): see :func:`_loss_node`."""
+    node = _loss_node("task_loss_and_grad_node", pred, target, kind)
+    return NotImplemented if node is None else tuple(node(pred, target, kind))
+
+
+task_loss_and_grad.register_native_node(_loss_and_grad_native_node)
+
+
+# ---------------------------------------------------------------------------------------
 # The family
 # ---------------------------------------------------------------------------------------
 
@@ -374,6 +438,7 @@ FAMILY = define_family(OpFamily(
                                             "cross_entropy"),
         "task_accuracy": lambda: (torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))),
         "task_loss_and_accuracy": lambda: (torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))),
+        "task_loss_and_grad": lambda: (torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)), "cross_entropy"),
     },
     check_seconds=17,
     dry_run_case="mse-2-3-1",

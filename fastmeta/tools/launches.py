@@ -413,6 +413,11 @@ def _host_task_loss_grad_backward(upstream, pred, target, kind):
     return _elementwise("task_loss_grad_backward_kernel", work) if pred.numel() else []
 
 
+def _host_task_loss_and_grad(pred, target, kind):
+    """task_loss_and_grad_kernel (csrc/cuda/task_loss.cu): one block per task."""
+    return [Launch("native", "task_loss_and_grad_kernel", grid=(pred.size(0), 1, 1), tiles=(("threads", THREADS),))]
+
+
 def _host_task_loss_and_accuracy(pred, target):
     """task_loss_kernel writing both (csrc/cuda/task_loss_host.cpp): one block per task."""
     return [Launch("native", "task_loss_kernel", grid=(pred.size(0), 1, 1), tiles=(("threads", THREADS),))]
@@ -453,6 +458,7 @@ HOST_LAUNCHES: dict[str, Callable[..., list[Launch]]] = {
     "task_loss_grad_backward": _host_task_loss_grad_backward,
     "task_accuracy": _host_task_accuracy,
     "task_loss_and_accuracy": _host_task_loss_and_accuracy,
+    "task_loss_and_grad": _host_task_loss_and_grad,
     "inner_step": _host_inner_step,
     "inner_step_backward": _host_inner_step_backward,
 }

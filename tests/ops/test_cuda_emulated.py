@@ -319,3 +319,31 @@ def test_emulated_cuda_task_loss_and_accuracy(lib):
         assert torch.equal(loss.isnan(), alone_loss.isnan()) and torch.equal(loss.nan_to_num(), alone_loss.nan_to_num())
         finite = torch.isfinite(reference_task_loss(pred, target, "cross_entropy"))
         assert rel(loss[finite], reference_task_loss(pred, target, "cross_entropy")[finite]) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
+def test_emulated_cuda_task_loss_and_grad_in_one_launch(lib, kind):
+    """task_loss_and_grad_kernel: the loss as task_loss_kernel sums it and the gradient as
+    task_loss_grad_kernel writes it, bit for bit; a label out of range: NaN loss and row."""
+    g = torch.Generator().manual_seed(7)
+    for T, N, C in ((3, 7, 5), (2, 300, 3)):
+        pred = torch.randn(T, N, C, generator=g) * 3
+        if kind == "cross_entropy":
+            target = torch.randint(0, C, (T, N), generator=g)
+            code, classes = 0, C
+        else:
+            target = torch.randn(T, N, C, generator=g)
+            code, classes = 1, 1
+        loss, grad = torch.empty(T), torch.empty(T, N, C)
+        alone_loss, alone_grad = torch.empty(T), torch.empty(T, N, C)
+        lib.run_loss_and_grad(ptr(pred), ptr(target), code, L(T), L(N), L(classes), L(N * C), ptr(loss), ptr(grad))
+        lib.run_loss(ptr(pred), ptr(target), code, L(T), L(N), L(classes), L(N * C), ptr(alone_loss), 0)
+        lib.run_loss(ptr(pred), ptr(target), code, L(T), L(N), L(classes), L(N * C), ptr(alone_grad), 1)
+        assert torch.equal(loss, alone_loss) and torch.equal(grad, alone_grad)
+        assert rel(loss, reference_task_loss(pred, target, kind)) <= 1e-6
+        assert rel(grad, reference_task_loss_grad(pred, target, kind)) <= 1e-6
+    if kind == "cross_entropy":
+        target[1, 2] = C
+        lib.run_loss_and_grad(ptr(pred), ptr(target), code, L(T), L(N), L(classes), L(N * C), ptr(loss), ptr(grad))
+        assert torch.isnan(loss[1]) and torch.isfinite(loss[0]) and torch.isnan(grad[1, 2]).all()
+        assert torch.isfinite(grad[1, 3]).all()

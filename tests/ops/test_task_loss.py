@@ -385,3 +385,78 @@ def test_task_loss_and_accuracy_refuses_bad_arguments():
         ops.task_loss_and_accuracy(pred, target.int())
     with pytest.raises(ValueError, match="task_loss_and_accuracy: target must be int64 class indices"):
         ops.task_loss_and_accuracy(pred, target[:, :2])
+
+
+# ---------------------------------------------------------------------------------------
+# task_loss_and_grad: an inner step's checked losses and their gradient in one pass
+# ---------------------------------------------------------------------------------------
+
+
+def loss_and_grad_cases():
+    g = torch.Generator().manual_seed(4)
+    t = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return {
+        "ce": (t(3, 7, 5) * 10, torch.randint(0, 5, (3, 7), generator=g), "cross_entropy"),
+        "ce-wide": (t(2, 4, 37), torch.randint(0, 37, (2, 4), generator=g), "cross_entropy"),
+        "ce-one-class": (t(2, 3, 1), torch.zeros(2, 3, dtype=torch.int64), "cross_entropy"),
+        "ce-many-rows": (t(2, 300, 3), torch.randint(0, 3, (2, 300), generator=g), "cross_entropy"),
+        "mse": (t(3, 7, 3), t(3, 7, 3), "mse"),
+        "mse-4d": (t(3, 7, 2, 3), t(3, 7, 2, 3), "mse"),
+    }
+
+
+LOSS_AND_GRAD_CASES = loss_and_grad_cases()
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("name", list(LOSS_AND_GRAD_CASES))
+def test_task_loss_and_grad_kernel_equals_the_two_ops(backend, device, name):
+    """One kernel: the losses and the gradient as the two ops' kernels give them, bit for
+    bit (the same sums in the same order), and within rounding of the reference."""
+    from fastmeta.backends import get_backend
+
+    require(backend)
+    pred, target, kind = to(LOSS_AND_GRAD_CASES[name], device)
+    kernels = get_backend(backend)
+    out = kernels.kernel("task_loss_and_grad")(pred, target, kind)
+    assert out is not NotImplemented
+    loss, grad = out
+    torch.testing.assert_close(loss, kernels.kernel("task_loss")(pred, target, kind), rtol=0, atol=0)
+    torch.testing.assert_close(grad, kernels.kernel("task_loss_grad")(pred, target, kind), rtol=0, atol=0)
+    torch.testing.assert_close(loss, reference_task_loss(pred, target, kind), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, reference_task_loss_grad(pred, target, kind), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(LOSS_AND_GRAD_CASES))
+def test_task_loss_and_grad_cpu_kernel_float64(name):
+    require("cpu")
+    pred, target, kind = to(LOSS_AND_GRAD_CASES[name], "cpu", torch.float64)
+    loss, grad = torch.ops.fastmeta_ext.task_loss_and_grad(pred, target, kind)
+    torch.testing.assert_close(loss, reference_task_loss(pred, target, kind), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, reference_task_loss_grad(pred, target, kind), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("kind", ["cross_entropy", "mse"])
+def test_task_loss_and_grad_differentiates_as_the_gradient(gradchecks, backend, kind):
+    """The losses carry no graph; the gradient differentiates as task_loss_grad's (its
+    backward task_loss_grad_backward; MSE's target its negative): equal to autograd of the
+    reference, and gradcheck / gradgradcheck in float64."""
+    require(backend)
+    torch.manual_seed(3)
+    pred = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    target = (torch.randint(0, 5, (2, 4)) if kind == "cross_entropy"
+              else torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True))
+    u = torch.randn(2, 4, 5, dtype=torch.float64)
+    inputs = (pred,) if kind == "cross_entropy" else (pred, target)
+    with fm.use_backend(backend):
+        loss, grad = ops.task_loss_and_grad(pred, target, kind)
+        assert not loss.requires_grad and loss.grad_fn is None and grad.requires_grad
+        torch.testing.assert_close(loss, ops.task_loss(pred, target, kind).detach(), rtol=0, atol=0)
+        got = torch.autograd.grad((grad * u).sum(), inputs)
+    want = torch.autograd.grad((reference_task_loss_grad(pred, target, kind) * u).sum(), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    gradchecks(ops.task_loss_and_grad, (pred.detach().requires_grad_(True),
+                                        target if kind == "cross_entropy" else target.detach().requires_grad_(True),
+                                        kind), backend=backend)

@@ -64,6 +64,11 @@ extern "C" void run_loss(const float* pred, const void* target, int kind, long T
   if (grad) launch_task_loss_grad(pred, target, kind, T, N, C, M, nullptr, 0, out, nullptr);
   else launch_task_loss(pred, target, kind, T, N, C, M, out, nullptr, nullptr);
 }
+// The loss and its (unscaled) gradient from one launch of task_loss_and_grad_kernel.
+extern "C" void run_loss_and_grad(const float* pred, const void* target, int kind, long T, long N, long C, long M,
+                                  float* loss, float* grad) {
+  launch_task_loss_and_grad(pred, target, kind, T, N, C, M, loss, grad, nullptr);
+}
 // The cross-entropy loss and accuracy from one launch of task_loss_kernel.
 extern "C" void run_loss_and_accuracy(const float* pred, const long* target, long T, long N, long C, float* loss,
                                       float* accuracy) {
