@@ -80,6 +80,27 @@ at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::stri
   return out;
 }
 
+// One cross-entropy row's gradient, (softmax − one-hot) / N, into orow; returns the row's
+// log-sum-exp (the loss needs it too). The one formula of task_loss_grad and
+// task_loss_and_grad.
+template <typename scalar_t>
+inline scalar_t cross_entropy_row_grad(const scalar_t* row, int64_t C, int64_t label, scalar_t inv_n,
+                                       scalar_t* orow) {
+  const scalar_t lse = log_sum_exp<scalar_t>(row, C);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) orow[c] = std::exp(row[c] - lse) * inv_n;
+  orow[label] -= inv_n;
+  return lse;
+}
+
+// One task's MSE gradient, 2 (pred − target) / M, into ot.
+template <typename scalar_t>
+inline void mse_task_grad(const scalar_t* zt, const scalar_t* yt, int64_t M, scalar_t* ot) {
+  const scalar_t two_over_m = scalar_t(2) / scalar_t(M);
+#pragma omp simd
+  for (int64_t i = 0; i < M; ++i) ot[i] = (zt[i] - yt[i]) * two_over_m;
+}
+
 // scale: a [T] of pred's dtype (task stride 0 or 1) multiplying each task's gradient, or
 // none: task_loss's backward hands its upstream here instead of multiplying after.
 at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name,
@@ -111,28 +132,19 @@ at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10:
           const int64_t* y = target.data_ptr<int64_t>() + t * N;
           const scalar_t inv_n = scalar_t(1) / scalar_t(N);
           for (int64_t n = 0; n < N; ++n) {
-            const scalar_t* row = z + (t * N + n) * C;
             scalar_t* orow = o + (t * N + n) * C;
-            const scalar_t lse = log_sum_exp<scalar_t>(row, C);
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) orow[c] = std::exp(row[c] - lse) * inv_n;
-            orow[y[n]] -= inv_n;
+            cross_entropy_row_grad<scalar_t>(z + (t * N + n) * C, C, y[n], inv_n, orow);
             if (sc) {
 #pragma omp simd
               for (int64_t c = 0; c < C; ++c) orow[c] *= s;
             }
           }
         } else {
-          const scalar_t* zt = z + t * M;
-          const scalar_t* yt = target.data_ptr<scalar_t>() + t * M;
           scalar_t* ot = o + t * M;
-          const scalar_t two_over_m = scalar_t(2) / scalar_t(M);
+          mse_task_grad<scalar_t>(z + t * M, target.data_ptr<scalar_t>() + t * M, M, ot);
           if (sc) {
 #pragma omp simd
-            for (int64_t i = 0; i < M; ++i) ot[i] = ((zt[i] - yt[i]) * two_over_m) * s;
-          } else {
-#pragma omp simd
-            for (int64_t i = 0; i < M; ++i) ot[i] = (zt[i] - yt[i]) * two_over_m;
+            for (int64_t i = 0; i < M; ++i) ot[i] *= s;
           }
         }
       }
@@ -297,24 +309,16 @@ std::tuple<at::Tensor, at::Tensor> task_loss_and_grad(const at::Tensor& pred, co
           const scalar_t inv_n = scalar_t(1) / scalar_t(N);
           for (int64_t n = 0; n < N; ++n) {
             const scalar_t* row = z + (t * N + n) * C;
-            scalar_t* orow = o + (t * N + n) * C;
-            const scalar_t lse = log_sum_exp<scalar_t>(row, C);
-            acc += lse - row[y[n]];
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) orow[c] = std::exp(row[c] - lse) * inv_n;
-            orow[y[n]] -= inv_n;
+            acc += cross_entropy_row_grad<scalar_t>(row, C, y[n], inv_n, o + (t * N + n) * C) - row[y[n]];
           }
           lo[t] = acc / scalar_t(N);
         } else {
           const scalar_t* zt = z + t * M;
           const scalar_t* yt = target.data_ptr<scalar_t>() + t * M;
-          scalar_t* ot = o + t * M;
 #pragma omp simd reduction(+ : acc)
           for (int64_t i = 0; i < M; ++i) acc += (zt[i] - yt[i]) * (zt[i] - yt[i]);
           lo[t] = acc / scalar_t(M);
-          const scalar_t two_over_m = scalar_t(2) / scalar_t(M);
-#pragma omp simd
-          for (int64_t i = 0; i < M; ++i) ot[i] = (zt[i] - yt[i]) * two_over_m;
+          mse_task_grad<scalar_t>(zt, yt, M, o + t * M);
         }
       }
     });
