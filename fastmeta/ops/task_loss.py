@@ -394,21 +394,14 @@ def _loss_and_grad_setup(ctx, inputs, output):
     ctx.kind = kind
     ctx.mark_non_differentiable(output[0])  # the losses: checked, never differentiated
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(pred, target)
+    ctx.save_for_backward(pred, target, None)  # as task_loss_grad's node saves them, without a scale
 
 
 def _loss_and_grad_backward(ctx, grad_losses, upstream):
-    """task_loss_grad's backward for the gradient output (task_loss_grad_backward; MSE's
-    target its negative)."""
+    """task_loss_grad's backward for the gradient output."""
     if upstream is None:
         return None, None, None
-    pred, target = ctx.saved_tensors
-    wants_pred = ctx.needs_input_grad[0]
-    wants_target = ctx.kind == "mse" and ctx.needs_input_grad[1]
-    if not (wants_pred or wants_target):
-        return None, None, None
-    d_pred = task_loss_grad_backward(upstream, pred, target, ctx.kind)
-    return d_pred if wants_pred else None, -d_pred if wants_target else None, None
+    return _loss_grad_backward(ctx, upstream)[:3]
 
 
 task_loss_and_grad.register_autograd(_loss_and_grad_backward, setup_context=_loss_and_grad_setup)

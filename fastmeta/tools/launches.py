@@ -396,8 +396,13 @@ def _host_task_linear_double_backward(g_dx, g_dw, grad_out, x, w, output_mask, g
     return launches + _gemm_group(d_grad_out, d_x, d_w)
 
 
+def _block_per_task(kernel: str, pred) -> list[Launch]:
+    """One block of THREADS per task (csrc/cuda/task_loss.cu's per-task kernels)."""
+    return [Launch("native", kernel, grid=(pred.size(0), 1, 1), tiles=(("threads", THREADS),))]
+
+
 def _host_task_loss(pred, target, kind):
-    return [Launch("native", "task_loss_kernel", grid=(pred.size(0), 1, 1), tiles=(("threads", THREADS),))]
+    return _block_per_task("task_loss_kernel", pred)
 
 
 def _host_task_loss_grad(pred, target, kind, scale=None):
@@ -414,19 +419,16 @@ def _host_task_loss_grad_backward(upstream, pred, target, kind):
 
 
 def _host_task_loss_and_grad(pred, target, kind):
-    """task_loss_and_grad_kernel (csrc/cuda/task_loss.cu): one block per task."""
-    return [Launch("native", "task_loss_and_grad_kernel", grid=(pred.size(0), 1, 1), tiles=(("threads", THREADS),))]
+    return _block_per_task("task_loss_and_grad_kernel", pred)
 
 
 def _host_task_loss_and_accuracy(pred, target):
-    """task_loss_kernel writing both (csrc/cuda/task_loss_host.cpp): one block per task."""
-    return [Launch("native", "task_loss_kernel", grid=(pred.size(0), 1, 1), tiles=(("threads", THREADS),))]
+    """task_loss_kernel writing both (csrc/cuda/task_loss_host.cpp)."""
+    return _host_task_loss(pred, target, "cross_entropy")
 
 
 def _host_task_accuracy(pred, target):
-    """One block per task (csrc/cuda/task_loss.cu's task_accuracy_kernel)."""
-    return [Launch("native", "task_accuracy_kernel", grid=(pred.size(0), 1, 1), tiles=(("threads", THREADS),))
-            ] if pred.size(0) else []
+    return _block_per_task("task_accuracy_kernel", pred) if pred.size(0) else []
 
 
 def _host_inner_step(theta, grad, lr, mask, precond, segments):
