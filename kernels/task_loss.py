@@ -47,6 +47,18 @@ MAX_CLASSES = 8192  # one row in one tile: 8192 fp32 = 32 KB of registers across
 
 
 @triton.jit
+def _first_largest(logits, ok, cols, BLOCK_K: tl.constexpr):
+    """Each row's first largest logit's column (int64), a NaN counting as the largest (as
+    torch.argmax): the accuracy's rule, one place for accuracy_kernel and
+    cross_entropy_kernel's WRITE_ACCURACY."""
+    is_nan = (logits != logits) & ok
+    first_nan = tl.min(tl.where(is_nan, cols[None, :], BLOCK_K), axis=1)
+    finite_max = tl.max(tl.where(is_nan, -float("inf"), logits), axis=1)
+    first_max = tl.min(tl.where((logits == finite_max[:, None]) & ok, cols[None, :], BLOCK_K), axis=1)
+    return tl.where(first_nan < BLOCK_K, first_nan, first_max).to(tl.int64)
+
+
+@triton.jit
 def cross_entropy_kernel(
     pred_ptr, target_ptr, loss_ptr, grad_ptr, scale_ptr, scale_stride, accuracy_ptr, N, K,
     WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_ACCURACY: tl.constexpr,
@@ -77,13 +89,8 @@ def cross_entropy_kernel(
             row_loss = row_max + tl.log(total) - picked
             valid = (label >= 0) & (label < K)
             loss_acc += tl.where(row_ok, tl.where(valid, row_loss, float("nan")), 0.0)
-        if WRITE_ACCURACY:  # accuracy_kernel's rule on the same tile: the first largest, a NaN the largest
-            is_nan = (logits != logits) & ok
-            first_nan = tl.min(tl.where(is_nan, cols[None, :], BLOCK_K), axis=1)
-            finite_max = tl.max(tl.where(is_nan, -float("inf"), logits), axis=1)
-            first_max = tl.min(tl.where((logits == finite_max[:, None]) & ok, cols[None, :], BLOCK_K), axis=1)
-            best = tl.where(first_nan < BLOCK_K, first_nan, first_max)
-            hits += tl.where(row_ok & (best.to(tl.int64) == label), 1.0, 0.0)
+        if WRITE_ACCURACY:  # accuracy_kernel's rule, on the tile loaded for the loss
+            hits += tl.where(row_ok & (_first_largest(logits, ok, cols, BLOCK_K) == label), 1.0, 0.0)
         if WRITE_GRAD:
             # A row whose label is outside [0, K) has no one-hot 1: make it NaN instead.
             bad_row = (label < 0) | (label >= K)
@@ -163,13 +170,8 @@ def accuracy_kernel(pred_ptr, target_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, 
         row_ok = rows < N
         ok = row_ok[:, None] & col_ok[None, :]
         logits = tl.load(pred_ptr + (t * N + rows)[:, None] * K + cols[None, :], mask=ok, other=-float("inf"))
-        is_nan = (logits != logits) & ok
-        first_nan = tl.min(tl.where(is_nan, cols[None, :], BLOCK_K), axis=1)
-        row_max = tl.max(tl.where(is_nan, -float("inf"), logits), axis=1)
-        first_max = tl.min(tl.where((logits == row_max[:, None]) & ok, cols[None, :], BLOCK_K), axis=1)
-        best = tl.where(first_nan < BLOCK_K, first_nan, first_max)
         label = tl.load(target_ptr + t * N + rows, mask=row_ok, other=-1)
-        hits += tl.where(row_ok & (best.to(tl.int64) == label), 1.0, 0.0)
+        hits += tl.where(row_ok & (_first_largest(logits, ok, cols, BLOCK_K) == label), 1.0, 0.0)
     tl.store(out_ptr + t, tl.sum(hits, axis=0) / N)
 
 
