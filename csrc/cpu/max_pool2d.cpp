@@ -20,6 +20,7 @@
 
 #include "../common.h"
 #include "cpu_common.h"
+#include "eager_nodes.h"
 
 namespace fastmeta {
 namespace cpu {
@@ -212,6 +213,147 @@ at::Tensor max_pool2d_double_backward(const at::Tensor& grad_grad_x, const at::T
   return out;
 }
 
+// ---------------------------------------------------------------------------------------
+// The eager path's autograd nodes in C++ (see "The eager path's autograd nodes in C++" in
+// task_conv2d.cpp): what fastmeta/ops/max_pool2d.py's Python nodes do. The pooling's
+// backward is the scatter at the indices, the scatter's backward the gather, the gather's
+// the scatter again: every order runs through two nodes that build each other, and the
+// indices are never differentiated.
+// ---------------------------------------------------------------------------------------
+
+using namespace eager_nodes;
+
+struct Window {
+  std::vector<int64_t> kernel_size, stride, padding;
+};
+
+void save_window(AutogradContext* ctx, const Window& window) {
+  ctx->saved_data["kernel_size"] = window.kernel_size;
+  ctx->saved_data["stride"] = window.stride;
+  ctx->saved_data["padding"] = window.padding;
+}
+
+Window saved_window(AutogradContext* ctx) {
+  return {ctx->saved_data["kernel_size"].toIntVector(), ctx->saved_data["stride"].toIntVector(),
+          ctx->saved_data["padding"].toIntVector()};
+}
+
+at::Tensor scatter(const at::Tensor& grad_y, const at::Tensor& indices, const std::vector<int64_t>& input_size,
+                   const Window& window);
+at::Tensor gather(const at::Tensor& grad_grad_x, const at::Tensor& indices, const Window& window);
+
+struct MaxPoolScatterNode : public torch::autograd::Function<MaxPoolScatterNode> {
+  // grad_x = max_pool2d_backward(grad_y, indices, input_size, window).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_y, const at::Tensor& indices,
+                               std::vector<int64_t> input_size, std::vector<int64_t> kernel_size,
+                               std::vector<int64_t> stride, std::vector<int64_t> padding) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({indices});
+    save_window(ctx, {kernel_size, stride, padding});
+    return {recorded("fastmeta::max_pool2d_backward", "fastmeta_ext::max_pool2d_backward", [&] {
+      return ::fastmeta::cpu::max_pool2d_backward(grad_y.contiguous(), indices.contiguous(), input_size, kernel_size,
+                                                  stride, padding);
+    })};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor none;
+    // One per forward argument: grad_y, indices, input_size, kernel_size, stride, padding.
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {none, none, none, none, none, none};
+    return {gather(grads[0], ctx->get_saved_variables()[0], saved_window(ctx)), none, none, none, none, none};
+  }
+};
+
+struct MaxPoolGatherNode : public torch::autograd::Function<MaxPoolGatherNode> {
+  // out = max_pool2d_double_backward(grad_grad_x, indices, window).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_grad_x, const at::Tensor& indices,
+                               std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({indices});
+    save_window(ctx, {kernel_size, stride, padding});
+    ctx->saved_data["input_size"] = std::vector<int64_t>{grad_grad_x.size(2), grad_grad_x.size(3)};
+    return {recorded("fastmeta::max_pool2d_double_backward", "fastmeta_ext::max_pool2d_double_backward", [&] {
+      return ::fastmeta::cpu::max_pool2d_double_backward(grad_grad_x.contiguous(), indices.contiguous(), kernel_size,
+                                                         stride, padding);
+    })};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor none;
+    // One per forward argument: grad_grad_x, indices, kernel_size, stride, padding.
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {none, none, none, none, none};
+    return {scatter(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["input_size"].toIntVector(),
+                    saved_window(ctx)),
+            none, none, none, none};
+  }
+};
+
+// Through the node where autograd records (the upstream needs a gradient), else the kernel.
+at::Tensor scatter(const at::Tensor& grad_y, const at::Tensor& indices, const std::vector<int64_t>& input_size,
+                   const Window& window) {
+  if (at::GradMode::is_enabled() && grad_y.requires_grad())
+    return MaxPoolScatterNode::apply(grad_y, indices, input_size, window.kernel_size, window.stride,
+                                     window.padding)[0];
+  return recorded("fastmeta::max_pool2d_backward", "fastmeta_ext::max_pool2d_backward", [&] {
+    return ::fastmeta::cpu::max_pool2d_backward(grad_y.contiguous(), indices.contiguous(), input_size,
+                                                window.kernel_size, window.stride, window.padding);
+  });
+}
+
+at::Tensor gather(const at::Tensor& grad_grad_x, const at::Tensor& indices, const Window& window) {
+  if (at::GradMode::is_enabled() && grad_grad_x.requires_grad())
+    return MaxPoolGatherNode::apply(grad_grad_x, indices, window.kernel_size, window.stride, window.padding)[0];
+  return recorded("fastmeta::max_pool2d_double_backward", "fastmeta_ext::max_pool2d_double_backward", [&] {
+    return ::fastmeta::cpu::max_pool2d_double_backward(grad_grad_x.contiguous(), indices.contiguous(),
+                                                       window.kernel_size, window.stride, window.padding);
+  });
+}
+
+struct MaxPoolNode : public torch::autograd::Function<MaxPoolNode> {
+  // [y, indices] = max_pool2d(x, window); the indices are not differentiable. (The kernels are
+  // called by their qualified names: unqualified, aten's overloads of the same names compete.)
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, std::vector<int64_t> kernel_size,
+                               std::vector<int64_t> stride, std::vector<int64_t> padding) {
+    ctx->set_materialize_grads(false);
+    std::vector<at::Tensor> out = recorded(nullptr, "fastmeta_ext::max_pool2d", [&] {
+      return ::fastmeta::cpu::max_pool2d(x.contiguous(), kernel_size, stride, padding);
+    });
+    ctx->mark_non_differentiable({out[1]});
+    ctx->save_for_backward({out[1]});
+    save_window(ctx, {kernel_size, stride, padding});
+    ctx->saved_data["input_size"] = std::vector<int64_t>{x.size(2), x.size(3)};
+    return {out[0], out[1]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor none;
+    // One per forward argument: x, kernel_size, stride, padding.
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {none, none, none, none};
+    return {scatter(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["input_size"].toIntVector(),
+                    saved_window(ctx)),
+            none, none, none};
+  }
+};
+
+// The entries of the public ops' nodes (see task_conv2d_node in task_conv2d.cpp).
+std::vector<at::Tensor> max_pool2d_node(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                        at::IntArrayRef padding) {
+  return MaxPoolNode::apply(x, kernel_size.vec(), stride.vec(), padding.vec());
+}
+
+std::vector<at::Tensor> max_pool2d_backward_node(const at::Tensor& grad_y, const at::Tensor& indices,
+                                                 at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding) {
+  return MaxPoolScatterNode::apply(grad_y, indices, input_size.vec(), kernel_size.vec(), stride.vec(), padding.vec());
+}
+
+std::vector<at::Tensor> max_pool2d_double_backward_node(const at::Tensor& grad_grad_x, const at::Tensor& indices,
+                                                        at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                        at::IntArrayRef padding) {
+  return MaxPoolGatherNode::apply(grad_grad_x, indices, kernel_size.vec(), stride.vec(), padding.vec());
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -220,4 +362,18 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("max_pool2d", &fastmeta::cpu::max_pool2d);
   m.impl("max_pool2d_backward", &fastmeta::cpu::max_pool2d_backward);
   m.impl("max_pool2d_double_backward", &fastmeta::cpu::max_pool2d_double_backward);
+}
+
+TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
+  m.def("max_pool2d_node(Tensor x, int[] kernel_size, int[] stride, int[] padding) -> Tensor[]");
+  m.def("max_pool2d_backward_node(Tensor grad_y, Tensor indices, int[] input_size, int[] kernel_size, int[] stride, "
+        "int[] padding) -> Tensor[]");
+  m.def("max_pool2d_double_backward_node(Tensor grad_grad_x, Tensor indices, int[] kernel_size, int[] stride, "
+        "int[] padding) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
+  m.impl("max_pool2d_node", &fastmeta::cpu::max_pool2d_node);
+  m.impl("max_pool2d_backward_node", &fastmeta::cpu::max_pool2d_backward_node);
+  m.impl("max_pool2d_double_backward_node", &fastmeta::cpu::max_pool2d_double_backward_node);
 }

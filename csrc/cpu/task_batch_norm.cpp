@@ -1189,6 +1189,21 @@ std::vector<at::Tensor> task_batch_norm_node(const at::Tensor& x, const c10::opt
                                   alias_gamma);
 }
 
+// The public task_batch_norm_backward's entry to its node (see task_conv2d_backward_node in
+// task_conv2d.cpp), for "none" and the mask activations.
+std::vector<at::Tensor> task_batch_norm_backward_node(const at::Tensor& grad_z, const at::Tensor& x,
+                                                      const c10::optional<at::Tensor>& gamma, double eps,
+                                                      c10::List<bool> needs, const c10::optional<at::Tensor>& y,
+                                                      c10::string_view act, double negative_slope,
+                                                      const c10::optional<at::Tensor>& dx_addend,
+                                                      const c10::optional<at::Tensor>& dgamma_addend) {
+  TORCH_CHECK_VALUE(needs.size() == 3, "task_batch_norm_backward: needs holds three flags (x, gamma, beta), got ",
+                    needs.size());
+  return TaskBatchNormBackwardNode::apply(grad_z, x, gamma, eps, needs.get(0), needs.get(1), needs.get(2), y,
+                                          std::string(act.data(), act.size()), negative_slope, dx_addend,
+                                          dgamma_addend);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -1206,8 +1221,11 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
 TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
   m.def("task_batch_norm_node(Tensor x, Tensor? gamma, Tensor? beta, float eps, str act, float negative_slope, "
         "bool alias_x, bool alias_gamma) -> Tensor[]");
+  m.def("task_batch_norm_backward_node(Tensor grad_z, Tensor x, Tensor? gamma, float eps, bool[] needs, Tensor? y, "
+        "str act, float negative_slope, Tensor? dx_addend, Tensor? dgamma_addend) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
   m.impl("task_batch_norm_node", &fastmeta::cpu::task_batch_norm_node);
+  m.impl("task_batch_norm_backward_node", &fastmeta::cpu::task_batch_norm_backward_node);
 }

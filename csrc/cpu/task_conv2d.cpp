@@ -1036,6 +1036,19 @@ std::vector<at::Tensor> task_conv2d_node(const at::Tensor& x, const at::Tensor& 
   return TaskConv2dNode::apply(x, w, b, stride.vec(), padding.vec(), alias_x, alias_w);
 }
 
+// The public task_conv2d_backward's entry to its node (a second-order graph built by hand,
+// or a user's own backward op): the node task_conv2d's node builds under create_graph.
+std::vector<at::Tensor> task_conv2d_backward_node(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  c10::List<bool> output_mask,
+                                                  const c10::optional<at::Tensor>& dx_addend,
+                                                  const c10::optional<at::Tensor>& dw_addend) {
+  TORCH_CHECK_VALUE(output_mask.size() == 2, "task_conv2d_backward: output_mask holds two flags (dx, dw), got ",
+                    output_mask.size());
+  return TaskConv2dBackwardNode::apply(grad_out, x, w, stride.vec(), padding.vec(), output_mask.get(0),
+                                       output_mask.get(1), dx_addend, dw_addend);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -1045,10 +1058,13 @@ std::vector<at::Tensor> task_conv2d_node(const at::Tensor& x, const at::Tensor& 
 TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
   m.def("task_conv2d_node(Tensor x, Tensor w, Tensor? b, int[] stride, int[] padding, bool alias_x, "
         "bool alias_w) -> Tensor[]");
+  m.def("task_conv2d_backward_node(Tensor grad_out, Tensor x, Tensor w, int[] stride, int[] padding, "
+        "bool[] output_mask, Tensor? dx_addend, Tensor? dw_addend) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
   m.impl("task_conv2d_node", &fastmeta::cpu::task_conv2d_node);
+  m.impl("task_conv2d_backward_node", &fastmeta::cpu::task_conv2d_backward_node);
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "activation.h"
 #include "cpu_common.h"
 #include "eager_nodes.h"
 #include "blas.h"
@@ -405,8 +406,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> task_linear_double_backward(
 }
 
 // ---------------------------------------------------------------------------------------
-// The eager path's autograd nodes in C++ (see task_conv2d.cpp): task_linear without a
-// fused activation, and task_linear_backward, what fastmeta/ops/task_linear.py's Python
+// The eager path's autograd nodes in C++ (see task_conv2d.cpp): task_linear (its fused
+// activation's gradient through activation_grad's node, activation.cpp), and task_linear_backward, what fastmeta/ops/task_linear.py's Python
 // nodes do. The public op takes them where its `_linear_native_node` says.
 // ---------------------------------------------------------------------------------------
 
@@ -505,18 +506,23 @@ struct TaskLinearBackwardNode : public torch::autograd::Function<TaskLinearBackw
 };
 
 struct TaskLinearNode : public torch::autograd::Function<TaskLinearNode> {
-  // y = task_linear(x, w, b) without an activation, and an alias of x and of w where asked
-  // (outputs_with_aliases).
+  // y = act(task_linear(x, w, b)), and an alias of x and of w where asked
+  // (outputs_with_aliases). With an activation the node saves y, from which its backward
+  // reads f' through activation_grad's node (activation.cpp), as the Python node does.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
-                               const c10::optional<at::Tensor>& b, bool alias_x, bool alias_w) {
+                               const c10::optional<at::Tensor>& b, std::string act, double negative_slope,
+                               bool alias_x, bool alias_w) {
     ctx->set_materialize_grads(false);
     at::Tensor y = recorded(nullptr, "fastmeta_ext::task_linear", [&] {
       const at::Tensor bias = b.has_value() ? native_per_task(*b, b->dim() == 2) : at::Tensor();
-      return task_linear(x, native_per_task(w, w.dim() == 3), maybe(bias), "none", 0.0);
+      return task_linear(x, native_per_task(w, w.dim() == 3), maybe(bias), act, negative_slope);
     });
     ctx->saved_data["has_bias"] = b.has_value();
     ctx->saved_data["bias_shared"] = b.has_value() && b->dim() == 1;
-    return outputs_with_aliases(ctx, std::move(y), x, w, alias_x, alias_w);
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["negative_slope"] = negative_slope;
+    const at::Tensor saved_y = act != "none" ? y : at::Tensor();
+    return outputs_with_aliases(ctx, std::move(y), x, w, alias_x, alias_w, saved_y);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -526,11 +532,16 @@ struct TaskLinearNode : public torch::autograd::Function<TaskLinearNode> {
     const bool want_dx = ctx->needs_input_grad(0), want_dw = ctx->needs_input_grad(1);
     const bool want_db = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     const bool bias_shared = ctx->saved_data["bias_shared"].toBool();
-    // One per forward argument: x, w, b, alias_x, alias_w.
+    // One per forward argument: x, w, b, act, negative_slope, alias_x, alias_w.
     if (!grad_y.defined())  // only the aliases were read
-      return {want_dx ? add_x : none, want_dw ? add_w : none, none, none, none};
+      return {want_dx ? add_x : none, want_dw ? add_w : none, none, none, none, none, none};
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1];
+    const std::string act = ctx->saved_data["act"].toStringRef();
+    // The gradient at the pre-activation: grad_y · f'(y), y read back from the saved output.
+    const at::Tensor grad_z = act == "none" ? grad_y
+                                            : activation_grad_on_node(grad_y, saved[2], act,
+                                                                      ctx->saved_data["negative_slope"].toDouble());
     at::Tensor dx, dw, db;
     // The bias's gradient inside the pair op: no sum of its own (nor, at second order, an add).
     if (want_dx || want_dw || want_db) {
@@ -538,13 +549,13 @@ struct TaskLinearNode : public torch::autograd::Function<TaskLinearNode> {
       const auto aw = want_dw ? maybe(add_w) : c10::nullopt;
       if (at::GradMode::is_enabled()) {
         const variable_list out =
-            TaskLinearBackwardNode::apply(grad_y, x, w, want_dx, want_dw, want_db, bias_shared, ax, aw);
+            TaskLinearBackwardNode::apply(grad_z, x, w, want_dx, want_dw, want_db, bias_shared, ax, aw);
         dx = out[0];
         dw = out[1];
         db = out[2];
       } else {
         std::tie(dx, dw, db) = recorded("fastmeta::task_linear_backward", "fastmeta_ext::task_linear_backward", [&] {
-          return task_linear_backward(grad_y.contiguous(), x.contiguous(), native_weight_of_rank(w),
+          return task_linear_backward(grad_z.contiguous(), x.contiguous(), native_weight_of_rank(w),
                                       bool_list({want_dx, want_dw, want_db}), contiguous(ax), contiguous(aw),
                                       bias_shared);
         });
@@ -553,13 +564,26 @@ struct TaskLinearNode : public torch::autograd::Function<TaskLinearNode> {
       if (!want_dw) dw = none;
       if (!want_db) db = none;
     }
-    return {dx, dw, db, none, none};
+    return {dx, dw, db, none, none, none, none};
   }
 };
 
 std::vector<at::Tensor> task_linear_node(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
-                                         bool alias_x, bool alias_w) {
-  return TaskLinearNode::apply(x, w, b, alias_x, alias_w);
+                                         c10::string_view act, double negative_slope, bool alias_x, bool alias_w) {
+  return TaskLinearNode::apply(x, w, b, std::string(act.data(), act.size()), negative_slope, alias_x, alias_w);
+}
+
+// The public task_linear_backward's entry to its node (see task_conv2d_backward_node).
+std::vector<at::Tensor> task_linear_backward_node(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
+                                                  c10::List<bool> output_mask,
+                                                  const c10::optional<at::Tensor>& dx_addend,
+                                                  const c10::optional<at::Tensor>& dw_addend, bool bias_shared) {
+  TORCH_CHECK_VALUE(output_mask.size() == 2 || output_mask.size() == 3,
+                    "task_linear_backward: output_mask must have 2 or 3 entries (dx, dw[, db]), got ",
+                    output_mask.size());
+  return TaskLinearBackwardNode::apply(grad_out, x, w, output_mask.get(0), output_mask.get(1),
+                                       output_mask.size() == 3 && output_mask.get(2), bias_shared, dx_addend,
+                                       dw_addend);
 }
 
 }  // namespace
@@ -576,9 +600,13 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
 
 // The eager node's entry (see task_conv2d_node in task_conv2d.cpp).
 TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
-  m.def("task_linear_node(Tensor x, Tensor w, Tensor? b, bool alias_x, bool alias_w) -> Tensor[]");
+  m.def("task_linear_node(Tensor x, Tensor w, Tensor? b, str act, float negative_slope, bool alias_x, "
+        "bool alias_w) -> Tensor[]");
+  m.def("task_linear_backward_node(Tensor grad_out, Tensor x, Tensor w, bool[] output_mask, Tensor? dx_addend, "
+        "Tensor? dw_addend, bool bias_shared) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
   m.impl("task_linear_node", &fastmeta::cpu::task_linear_node);
+  m.impl("task_linear_backward_node", &fastmeta::cpu::task_linear_backward_node);
 }

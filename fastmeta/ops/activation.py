@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastmeta.ops.registration import NativeCall, OpFamily, define_family, define_op
+from fastmeta.ops.registration import NativeCall, OpFamily, cpu_native_node, define_family, define_op
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "tanh", "sigmoid")
 
@@ -118,6 +118,22 @@ def _activation_grad_backward(ctx, grad):
 
 
 activation_grad.register_autograd(_activation_grad_backward, setup_context=_activation_grad_setup)
+
+
+def _activation_grad_native_node(grad_y, y, act, negative_slope):
+    """activation_grad's node in C++ (``fastmeta_ext::activation_grad_node``,
+    csrc/cpu/activation.cpp): the same graph as :func:`_activation_grad_backward`'s Python
+    node, with autograd's engine calling the kernel directly. Taken for CPU tensors of one
+    shape and dtype where the ``cpu`` backend runs the kernel; NotImplemented (the Python
+    node) otherwise."""
+    check_activation(act, negative_slope)
+    if grad_y.shape != y.shape:
+        return NotImplemented
+    node = cpu_native_node("activation_grad_node", ("activation_grad",), grad_y, y)
+    return NotImplemented if node is None else node(grad_y, y, act, float(negative_slope))[0]
+
+
+activation_grad.register_native_node(_activation_grad_native_node)
 
 
 # ---------------------------------------------------------------------------------------

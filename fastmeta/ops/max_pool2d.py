@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
+from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, cpu_native_node, define_family, define_op
 
 
 def pooled_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -240,6 +240,44 @@ def _gather_backward(ctx, upstream):
 
 
 max_pool2d_double_backward.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# The nodes in C++ (csrc/cpu/max_pool2d.cpp): the same graphs as the Python nodes above,
+# with autograd's engine calling the kernels directly. Taken for CPU tensors of a dtype the
+# kernels are compiled for, where the ``cpu`` backend runs the three ops; NotImplemented
+# (the Python node) otherwise. The arguments are checked first, as the Python path checks
+# them.
+# ---------------------------------------------------------------------------------------
+
+_NODE_KERNELS = ("max_pool2d", "max_pool2d_backward", "max_pool2d_double_backward")
+
+
+def _pool_native_node(x, kernel_size, stride, padding):
+    _check_pool(x, kernel_size, stride, padding)
+    node = cpu_native_node("max_pool2d_node", _NODE_KERNELS, x)
+    return NotImplemented if node is None else node(x, list(kernel_size), list(stride), list(padding))
+
+
+def _scatter_native_node(grad_y, indices, input_size, kernel_size, stride, padding):
+    _check_backward(grad_y, indices, input_size, kernel_size, stride, padding)
+    node = cpu_native_node("max_pool2d_backward_node", _NODE_KERNELS, grad_y)
+    if node is None or indices.device.type != "cpu":
+        return NotImplemented
+    return node(grad_y, indices, list(input_size), list(kernel_size), list(stride), list(padding))[0]
+
+
+def _gather_native_node(grad_grad_x, indices, kernel_size, stride, padding):
+    _check_double_backward(grad_grad_x, indices, kernel_size, stride, padding)
+    node = cpu_native_node("max_pool2d_double_backward_node", _NODE_KERNELS, grad_grad_x)
+    if node is None or indices.device.type != "cpu":
+        return NotImplemented
+    return node(grad_grad_x, indices, list(kernel_size), list(stride), list(padding))[0]
+
+
+max_pool2d.register_native_node(_pool_native_node)
+max_pool2d_backward.register_native_node(_scatter_native_node)
+max_pool2d_double_backward.register_native_node(_gather_native_node)
 
 
 # ---------------------------------------------------------------------------------------

@@ -407,6 +407,26 @@ def _bn_backward_backward(ctx, upstream):
 task_batch_norm_backward.register_autograd(_bn_backward_backward, setup_context=_bn_backward_setup)
 
 
+def _bn_backward_native_node(grad_z, x, gamma, eps, needs, y=None, act="none", negative_slope=0.01, dx_addend=None,
+                             dgamma_addend=None):
+    """task_batch_norm_backward's node in C++ (``fastmeta_ext::task_batch_norm_backward_node``):
+    the node task_batch_norm's C++ node builds under create_graph, the same graph as
+    :func:`_bn_backward_backward`'s Python node. Taken where :func:`_bn_native_node` would
+    be ("none" or a mask activation, x contiguous); NotImplemented otherwise."""
+    _check_backward(grad_z, x, gamma, eps, needs, y, act, negative_slope, dx_addend, dgamma_addend)
+    if (act != "none" and act not in MASK_ACTIVATIONS) or x.dim() < 3 or not x.is_contiguous():
+        return NotImplemented
+    node = cpu_native_node("task_batch_norm_backward_node", _NODE_KERNELS[1:], x, grad_z, gamma, y, dx_addend,
+                           dgamma_addend)
+    if node is None:
+        return NotImplemented
+    return tuple(node(grad_z, x, gamma, float(eps), [bool(n) for n in needs], y, act, float(negative_slope),
+                      dx_addend, dgamma_addend))
+
+
+task_batch_norm_backward.register_native_node(_bn_backward_native_node)
+
+
 # ---------------------------------------------------------------------------------------
 # task_batch_norm_double_backward
 # ---------------------------------------------------------------------------------------

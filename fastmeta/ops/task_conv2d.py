@@ -418,6 +418,20 @@ def _conv_native_node(x, w, b, stride, padding):
 task_conv2d.register_native_node(_conv_native_node)
 
 
+def _conv_backward_native_node(grad_out, x, w, stride, padding, output_mask, dx_addend=None, dw_addend=None):
+    """task_conv2d_backward's node in C++ (``fastmeta_ext::task_conv2d_backward_node``): the
+    node task_conv2d's C++ node builds under create_graph, the same graph as
+    :func:`_conv_backward_backward`'s Python node. Taken where :func:`_conv_native_node`
+    would be (x contiguous, w's blocks as they are); NotImplemented otherwise."""
+    _check_backward(grad_out, x, w, stride, padding, output_mask, dx_addend, dw_addend)
+    node = cpu_native_node("task_conv2d_backward_node", _NODE_KERNELS[1:], grad_out, x, w, dx_addend, dw_addend)
+    if node is None or not x.is_contiguous() or not _blocks_as_they_are(w, 5) or not _native_backward_takes(
+            "cpu", grad_out, x, w, stride, padding, output_mask):
+        return NotImplemented
+    return tuple(node(grad_out, x, w, _ints(stride), _ints(padding), [bool(m) for m in output_mask], dx_addend,
+                      dw_addend))
+
+
 # ---------------------------------------------------------------------------------------
 # task_conv2d_backward and its backward, task_conv2d_double_backward
 # ---------------------------------------------------------------------------------------
@@ -507,6 +521,7 @@ def _conv_backward_backward(ctx, g_dx, g_dw):
 
 
 task_conv2d_backward.register_autograd(_conv_backward_backward, setup_context=_conv_backward_setup)
+task_conv2d_backward.register_native_node(_conv_backward_native_node)
 
 
 task_conv2d_double_backward = define_op(reference_task_conv2d_double_backward, check=_check_double_backward,

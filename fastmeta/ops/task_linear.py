@@ -49,7 +49,7 @@ from torch import Tensor
 from fastmeta.backends.precision import product_at_precision
 from fastmeta.backends.table import shared_or_contiguous
 from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, cpu_native_node, define_family, define_op
-from fastmeta.ops.activation import activation_grad, apply_activation
+from fastmeta.ops.activation import activation_grad, apply_activation, check_activation
 from fastmeta.ops.reference_vjp import reference_vjp
 
 
@@ -229,24 +229,28 @@ def _task_linear_backward(ctx, grad_y):
 task_linear.register_autograd(_task_linear_backward, setup_context=_task_linear_setup, aliased_inputs=(0, 1))
 
 
-# The ops whose CPU kernels the C++ nodes call themselves (csrc/cpu/task_linear.cpp).
+# The ops whose CPU kernels the C++ nodes call themselves (csrc/cpu/task_linear.cpp), and,
+# with a fused activation, activation_grad's (csrc/cpu/activation.cpp).
 _NODE_KERNELS = ("task_linear", "task_linear_backward", "task_linear_double_backward")
+_NODE_KERNELS_WITH_ACTIVATION = (*_NODE_KERNELS, "activation_grad")
 
 
 def _linear_native_node(x, w, b, act, negative_slope):
     """task_linear's node in C++ (``fastmeta_ext::task_linear_node``): the same graph as
     :func:`_task_linear_backward`'s Python node (alias outputs, addends, the pair op, the
-    bias sum), with autograd's engine calling the C++ kernels directly. Taken without a
-    fused activation (one would need ``activation_grad``), for contiguous CPU x with w and b
-    of its dtype, where the ``cpu`` backend runs the three ops; NotImplemented (the Python
-    node) otherwise. The node lays w and b out as the launchers do (csrc/cpu/task_linear.cpp,
-    ``native_per_task``)."""
-    if act != "none" or x.dim() != 3 or w.dim() not in (2, 3) or not x.is_contiguous():
+    bias sum, a fused activation's gradient through activation_grad's C++ node), with
+    autograd's engine calling the C++ kernels directly. Taken for contiguous CPU x with w
+    and b of its dtype, where the ``cpu`` backend runs the ops; NotImplemented (the Python
+    node) otherwise. The node lays w and b out as the launchers do
+    (csrc/cpu/task_linear.cpp, ``native_per_task``)."""
+    if x.dim() != 3 or w.dim() not in (2, 3) or not x.is_contiguous():
         return NotImplemented
-    node = cpu_native_node("task_linear_node", _NODE_KERNELS, x, w, b)
+    check_activation(act, negative_slope)
+    node = cpu_native_node("task_linear_node", _NODE_KERNELS if act == "none" else _NODE_KERNELS_WITH_ACTIVATION,
+                           x, w, b)
     if node is None:
         return NotImplemented
-    return node(x, w, b, x.requires_grad, w.requires_grad)[0]
+    return node(x, w, b, act, float(negative_slope), x.requires_grad, w.requires_grad)[0]
 
 
 task_linear.register_native_node(_linear_native_node)
@@ -402,6 +406,23 @@ def _linear_backward_backward(ctx, g_dx, g_dw, g_db):
 
 
 task_linear_backward.register_autograd(_linear_backward_backward, setup_context=_linear_backward_setup)
+
+
+def _linear_backward_native_node(grad_out, x, w, output_mask, dx_addend=None, dw_addend=None, bias_shared=False):
+    """task_linear_backward's node in C++ (``fastmeta_ext::task_linear_backward_node``): the
+    node task_linear's C++ node builds under create_graph, the same graph as
+    :func:`_linear_backward_backward`'s Python node. Taken for CPU tensors of one dtype the
+    ``cpu`` backend runs both ops for; NotImplemented otherwise."""
+    _check_backward(grad_out, x, w, output_mask, dx_addend, dw_addend, bias_shared)
+    if grad_out.dim() != 3 or x.dim() != 3 or w.dim() not in (2, 3):
+        return NotImplemented
+    node = cpu_native_node("task_linear_backward_node", _NODE_KERNELS[1:], grad_out, x, w, dx_addend, dw_addend)
+    if node is None:
+        return NotImplemented
+    return tuple(node(grad_out, x, w, [bool(m) for m in output_mask], dx_addend, dw_addend, bool(bias_shared)))
+
+
+task_linear_backward.register_native_node(_linear_backward_native_node)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The eager path's autograd nodes in C++ (csrc/cpu/task_conv2d.cpp, task_batch_norm.cpp, task_linear.cpp,
-task_loss.cpp, inner_step.cpp):
+task_loss.cpp, inner_step.cpp, activation.cpp, max_pool2d.cpp):
 where they are taken, and that they build the graph the Python nodes build. Every value
 and gradient, to second order, equals the Python node's bit for bit (the same kernels on
 the same arguments, the same addends); third order runs through the public ops'
@@ -24,11 +24,17 @@ T, N, C, O, H = 2, 3, 2, 3, 6
 _MIX = torch.randn(O, O, 3, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 
 
+# Every public op with a node in C++.
+NODE_OPS = (ops.task_conv2d, ops.task_conv2d_backward, ops.task_batch_norm, ops.task_batch_norm_backward,
+            ops.task_linear, ops.task_linear_backward, ops.activation_grad, ops.max_pool2d, ops.max_pool2d_backward,
+            ops.max_pool2d_double_backward, ops.task_loss, ops.task_loss_grad, ops.task_loss_and_accuracy,
+            ops.task_loss_and_grad, ops.inner_step)
+
+
 @contextmanager
 def _python_nodes():
     """Without the C++ nodes: the Python nodes run."""
-    saved = [(op, op._native_node) for op in (ops.task_conv2d, ops.task_batch_norm, ops.task_linear, ops.task_loss,
-                                              ops.task_loss_grad, ops.inner_step)]
+    saved = [(op, op._native_node) for op in NODE_OPS]
     for op, _ in saved:
         op._native_node = None
     try:
@@ -168,12 +174,17 @@ def test_the_python_node_runs_where_the_c_nodes_do_not_take_the_arguments():
     w = torch.randn(T, O, C, 3, 3, requires_grad=True)
     with fm.use_backend("torch"):  # the reference backend: no C++ kernels
         assert "task_conv2d_function" in type(ops.task_conv2d(x, w, None, [1, 1], [1, 1]).grad_fn).__name__
+        y = ops.max_pool2d(x.flatten(0, 1), [2, 2], [2, 2], [0, 0])[0]
+        assert "max_pool2d_function" in type(y.grad_fn).__name__
+        grad_y = torch.randn(T, N, C, 5, 5, requires_grad=True)
+        assert "activation_grad_function" in type(ops.activation_grad(grad_y, x, "tanh", 0.0).grad_fn).__name__
     with fm.use_backend("cpu"):
         x_t = x.transpose(3, 4)  # not contiguous: the kernels would need a copy
         assert "task_conv2d_function" in type(ops.task_conv2d(x_t, w, None, [1, 1], [1, 1]).grad_fn).__name__
         y = ops.task_batch_norm(x, None, None, 1e-5, "tanh", 0.0)  # f'(y) is no mask: activation_grad runs
         assert "task_batch_norm_function" in type(y.grad_fn).__name__
-        y = ops.task_linear(x.flatten(2), torch.randn(3, 50), None, "relu", 0.0)  # a fused activation
+        x_linear = x.flatten(2).transpose(1, 2).contiguous().transpose(1, 2)  # not contiguous
+        y = ops.task_linear(x_linear, torch.randn(3, 50), None, "relu", 0.0)
         assert "task_linear_function" in type(y.grad_fn).__name__
         with torch.no_grad():  # nothing records: no node at all
             assert ops.task_conv2d(x, w, None, [1, 1], [1, 1]).grad_fn is None
@@ -360,3 +371,139 @@ def test_loss_and_inner_step_take_the_python_node_where_the_c_nodes_do_not_take_
         # an MSE target of another dtype
         target = torch.randn(T, N, 4, dtype=torch.float64)
         assert "task_loss_grad_function" in type(ops.task_loss_grad(pred, target, "mse").grad_fn).__name__
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "tanh", "sigmoid"])
+def test_linear_node_with_a_fused_activation_equals_the_python_node_to_second_order(act):
+    """The activation's gradient through activation_grad's C++ node, y read back from the
+    node's saved output: where f' depends on y (tanh, sigmoid) the outer backward reaches y."""
+    torch.manual_seed(7)
+    I, F = 4, 5
+    w = torch.randn(T, F, I, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(F, dtype=torch.float64, requires_grad=True)
+    x_s = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
+    x_q = torch.randn(T, N, I, dtype=torch.float64)
+    mix = torch.randn(F, F, dtype=torch.float64)
+
+    def layer(x, w, b):
+        y = ops.task_linear(x, w, b, act, 0.2)
+        return ops.task_linear(y, torch.tanh(w.sum(-1, keepdim=True) * mix), None, act, 0.2)
+
+    with fm.use_backend("cpu"):
+        assert ops.task_linear(x_s, w, b, act, 0.2).grad_fn.name().endswith("::TaskLinearNode>")
+        runs = []
+        for python in (False, True):
+            with _python_nodes() if python else nullcontext():
+                meta = _meta_gradient(x_s, x_q, [w, b], layer)
+                first = torch.autograd.grad(layer(x_s, w, b).sin().sum(), [x_s, w, b], create_graph=True)
+                second = torch.autograd.grad(sum(f.square().sum() for f in first), [x_s, w, b])
+            runs.append(list(meta) + [f.detach() for f in first] + list(second))
+    _assert_bitwise_equal(*runs)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
+def test_max_pool_nodes_equal_the_python_nodes_to_third_order(kernel, stride, padding):
+    """Pooling, its scatter and its gather build each other at every order: a net that pools
+    twice (overlapping windows where the stride is under the kernel), to the third derivative."""
+    torch.manual_seed(8)
+    window = ([kernel, kernel], [stride, stride], [padding, padding])
+    x = torch.randn(T * N, C, 7, 6, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(C, 1, 1, dtype=torch.float64, requires_grad=True)
+
+    def net(x, scale):
+        y = ops.max_pool2d(x * scale, *window)[0]
+        return ops.max_pool2d(torch.tanh(y) * scale, [2, 2], [1, 1], [0, 0])[0]
+
+    with fm.use_backend("cpu"):
+        assert net(x, scale).grad_fn.name().endswith("::MaxPoolNode>")
+        runs = []
+        for python in (False, True):
+            with _python_nodes() if python else nullcontext():
+                first = torch.autograd.grad(net(x, scale).sin().sum(), [x, scale], create_graph=True)
+                second = torch.autograd.grad(sum(f.square().sum() for f in first), [x, scale], create_graph=True)
+                third = torch.autograd.grad(sum(f.sin().sum() for f in second), [x, scale])
+            runs.append([f.detach() for f in first + second] + list(third))
+    _assert_bitwise_equal(*runs)
+
+
+def _public_backward_cases():
+    """Each public backward op with a C++ node, called as a user writes a second-order graph
+    by hand: (name, the op's call on the differentiated leaves, the leaves)."""
+    r = lambda *shape: torch.randn(*shape, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    x_conv, w_conv, g_conv = r(T, N, C, 6, 6), r(T, O, C, 3, 3), r(T, N, O, 3, 3)
+    add_x, add_w = r(T, N, C, 6, 6), r(T, O, C, 3, 3)
+    x_lin, w_lin, g_lin, add_lin = r(T, N, 4), r(5, 4), r(T, N, 5), r(T, N, 4)
+    x_bn, g_bn, gamma = r(T, N, C, 3, 3), r(T, N, C, 3, 3), (torch.rand(T, C, dtype=torch.float64) + 0.5)
+    gamma.requires_grad_(True)
+    y_bn = torch.relu(torch.randn(T, N, C, 3, 3, dtype=torch.float64))
+    grad_y, y_act = r(T, N, 5), torch.tanh(r(T, N, 5))
+    indices = ops.max_pool2d(torch.randn(T * N, C, 6, 6, dtype=torch.float64), [2, 2], [2, 2], [0, 0])[1]
+    g_pool, gg_pool = r(T * N, C, 3, 3), r(T * N, C, 6, 6)
+    return [
+        ("task_conv2d_backward",
+         lambda: ops.task_conv2d_backward(g_conv, x_conv, w_conv, [2, 2], [1, 1], [True, True], add_x, add_w),
+         [g_conv, x_conv, w_conv, add_x, add_w]),
+        ("task_linear_backward",
+         lambda: ops.task_linear_backward(g_lin, x_lin, w_lin, [True, True, True], add_lin, None, True),
+         [g_lin, x_lin, w_lin, add_lin]),
+        ("task_batch_norm_backward",
+         lambda: ops.task_batch_norm_backward(g_bn, x_bn, gamma, 1e-5, [True, True, True], y_bn, "relu", 0.0),
+         [g_bn, x_bn, gamma]),
+        ("activation_grad", lambda: [ops.activation_grad(grad_y, y_act, "sigmoid", 0.0)], [grad_y, y_act]),
+        ("max_pool2d_backward",
+         lambda: [ops.max_pool2d_backward(g_pool, indices, [6, 6], [2, 2], [2, 2], [0, 0])], [g_pool]),
+        ("max_pool2d_double_backward",
+         lambda: [ops.max_pool2d_double_backward(gg_pool, indices, [2, 2], [2, 2], [0, 0])], [gg_pool]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _public_backward_cases()])
+def test_public_backward_ops_take_their_c_nodes_and_equal_the_python_nodes_to_second_order(case):
+    torch.manual_seed(9)
+    name, call, leaves = _public_backward_cases()[case]
+    with fm.use_backend("cpu"):
+        outs = [o for o in call() if o.numel()]
+        assert all(o.grad_fn.name().endswith("Node>") for o in outs), [o.grad_fn.name() for o in outs]
+        runs = []
+        for python in (False, True):
+            with _python_nodes() if python else nullcontext():
+                outs = [o for o in call() if o.numel()]
+                if python:
+                    assert all(f"{name}_function" in type(o.grad_fn).__name__ for o in outs)
+                first = torch.autograd.grad(sum(o.sin().sum() for o in outs), leaves, create_graph=True,
+                                            allow_unused=True)
+                used = [f for f in first if f is not None and f.requires_grad]
+                second = torch.autograd.grad(sum(f.square().sum() for f in used), leaves, allow_unused=True)
+            runs.append([o.detach() for o in outs] + [None if f is None else f.detach() for f in first]
+                        + list(second))
+    _assert_bitwise_equal(*runs)
+
+
+def test_new_nodes_pass_gradcheck_and_gradgradcheck():
+    """The fused activations' linear node, the pooling nodes and the public backward ops'
+    nodes against float64 finite differences, to second order (smooth activations; the
+    pooling's windows hold distinct values, away from ties)."""
+    torch.manual_seed(10)
+    x = torch.randn(T, N, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(T, 5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(T, 5, dtype=torch.float64, requires_grad=True)
+    planes = torch.randperm(T * N * C * 36).reshape(T * N, C, 6, 6).double().div(50).requires_grad_(True)
+
+    def linears(x, w, b):
+        return (ops.task_linear(x, w, b, "tanh", 0.0), ops.task_linear(x, w, b, "sigmoid", 0.0))
+
+    def pool(planes):
+        return ops.max_pool2d(planes, [3, 3], [2, 2], [1, 1])[0]
+
+    grad_out = torch.randn(T, N, 5, dtype=torch.float64, requires_grad=True)
+
+    def linear_pair(grad_out, x, w):
+        return ops.task_linear_backward(grad_out, x, w, [True, True, True])
+
+    with fm.use_backend("cpu"):
+        assert linears(x, w, b)[0].grad_fn.name().endswith("::TaskLinearNode>")
+        assert pool(planes).grad_fn.name().endswith("::MaxPoolNode>")
+        assert linear_pair(grad_out, x, w)[0].grad_fn.name().endswith("::TaskLinearBackwardNode>")
+        for fn, inputs in ((linears, (x, w, b)), (pool, (planes,)), (linear_pair, (grad_out, x, w))):
+            assert torch.autograd.gradcheck(fn, inputs)
+            assert torch.autograd.gradgradcheck(fn, inputs)
