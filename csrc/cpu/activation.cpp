@@ -68,13 +68,42 @@ at::Tensor activation_grad(const at::Tensor& grad_y, const at::Tensor& y, c10::s
 // ---------------------------------------------------------------------------------------
 // activation_grad's node: what fastmeta/ops/activation.py's Python node does. Its backward:
 // d grad_y = activation_grad(upstream, y) (this node again, where autograd records), and
-// d y = upstream · grad_y · d f'/dy for tanh (−2y) and sigmoid (1 − 2y), in the aten ops
-// the Python node runs (the same values, bit for bit); none for the piecewise-linear
-// activations, whose f' is constant where it is defined (undefined: autograd computes
-// nothing for it).
+// d y = upstream · grad_y · d f'/dy for tanh (−2y) and sigmoid (1 − 2y) (gradient_at_y:
+// one pass where the Python node runs three aten ops, the same values bit for bit); none
+// for the piecewise-linear activations, whose f' is constant where it is defined
+// (undefined: autograd computes nothing for it).
 // ---------------------------------------------------------------------------------------
 
 using namespace eager_nodes;
+
+// d y = upstream · grad_y · d f'/dy for tanh (−2y) and sigmoid (1 − 2y), in one pass: the
+// values of the Python node's three aten ops, bit for bit ((upstream · grad_y) · (−2y) and
+// (upstream · grad_y) · (1 − 2y), each product rounded as they round it; 2y is exact, so
+// a contracted 1 − 2y rounds once as the two ops do). Where autograd records (third order),
+// those aten ops themselves, which differentiate.
+at::Tensor gradient_at_y(const at::Tensor& upstream, const at::Tensor& grad_y, const at::Tensor& y, Act act) {
+  if (at::GradMode::is_enabled() && (upstream.requires_grad() || grad_y.requires_grad() || y.requires_grad()))
+    return act == Act::Tanh ? at::mul(at::mul(upstream, grad_y), at::mul(y, -2))
+                            : at::mul(at::mul(upstream, grad_y), at::rsub(at::mul(y, 2), 1));
+  const at::Tensor u = upstream.contiguous(), g = grad_y.contiguous(), v = y.contiguous();
+  at::Tensor out = at::empty_like(v);
+  const int64_t n = v.numel();
+  dispatch_floating(v.scalar_type(), "activation_grad_backward", [&](auto tag_) {
+    using scalar_t = decltype(tag_);
+    const scalar_t *up = u.data_ptr<scalar_t>(), *gy = g.data_ptr<scalar_t>(), *yy = v.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+      if (act == Act::Tanh) {
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) o[i] = (up[i] * gy[i]) * (yy[i] * scalar_t(-2));
+      } else {
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) o[i] = (up[i] * gy[i]) * (scalar_t(1) - yy[i] * scalar_t(2));
+      }
+    });
+  });
+  return out;
+}
 
 at::Tensor activation_grad_kernel(const at::Tensor& grad_y, const at::Tensor& y, const std::string& act,
                                   double negative_slope) {
@@ -104,10 +133,7 @@ struct ActivationGradNode : public torch::autograd::Function<ActivationGradNode>
     if (ctx->needs_input_grad(0)) d_grad_y = activation_grad_on_node(upstream, y, act, slope);
     if (ctx->needs_input_grad(1)) {
       const Act kind = parse_act(act);
-      if (kind == Act::Tanh)
-        d_y = at::mul(at::mul(upstream, grad_y), at::mul(y, -2));
-      else if (kind == Act::Sigmoid)
-        d_y = at::mul(at::mul(upstream, grad_y), at::rsub(at::mul(y, 2), 1));
+      if (kind == Act::Tanh || kind == Act::Sigmoid) d_y = gradient_at_y(upstream, grad_y, y, kind);
     }
     // One per forward argument: grad_y, y, act, negative_slope.
     return {d_grad_y, d_y, none, none};

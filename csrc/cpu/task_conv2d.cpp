@@ -1036,6 +1036,122 @@ std::vector<at::Tensor> task_conv2d_node(const at::Tensor& x, const at::Tensor& 
   return TaskConv2dNode::apply(x, w, b, stride.vec(), padding.vec(), alias_x, alias_w);
 }
 
+// task_conv2d_input_grad and task_conv2d_weight_grad called as ops of their own (see the
+// same pair in task_linear.cpp): each one's backward is the convolution and the other, on
+// the arguments fastmeta/ops/task_conv2d.py's launchers give the kernels; through the
+// public ops where the backward itself records (third order).
+
+// A weight or bias for the kernels as fastmeta/ops/task_conv2d.py's _task_blocks lays it
+// out: a task stride of 0 → the shared tensor; per-task blocks each contiguous kept as they
+// are; anything else a contiguous copy.
+at::Tensor task_blocks(const at::Tensor& t, int64_t per_task_dim) {
+  if (t.dim() == per_task_dim && t.size(0) > 1 && t.stride(0) == 0) return t[0].contiguous();
+  if (t.dim() == per_task_dim && t.size(0) > 0 && t.stride(0) >= 0 && t[0].is_contiguous()) return t;
+  return t.contiguous();
+}
+
+at::Tensor public_conv_op(const char* name, torch::jit::Stack stack) {
+  const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  return call_public_op(op, std::move(stack))[0].toTensor();
+}
+
+at::Tensor conv_of(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& stride,
+                   const std::vector<int64_t>& padding) {
+  if (at::GradMode::is_enabled())
+    return public_conv_op("fastmeta::task_conv2d", {x, w, c10::IValue(), stride, padding});
+  return recorded("fastmeta::task_conv2d", "fastmeta_ext::task_conv2d", [&] {
+    return task_conv2d(x.contiguous(), task_blocks(w, 5), c10::nullopt, stride, padding);
+  });
+}
+
+at::Tensor conv_input_grad_of(const at::Tensor& grad_out, const at::Tensor& w, const std::vector<int64_t>& input_size,
+                              const std::vector<int64_t>& stride, const std::vector<int64_t>& padding) {
+  if (at::GradMode::is_enabled())
+    return public_conv_op("fastmeta::task_conv2d_input_grad", {grad_out, w, input_size, stride, padding});
+  return recorded("fastmeta::task_conv2d_input_grad", "fastmeta_ext::task_conv2d_input_grad", [&] {
+    return task_conv2d_input_grad(grad_out.contiguous(), task_blocks(w, 5), input_size, stride, padding);
+  });
+}
+
+at::Tensor conv_weight_grad_of(const at::Tensor& grad_out, const at::Tensor& x, const std::vector<int64_t>& kernel_size,
+                               const std::vector<int64_t>& stride, const std::vector<int64_t>& padding, bool shared) {
+  if (at::GradMode::is_enabled())
+    return public_conv_op("fastmeta::task_conv2d_weight_grad", {grad_out, x, kernel_size, stride, padding, shared});
+  return recorded("fastmeta::task_conv2d_weight_grad", "fastmeta_ext::task_conv2d_weight_grad", [&] {
+    return task_conv2d_weight_grad(grad_out.contiguous(), x.contiguous(), kernel_size, stride, padding, shared);
+  });
+}
+
+struct TaskConv2dInputGradNode : public torch::autograd::Function<TaskConv2dInputGradNode> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& w,
+                               std::vector<int64_t> input_size, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad_out, w});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    return {recorded(nullptr, "fastmeta_ext::task_conv2d_input_grad", [&] {
+      return task_conv2d_input_grad(grad_out.contiguous(), task_blocks(w, 5), input_size, stride, padding);
+    })};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor none, &upstream = grads[0];
+    // One per forward argument: grad_out, w, input_size, stride, padding.
+    if (!upstream.defined()) return {none, none, none, none, none};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad_out = saved[0], &w = saved[1];
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    at::Tensor d_grad_out, d_w;
+    if (ctx->needs_input_grad(0)) d_grad_out = conv_of(upstream, w, stride, padding);
+    if (ctx->needs_input_grad(1))
+      d_w = conv_weight_grad_of(grad_out, upstream, {w.size(-2), w.size(-1)}, stride, padding, w.dim() == 4);
+    return {d_grad_out, d_w, none, none, none};
+  }
+};
+
+struct TaskConv2dWeightGradNode : public torch::autograd::Function<TaskConv2dWeightGradNode> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& x,
+                               std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding, bool shared) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad_out, x});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    return {recorded(nullptr, "fastmeta_ext::task_conv2d_weight_grad", [&] {
+      return task_conv2d_weight_grad(grad_out.contiguous(), x.contiguous(), kernel_size, stride, padding, shared);
+    })};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor none, &upstream = grads[0];
+    // One per forward argument: grad_out, x, kernel_size, stride, padding, shared.
+    if (!upstream.defined()) return {none, none, none, none, none, none};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad_out = saved[0], &x = saved[1];
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    at::Tensor d_grad_out, d_x;
+    if (ctx->needs_input_grad(0)) d_grad_out = conv_of(x, upstream, stride, padding);
+    if (ctx->needs_input_grad(1))
+      d_x = conv_input_grad_of(grad_out, upstream, {x.size(3), x.size(4)}, stride, padding);
+    return {d_grad_out, d_x, none, none, none, none};
+  }
+};
+
+std::vector<at::Tensor> task_conv2d_input_grad_node(const at::Tensor& grad_out, const at::Tensor& w,
+                                                    at::IntArrayRef input_size, at::IntArrayRef stride,
+                                                    at::IntArrayRef padding) {
+  return TaskConv2dInputGradNode::apply(grad_out, w, input_size.vec(), stride.vec(), padding.vec());
+}
+
+std::vector<at::Tensor> task_conv2d_weight_grad_node(const at::Tensor& grad_out, const at::Tensor& x,
+                                                     at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                     at::IntArrayRef padding, bool shared) {
+  return TaskConv2dWeightGradNode::apply(grad_out, x, kernel_size.vec(), stride.vec(), padding.vec(), shared);
+}
+
 // The public task_conv2d_backward's entry to its node (a second-order graph built by hand,
 // or a user's own backward op): the node task_conv2d's node builds under create_graph.
 std::vector<at::Tensor> task_conv2d_backward_node(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
@@ -1060,11 +1176,17 @@ TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
         "bool alias_w) -> Tensor[]");
   m.def("task_conv2d_backward_node(Tensor grad_out, Tensor x, Tensor w, int[] stride, int[] padding, "
         "bool[] output_mask, Tensor? dx_addend, Tensor? dw_addend) -> Tensor[]");
+  m.def("task_conv2d_input_grad_node(Tensor grad_out, Tensor w, int[] input_size, int[] stride, int[] padding) "
+        "-> Tensor[]");
+  m.def("task_conv2d_weight_grad_node(Tensor grad_out, Tensor x, int[] kernel_size, int[] stride, int[] padding, "
+        "bool shared) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
   m.impl("task_conv2d_node", &fastmeta::cpu::task_conv2d_node);
   m.impl("task_conv2d_backward_node", &fastmeta::cpu::task_conv2d_backward_node);
+  m.impl("task_conv2d_input_grad_node", &fastmeta::cpu::task_conv2d_input_grad_node);
+  m.impl("task_conv2d_weight_grad_node", &fastmeta::cpu::task_conv2d_weight_grad_node);
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {

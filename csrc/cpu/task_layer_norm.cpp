@@ -16,6 +16,7 @@
 
 #include "../common.h"
 #include "cpu_common.h"
+#include "eager_nodes.h"
 
 namespace fastmeta {
 namespace cpu {
@@ -165,6 +166,74 @@ std::vector<at::Tensor> task_layer_norm_backward(const at::Tensor& grad_y, const
   return {gx, gg, gb};
 }
 
+// ---------------------------------------------------------------------------------------
+// task_layer_norm's autograd node in C++ (see "The eager path's autograd nodes in C++" in
+// task_conv2d.cpp): what fastmeta/ops/task_layer_norm.py's Python node does, the backward
+// kernel called by autograd's engine directly, γ's and β's gradients summed over the tasks
+// where they are shared. Where the backward itself records (second order), the public
+// task_layer_norm_backward, whose own backward is the reference's VJP.
+// ---------------------------------------------------------------------------------------
+
+using namespace eager_nodes;
+
+// γ or β as the launchers give them to the kernels (fastmeta/backends/table.py's
+// shared_or_contiguous): a task stride of 0 → the shared row; anything else contiguous.
+c10::optional<at::Tensor> shared_or_contiguous(const at::Tensor& t) {
+  if (!t.defined()) return c10::nullopt;
+  if (t.dim() >= 2 && t.size(0) > 1 && t.stride(0) == 0) return t.select(0, 0).contiguous();
+  return t.contiguous();
+}
+
+struct TaskLayerNormNode : public torch::autograd::Function<TaskLayerNormNode> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+                               const c10::optional<at::Tensor>& beta, double eps) {
+    ctx->set_materialize_grads(false);
+    const at::Tensor g = gamma.value_or(at::Tensor()), b = beta.value_or(at::Tensor());
+    ctx->save_for_backward({x, g});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["gamma_dim"] = g.defined() ? g.dim() : int64_t(0);
+    ctx->saved_data["beta_dim"] = b.defined() ? b.dim() : int64_t(0);
+    ctx->saved_data["edges"] = edge_indices({true, gamma.has_value(), beta.has_value()});
+    return {recorded(nullptr, "fastmeta_ext::task_layer_norm", [&] {
+      return task_layer_norm(x.contiguous(), shared_or_contiguous(g), shared_or_contiguous(b), eps);
+    })};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor none, &grad_y = grads[0];
+    const auto edges = ctx->saved_data["edges"].toIntVector();
+    const int64_t gamma_dim = ctx->saved_data["gamma_dim"].toInt(), beta_dim = ctx->saved_data["beta_dim"].toInt();
+    const bool need_x = needs_grad(ctx, edges[0]), need_gamma = gamma_dim > 0 && needs_grad(ctx, edges[1]),
+               need_beta = beta_dim > 0 && needs_grad(ctx, edges[2]);
+    // One per forward argument: x, gamma, beta, eps.
+    if (!grad_y.defined() || !(need_x || need_gamma || need_beta)) return {none, none, none, none};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &gamma = saved[1];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const c10::List<bool> needs = bool_list({need_x, need_gamma, need_beta});
+    std::vector<at::Tensor> out;
+    if (at::GradMode::is_enabled()) {
+      static const c10::OperatorHandle op =
+          c10::Dispatcher::singleton().findSchemaOrThrow("fastmeta::task_layer_norm_backward", "");
+      out = call_public_op(op, {grad_y, x, maybe(gamma), eps, needs})[0].toTensorVector();
+    } else {
+      out = recorded("fastmeta::task_layer_norm_backward", "fastmeta_ext::task_layer_norm_backward", [&] {
+        return task_layer_norm_backward(grad_y.contiguous(), x.contiguous(), shared_or_contiguous(gamma), eps, needs);
+      });
+    }
+    at::Tensor grad_x = need_x ? out[0] : none, grad_gamma = need_gamma ? out[1] : none,
+               grad_beta = need_beta ? out[2] : none;
+    if (need_gamma && gamma_dim == 1) grad_gamma = grad_gamma.sum(0);
+    if (need_beta && beta_dim == 1) grad_beta = grad_beta.sum(0);
+    return {grad_x, grad_gamma, grad_beta, none};
+  }
+};
+
+std::vector<at::Tensor> task_layer_norm_node(const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+                                             const c10::optional<at::Tensor>& beta, double eps) {
+  return TaskLayerNormNode::apply(x, gamma, beta, eps);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -172,4 +241,13 @@ std::vector<at::Tensor> task_layer_norm_backward(const at::Tensor& grad_y, const
 TORCH_LIBRARY_IMPL(fastmeta_ext, CPU, m) {
   m.impl("task_layer_norm", &fastmeta::cpu::task_layer_norm);
   m.impl("task_layer_norm_backward", &fastmeta::cpu::task_layer_norm_backward);
+}
+
+// The eager node's entry (see task_conv2d_node in task_conv2d.cpp).
+TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
+  m.def("task_layer_norm_node(Tensor x, Tensor? gamma, Tensor? beta, float eps) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
+  m.impl("task_layer_norm_node", &fastmeta::cpu::task_layer_norm_node);
 }

@@ -573,6 +573,84 @@ std::vector<at::Tensor> task_linear_node(const at::Tensor& x, const at::Tensor& 
   return TaskLinearNode::apply(x, w, b, std::string(act.data(), act.size()), negative_slope, alias_x, alias_w);
 }
 
+// task_linear_input_grad (dx = grad_out @ w) and task_linear_weight_grad (dw = grad_outᵀ @ x),
+// called as ops of their own (a user's hand-written backward): each one's backward is the
+// layer and the other, as the Python nodes compute them (the same kernels on the same
+// arguments). Where the backward itself records (third order), through the public ops.
+at::Tensor public_linear_op(const char* name, torch::jit::Stack stack) {
+  const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  return call_public_op(op, std::move(stack))[0].toTensor();
+}
+
+at::Tensor linear_of(const at::Tensor& x, const at::Tensor& w) {  // task_linear(x, w) without bias or activation
+  if (at::GradMode::is_enabled()) return public_linear_op("fastmeta::task_linear", {x, w, c10::IValue(), "none", 0.0});
+  return recorded("fastmeta::task_linear", "fastmeta_ext::task_linear", [&] {
+    return task_linear(x.contiguous(), native_per_task(w, w.dim() == 3), c10::nullopt, "none", 0.0);
+  });
+}
+
+at::Tensor input_grad_of(const at::Tensor& grad_out, const at::Tensor& w) {
+  if (at::GradMode::is_enabled()) return public_linear_op("fastmeta::task_linear_input_grad", {grad_out, w});
+  return recorded("fastmeta::task_linear_input_grad", "fastmeta_ext::task_linear_input_grad", [&] {
+    return task_linear_input_grad(grad_out.contiguous(), native_per_task(w, w.dim() == 3));
+  });
+}
+
+at::Tensor weight_grad_of(const at::Tensor& grad_out, const at::Tensor& x, bool shared) {
+  if (at::GradMode::is_enabled())
+    return public_linear_op("fastmeta::task_linear_weight_grad", {grad_out, x, shared});
+  return recorded("fastmeta::task_linear_weight_grad", "fastmeta_ext::task_linear_weight_grad", [&] {
+    return task_linear_weight_grad(grad_out.contiguous(), x.contiguous(), shared);
+  });
+}
+
+struct TaskLinearInputGradNode : public torch::autograd::Function<TaskLinearInputGradNode> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& w) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad_out, w});
+    return {recorded(nullptr, "fastmeta_ext::task_linear_input_grad", [&] {
+      return task_linear_input_grad(grad_out.contiguous(), native_per_task(w, w.dim() == 3));
+    })};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor none, &upstream = grads[0];
+    if (!upstream.defined()) return {none, none};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad_out = saved[0], &w = saved[1];
+    return {ctx->needs_input_grad(0) ? linear_of(upstream, w) : none,
+            ctx->needs_input_grad(1) ? weight_grad_of(grad_out, upstream, w.dim() == 2) : none};
+  }
+};
+
+struct TaskLinearWeightGradNode : public torch::autograd::Function<TaskLinearWeightGradNode> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& x, bool shared) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad_out, x});
+    return {recorded(nullptr, "fastmeta_ext::task_linear_weight_grad", [&] {
+      return task_linear_weight_grad(grad_out.contiguous(), x.contiguous(), shared);
+    })};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor none, &upstream = grads[0];
+    if (!upstream.defined()) return {none, none, none};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad_out = saved[0], &x = saved[1];
+    // One per forward argument: grad_out, x, shared.
+    return {ctx->needs_input_grad(0) ? linear_of(x, upstream) : none,
+            ctx->needs_input_grad(1) ? input_grad_of(grad_out, upstream) : none, none};
+  }
+};
+
+std::vector<at::Tensor> task_linear_input_grad_node(const at::Tensor& grad_out, const at::Tensor& w) {
+  return TaskLinearInputGradNode::apply(grad_out, w);
+}
+
+std::vector<at::Tensor> task_linear_weight_grad_node(const at::Tensor& grad_out, const at::Tensor& x, bool shared) {
+  return TaskLinearWeightGradNode::apply(grad_out, x, shared);
+}
+
 // The public task_linear_backward's entry to its node (see task_conv2d_backward_node).
 std::vector<at::Tensor> task_linear_backward_node(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
                                                   c10::List<bool> output_mask,
@@ -604,9 +682,13 @@ TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
         "bool alias_w) -> Tensor[]");
   m.def("task_linear_backward_node(Tensor grad_out, Tensor x, Tensor w, bool[] output_mask, Tensor? dx_addend, "
         "Tensor? dw_addend, bool bias_shared) -> Tensor[]");
+  m.def("task_linear_input_grad_node(Tensor grad_out, Tensor w) -> Tensor[]");
+  m.def("task_linear_weight_grad_node(Tensor grad_out, Tensor x, bool shared) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
   m.impl("task_linear_node", &fastmeta::cpu::task_linear_node);
   m.impl("task_linear_backward_node", &fastmeta::cpu::task_linear_backward_node);
+  m.impl("task_linear_input_grad_node", &fastmeta::cpu::task_linear_input_grad_node);
+  m.impl("task_linear_weight_grad_node", &fastmeta::cpu::task_linear_weight_grad_node);
 }

@@ -643,6 +643,35 @@ task_conv2d_weight_grad.register_autograd(
 )
 
 
+# The pair's nodes in C++ (csrc/cpu/task_conv2d.cpp): the same graphs as the two Python
+# nodes above, each one's backward the convolution and the other, with autograd's engine
+# calling the kernels directly (third order through the public ops). Taken where the
+# ``cpu`` backend runs the three ops and the op's kernel takes the arguments (then the
+# backward's two kernels take theirs: the same geometry, shapes that follow from it);
+# NotImplemented (the Python node) otherwise.
+_PAIR_KERNELS = ("task_conv2d", "task_conv2d_input_grad", "task_conv2d_weight_grad")
+
+
+def _conv_input_grad_native_node(grad_out, w, input_size, stride, padding):
+    if not _native_input_grad_takes("cpu", grad_out, w, input_size, stride, padding):
+        return NotImplemented
+    node = cpu_native_node("task_conv2d_input_grad_node", _PAIR_KERNELS, grad_out, w)
+    return NotImplemented if node is None else node(grad_out, w, _ints(input_size), _ints(stride), _ints(padding))[0]
+
+
+def _conv_weight_grad_native_node(grad_out, x, kernel_size, stride, padding, shared):
+    if not _native_weight_grad_takes("cpu", grad_out, x, kernel_size, stride, padding, shared):
+        return NotImplemented
+    node = cpu_native_node("task_conv2d_weight_grad_node", _PAIR_KERNELS, grad_out, x)
+    if node is None:
+        return NotImplemented
+    return node(grad_out, x, _ints(kernel_size), _ints(stride), _ints(padding), bool(shared))[0]
+
+
+task_conv2d_input_grad.register_native_node(_conv_input_grad_native_node)
+task_conv2d_weight_grad.register_native_node(_conv_weight_grad_native_node)
+
+
 # ---------------------------------------------------------------------------------------
 # The family
 # ---------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fastmeta.backends.table import shared_or_contiguous
 from fastmeta.ops.reference_vjp import reference_vjp
-from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, define_family, define_op
+from fastmeta.ops.registration import ModuleOp, NativeCall, OpFamily, cpu_native_node, define_family, define_op
 
 
 def _per_feature(p: Tensor, x: Tensor) -> Tensor:
@@ -134,6 +134,21 @@ def _ln_backward(ctx, grad_y):
 
 
 task_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+def _ln_native_node(x, gamma, beta, eps):
+    """task_layer_norm's node in C++ (``fastmeta_ext::task_layer_norm_node``,
+    csrc/cpu/task_layer_norm.cpp): the same graph as :func:`_ln_backward`'s Python node, with
+    autograd's engine calling the backward kernel directly. Taken for CPU x of at least two
+    dims with γ and β of its dtype, where the ``cpu`` backend runs both ops; NotImplemented
+    (the Python node) otherwise."""
+    if x.dim() < 2:
+        return NotImplemented
+    node = cpu_native_node("task_layer_norm_node", ("task_layer_norm", "task_layer_norm_backward"), x, gamma, beta)
+    return NotImplemented if node is None else node(x, gamma, beta, float(eps))[0]
+
+
+task_layer_norm.register_native_node(_ln_native_node)
 
 
 # ---------------------------------------------------------------------------------------

@@ -325,6 +325,31 @@ def _weight_grad_backward(ctx, upstream):
 task_linear_weight_grad.register_autograd(_weight_grad_backward, setup_context=_weight_grad_setup)
 
 
+# The pair's nodes in C++ (csrc/cpu/task_linear.cpp): the same graphs as the two Python
+# nodes above, each one's backward the layer and the other, with autograd's engine calling
+# the kernels directly (third order through the public ops). Taken for CPU tensors of one
+# dtype where the ``cpu`` backend runs the three ops; NotImplemented otherwise.
+_PAIR_KERNELS = ("task_linear", "task_linear_input_grad", "task_linear_weight_grad")
+
+
+def _input_grad_native_node(grad_out, w):
+    if grad_out.dim() != 3 or w.dim() not in (2, 3):
+        return NotImplemented
+    node = cpu_native_node("task_linear_input_grad_node", _PAIR_KERNELS, grad_out, w)
+    return NotImplemented if node is None else node(grad_out, w)[0]
+
+
+def _weight_grad_native_node(grad_out, x, shared):
+    if grad_out.dim() != 3 or x.dim() != 3:
+        return NotImplemented
+    node = cpu_native_node("task_linear_weight_grad_node", _PAIR_KERNELS, grad_out, x)
+    return NotImplemented if node is None else node(grad_out, x, bool(shared))[0]
+
+
+task_linear_input_grad.register_native_node(_input_grad_native_node)
+task_linear_weight_grad.register_native_node(_weight_grad_native_node)
+
+
 # ---------------------------------------------------------------------------------------
 # task_linear_backward: (grad_out @ w, grad_outᵀ @ x) as one op
 # ---------------------------------------------------------------------------------------

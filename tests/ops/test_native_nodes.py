@@ -1,5 +1,5 @@
 """The eager path's autograd nodes in C++ (csrc/cpu/task_conv2d.cpp, task_batch_norm.cpp, task_linear.cpp,
-task_loss.cpp, inner_step.cpp, activation.cpp, max_pool2d.cpp):
+task_loss.cpp, inner_step.cpp, activation.cpp, max_pool2d.cpp, task_layer_norm.cpp):
 where they are taken, and that they build the graph the Python nodes build. Every value
 and gradient, to second order, equals the Python node's bit for bit (the same kernels on
 the same arguments, the same addends); third order runs through the public ops'
@@ -25,8 +25,9 @@ _MIX = torch.randn(O, O, 3, 3, generator=torch.Generator().manual_seed(7), dtype
 
 
 # Every public op with a node in C++.
-NODE_OPS = (ops.task_conv2d, ops.task_conv2d_backward, ops.task_batch_norm, ops.task_batch_norm_backward,
-            ops.task_linear, ops.task_linear_backward, ops.activation_grad, ops.max_pool2d, ops.max_pool2d_backward,
+NODE_OPS = (ops.task_conv2d, ops.task_conv2d_backward, ops.task_conv2d_input_grad, ops.task_conv2d_weight_grad,
+            ops.task_batch_norm, ops.task_batch_norm_backward, ops.task_layer_norm, ops.task_linear, ops.task_linear_backward,
+            ops.task_linear_input_grad, ops.task_linear_weight_grad, ops.activation_grad, ops.max_pool2d, ops.max_pool2d_backward,
             ops.max_pool2d_double_backward, ops.task_loss, ops.task_loss_grad, ops.task_loss_and_accuracy,
             ops.task_loss_and_grad, ops.inner_step)
 
@@ -439,7 +440,21 @@ def _public_backward_cases():
     grad_y, y_act = r(T, N, 5), torch.tanh(r(T, N, 5))
     indices = ops.max_pool2d(torch.randn(T * N, C, 6, 6, dtype=torch.float64), [2, 2], [2, 2], [0, 0])[1]
     g_pool, gg_pool = r(T * N, C, 3, 3), r(T * N, C, 6, 6)
+    w_expanded = r(O, C, 3, 3).expand(T, O, C, 3, 3)
+    w_lin_tasks = r(T, 5, 4)
     return [
+        ("task_conv2d_input_grad", lambda: [ops.task_conv2d_input_grad(g_conv, w_conv, [6, 6], [2, 2], [1, 1])],
+         [g_conv, w_conv]),
+        ("task_conv2d_input_grad", lambda: [ops.task_conv2d_input_grad(g_conv, w_expanded, [6, 6], [2, 2], [1, 1])],
+         [g_conv, w_expanded]),
+        ("task_conv2d_weight_grad",
+         lambda: [ops.task_conv2d_weight_grad(g_conv, x_conv, [3, 3], [2, 2], [1, 1], False)], [g_conv, x_conv]),
+        ("task_conv2d_weight_grad",
+         lambda: [ops.task_conv2d_weight_grad(g_conv, x_conv, [3, 3], [2, 2], [1, 1], True)], [g_conv, x_conv]),
+        ("task_linear_input_grad", lambda: [ops.task_linear_input_grad(g_lin, w_lin)], [g_lin, w_lin]),
+        ("task_linear_input_grad", lambda: [ops.task_linear_input_grad(g_lin, w_lin_tasks)], [g_lin, w_lin_tasks]),
+        ("task_linear_weight_grad", lambda: [ops.task_linear_weight_grad(g_lin, x_lin, True)], [g_lin, x_lin]),
+        ("task_linear_weight_grad", lambda: [ops.task_linear_weight_grad(g_lin, x_lin, False)], [g_lin, x_lin]),
         ("task_conv2d_backward",
          lambda: ops.task_conv2d_backward(g_conv, x_conv, w_conv, [2, 2], [1, 1], [True, True], add_x, add_w),
          [g_conv, x_conv, w_conv, add_x, add_w]),
@@ -450,6 +465,8 @@ def _public_backward_cases():
          lambda: ops.task_batch_norm_backward(g_bn, x_bn, gamma, 1e-5, [True, True, True], y_bn, "relu", 0.0),
          [g_bn, x_bn, gamma]),
         ("activation_grad", lambda: [ops.activation_grad(grad_y, y_act, "sigmoid", 0.0)], [grad_y, y_act]),
+        ("activation_grad", lambda: [ops.activation_grad(grad_y, y_act, "tanh", 0.0)], [grad_y, y_act]),
+        ("activation_grad", lambda: [ops.activation_grad(grad_y, y_act, "leaky_relu", 0.1)], [grad_y, y_act]),
         ("max_pool2d_backward",
          lambda: [ops.max_pool2d_backward(g_pool, indices, [6, 6], [2, 2], [2, 2], [0, 0])], [g_pool]),
         ("max_pool2d_double_backward",
@@ -457,7 +474,7 @@ def _public_backward_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _public_backward_cases()])
+@pytest.mark.parametrize("case", range(16), ids=[c[0] for c in _public_backward_cases()])
 def test_public_backward_ops_take_their_c_nodes_and_equal_the_python_nodes_to_second_order(case):
     torch.manual_seed(9)
     name, call, leaves = _public_backward_cases()[case]
@@ -500,10 +517,82 @@ def test_new_nodes_pass_gradcheck_and_gradgradcheck():
     def linear_pair(grad_out, x, w):
         return ops.task_linear_backward(grad_out, x, w, [True, True, True])
 
+    g_conv = torch.randn(T, N, O, 3, 3, dtype=torch.float64, requires_grad=True)
+    w_conv = torch.randn(T, O, C, 3, 3, dtype=torch.float64, requires_grad=True)
+    x_conv = torch.randn(T, N, C, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def grad_ops(g_conv, w_conv, x_conv, grad_out, x, w):  # the two pairs, as ops of their own
+        return (ops.task_conv2d_input_grad(g_conv, w_conv, [5, 5], [2, 2], [1, 1]),
+                ops.task_conv2d_weight_grad(g_conv, x_conv, [3, 3], [2, 2], [1, 1], False),
+                ops.task_linear_input_grad(grad_out, w), ops.task_linear_weight_grad(grad_out, x, False))
+
+    def grad_ops_first_order(*inputs):  # its gradgradcheck is third order (through the public ops)
+        return torch.autograd.grad(sum(o.sin().sum() for o in grad_ops(*inputs)), inputs, create_graph=True)
+
     with fm.use_backend("cpu"):
         assert linears(x, w, b)[0].grad_fn.name().endswith("::TaskLinearNode>")
         assert pool(planes).grad_fn.name().endswith("::MaxPoolNode>")
         assert linear_pair(grad_out, x, w)[0].grad_fn.name().endswith("::TaskLinearBackwardNode>")
-        for fn, inputs in ((linears, (x, w, b)), (pool, (planes,)), (linear_pair, (grad_out, x, w))):
+        grad_inputs = (g_conv, w_conv, x_conv, grad_out, x, w)
+        assert [o.grad_fn.name().rsplit("::", 1)[1] for o in grad_ops(*grad_inputs)] == [
+            "TaskConv2dInputGradNode>", "TaskConv2dWeightGradNode>", "TaskLinearInputGradNode>",
+            "TaskLinearWeightGradNode>"]
+        for fn, inputs in ((linears, (x, w, b)), (pool, (planes,)), (linear_pair, (grad_out, x, w)),
+                           (grad_ops, grad_inputs)):
             assert torch.autograd.gradcheck(fn, inputs)
             assert torch.autograd.gradgradcheck(fn, inputs)
+        assert torch.autograd.gradgradcheck(grad_ops_first_order, grad_inputs)
+        grad_y = torch.randn(T, N, 5, dtype=torch.float64, requires_grad=True)
+        y = torch.rand(T, N, 5, dtype=torch.float64, requires_grad=True)
+        for act in ("tanh", "sigmoid"):  # the gradient at y in one pass (first order), aten ops above it
+
+            def activation(grad_y, y, act=act):
+                return ops.activation_grad(grad_y, y, act, 0.0)
+
+            assert activation(grad_y, y).grad_fn.name().endswith("::ActivationGradNode>")
+            assert torch.autograd.gradcheck(activation, (grad_y, y))
+            assert torch.autograd.gradgradcheck(activation, (grad_y, y))
+
+
+@pytest.mark.parametrize("gamma_kind,beta_kind", list(itertools.product(
+    ["none", "shared", "per_task", "expanded"], ["none", "shared", "per_task"])))
+def test_layer_norm_node_equals_the_python_node_to_second_order(gamma_kind, beta_kind):
+    torch.manual_seed(11)
+    D = 6
+
+    def param(kind):
+        if kind == "none":
+            return None
+        if kind == "expanded":  # θ over the tasks at a task stride of 0
+            return torch.randn(D, dtype=torch.float64, requires_grad=True).expand(T, D)
+        return torch.randn(D if kind == "shared" else (T, D), dtype=torch.float64, requires_grad=True)
+
+    gamma, beta = param(gamma_kind), param(beta_kind)
+    params = [p for p in (gamma, beta) if p is not None]
+    x_s = torch.randn(T, N, D, dtype=torch.float64, requires_grad=True)
+    x_q = torch.randn(T, N, D, dtype=torch.float64)
+
+    def layer(x, *ps):
+        it = iter(ps)
+        g = next(it) if gamma is not None else None
+        b = next(it) if beta is not None else None
+        return ops.task_layer_norm(torch.tanh(ops.task_layer_norm(x, g, b, 1e-5)) + x, g, None, 1e-5)
+
+    with fm.use_backend("cpu"):
+        assert ops.task_layer_norm(x_s, gamma, beta, 1e-5).grad_fn.name().endswith("::TaskLayerNormNode>")
+        runs = []
+        for python in (False, True):
+            with _python_nodes() if python else nullcontext():
+                if python:
+                    assert "task_layer_norm_function" in type(ops.task_layer_norm(x_s, gamma, beta, 1e-5).grad_fn
+                                                              ).__name__
+                first = torch.autograd.grad(layer(x_s, *params).sin().sum(), [x_s, *params], create_graph=True)
+                second = torch.autograd.grad(sum(f.square().sum() for f in first), [x_s, *params])
+                meta = _meta_gradient(x_s, x_q, params, layer) if params else ()
+            runs.append([f.detach() for f in first] + list(second) + list(meta))
+    _assert_bitwise_equal(*runs)
+    if gamma_kind == "per_task" and beta_kind == "shared":
+        with fm.use_backend("cpu"):
+            assert torch.autograd.gradcheck(lambda x, g, b: ops.task_layer_norm(x, g, b, 1e-5), (x_s, gamma, beta))
+            assert torch.autograd.gradgradcheck(lambda x, g, b: ops.task_layer_norm(x, g, b, 1e-5),
+                                                (x_s, gamma, beta))
