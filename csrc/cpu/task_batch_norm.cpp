@@ -1204,6 +1204,184 @@ std::vector<at::Tensor> task_batch_norm_backward_node(const at::Tensor& grad_z, 
                                           dgamma_addend);
 }
 
+// ---------------------------------------------------------------------------------------
+// task_batch_norm_max_pool2d and its backward op: the same pair of nodes for the fused
+// BatchNorm → activation → max-pooling block, what fastmeta/ops/task_batch_norm_max_pool2d.py's
+// Python nodes do (the alias outputs and addends, the task sums of shared γ and β, no
+// gradient at the pooled values or the indices). The public ops take them where that
+// file's `_block_native_node` and `_block_backward_native_node` say.
+// ---------------------------------------------------------------------------------------
+
+struct TaskBatchNormMaxPoolBackwardNode : public torch::autograd::Function<TaskBatchNormMaxPoolBackwardNode> {
+  // [grad_x, grad_gamma, grad_beta] = task_batch_norm_max_pool2d_backward(grad_pooled, x, gamma, pooled, ...).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_pooled, const at::Tensor& x,
+                               const c10::optional<at::Tensor>& gamma, const at::Tensor& pooled,
+                               const at::Tensor& indices, double eps, bool need_x, bool need_gamma, bool need_beta,
+                               std::string act, double negative_slope, int64_t kernel_size,
+                               const c10::optional<at::Tensor>& dx_addend,
+                               const c10::optional<at::Tensor>& dgamma_addend) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad_pooled, x, gamma.value_or(at::Tensor()), pooled, indices});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["needs"] = std::vector<bool>{need_x, need_gamma, need_beta};
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["kernel_size"] = kernel_size;
+    ctx->saved_data["edges"] = edge_indices(
+        {true, true, gamma.has_value(), true, true, dx_addend.has_value(), dgamma_addend.has_value()});
+    return recorded("fastmeta::task_batch_norm_max_pool2d_backward",
+                    "fastmeta_ext::task_batch_norm_max_pool2d_backward", [&] {
+                      return task_batch_norm_max_pool2d_backward(
+                          grad_pooled.contiguous(), x.contiguous(), gamma, pooled.contiguous(), indices.contiguous(),
+                          eps, bool_list({need_x, need_gamma, need_beta}), act, negative_slope, kernel_size,
+                          contiguous(dx_addend), contiguous(dgamma_addend));
+                    });
+  }
+
+  // No gradient at the pooled values or the indices. The addends' gradients are the
+  // upstream of grad_x / grad_γ, unchanged.
+  static variable_list backward(AutogradContext* ctx, variable_list upstreams) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad_pooled = saved[0], &x = saved[1], &gamma = saved[2], &pooled = saved[3],
+                     &indices = saved[4];
+    const auto needs = ctx->saved_data["needs"].toBoolList();
+    const auto edges = ctx->saved_data["edges"].toIntVector();
+    const at::Tensor up_x = upstream(upstreams[0], needs.get(0)), up_gamma = upstream(upstreams[1], needs.get(1)),
+                     up_beta = upstream(upstreams[2], needs.get(2));
+    const at::Tensor none;
+    const at::Tensor d_ax = needs_grad(ctx, edges[5]) ? up_x : none;
+    const at::Tensor d_agamma = needs_grad(ctx, edges[6]) ? up_gamma : none;
+    const bool m0 = needs_grad(ctx, edges[0]), m1 = needs_grad(ctx, edges[1]),
+               m2 = gamma.defined() && needs_grad(ctx, edges[2]);
+    at::Tensor d_grad_pooled, d_x, d_gamma;
+    if (m0 || m1 || m2) {
+      const double eps = ctx->saved_data["eps"].toDouble();
+      const std::string act = ctx->saved_data["act"].toStringRef();
+      const double slope = ctx->saved_data["negative_slope"].toDouble();
+      const int64_t kernel_size = ctx->saved_data["kernel_size"].toInt();
+      const c10::List<bool> mask = bool_list({m0, m1, m2});
+      std::vector<at::Tensor> out;
+      if (at::GradMode::is_enabled()) {  // third order: the public op, with torch.library's autograd
+        static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(
+            "fastmeta::task_batch_norm_max_pool2d_double_backward", "");
+        out = call_public_op(op, {grad_pooled, x, maybe(gamma), pooled, indices, maybe(up_x), maybe(up_gamma),
+                                  maybe(up_beta), eps, mask, act, slope, kernel_size})[0]
+                  .toTensorVector();
+      } else {
+        out = recorded("fastmeta::task_batch_norm_max_pool2d_double_backward",
+                       "fastmeta_ext::task_batch_norm_max_pool2d_double_backward", [&] {
+                         return task_batch_norm_max_pool2d_double_backward(
+                             grad_pooled.contiguous(), x.contiguous(), maybe(gamma), pooled.contiguous(),
+                             indices.contiguous(), contiguous(up_x), maybe(up_gamma), maybe(up_beta), eps, mask, act,
+                             slope, kernel_size);
+                       });
+      }
+      if (m0) d_grad_pooled = out[0];
+      if (m1) d_x = out[1];
+      if (m2) d_gamma = gamma.dim() == 1 ? out[2].sum(0) : out[2];
+    }
+    // One per forward argument: grad_pooled, x, gamma, pooled, indices, eps, the three needs,
+    // act, slope, kernel_size, the addends.
+    return {d_grad_pooled, d_x, d_gamma, none, none, none, none, none, none, none, none, none, d_ax, d_agamma};
+  }
+};
+
+struct TaskBatchNormMaxPoolNode : public torch::autograd::Function<TaskBatchNormMaxPoolNode> {
+  // [pooled, indices] = task_batch_norm_max_pool2d(x, gamma, beta, ...), then an alias of x
+  // and of γ where asked (as outputs_with_aliases, after the two outputs); the indices are
+  // not differentiable.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+                               const c10::optional<at::Tensor>& beta, double eps, std::string act,
+                               double negative_slope, int64_t kernel_size, bool alias_x, bool alias_gamma) {
+    ctx->set_materialize_grads(false);
+    std::vector<at::Tensor> out = recorded(nullptr, "fastmeta_ext::task_batch_norm_max_pool2d", [&] {
+      return task_batch_norm_max_pool2d(x.contiguous(), gamma, beta, eps, act, negative_slope, kernel_size);
+    });
+    ctx->mark_non_differentiable({out[1]});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["kernel_size"] = kernel_size;
+    ctx->saved_data["gamma_dim"] = gamma.has_value() ? gamma->dim() : int64_t(0);
+    ctx->saved_data["beta_dim"] = beta.has_value() ? beta->dim() : int64_t(0);
+    ctx->saved_data["edges"] = edge_indices({true, gamma.has_value(), beta.has_value()});
+    ctx->saved_data["alias_x"] = alias_x;
+    ctx->saved_data["alias_gamma"] = alias_gamma;
+    variable_list outputs{out[0], out[1]};
+    at::Tensor x_read = x, gamma_read = gamma.value_or(at::Tensor());
+    if (alias_x) outputs.push_back(x_read = x.view_as(x));
+    if (alias_gamma) outputs.push_back(gamma_read = gamma_read.view_as(gamma_read));
+    ctx->save_for_backward({x_read, gamma_read, out[0], out[1]});
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor none;
+    const at::Tensor grad_pooled = grads[0];
+    const bool alias_x = ctx->saved_data["alias_x"].toBool(), alias_gamma = ctx->saved_data["alias_gamma"].toBool();
+    const at::Tensor add_x = alias_x ? grads[2] : none, add_gamma = alias_gamma ? grads[alias_x ? 3 : 2] : none;
+    const auto edges = ctx->saved_data["edges"].toIntVector();
+    const int64_t gamma_dim = ctx->saved_data["gamma_dim"].toInt(), beta_dim = ctx->saved_data["beta_dim"].toInt();
+    const bool need_x = needs_grad(ctx, edges[0]), need_gamma = gamma_dim > 0 && needs_grad(ctx, edges[1]),
+               need_beta = beta_dim > 0 && needs_grad(ctx, edges[2]);
+    // One per forward argument: x, gamma, beta, eps, act, negative_slope, kernel_size, the two alias flags.
+    if (!grad_pooled.defined())  // only the aliases were read
+      return {need_x ? add_x : none, need_gamma ? add_gamma : none, none, none, none, none, none, none, none};
+    if (!need_x && !need_gamma && !need_beta) return {none, none, none, none, none, none, none, none, none};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &gamma = saved[1], &pooled = saved[2], &indices = saved[3];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const std::string act = ctx->saved_data["act"].toStringRef();
+    const double slope = ctx->saved_data["negative_slope"].toDouble();
+    const int64_t kernel_size = ctx->saved_data["kernel_size"].toInt();
+    const at::Tensor kernel_gamma_addend = gamma_dim == 2 && need_gamma ? add_gamma : none;
+    const at::Tensor kernel_x_addend = need_x ? add_x : none;
+    variable_list out;
+    if (at::GradMode::is_enabled()) {
+      out = TaskBatchNormMaxPoolBackwardNode::apply(grad_pooled, x, maybe(gamma), pooled, indices, eps, need_x,
+                                                    need_gamma, need_beta, act, slope, kernel_size,
+                                                    maybe(kernel_x_addend), maybe(kernel_gamma_addend));
+    } else {
+      out = recorded("fastmeta::task_batch_norm_max_pool2d_backward",
+                     "fastmeta_ext::task_batch_norm_max_pool2d_backward", [&] {
+                       return task_batch_norm_max_pool2d_backward(
+                           grad_pooled.contiguous(), x.contiguous(), maybe(gamma), pooled.contiguous(),
+                           indices.contiguous(), eps, bool_list({need_x, need_gamma, need_beta}), act, slope,
+                           kernel_size, contiguous(kernel_x_addend), contiguous(kernel_gamma_addend));
+                     });
+    }
+    at::Tensor grad_x = need_x ? out[0] : none, grad_gamma = need_gamma ? out[1] : none,
+               grad_beta = need_beta ? out[2] : none;
+    if (need_gamma && gamma_dim == 1) {
+      grad_gamma = grad_gamma.sum(0);
+      if (add_gamma.defined()) grad_gamma = grad_gamma.add(add_gamma);
+    }
+    if (need_beta && beta_dim == 1) grad_beta = grad_beta.sum(0);
+    return {grad_x, grad_gamma, grad_beta, none, none, none, none, none, none};
+  }
+};
+
+std::vector<at::Tensor> task_batch_norm_max_pool2d_node(const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+                                                        const c10::optional<at::Tensor>& beta, double eps,
+                                                        c10::string_view act, double negative_slope,
+                                                        int64_t kernel_size, bool alias_x, bool alias_gamma) {
+  return TaskBatchNormMaxPoolNode::apply(x, gamma, beta, eps, std::string(act.data(), act.size()), negative_slope,
+                                         kernel_size, alias_x, alias_gamma);
+}
+
+std::vector<at::Tensor> task_batch_norm_max_pool2d_backward_node(
+    const at::Tensor& grad_pooled, const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+    const at::Tensor& pooled, const at::Tensor& indices, double eps, c10::List<bool> needs, c10::string_view act,
+    double negative_slope, int64_t kernel_size, const c10::optional<at::Tensor>& dx_addend,
+    const c10::optional<at::Tensor>& dgamma_addend) {
+  TORCH_CHECK_VALUE(needs.size() == 3,
+                    "task_batch_norm_max_pool2d_backward: needs holds three flags (x, gamma, beta), got ",
+                    needs.size());
+  return TaskBatchNormMaxPoolBackwardNode::apply(grad_pooled, x, gamma, pooled, indices, eps, needs.get(0),
+                                                 needs.get(1), needs.get(2), std::string(act.data(), act.size()),
+                                                 negative_slope, kernel_size, dx_addend, dgamma_addend);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmeta
@@ -1223,9 +1401,16 @@ TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
         "bool alias_x, bool alias_gamma) -> Tensor[]");
   m.def("task_batch_norm_backward_node(Tensor grad_z, Tensor x, Tensor? gamma, float eps, bool[] needs, Tensor? y, "
         "str act, float negative_slope, Tensor? dx_addend, Tensor? dgamma_addend) -> Tensor[]");
+  m.def("task_batch_norm_max_pool2d_node(Tensor x, Tensor? gamma, Tensor? beta, float eps, str act, "
+        "float negative_slope, int kernel_size, bool alias_x, bool alias_gamma) -> Tensor[]");
+  m.def("task_batch_norm_max_pool2d_backward_node(Tensor grad_pooled, Tensor x, Tensor? gamma, Tensor pooled, "
+        "Tensor indices, float eps, bool[] needs, str act, float negative_slope, int kernel_size, Tensor? dx_addend, "
+        "Tensor? dgamma_addend) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
   m.impl("task_batch_norm_node", &fastmeta::cpu::task_batch_norm_node);
   m.impl("task_batch_norm_backward_node", &fastmeta::cpu::task_batch_norm_backward_node);
+  m.impl("task_batch_norm_max_pool2d_node", &fastmeta::cpu::task_batch_norm_max_pool2d_node);
+  m.impl("task_batch_norm_max_pool2d_backward_node", &fastmeta::cpu::task_batch_norm_max_pool2d_backward_node);
 }

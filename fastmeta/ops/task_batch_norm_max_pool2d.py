@@ -49,7 +49,7 @@ from fastmeta.ops.max_pool2d import (
     reference_max_pool2d_double_backward,
 )
 from fastmeta.ops.reference_vjp import reference_vjp
-from fastmeta.ops.registration import NativeCall, OpFamily, define_family, define_op
+from fastmeta.ops.registration import NativeCall, OpFamily, cpu_native_node, define_family, define_op
 from fastmeta.ops.task_batch_norm import (
     MASK_ACTIVATIONS,
     reference_task_batch_norm,
@@ -183,7 +183,7 @@ def _check_double_backward(grad_pooled, x, gamma, pooled, indices, up_x, up_gamm
 
 
 # ---------------------------------------------------------------------------------------
-# task_batch_norm_max_pool2d: no CPU kernel (the CPU runs the block as its two ops)
+# task_batch_norm_max_pool2d
 # ---------------------------------------------------------------------------------------
 
 
@@ -248,6 +248,32 @@ def _backward(ctx, grads):
 task_batch_norm_max_pool2d.register_autograd(_backward, setup_context=_setup, aliased_inputs=(0, 1))
 
 
+# The ops whose CPU kernels the C++ nodes call themselves (csrc/cpu/task_batch_norm.cpp,
+# "task_batch_norm_max_pool2d and its backward op").
+_NODE_KERNELS = ("task_batch_norm_max_pool2d", "task_batch_norm_max_pool2d_backward",
+                 "task_batch_norm_max_pool2d_double_backward")
+
+
+def _block_native_node(x, gamma, beta, eps, act, negative_slope, kernel_size):
+    """The block's node in C++ (``fastmeta_ext::task_batch_norm_max_pool2d_node``): the same
+    graph as :func:`_backward`'s Python node (alias outputs, addends, the task sums of shared
+    γ and β), with autograd's engine calling the C++ kernels directly. Taken for contiguous
+    CPU x with γ and β of its dtype where the ``cpu`` backend runs the three ops;
+    NotImplemented (the Python node) otherwise."""
+    _check_forward(x, gamma, beta, eps, act, negative_slope, kernel_size)
+    if x.dim() != 5 or not x.is_contiguous():
+        return NotImplemented
+    node = cpu_native_node("task_batch_norm_max_pool2d_node", _NODE_KERNELS, x, gamma, beta)
+    if node is None:
+        return NotImplemented
+    out = node(x, gamma, beta, float(eps), act, float(negative_slope), int(kernel_size), x.requires_grad,
+               gamma is not None and gamma.requires_grad)
+    return out[:2]
+
+
+task_batch_norm_max_pool2d.register_native_node(_block_native_node)
+
+
 # ---------------------------------------------------------------------------------------
 # task_batch_norm_max_pool2d_backward
 # ---------------------------------------------------------------------------------------
@@ -303,6 +329,27 @@ def _backward_backward(ctx, upstream):
 
 
 task_batch_norm_max_pool2d_backward.register_autograd(_backward_backward, setup_context=_backward_setup)
+
+
+def _block_backward_native_node(grad_pooled, x, gamma, pooled, indices, eps, needs, act, negative_slope, kernel_size,
+                                dx_addend=None, dgamma_addend=None):
+    """The backward op's node in C++ (``fastmeta_ext::task_batch_norm_max_pool2d_backward_node``):
+    the node the block's C++ node builds under create_graph, the same graph as
+    :func:`_backward_backward`'s Python node. Taken where :func:`_block_native_node` would
+    be; NotImplemented otherwise."""
+    _check_backward(grad_pooled, x, gamma, pooled, indices, eps, needs, act, negative_slope, kernel_size, dx_addend,
+                    dgamma_addend)
+    if x.dim() != 5 or not x.is_contiguous() or indices.device.type != "cpu":
+        return NotImplemented
+    node = cpu_native_node("task_batch_norm_max_pool2d_backward_node", _NODE_KERNELS, x, grad_pooled, gamma, pooled,
+                           dx_addend, dgamma_addend)
+    if node is None:
+        return NotImplemented
+    return node(grad_pooled, x, gamma, pooled, indices, float(eps), [bool(n) for n in needs], act,
+                float(negative_slope), int(kernel_size), dx_addend, dgamma_addend)
+
+
+task_batch_norm_max_pool2d_backward.register_native_node(_block_backward_native_node)
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ _MIX = torch.randn(O, O, 3, 3, generator=torch.Generator().manual_seed(7), dtype
 
 # Every public op with a node in C++.
 NODE_OPS = (ops.task_conv2d, ops.task_conv2d_backward, ops.task_conv2d_input_grad, ops.task_conv2d_weight_grad,
-            ops.task_batch_norm, ops.task_batch_norm_backward, ops.task_layer_norm, ops.task_linear, ops.task_linear_backward,
+            ops.task_batch_norm, ops.task_batch_norm_backward, ops.task_batch_norm_max_pool2d,
+            ops.task_batch_norm_max_pool2d_backward, ops.task_layer_norm, ops.task_linear, ops.task_linear_backward,
             ops.task_linear_input_grad, ops.task_linear_weight_grad, ops.activation_grad, ops.max_pool2d, ops.max_pool2d_backward,
             ops.max_pool2d_double_backward, ops.task_loss, ops.task_loss_grad, ops.task_loss_and_accuracy,
             ops.task_loss_and_grad, ops.inner_step)
@@ -441,6 +442,9 @@ def _public_backward_cases():
     indices = ops.max_pool2d(torch.randn(T * N, C, 6, 6, dtype=torch.float64), [2, 2], [2, 2], [0, 0])[1]
     g_pool, gg_pool = r(T * N, C, 3, 3), r(T * N, C, 6, 6)
     w_expanded = r(O, C, 3, 3).expand(T, O, C, 3, 3)
+    x_block = r(T, N, C, 4, 4)
+    pooled, block_indices = ops.task_batch_norm_max_pool2d(x_block.detach(), gamma.detach(), None, 1e-5, "relu", 0.0, 2)
+    g_block, add_block = r(T, N, C, 2, 2), r(T, N, C, 4, 4)
     w_lin_tasks = r(T, 5, 4)
     return [
         ("task_conv2d_input_grad", lambda: [ops.task_conv2d_input_grad(g_conv, w_conv, [6, 6], [2, 2], [1, 1])],
@@ -464,6 +468,10 @@ def _public_backward_cases():
         ("task_batch_norm_backward",
          lambda: ops.task_batch_norm_backward(g_bn, x_bn, gamma, 1e-5, [True, True, True], y_bn, "relu", 0.0),
          [g_bn, x_bn, gamma]),
+        ("task_batch_norm_max_pool2d_backward",
+         lambda: ops.task_batch_norm_max_pool2d_backward(g_block, x_block, gamma, pooled, block_indices, 1e-5,
+                                                         [True, True, True], "relu", 0.0, 2, add_block, None),
+         [g_block, x_block, gamma, add_block]),
         ("activation_grad", lambda: [ops.activation_grad(grad_y, y_act, "sigmoid", 0.0)], [grad_y, y_act]),
         ("activation_grad", lambda: [ops.activation_grad(grad_y, y_act, "tanh", 0.0)], [grad_y, y_act]),
         ("activation_grad", lambda: [ops.activation_grad(grad_y, y_act, "leaky_relu", 0.1)], [grad_y, y_act]),
@@ -474,7 +482,7 @@ def _public_backward_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(16), ids=[c[0] for c in _public_backward_cases()])
+@pytest.mark.parametrize("case", range(17), ids=[c[0] for c in _public_backward_cases()])
 def test_public_backward_ops_take_their_c_nodes_and_equal_the_python_nodes_to_second_order(case):
     torch.manual_seed(9)
     name, call, leaves = _public_backward_cases()[case]
@@ -596,3 +604,61 @@ def test_layer_norm_node_equals_the_python_node_to_second_order(gamma_kind, beta
             assert torch.autograd.gradcheck(lambda x, g, b: ops.task_layer_norm(x, g, b, 1e-5), (x_s, gamma, beta))
             assert torch.autograd.gradgradcheck(lambda x, g, b: ops.task_layer_norm(x, g, b, 1e-5),
                                                 (x_s, gamma, beta))
+
+
+@pytest.mark.parametrize("act,gamma_kind,beta_kind", list(itertools.product(
+    ["none", "relu", "leaky_relu"], ["none", "shared", "per_task"], ["none", "shared", "per_task"])))
+def test_batch_norm_max_pool_node_equals_the_python_node_to_second_order(act, gamma_kind, beta_kind):
+    torch.manual_seed(12)
+    gamma = _param(gamma_kind, C)
+    beta = _param(beta_kind, C)
+    params = [p for p in (gamma, beta) if p is not None]
+    x_s = torch.randn(T, N, C, 4, 6, dtype=torch.float64, requires_grad=True)
+    x_q = torch.randn(T, N, C, 4, 6, dtype=torch.float64)
+
+    def layer(x, *ps):
+        it = iter(ps)
+        g = next(it) if gamma is not None else None
+        b = next(it) if beta is not None else None
+        pooled = ops.task_batch_norm_max_pool2d(x, g, b, 1e-5, act, 0.1, 2)[0]
+        # reads the pooled maps, x and γ again: the alias outputs and addends run
+        again = pooled * 1.5 + x[..., ::2, ::2]
+        return ops.task_batch_norm_max_pool2d(again.contiguous(), g, None, 1e-5, "none", 0.0, 1)[0]
+
+    with fm.use_backend("cpu"):
+        pooled, indices = ops.task_batch_norm_max_pool2d(x_s, gamma, beta, 1e-5, act, 0.1, 2)
+        assert pooled.grad_fn.name().endswith("::TaskBatchNormMaxPoolNode>"), pooled.grad_fn.name()
+        assert not indices.requires_grad
+        runs = []
+        for python in (False, True):
+            with _python_nodes() if python else nullcontext():
+                if python:
+                    out = ops.task_batch_norm_max_pool2d(x_s, gamma, beta, 1e-5, act, 0.1, 2)[0]
+                    assert "task_batch_norm_max_pool2d_function" in type(out.grad_fn).__name__
+                first = torch.autograd.grad(layer(x_s, *params).sin().sum(), [x_s, *params], create_graph=True)
+                second = torch.autograd.grad(sum(f.square().sum() for f in first), [x_s, *params])
+                meta = _meta_gradient(x_s, x_q, params, layer) if params else ()
+            runs.append([f.detach() for f in first] + list(second) + list(meta))
+    _assert_bitwise_equal(*runs)
+
+
+def test_batch_norm_max_pool_nodes_pass_gradcheck_gradgradcheck_and_third_order():
+    """A smooth net around the block ("none": f' constant), inputs spread so that no window
+    holds a tie, against float64 finite differences; third order through the dispatcher."""
+    torch.manual_seed(13)
+    x = torch.randperm(T * N * C * 16).reshape(T, N, C, 4, 4).double().div(40).requires_grad_(True)
+    gamma = (torch.rand(T, C, dtype=torch.float64) + 0.5).requires_grad_(True)
+    beta = torch.randn(C, dtype=torch.float64, requires_grad=True)
+
+    def block(x, gamma, beta):
+        return ops.task_batch_norm_max_pool2d(x, gamma, beta, 1e-5, "none", 0.0, 2)[0]
+
+    def first_order(x, gamma, beta):
+        return torch.autograd.grad(block(x, gamma, beta).sin().sum(), (x, gamma, beta), create_graph=True)
+
+    with fm.use_backend("cpu"):
+        assert block(x, gamma, beta).grad_fn.name().endswith("::TaskBatchNormMaxPoolNode>")
+        assert first_order(x, gamma, beta)[0].grad_fn is not None
+        assert torch.autograd.gradcheck(block, (x, gamma, beta))
+        assert torch.autograd.gradgradcheck(block, (x, gamma, beta))
+        assert torch.autograd.gradgradcheck(first_order, (x, gamma, beta), atol=1e-5)
