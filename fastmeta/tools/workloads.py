@@ -135,6 +135,12 @@ HOST_COST_WORKLOADS: dict[str, Workload] = {
         input_shape=(1, 28, 28), tasks=2, support=5, query=5, steps=1, inner_lr=0.4,
         loss="cross_entropy", ways=5,
     ),
+    "W4S": Workload(  # W2S with W4's pooled blocks (BatchNorm -> ReLU -> 2x2 max pool, as CNN4 and W4)
+        name="W4S", title="w4-structure", preset="omniglot-5w1s", model="conv4",
+        model_args={"in_channels": 1, "ways": 5, "hidden": 8, "variant": "pool", "image_size": 28},
+        input_shape=(1, 28, 28), tasks=2, support=5, query=5, steps=1, inner_lr=0.4,
+        loss="cross_entropy", ways=5,
+    ),
     "OFC": Workload(  # learn2learn's examples/vision/maml_omniglot.py: OmniglotFC, 5-way 1-shot
         name="OFC", title="omniglot-fc", preset="omniglot-5w1s", model="l2l:OmniglotFC",
         model_args={"input_size": 28 * 28, "output_size": 5},

@@ -121,6 +121,8 @@ BUDGETS = {
     ("W4", "first"): (138, 1),
     ("W2S", "second"): (75, 1),
     ("W2S", "first"): (54, 1),
+    ("W4S", "second"): (75, 1),
+    ("W4S", "first"): (54, 1),
     ("OFC", "second"): (75, 1),
     ("OFC", "first"): (54, 1),
 }

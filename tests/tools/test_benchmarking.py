@@ -266,7 +266,7 @@ def test_fastmeta_row_is_the_user_loop_fed_new_batches(monkeypatch):
     assert [next(i for i, b in enumerate(problem.batches) if b.support_x is x) for x in seen] == [0, 1, 2, 3, 0, 0]
 
 
-@pytest.mark.parametrize("workload", ["W2S", "OFC"])
+@pytest.mark.parametrize("workload", ["W2S", "W4S", "OFC"])
 def test_host_cost_workload_rows_run_against_vmap_and_the_loop(workload):
     [result] = run_benchmark(tiny_settings(workloads=[workload], tasks=2, iterations=1, warmup=0,
                                            backends=["auto"], fastmeta_graph=False))
@@ -280,10 +280,14 @@ def test_host_cost_workload_rows_run_against_vmap_and_the_loop(workload):
 def test_host_cost_workloads_are_the_issue_23_shapes():
     from fastmeta.tools.workloads import HOST_COST_WORKLOADS, find_workload
 
-    w2s, ofc, r12 = (find_workload(n) for n in ("W2S", "omniglot-fc", "resnet12-32"))
-    assert set(HOST_COST_WORKLOADS) == {"W2S", "OFC", "R12"}
+    w2s, w4s, ofc, r12 = (find_workload(n) for n in ("W2S", "w4-structure", "omniglot-fc", "resnet12-32"))
+    assert set(HOST_COST_WORKLOADS) == {"W2S", "W4S", "OFC", "R12"}
     assert (w2s.tasks, w2s.support, w2s.query, w2s.ways) == (2, 5, 5, 5)
     assert [m.out_channels for m in w2s.build_model() if isinstance(m, torch.nn.Conv2d)] == [8] * 4
+    assert (w4s.tasks, w4s.support, w4s.query, w4s.ways) == (2, 5, 5, 5)
+    pooled = w4s.build_model()
+    assert [m.out_channels for m in pooled if isinstance(m, torch.nn.Conv2d)] == [8] * 4
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in pooled.modules()) == 4
     fc = ofc.build_model()
     assert [m.out_features for m in fc.modules() if isinstance(m, torch.nn.Linear)] == [256, 128, 64, 64, 5]
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in fc.modules()) == 4
