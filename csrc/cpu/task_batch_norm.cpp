@@ -1055,6 +1055,65 @@ std::vector<at::Tensor> task_batch_norm_max_pool2d_double_backward(
 
 using namespace eager_nodes;
 
+// What a BatchNorm backward op's node (TaskBatchNormBackwardNode, and the pooled block's)
+// reads in its backward: the upstream of grad_x, grad_γ and grad_β where each carries
+// something, the addends' gradients (those upstreams unchanged), and which of grad_z (or
+// grad_pooled), x and γ to differentiate. `edges` holds the node's tensor arguments' edge
+// indices, the addends' at `addend_edge` and after it.
+struct BnBackwardUpstream {
+  at::Tensor up_x, up_gamma, up_beta, d_x_addend, d_gamma_addend;
+  bool d_grad, d_x, d_gamma;
+};
+
+BnBackwardUpstream bn_backward_upstream(AutogradContext* ctx, const variable_list& upstreams, bool has_gamma,
+                                        size_t addend_edge) {
+  const auto needs = ctx->saved_data["needs"].toBoolList();
+  const auto edges = ctx->saved_data["edges"].toIntVector();
+  BnBackwardUpstream u;
+  u.up_x = upstream(upstreams[0], needs.get(0));
+  u.up_gamma = upstream(upstreams[1], needs.get(1));
+  u.up_beta = upstream(upstreams[2], needs.get(2));
+  if (needs_grad(ctx, edges[addend_edge])) u.d_x_addend = u.up_x;
+  if (needs_grad(ctx, edges[addend_edge + 1])) u.d_gamma_addend = u.up_gamma;
+  u.d_grad = needs_grad(ctx, edges[0]);
+  u.d_x = needs_grad(ctx, edges[1]);
+  u.d_gamma = has_gamma && needs_grad(ctx, edges[2]);
+  return u;
+}
+
+// What a BatchNorm layer's node (TaskBatchNormNode, and the pooled block's) reads in its
+// backward: which of x, γ and β need a gradient, and γ's and β's ranks (0: absent).
+struct BnLayerNeeds {
+  bool x, gamma, beta;
+  int64_t gamma_dim, beta_dim;
+  bool any() const { return x || gamma || beta; }
+};
+
+BnLayerNeeds bn_layer_needs(AutogradContext* ctx) {
+  const auto edges = ctx->saved_data["edges"].toIntVector();
+  BnLayerNeeds n;
+  n.gamma_dim = ctx->saved_data["gamma_dim"].toInt();
+  n.beta_dim = ctx->saved_data["beta_dim"].toInt();
+  n.x = needs_grad(ctx, edges[0]);
+  n.gamma = n.gamma_dim > 0 && needs_grad(ctx, edges[1]);
+  n.beta = n.beta_dim > 0 && needs_grad(ctx, edges[2]);
+  return n;
+}
+
+// The backward op's [grad_x, grad_γ, grad_β] as the layer's gradients: those not needed
+// undefined, a shared γ's and β's summed over the tasks (a shared γ's alias gradient added
+// after the sum: the kernel's addend is per task).
+std::vector<at::Tensor> bn_layer_grads(const variable_list& out, const BnLayerNeeds& n, const at::Tensor& add_gamma) {
+  at::Tensor grad_x = n.x ? out[0] : at::Tensor(), grad_gamma = n.gamma ? out[1] : at::Tensor(),
+             grad_beta = n.beta ? out[2] : at::Tensor();
+  if (n.gamma && n.gamma_dim == 1) {
+    grad_gamma = grad_gamma.sum(0);
+    if (add_gamma.defined()) grad_gamma = grad_gamma.add(add_gamma);
+  }
+  if (n.beta && n.beta_dim == 1) grad_beta = grad_beta.sum(0);
+  return {grad_x, grad_gamma, grad_beta};
+}
+
 struct TaskBatchNormBackwardNode : public torch::autograd::Function<TaskBatchNormBackwardNode> {
   // [grad_x, grad_gamma, grad_beta] = task_batch_norm_backward(grad_z, x, gamma, ...).
   static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_z, const at::Tensor& x,
@@ -1082,15 +1141,10 @@ struct TaskBatchNormBackwardNode : public torch::autograd::Function<TaskBatchNor
   static variable_list backward(AutogradContext* ctx, variable_list upstreams) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &grad_z = saved[0], &x = saved[1], &gamma = saved[2], &y = saved[3];
-    const auto needs = ctx->saved_data["needs"].toBoolList();
-    const auto edges = ctx->saved_data["edges"].toIntVector();
-    const at::Tensor up_x = upstream(upstreams[0], needs.get(0)), up_gamma = upstream(upstreams[1], needs.get(1)),
-                     up_beta = upstream(upstreams[2], needs.get(2));
+    const BnBackwardUpstream u = bn_backward_upstream(ctx, upstreams, gamma.defined(), 4);
+    const at::Tensor &up_x = u.up_x, &up_gamma = u.up_gamma, &up_beta = u.up_beta;
+    const bool m0 = u.d_grad, m1 = u.d_x, m2 = u.d_gamma;
     const at::Tensor none;
-    const at::Tensor d_ax = needs_grad(ctx, edges[4]) ? up_x : none;
-    const at::Tensor d_agamma = needs_grad(ctx, edges[5]) ? up_gamma : none;
-    const bool m0 = needs_grad(ctx, edges[0]), m1 = needs_grad(ctx, edges[1]),
-               m2 = gamma.defined() && needs_grad(ctx, edges[2]);
     at::Tensor d_grad_z, d_x, d_gamma;
     if (m0 || m1 || m2) {
       const double eps = ctx->saved_data["eps"].toDouble();
@@ -1118,7 +1172,7 @@ struct TaskBatchNormBackwardNode : public torch::autograd::Function<TaskBatchNor
       if (m2) d_gamma = gamma.dim() == 1 ? out[2].sum(0) : out[2];
     }
     // One per forward argument: grad_z, x, gamma, eps, the three needs, y, act, slope, the addends.
-    return {d_grad_z, d_x, d_gamma, none, none, none, none, none, none, none, d_ax, d_agamma};
+    return {d_grad_z, d_x, d_gamma, none, none, none, none, none, none, none, u.d_x_addend, u.d_gamma_addend};
   }
 };
 
@@ -1145,14 +1199,13 @@ struct TaskBatchNormNode : public torch::autograd::Function<TaskBatchNormNode> {
     const at::Tensor none;
     const at::Tensor grad_y = grads[0];
     const auto [add_x, add_gamma] = alias_grads(ctx, grads);
-    const auto edges = ctx->saved_data["edges"].toIntVector();
-    const int64_t gamma_dim = ctx->saved_data["gamma_dim"].toInt(), beta_dim = ctx->saved_data["beta_dim"].toInt();
-    const bool need_x = needs_grad(ctx, edges[0]), need_gamma = gamma_dim > 0 && needs_grad(ctx, edges[1]),
-               need_beta = beta_dim > 0 && needs_grad(ctx, edges[2]);
+    const BnLayerNeeds n = bn_layer_needs(ctx);
+    const int64_t gamma_dim = n.gamma_dim;
+    const bool need_x = n.x, need_gamma = n.gamma, need_beta = n.beta;
     // One per forward argument: x, gamma, beta, eps, act, negative_slope, the two alias flags.
     if (!grad_y.defined())  // only the aliases were read
       return {need_x ? add_x : none, need_gamma ? add_gamma : none, none, none, none, none, none, none};
-    if (!need_x && !need_gamma && !need_beta) return {none, none, none, none, none, none, none, none};
+    if (!n.any()) return {none, none, none, none, none, none, none, none};
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &gamma = saved[1], &y = saved[2];
     const double eps = ctx->saved_data["eps"].toDouble();
@@ -1171,14 +1224,8 @@ struct TaskBatchNormNode : public torch::autograd::Function<TaskBatchNormNode> {
                                         contiguous(kernel_x_addend), contiguous(kernel_gamma_addend));
       });
     }
-    at::Tensor grad_x = need_x ? out[0] : none, grad_gamma = need_gamma ? out[1] : none,
-               grad_beta = need_beta ? out[2] : none;
-    if (need_gamma && gamma_dim == 1) {
-      grad_gamma = grad_gamma.sum(0);
-      if (add_gamma.defined()) grad_gamma = grad_gamma.add(add_gamma);
-    }
-    if (need_beta && beta_dim == 1) grad_beta = grad_beta.sum(0);
-    return {grad_x, grad_gamma, grad_beta, none, none, none, none, none};
+    const auto layer = bn_layer_grads(out, n, add_gamma);
+    return {layer[0], layer[1], layer[2], none, none, none, none, none};
   }
 };
 
@@ -1244,15 +1291,10 @@ struct TaskBatchNormMaxPoolBackwardNode : public torch::autograd::Function<TaskB
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &grad_pooled = saved[0], &x = saved[1], &gamma = saved[2], &pooled = saved[3],
                      &indices = saved[4];
-    const auto needs = ctx->saved_data["needs"].toBoolList();
-    const auto edges = ctx->saved_data["edges"].toIntVector();
-    const at::Tensor up_x = upstream(upstreams[0], needs.get(0)), up_gamma = upstream(upstreams[1], needs.get(1)),
-                     up_beta = upstream(upstreams[2], needs.get(2));
+    const BnBackwardUpstream u = bn_backward_upstream(ctx, upstreams, gamma.defined(), 5);
+    const at::Tensor &up_x = u.up_x, &up_gamma = u.up_gamma, &up_beta = u.up_beta;
+    const bool m0 = u.d_grad, m1 = u.d_x, m2 = u.d_gamma;
     const at::Tensor none;
-    const at::Tensor d_ax = needs_grad(ctx, edges[5]) ? up_x : none;
-    const at::Tensor d_agamma = needs_grad(ctx, edges[6]) ? up_gamma : none;
-    const bool m0 = needs_grad(ctx, edges[0]), m1 = needs_grad(ctx, edges[1]),
-               m2 = gamma.defined() && needs_grad(ctx, edges[2]);
     at::Tensor d_grad_pooled, d_x, d_gamma;
     if (m0 || m1 || m2) {
       const double eps = ctx->saved_data["eps"].toDouble();
@@ -1282,7 +1324,8 @@ struct TaskBatchNormMaxPoolBackwardNode : public torch::autograd::Function<TaskB
     }
     // One per forward argument: grad_pooled, x, gamma, pooled, indices, eps, the three needs,
     // act, slope, kernel_size, the addends.
-    return {d_grad_pooled, d_x, d_gamma, none, none, none, none, none, none, none, none, none, d_ax, d_agamma};
+    return {d_grad_pooled, d_x, d_gamma, none, none, none, none, none, none, none, none, none, u.d_x_addend,
+            u.d_gamma_addend};
   }
 };
 
@@ -1320,14 +1363,13 @@ struct TaskBatchNormMaxPoolNode : public torch::autograd::Function<TaskBatchNorm
     const at::Tensor grad_pooled = grads[0];
     const bool alias_x = ctx->saved_data["alias_x"].toBool(), alias_gamma = ctx->saved_data["alias_gamma"].toBool();
     const at::Tensor add_x = alias_x ? grads[2] : none, add_gamma = alias_gamma ? grads[alias_x ? 3 : 2] : none;
-    const auto edges = ctx->saved_data["edges"].toIntVector();
-    const int64_t gamma_dim = ctx->saved_data["gamma_dim"].toInt(), beta_dim = ctx->saved_data["beta_dim"].toInt();
-    const bool need_x = needs_grad(ctx, edges[0]), need_gamma = gamma_dim > 0 && needs_grad(ctx, edges[1]),
-               need_beta = beta_dim > 0 && needs_grad(ctx, edges[2]);
+    const BnLayerNeeds n = bn_layer_needs(ctx);
+    const int64_t gamma_dim = n.gamma_dim;
+    const bool need_x = n.x, need_gamma = n.gamma, need_beta = n.beta;
     // One per forward argument: x, gamma, beta, eps, act, negative_slope, kernel_size, the two alias flags.
     if (!grad_pooled.defined())  // only the aliases were read
       return {need_x ? add_x : none, need_gamma ? add_gamma : none, none, none, none, none, none, none, none};
-    if (!need_x && !need_gamma && !need_beta) return {none, none, none, none, none, none, none, none, none};
+    if (!n.any()) return {none, none, none, none, none, none, none, none, none};
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &gamma = saved[1], &pooled = saved[2], &indices = saved[3];
     const double eps = ctx->saved_data["eps"].toDouble();
@@ -1350,14 +1392,8 @@ struct TaskBatchNormMaxPoolNode : public torch::autograd::Function<TaskBatchNorm
                            kernel_size, contiguous(kernel_x_addend), contiguous(kernel_gamma_addend));
                      });
     }
-    at::Tensor grad_x = need_x ? out[0] : none, grad_gamma = need_gamma ? out[1] : none,
-               grad_beta = need_beta ? out[2] : none;
-    if (need_gamma && gamma_dim == 1) {
-      grad_gamma = grad_gamma.sum(0);
-      if (add_gamma.defined()) grad_gamma = grad_gamma.add(add_gamma);
-    }
-    if (need_beta && beta_dim == 1) grad_beta = grad_beta.sum(0);
-    return {grad_x, grad_gamma, grad_beta, none, none, none, none, none, none};
+    const auto layer = bn_layer_grads(out, n, add_gamma);
+    return {layer[0], layer[1], layer[2], none, none, none, none, none, none};
   }
 };
 
