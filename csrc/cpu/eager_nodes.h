@@ -104,6 +104,13 @@ inline torch::jit::Stack call_public_op(const c10::OperatorHandle& op, torch::ji
   return stack;
 }
 
+// The one output of the public op `name` ("fastmeta::<op>", looked up by name: for the
+// third-order paths, not the hot one) called through the dispatcher on `stack`.
+inline at::Tensor public_op_output(const char* name, torch::jit::Stack stack) {
+  const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  return call_public_op(op, std::move(stack))[0].toTensor();
+}
+
 }  // namespace eager_nodes
 }  // namespace cpu
 }  // namespace fastmeta

@@ -1050,15 +1050,10 @@ at::Tensor task_blocks(const at::Tensor& t, int64_t per_task_dim) {
   return t.contiguous();
 }
 
-at::Tensor public_conv_op(const char* name, torch::jit::Stack stack) {
-  const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-  return call_public_op(op, std::move(stack))[0].toTensor();
-}
-
 at::Tensor conv_of(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& stride,
                    const std::vector<int64_t>& padding) {
   if (at::GradMode::is_enabled())
-    return public_conv_op("fastmeta::task_conv2d", {x, w, c10::IValue(), stride, padding});
+    return public_op_output("fastmeta::task_conv2d", {x, w, c10::IValue(), stride, padding});
   return recorded("fastmeta::task_conv2d", "fastmeta_ext::task_conv2d", [&] {
     return task_conv2d(x.contiguous(), task_blocks(w, 5), c10::nullopt, stride, padding);
   });
@@ -1067,7 +1062,7 @@ at::Tensor conv_of(const at::Tensor& x, const at::Tensor& w, const std::vector<i
 at::Tensor conv_input_grad_of(const at::Tensor& grad_out, const at::Tensor& w, const std::vector<int64_t>& input_size,
                               const std::vector<int64_t>& stride, const std::vector<int64_t>& padding) {
   if (at::GradMode::is_enabled())
-    return public_conv_op("fastmeta::task_conv2d_input_grad", {grad_out, w, input_size, stride, padding});
+    return public_op_output("fastmeta::task_conv2d_input_grad", {grad_out, w, input_size, stride, padding});
   return recorded("fastmeta::task_conv2d_input_grad", "fastmeta_ext::task_conv2d_input_grad", [&] {
     return task_conv2d_input_grad(grad_out.contiguous(), task_blocks(w, 5), input_size, stride, padding);
   });
@@ -1076,7 +1071,7 @@ at::Tensor conv_input_grad_of(const at::Tensor& grad_out, const at::Tensor& w, c
 at::Tensor conv_weight_grad_of(const at::Tensor& grad_out, const at::Tensor& x, const std::vector<int64_t>& kernel_size,
                                const std::vector<int64_t>& stride, const std::vector<int64_t>& padding, bool shared) {
   if (at::GradMode::is_enabled())
-    return public_conv_op("fastmeta::task_conv2d_weight_grad", {grad_out, x, kernel_size, stride, padding, shared});
+    return public_op_output("fastmeta::task_conv2d_weight_grad", {grad_out, x, kernel_size, stride, padding, shared});
   return recorded("fastmeta::task_conv2d_weight_grad", "fastmeta_ext::task_conv2d_weight_grad", [&] {
     return task_conv2d_weight_grad(grad_out.contiguous(), x.contiguous(), kernel_size, stride, padding, shared);
   });

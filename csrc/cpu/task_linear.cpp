@@ -577,20 +577,15 @@ std::vector<at::Tensor> task_linear_node(const at::Tensor& x, const at::Tensor& 
 // called as ops of their own (a user's hand-written backward): each one's backward is the
 // layer and the other, as the Python nodes compute them (the same kernels on the same
 // arguments). Where the backward itself records (third order), through the public ops.
-at::Tensor public_linear_op(const char* name, torch::jit::Stack stack) {
-  const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-  return call_public_op(op, std::move(stack))[0].toTensor();
-}
-
 at::Tensor linear_of(const at::Tensor& x, const at::Tensor& w) {  // task_linear(x, w) without bias or activation
-  if (at::GradMode::is_enabled()) return public_linear_op("fastmeta::task_linear", {x, w, c10::IValue(), "none", 0.0});
+  if (at::GradMode::is_enabled()) return public_op_output("fastmeta::task_linear", {x, w, c10::IValue(), "none", 0.0});
   return recorded("fastmeta::task_linear", "fastmeta_ext::task_linear", [&] {
     return task_linear(x.contiguous(), native_per_task(w, w.dim() == 3), c10::nullopt, "none", 0.0);
   });
 }
 
 at::Tensor input_grad_of(const at::Tensor& grad_out, const at::Tensor& w) {
-  if (at::GradMode::is_enabled()) return public_linear_op("fastmeta::task_linear_input_grad", {grad_out, w});
+  if (at::GradMode::is_enabled()) return public_op_output("fastmeta::task_linear_input_grad", {grad_out, w});
   return recorded("fastmeta::task_linear_input_grad", "fastmeta_ext::task_linear_input_grad", [&] {
     return task_linear_input_grad(grad_out.contiguous(), native_per_task(w, w.dim() == 3));
   });
@@ -598,7 +593,7 @@ at::Tensor input_grad_of(const at::Tensor& grad_out, const at::Tensor& w) {
 
 at::Tensor weight_grad_of(const at::Tensor& grad_out, const at::Tensor& x, bool shared) {
   if (at::GradMode::is_enabled())
-    return public_linear_op("fastmeta::task_linear_weight_grad", {grad_out, x, shared});
+    return public_op_output("fastmeta::task_linear_weight_grad", {grad_out, x, shared});
   return recorded("fastmeta::task_linear_weight_grad", "fastmeta_ext::task_linear_weight_grad", [&] {
     return task_linear_weight_grad(grad_out.contiguous(), x.contiguous(), shared);
   });

@@ -46,6 +46,22 @@ void check_loss_args(const at::Tensor& pred, const at::Tensor& target, LossKind 
   }
 }
 
+// The grain of a parallel loop over tasks of `elements` values each: about kGrain values a
+// work item.
+inline int64_t per_task_grain(int64_t elements) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(elements, 1));
+}
+
+// One task's MSE loss, the mean of (pred − target)²: the one formula of task_loss and
+// task_loss_and_grad (their losses equal bit for bit).
+template <typename scalar_t>
+inline scalar_t mse_task_loss(const scalar_t* zt, const scalar_t* yt, int64_t M) {
+  scalar_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < M; ++i) acc += (zt[i] - yt[i]) * (zt[i] - yt[i]);
+  return acc / scalar_t(M);
+}
+
 at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::string_view kind_name) {
   const LossKind kind = parse_loss(std::string(kind_name.data(), kind_name.size()));
   check_loss_args(pred, target, kind);
@@ -56,23 +72,19 @@ at::Tensor task_loss(const at::Tensor& pred, const at::Tensor& target, c10::stri
     using scalar_t = decltype(tag_);
     const scalar_t* z = pred.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, T, per_task_grain(M), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        scalar_t acc = 0;
         if (kind == LossKind::CrossEntropy) {
           const int64_t C = pred.size(2);
           const int64_t* y = target.data_ptr<int64_t>() + t * N;
+          scalar_t acc = 0;
           for (int64_t n = 0; n < N; ++n) {
             const scalar_t* row = z + (t * N + n) * C;
             acc += log_sum_exp<scalar_t>(row, C) - row[y[n]];
           }
           o[t] = acc / scalar_t(N);
         } else {
-          const scalar_t* zt = z + t * M;
-          const scalar_t* yt = target.data_ptr<scalar_t>() + t * M;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < M; ++i) acc += (zt[i] - yt[i]) * (zt[i] - yt[i]);
-          o[t] = acc / scalar_t(M);
+          o[t] = mse_task_loss<scalar_t>(z + t * M, target.data_ptr<scalar_t>() + t * M, M);
         }
       }
     });
@@ -123,7 +135,7 @@ at::Tensor task_loss_grad(const at::Tensor& pred, const at::Tensor& target, c10:
     const scalar_t* z = pred.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* sc = scaled ? scale->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, T, per_task_grain(M), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         // The reference's order: the unscaled gradient rounded, then times the task's scale.
         const scalar_t s = sc ? sc[t * scale_stride] : scalar_t(1);
@@ -183,7 +195,7 @@ at::Tensor task_loss_grad_backward(const at::Tensor& upstream, const at::Tensor&
     const scalar_t* z = pred.data_ptr<scalar_t>();
     const scalar_t* u = upstream.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, T, per_task_grain(M), [&](int64_t t0, int64_t t1) {
       if (kind == LossKind::CrossEntropy) {
         const int64_t C = pred.size(2);
         const scalar_t inv_n = scalar_t(1) / scalar_t(N);
@@ -230,7 +242,7 @@ at::Tensor task_accuracy(const at::Tensor& pred, const at::Tensor& target) {
     const scalar_t* z = pred.data_ptr<scalar_t>();
     const int64_t* y = target.data_ptr<int64_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(N * C, 1)), [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, T, per_task_grain(N * C), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         int64_t hits = 0;
         for (int64_t n = 0; n < N; ++n) {
@@ -263,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> task_loss_and_accuracy(const at::Tensor& pred
     const int64_t* y = target.data_ptr<int64_t>();
     scalar_t* lo = loss.data_ptr<scalar_t>();
     scalar_t* ao = accuracy.data_ptr<scalar_t>();
-    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(N * C, 1)), [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, T, per_task_grain(N * C), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         scalar_t acc = 0;
         int64_t hits = 0;
@@ -300,13 +312,13 @@ std::tuple<at::Tensor, at::Tensor> task_loss_and_grad(const at::Tensor& pred, co
     const scalar_t* z = pred.data_ptr<scalar_t>();
     scalar_t* lo = loss.data_ptr<scalar_t>();
     scalar_t* o = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, T, per_task_grain(M), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        scalar_t acc = 0;
         if (kind == LossKind::CrossEntropy) {
           const int64_t C = pred.size(2);
           const int64_t* y = target.data_ptr<int64_t>() + t * N;
           const scalar_t inv_n = scalar_t(1) / scalar_t(N);
+          scalar_t acc = 0;
           for (int64_t n = 0; n < N; ++n) {
             const scalar_t* row = z + (t * N + n) * C;
             acc += cross_entropy_row_grad<scalar_t>(row, C, y[n], inv_n, o + (t * N + n) * C) - row[y[n]];
@@ -315,9 +327,7 @@ std::tuple<at::Tensor, at::Tensor> task_loss_and_grad(const at::Tensor& pred, co
         } else {
           const scalar_t* zt = z + t * M;
           const scalar_t* yt = target.data_ptr<scalar_t>() + t * M;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < M; ++i) acc += (zt[i] - yt[i]) * (zt[i] - yt[i]);
-          lo[t] = acc / scalar_t(M);
+          lo[t] = mse_task_loss<scalar_t>(zt, yt, M);
           mse_task_grad<scalar_t>(zt, yt, M, o + t * M);
         }
       }

@@ -86,10 +86,16 @@ def reference_activation_grad(grad_y: Tensor, y: Tensor, act: str, negative_slop
     return grad_y * activation_derivative(y, act, negative_slope)
 
 
+def _check_activation_grad(grad_y, y, act, negative_slope) -> None:
+    """An activation the table does not hold, or leaky ReLU with a negative slope (whose f'
+    y cannot tell): refused by name on every path, not read as "none"."""
+    check_activation(act, negative_slope)
+
+
 activation_grad = define_op(reference_activation_grad, NativeCall(
     takes=lambda device_type, grad_y, y, act, negative_slope: act in ACTIVATIONS and grad_y.shape == y.shape,
     args=lambda grad_y, y, act, negative_slope: (grad_y.contiguous(), y.contiguous(), act, float(negative_slope)),
-))
+), check=_check_activation_grad)
 
 
 @activation_grad.register_fake
@@ -126,7 +132,7 @@ def _activation_grad_native_node(grad_y, y, act, negative_slope):
     node, with autograd's engine calling the kernel directly. Taken for CPU tensors of one
     shape and dtype where the ``cpu`` backend runs the kernel; NotImplemented (the Python
     node) otherwise."""
-    check_activation(act, negative_slope)
+    _check_activation_grad(grad_y, y, act, negative_slope)
     if grad_y.shape != y.shape:
         return NotImplemented
     node = cpu_native_node("activation_grad_node", ("activation_grad",), grad_y, y)

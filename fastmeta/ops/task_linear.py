@@ -185,12 +185,17 @@ def _native_per_task(t: Tensor | None, task_dim: bool) -> Tensor | None:
 # ---------------------------------------------------------------------------------------
 
 
+def _check_linear(x, w, b, act, negative_slope) -> None:
+    """The fused activation: one the table holds (leaky ReLU with a slope ≥ 0), on every path."""
+    check_activation(act, negative_slope)
+
+
 task_linear = define_op(reference_task_linear, NativeCall(
     takes=lambda device_type, x, w, b, act, negative_slope: x.dim() == 3 and w.dim() in (2, 3),
     args=lambda x, w, b, act, negative_slope: (
         x.contiguous(), _native_per_task(w, w.dim() == 3), _native_per_task(b, b is not None and b.dim() == 2),
         act, float(negative_slope)),
-))
+), check=_check_linear)
 
 
 @task_linear.register_fake
@@ -243,9 +248,9 @@ def _linear_native_node(x, w, b, act, negative_slope):
     and b of its dtype, where the ``cpu`` backend runs the ops; NotImplemented (the Python
     node) otherwise. The node lays w and b out as the launchers do
     (csrc/cpu/task_linear.cpp, ``native_per_task``)."""
+    _check_linear(x, w, b, act, negative_slope)
     if x.dim() != 3 or w.dim() not in (2, 3) or not x.is_contiguous():
         return NotImplemented
-    check_activation(act, negative_slope)
     node = cpu_native_node("task_linear_node", _NODE_KERNELS if act == "none" else _NODE_KERNELS_WITH_ACTIVATION,
                            x, w, b)
     if node is None:

@@ -63,6 +63,22 @@ def test_an_unknown_activation_is_declined(backend, device):
     assert get_backend(backend).kernel("activation_grad")(pred, pred, "gelu", 0.0) is NotImplemented
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_public_ops_refuse_an_activation_they_cannot_read_back_by_name(backend, needs_grad):
+    """On every path (the reference, the kernels, the C++ nodes where autograd records): an
+    activation outside the table, and leaky ReLU with a negative slope, whose sign y no
+    longer tells. (The reference read an unknown name as "none".)"""
+    x = torch.randn(2, 3, 4, requires_grad=needs_grad)
+    w = torch.randn(5, 4, requires_grad=needs_grad)
+    with fm.use_backend(backend):
+        for act, slope, message in (("gelu", 0.0, "act must be one of"), ("leaky_relu", -0.1, "negative_slope >= 0")):
+            with pytest.raises(ValueError, match=message):
+                ops.activation_grad(x, x.detach(), act, slope)
+            with pytest.raises(ValueError, match=message):
+                ops.task_linear(x, w, None, act, slope)
+
+
 @pytest.mark.parametrize("act", ["none", "relu", "leaky_relu"])
 def test_piecewise_linear_second_derivative_is_never_computed(act):
     """d f'/dy is 0 for these: the backward hands autograd None at y, not a zeros tensor."""
