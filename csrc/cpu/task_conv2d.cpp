@@ -326,16 +326,17 @@ ConvShape make_shape(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, int6
 // reorder) loses. The rule, from bench/bench_conv_routes.py (docs/benchmarks.md,
 // "Convolutions on the CPU" has its table): a kernel larger than 1×1, at least 16 input
 // channels, and at least kOneDnnMinMacs[pass] multiply-adds per call; for the weight
-// gradient also at least kOneDnnMinWeightGradL output positions per example (at 7×7 and 4×4
-// outputs oneDNN's weight gradient was even or slower). The input gradient takes oneDNN
-// under auto only at stride 1, mostly as the forward convolution it is there (the flipped
-// kernel): ATen's oneDNN input gradient hands its result back through a copy (an aten::clone
-// of dx inside the kernel, a dispatch per call: had it run W3's strided layers, 274 → 504
-// dispatches per second-order iteration). FASTMETA_CPU_CONV=onednn sends
+// gradient also at least kOneDnnMinWeightGradL output positions per example (at 4×4 outputs
+// oneDNN's weight gradient was even or slower on the AVX2-era machine of the first table).
+// The input gradient: at stride 1 mostly as the forward convolution it is there (the flipped
+// kernel); at a larger stride oneDNN's backward-data from kOneDnnMinStridedInputGradMacs (on
+// channels-last copies of its operands, see onednn_input_grad: no dispatch; below it the
+// call's fixed costs and the two transposes lose to im2col). FASTMETA_CPU_CONV=onednn sends
 // every fp32 convolution oneDNN supports there (the tests' route), =im2col none; read once
 // per process. float64 always takes im2col (oneDNN has no f64 convolution).
-constexpr int64_t kOneDnnMinMacs[3] = {int64_t(2) << 20, int64_t(2) << 20, int64_t(32) << 20};  // by ConvPass
-constexpr int64_t kOneDnnMinWeightGradL = 64;
+constexpr int64_t kOneDnnMinMacs[3] = {int64_t(2) << 20, int64_t(2) << 20, int64_t(8) << 20};  // by ConvPass
+constexpr int64_t kOneDnnMinWeightGradL = 32;
+constexpr int64_t kOneDnnMinStridedInputGradMacs = int64_t(8) << 20;
 
 // Whether the input gradient is itself a convolution (stride 1, padding at most k − 1): of
 // grad_out with the flipped kernel, padded by k − 1 − p.
@@ -368,8 +369,10 @@ bool takes_onednn(const ConvShape& s, ConvPass pass, int64_t calls_tasks) {
   const ConvRoute route = conv_route();
   if (route != ConvRoute::kAuto) return route == ConvRoute::kOneDnn;
   if (s.KH * s.KW == 1 || s.C < 16) return false;
-  if (pass == ConvPass::kInputGrad && !input_grad_is_a_convolution(s)) return false;
-  if (calls_tasks * s.N * s.O * s.K() * s.L() < kOneDnnMinMacs[static_cast<int>(pass)]) return false;
+  const int64_t macs = calls_tasks * s.N * s.O * s.K() * s.L();
+  if (pass == ConvPass::kInputGrad && !input_grad_is_a_convolution(s) && macs < kOneDnnMinStridedInputGradMacs)
+    return false;
+  if (macs < kOneDnnMinMacs[static_cast<int>(pass)]) return false;
   return pass != ConvPass::kWeightGrad || s.L() >= kOneDnnMinWeightGradL;
 #else
   (void)s;
@@ -394,6 +397,17 @@ at::Tensor blob_tensor(const T_* data, at::IntArrayRef sizes) {
   at::Tensor t = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                                           caffe2::TypeMeta::Make<T_>());
   t.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
+  return t;
+}
+
+// The same over memory laid out channels-last: sizes [n, c, h, w] (NCHW order, as ATen
+// takes them), each position's c values adjacent (torch.channels_last's strides).
+template <typename T_>
+at::Tensor channels_last_blob(const T_* data, at::IntArrayRef sizes) {
+  at::Tensor t = blob_tensor<T_>(data, sizes);
+  const int64_t c = sizes[1], h = sizes[2], w = sizes[3];
+  const std::array<int64_t, 4> strides{c * h * w, 1, w * c, c};
+  t.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides);
   return t;
 }
 
@@ -461,9 +475,9 @@ void onednn_input_grad(const ConvShape& s, const T_* gp, const T_* wp, int64_t w
   const bool batched = w_ts == 0;
   const int64_t n = batched ? s.T * s.N : s.N, image = s.C * s.H * s.W, out = s.O * s.L();
   const Geometry g(s, n);
-  // The flip copies O·C·kh·kw values per call where backward-data's copy back is n·C·H·W:
-  // the flip where it is the smaller (every stride-1 layer of W1–W4), backward-data (and its
-  // aten::clone) where the kernel is the larger (ResNet-12's deep stages: 640 × 320 × 9
+  // The flip copies O·C·kh·kw values per call where backward-data's transposes copy
+  // n·(O·L + C·H·W): the flip where it is the smaller (every stride-1 layer of W1–W4),
+  // backward-data where the kernel is the larger (ResNet-12's deep stages: 640 × 320 × 9
   // against 25 × 320 × 4 × 4).
   if (input_grad_is_a_convolution(s) && s.O * s.KH * s.KW <= n * s.H * s.W) {
     // At stride 1 the input gradient is a convolution of grad_out with the kernel flipped
@@ -490,16 +504,44 @@ void onednn_input_grad(const ConvShape& s, const T_* gp, const T_* wp, int64_t w
     }
     return;
   }
+  // Else oneDNN's backward-data (strided layers; stride-1 ones whose kernel is the larger
+  // copy), given its operands channels-last: oneDNN computes the input gradient in that
+  // layout, and ATen, handed NCHW tensors, converts grad_out to it and the result back with
+  // an aten::clone each (a dispatch per call; none with channels-last operands). So the
+  // kernel transposes grad_out and w into channels-last scratch, and the result into dx, in
+  // its own loops.
+  const int64_t L = s.L(), HW = s.H * s.W, KK = s.KH * s.KW;
+  auto grad_last = scratch<T_>(n * out);
+  auto w_last = scratch<T_>(s.O * s.C * KK);
   for (int64_t t = 0; t < (batched ? 1 : s.T); ++t) {
     T_* dx = dxp + t * s.N * image;
+    const T_* g_t = gp + t * s.N * out;
+    for (int64_t e = 0; e < n; ++e)
+      for (int64_t o = 0; o < s.O; ++o)
+        for (int64_t l = 0; l < L; ++l) grad_last[(e * L + l) * s.O + o] = g_t[(e * s.O + o) * L + l];
+    const T_* w = wp + t * w_ts;
+    for (int64_t o = 0; o < s.O; ++o)
+      for (int64_t c = 0; c < s.C; ++c)
+        for (int64_t k = 0; k < KK; ++k) w_last[(o * KK + k) * s.C + c] = w[(o * s.C + c) * KK + k];
     // The input's data is not read for the input gradient, only its geometry: dx's own
     // (uninitialised) buffer carries it.
     const at::Tensor r = std::get<0>(at::native::convolution_backward(
-        blob_tensor<T_>(gp + t * s.N * out, g.output), blob_tensor<T_>(dx, g.input),
-        blob_tensor<T_>(wp + t * w_ts, g.weight), c10::nullopt, g.stride, g.padding, g.dilation, false,
+        channels_last_blob<T_>(grad_last.get(), g.output), channels_last_blob<T_>(dx, g.input),
+        channels_last_blob<T_>(w_last.get(), g.weight), c10::nullopt, g.stride, g.padding, g.dilation, false,
         g.output_padding, 1, mask_of(ConvPass::kInputGrad)));
-    if (addp != nullptr) std::memcpy(dx, addp + t * s.N * image, n * image * sizeof(T_));
-    store<T_>(r, dx, n * image, addp != nullptr);
+    TORCH_CHECK(r.dim() == 4 && r.numel() == n * image, "task_conv2d: oneDNN's input gradient gave ", r.sizes());
+    const T_* rp = r.data_ptr<T_>();
+    const int64_t se = r.stride(0), sc = r.stride(1), sh = r.stride(2), sw = r.stride(3);
+    const T_* add = addp != nullptr ? addp + t * s.N * image : nullptr;
+    for (int64_t e = 0; e < n; ++e)
+      for (int64_t c = 0; c < s.C; ++c) {
+        T_* d = dx + (e * s.C + c) * HW;
+        const T_* a = add != nullptr ? add + (e * s.C + c) * HW : nullptr;
+        const T_* src = rp + e * se + c * sc;
+        for (int64_t h = 0; h < s.H; ++h)
+          for (int64_t x = 0; x < s.W; ++x)
+            d[h * s.W + x] = (a != nullptr ? a[h * s.W + x] : T_(0)) + src[h * sh + x * sw];
+      }
   }
 }
 
