@@ -5,6 +5,8 @@ they replace (``isfinite().all()``, ``clamp().ne().any()``) did."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -85,6 +87,22 @@ def test_the_checks_of_one_call_find_the_first_non_finite_in_order():
         _checks(("input", "query_x", x.double()), ("losses", "query", bad)).check()
     _checks(("input", "query_x", x.double()), ("losses", "query", losses)).check()
     _checks().check()  # nothing to check
+
+
+def test_finite_values_whose_squares_overflow_pass_and_minus_inf_is_found():
+    """The joint check filters by 2-norms: finite values whose squares overflow float32
+    (1e30² = ∞) make it fall back to the exact check, which passes them; -Inf alone (no
+    NaN, no +Inf) is found and named, in an input and in a loss."""
+    huge = torch.full((2, 3, 4), 1e30)
+    losses = torch.tensor([3e38, 1.0])
+    assert not math.isfinite(float(torch._foreach_norm([huge], 2.0)[0]))  # the filter trips
+    _checks(("input", "support_x", huge), ("losses", "support", losses)).check()
+    low = huge.clone()
+    low[1, 2, 3] = float("-inf")
+    with pytest.raises(FloatingPointError, match="support_x has NaN or Inf in task 1"):
+        _checks(("input", "support_x", low), ("losses", "support", losses)).check()
+    with pytest.raises(FloatingPointError, match="the query loss of task 0 is -inf"):
+        _checks(("input", "query_x", torch.ones(2, 3)), ("losses", "query", torch.tensor([float("-inf"), 1.0]))).check()
 
 
 def test_a_meta_batch_checks_its_inputs_and_losses_in_one_host_sync():
