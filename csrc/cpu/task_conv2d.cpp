@@ -411,6 +411,15 @@ at::Tensor channels_last_blob(const T_* data, at::IntArrayRef sizes) {
   return t;
 }
 
+// dst[b][j][i] = src[b][i][j] for b < batches, i < rows, j < cols: an NCHW block to
+// channels-last (rows = channels, cols = positions).
+template <typename T_>
+void to_channels_last(const T_* src, T_* dst, int64_t batches, int64_t rows, int64_t cols) {
+  for (int64_t b = 0; b < batches; ++b, src += rows * cols, dst += rows * cols)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+}
+
 // dst = src (+ dst when accumulating), n values.
 template <typename T_>
 void store(const at::Tensor& src, T_* dst, int64_t n, bool accumulate) {
@@ -515,14 +524,8 @@ void onednn_input_grad(const ConvShape& s, const T_* gp, const T_* wp, int64_t w
   auto w_last = scratch<T_>(s.O * s.C * KK);
   for (int64_t t = 0; t < (batched ? 1 : s.T); ++t) {
     T_* dx = dxp + t * s.N * image;
-    const T_* g_t = gp + t * s.N * out;
-    for (int64_t e = 0; e < n; ++e)
-      for (int64_t o = 0; o < s.O; ++o)
-        for (int64_t l = 0; l < L; ++l) grad_last[(e * L + l) * s.O + o] = g_t[(e * s.O + o) * L + l];
-    const T_* w = wp + t * w_ts;
-    for (int64_t o = 0; o < s.O; ++o)
-      for (int64_t c = 0; c < s.C; ++c)
-        for (int64_t k = 0; k < KK; ++k) w_last[(o * KK + k) * s.C + c] = w[(o * s.C + c) * KK + k];
+    to_channels_last<T_>(gp + t * s.N * out, grad_last.get(), n, s.O, L);
+    to_channels_last<T_>(wp + t * w_ts, w_last.get(), s.O, s.C, KK);
     // The input's data is not read for the input gradient, only its geometry: dx's own
     // (uninitialised) buffer carries it.
     const at::Tensor r = std::get<0>(at::native::convolution_backward(

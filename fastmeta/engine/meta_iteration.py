@@ -686,9 +686,10 @@ class FiniteChecks:
     beyond ~1e19 in float32) get ∞ too, which sends the check to the exact one below (the
     ∞-norm of each in turn), so a large finite input is never reported. Not the ∞-norm
     itself: on the CPU torch's ∞-norm reduction is ~30× slower than its 2-norm (996 against
-    29 µs for W2-sized inputs, one thread; 1 ms of OmniglotFC's 22 ms iteration). On failure the first non-finite one, in that
-    order, is named as the check at once would have named it: an input with NaN makes every
-    loss NaN, and it is the input that is reported. Nothing a caller sees changes between
+    29 µs for W2-sized inputs, one thread; 1 ms of OmniglotFC's 22 ms iteration). On
+    failure the first non-finite one, in that order, is named as the check at once would
+    have named it: an input with NaN makes every loss NaN, and it is the input that is
+    reported. Nothing a caller sees changes between
     the losses and the check: the call raises before it returns."""
 
     def __init__(self):
