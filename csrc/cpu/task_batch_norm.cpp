@@ -76,33 +76,54 @@ int64_t channel_block(const BnShape& s, int64_t streams) {
   return std::min<int64_t>(s.C, std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(per_channel, 1)));
 }
 
-// Mean and 1/√(var + eps) (biased variance) of channels [c0, c0 + cb) of task t.
+// Mean and 1/√(var + eps) (biased variance) of channels [c0, c0 + cb) of task t. Rows
+// shorter than kShortRow values are walked across the block's channels at a stride of S
+// (vectorised over channels: see double_backward_blocks).
+constexpr int64_t kShortRow = 16;
+
 template <typename T>
 void block_stats(const T* __restrict x, const BnShape& s, int64_t t, int64_t c0, int64_t cb, double eps,
                  T* __restrict mean, T* __restrict rstd) {
   const int64_t count = s.N * s.S, S = s.S;
+  const bool short_rows = S < kShortRow;
   for (int64_t c = 0; c < cb; ++c) mean[c] = 0;
-  for (int64_t n = 0; n < s.N; ++n)
+  for (int64_t n = 0; n < s.N; ++n) {
+    const T* __restrict run = x + ((t * s.N + n) * s.C + c0) * S;
+    if (short_rows) {
+      for (int64_t i = 0; i < S; ++i)
+#pragma omp simd
+        for (int64_t c = 0; c < cb; ++c) mean[c] += run[c * S + i];
+      continue;
+    }
     for (int64_t c = 0; c < cb; ++c) {
-      const T* row = x + ((t * s.N + n) * s.C + c0 + c) * S;
+      const T* row = run + c * S;
       T sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t i = 0; i < S; ++i) sum += row[i];
       mean[c] += sum;
     }
+  }
   for (int64_t c = 0; c < cb; ++c) {
     mean[c] /= T(count);
     rstd[c] = 0;
   }
-  for (int64_t n = 0; n < s.N; ++n)
+  for (int64_t n = 0; n < s.N; ++n) {
+    const T* __restrict run = x + ((t * s.N + n) * s.C + c0) * S;
+    if (short_rows) {
+      for (int64_t i = 0; i < S; ++i)
+#pragma omp simd
+        for (int64_t c = 0; c < cb; ++c) rstd[c] += (run[c * S + i] - mean[c]) * (run[c * S + i] - mean[c]);
+      continue;
+    }
     for (int64_t c = 0; c < cb; ++c) {
-      const T* row = x + ((t * s.N + n) * s.C + c0 + c) * S;
+      const T* row = run + c * S;
       const T m = mean[c];
       T sq = 0;
 #pragma omp simd reduction(+ : sq)
       for (int64_t i = 0; i < S; ++i) sq += (row[i] - m) * (row[i] - m);
       rstd[c] += sq;
     }
+  }
   for (int64_t c = 0; c < cb; ++c) rstd[c] = T(1) / std::sqrt(rstd[c] / T(count) + T(eps));
 }
 
@@ -370,13 +391,29 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
       const T_* const yp_ = yp;
       T_* const gxp_ = gxp;
       const T_* const axp_ = axp;
-      std::vector<T_> mean(cb), rstd(cb), sum_g(cb), sum_gx(cb);
+      std::vector<T_> mean(cb), rstd(cb), sum_g(cb), sum_gx(cb), scale_c(cb);
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t t = j / blocks, c0 = (j % blocks) * cb, cn = std::min(cb, s.C - c0);
         block_stats<T_>(xp_, s, t, c0, cn, eps, mean.data(), rstd.data());
         std::fill(sum_g.begin(), sum_g.end(), T_(0));    // Σ grad_z
         std::fill(sum_gx.begin(), sum_gx.end(), T_(0));  // Σ grad_z · x̂
-        for (int64_t n = 0; n < s.N; ++n)
+        const bool short_rows = s.S < kShortRow;  // across the channels at a stride of S (block_stats)
+        T_* __restrict sg_ = sum_g.data();
+        T_* __restrict sgx_ = sum_gx.data();
+        const T_* __restrict mean_ = mean.data();
+        const T_* __restrict rstd_ = rstd.data();
+        for (int64_t n = 0; n < s.N && short_rows; ++n) {
+          const int64_t base = ((t * s.N + n) * s.C + c0) * s.S;
+          for (int64_t i = 0; i < s.S; ++i)
+#pragma omp simd
+            for (int64_t c = 0; c < cn; ++c) {
+              const int64_t e = base + c * s.S + i;
+              const T_ g = masked<T_>(gz_[e], yp_, e, act, slope);
+              sg_[c] += g;
+              sgx_[c] += g * (xp_[e] - mean_[c]) * rstd_[c];
+            }
+        }
+        for (int64_t n = 0; n < s.N && !short_rows; ++n)
           for (int64_t c = 0; c < cn; ++c) {
             const int64_t off = ((t * s.N + n) * s.C + c0 + c) * s.S;
             const T_ m = mean[c], r = rstd[c];
@@ -398,11 +435,25 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
         for (int64_t c = 0; c < cn; ++c) {
           sum_g[c] /= count;   // mean of g
           sum_gx[c] /= count;  // mean of g · x̂
+          // γ/σ once per channel: channel_param per row (data_ptr's checks) cost W2's 2 × 2
+          // layer ~70 ns a row of 4 values.
+          scale_c[c] = rstd[c] * channel_param<T_>(gamma, t, c0 + c, s.C, T_(1));
         }
-        for (int64_t n = 0; n < s.N; ++n)
+        const T_* __restrict scale_ = scale_c.data();
+        for (int64_t n = 0; n < s.N && short_rows; ++n) {
+          const int64_t base = ((t * s.N + n) * s.C + c0) * s.S;
+          for (int64_t i = 0; i < s.S; ++i)
+#pragma omp simd
+            for (int64_t c = 0; c < cn; ++c) {
+              const int64_t e = base + c * s.S + i;
+              gxp_[e] = scale_[c] * (masked<T_>(gz_[e], yp_, e, act, slope) - sg_[c] - (xp_[e] - mean_[c]) * rstd_[c] * sgx_[c]) +
+                        (axp_ ? axp_[e] : T_(0));
+            }
+        }
+        for (int64_t n = 0; n < s.N && !short_rows; ++n)
           for (int64_t c = 0; c < cn; ++c) {
             const int64_t off = ((t * s.N + n) * s.C + c0 + c) * s.S;
-            const T_ scale = rstd[c] * channel_param<T_>(gamma, t, c0 + c, s.C, T_(1));
+            const T_ scale = scale_c[c];
             const T_ m = mean[c], r = rstd[c], mg = sum_g[c], mgx = sum_gx[c];
             if (axp_ != nullptr) {  // the addend in the write pass (a branch per row, not per element)
               const T_* __restrict add = axp_ + off;
@@ -436,79 +487,189 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
 // must match it to.
 // With y (a piecewise-linear act), g = grad_z·f'(y) is read through masked(), and d grad_z
 // is written times f'(y): the gradient at the op's first argument.
+// The work items are a task's block of channels (channel_block, as the backward's): each
+// pass walks n, then c within the block, so consecutive rows are adjacent in memory and the
+// block's four read streams stay in L2 after the first pass. Per (task, channel) slices, each
+// pass jumped between rows C·S apart and waited on the memory at every row (W2's first
+// layer, 32 × 5 × 64 × 14 × 14: 4.5 ms a call). Where a row is shorter than kShortRow
+// values (W2's 4 × 4 and 2 × 2 maps) the loops run along the block's channels at a stride
+// of S instead of along each row, so that they vectorise across channels: a row of 4
+// values was mostly a vector loop's set-up and its reduction's tail. Each channel's sums
+// are taken in the same order either way: n = 0, 1, …, each row's values added in turn.
+
 template <typename T, bool kGradSums, bool kUp, typename A>
-void double_backward_slices(const T* gz, const T* xp, const T* up, const BnShape& s, int64_t j0, int64_t j1,
-                            double eps, const c10::optional<at::Tensor>& gamma,
+void double_backward_blocks(const T* gz, const T* xp, const T* up, const BnShape& s, int64_t cb, int64_t blocks,
+                            int64_t j0, int64_t j1, double eps, const c10::optional<at::Tensor>& gamma,
                             const c10::optional<at::Tensor>& up_gamma, const c10::optional<at::Tensor>& up_beta,
                             const T* yp, A act, T slope, T* d_gz, T* d_x, T* d_gamma) {
   const double M = double(s.N * s.S);
+  const int64_t S = s.S;
+  const bool short_rows = S < kShortRow;
+  // Per channel of the block: the mean and the six sums, then the write pass's coefficients.
+  std::vector<double> mean(cb), sdd(cb), sg(cb), sgd(cb), su(cb), sud(cb), sug(cb);
+  std::vector<double> a(cb), zd(cb), z0(cb), alpha(cb), beta(cb), xd(cb), x0(cb);
+  double* __restrict mean_ = mean.data();
+  double* __restrict sdd_ = sdd.data();
+  double* __restrict sg_ = sg.data();
+  double* __restrict sgd_ = sgd.data();
+  double* __restrict su_ = su.data();
+  double* __restrict sud_ = sud.data();
+  double* __restrict sug_ = sug.data();
   for (int64_t j = j0; j < j1; ++j) {
-    const int64_t t = j / s.C, c = j % s.C;
-    double sum_x = 0;
+    const int64_t t = j / blocks, c0 = (j % blocks) * cb, cn = std::min(cb, s.C - c0);
+    for (auto* v : {&mean, &sdd, &sg, &sgd, &su, &sud, &sug}) std::fill(v->begin(), v->begin() + cn, 0.0);
+    // Pass 1: the means.
     for (int64_t n = 0; n < s.N; ++n) {
-      const T* row = xp + ((t * s.N + n) * s.C + c) * s.S;
-#pragma omp simd reduction(+ : sum_x)
-      for (int64_t i = 0; i < s.S; ++i) sum_x += double(row[i]);
-    }
-    const double mean = sum_x / M;
-    double sdd = 0, sg = 0, sgd = 0, su = 0, sud = 0, sug = 0;
-    for (int64_t n = 0; n < s.N; ++n) {
-      const int64_t off = ((t * s.N + n) * s.C + c) * s.S;
-#pragma omp simd reduction(+ : sdd, sg, sgd, su, sud, sug)
-      for (int64_t i = 0; i < s.S; ++i) {
-        const double d = double(xp[off + i]) - mean;
-        sdd += d * d;
-        if (kGradSums) {
-          const double g = double(masked<T>(gz[off + i], yp, off + i, act, slope));
-          sg += g;
-          sgd += g * d;
-          if (kUp) sug += double(up[off + i]) * g;
-        }
-        if (kUp) {
-          const double u = double(up[off + i]);
-          su += u;
-          sud += u * d;
+      const T* __restrict run = xp + ((t * s.N + n) * s.C + c0) * S;  // cn rows of S, adjacent
+      if (short_rows) {
+        for (int64_t i = 0; i < S; ++i)
+#pragma omp simd
+          for (int64_t c = 0; c < cn; ++c) mean_[c] += double(run[c * S + i]);
+      } else {
+        for (int64_t c = 0; c < cn; ++c) {
+          const T* __restrict row = run + c * S;
+          double sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t i = 0; i < S; ++i) sum += double(row[i]);
+          mean_[c] += sum;
         }
       }
     }
-    const double rstd = 1.0 / std::sqrt(sdd / M + eps);
-    const double a = rstd * double(channel_param<T>(gamma, t, c, s.C, T(1)));
-    const double u_gamma = double(channel_param<T>(up_gamma, t, c, s.C, T(0)));
-    const double u_beta = double(channel_param<T>(up_beta, t, c, s.C, T(0)));
-    const double mg = sg / M, gx = sgd * rstd / M;  // mean(g), mean(g·x̂)
-    const double mu = su / M, ux = sud * rstd / M;  // mean(u), mean(u·x̂)
-    const double k = sug / M - mu * mg - gx * ux;   // K / M
-    if (d_gamma) d_gamma[j] = T(rstd * k * M);
-    // d grad_z = a·P(u) + U_γ·x̂ + U_β = a·u + zd·d + z0
-    const double zd = (u_gamma - a * ux) * rstd, z0 = u_beta - a * mu;
-    // d x = α·P(g) − κ·x̂ − β·P(u) = α·g − β·u + xd·d + x0
-    const double alpha = rstd * (u_gamma - a * ux), beta = rstd * a * gx, kappa = rstd * a * k;
-    const double xd = rstd * (beta * ux - alpha * gx - kappa), x0 = beta * mu - alpha * mg;
+    for (int64_t c = 0; c < cn; ++c) mean_[c] /= M;
+    // Pass 2: the sums about the mean.
     for (int64_t n = 0; n < s.N; ++n) {
-      const int64_t off = ((t * s.N + n) * s.C + c) * s.S;
-      if (d_gz) {
+      const int64_t base = ((t * s.N + n) * s.C + c0) * S;
+      if (short_rows) {
+        for (int64_t i = 0; i < S; ++i)
 #pragma omp simd
-        for (int64_t i = 0; i < s.S; ++i) {
-          const double d = double(xp[off + i]) - mean;
-          double v = zd * d + z0;
-          if (kUp) v += a * double(up[off + i]);
-          d_gz[off + i] = masked<T>(T(v), yp, off + i, act, slope);
-        }
+          for (int64_t c = 0; c < cn; ++c) {
+            const int64_t e = base + c * S + i;
+            const double d = double(xp[e]) - mean_[c];
+            sdd_[c] += d * d;
+            if (kGradSums) {
+              const double g = double(masked<T>(gz[e], yp, e, act, slope));
+              sg_[c] += g;
+              sgd_[c] += g * d;
+              if (kUp) sug_[c] += double(up[e]) * g;
+            }
+            if (kUp) {
+              const double u = double(up[e]);
+              su_[c] += u;
+              sud_[c] += u * d;
+            }
+          }
+        continue;
       }
-      if (d_x) {
+      for (int64_t c = 0; c < cn; ++c) {
+        const int64_t off = base + c * S;
+        const double m = mean_[c];
+        double r_dd = 0, r_g = 0, r_gd = 0, r_u = 0, r_ud = 0, r_ug = 0;
+#pragma omp simd reduction(+ : r_dd, r_g, r_gd, r_u, r_ud, r_ug)
+        for (int64_t i = 0; i < S; ++i) {
+          const double d = double(xp[off + i]) - m;
+          r_dd += d * d;
+          if (kGradSums) {
+            const double g = double(masked<T>(gz[off + i], yp, off + i, act, slope));
+            r_g += g;
+            r_gd += g * d;
+            if (kUp) r_ug += double(up[off + i]) * g;
+          }
+          if (kUp) {
+            const double u = double(up[off + i]);
+            r_u += u;
+            r_ud += u * d;
+          }
+        }
+        sdd_[c] += r_dd;
+        sg_[c] += r_g;
+        sgd_[c] += r_gd;
+        su_[c] += r_u;
+        sud_[c] += r_ud;
+        sug_[c] += r_ug;
+      }
+    }
+    // The coefficients, per channel.
+    for (int64_t c = 0; c < cn; ++c) {
+      const double rstd = 1.0 / std::sqrt(sdd_[c] / M + eps);
+      const double a_c = rstd * double(channel_param<T>(gamma, t, c0 + c, s.C, T(1)));
+      const double u_gamma = double(channel_param<T>(up_gamma, t, c0 + c, s.C, T(0)));
+      const double u_beta = double(channel_param<T>(up_beta, t, c0 + c, s.C, T(0)));
+      const double mg = sg_[c] / M, gx = sgd_[c] * rstd / M;  // mean(g), mean(g·x̂)
+      const double mu = su_[c] / M, ux = sud_[c] * rstd / M;  // mean(u), mean(u·x̂)
+      const double k = sug_[c] / M - mu * mg - gx * ux;       // K / M
+      if (d_gamma) d_gamma[t * s.C + c0 + c] = T(rstd * k * M);
+      // d grad_z = a·P(u) + U_γ·x̂ + U_β = a·u + zd·d + z0
+      a[c] = a_c;
+      zd[c] = (u_gamma - a_c * ux) * rstd;
+      z0[c] = u_beta - a_c * mu;
+      // d x = α·P(g) − κ·x̂ − β·P(u) = α·g − β·u + xd·d + x0
+      alpha[c] = rstd * (u_gamma - a_c * ux);
+      beta[c] = rstd * a_c * gx;
+      const double kappa = rstd * a_c * k;
+      xd[c] = rstd * (beta[c] * ux - alpha[c] * gx - kappa);
+      x0[c] = beta[c] * mu - alpha[c] * mg;
+    }
+    // Pass 3: the outputs.
+    const double* __restrict a_ = a.data();
+    const double* __restrict zd_ = zd.data();
+    const double* __restrict z0_ = z0.data();
+    const double* __restrict alpha_ = alpha.data();
+    const double* __restrict beta_ = beta.data();
+    const double* __restrict xd_ = xd.data();
+    const double* __restrict x0_ = x0.data();
+    for (int64_t n = 0; n < s.N; ++n) {
+      const int64_t base = ((t * s.N + n) * s.C + c0) * S;
+      if (short_rows) {
+        for (int64_t i = 0; i < S; ++i) {
+          if (d_gz) {
 #pragma omp simd
-        for (int64_t i = 0; i < s.S; ++i) {
-          const double d = double(xp[off + i]) - mean;
-          double v = xd * d + x0 + alpha * double(masked<T>(gz[off + i], yp, off + i, act, slope));
-          if (kUp) v -= beta * double(up[off + i]);
-          d_x[off + i] = T(v);
+            for (int64_t c = 0; c < cn; ++c) {
+              const int64_t e = base + c * S + i;
+              double v = zd_[c] * (double(xp[e]) - mean_[c]) + z0_[c];
+              if (kUp) v += a_[c] * double(up[e]);
+              d_gz[e] = masked<T>(T(v), yp, e, act, slope);
+            }
+          }
+          if (d_x) {
+#pragma omp simd
+            for (int64_t c = 0; c < cn; ++c) {
+              const int64_t e = base + c * S + i;
+              double v = xd_[c] * (double(xp[e]) - mean_[c]) + x0_[c] +
+                         alpha_[c] * double(masked<T>(gz[e], yp, e, act, slope));
+              if (kUp) v -= beta_[c] * double(up[e]);
+              d_x[e] = T(v);
+            }
+          }
+        }
+        continue;
+      }
+      for (int64_t c = 0; c < cn; ++c) {
+        const int64_t off = base + c * S;
+        const double m = mean_[c], a_c = a_[c], zd_c = zd_[c], z0_c = z0_[c];
+        const double alpha_c = alpha_[c], beta_c = beta_[c], xd_c = xd_[c], x0_c = x0_[c];
+        if (d_gz) {
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i) {
+            double v = zd_c * (double(xp[off + i]) - m) + z0_c;
+            if (kUp) v += a_c * double(up[off + i]);
+            d_gz[off + i] = masked<T>(T(v), yp, off + i, act, slope);
+          }
+        }
+        if (d_x) {
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i) {
+            double v = xd_c * (double(xp[off + i]) - m) + x0_c +
+                       alpha_c * double(masked<T>(gz[off + i], yp, off + i, act, slope));
+            if (kUp) v -= beta_c * double(up[off + i]);
+            d_x[off + i] = T(v);
+          }
         }
       }
     }
   }
 }
 
-// double_backward_slices for BatchNorm1d (is_features): the same sums and coefficients,
+// double_backward_blocks for BatchNorm1d (is_features): the same sums and coefficients,
 // per task over its [N, C] block, with per-channel accumulators along the rows.
 template <typename T, bool kGradSums, bool kUp, typename A>
 void double_backward_rows(const T* gz, const T* xp, const T* up, const BnShape& s, int64_t t0, int64_t t1,
@@ -634,15 +795,18 @@ std::vector<at::Tensor> task_batch_norm_double_backward(
     // d x and d γ read the sums of g; d grad_z alone does not.
     const bool grad_sums = need_x || need_gamma;
     const bool features = is_features(s);
-    at::parallel_for(0, features ? s.T : s.T * s.C, features ? task_grain(s) : grain_for(s), [&](int64_t j0, int64_t j1) {
+    // The spatial layout's work items: a task's block of channels, its four read streams
+    // within kBlockBytes (double_backward_blocks).
+    const int64_t cb = features ? 1 : channel_block<T_>(s, 4), blocks = features ? 1 : (s.C + cb - 1) / cb;
+    at::parallel_for(0, features ? s.T : s.T * blocks, features ? task_grain(s) : 1, [&](int64_t j0, int64_t j1) {
       auto run = [&](auto grad_sums_tag, auto up_tag) {
         constexpr bool kGradSums = decltype(grad_sums_tag)::value, kUp = decltype(up_tag)::value;
         if (features)  // j0, j1: tasks
           double_backward_rows<T_, kGradSums, kUp>(gz, xp, up, s, j0, j1, eps, gamma, up_gamma, up_beta, yp, act,
                                                    slope, dgz, dxp, dgam);
-        else  // j0, j1: (task, channel) slices
-          double_backward_slices<T_, kGradSums, kUp>(gz, xp, up, s, j0, j1, eps, gamma, up_gamma, up_beta, yp, act,
-                                                     slope, dgz, dxp, dgam);
+        else  // j0, j1: (task, channel block) items
+          double_backward_blocks<T_, kGradSums, kUp>(gz, xp, up, s, cb, blocks, j0, j1, eps, gamma, up_gamma, up_beta,
+                                                     yp, act, slope, dgz, dxp, dgam);
       };
       using Yes = std::true_type;
       using No = std::false_type;
@@ -865,7 +1029,7 @@ std::vector<at::Tensor> task_batch_norm_max_pool2d_backward(
       const T_* const xp_ = xp;
       T_* const gxp_ = gxp;
       const T_* const axp_ = axp;
-      std::vector<T_> mean(cb), rstd(cb), sum_g(cb), sum_gx(cb), block_g(s.N * cb * s.S);
+      std::vector<T_> mean(cb), rstd(cb), sum_g(cb), sum_gx(cb), rstd_gamma(cb), block_g(s.N * cb * s.S);
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t t = j / blocks, c0 = (j % blocks) * cb, cn = std::min(cb, s.C - c0);
         block_stats<T_>(xp_, s, t, c0, cn, eps, mean.data(), rstd.data());
@@ -894,12 +1058,13 @@ std::vector<at::Tensor> task_batch_norm_max_pool2d_backward(
         for (int64_t c = 0; c < cn; ++c) {
           sum_g[c] /= count;
           sum_gx[c] /= count;
+          rstd_gamma[c] = rstd[c] * channel_param<T_>(gamma, t, c0 + c, s.C, T_(1));  // once per channel
         }
         for (int64_t n = 0; n < s.N; ++n)
           for (int64_t c = 0; c < cn; ++c) {
             const int64_t off = ((t * s.N + n) * s.C + c0 + c) * s.S;
             const T_* __restrict g = block_g.data() + (n * cn + c) * s.S;
-            const T_ scale = rstd[c] * channel_param<T_>(gamma, t, c0 + c, s.C, T_(1));
+            const T_ scale = rstd_gamma[c];
             const T_ m = mean[c], r = rstd[c], mg = sum_g[c], mgx = sum_gx[c];
             if (axp_ != nullptr) {
               const T_* __restrict add = axp_ + off;
@@ -918,7 +1083,7 @@ std::vector<at::Tensor> task_batch_norm_max_pool2d_backward(
   return {gx, gg, gb};
 }
 
-// The backward of the backward: double_backward_slices' sums and coefficients, per
+// The backward of the backward: double_backward_blocks' sums and coefficients, per
 // (task, channel) slice, with g read from the windows' maxima (the sums of g over them)
 // and d grad_pooled written at each window from its maximum's element.
 std::vector<at::Tensor> task_batch_norm_max_pool2d_double_backward(
@@ -963,7 +1128,7 @@ std::vector<at::Tensor> task_batch_norm_max_pool2d_double_backward(
     T_* dxp = need_x ? d_x.data_ptr<T_>() : nullptr;
     T_* dgam = need_gamma ? d_gamma.data_ptr<T_>() : nullptr;
     const double M = double(s.N * s.S);
-    // The slice's g in a buffer ([N, S], in the cache): double_backward_slices' loops read
+    // The slice's g in a buffer ([N, S], in the cache): double_backward_blocks' loops read
     // it where they read grad_z·f'(y); d grad_z is computed at each window's maximum only.
     at::parallel_for(0, s.T * s.C, grain_for(s), [&](int64_t j0, int64_t j1) {
       std::vector<T_> slice_g(s.N * s.S);

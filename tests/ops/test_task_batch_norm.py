@@ -233,7 +233,8 @@ def test_cpu_kernels_over_several_channel_blocks(with_y):
     """BatchNorm2d maps large enough that the CPU kernels split a task's channels into
     blocks (csrc/cpu/task_batch_norm.cpp channel_block: 512 KB of values per work item; here
     64 KB a channel and stream, so the forward takes 8 channels per block and the backward
-    2 or 3, with a ragged last block): forward and backward against the reference."""
+    2 or 3, with a ragged last block): forward, backward and double backward against the
+    reference."""
     g = torch.Generator().manual_seed(5)
     shape = (2, 4, 13, 64, 64)
     x = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 3
@@ -249,6 +250,16 @@ def test_cpu_kernels_over_several_channel_blocks(with_y):
     check_kernel("cpu", "task_batch_norm_backward", reference_task_batch_norm_backward,
                  [grad.float(), x.float(), gamma.float(), 1e-5, [True, False, True],
                   *([y.float(), act, 0.0] if with_y else [])], rtol=2e-5)
+    # The double backward's work items are channel blocks too (four read streams: 1 channel
+    # a block in float64, 2 in float32, the last ragged), with and without the upstream at x.
+    up_x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    up_gamma, up_beta = torch.randn(2, 13, generator=g, dtype=torch.float64), torch.randn(13, generator=g, dtype=torch.float64)
+    for upstream in (up_x, None):
+        args = [grad, x, gamma, upstream, up_gamma, up_beta, 1e-5, [True, True, True], *extra]
+        check_kernel("cpu", "task_batch_norm_double_backward", reference_task_batch_norm_double_backward, args,
+                     rtol=1e-10, atol=1e-11)
+        check_kernel("cpu", "task_batch_norm_double_backward", reference_task_batch_norm_double_backward,
+                     [a.float() if isinstance(a, torch.Tensor) else a for a in args], rtol=2e-5)
 
 
 @pytest.mark.parametrize("name,kernel,reference,args", CASES, ids=[c[0] for c in CASES])
