@@ -118,6 +118,10 @@ class BenchmarkSettings:
     # Distinct batches of the same shapes, cycled by fastmeta's user-loop row: a user's loop
     # feeds new tensors every iteration, so nothing may key on a tensor's identity.
     distinct_batches: int = 4
+    # Take the timed samples in turn, one of each row per round (A B C, B C A, ...), instead
+    # of each row's samples after the previous row's: a shared machine whose speed drifts
+    # during the run then slows every row alike, and the ratios hold (run_interleaved).
+    interleave: bool = False
 
     def resolved_device(self) -> torch.device:
         if self.device is None:
@@ -291,8 +295,9 @@ def check_status(contender: Contender, problem: Problem, error: float, tolerance
     return "WRONG", f"meta-gradient off the reference by {error:.2e} (tolerance {tolerance:.0e})"
 
 
-def time_steps(contender: Contender, iterations: int, warmup: int, min_sample_ms: float) -> tuple[list[float], int]:
-    """Per-iteration seconds, one per sample, and R (iterations per sample)."""
+def calibrate(contender: Contender, warmup: int, min_sample_ms: float) -> int:
+    """The warm-up steps, then one timed step: R, the iterations per sample, so that a sample
+    lasts at least ``min_sample_ms`` (at most 1 000 iterations)."""
     for _ in range(warmup):
         contender.step()
     contender.synchronize()
@@ -300,20 +305,71 @@ def time_steps(contender: Contender, iterations: int, warmup: int, min_sample_ms
     contender.step()
     contender.synchronize()
     one = time.perf_counter() - start
-    per_sample = max(1, min(1000, math.ceil(min_sample_ms * 1e-3 / max(one, 1e-9))))
-    samples = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        for _ in range(per_sample):
-            contender.step()
-        contender.synchronize()
-        samples.append((time.perf_counter() - start) / per_sample)
-    return samples, per_sample
+    return max(1, min(1000, math.ceil(min_sample_ms * 1e-3 / max(one, 1e-9))))
+
+
+def one_sample(contender: Contender, per_sample: int) -> float:
+    """Seconds per iteration of ``per_sample`` whole steps between synchronizations."""
+    start = time.perf_counter()
+    for _ in range(per_sample):
+        contender.step()
+    contender.synchronize()
+    return (time.perf_counter() - start) / per_sample
+
+
+def time_steps(contender: Contender, iterations: int, warmup: int, min_sample_ms: float) -> tuple[list[float], int]:
+    """Per-iteration seconds, one per sample, and R (iterations per sample)."""
+    per_sample = calibrate(contender, warmup, min_sample_ms)
+    return [one_sample(contender, per_sample) for _ in range(iterations)], per_sample
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _family(name: str) -> str:
+    return "fastmeta" if name.startswith("fastmeta") else "peer"
+
+
+def _fresh_device(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def build_and_check(result: ContenderResult, factory: ContenderFactory, problem: Problem, reference: Tensor | None,
+                    settings: BenchmarkSettings, tolerance: float | None) -> Contender:
+    """The contender, prepared, with its meta-gradient checked against ``reference`` into
+    ``result`` (untimed). Raises what the contender raises (ContenderSkipped among them)."""
+    contender = factory(problem)
+    result.family = contender.family
+    with contender.active():
+        contender.prepare()
+        if reference is not None:
+            contender.reset_parameters()
+            contender.step()
+            contender.synchronize()
+            error = relative_error(contender.meta_gradient(), reference)
+            result.relative_error = error
+            result.status, result.note = check_status(
+                contender, problem, error, settings.tolerance if tolerance is None else tolerance, settings.tolerance)
+    return contender
+
+
+def record_samples(result: ContenderResult, contender: Contender, problem: Problem, reference: Tensor | None,
+                   settings: BenchmarkSettings, tolerance: float | None, samples: list[float], per_sample: int) -> None:
+    """The timing figures of ``samples`` (seconds per iteration) into ``result``."""
+    result.details = contender.details()
+    if reference is not None:
+        result.details["tolerance"] = settings.tolerance if tolerance is None else tolerance
+    result.samples, result.iterations_per_sample = len(samples), per_sample
+    result.median_ms = statistics.median(samples) * 1e3
+    result.min_ms = min(samples) * 1e3
+    result.mean_ms = statistics.fmean(samples) * 1e3
+    result.tasks_per_second = problem.batch.support_x.size(0) / (result.median_ms * 1e-3)
 
 
 def run_contender(
@@ -325,33 +381,16 @@ def run_contender(
     tolerance: float | None = None,
 ) -> ContenderResult:
     device = problem.device
-    family = "fastmeta" if name.startswith("fastmeta") else "peer"
-    result = ContenderResult(name=name, family=family, status="not checked")
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    result = ContenderResult(name=name, family=_family(name), status="not checked")
+    _fresh_device(device)
     contender = None
+    torch_allocator = False
     try:
-        contender = factory(problem)
-        result.family = contender.family
+        contender = build_and_check(result, factory, problem, reference, settings, tolerance)
         torch_allocator = contender.uses_torch_allocator
         with contender.active():
-            contender.prepare()
-            if reference is not None:
-                contender.reset_parameters()
-                contender.step()
-                contender.synchronize()
-                error = relative_error(contender.meta_gradient(), reference)
-                result.relative_error = error
-                result.status, result.note = check_status(
-                    contender, problem, error, settings.tolerance if tolerance is None else tolerance,
-                    settings.tolerance)
             samples, per_sample = time_steps(contender, settings.iterations, settings.warmup, settings.min_sample_ms)
-        result.details = contender.details()
-        if reference is not None:
-            result.details["tolerance"] = settings.tolerance if tolerance is None else tolerance
+        record_samples(result, contender, problem, reference, settings, tolerance, samples, per_sample)
     except ContenderSkipped as exc:
         result.status, result.note = "skipped", str(exc)
         return result
@@ -360,14 +399,61 @@ def run_contender(
         return result
     finally:
         del contender
-    result.samples, result.iterations_per_sample = len(samples), per_sample
-    result.median_ms = statistics.median(samples) * 1e3
-    result.min_ms = min(samples) * 1e3
-    result.mean_ms = statistics.fmean(samples) * 1e3
-    result.tasks_per_second = problem.batch.support_x.size(0) / (result.median_ms * 1e-3)
     if device.type == "cuda" and torch_allocator:
         result.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
     return result
+
+
+def run_interleaved(
+    rows: Sequence[tuple[str, ContenderFactory]],
+    problem: Problem,
+    reference: Tensor | None,
+    settings: BenchmarkSettings,
+    tolerance: float | None = None,
+) -> list[ContenderResult]:
+    """``rows`` built, checked and warmed up one after another, then timed in turns: round r
+    takes one sample of each live contender, starting from the (r mod k)-th, so that a drift
+    in the machine's speed during the run (another job, a clock change) reaches every row
+    alike and the ratios between them hold. Each keeps its own iterations per sample
+    (:func:`calibrate`). A contender that fails while timed is an error row; the others go
+    on. Every contender stays alive until the last round: on CUDA their memory adds up, so
+    no row reports a peak (``peak_mib`` None)."""
+    results: list[ContenderResult] = []
+    live: list[tuple[ContenderResult, Contender, int, list[float]]] = []
+    for name, factory in rows:
+        result = ContenderResult(name=name, family=_family(name), status="not checked")
+        results.append(result)
+        _fresh_device(problem.device)
+        try:
+            contender = build_and_check(result, factory, problem, reference, settings, tolerance)
+            with contender.active():
+                per_sample = calibrate(contender, settings.warmup, settings.min_sample_ms)
+        except ContenderSkipped as exc:
+            result.status, result.note = "skipped", str(exc)
+            continue
+        except Exception as exc:  # a broken contender must not end the whole benchmark
+            result.status, result.note = "error", _first_line(exc)
+            continue
+        live.append((result, contender, per_sample, []))
+    failed: set[int] = set()
+    for round_ in range(settings.iterations):
+        for j in range(len(live)):
+            k = (round_ + j) % len(live)
+            if k in failed:
+                continue
+            result, contender, per_sample, samples = live[k]
+            try:
+                with contender.active():
+                    samples.append(one_sample(contender, per_sample))
+            except Exception as exc:
+                result.status, result.note = "error", _first_line(exc)
+                failed.add(k)
+    for k, (result, contender, per_sample, samples) in enumerate(live):
+        if k not in failed:
+            record_samples(result, contender, problem, reference, settings, tolerance, samples, per_sample)
+            result.details["interleaved"] = True
+    live.clear()
+    return results
 
 
 def compare(results: list[ContenderResult]) -> None:
@@ -453,23 +539,41 @@ def run_workload(
         + (whole_step if device.type != "cpu" else [])
     )
     rows = [(name, factory) for name, factory in rows if name not in settings.skip]
+    order = "1st" if settings.first_order else "2nd"
+
+    def finished(r: ContenderResult) -> None:
+        timing = f"{_fmt_ms(r.median_ms)} ms median, {_fmt_ms(r.min_ms)} min" if r.timed else ""
+        check = f"{r.status}" + (f" {r.relative_error:.1e}" if r.relative_error is not None else "")
+        progress(f"{workload.name} {order} order: {r.name}: {check}{', ' + timing if timing else ''}"
+                 f"{' (' + r.note + ')' if r.note else ''}")
+        if on_result is not None:
+            on_result(workload, r)
+
+    # Interleaved, the rows that may share the machine take their samples in turns; JAX's
+    # (its XLA threads spin after each step, see above) and, on CUDA, the captured whole
+    # step (last, as above) are timed alone after them.
+    apart = {"jax"} | ({name for name, _ in whole_step} if device.type != "cpu" else set())
+    together = [(name, factory) for name, factory in rows
+                if settings.interleave and not isinstance(factory, str) and name not in apart]
+    by_name: dict[str, ContenderResult] = {}
+    if together:
+        progress(f"{workload.name} {order} order: {', '.join(name for name, _ in together)}, samples in turns")
+        for r in run_interleaved(together, problem, reference, settings, tolerance):
+            by_name[r.name] = r
+            finished(r)
     results = []
     for name, factory in rows:
+        if name in by_name:
+            results.append(by_name[name])
+            continue
         if isinstance(factory, str):
-            family = "fastmeta" if name.startswith("fastmeta") else "peer"
-            results.append(ContenderResult(name=name, family=family, status="skipped", note=factory))
+            results.append(ContenderResult(name=name, family=_family(name), status="skipped", note=factory))
             if on_result is not None:
                 on_result(workload, results[-1])
             continue
-        label = f"{workload.name} {'1st' if settings.first_order else '2nd'} order: {name}"
-        progress(label)
+        progress(f"{workload.name} {order} order: {name}")
         results.append(run_contender(name, factory, problem, reference, settings, tolerance))
-        r = results[-1]
-        timing = f"{_fmt_ms(r.median_ms)} ms median, {_fmt_ms(r.min_ms)} min" if r.timed else ""
-        check = f"{r.status}" + (f" {r.relative_error:.1e}" if r.relative_error is not None else "")
-        progress(f"{label}: {check}{', ' + timing if timing else ''}{' (' + r.note + ')' if r.note else ''}")
-        if on_result is not None:
-            on_result(workload, r)
+        finished(results[-1])
     compare(results)
     return WorkloadResult(workload, settings.first_order, str(device), results)
 
@@ -616,6 +720,9 @@ def format_table(result: WorkloadResult, device_name: str = "") -> str:
             + ", ".join(sorted({f'{n} samples' for n, _ in samples}))
             + "; ratios = peer median / row median (> 1: the row is faster)"
         )
+    interleaved = [r.name for r in result.contenders if r.details.get("interleaved")]
+    if interleaved:
+        lines.append(f"  samples taken in turns: {', '.join(interleaved)} (--interleave; no peak memory)")
     lines += notes
     return "\n".join(lines)
 
@@ -628,6 +735,7 @@ def to_json(results: list[WorkloadResult], settings: BenchmarkSettings, device: 
         "settings": {
             "first_order": settings.first_order, "iterations": settings.iterations, "warmup": settings.warmup,
             "min_sample_ms": settings.min_sample_ms, "tolerance": settings.tolerance, "seed": settings.seed,
+            "interleave": settings.interleave,
             "reference": "per-task autograd loop, float64", "precision": "fp32, TF32 off",
             "optimizer": "Adam lr 1e-3",
             "fastmeta_row": "user loop: learner and torch.optim.Adam defaults (validation on), "
@@ -783,6 +891,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="append each contender's result to FILE as one JSON line, as soon as it finishes")
     parser.add_argument("--skip", type=_names, default=[], metavar="NAME,...",
                         help="contenders to leave out (as named in the table: fastmeta[auto], vmap, ...)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="take the timed samples in turns, one of each row per round, so that a drift "
+                             "in the machine's speed reaches every row alike (JAX and the CUDA whole step "
+                             "are still timed alone); every row stays in memory meanwhile: no peak memory")
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
@@ -790,7 +902,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
         workloads=args.workloads, first_order=args.first_order, iterations=args.iterations, warmup=args.warmup,
         device=args.device, backends=args.backends, peers=args.peers, tolerance=args.tolerance, seed=args.seed,
         tasks=args.tasks, check=not args.no_check, fastmeta_graph=not args.no_fastmeta_graph,
-        skip=frozenset(args.skip),
+        skip=frozenset(args.skip), interleave=args.interleave,
     )
 
 

@@ -18,7 +18,7 @@ import torch
 from fastmeta.tools import bench, profiling
 from fastmeta.data import TaskBatch
 from fastmeta.tools.bench_peers import Contender, LoopPeer, Problem
-from fastmeta.tools.bench import BenchmarkSettings, check_status, run_benchmark, time_steps
+from fastmeta.tools.bench import BenchmarkSettings, check_status, run_benchmark, run_interleaved, time_steps
 from fastmeta.tools.workloads import WORKLOADS
 from helpers import build_or_skip
 
@@ -152,6 +152,79 @@ def test_timing_covers_every_step_it_reports(monkeypatch):
     assert samples == pytest.approx([1e-3] * 4)
     # warm-up, one calibration step, then 4 samples of 5 steps, all synchronized
     assert contender.steps == 2 + 1 + 4 * 5 and contender.unsynchronized == 0
+
+
+def test_interleaved_rows_take_their_samples_in_turns(monkeypatch):
+    """--interleave: every row built, checked and calibrated first, then one sample of each
+    per round, the round's first row rotating; each row keeps its own iterations per sample,
+    and a row that fails while timed becomes an error row without stopping the others. A fake
+    clock that only steps advance makes every figure exact."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    steps: list[str] = []
+    synchronized: list[str] = []  # one entry per synchronize: the end of a warm-up, calibration or sample
+
+    def contender_taking(name: str, ms: float, fail_on_step: int | None = None):
+        class Fixed(Contender):
+            def __init__(self, problem):
+                super().__init__(problem)
+                self.steps = 0
+
+            def step(self):
+                self.steps += 1
+                if fail_on_step is not None and self.steps == fail_on_step:
+                    raise RuntimeError(f"{name} broke")
+                clock["now"] += ms * 1e-3
+                steps.append(name)
+
+            def synchronize(self):
+                synchronized.append(name)
+
+        Fixed.name = name
+        return Fixed
+
+    problem = bench.build_problem(WORKLOADS["W1"].replace(tasks=2), tiny_settings(), torch.device("cpu"))
+    settings = tiny_settings(iterations=4, warmup=1, min_sample_ms=3.0)
+    # a: 1 ms a step (3 per sample); b: 2 ms (2 per sample); c: 5 ms (1 per sample), which
+    # breaks on its 5th step: after its warm-up and calibration steps, its 3rd sample.
+    rows = [("a", contender_taking("a", 1.0)), ("b", contender_taking("b", 2.0)),
+            ("c", contender_taking("c", 5.0, fail_on_step=5))]
+    a, b, c = run_interleaved(rows, problem, None, settings)
+    # Each row warmed up and calibrated in row order (two synchronizations each), then the
+    # rounds, starting at a, b, c, a; c's third sample (first in round 3) fails.
+    assert synchronized == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["a", "b"] + ["a", "b"]
+    assert steps.count("a") == 2 + 4 * 3 and steps.count("b") == 2 + 4 * 2 and steps.count("c") == 2 + 2
+    assert a.samples == 4 and a.iterations_per_sample == 3 and a.median_ms == pytest.approx(1.0)
+    assert b.samples == 4 and b.iterations_per_sample == 2 and b.median_ms == pytest.approx(2.0)
+    assert a.details["interleaved"] and b.details["interleaved"]
+    assert c.status == "error" and "c broke" in c.note and not c.timed
+
+
+def test_interleaved_bench_run_checks_and_times_every_row():
+    """A whole --interleave run (W1, 2 tasks): the same rows, checks and comparisons as the
+    sequential run, each row timed in turns; a row named jax is timed alone after them."""
+
+    class JaxNamed(LoopPeer):
+        name = "jax"
+
+    [result] = run_benchmark(tiny_settings(interleave=True), extra_contenders=[("jax", JaxNamed)])
+    rows = {r.name: r for r in result.contenders}
+    assert list(rows) == ["fastmeta[torch]", "loop", "vmap", "jax"]
+    for name in ("fastmeta[torch]", "loop", "vmap"):
+        assert rows[name].status == "ok" and rows[name].samples == 3, rows[name]
+        assert rows[name].details["interleaved"]
+    assert rows["jax"].status == "ok" and "interleaved" not in rows["jax"].details
+    assert set(rows["fastmeta[torch]"].speedup_vs) == {"loop", "vmap", "jax"}
+    assert "samples taken in turns: fastmeta[torch], loop, vmap" in bench.format_table(result)
+
+
+def test_interleave_is_a_flag_of_the_command():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.settings_from_args(parser.parse_args([*TINY, "--interleave"])).interleave
+    assert not bench.settings_from_args(parser.parse_args(TINY)).interleave
 
 
 def test_workloads_match_benchmarks_md():
