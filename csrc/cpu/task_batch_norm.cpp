@@ -81,20 +81,29 @@ int64_t channel_block(const BnShape& s, int64_t streams) {
 // (vectorised over channels: see double_backward_blocks).
 constexpr int64_t kShortRow = 16;
 
+// Calls f(e, c) for every value e of channels [c0, c0 + cn) of task t (c counted from c0),
+// in the short-row order: example n, then position i, then the channels at a stride of S,
+// vectorised over the channels. Each channel's values come in the order n = 0, 1, …, i =
+// 0, 1, …, as a row loop reads them.
+template <typename F>
+inline void across_channels(const BnShape& s, int64_t t, int64_t c0, int64_t cn, F&& f) {
+  for (int64_t n = 0; n < s.N; ++n) {
+    const int64_t base = ((t * s.N + n) * s.C + c0) * s.S;
+    for (int64_t i = 0; i < s.S; ++i)
+#pragma omp simd
+      for (int64_t c = 0; c < cn; ++c) f(base + c * s.S + i, c);
+  }
+}
+
 template <typename T>
 void block_stats(const T* __restrict x, const BnShape& s, int64_t t, int64_t c0, int64_t cb, double eps,
                  T* __restrict mean, T* __restrict rstd) {
   const int64_t count = s.N * s.S, S = s.S;
   const bool short_rows = S < kShortRow;
   for (int64_t c = 0; c < cb; ++c) mean[c] = 0;
-  for (int64_t n = 0; n < s.N; ++n) {
+  if (short_rows) across_channels(s, t, c0, cb, [&](int64_t e, int64_t c) { mean[c] += x[e]; });
+  for (int64_t n = 0; n < s.N && !short_rows; ++n) {
     const T* __restrict run = x + ((t * s.N + n) * s.C + c0) * S;
-    if (short_rows) {
-      for (int64_t i = 0; i < S; ++i)
-#pragma omp simd
-        for (int64_t c = 0; c < cb; ++c) mean[c] += run[c * S + i];
-      continue;
-    }
     for (int64_t c = 0; c < cb; ++c) {
       const T* row = run + c * S;
       T sum = 0;
@@ -107,14 +116,10 @@ void block_stats(const T* __restrict x, const BnShape& s, int64_t t, int64_t c0,
     mean[c] /= T(count);
     rstd[c] = 0;
   }
-  for (int64_t n = 0; n < s.N; ++n) {
+  if (short_rows)
+    across_channels(s, t, c0, cb, [&](int64_t e, int64_t c) { rstd[c] += (x[e] - mean[c]) * (x[e] - mean[c]); });
+  for (int64_t n = 0; n < s.N && !short_rows; ++n) {
     const T* __restrict run = x + ((t * s.N + n) * s.C + c0) * S;
-    if (short_rows) {
-      for (int64_t i = 0; i < S; ++i)
-#pragma omp simd
-        for (int64_t c = 0; c < cb; ++c) rstd[c] += (run[c * S + i] - mean[c]) * (run[c * S + i] - mean[c]);
-      continue;
-    }
     for (int64_t c = 0; c < cb; ++c) {
       const T* row = run + c * S;
       const T m = mean[c];
@@ -402,17 +407,12 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
         T_* __restrict sgx_ = sum_gx.data();
         const T_* __restrict mean_ = mean.data();
         const T_* __restrict rstd_ = rstd.data();
-        for (int64_t n = 0; n < s.N && short_rows; ++n) {
-          const int64_t base = ((t * s.N + n) * s.C + c0) * s.S;
-          for (int64_t i = 0; i < s.S; ++i)
-#pragma omp simd
-            for (int64_t c = 0; c < cn; ++c) {
-              const int64_t e = base + c * s.S + i;
-              const T_ g = masked<T_>(gz_[e], yp_, e, act, slope);
-              sg_[c] += g;
-              sgx_[c] += g * (xp_[e] - mean_[c]) * rstd_[c];
-            }
-        }
+        if (short_rows)
+          across_channels(s, t, c0, cn, [&](int64_t e, int64_t c) {
+            const T_ g = masked<T_>(gz_[e], yp_, e, act, slope);
+            sg_[c] += g;
+            sgx_[c] += g * (xp_[e] - mean_[c]) * rstd_[c];
+          });
         for (int64_t n = 0; n < s.N && !short_rows; ++n)
           for (int64_t c = 0; c < cn; ++c) {
             const int64_t off = ((t * s.N + n) * s.C + c0 + c) * s.S;
@@ -440,16 +440,12 @@ std::vector<at::Tensor> task_batch_norm_backward(const at::Tensor& grad_z, const
           scale_c[c] = rstd[c] * channel_param<T_>(gamma, t, c0 + c, s.C, T_(1));
         }
         const T_* __restrict scale_ = scale_c.data();
-        for (int64_t n = 0; n < s.N && short_rows; ++n) {
-          const int64_t base = ((t * s.N + n) * s.C + c0) * s.S;
-          for (int64_t i = 0; i < s.S; ++i)
-#pragma omp simd
-            for (int64_t c = 0; c < cn; ++c) {
-              const int64_t e = base + c * s.S + i;
-              gxp_[e] = scale_[c] * (masked<T_>(gz_[e], yp_, e, act, slope) - sg_[c] - (xp_[e] - mean_[c]) * rstd_[c] * sgx_[c]) +
-                        (axp_ ? axp_[e] : T_(0));
-            }
-        }
+        if (short_rows)
+          across_channels(s, t, c0, cn, [&](int64_t e, int64_t c) {
+            gxp_[e] = scale_[c] * (masked<T_>(gz_[e], yp_, e, act, slope) - sg_[c] -
+                                   (xp_[e] - mean_[c]) * rstd_[c] * sgx_[c]) +
+                      (axp_ ? axp_[e] : T_(0));
+          });
         for (int64_t n = 0; n < s.N && !short_rows; ++n)
           for (int64_t c = 0; c < cn; ++c) {
             const int64_t off = ((t * s.N + n) * s.C + c0 + c) * s.S;
@@ -519,47 +515,37 @@ void double_backward_blocks(const T* gz, const T* xp, const T* up, const BnShape
     const int64_t t = j / blocks, c0 = (j % blocks) * cb, cn = std::min(cb, s.C - c0);
     for (auto* v : {&mean, &sdd, &sg, &sgd, &su, &sud, &sug}) std::fill(v->begin(), v->begin() + cn, 0.0);
     // Pass 1: the means.
-    for (int64_t n = 0; n < s.N; ++n) {
+    if (short_rows) across_channels(s, t, c0, cn, [&](int64_t e, int64_t c) { mean_[c] += double(xp[e]); });
+    for (int64_t n = 0; n < s.N && !short_rows; ++n) {
       const T* __restrict run = xp + ((t * s.N + n) * s.C + c0) * S;  // cn rows of S, adjacent
-      if (short_rows) {
-        for (int64_t i = 0; i < S; ++i)
-#pragma omp simd
-          for (int64_t c = 0; c < cn; ++c) mean_[c] += double(run[c * S + i]);
-      } else {
-        for (int64_t c = 0; c < cn; ++c) {
-          const T* __restrict row = run + c * S;
-          double sum = 0;
+      for (int64_t c = 0; c < cn; ++c) {
+        const T* __restrict row = run + c * S;
+        double sum = 0;
 #pragma omp simd reduction(+ : sum)
-          for (int64_t i = 0; i < S; ++i) sum += double(row[i]);
-          mean_[c] += sum;
-        }
+        for (int64_t i = 0; i < S; ++i) sum += double(row[i]);
+        mean_[c] += sum;
       }
     }
     for (int64_t c = 0; c < cn; ++c) mean_[c] /= M;
     // Pass 2: the sums about the mean.
-    for (int64_t n = 0; n < s.N; ++n) {
+    if (short_rows)
+      across_channels(s, t, c0, cn, [&](int64_t e, int64_t c) {
+        const double d = double(xp[e]) - mean_[c];
+        sdd_[c] += d * d;
+        if (kGradSums) {
+          const double g = double(masked<T>(gz[e], yp, e, act, slope));
+          sg_[c] += g;
+          sgd_[c] += g * d;
+          if (kUp) sug_[c] += double(up[e]) * g;
+        }
+        if (kUp) {
+          const double u = double(up[e]);
+          su_[c] += u;
+          sud_[c] += u * d;
+        }
+      });
+    for (int64_t n = 0; n < s.N && !short_rows; ++n) {
       const int64_t base = ((t * s.N + n) * s.C + c0) * S;
-      if (short_rows) {
-        for (int64_t i = 0; i < S; ++i)
-#pragma omp simd
-          for (int64_t c = 0; c < cn; ++c) {
-            const int64_t e = base + c * S + i;
-            const double d = double(xp[e]) - mean_[c];
-            sdd_[c] += d * d;
-            if (kGradSums) {
-              const double g = double(masked<T>(gz[e], yp, e, act, slope));
-              sg_[c] += g;
-              sgd_[c] += g * d;
-              if (kUp) sug_[c] += double(up[e]) * g;
-            }
-            if (kUp) {
-              const double u = double(up[e]);
-              su_[c] += u;
-              sud_[c] += u * d;
-            }
-          }
-        continue;
-      }
       for (int64_t c = 0; c < cn; ++c) {
         const int64_t off = base + c * S;
         const double m = mean_[c];
@@ -617,32 +603,21 @@ void double_backward_blocks(const T* gz, const T* xp, const T* up, const BnShape
     const double* __restrict beta_ = beta.data();
     const double* __restrict xd_ = xd.data();
     const double* __restrict x0_ = x0.data();
-    for (int64_t n = 0; n < s.N; ++n) {
+    if (short_rows && d_gz)
+      across_channels(s, t, c0, cn, [&](int64_t e, int64_t c) {
+        double v = zd_[c] * (double(xp[e]) - mean_[c]) + z0_[c];
+        if (kUp) v += a_[c] * double(up[e]);
+        d_gz[e] = masked<T>(T(v), yp, e, act, slope);
+      });
+    if (short_rows && d_x)
+      across_channels(s, t, c0, cn, [&](int64_t e, int64_t c) {
+        double v = xd_[c] * (double(xp[e]) - mean_[c]) + x0_[c] +
+                   alpha_[c] * double(masked<T>(gz[e], yp, e, act, slope));
+        if (kUp) v -= beta_[c] * double(up[e]);
+        d_x[e] = T(v);
+      });
+    for (int64_t n = 0; n < s.N && !short_rows; ++n) {
       const int64_t base = ((t * s.N + n) * s.C + c0) * S;
-      if (short_rows) {
-        for (int64_t i = 0; i < S; ++i) {
-          if (d_gz) {
-#pragma omp simd
-            for (int64_t c = 0; c < cn; ++c) {
-              const int64_t e = base + c * S + i;
-              double v = zd_[c] * (double(xp[e]) - mean_[c]) + z0_[c];
-              if (kUp) v += a_[c] * double(up[e]);
-              d_gz[e] = masked<T>(T(v), yp, e, act, slope);
-            }
-          }
-          if (d_x) {
-#pragma omp simd
-            for (int64_t c = 0; c < cn; ++c) {
-              const int64_t e = base + c * S + i;
-              double v = xd_[c] * (double(xp[e]) - mean_[c]) + x0_[c] +
-                         alpha_[c] * double(masked<T>(gz[e], yp, e, act, slope));
-              if (kUp) v -= beta_[c] * double(up[e]);
-              d_x[e] = T(v);
-            }
-          }
-        }
-        continue;
-      }
       for (int64_t c = 0; c < cn; ++c) {
         const int64_t off = base + c * S;
         const double m = mean_[c], a_c = a_[c], zd_c = zd_[c], z0_c = z0_[c];
