@@ -430,6 +430,205 @@ at::Tensor segment_inner_step(const at::Tensor& theta, at::ArrayRef<c10::optiona
 }
 
 // ---------------------------------------------------------------------------------------
+// The same step returning the new fast weights per segment (segment_steps): [T, *shape]
+// each, which the last query's layers read as they are. So the query's gradient reaches the
+// step per segment too, and no [T, P] join of it (a cat: at OmniglotFC's 32 tasks a 31 MB
+// copy, written and read again by the step's backward) is made. θ is [P] (shared: the
+// first step) or [T, P] (the previous step's buffer). The backward per segment: d g_k =
+// −c · grad_k, and d θ's segment k = Σ_t grad_k (shared, in task order) or grad_k itself
+// (written into the [T, P] gradient, where segment_inner_step's backward copied the joined
+// one). The engine takes it for the last inner step only: an earlier step's fast weights are
+// also read by the next step, and per segment autograd would sum those two gradients
+// segment by segment (an add each). Values and gradients are those of segment_inner_step
+// followed by the split node, element for element.
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+void steps_forward(const at::Tensor& theta, at::TensorList grads, const std::vector<int64_t>& given,
+                   const Segments& seg, T c, int64_t T_, std::vector<at::Tensor>& outs) {
+  const bool shared = theta.dim() == 1;
+  const int64_t P = seg.total;
+  const size_t K = seg.size();
+  const T* th = theta.data_ptr<T>();
+  std::vector<const T*> rows(K, nullptr);
+  std::vector<T*> dst(K);
+  size_t next = 0;
+  for (size_t k = 0; k < K; ++k) {
+    if (given[k]) rows[k] = grads[next++].data_ptr<T>();
+    dst[k] = outs[k].data_ptr<T>();
+  }
+  at::parallel_for(0, T_, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (size_t k = 0; k < K; ++k) {
+        const int64_t n = seg.numels[k];
+        const T* const b = th + (shared ? 0 : t * P) + seg.offsets[k];
+        T* const o = dst[k] + t * n;
+        const T* const g = rows[k] == nullptr ? nullptr : rows[k] + t * n;
+        if (g == nullptr) {
+          std::copy(b, b + n, o);
+          continue;
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) o[i] = b[i] - c * g[i];
+      }
+    }
+  });
+}
+
+// One segment's backward: g [T, n] contiguous. d θ's segment: Σ_t g into sum_out [n] (task
+// order), or g's rows into the [T, P] gradient at rows_out (row stride P); d g = −c · g into
+// d where given.
+template <typename T>
+void segment_step_backward(const at::Tensor& g, T c, T* sum_out, T* rows_out, int64_t P, at::Tensor* d) {
+  const int64_t T_ = g.size(0), n = g.numel() / std::max<int64_t>(T_, 1);
+  const T* gp = g.data_ptr<T>();
+  T* dp = d != nullptr ? d->data_ptr<T>() : nullptr;
+  if (sum_out != nullptr) std::fill(sum_out, sum_out + n, T(0));
+  for (int64_t t = 0; t < T_; ++t) {
+    const T* __restrict gt = gp + t * n;
+    if (sum_out != nullptr) {
+      T* __restrict so = sum_out;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) so[i] += gt[i];
+    }
+    if (rows_out != nullptr) std::copy(gt, gt + n, rows_out + t * P);
+    if (dp != nullptr) {
+      T* __restrict dt = dp + t * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) dt[i] = -c * gt[i];
+    }
+  }
+}
+
+struct SegmentStepsNode : public torch::autograd::Function<SegmentStepsNode> {
+  // inputs: theta (edge 0), lr (no edge wanted), the spec's slot, the given gradients.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& theta, const at::Tensor& lr,
+                               const StepSpec& spec, at::TensorList grads) {
+    ctx->set_materialize_grads(false);
+    const Segments& seg = *spec.segments;
+    ctx->saved_data["shapes"] = seg.encoded;
+    ctx->saved_data["given"] = spec.given;
+    ctx->saved_data["rate"] = spec.rate;
+    ctx->saved_data["theta_shared"] = theta.dim() == 1;
+    ctx->save_for_backward({lr});
+    const int64_t T_ = grads[0].size(0);
+    std::vector<at::Tensor> outs;
+    outs.reserve(seg.size());
+    for (size_t k = 0; k < seg.size(); ++k) {
+      std::vector<int64_t> size{T_};
+      size.insert(size.end(), seg.shapes[k].begin(), seg.shapes[k].end());
+      outs.push_back(at::empty(size, theta.options()));
+    }
+    // Recorded as the op it stands for (the dispatch counter counts one inner_step).
+    cpu::eager_nodes::recorded("fastmeta::inner_step", "fastmeta_ext::inner_step", [&] {
+      if (theta.scalar_type() == at::kDouble) {
+        steps_forward<double>(theta, grads, spec.given, seg, lr.data_ptr<double>()[0], T_, outs);
+      } else {
+        steps_forward<float>(theta, grads, spec.given, seg, lr.data_ptr<float>()[0], T_, outs);
+      }
+      return 0;
+    });
+    return outs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto given = ctx->saved_data["given"].toIntVector();
+    const bool shared = ctx->saved_data["theta_shared"].toBool();
+    const Segments seg(ctx->saved_data["shapes"].toIntVector());
+    int64_t n_given = 0;
+    for (int64_t g : given) n_given += g;
+    variable_list out(3 + n_given);  // theta, lr, the spec's slot, then the given gradients
+    const at::Tensor* like = nullptr;
+    for (const auto& g : grads) {
+      if (g.defined()) {
+        like = &g;
+        break;
+      }
+    }
+    if (like == nullptr) return out;
+    const double rate = ctx->saved_data["rate"].toDouble();
+    const at::Tensor lr = ctx->get_saved_variables()[0];
+    const bool need_theta = ctx->needs_input_grad(0);
+    const bool recording = at::GradMode::is_enabled();  // third order: ATen ops
+    const int64_t T_ = like->size(0), P = seg.total;
+    at::Tensor d_theta;
+    if (need_theta && !recording) d_theta = shared ? at::empty({P}, like->options()) : at::empty({T_, P}, like->options());
+    std::vector<at::Tensor> parts;  // the recording backward's d θ, per segment
+    int64_t e = 0;
+    cpu::eager_nodes::recorded("fastmeta::inner_step_backward", "fastmeta_ext::inner_step_backward", [&] {
+      for (size_t k = 0; k < seg.size(); ++k) {
+        const at::Tensor& g = grads[k];
+        // The returned list has a slot for the spec (2) where autograd's edges do not: a
+        // given gradient's edge is its slot minus one.
+        const int64_t slot = 3 + e;
+        if (given[k]) ++e;
+        const bool need_d = given[k] != 0 && g.defined() && ctx->needs_input_grad(slot - 1);
+        if (recording) {
+          if (need_theta) {
+            const at::Tensor zeros = at::zeros(shared ? std::vector<int64_t>{seg.numels[k]}
+                                                      : std::vector<int64_t>{T_, seg.numels[k]}, like->options());
+            parts.push_back(!g.defined() ? zeros : shared ? g.sum(0).reshape({-1}) : g.reshape({T_, -1}));
+          }
+          if (need_d) out[slot] = at::mul(g, -rate);
+          continue;
+        }
+        AT_DISPATCH_FLOATING_TYPES(like->scalar_type(), "segment_steps_backward", [&] {
+          scalar_t* dth = need_theta ? d_theta.data_ptr<scalar_t>() + seg.offsets[k] : nullptr;
+          if (!g.defined()) {  // no gradient reached the segment: zeros in d θ
+            for (int64_t t = 0; dth != nullptr && t < (shared ? 1 : T_); ++t)
+              std::fill(dth + t * P, dth + t * P + seg.numels[k], scalar_t(0));
+            return;
+          }
+          const at::Tensor gc = g.contiguous();
+          at::Tensor d = need_d ? at::empty_like(gc) : at::Tensor();
+          segment_step_backward<scalar_t>(gc, lr.data_ptr<scalar_t>()[0], shared ? dth : nullptr,
+                                          shared ? nullptr : dth, P, need_d ? &d : nullptr);
+          if (need_d) out[slot] = d;
+        });
+      }
+      return 0;
+    });
+    if (need_theta) out[0] = recording ? at::cat(parts, -1) : d_theta;
+    return out;
+  }
+};
+
+std::vector<at::Tensor> segment_steps(const at::Tensor& theta, at::ArrayRef<c10::optional<at::Tensor>> grads,
+                                      at::IntArrayRef shapes, const at::Tensor& lr) {
+  const Segments segments(shapes.vec());
+  TORCH_CHECK_VALUE(grads.size() == segments.size(), "segment_steps: ", grads.size(), " gradients for ",
+                    segments.size(), " segments");
+  StepSpec spec{&segments, {}, 0.0};
+  std::vector<at::Tensor> kept;
+  for (const auto& g : grads) {
+    const bool has = g.has_value() && g->defined();
+    spec.given.push_back(has ? 1 : 0);
+    if (has) kept.push_back(g->contiguous());
+  }
+  TORCH_CHECK_VALUE(!kept.empty(), "segment_steps: every gradient is missing");
+  const int64_t T_ = kept[0].size(0);
+  size_t next = 0;
+  for (size_t k = 0; k < segments.size(); ++k) {
+    if (!spec.given[k]) continue;
+    const at::Tensor& g = kept[next++];
+    TORCH_CHECK_VALUE(g.device().is_cpu() && g.scalar_type() == theta.scalar_type() && g.dim() >= 1 &&
+                          g.size(0) == T_ && g.numel() == T_ * segments.numels[k],
+                      "segment_steps: gradient ", k, " must be a CPU [", T_, ", ...] tensor of ", segments.numels[k],
+                      " values per task of theta's dtype, got ", g.sizes());
+  }
+  TORCH_CHECK_VALUE(theta.device().is_cpu() && theta.is_contiguous() &&
+                        (theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble) &&
+                        ((theta.dim() == 1 && theta.size(0) == segments.total) ||
+                         (theta.dim() == 2 && theta.size(0) == T_ && theta.size(1) == segments.total)),
+                    "segment_steps: theta must be a contiguous CPU float [P] or [T, P] with P = ", segments.total,
+                    ", got ", theta.sizes());
+  TORCH_CHECK_VALUE(lr.dim() == 0 && lr.scalar_type() == theta.scalar_type() && !lr.requires_grad(),
+                    "segment_steps: lr must be a 0-dim tensor of theta's dtype that needs no gradient");
+  spec.rate = lr.scalar_type() == at::kDouble ? lr.data_ptr<double>()[0] : double(lr.data_ptr<float>()[0]);
+  return SegmentStepsNode::apply(theta, lr, spec, at::TensorList(kept));
+}
+
+// ---------------------------------------------------------------------------------------
 // θ's segments over the tasks without the [T, P] buffer: the first inner step reads θ
 // expanded over the tasks (every task starts from θ). Through θ.expand(T, P) and the split
 // node, the gradient the meta-gradient sends those views (the inner step's second-order
@@ -571,6 +770,7 @@ TORCH_LIBRARY_FRAGMENT(fastmeta_ext, m) {
   m.def("join_segments(Tensor?[] tensors, int[] shapes, int[] lead) -> Tensor");
   m.def("segment_inner_step(Tensor theta, Tensor?[] grads, int[] shapes, Tensor lr) -> Tensor");
   m.def("expand_segments(Tensor theta, int[] shapes, int tasks, int[] per_task) -> Tensor[]");
+  m.def("segment_steps(Tensor theta, Tensor?[] grads, int[] shapes, Tensor lr) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
@@ -578,4 +778,5 @@ TORCH_LIBRARY_IMPL(fastmeta_ext, CompositeImplicitAutograd, m) {
   m.impl("join_segments", &fastmeta::engine::join_segments);
   m.impl("segment_inner_step", &fastmeta::engine::segment_inner_step);
   m.impl("expand_segments", &fastmeta::engine::expand_segments);
+  m.impl("segment_steps", &fastmeta::engine::segment_steps);
 }

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fastmeta.engine.plan import AdaptationPlan, LossSpec, StepRule, parameter_coefficients, step_rule
 from fastmeta.engine.program import plain_mlp_structure, trace
 from fastmeta.engine.task_weights import (Layout, TaskWeights, cached_one, expand_segments_node,
-                                          segment_inner_step_node)
+                                          segment_inner_step_node, segment_steps_node)
 from fastmeta.engine.types import MetaBatchOutput
 from fastmeta.engine.whole_step import FusedMLPStep
 from fastmeta.ops import (LOSS_KINDS, inner_step, task_accuracy, task_loss, task_loss_and_accuracy, task_loss_and_grad,
@@ -84,8 +84,10 @@ class MetaIteration:
         """θ ``[P]``: the model's parameters in one differentiable buffer."""
         return self.layout.pack(self.params)
 
-    def weights(self, theta: Tensor, fast: Tensor | None, adapting: Sequence[bool]) -> list[Tensor]:
-        """Per segment: the task's fast weights if it adapts, else θ's shared view.
+    def weights(self, theta: Tensor, fast: Tensor | list[Tensor] | None, adapting: Sequence[bool]) -> list[Tensor]:
+        """Per segment: the task's fast weights if it adapts, else θ's shared view. ``fast``:
+        the ``[T, P]`` buffer, or its segments (``[T, *shape]`` each, as the per-segment step
+        makes them).
 
         Reading non-adapting segments from θ keeps their weight-gradient work out of the
         inner loop (autograd is asked for the gradient of ``fast`` only), and runs their
@@ -94,7 +96,7 @@ class MetaIteration:
         shared = self.layout.views(theta)
         if fast is None:
             return shared
-        per_task = self.layout.views(fast)
+        per_task = fast if isinstance(fast, list) else self.layout.views(fast)
         return [pt if a else s for pt, s, a in zip(per_task, shared, adapting)]
 
     def run(self, x: Tensor, weights: list[Tensor], argument: str = "x") -> Tensor:
@@ -305,10 +307,14 @@ class MetaIteration:
         return fast
 
     def inner_states(self, theta: Tensor, support_x: Tensor, support_y: Tensor,
-                     plan: AdaptationPlan, finite_checks: "FiniteChecks | None" = None) -> Iterator[Tensor]:
+                     plan: AdaptationPlan, finite_checks: "FiniteChecks | None" = None,
+                     per_segment: bool = False) -> Iterator[Tensor | list[Tensor]]:
         """The fast weights ``[T, P]`` after each of ``plan.steps`` inner steps from θ, in turn.
         The support losses are checked for NaN/Inf under ``plan.validate``: at once, or added
-        to ``finite_checks``."""
+        to ``finite_checks``. ``per_segment``: where the per-segment step applies
+        (:func:`segment_steps_node`), the last step's fast weights are its segments,
+        ``[T, *shape]`` each, for :meth:`weights` (the query reads them with no split, so its
+        gradient comes back with no ``[T, P]`` join)."""
         T, P = support_x.size(0), theta.numel()
         adapting = plan.adapting
         self.check_unused(adapting, plan.allow_unused)
@@ -319,9 +325,15 @@ class MetaIteration:
                 current = theta if fast is None else fast
                 rule = self.step_rule(plan, step, theta)
                 # One rate for every parameter, on the CPU: the step reads the inner gradient
-                # per segment, as autograd hands it, with no [T, P] join of it first.
-                segmented = segment_inner_step_node(current, rule.lr, rule.mask, rule.precond, rule.segments,
-                                                    rule.set_values) if any(adapting) else None
+                # per segment, as autograd hands it, with no [T, P] join of it first; with
+                # per_segment, the last step returns its fast weights per segment too.
+                segmented = None
+                if any(adapting) and per_segment and step == plan.steps - 1:
+                    segmented = segment_steps_node(current, rule.lr, rule.mask, rule.precond, rule.segments,
+                                                   rule.set_values)
+                if any(adapting) and segmented is None:
+                    segmented = segment_inner_step_node(current, rule.lr, rule.mask, rule.precond, rule.segments,
+                                                        rule.set_values)
                 # The first step over the segments: θ's own segments, the adapting ones expanded
                 # over the tasks, from one node that sums their gradients over the tasks itself.
                 expand = expand_segments_node(theta) if fast is None and segmented is not None else None
@@ -357,15 +369,15 @@ class MetaIteration:
                                                       allow_unused=True)
                 if segmented is not None:
                     it = iter(found)
-                    per_segment = [next(it) if a else None for a in adapting]
+                    segment_grads = [next(it) if a else None for a in adapting]
                     if not create_graph:
-                        per_segment = [None if g is None else g.detach() for g in per_segment]
-                    grad = None if all(g is None for g in per_segment) else per_segment
+                        segment_grads = [None if g is None else g.detach() for g in segment_grads]
+                    grad = None if all(g is None for g in segment_grads) else segment_grads
                 if grad is None:
                     grad = torch.zeros_like(theta.expand(T, P) if src is None else src)
                 elif not create_graph and segmented is None:
                     grad = grad.detach()
-                if isinstance(grad, list):
+                if isinstance(grad, list):  # segment_inner_step: [T, P]; segment_steps: its segments
                     fast = segmented(current, grad, self.layout.encoded_shapes, rule.lr)
                 else:
                     fast = self.take_inner_step(current, grad, rule)
@@ -429,7 +441,8 @@ class MetaIteration:
         theta = self.pack()
         steps, step_weights = plan.steps, plan.step_weights
         task_losses = accuracy = None
-        for state, fast in enumerate(self.inner_states(theta, support_x, support_y, plan, finite_checks), 1):
+        for state, fast in enumerate(self.inner_states(theta, support_x, support_y, plan, finite_checks,
+                                                       per_segment=True), 1):
             weight = (1.0 if state == steps else 0.0) if step_weights is None else step_weights[state - 1]
             if state < steps and weight == 0:
                 continue

@@ -198,6 +198,19 @@ def segment_inner_step_node(current: Tensor, lr: Tensor, mask, precond, segments
     return loaded_op("segment_inner_step")
 
 
+def segment_steps_node(current: Tensor, lr: Tensor, mask, precond, segments, set_values):
+    """``fastmeta_ext::segment_steps`` (csrc/engine/flat_segments.cpp): the inner step of
+    :func:`segment_inner_step_node` returning the new fast weights per segment, ``[T,
+    *shape]`` each, which the query's layers read as they are, so that their gradients come
+    back per segment with no ``[T, P]`` join; or None where segment_inner_step_node's rule
+    says no. For the last inner step (the engine's choice: an earlier step's fast weights are
+    read by the next step too, and per segment autograd would sum the two gradients segment
+    by segment)."""
+    if segment_inner_step_node(current, lr, mask, precond, segments, set_values) is None:
+        return None
+    return loaded_op("segment_steps")
+
+
 def expand_segments_node(theta: Tensor):
     """``fastmeta_ext::expand_segments`` (csrc/engine/flat_segments.cpp): θ's segments for the
     first inner step in one node, an adapting segment expanded over the tasks, whose

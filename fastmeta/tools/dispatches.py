@@ -53,8 +53,10 @@ NOT_DISPATCHES = frozenset({
     "aten::item", "aten::numpy_T", "aten::_nested_tensor_from_mask", "aten::result_type",
     # The engine's flat-buffer segment nodes in C++ (csrc/engine/flat_segments.cpp): views, and
     # the aten ops they call (a cat), counted as those ops, as the Python nodes' are; the inner
-    # step over segments records its work as the op it stands for (fastmeta::inner_step).
+    # step over segments (and its per-segment form, segment_steps) records its work as the op
+    # it stands for (fastmeta::inner_step).
     "fastmeta_ext::split_segments", "fastmeta_ext::join_segments", "fastmeta_ext::segment_inner_step",
+    "fastmeta_ext::segment_steps",
     "fastmeta_ext::expand_segments",  # views; its backward's sum over the tasks is fastmeta_ext::sum_segments
 })
 HOST_SYNC = "aten::_local_scalar_dense"

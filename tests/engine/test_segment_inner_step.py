@@ -38,15 +38,41 @@ def _batch(T=3, N=4):
 
 
 def _meta_gradient(model, segmented: bool, monkeypatch, **options):
+    """The meta-batch's loss, task losses and meta-gradient with the segment nodes allowed
+    (``segmented``) or not, and per inner step which node ran: "steps" (segment_steps, the
+    last step's fast weights per segment), "inner" (segment_inner_step) or None (the joined
+    gradient and inner_step)."""
     taken = []
-    original = meta_iteration.segment_inner_step_node
+    chosen = {}
+    originals = {"steps": meta_iteration.segment_steps_node, "inner": meta_iteration.segment_inner_step_node}
 
-    def choose(*args):
-        node = original(*args) if segmented else None
-        taken.append(node is not None)
-        return node
+    def chooser(kind):
+        def choose(*args):
+            node = originals[kind](*args) if segmented else None
+            if node is not None:
+                chosen["node"] = kind
+            return node
+        return choose
 
-    monkeypatch.setattr(meta_iteration, "segment_inner_step_node", choose)
+    monkeypatch.setattr(meta_iteration, "segment_steps_node", chooser("steps"))
+    monkeypatch.setattr(meta_iteration, "segment_inner_step_node", chooser("inner"))
+    record = meta_iteration.torch.profiler.record_function
+
+    class Steps:  # one entry per inner step: the node that ran in it
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            if self.name.startswith("fastmeta.inner_step"):
+                chosen.pop("node", None)
+            return self
+
+        def __exit__(self, *exc):
+            if self.name.startswith("fastmeta.inner_step"):
+                taken.append(chosen.get("node"))
+            return False
+
+    monkeypatch.setattr(meta_iteration.torch.profiler, "record_function", Steps)
     learner = fm.MAML(model, lr=0.3, **options)
     out = learner.meta_batch(*_batch())
     out.loss.backward()
@@ -60,7 +86,8 @@ def _meta_gradient(model, segmented: bool, monkeypatch, **options):
 def test_meta_gradient_equals_the_joined_path_bit_for_bit(bn, steps, first_order, monkeypatch):
     seg = _meta_gradient(_model(bn), True, monkeypatch, steps=steps, first_order=first_order)
     joined = _meta_gradient(_model(bn), False, monkeypatch, steps=steps, first_order=first_order)
-    assert all(seg[3]) and len(seg[3]) == steps  # taken at every step
+    # taken at every step: the last one returning its fast weights per segment
+    assert seg[3] == ["inner"] * (steps - 1) + ["steps"] and joined[3] == [None] * steps
     assert torch.equal(seg[0], joined[0]) and torch.equal(seg[1], joined[1])
     for a, b in zip(seg[2], joined[2]):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
@@ -76,7 +103,7 @@ def test_a_frozen_parameter_is_a_missing_segment(monkeypatch):
 
     seg = _meta_gradient(frozen(), True, monkeypatch, steps=2, allow_nograd=True)
     joined = _meta_gradient(frozen(), False, monkeypatch, steps=2, allow_nograd=True)
-    assert all(seg[3])
+    assert seg[3] == ["inner", "steps"]
     assert torch.equal(seg[0], joined[0])
     for a, b in zip(seg[2], joined[2]):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
@@ -116,6 +143,83 @@ def test_node_passes_gradcheck_gradgradcheck_and_third_order(shared):
         return torch.autograd.grad(step(*inputs).sin().sum(), inputs, create_graph=True)
 
     assert torch.autograd.gradgradcheck(first_order, inputs)
+
+
+def _steps_node():
+    layout = fm.Layout(SHAPES)
+    node = task_weights.segment_steps_node(torch.zeros(layout.numel, dtype=torch.float64),
+                                           torch.tensor(0.3, dtype=torch.float64), None, None, None, None)
+    assert node is not None
+    return layout, node
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_per_segment_node_equals_the_step_then_the_split(shared):
+    """segment_steps: segment_inner_step's [T, P] split into its segments, the same values
+    bit for bit; its gradients those of that composition (gradcheck, gradgradcheck, and
+    third order through its recording backward), a segment without an inner gradient
+    (θ's values) and one whose output nothing reads included."""
+    layout, node = _steps_node()
+    _, joined_node = _node()
+    T = 2
+    g = torch.Generator().manual_seed(4)
+    theta = torch.randn(*((layout.numel,) if shared else (T, layout.numel)), generator=g,
+                        dtype=torch.float64).requires_grad_(True)
+    grads = [torch.randn(T, *shape, generator=g, dtype=torch.float64).requires_grad_(True) for _, shape in SHAPES]
+    lr = torch.tensor(0.3, dtype=torch.float64)
+    given = [grads[0], None, grads[2], grads[3]]
+    segments = node(theta, given, layout.encoded_shapes, lr)
+    flat = joined_node(theta, given, layout.encoded_shapes, lr)
+    for got, want in zip(segments, layout.views(flat)):
+        assert got.shape == want.shape and got.is_contiguous() and torch.equal(got, want)
+
+    weights = [torch.randn(T, *shape, generator=g, dtype=torch.float64) for _, shape in SHAPES]
+
+    def f(theta, w, v, c):  # "b" has no inner gradient; "v"'s output is never read
+        out = node(theta, [w, None, v, c], layout.encoded_shapes, lr)
+        return (out[0].sin() * weights[0]).sum() + out[1].tanh().sum() + (out[3] * weights[3]).exp().sum()
+
+    inputs = (theta, grads[0], grads[2], grads[3])
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+    def first_order(*inputs):  # its gradgradcheck is third order, through the recording backward
+        found = torch.autograd.grad(f(*inputs), inputs, create_graph=True, allow_unused=True)
+        return tuple(d for d in found if d is not None)  # v's: None (its output is unread)
+
+    assert torch.autograd.gradgradcheck(first_order, inputs)
+
+
+def test_per_segment_node_refuses_arguments_by_name():
+    layout, node = _steps_node()
+    lr = torch.tensor(0.3, dtype=torch.float64)
+    theta = torch.zeros(layout.numel, dtype=torch.float64)
+    grads = [torch.zeros(2, *shape, dtype=torch.float64) for _, shape in SHAPES]
+    with pytest.raises(ValueError, match="every gradient is missing"):
+        node(theta, [None] * 4, layout.encoded_shapes, lr)
+    with pytest.raises(ValueError, match="gradient 0 must be"):
+        node(theta, [torch.zeros(2, 5, dtype=torch.float64)] + grads[1:], layout.encoded_shapes, lr)
+    with pytest.raises(ValueError, match="theta must be"):
+        node(theta[:-1], grads, layout.encoded_shapes, lr)
+    with pytest.raises(ValueError, match="lr must be"):
+        node(theta, grads, layout.encoded_shapes, lr.float())
+
+
+def test_the_query_gradient_is_not_joined(monkeypatch):
+    """With the last step's fast weights per segment, the query's gradient reaches the step
+    per segment: no [T, P] cat in the meta-backward (there was one, the split node's join)."""
+    from fastmeta.tools.dispatches import count_events
+
+    model = _model(True)
+    learner = fm.MAML(model, lr=0.3, steps=1)
+    batch = _batch()
+    learner.meta_batch(*batch)  # loads the extension where this process has not yet
+    out = learner.meta_batch(*batch)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out.loss.backward()
+    count = count_events(prof.events())
+    assert count.by_name["fastmeta::inner_step_backward"] == 1, count.describe()
+    assert count.by_name["aten::cat"] == 0, count.describe()
 
 
 def test_node_refuses_arguments_by_name():
