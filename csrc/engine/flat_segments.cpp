@@ -245,13 +245,16 @@ struct StepSpec {
   double rate;                 // lr as a double, for the ATen ops of a recording backward
 };
 
-template <typename T>
-void step_forward(const at::Tensor& theta, at::TensorList grads, const StepSpec& spec, T c, at::Tensor& out) {
+// θ' = θ − c · g segment by segment (a missing gradient: θ's values), task by task, into
+// dst(k, t): segment k's values of task t. θ is [P] (shared) or [T, P]. One loop for both
+// nodes below: segment_inner_step's destination is the [T, P] buffer, segment_steps' one
+// tensor per segment.
+template <typename T, typename Dst>
+void step_forward(const at::Tensor& theta, at::TensorList grads, const StepSpec& spec, T c, int64_t T_, Dst dst) {
   const Segments& seg = *spec.segments;
-  const int64_t T_ = out.size(0), P = out.size(1);
+  const int64_t P = seg.total;
   const bool shared = theta.dim() == 1;
   const T* th = theta.data_ptr<T>();
-  T* o = out.data_ptr<T>();
   std::vector<const T*> rows(seg.size(), nullptr);
   size_t next = 0;
   for (size_t k = 0; k < seg.size(); ++k) {
@@ -260,9 +263,9 @@ void step_forward(const at::Tensor& theta, at::TensorList grads, const StepSpec&
   at::parallel_for(0, T_, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       for (size_t k = 0; k < seg.size(); ++k) {
-        const int64_t n = seg.numels[k], off = seg.offsets[k];
-        const T* const tht = th + (shared ? 0 : t * P) + off;
-        T* const ot = o + t * P + off;
+        const int64_t n = seg.numels[k];
+        const T* const tht = th + (shared ? 0 : t * P) + seg.offsets[k];
+        T* const ot = dst(k, t);
         const T* const gt = rows[k] == nullptr ? nullptr : rows[k] + t * n;
         if (gt == nullptr) {
           std::copy(tht, tht + n, ot);
@@ -273,6 +276,41 @@ void step_forward(const at::Tensor& theta, at::TensorList grads, const StepSpec&
       }
     }
   });
+}
+
+// The checked arguments of both nodes: the given gradients (contiguous) into `kept`, and
+// the spec (which segments have one, the rate as a double). `op` names the node in errors.
+StepSpec checked_step(const char* op, const at::Tensor& theta, at::ArrayRef<c10::optional<at::Tensor>> grads,
+                      const Segments& segments, const at::Tensor& lr, std::vector<at::Tensor>& kept) {
+  TORCH_CHECK_VALUE(grads.size() == segments.size(), op, ": ", grads.size(), " gradients for ", segments.size(),
+                    " segments");
+  StepSpec spec{&segments, {}, 0.0};
+  for (const auto& g : grads) {
+    const bool has = g.has_value() && g->defined();
+    spec.given.push_back(has ? 1 : 0);
+    if (has) kept.push_back(g->contiguous());
+  }
+  TORCH_CHECK_VALUE(!kept.empty(), op, ": every gradient is missing");
+  const int64_t T_ = kept[0].size(0);
+  size_t next = 0;
+  for (size_t k = 0; k < segments.size(); ++k) {
+    if (!spec.given[k]) continue;
+    const at::Tensor& g = kept[next++];
+    TORCH_CHECK_VALUE(g.device().is_cpu() && g.scalar_type() == theta.scalar_type() && g.dim() >= 1 &&
+                          g.size(0) == T_ && g.numel() == T_ * segments.numels[k],
+                      op, ": gradient ", k, " must be a CPU [", T_, ", ...] tensor of ", segments.numels[k],
+                      " values per task of theta's dtype, got ", g.sizes());
+  }
+  TORCH_CHECK_VALUE(theta.device().is_cpu() && theta.is_contiguous() &&
+                        (theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble) &&
+                        ((theta.dim() == 1 && theta.size(0) == segments.total) ||
+                         (theta.dim() == 2 && theta.size(0) == T_ && theta.size(1) == segments.total)),
+                    op, ": theta must be a contiguous CPU float [P] or [T, P] with P = ", segments.total, ", got ",
+                    theta.sizes());
+  TORCH_CHECK_VALUE(lr.dim() == 0 && lr.scalar_type() == theta.scalar_type() && !lr.requires_grad(), op,
+                    ": lr must be a 0-dim tensor of theta's dtype that needs no gradient");
+  spec.rate = lr.scalar_type() == at::kDouble ? lr.data_ptr<double>()[0] : double(lr.data_ptr<float>()[0]);
+  return spec;
 }
 
 // d θ (shared: Σ_t grad_out in task order, as inner_step_backward sums it) and d g = −c ·
@@ -329,11 +367,13 @@ struct SegmentInnerStepNode : public torch::autograd::Function<SegmentInnerStepN
     at::Tensor out = at::empty({T_, spec.segments->total}, theta.options());
     // Recorded as the op it stands for (the dispatch counter counts one inner_step).
     cpu::eager_nodes::recorded("fastmeta::inner_step", "fastmeta_ext::inner_step", [&] {
-      if (theta.scalar_type() == at::kDouble) {
-        step_forward<double>(theta, grads, spec, lr.data_ptr<double>()[0], out);
-      } else {
-        step_forward<float>(theta, grads, spec, lr.data_ptr<float>()[0], out);
-      }
+      const int64_t P = spec.segments->total;
+      const auto& offsets = spec.segments->offsets;
+      AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "segment_inner_step", [&] {
+        scalar_t* o = out.data_ptr<scalar_t>();
+        step_forward<scalar_t>(theta, grads, spec, lr.data_ptr<scalar_t>()[0], T_,
+                               [&](size_t k, int64_t t) { return o + t * P + offsets[k]; });
+      });
       return 0;
     });
     return {out};
@@ -397,35 +437,8 @@ struct SegmentInnerStepNode : public torch::autograd::Function<SegmentInnerStepN
 at::Tensor segment_inner_step(const at::Tensor& theta, at::ArrayRef<c10::optional<at::Tensor>> grads,
                               at::IntArrayRef shapes, const at::Tensor& lr) {
   const Segments segments(shapes.vec());
-  TORCH_CHECK_VALUE(grads.size() == segments.size(), "segment_inner_step: ", grads.size(), " gradients for ",
-                    segments.size(), " segments");
-  StepSpec spec{&segments, {}, 0.0};
   std::vector<at::Tensor> kept;
-  for (const auto& g : grads) {
-    const bool has = g.has_value() && g->defined();
-    spec.given.push_back(has ? 1 : 0);
-    if (has) kept.push_back(g->contiguous());
-  }
-  TORCH_CHECK_VALUE(!kept.empty(), "segment_inner_step: every gradient is missing");
-  const int64_t T_ = kept[0].size(0);
-  size_t next = 0;
-  for (size_t k = 0; k < segments.size(); ++k) {
-    if (!spec.given[k]) continue;
-    const at::Tensor& g = kept[next++];
-    TORCH_CHECK_VALUE(g.device().is_cpu() && g.scalar_type() == theta.scalar_type() && g.dim() >= 1 &&
-                          g.size(0) == T_ && g.numel() == T_ * segments.numels[k],
-                      "segment_inner_step: gradient ", k, " must be a CPU [", T_, ", ...] tensor of ",
-                      segments.numels[k], " values per task of theta's dtype, got ", g.sizes());
-  }
-  TORCH_CHECK_VALUE(theta.device().is_cpu() && theta.is_contiguous() &&
-                        (theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble) &&
-                        ((theta.dim() == 1 && theta.size(0) == segments.total) ||
-                         (theta.dim() == 2 && theta.size(0) == T_ && theta.size(1) == segments.total)),
-                    "segment_inner_step: theta must be a contiguous CPU float [P] or [T, P] with P = ",
-                    segments.total, ", got ", theta.sizes());
-  TORCH_CHECK_VALUE(lr.dim() == 0 && lr.scalar_type() == theta.scalar_type() && !lr.requires_grad(),
-                    "segment_inner_step: lr must be a 0-dim tensor of theta's dtype that needs no gradient");
-  spec.rate = lr.scalar_type() == at::kDouble ? lr.data_ptr<double>()[0] : double(lr.data_ptr<float>()[0]);
+  const StepSpec spec = checked_step("segment_inner_step", theta, grads, segments, lr, kept);
   return SegmentInnerStepNode::apply(theta, lr, spec, at::TensorList(kept))[0];
 }
 
@@ -442,38 +455,6 @@ at::Tensor segment_inner_step(const at::Tensor& theta, at::ArrayRef<c10::optiona
 // segment by segment (an add each). Values and gradients are those of segment_inner_step
 // followed by the split node, element for element.
 // ---------------------------------------------------------------------------------------
-
-template <typename T>
-void steps_forward(const at::Tensor& theta, at::TensorList grads, const std::vector<int64_t>& given,
-                   const Segments& seg, T c, int64_t T_, std::vector<at::Tensor>& outs) {
-  const bool shared = theta.dim() == 1;
-  const int64_t P = seg.total;
-  const size_t K = seg.size();
-  const T* th = theta.data_ptr<T>();
-  std::vector<const T*> rows(K, nullptr);
-  std::vector<T*> dst(K);
-  size_t next = 0;
-  for (size_t k = 0; k < K; ++k) {
-    if (given[k]) rows[k] = grads[next++].data_ptr<T>();
-    dst[k] = outs[k].data_ptr<T>();
-  }
-  at::parallel_for(0, T_, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      for (size_t k = 0; k < K; ++k) {
-        const int64_t n = seg.numels[k];
-        const T* const b = th + (shared ? 0 : t * P) + seg.offsets[k];
-        T* const o = dst[k] + t * n;
-        const T* const g = rows[k] == nullptr ? nullptr : rows[k] + t * n;
-        if (g == nullptr) {
-          std::copy(b, b + n, o);
-          continue;
-        }
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) o[i] = b[i] - c * g[i];
-      }
-    }
-  });
-}
 
 // One segment's backward: g [T, n] contiguous. d θ's segment: Σ_t g into sum_out [n] (task
 // order), or g's rows into the [T, P] gradient at rows_out (row stride P); d g = −c · g into
@@ -521,11 +502,12 @@ struct SegmentStepsNode : public torch::autograd::Function<SegmentStepsNode> {
     }
     // Recorded as the op it stands for (the dispatch counter counts one inner_step).
     cpu::eager_nodes::recorded("fastmeta::inner_step", "fastmeta_ext::inner_step", [&] {
-      if (theta.scalar_type() == at::kDouble) {
-        steps_forward<double>(theta, grads, spec.given, seg, lr.data_ptr<double>()[0], T_, outs);
-      } else {
-        steps_forward<float>(theta, grads, spec.given, seg, lr.data_ptr<float>()[0], T_, outs);
-      }
+      AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "segment_steps", [&] {
+        std::vector<scalar_t*> dst;
+        for (auto& o : outs) dst.push_back(o.data_ptr<scalar_t>());
+        step_forward<scalar_t>(theta, grads, spec, lr.data_ptr<scalar_t>()[0], T_,
+                               [&](size_t k, int64_t t) { return dst[k] + t * seg.numels[k]; });
+      });
       return 0;
     });
     return outs;
@@ -596,35 +578,8 @@ struct SegmentStepsNode : public torch::autograd::Function<SegmentStepsNode> {
 std::vector<at::Tensor> segment_steps(const at::Tensor& theta, at::ArrayRef<c10::optional<at::Tensor>> grads,
                                       at::IntArrayRef shapes, const at::Tensor& lr) {
   const Segments segments(shapes.vec());
-  TORCH_CHECK_VALUE(grads.size() == segments.size(), "segment_steps: ", grads.size(), " gradients for ",
-                    segments.size(), " segments");
-  StepSpec spec{&segments, {}, 0.0};
   std::vector<at::Tensor> kept;
-  for (const auto& g : grads) {
-    const bool has = g.has_value() && g->defined();
-    spec.given.push_back(has ? 1 : 0);
-    if (has) kept.push_back(g->contiguous());
-  }
-  TORCH_CHECK_VALUE(!kept.empty(), "segment_steps: every gradient is missing");
-  const int64_t T_ = kept[0].size(0);
-  size_t next = 0;
-  for (size_t k = 0; k < segments.size(); ++k) {
-    if (!spec.given[k]) continue;
-    const at::Tensor& g = kept[next++];
-    TORCH_CHECK_VALUE(g.device().is_cpu() && g.scalar_type() == theta.scalar_type() && g.dim() >= 1 &&
-                          g.size(0) == T_ && g.numel() == T_ * segments.numels[k],
-                      "segment_steps: gradient ", k, " must be a CPU [", T_, ", ...] tensor of ", segments.numels[k],
-                      " values per task of theta's dtype, got ", g.sizes());
-  }
-  TORCH_CHECK_VALUE(theta.device().is_cpu() && theta.is_contiguous() &&
-                        (theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble) &&
-                        ((theta.dim() == 1 && theta.size(0) == segments.total) ||
-                         (theta.dim() == 2 && theta.size(0) == T_ && theta.size(1) == segments.total)),
-                    "segment_steps: theta must be a contiguous CPU float [P] or [T, P] with P = ", segments.total,
-                    ", got ", theta.sizes());
-  TORCH_CHECK_VALUE(lr.dim() == 0 && lr.scalar_type() == theta.scalar_type() && !lr.requires_grad(),
-                    "segment_steps: lr must be a 0-dim tensor of theta's dtype that needs no gradient");
-  spec.rate = lr.scalar_type() == at::kDouble ? lr.data_ptr<double>()[0] : double(lr.data_ptr<float>()[0]);
+  const StepSpec spec = checked_step("segment_steps", theta, grads, segments, lr, kept);
   return SegmentStepsNode::apply(theta, lr, spec, at::TensorList(kept));
 }
 

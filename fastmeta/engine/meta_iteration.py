@@ -327,13 +327,10 @@ class MetaIteration:
                 # One rate for every parameter, on the CPU: the step reads the inner gradient
                 # per segment, as autograd hands it, with no [T, P] join of it first; with
                 # per_segment, the last step returns its fast weights per segment too.
-                segmented = None
-                if any(adapting) and per_segment and step == plan.steps - 1:
-                    segmented = segment_steps_node(current, rule.lr, rule.mask, rule.precond, rule.segments,
-                                                   rule.set_values)
-                if any(adapting) and segmented is None:
-                    segmented = segment_inner_step_node(current, rule.lr, rule.mask, rule.precond, rule.segments,
-                                                        rule.set_values)
+                # (The two nodes apply under the same rule: one question, of the one wanted.)
+                choose = segment_steps_node if per_segment and step == plan.steps - 1 else segment_inner_step_node
+                segmented = choose(current, rule.lr, rule.mask, rule.precond, rule.segments,
+                                   rule.set_values) if any(adapting) else None
                 # The first step over the segments: θ's own segments, the adapting ones expanded
                 # over the tasks, from one node that sums their gradients over the tasks itself.
                 expand = expand_segments_node(theta) if fast is None and segmented is not None else None

@@ -109,23 +109,34 @@ def test_a_frozen_parameter_is_a_missing_segment(monkeypatch):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
 
 
-def _node():
+def _node(choose=task_weights.segment_inner_step_node):
+    """The layout of SHAPES and the op the engine's chooser gives for MAML's rule in float64."""
     layout = fm.Layout(SHAPES)
-    node = task_weights.segment_inner_step_node(torch.zeros(layout.numel, dtype=torch.float64),
-                                                torch.tensor(0.3, dtype=torch.float64), None, None, None, None)
+    node = choose(torch.zeros(layout.numel, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64),
+                  None, None, None, None)
     assert node is not None
     return layout, node
+
+
+def _steps_node():
+    return _node(task_weights.segment_steps_node)
+
+
+def _step_inputs(layout, T: int, shared: bool, seed: int):
+    """θ ([P] shared or [T, P]), one inner gradient per segment, the rate, in float64, and
+    the generator for more."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(*((layout.numel,) if shared else (T, layout.numel)), generator=g,
+                        dtype=torch.float64).requires_grad_(True)
+    grads = [torch.randn(T, *shape, generator=g, dtype=torch.float64).requires_grad_(True) for _, shape in SHAPES]
+    return theta, grads, torch.tensor(0.3, dtype=torch.float64), g
 
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_node_passes_gradcheck_gradgradcheck_and_third_order(shared):
     layout, node = _node()
     T = 2
-    g = torch.Generator().manual_seed(3)
-    theta = torch.randn(*((layout.numel,) if shared else (T, layout.numel)), generator=g,
-                        dtype=torch.float64).requires_grad_(True)
-    grads = [torch.randn(T, *shape, generator=g, dtype=torch.float64).requires_grad_(True) for _, shape in SHAPES]
-    lr = torch.tensor(0.3, dtype=torch.float64)
+    theta, grads, lr, g = _step_inputs(layout, T, shared, seed=3)
 
     def step(theta, w, v, c):  # "b"'s gradient missing: its segment is θ's
         return node(theta, [w, None, v, c], layout.encoded_shapes, lr)
@@ -145,14 +156,6 @@ def test_node_passes_gradcheck_gradgradcheck_and_third_order(shared):
     assert torch.autograd.gradgradcheck(first_order, inputs)
 
 
-def _steps_node():
-    layout = fm.Layout(SHAPES)
-    node = task_weights.segment_steps_node(torch.zeros(layout.numel, dtype=torch.float64),
-                                           torch.tensor(0.3, dtype=torch.float64), None, None, None, None)
-    assert node is not None
-    return layout, node
-
-
 @pytest.mark.parametrize("shared", [True, False])
 def test_per_segment_node_equals_the_step_then_the_split(shared):
     """segment_steps: segment_inner_step's [T, P] split into its segments, the same values
@@ -162,11 +165,7 @@ def test_per_segment_node_equals_the_step_then_the_split(shared):
     layout, node = _steps_node()
     _, joined_node = _node()
     T = 2
-    g = torch.Generator().manual_seed(4)
-    theta = torch.randn(*((layout.numel,) if shared else (T, layout.numel)), generator=g,
-                        dtype=torch.float64).requires_grad_(True)
-    grads = [torch.randn(T, *shape, generator=g, dtype=torch.float64).requires_grad_(True) for _, shape in SHAPES]
-    lr = torch.tensor(0.3, dtype=torch.float64)
+    theta, grads, lr, g = _step_inputs(layout, T, shared, seed=4)
     given = [grads[0], None, grads[2], grads[3]]
     segments = node(theta, given, layout.encoded_shapes, lr)
     flat = joined_node(theta, given, layout.encoded_shapes, lr)
@@ -190,21 +189,6 @@ def test_per_segment_node_equals_the_step_then_the_split(shared):
     assert torch.autograd.gradgradcheck(first_order, inputs)
 
 
-def test_per_segment_node_refuses_arguments_by_name():
-    layout, node = _steps_node()
-    lr = torch.tensor(0.3, dtype=torch.float64)
-    theta = torch.zeros(layout.numel, dtype=torch.float64)
-    grads = [torch.zeros(2, *shape, dtype=torch.float64) for _, shape in SHAPES]
-    with pytest.raises(ValueError, match="every gradient is missing"):
-        node(theta, [None] * 4, layout.encoded_shapes, lr)
-    with pytest.raises(ValueError, match="gradient 0 must be"):
-        node(theta, [torch.zeros(2, 5, dtype=torch.float64)] + grads[1:], layout.encoded_shapes, lr)
-    with pytest.raises(ValueError, match="theta must be"):
-        node(theta[:-1], grads, layout.encoded_shapes, lr)
-    with pytest.raises(ValueError, match="lr must be"):
-        node(theta, grads, layout.encoded_shapes, lr.float())
-
-
 def test_the_query_gradient_is_not_joined(monkeypatch):
     """With the last step's fast weights per segment, the query's gradient reaches the step
     per segment: no [T, P] cat in the meta-backward (there was one, the split node's join)."""
@@ -222,8 +206,9 @@ def test_the_query_gradient_is_not_joined(monkeypatch):
     assert count.by_name["aten::cat"] == 0, count.describe()
 
 
-def test_node_refuses_arguments_by_name():
-    layout, node = _node()
+@pytest.mark.parametrize("make", [_node, _steps_node], ids=["segment_inner_step", "segment_steps"])
+def test_node_refuses_arguments_by_name(make):
+    layout, node = make()
     lr = torch.tensor(0.3, dtype=torch.float64)
     theta = torch.zeros(layout.numel, dtype=torch.float64)
     grads = [torch.zeros(2, *shape, dtype=torch.float64) for _, shape in SHAPES]
